@@ -1,0 +1,185 @@
+"""Learned-embedding files: read and write the formats other tools load.
+
+| format    | file                         | layout                                                       |
+|-----------|------------------------------|--------------------------------------------------------------|
+| diffusers | `learned_embeds.safetensors` | `{token: (n, width)}`; loads with `load_textual_inversion`   |
+| a1111     | `<token>.pt`                 | `string_to_token`, `string_to_param`, `name`, `step`, ...    |
+| kohya     | `<token>.safetensors`        | `{"emb_params": (n, width)}`, or `clip_l`/`clip_g` for SDXL  |
+
+oneword's own metadata (token, initializer, model fingerprint, steps, version) rides in the safetensors header
+(and in an `oneword` entry of A1111 files). `.pt` files are only ever read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from oneword import __version__
+from oneword.errors import OnewordError
+
+Format = Literal["diffusers", "a1111", "kohya"]
+FORMATS: tuple[str, ...] = ("diffusers", "a1111", "kohya")
+A1111_STAR_ID = 265  # CLIP's id for "*", the key A1111 uses
+
+
+@dataclass
+class Embedding:
+    """A learned concept: its token and vectors, plus where they came from.
+
+    `vectors` has shape (n_vectors, width). `vectors_2` is SDXL's second text encoder (clip_g), if any.
+    `meta` holds string metadata: `initializer`, `model_fingerprint`, `steps`, `oneword_version`, ...
+    """
+
+    token: str
+    vectors: torch.Tensor
+    meta: dict[str, str] = field(default_factory=dict)
+    vectors_2: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.vectors.shape[-1])
+
+    @property
+    def n_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return int(self.meta.get("steps", 0) or 0)
+
+
+def default_filename(token: str, fmt: Format) -> str:
+    """The conventional file name for `token` in `fmt`."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
+    return {"diffusers": "learned_embeds.safetensors", "a1111": f"{stem}.pt",
+            "kohya": f"{stem}.safetensors"}[fmt]
+
+
+def _header(emb: Embedding) -> dict[str, str]:
+    return {"oneword": json.dumps({"token": emb.token, "oneword_version": __version__, **emb.meta})}
+
+
+def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
+    """Write `emb` to `path` in format `fmt` (atomically: a temporary file is renamed into place).
+
+    Returns:
+        `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    v = emb.vectors.detach().float().cpu().contiguous()
+    if fmt == "diffusers":
+        save_file({emb.token: v}, str(tmp), metadata=_header(emb))
+    elif fmt == "kohya":
+        tensors = {"emb_params": v}
+        if emb.vectors_2 is not None:
+            tensors = {"clip_l": v, "clip_g": emb.vectors_2.detach().float().cpu().contiguous()}
+        save_file(tensors, str(tmp), metadata=_header(emb))
+    elif fmt == "a1111":
+        torch.save(
+            {
+                "string_to_token": {"*": A1111_STAR_ID},
+                "string_to_param": {"*": v},
+                "name": emb.token,
+                "step": emb.steps,
+                "sd_checkpoint": emb.meta.get("model_fingerprint", "")[7:17],
+                "sd_checkpoint_name": emb.meta.get("model_source", ""),
+                "oneword": {"token": emb.token, "oneword_version": __version__, **emb.meta},
+            },
+            tmp,
+        )
+    else:
+        raise OnewordError(f"unknown embedding format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    tmp.replace(path)
+    return path
+
+
+def load(path: Path, token: str | None = None) -> Embedding:
+    """Read an embedding file in any of the supported formats (detected from its content).
+
+    Args:
+        path: the file.
+        token: the token to use; by default the one recorded in the file, else the file name's stem.
+
+    Returns:
+        The `Embedding`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OnewordError(f"embedding file {path} not found")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise OnewordError(f"{path} is not a readable safetensors file ({e})") from e
+        meta = json.loads(header.get("oneword", "{}"))
+        if "emb_params" in tensors:
+            vectors, vectors_2 = tensors["emb_params"], None
+        elif "clip_l" in tensors:
+            vectors, vectors_2 = tensors["clip_l"], tensors.get("clip_g")
+        elif len(tensors) == 1:
+            (file_token, vectors), vectors_2 = next(iter(tensors.items())), None
+            meta.setdefault("token", file_token)
+        else:
+            raise OnewordError(f"{path} holds {sorted(tensors)}, which is no embedding format oneword knows",
+                               hint="expected {token: tensor}, emb_params, or clip_l/clip_g")
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors come in many types
+            raise OnewordError(f"{path} could not be read as a weights-only .pt/.bin file ({e})",
+                               hint="oneword never unpickles arbitrary objects; convert the file to safetensors")
+        vectors_2 = None
+        if isinstance(data, dict) and "string_to_param" in data:
+            vectors = next(iter(data["string_to_param"].values()))
+            meta = {k: str(v) for k, v in (data.get("oneword") or {}).items()}
+            meta.setdefault("token", data.get("name") or path.stem)
+            if "step" in data and data["step"] is not None:
+                meta.setdefault("steps", str(data["step"]))
+        elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
+            file_token, vectors = next(iter(data.items()))
+            meta = {"token": file_token}
+        elif isinstance(data, torch.Tensor):
+            vectors, meta = data, {}
+        else:
+            raise OnewordError(f"{path} is no embedding format oneword knows",
+                               hint="expected an A1111 .pt, a diffusers learned_embeds.bin, or a tensor")
+    vectors = vectors.float()
+    if vectors.dim() == 1:
+        vectors = vectors[None]
+    name = token or meta.pop("token", None) or path.stem
+    meta.pop("token", None)
+    return Embedding(name, vectors, {k: str(v) for k, v in meta.items()}, vectors_2)
+
+
+def check_compatible(emb: Embedding, width: int, model_fingerprint: str, force: bool = False,
+                     source: str = "") -> None:
+    """Refuse to load `emb` into a model it was not trained for.
+
+    A different width is always an error. A different recorded model fingerprint is an error unless `force`.
+    """
+    where = f" ({source})" if source else ""
+    if emb.width != width:
+        raise OnewordError(
+            f"embedding {emb.token!r}{where} has width {emb.width} but the model's text encoder has width "
+            f"{width}",
+            hint="use an embedding trained for this model family (768: SD 1.x, 1024: SD 2.x)",
+        )
+    recorded = emb.meta.get("model_fingerprint")
+    if recorded and recorded != model_fingerprint and not force:
+        raise OnewordError(
+            f"embedding {emb.token!r}{where} was trained on model {recorded[:19]}… but this model is "
+            f"{model_fingerprint[:19]}…",
+            hint="pass --force to load it anyway (the widths match, so it may still work on a close relative)",
+        )

@@ -1,0 +1,19 @@
+"""The one exception type oneword raises for bad input, with what to do next."""
+
+from __future__ import annotations
+
+
+class OnewordError(Exception):
+    """A user-facing error: says what is wrong (naming the file or value) and what to do.
+
+    The CLI prints these without a traceback and exits with status 2.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+
+class NonFiniteLossError(OnewordError):
+    """Training produced a NaN or inf loss; the last good checkpoint is kept."""

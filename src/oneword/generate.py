@@ -1,0 +1,176 @@
+"""Generation: draw prompts that use learned concepts, with the stock diffusers pipeline.
+
+Embeddings are loaded with diffusers' own `load_textual_inversion`, so what oneword draws is what any
+diffusers user gets from the same file. Several concepts may appear in one prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from oneword import embeddings as emb_io
+from oneword.errors import OnewordError
+from oneword.inversion import resolve_device
+from oneword.models import BaseModel, load_base_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampling settings. The paper's evaluation used 50 DDIM steps, eta 0 and guidance 5.0."""
+
+    steps: int = 50
+    guidance_scale: float = 5.0
+    eta: float = 0.0
+    height: int | None = None  # default: the model's native size
+    width: int | None = None
+
+
+def build_pipeline(model: BaseModel, device: str = "auto"):
+    """Wrap a loaded `BaseModel` (with UNet and VAE) in a `StableDiffusionPipeline` with a DDIM scheduler.
+
+    Returns:
+        The pipeline, on `device`.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    if model.unet is None or model.vae is None:
+        raise OnewordError("generation needs the base model's UNet and VAE")
+    dev = resolve_device(device)
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=DDIMScheduler.from_config(model.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_embeddings(pipe, model: BaseModel, files: Sequence[Path | emb_io.Embedding], force: bool = False) -> list[str]:
+    """Load embedding files (any format) into a pipeline, after checking they fit the model.
+
+    Returns:
+        The tokens now usable in prompts.
+    """
+    tokens = []
+    for f in files:
+        emb = f if isinstance(f, emb_io.Embedding) else emb_io.load(Path(f))
+        emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=str(f))
+        if emb.token in pipe.tokenizer.get_added_vocab():
+            raise OnewordError(f"two embeddings use the token {emb.token!r}",
+                               hint="rename one: oneword export --token NEW ...")
+        pipe.load_textual_inversion(emb.vectors.to(pipe.text_encoder.dtype), token=emb.token)
+        tokens.append(emb.token)
+    return tokens
+
+
+@torch.no_grad()
+def sample(pipe, prompts: Sequence[str], n: int, seed: int, sampler: SamplerConfig = SamplerConfig(),
+           batch_size: int = 16) -> list[list[Image.Image]]:
+    """Draw `n` images per prompt; image j of every prompt uses seed `seed + j`.
+
+    Prompts are batched together (up to `batch_size` images per UNet call).
+
+    Returns:
+        `images[i][j]`: prompt i, seed j.
+    """
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    out: list[list[Image.Image | None]] = [[None] * n for _ in prompts]
+    device = pipe.device
+    gen_device = "cpu" if device.type == "mps" else device
+    for k in range(0, len(jobs), batch_size):
+        chunk = jobs[k : k + batch_size]
+        images = pipe(
+            prompt=[prompts[i] for i, _ in chunk],
+            num_inference_steps=sampler.steps,
+            guidance_scale=sampler.guidance_scale,
+            eta=sampler.eta,
+            height=sampler.height,
+            width=sampler.width,
+            generator=[torch.Generator(gen_device).manual_seed(seed + j) for _, j in chunk],
+        ).images
+        for (i, j), im in zip(chunk, images):
+            out[i][j] = im
+    return out  # type: ignore[return-value]
+
+
+def make_grid(images: list[list[Image.Image]], labels: Sequence[str] | None = None, label_width: int = 0) -> Image.Image:
+    """Lay out `images[row][col]` as one picture, with an optional text label left of each row."""
+    rows, cols = len(images), max(len(r) for r in images)
+    w, h = images[0][0].size
+    lw = label_width if labels else 0
+    grid = Image.new("RGB", (lw + cols * w, rows * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(images):
+        if labels:
+            draw.multiline_text((4, r * h + 4), _wrap(labels[r], max(8, lw // 7)), fill="black")
+        for c, im in enumerate(row):
+            grid.paste(im, (lw + c * w, r * h))
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])
+
+
+def generate(
+    base_model: str | BaseModel,
+    embedding_files: Sequence[Path],
+    prompts: Sequence[str],
+    out_dir: Path,
+    n: int = 4,
+    seed: int = 0,
+    sampler: SamplerConfig = SamplerConfig(),
+    device: str = "auto",
+    force: bool = False,
+) -> Path:
+    """Generate `n` images for each prompt and a grid of them all.
+
+    Args:
+        base_model: model reference or loaded `BaseModel`.
+        embedding_files: learned embeddings (any format) whose tokens the prompts use.
+        prompts: prompts, e.g. "an oil painting of <my-cat> on the moon".
+        out_dir: where `p{i}_s{seed}.png` and `grid.png` go.
+        n: images per prompt.
+        seed: seed of the first image of each prompt.
+        sampler: sampling settings.
+        device: torch device.
+        force: load embeddings trained on another model of the same width.
+
+    Returns:
+        The path of `grid.png`.
+    """
+    model = base_model if isinstance(base_model, BaseModel) else load_base_model(base_model)
+    pipe = build_pipeline(model, device)
+    tokens = load_embeddings(pipe, model, embedding_files, force=force)
+    unknown = [p for p in prompts if tokens and not any(t in p for t in tokens)]
+    for p in unknown:
+        log.warning("prompt %r uses none of the loaded tokens %s", p, tokens)
+    images = sample(pipe, list(prompts), n, seed, sampler)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(images):
+        for j, im in enumerate(row):
+            im.save(out_dir / f"p{i:02d}_s{seed + j}.png")
+    grid = make_grid(images, list(prompts), label_width=160)
+    path = out_dir / "grid.png"
+    grid.save(path)
+    return path

@@ -1,0 +1,213 @@
+"""Preprocessing: turn a user's photos into clean, square, deduplicated training images plus a manifest.
+
+Each image gets its EXIF orientation applied, is converted to RGB (alpha composited onto white), centre-cropped
+or padded to a square and resized to the training resolution. Exact duplicates are dropped. Every file that
+is skipped is listed with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from oneword import __version__, storage
+from oneword.errors import OnewordError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MANIFEST = "manifest.json"
+MAX_PIXELS = 64_000_000  # well above any camera photo; bigger files are refused as decompression bombs
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One processed image: where it came from and what it became."""
+
+    file: str  # path relative to the dataset folder
+    source: str
+    source_sha256: str
+    original_size: tuple[int, int]
+    processed_sha256: str
+
+
+@dataclass
+class Manifest:
+    """What `preprocess` wrote: the images, the files it skipped and why, and the settings."""
+
+    resolution: int
+    mode: str
+    images: list[ImageRecord]
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    oneword_version: str = __version__
+
+    def save(self, folder: Path) -> Path:
+        """Write `manifest.json` into `folder` and return its path."""
+        p = folder / MANIFEST
+        p.write_text(json.dumps(asdict(self), indent=2))
+        return p
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest:
+        """Read `manifest.json` from a dataset folder written by `preprocess`."""
+        p = Path(folder) / MANIFEST
+        if not p.exists():
+            raise OnewordError(f"{p} not found", hint="run `oneword preprocess` on the images first")
+        d = json.loads(p.read_text())
+        d["images"] = [ImageRecord(**{**r, "original_size": tuple(r["original_size"])}) for r in d["images"]]
+        return cls(**d)
+
+
+def discover_images(source: str | Path) -> list[Path]:
+    """List the candidate files in a local folder or `s3://` prefix (downloaded into the cache first).
+
+    Hidden files are ignored. Every other file is returned, image or not, so that `preprocess` can report
+    the ones it cannot read.
+
+    Returns:
+        Sorted local paths.
+    """
+    folder = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
+    if not folder.is_dir():
+        raise OnewordError(f"image folder {folder} does not exist", hint="pass a folder of photos of the concept")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise OnewordError(f"image folder {source} is empty", hint="put 3-5 photos of the concept in it")
+    return files
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open and fully decode an image, with its EXIF orientation applied.
+
+    Raises:
+        ValueError: with the reason, if the file is not an image, is corrupt or truncated, or is a
+            decompression bomb.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ValueError(
+                        f"refused: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
+                        "(possible decompression bomb)"
+                    )
+                im.load()
+                return ImageOps.exif_transpose(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"refused: decompression bomb ({e})") from e
+        except UnidentifiedImageError as e:
+            raise ValueError("not an image file Pillow can read") from e
+        except OSError as e:
+            raise ValueError(f"corrupt or truncated image ({e})") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any mode to RGB; transparent pixels are composited onto white."""
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def square(im: Image.Image, resolution: int, mode: Literal["crop", "pad"]) -> Image.Image:
+    """Centre-crop (or pad with white) to a square, then resize to `resolution` pixels a side."""
+    if mode == "crop":
+        return ImageOps.fit(im, (resolution, resolution), Image.Resampling.LANCZOS)
+    side = max(im.size)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def pixel_sha256(im: Image.Image) -> str:
+    """sha256 of an image's size, mode and raw pixels (independent of how the file was encoded)."""
+    h = hashlib.sha256(f"{im.mode}:{im.width}x{im.height}:".encode())
+    h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def preprocess(
+    source: str | Path,
+    out_dir: Path,
+    resolution: int = 512,
+    mode: Literal["crop", "pad"] = "crop",
+) -> Manifest:
+    """Preprocess the images of one concept.
+
+    Args:
+        source: local folder or `s3://` prefix of photos.
+        out_dir: dataset folder to write (`images/*.png` and `manifest.json`); replaced only on success.
+        resolution: side of the square training images, in pixels.
+        mode: `crop` (centre-crop to a square) or `pad` (pad with white to a square).
+
+    Returns:
+        The `Manifest` written to `out_dir/manifest.json`.
+
+    Raises:
+        OnewordError: if no valid image is left; the message lists every skipped file and why.
+    """
+    if mode not in ("crop", "pad"):
+        raise OnewordError(f"unknown mode {mode!r}", hint="use 'crop' or 'pad'")
+    files = discover_images(source)
+    root = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
+    records: list[ImageRecord] = []
+    skipped: list[dict] = []
+    notes: list[str] = []
+    seen: dict[str, str] = {}
+    with storage.atomic_dir(Path(out_dir)) as tmp:
+        (tmp / "images").mkdir()
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            shown = f"{str(source).rstrip('/')}/{rel}"
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append({"source": shown, "reason": f"not an image file (suffix {path.suffix!r})"})
+                continue
+            source_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            if source_sha in seen:
+                skipped.append({"source": shown, "reason": f"exact duplicate of {seen[source_sha]}"})
+                continue
+            try:
+                im = load_image(path)
+            except ValueError as e:
+                skipped.append({"source": shown, "reason": str(e)})
+                continue
+            seen[source_sha] = shown
+            if min(im.size) < resolution / 2:
+                notes.append(
+                    f"{shown} is {im.width}x{im.height}, smaller than half the training resolution "
+                    f"({resolution}); it will look blurry to the model"
+                )
+            out = square(to_rgb(im), resolution, mode)
+            processed_sha = pixel_sha256(out)
+            if processed_sha in seen:
+                skipped.append({"source": shown, "reason": f"same pixels as {seen[processed_sha]}"})
+                continue
+            seen[processed_sha] = shown
+            name = f"images/{processed_sha[:16]}.png"
+            out.save(tmp / name)
+            records.append(ImageRecord(name, shown, source_sha, im.size, processed_sha))
+        for s in skipped:
+            log.warning("skipped %s: %s", s["source"], s["reason"])
+        for n in notes:
+            log.warning(n)
+        if not records:
+            listing = "\n".join(f"  - {s['source']}: {s['reason']}" for s in skipped)
+            raise OnewordError(
+                f"no valid image left in {source}; skipped:\n{listing}",
+                hint="add JPEG or PNG photos of the concept (3-5 is typical)",
+            )
+        manifest = Manifest(resolution, mode, records, skipped, notes)
+        manifest.save(tmp)
+    log.info("preprocessed %d image(s) into %s (%d skipped)", len(records), out_dir, len(skipped))
+    return manifest

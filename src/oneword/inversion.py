@@ -1,0 +1,368 @@
+"""The Textual Inversion trainer (Gal et al. 2022, arXiv 2208.01618).
+
+One recipe class, `InversionTrainer`: setup (tokens, splice, optimiser), `train_step`, `run` (loop, logging,
+checkpoints, resume) and `embeddings`. Only the new token rows learn; the text encoder, UNet and token table
+stay frozen, and gradients flow through them to the new rows alone.
+
+The loss is the LDM loss (Rombach et al. 2022, Eq. 2), with epsilon or v targets (Salimans & Ho 2022, Sec. 4)
+as the model's scheduler config says. Latents come from the cache (`oneword.latents`): `mean + std * eps`,
+the same draw as encoding the image at every step.
+
+A batch may hold samples of several concepts, each with its own trainable parameter and learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+from tqdm.auto import tqdm
+
+from oneword import __version__, checkpoints
+from oneword.embeddings import Embedding
+from oneword.errors import NonFiniteLossError, OnewordError
+from oneword.latents import LatentSet
+from oneword.models import BaseModel
+from oneword.templates import get_templates
+from oneword.tokens import add_placeholder_tokens, expand_placeholder, initializer_id, install_splice
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class ConceptSpec(Schema):
+    """What to learn: a placeholder token, its initializer word and how many vectors it gets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: str = Field(description="the new pseudo-word, e.g. '<my-cat>'")
+    init_word: str = Field(description="one-token word the vectors start from, e.g. 'cat'")
+    n_vectors: int = Field(1, ge=1, le=75, description="vectors per token (the paper uses 1)")
+    templates: str = Field("object", description="prompt templates: object, style, toyworld or a file")
+
+
+class TrainConfig(Schema):
+    """Optimisation settings. Defaults are the paper's (Sec. 4 and its LDM config), unless noted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(5000, ge=1, description="optimiser steps (paper: 5,000)")
+    batch_size: int = Field(4, ge=1, description="samples per concept per step (paper: 4)")
+    learning_rate: float = Field(5e-3, gt=0, description="base LR; times batch size unless scale_lr is off")
+    scale_lr: bool = Field(True, description="multiply the LR by the batch size, as the paper does")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW decay; 0.01 is torch's default the paper used")
+    progressive_every: int = Field(0, ge=0, description="add vector k at step k*N (paper: 2000); 0 = all at once")
+    init_l2: float = Field(0.0, ge=0, description="weight of an L2 pull toward the initializer embedding")
+    flip_p: float = Field(0.5, ge=0, le=1, description="probability of the mirrored image (paper: 0.5)")
+    seed: int = Field(0, description="seeds every random draw; CPU runs reproduce bit for bit")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the UNet (minutes to compile; faster after)")
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations: less memory, slower")
+    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints; 0 = only the last")
+    log_every: int = Field(10, ge=1, description="steps between loss/norm reports (and NaN checks)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate actually used."""
+        return self.learning_rate * (self.batch_size if self.scale_lr else 1)
+
+
+@dataclass
+class _Concept:
+    spec: ConceptSpec
+    mean: torch.Tensor  # (N, 2, C, h, w) on the device
+    std: torch.Tensor
+    token_ids: list[int]
+    init: torch.Tensor  # (n_vectors, width)
+    param: torch.nn.Parameter
+    prompt_ids: dict[int, torch.Tensor]  # n_active -> (n_templates, 77)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    embeddings: list[Embedding]
+    curve: list[dict]
+    steps: int
+    seconds: float
+    steps_per_second: float
+    last_checkpoint: str | None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class InversionTrainer:
+    """Textual inversion of one or more concepts in a frozen base model.
+
+    Args:
+        model: a `BaseModel` loaded with its UNet (the VAE is not needed).
+        concepts: `(spec, latents)` pairs; each concept gets its own trainable (n_vectors, width) parameter.
+        config: optimisation settings.
+    """
+
+    def __init__(self, model: BaseModel, concepts: Sequence[tuple[ConceptSpec, LatentSet]], config: TrainConfig):
+        if model.unet is None:
+            raise OnewordError("training needs the base model's UNet, which was not loaded")
+        if not concepts:
+            raise OnewordError("nothing to train: no concept given")
+        self.model, self.config = model, config
+        self.device = resolve_device(config.device)
+        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        self.text_encoder = model.text_encoder.to(self.device)
+        unet_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        self.unet = model.unet.to(self.device)
+        if self.unet.dtype != unet_dtype:
+            self.unet = self.unet.to(unet_dtype)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
+        self.unet_forward = torch.compile(self.unet) if config.compile else self.unet
+        self.splice = install_splice(self.text_encoder)
+        self.concepts = [self._add_concept(spec, latents) for spec, latents in concepts]
+
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(model.scheduler_config)
+        self.num_timesteps = sched.config.num_train_timesteps
+        ac = sched.alphas_cumprod.to(self.device, torch.float32)
+        self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
+        self.prediction_type = sched.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise OnewordError(f"prediction type {self.prediction_type!r} is not supported",
+                               hint="use a model whose scheduler predicts epsilon or v")
+
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [c.param], "lr": config.lr} for c in self.concepts],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        self.gen = torch.Generator("cpu").manual_seed(config.seed)  # which image, flip, template
+        self.gen_device = torch.Generator(self.device).manual_seed(config.seed + 1)  # latents, noise, t
+        self.curve: list[dict] = []
+        self.step = 0
+
+    def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
+        tok = self.model.tokenizer
+        init_id = initializer_id(tok, spec.init_word)
+        if self.splice.n_base != len(tok):
+            # tokens added earlier without rows of their own would shift the id -> row mapping
+            raise OnewordError(f"tokenizer has {len(tok)} entries but the embedding table {self.splice.n_base}")
+        ids = add_placeholder_tokens(tok, spec.token, spec.n_vectors)
+        offset = sum(c.param.shape[0] for c in self.splice.vectors)
+        if ids[0] != self.splice.n_base + offset:
+            raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
+        init = self.splice.base.weight[init_id].detach().float().expand(spec.n_vectors, -1).clone()
+        param = self.splice.add(init.to(self.device))
+        templates = get_templates(spec.templates)
+        prompt_ids = {}
+        for n_active in range(1, spec.n_vectors + 1):
+            text = [t.format(expand_placeholder(spec.token, n_active)) for t in templates]
+            prompt_ids[n_active] = tok(text, padding="max_length", max_length=tok.model_max_length,
+                                       truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return _Concept(spec, latents.mean.to(self.device), latents.std.to(self.device), ids,
+                        init.to(self.device), param, prompt_ids,
+                        {"scaling_factor": latents.scaling_factor, "shift_factor": latents.shift_factor,
+                         "image_sha256": latents.image_sha256})
+
+    def n_active(self, step: int) -> int:
+        """Vectors in use at `step` under the progressive schedule (all of them when it is off)."""
+        every = self.config.progressive_every
+        return 10**9 if every == 0 else 1 + step // every
+
+    @torch.no_grad()
+    def _activate_vectors(self, step: int) -> None:
+        # A vector that joins now starts from the initializer, whatever weight decay did to the idle row.
+        every = self.config.progressive_every
+        if every and step > 0 and step % every == 0:
+            k = step // every
+            for c in self.concepts:
+                if k < c.param.shape[0]:
+                    c.param[k] = c.init[k]
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one batch: (latents z0 (B, C, h, w), prompt ids (B, 77)), concepts concatenated."""
+        cfg, z, ids = self.config, [], []
+        for c in self.concepts:
+            b = cfg.batch_size
+            img = torch.randint(c.mean.shape[0], (b,), generator=self.gen)
+            flip = (torch.rand(b, generator=self.gen) < cfg.flip_p).long()
+            table = c.prompt_ids[min(self.n_active(step), c.spec.n_vectors)]
+            tpl = torch.randint(table.shape[0], (b,), generator=self.gen)
+            img, flip = img.to(self.device), flip.to(self.device)
+            mean, std = c.mean[img, flip], c.std[img, flip]
+            eps = torch.randn(mean.shape, generator=self.gen_device, device=self.device)
+            z.append((mean + std * eps - c.meta["shift_factor"]) * c.meta["scaling_factor"])
+            ids.append(table[tpl.to(self.device)])
+        return torch.cat(z), torch.cat(ids)
+
+    def loss(self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The LDM loss for latents `z0` (B, C, h, w), prompts `ids` (B, 77), `noise` and timesteps `t` (B,)."""
+        a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
+        noisy = a * z0 + s * noise
+        target = noise if self.prediction_type == "epsilon" else a * noise - s * z0
+        with self.autocast:
+            hidden = self.text_encoder(ids)[0]  # (B, 77, width)
+            pred = self.unet_forward(noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden,
+                                     return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target)
+        if self.config.init_l2 > 0:
+            reg = sum(((c.param - c.init) ** 2).sum(-1).mean() for c in self.concepts)
+            loss = loss + self.config.init_l2 * reg
+        return loss
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimiser step at index `step`; returns the (detached) loss."""
+        self._activate_vectors(step)
+        z0, ids = self._batch(step)
+        noise = torch.randn(z0.shape, generator=self.gen_device, device=self.device)
+        t = torch.randint(0, self.num_timesteps, (z0.shape[0],), generator=self.gen_device, device=self.device)
+        loss = self.loss(z0, ids, noise, t)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit."""
+        return {
+            "step": self.step,
+            "vectors": {c.spec.token: c.param.detach().cpu() for c in self.concepts},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.gen.get_state(),
+            "rng_device": self.gen_device.get_state(),
+            "model_fingerprint": self.model.fingerprint,
+            "concepts": [c.spec.model_dump_json() for c in self.concepts],
+            "config": self.config.model_dump_json(),
+            "curve": json.dumps(self.curve),
+            "oneword_version": __version__,
+        }
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Restore a state written by `state_dict` (after checking it belongs to this run)."""
+        mine = [c.spec.model_dump_json() for c in self.concepts]
+        if state["concepts"] != mine:
+            raise OnewordError(f"{source} was written for concepts {state['concepts']}, not {mine}",
+                               hint="resume with the same token, initializer and vector count, "
+                                    "or use a fresh checkpoint folder")
+        if state["model_fingerprint"] != self.model.fingerprint:
+            raise OnewordError(f"{source} was trained on another base model ({state['model_fingerprint'][:19]}…)",
+                               hint="resume with the same base model, or use a fresh checkpoint folder")
+        with torch.no_grad():
+            for c in self.concepts:
+                c.param.copy_(state["vectors"][c.spec.token].to(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["rng"])
+        self.gen_device.set_state(state["rng_device"])
+        self.curve = json.loads(state["curve"])
+        self.step = int(state["step"])
+
+    def embeddings(self) -> list[Embedding]:
+        """The learned concepts as `Embedding`s, with lineage metadata."""
+        return [
+            Embedding(
+                c.spec.token,
+                c.param.detach().float().cpu().clone(),
+                {
+                    "initializer": c.spec.init_word,
+                    "model_fingerprint": self.model.fingerprint,
+                    "model_source": self.model.source,
+                    "steps": str(self.step),
+                    "templates": c.spec.templates,
+                    "image_sha256": ",".join(c.meta["image_sha256"]),
+                },
+            )
+            for c in self.concepts
+        ]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder output (B, 77, width) for prompts, with multi-vector tokens expanded as diffusers does."""
+        tok = self.model.tokenizer
+        for c in self.concepts:
+            prompts = [p.replace(c.spec.token, expand_placeholder(c.spec.token, c.spec.n_vectors)) for p in prompts]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0].float()
+
+    # ---- loop --------------------------------------------------------------------------------------------
+    def run(
+        self,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        callbacks: Sequence[MetricsCallback] = (),
+        progress: bool = True,
+    ) -> TrainResult:
+        """Train to `config.steps`, checkpointing, reporting, and stopping on a non-finite loss.
+
+        Args:
+            checkpoint_dir: folder or `s3://` prefix for checkpoints (None: no checkpoints).
+            resume: continue from the newest checkpoint in `checkpoint_dir`, if there is one.
+            callbacks: called as `cb(step, {"loss": ..., "embedding_norm": ...})` every `log_every` steps.
+            progress: show a progress bar.
+
+        Returns:
+            A `TrainResult`.
+        """
+        cfg = self.config
+        last = None
+        if resume and checkpoint_dir is not None and (found := checkpoints.latest_checkpoint(checkpoint_dir)):
+            last = found[1]
+            self.load_state_dict(checkpoints.load_checkpoint(last), source=last)
+            log.info("resumed from %s (step %d)", last, self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        loss_sum, n_sum = torch.zeros((), device=self.device), 0
+        t0, start = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            loss_sum += self.train_step(self.step)
+            n_sum += 1
+            self.step += 1
+            at_end = self.step == cfg.steps
+            ckpt_now = checkpoint_dir is not None and (
+                at_end or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
+            if self.step % cfg.log_every == 0 or at_end or ckpt_now:
+                mean_loss = (loss_sum / n_sum).item()
+                norms = [c.param.detach().norm(dim=-1).mean().item() for c in self.concepts]
+                if not math.isfinite(mean_loss) or not all(math.isfinite(n) for n in norms):
+                    raise NonFiniteLossError(
+                        f"the loss became {mean_loss} between steps {self.step - n_sum} and {self.step}; "
+                        f"stopped. Last good checkpoint: {last or 'none'}",
+                        hint=f"lower the learning rate (now {cfg.lr:g}) or use --precision fp32, then "
+                             "--resume from that checkpoint",
+                    )
+                point = {"step": self.step, "loss": mean_loss, "embedding_norm": sum(norms) / len(norms)}
+                self.curve.append(point)
+                for cb in callbacks:
+                    cb(self.step, {k: v for k, v in point.items() if k != "step"})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", norm=f"{point['embedding_norm']:.3f}")
+                loss_sum.zero_()
+                n_sum = 0
+            if ckpt_now:
+                last = checkpoints.save_checkpoint(checkpoint_dir, self.step, self.state_dict())
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        done = self.step - start
+        return TrainResult(self.embeddings(), self.curve, self.step, seconds,
+                           done / seconds if seconds > 0 else 0.0, last)

@@ -1,0 +1,168 @@
+"""The VAE latent cache: encode each training image and its mirror once, not at every step.
+
+We store the posterior's mean and std, not one sample, so a training step draws `mean + std * eps` exactly as
+encoding the image at every step would (Rombach et al. 2022, the LDM's `DiagonalGaussianDistribution`).
+Entries are keyed by (VAE fingerprint, image hash, resolution, flip) in a shared cache, so reruns and other
+concepts reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, safe_open, save_file
+
+from oneword import __version__, storage
+from oneword.errors import OnewordError
+from oneword.images import Manifest
+from oneword.models import BaseModel, load_base_model, module_fingerprint
+
+log = logging.getLogger(__name__)
+
+LATENTS_FILE = "latents.safetensors"
+
+
+@dataclass
+class LatentSet:
+    """The cached latents of one concept's images.
+
+    `mean` and `std` have shape (N, 2, C, h, w): N images, unflipped and mirrored.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    image_sha256: list[str]
+    scaling_factor: float
+    shift_factor: float
+    meta: dict
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def save(self, folder: Path) -> Path:
+        """Write `latents.safetensors` (tensors plus metadata in the header) into `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        p = folder / LATENTS_FILE
+        meta = {
+            **self.meta,
+            "image_sha256": self.image_sha256,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+        }
+        save_file({"mean": self.mean.contiguous(), "std": self.std.contiguous()}, str(p),
+                  metadata={"oneword": json.dumps(meta)})
+        return p
+
+    @classmethod
+    def load(cls, folder: Path) -> LatentSet:
+        """Read a latent set written by `cache_latents` (the folder or the file itself)."""
+        p = Path(folder)
+        p = p / LATENTS_FILE if p.is_dir() else p
+        if not p.exists():
+            raise OnewordError(f"{p} not found", hint="run `oneword cache-latents` first")
+        with safe_open(str(p), "pt") as f:
+            meta = json.loads(f.metadata()["oneword"])
+        t = load_file(str(p))
+        return cls(t["mean"], t["std"], meta.pop("image_sha256"), meta.pop("scaling_factor"),
+                   meta.pop("shift_factor"), meta)
+
+
+def entry_key(vae_fingerprint: str, image_sha256: str, resolution: int, flip: bool) -> str:
+    """The shared-cache key of one encoded image."""
+    return hashlib.sha256(f"{vae_fingerprint}|{image_sha256}|{resolution}|{int(flip)}".encode()).hexdigest()
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    a = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # [-1, 1], as the VAE was trained
+    return torch.from_numpy(a).permute(2, 0, 1)  # (3, H, W)
+
+
+@torch.no_grad()
+def cache_latents(
+    dataset_dir: Path,
+    base_model: BaseModel | str,
+    out_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> LatentSet:
+    """Encode a preprocessed dataset with the base model's VAE, reusing the shared cache.
+
+    Args:
+        dataset_dir: folder written by `oneword.images.preprocess`.
+        base_model: a loaded `BaseModel` (with its VAE) or a model reference to load.
+        out_dir: where to write `latents.safetensors`.
+        cache_dir: shared cache folder (default `cache_root()/latents`).
+        batch_size: images per VAE forward pass.
+        device: torch device for the VAE.
+
+    Returns:
+        The `LatentSet` written to `out_dir`.
+    """
+    manifest = Manifest.load(dataset_dir)
+    model = base_model if isinstance(base_model, BaseModel) else load_base_model(
+        base_model, parts=("vae",), device=device)
+    if model.vae is None:
+        raise OnewordError("cache_latents needs the base model's VAE, which was not loaded")
+    vae = model.vae
+    vae_fp = module_fingerprint(vae)
+    cache = Path(cache_dir) if cache_dir else storage.cache_root() / "latents"
+    res = manifest.resolution
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    todo: list[tuple[str, Path, bool]] = []
+    for rec in manifest.images:
+        for flip in (False, True):
+            key = entry_key(vae_fp, rec.processed_sha256, res, flip)
+            f = cache / key[:2] / f"{key}.safetensors"
+            if f.exists():
+                entries[key] = load_file(str(f))
+            else:
+                todo.append((key, Path(dataset_dir) / rec.file, flip))
+    log.info("latent cache: %d hit(s), %d to encode", len(entries), len(todo))
+    dtype = next(vae.parameters()).dtype
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        ims = [Image.open(p) for _, p, _ in chunk]
+        x = torch.stack([
+            _to_tensor(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)
+            for im, (_, _, flip) in zip(ims, chunk)
+        ]).to(device, dtype)
+        dist = vae.encode(x).latent_dist
+        for j, (key, _, _) in enumerate(chunk):
+            e = {"mean": dist.mean[j].float().cpu().contiguous(), "std": dist.std[j].float().cpu().contiguous()}
+            entries[key] = e
+            f = cache / key[:2] / f"{key}.safetensors"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(".part")
+            save_file(e, str(tmp))
+            tmp.replace(f)
+    means, stds = [], []
+    for rec in manifest.images:
+        pair = [entries[entry_key(vae_fp, rec.processed_sha256, res, flip)] for flip in (False, True)]
+        means.append(torch.stack([p["mean"] for p in pair]))
+        stds.append(torch.stack([p["std"] for p in pair]))
+    latents = LatentSet(
+        mean=torch.stack(means),
+        std=torch.stack(stds),
+        image_sha256=[r.processed_sha256 for r in manifest.images],
+        scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
+        meta={
+            "vae_fingerprint": vae_fp,
+            "model_fingerprint": model.fingerprint,
+            "model_source": model.source,
+            "resolution": res,
+            "oneword_version": __version__,
+        },
+    )
+    with storage.atomic_dir(Path(out_dir)) as tmp:
+        latents.save(tmp)
+    return latents

@@ -1,0 +1,181 @@
+"""Object storage: `s3://bucket/prefix` URIs on MinIO or any S3-protocol server, via the `minio` client.
+
+The endpoint and credentials come from the environment, never from parameters, so that pipeline pods get them
+from a Kubernetes Secret:
+
+- `S3_ENDPOINT_URL` (or `MLFLOW_S3_ENDPOINT_URL`, `AWS_ENDPOINT_URL`): `http://minio:9000`. A value without a
+  scheme is taken as http, since MinIO inside a cluster rarely has TLS.
+- `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and optionally `AWS_SESSION_TOKEN`, `AWS_REGION`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+from oneword.errors import OnewordError
+
+ENDPOINT_VARS = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    """Return True if `uri` is an `s3://` URI."""
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/some/prefix` into `("bucket", "some/prefix")` (no leading or trailing slash)."""
+    if not is_s3(uri):
+        raise OnewordError(f"{uri!r} is not an s3:// URI")
+    rest = uri[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise OnewordError(f"{uri!r} has no bucket", hint="write it as s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def cache_root() -> Path:
+    """Return oneword's cache folder: `$ONEWORD_CACHE`, else `~/.cache/oneword`."""
+    return Path(os.environ.get("ONEWORD_CACHE", Path.home() / ".cache" / "oneword"))
+
+
+def client():
+    """Build a `minio.Minio` client from the environment (see the module docstring).
+
+    Returns:
+        A `minio.Minio` client.
+    """
+    from minio import Minio
+
+    endpoint = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
+    if endpoint is None:
+        raise OnewordError(
+            "an s3:// path was given but no S3 endpoint is configured",
+            hint="set S3_ENDPOINT_URL=http://HOST:PORT plus AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
+    if "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    parsed = urlparse(endpoint)
+    return Minio(
+        parsed.netloc,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        secure=parsed.scheme == "https",
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+    )
+
+
+def list_objects(uri: str) -> list[tuple[str, int, str]]:
+    """List the objects under an `s3://` prefix.
+
+    Returns:
+        `(key relative to the prefix, size in bytes, etag)` for each object, sorted by key.
+    """
+    bucket, prefix = split_s3(uri)
+    mc = client()
+    if not mc.bucket_exists(bucket):
+        raise OnewordError(f"bucket {bucket!r} of {uri!r} does not exist", hint="create it or fix the URI")
+    p = f"{prefix}/" if prefix else ""
+    out = [
+        (o.object_name[len(p) :], o.size or 0, (o.etag or "").strip('"'))
+        for o in mc.list_objects(bucket, prefix=p, recursive=True)
+        if not o.is_dir
+    ]
+    return sorted(out)
+
+
+def download_prefix(uri: str, dest: Path | None = None) -> Path:
+    """Download every object under an `s3://` prefix into a local folder, once.
+
+    Objects whose etag matches the previous download are not fetched again. Without `dest`, the folder is
+    `cache_root()/s3/BUCKET/<hash of the prefix>`.
+
+    Returns:
+        The local folder.
+    """
+    bucket, prefix = split_s3(uri)
+    if dest is None:
+        dest = cache_root() / "s3" / bucket / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    dest.mkdir(parents=True, exist_ok=True)
+    index_path = dest / ".oneword-s3-index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    objects = list_objects(uri)
+    if not objects:
+        raise OnewordError(f"no objects under {uri!r}", hint="check the bucket and prefix")
+    mc = client()
+    for key, _size, etag in objects:
+        target = dest / key
+        if index.get(key) == etag and target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
+        tmp.replace(target)
+        index[key] = etag
+    index_path.write_text(json.dumps(index))
+    return dest
+
+
+def download_file(uri: str, dest: Path) -> Path:
+    """Download one `s3://bucket/key` object to `dest` (written atomically). Returns `dest`."""
+    bucket, key = split_s3(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    client().fget_object(bucket, key, str(tmp))
+    tmp.replace(dest)
+    return dest
+
+
+def upload_file(path: Path, uri: str) -> None:
+    """Upload a local file to the object `s3://bucket/key`, creating the bucket if needed."""
+    bucket, key = split_s3(uri)
+    mc = client()
+    if not mc.bucket_exists(bucket):
+        mc.make_bucket(bucket)
+    mc.fput_object(bucket, key, str(path))
+
+
+def upload_dir(path: Path, uri: str) -> None:
+    """Upload every file under a local folder to an `s3://` prefix, keeping relative paths."""
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        upload_file(f, uri.rstrip("/") + "/" + f.relative_to(path).as_posix())
+
+
+def object_exists(uri: str) -> bool:
+    """Return True if the object `s3://bucket/key` exists."""
+    from minio.error import S3Error
+
+    bucket, key = split_s3(uri)
+    try:
+        client().stat_object(bucket, key)
+    except S3Error as e:
+        if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+            return False
+        raise
+    return True
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final` and move it into place only if the block succeeds.
+
+    A failure leaves `final` as it was (absent, or its previous content): never half-written output.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)

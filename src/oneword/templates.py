@@ -1,0 +1,90 @@
+"""Training prompt templates: the paper's CLIP ImageNet templates (Gal et al. 2022, Sec. 4 and its code,
+`ldm/data/personalized.py` and `personalized_style.py`), one of which is drawn per training sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from oneword.errors import OnewordError
+
+OBJECT = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+STYLE = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)
+
+# Words the toy world's captions use (oneword.toyworld); its text encoder has never seen "rendition" & co.
+TOYWORLD = (
+    "a photo of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a {}",
+    "a photo of the {}",
+)
+
+SETS = {"object": OBJECT, "style": STYLE, "toyworld": TOYWORLD}
+
+
+def get_templates(name: str) -> tuple[str, ...]:
+    """Return a template set by name (`object`, `style`, `toyworld`) or read one template per line from a file.
+
+    Every template must contain `{}` exactly once, where the placeholder token goes.
+    """
+    if name in SETS:
+        return SETS[name]
+    p = Path(name)
+    if not p.is_file():
+        raise OnewordError(f"unknown template set {name!r}",
+                           hint=f"use one of {', '.join(SETS)} or a text file with one template per line")
+    lines = tuple(line.strip() for line in p.read_text().splitlines() if line.strip())
+    bad = [t for t in lines if t.count("{}") != 1]
+    if not lines or bad:
+        raise OnewordError(f"template file {p} has lines without exactly one '{{}}': {bad[:3]}",
+                           hint="write each template like 'a photo of a {}'")
+    return lines

@@ -165,11 +165,12 @@ class InversionTrainer:
     def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
         tok = self.model.tokenizer
         init_id = initializer_id(tok, spec.init_word)
-        if self.splice.n_base != len(tok):
+        offset = sum(p.shape[0] for p in self.splice.vectors)
+        if len(tok) != self.splice.n_base + offset:
             # tokens added earlier without rows of their own would shift the id -> row mapping
-            raise OnewordError(f"tokenizer has {len(tok)} entries but the embedding table {self.splice.n_base}")
+            raise OnewordError(f"tokenizer has {len(tok)} entries but the embedding table "
+                               f"{self.splice.n_base + offset}", hint="load a fresh base model")
         ids = add_placeholder_tokens(tok, spec.token, spec.n_vectors)
-        offset = sum(c.param.shape[0] for c in self.splice.vectors)
         if ids[0] != self.splice.n_base + offset:
             raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
         init = self.splice.base.weight[init_id].detach().float().expand(spec.n_vectors, -1).clone()

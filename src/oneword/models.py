@@ -171,7 +171,7 @@ def load_base_model(
     kw = {"local_files_only": True} if is_local else {}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(resolved, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(resolved, subfolder="text_encoder", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(resolved, subfolder="text_encoder", dtype=torch.float32, **kw)
         unet = (
             UNet2DConditionModel.from_pretrained(resolved, subfolder="unet", torch_dtype=dtype, **kw)
             if "unet" in parts

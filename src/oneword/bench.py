@@ -1,0 +1,159 @@
+"""Speed benchmarks: optimiser steps per second and images per second, ours and a diffusers-example-style loop.
+
+`diffusers_style` reproduces what diffusers' `examples/textual_inversion/textual_inversion.py` does per step,
+for a like-for-like comparison on the same model: encode the images with the VAE at every step, train the
+whole token-embedding table with AdamW and copy the frozen rows back after the step, at batch 1 with
+gradient accumulation. oneword's loop (`InversionTrainer`) reads cached latents and trains only the new rows.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig, resolve_device
+from oneword.latents import LatentSet
+from oneword.models import BaseModel, load_base_model
+
+
+@dataclass
+class BenchResult:
+    """One benchmark's figures."""
+
+    name: str
+    device: str
+    batch_size: int
+    grad_accum: int
+    steps: int
+    seconds: float
+    steps_per_second: float
+    images_per_second: float
+    peak_memory_mb: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _latent_shape(model: BaseModel, resolution: int | None) -> tuple[int, int]:
+    """(channels, side) of the latents for `resolution` (default: the UNet's native size)."""
+    cfg = model.unet.config
+    if resolution is None:
+        return cfg.in_channels, cfg.sample_size
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
+    return cfg.in_channels, resolution // factor
+
+
+def synthetic_latents(channels: int, side: int, n_images: int = 5, seed: int = 0) -> LatentSet:
+    """Random latents shaped like a cached concept (compute does not depend on their values)."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n_images, 2, channels, side, side, generator=g)
+    std = torch.rand(n_images, 2, channels, side, side, generator=g) * 0.1
+    return LatentSet(mean, std, [f"{i:064x}" for i in range(n_images)], 0.18215, 0.0, {})
+
+
+def bench_oneword(model: BaseModel, batch_size: int = 4, steps: int = 50, warmup: int = 5,
+                  resolution: int | None = None, device: str = "auto", precision: str = "auto",
+                  compile: bool = False) -> BenchResult:
+    """Time oneword's training loop on `model` (the model is modified: a token is added)."""
+    dev = resolve_device(device)
+    c, side = _latent_shape(model, resolution)
+    cfg = TrainConfig(steps=steps + warmup, batch_size=batch_size, device=str(dev), precision=precision,  # type: ignore[arg-type]
+                      compile=compile)
+    trainer = InversionTrainer(model, [(ConceptSpec(token="<bench>", init_word="object"),
+                                        synthetic_latents(c, side))], cfg)
+    for s in range(warmup):
+        trainer.train_step(s)
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for s in range(warmup, warmup + steps):
+        trainer.train_step(s)
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+    name = "oneword" + (" (compiled)" if compile else "")
+    return BenchResult(name, str(dev), batch_size, 1, steps, dt, steps / dt, steps * batch_size / dt, peak)
+
+
+def bench_diffusers_style(model: BaseModel, batch_size: int = 1, grad_accum: int = 4, steps: int = 10,
+                          warmup: int = 2, resolution: int | None = None, device: str = "auto",
+                          precision: str = "auto") -> BenchResult:
+    """Time a loop that does per step what diffusers' textual-inversion example does (module docstring)."""
+    from diffusers import DDPMScheduler
+
+    dev = resolve_device(device)
+    if model.vae is None:
+        raise ValueError("the diffusers-style loop encodes images at every step: load the model with its VAE")
+    use_bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    wdtype = torch.bfloat16 if use_bf16 else torch.float32
+    te, unet, vae, tok = model.text_encoder.to(dev), model.unet.to(dev, wdtype), model.vae.to(dev, wdtype), \
+        model.tokenizer
+    tok.add_tokens(["<bench-d>"])
+    te.resize_token_embeddings(len(tok))
+    table = te.get_input_embeddings().weight
+    table.requires_grad_(True)
+    orig = table.detach().clone()
+    keep = torch.ones(len(tok), dtype=torch.bool, device=dev)
+    keep[-1] = False
+    opt = torch.optim.AdamW([table], lr=5e-4)
+    sched = DDPMScheduler.from_config(model.scheduler_config)
+    side = resolution or model.vae.config.sample_size
+    pixels = torch.rand(batch_size, 3, side, side, device=dev) * 2 - 1
+    ids = tok(["a photo of a <bench-d>"] * batch_size, padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids.to(dev)
+    auto = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(dev.type, enabled=False)
+
+    def micro_step() -> None:
+        with auto:
+            lat = vae.encode(pixels.to(wdtype)).latent_dist.sample().detach() * vae.config.scaling_factor
+            noise = torch.randn_like(lat)
+            t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), device=dev)
+            noisy = sched.add_noise(lat, noise, t)
+            hidden = te(ids)[0].to(wdtype)
+            pred = unet(noisy, t, hidden).sample
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
+        (F.mse_loss(pred.float(), target.float()) / grad_accum).backward()
+
+    def step() -> None:
+        for _ in range(grad_accum):
+            micro_step()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            table[keep] = orig[keep]
+
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+    return BenchResult("diffusers-example-style", str(dev), batch_size, grad_accum, steps, dt, steps / dt,
+                       steps * batch_size * grad_accum / dt, peak)
+
+
+def load_bench_model(base_model: str | None, sd15_shape: bool, parts=("unet", "vae")) -> BaseModel:
+    """The model to benchmark: a given one, SD1.5's architecture with random weights, or the tiny model."""
+    if base_model:
+        return load_base_model(base_model, parts=parts)
+    from oneword.random_models import build_sd15_shape_model, build_tiny_model
+
+    d = Path(tempfile.mkdtemp(prefix="oneword-bench-"))
+    (build_sd15_shape_model if sd15_shape else build_tiny_model)(d / "model")
+    return load_base_model(str(d / "model"), parts=parts)

@@ -1,0 +1,69 @@
+"""The `oneword` command line: one module per subcommand, each a thin call into the library."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from oneword.cli.app import app
+from oneword.errors import OnewordError
+
+# Each import registers its subcommand(s) on `app`.
+from oneword.cli import (  # noqa: E402, F401  isort: skip
+    preprocess,
+    cache_latents,
+    train,
+    generate,
+    export,
+    bench,
+)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Route oneword's logging through rich and quiet the libraries' own chatter."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "diffusers", "huggingface_hub", "urllib3", "botocore", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `oneword` console script. Bad input exits with status 2 and a hint, no traceback."""
+    setup_logging()
+    try:
+        app(args=argv, standalone_mode=False)
+    except OnewordError as e:
+        from rich.console import Console
+
+        err = Console(stderr=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+        if e.hint:
+            err.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,14 @@
+"""The `oneword` Typer app that every subcommand module registers on."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="oneword",
+    help="Textual Inversion as production software: learn one new word for a concept in a frozen "
+    "text-to-image model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)

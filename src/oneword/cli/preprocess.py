@@ -1,0 +1,31 @@
+"""`oneword preprocess`: photos in, square training images + manifest.json out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from oneword.cli.app import app
+
+
+@app.command("preprocess")
+def preprocess_cmd(
+    images: Annotated[str, typer.Argument(help="folder or s3://bucket/prefix of 3-5 photos of the concept")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="dataset folder to write")],
+    resolution: Annotated[int, typer.Option(help="side of the square training images (SD1: 512, SD2: 768)")] = 512,
+    mode: Annotated[str, typer.Option(help="crop: centre-crop to a square; pad: pad with white")] = "crop",
+) -> None:
+    """Clean a folder of photos for training.
+
+    Example: oneword preprocess ./photos/my-cat -o runs/my-cat/data --resolution 512
+    """
+    from rich import print as rprint
+
+    from oneword.images import preprocess
+
+    m = preprocess(images, out, resolution=resolution, mode=mode)  # type: ignore[arg-type]
+    rprint(f"[green]{len(m.images)} image(s)[/] -> {out} ({len(m.skipped)} skipped)")
+    for s in m.skipped:
+        rprint(f"  [yellow]skipped[/] {s['source']}: {s['reason']}")

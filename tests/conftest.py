@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random-weight models built in code, real photos, and a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DREAMBENCH = SHARED / "datasets" / "dreambench"
+
+# Never reach a hub from tests, and keep every cache inside the test session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    old = os.environ.get("ONEWORD_CACHE")
+    os.environ["ONEWORD_CACHE"] = str(tmp_path_factory.mktemp("oneword-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ONEWORD_CACHE", None)
+    else:
+        os.environ["ONEWORD_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A ~2.6M-parameter SD1-style model (epsilon, 32 px) as a diffusers folder."""
+    from oneword.random_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model_dir(tmp_path_factory) -> Path:
+    """A tiny SD2-style model: v-prediction, pad token '!', width 48."""
+    from oneword.random_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-v") / "model", seed=1, width=48,
+                            prediction_type="v_prediction", pad_token="!")
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    """A fresh `BaseModel` (tokens added by one test never leak into another)."""
+    from oneword.models import load_base_model
+
+    return load_base_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def cat_dataset(tmp_path_factory) -> Path:
+    """The DreamBench cat photos, preprocessed to 32 px."""
+    from oneword.images import preprocess
+
+    out = tmp_path_factory.mktemp("cat") / "data"
+    preprocess(DREAMBENCH / "cat", out, resolution=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cat_latents_dir(tmp_path_factory, cat_dataset, tiny_model_dir) -> Path:
+    from oneword.latents import cache_latents
+
+    out = tmp_path_factory.mktemp("cat-latents") / "latents"
+    cache_latents(cat_dataset, str(tiny_model_dir), out)
+    return out
+
+
+@pytest.fixture
+def cat_latents(cat_latents_dir):
+    from oneword.latents import LatentSet
+
+    return LatentSet.load(cat_latents_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback; S3 settings are exported to the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the S3 server; returns its name."""
+    from oneword.storage import client
+
+    name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    mc = client()
+    if not mc.bucket_exists(name):
+        mc.make_bucket(name)
+    return name

@@ -1,0 +1,121 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from oneword import embeddings as E
+from oneword.errors import OnewordError
+from oneword.generate import build_pipeline, load_embeddings
+from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig
+from oneword.train import train
+
+
+def _emb(n=2, width=32, fp="sha256:" + "ab" * 32):
+    g = torch.Generator().manual_seed(0)
+    return E.Embedding("<thing>", torch.randn(n, width, generator=g),
+                       {"initializer": "toy", "model_fingerprint": fp, "steps": "123"})
+
+
+@pytest.mark.parametrize("fmt", E.FORMATS)
+def test_every_format_round_trips(fmt, tmp_path):
+    emb = _emb()
+    p = E.save(emb, tmp_path / E.default_filename(emb.token, fmt), fmt)
+    back = E.load(p)
+    assert back.token == "<thing>"
+    assert torch.equal(back.vectors, emb.vectors)
+    assert back.meta["initializer"] == "toy" and back.meta["model_fingerprint"] == emb.meta["model_fingerprint"]
+    assert back.steps == 123
+
+
+def test_layouts_are_what_other_tools_expect(tmp_path):
+    emb = _emb()
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    d = load_file(E.save(emb, tmp_path / "d.safetensors", "diffusers"))
+    assert list(d) == ["<thing>"] and d["<thing>"].shape == (2, 32)
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        assert '"oneword_version"' in f.metadata()["oneword"]
+    k = load_file(E.save(emb, tmp_path / "k.safetensors", "kohya"))
+    assert list(k) == ["emb_params"]
+    a = torch.load(E.save(emb, tmp_path / "a.pt", "a1111"), weights_only=True)
+    assert a["string_to_token"] == {"*": 265} and a["string_to_param"]["*"].shape == (2, 32)
+    assert a["name"] == "<thing>" and a["step"] == 123
+    assert {"sd_checkpoint", "sd_checkpoint_name"} <= set(a)
+
+
+def test_reads_sdxl_kohya_and_plain_tensors(tmp_path):
+    save_file({"clip_l": torch.ones(2, 768), "clip_g": torch.zeros(2, 1280)}, str(tmp_path / "xl.safetensors"))
+    xl = E.load(tmp_path / "xl.safetensors")
+    assert xl.vectors.shape == (2, 768) and xl.vectors_2.shape == (2, 1280) and xl.token == "xl"
+    assert torch.equal(E.load(E.save(xl, tmp_path / "xl2.safetensors", "kohya")).vectors_2, xl.vectors_2)
+    torch.save({"<bin>": torch.ones(768)}, tmp_path / "learned_embeds.bin")  # diffusers' old .bin
+    b = E.load(tmp_path / "learned_embeds.bin")
+    assert b.token == "<bin>" and b.vectors.shape == (1, 768)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pt_files_are_never_unpickled(tmp_path):
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"string_to_param": {"*": _Evil()}}, f)
+    with pytest.raises(OnewordError, match="weights-only"):
+        E.load(p)
+
+
+def test_unknown_content_is_a_clear_error(tmp_path):
+    save_file({"a": torch.ones(2), "b": torch.ones(2)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(OnewordError, match="no embedding format"):
+        E.load(tmp_path / "two.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(OnewordError, match="not a readable safetensors"):
+        E.load(tmp_path / "junk.safetensors")
+    with pytest.raises(OnewordError, match="not found"):
+        E.load(tmp_path / "missing.pt")
+
+
+def test_wrong_width_and_wrong_model(tiny_model, tmp_path):
+    pipe = build_pipeline(tiny_model)
+    with pytest.raises(OnewordError, match="width 768 but the model's text encoder has width 32"):
+        load_embeddings(pipe, tiny_model, [_emb(width=768, fp=tiny_model.fingerprint)])
+    other = _emb()  # recorded for another model
+    with pytest.raises(OnewordError, match="--force"):
+        load_embeddings(pipe, tiny_model, [other])
+    assert load_embeddings(pipe, tiny_model, [other], force=True) == ["<thing>"]
+
+
+def test_diffusers_loads_our_file_and_encodes_like_the_trainer(tiny_model_dir, cat_latents_dir, tmp_path):
+    """The file loads unchanged with the stock `load_textual_inversion`, and gives the same prompt embedding."""
+    from oneword.latents import LatentSet
+    from oneword.models import load_base_model
+
+    concept = ConceptSpec(token="<cat-z>", init_word="cat", n_vectors=3)
+    trainer_model = load_base_model(str(tiny_model_dir), parts=("unet",))
+    trainer = InversionTrainer(trainer_model, [(concept, LatentSet.load(cat_latents_dir))],
+                               TrainConfig(steps=8, checkpoint_every=0))
+    trainer.run(progress=False)
+    path = E.save(trainer.embeddings()[0], tmp_path / "learned_embeds.safetensors")
+    prompt = "a watercolor of <cat-z> on the moon"
+    ours = trainer.encode([prompt])
+
+    pipe = build_pipeline(load_base_model(str(tiny_model_dir)))
+    pipe.load_textual_inversion(str(path))  # stock diffusers, no help from oneword
+    theirs, _ = pipe.encode_prompt(prompt, pipe.device, 1, False)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+
+
+def test_train_step_writes_every_format(tiny_model_dir, cat_latents_dir, tmp_path):
+    r = train(cat_latents_dir, tmp_path / "out", ConceptSpec(token="<cat-w>", init_word="cat"),
+              TrainConfig(steps=6, checkpoint_every=3), progress=False)
+    out = tmp_path / "out"
+    for rel in ("learned_embeds.safetensors", "a1111/cat-w.pt", "kohya/cat-w.safetensors", "curve.json",
+                "summary.json", "checkpoints/step-000003.pt", "checkpoints/step-000006.pt"):
+        assert (out / rel).exists(), rel
+    for f in ("learned_embeds.safetensors", "a1111/cat-w.pt", "kohya/cat-w.safetensors"):
+        assert torch.equal(E.load(out / f).vectors, r.embeddings[0].vectors)
+    assert E.load(out / "learned_embeds.safetensors").meta["model_fingerprint"].startswith("sha256:")

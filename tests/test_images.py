@@ -1,0 +1,186 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oneword import images, storage
+from oneword.errors import OnewordError
+from oneword.images import Manifest, preprocess
+
+from .conftest import DREAMBENCH
+
+
+def _png(path, size=(64, 48), colour=(200, 10, 10), mode="RGB"):
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def test_dreambench_photos(tmp_path):
+    """Real photos (large JPEGs) of all five DreamBench concepts preprocess cleanly."""
+    for concept in ("backpack", "cat", "clock", "dog", "red_cartoon"):
+        out = tmp_path / concept
+        m = preprocess(DREAMBENCH / concept, out, resolution=64)
+        n_files = len(list((DREAMBENCH / concept).glob("*.jpg")))
+        assert len(m.images) == n_files and not m.skipped
+        for rec in m.images:
+            im = Image.open(out / rec.file)
+            assert im.size == (64, 64) and im.mode == "RGB"
+            assert min(rec.original_size) >= 500
+            assert rec.processed_sha256 == images.pixel_sha256(im)
+        saved = json.loads((out / "manifest.json").read_text())
+        assert saved["resolution"] == 64 and len(saved["images"]) == n_files
+        assert Manifest.load(out).images == m.images
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    im = Image.new("RGB", (80, 40), "white")
+    im.paste((255, 0, 0), (0, 0, 40, 40))  # red left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(src / "rot.jpg", exif=exif.tobytes(), quality=95)
+    m = preprocess(src, tmp_path / "out", resolution=40, mode="pad")
+    assert m.images[0].original_size == (40, 80)  # upright: portrait
+    out = np.asarray(Image.open(tmp_path / "out" / m.images[0].file)).astype(int)
+    assert out[5, 20, 0] > 200 and out[5, 20, 1] < 80  # red is now on top
+    assert out[35, 20, 1] > 200  # white at the bottom
+
+
+def test_modes_and_alpha_onto_white(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 255, 0))  # fully transparent blue
+    rgba.save(src / "a.png")
+    Image.new("L", (32, 32), 100).save(src / "b.png")
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(src / "c.jpg")
+    p = Image.new("P", (32, 32), 1)
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    p.save(src / "d.gif", transparency=0)
+    m = preprocess(src, tmp_path / "out", resolution=16)
+    assert len(m.images) == 4
+    by_name = {r.source.rsplit("/", 1)[1]: np.asarray(Image.open(tmp_path / "out" / r.file)) for r in m.images}
+    assert (by_name["a.png"] == 255).all()  # transparent -> white, not blue or black
+    assert (by_name["b.png"] == 100).all()
+    assert by_name["d.gif"][0, 0].tolist() == [0, 255, 0]
+
+
+def test_crop_versus_pad(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    im = Image.new("RGB", (100, 50), (0, 0, 0))
+    im.save(src / "wide.png")
+    crop = preprocess(src, tmp_path / "crop", resolution=20, mode="crop")
+    pad = preprocess(src, tmp_path / "pad", resolution=20, mode="pad")
+    c = np.asarray(Image.open(tmp_path / "crop" / crop.images[0].file))
+    p = np.asarray(Image.open(tmp_path / "pad" / pad.images[0].file))
+    assert (c == 0).all()  # crop keeps only the black middle
+    assert (p[0] == 255).all() and (p[10] == 0).all()  # pad adds white bars top and bottom
+
+
+def test_duplicates_are_dropped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "a.png")
+    shutil.copy(src / "a.png", src / "b.png")  # same bytes
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(src / "c.bmp")  # same pixels, other encoding
+    m = preprocess(src, tmp_path / "out", resolution=16)
+    assert len(m.images) == 1
+    reasons = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
+    assert "exact duplicate" in reasons["b.png"] and "same pixels" in reasons["c.bmp"]
+
+
+def test_bad_files_are_listed_and_skipped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "good.png")
+    (src / "notes.txt").write_text("not an image")
+    (src / "fake.jpg").write_bytes(b"this is not a jpeg")
+    good = (src / "good.png").read_bytes()
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(src / "trunc.jpg")
+    data = (src / "trunc.jpg").read_bytes()
+    (src / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    m = preprocess(src, tmp_path / "out", resolution=16)
+    assert [r.source.rsplit("/", 1)[1] for r in m.images] == ["good.png"]
+    reasons = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
+    assert set(reasons) == {"notes.txt", "fake.jpg", "trunc.jpg"}
+    assert "not an image" in reasons["notes.txt"]
+    assert "not an image file Pillow can read" in reasons["fake.jpg"]
+    assert "truncated" in reasons["trunc.jpg"]
+    assert good == (src / "good.png").read_bytes()  # inputs untouched
+
+
+def test_no_valid_image_fails_listing_every_file_and_writes_nothing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("x")
+    (src / "b.jpg").write_bytes(b"\xff\xd8 broken")
+    out = tmp_path / "out"
+    with pytest.raises(OnewordError) as e:
+        preprocess(src, out)
+    assert "a.txt" in str(e.value) and "b.jpg" in str(e.value)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))  # no half-written folder left behind
+
+
+def test_failed_rerun_keeps_previous_output(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "a.png")
+    out = tmp_path / "out"
+    preprocess(src, out, resolution=16)
+    (src / "a.png").write_bytes(b"now corrupt")
+    with pytest.raises(OnewordError):
+        preprocess(src, out, resolution=16)
+    assert Manifest.load(out).images  # the earlier, good output is still there
+
+
+def test_empty_and_missing_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OnewordError, match="empty"):
+        preprocess(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(OnewordError, match="does not exist"):
+        preprocess(tmp_path / "nope", tmp_path / "out")
+
+
+def test_small_image_warns(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "tiny.png", size=(20, 20))
+    m = preprocess(src, tmp_path / "out", resolution=64)
+    assert len(m.images) == 1
+    assert any("smaller than half" in w and "tiny.png" in w for w in m.warnings)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "ok.png", size=(40, 40))
+    _png(src / "bomb.png", size=(400, 400), colour=(0, 0, 0))
+    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)
+    m = preprocess(src, tmp_path / "out", resolution=16)
+    reasons = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
+    assert "decompression bomb" in reasons["bomb.png"]
+    assert len(m.images) == 1
+
+
+def test_pillow_bomb_error_is_refused(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "bomb.png", size=(300, 300))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's own guard fires first
+    with pytest.raises(OnewordError, match="decompression bomb"):
+        preprocess(src, tmp_path / "out", resolution=16)
+
+
+def test_images_from_s3(tmp_path, s3_bucket):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "a.png", colour=(1, 2, 3))
+    _png(src / "b.png", colour=(4, 5, 6))
+    storage.upload_dir(src, f"s3://{s3_bucket}/concepts/x")
+    m = preprocess(f"s3://{s3_bucket}/concepts/x", tmp_path / "out", resolution=16)
+    assert sorted(r.source for r in m.images) == [f"s3://{s3_bucket}/concepts/x/a.png",
+                                                  f"s3://{s3_bucket}/concepts/x/b.png"]

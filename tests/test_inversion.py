@@ -1,0 +1,182 @@
+import pytest
+import torch
+
+from oneword import checkpoints
+from oneword.errors import NonFiniteLossError, OnewordError
+from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig
+from oneword.models import load_base_model
+
+CAT = ConceptSpec(token="<cat-x>", init_word="cat")
+
+
+def _trainer(model, latents, concept=CAT, **cfg):
+    cfg.setdefault("steps", 10)
+    cfg.setdefault("checkpoint_every", 0)
+    return InversionTrainer(model, [(concept, latents)], TrainConfig(**cfg))
+
+
+def test_only_the_new_rows_change(tiny_model, cat_latents):
+    table = tiny_model.text_encoder.get_input_embeddings().weight.detach().clone()
+    te_state = {k: v.clone() for k, v in tiny_model.text_encoder.state_dict().items()}
+    unet_state = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
+    tr = _trainer(tiny_model, cat_latents, steps=15)
+    init = tr.concepts[0].param.detach().clone()
+    tr.run(progress=False)
+    assert torch.equal(tr.splice.base.weight, table)  # every one of the 49,408 rows, bit for bit
+    assert not torch.equal(tr.concepts[0].param, init)  # the new row did learn
+    for k, v in tiny_model.unet.state_dict().items():
+        assert torch.equal(v, unet_state[k]), k
+    for k, v in tiny_model.text_encoder.state_dict().items():
+        key = k.replace("token_embedding.base.", "token_embedding.")
+        if "token_embedding.vectors" not in k:
+            assert torch.equal(v, te_state[key]), k
+    assert tr.optimizer.param_groups[0]["params"] == [tr.concepts[0].param]  # one small parameter
+
+
+def test_loss_falls_when_overfitting_one_image(tiny_model, cat_latents):
+    tr = _trainer(tiny_model, cat_latents, learning_rate=0.05, scale_lr=False, weight_decay=0)
+    z0 = cat_latents.mean[0, 0][None] * cat_latents.scaling_factor
+    ids = tr.concepts[0].prompt_ids[1][:1]
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(z0.shape, generator=g), torch.tensor([500])
+    losses = []
+    for _ in range(60):
+        loss = tr.loss(z0, ids, noise, t)
+        loss.backward()
+        tr.optimizer.step()
+        tr.optimizer.zero_grad()
+        losses.append(loss.item())
+    # Fixed image, noise and timestep: the only thing that moves is the new vector. A random tiny model listens
+    # to its text only a little, so the fall is small, but it is steady and well above float noise.
+    assert losses[-1] < losses[0] - 0.005, losses[::10]
+    assert all(b <= a + 1e-6 for a, b in zip(losses[::10], losses[10::10])), losses[::10]
+
+
+def test_resume_is_bit_for_bit(tiny_model_dir, cat_latents, tmp_path):
+    whole = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20,
+                     checkpoint_every=10)
+    whole.run(tmp_path / "a", progress=False)
+    half = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=10,
+                    checkpoint_every=10)
+    half.run(tmp_path / "b", progress=False)
+    rest = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20,
+                    checkpoint_every=10)
+    rest.run(tmp_path / "b", resume=True, progress=False)
+    assert rest.step == 20
+    assert torch.equal(whole.concepts[0].param, rest.concepts[0].param)
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "b")] == [10, 20]
+    assert [p["step"] for p in rest.curve] == [p["step"] for p in whole.curve]
+
+
+def test_seeded_runs_reproduce_and_seeds_differ(tiny_model_dir, cat_latents):
+    runs = []
+    for seed in (3, 3, 4):
+        tr = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, seed=seed)
+        tr.run(progress=False)
+        runs.append(tr.concepts[0].param.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_resume_refuses_another_concept(tiny_model_dir, cat_latents, tmp_path):
+    _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, checkpoint_every=5).run(
+        tmp_path, progress=False)
+    other = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents,
+                     concept=ConceptSpec(token="<dog-x>", init_word="dog"))
+    with pytest.raises(OnewordError, match="same token"):
+        other.run(tmp_path, resume=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, cat_latents, tmp_path):
+    tr = _trainer(tiny_model, cat_latents, steps=30, checkpoint_every=10, log_every=5)
+    real_loss, calls = tr.loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss = real_loss(*a, **k)
+        return loss * float("nan") if len(calls) > 12 else loss
+
+    tr.loss = poisoned
+    with pytest.raises(NonFiniteLossError) as e:
+        tr.run(tmp_path, progress=False)
+    assert "step-000010.pt" in str(e.value) and "between steps 10 and 15" in str(e.value)
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path)] == [10]
+    good = checkpoints.load_checkpoint(tmp_path / "step-000010.pt")
+    assert torch.isfinite(good["vectors"][CAT.token]).all()
+
+
+def test_v_prediction_model_trains(tiny_v_model_dir, cat_dataset, tmp_path):
+    from oneword.latents import cache_latents
+
+    model = load_base_model(str(tiny_v_model_dir))
+    lat = cache_latents(cat_dataset, model, tmp_path / "lat")
+    tr = _trainer(model, lat, steps=5)
+    assert tr.prediction_type == "v_prediction"
+    tr.run(progress=False)
+    assert torch.isfinite(tr.concepts[0].param).all() and tr.concepts[0].param.shape == (1, 48)
+
+
+def test_several_concepts_in_one_batch(tiny_model, cat_latents):
+    dog = ConceptSpec(token="<dog-x>", init_word="dog", n_vectors=2)
+    tr = InversionTrainer(tiny_model, [(CAT, cat_latents), (dog, cat_latents)],
+                          TrainConfig(steps=6, batch_size=3, checkpoint_every=0))
+    z, ids = tr._batch(0)
+    assert z.shape[0] == 6 and ids.shape == (6, 77)
+    cat_ids, dog_ids = set(tr.concepts[0].token_ids), set(tr.concepts[1].token_ids)
+    assert all(set(row.tolist()) & cat_ids and not set(row.tolist()) & dog_ids for row in ids[:3])
+    assert all(set(row.tolist()) >= dog_ids and not set(row.tolist()) & cat_ids for row in ids[3:])
+    before = [c.param.detach().clone() for c in tr.concepts]
+    tr.run(progress=False)
+    for b, c in zip(before, tr.concepts):
+        assert not torch.equal(b, c.param)
+    embs = tr.embeddings()
+    assert [e.token for e in embs] == ["<cat-x>", "<dog-x>"] and embs[1].vectors.shape == (2, 32)
+
+
+def test_progressive_vectors(tiny_model, cat_latents):
+    concept = ConceptSpec(token="<p-x>", init_word="cat", n_vectors=3)
+    tr = _trainer(tiny_model, cat_latents, concept=concept, progressive_every=4, steps=12)
+    second = tr.concepts[0].token_ids[1]
+    assert second not in tr._batch(3)[1]
+    assert second in tr._batch(4)[1] and tr.concepts[0].token_ids[2] not in tr._batch(7)[1]
+    for step in range(4):
+        tr.train_step(step)
+    tr._activate_vectors(4)
+    assert torch.equal(tr.concepts[0].param[1], tr.concepts[0].init[1])  # joins from the initializer
+    for step in range(4, 12):
+        tr.train_step(step)
+    assert not torch.equal(tr.concepts[0].param[1], tr.concepts[0].init[1])
+
+
+def test_l2_pull_keeps_vectors_near_the_initializer(tiny_model_dir, cat_latents):
+    dist = {}
+    for lam in (0.0, 50.0):
+        tr = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, init_l2=lam, steps=30)
+        tr.run(progress=False)
+        c = tr.concepts[0]
+        dist[lam] = (c.param - c.init).norm().item()
+    assert dist[50.0] < 0.5 * dist[0.0]
+
+
+def test_lr_is_scaled_by_batch_size():
+    assert TrainConfig(batch_size=4).lr == pytest.approx(0.02)
+    assert TrainConfig(batch_size=4, scale_lr=False).lr == pytest.approx(0.005)
+
+
+def test_token_already_in_vocabulary(tiny_model, cat_latents):
+    with pytest.raises(OnewordError, match="already in the vocabulary"):
+        _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="cat", init_word="cat"))
+
+
+def test_token_with_space(tiny_model, cat_latents):
+    with pytest.raises(OnewordError, match="no spaces"):
+        _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="my cat", init_word="cat"))
+
+
+def test_multi_token_initializer_names_pieces_and_suggests(tiny_model, cat_latents):
+    with pytest.raises(OnewordError) as e:
+        _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="<x>", init_word="xylophonist"))
+    msg = str(e.value)
+    assert "'xylophonist' splits into" in msg and "try one of" in msg
+    with pytest.raises(OnewordError, match="splits into 2 tokens"):
+        _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="<x>", init_word="red car"))

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oneword.errors import OnewordError
+from oneword.images import Manifest
+from oneword.latents import LatentSet, cache_latents
+
+
+def test_shapes_and_metadata(cat_latents, tiny_model_dir):
+    lat = cat_latents
+    assert lat.mean.shape == (5, 2, 4, 8, 8) and lat.std.shape == lat.mean.shape
+    assert (lat.std > 0).all()
+    assert lat.meta["model_source"] == str(tiny_model_dir)
+    assert lat.meta["vae_fingerprint"].startswith("sha256:")
+    assert lat.scaling_factor == pytest.approx(0.18215)
+
+
+def test_cached_entries_match_encoding_and_mirror(cat_dataset, tiny_model, cat_latents):
+    m = Manifest.load(cat_dataset)
+    im = Image.open(cat_dataset / m.images[2].file)
+    for flip, picture in ((0, im), (1, im.transpose(Image.Transpose.FLIP_LEFT_RIGHT))):
+        x = torch.from_numpy(np.asarray(picture, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            dist = tiny_model.vae.encode(x).latent_dist
+        torch.testing.assert_close(cat_latents.mean[2, flip], dist.mean[0])
+        torch.testing.assert_close(cat_latents.std[2, flip], dist.std[0])
+
+
+def test_stored_distribution_samples_exactly_like_encoding(cat_dataset, tiny_model, cat_latents):
+    """mean + std * eps, with the generator the VAE would use, is the VAE's own sample."""
+    m = Manifest.load(cat_dataset)
+    im = Image.open(cat_dataset / m.images[0].file)
+    x = torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        theirs = tiny_model.vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(7))
+    eps = torch.randn(cat_latents.mean[0, 0][None].shape, generator=torch.Generator().manual_seed(7))
+    ours = cat_latents.mean[0, 0] + cat_latents.std[0, 0] * eps
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_reuses_the_shared_cache(cat_dataset, tiny_model, tmp_path, monkeypatch):
+    first = cache_latents(cat_dataset, tiny_model, tmp_path / "a", cache_dir=tmp_path / "cache")
+    n_files = len(list((tmp_path / "cache").rglob("*.safetensors")))
+    assert n_files == 10  # 5 images x 2 flips
+
+    def boom(*a, **k):
+        raise AssertionError("the VAE must not run again")
+
+    monkeypatch.setattr(tiny_model.vae, "encode", boom)
+    second = cache_latents(cat_dataset, tiny_model, tmp_path / "b", cache_dir=tmp_path / "cache")
+    assert torch.equal(first.mean, second.mean) and torch.equal(first.std, second.std)
+    assert LatentSet.load(tmp_path / "b").image_sha256 == first.image_sha256
+
+
+def test_missing_inputs_are_clear_errors(tmp_path, tiny_model):
+    with pytest.raises(OnewordError, match="oneword preprocess"):
+        cache_latents(tmp_path, tiny_model, tmp_path / "out")
+    with pytest.raises(OnewordError, match="cache-latents"):
+        LatentSet.load(tmp_path / "nothing")

@@ -1,0 +1,113 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from oneword import storage
+from oneword.errors import OnewordError
+from oneword.models import detect_family, fingerprint, load_base_model, module_fingerprint
+
+
+def test_loads_local_folder(tiny_model_dir):
+    m = load_base_model(str(tiny_model_dir))
+    assert m.family == "custom" and m.width == 32
+    assert m.prediction_type == "epsilon"
+    assert m.fingerprint.startswith("sha256:") and len(m.fingerprint) == 71
+    assert not any(p.requires_grad for p in m.unet.parameters())
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+
+
+def test_sd2_style_model(tiny_v_model_dir):
+    m = load_base_model(str(tiny_v_model_dir), parts=("unet",))
+    assert m.vae is None and m.unet is not None
+    assert m.prediction_type == "v_prediction" and m.width == 48
+    assert m.tokenizer.pad_token == "!"
+
+
+@pytest.mark.parametrize(("width", "family"), [(768, "sd1"), (1024, "sd2"), (96, "custom")])
+def test_family_from_text_width(width, family):
+    from transformers import CLIPTextConfig
+
+    assert detect_family(CLIPTextConfig(hidden_size=width), {"text_encoder": []}) == (family, width)
+    assert detect_family(CLIPTextConfig(hidden_size=768), {"text_encoder_2": []})[0] == "sdxl"
+
+
+def test_fingerprint_is_stable_and_sensitive(tiny_model_dir, tmp_path):
+    a = load_base_model(str(tiny_model_dir), parts=())
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    b = load_base_model(str(copy), parts=())
+    assert a.fingerprint == b.fingerprint  # same content, other place
+    # an fp16 copy of the same weights is the same model
+    half = a.text_encoder.half()
+    assert fingerprint(a.tokenizer, half, json.loads((copy / "unet/config.json").read_text())) == a.fingerprint
+    # one changed embedding row is another model
+    with torch.no_grad():
+        b.text_encoder.get_input_embeddings().weight[1000] += 1
+    assert fingerprint(b.tokenizer, b.text_encoder, json.loads((copy / "unet/config.json").read_text())) \
+        != a.fingerprint
+
+
+def test_vae_fingerprint_changes_with_weights(tiny_model):
+    fp = module_fingerprint(tiny_model.vae)
+    assert fp == module_fingerprint(tiny_model.vae)
+    with torch.no_grad():
+        next(tiny_model.vae.parameters()).add_(1)
+    assert module_fingerprint(tiny_model.vae) != fp
+
+
+@pytest.mark.parametrize("source", ["./no/such/folder", "/nonexistent/model.safetensors", "not a model"])
+def test_missing_model_is_a_clear_error(source):
+    with pytest.raises(OnewordError, match="not found"):
+        load_base_model(source)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(OnewordError, match="model_index.json"):
+        load_base_model(str(tmp_path))
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OnewordError, match="could not load base model"):
+        load_base_model("someone/not-a-real-model-xyz")
+
+
+def test_incomplete_folder_is_a_clear_error(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(OnewordError, match="could not load base model"):
+        load_base_model(str(broken))
+
+
+def test_sdxl_is_refused_with_a_hint(tiny_model_dir, tmp_path):
+    xl = tmp_path / "xl"
+    shutil.copytree(tiny_model_dir, xl)
+    idx = json.loads((xl / "model_index.json").read_text())
+    idx["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (xl / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(OnewordError, match="SDXL"):
+        load_base_model(str(xl))
+
+
+def test_loads_from_s3_once(tiny_model_dir, s3_bucket, monkeypatch):
+    storage.upload_dir(tiny_model_dir, f"s3://{s3_bucket}/models/tiny")
+    m = load_base_model(f"s3://{s3_bucket}/models/tiny")
+    assert m.width == 32
+    assert m.fingerprint == load_base_model(str(tiny_model_dir), parts=()).fingerprint
+    # a second load reuses the local copy: no object is fetched again
+    fetched = []
+    real = storage.client
+
+    def counting_client():
+        c = real()
+        orig = c.fget_object
+        c.fget_object = lambda *a, **k: (fetched.append(a[1]), orig(*a, **k))[1]
+        return c
+
+    monkeypatch.setattr(storage, "client", counting_client)
+    load_base_model(f"s3://{s3_bucket}/models/tiny", parts=())
+    assert fetched == []

@@ -42,8 +42,9 @@ def tiny_v_model_dir(tmp_path_factory) -> Path:
     """A tiny SD2-style model: v-prediction, pad token '!', width 48."""
     from oneword.random_models import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-v") / "model", seed=1, width=48,
-                            prediction_type="v_prediction", pad_token="!")
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-v") / "model", seed=1, width=48, prediction_type="v_prediction", pad_token="!"
+    )
 
 
 @pytest.fixture

@@ -25,19 +25,66 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys):
     assert run(["preprocess", DREAMBENCH / "dog", "-o", data, "--resolution", 32], capsys)[0] == 0
     code, out = run(["cache-latents", data, "-o", lat, "--base-model", tiny_model_dir], capsys)
     assert code == 0 and "latents.safetensors" in out
-    code, out = run(["train", lat, "--token", "<dog-c>", "--init-word", "dog", "-o", trained, "--steps", 6,
-                     "--checkpoint-every", 3], capsys)
+    code, out = run(
+        [
+            "train",
+            lat,
+            "--token",
+            "<dog-c>",
+            "--init-word",
+            "dog",
+            "-o",
+            trained,
+            "--steps",
+            6,
+            "--checkpoint-every",
+            3,
+        ],
+        capsys,
+    )
     assert code == 0, out
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["concept"]["token"] == "<dog-c>"
-    code, out = run(["train", lat, "--token", "<dog-c>", "--init-word", "dog", "-o", trained, "--steps", 9,
-                     "--checkpoint-every", 3, "--resume"], capsys)
+    code, out = run(
+        [
+            "train",
+            lat,
+            "--token",
+            "<dog-c>",
+            "--init-word",
+            "dog",
+            "-o",
+            trained,
+            "--steps",
+            9,
+            "--checkpoint-every",
+            3,
+            "--resume",
+        ],
+        capsys,
+    )
     assert code == 0 and json.loads((trained / "summary.json").read_text())["steps"] == 9
-    code, out = run(["export", trained / "learned_embeds.safetensors", "--format", "a1111", "-o",
-                     tmp_path / "dog.pt"], capsys)
+    code, out = run(
+        ["export", trained / "learned_embeds.safetensors", "--format", "a1111", "-o", tmp_path / "dog.pt"], capsys
+    )
     assert code == 0 and E.load(tmp_path / "dog.pt").token == "<dog-c>"
-    code, out = run(["generate", "a photo of <dog-c>", "-e", tmp_path / "dog.pt", "--base-model", tiny_model_dir,
-                     "-o", tmp_path / "gen", "--n", 2, "--steps", 3], capsys)
+    code, out = run(
+        [
+            "generate",
+            "a photo of <dog-c>",
+            "-e",
+            tmp_path / "dog.pt",
+            "--base-model",
+            tiny_model_dir,
+            "-o",
+            tmp_path / "gen",
+            "--n",
+            2,
+            "--steps",
+            3,
+        ],
+        capsys,
+    )
     assert code == 0 and (tmp_path / "gen" / "grid.png").exists()
 
 
@@ -57,8 +104,7 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, 
 
 
 def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):
-    code, out = run(["train", cat_latents_dir, "--token", "<q>", "--init-word", "xylophonist", "-o", tmp_path],
-                    capsys)
+    code, out = run(["train", cat_latents_dir, "--token", "<q>", "--init-word", "xylophonist", "-o", tmp_path], capsys)
     assert code == 2 and "splits into" in out and "hint:" in out
     assert not (tmp_path / "learned_embeds.safetensors").exists()
 

@@ -13,8 +13,9 @@ from oneword.train import train
 
 def _emb(n=2, width=32, fp="sha256:" + "ab" * 32):
     g = torch.Generator().manual_seed(0)
-    return E.Embedding("<thing>", torch.randn(n, width, generator=g),
-                       {"initializer": "toy", "model_fingerprint": fp, "steps": "123"})
+    return E.Embedding(
+        "<thing>", torch.randn(n, width, generator=g), {"initializer": "toy", "model_fingerprint": fp, "steps": "123"}
+    )
 
 
 @pytest.mark.parametrize("fmt", E.FORMATS)
@@ -96,8 +97,9 @@ def test_diffusers_loads_our_file_and_encodes_like_the_trainer(tiny_model_dir, c
 
     concept = ConceptSpec(token="<cat-z>", init_word="cat", n_vectors=3)
     trainer_model = load_base_model(str(tiny_model_dir), parts=("unet",))
-    trainer = InversionTrainer(trainer_model, [(concept, LatentSet.load(cat_latents_dir))],
-                               TrainConfig(steps=8, checkpoint_every=0))
+    trainer = InversionTrainer(
+        trainer_model, [(concept, LatentSet.load(cat_latents_dir))], TrainConfig(steps=8, checkpoint_every=0)
+    )
     trainer.run(progress=False)
     path = E.save(trainer.embeddings()[0], tmp_path / "learned_embeds.safetensors")
     prompt = "a watercolor of <cat-z> on the moon"
@@ -110,11 +112,23 @@ def test_diffusers_loads_our_file_and_encodes_like_the_trainer(tiny_model_dir, c
 
 
 def test_train_step_writes_every_format(tiny_model_dir, cat_latents_dir, tmp_path):
-    r = train(cat_latents_dir, tmp_path / "out", ConceptSpec(token="<cat-w>", init_word="cat"),
-              TrainConfig(steps=6, checkpoint_every=3), progress=False)
+    r = train(
+        cat_latents_dir,
+        tmp_path / "out",
+        ConceptSpec(token="<cat-w>", init_word="cat"),
+        TrainConfig(steps=6, checkpoint_every=3),
+        progress=False,
+    )
     out = tmp_path / "out"
-    for rel in ("learned_embeds.safetensors", "a1111/cat-w.pt", "kohya/cat-w.safetensors", "curve.json",
-                "summary.json", "checkpoints/step-000003.pt", "checkpoints/step-000006.pt"):
+    for rel in (
+        "learned_embeds.safetensors",
+        "a1111/cat-w.pt",
+        "kohya/cat-w.safetensors",
+        "curve.json",
+        "summary.json",
+        "checkpoints/step-000003.pt",
+        "checkpoints/step-000006.pt",
+    ):
         assert (out / rel).exists(), rel
     for f in ("learned_embeds.safetensors", "a1111/cat-w.pt", "kohya/cat-w.safetensors"):
         assert torch.equal(E.load(out / f).vectors, r.embeddings[0].vectors)

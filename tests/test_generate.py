@@ -12,13 +12,27 @@ def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path):
     for tok in ("<a-x>", "<b-x>"):
         files.append(E.save(E.Embedding(tok, torch.randn(2, 32, generator=g)), tmp_path / f"{tok[1]}.safetensors"))
     out = tmp_path / "gen"
-    grid = generate(str(tiny_model_dir), files, ["a photo of <a-x> next to <b-x>", "<b-x> on the moon"], out,
-                    n=3, seed=5, sampler=SamplerConfig(steps=4))
+    grid = generate(
+        str(tiny_model_dir),
+        files,
+        ["a photo of <a-x> next to <b-x>", "<b-x> on the moon"],
+        out,
+        n=3,
+        seed=5,
+        sampler=SamplerConfig(steps=4),
+    )
     assert Image.open(grid).size == (160 + 3 * 32, 2 * 32)
     assert sorted(p.name for p in out.glob("p*.png")) == [f"p{i:02d}_s{s}.png" for i in (0, 1) for s in (5, 6, 7)]
     # the same seed draws the same picture; another concept draws another
-    again = generate(str(tiny_model_dir), files[::-1], ["a photo of <a-x> next to <b-x>"], tmp_path / "again",
-                     n=1, seed=5, sampler=SamplerConfig(steps=4))
+    again = generate(
+        str(tiny_model_dir),
+        files[::-1],
+        ["a photo of <a-x> next to <b-x>"],
+        tmp_path / "again",
+        n=1,
+        seed=5,
+        sampler=SamplerConfig(steps=4),
+    )
     assert again.exists()
     a = np.asarray(Image.open(out / "p00_s5.png"))
     b = np.asarray(Image.open(tmp_path / "again" / "p00_s5.png"))

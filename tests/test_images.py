@@ -182,5 +182,7 @@ def test_images_from_s3(tmp_path, s3_bucket):
     _png(src / "b.png", colour=(4, 5, 6))
     storage.upload_dir(src, f"s3://{s3_bucket}/concepts/x")
     m = preprocess(f"s3://{s3_bucket}/concepts/x", tmp_path / "out", resolution=16)
-    assert sorted(r.source for r in m.images) == [f"s3://{s3_bucket}/concepts/x/a.png",
-                                                  f"s3://{s3_bucket}/concepts/x/b.png"]
+    assert sorted(r.source for r in m.images) == [
+        f"s3://{s3_bucket}/concepts/x/a.png",
+        f"s3://{s3_bucket}/concepts/x/b.png",
+    ]

@@ -53,14 +53,11 @@ def test_loss_falls_when_overfitting_one_image(tiny_model, cat_latents):
 
 
 def test_resume_is_bit_for_bit(tiny_model_dir, cat_latents, tmp_path):
-    whole = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20,
-                     checkpoint_every=10)
+    whole = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20, checkpoint_every=10)
     whole.run(tmp_path / "a", progress=False)
-    half = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=10,
-                    checkpoint_every=10)
+    half = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=10, checkpoint_every=10)
     half.run(tmp_path / "b", progress=False)
-    rest = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20,
-                    checkpoint_every=10)
+    rest = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20, checkpoint_every=10)
     rest.run(tmp_path / "b", resume=True, progress=False)
     assert rest.step == 20
     assert torch.equal(whole.concepts[0].param, rest.concepts[0].param)
@@ -80,9 +77,13 @@ def test_seeded_runs_reproduce_and_seeds_differ(tiny_model_dir, cat_latents):
 
 def test_resume_refuses_another_concept(tiny_model_dir, cat_latents, tmp_path):
     _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, checkpoint_every=5).run(
-        tmp_path, progress=False)
-    other = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents,
-                     concept=ConceptSpec(token="<dog-x>", init_word="dog"))
+        tmp_path, progress=False
+    )
+    other = _trainer(
+        load_base_model(str(tiny_model_dir), parts=("unet",)),
+        cat_latents,
+        concept=ConceptSpec(token="<dog-x>", init_word="dog"),
+    )
     with pytest.raises(OnewordError, match="same token"):
         other.run(tmp_path, resume=True, progress=False)
 
@@ -118,8 +119,9 @@ def test_v_prediction_model_trains(tiny_v_model_dir, cat_dataset, tmp_path):
 
 def test_several_concepts_in_one_batch(tiny_model, cat_latents):
     dog = ConceptSpec(token="<dog-x>", init_word="dog", n_vectors=2)
-    tr = InversionTrainer(tiny_model, [(CAT, cat_latents), (dog, cat_latents)],
-                          TrainConfig(steps=6, batch_size=3, checkpoint_every=0))
+    tr = InversionTrainer(
+        tiny_model, [(CAT, cat_latents), (dog, cat_latents)], TrainConfig(steps=6, batch_size=3, checkpoint_every=0)
+    )
     z, ids = tr._batch(0)
     assert z.shape[0] == 6 and ids.shape == (6, 77)
     cat_ids, dog_ids = set(tr.concepts[0].token_ids), set(tr.concepts[1].token_ids)

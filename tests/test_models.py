@@ -45,8 +45,9 @@ def test_fingerprint_is_stable_and_sensitive(tiny_model_dir, tmp_path):
     # one changed embedding row is another model
     with torch.no_grad():
         b.text_encoder.get_input_embeddings().weight[1000] += 1
-    assert fingerprint(b.tokenizer, b.text_encoder, json.loads((copy / "unet/config.json").read_text())) \
-        != a.fingerprint
+    assert (
+        fingerprint(b.tokenizer, b.text_encoder, json.loads((copy / "unet/config.json").read_text())) != a.fingerprint
+    )
 
 
 def test_vae_fingerprint_changes_with_weights(tiny_model):
@@ -65,7 +66,7 @@ def test_missing_model_is_a_clear_error(source):
 
 def test_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(OnewordError, match="model_index.json"):
+    with pytest.raises(OnewordError, match=r"model_index\.json"):
         load_base_model(str(tmp_path))
 
 

@@ -46,7 +46,8 @@ def test_bundled_files_follow_exactly_from_open_clip_merges(tmp_path):
     assert vocab.read_bytes() == (bundled_files_dir() / "vocab.json").read_bytes()
     assert merges.read_bytes() == (bundled_files_dir() / "merges.txt").read_bytes()
     assert len(merges.read_text().splitlines()) == N_MERGES + 1
-    assert gzip.open(gz).read()  # the source file is really there
+    with gzip.open(gz) as f:
+        assert f.read()  # the source file is really there
 
 
 def test_tokenizer_shape_and_special_tokens():

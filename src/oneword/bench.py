@@ -61,16 +61,29 @@ def synthetic_latents(channels: int, side: int, n_images: int = 5, seed: int = 0
     return LatentSet(mean, std, [f"{i:064x}" for i in range(n_images)], 0.18215, 0.0, {})
 
 
-def bench_oneword(model: BaseModel, batch_size: int = 4, steps: int = 50, warmup: int = 5,
-                  resolution: int | None = None, device: str = "auto", precision: str = "auto",
-                  compile: bool = False) -> BenchResult:
+def bench_oneword(
+    model: BaseModel,
+    batch_size: int = 4,
+    steps: int = 50,
+    warmup: int = 5,
+    resolution: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+) -> BenchResult:
     """Time oneword's training loop on `model` (the model is modified: a token is added)."""
     dev = resolve_device(device)
     c, side = _latent_shape(model, resolution)
-    cfg = TrainConfig(steps=steps + warmup, batch_size=batch_size, device=str(dev), precision=precision,  # type: ignore[arg-type]
-                      compile=compile)
-    trainer = InversionTrainer(model, [(ConceptSpec(token="<bench>", init_word="object"),
-                                        synthetic_latents(c, side))], cfg)
+    cfg = TrainConfig(
+        steps=steps + warmup,
+        batch_size=batch_size,
+        device=str(dev),
+        precision=precision,  # type: ignore[arg-type]
+        compile=compile,
+    )
+    trainer = InversionTrainer(
+        model, [(ConceptSpec(token="<bench>", init_word="object"), synthetic_latents(c, side))], cfg
+    )
     for s in range(warmup):
         trainer.train_step(s)
     _sync(dev)
@@ -86,9 +99,16 @@ def bench_oneword(model: BaseModel, batch_size: int = 4, steps: int = 50, warmup
     return BenchResult(name, str(dev), batch_size, 1, steps, dt, steps / dt, steps * batch_size / dt, peak)
 
 
-def bench_diffusers_style(model: BaseModel, batch_size: int = 1, grad_accum: int = 4, steps: int = 10,
-                          warmup: int = 2, resolution: int | None = None, device: str = "auto",
-                          precision: str = "auto") -> BenchResult:
+def bench_diffusers_style(
+    model: BaseModel,
+    batch_size: int = 1,
+    grad_accum: int = 4,
+    steps: int = 10,
+    warmup: int = 2,
+    resolution: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> BenchResult:
     """Time a loop that does per step what diffusers' textual-inversion example does (module docstring)."""
     from diffusers import DDPMScheduler
 
@@ -97,8 +117,12 @@ def bench_diffusers_style(model: BaseModel, batch_size: int = 1, grad_accum: int
         raise ValueError("the diffusers-style loop encodes images at every step: load the model with its VAE")
     use_bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     wdtype = torch.bfloat16 if use_bf16 else torch.float32
-    te, unet, vae, tok = model.text_encoder.to(dev), model.unet.to(dev, wdtype), model.vae.to(dev, wdtype), \
-        model.tokenizer
+    te, unet, vae, tok = (
+        model.text_encoder.to(dev),
+        model.unet.to(dev, wdtype),
+        model.vae.to(dev, wdtype),
+        model.tokenizer,
+    )
     tok.add_tokens(["<bench-d>"])
     te.resize_token_embeddings(len(tok))
     table = te.get_input_embeddings().weight
@@ -110,8 +134,12 @@ def bench_diffusers_style(model: BaseModel, batch_size: int = 1, grad_accum: int
     sched = DDPMScheduler.from_config(model.scheduler_config)
     side = resolution or model.vae.config.sample_size
     pixels = torch.rand(batch_size, 3, side, side, device=dev) * 2 - 1
-    ids = tok(["a photo of a <bench-d>"] * batch_size, padding="max_length", max_length=tok.model_max_length,
-              return_tensors="pt").input_ids.to(dev)
+    ids = tok(
+        ["a photo of a <bench-d>"] * batch_size,
+        padding="max_length",
+        max_length=tok.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(dev)
     auto = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(dev.type, enabled=False)
 
     def micro_step() -> None:
@@ -144,8 +172,17 @@ def bench_diffusers_style(model: BaseModel, batch_size: int = 1, grad_accum: int
     _sync(dev)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    return BenchResult("diffusers-example-style", str(dev), batch_size, grad_accum, steps, dt, steps / dt,
-                       steps * batch_size * grad_accum / dt, peak)
+    return BenchResult(
+        "diffusers-example-style",
+        str(dev),
+        batch_size,
+        grad_accum,
+        steps,
+        dt,
+        steps / dt,
+        steps * batch_size * grad_accum / dt,
+        peak,
+    )
 
 
 def load_bench_model(base_model: str | None, sd15_shape: bool, parts=("unet", "vae")) -> BaseModel:

@@ -71,8 +71,10 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise OnewordError(f"checkpoint {path} could not be read ({e})",
-                           hint="delete the damaged file; training resumes from the one before") from e
+        raise OnewordError(
+            f"checkpoint {path} could not be read ({e})",
+            hint="delete the damaged file; training resumes from the one before",
+        ) from e
 
 
 def latest_checkpoint(where: str | Path) -> tuple[int, str] | None:

@@ -59,8 +59,7 @@ class Embedding:
 def default_filename(token: str, fmt: Format) -> str:
     """The conventional file name for `token` in `fmt`."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
-    return {"diffusers": "learned_embeds.safetensors", "a1111": f"{stem}.pt",
-            "kohya": f"{stem}.safetensors"}[fmt]
+    return {"diffusers": "learned_embeds.safetensors", "a1111": f"{stem}.pt", "kohya": f"{stem}.safetensors"}[fmt]
 
 
 def _header(emb: Embedding) -> dict[str, str]:
@@ -132,14 +131,18 @@ def load(path: Path, token: str | None = None) -> Embedding:
             (file_token, vectors), vectors_2 = next(iter(tensors.items())), None
             meta.setdefault("token", file_token)
         else:
-            raise OnewordError(f"{path} holds {sorted(tensors)}, which is no embedding format oneword knows",
-                               hint="expected {token: tensor}, emb_params, or clip_l/clip_g")
+            raise OnewordError(
+                f"{path} holds {sorted(tensors)}, which is no embedding format oneword knows",
+                hint="expected {token: tensor}, emb_params, or clip_l/clip_g",
+            )
     else:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
-            raise OnewordError(f"{path} could not be read as a weights-only .pt/.bin file ({e})",
-                               hint="oneword never unpickles arbitrary objects; convert the file to safetensors")
+            raise OnewordError(
+                f"{path} could not be read as a weights-only .pt/.bin file ({e})",
+                hint="oneword never unpickles arbitrary objects; convert the file to safetensors",
+            ) from e
         vectors_2 = None
         if isinstance(data, dict) and "string_to_param" in data:
             vectors = next(iter(data["string_to_param"].values()))
@@ -153,8 +156,10 @@ def load(path: Path, token: str | None = None) -> Embedding:
         elif isinstance(data, torch.Tensor):
             vectors, meta = data, {}
         else:
-            raise OnewordError(f"{path} is no embedding format oneword knows",
-                               hint="expected an A1111 .pt, a diffusers learned_embeds.bin, or a tensor")
+            raise OnewordError(
+                f"{path} is no embedding format oneword knows",
+                hint="expected an A1111 .pt, a diffusers learned_embeds.bin, or a tensor",
+            )
     vectors = vectors.float()
     if vectors.dim() == 1:
         vectors = vectors[None]
@@ -163,8 +168,7 @@ def load(path: Path, token: str | None = None) -> Embedding:
     return Embedding(name, vectors, {k: str(v) for k, v in meta.items()}, vectors_2)
 
 
-def check_compatible(emb: Embedding, width: int, model_fingerprint: str, force: bool = False,
-                     source: str = "") -> None:
+def check_compatible(emb: Embedding, width: int, model_fingerprint: str, force: bool = False, source: str = "") -> None:
     """Refuse to load `emb` into a model it was not trained for.
 
     A different width is always an error. A different recorded model fingerprint is an error unless `force`.
@@ -172,8 +176,7 @@ def check_compatible(emb: Embedding, width: int, model_fingerprint: str, force: 
     where = f" ({source})" if source else ""
     if emb.width != width:
         raise OnewordError(
-            f"embedding {emb.token!r}{where} has width {emb.width} but the model's text encoder has width "
-            f"{width}",
+            f"embedding {emb.token!r}{where} has width {emb.width} but the model's text encoder has width {width}",
             hint="use an embedding trained for this model family (768: SD 1.x, 1024: SD 2.x)",
         )
     recorded = emb.meta.get("model_fingerprint")

@@ -69,16 +69,18 @@ def load_embeddings(pipe, model: BaseModel, files: Sequence[Path | emb_io.Embedd
         emb = f if isinstance(f, emb_io.Embedding) else emb_io.load(Path(f))
         emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=str(f))
         if emb.token in pipe.tokenizer.get_added_vocab():
-            raise OnewordError(f"two embeddings use the token {emb.token!r}",
-                               hint="rename one: oneword export --token NEW ...")
+            raise OnewordError(
+                f"two embeddings use the token {emb.token!r}", hint="rename one: oneword export --token NEW ..."
+            )
         pipe.load_textual_inversion(emb.vectors.to(pipe.text_encoder.dtype), token=emb.token)
         tokens.append(emb.token)
     return tokens
 
 
 @torch.no_grad()
-def sample(pipe, prompts: Sequence[str], n: int, seed: int, sampler: SamplerConfig = SamplerConfig(),
-           batch_size: int = 16) -> list[list[Image.Image]]:
+def sample(
+    pipe, prompts: Sequence[str], n: int, seed: int, sampler: SamplerConfig = SamplerConfig(), batch_size: int = 16
+) -> list[list[Image.Image]]:
     """Draw `n` images per prompt; image j of every prompt uses seed `seed + j`.
 
     Prompts are batched together (up to `batch_size` images per UNet call).
@@ -106,7 +108,9 @@ def sample(pipe, prompts: Sequence[str], n: int, seed: int, sampler: SamplerConf
     return out  # type: ignore[return-value]
 
 
-def make_grid(images: list[list[Image.Image]], labels: Sequence[str] | None = None, label_width: int = 0) -> Image.Image:
+def make_grid(
+    images: list[list[Image.Image]], labels: Sequence[str] | None = None, label_width: int = 0
+) -> Image.Image:
     """Lay out `images[row][col]` as one picture, with an optional text label left of each row."""
     rows, cols = len(images), max(len(r) for r in images)
     w, h = images[0][0].size

@@ -78,8 +78,11 @@ def discover_images(source: str | Path) -> list[Path]:
     folder = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
     if not folder.is_dir():
         raise OnewordError(f"image folder {folder} does not exist", hint="pass a folder of photos of the concept")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not files:
         raise OnewordError(f"image folder {source} is empty", hint="put 3-5 photos of the concept in it")
     return files

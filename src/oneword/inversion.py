@@ -128,7 +128,7 @@ class InversionTrainer:
         self.model, self.config = model, config
         self.device = resolve_device(config.device)
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         self.text_encoder = model.text_encoder.to(self.device)
         unet_dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.unet = model.unet.to(self.device)
@@ -149,8 +149,10 @@ class InversionTrainer:
         self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
         self.prediction_type = sched.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise OnewordError(f"prediction type {self.prediction_type!r} is not supported",
-                               hint="use a model whose scheduler predicts epsilon or v")
+            raise OnewordError(
+                f"prediction type {self.prediction_type!r} is not supported",
+                hint="use a model whose scheduler predicts epsilon or v",
+            )
 
         self.optimizer = torch.optim.AdamW(
             [{"params": [c.param], "lr": config.lr} for c in self.concepts],
@@ -168,8 +170,10 @@ class InversionTrainer:
         offset = sum(p.shape[0] for p in self.splice.vectors)
         if len(tok) != self.splice.n_base + offset:
             # tokens added earlier without rows of their own would shift the id -> row mapping
-            raise OnewordError(f"tokenizer has {len(tok)} entries but the embedding table "
-                               f"{self.splice.n_base + offset}", hint="load a fresh base model")
+            raise OnewordError(
+                f"tokenizer has {len(tok)} entries but the embedding table {self.splice.n_base + offset}",
+                hint="load a fresh base model",
+            )
         ids = add_placeholder_tokens(tok, spec.token, spec.n_vectors)
         if ids[0] != self.splice.n_base + offset:
             raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
@@ -179,12 +183,23 @@ class InversionTrainer:
         prompt_ids = {}
         for n_active in range(1, spec.n_vectors + 1):
             text = [t.format(expand_placeholder(spec.token, n_active)) for t in templates]
-            prompt_ids[n_active] = tok(text, padding="max_length", max_length=tok.model_max_length,
-                                       truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return _Concept(spec, latents.mean.to(self.device), latents.std.to(self.device), ids,
-                        init.to(self.device), param, prompt_ids,
-                        {"scaling_factor": latents.scaling_factor, "shift_factor": latents.shift_factor,
-                         "image_sha256": latents.image_sha256})
+            prompt_ids[n_active] = tok(
+                text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+        return _Concept(
+            spec,
+            latents.mean.to(self.device),
+            latents.std.to(self.device),
+            ids,
+            init.to(self.device),
+            param,
+            prompt_ids,
+            {
+                "scaling_factor": latents.scaling_factor,
+                "shift_factor": latents.shift_factor,
+                "image_sha256": latents.image_sha256,
+            },
+        )
 
     def n_active(self, step: int) -> int:
         """Vectors in use at `step` under the progressive schedule (all of them when it is off)."""
@@ -224,8 +239,7 @@ class InversionTrainer:
         target = noise if self.prediction_type == "epsilon" else a * noise - s * z0
         with self.autocast:
             hidden = self.text_encoder(ids)[0]  # (B, 77, width)
-            pred = self.unet_forward(noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden,
-                                     return_dict=False)[0]
+            pred = self.unet_forward(noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target)
         if self.config.init_l2 > 0:
             reg = sum(((c.param - c.init) ** 2).sum(-1).mean() for c in self.concepts)
@@ -264,12 +278,15 @@ class InversionTrainer:
         """Restore a state written by `state_dict` (after checking it belongs to this run)."""
         mine = [c.spec.model_dump_json() for c in self.concepts]
         if state["concepts"] != mine:
-            raise OnewordError(f"{source} was written for concepts {state['concepts']}, not {mine}",
-                               hint="resume with the same token, initializer and vector count, "
-                                    "or use a fresh checkpoint folder")
+            raise OnewordError(
+                f"{source} was written for concepts {state['concepts']}, not {mine}",
+                hint="resume with the same token, initializer and vector count, or use a fresh checkpoint folder",
+            )
         if state["model_fingerprint"] != self.model.fingerprint:
-            raise OnewordError(f"{source} was trained on another base model ({state['model_fingerprint'][:19]}…)",
-                               hint="resume with the same base model, or use a fresh checkpoint folder")
+            raise OnewordError(
+                f"{source} was trained on another base model ({state['model_fingerprint'][:19]}…)",
+                hint="resume with the same base model, or use a fresh checkpoint folder",
+            )
         with torch.no_grad():
             for c in self.concepts:
                 c.param.copy_(state["vectors"][c.spec.token].to(self.device))
@@ -303,8 +320,9 @@ class InversionTrainer:
         tok = self.model.tokenizer
         for c in self.concepts:
             prompts = [p.replace(c.spec.token, expand_placeholder(c.spec.token, c.spec.n_vectors)) for p in prompts]
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
+        ids = tok(
+            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
         return self.text_encoder(ids)[0].float()
 
     # ---- loop --------------------------------------------------------------------------------------------
@@ -341,7 +359,8 @@ class InversionTrainer:
             self.step += 1
             at_end = self.step == cfg.steps
             ckpt_now = checkpoint_dir is not None and (
-                at_end or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
+                at_end or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+            )
             if self.step % cfg.log_every == 0 or at_end or ckpt_now:
                 mean_loss = (loss_sum / n_sum).item()
                 norms = [c.param.detach().norm(dim=-1).mean().item() for c in self.concepts]
@@ -350,7 +369,7 @@ class InversionTrainer:
                         f"the loss became {mean_loss} between steps {self.step - n_sum} and {self.step}; "
                         f"stopped. Last good checkpoint: {last or 'none'}",
                         hint=f"lower the learning rate (now {cfg.lr:g}) or use --precision fp32, then "
-                             "--resume from that checkpoint",
+                        "--resume from that checkpoint",
                     )
                 point = {"step": self.step, "loss": mean_loss, "embedding_norm": sum(norms) / len(norms)}
                 self.curve.append(point)
@@ -365,5 +384,6 @@ class InversionTrainer:
         bar.close()
         seconds = time.perf_counter() - t0
         done = self.step - start
-        return TrainResult(self.embeddings(), self.curve, self.step, seconds,
-                           done / seconds if seconds > 0 else 0.0, last)
+        return TrainResult(
+            self.embeddings(), self.curve, self.step, seconds, done / seconds if seconds > 0 else 0.0, last
+        )

@@ -56,8 +56,11 @@ class LatentSet:
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
         }
-        save_file({"mean": self.mean.contiguous(), "std": self.std.contiguous()}, str(p),
-                  metadata={"oneword": json.dumps(meta)})
+        save_file(
+            {"mean": self.mean.contiguous(), "std": self.std.contiguous()},
+            str(p),
+            metadata={"oneword": json.dumps(meta)},
+        )
         return p
 
     @classmethod
@@ -70,8 +73,9 @@ class LatentSet:
         with safe_open(str(p), "pt") as f:
             meta = json.loads(f.metadata()["oneword"])
         t = load_file(str(p))
-        return cls(t["mean"], t["std"], meta.pop("image_sha256"), meta.pop("scaling_factor"),
-                   meta.pop("shift_factor"), meta)
+        return cls(
+            t["mean"], t["std"], meta.pop("image_sha256"), meta.pop("scaling_factor"), meta.pop("shift_factor"), meta
+        )
 
 
 def entry_key(vae_fingerprint: str, image_sha256: str, resolution: int, flip: bool) -> str:
@@ -108,8 +112,9 @@ def cache_latents(
         The `LatentSet` written to `out_dir`.
     """
     manifest = Manifest.load(dataset_dir)
-    model = base_model if isinstance(base_model, BaseModel) else load_base_model(
-        base_model, parts=("vae",), device=device)
+    model = (
+        base_model if isinstance(base_model, BaseModel) else load_base_model(base_model, parts=("vae",), device=device)
+    )
     if model.vae is None:
         raise OnewordError("cache_latents needs the base model's VAE, which was not loaded")
     vae = model.vae
@@ -131,10 +136,12 @@ def cache_latents(
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         ims = [Image.open(p) for _, p, _ in chunk]
-        x = torch.stack([
-            _to_tensor(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)
-            for im, (_, _, flip) in zip(ims, chunk)
-        ]).to(device, dtype)
+        x = torch.stack(
+            [
+                _to_tensor(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)
+                for im, (_, _, flip) in zip(ims, chunk)
+            ]
+        ).to(device, dtype)
         dist = vae.encode(x).latent_dist
         for j, (key, _, _) in enumerate(chunk):
             e = {"mean": dist.mean[j].float().cpu().contiguous(), "std": dist.std[j].float().cpu().contiguous()}

@@ -120,21 +120,27 @@ def fingerprint(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet_conf
     h.update(json.dumps(base, sort_keys=True, ensure_ascii=False).encode())
     table = text_encoder.get_input_embeddings().weight.detach()
     h.update(table[: len(base)].to("cpu", torch.float16).contiguous().numpy().tobytes())
-    cfg = {k: v for k, v in (unet_config or {}).items() if not k.startswith("_")}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_config_dict(unet_config), sort_keys=True, default=str).encode())
     return "sha256:" + h.hexdigest()
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a module's config and weights (fp16-rounded); used to key the VAE latent cache."""
     h = hashlib.sha256()
-    cfg = getattr(module, "config", {})
-    h.update(json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")}, sort_keys=True,
-                        default=str).encode())
+    h.update(json.dumps(_config_dict(getattr(module, "config", None)), sort_keys=True, default=str).encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     return "sha256:" + h.hexdigest()
+
+
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "architectures"}
+
+
+def _config_dict(cfg) -> dict:
+    """A model config as a plain dict, without keys that change with library version, path or dtype."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    return {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
 
 
 def _read_model_index(path: str) -> dict | None:
@@ -190,8 +196,18 @@ def load_base_model(
             hint="check the path or hub id; hub ids need network access and, for gated models, HF_TOKEN",
         ) from e
     model_index = _read_model_index(resolved) if is_local else None
-    return _finish(source, tokenizer, text_encoder, unet, vae, scheduler_config, unet_config, model_index,
-                   device, Path(resolved) if is_local else None)
+    return _finish(
+        source,
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler_config,
+        unet_config,
+        model_index,
+        device,
+        Path(resolved) if is_local else None,
+    )
 
 
 def _load_json(resolved: str, rel: str, kw: dict) -> dict:
@@ -219,13 +235,23 @@ def _load_single_file(source, path, parts, device, dtype, model_config) -> BaseM
             hint="pass --model-config with a diffusers folder or hub id holding the model's configs",
         ) from e
     text_encoder = pipe.text_encoder.float()
-    return _finish(source, pipe.tokenizer, text_encoder,
-                   pipe.unet if "unet" in parts else None, pipe.vae if "vae" in parts else None,
-                   dict(pipe.scheduler.config), dict(pipe.unet.config), None, device, Path(path))
+    return _finish(
+        source,
+        pipe.tokenizer,
+        text_encoder,
+        pipe.unet if "unet" in parts else None,
+        pipe.vae if "vae" in parts else None,
+        dict(pipe.scheduler.config),
+        dict(pipe.unet.config),
+        None,
+        device,
+        Path(path),
+    )
 
 
-def _finish(source, tokenizer, text_encoder, unet, vae, scheduler_config, unet_config, model_index, device,
-            path) -> BaseModel:
+def _finish(
+    source, tokenizer, text_encoder, unet, vae, scheduler_config, unet_config, model_index, device, path
+) -> BaseModel:
     family, width = detect_family(text_encoder.config, model_index)
     if family == "sdxl":
         raise OnewordError(

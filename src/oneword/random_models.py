@@ -98,8 +98,14 @@ def build_tiny_model(
         norm_num_groups=8,
         layers_per_block=1,
     )
-    return _save(out, load_clip_tokenizer(pad_token), text_encoder, unet, vae,
-                 dict(SD_SCHEDULER, prediction_type=prediction_type))
+    return _save(
+        out,
+        load_clip_tokenizer(pad_token),
+        text_encoder,
+        unet,
+        vae,
+        dict(SD_SCHEDULER, prediction_type=prediction_type),
+    )
 
 
 def build_sd15_shape_model(out: Path, seed: int = 0) -> Path:
@@ -136,3 +142,60 @@ def build_sd15_shape_model(out: Path, seed: int = 0) -> Path:
         layers_per_block=2,
     )
     return _save(out, load_clip_tokenizer(), text_encoder, unet, vae, SD_SCHEDULER)
+
+
+def build_tiny_clip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny random-weight CLIP (transformers' CLIPModel + CLIPProcessor) for evaluation tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    text = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    proc = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=load_clip_tokenizer(),
+    )
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def build_tiny_dino(out: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny random-weight ViT (DINO's architecture family) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    model = ViTModel(
+        ViTConfig(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        add_pooling_layer=False,
+    )
+    model.save_pretrained(out)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return out

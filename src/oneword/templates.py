@@ -80,11 +80,15 @@ def get_templates(name: str) -> tuple[str, ...]:
         return SETS[name]
     p = Path(name)
     if not p.is_file():
-        raise OnewordError(f"unknown template set {name!r}",
-                           hint=f"use one of {', '.join(SETS)} or a text file with one template per line")
+        raise OnewordError(
+            f"unknown template set {name!r}",
+            hint=f"use one of {', '.join(SETS)} or a text file with one template per line",
+        )
     lines = tuple(line.strip() for line in p.read_text().splitlines() if line.strip())
     bad = [t for t in lines if t.count("{}") != 1]
     if not lines or bad:
-        raise OnewordError(f"template file {p} has lines without exactly one '{{}}': {bad[:3]}",
-                           hint="write each template like 'a photo of a {}'")
+        raise OnewordError(
+            f"template file {p} has lines without exactly one '{{}}': {bad[:3]}",
+            hint="write each template like 'a photo of a {}'",
+        )
     return lines

@@ -30,9 +30,7 @@ def bytes_to_unicode() -> dict[int, str]:
         A dict from byte value (0-255) to a one-character string.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = list(printable)
     extra = 0
@@ -54,7 +52,8 @@ def build_bpe_files(bpe_gz: Path, out_dir: Path) -> tuple[Path, Path]:
     Returns:
         The paths of `vocab.json` and `merges.txt`.
     """
-    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_gz) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : N_MERGES + 1]  # line 0 is a version header
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]

@@ -38,11 +38,14 @@ def check_new_token(tokenizer: CLIPTokenizer, token: str) -> None:
             ordinary vocabulary entry (training would change the meaning of an existing word).
     """
     if not token or any(c.isspace() for c in token):
-        raise OnewordError(f"placeholder token {token!r} must be one word with no spaces",
-                           hint="use something like '<my-cat>'")
+        raise OnewordError(
+            f"placeholder token {token!r} must be one word with no spaces", hint="use something like '<my-cat>'"
+        )
     if token in tokenizer.get_added_vocab():
-        raise OnewordError(f"placeholder token {token!r} is already in the tokenizer's added vocabulary",
-                           hint="pick another token, e.g. '<my-cat-2>'")
+        raise OnewordError(
+            f"placeholder token {token!r} is already in the tokenizer's added vocabulary",
+            hint="pick another token, e.g. '<my-cat-2>'",
+        )
     ids = tokenizer(token, add_special_tokens=False).input_ids
     if len(ids) == 1:
         raise OnewordError(
@@ -78,8 +81,10 @@ def add_placeholder_tokens(tokenizer: CLIPTokenizer, token: str, n_vectors: int)
     names = vector_tokens(token, n_vectors)
     added = tokenizer.add_tokens(names)
     if added != n_vectors:
-        raise OnewordError(f"could not add all of {names} to the tokenizer (added {added})",
-                           hint="one of them already exists; pick another token")
+        raise OnewordError(
+            f"could not add all of {names} to the tokenizer (added {added})",
+            hint="one of them already exists; pick another token",
+        )
     ids = tokenizer.convert_tokens_to_ids(names)
     if ids != list(range(ids[0], ids[0] + n_vectors)):
         raise OnewordError(f"tokenizer gave non-consecutive ids {ids} for {names}")

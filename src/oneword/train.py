@@ -79,14 +79,24 @@ def train(
     model = source if isinstance(source, BaseModel) else load_base_model(source, parts=("unet",))
     recorded = latents.meta.get("model_fingerprint")
     if recorded and recorded != model.fingerprint:
-        log.warning("latents were encoded for model %s… but training uses %s…; fine only if they share a VAE",
-                    recorded[:19], model.fingerprint[:19])
+        log.warning(
+            "latents were encoded for model %s… but training uses %s…; fine only if they share a VAE",
+            recorded[:19],
+            model.fingerprint[:19],
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
     trainer = InversionTrainer(model, [(concept, latents)], config)
-    log.info("training %s (init %r, %d vector(s)) for %d steps at lr %g on %s", concept.token, concept.init_word,
-             concept.n_vectors, config.steps, config.lr, trainer.device)
+    log.info(
+        "training %s (init %r, %d vector(s)) for %d steps at lr %g on %s",
+        concept.token,
+        concept.init_word,
+        concept.n_vectors,
+        config.steps,
+        config.lr,
+        trainer.device,
+    )
     result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress)
     files = write_embedding_files(result.embeddings[0], out_dir)
     (out_dir / CURVE_FILE).write_text(json.dumps(result.curve))
@@ -103,6 +113,7 @@ def train(
         "final_loss": result.curve[-1]["loss"] if result.curve else None,
         "embedding_norm": result.curve[-1]["embedding_norm"] if result.curve else None,
         "last_checkpoint": result.last_checkpoint,
+        "checkpoint_dir": str(ckpt),
         "files": {k: str(v.relative_to(out_dir)) for k, v in files.items()},
         "device": str(trainer.device),
         "torch": torch.__version__,

@@ -10,13 +10,15 @@ from oneword.cli.app import app
 from oneword.errors import OnewordError
 
 # Each import registers its subcommand(s) on `app`.
-from oneword.cli import (  # noqa: E402, F401  isort: skip
+from oneword.cli import (  # noqa: F401  isort: skip
     preprocess,
     cache_latents,
     train,
     generate,
     export,
     bench,
+    evaluate,
+    compare,
 )
 
 
@@ -24,8 +26,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Route oneword's logging through rich and quiet the libraries' own chatter."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -6,8 +6,7 @@ import typer
 
 app = typer.Typer(
     name="oneword",
-    help="Textual Inversion as production software: learn one new word for a concept in a frozen "
-    "text-to-image model.",
+    help="Textual Inversion as production software: learn one new word for a concept in a frozen text-to-image model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -14,16 +14,21 @@ from oneword.cli.app import app
 @app.command("bench")
 def bench_cmd(
     base_model: Annotated[str | None, typer.Option(help="model to time (default: a tiny random model)")] = None,
-    sd15_shape: Annotated[bool, typer.Option("--sd15-shape", help="random weights with SD1.5's architecture "
-                                                                  "(for a GPU)")] = False,
+    sd15_shape: Annotated[
+        bool, typer.Option("--sd15-shape", help="random weights with SD1.5's architecture (for a GPU)")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="oneword's batch size")] = 4,
     steps: Annotated[int, typer.Option(help="timed optimiser steps")] = 50,
     resolution: Annotated[int | None, typer.Option(help="image side (default: the model's native size)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16, fp32")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="also time with torch.compile'd UNet")] = False,
-    baseline: Annotated[bool, typer.Option(help="also time the diffusers-example-style loop (batch 1 x "
-                                                "accumulation = equal effective batch)")] = True,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            help="also time the diffusers-example-style loop (batch 1 x accumulation = equal effective batch)"
+        ),
+    ] = True,
     eval: Annotated[bool, typer.Option("--eval", help="time evaluation sampling (images/s) instead")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
 ) -> None:
@@ -42,26 +47,56 @@ def bench_cmd(
 
         results.append(bench_eval(base_model, sd15_shape, device=device))
     else:
-        results.append(bench.bench_oneword(bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
-                                           batch_size, steps, resolution=resolution, device=device,
-                                           precision=precision))
+        results.append(
+            bench.bench_oneword(
+                bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
+                batch_size,
+                steps,
+                resolution=resolution,
+                device=device,
+                precision=precision,
+            )
+        )
         if compile:
-            results.append(bench.bench_oneword(bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
-                                               batch_size, steps, resolution=resolution, device=device,
-                                               precision=precision, compile=True))
+            results.append(
+                bench.bench_oneword(
+                    bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
+                    batch_size,
+                    steps,
+                    resolution=resolution,
+                    device=device,
+                    precision=precision,
+                    compile=True,
+                )
+            )
         if baseline:
-            results.append(bench.bench_diffusers_style(bench.load_bench_model(base_model, sd15_shape), 1,
-                                                       batch_size, max(3, steps // 10), resolution=resolution,
-                                                       device=device, precision=precision))
+            results.append(
+                bench.bench_diffusers_style(
+                    bench.load_bench_model(base_model, sd15_shape),
+                    1,
+                    batch_size,
+                    max(3, steps // 10),
+                    resolution=resolution,
+                    device=device,
+                    precision=precision,
+                )
+            )
     table = Table(title="oneword bench")
     for col in ("loop", "device", "batch x accum", "steps/s", "images/s", "peak MB"):
         table.add_column(col)
     for r in results:
-        table.add_row(r.name, r.device, f"{r.batch_size} x {r.grad_accum}", f"{r.steps_per_second:.2f}",
-                      f"{r.images_per_second:.1f}", "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}")
+        table.add_row(
+            r.name,
+            r.device,
+            f"{r.batch_size} x {r.grad_accum}",
+            f"{r.steps_per_second:.2f}",
+            f"{r.images_per_second:.1f}",
+            "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}",
+        )
     Console().print(table)
     if len(results) > 1 and results[-1].name.startswith("diffusers"):
-        Console().print(f"speed-up at equal effective batch: "
-                        f"{results[0].steps_per_second / results[-1].steps_per_second:.1f}x")
+        Console().print(
+            f"speed-up at equal effective batch: {results[0].steps_per_second / results[-1].steps_per_second:.1f}x"
+        )
     if json_out:
         json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2))

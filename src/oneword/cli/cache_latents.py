@@ -14,11 +14,13 @@ from oneword.cli.app import app
 def cache_latents_cmd(
     data: Annotated[Path, typer.Argument(help="dataset folder written by `oneword preprocess`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for latents.safetensors")],
-    base_model: Annotated[str, typer.Option(help="toyworld, a diffusers folder, s3://..., a hub id or a "
-                                                 ".safetensors checkpoint")] = "toyworld",
+    base_model: Annotated[
+        str, typer.Option(help="toyworld, a diffusers folder, s3://..., a hub id or a .safetensors checkpoint")
+    ] = "toyworld",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    cache_dir: Annotated[Path | None, typer.Option(help="shared latent cache (default ~/.cache/oneword/latents)")]
-    = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="shared latent cache (default ~/.cache/oneword/latents)")
+    ] = None,
 ) -> None:
     """Encode each image and its mirror with the VAE (mean and std), reusing the shared cache.
 

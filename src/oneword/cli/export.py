@@ -14,8 +14,7 @@ from oneword.cli.app import app
 def export_cmd(
     embedding: Annotated[Path, typer.Argument(help="embedding file in any supported format")],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="output file (default: beside the input)")]
-    = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output file (default: beside the input)")] = None,
     token: Annotated[str | None, typer.Option(help="rename the token")] = None,
 ) -> None:
     """Write an embedding in another tool's format.

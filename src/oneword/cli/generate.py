@@ -13,22 +13,24 @@ from oneword.cli.app import app
 @app.command("generate")
 def generate_cmd(
     prompts: Annotated[list[str], typer.Argument(help="prompts, e.g. 'an oil painting of <my-cat>'")],
-    embedding: Annotated[list[Path] | None, typer.Option("--embedding", "-e", help="embedding file (repeatable)")]
-    = None,
-    concept: Annotated[list[str] | None, typer.Option(help="registered concept NAME@alias or NAME/version "
-                                                           "(repeatable; needs --tracking-uri)")] = None,
+    embedding: Annotated[
+        list[Path] | None, typer.Option("--embedding", "-e", help="embedding file (repeatable)")
+    ] = None,
+    concept: Annotated[
+        list[str] | None,
+        typer.Option(help="registered concept NAME@alias or NAME/version (repeatable; needs --tracking-uri)"),
+    ] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for --concept")] = None,
-    base_model: Annotated[str | None, typer.Option(help="default: toyworld, or the concept's base model")]
-    = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")]
-    = Path("generated"),
+    base_model: Annotated[str | None, typer.Option(help="default: toyworld, or the concept's base model")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")] = Path("generated"),
     n: Annotated[int, typer.Option(help="images per prompt")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the first image of each prompt")] = 0,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 5.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="load embeddings trained on another model of the "
-                                                        "same width")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="load embeddings trained on another model of the same width")
+    ] = False,
 ) -> None:
     """Generate N images per prompt and a grid.
 
@@ -45,6 +47,15 @@ def generate_cmd(
         pulled, model_source = pull_concepts(concept, tracking_uri)
         files += pulled
         base_model = base_model or model_source
-    grid = generate(base_model or "toyworld", files, prompts, out, n=n, seed=seed,
-                    sampler=SamplerConfig(steps=steps, guidance_scale=guidance_scale), device=device, force=force)
+    grid = generate(
+        base_model or "toyworld",
+        files,
+        prompts,
+        out,
+        n=n,
+        seed=seed,
+        sampler=SamplerConfig(steps=steps, guidance_scale=guidance_scale),
+        device=device,
+        force=force,
+    )
     rprint(f"[green]grid[/] -> {grid}")

@@ -16,14 +16,12 @@ def train_cmd(
     token: Annotated[str, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")],
     init_word: Annotated[str, typer.Option(help="one-token word to start from, e.g. 'cat'")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
-    base_model: Annotated[str | None, typer.Option(help="default: the model the latents were encoded with")]
-    = None,
+    base_model: Annotated[str | None, typer.Option(help="default: the model the latents were encoded with")] = None,
     n_vectors: Annotated[int, typer.Option(help="vectors per token (more: more detail, less editability)")] = 1,
     templates: Annotated[str, typer.Option(help="object, style, toyworld, or a file of templates")] = "object",
     steps: Annotated[int, typer.Option(help="optimiser steps (paper: 5000)")] = 5000,
     batch_size: Annotated[int, typer.Option(help="samples per step (paper: 4)")] = 4,
-    learning_rate: Annotated[float, typer.Option(help="base LR, times the batch size unless --no-scale-lr")]
-    = 5e-3,
+    learning_rate: Annotated[float, typer.Option(help="base LR, times the batch size unless --no-scale-lr")] = 5e-3,
     scale_lr: Annotated[bool, typer.Option(help="scale the LR by the batch size, as the paper does")] = True,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
     progressive_every: Annotated[int, typer.Option(help="add vector k at step k*N (paper: 2000); 0 = off")] = 0,
@@ -33,8 +31,7 @@ def train_cmd(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="less memory, ~30% slower")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
-    checkpoint_dir: Annotated[str | None, typer.Option(help="folder or s3:// prefix (default OUT/checkpoints)")]
-    = None,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="folder or s3:// prefix (default OUT/checkpoints)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
     log_every: Annotated[int, typer.Option(help="steps between loss reports")] = 10,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
@@ -49,11 +46,24 @@ def train_cmd(
     from oneword.train import train
 
     concept = ConceptSpec(token=token, init_word=init_word, n_vectors=n_vectors, templates=templates)
-    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
-                         weight_decay=weight_decay, progressive_every=progressive_every, init_l2=init_l2,
-                         seed=seed, precision=precision, compile=compile,  # type: ignore[arg-type]
-                         gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                         log_every=log_every, device=device)
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        scale_lr=scale_lr,
+        weight_decay=weight_decay,
+        progressive_every=progressive_every,
+        init_l2=init_l2,
+        seed=seed,
+        precision=precision,
+        compile=compile,  # type: ignore[arg-type]
+        gradient_checkpointing=gradient_checkpointing,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        device=device,
+    )
     r = train(latents, out, concept, config, base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume)
-    rprint(f"[green]{token}[/] trained for {r.steps} steps ({r.steps_per_second:.1f} steps/s) -> "
-           f"{out}/learned_embeds.safetensors")
+    rprint(
+        f"[green]{token}[/] trained for {r.steps} steps ({r.steps_per_second:.1f} steps/s) -> "
+        f"{out}/learned_embeds.safetensors"
+    )

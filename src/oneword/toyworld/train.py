@@ -40,9 +40,9 @@ class ToyTrainConfig(Schema):
 
     seed: int = 0
     n_images: int = 120_000  # rendered once; captions are redrawn at every step
-    vae_steps: int = 1500
+    vae_steps: int = 2500
     vae_batch: int = 48
-    vae_lr: float = 2e-3
+    vae_lr: float = 1e-3
     unet_steps: int = 12_000
     unet_batch: int = 128
     unet_lr: float = 4e-4
@@ -153,14 +153,16 @@ class _CaptionIds:
     def __call__(self, captions: list[str]) -> torch.Tensor:
         missing = [c for c in set(captions) if c not in self.cache]
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True,
-                                 return_tensors="pt").input_ids
+            ids = self.tokenizer(
+                missing, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True, return_tensors="pt"
+            ).input_ids
             self.cache.update(zip(missing, ids))
         return torch.stack([self.cache[c] for c in captions])
 
 
-def stage_unet(work: Path, cfg: ToyTrainConfig, data: dict, latents: tuple[torch.Tensor, torch.Tensor],
-               scaling_factor: float):
+def stage_unet(
+    work: Path, cfg: ToyTrainConfig, data: dict, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor: float
+):
     """Train the text encoder and UNet jointly; returns their EMA copies."""
     from diffusers import DDPMScheduler
 
@@ -238,9 +240,21 @@ def stage_unet(work: Path, cfg: ToyTrainConfig, data: dict, latents: tuple[torch
             acc = []
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
             tmp = ckpt.with_suffix(".part")
-            torch.save({"te": text_encoder.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
-                        "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "rng": rng.getstate(), "gen": gen.get_state(), "step": step + 1, "curve": curve}, tmp)
+            torch.save(
+                {
+                    "te": text_encoder.state_dict(),
+                    "unet": unet.state_dict(),
+                    "ema_te": ema_te.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "rng": rng.getstate(),
+                    "gen": gen.get_state(),
+                    "step": step + 1,
+                    "curve": curve,
+                },
+                tmp,
+            )
             tmp.replace(ckpt)
     torch.save({"text_encoder": ema_te.state_dict(), "unet": ema_unet.state_dict()}, done_path)
     (work / "unet_curve.json").write_text(json.dumps(curve))

@@ -40,7 +40,7 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
     ("green", "triangle"),
     ("blue", "cross"),
 )
-RADIUS = {"small": (5.0, 7.0), "large": (10.5, 13.0)}  # circumradius range, pixels
+RADIUS = {"small": (6.0, 8.0), "large": (10.5, 13.0)}  # circumradius range, pixels
 POSITION_PHRASES = {
     "middle": "in the middle",
     "left": "on the left",
@@ -81,9 +81,16 @@ def allowed(colour: str, shape: str) -> bool:
     return (colour, shape) not in HELD_OUT and shape not in UNSEEN_SHAPES
 
 
-def sample_scene(rng: random.Random, shape: str | None = None, colour: str | None = None,
-                 pattern: str | None = None, size: str | None = None, position: str | None = None,
-                 background: str | None = None, training: bool = True) -> Scene:
+def sample_scene(
+    rng: random.Random,
+    shape: str | None = None,
+    colour: str | None = None,
+    pattern: str | None = None,
+    size: str | None = None,
+    position: str | None = None,
+    background: str | None = None,
+    training: bool = True,
+) -> Scene:
     """Draw a random scene; any attribute may be fixed. With `training`, held-out pairs are never drawn."""
     while True:
         s = shape or rng.choice(SHAPES)
@@ -97,7 +104,7 @@ def sample_scene(rng: random.Random, shape: str | None = None, colour: str | Non
     bg = background or rng.choice([k for k in COLOURS if k != c])
     r = rng.uniform(*RADIUS[z])
     pos = position or ("middle" if z == "large" else rng.choice(POSITIONS))
-    lo, hi, mid = r + 1, SIZE - r - 1, SIZE / 2
+    lo, mid = r + 1, SIZE / 2
     jitter = 1.5 if z == "large" else 2.5
     if pos == "middle":
         cx, cy = mid + rng.uniform(-jitter, jitter), mid + rng.uniform(-jitter, jitter)
@@ -130,9 +137,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [p for pair in zip(outer, inner) for p in pair]
     if shape == "cross":
         a, w = r, 0.32 * r
-        return [(cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w), (cx + a, cy + w),
-                (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a), (cx - w, cy + w), (cx - a, cy + w),
-                (cx - a, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - a),
+            (cx + w, cy - a),
+            (cx + w, cy - w),
+            (cx + a, cy - w),
+            (cx + a, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + a),
+            (cx - w, cy + a),
+            (cx - w, cy + w),
+            (cx - a, cy + w),
+            (cx - a, cy - w),
+            (cx - w, cy - w),
+        ]
     return None
 
 
@@ -166,10 +184,11 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, scale: int = SS) -> I
 
 def _pattern_mask(pattern: str, n: int, scale: int) -> np.ndarray:
     yy, xx = np.mgrid[0:n, 0:n] / scale  # picture-pixel coordinates
+    # Coarse enough for the VAE's 4x downsampling to keep (a 4-pixel stripe period came back as a blur).
     if pattern == "striped":
-        return (yy % 4.0) < 1.6
+        return (yy % 6.0) < 2.5
     if pattern == "dotted":
-        return ((xx % 5.0 - 2.5) ** 2 + (yy % 5.0 - 2.5) ** 2) < 1.1**2
+        return ((xx % 6.0 - 3.0) ** 2 + (yy % 6.0 - 3.0) ** 2) < 1.5**2
     return np.zeros((n, n), bool)
 
 

@@ -1,0 +1,34 @@
+"""`oneword compare`: several runs or concepts on one distortion-editability scatter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from oneword.cli.app import app
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: Annotated[
+        list[str], typer.Argument(help="evaluation folders (with metrics.json), or MLflow run ids with --tracking-uri")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("compare.png"),
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI, for run ids")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="a label per run (default: folder name or run id)")] = None,
+) -> None:
+    """Plot runs on one chart to see the effect of learning rate, vectors or regularisers.
+
+    Example: oneword compare runs/lr-low/eval runs/lr-high/eval -o lr.png
+    """
+    from rich import print as rprint
+
+    from oneword.evaluation.compare import compare
+
+    path = compare(runs, out, labels=label, tracking_uri=tracking_uri)
+    rprint(f"[green]scatter[/] -> {path}")
+    if out.with_suffix(".json").exists():
+        rprint(json.loads(out.with_suffix(".json").read_text()))

@@ -1,0 +1,70 @@
+"""Compare several evaluated runs on one distortion-editability scatter."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from oneword.errors import OnewordError
+from oneword.evaluation.gate import check_same_evaluator
+from oneword.evaluation.report import scatter
+
+
+def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
+    """Read `metrics.json` from an evaluation folder, or from an MLflow run's artifacts.
+
+    Returns:
+        (default label, metrics).
+    """
+    p = Path(run)
+    if p.is_dir():
+        f = p / "metrics.json"
+        if not f.exists():
+            raise OnewordError(f"{f} not found", hint="pass folders written by `oneword evaluate`")
+        return p.name if p.name not in ("eval", "evaluation") else p.parent.name, json.loads(f.read_text())
+    if tracking_uri is None:
+        raise OnewordError(f"{run!r} is not an evaluation folder", hint="for MLflow run ids pass --tracking-uri")
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run, artifact_path="evaluation/metrics.json", tracking_uri=tracking_uri, dst_path=d
+            )
+        except Exception as e:  # mlflow raises several types for a missing run or artifact
+            raise OnewordError(f"could not read evaluation metrics of MLflow run {run!r}: {e}") from e
+        return run[:8], json.loads(Path(local).read_text())
+
+
+def compare(
+    runs: Sequence[str], out: Path, labels: Sequence[str] | None = None, tracking_uri: str | None = None
+) -> Path:
+    """Plot each run's checkpoint curve, chosen step and baselines on one chart; write a JSON table beside it.
+
+    Raises:
+        EvaluatorMismatch: if the runs were scored by different evaluators.
+    """
+    loaded = [load_metrics(r, tracking_uri) for r in runs]
+    for _, m in loaded[1:]:
+        check_same_evaluator(loaded[0][1], m)
+    series, table = [], []
+    for i, (default, m) in enumerate(loaded):
+        name = labels[i] if labels and i < len(labels) else default
+        sel = m.get("selection", {})
+        series.append(
+            {
+                "label": name,
+                "curve": sel.get("curve"),
+                "chosen": sel.get("chosen_step"),
+                "final": {"reconstruction": m["reconstruction"], "editability": m["editability"]},
+                "baselines": m.get("baselines"),
+            }
+        )
+        table.append(
+            {"run": name, "step": m.get("step"), "reconstruction": m["reconstruction"], "editability": m["editability"]}
+        )
+    scatter(series, out, title="oneword compare")
+    out.with_suffix(".json").write_text(json.dumps(table, indent=2))
+    return out

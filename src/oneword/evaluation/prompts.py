@@ -1,0 +1,82 @@
+"""Evaluation prompt sets. `{}` marks where the concept's token goes.
+
+- `paper`: the three editability prompts Gal et al. 2022 name in Sec. 5 (background, style, composition).
+- `neti15`: the 15 prompts of NeTI (Alaluf et al. 2023, `constants.py` of their code), the closest public
+  stand-in for the paper's unpublished list.
+- `dreambench-object`, `dreambench-live`: the DreamBooth benchmark's 25 prompts each (shipped with its licence).
+- `toyworld`: edits the toy world can draw and its oracle can check.
+- a path: a text file with one prompt per line (`#` starts a comment).
+
+The reconstruction prompt is always "A photo of {}" (the paper's). The text target of an editability prompt is
+the prompt with the token removed, as in the paper: "A photo of {} on the moon" -> "A photo of on the moon".
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from oneword.errors import OnewordError
+
+RECONSTRUCTION = "A photo of {}"
+
+PAPER = ("A photo of {} on the moon", "An oil painting of {}", "Elmo holding a {}")
+
+NETI15 = (
+    "A photo of a {}",
+    "A photo of {} in the jungle",
+    "A photo of {} on a beach",
+    "A photo of {} in Times Square",
+    "A photo of {} in the moon",
+    "A painting of {} in the style of Monet",
+    "Oil painting of {}",
+    "A Marc Chagall painting of {}",
+    "A manga drawing of {}",
+    "A watercolor painting of {}",
+    "A statue of {}",
+    "App icon of {}",
+    "A sand sculpture of {}",
+    "Colorful graffiti of {}",
+    "A photograph of two {} on a table",
+)
+
+TOYWORLD = ("{} on a blue background", "{} on a white background", "a small {}", "a large {}")
+
+BUILTIN = {"paper": PAPER, "neti15": NETI15, "toyworld": TOYWORLD}
+PACKAGED = ("dreambench-object", "dreambench-live")
+
+
+def _read_lines(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def get_prompt_set(name: str) -> tuple[str, ...]:
+    """Return the prompts of a named set or of a prompt file (see the module docstring)."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if name in PACKAGED:
+        return _read_lines((resources.files("oneword") / "data" / "prompts" / f"{name}.txt").read_text())
+    p = Path(name)
+    if p.is_file():
+        prompts = _read_lines(p.read_text())
+        bad = [q for q in prompts if q.count("{}") != 1]
+        if not prompts or bad:
+            raise OnewordError(
+                f"prompt file {p} needs one '{{}}' per line, where the token goes; bad: {bad[:3]}",
+                hint="write lines like 'A photo of {} on the moon'",
+            )
+        return prompts
+    raise OnewordError(
+        f"unknown prompt set {name!r}", hint=f"use one of {', '.join([*BUILTIN, *PACKAGED])} or a file of prompts"
+    )
+
+
+def with_token(template: str, token: str) -> str:
+    """Put the concept's token into a prompt template."""
+    return template.format(token)
+
+
+def without_token(template: str) -> str:
+    """The paper's text target: the prompt with the token removed and spaces collapsed."""
+    return re.sub(r"\s+", " ", template.format("")).strip()

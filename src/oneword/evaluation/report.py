@@ -1,0 +1,128 @@
+"""Pictures of an evaluation: the distortion-editability scatter (the paper's Fig. 10) and an HTML report.
+
+The HTML embeds its pictures (base64), so the one file shows in the KFP UI and as an MLflow artifact.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def scatter(series: Sequence[dict], out: Path, title: str = "distortion vs editability") -> Path:
+    """Plot concepts' checkpoint curves and baselines on one distortion-editability chart.
+
+    Args:
+        series: one dict per run: `label`, `curve` ([{step, reconstruction, editability}]), optional
+            `chosen` (step), `final` ({reconstruction, editability}) and `baselines`
+            ({image_only, prompt_only}).
+        out: PNG path.
+
+    Returns:
+        `out`.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    for i, s in enumerate(series):
+        colour = f"C{i % 10}"
+        curve = sorted(s.get("curve") or [], key=lambda p: p["step"])
+        if curve:
+            xs, ys = [p["editability"] for p in curve], [p["reconstruction"] for p in curve]
+            ax.plot(xs, ys, "-o", color=colour, ms=3, label=s["label"])
+            ax.annotate(str(curve[0]["step"]), (xs[0], ys[0]), fontsize=6, color=colour)
+            ax.annotate(str(curve[-1]["step"]), (xs[-1], ys[-1]), fontsize=6, color=colour)
+            chosen = [p for p in curve if p["step"] == s.get("chosen")]
+            if chosen:
+                ax.plot(
+                    chosen[0]["editability"],
+                    chosen[0]["reconstruction"],
+                    "*",
+                    color=colour,
+                    ms=13,
+                    markeredgecolor="black",
+                )
+        final = s.get("final")
+        if final:
+            ax.plot(
+                final["editability"],
+                final["reconstruction"],
+                "D",
+                color=colour,
+                ms=6,
+                markeredgecolor="black",
+                label=None if curve else s["label"],
+            )
+        base = s.get("baselines") or {}
+        if base.get("image_only") is not None:
+            ax.axhline(base["image_only"], color=colour, ls=":", lw=1)
+        if base.get("prompt_only") is not None:
+            ax.axvline(base["prompt_only"], color=colour, ls="--", lw=1)
+    ax.set_xlabel("editability: text similarity (CLIP)")
+    ax.set_ylabel("reconstruction: image similarity (CLIP)")
+    ax.set_title(f"{title}\n(dotted: image-only ceiling; dashed: prompt-only ceiling; star: chosen step)", fontsize=8)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    style = "max-width:100%;image-rendering:pixelated"
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="{style}">'
+
+
+def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path:
+    """Write a self-contained HTML page: headline scores, per-prompt scores, sample grid, scatter, settings."""
+    ev = metrics.get("evaluator", {})
+    rows = "".join(
+        f"<tr><td>{html.escape(p['prompt'])}</td><td>{html.escape(p['text_target'])}</td>"
+        f"<td>{p['editability']:.4f}</td><td>{p.get('prompt_only', float('nan')):.4f}</td></tr>"
+        for p in metrics.get("per_prompt", [])
+    )
+    base = metrics.get("baselines", {})
+    headline = [
+        ("reconstruction (image similarity)", metrics.get("reconstruction")),
+        ("editability (text similarity)", metrics.get("editability")),
+        ("DINO subject fidelity", metrics.get("dino")),
+        ("baseline: image only (ceiling of reconstruction)", base.get("image_only")),
+        ("baseline: prompt only (ceiling of editability)", base.get("prompt_only")),
+    ]
+    head_rows = "".join(f"<tr><td>{k}</td><td>{'-' if v is None else f'{v:.4f}'}</td></tr>" for k, v in headline)
+    token = html.escape(metrics.get("token", ""))
+    sel = html.escape(metrics.get("selection", {}).get("criterion", "final step"))
+    sampler = metrics.get("sampler", {})
+    evaluator = f"<code>{html.escape(str(ev.get('name')))}</code> <code>{html.escape(str(ev.get('fingerprint', ''))[:19])}…</code>"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 8px;text-align:left}"
+        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}"
+    )
+    header = "<tr><th>prompt</th><th>text target</th><th>editability</th><th>prompt only</th></tr>"
+    doc = "\n".join(
+        [
+            f'<!doctype html><html><head><meta charset="utf-8"><title>oneword evaluation: {token}</title>',
+            f"<style>{style}</style></head><body>",
+            f"<h1>{token}</h1>",
+            f"<p>step {metrics.get('step')} ({sel}); evaluator {evaluator}; {metrics.get('n_images')} images per prompt,",
+            f"{sampler.get('steps')} DDIM steps, guidance {sampler.get('guidance_scale')}.</p>",
+            f"<table>{head_rows}</table>",
+            f"<h2>Samples (rows: prompts, columns: seeds)</h2>{_img_tag(grid, 'sample grid')}",
+            f"<h2>Distortion vs editability</h2>{_img_tag(scatter_png, 'scatter')}",
+            f"<h2>Per prompt</h2><table>{header}{rows}</table>",
+            f"<h2>All metrics</h2><pre>{html.escape(json.dumps(metrics, indent=2))}</pre>",
+            "</body></html>",
+        ]
+    )
+    out.write_text(doc, encoding="utf-8")
+    return out

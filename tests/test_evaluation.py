@@ -1,0 +1,140 @@
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from oneword.errors import OnewordError
+from oneword.evaluation import EvalConfig, evaluate
+from oneword.evaluation import prompts as P
+from oneword.evaluation.compare import compare
+from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
+from oneword.evaluation.metrics import ClipScorer, DinoScorer, mean_matched_cosine, mean_pairwise_cosine
+from oneword.evaluation.selection import CurvePoint, select_checkpoint
+from oneword.inversion import ConceptSpec, TrainConfig
+from oneword.random_models import build_tiny_clip, build_tiny_dino
+from oneword.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    return build_tiny_dino(tmp_path_factory.mktemp("dino") / "dino")
+
+
+def test_metrics_on_a_hand_computed_example():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # unnormalised on purpose
+    b = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    # cosines: (1, 1/sqrt2, 0, 1/sqrt2) -> mean (1 + sqrt2) / 4
+    assert mean_pairwise_cosine(a, b) == pytest.approx((1 + math.sqrt(2)) / 4)
+    # self-pairs left out: only the two off-diagonal 0s
+    assert mean_pairwise_cosine(a, a, exclude_diagonal=True) == pytest.approx(0.0)
+    assert mean_matched_cosine(a, torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.5)
+
+
+def test_identical_images_reconstruct_perfectly(tiny_clip, tiny_dino):
+    im = Image.effect_noise((40, 40), 60).convert("RGB")
+    clip = ClipScorer(str(tiny_clip))
+    e = clip.images([im] * 4)
+    assert mean_pairwise_cosine(e, clip.images([im.copy()] * 3)) == pytest.approx(1.0, abs=1e-6)
+    dino = DinoScorer(str(tiny_dino))
+    assert mean_pairwise_cosine(dino.images([im] * 2), dino.images([im])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_token_removal_matches_the_paper():
+    assert P.without_token("A photo of {} on the moon") == "A photo of on the moon"
+    assert P.without_token("An oil painting of {}") == "An oil painting of"
+    assert P.with_token("Elmo holding a {}", "<cat>") == "Elmo holding a <cat>"
+
+
+def test_prompt_sets(tmp_path):
+    assert len(P.get_prompt_set("paper")) == 3
+    assert len(P.get_prompt_set("neti15")) == 15
+    obj, live = P.get_prompt_set("dreambench-object"), P.get_prompt_set("dreambench-live")
+    assert len(obj) == 25 and len(live) == 25 and obj[0] == "a {} in the jungle"
+    assert "a {} wearing a santa hat" in live
+    f = tmp_path / "mine.txt"
+    f.write_text("# comment\na {} in space\n\nthe {} at night\n")
+    assert P.get_prompt_set(str(f)) == ("a {} in space", "the {} at night")
+    f.write_text("no placeholder here\n")
+    with pytest.raises(OnewordError, match="one '\\{\\}' per line"):
+        P.get_prompt_set(str(f))
+    with pytest.raises(OnewordError, match="unknown prompt set"):
+        P.get_prompt_set("nope")
+
+
+def test_checkpoint_selection_on_a_synthetic_curve():
+    curve = [
+        CurvePoint(100, 0.60, 0.30),
+        CurvePoint(200, 0.70, 0.28),
+        CurvePoint(300, 0.75, 0.25),
+        CurvePoint(400, 0.765, 0.22),  # best reconstruction
+        CurvePoint(500, 0.74, 0.20),
+    ]
+    # within 0.02 of 0.765: steps 300 (0.75), 400, 500 -> most editable is 300
+    assert select_checkpoint(curve).step == 300
+    assert select_checkpoint(curve, tolerance=0.0).step == 400
+    assert select_checkpoint(curve, tolerance=1.0).step == 100
+    with pytest.raises(ValueError):
+        select_checkpoint([])
+
+
+def test_quality_gate():
+    ev = {"name": "clip-a", "fingerprint": "sha256:aaa"}
+    cand = {"reconstruction": 0.8, "editability": 0.3, "evaluator": ev}
+    assert quality_gate(cand, None).passed
+    assert not quality_gate(cand, None, GateThresholds(min_reconstruction=0.9)).passed
+    assert quality_gate(cand, {"reconstruction": 0.7, "editability": 0.3, "evaluator": ev}).passed
+    worse = quality_gate(cand, {"reconstruction": 0.9, "editability": 0.3, "evaluator": ev})
+    assert not worse.passed and "does not beat" in worse.reason
+
+
+def test_quality_gate_refuses_scores_from_another_evaluator():
+    cand = {"reconstruction": 0.9, "editability": 0.9, "evaluator": {"name": "a", "fingerprint": "sha256:aaa"}}
+    champ = {"reconstruction": 0.1, "editability": 0.1, "evaluator": {"name": "b", "fingerprint": "sha256:bbb"}}
+    with pytest.raises(EvaluatorMismatch, match="different evaluators"):
+        quality_gate(cand, champ)
+
+
+@pytest.fixture(scope="module")
+def trained_concept(tmp_path_factory, cat_latents_dir):
+    out = tmp_path_factory.mktemp("trained") / "train"
+    train(
+        cat_latents_dir,
+        out,
+        ConceptSpec(token="<cat-e>", init_word="cat"),
+        TrainConfig(steps=6, checkpoint_every=2),
+        progress=False,
+    )
+    return out
+
+
+def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino, tmp_path):
+    cfg = EvalConfig(
+        n_images=2, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip), dino_model=str(tiny_dino), grid_seeds=2
+    )
+    m = evaluate(trained_concept, cat_dataset, tmp_path / "eval", cfg)
+    out = tmp_path / "eval"
+    for name in ("metrics.json", "report.html", "grid.png", "scatter.png", "embedding/learned_embeds.safetensors"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "metrics.json").read_text())["token"] == "<cat-e>"
+    assert [p["step"] for p in m["selection"]["curve"]] == [2, 4, 6]
+    assert m["step"] in (2, 4, 6)
+    assert -1 <= m["reconstruction"] <= 1 and -1 <= m["editability"] <= 1 and -1 <= m["dino"] <= 1
+    assert len(m["per_prompt"]) == 3 and m["per_prompt"][0]["text_target"] == "A photo of on the moon"
+    assert set(m["baselines"]) == {"image_only", "prompt_only"}
+    assert m["evaluator"]["fingerprint"].startswith("sha256:")
+    # (1 + 3 prompts) x 2 images x 3 checkpoints at budget 1... plus the full run and the baseline
+    assert m["images_generated"] == 4 * 1 * 3 + 4 * 2 + 3 * 2
+    assert Image.open(out / "grid.png").size == (200 + 2 * 32, 4 * 32)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "&lt;cat-e&gt;" in html
+
+    compare([str(out), str(out)], tmp_path / "cmp.png", labels=["a", "b"])
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    assert [r["run"] for r in json.loads((tmp_path / "cmp.json").read_text())] == ["a", "b"]

@@ -103,7 +103,8 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
     token = html.escape(metrics.get("token", ""))
     sel = html.escape(metrics.get("selection", {}).get("criterion", "final step"))
     sampler = metrics.get("sampler", {})
-    evaluator = f"<code>{html.escape(str(ev.get('name')))}</code> <code>{html.escape(str(ev.get('fingerprint', ''))[:19])}…</code>"
+    name, fp = html.escape(str(ev.get("name"))), html.escape(str(ev.get("fingerprint", ""))[:19])
+    evaluator = f"<code>{name}</code> <code>{fp}…</code>"
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 8px;text-align:left}"
         "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}"
@@ -114,7 +115,8 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
             f'<!doctype html><html><head><meta charset="utf-8"><title>oneword evaluation: {token}</title>',
             f"<style>{style}</style></head><body>",
             f"<h1>{token}</h1>",
-            f"<p>step {metrics.get('step')} ({sel}); evaluator {evaluator}; {metrics.get('n_images')} images per prompt,",
+            f"<p>step {metrics.get('step')} ({sel}); evaluator {evaluator};",
+            f"{metrics.get('n_images')} images per prompt,",
             f"{sampler.get('steps')} DDIM steps, guidance {sampler.get('guidance_scale')}.</p>",
             f"<table>{head_rows}</table>",
             f"<h2>Samples (rows: prompts, columns: seeds)</h2>{_img_tag(grid, 'sample grid')}",

@@ -122,3 +122,111 @@ def s3_bucket(s3_server, request):
     if not mc.bucket_exists(name):
         mc.make_bucket(name)
     return name
+
+
+def _start_mlflow_server(tmp: Path, artifacts_destination: str, env: dict | None = None):
+    """Start a real `mlflow server` on loopback with a SQLite backend; returns (process, url)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(tmp / "mlflow-server.log", "wb")  # noqa: SIM115 - closed when the process ends
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'mlflow.db'}",
+            "--artifacts-destination",
+            artifacts_destination,
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(tmp / 'mlflow-server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("mlflow server did not become healthy in 120 s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, local proxied artifacts) on loopback; yields its URL."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    proc, url = _start_mlflow_server(tmp, str(tmp / "artifacts"))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_s3(tmp_path_factory, s3_server):
+    """A real MLflow server whose artifacts go to the S3 (moto) server, as with MinIO in a cluster."""
+    from oneword.storage import client
+
+    mc = client()
+    if not mc.bucket_exists("mlflow"):
+        mc.make_bucket("mlflow")
+    tmp = tmp_path_factory.mktemp("mlflow-s3")
+    # The server alone holds S3 credentials; clients reach artifacts through its proxy.
+    env = {
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["S3_ENDPOINT_URL"],
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    proc, url = _start_mlflow_server(tmp, "s3://mlflow/", env)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from oneword.random_models import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def evaluated_concept(tmp_path_factory, cat_latents_dir, cat_dataset, tiny_clip_dir):
+    """A tiny concept, trained and evaluated: (train dir, eval dir)."""
+    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.inversion import ConceptSpec, TrainConfig
+    from oneword.train import train
+
+    root = tmp_path_factory.mktemp("concept")
+    train(
+        cat_latents_dir,
+        root / "train",
+        ConceptSpec(token="<cat-r>", init_word="cat"),
+        TrainConfig(steps=6, checkpoint_every=3),
+        progress=False,
+    )
+    evaluate(
+        root / "train",
+        cat_dataset,
+        root / "eval",
+        EvalConfig(n_images=2, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip_dir)),
+    )
+    return root / "train", root / "eval"

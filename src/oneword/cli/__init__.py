@@ -19,6 +19,8 @@ from oneword.cli import (  # noqa: F401  isort: skip
     bench,
     evaluate,
     compare,
+    register,
+    concepts,
 )
 
 

@@ -17,10 +17,10 @@ class EvaluatorMismatch(OnewordError):
 
 @dataclass(frozen=True)
 class GateThresholds:
-    """Minimum scores a version needs before it may become champion (0 disables a threshold)."""
+    """Minimum scores a version needs before it may become champion (-1, the lowest cosine, disables one)."""
 
-    min_reconstruction: float = 0.0
-    min_editability: float = 0.0
+    min_reconstruction: float = -1.0
+    min_editability: float = -1.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""`oneword concepts list|show|pull`: query the concept registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from oneword.cli.app import app
+
+concepts = typer.Typer(help="Query the registry of learned concepts (MLflow).", no_args_is_help=True)
+app.add_typer(concepts, name="concepts")
+TRACKING = typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+
+
+@concepts.command("list")
+def list_cmd(
+    base_model: Annotated[
+        str | None, typer.Option(help="only concepts of this base-model fingerprint (prefix)")
+    ] = None,
+    alias: Annotated[str | None, typer.Option(help="only versions with this alias, e.g. champion")] = None,
+    tracking_uri: Annotated[str | None, TRACKING] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List registered concept versions.
+
+    Example: oneword concepts list --alias champion
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from oneword.registry import list_concepts
+
+    rows = list_concepts(tracking_uri, base_model=base_model, alias=alias)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title="concepts")
+    for c in ("name", "version", "aliases", "token", "base model", "reconstruction", "editability"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(
+            r["name"],
+            r["version"],
+            ",".join(r["aliases"]),
+            r["token"] or "",
+            f"{r['base_model']} ({r['base_model_fingerprint'][7:19]})",
+            r["reconstruction"] or "-",
+            r["editability"] or "-",
+        )
+    Console().print(t)
+
+
+@concepts.command("show")
+def show_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
+    tracking_uri: Annotated[str | None, TRACKING] = None,
+) -> None:
+    """Show one concept version: tags, aliases, metrics and params.
+
+    Example: oneword concepts show my-cat@champion
+    """
+    from rich import print_json
+
+    from oneword.registry import show_concept
+
+    print_json(data=show_concept(ref, tracking_uri))
+
+
+@concepts.command("pull")
+def pull_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
+    format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")] = "diffusers",
+    tracking_uri: Annotated[str | None, TRACKING] = None,
+) -> None:
+    """Download a concept's embedding in another tool's format.
+
+    Example: oneword concepts pull my-cat@champion --format a1111 -o my-cat.pt
+    """
+    from rich import print as rprint
+
+    from oneword.embeddings import FORMATS
+    from oneword.errors import OnewordError
+    from oneword.registry import pull_concept
+
+    if format not in FORMATS:
+        raise OnewordError(f"unknown format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
+    path, tags = pull_concept(ref, out, format, tracking_uri)
+    rprint(f"[green]{tags.get('oneword.token')}[/] -> {path} ({format})")

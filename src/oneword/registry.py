@@ -1,0 +1,423 @@
+"""The `register` step and the concept registry queries, on MLflow 3.
+
+`register` logs one MLflow run per concept (params, training curve, evaluation metrics, artifacts), verifies
+every uploaded artifact against its local sha256, and only then registers a model version under a registered
+model named after the concept. A failure before that point leaves no version; a failure after it deletes the
+version again. The `champion` alias moves to the new version only if it passes the quality gate and beats the
+current champion (scored by the same evaluator); otherwise the version gets the alias `candidate` and a tag
+saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from oneword import __version__
+from oneword import embeddings as emb_io
+from oneword.errors import OnewordError
+from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "oneword"
+CONCEPT_TAG = "oneword.concept"
+CHAMPION, CANDIDATE = "champion", "candidate"
+
+
+def default_tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else a SQLite store `mlflow.db` in the working directory (made on first use)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _setup(tracking_uri: str | None):
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow, mlflow.MlflowClient(uri, uri)
+
+
+def concept_name(token: str) -> str:
+    """The registered-model name for a token: `<my-cat>` -> `my-cat`."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", token).strip("-.").lower()
+    if not name:
+        raise OnewordError(f"cannot make a registered-model name from token {token!r}", hint="pass --name")
+    return name
+
+
+def _ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):  # keep local artifacts beside the database, not in the cwd
+        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _flat_params(summary: dict, metrics: dict | None) -> dict[str, str]:
+    p: dict[str, str] = {}
+    for k, v in summary["concept"].items():
+        p[k] = str(v)
+    for k, v in summary["config"].items():
+        p[f"train.{k}"] = str(v)
+    p["train.learning_rate_used"] = str(summary.get("learning_rate_used"))
+    p["base_model"] = str(summary["model_source"])
+    p["base_model_fingerprint"] = summary["model_fingerprint"]
+    p["image_sha256"] = ",".join(summary.get("image_sha256", []))
+    p["n_images"] = str(len(summary.get("image_sha256", [])))
+    p["oneword_version"] = __version__
+    if metrics:
+        p["eval.prompt_set"] = metrics["prompt_set"]
+        p["eval.n_images"] = str(metrics["n_images"])
+        p["eval.evaluator"] = metrics["evaluator"]["name"]
+        p["eval.evaluator_fingerprint"] = metrics["evaluator"]["fingerprint"]
+        for k, v in metrics["sampler"].items():
+            p[f"eval.sampler.{k}"] = str(v)
+    return p
+
+
+def _eval_metrics(metrics: dict) -> dict[str, float]:
+    m = {
+        "reconstruction": metrics["reconstruction"],
+        "editability": metrics["editability"],
+        "chosen_step": float(metrics["step"]),
+    }
+    if metrics.get("dino") is not None:
+        m["dino"] = metrics["dino"]
+    for k, v in (metrics.get("baselines") or {}).items():
+        m[f"baseline_{k}"] = v
+    for i, p in enumerate(metrics.get("per_prompt", [])):
+        m[f"editability_prompt_{i}"] = p["editability"]
+    return m
+
+
+@dataclass
+class Registration:
+    """The outcome of `register`."""
+
+    name: str
+    version: str
+    alias: str
+    reason: str
+    run_id: str
+    model_uri: str
+    tracking_uri: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _upload_and_verify(mlflow, client, run_id: str, files: dict[str, Path]) -> None:
+    """Log each local file at its artifact path, then download it back and compare sha256."""
+    for rel, local in files.items():
+        folder = str(Path(rel).parent) if str(Path(rel).parent) != "." else None
+        mlflow.log_artifact(str(local), artifact_path=folder)
+    with tempfile.TemporaryDirectory() as d:
+        for rel, local in files.items():
+            back = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=rel, dst_path=d)
+            if sha256_file(Path(back)) != sha256_file(local):
+                raise OnewordError(
+                    f"artifact {rel} of run {run_id} does not match its local file after upload",
+                    hint="check the artifact store, then rerun `register`",
+                )
+
+
+def register(
+    train_dir: Path,
+    eval_dir: Path | None,
+    tracking_uri: str | None = None,
+    name: str | None = None,
+    experiment: str = EXPERIMENT,
+    thresholds: GateThresholds = GateThresholds(),
+    batch_id: str = "",
+) -> Registration:
+    """Log a trained (and evaluated) concept to MLflow and register it as a model version.
+
+    Args:
+        train_dir: folder written by `oneword train`.
+        eval_dir: folder written by `oneword evaluate` (None: register unevaluated, always as `candidate`).
+        tracking_uri: MLflow tracking URI (default: `default_tracking_uri()`).
+        name: registered-model name (default: from the token).
+        experiment: MLflow experiment.
+        thresholds: the quality gate's minimum scores.
+        batch_id: set by batch personalisation, so a batch's versions can be found together.
+
+    Returns:
+        The `Registration`.
+    """
+    train_dir = Path(train_dir)
+    summary = json.loads((train_dir / "summary.json").read_text())
+    metrics = json.loads((Path(eval_dir) / "metrics.json").read_text()) if eval_dir else None
+    token = summary["concept"]["token"]
+    name = name or concept_name(token)
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = _setup(uri)
+    from mlflow.entities import Metric
+
+    files: dict[str, Path] = {
+        "training/summary.json": train_dir / "summary.json",
+        "training/curve.json": train_dir / "curve.json",
+    }
+    emb_root = Path(eval_dir) / "embedding" if eval_dir else train_dir
+    for fmt, rel in (("diffusers", "learned_embeds.safetensors"), ("a1111", None), ("kohya", None)):
+        found = [emb_root / rel] if rel else sorted((emb_root / fmt).glob("*"))
+        for f in found:
+            files[f"embeddings/{fmt}/{f.name}"] = f
+    if eval_dir:
+        for f in ("metrics.json", "report.html", "grid.png", "scatter.png"):
+            files[f"evaluation/{f}"] = Path(eval_dir) / f
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise OnewordError(f"cannot register {name}: missing {missing}", hint="run train and evaluate first")
+
+    exp_id = _ensure_experiment(mlflow, experiment, uri)
+    tags = {CONCEPT_TAG: name, "oneword.token": token, "oneword.base_model_fingerprint": summary["model_fingerprint"]}
+    if batch_id:
+        tags["oneword.batch_id"] = batch_id
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(_flat_params(summary, metrics))
+        curve = json.loads((train_dir / "curve.json").read_text())
+        batch = [Metric(k, float(p[k]), 0, int(p["step"])) for p in curve for k in ("loss", "embedding_norm")]
+        for i in range(0, len(batch), 900):
+            client.log_batch(run_id, metrics=batch[i : i + 900])
+        if metrics:
+            mlflow.log_metrics(_eval_metrics(metrics))
+            for p in metrics["selection"]["curve"]:
+                mlflow.log_metrics(
+                    {"ckpt_reconstruction": p["reconstruction"], "ckpt_editability": p["editability"]},
+                    step=int(p["step"]),
+                )
+        _upload_and_verify(mlflow, client, run_id, files)
+
+        import mlflow.pyfunc
+
+        from oneword.serving import ConceptModel, signature
+
+        embedding = files["embeddings/diffusers/learned_embeds.safetensors"]
+        info = mlflow.pyfunc.log_model(
+            name="concept",
+            python_model=ConceptModel(),
+            artifacts={"embedding": str(embedding)},
+            model_config={
+                "base_model": summary["model_source"],
+                "model_fingerprint": summary["model_fingerprint"],
+                "token": token,
+            },
+            signature=signature(),
+            pip_requirements=[f"oneword=={__version__}"],
+        )
+        with tempfile.TemporaryDirectory() as d:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=d))
+            copies = list(local.rglob(embedding.name))
+            if not copies or sha256_file(copies[0]) != sha256_file(embedding):
+                raise OnewordError(
+                    f"the logged model {info.model_uri} does not hold the embedding intact",
+                    hint="check the artifact store, then rerun `register`",
+                )
+    # Everything is uploaded and verified: only now does a version exist.
+    return _register_version(mlflow, client, name, info, run_id, token, summary, metrics, thresholds, batch_id, uri)
+
+
+def _register_version(
+    mlflow, client, name, info, run_id, token, summary, metrics, thresholds, batch_id, uri
+) -> Registration:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, tags={CONCEPT_TAG: "true", "oneword.token": token}, description=f"oneword concept {token}"
+        )
+    mv = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
+    try:
+        vtags = {
+            "oneword.token": token,
+            "oneword.base_model": str(summary["model_source"]),
+            "oneword.base_model_fingerprint": summary["model_fingerprint"],
+            "oneword.steps": str(summary["steps"]),
+            "oneword.run_id": run_id,
+        }
+        if batch_id:
+            vtags["oneword.batch_id"] = batch_id
+        if metrics:
+            vtags.update(
+                {
+                    "reconstruction": f"{metrics['reconstruction']:.6f}",
+                    "editability": f"{metrics['editability']:.6f}",
+                    "evaluator": metrics["evaluator"]["name"],
+                    "evaluator_fingerprint": metrics["evaluator"]["fingerprint"],
+                    "chosen_step": str(metrics["step"]),
+                }
+            )
+        for k, v in vtags.items():
+            client.set_model_version_tag(name, mv.version, k, v)
+        alias, reason = _decide_alias(client, name, metrics, thresholds)
+        client.set_model_version_tag(name, mv.version, "gate", reason)
+        client.set_registered_model_alias(name, alias, mv.version)
+    except BaseException:
+        client.delete_model_version(name, mv.version)  # no half-registered version
+        raise
+    log.info("registered %s version %s as %s (%s)", name, mv.version, alias, reason)
+    return Registration(name, str(mv.version), alias, reason, run_id, f"models:/{name}/{mv.version}", uri)
+
+
+def _version_metrics(mv) -> dict | None:
+    t = mv.tags
+    if "reconstruction" not in t:
+        return None
+    return {
+        "reconstruction": float(t["reconstruction"]),
+        "editability": float(t["editability"]),
+        "evaluator": {"name": t.get("evaluator"), "fingerprint": t.get("evaluator_fingerprint")},
+    }
+
+
+def _decide_alias(client, name: str, metrics: dict | None, thresholds: GateThresholds) -> tuple[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    if metrics is None:
+        return CANDIDATE, "not evaluated"
+    try:
+        champion = _version_metrics(client.get_model_version_by_alias(name, CHAMPION))
+    except MlflowException:
+        champion = None
+    try:
+        result = quality_gate(metrics, champion, thresholds)
+    except EvaluatorMismatch as e:
+        return CANDIDATE, f"not compared: {e.message}"
+    return (CHAMPION if result.passed else CANDIDATE), result.reason
+
+
+# ---- queries ---------------------------------------------------------------------------------------------
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`NAME@alias` -> (NAME, alias, None); `NAME/3` -> (NAME, None, "3"); `NAME` -> (NAME, "champion", None)."""
+    if "@" in ref:
+        n, a = ref.split("@", 1)
+        return n, a, None
+    if "/" in ref:
+        n, v = ref.rsplit("/", 1)
+        return n, None, v
+    return ref, CHAMPION, None
+
+
+def get_version(ref: str, tracking_uri: str | None = None):
+    """Resolve a concept reference to an MLflow `ModelVersion`."""
+    from mlflow.exceptions import MlflowException
+
+    _, client = _setup(tracking_uri)
+    name, alias, version = parse_ref(ref)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as e:
+        raise OnewordError(
+            f"concept {ref!r} not found in the registry at {tracking_uri or default_tracking_uri()}",
+            hint="list concepts with `oneword concepts list`",
+        ) from e
+
+
+def list_concepts(
+    tracking_uri: str | None = None, base_model: str | None = None, alias: str | None = None
+) -> list[dict]:
+    """List registered concept versions, optionally only those on a base model (fingerprint prefix) or alias."""
+    _, client = _setup(tracking_uri)
+    rows = []
+    for rm in client.search_registered_models(filter_string=f"tags.`{CONCEPT_TAG}` = 'true'"):
+        aliases_of: dict[str, list[str]] = {}
+        for a, v in (rm.aliases or {}).items():
+            aliases_of.setdefault(str(v), []).append(a)
+        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+            fp = mv.tags.get("oneword.base_model_fingerprint", "")
+            aliases = sorted(aliases_of.get(str(mv.version), []))
+            if base_model and not (fp.startswith(base_model) or fp.removeprefix("sha256:").startswith(base_model)):
+                continue
+            if alias and alias not in aliases:
+                continue
+            rows.append(
+                {
+                    "name": rm.name,
+                    "version": str(mv.version),
+                    "aliases": aliases,
+                    "token": mv.tags.get("oneword.token"),
+                    "base_model": mv.tags.get("oneword.base_model"),
+                    "base_model_fingerprint": fp,
+                    "reconstruction": mv.tags.get("reconstruction"),
+                    "editability": mv.tags.get("editability"),
+                    "gate": mv.tags.get("gate"),
+                    "run_id": mv.run_id,
+                }
+            )
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
+    """Everything about one concept version: tags, aliases, run metrics and params."""
+    mlflow, client = _setup(tracking_uri)
+    mv = get_version(ref, tracking_uri)
+    run = client.get_run(mv.run_id)
+    rm = client.get_registered_model(mv.name)
+    return {
+        "name": mv.name,
+        "version": str(mv.version),
+        "aliases": sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version)),
+        "tags": dict(mv.tags),
+        "run_id": mv.run_id,
+        "metrics": dict(run.data.metrics),
+        "params": dict(run.data.params),
+        "source": mv.source,
+    }
+
+
+def pull_concept(
+    ref: str, out: Path | None = None, fmt: str = "diffusers", tracking_uri: str | None = None
+) -> tuple[Path, dict]:
+    """Download a concept's embedding and write it in `fmt`.
+
+    Returns:
+        (the written file, the version's tags).
+    """
+    mlflow, _ = _setup(tracking_uri)
+    mv = get_version(ref, tracking_uri)
+    d = Path(tempfile.mkdtemp(prefix="oneword-pull-"))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="embeddings/diffusers/learned_embeds.safetensors", dst_path=str(d)
+        )
+    )
+    emb = emb_io.load(local)
+    out = Path(out) if out else d / emb_io.default_filename(emb.token, fmt)  # type: ignore[arg-type]
+    emb_io.save(emb, out, fmt)  # type: ignore[arg-type]
+    return out, dict(mv.tags)
+
+
+def pull_concepts(refs: list[str], tracking_uri: str | None = None) -> tuple[list[Path], str]:
+    """Download several concepts (diffusers format). Returns (files, the base model they were trained on)."""
+    files, bases = [], set()
+    for ref in refs:
+        f, tags = pull_concept(ref, tracking_uri=tracking_uri)
+        files.append(f)
+        bases.add(tags.get("oneword.base_model"))
+    if len(bases) > 1:
+        raise OnewordError(
+            f"concepts {refs} were trained on different base models {sorted(map(str, bases))}",
+            hint="generate with concepts of one base model at a time",
+        )
+    return files, next(iter(bases))

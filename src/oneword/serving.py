@@ -1,0 +1,87 @@
+"""The MLflow pyfunc model of a registered concept: prompts in, images out.
+
+The version holds only the embedding file; the base model is loaded by reference (its source and
+fingerprint are in the model config), never copied into the registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import mlflow.pyfunc
+
+PREDICT_PARAMS = {"n": 1, "seed": 0, "steps": 50, "guidance_scale": 5.0}
+
+
+def signature():
+    """The pyfunc signature: a list of prompts in, one row per image out, sampling options as params."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # a list of prompts
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "png_base64")]),
+        params=ParamSchema(
+            [
+                ParamSpec("n", "long", 1),
+                ParamSpec("seed", "long", 0),
+                ParamSpec("steps", "long", 50),
+                ParamSpec("guidance_scale", "double", 5.0),
+            ]
+        ),
+    )
+
+
+def _prompts(model_input: Any) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # a pandas DataFrame
+        col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(p) for p in model_input[col].tolist()]
+    return [str(p) for p in model_input]
+
+
+class ConceptModel(mlflow.pyfunc.PythonModel):
+    """Generates images of prompts that use the concept's token."""
+
+    def load_context(self, context) -> None:
+        from oneword.errors import OnewordError
+        from oneword.generate import build_pipeline, load_embeddings
+        from oneword.models import load_base_model
+
+        cfg = context.model_config
+        model = load_base_model(cfg["base_model"])
+        if cfg.get("model_fingerprint") and model.fingerprint != cfg["model_fingerprint"]:
+            raise OnewordError(
+                f"base model {cfg['base_model']!r} has fingerprint {model.fingerprint[:19]}…, but the concept was "
+                f"trained on {cfg['model_fingerprint'][:19]}…",
+                hint="point the model config's base_model at the model the concept was trained on",
+            )
+        self.pipe = build_pipeline(model, cfg.get("device", "auto"))
+        self.tokens = load_embeddings(self.pipe, model, [context.artifacts["embedding"]])
+
+    def predict(self, context, model_input, params: dict | None = None):
+        """Draw `n` images per prompt. Returns a DataFrame: prompt, seed, png_base64."""
+        import pandas as pd
+
+        from oneword.generate import SamplerConfig, sample
+
+        p = {**PREDICT_PARAMS, **(params or {})}
+        prompts = _prompts(model_input)
+        sampler = SamplerConfig(steps=int(p["steps"]), guidance_scale=float(p["guidance_scale"]))
+        images = sample(self.pipe, prompts, int(p["n"]), int(p["seed"]), sampler)
+        rows = []
+        for prompt, row in zip(prompts, images):
+            for j, im in enumerate(row):
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "seed": int(p["seed"]) + j,
+                        "png_base64": base64.b64encode(buf.getvalue()).decode(),
+                    }
+                )
+        return pd.DataFrame(rows, columns=["prompt", "seed", "png_base64"])

@@ -1,0 +1,139 @@
+"""The registry against a real `mlflow server` on loopback (local and S3 artifact stores)."""
+
+import json
+import shutil
+
+import mlflow
+import pytest
+import torch
+
+from oneword import embeddings as E
+from oneword import registry
+from oneword.errors import OnewordError
+from oneword.evaluation.gate import GateThresholds
+
+
+def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=None):
+    """A copy of an evaluation folder with other scores (to drive the gate)."""
+    out = tmp_path / f"eval-{reconstruction}-{editability}-{fingerprint}"
+    shutil.copytree(eval_dir, out)
+    m = json.loads((out / "metrics.json").read_text())
+    m["reconstruction"], m["editability"] = reconstruction, editability
+    if fingerprint:
+        m["evaluator"] = {"name": "another-clip", "fingerprint": fingerprint}
+    (out / "metrics.json").write_text(json.dumps(m))
+    return out
+
+
+def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, tiny_model_dir):
+    train_dir, eval_dir = evaluated_concept
+    name = "cat-gate"
+    first = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.2), mlflow_server, name=name)
+    assert (first.version, first.alias) == ("1", "champion")
+    worse = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.4, 0.2), mlflow_server, name=name)
+    assert worse.alias == "candidate" and "does not beat" in worse.reason
+    better = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.6, 0.3), mlflow_server, name=name)
+    assert better.alias == "champion"
+    low = registry.register(
+        train_dir,
+        _with_scores(eval_dir, tmp_path, 0.9, 0.9),
+        mlflow_server,
+        name=name,
+        thresholds=GateThresholds(min_editability=0.95),
+    )
+    assert low.alias == "candidate" and "threshold" in low.reason
+    other = registry.register(
+        train_dir, _with_scores(eval_dir, tmp_path, 0.99, 0.99, "sha256:other"), mlflow_server, name=name
+    )
+    assert other.alias == "candidate" and "different evaluators" in other.reason
+
+    rows = registry.list_concepts(mlflow_server)
+    mine = [r for r in rows if r["name"] == name]
+    assert [r["version"] for r in mine] == ["1", "2", "3", "4", "5"]
+    assert [r["version"] for r in registry.list_concepts(mlflow_server, alias="champion") if r["name"] == name] == ["3"]
+    fp = mine[0]["base_model_fingerprint"]
+    assert len(registry.list_concepts(mlflow_server, base_model=fp[7:19])) >= 5
+    assert registry.list_concepts(mlflow_server, base_model="sha256:0000") == []
+
+    shown = registry.show_concept(f"{name}@champion", mlflow_server)
+    assert shown["version"] == "3" and "champion" in shown["aliases"]
+    assert shown["tags"]["oneword.token"] == "<cat-r>" and shown["params"]["init_word"] == "cat"
+    assert shown["metrics"]["reconstruction"] == pytest.approx(0.6)
+    assert shown["params"]["base_model_fingerprint"] == fp
+    run = mlflow.MlflowClient(mlflow_server).get_run(shown["run_id"])
+    assert len(mlflow.MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "loss")) >= 1
+    assert registry.show_concept(f"{name}/1", mlflow_server)["version"] == "1"
+    with pytest.raises(OnewordError, match="not found"):
+        registry.get_version("no-such-concept@champion", mlflow_server)
+
+    # pull in A1111 format: the embedding is the trained one, and diffusers loads the diffusers pull
+    pulled, _ = registry.pull_concept(f"{name}@champion", tmp_path / "cat.pt", "a1111", mlflow_server)
+    ref = E.load(eval_dir / "embedding" / "learned_embeds.safetensors")
+    assert torch.equal(E.load(pulled).vectors, ref.vectors)
+    from oneword.generate import build_pipeline
+    from oneword.models import load_base_model
+
+    diff, _ = registry.pull_concept(name, tmp_path / "x.safetensors", "diffusers", mlflow_server)
+    pipe = build_pipeline(load_base_model(str(tiny_model_dir)))
+    pipe.load_textual_inversion(str(diff))
+    assert "<cat-r>" in pipe.tokenizer.get_added_vocab()
+
+
+def test_pyfunc_loads_and_generates(evaluated_concept, mlflow_server):
+    train_dir, eval_dir = evaluated_concept
+    reg = registry.register(train_dir, eval_dir, mlflow_server, name="cat-pyfunc")
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{reg.name}@{reg.alias}")
+    out = model.predict(["a photo of <cat-r>", "<cat-r> on the moon"], params={"n": 2, "steps": 2, "seed": 3})
+    assert list(out["seed"]) == [3, 4, 3, 4] and out["png_base64"].str.len().min() > 100
+
+
+def test_failure_before_registration_leaves_no_version(evaluated_concept, mlflow_server, monkeypatch):
+    train_dir, eval_dir = evaluated_concept
+
+    def corrupt(*a, **k):
+        raise OnewordError("artifact x does not match its local file after upload")
+
+    monkeypatch.setattr(registry, "_upload_and_verify", corrupt)
+    with pytest.raises(OnewordError, match="does not match"):
+        registry.register(train_dir, eval_dir, mlflow_server, name="cat-atomic")
+    assert [r for r in registry.list_concepts(mlflow_server) if r["name"] == "cat-atomic"] == []
+
+
+def test_failure_after_version_creation_rolls_back(evaluated_concept, mlflow_server, monkeypatch):
+    train_dir, eval_dir = evaluated_concept
+
+    def boom(*a, **k):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(registry, "_decide_alias", boom)
+    with pytest.raises(RuntimeError):
+        registry.register(train_dir, eval_dir, mlflow_server, name="cat-rollback")
+    assert [r for r in registry.list_concepts(mlflow_server) if r["name"] == "cat-rollback"] == []
+
+
+def test_s3_artifact_store_through_the_server(evaluated_concept, mlflow_server_s3, tmp_path, monkeypatch):
+    """Artifacts land in S3 (moto) via the server's proxy; the client needs no S3 credentials."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    train_dir, eval_dir = evaluated_concept
+    reg = registry.register(train_dir, eval_dir, mlflow_server_s3, name="cat-s3")
+    assert reg.alias == "champion"
+    pulled, _ = registry.pull_concept("cat-s3@champion", tmp_path / "c.safetensors", tracking_uri=mlflow_server_s3)
+    assert E.load(pulled).token == "<cat-r>"
+    monkeypatch.undo()
+    from oneword import storage
+
+    keys = [k for k, _, _ in storage.list_objects("s3://mlflow")]
+    assert any(k.endswith("embeddings/diffusers/learned_embeds.safetensors") for k in keys)
+    assert any(k.endswith("evaluation/report.html") for k in keys)
+
+
+def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):
+    """With no tracking URI, a SQLite store and artifact folder appear in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_dir, eval_dir = evaluated_concept
+    reg = registry.register(train_dir, eval_dir, name="cat-local")
+    assert reg.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (tmp_path / "mlflow.db").exists() and list((tmp_path / "mlartifacts").rglob("report.html"))

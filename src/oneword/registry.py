@@ -370,7 +370,7 @@ def list_concepts(
 
 def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
     """Everything about one concept version: tags, aliases, run metrics and params."""
-    mlflow, client = _setup(tracking_uri)
+    _, client = _setup(tracking_uri)
     mv = get_version(ref, tracking_uri)
     run = client.get_run(mv.run_id)
     rm = client.get_registered_model(mv.name)

@@ -97,6 +97,20 @@ def resolve(source: str) -> str:
     return source  # a hub id
 
 
+def native_resolution(source: str) -> int:
+    """The image side a model was trained at: UNet sample size times the VAE's downsampling factor.
+
+    Reads only the two config files (local folders, `toyworld`, `s3://`); hub ids default to 512.
+    """
+    resolved = resolve(source)
+    unet_cfg, vae_cfg = Path(resolved) / "unet" / "config.json", Path(resolved) / "vae" / "config.json"
+    if not (unet_cfg.exists() and vae_cfg.exists()):
+        return 512
+    sample = json.loads(unet_cfg.read_text())["sample_size"]
+    factor = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
+    return int(sample * factor)
+
+
 def detect_family(text_encoder_config, model_index: dict | None) -> tuple[str, int]:
     """Return `(family, width)`: sd1 (width 768), sd2 (1024), sdxl, or custom for other widths."""
     if model_index and "text_encoder_2" in model_index:

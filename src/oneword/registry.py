@@ -307,6 +307,44 @@ def _decide_alias(client, name: str, metrics: dict | None, thresholds: GateThres
     return (CHAMPION if result.passed else CANDIDATE), result.reason
 
 
+def record_failure(
+    tracking_uri: str | None, name: str, token: str, batch_id: str, stage: str, error: str, experiment: str = EXPERIMENT
+) -> str:
+    """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why. Returns its id."""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = _setup(uri)
+    exp_id = _ensure_experiment(mlflow, experiment, uri)
+    tags = {
+        CONCEPT_TAG: name,
+        "oneword.token": token,
+        "oneword.batch_id": batch_id,
+        "oneword.failed_stage": stage,
+        "oneword.error": error[:4000],
+    }
+    run = client.create_run(exp_id, run_name=f"{name} (failed)", tags=tags)
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return run.info.run_id
+
+
+def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict[str, dict]:
+    """The failed concepts of a batch: {name: {"stage", "error", "run_id"}}."""
+    mlflow, client = _setup(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = 'FAILED'"
+    )
+    return {
+        r.data.tags[CONCEPT_TAG]: {
+            "stage": r.data.tags.get("oneword.failed_stage"),
+            "error": r.data.tags.get("oneword.error"),
+            "run_id": r.info.run_id,
+        }
+        for r in runs
+    }
+
+
 # ---- queries ---------------------------------------------------------------------------------------------
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     """`NAME@alias` -> (NAME, alias, None); `NAME/3` -> (NAME, None, "3"); `NAME` -> (NAME, "champion", None)."""
@@ -362,6 +400,7 @@ def list_concepts(
                     "reconstruction": mv.tags.get("reconstruction"),
                     "editability": mv.tags.get("editability"),
                     "gate": mv.tags.get("gate"),
+                    "batch_id": mv.tags.get("oneword.batch_id"),
                     "run_id": mv.run_id,
                 }
             )

@@ -21,6 +21,9 @@ from oneword.cli import (  # noqa: F401  isort: skip
     compare,
     register,
     concepts,
+    compile,
+    run,
+    submit,
 )
 
 

@@ -1,0 +1,86 @@
+"""`oneword submit` and `oneword schedule`: send pipelines to a Kubeflow Pipelines cluster."""
+
+import json
+from typing import Annotated
+
+import typer
+
+from oneword.cli.app import app
+
+HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
+
+
+def _params(param: list[str] | None) -> dict:
+    from oneword.errors import OnewordError
+
+    out = {}
+    for p in param or []:
+        if "=" not in p:
+            raise OnewordError(f"--param {p!r} is not KEY=VALUE", hint="e.g. --param steps=3000")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@app.command("submit")
+def submit_cmd(
+    host: Annotated[str, HOST],
+    images: Annotated[str, typer.Option(help="s3:// prefix of the concept's photos")],
+    token: Annotated[str, typer.Option(help="the new pseudo-word")],
+    init_word: Annotated[str, typer.Option(help="one-token initializer word")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="more pipeline parameters KEY=VALUE")] = None,
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "oneword",
+    namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
+    run_name: Annotated[str | None, typer.Option(help="run name")] = None,
+    existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
+) -> None:
+    """Start a textual_inversion run on a cluster.
+
+    Example: oneword submit --host http://kfp --images s3://oneword-data/my-cat --token '<my-cat>' --init-word cat
+    """
+    from rich import print as rprint
+
+    from oneword.pipelines.remote import submit
+
+    params = {"images": images, "token": token, "init_word": init_word, **_params(param)}
+    rprint(submit(host, params, experiment=experiment, namespace=namespace, run_name=run_name, token=existing_token))
+
+
+@app.command("schedule")
+def schedule_cmd(
+    host: Annotated[str, HOST],
+    concepts_manifest: Annotated[str, typer.Option(help="s3:// URI of the concepts manifest")],
+    cron: Annotated[str, typer.Option(help="cron with seconds, e.g. '0 0 2 * * *' (daily at 02:00)")],
+    name: Annotated[str, typer.Option(help="pipeline and recurring-run name")] = "oneword-batch",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="more pipeline parameters KEY=VALUE")] = None,
+    max_concurrency: Annotated[int, typer.Option(help="runs of this schedule at once")] = 1,
+    no_catchup: Annotated[bool, typer.Option(help="skip runs missed while paused")] = True,
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "oneword",
+    namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
+    existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
+) -> None:
+    """Upload batch_personalisation as a new pipeline version and run it on a schedule.
+
+    Example: oneword schedule --host http://kfp --concepts-manifest s3://oneword-data/concepts.yaml --cron '0 0 2 * * *'
+    """
+    from rich import print as rprint
+
+    from oneword.pipelines.remote import schedule
+
+    params = {"concepts_manifest": concepts_manifest, **_params(param)}
+    rprint(
+        schedule(
+            host,
+            params,
+            cron,
+            name=name,
+            experiment=experiment,
+            max_concurrency=max_concurrency,
+            no_catchup=no_catchup,
+            namespace=namespace,
+            token=existing_token,
+        )
+    )

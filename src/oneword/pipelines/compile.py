@@ -1,0 +1,96 @@
+"""`oneword compile`: write the compiled component and pipeline specs, or check that the checked-in ones are
+up to date (CI runs `oneword compile --check`)."""
+
+import ast
+import difflib
+import re
+import tempfile
+from pathlib import Path
+
+COMPONENTS_DIR, PIPELINES_DIR = "components", "pipelines"
+
+
+_DICT_DEFAULT = re.compile(r"^(#\s+\w+: dict \[Default: )(\{.*\})(\])$")
+
+
+def _stable_header(path: Path) -> None:
+    # KFP writes dict defaults in the header comment in protobuf map order, which changes from run to run.
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        m = _DICT_DEFAULT.match(line.rstrip("\n"))
+        if m:
+            d = ast.literal_eval(m.group(2))
+            lines[i] = f"{m.group(1)}{dict(sorted(d.items()))}{m.group(3)}\n"
+    path.write_text("".join(lines))
+
+
+def compile_all(root: Path) -> list[Path]:
+    """Compile every component to `root/components/<name>.yaml` and every pipeline to `root/pipelines/<name>.yaml`.
+
+    Returns:
+        The written files.
+    """
+    from kfp import compiler
+
+    from oneword.pipelines import components
+    from oneword.pipelines.definitions import PIPELINES
+
+    written = []
+    (root / COMPONENTS_DIR).mkdir(parents=True, exist_ok=True)
+    (root / PIPELINES_DIR).mkdir(parents=True, exist_ok=True)
+    for comp in components.ALL:
+        p = root / COMPONENTS_DIR / f"{comp.name.replace('-', '_')}.yaml"
+        compiler.Compiler().compile(comp, str(p))
+        written.append(p)
+    for name, pipeline in PIPELINES.items():
+        p = root / PIPELINES_DIR / f"{name}.yaml"
+        compiler.Compiler().compile(pipeline, str(p))
+        _stable_header(p)
+        written.append(p)
+    return written
+
+
+def stale_files(root: Path) -> list[str]:
+    """Compile into a temporary folder and list the checked-in files under `root` that differ or are missing.
+
+    Returns:
+        A unified diff's first lines for each stale file (empty when all are up to date).
+    """
+    problems = []
+    with tempfile.TemporaryDirectory() as d:
+        fresh = compile_all(Path(d))
+        for f in fresh:
+            rel = f.relative_to(d)
+            mine = root / rel
+            if not mine.exists():
+                problems.append(f"{rel}: missing")
+                continue
+            a, b = mine.read_text().splitlines(), f.read_text().splitlines()
+            if a != b:
+                diff = list(difflib.unified_diff(a, b, f"{rel} (checked in)", f"{rel} (from code)", lineterm=""))
+                problems.append("\n".join(diff[:20]))
+        expected = {f.relative_to(d) for f in fresh}
+        for folder in (COMPONENTS_DIR, PIPELINES_DIR):
+            for extra in sorted((root / folder).glob("*.yaml")):
+                if extra.relative_to(root) not in expected:
+                    problems.append(f"{extra.relative_to(root)}: not produced by the code any more")
+    return problems
+
+
+def compile_pipeline(name: str, out: Path) -> Path:
+    """Compile one pipeline (`textual_inversion` or `batch_personalisation`) to `out`."""
+    from kfp import compiler
+
+    from oneword.errors import OnewordError
+    from oneword.pipelines.definitions import PIPELINES
+
+    if name not in PIPELINES:
+        raise OnewordError(f"unknown pipeline {name!r}", hint=f"use one of {', '.join(PIPELINES)}")
+    compiler.Compiler().compile(PIPELINES[name], str(out))
+    return out
+
+
+def tmp_package(name: str) -> Path:
+    """Compile a pipeline to a temporary YAML file and return its path."""
+    d = Path(tempfile.mkdtemp(prefix="oneword-compile-"))
+    return compile_pipeline(name, d / f"{name}.yaml")

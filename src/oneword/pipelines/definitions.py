@@ -1,0 +1,252 @@
+"""The two pipelines: `textual_inversion` (one concept) and `batch_personalisation` (a manifest of concepts).
+
+Both build the same per-concept DAG: preprocess -> cache_latents -> train -> evaluate -> register. Cluster
+settings (GPU pool, secrets) are Kubernetes platform config; `kfp.local` ignores them, so the very same
+pipeline runs on one machine.
+"""
+
+
+from kfp import dsl, kubernetes
+
+from oneword.pipelines import components as c
+
+# Secrets and config reach pods as environment variables, never as parameters (docs/deploy.md makes them).
+S3_SECRET = "oneword-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+MLFLOW_SECRET = "oneword-mlflow"  # keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (optional)
+CONFIG_MAP = "oneword-config"  # keys S3_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, MLFLOW_TRACKING_URI
+TRAIN_RETRIES = 3  # spot/preemptible GPU nodes are the norm; a retry resumes from the last checkpoint
+
+
+def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    kubernetes.use_secret_as_env(task, S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                   "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                                                       "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
+                                 optional=True)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, {"S3_ENDPOINT_URL": "S3_ENDPOINT_URL",
+                                                        "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
+                                                        "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+    return task
+
+
+def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_limit, node_selector, toleration):
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_limit)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, toleration)
+    return task
+
+
+def concept_dag(images, token, init_word, name, n_vectors, templates, p: dict, batch_id) -> dsl.PipelineTask:
+    """Add one concept's five steps to the current pipeline; returns the register task."""
+    gpu = (p["accelerator_type"], p["accelerator_limit"], p["gpu_node_selector"], p["gpu_toleration"])
+    pre = _cluster_env(c.preprocess(images=images, resolution=p["resolution"], mode=p["mode"]))
+    lat = _cluster_env(c.cache_latents(dataset=pre.outputs["dataset"], base_model=p["base_model"]))
+    lat.set_caching_options(True)  # the same images and model never encode twice
+    _on_gpu(lat, *gpu)
+    tr = c.train(
+        latents=lat.outputs["latents"], token=token, init_word=init_word, base_model=p["base_model"],
+        n_vectors=n_vectors, templates=templates, steps=p["steps"], batch_size=p["batch_size"],
+        learning_rate=p["learning_rate"], scale_lr=p["scale_lr"], progressive_every=p["progressive_every"],
+        init_l2=p["init_l2"], seed=p["seed"], checkpoint_every=p["checkpoint_every"],
+        checkpoint_root=p["checkpoint_root"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    )
+    _on_gpu(_cluster_env(tr), *gpu)
+    tr.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+    tr.set_caching_options(False)
+    ev = c.evaluate(
+        model=tr.outputs["model"], dataset=pre.outputs["dataset"], prompt_set=p["prompt_set"],
+        n_images=p["n_images"], sampling_steps=p["sampling_steps"], guidance_scale=p["guidance_scale"],
+        clip_model=p["clip_model"], dino_model=p["dino_model"], checkpoint_budget=p["checkpoint_budget"],
+    )
+    _on_gpu(_cluster_env(ev), *gpu)
+    reg = c.register(
+        model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], tracking_uri=p["tracking_uri"], name=name,
+        experiment=p["experiment"], min_reconstruction=p["min_reconstruction"],
+        min_editability=p["min_editability"], batch_id=batch_id,
+    )
+    _cluster_env(reg).set_caching_options(False)
+    return reg
+
+
+GPU_NODE_SELECTOR = {"oneword.ai/pool": "gpu"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@dsl.pipeline(name="textual-inversion", description="Learn one new word for a concept from 3-5 photos, evaluate "
+              "it and register it in MLflow (Textual Inversion, Gal et al. 2022).")
+def textual_inversion(
+    images: str,
+    token: str,
+    init_word: str,
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    name: str = "",
+    resolution: int = 512,
+    mode: str = "crop",
+    n_vectors: int = 1,
+    templates: str = "object",
+    steps: int = 5000,
+    batch_size: int = 4,
+    learning_rate: float = 0.005,
+    scale_lr: bool = True,
+    progressive_every: int = 0,
+    init_l2: float = 0.0,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    checkpoint_root: str = "s3://oneword-artifacts/checkpoints",
+    prompt_set: str = "paper",
+    n_images: int = 64,
+    sampling_steps: int = 50,
+    guidance_scale: float = 5.0,
+    clip_model: str = "auto",
+    dino_model: str = "",
+    checkpoint_budget: int = 8,
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_limit: int = 1,
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    gpu_toleration: dict = GPU_TOLERATION,
+) -> str:
+    """Textual inversion of one concept.
+
+    Args:
+        images: s3://bucket/prefix (or a path in the image) of 3-5 photos of the concept.
+        token: the new pseudo-word to learn, e.g. <my-cat>; it must not be a word the model knows.
+        init_word: one-token word the embedding starts from, e.g. cat (object) or painting (style).
+        base_model: Stable Diffusion 1.x/2.x: a hub id, an s3:// diffusers folder, or toyworld.
+        name: registered-model name in MLflow (empty: the token without brackets).
+        resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
+        mode: crop (centre-crop photos to a square) or pad (pad with white).
+        n_vectors: vectors per token (1 as in the paper; more captures detail, edits less well).
+        templates: training prompt templates: object or style.
+        steps: optimiser steps (paper: 5000).
+        batch_size: images per step (paper: 4).
+        learning_rate: base learning rate (paper: 0.005), multiplied by batch_size when scale_lr.
+        scale_lr: multiply the learning rate by the batch size, as the paper does.
+        progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
+        init_l2: weight of an L2 pull toward the initializer embedding (more editable, less faithful).
+        seed: random seed of training and evaluation.
+        checkpoint_every: steps between checkpoints (evaluation picks the best one).
+        checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
+        prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live or toyworld.
+        n_images: evaluation images per prompt (paper: 64).
+        sampling_steps: DDIM steps for evaluation images (paper: 50).
+        guidance_scale: classifier-free guidance for evaluation images (paper: 5.0).
+        clip_model: CLIP evaluator (auto: toyworld-clip for the toy model, else openai/clip-vit-base-patch32).
+        dino_model: DINO ViT for subject fidelity, e.g. facebook/dino-vits16 (empty: skip).
+        checkpoint_budget: evaluation images per prompt for each checkpoint (0: evaluate the final step only).
+        tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).
+        experiment: MLflow experiment.
+        min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).
+        min_editability: quality gate: minimum editability to become champion (-1: none).
+        accelerator_type: GPU resource of the GPU steps, e.g. nvidia.com/gpu.
+        accelerator_limit: GPUs per GPU step.
+        gpu_node_selector: node selector of the GPU node pool, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}.
+        gpu_toleration: toleration for the GPU pool's taint.
+
+    Returns:
+        The registered version as name/version@alias.
+    """
+    p = dict(locals())
+    reg = concept_dag(images, token, init_word, name, n_vectors, templates, p, batch_id="")
+    return reg.outputs["Output"]
+
+
+PARALLEL_SHARDS = 4  # GPU jobs at a time (ParallelFor's parallelism is fixed at compile time)
+
+
+@dsl.pipeline(name="batch-personalisation", description="Textual inversion of every concept of a manifest, in "
+              "parallel shards; one concept's failure does not lose the others.")
+def batch_personalisation(
+    concepts_manifest: str,
+    concepts_per_shard: int = 1,
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    resolution: int = 512,
+    mode: str = "crop",
+    steps: int = 5000,
+    batch_size: int = 4,
+    learning_rate: float = 0.005,
+    scale_lr: bool = True,
+    progressive_every: int = 0,
+    init_l2: float = 0.0,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    checkpoint_root: str = "s3://oneword-artifacts/checkpoints",
+    prompt_set: str = "paper",
+    n_images: int = 64,
+    sampling_steps: int = 50,
+    guidance_scale: float = 5.0,
+    clip_model: str = "auto",
+    dino_model: str = "",
+    checkpoint_budget: int = 8,
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_limit: int = 1,
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    gpu_toleration: dict = GPU_TOLERATION,
+):
+    """Batch personalisation: every concept of a manifest, each registered on its own.
+
+    Each shard (a GPU job) runs its concepts through the five steps of textual_inversion; a concept that fails
+    is reported with the step and the error, and the others go on. The exit handler writes every concept's
+    status.
+
+    Args:
+        concepts_manifest: YAML (s3:// URI or path) listing, per concept, images, token and init_word.
+        concepts_per_shard: concepts per GPU job; shards run in parallel (at most 4 at a time).
+        base_model: Stable Diffusion 1.x/2.x: a hub id, an s3:// diffusers folder, or toyworld.
+        resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
+        mode: crop (centre-crop photos to a square) or pad (pad with white).
+        steps: optimiser steps (paper: 5000).
+        batch_size: images per step (paper: 4).
+        learning_rate: base learning rate (paper: 0.005), multiplied by batch_size when scale_lr.
+        scale_lr: multiply the learning rate by the batch size, as the paper does.
+        progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
+        init_l2: weight of an L2 pull toward the initializer embedding.
+        seed: random seed.
+        checkpoint_every: steps between checkpoints.
+        checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
+        prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live or toyworld.
+        n_images: evaluation images per prompt (paper: 64).
+        sampling_steps: DDIM steps for evaluation images (paper: 50).
+        guidance_scale: classifier-free guidance for evaluation images (paper: 5.0).
+        clip_model: CLIP evaluator (auto: toyworld-clip for the toy model, else openai/clip-vit-base-patch32).
+        dino_model: DINO ViT for subject fidelity (empty: skip).
+        checkpoint_budget: evaluation images per prompt for each checkpoint (0: final step only).
+        tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).
+        experiment: MLflow experiment.
+        min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).
+        min_editability: quality gate: minimum editability to become champion (-1: none).
+        accelerator_type: GPU resource of the GPU steps.
+        accelerator_limit: GPUs per GPU step.
+        gpu_node_selector: node selector of the GPU node pool.
+        gpu_toleration: toleration for the GPU pool's taint.
+    """
+    batch_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    done = _cluster_env(c.report_batch(concepts_manifest=concepts_manifest, batch_id=batch_id,
+                                       tracking_uri=tracking_uri))
+    with dsl.ExitHandler(done, name="every-concept"):
+        plan = _cluster_env(c.plan_batch(concepts_manifest=concepts_manifest, concepts_per_shard=concepts_per_shard))
+        with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:
+            task = c.personalise_shard(
+                shard=shard, batch_id=batch_id, base_model=base_model, resolution=resolution, mode=mode,
+                steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
+                progressive_every=progressive_every, init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every,
+                checkpoint_root=checkpoint_root, prompt_set=prompt_set, n_images=n_images,
+                sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model,
+                dino_model=dino_model, checkpoint_budget=checkpoint_budget, tracking_uri=tracking_uri,
+                experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability,
+                # passed as inputs too: kfp.local (2.17) cannot otherwise resolve them inside a ParallelFor
+                accelerator_type=accelerator_type, accelerator_limit=accelerator_limit,
+            )
+            _on_gpu(_cluster_env(task), accelerator_type, accelerator_limit, gpu_node_selector, gpu_toleration)
+            task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+            task.set_caching_options(False)
+
+
+PIPELINES = {"textual_inversion": textual_inversion, "batch_personalisation": batch_personalisation}

@@ -1,0 +1,86 @@
+"""Run the pipelines on this machine with `kfp.local` (SubprocessRunner): the embedded default.
+
+The same DAG as on a cluster; Kubernetes settings (GPU pool, secrets) are ignored and every step runs as a
+subprocess of this Python environment. Artifacts land under a local pipeline root, MLflow logs to a local
+SQLite store unless a tracking URI is given.
+"""
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from oneword.registry import default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+# Cluster defaults that make no sense on one machine.
+LOCAL_OVERRIDES = {"checkpoint_root": ""}
+
+
+def _init(pipeline_root: Path) -> None:
+    import kfp.local
+
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
+                   raise_on_error=True)
+
+
+def _newest_run(pipeline_root: Path, prefix: str, since: float) -> Path | None:
+    runs = [p for p in pipeline_root.glob(f"{prefix}-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: str | None = None,
+                          **params) -> dict:
+    """Run the `textual_inversion` pipeline locally.
+
+    Args:
+        pipeline_root: where KFP writes each task's artifacts.
+        tracking_uri: MLflow tracking URI (default: `default_tracking_uri()`, a SQLite file in the cwd).
+        **params: pipeline parameters (images, token, init_word, base_model, steps, ...).
+
+    Returns:
+        `{"registered": "name/version@alias", "run_dir": ..., "tracking_uri": ..., "report": ..., "grid": ...}`.
+    """
+    from oneword.pipelines.definitions import textual_inversion
+
+    uri = tracking_uri or default_tracking_uri()
+    _init(pipeline_root)
+    start = time.time()
+    args = {**LOCAL_OVERRIDES, **params, "tracking_uri": uri}
+    if not os.path.isabs(str(args["images"])) and not str(args["images"]).startswith("s3://"):
+        args["images"] = str(Path(args["images"]).resolve())
+    registered = textual_inversion(**args)
+    run_dir = _newest_run(pipeline_root, "textual-inversion", start)
+    out = {"registered": str(registered.output if hasattr(registered, "output") else registered),
+           "run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start}
+    if run_dir:
+        for key, pattern in (("report", "evaluate/evaluation/report.html"), ("grid", "evaluate/evaluation/grid.png"),
+                             ("metrics", "evaluate/evaluation/metrics.json"),
+                             ("embedding", "train/model/learned_embeds.safetensors")):
+            hits = sorted(run_dir.glob(pattern))
+            out[key] = str(hits[0]) if hits else None
+    return out
+
+
+def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tracking_uri: str | None = None,
+              **params) -> dict:
+    """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report."""
+    import json
+
+    import kfp.local
+
+    from oneword.pipelines.definitions import batch_personalisation
+
+    uri = tracking_uri or default_tracking_uri()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
+                   raise_on_error=False)  # a failed concept must not stop the report
+    start = time.time()
+    batch_personalisation(concepts_manifest=concepts_manifest, tracking_uri=uri, **{**LOCAL_OVERRIDES, **params})
+    run_dir = _newest_run(pipeline_root, "batch-personalisation", start)
+    summaries = sorted(run_dir.rglob("report-batch/summary")) if run_dir else []
+    report = json.loads(summaries[0].read_text()) if summaries else {}
+    report.update({"run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start})
+    return report

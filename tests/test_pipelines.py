@@ -1,0 +1,253 @@
+"""The KFP pipelines: compiled specs, real kfp.local runs, and submit/schedule against a loopback KFP API."""
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+
+from oneword import registry
+from oneword.pipelines.compile import stale_files
+
+from .conftest import DREAMBENCH
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(name: str) -> dict:
+    """The pipeline spec and its platform spec (a second YAML document) as one dict."""
+    spec, platform = yaml.safe_load_all((ROOT / "pipelines" / f"{name}.yaml").read_text())
+    return {**spec, **platform}
+
+
+def test_checked_in_specs_are_up_to_date():
+    assert stale_files(ROOT) == []
+
+
+def test_compiled_pipeline_loads_back_with_gpu_settings_on_train():
+    from kfp.components import load_component_from_file
+
+    loaded = load_component_from_file(str(ROOT / "pipelines" / "textual_inversion.yaml"))
+    assert loaded.name == "textual-inversion"
+    spec = _spec("textual_inversion")
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    acc = train["resources"]["accelerator"]
+    assert "accelerator_type" in acc["resourceType"] and "accelerator_limit" in acc["resourceCount"]
+    k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "gpu_node_selector"
+    assert k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "gpu_toleration"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["gpu_toleration"]["defaultValue"]["key"] == "nvidia.com/gpu"
+    assert {"accelerator_type", "accelerator_limit", "gpu_node_selector"} <= set(params)
+    # every parameter explains itself on the dashboard
+    assert all(p.get("description") for p in params.values()), [
+        k for k, p in params.items() if not p.get("description")
+    ]
+    # the train task retries (spot GPUs), and resumes: its checkpoints live outside the pod
+    dag = spec["root"]["dag"]["tasks"]["train"]
+    assert dag["retryPolicy"]["maxRetryCount"] == 3
+    assert params["checkpoint_root"]["defaultValue"].startswith("s3://")
+
+
+def test_secrets_reach_pods_as_env_never_as_parameters():
+    for name in ("textual_inversion", "batch_personalisation"):
+        spec = _spec(name)
+        params = spec["root"]["inputDefinitions"]["parameters"]
+        assert not [p for p in params if any(w in p.lower() for w in ("secret", "password", "access_key"))]
+        for executor, cfg in spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+            envs = {e["envVar"] for s in cfg["secretAsEnv"] for e in s["keyToEnv"]}
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= envs, executor
+
+
+def test_components_use_the_oneword_image_and_never_pip_install():
+    from oneword import __version__
+
+    for f in (ROOT / "components").glob("*.yaml"):
+        spec = next(yaml.safe_load_all(f.read_text()))
+        for ex in spec["deploymentSpec"]["executors"].values():
+            image = ex["container"]["image"]
+            assert image.endswith(f":{__version__}") and ":latest" not in image, (f.name, image)
+            assert "pip install" not in " ".join(ex["container"]["command"]), f.name
+
+
+def test_library_modules_do_not_import_kfp():
+    code = (
+        "import sys, oneword.images, oneword.latents, oneword.train, oneword.evaluation, oneword.registry, "
+        "oneword.batch, oneword.generate, oneword.embeddings, oneword.models; "
+        "bad = [m for m in sys.modules if m == 'kfp' or m.startswith('kfp.')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypatch):
+    """The textual_inversion pipeline under kfp.local: images in, a registered version with an alias out."""
+    from oneword.pipelines.local import run_textual_inversion
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
+    out = run_textual_inversion(
+        tmp_path / "root",
+        images=str(DREAMBENCH / "cat"),
+        token="<cat-p>",
+        init_word="cat",
+        base_model=str(tiny_model_dir),
+        resolution=32,
+        steps=6,
+        checkpoint_every=3,
+        n_images=2,
+        sampling_steps=2,
+        checkpoint_budget=1,
+        clip_model=str(tiny_clip_dir),
+    )
+    assert out["registered"] == "cat-p/1@champion"
+    assert out["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for k in ("report", "grid", "metrics", "embedding"):
+        assert Path(out[k]).exists(), k
+    rows = registry.list_concepts(out["tracking_uri"], alias="champion")
+    assert [(r["name"], r["version"]) for r in rows] == [("cat-p", "1")]
+    shown = registry.show_concept("cat-p@champion", out["tracking_uri"])
+    assert "reconstruction" in shown["metrics"] and shown["params"]["train.steps"] == "6"
+
+
+@pytest.mark.slow
+def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypatch):
+    from oneword.pipelines.local import run_batch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not a jpeg")
+    manifest = tmp_path / "concepts.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "concepts": [
+                    {"images": str(DREAMBENCH / "cat"), "token": "<cat-q>", "init_word": "cat"},
+                    {"images": str(bad), "token": "<bad-q>", "init_word": "dog"},
+                    {"images": str(DREAMBENCH / "dog"), "token": "<dog-q>", "init_word": "dog"},
+                ]
+            }
+        )
+    )
+    report = run_batch(
+        str(manifest),
+        tmp_path / "root",
+        base_model=str(tiny_model_dir),
+        resolution=32,
+        steps=4,
+        checkpoint_every=2,
+        n_images=2,
+        sampling_steps=2,
+        checkpoint_budget=0,
+        clip_model=str(tiny_clip_dir),
+    )
+    status = {c["name"]: c for c in report["concepts"]}
+    assert status["cat-q"]["status"] == "registered" and status["dog-q"]["status"] == "registered"
+    assert status["bad-q"]["status"] == "failed" and status["bad-q"]["stage"] == "preprocess"
+    assert "a.jpg" in status["bad-q"]["error"]
+    assert (report["registered"], report["failed"]) == (2, 1)
+    names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
+    assert names == {"cat-q", "dog-q"}
+
+
+class _FakeKfpApi(BaseHTTPRequestHandler):
+    """Answers the KFP v2beta1 REST calls the client makes, and records them for the test to check."""
+
+    calls: ClassVar[list] = []
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        path = self.path.split("?")[0]
+        self.calls.append((self.command, self.path, body))
+        routes = {
+            ("GET", "/apis/v2beta1/healthz"): {"multi_user": False},
+            ("GET", "/apis/v2beta1/experiments"): {"experiments": []},
+            ("POST", "/apis/v2beta1/experiments"): {"experiment_id": "exp-1", "display_name": "oneword"},
+            ("POST", "/apis/v2beta1/runs"): {"run_id": "run-1"},
+            ("GET", "/apis/v2beta1/pipelines"): {"pipelines": []},
+            ("POST", "/apis/v2beta1/pipelines/upload"): {"pipeline_id": "p-1", "display_name": "oneword-batch"},
+            ("POST", "/apis/v2beta1/pipelines/upload_version"): {"pipeline_version_id": "v-1", "pipeline_id": "p-1"},
+            ("POST", "/apis/v2beta1/recurringruns"): {"recurring_run_id": "rr-1"},
+        }
+        if (self.command, path) in routes:
+            self._reply(200, routes[(self.command, path)])
+        else:
+            self._reply(404, {"error": f"unexpected {self.command} {path}"})
+
+    do_GET = do_POST = _handle
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def kfp_api():
+    _FakeKfpApi.calls = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfpApi)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", _FakeKfpApi.calls
+    srv.shutdown()
+
+
+def test_submit_sends_the_pipeline_and_parameters(kfp_api):
+    from oneword.pipelines.remote import submit
+
+    host, calls = kfp_api
+    out = submit(
+        host,
+        {"images": "s3://data/my-cat", "token": "<my-cat>", "init_word": "cat", "steps": 3000},
+        run_name="my-cat-1",
+    )
+    assert out["run_id"] == "run-1" and out["url"].endswith("/#/runs/details/run-1")
+    body = json.loads(next(b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")))
+    assert body["display_name"] == "my-cat-1" and body["experiment_id"] == "exp-1"
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "textual-inversion"
+    assert body["runtime_config"]["parameters"] == {
+        "images": "s3://data/my-cat",
+        "token": "<my-cat>",
+        "init_word": "cat",
+        "steps": 3000,
+    }
+    assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]  # GPU pool and secrets travel too
+
+
+def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
+    from oneword.pipelines.remote import schedule
+
+    host, calls = kfp_api
+    out = schedule(
+        host,
+        {"concepts_manifest": "s3://data/concepts.yaml"},
+        "0 0 2 * * *",
+        version="v1",
+        max_concurrency=2,
+        no_catchup=True,
+    )
+    assert out == {"pipeline_id": "p-1", "version_id": "v-1", "recurring_run_id": "rr-1"}
+    paths = [p for _, p, _ in calls]
+    assert any(p.startswith("/apis/v2beta1/pipelines/upload?name=oneword-batch") for p in paths)
+    assert any(p.startswith("/apis/v2beta1/pipelines/upload_version?name=v1&pipelineid=p-1") for p in paths)
+    upload = next(b for m, p, b in calls if p.startswith("/apis/v2beta1/pipelines/upload_version"))
+    assert b"name: batch-personalisation" in upload
+    rr = json.loads(next(b for m, p, b in calls if p == "/apis/v2beta1/recurringruns"))
+    assert rr["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *"
+    assert rr["max_concurrency"] == "2" or rr["max_concurrency"] == 2
+    assert rr["no_catchup"] is True and rr["mode"] == "ENABLE"
+    assert rr["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-1"}
+    assert rr["runtime_config"]["parameters"] == {"concepts_manifest": "s3://data/concepts.yaml"}

@@ -124,14 +124,20 @@ def s3_bucket(s3_server, request):
     return name
 
 
-def _start_mlflow_server(tmp: Path, artifacts_destination: str, env: dict | None = None):
+def _start_mlflow_server(
+    tmp: Path,
+    artifacts_destination: str,
+    env: dict | None = None,
+    port: int | None = None,
+    extra_args: list[str] | None = None,
+):
     """Start a real `mlflow server` on loopback with a SQLite backend; returns (process, url)."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    port = free_port()
+    port = port or free_port()
     log = open(tmp / "mlflow-server.log", "wb")  # noqa: SIM115 - closed when the process ends
     proc = subprocess.Popen(
         [
@@ -149,6 +155,7 @@ def _start_mlflow_server(tmp: Path, artifacts_destination: str, env: dict | None
             artifacts_destination,
             "--workers",
             "1",
+            *(extra_args or []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -217,6 +217,7 @@ def test_submit_sends_the_pipeline_and_parameters(kfp_api):
     assert out["run_id"] == "run-1" and out["url"].endswith("/#/runs/details/run-1")
     body = json.loads(next(b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")))
     assert body["display_name"] == "my-cat-1" and body["experiment_id"] == "exp-1"
+    assert body["service_account"] == "oneword-pipeline-runner"  # k8s/base/rbac.yaml
     assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "textual-inversion"
     assert body["runtime_config"]["parameters"] == {
         "images": "s3://data/my-cat",
@@ -249,5 +250,6 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
     assert rr["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *"
     assert rr["max_concurrency"] == "2" or rr["max_concurrency"] == 2
     assert rr["no_catchup"] is True and rr["mode"] == "ENABLE"
+    assert rr["service_account"] == "oneword-pipeline-runner"
     assert rr["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-1"}
     assert rr["runtime_config"]["parameters"] == {"concepts_manifest": "s3://data/concepts.yaml"}

@@ -36,6 +36,7 @@ def submit_cmd(
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
     run_name: Annotated[str | None, typer.Option(help="run name")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
+    service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
 ) -> None:
     """Start a textual_inversion run on a cluster.
 
@@ -46,7 +47,17 @@ def submit_cmd(
     from oneword.pipelines.remote import submit
 
     params = {"images": images, "token": token, "init_word": init_word, **_params(param)}
-    rprint(submit(host, params, experiment=experiment, namespace=namespace, run_name=run_name, token=existing_token))
+    rprint(
+        submit(
+            host,
+            params,
+            experiment=experiment,
+            namespace=namespace,
+            run_name=run_name,
+            token=existing_token,
+            service_account=service_account,
+        )
+    )
 
 
 @app.command("schedule")
@@ -61,6 +72,7 @@ def schedule_cmd(
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = "oneword",
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
+    service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
 ) -> None:
     """Upload batch_personalisation as a new pipeline version and run it on a schedule.
 
@@ -82,5 +94,6 @@ def schedule_cmd(
             no_catchup=no_catchup,
             namespace=namespace,
             token=existing_token,
+            service_account=service_account,
         )
     )

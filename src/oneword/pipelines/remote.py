@@ -14,8 +14,12 @@ def _client(host: str, namespace: str | None, token: str | None):
                            hint="check --host (e.g. http://ml-pipeline-ui.kubeflow) and your credentials") from e
 
 
+SERVICE_ACCOUNT = "oneword-pipeline-runner"  # k8s/base/rbac.yaml
+
+
 def submit(host: str, params: dict, pipeline: str = "textual_inversion", experiment: str = "oneword",
-           namespace: str | None = None, run_name: str | None = None, token: str | None = None) -> dict:
+           namespace: str | None = None, run_name: str | None = None, token: str | None = None,
+           service_account: str = SERVICE_ACCOUNT) -> dict:
     """Start one run of a pipeline on a cluster.
 
     Returns:
@@ -24,13 +28,15 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
     client = _client(host, namespace, token)
     package = tmp_package(pipeline)
     run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
-                                                  experiment_name=experiment, namespace=namespace)
+                                                  experiment_name=experiment, namespace=namespace,
+                                                  service_account=service_account or None)
     return {"run_id": run.run_id, "experiment": experiment, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
 
 def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", experiment: str = "oneword",
              pipeline: str = "batch_personalisation", version: str | None = None, max_concurrency: int = 1,
-             no_catchup: bool = True, namespace: str | None = None, token: str | None = None) -> dict:
+             no_catchup: bool = True, namespace: str | None = None, token: str | None = None,
+             service_account: str = SERVICE_ACCOUNT) -> dict:
     """Upload a pipeline version and create a recurring run of it.
 
     Args:
@@ -43,6 +49,7 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         version: pipeline version name (default: oneword's version plus a timestamp).
         max_concurrency: runs of this schedule allowed at once.
         no_catchup: do not backfill runs missed while the schedule was paused.
+        service_account: the Kubernetes service account runs use (k8s/base/rbac.yaml makes it).
 
     Returns:
         `{"pipeline_id", "version_id", "recurring_run_id"}`.
@@ -63,6 +70,6 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
     job = client.create_recurring_run(
         experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, max_concurrency=max_concurrency,
         no_catchup=no_catchup, params=params, pipeline_id=pipeline_id, version_id=v.pipeline_version_id,
-        enabled=True,
+        enabled=True, service_account=service_account or None,
     )
     return {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": job.recurring_run_id}

@@ -45,7 +45,7 @@ compile: install
 lock:
 	rm -rf /tmp/oneword-lock && $(PYTHON) -m venv /tmp/oneword-lock
 	/tmp/oneword-lock/bin/pip install -q $(TORCH) && /tmp/oneword-lock/bin/pip install -q .
-	/tmp/oneword-lock/bin/pip freeze | grep -v -E '^(oneword|torch)==' > requirements/runtime.lock.new
+	/tmp/oneword-lock/bin/pip freeze | grep -v -E '^(oneword|torch)( @ |==)' > requirements/runtime.lock.new
 	@echo "review requirements/runtime.lock.new, then move it over requirements/runtime.lock"
 
 clean:

@@ -1,0 +1,23 @@
+"""Where the shipped toy-world assets live (package data): the model, its CLIP evaluator and the oracle."""
+
+from importlib import resources
+from pathlib import Path
+
+
+def assets_dir() -> Path:
+    return Path(str(resources.files("oneword") / "data" / "toyworld"))
+
+
+def model_path() -> Path:
+    """The diffusers folder of the toy-world text-to-image model (`--base-model toyworld`)."""
+    return assets_dir() / "model"
+
+
+def clip_path() -> Path:
+    """The toy-world CLIP evaluator (`--clip-model toyworld-clip`)."""
+    return assets_dir() / "clip"
+
+
+def oracle_path() -> Path:
+    """The oracle CNN's weights."""
+    return assets_dir() / "oracle.safetensors"

@@ -24,6 +24,8 @@ from oneword.cli import (  # noqa: F401  isort: skip
     compile,
     run,
     submit,
+    toyworld,
+    demo,
 )
 
 

@@ -43,6 +43,7 @@ def run_cmd(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: ./mlflow.db)")] = None,
     pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path("runs/kfp"),
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
 ) -> None:
     """Run the whole textual_inversion pipeline on this machine with kfp.local, then print where it all is.
 
@@ -56,6 +57,7 @@ def run_cmd(
     out = run_textual_inversion(
         pipeline_root,
         tracking_uri,
+        log_file,
         images=images,
         token=token,
         init_word=init_word,

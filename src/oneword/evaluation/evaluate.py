@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -153,6 +154,7 @@ def evaluate(
     out_dir: Path,
     config: EvalConfig = EvalConfig(),
     base_model: str | BaseModel | None = None,
+    on_images: Callable[[list[str], list[list[Image.Image]]], None] | None = None,
 ) -> dict:
     """Evaluate a trained concept.
 
@@ -162,6 +164,8 @@ def evaluate(
         out_dir: where metrics.json, grid.png, scatter.png, report.html and the selected embedding go.
         config: evaluation settings.
         base_model: default: the model the concept was trained on.
+        on_images: called with the final evaluation's prompts and images (reconstruction prompt first), for
+            callers that score them further (the toy world's oracle).
 
     Returns:
         The metrics dict written to `metrics.json`.
@@ -192,6 +196,8 @@ def evaluate(
         chosen, vectors = emb.steps or summary.get("steps", 0), emb.vectors
 
     full = s.score(vectors, config.n_images)
+    if on_images is not None:
+        on_images(full["prompts"], full["images"])
     metrics: dict = {
         "token": emb.token,
         "step": chosen,

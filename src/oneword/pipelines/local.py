@@ -5,9 +5,12 @@ subprocess of this Python environment. Artifacts land under a local pipeline roo
 SQLite store unless a tracking URI is given.
 """
 
+import contextlib
 import logging
 import os
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from oneword.registry import default_tracking_uri
@@ -26,18 +29,40 @@ def _init(pipeline_root: Path) -> None:
                    raise_on_error=True)
 
 
+@contextlib.contextmanager
+def _task_logs(log_file: Path | None) -> Iterator[None]:
+    """Send kfp.local's streamed task logs to `log_file` (None: the terminal)."""
+    with warnings.catch_warnings():
+        # kfp warns that the oneword image is "custom"; locally the steps run in this very environment
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        if log_file is None:
+            yield
+            return
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        root = logging.getLogger()
+        before = list(root.handlers)
+        with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            try:
+                yield
+            finally:
+                for h in list(root.handlers):  # kfp.local installs a stdout handler on the root logger
+                    if h not in before:
+                        root.removeHandler(h)
+
+
 def _newest_run(pipeline_root: Path, prefix: str, since: float) -> Path | None:
     runs = [p for p in pipeline_root.glob(f"{prefix}-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
 def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: str | None = None,
-                          **params) -> dict:
+                          log_file: Path | None = None, **params) -> dict:
     """Run the `textual_inversion` pipeline locally.
 
     Args:
         pipeline_root: where KFP writes each task's artifacts.
         tracking_uri: MLflow tracking URI (default: `default_tracking_uri()`, a SQLite file in the cwd).
+        log_file: where the steps' logs go (default: the terminal).
         **params: pipeline parameters (images, token, init_word, base_model, steps, ...).
 
     Returns:
@@ -51,7 +76,8 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
     args = {**LOCAL_OVERRIDES, **params, "tracking_uri": uri}
     if not os.path.isabs(str(args["images"])) and not str(args["images"]).startswith("s3://"):
         args["images"] = str(Path(args["images"]).resolve())
-    registered = textual_inversion(**args)
+    with _task_logs(log_file):
+        registered = textual_inversion(**args)
     run_dir = _newest_run(pipeline_root, "textual-inversion", start)
     out = {"registered": str(registered.output if hasattr(registered, "output") else registered),
            "run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start}
@@ -65,7 +91,7 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
 
 
 def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tracking_uri: str | None = None,
-              **params) -> dict:
+              log_file: Path | None = None, **params) -> dict:
     """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report."""
     import json
 
@@ -78,7 +104,8 @@ def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tr
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
                    raise_on_error=False)  # a failed concept must not stop the report
     start = time.time()
-    batch_personalisation(concepts_manifest=concepts_manifest, tracking_uri=uri, **{**LOCAL_OVERRIDES, **params})
+    with _task_logs(log_file):
+        batch_personalisation(concepts_manifest=concepts_manifest, tracking_uri=uri, **{**LOCAL_OVERRIDES, **params})
     run_dir = _newest_run(pipeline_root, "batch-personalisation", start)
     summaries = sorted(run_dir.rglob("report-batch/summary")) if run_dir else []
     report = json.loads(summaries[0].read_text()) if summaries else {}

@@ -23,11 +23,25 @@ def make_clip():
 
     from oneword.tokenizer import VOCAB_SIZE
 
-    text = CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                          num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=49406,
-                          eos_token_id=49407, pad_token_id=49407)
-    vision = CLIPVisionConfig(image_size=world.SIZE, patch_size=4, hidden_size=128, intermediate_size=512,
-                              num_hidden_layers=4, num_attention_heads=4)
+    text = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = CLIPVisionConfig(
+        image_size=world.SIZE,
+        patch_size=4,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
     return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64))
 
 
@@ -36,14 +50,18 @@ def make_processor():
 
     from oneword.toyworld.model_io import toy_tokenizer
 
-    image = CLIPImageProcessor(size={"shortest_edge": world.SIZE},
-                               crop_size={"height": world.SIZE, "width": world.SIZE},
-                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    image = CLIPImageProcessor(
+        size={"shortest_edge": world.SIZE},
+        crop_size={"height": world.SIZE, "width": world.SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
     return CLIPProcessor(image_processor=image, tokenizer=toy_tokenizer())
 
 
-def train_clip(images_u8: torch.Tensor, scenes: list[dict], out: Path, steps: int = 3000, batch: int = 256,
-               seed: int = 0, vae=None) -> dict[str, float]:
+def train_clip(
+    images_u8: torch.Tensor, scenes: list[dict], out: Path, steps: int = 3000, batch: int = 256, seed: int = 0, vae=None
+) -> dict[str, float]:
     """Train the evaluator contrastively (InfoNCE both ways, as CLIP) and save it with its processor.
 
     Args:
@@ -72,7 +90,7 @@ def train_clip(images_u8: torch.Tensor, scenes: list[dict], out: Path, steps: in
         return torch.stack([cache[c] for c in captions])
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=max(0.05, 3 / steps))
     n = len(scenes)
     model.train()
     for step in range(steps):

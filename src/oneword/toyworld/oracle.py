@@ -34,12 +34,21 @@ class OracleNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, padding=1), nn.GELU(),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.GELU(),
             nn.MaxPool2d(2),  # 16x16
-            nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, padding=1), nn.GELU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.GELU(),
             nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(64, 128, 3, padding=1), nn.GELU(),
-            nn.Flatten(), nn.Linear(128 * 8 * 8, 256), nn.GELU(),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(128 * 8 * 8, 256),
+            nn.GELU(),
         )
         self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in HEADS.items()})
 
@@ -61,8 +70,9 @@ def _nearest(rgb: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def background_colour(im: Image.Image) -> str:
     """The palette colour of the picture's border (median of the outer 2-pixel ring)."""
     a = np.asarray(im.convert("RGB"), np.float32)
-    ring = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
-                           a[:, -2:].reshape(-1, 3)])
+    ring = np.concatenate(
+        [a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)]
+    )
     idx, _ = _nearest(np.median(ring, 0), PALETTE)
     return COLOUR_NAMES[int(idx)]
 
@@ -137,7 +147,7 @@ def train_oracle(vae, out: Path, steps: int = 2500, batch: int = 128, seed: int 
     rng = random.Random(seed)
     net = OracleNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=max(0.1, 3 / steps))
 
     def draw(n: int, r: random.Random):
         scenes = [world.sample_scene(r, shape=r.choice(SHAPE_CLASSES), training=False) for _ in range(n)]

@@ -7,7 +7,9 @@ Stages, each resumable (its output is kept in the work folder and reused on a re
 4. `unet`: train the CLIPTextModel and UNet2DConditionModel jointly on captions drawn afresh at every step
    (10% empty, for classifier-free guidance); v-prediction with zero-terminal-SNR (Lin et al. 2024),
    min-SNR-5 loss weighting (Hang et al. 2023) and an EMA of the weights.
-5. `export`: write an ordinary diffusers folder in fp16.
+5. `oracle`: train the oracle's shape/pattern/size/position CNN on VAE round-tripped pictures.
+6. `clip`: train the toy-world CLIP evaluator contrastively on pictures and captions.
+7. `export`: write an ordinary diffusers folder in fp16.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class ToyTrainConfig(Schema):
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 500
+    oracle_steps: int = 1500
+    clip_steps: int = 3000
+    clip_batch: int = 256
 
 
 def _to_tensor(images: list) -> torch.Tensor:
@@ -261,6 +266,32 @@ def stage_unet(
     return ema_te.eval(), ema_unet.eval()
 
 
+def stage_oracle(work: Path, cfg: ToyTrainConfig, vae) -> Path:
+    """Train the oracle's CNN (see `oneword.toyworld.oracle`); returns its weights file."""
+    from oneword.toyworld.oracle import train_oracle
+
+    out = work / "oracle.safetensors"
+    if not out.exists():
+        acc = train_oracle(vae, out, steps=cfg.oracle_steps, seed=cfg.seed)
+        (work / "oracle_report.json").write_text(json.dumps(acc, indent=2))
+        log.info("oracle accuracy on VAE round-tripped pictures: %s", acc)
+    return out
+
+
+def stage_clip(work: Path, cfg: ToyTrainConfig, data: dict, vae) -> Path:
+    """Train the toy-world CLIP evaluator (see `oneword.toyworld.evaluator`); returns its folder."""
+    from oneword.toyworld.evaluator import train_clip
+
+    out = work / "clip"
+    if not (out / "config.json").exists():
+        report = train_clip(
+            data["images"], data["scenes"], out, steps=cfg.clip_steps, batch=cfg.clip_batch, seed=cfg.seed, vae=vae
+        )
+        (work / "clip_report.json").write_text(json.dumps(report, indent=2))
+        log.info("toy CLIP: %s", report)
+    return out
+
+
 def train(work: Path, cfg: ToyTrainConfig = ToyTrainConfig(), out: Path | None = None) -> Path:
     """Run every stage in `work` and write the diffusers folder to `out` (default `work/model`).
 
@@ -284,6 +315,12 @@ def train(work: Path, cfg: ToyTrainConfig = ToyTrainConfig(), out: Path | None =
     t = time.time()
     text_encoder, unet = stage_unet(work, cfg, data, lat, vae.config.scaling_factor)
     times["unet_s"] = time.time() - t
+    t = time.time()
+    stage_oracle(work, cfg, vae)
+    times["oracle_s"] = time.time() - t
+    t = time.time()
+    stage_clip(work, cfg, data, vae)
+    times["clip_s"] = time.time() - t
     (work / "times.json").write_text(json.dumps(times, indent=2))
     out = out or work / "model"
     save_model(out, text_encoder, unet, vae)

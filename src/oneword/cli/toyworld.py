@@ -1,0 +1,92 @@
+"""`oneword toyworld ...`: the toy world's model, concepts and quality benchmark."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from oneword.cli.app import app
+
+toy = typer.Typer(help="The toy world: a small text-to-image model oneword trains and ships.", no_args_is_help=True)
+app.add_typer(toy, name="toyworld")
+
+
+@toy.command("train")
+def train_cmd(
+    work_dir: Annotated[Path, typer.Option(help="working folder (each finished stage is kept and reused)")],
+    seed: Annotated[int, typer.Option(help="seed of the world's pictures and of every model")] = 0,
+    unet_steps: Annotated[int, typer.Option(help="joint text-encoder + UNet steps at batch 128")] = 12_000,
+    install: Annotated[bool, typer.Option(help="copy the result into the package (--base-model toyworld)")] = False,
+) -> None:
+    """Train the toy-world model, its CLIP evaluator and its oracle from scratch.
+
+    Example: oneword toyworld train --work-dir runs/toyworld --install   (about 3 h on 2 CPU cores)
+    """
+    from rich import print as rprint
+
+    from oneword.toyworld.export import install_assets
+    from oneword.toyworld.train import ToyTrainConfig, train
+
+    model = train(work_dir, ToyTrainConfig(seed=seed, unet_steps=unet_steps))
+    rprint(f"[green]model[/] -> {model}")
+    if install:
+        rprint(f"[green]installed[/] -> {install_assets(work_dir)}")
+
+
+@toy.command("concept")
+def concept_cmd(
+    name: Annotated[str, typer.Argument(help="a held-out concept, e.g. purple-star (or red-heart)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the pictures")],
+    n: Annotated[int, typer.Option(help="how many pictures")] = 5,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Write the training pictures of a held-out concept.
+
+    Example: oneword toyworld concept purple-star -o photos/purple-star
+    """
+    from rich import print as rprint
+
+    from oneword.toyworld.concepts import write_concept
+
+    files = write_concept(name, out, n=n, seed=seed)
+    rprint(f"[green]{len(files)} pictures[/] -> {out}")
+
+
+@toy.command("bench-quality")
+def bench_quality_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for quality.json, quality.md and pictures")] = Path(
+        "runs/quality"
+    ),
+    concept: Annotated[list[str] | None, typer.Option(help="only these concepts (repeatable)")] = None,
+    sweep: Annotated[bool, typer.Option(help="also sweep learning rate, L2 and steps")] = True,
+    n_images: Annotated[int, typer.Option(help="pictures per prompt for the oracle and CLIP")] = 32,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Learn each held-out concept, then measure it with the oracle and the toy CLIP.
+
+    Example: oneword toyworld bench-quality -o runs/quality
+    """
+    from rich import print as rprint
+
+    from oneword.toyworld.quality import bench_quality
+
+    report = bench_quality(out, concept, sweep=sweep, n_images=n_images, seed=seed)
+    rprint((out / "quality.md").read_text())
+    rprint(report["summary"]["by_setting"])
+
+
+@toy.command("bench-base")
+def bench_base_cmd(
+    n_prompts: Annotated[int, typer.Option(help="grammar captions to draw, one picture each")] = 256,
+    base_model: Annotated[str, typer.Option(help="the toy model to check")] = "toyworld",
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Check that the base model draws what its captions ask (oracle accuracy per attribute).
+
+    Example: oneword toyworld bench-base --n-prompts 512
+    """
+    from rich import print as rprint
+
+    from oneword.toyworld.quality import base_model_accuracy
+
+    rprint(base_model_accuracy(n_prompts, seed, base_model))

@@ -1,0 +1,307 @@
+"""`oneword toyworld bench-quality`: does textual inversion really learn concepts? Measured end to end.
+
+For each held-out concept: five pictures -> preprocess -> cache_latents -> train -> evaluate (the paper's CLIP
+metrics with the toy CLIP, and checkpoint selection) -> the oracle checks pictures drawn at the chosen step:
+
+- reconstruction: "a photo of S*" must show the concept's shape and colour;
+- editability: "S* on a <colour> background", "a small S*", "a large S*" must show the requested change
+  and keep the concept's shape and colour.
+
+Sweeps (learning rate low/default/high, the L2 regulariser off/on, few/many steps) show the paper's trade-off
+on one distortion-editability chart.
+"""
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from oneword.evaluation import EvalConfig, evaluate
+from oneword.evaluation.report import scatter
+from oneword.generate import make_grid
+from oneword.images import preprocess
+from oneword.inversion import ConceptSpec, TrainConfig
+from oneword.latents import cache_latents
+from oneword.toyworld.concepts import CONCEPTS, ToyConcept, get_concept, write_concept
+from oneword.toyworld.oracle import Oracle
+from oneword.train import train
+
+log = logging.getLogger(__name__)
+
+# Textual inversion on the toy model, by default: the paper's optimiser and batch, fewer steps (the world is
+# simple: colour is learned in ~25 steps, shape in ~100-300), a checkpoint every 50 for the selection.
+TOY_TRAIN = TrainConfig(steps=400, batch_size=4, learning_rate=5e-3, checkpoint_every=50, log_every=25)
+TOY_SAMPLER = {"steps": 25, "guidance_scale": 4.0}  # the toy model's own sampling settings
+RESOLUTION = 32
+
+
+@dataclass
+class Setting:
+    """One training setting of the benchmark."""
+
+    name: str
+    train: TrainConfig
+
+
+def default_settings() -> list[Setting]:
+    return [Setting("default", TOY_TRAIN)]
+
+
+def sweep_settings() -> list[Setting]:
+    d = TOY_TRAIN
+    return [
+        Setting("lr-low", d.model_copy(update={"learning_rate": 1e-3})),
+        Setting("lr-high", d.model_copy(update={"learning_rate": 2.5e-2})),
+        Setting("l2-on", d.model_copy(update={"init_l2": 0.05})),
+        Setting("steps-50", d.model_copy(update={"steps": 50, "checkpoint_every": 50})),
+        Setting("steps-1000", d.model_copy(update={"steps": 1000, "checkpoint_every": 1000})),
+    ]
+
+
+def edits_for(c: ToyConcept) -> list[tuple[str, dict[str, str]]]:
+    """Edit prompts the oracle can check, with the attribute each one asks for."""
+    bg1 = "blue" if c.colour != "blue" else "green"
+    bg2 = "white" if c.colour != "white" else "black"
+    return [
+        (f"{{}} on a {bg1} background", {"background": bg1}),
+        (f"{{}} on a {bg2} background", {"background": bg2}),
+        ("a small {}", {"size": "small"}),
+        ("a large {}", {"size": "large"}),
+    ]
+
+
+@dataclass
+class ConceptResult:
+    concept: str
+    setting: str
+    chosen_step: int
+    reconstruction_oracle: float
+    editability_oracle: float
+    per_edit_oracle: dict[str, float]
+    clip_reconstruction: float
+    clip_editability: float
+    words_oracle: float | None = None  # the concept drawn from its words (upper bound)
+    train_seconds: float = 0.0
+    total_seconds: float = 0.0
+    curve: list = field(default_factory=list)
+
+
+def run_concept(
+    concept: str,
+    setting: Setting,
+    work: Path,
+    n_images: int = 32,
+    checkpoint_budget: int = 8,
+    oracle: Oracle | None = None,
+    seed: int = 0,
+    with_words: bool = False,
+) -> ConceptResult:
+    """Learn one held-out concept with one setting, then score it with the toy CLIP and the oracle."""
+    t0 = time.perf_counter()
+    c = get_concept(concept)
+    oracle = oracle or Oracle.load()
+    root = work / f"{concept}--{setting.name}"
+    write_concept(concept, root / "photos", seed=seed)
+    preprocess(root / "photos", root / "data", resolution=RESOLUTION)
+    cache_latents(root / "data", "toyworld", root / "latents")
+    t1 = time.perf_counter()
+    train(
+        root / "latents",
+        root / "train",
+        ConceptSpec(token=f"<{concept}>", init_word="shape", templates="toyworld"),
+        setting.train.model_copy(update={"seed": seed}),
+        base_model="toyworld",
+        progress=False,
+    )
+    train_s = time.perf_counter() - t1
+    edits = edits_for(c)
+    prompts_file = root / "prompts.txt"
+    prompts_file.write_text("\n".join(t for t, _ in edits) + "\n")
+    captured: dict = {}
+    m = evaluate(
+        root / "train",
+        root / "data",
+        root / "eval",
+        EvalConfig(
+            prompt_set=str(prompts_file),
+            n_images=n_images,
+            checkpoint_budget=checkpoint_budget,
+            clip_model="toyworld-clip",
+            seed=seed + 1000,
+            baselines=False,
+            **TOY_SAMPLER,
+        ),
+        on_images=lambda prompts, images: captured.update(prompts=prompts, images=images),
+    )
+    concept_attrs = {"shape": c.shape, "colour": c.colour}
+    rec = oracle.accuracy(captured["images"][0], concept_attrs)["all"]
+    per_edit = {}
+    for (tpl, ask), ims in zip(edits, captured["images"][1:]):
+        per_edit[tpl.format("S*")] = oracle.accuracy(ims, {**concept_attrs, **ask})["all"]
+    words = None
+    if with_words:
+        words = _words_accuracy(c, oracle, n_images, seed)
+    return ConceptResult(
+        concept,
+        setting.name,
+        m["step"],
+        rec,
+        sum(per_edit.values()) / len(per_edit),
+        per_edit,
+        m["reconstruction"],
+        m["editability"],
+        words,
+        train_s,
+        time.perf_counter() - t0,
+        m["selection"]["curve"],
+    )
+
+
+def _words_accuracy(c: ToyConcept, oracle: Oracle, n: int, seed: int) -> float:
+    from oneword.generate import SamplerConfig, build_pipeline, sample
+    from oneword.models import load_base_model
+
+    pipe = build_pipeline(load_base_model("toyworld"))
+    ims = sample(pipe, [f"a photo of a {c.words}"], n, seed + 1000, SamplerConfig(**TOY_SAMPLER))[0]
+    return oracle.accuracy(ims, {"shape": c.shape, "colour": c.colour})["all"]
+
+
+def bench_quality(
+    out: Path, concepts: list[str] | None = None, sweep: bool = True, n_images: int = 32, seed: int = 0
+) -> dict:
+    """Run the quality benchmark and write `quality.json`, `quality.md` and `scatter.png` into `out`.
+
+    Returns:
+        The report dict.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    names = concepts or list(CONCEPTS)
+    oracle = Oracle.load()
+    results: list[ConceptResult] = []
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        for name in names:
+            settings = default_settings() + (sweep_settings() if sweep and get_concept(name).drawable else [])
+            for s in settings:
+                r = run_concept(
+                    name, s, work, n_images=n_images, oracle=oracle, seed=seed, with_words=s.name == "default"
+                )
+                log.info(
+                    "%s [%s]: step %d, oracle reconstruction %.2f, editability %.2f (%.0f s)",
+                    name,
+                    s.name,
+                    r.chosen_step,
+                    r.reconstruction_oracle,
+                    r.editability_oracle,
+                    r.total_seconds,
+                )
+                results.append(r)
+                if s.name == "default":
+                    _save_grid(work / f"{name}--default", out / f"{name}.png")
+    report = {"results": [asdict(r) for r in results], "summary": _summary(results)}
+    (out / "quality.json").write_text(json.dumps(report, indent=2))
+    (out / "quality.md").write_text(_markdown(results, report["summary"]))
+    series = [
+        {
+            "label": f"{r.concept} {r.setting}",
+            "final": {"reconstruction": r.clip_reconstruction, "editability": r.clip_editability},
+        }
+        for r in results
+        if get_concept(r.concept).drawable
+    ]
+    scatter(series, out / "scatter.png", title="toy world: learning rate, L2 and steps")
+    return report
+
+
+def _save_grid(root: Path, dest: Path) -> None:
+    from PIL import Image
+
+    src = root / "eval" / "grid.png"
+    if src.exists():
+        photos = [Image.open(p) for p in sorted((root / "photos").glob("*.png"))]
+        grid = Image.open(src)
+        top = make_grid([photos], ["training pictures"], label_width=200)
+        canvas = Image.new("RGB", (max(grid.width, top.width), grid.height + top.height), "white")
+        canvas.paste(top, (0, 0))
+        canvas.paste(grid, (0, top.height))
+        canvas.save(dest)
+
+
+def _summary(results: list[ConceptResult]) -> dict:
+    drawable = [r for r in results if get_concept(r.concept).drawable]
+    default = [r for r in drawable if r.setting == "default"]
+    by_setting: dict[str, dict] = {}
+    for r in drawable:
+        s = by_setting.setdefault(
+            r.setting,
+            {"reconstruction_oracle": [], "editability_oracle": [], "clip_reconstruction": [], "clip_editability": []},
+        )
+        for k in s:
+            s[k].append(getattr(r, k))
+    mean = {k: {m: sum(v) / len(v) for m, v in s.items()} for k, s in by_setting.items()}
+    neg = [r for r in results if not get_concept(r.concept).drawable]
+    return {
+        "default": mean.get("default"),
+        "targets_met": bool(default)
+        and all(r.reconstruction_oracle >= 0.85 and r.editability_oracle >= 0.8 for r in default),
+        "by_setting": mean,
+        "negative_control": [asdict(r) for r in neg],
+        "seconds_per_concept": sum(r.total_seconds for r in default) / max(1, len(default)),
+    }
+
+
+def _markdown(results: list[ConceptResult], summary: dict) -> str:
+    lines = [
+        "| concept | setting | step | oracle rec. | oracle edit. | words | CLIP rec. | CLIP edit. | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        words = "-" if r.words_oracle is None else f"{r.words_oracle:.2f}"
+        lines.append(
+            f"| {r.concept} | {r.setting} | {r.chosen_step} | {r.reconstruction_oracle:.2f} | "
+            f"{r.editability_oracle:.2f} | {words} | {r.clip_reconstruction:.3f} | "
+            f"{r.clip_editability:.3f} | {r.total_seconds:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Targets (reconstruction >= 0.85, editability >= 0.8 at the chosen step) met: {summary['targets_met']}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def base_model_accuracy(
+    n_prompts: int = 256, seed: int = 0, model: str = "toyworld", oracle: Oracle | None = None
+) -> dict[str, float]:
+    """Does the base model draw what captions ask? One picture per grammar caption (every attribute named).
+
+    Returns:
+        Oracle accuracy per attribute (shape, colour, background, size, pattern; position for small shapes).
+    """
+    import random
+
+    from oneword.generate import SamplerConfig, build_pipeline, sample
+    from oneword.models import load_base_model
+    from oneword.toyworld import world
+
+    oracle = oracle or Oracle.load()
+    rng = random.Random(f"base:{seed}")
+    scenes = [world.sample_scene(rng) for _ in range(n_prompts)]
+    pipe = build_pipeline(load_base_model(model))
+    prompts = [world.full_caption(s) for s in scenes]
+    images = [row[0] for row in sample(pipe, prompts, 1, seed, SamplerConfig(**TOY_SAMPLER), batch_size=64)]
+    preds = oracle.predict(images)
+    acc = {}
+    for attr in ("shape", "colour", "background", "size", "pattern"):
+        acc[attr] = sum(p[attr] == getattr(s, attr) for p, s in zip(preds, scenes)) / n_prompts
+    small = [(p, s) for p, s in zip(preds, scenes) if s.size == "small"]
+    acc["position"] = sum(p["position"] == s.position for p, s in small) / max(1, len(small))
+    acc["all_of_shape_colour_background"] = (
+        sum(
+            p["shape"] == s.shape and p["colour"] == s.colour and p["background"] == s.background
+            for p, s in zip(preds, scenes)
+        )
+        / n_prompts
+    )
+    return acc

@@ -37,7 +37,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/oneword compile --check
 	$(BIN)/hadolint docker/*.Dockerfile
-	$(BIN)/python -m oneword.deploy_check k8s
+	PATH="$(CURDIR)/$(BIN):$$PATH" k8s/validate.sh
 
 compile: install
 	$(BIN)/oneword compile

@@ -112,3 +112,31 @@ def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):
 def test_bench_prints_figures(capsys):
     code, out = run(["bench", "--steps", 3], capsys)
     assert code == 0 and "steps/s" in out and "speed-up at equal effective batch" in out
+
+
+def test_generate_with_a_registered_concept(evaluated_concept, mlflow_server, tiny_model_dir, tmp_path, capsys):
+    from oneword import registry
+
+    train_dir, eval_dir = evaluated_concept
+    registry.register(train_dir, eval_dir, mlflow_server, name="cat-cli")
+    code, out = run(
+        [
+            "generate",
+            "a photo of <cat-r>",
+            "--concept",
+            "cat-cli@champion",
+            "--tracking-uri",
+            mlflow_server,
+            "-o",
+            tmp_path / "gen",
+            "--n",
+            1,
+            "--steps",
+            2,
+        ],
+        capsys,
+    )
+    assert code == 0, out
+    assert (tmp_path / "gen" / "grid.png").exists()  # base model found from the registry, by reference
+    code, out = run(["concepts", "list", "--tracking-uri", mlflow_server, "--json"], capsys)
+    assert code == 0 and '"cat-cli"' in out

@@ -182,3 +182,23 @@ def test_multi_token_initializer_names_pieces_and_suggests(tiny_model, cat_laten
     assert "'xylophonist' splits into" in msg and "try one of" in msg
     with pytest.raises(OnewordError, match="splits into 2 tokens"):
         _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="<x>", init_word="red car"))
+
+
+def test_checkpoints_on_s3_and_resume_from_them(tiny_model_dir, cat_latents, s3_bucket):
+    where = f"s3://{s3_bucket}/runs/cat"
+    first = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=6, checkpoint_every=3)
+    first.run(where, progress=False)
+    assert [s for s, _ in checkpoints.list_checkpoints(where)] == [3, 6]
+    whole = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=9)
+    whole.run(progress=False)
+    rest = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=9, checkpoint_every=3)
+    rest.run(where, resume=True, progress=False)
+    assert torch.equal(whole.concepts[0].param, rest.concepts[0].param)
+
+
+def test_metrics_callback_and_curve(tiny_model, cat_latents):
+    seen = []
+    tr = _trainer(tiny_model, cat_latents, steps=12, log_every=4)
+    tr.run(callbacks=[lambda step, m: seen.append((step, sorted(m)))], progress=False)
+    assert seen == [(4, ["embedding_norm", "loss"]), (8, ["embedding_norm", "loss"]), (12, ["embedding_norm", "loss"])]
+    assert [p["step"] for p in tr.curve] == [4, 8, 12] and all(p["loss"] > 0 for p in tr.curve)

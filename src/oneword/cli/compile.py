@@ -12,12 +12,21 @@ from oneword.cli.app import app
 def compile_cmd(
     root: Annotated[Path, typer.Option(help="repository root holding components/ and pipelines/")] = Path("."),
     check: Annotated[bool, typer.Option("--check", help="fail if the checked-in specs are stale")] = False,
+    image_registry: Annotated[
+        str | None,
+        typer.Option(help="registry of the oneword images (default ghcr.io/oneword-ml, or $ONEWORD_IMAGE_REGISTRY)"),
+    ] = None,
 ) -> None:
     """Compile the KFP components and pipelines (what users upload to the dashboard).
 
     Examples: oneword compile; oneword compile --check (CI)
     """
+    import os
+
     from rich import print as rprint
+
+    if image_registry:  # read when the components module is imported, just below
+        os.environ["ONEWORD_IMAGE_REGISTRY"] = image_registry
 
     from oneword.errors import OnewordError
     from oneword.pipelines.compile import compile_all, stale_files

@@ -1,0 +1,35 @@
+"""`oneword bench --eval`: how fast evaluation draws and scores pictures (images per second)."""
+
+import time
+
+from oneword.bench import BenchResult, load_bench_model
+from oneword.evaluation.metrics import ClipScorer
+from oneword.generate import SamplerConfig, build_pipeline, sample
+from oneword.inversion import resolve_device
+
+
+def bench_eval(
+    base_model: str | None,
+    sd15_shape: bool = False,
+    device: str = "auto",
+    n_images: int = 16,
+    steps: int = 50,
+    batch_size: int = 16,
+    clip_model: str | None = None,
+) -> BenchResult:
+    """Time drawing `n_images` pictures at `steps` DDIM steps (batched as evaluation batches them), plus
+    CLIP scoring when `clip_model` is given. Returns images per second."""
+    dev = resolve_device(device)
+    model = load_bench_model(base_model, sd15_shape, parts=("unet", "vae"))
+    pipe = build_pipeline(model, str(dev))
+    sampler = SamplerConfig(steps=steps)
+    sample(pipe, ["a photo of a cat"], min(2, n_images), 0, SamplerConfig(steps=2), batch_size)  # warm-up
+    t0 = time.perf_counter()
+    images = sample(pipe, ["a photo of a cat", "a painting of a dog"], n_images // 2, 0, sampler, batch_size)
+    if clip_model:
+        clip = ClipScorer(clip_model, str(dev))
+        clip.images([im for row in images for im in row])
+    dt = time.perf_counter() - t0
+    return BenchResult(
+        f"evaluation ({steps} DDIM steps)", str(dev), batch_size, 1, n_images, dt, n_images / dt, n_images / dt, None
+    )

@@ -25,7 +25,7 @@ SCHEDULER = dict(
     timestep_spacing="trailing",
     clip_sample=False,
     set_alpha_to_one=False,
-    steps_offset=0,
+    steps_offset=1,  # only read by leading spacing; 1 keeps diffusers from warning
 )
 
 

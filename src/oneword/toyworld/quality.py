@@ -39,10 +39,12 @@ RESOLUTION = 32
 
 @dataclass
 class Setting:
-    """One training setting of the benchmark."""
+    """One training setting of the benchmark. Sweeps score the final step (`select=False`), so that what a
+    setting does is not hidden by checkpoint selection."""
 
     name: str
     train: TrainConfig
+    select: bool = True
 
 
 def default_settings() -> list[Setting]:
@@ -52,11 +54,12 @@ def default_settings() -> list[Setting]:
 def sweep_settings() -> list[Setting]:
     d = TOY_TRAIN
     return [
-        Setting("lr-low", d.model_copy(update={"learning_rate": 1e-3})),
-        Setting("lr-high", d.model_copy(update={"learning_rate": 2.5e-2})),
-        Setting("l2-on", d.model_copy(update={"init_l2": 0.05})),
-        Setting("steps-50", d.model_copy(update={"steps": 50, "checkpoint_every": 50})),
-        Setting("steps-1000", d.model_copy(update={"steps": 1000, "checkpoint_every": 1000})),
+        Setting("final-default", d, select=False),
+        Setting("lr-low", d.model_copy(update={"learning_rate": 1e-3}), select=False),
+        Setting("lr-high", d.model_copy(update={"learning_rate": 2.5e-2}), select=False),
+        Setting("l2-on", d.model_copy(update={"init_l2": 0.05}), select=False),
+        Setting("steps-50", d.model_copy(update={"steps": 50}), select=False),
+        Setting("steps-1000", d.model_copy(update={"steps": 1000}), select=False),
     ]
 
 

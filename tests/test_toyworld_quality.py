@@ -46,10 +46,30 @@ def test_the_toy_clip_ranks_the_right_caption_first():
     clip = ClipScorer("toyworld-clip")
     scene = world.Scene("star", "red", "plain", "large", "middle", "white", 16, 16, 12)
     img = clip.images([world.render(scene)])
-    texts = clip.texts(["a red star on a white background", "a blue circle on a black background",
-                        "a green square on a red background"])
+    texts = clip.texts(
+        [
+            "a red star on a white background",
+            "a blue circle on a black background",
+            "a green square on a red background",
+        ]
+    )
     sims = (img @ texts.T)[0]
     assert int(sims.argmax()) == 0, sims
+
+
+def test_the_toy_clip_tells_concepts_apart(tmp_path):
+    """Reconstruction in CLIP space means something here: pictures of one concept are closer to each other than
+    to pictures of another (the metric the evaluation step computes, with the toy CLIP)."""
+    from PIL import Image
+
+    from oneword.evaluation.metrics import ClipScorer, mean_pairwise_cosine
+    from oneword.toyworld.concepts import write_concept
+
+    clip = ClipScorer("toyworld-clip")
+    star = clip.images([Image.open(p) for p in write_concept("purple-star", tmp_path / "a")])
+    ring = clip.images([Image.open(p) for p in write_concept("orange-ring", tmp_path / "b")])
+    same = mean_pairwise_cosine(star, star, exclude_diagonal=True)
+    assert same > mean_pairwise_cosine(star, ring) + 0.05
 
 
 @pytest.mark.slow

@@ -134,6 +134,10 @@ class InversionTrainer:
         self.unet = model.unet.to(self.device)
         if self.unet.dtype != unet_dtype:
             self.unet = self.unet.to(unet_dtype)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+            self.unet = self.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about

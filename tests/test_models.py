@@ -112,3 +112,14 @@ def test_loads_from_s3_once(tiny_model_dir, s3_bucket, monkeypatch):
     monkeypatch.setattr(storage, "client", counting_client)
     load_base_model(f"s3://{s3_bucket}/models/tiny", parts=())
     assert fetched == []
+
+
+def test_single_file_that_is_not_a_stable_diffusion_checkpoint(tiny_model_dir, tmp_path):
+    """A single file diffusers cannot convert is refused with its path and a hint, not a traceback."""
+    from safetensors.torch import save_file
+
+    f = tmp_path / "not-sd.safetensors"
+    save_file({"some.weight": torch.zeros(2, 2)}, str(f))
+    with pytest.raises(OnewordError, match=r"not-sd\.safetensors") as e:
+        load_base_model(str(f), model_config=str(tiny_model_dir))
+    assert "--model-config" in str(e.value)

@@ -15,7 +15,7 @@ app.add_typer(toy, name="toyworld")
 def train_cmd(
     work_dir: Annotated[Path, typer.Option(help="working folder (each finished stage is kept and reused)")],
     seed: Annotated[int, typer.Option(help="seed of the world's pictures and of every model")] = 0,
-    unet_steps: Annotated[int, typer.Option(help="joint text-encoder + UNet steps at batch 128")] = 12_000,
+    unet_steps: Annotated[int, typer.Option(help="joint text-encoder + UNet steps at batch 128")] = 10_000,
     install: Annotated[bool, typer.Option(help="copy the result into the package (--base-model toyworld)")] = False,
 ) -> None:
     """Train the toy-world model, its CLIP evaluator and its oracle from scratch.

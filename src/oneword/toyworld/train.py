@@ -45,7 +45,7 @@ class ToyTrainConfig(Schema):
     vae_steps: int = 2500
     vae_batch: int = 48
     vae_lr: float = 1e-3
-    unet_steps: int = 12_000
+    unet_steps: int = 10_000
     unet_batch: int = 128
     unet_lr: float = 4e-4
     text_lr: float = 2e-4

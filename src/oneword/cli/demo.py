@@ -13,7 +13,7 @@ from oneword.cli.app import app
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="folder for everything the demo makes (replaced)")] = Path("demo-out"),
     concept: Annotated[str, typer.Option(help="held-out toy-world concept")] = "purple-star",
-    steps: Annotated[int, typer.Option(help="textual-inversion steps")] = 400,
+    steps: Annotated[int | None, typer.Option(help="textual-inversion steps (default: the toy-world default)")] = None,
     n_images: Annotated[int, typer.Option(help="evaluation pictures per prompt")] = 16,
 ) -> None:
     """Five pictures of a concept the toy model never drew -> the textual_inversion pipeline (kfp.local) ->
@@ -46,15 +46,18 @@ def demo_cmd(
     r = run_textual_inversion(
         out / "kfp",
         tracking,
+        log_file=out / "pipeline.log",
         images=str(out / "photos"),
         token=f"<{concept}>",
         init_word="shape",
         base_model="toyworld",
         resolution=RESOLUTION,
         templates="toyworld",
-        steps=steps,
+        steps=steps or TOY_TRAIN.steps,
         batch_size=TOY_TRAIN.batch_size,
         learning_rate=TOY_TRAIN.learning_rate,
+        scale_lr=TOY_TRAIN.scale_lr,
+        init_l2=TOY_TRAIN.init_l2,
         checkpoint_every=TOY_TRAIN.checkpoint_every,
         prompt_set=str(prompts.resolve()),
         n_images=n_images,

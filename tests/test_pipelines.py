@@ -228,6 +228,28 @@ def test_submit_sends_the_pipeline_and_parameters(kfp_api):
     assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]  # GPU pool and secrets travel too
 
 
+def _task_caching(calls) -> dict[str, bool]:
+    body = json.loads([b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")][-1])
+    spec = body["pipeline_spec"]["pipeline_spec"]
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():  # tasks inside sub-DAGs (the exit handler)
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return {name: bool(t.get("cachingOptions", {}).get("enableCache")) for name, t in tasks.items()}
+
+
+def test_submit_without_cache_reruns_every_step(kfp_api):
+    """New photos under an old prefix: --no-cache turns KFP's cache off for every step of that run."""
+    from oneword.pipelines.remote import submit
+
+    host, calls = kfp_api
+    params = {"images": "s3://data/my-cat", "token": "<my-cat>", "init_word": "cat"}
+    submit(host, params)
+    assert _task_caching(calls)["cache-latents"]  # cached by default: the same photos never encode twice
+    submit(host, params, cache=False)
+    caching = _task_caching(calls)
+    assert "cache-latents" in caching and not any(caching.values()), caching
+
+
 def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
     from oneword.pipelines.remote import schedule
 

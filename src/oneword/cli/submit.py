@@ -37,6 +37,9 @@ def submit_cmd(
     run_name: Annotated[str | None, typer.Option(help="run name")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
+    cache: Annotated[
+        bool, typer.Option(help="reuse cached preprocess/cache_latents results; --no-cache after changing photos")
+    ] = True,
 ) -> None:
     """Start a textual_inversion run on a cluster.
 
@@ -56,6 +59,7 @@ def submit_cmd(
             run_name=run_name,
             token=existing_token,
             service_account=service_account,
+            cache=cache,
         )
     )
 

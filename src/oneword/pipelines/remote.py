@@ -19,8 +19,11 @@ SERVICE_ACCOUNT = "oneword-pipeline-runner"  # k8s/base/rbac.yaml
 
 def submit(host: str, params: dict, pipeline: str = "textual_inversion", experiment: str = "oneword",
            namespace: str | None = None, run_name: str | None = None, token: str | None = None,
-           service_account: str = SERVICE_ACCOUNT) -> dict:
+           service_account: str = SERVICE_ACCOUNT, cache: bool = True) -> dict:
     """Start one run of a pipeline on a cluster.
+
+    KFP caches `preprocess` and `cache_latents` by their inputs, which name the photos by prefix: after changing
+    the photos under a prefix already used, pass `cache=False` (or upload them under a new prefix).
 
     Returns:
         `{"run_id", "experiment", "url"}`.
@@ -29,7 +32,8 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
     package = tmp_package(pipeline)
     run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                   experiment_name=experiment, namespace=namespace,
-                                                  service_account=service_account or None)
+                                                  service_account=service_account or None,
+                                                  enable_caching=None if cache else False)
     return {"run_id": run.run_id, "experiment": experiment, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
 

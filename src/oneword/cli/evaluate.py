@@ -27,6 +27,9 @@ def evaluate_cmd(
     ] = "auto",
     dino_model: Annotated[str, typer.Option(help="DINO ViT, e.g. facebook/dino-vits16 (empty: skip)")] = "",
     checkpoint_budget: Annotated[int, typer.Option(help="images per prompt per checkpoint (0: no selection)")] = 8,
+    selection_tolerance: Annotated[
+        float, typer.Option(help="pick the most editable checkpoint within this much of the best reconstruction")
+    ] = 0.02,
     baselines: Annotated[bool, typer.Option(help="compute image-only / prompt-only ceilings")] = True,
     seed: Annotated[int, typer.Option(help="seed of image 0 of each prompt")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
@@ -47,6 +50,7 @@ def evaluate_cmd(
         clip_model=clip_model,
         dino_model=dino_model,
         checkpoint_budget=checkpoint_budget,
+        selection_tolerance=selection_tolerance,
         baselines=baselines,
         seed=seed,
         device=device,

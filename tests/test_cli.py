@@ -114,6 +114,16 @@ def test_bench_prints_figures(capsys):
     assert code == 0 and "steps/s" in out and "speed-up at equal effective batch" in out
 
 
+def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
+    import json
+
+    out_json = tmp_path / "bench.json"
+    code, out = run(["bench", "--eval", "--steps", 2, "--eval-images", 4, "--json", str(out_json)], capsys)
+    assert code == 0 and "images/s" in out
+    (r,) = json.loads(out_json.read_text())
+    assert r["name"] == "evaluation (2 DDIM steps)" and r["steps"] == 4 and r["images_per_second"] > 0
+
+
 def test_generate_with_a_registered_concept(evaluated_concept, mlflow_server, tiny_model_dir, tmp_path, capsys):
     from oneword import registry
 

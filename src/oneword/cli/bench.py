@@ -18,7 +18,7 @@ def bench_cmd(
         bool, typer.Option("--sd15-shape", help="random weights with SD1.5's architecture (for a GPU)")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="oneword's batch size")] = 4,
-    steps: Annotated[int, typer.Option(help="timed optimiser steps")] = 50,
+    steps: Annotated[int, typer.Option(help="timed optimiser steps (with --eval: DDIM steps per picture)")] = 50,
     resolution: Annotated[int | None, typer.Option(help="image side (default: the model's native size)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16, fp32")] = "auto",
@@ -30,6 +30,10 @@ def bench_cmd(
         ),
     ] = True,
     eval: Annotated[bool, typer.Option("--eval", help="time evaluation sampling (images/s) instead")] = False,
+    eval_images: Annotated[int, typer.Option(help="with --eval: pictures to draw (in batches of 16)")] = 16,
+    clip_model: Annotated[
+        str | None, typer.Option(help="with --eval: also time CLIP scoring with this evaluator")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
 ) -> None:
     """Benchmark textual-inversion training speed.
@@ -45,7 +49,9 @@ def bench_cmd(
     if eval:
         from oneword.evaluation.bench import bench_eval
 
-        results.append(bench_eval(base_model, sd15_shape, device=device))
+        results.append(
+            bench_eval(base_model, sd15_shape, device=device, n_images=eval_images, steps=steps, clip_model=clip_model)
+        )
     else:
         results.append(
             bench.bench_oneword(

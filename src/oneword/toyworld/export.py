@@ -26,6 +26,8 @@ def install_assets(work: Path, dest: Path | None = None) -> Path:
         f = work / f"{name}.json"
         if f.exists():
             reports[name] = json.loads(f.read_text())
+    if (work / "notes.md").exists():  # anything about this run a reader should know (interruptions, load)
+        reports["notes"] = (work / "notes.md").read_text().strip()
     (dest / "training.json").write_text(json.dumps(reports, indent=2))
     (dest / model_path().name / "README.md").write_text(model_card(reports, dest / model_path().name))
     return dest
@@ -65,6 +67,7 @@ def model_card(reports: dict, model_dir: Path) -> str:
         "|---|---|",
         *[f"| {k.removesuffix('_s')} | {v / 60:.1f} |" for k, v in times.items()],
         "",
+        *([reports["notes"], ""] if "notes" in reports else []),
         "## How well it draws",
         "",
     ]

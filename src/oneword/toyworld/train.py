@@ -54,7 +54,7 @@ class ToyTrainConfig(Schema):
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 500
     oracle_steps: int = 1500
-    clip_steps: int = 3000
+    clip_steps: int = 1000
     clip_batch: int = 256
 
 

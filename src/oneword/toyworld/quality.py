@@ -132,7 +132,7 @@ def run_concept(
         EvalConfig(
             prompt_set=str(prompts_file),
             n_images=n_images,
-            checkpoint_budget=checkpoint_budget,
+            checkpoint_budget=checkpoint_budget if setting.select else 0,  # 0: score the final step
             clip_model="toyworld-clip",
             seed=seed + 1000,
             baselines=False,

@@ -81,3 +81,28 @@ def test_textual_inversion_learns_a_held_out_concept(tmp_path):
     r = run_concept("purple-star", default_settings()[0], tmp_path, n_images=32)
     assert r.reconstruction_oracle >= 0.85, r
     assert r.editability_oracle >= 0.8, r
+
+
+def test_a_sweep_setting_is_scored_at_its_final_step(tmp_path):
+    """Sweeps must show what a setting does, not what checkpoint selection rescues: select=False scores the last
+    step, and writes no intermediate checkpoints."""
+    from oneword.toyworld.quality import TOY_TRAIN, Setting, run_concept
+
+    setting = Setting("final", TOY_TRAIN.model_copy(update={"steps": 20, "checkpoint_every": 10}), select=False)
+    r = run_concept("purple-star", setting, tmp_path, n_images=2)
+    assert r.chosen_step == 20 and r.curve == []
+    assert [p.name for p in (tmp_path / "purple-star--final" / "train" / "checkpoints").glob("step-*")] == [
+        "step-000020.pt"
+    ]
+
+
+@pytest.mark.slow
+def test_demo_registers_the_concept_and_writes_what_it_prints(tmp_path, monkeypatch, capsys):
+    from oneword.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["demo", "--steps", "50", "--n-images", "2"])
+    out = capsys.readouterr().out
+    assert "registered purple-star/1@champion" in " ".join(out.split())
+    assert (tmp_path / "demo-out" / "purple-star.png").stat().st_size > 0
+    assert "train" in (tmp_path / "demo-out" / "pipeline.log").read_text()  # the steps' logs, as printed

@@ -116,7 +116,8 @@ def run_concept(
         root / "latents",
         root / "train",
         ConceptSpec(token=f"<{concept}>", init_word="shape", templates="toyworld"),
-        setting.train.model_copy(update={"seed": seed}),
+        # Without selection only the final step is scored, so intermediate checkpoints would be written for nothing.
+        setting.train.model_copy(update={"seed": seed, **({} if setting.select else {"checkpoint_every": 0})}),
         base_model="toyworld",
         progress=False,
     )

@@ -13,16 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from oneword import __version__
+from oneword import __version__, tracking
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
+from oneword.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,8 @@ CONCEPT_TAG = "oneword.concept"
 CHAMPION, CANDIDATE = "champion", "candidate"
 
 
-def default_tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else a SQLite store `mlflow.db` in the working directory (made on first use)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
 def _setup(tracking_uri: str | None):
-    import mlflow
-
-    uri = tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow, mlflow.MlflowClient(uri, uri)
+    return tracking.client(tracking_uri)
 
 
 def concept_name(token: str) -> str:
@@ -54,13 +45,18 @@ def concept_name(token: str) -> str:
 
 
 def _ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):  # keep local artifacts beside the database, not in the cwd
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=tracking.local_artifact_root(tracking_uri))
+    except MlflowException:  # another process made it between our look and our create
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def sha256_file(path: Path) -> str:
@@ -236,18 +232,53 @@ def register(
     return _register_version(mlflow, client, name, info, run_id, token, summary, metrics, thresholds, batch_id, uri)
 
 
-def _register_version(
-    mlflow, client, name, info, run_id, token, summary, metrics, thresholds, batch_id, uri
-) -> Registration:
+ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias decisions (a killed register)
+
+
+def _create_version(client, name: str, info, run_id: str, token: str):
+    """Create the registered model if it is new (another process may be creating it too), then a version."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
-    except MlflowException:
         client.create_registered_model(
             name, tags={CONCEPT_TAG: "true", "oneword.token": token}, description=f"oneword concept {token}"
         )
-    mv = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
+
+
+def _wait_for_older_decisions(client, name: str, version: int, timeout: float = ALIAS_WAIT_SECONDS) -> None:
+    """Wait until every older version of `name` has its alias decided (its `gate` tag set).
+
+    Version numbers are handed out atomically by MLflow, so deciding aliases in version order makes concurrent
+    registrations of one concept behave as if they ran one after another: each compares itself with the
+    champion that the versions before it left, and the champion alias ends on the best of them.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        older = [
+            mv
+            for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+            if int(mv.version) < version and "gate" not in mv.tags
+        ]
+        if not older:
+            return
+        if time.monotonic() > deadline:
+            log.warning(
+                "versions %s of %s never decided their alias (their register was killed?); deciding without them",
+                sorted(int(mv.version) for mv in older),
+                name,
+            )
+            return
+        time.sleep(0.2)  # another process is between create_model_version and its alias; it takes a moment
+
+
+def _register_version(
+    mlflow, client, name, info, run_id, token, summary, metrics, thresholds, batch_id, uri
+) -> Registration:
+    mv = _create_version(client, name, info, run_id, token)
     try:
         vtags = {
             "oneword.token": token,
@@ -270,9 +301,10 @@ def _register_version(
             )
         for k, v in vtags.items():
             client.set_model_version_tag(name, mv.version, k, v)
+        _wait_for_older_decisions(client, name, int(mv.version))
         alias, reason = _decide_alias(client, name, metrics, thresholds)
-        client.set_model_version_tag(name, mv.version, "gate", reason)
         client.set_registered_model_alias(name, alias, mv.version)
+        client.set_model_version_tag(name, mv.version, "gate", reason)  # last: it marks the decision as made
     except BaseException:
         client.delete_model_version(name, mv.version)  # no half-registered version
         raise
@@ -332,8 +364,10 @@ def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EX
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    runs = client.search_runs(
-        [exp.experiment_id], f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = 'FAILED'"
+    runs = _every_page(
+        client.search_runs,
+        experiment_ids=[exp.experiment_id],
+        filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = 'FAILED'",
     )
     return {
         r.data.tags[CONCEPT_TAG]: {
@@ -372,17 +406,35 @@ def get_version(ref: str, tracking_uri: str | None = None):
         ) from e
 
 
+PAGE_SIZE = 100  # MLflow's own default page; every query below follows the page tokens to the end
+
+
+def _every_page(search, page_size: int = PAGE_SIZE, **kwargs) -> list:
+    """All results of an MLflow `search_*` call, page after page."""
+    out, token = [], None
+    while True:
+        page = search(max_results=page_size, page_token=token, **kwargs)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def list_concepts(
-    tracking_uri: str | None = None, base_model: str | None = None, alias: str | None = None
+    tracking_uri: str | None = None, base_model: str | None = None, alias: str | None = None, page_size: int = PAGE_SIZE
 ) -> list[dict]:
-    """List registered concept versions, optionally only those on a base model (fingerprint prefix) or alias."""
+    """List registered concept versions, optionally only those on a base model (fingerprint prefix) or alias.
+
+    Every page of the registry is read, however many concepts it holds.
+    """
     _, client = _setup(tracking_uri)
     rows = []
-    for rm in client.search_registered_models(filter_string=f"tags.`{CONCEPT_TAG}` = 'true'"):
+    models = _every_page(client.search_registered_models, page_size, filter_string=f"tags.`{CONCEPT_TAG}` = 'true'")
+    for rm in models:
         aliases_of: dict[str, list[str]] = {}
         for a, v in (rm.aliases or {}).items():
             aliases_of.setdefault(str(v), []).append(a)
-        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+        for mv in _every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'"):
             fp = mv.tags.get("oneword.base_model_fingerprint", "")
             aliases = sorted(aliases_of.get(str(mv.version), []))
             if base_model and not (fp.startswith(base_model) or fp.removeprefix("sha256:").startswith(base_model)):

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from oneword.registry import default_tracking_uri
+from oneword.tracking import ensure_store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
 
     Args:
         pipeline_root: where KFP writes each task's artifacts.
-        tracking_uri: MLflow tracking URI (default: `default_tracking_uri()`, a SQLite file in the cwd).
+        tracking_uri: MLflow tracking URI (default: `oneword.tracking.default_tracking_uri()`, a SQLite file in the cwd).
         log_file: where the steps' logs go (default: the terminal).
         **params: pipeline parameters (images, token, init_word, base_model, steps, ...).
 
@@ -70,7 +70,7 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
     """
     from oneword.pipelines.definitions import textual_inversion
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = ensure_store(tracking_uri)  # made once here, before any step opens it
     _init(pipeline_root)
     start = time.time()
     args = {**LOCAL_OVERRIDES, **params, "tracking_uri": uri}
@@ -99,7 +99,7 @@ def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tr
 
     from oneword.pipelines.definitions import batch_personalisation
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = ensure_store(tracking_uri)  # made once here, before the shards open it in parallel
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
                    raise_on_error=False)  # a failed concept must not stop the report

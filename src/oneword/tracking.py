@@ -1,0 +1,89 @@
+"""The MLflow tracking store: which one, and making a local one safely.
+
+A local SQLite store is created (tables made and migrated) the first time anything opens it. MLflow does that
+without a lock, so two processes opening a fresh store at once both run the migrations and one of them fails
+half-way (`duplicate column name`), which can leave the store unusable. kfp.local runs a batch's ParallelFor
+iterations as parallel processes, so this is the normal case, not a corner: every opening of a SQLite store
+goes through `ensure_store`, which makes the store once, under a file lock beside the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+from oneword.errors import OnewordError
+
+log = logging.getLogger(__name__)
+
+SQLITE_PREFIX = "sqlite:///"
+_ready: set[str] = set()  # stores this process has already made or checked
+
+
+def default_tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else a SQLite store `mlflow.db` in the working directory (made on first use)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE_PREFIX}{Path.cwd() / 'mlflow.db'}"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    return Path(tracking_uri[len(SQLITE_PREFIX) :]) if tracking_uri.startswith(SQLITE_PREFIX) else None
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Where a SQLite store keeps its artifacts: `mlartifacts/` beside the database (not the cwd)."""
+    db = sqlite_path(tracking_uri)
+    return (db.resolve().parent / "mlartifacts").as_uri() if db else None
+
+
+def ensure_store(tracking_uri: str | None = None) -> str:
+    """Make sure the tracking store exists and is migrated, safely under concurrent callers.
+
+    For a `sqlite:///` store this creates the tables (once, under `<db>.lock`); other stores (an `mlflow
+    server`, PostgreSQL behind it) are made by their server and are left alone.
+
+    Returns:
+        The tracking URI used.
+
+    Raises:
+        OnewordError: if the SQLite store cannot be made or was left half-migrated by an older oneword.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    db = sqlite_path(uri)
+    if db is None or uri in _ready:
+        return uri
+    db.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from sqlalchemy.exc import OperationalError
+
+    with FileLock(f"{db}.lock"):
+        try:
+            TrackingStore(uri, local_artifact_root(uri))  # creates or migrates the tables
+            RegistryStore(uri)
+        except (OperationalError, MlflowException) as e:
+            if "_alembic_tmp_" in str(e):
+                hint = (
+                    f"the store was left half-migrated by an unguarded concurrent start: if it holds nothing you "
+                    f"need, delete {db}; otherwise drop the `_alembic_tmp_*` table named above with sqlite3, then "
+                    f"run `mlflow db upgrade {uri}`"
+                )
+            else:
+                hint = f"take a backup of {db}, then run `mlflow db upgrade {uri}`; or pass another --tracking-uri"
+            raise OnewordError(f"cannot open the MLflow store {db}: {e}", hint=hint) from e
+    _ready.add(uri)
+    return uri
+
+
+def client(tracking_uri: str | None = None):
+    """Point mlflow at the store (made first if local) and return `(mlflow, MlflowClient)`."""
+    import mlflow
+
+    uri = ensure_store(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow, mlflow.MlflowClient(uri, uri)

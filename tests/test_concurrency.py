@@ -1,0 +1,114 @@
+"""What two processes can touch at once: the local MLflow store and the registry, with real processes.
+
+kfp.local runs a batch's ParallelFor iterations as parallel processes, and a cluster runs many `register` pods
+at once, so every test here starts real processes that meet at a barrier and then act at the same moment.
+"""
+
+import json
+import multiprocessing as mp
+import shutil
+
+import mlflow
+import pytest
+
+from oneword import registry, tracking
+
+SPAWN = mp.get_context("spawn")  # a fresh interpreter each, as kfp.local's subprocesses are
+
+
+def _open_store(uri: str, barrier) -> int:
+    barrier.wait(timeout=120)
+    return len(registry.list_concepts(uri))
+
+
+def _register(train_dir: str, eval_dir: str, uri: str, name: str, barrier) -> tuple[str, str]:
+    barrier.wait(timeout=120)
+    r = registry.register(train_dir, eval_dir, uri, name=name, batch_id="b-1")
+    return r.version, r.alias
+
+
+def _with_scores(eval_dir, out, reconstruction, editability):
+    shutil.copytree(eval_dir, out)
+    m = json.loads((out / "metrics.json").read_text())
+    m["reconstruction"], m["editability"] = reconstruction, editability
+    (out / "metrics.json").write_text(json.dumps(m))
+    return out
+
+
+def test_a_fresh_local_store_opened_by_four_processes_at_once(tmp_path):
+    """Each process's first open makes the store; unguarded, MLflow's migrations collide and break it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    n = 4
+    barrier = SPAWN.Manager().Barrier(n)
+    with SPAWN.Pool(n) as pool:
+        counts = pool.starmap(_open_store, [(uri, barrier)] * n)
+    assert counts == [0] * n
+    # and the store is whole afterwards: a new client can write and read it
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("after")
+    assert client.get_experiment(exp).name == "after"
+    assert tracking.sqlite_path(uri).exists()
+
+
+def test_a_damaged_store_is_a_clear_error(tmp_path):
+    import sqlite3
+
+    from oneword.errors import OnewordError
+
+    db = tmp_path / "mlflow.db"
+    tracking.ensure_store(f"sqlite:///{db}")
+    with sqlite3.connect(db) as c:
+        c.execute("DROP TABLE alembic_version")
+    with pytest.raises(OnewordError, match="cannot open the MLflow store") as e:
+        tracking.ensure_store(f"sqlite:///{tmp_path}/./mlflow.db")  # the same file, a URI not opened yet
+    assert str(tmp_path) in str(e.value) and "mlflow db upgrade" in e.value.hint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_concurrent_registrations(store, evaluated_concept, tmp_path, request):
+    """Four registrations at once: two of one concept (different scores), two of others.
+
+    Versions are distinct, every concept is registered, and the champion of the shared concept ends on the
+    better of its two versions, whichever process got there first.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_server")
+    train_dir, eval_dir = evaluated_concept
+    good = _with_scores(eval_dir, tmp_path / "good", 0.8, 0.4)
+    worse = _with_scores(eval_dir, tmp_path / "worse", 0.5, 0.3)
+    shared = f"shared-{store}"
+    jobs = [
+        (str(train_dir), str(good), uri, shared),
+        (str(train_dir), str(worse), uri, shared),
+        (str(train_dir), str(eval_dir), uri, f"alone-a-{store}"),
+        (str(train_dir), str(eval_dir), uri, f"alone-b-{store}"),
+    ]
+    barrier = SPAWN.Manager().Barrier(len(jobs))
+    with SPAWN.Pool(len(jobs)) as pool:
+        results = pool.starmap(_register, [(*j, barrier) for j in jobs])
+    assert sorted(v for v, _ in results[:2]) == ["1", "2"]
+    assert results[2] == ("1", "champion") and results[3] == ("1", "champion")
+    rows = {(r["name"], r["version"]): r for r in registry.list_concepts(uri)}
+    champions = [v for (n, v), r in rows.items() if n == shared and "champion" in r["aliases"]]
+    good_version = results[0][0]
+    assert champions == [good_version], rows
+    assert all(r["gate"] for r in rows.values())  # every version's alias was decided
+
+
+def test_registry_queries_read_every_page(mlflow_server):
+    """More concepts (and versions) than one page holds: nothing is lost past the first page."""
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.create_experiment("paging")
+    run = client.create_run(exp)
+    for i in range(12):
+        name = f"paged-{i:02d}"
+        client.create_registered_model(name, tags={registry.CONCEPT_TAG: "true"})
+        for _ in range(7 if i == 0 else 1):
+            mv = client.create_model_version(name, f"runs:/{run.info.run_id}/concept", run_id=run.info.run_id)
+            client.set_model_version_tag(name, mv.version, "oneword.batch_id", "paging")
+    rows = [r for r in registry.list_concepts(mlflow_server, page_size=5) if r["name"].startswith("paged-")]
+    assert len(rows) == 12 + 6
+    assert [r["version"] for r in rows if r["name"] == "paged-00"] == [str(v) for v in range(1, 8)]
+    for name in ("paged-01", "paged-02", "paged-03"):
+        registry.record_failure(mlflow_server, name, "<x>", "paging", "train", "boom", "paging-exp")
+    assert len(registry.batch_failures(mlflow_server, "paging", "paging-exp")) == 3

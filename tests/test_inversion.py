@@ -90,14 +90,14 @@ def test_resume_refuses_another_concept(tiny_model_dir, cat_latents, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, cat_latents, tmp_path):
     tr = _trainer(tiny_model, cat_latents, steps=30, checkpoint_every=10, log_every=5)
-    real_loss, calls = tr.loss, []
+    real_loss, calls = tr.concept_losses, []
 
     def poisoned(*a, **k):
         calls.append(1)
         loss = real_loss(*a, **k)
         return loss * float("nan") if len(calls) > 12 else loss
 
-    tr.loss = poisoned
+    tr.concept_losses = poisoned
     with pytest.raises(NonFiniteLossError) as e:
         tr.run(tmp_path, progress=False)
     assert "step-000010.pt" in str(e.value) and "between steps 10 and 15" in str(e.value)

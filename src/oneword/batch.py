@@ -8,11 +8,12 @@ The manifest is YAML, at a local path or an `s3://` URI:
         init_word: cat
         name: my-cat          # optional: registered-model name (default: from the token)
         n_vectors: 1          # optional
-        templates: object     # optional: object or style
+        templates: object     # optional: object, style, toyworld or a file of templates
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from pydantic import ConfigDict, Field, ValidationError
 
 from oneword import storage
 from oneword.errors import OnewordError
+
+log = logging.getLogger(__name__)
 
 
 class ConceptEntry(Schema):
@@ -152,115 +155,127 @@ class BatchSettings(Schema):
     min_editability: float = -1.0
 
 
-def personalise(
-    entry: ConceptEntry, settings: BatchSettings, work_dir: Path, tracking_uri: str | None, batch_id: str
-) -> dict:
-    """Run one concept through preprocess -> cache_latents -> train -> evaluate -> register, never raising.
+def personalise_shard(
+    entries: list[ConceptEntry],
+    settings: BatchSettings,
+    work_dir: Path,
+    tracking_uri: str | None,
+    batch_id: str,
+) -> list[dict]:
+    """Run a shard's concepts through preprocess -> cache_latents -> train (together) -> evaluate -> register.
 
-    A concept that fails (bad images, a NaN loss, ...) is reported with the stage and the error, so the other
-    concepts of its shard and batch go on. A concept already registered in this batch (a retried shard) is
-    not registered twice.
+    The shard's concepts are trained in one batch of K x batch_size (one model load, one GPU kept busy), each
+    with its own parameter and early end. A concept that fails at any step (bad photos, a clashing token, a
+    non-finite loss) is recorded with the stage and the error, and the others go on. A concept already
+    registered in this batch (a rerun shard) is not registered twice; training resumes from the group's
+    checkpoints under `checkpoint_root`, which are keyed by what is trained, not by the run.
 
     Returns:
-        `{"token", "name", "status": "registered"|"failed", "stage", "error", "version", "alias"}`.
+        Per concept, in order: `{"token", "name", "status": "registered"|"failed", "stage", "error", "version",
+        "alias"}`.
     """
-    import traceback
+    import torch
 
     from oneword.evaluation import EvalConfig, evaluate
     from oneword.evaluation.gate import GateThresholds
     from oneword.images import preprocess
     from oneword.inversion import ConceptSpec, TrainConfig
     from oneword.latents import cache_latents
+    from oneword.outcome import read_failure, run_step
     from oneword.registry import concept_name, list_concepts, record_failure, register
-    from oneword.train import train
+    from oneword.train import train_group
 
-    s = settings
-    name = entry.name or concept_name(entry.token)
+    s, work = settings, Path(work_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = [e.name or concept_name(e.token) for e in entries]
     status = {
-        "token": entry.token,
-        "name": name,
-        "status": "failed",
-        "stage": "",
-        "error": "",
-        "version": None,
-        "alias": None,
+        n: {"token": e.token, "name": n, "status": "failed", "stage": "", "error": "", "version": None, "alias": None}
+        for n, e in zip(names, entries)
     }
-    done = [r for r in list_concepts(tracking_uri) if r["name"] == name and r.get("batch_id") == batch_id]
-    if batch_id and done:
-        return {
-            **status,
-            "status": "registered",
-            "stage": "register",
-            "version": done[-1]["version"],
-            "alias": ",".join(done[-1]["aliases"]),
-        }
-    root = Path(work_dir) / name
-    try:
-        status["stage"] = "preprocess"
-        preprocess(entry.images, root / "dataset", resolution=s.resolution, mode=s.mode)  # type: ignore[arg-type]
-        status["stage"] = "cache_latents"
-        import torch
-
-        cache_latents(
-            root / "dataset", s.base_model, root / "latents", device="cuda" if torch.cuda.is_available() else "cpu"
+    done = {r["name"]: r for r in list_concepts(tracking_uri) if batch_id and r.get("batch_id") == batch_id}
+    todo = []
+    for n, e in zip(names, entries):
+        if n in done:
+            status[n].update(
+                status="registered", stage="register", version=done[n]["version"], alias=",".join(done[n]["aliases"])
+            )
+            continue
+        root = work / n
+        run_step(
+            "preprocess",
+            root / "dataset",
+            "record",
+            lambda e=e, root=root: preprocess(e.images, root / "dataset", resolution=s.resolution, mode=s.mode),
         )
-        status["stage"] = "train"
-        ckpt = f"{s.checkpoint_root.rstrip('/')}/{batch_id}/{name}" if s.checkpoint_root else None
-        train(
+        run_step(
+            "cache_latents",
             root / "latents",
-            root / "model",
-            ConceptSpec(
-                token=entry.token, init_word=entry.init_word, n_vectors=entry.n_vectors, templates=entry.templates
-            ),
-            TrainConfig(
-                steps=s.steps,
-                batch_size=s.batch_size,
-                learning_rate=s.learning_rate,
-                scale_lr=s.scale_lr,
-                progressive_every=s.progressive_every,
-                init_l2=s.init_l2,
-                seed=s.seed,
-                checkpoint_every=s.checkpoint_every,
-            ),
+            "record",
+            lambda root=root: cache_latents(root / "dataset", s.base_model, root / "latents", device=device),
+            upstream=[root / "dataset"],
+        )
+        spec = ConceptSpec(token=e.token, init_word=e.init_word, n_vectors=e.n_vectors, templates=e.templates)
+        todo.append((n, spec, root / "latents"))
+    if todo:
+        config = TrainConfig(
+            steps=s.steps,
+            batch_size=s.batch_size,
+            learning_rate=s.learning_rate,
+            scale_lr=s.scale_lr,
+            progressive_every=s.progressive_every,
+            init_l2=s.init_l2,
+            seed=s.seed,
+            checkpoint_every=s.checkpoint_every,
+        )
+        train_group(
+            todo,
+            work / "model",
+            config,
             base_model=s.base_model,
-            checkpoint_dir=ckpt,
+            checkpoint_root=s.checkpoint_root or None,
             resume=True,
             progress=False,
         )
-        status["stage"] = "evaluate"
-        evaluate(
-            root / "model",
-            root / "dataset",
-            root / "evaluation",
-            EvalConfig(
-                prompt_set=s.prompt_set,
-                n_images=s.n_images,
-                steps=s.sampling_steps,
-                guidance_scale=s.guidance_scale,
-                clip_model=s.clip_model,
-                dino_model=s.dino_model,
-                checkpoint_budget=s.checkpoint_budget,
+    eval_config = EvalConfig(
+        prompt_set=s.prompt_set,
+        n_images=s.n_images,
+        steps=s.sampling_steps,
+        guidance_scale=s.guidance_scale,
+        clip_model=s.clip_model,
+        dino_model=s.dino_model,
+        checkpoint_budget=s.checkpoint_budget,
+    )
+    for n, spec, _ in todo:
+        model_dir, eval_dir = work / "model" / n, work / n / "evaluation"
+        run_step(
+            "evaluate",
+            eval_dir,
+            "record",
+            lambda m=model_dir, d=eval_dir: evaluate(m, None, d, eval_config),
+            upstream=[model_dir],
+        )
+        r = run_step(
+            "register",
+            work / n / "registration",
+            "record",
+            lambda m=model_dir, d=eval_dir, n=n: register(
+                m,
+                d,
+                tracking_uri,
+                name=n,
+                experiment=s.experiment,
+                thresholds=GateThresholds(s.min_reconstruction, s.min_editability),
+                batch_id=batch_id,
             ),
+            upstream=[eval_dir],
         )
-        status["stage"] = "register"
-        r = register(
-            root / "model",
-            root / "evaluation",
-            tracking_uri,
-            name=name,
-            experiment=s.experiment,
-            thresholds=GateThresholds(s.min_reconstruction, s.min_editability),
-            batch_id=batch_id,
-        )
-        status.update({"status": "registered", "version": r.version, "alias": r.alias})
-    except OnewordError as e:
-        status["error"] = str(e)
-    except Exception as e:  # one concept's crash must not take the batch down; the trace goes to the log
-        status["error"] = f"{type(e).__name__}: {e}"
-        traceback.print_exc()
-    if status["status"] == "failed":
+        if r is not None:
+            status[n].update(status="registered", stage="register", version=r.version, alias=r.alias)
+            continue
+        failure = read_failure(work / n / "registration") or {"stage": "register", "error": "unknown"}
+        status[n].update(stage=failure["stage"], error=failure["error"])
         try:
-            record_failure(tracking_uri, name, entry.token, batch_id, status["stage"], status["error"], s.experiment)
+            record_failure(tracking_uri, n, spec.token, batch_id, failure["stage"], failure["error"], s.experiment)
         except Exception:  # the tracking server may be what failed; the shard's output still has the status
-            traceback.print_exc()
-    return status
+            log.exception("could not record the failure of %s in MLflow", n)
+    return [status[n] for n in names]

@@ -64,17 +64,15 @@ def list_checkpoints(where: str | Path) -> list[tuple[int, str]]:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read one checkpoint (local path or `s3://` URI) with `weights_only=True`."""
-    if storage.is_s3(path):
-        with tempfile.TemporaryDirectory() as d:
-            local = storage.download_file(str(path), Path(d) / "ckpt.pt")
+    with tempfile.TemporaryDirectory() as d:
+        local = storage.download_file(str(path), Path(d) / "ckpt.pt") if storage.is_s3(path) else path
+        try:
             return torch.load(local, map_location="cpu", weights_only=True)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise OnewordError(
-            f"checkpoint {path} could not be read ({e})",
-            hint="delete the damaged file; training resumes from the one before",
-        ) from e
+        except Exception as e:  # unpickling errors come in many types
+            raise OnewordError(
+                f"checkpoint {path} could not be read ({e})",
+                hint="delete the damaged file; training resumes from the one before",
+            ) from e
 
 
 def latest_checkpoint(where: str | Path) -> tuple[int, str] | None:

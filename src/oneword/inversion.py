@@ -8,7 +8,10 @@ The loss is the LDM loss (Rombach et al. 2022, Eq. 2), with epsilon or v targets
 as the model's scheduler config says. Latents come from the cache (`oneword.latents`): `mean + std * eps`,
 the same draw as encoding the image at every step.
 
-A batch may hold samples of several concepts, each with its own trainable parameter and learning rate.
+A batch may hold samples of several concepts (a batch job trains its shard's concepts together): each has its
+own trainable parameter, learning rate, loss and curve, and the loss is the sum of the concepts' mean losses, so
+each parameter gets exactly the gradient it would get training alone. A concept whose loss turns non-finite
+stops there (its early end) while the others go on.
 """
 
 from __future__ import annotations
@@ -90,18 +93,21 @@ class _Concept:
     param: torch.nn.Parameter
     prompt_ids: dict[int, torch.Tensor]  # n_active -> (n_templates, 77)
     meta: dict = field(default_factory=dict)
+    failed: str = ""  # why it stopped early (a non-finite loss); empty while it trains
 
 
 @dataclass
 class TrainResult:
     """What a run produced."""
 
-    embeddings: list[Embedding]
-    curve: list[dict]
+    embeddings: list[Embedding]  # the concepts that did not fail, in order
+    curve: list[dict]  # the first concept's curve (the only one when training one concept)
     steps: int
     seconds: float
     steps_per_second: float
     last_checkpoint: str | None
+    curves: dict[str, list[dict]] = field(default_factory=dict)  # token -> curve
+    failed: dict[str, str] = field(default_factory=dict)  # token -> why it stopped early
 
 
 def resolve_device(name: str) -> torch.device:
@@ -165,8 +171,18 @@ class InversionTrainer:
         )
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # which image, flip, template
         self.gen_device = torch.Generator(self.device).manual_seed(config.seed + 1)  # latents, noise, t
-        self.curve: list[dict] = []
+        self.curves: dict[str, list[dict]] = {c.spec.token: [] for c in self.concepts}
         self.step = 0
+
+    @property
+    def curve(self) -> list[dict]:
+        """The first concept's curve: `[{"step", "loss", "embedding_norm"}]`."""
+        return self.curves[self.concepts[0].spec.token]
+
+    @property
+    def active(self) -> list[_Concept]:
+        """The concepts still training (not stopped by a non-finite loss)."""
+        return [c for c in self.concepts if not c.failed]
 
     def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
         tok = self.model.tokenizer
@@ -221,9 +237,9 @@ class InversionTrainer:
                     c.param[k] = c.init[k]
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one batch: (latents z0 (B, C, h, w), prompt ids (B, 77)), concepts concatenated."""
+        """Draw one batch: (latents z0 (B, C, h, w), prompt ids (B, 77)), active concepts concatenated."""
         cfg, z, ids = self.config, [], []
-        for c in self.concepts:
+        for c in self.active:
             b = cfg.batch_size
             img = torch.randint(c.mean.shape[0], (b,), generator=self.gen)
             flip = (torch.rand(b, generator=self.gen) < cfg.flip_p).long()
@@ -236,31 +252,44 @@ class InversionTrainer:
             ids.append(table[tpl.to(self.device)])
         return torch.cat(z), torch.cat(ids)
 
-    def loss(self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The LDM loss for latents `z0` (B, C, h, w), prompts `ids` (B, 77), `noise` and timesteps `t` (B,)."""
+    def concept_losses(
+        self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Each active concept's LDM loss (K,) for a batch drawn by `_batch` (K concepts x batch_size rows).
+
+        Latents `z0` (B, C, h, w), prompts `ids` (B, 77), `noise` like `z0`, timesteps `t` (B,).
+        """
+        active = self.active
         a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
         noisy = a * z0 + s * noise
         target = noise if self.prediction_type == "epsilon" else a * noise - s * z0
         with self.autocast:
             hidden = self.text_encoder(ids)[0]  # (B, 77, width)
             pred = self.unet_forward(noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), target)
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        losses = per_sample.view(len(active), -1).mean(dim=1)  # (K,)
         if self.config.init_l2 > 0:
-            reg = sum(((c.param - c.init) ** 2).sum(-1).mean() for c in self.concepts)
-            loss = loss + self.config.init_l2 * reg
-        return loss
+            reg = torch.stack([((c.param - c.init) ** 2).sum(-1).mean() for c in active])
+            losses = losses + self.config.init_l2 * reg
+        return losses
+
+    def loss(self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The total loss: the sum of the active concepts' losses (see `concept_losses`)."""
+        return self.concept_losses(z0, ids, noise, t).sum()
 
     def train_step(self, step: int) -> torch.Tensor:
-        """One optimiser step at index `step`; returns the (detached) loss."""
+        """One optimiser step at index `step`; returns every concept's (detached) loss, 0 for stopped ones (K,)."""
         self._activate_vectors(step)
         z0, ids = self._batch(step)
         noise = torch.randn(z0.shape, generator=self.gen_device, device=self.device)
         t = torch.randint(0, self.num_timesteps, (z0.shape[0],), generator=self.gen_device, device=self.device)
-        loss = self.loss(z0, ids, noise, t)
-        loss.backward()
-        self.optimizer.step()
+        losses = self.concept_losses(z0, ids, noise, t)
+        losses.sum().backward()
+        self.optimizer.step()  # stopped concepts have no gradient, so AdamW leaves them as they are
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        out = torch.zeros(len(self.concepts), device=self.device)
+        out[[i for i, c in enumerate(self.concepts) if not c.failed]] = losses.detach()
+        return out
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -274,7 +303,8 @@ class InversionTrainer:
             "model_fingerprint": self.model.fingerprint,
             "concepts": [c.spec.model_dump_json() for c in self.concepts],
             "config": self.config.model_dump_json(),
-            "curve": json.dumps(self.curve),
+            "curves": json.dumps(self.curves),
+            "failed": json.dumps({c.spec.token: c.failed for c in self.concepts if c.failed}),
             "oneword_version": __version__,
         }
 
@@ -297,11 +327,17 @@ class InversionTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.gen.set_state(state["rng"])
         self.gen_device.set_state(state["rng_device"])
-        self.curve = json.loads(state["curve"])
+        if "curves" in state:
+            self.curves = json.loads(state["curves"])
+        else:  # written by oneword 0.1 (one concept)
+            self.curves = {self.concepts[0].spec.token: json.loads(state["curve"])}
+        failed = json.loads(state.get("failed", "{}"))
+        for c in self.concepts:
+            c.failed = failed.get(c.spec.token, "")
         self.step = int(state["step"])
 
     def embeddings(self) -> list[Embedding]:
-        """The learned concepts as `Embedding`s, with lineage metadata."""
+        """The learned concepts (those that did not fail) as `Embedding`s, with lineage metadata."""
         return [
             Embedding(
                 c.spec.token,
@@ -315,7 +351,7 @@ class InversionTrainer:
                     "image_sha256": ",".join(c.meta["image_sha256"]),
                 },
             )
-            for c in self.concepts
+            for c in self.active
         ]
 
     @torch.no_grad()
@@ -336,28 +372,31 @@ class InversionTrainer:
         resume: bool = False,
         callbacks: Sequence[MetricsCallback] = (),
         progress: bool = True,
+        keep_going: bool = False,
     ) -> TrainResult:
-        """Train to `config.steps`, checkpointing, reporting, and stopping on a non-finite loss.
+        """Train to `config.steps`, checkpointing, reporting, and stopping a concept whose loss turns non-finite.
 
         Args:
             checkpoint_dir: folder or `s3://` prefix for checkpoints (None: no checkpoints).
-            resume: continue from the newest checkpoint in `checkpoint_dir`, if there is one.
-            callbacks: called as `cb(step, {"loss": ..., "embedding_norm": ...})` every `log_every` steps.
+            resume: continue from the newest readable checkpoint in `checkpoint_dir`, if there is one.
+            callbacks: called as `cb(step, {"loss": ..., "embedding_norm": ...})` every `log_every` steps, with
+                the means over the concepts still training.
             progress: show a progress bar.
+            keep_going: when every concept has stopped, return (each with its reason in `failed`) instead of
+                raising. A concept that stops while others still train never raises.
 
         Returns:
             A `TrainResult`.
+
+        Raises:
+            NonFiniteLossError: when the last training concept's loss turns non-finite (unless `keep_going`).
         """
         cfg = self.config
-        last = None
-        if resume and checkpoint_dir is not None and (found := checkpoints.latest_checkpoint(checkpoint_dir)):
-            last = found[1]
-            self.load_state_dict(checkpoints.load_checkpoint(last), source=last)
-            log.info("resumed from %s (step %d)", last, self.step)
+        last = self._resume(checkpoint_dir) if resume and checkpoint_dir is not None else None
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
-        loss_sum, n_sum = torch.zeros((), device=self.device), 0
+        loss_sum, n_sum = torch.zeros(len(self.concepts), device=self.device), 0
         t0, start = time.perf_counter(), self.step
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and self.active:
             loss_sum += self.train_step(self.step)
             n_sum += 1
             self.step += 1
@@ -366,20 +405,7 @@ class InversionTrainer:
                 at_end or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
             )
             if self.step % cfg.log_every == 0 or at_end or ckpt_now:
-                mean_loss = (loss_sum / n_sum).item()
-                norms = [c.param.detach().norm(dim=-1).mean().item() for c in self.concepts]
-                if not math.isfinite(mean_loss) or not all(math.isfinite(n) for n in norms):
-                    raise NonFiniteLossError(
-                        f"the loss became {mean_loss} between steps {self.step - n_sum} and {self.step}; "
-                        f"stopped. Last good checkpoint: {last or 'none'}",
-                        hint=f"lower the learning rate (now {cfg.lr:g}) or use --precision fp32, then "
-                        "--resume from that checkpoint",
-                    )
-                point = {"step": self.step, "loss": mean_loss, "embedding_norm": sum(norms) / len(norms)}
-                self.curve.append(point)
-                for cb in callbacks:
-                    cb(self.step, {k: v for k, v in point.items() if k != "step"})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", norm=f"{point['embedding_norm']:.3f}")
+                self._report(loss_sum / n_sum, n_sum, last, callbacks, bar, keep_going)
                 loss_sum.zero_()
                 n_sum = 0
             if ckpt_now:
@@ -389,5 +415,56 @@ class InversionTrainer:
         seconds = time.perf_counter() - t0
         done = self.step - start
         return TrainResult(
-            self.embeddings(), self.curve, self.step, seconds, done / seconds if seconds > 0 else 0.0, last
+            self.embeddings(),
+            self.curve,
+            self.step,
+            seconds,
+            done / seconds if seconds > 0 else 0.0,
+            last,
+            curves=self.curves,
+            failed={c.spec.token: c.failed for c in self.concepts if c.failed},
         )
+
+    def _resume(self, checkpoint_dir: str | Path) -> str | None:
+        """Load the newest checkpoint that reads; a damaged one (truncated, empty) is skipped with a warning."""
+        for step, path in reversed(checkpoints.list_checkpoints(checkpoint_dir)):
+            try:
+                state = checkpoints.load_checkpoint(path)
+            except OnewordError as e:
+                log.warning("skipping damaged checkpoint %s (%s); trying the one before", path, e.message)
+                continue
+            self.load_state_dict(state, source=path)
+            log.info("resumed from %s (step %d)", path, step)
+            return path
+        return None
+
+    def _report(self, mean_losses, n: int, last, callbacks, bar, keep_going: bool) -> None:
+        """Record each training concept's curve point; stop the concepts whose loss or vectors are non-finite."""
+        losses = mean_losses.tolist()
+        points = []
+        for c, loss in zip(self.concepts, losses):
+            if c.failed:
+                continue
+            norm = c.param.detach().norm(dim=-1).mean().item()
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                c.failed = (
+                    f"the loss of {c.spec.token} became {loss} between steps {self.step - n} and {self.step}; "
+                    f"stopped. Last good checkpoint: {last or 'none'}"
+                )
+                log.warning("%s", c.failed)
+                continue
+            point = {"step": self.step, "loss": loss, "embedding_norm": norm}
+            self.curves[c.spec.token].append(point)
+            points.append(point)
+        if not points:
+            if keep_going:
+                return
+            raise NonFiniteLossError(
+                self.concepts[-1].failed if len(self.concepts) == 1 else "every concept's loss became non-finite",
+                hint=f"lower the learning rate (now {self.config.lr:g}) or use --precision fp32, then --resume "
+                "from the last good checkpoint",
+            )
+        mean = {k: sum(p[k] for p in points) / len(points) for k in ("loss", "embedding_norm")}
+        for cb in callbacks:
+            cb(self.step, mean)
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", norm=f"{mean['embedding_norm']:.3f}")

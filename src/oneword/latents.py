@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from oneword.models import BaseModel, load_base_model, module_fingerprint
 log = logging.getLogger(__name__)
 
 LATENTS_FILE = "latents.safetensors"
+DATASET_DIR = "dataset"  # a copy of the preprocessed images the latents were encoded from
 
 
 @dataclass
@@ -148,7 +151,7 @@ def cache_latents(
             entries[key] = e
             f = cache / key[:2] / f"{key}.safetensors"
             f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(".part")
+            tmp = f.with_suffix(f".{os.getpid()}.part")  # parallel steps may encode the same image at once
             save_file(e, str(tmp))
             tmp.replace(f)
     means, stds = [], []
@@ -172,4 +175,6 @@ def cache_latents(
     )
     with storage.atomic_dir(Path(out_dir)) as tmp:
         latents.save(tmp)
+        # the images travel with their latents, so a later step (evaluation of a batch) finds them there
+        shutil.copytree(dataset_dir, tmp / DATASET_DIR)
     return latents

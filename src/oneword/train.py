@@ -8,28 +8,37 @@ Output folder layout (one concept):
     checkpoints/step-*.pt        every `checkpoint_every` steps (resume from the newest)
     curve.json                   loss and embedding norm every `log_every` steps
     summary.json                 config, concept, model fingerprint, timing
+    dataset/                     the training images (when the latents carry them), for evaluation
+
+Several concepts trained together (`train_group`: a batch job's shard, in one batch of K x batch_size) write
+one such folder per concept, `<out>/<name>/`, beside their shared `checkpoints/` and `concepts.json` (each
+concept's status: trained, or failed with the stage and the error).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from oneword import __version__
+from oneword import __version__, outcome
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
-from oneword.latents import LatentSet
+from oneword.latents import DATASET_DIR, LatentSet
 from oneword.models import BaseModel, load_base_model
+from oneword.templates import get_templates
+from oneword.tokens import expand_placeholder, initializer_id
 
 log = logging.getLogger(__name__)
 
-CURVE_FILE, SUMMARY_FILE = "curve.json", "summary.json"
+CURVE_FILE, SUMMARY_FILE, GROUP_FILE = "curve.json", "summary.json", "concepts.json"
 
 
 def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Path]:
@@ -43,6 +52,65 @@ def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Pat
     for fmt, p in paths.items():
         emb_io.save(emb, p, fmt)  # type: ignore[arg-type]
     return paths
+
+
+def _load_model(latents: LatentSet, base_model: str | BaseModel | None, where: Path) -> BaseModel:
+    source = base_model if base_model is not None else latents.meta.get("model_source")
+    if source is None:
+        raise OnewordError(f"{where} does not record its base model", hint="pass --base-model")
+    model = source if isinstance(source, BaseModel) else load_base_model(source, parts=("unet",))
+    recorded = latents.meta.get("model_fingerprint")
+    if recorded and recorded != model.fingerprint:
+        log.warning(
+            "latents %s were encoded for model %s… but training uses %s…; fine only if they share a VAE",
+            where,
+            recorded[:19],
+            model.fingerprint[:19],
+        )
+    return model
+
+
+def _write_concept(
+    out_dir: Path,
+    emb: emb_io.Embedding,
+    curve: list[dict],
+    concept: ConceptSpec,
+    config: TrainConfig,
+    model: BaseModel,
+    latents: LatentSet,
+    latents_dir: Path,
+    result: TrainResult,
+    trainer: InversionTrainer,
+    checkpoint_dir: str,
+) -> None:
+    """Write one concept's folder: its embedding in every format, curve, summary and training images."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = write_embedding_files(emb, out_dir)
+    (out_dir / CURVE_FILE).write_text(json.dumps(curve))
+    if (Path(latents_dir) / DATASET_DIR).is_dir():
+        shutil.copytree(Path(latents_dir) / DATASET_DIR, out_dir / DATASET_DIR, dirs_exist_ok=True)
+    summary = {
+        "concept": concept.model_dump(),
+        "config": config.model_dump(),
+        "learning_rate_used": config.lr,
+        "model_source": model.source,
+        "model_fingerprint": model.fingerprint,
+        "image_sha256": latents.image_sha256,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "steps_per_second": result.steps_per_second,
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "embedding_norm": curve[-1]["embedding_norm"] if curve else None,
+        "last_checkpoint": result.last_checkpoint,
+        "checkpoint_dir": checkpoint_dir,
+        "concepts_trained_together": len(trainer.concepts),
+        "files": {k: str(v.relative_to(out_dir)) for k, v in files.items()},
+        "device": str(trainer.device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "oneword_version": __version__,
+    }
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
 def train(
@@ -73,17 +141,7 @@ def train(
         The `TrainResult`.
     """
     latents = LatentSet.load(Path(latents_dir))
-    source = base_model if base_model is not None else latents.meta.get("model_source")
-    if source is None:
-        raise OnewordError(f"{latents_dir} does not record its base model", hint="pass --base-model")
-    model = source if isinstance(source, BaseModel) else load_base_model(source, parts=("unet",))
-    recorded = latents.meta.get("model_fingerprint")
-    if recorded and recorded != model.fingerprint:
-        log.warning(
-            "latents were encoded for model %s… but training uses %s…; fine only if they share a VAE",
-            recorded[:19],
-            model.fingerprint[:19],
-        )
+    model = _load_model(latents, base_model, Path(latents_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
@@ -98,27 +156,142 @@ def train(
         trainer.device,
     )
     result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress)
-    files = write_embedding_files(result.embeddings[0], out_dir)
-    (out_dir / CURVE_FILE).write_text(json.dumps(result.curve))
-    summary = {
-        "concept": concept.model_dump(),
-        "config": config.model_dump(),
-        "learning_rate_used": config.lr,
-        "model_source": model.source,
-        "model_fingerprint": model.fingerprint,
-        "image_sha256": latents.image_sha256,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "steps_per_second": result.steps_per_second,
-        "final_loss": result.curve[-1]["loss"] if result.curve else None,
-        "embedding_norm": result.curve[-1]["embedding_norm"] if result.curve else None,
-        "last_checkpoint": result.last_checkpoint,
-        "checkpoint_dir": str(ckpt),
-        "files": {k: str(v.relative_to(out_dir)) for k, v in files.items()},
-        "device": str(trainer.device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "oneword_version": __version__,
-    }
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    _write_concept(
+        out_dir,
+        result.embeddings[0],
+        result.curve,
+        concept,
+        config,
+        model,
+        latents,
+        Path(latents_dir),
+        result,
+        trainer,
+        str(ckpt),
+    )
     return result
+
+
+def check_concept(tokenizer, spec: ConceptSpec) -> None:
+    """Raise `OnewordError` if `spec` cannot be trained in a model with this tokenizer (before any work)."""
+    initializer_id(tokenizer, spec.init_word)
+    get_templates(spec.templates)
+    known = {**tokenizer.get_vocab(), **tokenizer.get_added_vocab()}
+    clash = [t for t in expand_placeholder(spec.token, spec.n_vectors).split() if t in known]
+    if clash:
+        raise OnewordError(
+            f"token {spec.token!r} is already a word of the model ({clash[0]!r})", hint="pick a new token, e.g. <my-x>"
+        )
+
+
+def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: TrainConfig, fingerprint: str) -> str:
+    """A name for a group's checkpoints made from what determines its training, not from the run that started it.
+
+    The same concepts, images, model and settings give the same key, so a resubmitted run (after a preempted
+    pod, or a failure in a later step) resumes the group's checkpoints instead of training from the start.
+    """
+    what = {
+        "concepts": [(name, spec.model_dump(), lat.image_sha256) for name, spec, lat in members],
+        "config": config.model_dump(exclude={"log_every", "device", "compile"}),
+        "model": fingerprint,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_group(
+    members: Sequence[tuple[str, ConceptSpec, Path]],
+    out_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    base_model: str | BaseModel | None = None,
+    checkpoint_root: str | Path | None = None,
+    resume: bool = True,
+    callbacks: Sequence[MetricsCallback] = (),
+    progress: bool = True,
+) -> list[dict]:
+    """Learn several concepts together (one batch of K x batch_size), each written to `out_dir/<name>/`.
+
+    A concept that cannot train (its latents carry an earlier step's failure, its token clashes, its loss turns
+    non-finite) is recorded as failed in `out_dir/<name>/failure.json` and `concepts.json`; the others go on.
+
+    Args:
+        members: `(name, concept, latents folder)` per concept; names are the output subfolders.
+        out_dir: output folder.
+        config: optimisation settings (shared; each concept has its own parameter and optimiser state).
+        base_model: the model to train in; default: the one the latents were encoded with.
+        checkpoint_root: folder or `s3://` prefix; the group's checkpoints go to `<root>/<group_key>` so that
+            a rerun resumes them. Default: `out_dir/checkpoints`.
+        resume: continue from the newest readable checkpoint there.
+        callbacks: metrics callbacks (means over the concepts still training).
+        progress: show a progress bar.
+
+    Returns:
+        One status per member, in order: `{"name", "token", "status": "trained"|"failed", "stage", "error"}`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status = {
+        name: {"name": name, "token": spec.token, "status": "failed", "stage": "", "error": ""}
+        for name, spec, _ in members
+    }
+    if len(status) != len(members):
+        raise OnewordError(f"concept names must differ within a group: {[m[0] for m in members]}")
+
+    def fail(name: str, stage: str, error: str) -> None:
+        status[name].update(stage=stage, error=error)
+        outcome.write_failure(out_dir / name, stage, error)
+        log.error("%s failed at %s: %s", name, stage, error)
+
+    loaded: list[tuple[str, ConceptSpec, LatentSet, Path]] = []
+    for name, spec, where in members:
+        if (earlier := outcome.read_failure(where)) is not None:
+            fail(name, earlier["stage"], earlier["error"])
+            continue
+        try:
+            loaded.append((name, spec, LatentSet.load(Path(where)), Path(where)))
+        except OnewordError as e:
+            fail(name, "train", str(e))
+    model = _load_model(loaded[0][2], base_model, loaded[0][3]) if loaded else None
+    ready = []
+    for name, spec, lat, where in loaded:
+        try:
+            check_concept(model.tokenizer, spec)
+            ready.append((name, spec, lat, where))
+        except OnewordError as e:
+            fail(name, "train", str(e))
+    if ready:
+        key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model.fingerprint)
+        ckpt = f"{str(checkpoint_root).rstrip('/')}/{key}" if checkpoint_root else str(out_dir / "checkpoints")
+        trainer = InversionTrainer(model, [(spec, lat) for _, spec, lat, _ in ready], config)
+        log.info(
+            "training %d concepts together (%s) for %d steps, batch %d x %d, on %s; checkpoints in %s",
+            len(ready),
+            ", ".join(spec.token for _, spec, _, _ in ready),
+            config.steps,
+            len(ready),
+            config.batch_size,
+            trainer.device,
+            ckpt,
+        )
+        result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress, keep_going=True)
+        by_token = {e.token: e for e in result.embeddings}
+        for name, spec, lat, where in ready:
+            if spec.token in result.failed:
+                fail(name, "train", result.failed[spec.token])
+                continue
+            _write_concept(
+                out_dir / name,
+                by_token[spec.token],
+                result.curves[spec.token],
+                spec,
+                config,
+                model,
+                lat,
+                where,
+                result,
+                trainer,
+                ckpt if checkpoint_root else "../checkpoints",
+            )
+            status[name].update(status="trained", stage="train")
+    rows = [status[name] for name, _, _ in members]
+    (out_dir / GROUP_FILE).write_text(json.dumps(rows, indent=2))
+    return rows

@@ -12,10 +12,19 @@ from oneword.cli.app import app
 
 @app.command("train")
 def train_cmd(
-    latents: Annotated[Path, typer.Argument(help="folder written by `oneword cache-latents`")],
-    token: Annotated[str, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")],
-    init_word: Annotated[str, typer.Option(help="one-token word to start from, e.g. 'cat'")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    latents: Annotated[
+        Path | None, typer.Argument(help="folder written by `oneword cache-latents` (one concept)")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")] = None,
+    init_word: Annotated[str | None, typer.Option(help="one-token word to start from, e.g. 'cat'")] = None,
+    concepts: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML list of concepts to train together (name, latents, token, init_word, optional n_vectors "
+            "and templates); each is written to OUT/NAME"
+        ),
+    ] = None,
     base_model: Annotated[str | None, typer.Option(help="default: the model the latents were encoded with")] = None,
     n_vectors: Annotated[int, typer.Option(help="vectors per token (more: more detail, less editability)")] = 1,
     templates: Annotated[str, typer.Option(help="object, style, toyworld, or a file of templates")] = "object",
@@ -36,16 +45,18 @@ def train_cmd(
     log_every: Annotated[int, typer.Option(help="steps between loss reports")] = 10,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
-    """Learn a new word for the concept in the latents.
+    """Learn a new word for the concept in the latents, or for several concepts together (--concepts).
 
-    Example: oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train
+    Examples:
+      oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train
+      oneword train --concepts shard.yaml -o runs/shard-0 --resume   # K concepts in one batch of K x batch-size
     """
     from rich import print as rprint
 
+    from oneword.errors import OnewordError
     from oneword.inversion import ConceptSpec, TrainConfig
-    from oneword.train import train
+    from oneword.train import train, train_group
 
-    concept = ConceptSpec(token=token, init_word=init_word, n_vectors=n_vectors, templates=templates)
     config = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -62,8 +73,56 @@ def train_cmd(
         log_every=log_every,
         device=device,
     )
+    if concepts is not None:
+        if latents is not None or token or init_word:
+            raise OnewordError("pass either --concepts or LATENTS with --token and --init-word, not both")
+        rows = train_group(
+            _read_group(concepts),
+            out,
+            config,
+            base_model=base_model,
+            checkpoint_root=checkpoint_dir,
+            resume=resume,
+        )
+        for row in rows:
+            where = f"{out}/{row['name']}" if row["status"] == "trained" else f"{row['stage']}: {row['error']}"
+            rprint(f"[{'green' if row['status'] == 'trained' else 'red'}]{row['token']}[/] {row['status']}: {where}")
+        if any(row["status"] != "trained" for row in rows):
+            raise typer.Exit(2)
+        return
+    if latents is None or not token or not init_word:
+        raise OnewordError("train needs LATENTS, --token and --init-word (or --concepts FILE)")
+    concept = ConceptSpec(token=token, init_word=init_word, n_vectors=n_vectors, templates=templates)
     r = train(latents, out, concept, config, base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume)
     rprint(
         f"[green]{token}[/] trained for {r.steps} steps ({r.steps_per_second:.1f} steps/s) -> "
         f"{out}/learned_embeds.safetensors"
     )
+
+
+def _read_group(path: Path):
+    """Read a --concepts YAML file into `(name, ConceptSpec, latents folder)` triples."""
+    import yaml
+    from pydantic import ValidationError
+
+    from oneword.errors import OnewordError
+    from oneword.inversion import ConceptSpec
+
+    if not path.is_file():
+        raise OnewordError(f"concepts file {path} not found")
+    items = yaml.safe_load(path.read_text()) or []
+    items = items.get("concepts", []) if isinstance(items, dict) else items
+    out = []
+    for i, item in enumerate(items):
+        try:
+            item = dict(item)
+            name, where = item.pop("name"), Path(item.pop("latents"))
+            out.append((str(name), ConceptSpec(**item), where if where.is_absolute() else path.parent / where))
+        except (KeyError, TypeError, ValidationError) as e:
+            raise OnewordError(
+                f"concept #{i + 1} of {path} is invalid: {e}",
+                hint="each needs name, latents, token and init_word (n_vectors and templates are optional)",
+            ) from e
+    if not out:
+        raise OnewordError(f"concepts file {path} lists no concepts")
+    return out

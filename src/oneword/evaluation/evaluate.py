@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
 
-from oneword import checkpoints
+from oneword import checkpoints, storage
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.evaluation import prompts as P
@@ -35,6 +35,7 @@ from oneword.evaluation.selection import CurvePoint, criterion_text, select_chec
 from oneword.generate import SamplerConfig, build_pipeline, load_embeddings, make_grid, sample
 from oneword.images import Manifest
 from oneword.inversion import resolve_device
+from oneword.latents import DATASET_DIR
 from oneword.models import BaseModel, load_base_model
 from oneword.storage import atomic_dir
 from oneword.tokens import vector_tokens
@@ -84,6 +85,8 @@ def _checkpoint_list(train_dir: Path, summary: dict) -> list[tuple[int, str]]:
     if local:
         return local
     recorded = summary.get("checkpoint_dir")
+    if recorded and not storage.is_s3(recorded) and not Path(recorded).is_absolute():
+        recorded = Path(train_dir) / recorded  # a group's shared checkpoints, beside the concept's folder
     return checkpoints.list_checkpoints(recorded) if recorded else []
 
 
@@ -150,7 +153,7 @@ class _Session:
 
 def evaluate(
     train_dir: Path,
-    dataset_dir: Path,
+    dataset_dir: Path | None,
     out_dir: Path,
     config: EvalConfig = EvalConfig(),
     base_model: str | BaseModel | None = None,
@@ -160,7 +163,8 @@ def evaluate(
 
     Args:
         train_dir: folder written by `oneword train` (embedding, checkpoints, summary.json).
-        dataset_dir: the preprocessed training images (folder written by `oneword preprocess`).
+        dataset_dir: the preprocessed training images (folder written by `oneword preprocess`); None: the copy
+            that `train` keeps in `train_dir/dataset`.
         out_dir: where metrics.json, grid.png, scatter.png, report.html and the selected embedding go.
         config: evaluation settings.
         base_model: default: the model the concept was trained on.
@@ -175,6 +179,7 @@ def evaluate(
     emb = emb_io.load(Path(train_dir) / "learned_embeds.safetensors")
     source = base_model if base_model is not None else summary["model_source"]
     model = source if isinstance(source, BaseModel) else load_base_model(source)
+    dataset_dir = Path(dataset_dir) if dataset_dir is not None else Path(train_dir) / DATASET_DIR
     manifest = Manifest.load(dataset_dir)
     train_images = [Image.open(Path(dataset_dir) / r.file).convert("RGB") for r in manifest.images]
     s = _Session(model, emb, train_images, config, force=base_model is not None)

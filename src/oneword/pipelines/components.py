@@ -243,16 +243,17 @@ def personalise_shard(
     accelerator_type: str = "",
     accelerator_limit: int = 0,
 ) -> list:
-    """Run each concept of a shard through preprocess, cache_latents, train, evaluate and register.
+    """Run a shard's concepts through preprocess, cache_latents, train (all together), evaluate and register.
 
-    A concept that fails is reported (stage and error) and the others go on; a retried shard resumes training
-    from its checkpoints and does not register a concept twice. Parameters are the batch pipeline's
-    (accelerator_type and accelerator_limit are recorded in the output's metadata).
+    The concepts train in one batch on the pod's GPU. A concept that fails is reported (stage and error) and
+    the others go on; a rerun shard resumes training from the group's checkpoints under checkpoint_root (keyed
+    by what is trained, not by the run) and does not register a concept twice. Parameters are the batch
+    pipeline's (accelerator_type and accelerator_limit are recorded in the output's metadata).
     """
     import json
     import os
 
-    from oneword.batch import BatchSettings, ConceptEntry, personalise
+    from oneword.batch import BatchSettings, ConceptEntry, personalise_shard
 
     settings = BatchSettings(
         base_model=base_model, resolution=resolution, mode=mode, steps=steps, batch_size=batch_size,
@@ -263,7 +264,8 @@ def personalise_shard(
         min_reconstruction=min_reconstruction, min_editability=min_editability,
     )
     os.makedirs(work.path, exist_ok=True)
-    statuses = [personalise(ConceptEntry(**c), settings, work.path, tracking_uri or None, batch_id) for c in shard]
+    statuses = personalise_shard([ConceptEntry(**c) for c in shard], settings, work.path, tracking_uri or None,
+                                 batch_id)
     with open(os.path.join(work.path, "statuses.json"), "w") as f:
         json.dump(statuses, f, indent=2)
     work.metadata["registered"] = sum(s["status"] == "registered" for s in statuses)

@@ -14,7 +14,8 @@ from oneword.pipelines import components as c
 S3_SECRET = "oneword-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 MLFLOW_SECRET = "oneword-mlflow"  # keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (optional)
 CONFIG_MAP = "oneword-config"  # keys S3_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, MLFLOW_TRACKING_URI
-TRAIN_RETRIES = 3  # spot/preemptible GPU nodes are the norm; a retry resumes from the last checkpoint
+TRAIN_RETRIES = 3  # spot/preemptible GPU nodes are the norm; a retry resumes from the last checkpoint (root-DAG
+# tasks only: see batch_personalisation for why its shards carry none)
 
 
 def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -232,6 +233,7 @@ def batch_personalisation(
                                        tracking_uri=tracking_uri))
     with dsl.ExitHandler(done, name="every-concept"):
         plan = _cluster_env(c.plan_batch(concepts_manifest=concepts_manifest, concepts_per_shard=concepts_per_shard))
+        plan.set_caching_options(False)  # a recurring run must read tonight's manifest, not replay the first one
         with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:
             task = c.personalise_shard(
                 shard=shard, batch_id=batch_id, base_model=base_model, resolution=resolution, mode=mode,
@@ -245,7 +247,10 @@ def batch_personalisation(
                 accelerator_type=accelerator_type, accelerator_limit=accelerator_limit,
             )
             _on_gpu(_cluster_env(task), accelerator_type, accelerator_limit, gpu_node_selector, gpu_toleration)
-            task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+            # No set_retry here: KFP's backend up to 2.13 applies retry policies to root-DAG tasks only
+            # (argocompiler/container.go, getTaskRetryPolicySpec), so inside this ParallelFor it would be ignored
+            # on a cluster and only sleep through backoffs under kfp.local. A killed shard is rerun instead, and
+            # resumes: its checkpoints are keyed by what it trains (oneword.train.group_key), not by the run.
             task.set_caching_options(False)
 
 

@@ -1,0 +1,79 @@
+"""A concept's failure, carried from step to step, so that one concept of a batch never loses the others.
+
+In a batch, a concept whose step fails (bad photos, a non-finite loss) must not fail the pipeline task: KFP
+would stop the shard, and with it the shard's other concepts. So batch steps run with `on_error="record"`:
+the step writes `failure.json` (stage and error) into its output folder instead of raising, each later step
+passes the marker on without working, and `register` records the failure in MLflow, where the batch report
+finds it. With `on_error="fail"` (one concept, the CLI) errors are raised as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from oneword.errors import OnewordError
+
+log = logging.getLogger(__name__)
+
+FAILURE_FILE = "failure.json"
+OnError = Literal["fail", "record"]
+ON_ERROR_CHOICES = ("fail", "record")
+T = TypeVar("T")
+
+
+def read_failure(folder: str | Path | None) -> dict | None:
+    """The failure recorded in a step's output folder (`{"stage", "error"}`), or None."""
+    if not folder:
+        return None
+    p = Path(folder) / FAILURE_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def write_failure(folder: str | Path, stage: str, error: str) -> dict:
+    """Record in `folder` that the concept failed at `stage`; returns the record."""
+    record = {"stage": stage, "error": error}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def run_step(
+    stage: str, out_dir: str | Path, on_error: OnError, work: Callable[[], T], upstream: Sequence[str | Path] = ()
+) -> T | None:
+    """Run one step of one concept, honouring failures before it and `on_error`.
+
+    Args:
+        stage: the step's name, recorded with a failure.
+        out_dir: the step's output folder (where a failure is written).
+        on_error: `fail` raises; `record` writes the failure into `out_dir` and returns None.
+        work: the step itself.
+        upstream: the input folders of earlier steps; a failure recorded there is passed on, and `work` is
+            not run.
+
+    Returns:
+        What `work` returned, or None if the concept had failed.
+    """
+    if on_error not in ON_ERROR_CHOICES:
+        raise OnewordError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
+    for folder in upstream:
+        if (earlier := read_failure(folder)) is not None:
+            write_failure(out_dir, earlier["stage"], earlier["error"])
+            log.info("skipping %s: the concept failed at %s", stage, earlier["stage"])
+            return None
+    try:
+        return work()
+    except OnewordError as e:
+        if on_error == "fail":
+            raise
+        write_failure(out_dir, stage, str(e))
+        log.error("%s failed: %s", stage, e)
+    except Exception as e:  # a crash of one concept's step must not lose the batch; the trace goes to the log
+        if on_error == "fail":
+            raise
+        write_failure(out_dir, stage, f"{type(e).__name__}: {e}")
+        log.exception("%s crashed", stage)
+    return None

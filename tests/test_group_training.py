@@ -1,0 +1,143 @@
+"""Several concepts trained together: same gradients as alone, failures kept apart, resume after kill -9."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from oneword import checkpoints, outcome
+from oneword.embeddings import load as load_embedding
+from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig
+from oneword.models import load_base_model
+from oneword.train import GROUP_FILE, train_group
+
+ONEWORD = str(Path(sys.executable).parent / "oneword")
+SPECS = [ConceptSpec(token=f"<g{i}>", init_word=w) for i, w in enumerate(("cat", "dog", "clock"))]
+
+
+def test_each_concept_gets_the_gradient_it_would_get_alone(tiny_model_dir, cat_latents):
+    cfg = TrainConfig(steps=1, batch_size=2, checkpoint_every=0, init_l2=0.5)
+    group = InversionTrainer(load_base_model(str(tiny_model_dir)), [(s, cat_latents) for s in SPECS], cfg)
+    alone = InversionTrainer(load_base_model(str(tiny_model_dir)), [(SPECS[1], cat_latents)], cfg)
+    with torch.no_grad():  # move the vectors off the initializer, so the L2 term has a gradient too
+        for c in (group.concepts[1], alone.concepts[0]):
+            c.param.add_(0.01)
+    z0, ids = group._batch(0)  # (6, C, h, w): two rows per concept
+    noise, t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 500] * 3)
+    losses = group.concept_losses(z0, ids, noise, t)
+    losses.sum().backward()
+    rows = slice(2, 4)  # the dog's rows, with the alone trainer's own token ids swapped in
+    alone_ids = ids[rows].clone()
+    alone_ids[alone_ids == group.concepts[1].token_ids[0]] = alone.concepts[0].token_ids[0]
+    alone_loss = alone.concept_losses(z0[rows], alone_ids, noise[rows], t[rows])
+    alone_loss.sum().backward()
+    assert losses[1].item() == pytest.approx(alone_loss.item(), rel=1e-5)
+    torch.testing.assert_close(group.concepts[1].param.grad, alone.concepts[0].param.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_concept_whose_loss_turns_non_finite_stops_alone(tiny_model, cat_latents, tmp_path, caplog):
+    tr = InversionTrainer(tiny_model, [(s, cat_latents) for s in SPECS[:2]], TrainConfig(steps=20, log_every=5))
+    real, calls = tr.concept_losses, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        losses = real(*a, **k)
+        if len(calls) > 7 and not tr.concepts[0].failed:  # the cat's loss turns NaN from step 8 on
+            losses = losses * torch.tensor([float("nan"), 1.0])
+        return losses
+
+    tr.concept_losses = poisoned
+    with caplog.at_level(logging.WARNING):
+        r = tr.run(tmp_path, progress=False)
+    assert r.steps == 20 and list(r.failed) == ["<g0>"] and "between steps 5 and 10" in r.failed["<g0>"]
+    assert [e.token for e in r.embeddings] == ["<g1>"] and torch.isfinite(r.embeddings[0].vectors).all()
+    assert [p["step"] for p in r.curves["<g1>"]] == [5, 10, 15, 20] and len(r.curves["<g0>"]) == 1
+    assert "<g0>" in caplog.text
+    # the failure is in the checkpoint too: a resumed run does not bring the cat back
+    resumed = InversionTrainer(
+        load_base_model(str(tiny_model.source)),
+        [(s, cat_latents) for s in SPECS[:2]],
+        TrainConfig(steps=20, log_every=5),
+    )
+    resumed.run(tmp_path, resume=True, progress=False)
+    assert resumed.concepts[0].failed and not resumed.concepts[1].failed
+
+
+def test_train_group_writes_each_concept_and_records_failures(tiny_model_dir, cat_latents_dir, tmp_path):
+    broken = tmp_path / "broken-latents"
+    outcome.write_failure(broken, "preprocess", "photos/a.jpg is not an image")
+    members = [
+        ("cat", SPECS[0], cat_latents_dir),
+        ("from-bad-photos", SPECS[1], broken),
+        ("two-word-init", ConceptSpec(token="<g9>", init_word="grandfather clock tower"), cat_latents_dir),
+        ("clock", SPECS[2], cat_latents_dir),
+    ]
+    rows = train_group(members, tmp_path / "out", TrainConfig(steps=4, checkpoint_every=2), progress=False)
+    assert [r["status"] for r in rows] == ["trained", "failed", "failed", "trained"]
+    assert rows[1]["stage"] == "preprocess" and "a.jpg" in rows[1]["error"]
+    assert rows[2]["stage"] == "train" and "initializer" in rows[2]["error"].lower()
+    for name in ("cat", "clock"):
+        emb = load_embedding(tmp_path / "out" / name / "learned_embeds.safetensors")
+        assert emb.vectors.shape == (1, 32)
+        assert (tmp_path / "out" / name / "dataset" / "manifest.json").exists()  # for evaluation
+    assert outcome.read_failure(tmp_path / "out" / "from-bad-photos")["stage"] == "preprocess"
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "out" / "checkpoints")] == [2, 4]
+    assert yaml.safe_load((tmp_path / "out" / GROUP_FILE).read_text()) == rows
+
+
+def test_a_damaged_newest_checkpoint_is_skipped(tiny_model_dir, cat_latents_dir, tmp_path, caplog):
+    members = [("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)]
+    whole = tmp_path / "whole"
+    train_group(members, whole, TrainConfig(steps=30, checkpoint_every=10), progress=False)
+    broken = tmp_path / "broken"
+    train_group(members, broken, TrainConfig(steps=20, checkpoint_every=10), progress=False)
+    newest = broken / "checkpoints" / "step-000020.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a truncated upload, a full disk
+    with caplog.at_level(logging.WARNING):
+        train_group(members, broken, TrainConfig(steps=30, checkpoint_every=10), progress=False)
+    assert "skipping damaged checkpoint" in caplog.text and "step-000020.pt" in caplog.text
+    for name in ("cat", "dog"):
+        a = load_embedding(whole / name / "learned_embeds.safetensors").vectors
+        b = load_embedding(broken / name / "learned_embeds.safetensors").vectors
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_killed_group_training_resumes_to_the_vectors_of_an_unbroken_run(tiny_model_dir, cat_latents_dir, tmp_path):
+    group = tmp_path / "group.yaml"
+    group.write_text(
+        yaml.safe_dump(
+            [
+                {"name": "cat", "latents": str(cat_latents_dir), "token": "<k0>", "init_word": "cat"},
+                {"name": "dog", "latents": str(cat_latents_dir), "token": "<k1>", "init_word": "dog", "n_vectors": 2},
+            ]
+        )
+    )
+    steps = ["--steps", "300", "--checkpoint-every", "10", "--batch-size", "2"]
+
+    def cmd(out):
+        return [ONEWORD, "train", "--concepts", str(group), "-o", str(out), *steps, "--resume"]
+
+    subprocess.run(cmd(tmp_path / "unbroken"), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "step-000030.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [s for s, _ in checkpoints.list_checkpoints(killed / "checkpoints")]
+    assert proc.returncode == -signal.SIGKILL and max(done) < 300, done  # it really died mid-run
+    subprocess.run(cmd(killed), check=True, capture_output=True)
+    for name in ("cat", "dog"):
+        a = load_embedding(tmp_path / "unbroken" / name / "learned_embeds.safetensors").vectors
+        b = load_embedding(killed / name / "learned_embeds.safetensors").vectors
+        assert torch.equal(a, b), name

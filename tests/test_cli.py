@@ -114,6 +114,33 @@ def test_bench_prints_figures(capsys):
     assert code == 0 and "steps/s" in out and "speed-up at equal effective batch" in out
 
 
+def test_bench_concepts_together_beside_one_after_another(tmp_path, capsys):
+    import json
+
+    out_json = tmp_path / "bench.json"
+    code, out = run(["bench", "--concepts", "1,2", "--steps", 3, "--json", str(out_json)], capsys)
+    assert code == 0 and "steps/s" in out and "together" in out
+    rows = {r["name"]: r for r in json.loads(out_json.read_text())}
+    assert set(rows) == {"oneword", "oneword, 2 concepts together", "oneword, 2 concepts one after another"}
+    together, apart = rows["oneword, 2 concepts together"], rows["oneword, 2 concepts one after another"]
+    assert together["batch_size"] == 8 and apart["batch_size"] == 4
+    assert together["images_per_second"] == pytest.approx(together["steps_per_second"] * 8)
+    assert apart["images_per_second"] == pytest.approx(apart["steps_per_second"] * 4)
+
+
+def test_train_group_through_the_cli(cat_latents_dir, tmp_path, capsys):
+    group = tmp_path / "group.yaml"
+    rows = [("cat", "<cli-a>", "cat"), ("bad", "<cli-b>", "xylophonist")]
+    group.write_text(
+        "".join(f"- {{name: {n}, latents: {cat_latents_dir}, token: '{t}', init_word: {w}}}\n" for n, t, w in rows)
+    )
+    code, out = run(["train", "--concepts", group, "-o", tmp_path / "out", "--steps", 2], capsys)
+    assert code == 2 and "<cli-a> trained" in out and "<cli-b> failed" in out and "splits into" in out
+    assert (tmp_path / "out" / "cat" / "learned_embeds.safetensors").exists()
+    code, out = run(["train", "-o", tmp_path / "x", "--token", "<q>"], capsys)
+    assert code == 2 and "--concepts" in out
+
+
 def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
     import json
 

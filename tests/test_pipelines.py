@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -184,13 +185,17 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
             ("POST", "/apis/v2beta1/pipelines/upload"): {"pipeline_id": "p-1", "display_name": "oneword-batch"},
             ("POST", "/apis/v2beta1/pipelines/upload_version"): {"pipeline_version_id": "v-1", "pipeline_id": "p-1"},
             ("POST", "/apis/v2beta1/recurringruns"): {"recurring_run_id": "rr-1"},
+            ("GET", "/apis/v2beta1/recurringruns"): {
+                "recurringRuns": [{"recurring_run_id": "rr-old", "display_name": "oneword-batch"}]
+            },
+            ("DELETE", "/apis/v2beta1/recurringruns/rr-old"): {},
         }
         if (self.command, path) in routes:
             self._reply(200, routes[(self.command, path)])
         else:
             self._reply(404, {"error": f"unexpected {self.command} {path}"})
 
-    do_GET = do_POST = _handle
+    do_GET = do_POST = do_DELETE = _handle
 
     def log_message(self, *args) -> None:
         pass
@@ -260,9 +265,18 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
         "0 0 2 * * *",
         version="v1",
         max_concurrency=2,
-        no_catchup=True,
+        catchup=False,
     )
-    assert out == {"pipeline_id": "p-1", "version_id": "v-1", "recurring_run_id": "rr-1"}
+    # the schedule of the same name is replaced, not doubled: the new one is made first, then the old one goes
+    assert out == {"pipeline_id": "p-1", "version_id": "v-1", "recurring_run_id": "rr-1", "replaced": ["rr-old"]}
+    order = [(m, p.split("?")[0]) for m, p, _ in calls if "recurringruns" in p]
+    assert order == [
+        ("GET", "/apis/v2beta1/recurringruns"),
+        ("POST", "/apis/v2beta1/recurringruns"),
+        ("DELETE", "/apis/v2beta1/recurringruns/rr-old"),
+    ]
+    listed = next(p for m, p, _ in calls if m == "GET" and "recurringruns" in p)
+    assert "oneword-batch" in urllib.parse.unquote(listed)  # filtered by name
     paths = [p for _, p, _ in calls]
     assert any(p.startswith("/apis/v2beta1/pipelines/upload?name=oneword-batch") for p in paths)
     assert any(p.startswith("/apis/v2beta1/pipelines/upload_version?name=v1&pipelineid=p-1") for p in paths)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,8 +71,13 @@ def bench_oneword(
     device: str = "auto",
     precision: str = "auto",
     compile: bool = False,
+    concepts: int = 1,
 ) -> BenchResult:
-    """Time oneword's training loop on `model` (the model is modified: a token is added)."""
+    """Time oneword's training loop on `model` (the model is modified: tokens are added).
+
+    With `concepts` > 1, that many concepts train together in one batch of `concepts` x `batch_size` (a batch
+    job's shard); images/s counts every concept's images.
+    """
     dev = resolve_device(device)
     c, side = _latent_shape(model, resolution)
     cfg = TrainConfig(
@@ -81,9 +87,11 @@ def bench_oneword(
         precision=precision,  # type: ignore[arg-type]
         compile=compile,
     )
-    trainer = InversionTrainer(
-        model, [(ConceptSpec(token="<bench>", init_word="object"), synthetic_latents(c, side))], cfg
-    )
+    members = [
+        (ConceptSpec(token=f"<bench-{k}>", init_word="object"), synthetic_latents(c, side, seed=k))
+        for k in range(concepts)
+    ]
+    trainer = InversionTrainer(model, members, cfg)
     for s in range(warmup):
         trainer.train_step(s)
     _sync(dev)
@@ -95,8 +103,46 @@ def bench_oneword(
     _sync(dev)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    name = "oneword" + (" (compiled)" if compile else "")
-    return BenchResult(name, str(dev), batch_size, 1, steps, dt, steps / dt, steps * batch_size / dt, peak)
+    name = "oneword" + (f", {concepts} concepts together" if concepts > 1 else "") + (" (compiled)" if compile else "")
+    images = steps * batch_size * concepts
+    return BenchResult(name, str(dev), batch_size * concepts, 1, steps, dt, steps / dt, images / dt, peak)
+
+
+def bench_concepts(
+    load: Callable[[], BaseModel], counts: Sequence[int], batch_size: int = 4, steps: int = 50, **kwargs
+) -> list[BenchResult]:
+    """For each K in `counts`: K concepts trained together, beside K trained one after another.
+
+    Args:
+        load: makes a fresh model (each loop adds its own tokens).
+        counts: the Ks to time.
+        batch_size: images per concept per step.
+        steps: timed optimiser steps per loop.
+        **kwargs: passed to `bench_oneword` (resolution, device, precision, compile).
+
+    Returns:
+        Per K, the together figure and then the one-after-another figure (`steps` is per concept there).
+    """
+    out = []
+    for k in counts:
+        out.append(bench_oneword(load(), batch_size, steps, concepts=k, **kwargs))
+        if k > 1:
+            one = [bench_oneword(load(), batch_size, steps, **kwargs) for _ in range(k)]
+            seconds = sum(r.seconds for r in one)
+            out.append(
+                BenchResult(
+                    f"oneword, {k} concepts one after another",
+                    one[0].device,
+                    batch_size,
+                    1,
+                    steps,
+                    seconds,
+                    steps * k / seconds,
+                    steps * k * batch_size / seconds,
+                    max((r.peak_memory_mb or 0) for r in one) or None,
+                )
+            )
+    return out
 
 
 def bench_diffusers_style(

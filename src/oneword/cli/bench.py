@@ -35,10 +35,15 @@ def bench_cmd(
         str | None, typer.Option(help="with --eval: also time CLIP scoring with this evaluator")
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
+    concepts: Annotated[
+        str,
+        typer.Option(help="comma-separated Ks: K concepts trained together beside one after another, e.g. 1,2,4,8"),
+    ] = "",
 ) -> None:
     """Benchmark textual-inversion training speed.
 
-    Examples: oneword bench; oneword bench --sd15-shape --resolution 512 --compile (on a GPU)
+    Examples: oneword bench; oneword bench --concepts 1,2,4,8;
+    oneword bench --sd15-shape --resolution 512 --compile (on a GPU)
     """
     from rich.console import Console
     from rich.table import Table
@@ -51,6 +56,20 @@ def bench_cmd(
 
         results.append(
             bench_eval(base_model, sd15_shape, device=device, n_images=eval_images, steps=steps, clip_model=clip_model)
+        )
+    elif concepts:
+        counts = [int(k) for k in concepts.split(",") if k.strip()]
+        results.extend(
+            bench.bench_concepts(
+                lambda: bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
+                counts,
+                batch_size,
+                steps,
+                resolution=resolution,
+                device=device,
+                precision=precision,
+                compile=compile,
+            )
         )
     else:
         results.append(
@@ -89,7 +108,7 @@ def bench_cmd(
             )
     table = Table(title="oneword bench")
     for col in ("loop", "device", "batch x accum", "steps/s", "images/s", "peak MB"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in results:
         table.add_row(
             r.name,

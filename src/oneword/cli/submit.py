@@ -72,13 +72,17 @@ def schedule_cmd(
     name: Annotated[str, typer.Option(help="pipeline and recurring-run name")] = "oneword-batch",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="more pipeline parameters KEY=VALUE")] = None,
     max_concurrency: Annotated[int, typer.Option(help="runs of this schedule at once")] = 1,
-    no_catchup: Annotated[bool, typer.Option(help="skip runs missed while paused")] = True,
+    catchup: Annotated[
+        bool, typer.Option("--catchup/--no-catchup", help="backfill runs missed while the schedule was paused")
+    ] = False,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = "oneword",
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
 ) -> None:
     """Upload batch_personalisation as a new pipeline version and run it on a schedule.
+
+    Scheduling again with the same --name replaces that schedule (new version, new settings) instead of adding one.
 
     Example: oneword schedule --host http://kfp --concepts-manifest s3://oneword-data/concepts.yaml --cron '0 0 2 * * *'
     """
@@ -95,7 +99,7 @@ def schedule_cmd(
             name=name,
             experiment=experiment,
             max_concurrency=max_concurrency,
-            no_catchup=no_catchup,
+            catchup=catchup,
             namespace=namespace,
             token=existing_token,
             service_account=service_account,

@@ -1,5 +1,7 @@
 """Send pipelines to a Kubeflow Pipelines cluster with `kfp.Client`: one run, or a recurring batch run."""
 
+import json
+
 from oneword.errors import OnewordError
 from oneword.pipelines.compile import tmp_package
 
@@ -39,9 +41,12 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
 
 def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", experiment: str = "oneword",
              pipeline: str = "batch_personalisation", version: str | None = None, max_concurrency: int = 1,
-             no_catchup: bool = True, namespace: str | None = None, token: str | None = None,
+             catchup: bool = False, namespace: str | None = None, token: str | None = None,
              service_account: str = SERVICE_ACCOUNT) -> dict:
-    """Upload a pipeline version and create a recurring run of it.
+    """Upload a pipeline version and run it on a schedule, replacing the schedule of the same name if there is one.
+
+    KFP's API cannot change a recurring run in place, so the new one is created first and the old ones of that
+    name (in the experiment) are deleted after it: at no moment is there no schedule, and afterwards only one.
 
     Args:
         host: KFP API endpoint.
@@ -52,11 +57,12 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         pipeline: which pipeline to schedule.
         version: pipeline version name (default: oneword's version plus a timestamp).
         max_concurrency: runs of this schedule allowed at once.
-        no_catchup: do not backfill runs missed while the schedule was paused.
+        catchup: backfill the runs missed while the schedule was paused (off: start from now).
+        namespace: the Kubernetes namespace of a multi-user KFP (every call is made in it).
         service_account: the Kubernetes service account runs use (k8s/base/rbac.yaml makes it).
 
     Returns:
-        `{"pipeline_id", "version_id", "recurring_run_id"}`.
+        `{"pipeline_id", "version_id", "recurring_run_id", "replaced": [ids of the schedules it replaced]}`.
     """
     import time
 
@@ -71,9 +77,22 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         pipeline_id = p.pipeline_id
     v = client.upload_pipeline_version(package, pipeline_version_name=version, pipeline_id=pipeline_id)
     exp = client.create_experiment(experiment, namespace=namespace)
+    name_filter = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": name}]})
+    old, page = [], ""
+    while True:
+        listed = client.list_recurring_runs(page_token=page, page_size=100, experiment_id=exp.experiment_id,
+                                            namespace=namespace, filter=name_filter)
+        old += [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
+        page = listed.next_page_token
+        if not page:
+            break
     job = client.create_recurring_run(
         experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, max_concurrency=max_concurrency,
-        no_catchup=no_catchup, params=params, pipeline_id=pipeline_id, version_id=v.pipeline_version_id,
+        no_catchup=not catchup, params=params, pipeline_id=pipeline_id, version_id=v.pipeline_version_id,
         enabled=True, service_account=service_account or None,
     )
-    return {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": job.recurring_run_id}
+    replaced = [r for r in old if r != job.recurring_run_id]
+    for r in replaced:
+        client.delete_recurring_run(r)
+    return {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": job.recurring_run_id,
+            "replaced": replaced}

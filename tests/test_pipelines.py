@@ -30,18 +30,31 @@ def test_checked_in_specs_are_up_to_date():
     assert stale_files(ROOT) == []
 
 
+def _dags(spec: dict) -> dict[str, dict]:
+    """Every DAG of a compiled pipeline (root, sub-pipelines, loop bodies): {component name: its tasks}."""
+    dags = {"root": spec["root"]["dag"]["tasks"]}
+    dags.update({n: c["dag"]["tasks"] for n, c in spec["components"].items() if "dag" in c})
+    return dags
+
+
+def _task(spec: dict, name: str) -> tuple[str, dict]:
+    (found,) = [(dag, tasks[name]) for dag, tasks in _dags(spec).items() if name in tasks]
+    return found
+
+
 def test_compiled_pipeline_loads_back_with_gpu_settings_on_train():
     from kfp.components import load_component_from_file
 
     loaded = load_component_from_file(str(ROOT / "pipelines" / "textual_inversion.yaml"))
     assert loaded.name == "textual-inversion"
     spec = _spec("textual_inversion")
-    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
-    acc = train["resources"]["accelerator"]
-    assert "accelerator_type" in acc["resourceType"] and "accelerator_limit" in acc["resourceCount"]
-    k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
-    assert k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "gpu_node_selector"
-    assert k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "gpu_toleration"
+    for step in ("cache-latents", "train", "evaluate"):
+        container = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
+        acc = container["resources"]["accelerator"]
+        assert "accelerator_type" in acc["resourceType"] and "accelerator_limit" in acc["resourceCount"], step
+        k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{step}"]
+        assert "gpu_node_selector" in k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"], step
+        assert "gpu_toleration" in k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"], step
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["gpu_toleration"]["defaultValue"]["key"] == "nvidia.com/gpu"
     assert {"accelerator_type", "accelerator_limit", "gpu_node_selector"} <= set(params)
@@ -49,10 +62,38 @@ def test_compiled_pipeline_loads_back_with_gpu_settings_on_train():
     assert all(p.get("description") for p in params.values()), [
         k for k, p in params.items() if not p.get("description")
     ]
-    # the train task retries (spot GPUs), and resumes: its checkpoints live outside the pod
-    dag = spec["root"]["dag"]["tasks"]["train"]
-    assert dag["retryPolicy"]["maxRetryCount"] == 3
+    # the train task retries (spot GPUs) and resumes: its checkpoints live outside the pod, keyed by content
+    _, train = _task(spec, "train")
+    assert train["retryPolicy"]["maxRetryCount"] == 3
     assert params["checkpoint_root"]["defaultValue"].startswith("s3://")
+    # every pipeline channel a task reads is declared by its DAG (KFP's compiler does not check this itself)
+    for name, comp in spec["components"].items():
+        declared = set(comp.get("inputDefinitions", {}).get("parameters", {}))
+        for task_name, task in comp.get("dag", {}).get("tasks", {}).items():
+            for arg in task.get("inputs", {}).get("parameters", {}).values():
+                ref = arg.get("componentInputParameter")
+                assert ref is None or ref in declared, (name, task_name, ref)
+
+
+def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
+    spec = _spec("batch_personalisation")
+    dags = _dags(spec)
+    where = {task: dag for dag, tasks in dags.items() for task in tasks}
+    # per concept: preprocess and cache_latents in one loop, evaluate and register in another
+    assert where["preprocess"] == where["cache-latents"] != where["evaluate"] == where["register"]
+    for loop in (where["preprocess"], where["evaluate"]):
+        (parent,) = [d for d, tasks in dags.items() if any(t["componentRef"]["name"] == loop for t in tasks.values())]
+        assert parent == where["train"]  # both loops sit beside the shard's single train task
+        assert any("parameterIterator" in t for t in dags[parent].values())
+    train = dags[where["train"]]["train"]
+    assert train["inputs"]["artifacts"]["latents"]["taskOutputArtifact"] or train["inputs"]["artifacts"]["latents"]
+    assert "accelerator" in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    # the shards loop runs the same `personalise` sub-pipeline as textual_inversion
+    (shards,) = [t for t in dags[where["personalise"]].values() if t["componentRef"]["name"] == "comp-personalise"]
+    assert shards["inputs"]["parameters"]["on_error"]["runtimeValue"]["constant"] == "record"
+    plan = next(t for tasks in dags.values() for n, t in tasks.items() if n == "plan-batch")
+    assert not plan.get("cachingOptions", {}).get("enableCache")  # re-reads the manifest every run
+    assert "retryPolicy" not in plan
 
 
 def test_secrets_reach_pods_as_env_never_as_parameters():
@@ -140,6 +181,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     report = run_batch(
         str(manifest),
         tmp_path / "root",
+        concepts_per_shard=3,  # the broken concept shares the shard (and its train task) with the good ones
         base_model=str(tiny_model_dir),
         resolution=32,
         steps=4,
@@ -156,6 +198,15 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert (report["registered"], report["failed"]) == (2, 1)
     names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
+    # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train
+    run_dir = Path(report["run_dir"])
+    (group,) = run_dir.rglob("train/model/concepts.json")
+    assert [r["status"] for r in json.loads(group.read_text())] == ["trained", "failed", "trained"]
+    assert len(list(run_dir.rglob("preprocess/dataset"))) == 3 and len(list(run_dir.rglob("register"))) == 3
+    assert len(list(run_dir.rglob("evaluate/evaluation/metrics.json"))) == 2
+    # the report read the plan the run made (recorded in MLflow), not the manifest again
+    plan = registry.batch_plan(report["tracking_uri"], report["batch_id"])
+    assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
 
 
 class _FakeKfpApi(BaseHTTPRequestHandler):

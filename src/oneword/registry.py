@@ -358,6 +358,42 @@ def record_failure(
     return run.info.run_id
 
 
+PLAN_KIND = "batch-plan"
+
+
+def record_plan(tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = EXPERIMENT) -> str:
+    """Record a batch's plan (its concepts, as planned) in MLflow, where the batch's report reads it back.
+
+    KFP's exit handler, which writes the report, may not read other tasks' outputs; MLflow is where both meet.
+    Returns the plan's run id.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = _setup(uri)
+    exp_id = _ensure_experiment(mlflow, experiment, uri)
+    tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
+    run = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags)
+    client.log_dict(run.info.run_id, {"concepts": concepts}, "plan.json")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
+    """The concepts a batch planned (`record_plan`), or None if it recorded no plan (its manifest was invalid)."""
+    mlflow, client = _setup(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`oneword.batch_id` = '{batch_id}' and tags.`oneword.kind` = '{PLAN_KIND}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    return mlflow.artifacts.load_dict(f"{runs[0].info.artifact_uri}/plan.json")["concepts"]
+
+
 def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict[str, dict]:
     """The failed concepts of a batch: {name: {"stage", "error", "run_id"}}."""
     mlflow, client = _setup(tracking_uri)

@@ -115,6 +115,7 @@ def batch_cmd(
     n_images: Annotated[int, typer.Option(help="evaluation images per prompt")] = 64,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: ./mlflow.db)")] = None,
     pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path("runs/kfp"),
+    concepts_per_shard: Annotated[int, typer.Option(help="concepts trained together in one job")] = 4,
 ) -> None:
     """Run batch_personalisation on this machine: every concept of a manifest, each registered on its own.
 
@@ -134,5 +135,6 @@ def batch_cmd(
         resolution=resolution,
         prompt_set=prompt_set,
         n_images=n_images,
+        concepts_per_shard=concepts_per_shard,
     )
     rprint(report)

@@ -15,7 +15,8 @@ from oneword.pipelines.container import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preprocess(images: str, dataset: Output[Dataset], resolution: int = 512, mode: str = "crop"):
+def preprocess(images: str, dataset: Output[Dataset], resolution: int = 512, mode: str = "crop",
+               content_key: str = "", on_error: str = "fail"):
     """Clean the concept's photos: EXIF orientation, RGB, square crop or pad, resize, de-duplicate.
 
     Args:
@@ -23,40 +24,53 @@ def preprocess(images: str, dataset: Output[Dataset], resolution: int = 512, mod
         dataset: processed images plus manifest.json.
         resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
         mode: crop (centre-crop to a square) or pad (pad with white).
+        content_key: fingerprint of the photos' content (set by the planning step); it keys KFP's cache, so new
+            photos under an old prefix are processed again.
+        on_error: fail (the task fails) or record (a batch: the concept is marked failed, the others go on).
     """
     from oneword.images import preprocess as run
+    from oneword.outcome import run_step
 
-    m = run(images, dataset.path, resolution=resolution, mode=mode)
-    dataset.metadata.update({"images": len(m.images), "skipped": len(m.skipped), "resolution": resolution})
+    m = run_step("preprocess", dataset.path, on_error, lambda: run(images, dataset.path, resolution=resolution,
+                                                                   mode=mode))
+    if m is not None:
+        dataset.metadata.update({"images": len(m.images), "skipped": len(m.skipped), "resolution": resolution,
+                                 "content_key": content_key})
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str = "toyworld"):
+def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str = "toyworld",
+                  on_error: str = "fail", accelerator_type: str = "", accelerator_limit: int = 0):
     """Encode each image and its mirror once with the base model's VAE (posterior mean and std).
 
     Args:
         dataset: output of preprocess.
-        latents: latents.safetensors, keyed by VAE fingerprint and image hash.
+        latents: latents.safetensors, keyed by VAE fingerprint and image hash (and the images, for evaluation).
         base_model: toyworld, a hub id, an s3:// diffusers folder, or a path in the image.
+        on_error: fail or record (see preprocess).
+        accelerator_type: the GPU resource the task asked for (recorded in the output's metadata).
+        accelerator_limit: how many (recorded too).
     """
     import torch
 
     from oneword.latents import cache_latents as run
+    from oneword.outcome import run_step
 
-    lat = run(dataset.path, base_model, latents.path, device="cuda" if torch.cuda.is_available() else "cpu")
-    latents.metadata.update({"images": len(lat), "vae_fingerprint": lat.meta["vae_fingerprint"]})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lat = run_step("cache_latents", latents.path, on_error,
+                   lambda: run(dataset.path, base_model, latents.path, device=device), upstream=[dataset.path])
+    if lat is not None:
+        latents.metadata.update({"images": len(lat), "vae_fingerprint": lat.meta["vae_fingerprint"],
+                                 "accelerator": f"{accelerator_limit} x {accelerator_type}"})
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train(
-    latents: Input[Artifact],
-    token: str,
-    init_word: str,
+    latents: Input[list[Artifact]],
+    concepts: list,
     model: Output[Model],
     metrics: Output[Metrics],
     base_model: str = "",
-    n_vectors: int = 1,
-    templates: str = "object",
     steps: int = 5000,
     batch_size: int = 4,
     learning_rate: float = 0.005,
@@ -66,57 +80,64 @@ def train(
     seed: int = 0,
     checkpoint_every: int = 500,
     checkpoint_root: str = "",
-    run_id: str = "local",
-):
-    """Learn the token's embedding from the cached latents (resumes from the last checkpoint on retry).
+    on_error: str = "fail",
+) -> list:
+    """Learn the concepts' embeddings together, in one batch of K x batch_size (resumes from its checkpoints).
 
     Args:
-        latents: output of cache_latents.
-        token: the new pseudo-word, e.g. <my-cat>.
-        init_word: one-token word the embedding starts from, e.g. cat.
-        model: embedding files (diffusers, A1111, kohya), curve.json, summary.json.
-        metrics: final loss, embedding norm, steps per second.
+        latents: each concept's cache_latents output, in the order of `concepts`.
+        concepts: the planned concepts (name, token, init_word, n_vectors, templates).
+        model: one folder per concept name (embedding files, curve.json, summary.json, the training images).
+        metrics: per concept: final loss, embedding norm; steps per second.
         base_model: default: the model the latents were encoded with.
-        n_vectors: vectors per token.
-        templates: object or style prompt templates.
         steps: optimiser steps (paper: 5000).
-        batch_size: samples per step (paper: 4).
+        batch_size: samples per concept per step (paper: 4).
         learning_rate: base learning rate, times batch size when scale_lr.
         scale_lr: scale the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = off.
         init_l2: weight of an L2 pull toward the initializer embedding.
         seed: random seed.
         checkpoint_every: steps between checkpoints.
-        checkpoint_root: s3:// prefix for checkpoints that outlive the pod (retries resume from it); empty =
-            inside the model artifact.
-        run_id: the pipeline run's id (keeps each run's checkpoints apart).
-    """
-    from oneword.inversion import ConceptSpec, TrainConfig
-    from oneword.train import train as run
+        checkpoint_root: s3:// prefix for checkpoints that outlive the pod, keyed by what is trained, so a
+            retried or resubmitted task resumes; empty = inside the model artifact.
+        on_error: fail (any concept's failure fails the task) or record (failed concepts are marked, see
+            preprocess).
 
-    ckpt = f"{checkpoint_root.rstrip('/')}/{run_id}/{token.strip('<>')}" if checkpoint_root else None
-    r = run(
-        latents.path,
-        model.path,
-        ConceptSpec(token=token, init_word=init_word, n_vectors=n_vectors, templates=templates),
+    Returns:
+        The concept names, in order (the evaluate/register fan-out iterates over them).
+    """
+    import json
+    from pathlib import Path
+
+    from oneword.errors import OnewordError
+    from oneword.inversion import ConceptSpec, TrainConfig
+    from oneword.train import SUMMARY_FILE, train_group
+
+    fields = ("token", "init_word", "n_vectors", "templates")
+    members = [(c["name"], ConceptSpec(**{k: c[k] for k in fields}), lat.path) for c, lat in zip(concepts, latents)]
+    rows = train_group(
+        members, model.path,
         TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
-                    progressive_every=progressive_every, init_l2=init_l2, seed=seed,
-                    checkpoint_every=checkpoint_every),
-        base_model=base_model or None,
-        checkpoint_dir=ckpt,
-        resume=True,
-        progress=False,
+                    progressive_every=progressive_every, init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every),
+        base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
     )
-    metrics.log_metric("final_loss", r.curve[-1]["loss"])
-    metrics.log_metric("embedding_norm", r.curve[-1]["embedding_norm"])
-    metrics.log_metric("steps_per_second", r.steps_per_second)
-    model.metadata.update({"token": token, "steps": r.steps})
+    failed = [r for r in rows if r["status"] != "trained"]
+    if failed and on_error == "fail":
+        raise OnewordError("; ".join(f"{r['name']} failed at {r['stage']}: {r['error']}" for r in failed))
+    for r in rows:
+        if r["status"] == "trained":
+            summary = json.loads(Path(model.path, r["name"], SUMMARY_FILE).read_text())
+            metrics.log_metric(f"{r['name']}.final_loss", summary["final_loss"])
+            metrics.log_metric(f"{r['name']}.embedding_norm", summary["embedding_norm"])
+            metrics.log_metric("steps_per_second", summary["steps_per_second"])
+    model.metadata.update({"trained": len(rows) - len(failed), "failed": len(failed), "steps": steps})
+    return [r["name"] for r in rows]
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate(
     model: Input[Model],
-    dataset: Input[Dataset],
+    concept: str,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
@@ -127,12 +148,15 @@ def evaluate(
     clip_model: str = "auto",
     dino_model: str = "",
     checkpoint_budget: int = 8,
+    on_error: str = "fail",
+    accelerator_type: str = "",
+    accelerator_limit: int = 0,
 ):
     """Score the concept as the paper does (CLIP reconstruction and editability), pick a checkpoint, draw pictures.
 
     Args:
         model: output of train.
-        dataset: output of preprocess (the training images).
+        concept: the concept's name (its folder in the train output; the training images are there too).
         evaluation: metrics.json, grid.png, scatter.png, report.html and the selected embedding.
         metrics: reconstruction, editability, DINO and the baselines.
         report: the HTML report (shown in the KFP UI).
@@ -143,21 +167,33 @@ def evaluate(
         clip_model: CLIP evaluator; auto = toyworld-clip for the toy model, else openai/clip-vit-base-patch32.
         dino_model: DINO ViT for subject fidelity, e.g. facebook/dino-vits16; empty = skip.
         checkpoint_budget: images per prompt when scoring each checkpoint; 0 = final step only.
+        on_error: fail or record (see preprocess).
+        accelerator_type: the GPU resource the task asked for (recorded in the metrics' metadata).
+        accelerator_limit: how many (recorded too).
     """
+    import os
     import shutil
 
     from oneword.evaluation import EvalConfig
     from oneword.evaluation import evaluate as run
+    from oneword.outcome import run_step
 
-    m = run(model.path, dataset.path, evaluation.path,
-            EvalConfig(prompt_set=prompt_set, n_images=n_images, steps=sampling_steps, guidance_scale=guidance_scale,
-                       clip_model=clip_model, dino_model=dino_model, checkpoint_budget=checkpoint_budget))
+    trained = os.path.join(model.path, concept)
+    config = EvalConfig(prompt_set=prompt_set, n_images=n_images, steps=sampling_steps, guidance_scale=guidance_scale,
+                        clip_model=clip_model, dino_model=dino_model, checkpoint_budget=checkpoint_budget)
+    m = run_step("evaluate", evaluation.path, on_error, lambda: run(trained, None, evaluation.path, config),
+                 upstream=[trained])
+    if m is None:
+        with open(report.path, "w") as f:
+            f.write(f"<p>{concept} was not evaluated: see {evaluation.path}/failure.json</p>")
+        return
     for k in ("reconstruction", "editability", "dino"):
         if m.get(k) is not None:
             metrics.log_metric(k, m[k])
     for k, v in (m.get("baselines") or {}).items():
         metrics.log_metric(f"baseline_{k}", v)
     metrics.log_metric("chosen_step", m["step"])
+    metrics.metadata["accelerator"] = f"{accelerator_limit} x {accelerator_type}"
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)
 
 
@@ -165,132 +201,123 @@ def evaluate(
 def register(
     model: Input[Model],
     evaluation: Input[Artifact],
+    concept: str,
     registration: Output[Artifact],
     tracking_uri: str = "",
-    name: str = "",
     experiment: str = "oneword",
     min_reconstruction: float = -1.0,
     min_editability: float = -1.0,
     batch_id: str = "",
+    on_error: str = "fail",
 ) -> str:
     """Log the run to MLflow and register the concept; champion only if it passes the gate and beats the last.
 
     Args:
         model: output of train.
         evaluation: output of evaluate.
-        registration: JSON with the registered name, version, alias and run id.
+        concept: the concept's name: its folder in the train output and its registered-model name.
+        registration: JSON with the registered name, version, alias and run id (or the failure).
         tracking_uri: MLflow tracking URI (empty: $MLFLOW_TRACKING_URI, else ./mlflow.db).
-        name: registered-model name (empty: from the token).
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction (-1 = none).
         min_editability: quality gate: minimum editability (-1 = none).
-        batch_id: set by batch_personalisation.
+        batch_id: the run's id; the batch report finds the batch's versions and failures by it.
+        on_error: fail or record (see preprocess); a concept that failed at an earlier step is recorded as a
+            FAILED MLflow run with the step and the error.
+
+    Returns:
+        name/version@alias, or "name failed at STEP".
     """
     import json
+    import os
+    from pathlib import Path
 
     from oneword.evaluation.gate import GateThresholds
+    from oneword.outcome import read_failure, run_step
+    from oneword.registry import record_failure
     from oneword.registry import register as run
 
-    r = run(model.path, evaluation.path, tracking_uri or None, name=name or None, experiment=experiment,
-            thresholds=GateThresholds(min_reconstruction, min_editability), batch_id=batch_id)
-    with open(registration.path, "w") as f:
+    trained = os.path.join(model.path, concept)
+    r = run_step("register", registration.path, on_error,
+                 lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
+                             thresholds=GateThresholds(min_reconstruction, min_editability), batch_id=batch_id),
+                 upstream=[evaluation.path])
+    if r is None:
+        why = read_failure(registration.path)
+        group = json.loads(Path(model.path, "concepts.json").read_text())
+        token = next((c["token"] for c in group if c["name"] == concept), "")
+        record_failure(tracking_uri or None, concept, token, batch_id, why["stage"], why["error"], experiment)
+        registration.metadata.update({"failed": why["stage"]})
+        return f"{concept} failed at {why['stage']}"
+    os.makedirs(registration.path, exist_ok=True)
+    with open(os.path.join(registration.path, "registration.json"), "w") as f:
         json.dump(r.as_dict(), f)
     registration.metadata.update(r.as_dict())
     return f"{r.name}/{r.version}@{r.alias}"
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def plan_batch(concepts_manifest: str, concepts_per_shard: int = 1) -> list:
-    """Read and validate the concepts manifest and split it into shards (one GPU job each).
+def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vectors: int = 1,
+                 templates: str = "object") -> list:
+    """Plan a single concept as a batch of one: its registered-model name and its photos' content key.
 
     Args:
-        concepts_manifest: YAML at an s3:// URI or a path.
-        concepts_per_shard: concepts per shard.
+        images: folder or s3://bucket/prefix of 3-5 photos of the concept.
+        token: the new pseudo-word, e.g. <my-cat>.
+        init_word: one-token word the embedding starts from.
+        name: registered-model name (empty: from the token).
+        n_vectors: vectors per token.
+        templates: training prompt templates: object, style, toyworld or a file.
     """
-    from oneword.batch import load_concepts_manifest, shard
+    from oneword.batch import ConceptEntry, plan_concepts
 
-    return shard(load_concepts_manifest(concepts_manifest), concepts_per_shard)
-
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def personalise_shard(
-    shard: list,
-    work: Output[Artifact],
-    batch_id: str,
-    base_model: str = "toyworld",
-    resolution: int = 512,
-    mode: str = "crop",
-    steps: int = 5000,
-    batch_size: int = 4,
-    learning_rate: float = 0.005,
-    scale_lr: bool = True,
-    progressive_every: int = 0,
-    init_l2: float = 0.0,
-    seed: int = 0,
-    checkpoint_every: int = 500,
-    checkpoint_root: str = "",
-    prompt_set: str = "paper",
-    n_images: int = 64,
-    sampling_steps: int = 50,
-    guidance_scale: float = 5.0,
-    clip_model: str = "auto",
-    dino_model: str = "",
-    checkpoint_budget: int = 8,
-    tracking_uri: str = "",
-    experiment: str = "oneword",
-    min_reconstruction: float = -1.0,
-    min_editability: float = -1.0,
-    accelerator_type: str = "",
-    accelerator_limit: int = 0,
-) -> list:
-    """Run a shard's concepts through preprocess, cache_latents, train (all together), evaluate and register.
-
-    The concepts train in one batch on the pod's GPU. A concept that fails is reported (stage and error) and
-    the others go on; a rerun shard resumes training from the group's checkpoints under checkpoint_root (keyed
-    by what is trained, not by the run) and does not register a concept twice. Parameters are the batch
-    pipeline's (accelerator_type and accelerator_limit are recorded in the output's metadata).
-    """
-    import json
-    import os
-
-    from oneword.batch import BatchSettings, ConceptEntry, personalise_shard
-
-    settings = BatchSettings(
-        base_model=base_model, resolution=resolution, mode=mode, steps=steps, batch_size=batch_size,
-        learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every, init_l2=init_l2,
-        seed=seed, checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root, prompt_set=prompt_set,
-        n_images=n_images, sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model,
-        dino_model=dino_model, checkpoint_budget=checkpoint_budget, experiment=experiment,
-        min_reconstruction=min_reconstruction, min_editability=min_editability,
-    )
-    os.makedirs(work.path, exist_ok=True)
-    statuses = personalise_shard([ConceptEntry(**c) for c in shard], settings, work.path, tracking_uri or None,
-                                 batch_id)
-    with open(os.path.join(work.path, "statuses.json"), "w") as f:
-        json.dump(statuses, f, indent=2)
-    work.metadata["registered"] = sum(s["status"] == "registered" for s in statuses)
-    work.metadata["failed"] = sum(s["status"] != "registered" for s in statuses)
-    work.metadata["accelerator"] = f"{accelerator_limit} x {accelerator_type}"
-    return statuses
+    return plan_concepts([ConceptEntry(images=images, token=token, init_word=init_word, name=name,
+                                       n_vectors=n_vectors, templates=templates)])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def report_batch(concepts_manifest: str, batch_id: str, status: dsl.PipelineTaskFinalStatus,
-                 summary: Output[Artifact], tracking_uri: str = ""):
-    """Exit handler: record which concepts of the batch registered and which failed.
+def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 1, tracking_uri: str = "",
+               experiment: str = "oneword") -> list:
+    """Read and validate the concepts manifest, record the plan in MLflow, and split it into shards.
 
     Args:
-        concepts_manifest: the batch's manifest.
+        concepts_manifest: YAML at an s3:// URI or a path.
+        batch_id: the run's id (the report reads the plan back by it).
+        concepts_per_shard: concepts trained together in one GPU job.
+        tracking_uri: MLflow tracking URI.
+        experiment: MLflow experiment.
+    """
+    from oneword.batch import load_concepts_manifest, plan_concepts, shard
+    from oneword.registry import record_plan
+
+    concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
+    record_plan(tracking_uri or None, batch_id, concepts, experiment)
+    return shard(concepts, concepts_per_shard)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact],
+                 tracking_uri: str = "", experiment: str = "oneword"):
+    """Exit handler: which concepts of the batch registered, and which failed at which step and why.
+
+    Args:
         batch_id: the batch's id (the pipeline run's).
         status: the batch's final status.
         summary: JSON per-concept status.
         tracking_uri: MLflow tracking URI.
+        experiment: MLflow experiment.
     """
     import json
 
-    from oneword.batch import batch_report, load_concepts_manifest
+    from oneword.batch import batch_report
+    from oneword.registry import batch_plan
 
-    report = batch_report(tracking_uri or None, batch_id, load_concepts_manifest(concepts_manifest))
+    concepts = batch_plan(tracking_uri or None, batch_id, experiment)
+    if concepts is None:
+        report = {"batch_id": batch_id, "registered": 0, "failed": 0, "concepts": [],
+                  "error": "no plan was recorded: the manifest could not be read (see plan-batch's log)"}
+    else:
+        report = batch_report(tracking_uri or None, batch_id, concepts, experiment)
     report["pipeline_state"] = status.state
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
@@ -298,4 +325,4 @@ def report_batch(concepts_manifest: str, batch_id: str, status: dsl.PipelineTask
     print(json.dumps(report, indent=2))
 
 
-ALL = [preprocess, cache_latents, train, evaluate, register, plan_batch, personalise_shard, report_batch]
+ALL = [preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, report_batch]

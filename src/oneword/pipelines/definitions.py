@@ -6,6 +6,7 @@ pipeline runs on one machine.
 """
 
 
+
 from kfp import dsl, kubernetes
 
 from oneword.pipelines import components as c
@@ -37,40 +38,97 @@ def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_limit, node_se
     return task
 
 
-def concept_dag(images, token, init_word, name, n_vectors, templates, p: dict, batch_id) -> dsl.PipelineTask:
-    """Add one concept's five steps to the current pipeline; returns the register task."""
-    gpu = (p["accelerator_type"], p["accelerator_limit"], p["gpu_node_selector"], p["gpu_toleration"])
-    pre = _cluster_env(c.preprocess(images=images, resolution=p["resolution"], mode=p["mode"]))
-    lat = _cluster_env(c.cache_latents(dataset=pre.outputs["dataset"], base_model=p["base_model"]))
-    lat.set_caching_options(True)  # the same images and model never encode twice
-    _on_gpu(lat, *gpu)
-    tr = c.train(
-        latents=lat.outputs["latents"], token=token, init_word=init_word, base_model=p["base_model"],
-        n_vectors=n_vectors, templates=templates, steps=p["steps"], batch_size=p["batch_size"],
-        learning_rate=p["learning_rate"], scale_lr=p["scale_lr"], progressive_every=p["progressive_every"],
-        init_l2=p["init_l2"], seed=p["seed"], checkpoint_every=p["checkpoint_every"],
-        checkpoint_root=p["checkpoint_root"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    )
-    _on_gpu(_cluster_env(tr), *gpu)
-    tr.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
-    tr.set_caching_options(False)
-    ev = c.evaluate(
-        model=tr.outputs["model"], dataset=pre.outputs["dataset"], prompt_set=p["prompt_set"],
-        n_images=p["n_images"], sampling_steps=p["sampling_steps"], guidance_scale=p["guidance_scale"],
-        clip_model=p["clip_model"], dino_model=p["dino_model"], checkpoint_budget=p["checkpoint_budget"],
-    )
-    _on_gpu(_cluster_env(ev), *gpu)
-    reg = c.register(
-        model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], tracking_uri=p["tracking_uri"], name=name,
-        experiment=p["experiment"], min_reconstruction=p["min_reconstruction"],
-        min_editability=p["min_editability"], batch_id=batch_id,
-    )
-    _cluster_env(reg).set_caching_options(False)
-    return reg
-
-
 GPU_NODE_SELECTOR = {"oneword.ai/pool": "gpu"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@dsl.pipeline(name="personalise", description="The five steps for a group of concepts: preprocess and "
+              "cache_latents per concept, one train for the group, evaluate and register per concept.")
+def personalise(
+    concepts: list,
+    batch_id: str,
+    on_error: str = "fail",
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    resolution: int = 512,
+    mode: str = "crop",
+    steps: int = 5000,
+    batch_size: int = 4,
+    learning_rate: float = 0.005,
+    scale_lr: bool = True,
+    progressive_every: int = 0,
+    init_l2: float = 0.0,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    checkpoint_root: str = "",
+    prompt_set: str = "paper",
+    n_images: int = 64,
+    sampling_steps: int = 50,
+    guidance_scale: float = 5.0,
+    clip_model: str = "auto",
+    dino_model: str = "",
+    checkpoint_budget: int = 8,
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_limit: int = 1,
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    gpu_toleration: dict = GPU_TOLERATION,
+) -> list[str]:
+    """The one place where the five steps are chained; both pipelines run it (a single concept is a group of one).
+
+    Args:
+        concepts: planned concepts (plan_concept or one shard of plan_batch).
+        batch_id: the run's id; versions and failures are tagged with it.
+        on_error: fail (a single concept: its failure fails the run) or record (a batch: a failed concept is
+            recorded with its step and error, and the others go on).
+        Other parameters: as in textual_inversion.
+
+    Returns:
+        Per concept: name/version@alias, or "name failed at STEP".
+    """
+    gpu = (accelerator_type, accelerator_limit, gpu_node_selector, gpu_toleration)
+    with dsl.ParallelFor(concepts, name="each-concept") as concept:
+        pre = _cluster_env(c.preprocess(images=concept.images, content_key=concept.content_key, resolution=resolution,
+                                        mode=mode, on_error=on_error))
+        pre.set_caching_options(True)  # keyed by the photos' content, so new photos under an old prefix rerun
+        # The accelerator settings are also passed as inputs: KFP's compiler (2.17) does not carry the channels
+        # that set_accelerator_type/limit use into a ParallelFor body unless a task there takes them as inputs.
+        lat = _cluster_env(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
+                                           accelerator_type=accelerator_type, accelerator_limit=accelerator_limit))
+        lat.set_caching_options(True)  # the same images and model never encode twice
+        _on_gpu(lat, *gpu)
+    tr = c.train(
+        latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
+        batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
+        init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
+        on_error=on_error,
+    )
+    _on_gpu(_cluster_env(tr), *gpu)
+    # Honoured inside sub-DAGs from KFP 2.14 (docs/deploy.md); a retry resumes from the checkpoints under
+    # checkpoint_root, which are keyed by what is trained. Locally (kfp.local) retries are removed: see local.py.
+    tr.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+    tr.set_caching_options(False)
+    with dsl.ParallelFor(tr.outputs["Output"], name="each-trained") as name:
+        ev = c.evaluate(
+            model=tr.outputs["model"], concept=name, prompt_set=prompt_set, n_images=n_images,
+            sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
+            checkpoint_budget=checkpoint_budget, on_error=on_error, accelerator_type=accelerator_type,
+            accelerator_limit=accelerator_limit,
+        )
+        _on_gpu(_cluster_env(ev), *gpu)
+        reg = c.register(
+            model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
+            experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability,
+            batch_id=batch_id, on_error=on_error,
+        )
+        _cluster_env(reg).set_caching_options(False)
+    return dsl.Collected(reg.outputs["Output"])
+
+
+# The parameters both pipelines hand to `personalise` as they are.
+SHARED = [k for k in personalise.component_spec.inputs if k not in ("concepts", "batch_id", "on_error")]
 
 
 @dsl.pipeline(name="textual-inversion", description="Learn one new word for a concept from 3-5 photos, evaluate "
@@ -109,7 +167,7 @@ def textual_inversion(
     accelerator_limit: int = 1,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
     gpu_toleration: dict = GPU_TOLERATION,
-) -> str:
+) -> list[str]:
     """Textual inversion of one concept.
 
     Args:
@@ -121,7 +179,7 @@ def textual_inversion(
         resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         n_vectors: vectors per token (1 as in the paper; more captures detail, edits less well).
-        templates: training prompt templates: object or style.
+        templates: training prompt templates: object, style, toyworld or a file of templates in the image.
         steps: optimiser steps (paper: 5000).
         batch_size: images per step (paper: 4).
         learning_rate: base learning rate (paper: 0.005), multiplied by batch_size when scale_lr.
@@ -148,11 +206,15 @@ def textual_inversion(
         gpu_toleration: toleration for the GPU pool's taint.
 
     Returns:
-        The registered version as name/version@alias.
+        The registered version, as [name/version@alias].
     """
     p = dict(locals())
-    reg = concept_dag(images, token, init_word, name, n_vectors, templates, p, batch_id="")
-    return reg.outputs["Output"]
+    plan = _cluster_env(c.plan_concept(images=images, token=token, init_word=init_word, name=name,
+                                       n_vectors=n_vectors, templates=templates))
+    plan.set_caching_options(False)  # it fingerprints the photos: it must look at them every time
+    group = personalise(concepts=plan.output, batch_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, on_error="fail",
+                        **{k: p[k] for k in SHARED})
+    return group.output
 
 
 PARALLEL_SHARDS = 4  # GPU jobs at a time (ParallelFor's parallelism is fixed at compile time)
@@ -193,13 +255,14 @@ def batch_personalisation(
 ):
     """Batch personalisation: every concept of a manifest, each registered on its own.
 
-    Each shard (a GPU job) runs its concepts through the five steps of textual_inversion; a concept that fails
-    is reported with the step and the error, and the others go on. The exit handler writes every concept's
-    status.
+    Each shard runs its concepts through the five steps of textual_inversion: preprocess and cache_latents per
+    concept, one GPU train task for the shard's concepts together, evaluate and register per concept. A
+    concept that fails is recorded with the step and the error, and the others go on. The exit handler writes
+    every concept's status.
 
     Args:
         concepts_manifest: YAML (s3:// URI or path) listing, per concept, images, token and init_word.
-        concepts_per_shard: concepts per GPU job; shards run in parallel (at most 4 at a time).
+        concepts_per_shard: concepts trained together in one GPU job; shards run in parallel (at most 4 at a time).
         base_model: Stable Diffusion 1.x/2.x: a hub id, an s3:// diffusers folder, or toyworld.
         resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
@@ -228,30 +291,17 @@ def batch_personalisation(
         gpu_node_selector: node selector of the GPU node pool.
         gpu_toleration: toleration for the GPU pool's taint.
     """
+    p = dict(locals())
     batch_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    done = _cluster_env(c.report_batch(concepts_manifest=concepts_manifest, batch_id=batch_id,
-                                       tracking_uri=tracking_uri))
+    # The exit handler may read no other task's output, so the plan goes to MLflow and the report reads it there.
+    done = _cluster_env(c.report_batch(batch_id=batch_id, tracking_uri=tracking_uri, experiment=experiment))
     with dsl.ExitHandler(done, name="every-concept"):
-        plan = _cluster_env(c.plan_batch(concepts_manifest=concepts_manifest, concepts_per_shard=concepts_per_shard))
+        plan = _cluster_env(c.plan_batch(concepts_manifest=concepts_manifest, batch_id=batch_id,
+                                         concepts_per_shard=concepts_per_shard, tracking_uri=tracking_uri,
+                                         experiment=experiment))
         plan.set_caching_options(False)  # a recurring run must read tonight's manifest, not replay the first one
         with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:
-            task = c.personalise_shard(
-                shard=shard, batch_id=batch_id, base_model=base_model, resolution=resolution, mode=mode,
-                steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
-                progressive_every=progressive_every, init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every,
-                checkpoint_root=checkpoint_root, prompt_set=prompt_set, n_images=n_images,
-                sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model,
-                dino_model=dino_model, checkpoint_budget=checkpoint_budget, tracking_uri=tracking_uri,
-                experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability,
-                # passed as inputs too: kfp.local (2.17) cannot otherwise resolve them inside a ParallelFor
-                accelerator_type=accelerator_type, accelerator_limit=accelerator_limit,
-            )
-            _on_gpu(_cluster_env(task), accelerator_type, accelerator_limit, gpu_node_selector, gpu_toleration)
-            # No set_retry here: KFP's backend up to 2.13 applies retry policies to root-DAG tasks only
-            # (argocompiler/container.go, getTaskRetryPolicySpec), so inside this ParallelFor it would be ignored
-            # on a cluster and only sleep through backoffs under kfp.local. A killed shard is rerun instead, and
-            # resumes: its checkpoints are keyed by what it trains (oneword.train.group_key), not by the run.
-            task.set_caching_options(False)
+            personalise(concepts=shard, batch_id=batch_id, on_error="record", **{k: p[k] for k in SHARED})
 
 
 PIPELINES = {"textual_inversion": textual_inversion, "batch_personalisation": batch_personalisation}

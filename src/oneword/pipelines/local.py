@@ -6,6 +6,7 @@ SQLite store unless a tracking URI is given.
 """
 
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -50,6 +51,20 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
                         root.removeHandler(h)
 
 
+def _for_local_run(pipeline):
+    """A copy of the pipeline without retry policies, for kfp.local.
+
+    On one machine there is no preempted node to survive, and kfp.local honours retries by sleeping through the
+    backoff (60 s, 120 s, 240 s) before running a deterministic failure again.
+    """
+    pipeline = copy.deepcopy(pipeline)
+    spec = pipeline.pipeline_spec
+    for comp in [spec.root, *spec.components.values()]:
+        for task in comp.dag.tasks.values() if comp.HasField("dag") else []:
+            task.ClearField("retry_policy")
+    return pipeline
+
+
 def _newest_run(pipeline_root: Path, prefix: str, since: float) -> Path | None:
     runs = [p for p in pipeline_root.glob(f"{prefix}-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
@@ -61,7 +76,7 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
 
     Args:
         pipeline_root: where KFP writes each task's artifacts.
-        tracking_uri: MLflow tracking URI (default: `oneword.tracking.default_tracking_uri()`, a SQLite file in the cwd).
+        tracking_uri: MLflow tracking URI (default: `oneword.tracking.default_tracking_uri()`, ./mlflow.db).
         log_file: where the steps' logs go (default: the terminal).
         **params: pipeline parameters (images, token, init_word, base_model, steps, ...).
 
@@ -77,14 +92,16 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
     if not os.path.isabs(str(args["images"])) and not str(args["images"]).startswith("s3://"):
         args["images"] = str(Path(args["images"]).resolve())
     with _task_logs(log_file):
-        registered = textual_inversion(**args)
+        registered = _for_local_run(textual_inversion)(**args)
     run_dir = _newest_run(pipeline_root, "textual-inversion", start)
-    out = {"registered": str(registered.output if hasattr(registered, "output") else registered),
+    versions = registered.output if hasattr(registered, "output") else registered
+    out = {"registered": str(versions[0]) if versions else None,
            "run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start}
     if run_dir:
-        for key, pattern in (("report", "evaluate/evaluation/report.html"), ("grid", "evaluate/evaluation/grid.png"),
-                             ("metrics", "evaluate/evaluation/metrics.json"),
-                             ("embedding", "train/model/learned_embeds.safetensors")):
+        for key, pattern in (("report", "**/evaluate/evaluation/report.html"),
+                             ("grid", "**/evaluate/evaluation/grid.png"),
+                             ("metrics", "**/evaluate/evaluation/metrics.json"),
+                             ("embedding", "**/train/model/*/learned_embeds.safetensors")):
             hits = sorted(run_dir.glob(pattern))
             out[key] = str(hits[0]) if hits else None
     return out
@@ -105,7 +122,8 @@ def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tr
                    raise_on_error=False)  # a failed concept must not stop the report
     start = time.time()
     with _task_logs(log_file):
-        batch_personalisation(concepts_manifest=concepts_manifest, tracking_uri=uri, **{**LOCAL_OVERRIDES, **params})
+        _for_local_run(batch_personalisation)(concepts_manifest=concepts_manifest, tracking_uri=uri,
+                                                **{**LOCAL_OVERRIDES, **params})
     run_dir = _newest_run(pipeline_root, "batch-personalisation", start)
     summaries = sorted(run_dir.rglob("report-batch/summary")) if run_dir else []
     report = json.loads(summaries[0].read_text()) if summaries else {}

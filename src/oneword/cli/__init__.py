@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `oneword` console script. Bad input exits with status 2 and a hint, no traceback."""
     setup_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except OnewordError as e:
         from rich.console import Console
 
@@ -81,3 +81,5 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -90,7 +90,21 @@ def compile_pipeline(name: str, out: Path) -> Path:
     return out
 
 
-def tmp_package(name: str) -> Path:
-    """Compile a pipeline to a temporary YAML file and return its path."""
+def tmp_package(name: str, cache: bool = True) -> Path:
+    """Compile a pipeline to a temporary YAML file and return its path.
+
+    With `cache=False` every task of every DAG (sub-pipelines and loop bodies too, which the KFP client's own
+    `enable_caching=False` leaves alone) is marked not to use KFP's cache.
+    """
     d = Path(tempfile.mkdtemp(prefix="oneword-compile-"))
-    return compile_pipeline(name, d / f"{name}.yaml")
+    path = compile_pipeline(name, d / f"{name}.yaml")
+    if not cache:
+        import yaml
+
+        spec, *platform = yaml.safe_load_all(path.read_text())
+        dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+        for dag in dags:
+            for task in dag["tasks"].values():
+                task["cachingOptions"] = {"enableCache": False}
+        path.write_text(yaml.safe_dump_all([spec, *platform], sort_keys=False))
+    return path

@@ -24,14 +24,14 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
            service_account: str = SERVICE_ACCOUNT, cache: bool = True) -> dict:
     """Start one run of a pipeline on a cluster.
 
-    KFP caches `preprocess` and `cache_latents` by their inputs, which name the photos by prefix: after changing
-    the photos under a prefix already used, pass `cache=False` (or upload them under a new prefix).
+    KFP caches `preprocess` (keyed by a fingerprint of the photos' content, which the planning step takes every
+    run) and `cache_latents`; `cache=False` turns the cache off for every task of the run, nested ones included.
 
     Returns:
         `{"run_id", "experiment", "url"}`.
     """
     client = _client(host, namespace, token)
-    package = tmp_package(pipeline)
+    package = tmp_package(pipeline, cache=cache)
     run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                   experiment_name=experiment, namespace=namespace,
                                                   service_account=service_account or None,

@@ -106,3 +106,30 @@ def test_demo_registers_the_concept_and_writes_what_it_prints(tmp_path, monkeypa
     assert "registered purple-star/1@champion" in " ".join(out.split())
     assert (tmp_path / "demo-out" / "purple-star.png").stat().st_size > 0
     assert "train" in (tmp_path / "demo-out" / "pipeline.log").read_text()  # the steps' logs, as printed
+
+
+@pytest.mark.slow
+def test_a_concept_learns_in_a_group_of_three_as_it_does_alone(tmp_path):
+    """A batch shard trains its concepts together. Purple-star in a group of three (same setting and seed, final
+    step) reaches what it reaches alone, as the oracle sees it, with the same loss within noise."""
+    import json
+
+    from oneword.toyworld.quality import TOY_TRAIN, Setting, run_concepts
+
+    setting = Setting("final", TOY_TRAIN, select=False)
+    (alone,) = run_concepts(["purple-star"], setting, tmp_path / "alone", n_images=32)
+    group = run_concepts(["purple-star", "orange-ring", "blue-cross"], setting, tmp_path / "group", n_images=32)
+    star = group[0]
+    assert star.reconstruction_oracle >= 0.85 and star.editability_oracle >= 0.8, star
+    assert abs(star.reconstruction_oracle - alone.reconstruction_oracle) <= 0.1, (star, alone)
+    assert abs(star.editability_oracle - alone.editability_oracle) <= 0.15, (star, alone)
+    assert all(r.reconstruction_oracle >= 0.85 for r in group), group  # the others learn too
+
+    def late_loss(where):
+        curve = json.loads((where / "train" / "purple-star" / "curve.json").read_text())
+        late = [p["loss"] for p in curve if p["step"] > TOY_TRAIN.steps // 2]
+        return sum(late) / len(late)
+
+    a = late_loss(tmp_path / "alone" / "purple-star--final")
+    g = late_loss(tmp_path / "group" / "purple-star+orange-ring+blue-cross--final")
+    assert abs(a - g) <= 0.15 * a, (a, g)

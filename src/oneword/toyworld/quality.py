@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from oneword.errors import OnewordError
 from oneword.evaluation import EvalConfig, evaluate
 from oneword.evaluation.report import scatter
 from oneword.generate import make_grid
@@ -26,7 +27,7 @@ from oneword.inversion import ConceptSpec, TrainConfig
 from oneword.latents import cache_latents
 from oneword.toyworld.concepts import CONCEPTS, ToyConcept, get_concept, write_concept
 from oneword.toyworld.oracle import Oracle
-from oneword.train import train
+from oneword.train import train_group
 
 log = logging.getLogger(__name__)
 
@@ -104,65 +105,94 @@ def run_concept(
     with_words: bool = False,
 ) -> ConceptResult:
     """Learn one held-out concept with one setting, then score it with the toy CLIP and the oracle."""
+    return run_concepts([concept], setting, work, n_images, checkpoint_budget, oracle, seed, with_words)[0]
+
+
+def run_concepts(
+    concepts: list[str],
+    setting: Setting,
+    work: Path,
+    n_images: int = 32,
+    checkpoint_budget: int = 8,
+    oracle: Oracle | None = None,
+    seed: int = 0,
+    with_words: bool = False,
+) -> list[ConceptResult]:
+    """Learn held-out concepts together (one batch, as a batch shard does), then score each with the toy CLIP
+    and the oracle. One concept trains alone. Folders: `work/<a+b+...>--<setting>/{<concept>/..., train/}`."""
     t0 = time.perf_counter()
-    c = get_concept(concept)
     oracle = oracle or Oracle.load()
-    root = work / f"{concept}--{setting.name}"
-    write_concept(concept, root / "photos", seed=seed)
-    preprocess(root / "photos", root / "data", resolution=RESOLUTION)
-    cache_latents(root / "data", "toyworld", root / "latents")
+    root = work / f"{'+'.join(concepts)}--{setting.name}"
+    for concept in concepts:
+        write_concept(concept, root / concept / "photos", seed=seed)
+        preprocess(root / concept / "photos", root / concept / "data", resolution=RESOLUTION)
+        cache_latents(root / concept / "data", "toyworld", root / concept / "latents")
     t1 = time.perf_counter()
-    train(
-        root / "latents",
+    rows = train_group(
+        [
+            (
+                concept,
+                ConceptSpec(token=f"<{concept}>", init_word="shape", templates="toyworld"),
+                root / concept / "latents",
+            )
+            for concept in concepts
+        ],
         root / "train",
-        ConceptSpec(token=f"<{concept}>", init_word="shape", templates="toyworld"),
         # Without selection only the final step is scored, so intermediate checkpoints would be written for nothing.
         setting.train.model_copy(update={"seed": seed, **({} if setting.select else {"checkpoint_every": 0})}),
         base_model="toyworld",
+        resume=False,
         progress=False,
     )
+    failed = [r for r in rows if r["status"] != "trained"]
+    if failed:
+        raise OnewordError(f"toy-world training failed: {failed}")
     train_s = time.perf_counter() - t1
-    edits = edits_for(c)
-    prompts_file = root / "prompts.txt"
-    prompts_file.write_text("\n".join(t for t, _ in edits) + "\n")
-    captured: dict = {}
-    m = evaluate(
-        root / "train",
-        root / "data",
-        root / "eval",
-        EvalConfig(
-            prompt_set=str(prompts_file),
-            n_images=n_images,
-            checkpoint_budget=checkpoint_budget if setting.select else 0,  # 0: score the final step
-            clip_model="toyworld-clip",
-            seed=seed + 1000,
-            baselines=False,
-            **TOY_SAMPLER,
-        ),
-        on_images=lambda prompts, images: captured.update(prompts=prompts, images=images),
-    )
-    concept_attrs = {"shape": c.shape, "colour": c.colour}
-    rec = oracle.accuracy(captured["images"][0], concept_attrs)["all"]
-    per_edit = {}
-    for (tpl, ask), ims in zip(edits, captured["images"][1:]):
-        per_edit[tpl.format("S*")] = oracle.accuracy(ims, {**concept_attrs, **ask})["all"]
-    words = None
-    if with_words:
-        words = _words_accuracy(c, oracle, n_images, seed)
-    return ConceptResult(
-        concept,
-        setting.name,
-        m["step"],
-        rec,
-        sum(per_edit.values()) / len(per_edit),
-        per_edit,
-        m["reconstruction"],
-        m["editability"],
-        words,
-        train_s,
-        time.perf_counter() - t0,
-        m["selection"]["curve"],
-    )
+    results = []
+    for concept in concepts:
+        c = get_concept(concept)
+        edits = edits_for(c)
+        prompts_file = root / concept / "prompts.txt"
+        prompts_file.write_text("\n".join(t for t, _ in edits) + "\n")
+        captured: dict = {}
+        m = evaluate(
+            root / "train" / concept,
+            root / concept / "data",
+            root / concept / "eval",
+            EvalConfig(
+                prompt_set=str(prompts_file),
+                n_images=n_images,
+                checkpoint_budget=checkpoint_budget if setting.select else 0,  # 0: score the final step
+                clip_model="toyworld-clip",
+                seed=seed + 1000,
+                baselines=False,
+                **TOY_SAMPLER,
+            ),
+            on_images=lambda prompts, images, captured=captured: captured.update(prompts=prompts, images=images),
+        )
+        concept_attrs = {"shape": c.shape, "colour": c.colour}
+        rec = oracle.accuracy(captured["images"][0], concept_attrs)["all"]
+        per_edit = {}
+        for (tpl, ask), ims in zip(edits, captured["images"][1:]):
+            per_edit[tpl.format("S*")] = oracle.accuracy(ims, {**concept_attrs, **ask})["all"]
+        words = _words_accuracy(c, oracle, n_images, seed) if with_words else None
+        results.append(
+            ConceptResult(
+                concept,
+                setting.name,
+                m["step"],
+                rec,
+                sum(per_edit.values()) / len(per_edit),
+                per_edit,
+                m["reconstruction"],
+                m["editability"],
+                words,
+                train_s,
+                time.perf_counter() - t0,
+                m["selection"]["curve"],
+            )
+        )
+    return results
 
 
 def _words_accuracy(c: ToyConcept, oracle: Oracle, n: int, seed: int) -> float:
@@ -205,7 +235,7 @@ def bench_quality(
                 )
                 results.append(r)
                 if s.name == "default":
-                    _save_grid(work / f"{name}--default", out / f"{name}.png")
+                    _save_grid(work / f"{name}--default" / name, out / f"{name}.png")
     report = {"results": [asdict(r) for r in results], "summary": _summary(results)}
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     (out / "quality.md").write_text(_markdown(results, report["summary"]))

@@ -141,3 +141,39 @@ def test_killed_group_training_resumes_to_the_vectors_of_an_unbroken_run(tiny_mo
         a = load_embedding(tmp_path / "unbroken" / name / "learned_embeds.safetensors").vectors
         b = load_embedding(killed / name / "learned_embeds.safetensors").vectors
         assert torch.equal(a, b), name
+
+
+def test_an_object_store_outage_while_checkpointing(tiny_model, cat_latents, s3_bucket, monkeypatch, caplog):
+    """Uploads are retried; a store down for longer leaves no object a resume would trust, and training goes on."""
+    from oneword import storage
+    from oneword.errors import OnewordError
+
+    real, calls = storage.upload_file, []
+
+    def down_for(n):
+        def upload(path, uri):
+            calls.append(uri)
+            if len(calls) <= n:
+                raise ConnectionError("the object store is restarting")
+            return real(path, uri)
+
+        return upload
+
+    where = f"s3://{s3_bucket}/outage"
+    monkeypatch.setattr(storage, "upload_file", down_for(2))
+    uri = checkpoints.save_checkpoint(where, 10, {"x": torch.ones(2)}, backoff=0)
+    assert len(calls) == 3 and checkpoints.load_checkpoint(uri)["x"].sum() == 2
+    calls.clear()
+    monkeypatch.setattr(storage, "upload_file", down_for(10**6))
+    with pytest.raises(OnewordError, match="after 3 attempts"):
+        checkpoints.save_checkpoint(where, 20, {"x": torch.ones(2)}, backoff=0)
+    assert [s for s, _ in checkpoints.list_checkpoints(where)] == [10]
+    # mid-run, an outage costs that checkpoint only: training goes on and the next one is stored
+    calls.clear()
+    monkeypatch.setattr(storage, "upload_file", down_for(3))
+    monkeypatch.setattr(checkpoints, "UPLOAD_BACKOFF_S", 0.0)
+    tr = InversionTrainer(tiny_model, [(SPECS[0], cat_latents)], TrainConfig(steps=10, checkpoint_every=5))
+    with caplog.at_level(logging.WARNING):
+        r = tr.run(f"{where}/run", progress=False)
+    assert r.steps == 10 and "training goes on" in caplog.text
+    assert [s for s, _ in checkpoints.list_checkpoints(f"{where}/run")] == [10]

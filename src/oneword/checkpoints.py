@@ -6,14 +6,18 @@ whole checkpoints. Files are read back with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from oneword import storage
 from oneword.errors import OnewordError
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^step-(\d{6,})\.pt$")
 
@@ -23,20 +27,47 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}.pt"
 
 
-def save_checkpoint(where: str | Path, step: int, state: dict) -> str:
+UPLOAD_ATTEMPTS = 3  # object storage blips (a MinIO pod restarting) should not cost a GPU job
+UPLOAD_BACKOFF_S = 5.0  # seconds before the 2nd attempt, doubled after each
+
+
+def save_checkpoint(
+    where: str | Path, step: int, state: dict, attempts: int = UPLOAD_ATTEMPTS, backoff: float | None = None
+) -> str:
     """Write `state` as the checkpoint of `step` into a folder or `s3://` prefix.
+
+    An upload is tried `attempts` times, `backoff` seconds apart (doubling; default `UPLOAD_BACKOFF_S`); an object
+    is whole or absent (an S3 PUT is atomic) and its size is checked after the upload, so a resume never reads a
+    partial checkpoint.
 
     Returns:
         The checkpoint's path or URI.
+
+    Raises:
+        OnewordError: if the checkpoint could not be stored.
     """
     name = checkpoint_name(step)
     if storage.is_s3(where):
+        uri = f"{str(where).rstrip('/')}/{name}"
+        backoff = UPLOAD_BACKOFF_S if backoff is None else backoff
         with tempfile.TemporaryDirectory() as d:
             local = Path(d) / name
             torch.save(state, local)
-            uri = f"{str(where).rstrip('/')}/{name}"
-            storage.upload_file(local, uri)
-            return uri
+            for attempt in range(1, attempts + 1):
+                try:
+                    storage.upload_file(local, uri)
+                    if storage.object_size(uri) != local.stat().st_size:
+                        raise OnewordError(f"{uri} does not have the size of the checkpoint uploaded")
+                    return uri
+                except Exception as e:  # network and server errors come in many types
+                    if attempt == attempts:
+                        raise OnewordError(
+                            f"could not store checkpoint {uri} after {attempts} attempts: {e}",
+                            hint="check the object store (S3_ENDPOINT_URL, credentials); a rerun resumes from the "
+                            "last checkpoint stored",
+                        ) from e
+                    log.warning("storing %s failed (%s); attempt %d of %d", uri, e, attempt + 1, attempts)
+                    time.sleep(backoff * 2 ** (attempt - 1))
     folder = Path(where)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.part"

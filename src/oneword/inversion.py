@@ -413,7 +413,13 @@ class InversionTrainer:
                 loss_sum.zero_()
                 n_sum = 0
             if ckpt_now:
-                last = checkpoints.save_checkpoint(checkpoint_dir, self.step, self.state_dict())
+                try:
+                    last = checkpoints.save_checkpoint(checkpoint_dir, self.step, self.state_dict())
+                except OnewordError as e:
+                    if at_end:
+                        raise
+                    # an object store that is down for longer than the retries: train on, the next one retries
+                    log.warning("%s; training goes on, the next checkpoint tries again", e.message)
             bar.update(1)
         bar.close()
         seconds = time.perf_counter() - t0

@@ -149,6 +149,12 @@ def upload_dir(path: Path, uri: str) -> None:
         upload_file(f, uri.rstrip("/") + "/" + f.relative_to(path).as_posix())
 
 
+def object_size(uri: str) -> int:
+    """The size in bytes of the object `s3://bucket/key`."""
+    bucket, key = split_s3(uri)
+    return int(client().stat_object(bucket, key).size or 0)
+
+
 def object_exists(uri: str) -> bool:
     """Return True if the object `s3://bucket/key` exists."""
     from minio.error import S3Error

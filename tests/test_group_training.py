@@ -15,6 +15,7 @@ import yaml
 from oneword import checkpoints, outcome
 from oneword.embeddings import load as load_embedding
 from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig
+from oneword.latents import LatentSet
 from oneword.models import load_base_model
 from oneword.train import GROUP_FILE, train_group
 
@@ -177,3 +178,19 @@ def test_an_object_store_outage_while_checkpointing(tiny_model, cat_latents, s3_
         r = tr.run(f"{where}/run", progress=False)
     assert r.steps == 10 and "training goes on" in caplog.text
     assert [s for s, _ in checkpoints.list_checkpoints(f"{where}/run")] == [10]
+
+
+def test_each_concept_may_have_its_own_learning_rate(tiny_model_dir, cat_latents_dir, tmp_path):
+    import json
+
+    slow = ConceptSpec(token="<lr-a>", init_word="cat", learning_rate=1e-4)
+    members = [("slow", slow, cat_latents_dir), ("default", SPECS[1], cat_latents_dir)]
+    train_group(members, tmp_path, TrainConfig(steps=2, batch_size=2, learning_rate=5e-3), progress=False)
+    used = {n: json.loads((tmp_path / n / "summary.json").read_text())["learning_rate_used"] for n, _, _ in members}
+    assert used == {"slow": pytest.approx(2e-4), "default": pytest.approx(1e-2)}  # both scaled by the batch size
+    tr = InversionTrainer(
+        load_base_model(str(tiny_model_dir)),
+        [(slow, LatentSet.load(cat_latents_dir))],
+        TrainConfig(steps=1, batch_size=2, learning_rate=5e-3),
+    )
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)  # what the optimiser really uses

@@ -9,6 +9,7 @@ The manifest is YAML, at a local path or an `s3://` URI:
         name: my-cat          # optional: registered-model name (default: from the token)
         n_vectors: 1          # optional
         templates: object     # optional: object, style, toyworld or a file of templates
+        learning_rate: 0.002  # optional: this concept's base LR (default: the batch's learning_rate)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ConceptEntry(Schema):
     name: str = Field("", description="registered-model name (default: from the token)")
     n_vectors: int = Field(1, ge=1)
     templates: str = Field("object")
+    learning_rate: float | None = Field(None, gt=0, description="this concept's base LR (default: the batch's)")
 
 
 def content_key(images: str) -> str:

@@ -54,6 +54,9 @@ class ConceptSpec(Schema):
     init_word: str = Field(description="one-token word the vectors start from, e.g. 'cat'")
     n_vectors: int = Field(1, ge=1, le=75, description="vectors per token (the paper uses 1)")
     templates: str = Field("object", description="prompt templates: object, style, toyworld or a file")
+    learning_rate: float | None = Field(
+        None, gt=0, description="this concept's base LR, scaled like TrainConfig's (None: TrainConfig's)"
+    )
 
 
 class TrainConfig(Schema):
@@ -81,6 +84,11 @@ class TrainConfig(Schema):
     def lr(self) -> float:
         """The learning rate actually used."""
         return self.learning_rate * (self.batch_size if self.scale_lr else 1)
+
+    def lr_for(self, concept: ConceptSpec) -> float:
+        """The learning rate a concept trains with: its own base LR if it has one, scaled the same way."""
+        base = concept.learning_rate if concept.learning_rate is not None else self.learning_rate
+        return base * (self.batch_size if self.scale_lr else 1)
 
 
 @dataclass
@@ -169,7 +177,7 @@ class InversionTrainer:
             )
 
         self.optimizer = torch.optim.AdamW(
-            [{"params": [c.param], "lr": config.lr} for c in self.concepts],
+            [{"params": [c.param], "lr": config.lr_for(c.spec)} for c in self.concepts],
             lr=config.lr,
             weight_decay=config.weight_decay,
         )

@@ -92,7 +92,7 @@ def _write_concept(
     summary = {
         "concept": concept.model_dump(),
         "config": config.model_dump(),
-        "learning_rate_used": config.lr,
+        "learning_rate_used": config.lr_for(concept),
         "model_source": model.source,
         "model_fingerprint": model.fingerprint,
         "image_sha256": latents.image_sha256,

@@ -86,7 +86,7 @@ def train(
 
     Args:
         latents: each concept's cache_latents output, in the order of `concepts`.
-        concepts: the planned concepts (name, token, init_word, n_vectors, templates).
+        concepts: the planned concepts (name, token, init_word, n_vectors, templates, optional learning_rate).
         model: one folder per concept name (embedding files, curve.json, summary.json, the training images).
         metrics: per concept: final loss, embedding norm; steps per second.
         base_model: default: the model the latents were encoded with.
@@ -113,8 +113,9 @@ def train(
     from oneword.inversion import ConceptSpec, TrainConfig
     from oneword.train import SUMMARY_FILE, train_group
 
-    fields = ("token", "init_word", "n_vectors", "templates")
-    members = [(c["name"], ConceptSpec(**{k: c[k] for k in fields}), lat.path) for c, lat in zip(concepts, latents)]
+    fields = ("token", "init_word", "n_vectors", "templates", "learning_rate")
+    members = [(c["name"], ConceptSpec(**{k: c.get(k) for k in fields if c.get(k) is not None}), lat.path)
+               for c, lat in zip(concepts, latents)]
     rows = train_group(
         members, model.path,
         TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,

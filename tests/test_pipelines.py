@@ -171,7 +171,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
         yaml.safe_dump(
             {
                 "concepts": [
-                    {"images": str(DREAMBENCH / "cat"), "token": "<cat-q>", "init_word": "cat"},
+                    {"images": str(DREAMBENCH / "cat"), "token": "<cat-q>", "init_word": "cat", "learning_rate": 0.004},
                     {"images": str(bad), "token": "<bad-q>", "init_word": "dog"},
                     {"images": str(DREAMBENCH / "dog"), "token": "<dog-q>", "init_word": "dog"},
                 ]
@@ -207,6 +207,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     # the report read the plan the run made (recorded in MLflow), not the manifest again
     plan = registry.batch_plan(report["tracking_uri"], report["batch_id"])
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
+    params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
+    assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
 
 
 class _FakeKfpApi(BaseHTTPRequestHandler):

@@ -72,7 +72,11 @@ def plan_concepts(entries: list[ConceptEntry]) -> list[dict]:
     from oneword.registry import concept_name
 
     rows = [
-        {**e.model_dump(), "name": e.name or concept_name(e.token), "content_key": content_key(e.images)}
+        {
+            **e.model_dump(exclude_none=True),
+            "name": e.name or concept_name(e.token),
+            "content_key": content_key(e.images),
+        }
         for e in entries
     ]
     names = [r["name"] for r in rows]

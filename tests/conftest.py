@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DREAMBENCH = SHARED / "datasets" / "dreambench"
+# Real photos, downscaled, with their licence and attribution: data/dreambench/README.md (CC BY 4.0).
+DREAMBENCH = Path(__file__).resolve().parent / "data" / "dreambench"
 
 # Never reach a hub from tests, and keep every cache inside the test session.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -194,3 +194,23 @@ def test_each_concept_may_have_its_own_learning_rate(tiny_model_dir, cat_latents
         TrainConfig(steps=1, batch_size=2, learning_rate=5e-3),
     )
     assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)  # what the optimiser really uses
+
+
+def test_the_photos_content_key_follows_their_content_not_their_folder(tmp_path, s3_bucket):
+    """preprocess is cached by this key: new photos under an old folder or prefix must change it."""
+    from oneword import storage
+    from oneword.batch import content_key
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"first photo")
+    before = content_key(str(folder))
+    assert before.startswith("sha256:") and content_key(str(folder)) == before
+    (folder / "a.jpg").write_bytes(b"a new photo, same name")
+    assert content_key(str(folder)) != before
+    prefix = f"s3://{s3_bucket}/photos"
+    storage.upload_file(folder / "a.jpg", f"{prefix}/a.jpg")
+    on_s3 = content_key(prefix)
+    (folder / "a.jpg").write_bytes(b"replaced again")
+    storage.upload_file(folder / "a.jpg", f"{prefix}/a.jpg")
+    assert content_key(prefix) != on_s3

@@ -86,7 +86,8 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
         assert parent == where["train"]  # both loops sit beside the shard's single train task
         assert any("parameterIterator" in t for t in dags[parent].values())
     train = dags[where["train"]]["train"]
-    assert train["inputs"]["artifacts"]["latents"]["taskOutputArtifact"] or train["inputs"]["artifacts"]["latents"]
+    collected = train["inputs"]["artifacts"]["latents"]["taskOutputArtifact"]  # every concept's latents, gathered
+    assert dags[where["train"]][collected["producerTask"]]["componentRef"]["name"] == where["cache-latents"]
     assert "accelerator" in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     # the shards loop runs the same `personalise` sub-pipeline as textual_inversion
     (shards,) = [t for t in dags[where["personalise"]].values() if t["componentRef"]["name"] == "comp-personalise"]

@@ -70,45 +70,46 @@ def _load_model(latents: LatentSet, base_model: str | BaseModel | None, where: P
     return model
 
 
+def _run_summary(
+    config: TrainConfig, model: BaseModel, result: TrainResult, trainer: InversionTrainer, checkpoint_dir: str
+) -> dict:
+    """What every concept of one training run shares in its summary.json."""
+    return {
+        "config": config.model_dump(),
+        "model_source": model.source,
+        "model_fingerprint": model.fingerprint,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "steps_per_second": result.steps_per_second,
+        "last_checkpoint": result.last_checkpoint,
+        "checkpoint_dir": checkpoint_dir,
+        "concepts_trained_together": len(trainer.concepts),
+        "device": str(trainer.device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "oneword_version": __version__,
+    }
+
+
 def _write_concept(
-    out_dir: Path,
-    emb: emb_io.Embedding,
-    curve: list[dict],
-    concept: ConceptSpec,
-    config: TrainConfig,
-    model: BaseModel,
-    latents: LatentSet,
-    latents_dir: Path,
-    result: TrainResult,
-    trainer: InversionTrainer,
-    checkpoint_dir: str,
+    out_dir: Path, concept: ConceptSpec, latents: LatentSet, latents_dir: Path, result: TrainResult, run: dict
 ) -> None:
     """Write one concept's folder: its embedding in every format, curve, summary and training images."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    emb = next(e for e in result.embeddings if e.token == concept.token)
+    curve = result.curves[concept.token]
     files = write_embedding_files(emb, out_dir)
     (out_dir / CURVE_FILE).write_text(json.dumps(curve))
     if (Path(latents_dir) / DATASET_DIR).is_dir():
         shutil.copytree(Path(latents_dir) / DATASET_DIR, out_dir / DATASET_DIR, dirs_exist_ok=True)
     summary = {
         "concept": concept.model_dump(),
-        "config": config.model_dump(),
-        "learning_rate_used": config.lr_for(concept),
-        "model_source": model.source,
-        "model_fingerprint": model.fingerprint,
+        "learning_rate_used": TrainConfig(**run["config"]).lr_for(concept),
         "image_sha256": latents.image_sha256,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "steps_per_second": result.steps_per_second,
         "final_loss": curve[-1]["loss"] if curve else None,
         "embedding_norm": curve[-1]["embedding_norm"] if curve else None,
-        "last_checkpoint": result.last_checkpoint,
-        "checkpoint_dir": checkpoint_dir,
-        "concepts_trained_together": len(trainer.concepts),
         "files": {k: str(v.relative_to(out_dir)) for k, v in files.items()},
-        "device": str(trainer.device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "oneword_version": __version__,
+        **run,
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
@@ -157,17 +158,7 @@ def train(
     )
     result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress)
     _write_concept(
-        out_dir,
-        result.embeddings[0],
-        result.curve,
-        concept,
-        config,
-        model,
-        latents,
-        Path(latents_dir),
-        result,
-        trainer,
-        str(ckpt),
+        out_dir, concept, latents, Path(latents_dir), result, _run_summary(config, model, result, trainer, str(ckpt))
     )
     return result
 
@@ -273,24 +264,12 @@ def train_group(
             ckpt,
         )
         result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress, keep_going=True)
-        by_token = {e.token: e for e in result.embeddings}
+        run = _run_summary(config, model, result, trainer, ckpt if checkpoint_root else "../checkpoints")
         for name, spec, lat, where in ready:
             if spec.token in result.failed:
                 fail(name, "train", result.failed[spec.token])
                 continue
-            _write_concept(
-                out_dir / name,
-                by_token[spec.token],
-                result.curves[spec.token],
-                spec,
-                config,
-                model,
-                lat,
-                where,
-                result,
-                trainer,
-                ckpt if checkpoint_root else "../checkpoints",
-            )
+            _write_concept(out_dir / name, spec, lat, where, result, run)
             status[name].update(status="trained", stage="train")
     rows = [status[name] for name, _, _ in members]
     (out_dir / GROUP_FILE).write_text(json.dumps(rows, indent=2))

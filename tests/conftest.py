@@ -49,7 +49,7 @@ def tiny_v_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_model(tiny_model_dir):
-    """A fresh `BaseModel` (tokens added by one test never leak into another)."""
+    """A fresh `LoadedModel` (tokens added by one test never leak into another)."""
     from oneword.models import load_base_model
 
     return load_base_model(str(tiny_model_dir))

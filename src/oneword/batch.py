@@ -20,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from oneword import storage
 from oneword.errors import OnewordError
@@ -29,7 +28,7 @@ from oneword.errors import OnewordError
 log = logging.getLogger(__name__)
 
 
-class ConceptEntry(Schema):
+class ConceptEntry(BaseModel):
     """One concept of a batch."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig, resolve_device
 from oneword.latents import LatentSet
-from oneword.models import BaseModel, load_base_model
+from oneword.models import LoadedModel, load_base_model
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _latent_shape(model: BaseModel, resolution: int | None) -> tuple[int, int]:
+def _latent_shape(model: LoadedModel, resolution: int | None) -> tuple[int, int]:
     """(channels, side) of the latents for `resolution` (default: the UNet's native size)."""
     cfg = model.unet.config
     if resolution is None:
@@ -63,7 +63,7 @@ def synthetic_latents(channels: int, side: int, n_images: int = 5, seed: int = 0
 
 
 def bench_oneword(
-    model: BaseModel,
+    model: LoadedModel,
     batch_size: int = 4,
     steps: int = 50,
     warmup: int = 5,
@@ -109,7 +109,7 @@ def bench_oneword(
 
 
 def bench_concepts(
-    load: Callable[[], BaseModel], counts: Sequence[int], batch_size: int = 4, steps: int = 50, **kwargs
+    load: Callable[[], LoadedModel], counts: Sequence[int], batch_size: int = 4, steps: int = 50, **kwargs
 ) -> list[BenchResult]:
     """For each K in `counts`: K concepts trained together, beside K trained one after another.
 
@@ -146,7 +146,7 @@ def bench_concepts(
 
 
 def bench_diffusers_style(
-    model: BaseModel,
+    model: LoadedModel,
     batch_size: int = 1,
     grad_accum: int = 4,
     steps: int = 10,
@@ -231,7 +231,7 @@ def bench_diffusers_style(
     )
 
 
-def load_bench_model(base_model: str | None, sd15_shape: bool, parts=("unet", "vae")) -> BaseModel:
+def load_bench_model(base_model: str | None, sd15_shape: bool, parts=("unet", "vae")) -> LoadedModel:
     """The model to benchmark: a given one, SD1.5's architecture with random weights, or the tiny model."""
     if base_model:
         return load_base_model(base_model, parts=parts)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import resolve_device
-from oneword.models import BaseModel, load_base_model
+from oneword.models import LoadedModel, load_base_model
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ class SamplerConfig:
     width: int | None = None
 
 
-def build_pipeline(model: BaseModel, device: str = "auto"):
-    """Wrap a loaded `BaseModel` (with UNet and VAE) in a `StableDiffusionPipeline` with a DDIM scheduler.
+def build_pipeline(model: LoadedModel, device: str = "auto"):
+    """Wrap a loaded `LoadedModel` (with UNet and VAE) in a `StableDiffusionPipeline` with a DDIM scheduler.
 
     Returns:
         The pipeline, on `device`.
@@ -58,7 +58,9 @@ def build_pipeline(model: BaseModel, device: str = "auto"):
     return pipe
 
 
-def load_embeddings(pipe, model: BaseModel, files: Sequence[Path | emb_io.Embedding], force: bool = False) -> list[str]:
+def load_embeddings(
+    pipe, model: LoadedModel, files: Sequence[Path | emb_io.Embedding], force: bool = False
+) -> list[str]:
     """Load embedding files (any format) into a pipeline, after checking they fit the model.
 
     Returns:
@@ -137,7 +139,7 @@ def _wrap(text: str, width: int) -> str:
 
 
 def generate(
-    base_model: str | BaseModel,
+    base_model: str | LoadedModel,
     embedding_files: Sequence[Path],
     prompts: Sequence[str],
     out_dir: Path,
@@ -150,7 +152,7 @@ def generate(
     """Generate `n` images for each prompt and a grid of them all.
 
     Args:
-        base_model: model reference or loaded `BaseModel`.
+        base_model: model reference or loaded `LoadedModel`.
         embedding_files: learned embeddings (any format) whose tokens the prompts use.
         prompts: prompts, e.g. "an oil painting of <my-cat> on the moon".
         out_dir: where `p{i}_s{seed}.png` and `grid.png` go.
@@ -163,7 +165,7 @@ def generate(
     Returns:
         The path of `grid.png`.
     """
-    model = base_model if isinstance(base_model, BaseModel) else load_base_model(base_model)
+    model = base_model if isinstance(base_model, LoadedModel) else load_base_model(base_model)
     pipe = build_pipeline(model, device)
     tokens = load_embeddings(pipe, model, embedding_files, force=force)
     unknown = [p for p in prompts if tokens and not any(t in p for t in tokens)]

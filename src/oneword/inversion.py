@@ -28,15 +28,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from oneword import __version__, checkpoints
 from oneword.embeddings import Embedding
 from oneword.errors import NonFiniteLossError, OnewordError
 from oneword.latents import LatentSet
-from oneword.models import BaseModel
+from oneword.models import LoadedModel
 from oneword.templates import get_templates
 from oneword.tokens import add_placeholder_tokens, expand_placeholder, initializer_id, install_splice
 
@@ -45,7 +44,7 @@ log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
-class ConceptSpec(Schema):
+class ConceptSpec(BaseModel):
     """What to learn: a placeholder token, its initializer word and how many vectors it gets."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -59,7 +58,7 @@ class ConceptSpec(Schema):
     )
 
 
-class TrainConfig(Schema):
+class TrainConfig(BaseModel):
     """Optimisation settings. Defaults are the paper's (Sec. 4 and its LDM config), unless noted."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -133,12 +132,12 @@ class InversionTrainer:
     """Textual inversion of one or more concepts in a frozen base model.
 
     Args:
-        model: a `BaseModel` loaded with its UNet (the VAE is not needed).
+        model: a `LoadedModel` loaded with its UNet (the VAE is not needed).
         concepts: `(spec, latents)` pairs; each concept gets its own trainable (n_vectors, width) parameter.
         config: optimisation settings.
     """
 
-    def __init__(self, model: BaseModel, concepts: Sequence[tuple[ConceptSpec, LatentSet]], config: TrainConfig):
+    def __init__(self, model: LoadedModel, concepts: Sequence[tuple[ConceptSpec, LatentSet]], config: TrainConfig):
         if model.unet is None:
             raise OnewordError("training needs the base model's UNet, which was not loaded")
         if not concepts:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from oneword import __version__, storage
 from oneword.errors import OnewordError
 from oneword.images import Manifest
-from oneword.models import BaseModel, load_base_model, module_fingerprint
+from oneword.models import LoadedModel, load_base_model, module_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
 @torch.no_grad()
 def cache_latents(
     dataset_dir: Path,
-    base_model: BaseModel | str,
+    base_model: LoadedModel | str,
     out_dir: Path,
     *,
     cache_dir: Path | None = None,
@@ -105,7 +105,7 @@ def cache_latents(
 
     Args:
         dataset_dir: folder written by `oneword.images.preprocess`.
-        base_model: a loaded `BaseModel` (with its VAE) or a model reference to load.
+        base_model: a loaded `LoadedModel` (with its VAE) or a model reference to load.
         out_dir: where to write `latents.safetensors`.
         cache_dir: shared cache folder (default `cache_root()/latents`).
         batch_size: images per VAE forward pass.
@@ -116,7 +116,9 @@ def cache_latents(
     """
     manifest = Manifest.load(dataset_dir)
     model = (
-        base_model if isinstance(base_model, BaseModel) else load_base_model(base_model, parts=("vae",), device=device)
+        base_model
+        if isinstance(base_model, LoadedModel)
+        else load_base_model(base_model, parts=("vae",), device=device)
     )
     if model.vae is None:
         raise OnewordError("cache_latents needs the base model's VAE, which was not loaded")

@@ -32,7 +32,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 @dataclass
-class BaseModel:
+class LoadedModel:
     """The parts of a loaded Stable Diffusion model that textual inversion uses.
 
     `vae` and `unet` may be None when a step does not need them (training from cached latents needs no VAE).
@@ -169,7 +169,7 @@ def load_base_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     model_config: str | None = None,
-) -> BaseModel:
+) -> LoadedModel:
     """Load a Stable Diffusion 1.x/2.x model's tokenizer, text encoder and (optionally) UNet and VAE.
 
     Args:
@@ -180,7 +180,7 @@ def load_base_model(
         model_config: for a single-file checkpoint, a diffusers folder or hub id with its configs.
 
     Returns:
-        A `BaseModel`, every module frozen and in eval mode.
+        A `LoadedModel`, every module frozen and in eval mode.
     """
     resolved = resolve(source)
     if resolved.endswith(SINGLE_FILE_SUFFIXES) and Path(resolved).is_file():
@@ -235,7 +235,7 @@ def _load_json(resolved: str, rel: str, kw: dict) -> dict:
     return json.loads(Path(hf_hub_download(resolved, rel, **kw)).read_text())
 
 
-def _load_single_file(source, path, parts, device, dtype, model_config) -> BaseModel:
+def _load_single_file(source, path, parts, device, dtype, model_config) -> LoadedModel:
     from diffusers import StableDiffusionPipeline
 
     kw = {"config": model_config} if model_config else {}
@@ -265,7 +265,7 @@ def _load_single_file(source, path, parts, device, dtype, model_config) -> BaseM
 
 def _finish(
     source, tokenizer, text_encoder, unet, vae, scheduler_config, unet_config, model_index, device, path
-) -> BaseModel:
+) -> LoadedModel:
     family, width = detect_family(text_encoder.config, model_index)
     if family == "sdxl":
         raise OnewordError(
@@ -275,7 +275,7 @@ def _finish(
     for m in (text_encoder, unet, vae):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
-    return BaseModel(
+    return LoadedModel(
         source=source,
         tokenizer=tokenizer,
         text_encoder=text_encoder,

@@ -32,7 +32,7 @@ from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
 from oneword.latents import DATASET_DIR, LatentSet
-from oneword.models import BaseModel, load_base_model
+from oneword.models import LoadedModel, load_base_model
 from oneword.templates import get_templates
 from oneword.tokens import expand_placeholder, initializer_id
 
@@ -54,11 +54,11 @@ def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Pat
     return paths
 
 
-def _load_model(latents: LatentSet, base_model: str | BaseModel | None, where: Path) -> BaseModel:
+def _load_model(latents: LatentSet, base_model: str | LoadedModel | None, where: Path) -> LoadedModel:
     source = base_model if base_model is not None else latents.meta.get("model_source")
     if source is None:
         raise OnewordError(f"{where} does not record its base model", hint="pass --base-model")
-    model = source if isinstance(source, BaseModel) else load_base_model(source, parts=("unet",))
+    model = source if isinstance(source, LoadedModel) else load_base_model(source, parts=("unet",))
     recorded = latents.meta.get("model_fingerprint")
     if recorded and recorded != model.fingerprint:
         log.warning(
@@ -71,7 +71,7 @@ def _load_model(latents: LatentSet, base_model: str | BaseModel | None, where: P
 
 
 def _run_summary(
-    config: TrainConfig, model: BaseModel, result: TrainResult, trainer: InversionTrainer, checkpoint_dir: str
+    config: TrainConfig, model: LoadedModel, result: TrainResult, trainer: InversionTrainer, checkpoint_dir: str
 ) -> dict:
     """What every concept of one training run shares in its summary.json."""
     return {
@@ -119,7 +119,7 @@ def train(
     out_dir: Path,
     concept: ConceptSpec,
     config: TrainConfig = TrainConfig(),
-    base_model: str | BaseModel | None = None,
+    base_model: str | LoadedModel | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     callbacks: Sequence[MetricsCallback] = (),
@@ -193,7 +193,7 @@ def train_group(
     members: Sequence[tuple[str, ConceptSpec, Path]],
     out_dir: Path,
     config: TrainConfig = TrainConfig(),
-    base_model: str | BaseModel | None = None,
+    base_model: str | LoadedModel | None = None,
     checkpoint_root: str | Path | None = None,
     resume: bool = True,
     callbacks: Sequence[MetricsCallback] = (),

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from oneword import checkpoints, storage
 from oneword import embeddings as emb_io
@@ -36,7 +35,7 @@ from oneword.generate import SamplerConfig, build_pipeline, load_embeddings, mak
 from oneword.images import Manifest
 from oneword.inversion import resolve_device
 from oneword.latents import DATASET_DIR
-from oneword.models import BaseModel, load_base_model
+from oneword.models import LoadedModel, load_base_model
 from oneword.storage import atomic_dir
 from oneword.tokens import vector_tokens
 from oneword.train import SUMMARY_FILE, write_embedding_files
@@ -46,7 +45,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE, REPORT_FILE, GRID_FILE, SCATTER_FILE = "metrics.json", "report.html", "grid.png", "scatter.png"
 
 
-class EvalConfig(Schema):
+class EvalConfig(BaseModel):
     """Evaluation settings. Sampling defaults follow the paper's code: 50 DDIM steps, eta 0, guidance 5.0."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -95,7 +94,7 @@ class _Session:
 
     def __init__(
         self,
-        model: BaseModel,
+        model: LoadedModel,
         emb: emb_io.Embedding,
         train_images: list[Image.Image],
         cfg: EvalConfig,
@@ -156,7 +155,7 @@ def evaluate(
     dataset_dir: Path | None,
     out_dir: Path,
     config: EvalConfig = EvalConfig(),
-    base_model: str | BaseModel | None = None,
+    base_model: str | LoadedModel | None = None,
     on_images: Callable[[list[str], list[list[Image.Image]]], None] | None = None,
 ) -> dict:
     """Evaluate a trained concept.
@@ -178,7 +177,7 @@ def evaluate(
     summary = _load_summary(train_dir)
     emb = emb_io.load(Path(train_dir) / "learned_embeds.safetensors")
     source = base_model if base_model is not None else summary["model_source"]
-    model = source if isinstance(source, BaseModel) else load_base_model(source)
+    model = source if isinstance(source, LoadedModel) else load_base_model(source)
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else Path(train_dir) / DATASET_DIR
     manifest = Manifest.load(dataset_dir)
     train_images = [Image.open(Path(dataset_dir) / r.file).convert("RGB") for r in manifest.images]

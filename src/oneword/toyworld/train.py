@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from oneword.toyworld import architecture as arch
@@ -35,7 +34,7 @@ from oneword.toyworld import world
 log = logging.getLogger(__name__)
 
 
-class ToyTrainConfig(Schema):
+class ToyTrainConfig(BaseModel):
     """Settings of `oneword toyworld train`; the defaults made the shipped model."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -1,8 +1,9 @@
 """Preprocessing: turn a user's photos into clean, square, deduplicated training images plus a manifest.
 
-Each image gets its EXIF orientation applied, is converted to RGB (alpha composited onto white), centre-cropped
-or padded to a square and resized to the training resolution. Exact duplicates are dropped. Every file that
-is skipped is listed with the reason.
+Each image gets its EXIF orientation applied, is converted to RGB from whatever Pillow mode it was read in
+(alpha composited onto white, high-bit-depth greys scaled to 8 bits), centre-cropped or padded to a square and
+resized to the training resolution. Exact duplicates and pictures too small to train from are dropped. Every
+file that is skipped is listed with the reason.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from oneword import __version__, storage
 from oneword.errors import OnewordError
@@ -25,6 +28,11 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST = "manifest.json"
 MAX_PIXELS = 64_000_000  # well above any camera photo; bigger files are refused as decompression bombs
+# A photo whose short side is under a quarter of the training resolution would be upscaled more than 4x: the
+# model would learn interpolation blur rather than the concept, so it is refused. Under half it is kept, with a
+# warning that it will look blurry.
+MIN_SIDE_FRACTION = 1 / 4
+WARN_SIDE_FRACTION = 1 / 2
 
 
 @dataclass(frozen=True)
@@ -115,12 +123,46 @@ def load_image(path: Path) -> Image.Image:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any mode to RGB; transparent pixels are composited onto white."""
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+    """Convert an image in any Pillow mode to RGB, keeping what it shows.
+
+    - 'I;16*', 'I' and 'F' greys are scaled from their bit depth to 8 bits (see `high_bit_depth_to_l`), not
+      clipped at 255 as Pillow's own conversion does;
+    - 'LAB' goes through ImageCms (CIE Lab D50 to sRGB);
+    - anything with alpha ('LA', 'La', 'PA', 'RGBA', 'RGBa', or a 'transparency' colour such as a GIF's) is
+      composited onto white, the colour `square` pads with;
+    - everything else ('1', 'L', 'P', 'RGB', 'RGBX', 'CMYK', 'YCbCr', 'HSV') uses Pillow's conversion.
+    """
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = high_bit_depth_to_l(im)
+    if im.mode == "LAB":
+        return ImageCms.profileToProfile(
+            im, ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), outputMode="RGB"
+        )
+    if im.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow composites only straight alpha
+        im = im.convert({"La": "LA", "RGBa": "RGBA"}[im.mode])
+    if "A" in im.getbands() or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def high_bit_depth_to_l(im: Image.Image) -> Image.Image:
+    """Scale an 'I;16*', 'I' or 'F' grey image to 8-bit 'L', mapping its white level to 255.
+
+    The white level is 65535 for 'I;16*'. For 'I' and 'F' it is guessed from the brightest pixel: 1.0 for
+    floats that are all within 0..1, else 255 if the values fit 8 bits, else 65535 if they fit 16 bits, else
+    the brightest pixel itself. Negative values become black, and so do a float image's NaN and infinities.
+    """
+    a = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(a.max(initial=0.0))
+    if im.mode.startswith("I;16"):
+        white = 65535.0
+    elif im.mode == "F" and peak <= 1.0:
+        white = 1.0
+    else:
+        white = next((w for w in (255.0, 65535.0) if peak <= w), peak)
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / white)), 0, 255).astype(np.uint8))
 
 
 def square(im: Image.Image, resolution: int, mode: Literal["crop", "pad"]) -> Image.Image:
@@ -131,6 +173,22 @@ def square(im: Image.Image, resolution: int, mode: Literal["crop", "pad"]) -> Im
     canvas = Image.new("RGB", (side, side), (255, 255, 255))
     canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
     return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def min_side(resolution: int) -> int:
+    """The shortest side, in pixels, that a picture needs to be trained from at `resolution`."""
+    return math.ceil(resolution * MIN_SIDE_FRACTION)
+
+
+def size_problem(size: tuple[int, int], resolution: int) -> str | None:
+    """Why a picture of `size` (width, height) is too small to train from at `resolution`, or None if it is not."""
+    if min(size) >= min_side(resolution):
+        return None
+    return (
+        f"too small to train from: {size[0]}x{size[1]} pixels, and the short side must be at least "
+        f"{min_side(resolution)} pixels at resolution {resolution}; use a larger original of this photo or a "
+        "lower --resolution"
+    )
 
 
 def pixel_sha256(im: Image.Image) -> str:
@@ -185,8 +243,12 @@ def preprocess(
             except ValueError as e:
                 skipped.append({"source": shown, "reason": str(e)})
                 continue
+            too_small = size_problem(im.size, resolution)
+            if too_small:
+                skipped.append({"source": shown, "reason": too_small})
+                continue
             seen[source_sha] = shown
-            if min(im.size) < resolution / 2:
+            if min(im.size) < resolution * WARN_SIDE_FRACTION:
                 notes.append(
                     f"{shown} is {im.width}x{im.height}, smaller than half the training resolution "
                     f"({resolution}); it will look blurry to the model"
@@ -208,7 +270,8 @@ def preprocess(
             listing = "\n".join(f"  - {s['source']}: {s['reason']}" for s in skipped)
             raise OnewordError(
                 f"no valid image left in {source}; skipped:\n{listing}",
-                hint="add JPEG or PNG photos of the concept (3-5 is typical)",
+                hint="add JPEG or PNG photos of the concept (3-5 is typical), each at least "
+                f"{min_side(resolution)} pixels on its short side",
             )
         manifest = Manifest(resolution, mode, records, skipped, notes)
         manifest.save(tmp)

@@ -151,7 +151,9 @@ def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
     assert r["name"] == "evaluation (2 DDIM steps)" and r["steps"] == 4 and r["images_per_second"] > 0
 
 
-def test_generate_with_a_registered_concept(evaluated_concept, mlflow_server, tiny_model_dir, tmp_path, capsys):
+def test_generate_with_a_registered_concept(
+    evaluated_concept, mlflow_server, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     from oneword import registry
 
     train_dir, eval_dir = evaluated_concept
@@ -177,3 +179,9 @@ def test_generate_with_a_registered_concept(evaluated_concept, mlflow_server, ti
     assert (tmp_path / "gen" / "grid.png").exists()  # base model found from the registry, by reference
     code, out = run(["concepts", "list", "--tracking-uri", mlflow_server, "--json"], capsys)
     assert code == 0 and '"cat-cli"' in out
+    # In an 80-column terminal the table keeps a long name and the token whole.
+    registry.register(train_dir, eval_dir, mlflow_server, name="purple-star-watercolour-v2")
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out = run(["concepts", "list", "--tracking-uri", mlflow_server], capsys)
+    assert code == 0 and "purple-star-watercolour-v2" in out and "<cat-r>" in out, out
+    assert max(len(line) for line in out.splitlines()) <= 80

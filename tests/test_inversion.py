@@ -161,8 +161,13 @@ def test_l2_pull_keeps_vectors_near_the_initializer(tiny_model_dir, cat_latents)
 
 
 def test_lr_is_scaled_by_batch_size():
-    assert TrainConfig(batch_size=4).lr == pytest.approx(0.02)
-    assert TrainConfig(batch_size=4, scale_lr=False).lr == pytest.approx(0.005)
+    from oneword.profiles import PROFILES
+
+    sd1 = PROFILES["sd1"]  # the paper's recipe: base LR 5e-3
+    assert TrainConfig(batch_size=4).resolved(sd1).lr == pytest.approx(0.02)
+    assert TrainConfig(batch_size=4, scale_lr=False).resolved(sd1).lr == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="profile"):
+        TrainConfig().lr  # noqa: B018  unset until the model's profile says
 
 
 def test_token_already_in_vocabulary(tiny_model, cat_latents):

@@ -8,7 +8,7 @@ The manifest is YAML, at a local path or an `s3://` URI:
         init_word: cat
         name: my-cat          # optional: registered-model name (default: from the token)
         n_vectors: 1          # optional
-        templates: object     # optional: object, style, toyworld or a file of templates
+        templates: object     # optional: object, style, toyworld or a file (default: the model's profile)
         learning_rate: 0.002  # optional: this concept's base LR (default: the batch's learning_rate)
 """
 
@@ -20,26 +20,20 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from oneword import storage
+from oneword.config import ConceptSpec
 from oneword.errors import OnewordError
 
 log = logging.getLogger(__name__)
 
 
-class ConceptEntry(BaseModel):
-    """One concept of a batch."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class ConceptEntry(ConceptSpec):
+    """One concept of a batch: what to learn (`ConceptSpec`), from which photos, under which name."""
 
     images: str = Field(description="folder or s3:// prefix of the concept's photos")
-    token: str = Field(description="the new pseudo-word")
-    init_word: str = Field(description="one-token initializer word")
     name: str = Field("", description="registered-model name (default: from the token)")
-    n_vectors: int = Field(1, ge=1)
-    templates: str = Field("object")
-    learning_rate: float | None = Field(None, gt=0, description="this concept's base LR (default: the batch's)")
 
 
 def content_key(images: str) -> str:

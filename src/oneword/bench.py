@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig, resolve_device
+from oneword.config import ConceptSpec, TrainConfig
+from oneword.device import resolve_device
+from oneword.inversion import InversionTrainer
 from oneword.latents import LatentSet
 from oneword.models import LoadedModel, load_base_model
 

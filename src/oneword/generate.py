@@ -8,29 +8,38 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from oneword import embeddings as emb_io
+from oneword.device import resolve_device
 from oneword.errors import OnewordError
-from oneword.inversion import resolve_device
 from oneword.models import LoadedModel, load_base_model
+from oneword.profiles import ModelProfile, profile_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Sampling settings. The paper's evaluation used 50 DDIM steps, eta 0 and guidance 5.0."""
+    """Sampling settings; steps and guidance unset (None) are the model's profile's (`oneword.profiles`)."""
 
-    steps: int = 50
-    guidance_scale: float = 5.0
+    steps: int | None = None
+    guidance_scale: float | None = None
     eta: float = 0.0
     height: int | None = None  # default: the model's native size
     width: int | None = None
+
+    def resolved(self, profile: ModelProfile) -> SamplerConfig:
+        """These settings with unset steps and guidance from `profile`."""
+        return replace(
+            self,
+            steps=self.steps or profile.sampling_steps,
+            guidance_scale=self.guidance_scale if self.guidance_scale is not None else profile.guidance_scale,
+        )
 
 
 def build_pipeline(model: LoadedModel, device: str = "auto"):
@@ -90,6 +99,8 @@ def sample(
     Returns:
         `images[i][j]`: prompt i, seed j.
     """
+    if sampler.steps is None or sampler.guidance_scale is None:
+        raise ValueError("sampler steps and guidance are unset: resolve the SamplerConfig with the model's profile")
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     out: list[list[Image.Image | None]] = [[None] * n for _ in prompts]
     device = pipe.device
@@ -158,7 +169,7 @@ def generate(
         out_dir: where `p{i}_s{seed}.png` and `grid.png` go.
         n: images per prompt.
         seed: seed of the first image of each prompt.
-        sampler: sampling settings.
+        sampler: sampling settings (unset steps and guidance: the model's profile).
         device: torch device.
         force: load embeddings trained on another model of the same width.
 
@@ -171,7 +182,7 @@ def generate(
     unknown = [p for p in prompts if tokens and not any(t in p for t in tokens)]
     for p in unknown:
         log.warning("prompt %r uses none of the loaded tokens %s", p, tokens)
-    images = sample(pipe, list(prompts), n, seed, sampler)
+    images = sample(pipe, list(prompts), n, seed, sampler.resolved(profile_of(model)))
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(images):
         for j, im in enumerate(row):

@@ -24,70 +24,25 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from oneword import __version__, checkpoints
+from oneword.config import ConceptSpec, TrainConfig
+from oneword.device import resolve_device
 from oneword.embeddings import Embedding
 from oneword.errors import NonFiniteLossError, OnewordError
 from oneword.latents import LatentSet
 from oneword.models import LoadedModel
+from oneword.profiles import profile_of
 from oneword.templates import get_templates
 from oneword.tokens import add_placeholder_tokens, expand_placeholder, initializer_id, install_splice
 
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
-
-
-class ConceptSpec(BaseModel):
-    """What to learn: a placeholder token, its initializer word and how many vectors it gets."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    token: str = Field(description="the new pseudo-word, e.g. '<my-cat>'")
-    init_word: str = Field(description="one-token word the vectors start from, e.g. 'cat'")
-    n_vectors: int = Field(1, ge=1, le=75, description="vectors per token (the paper uses 1)")
-    templates: str = Field("object", description="prompt templates: object, style, toyworld or a file")
-    learning_rate: float | None = Field(
-        None, gt=0, description="this concept's base LR, scaled like TrainConfig's (None: TrainConfig's)"
-    )
-
-
-class TrainConfig(BaseModel):
-    """Optimisation settings. Defaults are the paper's (Sec. 4 and its LDM config), unless noted."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps: int = Field(5000, ge=1, description="optimiser steps (paper: 5,000)")
-    batch_size: int = Field(4, ge=1, description="samples per concept per step (paper: 4)")
-    learning_rate: float = Field(5e-3, gt=0, description="base LR; times batch size unless scale_lr is off")
-    scale_lr: bool = Field(True, description="multiply the LR by the batch size, as the paper does")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW decay; 0.01 is torch's default the paper used")
-    progressive_every: int = Field(0, ge=0, description="add vector k at step k*N (paper: 2000); 0 = all at once")
-    init_l2: float = Field(0.0, ge=0, description="weight of an L2 pull toward the initializer embedding")
-    flip_p: float = Field(0.5, ge=0, le=1, description="probability of the mirrored image (paper: 0.5)")
-    seed: int = Field(0, description="seeds every random draw; CPU runs reproduce bit for bit")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU")
-    compile: bool = Field(False, description="torch.compile the UNet (minutes to compile; faster after)")
-    gradient_checkpointing: bool = Field(False, description="recompute UNet activations: less memory, slower")
-    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints; 0 = only the last")
-    log_every: int = Field(10, ge=1, description="steps between loss/norm reports (and NaN checks)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-
-    @property
-    def lr(self) -> float:
-        """The learning rate actually used."""
-        return self.learning_rate * (self.batch_size if self.scale_lr else 1)
-
-    def lr_for(self, concept: ConceptSpec) -> float:
-        """The learning rate a concept trains with: its own base LR if it has one, scaled the same way."""
-        base = concept.learning_rate if concept.learning_rate is not None else self.learning_rate
-        return base * (self.batch_size if self.scale_lr else 1)
 
 
 @dataclass
@@ -117,17 +72,6 @@ class TrainResult:
     failed: dict[str, str] = field(default_factory=dict)  # token -> why it stopped early
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` means CUDA when available, else CPU. On CPU, denormal floats are flushed to zero (see below)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type == "cpu":
-        # Denormal floats make x86 CPUs 20-50x slower, and they appear in the frozen UNet's activations (measured:
-        # 2 concepts in one batch, 20 steps, 65 s -> 1.7 s; two toy evaluations side by side, 6.7 min before).
-        # Process-wide, like the TF32 switch on CUDA; flushing them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
-    return device
-
-
 class InversionTrainer:
     """Textual inversion of one or more concepts in a frozen base model.
 
@@ -142,6 +86,7 @@ class InversionTrainer:
             raise OnewordError("training needs the base model's UNet, which was not loaded")
         if not concepts:
             raise OnewordError("nothing to train: no concept given")
+        config = config.resolved(profile_of(model))
         self.model, self.config = model, config
         self.device = resolve_device(config.device)
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
@@ -210,7 +155,7 @@ class InversionTrainer:
             raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
         init = self.splice.base.weight[init_id].detach().float().expand(spec.n_vectors, -1).clone()
         param = self.splice.add(init.to(self.device))
-        templates = get_templates(spec.templates)
+        templates = get_templates(spec.templates or profile_of(self.model).templates)
         prompt_ids = {}
         for n_active in range(1, spec.n_vectors + 1):
             text = [t.format(expand_placeholder(spec.token, n_active)) for t in templates]
@@ -358,7 +303,7 @@ class InversionTrainer:
                     "model_fingerprint": self.model.fingerprint,
                     "model_source": self.model.source,
                     "steps": str(self.step),
-                    "templates": c.spec.templates,
+                    "templates": c.spec.templates or profile_of(self.model).templates,
                     "image_sha256": ",".join(c.meta["image_sha256"]),
                 },
             )

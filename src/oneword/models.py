@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from oneword import storage
 from oneword.errors import OnewordError
+from oneword.toyworld import assets
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ class LoadedModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
 
-def toyworld_path() -> Path:
-    """Return the folder of the toy-world model shipped as package data."""
-    return Path(str(resources.files("oneword") / "data" / "toyworld" / "model"))
-
-
 def resolve(source: str) -> str:
     """Turn a base-model reference into something diffusers can load: a local path or a hub id.
 
@@ -69,8 +64,8 @@ def resolve(source: str) -> str:
     Returns:
         A local folder or file path, or the hub id unchanged.
     """
-    if source == "toyworld":
-        p = toyworld_path()
+    if source == assets.NAME:
+        p = assets.model_path()
         if not (p / "model_index.json").exists():
             raise OnewordError(
                 f"the toy-world model is missing from the package ({p})",
@@ -95,20 +90,6 @@ def resolve(source: str) -> str:
             "a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or `toyworld`",
         )
     return source  # a hub id
-
-
-def native_resolution(source: str) -> int:
-    """The image side a model was trained at: UNet sample size times the VAE's downsampling factor.
-
-    Reads only the two config files (local folders, `toyworld`, `s3://`); hub ids default to 512.
-    """
-    resolved = resolve(source)
-    unet_cfg, vae_cfg = Path(resolved) / "unet" / "config.json", Path(resolved) / "vae" / "config.json"
-    if not (unet_cfg.exists() and vae_cfg.exists()):
-        return 512
-    sample = json.loads(unet_cfg.read_text())["sample_size"]
-    factor = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
-    return int(sample * factor)
 
 
 def detect_family(text_encoder_config, model_index: dict | None) -> tuple[str, int]:

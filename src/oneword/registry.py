@@ -21,13 +21,15 @@ from pathlib import Path
 
 from oneword import __version__, tracking
 from oneword import embeddings as emb_io
+from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
+from oneword.profiles import DEFAULT_FAMILY, PROFILES, ModelProfile
 from oneword.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "oneword"
+EXPERIMENT = TrackingConfig().experiment
 CONCEPT_TAG = "oneword.concept"
 CHAMPION, CANDIDATE = "champion", "candidate"
 
@@ -135,6 +137,17 @@ def _upload_and_verify(mlflow, client, run_id: str, files: dict[str, Path]) -> N
                 )
 
 
+@dataclass
+class _Concept:
+    """What `register` records: the name, the token, the training summary, the evaluation metrics (None: none)."""
+
+    name: str
+    token: str
+    summary: dict
+    metrics: dict | None
+    batch_id: str
+
+
 def register(
     train_dir: Path,
     eval_dir: Path | None,
@@ -159,14 +172,31 @@ def register(
         The `Registration`.
     """
     train_dir = Path(train_dir)
+    concept = _read_concept(train_dir, eval_dir, name, batch_id)
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = _setup(uri)
+    files = _artifact_files(train_dir, eval_dir, concept.name)
+    exp_id = _ensure_experiment(mlflow, experiment, uri)
+    with mlflow.start_run(experiment_id=exp_id, run_name=concept.name, tags=_run_tags(concept)) as run:
+        run_id = run.info.run_id
+        _log_params_and_metrics(mlflow, client, run_id, concept, train_dir / "curve.json")
+        _upload_and_verify(mlflow, client, run_id, files)
+        info = _log_model(mlflow, concept, files["embeddings/diffusers/learned_embeds.safetensors"])
+    # Everything is uploaded and verified: only now does a version exist.
+    version, alias, reason = _register_version(client, concept, run_id, info, thresholds)
+    return Registration(concept.name, version, alias, reason, run_id, f"models:/{concept.name}/{version}", uri)
+
+
+def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batch_id: str) -> _Concept:
+    """Read the training summary and evaluation metrics, and name the concept."""
     summary = json.loads((train_dir / "summary.json").read_text())
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text()) if eval_dir else None
     token = summary["concept"]["token"]
-    name = name or concept_name(token)
-    uri = tracking_uri or default_tracking_uri()
-    mlflow, client = _setup(uri)
-    from mlflow.entities import Metric
+    return _Concept(name or concept_name(token), token, summary, metrics, batch_id)
 
+
+def _artifact_files(train_dir: Path, eval_dir: Path | None, name: str) -> dict[str, Path]:
+    """The run's artifacts, {artifact path: local file}; every one must exist."""
     files: dict[str, Path] = {
         "training/summary.json": train_dir / "summary.json",
         "training/curve.json": train_dir / "curve.json",
@@ -182,54 +212,71 @@ def register(
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise OnewordError(f"cannot register {name}: missing {missing}", hint="run train and evaluate first")
+    return files
 
-    exp_id = _ensure_experiment(mlflow, experiment, uri)
-    tags = {CONCEPT_TAG: name, "oneword.token": token, "oneword.base_model_fingerprint": summary["model_fingerprint"]}
-    if batch_id:
-        tags["oneword.batch_id"] = batch_id
-    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as run:
-        run_id = run.info.run_id
-        mlflow.log_params(_flat_params(summary, metrics))
-        curve = json.loads((train_dir / "curve.json").read_text())
-        batch = [Metric(k, float(p[k]), 0, int(p["step"])) for p in curve for k in ("loss", "embedding_norm")]
-        for i in range(0, len(batch), 900):
-            client.log_batch(run_id, metrics=batch[i : i + 900])
-        if metrics:
-            mlflow.log_metrics(_eval_metrics(metrics))
-            for p in metrics["selection"]["curve"]:
-                mlflow.log_metrics(
-                    {"ckpt_reconstruction": p["reconstruction"], "ckpt_editability": p["editability"]},
-                    step=int(p["step"]),
-                )
-        _upload_and_verify(mlflow, client, run_id, files)
 
-        import mlflow.pyfunc
+def _run_tags(concept: _Concept) -> dict[str, str]:
+    """The run's tags: which concept, token and base model (and batch)."""
+    tags = {
+        CONCEPT_TAG: concept.name,
+        "oneword.token": concept.token,
+        "oneword.base_model_fingerprint": concept.summary["model_fingerprint"],
+    }
+    if concept.batch_id:
+        tags["oneword.batch_id"] = concept.batch_id
+    return tags
 
-        from oneword.serving import ConceptModel, signature
 
-        embedding = files["embeddings/diffusers/learned_embeds.safetensors"]
-        info = mlflow.pyfunc.log_model(
-            name="concept",
-            python_model=ConceptModel(),
-            artifacts={"embedding": str(embedding)},
-            model_config={
-                "base_model": summary["model_source"],
-                "model_fingerprint": summary["model_fingerprint"],
-                "token": token,
-            },
-            signature=signature(),
-            pip_requirements=[f"oneword=={__version__}"],
-        )
-        with tempfile.TemporaryDirectory() as d:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=d))
-            copies = list(local.rglob(embedding.name))
-            if not copies or sha256_file(copies[0]) != sha256_file(embedding):
-                raise OnewordError(
-                    f"the logged model {info.model_uri} does not hold the embedding intact",
-                    hint="check the artifact store, then rerun `register`",
-                )
-    # Everything is uploaded and verified: only now does a version exist.
-    return _register_version(mlflow, client, name, info, run_id, token, summary, metrics, thresholds, batch_id, uri)
+def _log_params_and_metrics(mlflow, client, run_id: str, concept: _Concept, curve_file: Path) -> None:
+    """Log the params, the training curve, and the evaluation metrics with the checkpoint curve."""
+    from mlflow.entities import Metric
+
+    mlflow.log_params(_flat_params(concept.summary, concept.metrics))
+    curve = json.loads(curve_file.read_text())
+    batch = [Metric(k, float(p[k]), 0, int(p["step"])) for p in curve for k in ("loss", "embedding_norm")]
+    for i in range(0, len(batch), 900):
+        client.log_batch(run_id, metrics=batch[i : i + 900])
+    if concept.metrics:
+        mlflow.log_metrics(_eval_metrics(concept.metrics))
+        for p in concept.metrics["selection"]["curve"]:
+            mlflow.log_metrics(
+                {"ckpt_reconstruction": p["reconstruction"], "ckpt_editability": p["editability"]},
+                step=int(p["step"]),
+            )
+
+
+def _profile(summary: dict) -> ModelProfile:
+    """The profile the concept was trained under (summaries before profiles: the default family's)."""
+    return ModelProfile(**summary["profile"]) if "profile" in summary else PROFILES[DEFAULT_FAMILY]
+
+
+def _log_model(mlflow, concept: _Concept, embedding: Path):
+    """Log the servable pyfunc model around the embedding, then check that its copy of the embedding is intact."""
+    import mlflow.pyfunc
+
+    from oneword.serving import ConceptModel, signature
+
+    info = mlflow.pyfunc.log_model(
+        name="concept",
+        python_model=ConceptModel(),
+        artifacts={"embedding": str(embedding)},
+        model_config={
+            "base_model": concept.summary["model_source"],
+            "model_fingerprint": concept.summary["model_fingerprint"],
+            "token": concept.token,
+        },
+        signature=signature(_profile(concept.summary)),
+        pip_requirements=[f"oneword=={__version__}"],
+    )
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=d))
+        copies = list(local.rglob(embedding.name))
+        if not copies or sha256_file(copies[0]) != sha256_file(embedding):
+            raise OnewordError(
+                f"the logged model {info.model_uri} does not hold the embedding intact",
+                hint="check the artifact store, then rerun `register`",
+            )
+    return info
 
 
 ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias decisions (a killed register)
@@ -275,41 +322,51 @@ def _wait_for_older_decisions(client, name: str, version: int, timeout: float = 
         time.sleep(0.2)  # another process is between create_model_version and its alias; it takes a moment
 
 
-def _register_version(
-    mlflow, client, name, info, run_id, token, summary, metrics, thresholds, batch_id, uri
-) -> Registration:
-    mv = _create_version(client, name, info, run_id, token)
+def _register_version(client, concept: _Concept, run_id: str, info, thresholds: GateThresholds) -> tuple[str, str, str]:
+    """Create the model version, tag it and decide its alias; returns (version, alias, reason)."""
+    mv = _create_version(client, concept.name, info, run_id, concept.token)
     try:
-        vtags = {
-            "oneword.token": token,
-            "oneword.base_model": str(summary["model_source"]),
-            "oneword.base_model_fingerprint": summary["model_fingerprint"],
-            "oneword.steps": str(summary["steps"]),
-            "oneword.run_id": run_id,
-        }
-        if batch_id:
-            vtags["oneword.batch_id"] = batch_id
-        if metrics:
-            vtags.update(
-                {
-                    "reconstruction": f"{metrics['reconstruction']:.6f}",
-                    "editability": f"{metrics['editability']:.6f}",
-                    "evaluator": metrics["evaluator"]["name"],
-                    "evaluator_fingerprint": metrics["evaluator"]["fingerprint"],
-                    "chosen_step": str(metrics["step"]),
-                }
-            )
-        for k, v in vtags.items():
-            client.set_model_version_tag(name, mv.version, k, v)
-        _wait_for_older_decisions(client, name, int(mv.version))
-        alias, reason = _decide_alias(client, name, metrics, thresholds)
-        client.set_registered_model_alias(name, alias, mv.version)
-        client.set_model_version_tag(name, mv.version, "gate", reason)  # last: it marks the decision as made
+        for k, v in _version_tags(concept, run_id).items():
+            client.set_model_version_tag(concept.name, mv.version, k, v)
+        alias, reason = _apply_gate(client, concept, mv.version, thresholds)
     except BaseException:
-        client.delete_model_version(name, mv.version)  # no half-registered version
+        client.delete_model_version(concept.name, mv.version)  # no half-registered version
         raise
-    log.info("registered %s version %s as %s (%s)", name, mv.version, alias, reason)
-    return Registration(name, str(mv.version), alias, reason, run_id, f"models:/{name}/{mv.version}", uri)
+    log.info("registered %s version %s as %s (%s)", concept.name, mv.version, alias, reason)
+    return str(mv.version), alias, reason
+
+
+def _version_tags(concept: _Concept, run_id: str) -> dict[str, str]:
+    """The version's tags: provenance, and the scores the next registration's gate compares against."""
+    vtags = {
+        "oneword.token": concept.token,
+        "oneword.base_model": str(concept.summary["model_source"]),
+        "oneword.base_model_fingerprint": concept.summary["model_fingerprint"],
+        "oneword.steps": str(concept.summary["steps"]),
+        "oneword.run_id": run_id,
+    }
+    if concept.batch_id:
+        vtags["oneword.batch_id"] = concept.batch_id
+    if m := concept.metrics:
+        vtags.update(
+            {
+                "reconstruction": f"{m['reconstruction']:.6f}",
+                "editability": f"{m['editability']:.6f}",
+                "evaluator": m["evaluator"]["name"],
+                "evaluator_fingerprint": m["evaluator"]["fingerprint"],
+                "chosen_step": str(m["step"]),
+            }
+        )
+    return vtags
+
+
+def _apply_gate(client, concept: _Concept, version, thresholds: GateThresholds) -> tuple[str, str]:
+    """Decide the version's alias after every older version's, set it, and mark the decision made."""
+    _wait_for_older_decisions(client, concept.name, int(version))
+    alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds)
+    client.set_registered_model_alias(concept.name, alias, version)
+    client.set_model_version_tag(concept.name, version, "gate", reason)  # last: it marks the decision as made
+    return alias, reason
 
 
 def _version_metrics(mv) -> dict | None:

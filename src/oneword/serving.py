@@ -12,23 +12,30 @@ from typing import Any
 
 import mlflow.pyfunc
 
-PREDICT_PARAMS = {"n": 1, "seed": 0, "steps": 50, "guidance_scale": 5.0}
+from oneword.profiles import ModelProfile, profile_of
 
 
-def signature():
+def predict_params(profile: ModelProfile) -> dict[str, Any]:
+    """The sampling options a request may set, with their defaults: the base model's sampler (its profile)."""
+    return {"n": 1, "seed": 0, "steps": profile.sampling_steps, "guidance_scale": profile.guidance_scale}
+
+
+def signature(profile: ModelProfile):
     """The pyfunc signature: a list of prompts in, one row per image out, sampling options as params."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    defaults = predict_params(profile)
 
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),  # a list of prompts
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "png_base64")]),
         params=ParamSchema(
             [
-                ParamSpec("n", "long", 1),
-                ParamSpec("seed", "long", 0),
-                ParamSpec("steps", "long", 50),
-                ParamSpec("guidance_scale", "double", 5.0),
+                ParamSpec("n", "long", defaults["n"]),
+                ParamSpec("seed", "long", defaults["seed"]),
+                ParamSpec("steps", "long", defaults["steps"]),
+                ParamSpec("guidance_scale", "double", defaults["guidance_scale"]),
             ]
         ),
     )
@@ -59,6 +66,7 @@ class ConceptModel(mlflow.pyfunc.PythonModel):
                 f"trained on {cfg['model_fingerprint'][:19]}…",
                 hint="point the model config's base_model at the model the concept was trained on",
             )
+        self.defaults = predict_params(profile_of(model))
         self.pipe = build_pipeline(model, cfg.get("device", "auto"))
         self.tokens = load_embeddings(self.pipe, model, [context.artifacts["embedding"]])
 
@@ -68,7 +76,7 @@ class ConceptModel(mlflow.pyfunc.PythonModel):
 
         from oneword.generate import SamplerConfig, sample
 
-        p = {**PREDICT_PARAMS, **(params or {})}
+        p = {**self.defaults, **(params or {})}
         prompts = _prompts(model_input)
         sampler = SamplerConfig(steps=int(p["steps"]), guidance_scale=float(p["guidance_scale"]))
         images = sample(self.pipe, prompts, int(p["n"]), int(p["seed"]), sampler)

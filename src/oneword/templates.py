@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oneword.errors import OnewordError
+from oneword.toyworld import assets
 
 OBJECT = (
     "a photo of a {}",
@@ -68,7 +69,7 @@ TOYWORLD = (
     "a photo of the {}",
 )
 
-SETS = {"object": OBJECT, "style": STYLE, "toyworld": TOYWORLD}
+SETS = {"object": OBJECT, "style": STYLE, assets.NAME: TOYWORLD}
 
 
 def get_templates(name: str) -> tuple[str, ...]:

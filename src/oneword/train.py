@@ -33,6 +33,7 @@ from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
 from oneword.latents import DATASET_DIR, LatentSet
 from oneword.models import LoadedModel, load_base_model
+from oneword.profiles import profile_of
 from oneword.templates import get_templates
 from oneword.tokens import expand_placeholder, initializer_id
 
@@ -78,6 +79,7 @@ def _run_summary(
         "config": config.model_dump(),
         "model_source": model.source,
         "model_fingerprint": model.fingerprint,
+        "profile": profile_of(model).model_dump(),  # what the unset settings were taken from
         "steps": result.steps,
         "seconds": result.seconds,
         "steps_per_second": result.steps_per_second,
@@ -143,6 +145,7 @@ def train(
     """
     latents = LatentSet.load(Path(latents_dir))
     model = _load_model(latents, base_model, Path(latents_dir))
+    concept, config = with_profile(concept, model), config.resolved(profile_of(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
@@ -161,6 +164,11 @@ def train(
         out_dir, concept, latents, Path(latents_dir), result, _run_summary(config, model, result, trainer, str(ckpt))
     )
     return result
+
+
+def with_profile(spec: ConceptSpec, model: LoadedModel) -> ConceptSpec:
+    """`spec` with the model profile's templates when it names none."""
+    return spec if spec.templates else spec.model_copy(update={"templates": profile_of(model).templates})
 
 
 def check_concept(tokenizer, spec: ConceptSpec) -> None:
@@ -242,9 +250,11 @@ def train_group(
         except OnewordError as e:
             fail(name, "train", str(e))
     model = _load_model(loaded[0][2], base_model, loaded[0][3]) if loaded else None
+    config = config.resolved(profile_of(model)) if model is not None else config
     ready = []
     for name, spec, lat, where in loaded:
         try:
+            spec = with_profile(spec, model)
             check_concept(model.tokenizer, spec)
             ready.append((name, spec, lat, where))
         except OnewordError as e:

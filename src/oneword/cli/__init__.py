@@ -26,6 +26,7 @@ from oneword.cli import (  # noqa: F401  isort: skip
     submit,
     toyworld,
     demo,
+    profiles,
 )
 
 
@@ -40,21 +41,13 @@ def setup_logging(level: int = logging.INFO) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    # Read by transformers and diffusers when a command first imports them: importing them here would cost
+    # every command, `--help` included, seconds.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "diffusers", "huggingface_hub", "urllib3", "botocore", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.profiles import TOYWORLD
 
 
 @app.command("cache-latents")
@@ -16,7 +17,7 @@ def cache_latents_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for latents.safetensors")],
     base_model: Annotated[
         str, typer.Option(help="toyworld, a diffusers folder, s3://..., a hub id or a .safetensors checkpoint")
-    ] = "toyworld",
+    ] = TOYWORLD,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     cache_dir: Annotated[
         Path | None, typer.Option(help="shared latent cache (default ~/.cache/oneword/latents)")
@@ -28,7 +29,7 @@ def cache_latents_cmd(
     """
     from rich import print as rprint
 
-    from oneword.inversion import resolve_device
+    from oneword.device import resolve_device
     from oneword.latents import cache_latents
 
     lat = cache_latents(data, base_model, out, cache_dir=cache_dir, device=str(resolve_device(device)))

@@ -37,20 +37,30 @@ def list_cmd(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    # In 80 columns the name and token stay whole (they are what a user came for); a long base-model path folds.
     t = Table(title="concepts")
-    for c in ("name", "version", "aliases", "token", "base model", "reconstruction", "editability"):
-        t.add_column(c)
+    t.add_column("name", no_wrap=True, min_width=max([len(r["name"]) for r in rows] + [4]))
+    t.add_column("ver", justify="right", no_wrap=True)
+    t.add_column("aliases")
+    t.add_column("token", no_wrap=True)
+    t.add_column("base model", overflow="fold")
+    t.add_column("recon.", justify="right", no_wrap=True)
+    t.add_column("edit.", justify="right", no_wrap=True)
     for r in rows:
         t.add_row(
             r["name"],
-            r["version"],
+            str(r["version"]),
             ",".join(r["aliases"]),
             r["token"] or "",
             f"{r['base_model']} ({r['base_model_fingerprint'][7:19]})",
-            r["reconstruction"] or "-",
-            r["editability"] or "-",
+            _score(r["reconstruction"]),
+            _score(r["editability"]),
         )
     Console().print(t)
+
+
+def _score(value) -> str:
+    return "-" if value in (None, "") else f"{float(value):.3f}"
 
 
 @concepts.command("show")

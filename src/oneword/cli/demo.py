@@ -13,7 +13,7 @@ from oneword.cli.app import app
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="folder for everything the demo makes (replaced)")] = Path("demo-out"),
     concept: Annotated[str, typer.Option(help="held-out toy-world concept")] = "purple-star",
-    steps: Annotated[int | None, typer.Option(help="textual-inversion steps (default: the toy-world default)")] = None,
+    steps: Annotated[int | None, typer.Option(help="textual-inversion steps (default: the toy profile's)")] = None,
     n_images: Annotated[int, typer.Option(help="evaluation pictures per prompt")] = 16,
 ) -> None:
     """Five pictures of a concept the toy model never drew -> the textual_inversion pipeline (kfp.local) ->
@@ -30,8 +30,9 @@ def demo_cmd(
 
     from oneword.generate import make_grid
     from oneword.pipelines.local import run_textual_inversion
+    from oneword.profiles import TOYWORLD
     from oneword.toyworld.concepts import get_concept, write_concept
-    from oneword.toyworld.quality import RESOLUTION, TOY_SAMPLER, TOY_TRAIN, edits_for
+    from oneword.toyworld.quality import edits_for
 
     t0 = time.time()
     if out.exists():
@@ -43,6 +44,7 @@ def demo_cmd(
     rprint(f"[bold]1.[/] {len(photos)} pictures of {concept} (never drawn by the model) -> {out / 'photos'}")
     rprint("[bold]2.[/] pipeline: preprocess -> cache_latents -> train -> evaluate -> register (kfp.local)")
     tracking = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    # Everything else (resolution, templates, learning rate, steps, sampler, evaluator) is the toy profile's.
     r = run_textual_inversion(
         out / "kfp",
         tracking,
@@ -50,21 +52,10 @@ def demo_cmd(
         images=str(out / "photos"),
         token=f"<{concept}>",
         init_word="shape",
-        base_model="toyworld",
-        resolution=RESOLUTION,
-        templates="toyworld",
-        steps=steps or TOY_TRAIN.steps,
-        batch_size=TOY_TRAIN.batch_size,
-        learning_rate=TOY_TRAIN.learning_rate,
-        scale_lr=TOY_TRAIN.scale_lr,
-        init_l2=TOY_TRAIN.init_l2,
-        checkpoint_every=TOY_TRAIN.checkpoint_every,
+        base_model=TOYWORLD,
+        steps=steps or 0,
         prompt_set=str(prompts.resolve()),
         n_images=n_images,
-        sampling_steps=TOY_SAMPLER["steps"],
-        guidance_scale=TOY_SAMPLER["guidance_scale"],
-        clip_model="toyworld-clip",
-        checkpoint_budget=8,
     )
     m = json.loads(Path(r["metrics"]).read_text())
     # The picture: the five training pictures, then each prompt across seeds, enlarged so 32 px shapes show.

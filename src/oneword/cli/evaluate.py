@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import EvalConfig
 
 
 @app.command("evaluate")
@@ -16,23 +18,23 @@ def evaluate_cmd(
     data: Annotated[Path, typer.Option("--data", help="the preprocessed training images (oneword preprocess)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json, report.html, grid.png")],
     base_model: Annotated[str | None, typer.Option(help="default: the model the concept was trained on")] = None,
-    prompt_set: Annotated[
-        str, typer.Option(help="paper, neti15, dreambench-object, dreambench-live, toyworld, or a file")
-    ] = "paper",
-    n_images: Annotated[int, typer.Option(help="images per prompt (paper: 64)")] = 64,
-    steps: Annotated[int, typer.Option(help="DDIM steps (paper: 50)")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="guidance (paper: 5.0)")] = 5.0,
-    clip_model: Annotated[
-        str, typer.Option(help="CLIP evaluator: auto, toyworld-clip, a folder, s3://, hub id")
-    ] = "auto",
-    dino_model: Annotated[str, typer.Option(help="DINO ViT, e.g. facebook/dino-vits16 (empty: skip)")] = "",
-    checkpoint_budget: Annotated[int, typer.Option(help="images per prompt per checkpoint (0: no selection)")] = 8,
-    selection_tolerance: Annotated[
-        float, typer.Option(help="pick the most editable checkpoint within this much of the best reconstruction")
-    ] = 0.02,
-    baselines: Annotated[bool, typer.Option(help="compute image-only / prompt-only ceilings")] = True,
-    seed: Annotated[int, typer.Option(help="seed of image 0 of each prompt")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    prompt_set: Annotated[str | None, option(EvalConfig, "prompt_set")] = default(EvalConfig, "prompt_set"),
+    n_images: Annotated[int, option(EvalConfig, "n_images")] = default(EvalConfig, "n_images"),
+    steps: Annotated[int | None, option(EvalConfig, "steps")] = default(EvalConfig, "steps"),
+    guidance_scale: Annotated[float | None, option(EvalConfig, "guidance_scale")] = default(
+        EvalConfig, "guidance_scale"
+    ),
+    clip_model: Annotated[str, option(EvalConfig, "clip_model")] = default(EvalConfig, "clip_model"),
+    dino_model: Annotated[str, option(EvalConfig, "dino_model")] = default(EvalConfig, "dino_model"),
+    checkpoint_budget: Annotated[int, option(EvalConfig, "checkpoint_budget")] = default(
+        EvalConfig, "checkpoint_budget"
+    ),
+    selection_tolerance: Annotated[float, option(EvalConfig, "selection_tolerance")] = default(
+        EvalConfig, "selection_tolerance"
+    ),
+    baselines: Annotated[bool, option(EvalConfig, "baselines")] = default(EvalConfig, "baselines"),
+    seed: Annotated[int, option(EvalConfig, "seed")] = default(EvalConfig, "seed"),
+    device: Annotated[str, option(EvalConfig, "device")] = default(EvalConfig, "device"),
 ) -> None:
     """Score a concept (reconstruction, editability, DINO), pick a checkpoint and write a report.
 
@@ -40,7 +42,7 @@ def evaluate_cmd(
     """
     from rich import print as rprint
 
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation import evaluate
 
     cfg = EvalConfig(
         prompt_set=prompt_set,

@@ -25,8 +25,10 @@ def generate_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")] = Path("generated"),
     n: Annotated[int, typer.Option(help="images per prompt")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the first image of each prompt")] = 0,
-    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 5.0,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's profile)")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="classifier-free guidance (default: the model's profile)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     force: Annotated[
         bool, typer.Option("--force", help="load embeddings trained on another model of the same width")
@@ -39,6 +41,7 @@ def generate_cmd(
     from rich import print as rprint
 
     from oneword.generate import SamplerConfig, generate
+    from oneword.profiles import TOYWORLD
 
     files = list(embedding or [])
     if concept:
@@ -48,7 +51,7 @@ def generate_cmd(
         files += pulled
         base_model = base_model or model_source
     grid = generate(
-        base_model or "toyworld",
+        base_model or TOYWORLD,
         files,
         prompts,
         out,

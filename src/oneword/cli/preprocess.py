@@ -8,14 +8,16 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import PreprocessConfig
 
 
 @app.command("preprocess")
 def preprocess_cmd(
     images: Annotated[str, typer.Argument(help="folder or s3://bucket/prefix of 3-5 photos of the concept")],
     out: Annotated[Path, typer.Option("--out", "-o", help="dataset folder to write")],
-    resolution: Annotated[int, typer.Option(help="side of the square training images (SD1: 512, SD2: 768)")] = 512,
-    mode: Annotated[str, typer.Option(help="crop: centre-crop to a square; pad: pad with white")] = "crop",
+    resolution: Annotated[int, option(PreprocessConfig, "resolution")] = default(PreprocessConfig, "resolution"),
+    mode: Annotated[str, option(PreprocessConfig, "mode")] = default(PreprocessConfig, "mode"),
 ) -> None:
     """Clean a folder of photos for training.
 

@@ -8,17 +8,23 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import GateThresholds, TrackingConfig
 
 
 @app.command("register")
 def register_cmd(
     trained: Annotated[Path, typer.Argument(help="folder written by `oneword train`")],
     evaluation: Annotated[Path | None, typer.Option("--eval", help="folder written by `oneword evaluate`")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db)")] = None,
+    tracking_uri: Annotated[str, option(TrackingConfig, "tracking_uri")] = default(TrackingConfig, "tracking_uri"),
     name: Annotated[str | None, typer.Option(help="registered-model name (default: from the token)")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "oneword",
-    min_reconstruction: Annotated[float, typer.Option(help="quality gate: minimum reconstruction")] = -1.0,
-    min_editability: Annotated[float, typer.Option(help="quality gate: minimum editability")] = -1.0,
+    experiment: Annotated[str, option(TrackingConfig, "experiment")] = default(TrackingConfig, "experiment"),
+    min_reconstruction: Annotated[float, option(GateThresholds, "min_reconstruction")] = default(
+        GateThresholds, "min_reconstruction"
+    ),
+    min_editability: Annotated[float, option(GateThresholds, "min_editability")] = default(
+        GateThresholds, "min_editability"
+    ),
 ) -> None:
     """Register a concept; it becomes `champion` only if it passes the gate and beats the current one.
 
@@ -26,15 +32,14 @@ def register_cmd(
     """
     from rich import print as rprint
 
-    from oneword.evaluation.gate import GateThresholds
     from oneword.registry import register
 
     r = register(
         trained,
         evaluation,
-        tracking_uri,
+        tracking_uri or None,
         name=name,
         experiment=experiment,
-        thresholds=GateThresholds(min_reconstruction, min_editability),
+        thresholds=GateThresholds(min_reconstruction=min_reconstruction, min_editability=min_editability),
     )
     rprint(f"[green]{r.name}[/] version {r.version} -> [bold]{r.alias}[/] ({r.reason}); run {r.run_id}")

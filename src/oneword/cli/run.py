@@ -1,4 +1,8 @@
-"""`oneword run` and `oneword batch`: the pipelines on this machine (kfp.local), no cluster needed."""
+"""`oneword run` and `oneword batch`: the pipelines on this machine (kfp.local), no cluster needed.
+
+Options left at 0 or empty are decided by the base model's profile (`oneword.profiles`), as in the pipelines:
+`oneword run --base-model toyworld` trains and evaluates with the toy world's tuned settings.
+"""
 
 import json
 from pathlib import Path
@@ -7,17 +11,14 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import parameter
+from oneword.pipelines.parameters import DEFAULTS as D
+from oneword.pipelines.parameters import RESOLUTION_FROM_PROFILE
+from oneword.profiles import TOYWORLD
 
-
-def _auto(base_model: str, resolution: int, templates: str, prompt_set: str) -> tuple[int, str, str]:
-    from oneword.models import native_resolution
-
-    toy = base_model == "toyworld"
-    return (
-        resolution or native_resolution(base_model),
-        templates or ("toyworld" if toy else "object"),
-        prompt_set or ("toyworld" if toy else "paper"),
-    )
+BASE_MODEL = TOYWORLD  # on one machine, the model that needs no download
+BASE_MODEL_HELP = "toyworld, a diffusers folder, s3://..., or a hub id"
+RESOLUTION_HELP = "training image side (0: the base model's native size)"
 
 
 @app.command("run")
@@ -25,75 +26,44 @@ def run_cmd(
     images: Annotated[str, typer.Option(help="folder or s3:// prefix of 3-5 photos of the concept")],
     token: Annotated[str, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")],
     init_word: Annotated[str, typer.Option(help="one-token word to start from, e.g. cat")],
-    base_model: Annotated[str, typer.Option(help="toyworld, a diffusers folder, s3://..., or a hub id")] = "toyworld",
+    base_model: Annotated[str, typer.Option(help=BASE_MODEL_HELP)] = BASE_MODEL,
     name: Annotated[str, typer.Option(help="registered-model name (default: from the token)")] = "",
-    steps: Annotated[int, typer.Option(help="optimiser steps (paper: 5000)")] = 5000,
-    batch_size: Annotated[int, typer.Option(help="images per step (paper: 4)")] = 4,
-    learning_rate: Annotated[float, typer.Option(help="base LR, times the batch size")] = 0.005,
-    scale_lr: Annotated[bool, typer.Option(help="multiply the LR by the batch size (paper)")] = True,
-    progressive_every: Annotated[int, typer.Option(help="add vector k at step k*N (paper: 2000); 0: all")] = 0,
-    n_vectors: Annotated[int, typer.Option(help="vectors per token")] = 1,
-    init_l2: Annotated[float, typer.Option(help="L2 pull toward the initializer")] = 0.0,
-    resolution: Annotated[int, typer.Option(help="training image side (0: the model's native size)")] = 0,
-    mode: Annotated[str, typer.Option(help="crop or pad the photos to a square")] = "crop",
-    templates: Annotated[str, typer.Option(help="object, style, toyworld (default: by model)")] = "",
-    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
-    prompt_set: Annotated[str, typer.Option(help="evaluation prompts (default: toyworld or paper)")] = "",
-    n_images: Annotated[int, typer.Option(help="evaluation images per prompt")] = 64,
-    sampling_steps: Annotated[int, typer.Option(help="DDIM steps for evaluation (0: 25 for toyworld, else 50)")] = 0,
-    guidance_scale: Annotated[float, typer.Option(help="evaluation guidance (0: 4 for toyworld, else 5)")] = 0.0,
-    clip_model: Annotated[str, typer.Option(help="CLIP evaluator (auto: by model)")] = "auto",
-    dino_model: Annotated[str, typer.Option(help="DINO model for subject fidelity ('' = off)")] = "",
-    checkpoint_budget: Annotated[int, typer.Option(help="images per prompt per checkpoint")] = 8,
-    min_reconstruction: Annotated[float, typer.Option(help="quality gate: least reconstruction (-1: off)")] = -1.0,
-    min_editability: Annotated[float, typer.Option(help="quality gate: least editability (-1: off)")] = -1.0,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: ./mlflow.db)")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "oneword",
+    steps: Annotated[int, parameter("steps")] = D["steps"],
+    batch_size: Annotated[int, parameter("batch_size")] = D["batch_size"],
+    learning_rate: Annotated[float, parameter("learning_rate")] = D["learning_rate"],
+    scale_lr: Annotated[bool, parameter("scale_lr")] = D["scale_lr"],
+    progressive_every: Annotated[int, parameter("progressive_every")] = D["progressive_every"],
+    n_vectors: Annotated[int, parameter("n_vectors")] = D["n_vectors"],
+    init_l2: Annotated[float, parameter("init_l2")] = D["init_l2"],
+    resolution: Annotated[int, typer.Option(help=RESOLUTION_HELP)] = RESOLUTION_FROM_PROFILE,
+    mode: Annotated[str, parameter("mode")] = D["mode"],
+    templates: Annotated[str, parameter("templates")] = D["templates"],
+    checkpoint_every: Annotated[int, parameter("checkpoint_every")] = D["checkpoint_every"],
+    prompt_set: Annotated[str, parameter("prompt_set")] = D["prompt_set"],
+    n_images: Annotated[int, parameter("n_images")] = D["n_images"],
+    sampling_steps: Annotated[int, parameter("sampling_steps")] = D["sampling_steps"],
+    guidance_scale: Annotated[float, parameter("guidance_scale")] = D["guidance_scale"],
+    clip_model: Annotated[str, parameter("clip_model")] = D["clip_model"],
+    dino_model: Annotated[str, parameter("dino_model")] = D["dino_model"],
+    checkpoint_budget: Annotated[int, parameter("checkpoint_budget")] = D["checkpoint_budget"],
+    min_reconstruction: Annotated[float, parameter("min_reconstruction")] = D["min_reconstruction"],
+    min_editability: Annotated[float, parameter("min_editability")] = D["min_editability"],
+    tracking_uri: Annotated[str, parameter("tracking_uri")] = D["tracking_uri"],
+    experiment: Annotated[str, parameter("experiment")] = D["experiment"],
     pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path("runs/kfp"),
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, parameter("seed")] = D["seed"],
     log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
 ) -> None:
     """Run the whole textual_inversion pipeline on this machine with kfp.local, then print where it all is.
 
     Example: oneword run --images photos/my-cat --token '<my-cat>' --init-word cat --base-model ./sd15
     """
+    params = {k: v for k, v in locals().items() if k not in ("pipeline_root", "tracking_uri", "log_file")}
     from rich import print as rprint
 
     from oneword.pipelines.local import run_textual_inversion
 
-    resolution, templates, prompt_set = _auto(base_model, resolution, templates, prompt_set)
-    out = run_textual_inversion(
-        pipeline_root,
-        tracking_uri,
-        log_file,
-        images=images,
-        token=token,
-        init_word=init_word,
-        base_model=base_model,
-        name=name,
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        scale_lr=scale_lr,
-        progressive_every=progressive_every,
-        n_vectors=n_vectors,
-        init_l2=init_l2,
-        resolution=resolution,
-        mode=mode,
-        templates=templates,
-        checkpoint_every=checkpoint_every,
-        prompt_set=prompt_set,
-        n_images=n_images,
-        sampling_steps=sampling_steps or (25 if base_model == "toyworld" else 50),
-        guidance_scale=guidance_scale or (4.0 if base_model == "toyworld" else 5.0),
-        clip_model=clip_model,
-        dino_model=dino_model,
-        checkpoint_budget=checkpoint_budget,
-        min_reconstruction=min_reconstruction,
-        min_editability=min_editability,
-        experiment=experiment,
-        seed=seed,
-    )
+    out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
     rprint(f"[bold green]registered[/] {out['registered']}  ({out['seconds']:.0f} s)")
     if out.get("metrics"):
         m = json.loads(Path(out["metrics"]).read_text())
@@ -108,33 +78,34 @@ def run_cmd(
 @app.command("batch")
 def batch_cmd(
     concepts_manifest: Annotated[str, typer.Argument(help="YAML listing images, token and init_word per concept")],
-    base_model: Annotated[str, typer.Option(help="toyworld, a diffusers folder, s3://..., or a hub id")] = "toyworld",
-    steps: Annotated[int, typer.Option(help="optimiser steps")] = 5000,
-    resolution: Annotated[int, typer.Option(help="training image side (0: the model's native size)")] = 0,
-    prompt_set: Annotated[str, typer.Option(help="evaluation prompts (default: toyworld or paper)")] = "",
-    n_images: Annotated[int, typer.Option(help="evaluation images per prompt")] = 64,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: ./mlflow.db)")] = None,
+    base_model: Annotated[str, typer.Option(help=BASE_MODEL_HELP)] = BASE_MODEL,
+    steps: Annotated[int, parameter("steps")] = D["steps"],
+    learning_rate: Annotated[float, parameter("learning_rate")] = D["learning_rate"],
+    checkpoint_every: Annotated[int, parameter("checkpoint_every")] = D["checkpoint_every"],
+    resolution: Annotated[int, typer.Option(help=RESOLUTION_HELP)] = RESOLUTION_FROM_PROFILE,
+    prompt_set: Annotated[str, parameter("prompt_set")] = D["prompt_set"],
+    n_images: Annotated[int, parameter("n_images")] = D["n_images"],
+    sampling_steps: Annotated[int, parameter("sampling_steps")] = D["sampling_steps"],
+    guidance_scale: Annotated[float, parameter("guidance_scale")] = D["guidance_scale"],
+    clip_model: Annotated[str, parameter("clip_model")] = D["clip_model"],
+    min_reconstruction: Annotated[float, parameter("min_reconstruction")] = D["min_reconstruction"],
+    min_editability: Annotated[float, parameter("min_editability")] = D["min_editability"],
+    tracking_uri: Annotated[str, parameter("tracking_uri")] = D["tracking_uri"],
+    experiment: Annotated[str, parameter("experiment")] = D["experiment"],
     pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path("runs/kfp"),
-    concepts_per_shard: Annotated[int, typer.Option(help="concepts trained together in one job")] = 4,
+    concepts_per_shard: Annotated[int, parameter("concepts_per_shard")] = D["concepts_per_shard"],
+    seed: Annotated[int, parameter("seed")] = D["seed"],
+    log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
 ) -> None:
     """Run batch_personalisation on this machine: every concept of a manifest, each registered on its own.
 
     Example: oneword batch k8s/examples/concepts.yaml --base-model toyworld --steps 300
     """
+    params = {k: v for k, v in locals().items() if k not in ("concepts_manifest", "pipeline_root", "tracking_uri",
+                                                             "log_file")}
     from rich import print as rprint
 
     from oneword.pipelines.local import run_batch
 
-    resolution, _, prompt_set = _auto(base_model, resolution, "", prompt_set)
-    report = run_batch(
-        concepts_manifest,
-        pipeline_root,
-        tracking_uri,
-        base_model=base_model,
-        steps=steps,
-        resolution=resolution,
-        prompt_set=prompt_set,
-        n_images=n_images,
-        concepts_per_shard=concepts_per_shard,
-    )
+    report = run_batch(concepts_manifest, pipeline_root, tracking_uri or None, log_file, **params)
     rprint(report)

@@ -6,9 +6,10 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.profiles import TOYWORLD
 
 toy = typer.Typer(help="The toy world: a small text-to-image model oneword trains and ships.", no_args_is_help=True)
-app.add_typer(toy, name="toyworld")
+app.add_typer(toy, name=TOYWORLD)
 
 
 @toy.command("train")
@@ -78,7 +79,7 @@ def bench_quality_cmd(
 @toy.command("bench-base")
 def bench_base_cmd(
     n_prompts: Annotated[int, typer.Option(help="grammar captions to draw, one picture each")] = 256,
-    base_model: Annotated[str, typer.Option(help="the toy model to check")] = "toyworld",
+    base_model: Annotated[str, typer.Option(help="the toy model to check")] = TOYWORLD,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Check that the base model draws what its captions ask (oracle accuracy per attribute).

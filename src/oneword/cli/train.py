@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import ConceptSpec, TrainConfig
 
 
 @app.command("train")
@@ -26,24 +28,32 @@ def train_cmd(
         ),
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="default: the model the latents were encoded with")] = None,
-    n_vectors: Annotated[int, typer.Option(help="vectors per token (more: more detail, less editability)")] = 1,
-    templates: Annotated[str, typer.Option(help="object, style, toyworld, or a file of templates")] = "object",
-    steps: Annotated[int, typer.Option(help="optimiser steps (paper: 5000)")] = 5000,
-    batch_size: Annotated[int, typer.Option(help="samples per step (paper: 4)")] = 4,
-    learning_rate: Annotated[float, typer.Option(help="base LR, times the batch size unless --no-scale-lr")] = 5e-3,
-    scale_lr: Annotated[bool, typer.Option(help="scale the LR by the batch size, as the paper does")] = True,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
-    progressive_every: Annotated[int, typer.Option(help="add vector k at step k*N (paper: 2000); 0 = off")] = 0,
-    init_l2: Annotated[float, typer.Option(help="weight of the L2 pull toward the initializer (0 = off)")] = 0.0,
-    seed: Annotated[int, typer.Option(help="random seed (CPU runs reproduce bit for bit)")] = 0,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet")] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="less memory, ~30% slower")] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
+    n_vectors: Annotated[int, option(ConceptSpec, "n_vectors")] = default(ConceptSpec, "n_vectors"),
+    templates: Annotated[str | None, option(ConceptSpec, "templates")] = default(ConceptSpec, "templates"),
+    steps: Annotated[int | None, option(TrainConfig, "steps")] = default(TrainConfig, "steps"),
+    batch_size: Annotated[int, option(TrainConfig, "batch_size")] = default(TrainConfig, "batch_size"),
+    learning_rate: Annotated[float | None, option(TrainConfig, "learning_rate")] = default(
+        TrainConfig, "learning_rate"
+    ),
+    scale_lr: Annotated[bool, option(TrainConfig, "scale_lr")] = default(TrainConfig, "scale_lr"),
+    weight_decay: Annotated[float, option(TrainConfig, "weight_decay")] = default(TrainConfig, "weight_decay"),
+    progressive_every: Annotated[int, option(TrainConfig, "progressive_every")] = default(
+        TrainConfig, "progressive_every"
+    ),
+    init_l2: Annotated[float, option(TrainConfig, "init_l2")] = default(TrainConfig, "init_l2"),
+    seed: Annotated[int, option(TrainConfig, "seed")] = default(TrainConfig, "seed"),
+    precision: Annotated[str, option(TrainConfig, "precision")] = default(TrainConfig, "precision"),
+    compile: Annotated[bool, option(TrainConfig, "compile", "--compile")] = default(TrainConfig, "compile"),
+    gradient_checkpointing: Annotated[bool, option(TrainConfig, "gradient_checkpointing")] = default(
+        TrainConfig, "gradient_checkpointing"
+    ),
+    checkpoint_every: Annotated[int | None, option(TrainConfig, "checkpoint_every")] = default(
+        TrainConfig, "checkpoint_every"
+    ),
     checkpoint_dir: Annotated[str | None, typer.Option(help="folder or s3:// prefix (default OUT/checkpoints)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
-    log_every: Annotated[int, typer.Option(help="steps between loss reports")] = 10,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    log_every: Annotated[int, option(TrainConfig, "log_every")] = default(TrainConfig, "log_every"),
+    device: Annotated[str, option(TrainConfig, "device")] = default(TrainConfig, "device"),
 ) -> None:
     """Learn a new word for the concept in the latents, or for several concepts together (--concepts).
 
@@ -54,7 +64,6 @@ def train_cmd(
     from rich import print as rprint
 
     from oneword.errors import OnewordError
-    from oneword.inversion import ConceptSpec, TrainConfig
     from oneword.train import train, train_group
 
     config = TrainConfig(
@@ -106,7 +115,6 @@ def _read_group(path: Path):
     from pydantic import ValidationError
 
     from oneword.errors import OnewordError
-    from oneword.inversion import ConceptSpec
 
     if not path.is_file():
         raise OnewordError(f"concepts file {path} not found")

@@ -1,11 +1,13 @@
 """`oneword bench --eval`: how fast evaluation draws and scores pictures (images per second)."""
 
 import time
+from dataclasses import replace
 
 from oneword.bench import BenchResult, load_bench_model
+from oneword.device import resolve_device
 from oneword.evaluation.metrics import ClipScorer
 from oneword.generate import SamplerConfig, build_pipeline, sample
-from oneword.inversion import resolve_device
+from oneword.profiles import profile_of
 
 
 def bench_eval(
@@ -22,8 +24,8 @@ def bench_eval(
     dev = resolve_device(device)
     model = load_bench_model(base_model, sd15_shape, parts=("unet", "vae"))
     pipe = build_pipeline(model, str(dev))
-    sampler = SamplerConfig(steps=steps)
-    sample(pipe, ["a photo of a cat"], min(2, n_images), 0, SamplerConfig(steps=2), batch_size)  # warm-up
+    sampler = SamplerConfig(steps=steps).resolved(profile_of(model))
+    sample(pipe, ["a photo of a cat"], min(2, n_images), 0, replace(sampler, steps=2), batch_size)  # warm-up
     t0 = time.perf_counter()
     images = sample(pipe, ["a photo of a cat", "a painting of a dog"], n_images // 2, 0, sampler, batch_size)
     if clip_model:

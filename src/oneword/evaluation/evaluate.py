@@ -11,19 +11,19 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from oneword import checkpoints, storage
 from oneword import embeddings as emb_io
+from oneword.config import EvalConfig
+from oneword.device import resolve_device
 from oneword.errors import OnewordError
 from oneword.evaluation import prompts as P
 from oneword.evaluation.metrics import (
-    DEFAULT_CLIP,
-    TOYWORLD_CLIP,
     ClipScorer,
     DinoScorer,
     mean_matched_cosine,
@@ -33,9 +33,9 @@ from oneword.evaluation.report import html_report, scatter
 from oneword.evaluation.selection import CurvePoint, criterion_text, select_checkpoint
 from oneword.generate import SamplerConfig, build_pipeline, load_embeddings, make_grid, sample
 from oneword.images import Manifest
-from oneword.inversion import resolve_device
 from oneword.latents import DATASET_DIR
 from oneword.models import LoadedModel, load_base_model
+from oneword.profiles import profile_of
 from oneword.storage import atomic_dir
 from oneword.tokens import vector_tokens
 from oneword.train import SUMMARY_FILE, write_embedding_files
@@ -43,33 +43,6 @@ from oneword.train import SUMMARY_FILE, write_embedding_files
 log = logging.getLogger(__name__)
 
 METRICS_FILE, REPORT_FILE, GRID_FILE, SCATTER_FILE = "metrics.json", "report.html", "grid.png", "scatter.png"
-
-
-class EvalConfig(BaseModel):
-    """Evaluation settings. Sampling defaults follow the paper's code: 50 DDIM steps, eta 0, guidance 5.0."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    prompt_set: str = Field(
-        "paper", description="paper, neti15, dreambench-object, dreambench-live, toyworld or a file"
-    )
-    n_images: int = Field(64, ge=1, description="images per prompt (the paper: 64)")
-    steps: int = Field(50, ge=1, description="DDIM steps")
-    guidance_scale: float = Field(5.0, description="classifier-free guidance")
-    eta: float = Field(0.0, description="DDIM eta")
-    seed: int = Field(0, description="image j of every prompt uses seed + j")
-    clip_model: str = Field(
-        "auto", description="CLIP evaluator; auto = toyworld-clip for the toy model, else openai/clip-vit-base-patch32"
-    )
-    dino_model: str = Field("", description="DINO ViT for subject fidelity, e.g. facebook/dino-vits16; empty = skip")
-    checkpoint_budget: int = Field(
-        8, ge=0, description="images per prompt when scoring each checkpoint; 0 = score the final step only"
-    )
-    selection_tolerance: float = Field(0.02, ge=0, description="reconstruction slack of the selection rule")
-    baselines: bool = Field(True, description="compute the image-only and prompt-only ceilings")
-    grid_seeds: int = Field(8, ge=1, description="columns of the sample grid")
-    batch_size: int = Field(32, ge=1, description="images per sampling call")
-    device: str = Field("auto", description="auto, cpu, cuda, ...")
 
 
 def _load_summary(train_dir: Path) -> dict:
@@ -105,10 +78,7 @@ class _Session:
         self.pipe = build_pipeline(model, device)
         load_embeddings(self.pipe, model, [emb], force=force)
         self.rows = self.pipe.tokenizer.convert_tokens_to_ids(vector_tokens(emb.token, emb.n_vectors))
-        clip_name = cfg.clip_model
-        if clip_name == "auto":
-            clip_name = TOYWORLD_CLIP if model.source == "toyworld" else DEFAULT_CLIP
-        self.clip = ClipScorer(clip_name, device)
+        self.clip = ClipScorer(cfg.clip_model, device)
         self.dino = DinoScorer(cfg.dino_model, device) if cfg.dino_model else None
         self.train_images = train_images
         self.train_clip = self.clip.images(train_images)
@@ -150,6 +120,26 @@ class _Session:
         }
 
 
+@dataclass
+class _Trained:
+    """What `train` left behind, loaded: its folder and summary, the embedding, the base model, the images."""
+
+    train_dir: Path
+    summary: dict
+    emb: emb_io.Embedding
+    model: LoadedModel
+    images: list[Image.Image]
+
+
+@dataclass
+class _Choice:
+    """The vectors to evaluate: the step they come from and the checkpoint curve that chose it (empty: none)."""
+
+    step: int
+    vectors: torch.Tensor
+    curve: list[CurvePoint]
+
+
 def evaluate(
     train_dir: Path,
     dataset_dir: Path | None,
@@ -165,7 +155,7 @@ def evaluate(
         dataset_dir: the preprocessed training images (folder written by `oneword preprocess`); None: the copy
             that `train` keeps in `train_dir/dataset`.
         out_dir: where metrics.json, grid.png, scatter.png, report.html and the selected embedding go.
-        config: evaluation settings.
+        config: evaluation settings; those left unset are the base model's profile's.
         base_model: default: the model the concept was trained on.
         on_images: called with the final evaluation's prompts and images (reconstruction prompt first), for
             callers that score them further (the toy world's oracle).
@@ -174,112 +164,142 @@ def evaluate(
         The metrics dict written to `metrics.json`.
     """
     t0 = time.perf_counter()
+    trained = _load_trained(train_dir, dataset_dir, base_model)
+    config = config.resolved(profile_of(trained.model))
+    s = _Session(trained.model, trained.emb, trained.images, config, force=base_model is not None)
+    choice = _choose_checkpoint(s, trained, config)
+    full = s.score(choice.vectors, config.n_images)
+    if on_images is not None:
+        on_images(full["prompts"], full["images"])
+    metrics = _final_metrics(s, trained, choice, full)
+    if config.baselines:
+        _add_baselines(s, metrics)
+    metrics["images_generated"] = s.images_generated
+    metrics["sampling_images_per_second"] = s.images_generated / max(s.sampling_seconds, 1e-9)
+    metrics["seconds"] = time.perf_counter() - t0
+    _write_outputs(Path(out_dir), metrics, full, _selected_embedding(trained.emb, choice, metrics), config)
+    _log_result(metrics)
+    return metrics
+
+
+def _load_trained(train_dir: Path, dataset_dir: Path | None, base_model: str | LoadedModel | None) -> _Trained:
+    """Load the training summary, the learned embedding, the base model and the training images."""
     summary = _load_summary(train_dir)
     emb = emb_io.load(Path(train_dir) / "learned_embeds.safetensors")
     source = base_model if base_model is not None else summary["model_source"]
     model = source if isinstance(source, LoadedModel) else load_base_model(source)
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else Path(train_dir) / DATASET_DIR
     manifest = Manifest.load(dataset_dir)
-    train_images = [Image.open(Path(dataset_dir) / r.file).convert("RGB") for r in manifest.images]
-    s = _Session(model, emb, train_images, config, force=base_model is not None)
+    images = [Image.open(Path(dataset_dir) / r.file).convert("RGB") for r in manifest.images]
+    return _Trained(Path(train_dir), summary, emb, model, images)
 
-    curve: list[CurvePoint] = []
-    found = _checkpoint_list(train_dir, summary)
-    vectors_at = {step: path for step, path in found}
+
+def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig) -> _Choice:
+    """Score every checkpoint on a small budget and pick one by the selection rule; without two, the final step."""
+    found = _checkpoint_list(trained.train_dir, trained.summary)
     if config.checkpoint_budget > 0 and len(found) >= 2:
-        for step, path in found:
-            v = checkpoints.load_checkpoint(path)["vectors"][emb.token]
-            r = s.score(v, config.checkpoint_budget)
-            curve.append(CurvePoint(step, r["reconstruction"], r["editability"]))
-            log.info(
-                "checkpoint %d: reconstruction %.4f, editability %.4f", step, r["reconstruction"], r["editability"]
-            )
+        curve = _score_checkpoints(s, found, config.checkpoint_budget)
         chosen = select_checkpoint(curve, config.selection_tolerance).step
-        vectors = checkpoints.load_checkpoint(vectors_at[chosen])["vectors"][emb.token]
-    else:
-        chosen, vectors = emb.steps or summary.get("steps", 0), emb.vectors
+        return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token), curve)
+    return _Choice(trained.emb.steps or trained.summary.get("steps", 0), trained.emb.vectors, [])
 
-    full = s.score(vectors, config.n_images)
-    if on_images is not None:
-        on_images(full["prompts"], full["images"])
+
+def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int) -> list[CurvePoint]:
+    """The reconstruction/editability curve over the checkpoints, `budget` images per prompt each."""
+    curve = []
+    for step, path in found:
+        r = s.score(_checkpoint_vectors(path, s.token), budget)
+        curve.append(CurvePoint(step, r["reconstruction"], r["editability"]))
+        log.info("checkpoint %d: reconstruction %.4f, editability %.4f", step, r["reconstruction"], r["editability"])
+    return curve
+
+
+def _checkpoint_vectors(path, token: str) -> torch.Tensor:
+    """The token's vectors stored in one checkpoint."""
+    return checkpoints.load_checkpoint(path)["vectors"][token]
+
+
+def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) -> dict:
+    """The metrics of the final scoring of the chosen vectors, with how they were chosen."""
+    cfg = s.cfg
     metrics: dict = {
-        "token": emb.token,
-        "step": chosen,
-        "final_step": summary.get("steps"),
+        "token": trained.emb.token,
+        "step": choice.step,
+        "final_step": trained.summary.get("steps"),
         "reconstruction": full["reconstruction"],
         "editability": full["editability"],
         "per_prompt": full["per_prompt"],
-        "prompt_set": config.prompt_set,
-        "n_images": config.n_images,
-        "sampler": {
-            "steps": config.steps,
-            "guidance_scale": config.guidance_scale,
-            "eta": config.eta,
-            "scheduler": "DDIM",
-        },
+        "prompt_set": cfg.prompt_set,
+        "n_images": cfg.n_images,
+        "sampler": {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "scheduler": "DDIM"},
         "evaluator": s.clip.identity,
-        "model_fingerprint": model.fingerprint,
+        "model_fingerprint": trained.model.fingerprint,
         "selection": {
-            "criterion": criterion_text(config.selection_tolerance) if curve else "final step (no selection)",
-            "chosen_step": chosen,
-            "budget": config.checkpoint_budget,
-            "curve": [p.__dict__ for p in curve],
+            "criterion": criterion_text(cfg.selection_tolerance) if choice.curve else "final step (no selection)",
+            "chosen_step": choice.step,
+            "budget": cfg.checkpoint_budget,
+            "curve": [p.__dict__ for p in choice.curve],
         },
     }
     if s.dino is not None:
-        metrics["dino"] = mean_pairwise_cosine(s.dino.images(full["images"][0]), s.dino.images(train_images))
+        metrics["dino"] = mean_pairwise_cosine(s.dino.images(full["images"][0]), s.dino.images(trained.images))
         metrics["dino_evaluator"] = s.dino.identity
-    if config.baselines:
-        targets = [P.without_token(t) for t in s.templates]
-        base_images = s.draw(targets, config.n_images)
-        per = [
-            mean_matched_cosine(s.clip.images(ims), s.clip.texts([t] * len(ims)))
-            for t, ims in zip(targets, base_images)
-        ]
-        for p, v in zip(metrics["per_prompt"], per):
-            p["prompt_only"] = v
-        metrics["baselines"] = {
-            "image_only": mean_pairwise_cosine(s.train_clip, s.train_clip, exclude_diagonal=True),
-            "prompt_only": sum(per) / len(per),
-        }
-    metrics["images_generated"] = s.images_generated
-    metrics["sampling_images_per_second"] = s.images_generated / max(s.sampling_seconds, 1e-9)
-    metrics["seconds"] = time.perf_counter() - t0
+    return metrics
 
-    out_dir = Path(out_dir)
+
+def _add_baselines(s: _Session, metrics: dict) -> None:
+    """Add the ceilings: image-only (training images against each other) and prompt-only (the prompts sans token)."""
+    targets = [P.without_token(t) for t in s.templates]
+    base_images = s.draw(targets, s.cfg.n_images)
+    per = [
+        mean_matched_cosine(s.clip.images(ims), s.clip.texts([t] * len(ims))) for t, ims in zip(targets, base_images)
+    ]
+    for p, v in zip(metrics["per_prompt"], per):
+        p["prompt_only"] = v
+    metrics["baselines"] = {
+        "image_only": mean_pairwise_cosine(s.train_clip, s.train_clip, exclude_diagonal=True),
+        "prompt_only": sum(per) / len(per),
+    }
+
+
+def _selected_embedding(emb: emb_io.Embedding, choice: _Choice, metrics: dict) -> emb_io.Embedding:
+    """The chosen vectors as an embedding, its metadata saying which step and by what rule."""
+    meta = {**emb.meta, "steps": str(choice.step), "selected_by": metrics["selection"]["criterion"]}
+    return emb_io.Embedding(emb.token, choice.vectors.float().cpu(), meta)
+
+
+def _write_outputs(out_dir: Path, metrics: dict, full: dict, selected: emb_io.Embedding, config: EvalConfig) -> None:
+    """Write the grid, the selected embedding, the scatter plot, metrics.json and the report, all at once."""
     with atomic_dir(out_dir) as tmp:
         cols = min(config.grid_seeds, config.n_images)
         grid = make_grid([row[:cols] for row in full["images"]], full["prompts"], label_width=200)
         grid.save(tmp / GRID_FILE)
-        selected = emb_io.Embedding(
-            emb.token,
-            vectors.float().cpu(),
-            {**emb.meta, "steps": str(chosen), "selected_by": metrics["selection"]["criterion"]},
-        )
         files = write_embedding_files(selected, tmp / "embedding")
         metrics["files"] = {k: str(v.relative_to(tmp)) for k, v in files.items()}
-        scatter(
-            [
-                {
-                    "label": emb.token,
-                    "curve": metrics["selection"]["curve"],
-                    "chosen": chosen,
-                    "final": {"reconstruction": metrics["reconstruction"], "editability": metrics["editability"]},
-                    "baselines": metrics.get("baselines"),
-                }
-            ],
-            tmp / SCATTER_FILE,
-            title=f"{emb.token}",
-        )
+        scatter([_scatter_series(metrics)], tmp / SCATTER_FILE, title=f"{metrics['token']}")
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         html_report(metrics, tmp / GRID_FILE, tmp / SCATTER_FILE, tmp / REPORT_FILE)
+
+
+def _scatter_series(metrics: dict) -> dict:
+    """The concept's points on the reconstruction/editability scatter plot."""
+    return {
+        "label": metrics["token"],
+        "curve": metrics["selection"]["curve"],
+        "chosen": metrics["step"],
+        "final": {"reconstruction": metrics["reconstruction"], "editability": metrics["editability"]},
+        "baselines": metrics.get("baselines"),
+    }
+
+
+def _log_result(metrics: dict) -> None:
+    """Log the headline scores."""
     log.info(
         "%s at step %s: reconstruction %.4f, editability %.4f (%d images, %.0f s)",
-        emb.token,
-        chosen,
+        metrics["token"],
+        metrics["step"],
         metrics["reconstruction"],
         metrics["editability"],
-        s.images_generated,
+        metrics["images_generated"],
         metrics["seconds"],
     )
-    return metrics

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from oneword.config import GateThresholds
 from oneword.errors import OnewordError
 
 
 class EvaluatorMismatch(OnewordError):
     """Two sets of scores come from different evaluators."""
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    """Minimum scores a version needs before it may become champion (-1, the lowest cosine, disables one)."""
-
-    min_reconstruction: float = -1.0
-    min_editability: float = -1.0
 
 
 @dataclass(frozen=True)

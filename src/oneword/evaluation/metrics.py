@@ -12,8 +12,6 @@ must never be compared.
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -21,16 +19,16 @@ from PIL import Image
 from oneword import storage
 from oneword.errors import OnewordError
 from oneword.models import module_fingerprint
+from oneword.profiles import DEFAULT_CLIP, TOYWORLD_CLIP
+from oneword.toyworld import assets
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the evaluator the paper used
 DEFAULT_DINO = "facebook/dino-vits16"  # DreamBench's subject-fidelity model
-TOYWORLD_CLIP = "toyworld-clip"
 
 
 def resolve_evaluator(name: str) -> str:
     """Turn an evaluator reference into a local folder or hub id (`toyworld-clip` is shipped with oneword)."""
     if name == TOYWORLD_CLIP:
-        p = Path(str(resources.files("oneword") / "data" / "toyworld" / "clip"))
+        p = assets.clip_path()
         if not (p / "config.json").exists():
             raise OnewordError(
                 f"the toy-world CLIP evaluator is missing from the package ({p})",

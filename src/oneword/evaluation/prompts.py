@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from oneword.errors import OnewordError
+from oneword.toyworld import assets
 
 RECONSTRUCTION = "A photo of {}"
 
@@ -43,7 +44,7 @@ NETI15 = (
 
 TOYWORLD = ("{} on a blue background", "{} on a white background", "a small {}", "a large {}")
 
-BUILTIN = {"paper": PAPER, "neti15": NETI15, "toyworld": TOYWORLD}
+BUILTIN = {"paper": PAPER, "neti15": NETI15, assets.NAME: TOYWORLD}
 PACKAGED = ("dreambench-object", "dreambench-live")
 
 

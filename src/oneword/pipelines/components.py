@@ -15,14 +15,15 @@ from oneword.pipelines.container import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preprocess(images: str, dataset: Output[Dataset], resolution: int = 512, mode: str = "crop",
+def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", resolution: int = 0, mode: str = "crop",
                content_key: str = "", on_error: str = "fail"):
     """Clean the concept's photos: EXIF orientation, RGB, square crop or pad, resize, de-duplicate.
 
     Args:
         images: folder or s3://bucket/prefix of 3-5 photos of the concept.
         dataset: processed images plus manifest.json.
-        resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
+        base_model: the model the images are for (its profile gives the resolution when it is 0).
+        resolution: side of the square training images (0: the base model's native size; SD 1.x: 512).
         mode: crop (centre-crop to a square) or pad (pad with white).
         content_key: fingerprint of the photos' content (set by the planning step); it keys KFP's cache, so new
             photos under an old prefix are processed again.
@@ -30,7 +31,9 @@ def preprocess(images: str, dataset: Output[Dataset], resolution: int = 512, mod
     """
     from oneword.images import preprocess as run
     from oneword.outcome import run_step
+    from oneword.profiles import image_side
 
+    resolution = image_side(base_model, resolution)
     m = run_step("preprocess", dataset.path, on_error, lambda: run(images, dataset.path, resolution=resolution,
                                                                    mode=mode))
     if m is not None:
@@ -39,7 +42,7 @@ def preprocess(images: str, dataset: Output[Dataset], resolution: int = 512, mod
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str = "toyworld",
+def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str,
                   on_error: str = "fail", accelerator_type: str = "", accelerator_limit: int = 0):
     """Encode each image and its mirror once with the base model's VAE (posterior mean and std).
 
@@ -71,14 +74,14 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
     base_model: str = "",
-    steps: int = 5000,
+    steps: int = 0,
     batch_size: int = 4,
-    learning_rate: float = 0.005,
+    learning_rate: float = 0.0,
     scale_lr: bool = True,
     progressive_every: int = 0,
     init_l2: float = 0.0,
     seed: int = 0,
-    checkpoint_every: int = 500,
+    checkpoint_every: int = 0,
     checkpoint_root: str = "",
     on_error: str = "fail",
 ) -> list:
@@ -90,14 +93,14 @@ def train(
         model: one folder per concept name (embedding files, curve.json, summary.json, the training images).
         metrics: per concept: final loss, embedding norm; steps per second.
         base_model: default: the model the latents were encoded with.
-        steps: optimiser steps (paper: 5000).
+        steps: optimiser steps (0: the model's profile; SD: 5000 as the paper).
         batch_size: samples per concept per step (paper: 4).
-        learning_rate: base learning rate, times batch size when scale_lr.
+        learning_rate: base learning rate, times batch size when scale_lr (0: the model's profile; SD: 0.005).
         scale_lr: scale the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = off.
         init_l2: weight of an L2 pull toward the initializer embedding.
         seed: random seed.
-        checkpoint_every: steps between checkpoints.
+        checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that outlive the pod, keyed by what is trained, so a
             retried or resubmitted task resumes; empty = inside the model artifact.
         on_error: fail (any concept's failure fails the task) or record (failed concepts are marked, see
@@ -109,8 +112,9 @@ def train(
     import json
     from pathlib import Path
 
+    from oneword.config import ConceptSpec, TrainConfig
     from oneword.errors import OnewordError
-    from oneword.inversion import ConceptSpec, TrainConfig
+    from oneword.pipelines.parameters import unset_to_none as unset
     from oneword.train import SUMMARY_FILE, train_group
 
     fields = ("token", "init_word", "n_vectors", "templates", "learning_rate")
@@ -118,8 +122,9 @@ def train(
                for c, lat in zip(concepts, latents)]
     rows = train_group(
         members, model.path,
-        TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
-                    progressive_every=progressive_every, init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every),
+        TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate), scale_lr=scale_lr,
+                    progressive_every=progressive_every, init_l2=init_l2, seed=seed,
+                    checkpoint_every=unset(checkpoint_every)),
         base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
     )
     failed = [r for r in rows if r["status"] != "trained"]
@@ -142,10 +147,10 @@ def evaluate(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
-    prompt_set: str = "paper",
+    prompt_set: str = "",
     n_images: int = 64,
-    sampling_steps: int = 50,
-    guidance_scale: float = 5.0,
+    sampling_steps: int = 0,
+    guidance_scale: float = 0.0,
     clip_model: str = "auto",
     dino_model: str = "",
     checkpoint_budget: int = 8,
@@ -161,11 +166,11 @@ def evaluate(
         evaluation: metrics.json, grid.png, scatter.png, report.html and the selected embedding.
         metrics: reconstruction, editability, DINO and the baselines.
         report: the HTML report (shown in the KFP UI).
-        prompt_set: paper, neti15, dreambench-object, dreambench-live or toyworld.
+        prompt_set: paper, neti15, dreambench-object, dreambench-live, toyworld or a file (empty: the model's).
         n_images: images per prompt (paper: 64).
-        sampling_steps: DDIM steps (paper: 50).
-        guidance_scale: classifier-free guidance (paper: 5.0).
-        clip_model: CLIP evaluator; auto = toyworld-clip for the toy model, else openai/clip-vit-base-patch32.
+        sampling_steps: DDIM steps (0: the model's profile; SD: 50 as the paper).
+        guidance_scale: classifier-free guidance (0: the model's profile; SD: 5.0 as the paper).
+        clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity, e.g. facebook/dino-vits16; empty = skip.
         checkpoint_budget: images per prompt when scoring each checkpoint; 0 = final step only.
         on_error: fail or record (see preprocess).
@@ -175,13 +180,15 @@ def evaluate(
     import os
     import shutil
 
-    from oneword.evaluation import EvalConfig
+    from oneword.config import EvalConfig
     from oneword.evaluation import evaluate as run
     from oneword.outcome import run_step
+    from oneword.pipelines.parameters import unset_to_none as unset
 
     trained = os.path.join(model.path, concept)
-    config = EvalConfig(prompt_set=prompt_set, n_images=n_images, steps=sampling_steps, guidance_scale=guidance_scale,
-                        clip_model=clip_model, dino_model=dino_model, checkpoint_budget=checkpoint_budget)
+    config = EvalConfig(prompt_set=unset(prompt_set), n_images=n_images, steps=unset(sampling_steps),
+                        guidance_scale=unset(guidance_scale), clip_model=clip_model, dino_model=dino_model,
+                        checkpoint_budget=checkpoint_budget)
     m = run_step("evaluate", evaluation.path, on_error, lambda: run(trained, None, evaluation.path, config),
                  upstream=[trained])
     if m is None:
@@ -233,7 +240,7 @@ def register(
     import os
     from pathlib import Path
 
-    from oneword.evaluation.gate import GateThresholds
+    from oneword.config import GateThresholds
     from oneword.outcome import read_failure, run_step
     from oneword.registry import record_failure
     from oneword.registry import register as run
@@ -241,7 +248,8 @@ def register(
     trained = os.path.join(model.path, concept)
     r = run_step("register", registration.path, on_error,
                  lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
-                             thresholds=GateThresholds(min_reconstruction, min_editability), batch_id=batch_id),
+                             thresholds=GateThresholds(min_reconstruction=min_reconstruction,
+                                                       min_editability=min_editability), batch_id=batch_id),
                  upstream=[evaluation.path])
     if r is None:
         why = read_failure(registration.path)
@@ -259,7 +267,7 @@ def register(
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vectors: int = 1,
-                 templates: str = "object") -> list:
+                 templates: str = "") -> list:
     """Plan a single concept as a batch of one: its registered-model name and its photos' content key.
 
     Args:
@@ -268,12 +276,12 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
         init_word: one-token word the embedding starts from.
         name: registered-model name (empty: from the token).
         n_vectors: vectors per token.
-        templates: training prompt templates: object, style, toyworld or a file.
+        templates: training prompt templates: object, style, toyworld or a file (empty: the model's profile).
     """
     from oneword.batch import ConceptEntry, plan_concepts
 
     return plan_concepts([ConceptEntry(images=images, token=token, init_word=init_word, name=name,
-                                       n_vectors=n_vectors, templates=templates)])
+                                       n_vectors=n_vectors, templates=templates or None)])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -10,6 +10,16 @@ pipeline runs on one machine.
 from kfp import dsl, kubernetes
 
 from oneword.pipelines import components as c
+from oneword.pipelines.parameters import (
+    ACCELERATOR_LIMIT,
+    ACCELERATOR_TYPE,
+    CHECKPOINT_ROOT,
+    DEFAULT_BASE_MODEL,
+    GPU_NODE_SELECTOR,
+    GPU_TOLERATION,
+    RESOLUTION_FROM_PROFILE,
+)
+from oneword.pipelines.parameters import DEFAULTS as D
 
 # Secrets and config reach pods as environment variables, never as parameters (docs/deploy.md makes them).
 S3_SECRET = "oneword-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
@@ -38,8 +48,6 @@ def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_limit, node_se
     return task
 
 
-GPU_NODE_SELECTOR = {"oneword.ai/pool": "gpu"}
-GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
 @dsl.pipeline(name="personalise", description="The five steps for a group of concepts: preprocess and "
@@ -48,31 +56,31 @@ def personalise(
     concepts: list,
     batch_id: str,
     on_error: str = "fail",
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    resolution: int = 512,
-    mode: str = "crop",
-    steps: int = 5000,
-    batch_size: int = 4,
-    learning_rate: float = 0.005,
-    scale_lr: bool = True,
-    progressive_every: int = 0,
-    init_l2: float = 0.0,
-    seed: int = 0,
-    checkpoint_every: int = 500,
+    base_model: str = DEFAULT_BASE_MODEL,
+    resolution: int = RESOLUTION_FROM_PROFILE,
+    mode: str = D["mode"],
+    steps: int = D["steps"],
+    batch_size: int = D["batch_size"],
+    learning_rate: float = D["learning_rate"],
+    scale_lr: bool = D["scale_lr"],
+    progressive_every: int = D["progressive_every"],
+    init_l2: float = D["init_l2"],
+    seed: int = D["seed"],
+    checkpoint_every: int = D["checkpoint_every"],
     checkpoint_root: str = "",
-    prompt_set: str = "paper",
-    n_images: int = 64,
-    sampling_steps: int = 50,
-    guidance_scale: float = 5.0,
-    clip_model: str = "auto",
-    dino_model: str = "",
-    checkpoint_budget: int = 8,
-    tracking_uri: str = "",
-    experiment: str = "oneword",
-    min_reconstruction: float = -1.0,
-    min_editability: float = -1.0,
-    accelerator_type: str = "nvidia.com/gpu",
-    accelerator_limit: int = 1,
+    prompt_set: str = D["prompt_set"],
+    n_images: int = D["n_images"],
+    sampling_steps: int = D["sampling_steps"],
+    guidance_scale: float = D["guidance_scale"],
+    clip_model: str = D["clip_model"],
+    dino_model: str = D["dino_model"],
+    checkpoint_budget: int = D["checkpoint_budget"],
+    tracking_uri: str = D["tracking_uri"],
+    experiment: str = D["experiment"],
+    min_reconstruction: float = D["min_reconstruction"],
+    min_editability: float = D["min_editability"],
+    accelerator_type: str = ACCELERATOR_TYPE,
+    accelerator_limit: int = ACCELERATOR_LIMIT,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
     gpu_toleration: dict = GPU_TOLERATION,
 ) -> list[str]:
@@ -90,8 +98,8 @@ def personalise(
     """
     gpu = (accelerator_type, accelerator_limit, gpu_node_selector, gpu_toleration)
     with dsl.ParallelFor(concepts, name="each-concept") as concept:
-        pre = _cluster_env(c.preprocess(images=concept.images, content_key=concept.content_key, resolution=resolution,
-                                        mode=mode, on_error=on_error))
+        pre = _cluster_env(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
+                                        resolution=resolution, mode=mode, on_error=on_error))
         pre.set_caching_options(True)  # keyed by the photos' content, so new photos under an old prefix rerun
         # The accelerator settings are also passed as inputs: KFP's compiler (2.17) does not carry the channels
         # that set_accelerator_type/limit use into a ParallelFor body unless a task there takes them as inputs.
@@ -137,34 +145,34 @@ def textual_inversion(
     images: str,
     token: str,
     init_word: str,
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    base_model: str = DEFAULT_BASE_MODEL,
     name: str = "",
-    resolution: int = 512,
-    mode: str = "crop",
-    n_vectors: int = 1,
-    templates: str = "object",
-    steps: int = 5000,
-    batch_size: int = 4,
-    learning_rate: float = 0.005,
-    scale_lr: bool = True,
-    progressive_every: int = 0,
-    init_l2: float = 0.0,
-    seed: int = 0,
-    checkpoint_every: int = 500,
-    checkpoint_root: str = "s3://oneword-artifacts/checkpoints",
-    prompt_set: str = "paper",
-    n_images: int = 64,
-    sampling_steps: int = 50,
-    guidance_scale: float = 5.0,
-    clip_model: str = "auto",
-    dino_model: str = "",
-    checkpoint_budget: int = 8,
-    tracking_uri: str = "",
-    experiment: str = "oneword",
-    min_reconstruction: float = -1.0,
-    min_editability: float = -1.0,
-    accelerator_type: str = "nvidia.com/gpu",
-    accelerator_limit: int = 1,
+    resolution: int = RESOLUTION_FROM_PROFILE,
+    mode: str = D["mode"],
+    n_vectors: int = D["n_vectors"],
+    templates: str = D["templates"],
+    steps: int = D["steps"],
+    batch_size: int = D["batch_size"],
+    learning_rate: float = D["learning_rate"],
+    scale_lr: bool = D["scale_lr"],
+    progressive_every: int = D["progressive_every"],
+    init_l2: float = D["init_l2"],
+    seed: int = D["seed"],
+    checkpoint_every: int = D["checkpoint_every"],
+    checkpoint_root: str = CHECKPOINT_ROOT,
+    prompt_set: str = D["prompt_set"],
+    n_images: int = D["n_images"],
+    sampling_steps: int = D["sampling_steps"],
+    guidance_scale: float = D["guidance_scale"],
+    clip_model: str = D["clip_model"],
+    dino_model: str = D["dino_model"],
+    checkpoint_budget: int = D["checkpoint_budget"],
+    tracking_uri: str = D["tracking_uri"],
+    experiment: str = D["experiment"],
+    min_reconstruction: float = D["min_reconstruction"],
+    min_editability: float = D["min_editability"],
+    accelerator_type: str = ACCELERATOR_TYPE,
+    accelerator_limit: int = ACCELERATOR_LIMIT,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
     gpu_toleration: dict = GPU_TOLERATION,
 ) -> list[str]:
@@ -176,24 +184,24 @@ def textual_inversion(
         init_word: one-token word the embedding starts from, e.g. cat (object) or painting (style).
         base_model: Stable Diffusion 1.x/2.x: a hub id, an s3:// diffusers folder, or toyworld.
         name: registered-model name in MLflow (empty: the token without brackets).
-        resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
+        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         n_vectors: vectors per token (1 as in the paper; more captures detail, edits less well).
-        templates: training prompt templates: object, style, toyworld or a file of templates in the image.
-        steps: optimiser steps (paper: 5000).
+        templates: training prompt templates: object, style, toyworld or a file in the image (empty: the model's).
+        steps: optimiser steps (0: the model's profile; SD: 5000 as the paper).
         batch_size: images per step (paper: 4).
-        learning_rate: base learning rate (paper: 0.005), multiplied by batch_size when scale_lr.
+        learning_rate: base learning rate, times batch_size when scale_lr (0: the model's; SD: 0.005 as the paper).
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
         init_l2: weight of an L2 pull toward the initializer embedding (more editable, less faithful).
         seed: random seed of training and evaluation.
-        checkpoint_every: steps between checkpoints (evaluation picks the best one).
+        checkpoint_every: steps between checkpoints, the evaluation picks the best (0: the model's; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
-        prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live or toyworld.
+        prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live, toyworld ("": the model's).
         n_images: evaluation images per prompt (paper: 64).
-        sampling_steps: DDIM steps for evaluation images (paper: 50).
-        guidance_scale: classifier-free guidance for evaluation images (paper: 5.0).
-        clip_model: CLIP evaluator (auto: toyworld-clip for the toy model, else openai/clip-vit-base-patch32).
+        sampling_steps: DDIM steps for evaluation images (0: the model's profile; SD: 50 as the paper).
+        guidance_scale: classifier-free guidance for evaluation images (0: the model's profile; SD: 5.0).
+        clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity, e.g. facebook/dino-vits16 (empty: skip).
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: evaluate the final step only).
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).
@@ -224,32 +232,32 @@ PARALLEL_SHARDS = 4  # GPU jobs at a time (ParallelFor's parallelism is fixed at
               "parallel shards; one concept's failure does not lose the others.")
 def batch_personalisation(
     concepts_manifest: str,
-    concepts_per_shard: int = 1,
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    resolution: int = 512,
-    mode: str = "crop",
-    steps: int = 5000,
-    batch_size: int = 4,
-    learning_rate: float = 0.005,
-    scale_lr: bool = True,
-    progressive_every: int = 0,
-    init_l2: float = 0.0,
-    seed: int = 0,
-    checkpoint_every: int = 500,
-    checkpoint_root: str = "s3://oneword-artifacts/checkpoints",
-    prompt_set: str = "paper",
-    n_images: int = 64,
-    sampling_steps: int = 50,
-    guidance_scale: float = 5.0,
-    clip_model: str = "auto",
-    dino_model: str = "",
-    checkpoint_budget: int = 8,
-    tracking_uri: str = "",
-    experiment: str = "oneword",
-    min_reconstruction: float = -1.0,
-    min_editability: float = -1.0,
-    accelerator_type: str = "nvidia.com/gpu",
-    accelerator_limit: int = 1,
+    concepts_per_shard: int = D["concepts_per_shard"],
+    base_model: str = DEFAULT_BASE_MODEL,
+    resolution: int = RESOLUTION_FROM_PROFILE,
+    mode: str = D["mode"],
+    steps: int = D["steps"],
+    batch_size: int = D["batch_size"],
+    learning_rate: float = D["learning_rate"],
+    scale_lr: bool = D["scale_lr"],
+    progressive_every: int = D["progressive_every"],
+    init_l2: float = D["init_l2"],
+    seed: int = D["seed"],
+    checkpoint_every: int = D["checkpoint_every"],
+    checkpoint_root: str = CHECKPOINT_ROOT,
+    prompt_set: str = D["prompt_set"],
+    n_images: int = D["n_images"],
+    sampling_steps: int = D["sampling_steps"],
+    guidance_scale: float = D["guidance_scale"],
+    clip_model: str = D["clip_model"],
+    dino_model: str = D["dino_model"],
+    checkpoint_budget: int = D["checkpoint_budget"],
+    tracking_uri: str = D["tracking_uri"],
+    experiment: str = D["experiment"],
+    min_reconstruction: float = D["min_reconstruction"],
+    min_editability: float = D["min_editability"],
+    accelerator_type: str = ACCELERATOR_TYPE,
+    accelerator_limit: int = ACCELERATOR_LIMIT,
     gpu_node_selector: dict = GPU_NODE_SELECTOR,
     gpu_toleration: dict = GPU_TOLERATION,
 ):
@@ -264,22 +272,22 @@ def batch_personalisation(
         concepts_manifest: YAML (s3:// URI or path) listing, per concept, images, token and init_word.
         concepts_per_shard: concepts trained together in one GPU job; shards run in parallel (at most 4 at a time).
         base_model: Stable Diffusion 1.x/2.x: a hub id, an s3:// diffusers folder, or toyworld.
-        resolution: side of the square training images (SD 1.x: 512, SD 2.x: 768).
+        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
-        steps: optimiser steps (paper: 5000).
+        steps: optimiser steps (0: the model's profile; SD: 5000 as the paper).
         batch_size: images per step (paper: 4).
-        learning_rate: base learning rate (paper: 0.005), multiplied by batch_size when scale_lr.
+        learning_rate: base learning rate, times batch_size when scale_lr (0: the model's; SD: 0.005 as the paper).
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
         init_l2: weight of an L2 pull toward the initializer embedding.
         seed: random seed.
-        checkpoint_every: steps between checkpoints.
+        checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
-        prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live or toyworld.
+        prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live, toyworld ("": the model's).
         n_images: evaluation images per prompt (paper: 64).
-        sampling_steps: DDIM steps for evaluation images (paper: 50).
-        guidance_scale: classifier-free guidance for evaluation images (paper: 5.0).
-        clip_model: CLIP evaluator (auto: toyworld-clip for the toy model, else openai/clip-vit-base-patch32).
+        sampling_steps: DDIM steps for evaluation images (0: the model's profile; SD: 50 as the paper).
+        guidance_scale: classifier-free guidance for evaluation images (0: the model's profile; SD: 5.0).
+        clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity (empty: skip).
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: final step only).
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).

@@ -3,6 +3,9 @@
 from importlib import resources
 from pathlib import Path
 
+NAME = "toyworld"  # `--base-model toyworld`: the toy model shipped with oneword
+CLIP_NAME = "toyworld-clip"  # `--clip-model toyworld-clip`: its CLIP evaluator
+
 
 def assets_dir() -> Path:
     return Path(str(resources.files("oneword") / "data" / "toyworld"))

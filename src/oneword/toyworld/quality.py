@@ -25,19 +25,21 @@ from oneword.generate import make_grid
 from oneword.images import preprocess
 from oneword.inversion import ConceptSpec, TrainConfig
 from oneword.latents import cache_latents
+from oneword.profiles import PROFILES, TOYWORLD
 from oneword.toyworld.concepts import CONCEPTS, ToyConcept, get_concept, write_concept
 from oneword.toyworld.oracle import Oracle
 from oneword.train import train_group
 
 log = logging.getLogger(__name__)
 
-# Textual inversion on the toy model, by default: the paper's optimiser and batch, a 5x lower learning rate and
-# fewer steps (the world is simple and its 96-wide embeddings small: at the paper's 5e-3 the token soon absorbs
-# the training backgrounds, "S* on a white background" drops to ~0.56 on purple-star against ~0.94 at 1e-3),
-# and a checkpoint every 50 for the selection.
-TOY_TRAIN = TrainConfig(steps=400, batch_size=4, learning_rate=1e-3, checkpoint_every=50, log_every=25)
-TOY_SAMPLER = {"steps": 25, "guidance_scale": 4.0}  # the toy model's own sampling settings
-RESOLUTION = 32
+# Textual inversion on the toy model, by default: the paper's optimiser and batch with the toy profile's lower
+# learning rate and fewer steps (the world is simple and its 96-wide embeddings small: at the paper's 5e-3 the
+# token soon absorbs the training backgrounds, "S* on a white background" drops to ~0.56 on purple-star against
+# ~0.94 at 1e-3), and a checkpoint every 50 for the selection. The values live in `oneword.profiles`.
+TOY = PROFILES[TOYWORLD]
+TOY_TRAIN = TrainConfig(log_every=25).resolved(TOY)
+TOY_SAMPLER = {"steps": TOY.sampling_steps, "guidance_scale": TOY.guidance_scale}
+RESOLUTION = TOY.resolution
 
 
 @dataclass
@@ -126,13 +128,13 @@ def run_concepts(
     for concept in concepts:
         write_concept(concept, root / concept / "photos", seed=seed)
         preprocess(root / concept / "photos", root / concept / "data", resolution=RESOLUTION)
-        cache_latents(root / concept / "data", "toyworld", root / concept / "latents")
+        cache_latents(root / concept / "data", TOYWORLD, root / concept / "latents")
     t1 = time.perf_counter()
     rows = train_group(
         [
             (
                 concept,
-                ConceptSpec(token=f"<{concept}>", init_word="shape", templates="toyworld"),
+                ConceptSpec(token=f"<{concept}>", init_word="shape"),
                 root / concept / "latents",
             )
             for concept in concepts
@@ -140,7 +142,7 @@ def run_concepts(
         root / "train",
         # Without selection only the final step is scored, so intermediate checkpoints would be written for nothing.
         setting.train.model_copy(update={"seed": seed, **({} if setting.select else {"checkpoint_every": 0})}),
-        base_model="toyworld",
+        base_model=TOYWORLD,
         resume=False,
         progress=False,
     )
@@ -199,7 +201,7 @@ def _words_accuracy(c: ToyConcept, oracle: Oracle, n: int, seed: int) -> float:
     from oneword.generate import SamplerConfig, build_pipeline, sample
     from oneword.models import load_base_model
 
-    pipe = build_pipeline(load_base_model("toyworld"))
+    pipe = build_pipeline(load_base_model(TOYWORLD))
     ims = sample(pipe, [f"a photo of a {c.words}"], n, seed + 1000, SamplerConfig(**TOY_SAMPLER))[0]
     return oracle.accuracy(ims, {"shape": c.shape, "colour": c.colour})["all"]
 
@@ -308,7 +310,7 @@ def _markdown(results: list[ConceptResult], summary: dict) -> str:
 
 
 def base_model_accuracy(
-    n_prompts: int = 256, seed: int = 0, model: str = "toyworld", oracle: Oracle | None = None
+    n_prompts: int = 256, seed: int = 0, model: str = TOYWORLD, oracle: Oracle | None = None
 ) -> dict[str, float]:
     """Does the base model draw what captions ask? One picture per grammar caption (every attribute named).
 

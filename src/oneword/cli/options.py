@@ -1,0 +1,40 @@
+"""CLI options made from the config models, so that an option's default and help text are stated once.
+
+`option(TrainConfig, "steps")` is a typer option whose help is the field's description; `default(TrainConfig,
+"steps")` its default. A model-dependent field's default is None, which the library fills from the model's
+profile (`oneword.profiles`). `tests/test_parameters.py` checks every command against the config models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from pydantic import BaseModel
+
+
+def default(model: type[BaseModel], field: str) -> Any:
+    """The default of `model.field`."""
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
+def describe(model: type[BaseModel], field: str) -> str:
+    """The help text of `model.field`."""
+    return model.model_fields[field].description or ""
+
+
+def option(model: type[BaseModel], field: str, *names: str, **kwargs: Any) -> Any:
+    """A typer option for `model.field`: its description is the help text."""
+    return typer.Option(*names, help=describe(model, field), **kwargs)
+
+
+def parameter(name: str, *names: str, **kwargs: Any) -> Any:
+    """A typer option for pipeline parameter `name` (`oneword run`, `oneword batch`): help from its config field.
+
+    Its default is `DEFAULTS[name]` of `oneword.pipelines.parameters`, where 0 or "" leaves the setting to the
+    model's profile, as in the pipelines.
+    """
+    from oneword.pipelines.parameters import SOURCES
+
+    text = describe(*SOURCES[name]).replace("(None: the model's profile)", "(0 or empty: the model's profile)")
+    return typer.Option(*names, help=text, **kwargs)

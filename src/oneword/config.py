@@ -1,0 +1,151 @@
+"""Every setting's default, with its reason, stated once.
+
+The library's config models live here, free of torch so that the CLI can read them at once. CLI options, KFP
+component signatures and pipeline parameters take their defaults and help texts from these models (see
+`oneword.cli.options` and `oneword.pipelines.parameters`); `tests/test_parameters.py` proves every surface agrees.
+Settings that depend on the model family (resolution, templates, learning rate, steps, sampling) are in
+`oneword.profiles`, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The settings each model family chooses for itself (`oneword.profiles.ModelProfile` fields), by config field.
+MODEL_DEPENDENT_TRAIN = ("steps", "learning_rate", "checkpoint_every")
+MODEL_DEPENDENT_EVAL = {
+    "prompt_set": "prompt_set",
+    "steps": "sampling_steps",
+    "guidance_scale": "guidance_scale",
+    "clip_model": "clip_model",
+}
+
+
+class PreprocessConfig(BaseModel):
+    """How photos become training images."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    resolution: int = Field(512, ge=8, description="side of the square training images (SD 1.x: 512)")
+    mode: Literal["crop", "pad"] = Field("crop", description="crop (centre-crop to a square) or pad (with white)")
+
+
+class ConceptSpec(BaseModel):
+    """What to learn: a placeholder token, its initializer word and how many vectors it gets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: str = Field(description="the new pseudo-word, e.g. '<my-cat>'")
+    init_word: str = Field(description="one-token word the vectors start from, e.g. 'cat'")
+    n_vectors: int = Field(1, ge=1, le=75, description="vectors per token (the paper uses 1)")
+    templates: str | None = Field(
+        None, description="prompt templates: object, style, toyworld or a file (None: the model's profile)"
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="this concept's base LR, scaled like TrainConfig's (None: TrainConfig's)"
+    )
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings. Defaults are the paper's (Sec. 4 and its LDM config), unless noted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int | None = Field(None, ge=1, description="optimiser steps (None: the model's profile)")
+    batch_size: int = Field(4, ge=1, description="samples per concept per step (paper: 4)")
+    learning_rate: float | None = Field(
+        None, gt=0, description="base LR, times batch size unless scale_lr is off (None: the model's profile)"
+    )
+    scale_lr: bool = Field(True, description="multiply the LR by the batch size, as the paper does")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW decay; 0.01 is torch's default the paper used")
+    progressive_every: int = Field(0, ge=0, description="add vector k at step k*N (paper: 2000); 0 = all at once")
+    init_l2: float = Field(0.0, ge=0, description="weight of an L2 pull toward the initializer embedding")
+    flip_p: float = Field(0.5, ge=0, le=1, description="probability of the mirrored image (paper: 0.5)")
+    seed: int = Field(0, description="seeds every random draw; CPU runs reproduce bit for bit")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the UNet (minutes to compile; faster after)")
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations: less memory, slower")
+    checkpoint_every: int | None = Field(
+        None, ge=0, description="steps between checkpoints; 0 = only the last (None: the model's profile)"
+    )
+    log_every: int = Field(10, ge=1, description="steps between loss/norm reports (and NaN checks)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+    def resolved(self, profile) -> TrainConfig:
+        """These settings with the unset model-dependent ones taken from `profile` (a `ModelProfile`)."""
+        unset = {k: getattr(profile, k) for k in MODEL_DEPENDENT_TRAIN if getattr(self, k) is None}
+        return self.model_copy(update=unset) if unset else self
+
+    @property
+    def lr(self) -> float:
+        """The learning rate actually used."""
+        return self.lr_for(None)
+
+    def lr_for(self, concept: ConceptSpec | None) -> float:
+        """The learning rate a concept trains with: its own base LR if it has one, scaled the same way."""
+        base = (
+            concept.learning_rate if concept is not None and concept.learning_rate is not None else self.learning_rate
+        )
+        if base is None:
+            raise ValueError("learning_rate is unset: resolve the config with the model's profile first")
+        return base * (self.batch_size if self.scale_lr else 1)
+
+
+class EvalConfig(BaseModel):
+    """Evaluation settings. The sampler and evaluator depend on the model (`oneword.profiles`); eta 0 as the paper."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt_set: str | None = Field(
+        None, description="paper, neti15, dreambench-object, dreambench-live, toyworld or a file (None: the model's)"
+    )
+    n_images: int = Field(64, ge=1, description="images per prompt (the paper: 64)")
+    steps: int | None = Field(None, ge=1, description="DDIM steps (None: the model's profile)")
+    guidance_scale: float | None = Field(None, description="classifier-free guidance (None: the model's profile)")
+    eta: float = Field(0.0, description="DDIM eta")
+    seed: int = Field(0, description="image j of every prompt uses seed + j")
+    clip_model: str = Field("auto", description="CLIP evaluator (auto: the model's profile)")
+    dino_model: str = Field("", description="DINO ViT for subject fidelity, e.g. facebook/dino-vits16; empty = skip")
+    checkpoint_budget: int = Field(
+        8, ge=0, description="images per prompt when scoring each checkpoint; 0 = score the final step only"
+    )
+    selection_tolerance: float = Field(0.02, ge=0, description="reconstruction slack of the selection rule")
+    baselines: bool = Field(True, description="compute the image-only and prompt-only ceilings")
+    grid_seeds: int = Field(8, ge=1, description="columns of the sample grid")
+    batch_size: int = Field(32, ge=1, description="images per sampling call")
+    device: str = Field("auto", description="auto, cpu, cuda, ...")
+
+    def resolved(self, profile) -> EvalConfig:
+        """These settings with the unset model-dependent ones taken from `profile` (a `ModelProfile`)."""
+        unset = {k: getattr(profile, v) for k, v in MODEL_DEPENDENT_EVAL.items() if getattr(self, k) in (None, "auto")}
+        return self.model_copy(update=unset) if unset else self
+
+
+class GateThresholds(BaseModel):
+    """Minimum scores a version needs before it may become champion (-1, the lowest cosine, disables one)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_reconstruction: float = Field(-1.0, ge=-1, le=1, description="quality gate: least reconstruction (-1: off)")
+    min_editability: float = Field(-1.0, ge=-1, le=1, description="quality gate: least editability (-1: off)")
+
+
+class TrackingConfig(BaseModel):
+    """Where runs and concepts are recorded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tracking_uri: str = Field("", description="MLflow URI (empty: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    experiment: str = Field("oneword", description="MLflow experiment")
+
+
+class BatchConfig(BaseModel):
+    """How a batch is split into GPU jobs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    concepts_per_shard: int = Field(
+        1, ge=1, description="concepts trained together in one GPU job (more: faster per concept, see bench)"
+    )

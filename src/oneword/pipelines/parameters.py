@@ -1,0 +1,85 @@
+"""The pipelines' parameters: where each default comes from.
+
+Every parameter the pipelines and components share with the library takes its default from a config model
+(`oneword.config`). KFP parameters cannot be None, so a setting that depends on the model family (`oneword.profiles`)
+defaults to 0, "" or "auto", which the components pass on as None: the library then asks the base model's profile.
+`oneword run` and `oneword batch` use the same convention.
+
+Component signatures must be literal (KFP ships their source into the pod), so they are checked against this
+module rather than written from it: `tests/test_parameters.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from oneword.config import (
+    BatchConfig,
+    ConceptSpec,
+    EvalConfig,
+    GateThresholds,
+    PreprocessConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+# parameter name -> (config model, field); the parameter names are the pipelines'.
+SOURCES: dict[str, tuple[type[BaseModel], str]] = {
+    "mode": (PreprocessConfig, "mode"),
+    "n_vectors": (ConceptSpec, "n_vectors"),
+    "templates": (ConceptSpec, "templates"),
+    "steps": (TrainConfig, "steps"),
+    "batch_size": (TrainConfig, "batch_size"),
+    "learning_rate": (TrainConfig, "learning_rate"),
+    "scale_lr": (TrainConfig, "scale_lr"),
+    "progressive_every": (TrainConfig, "progressive_every"),
+    "init_l2": (TrainConfig, "init_l2"),
+    "seed": (TrainConfig, "seed"),
+    "checkpoint_every": (TrainConfig, "checkpoint_every"),
+    "prompt_set": (EvalConfig, "prompt_set"),
+    "n_images": (EvalConfig, "n_images"),
+    "sampling_steps": (EvalConfig, "steps"),
+    "guidance_scale": (EvalConfig, "guidance_scale"),
+    "clip_model": (EvalConfig, "clip_model"),
+    "dino_model": (EvalConfig, "dino_model"),
+    "checkpoint_budget": (EvalConfig, "checkpoint_budget"),
+    "min_reconstruction": (GateThresholds, "min_reconstruction"),
+    "min_editability": (GateThresholds, "min_editability"),
+    "tracking_uri": (TrackingConfig, "tracking_uri"),
+    "experiment": (TrackingConfig, "experiment"),
+    "concepts_per_shard": (BatchConfig, "concepts_per_shard"),
+}
+
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the pipelines' (oneword run's: toyworld)
+CHECKPOINT_ROOT = "s3://oneword-artifacts/checkpoints"  # the bucket docs/deploy.md makes; outlives a preempted pod
+ACCELERATOR_TYPE, ACCELERATOR_LIMIT = "nvidia.com/gpu", 1
+GPU_NODE_SELECTOR = {"oneword.ai/pool": "gpu"}  # the label k8s/overlays/gpu-pool puts on the GPU nodes
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+# What stands for "unset" (None: the model's profile decides) in a KFP parameter, by the parameter's type.
+_UNSET = {int: 0, float: 0.0, str: ""}
+_KINDS = {"templates": str, "steps": int, "learning_rate": float, "checkpoint_every": int, "prompt_set": str,
+          "sampling_steps": int, "guidance_scale": float}
+RESOLUTION_FROM_PROFILE = 0  # preprocess's resolution: 0 = the base model's native size
+
+
+def source_default(name: str) -> Any:
+    """The library's default of parameter `name` (None: the model's profile decides)."""
+    model, field = SOURCES[name]
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
+def kfp_default(name: str) -> Any:
+    """The default that pipeline or component parameter `name` has."""
+    value = source_default(name)
+    return _UNSET[_KINDS[name]] if value is None else value
+
+
+def unset_to_none(value: Any) -> Any:
+    """A KFP parameter's value as the library takes it: 0, 0.0 and "" mean unset (None)."""
+    return None if not isinstance(value, bool) and value in (0, "") else value
+
+
+DEFAULTS: dict[str, Any] = {name: kfp_default(name) for name in SOURCES}

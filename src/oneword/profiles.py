@@ -1,0 +1,156 @@
+"""Model profiles: the settings that depend on the model family, one profile per family.
+
+A profile says, for the toy world, SD 1.x, SD 2.x and SDXL, the native resolution, the training templates and
+recipe (learning rate, steps, checkpoint spacing), the sampler (steps, guidance), the evaluation prompts and the
+CLIP evaluator. `oneword run`, `batch`, `demo`, `train`, `evaluate` and the pipelines ask the profile for every
+setting the user leaves unset; nothing else in oneword compares a model's name.
+
+SD 1.x, 2.x and SDXL use the paper's recipe (Gal et al. 2022, Sec. 4: 5,000 steps, base LR 5e-3 times batch 4;
+the evaluation: 50 DDIM steps, guidance 5.0) at their native resolution. `TrainConfig` and `EvalConfig` leave
+these settings unset (None) and take them from here (`TrainConfig.resolved(profile)`).
+The toy world's recipe was tuned by `oneword toyworld quality` (see `oneword.toyworld.quality`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from oneword.config import PreprocessConfig
+from oneword.toyworld import assets
+
+log = logging.getLogger(__name__)
+
+TOYWORLD, TOYWORLD_CLIP = assets.NAME, assets.CLIP_NAME
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the evaluator the paper used
+
+
+
+class ModelProfile(BaseModel):
+    """The settings one model family trains and evaluates with, unless the user says otherwise."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: str = Field(description="toyworld, sd1, sd2, sdxl")
+    resolution: int = Field(description="native image side in pixels")
+    templates: str = Field(description="training prompt templates")
+    learning_rate: float = Field(description="base learning rate (times the batch size)")
+    steps: int = Field(description="optimiser steps")
+    checkpoint_every: int = Field(description="steps between checkpoints (evaluation picks the best one)")
+    prompt_set: str = Field(description="evaluation prompts")
+    sampling_steps: int = Field(description="DDIM steps of evaluation images")
+    guidance_scale: float = Field(description="classifier-free guidance of evaluation images")
+    clip_model: str = Field(description="CLIP evaluator")
+
+
+def _paper(family: str, resolution: int) -> ModelProfile:
+    """The paper's recipe (Sec. 4 and its LDM code) at a family's native resolution."""
+    return ModelProfile(
+        family=family,
+        resolution=resolution,
+        templates="object",
+        learning_rate=5e-3,  # times batch 4: 0.02, as the paper
+        steps=5000,
+        checkpoint_every=500,  # ten checkpoints for the evaluation to choose from
+        prompt_set="paper",
+        sampling_steps=50,
+        guidance_scale=5.0,
+        clip_model=DEFAULT_CLIP,
+    )
+
+
+PROFILES: dict[str, ModelProfile] = {
+    # The world is simple and its 96-wide embeddings small: at the paper's 5e-3 the token soon absorbs the
+    # context and edits fail; 1e-3 for 400 steps meets the quality targets (oneword toyworld quality).
+    TOYWORLD: ModelProfile(
+        family=TOYWORLD,
+        resolution=32,
+        templates=TOYWORLD,  # its text encoder knows only the words of its captions
+        learning_rate=1e-3,
+        steps=400,
+        checkpoint_every=50,
+        prompt_set=TOYWORLD,
+        sampling_steps=25,
+        guidance_scale=4.0,
+        clip_model=TOYWORLD_CLIP,
+    ),
+    "sd1": _paper("sd1", PreprocessConfig().resolution),
+    "sd2": _paper("sd2", 768),  # SD 2.x at 768 px, v-prediction (the 512 px "base" models read 512 from config)
+    "sdxl": _paper("sdxl", 1024),
+}
+DEFAULT_FAMILY = "sd1"  # what a hub id resolves to when its config cannot be read (no hub access)
+
+
+def profile(base_model: str) -> ModelProfile:
+    """The profile of a base model reference (`toyworld`, a diffusers folder, `s3://...`, a hub id).
+
+    The family and native resolution come from the model's own config files (text encoder width, a second text
+    encoder, UNet sample size and VAE depth), so a fine-tune of SD 2.1 gets SD 2's profile whatever its name.
+    """
+    if base_model == TOYWORLD:
+        return PROFILES[TOYWORLD]
+    configs = _read_configs(base_model)
+    if configs is None:
+        log.info("could not read %s's config; using the %s profile", base_model, DEFAULT_FAMILY)
+        return PROFILES[DEFAULT_FAMILY]
+    family, resolution = _family_and_resolution(configs)
+    return PROFILES.get(family, PROFILES[DEFAULT_FAMILY]).model_copy(update={"resolution": resolution})
+
+
+def image_side(base_model: str, resolution: int | None) -> int:
+    """The training image side: `resolution` if set (not 0/None), else the base model's native size."""
+    if resolution:
+        return resolution
+    return profile(base_model).resolution if base_model else PreprocessConfig().resolution
+
+
+def profile_of(model) -> ModelProfile:
+    """The profile of a loaded model (`oneword.models.LoadedModel`)."""
+    if model.source == TOYWORLD:
+        return PROFILES[TOYWORLD]
+    p = PROFILES.get(model.family, PROFILES[DEFAULT_FAMILY])
+    if model.path is not None and (configs := _read_folder(Path(model.path))) is not None:
+        p = p.model_copy(update={"resolution": _family_and_resolution(configs)[1]})
+    return p
+
+
+_CONFIG_FILES = {
+    "index": "model_index.json",
+    "text_encoder": "text_encoder/config.json",
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+}
+
+
+def _read_folder(folder: Path) -> dict | None:
+    files = {k: folder / v for k, v in _CONFIG_FILES.items()}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    return {k: json.loads(f.read_text()) for k, f in files.items()}
+
+
+def _read_configs(base_model: str) -> dict | None:
+    from oneword import storage
+    from oneword.models import resolve
+
+    where = resolve(base_model)
+    if Path(where).is_dir():
+        return _read_folder(Path(where))
+    if Path(where).exists() or storage.is_s3(base_model):
+        return None  # a single-file checkpoint: its family is read when it is loaded
+    try:  # a hub id: only the small config files, from the cache or the hub
+        from huggingface_hub import hf_hub_download
+
+        return {k: json.loads(Path(hf_hub_download(where, f)).read_text()) for k, f in _CONFIG_FILES.items()}
+    except Exception:  # no hub access, a gated model, a typo: the default profile, and the loader will say
+        return None
+
+
+def _family_and_resolution(configs: dict) -> tuple[str, int]:
+    width = configs["text_encoder"].get("hidden_size", 768)
+    family = "sdxl" if "text_encoder_2" in configs["index"] else {768: "sd1", 1024: "sd2"}.get(width, DEFAULT_FAMILY)
+    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    return family, int(configs["unet"]["sample_size"] * factor)

@@ -1,0 +1,143 @@
+"""Every surface (CLI options, KFP component signatures, pipeline parameters, the batch manifest) takes its
+defaults from one source: the config models (`oneword.config`), or the model's profile (`oneword.profiles`)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import typer
+
+from oneword.cli import app
+from oneword.config import (
+    MODEL_DEPENDENT_EVAL,
+    MODEL_DEPENDENT_TRAIN,
+    ConceptSpec,
+    EvalConfig,
+    GateThresholds,
+    PreprocessConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from oneword.pipelines import components, definitions
+from oneword.pipelines.parameters import DEFAULTS, RESOLUTION_FROM_PROFILE, SOURCES, source_default
+from oneword.profiles import PROFILES, TOYWORLD, profile
+
+SRC = Path(__file__).parents[1] / "src" / "oneword"
+
+# The library's commands and the config models whose fields their options are.
+CLI_SOURCES = {
+    "train": (TrainConfig, ConceptSpec),  # --learning-rate is TrainConfig's (a concept's own is set in --concepts)
+    "evaluate": (EvalConfig,),
+    "preprocess": (PreprocessConfig,),
+    "register": (GateThresholds, TrackingConfig),
+}
+PIPELINE_COMMANDS = ("run", "batch")  # the pipelines on this machine: the pipelines' parameters
+
+
+def _kfp_inputs(spec) -> dict:
+    return {name: spec.inputs[name].default for name in spec.inputs}
+
+
+def _cli_params(command: str) -> dict:
+    group = typer.main.get_command(app)
+    return {p.name: p for p in group.commands[command].params}
+
+
+@pytest.mark.parametrize("pipeline", ["textual_inversion", "batch_personalisation", "personalise"])
+def test_pipeline_parameters_take_their_defaults_from_the_config_models(pipeline):
+    inputs = _kfp_inputs(getattr(definitions, pipeline).component_spec)
+    checked = {name for name in inputs if name in SOURCES}
+    assert len(checked) >= 15 if pipeline != "personalise" else len(checked) >= 14
+    for name in checked:
+        assert inputs[name] == DEFAULTS[name], f"{pipeline}.{name}: {inputs[name]!r} != {DEFAULTS[name]!r}"
+    assert inputs["resolution"] == RESOLUTION_FROM_PROFILE
+
+
+@pytest.mark.parametrize("component", components.ALL, ids=lambda c: c.name)
+def test_component_signatures_agree_with_the_config_models(component):
+    inputs = _kfp_inputs(component.component_spec)
+    for name in inputs:
+        if name in SOURCES and inputs[name] is not None:  # None: a required input, which has no default to drift
+            assert inputs[name] == DEFAULTS[name], f"{component.name}.{name}: {inputs[name]!r} != {DEFAULTS[name]!r}"
+    if "resolution" in inputs:
+        assert inputs["resolution"] == RESOLUTION_FROM_PROFILE
+
+
+@pytest.mark.parametrize("command", sorted(CLI_SOURCES))
+def test_cli_options_take_defaults_and_help_from_the_config_models(command):
+    params = _cli_params(command)
+    checked: set[str] = set()
+    for model in CLI_SOURCES[command]:
+        for field, info in model.model_fields.items():
+            if field not in params or info.is_required() or field in checked:
+                continue
+            checked.add(field)
+            want = info.get_default(call_default_factory=True)
+            got = params[field].default
+            assert got == want, f"oneword {command} --{field}: default {got!r}, {model.__name__} says {want!r}"
+            assert params[field].help == info.description, f"oneword {command} --{field}: help differs"
+    assert len(checked) >= {"train": 15, "evaluate": 11, "preprocess": 2, "register": 4}[command]
+
+
+@pytest.mark.parametrize("command", PIPELINE_COMMANDS)
+def test_run_and_batch_options_are_the_pipelines_parameters(command):
+    params = _cli_params(command)
+    pipeline = definitions.textual_inversion if command == "run" else definitions.batch_personalisation
+    inputs = _kfp_inputs(pipeline.component_spec)
+    shared = [name for name in params if name in SOURCES]
+    assert len(shared) >= 12
+    for name in shared:
+        assert params[name].default == DEFAULTS[name] == inputs[name], f"oneword {command} --{name}"
+        assert params[name].help.split(" (")[0] == SOURCES[name][0].model_fields[SOURCES[name][1]].description.split(
+            " ("
+        )[0]
+    assert params["resolution"].default == inputs["resolution"] == RESOLUTION_FROM_PROFILE
+
+
+def test_model_dependent_settings_are_unset_in_the_library_and_come_from_the_profile():
+    for field in MODEL_DEPENDENT_TRAIN:
+        assert source_default(field) is None
+        assert TrainConfig().resolved(PROFILES[TOYWORLD]).model_dump()[field] == getattr(PROFILES[TOYWORLD], field)
+    cfg = EvalConfig().resolved(PROFILES["sd1"])
+    for field, key in MODEL_DEPENDENT_EVAL.items():
+        assert getattr(cfg, field) == getattr(PROFILES["sd1"], key)
+    # What the user sets wins over the profile.
+    assert TrainConfig(steps=7).resolved(PROFILES[TOYWORLD]).steps == 7
+    assert EvalConfig(clip_model="x").resolved(PROFILES[TOYWORLD]).clip_model == "x"
+
+
+def test_batch_manifest_entries_share_the_concept_fields():
+    from oneword.batch import ConceptEntry
+
+    for field, info in ConceptSpec.model_fields.items():
+        assert ConceptEntry.model_fields[field].default == info.default
+
+
+def test_profiles_follow_the_model_config_not_its_name(tmp_path):
+    assert profile(TOYWORLD).steps == 400 and profile(TOYWORLD).clip_model == "toyworld-clip"
+    for width, sample_size, family, side in [(768, 64, "sd1", 512), (1024, 96, "sd2", 768), (1024, 64, "sd2", 512)]:
+        folder = tmp_path / f"m{width}-{sample_size}"
+        for sub, cfg in {
+            "text_encoder": {"hidden_size": width},
+            "unet": {"sample_size": sample_size},
+            "vae": {"block_out_channels": [128, 256, 512, 512]},
+        }.items():
+            (folder / sub).mkdir(parents=True)
+            (folder / sub / "config.json").write_text(json.dumps(cfg))
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        p = profile(str(folder))
+        assert (p.family, p.resolution) == (family, side)
+
+
+def test_no_model_is_special_cased_by_name_outside_the_profile():
+    """`"toyworld"` is spelled only where the toy world is defined: its profile and its asset loader."""
+    allowed = {SRC / "toyworld" / "assets.py"}
+    hits = [
+        f"{path.relative_to(SRC)}:{i}"
+        for path in SRC.rglob("*.py")
+        if path not in allowed
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"""["']toyworld["']""", line)
+    ]
+    assert hits == []

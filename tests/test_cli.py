@@ -182,6 +182,8 @@ def test_generate_with_a_registered_concept(
     # In an 80-column terminal the table keeps a long name and the token whole.
     registry.register(train_dir, eval_dir, mlflow_server, name="purple-star-watercolour-v2")
     monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()  # what registering printed
     code, out = run(["concepts", "list", "--tracking-uri", mlflow_server], capsys)
     assert code == 0 and "purple-star-watercolour-v2" in out and "<cat-r>" in out, out
-    assert max(len(line) for line in out.splitlines()) <= 80
+    table = [line for line in out.splitlines() if "purple-star-watercolour-v2" in line or "recon" in line]
+    assert len(table) == 2 and max(len(line) for line in table) <= 80, out

@@ -115,7 +115,16 @@ def test_batch_manifest_entries_share_the_concept_fields():
 
 
 def test_profiles_follow_the_model_config_not_its_name(tmp_path):
-    assert profile(TOYWORLD).steps == 400 and profile(TOYWORLD).clip_model == "toyworld-clip"
+    from oneword.profiles import image_side
+
+    # `oneword run --base-model toyworld` with nothing else: every unset setting is the toy world's tuned one.
+    toy = profile(TOYWORLD)
+    train, evaluation = TrainConfig().resolved(toy), EvalConfig().resolved(toy)
+    assert (train.steps, train.learning_rate, train.checkpoint_every) == (400, 1e-3, 50)
+    assert (evaluation.steps, evaluation.guidance_scale, evaluation.clip_model) == (25, 4.0, "toyworld-clip")
+    assert (evaluation.prompt_set, toy.templates, image_side(TOYWORLD, 0), image_side(TOYWORLD, 48)) == (
+        "toyworld", "toyworld", 32, 48
+    )
     for width, sample_size, family, side in [(768, 64, "sd1", 512), (1024, 96, "sd2", 768), (1024, 64, "sd2", 512)]:
         folder = tmp_path / f"m{width}-{sample_size}"
         for sub, cfg in {

@@ -28,6 +28,7 @@ def list_cmd(
 
     Example: oneword concepts list --alias champion
     """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -37,22 +38,23 @@ def list_cmd(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    # In 80 columns the name and token stay whole (they are what a user came for); a long base-model path folds.
-    t = Table(title="concepts")
-    t.add_column("name", no_wrap=True, min_width=max([len(r["name"]) for r in rows] + [4]))
+    # In 80 columns the name stays whole (what a user came for), and the scores; the base model shows as its
+    # last path part and a fingerprint prefix (what --base-model filters by), folded if it must be.
+    t = Table(title="concepts", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("name", no_wrap=True)
     t.add_column("ver", justify="right", no_wrap=True)
-    t.add_column("aliases")
-    t.add_column("token", no_wrap=True)
+    t.add_column("alias", overflow="fold")
+    t.add_column("token", overflow="fold")
     t.add_column("base model", overflow="fold")
-    t.add_column("recon.", justify="right", no_wrap=True)
-    t.add_column("edit.", justify="right", no_wrap=True)
+    t.add_column("recon", justify="right", no_wrap=True)
+    t.add_column("edit", justify="right", no_wrap=True)
     for r in rows:
         t.add_row(
             r["name"],
             str(r["version"]),
             ",".join(r["aliases"]),
             r["token"] or "",
-            f"{r['base_model']} ({r['base_model_fingerprint'][7:19]})",
+            f"{_short_model(r['base_model'])}\n{r['base_model_fingerprint'][7:15]}",
             _score(r["reconstruction"]),
             _score(r["editability"]),
         )
@@ -60,7 +62,11 @@ def list_cmd(
 
 
 def _score(value) -> str:
-    return "-" if value in (None, "") else f"{float(value):.3f}"
+    return "-" if value in (None, "") else f"{float(value):.2f}"
+
+
+def _short_model(source: str | None) -> str:
+    return (source or "?").rstrip("/").rsplit("/", 1)[-1]
 
 
 @concepts.command("show")

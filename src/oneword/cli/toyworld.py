@@ -53,8 +53,8 @@ def concept_cmd(
     rprint(f"[green]{len(files)} pictures[/] -> {out}")
 
 
-@toy.command("bench-quality")
-def bench_quality_cmd(
+@toy.command("quality")
+def quality_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for quality.json, quality.md and pictures")] = Path(
         "runs/quality"
     ),
@@ -65,26 +65,26 @@ def bench_quality_cmd(
 ) -> None:
     """Learn each held-out concept, then measure it with the oracle and the toy CLIP.
 
-    Example: oneword toyworld bench-quality -o runs/quality
+    Example: oneword toyworld quality -o runs/quality
     """
     from rich import print as rprint
 
-    from oneword.toyworld.quality import bench_quality
+    from oneword.toyworld.quality import measure_quality
 
-    report = bench_quality(out, concept, sweep=sweep, n_images=n_images, seed=seed)
+    report = measure_quality(out, concept, sweep=sweep, n_images=n_images, seed=seed)
     rprint((out / "quality.md").read_text())
     rprint(report["summary"]["by_setting"])
 
 
-@toy.command("bench-base")
-def bench_base_cmd(
+@toy.command("base-accuracy")
+def base_accuracy_cmd(
     n_prompts: Annotated[int, typer.Option(help="grammar captions to draw, one picture each")] = 256,
     base_model: Annotated[str, typer.Option(help="the toy model to check")] = TOYWORLD,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Check that the base model draws what its captions ask (oracle accuracy per attribute).
 
-    Example: oneword toyworld bench-base --n-prompts 512
+    Example: oneword toyworld base-accuracy --n-prompts 512
     """
     from rich import print as rprint
 

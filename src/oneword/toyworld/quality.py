@@ -1,4 +1,4 @@
-"""`oneword toyworld bench-quality`: does textual inversion really learn concepts? Measured end to end.
+"""`oneword toyworld quality`: does textual inversion really learn concepts? Measured end to end.
 
 For each held-out concept: five pictures -> preprocess -> cache_latents -> train -> evaluate (the paper's CLIP
 metrics with the toy CLIP, and checkpoint selection) -> the oracle checks pictures drawn at the chosen step:
@@ -206,7 +206,7 @@ def _words_accuracy(c: ToyConcept, oracle: Oracle, n: int, seed: int) -> float:
     return oracle.accuracy(ims, {"shape": c.shape, "colour": c.colour})["all"]
 
 
-def bench_quality(
+def measure_quality(
     out: Path, concepts: list[str] | None = None, sweep: bool = True, n_images: int = 32, seed: int = 0
 ) -> dict:
     """Run the quality benchmark and write `quality.json`, `quality.md` and `scatter.png` into `out`.

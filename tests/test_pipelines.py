@@ -127,31 +127,58 @@ def test_library_modules_do_not_import_kfp():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """An evaluator that cannot be found fails the run in preflight, naming it and the fix; no step runs."""
+    import time
+
+    from oneword.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--images", str(DREAMBENCH / "cat"), "--token", "<cat-p>", "--init-word", "cat",
+              "--base-model", str(tiny_model_dir), "--clip-model", str(tmp_path / "no-such-clip"),
+              "--pipeline-root", str(tmp_path / "root")])
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "preflight found 1 problem" in err and "no-such-clip" in err and "--clip-model" in err, err
+    assert not list((tmp_path / "root").glob("textual-inversion-*")), "a pipeline step ran"
+    assert seconds < 60, seconds
+
+
 @pytest.mark.slow
-def test_local_run_end_to_end(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypatch):
-    """The textual_inversion pipeline under kfp.local: images in, a registered version with an alias out."""
+def test_local_run_end_to_end(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    """The textual_inversion pipeline under kfp.local: images in, a registered version with an alias out. A run
+    whose register step fails prints that step's message; the rerun reuses the training and registers."""
+    from oneword.cli import main
     from oneword.pipelines.local import run_textual_inversion
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
-    out = run_textual_inversion(
-        tmp_path / "root",
-        images=str(DREAMBENCH / "cat"),
-        token="<cat-p>",
-        init_word="cat",
-        base_model=str(tiny_model_dir),
-        resolution=32,
-        steps=6,
-        checkpoint_every=3,
-        n_images=2,
-        sampling_steps=2,
-        checkpoint_budget=1,
-        clip_model=str(tiny_clip_dir),
-    )
+    params = dict(images=str(DREAMBENCH / "cat"), token="<cat-p>", init_word="cat", base_model=str(tiny_model_dir),
+                  resolution=32, steps=6, checkpoint_every=3, n_images=2, sampling_steps=2, checkpoint_budget=1,
+                  clip_model=str(tiny_clip_dir))
+    # A file where the store keeps its artifacts: preflight passes (the server takes writes), register fails.
+    (tmp_path / "mlartifacts").write_text("in the way")
+    args = [a for k, v in params.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", *args, "--pipeline-root", str(tmp_path / "root"), "--log-file", str(tmp_path / "steps.log")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "register failed:" in err and "mlartifacts" in err and str(tmp_path / "steps.log") in err, err
+    assert "Traceback" not in err
+    (tmp_path / "mlartifacts").unlink()
+
+    out = run_textual_inversion(tmp_path / "root", **params)
     assert out["registered"] == "cat-p/1@champion"
     assert out["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     for k in ("report", "grid", "metrics", "embedding"):
         assert Path(out[k]).exists(), k
+    summaries = sorted((tmp_path / "root").glob("textual-inversion-*/**/train/model/*/summary.json"),
+                       key=lambda p: p.stat().st_mtime)
+    assert [json.loads(s.read_text())["steps_run"] for s in summaries] == [6, 0]  # the rerun did not train
     rows = registry.list_concepts(out["tracking_uri"], alias="champion")
     assert [(r["name"], r["version"]) for r in rows] == [("cat-p", "1")]
     shown = registry.show_concept("cat-p@champion", out["tracking_uri"])

@@ -70,6 +70,7 @@ class TrainResult:
     last_checkpoint: str | None
     curves: dict[str, list[dict]] = field(default_factory=dict)  # token -> curve
     failed: dict[str, str] = field(default_factory=dict)  # token -> why it stopped early
+    steps_run: int = 0  # steps this run trained (0: resumed from checkpoints that were already at the end)
 
 
 class InversionTrainer:
@@ -376,6 +377,8 @@ class InversionTrainer:
         bar.close()
         seconds = time.perf_counter() - t0
         done = self.step - start
+        if last and not done:
+            log.info("nothing to train: the checkpoints under %s are at step %d already", checkpoint_dir, self.step)
         return TrainResult(
             self.embeddings(),
             self.curve,
@@ -385,6 +388,7 @@ class InversionTrainer:
             last,
             curves=self.curves,
             failed={c.spec.token: c.failed for c in self.concepts if c.failed},
+            steps_run=done,
         )
 
     def _resume(self, checkpoint_dir: str | Path) -> str | None:

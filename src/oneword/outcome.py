@@ -26,16 +26,16 @@ T = TypeVar("T")
 
 
 def read_failure(folder: str | Path | None) -> dict | None:
-    """The failure recorded in a step's output folder (`{"stage", "error"}`), or None."""
+    """The failure recorded in a step's output folder (`{"stage", "error", "hint"}`), or None."""
     if not folder:
         return None
     p = Path(folder) / FAILURE_FILE
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def write_failure(folder: str | Path, stage: str, error: str) -> dict:
+def write_failure(folder: str | Path, stage: str, error: str, hint: str = "") -> dict:
     """Record in `folder` that the concept failed at `stage`; returns the record."""
-    record = {"stage": stage, "error": error}
+    record = {"stage": stage, "error": error, "hint": hint}
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
     return record
@@ -67,13 +67,14 @@ def run_step(
     try:
         return work()
     except OnewordError as e:
+        # Written in both modes: with `fail`, whoever started the pipeline shows it (not the runner's traceback).
+        write_failure(out_dir, stage, e.message, e.hint or "")
         if on_error == "fail":
             raise
-        write_failure(out_dir, stage, str(e))
         log.error("%s failed: %s", stage, e)
     except Exception as e:  # a crash of one concept's step must not lose the batch; the trace goes to the log
+        write_failure(out_dir, stage, f"{type(e).__name__}: {e}")
         if on_error == "fail":
             raise
-        write_failure(out_dir, stage, f"{type(e).__name__}: {e}")
         log.exception("%s crashed", stage)
     return None

@@ -133,20 +133,27 @@ def _read_folder(folder: Path) -> dict | None:
 
 
 def _read_configs(base_model: str) -> dict | None:
-    from oneword import storage
+    """The four small config files of a model reference, without loading or downloading the model itself."""
+    import tempfile
+
+    from oneword import hub, storage
     from oneword.models import resolve
 
+    if storage.is_s3(base_model):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                for f in _CONFIG_FILES.values():
+                    storage.download_file(f"{base_model.rstrip('/')}/{f}", Path(tmp) / f)
+            except Exception:  # not there or not reachable: the loader will say which
+                return None
+            return _read_folder(Path(tmp))
     where = resolve(base_model)
     if Path(where).is_dir():
         return _read_folder(Path(where))
-    if Path(where).exists() or storage.is_s3(base_model):
+    if Path(where).exists():
         return None  # a single-file checkpoint: its family is read when it is loaded
-    try:  # a hub id: only the small config files, from the cache or the hub
-        from huggingface_hub import hf_hub_download
-
-        return {k: json.loads(Path(hf_hub_download(where, f)).read_text()) for k, f in _CONFIG_FILES.items()}
-    except Exception:  # no hub access, a gated model, a typo: the default profile, and the loader will say
-        return None
+    files = {k: hub.small_file(where, f) for k, f in _CONFIG_FILES.items()}  # a hub id
+    return None if None in files.values() else {k: json.loads(f.read_text()) for k, f in files.items()}
 
 
 def _family_and_resolution(configs: dict) -> tuple[str, int]:

@@ -81,6 +81,7 @@ def _run_summary(
         "model_fingerprint": model.fingerprint,
         "profile": profile_of(model).model_dump(),  # what the unset settings were taken from
         "steps": result.steps,
+        "steps_run": result.steps_run,  # 0 when a rerun found its checkpoints at the end already
         "seconds": result.seconds,
         "steps_per_second": result.steps_per_second,
         "last_checkpoint": result.last_checkpoint,

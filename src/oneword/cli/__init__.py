@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from oneword.cli.app import app
+from oneword.cli.app import STATE, app
 from oneword.errors import OnewordError
 
 # Each import registers its subcommand(s) on `app`.
@@ -27,6 +27,7 @@ from oneword.cli import (  # noqa: F401  isort: skip
     toyworld,
     demo,
     profiles,
+    preflight,
 )
 
 
@@ -46,6 +47,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
     for name in ("transformers", "diffusers", "huggingface_hub", "urllib3", "botocore", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         from rich.console import Console
 
         err = Console(stderr=True, soft_wrap=True)
+        if STATE["verbose"]:
+            err.print_exception()
         err.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
         if e.hint:
             err.print(f"[yellow]hint:[/] {e.hint}", highlight=False)

@@ -21,10 +21,16 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Set by the root options; read by `oneword.cli.main` when a command fails.
+STATE = {"verbose": False}
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print oneword's version (the image tag) and exit."
     ),
+    verbose: bool = typer.Option(False, "--verbose", help="On an error, print the traceback too."),
 ) -> None:
     """Textual Inversion as production software."""
+    STATE["verbose"] = verbose

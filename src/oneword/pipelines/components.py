@@ -15,6 +15,24 @@ from oneword.pipelines.container import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def preflight(concepts: list, base_model: str, clip_model: str = "auto", tracking_uri: str = "",
+              experiment: str = "oneword", checkpoint_root: str = ""):
+    """Check everything the later steps need, in seconds and before any GPU work; list every problem with its fix.
+
+    Args:
+        concepts: planned concepts (their photos, tokens and initializers are checked); empty: shared checks only.
+        base_model: the model reference: it must resolve and hold tokenizer, text_encoder, unet and vae.
+        clip_model: the evaluator (auto: the base model's profile's): it must exist at its path, prefix or hub id.
+        tracking_uri: MLflow tracking URI: the server must answer and the experiment take writes.
+        experiment: MLflow experiment.
+        checkpoint_root: s3:// prefix for checkpoints: its bucket must answer.
+    """
+    from oneword.preflight import preflight as run
+
+    run(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", resolution: int = 0, mode: str = "crop",
                content_key: str = "", on_error: str = "fail"):
     """Clean the concept's photos: EXIF orientation, RGB, square crop or pad, resize, de-duplicate.
@@ -334,4 +352,4 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     print(json.dumps(report, indent=2))
 
 
-ALL = [preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, report_batch]
+ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, report_batch]

@@ -135,6 +135,14 @@ def personalise(
     return dsl.Collected(reg.outputs["Output"])
 
 
+def _preflight(concepts, p: dict) -> dsl.PipelineTask:
+    """The first task: everything later steps need is checked before any GPU is asked for."""
+    check = _cluster_env(c.preflight(concepts=concepts, base_model=p["base_model"], clip_model=p["clip_model"],
+                                     tracking_uri=p["tracking_uri"], experiment=p["experiment"],
+                                     checkpoint_root=p["checkpoint_root"]))
+    return check.set_caching_options(False)  # what it checks (servers, buckets) changes without its inputs
+
+
 # The parameters both pipelines hand to `personalise` as they are.
 SHARED = [k for k in personalise.component_spec.inputs if k not in ("concepts", "batch_id", "on_error")]
 
@@ -220,8 +228,9 @@ def textual_inversion(
     plan = _cluster_env(c.plan_concept(images=images, token=token, init_word=init_word, name=name,
                                        n_vectors=n_vectors, templates=templates))
     plan.set_caching_options(False)  # it fingerprints the photos: it must look at them every time
+    check = _preflight(plan.output, p)
     group = personalise(concepts=plan.output, batch_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, on_error="fail",
-                        **{k: p[k] for k in SHARED})
+                        **{k: p[k] for k in SHARED}).after(check)
     return group.output
 
 
@@ -308,8 +317,10 @@ def batch_personalisation(
                                          concepts_per_shard=concepts_per_shard, tracking_uri=tracking_uri,
                                          experiment=experiment))
         plan.set_caching_options(False)  # a recurring run must read tonight's manifest, not replay the first one
+        check = _preflight([], p)  # shared resources only: one concept's bad photos must not stop the others
         with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:
-            personalise(concepts=shard, batch_id=batch_id, on_error="record", **{k: p[k] for k in SHARED})
+            personalise(concepts=shard, batch_id=batch_id, on_error="record",
+                        **{k: p[k] for k in SHARED}).after(check)
 
 
 PIPELINES = {"textual_inversion": textual_inversion, "batch_personalisation": batch_personalisation}

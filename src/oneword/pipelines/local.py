@@ -14,12 +14,33 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from oneword.errors import OnewordError
+from oneword.outcome import FAILURE_FILE
 from oneword.tracking import ensure_store
 
 log = logging.getLogger(__name__)
 
-# Cluster defaults that make no sense on one machine.
-LOCAL_OVERRIDES = {"checkpoint_root": ""}
+CHECKPOINTS = "checkpoints"  # under the pipeline root: keyed by what is trained, so a rerun resumes or skips
+
+
+def _local_overrides(pipeline_root: Path) -> dict:
+    """Cluster defaults that make no sense on one machine: checkpoints go beside the runs, not to s3://."""
+    return {"checkpoint_root": str((pipeline_root / CHECKPOINTS).resolve())}
+
+
+def _step_failure(run_dir: Path | None, error: Exception, log_file: Path | None) -> OnewordError:
+    """The failing step's own message and hint (its failure.json), in place of kfp.local's traceback."""
+    import json
+    import re
+
+    where = f"the steps' full log: {log_file}" if log_file else "the steps' full log is above"
+    found = sorted(run_dir.rglob(FAILURE_FILE), key=lambda p: p.stat().st_mtime) if run_dir else []
+    if not found:
+        task = re.search(r"Inner task failed: '([^']+)'", str(error))
+        return OnewordError(f"the pipeline stopped at {task.group(1) if task else 'a step'}: {error}", hint=where)
+    why = json.loads(found[-1].read_text())
+    hint = f"{why['hint']}; {where}" if why.get("hint") else where
+    return OnewordError(f"{why['stage']} failed: {why['error']}", hint=hint)
 
 
 def _init(pipeline_root: Path) -> None:
@@ -49,6 +70,14 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
                 for h in list(root.handlers):  # kfp.local installs a stdout handler on the root logger
                     if h not in before:
                         root.removeHandler(h)
+
+
+def _preflight(args: dict, concepts: list[dict]) -> None:
+    from oneword.pipelines.parameters import DEFAULT_BASE_MODEL, DEFAULTS
+    from oneword.preflight import preflight
+
+    preflight(args.get("base_model", DEFAULT_BASE_MODEL), concepts, args.get("clip_model", DEFAULTS["clip_model"]),
+              args["tracking_uri"], args.get("experiment", DEFAULTS["experiment"]), args["checkpoint_root"])
 
 
 def _for_local_run(pipeline):
@@ -88,11 +117,16 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
     uri = ensure_store(tracking_uri)  # made once here, before any step opens it
     _init(pipeline_root)
     start = time.time()
-    args = {**LOCAL_OVERRIDES, **params, "tracking_uri": uri}
+    args = {**_local_overrides(pipeline_root), **params, "tracking_uri": uri}
     if not os.path.isabs(str(args["images"])) and not str(args["images"]).startswith("s3://"):
         args["images"] = str(Path(args["images"]).resolve())
-    with _task_logs(log_file):
-        registered = _for_local_run(textual_inversion)(**args)
+    concept = {k: args[k] for k in ("images", "token", "init_word", "n_vectors", "templates") if args.get(k)}
+    _preflight(args, [concept])  # here first: a mistake costs seconds, not a training run
+    try:
+        with _task_logs(log_file):
+            registered = _for_local_run(textual_inversion)(**args)
+    except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
+        raise _step_failure(_newest_run(pipeline_root, "textual-inversion", start), e, log_file) from e
     run_dir = _newest_run(pipeline_root, "textual-inversion", start)
     versions = registered.output if hasattr(registered, "output") else registered
     out = {"registered": str(versions[0]) if versions else None,
@@ -120,10 +154,11 @@ def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tr
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
                    raise_on_error=False)  # a failed concept must not stop the report
+    _preflight({**_local_overrides(pipeline_root), **params, "tracking_uri": uri}, [])
     start = time.time()
     with _task_logs(log_file):
         _for_local_run(batch_personalisation)(concepts_manifest=concepts_manifest, tracking_uri=uri,
-                                                **{**LOCAL_OVERRIDES, **params})
+                                                **{**_local_overrides(pipeline_root), **params})
     run_dir = _newest_run(pipeline_root, "batch-personalisation", start)
     summaries = sorted(run_dir.rglob("report-batch/summary")) if run_dir else []
     report = json.loads(summaries[0].read_text()) if summaries else {}

@@ -1,0 +1,35 @@
+"""`oneword preflight`: check, in seconds, everything a run will need before it trains."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from oneword.cli.app import app
+from oneword.cli.options import parameter
+from oneword.pipelines.parameters import DEFAULTS as D
+
+
+@app.command("preflight")
+def preflight_cmd(
+    base_model: Annotated[str, typer.Option(help="toyworld, a diffusers folder, s3://..., or a hub id")],
+    images: Annotated[str | None, typer.Option(help="folder or s3:// prefix of the concept's photos")] = None,
+    token: Annotated[str | None, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")] = None,
+    init_word: Annotated[str | None, typer.Option(help="one-token word to start from, e.g. cat")] = None,
+    clip_model: Annotated[str, parameter("clip_model")] = D["clip_model"],
+    tracking_uri: Annotated[str, parameter("tracking_uri")] = D["tracking_uri"],
+    experiment: Annotated[str, parameter("experiment")] = D["experiment"],
+    checkpoint_root: Annotated[str, typer.Option(help="folder or s3:// prefix for checkpoints")] = "",
+) -> None:
+    """Check the base model, the evaluator, the tracking server, the buckets and the concept's token.
+
+    Example: oneword preflight --base-model ./sd15 --images photos/my-cat --token '<my-cat>' --init-word cat
+    """
+    from rich import print as rprint
+
+    from oneword.preflight import preflight
+
+    concepts = [{"images": images, "token": token, "init_word": init_word}] if images and token and init_word else []
+    passed = preflight(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root)
+    rprint(f"[green]preflight passed[/]: {', '.join(passed)}")

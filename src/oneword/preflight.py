@@ -1,0 +1,231 @@
+"""Preflight: check, in seconds and before any GPU work, everything the later steps will need.
+
+The base model resolves and has its parts; the CLIP evaluator exists (at its path, its s3:// prefix, on the hub);
+the tracking server answers and the experiment takes writes; the buckets answer with the credentials given;
+each token is new to the tokenizer and each initializer one token. Metadata only (config files, a tokenizer),
+never a model load. Every problem is listed at once, each with what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from oneword import hub, storage
+from oneword.errors import OnewordError
+from oneword.profiles import TOYWORLD_CLIP, profile
+from oneword.toyworld import assets
+
+log = logging.getLogger(__name__)
+
+MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "vae")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic")
+TRACKING_TIMEOUT_S = "5"  # MLflow's own default retries a server that is down for minutes
+
+
+class Problems:
+    """What preflight found, each problem with its fix."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+        self.passed: list[str] = []
+
+    def check(self, name: str, problem: str | None, hint: str = "") -> None:
+        if problem:
+            self.found.append((problem, hint))
+        else:
+            self.passed.append(name)
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            lines = "\n".join(f"  - {p}" + (f" (fix: {h})" if h else "") for p, h in self.found)
+            raise OnewordError(
+                f"preflight found {len(self.found)} problem(s), before any training:\n{lines}",
+                hint="fix these and run again; nothing was trained or registered",
+            )
+
+
+def preflight(
+    base_model: str,
+    concepts: Sequence[dict] = (),
+    clip_model: str = "auto",
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    checkpoint_root: str = "",
+) -> list[str]:
+    """Check what the pipeline's steps will need. Returns the checks that passed.
+
+    Args:
+        base_model: the model reference (`toyworld`, a folder, a single file, `s3://`, a hub id).
+        concepts: planned concepts (images, token, init_word, optional n_vectors); empty: shared checks only.
+        clip_model: the evaluator (`auto`: the base model's profile's).
+        tracking_uri: MLflow tracking URI (empty: `$MLFLOW_TRACKING_URI`, else ./mlflow.db).
+        experiment: the MLflow experiment the concepts go to.
+        checkpoint_root: folder or `s3://` prefix for checkpoints (empty: none to check).
+
+    Raises:
+        OnewordError: listing every problem found, each with its fix.
+    """
+    t0 = time.perf_counter()
+    p = Problems()
+    model_problem = _base_model_problem(base_model)
+    p.check("base model", *model_problem)
+    clip = profile(base_model).clip_model if clip_model in ("auto", "") and not model_problem[0] else clip_model
+    if clip not in ("auto", ""):
+        p.check("evaluator", *_evaluator_problem(clip))
+    p.check("tracking", *_tracking_problem(tracking_uri, experiment))
+    for bucket in sorted(_buckets(base_model, clip, checkpoint_root, *(c["images"] for c in concepts))):
+        p.check(f"bucket {bucket}", *_bucket_problem(bucket))
+    for c in concepts:
+        p.check(f"images of {c['token']}", *_images_problem(c["images"], c["token"]))
+    if concepts and not model_problem[0]:
+        for name, problem in _concept_problems(base_model, concepts):
+            p.check(name, problem)
+    p.raise_if_any()
+    log.info("preflight passed in %.1f s: %s", time.perf_counter() - t0, ", ".join(p.passed))
+    return p.passed
+
+
+def _base_model_problem(base_model: str) -> tuple[str | None, str]:
+    if storage.is_s3(base_model):
+        if not storage.object_exists(f"{base_model.rstrip('/')}/model_index.json"):
+            return f"base model {base_model}: no model_index.json under that prefix", "upload a diffusers folder there"
+        return None, ""
+    if hub.is_repo_id(base_model):
+        if hub.small_file(base_model, "model_index.json") is None:
+            return (
+                f"base model {base_model!r} is neither a local folder nor reachable on the hub",
+                "pass a local diffusers folder, an s3:// folder, or run where the hub (or its cache) is reachable",
+            )
+        return None, ""
+    from oneword.models import resolve
+
+    try:
+        where = Path(resolve(base_model))
+    except OnewordError as e:
+        return e.message, e.hint or ""
+    if where.is_dir():
+        missing = [part for part in MODEL_PARTS if not (where / part).is_dir()]
+        if missing:
+            return f"base model {where} has no {', '.join(missing)} folder", "pass a complete diffusers folder"
+    return None, ""
+
+
+def _evaluator_problem(clip: str) -> tuple[str | None, str]:
+    hint = "pass --clip-model with a local CLIP folder, an s3:// folder, a hub id you can reach, or toyworld-clip"
+    if clip == TOYWORLD_CLIP:
+        ok = (assets.clip_path() / "config.json").is_file()
+    elif storage.is_s3(clip):
+        ok = storage.object_exists(f"{clip.rstrip('/')}/config.json")
+    elif Path(clip).expanduser().exists():
+        ok = (Path(clip).expanduser() / "config.json").is_file()
+    else:
+        ok = hub.small_file(clip, "config.json") is not None
+    return (None, "") if ok else (f"the CLIP evaluator {clip!r} cannot be found or reached", hint)
+
+
+@contextmanager
+def _quick_http() -> Iterator[None]:
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": TRACKING_TIMEOUT_S}
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _tracking_problem(tracking_uri: str, experiment: str) -> tuple[str | None, str]:
+    from mlflow import MlflowClient
+
+    from oneword import tracking
+
+    uri = tracking.ensure_store(tracking_uri or None)
+    try:
+        with _quick_http():
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:  # made as the registry makes it (a local store's artifacts beside its database)
+                client.create_experiment(experiment, artifact_location=tracking.local_artifact_root(uri))
+            elif exp.lifecycle_stage == "deleted":
+                return f"MLflow experiment {experiment!r} is deleted", "restore it or pass another --experiment"
+            else:
+                client.set_experiment_tag(exp.experiment_id, "oneword.preflight", str(int(time.time())))
+    except Exception as e:  # unreachable, refused, unauthorised: the message says which
+        return (
+            f"the MLflow tracking server {uri} does not take writes to {experiment!r}: {str(e).splitlines()[0][:200]}",
+            "check --tracking-uri (or MLFLOW_TRACKING_URI) and MLFLOW_TRACKING_USERNAME/PASSWORD",
+        )
+    return None, ""
+
+
+def _buckets(*uris: str) -> set[str]:
+    return {storage.split_s3(u)[0] for u in uris if u and storage.is_s3(u)}
+
+
+def _bucket_problem(bucket: str) -> tuple[str | None, str]:
+    try:
+        if storage.client().bucket_exists(bucket):
+            return None, ""
+        return f"bucket {bucket!r} does not exist", "create it (docs/deploy.md) or fix the s3:// URI"
+    except Exception as e:
+        return (
+            f"bucket {bucket!r} does not answer: {str(e).splitlines()[0][:200]}",
+            "check S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
+
+
+def _images_problem(images: str, token: str) -> tuple[str | None, str]:
+    if storage.is_s3(images):
+        try:
+            found = [k for k, _, _ in storage.list_objects(images) if k.lower().endswith(IMAGE_SUFFIXES)]
+        except Exception:
+            return None, ""  # the bucket check says why
+    else:
+        folder = Path(images).expanduser()
+        if not folder.is_dir():
+            return f"{token}: image folder {images} does not exist", "pass the folder or s3:// prefix of its photos"
+        found = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+    return (None, "") if found else (f"{token}: no images in {images}", "put 3-5 photos of the concept there")
+
+
+def _concept_problems(base_model: str, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:
+    """Each token new to the model's tokenizer, each initializer one token (the tokenizer only, no model)."""
+    from oneword.config import ConceptSpec
+    from oneword.train import check_concept
+
+    tokenizer = _tokenizer(base_model)
+    out = []
+    for c in concepts:
+        spec = ConceptSpec(
+            token=c["token"], init_word=c["init_word"], n_vectors=c.get("n_vectors", 1), templates=c.get("templates")
+        )
+        spec = spec if spec.templates else spec.model_copy(update={"templates": profile(base_model).templates})
+        try:
+            check_concept(tokenizer, spec)
+            out.append((f"token {spec.token}", None))
+        except OnewordError as e:
+            out.append((f"token {spec.token}", e.message + (f" (fix: {e.hint})" if e.hint else "")))
+    return out
+
+
+def _tokenizer(base_model: str):
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from oneword.models import resolve
+
+    if storage.is_s3(base_model):
+        with tempfile.TemporaryDirectory() as tmp:
+            return CLIPTokenizer.from_pretrained(storage.download_prefix(f"{base_model.rstrip('/')}/tokenizer",
+                                                                         Path(tmp)))
+    return CLIPTokenizer.from_pretrained(resolve(base_model), subfolder="tokenizer")

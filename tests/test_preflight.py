@@ -1,0 +1,60 @@
+"""Preflight: every problem a run would meet later, listed at once with its fix, in seconds."""
+
+import time
+
+import pytest
+
+from oneword.errors import OnewordError
+from oneword.preflight import preflight
+
+from .conftest import DREAMBENCH, free_port
+
+
+def test_a_sound_run_passes(tiny_model_dir, tiny_clip_dir, tmp_path):
+    passed = preflight(
+        str(tiny_model_dir),
+        [{"images": str(DREAMBENCH / "cat"), "token": "<cat-pf>", "init_word": "cat"}],
+        str(tiny_clip_dir),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    assert passed == ["base model", "evaluator", "tracking", "images of <cat-pf>", "token <cat-pf>"]
+
+
+def test_every_problem_is_listed_at_once_with_its_fix(tiny_model_dir, tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(OnewordError) as e:
+        preflight(
+            str(tiny_model_dir),
+            [
+                {"images": str(tmp_path / "no-photos"), "token": "<a-pf>", "init_word": "cat"},
+                {"images": str(DREAMBENCH / "cat"), "token": "cat", "init_word": "cat"},
+                {"images": str(DREAMBENCH / "cat"), "token": "<b-pf>", "init_word": "big cat"},
+            ],
+            str(tmp_path / "no-such-clip"),
+            f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        )
+    seconds = time.perf_counter() - t0
+    text = e.value.message
+    assert "preflight found 5 problem(s)" in text, text
+    for expected in ("no-such-clip", "--clip-model", "tracking server", "no-photos", "'cat'", "big cat"):
+        assert expected in text, (expected, text)
+    assert seconds < 30, seconds  # no minute of retries against a server that is down
+
+
+def test_buckets_are_checked_with_the_credentials_given(tiny_model_dir, tiny_clip_dir, s3_bucket, tmp_path):
+    where = dict(clip_model=str(tiny_clip_dir), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(OnewordError, match="bucket 'no-such-bucket-pf' does not exist"):
+        preflight(str(tiny_model_dir), checkpoint_root="s3://no-such-bucket-pf/checkpoints", **where)
+    assert "bucket " + s3_bucket in preflight(
+        str(tiny_model_dir), checkpoint_root=f"s3://{s3_bucket}/checkpoints", **where
+    )
+
+
+def test_an_incomplete_model_folder_is_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(OnewordError, match="has no unet folder"):
+        preflight(str(broken), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

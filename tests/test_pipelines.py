@@ -314,6 +314,18 @@ def test_submit_sends_the_pipeline_and_parameters(kfp_api):
     assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]  # GPU pool and secrets travel too
 
 
+def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(kfp_api, tiny_model_dir, tiny_clip_dir, capsys):
+    """A token the model knows is caught on the submitting machine: the KFP API never hears of the run."""
+    from oneword.cli import main
+
+    host, calls = kfp_api
+    with pytest.raises(SystemExit) as exit_:
+        main(["submit", "--host", host, "--images", str(DREAMBENCH / "cat"), "--token", "cat", "--init-word", "cat",
+              "-p", f"base_model={tiny_model_dir}", "-p", f"clip_model={tiny_clip_dir}"])
+    assert exit_.value.code == 2 and "already a word of the model" in capsys.readouterr().err
+    assert not [c for c in calls if c[0] == "POST"]
+
+
 def _task_caching(calls) -> dict[str, bool]:
     body = json.loads([b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")][-1])
     spec = body["pipeline_spec"]["pipeline_spec"]

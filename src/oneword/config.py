@@ -99,7 +99,8 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     prompt_set: str | None = Field(
-        None, description="paper, neti15, dreambench-object, dreambench-live, toyworld or a file (None: the model's)"
+        None,
+        description="paper, neti15, dreambench-object, dreambench-live, toyworld or a file (None: the model's profile)",
     )
     n_images: int = Field(64, ge=1, description="images per prompt (the paper: 64)")
     steps: int | None = Field(None, ge=1, description="DDIM steps (None: the model's profile)")

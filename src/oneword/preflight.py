@@ -53,7 +53,7 @@ def preflight(
     base_model: str,
     concepts: Sequence[dict] = (),
     clip_model: str = "auto",
-    tracking_uri: str = "",
+    tracking_uri: str | None = "",
     experiment: str = "oneword",
     checkpoint_root: str = "",
 ) -> list[str]:
@@ -63,7 +63,8 @@ def preflight(
         base_model: the model reference (`toyworld`, a folder, a single file, `s3://`, a hub id).
         concepts: planned concepts (images, token, init_word, optional n_vectors); empty: shared checks only.
         clip_model: the evaluator (`auto`: the base model's profile's).
-        tracking_uri: MLflow tracking URI (empty: `$MLFLOW_TRACKING_URI`, else ./mlflow.db).
+        tracking_uri: MLflow tracking URI (empty: `$MLFLOW_TRACKING_URI`, else ./mlflow.db; None: not checked,
+            as when submitting to a cluster whose server only the cluster reaches).
         experiment: the MLflow experiment the concepts go to.
         checkpoint_root: folder or `s3://` prefix for checkpoints (empty: none to check).
 
@@ -77,7 +78,8 @@ def preflight(
     clip = profile(base_model).clip_model if clip_model in ("auto", "") and not model_problem[0] else clip_model
     if clip not in ("auto", ""):
         p.check("evaluator", *_evaluator_problem(clip))
-    p.check("tracking", *_tracking_problem(tracking_uri, experiment))
+    if tracking_uri is not None:
+        p.check("tracking", *_tracking_problem(tracking_uri, experiment))
     for bucket in sorted(_buckets(base_model, clip, checkpoint_root, *(c["images"] for c in concepts))):
         p.check(f"bucket {bucket}", *_bucket_problem(bucket))
     for c in concepts:

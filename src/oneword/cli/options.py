@@ -34,7 +34,10 @@ def parameter(name: str, *names: str, **kwargs: Any) -> Any:
     Its default is `DEFAULTS[name]` of `oneword.pipelines.parameters`, where 0 or "" leaves the setting to the
     model's profile, as in the pipelines.
     """
-    from oneword.pipelines.parameters import SOURCES
+    from oneword.pipelines.parameters import DEFAULTS, PIPELINE_HELP, SOURCES
 
-    text = describe(*SOURCES[name]).replace("(None: the model's profile)", "(0 or empty: the model's profile)")
+    if name in PIPELINE_HELP:
+        return typer.Option(*names, help=PIPELINE_HELP[name], **kwargs)
+    unset = "empty" if isinstance(DEFAULTS[name], str) else "0"
+    text = describe(*SOURCES[name]).replace("(None: the model's profile)", f"({unset}: the model's profile)")
     return typer.Option(*names, help=text, **kwargs)

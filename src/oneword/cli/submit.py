@@ -25,6 +25,24 @@ def _params(param: list[str] | None) -> dict:
     return out
 
 
+def _preflight_here(params: dict) -> None:
+    """The run's own first task checks again on the cluster; from here, a typo costs seconds, not a queue."""
+    import os
+
+    from oneword.pipelines.parameters import CHECKPOINT_ROOT, DEFAULT_BASE_MODEL, DEFAULTS
+    from oneword.preflight import preflight
+
+    concept = {k: params[k] for k in ("images", "token", "init_word", "n_vectors", "templates") if params.get(k)}
+    preflight(
+        params.get("base_model", DEFAULT_BASE_MODEL),
+        [concept],
+        params.get("clip_model", DEFAULTS["clip_model"]),
+        params.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None,  # else only the cluster knows it
+        params.get("experiment", DEFAULTS["experiment"]),
+        params.get("checkpoint_root", CHECKPOINT_ROOT),
+    )
+
+
 @app.command("submit")
 def submit_cmd(
     host: Annotated[str, HOST],
@@ -40,6 +58,9 @@ def submit_cmd(
     cache: Annotated[
         bool, typer.Option(help="reuse cached preprocess/cache_latents results; --no-cache after changing photos")
     ] = True,
+    preflight: Annotated[
+        bool, typer.Option(help="check from here what can be checked (model, evaluator, buckets, token) first")
+    ] = True,
 ) -> None:
     """Start a textual_inversion run on a cluster.
 
@@ -50,6 +71,8 @@ def submit_cmd(
     from oneword.pipelines.remote import submit
 
     params = {"images": images, "token": token, "init_word": init_word, **_params(param)}
+    if preflight:
+        _preflight_here(params)
     rprint(
         submit(
             host,

@@ -83,3 +83,6 @@ def unset_to_none(value: Any) -> Any:
 
 
 DEFAULTS: dict[str, Any] = {name: kfp_default(name) for name in SOURCES}
+
+# Where a parameter's 0 means something else in the pipelines than in the library (there: only the last).
+PIPELINE_HELP = {"checkpoint_every": "steps between checkpoints (0: the model's profile; = steps: only the last)"}

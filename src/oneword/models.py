@@ -23,11 +23,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from oneword import storage
 from oneword.errors import OnewordError
+from oneword.profiles import FAMILY_BY_WIDTH
 from oneword.toyworld import assets
 
 log = logging.getLogger(__name__)
 
-FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 

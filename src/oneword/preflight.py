@@ -17,13 +17,13 @@ from pathlib import Path
 
 from oneword import hub, storage
 from oneword.errors import OnewordError
+from oneword.images import IMAGE_SUFFIXES
 from oneword.profiles import TOYWORLD_CLIP, profile
 from oneword.toyworld import assets
 
 log = logging.getLogger(__name__)
 
 MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "vae")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic")
 TRACKING_TIMEOUT_S = "5"  # MLflow's own default retries a server that is down for minutes
 
 
@@ -188,7 +188,7 @@ def _bucket_problem(bucket: str) -> tuple[str | None, str]:
 def _images_problem(images: str, token: str) -> tuple[str | None, str]:
     if storage.is_s3(images):
         try:
-            found = [k for k, _, _ in storage.list_objects(images) if k.lower().endswith(IMAGE_SUFFIXES)]
+            found = [k for k, _, _ in storage.list_objects(images) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
         except Exception:
             return None, ""  # the bucket check says why
     else:

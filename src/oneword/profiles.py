@@ -81,6 +81,7 @@ PROFILES: dict[str, ModelProfile] = {
     "sd2": _paper("sd2", 768),  # SD 2.x at 768 px, v-prediction (the 512 px "base" models read 512 from config)
     "sdxl": _paper("sdxl", 1024),
 }
+FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2"}  # the text encoder's width: CLIP ViT-L (SD 1.x), OpenCLIP ViT-H (SD 2.x)
 DEFAULT_FAMILY = "sd1"  # what a hub id resolves to when its config cannot be read (no hub access)
 
 
@@ -158,6 +159,6 @@ def _read_configs(base_model: str) -> dict | None:
 
 def _family_and_resolution(configs: dict) -> tuple[str, int]:
     width = configs["text_encoder"].get("hidden_size", 768)
-    family = "sdxl" if "text_encoder_2" in configs["index"] else {768: "sd1", 1024: "sd2"}.get(width, DEFAULT_FAMILY)
+    family = "sdxl" if "text_encoder_2" in configs["index"] else FAMILY_BY_WIDTH.get(width, DEFAULT_FAMILY)
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     return family, int(configs["unet"]["sample_size"] * factor)

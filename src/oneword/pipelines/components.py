@@ -15,21 +15,25 @@ from oneword.pipelines.container import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preflight(concepts: list, base_model: str, clip_model: str = "auto", tracking_uri: str = "",
-              experiment: str = "oneword", checkpoint_root: str = ""):
+def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_model: str = "auto",
+              tracking_uri: str = "", experiment: str = "oneword", checkpoint_root: str = ""):
     """Check everything the later steps need, in seconds and before any GPU work; list every problem with its fix.
 
     Args:
         concepts: planned concepts (their photos, tokens and initializers are checked); empty: shared checks only.
         base_model: the model reference: it must resolve and hold tokenizer, text_encoder, unet and vae.
+        checks: the checks that passed (metadata), or failure.json listing every problem with its fix.
         clip_model: the evaluator (auto: the base model's profile's): it must exist at its path, prefix or hub id.
         tracking_uri: MLflow tracking URI: the server must answer and the experiment take writes.
         experiment: MLflow experiment.
         checkpoint_root: s3:// prefix for checkpoints: its bucket must answer.
     """
+    from oneword.outcome import run_step
     from oneword.preflight import preflight as run
 
-    run(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root)
+    passed = run_step("preflight", checks.path, "fail",
+                      lambda: run(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root))
+    checks.metadata["passed"] = passed
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -7,6 +7,7 @@ SQLite store unless a tracking URI is given.
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import time
@@ -30,17 +31,25 @@ def _local_overrides(pipeline_root: Path) -> dict:
 
 def _step_failure(run_dir: Path | None, error: Exception, log_file: Path | None) -> OnewordError:
     """The failing step's own message and hint (its failure.json), in place of kfp.local's traceback."""
-    import json
     import re
 
-    where = f"the steps' full log: {log_file}" if log_file else "the steps' full log is above"
     found = sorted(run_dir.rglob(FAILURE_FILE), key=lambda p: p.stat().st_mtime) if run_dir else []
     if not found:
         task = re.search(r"Inner task failed: '([^']+)'", str(error))
-        return OnewordError(f"the pipeline stopped at {task.group(1) if task else 'a step'}: {error}", hint=where)
-    why = json.loads(found[-1].read_text())
-    hint = f"{why['hint']}; {where}" if why.get("hint") else where
-    return OnewordError(f"{why['stage']} failed: {why['error']}", hint=hint)
+        return OnewordError(f"the pipeline stopped at {task.group(1) if task else 'a step'}: {error}",
+                            hint=_where(log_file))
+    return _failure_error(found[-1], log_file)
+
+
+def _where(log_file: Path | None) -> str:
+    return f"the steps' full log: {log_file}" if log_file else "the steps' full log is above"
+
+
+def _failure_error(failure_file: Path, log_file: Path | None) -> OnewordError:
+    why = json.loads(failure_file.read_text())
+    hint = f"{why['hint']}; {_where(log_file)}" if why.get("hint") else _where(log_file)
+    said = why["error"] if why["error"].startswith(why["stage"]) else f"{why['stage']} failed: {why['error']}"
+    return OnewordError(said, hint=hint)
 
 
 def _init(pipeline_root: Path) -> None:
@@ -70,14 +79,6 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
                 for h in list(root.handlers):  # kfp.local installs a stdout handler on the root logger
                     if h not in before:
                         root.removeHandler(h)
-
-
-def _preflight(args: dict, concepts: list[dict]) -> None:
-    from oneword.pipelines.parameters import DEFAULT_BASE_MODEL, DEFAULTS
-    from oneword.preflight import preflight
-
-    preflight(args.get("base_model", DEFAULT_BASE_MODEL), concepts, args.get("clip_model", DEFAULTS["clip_model"]),
-              args["tracking_uri"], args.get("experiment", DEFAULTS["experiment"]), args["checkpoint_root"])
 
 
 def _for_local_run(pipeline):
@@ -120,9 +121,7 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
     args = {**_local_overrides(pipeline_root), **params, "tracking_uri": uri}
     if not os.path.isabs(str(args["images"])) and not str(args["images"]).startswith("s3://"):
         args["images"] = str(Path(args["images"]).resolve())
-    concept = {k: args[k] for k in ("images", "token", "init_word", "n_vectors", "templates") if args.get(k)}
-    _preflight(args, [concept])  # here first: a mistake costs seconds, not a training run
-    try:
+    try:  # the pipeline's first task is the preflight: a mistake costs seconds, not a training run
         with _task_logs(log_file):
             registered = _for_local_run(textual_inversion)(**args)
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
@@ -144,8 +143,6 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
 def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tracking_uri: str | None = None,
               log_file: Path | None = None, **params) -> dict:
     """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report."""
-    import json
-
     import kfp.local
 
     from oneword.pipelines.definitions import batch_personalisation
@@ -154,12 +151,14 @@ def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tr
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
                    raise_on_error=False)  # a failed concept must not stop the report
-    _preflight({**_local_overrides(pipeline_root), **params, "tracking_uri": uri}, [])
     start = time.time()
     with _task_logs(log_file):
         _for_local_run(batch_personalisation)(concepts_manifest=concepts_manifest, tracking_uri=uri,
                                                 **{**_local_overrides(pipeline_root), **params})
     run_dir = _newest_run(pipeline_root, "batch-personalisation", start)
+    stopped = sorted(run_dir.rglob(f"preflight/**/{FAILURE_FILE}")) if run_dir else []
+    if stopped:  # nothing ran: say why, rather than report every concept as not registered
+        raise _failure_error(stopped[0], log_file)
     summaries = sorted(run_dir.rglob("report-batch/summary")) if run_dir else []
     report = json.loads(summaries[0].read_text()) if summaries else {}
     report.update({"run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start})

@@ -187,3 +187,19 @@ def test_generate_with_a_registered_concept(
     assert code == 0 and "purple-star-watercolour-v2" in out and "<cat-r>" in out, out
     table = [line for line in out.splitlines() if "purple-star-watercolour-v2" in line or "recon" in line]
     assert len(table) == 2 and max(len(line) for line in table) <= 80, out
+
+
+def test_errors_print_message_and_hint_and_verbose_adds_the_traceback(tmp_path, capsys):
+    code, out = run(["preprocess", tmp_path / "no-photos", "-o", tmp_path / "data"], capsys)
+    assert code == 2 and "error:" in out and "no-photos" in out and "Traceback" not in out, out
+    code, out = run(["--verbose", "preprocess", tmp_path / "no-photos", "-o", tmp_path / "data"], capsys)
+    assert code == 2 and "Traceback" in out and "no-photos" in out, out
+
+
+def test_profiles_table_fits_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out = run(["profiles"], capsys)
+    assert code == 0 and all(f in out for f in ("toyworld", "sd1", "sd2", "sdxl", "openai/clip-vit-base-patch32"))
+    assert max(len(line) for line in out.splitlines()) <= 80
+    code, out = run(["profiles", "--base-model", "toyworld"], capsys)
+    assert code == 0 and "400" in out and "toyworld-clip" in out

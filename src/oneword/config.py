@@ -47,6 +47,10 @@ class ConceptSpec(BaseModel):
         None, gt=0, description="this concept's base LR, scaled like TrainConfig's (None: TrainConfig's)"
     )
 
+    def resolved(self, profile) -> ConceptSpec:
+        """This concept with the templates of `profile` (a `ModelProfile`) when it names none."""
+        return self if self.templates else self.model_copy(update={"templates": profile.templates})
+
 
 class TrainConfig(BaseModel):
     """Optimisation settings. Defaults are the paper's (Sec. 4 and its LDM config), unless noted."""

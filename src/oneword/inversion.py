@@ -87,7 +87,8 @@ class InversionTrainer:
             raise OnewordError("training needs the base model's UNet, which was not loaded")
         if not concepts:
             raise OnewordError("nothing to train: no concept given")
-        config = config.resolved(profile_of(model))
+        self.profile = profile_of(model)  # what the settings and concepts leave unset comes from here
+        config = config.resolved(self.profile)
         self.model, self.config = model, config
         self.device = resolve_device(config.device)
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
@@ -156,7 +157,7 @@ class InversionTrainer:
             raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
         init = self.splice.base.weight[init_id].detach().float().expand(spec.n_vectors, -1).clone()
         param = self.splice.add(init.to(self.device))
-        templates = get_templates(spec.templates or profile_of(self.model).templates)
+        templates = get_templates(spec.resolved(self.profile).templates)
         prompt_ids = {}
         for n_active in range(1, spec.n_vectors + 1):
             text = [t.format(expand_placeholder(spec.token, n_active)) for t in templates]
@@ -304,7 +305,7 @@ class InversionTrainer:
                     "model_fingerprint": self.model.fingerprint,
                     "model_source": self.model.source,
                     "steps": str(self.step),
-                    "templates": c.spec.templates or profile_of(self.model).templates,
+                    "templates": c.spec.resolved(self.profile).templates,
                     "image_sha256": ",".join(c.meta["image_sha256"]),
                 },
             )

@@ -11,20 +11,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from unittest.mock import patch  # the stdlib's scoped os.environ change
 
 from oneword import hub, storage
 from oneword.errors import OnewordError
 from oneword.images import IMAGE_SUFFIXES
-from oneword.profiles import TOYWORLD_CLIP, profile
+from oneword.profiles import TOYWORLD_CLIP, ModelProfile, profile
 from oneword.toyworld import assets
 
 log = logging.getLogger(__name__)
 
 MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "vae")
-TRACKING_TIMEOUT_S = "5"  # MLflow's own default retries a server that is down for minutes
+TRACKING_TIMEOUT_S = "5"  # seconds a tracking server has to answer
 
 
 class Problems:
@@ -75,7 +75,8 @@ def preflight(
     p = Problems()
     model_problem = _base_model_problem(base_model)
     p.check("base model", *model_problem)
-    clip = profile(base_model).clip_model if clip_model in ("auto", "") and not model_problem[0] else clip_model
+    prof = None if model_problem[0] else profile(base_model)  # read once: on s3 it is four downloads
+    clip = prof.clip_model if clip_model in ("auto", "") and prof is not None else clip_model
     if clip not in ("auto", ""):
         p.check("evaluator", *_evaluator_problem(clip))
     if tracking_uri is not None:
@@ -84,8 +85,8 @@ def preflight(
         p.check(f"bucket {bucket}", *_bucket_problem(bucket))
     for c in concepts:
         p.check(f"images of {c['token']}", *_images_problem(c["images"], c["token"]))
-    if concepts and not model_problem[0]:
-        for name, problem in _concept_problems(base_model, concepts):
+    if concepts and prof is not None:
+        for name, problem in _concept_problems(base_model, prof, concepts):
             p.check(name, problem)
     p.raise_if_any()
     log.info("preflight passed in %.1f s: %s", time.perf_counter() - t0, ", ".join(p.passed))
@@ -130,21 +131,6 @@ def _evaluator_problem(clip: str) -> tuple[str | None, str]:
     return (None, "") if ok else (f"the CLIP evaluator {clip!r} cannot be found or reached", hint)
 
 
-@contextmanager
-def _quick_http() -> Iterator[None]:
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": TRACKING_TIMEOUT_S}
-    before = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _tracking_problem(tracking_uri: str, experiment: str) -> tuple[str | None, str]:
     from mlflow import MlflowClient
 
@@ -152,7 +138,9 @@ def _tracking_problem(tracking_uri: str, experiment: str) -> tuple[str | None, s
 
     uri = tracking.ensure_store(tracking_uri or None)
     try:
-        with _quick_http():
+        # MLflow's own default retries a server that is down for minutes
+        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": TRACKING_TIMEOUT_S}
+        with patch.dict(os.environ, quick):
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             if exp is None:  # made as the registry makes it (a local store's artifacts beside its database)
@@ -199,7 +187,7 @@ def _images_problem(images: str, token: str) -> tuple[str | None, str]:
     return (None, "") if found else (f"{token}: no images in {images}", "put 3-5 photos of the concept there")
 
 
-def _concept_problems(base_model: str, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:
+def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:
     """Each token new to the model's tokenizer, each initializer one token (the tokenizer only, no model)."""
     from oneword.config import ConceptSpec
     from oneword.train import check_concept
@@ -210,7 +198,7 @@ def _concept_problems(base_model: str, concepts: Sequence[dict]) -> list[tuple[s
         spec = ConceptSpec(
             token=c["token"], init_word=c["init_word"], n_vectors=c.get("n_vectors", 1), templates=c.get("templates")
         )
-        spec = spec if spec.templates else spec.model_copy(update={"templates": profile(base_model).templates})
+        spec = spec.resolved(prof)
         try:
             check_concept(tokenizer, spec)
             out.append((f"token {spec.token}", None))
@@ -228,6 +216,7 @@ def _tokenizer(base_model: str):
 
     if storage.is_s3(base_model):
         with tempfile.TemporaryDirectory() as tmp:
-            return CLIPTokenizer.from_pretrained(storage.download_prefix(f"{base_model.rstrip('/')}/tokenizer",
-                                                                         Path(tmp)))
+            return CLIPTokenizer.from_pretrained(
+                storage.download_prefix(f"{base_model.rstrip('/')}/tokenizer", Path(tmp))
+            )
     return CLIPTokenizer.from_pretrained(resolve(base_model), subfolder="tokenizer")

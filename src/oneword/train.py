@@ -79,7 +79,7 @@ def _run_summary(
         "config": config.model_dump(),
         "model_source": model.source,
         "model_fingerprint": model.fingerprint,
-        "profile": profile_of(model).model_dump(),  # what the unset settings were taken from
+        "profile": trainer.profile.model_dump(),  # what the unset settings were taken from
         "steps": result.steps,
         "steps_run": result.steps_run,  # 0 when a rerun found its checkpoints at the end already
         "seconds": result.seconds,
@@ -146,7 +146,8 @@ def train(
     """
     latents = LatentSet.load(Path(latents_dir))
     model = _load_model(latents, base_model, Path(latents_dir))
-    concept, config = with_profile(concept, model), config.resolved(profile_of(model))
+    profile = profile_of(model)
+    concept, config = concept.resolved(profile), config.resolved(profile)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
@@ -165,11 +166,6 @@ def train(
         out_dir, concept, latents, Path(latents_dir), result, _run_summary(config, model, result, trainer, str(ckpt))
     )
     return result
-
-
-def with_profile(spec: ConceptSpec, model: LoadedModel) -> ConceptSpec:
-    """`spec` with the model profile's templates when it names none."""
-    return spec if spec.templates else spec.model_copy(update={"templates": profile_of(model).templates})
 
 
 def check_concept(tokenizer, spec: ConceptSpec) -> None:
@@ -251,11 +247,12 @@ def train_group(
         except OnewordError as e:
             fail(name, "train", str(e))
     model = _load_model(loaded[0][2], base_model, loaded[0][3]) if loaded else None
-    config = config.resolved(profile_of(model)) if model is not None else config
+    profile = profile_of(model) if model is not None else None
+    config = config.resolved(profile) if profile is not None else config
     ready = []
     for name, spec, lat, where in loaded:
         try:
-            spec = with_profile(spec, model)
+            spec = spec.resolved(profile)
             check_concept(model.tokenizer, spec)
             ready.append((name, spec, lat, where))
         except OnewordError as e:

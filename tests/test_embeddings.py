@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from oneword import embeddings as E
 from oneword.errors import OnewordError
@@ -133,3 +133,40 @@ def test_train_step_writes_every_format(tiny_model_dir, cat_latents_dir, tmp_pat
     for f in ("learned_embeds.safetensors", "a1111/cat-w.pt", "kohya/cat-w.safetensors"):
         assert torch.equal(E.load(out / f).vectors, r.embeddings[0].vectors)
     assert E.load(out / "learned_embeds.safetensors").meta["model_fingerprint"].startswith("sha256:")
+
+
+def test_an_sdxl_pair_is_never_exported_half(tmp_path):
+    """clip_g is half of an SDXL embedding: both safetensors forms keep the pair; A1111's .pt cannot, so it refuses."""
+    xl = E.Embedding("<xl>", torch.randn(2, 768), {"steps": "10"}, torch.randn(2, 1280))
+    for fmt in ("diffusers", "kohya"):
+        f = E.save(xl, tmp_path / f"{fmt}.safetensors", fmt)
+        assert sorted(load_file(f)) == ["clip_g", "clip_l"], fmt
+        back = E.load(f)
+        assert back.token == "<xl>" and torch.equal(back.vectors_2, xl.vectors_2), fmt
+    with pytest.raises(OnewordError, match="SDXL") as e:
+        E.save(xl, tmp_path / "xl.pt", "a1111")
+    assert "--format kohya" in e.value.hint and not (tmp_path / "xl.pt").exists()
+
+
+def test_a_kohya_pt_takes_its_token_from_the_file_name(tmp_path):
+    torch.save({"emb_params": torch.ones(2, 768)}, tmp_path / "my-style.pt")
+    emb = E.load(tmp_path / "my-style.pt")
+    assert emb.token == "my-style" and emb.vectors.shape == (2, 768)
+    torch.save({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, tmp_path / "xl-style.pt")
+    xl = E.load(tmp_path / "xl-style.pt")
+    assert xl.token == "xl-style" and xl.vectors_2.shape == (1, 1280)
+
+
+def test_progressive_vectors_that_would_never_train_are_refused(tiny_model_dir, cat_latents):
+    from oneword.models import load_base_model
+
+    spec = ConceptSpec(token="<late>", init_word="cat", n_vectors=3)
+    with pytest.raises(OnewordError, match="vector 3 of 3 switches on at step 10") as e:
+        InversionTrainer(
+            load_base_model(str(tiny_model_dir)), [(spec, cat_latents)], TrainConfig(steps=10, progressive_every=5)
+        )
+    assert "at most 2 vectors" in e.value.hint and "progressive_every at most 4" in e.value.hint
+    ok = InversionTrainer(
+        load_base_model(str(tiny_model_dir)), [(spec, cat_latents)], TrainConfig(steps=11, progressive_every=5)
+    )  # vector 3 switches on at step 10, the last
+    assert ok.n_active(10) == 3

@@ -6,6 +6,10 @@
 | a1111     | `<token>.pt`                 | `string_to_token`, `string_to_param`, `name`, `step`, ...    |
 | kohya     | `<token>.safetensors`        | `{"emb_params": (n, width)}`, or `clip_l`/`clip_g` for SDXL  |
 
+An SDXL embedding is a pair (one table per text encoder): it is written as `{"clip_l", "clip_g"}` in both
+safetensors formats (what A1111 and ComfyUI load as is, and what diffusers loads with one `load_textual_inversion`
+call per encoder), and refused for A1111's `.pt`, whose single `string_to_param` cannot hold the pair.
+
 oneword's own metadata (token, initializer, model fingerprint, steps, version) rides in the safetensors header
 (and in an `oneword` entry of A1111 files). `.pt` files are only ever read with `torch.load(weights_only=True)`.
 """
@@ -76,13 +80,17 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     v = emb.vectors.detach().float().cpu().contiguous()
+    pair = None if emb.vectors_2 is None else {"clip_l": v, "clip_g": emb.vectors_2.detach().float().cpu().contiguous()}
+    if pair is not None and fmt == "a1111":
+        raise OnewordError(
+            f"{emb.token!r} is an SDXL embedding (clip_l {tuple(v.shape)} and clip_g "
+            f"{tuple(emb.vectors_2.shape)}), which A1111's .pt format cannot hold: it has one table",
+            hint="use --format kohya: A1111 and ComfyUI load SDXL embeddings as that clip_l/clip_g safetensors file",
+        )
     if fmt == "diffusers":
-        save_file({emb.token: v}, str(tmp), metadata=_header(emb))
+        save_file(pair or {emb.token: v}, str(tmp), metadata=_header(emb))
     elif fmt == "kohya":
-        tensors = {"emb_params": v}
-        if emb.vectors_2 is not None:
-            tensors = {"clip_l": v, "clip_g": emb.vectors_2.detach().float().cpu().contiguous()}
-        save_file(tensors, str(tmp), metadata=_header(emb))
+        save_file(pair or {"emb_params": v}, str(tmp), metadata=_header(emb))
     elif fmt == "a1111":
         torch.save(
             {
@@ -150,9 +158,12 @@ def load(path: Path, token: str | None = None) -> Embedding:
             meta.setdefault("token", data.get("name") or path.stem)
             if "step" in data and data["step"] is not None:
                 meta.setdefault("steps", str(data["step"]))
+        elif isinstance(data, dict) and "clip_l" in data:  # an SDXL pair saved with torch.save
+            vectors, vectors_2, meta = data["clip_l"], data.get("clip_g"), {}
         elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
             file_token, vectors = next(iter(data.items()))
-            meta = {"token": file_token}
+            # kohya's key names the format, not the concept: the token is the file's stem, as for its safetensors
+            meta = {} if file_token == "emb_params" else {"token": file_token}
         elif isinstance(data, torch.Tensor):
             vectors, meta = data, {}
         else:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from oneword import __version__, checkpoints
 from oneword.config import ConceptSpec, TrainConfig
-from oneword.device import resolve_device
+from oneword.device import DTYPES, device_precision, resolve_device
 from oneword.embeddings import Embedding
 from oneword.errors import NonFiniteLossError, OnewordError
 from oneword.latents import LatentSet
@@ -91,10 +91,14 @@ class InversionTrainer:
         config = config.resolved(self.profile)
         self.model, self.config = model, config
         self.device = resolve_device(config.device)
-        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        self.precision = device_precision(config.precision, self.device)
+        unet_dtype = DTYPES[self.precision]
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=unet_dtype) if self.precision != "fp32" else nullcontext()
+        )
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.text_encoder = model.text_encoder.to(self.device)
-        unet_dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.unet = model.unet.to(self.device)
         if self.unet.dtype != unet_dtype:
             self.unet = self.unet.to(unet_dtype)
@@ -143,6 +147,15 @@ class InversionTrainer:
         return [c for c in self.concepts if not c.failed]
 
     def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
+        every, steps, n = self.config.progressive_every, self.config.steps, spec.n_vectors
+        if every and n > 1 and (n - 1) * every >= steps:
+            # Vector k switches on at step k * every: a later one would be exported as its initializer, untrained.
+            raise OnewordError(
+                f"{spec.token!r}: vector {n} of {n} switches on at step {(n - 1) * every} (progressive_every="
+                f"{every}), but training ends at step {steps}: it would be exported untrained",
+                hint=f"use at most {(steps - 1) // every + 1} vectors, progressive_every at most "
+                f"{(steps - 1) // (n - 1)}, or more than {(n - 1) * every} steps",
+            )
         tok = self.model.tokenizer
         init_id = initializer_id(tok, spec.init_word)
         offset = sum(p.shape[0] for p in self.splice.vectors)
@@ -242,8 +255,9 @@ class InversionTrainer:
         noise = torch.randn(z0.shape, generator=self.gen_device, device=self.device)
         t = torch.randint(0, self.num_timesteps, (z0.shape[0],), generator=self.gen_device, device=self.device)
         losses = self.concept_losses(z0, ids, noise, t)
-        losses.sum().backward()
-        self.optimizer.step()  # stopped concepts have no gradient, so AdamW leaves them as they are
+        self.scaler.scale(losses.sum()).backward()
+        self.scaler.step(self.optimizer)  # stopped concepts have no gradient, so AdamW leaves them as they are
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         out = torch.zeros(len(self.concepts), device=self.device)
         out[[i for i, c in enumerate(self.concepts) if not c.failed]] = losses.detach()
@@ -258,6 +272,7 @@ class InversionTrainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": self.gen.get_state(),
             "rng_device": self.gen_device.get_state(),
+            "scaler": self.scaler.state_dict(),  # fp16's loss scale (empty when off)
             "model_fingerprint": self.model.fingerprint,
             "concepts": [c.spec.model_dump_json() for c in self.concepts],
             "config": self.config.model_dump_json(),
@@ -285,6 +300,8 @@ class InversionTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.gen.set_state(state["rng"])
         self.gen_device.set_state(state["rng_device"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         if "curves" in state:
             self.curves = json.loads(state["curves"])
         else:  # written by oneword 0.1 (one concept)

@@ -21,7 +21,7 @@ def bench_cmd(
     steps: Annotated[int, typer.Option(help="timed optimiser steps (with --eval: DDIM steps per picture)")] = 50,
     resolution: Annotated[int | None, typer.Option(help="image side (default: the model's native size)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16, fp32")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (what the GPU runs natively), bf16, fp16, fp32")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="also time with torch.compile'd UNet")] = False,
     baseline: Annotated[
         bool,

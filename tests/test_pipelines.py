@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from oneword import registry
+from oneword import __version__, registry
 from oneword.pipelines.compile import stale_files
 
 from .conftest import DREAMBENCH
@@ -137,9 +137,23 @@ def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
-        main(["run", "--images", str(DREAMBENCH / "cat"), "--token", "<cat-p>", "--init-word", "cat",
-              "--base-model", str(tiny_model_dir), "--clip-model", str(tmp_path / "no-such-clip"),
-              "--pipeline-root", str(tmp_path / "root")])
+        main(
+            [
+                "run",
+                "--images",
+                str(DREAMBENCH / "cat"),
+                "--token",
+                "<cat-p>",
+                "--init-word",
+                "cat",
+                "--base-model",
+                str(tiny_model_dir),
+                "--clip-model",
+                str(tmp_path / "no-such-clip"),
+                "--pipeline-root",
+                str(tmp_path / "root"),
+            ]
+        )
     seconds = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert exit_.value.code == 2
@@ -158,9 +172,19 @@ def test_local_run_end_to_end(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
-    params = dict(images=str(DREAMBENCH / "cat"), token="<cat-p>", init_word="cat", base_model=str(tiny_model_dir),
-                  resolution=32, steps=6, checkpoint_every=3, n_images=2, sampling_steps=2, checkpoint_budget=1,
-                  clip_model=str(tiny_clip_dir))
+    params = dict(
+        images=str(DREAMBENCH / "cat"),
+        token="<cat-p>",
+        init_word="cat",
+        base_model=str(tiny_model_dir),
+        resolution=32,
+        steps=6,
+        checkpoint_every=3,
+        n_images=2,
+        sampling_steps=2,
+        checkpoint_budget=1,
+        clip_model=str(tiny_clip_dir),
+    )
     # A file where the store keeps its artifacts: preflight passes (the server takes writes), register fails.
     (tmp_path / "mlartifacts").write_text("in the way")
     args = [a for k, v in params.items() for a in (f"--{k.replace('_', '-')}", str(v))]
@@ -177,8 +201,9 @@ def test_local_run_end_to_end(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypat
     assert out["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     for k in ("report", "grid", "metrics", "embedding"):
         assert Path(out[k]).exists(), k
-    summaries = sorted((tmp_path / "root").glob("textual-inversion-*/**/train/model/*/summary.json"),
-                       key=lambda p: p.stat().st_mtime)
+    summaries = sorted(
+        (tmp_path / "root").glob("textual-inversion-*/**/train/model/*/summary.json"), key=lambda p: p.stat().st_mtime
+    )
     assert [json.loads(s.read_text())["steps_run"] for s in summaries] == [6, 0]  # the rerun did not train
     rows = registry.list_concepts(out["tracking_uri"], alias="champion")
     assert [(r["name"], r["version"]) for r in rows] == [("cat-p", "1")]
@@ -300,6 +325,7 @@ def test_submit_sends_the_pipeline_and_parameters(kfp_api):
         host,
         {"images": "s3://data/my-cat", "token": "<my-cat>", "init_word": "cat", "steps": 3000},
         run_name="my-cat-1",
+        image_registry="registry.example.com:5000/ml",
     )
     assert out["run_id"] == "run-1" and out["url"].endswith("/#/runs/details/run-1")
     body = json.loads(next(b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")))
@@ -313,6 +339,49 @@ def test_submit_sends_the_pipeline_and_parameters(kfp_api):
         "steps": 3000,
     }
     assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]  # GPU pool and secrets travel too
+    images = {
+        e["container"]["image"] for e in body["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"].values()
+    }
+    assert images == {
+        f"registry.example.com:5000/ml/oneword:{__version__}",
+        f"registry.example.com:5000/ml/oneword-cuda:{__version__}",
+    }
+
+
+@pytest.mark.parametrize(
+    "registry",
+    [
+        None,
+        "",
+        "https://registry.example.com/ml",
+        "registry.example.com/ml/",
+        "registry.example.com/ml:latest",
+        "Registry.Example.com",
+    ],
+)
+def test_submit_and_schedule_refuse_a_spec_whose_images_were_never_set(kfp_api, registry):
+    """Without a registry the cluster can pull from, nothing is sent: no ImagePullBackOff an hour later."""
+    from oneword.errors import OnewordError
+    from oneword.pipelines.remote import schedule, submit
+
+    host, calls = kfp_api
+    with pytest.raises(OnewordError, match="image registry") as e:
+        submit(host, {"images": "s3://data/my-cat", "token": "<my-cat>", "init_word": "cat"}, image_registry=registry)
+    assert "--image-registry" in e.value.hint or "host[:port]/path" in e.value.hint
+    with pytest.raises(OnewordError, match="image registry"):
+        schedule(host, {"concepts_manifest": "s3://data/concepts.yaml"}, "0 0 2 * * *", image_registry=registry)
+    assert calls == []  # the KFP API never heard of it
+
+
+def test_the_cli_refuses_to_submit_without_an_image_registry(kfp_api, capsys, monkeypatch):
+    from oneword.cli import main
+
+    monkeypatch.delenv("ONEWORD_IMAGE_REGISTRY", raising=False)
+    host, calls = kfp_api
+    with pytest.raises(SystemExit) as exit_:
+        main(["submit", "--host", host, "--images", "s3://data/my-cat", "--token", "<my-cat>", "--init-word", "cat"])
+    assert exit_.value.code == 2 and "no image registry given" in capsys.readouterr().err
+    assert calls == []
 
 
 def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(kfp_api, tiny_model_dir, tiny_clip_dir, capsys):
@@ -321,10 +390,30 @@ def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(kfp_api, tiny
 
     host, calls = kfp_api
     with pytest.raises(SystemExit) as exit_:
-        main(["submit", "--host", host, "--images", str(DREAMBENCH / "cat"), "--token", "cat", "--init-word", "cat",
-              "-p", f"base_model={tiny_model_dir}", "-p", f"clip_model={tiny_clip_dir}"])
+        main(
+            [
+                "submit",
+                "--host",
+                host,
+                "--images",
+                str(DREAMBENCH / "cat"),
+                "--token",
+                "cat",
+                "--init-word",
+                "cat",
+                "--image-registry",
+                "registry.example.com/ml",
+                "-p",
+                f"base_model={tiny_model_dir}",
+                "-p",
+                f"clip_model={tiny_clip_dir}",
+            ]
+        )
     assert exit_.value.code == 2 and "already a word of the model" in capsys.readouterr().err
     assert not [c for c in calls if c[0] == "POST"]
+
+
+REGISTRY = "registry.example.com/ml"
 
 
 def _task_caching(calls) -> dict[str, bool]:
@@ -342,9 +431,9 @@ def test_submit_without_cache_reruns_every_step(kfp_api):
 
     host, calls = kfp_api
     params = {"images": "s3://data/my-cat", "token": "<my-cat>", "init_word": "cat"}
-    submit(host, params)
+    submit(host, params, image_registry=REGISTRY)
     assert _task_caching(calls)["cache-latents"]  # cached by default: the same photos never encode twice
-    submit(host, params, cache=False)
+    submit(host, params, cache=False, image_registry=REGISTRY)
     caching = _task_caching(calls)
     assert "cache-latents" in caching and not any(caching.values()), caching
 
@@ -360,6 +449,7 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
         version="v1",
         max_concurrency=2,
         catchup=False,
+        image_registry=REGISTRY,
     )
     # the schedule of the same name is replaced, not doubled: the new one is made first, then the old one goes
     assert out == {"pipeline_id": "p-1", "version_id": "v-1", "recurring_run_id": "rr-1", "replaced": ["rr-old"]}

@@ -68,7 +68,9 @@ class TrainConfig(BaseModel):
     init_l2: float = Field(0.0, ge=0, description="weight of an L2 pull toward the initializer embedding")
     flip_p: float = Field(0.5, ge=0, le=1, description="probability of the mirrored image (paper: 0.5)")
     seed: int = Field(0, description="seeds every random draw; CPU runs reproduce bit for bit")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs of compute capability 8.0+, fp16 (loss-scaled) on 7.x, else fp32"
+    )
     compile: bool = Field(False, description="torch.compile the UNet (minutes to compile; faster after)")
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations: less memory, slower")
     checkpoint_every: int | None = Field(
@@ -153,4 +155,39 @@ class BatchConfig(BaseModel):
 
     concepts_per_shard: int = Field(
         1, ge=1, description="concepts trained together in one GPU job (more: faster per concept, see bench)"
+    )
+
+
+class ClusterConfig(BaseModel):
+    """Where and with what the pipelines' steps run on Kubernetes (`kfp.local` ignores all of it).
+
+    The defaults fit SD 1.5 at 512 px on a common GPU node (8 vCPUs, 32 GiB, one 24 GB GPU): its weights load in
+    fp32 (about 5 GB in memory before the UNet is cast) and evaluation holds the pipeline and a CLIP beside them.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accelerator_type: str = Field("nvidia.com/gpu", description="GPU resource of the GPU steps, e.g. nvidia.com/gpu")
+    accelerator_limit: int = Field(1, ge=1, description="GPUs per GPU step")
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        description="node selector of the GPU steps (default: the label NVIDIA's GPU feature discovery puts on "
+        'every GPU node; or your cloud\'s, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}; {}: none)',
+    )
+    gpu_toleration: dict[str, str] = Field(
+        default_factory=lambda: {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        description="toleration for the GPU pool's taint",
+    )
+    gpu_step_cpu_request: str = Field("4", description="CPUs requested by cache_latents, train and evaluate")
+    gpu_step_cpu_limit: str = Field("8", description="CPU limit of the GPU steps")
+    gpu_step_memory_request: str = Field("16Gi", description="memory requested by the GPU steps (SD 1.5: ~10 GiB)")
+    gpu_step_memory_limit: str = Field("24Gi", description="memory limit of the GPU steps")
+    cpu_step_cpu_request: str = Field("500m", description="CPUs requested by the CPU steps (plan, preprocess, ...)")
+    cpu_step_cpu_limit: str = Field("2", description="CPU limit of the CPU steps")
+    cpu_step_memory_request: str = Field("1Gi", description="memory requested by the CPU steps")
+    cpu_step_memory_limit: str = Field("4Gi", description="memory limit of the CPU steps (register loads torch)")
+    model_cache_pvc: str = Field(
+        "oneword-model-cache",
+        description="PVC (ReadWriteMany) the model-loading steps share as Hugging Face cache at /models: each "
+        "model is downloaded once per cluster (k8s/ makes it)",
     )

@@ -14,24 +14,27 @@ def compile_cmd(
     check: Annotated[bool, typer.Option("--check", help="fail if the checked-in specs are stale")] = False,
     image_registry: Annotated[
         str | None,
-        typer.Option(help="registry of the oneword images (default ghcr.io/oneword-ml, or $ONEWORD_IMAGE_REGISTRY)"),
+        typer.Option(
+            help="registry the specs pull oneword's images from (default: the published ones, ghcr.io/oneword-ml)",
+            envvar="ONEWORD_IMAGE_REGISTRY",
+        ),
     ] = None,
 ) -> None:
     """Compile the KFP components and pipelines (what users upload to the dashboard).
 
     Examples: oneword compile; oneword compile --check (CI)
     """
-    import os
-
     from rich import print as rprint
-
-    if image_registry:  # read when the components module is imported, just below
-        os.environ["ONEWORD_IMAGE_REGISTRY"] = image_registry
 
     from oneword.errors import OnewordError
     from oneword.pipelines.compile import compile_all, stale_files
 
     if check:
+        if image_registry:
+            raise OnewordError(
+                "--check compares with the checked-in specs, which use the published images",
+                hint="drop --image-registry (or unset ONEWORD_IMAGE_REGISTRY) for --check",
+            )
         problems = stale_files(root)
         if problems:
             raise OnewordError(
@@ -40,5 +43,5 @@ def compile_cmd(
             )
         rprint("[green]components/ and pipelines/ are up to date[/]")
         return
-    for p in compile_all(root):
+    for p in compile_all(root, image_registry):
         rprint(f"wrote {p}")

@@ -8,6 +8,10 @@ import typer
 from oneword.cli.app import app
 
 HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
+IMAGE_REGISTRY = typer.Option(
+    help="registry the cluster pulls oneword's images from (required), e.g. ghcr.io/oneword-ml for the released ones",
+    envvar="ONEWORD_IMAGE_REGISTRY",
+)
 
 
 def _params(param: list[str] | None) -> dict:
@@ -55,6 +59,7 @@ def submit_cmd(
     run_name: Annotated[str | None, typer.Option(help="run name")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
+    image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
     cache: Annotated[
         bool, typer.Option(help="reuse cached preprocess/cache_latents results; --no-cache after changing photos")
     ] = True,
@@ -68,8 +73,10 @@ def submit_cmd(
     """
     from rich import print as rprint
 
+    from oneword.pipelines.container import require_registry
     from oneword.pipelines.remote import submit
 
+    require_registry(image_registry)  # before the checks: a run that cannot pull its images is not worth them
     params = {"images": images, "token": token, "init_word": init_word, **_params(param)}
     if preflight:
         _preflight_here(params)
@@ -83,6 +90,7 @@ def submit_cmd(
             token=existing_token,
             service_account=service_account,
             cache=cache,
+            image_registry=image_registry,
         )
     )
 
@@ -102,6 +110,7 @@ def schedule_cmd(
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
+    image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
 ) -> None:
     """Upload batch_personalisation as a new pipeline version and run it on a schedule.
 
@@ -126,5 +135,6 @@ def schedule_cmd(
             namespace=namespace,
             token=existing_token,
             service_account=service_account,
+            image_registry=image_registry,
         )
     )

@@ -7,6 +7,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from oneword.pipelines.container import with_registry
+
 COMPONENTS_DIR, PIPELINES_DIR = "components", "pipelines"
 
 
@@ -24,8 +26,10 @@ def _stable_header(path: Path) -> None:
     path.write_text("".join(lines))
 
 
-def compile_all(root: Path) -> list[Path]:
+def compile_all(root: Path, image_registry: str | None = None) -> list[Path]:
     """Compile every component to `root/components/<name>.yaml` and every pipeline to `root/pipelines/<name>.yaml`.
+
+    With `image_registry`, the specs pull oneword's images from there instead of the published ones.
 
     Returns:
         The written files.
@@ -47,6 +51,9 @@ def compile_all(root: Path) -> list[Path]:
         compiler.Compiler().compile(pipeline, str(p))
         _stable_header(p)
         written.append(p)
+    if image_registry:
+        for p in written:
+            with_registry(p, image_registry)
     return written
 
 
@@ -77,8 +84,8 @@ def stale_files(root: Path) -> list[str]:
     return problems
 
 
-def compile_pipeline(name: str, out: Path) -> Path:
-    """Compile one pipeline (`textual_inversion` or `batch_personalisation`) to `out`."""
+def compile_pipeline(name: str, out: Path, image_registry: str | None = None) -> Path:
+    """Compile one pipeline (`textual_inversion` or `batch_personalisation`) to `out` (images: see compile_all)."""
     from kfp import compiler
 
     from oneword.errors import OnewordError
@@ -87,17 +94,17 @@ def compile_pipeline(name: str, out: Path) -> Path:
     if name not in PIPELINES:
         raise OnewordError(f"unknown pipeline {name!r}", hint=f"use one of {', '.join(PIPELINES)}")
     compiler.Compiler().compile(PIPELINES[name], str(out))
-    return out
+    return with_registry(out, image_registry) if image_registry else out
 
 
-def tmp_package(name: str, cache: bool = True) -> Path:
-    """Compile a pipeline to a temporary YAML file and return its path.
+def tmp_package(name: str, image_registry: str, cache: bool = True) -> Path:
+    """Compile a pipeline to a temporary YAML file whose images come from `image_registry`; return its path.
 
     With `cache=False` every task of every DAG (sub-pipelines and loop bodies too, which the KFP client's own
     `enable_caching=False` leaves alone) is marked not to use KFP's cache.
     """
     d = Path(tempfile.mkdtemp(prefix="oneword-compile-"))
-    path = compile_pipeline(name, d / f"{name}.yaml")
+    path = compile_pipeline(name, d / f"{name}.yaml", image_registry)
     if not cache:
         import yaml
 

@@ -65,7 +65,7 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str,
-                  on_error: str = "fail", accelerator_type: str = "", accelerator_limit: int = 0):
+                  on_error: str = "fail", accelerator_type: str = "nvidia.com/gpu", accelerator_limit: int = 1):
     """Encode each image and its mirror once with the base model's VAE (posterior mean and std).
 
     Args:
@@ -177,8 +177,8 @@ def evaluate(
     dino_model: str = "",
     checkpoint_budget: int = 8,
     on_error: str = "fail",
-    accelerator_type: str = "",
-    accelerator_limit: int = 0,
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_limit: int = 1,
 ):
     """Score the concept as the paper does (CLIP reconstruction and editability), pick a checkpoint, draw pictures.
 

@@ -11,12 +11,9 @@ from kfp import dsl, kubernetes
 
 from oneword.pipelines import components as c
 from oneword.pipelines.parameters import (
-    ACCELERATOR_LIMIT,
-    ACCELERATOR_TYPE,
     CHECKPOINT_ROOT,
     DEFAULT_BASE_MODEL,
-    GPU_NODE_SELECTOR,
-    GPU_TOLERATION,
+    MODEL_CACHE_MOUNT,
     RESOLUTION_FROM_PROFILE,
 )
 from oneword.pipelines.parameters import DEFAULTS as D
@@ -25,6 +22,7 @@ from oneword.pipelines.parameters import DEFAULTS as D
 S3_SECRET = "oneword-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 MLFLOW_SECRET = "oneword-mlflow"  # keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (optional)
 CONFIG_MAP = "oneword-config"  # keys S3_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, MLFLOW_TRACKING_URI
+HF_SECRET = "oneword-hf"  # key HF_TOKEN (optional): gated or private models on the Hugging Face hub
 TRAIN_RETRIES = 3  # spot/preemptible GPU nodes are the norm; a retry resumes from the last checkpoint (root-DAG
 # tasks only: see batch_personalisation for why its shards carry none)
 
@@ -41,10 +39,38 @@ def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_limit, node_selector, toleration):
-    task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_limit)
-    kubernetes.add_node_selector_json(task, node_selector)
-    kubernetes.add_toleration_json(task, toleration)
+def _resources(task: dsl.PipelineTask, p: dict, kind: str) -> dsl.PipelineTask:
+    names = [f"{kind}_step_{r}" for r in ("cpu_request", "cpu_limit", "memory_request", "memory_limit")]
+    cpu_request, cpu_limit, memory_request, memory_limit = (p[n] for n in names)
+    task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
+    task.set_memory_request(memory_request).set_memory_limit(memory_limit)
+    # KFP's compiler (2.17) carries a channel into a ParallelFor body only if a task there registers it; the
+    # resource setters don't, which would leave the loop's pods asking for an undefined input.
+    task.register_pipeline_channels([p[n] for n in names if not isinstance(p[n], str)])
+    return task
+
+
+def _cpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
+    """A step on any node: the cluster environment and the CPU steps' requests and limits."""
+    return _resources(_cluster_env(task), p, "cpu")
+
+
+def _with_models(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
+    """A step that loads models: the shared Hugging Face cache (downloaded once per cluster) and the hub token."""
+    kubernetes.mount_pvc(task, pvc_name=p["model_cache_pvc"], mount_path=MODEL_CACHE_MOUNT)
+    kubernetes.use_secret_as_env(task, HF_SECRET, {"HF_TOKEN": "HF_TOKEN"}, optional=True)
+    # HF_HOME (inside the mount) is the images' own setting, not a task env: kfp.local applies task envs too,
+    # and a local run must keep the user's cache.
+    return task
+
+
+def _gpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
+    """A step on the GPU pool: its GPUs, node selector and toleration, requests and limits, and the model cache."""
+    _with_models(_cluster_env(task), p)
+    task.set_accelerator_type(p["accelerator_type"]).set_accelerator_limit(p["accelerator_limit"])
+    _resources(task, p, "gpu")
+    kubernetes.add_node_selector_json(task, p["gpu_node_selector"])
+    kubernetes.add_toleration_json(task, p["gpu_toleration"])
     return task
 
 
@@ -79,10 +105,19 @@ def personalise(
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
     min_editability: float = D["min_editability"],
-    accelerator_type: str = ACCELERATOR_TYPE,
-    accelerator_limit: int = ACCELERATOR_LIMIT,
-    gpu_node_selector: dict = GPU_NODE_SELECTOR,
-    gpu_toleration: dict = GPU_TOLERATION,
+    accelerator_type: str = D["accelerator_type"],
+    accelerator_limit: int = D["accelerator_limit"],
+    gpu_node_selector: dict = D["gpu_node_selector"],
+    gpu_toleration: dict = D["gpu_toleration"],
+    gpu_step_cpu_request: str = D["gpu_step_cpu_request"],
+    gpu_step_cpu_limit: str = D["gpu_step_cpu_limit"],
+    gpu_step_memory_request: str = D["gpu_step_memory_request"],
+    gpu_step_memory_limit: str = D["gpu_step_memory_limit"],
+    cpu_step_cpu_request: str = D["cpu_step_cpu_request"],
+    cpu_step_cpu_limit: str = D["cpu_step_cpu_limit"],
+    cpu_step_memory_request: str = D["cpu_step_memory_request"],
+    cpu_step_memory_limit: str = D["cpu_step_memory_limit"],
+    model_cache_pvc: str = D["model_cache_pvc"],
 ) -> list[str]:
     """The one place where the five steps are chained; both pipelines run it (a single concept is a group of one).
 
@@ -96,24 +131,23 @@ def personalise(
     Returns:
         Per concept: name/version@alias, or "name failed at STEP".
     """
-    gpu = (accelerator_type, accelerator_limit, gpu_node_selector, gpu_toleration)
+    p = dict(locals())
     with dsl.ParallelFor(concepts, name="each-concept") as concept:
-        pre = _cluster_env(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
-                                        resolution=resolution, mode=mode, on_error=on_error))
+        pre = _cpu_step(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
+                                        resolution=resolution, mode=mode, on_error=on_error), p)
         pre.set_caching_options(True)  # keyed by the photos' content, so new photos under an old prefix rerun
         # The accelerator settings are also passed as inputs: KFP's compiler (2.17) does not carry the channels
         # that set_accelerator_type/limit use into a ParallelFor body unless a task there takes them as inputs.
-        lat = _cluster_env(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
-                                           accelerator_type=accelerator_type, accelerator_limit=accelerator_limit))
+        lat = _gpu_step(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
+                                        accelerator_type=accelerator_type, accelerator_limit=accelerator_limit), p)
         lat.set_caching_options(True)  # the same images and model never encode twice
-        _on_gpu(lat, *gpu)
     tr = c.train(
         latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
         init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
         on_error=on_error,
     )
-    _on_gpu(_cluster_env(tr), *gpu)
+    _gpu_step(tr, p)
     # Honoured inside sub-DAGs from KFP 2.14 (docs/deploy.md); a retry resumes from the checkpoints under
     # checkpoint_root, which are keyed by what is trained. Locally (kfp.local) retries are removed: see local.py.
     tr.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
@@ -125,21 +159,22 @@ def personalise(
             checkpoint_budget=checkpoint_budget, on_error=on_error, accelerator_type=accelerator_type,
             accelerator_limit=accelerator_limit,
         )
-        _on_gpu(_cluster_env(ev), *gpu)
+        _gpu_step(ev, p)
         reg = c.register(
             model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
             experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability,
             batch_id=batch_id, on_error=on_error,
         )
-        _cluster_env(reg).set_caching_options(False)
+        _cpu_step(reg, p).set_caching_options(False)
     return dsl.Collected(reg.outputs["Output"])
 
 
 def _preflight(concepts, p: dict) -> dsl.PipelineTask:
     """The first task: everything later steps need is checked before any GPU is asked for."""
-    check = _cluster_env(c.preflight(concepts=concepts, base_model=p["base_model"], clip_model=p["clip_model"],
-                                     tracking_uri=p["tracking_uri"], experiment=p["experiment"],
-                                     checkpoint_root=p["checkpoint_root"]))
+    check = _cpu_step(c.preflight(concepts=concepts, base_model=p["base_model"], clip_model=p["clip_model"],
+                                  tracking_uri=p["tracking_uri"], experiment=p["experiment"],
+                                  checkpoint_root=p["checkpoint_root"]), p)
+    _with_models(check, p)  # it reads the model's tokenizer and configs: into the cache the GPU steps then use
     return check.set_caching_options(False)  # what it checks (servers, buckets) changes without its inputs
 
 
@@ -179,10 +214,19 @@ def textual_inversion(
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
     min_editability: float = D["min_editability"],
-    accelerator_type: str = ACCELERATOR_TYPE,
-    accelerator_limit: int = ACCELERATOR_LIMIT,
-    gpu_node_selector: dict = GPU_NODE_SELECTOR,
-    gpu_toleration: dict = GPU_TOLERATION,
+    accelerator_type: str = D["accelerator_type"],
+    accelerator_limit: int = D["accelerator_limit"],
+    gpu_node_selector: dict = D["gpu_node_selector"],
+    gpu_toleration: dict = D["gpu_toleration"],
+    gpu_step_cpu_request: str = D["gpu_step_cpu_request"],
+    gpu_step_cpu_limit: str = D["gpu_step_cpu_limit"],
+    gpu_step_memory_request: str = D["gpu_step_memory_request"],
+    gpu_step_memory_limit: str = D["gpu_step_memory_limit"],
+    cpu_step_cpu_request: str = D["cpu_step_cpu_request"],
+    cpu_step_cpu_limit: str = D["cpu_step_cpu_limit"],
+    cpu_step_memory_request: str = D["cpu_step_memory_request"],
+    cpu_step_memory_limit: str = D["cpu_step_memory_limit"],
+    model_cache_pvc: str = D["model_cache_pvc"],
 ) -> list[str]:
     """Textual inversion of one concept.
 
@@ -218,15 +262,25 @@ def textual_inversion(
         min_editability: quality gate: minimum editability to become champion (-1: none).
         accelerator_type: GPU resource of the GPU steps, e.g. nvidia.com/gpu.
         accelerator_limit: GPUs per GPU step.
-        gpu_node_selector: node selector of the GPU node pool, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}.
+        gpu_node_selector: node selector of the GPU pool (default: nvidia.com/gpu.present=true, the label of NVIDIA's
+            GPU feature discovery), e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}; {}: none.
         gpu_toleration: toleration for the GPU pool's taint.
+        gpu_step_cpu_request: CPUs requested by cache_latents, train and evaluate.
+        gpu_step_cpu_limit: CPU limit of the GPU steps.
+        gpu_step_memory_request: memory requested by the GPU steps (SD 1.5: ~10 GiB).
+        gpu_step_memory_limit: memory limit of the GPU steps.
+        cpu_step_cpu_request: CPUs requested by the CPU steps (plan, preflight, preprocess, register, report).
+        cpu_step_cpu_limit: CPU limit of the CPU steps.
+        cpu_step_memory_request: memory requested by the CPU steps.
+        cpu_step_memory_limit: memory limit of the CPU steps.
+        model_cache_pvc: PVC shared as Hugging Face cache (at /models) by the steps that load models.
 
     Returns:
         The registered version, as [name/version@alias].
     """
     p = dict(locals())
-    plan = _cluster_env(c.plan_concept(images=images, token=token, init_word=init_word, name=name,
-                                       n_vectors=n_vectors, templates=templates))
+    plan = _cpu_step(c.plan_concept(images=images, token=token, init_word=init_word, name=name,
+                                    n_vectors=n_vectors, templates=templates), p)
     plan.set_caching_options(False)  # it fingerprints the photos: it must look at them every time
     check = _preflight(plan.output, p)
     group = personalise(concepts=plan.output, batch_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, on_error="fail",
@@ -265,10 +319,19 @@ def batch_personalisation(
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
     min_editability: float = D["min_editability"],
-    accelerator_type: str = ACCELERATOR_TYPE,
-    accelerator_limit: int = ACCELERATOR_LIMIT,
-    gpu_node_selector: dict = GPU_NODE_SELECTOR,
-    gpu_toleration: dict = GPU_TOLERATION,
+    accelerator_type: str = D["accelerator_type"],
+    accelerator_limit: int = D["accelerator_limit"],
+    gpu_node_selector: dict = D["gpu_node_selector"],
+    gpu_toleration: dict = D["gpu_toleration"],
+    gpu_step_cpu_request: str = D["gpu_step_cpu_request"],
+    gpu_step_cpu_limit: str = D["gpu_step_cpu_limit"],
+    gpu_step_memory_request: str = D["gpu_step_memory_request"],
+    gpu_step_memory_limit: str = D["gpu_step_memory_limit"],
+    cpu_step_cpu_request: str = D["cpu_step_cpu_request"],
+    cpu_step_cpu_limit: str = D["cpu_step_cpu_limit"],
+    cpu_step_memory_request: str = D["cpu_step_memory_request"],
+    cpu_step_memory_limit: str = D["cpu_step_memory_limit"],
+    model_cache_pvc: str = D["model_cache_pvc"],
 ):
     """Batch personalisation: every concept of a manifest, each registered on its own.
 
@@ -305,17 +368,26 @@ def batch_personalisation(
         min_editability: quality gate: minimum editability to become champion (-1: none).
         accelerator_type: GPU resource of the GPU steps.
         accelerator_limit: GPUs per GPU step.
-        gpu_node_selector: node selector of the GPU node pool.
+        gpu_node_selector: node selector of the GPU pool (default: nvidia.com/gpu.present=true; {}: none).
         gpu_toleration: toleration for the GPU pool's taint.
+        gpu_step_cpu_request: CPUs requested by cache_latents, train and evaluate.
+        gpu_step_cpu_limit: CPU limit of the GPU steps.
+        gpu_step_memory_request: memory requested by the GPU steps (SD 1.5: ~10 GiB).
+        gpu_step_memory_limit: memory limit of the GPU steps.
+        cpu_step_cpu_request: CPUs requested by the CPU steps (plan, preflight, preprocess, register, report).
+        cpu_step_cpu_limit: CPU limit of the CPU steps.
+        cpu_step_memory_request: memory requested by the CPU steps.
+        cpu_step_memory_limit: memory limit of the CPU steps.
+        model_cache_pvc: PVC shared as Hugging Face cache (at /models) by the steps that load models.
     """
     p = dict(locals())
     batch_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     # The exit handler may read no other task's output, so the plan goes to MLflow and the report reads it there.
-    done = _cluster_env(c.report_batch(batch_id=batch_id, tracking_uri=tracking_uri, experiment=experiment))
+    done = _cpu_step(c.report_batch(batch_id=batch_id, tracking_uri=tracking_uri, experiment=experiment), p)
     with dsl.ExitHandler(done, name="every-concept"):
-        plan = _cluster_env(c.plan_batch(concepts_manifest=concepts_manifest, batch_id=batch_id,
-                                         concepts_per_shard=concepts_per_shard, tracking_uri=tracking_uri,
-                                         experiment=experiment))
+        plan = _cpu_step(c.plan_batch(concepts_manifest=concepts_manifest, batch_id=batch_id,
+                                      concepts_per_shard=concepts_per_shard, tracking_uri=tracking_uri,
+                                      experiment=experiment), p)
         plan.set_caching_options(False)  # a recurring run must read tonight's manifest, not replay the first one
         check = _preflight([], p)  # shared resources only: one concept's bad photos must not stop the others
         with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:

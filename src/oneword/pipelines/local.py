@@ -66,6 +66,8 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
     with warnings.catch_warnings():
         # kfp warns that the oneword image is "custom"; locally the steps run in this very environment
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        # and that the cluster settings (requests, limits, GPUs) do nothing here, which is the point of them
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         if log_file is None:
             yield
             return

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from oneword.config import (
     BatchConfig,
+    ClusterConfig,
     ConceptSpec,
     EvalConfig,
     GateThresholds,
@@ -50,13 +51,14 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "tracking_uri": (TrackingConfig, "tracking_uri"),
     "experiment": (TrackingConfig, "experiment"),
     "concepts_per_shard": (BatchConfig, "concepts_per_shard"),
+    **{name: (ClusterConfig, name) for name in ClusterConfig.model_fields},
 }
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the pipelines' (oneword run's: toyworld)
 CHECKPOINT_ROOT = "s3://oneword-artifacts/checkpoints"  # the bucket docs/deploy.md makes; outlives a preempted pod
-ACCELERATOR_TYPE, ACCELERATOR_LIMIT = "nvidia.com/gpu", 1
-GPU_NODE_SELECTOR = {"oneword.ai/pool": "gpu"}  # the label k8s/overlays/gpu-pool puts on the GPU nodes
-GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+CLUSTER_PARAMETERS = list(ClusterConfig.model_fields)  # every pipeline takes them, in this order
+MODEL_CACHE_MOUNT = "/models"  # where model_cache_pvc is mounted; the images' HF_HOME lies inside it
+HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
 
 # What stands for "unset" (None: the model's profile decides) in a KFP parameter, by the parameter's type.
 _UNSET = {int: 0, float: 0.0, str: ""}

@@ -4,6 +4,7 @@ import json
 
 from oneword.errors import OnewordError
 from oneword.pipelines.compile import tmp_package
+from oneword.pipelines.container import require_registry
 
 
 def _client(host: str, namespace: str | None, token: str | None):
@@ -21,17 +22,18 @@ SERVICE_ACCOUNT = "oneword-pipeline-runner"  # k8s/base/rbac.yaml
 
 def submit(host: str, params: dict, pipeline: str = "textual_inversion", experiment: str = "oneword",
            namespace: str | None = None, run_name: str | None = None, token: str | None = None,
-           service_account: str = SERVICE_ACCOUNT, cache: bool = True) -> dict:
+           service_account: str = SERVICE_ACCOUNT, cache: bool = True, image_registry: str | None = None) -> dict:
     """Start one run of a pipeline on a cluster.
 
     KFP caches `preprocess` (keyed by a fingerprint of the photos' content, which the planning step takes every
     run) and `cache_latents`; `cache=False` turns the cache off for every task of the run, nested ones included.
+    `image_registry` is where the cluster pulls oneword's images from; without it nothing is sent.
 
     Returns:
         `{"run_id", "experiment", "url"}`.
     """
+    package = tmp_package(pipeline, require_registry(image_registry), cache=cache)  # refused before any call
     client = _client(host, namespace, token)
-    package = tmp_package(pipeline, cache=cache)
     run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                   experiment_name=experiment, namespace=namespace,
                                                   service_account=service_account or None,
@@ -42,7 +44,7 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
 def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", experiment: str = "oneword",
              pipeline: str = "batch_personalisation", version: str | None = None, max_concurrency: int = 1,
              catchup: bool = False, namespace: str | None = None, token: str | None = None,
-             service_account: str = SERVICE_ACCOUNT) -> dict:
+             service_account: str = SERVICE_ACCOUNT, image_registry: str | None = None) -> dict:
     """Upload a pipeline version and run it on a schedule, replacing the schedule of the same name if there is one.
 
     KFP's API cannot change a recurring run in place, so the new one is created first and the old ones of that
@@ -60,6 +62,7 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         catchup: backfill the runs missed while the schedule was paused (off: start from now).
         namespace: the Kubernetes namespace of a multi-user KFP (every call is made in it).
         service_account: the Kubernetes service account runs use (k8s/base/rbac.yaml makes it).
+        image_registry: where the cluster pulls oneword's images from (required: see container.require_registry).
 
     Returns:
         `{"pipeline_id", "version_id", "recurring_run_id", "replaced": [ids of the schedules it replaced]}`.
@@ -68,8 +71,8 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
 
     from oneword import __version__
 
+    package = str(tmp_package(pipeline, require_registry(image_registry)))
     client = _client(host, namespace, token)
-    package = str(tmp_package(pipeline))
     version = version or f"{__version__}-{time.strftime('%Y%m%d-%H%M%S')}"
     pipeline_id = client.get_pipeline_id(name)
     if pipeline_id is None:

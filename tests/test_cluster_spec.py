@@ -1,0 +1,111 @@
+"""What the compiled pipelines ask of a cluster: every step sized, GPU steps on GPU nodes with the model cache, and
+every value a pod needs reachable through the DAGs that contain it (checked on the checked-in specs)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oneword import __version__
+from oneword.config import ClusterConfig
+from oneword.pipelines.parameters import HF_HOME, MODEL_CACHE_MOUNT
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = ["textual_inversion", "batch_personalisation"]
+GPU_STEPS = {"exec-cache-latents", "exec-train", "exec-evaluate"}
+MODEL_STEPS = GPU_STEPS | {"exec-preflight"}
+
+
+def _load(name: str) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all((ROOT / "pipelines" / f"{name}.yaml").read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_step_requests_and_limits_cpu_and_memory(name):
+    spec, _ = _load(name)
+    executors = spec["deploymentSpec"]["executors"]
+    for label, ex in executors.items():
+        res = ex["container"].get("resources", {})
+        kind = "gpu" if label in GPU_STEPS else "cpu"
+        for key, param in [
+            ("resourceCpuRequest", "cpu_request"),
+            ("resourceCpuLimit", "cpu_limit"),
+            ("resourceMemoryRequest", "memory_request"),
+            ("resourceMemoryLimit", "memory_limit"),
+        ]:
+            assert f"pipelinechannel--{kind}_step_{param}" in res.get(key, ""), (label, key, res)
+        assert ("accelerator" in res) == (label in GPU_STEPS), label
+    assert set(executors) >= GPU_STEPS
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_value_a_task_reads_is_declared_by_the_dag_around_it(name):
+    """KFP's compiler does not carry channels used only by resource setters into loop bodies by itself; a pod whose
+    request names an input its DAG lacks fails on the cluster, never on kfp.local. So: check every DAG."""
+    spec, _ = _load(name)
+    comps, executors = spec["components"], spec["deploymentSpec"]["executors"]
+    dags = [spec["root"]] + [c for c in comps.values() if "dag" in c]
+    checked = 0
+    for dag in dags:
+        declared = set(dag.get("inputDefinitions", {}).get("parameters", {}))
+        for task_name, task in dag["dag"]["tasks"].items():
+            inputs = task.get("inputs", {}).get("parameters", {})
+            for key, value in inputs.items():
+                source = value.get("componentInputParameter")
+                assert source is None or source in declared, (task_name, key, source)
+            comp = comps[task["componentRef"]["name"]]
+            if "executorLabel" in comp:
+                resources = str(executors[comp["executorLabel"]]["container"].get("resources", {}))
+                for needed in re.findall(r"inputs\.parameters\['([^']+)'\]", resources):
+                    assert needed in inputs, (task_name, needed)
+                    checked += 1
+    assert checked > 30  # the loop bodies were looked at, not skipped
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_model_loading_steps_share_the_model_cache_and_may_use_a_hub_token(name):
+    spec, k8s = _load(name)
+    for label in MODEL_STEPS:
+        cfg = k8s[label]
+        (mount,) = cfg["pvcMount"]
+        source = mount["pvcNameParameter"]["componentInputParameter"]  # in a loop body: pipelinechannel--...
+        assert mount["mountPath"] == MODEL_CACHE_MOUNT and source.endswith("model_cache_pvc"), label
+        hf = [s for s in cfg["secretAsEnv"] if s["secretName"] == "oneword-hf"]
+        assert hf and hf[0]["optional"] is True and hf[0]["keyToEnv"][0]["envVar"] == "HF_TOKEN", label
+        env = {e["name"] for e in spec["deploymentSpec"]["executors"][label]["container"].get("env", [])}
+        assert "HF_HOME" not in env, label  # kfp.local applies task envs: a local run keeps the user's cache
+    for label in set(k8s) - MODEL_STEPS:
+        assert "pvcMount" not in k8s[label], label  # an RWX volume only where models are loaded
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_gpu_steps_select_gpu_nodes_by_a_standard_label(name):
+    spec, k8s = _load(name)
+    for label in GPU_STEPS:
+        assert k8s[label]["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith("gpu_node_selector")
+    default = spec["root"]["inputDefinitions"]["parameters"]["gpu_node_selector"]["defaultValue"]
+    assert default == {"nvidia.com/gpu.present": "true"} == ClusterConfig().gpu_node_selector
+    for label in set(k8s) - GPU_STEPS:
+        assert "nodeSelector" not in k8s[label], label  # CPU steps run anywhere
+
+
+def test_compile_retargets_every_image_and_check_keeps_the_published_ones(tmp_path):
+    from oneword.cli import main
+
+    main(["compile", "--root", str(tmp_path), "--image-registry", "registry.example.com/team"])
+    images = set()
+    for f in [*tmp_path.glob("components/*.yaml"), *tmp_path.glob("pipelines/*.yaml")]:
+        images |= set(re.findall(r"(?m)^\s+image: (\S+)$", f.read_text()))
+    assert images == {
+        f"registry.example.com/team/oneword:{__version__}",
+        f"registry.example.com/team/oneword-cuda:{__version__}",
+    }
+
+
+@pytest.mark.parametrize("dockerfile", ["cpu.Dockerfile", "cuda.Dockerfile"])
+def test_the_images_keep_the_hugging_face_cache_where_the_pipelines_mount_the_model_cache(dockerfile):
+    text = (ROOT / "docker" / dockerfile).read_text()
+    assert re.search(rf"HF_HOME={re.escape(HF_HOME)}\b", text), dockerfile
+    assert HF_HOME.startswith(MODEL_CACHE_MOUNT + "/")

@@ -10,7 +10,15 @@ from oneword.evaluation import EvalConfig, evaluate
 from oneword.evaluation import prompts as P
 from oneword.evaluation.compare import compare
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
-from oneword.evaluation.metrics import ClipScorer, DinoScorer, mean_matched_cosine, mean_pairwise_cosine
+from oneword.evaluation.metrics import (
+    ClipScorer,
+    DinoScorer,
+    matched_cosine_rows,
+    mean_matched_cosine,
+    mean_pairwise_cosine,
+    pairwise_cosine_rows,
+    standard_error,
+)
 from oneword.evaluation.selection import CurvePoint, select_checkpoint
 from oneword.inversion import ConceptSpec, TrainConfig
 from oneword.random_models import build_tiny_clip, build_tiny_dino
@@ -35,6 +43,14 @@ def test_metrics_on_a_hand_computed_example():
     # self-pairs left out: only the two off-diagonal 0s
     assert mean_pairwise_cosine(a, a, exclude_diagonal=True) == pytest.approx(0.0)
     assert mean_matched_cosine(a, torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.5)
+    # per image: row 0 scores (1 + 1/sqrt2) / 2, row 1 scores (0 + 1/sqrt2) / 2; their mean is the mean above
+    rows = pairwise_cosine_rows(a, b)
+    assert rows.tolist() == pytest.approx([(1 + 2**-0.5) / 2, 2**-0.5 / 2])
+    assert float(rows.mean()) == pytest.approx(mean_pairwise_cosine(a, b))
+    # two values 0.5 apart: sample std 0.5/sqrt2, standard error that over sqrt2 = 0.25
+    assert standard_error(rows) == pytest.approx(0.25)
+    assert matched_cosine_rows(a, torch.tensor([[1.0, 0.0], [1.0, 0.0]])).tolist() == pytest.approx([1.0, 0.0])
+    assert math.isnan(standard_error(torch.tensor([0.3])))  # one image says nothing about the spread
 
 
 def test_identical_images_reconstruct_perfectly(tiny_clip, tiny_dino):
@@ -126,6 +142,7 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert [p["step"] for p in m["selection"]["curve"]] == [2, 4, 6]
     assert m["step"] in (2, 4, 6)
     assert -1 <= m["reconstruction"] <= 1 and -1 <= m["editability"] <= 1 and -1 <= m["dino"] <= 1
+    assert m["reconstruction_se"] >= 0 and m["editability_se"] >= 0  # 2 images, 6 edit images: measured
     assert len(m["per_prompt"]) == 3 and m["per_prompt"][0]["text_target"] == "A photo of on the moon"
     assert set(m["baselines"]) == {"image_only", "prompt_only"}
     assert m["evaluator"]["fingerprint"].startswith("sha256:")
@@ -134,6 +151,7 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert Image.open(out / "grid.png").size == (200 + 2 * 32, 4 * 32)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "&lt;cat-e&gt;" in html
+    assert f"{m['reconstruction']:.4f} ± {m['reconstruction_se']:.4f}" in html
 
     compare([str(out), str(out)], tmp_path / "cmp.png", labels=["a", "b"])
     assert (tmp_path / "cmp.png").stat().st_size > 0

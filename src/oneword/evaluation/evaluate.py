@@ -26,8 +26,11 @@ from oneword.evaluation import prompts as P
 from oneword.evaluation.metrics import (
     ClipScorer,
     DinoScorer,
+    matched_cosine_rows,
     mean_matched_cosine,
     mean_pairwise_cosine,
+    pairwise_cosine_rows,
+    standard_error,
 )
 from oneword.evaluation.report import html_report, scatter
 from oneword.evaluation.selection import CurvePoint, criterion_text, select_checkpoint
@@ -104,16 +107,22 @@ class _Session:
         self.set_vectors(vectors)
         prompts = [P.with_token(P.RECONSTRUCTION, self.token)] + [P.with_token(t, self.token) for t in self.templates]
         images = self.draw(prompts, n)
-        rec = mean_pairwise_cosine(self.clip.images(images[0]), self.train_clip)
-        per_prompt = []
+        rec_rows = pairwise_cosine_rows(self.clip.images(images[0]), self.train_clip)
+        per_prompt, edit_rows = [], []
         for tpl, ims in zip(self.templates, images[1:]):
             target = P.without_token(tpl)
-            edit = mean_matched_cosine(self.clip.images(ims), self.clip.texts([target] * len(ims)))
-            per_prompt.append({"prompt": P.with_token(tpl, self.token), "text_target": target, "editability": edit})
+            rows = matched_cosine_rows(self.clip.images(ims), self.clip.texts([target] * len(ims)))
+            edit_rows.append(rows)
+            per_prompt.append(
+                {"prompt": P.with_token(tpl, self.token), "text_target": target, "editability": float(rows.mean())}
+            )
         editability = sum(p["editability"] for p in per_prompt) / len(per_prompt)
         return {
-            "reconstruction": rec,
+            "reconstruction": float(rec_rows.mean()),
             "editability": editability,
+            # over the images: how far another set of seeds may move the score (prompts are held fixed)
+            "reconstruction_se": standard_error(rec_rows),
+            "editability_se": standard_error(torch.cat(edit_rows)),
             "per_prompt": per_prompt,
             "images": images,
             "prompts": prompts,
@@ -228,6 +237,8 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
         "final_step": trained.summary.get("steps"),
         "reconstruction": full["reconstruction"],
         "editability": full["editability"],
+        "reconstruction_se": full["reconstruction_se"],
+        "editability_se": full["editability_se"],
         "per_prompt": full["per_prompt"],
         "prompt_set": cfg.prompt_set,
         "n_images": cfg.n_images,

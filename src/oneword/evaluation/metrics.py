@@ -56,6 +56,26 @@ def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor, exclude_diagonal: boo
     return float(sim.mean())
 
 
+def pairwise_cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each row of `a`'s mean cosine similarity to the rows of `b` (Na,): one score per generated image."""
+    a = torch.nn.functional.normalize(a.float(), dim=-1)
+    b = torch.nn.functional.normalize(b.float(), dim=-1)
+    return (a @ b.T).mean(dim=1)
+
+
+def matched_cosine_rows(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """Cosine between row i of `images` and row i of `texts` (N,): one score per generated image."""
+    a = torch.nn.functional.normalize(images.float(), dim=-1)
+    b = torch.nn.functional.normalize(texts.float(), dim=-1)
+    return (a * b).sum(-1)
+
+
+def standard_error(per_image: torch.Tensor) -> float:
+    """The standard error of a mean of per-image scores (sample std / sqrt(n); nan for fewer than two)."""
+    n = per_image.numel()
+    return float(per_image.float().std(unbiased=True) / n**0.5) if n >= 2 else float("nan")
+
+
 def mean_matched_cosine(images: torch.Tensor, texts: torch.Tensor) -> float:
     """Mean cosine between row i of `images` and row i of `texts`."""
     a = torch.nn.functional.normalize(images.float(), dim=-1)

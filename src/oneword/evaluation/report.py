@@ -83,6 +83,13 @@ def _img_tag(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="{style}">'
 
 
+def _score(value: float | None, se: float | None = None) -> str:
+    """A score for the page, with its standard error where one was measured."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if se is None or se != se else f"{value:.4f} ± {se:.4f}"
+
+
 def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path:
     """Write a self-contained HTML page: headline scores, per-prompt scores, sample grid, scatter, settings."""
     ev = metrics.get("evaluator", {})
@@ -93,13 +100,13 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
     )
     base = metrics.get("baselines", {})
     headline = [
-        ("reconstruction (image similarity)", metrics.get("reconstruction")),
-        ("editability (text similarity)", metrics.get("editability")),
+        ("reconstruction (image similarity)", metrics.get("reconstruction"), metrics.get("reconstruction_se")),
+        ("editability (text similarity)", metrics.get("editability"), metrics.get("editability_se")),
         ("DINO subject fidelity", metrics.get("dino")),
         ("baseline: image only (ceiling of reconstruction)", base.get("image_only")),
         ("baseline: prompt only (ceiling of editability)", base.get("prompt_only")),
     ]
-    head_rows = "".join(f"<tr><td>{k}</td><td>{'-' if v is None else f'{v:.4f}'}</td></tr>" for k, v in headline)
+    head_rows = "".join(f"<tr><td>{row[0]}</td><td>{_score(*row[1:])}</td></tr>" for row in headline)
     token = html.escape(metrics.get("token", ""))
     sel = html.escape(metrics.get("selection", {}).get("criterion", "final step"))
     sampler = metrics.get("sampler", {})

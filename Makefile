@@ -37,6 +37,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/oneword compile --check
 	$(BIN)/hadolint docker/*.Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	PATH="$(CURDIR)/$(BIN):$$PATH" k8s/validate.sh
 
 compile: install

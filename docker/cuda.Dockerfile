@@ -2,19 +2,23 @@
 # Build from the repository root, tagged with the package version (the pipelines' base_image default):
 #   docker build -f docker/cuda.Dockerfile -t ghcr.io/oneword-ml/oneword-cuda:$(oneword --version) .
 # Installs exactly what .ci/run installs (requirements/runtime.lock), with the CUDA build of the same torch.
+#
+# One CUDA stack: torch's cu128 wheels bring the CUDA runtime, cuBLAS, cuDNN and NCCL as nvidia-* pip packages
+# and load them from the venv, so an nvidia/cuda base would only add a second, unused copy of the same
+# libraries (several GB) that can also differ in version from what torch was built against. The driver
+# (libcuda) is not in any image: the NVIDIA container toolkit / GPU Operator mounts the host's into the
+# container. Hence a plain Python base; the host driver must support CUDA 12.8 (R570 or newer).
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
-# Pin by digest in production: docker buildx imagetools inspect nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
-ARG CUDA_DIGEST=sha256:0000000000000000000000000000000000000000000000000000000000000000
+# The base is pinned by its exact version tag, which builds as is. To pin its content too, add the digest:
+#   --build-arg PYTHON_DIGEST=@sha256:...   (from: docker buildx imagetools inspect python:3.11.14-slim-bookworm)
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+ARG PYTHON_DIGEST=
 
-FROM ${CUDA_IMAGE}@${CUDA_DIGEST} AS build
+FROM ${PYTHON_IMAGE}${PYTHON_DIGEST} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
-# hadolint ignore=DL3008  # the CUDA base pins the distribution; apt versions move with its security updates
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
-    && rm -rf /var/lib/apt/lists/*
-RUN python3.11 -m venv /opt/oneword
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/oneword
 ENV PATH=/opt/oneword/bin:$PATH
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY requirements/runtime.lock /tmp/runtime.lock
@@ -23,19 +27,22 @@ COPY pyproject.toml README.md /src/
 COPY src /src/src
 RUN pip install --no-deps /src
 
-FROM ${CUDA_IMAGE}@${CUDA_DIGEST}
+FROM ${PYTHON_IMAGE}${PYTHON_DIGEST}
 LABEL org.opencontainers.image.title="oneword-cuda" \
       org.opencontainers.image.description="Textual Inversion as production software (CUDA image)" \
       org.opencontainers.image.source="https://github.com/oneword-ml/oneword"
-ENV DEBIAN_FRONTEND=noninteractive
-# hadolint ignore=DL3008  # see above
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin oneword
+# /models is where the pipelines mount the model cache PVC (oneword-model-cache); without a volume the
+# directory in the image is used, so it must be writable by the image's user.
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin oneword \
+    && mkdir -p /models/huggingface && chown -R 10001:10001 /models
 COPY --from=build /opt/oneword /opt/oneword
-ENV PATH=/opt/oneword/bin:$PATH \
+# What the NVIDIA container toolkit reads to expose the GPUs and mount the driver's libraries.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.8" \
+    PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HF_HOME=/home/oneword/.cache/huggingface \
+    HF_HOME=/models/huggingface \
     ONEWORD_CACHE=/home/oneword/.cache/oneword
 USER 10001
 WORKDIR /home/oneword

@@ -6,7 +6,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 cp -r "$here" "$scratch/k8s"
-for ex in "$scratch"/k8s/base/secrets/*.env.example; do cp "$ex" "${ex%.example}"; done
+find "$scratch/k8s" -name "*.env.example" | while read -r ex; do cp "$ex" "${ex%.example}"; done
 validate="${KUBERNETES_VALIDATE:-kubernetes-validate}"
 for overlay in "$scratch"/k8s/overlays/*/; do
   name="$(basename "$overlay")"

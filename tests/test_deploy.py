@@ -16,7 +16,8 @@ from oneword import __version__
 from .conftest import _start_mlflow_server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ("dev", "gpu-pool", "prod")
+OVERLAYS = ("dev", "gpu-pool", "prod")  # oneword itself (MinIO, PostgreSQL, MLflow) plus KFP's namespace
+PROFILE = "team-a"  # overlays/multi-user: the placeholder profile namespace
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,10 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     """Every overlay rendered with `kubectl kustomize`, secrets made from the committed examples."""
     scratch = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(ROOT / "k8s", scratch)
-    for ex in (scratch / "base" / "secrets").glob("*.env.example"):
+    for ex in scratch.rglob("*.env.example"):
         shutil.copy(ex, ex.with_suffix(""))
     out = {}
-    for overlay in OVERLAYS:
+    for overlay in (*OVERLAYS, "multi-user"):
         text = subprocess.run(
             ["kubectl", "kustomize", str(scratch / "overlays" / overlay)], check=True, capture_output=True, text=True
         ).stdout
@@ -46,6 +47,10 @@ def _pod_specs(docs):
         spec = d.get("spec", {})
         if d["kind"] in ("Deployment", "StatefulSet", "Job"):
             yield d, spec["template"]["spec"]
+
+
+def _containers(spec):
+    return [*spec.get("initContainers", []), *spec["containers"]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -73,10 +78,122 @@ def test_credentials_come_from_secrets(rendered, overlay):
         for c in spec["containers"]:
             for e in c.get("env", []):
                 assert not re.search("PASSWORD|SECRET|ACCESS_KEY", e["name"]) or "valueFrom" in e, (d["metadata"], e)
-    launcher = _one(docs, "ConfigMap", "kfp-launcher")
-    assert launcher["data"]["defaultPipelineRoot"].startswith("s3://oneword-artifacts/")
-    providers = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]
-    assert providers["forcePathStyle"] is True and providers["credentials"]["secretRef"]["secretName"] == "oneword-s3"
+    for name in ("oneword-s3", "oneword-mlflow", "oneword-hf"):  # what definitions.py mounts in pipeline pods
+        assert _one(docs, "Secret", name)["metadata"]["namespace"] == "kubeflow"
+
+
+@pytest.mark.parametrize("overlay", (*OVERLAYS, "multi-user"))
+def test_kfp_own_launcher_config_is_left_alone(rendered, overlay):
+    """KFP's kfp-launcher ConfigMap sets the pipeline root of every pipeline in its namespace (and the profile
+    controller owns it in profile namespaces): oneword's runs name their root at submit time instead."""
+    docs = rendered[overlay]
+    assert not [d for d in docs if d["metadata"]["name"] == "kfp-launcher"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"].get("namespace")
+            in ("kubeflow", PROFILE)] == ["oneword-config"]
+
+
+@pytest.mark.parametrize("overlay", (*OVERLAYS, "multi-user"))
+def test_every_container_has_requests_and_limits(rendered, overlay):
+    containers = [(d, c) for d, spec in _pod_specs(rendered[overlay]) for c in _containers(spec)]
+    assert containers
+    for d, c in containers:
+        res = c.get("resources", {})
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory", "ephemeral-storage"} <= set(res.get(kind, {})), (d["metadata"]["name"], c["name"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_upgrades_its_schema_and_authenticates(rendered, overlay):
+    docs = rendered[overlay]
+    spec = _one(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    server = spec["containers"][0]
+    assert init["name"] == "db-upgrade" and init["args"][:2] == ["db", "upgrade"] and init["image"] == server["image"]
+    backend = next(a for a in server["args"] if a.startswith("--backend-store-uri=")).split("=", 1)[1]
+    assert init["args"][2] == backend  # upgrades the very database the server then opens
+    assert "--app-name=basic-auth" in server["args"]
+    env = {e["name"]: e for e in server["env"]}
+    refs = {n: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for n, e in env.items() if "valueFrom" in e}
+    assert refs["MLFLOW_AUTH_ADMIN_USERNAME"] == ("mlflow-auth", "MLFLOW_TRACKING_USERNAME")
+    assert refs["MLFLOW_AUTH_ADMIN_PASSWORD"] == ("mlflow-auth", "MLFLOW_TRACKING_PASSWORD")
+    assert refs["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == "mlflow-server"
+    assert {refs[k][0] for k in ("PGUSER", "PGPASSWORD", "PGDATABASE")} == {"postgres-credentials"}
+    config = _one(docs, "ConfigMap", "mlflow-auth-config")
+    mount = next(m for m in server["volumeMounts"] if m["name"] == "auth-config")
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount['mountPath']}/basic_auth.ini"
+    assert {"name": "auth-config", "configMap": {"name": config["metadata"]["name"]}} in spec["volumes"]
+    # the pipelines' login is generated from the same env file as MLflow's admin
+    admin, pipelines = _one(docs, "Secret", "mlflow-auth"), _one(docs, "Secret", "oneword-mlflow")
+    assert admin["data"] == pipelines["data"] and set(admin["data"]) == {"MLFLOW_TRACKING_USERNAME",
+                                                                        "MLFLOW_TRACKING_PASSWORD"}
+
+
+def test_mlflow_reads_the_auth_config_the_manifest_mounts(rendered, tmp_path, monkeypatch):
+    """MLflow's own reader (mlflow.server.auth.config) on the ConfigMap's ini, with the Deployment's env."""
+    from mlflow.server.auth import config as auth_config
+
+    ini = _one(rendered["dev"], "ConfigMap", "mlflow-auth-config")["data"]["basic_auth.ini"]
+    (tmp_path / "basic_auth.ini").write_text(ini)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "basic_auth.ini"))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "oneword-admin")
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "a-long-enough-password")
+    cfg = auth_config.read_auth_config()
+    assert cfg.admin_username == "oneword-admin" and cfg.admin_password == "a-long-enough-password"
+    assert cfg.database_uri == "postgresql://postgres.oneword.svc.cluster.local:5432"  # login from PG* env
+    assert cfg.default_permission == "READ"
+    assert "admin_password" not in ini and "@" not in ini  # no credential in the ConfigMap
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_model_cache_is_shared_where_pipelines_run(rendered, overlay):
+    docs = rendered[overlay]
+    pvc = _one(docs, "PersistentVolumeClaim", "oneword-model-cache")
+    assert pvc["metadata"]["namespace"] == "kubeflow" and pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert "storageClassName" not in pvc["spec"]  # the overlay's or cluster's choice
+    assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "dev" else ["ReadWriteMany"])
+    init = _one(docs, "Job", "oneword-model-cache-init")["spec"]["template"]["spec"]
+    assert init["volumes"] == [{"name": "cache", "persistentVolumeClaim": {"claimName": "oneword-model-cache"}}]
+    assert "chown 10001:10001" in init["containers"][0]["args"][0]  # the images' user
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_pipeline_pods_and_own_pods_reach_mlflow(rendered, overlay):
+    policy = _one(rendered[overlay], "NetworkPolicy", "mlflow-ingress")["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app": "mlflow"}} and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+         "podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}},
+        {"podSelector": {}},
+    ]
+
+
+def test_multi_user_overlay_fills_a_profile_namespace(rendered):
+    docs = rendered["multi-user"]
+    in_profile = {(d["kind"], d["metadata"]["name"]) for d in docs if d["metadata"].get("namespace") == PROFILE}
+    assert {
+        ("ServiceAccount", "oneword-pipeline-runner"), ("Role", "oneword-pipeline-runner"),
+        ("RoleBinding", "oneword-pipeline-runner"), ("RoleBinding", "oneword-pipeline-runner-kfp"),
+        ("Secret", "oneword-s3"), ("Secret", "oneword-mlflow"), ("Secret", "oneword-hf"),
+        ("ConfigMap", "oneword-config"), ("PersistentVolumeClaim", "oneword-model-cache"),
+        ("LimitRange", "oneword-ephemeral-storage"),
+    } <= in_profile
+    # nothing lands in KFP's namespace, and only the allowances in oneword's
+    assert not [d for d in docs if d["metadata"].get("namespace") == "kubeflow"]
+    elsewhere = [d for d in docs if d["metadata"].get("namespace") != PROFILE]
+    assert {(d["kind"], d["metadata"]["name"]) for d in elsewhere} == {
+        ("NetworkPolicy", f"minio-from.{PROFILE}"), ("NetworkPolicy", f"mlflow-from.{PROFILE}")}
+    for d in elsewhere:
+        assert d["metadata"]["namespace"] == "oneword"
+        (src,) = d["spec"]["ingress"][0]["from"]
+        assert src["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": PROFILE}}
+    for b in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert all(s["namespace"] == PROFILE for s in b["subjects"])
+    assert _one(docs, "RoleBinding", "oneword-pipeline-runner-kfp")["roleRef"]["name"] == "kubeflow-edit"
+    limits = _one(docs, "LimitRange", "oneword-ephemeral-storage")["spec"]["limits"][0]
+    assert set(limits["default"]) == {"ephemeral-storage"}  # cpu/memory stay the pipelines' per-step settings
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -98,7 +215,7 @@ def test_gpu_pods_get_the_toleration_in_the_gpu_pool(rendered):
     assert gpu_pods
     for _d, spec in gpu_pods:
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
-        assert spec["nodeSelector"] == {"oneword.ai/pool": "gpu"}
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}  # the pipelines' default (GFD's label)
     assert not any(s.get("tolerations") for _, s in _pod_specs(rendered["dev"]))
 
 
@@ -148,8 +265,15 @@ def test_images_install_what_ci_installs(name):
     assert "-r runtime.lock" in (ROOT / "requirements" / "dev.lock").read_text()  # CI installs it via dev.lock
     assert "--no-deps /src" in text  # nothing beyond the lock
     froms = re.findall(r"^FROM (\S+)", text, re.M)
-    assert len(froms) >= 2 and all("@${" in f for f in froms)  # multi-stage, pinned by digest
+    assert len(froms) >= 2 and all(f.startswith("${PYTHON_IMAGE}${PYTHON_DIGEST}") for f in froms)  # multi-stage
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base)  # an exact version: builds with no arguments
+    assert re.search(r"^ARG PYTHON_DIGEST=$", text, re.M)  # optional: --build-arg PYTHON_DIGEST=@sha256:...
+    assert "nvidia/cuda" not in "".join(froms)  # one CUDA stack: torch's wheels bring the runtime
     assert re.search(r"^USER 10001$", text, re.M) and "ENV PATH=/opt/oneword/bin:$PATH" in text
+    # HF_HOME lies inside /models, where the pipelines mount the model cache, and is the user's without a volume
+    assert re.search(r"^\s+HF_HOME=/models/huggingface", text, re.M)
+    assert "mkdir -p /models/huggingface && chown -R 10001:10001 /models" in text
 
 
 def test_hadolint_is_clean():
@@ -217,3 +341,46 @@ def test_mlflow_server_as_the_manifest_starts_it(rendered, tmp_path, s3_server, 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_mlflow_image_has_the_auth_app_at_the_dev_lock_pins():
+    pins = dict(re.findall(r"^(Flask-WTF|WTForms)==(\S+)", (ROOT / "requirements" / "dev.lock").read_text(), re.M))
+    assert set(pins) == {"Flask-WTF", "WTForms"}
+    assert f"Flask-WTF=={pins['Flask-WTF']} WTForms=={pins['WTForms']}" in _dockerfile("cpu")
+
+
+WORKFLOW = ROOT / ".github" / "workflows" / "images.yml"
+
+
+def test_image_workflow_is_a_valid_github_workflow():
+    checker = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent)) or shutil.which(
+        "check-jsonschema")
+    assert checker, "check-jsonschema is a dev dependency (requirements/dev.lock)"
+    subprocess.run([checker, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)], check=True)
+
+
+def test_image_workflow_pushes_both_images_tagged_with_the_package_version():
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as true
+    assert on == {"push": {"tags": ["v*"]}}
+    assert wf["permissions"]["packages"] == "write"
+    check = wf["jobs"]["version"]["steps"][1]
+    assert "src/oneword/__init__.py" in check["run"] and '"${TAG#v}" != "$version"' in check["run"]
+    assert "exit 1" in check["run"] and check["env"]["TAG"] == "${{ github.ref_name }}"
+    image = wf["jobs"]["image"]
+    assert image["needs"] == "version"
+    assert {(m["name"], m["dockerfile"]) for m in image["strategy"]["matrix"]["include"]} == {
+        ("oneword", "docker/cpu.Dockerfile"), ("oneword-cuda", "docker/cuda.Dockerfile")}
+    build = next(s for s in image["steps"] if s.get("uses", "").startswith("docker/build-push-action@"))
+    assert build["with"]["push"] is True
+    assert build["with"]["tags"] == (
+        "ghcr.io/${{ needs.version.outputs.owner }}/${{ matrix.name }}:${{ needs.version.outputs.version }}")
+    assert build["with"]["cache-from"].startswith("type=gha") and build["with"]["cache-to"].startswith("type=gha")
+    for job in wf["jobs"].values():
+        for step in job["steps"]:
+            if "uses" in step:
+                assert re.search(r"@v\d+\.\d+\.\d+$", step["uses"]), step["uses"]  # a full version tag
+    # the version the workflow computes is the package's
+    script = re.search(r"python3 -c '([^']+)'", check["run"]).group(1)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == __version__

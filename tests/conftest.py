@@ -47,6 +47,14 @@ def tiny_v_model_dir(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_model_dir(tmp_path_factory) -> Path:
+    """A tiny model shaped as SD 2.1's diffusers folder: 1024-wide text encoder, v-prediction, '!' padding, 32 px."""
+    from oneword.random_models import build_tiny_sd2_model
+
+    return build_tiny_sd2_model(tmp_path_factory.mktemp("tiny-sd2") / "model", seed=2)
+
+
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     """A fresh `LoadedModel` (tokens added by one test never leak into another)."""

@@ -1,10 +1,12 @@
 """Random-weight Stable Diffusion models built in code, with no download.
 
 - `build_tiny_model`: a ~3M-parameter model with the real CLIP tokenizer, for tests and the default benchmark.
+- `build_tiny_sd2_model`: Stable Diffusion 2.1's layout and config keys (1024-wide text encoder, v-prediction,
+  `!` padding), scaled down, for end-to-end tests of the SD 2 family.
 - `build_sd15_shape_model`: Stable Diffusion 1.5's exact architecture with random weights, for GPU timings
   (compute does not depend on the weights' values).
 
-Both write an ordinary diffusers folder that `oneword.models.load_base_model` loads like any other.
+Each writes an ordinary diffusers folder that `oneword.models.load_base_model` loads like any other.
 """
 
 from __future__ import annotations
@@ -105,6 +107,71 @@ def build_tiny_model(
         unet,
         vae,
         dict(SD_SCHEDULER, prediction_type=prediction_type),
+    )
+
+
+# The text encoder config keys stabilityai/stable-diffusion-2-1 ships in text_encoder/config.json (OpenCLIP ViT-H/14's
+# text tower as transformers' CLIPTextModel, converted with transformers' defaults of the time: hence bos 0, eos 2 and
+# pad 1, which are not the tokenizer's ids; transformers then pools at the argmax id, which SD never reads).
+SD2_TEXT_ENCODER = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,  # OpenCLIP's 24 less the last: SD 2 conditions on the penultimate layer
+    num_attention_heads=16,
+    max_position_embeddings=MAX_LENGTH,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=512,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
+def build_tiny_sd2_model(out: Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight model shaped as Stable Diffusion 2.1's diffusers folder (32 px, 4x4x4 latents).
+
+    What oneword and diffusers read to tell SD 2 from SD 1 is SD 2.1's: a 1024-wide `CLIPTextModel` with 16 heads
+    and GELU, the tokenizer padding with `!`, a UNet with 1024-wide cross-attention, linear projections in its
+    transformers, heads per block (`attention_head_dim`) doubling with the channels and upcast attention, a VAE
+    that downsamples 8x, and a DDIM scheduler predicting v. Only depths and channel counts are cut (1 text layer,
+    2 UNet levels, 16-32 VAE channels); the 49,408 x 1024 token-embedding table (~200 MB) is the bulk of it.
+
+    Args:
+        out: folder to write.
+        seed: seed for the random weights.
+
+    Returns:
+        `out`.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**dict(SD2_TEXT_ENCODER, num_hidden_layers=1, intermediate_size=128)))
+    unet = UNet2DConditionModel(
+        sample_size=4,  # SD 2.1: 96 (768 px)
+        block_out_channels=(32, 64),  # SD 2.1: (320, 640, 1280, 1280)
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=1024,
+        attention_head_dim=(2, 4),  # heads per block, 16 channels each; SD 2.1: (5, 10, 20, 20), 64 each
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        sample_size=32,  # SD 2.1: 768
+        block_out_channels=(16, 32, 32, 32),  # SD 2.1: (128, 256, 512, 512): four levels, 8x down
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    return _save(
+        out, load_clip_tokenizer("!"), text_encoder, unet, vae, dict(SD_SCHEDULER, prediction_type="v_prediction")
     )
 
 

@@ -33,7 +33,7 @@ SRC = Path(__file__).parents[1] / "src" / "oneword"
 
 # The library's commands and the config models whose fields their options are.
 CLI_SOURCES = {
-    "train": (TrainConfig, ConceptSpec),  # --learning-rate is TrainConfig's (a concept's own is set in --concepts)
+    "train": (TrainConfig, ConceptSpec, TrackingConfig),  # --learning-rate: TrainConfig's (a concept's: --concepts)
     "evaluate": (EvalConfig,),
     "preprocess": (PreprocessConfig,),
     "register": (GateThresholds, TrackingConfig),

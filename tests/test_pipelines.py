@@ -14,6 +14,7 @@ import yaml
 
 from oneword import __version__, registry
 from oneword.pipelines.compile import stale_files
+from oneword.pipelines.parameters import PIPELINE_ROOT
 
 from .conftest import DREAMBENCH
 
@@ -330,8 +331,11 @@ def test_submit_sends_the_pipeline_and_parameters(kfp_api):
     assert out["run_id"] == "run-1" and out["url"].endswith("/#/runs/details/run-1")
     body = json.loads(next(b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")))
     assert body["display_name"] == "my-cat-1" and body["experiment_id"] == "exp-1"
-    assert body["service_account"] == "oneword-pipeline-runner"  # k8s/base/rbac.yaml
+    assert body["service_account"] == "oneword-pipeline-runner"  # k8s/base/pipeline-namespace/rbac.yaml
     assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "textual-inversion"
+    # oneword's bucket, given per run: KFP's own kfp-launcher ConfigMap is never touched
+    assert body["runtime_config"]["pipeline_root"].startswith("s3://oneword-artifacts/pipeline-root?")
+    assert "endpoint=http%3A%2F%2Fminio.oneword" in body["runtime_config"]["pipeline_root"]
     assert body["runtime_config"]["parameters"] == {
         "images": "s3://data/my-cat",
         "token": "<my-cat>",
@@ -473,3 +477,4 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
     assert rr["service_account"] == "oneword-pipeline-runner"
     assert rr["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-1"}
     assert rr["runtime_config"]["parameters"] == {"concepts_manifest": "s3://data/concepts.yaml"}
+    assert rr["runtime_config"]["pipeline_root"] == PIPELINE_ROOT

@@ -76,7 +76,15 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(
         None, ge=0, description="steps between checkpoints; 0 = only the last (None: the model's profile)"
     )
-    log_every: int = Field(10, ge=1, description="steps between loss/norm reports (and NaN checks)")
+    log_every: int = Field(
+        10, ge=1, description="steps between loss/norm reports (log line, live MLflow metrics) and NaN checks"
+    )
+    sample_every: int = Field(
+        500,
+        ge=0,
+        description="steps between sample pictures logged to the live MLflow run (ten in a paper-length run of "
+        "5000 steps, a few seconds each on a GPU); 0 = none",
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
 
     def resolved(self, profile) -> TrainConfig:
@@ -144,7 +152,9 @@ class TrackingConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tracking_uri: str = Field("", description="MLflow URI (empty: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    tracking_uri: str = Field(
+        "", description="MLflow URI (empty: MLFLOW_TRACKING_URI, else ./mlflow.db; train then tracks nothing)"
+    )
     experiment: str = Field("oneword", description="MLflow experiment")
 
 

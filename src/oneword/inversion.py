@@ -355,8 +355,8 @@ class InversionTrainer:
             checkpoint_dir: folder or `s3://` prefix for checkpoints (None: no checkpoints).
             resume: continue from the newest readable checkpoint in `checkpoint_dir`, if there is one.
             callbacks: called as `cb(step, {"loss": ..., "embedding_norm": ...})` every `log_every` steps, with
-                the means over the concepts still training.
-            progress: show a progress bar.
+                the means over the concepts still training (each concept's point is in `curves` by then).
+            progress: show a progress bar (without one, every report is a log line).
             keep_going: when every concept has stopped, return (each with its reason in `failed`) instead of
                 raising. A concept that stops while others still train never raises.
 
@@ -449,6 +449,15 @@ class InversionTrainer:
                 "from the last good checkpoint",
             )
         mean = {k: sum(p[k] for p in points) / len(points) for k in ("loss", "embedding_norm")}
+        if bar.disable:  # pods run without a bar: their log is where a training's progress shows
+            log.info(
+                "step %d/%d: loss %.4f, embedding norm %.4f%s",
+                self.step,
+                self.config.steps,
+                mean["loss"],
+                mean["embedding_norm"],
+                f" (means of {len(points)} concepts)" if len(points) > 1 else "",
+            )
         for cb in callbacks:
             cb(self.step, mean)
         bar.set_postfix(loss=f"{mean['loss']:.4f}", norm=f"{mean['embedding_norm']:.3f}")

@@ -2,7 +2,12 @@
 
 `register` logs one MLflow run per concept (params, training curve, evaluation metrics, artifacts), verifies
 every uploaded artifact against its local sha256, and only then registers a model version under a registered
-model named after the concept. A failure before that point leaves no version; a failure after it deletes the
+model named after the concept. When training logged live (`oneword.live`), that run is the concept's run: its id
+is in summary.json, `register` completes it and ends it. The evaluation scores are metrics of the logged model
+too, so `mlflow.search_logged_models(filter_string="metrics.reconstruction > 0.5")` finds concepts by score
+(MLflow 3.17's `search_model_versions` filters by name, version, run id, source and tags only; a version
+links to its logged model by `model_id`, which its REST API leaves out: the version's source is
+`models:/<model_id>`). A failure before that point leaves no version; a failure after it deletes the
 version again. The `champion` alias moves to the new version only if it passes the quality gate and beats the
 current champion (scored by the same evaluator); otherwise the version gets the alias `candidate` and a tag
 saying why.
@@ -46,7 +51,8 @@ def concept_name(token: str) -> str:
     return name
 
 
-def _ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:
+def ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:
+    """The id of experiment `name`, made if it is new (safely when another process makes it too)."""
     from mlflow.exceptions import MlflowException
 
     exp = mlflow.get_experiment_by_name(name)
@@ -156,6 +162,7 @@ def register(
     experiment: str = EXPERIMENT,
     thresholds: GateThresholds = GateThresholds(),
     batch_id: str = "",
+    run_tags: dict[str, str] | None = None,
 ) -> Registration:
     """Log a trained (and evaluated) concept to MLflow and register it as a model version.
 
@@ -167,6 +174,7 @@ def register(
         experiment: MLflow experiment.
         thresholds: the quality gate's minimum scores.
         batch_id: set by batch personalisation, so a batch's versions can be found together.
+        run_tags: more run tags (which KFP run, `oneword.live.kfp_tags`).
 
     Returns:
         The `Registration`.
@@ -176,12 +184,21 @@ def register(
     uri = tracking_uri or default_tracking_uri()
     mlflow, client = _setup(uri)
     files = _artifact_files(train_dir, eval_dir, concept.name)
-    exp_id = _ensure_experiment(mlflow, experiment, uri)
-    with mlflow.start_run(experiment_id=exp_id, run_name=concept.name, tags=_run_tags(concept)) as run:
+    exp_id = ensure_experiment(mlflow, experiment, uri)
+    tags = {**_run_tags(concept), **(run_tags or {})}
+    live = _live_run(client, concept.summary.get("mlflow_run_id"))
+    opened = (
+        mlflow.start_run(run_id=live, tags=tags)
+        if live
+        else mlflow.start_run(experiment_id=exp_id, run_name=concept.name, tags=tags)
+    )
+    with opened as run:  # ends FINISHED, or FAILED on an error
         run_id = run.info.run_id
-        _log_params_and_metrics(mlflow, client, run_id, concept, train_dir / "curve.json")
+        _log_params_and_metrics(mlflow, client, run_id, concept, train_dir / "curve.json", live is not None)
         _upload_and_verify(mlflow, client, run_id, files)
         info = _log_model(mlflow, concept, files["embeddings/diffusers/learned_embeds.safetensors"])
+        if concept.metrics:  # on the logged model too, where search_logged_models filters by them
+            mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
     # Everything is uploaded and verified: only now does a version exist.
     version, alias, reason = _register_version(client, concept, run_id, info, thresholds)
     return Registration(concept.name, version, alias, reason, run_id, f"models:/{concept.name}/{version}", uri)
@@ -227,17 +244,37 @@ def _run_tags(concept: _Concept) -> dict[str, str]:
     return tags
 
 
-def _log_params_and_metrics(mlflow, client, run_id: str, concept: _Concept, curve_file: Path) -> None:
-    """Log the params, the training curve, and the evaluation metrics with the checkpoint curve."""
+def _live_run(client, run_id: str | None) -> str | None:
+    """The live run training left RUNNING for this concept, if this store has it; else None (a new run)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException as e:
+        log.warning("training's MLflow run %s is not in this store (%s); registering in a new run", run_id, e)
+        return None
+    if status != "RUNNING":  # registered before (or a register failed half-way): a new run, as without one
+        log.info("training's MLflow run %s is %s; registering in a new run", run_id, status)
+        return None
+    return run_id
+
+
+def _log_params_and_metrics(
+    mlflow, client, run_id: str, concept: _Concept, curve_file: Path, live: bool = False
+) -> None:
+    """Log the params, the training curve (the points a live run lacks), and the checkpoint curve."""
     from mlflow.entities import Metric
 
     mlflow.log_params(_flat_params(concept.summary, concept.metrics))
     curve = json.loads(curve_file.read_text())
-    batch = [Metric(k, float(p[k]), 0, int(p["step"])) for p in curve for k in ("loss", "embedding_norm")]
+    have = {m.step for m in client.get_metric_history(run_id, "loss")} if live else set()
+    new = [p for p in curve if int(p["step"]) not in have]
+    batch = [Metric(k, float(p[k]), 0, int(p["step"])) for p in new for k in ("loss", "embedding_norm")]
     for i in range(0, len(batch), 900):
         client.log_batch(run_id, metrics=batch[i : i + 900])
     if concept.metrics:
-        mlflow.log_metrics(_eval_metrics(concept.metrics))
         for p in concept.metrics["selection"]["curve"]:
             mlflow.log_metrics(
                 {"ckpt_reconstruction": p["reconstruction"], "ckpt_editability": p["editability"]},
@@ -250,28 +287,53 @@ def _profile(summary: dict) -> ModelProfile:
     return ModelProfile(**summary["profile"]) if "profile" in summary else PROFILES[DEFAULT_FAMILY]
 
 
+class _Pyfunc:
+    """`mlflow.pyfunc` as a flavor of `Model.log`, which takes `validate_serving_input`; pyfunc's own save does not."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs) -> None:
+        import mlflow.pyfunc
+
+        mlflow.pyfunc.save_model(**kwargs)
+
+
 def _log_model(mlflow, concept: _Concept, embedding: Path):
     """Log the servable pyfunc model around the embedding, then check that its copy of the embedding is intact."""
-    import mlflow.pyfunc
+    from mlflow.models import Model
 
-    from oneword.serving import ConceptModel, signature
+    from oneword.serving import ConceptModel, code_folder, input_example, pip_requirements, signature
 
-    info = mlflow.pyfunc.log_model(
-        name="concept",
-        python_model=ConceptModel(),
-        artifacts={"embedding": str(embedding)},
-        model_config={
-            "base_model": concept.summary["model_source"],
-            "model_fingerprint": concept.summary["model_fingerprint"],
-            "token": concept.token,
-        },
-        signature=signature(_profile(concept.summary)),
-        pip_requirements=[f"oneword=={__version__}"],
-    )
+    profile = _profile(concept.summary)
+    with tempfile.TemporaryDirectory() as code:
+        info = Model.log(
+            artifact_path=None,
+            name="concept",
+            flavor=_Pyfunc,
+            flavor_name="pyfunc.CustomPythonModel",  # what mlflow.pyfunc.log_model records
+            python_model=ConceptModel(),
+            artifacts={"embedding": str(embedding)},
+            model_config={
+                "base_model": concept.summary["model_source"],
+                "model_fingerprint": concept.summary["model_fingerprint"],
+                "token": concept.token,
+            },
+            signature=signature(profile),
+            input_example=input_example(concept.token),
+            # oneword's own code travels with the model; its imports are pinned to what is installed here
+            code_paths=[str(code_folder(Path(code), concept.summary["model_source"]))],
+            pip_requirements=pip_requirements(),
+            # MLflow would load the model and predict the example to check it: that loads the base model
+            # (gigabytes) in the register step's small CPU pod. The serving tests load and predict instead.
+            validate_serving_input=False,  # (mlflow.pyfunc.log_model has no such switch: hence `_Pyfunc`)
+        )
+    # pyfunc keeps `artifacts` in the model's artifacts/ folder: only the embedding comes back, not the code
+    copy = f"{mlflow.get_logged_model(info.model_id).artifact_location}/artifacts/{embedding.name}"
     with tempfile.TemporaryDirectory() as d:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=d))
-        copies = list(local.rglob(embedding.name))
-        if not copies or sha256_file(copies[0]) != sha256_file(embedding):
+        try:
+            back = Path(mlflow.artifacts.download_artifacts(artifact_uri=copy, dst_path=d))
+        except Exception:  # a missing file reads as whatever the store raises
+            back = None
+        if back is None or sha256_file(back) != sha256_file(embedding):
             raise OnewordError(
                 f"the logged model {info.model_uri} does not hold the embedding intact",
                 hint="check the artifact store, then rerun `register`",
@@ -397,18 +459,26 @@ def _decide_alias(client, name: str, metrics: dict | None, thresholds: GateThres
 
 
 def record_failure(
-    tracking_uri: str | None, name: str, token: str, batch_id: str, stage: str, error: str, experiment: str = EXPERIMENT
+    tracking_uri: str | None,
+    name: str,
+    token: str,
+    batch_id: str,
+    stage: str,
+    error: str,
+    experiment: str = EXPERIMENT,
+    run_tags: dict[str, str] | None = None,
 ) -> str:
     """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why. Returns its id."""
     uri = tracking_uri or default_tracking_uri()
     mlflow, client = _setup(uri)
-    exp_id = _ensure_experiment(mlflow, experiment, uri)
+    exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {
         CONCEPT_TAG: name,
         "oneword.token": token,
         "oneword.batch_id": batch_id,
         "oneword.failed_stage": stage,
         "oneword.error": error[:4000],
+        **(run_tags or {}),
     }
     run = client.create_run(exp_id, run_name=f"{name} (failed)", tags=tags)
     client.set_terminated(run.info.run_id, status="FAILED")
@@ -426,7 +496,7 @@ def record_plan(tracking_uri: str | None, batch_id: str, concepts: list[dict], e
     """
     uri = tracking_uri or default_tracking_uri()
     mlflow, client = _setup(uri)
-    exp_id = _ensure_experiment(mlflow, experiment, uri)
+    exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
     run = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags)
     client.log_dict(run.info.run_id, {"concepts": concepts}, "plan.json")

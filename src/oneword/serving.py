@@ -1,18 +1,76 @@
 """The MLflow pyfunc model of a registered concept: prompts in, images out.
 
-The version holds only the embedding file; the base model is loaded by reference (its source and
-fingerprint are in the model config), never copied into the registry.
+The version holds the embedding file and oneword's own code (MLflow puts it on the path when it loads the
+model); the base model is loaded by reference (its source and fingerprint are in the model config), never
+copied into the registry. Its requirements are the packages that loading and predicting import, pinned to the
+versions installed where it was registered (the oneword image), so a serving environment built on that image
+installs nothing, and one built elsewhere gets the same versions from any index that has them.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import shutil
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
-from oneword.profiles import ModelProfile, profile_of
+from oneword.profiles import TOYWORLD, ModelProfile, profile_of
+
+# The distributions that loading and predicting import (tests/test_live_tracking.py checks the list against
+# what a load and a prediction do import); mlflow adds itself.
+RUNTIME_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "tokenizers",
+    "huggingface_hub",
+    "safetensors",
+    "accelerate",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+    "requests",
+    "tqdm",
+    "filelock",
+    "minio",
+    "boto3",
+)
+
+
+def pip_requirements() -> list[str]:
+    """`RUNTIME_PACKAGES` pinned to the installed versions (a local label such as `+cpu` included)."""
+    return [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
+
+
+def code_folder(dst: Path, base_model: str) -> Path:
+    """A copy of the oneword package to ship with a model, in `dst`; returns the package folder.
+
+    The toy world's assets stay behind (40 MB), except its model when the concept was trained on it: the
+    reference `toyworld` means the model inside the package.
+    """
+    src = Path(__file__).resolve().parent
+    toyworld = src / "data" / TOYWORLD
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
+        if Path(folder) == toyworld.parent and base_model != TOYWORLD:
+            skip.add(TOYWORLD)
+        elif Path(folder) == toyworld:
+            skip.update(n for n in names if n != "model")
+        return skip
+
+    return Path(shutil.copytree(src, Path(dst) / "oneword", ignore=ignore))
+
+
+def input_example(token: str) -> tuple[list[str], dict[str, Any]]:
+    """A request that draws one picture of the concept: the prompts, and the sampling options it sets."""
+    return [f"A photo of {token}"], {"n": 1, "seed": 0}
 
 
 def predict_params(profile: ModelProfile) -> dict[str, Any]:

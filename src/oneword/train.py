@@ -7,7 +7,7 @@ Output folder layout (one concept):
     kohya/<token>.safetensors    kohya format
     checkpoints/step-*.pt        every `checkpoint_every` steps (resume from the newest)
     curve.json                   loss and embedding norm every `log_every` steps
-    summary.json                 config, concept, model fingerprint, timing
+    summary.json                 config, concept, model fingerprint, timing (and the live MLflow run's id)
     dataset/                     the training images (when the latents carry them), for evaluation
 
 Several concepts trained together (`train_group`: a batch job's shard, in one batch of K x batch_size) write
@@ -32,6 +32,7 @@ from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
 from oneword.latents import DATASET_DIR, LatentSet
+from oneword.live import LiveRuns, LiveTracking
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
 from oneword.templates import get_templates
@@ -55,11 +56,14 @@ def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Pat
     return paths
 
 
-def _load_model(latents: LatentSet, base_model: str | LoadedModel | None, where: Path) -> LoadedModel:
+def _load_model(
+    latents: LatentSet, base_model: str | LoadedModel | None, where: Path, samples: bool = False
+) -> LoadedModel:
     source = base_model if base_model is not None else latents.meta.get("model_source")
     if source is None:
         raise OnewordError(f"{where} does not record its base model", hint="pass --base-model")
-    model = source if isinstance(source, LoadedModel) else load_base_model(source, parts=("unet",))
+    parts = ("unet", "vae") if samples else ("unet",)  # the VAE only to draw live sample pictures
+    model = source if isinstance(source, LoadedModel) else load_base_model(source, parts=parts)
     recorded = latents.meta.get("model_fingerprint")
     if recorded and recorded != model.fingerprint:
         log.warning(
@@ -95,7 +99,13 @@ def _run_summary(
 
 
 def _write_concept(
-    out_dir: Path, concept: ConceptSpec, latents: LatentSet, latents_dir: Path, result: TrainResult, run: dict
+    out_dir: Path,
+    concept: ConceptSpec,
+    latents: LatentSet,
+    latents_dir: Path,
+    result: TrainResult,
+    run: dict,
+    mlflow_run_id: str | None = None,
 ) -> None:
     """Write one concept's folder: its embedding in every format, curve, summary and training images."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +124,8 @@ def _write_concept(
         "files": {k: str(v.relative_to(out_dir)) for k, v in files.items()},
         **run,
     }
+    if mlflow_run_id:
+        summary["mlflow_run_id"] = mlflow_run_id  # the live run, left RUNNING: `register` completes and ends it
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
@@ -127,6 +139,8 @@ def train(
     resume: bool = False,
     callbacks: Sequence[MetricsCallback] = (),
     progress: bool = True,
+    tracking: LiveTracking | None = None,
+    name: str | None = None,
 ) -> TrainResult:
     """Learn one concept from its cached latents and write its files.
 
@@ -140,12 +154,14 @@ def train(
         resume: continue from the newest checkpoint there.
         callbacks: metrics callbacks, `cb(step, {"loss": ..., "embedding_norm": ...})`.
         progress: show a progress bar.
+        tracking: log live to MLflow (`oneword.live`); None: no MLflow.
+        name: the concept's registered-model name, which names its live run (default: from the token).
 
     Returns:
         The `TrainResult`.
     """
     latents = LatentSet.load(Path(latents_dir))
-    model = _load_model(latents, base_model, Path(latents_dir))
+    model = _load_model(latents, base_model, Path(latents_dir), samples=_samples(tracking, config))
     profile = profile_of(model)
     concept, config = concept.resolved(profile), config.resolved(profile)
     out_dir = Path(out_dir)
@@ -161,10 +177,40 @@ def train(
         config.lr,
         trainer.device,
     )
-    result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress)
-    _write_concept(
-        out_dir, concept, latents, Path(latents_dir), result, _run_summary(config, model, result, trainer, str(ckpt))
-    )
+    from oneword.registry import concept_name
+
+    name = name or concept_name(concept.token)
+    live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking else None
+    result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)
+    run = _run_summary(config, model, result, trainer, str(ckpt))
+    _write_concept(out_dir, concept, latents, Path(latents_dir), result, run, live.run_ids.get(name) if live else None)
+    return result
+
+
+def _samples(tracking: LiveTracking | None, config: TrainConfig) -> bool:
+    return tracking is not None and config.sample_every > 0
+
+
+def _run(
+    trainer: InversionTrainer,
+    live: LiveRuns | None,
+    ckpt: str | Path,
+    resume: bool,
+    callbacks: Sequence[MetricsCallback],
+    progress: bool,
+    keep_going: bool,
+) -> TrainResult:
+    """Run the trainer, feeding the live runs; they end FAILED if training fails (with the concepts that stop)."""
+    if live is not None:
+        callbacks = [*callbacks, live.callback(trainer, trainer.config.sample_every)]
+    try:
+        result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress, keep_going=keep_going)
+    except BaseException as e:
+        if live is not None:
+            live.fail_all(f"{type(e).__name__}: {e}")
+        raise
+    if live is not None:
+        live.end({live.names[token]: why for token, why in result.failed.items() if token in live.names})
     return result
 
 
@@ -188,7 +234,7 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
     """
     what = {
         "concepts": [(name, spec.model_dump(), lat.image_sha256) for name, spec, lat in members],
-        "config": config.model_dump(exclude={"log_every", "device", "compile"}),
+        "config": config.model_dump(exclude={"log_every", "sample_every", "device", "compile"}),
         "model": fingerprint,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -203,6 +249,7 @@ def train_group(
     resume: bool = True,
     callbacks: Sequence[MetricsCallback] = (),
     progress: bool = True,
+    tracking: LiveTracking | None = None,
 ) -> list[dict]:
     """Learn several concepts together (one batch of K x batch_size), each written to `out_dir/<name>/`.
 
@@ -219,6 +266,7 @@ def train_group(
         resume: continue from the newest readable checkpoint there.
         callbacks: metrics callbacks (means over the concepts still training).
         progress: show a progress bar.
+        tracking: log live to MLflow (`oneword.live`), one run per concept named by its name; None: no MLflow.
 
     Returns:
         One status per member, in order: `{"name", "token", "status": "trained"|"failed", "stage", "error"}`.
@@ -246,7 +294,7 @@ def train_group(
             loaded.append((name, spec, LatentSet.load(Path(where)), Path(where)))
         except OnewordError as e:
             fail(name, "train", str(e))
-    model = _load_model(loaded[0][2], base_model, loaded[0][3]) if loaded else None
+    model = _load_model(loaded[0][2], base_model, loaded[0][3], _samples(tracking, config)) if loaded else None
     profile = profile_of(model) if model is not None else None
     config = config.resolved(profile) if profile is not None else config
     ready = []
@@ -271,13 +319,14 @@ def train_group(
             trainer.device,
             ckpt,
         )
-        result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress, keep_going=True)
+        live = LiveRuns(tracking, [(n, s) for n, s, _, _ in ready], model.fingerprint) if tracking else None
+        result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=True)
         run = _run_summary(config, model, result, trainer, ckpt if checkpoint_root else "../checkpoints")
         for name, spec, lat, where in ready:
             if spec.token in result.failed:
                 fail(name, "train", result.failed[spec.token])
                 continue
-            _write_concept(out_dir / name, spec, lat, where, result, run)
+            _write_concept(out_dir / name, spec, lat, where, result, run, live.run_ids.get(name) if live else None)
             status[name].update(status="trained", stage="train")
     rows = [status[name] for name, _, _ in members]
     (out_dir / GROUP_FILE).write_text(json.dumps(rows, indent=2))

@@ -6,8 +6,10 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.pipelines.parameters import PIPELINE_ROOT
 
 HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
+PIPELINE_ROOT_HELP = "where the run's artifacts go (default: oneword's MinIO bucket; '': the namespace's KFP default)"
 IMAGE_REGISTRY = typer.Option(
     help="registry the cluster pulls oneword's images from (required), e.g. ghcr.io/oneword-ml for the released ones",
     envvar="ONEWORD_IMAGE_REGISTRY",
@@ -60,6 +62,7 @@ def submit_cmd(
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
+    pipeline_root: Annotated[str, typer.Option(help=PIPELINE_ROOT_HELP)] = PIPELINE_ROOT,
     cache: Annotated[
         bool, typer.Option(help="reuse cached preprocess/cache_latents results; --no-cache after changing photos")
     ] = True,
@@ -91,6 +94,7 @@ def submit_cmd(
             service_account=service_account,
             cache=cache,
             image_registry=image_registry,
+            pipeline_root=pipeline_root,
         )
     )
 
@@ -111,6 +115,7 @@ def schedule_cmd(
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
+    pipeline_root: Annotated[str, typer.Option(help=PIPELINE_ROOT_HELP)] = PIPELINE_ROOT,
 ) -> None:
     """Upload batch_personalisation as a new pipeline version and run it on a schedule.
 
@@ -136,5 +141,6 @@ def schedule_cmd(
             token=existing_token,
             service_account=service_account,
             image_registry=image_registry,
+            pipeline_root=pipeline_root,
         )
     )

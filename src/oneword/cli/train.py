@@ -9,7 +9,7 @@ import typer
 
 from oneword.cli.app import app
 from oneword.cli.options import default, option
-from oneword.config import ConceptSpec, TrainConfig
+from oneword.config import ConceptSpec, TrackingConfig, TrainConfig
 
 
 @app.command("train")
@@ -53,17 +53,23 @@ def train_cmd(
     checkpoint_dir: Annotated[str | None, typer.Option(help="folder or s3:// prefix (default OUT/checkpoints)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
     log_every: Annotated[int, option(TrainConfig, "log_every")] = default(TrainConfig, "log_every"),
+    sample_every: Annotated[int, option(TrainConfig, "sample_every")] = default(TrainConfig, "sample_every"),
     device: Annotated[str, option(TrainConfig, "device")] = default(TrainConfig, "device"),
+    tracking_uri: Annotated[str, option(TrackingConfig, "tracking_uri")] = default(TrackingConfig, "tracking_uri"),
+    experiment: Annotated[str, option(TrackingConfig, "experiment")] = default(TrackingConfig, "experiment"),
 ) -> None:
     """Learn a new word for the concept in the latents, or for several concepts together (--concepts).
 
     Examples:
       oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train
       oneword train --concepts shard.yaml -o runs/shard-0 --resume   # K concepts in one batch of K x batch-size
+      oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train \
+          --tracking-uri http://mlflow:5000   # live loss, norm and sample pictures; `register` ends the run
     """
     from rich import print as rprint
 
     from oneword.errors import OnewordError
+    from oneword.live import LiveTracking
     from oneword.train import train, train_group
 
     config = TrainConfig(
@@ -80,8 +86,10 @@ def train_cmd(
         gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every,
         log_every=log_every,
+        sample_every=sample_every,
         device=device,
     )
+    tracking = LiveTracking.configured(tracking_uri, experiment)
     if concepts is not None:
         if latents is not None or token or init_word:
             raise OnewordError("pass either --concepts or LATENTS with --token and --init-word, not both")
@@ -92,6 +100,7 @@ def train_cmd(
             base_model=base_model,
             checkpoint_root=checkpoint_dir,
             resume=resume,
+            tracking=tracking,
         )
         for row in rows:
             where = f"{out}/{row['name']}" if row["status"] == "trained" else f"{row['stage']}: {row['error']}"
@@ -102,7 +111,16 @@ def train_cmd(
     if latents is None or not token or not init_word:
         raise OnewordError("train needs LATENTS, --token and --init-word (or --concepts FILE)")
     concept = ConceptSpec(token=token, init_word=init_word, n_vectors=n_vectors, templates=templates)
-    r = train(latents, out, concept, config, base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume)
+    r = train(
+        latents,
+        out,
+        concept,
+        config,
+        base_model=base_model,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        tracking=tracking,
+    )
     rprint(
         f"[green]{token}[/] trained for {r.steps} steps ({r.steps_per_second:.1f} steps/s) -> "
         f"{out}/learned_embeds.safetensors"

@@ -106,6 +106,12 @@ def train(
     checkpoint_every: int = 0,
     checkpoint_root: str = "",
     on_error: str = "fail",
+    log_every: int = 10,
+    sample_every: int = 500,
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
 ) -> list:
     """Learn the concepts' embeddings together, in one batch of K x batch_size (resumes from its checkpoints).
 
@@ -127,6 +133,13 @@ def train(
             retried or resubmitted task resumes; empty = inside the model artifact.
         on_error: fail (any concept's failure fails the task) or record (failed concepts are marked, see
             preprocess).
+        log_every: steps between loss/norm reports: a log line, and live metrics in each concept's MLflow run.
+        sample_every: steps between sample pictures logged to each concept's MLflow run; 0 = none.
+        tracking_uri: MLflow tracking URI of the live runs (empty: $MLFLOW_TRACKING_URI; neither: no live runs).
+            Each stays RUNNING for register, which completes and ends it.
+        experiment: MLflow experiment.
+        kfp_run_id: the KFP run's id (run tag kfp.run_id).
+        kfp_run_name: the KFP run's name (run tag kfp.run_name).
 
     Returns:
         The concept names, in order (the evaluate/register fan-out iterates over them).
@@ -136,6 +149,7 @@ def train(
 
     from oneword.config import ConceptSpec, TrainConfig
     from oneword.errors import OnewordError
+    from oneword.live import LiveTracking, kfp_tags
     from oneword.pipelines.parameters import unset_to_none as unset
     from oneword.train import SUMMARY_FILE, train_group
 
@@ -146,8 +160,9 @@ def train(
         members, model.path,
         TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate), scale_lr=scale_lr,
                     progressive_every=progressive_every, init_l2=init_l2, seed=seed,
-                    checkpoint_every=unset(checkpoint_every)),
+                    checkpoint_every=unset(checkpoint_every), log_every=log_every, sample_every=sample_every),
         base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
+        tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
     )
     failed = [r for r in rows if r["status"] != "trained"]
     if failed and on_error == "fail":
@@ -239,6 +254,8 @@ def register(
     min_editability: float = -1.0,
     batch_id: str = "",
     on_error: str = "fail",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
 ) -> str:
     """Log the run to MLflow and register the concept; champion only if it passes the gate and beats the last.
 
@@ -254,6 +271,8 @@ def register(
         batch_id: the run's id; the batch report finds the batch's versions and failures by it.
         on_error: fail or record (see preprocess); a concept that failed at an earlier step is recorded as a
             FAILED MLflow run with the step and the error.
+        kfp_run_id: the KFP run's id (run tag kfp.run_id).
+        kfp_run_name: the KFP run's name (run tag kfp.run_name).
 
     Returns:
         name/version@alias, or "name failed at STEP".
@@ -263,21 +282,24 @@ def register(
     from pathlib import Path
 
     from oneword.config import GateThresholds
+    from oneword.live import kfp_tags
     from oneword.outcome import read_failure, run_step
     from oneword.registry import record_failure
     from oneword.registry import register as run
 
     trained = os.path.join(model.path, concept)
+    tags = kfp_tags(kfp_run_id, kfp_run_name)
     r = run_step("register", registration.path, on_error,
                  lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
                              thresholds=GateThresholds(min_reconstruction=min_reconstruction,
-                                                       min_editability=min_editability), batch_id=batch_id),
+                                                       min_editability=min_editability), batch_id=batch_id,
+                             run_tags=tags),
                  upstream=[evaluation.path])
     if r is None:
         why = read_failure(registration.path)
         group = json.loads(Path(model.path, "concepts.json").read_text())
         token = next((c["token"] for c in group if c["name"] == concept), "")
-        record_failure(tracking_uri or None, concept, token, batch_id, why["stage"], why["error"], experiment)
+        record_failure(tracking_uri or None, concept, token, batch_id, why["stage"], why["error"], experiment, tags)
         registration.metadata.update({"failed": why["stage"]})
         return f"{concept} failed at {why['stage']}"
     os.makedirs(registration.path, exist_ok=True)

@@ -101,6 +101,8 @@ def personalise(
     clip_model: str = D["clip_model"],
     dino_model: str = D["dino_model"],
     checkpoint_budget: int = D["checkpoint_budget"],
+    log_every: int = D["log_every"],
+    sample_every: int = D["sample_every"],
     tracking_uri: str = D["tracking_uri"],
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
@@ -145,7 +147,9 @@ def personalise(
         latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
         init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
-        on_error=on_error,
+        on_error=on_error, log_every=log_every, sample_every=sample_every, tracking_uri=tracking_uri,
+        experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     )
     _gpu_step(tr, p)
     # Honoured inside sub-DAGs from KFP 2.14 (docs/deploy.md); a retry resumes from the checkpoints under
@@ -163,7 +167,8 @@ def personalise(
         reg = c.register(
             model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
             experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability,
-            batch_id=batch_id, on_error=on_error,
+            batch_id=batch_id, on_error=on_error, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         )
         _cpu_step(reg, p).set_caching_options(False)
     return dsl.Collected(reg.outputs["Output"])
@@ -210,6 +215,8 @@ def textual_inversion(
     clip_model: str = D["clip_model"],
     dino_model: str = D["dino_model"],
     checkpoint_budget: int = D["checkpoint_budget"],
+    log_every: int = D["log_every"],
+    sample_every: int = D["sample_every"],
     tracking_uri: str = D["tracking_uri"],
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
@@ -256,6 +263,8 @@ def textual_inversion(
         clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity, e.g. facebook/dino-vits16 (empty: skip).
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: evaluate the final step only).
+        log_every: steps between loss/norm reports: a log line, and live metrics in the concept's MLflow run.
+        sample_every: steps between sample pictures logged to the concept's MLflow run during training (0: none).
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).
@@ -315,6 +324,8 @@ def batch_personalisation(
     clip_model: str = D["clip_model"],
     dino_model: str = D["dino_model"],
     checkpoint_budget: int = D["checkpoint_budget"],
+    log_every: int = D["log_every"],
+    sample_every: int = D["sample_every"],
     tracking_uri: str = D["tracking_uri"],
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
@@ -362,6 +373,8 @@ def batch_personalisation(
         clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity (empty: skip).
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: final step only).
+        log_every: steps between loss/norm reports: a log line, and live metrics in the concept's MLflow run.
+        sample_every: steps between sample pictures logged to the concept's MLflow run during training (0: none).
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).

@@ -39,6 +39,8 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "init_l2": (TrainConfig, "init_l2"),
     "seed": (TrainConfig, "seed"),
     "checkpoint_every": (TrainConfig, "checkpoint_every"),
+    "log_every": (TrainConfig, "log_every"),
+    "sample_every": (TrainConfig, "sample_every"),
     "prompt_set": (EvalConfig, "prompt_set"),
     "n_images": (EvalConfig, "n_images"),
     "sampling_steps": (EvalConfig, "steps"),
@@ -55,6 +57,13 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
 }
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the pipelines' (oneword run's: toyworld)
+# Where KFP writes the runs' artifacts: oneword's MinIO, given per run (KFP's own kfp-launcher ConfigMap stays as
+# it is). The query makes KFP's launcher open the bucket with the pod's AWS_* credentials (oneword-s3) instead of
+# kfp-launcher's providers (KFP 2.17 backend/src/v2/config/s3.go); gocloud's s3blob reads these four keys.
+PIPELINE_ROOT = (
+    "s3://oneword-artifacts/pipeline-root?region=us-east-1&endpoint=http%3A%2F%2Fminio.oneword.svc.cluster.local"
+    "%3A9000&use_path_style=true&disable_https=true"
+)
 CHECKPOINT_ROOT = "s3://oneword-artifacts/checkpoints"  # the bucket docs/deploy.md makes; outlives a preempted pod
 CLUSTER_PARAMETERS = list(ClusterConfig.model_fields)  # every pipeline takes them, in this order
 MODEL_CACHE_MOUNT = "/models"  # where model_cache_pvc is mounted; the images' HF_HOME lies inside it

@@ -5,6 +5,7 @@ import json
 from oneword.errors import OnewordError
 from oneword.pipelines.compile import tmp_package
 from oneword.pipelines.container import require_registry
+from oneword.pipelines.parameters import PIPELINE_ROOT
 
 
 def _client(host: str, namespace: str | None, token: str | None):
@@ -17,17 +18,19 @@ def _client(host: str, namespace: str | None, token: str | None):
                            hint="check --host (e.g. http://ml-pipeline-ui.kubeflow) and your credentials") from e
 
 
-SERVICE_ACCOUNT = "oneword-pipeline-runner"  # k8s/base/rbac.yaml
+SERVICE_ACCOUNT = "oneword-pipeline-runner"  # k8s/base/pipeline-namespace/rbac.yaml
 
 
 def submit(host: str, params: dict, pipeline: str = "textual_inversion", experiment: str = "oneword",
            namespace: str | None = None, run_name: str | None = None, token: str | None = None,
-           service_account: str = SERVICE_ACCOUNT, cache: bool = True, image_registry: str | None = None) -> dict:
+           service_account: str = SERVICE_ACCOUNT, cache: bool = True, image_registry: str | None = None,
+           pipeline_root: str = PIPELINE_ROOT) -> dict:
     """Start one run of a pipeline on a cluster.
 
     KFP caches `preprocess` (keyed by a fingerprint of the photos' content, which the planning step takes every
     run) and `cache_latents`; `cache=False` turns the cache off for every task of the run, nested ones included.
     `image_registry` is where the cluster pulls oneword's images from; without it nothing is sent.
+    `pipeline_root` is where the run's artifacts go (KFP's own default root is left to KFP's other pipelines).
 
     Returns:
         `{"run_id", "experiment", "url"}`.
@@ -37,14 +40,16 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
     run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                   experiment_name=experiment, namespace=namespace,
                                                   service_account=service_account or None,
-                                                  enable_caching=None if cache else False)
+                                                  enable_caching=None if cache else False,
+                                                  pipeline_root=pipeline_root or None)
     return {"run_id": run.run_id, "experiment": experiment, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
 
 def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", experiment: str = "oneword",
              pipeline: str = "batch_personalisation", version: str | None = None, max_concurrency: int = 1,
              catchup: bool = False, namespace: str | None = None, token: str | None = None,
-             service_account: str = SERVICE_ACCOUNT, image_registry: str | None = None) -> dict:
+             service_account: str = SERVICE_ACCOUNT, image_registry: str | None = None,
+             pipeline_root: str = PIPELINE_ROOT) -> dict:
     """Upload a pipeline version and run it on a schedule, replacing the schedule of the same name if there is one.
 
     KFP's API cannot change a recurring run in place, so the new one is created first and the old ones of that
@@ -61,8 +66,9 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         max_concurrency: runs of this schedule allowed at once.
         catchup: backfill the runs missed while the schedule was paused (off: start from now).
         namespace: the Kubernetes namespace of a multi-user KFP (every call is made in it).
-        service_account: the Kubernetes service account runs use (k8s/base/rbac.yaml makes it).
+        service_account: the Kubernetes service account runs use (k8s/base/pipeline-namespace/rbac.yaml makes it).
         image_registry: where the cluster pulls oneword's images from (required: see container.require_registry).
+        pipeline_root: where the runs' artifacts go (default: oneword's MinIO; "": the namespace's KFP default).
 
     Returns:
         `{"pipeline_id", "version_id", "recurring_run_id", "replaced": [ids of the schedules it replaced]}`.
@@ -92,7 +98,7 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
     job = client.create_recurring_run(
         experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, max_concurrency=max_concurrency,
         no_catchup=not catchup, params=params, pipeline_id=pipeline_id, version_id=v.pipeline_version_id,
-        enabled=True, service_account=service_account or None,
+        enabled=True, service_account=service_account or None, pipeline_root=pipeline_root or None,
     )
     replaced = [r for r in old if r != job.recurring_run_id]
     for r in replaced:

@@ -1,0 +1,215 @@
+"""Live training metrics in MLflow: what a long training is doing while it runs.
+
+Training opens one MLflow run per concept (the run `register` later completes and ends), logs each concept's
+loss and embedding norm every `log_every` steps, and every `sample_every` steps a grid of sample pictures drawn
+with the current embedding. The run stays RUNNING after training; its id goes into the concept's summary.json.
+
+Nothing here may stop a training: a call that fails (an MLflow outage) logs a warning, and the points not yet
+logged are sent with the next report once the server answers again. Live calls make no HTTP retries (a retry
+sleeps through its backoff while the GPU waits); after a failure the next `RETRY_AFTER_S` seconds of reports are
+skipped rather than each waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from unittest.mock import patch  # the stdlib's scoped os.environ change
+
+from oneword.config import ConceptSpec, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+KFP_RUN_ID_TAG, KFP_RUN_NAME_TAG = "kfp.run_id", "kfp.run_name"
+LIVE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+RETRY_AFTER_S = 60.0  # after a failed call, how long live logging rests before it tries again
+SAMPLE_SEEDS = 2  # pictures per prompt
+SAMPLE_STEPS = 10  # DDIM steps: enough to see the concept take shape, a fraction of an evaluation's cost
+SAMPLE_SEED = 0  # fixed, so that the pictures of one run differ only by the embedding
+
+
+def kfp_tags(run_id: str = "", run_name: str = "") -> dict[str, str]:
+    """The run tags saying which KFP run produced an MLflow run (none outside KFP)."""
+    tags = {KFP_RUN_ID_TAG: run_id, KFP_RUN_NAME_TAG: run_name}
+    return {k: v for k, v in tags.items() if v and not v.startswith("{{$")}
+
+
+@dataclass(frozen=True)
+class LiveTracking:
+    """Where a training logs live: the MLflow store, experiment and the tags every run gets."""
+
+    tracking_uri: str
+    experiment: str = TrackingConfig().experiment
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def configured(
+        cls, tracking_uri: str | None, experiment: str = TrackingConfig().experiment, tags: dict | None = None
+    ) -> LiveTracking | None:
+        """Live tracking to `tracking_uri`, else to `$MLFLOW_TRACKING_URI`; None when neither is set."""
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return cls(uri, experiment, dict(tags or {})) if uri else None
+
+
+@contextmanager
+def _live_http() -> Iterator[None]:
+    with patch.dict(os.environ, LIVE_HTTP):
+        yield
+
+
+class LiveRuns:
+    """The open MLflow runs of one training, one per concept name, and the metrics callback that feeds them.
+
+    Args:
+        tracking: where to log.
+        concepts: `(name, concept)` per concept trained; `name` is its registered-model name.
+        fingerprint: the base model's fingerprint (a run tag, as `register` sets it).
+    """
+
+    def __init__(self, tracking: LiveTracking, concepts: Sequence[tuple[str, ConceptSpec]], fingerprint: str):
+        self.tracking = tracking
+        self.names = {spec.token: name for name, spec in concepts}
+        self.run_ids: dict[str, str] = {}  # name -> run id
+        self.logged: dict[str, int] = {}  # token -> curve points logged so far
+        self.trainer = None
+        self.sample_every = 0
+        self._pipe = None
+        self._resting_until = 0.0
+        self._last_sample = 0
+        self._client = None
+        self._safely("open the runs", lambda: self._open(concepts, fingerprint))
+
+    def _safely(self, what: str, fn: Callable[[], None], force: bool = False) -> bool:
+        if not force and time.monotonic() < self._resting_until:
+            return False
+        try:
+            with _live_http():
+                fn()
+            return True
+        except Exception as e:  # an outage, a refused write, a bad picture: none of it may stop training
+            self._resting_until = time.monotonic() + RETRY_AFTER_S
+            log.warning(
+                "MLflow at %s: could not %s (%s: %s); training goes on, live logging retries in %.0f s",
+                self.tracking.tracking_uri,
+                what,
+                type(e).__name__,
+                str(e).splitlines()[0][:300] if str(e) else "",
+                RETRY_AFTER_S,
+            )
+            return False
+
+    def _open(self, concepts: Sequence[tuple[str, ConceptSpec]], fingerprint: str) -> None:
+        from oneword import tracking
+        from oneword.registry import CONCEPT_TAG, ensure_experiment
+
+        mlflow, self._client = tracking.client(self.tracking.tracking_uri)
+        exp_id = ensure_experiment(mlflow, self.tracking.experiment, self.tracking.tracking_uri)
+        for name, spec in concepts:
+            tags = {
+                CONCEPT_TAG: name,
+                "oneword.token": spec.token,
+                "oneword.base_model_fingerprint": fingerprint,
+                **self.tracking.tags,
+            }
+            run_id = self._earlier_attempt(exp_id, name)
+            if run_id is None:
+                run_id = self._client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+            else:  # a retried task (a preempted node) goes on in the run its first attempt opened
+                self._client.update_run(run_id, status="RUNNING")
+                history = self._client.get_metric_history(run_id, "loss")
+                self.logged[spec.token] = len({m.step for m in history})
+            self.run_ids[name] = run_id
+            log.info("live metrics of %s: MLflow run %s in experiment %r", name, run_id, self.tracking.experiment)
+
+    def _earlier_attempt(self, exp_id: str, name: str) -> str | None:
+        """The unfinished run an earlier attempt of this very KFP task opened for `name`, if any."""
+        from oneword.registry import CONCEPT_TAG
+
+        kfp_run = self.tracking.tags.get(KFP_RUN_ID_TAG)
+        if not kfp_run:
+            return None
+        runs = self._client.search_runs(
+            [exp_id],
+            f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run}' and tags.`{CONCEPT_TAG}` = '{name}' "
+            "and attributes.status != 'FINISHED'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def callback(self, trainer, sample_every: int = 0) -> Callable[[int, dict[str, float]], None]:
+        """The `MetricsCallback` for `trainer`: every concept's new curve points, and sample pictures."""
+        self.trainer, self.sample_every = trainer, sample_every
+        self._last_sample = trainer.step
+        if sample_every and getattr(trainer.model, "vae", None) is None:
+            log.warning("no sample pictures: the base model was loaded without its VAE")
+            self.sample_every = 0
+        return self._report
+
+    def _report(self, step: int, mean: dict[str, float]) -> None:
+        if not self.run_ids:
+            return
+        self._safely("log the training metrics", self._log_curves)
+        if self.sample_every and step // self.sample_every > self._last_sample // self.sample_every:
+            self._last_sample = step
+            self._safely("log sample pictures", lambda: self._log_samples(step))
+
+    def _log_curves(self) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for c in self.trainer.concepts:
+            token = c.spec.token
+            run_id = self.run_ids.get(self.names.get(token, ""))
+            if run_id is None:
+                continue
+            new = self.trainer.curves[token][self.logged.get(token, 0) :]
+            batch = [Metric(k, float(p[k]), now, int(p["step"])) for p in new for k in ("loss", "embedding_norm")]
+            for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+                self._client.log_batch(run_id, metrics=batch[i : i + 1000])
+            self.logged[token] = self.logged.get(token, 0) + len(new)
+
+    def _log_samples(self, step: int) -> None:
+        import torch
+
+        from oneword.evaluation import prompts as P
+        from oneword.generate import SamplerConfig, build_pipeline, make_grid, sample
+
+        t = self.trainer
+        if self._pipe is None:
+            self._pipe = build_pipeline(t.model, str(t.device))
+        templates = [P.RECONSTRUCTION, P.get_prompt_set(t.profile.prompt_set)[0]]
+        active = [c for c in t.active if self.names.get(c.spec.token) in self.run_ids]
+        prompts = [P.with_token(tpl, c.spec.token) for c in active for tpl in templates]
+        sampler = SamplerConfig(steps=SAMPLE_STEPS, guidance_scale=t.profile.guidance_scale)
+        with torch.no_grad(), t.autocast:  # the UNet may be in bf16/fp16: sample as the training step runs it
+            images = sample(self._pipe, prompts, SAMPLE_SEEDS, SAMPLE_SEED, sampler)
+        for i, c in enumerate(active):
+            rows = images[i * len(templates) : (i + 1) * len(templates)]
+            grid = make_grid(rows, prompts[i * len(templates) : (i + 1) * len(templates)], label_width=160)
+            self._client.log_image(self.run_ids[self.names[c.spec.token]], grid, key="samples", step=step)
+
+    def end(self, failed: dict[str, str]) -> None:
+        """After training: the last points go out; failed concepts' runs end FAILED (with why), the others stay
+        RUNNING for `register`."""
+        self._pipe = None
+        if self.trainer is not None and self.run_ids:  # the end is worth one more try, resting or not
+            self._safely("log the training metrics", self._log_curves, force=True)
+        for name, error in failed.items():
+            run_id = self.run_ids.pop(name, None)
+            if run_id is None:
+                continue
+
+            def fail(run_id: str = run_id, error: str = error) -> None:
+                self._client.set_tag(run_id, "oneword.failed_stage", "train")
+                self._client.set_tag(run_id, "oneword.error", error[:4000])
+                self._client.set_terminated(run_id, status="FAILED")
+
+            self._safely(f"end the run of {name}", fail, force=True)
+
+    def fail_all(self, error: str) -> None:
+        """The training itself failed: every run ends FAILED."""
+        self.end({name: error for name in list(self.run_ids)})

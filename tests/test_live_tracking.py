@@ -1,0 +1,233 @@
+"""Live training metrics against a real `mlflow server` with basic auth on loopback, as pipeline pods see it:
+the train step's run is RUNNING with its loss, norm and sample pictures while the concept waits for evaluation;
+`register` completes the same run, links the scores to the logged model and ends it."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import pytest
+from kfp import dsl
+
+from oneword.pipelines import components
+from oneword.serving import RUNTIME_PACKAGES
+
+from .conftest import _start_mlflow_server, free_port
+
+ADMIN, PASSWORD = "admin", "live-tracking-test-password"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """`mlflow server --app-name basic-auth` with its own user database; yields its URL."""
+    tmp = tmp_path_factory.mktemp("mlflow-auth")
+    ini = tmp / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp / 'auth.db'}\n"
+        f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n"  # else every request pays a PBKDF2 check, as a server should cache too
+    )
+    proc, url = _start_mlflow_server(
+        tmp,
+        str(tmp / "artifacts"),
+        env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "live-tracking-test-csrf-key"},
+        extra_args=["--app-name", "basic-auth"],
+    )
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def as_pod(auth_server, monkeypatch):
+    """The credentials pipeline pods get from the oneword-mlflow secret."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return auth_server
+
+
+@pytest.fixture(scope="module")
+def toy_latents(tmp_path_factory) -> tuple[Path, str]:
+    """Five pictures of a held-out toy-world concept, preprocessed and encoded: (latents folder, its shape word)."""
+    from oneword.images import preprocess
+    from oneword.latents import cache_latents
+    from oneword.toyworld.concepts import CONCEPTS, write_concept
+
+    name = next(iter(CONCEPTS))
+    root = tmp_path_factory.mktemp("toy")
+    write_concept(name, root / "photos")
+    preprocess(root / "photos", root / "data", resolution=32)
+    cache_latents(root / "data", "toyworld", root / "latents")
+    return root / "latents", CONCEPTS[name].shape
+
+
+def _client(url: str) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(url, url)
+
+
+def test_unauthenticated_requests_are_refused(auth_server):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{auth_server}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert refused.value.code == 401
+
+
+def test_training_logs_live_and_register_completes_the_run(as_pod, toy_latents, tmp_path):
+    url, (latents, shape) = as_pod, toy_latents
+    model, metrics = dsl.Model(uri=str(tmp_path / "model")), dsl.Metrics(uri=str(tmp_path / "train-metrics"))
+    names = components.train.python_func(
+        latents=[dsl.Artifact(uri=str(latents))],
+        concepts=[{"name": "toy-live", "token": "<toy-live>", "init_word": shape}],
+        model=model,
+        metrics=metrics,
+        base_model="toyworld",
+        steps=8,
+        checkpoint_every=4,
+        log_every=2,
+        sample_every=4,
+        tracking_uri=url,
+        experiment="live",
+        kfp_run_id="3f0c-run",
+        kfp_run_name="nightly",
+    )
+    assert names == ["toy-live"]
+
+    # After training, before evaluation: the run is open, with the curve and pictures so far.
+    summary = json.loads((tmp_path / "model" / "toy-live" / "summary.json").read_text())
+    client = _client(url)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "RUNNING" and run.info.run_name == "toy-live"
+    assert run.data.tags["kfp.run_id"] == "3f0c-run" and run.data.tags["kfp.run_name"] == "nightly"
+    assert run.data.tags["oneword.concept"] == "toy-live"
+    for key in ("loss", "embedding_norm"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4, 6, 8]
+    curve = json.loads((tmp_path / "model" / "toy-live" / "curve.json").read_text())
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [p["loss"] for p in curve]
+    pictures = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    assert {s for s in (4, 8) if any(f"samples+step+{s}+" in p and p.endswith(".png") for p in pictures)} == {4, 8}
+
+    evaluation = dsl.Artifact(uri=str(tmp_path / "evaluation"))
+    components.evaluate.python_func(
+        model=model,
+        concept="toy-live",
+        evaluation=evaluation,
+        metrics=dsl.Metrics(uri=str(tmp_path / "eval-metrics")),
+        report=dsl.HTML(uri=str(tmp_path / "report.html")),
+        n_images=2,
+        sampling_steps=2,
+        checkpoint_budget=1,
+    )
+    registered = components.register.python_func(
+        model=model,
+        evaluation=evaluation,
+        concept="toy-live",
+        registration=dsl.Artifact(uri=str(tmp_path / "registration")),
+        tracking_uri=url,
+        experiment="live",
+        kfp_run_id="3f0c-run",
+        kfp_run_name="nightly",
+    )
+    assert registered == "toy-live/1@champion"
+
+    # The same run, completed and ended; the scores are numbers on the logged model, found by search.
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "8"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4  # the curve was not logged twice
+    version = client.get_model_version("toy-live", "1")
+    assert version.run_id == run.info.run_id
+    scores = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    r = scores["reconstruction"]
+    mlflow.set_tracking_uri(url)
+    exp = [run.info.experiment_id]
+    found = mlflow.search_logged_models(exp, filter_string=f"metrics.reconstruction > {r - 0.01}", output_format="list")
+    # the version's logged model (MLflow 3.17's REST API returns no model_id with a version: its source names it)
+    assert [f"models:/{m.model_id}" for m in found] == [version.source]
+    assert found[0].source_run_id == run.info.run_id
+    metrics_of = {m.key: m.value for m in found[0].metrics}
+    assert metrics_of["reconstruction"] == pytest.approx(r) and metrics_of["editability"] == pytest.approx(
+        scores["editability"]
+    )
+    assert not mlflow.search_logged_models(
+        exp, filter_string=f"metrics.reconstruction > {r + 0.01}", output_format="list"
+    )
+
+    # The pyfunc: an input example, requirements any index can satisfy, and it serves without oneword installed.
+    uri = "models:/toy-live/1"
+    info = mlflow.models.get_model_info(uri)
+    assert info.saved_input_example_info is not None
+    assert "<toy-live>" in json.dumps(mlflow.models.Model.load(uri).load_input_example())
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+    assert not [r for r in requirements if r.lower().startswith("oneword")]
+    assert f"torch=={metadata.version('torch')}" in requirements
+    served = _predict_without_oneword_installed(uri, url)
+    assert served["rows"] == 2 and "/code/oneword/" in served["oneword"]
+    # what loading and predicting imported of oneword's own dependencies is in the model's requirements
+    shipped = {p.replace("_", "-") for p in (*RUNTIME_PACKAGES, "mlflow")}
+    assert set(served["imported"]) <= shipped, set(served["imported"]) - shipped
+
+
+SERVE = """
+import json, re, sys
+sys.path = [p for p in sys.path if not (p.endswith("/src") and __import__("os").path.isdir(p + "/oneword"))]
+import mlflow.pyfunc
+from importlib import metadata
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(["A photo of <toy-live>"], params={"n": 2, "steps": 2})
+import oneword
+declared = {
+    re.split(r"[<>=!~;\\[ ]", r)[0].lower().replace("_", "-")
+    for r in metadata.requires("oneword") or []
+    if "extra ==" not in r
+}
+dists = metadata.packages_distributions()
+imported = {d.lower().replace("_", "-") for m in list(sys.modules) for d in dists.get(m.split(".")[0], [])}
+print(json.dumps({"rows": len(out), "oneword": oneword.__file__, "imported": sorted(imported & declared)}))
+"""
+
+
+def _predict_without_oneword_installed(uri: str, tracking_uri: str) -> dict:
+    """Load and predict in a fresh interpreter where only the model's shipped code can provide oneword."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    done = subprocess.run([sys.executable, "-c", SERVE, uri], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_mlflow_failing_does_not_stop_training(as_pod, cat_latents_dir, tmp_path, caplog, monkeypatch):
+    """The server refuses writes half-way, or is not there at all: a warning, and training finishes."""
+    from oneword.inversion import ConceptSpec, TrainConfig
+    from oneword.live import LiveTracking
+    from oneword.train import train
+
+    def refused(step: int, _: dict) -> None:
+        if step == 4:  # the credentials stop working (a rotated secret): every write is refused from here
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "rotated")
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    for where, url, callbacks in (("refused", as_pod, [refused]), ("closed", closed, [])):
+        result = train(
+            cat_latents_dir,
+            tmp_path / where,
+            ConceptSpec(token=f"<cat-{where}>", init_word="cat"),
+            TrainConfig(steps=8, log_every=2, checkpoint_every=0),
+            callbacks=callbacks,
+            progress=False,
+            tracking=LiveTracking(url, "failing"),
+        )
+        assert result.steps == 8 and (tmp_path / where / "learned_embeds.safetensors").exists()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("could not log the training metrics" in w and "training goes on" in w for w in warned)
+    assert any(closed in w and "could not open the runs" in w for w in warned)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    run_id = json.loads((tmp_path / "refused" / "summary.json").read_text())["mlflow_run_id"]
+    assert [m.step for m in _client(as_pod).get_metric_history(run_id, "loss")] == [2]  # logged until refused
+    assert "mlflow_run_id" not in json.loads((tmp_path / "closed" / "summary.json").read_text())

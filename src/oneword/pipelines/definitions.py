@@ -39,14 +39,18 @@ def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def _carry(task: dsl.PipelineTask, p: dict, names: list[str]) -> None:
+    # KFP's compiler (2.17) carries a channel into a ParallelFor body only if a task there registers it; the
+    # resource and accelerator setters don't, which would leave the loop's pods asking for an undefined input.
+    task.register_pipeline_channels([p[n] for n in names if isinstance(p[n], dsl.pipeline_channel.PipelineChannel)])
+
+
 def _resources(task: dsl.PipelineTask, p: dict, kind: str) -> dsl.PipelineTask:
     names = [f"{kind}_step_{r}" for r in ("cpu_request", "cpu_limit", "memory_request", "memory_limit")]
     cpu_request, cpu_limit, memory_request, memory_limit = (p[n] for n in names)
     task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
     task.set_memory_request(memory_request).set_memory_limit(memory_limit)
-    # KFP's compiler (2.17) carries a channel into a ParallelFor body only if a task there registers it; the
-    # resource setters don't, which would leave the loop's pods asking for an undefined input.
-    task.register_pipeline_channels([p[n] for n in names if not isinstance(p[n], str)])
+    _carry(task, p, names)
     return task
 
 
@@ -68,12 +72,11 @@ def _gpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
     """A step on the GPU pool: its GPUs, node selector and toleration, requests and limits, and the model cache."""
     _with_models(_cluster_env(task), p)
     task.set_accelerator_type(p["accelerator_type"]).set_accelerator_limit(p["accelerator_limit"])
+    _carry(task, p, ["accelerator_type", "accelerator_limit"])
     _resources(task, p, "gpu")
     kubernetes.add_node_selector_json(task, p["gpu_node_selector"])
     kubernetes.add_toleration_json(task, p["gpu_toleration"])
     return task
-
-
 
 
 @dsl.pipeline(name="personalise", description="The five steps for a group of concepts: preprocess and "
@@ -138,8 +141,7 @@ def personalise(
         pre = _cpu_step(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
                                         resolution=resolution, mode=mode, on_error=on_error), p)
         pre.set_caching_options(True)  # keyed by the photos' content, so new photos under an old prefix rerun
-        # The accelerator settings are also passed as inputs: KFP's compiler (2.17) does not carry the channels
-        # that set_accelerator_type/limit use into a ParallelFor body unless a task there takes them as inputs.
+        # The accelerator settings are also inputs: the step records them in its output's metadata.
         lat = _gpu_step(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
                                         accelerator_type=accelerator_type, accelerator_limit=accelerator_limit), p)
         lat.set_caching_options(True)  # the same images and model never encode twice

@@ -65,7 +65,6 @@ PIPELINE_ROOT = (
     "%3A9000&use_path_style=true&disable_https=true"
 )
 CHECKPOINT_ROOT = "s3://oneword-artifacts/checkpoints"  # the bucket docs/deploy.md makes; outlives a preempted pod
-CLUSTER_PARAMETERS = list(ClusterConfig.model_fields)  # every pipeline takes them, in this order
 MODEL_CACHE_MOUNT = "/models"  # where model_cache_pvc is mounted; the images' HF_HOME lies inside it
 HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
 

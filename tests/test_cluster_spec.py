@@ -109,3 +109,11 @@ def test_the_images_keep_the_hugging_face_cache_where_the_pipelines_mount_the_mo
     text = (ROOT / "docker" / dockerfile).read_text()
     assert re.search(rf"HF_HOME={re.escape(HF_HOME)}\b", text), dockerfile
     assert HF_HOME.startswith(MODEL_CACHE_MOUNT + "/")
+
+
+def test_compile_check_refuses_a_registry_because_the_checked_in_specs_use_the_published_images(capsys):
+    from oneword.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "--root", str(ROOT), "--check", "--image-registry", "registry.example.com/team"])
+    assert exit_.value.code == 2 and "published images" in capsys.readouterr().err

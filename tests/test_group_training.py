@@ -30,7 +30,7 @@ def test_each_concept_gets_the_gradient_it_would_get_alone(tiny_model_dir, cat_l
     with torch.no_grad():  # move the vectors off the initializer, so the L2 term has a gradient too
         for c in (group.concepts[1], alone.concepts[0]):
             c.param.add_(0.01)
-    z0, ids = group._batch(0)  # (6, C, h, w): two rows per concept
+    z0, ids, _ = group._batch(0)  # (6, C, h, w): two rows per concept
     noise, t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 500] * 3)
     losses = group.concept_losses(z0, ids, noise, t)
     losses.sum().backward()

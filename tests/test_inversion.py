@@ -22,7 +22,7 @@ def test_only_the_new_rows_change(tiny_model, cat_latents):
     tr = _trainer(tiny_model, cat_latents, steps=15)
     init = tr.concepts[0].param.detach().clone()
     tr.run(progress=False)
-    assert torch.equal(tr.splice.base.weight, table)  # every one of the 49,408 rows, bit for bit
+    assert torch.equal(tr.splices[0].base.weight, table)  # every one of the 49,408 rows, bit for bit
     assert not torch.equal(tr.concepts[0].param, init)  # the new row did learn
     for k, v in tiny_model.unet.state_dict().items():
         assert torch.equal(v, unet_state[k]), k
@@ -122,8 +122,9 @@ def test_several_concepts_in_one_batch(tiny_model, cat_latents):
     tr = InversionTrainer(
         tiny_model, [(CAT, cat_latents), (dog, cat_latents)], TrainConfig(steps=6, batch_size=3, checkpoint_every=0)
     )
-    z, ids = tr._batch(0)
-    assert z.shape[0] == 6 and ids.shape == (6, 77)
+    z, ids, time_ids = tr._batch(0)
+    assert z.shape[0] == 6 and ids.shape == (6, 1, 77) and time_ids.shape == (6, 6)  # one text encoder
+    ids = ids[:, 0]
     cat_ids, dog_ids = set(tr.concepts[0].token_ids), set(tr.concepts[1].token_ids)
     assert all(set(row.tolist()) & cat_ids and not set(row.tolist()) & dog_ids for row in ids[:3])
     assert all(set(row.tolist()) >= dog_ids and not set(row.tolist()) & cat_ids for row in ids[3:])

@@ -84,16 +84,6 @@ def test_incomplete_folder_is_a_clear_error(tiny_model_dir, tmp_path):
         load_base_model(str(broken))
 
 
-def test_sdxl_is_refused_with_a_hint(tiny_model_dir, tmp_path):
-    xl = tmp_path / "xl"
-    shutil.copytree(tiny_model_dir, xl)
-    idx = json.loads((xl / "model_index.json").read_text())
-    idx["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-    (xl / "model_index.json").write_text(json.dumps(idx))
-    with pytest.raises(OnewordError, match="SDXL"):
-        load_base_model(str(xl))
-
-
 def test_loads_from_s3_once(tiny_model_dir, s3_bucket, monkeypatch):
     storage.upload_dir(tiny_model_dir, f"s3://{s3_bucket}/models/tiny")
     m = load_base_model(f"s3://{s3_bucket}/models/tiny")

@@ -8,6 +8,7 @@ gradient accumulation. oneword's loop (`InversionTrainer`) reads cached latents 
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -163,6 +164,8 @@ def bench_diffusers_style(
     dev = resolve_device(device)
     if model.vae is None:
         raise ValueError("the diffusers-style loop encodes images at every step: load the model with its VAE")
+    if model.text_encoder_2 is not None:
+        raise ValueError("the diffusers-style loop is SD 1.x/2.x's example script; it has no SDXL form here")
     use_bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     wdtype = torch.bfloat16 if use_bf16 else torch.float32
     te, unet, vae, tok = (
@@ -233,12 +236,23 @@ def bench_diffusers_style(
     )
 
 
-def load_bench_model(base_model: str | None, sd15_shape: bool, parts=("unet", "vae")) -> LoadedModel:
-    """The model to benchmark: a given one, SD1.5's architecture with random weights, or the tiny model."""
+SHAPES = ("sd15", "sdxl")  # random-weight models with a real family's architecture (`oneword.random_models`)
+
+
+def load_bench_model(base_model: str | None, shape: str = "", parts=("unet", "vae")) -> LoadedModel:
+    """The model to benchmark: a given one, a real architecture with random weights (`shape`: sd15 or sdxl,
+    built once per process), or the tiny model."""
     if base_model:
         return load_base_model(base_model, parts=parts)
-    from oneword.random_models import build_sd15_shape_model, build_tiny_model
+    return load_base_model(str(_built(shape)), parts=parts)
 
+
+@functools.cache
+def _built(shape: str) -> Path:
+    from oneword.random_models import build_sd15_shape_model, build_sdxl_shape_model, build_tiny_model
+
+    builders = {"": build_tiny_model, "sd15": build_sd15_shape_model, "sdxl": build_sdxl_shape_model}
+    if shape not in builders:
+        raise ValueError(f"unknown model shape {shape!r}: use one of {', '.join(SHAPES)}")
     d = Path(tempfile.mkdtemp(prefix="oneword-bench-"))
-    (build_sd15_shape_model if sd15_shape else build_tiny_model)(d / "model")
-    return load_base_model(str(d / "model"), parts=parts)
+    return builders[shape](d / "model")

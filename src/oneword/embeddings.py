@@ -60,6 +60,11 @@ class Embedding:
         return int(self.meta.get("steps", 0) or 0)
 
 
+def formats_for(emb: Embedding) -> tuple[str, ...]:
+    """The formats that can hold `emb`: all of them, or for an SDXL pair all but A1111's one-table `.pt`."""
+    return FORMATS if emb.vectors_2 is None else tuple(f for f in FORMATS if f != "a1111")
+
+
 def default_filename(token: str, fmt: Format) -> str:
     """The conventional file name for `token` in `fmt`."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
@@ -179,17 +184,37 @@ def load(path: Path, token: str | None = None) -> Embedding:
     return Embedding(name, vectors, {k: str(v) for k, v in meta.items()}, vectors_2)
 
 
-def check_compatible(emb: Embedding, width: int, model_fingerprint: str, force: bool = False, source: str = "") -> None:
+def check_compatible(
+    emb: Embedding,
+    width: int,
+    model_fingerprint: str,
+    force: bool = False,
+    source: str = "",
+    width_2: int | None = None,
+) -> None:
     """Refuse to load `emb` into a model it was not trained for.
 
-    A different width is always an error. A different recorded model fingerprint is an error unless `force`.
+    A different width is always an error, and so is a mismatch in the second table: an SDXL model (`width_2`
+    set) needs the clip_g vectors, and a one-encoder model cannot use them. A different recorded model
+    fingerprint is an error unless `force`.
     """
     where = f" ({source})" if source else ""
     if emb.width != width:
         raise OnewordError(
             f"embedding {emb.token!r}{where} has width {emb.width} but the model's text encoder has width {width}",
-            hint="use an embedding trained for this model family (768: SD 1.x, 1024: SD 2.x)",
+            hint="use an embedding trained for this model family (768: SD 1.x, 1024: SD 2.x, 768 + 1280: SDXL)",
         )
+    width_emb_2 = None if emb.vectors_2 is None else int(emb.vectors_2.shape[-1])
+    if width_emb_2 != width_2:
+        if width_2 is None:
+            problem, hint = "is an SDXL pair (clip_l + clip_g), but the model has one text encoder", "use an SDXL model"
+        elif width_emb_2 is None:
+            problem = f"has no clip_g table, which this SDXL model's second text encoder (width {width_2}) needs"
+            hint = "use an SDXL embedding (a safetensors file with clip_l and clip_g), or train one on this model"
+        else:
+            problem = f"has a clip_g table of width {width_emb_2}, but the model's second text encoder is {width_2}"
+            hint = "use an embedding trained for this model family"
+        raise OnewordError(f"embedding {emb.token!r}{where} {problem}", hint=hint)
     recorded = emb.meta.get("model_fingerprint")
     if recorded and recorded != model_fingerprint and not force:
         raise OnewordError(

@@ -43,26 +43,32 @@ class SamplerConfig:
 
 
 def build_pipeline(model: LoadedModel, device: str = "auto"):
-    """Wrap a loaded `LoadedModel` (with UNet and VAE) in a `StableDiffusionPipeline` with a DDIM scheduler.
+    """Wrap a loaded `LoadedModel` (with UNet and VAE) in its family's diffusers pipeline, with a DDIM scheduler.
+
+    SD 1.x/2.x get a `StableDiffusionPipeline`, SDXL a `StableDiffusionXLPipeline` (both text encoders).
 
     Returns:
         The pipeline, on `device`.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if model.unet is None or model.vae is None:
         raise OnewordError("generation needs the base model's UNet and VAE")
     dev = resolve_device(device)
-    pipe = StableDiffusionPipeline(
+    parts = dict(
         vae=model.vae,
         text_encoder=model.text_encoder,
         tokenizer=model.tokenizer,
         unet=model.unet,
         scheduler=DDIMScheduler.from_config(model.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(dev)
+    )
+    if model.text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2)
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -72,18 +78,32 @@ def load_embeddings(
 ) -> list[str]:
     """Load embedding files (any format) into a pipeline, after checking they fit the model.
 
+    An SDXL pair goes in as diffusers documents it: one `load_textual_inversion` call per text encoder.
+
     Returns:
         The tokens now usable in prompts.
     """
     tokens = []
     for f in files:
         emb = f if isinstance(f, emb_io.Embedding) else emb_io.load(Path(f))
-        emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=str(f))
+        emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=str(f), width_2=model.width_2)
         if emb.token in pipe.tokenizer.get_added_vocab():
             raise OnewordError(
                 f"two embeddings use the token {emb.token!r}", hint="rename one: oneword export --token NEW ..."
             )
-        pipe.load_textual_inversion(emb.vectors.to(pipe.text_encoder.dtype), token=emb.token)
+        pipe.load_textual_inversion(
+            emb.vectors.to(pipe.text_encoder.dtype),
+            token=emb.token,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+        )
+        if emb.vectors_2 is not None:
+            pipe.load_textual_inversion(
+                emb.vectors_2.to(pipe.text_encoder_2.dtype),
+                token=emb.token,
+                text_encoder=pipe.text_encoder_2,
+                tokenizer=pipe.tokenizer_2,
+            )
         tokens.append(emb.token)
     return tokens
 

@@ -8,6 +8,10 @@ The loss is the LDM loss (Rombach et al. 2022, Eq. 2), with epsilon or v targets
 as the model's scheduler config says. Latents come from the cache (`oneword.latents`): `mean + std * eps`,
 the same draw as encoding the image at every step.
 
+SDXL has two text encoders: each concept then has one trainable table per encoder (`param`: clip_l, `param_2`:
+clip_g), each initialised from its own encoder's vocabulary, and the UNet is conditioned as diffusers' SDXL
+pipeline conditions it (`oneword.conditioning`).
+
 A batch may hold samples of several concepts (a batch job trains its shard's concepts together): each has its
 own trainable parameter, learning rate, loss and curve, and the loss is the sum of the concepts' mean losses, so
 each parameter gets exactly the gradient it would get training alone. A concept whose loss turns non-finite
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from oneword import __version__, checkpoints
+from oneword.conditioning import TextConditioning, default_time_ids, tokenize
 from oneword.config import ConceptSpec, TrainConfig
 from oneword.device import DTYPES, device_precision, resolve_device
 from oneword.embeddings import Embedding
@@ -50,12 +55,27 @@ class _Concept:
     spec: ConceptSpec
     mean: torch.Tensor  # (N, 2, C, h, w) on the device
     std: torch.Tensor
+    time_ids: torch.Tensor  # (N, 2, 6): SDXL's size and crop conditioning of each image and its mirror
     token_ids: list[int]
-    init: torch.Tensor  # (n_vectors, width)
-    param: torch.nn.Parameter
-    prompt_ids: dict[int, torch.Tensor]  # n_active -> (n_templates, 77)
+    inits: list[torch.Tensor]  # per text encoder: (n_vectors, width)
+    params: list[torch.nn.Parameter]  # per text encoder, initialised from `inits`
+    prompt_ids: dict[int, torch.Tensor]  # n_active -> (n_templates, n_encoders, 77)
     meta: dict = field(default_factory=dict)
     failed: str = ""  # why it stopped early (a non-finite loss); empty while it trains
+
+    @property
+    def param(self) -> torch.nn.Parameter:
+        """The first text encoder's table (SDXL: clip_l)."""
+        return self.params[0]
+
+    @property
+    def init(self) -> torch.Tensor:
+        return self.inits[0]
+
+    @property
+    def param_2(self) -> torch.nn.Parameter | None:
+        """SDXL's second table (clip_g), or None."""
+        return self.params[1] if len(self.params) > 1 else None
 
 
 @dataclass
@@ -99,6 +119,12 @@ class InversionTrainer:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.text_encoder = model.text_encoder.to(self.device)
+        self.text_encoders = [self.text_encoder]
+        self.tokenizers = [model.tokenizer]
+        if model.text_encoder_2 is not None:  # SDXL
+            self.text_encoders.append(model.text_encoder_2.to(self.device))
+            self.tokenizers.append(model.tokenizer_2)
+        self.conditioning = TextConditioning(self.text_encoders)
         self.unet = model.unet.to(self.device)
         if self.unet.dtype != unet_dtype:
             self.unet = self.unet.to(unet_dtype)
@@ -110,7 +136,7 @@ class InversionTrainer:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
         self.unet_forward = torch.compile(self.unet) if config.compile else self.unet
-        self.splice = install_splice(self.text_encoder)
+        self.splices = [install_splice(te) for te in self.text_encoders]
         self.concepts = [self._add_concept(spec, latents) for spec, latents in concepts]
 
         from diffusers import DDPMScheduler
@@ -127,7 +153,7 @@ class InversionTrainer:
             )
 
         self.optimizer = torch.optim.AdamW(
-            [{"params": [c.param], "lr": config.lr_for(c.spec)} for c in self.concepts],
+            [{"params": c.params, "lr": config.lr_for(c.spec)} for c in self.concepts],
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
@@ -156,34 +182,38 @@ class InversionTrainer:
                 hint=f"use at most {(steps - 1) // every + 1} vectors, progressive_every at most "
                 f"{(steps - 1) // (n - 1)}, or more than {(n - 1) * every} steps",
             )
-        tok = self.model.tokenizer
-        init_id = initializer_id(tok, spec.init_word)
-        offset = sum(p.shape[0] for p in self.splice.vectors)
-        if len(tok) != self.splice.n_base + offset:
-            # tokens added earlier without rows of their own would shift the id -> row mapping
-            raise OnewordError(
-                f"tokenizer has {len(tok)} entries but the embedding table {self.splice.n_base + offset}",
-                hint="load a fresh base model",
-            )
-        ids = add_placeholder_tokens(tok, spec.token, spec.n_vectors)
-        if ids[0] != self.splice.n_base + offset:
-            raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
-        init = self.splice.base.weight[init_id].detach().float().expand(spec.n_vectors, -1).clone()
-        param = self.splice.add(init.to(self.device))
+        inits, params, token_ids = [], [], []
+        for tok, splice in zip(self.tokenizers, self.splices):
+            init_id = initializer_id(tok, spec.init_word)
+            offset = sum(p.shape[0] for p in splice.vectors)
+            if len(tok) != splice.n_base + offset:
+                # tokens added earlier without rows of their own would shift the id -> row mapping
+                raise OnewordError(
+                    f"tokenizer has {len(tok)} entries but the embedding table {splice.n_base + offset}",
+                    hint="load a fresh base model",
+                )
+            ids = add_placeholder_tokens(tok, spec.token, spec.n_vectors)
+            if ids[0] != splice.n_base + offset:
+                raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
+            init = splice.base.weight[init_id].detach().float().expand(spec.n_vectors, -1).clone().to(self.device)
+            inits.append(init)
+            params.append(splice.add(init))
+            token_ids.append(ids)
         templates = get_templates(spec.resolved(self.profile).templates)
-        prompt_ids = {}
-        for n_active in range(1, spec.n_vectors + 1):
-            text = [t.format(expand_placeholder(spec.token, n_active)) for t in templates]
-            prompt_ids[n_active] = tok(
-                text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
+        prompt_ids = {
+            n_active: tokenize(
+                self.tokenizers, [t.format(expand_placeholder(spec.token, n_active)) for t in templates], self.device
+            )
+            for n_active in range(1, spec.n_vectors + 1)
+        }
         return _Concept(
             spec,
             latents.mean.to(self.device),
             latents.std.to(self.device),
-            ids,
-            init.to(self.device),
-            param,
+            latents.time_ids_or_default().to(self.device),
+            token_ids[0],
+            inits,
+            params,
             prompt_ids,
             {
                 "scaling_factor": latents.scaling_factor,
@@ -204,12 +234,14 @@ class InversionTrainer:
         if every and step > 0 and step % every == 0:
             k = step // every
             for c in self.concepts:
-                if k < c.param.shape[0]:
-                    c.param[k] = c.init[k]
+                for param, init in zip(c.params, c.inits):
+                    if k < param.shape[0]:
+                        param[k] = init[k]
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one batch: (latents z0 (B, C, h, w), prompt ids (B, 77)), active concepts concatenated."""
-        cfg, z, ids = self.config, [], []
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw one batch, active concepts concatenated: latents z0 (B, C, h, w), prompt ids (B, n_encoders, 77)
+        and the images' time ids (B, 6)."""
+        cfg, z, ids, sizes = self.config, [], [], []
         for c in self.active:
             b = cfg.batch_size
             img = torch.randint(c.mean.shape[0], (b,), generator=self.gen)
@@ -221,40 +253,56 @@ class InversionTrainer:
             eps = torch.randn(mean.shape, generator=self.gen_device, device=self.device)
             z.append((mean + std * eps - c.meta["shift_factor"]) * c.meta["scaling_factor"])
             ids.append(table[tpl.to(self.device)])
-        return torch.cat(z), torch.cat(ids)
+            sizes.append(c.time_ids[img, flip])
+        return torch.cat(z), torch.cat(ids), torch.cat(sizes)
 
     def concept_losses(
-        self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+        self,
+        z0: torch.Tensor,
+        ids: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each active concept's LDM loss (K,) for a batch drawn by `_batch` (K concepts x batch_size rows).
 
-        Latents `z0` (B, C, h, w), prompts `ids` (B, 77), `noise` like `z0`, timesteps `t` (B,).
+        Latents `z0` (B, C, h, w), prompts `ids` (B, n_encoders, 77), `noise` like `z0`, timesteps `t` (B,),
+        and for SDXL the images' `time_ids` (B, 6).
         """
         active = self.active
         a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
         noisy = a * z0 + s * noise
         target = noise if self.prediction_type == "epsilon" else a * noise - s * z0
         with self.autocast:
-            hidden = self.text_encoder(ids)[0]  # (B, 77, width)
-            pred = self.unet_forward(noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
+            hidden, added = self.conditioning(ids, time_ids)  # (B, 77, width), SDXL's pooled text and time ids
+            pred = self.unet_forward(
+                noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
+            )[0]
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         losses = per_sample.view(len(active), -1).mean(dim=1)  # (K,)
         if self.config.init_l2 > 0:
-            reg = torch.stack([((c.param - c.init) ** 2).sum(-1).mean() for c in active])
+            reg = torch.stack([sum(((p - i) ** 2).sum(-1).mean() for p, i in zip(c.params, c.inits)) for c in active])
             losses = losses + self.config.init_l2 * reg
         return losses
 
-    def loss(self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        z0: torch.Tensor,
+        ids: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The total loss: the sum of the active concepts' losses (see `concept_losses`)."""
-        return self.concept_losses(z0, ids, noise, t).sum()
+        return self.concept_losses(z0, ids, noise, t, time_ids).sum()
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step at index `step`; returns every concept's (detached) loss, 0 for stopped ones (K,)."""
         self._activate_vectors(step)
-        z0, ids = self._batch(step)
+        z0, ids, time_ids = self._batch(step)
         noise = torch.randn(z0.shape, generator=self.gen_device, device=self.device)
         t = torch.randint(0, self.num_timesteps, (z0.shape[0],), generator=self.gen_device, device=self.device)
-        losses = self.concept_losses(z0, ids, noise, t)
+        losses = self.concept_losses(z0, ids, noise, t, time_ids)
         self.scaler.scale(losses.sum()).backward()
         self.scaler.step(self.optimizer)  # stopped concepts have no gradient, so AdamW leaves them as they are
         self.scaler.update()
@@ -269,6 +317,7 @@ class InversionTrainer:
         return {
             "step": self.step,
             "vectors": {c.spec.token: c.param.detach().cpu() for c in self.concepts},
+            "vectors_2": {c.spec.token: c.param_2.detach().cpu() for c in self.concepts if c.param_2 is not None},
             "optimizer": self.optimizer.state_dict(),
             "rng": self.gen.get_state(),
             "rng_device": self.gen_device.get_state(),
@@ -297,6 +346,8 @@ class InversionTrainer:
         with torch.no_grad():
             for c in self.concepts:
                 c.param.copy_(state["vectors"][c.spec.token].to(self.device))
+                if c.param_2 is not None:
+                    c.param_2.copy_(state["vectors_2"][c.spec.token].to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.gen.set_state(state["rng"])
         self.gen_device.set_state(state["rng_device"])
@@ -325,20 +376,19 @@ class InversionTrainer:
                     "templates": c.spec.resolved(self.profile).templates,
                     "image_sha256": ",".join(c.meta["image_sha256"]),
                 },
+                None if c.param_2 is None else c.param_2.detach().float().cpu().clone(),
             )
             for c in self.active
         ]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder output (B, 77, width) for prompts, with multi-vector tokens expanded as diffusers does."""
-        tok = self.model.tokenizer
+        """The UNet's text states (B, 77, width) for prompts, multi-vector tokens expanded as diffusers does."""
         for c in self.concepts:
             prompts = [p.replace(c.spec.token, expand_placeholder(c.spec.token, c.spec.n_vectors)) for p in prompts]
-        ids = tok(
-            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].float()
+        ids = tokenize(self.tokenizers, prompts, self.device)
+        sizes = torch.tensor([default_time_ids(self.profile.resolution)] * len(prompts), device=self.device)
+        return self.conditioning(ids, sizes)[0].float()
 
     # ---- loop --------------------------------------------------------------------------------------------
     def run(

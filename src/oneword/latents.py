@@ -3,7 +3,8 @@
 We store the posterior's mean and std, not one sample, so a training step draws `mean + std * eps` exactly as
 encoding the image at every step would (Rombach et al. 2022, the LDM's `DiagonalGaussianDistribution`).
 Entries are keyed by (VAE fingerprint, image hash, resolution, flip) in a shared cache, so reruns and other
-concepts reuse them.
+concepts reuse them. Each image also keeps its SDXL size and crop conditioning (`oneword.conditioning.time_ids`),
+which SDXL's UNet reads beside the text.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
 from oneword import __version__, storage
+from oneword.conditioning import default_time_ids, time_ids
 from oneword.errors import OnewordError
 from oneword.images import Manifest
 from oneword.models import LoadedModel, load_base_model, module_fingerprint
@@ -36,7 +38,8 @@ DATASET_DIR = "dataset"  # a copy of the preprocessed images the latents were en
 class LatentSet:
     """The cached latents of one concept's images.
 
-    `mean` and `std` have shape (N, 2, C, h, w): N images, unflipped and mirrored.
+    `mean` and `std` have shape (N, 2, C, h, w): N images, unflipped and mirrored; `time_ids` (N, 2, 6) their
+    original size, crop top-left and target size (None in caches written by older versions: square, uncropped).
     """
 
     mean: torch.Tensor
@@ -45,6 +48,14 @@ class LatentSet:
     scaling_factor: float
     shift_factor: float
     meta: dict
+    time_ids: torch.Tensor | None = None
+
+    def time_ids_or_default(self) -> torch.Tensor:
+        """`time_ids`, or those of square, uncropped pictures at the cached resolution."""
+        if self.time_ids is not None:
+            return self.time_ids
+        res = int(self.meta.get("resolution") or self.mean.shape[-1] * 8)
+        return torch.tensor(default_time_ids(res), dtype=torch.float32).expand(len(self), 2, 6).clone()
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -59,8 +70,11 @@ class LatentSet:
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
         }
+        tensors = {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
+        if self.time_ids is not None:
+            tensors["time_ids"] = self.time_ids.contiguous()
         save_file(
-            {"mean": self.mean.contiguous(), "std": self.std.contiguous()},
+            tensors,
             str(p),
             metadata={"oneword": json.dumps(meta)},
         )
@@ -77,7 +91,13 @@ class LatentSet:
             meta = json.loads(f.metadata()["oneword"])
         t = load_file(str(p))
         return cls(
-            t["mean"], t["std"], meta.pop("image_sha256"), meta.pop("scaling_factor"), meta.pop("shift_factor"), meta
+            t["mean"],
+            t["std"],
+            meta.pop("image_sha256"),
+            meta.pop("scaling_factor"),
+            meta.pop("shift_factor"),
+            meta,
+            t.get("time_ids"),
         )
 
 
@@ -138,6 +158,9 @@ def cache_latents(
                 todo.append((key, Path(dataset_dir) / rec.file, flip))
     log.info("latent cache: %d hit(s), %d to encode", len(entries), len(todo))
     dtype = next(vae.parameters()).dtype
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        # SDXL's VAE overflows in fp16 (its config says so with force_upcast, as diffusers' pipelines read it)
+        vae, dtype = vae.float(), torch.float32
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         ims = [Image.open(p) for _, p, _ in chunk]
@@ -161,7 +184,9 @@ def cache_latents(
         pair = [entries[entry_key(vae_fp, rec.processed_sha256, res, flip)] for flip in (False, True)]
         means.append(torch.stack([p["mean"] for p in pair]))
         stds.append(torch.stack([p["std"] for p in pair]))
+    sizes = [[time_ids(rec, manifest.mode, res, flip) for flip in (False, True)] for rec in manifest.images]
     latents = LatentSet(
+        time_ids=torch.tensor(sizes, dtype=torch.float32),
         mean=torch.stack(means),
         std=torch.stack(stds),
         image_sha256=[r.processed_sha256 for r in manifest.images],

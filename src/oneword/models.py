@@ -1,4 +1,4 @@
-"""Base models: find, load, identify and fingerprint a Stable Diffusion 1.x/2.x model.
+"""Base models: find, load, identify and fingerprint a Stable Diffusion 1.x/2.x or SDXL model.
 
 A base model is given as one of:
 - `toyworld`: the small model oneword ships (see `oneword.toyworld`);
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from oneword import storage
 from oneword.errors import OnewordError
@@ -36,6 +36,8 @@ class LoadedModel:
     """The parts of a loaded Stable Diffusion model that textual inversion uses.
 
     `vae` and `unet` may be None when a step does not need them (training from cached latents needs no VAE).
+    `tokenizer_2` and `text_encoder_2` are SDXL's second text encoder (OpenCLIP ViT-bigG, with the projection
+    whose pooled output also conditions the UNet); None for SD 1.x/2.x.
     """
 
     source: str
@@ -48,6 +50,13 @@ class LoadedModel:
     width: int
     fingerprint: str
     path: Path | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def width_2(self) -> int | None:
+        """The second text encoder's width (SDXL: 1280), or None."""
+        return None if self.text_encoder_2 is None else int(self.text_encoder_2.config.hidden_size)
 
     @property
     def prediction_type(self) -> str:
@@ -100,10 +109,15 @@ def detect_family(text_encoder_config, model_index: dict | None) -> tuple[str, i
     return FAMILY_BY_WIDTH.get(width, "custom"), width
 
 
-def fingerprint(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet_config: dict | None) -> str:
+def fingerprint(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    unet_config: dict | None,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
+) -> str:
     """A stable sha256 of what a learned embedding depends on.
 
-    It covers the tokenizer's vocabulary, the text encoder's token-embedding table (rounded to fp16, so fp32
+    It covers the tokenizer's vocabulary, the text encoders' token-embedding tables (rounded to fp16, so fp32
     and fp16 copies of one model agree) and the UNet config.
 
     Returns:
@@ -115,6 +129,9 @@ def fingerprint(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet_conf
     h.update(json.dumps(base, sort_keys=True, ensure_ascii=False).encode())
     table = text_encoder.get_input_embeddings().weight.detach()
     h.update(table[: len(base)].to("cpu", torch.float16).contiguous().numpy().tobytes())
+    if text_encoder_2 is not None:
+        table_2 = text_encoder_2.get_input_embeddings().weight.detach()
+        h.update(table_2[: len(base)].to("cpu", torch.float16).contiguous().numpy().tobytes())
     h.update(json.dumps(_config_dict(unet_config), sort_keys=True, default=str).encode())
     return "sha256:" + h.hexdigest()
 
@@ -138,11 +155,6 @@ def _config_dict(cfg) -> dict:
     return {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
 
 
-def _read_model_index(path: str) -> dict | None:
-    p = Path(path) / "model_index.json"
-    return json.loads(p.read_text()) if p.exists() else None
-
-
 def load_base_model(
     source: str,
     *,
@@ -151,13 +163,13 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
     model_config: str | None = None,
 ) -> LoadedModel:
-    """Load a Stable Diffusion 1.x/2.x model's tokenizer, text encoder and (optionally) UNet and VAE.
+    """Load a Stable Diffusion 1.x/2.x or SDXL model's tokenizers, text encoders and (optionally) UNet and VAE.
 
     Args:
         source: see the module docstring.
-        parts: which of "unet" and "vae" to load besides the tokenizer and text encoder.
+        parts: which of "unet" and "vae" to load besides the tokenizers and text encoders.
         device: where to put the modules.
-        dtype: weight dtype of the UNet and VAE (the text encoder stays fp32 for exact embedding lookups).
+        dtype: weight dtype of the UNet and VAE (the text encoders stay fp32 for exact embedding lookups).
         model_config: for a single-file checkpoint, a diffusers folder or hub id with its configs.
 
     Returns:
@@ -171,8 +183,18 @@ def load_base_model(
     is_local = Path(resolved).exists()
     kw = {"local_files_only": True} if is_local else {}
     try:
+        model_index = _load_json(resolved, "model_index.json", kw)
+    except OSError:
+        model_index = None  # a bare folder of parts (tokenizer/, text_encoder/, unet/, vae/)
+    try:
         tokenizer = CLIPTokenizer.from_pretrained(resolved, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(resolved, subfolder="text_encoder", dtype=torch.float32, **kw)
+        tokenizer_2 = text_encoder_2 = None
+        if model_index and "text_encoder_2" in model_index:  # SDXL
+            tokenizer_2 = CLIPTokenizer.from_pretrained(resolved, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                resolved, subfolder="text_encoder_2", dtype=torch.float32, **kw
+            )
         unet = (
             UNet2DConditionModel.from_pretrained(resolved, subfolder="unet", torch_dtype=dtype, **kw)
             if "unet" in parts
@@ -190,16 +212,13 @@ def load_base_model(
             f"could not load base model {source!r}: {e}",
             hint="check the path or hub id; hub ids need network access and, for gated models, HF_TOKEN",
         ) from e
-    model_index = _read_model_index(resolved) if is_local else None
     return _finish(
         source,
-        tokenizer,
-        text_encoder,
+        (tokenizer, text_encoder, tokenizer_2, text_encoder_2),
         unet,
         vae,
         scheduler_config,
         unet_config,
-        model_index,
         device,
         Path(resolved) if is_local else None,
     )
@@ -216,44 +235,71 @@ def _load_json(resolved: str, rel: str, kw: dict) -> dict:
     return json.loads(Path(hf_hub_download(resolved, rel, **kw)).read_text())
 
 
-def _load_single_file(source, path, parts, device, dtype, model_config) -> LoadedModel:
-    from diffusers import StableDiffusionPipeline
+# A key only SDXL's original (Stability) checkpoint layout has: its second text encoder, OpenCLIP ViT-bigG.
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model."
+SINGLE_FILE_KINDS = {  # family -> (what it is, a hub id whose configs fit it)
+    "sdxl": ("an SDXL", "stabilityai/stable-diffusion-xl-base-1.0"),
+    "sd": ("a Stable Diffusion 1.x/2.x", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+}
 
-    kw = {"config": model_config} if model_config else {}
+
+def single_file_family(path: str | Path) -> str:
+    """`sdxl` when a single-file checkpoint holds SDXL's second text encoder, else `sd` (SD 1.x/2.x).
+
+    Reads only the tensor names (a `.safetensors` header); a `.ckpt` is unpickled by diffusers later, not here.
+    """
+    if not str(path).endswith(".safetensors"):
+        return "sd"
+    from safetensors import SafetensorError, safe_open
+
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw
-        )
-    except Exception as e:  # diffusers raises several types here
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
         raise OnewordError(
-            f"could not load single-file checkpoint {path}: {e}",
-            hint="pass --model-config with a diffusers folder or hub id holding the model's configs",
+            f"{path} is not a readable safetensors checkpoint ({e})",
+            hint="check that the download finished; re-download it, or pass a diffusers folder",
         ) from e
-    text_encoder = pipe.text_encoder.float()
+    return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in keys) else "sd"
+
+
+def _load_single_file(source, path, parts, device, dtype, model_config) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = single_file_family(path)
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    kw = {"config": model_config} if model_config else {}
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = pipeline_class.from_single_file(path, torch_dtype=dtype, **extra, **kw)
+    except Exception as e:  # diffusers raises several types here
+        what, example = SINGLE_FILE_KINDS[family]
+        raise OnewordError(
+            f"could not load single-file checkpoint {path} (read as {what} checkpoint): {e}",
+            hint=f"pass --model-config with a diffusers folder or hub id holding the model's configs (e.g. {example})",
+        ) from e
+    encoders = (
+        pipe.tokenizer,
+        pipe.text_encoder.float(),
+        getattr(pipe, "tokenizer_2", None),
+        pipe.text_encoder_2.float() if getattr(pipe, "text_encoder_2", None) is not None else None,
+    )
     return _finish(
         source,
-        pipe.tokenizer,
-        text_encoder,
+        encoders,
         pipe.unet if "unet" in parts else None,
         pipe.vae if "vae" in parts else None,
         dict(pipe.scheduler.config),
         dict(pipe.unet.config),
-        None,
         device,
         Path(path),
     )
 
 
-def _finish(
-    source, tokenizer, text_encoder, unet, vae, scheduler_config, unet_config, model_index, device, path
-) -> LoadedModel:
-    family, width = detect_family(text_encoder.config, model_index)
-    if family == "sdxl":
-        raise OnewordError(
-            f"{source!r} is an SDXL model; training on SDXL is not supported yet",
-            hint="use a Stable Diffusion 1.x or 2.x model",
-        )
-    for m in (text_encoder, unet, vae):
+def _finish(source, encoders, unet, vae, scheduler_config, unet_config, device, path) -> LoadedModel:
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = encoders
+    family, width = detect_family(text_encoder.config, {"text_encoder_2": True} if text_encoder_2 else None)
+    for m in (text_encoder, text_encoder_2, unet, vae):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
     return LoadedModel(
@@ -265,19 +311,21 @@ def _finish(
         scheduler_config=dict(scheduler_config),
         family=family,
         width=width,
-        fingerprint=cached_fingerprint(tokenizer, text_encoder, dict(unet_config), path),
+        fingerprint=cached_fingerprint(tokenizer, text_encoder, dict(unet_config), path, text_encoder_2),
         path=path,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
     )
 
 
 _FINGERPRINTS: dict[tuple[str, int], str] = {}
 
 
-def cached_fingerprint(tokenizer, text_encoder, unet_config: dict, path: Path | None) -> str:
+def cached_fingerprint(tokenizer, text_encoder, unet_config: dict, path: Path | None, text_encoder_2=None) -> str:
     """`fingerprint`, memoised per local model folder (by its path and modification time)."""
     if path is None:
-        return fingerprint(tokenizer, text_encoder, unet_config)
+        return fingerprint(tokenizer, text_encoder, unet_config, text_encoder_2)
     key = (str(path.resolve()), path.stat().st_mtime_ns)
     if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = fingerprint(tokenizer, text_encoder, unet_config)
+        _FINGERPRINTS[key] = fingerprint(tokenizer, text_encoder, unet_config, text_encoder_2)
     return _FINGERPRINTS[key]

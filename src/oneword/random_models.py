@@ -3,8 +3,10 @@
 - `build_tiny_model`: a ~3M-parameter model with the real CLIP tokenizer, for tests and the default benchmark.
 - `build_tiny_sd2_model`: Stable Diffusion 2.1's layout and config keys (1024-wide text encoder, v-prediction,
   `!` padding), scaled down, for end-to-end tests of the SD 2 family.
-- `build_sd15_shape_model`: Stable Diffusion 1.5's exact architecture with random weights, for GPU timings
-  (compute does not depend on the weights' values).
+- `build_tiny_sdxl_model`: SDXL's layout (two text encoders, the second with a projection; a UNet with
+  `text_time` added conditioning; an fp16-unstable VAE flagged `force_upcast`), scaled down, for SDXL tests.
+- `build_sd15_shape_model`, `build_sdxl_shape_model`: SD 1.5's and SDXL base 1.0's exact architectures with
+  random weights, for GPU timings (compute does not depend on the weights' values).
 
 Each writes an ordinary diffusers folder that `oneword.models.load_base_model` loads like any other.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from oneword.tokenizer import EOS, MAX_LENGTH, VOCAB_SIZE, load_clip_tokenizer
 
@@ -209,6 +211,147 @@ def build_sd15_shape_model(out: Path, seed: int = 0) -> Path:
         layers_per_block=2,
     )
     return _save(out, load_clip_tokenizer(), text_encoder, unet, vae, SD_SCHEDULER)
+
+
+# SDXL base 1.0's text encoders as its diffusers folder ships them: CLIP ViT-L/14 (text_encoder) and OpenCLIP
+# ViT-bigG/14 with its text projection (text_encoder_2, whose pooled output conditions the UNet).
+SDXL_TEXT_ENCODER = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=MAX_LENGTH,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+SDXL_TEXT_ENCODER_2 = dict(
+    SDXL_TEXT_ENCODER, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280,
+)  # fmt: skip
+# SDXL base 1.0's UNet: 2,048-wide cross-attention (768 + 1280), six time ids embedded 256 wide each plus the
+# 1,280-wide pooled text (6 x 256 + 1280 = 2816).
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    layers_per_block=2,
+)
+SDXL_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,  # SDXL's VAE overflows in fp16; diffusers decodes it in fp32 when this is set
+)
+SDXL_SCHEDULER = dict(SD_SCHEDULER, steps_offset=1, timestep_spacing="leading")
+
+
+def _save_xl(out: Path, encoders: tuple, unet, vae) -> Path:
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = encoders
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=DDIMScheduler(**SDXL_SCHEDULER),
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def build_tiny_sdxl_model(out: Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight model shaped as SDXL base 1.0's diffusers folder (32 px, 4x4x4 latents).
+
+    What oneword and diffusers read to tell SDXL apart is SDXL's: `text_encoder` a `CLIPTextModel`, padding with
+    `<|endoftext|>`; `text_encoder_2` a `CLIPTextModelWithProjection`, padding with `!`; a UNet whose
+    cross-attention is the two widths together and whose `text_time` embedding takes six time ids and the
+    projected pooled text; a VAE flagged `force_upcast` with SDXL's scaling factor. Widths are cut to 32 and 64
+    (SDXL: 768 and 1280), depths to one or two layers.
+
+    Args:
+        out: folder to write.
+        seed: seed for the random weights.
+
+    Returns:
+        `out`.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    # bos/eos/pad stay SDXL's (0, 2, 1): with eos 2, transformers pools at the highest token id, which a
+    # placeholder token is, in training and in diffusers' pipeline alike
+    small = dict(num_hidden_layers=2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(**dict(SDXL_TEXT_ENCODER, hidden_size=32, intermediate_size=64, num_attention_heads=4, **small))
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            **dict(
+                SDXL_TEXT_ENCODER_2, hidden_size=64, intermediate_size=128, num_attention_heads=4, projection_dim=32,
+                **small,
+            )
+        )
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        **dict(
+            SDXL_UNET,
+            sample_size=4,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=32 + 64,
+            addition_embed_type_num_heads=4,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
+    )
+    vae = AutoencoderKL(
+        **dict(SDXL_VAE, sample_size=32, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+    )
+    encoders = (load_clip_tokenizer(), text_encoder, load_clip_tokenizer("!"), text_encoder_2)
+    return _save_xl(out, encoders, unet, vae)
+
+
+def build_sdxl_shape_model(out: Path, seed: int = 0) -> Path:
+    """Write a random-weight model with SDXL base 1.0's architecture (UNet 2.57B parameters), for timings.
+
+    Returns:
+        `out`.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    encoders = (
+        load_clip_tokenizer(),
+        CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER)),
+        load_clip_tokenizer("!"),
+        CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2)),
+    )
+    return _save_xl(out, encoders, UNet2DConditionModel(**SDXL_UNET), AutoencoderKL(**SDXL_VAE))
 
 
 def build_tiny_clip(out: Path, seed: int = 0, image_size: int = 32) -> Path:

@@ -404,6 +404,7 @@ def _version_tags(concept: _Concept, run_id: str) -> dict[str, str]:
         "oneword.token": concept.token,
         "oneword.base_model": str(concept.summary["model_source"]),
         "oneword.base_model_fingerprint": concept.summary["model_fingerprint"],
+        "oneword.model_family": _profile(concept.summary).family,  # which pipeline and file layout it needs
         "oneword.steps": str(concept.summary["steps"]),
         "oneword.run_id": run_id,
     }
@@ -612,6 +613,7 @@ def list_concepts(
                     "token": mv.tags.get("oneword.token"),
                     "base_model": mv.tags.get("oneword.base_model"),
                     "base_model_fingerprint": fp,
+                    "model_family": mv.tags.get("oneword.model_family"),
                     "reconstruction": mv.tags.get("reconstruction"),
                     "editability": mv.tags.get("editability"),
                     "gate": mv.tags.get("gate"),

@@ -44,13 +44,17 @@ CURVE_FILE, SUMMARY_FILE, GROUP_FILE = "curve.json", "summary.json", "concepts.j
 
 
 def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Path]:
-    """Write one embedding in every format into `out_dir`; returns {format: path}."""
+    """Write one embedding in every format that can hold it into `out_dir`; returns {format: path}.
+
+    An SDXL pair has no A1111 `.pt` (its kohya file is what A1111 and ComfyUI load).
+    """
     stem = emb_io.default_filename(emb.token, "kohya").removesuffix(".safetensors")
     paths = {
         "diffusers": out_dir / "learned_embeds.safetensors",
         "a1111": out_dir / "a1111" / f"{stem}.pt",
         "kohya": out_dir / "kohya" / f"{stem}.safetensors",
     }
+    paths = {fmt: p for fmt, p in paths.items() if fmt in emb_io.formats_for(emb)}
     for fmt, p in paths.items():
         emb_io.save(emb, p, fmt)  # type: ignore[arg-type]
     return paths

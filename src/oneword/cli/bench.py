@@ -17,6 +17,10 @@ def bench_cmd(
     sd15_shape: Annotated[
         bool, typer.Option("--sd15-shape", help="random weights with SD1.5's architecture (for a GPU)")
     ] = False,
+    sdxl_shape: Annotated[
+        bool,
+        typer.Option("--sdxl-shape", help="random weights with SDXL base 1.0's architecture (for a GPU, 1024 px)"),
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="oneword's batch size")] = 4,
     steps: Annotated[int, typer.Option(help="timed optimiser steps (with --eval: DDIM steps per picture)")] = 50,
     resolution: Annotated[int | None, typer.Option(help="image side (default: the model's native size)")] = None,
@@ -43,25 +47,33 @@ def bench_cmd(
     """Benchmark textual-inversion training speed.
 
     Examples: oneword bench; oneword bench --concepts 1,2,4,8;
-    oneword bench --sd15-shape --resolution 512 --compile (on a GPU)
+    oneword bench --sd15-shape --resolution 512 --compile (on a GPU);
+    oneword bench --sdxl-shape --resolution 1024 (on a GPU)
     """
     from rich.console import Console
     from rich.table import Table
 
     from oneword import bench
+    from oneword.profiles import profile
 
+    if sd15_shape and sdxl_shape:
+        raise typer.BadParameter("choose one of --sd15-shape and --sdxl-shape")
+    shape = "sd15" if sd15_shape else "sdxl" if sdxl_shape else ""
+    if baseline and not eval and (sdxl_shape or (base_model and profile(base_model).family == "sdxl")):
+        baseline = False  # diffusers' textual-inversion example is SD 1.x/2.x's; its SDXL script is another loop
+        typer.echo("SDXL: no diffusers-example-style baseline (that loop is SD 1.x/2.x's)", err=True)
     results = []
     if eval:
         from oneword.evaluation.bench import bench_eval
 
         results.append(
-            bench_eval(base_model, sd15_shape, device=device, n_images=eval_images, steps=steps, clip_model=clip_model)
+            bench_eval(base_model, shape, device=device, n_images=eval_images, steps=steps, clip_model=clip_model)
         )
     elif concepts:
         counts = [int(k) for k in concepts.split(",") if k.strip()]
         results.extend(
             bench.bench_concepts(
-                lambda: bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
+                lambda: bench.load_bench_model(base_model, shape, parts=("unet",)),
                 counts,
                 batch_size,
                 steps,
@@ -74,7 +86,7 @@ def bench_cmd(
     else:
         results.append(
             bench.bench_oneword(
-                bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
+                bench.load_bench_model(base_model, shape, parts=("unet",)),
                 batch_size,
                 steps,
                 resolution=resolution,
@@ -85,7 +97,7 @@ def bench_cmd(
         if compile:
             results.append(
                 bench.bench_oneword(
-                    bench.load_bench_model(base_model, sd15_shape, parts=("unet",)),
+                    bench.load_bench_model(base_model, shape, parts=("unet",)),
                     batch_size,
                     steps,
                     resolution=resolution,
@@ -97,7 +109,7 @@ def bench_cmd(
         if baseline:
             results.append(
                 bench.bench_diffusers_style(
-                    bench.load_bench_model(base_model, sd15_shape),
+                    bench.load_bench_model(base_model, shape),
                     1,
                     batch_size,
                     max(3, steps // 10),

@@ -12,7 +12,7 @@ from oneword.profiles import profile_of
 
 def bench_eval(
     base_model: str | None,
-    sd15_shape: bool = False,
+    shape: str = "",
     device: str = "auto",
     n_images: int = 16,
     steps: int = 50,
@@ -22,7 +22,7 @@ def bench_eval(
     """Time drawing `n_images` pictures at `steps` DDIM steps (batched as evaluation batches them), plus
     CLIP scoring when `clip_model` is given. Returns images per second."""
     dev = resolve_device(device)
-    model = load_bench_model(base_model, sd15_shape, parts=("unet", "vae"))
+    model = load_bench_model(base_model, shape, parts=("unet", "vae"))
     pipe = build_pipeline(model, str(dev))
     sampler = SamplerConfig(steps=steps).resolved(profile_of(model))
     sample(pipe, ["a photo of a cat"], min(2, n_images), 0, replace(sampler, steps=2), batch_size)  # warm-up

@@ -80,7 +80,11 @@ class _Session:
         device = str(resolve_device(cfg.device))
         self.pipe = build_pipeline(model, device)
         load_embeddings(self.pipe, model, [emb], force=force)
-        self.rows = self.pipe.tokenizer.convert_tokens_to_ids(vector_tokens(emb.token, emb.n_vectors))
+        names = vector_tokens(emb.token, emb.n_vectors)
+        # (text encoder, the token's rows) for each encoder: one, or SDXL's two
+        self.tables = [(self.pipe.text_encoder, self.pipe.tokenizer.convert_tokens_to_ids(names))]
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            self.tables.append((self.pipe.text_encoder_2, self.pipe.tokenizer_2.convert_tokens_to_ids(names)))
         self.clip = ClipScorer(cfg.clip_model, device)
         self.dino = DinoScorer(cfg.dino_model, device) if cfg.dino_model else None
         self.train_images = train_images
@@ -90,10 +94,12 @@ class _Session:
         self.images_generated = 0
         self.sampling_seconds = 0.0
 
-    def set_vectors(self, vectors: torch.Tensor) -> None:
-        table = self.pipe.text_encoder.get_input_embeddings().weight
+    def set_vectors(self, vectors: list[torch.Tensor]) -> None:
+        """Put the token's vectors (one tensor per text encoder) into the pipeline's embedding tables."""
         with torch.no_grad():
-            table[self.rows] = vectors.to(table.device, table.dtype)
+            for (encoder, rows), v in zip(self.tables, vectors, strict=True):
+                table = encoder.get_input_embeddings().weight
+                table[rows] = v.to(table.device, table.dtype)
 
     def draw(self, prompts: list[str], n: int) -> list[list[Image.Image]]:
         t = time.perf_counter()
@@ -102,7 +108,7 @@ class _Session:
         self.images_generated += len(prompts) * n
         return out
 
-    def score(self, vectors: torch.Tensor, n: int) -> dict:
+    def score(self, vectors: list[torch.Tensor], n: int) -> dict:
         """Generate n images for the reconstruction prompt and each edit prompt; return scores and images."""
         self.set_vectors(vectors)
         prompts = [P.with_token(P.RECONSTRUCTION, self.token)] + [P.with_token(t, self.token) for t in self.templates]
@@ -145,7 +151,7 @@ class _Choice:
     """The vectors to evaluate: the step they come from and the checkpoint curve that chose it (empty: none)."""
 
     step: int
-    vectors: torch.Tensor
+    vectors: list[torch.Tensor]  # one tensor per text encoder
     curve: list[CurvePoint]
 
 
@@ -210,7 +216,9 @@ def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig) -> _C
         curve = _score_checkpoints(s, found, config.checkpoint_budget)
         chosen = select_checkpoint(curve, config.selection_tolerance).step
         return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token), curve)
-    return _Choice(trained.emb.steps or trained.summary.get("steps", 0), trained.emb.vectors, [])
+    emb = trained.emb
+    final = [emb.vectors] + ([emb.vectors_2] if emb.vectors_2 is not None else [])
+    return _Choice(emb.steps or trained.summary.get("steps", 0), final, [])
 
 
 def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int) -> list[CurvePoint]:
@@ -223,9 +231,11 @@ def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int) -
     return curve
 
 
-def _checkpoint_vectors(path, token: str) -> torch.Tensor:
-    """The token's vectors stored in one checkpoint."""
-    return checkpoints.load_checkpoint(path)["vectors"][token]
+def _checkpoint_vectors(path, token: str) -> list[torch.Tensor]:
+    """The token's vectors stored in one checkpoint, one tensor per text encoder."""
+    state = checkpoints.load_checkpoint(path)
+    second = state.get("vectors_2", {})
+    return [state["vectors"][token]] + ([second[token]] if token in second else [])
 
 
 def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) -> dict:
@@ -276,7 +286,8 @@ def _add_baselines(s: _Session, metrics: dict) -> None:
 def _selected_embedding(emb: emb_io.Embedding, choice: _Choice, metrics: dict) -> emb_io.Embedding:
     """The chosen vectors as an embedding, its metadata saying which step and by what rule."""
     meta = {**emb.meta, "steps": str(choice.step), "selected_by": metrics["selection"]["criterion"]}
-    return emb_io.Embedding(emb.token, choice.vectors.float().cpu(), meta)
+    second = choice.vectors[1].float().cpu() if len(choice.vectors) > 1 else None
+    return emb_io.Embedding(emb.token, choice.vectors[0].float().cpu(), meta, second)
 
 
 def _write_outputs(out_dir: Path, metrics: dict, full: dict, selected: emb_io.Embedding, config: EvalConfig) -> None:

@@ -1,0 +1,245 @@
+"""SDXL as a trainable family: a tiny model shaped as SDXL base 1.0's diffusers folder trains a pair of vectors
+(one per text encoder), conditions its UNet exactly as diffusers' SDXL pipeline does, is evaluated, registered and
+pulled, and diffusers' own StableDiffusionXLPipeline loads the file with its two documented calls and draws."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from oneword import embeddings as emb_io
+from oneword.errors import OnewordError
+
+from .conftest import DREAMBENCH
+
+TOKEN = "<cat-xl>"
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    from oneword.random_models import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="module")
+def sdxl_concept(sdxl_dir, tmp_path_factory):
+    """Preprocess, cache and train one concept on the tiny SDXL model (checkpoints at 2 and 4); (root, trainer)."""
+    from oneword.config import ConceptSpec, TrainConfig
+    from oneword.images import preprocess
+    from oneword.latents import cache_latents
+    from oneword.train import train
+
+    root = tmp_path_factory.mktemp("sdxl-concept")
+    preprocess(DREAMBENCH / "cat", root / "data", resolution=32)
+    cache_latents(root / "data", str(sdxl_dir), root / "latents")
+    train(
+        root / "latents",
+        root / "train",
+        ConceptSpec(token=TOKEN, init_word="cat"),
+        TrainConfig(steps=4, checkpoint_every=2, learning_rate=5e-4),
+        progress=False,
+    )
+    return root
+
+
+def test_the_tiny_sdxl_model_is_read_as_sdxl(sdxl_dir):
+    from oneword.models import load_base_model
+    from oneword.profiles import profile, profile_of
+
+    p = profile(str(sdxl_dir))
+    assert (p.family, p.resolution) == ("sdxl", 32)
+    model = load_base_model(str(sdxl_dir), parts=())
+    assert (model.family, model.width, model.width_2) == ("sdxl", 32, 64)
+    assert profile_of(model) == p
+    assert model.tokenizer.pad_token == "<|endoftext|>" and model.tokenizer_2.pad_token == "!"
+    assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    sd_only = load_base_model(str(sdxl_dir), parts=())
+    sd_only.text_encoder_2 = None  # the fingerprint covers the second table: a model without it differs
+    from oneword.models import fingerprint
+
+    assert fingerprint(model.tokenizer, model.text_encoder, {}) != fingerprint(
+        model.tokenizer, model.text_encoder, {}, model.text_encoder_2
+    )
+
+
+def test_time_ids_record_original_size_and_crop():
+    from oneword.conditioning import time_ids
+    from oneword.images import ImageRecord
+
+    wide = ImageRecord("a.png", "a.jpg", "0" * 64, (64, 48), "1" * 64)  # (width, height), as PIL's size
+    # short side 48 -> 32: the picture becomes 43 x 32 and the centre 32 columns start at column 5
+    assert time_ids(wide, "crop", 32, flip=False) == [48, 64, 0, 5, 32, 32]
+    assert time_ids(wide, "crop", 32, flip=True) == [48, 64, 0, 6, 32, 32]  # counted from the mirrored side
+    tall = ImageRecord("b.png", "b.jpg", "0" * 64, (40, 80), "1" * 64)
+    assert time_ids(tall, "crop", 32, flip=False) == [80, 40, 16, 0, 32, 32]
+    assert time_ids(tall, "pad", 32, flip=False) == [80, 80, 0, 0, 32, 32]  # the square canvas, uncropped
+
+
+@pytest.mark.slow
+def test_sdxl_training_learns_both_tables_and_only_the_new_rows(sdxl_concept, sdxl_dir):
+    from oneword.images import Manifest
+    from oneword.latents import LatentSet
+    from oneword.models import load_base_model
+
+    root = sdxl_concept
+    latents = LatentSet.load(root / "latents")
+    manifest = Manifest.load(root / "data")
+    assert latents.time_ids.shape == (len(manifest.images), 2, 6)
+    w, h = manifest.images[0].original_size
+    assert latents.time_ids[0, 0, :2].tolist() == [h, w]  # each photo's own size, not the training size
+    assert latents.meta["resolution"] == 32 and latents.scaling_factor == pytest.approx(0.13025)
+
+    emb = emb_io.load(root / "train" / "learned_embeds.safetensors")
+    assert emb.token == TOKEN and emb.vectors.shape == (1, 32) and emb.vectors_2.shape == (1, 64)
+    base = load_base_model(str(sdxl_dir), parts=())
+    (cat_l,) = base.tokenizer("cat", add_special_tokens=False).input_ids
+    (cat_g,) = base.tokenizer_2("cat", add_special_tokens=False).input_ids
+    for vectors, encoder, cat in ((emb.vectors, base.text_encoder, cat_l), (emb.vectors_2, base.text_encoder_2, cat_g)):
+        table = encoder.get_input_embeddings().weight
+        assert not torch.allclose(vectors[0], table[cat])  # it learned
+        assert torch.cdist(vectors, table).argmin().item() == cat  # from its own encoder's initializer
+
+    files = {p.relative_to(root / "train").as_posix() for p in (root / "train").rglob("*.safetensors")}
+    assert "kohya/cat-xl.safetensors" in files and not (root / "train" / "a1111").exists()
+    for f in ("learned_embeds.safetensors", "kohya/cat-xl.safetensors"):
+        assert set(load_file(str(root / "train" / f))) == {"clip_l", "clip_g"}  # what A1111 and ComfyUI load
+
+    # the frozen model did not change: a fresh load has the same tables as the trained folder's model
+    fresh = load_base_model(str(sdxl_dir), parts=())
+    for enc in ("text_encoder", "text_encoder_2"):
+        a = getattr(base, enc).get_input_embeddings().weight
+        assert torch.equal(a, getattr(fresh, enc).get_input_embeddings().weight)
+
+
+def test_sdxl_conditioning_is_what_diffusers_sdxl_pipeline_builds(sdxl_dir):
+    """Training's text states, pooled text and time ids equal StableDiffusionXLPipeline's for the same vectors."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from oneword.bench import synthetic_latents
+    from oneword.conditioning import tokenize
+    from oneword.config import ConceptSpec, TrainConfig
+    from oneword.inversion import InversionTrainer
+    from oneword.models import load_base_model
+
+    model = load_base_model(str(sdxl_dir), parts=("unet",))
+    trainer = InversionTrainer(
+        model, [(ConceptSpec(token=TOKEN, init_word="cat"), synthetic_latents(4, 4))], TrainConfig(steps=2)
+    )
+    trainer.run(progress=False)
+    (emb,) = trainer.embeddings()
+    prompt = f"a photo of {TOKEN} on a beach"
+    ids = tokenize(trainer.tokenizers, [prompt], "cpu")
+    sizes = torch.tensor([[32.0, 32, 0, 0, 32, 32]])
+    with torch.no_grad():
+        hidden, added = trainer.conditioning(ids, sizes)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir), local_files_only=True)
+    # diffusers' documented way to load an SDXL embedding: one call per text encoder
+    pipe.load_textual_inversion(
+        emb.vectors_2, token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    pipe.load_textual_inversion(emb.vectors, token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    assert hidden.shape == embeds.shape == (1, 77, 96)
+    torch.testing.assert_close(hidden, embeds)
+    torch.testing.assert_close(added["text_embeds"], pooled)
+    time_ids = pipe._get_add_time_ids(
+        (32, 32),
+        (0, 0),
+        (32, 32),
+        dtype=torch.float32,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )
+    torch.testing.assert_close(added["time_ids"], time_ids)
+
+
+@pytest.mark.slow
+def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
+    sdxl_concept, sdxl_dir, tiny_clip_dir, tmp_path
+):
+    from diffusers import StableDiffusionXLPipeline
+
+    from oneword import registry
+    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.generate import SamplerConfig, generate
+
+    root = sdxl_concept
+    metrics = evaluate(
+        root / "train",
+        root / "data",
+        root / "eval",
+        EvalConfig(n_images=1, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip_dir)),
+    )
+    assert metrics["selection"]["chosen_step"] in (2, 4) and len(metrics["selection"]["curve"]) == 2
+    chosen = emb_io.load(root / "eval" / "embedding" / "learned_embeds.safetensors")
+    assert chosen.vectors_2 is not None and chosen.steps == metrics["step"]
+    assert Image.open(root / "eval" / "grid.png").size[1] == 32 * (1 + len(metrics["per_prompt"]))
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = registry.register(root / "train", root / "eval", tracking_uri=uri)
+    assert reg.alias == "champion"
+    (row,) = registry.list_concepts(tracking_uri=uri)
+    assert row["model_family"] == "sdxl"
+    with pytest.raises(OnewordError, match=r"A1111's \.pt format cannot hold") as e:
+        registry.pull_concept(f"{reg.name}@champion", tmp_path / "x.pt", "a1111", uri)
+    assert "--format kohya" in e.value.hint and not (tmp_path / "x.pt").exists()
+    path, _ = registry.pull_concept(f"{reg.name}@champion", tmp_path / "cat-xl.safetensors", "kohya", uri)
+
+    grid = generate(str(sdxl_dir), [path], [f"a photo of {TOKEN}"], tmp_path / "gen", n=2, sampler=SamplerConfig(2))
+    assert Image.open(grid).size == (160 + 2 * 32, 32)  # oneword's own generate draws with it too
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir), local_files_only=True)
+    pair = load_file(str(path))
+    pipe.load_textual_inversion(
+        pair["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    pipe.load_textual_inversion(pair["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    image = pipe(
+        f"a photo of {TOKEN}", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_an_sd_embedding_is_refused_by_an_sdxl_model_and_back(sdxl_dir, tiny_model_dir):
+    from oneword.generate import build_pipeline, load_embeddings
+    from oneword.models import load_base_model
+
+    xl = load_base_model(str(sdxl_dir))
+    one = emb_io.Embedding("<a>", torch.zeros(1, 32))
+    with pytest.raises(OnewordError, match="no clip_g table"):
+        load_embeddings(build_pipeline(xl, "cpu"), xl, [one])
+    sd = load_base_model(str(tiny_model_dir))
+    pair = emb_io.Embedding("<b>", torch.zeros(1, 32), vectors_2=torch.zeros(1, 64))
+    with pytest.raises(OnewordError, match="is an SDXL pair"):
+        load_embeddings(build_pipeline(sd, "cpu"), sd, [pair])
+
+
+def test_a_broken_single_file_sdxl_checkpoint_names_what_it_was_read_as(tmp_path):
+    from safetensors.torch import save_file
+
+    from oneword.models import load_base_model, single_file_family
+
+    ckpt = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.token_embedding.weight": torch.zeros(4, 4)}, str(ckpt))
+    assert single_file_family(ckpt) == "sdxl"
+    with pytest.raises(OnewordError, match="read as an SDXL checkpoint") as e:
+        load_base_model(str(ckpt), model_config=str(tmp_path / "nowhere"))
+    assert "stable-diffusion-xl-base-1.0" in e.value.hint
+    sd = tmp_path / "sd15.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.x": torch.zeros(2)}, str(sd))
+    assert single_file_family(sd) == "sd"
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(OnewordError, match="not a readable safetensors checkpoint"):
+        load_base_model(str(tmp_path / "junk.safetensors"))
+
+
+def test_bench_times_sdxl_training(sdxl_dir, capsys):
+    from .test_cli import run
+
+    code, out = run(["bench", "--base-model", str(sdxl_dir), "--steps", 2], capsys)
+    assert code == 0 and "steps/s" in out and "no diffusers-example-style baseline" in out
+    assert "speed-up" not in out  # nothing to compare with: that loop is SD 1.x/2.x's

@@ -165,20 +165,29 @@ def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tm
 
 
 @pytest.mark.slow
-def test_local_run_end_to_end(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypatch, capsys):
-    """The textual_inversion pipeline under kfp.local: images in, a registered version with an alias out. A run
-    whose register step fails prints that step's message; the rerun reuses the training and registers."""
+def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    """The textual_inversion pipeline under kfp.local, on a tiny model shaped as SD 2.1 (v-prediction, `!`
+    padding, 1024 wide): images in, a registered version with an alias out, which diffusers' own pipeline loads
+    and draws with. A run whose register step fails prints that step's message; the rerun reuses the training."""
+    import mlflow.artifacts
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from oneword import embeddings
     from oneword.cli import main
+    from oneword.latents import LatentSet
     from oneword.pipelines.local import run_textual_inversion
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
+    token = "<cat-sd2>"
     params = dict(
         images=str(DREAMBENCH / "cat"),
-        token="<cat-p>",
+        token=token,
         init_word="cat",
-        base_model=str(tiny_model_dir),
-        resolution=32,
+        base_model=str(tiny_sd2_model_dir),
+        resolution=0,  # the model's native size, read from its folder: 32 px
         steps=6,
         checkpoint_every=3,
         n_images=2,
@@ -198,18 +207,44 @@ def test_local_run_end_to_end(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypat
     (tmp_path / "mlartifacts").unlink()
 
     out = run_textual_inversion(tmp_path / "root", **params)
-    assert out["registered"] == "cat-p/1@champion"
-    assert out["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = out["tracking_uri"]
+    assert out["registered"] == "cat-sd2/1@champion"
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     for k in ("report", "grid", "metrics", "embedding"):
         assert Path(out[k]).exists(), k
     summaries = sorted(
         (tmp_path / "root").glob("textual-inversion-*/**/train/model/*/summary.json"), key=lambda p: p.stat().st_mtime
     )
     assert [json.loads(s.read_text())["steps_run"] for s in summaries] == [6, 0]  # the rerun did not train
-    rows = registry.list_concepts(out["tracking_uri"], alias="champion")
-    assert [(r["name"], r["version"]) for r in rows] == [("cat-p", "1")]
-    shown = registry.show_concept("cat-p@champion", out["tracking_uri"])
+    rows = registry.list_concepts(uri, alias="champion")
+    assert [(r["name"], r["version"], r["model_family"]) for r in rows] == [("cat-sd2", "1", "sd2")]
+    shown = registry.show_concept("cat-sd2@champion", uri)
     assert "reconstruction" in shown["metrics"] and shown["params"]["train.steps"] == "6"
+    summary = mlflow.artifacts.download_artifacts(
+        run_id=shown["run_id"], artifact_path="training/summary.json", dst_path=str(tmp_path), tracking_uri=uri
+    )
+    summary = json.loads(Path(summary).read_text())  # what the registered version was trained under
+    assert (summary["profile"]["family"], summary["profile"]["resolution"]) == ("sd2", 32)
+    latents = next((tmp_path / "root").glob("**/cache-latents/**/latents.safetensors"))
+    assert LatentSet.load(latents).mean.shape[-3:] == (4, 4, 4)  # (C, h, w): 32 px over the VAE's 8x
+
+    path, tags = registry.pull_concept("cat-sd2@champion", tmp_path / "learned_embeds.safetensors", "diffusers", uri)
+    assert tags["oneword.token"] == token
+    learned = embeddings.load(path).vectors
+    assert learned.shape == (1, 1024)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd2_model_dir), local_files_only=True)
+    pipe.load_textual_inversion(str(path), token=token)
+    (token_id,) = pipe.tokenizer.convert_tokens_to_ids([token])
+    assert token_id == 49408 and token_id in pipe.tokenizer(f"a photo of {token}").input_ids  # after SD's 49,408
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(table[token_id], learned[0])
+    (cat_id,) = pipe.tokenizer("cat", add_special_tokens=False).input_ids
+    assert not torch.equal(table[cat_id], learned[0])  # trained away from its initializer
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    image = pipe(
+        f"a photo of {token}", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
 @pytest.mark.slow

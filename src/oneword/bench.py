@@ -8,7 +8,9 @@ gradient accumulation. oneword's loop (`InversionTrainer`) reads cached latents 
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -255,4 +257,5 @@ def _built(shape: str) -> Path:
     if shape not in builders:
         raise ValueError(f"unknown model shape {shape!r}: use one of {', '.join(SHAPES)}")
     d = Path(tempfile.mkdtemp(prefix="oneword-bench-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)  # SDXL's shape alone is 14 GB of random weights
     return builders[shape](d / "model")

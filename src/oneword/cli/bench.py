@@ -126,8 +126,8 @@ def bench_cmd(
             r.name,
             r.device,
             f"{r.batch_size} x {r.grad_accum}",
-            f"{r.steps_per_second:.2f}",
-            f"{r.images_per_second:.1f}",
+            _rate(r.steps_per_second),
+            _rate(r.images_per_second),
             "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}",
         )
     Console().print(table)
@@ -137,3 +137,8 @@ def bench_cmd(
         )
     if json_out:
         json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+
+
+def _rate(per_second: float) -> str:
+    """A rate with two decimals, or three significant digits below 0.1/s (an SDXL-shaped model on a CPU)."""
+    return f"{per_second:.2f}" if per_second >= 0.1 else f"{per_second:.3g}"

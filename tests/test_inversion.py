@@ -208,3 +208,43 @@ def test_metrics_callback_and_curve(tiny_model, cat_latents):
     tr.run(callbacks=[lambda step, m: seen.append((step, sorted(m)))], progress=False)
     assert seen == [(4, ["embedding_norm", "loss"]), (8, ["embedding_norm", "loss"]), (12, ["embedding_norm", "loss"])]
     assert [p["step"] for p in tr.curve] == [4, 8, 12] and all(p["loss"] > 0 for p in tr.curve)
+
+
+def _steps(trainer, n):
+    losses = torch.stack([trainer.train_step(s) for s in range(n)])
+    return losses, [p.detach().clone() for c in trainer.concepts for p in c.params]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_compile_max_is_one_graph_with_the_eager_numbers(family, tiny_model_dir, cat_latents, monkeypatch, tmp_path):
+    """`compile max` captures text encoders, UNet and loss as one graph with no break (a host sync or a Python
+    branch on a tensor would break it, and CUDA graphs need none), and trains as the eager path does: same losses,
+    same vectors, two concepts and the L2 pull included. aot_eager: the same capture as inductor, without its
+    minutes of C++ code generation on a CPU."""
+    from oneword import inversion
+    from oneword.random_models import build_tiny_sdxl_model
+
+    monkeypatch.setattr(inversion, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    model_dir = str(build_tiny_sdxl_model(tmp_path / "xl")) if family == "sdxl" else str(tiny_model_dir)
+    latents = cat_latents
+    if family == "sdxl":  # the cat's latents at the SDXL model's size (4x4): random ones of that shape
+        from oneword.bench import synthetic_latents
+
+        latents = synthetic_latents(4, 4)
+    runs = {}
+    for mode in ("off", "max"):
+        dog = ConceptSpec(token="<dog-x>", init_word="dog")
+        cfg = TrainConfig(steps=3, batch_size=2, checkpoint_every=0, init_l2=0.1, compile=mode)
+        runs[mode] = _steps(InversionTrainer(load_base_model(model_dir), [(CAT, latents), (dog, latents)], cfg), 3)
+    (eager_losses, eager_vectors), (max_losses, max_vectors) = runs["off"], runs["max"]
+    assert torch.isfinite(eager_losses).all() and len(eager_vectors) == (4 if family == "sdxl" else 2)
+    torch.testing.assert_close(max_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(max_vectors, eager_vectors):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_setting_reads_the_old_flag():
+    assert TrainConfig(compile=True).compile == "default" and TrainConfig(compile=False).compile == "off"
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="fastest")

@@ -40,6 +40,7 @@ class BenchResult:
     steps_per_second: float
     images_per_second: float
     peak_memory_mb: float | None
+    warmup_seconds: float | None = None  # untimed first steps: compilation and CUDA-graph capture land here
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,13 +76,14 @@ def bench_oneword(
     resolution: int | None = None,
     device: str = "auto",
     precision: str = "auto",
-    compile: bool = False,
+    compile: str = "off",
     concepts: int = 1,
 ) -> BenchResult:
     """Time oneword's training loop on `model` (the model is modified: tokens are added).
 
     With `concepts` > 1, that many concepts train together in one batch of `concepts` x `batch_size` (a batch
-    job's shard); images/s counts every concept's images.
+    job's shard); images/s counts every concept's images. `compile` is `TrainConfig.compile` (off, default,
+    max); its compilation happens in the `warmup` steps, which are timed apart.
     """
     dev = resolve_device(device)
     c, side = _latent_shape(model, resolution)
@@ -97,9 +99,11 @@ def bench_oneword(
         for k in range(concepts)
     ]
     trainer = InversionTrainer(model, members, cfg)
+    t_warm = time.perf_counter()
     for s in range(warmup):
         trainer.train_step(s)
     _sync(dev)
+    warm = time.perf_counter() - t_warm
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
@@ -108,9 +112,14 @@ def bench_oneword(
     _sync(dev)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    name = "oneword" + (f", {concepts} concepts together" if concepts > 1 else "") + (" (compiled)" if compile else "")
+    mode = {
+        "off": "",
+        "default": " (compiled)",
+        "max": " (compile max" + (", CUDA graphs)" if dev.type == "cuda" else ")"),
+    }
+    name = "oneword" + (f", {concepts} concepts together" if concepts > 1 else "") + mode[cfg.compile]
     images = steps * batch_size * concepts
-    return BenchResult(name, str(dev), batch_size * concepts, 1, steps, dt, steps / dt, images / dt, peak)
+    return BenchResult(name, str(dev), batch_size * concepts, 1, steps, dt, steps / dt, images / dt, peak, warm)
 
 
 def bench_concepts(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The settings each model family chooses for itself (`oneword.profiles.ModelProfile` fields), by config field.
 MODEL_DEPENDENT_TRAIN = ("steps", "learning_rate", "checkpoint_every")
@@ -71,7 +71,11 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs of compute capability 8.0+, fp16 (loss-scaled) on 7.x, else fp32"
     )
-    compile: bool = Field(False, description="torch.compile the UNet (minutes to compile; faster after)")
+    compile: Literal["off", "default", "max"] = Field(
+        "off",
+        description="off; default: torch.compile the UNet; max: compile text encoders, UNet and loss as one graph "
+        "with no host sync, replayed as CUDA graphs on a GPU (minutes to compile; fastest after)",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations: less memory, slower")
     checkpoint_every: int | None = Field(
         None, ge=0, description="steps between checkpoints; 0 = only the last (None: the model's profile)"
@@ -86,6 +90,12 @@ class TrainConfig(BaseModel):
         "5000 steps, a few seconds each on a GPU); 0 = none",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_flag(cls, v):
+        # configs and checkpoints written when this was an on/off flag
+        return {True: "default", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     def resolved(self, profile) -> TrainConfig:
         """These settings with the unset model-dependent ones taken from `profile` (a `ModelProfile`)."""

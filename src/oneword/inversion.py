@@ -25,7 +25,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +47,9 @@ from oneword.tokens import add_placeholder_tokens, expand_placeholder, initializ
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+# torch.compile's backend. Tests on CPU swap in "aot_eager": the same graph capture (so a host sync or graph
+# break still fails there), without minutes of C++ code generation.
+COMPILE_BACKEND = "inductor"
 
 
 @dataclass
@@ -113,9 +115,6 @@ class InversionTrainer:
         self.device = resolve_device(config.device)
         self.precision = device_precision(config.precision, self.device)
         unet_dtype = DTYPES[self.precision]
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=unet_dtype) if self.precision != "fp32" else nullcontext()
-        )
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.text_encoder = model.text_encoder.to(self.device)
@@ -135,9 +134,26 @@ class InversionTrainer:
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
-        self.unet_forward = torch.compile(self.unet) if config.compile else self.unet
+        self.unet_forward = (
+            torch.compile(self.unet, backend=COMPILE_BACKEND) if config.compile == "default" else self.unet
+        )
+        self._losses = self._per_sample_losses
+        if config.compile == "max":
+            # One graph from prompt ids to per-sample losses, forward and backward: with static shapes and no host
+            # sync in it, inductor's reduce-overhead mode replays it as CUDA graphs (no per-kernel launch cost).
+            graphs = self.device.type == "cuda" and COMPILE_BACKEND == "inductor"
+            self._losses = torch.compile(
+                self._per_sample_losses,
+                fullgraph=True,
+                backend=COMPILE_BACKEND,
+                **({"mode": "reduce-overhead"} if graphs else {}),
+            )
         self.splices = [install_splice(te) for te in self.text_encoders]
         self.concepts = [self._add_concept(spec, latents) for spec, latents in concepts]
+        if config.compile == "max":
+            with torch.no_grad():  # first calls install transformers' output hooks, which graph capture cannot trace
+                c = self.concepts[0]
+                self.conditioning(c.prompt_ids[1][:1], c.time_ids[:1, 0])
 
         from diffusers import DDPMScheduler
 
@@ -156,6 +172,7 @@ class InversionTrainer:
             [{"params": c.params, "lr": config.lr_for(c.spec)} for c in self.concepts],
             lr=config.lr,
             weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda",  # one kernel for every concept's rows; CPU keeps torch's default
         )
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # which image, flip, template
         self.gen_device = torch.Generator(self.device).manual_seed(config.seed + 1)  # latents, noise, t
@@ -248,13 +265,34 @@ class InversionTrainer:
             flip = (torch.rand(b, generator=self.gen) < cfg.flip_p).long()
             table = c.prompt_ids[min(self.n_active(step), c.spec.n_vectors)]
             tpl = torch.randint(table.shape[0], (b,), generator=self.gen)
-            img, flip = img.to(self.device), flip.to(self.device)
+            img, flip, tpl = (self._to_device(x) for x in (img, flip, tpl))
             mean, std = c.mean[img, flip], c.std[img, flip]
             eps = torch.randn(mean.shape, generator=self.gen_device, device=self.device)
             z.append((mean + std * eps - c.meta["shift_factor"]) * c.meta["scaling_factor"])
-            ids.append(table[tpl.to(self.device)])
+            ids.append(table[tpl])
             sizes.append(c.time_ids[img, flip])
         return torch.cat(z), torch.cat(ids), torch.cat(sizes)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Copy a CPU draw to the device without waiting for the GPU: a copy from pageable memory would first
+        synchronise the stream, stalling the host on every step."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def _per_sample_losses(
+        self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, time_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The LDM loss of each sample (B,): noise the latents, condition on the prompts, predict, compare."""
+        a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
+        noisy = a * z0 + s * noise
+        target = noise if self.prediction_type == "epsilon" else a * noise - s * z0
+        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
+            hidden, added = self.conditioning(ids, time_ids)  # (B, 77, width), SDXL's pooled text and time ids
+            pred = self.unet_forward(
+                noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
+            )[0]
+        return F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
 
     def concept_losses(
         self,
@@ -270,15 +308,7 @@ class InversionTrainer:
         and for SDXL the images' `time_ids` (B, 6).
         """
         active = self.active
-        a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
-        noisy = a * z0 + s * noise
-        target = noise if self.prediction_type == "epsilon" else a * noise - s * z0
-        with self.autocast:
-            hidden, added = self.conditioning(ids, time_ids)  # (B, 77, width), SDXL's pooled text and time ids
-            pred = self.unet_forward(
-                noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
-            )[0]
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        per_sample = self._losses(z0, ids, noise, t, time_ids)  # (B,)
         losses = per_sample.view(len(active), -1).mean(dim=1)  # (K,)
         if self.config.init_l2 > 0:
             reg = torch.stack([sum(((p - i) ** 2).sum(-1).mean() for p, i in zip(c.params, c.inits)) for c in active])
@@ -307,6 +337,9 @@ class InversionTrainer:
         self.scaler.step(self.optimizer)  # stopped concepts have no gradient, so AdamW leaves them as they are
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if len(losses) == len(self.concepts):
+            return losses.detach()
+        # some concept stopped: spread the others' losses to their places (an index copied to the device: rare)
         out = torch.zeros(len(self.concepts), device=self.device)
         out[[i for i, c in enumerate(self.concepts) if not c.failed]] = losses.detach()
         return out

@@ -43,7 +43,7 @@ def train_cmd(
     init_l2: Annotated[float, option(TrainConfig, "init_l2")] = default(TrainConfig, "init_l2"),
     seed: Annotated[int, option(TrainConfig, "seed")] = default(TrainConfig, "seed"),
     precision: Annotated[str, option(TrainConfig, "precision")] = default(TrainConfig, "precision"),
-    compile: Annotated[bool, option(TrainConfig, "compile", "--compile")] = default(TrainConfig, "compile"),
+    compile: Annotated[str, option(TrainConfig, "compile", "--compile")] = default(TrainConfig, "compile"),
     gradient_checkpointing: Annotated[bool, option(TrainConfig, "gradient_checkpointing")] = default(
         TrainConfig, "gradient_checkpointing"
     ),

@@ -117,6 +117,35 @@ def test_quality_gate_refuses_scores_from_another_evaluator():
         quality_gate(cand, champ)
 
 
+def _scored(rec, edit, se=0.0, **protocol):
+    ev = {"name": "clip-a", "fingerprint": "sha256:aaa"}
+    p = {"prompt_set": "paper", "n_images": 64, "seed": 0, "evaluator": ev, **protocol}
+    return {"reconstruction": rec, "editability": edit, "reconstruction_se": se, "editability_se": se,
+            "evaluator": ev, "protocol": p}  # fmt: skip
+
+
+def test_quality_gate_compares_only_scores_measured_the_same_way():
+    champion = _scored(0.5, 0.5)
+    with pytest.raises(EvaluatorMismatch, match="prompt_set: 'dreambench-object' vs 'paper'"):
+        quality_gate(_scored(0.9, 0.9, prompt_set="dreambench-object"), champion)
+    with pytest.raises(EvaluatorMismatch, match="n_images: 16 vs 64"):
+        quality_gate(_scored(0.9, 0.9, n_images=16), champion)
+    old = {k: v for k, v in champion.items() if k != "protocol"}  # scored before protocols were recorded
+    with pytest.raises(EvaluatorMismatch, match="before oneword recorded") as e:
+        quality_gate(_scored(0.9, 0.9), old)
+    assert "re-evaluate" in e.value.hint
+    assert quality_gate(_scored(0.6, 0.5), champion).passed  # same protocol, no noise recorded: a plain lead
+
+
+def test_quality_gate_wants_a_lead_larger_than_the_noise():
+    champion = _scored(0.5, 0.5, se=0.02)
+    # sum's se per version: 0.02 * sqrt(2); the difference's: 0.04. A lead of 0.03 is noise, 0.05 is not.
+    close = quality_gate(_scored(0.53, 0.5, se=0.02), champion)
+    assert not close.passed and "by more than 0.0400" in close.reason
+    assert quality_gate(_scored(0.55, 0.5, se=0.02), champion).passed
+    assert quality_gate(_scored(0.53, 0.5, se=0.02), champion, GateThresholds(margin_se=0)).passed
+
+
 @pytest.fixture(scope="module")
 def trained_concept(tmp_path_factory, cat_latents_dir):
     out = tmp_path_factory.mktemp("trained") / "train"
@@ -153,6 +182,25 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert html.count("data:image/png;base64,") == 2 and "&lt;cat-e&gt;" in html
     assert f"{m['reconstruction']:.4f} ± {m['reconstruction_se']:.4f}" in html
 
+    p = m["protocol"]
+    assert (p["prompt_set"], p["n_images"], p["seed"], p["selection_budget"]) == ("paper", 2, 0, 1)
+    assert p["selection_seed"] != p["seed"] and p["base_model_fingerprint"] == m["model_fingerprint"]
+    assert p["evaluator"]["preprocessing"] and p["dino_evaluator"]["name"] == str(tiny_dino)
+
     compare([str(out), str(out)], tmp_path / "cmp.png", labels=["a", "b"])
     assert (tmp_path / "cmp.png").stat().st_size > 0
     assert [r["run"] for r in json.loads((tmp_path / "cmp.json").read_text())] == ["a", "b"]
+
+
+def test_selection_and_report_draw_disjoint_seeds(trained_concept, cat_dataset, tiny_clip, tmp_path):
+    """With the selection budget equal to the reported images, shared seeds would make the chosen checkpoint's
+    selection score the reported score exactly: the selection images must be others."""
+    cfg = EvalConfig(n_images=2, steps=2, checkpoint_budget=2, clip_model=str(tiny_clip), baselines=False)
+    m = evaluate(trained_concept, cat_dataset, tmp_path / "eval", cfg)
+    (chosen,) = [p for p in m["selection"]["curve"] if p["step"] == m["step"]]
+    assert chosen["reconstruction"] != pytest.approx(m["reconstruction"], abs=1e-6)
+    other = tmp_path / "other"
+    compare_cfg = cfg.model_copy(update={"n_images": 1})
+    evaluate(trained_concept, cat_dataset, other, compare_cfg)
+    with pytest.raises(EvaluatorMismatch, match="n_images: 2 vs 1"):
+        compare([str(tmp_path / "eval"), str(other)], tmp_path / "cmp.png")

@@ -155,6 +155,12 @@ class GateThresholds(BaseModel):
 
     min_reconstruction: float = Field(-1.0, ge=-1, le=1, description="quality gate: least reconstruction (-1: off)")
     min_editability: float = Field(-1.0, ge=-1, le=1, description="quality gate: least editability (-1: off)")
+    margin_se: float = Field(
+        1.0,
+        ge=0,
+        description="quality gate: standard errors (of the two scores' difference) by which a candidate must beat "
+        "the champion; a smaller lead is noise",
+    )
 
 
 class TrackingConfig(BaseModel):

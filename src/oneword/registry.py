@@ -420,6 +420,15 @@ def _version_tags(concept: _Concept, run_id: str) -> dict[str, str]:
                 "chosen_step": str(m["step"]),
             }
         )
+        if "protocol" in m:  # how the scores were measured, and their noise: what the next gate compares with
+            vtags.update(
+                {
+                    "reconstruction_se": f"{m['reconstruction_se']:.6f}",
+                    "editability_se": f"{m['editability_se']:.6f}",
+                    "eval_protocol": json.dumps(m["protocol"], sort_keys=True),
+                    "eval_protocol_id": m["protocol_id"],
+                }
+            )
     return vtags
 
 
@@ -436,11 +445,16 @@ def _version_metrics(mv) -> dict | None:
     t = mv.tags
     if "reconstruction" not in t:
         return None
-    return {
+    metrics = {
         "reconstruction": float(t["reconstruction"]),
         "editability": float(t["editability"]),
         "evaluator": {"name": t.get("evaluator"), "fingerprint": t.get("evaluator_fingerprint")},
     }
+    if "eval_protocol" in t:
+        metrics["protocol"] = json.loads(t["eval_protocol"])
+        metrics["reconstruction_se"] = float(t["reconstruction_se"])
+        metrics["editability_se"] = float(t["editability_se"])
+    return metrics
 
 
 def _decide_alias(client, name: str, metrics: dict | None, thresholds: GateThresholds) -> tuple[str, str]:

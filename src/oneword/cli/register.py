@@ -25,6 +25,7 @@ def register_cmd(
     min_editability: Annotated[float, option(GateThresholds, "min_editability")] = default(
         GateThresholds, "min_editability"
     ),
+    margin_se: Annotated[float, option(GateThresholds, "margin_se")] = default(GateThresholds, "margin_se"),
 ) -> None:
     """Register a concept; it becomes `champion` only if it passes the gate and beats the current one.
 
@@ -40,6 +41,8 @@ def register_cmd(
         tracking_uri or None,
         name=name,
         experiment=experiment,
-        thresholds=GateThresholds(min_reconstruction=min_reconstruction, min_editability=min_editability),
+        thresholds=GateThresholds(
+            min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se
+        ),
     )
     rprint(f"[green]{r.name}[/] version {r.version} -> [bold]{r.alias}[/] ({r.reason}); run {r.run_id}")

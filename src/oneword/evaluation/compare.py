@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oneword.errors import OnewordError
-from oneword.evaluation.gate import check_same_evaluator
+from oneword.evaluation.gate import check_comparable
 from oneword.evaluation.report import scatter
 
 
@@ -48,7 +48,7 @@ def compare(
     """
     loaded = [load_metrics(r, tracking_uri) for r in runs]
     for _, m in loaded[1:]:
-        check_same_evaluator(loaded[0][1], m)
+        check_comparable(loaded[0][1], m)
     series, table = [], []
     for i, (default, m) in enumerate(loaded):
         name = labels[i] if labels and i < len(labels) else default

@@ -32,6 +32,7 @@ from oneword.evaluation.metrics import (
     pairwise_cosine_rows,
     standard_error,
 )
+from oneword.evaluation.protocol import SELECTION_SEED_OFFSET, protocol, protocol_id
 from oneword.evaluation.report import html_report, scatter
 from oneword.evaluation.selection import CurvePoint, criterion_text, select_checkpoint
 from oneword.generate import SamplerConfig, build_pipeline, load_embeddings, make_grid, sample
@@ -101,18 +102,20 @@ class _Session:
                 table = encoder.get_input_embeddings().weight
                 table[rows] = v.to(table.device, table.dtype)
 
-    def draw(self, prompts: list[str], n: int) -> list[list[Image.Image]]:
+    def draw(self, prompts: list[str], n: int, seed: int | None = None) -> list[list[Image.Image]]:
         t = time.perf_counter()
-        out = sample(self.pipe, prompts, n, self.cfg.seed, self.sampler, batch_size=self.cfg.batch_size)
+        seed = self.cfg.seed if seed is None else seed
+        out = sample(self.pipe, prompts, n, seed, self.sampler, batch_size=self.cfg.batch_size)
         self.sampling_seconds += time.perf_counter() - t
         self.images_generated += len(prompts) * n
         return out
 
-    def score(self, vectors: list[torch.Tensor], n: int) -> dict:
-        """Generate n images for the reconstruction prompt and each edit prompt; return scores and images."""
+    def score(self, vectors: list[torch.Tensor], n: int, seed: int | None = None) -> dict:
+        """Generate n images for the reconstruction prompt and each edit prompt (image j from seed `seed + j`,
+        by default the configured seed); return scores and images."""
         self.set_vectors(vectors)
         prompts = [P.with_token(P.RECONSTRUCTION, self.token)] + [P.with_token(t, self.token) for t in self.templates]
-        images = self.draw(prompts, n)
+        images = self.draw(prompts, n, seed)
         rec_rows = pairwise_cosine_rows(self.clip.images(images[0]), self.train_clip)
         per_prompt, edit_rows = [], []
         for tpl, ims in zip(self.templates, images[1:]):
@@ -225,7 +228,8 @@ def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int) -
     """The reconstruction/editability curve over the checkpoints, `budget` images per prompt each."""
     curve = []
     for step, path in found:
-        r = s.score(_checkpoint_vectors(path, s.token), budget)
+        # seeds of their own: the images that choose a checkpoint are never the ones that report its scores
+        r = s.score(_checkpoint_vectors(path, s.token), budget, s.cfg.seed + SELECTION_SEED_OFFSET)
         curve.append(CurvePoint(step, r["reconstruction"], r["editability"]))
         log.info("checkpoint %d: reconstruction %.4f, editability %.4f", step, r["reconstruction"], r["editability"])
     return curve
@@ -265,6 +269,8 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
     if s.dino is not None:
         metrics["dino"] = mean_pairwise_cosine(s.dino.images(full["images"][0]), s.dino.images(trained.images))
         metrics["dino_evaluator"] = s.dino.identity
+    metrics["protocol"] = protocol(metrics, cfg.seed, metrics.get("dino_evaluator"))
+    metrics["protocol_id"] = protocol_id(metrics["protocol"])
     return metrics
 
 

@@ -1,7 +1,8 @@
 """The registry's quality gate: does a new concept version pass the thresholds and beat the champion?
 
-Scores are only comparable under one evaluator: the gate refuses to compare scores whose evaluator
-fingerprints differ, instead of silently comparing them.
+Scores are only comparable when measured the same way (`oneword.evaluation.protocol`): the gate refuses to
+compare scores whose evaluators or protocols differ, instead of silently comparing them. A candidate must beat the
+champion by more than the noise of the two measurements (`GateThresholds.margin_se` standard errors).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 from oneword.config import GateThresholds
 from oneword.errors import OnewordError
+from oneword.evaluation.protocol import differences
 
 
 class EvaluatorMismatch(OnewordError):
@@ -20,6 +22,27 @@ class EvaluatorMismatch(OnewordError):
 class GateResult:
     passed: bool
     reason: str
+
+
+def check_comparable(a: dict, b: dict) -> None:
+    """Raise `EvaluatorMismatch` unless metrics dicts `a` and `b` were measured the same way: the same evaluator,
+    and the same protocol where either records one (both written before protocols were recorded: the evaluator)."""
+    check_same_evaluator(a, b)
+    pa, pb = a.get("protocol"), b.get("protocol")
+    if pa is None and pb is None:
+        return
+    if pa is None or pb is None:
+        raise EvaluatorMismatch(
+            "one of the scores was measured before oneword recorded its evaluation protocol (prompts, images, "
+            "sampler, seeds, base model), so the two cannot be shown to be comparable",
+            hint="re-evaluate the older version with this oneword, then compare",
+        )
+    diff = differences(pa, pb)
+    if diff:
+        raise EvaluatorMismatch(
+            f"scores were measured under different evaluation protocols ({'; '.join(diff)}) and cannot be compared",
+            hint="evaluate both with the same prompt set, images, sampler, seed and base model",
+        )
 
 
 def check_same_evaluator(a: dict, b: dict) -> None:
@@ -56,8 +79,17 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
         return GateResult(False, f"editability {edit:.4f} < threshold {thresholds.min_editability:.4f}")
     if champion is None:
         return GateResult(True, "passes the thresholds; no champion yet")
-    check_same_evaluator(candidate, champion)
+    check_comparable(candidate, champion)
     score, best = rec + edit, champion["reconstruction"] + champion["editability"]
-    if score <= best:
-        return GateResult(False, f"reconstruction + editability {score:.4f} does not beat the champion's {best:.4f}")
-    return GateResult(True, f"reconstruction + editability {score:.4f} beats the champion's {best:.4f}")
+    margin = thresholds.margin_se * (_se_of_sum(candidate) ** 2 + _se_of_sum(champion) ** 2) ** 0.5
+    need = f"{best:.4f}" + (
+        f" by more than {margin:.4f} ({thresholds.margin_se:g} x the difference's standard error)" if margin else ""
+    )
+    if score <= best + margin:
+        return GateResult(False, f"reconstruction + editability {score:.4f} does not beat the champion's {need}")
+    return GateResult(True, f"reconstruction + editability {score:.4f} beats the champion's {need}")
+
+
+def _se_of_sum(metrics: dict) -> float:
+    """The standard error of reconstruction + editability (0 where the scores carry none)."""
+    return (metrics.get("reconstruction_se", 0.0) ** 2 + metrics.get("editability_se", 0.0) ** 2) ** 0.5

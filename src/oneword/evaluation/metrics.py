@@ -18,6 +18,7 @@ from PIL import Image
 
 from oneword import storage
 from oneword.errors import OnewordError
+from oneword.evaluation.protocol import config_fingerprint
 from oneword.models import module_fingerprint
 from oneword.profiles import DEFAULT_CLIP, TOYWORLD_CLIP
 from oneword.toyworld import assets
@@ -104,7 +105,11 @@ class ClipScorer:
                 "you can reach, or toyworld-clip",
             ) from e
         self.device = device
-        self.identity = {"name": model, "fingerprint": module_fingerprint(self.model)}
+        self.identity = {
+            "name": model,
+            "fingerprint": module_fingerprint(self.model),
+            "preprocessing": config_fingerprint(self.processor.image_processor.to_dict()),
+        }
         self._images: dict[str, torch.Tensor] = {}
         self._texts: dict[str, torch.Tensor] = {}
 
@@ -151,7 +156,11 @@ class DinoScorer:
                 hint="pass --dino-model with a local ViT folder or a reachable hub id, or leave it empty to skip DINO",
             ) from e
         self.device = device
-        self.identity = {"name": model, "fingerprint": module_fingerprint(self.model)}
+        self.identity = {
+            "name": model,
+            "fingerprint": module_fingerprint(self.model),
+            "preprocessing": config_fingerprint(self.processor.to_dict()),
+        }
         self._cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

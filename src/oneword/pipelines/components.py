@@ -252,6 +252,7 @@ def register(
     experiment: str = "oneword",
     min_reconstruction: float = -1.0,
     min_editability: float = -1.0,
+    margin_se: float = 1.0,
     batch_id: str = "",
     on_error: str = "fail",
     kfp_run_id: str = "",
@@ -268,6 +269,7 @@ def register(
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction (-1 = none).
         min_editability: quality gate: minimum editability (-1 = none).
+        margin_se: quality gate: standard errors by which a candidate must beat the champion.
         batch_id: the run's id; the batch report finds the batch's versions and failures by it.
         on_error: fail or record (see preprocess); a concept that failed at an earlier step is recorded as a
             FAILED MLflow run with the step and the error.
@@ -292,7 +294,8 @@ def register(
     r = run_step("register", registration.path, on_error,
                  lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
                              thresholds=GateThresholds(min_reconstruction=min_reconstruction,
-                                                       min_editability=min_editability), batch_id=batch_id,
+                                                       min_editability=min_editability, margin_se=margin_se),
+                             batch_id=batch_id,
                              run_tags=tags),
                  upstream=[evaluation.path])
     if r is None:

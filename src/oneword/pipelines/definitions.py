@@ -110,6 +110,7 @@ def personalise(
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
     min_editability: float = D["min_editability"],
+    margin_se: float = D["margin_se"],
     accelerator_type: str = D["accelerator_type"],
     accelerator_limit: int = D["accelerator_limit"],
     gpu_node_selector: dict = D["gpu_node_selector"],
@@ -168,7 +169,7 @@ def personalise(
         _gpu_step(ev, p)
         reg = c.register(
             model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
-            experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability,
+            experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se,
             batch_id=batch_id, on_error=on_error, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         )
@@ -223,6 +224,7 @@ def textual_inversion(
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
     min_editability: float = D["min_editability"],
+    margin_se: float = D["margin_se"],
     accelerator_type: str = D["accelerator_type"],
     accelerator_limit: int = D["accelerator_limit"],
     gpu_node_selector: dict = D["gpu_node_selector"],
@@ -271,6 +273,7 @@ def textual_inversion(
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).
         min_editability: quality gate: minimum editability to become champion (-1: none).
+        margin_se: quality gate: standard errors by which a candidate must beat the champion.
         accelerator_type: GPU resource of the GPU steps, e.g. nvidia.com/gpu.
         accelerator_limit: GPUs per GPU step.
         gpu_node_selector: node selector of the GPU pool (default: nvidia.com/gpu.present=true, the label of NVIDIA's
@@ -332,6 +335,7 @@ def batch_personalisation(
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
     min_editability: float = D["min_editability"],
+    margin_se: float = D["margin_se"],
     accelerator_type: str = D["accelerator_type"],
     accelerator_limit: int = D["accelerator_limit"],
     gpu_node_selector: dict = D["gpu_node_selector"],
@@ -381,6 +385,7 @@ def batch_personalisation(
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).
         min_editability: quality gate: minimum editability to become champion (-1: none).
+        margin_se: quality gate: standard errors by which a candidate must beat the champion.
         accelerator_type: GPU resource of the GPU steps.
         accelerator_limit: GPUs per GPU step.
         gpu_node_selector: node selector of the GPU pool (default: nvidia.com/gpu.present=true; {}: none).

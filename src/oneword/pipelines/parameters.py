@@ -50,6 +50,7 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "checkpoint_budget": (EvalConfig, "checkpoint_budget"),
     "min_reconstruction": (GateThresholds, "min_reconstruction"),
     "min_editability": (GateThresholds, "min_editability"),
+    "margin_se": (GateThresholds, "margin_se"),
     "tracking_uri": (TrackingConfig, "tracking_uri"),
     "experiment": (TrackingConfig, "experiment"),
     "concepts_per_shard": (BatchConfig, "concepts_per_shard"),

@@ -1,0 +1,47 @@
+"""The evaluation protocol: everything a score depends on besides the concept itself.
+
+Two scores are comparable only when they were measured the same way: the same prompts, images per prompt, sampler,
+seeds, base model, checkpoint-selection budget and evaluators (weights and image preprocessing). `evaluate` records
+the protocol with every score; the registry's gate and `oneword compare` refuse to compare scores whose protocols
+differ, and say which parts differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+# Image j of prompt i in the reported pass uses seed `seed + j`; checkpoint selection draws from `seed + this + j`,
+# so the images that choose a checkpoint are never among the images that report its scores.
+SELECTION_SEED_OFFSET = 1_000_000
+
+
+def config_fingerprint(config: dict) -> str:
+    """A short sha256 of a processor's config (an evaluator's image preprocessing)."""
+    keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("processor_class",)}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
+    """The protocol of a metrics dict written by `evaluate` (its prompt set, sampler, evaluator, ...)."""
+    return {
+        "prompt_set": metrics["prompt_set"],
+        "n_images": metrics["n_images"],
+        "sampler": metrics["sampler"],
+        "seed": seed,
+        "selection_seed": seed + SELECTION_SEED_OFFSET,
+        "selection_budget": metrics["selection"]["budget"],
+        "base_model_fingerprint": metrics["model_fingerprint"],
+        "evaluator": metrics["evaluator"],
+        "dino_evaluator": dino,
+    }
+
+
+def protocol_id(p: dict) -> str:
+    """A short sha256 of a protocol: equal ids, comparable scores."""
+    return hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """The protocol parts in which `a` and `b` differ, as `key: a vs b`."""
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

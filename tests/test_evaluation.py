@@ -173,7 +173,12 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert -1 <= m["reconstruction"] <= 1 and -1 <= m["editability"] <= 1 and -1 <= m["dino"] <= 1
     assert m["reconstruction_se"] >= 0 and m["editability_se"] >= 0  # 2 images, 6 edit images: measured
     assert len(m["per_prompt"]) == 3 and m["per_prompt"][0]["text_target"] == "A photo of on the moon"
-    assert set(m["baselines"]) == {"image_only", "prompt_only"}
+    assert set(m["baselines"]) == {"image_only", "prompt_only", "points"}
+    points = m["baselines"]["points"]  # the paper's reference points, both coordinates each
+    assert points["image_only"]["reconstruction"] == m["baselines"]["image_only"]
+    assert points["prompt_only"]["editability"] == m["baselines"]["prompt_only"]
+    assert all(-1 <= v <= 1 for p in points.values() for v in p.values())
+    assert "dreambench" not in m and "class_word" not in m  # the paper's protocol for the paper's prompts
     assert m["evaluator"]["fingerprint"].startswith("sha256:")
     # (1 + 3 prompts) x 2 images x 3 checkpoints at budget 1... plus the full run and the baseline
     assert m["images_generated"] == 4 * 1 * 3 + 4 * 2 + 3 * 2
@@ -204,3 +209,22 @@ def test_selection_and_report_draw_disjoint_seeds(trained_concept, cat_dataset, 
     evaluate(trained_concept, cat_dataset, other, compare_cfg)
     with pytest.raises(EvaluatorMismatch, match="n_images: 2 vs 1"):
         compare([str(tmp_path / "eval"), str(other)], tmp_path / "cmp.png")
+
+
+def test_dreambench_sets_follow_dreambooths_protocol(trained_concept, cat_dataset, tiny_clip, tiny_dino, tmp_path):
+    """The class noun goes after the token and stays in the text target; DINO and CLIP-I cover every prompt's
+    images; the report says which published table the numbers sit beside."""
+    cfg = EvalConfig(
+        prompt_set="dreambench-object", n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip),
+        dino_model=str(tiny_dino), baselines=False,
+    )  # fmt: skip
+    m = evaluate(trained_concept, cat_dataset, tmp_path / "eval", cfg)
+    assert m["class_word"] == "cat" and m["protocol"]["class_word"] == "cat"  # the initializer: the subject's class
+    first = m["per_prompt"][0]
+    assert (first["prompt"], first["text_target"]) == ("a <cat-e> cat in the jungle", "a cat in the jungle")
+    assert len(m["per_prompt"]) == 25
+    db = m["dreambench"]
+    assert db["clip_t"] == m["editability"] and -1 <= db["clip_i"] <= 1 and -1 <= db["dino"] <= 1
+    assert db["dino"] != m["dino"]  # over the 25 prompts' images, not only "A photo of S*"
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "DreamBench CLIP-I" in html and "DreamBooth (Ruiz et al. 2023) Table 1" in html

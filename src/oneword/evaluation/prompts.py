@@ -9,6 +9,10 @@
 
 The reconstruction prompt is always "A photo of {}" (the paper's). The text target of an editability prompt is
 the prompt with the token removed, as in the paper: "A photo of {} on the moon" -> "A photo of on the moon".
+
+The DreamBench sets follow DreamBooth's protocol instead (Ruiz et al. 2023, Sec. 4.1): the token is followed by
+the subject's class noun ("a <my-dog> dog in the jungle"), and the text target keeps the class noun ("a dog in
+the jungle"), so that CLIP-T, CLIP-I and DINO can sit beside DreamBooth's Table 1.
 """
 
 from __future__ import annotations
@@ -73,11 +77,16 @@ def get_prompt_set(name: str) -> tuple[str, ...]:
     )
 
 
-def with_token(template: str, token: str) -> str:
-    """Put the concept's token into a prompt template."""
-    return template.format(token)
+def follows_dreambench(name: str) -> bool:
+    """Whether prompt set `name` is scored by DreamBooth's protocol (token plus class noun; see the docstring)."""
+    return name in PACKAGED
 
 
-def without_token(template: str) -> str:
-    """The paper's text target: the prompt with the token removed and spaces collapsed."""
-    return re.sub(r"\s+", " ", template.format("")).strip()
+def with_token(template: str, token: str, class_word: str = "") -> str:
+    """Put the concept's token (and, for DreamBench's protocol, its class noun after it) into a prompt template."""
+    return template.format(f"{token} {class_word}".strip())
+
+
+def without_token(template: str, class_word: str = "") -> str:
+    """The text target: the prompt with the token removed (the class noun kept, if given), spaces collapsed."""
+    return re.sub(r"\s+", " ", template.format(class_word)).strip()

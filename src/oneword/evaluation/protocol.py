@@ -26,6 +26,7 @@ def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
     """The protocol of a metrics dict written by `evaluate` (its prompt set, sampler, evaluator, ...)."""
     return {
         "prompt_set": metrics["prompt_set"],
+        "class_word": metrics.get("class_word", ""),
         "n_images": metrics["n_images"],
         "sampler": metrics["sampler"],
         "seed": seed,

@@ -60,13 +60,22 @@ def scatter(series: Sequence[dict], out: Path, title: str = "distortion vs edita
                 label=None if curve else s["label"],
             )
         base = s.get("baselines") or {}
-        if base.get("image_only") is not None:
+        points = base.get("points") or {}
+        for key, marker in (("image_only", "s"), ("prompt_only", "^")):
+            if key in points:  # the paper's reference points, both coordinates
+                xy = (points[key]["editability"], points[key]["reconstruction"])
+                ax.plot(*xy, marker, color=colour, ms=7, mfc="none")
+                label = key.replace("_", "-")
+                ax.annotate(label, xy, fontsize=6, color=colour, xytext=(4, 4), textcoords="offset points")
+        if not points and base.get("image_only") is not None:  # recorded before the points: one coordinate each
             ax.axhline(base["image_only"], color=colour, ls=":", lw=1)
-        if base.get("prompt_only") is not None:
+        if not points and base.get("prompt_only") is not None:
             ax.axvline(base["prompt_only"], color=colour, ls="--", lw=1)
     ax.set_xlabel("editability: text similarity (CLIP)")
     ax.set_ylabel("reconstruction: image similarity (CLIP)")
-    ax.set_title(f"{title}\n(dotted: image-only ceiling; dashed: prompt-only ceiling; star: chosen step)", fontsize=8)
+    ax.set_title(
+        f"{title}\n(square: image-only reference; triangle: prompt-only reference; star: chosen step)", fontsize=8
+    )
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7, loc="best")
@@ -103,9 +112,16 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
         ("reconstruction (image similarity)", metrics.get("reconstruction"), metrics.get("reconstruction_se")),
         ("editability (text similarity)", metrics.get("editability"), metrics.get("editability_se")),
         ("DINO subject fidelity", metrics.get("dino")),
-        ("baseline: image only (ceiling of reconstruction)", base.get("image_only")),
-        ("baseline: prompt only (ceiling of editability)", base.get("prompt_only")),
+        ("reference: the training images (reconstruction, self-pairs left out)", base.get("image_only")),
+        ("reference: the prompts alone (editability)", base.get("prompt_only")),
     ]
+    db = metrics.get("dreambench")
+    if db:
+        headline += [
+            ("DreamBench DINO (all prompts' images)", db.get("dino")),
+            ("DreamBench CLIP-I (all prompts' images)", db.get("clip_i")),
+            ("DreamBench CLIP-T (class noun kept)", db.get("clip_t")),
+        ]
     head_rows = "".join(f"<tr><td>{row[0]}</td><td>{_score(*row[1:])}</td></tr>" for row in headline)
     token = html.escape(metrics.get("token", ""))
     sel = html.escape(metrics.get("selection", {}).get("criterion", "final step"))
@@ -126,6 +142,7 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
             f"{metrics.get('n_images')} images per prompt,",
             f"{sampler.get('steps')} DDIM steps, guidance {sampler.get('guidance_scale')}.</p>",
             f"<table>{head_rows}</table>",
+            f"<p>DreamBench numbers are comparable to {html.escape(db['comparable_to'])}.</p>" if db else "",
             f"<h2>Samples (rows: prompts, columns: seeds)</h2>{_img_tag(grid, 'sample grid')}",
             f"<h2>Distortion vs editability</h2>{_img_tag(scatter_png, 'scatter')}",
             f"<h2>Per prompt</h2><table>{header}{rows}</table>",

@@ -180,6 +180,11 @@ class InversionTrainer:
         self.step = 0
 
     @property
+    def autocast(self) -> torch.autocast:
+        """A context that runs the UNet in the training precision (a new one per use)."""
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32")
+
+    @property
     def curve(self) -> list[dict]:
         """The first concept's curve: `[{"step", "loss", "embedding_norm"}]`."""
         return self.curves[self.concepts[0].spec.token]
@@ -287,7 +292,7 @@ class InversionTrainer:
         a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m_ac[t].view(-1, 1, 1, 1)
         noisy = a * z0 + s * noise
         target = noise if self.prediction_type == "epsilon" else a * noise - s * z0
-        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
+        with self.autocast:
             hidden, added = self.conditioning(ids, time_ids)  # (B, 77, width), SDXL's pooled text and time ids
             pred = self.unet_forward(
                 noisy.to(self.unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False

@@ -105,8 +105,18 @@ def _eval_metrics(metrics: dict) -> dict[str, float]:
     }
     if metrics.get("dino") is not None:
         m["dino"] = metrics["dino"]
-    for k, v in (metrics.get("baselines") or {}).items():
-        m[f"baseline_{k}"] = v
+    base = metrics.get("baselines") or {}
+    for k in ("image_only", "prompt_only"):
+        if base.get(k) is not None:
+            m[f"baseline_{k}"] = base[k]
+        for coord, v in base.get("points", {}).get(k, {}).items():
+            m[f"reference_{k}_{coord}"] = v
+    for k in ("reconstruction_se", "editability_se"):
+        if metrics.get(k) is not None:
+            m[k] = metrics[k]
+    for k, v in (metrics.get("dreambench") or {}).items():
+        if isinstance(v, float):
+            m[f"dreambench_{k}"] = v
     for i, p in enumerate(metrics.get("per_prompt", [])):
         m[f"editability_prompt_{i}"] = p["editability"]
     return m

@@ -15,6 +15,7 @@ import mlflow
 import pytest
 from kfp import dsl
 
+from oneword.config import ConceptSpec
 from oneword.pipelines import components
 from oneword.serving import RUNTIME_PACKAGES
 
@@ -231,3 +232,22 @@ def test_mlflow_failing_does_not_stop_training(as_pod, cat_latents_dir, tmp_path
     run_id = json.loads((tmp_path / "refused" / "summary.json").read_text())["mlflow_run_id"]
     assert [m.step for m in _client(as_pod).get_metric_history(run_id, "loss")] == [2]  # logged until refused
     assert "mlflow_run_id" not in json.loads((tmp_path / "closed" / "summary.json").read_text())
+
+
+def test_runs_left_running_by_a_stopped_batch_are_ended(tmp_path):
+    """A batch that stops before a concept's register (another concept failed under on_error=fail) would leave
+    that concept's live run RUNNING for ever; the batch's exit handler ends it, and only its own runs."""
+    from oneword import tracking
+    from oneword.live import LiveRuns, LiveTracking, end_orphaned_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cat, dog = ConceptSpec(token="<cat-o>", init_word="cat"), ConceptSpec(token="<dog-o>", init_word="dog")
+    mine = LiveRuns(LiveTracking(uri, "oneword", {"kfp.run_id": "batch-1"}), [("cat-o", cat)], "sha256:x")
+    other = LiveRuns(LiveTracking(uri, "oneword", {"kfp.run_id": "batch-2"}), [("dog-o", dog)], "sha256:x")
+    ended = end_orphaned_runs(uri, "oneword", "batch-1", "the batch ended (FAILED) before this concept registered")
+    assert ended == [mine.run_ids["cat-o"]]
+    _, client = tracking.client(uri)
+    run = client.get_run(ended[0])
+    assert run.info.status == "KILLED" and "before this concept registered" in run.data.tags["oneword.ended_by"]
+    assert client.get_run(other.run_ids["dog-o"]).info.status == "RUNNING"  # another batch's run: untouched
+    assert end_orphaned_runs(uri, "oneword", "batch-1", "again") == []  # nothing left to end

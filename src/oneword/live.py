@@ -213,3 +213,35 @@ class LiveRuns:
     def fail_all(self, error: str) -> None:
         """The training itself failed: every run ends FAILED."""
         self.end({name: error for name in list(self.run_ids)})
+
+
+def end_orphaned_runs(tracking_uri: str | None, experiment: str, kfp_run_id: str, why: str) -> list[str]:
+    """End, as KILLED, the live runs a KFP run's trainings left RUNNING for a `register` that never ran (the
+    pipeline stopped first: another concept failed under `on_error=fail`, or the run was cancelled).
+
+    Returns:
+        The ids of the runs ended.
+    """
+    from oneword import tracking
+    from oneword.registry import CONCEPT_TAG
+
+    if not kfp_run_id:
+        return []
+    _, client = tracking.client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run_id}' and attributes.status = 'RUNNING'",
+        max_results=10_000,
+    )
+    ended = []
+    for r in runs:
+        if CONCEPT_TAG not in r.data.tags:
+            continue
+        client.set_tag(r.info.run_id, "oneword.ended_by", why[:4000])
+        client.set_terminated(r.info.run_id, status="KILLED")
+        ended.append(r.info.run_id)
+        log.warning("ended run %s of %s as KILLED: %s", r.info.run_id, r.data.tags[CONCEPT_TAG], why)
+    return ended

@@ -366,6 +366,7 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     import json
 
     from oneword.batch import batch_report
+    from oneword.live import end_orphaned_runs
     from oneword.registry import batch_plan
 
     concepts = batch_plan(tracking_uri or None, batch_id, experiment)
@@ -375,6 +376,9 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     else:
         report = batch_report(tracking_uri or None, batch_id, concepts, experiment)
     report["pipeline_state"] = status.state
+    # trainings open their concepts' runs for register to end; where it never ran, they would stay RUNNING
+    report["ended_runs"] = end_orphaned_runs(tracking_uri or None, experiment, batch_id,
+                                             f"the batch ended ({status.state}) before this concept registered")
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
     summary.metadata.update({k: report[k] for k in ("registered", "failed")})

@@ -248,3 +248,22 @@ def test_compile_setting_reads_the_old_flag():
     assert TrainConfig(compile=True).compile == "default" and TrainConfig(compile=False).compile == "off"
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="fastest")
+
+
+def test_early_end_stops_a_settled_run_and_a_rerun_stays_stopped(tiny_model_dir, cat_latents, tmp_path):
+    """With early_end on, the run ends once the vectors have stopped moving (here: a learning rate so small that
+    they hardly move), with a checkpoint at that step; resuming from it trains nothing more. A run whose vectors
+    still move goes to the end."""
+    settled = dict(steps=200, log_every=10, early_end=0.01, early_end_window=40, scale_lr=False, weight_decay=0)
+    tr = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, learning_rate=1e-6, **settled)
+    r = tr.run(checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert r.ended_early_at == 40 and r.steps == 40 and r.steps_run == 40  # the first check with a full window
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "ckpt")] == [40]
+    again = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, learning_rate=1e-6, **settled)
+    r2 = again.run(checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+    assert (r2.steps_run, r2.ended_early_at) == (0, 40)
+    torch.testing.assert_close(r2.embeddings[0].vectors, r.embeddings[0].vectors)
+
+    moving = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, learning_rate=0.05, **{**settled, "steps": 60})
+    r3 = moving.run(progress=False)
+    assert r3.ended_early_at is None and r3.steps == 60

@@ -80,6 +80,16 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(
         None, ge=0, description="steps between checkpoints; 0 = only the last (None: the model's profile)"
     )
+    early_end: float = Field(
+        0.0,
+        ge=0,
+        description="end the run once every concept's vectors moved less than this fraction of their norm over the "
+        "last early_end_window steps: the embedding has settled (0: off, the default until its saving is shown "
+        "at equal quality)",
+    )
+    early_end_window: int = Field(
+        100, ge=1, description="steps over which early_end measures how far the vectors still move"
+    )
     log_every: int = Field(
         10, ge=1, description="steps between loss/norm reports (log line, live MLflow metrics) and NaN checks"
     )

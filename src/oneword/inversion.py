@@ -93,6 +93,7 @@ class TrainResult:
     curves: dict[str, list[dict]] = field(default_factory=dict)  # token -> curve
     failed: dict[str, str] = field(default_factory=dict)  # token -> why it stopped early
     steps_run: int = 0  # steps this run trained (0: resumed from checkpoints that were already at the end)
+    ended_early_at: int | None = None  # the step at which every embedding had settled (`TrainConfig.early_end`)
 
 
 class InversionTrainer:
@@ -178,6 +179,8 @@ class InversionTrainer:
         self.gen_device = torch.Generator(self.device).manual_seed(config.seed + 1)  # latents, noise, t
         self.curves: dict[str, list[dict]] = {c.spec.token: [] for c in self.concepts}
         self.step = 0
+        self.ended_early_at: int | None = None
+        self._snapshots: dict[int, list[torch.Tensor]] = {}  # step -> the vectors then (for early_end)
 
     @property
     def autocast(self) -> torch.autocast:
@@ -365,6 +368,7 @@ class InversionTrainer:
             "config": self.config.model_dump_json(),
             "curves": json.dumps(self.curves),
             "failed": json.dumps({c.spec.token: c.failed for c in self.concepts if c.failed}),
+            "ended_early_at": self.ended_early_at,
             "oneword_version": __version__,
         }
 
@@ -399,6 +403,7 @@ class InversionTrainer:
         for c in self.concepts:
             c.failed = failed.get(c.spec.token, "")
         self.step = int(state["step"])
+        self.ended_early_at = state.get("ended_early_at")
 
     def embeddings(self) -> list[Embedding]:
         """The learned concepts (those that did not fail) as `Embedding`s, with lineage metadata."""
@@ -459,11 +464,13 @@ class InversionTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         loss_sum, n_sum = torch.zeros(len(self.concepts), device=self.device), 0
         t0, start = time.perf_counter(), self.step
-        while self.step < cfg.steps and self.active:
+        if cfg.early_end:  # where the movement is measured from (a resumed run starts its window again)
+            self._snapshots = {self.step: [p.detach().clone() for c in self.active for p in c.params]}
+        while self.step < cfg.steps and self.active and self.ended_early_at is None:
             loss_sum += self.train_step(self.step)
             n_sum += 1
             self.step += 1
-            at_end = self.step == cfg.steps
+            at_end = self.step == cfg.steps or self._settled()
             ckpt_now = checkpoint_dir is not None and (
                 at_end or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
             )
@@ -495,7 +502,37 @@ class InversionTrainer:
             curves=self.curves,
             failed={c.spec.token: c.failed for c in self.concepts if c.failed},
             steps_run=done,
+            ended_early_at=self.ended_early_at,
         )
+
+    def _settled(self) -> bool:
+        """Early end: whether every training concept's vectors moved less than `early_end` of their norm over the
+        last `early_end_window` steps (checked every `log_every` steps; sets `ended_early_at`)."""
+        cfg = self.config
+        if not cfg.early_end or self.step % cfg.log_every:
+            return False
+        now = [p.detach().clone() for c in self.active for p in c.params]
+        self._snapshots[self.step] = now
+        old = [s for s in self._snapshots if s <= self.step - cfg.early_end_window]
+        if not old:
+            return False
+        then = self._snapshots[max(old)]
+        self._snapshots = {s: v for s, v in self._snapshots.items() if s >= max(old)}
+        if len(then) != len(now):  # a concept stopped in between: measure from here on
+            return False
+        moved = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(now, then))
+        if moved >= cfg.early_end:
+            return False
+        self.ended_early_at = self.step
+        log.info(
+            "early end at step %d of %d: the vectors moved %.2g of their norm over the last %d steps (< %g)",
+            self.step,
+            cfg.steps,
+            moved,
+            cfg.early_end_window,
+            cfg.early_end,
+        )
+        return True
 
     def _resume(self, checkpoint_dir: str | Path) -> str | None:
         """Load the newest checkpoint that reads; a damaged one (truncated, empty) is skipped with a warning."""

@@ -90,6 +90,7 @@ def _run_summary(
         "profile": trainer.profile.model_dump(),  # what the unset settings were taken from
         "steps": result.steps,
         "steps_run": result.steps_run,  # 0 when a rerun found its checkpoints at the end already
+        "ended_early_at": result.ended_early_at,  # every embedding had settled (TrainConfig.early_end)
         "seconds": result.seconds,
         "steps_per_second": result.steps_per_second,
         "last_checkpoint": result.last_checkpoint,

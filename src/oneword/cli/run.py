@@ -35,6 +35,8 @@ def run_cmd(
     progressive_every: Annotated[int, parameter("progressive_every")] = D["progressive_every"],
     n_vectors: Annotated[int, parameter("n_vectors")] = D["n_vectors"],
     init_l2: Annotated[float, parameter("init_l2")] = D["init_l2"],
+    early_end: Annotated[float, parameter("early_end")] = D["early_end"],
+    early_end_window: Annotated[int, parameter("early_end_window")] = D["early_end_window"],
     resolution: Annotated[int, typer.Option(help=RESOLUTION_HELP)] = RESOLUTION_FROM_PROFILE,
     mode: Annotated[str, parameter("mode")] = D["mode"],
     templates: Annotated[str, parameter("templates")] = D["templates"],

@@ -41,6 +41,10 @@ def train_cmd(
         TrainConfig, "progressive_every"
     ),
     init_l2: Annotated[float, option(TrainConfig, "init_l2")] = default(TrainConfig, "init_l2"),
+    early_end: Annotated[float, option(TrainConfig, "early_end")] = default(TrainConfig, "early_end"),
+    early_end_window: Annotated[int, option(TrainConfig, "early_end_window")] = default(
+        TrainConfig, "early_end_window"
+    ),
     seed: Annotated[int, option(TrainConfig, "seed")] = default(TrainConfig, "seed"),
     precision: Annotated[str, option(TrainConfig, "precision")] = default(TrainConfig, "precision"),
     compile: Annotated[str, option(TrainConfig, "compile", "--compile")] = default(TrainConfig, "compile"),
@@ -80,6 +84,8 @@ def train_cmd(
         weight_decay=weight_decay,
         progressive_every=progressive_every,
         init_l2=init_l2,
+        early_end=early_end,
+        early_end_window=early_end_window,
         seed=seed,
         precision=precision,
         compile=compile,  # type: ignore[arg-type]

@@ -102,6 +102,8 @@ def train(
     scale_lr: bool = True,
     progressive_every: int = 0,
     init_l2: float = 0.0,
+    early_end: float = 0.0,
+    early_end_window: int = 100,
     seed: int = 0,
     checkpoint_every: int = 0,
     checkpoint_root: str = "",
@@ -127,6 +129,9 @@ def train(
         scale_lr: scale the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = off.
         init_l2: weight of an L2 pull toward the initializer embedding.
+        early_end: end training once every embedding moved less than this fraction of its norm over
+            early_end_window steps (0: off).
+        early_end_window: steps over which early_end measures the movement.
         seed: random seed.
         checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that outlive the pod, keyed by what is trained, so a
@@ -159,7 +164,8 @@ def train(
     rows = train_group(
         members, model.path,
         TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate), scale_lr=scale_lr,
-                    progressive_every=progressive_every, init_l2=init_l2, seed=seed,
+                    progressive_every=progressive_every, init_l2=init_l2, early_end=early_end,
+                    early_end_window=early_end_window, seed=seed,
                     checkpoint_every=unset(checkpoint_every), log_every=log_every, sample_every=sample_every),
         base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
         tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),

@@ -94,6 +94,8 @@ def personalise(
     scale_lr: bool = D["scale_lr"],
     progressive_every: int = D["progressive_every"],
     init_l2: float = D["init_l2"],
+    early_end: float = D["early_end"],
+    early_end_window: int = D["early_end_window"],
     seed: int = D["seed"],
     checkpoint_every: int = D["checkpoint_every"],
     checkpoint_root: str = "",
@@ -149,7 +151,8 @@ def personalise(
     tr = c.train(
         latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
-        init_l2=init_l2, seed=seed, checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
+        init_l2=init_l2, early_end=early_end, early_end_window=early_end_window, seed=seed,
+        checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
         on_error=on_error, log_every=log_every, sample_every=sample_every, tracking_uri=tracking_uri,
         experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
@@ -208,6 +211,8 @@ def textual_inversion(
     scale_lr: bool = D["scale_lr"],
     progressive_every: int = D["progressive_every"],
     init_l2: float = D["init_l2"],
+    early_end: float = D["early_end"],
+    early_end_window: int = D["early_end_window"],
     seed: int = D["seed"],
     checkpoint_every: int = D["checkpoint_every"],
     checkpoint_root: str = CHECKPOINT_ROOT,
@@ -257,6 +262,9 @@ def textual_inversion(
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
         init_l2: weight of an L2 pull toward the initializer embedding (more editable, less faithful).
+        early_end: end training once every embedding moved less than this fraction of its norm over
+            early_end_window steps (0: off).
+        early_end_window: steps over which early_end measures the movement.
         seed: random seed of training and evaluation.
         checkpoint_every: steps between checkpoints, the evaluation picks the best (0: the model's; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
@@ -319,6 +327,8 @@ def batch_personalisation(
     scale_lr: bool = D["scale_lr"],
     progressive_every: int = D["progressive_every"],
     init_l2: float = D["init_l2"],
+    early_end: float = D["early_end"],
+    early_end_window: int = D["early_end_window"],
     seed: int = D["seed"],
     checkpoint_every: int = D["checkpoint_every"],
     checkpoint_root: str = CHECKPOINT_ROOT,
@@ -369,6 +379,9 @@ def batch_personalisation(
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
         init_l2: weight of an L2 pull toward the initializer embedding.
+        early_end: end training once every embedding moved less than this fraction of its norm over
+            early_end_window steps (0: off).
+        early_end_window: steps over which early_end measures the movement.
         seed: random seed.
         checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.

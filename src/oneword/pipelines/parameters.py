@@ -37,6 +37,8 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "scale_lr": (TrainConfig, "scale_lr"),
     "progressive_every": (TrainConfig, "progressive_every"),
     "init_l2": (TrainConfig, "init_l2"),
+    "early_end": (TrainConfig, "early_end"),
+    "early_end_window": (TrainConfig, "early_end_window"),
     "seed": (TrainConfig, "seed"),
     "checkpoint_every": (TrainConfig, "checkpoint_every"),
     "log_every": (TrainConfig, "log_every"),

@@ -186,21 +186,8 @@ def build_sd15_shape_model(out: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=MAX_LENGTH,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-        )
-    )
+    # SD 1.5's text encoder is the same CLIP ViT-L/14 as SDXL's first, converted with the tokenizer's bos/eos ids
+    text_encoder = CLIPTextModel(CLIPTextConfig(**dict(SDXL_TEXT_ENCODER, bos_token_id=49406, eos_token_id=49407)))
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     vae = AutoencoderKL(
         sample_size=512,

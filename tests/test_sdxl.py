@@ -57,10 +57,9 @@ def test_the_tiny_sdxl_model_is_read_as_sdxl(sdxl_dir):
     assert profile_of(model) == p
     assert model.tokenizer.pad_token == "<|endoftext|>" and model.tokenizer_2.pad_token == "!"
     assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
-    sd_only = load_base_model(str(sdxl_dir), parts=())
-    sd_only.text_encoder_2 = None  # the fingerprint covers the second table: a model without it differs
     from oneword.models import fingerprint
 
+    # the fingerprint covers the second table: without it, the same first encoder fingerprints differently
     assert fingerprint(model.tokenizer, model.text_encoder, {}) != fingerprint(
         model.tokenizer, model.text_encoder, {}, model.text_encoder_2
     )
@@ -243,3 +242,16 @@ def test_bench_times_sdxl_training(sdxl_dir, capsys):
     code, out = run(["bench", "--base-model", str(sdxl_dir), "--steps", 2], capsys)
     assert code == 0 and "steps/s" in out and "no diffusers-example-style baseline" in out
     assert "speed-up" not in out  # nothing to compare with: that loop is SD 1.x/2.x's
+
+
+def test_an_fp16_vae_flagged_force_upcast_encodes_in_fp32(sdxl_dir, tmp_path):
+    from oneword.images import preprocess
+    from oneword.latents import cache_latents
+    from oneword.models import load_base_model
+
+    model = load_base_model(str(sdxl_dir), parts=("vae",), dtype=torch.float16)
+    assert model.vae.config.force_upcast and model.vae.dtype == torch.float16
+    preprocess(DREAMBENCH / "cat", tmp_path / "data", resolution=32)
+    latents = cache_latents(tmp_path / "data", model, tmp_path / "latents", cache_dir=tmp_path / "cache")
+    assert model.vae.dtype == torch.float32  # upcast, as diffusers' pipelines do for this flag
+    assert latents.mean.dtype == torch.float32 and torch.isfinite(latents.mean).all()

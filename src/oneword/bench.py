@@ -1,6 +1,8 @@
-"""Speed benchmarks: optimiser steps per second and images per second, ours and a diffusers-example-style loop.
+"""Speed benchmarks: optimiser steps per second and images per second, ours and diffusers' textual-inversion example.
 
-`diffusers_style` reproduces what diffusers' `examples/textual_inversion/textual_inversion.py` does per step,
+`bench_reference_script` runs diffusers' own `examples/textual_inversion/textual_inversion.py`, unchanged, as a
+subprocess on the same model (its path is the user's: the script is not ours to ship). `bench_diffusers_style`
+reproduces what diffusers' `examples/textual_inversion/textual_inversion.py` does per step,
 for a like-for-like comparison on the same model: encode the images with the VAE at every step, train the
 whole token-embedding table with AdamW and copy the frozen rows back after the step, at batch 1 with
 gradient accumulation. oneword's loop (`InversionTrainer`) reads cached latents and trains only the new rows.
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -123,7 +128,12 @@ def bench_oneword(
 
 
 def bench_concepts(
-    load: Callable[[], LoadedModel], counts: Sequence[int], batch_size: int = 4, steps: int = 50, **kwargs
+    load: Callable[[], LoadedModel],
+    counts: Sequence[int],
+    batch_size: int = 4,
+    steps: int = 50,
+    sequential: bool = True,
+    **kwargs,
 ) -> list[BenchResult]:
     """For each K in `counts`: K concepts trained together, beside K trained one after another.
 
@@ -132,15 +142,17 @@ def bench_concepts(
         counts: the Ks to time.
         batch_size: images per concept per step.
         steps: timed optimiser steps per loop.
+        sequential: also time the K concepts one after another (K more compilations with compile max).
         **kwargs: passed to `bench_oneword` (resolution, device, precision, compile).
 
     Returns:
-        Per K, the together figure and then the one-after-another figure (`steps` is per concept there).
+        Per K, the together figure and then, with `sequential`, the one-after-another figure (`steps` is per
+        concept there).
     """
     out = []
     for k in counts:
         out.append(bench_oneword(load(), batch_size, steps, concepts=k, **kwargs))
-        if k > 1:
+        if k > 1 and sequential:
             one = [bench_oneword(load(), batch_size, steps, **kwargs) for _ in range(k)]
             seconds = sum(r.seconds for r in one)
             out.append(
@@ -247,15 +259,140 @@ def bench_diffusers_style(
     )
 
 
+@dataclass(frozen=True)
+class ReferenceRecipe:
+    """One way of running diffusers' textual-inversion script: its batch, accumulation and precision flags."""
+
+    name: str
+    batch_size: int
+    grad_accum: int
+    mixed_precision: str  # the script's --mixed_precision: no, bf16, fp16
+    cuda_only: bool = False  # bf16 on a CPU says nothing about what a user runs
+
+
+# The script's README recipe (examples/textual_inversion/README.md: batch 1 x accumulation 4 in fp32), and bf16 at
+# batch 4, its best that a user is likely to choose on a GPU.
+REFERENCE_RECIPES = (
+    ReferenceRecipe("diffusers script, README recipe (fp32)", 1, 4, "no"),
+    ReferenceRecipe("diffusers script, bf16", 4, 1, "bf16", cuda_only=True),
+)
+
+
+def reference_command(
+    script: Path, model: str, photos: Path, out: Path, recipe: ReferenceRecipe, resolution: int, steps: int
+) -> list[str]:
+    """The script's command line: its README's arguments, with the recipe's batch and precision and `steps`."""
+    return [
+        sys.executable,
+        str(script),
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={photos}",
+        "--learnable_property=object",
+        "--placeholder_token=<bench-ref>",
+        "--initializer_token=object",
+        f"--resolution={resolution}",
+        f"--train_batch_size={recipe.batch_size}",
+        f"--gradient_accumulation_steps={recipe.grad_accum}",
+        f"--max_train_steps={steps}",
+        "--learning_rate=5.0e-04",
+        "--scale_lr",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+        f"--mixed_precision={recipe.mixed_precision}",
+        "--seed=0",
+        f"--output_dir={out}",
+    ]
+
+
+def bench_reference_script(
+    script: Path,
+    model: str,
+    recipe: ReferenceRecipe,
+    resolution: int,
+    steps: tuple[int, int] = (5, 25),
+    device: str = "auto",
+    timeout: float | None = None,
+) -> BenchResult:
+    """Time diffusers' textual-inversion script, run unchanged on `model` (a diffusers folder or hub id).
+
+    The script is run twice, for `steps[0]` and `steps[1]` optimiser steps, and its rate is the difference of the
+    step counts over the difference of the wall times: start-up, model loading and saving cancel out, as the
+    warm-up steps do for oneword's loops. It trains on five random photos written to a scratch folder.
+
+    Raises:
+        OnewordError: the script is missing, exits with an error (its last output is in the message), or writes
+            no embedding.
+    """
+    from PIL import Image
+
+    from oneword.errors import OnewordError
+
+    script = Path(script)
+    if not script.is_file():
+        raise OnewordError(
+            f"reference script {script} does not exist",
+            hint="pass the path of examples/textual_inversion/textual_inversion.py from a diffusers checkout "
+            "(docs/benchmarks.md names the commit)",
+        )
+    dev = resolve_device(device)
+    env = dict(os.environ)
+    if dev.type == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # accelerate takes a GPU whenever it sees one
+    walls = []
+    with tempfile.TemporaryDirectory(prefix="oneword-ref-") as tmp:
+        photos = Path(tmp) / "photos"
+        photos.mkdir()
+        g = torch.Generator().manual_seed(0)
+        for i in range(5):
+            pixels = torch.randint(0, 256, (resolution, resolution, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(photos / f"{i}.png")
+        for n in steps:
+            out = Path(tmp) / f"out-{n}"
+            cmd = reference_command(script, model, photos, out, recipe, resolution, n)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            walls.append(time.perf_counter() - t0)
+            if proc.returncode != 0 or not (out / "learned_embeds.safetensors").is_file():
+                tail = (proc.stderr or proc.stdout)[-2000:]
+                raise OnewordError(
+                    f"the reference script {script} failed ({recipe.name}, {n} steps, exit {proc.returncode}):\n{tail}",
+                    hint="check that diffusers, torchvision and tensorboard are installed for "
+                    f"{sys.executable}, and that the script matches the installed diffusers",
+                )
+    timed = steps[1] - steps[0]
+    seconds = walls[1] - walls[0]
+    if seconds <= 0:
+        raise OnewordError(
+            f"the reference script's longer run was not slower ({walls[0]:.1f} s, {walls[1]:.1f} s)",
+            hint="give it more steps (oneword bench --steps)",
+        )
+    per_step = recipe.batch_size * recipe.grad_accum
+    return BenchResult(
+        recipe.name,
+        str(dev),
+        recipe.batch_size,
+        recipe.grad_accum,
+        timed,
+        seconds,
+        timed / seconds,
+        timed * per_step / seconds,
+        None,
+        warmup_seconds=walls[0],
+    )
+
+
 SHAPES = ("sd15", "sdxl")  # random-weight models with a real family's architecture (`oneword.random_models`)
 
 
 def load_bench_model(base_model: str | None, shape: str = "", parts=("unet", "vae")) -> LoadedModel:
     """The model to benchmark: a given one, a real architecture with random weights (`shape`: sd15 or sdxl,
     built once per process), or the tiny model."""
-    if base_model:
-        return load_base_model(base_model, parts=parts)
-    return load_base_model(str(_built(shape)), parts=parts)
+    return load_base_model(bench_model_path(base_model, shape), parts=parts)
+
+
+def bench_model_path(base_model: str | None, shape: str = "") -> str:
+    """Where the model to benchmark is: `base_model`, or the random-weight model of `shape`, built on first use."""
+    return base_model or str(_built(shape))
 
 
 @functools.cache

@@ -337,6 +337,9 @@ class InversionTrainer:
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step at index `step`; returns every concept's (detached) loss, 0 for stopped ones (K,)."""
         self._activate_vectors(step)
+        if self.config.compile == "max":
+            # a new step for CUDA graph trees: the last step's graph outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         z0, ids, time_ids = self._batch(step)
         noise = torch.randn(z0.shape, generator=self.gen_device, device=self.device)
         t = torch.randint(0, self.num_timesteps, (z0.shape[0],), generator=self.gen_device, device=self.device)

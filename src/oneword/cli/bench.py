@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import STATE, app
 
 
 @app.command("bench")
@@ -32,6 +34,19 @@ def bench_cmd(
             "--compile", help="also time compile default (the UNet) and max (one graph; CUDA graphs on a GPU)"
         ),
     ] = False,
+    compile_modes: Annotated[
+        str, typer.Option(help="with --compile: which compiled loops to time, comma-separated")
+    ] = "default,max",
+    reference_script: Annotated[
+        Path | None,
+        typer.Option(
+            help="diffusers' examples/textual_inversion/textual_inversion.py: also time it, run unchanged "
+            "(its README recipe; on a GPU also bf16 at batch 4) on the same model"
+        ),
+    ] = None,
+    sequential: Annotated[
+        bool, typer.Option(help="with --concepts: also time the K concepts one after another")
+    ] = True,
     baseline: Annotated[
         bool,
         typer.Option(
@@ -59,6 +74,7 @@ def bench_cmd(
     from rich.table import Table
 
     from oneword import bench
+    from oneword.device import resolve_device
     from oneword.profiles import profile
 
     if sd15_shape and sdxl_shape:
@@ -67,21 +83,38 @@ def bench_cmd(
     if baseline and not eval and (sdxl_shape or (base_model and profile(base_model).family == "sdxl")):
         baseline = False  # diffusers' textual-inversion example is SD 1.x/2.x's; its SDXL script is another loop
         typer.echo("SDXL: no diffusers-example-style baseline (that loop is SD 1.x/2.x's)", err=True)
-    results = []
+    results: list[bench.BenchResult] = []
+
+    def timed(loop: Callable[[], bench.BenchResult | list[bench.BenchResult]]) -> None:
+        """Run one loop; a failure is printed and the others still run (a GPU's time is short)."""
+        try:
+            out = loop()
+        except Exception as e:  # reported, and the bench goes on
+            if STATE["verbose"]:
+                traceback.print_exc()
+            typer.echo(f"a loop failed: {type(e).__name__}: {e}", err=True)
+            return
+        results.extend(out if isinstance(out, list) else [out])
+        if json_out:  # after every loop, so a bench cut short keeps what it measured
+            json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+
     if eval:
         from oneword.evaluation.bench import bench_eval
 
-        results.append(
-            bench_eval(base_model, shape, device=device, n_images=eval_images, steps=steps, clip_model=clip_model)
+        timed(
+            lambda: bench_eval(
+                base_model, shape, device=device, n_images=eval_images, steps=steps, clip_model=clip_model
+            )
         )
     elif concepts:
         counts = [int(k) for k in concepts.split(",") if k.strip()]
-        results.extend(
-            bench.bench_concepts(
+        timed(
+            lambda: bench.bench_concepts(
                 lambda: bench.load_bench_model(base_model, shape, parts=("unet",)),
                 counts,
                 batch_size,
                 steps,
+                sequential=sequential,
                 resolution=resolution,
                 device=device,
                 precision=precision,
@@ -89,19 +122,10 @@ def bench_cmd(
             )
         )
     else:
-        results.append(
-            bench.bench_oneword(
-                bench.load_bench_model(base_model, shape, parts=("unet",)),
-                batch_size,
-                steps,
-                resolution=resolution,
-                device=device,
-                precision=precision,
-            )
-        )
-        for mode in ("default", "max") if compile else ():
-            results.append(
-                bench.bench_oneword(
+        modes = ["off"] + ([m.strip() for m in compile_modes.split(",") if m.strip()] if compile else [])
+        for mode in modes:
+            timed(
+                lambda mode=mode: bench.bench_oneword(
                     bench.load_bench_model(base_model, shape, parts=("unet",)),
                     batch_size,
                     steps,
@@ -112,8 +136,8 @@ def bench_cmd(
                 )
             )
         if baseline:
-            results.append(
-                bench.bench_diffusers_style(
+            timed(
+                lambda: bench.bench_diffusers_style(
                     bench.load_bench_model(base_model, shape),
                     1,
                     batch_size,
@@ -123,6 +147,19 @@ def bench_cmd(
                     precision=precision,
                 )
             )
+        if reference_script is not None:
+            path = bench.bench_model_path(base_model, shape)
+            side = resolution or 8 * bench.load_bench_model(path, parts=("unet",)).unet.config.sample_size
+            short = max(2, steps // 10)
+            on_gpu = resolve_device(device).type == "cuda"
+            for recipe in bench.REFERENCE_RECIPES:
+                if recipe.cuda_only and not on_gpu:
+                    continue
+                timed(
+                    lambda recipe=recipe: bench.bench_reference_script(
+                        reference_script, path, recipe, side, (short, short + max(5, steps // 2)), device=device
+                    )
+                )
     table = Table(title="oneword bench")
     for col in ("loop", "device", "batch x accum", "steps/s", "images/s", "peak MB", "warm-up s"):
         table.add_column(col, overflow="fold")
@@ -137,14 +174,16 @@ def bench_cmd(
             "-" if r.warmup_seconds is None else f"{r.warmup_seconds:.1f}",
         )
     Console().print(table)
-    if len(results) > 1 and results[-1].name.startswith("diffusers"):
-        best = max(results[:-1], key=lambda r: r.steps_per_second)
-        Console().print(
-            f"speed-up at equal effective batch ({best.name}): "
-            f"{best.steps_per_second / results[-1].steps_per_second:.1f}x"
-        )
-    if json_out:
-        json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    ours = [r for r in results if r.name.startswith("oneword")]
+    for ref in (r for r in results if r.name.startswith("diffusers")):
+        if ours:
+            best = max(ours, key=lambda r: r.steps_per_second)
+            Console().print(
+                f"{best.name} against {ref.name}: {best.steps_per_second / ref.steps_per_second:.1f}x "
+                f"optimiser steps/s ({best.batch_size} x {best.grad_accum} against {ref.batch_size} x {ref.grad_accum})"
+            )
+    if not results:
+        raise typer.Exit(1)
 
 
 def _rate(per_second: float) -> str:

@@ -111,7 +111,7 @@ def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):
 
 def test_bench_prints_figures(capsys):
     code, out = run(["bench", "--steps", 3], capsys)
-    assert code == 0 and "steps/s" in out and "speed-up at equal effective batch" in out
+    assert code == 0 and "steps/s" in out and "oneword against diffusers-example-style" in out
 
 
 def test_bench_concepts_together_beside_one_after_another(tmp_path, capsys):

@@ -104,13 +104,15 @@ def bench_oneword(
         for k in range(concepts)
     ]
     trainer = InversionTrainer(model, members, cfg)
+    if dev.type == "cuda":
+        # from before the warm-up: CUDA graphs allocate their memory pool while they are captured there, and a
+        # replay allocates nothing, so a peak taken over the timed steps alone misses it
+        torch.cuda.reset_peak_memory_stats(dev)
     t_warm = time.perf_counter()
     for s in range(warmup):
         trainer.train_step(s)
     _sync(dev)
     warm = time.perf_counter() - t_warm
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     for s in range(warmup, warmup + steps):
         trainer.train_step(s)

@@ -1,0 +1,100 @@
+"""`oneword bench --reference-script`: diffusers' textual-inversion script timed as a subprocess.
+
+The real script needs torchvision, which the CPU torch build here cannot load, so these tests give the bench a
+stand-in script with the same command line: it records its arguments, does work in proportion to its steps and
+writes the file the real one writes. The real script ran through this code on an H100 (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from oneword import bench
+from oneword.errors import OnewordError
+
+STAND_IN = """
+import argparse, json, os, sys, time
+p = argparse.ArgumentParser()
+for a in ("pretrained_model_name_or_path", "train_data_dir", "learnable_property", "placeholder_token",
+          "initializer_token", "resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+          "learning_rate", "lr_scheduler", "lr_warmup_steps", "mixed_precision", "seed", "output_dir"):
+    p.add_argument("--" + a)
+p.add_argument("--scale_lr", action="store_true")
+args = p.parse_args()
+with open(os.environ["STAND_IN_LOG"], "a") as f:
+    f.write(json.dumps(dict(vars(args), photos=sorted(os.listdir(args.train_data_dir)))) + "\\n")
+if os.environ.get("STAND_IN_FAIL"):
+    sys.exit("CUDA out of memory (stand-in)")
+end = time.perf_counter() + 0.02 * int(args.max_train_steps)
+while time.perf_counter() < end:  # busy work in proportion to the steps, as training is
+    sum(range(1000))
+os.makedirs(args.output_dir, exist_ok=True)
+open(os.path.join(args.output_dir, "learned_embeds.safetensors"), "wb").close()
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch) -> Path:
+    script = tmp_path / "textual_inversion.py"
+    script.write_text(STAND_IN)
+    monkeypatch.setenv("STAND_IN_LOG", str(tmp_path / "calls.jsonl"))
+    return script
+
+
+def calls(stand_in: Path) -> list[dict]:
+    return [json.loads(line) for line in (stand_in.parent / "calls.jsonl").read_text().splitlines()]
+
+
+def test_reference_rate_is_steps_over_the_difference_of_two_runs(stand_in):
+    recipe = bench.REFERENCE_RECIPES[0]
+    r = bench.bench_reference_script(stand_in, "some/model", recipe, 64, steps=(2, 52), device="cpu")
+    # the stand-in spends 20 ms a step after a start-up both runs share: 50 steps/s once start-up cancels (the
+    # whole second run's rate, start-up included, would be lower)
+    assert r.steps == 50 and 35 < r.steps_per_second < 60
+    assert r.images_per_second == pytest.approx(r.steps_per_second * 4)
+    assert (r.batch_size, r.grad_accum) == (1, 4) and r.name == recipe.name
+    first, second = calls(stand_in)
+    # the README recipe's flags, unchanged, on our model and five photos
+    assert first["pretrained_model_name_or_path"] == "some/model" and first["scale_lr"]
+    assert (first["train_batch_size"], first["gradient_accumulation_steps"]) == ("1", "4")
+    assert (first["learning_rate"], first["lr_scheduler"], first["mixed_precision"]) == ("5.0e-04", "constant", "no")
+    assert first["resolution"] == "64" and len(first["photos"]) == 5
+    assert (first["max_train_steps"], second["max_train_steps"]) == ("2", "52")
+
+
+def test_a_failing_reference_script_says_why(stand_in, monkeypatch):
+    monkeypatch.setenv("STAND_IN_FAIL", "1")
+    with pytest.raises(OnewordError, match="out of memory") as e:
+        bench.bench_reference_script(stand_in, "m", bench.REFERENCE_RECIPES[0], 64, steps=(1, 2), device="cpu")
+    assert "torchvision" in e.value.hint
+    with pytest.raises(OnewordError, match="does not exist"):
+        bench.bench_reference_script(stand_in.parent / "nope.py", "m", bench.REFERENCE_RECIPES[0], 64, device="cpu")
+
+
+def test_bench_cli_runs_the_reference_beside_oneword(stand_in, tmp_path, capsys):
+    from oneword.cli import main
+
+    out_json = tmp_path / "b.json"
+    args = ["bench", "--steps", "10", "--no-baseline", "--reference-script", str(stand_in), "--json", str(out_json)]
+    main(args)
+    out = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())
+    # on a CPU only the README recipe runs (bf16 on a CPU is not what anyone runs); the ratio is printed
+    assert [r["name"] for r in rows] == ["oneword", bench.REFERENCE_RECIPES[0].name]
+    assert "oneword against diffusers script, README recipe (fp32)" in out
+    model = Path(calls(stand_in)[0]["pretrained_model_name_or_path"])  # the tiny model oneword timed
+    assert (model / "model_index.json").is_file()
+
+
+def test_a_failed_loop_leaves_the_others(stand_in, tmp_path, monkeypatch, capsys):
+    from oneword.cli import main
+
+    monkeypatch.setenv("STAND_IN_FAIL", "1")
+    out_json = tmp_path / "b.json"
+    main(["bench", "--steps", "3", "--no-baseline", "--reference-script", str(stand_in), "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert "a loop failed" in captured.err and "out of memory" in captured.err
+    assert [r["name"] for r in json.loads(out_json.read_text())] == ["oneword"]

@@ -66,6 +66,20 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-2, ge=0, description="AdamW decay; 0.01 is torch's default the paper used")
     progressive_every: int = Field(0, ge=0, description="add vector k at step k*N (paper: 2000); 0 = all at once")
     init_l2: float = Field(0.0, ge=0, description="weight of an L2 pull toward the initializer embedding")
+    init_cos: float = Field(
+        0.0, ge=0, description="weight of a pull toward the initializer's direction (1 - cosine); the norm stays free"
+    )
+    direction_only: bool = Field(
+        False,
+        description="Directional TI (Kim et al., arXiv 2512.13672): hold each vector at the vocabulary's mean norm "
+        "and learn its direction by Riemannian SGD, with a von Mises-Fisher prior toward the initializer",
+    )
+    direction_lr: float = Field(
+        0.01, gt=0, description="with direction_only: radians each vector turns per step (DTI's code default)"
+    )
+    vmf_kappa: float = Field(
+        1e-4, ge=0, description="with direction_only: the prior's pull toward the initializer (DTI's code default)"
+    )
     flip_p: float = Field(0.5, ge=0, le=1, description="probability of the mirrored image (paper: 0.5)")
     seed: int = Field(0, description="seeds every random draw; CPU runs reproduce bit for bit")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(

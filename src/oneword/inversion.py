@@ -36,6 +36,7 @@ from oneword import __version__, checkpoints
 from oneword.conditioning import TextConditioning, default_time_ids, tokenize
 from oneword.config import ConceptSpec, TrainConfig
 from oneword.device import DTYPES, device_precision, resolve_device
+from oneword.directional import DirectionalSGD, on_sphere, vocabulary_norm
 from oneword.embeddings import Embedding
 from oneword.errors import NonFiniteLossError, OnewordError
 from oneword.latents import LatentSet
@@ -169,12 +170,7 @@ class InversionTrainer:
                 hint="use a model whose scheduler predicts epsilon or v",
             )
 
-        self.optimizer = torch.optim.AdamW(
-            [{"params": c.params, "lr": config.lr_for(c.spec)} for c in self.concepts],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            fused=self.device.type == "cuda",  # one kernel for every concept's rows; CPU keeps torch's default
-        )
+        self.optimizer = self._optimizer()
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # which image, flip, template
         self.gen_device = torch.Generator(self.device).manual_seed(config.seed + 1)  # latents, noise, t
         self.curves: dict[str, list[dict]] = {c.spec.token: [] for c in self.concepts}
@@ -196,6 +192,25 @@ class InversionTrainer:
     def active(self) -> list[_Concept]:
         """The concepts still training (not stopped by a non-finite loss)."""
         return [c for c in self.concepts if not c.failed]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over every concept's rows; with `direction_only`, DTI's Riemannian SGD (`oneword.directional`)."""
+        cfg = self.config
+        if not cfg.direction_only:
+            return torch.optim.AdamW(
+                [{"params": c.params, "lr": cfg.lr_for(c.spec)} for c in self.concepts],
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                fused=self.device.type == "cuda",  # one kernel for every concept's rows; CPU keeps torch's default
+            )
+        groups = []
+        for c in self.concepts:
+            for param, init, splice in zip(c.params, c.inits, self.splices):
+                radius = vocabulary_norm(splice.base.weight)
+                with torch.no_grad():
+                    param.copy_(on_sphere(init, radius))  # the initializer's direction at the vocabulary's norm
+                groups.append({"params": [param], "radius": radius, "mean_direction": on_sphere(init, 1.0)})
+        return DirectionalSGD(groups, lr=cfg.direction_lr, kappa=cfg.vmf_kappa)
 
     def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
         every, steps, n = self.config.progressive_every, self.config.steps, spec.n_vectors
@@ -321,6 +336,13 @@ class InversionTrainer:
         if self.config.init_l2 > 0:
             reg = torch.stack([sum(((p - i) ** 2).sum(-1).mean() for p, i in zip(c.params, c.inits)) for c in active])
             losses = losses + self.config.init_l2 * reg
+        if self.config.init_cos > 0:
+            # the pull in direction alone (1 - cosine): the vector's norm is free, its angle to the initializer
+            # is held; the same pull DTI's von Mises-Fisher prior gives, on an unconstrained vector
+            reg = torch.stack(
+                [sum((1 - F.cosine_similarity(p, i, dim=-1)).mean() for p, i in zip(c.params, c.inits)) for c in active]
+            )
+            losses = losses + self.config.init_cos * reg
         return losses
 
     def loss(

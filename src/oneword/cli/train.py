@@ -45,6 +45,10 @@ def train_cmd(
     early_end_window: Annotated[int, option(TrainConfig, "early_end_window")] = default(
         TrainConfig, "early_end_window"
     ),
+    init_cos: Annotated[float, option(TrainConfig, "init_cos")] = default(TrainConfig, "init_cos"),
+    direction_only: Annotated[bool, option(TrainConfig, "direction_only")] = default(TrainConfig, "direction_only"),
+    direction_lr: Annotated[float, option(TrainConfig, "direction_lr")] = default(TrainConfig, "direction_lr"),
+    vmf_kappa: Annotated[float, option(TrainConfig, "vmf_kappa")] = default(TrainConfig, "vmf_kappa"),
     seed: Annotated[int, option(TrainConfig, "seed")] = default(TrainConfig, "seed"),
     precision: Annotated[str, option(TrainConfig, "precision")] = default(TrainConfig, "precision"),
     compile: Annotated[str, option(TrainConfig, "compile", "--compile")] = default(TrainConfig, "compile"),
@@ -86,6 +90,10 @@ def train_cmd(
         init_l2=init_l2,
         early_end=early_end,
         early_end_window=early_end_window,
+        init_cos=init_cos,
+        direction_only=direction_only,
+        direction_lr=direction_lr,
+        vmf_kappa=vmf_kappa,
         seed=seed,
         precision=precision,
         compile=compile,  # type: ignore[arg-type]

@@ -104,6 +104,10 @@ def train(
     init_l2: float = 0.0,
     early_end: float = 0.0,
     early_end_window: int = 100,
+    init_cos: float = 0.0,
+    direction_only: bool = False,
+    direction_lr: float = 0.01,
+    vmf_kappa: float = 0.0001,
     seed: int = 0,
     checkpoint_every: int = 0,
     checkpoint_root: str = "",
@@ -132,6 +136,11 @@ def train(
         early_end: end training once every embedding moved less than this fraction of its norm over
             early_end_window steps (0: off).
         early_end_window: steps over which early_end measures the movement.
+        init_cos: weight of a pull toward the initializer's direction (1 - cosine); the norm stays free.
+        direction_only: Directional TI (Kim et al., arXiv 2512.13672): hold each vector at the vocabulary's
+            mean norm and learn its direction by Riemannian SGD, with a von Mises-Fisher prior.
+        direction_lr: with direction_only: radians each vector turns per step.
+        vmf_kappa: with direction_only: the prior's pull toward the initializer's direction.
         seed: random seed.
         checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that outlive the pod, keyed by what is trained, so a
@@ -165,7 +174,8 @@ def train(
         members, model.path,
         TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate), scale_lr=scale_lr,
                     progressive_every=progressive_every, init_l2=init_l2, early_end=early_end,
-                    early_end_window=early_end_window, seed=seed,
+                    early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
+                    direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
                     checkpoint_every=unset(checkpoint_every), log_every=log_every, sample_every=sample_every),
         base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
         tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),

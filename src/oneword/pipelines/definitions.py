@@ -96,6 +96,10 @@ def personalise(
     init_l2: float = D["init_l2"],
     early_end: float = D["early_end"],
     early_end_window: int = D["early_end_window"],
+    init_cos: float = D["init_cos"],
+    direction_only: bool = D["direction_only"],
+    direction_lr: float = D["direction_lr"],
+    vmf_kappa: float = D["vmf_kappa"],
     seed: int = D["seed"],
     checkpoint_every: int = D["checkpoint_every"],
     checkpoint_root: str = "",
@@ -151,7 +155,8 @@ def personalise(
     tr = c.train(
         latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
-        init_l2=init_l2, early_end=early_end, early_end_window=early_end_window, seed=seed,
+        init_l2=init_l2, early_end=early_end, early_end_window=early_end_window, init_cos=init_cos,
+        direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
         checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
         on_error=on_error, log_every=log_every, sample_every=sample_every, tracking_uri=tracking_uri,
         experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -213,6 +218,10 @@ def textual_inversion(
     init_l2: float = D["init_l2"],
     early_end: float = D["early_end"],
     early_end_window: int = D["early_end_window"],
+    init_cos: float = D["init_cos"],
+    direction_only: bool = D["direction_only"],
+    direction_lr: float = D["direction_lr"],
+    vmf_kappa: float = D["vmf_kappa"],
     seed: int = D["seed"],
     checkpoint_every: int = D["checkpoint_every"],
     checkpoint_root: str = CHECKPOINT_ROOT,
@@ -265,6 +274,11 @@ def textual_inversion(
         early_end: end training once every embedding moved less than this fraction of its norm over
             early_end_window steps (0: off).
         early_end_window: steps over which early_end measures the movement.
+        init_cos: weight of a pull toward the initializer's direction (1 - cosine); the norm stays free.
+        direction_only: Directional TI (Kim et al., arXiv 2512.13672): hold each vector at the vocabulary's
+            mean norm and learn its direction by Riemannian SGD, with a von Mises-Fisher prior.
+        direction_lr: with direction_only: radians each vector turns per step.
+        vmf_kappa: with direction_only: the prior's pull toward the initializer's direction.
         seed: random seed of training and evaluation.
         checkpoint_every: steps between checkpoints, the evaluation picks the best (0: the model's; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
@@ -329,6 +343,10 @@ def batch_personalisation(
     init_l2: float = D["init_l2"],
     early_end: float = D["early_end"],
     early_end_window: int = D["early_end_window"],
+    init_cos: float = D["init_cos"],
+    direction_only: bool = D["direction_only"],
+    direction_lr: float = D["direction_lr"],
+    vmf_kappa: float = D["vmf_kappa"],
     seed: int = D["seed"],
     checkpoint_every: int = D["checkpoint_every"],
     checkpoint_root: str = CHECKPOINT_ROOT,
@@ -382,6 +400,11 @@ def batch_personalisation(
         early_end: end training once every embedding moved less than this fraction of its norm over
             early_end_window steps (0: off).
         early_end_window: steps over which early_end measures the movement.
+        init_cos: weight of a pull toward the initializer's direction (1 - cosine); the norm stays free.
+        direction_only: Directional TI (Kim et al., arXiv 2512.13672): hold each vector at the vocabulary's
+            mean norm and learn its direction by Riemannian SGD, with a von Mises-Fisher prior.
+        direction_lr: with direction_only: radians each vector turns per step.
+        vmf_kappa: with direction_only: the prior's pull toward the initializer's direction.
         seed: random seed.
         checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.

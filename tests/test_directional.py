@@ -107,3 +107,24 @@ def test_slerp_runs_along_the_sphere():
     mid = slerp(a, b, 0.5)
     assert mid.norm().item() == pytest.approx(1.5)  # the norms blend linearly
     assert mid[0, 0].item() == pytest.approx(mid[0, 1].item())  # half way in angle
+
+
+def test_blend_of_two_concepts_is_an_embedding_file_like_any_other(tmp_path, capsys):
+    from oneword import embeddings as E
+    from oneword.cli import main
+    from oneword.errors import OnewordError
+
+    a = E.Embedding("<a>", on_sphere(torch.randn(1, 32), 0.4), {"model_fingerprint": "f"})
+    b = E.Embedding("<b>", on_sphere(torch.randn(1, 32), 0.4), {"model_fingerprint": "f"})
+    E.save(a, tmp_path / "a.safetensors")
+    E.save(b, tmp_path / "b.safetensors")
+    main(["blend", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--token", "<ab>",
+          "-o", str(tmp_path / "ab.safetensors"), "--t", "0.25"])  # fmt: skip
+    ab = E.load(tmp_path / "ab.safetensors")
+    assert ab.token == "<ab>" and ab.meta["blend_of"] == "<a>,<b>"
+    assert torch.allclose(ab.vectors, slerp(a.vectors, b.vectors, 0.25), atol=1e-6)
+    assert ab.vectors.norm().item() == pytest.approx(0.4, rel=1e-4)  # on the sphere of the two
+    with pytest.raises(OnewordError, match="differ in shape"):
+        E.blend(a, E.Embedding("<c>", torch.randn(2, 32)), 0.5, "<x>")
+    with pytest.raises(OnewordError, match="between 0 and 1"):
+        E.blend(a, b, 1.5, "<x>")

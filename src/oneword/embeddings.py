@@ -17,6 +17,7 @@ oneword's own metadata (token, initializer, model fingerprint, steps, version) r
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from oneword.errors import OnewordError
 
 Format = Literal["diffusers", "a1111", "kohya"]
 FORMATS: tuple[str, ...] = ("diffusers", "a1111", "kohya")
+log = logging.getLogger(__name__)
 A1111_STAR_ID = 265  # CLIP's id for "*", the key A1111 uses
 
 
@@ -58,6 +60,34 @@ class Embedding:
     @property
     def steps(self) -> int:
         return int(self.meta.get("steps", 0) or 0)
+
+
+def blend(a: Embedding, b: Embedding, t: float, token: str) -> Embedding:
+    """A concept between `a` and `b`: each vector slerped `t` of the way from a's to b's (`oneword.directional`).
+
+    Meaningful for directions learned at the vocabulary's norm (Directional TI), which is where its authors use it;
+    plain TI's vectors of very different norms blend less evenly. `t` 0 is `a`, 1 is `b`.
+
+    Raises:
+        OnewordError: the two do not have the same shape (vector count, width, SDXL's second table), or `t` is not
+            in [0, 1].
+    """
+    from oneword.directional import slerp
+
+    if not 0 <= t <= 1:
+        raise OnewordError(f"blend fraction {t} is not between 0 and 1", hint="0 gives the first concept, 1 the second")
+    shapes = [(e.n_vectors, e.width, None if e.vectors_2 is None else tuple(e.vectors_2.shape)) for e in (a, b)]
+    if shapes[0] != shapes[1]:
+        raise OnewordError(
+            f"{a.token} ({shapes[0][0]}x{shapes[0][1]}) and {b.token} ({shapes[1][0]}x{shapes[1][1]}) differ in shape",
+            hint="blend two concepts learned on the same model with the same number of vectors",
+        )
+    if a.meta.get("model_fingerprint") != b.meta.get("model_fingerprint"):
+        log.warning("%s and %s were trained on different base models", a.token, b.token)
+    second = None if a.vectors_2 is None else slerp(a.vectors_2.float(), b.vectors_2.float(), t)
+    meta = {k: v for k, v in a.meta.items() if k in ("model_fingerprint", "model_source")}
+    meta.update(blend_of=f"{a.token},{b.token}", blend_t=str(t), oneword_version=__version__)
+    return Embedding(token, slerp(a.vectors.float(), b.vectors.float(), t), meta, second)
 
 
 def formats_for(emb: Embedding) -> tuple[str, ...]:

@@ -36,3 +36,24 @@ def export_cmd(
         raise OnewordError(f"{dest} is the input file", hint="pass --out")
     E.save(emb, dest, format)  # type: ignore[arg-type]
     rprint(f"[green]{emb.token}[/] ({emb.n_vectors}x{emb.width}) -> {dest} ({format})")
+
+
+@app.command("blend")
+def blend_cmd(
+    first: Annotated[Path, typer.Argument(help="embedding file of the first concept")],
+    second: Annotated[Path, typer.Argument(help="embedding file of the second concept")],
+    token: Annotated[str, typer.Option(help="the blend's token, e.g. '<cat-dog>'")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the blend's file (diffusers format)")],
+    t: Annotated[float, typer.Option("--t", help="how far from the first to the second (0 to 1)")] = 0.5,
+) -> None:
+    """Blend two learned concepts by spherical interpolation (best with --direction-only training).
+
+    Example: oneword blend cat.safetensors dog.safetensors --token '<cat-dog>' -o cat-dog.safetensors
+    """
+    from rich import print as rprint
+
+    from oneword import embeddings as E
+
+    emb = E.blend(E.load(first), E.load(second), t, token)
+    E.save(emb, out, "diffusers")
+    rprint(f"[green]{token}[/] = {t:g} of the way from {first} to {second} -> {out}")

@@ -7,8 +7,8 @@ metrics with the toy CLIP, and checkpoint selection) -> the oracle checks pictur
 - editability: "S* on a <colour> background", "a small S*", "a large S*" must show the requested change
   and keep the concept's shape and colour.
 
-Sweeps (learning rate low/default/high, the L2 regulariser off/on, few/many steps) show the paper's trade-off
-on one distortion-editability chart.
+Sweeps (learning rate low/default/high, the L2 regulariser off/on, the cosine pull, Directional TI, few/many
+steps) show the paper's trade-off on one distortion-editability chart.
 """
 
 import json
@@ -63,6 +63,8 @@ def sweep_settings() -> list[Setting]:
         Setting("lr-low", d.model_copy(update={"learning_rate": 2e-4}), select=False),
         Setting("lr-high", d.model_copy(update={"learning_rate": 5e-3}), select=False),
         Setting("l2-on", d.model_copy(update={"init_l2": 0.05}), select=False),
+        Setting("cos-on", d.model_copy(update={"init_cos": 0.05}), select=False),  # the pull in angle alone
+        Setting("dti", d.model_copy(update={"direction_only": True}), select=False),  # DTI at its code's defaults
         Setting("steps-50", d.model_copy(update={"steps": 50}), select=False),
         Setting("steps-1000", d.model_copy(update={"steps": 1000}), select=False),
     ]

@@ -138,3 +138,24 @@ def test_a_concept_learns_in_a_group_of_three_as_it_does_alone(purple_star_alone
     a = late_loss(alone_dir)
     g = late_loss(tmp_path / "group" / "purple-star+orange-ring+blue-cross--final")
     assert abs(a - g) <= 0.15 * a, (a, g)
+
+
+def test_oracle_scatter_plots_drawable_concepts_by_setting(tmp_path):
+    from PIL import Image
+
+    from oneword.toyworld.quality import ConceptResult, oracle_scatter
+
+    rows = [
+        ConceptResult(c, s, 400, rec, edit, {}, 0.5, 0.4)
+        for c, s, rec, edit in [
+            ("purple-star", "final-default", 1.0, 0.83),
+            ("purple-star", "dti", 0.9, 0.6),
+            ("orange-ring", "final-default", 1.0, 0.92),
+            ("red-heart", "final-default", 0.0, 0.0),  # the negative control: not drawable, not plotted
+        ]
+    ]
+    path = oracle_scatter(rows, tmp_path / "oracle.png")
+    with Image.open(path) as im:
+        assert im.size == (704, 528)
+        # coloured marks, legend and axes were drawn (a blank figure has a handful of colours)
+        assert len({im.getpixel((x, y)) for x in range(im.width) for y in range(0, im.height, 4)}) > 20

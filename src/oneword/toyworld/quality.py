@@ -252,7 +252,52 @@ def measure_quality(
         if get_concept(r.concept).drawable
     ]
     scatter(series, out / "scatter.png", title="toy world: learning rate, L2 and steps")
+    oracle_scatter(results, out / "oracle.png")
     return report
+
+
+def oracle_scatter(results: list[ConceptResult], out: Path) -> Path:
+    """The distortion-editability plane as the oracle judges it: one colour per concept, one marker per setting.
+
+    The paper's Fig. 9 plots CLIP scores; the oracle's are what a person would count (shape and colour right,
+    the edit done), so regularisers are compared here on those.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawable = [r for r in results if get_concept(r.concept).drawable]
+    concepts = list(dict.fromkeys(r.concept for r in drawable))
+    settings = list(dict.fromkeys(r.setting for r in drawable))
+    markers = "osD^vP*Xh<>"
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    for r in drawable:
+        ax.scatter(
+            r.editability_oracle,
+            r.reconstruction_oracle,
+            color=f"C{concepts.index(r.concept) % 10}",
+            marker=markers[settings.index(r.setting) % len(markers)],
+            s=40,
+            alpha=0.8,
+        )
+    ax.axhline(0.85, color="grey", lw=0.6, ls="--")
+    ax.axvline(0.8, color="grey", lw=0.6, ls="--")
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=c) for i, c in enumerate(concepts)] + [
+        plt.Line2D([], [], color="black", marker=markers[i % len(markers)], ls="", label=s)
+        for i, s in enumerate(settings)
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="lower left", ncol=2)
+    ax.set_xlabel("editability (oracle): the edit done, concept kept")
+    ax.set_ylabel("reconstruction (oracle): shape and colour right")
+    ax.set_title("toy world: regularisers on the distortion-editability plane", fontsize=10)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 def _save_grid(root: Path, dest: Path) -> None:

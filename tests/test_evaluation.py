@@ -201,9 +201,20 @@ def test_selection_and_report_draw_disjoint_seeds(trained_concept, cat_dataset, 
     """With the selection budget equal to the reported images, shared seeds would make the chosen checkpoint's
     selection score the reported score exactly: the selection images must be others."""
     cfg = EvalConfig(n_images=2, steps=2, checkpoint_budget=2, clip_model=str(tiny_clip), baselines=False)
-    m = evaluate(trained_concept, cat_dataset, tmp_path / "eval", cfg)
+    seen = []
+    m = evaluate(
+        trained_concept,
+        cat_dataset,
+        tmp_path / "eval",
+        cfg,
+        on_checkpoint=lambda step, _, ims: seen.append((step, ims)),
+    )
     (chosen,) = [p for p in m["selection"]["curve"] if p["step"] == m["step"]]
     assert chosen["reconstruction"] != pytest.approx(m["reconstruction"], abs=1e-6)
+    assert chosen["reconstruction_se"] > 0 and chosen["editability_se"] > 0  # each point carries its noise
+    # the hook sees every checkpoint's selection pictures: one row per prompt, the budget's images each
+    assert [s for s, _ in seen] == [p["step"] for p in m["selection"]["curve"]]
+    assert all(len(row) == 2 for _, ims in seen for row in ims)
     other = tmp_path / "other"
     compare_cfg = cfg.model_copy(update={"n_images": 1})
     evaluate(trained_concept, cat_dataset, other, compare_cfg)

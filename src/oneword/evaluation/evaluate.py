@@ -173,6 +173,7 @@ def evaluate(
     config: EvalConfig = EvalConfig(),
     base_model: str | LoadedModel | None = None,
     on_images: Callable[[list[str], list[list[Image.Image]]], None] | None = None,
+    on_checkpoint: Callable[[int, list[str], list[list[Image.Image]]], None] | None = None,
 ) -> dict:
     """Evaluate a trained concept.
 
@@ -185,6 +186,7 @@ def evaluate(
         base_model: default: the model the concept was trained on.
         on_images: called with the final evaluation's prompts and images (reconstruction prompt first), for
             callers that score them further (the toy world's oracle).
+        on_checkpoint: called with each checkpoint's step, prompts and images during checkpoint selection.
 
     Returns:
         The metrics dict written to `metrics.json`.
@@ -193,7 +195,7 @@ def evaluate(
     trained = _load_trained(train_dir, dataset_dir, base_model)
     config = config.resolved(profile_of(trained.model))
     s = _Session(trained.model, trained.emb, trained.images, config, force=base_model is not None)
-    choice = _choose_checkpoint(s, trained, config)
+    choice = _choose_checkpoint(s, trained, config, on_checkpoint)
     full = s.score(choice.vectors, config.n_images)
     if on_images is not None:
         on_images(full["prompts"], full["images"])
@@ -220,11 +222,11 @@ def _load_trained(train_dir: Path, dataset_dir: Path | None, base_model: str | L
     return _Trained(Path(train_dir), summary, emb, model, images)
 
 
-def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig) -> _Choice:
+def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_checkpoint=None) -> _Choice:
     """Score every checkpoint on a small budget and pick one by the selection rule; without two, the final step."""
     found = _checkpoint_list(trained.train_dir, trained.summary)
     if config.checkpoint_budget > 0 and len(found) >= 2:
-        curve = _score_checkpoints(s, found, config.checkpoint_budget)
+        curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint)
         chosen = select_checkpoint(curve, config.selection_tolerance).step
         return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token), curve)
     emb = trained.emb
@@ -232,13 +234,17 @@ def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig) -> _C
     return _Choice(emb.steps or trained.summary.get("steps", 0), final, [])
 
 
-def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int) -> list[CurvePoint]:
+def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, on_checkpoint=None) -> list[CurvePoint]:
     """The reconstruction/editability curve over the checkpoints, `budget` images per prompt each."""
     curve = []
     for step, path in found:
         # seeds of their own: the images that choose a checkpoint are never the ones that report its scores
         r = s.score(_checkpoint_vectors(path, s.token), budget, s.cfg.seed + SELECTION_SEED_OFFSET)
-        curve.append(CurvePoint(step, r["reconstruction"], r["editability"]))
+        curve.append(
+            CurvePoint(step, r["reconstruction"], r["editability"], r["reconstruction_se"], r["editability_se"])
+        )
+        if on_checkpoint is not None:
+            on_checkpoint(step, r["prompts"], r["images"])
         log.info("checkpoint %d: reconstruction %.4f, editability %.4f", step, r["reconstruction"], r["editability"])
     return curve
 

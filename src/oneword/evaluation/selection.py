@@ -17,6 +17,8 @@ class CurvePoint:
     step: int
     reconstruction: float
     editability: float
+    reconstruction_se: float = 0.0  # standard errors over the budget's images (0: not measured)
+    editability_se: float = 0.0
 
 
 def select_checkpoint(curve: Sequence[CurvePoint], tolerance: float = 0.02) -> CurvePoint:

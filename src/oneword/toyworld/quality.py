@@ -96,6 +96,7 @@ class ConceptResult:
     train_seconds: float = 0.0
     total_seconds: float = 0.0
     curve: list = field(default_factory=list)
+    oracle_curve: list = field(default_factory=list)  # the oracle on each checkpoint's selection pictures
 
 
 def run_concept(
@@ -159,6 +160,12 @@ def run_concepts(
         prompts_file = root / concept / "prompts.txt"
         prompts_file.write_text("\n".join(t for t, _ in edits) + "\n")
         captured: dict = {}
+        oracle_curve: list[dict] = []
+
+        def on_checkpoint(step, prompts, images, c=c, edits=edits, oracle_curve=oracle_curve):
+            rec, edit, _ = _oracle_scores(oracle, c, edits, images)
+            oracle_curve.append({"step": step, "reconstruction": rec, "editability": edit})
+
         m = evaluate(
             root / "train" / concept,
             root / concept / "data",
@@ -173,12 +180,9 @@ def run_concepts(
                 **TOY_SAMPLER,
             ),
             on_images=lambda prompts, images, captured=captured: captured.update(prompts=prompts, images=images),
+            on_checkpoint=on_checkpoint,
         )
-        concept_attrs = {"shape": c.shape, "colour": c.colour}
-        rec = oracle.accuracy(captured["images"][0], concept_attrs)["all"]
-        per_edit = {}
-        for (tpl, ask), ims in zip(edits, captured["images"][1:]):
-            per_edit[tpl.format("S*")] = oracle.accuracy(ims, {**concept_attrs, **ask})["all"]
+        rec, _, per_edit = _oracle_scores(oracle, c, edits, captured["images"])
         words = _words_accuracy(c, oracle, n_images, seed) if with_words else None
         results.append(
             ConceptResult(
@@ -194,9 +198,22 @@ def run_concepts(
                 train_s,
                 time.perf_counter() - t0,
                 m["selection"]["curve"],
+                oracle_curve,
             )
         )
     return results
+
+
+def _oracle_scores(
+    oracle: Oracle, c: ToyConcept, edits: list[tuple[str, dict[str, str]]], images: list[list]
+) -> tuple[float, float, dict[str, float]]:
+    """The oracle's reconstruction, mean editability and per-edit scores of one evaluation's pictures
+    (reconstruction prompt first, then `edits` in order)."""
+    attrs = {"shape": c.shape, "colour": c.colour}
+    per_edit = {
+        tpl.format("S*"): oracle.accuracy(ims, {**attrs, **ask})["all"] for (tpl, ask), ims in zip(edits, images[1:])
+    }
+    return oracle.accuracy(images[0], attrs)["all"], sum(per_edit.values()) / len(per_edit), per_edit
 
 
 def _words_accuracy(c: ToyConcept, oracle: Oracle, n: int, seed: int) -> float:

@@ -41,6 +41,9 @@ def test_riemannian_sgd_keeps_the_norm_and_turns_toward_the_optimum():
         angles.append(torch.arccos(torch.nn.functional.cosine_similarity(before, e.detach(), dim=-1).clamp(-1, 1)))
         assert torch.allclose(e.norm(dim=-1), torch.full((3,), 2.0), atol=1e-5)
     assert max(a.max().item() for a in angles) <= 0.05 + 1e-4  # a step turns a row by at most the learning rate
+    # far from the optimum a step turns a row by the full learning rate: the gradient's radial part, which the
+    # retraction would undo, is projected away first (without the projection the turn is visibly shorter)
+    assert all(a.min().item() == pytest.approx(0.05, rel=0.02) for a in angles[:5])
     assert _cos(e.detach(), w) > 0.999
 
 
@@ -49,10 +52,15 @@ def test_the_von_mises_fisher_prior_alone_pulls_toward_its_mean():
     e = torch.nn.Parameter(on_sphere(torch.randn(1, 8, generator=torch.Generator().manual_seed(2)), 0.5))
     opt = DirectionalSGD([{"params": [e], "radius": 0.5, "mean_direction": mu}], lr=0.05, kappa=1.0)
     start = _cos(e.detach(), mu)
+    g = torch.Generator().manual_seed(3)
     for _ in range(100):
-        e.grad = torch.zeros_like(e)  # no data term: only the prior's constant gradient -κμ moves it
+        e.grad = 1e-6 * torch.randn(e.shape, generator=g)  # a negligible data term: the prior's -κμ moves it
         opt.step()
     assert start < 0.9 and _cos(e.detach(), mu) > 0.99
+    before = e.detach().clone()
+    e.grad = torch.zeros_like(e)  # no data gradient at all (a progressive vector not yet on): it stays
+    opt.step()
+    assert torch.equal(e.detach(), before)
 
 
 def test_directional_ti_holds_the_vocabulary_norm_and_learns_a_direction(tiny_model_dir, cat_latents):
@@ -99,6 +107,37 @@ def test_directional_run_resumes_bit_for_bit(tiny_model_dir, cat_latents, tmp_pa
     )
     rest.run(tmp_path / "b", resume=True, progress=False)
     assert torch.equal(whole.concepts[0].param, rest.concepts[0].param)
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_optimiser(tiny_model_dir, cat_latents, tmp_path):
+    from oneword.errors import OnewordError
+
+    plain = InversionTrainer(
+        load_base_model(str(tiny_model_dir), parts=("unet",)),
+        [(CAT, cat_latents)],
+        TrainConfig(steps=2, checkpoint_every=2),
+    )
+    plain.run(tmp_path, progress=False)
+    directional = InversionTrainer(
+        load_base_model(str(tiny_model_dir), parts=("unet",)),
+        [(CAT, cat_latents)],
+        TrainConfig(steps=4, checkpoint_every=2, direction_only=True),
+    )
+    with pytest.raises(OnewordError, match="without direction_only"):
+        directional.run(tmp_path, resume=True, progress=False)
+
+
+def test_progressive_vectors_join_on_the_sphere(tiny_model_dir, cat_latents):
+    two = ConceptSpec(token="<cat-p>", init_word="cat", n_vectors=2)
+    tr = InversionTrainer(
+        load_base_model(str(tiny_model_dir), parts=("unet",)),
+        [(two, cat_latents)],
+        TrainConfig(steps=6, checkpoint_every=0, progressive_every=3, direction_only=True, direction_lr=0.05),
+    )
+    tr.run(progress=False)
+    m = vocabulary_norm(tr.splices[0].base.weight)
+    assert torch.allclose(tr.concepts[0].param.detach().norm(dim=-1), torch.full((2,), m), rtol=1e-5)
+    assert _cos(tr.concepts[0].param.detach()[1:], tr.concepts[0].init[1:]) < 1 - 1e-6  # the second one learned
 
 
 def test_slerp_runs_along_the_sphere():

@@ -100,6 +100,28 @@ def test_checkpoint_selection_on_a_synthetic_curve():
         select_checkpoint([])
 
 
+def test_selection_counts_scores_within_their_noise_as_equal():
+    # the colour-before-shape trap: step 50 has the colour (CLIP rates it as high as the rest) and the most
+    # editability; later steps learn the shape, and editability falls only at 400
+    se = dict(reconstruction_se=0.02, editability_se=0.02)
+    curve = [
+        CurvePoint(50, 0.60, 0.50, **se),
+        CurvePoint(100, 0.62, 0.48, **se),
+        CurvePoint(200, 0.63, 0.47, **se),
+        CurvePoint(300, 0.62, 0.46, **se),
+        CurvePoint(400, 0.64, 0.38, **se),  # best reconstruction, editability fallen
+    ]
+    # 2 SE of a difference is 0.057 here: every step's reconstruction counts as the best's, not only 0.02 away
+    assert select_checkpoint(curve, tolerance=0.02).step == 50  # balanced: the most editable, the earliest
+    assert select_checkpoint(curve, tolerance=0.02, rule="latest-editable").step == 300  # later, until it falls
+    # with no noise recorded, the fixed tolerance alone decides: within 0.01 of 0.64 are 200 and 400
+    exact = [CurvePoint(p.step, p.reconstruction, p.editability) for p in curve]
+    assert select_checkpoint(exact, tolerance=0.01).step == 200
+    assert select_checkpoint(exact, tolerance=0.01, rule="latest-editable").step == 200  # 400's editability fell
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        select_checkpoint(curve, rule="best")  # type: ignore[arg-type]
+
+
 def test_quality_gate():
     ev = {"name": "clip-a", "fingerprint": "sha256:aaa"}
     cand = {"reconstruction": 0.8, "editability": 0.3, "evaluator": ev}

@@ -141,21 +141,24 @@ def test_a_concept_learns_in_a_group_of_three_as_it_does_alone(purple_star_alone
 
 
 def test_oracle_scatter_plots_drawable_concepts_by_setting(tmp_path):
-    from PIL import Image
+    from PIL import Image, ImageChops
 
     from oneword.toyworld.quality import ConceptResult, oracle_scatter
 
+    def plot(rows: list[tuple], name: str) -> Image.Image:
+        results = [ConceptResult(c, s, 400, rec, edit, {}, 0.5, 0.4) for c, s, rec, edit in rows]
+        return Image.open(oracle_scatter(results, tmp_path / name)).convert("RGB")
+
     rows = [
-        ConceptResult(c, s, 400, rec, edit, {}, 0.5, 0.4)
-        for c, s, rec, edit in [
-            ("purple-star", "final-default", 1.0, 0.83),
-            ("purple-star", "dti", 0.9, 0.6),
-            ("orange-ring", "final-default", 1.0, 0.92),
-            ("red-heart", "final-default", 0.0, 0.0),  # the negative control: not drawable, not plotted
-        ]
+        ("purple-star", "final-default", 1.0, 0.83),
+        ("orange-ring", "final-default", 1.0, 0.92),
+        ("purple-star", "dti", 0.6, 0.5),
+        ("orange-ring", "dti", 0.9, 0.7),
     ]
-    path = oracle_scatter(rows, tmp_path / "oracle.png")
-    with Image.open(path) as im:
-        assert im.size == (704, 528)
-        # coloured marks, legend and axes were drawn (a blank figure has a handful of colours)
-        assert len({im.getpixel((x, y)) for x in range(im.width) for y in range(0, im.height, 4)}) > 20
+    full = plot(rows, "full.png")
+    assert full.size == (704, 528)
+    # each drawable point is drawn: taking one away (its concept and setting stay in the legend) changes the picture
+    assert ImageChops.difference(full, plot(rows[:3], "fewer.png")).getbbox() is not None
+    # the negative control (not drawable) is left out: adding it changes nothing
+    with_control = plot([*rows, ("red-heart", "final-default", 0.0, 0.0)], "control.png")
+    assert ImageChops.difference(full, with_control).getbbox() is None

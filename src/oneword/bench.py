@@ -303,6 +303,9 @@ def reference_command(
         f"--mixed_precision={recipe.mixed_precision}",
         "--seed=0",
         f"--output_dir={out}",
+        # its saves (every 500 steps by default) past the run's end: a save in the long run only would not cancel
+        f"--save_steps={steps + 1}",
+        f"--checkpointing_steps={steps + 1}",
     ]
 
 
@@ -319,7 +322,9 @@ def bench_reference_script(
 
     The script is run twice, for `steps[0]` and `steps[1]` optimiser steps, and its rate is the difference of the
     step counts over the difference of the wall times: start-up, model loading and saving cancel out, as the
-    warm-up steps do for oneword's loops. It trains on five random photos written to a scratch folder.
+    warm-up steps do for oneword's loops (the result's `warmup_seconds` is the whole short run). Its arguments are
+    its README's, with its intermediate saves moved past the run's end. It trains on five random photos written to
+    a scratch folder.
 
     Raises:
         OnewordError: the script is missing, exits with an error (its last output is in the message), or writes
@@ -330,6 +335,8 @@ def bench_reference_script(
     from oneword.errors import OnewordError
 
     script = Path(script)
+    if not 0 < steps[0] < steps[1]:
+        raise ValueError(f"reference steps must be a short and a longer run, not {steps}")
     if not script.is_file():
         raise OnewordError(
             f"reference script {script} does not exist",
@@ -340,6 +347,10 @@ def bench_reference_script(
     env = dict(os.environ)
     if dev.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # accelerate takes a GPU whenever it sees one
+    elif dev.type == "cuda":
+        if dev.index is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(dev.index)
+        torch.cuda.empty_cache()  # the memory oneword's loops cached is the script's to use
     walls = []
     with tempfile.TemporaryDirectory(prefix="oneword-ref-") as tmp:
         photos = Path(tmp) / "photos"

@@ -72,7 +72,8 @@ class TrainConfig(BaseModel):
     direction_only: bool = Field(
         False,
         description="Directional TI (Kim et al., arXiv 2512.13672): hold each vector at the vocabulary's mean norm "
-        "and learn its direction by Riemannian SGD, with a von Mises-Fisher prior toward the initializer",
+        "and learn its direction by Riemannian SGD, with a von Mises-Fisher prior toward the initializer "
+        "(direction_lr replaces the learning rate, a concept's own one too)",
     )
     direction_lr: float = Field(
         0.01, gt=0, description="with direction_only: radians each vector turns per step (DTI's code default)"
@@ -160,7 +161,14 @@ class EvalConfig(BaseModel):
     checkpoint_budget: int = Field(
         8, ge=0, description="images per prompt when scoring each checkpoint; 0 = score the final step only"
     )
-    selection_tolerance: float = Field(0.02, ge=0, description="reconstruction slack of the selection rule")
+    selection_tolerance: float = Field(
+        0.02, ge=0, description="scores this close count as equal in selection (so do scores within 2 standard errors)"
+    )
+    selection_rule: Literal["balanced", "latest-editable"] = Field(
+        "balanced",
+        description="balanced: the most editable of the best-reconstructing checkpoints; latest-editable: the latest "
+        "of them whose editability equals the most editable's",
+    )
     baselines: bool = Field(True, description="compute the image-only and prompt-only ceilings")
     grid_seeds: int = Field(8, ge=1, description="columns of the sample grid")
     batch_size: int = Field(32, ge=1, description="images per sampling call")

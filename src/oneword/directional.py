@@ -51,10 +51,18 @@ class DirectionalSGD(torch.optim.Optimizer):
                 g = g - group["kappa"] * mu.to(g)  # the negative log prior's gradient is -κμ
                 g = g - (g * v).sum(-1, keepdim=True) * v  # onto the tangent plane at v
                 g = g / g.norm(dim=-1, keepdim=True).clamp_min(group["eps"])  # unit step (DTI's beta = 0)
+                # a row with no data gradient (a progressive vector not yet switched on) stays where it is
+                g = g * e.grad.ne(0).any(dim=-1, keepdim=True)
                 v = v - group["lr"] * g
                 v = v / v.norm(dim=-1, keepdim=True)  # retraction onto the sphere
                 e.copy_(m * v)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then each prior direction back beside its rows (a checkpoint is read onto the CPU)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["mean_direction"] = group["mean_direction"].to(group["params"][0].device)
 
 
 def on_sphere(rows: torch.Tensor, radius: float) -> torch.Tensor:

@@ -274,9 +274,13 @@ class InversionTrainer:
         if every and step > 0 and step % every == 0:
             k = step // every
             for c in self.concepts:
-                for param, init in zip(c.params, c.inits):
+                for param, init, splice in zip(c.params, c.inits, self.splices):
                     if k < param.shape[0]:
-                        param[k] = init[k]
+                        param[k] = (
+                            on_sphere(init[k], vocabulary_norm(splice.base.weight))
+                            if self.config.direction_only
+                            else init[k]
+                        )
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw one batch, active concepts concatenated: latents z0 (B, C, h, w), prompt ids (B, n_encoders, 77)
@@ -399,6 +403,13 @@ class InversionTrainer:
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         """Restore a state written by `state_dict` (after checking it belongs to this run)."""
+        theirs = json.loads(state["config"]).get("direction_only", False) if "config" in state else False
+        if theirs != self.config.direction_only:
+            raise OnewordError(
+                f"{source} was trained {'with' if theirs else 'without'} direction_only, this run "
+                f"{'with' if self.config.direction_only else 'without'}: their optimisers differ",
+                hint="resume with the setting the checkpoint was written with, or use a fresh checkpoint folder",
+            )
         mine = [c.spec.model_dump_json() for c in self.concepts]
         if state["concepts"] != mine:
             raise OnewordError(

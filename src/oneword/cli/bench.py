@@ -84,6 +84,7 @@ def bench_cmd(
         baseline = False  # diffusers' textual-inversion example is SD 1.x/2.x's; its SDXL script is another loop
         typer.echo("SDXL: no diffusers-example-style baseline (that loop is SD 1.x/2.x's)", err=True)
     results: list[bench.BenchResult] = []
+    failures: list[str] = []
 
     def timed(loop: Callable[[], bench.BenchResult | list[bench.BenchResult]]) -> None:
         """Run one loop; a failure is printed and the others still run (a GPU's time is short)."""
@@ -93,6 +94,7 @@ def bench_cmd(
             if STATE["verbose"]:
                 traceback.print_exc()
             typer.echo(f"a loop failed: {type(e).__name__}: {e}", err=True)
+            failures.append(str(e))
             return
         results.extend(out if isinstance(out, list) else [out])
         if json_out:  # after every loop, so a bench cut short keeps what it measured
@@ -147,9 +149,13 @@ def bench_cmd(
                     precision=precision,
                 )
             )
-        if reference_script is not None:
+        if reference_script is not None and (
+            sdxl_shape or profile(bench.bench_model_path(base_model, shape)).family == "sdxl"
+        ):
+            typer.echo("SDXL: diffusers' textual_inversion.py is SD 1.x/2.x's (its SDXL script is another)", err=True)
+        elif reference_script is not None:
             path = bench.bench_model_path(base_model, shape)
-            side = resolution or 8 * bench.load_bench_model(path, parts=("unet",)).unet.config.sample_size
+            side = resolution or profile(path).resolution
             short = max(2, steps // 10)
             on_gpu = resolve_device(device).type == "cuda"
             for recipe in bench.REFERENCE_RECIPES:
@@ -178,12 +184,18 @@ def bench_cmd(
     for ref in (r for r in results if r.name.startswith("diffusers")):
         if ours:
             best = max(ours, key=lambda r: r.steps_per_second)
+            if best.batch_size * best.grad_accum == ref.batch_size * ref.grad_accum:
+                ratio = (
+                    f"{best.steps_per_second / ref.steps_per_second:.1f}x optimiser steps/s at equal effective batch"
+                )
+            else:  # steps of different sizes: only images/s compare
+                ratio = f"{best.images_per_second / ref.images_per_second:.1f}x images/s (effective batches differ)"
             Console().print(
-                f"{best.name} against {ref.name}: {best.steps_per_second / ref.steps_per_second:.1f}x "
-                f"optimiser steps/s ({best.batch_size} x {best.grad_accum} against {ref.batch_size} x {ref.grad_accum})"
+                f"{best.name} against {ref.name}: {ratio} "
+                f"({best.batch_size} x {best.grad_accum} against {ref.batch_size} x {ref.grad_accum})"
             )
-    if not results:
-        raise typer.Exit(1)
+    if failures or not results:
+        raise typer.Exit(1)  # after the table: what did run is printed and written
 
 
 def _rate(per_second: float) -> str:

@@ -32,6 +32,7 @@ def evaluate_cmd(
     selection_tolerance: Annotated[float, option(EvalConfig, "selection_tolerance")] = default(
         EvalConfig, "selection_tolerance"
     ),
+    selection_rule: Annotated[str, option(EvalConfig, "selection_rule")] = default(EvalConfig, "selection_rule"),
     baselines: Annotated[bool, option(EvalConfig, "baselines")] = default(EvalConfig, "baselines"),
     seed: Annotated[int, option(EvalConfig, "seed")] = default(EvalConfig, "seed"),
     device: Annotated[str, option(EvalConfig, "device")] = default(EvalConfig, "device"),
@@ -53,6 +54,7 @@ def evaluate_cmd(
         dino_model=dino_model,
         checkpoint_budget=checkpoint_budget,
         selection_tolerance=selection_tolerance,
+        selection_rule=selection_rule,  # type: ignore[arg-type]
         baselines=baselines,
         seed=seed,
         device=device,

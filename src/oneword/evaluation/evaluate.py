@@ -227,7 +227,7 @@ def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_ch
     found = _checkpoint_list(trained.train_dir, trained.summary)
     if config.checkpoint_budget > 0 and len(found) >= 2:
         curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint)
-        chosen = select_checkpoint(curve, config.selection_tolerance).step
+        chosen = select_checkpoint(curve, config.selection_tolerance, config.selection_rule).step
         return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token), curve)
     emb = trained.emb
     final = [emb.vectors] + ([emb.vectors_2] if emb.vectors_2 is not None else [])
@@ -274,7 +274,11 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
         "evaluator": s.clip.identity,
         "model_fingerprint": trained.model.fingerprint,
         "selection": {
-            "criterion": criterion_text(cfg.selection_tolerance) if choice.curve else "final step (no selection)",
+            "criterion": criterion_text(cfg.selection_tolerance, cfg.selection_rule)
+            if choice.curve
+            else "final step (no selection)",
+            "rule": cfg.selection_rule,
+            "tolerance": cfg.selection_tolerance,
             "chosen_step": choice.step,
             "budget": cfg.checkpoint_budget,
             "curve": [p.__dict__ for p in choice.curve],

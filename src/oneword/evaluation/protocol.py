@@ -1,9 +1,9 @@
 """The evaluation protocol: everything a score depends on besides the concept itself.
 
 Two scores are comparable only when they were measured the same way: the same prompts, images per prompt, sampler,
-seeds, base model, checkpoint-selection budget and evaluators (weights and image preprocessing). `evaluate` records
-the protocol with every score; the registry's gate and `oneword compare` refuse to compare scores whose protocols
-differ, and say which parts differ.
+seeds, base model, checkpoint-selection budget and rule, and evaluators (weights and image preprocessing).
+`evaluate` records the protocol with every score; the registry's gate and `oneword compare` refuse to compare
+scores whose protocols differ, and say which parts differ.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
         "seed": seed,
         "selection_seed": seed + SELECTION_SEED_OFFSET,
         "selection_budget": metrics["selection"]["budget"],
+        # which checkpoint the scores belong to depends on the rule that picked it
+        "selection_rule": metrics["selection"].get("rule", "balanced"),
+        "selection_tolerance": metrics["selection"].get("tolerance", 0.02),
         "base_model_fingerprint": metrics["model_fingerprint"],
         "evaluator": metrics["evaluator"],
         "dino_evaluator": dino,

@@ -93,9 +93,10 @@ def test_checkpoint_selection_on_a_synthetic_curve():
         CurvePoint(500, 0.74, 0.20),
     ]
     # within 0.02 of 0.765: steps 300 (0.75), 400, 500 -> most editable is 300
-    assert select_checkpoint(curve).step == 300
-    assert select_checkpoint(curve, tolerance=0.0).step == 400
-    assert select_checkpoint(curve, tolerance=1.0).step == 100
+    assert select_checkpoint(curve, rule="balanced").step == 300
+    assert select_checkpoint(curve, tolerance=0.0, rule="balanced").step == 400
+    assert select_checkpoint(curve, tolerance=1.0, rule="balanced").step == 100
+    assert select_checkpoint(curve).step == 300  # the default, latest-editable: 400 and 500 are less editable
     with pytest.raises(ValueError):
         select_checkpoint([])
 
@@ -112,11 +113,11 @@ def test_selection_counts_scores_within_their_noise_as_equal():
         CurvePoint(400, 0.64, 0.38, **se),  # best reconstruction, editability fallen
     ]
     # 2 SE of a difference is 0.057 here: every step's reconstruction counts as the best's, not only 0.02 away
-    assert select_checkpoint(curve, tolerance=0.02).step == 50  # balanced: the most editable, the earliest
+    assert select_checkpoint(curve, tolerance=0.02, rule="balanced").step == 50  # the most editable, the earliest
     assert select_checkpoint(curve, tolerance=0.02, rule="latest-editable").step == 300  # later, until it falls
     # with no noise recorded, the fixed tolerance alone decides: within 0.01 of 0.64 are 200 and 400
     exact = [CurvePoint(p.step, p.reconstruction, p.editability) for p in curve]
-    assert select_checkpoint(exact, tolerance=0.01).step == 200
+    assert select_checkpoint(exact, tolerance=0.01, rule="balanced").step == 200
     assert select_checkpoint(exact, tolerance=0.01, rule="latest-editable").step == 200  # 400's editability fell
     with pytest.raises(ValueError, match="unknown selection rule"):
         select_checkpoint(curve, rule="best")  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
         "selection_seed": seed + SELECTION_SEED_OFFSET,
         "selection_budget": metrics["selection"]["budget"],
         # which checkpoint the scores belong to depends on the rule that picked it
-        "selection_rule": metrics["selection"].get("rule", "balanced"),
+        "selection_rule": metrics["selection"].get("rule", "balanced"),  # written before the rule was recorded
         "selection_tolerance": metrics["selection"].get("tolerance", 0.02),
         "base_model_fingerprint": metrics["model_fingerprint"],
         "evaluator": metrics["evaluator"],

@@ -41,7 +41,7 @@ def within(a: CurvePoint, b: CurvePoint, key: str, tolerance: float) -> bool:
 
 
 def select_checkpoint(
-    curve: Sequence[CurvePoint], tolerance: float = 0.02, rule: SelectionRule = "balanced"
+    curve: Sequence[CurvePoint], tolerance: float = 0.02, rule: SelectionRule = "latest-editable"
 ) -> CurvePoint:
     """Pick a checkpoint by `rule` (module docstring). Ties go to the earlier step under `balanced`."""
     if not curve:
@@ -56,7 +56,7 @@ def select_checkpoint(
     return max((p for p in eligible if within(editable, p, "editability", tolerance)), key=lambda p: p.step)
 
 
-def criterion_text(tolerance: float, rule: SelectionRule = "balanced") -> str:
+def criterion_text(tolerance: float, rule: SelectionRule = "latest-editable") -> str:
     """The selection rule in words, recorded beside the choice."""
     equal = f"within {tolerance:g} or {Z:g} standard errors"
     if rule == "balanced":

@@ -20,6 +20,7 @@ stops there (its early end) while the others go on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -205,12 +206,16 @@ class InversionTrainer:
             )
         groups = []
         for c in self.concepts:
-            for param, init, splice in zip(c.params, c.inits, self.splices):
-                radius = vocabulary_norm(splice.base.weight)
+            for param, init, radius in zip(c.params, c.inits, self.radii):
                 with torch.no_grad():
                     param.copy_(on_sphere(init, radius))  # the initializer's direction at the vocabulary's norm
                 groups.append({"params": [param], "radius": radius, "mean_direction": on_sphere(init, 1.0)})
         return DirectionalSGD(groups, lr=cfg.direction_lr, kappa=cfg.vmf_kappa)
+
+    @functools.cached_property
+    def radii(self) -> list[float]:
+        """Per text encoder, the norm Directional TI holds its vectors at: the vocabulary's mean."""
+        return [vocabulary_norm(splice.base.weight) for splice in self.splices]
 
     def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
         every, steps, n = self.config.progressive_every, self.config.steps, spec.n_vectors
@@ -274,13 +279,9 @@ class InversionTrainer:
         if every and step > 0 and step % every == 0:
             k = step // every
             for c in self.concepts:
-                for param, init, splice in zip(c.params, c.inits, self.splices):
+                for param, init, radius in zip(c.params, c.inits, self.radii):
                     if k < param.shape[0]:
-                        param[k] = (
-                            on_sphere(init[k], vocabulary_norm(splice.base.weight))
-                            if self.config.direction_only
-                            else init[k]
-                        )
+                        param[k] = on_sphere(init[k], radius) if self.config.direction_only else init[k]
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw one batch, active concepts concatenated: latents z0 (B, C, h, w), prompt ids (B, n_encoders, 77)

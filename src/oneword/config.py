@@ -92,6 +92,13 @@ class TrainConfig(BaseModel):
         "with no host sync, replayed as CUDA graphs on a GPU (minutes to compile; fastest after)",
     )
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations: less memory, slower")
+    gpus: int = Field(
+        0,
+        ge=0,
+        description="processes to train over, one per GPU, each taking a share of every step's batch (whole "
+        "concepts when several train together); 0: every visible GPU (1 on a CPU). Any count resumes any other's "
+        "checkpoints",
+    )
     checkpoint_every: int | None = Field(
         None, ge=0, description="steps between checkpoints; 0 = only the last (None: the model's profile)"
     )
@@ -175,6 +182,12 @@ class EvalConfig(BaseModel):
     grid_seeds: int = Field(8, ge=1, description="columns of the sample grid")
     batch_size: int = Field(32, ge=1, description="images per sampling call")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
+    gpus: int = Field(
+        0,
+        ge=0,
+        description="processes to sample over, one per GPU, each drawing a share of the images (the same images "
+        "as one process: each has its own seed); 0: every visible GPU (1 on a CPU)",
+    )
 
     def resolved(self, profile) -> EvalConfig:
         """These settings with the unset model-dependent ones taken from `profile` (a `ModelProfile`)."""

@@ -14,6 +14,10 @@ class OnewordError(Exception):
         self.hint = hint
         super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
 
+    def __reduce__(self):
+        # keeps the hint apart when the error crosses processes (`oneword.distributed.launch`)
+        return type(self), (self.message, self.hint)
+
 
 class NonFiniteLossError(OnewordError):
     """Training produced a NaN or inf loss; the last good checkpoint is kept."""

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from oneword import embeddings as emb_io
 from oneword.device import resolve_device
+from oneword.distributed import World, gather
 from oneword.errors import OnewordError
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import ModelProfile, profile_of
@@ -110,11 +111,19 @@ def load_embeddings(
 
 @torch.no_grad()
 def sample(
-    pipe, prompts: Sequence[str], n: int, seed: int, sampler: SamplerConfig = SamplerConfig(), batch_size: int = 16
+    pipe,
+    prompts: Sequence[str],
+    n: int,
+    seed: int,
+    sampler: SamplerConfig = SamplerConfig(),
+    batch_size: int = 16,
+    world: World = World(),
 ) -> list[list[Image.Image]]:
     """Draw `n` images per prompt; image j of every prompt uses seed `seed + j`.
 
-    Prompts are batched together (up to `batch_size` images per UNet call).
+    Prompts are batched together (up to `batch_size` images per UNet call). In a launch of several processes
+    (`oneword.distributed`), each draws a contiguous share of the prompt x seed pairs and every process gets all
+    the images back, in order.
 
     Returns:
         `images[i][j]`: prompt i, seed j.
@@ -122,11 +131,14 @@ def sample(
     if sampler.steps is None or sampler.guidance_scale is None:
         raise ValueError("sampler steps and guidance are unset: resolve the SamplerConfig with the model's profile")
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    lo, hi = world.share(len(jobs))
+    mine = jobs[lo:hi]
     out: list[list[Image.Image | None]] = [[None] * n for _ in prompts]
     device = pipe.device
     gen_device = "cpu" if device.type == "mps" else device
-    for k in range(0, len(jobs), batch_size):
-        chunk = jobs[k : k + batch_size]
+    drawn = []
+    for k in range(0, len(mine), batch_size):
+        chunk = mine[k : k + batch_size]
         images = pipe(
             prompt=[prompts[i] for i, _ in chunk],
             num_inference_steps=sampler.steps,
@@ -136,8 +148,9 @@ def sample(
             width=sampler.width,
             generator=[torch.Generator(gen_device).manual_seed(seed + j) for _, j in chunk],
         ).images
-        for (i, j), im in zip(chunk, images):
-            out[i][j] = im
+        drawn.extend(zip(chunk, images))
+    for (i, j), im in gather(drawn, world):
+        out[i][j] = im
     return out  # type: ignore[return-value]
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from oneword import __version__, checkpoints
+from oneword import __version__, checkpoints, distributed
 from oneword.conditioning import TextConditioning, default_time_ids, tokenize
 from oneword.config import ConceptSpec, TrainConfig
 from oneword.device import DTYPES, device_precision, resolve_device
@@ -115,7 +115,8 @@ class InversionTrainer:
         self.profile = profile_of(model)  # what the settings and concepts leave unset comes from here
         config = config.resolved(self.profile)
         self.model, self.config = model, config
-        self.device = resolve_device(config.device)
+        self.world = distributed.current()  # several processes: each computes a share of every step's batch
+        self.device = distributed.device_for(resolve_device(config.device), self.world)
         self.precision = device_precision(config.precision, self.device)
         unet_dtype = DTYPES[self.precision]
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -338,17 +339,40 @@ class InversionTrainer:
         active = self.active
         per_sample = self._losses(z0, ids, noise, t, time_ids)  # (B,)
         losses = per_sample.view(len(active), -1).mean(dim=1)  # (K,)
+        return losses + self._regularisers(active)
+
+    def _share_losses(
+        self, z0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, time_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """This process's part of `concept_losses` (K,): its contiguous share of the batch's samples, each counted
+        1 / batch_size toward its concept's mean, and 1 / processes of the regularisers, so that the sum over the
+        processes is `concept_losses` of the whole batch."""
+        active, b = self.active, self.config.batch_size
+        lo, hi = self.world.share(z0.shape[0])
+        losses = torch.zeros(len(active), device=self.device)
+        if hi > lo:  # fewer samples than processes leaves some without any
+            owner = torch.arange(lo, hi, device=self.device) // b
+            rows = slice(lo, hi)
+            per_sample = self._losses(
+                z0[rows], ids[rows], noise[rows], t[rows], None if time_ids is None else time_ids[rows]
+            )
+            losses = losses.index_add(0, owner, per_sample) / b
+        return losses + self._regularisers(active) / self.world.size
+
+    def _regularisers(self, active: list[_Concept]) -> torch.Tensor | float:
+        """Each active concept's pulls toward its initializer (K,), or 0 when none is on."""
+        reg: torch.Tensor | float = 0.0
         if self.config.init_l2 > 0:
-            reg = torch.stack([sum(((p - i) ** 2).sum(-1).mean() for p, i in zip(c.params, c.inits)) for c in active])
-            losses = losses + self.config.init_l2 * reg
+            l2 = torch.stack([sum(((p - i) ** 2).sum(-1).mean() for p, i in zip(c.params, c.inits)) for c in active])
+            reg = reg + self.config.init_l2 * l2
         if self.config.init_cos > 0:
             # the pull in direction alone (1 - cosine): the vector's norm is free, its angle to the initializer
             # is held; the same pull DTI's von Mises-Fisher prior gives, on an unconstrained vector
-            reg = torch.stack(
+            cos = torch.stack(
                 [sum((1 - F.cosine_similarity(p, i, dim=-1)).mean() for p, i in zip(c.params, c.inits)) for c in active]
             )
-            losses = losses + self.config.init_cos * reg
-        return losses
+            reg = reg + self.config.init_cos * cos
+        return reg
 
     def loss(
         self,
@@ -370,8 +394,14 @@ class InversionTrainer:
         z0, ids, time_ids = self._batch(step)
         noise = torch.randn(z0.shape, generator=self.gen_device, device=self.device)
         t = torch.randint(0, self.num_timesteps, (z0.shape[0],), generator=self.gen_device, device=self.device)
-        losses = self.concept_losses(z0, ids, noise, t, time_ids)
-        self.scaler.scale(losses.sum()).backward()
+        if self.world.size == 1:
+            losses = self.concept_losses(z0, ids, noise, t, time_ids)
+        else:
+            losses = self._share_losses(z0, ids, noise, t, time_ids)
+        if losses.requires_grad:  # a process with no samples and no regulariser has nothing to differentiate
+            self.scaler.scale(losses.sum()).backward()
+        if self.world.size > 1:
+            self._sum_gradients()
         self.scaler.step(self.optimizer)  # stopped concepts have no gradient, so AdamW leaves them as they are
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -381,6 +411,18 @@ class InversionTrainer:
         out = torch.zeros(len(self.concepts), device=self.device)
         out[[i for i, c in enumerate(self.concepts) if not c.failed]] = losses.detach()
         return out
+
+    def _sum_gradients(self) -> None:
+        """Sum every concept's gradient over the processes (one all-reduce), so each takes the same step."""
+        params = [p for c in self.concepts for p in c.params]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        distributed.all_reduce_(flat)
+        for c in self.concepts:
+            for p in c.params:
+                n = p.numel()
+                # a stopped concept keeps no gradient, so the optimiser leaves it as it is (as in one process)
+                p.grad = None if c.failed else flat[:n].view_as(p).clone()
+                flat = flat[n:]
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -498,6 +540,8 @@ class InversionTrainer:
         """
         cfg = self.config
         last = self._resume(checkpoint_dir) if resume and checkpoint_dir is not None else None
+        if not self.world.main:  # every process holds the same state; the main one reports and writes it
+            callbacks, progress = (), False
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         loss_sum, n_sum = torch.zeros(len(self.concepts), device=self.device), 0
         t0, start = time.perf_counter(), self.step
@@ -515,7 +559,7 @@ class InversionTrainer:
                 self._report(loss_sum / n_sum, n_sum, last, callbacks, bar, keep_going)
                 loss_sum.zero_()
                 n_sum = 0
-            if ckpt_now:
+            if ckpt_now and self.world.main:
                 try:
                     last = checkpoints.save_checkpoint(checkpoint_dir, self.step, self.state_dict())
                 except OnewordError as e:
@@ -586,7 +630,7 @@ class InversionTrainer:
 
     def _report(self, mean_losses, n: int, last, callbacks, bar, keep_going: bool) -> None:
         """Record each training concept's curve point; stop the concepts whose loss or vectors are non-finite."""
-        losses = mean_losses.tolist()
+        losses = distributed.all_reduce_(mean_losses.clone()).tolist()  # each process holds its share's part
         points = []
         for c, loss in zip(self.concepts, losses):
             if c.failed:
@@ -611,7 +655,7 @@ class InversionTrainer:
                 "from the last good checkpoint",
             )
         mean = {k: sum(p[k] for p in points) / len(points) for k in ("loss", "embedding_norm")}
-        if bar.disable:  # pods run without a bar: their log is where a training's progress shows
+        if bar.disable and self.world.main:  # pods run without a bar: their log is where a training's progress shows
             log.info(
                 "step %d/%d: loss %.4f, embedding norm %.4f%s",
                 self.step,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from oneword import __version__, outcome
+from oneword import __version__, distributed, outcome
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
@@ -97,6 +97,7 @@ def _run_summary(
         "checkpoint_dir": checkpoint_dir,
         "concepts_trained_together": len(trainer.concepts),
         "device": str(trainer.device),
+        "processes": trainer.world.size,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "oneword_version": __version__,
@@ -165,6 +166,13 @@ def train(
     Returns:
         The `TrainResult`.
     """
+    if (n := distributed.processes(config.gpus, config.device)) > 1:
+        _check_launchable(base_model, callbacks)
+        return distributed.launch(
+            "oneword.train:train", n, latents_dir=latents_dir, out_dir=out_dir, concept=concept, config=config,
+            base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+            tracking=tracking, name=name,
+        )  # fmt: skip
     latents = LatentSet.load(Path(latents_dir))
     model = _load_model(latents, base_model, Path(latents_dir), samples=_samples(tracking, config))
     profile = profile_of(model)
@@ -185,11 +193,25 @@ def train(
     from oneword.registry import concept_name
 
     name = name or concept_name(concept.token)
-    live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking else None
+    main = trainer.world.main  # the other processes of a launch hold the same state and write nothing
+    live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking and main else None
     result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)
-    run = _run_summary(config, model, result, trainer, str(ckpt))
-    _write_concept(out_dir, concept, latents, Path(latents_dir), result, run, live.run_ids.get(name) if live else None)
+    if main:
+        run = _run_summary(config, model, result, trainer, str(ckpt))
+        run_id = live.run_ids.get(name) if live else None
+        _write_concept(out_dir, concept, latents, Path(latents_dir), result, run, run_id)
     return result
+
+
+def _check_launchable(base_model: str | LoadedModel | None, callbacks: Sequence[MetricsCallback]) -> None:
+    """Refuse what cannot cross into launched processes (before starting them)."""
+    if isinstance(base_model, LoadedModel):
+        raise OnewordError(
+            "training over several processes loads the model in each: pass its path or hub id, not a loaded model",
+            hint="pass base_model as a string, or train with gpus=1",
+        )
+    if callbacks:
+        raise OnewordError("metrics callbacks run in one process only", hint="train with gpus=1, or use tracking")
 
 
 def _samples(tracking: LiveTracking | None, config: TrainConfig) -> bool:
@@ -239,7 +261,7 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
     """
     what = {
         "concepts": [(name, spec.model_dump(), lat.image_sha256) for name, spec, lat in members],
-        "config": config.model_dump(exclude={"log_every", "sample_every", "device", "compile"}),
+        "config": config.model_dump(exclude={"log_every", "sample_every", "device", "compile", "gpus"}),
         "model": fingerprint,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -276,6 +298,13 @@ def train_group(
     Returns:
         One status per member, in order: `{"name", "token", "status": "trained"|"failed", "stage", "error"}`.
     """
+    if (n := distributed.processes(config.gpus, config.device)) > 1:
+        _check_launchable(base_model, callbacks)
+        return distributed.launch(
+            "oneword.train:train_group", n, members=members, out_dir=out_dir, config=config, base_model=base_model,
+            checkpoint_root=checkpoint_root, resume=resume, progress=progress, tracking=tracking,
+        )  # fmt: skip
+    main = distributed.current().main  # the other processes of a launch hold the same state and write nothing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     status = {
@@ -287,8 +316,9 @@ def train_group(
 
     def fail(name: str, stage: str, error: str) -> None:
         status[name].update(stage=stage, error=error)
-        outcome.write_failure(out_dir / name, stage, error)
-        log.error("%s failed at %s: %s", name, stage, error)
+        if main:
+            outcome.write_failure(out_dir / name, stage, error)
+            log.error("%s failed at %s: %s", name, stage, error)
 
     loaded: list[tuple[str, ConceptSpec, LatentSet, Path]] = []
     for name, spec, where in members:
@@ -324,15 +354,18 @@ def train_group(
             trainer.device,
             ckpt,
         )
-        live = LiveRuns(tracking, [(n, s) for n, s, _, _ in ready], model.fingerprint) if tracking else None
+        live = LiveRuns(tracking, [(n, s) for n, s, _, _ in ready], model.fingerprint) if tracking and main else None
         result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=True)
         run = _run_summary(config, model, result, trainer, ckpt if checkpoint_root else "../checkpoints")
         for name, spec, lat, where in ready:
             if spec.token in result.failed:
                 fail(name, "train", result.failed[spec.token])
                 continue
-            _write_concept(out_dir / name, spec, lat, where, result, run, live.run_ids.get(name) if live else None)
+            if main:
+                run_id = live.run_ids.get(name) if live else None
+                _write_concept(out_dir / name, spec, lat, where, result, run, run_id)
             status[name].update(status="trained", stage="train")
     rows = [status[name] for name, _, _ in members]
-    (out_dir / GROUP_FILE).write_text(json.dumps(rows, indent=2))
+    if main:
+        (out_dir / GROUP_FILE).write_text(json.dumps(rows, indent=2))
     return rows

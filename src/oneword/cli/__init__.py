@@ -63,9 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         err = Console(stderr=True, soft_wrap=True)
         if STATE["verbose"]:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+        from rich.markup import escape
+
+        # messages quote paths, values and other processes' errors, which may hold "[...]"
+        err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
         if e.hint:
-            err.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+            err.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False)
         sys.exit(2)
     except SystemExit:
         raise

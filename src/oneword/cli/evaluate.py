@@ -36,6 +36,7 @@ def evaluate_cmd(
     baselines: Annotated[bool, option(EvalConfig, "baselines")] = default(EvalConfig, "baselines"),
     seed: Annotated[int, option(EvalConfig, "seed")] = default(EvalConfig, "seed"),
     device: Annotated[str, option(EvalConfig, "device")] = default(EvalConfig, "device"),
+    gpus: Annotated[int, option(EvalConfig, "gpus")] = default(EvalConfig, "gpus"),
 ) -> None:
     """Score a concept (reconstruction, editability, DINO), pick a checkpoint and write a report.
 
@@ -58,6 +59,7 @@ def evaluate_cmd(
         baselines=baselines,
         seed=seed,
         device=device,
+        gpus=gpus,
     )
     m = evaluate(trained, data, out, cfg, base_model=base_model)
     rprint(

@@ -55,6 +55,7 @@ def train_cmd(
     gradient_checkpointing: Annotated[bool, option(TrainConfig, "gradient_checkpointing")] = default(
         TrainConfig, "gradient_checkpointing"
     ),
+    gpus: Annotated[int, option(TrainConfig, "gpus")] = default(TrainConfig, "gpus"),
     checkpoint_every: Annotated[int | None, option(TrainConfig, "checkpoint_every")] = default(
         TrainConfig, "checkpoint_every"
     ),
@@ -71,6 +72,7 @@ def train_cmd(
     Examples:
       oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train
       oneword train --concepts shard.yaml -o runs/shard-0 --resume   # K concepts in one batch of K x batch-size
+      oneword train --concepts shard.yaml -o runs/shard-0 --gpus 4   # each GPU trains K/4 of them
       oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train \
           --tracking-uri http://mlflow:5000   # live loss, norm and sample pictures; `register` ends the run
     """
@@ -98,6 +100,7 @@ def train_cmd(
         precision=precision,
         compile=compile,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing,
+        gpus=gpus,
         checkpoint_every=checkpoint_every,
         log_every=log_every,
         sample_every=sample_every,

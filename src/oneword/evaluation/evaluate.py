@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from oneword import checkpoints, storage
+from oneword import checkpoints, distributed, storage
 from oneword import embeddings as emb_io
 from oneword.config import EvalConfig
 from oneword.device import resolve_device
@@ -78,7 +78,8 @@ class _Session:
         force: bool = False,
     ):
         self.cfg, self.token = cfg, emb.token
-        device = str(resolve_device(cfg.device))
+        self.world = distributed.current()  # several processes: each draws a share of every set of images
+        device = str(distributed.device_for(resolve_device(cfg.device), self.world))
         self.pipe = build_pipeline(model, device)
         load_embeddings(self.pipe, model, [emb], force=force)
         names = vector_tokens(emb.token, emb.n_vectors)
@@ -107,7 +108,7 @@ class _Session:
     def draw(self, prompts: list[str], n: int, seed: int | None = None) -> list[list[Image.Image]]:
         t = time.perf_counter()
         seed = self.cfg.seed if seed is None else seed
-        out = sample(self.pipe, prompts, n, seed, self.sampler, batch_size=self.cfg.batch_size)
+        out = sample(self.pipe, prompts, n, seed, self.sampler, batch_size=self.cfg.batch_size, world=self.world)
         self.sampling_seconds += time.perf_counter() - t
         self.images_generated += len(prompts) * n
         return out
@@ -191,6 +192,16 @@ def evaluate(
     Returns:
         The metrics dict written to `metrics.json`.
     """
+    if (n := distributed.processes(config.gpus, config.device)) > 1:
+        if isinstance(base_model, LoadedModel) or on_images or on_checkpoint:
+            raise OnewordError(
+                "evaluation over several processes loads the model in each and calls back in none",
+                hint="pass base_model as a path or hub id and no callbacks, or evaluate with gpus=1",
+            )
+        return distributed.launch(
+            "oneword.evaluation.evaluate:evaluate", n, train_dir=train_dir, dataset_dir=dataset_dir,
+            out_dir=out_dir, config=config, base_model=base_model,
+        )  # fmt: skip
     t0 = time.perf_counter()
     trained = _load_trained(train_dir, dataset_dir, base_model)
     config = config.resolved(profile_of(trained.model))
@@ -205,8 +216,10 @@ def evaluate(
     metrics["images_generated"] = s.images_generated
     metrics["sampling_images_per_second"] = s.images_generated / max(s.sampling_seconds, 1e-9)
     metrics["seconds"] = time.perf_counter() - t0
-    _write_outputs(Path(out_dir), metrics, full, _selected_embedding(trained.emb, choice, metrics), config)
-    _log_result(metrics)
+    metrics["processes"] = s.world.size
+    if s.world.main:  # the other processes hold the same images and scores
+        _write_outputs(Path(out_dir), metrics, full, _selected_embedding(trained.emb, choice, metrics), config)
+        _log_result(metrics)
     return metrics
 
 

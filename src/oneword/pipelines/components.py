@@ -118,6 +118,7 @@ def train(
     experiment: str = "oneword",
     kfp_run_id: str = "",
     kfp_run_name: str = "",
+    accelerator_limit: int = 1,
 ) -> list:
     """Learn the concepts' embeddings together, in one batch of K x batch_size (resumes from its checkpoints).
 
@@ -154,6 +155,8 @@ def train(
         experiment: MLflow experiment.
         kfp_run_id: the KFP run's id (run tag kfp.run_id).
         kfp_run_name: the KFP run's name (run tag kfp.run_name).
+        accelerator_limit: the GPUs this step's pod has: above 1, one process per GPU (accelerate's launcher),
+            each taking a share of every step's batch (oneword.distributed).
 
     Returns:
         The concept names, in order (the evaluate/register fan-out iterates over them).
@@ -176,7 +179,8 @@ def train(
                     progressive_every=progressive_every, init_l2=init_l2, early_end=early_end,
                     early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
                     direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
-                    checkpoint_every=unset(checkpoint_every), log_every=log_every, sample_every=sample_every),
+                    checkpoint_every=unset(checkpoint_every), log_every=log_every, sample_every=sample_every,
+                    gpus=accelerator_limit),
         base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
         tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
     )
@@ -228,7 +232,8 @@ def evaluate(
         checkpoint_budget: images per prompt when scoring each checkpoint; 0 = final step only.
         on_error: fail or record (see preprocess).
         accelerator_type: the GPU resource the task asked for (recorded in the metrics' metadata).
-        accelerator_limit: how many (recorded too).
+        accelerator_limit: how many (recorded too); above 1, one process per GPU, each drawing a share of the
+            images.
     """
     import os
     import shutil
@@ -241,7 +246,7 @@ def evaluate(
     trained = os.path.join(model.path, concept)
     config = EvalConfig(prompt_set=unset(prompt_set), n_images=n_images, steps=unset(sampling_steps),
                         guidance_scale=unset(guidance_scale), clip_model=clip_model, dino_model=dino_model,
-                        checkpoint_budget=checkpoint_budget)
+                        checkpoint_budget=checkpoint_budget, gpus=accelerator_limit)
     m = run_step("evaluate", evaluation.path, on_error, lambda: run(trained, None, evaluation.path, config),
                  upstream=[trained])
     if m is None:

@@ -76,6 +76,9 @@ def _gpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
     _resources(task, p, "gpu")
     kubernetes.add_node_selector_json(task, p["gpu_node_selector"])
     kubernetes.add_toleration_json(task, p["gpu_toleration"])
+    # Processes on one pod's GPUs (accelerator_limit > 1) talk through NCCL, which puts its buffers in /dev/shm:
+    # Kubernetes gives a container 64 MB there, which NCCL can outgrow. A memory-backed volume lifts the cap.
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     return task
 
 
@@ -160,7 +163,7 @@ def personalise(
         checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
         on_error=on_error, log_every=log_every, sample_every=sample_every, tracking_uri=tracking_uri,
         experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, accelerator_limit=accelerator_limit,
     )
     _gpu_step(tr, p)
     # Honoured inside sub-DAGs from KFP 2.14 (docs/deploy.md); a retry resumes from the checkpoints under

@@ -1,0 +1,153 @@
+"""Training over several processes (accelerate's launcher, gloo on CPU): the same vectors as one process, for
+whole concepts per process and for one concept's batch split; checkpoints written once, resumed on another count;
+a failure in a launched process reaches the caller with its message."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from oneword import checkpoints
+from oneword.distributed import World
+from oneword.embeddings import load as load_embedding
+from oneword.errors import OnewordError
+from oneword.inversion import ConceptSpec, TrainConfig
+from oneword.train import train, train_group
+
+SPECS = [ConceptSpec(token=f"<d{i}>", init_word=w) for i, w in enumerate(("cat", "dog"))]
+
+
+def _vectors(folder: Path) -> torch.Tensor:
+    return load_embedding(folder / "learned_embeds.safetensors").vectors
+
+
+def test_shares_cover_the_batch_once():
+    for n, size in [(8, 2), (4, 2), (3, 2), (1, 2), (16, 3)]:
+        shares = [World(r, size).share(n) for r in range(size)]
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))
+        assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_whole_concepts_as_one_process_does(tiny_model_dir, cat_latents_dir, tmp_path):
+    """Concept-parallel: 2 concepts over 2 processes (one each) against both in one process, with an L2 pull so
+    the regulariser's share is checked too; one checkpoint folder, one file per checkpoint step."""
+    members = [(f"c{i}", s, cat_latents_dir) for i, s in enumerate(SPECS)]
+    cfg = TrainConfig(steps=6, batch_size=2, checkpoint_every=3, log_every=3, init_l2=0.1, device="cpu")
+    one = train_group(members, tmp_path / "one", cfg.model_copy(update={"gpus": 1}), str(tiny_model_dir))
+    two = train_group(members, tmp_path / "two", cfg.model_copy(update={"gpus": 2}), str(tiny_model_dir))
+    assert [r["status"] for r in one] == [r["status"] for r in two] == ["trained", "trained"]
+    for name in ("c0", "c1"):
+        a, b = _vectors(tmp_path / "one" / name), _vectors(tmp_path / "two" / name)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        assert (tmp_path / "two" / name / "summary.json").read_text().count('"processes": 2') == 1
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "two" / "checkpoints")] == [3, 6]
+
+
+@pytest.mark.slow
+def test_one_concept_split_over_two_processes_resumes_on_one(tiny_model_dir, cat_latents_dir, tmp_path):
+    """Data-parallel: one concept's batch of 4 split 2 + 2; 4 steps on 2 processes, then resumed to 8 on one
+    process, against 8 steps on one process. A launched process's error reaches the caller with its hint."""
+    cfg = TrainConfig(steps=8, batch_size=4, checkpoint_every=4, log_every=4, device="cpu", gpus=1)
+    straight = train(cat_latents_dir, tmp_path / "straight", SPECS[0], cfg, str(tiny_model_dir))
+    ckpt = tmp_path / "ckpt"
+    half = cfg.model_copy(update={"steps": 4, "gpus": 2})
+    two = train(cat_latents_dir, tmp_path / "two", SPECS[0], half, str(tiny_model_dir), checkpoint_dir=ckpt)
+    assert two.steps == 4 and [s for s, _ in checkpoints.list_checkpoints(ckpt)] == [4]
+    torch.testing.assert_close(two.curves[SPECS[0].token][0]["loss"], straight.curve[0]["loss"], rtol=1e-4, atol=0)
+    resumed = train(cat_latents_dir, tmp_path / "resumed", SPECS[0], cfg, str(tiny_model_dir), ckpt, resume=True)
+    assert resumed.steps_run == 4
+    torch.testing.assert_close(_vectors(tmp_path / "resumed"), _vectors(tmp_path / "straight"), rtol=1e-4, atol=1e-6)
+
+    other = SPECS[1]  # a checkpoint of another concept: refused inside the launch, reported here
+    with pytest.raises(OnewordError, match="was written for concepts") as e:
+        train(cat_latents_dir, tmp_path / "x", other, half, str(tiny_model_dir), checkpoint_dir=ckpt, resume=True)
+    assert e.value.hint and "fresh checkpoint folder" in e.value.hint
+
+
+def test_the_shares_losses_add_up_to_the_whole_batchs(tiny_model, cat_latents):
+    """Each process's loss counts its samples and 1/N of the regulariser: over the processes, the sum is the
+    single-process loss of every concept (so the summed gradients are the single-process gradients)."""
+    from oneword.inversion import InversionTrainer
+
+    cfg = TrainConfig(steps=1, batch_size=3, init_l2=0.5, init_cos=0.2, device="cpu")
+    tr = InversionTrainer(tiny_model, [(s, cat_latents) for s in SPECS], cfg)
+    with torch.no_grad():
+        tr.concepts[1].param.add_(0.01)  # off the initializer, so the pulls are not zero
+    z0, ids, _ = tr._batch(0)  # 6 rows: 3 per concept, so one process's share crosses the concepts' boundary
+    noise, t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 500, 900] * 2)
+    whole = tr.concept_losses(z0, ids, noise, t)
+    for size in (2, 4, 8):  # 8 > 6 rows: two processes get none
+        parts = []
+        for rank in range(size):
+            tr.world = World(rank, size)
+            parts.append(tr._share_losses(z0, ids, noise, t, None))
+        torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_evaluations_images_of_one(evaluated_concept, cat_dataset, tiny_clip_dir, tmp_path):
+    """Evaluation sampling split over 2 processes: the same images (each has its own seed), so the same scores,
+    checkpoint choice and grid as one process; the main process alone writes the outputs."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from oneword.evaluation import EvalConfig, evaluate
+
+    train_dir, one_dir = evaluated_concept
+    cfg = EvalConfig(n_images=2, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip_dir), gpus=2)
+    two = evaluate(train_dir, cat_dataset, tmp_path / "eval", cfg)
+    one = json.loads((one_dir / "metrics.json").read_text())
+    assert two["processes"] == 2 and two["images_generated"] == one["images_generated"]
+    assert two["step"] == one["step"]
+    for key in ("reconstruction", "editability"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    assert two["baselines"]["prompt_only"] == pytest.approx(one["baselines"]["prompt_only"], abs=1e-4)
+    a, b = (np.asarray(Image.open(d / "grid.png"), dtype=float) for d in (one_dir, tmp_path / "eval"))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 0.5  # 8-bit pixels: at most rounding apart
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_takes_the_step_down_and_the_rerun_resumes(tiny_model_dir, cat_latents_dir, tmp_path):
+    """kill -9 of one launched process: the launch ends (no process left waiting on the dead one), the command
+    fails with a message, and a rerun on one process resumes from the checkpoints the main process wrote."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import yaml
+
+    group = tmp_path / "group.yaml"
+    group.write_text(yaml.safe_dump([
+        {"name": f"c{i}", "latents": str(cat_latents_dir), "token": s.token, "init_word": s.init_word}
+        for i, s in enumerate(SPECS)
+    ]))  # fmt: skip
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).parent / "oneword"), "train", "--concepts", str(group), "-o", str(out),
+           "--base-model", str(tiny_model_dir), "--steps", "120", "--checkpoint-every", "10", "--batch-size", "2",
+           "--device", "cpu", "--resume"]  # fmt: skip
+    proc = subprocess.Popen([*cmd, "--gpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step-000020.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("LOCAL_RANK") == "1"]
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGKILL)
+    log, _ = proc.communicate(timeout=90)
+    done = [s for s, _ in checkpoints.list_checkpoints(out / "checkpoints")]
+    assert proc.returncode != 0 and max(done) < 120, done
+    message = " ".join(log.split())  # as the CLI printed it, wrapped
+    assert "over 2 processes failed" in message and "resumes from the last checkpoint" in message, log[-2000:]
+    rerun = subprocess.run([*cmd, "--gpus", "1"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    first = re.search(r"\| *(\d+)/120", rerun.stderr)  # the progress bar starts where the checkpoints end
+    assert first and int(first.group(1)) == max(done), rerun.stderr[:500]
+    assert all((out / f"c{i}" / "learned_embeds.safetensors").exists() for i in range(2))

@@ -106,3 +106,18 @@ def test_a_failed_loop_leaves_the_others(stand_in, tmp_path, monkeypatch, capsys
     captured = capsys.readouterr()
     assert "a loop failed" in captured.err and "out of memory" in captured.err
     assert [r["name"] for r in json.loads(out_json.read_text())] == ["oneword"]
+
+
+@pytest.mark.slow
+def test_bench_gpus_times_one_process_beside_several(tmp_path, capsys):
+    """`--gpus 2` on a CPU: 1 concept in one process beside 2 concepts over 2 (gloo) processes, and the scaling."""
+    from oneword.cli import main
+
+    out_json = tmp_path / "b.json"
+    main(["bench", "--steps", "6", "--gpus", "2", "--device", "cpu", "--no-baseline", "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())
+    assert [r["name"] for r in rows] == ["oneword", "oneword, 2 concepts together, over 2 processes"]
+    assert [r["batch_size"] for r in rows] == [4, 8] and all(r["images_per_second"] > 0 for r in rows)
+    out = " ".join(capsys.readouterr().out.split())
+    scaling = rows[1]["images_per_second"] / (2 * rows[0]["images_per_second"])
+    assert f"{scaling:.0%} of linear scaling" in out

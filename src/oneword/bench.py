@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from oneword import distributed
 from oneword.config import ConceptSpec, TrainConfig
 from oneword.device import resolve_device
 from oneword.inversion import InversionTrainer
@@ -125,6 +126,8 @@ def bench_oneword(
         "max": " (compile max" + (", CUDA graphs)" if dev.type == "cuda" else ")"),
     }
     name = "oneword" + (f", {concepts} concepts together" if concepts > 1 else "") + mode[cfg.compile]
+    if trainer.world.size > 1:
+        name += f", over {trainer.world.size} processes"
     images = steps * batch_size * concepts
     return BenchResult(name, str(dev), batch_size * concepts, 1, steps, dt, steps / dt, images / dt, peak, warm)
 
@@ -171,6 +174,34 @@ def bench_concepts(
                 )
             )
     return out
+
+
+def bench_processes(
+    model_path: str, n: int, batch_size: int = 4, steps: int = 50, concepts: int = 1, **kwargs
+) -> list[BenchResult]:
+    """Concept-parallel scaling: `concepts` concepts in one process, beside n x `concepts` over `n` processes
+    (`oneword.distributed`: each process trains `concepts` of them, as a batch job's shard on an n-GPU pod would).
+
+    Args:
+        model_path: a model folder or hub id (each process loads its own copy).
+        n: processes, one per GPU.
+        batch_size, steps, concepts: as in `bench_oneword` (`concepts` per process).
+        **kwargs: passed to `bench_oneword` (resolution, device, precision, compile).
+
+    Returns:
+        [one process, n processes]; the scaling is the second's images/s over n times the first's.
+    """
+    one = bench_oneword(load_base_model(model_path, parts=("unet",)), batch_size, steps, concepts=concepts, **kwargs)
+    many = distributed.launch(
+        "oneword.bench:_bench_launched", n, model_path=model_path, batch_size=batch_size, steps=steps,
+        concepts=n * concepts, **kwargs,
+    )  # fmt: skip
+    return [one, many]
+
+
+def _bench_launched(model_path: str, **kwargs) -> BenchResult:
+    """`bench_oneword` in each launched process (the main one's timing is returned)."""
+    return bench_oneword(load_base_model(model_path, parts=("unet",)), **kwargs)
 
 
 def bench_diffusers_style(

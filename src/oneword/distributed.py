@@ -134,19 +134,24 @@ def launch(fn: str, n: int, **kwargs: Any) -> Any:
         ]  # fmt: skip
         log.info("starting %d processes: %s", n, " ".join(cmd))
         code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        ok, value = pickle.loads(result.read_bytes()) if result.exists() else (False, None)
-        if ok and code.returncode == 0:
-            return value
-        if isinstance(value, OnewordError):  # bad input, found by the main process: the same error as in one
-            raise value
-        # a process died (the main one then fails on its broken connection) or hit a bug: the launcher's log
-        # above has each process's traceback
-        main = f"; the main process: {type(value).__name__}: {value}" if value is not None else ""
-        raise OnewordError(
-            f"{fn} over {n} processes failed (exit status {code.returncode}){main}",
-            hint="the log above shows which process failed first and why; a rerun resumes from the last "
-            "checkpoint, on any number of GPUs",
-        )
+        return _outcome(fn, n, result, code.returncode)
+
+
+def _outcome(fn: str, n: int, result: Path, returncode: int) -> Any:
+    """What a launch gives its caller: the main process's return value, or its error."""
+    ok, value = pickle.loads(result.read_bytes()) if result.exists() else (False, None)
+    if ok and returncode == 0:
+        return value
+    if isinstance(value, OnewordError):  # bad input, found by the main process: the same error as in one
+        raise value
+    # a process died (the main one then fails on its broken connection) or hit a bug: the launcher's log
+    # above has each process's traceback
+    main = f"; the main process: {type(value).__name__}: {value}" if value is not None else ""
+    raise OnewordError(
+        f"{fn} over {n} processes failed (exit status {returncode}){main}",
+        hint="the log above shows which process failed first and why; a rerun resumes from the last "
+        "checkpoint, on any number of GPUs",
+    )
 
 
 def _main(call: str, result: str) -> None:

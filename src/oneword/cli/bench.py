@@ -58,6 +58,13 @@ def bench_cmd(
     clip_model: Annotated[
         str | None, typer.Option(help="with --eval: also time CLIP scoring with this evaluator")
     ] = None,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            help="above 1 (0: every visible GPU): time K concepts on one process beside N x K over N processes, "
+            "one per GPU (K: the first of --concepts, default 1), and print the scaling"
+        ),
+    ] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
     concepts: Annotated[
         str,
@@ -73,7 +80,7 @@ def bench_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from oneword import bench
+    from oneword import bench, distributed
     from oneword.device import resolve_device
     from oneword.profiles import profile
 
@@ -106,6 +113,21 @@ def bench_cmd(
         timed(
             lambda: bench_eval(
                 base_model, shape, device=device, n_images=eval_images, steps=steps, clip_model=clip_model
+            )
+        )
+    elif (n := distributed.processes(gpus, device)) > 1:
+        per = int(concepts.split(",")[0]) if concepts else 1
+        timed(
+            lambda: bench.bench_processes(
+                bench.bench_model_path(base_model, shape),
+                n,
+                batch_size,
+                steps,
+                per,
+                resolution=resolution,
+                device=device,
+                precision=precision,
+                compile="max" if compile else "off",
             )
         )
     elif concepts:
@@ -180,7 +202,14 @@ def bench_cmd(
             "-" if r.warmup_seconds is None else f"{r.warmup_seconds:.1f}",
         )
     Console().print(table)
-    ours = [r for r in results if r.name.startswith("oneword")]
+    spread = [r for r in results if ", over " in r.name]
+    for many in spread:  # beside the one-process figure bench_processes puts before it
+        one, n = results[results.index(many) - 1], int(many.name.rsplit(" over ", 1)[1].split()[0])
+        Console().print(
+            f"{n} processes: {many.images_per_second / one.images_per_second:.2f}x the images/s of one, "
+            f"{many.images_per_second / (n * one.images_per_second):.0%} of linear scaling"
+        )
+    ours = [r for r in results if r.name.startswith("oneword") and r not in spread]
     for ref in (r for r in results if r.name.startswith("diffusers")):
         if ours:
             best = max(ours, key=lambda r: r.steps_per_second)

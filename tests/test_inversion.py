@@ -161,6 +161,28 @@ def test_l2_pull_keeps_vectors_near_the_initializer(tiny_model_dir, cat_latents)
     assert dist[50.0] < 0.5 * dist[0.0]
 
 
+def test_the_l2_pulls_weight_follows_its_schedule(tiny_model, cat_latents):
+    """constant holds init_l2; decay falls from it to 0 over the run, rise climbs from 0 to it; and the loss
+    carries the weight of the step being trained (a decayed pull adds nothing at the last step)."""
+    tr = _trainer(tiny_model, cat_latents, init_l2=2.0, steps=11)
+    weights = {}
+    for schedule in ("constant", "decay", "rise"):
+        tr.config = tr.config.model_copy(update={"init_l2_schedule": schedule})
+        weights[schedule] = [tr.init_l2_weight(s) for s in (0, 5, 10)]
+    assert weights == {"constant": [2.0, 2.0, 2.0], "decay": [2.0, 1.0, 0.0], "rise": [0.0, 1.0, 2.0]}
+    with torch.no_grad():
+        tr.concepts[0].param.add_(0.1)  # away from the initializer: the pull is not zero
+    z0, ids, _ = tr._batch(0)
+    noise, t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)), torch.full((z0.shape[0],), 300)
+    losses = {}
+    for schedule, step in (("constant", 10), ("decay", 10), ("decay", 5), ("rise", 0)):
+        tr.config, tr.step = tr.config.model_copy(update={"init_l2_schedule": schedule}), step
+        losses[schedule, step] = tr.concept_losses(z0, ids, noise, t).item()
+    bare = losses["rise", 0]  # weight 0: the diffusion loss alone
+    assert losses["decay", 10] == pytest.approx(bare)
+    assert losses["decay", 5] - bare == pytest.approx((losses["constant", 10] - bare) / 2, rel=1e-4)
+
+
 def test_lr_is_scaled_by_batch_size():
     from oneword.profiles import PROFILES
 

@@ -66,6 +66,11 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-2, ge=0, description="AdamW decay; 0.01 is torch's default the paper used")
     progressive_every: int = Field(0, ge=0, description="add vector k at step k*N (paper: 2000); 0 = all at once")
     init_l2: float = Field(0.0, ge=0, description="weight of an L2 pull toward the initializer embedding")
+    init_l2_schedule: Literal["constant", "decay", "rise"] = Field(
+        "constant",
+        description="how init_l2's weight changes over the run: constant; decay: linearly from init_l2 to 0 (the "
+        "schedule of cloneofsimo/lora's norm prior); rise: linearly from 0 to init_l2 (free early, held late)",
+    )
     init_cos: float = Field(
         0.0, ge=0, description="weight of a pull toward the initializer's direction (1 - cosine); the norm stays free"
     )

@@ -359,12 +359,24 @@ class InversionTrainer:
             losses = losses.index_add(0, owner, per_sample) / b
         return losses + self._regularisers(active) / self.world.size
 
+    def init_l2_weight(self, step: int) -> float:
+        """The L2 pull's weight at `step` under `init_l2_schedule`.
+
+        `decay` takes the schedule of cloneofsimo/lora's norm prior for textual inversion
+        (lora_diffusion/cli_lora_pti.py, `clip_ti_decay`: a pull of strength min(1, 100 lr_t), with lr_t falling
+        linearly to 0): here the L2 pull toward the initializer falls linearly from init_l2 to 0. `rise` is the
+        reverse (ours): the vector moves freely first and is held near its initializer late, when TI overfits.
+        """
+        cfg = self.config
+        frac = min(step / max(cfg.steps - 1, 1), 1.0)
+        return cfg.init_l2 * {"constant": 1.0, "decay": 1.0 - frac, "rise": frac}[cfg.init_l2_schedule]
+
     def _regularisers(self, active: list[_Concept]) -> torch.Tensor | float:
         """Each active concept's pulls toward its initializer (K,), or 0 when none is on."""
         reg: torch.Tensor | float = 0.0
         if self.config.init_l2 > 0:
             l2 = torch.stack([sum(((p - i) ** 2).sum(-1).mean() for p, i in zip(c.params, c.inits)) for c in active])
-            reg = reg + self.config.init_l2 * l2
+            reg = reg + self.init_l2_weight(self.step) * l2
         if self.config.init_cos > 0:
             # the pull in direction alone (1 - cosine): the vector's norm is free, its angle to the initializer
             # is held; the same pull DTI's von Mises-Fisher prior gives, on an unconstrained vector

@@ -35,6 +35,7 @@ def run_cmd(
     progressive_every: Annotated[int, parameter("progressive_every")] = D["progressive_every"],
     n_vectors: Annotated[int, parameter("n_vectors")] = D["n_vectors"],
     init_l2: Annotated[float, parameter("init_l2")] = D["init_l2"],
+    init_l2_schedule: Annotated[str, parameter("init_l2_schedule")] = D["init_l2_schedule"],
     early_end: Annotated[float, parameter("early_end")] = D["early_end"],
     early_end_window: Annotated[int, parameter("early_end_window")] = D["early_end_window"],
     init_cos: Annotated[float, parameter("init_cos")] = D["init_cos"],

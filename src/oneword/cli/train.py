@@ -41,6 +41,9 @@ def train_cmd(
         TrainConfig, "progressive_every"
     ),
     init_l2: Annotated[float, option(TrainConfig, "init_l2")] = default(TrainConfig, "init_l2"),
+    init_l2_schedule: Annotated[str, option(TrainConfig, "init_l2_schedule")] = default(
+        TrainConfig, "init_l2_schedule"
+    ),
     early_end: Annotated[float, option(TrainConfig, "early_end")] = default(TrainConfig, "early_end"),
     early_end_window: Annotated[int, option(TrainConfig, "early_end_window")] = default(
         TrainConfig, "early_end_window"
@@ -90,6 +93,7 @@ def train_cmd(
         weight_decay=weight_decay,
         progressive_every=progressive_every,
         init_l2=init_l2,
+        init_l2_schedule=init_l2_schedule,  # type: ignore[arg-type]
         early_end=early_end,
         early_end_window=early_end_window,
         init_cos=init_cos,

@@ -102,6 +102,7 @@ def train(
     scale_lr: bool = True,
     progressive_every: int = 0,
     init_l2: float = 0.0,
+    init_l2_schedule: str = "constant",
     early_end: float = 0.0,
     early_end_window: int = 100,
     init_cos: float = 0.0,
@@ -134,6 +135,7 @@ def train(
         scale_lr: scale the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = off.
         init_l2: weight of an L2 pull toward the initializer embedding.
+        init_l2_schedule: constant, decay (init_l2 to 0 over the run) or rise (0 to init_l2).
         early_end: end training once every embedding moved less than this fraction of its norm over
             early_end_window steps (0: off).
         early_end_window: steps over which early_end measures the movement.
@@ -176,7 +178,8 @@ def train(
     rows = train_group(
         members, model.path,
         TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate), scale_lr=scale_lr,
-                    progressive_every=progressive_every, init_l2=init_l2, early_end=early_end,
+                    progressive_every=progressive_every, init_l2=init_l2,
+                    init_l2_schedule=init_l2_schedule, early_end=early_end,
                     early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
                     direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
                     checkpoint_every=unset(checkpoint_every), log_every=log_every, sample_every=sample_every,

@@ -97,6 +97,7 @@ def personalise(
     scale_lr: bool = D["scale_lr"],
     progressive_every: int = D["progressive_every"],
     init_l2: float = D["init_l2"],
+    init_l2_schedule: str = D["init_l2_schedule"],
     early_end: float = D["early_end"],
     early_end_window: int = D["early_end_window"],
     init_cos: float = D["init_cos"],
@@ -158,7 +159,8 @@ def personalise(
     tr = c.train(
         latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
-        init_l2=init_l2, early_end=early_end, early_end_window=early_end_window, init_cos=init_cos,
+        init_l2=init_l2, init_l2_schedule=init_l2_schedule, early_end=early_end, early_end_window=early_end_window,
+        init_cos=init_cos,
         direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
         checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
         on_error=on_error, log_every=log_every, sample_every=sample_every, tracking_uri=tracking_uri,
@@ -219,6 +221,7 @@ def textual_inversion(
     scale_lr: bool = D["scale_lr"],
     progressive_every: int = D["progressive_every"],
     init_l2: float = D["init_l2"],
+    init_l2_schedule: str = D["init_l2_schedule"],
     early_end: float = D["early_end"],
     early_end_window: int = D["early_end_window"],
     init_cos: float = D["init_cos"],
@@ -274,6 +277,7 @@ def textual_inversion(
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
         init_l2: weight of an L2 pull toward the initializer embedding (more editable, less faithful).
+        init_l2_schedule: constant, decay (init_l2 to 0 over the run) or rise (0 to init_l2).
         early_end: end training once every embedding moved less than this fraction of its norm over
             early_end_window steps (0: off).
         early_end_window: steps over which early_end measures the movement.
@@ -344,6 +348,7 @@ def batch_personalisation(
     scale_lr: bool = D["scale_lr"],
     progressive_every: int = D["progressive_every"],
     init_l2: float = D["init_l2"],
+    init_l2_schedule: str = D["init_l2_schedule"],
     early_end: float = D["early_end"],
     early_end_window: int = D["early_end_window"],
     init_cos: float = D["init_cos"],
@@ -400,6 +405,7 @@ def batch_personalisation(
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
         init_l2: weight of an L2 pull toward the initializer embedding.
+        init_l2_schedule: constant, decay (init_l2 to 0 over the run) or rise (0 to init_l2).
         early_end: end training once every embedding moved less than this fraction of its norm over
             early_end_window steps (0: off).
         early_end_window: steps over which early_end measures the movement.

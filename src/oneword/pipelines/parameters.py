@@ -37,6 +37,7 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "scale_lr": (TrainConfig, "scale_lr"),
     "progressive_every": (TrainConfig, "progressive_every"),
     "init_l2": (TrainConfig, "init_l2"),
+    "init_l2_schedule": (TrainConfig, "init_l2_schedule"),
     "early_end": (TrainConfig, "early_end"),
     "early_end_window": (TrainConfig, "early_end_window"),
     "init_cos": (TrainConfig, "init_cos"),

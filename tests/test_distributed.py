@@ -13,9 +13,9 @@ from oneword.distributed import World
 from oneword.embeddings import load as load_embedding
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, TrainConfig
-from oneword.train import train, train_group
+from oneword.train import train_group
 
-SPECS = [ConceptSpec(token=f"<d{i}>", init_word=w) for i, w in enumerate(("cat", "dog"))]
+SPECS = [ConceptSpec(token=f"<d{i}>", init_word=w) for i, w in enumerate(("cat", "dog", "clock"))]
 
 
 def _vectors(folder: Path) -> torch.Tensor:
@@ -31,35 +31,29 @@ def test_shares_cover_the_batch_once():
 
 
 @pytest.mark.slow
-def test_two_processes_train_whole_concepts_as_one_process_does(tiny_model_dir, cat_latents_dir, tmp_path):
-    """Concept-parallel: 2 concepts over 2 processes (one each) against both in one process, with an L2 pull so
-    the regulariser's share is checked too; one checkpoint folder, one file per checkpoint step."""
+def test_two_processes_train_a_group_as_one_does_and_one_resumes_it(tiny_model_dir, cat_latents_dir, tmp_path):
+    """3 concepts x batch 2 = 6 samples over 2 processes: the first takes concept 0 and half of concept 1, the
+    second the rest, so whole concepts (concept-parallel) and a split concept (data-parallel) are both here. With
+    an L2 pull, the regulariser's share is checked too. After 4 steps the vectors are one process's at step 4;
+    one process resumes the 2-process checkpoints to step 8 and ends where one process alone does."""
     members = [(f"c{i}", s, cat_latents_dir) for i, s in enumerate(SPECS)]
-    cfg = TrainConfig(steps=6, batch_size=2, checkpoint_every=3, log_every=3, init_l2=0.1, device="cpu")
-    one = train_group(members, tmp_path / "one", cfg.model_copy(update={"gpus": 1}), str(tiny_model_dir))
-    two = train_group(members, tmp_path / "two", cfg.model_copy(update={"gpus": 2}), str(tiny_model_dir))
-    assert [r["status"] for r in one] == [r["status"] for r in two] == ["trained", "trained"]
-    for name in ("c0", "c1"):
-        a, b = _vectors(tmp_path / "one" / name), _vectors(tmp_path / "two" / name)
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-        assert (tmp_path / "two" / name / "summary.json").read_text().count('"processes": 2') == 1
-    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "two" / "checkpoints")] == [3, 6]
-
-
-@pytest.mark.slow
-def test_one_concept_split_over_two_processes_resumes_on_one(tiny_model_dir, cat_latents_dir, tmp_path):
-    """Data-parallel: one concept's batch of 4 split 2 + 2; 4 steps on 2 processes, then resumed to 8 on one
-    process, against 8 steps on one process."""
-    cfg = TrainConfig(steps=8, batch_size=4, checkpoint_every=4, log_every=4, device="cpu", gpus=1)
-    straight = train(cat_latents_dir, tmp_path / "straight", SPECS[0], cfg, str(tiny_model_dir))
-    ckpt = tmp_path / "ckpt"
+    cfg = TrainConfig(steps=8, batch_size=2, checkpoint_every=2, log_every=2, init_l2=0.1, device="cpu", gpus=1)
+    one = train_group(members, tmp_path / "one", cfg, str(tiny_model_dir))
     half = cfg.model_copy(update={"steps": 4, "gpus": 2})
-    two = train(cat_latents_dir, tmp_path / "two", SPECS[0], half, str(tiny_model_dir), checkpoint_dir=ckpt)
-    assert two.steps == 4 and [s for s, _ in checkpoints.list_checkpoints(ckpt)] == [4]
-    torch.testing.assert_close(two.curves[SPECS[0].token][0]["loss"], straight.curve[0]["loss"], rtol=1e-4, atol=0)
-    resumed = train(cat_latents_dir, tmp_path / "resumed", SPECS[0], cfg, str(tiny_model_dir), ckpt, resume=True)
-    assert resumed.steps_run == 4
-    torch.testing.assert_close(_vectors(tmp_path / "resumed"), _vectors(tmp_path / "straight"), rtol=1e-4, atol=1e-6)
+    two = train_group(members, tmp_path / "two", half, str(tiny_model_dir))
+    assert [r["status"] for r in one] == [r["status"] for r in two] == ["trained"] * 3
+    at_4 = checkpoints.load_checkpoint(checkpoints.list_checkpoints(tmp_path / "one" / "checkpoints")[1][1])
+    for name, spec in zip(("c0", "c1", "c2"), SPECS):
+        torch.testing.assert_close(_vectors(tmp_path / "two" / name), at_4["vectors"][spec.token], rtol=1e-4, atol=1e-6)
+        assert '"processes": 2' in (tmp_path / "two" / name / "summary.json").read_text()
+    # written once, by the main process: the checkpoints a single process writes
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "two" / "checkpoints")] == [2, 4]
+    resumed = train_group(members, tmp_path / "two", cfg, str(tiny_model_dir))
+    assert [r["status"] for r in resumed] == ["trained"] * 3
+    for name in ("c0", "c1", "c2"):
+        torch.testing.assert_close(_vectors(tmp_path / "two" / name), _vectors(tmp_path / "one" / name), rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "two" / "checkpoints")] == [2, 4, 6, 8]
 
 
 def test_the_shares_losses_add_up_to_the_whole_batchs(tiny_model, cat_latents):
@@ -68,7 +62,7 @@ def test_the_shares_losses_add_up_to_the_whole_batchs(tiny_model, cat_latents):
     from oneword.inversion import InversionTrainer
 
     cfg = TrainConfig(steps=1, batch_size=3, init_l2=0.5, init_cos=0.2, device="cpu")
-    tr = InversionTrainer(tiny_model, [(s, cat_latents) for s in SPECS], cfg)
+    tr = InversionTrainer(tiny_model, [(s, cat_latents) for s in SPECS[:2]], cfg)
     with torch.no_grad():
         tr.concepts[1].param.add_(0.01)  # off the initializer, so the pulls are not zero
     z0, ids, _ = tr._batch(0)  # 6 rows: 3 per concept, so one process's share crosses the concepts' boundary
@@ -108,8 +102,9 @@ def test_two_processes_draw_the_evaluations_images_of_one(evaluated_concept, cat
 
 @pytest.mark.slow
 def test_a_process_that_dies_takes_the_step_down_and_the_rerun_resumes(tiny_model_dir, cat_latents_dir, tmp_path):
-    """kill -9 of one launched process: the launch ends (no process left waiting on the dead one), the command
-    fails with a message, and a rerun on one process resumes from the checkpoints the main process wrote."""
+    """One concept's batch split over 2 processes; kill -9 of one: the launch ends (no process left waiting on the
+    dead one), the command fails with a message, and a rerun on one process resumes from the checkpoints the main
+    process wrote."""
     import re
     import signal
     import subprocess
@@ -117,17 +112,11 @@ def test_a_process_that_dies_takes_the_step_down_and_the_rerun_resumes(tiny_mode
     import time
 
     import psutil
-    import yaml
 
-    group = tmp_path / "group.yaml"
-    group.write_text(yaml.safe_dump([
-        {"name": f"c{i}", "latents": str(cat_latents_dir), "token": s.token, "init_word": s.init_word}
-        for i, s in enumerate(SPECS)
-    ]))  # fmt: skip
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).parent / "oneword"), "train", "--concepts", str(group), "-o", str(out),
-           "--base-model", str(tiny_model_dir), "--steps", "60", "--checkpoint-every", "10", "--batch-size", "2",
-           "--device", "cpu", "--resume"]  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "oneword"), "train", str(cat_latents_dir), "--token", "<d0>",
+           "--init-word", "cat", "-o", str(out), "--base-model", str(tiny_model_dir), "--steps", "60",
+           "--checkpoint-every", "10", "--batch-size", "4", "--device", "cpu", "--resume"]  # fmt: skip
     proc = subprocess.Popen([*cmd, "--gpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step-000020.pt").exists():
@@ -145,7 +134,7 @@ def test_a_process_that_dies_takes_the_step_down_and_the_rerun_resumes(tiny_mode
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     first = re.search(r"\| *(\d+)/60", rerun.stderr)  # the progress bar starts where the checkpoints end
     assert first and int(first.group(1)) == max(done), rerun.stderr[:500]
-    assert all((out / f"c{i}" / "learned_embeds.safetensors").exists() for i in range(2))
+    assert (out / "learned_embeds.safetensors").exists()
 
 
 def test_a_launched_processs_error_reaches_the_caller(tmp_path):

@@ -157,3 +157,6 @@ def test_a_launched_processs_error_reaches_the_caller(tmp_path):
         _outcome("m:f", 2, tmp_path / "none.pkl", -9)
     result.write_bytes(pickle.dumps((True, {"steps": 4})))
     assert _outcome("m:f", 2, result, 0) == {"steps": 4}
+    with pytest.raises(OnewordError) as e:  # the main process finished, another one failed
+        _outcome("m:f", 2, result, 1)
+    assert "exit status 1" in e.value.message and "the main process" not in e.value.message

@@ -176,7 +176,7 @@ def test_the_l2_pulls_weight_follows_its_schedule(tiny_model, cat_latents):
     noise, t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)), torch.full((z0.shape[0],), 300)
     losses = {}
     for schedule, step in (("constant", 10), ("decay", 10), ("decay", 5), ("rise", 0)):
-        tr.config, tr.step = tr.config.model_copy(update={"init_l2_schedule": schedule}), step
+        tr.config, tr._step_now = tr.config.model_copy(update={"init_l2_schedule": schedule}), step
         losses[schedule, step] = tr.concept_losses(z0, ids, noise, t).item()
     bare = losses["rise", 0]  # weight 0: the diffusion loss alone
     assert losses["decay", 10] == pytest.approx(bare)

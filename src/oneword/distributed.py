@@ -56,15 +56,17 @@ class World:
         return n * self.rank // self.size, n * (self.rank + 1) // self.size
 
 
-def current() -> World:
-    """The world this process runs in: a single process unless started by `launch`."""
+def current(cpu: bool | None = None) -> World:
+    """The world this process runs in: a single process unless started by `launch`. `cpu`: whether the work runs
+    on the CPU (gloo), whatever GPUs the machine has (default: when it has none)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     from accelerate import PartialState
 
-    # gloo on a CPU-only machine (torchrun's environment alone makes accelerate assume a single process there)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # gloo for CPU tensors (torchrun's environment alone makes accelerate assume a single process on a CPU-only
+    # machine, and NCCL on a GPU machine, which refuses CPU tensors)
+    state = PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
     return World(state.process_index, state.num_processes, state.local_process_index)
 
 
@@ -98,6 +100,15 @@ def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     if launched():
         torch.distributed.all_reduce(tensor)
     return tensor
+
+
+def from_main(value: Any, world: World) -> Any:
+    """The main process's `value`, on every process: a decision that must be the same everywhere."""
+    if world.size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather(items: list, world: World) -> list:
@@ -139,14 +150,17 @@ def launch(fn: str, n: int, **kwargs: Any) -> Any:
 
 def _outcome(fn: str, n: int, result: Path, returncode: int) -> Any:
     """What a launch gives its caller: the main process's return value, or its error."""
-    ok, value = pickle.loads(result.read_bytes()) if result.exists() else (False, None)
+    try:
+        ok, value = pickle.loads(result.read_bytes()) if result.exists() else (False, None)
+    except Exception as e:  # an exception that pickles but cannot be rebuilt here
+        ok, value = False, RuntimeError(f"unreadable outcome: {e}")
     if ok and returncode == 0:
         return value
     if isinstance(value, OnewordError):  # bad input, found by the main process: the same error as in one
         raise value
     # a process died (the main one then fails on its broken connection) or hit a bug: the launcher's log
     # above has each process's traceback
-    main = f"; the main process: {type(value).__name__}: {value}" if value is not None else ""
+    main = f"; the main process: {type(value).__name__}: {value}" if not ok and value is not None else ""
     raise OnewordError(
         f"{fn} over {n} processes failed (exit status {returncode}){main}",
         hint="the log above shows which process failed first and why; a rerun resumes from the last "

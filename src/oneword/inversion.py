@@ -115,8 +115,10 @@ class InversionTrainer:
         self.profile = profile_of(model)  # what the settings and concepts leave unset comes from here
         config = config.resolved(self.profile)
         self.model, self.config = model, config
-        self.world = distributed.current()  # several processes: each computes a share of every step's batch
-        self.device = distributed.device_for(resolve_device(config.device), self.world)
+        device = resolve_device(config.device)
+        # several processes: each computes a share of every step's batch
+        self.world = distributed.current(cpu=device.type == "cpu")
+        self.device = distributed.device_for(device, self.world)
         self.precision = device_precision(config.precision, self.device)
         unet_dtype = DTYPES[self.precision]
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -177,6 +179,7 @@ class InversionTrainer:
         self.gen_device = torch.Generator(self.device).manual_seed(config.seed + 1)  # latents, noise, t
         self.curves: dict[str, list[dict]] = {c.spec.token: [] for c in self.concepts}
         self.step = 0
+        self._step_now = 0
         self.ended_early_at: int | None = None
         self._snapshots: dict[int, list[torch.Tensor]] = {}  # step -> the vectors then (for early_end)
 
@@ -376,7 +379,7 @@ class InversionTrainer:
         reg: torch.Tensor | float = 0.0
         if self.config.init_l2 > 0:
             l2 = torch.stack([sum(((p - i) ** 2).sum(-1).mean() for p, i in zip(c.params, c.inits)) for c in active])
-            reg = reg + self.init_l2_weight(self.step) * l2
+            reg = reg + self.init_l2_weight(self._step_now) * l2
         if self.config.init_cos > 0:
             # the pull in direction alone (1 - cosine): the vector's norm is free, its angle to the initializer
             # is held; the same pull DTI's von Mises-Fisher prior gives, on an unconstrained vector
@@ -400,6 +403,7 @@ class InversionTrainer:
     def train_step(self, step: int) -> torch.Tensor:
         """One optimiser step at index `step`; returns every concept's (detached) loss, 0 for stopped ones (K,)."""
         self._activate_vectors(step)
+        self._step_now = step  # the step the regularisers weigh (train_step may be called without run)
         if self.config.compile == "max":
             # a new step for CUDA graph trees: the last step's graph outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
@@ -410,8 +414,9 @@ class InversionTrainer:
             losses = self.concept_losses(z0, ids, noise, t, time_ids)
         else:
             losses = self._share_losses(z0, ids, noise, t, time_ids)
-        if losses.requires_grad:  # a process with no samples and no regulariser has nothing to differentiate
-            self.scaler.scale(losses.sum()).backward()
+        scaled = self.scaler.scale(losses.sum())  # scaled even on an idle process: fp16's scaler.step needs it
+        if scaled.requires_grad:  # a process with no samples and no regulariser has nothing to differentiate
+            scaled.backward()
         if self.world.size > 1:
             self._sum_gradients()
         self.scaler.step(self.optimizer)  # stopped concepts have no gradient, so AdamW leaves them as they are
@@ -552,6 +557,12 @@ class InversionTrainer:
         """
         cfg = self.config
         last = self._resume(checkpoint_dir) if resume and checkpoint_dir is not None else None
+        steps = distributed.gather([self.step], self.world)
+        if len(set(steps)) > 1:  # a checkpoint one process could read and another not: they would diverge
+            raise OnewordError(
+                f"the processes resumed from different steps {steps} under {checkpoint_dir}",
+                hint="rerun: a checkpoint was unreadable from some processes (storage trouble)",
+            )
         if not self.world.main:  # every process holds the same state; the main one reports and writes it
             callbacks, progress = (), False
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)

@@ -166,7 +166,7 @@ def train(
     Returns:
         The `TrainResult`.
     """
-    if (n := distributed.processes(config.gpus, config.device)) > 1:
+    if (n := _processes(config, base_model, callbacks)) > 1:
         _check_launchable(base_model, callbacks)
         return distributed.launch(
             "oneword.train:train", n, latents_dir=latents_dir, out_dir=out_dir, concept=concept, config=config,
@@ -201,6 +201,15 @@ def train(
         run_id = live.run_ids.get(name) if live else None
         _write_concept(out_dir, concept, latents, Path(latents_dir), result, run, run_id)
     return result
+
+
+def _processes(config: TrainConfig, base_model, callbacks: Sequence[MetricsCallback]) -> int:
+    """How many processes to train over; by default (every visible GPU) a caller with a loaded model or
+    callbacks, which cannot cross into other processes, keeps one."""
+    n = distributed.processes(config.gpus, config.device)
+    if not config.gpus and (isinstance(base_model, LoadedModel) or callbacks):
+        return 1
+    return n
 
 
 def _check_launchable(base_model: str | LoadedModel | None, callbacks: Sequence[MetricsCallback]) -> None:
@@ -298,7 +307,7 @@ def train_group(
     Returns:
         One status per member, in order: `{"name", "token", "status": "trained"|"failed", "stage", "error"}`.
     """
-    if (n := distributed.processes(config.gpus, config.device)) > 1:
+    if (n := _processes(config, base_model, callbacks)) > 1:
         _check_launchable(base_model, callbacks)
         return distributed.launch(
             "oneword.train:train_group", n, members=members, out_dir=out_dir, config=config, base_model=base_model,

@@ -78,8 +78,10 @@ class _Session:
         force: bool = False,
     ):
         self.cfg, self.token = cfg, emb.token
-        self.world = distributed.current()  # several processes: each draws a share of every set of images
-        device = str(distributed.device_for(resolve_device(cfg.device), self.world))
+        resolved = resolve_device(cfg.device)
+        # several processes: each draws a share of every set of images
+        self.world = distributed.current(cpu=resolved.type == "cpu")
+        device = str(distributed.device_for(resolved, self.world))
         self.pipe = build_pipeline(model, device)
         load_embeddings(self.pipe, model, [emb], force=force)
         names = vector_tokens(emb.token, emb.n_vectors)
@@ -192,8 +194,12 @@ def evaluate(
     Returns:
         The metrics dict written to `metrics.json`.
     """
-    if (n := distributed.processes(config.gpus, config.device)) > 1:
-        if isinstance(base_model, LoadedModel) or on_images or on_checkpoint:
+    n = distributed.processes(config.gpus, config.device)
+    in_process_only = isinstance(base_model, LoadedModel) or on_images or on_checkpoint
+    if n > 1 and in_process_only and not config.gpus:
+        n = 1  # "every visible GPU" by default: a caller with a loaded model or callbacks keeps one process
+    if n > 1:
+        if in_process_only:
             raise OnewordError(
                 "evaluation over several processes loads the model in each and calls back in none",
                 hint="pass base_model as a path or hub id and no callbacks, or evaluate with gpus=1",
@@ -241,6 +247,8 @@ def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_ch
     if config.checkpoint_budget > 0 and len(found) >= 2:
         curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint)
         chosen = select_checkpoint(curve, config.selection_tolerance, config.selection_rule).step
+        # each process scored on its own GPU: a near tie must not pick two steps, so the main process decides
+        chosen = distributed.from_main(chosen, s.world)
         return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token), curve)
     emb = trained.emb
     final = [emb.vectors] + ([emb.vectors_2] if emb.vectors_2 is not None else [])

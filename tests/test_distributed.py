@@ -160,3 +160,14 @@ def test_a_launched_processs_error_reaches_the_caller(tmp_path):
     with pytest.raises(OnewordError) as e:  # the main process finished, another one failed
         _outcome("m:f", 2, result, 1)
     assert "exit status 1" in e.value.message and "the main process" not in e.value.message
+
+
+def test_what_cannot_cross_processes_keeps_one_or_is_refused():
+    """A loaded model or callbacks: the default (every visible GPU) keeps one process; more is refused."""
+    from oneword.distributed import processes
+
+    assert processes(0, "cpu", "callbacks") == 1 and processes(1, "cpu", "a loaded model") == 1
+    assert processes(3, "cpu") == 3
+    with pytest.raises(OnewordError, match="a loaded model was given") as e:
+        processes(2, "cpu", "a loaded model")
+    assert "gpus=1" in e.value.hint

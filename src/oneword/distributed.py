@@ -77,12 +77,23 @@ def device_for(device: torch.device, world: World) -> torch.device:
     return device
 
 
-def processes(gpus: int, device: str = "auto") -> int:
+def processes(gpus: int, device: str = "auto", in_process_only: str = "") -> int:
     """How many processes a step with `gpus` starts on `device`: `gpus`, or with 0 every visible GPU (1 on a
-    CPU). Inside a launch: 1 (the launch has started them)."""
+    CPU). Inside a launch: 1 (the launch has started them).
+
+    `in_process_only` names what the caller passed that cannot cross into other processes (a loaded model,
+    callbacks): then 0 means one process, and more than one is refused.
+    """
     if gpus < 0:
         raise OnewordError(f"gpus must be 0 (every visible GPU) or more, not {gpus}")
     if launched():
+        return 1
+    if in_process_only:
+        if gpus > 1:
+            raise OnewordError(
+                f"{gpus} processes each load the model and call back in none, but {in_process_only} was given",
+                hint="pass the model as a path or hub id and no callbacks, or use gpus=1",
+            )
         return 1
     if gpus:
         return gpus

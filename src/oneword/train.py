@@ -167,7 +167,6 @@ def train(
         The `TrainResult`.
     """
     if (n := _processes(config, base_model, callbacks)) > 1:
-        _check_launchable(base_model, callbacks)
         return distributed.launch(
             "oneword.train:train", n, latents_dir=latents_dir, out_dir=out_dir, concept=concept, config=config,
             base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
@@ -204,23 +203,13 @@ def train(
 
 
 def _processes(config: TrainConfig, base_model, callbacks: Sequence[MetricsCallback]) -> int:
-    """How many processes to train over; by default (every visible GPU) a caller with a loaded model or
-    callbacks, which cannot cross into other processes, keeps one."""
-    n = distributed.processes(config.gpus, config.device)
-    if not config.gpus and (isinstance(base_model, LoadedModel) or callbacks):
-        return 1
-    return n
-
-
-def _check_launchable(base_model: str | LoadedModel | None, callbacks: Sequence[MetricsCallback]) -> None:
-    """Refuse what cannot cross into launched processes (before starting them)."""
-    if isinstance(base_model, LoadedModel):
-        raise OnewordError(
-            "training over several processes loads the model in each: pass its path or hub id, not a loaded model",
-            hint="pass base_model as a string, or train with gpus=1",
-        )
-    if callbacks:
-        raise OnewordError("metrics callbacks run in one process only", hint="train with gpus=1, or use tracking")
+    """How many processes to train over (`distributed.processes`)."""
+    local = [
+        what
+        for what, given in (("a loaded model", isinstance(base_model, LoadedModel)), ("callbacks", callbacks))
+        if given
+    ]
+    return distributed.processes(config.gpus, config.device, " and ".join(local))
 
 
 def _samples(tracking: LiveTracking | None, config: TrainConfig) -> bool:
@@ -308,7 +297,6 @@ def train_group(
         One status per member, in order: `{"name", "token", "status": "trained"|"failed", "stage", "error"}`.
     """
     if (n := _processes(config, base_model, callbacks)) > 1:
-        _check_launchable(base_model, callbacks)
         return distributed.launch(
             "oneword.train:train_group", n, members=members, out_dir=out_dir, config=config, base_model=base_model,
             checkpoint_root=checkpoint_root, resume=resume, progress=progress, tracking=tracking,

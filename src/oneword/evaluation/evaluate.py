@@ -194,16 +194,8 @@ def evaluate(
     Returns:
         The metrics dict written to `metrics.json`.
     """
-    n = distributed.processes(config.gpus, config.device)
-    in_process_only = isinstance(base_model, LoadedModel) or on_images or on_checkpoint
-    if n > 1 and in_process_only and not config.gpus:
-        n = 1  # "every visible GPU" by default: a caller with a loaded model or callbacks keeps one process
-    if n > 1:
-        if in_process_only:
-            raise OnewordError(
-                "evaluation over several processes loads the model in each and calls back in none",
-                hint="pass base_model as a path or hub id and no callbacks, or evaluate with gpus=1",
-            )
+    local = "a loaded model or callbacks" if isinstance(base_model, LoadedModel) or on_images or on_checkpoint else ""
+    if (n := distributed.processes(config.gpus, config.device, local)) > 1:
         return distributed.launch(
             "oneword.evaluation.evaluate:evaluate", n, train_dir=train_dir, dataset_dir=dataset_dir,
             out_dir=out_dir, config=config, base_model=base_model,

@@ -162,3 +162,76 @@ def test_oracle_scatter_plots_drawable_concepts_by_setting(tmp_path):
     # the negative control (not drawable) is left out: adding it changes nothing
     with_control = plot([*rows, ("red-heart", "final-default", 0.0, 0.0)], "control.png")
     assert ImageChops.difference(full, with_control).getbbox() is None
+
+
+def test_quality_over_seeds_reuses_recorded_runs_and_reports_the_spread(tmp_path):
+    """A multi-seed benchmark records each finished run at once; the next call reuses the runs recorded with the
+    same concept, setting, seed and pictures (a line cut short by a stop is redone), and the report gives each
+    setting's targets met, mean and spread over concepts and seeds."""
+    import json
+    from dataclasses import asdict
+
+    from oneword.toyworld.quality import (
+        ConceptResult,
+        _record,
+        _recorded,
+        _run_key,
+        measure_quality,
+        settings_named,
+    )
+
+    named = {s.name: s for s in settings_named(["default", "l2-decay"])}
+    default, decay = "default", "l2-decay"
+    scores = {  # (concept, setting, seed) -> oracle reconstruction, editability
+        ("purple-star", default, 0): (1.0, 0.9),
+        ("purple-star", default, 1): (1.0, 0.7),
+        ("purple-star", decay, 0): (0.9, 0.85),
+        ("purple-star", decay, 1): (1.0, 0.95),
+        ("red-heart", default, 0): (0.0, 0.0),
+        ("red-heart", default, 1): (0.0, 0.0),
+    }
+    ledger = tmp_path / "runs.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "key": _run_key(c, named[s], seed, 4),
+                "result": asdict(ConceptResult(c, s, 400, rec, edit, {}, 0.6, 0.5, seed=seed)),
+            }
+        )
+        for (c, s, seed), (rec, edit) in scores.items()
+    ]
+    ledger.write_text("\n".join(lines) + '\n{"key": "cut sh')  # the last run was stopped mid-write
+    report = measure_quality(
+        tmp_path,
+        ["purple-star", "red-heart"],
+        n_images=4,
+        seeds=(0, 1),
+        settings=["default", "l2-decay"],
+    )
+    got = {(r["concept"], r["setting"], r["seed"]) for r in report["results"]}
+    assert got == set(scores)  # all reused: nothing trained (it would take minutes)
+    by = report["summary"]["by_setting"]
+    assert by["default"]["runs"] == 2 and by["default"]["targets_met"] == 1
+    assert by["l2-decay"]["targets_met"] == 2
+    assert abs(by["default"]["editability_oracle"] - 0.8) < 1e-9
+    d = by["default"]
+    assert abs(d["editability_oracle_sd"] - 0.1414) < 1e-3 and d["editability_oracle_min"] == 0.7
+    assert report["summary"]["targets_met"] is False  # seed 1's default misses editability
+    assert report["summary"]["seeds"] == [0, 1]
+    md = (tmp_path / "quality.md").read_text()
+    assert "| l2-decay | 2 | 2 / 2 | 0.95 ± 0.07 (0.90) | 0.90 ± 0.07 (0.85) |" in md
+    assert "| red-heart | 1 | default |" in md  # the negative control is still reported
+    # a run finished after the cut line is recorded on a line of its own, and read back
+    again = ConceptResult("purple-star", "l2-decay", 400, 1.0, 1.0, {}, 0.6, 0.5, seed=2)
+    _record(ledger, _run_key("purple-star", named[decay], 2, 4), again)
+    assert _recorded(ledger)[_run_key("purple-star", named[decay], 2, 4)] == again
+    assert len(_recorded(ledger)) == len(scores) + 1
+
+
+def test_an_unknown_quality_setting_is_named_before_any_training():
+    from oneword.errors import OnewordError
+    from oneword.toyworld.quality import settings_named
+
+    with pytest.raises(OnewordError, match="l2-fancy") as e:
+        settings_named(["default", "l2-fancy"])
+    assert "l2-decay" in e.value.hint

@@ -28,7 +28,6 @@ TOYWORLD, TOYWORLD_CLIP = assets.NAME, assets.CLIP_NAME
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the evaluator the paper used
 
 
-
 class ModelProfile(BaseModel):
     """The settings one model family trains and evaluates with, unless the user says otherwise."""
 

@@ -114,8 +114,9 @@ def batch_cmd(
 
     Example: oneword batch k8s/examples/concepts.yaml --base-model toyworld --steps 300
     """
-    params = {k: v for k, v in locals().items() if k not in ("concepts_manifest", "pipeline_root", "tracking_uri",
-                                                             "log_file")}
+    params = {
+        k: v for k, v in locals().items() if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file")
+    }
     from rich import print as rprint
 
     from oneword.pipelines.local import run_batch

@@ -59,21 +59,37 @@ def quality_cmd(
         "runs/quality"
     ),
     concept: Annotated[list[str] | None, typer.Option(help="only these concepts (repeatable)")] = None,
-    sweep: Annotated[bool, typer.Option(help="also sweep learning rate, L2 and steps")] = True,
+    sweep: Annotated[bool, typer.Option(help="also sweep learning rate, the regularisers and steps")] = True,
+    setting: Annotated[
+        list[str] | None, typer.Option(help="only these settings (repeatable), e.g. default, l2-decay, cos-on")
+    ] = None,
     n_images: Annotated[int, typer.Option(help="pictures per prompt for the oracle and CLIP")] = 32,
-    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    seed: Annotated[list[int] | None, typer.Option(help="seed (repeatable: every run once per seed)")] = None,
+    fresh: Annotated[bool, typer.Option(help="redo runs already recorded in OUT/runs.jsonl")] = False,
 ) -> None:
     """Learn each held-out concept, then measure it with the oracle and the toy CLIP.
 
-    Example: oneword toyworld quality -o runs/quality
+    Example: oneword toyworld quality -o runs/quality --setting default --setting l2-decay --seed 0 --seed 1 --seed 2
     """
     from rich import print as rprint
+    from rich.table import Table
 
     from oneword.toyworld.quality import measure_quality
 
-    report = measure_quality(out, concept, sweep=sweep, n_images=n_images, seed=seed)
-    rprint((out / "quality.md").read_text())
-    rprint(report["summary"]["by_setting"])
+    report = measure_quality(
+        out, concept, sweep=sweep, n_images=n_images, seeds=tuple(seed or [0]), settings=setting, fresh=fresh
+    )
+    table = Table("setting", "runs", "targets met", "oracle rec. ± sd", "oracle edit. ± sd", title="toy-world quality")
+    for name, row in report["summary"]["by_setting"].items():
+        table.add_row(
+            name,
+            str(row["runs"]),
+            f"{row['targets_met']} / {row['runs']}",
+            f"{row['reconstruction_oracle']:.2f} ± {row['reconstruction_oracle_sd']:.2f}",
+            f"{row['editability_oracle']:.2f} ± {row['editability_oracle_sd']:.2f}",
+        )
+    rprint(table)
+    rprint(f"every run: {out / 'quality.md'}")
 
 
 @toy.command("base-accuracy")

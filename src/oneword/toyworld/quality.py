@@ -13,6 +13,7 @@ steps) show the paper's trade-off on one distortion-editability chart.
 
 import json
 import logging
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ TOY = PROFILES[TOYWORLD]
 TOY_TRAIN = TrainConfig(log_every=25).resolved(TOY)
 TOY_SAMPLER = {"steps": TOY.sampling_steps, "guidance_scale": TOY.guidance_scale}
 RESOLUTION = TOY.resolution
+TARGETS = (0.85, 0.8)  # oracle reconstruction and editability a learned concept must reach (issue 15's targets)
 
 
 @dataclass
@@ -63,11 +65,26 @@ def sweep_settings() -> list[Setting]:
         Setting("lr-low", d.model_copy(update={"learning_rate": 2e-4}), select=False),
         Setting("lr-high", d.model_copy(update={"learning_rate": 5e-3}), select=False),
         Setting("l2-on", d.model_copy(update={"init_l2": 0.05}), select=False),
+        # the L2 pull falling to 0 over the run (cloneofsimo/lora's TI norm prior schedule), and rising from 0
+        Setting("l2-decay", d.model_copy(update={"init_l2": 0.05, "init_l2_schedule": "decay"}), select=False),
+        Setting("l2-rise", d.model_copy(update={"init_l2": 0.05, "init_l2_schedule": "rise"}), select=False),
         Setting("cos-on", d.model_copy(update={"init_cos": 0.05}), select=False),  # the pull in angle alone
         Setting("dti", d.model_copy(update={"direction_only": True}), select=False),  # DTI at its code's defaults
         Setting("steps-50", d.model_copy(update={"steps": 50}), select=False),
         Setting("steps-1000", d.model_copy(update={"steps": 1000}), select=False),
     ]
+
+
+def settings_named(names: list[str]) -> list[Setting]:
+    """The benchmark's settings by name (`default` and the sweep's), in the order given."""
+    known = {s.name: s for s in default_settings() + sweep_settings()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise OnewordError(
+            f"unknown toy-world quality setting(s): {', '.join(unknown)}",
+            hint=f"use one of {', '.join(known)}",
+        )
+    return [known[n] for n in names]
 
 
 def edits_for(c: ToyConcept) -> list[tuple[str, dict[str, str]]]:
@@ -97,6 +114,11 @@ class ConceptResult:
     total_seconds: float = 0.0
     curve: list = field(default_factory=list)
     oracle_curve: list = field(default_factory=list)  # the oracle on each checkpoint's selection pictures
+    seed: int = 0
+
+    @property
+    def targets_met(self) -> bool:
+        return self.reconstruction_oracle >= TARGETS[0] and self.editability_oracle >= TARGETS[1]
 
 
 def run_concept(
@@ -199,6 +221,7 @@ def run_concepts(
                 time.perf_counter() - t0,
                 m["selection"]["curve"],
                 oracle_curve,
+                seed,
             )
         )
     return results
@@ -226,37 +249,71 @@ def _words_accuracy(c: ToyConcept, oracle: Oracle, n: int, seed: int) -> float:
 
 
 def measure_quality(
-    out: Path, concepts: list[str] | None = None, sweep: bool = True, n_images: int = 32, seed: int = 0
+    out: Path,
+    concepts: list[str] | None = None,
+    sweep: bool = True,
+    n_images: int = 32,
+    seeds: tuple[int, ...] = (0,),
+    settings: list[str] | None = None,
+    fresh: bool = False,
 ) -> dict:
-    """Run the quality benchmark and write `quality.json`, `quality.md` and `scatter.png` into `out`.
+    """Run the quality benchmark and write `quality.json`, `quality.md` and the plots into `out`.
+
+    Every concept x seed x setting is one run (five pictures drawn with that seed, trained and scored with it). A
+    finished run is appended to `out/runs.jsonl` at once and reused by the next call with the same concept,
+    setting, seed, picture count and training settings (unless `fresh`), so a long benchmark that stops loses
+    nothing.
+
+    Args:
+        out: output folder.
+        concepts: held-out concepts (default: all, the negative control included).
+        sweep: also run the sweep's settings (ignored when `settings` names them).
+        n_images: pictures per prompt for the oracle and the toy CLIP.
+        seeds: seeds to repeat every run with.
+        settings: setting names (`settings_named`); default: `default`, plus the sweep if `sweep`. The negative
+            control runs `default` only.
+        fresh: ignore runs recorded in `out/runs.jsonl`.
 
     Returns:
         The report dict.
     """
     out.mkdir(parents=True, exist_ok=True)
     names = concepts or list(CONCEPTS)
+    for name in names:
+        get_concept(name)  # an unknown name fails before any training
+    chosen = settings_named(settings) if settings else default_settings() + (sweep_settings() if sweep else [])
     oracle = Oracle.load()
+    ledger = out / "runs.jsonl"
+    done = {} if fresh else _recorded(ledger)
     results: list[ConceptResult] = []
     with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
-        for name in names:
-            settings = default_settings() + (sweep_settings() if sweep and get_concept(name).drawable else [])
-            for s in settings:
-                r = run_concept(
-                    name, s, work, n_images=n_images, oracle=oracle, seed=seed, with_words=s.name == "default"
-                )
-                log.info(
-                    "%s [%s]: step %d, oracle reconstruction %.2f, editability %.2f (%.0f s)",
-                    name,
-                    s.name,
-                    r.chosen_step,
-                    r.reconstruction_oracle,
-                    r.editability_oracle,
-                    r.total_seconds,
-                )
-                results.append(r)
-                if s.name == "default":
-                    _save_grid(work / f"{name}--default" / name, out / f"{name}.png")
+        for seed in seeds:
+            work = Path(d) / f"seed-{seed}"
+            for name in names:
+                drawable = get_concept(name).drawable
+                for s in chosen if drawable else default_settings():
+                    key = _run_key(name, s, seed, n_images)
+                    if key in done:
+                        results.append(done[key])
+                        continue
+                    r = run_concept(
+                        name, s, work, n_images=n_images, oracle=oracle, seed=seed, with_words=s.name == "default"
+                    )
+                    log.info(
+                        "%s [%s] seed %d: step %d, oracle reconstruction %.2f, editability %.2f (%.0f s)",
+                        name,
+                        s.name,
+                        seed,
+                        r.chosen_step,
+                        r.reconstruction_oracle,
+                        r.editability_oracle,
+                        r.total_seconds,
+                    )
+                    _record(ledger, key, r)
+                    results.append(r)
+                    if s.name == "default":
+                        suffix = f"-seed{seed}" if len(seeds) > 1 else ""
+                        _save_grid(work / f"{name}--default" / name, out / f"{name}{suffix}.png")
     report = {"results": [asdict(r) for r in results], "summary": _summary(results)}
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     (out / "quality.md").write_text(_markdown(results, report["summary"]))
@@ -271,6 +328,34 @@ def measure_quality(
     scatter(series, out / "scatter.png", title="toy world: learning rate, L2 and steps")
     oracle_scatter(results, out / "oracle.png")
     return report
+
+
+def _run_key(concept: str, setting: Setting, seed: int, n_images: int) -> str:
+    """What makes two runs the same run: concept, setting (its name and every training value), seed, pictures."""
+    return json.dumps(
+        [concept, setting.name, setting.select, setting.train.model_dump(mode="json"), seed, n_images], sort_keys=True
+    )
+
+
+def _record(ledger: Path, key: str, r: ConceptResult) -> None:
+    """Append one finished run, on a line of its own even after a line that a stop cut short."""
+    cut = ledger.exists() and ledger.stat().st_size > 0 and not ledger.read_bytes().endswith(b"\n")
+    with ledger.open("a") as f:
+        f.write(("\n" if cut else "") + json.dumps({"key": key, "result": asdict(r)}) + "\n")
+
+
+def _recorded(ledger: Path) -> dict[str, ConceptResult]:
+    """Finished runs recorded in `ledger` (a line cut short by a stop is skipped: that run is redone)."""
+    done: dict[str, ConceptResult] = {}
+    if not ledger.exists():
+        return done
+    for line in ledger.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            done[row["key"]] = ConceptResult(**row["result"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: skipping an unreadable line (that run is redone)", ledger)
+    return done
 
 
 def oracle_scatter(results: list[ConceptResult], out: Path) -> Path:
@@ -331,44 +416,69 @@ def _save_grid(root: Path, dest: Path) -> None:
         canvas.save(dest)
 
 
+_METRICS = ("reconstruction_oracle", "editability_oracle", "clip_reconstruction", "clip_editability")
+
+
 def _summary(results: list[ConceptResult]) -> dict:
+    """Per setting, over its drawable runs (every concept and seed): how many met the targets, and each score's
+    mean, sample standard deviation and minimum."""
     drawable = [r for r in results if get_concept(r.concept).drawable]
     default = [r for r in drawable if r.setting == "default"]
     by_setting: dict[str, dict] = {}
-    for r in drawable:
-        s = by_setting.setdefault(
-            r.setting,
-            {"reconstruction_oracle": [], "editability_oracle": [], "clip_reconstruction": [], "clip_editability": []},
-        )
-        for k in s:
-            s[k].append(getattr(r, k))
-    mean = {k: {m: sum(v) / len(v) for m, v in s.items()} for k, s in by_setting.items()}
+    for name in dict.fromkeys(r.setting for r in drawable):
+        runs = [r for r in drawable if r.setting == name]
+        row: dict = {"runs": len(runs), "targets_met": sum(r.targets_met for r in runs)}
+        for m in _METRICS:
+            v = [getattr(r, m) for r in runs]
+            row[m] = statistics.fmean(v)
+            row[m + "_sd"] = statistics.stdev(v) if len(v) > 1 else 0.0
+            row[m + "_min"] = min(v)
+        by_setting[name] = row
     neg = [r for r in results if not get_concept(r.concept).drawable]
     return {
-        "default": mean.get("default"),
-        "targets_met": bool(default)
-        and all(r.reconstruction_oracle >= 0.85 and r.editability_oracle >= 0.8 for r in default),
-        "by_setting": mean,
+        "default": by_setting.get("default"),
+        "targets_met": bool(default) and all(r.targets_met for r in default),
+        "seeds": sorted({r.seed for r in results}),
+        "by_setting": by_setting,
         "negative_control": [asdict(r) for r in neg],
         "seconds_per_concept": sum(r.total_seconds for r in default) / max(1, len(default)),
     }
 
 
 def _markdown(results: list[ConceptResult], summary: dict) -> str:
+    """Every run, then each setting's mean and spread over its concepts and seeds."""
     lines = [
-        "| concept | setting | step | oracle rec. | oracle edit. | words | CLIP rec. | CLIP edit. | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concept | seed | setting | step | oracle rec. | oracle edit. | words | CLIP rec. | CLIP edit. | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         words = "-" if r.words_oracle is None else f"{r.words_oracle:.2f}"
         lines.append(
-            f"| {r.concept} | {r.setting} | {r.chosen_step} | {r.reconstruction_oracle:.2f} | "
-            f"{r.editability_oracle:.2f} | {words} | {r.clip_reconstruction:.3f} | "
+            f"| {r.concept} | {r.seed} | {r.setting} | {r.chosen_step} | {r.reconstruction_oracle:.2f} | "
+            f"{r.editability_oracle:.2f}{' *' if r.targets_met else ''} | {words} | {r.clip_reconstruction:.3f} | "
             f"{r.clip_editability:.3f} | {r.total_seconds:.0f} |"
+        )
+    lines += [
+        "",
+        f"\\* both targets met (oracle reconstruction >= {TARGETS[0]}, editability >= {TARGETS[1]}).",
+        "",
+        "| setting | runs | targets met | oracle rec. mean ± sd (min) | oracle edit. mean ± sd (min) | "
+        "CLIP rec. | CLIP edit. |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["by_setting"].items():
+        rec, edit = (
+            f"{row[m]:.2f} ± {row[m + '_sd']:.2f} ({row[m + '_min']:.2f})"
+            for m in ("reconstruction_oracle", "editability_oracle")
+        )
+        lines.append(
+            f"| {name} | {row['runs']} | {row['targets_met']} / {row['runs']} | {rec} | {edit} | "
+            f"{row['clip_reconstruction']:.3f} | {row['clip_editability']:.3f} |"
         )
     lines.append("")
     lines.append(
-        f"Targets (reconstruction >= 0.85, editability >= 0.8 at the chosen step) met: {summary['targets_met']}"
+        f"Targets met by every drawable concept at the chosen step (default setting, seeds "
+        f"{', '.join(map(str, summary['seeds']))}): {summary['targets_met']}"
     )
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,7 @@ install: $(STAMP)
 
 ## The whole test suite, slow tests included (the method's proof among them).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 ## While iterating: skip the tests marked slow.
 test-fast: install

@@ -17,6 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+# `make test` runs the suite in one worker per core (pytest-xdist): much of it waits on other processes (kfp.local's
+# steps, servers) or imports on one thread. Each worker computes on one thread, and so do the processes it starts:
+# workers with torch's default thread count fight over the cores and run many times slower, not twice.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
@@ -245,3 +254,12 @@ def evaluated_concept(tmp_path_factory, cat_latents_dir, cat_dataset, tiny_clip_
         EvalConfig(n_images=2, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip_dir)),
     )
     return root / "train", root / "eval"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow tests first: with one worker per core (`make test`), each file runs on one worker,
+    and a long file started last would keep one worker busy alone at the end."""
+    slow: dict = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: a file's tests keep their order

@@ -55,6 +55,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `oneword` console script. Bad input exits with status 2 and a hint, no traceback."""
     setup_logging()
+    import rich
+
+    rich.reconfigure(soft_wrap=True)  # a printed path stays on one line (copyable) in a narrow terminal
     try:
         code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except OnewordError as e:

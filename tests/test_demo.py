@@ -1,0 +1,16 @@
+"""`oneword demo`: the README's first command, end to end on the toy world (its own file, so that under
+`make test`'s parallel workers it runs beside the toy world's slow proofs, not after them)."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_registers_the_concept_and_writes_what_it_prints(tmp_path, monkeypatch, capsys):
+    from oneword.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["demo", "--steps", "50", "--n-images", "2"])
+    out = capsys.readouterr().out
+    assert "registered purple-star/1@champion" in " ".join(out.split())
+    assert (tmp_path / "demo-out" / "purple-star.png").stat().st_size > 0
+    assert "train" in (tmp_path / "demo-out" / "pipeline.log").read_text()  # the steps' logs, as printed

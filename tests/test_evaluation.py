@@ -193,6 +193,9 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert json.loads((out / "metrics.json").read_text())["token"] == "<cat-e>"
     assert [p["step"] for p in m["selection"]["curve"]] == [2, 4, 6]
     assert m["step"] in (2, 4, 6)
+    # with a DINO evaluator every checkpoint also gets subject fidelity, in "a photo of S*" and kept in the edits
+    assert all(-1 <= p["fidelity"] <= 1 and -1 <= p["kept"] <= 1 for p in m["selection"]["curve"])
+    assert all(p["kept_se"] > 0 for p in m["selection"]["curve"])  # 6 edit pictures: a spread, measured
     assert -1 <= m["reconstruction"] <= 1 and -1 <= m["editability"] <= 1 and -1 <= m["dino"] <= 1
     assert m["reconstruction_se"] >= 0 and m["editability_se"] >= 0  # 2 images, 6 edit images: measured
     assert len(m["per_prompt"]) == 3 and m["per_prompt"][0]["text_target"] == "A photo of on the moon"

@@ -93,6 +93,7 @@ class _Session:
         self.dino = DinoScorer(cfg.dino_model, device) if cfg.dino_model else None
         self.train_images = train_images
         self.train_clip = self.clip.images(train_images)
+        self.train_dino = self.dino.images(train_images) if self.dino is not None else None
         self.templates = P.get_prompt_set(cfg.prompt_set)
         # DreamBench's protocol names the subject's class after the token; the initializer word is that class
         self.class_word = emb.meta.get("initializer", "") if P.follows_dreambench(cfg.prompt_set) else ""
@@ -137,7 +138,7 @@ class _Session:
                 }
             )
         editability = sum(p["editability"] for p in per_prompt) / len(per_prompt)
-        return {
+        out = {
             "reconstruction": float(rec_rows.mean()),
             "editability": editability,
             # over the images: how far another set of seeds may move the score (prompts are held fixed)
@@ -147,6 +148,16 @@ class _Session:
             "images": images,
             "prompts": prompts,
         }
+        if self.dino is not None:  # subject fidelity: in "a photo of S*", and kept through the edits
+            fid = pairwise_cosine_rows(self.dino.images(images[0]), self.train_dino)
+            kept = pairwise_cosine_rows(self.dino.images([im for row in images[1:] for im in row]), self.train_dino)
+            out |= {
+                "fidelity": float(fid.mean()),
+                "fidelity_se": standard_error(fid),
+                "kept": float(kept.mean()),
+                "kept_se": standard_error(kept),
+            }
+        return out
 
 
 @dataclass
@@ -254,7 +265,14 @@ def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, o
         # seeds of their own: the images that choose a checkpoint are never the ones that report its scores
         r = s.score(_checkpoint_vectors(path, s.token), budget, s.cfg.seed + SELECTION_SEED_OFFSET)
         curve.append(
-            CurvePoint(step, r["reconstruction"], r["editability"], r["reconstruction_se"], r["editability_se"])
+            CurvePoint(
+                step,
+                r["reconstruction"],
+                r["editability"],
+                r["reconstruction_se"],
+                r["editability_se"],
+                **{k: r[k] for k in ("fidelity", "fidelity_se", "kept", "kept_se") if k in r},
+            )
         )
         if on_checkpoint is not None:
             on_checkpoint(step, r["prompts"], r["images"])

@@ -27,12 +27,14 @@ DEFAULT_DINO = "facebook/dino-vits16"  # DreamBench's subject-fidelity model
 
 
 def resolve_evaluator(name: str) -> str:
-    """Turn an evaluator reference into a local folder or hub id (`toyworld-clip` is shipped with oneword)."""
-    if name == TOYWORLD_CLIP:
-        p = assets.clip_path()
+    """Turn an evaluator reference into a local folder or hub id (`toyworld-clip` and `toyworld-dino` are shipped
+    with oneword)."""
+    shipped = {TOYWORLD_CLIP: ("CLIP", assets.clip_path()), assets.DINO_NAME: ("DINO", assets.dino_path())}
+    if name in shipped:
+        kind, p = shipped[name]
         if not (p / "config.json").exists():
             raise OnewordError(
-                f"the toy-world CLIP evaluator is missing from the package ({p})",
+                f"the toy-world {kind} evaluator is missing from the package ({p})",
                 hint="reinstall oneword, or train it with `oneword toyworld train`",
             )
         return str(p)

@@ -32,6 +32,11 @@ class CurvePoint:
     editability: float
     reconstruction_se: float = 0.0  # standard errors over the budget's images (0: not measured)
     editability_se: float = 0.0
+    # with a DINO evaluator: subject fidelity in the reconstruction pictures, and kept through the edit pictures
+    fidelity: float | None = None
+    fidelity_se: float = 0.0
+    kept: float | None = None
+    kept_se: float = 0.0
 
 
 def within(a: CurvePoint, b: CurvePoint, key: str, tolerance: float) -> bool:

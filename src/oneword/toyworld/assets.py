@@ -1,10 +1,11 @@
-"""Where the shipped toy-world assets live (package data): the model, its CLIP evaluator and the oracle."""
+"""Where the shipped toy-world assets live (package data): the model, its CLIP and DINO evaluators, the oracle."""
 
 from importlib import resources
 from pathlib import Path
 
 NAME = "toyworld"  # `--base-model toyworld`: the toy model shipped with oneword
 CLIP_NAME = "toyworld-clip"  # `--clip-model toyworld-clip`: its CLIP evaluator
+DINO_NAME = "toyworld-dino"  # `--dino-model toyworld-dino`: its subject-fidelity evaluator
 
 
 def assets_dir() -> Path:
@@ -19,6 +20,11 @@ def model_path() -> Path:
 def clip_path() -> Path:
     """The toy-world CLIP evaluator (`--clip-model toyworld-clip`)."""
     return assets_dir() / "clip"
+
+
+def dino_path() -> Path:
+    """The toy-world subject-fidelity evaluator (`--dino-model toyworld-dino`, `oneword.toyworld.dino`)."""
+    return assets_dir() / "dino"
 
 
 def oracle_path() -> Path:

@@ -1,28 +1,30 @@
-"""Copy a finished toy-world training run into the package, where `toyworld` and `toyworld-clip` resolve."""
+"""Copy a finished toy-world training run into the package, where `toyworld`, `toyworld-clip` and `toyworld-dino`
+resolve."""
 
 import json
 import shutil
 from pathlib import Path
 
 from oneword.toyworld import world
-from oneword.toyworld.assets import assets_dir, clip_path, model_path, oracle_path
+from oneword.toyworld.assets import assets_dir, clip_path, dino_path, model_path, oracle_path
 
 
 def install_assets(work: Path, dest: Path | None = None) -> Path:
-    """Copy `work/model`, `work/clip` and `work/oracle.safetensors` into the package data folder.
+    """Copy `work/model`, `work/clip`, `work/dino` and `work/oracle.safetensors` into the package data folder.
 
     Returns:
         The destination folder.
     """
     dest = dest or assets_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    for src, dst in ((work / "model", dest / model_path().name), (work / "clip", dest / clip_path().name)):
+    folders = [(work / name, dest / name) for name in (model_path().name, clip_path().name, dino_path().name)]
+    for src, dst in folders:
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
     shutil.copyfile(work / "oracle.safetensors", dest / oracle_path().name)
     reports = {}
-    for name in ("config", "times", "vae_report", "oracle_report", "clip_report", "base_oracle"):
+    for name in ("config", "times", "vae_report", "oracle_report", "clip_report", "dino_report", "base_oracle"):
         f = work / f"{name}.json"
         if f.exists():
             reports[name] = json.loads(f.read_text())
@@ -91,6 +93,13 @@ def model_card(reports: dict, model_dir: Path) -> str:
         lines.append(
             f"- The toy CLIP evaluator picks a picture's own caption among 64 with top-1 accuracy "
             f"{reports['clip_report']['zero_shot_top1_of_64']:.3f}."
+        )
+    if "dino_report" in reports:
+        d = reports["dino_report"]
+        lines.append(
+            f"- The toy DINO (subject fidelity) finds a held-out object's nearest other picture among the same "
+            f"object's with top-1 accuracy {d['top1']:.3f} (shape margin {d['shape_margin']:.3f}, colour margin "
+            f"{d['colour_margin']:.3f})."
         )
     lines += [
         "",

@@ -27,6 +27,7 @@ from oneword.images import preprocess
 from oneword.inversion import ConceptSpec, TrainConfig
 from oneword.latents import cache_latents
 from oneword.profiles import PROFILES, TOYWORLD
+from oneword.toyworld.assets import CLIP_NAME, DINO_NAME
 from oneword.toyworld.concepts import CONCEPTS, ToyConcept, get_concept, write_concept
 from oneword.toyworld.oracle import Oracle
 from oneword.train import train_group
@@ -196,7 +197,8 @@ def run_concepts(
                 prompt_set=str(prompts_file),
                 n_images=n_images,
                 checkpoint_budget=checkpoint_budget if setting.select else 0,  # 0: score the final step
-                clip_model="toyworld-clip",
+                clip_model=CLIP_NAME,
+                dino_model=DINO_NAME,  # subject fidelity on every checkpoint's pictures, beside the toy CLIP
                 seed=seed + 1000,
                 baselines=False,
                 **TOY_SAMPLER,

@@ -9,7 +9,8 @@ Stages, each resumable (its output is kept in the work folder and reused on a re
    min-SNR-5 loss weighting (Hang et al. 2023) and an EMA of the weights.
 5. `oracle`: train the oracle's shape/pattern/size/position CNN on VAE round-tripped pictures.
 6. `clip`: train the toy-world CLIP evaluator contrastively on pictures and captions.
-7. `export`: write an ordinary diffusers folder in fp16.
+7. `dino`: train the toy-world subject-fidelity evaluator contrastively on views of one object.
+8. `export`: write an ordinary diffusers folder in fp16.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ToyTrainConfig(BaseModel):
     oracle_steps: int = 1500
     clip_steps: int = 1000
     clip_batch: int = 256
+    dino_steps: int = 1500
 
 
 def _to_tensor(images: list) -> torch.Tensor:
@@ -291,6 +293,18 @@ def stage_clip(work: Path, cfg: ToyTrainConfig, data: dict, vae) -> Path:
     return out
 
 
+def stage_dino(work: Path, cfg: ToyTrainConfig, vae) -> Path:
+    """Train the toy-world subject-fidelity evaluator (see `oneword.toyworld.dino`); returns its folder."""
+    from oneword.toyworld.dino import train_dino
+
+    out = work / "dino"
+    if not (out / "config.json").exists():
+        report = train_dino(out, steps=cfg.dino_steps, seed=cfg.seed, vae=vae)
+        (work / "dino_report.json").write_text(json.dumps(report, indent=2))
+        log.info("toy DINO: %s", report)
+    return out
+
+
 def train(work: Path, cfg: ToyTrainConfig = ToyTrainConfig(), out: Path | None = None) -> Path:
     """Run every stage in `work` and write the diffusers folder to `out` (default `work/model`).
 
@@ -320,6 +334,9 @@ def train(work: Path, cfg: ToyTrainConfig = ToyTrainConfig(), out: Path | None =
     t = time.time()
     stage_clip(work, cfg, data, vae)
     times["clip_s"] = time.time() - t
+    t = time.time()
+    stage_dino(work, cfg, vae)
+    times["dino_s"] = time.time() - t
     (work / "times.json").write_text(json.dumps(times, indent=2))
     out = out or work / "model"
     save_model(out, text_encoder, unet, vae)

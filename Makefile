@@ -27,7 +27,7 @@ test: install
 
 ## While iterating: skip the tests marked slow.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadfile -m "not slow"
 
 ## Train a concept from five pictures, register it, and print where its pictures are.
 demo: install

@@ -8,6 +8,7 @@ in fp16, so the whole model ships in under 30 MB.
 
 from __future__ import annotations
 
+import torch
 from transformers import CLIPTextConfig
 
 from oneword.tokenizer import VOCAB_SIZE
@@ -80,3 +81,11 @@ def make_vae():
         layers_per_block=1,
         norm_num_groups=16,
     )
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Pictures in [-1, 1] as the VAE returns them (encode, sample, decode), as a generated picture looks: the
+    evaluators and the oracle train on such pictures too."""
+    parts = [vae.decode(vae.encode(x[i : i + chunk]).latent_dist.sample()).sample for i in range(0, len(x), chunk)]
+    return torch.cat(parts).clamp(-1, 1)

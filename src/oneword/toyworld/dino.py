@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from oneword.toyworld import world
+from oneword.toyworld.architecture import vae_roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,7 @@ def train_dino(
     pool = render_views(ids, views_per_identity, seed)  # (I, V, 3, 32, 32)
     pools = [pool.float() / 127.5 - 1]
     if vae is not None:
-        with torch.no_grad():
-            flat = pools[0].flatten(0, 1)
-            through = torch.cat(
-                [
-                    vae.decode(vae.encode(flat[i : i + 256]).latent_dist.sample()).sample.clamp(-1, 1)
-                    for i in range(0, len(flat), 256)
-                ]
-            )
+        through = vae_roundtrip(vae, pools[0].flatten(0, 1))
         pools.append(through.view_as(pools[0]))
     labels = torch.tensor(
         [[world.SHAPES.index(s), list(world.COLOURS).index(c), world.PATTERNS.index(p)] for s, c, p in ids]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from oneword.toyworld import world
-from oneword.toyworld.architecture import MAX_TOKENS
+from oneword.toyworld.architecture import MAX_TOKENS, vae_roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,7 @@ def train_clip(
         idx = torch.randint(n, (batch,))
         x = images_u8[idx].float() / 127.5 - 1
         if vae is not None:
-            with torch.no_grad():
-                x[: batch // 2] = vae.decode(vae.encode(x[: batch // 2]).latent_dist.sample()).sample.clamp(-1, 1)
+            x[: batch // 2] = vae_roundtrip(vae, x[: batch // 2])
         caps = []
         for i in idx.tolist():
             c = ""

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from oneword.toyworld import world
+from oneword.toyworld.architecture import vae_roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,6 @@ class Oracle:
         return acc
 
 
-def _vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return vae.decode(vae.encode(x).latent_dist.sample()).sample.clamp(-1, 1)
-
-
 def train_oracle(vae, out: Path, steps: int = 2500, batch: int = 128, seed: int = 0) -> dict[str, float]:
     """Train the oracle's CNN on freshly rendered scenes (half passed through `vae`), every shape incl. `heart`.
 
@@ -158,7 +154,7 @@ def train_oracle(vae, out: Path, steps: int = 2500, batch: int = 128, seed: int 
     for step in range(steps):
         x, y = draw(batch, rng)
         half = batch // 2
-        x[:half] = _vae_roundtrip(vae, x[:half])
+        x[:half] = vae_roundtrip(vae, x[:half])
         x = x + 0.03 * torch.randn_like(x)
         logits = net(x)
         loss = sum(nn.functional.cross_entropy(logits[k], y[k]) for k in HEADS)
@@ -170,7 +166,7 @@ def train_oracle(vae, out: Path, steps: int = 2500, batch: int = 128, seed: int 
             log.info("oracle step %d: loss %.4f", step, loss.item())
     net.eval()
     x, y = draw(2048, random.Random(seed + 99))
-    x = _vae_roundtrip(vae, x)
+    x = vae_roundtrip(vae, x)
     with torch.no_grad():
         logits = net(x)
     acc = {k: float((logits[k].argmax(-1) == y[k]).float().mean()) for k in HEADS}

@@ -150,7 +150,7 @@ def test_oracle_scatter_plots_drawable_concepts_by_setting(tmp_path):
         ("orange-ring", "dti", 0.9, 0.7),
     ]
     full = plot(rows, "full.png")
-    assert full.size == (704, 528)
+    assert full.size == (880, 528)
     # each drawable point is drawn: taking one away (its concept and setting stay in the legend) changes the picture
     assert ImageChops.difference(full, plot(rows[:3], "fewer.png")).getbbox() is not None
     # the negative control (not drawable) is left out: adding it changes nothing

@@ -375,7 +375,7 @@ def oracle_scatter(results: list[ConceptResult], out: Path) -> Path:
     concepts = list(dict.fromkeys(r.concept for r in drawable))
     settings = list(dict.fromkeys(r.setting for r in drawable))
     markers = "osD^vP*Xh<>"
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.0, 4.8), dpi=110)
     for r in drawable:
         ax.scatter(
             r.editability_oracle,
@@ -391,7 +391,8 @@ def oracle_scatter(results: list[ConceptResult], out: Path) -> Path:
         plt.Line2D([], [], color="black", marker=markers[i % len(markers)], ls="", label=s)
         for i, s in enumerate(settings)
     ]
-    ax.legend(handles=handles, fontsize=7, loc="lower left", ncol=2)
+    # beside the plane, not on it: a failed run sits in the lower left, where a legend inside would hide it
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.set_xlabel("editability (oracle): the edit done, concept kept")
     ax.set_ylabel("reconstruction (oracle): shape and colour right")
     ax.set_title("toy world: regularisers on the distortion-editability plane", fontsize=10)

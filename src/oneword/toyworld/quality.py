@@ -13,6 +13,7 @@ steps) show the paper's trade-off on one distortion-editability chart.
 
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -341,9 +342,12 @@ def _run_key(concept: str, setting: Setting, seed: int, n_images: int) -> str:
 
 def _record(ledger: Path, key: str, r: ConceptResult) -> None:
     """Append one finished run, on a line of its own even after a line that a stop cut short."""
-    cut = ledger.exists() and ledger.stat().st_size > 0 and not ledger.read_bytes().endswith(b"\n")
-    with ledger.open("a") as f:
-        f.write(("\n" if cut else "") + json.dumps({"key": key, "result": asdict(r)}) + "\n")
+    with ledger.open("a+b") as f:  # opened at the end; appends go there whatever is read before
+        cut = False
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        f.write((b"\n" if cut else b"") + json.dumps({"key": key, "result": asdict(r)}).encode() + b"\n")
 
 
 def _recorded(ledger: Path) -> dict[str, ConceptResult]:

@@ -23,11 +23,11 @@ install: $(STAMP)
 
 ## The whole test suite, slow tests included (the method's proof among them).
 test: install
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 ## While iterating: skip the tests marked slow.
 test-fast: install
-	$(BIN)/python -m pytest -n auto --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not slow"
 
 ## Train a concept from five pictures, register it, and print where its pictures are.
 demo: install

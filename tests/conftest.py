@@ -258,7 +258,8 @@ def evaluated_concept(tmp_path_factory, cat_latents_dir, cat_dataset, tiny_clip_
 
 def pytest_collection_modifyitems(config, items):
     """Files with the most slow tests first: with one worker per core (`make test`), each file runs on one worker,
-    and a long file started last would keep one worker busy alone at the end."""
+    and a long file started last would keep one worker busy alone at the end. (`make test` passes
+    `--no-loadscope-reorder`, or xdist would order the files by their number of tests instead.)"""
     slow: dict = {}
     for item in items:
         slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)

@@ -19,7 +19,7 @@ def test_training_writes_an_evaluator_that_loads_as_dino(tmp_path):
 
 def test_the_toy_dino_sees_shape_where_the_toy_clip_sees_colour():
     """On held-out objects (never drawn for either evaluator), each at many sizes, places and backgrounds: the
-    shipped toy DINO puts a purple star nearer other purple stars than purple triangles, crosses or rings by a
+    shipped toy DINO puts a purple star nearer other purple stars than purple circles, squares or triangles by a
     clear margin and finds a picture's nearest neighbour among its own object's, where the toy CLIP barely tells
     the shapes apart (it weighs colour)."""
     from transformers import CLIPModel

@@ -158,15 +158,18 @@ def test_oracle_scatter_plots_drawable_concepts_by_setting(tmp_path):
     assert ImageChops.difference(full, with_control).getbbox() is None
 
 
-def test_quality_over_seeds_reuses_recorded_runs_and_reports_the_spread(tmp_path):
+def test_quality_over_seeds_reuses_recorded_runs_and_reports_the_spread(tmp_path, monkeypatch):
     """A multi-seed benchmark records each finished run at once; the next call reuses the runs recorded with the
-    same concept, setting, seed and pictures (a line cut short by a stop is redone), and the report gives each
-    setting's targets met, mean and spread over concepts and seeds."""
+    same concept, setting, seed, pictures and assets (a line cut short by a stop is redone), and the report gives
+    each setting's targets met, mean and spread over concepts and seeds."""
     import json
     from dataclasses import asdict
 
+    from oneword.toyworld import quality
     from oneword.toyworld.quality import (
+        SELECTION_BUDGET,
         ConceptResult,
+        _assets_fingerprint,
         _record,
         _recorded,
         _run_key,
@@ -184,26 +187,31 @@ def test_quality_over_seeds_reuses_recorded_runs_and_reports_the_spread(tmp_path
         ("red-heart", default, 0): (0.0, 0.0),
         ("red-heart", default, 1): (0.0, 0.0),
     }
+    assets = _assets_fingerprint()
+
+    def key(c, s, seed):
+        return _run_key(c, named[s], seed, 4, SELECTION_BUDGET, assets)
+
+    def line(c, s, seed, rec, edit):
+        result = ConceptResult(c, s, 400, rec, edit, {}, 0.6, 0.5, seed=seed)
+        return json.dumps({"key": key(c, s, seed), "result": asdict(result)})
+
     ledger = tmp_path / "runs.jsonl"
-    lines = [
-        json.dumps(
-            {
-                "key": _run_key(c, named[s], seed, 4),
-                "result": asdict(ConceptResult(c, s, 400, rec, edit, {}, 0.6, 0.5, seed=seed)),
-            }
-        )
-        for (c, s, seed), (rec, edit) in scores.items()
-    ]
-    ledger.write_text("\n".join(lines) + '\n{"key": "cut sh')  # the last run was stopped mid-write
+    lines = [line(c, s, seed, *v) for (c, s, seed), v in scores.items()]
+    ledger.write_text("\n".join(lines) + "\n" + line("purple-star", decay, 2, 1.0, 1.0)[:-40])  # stopped mid-write
+    assert key("purple-star", decay, 2) not in _recorded(ledger)  # the cut run is not taken as done
+    trained = []
+    monkeypatch.setattr(quality, "run_concept", lambda *a, **k: trained.append(a) or pytest.fail("trained a run"))
     report = measure_quality(
         tmp_path,
-        ["purple-star", "red-heart"],
+        ["purple-star", "red-heart", "purple-star"],  # given twice: run once
         n_images=4,
-        seeds=(0, 1),
+        seeds=(0, 1, 0),
         settings=["default", "l2-decay"],
     )
-    got = {(r["concept"], r["setting"], r["seed"]) for r in report["results"]}
-    assert got == set(scores)  # all reused: nothing trained (it would take minutes)
+    assert not trained
+    got = [(r["concept"], r["setting"], r["seed"]) for r in report["results"]]
+    assert sorted(got) == sorted(scores)  # each once, all reused
     by = report["summary"]["by_setting"]
     assert by["default"]["runs"] == 2 and by["default"]["targets_met"] == 1
     assert by["l2-decay"]["targets_met"] == 2
@@ -217,9 +225,11 @@ def test_quality_over_seeds_reuses_recorded_runs_and_reports_the_spread(tmp_path
     assert "| red-heart | 1 | default |" in md  # the negative control is still reported
     # a run finished after the cut line is recorded on a line of its own, and read back
     again = ConceptResult("purple-star", "l2-decay", 400, 1.0, 1.0, {}, 0.6, 0.5, seed=2)
-    _record(ledger, _run_key("purple-star", named[decay], 2, 4), again)
-    assert _recorded(ledger)[_run_key("purple-star", named[decay], 2, 4)] == again
+    _record(ledger, key("purple-star", decay, 2), again)
+    assert _recorded(ledger)[key("purple-star", decay, 2)] == again
     assert len(_recorded(ledger)) == len(scores) + 1
+    # without the default setting there is no verdict on it, rather than a false one
+    assert quality._summary([again])["targets_met"] is None
 
 
 def test_an_unknown_quality_setting_is_named_before_any_training():

@@ -6,6 +6,8 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import EvalConfig
 from oneword.profiles import TOYWORLD
 
 toy = typer.Typer(help="The toy world: a small text-to-image model oneword trains and ships.", no_args_is_help=True)
@@ -66,6 +68,9 @@ def quality_cmd(
     n_images: Annotated[int, typer.Option(help="pictures per prompt for the oracle and CLIP")] = 32,
     seed: Annotated[list[int] | None, typer.Option(help="seed (repeatable: every run once per seed)")] = None,
     fresh: Annotated[bool, typer.Option(help="redo runs already recorded in OUT/runs.jsonl")] = False,
+    checkpoint_budget: Annotated[int, option(EvalConfig, "checkpoint_budget")] = default(
+        EvalConfig, "checkpoint_budget"
+    ),
 ) -> None:
     """Learn each held-out concept, then measure it with the oracle and the toy CLIP.
 
@@ -77,7 +82,14 @@ def quality_cmd(
     from oneword.toyworld.quality import measure_quality
 
     report = measure_quality(
-        out, concept, sweep=sweep, n_images=n_images, seeds=tuple(seed or [0]), settings=setting, fresh=fresh
+        out,
+        concept,
+        sweep=sweep,
+        n_images=n_images,
+        seeds=tuple(seed or [0]),
+        settings=setting,
+        fresh=fresh,
+        checkpoint_budget=checkpoint_budget,
     )
     table = Table("setting", "runs", "targets met", "oracle rec. ± sd", "oracle edit. ± sd", title="toy-world quality")
     for name, row in report["summary"]["by_setting"].items():

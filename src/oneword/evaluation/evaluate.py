@@ -315,8 +315,8 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
             "curve": [p.__dict__ for p in choice.curve],
         },
     }
-    if s.dino is not None:
-        metrics["dino"] = mean_pairwise_cosine(s.dino.images(full["images"][0]), s.dino.images(trained.images))
+    if s.dino is not None:  # "a photo of S*" against the training images, as `score` measured it
+        metrics["dino"], metrics["dino_se"] = full["fidelity"], full["fidelity_se"]
         metrics["dino_evaluator"] = s.dino.identity
     if s.class_word:
         metrics["class_word"] = s.class_word
@@ -338,7 +338,7 @@ def _dreambench_scores(s: _Session, trained: _Trained, full: dict) -> dict:
         "CLIP ViT-B/32); with other evaluators, only to runs scored the same way",
     }
     if s.dino is not None:
-        scores["dino"] = mean_pairwise_cosine(s.dino.images(generated), s.dino.images(trained.images))
+        scores["dino"] = mean_pairwise_cosine(s.dino.images(generated), s.train_dino)
     return scores
 
 

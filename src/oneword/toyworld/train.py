@@ -9,7 +9,7 @@ Stages, each resumable (its output is kept in the work folder and reused on a re
    min-SNR-5 loss weighting (Hang et al. 2023) and an EMA of the weights.
 5. `oracle`: train the oracle's shape/pattern/size/position CNN on VAE round-tripped pictures.
 6. `clip`: train the toy-world CLIP evaluator contrastively on pictures and captions.
-7. `dino`: train the toy-world subject-fidelity evaluator contrastively on views of one object.
+7. `dino`: train the toy-world subject-fidelity evaluator to tell objects apart across contexts.
 8. `export`: write an ordinary diffusers folder in fp16.
 """
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oneword.evaluation.metrics import mean_pairwise_cosine
 from oneword.toyworld import world
 from oneword.toyworld.architecture import vae_roundtrip
 
@@ -112,7 +113,8 @@ def train_dino(
     labels = torch.tensor(
         [[world.SHAPES.index(s), list(world.COLOURS).index(c), world.PATTERNS.index(p)] for s, c, p in ids]
     )
-    model, head = make_dino(), _head()
+    model = make_dino()
+    head = _head(model.config.hidden_size)
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 10)
@@ -144,9 +146,9 @@ def train_dino(
     return report
 
 
-def _head() -> torch.nn.Module:
+def _head(width: int) -> torch.nn.Module:
     """Shape, colour and pattern logits from the CLS embedding; the evaluator keeps the embedding, not the head."""
-    return torch.nn.Linear(96, len(world.SHAPES) + len(world.COLOURS) + len(world.PATTERNS))
+    return torch.nn.Linear(width, len(world.SHAPES) + len(world.COLOURS) + len(world.PATTERNS))
 
 
 @torch.no_grad()
@@ -168,10 +170,11 @@ def held_out_margins(features, n: int = 16, seed: int = 1) -> dict[str, float]:
         px = render_views(ids, n, seed, training=False).float().flatten(0, 1) / 127.5 - 1
         f = F.normalize(features(px).float(), dim=-1)
         f = f.view(len(ids), n, -1)
-        own = f[0] @ f[0].T
-        same = (own.sum() - own.diagonal().sum()) / (n * (n - 1))
-        shape_m.append(float(same - torch.stack([(f[0] @ f[i].T).mean() for i in range(1, 4)]).mean()))
-        colour_m.append(float(same - torch.stack([(f[0] @ f[i].T).mean() for i in range(4, len(ids))]).mean()))
+        same = mean_pairwise_cosine(f[0], f[0], exclude_diagonal=True)
+        near_shape = range(1, 1 + len(others_shape))
+        near_colour = range(1 + len(others_shape), len(ids))
+        shape_m.append(same - sum(mean_pairwise_cosine(f[0], f[i]) for i in near_shape) / len(near_shape))
+        colour_m.append(same - sum(mean_pairwise_cosine(f[0], f[i]) for i in near_colour) / len(near_colour))
         sim = f.flatten(0, 1) @ f[0].T  # every picture against the held-out object's
         sim[:n].fill_diagonal_(float("-inf"))
         hits += int((sim.argmax(0) < n).sum())

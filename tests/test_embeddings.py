@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import pytest
@@ -57,8 +58,10 @@ def test_reads_sdxl_kohya_and_plain_tensors(tmp_path):
 
 
 class _Evil:
+    # Unpickling would call a global. Not `print`: kfp.local swaps builtins.print while a run logs, and a test
+    # process that ran a pipeline before this test may still hold the swapped one, which pickle cannot name.
     def __reduce__(self):
-        return (print, ("pwned",))
+        return (os.getenv, ("PWNED",))
 
 
 def test_pt_files_are_never_unpickled(tmp_path):

@@ -95,6 +95,22 @@ def test_bench_cli_runs_the_reference_beside_oneword(stand_in, tmp_path, capsys)
     assert (model / "model_index.json").is_file()
 
 
+def test_every_loop_trains_on_the_latents_of_the_resolution_asked_for(stand_in, tmp_path, capsys):
+    """At 64 px the tiny model's VAE (which halves twice) makes 16 x 16 latents: oneword's loop, which loads no VAE,
+    must train on those too, not on the 8 x 8 an SD VAE would make, or it is timed on a quarter of the work."""
+    from oneword.cli import main
+
+    out_json = tmp_path / "b.json"
+    main(["bench", "--steps", "20", "--resolution", "64", "--reference-script", str(stand_in), "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())
+    assert [r["name"] for r in rows] == ["oneword", "diffusers-example-style", bench.REFERENCE_RECIPES[0].name]
+    assert [r["latent_side"] for r in rows] == [16, 16, 16]
+    model_dir = Path(calls(stand_in)[0]["pretrained_model_name_or_path"])
+    no_vae = bench.load_bench_model(None, parts=("unet",))
+    assert no_vae.vae is None and bench.vae_factor(no_vae) == bench.vae_factor(model_dir) == 4
+    assert "16 x 16 latents" in capsys.readouterr().out
+
+
 def test_a_failed_loop_leaves_the_others(stand_in, tmp_path, monkeypatch, capsys):
     from oneword.cli import main
 

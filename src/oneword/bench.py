@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ class BenchResult:
     images_per_second: float
     peak_memory_mb: float | None
     warmup_seconds: float | None = None  # untimed first steps: compilation and CUDA-graph capture land here
+    latent_side: int | None = None  # the latents' side the loop trained on: loops compare only at equal sides
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +64,22 @@ def _latent_shape(model: LoadedModel, resolution: int | None) -> tuple[int, int]
     cfg = model.unet.config
     if resolution is None:
         return cfg.in_channels, cfg.sample_size
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
-    return cfg.in_channels, resolution // factor
+    return cfg.in_channels, resolution // vae_factor(model)
+
+
+def vae_factor(model: LoadedModel | str | Path) -> int:
+    """How many pixels a side one latent covers, for a loaded model or a model folder: from the VAE, or from its
+    config when the VAE was not loaded.
+
+    The loops that train from cached latents load no VAE, yet must train on the latents the VAE makes of
+    `resolution` px, as the loops that encode images do (the tiny model's VAE halves twice, not three times).
+    """
+    if isinstance(model, LoadedModel) and model.vae is not None:
+        return 2 ** (len(model.vae.config.block_out_channels) - 1)
+    folder = (model.path if isinstance(model, LoadedModel) else Path(model)) or Path("/nonexistent")
+    if not (folder / "vae" / "config.json").is_file():  # a single-file checkpoint or a hub id: SD's VAEs are 8x
+        return 8
+    return 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
 
 
 def synthetic_latents(channels: int, side: int, n_images: int = 5, seed: int = 0) -> LatentSet:
@@ -129,7 +145,9 @@ def bench_oneword(
     if trainer.world.size > 1:
         name += f", over {trainer.world.size} processes"
     images = steps * batch_size * concepts
-    return BenchResult(name, str(dev), batch_size * concepts, 1, steps, dt, steps / dt, images / dt, peak, warm)
+    return BenchResult(
+        name, str(dev), batch_size * concepts, 1, steps, dt, steps / dt, images / dt, peak, warm, latent_side=side
+    )
 
 
 def bench_concepts(
@@ -171,6 +189,7 @@ def bench_concepts(
                     steps * k / seconds,
                     steps * k * batch_size / seconds,
                     max((r.peak_memory_mb or 0) for r in one) or None,
+                    latent_side=one[0].latent_side,
                 )
             )
     return out
@@ -249,9 +268,12 @@ def bench_diffusers_style(
     ).input_ids.to(dev)
     auto = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(dev.type, enabled=False)
 
+    latent_side = [0]
+
     def micro_step() -> None:
         with auto:
             lat = vae.encode(pixels.to(wdtype)).latent_dist.sample().detach() * vae.config.scaling_factor
+            latent_side[0] = lat.shape[-1]
             noise = torch.randn_like(lat)
             t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), device=dev)
             noisy = sched.add_noise(lat, noise, t)
@@ -289,6 +311,7 @@ def bench_diffusers_style(
         steps / dt,
         steps * batch_size * grad_accum / dt,
         peak,
+        latent_side=latent_side[0],
     )
 
 
@@ -422,6 +445,7 @@ def bench_reference_script(
         timed * per_step / seconds,
         None,
         warmup_seconds=walls[0],
+        latent_side=resolution // vae_factor(model),
     )
 
 

@@ -188,13 +188,16 @@ def bench_cmd(
                         reference_script, path, recipe, side, (short, short + max(5, steps // 2)), device=device
                     )
                 )
-    table = Table(title="oneword bench")
-    for col in ("loop", "device", "batch x accum", "steps/s", "images/s", "peak MB", "warm-up s"):
-        table.add_column(col, overflow="fold")
+    # every loop runs on one device: it goes in the title, and the loops' names get the width (80 columns)
+    sides = sorted({r.latent_side for r in results if r.latent_side})
+    latents = f", {sides[0]} x {sides[0]} latents" if len(sides) == 1 else ""
+    table = Table(title=f"oneword bench on {', '.join(dict.fromkeys(r.device for r in results)) or device}{latents}")
+    table.add_column("loop", overflow="fold", ratio=1)
+    for col in ("batch\nx accum", "steps/s", "images/s", "peak\nMB", "warm-up\ns"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         table.add_row(
             r.name,
-            r.device,
             f"{r.batch_size} x {r.grad_accum}",
             _rate(r.steps_per_second),
             _rate(r.images_per_second),
@@ -210,8 +213,10 @@ def bench_cmd(
             f"{many.images_per_second / (n * one.images_per_second):.0%} of linear scaling"
         )
     ours = [r for r in results if r.name.startswith("oneword") and r not in spread]
+    if len(sides) > 1:
+        Console().print(f"the loops trained on latents of different sides ({sides}): their figures do not compare")
     for ref in (r for r in results if r.name.startswith("diffusers")):
-        if ours:
+        if ours and ref.latent_side == ours[0].latent_side:
             best = max(ours, key=lambda r: r.steps_per_second)
             if best.batch_size * best.grad_accum == ref.batch_size * ref.grad_accum:
                 ratio = (

@@ -7,7 +7,8 @@
 #   bench/gpu.sh                      all parts, in order of importance, each within what is left of $BUDGET
 #   bench/gpu.sh b4 k4                only those parts
 #
-# Parts: b4 (one concept at batch 4: eager and compile max), ref (eager beside diffusers' script run unchanged,
+# Parts: b4 (one concept at batch 4: eager and compile max, then 5 steps of each under torch.profiler into
+# $OUT/profile: where a step's time goes, and what share of it the GPU ran kernels), ref (eager beside diffusers' script run unchanged,
 # its README recipe and bf16 at batch 4; needs $REFERENCE_SCRIPT), k4 (four concepts together at batch 4: eager, compile max), b16 (one concept at batch 16, eager),
 # default (compile default at batch 4), sdxl (SDXL's shape at 1024 px, eager).
 #
@@ -53,7 +54,7 @@ getattr(r, 'build_' + sys.argv[1] + '_shape_model')(Path(sys.argv[2]))" "$1" "$d
 for part in $parts; do
   case $part in
     b4) run sd15-b4 240 --base-model "$(model sd15)" --resolution "$RESOLUTION" --batch-size 4 --steps 100 \
-          --compile --compile-modes max --no-baseline ;;
+          --compile --compile-modes max --no-baseline --profile "$OUT/profile" ;;
     ref) if [[ -n $REFERENCE_SCRIPT ]]; then
           run sd15-ref 200 --base-model "$(model sd15)" --resolution "$RESOLUTION" --batch-size 4 --steps 100 \
             --no-baseline --reference-script "$REFERENCE_SCRIPT"

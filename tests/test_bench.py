@@ -111,6 +111,23 @@ def test_every_loop_trains_on_the_latents_of_the_resolution_asked_for(stand_in, 
     assert "16 x 16 latents" in capsys.readouterr().out
 
 
+def test_bench_profile_records_the_steps_and_says_where_their_time_went(tmp_path, capsys):
+    import gzip
+
+    from oneword.cli import main
+
+    out_json = tmp_path / "b.json"
+    main(["bench", "--steps", "3", "--no-baseline", "--profile", str(tmp_path / "prof"), "--json", str(out_json)])
+    ops = (tmp_path / "prof" / "oneword.ops.txt").read_text()
+    # the UNet's convolutions and attention are in the table; the trace opens as Chrome's trace format
+    assert "convolution" in ops and "scaled_dot_product" in ops and "ms a step under the profiler" in ops
+    trace = json.loads(gzip.decompress((tmp_path / "prof" / "oneword.trace.json.gz").read_bytes()))
+    assert any(e.get("name") == "aten::convolution_backward" for e in trace["traceEvents"])
+    (row,) = json.loads(out_json.read_text())
+    assert row["profile"].startswith("oneword: ") and str(tmp_path / "prof") in row["profile"]
+    assert "profile of oneword" in capsys.readouterr().out
+
+
 def test_a_failed_loop_leaves_the_others(stand_in, tmp_path, monkeypatch, capsys):
     from oneword.cli import main
 

@@ -14,6 +14,7 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ class BenchResult:
     peak_memory_mb: float | None
     warmup_seconds: float | None = None  # untimed first steps: compilation and CUDA-graph capture land here
     latent_side: int | None = None  # the latents' side the loop trained on: loops compare only at equal sides
+    profile: str | None = None  # with a profile: one line on where a step's time went, and the files that say more
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,12 +102,15 @@ def bench_oneword(
     precision: str = "auto",
     compile: str = "off",
     concepts: int = 1,
+    profile_dir: Path | None = None,
+    profile_steps: int = 5,
 ) -> BenchResult:
     """Time oneword's training loop on `model` (the model is modified: tokens are added).
 
     With `concepts` > 1, that many concepts train together in one batch of `concepts` x `batch_size` (a batch
     job's shard); images/s counts every concept's images. `compile` is `TrainConfig.compile` (off, default,
-    max); its compilation happens in the `warmup` steps, which are timed apart.
+    max); its compilation happens in the `warmup` steps, which are timed apart. With `profile_dir`,
+    `profile_steps` more steps after the timed ones are recorded by `torch.profiler` (see `profile_steps`).
     """
     dev = resolve_device(device)
     c, side = _latent_shape(model, resolution)
@@ -145,9 +150,56 @@ def bench_oneword(
     if trainer.world.size > 1:
         name += f", over {trainer.world.size} processes"
     images = steps * batch_size * concepts
+    summary = None
+    if profile_dir is not None:
+        first = warmup + steps
+        summary = record_profile(trainer.train_step, range(first, first + profile_steps), dev, profile_dir, name)
     return BenchResult(
-        name, str(dev), batch_size * concepts, 1, steps, dt, steps / dt, images / dt, peak, warm, latent_side=side
+        name,
+        str(dev),
+        batch_size * concepts,
+        1,
+        steps,
+        dt,
+        steps / dt,
+        images / dt,
+        peak,
+        warm,
+        latent_side=side,
+        profile=summary,
     )
+
+
+def record_profile(step: Callable[[int], object], steps: range, device: torch.device, out_dir: Path, name: str) -> str:
+    """Record `steps` of a loop with `torch.profiler`; returns one line on where the time went.
+
+    Writes `<name>.trace.json.gz` (a Chrome trace: chrome://tracing or ui.perfetto.dev) and `<name>.ops.txt` (the
+    ops by self time, on the GPU where there is one). On a GPU the line says what share of the wall time its
+    kernels ran: far below 100% means the host, not the GPU, sets the pace (launches, Python, synchronisation).
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for s in steps:
+            step(s)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    trace, ops = out_dir / f"{slug}.trace.json.gz", out_dir / f"{slug}.ops.txt"
+    prof.export_chrome_trace(str(trace))
+    averages = prof.key_averages()
+    line = f"{name}: {wall / len(steps) * 1e3:.1f} ms a step under the profiler"
+    if cuda:
+        kernels = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
+        line += f"; the GPU ran kernels {kernels / wall:.0%} of it"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops.write_text(f"{line}\n\n{averages.table(sort_by=sort, row_limit=30, max_name_column_width=60)}\n")
+    return f"{line} ({ops}, {trace})"
 
 
 def bench_concepts(

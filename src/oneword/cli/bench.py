@@ -66,6 +66,14 @@ def bench_cmd(
         ),
     ] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this file")] = None,
+    profile_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--profile",
+            help="also record 5 steps of each of oneword's loops with torch.profiler into this folder (a Chrome "
+            "trace and the ops by time) and print where a step's time went",
+        ),
+    ] = None,
     concepts: Annotated[
         str,
         typer.Option(help="comma-separated Ks: K concepts trained together beside one after another, e.g. 1,2,4,8"),
@@ -157,6 +165,7 @@ def bench_cmd(
                     device=device,
                     precision=precision,
                     compile=mode,
+                    profile_dir=profile_dir,
                 )
             )
         if baseline:
@@ -213,6 +222,9 @@ def bench_cmd(
             f"{many.images_per_second / (n * one.images_per_second):.0%} of linear scaling"
         )
     ours = [r for r in results if r.name.startswith("oneword") and r not in spread]
+    for r in results:
+        if r.profile:
+            Console().print(f"profile of {r.profile}")
     if len(sides) > 1:
         Console().print(f"the loops trained on latents of different sides ({sides}): their figures do not compare")
     for ref in (r for r in results if r.name.startswith("diffusers")):

@@ -141,6 +141,24 @@ def test_a_failed_loop_leaves_the_others(stand_in, tmp_path, monkeypatch, capsys
     assert [r["name"] for r in json.loads(out_json.read_text())] == ["oneword"]
 
 
+def test_a_k_that_fails_keeps_the_figures_of_the_others(tmp_path, monkeypatch, capsys):
+    from oneword.cli import main
+
+    real = bench.bench_oneword
+
+    def out_of_memory_at_two(model, *args, concepts: int = 1, **kwargs):
+        if concepts == 2:
+            raise RuntimeError("CUDA out of memory (two concepts)")
+        return real(model, *args, concepts=concepts, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_oneword", out_of_memory_at_two)
+    out_json = tmp_path / "b.json"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--concepts", "1,2", "--steps", "2", "--no-sequential", "--json", str(out_json)])
+    assert e.value.code == 1 and "two concepts" in capsys.readouterr().err
+    assert [r["name"] for r in json.loads(out_json.read_text())] == ["oneword"]
+
+
 @pytest.mark.slow
 def test_bench_gpus_times_one_process_beside_several(tmp_path, capsys):
     """`--gpus 2` on a CPU: 1 concept in one process beside 2 concepts over 2 (gloo) processes, and the scaling."""

@@ -139,20 +139,20 @@ def bench_cmd(
             )
         )
     elif concepts:
-        counts = [int(k) for k in concepts.split(",") if k.strip()]
-        timed(
-            lambda: bench.bench_concepts(
-                lambda: bench.load_bench_model(base_model, shape, parts=("unet",)),
-                counts,
-                batch_size,
-                steps,
-                sequential=sequential,
-                resolution=resolution,
-                device=device,
-                precision=precision,
-                compile="max" if compile else "off",  # a shard's K concepts at the fastest setting
+        for k in (int(k) for k in concepts.split(",") if k.strip()):
+            timed(  # one K at a time: the largest K running out of memory keeps the figures of the others
+                lambda k=k: bench.bench_concepts(
+                    lambda: bench.load_bench_model(base_model, shape, parts=("unet",)),
+                    [k],
+                    batch_size,
+                    steps,
+                    sequential=sequential,
+                    resolution=resolution,
+                    device=device,
+                    precision=precision,
+                    compile="max" if compile else "off",  # a shard's K concepts at the fastest setting
+                )
             )
-        )
     else:
         modes = ["off"] + ([m.strip() for m in compile_modes.split(",") if m.strip()] if compile else [])
         for mode in modes:

@@ -121,6 +121,10 @@ def test_selection_counts_scores_within_their_noise_as_equal():
     assert select_checkpoint(exact, tolerance=0.01, rule="latest-editable").step == 200  # 400's editability fell
     with pytest.raises(ValueError, match="unknown selection rule"):
         select_checkpoint(curve, rule="best")  # type: ignore[arg-type]
+    # one image a prompt leaves a score's spread unmeasured (nan): it counts as none, the other's still counts
+    nan = [CurvePoint(50, 0.60, 0.50, math.nan, math.nan), CurvePoint(100, 0.64, 0.50, 0.02, 0.02)]
+    assert select_checkpoint(nan, tolerance=0.01, rule="latest-editable").step == 100
+    assert select_checkpoint(nan, tolerance=0.01, rule="balanced").step == 50  # 0.60 is within 2 x 0.02 of 0.64
 
 
 def test_quality_gate():

@@ -41,7 +41,8 @@ class CurvePoint:
 
 def within(a: CurvePoint, b: CurvePoint, key: str, tolerance: float) -> bool:
     """Whether `b`'s score `key` is as good as `a`'s: lower by at most `tolerance` or `Z` standard errors."""
-    se = math.hypot(getattr(a, key + "_se"), getattr(b, key + "_se"))
+    # one image a prompt has no spread to measure (its standard error is nan): the tolerance alone decides
+    se = math.hypot(*(0.0 if math.isnan(x) else x for x in (getattr(a, key + "_se"), getattr(b, key + "_se"))))
     return getattr(b, key) >= getattr(a, key) - max(tolerance, Z * se)
 
 

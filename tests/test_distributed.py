@@ -171,3 +171,17 @@ def test_what_cannot_cross_processes_keeps_one_or_is_refused():
     with pytest.raises(OnewordError, match="a loaded model was given") as e:
         processes(2, "cpu", "a loaded model")
     assert "gpus=1" in e.value.hint
+
+
+def test_only_the_writing_process_loads_the_vae_for_live_pictures(monkeypatch):
+    """Live sample pictures are drawn by the process that writes; the others need no VAE in memory."""
+    from oneword.live import LiveTracking
+    from oneword.train import _samples
+
+    tracking, config = LiveTracking(tracking_uri="file:///nowhere"), TrainConfig(sample_every=50)
+    monkeypatch.setenv("RANK", "0")
+    assert _samples(tracking, config)
+    monkeypatch.setenv("RANK", "1")
+    assert not _samples(tracking, config)
+    monkeypatch.delenv("RANK")
+    assert _samples(tracking, config) and not _samples(None, config)

@@ -213,7 +213,8 @@ def _processes(config: TrainConfig, base_model, callbacks: Sequence[MetricsCallb
 
 
 def _samples(tracking: LiveTracking | None, config: TrainConfig) -> bool:
-    return tracking is not None and config.sample_every > 0
+    """Whether this process draws live sample pictures (and so loads the VAE): only the process that writes."""
+    return tracking is not None and config.sample_every > 0 and distributed.main_process()
 
 
 def _run(

@@ -185,3 +185,22 @@ def test_only_the_writing_process_loads_the_vae_for_live_pictures(monkeypatch):
     assert not _samples(tracking, config)
     monkeypatch.delenv("RANK")
     assert _samples(tracking, config) and not _samples(None, config)
+
+
+@pytest.mark.slow
+def test_two_processes_end_early_at_the_step_one_process_does(tiny_model_dir, cat_latents_dir, tmp_path):
+    """Early end is decided by each process from its own copy of the vectors: the copies are equal, so every
+    process stops at the same step (one stopping alone would leave the others waiting in the next all-reduce)."""
+    import json
+
+    members = [(f"c{i}", s, cat_latents_dir) for i, s in enumerate(SPECS[:2])]
+    # a threshold every movement passes: the run ends at the first check that has a whole window behind it
+    cfg = TrainConfig(steps=12, batch_size=2, log_every=2, early_end=10.0, early_end_window=4, device="cpu", gpus=1)
+    train_group(members, tmp_path / "one", cfg, str(tiny_model_dir))
+    two = train_group(members, tmp_path / "two", cfg.model_copy(update={"gpus": 2}), str(tiny_model_dir))
+    assert [r["status"] for r in two] == ["trained"] * 2
+    for name in ("c0", "c1"):
+        one_s, two_s = (json.loads((tmp_path / d / name / "summary.json").read_text()) for d in ("one", "two"))
+        assert one_s["ended_early_at"] == two_s["ended_early_at"] == 4 and two_s["processes"] == 2
+        torch.testing.assert_close(_vectors(tmp_path / "two" / name), _vectors(tmp_path / "one" / name), rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip

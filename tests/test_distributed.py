@@ -204,3 +204,23 @@ def test_two_processes_end_early_at_the_step_one_process_does(tiny_model_dir, ca
         assert one_s["ended_early_at"] == two_s["ended_early_at"] == 4 and two_s["processes"] == 2
         torch.testing.assert_close(_vectors(tmp_path / "two" / name), _vectors(tmp_path / "one" / name), rtol=1e-4,
                                    atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_stop_a_diverging_concept_as_one_process_does(tiny_model_dir, cat_latents_dir, tmp_path):
+    """The second concept's latents are finite but so large that its loss overflows from the first step: it
+    lies wholly on the second process, yet both processes stop it at the same report (its loss is summed over
+    them first) and train the first concept on, as one process does."""
+    from oneword.latents import LatentSet
+
+    huge = LatentSet.load(cat_latents_dir)
+    huge.mean = huge.mean.sign() * 3e38
+    huge.save(tmp_path / "huge")
+    members = [("c0", SPECS[0], cat_latents_dir), ("c1", SPECS[1], tmp_path / "huge")]
+    cfg = TrainConfig(steps=6, batch_size=2, log_every=2, device="cpu", gpus=1)
+    one = train_group(members, tmp_path / "one", cfg, str(tiny_model_dir))
+    two = train_group(members, tmp_path / "two", cfg.model_copy(update={"gpus": 2}), str(tiny_model_dir))
+    assert [r["status"] for r in one] == [r["status"] for r in two] == ["trained", "failed"]
+    assert "became nan between steps 0 and 2" in two[1]["error"] and two[1]["error"] == one[1]["error"]
+    torch.testing.assert_close(_vectors(tmp_path / "two" / "c0"), _vectors(tmp_path / "one" / "c0"), rtol=1e-4,
+                               atol=1e-6)  # fmt: skip

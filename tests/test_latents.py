@@ -59,3 +59,14 @@ def test_missing_inputs_are_clear_errors(tmp_path, tiny_model):
         cache_latents(tmp_path, tiny_model, tmp_path / "out")
     with pytest.raises(OnewordError, match="cache-latents"):
         LatentSet.load(tmp_path / "nothing")
+
+
+def test_damaged_latents_are_refused_on_loading(cat_latents, tmp_path):
+    import dataclasses
+
+    damaged = dataclasses.replace(cat_latents, mean=cat_latents.mean.clone())
+    damaged.mean[2, 0, 1, 3, 3] = float("nan")
+    path = damaged.save(tmp_path / "damaged")
+    with pytest.raises(OnewordError, match=r"non-finite.*'mean'") as e:
+        LatentSet.load(tmp_path / "damaged")
+    assert str(path) in e.value.message and "cache-latents" in e.value.hint

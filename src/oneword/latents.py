@@ -90,6 +90,12 @@ class LatentSet:
         with safe_open(str(p), "pt") as f:
             meta = json.loads(f.metadata()["oneword"])
         t = load_file(str(p))
+        for key in ("mean", "std"):
+            if not torch.isfinite(t[key]).all():  # a damaged file would only show as a NaN loss, steps later
+                raise OnewordError(
+                    f"{p} holds non-finite values (NaN or inf) in its {key!r} latents",
+                    hint="the file is damaged: run `oneword cache-latents` again for this concept",
+                )
         return cls(
             t["mean"],
             t["std"],

@@ -32,9 +32,10 @@ LABEL org.opencontainers.image.title="oneword-cuda" \
       org.opencontainers.image.description="Textual Inversion as production software (CUDA image)" \
       org.opencontainers.image.source="https://github.com/oneword-ml/oneword"
 # /models is where the pipelines mount the model cache PVC (oneword-model-cache); without a volume the
-# directory in the image is used, so it must be writable by the image's user.
+# directory in the image is used, so it must be writable by the image's user. torch.compile keeps its cache there
+# too, so that only the first train task on a cluster compiles from nothing.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin oneword \
-    && mkdir -p /models/huggingface && chown -R 10001:10001 /models
+    && mkdir -p /models/huggingface /models/torchinductor && chown -R 10001:10001 /models
 COPY --from=build /opt/oneword /opt/oneword
 # What the NVIDIA container toolkit reads to expose the GPUs and mount the driver's libraries.
 ENV NVIDIA_VISIBLE_DEVICES=all \
@@ -43,6 +44,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/models/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/models/torchinductor \
     ONEWORD_CACHE=/home/oneword/.cache/oneword
 USER 10001
 WORKDIR /home/oneword

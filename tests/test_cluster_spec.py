@@ -9,7 +9,7 @@ import yaml
 
 from oneword import __version__
 from oneword.config import ClusterConfig
-from oneword.pipelines.parameters import HF_HOME, MODEL_CACHE_MOUNT
+from oneword.pipelines.parameters import HF_HOME, INDUCTOR_CACHE, MODEL_CACHE_MOUNT
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ["textual_inversion", "batch_personalisation"]
@@ -109,6 +109,12 @@ def test_the_images_keep_the_hugging_face_cache_where_the_pipelines_mount_the_mo
     text = (ROOT / "docker" / dockerfile).read_text()
     assert re.search(rf"HF_HOME={re.escape(HF_HOME)}\b", text), dockerfile
     assert HF_HOME.startswith(MODEL_CACHE_MOUNT + "/")
+
+
+def test_the_gpu_image_keeps_torch_compiles_cache_on_the_model_cache_volume():
+    text = (ROOT / "docker" / "cuda.Dockerfile").read_text()
+    assert re.search(rf"TORCHINDUCTOR_CACHE_DIR={re.escape(INDUCTOR_CACHE)}\b", text)
+    assert INDUCTOR_CACHE.startswith(MODEL_CACHE_MOUNT + "/") and f"mkdir -p {HF_HOME} {INDUCTOR_CACHE}" in text
 
 
 def test_compile_check_refuses_a_registry_because_the_checked_in_specs_use_the_published_images(capsys):

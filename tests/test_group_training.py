@@ -214,3 +214,17 @@ def test_the_photos_content_key_follows_their_content_not_their_folder(tmp_path,
     (folder / "a.jpg").write_bytes(b"replaced again")
     storage.upload_file(folder / "a.jpg", f"{prefix}/a.jpg")
     assert content_key(prefix) != on_s3
+
+
+def test_the_checkpoint_key_follows_what_is_trained_not_the_registered_names(cat_latents):
+    from oneword.train import group_key
+
+    members = [("cat", SPECS[0], cat_latents), ("dog", SPECS[1], cat_latents)]
+    key = group_key(members, TrainConfig(steps=4), "sha256:m")
+    renamed = [("my-cat", SPECS[0], cat_latents), ("my-dog", SPECS[1], cat_latents)]
+    assert group_key(renamed, TrainConfig(steps=4), "sha256:m") == key
+    other_token = [("cat", SPECS[2], cat_latents), ("dog", SPECS[1], cat_latents)]
+    assert group_key(other_token, TrainConfig(steps=4), "sha256:m") != key
+    assert group_key(members, TrainConfig(steps=5), "sha256:m") != key
+    assert group_key(members, TrainConfig(steps=4, log_every=7, compile="max"), "sha256:m") == key
+    assert group_key(members, TrainConfig(steps=4), "sha256:other") != key

@@ -256,10 +256,12 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
     """A name for a group's checkpoints made from what determines its training, not from the run that started it.
 
     The same concepts, images, model and settings give the same key, so a resubmitted run (after a preempted
-    pod, or a failure in a later step) resumes the group's checkpoints instead of training from the start.
+    pod, or a failure in a later step) resumes the group's checkpoints instead of training from the start. The
+    registered names are not in it: they name what is written, not what is trained (a checkpoint holds each
+    concept's vectors by token), so a concept registered under another name reuses its training.
     """
     what = {
-        "concepts": [(name, spec.model_dump(), lat.image_sha256) for name, spec, lat in members],
+        "concepts": [(spec.model_dump(), lat.image_sha256) for _, spec, lat in members],
         "config": config.model_dump(exclude={"log_every", "sample_every", "device", "compile", "gpus"}),
         "model": fingerprint,
     }

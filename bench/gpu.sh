@@ -13,8 +13,8 @@
 # default (compile default at batch 4), sdxl (SDXL's shape at 1024 px, eager).
 #
 # Environment: ONEWORD (the command, default .venv/bin/oneword), PYTHON (default .venv/bin/python), OUT (figures,
-# default bench-out), WORK (the random models, default /tmp/oneword-gpu), MODEL (a model folder to time instead of
-# the random ones), RESOLUTION (default 512; SDXL's is 1024), BUDGET (seconds for everything, default
+# default bench-out), WORK (the random models, default /tmp/oneword-gpu), MODEL (an SD 1.x/2.x folder to time
+# instead of the SD 1.5-shaped one), MODEL_XL (an SDXL folder instead of the SDXL-shaped one), RESOLUTION (default 512; SDXL's is 1024), BUDGET (seconds for everything, default
 # 560), REFERENCE_SCRIPT (examples/textual_inversion/textual_inversion.py from diffusers; docs/benchmarks.md says
 # which commit).
 set -uo pipefail
@@ -42,9 +42,10 @@ run() {  # one figure set within its limit and what is left of the budget; a fai
   timeout "$limit" $ONEWORD bench "$@" --json "$OUT/$name.json" || echo "== $name: exit $? (see above)"
 }
 
-model() {  # build a random-weight model once: $1 is sd15 or sdxl
+model() {  # build a random-weight model once: $1 is sd15 or sdxl; MODEL and MODEL_XL replace them
   local dir=$WORK/$1
-  [[ -n ${MODEL:-} ]] && dir=$MODEL
+  [[ $1 == sd15 && -n ${MODEL:-} ]] && dir=$MODEL
+  [[ $1 == sdxl && -n ${MODEL_XL:-} ]] && dir=$MODEL_XL
   [[ -f $dir/model_index.json ]] || "$PYTHON" -c "
 import sys; from pathlib import Path; from oneword import random_models as r
 getattr(r, 'build_' + sys.argv[1] + '_shape_model')(Path(sys.argv[2]))" "$1" "$dir" >&2

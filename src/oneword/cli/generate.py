@@ -18,9 +18,12 @@ def generate_cmd(
     ] = None,
     concept: Annotated[
         list[str] | None,
-        typer.Option(help="registered concept NAME@alias or NAME/version (repeatable; needs --tracking-uri)"),
+        typer.Option(help="registered concept NAME@alias or NAME/version (repeatable), from the MLflow registry"),
     ] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for --concept")] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI for --concept (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"),
+    ] = None,
     base_model: Annotated[str | None, typer.Option(help="default: toyworld, or the concept's base model")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")] = Path("generated"),
     n: Annotated[int, typer.Option(help="images per prompt")] = 4,

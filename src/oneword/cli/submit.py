@@ -64,7 +64,10 @@ def submit_cmd(
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
     pipeline_root: Annotated[str, typer.Option(help=PIPELINE_ROOT_HELP)] = PIPELINE_ROOT,
     cache: Annotated[
-        bool, typer.Option(help="reuse cached preprocess/cache_latents results; --no-cache after changing photos")
+        bool,
+        typer.Option(
+            help="reuse cached preprocess/cache_latents results (they are keyed by the photos' content and the model)"
+        ),
     ] = True,
     preflight: Annotated[
         bool, typer.Option(help="check from here what can be checked (model, evaluator, buckets, token) first")

@@ -253,6 +253,19 @@ def _words_accuracy(c: ToyConcept, oracle: Oracle, n: int, seed: int) -> float:
     return oracle.accuracy(ims, {"shape": c.shape, "colour": c.colour})["all"]
 
 
+def _log_run(r: ConceptResult) -> None:
+    log.info(
+        "%s [%s] seed %d: step %d, oracle reconstruction %.2f, editability %.2f (%.0f s)",
+        r.concept,
+        r.setting,
+        r.seed,
+        r.chosen_step,
+        r.reconstruction_oracle,
+        r.editability_oracle,
+        r.total_seconds,
+    )
+
+
 def measure_quality(
     out: Path,
     concepts: list[str] | None = None,
@@ -297,40 +310,33 @@ def measure_quality(
     ledger = out / "runs.jsonl"
     done = {} if fresh else _recorded(ledger)
     assets = _assets_fingerprint()
+    plan = [  # every concept x seed x setting, seed by seed; the negative control runs `default` only
+        (seed, name, s)
+        for seed in dict.fromkeys(seeds)
+        for name in names
+        for s in (chosen if get_concept(name).drawable else default_settings())
+    ]
     results: list[ConceptResult] = []
     with tempfile.TemporaryDirectory() as d:
-        for seed in dict.fromkeys(seeds):
-            work = Path(d) / f"seed-{seed}"
-            for name in names:
-                drawable = get_concept(name).drawable
-                for s in chosen if drawable else default_settings():
-                    key = _run_key(name, s, seed, n_images, checkpoint_budget, assets)
-                    if key not in done:
-                        done[key] = run_concept(
-                            name,
-                            s,
-                            work,
-                            n_images=n_images,
-                            checkpoint_budget=checkpoint_budget,
-                            oracle=oracle,
-                            seed=seed,
-                            with_words=s.name == "default",
-                        )
-                        r = done[key]
-                        log.info(
-                            "%s [%s] seed %d: step %d, oracle reconstruction %.2f, editability %.2f (%.0f s)",
-                            name,
-                            s.name,
-                            seed,
-                            r.chosen_step,
-                            r.reconstruction_oracle,
-                            r.editability_oracle,
-                            r.total_seconds,
-                        )
-                        _record(ledger, key, r)
-                        if s.name == "default":
-                            _save_grid(work / f"{name}--default" / name, out / f"{name}-seed{seed}.png")
-                    results.append(done[key])
+        for seed, name, s in plan:
+            key = _run_key(name, s, seed, n_images, checkpoint_budget, assets)
+            if key not in done:
+                work = Path(d) / f"seed-{seed}"
+                done[key] = run_concept(
+                    name,
+                    s,
+                    work,
+                    n_images=n_images,
+                    checkpoint_budget=checkpoint_budget,
+                    oracle=oracle,
+                    seed=seed,
+                    with_words=s.name == "default",
+                )
+                _log_run(done[key])
+                _record(ledger, key, done[key])
+                if s.name == "default":
+                    _save_grid(work / f"{name}--default" / name, out / f"{name}-seed{seed}.png")
+            results.append(done[key])
     report = {"results": [asdict(r) for r in results], "summary": _summary(results)}
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     (out / "quality.md").write_text(_markdown(results, report["summary"]))

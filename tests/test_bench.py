@@ -128,6 +128,15 @@ def test_bench_profile_records_the_steps_and_says_where_their_time_went(tmp_path
     assert "profile of oneword" in capsys.readouterr().out
 
 
+def test_a_failing_profiler_keeps_the_loops_timing(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(bench, "record_profile", broken)
+    r = bench.bench_oneword(bench.load_bench_model(None, parts=("unet",)), steps=2, warmup=1, profile_dir=tmp_path)
+    assert r.steps_per_second > 0 and "the profiler failed (RuntimeError: CUPTI_ERROR_NOT_INITIALIZED)" in r.profile
+
+
 def test_a_failed_loop_leaves_the_others(stand_in, tmp_path, monkeypatch, capsys):
     from oneword.cli import main
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import mlflow
 import pytest
@@ -112,6 +113,70 @@ def test_failure_after_version_creation_rolls_back(evaluated_concept, mlflow_ser
     assert [r for r in registry.list_concepts(mlflow_server) if r["name"] == "cat-rollback"] == []
 
 
+def test_a_failure_after_the_alias_moved_gives_the_champion_back(evaluated_concept, mlflow_server, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    train_dir, eval_dir = evaluated_concept
+    name = "cat-alias-back"
+    assert registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.2), mlflow_server, name=name).alias == (
+        "champion"
+    )
+    real = mlflow.MlflowClient.set_model_version_tag
+
+    def gate_tag_fails(self, model, version, key, value):
+        if key == "gate":
+            raise RuntimeError("the pod was stopped")
+        return real(self, model, version, key, value)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", gate_tag_fails)
+    with pytest.raises(RuntimeError, match="stopped"):  # a better version: it took the alias, then failed
+        registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.7, 0.4), mlflow_server, name=name)
+    monkeypatch.undo()
+    assert registry.get_version(f"{name}@champion", mlflow_server).version == "1"
+    assert [r["version"] for r in registry.list_concepts(mlflow_server) if r["name"] == name] == ["1"]
+
+
+def test_a_version_whose_register_died_is_waited_for_once(evaluated_concept, mlflow_server, tmp_path, monkeypatch):
+    train_dir, eval_dir = evaluated_concept
+    name = "cat-abandoned"
+    registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.2), mlflow_server, name=name)
+    client = mlflow.MlflowClient(mlflow_server)
+    run_id = client.get_model_version(name, "1").run_id
+    client.create_model_version(name, f"runs:/{run_id}/concept", run_id=run_id)  # version 2: its register died
+    monkeypatch.setattr(registry, "ALIAS_WAIT_SECONDS", 0.5)
+    waits = []
+    real_wait = registry._wait_for_older_decisions
+
+    def timed(*args, **kwargs):
+        t0 = time.monotonic()
+        real_wait(*args, timeout=registry.ALIAS_WAIT_SECONDS, **kwargs)
+        waits.append(time.monotonic() - t0)
+
+    monkeypatch.setattr(registry, "_wait_for_older_decisions", timed)
+    for rec in (0.51, 0.52):
+        registry.register(train_dir, _with_scores(eval_dir, tmp_path, rec, 0.2), mlflow_server, name=name)
+    assert waits[0] >= 0.5 and waits[1] < 0.5  # the first waited it out and marked it; the second did not wait
+    assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
+
+
+def test_a_registry_that_does_not_answer_is_not_no_champion(monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    class Down:
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException("API request failed with error code 503", error_code=TEMPORARILY_UNAVAILABLE)
+
+    metrics = {"reconstruction": 0.9, "editability": 0.9, "evaluator": {"name": "c", "fingerprint": "f"}}
+    with pytest.raises(MlflowException, match="503"):
+        registry._decide_alias(Down(), "cat", metrics, GateThresholds())
+
+    class NoChampion:
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException(f"Registered model alias {alias} not found.", error_code=INVALID_PARAMETER_VALUE)
+
+    assert registry._decide_alias(NoChampion(), "cat", metrics, GateThresholds())[0] == "champion"
+
+
 def test_s3_artifact_store_through_the_server(evaluated_concept, mlflow_server_s3, tmp_path, monkeypatch):
     """Artifacts land in S3 (moto) via the server's proxy; the client needs no S3 credentials."""
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
@@ -137,3 +202,21 @@ def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):
     reg = registry.register(train_dir, eval_dir, name="cat-local")
     assert reg.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert (tmp_path / "mlflow.db").exists() and list((tmp_path / "mlartifacts").rglob("report.html"))
+
+
+def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
+    """A concept that failed in `register` has its own FAILED run (no stage), then the one `record_failure` logs:
+    the report gives the stage and error, whichever of them is newer."""
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.create_experiment("failures-exp")
+    now = int(time.time() * 1000)
+    for name, offset in (("older-own-run", -60_000), ("newer-own-run", 60_000)):
+        tags = {registry.CONCEPT_TAG: name, "oneword.batch_id": "b-7"}
+        own = client.create_run(exp, start_time=now + offset, tags=tags)
+        client.set_terminated(own.info.run_id, status="FAILED")
+        registry.record_failure(mlflow_server, name, "<x>", "b-7", "register", "sha mismatch", "failures-exp")
+    failures = registry.batch_failures(mlflow_server, "b-7", "failures-exp")
+    assert {n: (f["stage"], f["error"]) for n, f in failures.items()} == {
+        "older-own-run": ("register", "sha mismatch"),
+        "newer-own-run": ("register", "sha mismatch"),
+    }

@@ -352,6 +352,7 @@ def _log_model(mlflow, concept: _Concept, embedding: Path):
 
 
 ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias decisions (a killed register)
+ABANDONED = "abandoned: its register never decided its alias"  # the gate tag of such a version, once waited for
 
 
 def _create_version(client, name: str, info, run_id: str, token: str):
@@ -390,6 +391,8 @@ def _wait_for_older_decisions(client, name: str, version: int, timeout: float = 
                 sorted(int(mv.version) for mv in older),
                 name,
             )
+            for mv in older:  # so that the next registrations of this concept do not wait for them again
+                client.set_model_version_tag(name, mv.version, "gate", ABANDONED)
             return
         time.sleep(0.2)  # another process is between create_model_version and its alias; it takes a moment
 
@@ -446,9 +449,29 @@ def _apply_gate(client, concept: _Concept, version, thresholds: GateThresholds) 
     """Decide the version's alias after every older version's, set it, and mark the decision made."""
     _wait_for_older_decisions(client, concept.name, int(version))
     alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds)
+    before = _alias_version(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)
-    client.set_model_version_tag(concept.name, version, "gate", reason)  # last: it marks the decision as made
+    try:
+        client.set_model_version_tag(concept.name, version, "gate", reason)  # last: it marks the decision as made
+    except BaseException:
+        # the caller deletes this version, and MLflow drops its aliases with it: give the alias back first, or
+        # the concept is left with no champion
+        if before is not None:
+            client.set_registered_model_alias(concept.name, alias, before)
+        raise
     return alias, reason
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None when it points nowhere (any other registry error is raised)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST") and "not found" in str(e):
+            return None
+        raise
 
 
 def _version_metrics(mv) -> dict | None:
@@ -468,14 +491,12 @@ def _version_metrics(mv) -> dict | None:
 
 
 def _decide_alias(client, name: str, metrics: dict | None, thresholds: GateThresholds) -> tuple[str, str]:
-    from mlflow.exceptions import MlflowException
-
     if metrics is None:
         return CANDIDATE, "not evaluated"
-    try:
-        champion = _version_metrics(client.get_model_version_by_alias(name, CHAMPION))
-    except MlflowException:
-        champion = None
+    # no champion yet, or one: a registry that fails to answer is not "no champion" (the new version would take
+    # the alias from a better one)
+    version = _alias_version(client, name, CHAMPION)
+    champion = None if version is None else _version_metrics(client.get_model_version(name, version))
     try:
         result = quality_gate(metrics, champion, thresholds)
     except EvaluatorMismatch as e:
@@ -547,7 +568,11 @@ def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERI
 
 
 def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict[str, dict]:
-    """The failed concepts of a batch: {name: {"stage", "error", "run_id"}}."""
+    """The failed concepts of a batch: {name: {"stage", "error", "run_id"}}.
+
+    A concept may have several FAILED runs: one that failed itself (live training, `register`) carries no stage,
+    and the run `record_failure` logs after it does. The newest run that says where it failed wins.
+    """
     mlflow, client = _setup(tracking_uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
@@ -556,15 +581,15 @@ def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EX
         client.search_runs,
         experiment_ids=[exp.experiment_id],
         filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = 'FAILED'",
+        order_by=["attributes.start_time DESC"],
     )
-    return {
-        r.data.tags[CONCEPT_TAG]: {
-            "stage": r.data.tags.get("oneword.failed_stage"),
-            "error": r.data.tags.get("oneword.error"),
-            "run_id": r.info.run_id,
-        }
-        for r in runs
-    }
+    out: dict[str, dict] = {}
+    for r in runs:  # newest first
+        name, stage = r.data.tags.get(CONCEPT_TAG), r.data.tags.get("oneword.failed_stage")
+        if name is None or (name in out and (out[name]["stage"] or not stage)):
+            continue
+        out[name] = {"stage": stage, "error": r.data.tags.get("oneword.error"), "run_id": r.info.run_id}
+    return out
 
 
 # ---- queries ---------------------------------------------------------------------------------------------

@@ -186,3 +186,50 @@ def test_images_from_s3(tmp_path, s3_bucket):
         f"s3://{s3_bucket}/concepts/x/a.png",
         f"s3://{s3_bucket}/concepts/x/b.png",
     ]
+
+
+def test_an_s3_folder_follows_its_prefix_and_fills_once_under_parallel_steps(tmp_path, s3_bucket, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        _png(src / f"{i}.png", size=(64, 64), colour=(i, 2 * i, 3 * i))
+    uri = f"s3://{s3_bucket}/concepts/y"
+    storage.upload_dir(src, uri)
+    monkeypatch.setenv("ONEWORD_CACHE", str(tmp_path / "cache"))
+    # two processes fill the same cache folder at once (kfp.local runs ParallelFor iterations so)
+    code = "import sys; from oneword import storage; print(storage.download_prefix(sys.argv[1]))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, uri], env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    folders = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert [p.returncode for p in procs] == [0, 0] and len(folders) == 1
+    folder = storage.download_prefix(uri)
+    assert str(folder) in folders
+    assert sorted(f.name for f in images.discover_images(uri)) == [f"{i}.png" for i in range(6)]
+    assert all((folder / f"{i}.png").read_bytes() == (src / f"{i}.png").read_bytes() for i in range(6))
+    # a photo taken out of the bucket leaves the folder too, and so does a download a kill cut short
+    storage.client().remove_object(s3_bucket, "concepts/y/3.png")
+    (folder / ".4.png.999.part").write_bytes(b"half")
+    storage.download_prefix(uri)
+    assert sorted(f.name for f in folder.iterdir() if not f.name.startswith(".oneword-s3")) == [
+        "0.png", "1.png", "2.png", "4.png", "5.png"
+    ]  # fmt: skip
+
+
+def test_an_s3_key_that_climbs_out_of_its_folder_is_refused(tmp_path, s3_bucket, monkeypatch):
+    import os
+
+    import boto3
+
+    monkeypatch.setenv("ONEWORD_CACHE", str(tmp_path / "cache"))
+    # MinIO's client refuses to write such a key, but other S3 stores hold them
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.put_object(Bucket=s3_bucket, Key="concepts/z/../../escape.png", Body=b"x")
+    with pytest.raises(OnewordError, match="outside its folder"):
+        storage.download_prefix(f"s3://{s3_bucket}/concepts/z")
+    assert not (tmp_path / "escape.png").exists()

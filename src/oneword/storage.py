@@ -93,35 +93,64 @@ def list_objects(uri: str) -> list[tuple[str, int, str]]:
 
 
 def download_prefix(uri: str, dest: Path | None = None) -> Path:
-    """Download every object under an `s3://` prefix into a local folder, once.
+    """Download every object under an `s3://` prefix into a local folder, once, and keep the folder equal to it.
 
-    Objects whose etag matches the previous download are not fetched again. Without `dest`, the folder is
+    Objects whose etag matches the previous download are not fetched again; files whose object is gone from the
+    prefix are removed (a photo taken out of the bucket must not be trained on). Processes that fill one folder
+    at once (kfp.local's parallel steps, pods sharing a cache volume) take turns. Without `dest`, the folder is
     `cache_root()/s3/BUCKET/<hash of the prefix>`.
 
     Returns:
         The local folder.
     """
+    from filelock import FileLock
+
     bucket, prefix = split_s3(uri)
     if dest is None:
         dest = cache_root() / "s3" / bucket / hashlib.sha256(prefix.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
-    index_path = dest / ".oneword-s3-index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    dest = dest.resolve()  # the files it keeps are compared as resolved paths
     objects = list_objects(uri)
     if not objects:
         raise OnewordError(f"no objects under {uri!r}", hint="check the bucket and prefix")
-    mc = client()
-    for key, _size, etag in objects:
-        target = dest / key
-        if index.get(key) == etag and target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
-        tmp.replace(target)
-        index[key] = etag
-    index_path.write_text(json.dumps(index))
+    with FileLock(str(dest / ".oneword-s3.lock")):
+        index_path = dest / ".oneword-s3-index.json"
+        try:
+            index = json.loads(index_path.read_text()) if index_path.exists() else {}
+        except ValueError:  # cut short by a kill: the files are fetched again, nothing worse
+            index = {}
+        mc = client()
+        wanted = {}
+        for key, _size, etag in objects:
+            target = wanted[key] = _inside(dest, key, uri)
+            if index.get(key) == etag and target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # hidden: never read as a photo
+            mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
+            tmp.replace(target)
+            index[key] = etag
+        keep = set(wanted.values())
+        for f in [f for f in dest.rglob("*") if f.is_file() and f not in keep]:
+            if f.name.startswith(".oneword-s3"):
+                continue
+            f.unlink()  # gone from the prefix, or a download a kill cut short
+        index = {k: v for k, v in index.items() if k in wanted}
+        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index))
+        tmp.replace(index_path)
     return dest
+
+
+def _inside(dest: Path, key: str, uri: str) -> Path:
+    """Where object `key` of the prefix goes under `dest`; a key that would land outside it is refused."""
+    target = (dest / key.lstrip("/")).resolve()
+    if not target.is_relative_to(dest) or target == dest:
+        raise OnewordError(
+            f"object {key!r} under {uri!r} names a path outside its folder",
+            hint="rename the object: keys with '..' parts cannot be downloaded as files",
+        )
+    return target
 
 
 def download_file(uri: str, dest: Path) -> Path:

@@ -220,3 +220,16 @@ def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
         "older-own-run": ("register", "sha mismatch"),
         "newer-own-run": ("register", "sha mismatch"),
     }
+
+
+def test_a_registered_name_that_registry_searches_cannot_hold_is_refused_before_training():
+    assert registry.concept_name("<My Cat!>") == "my-cat"
+    assert registry.concept_name("<x>", "team.cat_v2-final") == "team.cat_v2-final"
+    for bad in ("bob's-cat", "cat@home", "-cat", "cat/1", "a b"):
+        with pytest.raises(OnewordError, match="not one oneword can look up") as e:
+            registry.concept_name("<x>", bad)
+        assert registry.NAME_PATTERN.fullmatch(e.value.hint.split("e.g. ")[1].strip("'"))
+    from oneword.batch import ConceptEntry, plan_concepts
+
+    with pytest.raises(OnewordError, match="bob's-cat"):
+        plan_concepts([ConceptEntry(images="photos", token="<bob-cat>", init_word="cat", name="bob's-cat")])

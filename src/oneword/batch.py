@@ -67,7 +67,7 @@ def plan_concepts(entries: list[ConceptEntry]) -> list[dict]:
     rows = [
         {
             **e.model_dump(exclude_none=True),
-            "name": e.name or concept_name(e.token),
+            "name": concept_name(e.token, e.name),
             "content_key": content_key(e.images),
         }
         for e in entries

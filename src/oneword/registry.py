@@ -43,12 +43,28 @@ def _setup(tracking_uri: str | None):
     return tracking.client(tracking_uri)
 
 
-def concept_name(token: str) -> str:
-    """The registered-model name for a token: `<my-cat>` -> `my-cat`."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", token).strip("-.").lower()
-    if not name:
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def concept_name(token: str, name: str = "") -> str:
+    """The registered-model name of a concept: `name` when given (checked), else made from the token
+    (`<my-cat>` -> `my-cat`).
+
+    A given name keeps to letters, digits, `_`, `.` and `-`: MLflow itself refuses only `/` and `:`, but a
+    quote breaks every registry search that names it, and `@` a reference (`NAME@alias`).
+    """
+    if name:
+        if not NAME_PATTERN.fullmatch(name) or len(name) > 200:
+            raise OnewordError(
+                f"registered-model name {name!r} is not one oneword can look up",
+                hint=f"use letters, digits, '_', '.' and '-' only, starting with a letter or digit, e.g. "
+                f"{concept_name(name)!r}",
+            )
+        return name
+    made = re.sub(r"[^A-Za-z0-9_.-]+", "-", token).strip("-.").lower()
+    if not made:
         raise OnewordError(f"cannot make a registered-model name from token {token!r}", hint="pass --name")
-    return name
+    return made
 
 
 def ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:
@@ -219,7 +235,7 @@ def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batc
     summary = json.loads((train_dir / "summary.json").read_text())
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text()) if eval_dir else None
     token = summary["concept"]["token"]
-    return _Concept(name or concept_name(token), token, summary, metrics, batch_id)
+    return _Concept(concept_name(token, name), token, summary, metrics, batch_id)
 
 
 def _artifact_files(train_dir: Path, eval_dir: Path | None, name: str) -> dict[str, Path]:

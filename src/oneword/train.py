@@ -191,7 +191,7 @@ def train(
     )
     from oneword.registry import concept_name
 
-    name = name or concept_name(concept.token)
+    name = concept_name(concept.token, name or "")
     main = trainer.world.main  # the other processes of a launch hold the same state and write nothing
     live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking and main else None
     result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)

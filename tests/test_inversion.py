@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -289,3 +291,26 @@ def test_early_end_stops_a_settled_run_and_a_rerun_stays_stopped(tiny_model_dir,
     moving = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, learning_rate=0.05, **{**settled, "steps": 60})
     r3 = moving.run(progress=False)
     assert r3.ended_early_at is None and r3.steps == 60
+
+
+def test_checkpoint_storage_that_is_not_configured_is_an_error_not_a_fresh_start(s3_bucket, monkeypatch, tmp_path):
+    import errno
+
+    from oneword import storage
+
+    assert checkpoints.list_checkpoints("s3://no-such-bucket-yet/ckpt") == []  # nothing stored yet: step 0
+    for var in storage.ENDPOINT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(OnewordError, match="S3_ENDPOINT_URL"):
+        checkpoints.list_checkpoints(f"s3://{s3_bucket}/ckpt")
+    with pytest.raises(OnewordError, match="S3_ENDPOINT_URL"):  # said at once: no retries, no backoff
+        checkpoints.save_checkpoint(f"s3://{s3_bucket}/ckpt", 10, {"step": 10}, backoff=3600)
+
+    def disk_full(state, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OnewordError, match=r"could not write checkpoint .*No space left"):
+        checkpoints.save_checkpoint(tmp_path, 10, {"step": 10})
+    assert list(tmp_path.iterdir()) == []  # no part file left behind

@@ -7,6 +7,7 @@ whole checkpoints. Files are read back with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tempfile
 import time
@@ -50,9 +51,11 @@ def save_checkpoint(
     if storage.is_s3(where):
         uri = f"{str(where).rstrip('/')}/{name}"
         backoff = UPLOAD_BACKOFF_S if backoff is None else backoff
+        attempts = max(1, attempts)
+        storage.client()  # no endpoint or credentials configured: said at once, not retried
         with tempfile.TemporaryDirectory() as d:
             local = Path(d) / name
-            torch.save(state, local)
+            _save_local(state, local)
             for attempt in range(1, attempts + 1):
                 try:
                     storage.upload_file(local, uri)
@@ -70,19 +73,31 @@ def save_checkpoint(
                     time.sleep(backoff * 2 ** (attempt - 1))
     folder = Path(where)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.part"
-    torch.save(state, tmp)
+    tmp = folder / f".{name}.{os.getpid()}.part"  # a rerun of the same group may write beside a stale writer
+    _save_local(state, tmp)
     tmp.replace(folder / name)
     return str(folder / name)
+
+
+def _save_local(state: dict, path: Path) -> None:
+    """`torch.save`, with a full or read-only disk said as an `OnewordError` (training goes on past one)."""
+    try:
+        torch.save(state, path)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise OnewordError(
+            f"could not write checkpoint {path}: {e}", hint="free space on that disk, or checkpoint elsewhere"
+        ) from e
 
 
 def list_checkpoints(where: str | Path) -> list[tuple[int, str]]:
     """List `(step, path or URI)` of the checkpoints in a folder or `s3://` prefix, by step."""
     if storage.is_s3(where):
-        try:
-            keys = [k for k, _, _ in storage.list_objects(str(where))]
-        except OnewordError:
+        # a bucket not made yet holds no checkpoints; a store that is not configured or refuses is an error,
+        # not "start from step 0"
+        if not storage.client().bucket_exists(storage.split_s3(str(where))[0]):
             return []
+        keys = [k for k, _, _ in storage.list_objects(str(where))]
         base = str(where).rstrip("/")
         found = [(int(m.group(1)), f"{base}/{k}") for k in keys if (m := NAME.match(k))]
     else:

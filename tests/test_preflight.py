@@ -58,3 +58,24 @@ def test_an_incomplete_model_folder_is_named(tiny_model_dir, tmp_path):
     shutil.rmtree(broken / "unet")
     with pytest.raises(OnewordError, match="has no unet folder"):
         preflight(str(broken), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_a_check_that_raises_is_listed_beside_the_others(tiny_model_dir, tmp_path, monkeypatch):
+    from oneword import preflight as pf
+
+    def denied(bucket):
+        raise RuntimeError("S3 operation failed; code: AccessDenied")
+
+    monkeypatch.setattr(pf, "_bucket_problem", denied)
+    with pytest.raises(OnewordError) as e:
+        preflight(
+            str(tiny_model_dir),
+            [{"images": str(tmp_path / "none"), "token": "<c-pf>", "init_word": "cat", "n_vectors": 0}],
+            str(tmp_path / "no-such-clip"),
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            checkpoint_root="s3://some-bucket/ckpt",
+        )
+    text = e.value.message
+    assert "preflight found 4 problem(s)" in text, text
+    for expected in ("bucket some-bucket could not be checked", "AccessDenied", "no-such-clip", "none", "n_vectors"):
+        assert expected in text, (expected, text)

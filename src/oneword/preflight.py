@@ -40,6 +40,20 @@ class Problems:
         else:
             self.passed.append(name)
 
+    def run(self, name: str, find, *args, step: bool = False) -> bool:
+        """`check` what `find(*args)` returns (problem, hint); a check that raises is a problem too, so that the
+        others still run and every problem is listed at once (e.g. a denied bucket and the model on it). A `step`
+        (a read the checks after it need) is not listed among the checks passed."""
+        try:
+            problem = find(*args)
+        except Exception as e:  # storage, hub and parsing errors come in many types
+            message = e.message if isinstance(e, OnewordError) else f"{type(e).__name__}: {e}"
+            hint = e.hint if isinstance(e, OnewordError) else "see the other problems listed; they may be its cause"
+            problem = (f"{name} could not be checked: {message}", hint)
+        if problem[0] or not step:
+            self.check(name, *problem)
+        return not problem[0]
+
     def raise_if_any(self) -> None:
         if self.found:
             lines = "\n".join(f"  - {p}" + (f" (fix: {h})" if h else "") for p, h in self.found)
@@ -73,21 +87,34 @@ def preflight(
     """
     t0 = time.perf_counter()
     p = Problems()
-    model_problem = _base_model_problem(base_model)
-    p.check("base model", *model_problem)
-    prof = None if model_problem[0] else profile(base_model)  # read once: on s3 it is four downloads
+    prof: ModelProfile | None = None
+
+    def read_profile() -> tuple[None, str]:
+        nonlocal prof
+        prof = profile(base_model)  # read once: on s3 it is four downloads
+        return None, ""
+
+    if p.run("base model", _base_model_problem, base_model):
+        p.run("the base model's profile", read_profile, step=True)
     clip = prof.clip_model if clip_model in ("auto", "") and prof is not None else clip_model
     if clip not in ("auto", ""):
-        p.check("evaluator", *_evaluator_problem(clip))
+        p.run("evaluator", _evaluator_problem, clip)
     if tracking_uri is not None:
-        p.check("tracking", *_tracking_problem(tracking_uri, experiment))
+        p.run("tracking", _tracking_problem, tracking_uri, experiment)
     for bucket in sorted(_buckets(base_model, clip, checkpoint_root, *(c["images"] for c in concepts))):
-        p.check(f"bucket {bucket}", *_bucket_problem(bucket))
+        p.run(f"bucket {bucket}", _bucket_problem, bucket)
     for c in concepts:
-        p.check(f"images of {c['token']}", *_images_problem(c["images"], c["token"]))
+        p.run(f"images of {c['token']}", _images_problem, c["images"], c["token"])
     if concepts and prof is not None:
-        for name, problem in _concept_problems(base_model, prof, concepts):
-            p.check(name, problem)
+        found: list[tuple[str, str | None]] = []
+
+        def read_tokens() -> tuple[None, str]:
+            found.extend(_concept_problems(base_model, prof, concepts))
+            return None, ""
+
+        if p.run("the tokens", read_tokens, step=True):
+            for name, problem in found:
+                p.check(name, problem)
     p.raise_if_any()
     log.info("preflight passed in %.1f s: %s", time.perf_counter() - t0, ", ".join(p.passed))
     return p.passed
@@ -195,10 +222,16 @@ def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[di
     tokenizer = _tokenizer(base_model)
     out = []
     for c in concepts:
-        spec = ConceptSpec(
-            token=c["token"], init_word=c["init_word"], n_vectors=c.get("n_vectors", 1), templates=c.get("templates")
-        )
-        spec = spec.resolved(prof)
+        try:
+            spec = ConceptSpec(
+                token=c["token"],
+                init_word=c["init_word"],
+                n_vectors=c.get("n_vectors", 1),
+                templates=c.get("templates"),
+            ).resolved(prof)
+        except ValueError as e:  # pydantic's ValidationError: a vector count of 0, an unknown template set
+            out.append((f"token {c.get('token')}", f"{c.get('token')}: {' '.join(str(e).split())[:300]}"))
+            continue
         try:
             check_concept(tokenizer, spec)
             out.append((f"token {spec.token}", None))

@@ -79,3 +79,16 @@ def test_a_check_that_raises_is_listed_beside_the_others(tiny_model_dir, tmp_pat
     assert "preflight found 4 problem(s)" in text, text
     for expected in ("bucket some-bucket could not be checked", "AccessDenied", "no-such-clip", "none", "n_vectors"):
         assert expected in text, (expected, text)
+
+
+def test_photos_that_cannot_be_listed_in_a_bucket_that_answers_are_a_problem(tiny_model_dir, s3_bucket, tmp_path,
+                                                                              monkeypatch):  # fmt: skip
+    from oneword import storage
+
+    def denied(uri):
+        raise RuntimeError("S3 operation failed; code: AccessDenied, message: ListObjectsV2")
+
+    monkeypatch.setattr(storage, "list_objects", denied)
+    concept = {"images": f"s3://{s3_bucket}/photos/x", "token": "<d-pf>", "init_word": "cat"}
+    with pytest.raises(OnewordError, match=r"<d-pf>: cannot list s3://.*AccessDenied.*s3:ListBucket"):
+        preflight(str(tiny_model_dir), [concept], tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

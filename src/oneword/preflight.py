@@ -204,8 +204,12 @@ def _images_problem(images: str, token: str) -> tuple[str | None, str]:
     if storage.is_s3(images):
         try:
             found = [k for k, _, _ in storage.list_objects(images) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
-        except Exception:
-            return None, ""  # the bucket check says why
+        except Exception as e:
+            if not _bucket_problem(storage.split_s3(images)[0])[0]:  # the bucket answers, yet its listing fails
+                return f"{token}: cannot list {images}: {str(e).splitlines()[0][:200]}", (
+                    "give the pipelines' S3 user s3:ListBucket on that bucket"
+                )
+            return None, ""  # the bucket's own check says why
     else:
         folder = Path(images).expanduser()
         if not folder.is_dir():

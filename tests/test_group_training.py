@@ -228,3 +228,14 @@ def test_the_checkpoint_key_follows_what_is_trained_not_the_registered_names(cat
     assert group_key(members, TrainConfig(steps=5), "sha256:m") != key
     assert group_key(members, TrainConfig(steps=4, log_every=7, compile="max"), "sha256:m") == key
     assert group_key(members, TrainConfig(steps=4), "sha256:other") != key
+
+
+def test_a_failure_passed_on_keeps_its_hint(tmp_path):
+    first, second = tmp_path / "preprocess", tmp_path / "cache_latents"
+    outcome.write_failure(first, "preprocess", "photos/a.jpg is not an image", "remove it or replace it")
+    assert outcome.run_step("cache_latents", second, "record", lambda: 1 / 0, upstream=[first]) is None
+    assert outcome.read_failure(second) == {
+        "stage": "preprocess",
+        "error": "photos/a.jpg is not an image",
+        "hint": "remove it or replace it",
+    }

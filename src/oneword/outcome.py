@@ -61,7 +61,7 @@ def run_step(
         raise OnewordError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
     for folder in upstream:
         if (earlier := read_failure(folder)) is not None:
-            write_failure(out_dir, earlier["stage"], earlier["error"])
+            write_failure(out_dir, earlier["stage"], earlier["error"], earlier.get("hint", ""))
             log.info("skipping %s: the concept failed at %s", stage, earlier["stage"])
             return None
     try:

@@ -297,7 +297,8 @@ def _log_params_and_metrics(
     curve = json.loads(curve_file.read_text())
     have = {m.step for m in client.get_metric_history(run_id, "loss")} if live else set()
     new = [p for p in curve if int(p["step"]) not in have]
-    batch = [Metric(k, float(p[k]), 0, int(p["step"])) for p in new for k in ("loss", "embedding_norm")]
+    now = int(time.time() * 1000)  # the time they are logged: 0 would put them in 1970 on a wall-time axis
+    batch = [Metric(k, float(p[k]), now, int(p["step"])) for p in new for k in ("loss", "embedding_norm")]
     for i in range(0, len(batch), 900):
         client.log_batch(run_id, metrics=batch[i : i + 900])
     if concept.metrics:
@@ -717,14 +718,23 @@ def pull_concept(
     """
     mlflow, _ = _setup(tracking_uri)
     mv = get_version(ref, tracking_uri)
-    d = Path(tempfile.mkdtemp(prefix="oneword-pull-"))
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path="embeddings/diffusers/learned_embeds.safetensors", dst_path=str(d)
+    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="embeddings/diffusers/learned_embeds.safetensors", dst_path=d
+            )
+        )
+        emb = emb_io.load(local)
+    # without `out`, the file goes to a folder of its own that the caller keeps (generate reads it after)
+    out = (
+        Path(out)
+        if out
+        else Path(tempfile.mkdtemp(prefix="oneword-pull-"))
+        / emb_io.default_filename(
+            emb.token,
+            fmt,  # type: ignore[arg-type]
         )
     )
-    emb = emb_io.load(local)
-    out = Path(out) if out else d / emb_io.default_filename(emb.token, fmt)  # type: ignore[arg-type]
     emb_io.save(emb, out, fmt)  # type: ignore[arg-type]
     return out, dict(mv.tags)
 

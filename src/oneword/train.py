@@ -314,16 +314,16 @@ def train_group(
     if len(status) != len(members):
         raise OnewordError(f"concept names must differ within a group: {[m[0] for m in members]}")
 
-    def fail(name: str, stage: str, error: str) -> None:
+    def fail(name: str, stage: str, error: str, hint: str = "") -> None:
         status[name].update(stage=stage, error=error)
         if main:
-            outcome.write_failure(out_dir / name, stage, error)
+            outcome.write_failure(out_dir / name, stage, error, hint)
             log.error("%s failed at %s: %s", name, stage, error)
 
     loaded: list[tuple[str, ConceptSpec, LatentSet, Path]] = []
     for name, spec, where in members:
         if (earlier := outcome.read_failure(where)) is not None:
-            fail(name, earlier["stage"], earlier["error"])
+            fail(name, earlier["stage"], earlier["error"], earlier.get("hint", ""))
             continue
         try:
             loaded.append((name, spec, LatentSet.load(Path(where)), Path(where)))

@@ -233,3 +233,18 @@ def test_an_s3_key_that_climbs_out_of_its_folder_is_refused(tmp_path, s3_bucket,
     with pytest.raises(OnewordError, match="outside its folder"):
         storage.download_prefix(f"s3://{s3_bucket}/concepts/z")
     assert not (tmp_path / "escape.png").exists()
+
+
+def test_an_output_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "out"
+    with storage.atomic_dir(final) as d:
+        (d / "a.txt").write_text("first")
+    assert (final / "a.txt").read_text() == "first" and final.stat().st_mode & 0o777 == 0o755
+    with pytest.raises(RuntimeError), storage.atomic_dir(final) as d:
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("killed half-way")
+    assert (final / "a.txt").read_text() == "first"
+    with storage.atomic_dir(final) as d:
+        (d / "b.txt").write_text("second")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left beside it

@@ -206,11 +206,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the output from pods of another user on a shared volume
+    old = final.with_name(f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
     try:
         yield tmp
+        # the old output steps aside before the new one moves in: `final` is never half-written (absent for an
+        # instant at most), and a writer that finishes at the same time only replaces it (the last one wins)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)  # the new one did not move in: the old one goes back
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

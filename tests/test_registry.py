@@ -233,3 +233,15 @@ def test_a_registered_name_that_registry_searches_cannot_hold_is_refused_before_
 
     with pytest.raises(OnewordError, match="bob's-cat"):
         plan_concepts([ConceptEntry(images="photos", token="<bob-cat>", init_word="cat", name="bob's-cat")])
+
+
+def test_registering_a_concept_that_did_not_train_says_why(tmp_path, mlflow_server):
+    from oneword import outcome
+
+    failed = tmp_path / "train"
+    outcome.write_failure(failed, "train", "the loss of <x> became nan", "lower the learning rate")
+    with pytest.raises(OnewordError, match="failed at train: the loss of <x> became nan") as e:
+        registry.register(failed, None, mlflow_server, name="never-trained")
+    assert e.value.hint == "lower the learning rate"
+    with pytest.raises(OnewordError, match="train did not finish"):
+        registry.register(tmp_path / "empty", None, mlflow_server, name="never-trained")

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from oneword import __version__, tracking
+from oneword import __version__, outcome, tracking
 from oneword import embeddings as emb_io
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
@@ -232,6 +232,13 @@ def register(
 
 def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batch_id: str) -> _Concept:
     """Read the training summary and evaluation metrics, and name the concept."""
+    for f, step in ((train_dir / "summary.json", "train"), (Path(eval_dir or "") / "metrics.json", "evaluate")):
+        if (eval_dir or step == "train") and not f.is_file():
+            failed = outcome.read_failure(f.parent)
+            why = f"the concept failed at {failed['stage']}: {failed['error']}" if failed else f"{step} did not finish"
+            raise OnewordError(
+                f"{f} is missing: {why}", hint=(failed or {}).get("hint") or f"run {step} for this concept first"
+            )
     summary = json.loads((train_dir / "summary.json").read_text())
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text()) if eval_dir else None
     token = summary["concept"]["token"]

@@ -245,3 +245,13 @@ def test_registering_a_concept_that_did_not_train_says_why(tmp_path, mlflow_serv
     assert e.value.hint == "lower the learning rate"
     with pytest.raises(OnewordError, match="train did not finish"):
         registry.register(tmp_path / "empty", None, mlflow_server, name="never-trained")
+
+
+def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = registry.ensure_experiment(mlflow, "gone", uri)
+    mlflow.MlflowClient(uri).delete_experiment(exp)
+    with pytest.raises(OnewordError, match="'gone' is deleted") as e:
+        registry.ensure_experiment(mlflow, "gone", uri)
+    assert f"--experiment-id {exp}" in e.value.hint

@@ -72,6 +72,12 @@ def ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = mlflow.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":  # runs in it would fail to start
+        raise OnewordError(
+            f"MLflow experiment {name!r} is deleted",
+            hint=f"restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) or pass another "
+            "--experiment",
+        )
     if exp is not None:
         return exp.experiment_id
     try:

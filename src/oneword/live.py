@@ -74,7 +74,7 @@ class LiveRuns:
         self.tracking = tracking
         self.names = {spec.token: name for name, spec in concepts}
         self.run_ids: dict[str, str] = {}  # name -> run id
-        self.logged: dict[str, int] = {}  # token -> curve points logged so far
+        self.logged: dict[str, int] = {}  # token -> the last step whose curve point is logged
         self.trainer = None
         self.sample_every = 0
         self._pipe = None
@@ -121,7 +121,9 @@ class LiveRuns:
             else:  # a retried task (a preempted node) goes on in the run its first attempt opened
                 self._client.update_run(run_id, status="RUNNING")
                 history = self._client.get_metric_history(run_id, "loss")
-                self.logged[spec.token] = len({m.step for m in history})
+                # by step, not by count: the retry resumed from its last checkpoint, maybe before the last
+                # point logged; those steps keep the values the first attempt logged (a resume replays them)
+                self.logged[spec.token] = max((m.step for m in history), default=-1)
             self.run_ids[name] = run_id
             log.info("live metrics of %s: MLflow run %s in experiment %r", name, run_id, self.tracking.experiment)
 
@@ -166,11 +168,12 @@ class LiveRuns:
             run_id = self.run_ids.get(self.names.get(token, ""))
             if run_id is None:
                 continue
-            new = self.trainer.curves[token][self.logged.get(token, 0) :]
+            new = [p for p in self.trainer.curves[token] if int(p["step"]) > self.logged.get(token, -1)]
             batch = [Metric(k, float(p[k]), now, int(p["step"])) for p in new for k in ("loss", "embedding_norm")]
             for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
                 self._client.log_batch(run_id, metrics=batch[i : i + 1000])
-            self.logged[token] = self.logged.get(token, 0) + len(new)
+            if new:
+                self.logged[token] = int(new[-1]["step"])
 
     def _log_samples(self, step: int) -> None:
         import torch

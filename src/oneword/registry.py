@@ -371,9 +371,13 @@ def _log_model(mlflow, concept: _Concept, embedding: Path):
     with tempfile.TemporaryDirectory() as d:
         try:
             back = Path(mlflow.artifacts.download_artifacts(artifact_uri=copy, dst_path=d))
-        except Exception:  # a missing file reads as whatever the store raises
-            back = None
-        if back is None or sha256_file(back) != sha256_file(embedding):
+        except Exception as e:  # a missing file and an unreachable store come as whatever the store raises
+            raise OnewordError(
+                f"the embedding could not be read back from the logged model {info.model_uri}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}",
+                hint="check the artifact store (its endpoint and credentials), then rerun `register`",
+            ) from e
+        if sha256_file(back) != sha256_file(embedding):
             raise OnewordError(
                 f"the logged model {info.model_uri} does not hold the embedding intact",
                 hint="check the artifact store, then rerun `register`",

@@ -171,6 +171,11 @@ def test_quality_gate_wants_a_lead_larger_than_the_noise():
     assert not close.passed and "by more than 0.0400" in close.reason
     assert quality_gate(_scored(0.55, 0.5, se=0.02), champion).passed
     assert quality_gate(_scored(0.53, 0.5, se=0.02), champion, GateThresholds(margin_se=0)).passed
+    # one image a prompt: reconstruction's spread is unmeasured (nan) on both; a worse candidate must not pass
+    one_image = {**_scored(0.5, 0.5, se=0.02), "reconstruction_se": math.nan}
+    worse = {**_scored(0.2, 0.2, se=0.02), "reconstruction_se": math.nan}
+    assert not quality_gate(worse, one_image).passed
+    assert quality_gate({**_scored(0.6, 0.5, se=0.02), "reconstruction_se": math.nan}, one_image).passed
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ champion by more than the noise of the two measurements (`GateThresholds.margin_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from oneword.config import GateThresholds
@@ -91,5 +92,10 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
 
 
 def _se_of_sum(metrics: dict) -> float:
-    """The standard error of reconstruction + editability (0 where the scores carry none)."""
-    return (metrics.get("reconstruction_se", 0.0) ** 2 + metrics.get("editability_se", 0.0) ** 2) ** 0.5
+    """The standard error of reconstruction + editability (0 where the scores carry none).
+
+    One image a prompt leaves a score's spread unmeasured (nan): it counts as none, as in checkpoint selection; a
+    nan margin would let every candidate "beat" the champion, however bad.
+    """
+    ses = (metrics.get("reconstruction_se"), metrics.get("editability_se"))
+    return math.hypot(*(0.0 if se is None or math.isnan(se) else se for se in ses))

@@ -256,11 +256,16 @@ def evaluate(
         with open(report.path, "w") as f:
             f.write(f"<p>{concept} was not evaluated: see {evaluation.path}/failure.json</p>")
         return
+    import math
+
+    # only numbers KFP can carry: one training image leaves the image-only baseline undefined (nan), and a nan
+    # would make the task's output invalid JSON after all its sampling
     for k in ("reconstruction", "editability", "dino"):
-        if m.get(k) is not None:
+        if m.get(k) is not None and math.isfinite(m[k]):
             metrics.log_metric(k, m[k])
     for k, v in (m.get("baselines") or {}).items():
-        metrics.log_metric(f"baseline_{k}", v)
+        if v is not None and math.isfinite(v):
+            metrics.log_metric(f"baseline_{k}", v)
     metrics.log_metric("chosen_step", m["step"])
     metrics.metadata["accelerator"] = f"{accelerator_limit} x {accelerator_type}"
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)

@@ -70,3 +70,18 @@ def test_damaged_latents_are_refused_on_loading(cat_latents, tmp_path):
     with pytest.raises(OnewordError, match=r"non-finite.*'mean'") as e:
         LatentSet.load(tmp_path / "damaged")
     assert str(path) in e.value.message and "cache-latents" in e.value.hint
+
+
+def test_a_damaged_shared_cache_entry_is_encoded_again(cat_dataset, tiny_model, tmp_path):
+    cache = tmp_path / "cache"
+    first = cache_latents(cat_dataset, tiny_model, tmp_path / "one", cache_dir=cache)
+    entries = sorted(cache.rglob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    poisoned = load_file(str(entries[0]))
+    poisoned["mean"][0, 0, 0] = float("nan")
+    save_file(poisoned, str(entries[0]))
+    entries[1].write_bytes(entries[1].read_bytes()[:40])  # cut short by a kill
+    again = cache_latents(cat_dataset, tiny_model, tmp_path / "two", cache_dir=cache)
+    torch.testing.assert_close(again.mean, first.mean)
+    assert torch.isfinite(load_file(str(entries[0]))["mean"]).all()  # replaced in the cache too

@@ -107,6 +107,22 @@ class LatentSet:
         )
 
 
+def _cached(f: Path) -> dict[str, torch.Tensor] | None:
+    """A shared-cache entry, or None when it is missing or unusable (cut short, or non-finite): then it is
+    encoded again and replaced."""
+    if not f.exists():
+        return None
+    try:
+        entry = load_file(str(f))
+    except Exception:  # safetensors' errors for a truncated file come in several types
+        log.warning("latent cache entry %s is unreadable; encoding it again", f)
+        return None
+    if not all(torch.isfinite(t).all() for t in entry.values()):
+        log.warning("latent cache entry %s holds non-finite values; encoding it again", f)
+        return None
+    return entry
+
+
 def entry_key(vae_fingerprint: str, image_sha256: str, resolution: int, flip: bool) -> str:
     """The shared-cache key of one encoded image."""
     return hashlib.sha256(f"{vae_fingerprint}|{image_sha256}|{resolution}|{int(flip)}".encode()).hexdigest()
@@ -158,8 +174,8 @@ def cache_latents(
         for flip in (False, True):
             key = entry_key(vae_fp, rec.processed_sha256, res, flip)
             f = cache / key[:2] / f"{key}.safetensors"
-            if f.exists():
-                entries[key] = load_file(str(f))
+            if (hit := _cached(f)) is not None:
+                entries[key] = hit
             else:
                 todo.append((key, Path(dataset_dir) / rec.file, flip))
     log.info("latent cache: %d hit(s), %d to encode", len(entries), len(todo))
@@ -177,8 +193,14 @@ def cache_latents(
             ]
         ).to(device, dtype)
         dist = vae.encode(x).latent_dist
-        for j, (key, _, _) in enumerate(chunk):
+        for j, (key, path, _) in enumerate(chunk):
             e = {"mean": dist.mean[j].float().cpu().contiguous(), "std": dist.std[j].float().cpu().contiguous()}
+            if not all(torch.isfinite(t).all() for t in e.values()):  # never into the cache other runs share
+                raise OnewordError(
+                    f"the VAE made non-finite latents of {path}",
+                    hint="check the base model's VAE (its weights, or a half precision it overflows in) and the "
+                    "picture; nothing was written to the shared latent cache",
+                )
             entries[key] = e
             f = cache / key[:2] / f"{key}.safetensors"
             f.parent.mkdir(parents=True, exist_ok=True)

@@ -274,3 +274,16 @@ def test_dreambench_sets_follow_dreambooths_protocol(trained_concept, cat_datase
     assert db["dino"] != m["dino"]  # over the 25 prompts' images, not only "A photo of S*"
     html = (tmp_path / "eval" / "report.html").read_text()
     assert "DreamBench CLIP-I" in html and "DreamBooth (Ruiz et al. 2023) Table 1" in html
+
+
+def test_checkpoints_in_a_relative_folder_are_found_by_evaluate(cat_latents_dir, tmp_path, monkeypatch):
+    from oneword.evaluation.evaluate import _checkpoint_list
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    cfg = TrainConfig(steps=4, checkpoint_every=2)
+    train(cat_latents_dir, out, ConceptSpec(token="<cat-rel>", init_word="cat"), cfg, checkpoint_dir="ckpts",
+          progress=False)  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint_dir"] == str(tmp_path / "ckpts")
+    assert [s for s, _ in _checkpoint_list(out, summary)] == [2, 4]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from oneword import __version__, distributed, outcome
+from oneword import __version__, distributed, outcome, storage
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
@@ -77,6 +77,12 @@ def _load_model(
             model.fingerprint[:19],
         )
     return model
+
+
+def _where(checkpoint_dir: str | Path) -> str:
+    """A checkpoint folder as the summary records it: an `s3://` prefix as it is, a local folder absolute (a
+    relative one would be read against the concept's folder by `evaluate`, not against where training ran)."""
+    return str(checkpoint_dir) if storage.is_s3(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
 
 
 def _run_summary(
@@ -196,7 +202,7 @@ def train(
     live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking and main else None
     result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)
     if main:
-        run = _run_summary(config, model, result, trainer, str(ckpt))
+        run = _run_summary(config, model, result, trainer, _where(ckpt))
         run_id = live.run_ids.get(name) if live else None
         _write_concept(out_dir, concept, latents, Path(latents_dir), result, run, run_id)
     return result
@@ -356,7 +362,7 @@ def train_group(
         )
         live = LiveRuns(tracking, [(n, s) for n, s, _, _ in ready], model.fingerprint) if tracking and main else None
         result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=True)
-        run = _run_summary(config, model, result, trainer, ckpt if checkpoint_root else "../checkpoints")
+        run = _run_summary(config, model, result, trainer, _where(ckpt) if checkpoint_root else "../checkpoints")
         for name, spec, lat, where in ready:
             if spec.token in result.failed:
                 fail(name, "train", result.failed[spec.token])

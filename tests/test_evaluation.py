@@ -287,3 +287,14 @@ def test_checkpoints_in_a_relative_folder_are_found_by_evaluate(cat_latents_dir,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoint_dir"] == str(tmp_path / "ckpts")
     assert [s for s, _ in _checkpoint_list(out, summary)] == [2, 4]
+
+
+def test_a_fresh_training_refuses_a_folder_that_holds_an_earlier_ones_checkpoints(cat_latents_dir, tmp_path):
+    spec, out = ConceptSpec(token="<cat-again>", init_word="cat"), tmp_path / "out"
+    train(cat_latents_dir, out, spec, TrainConfig(steps=4, checkpoint_every=2), progress=False)
+    with pytest.raises(OnewordError, match=r"checkpoints of an earlier training \(steps 2-4\)") as e:
+        train(cat_latents_dir, out, spec, TrainConfig(steps=3, checkpoint_every=3), progress=False)
+    assert "--resume" in e.value.hint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.pt", "step-000004.pt"]
+    r = train(cat_latents_dir, out, spec, TrainConfig(steps=6, checkpoint_every=2), progress=False, resume=True)
+    assert r.steps == 6

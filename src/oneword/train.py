@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from oneword import __version__, distributed, outcome, storage
+from oneword import __version__, checkpoints, distributed, outcome, storage
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
@@ -185,6 +185,12 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
+    if not resume and (earlier := checkpoints.list_checkpoints(ckpt)):
+        # a fresh run would write among them, and evaluation would choose from both runs' checkpoints
+        raise OnewordError(
+            f"{ckpt} holds checkpoints of an earlier training (steps {earlier[0][0]}-{earlier[-1][0]})",
+            hint="pass --resume to continue that training, or remove them (or choose another -o) to start afresh",
+        )
     trainer = InversionTrainer(model, [(concept, latents)], config)
     log.info(
         "training %s (init %r, %d vector(s)) for %d steps at lr %g on %s",

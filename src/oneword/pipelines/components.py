@@ -258,14 +258,13 @@ def evaluate(
         return
     import math
 
-    # only numbers KFP can carry: one training image leaves the image-only baseline undefined (nan), and a nan
-    # would make the task's output invalid JSON after all its sampling
-    for k in ("reconstruction", "editability", "dino"):
-        if m.get(k) is not None and math.isfinite(m[k]):
-            metrics.log_metric(k, m[k])
-    for k, v in (m.get("baselines") or {}).items():
-        if v is not None and math.isfinite(v):
-            metrics.log_metric(f"baseline_{k}", v)
+    # only finite numbers, which KFP's metrics carry: one training image leaves the image-only baseline undefined
+    # (nan), and a nan would make the task's output invalid JSON after all its sampling
+    scores = {k: m.get(k) for k in ("reconstruction", "editability", "dino")}
+    scores |= {f"baseline_{k}": v for k, v in (m.get("baselines") or {}).items()}  # "points" stays in metrics.json
+    for k, v in scores.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            metrics.log_metric(k, v)
     metrics.log_metric("chosen_step", m["step"])
     metrics.metadata["accelerator"] = f"{accelerator_limit} x {accelerator_type}"
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)

@@ -67,6 +67,19 @@ def test_resume_is_bit_for_bit(tiny_model_dir, cat_latents, tmp_path):
     assert [p["step"] for p in rest.curve] == [p["step"] for p in whole.curve]
 
 
+def test_a_resume_trains_on_at_the_learning_rate_asked_for(tiny_model_dir, cat_latents, tmp_path):
+    first = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=10, checkpoint_every=10)
+    first.run(tmp_path, progress=False)
+    slower = _trainer(
+        load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20, checkpoint_every=10, learning_rate=1e-4
+    )
+    asked = [g["lr"] for g in slower.optimizer.param_groups]
+    assert asked != [g["lr"] for g in first.optimizer.param_groups]
+    slower.run(tmp_path, resume=True, progress=False)
+    assert slower.step == 20 and [g["lr"] for g in slower.optimizer.param_groups] == asked
+    assert slower.optimizer.state  # the checkpoint's moments went on
+
+
 def test_seeded_runs_reproduce_and_seeds_differ(tiny_model_dir, cat_latents):
     runs = []
     for seed in (3, 3, 4):

@@ -486,7 +486,14 @@ class InversionTrainer:
                 c.param.copy_(state["vectors"][c.spec.token].to(self.device))
                 if c.param_2 is not None:
                     c.param_2.copy_(state["vectors_2"][c.spec.token].to(self.device))
+        # the checkpoint's optimiser state (moments, step counts) goes on; its settings (learning rate, weight
+        # decay) would replace this run's, which are what the user asked for and what summary.json reports
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, mine in zip(self.optimizer.param_groups, settings):
+            if (theirs := {k: group.get(k) for k in mine}) != mine:
+                log.info("resuming with this run's optimiser settings %s, not the checkpoint's %s", mine, theirs)
+            group.update(mine)
         self.gen.set_state(state["rng"])
         self.gen_device.set_state(state["rng_device"])
         if state.get("scaler") and self.scaler.is_enabled():

@@ -71,7 +71,11 @@ def test_a_resume_trains_on_at_the_learning_rate_asked_for(tiny_model_dir, cat_l
     first = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=10, checkpoint_every=10)
     first.run(tmp_path, progress=False)
     slower = _trainer(
-        load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=20, checkpoint_every=10, learning_rate=1e-4
+        load_base_model(str(tiny_model_dir), parts=("unet",)),
+        cat_latents,
+        steps=20,
+        checkpoint_every=10,
+        learning_rate=1e-4,
     )
     asked = [g["lr"] for g in slower.optimizer.param_groups]
     assert asked != [g["lr"] for g in first.optimizer.param_groups]

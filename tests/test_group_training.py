@@ -239,3 +239,33 @@ def test_a_failure_passed_on_keeps_its_hint(tmp_path):
         "error": "photos/a.jpg is not an image",
         "hint": "remove it or replace it",
     }
+
+
+def test_a_member_that_cannot_train_beside_the_others_fails_alone(tiny_model_dir, cat_latents_dir, tmp_path):
+    import dataclasses
+
+    cat = LatentSet.load(cat_latents_dir)
+    bigger = tmp_path / "bigger"  # encoded at another resolution: one batch cannot hold both sizes
+    dataclasses.replace(cat, mean=cat.mean.repeat(1, 1, 1, 2, 2), std=cat.std.repeat(1, 1, 1, 2, 2)).save(bigger)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "latents.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
+    members = [
+        ("two-vectors", ConceptSpec(token="<h0>", init_word="cat", n_vectors=2), cat_latents_dir),
+        ("clashes", ConceptSpec(token="<h0>_1", init_word="dog"), cat_latents_dir),  # the first one's 2nd entry
+        ("same-token", ConceptSpec(token="<h0>", init_word="dog"), cat_latents_dir),
+        ("other-size", ConceptSpec(token="<h3>", init_word="dog"), bigger),
+        ("damaged", ConceptSpec(token="<h4>", init_word="dog"), damaged),
+        ("too-late", ConceptSpec(token="<h5>", init_word="dog", n_vectors=3), cat_latents_dir),
+        ("fine", ConceptSpec(token="<h6>", init_word="clock"), cat_latents_dir),
+    ]
+    cfg = TrainConfig(steps=4, progressive_every=2)
+    rows = train_group(members, tmp_path / "out", cfg, str(tiny_model_dir), progress=False)
+    assert {r["name"]: r["status"] for r in rows} == {
+        "two-vectors": "trained", "clashes": "failed", "same-token": "failed", "other-size": "failed",
+        "damaged": "failed", "too-late": "failed", "fine": "trained",
+    }  # fmt: skip
+    errors = {r["name"]: r["error"] for r in rows}
+    assert "['<h0>_1'] are also two-vectors's" in errors["clashes"] and "<h0>" in errors["same-token"]
+    assert "one batch cannot hold both" in errors["other-size"] and "could not be read" in errors["damaged"]
+    assert "switches on at step 4" in errors["too-late"]

@@ -98,6 +98,23 @@ class TrainResult:
     ended_early_at: int | None = None  # the step at which every embedding had settled (`TrainConfig.early_end`)
 
 
+def check_progressive(spec: ConceptSpec, config: TrainConfig) -> None:
+    """Refuse a concept whose last vector would switch on (progressive_every) after training ends.
+
+    Raises:
+        OnewordError: naming the limits that would fit.
+    """
+    every, steps, n = config.progressive_every, config.steps, spec.n_vectors
+    if every and n > 1 and (n - 1) * every >= steps:
+        # Vector k switches on at step k * every: a later one would be exported as its initializer, untrained.
+        raise OnewordError(
+            f"{spec.token!r}: vector {n} of {n} switches on at step {(n - 1) * every} (progressive_every="
+            f"{every}), but training ends at step {steps}: it would be exported untrained",
+            hint=f"use at most {(steps - 1) // every + 1} vectors, progressive_every at most "
+            f"{(steps - 1) // (n - 1)}, or more than {(n - 1) * every} steps",
+        )
+
+
 class InversionTrainer:
     """Textual inversion of one or more concepts in a frozen base model.
 
@@ -222,15 +239,7 @@ class InversionTrainer:
         return [vocabulary_norm(splice.base.weight) for splice in self.splices]
 
     def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
-        every, steps, n = self.config.progressive_every, self.config.steps, spec.n_vectors
-        if every and n > 1 and (n - 1) * every >= steps:
-            # Vector k switches on at step k * every: a later one would be exported as its initializer, untrained.
-            raise OnewordError(
-                f"{spec.token!r}: vector {n} of {n} switches on at step {(n - 1) * every} (progressive_every="
-                f"{every}), but training ends at step {steps}: it would be exported untrained",
-                hint=f"use at most {(steps - 1) // every + 1} vectors, progressive_every at most "
-                f"{(steps - 1) // (n - 1)}, or more than {(n - 1) * every} steps",
-            )
+        check_progressive(spec, self.config)
         inits, params, token_ids = [], [], []
         for tok, splice in zip(self.tokenizers, self.splices):
             init_id = initializer_id(tok, spec.init_word)

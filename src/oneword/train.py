@@ -30,13 +30,20 @@ import torch
 from oneword import __version__, checkpoints, distributed, outcome, storage
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
-from oneword.inversion import ConceptSpec, InversionTrainer, MetricsCallback, TrainConfig, TrainResult
+from oneword.inversion import (
+    ConceptSpec,
+    InversionTrainer,
+    MetricsCallback,
+    TrainConfig,
+    TrainResult,
+    check_progressive,
+)
 from oneword.latents import DATASET_DIR, LatentSet
 from oneword.live import LiveRuns, LiveTracking
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
 from oneword.templates import get_templates
-from oneword.tokens import expand_placeholder, initializer_id
+from oneword.tokens import expand_placeholder, initializer_id, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +271,25 @@ def check_concept(tokenizer, spec: ConceptSpec) -> None:
         )
 
 
+def _check_fits_group(
+    name: str, spec: ConceptSpec, latents: LatentSet, ready: Sequence[tuple[str, ConceptSpec, LatentSet, Path]]
+) -> None:
+    """Refuse a concept that cannot train beside those already in the group: one whose tokenizer entries clash
+    with theirs, or whose latents have another size (one batch holds them all)."""
+    mine = set(vector_tokens(spec.token, spec.n_vectors))
+    for other, other_spec, other_latents, _ in ready:
+        if clash := mine & set(vector_tokens(other_spec.token, other_spec.n_vectors)):
+            raise OnewordError(
+                f"{name}: its token entries {sorted(clash)} are also {other}'s", hint="give each concept its own token"
+            )
+        if latents.mean.shape[2:] != other_latents.mean.shape[2:]:
+            raise OnewordError(
+                f"{name}: its latents are {tuple(latents.mean.shape[2:])}, {other}'s "
+                f"{tuple(other_latents.mean.shape[2:])}: one batch cannot hold both",
+                hint="preprocess every concept of a group at one resolution",
+            )
+
+
 def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: TrainConfig, fingerprint: str) -> str:
     """A name for a group's checkpoints made from what determines its training, not from the run that started it.
 
@@ -341,14 +367,22 @@ def train_group(
             loaded.append((name, spec, LatentSet.load(Path(where)), Path(where)))
         except OnewordError as e:
             fail(name, "train", str(e))
+        except Exception as e:  # a damaged file's header, say: this concept fails, the others train
+            fail(name, "train", f"{where}: its latents could not be read ({type(e).__name__}: {e})")
     model = _load_model(loaded[0][2], base_model, loaded[0][3], _samples(tracking, config)) if loaded else None
+    for name, _, lat, where in loaded[1:]:  # _load_model compared the first member's
+        if (fp := lat.meta.get("model_fingerprint")) and model is not None and fp != model.fingerprint:
+            log.warning("%s: latents %s were encoded for another model (%s…); fine only if it shares the VAE",
+                        name, where, fp[:19])  # fmt: skip
     profile = profile_of(model) if model is not None else None
     config = config.resolved(profile) if profile is not None else config
-    ready = []
+    ready: list[tuple[str, ConceptSpec, LatentSet, Path]] = []
     for name, spec, lat, where in loaded:
         try:
             spec = spec.resolved(profile)
             check_concept(model.tokenizer, spec)
+            check_progressive(spec, config)
+            _check_fits_group(name, spec, lat, ready)
             ready.append((name, spec, lat, where))
         except OnewordError as e:
             fail(name, "train", str(e))

@@ -497,7 +497,10 @@ class InversionTrainer:
                     c.param_2.copy_(state["vectors_2"][c.spec.token].to(self.device))
         # the checkpoint's optimiser state (moments, step counts) goes on; its settings (learning rate, weight
         # decay) would replace this run's, which are what the user asked for and what summary.json reports
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        settings = [
+            {k: v for k, v in g.items() if isinstance(v, (int, float, str, tuple)) or v is None}  # not tensors
+            for g in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, mine in zip(self.optimizer.param_groups, settings):
             if (theirs := {k: group.get(k) for k in mine}) != mine:

@@ -331,3 +331,29 @@ def test_checkpoint_storage_that_is_not_configured_is_an_error_not_a_fresh_start
     with pytest.raises(OnewordError, match=r"could not write checkpoint .*No space left"):
         checkpoints.save_checkpoint(tmp_path, 10, {"step": 10})
     assert list(tmp_path.iterdir()) == []  # no part file left behind
+
+
+def test_a_progressive_vector_joins_with_fresh_optimiser_moments(tiny_model, cat_latents):
+    spec = ConceptSpec(token="<cat-prog>", init_word="cat", n_vectors=2)
+    tr = _trainer(tiny_model, cat_latents, concept=spec, steps=8, progressive_every=4, init_l2=0.5)
+    for s in range(4):
+        tr.train_step(s)
+    param = tr.concepts[0].param
+    state = tr.optimizer.state[param]
+    assert state["exp_avg"][1].abs().sum() > 0  # the idle row's L2 pull (weight decay moved it) built momentum
+    tr._activate_vectors(4)
+    assert torch.equal(param[1], tr.concepts[0].inits[0][1])
+    assert not state["exp_avg"][1].any() and not state["exp_avg_sq"][1].any()
+    assert state["exp_avg"][0].any()  # the row that was training keeps its moments
+
+
+def test_a_stopped_concept_does_not_move(tiny_model, cat_latents):
+    specs = [ConceptSpec(token="<stop-a>", init_word="cat"), ConceptSpec(token="<stop-b>", init_word="dog")]
+    tr = InversionTrainer(tiny_model, [(s, cat_latents) for s in specs], TrainConfig(steps=10))
+    for s in range(3):
+        tr.train_step(s)
+    tr.concepts[0].failed = "its loss became nan"
+    before = tr.concepts[0].param.detach().clone()
+    for s in range(3, 6):
+        tr.train_step(s)
+    assert torch.equal(tr.concepts[0].param, before) and not torch.equal(tr.concepts[1].param, before)

@@ -15,7 +15,8 @@ pipeline conditions it (`oneword.conditioning`).
 A batch may hold samples of several concepts (a batch job trains its shard's concepts together): each has its
 own trainable parameter, learning rate, loss and curve, and the loss is the sum of the concepts' mean losses, so
 each parameter gets exactly the gradient it would get training alone. A concept whose loss turns non-finite
-stops there (its early end) while the others go on.
+stops there (its early end) while the others go on. (In fp16 the concepts share one loss scale: a step on
+which one of them overflows is skipped for all, until that concept is stopped at the next report.)
 """
 
 from __future__ import annotations
@@ -295,6 +296,11 @@ class InversionTrainer:
                 for param, init, radius in zip(c.params, c.inits, self.radii):
                     if k < param.shape[0]:
                         param[k] = on_sphere(init[k], radius) if self.config.direction_only else init[k]
+                        # and its optimiser moments start afresh too: built while the row was idle (zero
+                        # gradients, the L2 pull on a decayed row), they would push it off its initializer
+                        for moment in self.optimizer.state.get(param, {}).values():
+                            if torch.is_tensor(moment) and moment.shape == param.shape:
+                                moment[k] = 0
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw one batch, active concepts concatenated: latents z0 (B, C, h, w), prompt ids (B, n_encoders, 77)
@@ -428,6 +434,11 @@ class InversionTrainer:
             scaled.backward()
         if self.world.size > 1:
             self._sum_gradients()
+        else:  # the splice gives a stopped concept zero gradients, on which AdamW would still move it
+            for c in self.concepts:
+                if c.failed:
+                    for p in c.params:
+                        p.grad = None
         self.scaler.step(self.optimizer)  # stopped concepts have no gradient, so AdamW leaves them as they are
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

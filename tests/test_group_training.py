@@ -14,6 +14,7 @@ import yaml
 
 from oneword import checkpoints, outcome
 from oneword.embeddings import load as load_embedding
+from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig
 from oneword.latents import LatentSet
 from oneword.models import load_base_model
@@ -269,3 +270,12 @@ def test_a_member_that_cannot_train_beside_the_others_fails_alone(tiny_model_dir
     assert "['<h0>_1'] are also two-vectors's" in errors["clashes"] and "<h0>" in errors["same-token"]
     assert "one batch cannot hold both" in errors["other-size"] and "could not be read" in errors["damaged"]
     assert "switches on at step 4" in errors["too-late"]
+
+
+def test_a_fresh_group_training_refuses_an_earlier_ones_checkpoints(tiny_model_dir, cat_latents_dir, tmp_path):
+    members = [("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)]
+    train_group(members, tmp_path / "out", TrainConfig(steps=2, checkpoint_every=2), str(tiny_model_dir),
+                resume=False, progress=False)  # fmt: skip
+    with pytest.raises(OnewordError, match=r"checkpoints of an earlier training \(steps 2-2\)"):
+        train_group(members, tmp_path / "out", TrainConfig(steps=3), str(tiny_model_dir), resume=False,
+                    progress=False)  # fmt: skip

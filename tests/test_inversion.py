@@ -353,7 +353,7 @@ def test_a_stopped_concept_does_not_move(tiny_model, cat_latents):
     for s in range(3):
         tr.train_step(s)
     tr.concepts[0].failed = "its loss became nan"
-    before = tr.concepts[0].param.detach().clone()
+    stopped, going = (c.param.detach().clone() for c in tr.concepts)
     for s in range(3, 6):
         tr.train_step(s)
-    assert torch.equal(tr.concepts[0].param, before) and not torch.equal(tr.concepts[1].param, before)
+    assert torch.equal(tr.concepts[0].param, stopped) and not torch.equal(tr.concepts[1].param, going)

@@ -179,6 +179,10 @@ def train(
     Returns:
         The `TrainResult`.
     """
+    from oneword.registry import concept_name  # (registry imports evaluation, which imports this module)
+
+    name = concept_name(concept.token, name or "")  # a name the registry cannot hold fails before any work
+    _refuse_earlier_checkpoints(checkpoint_dir if checkpoint_dir is not None else Path(out_dir) / "checkpoints", resume)
     if (n := _processes(config, base_model, callbacks)) > 1:
         return distributed.launch(
             "oneword.train:train", n, latents_dir=latents_dir, out_dir=out_dir, concept=concept, config=config,
@@ -192,12 +196,6 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
-    if not resume and (earlier := checkpoints.list_checkpoints(ckpt)):
-        # a fresh run would write among them, and evaluation would choose from both runs' checkpoints
-        raise OnewordError(
-            f"{ckpt} holds checkpoints of an earlier training (steps {earlier[0][0]}-{earlier[-1][0]})",
-            hint="pass --resume to continue that training, or remove them (or choose another -o) to start afresh",
-        )
     trainer = InversionTrainer(model, [(concept, latents)], config)
     log.info(
         "training %s (init %r, %d vector(s)) for %d steps at lr %g on %s",
@@ -208,9 +206,6 @@ def train(
         config.lr,
         trainer.device,
     )
-    from oneword.registry import concept_name
-
-    name = concept_name(concept.token, name or "")
     main = trainer.world.main  # the other processes of a launch hold the same state and write nothing
     live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking and main else None
     result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)
@@ -234,6 +229,16 @@ def _processes(config: TrainConfig, base_model, callbacks: Sequence[MetricsCallb
 def _samples(tracking: LiveTracking | None, config: TrainConfig) -> bool:
     """Whether this process draws live sample pictures (and so loads the VAE): only the process that writes."""
     return tracking is not None and config.sample_every > 0 and distributed.main_process()
+
+
+def _refuse_earlier_checkpoints(ckpt: str | Path, resume: bool) -> None:
+    """A fresh training (not `resume`) refuses a folder that holds an earlier training's checkpoints: it would
+    write among them, and evaluation would choose from both trainings'."""
+    if not resume and (earlier := checkpoints.list_checkpoints(ckpt)):
+        raise OnewordError(
+            f"{ckpt} holds checkpoints of an earlier training (steps {earlier[0][0]}-{earlier[-1][0]})",
+            hint="pass --resume to continue that training, or remove them (or choose another -o) to start afresh",
+        )
 
 
 def _run(
@@ -366,7 +371,7 @@ def train_group(
         try:
             loaded.append((name, spec, LatentSet.load(Path(where)), Path(where)))
         except OnewordError as e:
-            fail(name, "train", str(e))
+            fail(name, "train", e.message, e.hint or "")
         except Exception as e:  # a damaged file's header, say: this concept fails, the others train
             fail(name, "train", f"{where}: its latents could not be read ({type(e).__name__}: {e})")
     model = _load_model(loaded[0][2], base_model, loaded[0][3], _samples(tracking, config)) if loaded else None
@@ -385,10 +390,11 @@ def train_group(
             _check_fits_group(name, spec, lat, ready)
             ready.append((name, spec, lat, where))
         except OnewordError as e:
-            fail(name, "train", str(e))
+            fail(name, "train", e.message, e.hint or "")
     if ready:
         key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model.fingerprint)
         ckpt = f"{str(checkpoint_root).rstrip('/')}/{key}" if checkpoint_root else str(out_dir / "checkpoints")
+        _refuse_earlier_checkpoints(ckpt, resume)
         trainer = InversionTrainer(model, [(spec, lat) for _, spec, lat, _ in ready], config)
         log.info(
             "training %d concepts together (%s) for %d steps, batch %d x %d, on %s; checkpoints in %s",

@@ -296,8 +296,10 @@ class InversionTrainer:
                 for param, init, radius in zip(c.params, c.inits, self.radii):
                     if k < param.shape[0]:
                         param[k] = on_sphere(init[k], radius) if self.config.direction_only else init[k]
-                        # and its optimiser moments start afresh too: built while the row was idle (zero
-                        # gradients, the L2 pull on a decayed row), they would push it off its initializer
+                        # and its optimiser moments start from zero: built while the row was idle (the L2 pull
+                        # on a row weight decay moved), they would push it off its initializer. The step count
+                        # is the whole parameter's, so its first updates are Adam's later-step size, not its
+                        # first step's
                         for moment in self.optimizer.state.get(param, {}).values():
                             if torch.is_tensor(moment) and moment.shape == param.shape:
                                 moment[k] = 0
@@ -434,11 +436,10 @@ class InversionTrainer:
             scaled.backward()
         if self.world.size > 1:
             self._sum_gradients()
-        else:  # the splice gives a stopped concept zero gradients, on which AdamW would still move it
-            for c in self.concepts:
-                if c.failed:
-                    for p in c.params:
-                        p.grad = None
+        for c in self.concepts:  # the splice gives a stopped concept zero gradients, on which AdamW still moves it
+            if c.failed:
+                for p in c.params:
+                    p.grad = None
         self.scaler.step(self.optimizer)  # stopped concepts have no gradient, so AdamW leaves them as they are
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -454,12 +455,10 @@ class InversionTrainer:
         params = [p for c in self.concepts for p in c.params]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         distributed.all_reduce_(flat)
-        for c in self.concepts:
-            for p in c.params:
-                n = p.numel()
-                # a stopped concept keeps no gradient, so the optimiser leaves it as it is (as in one process)
-                p.grad = None if c.failed else flat[:n].view_as(p).clone()
-                flat = flat[n:]
+        for p in params:
+            n = p.numel()
+            p.grad = flat[:n].view_as(p).clone()
+            flat = flat[n:]
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -247,4 +247,23 @@ def test_an_output_folder_is_replaced_whole_or_not_at_all(tmp_path):
     with storage.atomic_dir(final) as d:
         (d / "b.txt").write_text("second")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]  # no temporary or old folder
+
+
+def test_output_folders_written_at_once_by_two_processes_leave_one_whole(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from pathlib import Path; from oneword import storage\n"
+        "with storage.atomic_dir(Path(sys.argv[1])) as d:\n"
+        "    for i in range(50):\n"
+        "        (d / f'{i}.txt').write_text(sys.argv[2])\n"
+        "    time.sleep(0.2)\n"
+    )
+    final = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(final), w]) for w in ("a", "b")]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    written = {f.read_text() for f in final.iterdir()}
+    assert len(list(final.iterdir())) == 50 and len(written) == 1  # one writer's whole output, not a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from filelock import FileLock
+
 from oneword.errors import OnewordError
 
 ENDPOINT_VARS = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
@@ -103,8 +105,6 @@ def download_prefix(uri: str, dest: Path | None = None) -> Path:
     Returns:
         The local folder.
     """
-    from filelock import FileLock
-
     bucket, prefix = split_s3(uri)
     if dest is None:
         dest = cache_root() / "s3" / bucket / hashlib.sha256(prefix.encode()).hexdigest()[:16]
@@ -211,13 +211,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         # the old output steps aside before the new one moves in: `final` is never half-written (absent for an
-        # instant at most), and a writer that finishes at the same time only replaces it (the last one wins)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
+        # instant at most); writers that finish together take turns, and the last one's output stays
+        with FileLock(str(final.with_name(f".{final.name}.lock"))):
+            if final.exists():
+                final.rename(old)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                if old.exists():
+                    old.rename(final)  # the new one did not move in: the old one goes back
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            old.rename(final)  # the new one did not move in: the old one goes back
         raise
     shutil.rmtree(old, ignore_errors=True)

@@ -55,16 +55,20 @@ def concept_name(token: str, name: str = "") -> str:
     """
     if name:
         if not NAME_PATTERN.fullmatch(name) or len(name) > 200:
+            example = _cleaned(name).strip("_") or "my-cat"
             raise OnewordError(
                 f"registered-model name {name!r} is not one oneword can look up",
-                hint=f"use letters, digits, '_', '.' and '-' only, starting with a letter or digit, e.g. "
-                f"{concept_name(name)!r}",
+                hint=f"use letters, digits, '_', '.' and '-' only, starting with a letter or digit, e.g. {example!r}",
             )
         return name
-    made = re.sub(r"[^A-Za-z0-9_.-]+", "-", token).strip("-.").lower()
+    made = _cleaned(token)
     if not made:
         raise OnewordError(f"cannot make a registered-model name from token {token!r}", hint="pass --name")
     return made
+
+
+def _cleaned(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.").lower()[:200]
 
 
 def ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:

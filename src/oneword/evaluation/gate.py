@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from oneword.config import GateThresholds
 from oneword.errors import OnewordError
+from oneword.evaluation.metrics import known_se
 from oneword.evaluation.protocol import differences
 
 
@@ -97,5 +98,4 @@ def _se_of_sum(metrics: dict) -> float:
     One image a prompt leaves a score's spread unmeasured (nan): it counts as none, as in checkpoint selection; a
     nan margin would let every candidate "beat" the champion, however bad.
     """
-    ses = (metrics.get("reconstruction_se"), metrics.get("editability_se"))
-    return math.hypot(*(0.0 if se is None or math.isnan(se) else se for se in ses))
+    return math.hypot(known_se(metrics.get("reconstruction_se")), known_se(metrics.get("editability_se")))

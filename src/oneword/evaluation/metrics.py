@@ -12,6 +12,7 @@ must never be compared.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from PIL import Image
@@ -77,6 +78,12 @@ def standard_error(per_image: torch.Tensor) -> float:
     """The standard error of a mean of per-image scores (sample std / sqrt(n); nan for fewer than two)."""
     n = per_image.numel()
     return float(per_image.float().std(unbiased=True) / n**0.5) if n >= 2 else float("nan")
+
+
+def known_se(se: float | None) -> float:
+    """A standard error to compare with: an unmeasured one (nan: one image; None: not recorded) counts as 0, so
+    that the fixed tolerance alone decides, never a nan that makes every comparison false."""
+    return 0.0 if se is None or math.isnan(se) else se
 
 
 def mean_matched_cosine(images: torch.Tensor, texts: torch.Tensor) -> float:

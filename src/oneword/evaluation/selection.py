@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from oneword.evaluation.metrics import known_se
+
 SelectionRule = Literal["balanced", "latest-editable"]
 SELECTION_RULES: tuple[str, ...] = ("balanced", "latest-editable")
 Z = 2.0  # standard errors of a difference within which two checkpoints' scores count as equal
@@ -41,8 +43,7 @@ class CurvePoint:
 
 def within(a: CurvePoint, b: CurvePoint, key: str, tolerance: float) -> bool:
     """Whether `b`'s score `key` is as good as `a`'s: lower by at most `tolerance` or `Z` standard errors."""
-    # one image a prompt has no spread to measure (its standard error is nan): the tolerance alone decides
-    se = math.hypot(*(0.0 if math.isnan(x) else x for x in (getattr(a, key + "_se"), getattr(b, key + "_se"))))
+    se = math.hypot(known_se(getattr(a, key + "_se")), known_se(getattr(b, key + "_se")))
     return getattr(b, key) >= getattr(a, key) - max(tolerance, Z * se)
 
 

@@ -106,12 +106,6 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def main_process() -> bool:
-    """Whether this process is a launch's first, or in no launch: from the launcher's environment (`RANK`), so
-    it can be asked before the process group is joined."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the processes, in place (no-op in a single process)."""
     if launched():

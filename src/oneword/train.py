@@ -228,7 +228,7 @@ def _processes(config: TrainConfig, base_model, callbacks: Sequence[MetricsCallb
 
 def _samples(tracking: LiveTracking | None, config: TrainConfig) -> bool:
     """Whether this process draws live sample pictures (and so loads the VAE): only the process that writes."""
-    return tracking is not None and config.sample_every > 0 and distributed.main_process()
+    return tracking is not None and config.sample_every > 0 and distributed.current().main
 
 
 def _refuse_earlier_checkpoints(ckpt: str | Path, resume: bool) -> None:

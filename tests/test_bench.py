@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from oneword import bench
+from oneword import bench, profiles
 from oneword.errors import OnewordError
 
 STAND_IN = """
@@ -107,7 +107,7 @@ def test_every_loop_trains_on_the_latents_of_the_resolution_asked_for(stand_in, 
     assert [r["latent_side"] for r in rows] == [16, 16, 16]
     model_dir = Path(calls(stand_in)[0]["pretrained_model_name_or_path"])
     no_vae = bench.load_bench_model(None, parts=("unet",))
-    assert no_vae.vae is None and bench.vae_factor(no_vae) == bench.vae_factor(model_dir) == 4
+    assert no_vae.vae is None and bench.vae_factor(no_vae) == profiles.vae_factor(str(model_dir)) == 4
     assert "16 x 16 latents" in capsys.readouterr().out
 
 

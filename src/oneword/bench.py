@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from oneword import distributed
+from oneword import distributed, profiles
 from oneword.config import ConceptSpec, TrainConfig
 from oneword.device import resolve_device
 from oneword.inversion import InversionTrainer
@@ -69,19 +68,15 @@ def _latent_shape(model: LoadedModel, resolution: int | None) -> tuple[int, int]
     return cfg.in_channels, resolution // vae_factor(model)
 
 
-def vae_factor(model: LoadedModel | str | Path) -> int:
-    """How many pixels a side one latent covers, for a loaded model or a model folder: from the VAE, or from its
-    config when the VAE was not loaded.
+def vae_factor(model: LoadedModel) -> int:
+    """How many pixels a side one latent covers: from the VAE, or its config when the VAE was not loaded.
 
     The loops that train from cached latents load no VAE, yet must train on the latents the VAE makes of
     `resolution` px, as the loops that encode images do (the tiny model's VAE halves twice, not three times).
     """
-    if isinstance(model, LoadedModel) and model.vae is not None:
-        return 2 ** (len(model.vae.config.block_out_channels) - 1)
-    folder = (model.path if isinstance(model, LoadedModel) else Path(model)) or Path("/nonexistent")
-    if not (folder / "vae" / "config.json").is_file():  # a single-file checkpoint or a hub id: SD's VAEs are 8x
-        return 8
-    return 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    if model.vae is not None:
+        return profiles.vae_factor_of(model.vae.config)
+    return profiles.vae_factor(model.source)
 
 
 def synthetic_latents(channels: int, side: int, n_images: int = 5, seed: int = 0) -> LatentSet:
@@ -323,12 +318,9 @@ def bench_diffusers_style(
     ).input_ids.to(dev)
     auto = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(dev.type, enabled=False)
 
-    latent_side = [0]
-
     def micro_step() -> None:
         with auto:
             lat = vae.encode(pixels.to(wdtype)).latent_dist.sample().detach() * vae.config.scaling_factor
-            latent_side[0] = lat.shape[-1]
             noise = torch.randn_like(lat)
             t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), device=dev)
             noisy = sched.add_noise(lat, noise, t)
@@ -366,7 +358,7 @@ def bench_diffusers_style(
         steps / dt,
         steps * batch_size * grad_accum / dt,
         peak,
-        latent_side=latent_side[0],
+        latent_side=side // vae_factor(model),
     )
 
 
@@ -500,7 +492,7 @@ def bench_reference_script(
         timed * per_step / seconds,
         None,
         warmup_seconds=walls[0],
-        latent_side=resolution // vae_factor(model),
+        latent_side=resolution // profiles.vae_factor(model),
     )
 
 

@@ -159,5 +159,16 @@ def _read_configs(base_model: str) -> dict | None:
 def _family_and_resolution(configs: dict) -> tuple[str, int]:
     width = configs["text_encoder"].get("hidden_size", 768)
     family = "sdxl" if "text_encoder_2" in configs["index"] else FAMILY_BY_WIDTH.get(width, DEFAULT_FAMILY)
-    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    return family, int(configs["unet"]["sample_size"] * factor)
+    return family, int(configs["unet"]["sample_size"] * vae_factor_of(configs["vae"]))
+
+
+def vae_factor_of(vae_config: dict) -> int:
+    """How many pixels a side one latent covers: the VAE halves the picture once per block after the first."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def vae_factor(base_model: str) -> int:
+    """`vae_factor_of` a model reference's VAE, read from its config alone (8, every Stable Diffusion family's,
+    for a single-file checkpoint, whose configs are read only when it loads)."""
+    configs = _read_configs(base_model)
+    return 8 if configs is None else vae_factor_of(configs["vae"])

@@ -67,14 +67,8 @@ def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Pat
     return paths
 
 
-def _load_model(
-    latents: LatentSet, base_model: str | LoadedModel | None, where: Path, samples: bool = False
-) -> LoadedModel:
-    source = base_model if base_model is not None else latents.meta.get("model_source")
-    if source is None:
-        raise OnewordError(f"{where} does not record its base model", hint="pass --base-model")
-    parts = ("unet", "vae") if samples else ("unet",)  # the VAE only to draw live sample pictures
-    model = source if isinstance(source, LoadedModel) else load_base_model(source, parts=parts)
+def _check_encoded_for(latents: LatentSet, model: LoadedModel, where: Path) -> None:
+    """Warn when latents were encoded for another model than the one that trains on them."""
     recorded = latents.meta.get("model_fingerprint")
     if recorded and recorded != model.fingerprint:
         log.warning(
@@ -83,6 +77,17 @@ def _load_model(
             recorded[:19],
             model.fingerprint[:19],
         )
+
+
+def _load_model(
+    latents: LatentSet, base_model: str | LoadedModel | None, where: Path, samples: bool = False
+) -> LoadedModel:
+    source = base_model if base_model is not None else latents.meta.get("model_source")
+    if source is None:
+        raise OnewordError(f"{where} does not record its base model", hint="pass --base-model")
+    parts = ("unet", "vae") if samples else ("unet",)  # the VAE only to draw live sample pictures
+    model = source if isinstance(source, LoadedModel) else load_base_model(source, parts=parts)
+    _check_encoded_for(latents, model, where)
     return model
 
 
@@ -375,10 +380,8 @@ def train_group(
         except Exception as e:  # a damaged file's header, say: this concept fails, the others train
             fail(name, "train", f"{where}: its latents could not be read ({type(e).__name__}: {e})")
     model = _load_model(loaded[0][2], base_model, loaded[0][3], _samples(tracking, config)) if loaded else None
-    for name, _, lat, where in loaded[1:]:  # _load_model compared the first member's
-        if (fp := lat.meta.get("model_fingerprint")) and model is not None and fp != model.fingerprint:
-            log.warning("%s: latents %s were encoded for another model (%s…); fine only if it shares the VAE",
-                        name, where, fp[:19])  # fmt: skip
+    for _, _, lat, where in loaded[1:]:  # _load_model checked the first member's
+        _check_encoded_for(lat, model, where)
     profile = profile_of(model) if model is not None else None
     config = config.resolved(profile) if profile is not None else config
     ready: list[tuple[str, ConceptSpec, LatentSet, Path]] = []

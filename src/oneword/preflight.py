@@ -40,19 +40,23 @@ class Problems:
         else:
             self.passed.append(name)
 
-    def run(self, name: str, find, *args, step: bool = False) -> bool:
-        """`check` what `find(*args)` returns (problem, hint); a check that raises is a problem too, so that the
-        others still run and every problem is listed at once (e.g. a denied bucket and the model on it). A `step`
-        (a read the checks after it need) is not listed among the checks passed."""
+    def attempt(self, name: str, fn, *args):
+        """`fn(*args)`, or None when it raises, which is then a problem of `name`: one check that fails to run
+        (a denied bucket, an unreadable tokenizer) is listed beside the others instead of ending the preflight."""
         try:
-            problem = find(*args)
+            return fn(*args)
         except Exception as e:  # storage, hub and parsing errors come in many types
             message = e.message if isinstance(e, OnewordError) else f"{type(e).__name__}: {e}"
             hint = e.hint if isinstance(e, OnewordError) else "see the other problems listed; they may be its cause"
-            problem = (f"{name} could not be checked: {message}", hint)
-        if problem[0] or not step:
+            self.check(name, f"{name} could not be checked: {message}", hint)
+            return None
+
+    def run(self, name: str, find, *args) -> bool:
+        """`check` what `find(*args)` returns, (problem, hint); True when it passed."""
+        problem = self.attempt(name, find, *args)
+        if problem is not None:
             self.check(name, *problem)
-        return not problem[0]
+        return problem is not None and not problem[0]
 
     def raise_if_any(self) -> None:
         if self.found:
@@ -88,14 +92,8 @@ def preflight(
     t0 = time.perf_counter()
     p = Problems()
     prof: ModelProfile | None = None
-
-    def read_profile() -> tuple[None, str]:
-        nonlocal prof
-        prof = profile(base_model)  # read once: on s3 it is four downloads
-        return None, ""
-
     if p.run("base model", _base_model_problem, base_model):
-        p.run("the base model's profile", read_profile, step=True)
+        prof = p.attempt("the base model's profile", profile, base_model)  # read once: on s3, four downloads
     clip = prof.clip_model if clip_model in ("auto", "") and prof is not None else clip_model
     if clip not in ("auto", ""):
         p.run("evaluator", _evaluator_problem, clip)
@@ -106,15 +104,8 @@ def preflight(
     for c in concepts:
         p.run(f"images of {c['token']}", _images_problem, c["images"], c["token"])
     if concepts and prof is not None:
-        found: list[tuple[str, str | None]] = []
-
-        def read_tokens() -> tuple[None, str]:
-            found.extend(_concept_problems(base_model, prof, concepts))
-            return None, ""
-
-        if p.run("the tokens", read_tokens, step=True):
-            for name, problem in found:
-                p.check(name, problem)
+        for name, problem in p.attempt("the tokens", _concept_problems, base_model, prof, concepts) or []:
+            p.check(name, problem)
     p.raise_if_any()
     log.info("preflight passed in %.1f s: %s", time.perf_counter() - t0, ", ".join(p.passed))
     return p.passed
@@ -233,7 +224,8 @@ def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[di
                 n_vectors=c.get("n_vectors", 1),
                 templates=c.get("templates"),
             ).resolved(prof)
-        except ValueError as e:  # pydantic's ValidationError: a vector count of 0, an unknown template set
+        except (ValueError, OnewordError) as e:  # pydantic's ValidationError (a vector count of 0), or an unknown
+            # template set: this concept's problem, the others are still checked
             out.append((f"token {c.get('token')}", f"{c.get('token')}: {' '.join(str(e).split())[:300]}"))
             continue
         try:

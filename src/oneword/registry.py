@@ -487,7 +487,7 @@ def _apply_gate(client, concept: _Concept, version, thresholds: GateThresholds) 
     """Decide the version's alias after every older version's, set it, and mark the decision made."""
     _wait_for_older_decisions(client, concept.name, int(version))
     alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds)
-    before = _alias_version(client, concept.name, alias)
+    before = _alias_holder(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)
     try:
         client.set_model_version_tag(concept.name, version, "gate", reason)  # last: it marks the decision as made
@@ -495,17 +495,17 @@ def _apply_gate(client, concept: _Concept, version, thresholds: GateThresholds) 
         # the caller deletes this version, and MLflow drops its aliases with it: give the alias back first, or
         # the concept is left with no champion
         if before is not None:
-            client.set_registered_model_alias(concept.name, alias, before)
+            client.set_registered_model_alias(concept.name, alias, before.version)
         raise
     return alias, reason
 
 
-def _alias_version(client, name: str, alias: str) -> str | None:
-    """The version `alias` points at, or None when it points nowhere (any other registry error is raised)."""
+def _alias_holder(client, name: str, alias: str):
+    """The model version `alias` points at, or None when it points nowhere (any other registry error is raised)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(client.get_model_version_by_alias(name, alias).version)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as e:
         if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST") and "not found" in str(e):
             return None
@@ -533,8 +533,8 @@ def _decide_alias(client, name: str, metrics: dict | None, thresholds: GateThres
         return CANDIDATE, "not evaluated"
     # no champion yet, or one: a registry that fails to answer is not "no champion" (the new version would take
     # the alias from a better one)
-    version = _alias_version(client, name, CHAMPION)
-    champion = None if version is None else _version_metrics(client.get_model_version(name, version))
+    holder = _alias_holder(client, name, CHAMPION)
+    champion = None if holder is None else _version_metrics(holder)
     try:
         result = quality_gate(metrics, champion, thresholds)
     except EvaluatorMismatch as e:

@@ -85,3 +85,16 @@ def test_a_damaged_shared_cache_entry_is_encoded_again(cat_dataset, tiny_model, 
     again = cache_latents(cat_dataset, tiny_model, tmp_path / "two", cache_dir=cache)
     torch.testing.assert_close(again.mean, first.mean)
     assert torch.isfinite(load_file(str(entries[0]))["mean"]).all()  # replaced in the cache too
+
+
+def test_images_at_another_size_than_the_models_are_pointed_out(tiny_model, tmp_path, caplog):
+    import logging
+
+    from oneword.images import preprocess
+
+    from .conftest import DREAMBENCH
+
+    preprocess(DREAMBENCH / "cat", tmp_path / "data", resolution=48)  # the tiny model draws at 32 px
+    with caplog.at_level(logging.WARNING):
+        cache_latents(tmp_path / "data", tiny_model, tmp_path / "latents", cache_dir=tmp_path / "cache")
+    assert "are 48 px" in caplog.text and "draws at 32 px" in caplog.text and "--resolution 32" in caplog.text

@@ -27,6 +27,7 @@ from oneword.conditioning import default_time_ids, time_ids
 from oneword.errors import OnewordError
 from oneword.images import Manifest
 from oneword.models import LoadedModel, load_base_model, module_fingerprint
+from oneword.profiles import profile_of
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,17 @@ def cache_latents(
     )
     if model.vae is None:
         raise OnewordError("cache_latents needs the base model's VAE, which was not loaded")
+    native = profile_of(model).resolution
+    if manifest.resolution != native:  # `oneword preprocess` alone never sees the model: 512 unless told
+        log.warning(
+            "the images of %s are %d px, but %s draws at %d px: training at another size than the model's "
+            "weakens it (preprocess with --resolution %d unless that is meant)",
+            dataset_dir,
+            manifest.resolution,
+            model.source,
+            native,
+            native,
+        )
     vae = model.vae
     vae_fp = module_fingerprint(vae)
     cache = Path(cache_dir) if cache_dir else storage.cache_root() / "latents"

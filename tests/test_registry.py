@@ -135,26 +135,21 @@ def test_a_failure_after_the_alias_moved_gives_the_champion_back(evaluated_conce
     assert [r["version"] for r in registry.list_concepts(mlflow_server) if r["name"] == name] == ["1"]
 
 
-def test_a_version_whose_register_died_is_waited_for_once(evaluated_concept, mlflow_server, tmp_path, monkeypatch):
-    train_dir, eval_dir = evaluated_concept
-    name = "cat-abandoned"
-    registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.2), mlflow_server, name=name)
+def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
     client = mlflow.MlflowClient(mlflow_server)
-    run_id = client.get_model_version(name, "1").run_id
-    client.create_model_version(name, f"runs:/{run_id}/concept", run_id=run_id)  # version 2: its register died
-    monkeypatch.setattr(registry, "ALIAS_WAIT_SECONDS", 0.5)
+    name = "cat-abandoned"
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment("abandoned-exp"))
+    for _ in range(2):
+        client.create_model_version(name, f"runs:/{run.info.run_id}/concept", run_id=run.info.run_id)
+    client.set_model_version_tag(name, "1", "gate", "passes the thresholds; no champion yet")
+    # version 2's register died before deciding its alias; version 3 waits for it, then marks it
     waits = []
-    real_wait = registry._wait_for_older_decisions
-
-    def timed(*args, **kwargs):
+    for _ in range(2):
         t0 = time.monotonic()
-        real_wait(*args, timeout=registry.ALIAS_WAIT_SECONDS, **kwargs)
+        registry._wait_for_older_decisions(client, name, 3, timeout=0.5)
         waits.append(time.monotonic() - t0)
-
-    monkeypatch.setattr(registry, "_wait_for_older_decisions", timed)
-    for rec in (0.51, 0.52):
-        registry.register(train_dir, _with_scores(eval_dir, tmp_path, rec, 0.2), mlflow_server, name=name)
-    assert waits[0] >= 0.5 and waits[1] < 0.5  # the first waited it out and marked it; the second did not wait
+    assert waits[0] >= 0.5 and waits[1] < 0.5  # the next registration does not wait for it again
     assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
 
 

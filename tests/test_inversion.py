@@ -333,6 +333,42 @@ def test_checkpoint_storage_that_is_not_configured_is_an_error_not_a_fresh_start
     assert list(tmp_path.iterdir()) == []  # no part file left behind
 
 
+def test_a_store_that_refuses_a_checkpoint_is_not_asked_again(s3_server, s3_bucket, monkeypatch):
+    import urllib.request
+
+    from oneword import storage
+
+    def enforce_auth(count: str) -> None:  # the moto server's own switch: check every request's keys from now on
+        url, headers = f"{s3_server['S3_ENDPOINT_URL']}/moto-api/reset-auth", {"Content-Type": "text/plain"}
+        req = urllib.request.Request(url, data=count.encode(), headers=headers)
+        urllib.request.urlopen(req, timeout=10).read()
+
+    real, calls = storage.upload_file, []
+    monkeypatch.setattr(storage, "upload_file", lambda *a: calls.append(a) or real(*a))
+    enforce_auth("0")
+    try:  # keys the store does not know: a 403 that no retry cures
+        with pytest.raises(OnewordError, match=r"the store refused it.*AccessDenied"):
+            checkpoints.save_checkpoint(f"s3://{s3_bucket}/ckpt", 10, {"step": 10}, backoff=0)
+    finally:
+        enforce_auth("inf")
+    assert len(calls) == 1
+    assert storage.refused(ValueError("invalid bucket name ab")) and not storage.refused(ConnectionError("reset"))
+
+
+def test_part_files_of_killed_checkpoint_writers_are_cleared(tmp_path):
+    import os
+    import time
+
+    stale, fresh = tmp_path / ".step-000010.pt.4242.part", tmp_path / ".step-000020.pt.4343.part"
+    for part in (stale, fresh):
+        part.write_bytes(b"half")
+    old = time.time() - checkpoints.STALE_PART_S - 60
+    os.utime(stale, (old, old))
+    checkpoints.save_checkpoint(tmp_path, 30, {"step": 30})
+    assert not stale.exists() and fresh.exists()  # a writer that may still be at work keeps its part file
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path)] == [30]
+
+
 def test_a_progressive_vector_joins_with_fresh_optimiser_moments(tiny_model, cat_latents):
     spec = ConceptSpec(token="<cat-prog>", init_word="cat", n_vectors=2)
     tr = _trainer(tiny_model, cat_latents, concept=spec, steps=8, progressive_every=4, init_l2=0.5)

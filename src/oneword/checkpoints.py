@@ -30,6 +30,7 @@ def checkpoint_name(step: int) -> str:
 
 UPLOAD_ATTEMPTS = 3  # object storage blips (a MinIO pod restarting) should not cost a GPU job
 UPLOAD_BACKOFF_S = 5.0  # seconds before the 2nd attempt, doubled after each
+STALE_PART_S = 3600.0  # a checkpoint is written in seconds: a part file this old is a killed writer's
 
 
 def save_checkpoint(
@@ -37,7 +38,8 @@ def save_checkpoint(
 ) -> str:
     """Write `state` as the checkpoint of `step` into a folder or `s3://` prefix.
 
-    An upload is tried `attempts` times, `backoff` seconds apart (doubling; default `UPLOAD_BACKOFF_S`); an object
+    An upload is tried `attempts` times, `backoff` seconds apart (doubling; default `UPLOAD_BACKOFF_S`), unless the
+    store refuses it (`storage.refused`: asking again gets the same answer); an object
     is whole or absent (an S3 PUT is atomic) and its size is checked after the upload, so a resume never reads a
     partial checkpoint.
 
@@ -63,11 +65,12 @@ def save_checkpoint(
                         raise OnewordError(f"{uri} does not have the size of the checkpoint uploaded")
                     return uri
                 except Exception as e:  # network and server errors come in many types
-                    if attempt == attempts:
+                    if attempt == attempts or storage.refused(e):
+                        tries = "the store refused it" if storage.refused(e) else f"after {attempts} attempts"
                         raise OnewordError(
-                            f"could not store checkpoint {uri} after {attempts} attempts: {e}",
-                            hint="check the object store (S3_ENDPOINT_URL, credentials); a rerun resumes from the "
-                            "last checkpoint stored",
+                            f"could not store checkpoint {uri} ({tries}): {e}",
+                            hint="check the object store (S3_ENDPOINT_URL, credentials, the bucket's policy); a "
+                            "rerun resumes from the last checkpoint stored",
                         ) from e
                     log.warning("storing %s failed (%s); attempt %d of %d", uri, e, attempt + 1, attempts)
                     time.sleep(backoff * 2 ** (attempt - 1))
@@ -76,7 +79,19 @@ def save_checkpoint(
     tmp = folder / f".{name}.{os.getpid()}.part"  # a rerun of the same group may write beside a stale writer
     _save_local(state, tmp)
     tmp.replace(folder / name)
+    _drop_stale_parts(folder)
     return str(folder / name)
+
+
+def _drop_stale_parts(folder: Path) -> None:
+    """Remove the part files that writers killed mid-save left behind (never a live writer's: those are fresh)."""
+    now = time.time()
+    for part in folder.glob(".step-*.part"):
+        try:
+            if now - part.stat().st_mtime > STALE_PART_S:
+                part.unlink()
+        except FileNotFoundError:  # another process removed it first
+            pass
 
 
 def _save_local(state: dict, path: Path) -> None:

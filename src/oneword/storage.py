@@ -184,6 +184,20 @@ def object_size(uri: str) -> int:
     return int(client().stat_object(bucket, key).size or 0)
 
 
+def refused(error: BaseException) -> bool:
+    """True if the store refused the request itself (access denied, unknown keys, a bad bucket name).
+
+    Asking again gets the same answer, so such errors are not retried; timeouts (408), throttling (429), server
+    errors (5xx) and lost connections are.
+    """
+    from minio.error import S3Error
+
+    if isinstance(error, S3Error):
+        status = getattr(error.response, "status", None)
+        return status is not None and 400 <= status < 500 and status not in (408, 429)
+    return isinstance(error, ValueError) and not isinstance(error, OnewordError)  # minio checks names itself
+
+
 def object_exists(uri: str) -> bool:
     """Return True if the object `s3://bucket/key` exists."""
     from minio.error import S3Error

@@ -213,9 +213,14 @@ def test_an_s3_folder_follows_its_prefix_and_fills_once_under_parallel_steps(tmp
     assert sorted(f.name for f in images.discover_images(uri)) == [f"{i}.png" for i in range(6)]
     assert all((folder / f"{i}.png").read_bytes() == (src / f"{i}.png").read_bytes() for i in range(6))
     # a photo taken out of the bucket leaves the folder too, and so does a download a kill cut short
+    storage.upload_file(src / "0.png", f"{uri}/extra/more/6.png")
+    storage.download_prefix(uri)
+    assert (folder / "extra/more/6.png").exists()
     storage.client().remove_object(s3_bucket, "concepts/y/3.png")
+    storage.client().remove_object(s3_bucket, "concepts/y/extra/more/6.png")
     (folder / ".4.png.999.part").write_bytes(b"half")
     storage.download_prefix(uri)
+    # ...and a sub-prefix whose objects are all gone leaves no empty folders behind
     assert sorted(f.name for f in folder.iterdir() if not f.name.startswith(".oneword-s3")) == [
         "0.png", "1.png", "2.png", "4.png", "5.png"
     ]  # fmt: skip

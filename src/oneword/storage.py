@@ -135,6 +135,9 @@ def download_prefix(uri: str, dest: Path | None = None) -> Path:
             if f.name.startswith(".oneword-s3"):
                 continue
             f.unlink()  # gone from the prefix, or a download a kill cut short
+        for d in sorted((d for d in dest.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+            if not any(d.iterdir()):
+                d.rmdir()  # a sub-prefix whose objects are all gone
         index = {k: v for k, v in index.items() if k in wanted}
         tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(index))

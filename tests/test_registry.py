@@ -199,6 +199,19 @@ def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").exists() and list((tmp_path / "mlartifacts").rglob("report.html"))
 
 
+def test_a_batchs_versions_are_found_by_its_tag(evaluated_concept, mlflow_server, tmp_path):
+    train_dir, eval_dir = evaluated_concept
+    for name, batch, score in (("cat-b9", "b-9", 0.5), ("cat-b9", "b-9", 0.4), ("cat-b10", "b-10", 0.45)):
+        registry.register(train_dir, _with_scores(eval_dir, tmp_path, score, 0.2), mlflow_server, name=name,
+                          batch_id=batch)  # fmt: skip
+    found = registry.batch_versions(mlflow_server, "b-9")
+    assert [(r["name"], r["version"], r["aliases"]) for r in found] == [
+        ("cat-b9", "1", ["champion"]), ("cat-b9", "2", ["candidate"])
+    ]  # fmt: skip
+    assert found == [r for r in registry.list_concepts(mlflow_server) if r["batch_id"] == "b-9"]
+    assert registry.batch_versions(mlflow_server, "b-11") == []
+
+
 def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
     """A concept that failed in `register` has its own FAILED run (no stage), then the one `record_failure` logs:
     the report gives the stage and error, whichever of them is newer."""

@@ -136,9 +136,9 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
         error}]}`. A concept with neither a version nor a recorded failure failed in a way no step could record
         (a pod lost for good): its stage is "unknown".
     """
-    from oneword.registry import batch_failures, list_concepts
+    from oneword.registry import batch_failures, batch_versions
 
-    rows = [r for r in list_concepts(tracking_uri) if r.get("batch_id") == batch_id]
+    rows = batch_versions(tracking_uri, batch_id)
     failures = batch_failures(tracking_uri, batch_id, experiment)
     out = []
     for e in concepts:

@@ -682,33 +682,49 @@ def list_concepts(
     rows = []
     models = _every_page(client.search_registered_models, page_size, filter_string=f"tags.`{CONCEPT_TAG}` = 'true'")
     for rm in models:
-        aliases_of: dict[str, list[str]] = {}
-        for a, v in (rm.aliases or {}).items():
-            aliases_of.setdefault(str(v), []).append(a)
         for mv in _every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'"):
-            fp = mv.tags.get("oneword.base_model_fingerprint", "")
-            aliases = sorted(aliases_of.get(str(mv.version), []))
+            row = _version_row(mv, rm)
+            fp = row["base_model_fingerprint"]
             if base_model and not (fp.startswith(base_model) or fp.removeprefix("sha256:").startswith(base_model)):
                 continue
-            if alias and alias not in aliases:
+            if alias and alias not in row["aliases"]:
                 continue
-            rows.append(
-                {
-                    "name": rm.name,
-                    "version": str(mv.version),
-                    "aliases": aliases,
-                    "token": mv.tags.get("oneword.token"),
-                    "base_model": mv.tags.get("oneword.base_model"),
-                    "base_model_fingerprint": fp,
-                    "model_family": mv.tags.get("oneword.model_family"),
-                    "reconstruction": mv.tags.get("reconstruction"),
-                    "editability": mv.tags.get("editability"),
-                    "gate": mv.tags.get("gate"),
-                    "batch_id": mv.tags.get("oneword.batch_id"),
-                    "run_id": mv.run_id,
-                }
-            )
+            rows.append(row)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAGE_SIZE) -> list[dict]:
+    """The concept versions one batch registered, as `list_concepts` rows.
+
+    Found by the batch's version tag, and each of their models read once for its aliases: the query costs what
+    the batch holds, not what the whole registry holds.
+    """
+    _, client = _setup(tracking_uri)
+    versions = _every_page(
+        client.search_model_versions, page_size, filter_string=f"tags.`oneword.batch_id` = '{batch_id}'"
+    )
+    models = {name: client.get_registered_model(name) for name in {mv.name for mv in versions}}
+    rows = [_version_row(mv, models[mv.name]) for mv in versions]
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def _version_row(mv, rm) -> dict:
+    """One concept version as `list_concepts` lists it; `rm` is its registered model (for the aliases)."""
+    aliases = sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
+    return {
+        "name": rm.name,
+        "version": str(mv.version),
+        "aliases": aliases,
+        "token": mv.tags.get("oneword.token"),
+        "base_model": mv.tags.get("oneword.base_model"),
+        "base_model_fingerprint": mv.tags.get("oneword.base_model_fingerprint", ""),
+        "model_family": mv.tags.get("oneword.model_family"),
+        "reconstruction": mv.tags.get("reconstruction"),
+        "editability": mv.tags.get("editability"),
+        "gate": mv.tags.get("gate"),
+        "batch_id": mv.tags.get("oneword.batch_id"),
+        "run_id": mv.run_id,
+    }
 
 
 def show_concept(ref: str, tracking_uri: str | None = None) -> dict:

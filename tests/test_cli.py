@@ -103,6 +103,19 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, 
     assert code == 2 and "error:" in out and message in out
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--images", "x"], "Missing option '--token'"),
+        (["batch", "m.yaml", "--steps", "abc"], "Invalid value for '--steps'"),
+        (["concepts", "promote"], "No such command"),
+    ],
+)
+def test_usage_errors_exit_2_without_a_traceback(args, message, capsys):
+    code, out = run(args, capsys)
+    assert code == 2 and message in out and "Traceback" not in out
+
+
 def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):
     code, out = run(["train", cat_latents_dir, "--token", "<q>", "--init-word", "xylophonist", "-o", tmp_path], capsys)
     assert code == 2 and "splits into" in out and "hint:" in out

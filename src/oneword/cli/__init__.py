@@ -75,13 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except SystemExit:
         raise
-    except Exception as e:  # click's usage errors come through here in non-standalone mode
-        import click
+    except Exception as e:
+        import typer
 
-        if isinstance(e, click.exceptions.ClickException):
+        # click's usage errors (a missing option, a bad value), shown as click shows them; typer ships its own copy
+        # of click, so they are known by what they do, not by the `click` package's classes
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):  # Ctrl-C at a prompt
             sys.exit(130)
         raise
     if isinstance(code, int) and code:

@@ -116,6 +116,29 @@ def test_usage_errors_exit_2_without_a_traceback(args, message, capsys):
     assert code == 2 and message in out and "Traceback" not in out
 
 
+def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_status():
+    from rich.console import Console
+
+    from oneword.cli.run import print_batch_report
+
+    ok = {"name": "cat-q", "status": "registered", "version": "3", "alias": "champion"}
+    bad = {
+        "name": "a-very-long-concept-name-from-a-manifest",
+        "status": "failed",
+        "stage": "preprocess",
+        "error": "photos/a.jpg: cannot identify image file; every other photo of the folder was skipped " * 2,
+    }
+    report = {"batch_id": "b-1", "registered": 1, "failed": 1, "concepts": [ok, bad], "run_dir": "/r" * 50}
+    console = Console(width=80, record=True)
+    assert print_batch_report(report, console) == 1
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines() if "run_dir" not in line) <= 80
+    assert "champion" in text and "a-very-long" in text and "1 registered, 1 failed" in text
+    assert print_batch_report({**report, "failed": 0, "concepts": [ok]}, Console(width=80, file=None)) == 0
+    unplanned = {"batch_id": "b-2", "registered": 0, "failed": 0, "concepts": [], "error": "no plan was recorded"}
+    assert print_batch_report(unplanned, Console(width=80, record=True)) == 2
+
+
 def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):
     code, out = run(["train", cat_latents_dir, "--token", "<q>", "--init-word", "xylophonist", "-o", tmp_path], capsys)
     assert code == 2 and "splits into" in out and "hint:" in out

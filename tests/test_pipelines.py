@@ -286,6 +286,14 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert status["bad-q"]["status"] == "failed" and status["bad-q"]["stage"] == "preprocess"
     assert "a.jpg" in status["bad-q"]["error"]
     assert (report["registered"], report["failed"]) == (2, 1)
+    from rich.console import Console
+
+    from oneword.cli.run import print_batch_report
+
+    console = Console(width=80, record=True)
+    assert print_batch_report(report, console) == 1  # `oneword batch` exits 1: a concept failed
+    text = console.export_text()
+    assert "bad-q" in text and "preprocess" in text and max(len(line) for line in text.splitlines()) <= 80
     names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
     # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train

@@ -117,9 +117,47 @@ def batch_cmd(
     params = {
         k: v for k, v in locals().items() if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file")
     }
-    from rich import print as rprint
 
     from oneword.pipelines.local import run_batch
 
     report = run_batch(concepts_manifest, pipeline_root, tracking_uri or None, log_file, **params)
-    rprint(report)
+    from rich.console import Console
+
+    code = print_batch_report(report, Console(soft_wrap=False))
+    if code:
+        raise typer.Exit(code)
+
+
+def print_batch_report(report: dict, console) -> int:
+    """Print a batch's report as a table, one row per concept; return the command's exit status.
+
+    1 if any concept failed (the others are registered all the same), 2 if the batch planned nothing.
+    """
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    if report.get("error") or "concepts" not in report:
+        console.print(f"[bold red]error:[/] {escape(report.get('error', 'the batch wrote no report'))}")
+        console.print(f"  run_dir {report.get('run_dir')}", highlight=False, soft_wrap=True)
+        return 2
+    t = Table(title=f"batch {report['batch_id']}", box=box.SIMPLE_HEAD, pad_edge=False)
+    longest = max((len(c["name"]) for c in report["concepts"]), default=7)
+    t.add_column("concept", overflow="fold", min_width=min(longest, 24))  # a name breaks only past 24 characters
+    t.add_column("status")
+    t.add_column("version")
+    t.add_column("alias / why", overflow="fold", ratio=1, min_width=20)  # the error takes what the names leave
+    for c in report["concepts"]:
+        if c["status"] == "registered":
+            t.add_row(escape(c["name"]), "[green]registered[/]", c["version"], c["alias"])
+        else:
+            why = f"{c.get('stage')}: {c.get('error')}"
+            t.add_row(escape(c["name"]), "[red]failed[/]", "", escape(why))
+    console.print(t)
+    console.print(
+        f"{report['registered']} registered, {report['failed']} failed in {report.get('seconds', 0):.0f} s",
+        highlight=False,
+    )
+    for k in ("run_dir", "tracking_uri"):
+        console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
+    return 1 if report["failed"] else 0

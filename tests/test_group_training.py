@@ -215,6 +215,12 @@ def test_the_photos_content_key_follows_their_content_not_their_folder(tmp_path,
     (folder / "a.jpg").write_bytes(b"replaced again")
     storage.upload_file(folder / "a.jpg", f"{prefix}/a.jpg")
     assert content_key(prefix) != on_s3
+    # one concept's bucket that does not exist leaves the plan of the others standing: its own step fails
+    from oneword.batch import ConceptEntry, plan_concepts
+
+    entries = [ConceptEntry(images=f"s3://no-such-bucket-{i}/photos", token=f"<t{i}>", init_word="cat") for i in (1, 2)]
+    planned = plan_concepts([*entries, ConceptEntry(images=prefix, token="<t3>", init_word="cat")])
+    assert [p["content_key"] for p in planned] == ["", "", content_key(prefix)]
 
 
 def test_the_checkpoint_key_follows_what_is_trained_not_the_registered_names(cat_latents):

@@ -44,7 +44,12 @@ def content_key(images: str) -> str:
     """
     h = hashlib.sha256()
     if storage.is_s3(images):
-        for key, size, etag in storage.list_objects(images):
+        try:
+            objects = storage.list_objects(images)
+        except OnewordError as e:  # one concept's missing bucket or empty prefix must not stop the batch's plan
+            log.warning("%s: %s (its preprocess step will fail alone)", images, e.message)
+            return ""
+        for key, size, etag in objects:
             h.update(f"{key}\0{size}\0{etag}\n".encode())
     else:
         folder = Path(images)

@@ -285,3 +285,40 @@ def test_a_fresh_group_training_refuses_an_earlier_ones_checkpoints(tiny_model_d
     with pytest.raises(OnewordError, match=r"checkpoints of an earlier training \(steps 2-2\)"):
         train_group(members, tmp_path / "out", TrainConfig(steps=3), str(tiny_model_dir), resume=False,
                     progress=False)  # fmt: skip
+
+
+def test_a_cached_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path):
+    """Recorded, a lost connection would be the cached result of preprocess, replayed by every later run."""
+    import urllib3
+    from minio.error import S3Error
+
+    def unreachable():  # a real refused connection through minio's transport: nothing listens on port 9
+        urllib3.PoolManager(retries=False).request("GET", "http://127.0.0.1:9/photos/cat")
+
+    with pytest.raises(Exception) as lost:
+        outcome.run_step("preprocess", tmp_path / "a", "record", unreachable, cached=True)
+    assert outcome.transient(lost.value)
+    with pytest.raises(OnewordError):  # ... wrapped in oneword's own error, too
+        outcome.run_step("preprocess", tmp_path / "b", "record", lambda: _wrapped(TimeoutError("read")), cached=True)
+    # bad input is recorded as before, and so is a lost connection in a step that is not cached
+    assert (
+        outcome.run_step("preprocess", tmp_path / "c", "record", lambda: _wrapped(ValueError("x")), cached=True) is None
+    )
+    assert outcome.run_step("train", tmp_path / "d", "record", unreachable) is None
+    assert outcome.read_failure(tmp_path / "d")["stage"] == "train"
+
+    class Answer:
+        def __init__(self, status):
+            self.status = status
+
+    def s3_error(status, code):
+        return S3Error(Answer(status), code, "m", "r", "i", "h")
+
+    assert outcome.transient(s3_error(503, "SlowDown")) and not outcome.transient(s3_error(403, "AccessDenied"))
+
+
+def _wrapped(cause: Exception):
+    try:
+        raise cause
+    except Exception as e:
+        raise OnewordError("the step could not go on") from e

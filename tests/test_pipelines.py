@@ -96,6 +96,9 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
     plan = next(t for tasks in dags.values() for n, t in tasks.items() if n == "plan-batch")
     assert not plan.get("cachingOptions", {}).get("enableCache")  # re-reads the manifest every run
     assert "retryPolicy" not in plan
+    for step in ("preprocess", "cache-latents"):  # cached steps: what a retry may cure fails them, and is retried
+        task = dags[where[step]][step]
+        assert task["retryPolicy"]["maxRetryCount"] == 2 and task["cachingOptions"]["enableCache"], step
 
 
 def test_secrets_reach_pods_as_env_never_as_parameters():

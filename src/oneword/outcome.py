@@ -41,8 +41,62 @@ def write_failure(folder: str | Path, stage: str, error: str, hint: str = "") ->
     return record
 
 
+RETRIED_STATUS = (408, 429, 500, 502, 503, 504)  # HTTP answers that a later attempt may not get
+
+
+def transient(error: BaseException) -> bool:
+    """True if `error`, or an error it was raised from, is one a later attempt may not meet.
+
+    A lost connection, a timeout, or a server (object store, model hub, MLflow) answering 5xx, 408 or 429; not
+    bad input, a refused request or a bug, which every attempt meets again.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, _transport_errors()):
+            return True
+        response = getattr(e, "response", None)
+        status = getattr(response, "status", None) or getattr(response, "status_code", None)
+        if isinstance(status, int) and status in RETRIED_STATUS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' own errors for a request that never got an answer (minio, requests, httpx)."""
+    kinds: list[type[BaseException]] = []
+    try:
+        import urllib3.exceptions as u
+
+        kinds += [u.MaxRetryError, u.ProtocolError, u.TimeoutError, u.NewConnectionError]
+    except ImportError:
+        pass
+    try:
+        import requests.exceptions as r
+
+        kinds += [r.ConnectionError, r.Timeout]
+    except ImportError:
+        pass
+    try:
+        import httpx
+
+        kinds += [httpx.TransportError]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
 def run_step(
-    stage: str, out_dir: str | Path, on_error: OnError, work: Callable[[], T], upstream: Sequence[str | Path] = ()
+    stage: str,
+    out_dir: str | Path,
+    on_error: OnError,
+    work: Callable[[], T],
+    upstream: Sequence[str | Path] = (),
+    cached: bool = False,
 ) -> T | None:
     """Run one step of one concept, honouring failures before it and `on_error`.
 
@@ -53,6 +107,9 @@ def run_step(
         work: the step itself.
         upstream: the input folders of earlier steps; a failure recorded there is passed on, and `work` is
             not run.
+        cached: KFP caches the step's success. A `transient` error is then raised even with `record`: recorded,
+            the failure would be the cached result, replayed by every later run with the same inputs (a
+            scheduled batch would never try that concept again); raised, the task fails and is retried.
 
     Returns:
         What `work` returned, or None if the concept had failed.
@@ -69,12 +126,12 @@ def run_step(
     except OnewordError as e:
         # Written in both modes: with `fail`, whoever started the pipeline shows it (not the runner's traceback).
         write_failure(out_dir, stage, e.message, e.hint or "")
-        if on_error == "fail":
+        if on_error == "fail" or (cached and transient(e)):
             raise
         log.error("%s failed: %s", stage, e)
     except Exception as e:  # a crash of one concept's step must not lose the batch; the trace goes to the log
         write_failure(out_dir, stage, f"{type(e).__name__}: {e}")
-        if on_error == "fail":
+        if on_error == "fail" or (cached and transient(e)):
             raise
         log.exception("%s crashed", stage)
     return None

@@ -56,8 +56,9 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
     from oneword.profiles import image_side
 
     resolution = image_side(base_model, resolution)
+    # cached: an error a retry may cure fails the task even in a batch, so that KFP's cache never keeps it
     m = run_step("preprocess", dataset.path, on_error, lambda: run(images, dataset.path, resolution=resolution,
-                                                                   mode=mode))
+                                                                   mode=mode), cached=True)
     if m is not None:
         dataset.metadata.update({"images": len(m.images), "skipped": len(m.skipped), "resolution": resolution,
                                  "content_key": content_key})
@@ -83,7 +84,8 @@ def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lat = run_step("cache_latents", latents.path, on_error,
-                   lambda: run(dataset.path, base_model, latents.path, device=device), upstream=[dataset.path])
+                   lambda: run(dataset.path, base_model, latents.path, device=device), upstream=[dataset.path],
+                   cached=True)
     if lat is not None:
         latents.metadata.update({"images": len(lat), "vae_fingerprint": lat.meta["vae_fingerprint"],
                                  "accelerator": f"{accelerator_limit} x {accelerator_type}"})

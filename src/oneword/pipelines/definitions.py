@@ -23,8 +23,8 @@ S3_SECRET = "oneword-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 MLFLOW_SECRET = "oneword-mlflow"  # keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD (optional)
 CONFIG_MAP = "oneword-config"  # keys S3_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, MLFLOW_TRACKING_URI
 HF_SECRET = "oneword-hf"  # key HF_TOKEN (optional): gated or private models on the Hugging Face hub
-TRAIN_RETRIES = 3  # spot/preemptible GPU nodes are the norm; a retry resumes from the last checkpoint (root-DAG
-# tasks only: see batch_personalisation for why its shards carry none)
+TRAIN_RETRIES = 3  # spot/preemptible GPU nodes are the norm; a retry resumes from the last checkpoint
+STEP_RETRIES = 2  # preprocess and cache_latents: an object store or model hub that did not answer, tried again
 
 
 def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -152,10 +152,12 @@ def personalise(
         pre = _cpu_step(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
                                         resolution=resolution, mode=mode, on_error=on_error), p)
         pre.set_caching_options(True)  # keyed by the photos' content, so new photos under an old prefix rerun
+        pre.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # transient errors
         # The accelerator settings are also inputs: the step records them in its output's metadata.
         lat = _gpu_step(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
                                         accelerator_type=accelerator_type, accelerator_limit=accelerator_limit), p)
         lat.set_caching_options(True)  # the same images and model never encode twice
+        lat.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)
     tr = c.train(
         latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,

@@ -162,8 +162,50 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)
     m = preprocess(src, tmp_path / "out", resolution=16)
     reasons = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
-    assert "decompression bomb" in reasons["bomb.png"]
+    assert "decompression bomb" in reasons["bomb.png"] and "downscale it" in reasons["bomb.png"]
     assert len(m.images) == 1
+
+
+def test_a_photo_past_pillows_warning_but_under_oneword_limit_is_kept(tmp_path, monkeypatch):
+    """Pillow warns from 89 MP; a 108 MP phone photo is a photo, not a bomb (oneword's limit is 120 MP)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "big.png", size=(120, 120))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # warns from 10,000 pixels, refuses from 20,000
+    m = preprocess(src, tmp_path / "out", resolution=16)
+    assert [r.original_size for r in m.images] == [(120, 120)] and not m.skipped
+
+
+def test_photos_that_cannot_be_read_are_skipped_with_what_to_do(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        _png(src / name, colour=(10, 200, 10) if name == "a.png" else (10, 10, 200))
+    (src / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    real = Path.read_bytes
+
+    def denied(self):  # a photo copied from another account, readable by its owner only
+        if self.name == "b.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    m = preprocess(src, tmp_path / "out", resolution=16)
+    reasons = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
+    assert "export it as JPEG" in reasons["IMG_0001.HEIC"] and "Permission denied" in reasons["b.png"]
+    assert len(m.images) == 1  # the readable photo is kept: one bad file loses no other
+
+
+def test_padding_judges_a_photo_by_its_long_side(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "banner.png", size=(60, 10))
+    with pytest.raises(OnewordError, match="short side must be at least 16"):
+        preprocess(src, tmp_path / "crop", resolution=64)  # cropped to 10 x 10: upscaled 6x
+    m = preprocess(src, tmp_path / "pad", resolution=64, mode="pad")  # padded to 60 x 60: scaled about 1x
+    assert len(m.images) == 1 and not m.warnings
 
 
 def test_pillow_bomb_error_is_refused(tmp_path, monkeypatch):

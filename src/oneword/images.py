@@ -25,9 +25,17 @@ from oneword.errors import OnewordError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff"}
+# iPhones save HEIC by default; Pillow cannot read it without a plugin, so such files get their own advice
+UNREADABLE_SUFFIXES = {
+    ".heic": "export it as JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible)",
+    ".heif": "export it as JPEG",
+}
 MANIFEST = "manifest.json"
-MAX_PIXELS = 64_000_000  # well above any camera photo; bigger files are refused as decompression bombs
+# Above a 108 MP phone sensor (about 360 MB decoded as RGB, within a CPU step's memory limit). Bigger files are
+# refused as possible decompression bombs, as is anything past Pillow's own guard (179 MP by default).
+MAX_PIXELS = 120_000_000
+DOWNSCALE_HINT = "downscale it (e.g. to 4000 pixels on its long side) and add it again"
 # A photo whose short side is under a quarter of the training resolution would be upscaled more than 4x: the
 # model would learn interpolation blur rather than the concept, so it is refused. Under half it is kept, with a
 # warning that it will look blurry.
@@ -104,18 +112,18 @@ def load_image(path: Path) -> Image.Image:
             decompression bomb.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides below Pillow's error
         try:
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise ValueError(
                         f"refused: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
-                        "(possible decompression bomb)"
+                        f"(possible decompression bomb); {DOWNSCALE_HINT}"
                     )
                 im.load()
                 return ImageOps.exif_transpose(im)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValueError(f"refused: decompression bomb ({e})") from e
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"refused: decompression bomb ({e}); {DOWNSCALE_HINT}") from e
         except UnidentifiedImageError as e:
             raise ValueError("not an image file Pillow can read") from e
         except OSError as e:
@@ -180,12 +188,19 @@ def min_side(resolution: int) -> int:
     return math.ceil(resolution * MIN_SIDE_FRACTION)
 
 
-def size_problem(size: tuple[int, int], resolution: int) -> str | None:
+def scaled_side(size: tuple[int, int], mode: str = "crop") -> int:
+    """The side of a picture of `size` that is scaled to the training resolution: the short one when cropping
+    to a square, the long one when padding to it."""
+    return max(size) if mode == "pad" else min(size)
+
+
+def size_problem(size: tuple[int, int], resolution: int, mode: str = "crop") -> str | None:
     """Why a picture of `size` (width, height) is too small to train from at `resolution`, or None if it is not."""
-    if min(size) >= min_side(resolution):
+    if scaled_side(size, mode) >= min_side(resolution):
         return None
+    side = "long" if mode == "pad" else "short"
     return (
-        f"too small to train from: {size[0]}x{size[1]} pixels, and the short side must be at least "
+        f"too small to train from: {size[0]}x{size[1]} pixels, and the {side} side must be at least "
         f"{min_side(resolution)} pixels at resolution {resolution}; use a larger original of this photo or a "
         "lower --resolution"
     )
@@ -231,29 +246,34 @@ def preprocess(
         for path in files:
             rel = path.relative_to(root).as_posix()
             shown = f"{str(source).rstrip('/')}/{rel}"
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            suffix = path.suffix.lower()
+            if suffix in UNREADABLE_SUFFIXES:
+                skipped.append({"source": shown, "reason": f"{suffix} photos cannot be read: "
+                                f"{UNREADABLE_SUFFIXES[suffix]}"})  # fmt: skip
+                continue
+            if suffix not in IMAGE_SUFFIXES:
                 skipped.append({"source": shown, "reason": f"not an image file (suffix {path.suffix!r})"})
                 continue
-            source_sha = hashlib.sha256(path.read_bytes()).hexdigest()
-            if source_sha in seen:
-                skipped.append({"source": shown, "reason": f"exact duplicate of {seen[source_sha]}"})
-                continue
-            try:
+            try:  # one photo that cannot be read (permissions, a mode Pillow cannot convert) loses no other
+                source_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                if source_sha in seen:
+                    skipped.append({"source": shown, "reason": f"exact duplicate of {seen[source_sha]}"})
+                    continue
                 im = load_image(path)
-            except ValueError as e:
+                too_small = size_problem(im.size, resolution, mode)
+                if too_small:
+                    skipped.append({"source": shown, "reason": too_small})
+                    continue
+                out = square(to_rgb(im), resolution, mode)
+            except (ValueError, OSError) as e:
                 skipped.append({"source": shown, "reason": str(e)})
                 continue
-            too_small = size_problem(im.size, resolution)
-            if too_small:
-                skipped.append({"source": shown, "reason": too_small})
-                continue
             seen[source_sha] = shown
-            if min(im.size) < resolution * WARN_SIDE_FRACTION:
+            if scaled_side(im.size, mode) < resolution * WARN_SIDE_FRACTION:
                 notes.append(
                     f"{shown} is {im.width}x{im.height}, smaller than half the training resolution "
                     f"({resolution}); it will look blurry to the model"
                 )
-            out = square(to_rgb(im), resolution, mode)
             processed_sha = pixel_sha256(out)
             if processed_sha in seen:
                 skipped.append({"source": shown, "reason": f"same pixels as {seen[processed_sha]}"})

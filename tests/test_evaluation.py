@@ -204,7 +204,8 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert m["step"] in (2, 4, 6)
     # with a DINO evaluator every checkpoint also gets subject fidelity, in "a photo of S*" and kept in the edits
     assert all(-1 <= p["fidelity"] <= 1 and -1 <= p["kept"] <= 1 for p in m["selection"]["curve"])
-    assert all(p["kept_se"] > 0 for p in m["selection"]["curve"])  # 6 edit pictures: a spread, measured
+    # one picture a prompt and checkpoint: no second seed to measure a spread with (selection counts it as 0)
+    assert all(math.isnan(p["kept_se"]) for p in m["selection"]["curve"])
     assert -1 <= m["reconstruction"] <= 1 and -1 <= m["editability"] <= 1 and -1 <= m["dino"] <= 1
     assert m["reconstruction_se"] >= 0 and m["editability_se"] >= 0  # 2 images, 6 edit images: measured
     assert len(m["per_prompt"]) == 3 and m["per_prompt"][0]["text_target"] == "A photo of on the moon"
@@ -298,3 +299,13 @@ def test_a_fresh_training_refuses_a_folder_that_holds_an_earlier_ones_checkpoint
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.pt", "step-000004.pt"]
     r = train(cat_latents_dir, out, spec, TrainConfig(steps=6, checkpoint_every=2), progress=False, resume=True)
     assert r.steps == 6
+
+
+def test_the_editability_error_is_over_seeds_with_the_prompts_held_fixed():
+    from oneword.evaluation.metrics import standard_error, standard_error_over_seeds
+
+    easy, hard = torch.tensor([0.30, 0.32, 0.31, 0.33]), torch.tensor([0.10, 0.12, 0.11, 0.13])
+    # the prompts differ by 0.2, which another set of seeds would not change: it is not noise
+    assert standard_error_over_seeds([easy, hard]) == pytest.approx(standard_error((easy + hard) / 2))
+    assert standard_error_over_seeds([easy, hard]) < standard_error(torch.cat([easy, hard])) / 5
+    assert math.isnan(standard_error_over_seeds([easy[:1], hard[:1]]))  # one seed: no spread to measure

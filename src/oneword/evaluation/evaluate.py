@@ -31,6 +31,7 @@ from oneword.evaluation.metrics import (
     mean_pairwise_cosine,
     pairwise_cosine_rows,
     standard_error,
+    standard_error_over_seeds,
 )
 from oneword.evaluation.protocol import SELECTION_SEED_OFFSET, protocol, protocol_id
 from oneword.evaluation.report import html_report, scatter
@@ -141,9 +142,9 @@ class _Session:
         out = {
             "reconstruction": float(rec_rows.mean()),
             "editability": editability,
-            # over the images: how far another set of seeds may move the score (prompts are held fixed)
+            # how far another set of seeds may move the score (the prompts are held fixed)
             "reconstruction_se": standard_error(rec_rows),
-            "editability_se": standard_error(torch.cat(edit_rows)),
+            "editability_se": standard_error_over_seeds(edit_rows),
             "per_prompt": per_prompt,
             "images": images,
             "prompts": prompts,
@@ -155,7 +156,7 @@ class _Session:
                 "fidelity": float(fid.mean()),
                 "fidelity_se": standard_error(fid),
                 "kept": float(kept.mean()),
-                "kept_se": standard_error(kept),
+                "kept_se": standard_error_over_seeds(list(kept.view(len(images) - 1, -1))),
             }
         return out
 

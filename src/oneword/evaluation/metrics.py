@@ -80,6 +80,12 @@ def standard_error(per_image: torch.Tensor) -> float:
     return float(per_image.float().std(unbiased=True) / n**0.5) if n >= 2 else float("nan")
 
 
+def standard_error_over_seeds(per_prompt: list[torch.Tensor]) -> float:
+    """The standard error of a mean over fixed prompts whose image j all share seed j: the spread of each seed's
+    mean over the prompts (the prompts' own differences are not noise; images of one seed are not independent)."""
+    return standard_error(torch.stack([row.float() for row in per_prompt]).mean(0))
+
+
 def known_se(se: float | None) -> float:
     """A standard error to compare with: an unmeasured one (nan: one image; None: not recorded) counts as 0, so
     that the fixed tolerance alone decides, never a nan that makes every comparison false."""

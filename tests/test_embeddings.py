@@ -81,6 +81,51 @@ def test_unknown_content_is_a_clear_error(tmp_path):
         E.load(tmp_path / "junk.safetensors")
     with pytest.raises(OnewordError, match="not found"):
         E.load(tmp_path / "missing.pt")
+    with pytest.raises(OnewordError, match="is a folder") as folder:
+        E.load(tmp_path)
+    assert "two.safetensors" in folder.value.hint
+    save_file({"<x>": torch.ones(1, 4)}, str(tmp_path / "bad-header.safetensors"), metadata={"oneword": "[1"})
+    with pytest.raises(OnewordError, match="bad-header.safetensors is not an embedding oneword can read"):
+        E.load(tmp_path / "bad-header.safetensors")
+    torch.save({"string_to_param": {}}, tmp_path / "empty.pt")
+    with pytest.raises(OnewordError, match="string_to_param is empty"):
+        E.load(tmp_path / "empty.pt")
+    save_file({f"model.layer{i}": torch.ones(2) for i in range(40)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(OnewordError, match="a model, not an embedding"):
+        E.load(tmp_path / "model.safetensors")
+
+
+def test_the_format_is_read_from_the_content_and_written_under_its_suffix(tmp_path):
+    emb = _emb()
+    with pytest.raises(OnewordError, match=r"named \*\.safetensors") as wrong:
+        E.save(emb, tmp_path / "cat.pt", "diffusers")  # A1111 would torch.load it
+    assert "cat.safetensors" in wrong.value.hint and not (tmp_path / "cat.pt").exists()
+    with pytest.raises(OnewordError, match=r"named \*\.pt or \*\.bin"):
+        E.save(emb, tmp_path / "cat.safetensors", "a1111")
+    # a file that another tool named .pt but wrote as safetensors is read as what it holds
+    save_file({"<thing>": emb.vectors}, str(tmp_path / "from-elsewhere.pt"))
+    assert torch.equal(E.load(tmp_path / "from-elsewhere.pt").vectors, emb.vectors)
+
+
+def test_an_sdxl_pair_with_unequal_tables_is_refused():
+    pair = E.Embedding("<x>", torch.ones(2, 32), {}, torch.ones(3, 64))
+    with pytest.raises(OnewordError, match="2 clip_l but 3 clip_g vectors"):
+        E.check_compatible(pair, 32, "sha256:m", width_2=64)
+
+
+def test_a_placeholder_that_is_a_piece_of_a_vocabulary_word_is_refused():
+    from oneword.tokenizer import load_clip_tokenizer
+    from oneword.tokens import check_new_token
+
+    tok = load_clip_tokenizer()
+    piece = next(t for t in ("kitt", "pupp", "skul") if t in tok.get_vocab())
+    assert len(tok(piece, add_special_tokens=False).input_ids) > 1  # the old one-id check let it through
+    with pytest.raises(OnewordError, match="already has"):
+        check_new_token(tok, piece)
+    tok.add_tokens(["<x>_1"])  # the second vector's entry of <x> is taken
+    with pytest.raises(OnewordError, match="'<x>_1', which the vocabulary already has"):
+        check_new_token(tok, "<x>", n_vectors=2)
+    check_new_token(tok, "<x>", n_vectors=1)
 
 
 def test_wrong_width_and_wrong_model(tiny_model, tmp_path):
@@ -91,6 +136,11 @@ def test_wrong_width_and_wrong_model(tiny_model, tmp_path):
     with pytest.raises(OnewordError, match="--force"):
         load_embeddings(pipe, tiny_model, [other])
     assert load_embeddings(pipe, tiny_model, [other], force=True) == ["<thing>"]
+    piece = next(t for t in ("kitt", "pupp", "skul") if t in pipe.tokenizer.get_vocab())
+    word = E.Embedding(piece, torch.ones(1, 32), {"model_fingerprint": tiny_model.fingerprint})
+    with pytest.raises(OnewordError, match="already an entry of the model's vocabulary") as taken:
+        load_embeddings(pipe, tiny_model, [word])  # diffusers' own refusal was a bare ValueError
+    assert "oneword export" in taken.value.hint
 
 
 def test_diffusers_loads_our_file_and_encodes_like_the_trainer(tiny_model_dir, cat_latents_dir, tmp_path):

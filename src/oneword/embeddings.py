@@ -34,6 +34,7 @@ Format = Literal["diffusers", "a1111", "kohya"]
 FORMATS: tuple[str, ...] = ("diffusers", "a1111", "kohya")
 log = logging.getLogger(__name__)
 A1111_STAR_ID = 265  # CLIP's id for "*", the key A1111 uses
+MAX_KEYS = 16  # an embedding file holds a table or two (and a few in some tools' files); a model, hundreds
 
 
 @dataclass
@@ -78,8 +79,9 @@ def blend(a: Embedding, b: Embedding, t: float, token: str) -> Embedding:
         raise OnewordError(f"blend fraction {t} is not between 0 and 1", hint="0 gives the first concept, 1 the second")
     shapes = [(e.n_vectors, e.width, None if e.vectors_2 is None else tuple(e.vectors_2.shape)) for e in (a, b)]
     if shapes[0] != shapes[1]:
+        shown = [f"{n}x{w}" + ("" if g is None else f" + clip_g {g[0]}x{g[1]}") for n, w, g in shapes]
         raise OnewordError(
-            f"{a.token} ({shapes[0][0]}x{shapes[0][1]}) and {b.token} ({shapes[1][0]}x{shapes[1][1]}) differ in shape",
+            f"{a.token} ({shown[0]}) and {b.token} ({shown[1]}) differ in shape",
             hint="blend two concepts learned on the same model with the same number of vectors",
         )
     if a.meta.get("model_fingerprint") != b.meta.get("model_fingerprint"):
@@ -101,6 +103,20 @@ def default_filename(token: str, fmt: Format) -> str:
     return {"diffusers": "learned_embeds.safetensors", "a1111": f"{stem}.pt", "kohya": f"{stem}.safetensors"}[fmt]
 
 
+# The suffixes each format's readers expect (A1111, ComfyUI and diffusers choose torch.load or safetensors by it).
+SUFFIXES: dict[str, tuple[str, ...]] = {"diffusers": (".safetensors",), "kohya": (".safetensors",),
+                                        "a1111": (".pt", ".bin")}  # fmt: skip
+
+
+def is_safetensors(path: Path) -> bool:
+    """True if the file is a safetensors file by its content (an 8-byte header length, then a JSON object)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
 def _header(emb: Embedding) -> dict[str, str]:
     return {"oneword": json.dumps({"token": emb.token, "oneword_version": __version__, **emb.meta})}
 
@@ -112,6 +128,12 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
         `path`.
     """
     path = Path(path)
+    if fmt in SUFFIXES and path.suffix.lower() not in SUFFIXES[fmt]:
+        raise OnewordError(
+            f"{path}: a {fmt} embedding file is named *{' or *'.join(SUFFIXES[fmt])}, and the tools that load it "
+            "pick their reader by that suffix",
+            hint=f"name it {path.with_suffix(SUFFIXES[fmt][0]).name}, or pick the format that suffix means",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     v = emb.vectors.detach().float().cpu().contiguous()
@@ -156,16 +178,42 @@ def load(path: Path, token: str | None = None) -> Embedding:
         The `Embedding`.
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".safetensors", ".pt", ".bin"))
+        raise OnewordError(
+            f"embedding {path} is a folder", hint=f"pass the file inside it ({', '.join(found) or 'none found'})"
+        )
     if not path.is_file():
         raise OnewordError(f"embedding file {path} not found")
-    if path.suffix == ".safetensors":
+    try:
+        return _load(path, token)
+    except OnewordError:
+        raise
+    except Exception as e:  # a file of the right kind with the wrong things inside: a key, a header, a type
+        raise OnewordError(
+            f"{path} is not an embedding oneword can read ({type(e).__name__}: {e})",
+            hint="expected a diffusers, A1111 or kohya textual-inversion file",
+        ) from e
+
+
+def _load(path: Path, token: str | None) -> Embedding:
+    # by content as well as by suffix: a .pt that holds safetensors is read as what it is
+    if is_safetensors(path) or path.suffix.lower() == ".safetensors":
         try:
             with safe_open(str(path), "pt") as f:
                 header = f.metadata() or {}
+                keys = list(f.keys())
+                if len(keys) > MAX_KEYS:  # a whole model passed by mistake: said without reading gigabytes
+                    raise OnewordError(
+                        f"{path} holds {len(keys)} tensors ({', '.join(keys[:3])}, ...): a model, not an embedding",
+                        hint="pass the embedding file (learned_embeds.safetensors, or an A1111 .pt)",
+                    )
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise OnewordError(f"{path} is not a readable safetensors file ({e})") from e
         meta = json.loads(header.get("oneword", "{}"))
+        if not isinstance(meta, dict):
+            raise OnewordError(f"{path}: its 'oneword' header is not a JSON object", hint="export it again")
         if "emb_params" in tensors:
             vectors, vectors_2 = tensors["emb_params"], None
         elif "clip_l" in tensors:
@@ -188,6 +236,8 @@ def load(path: Path, token: str | None = None) -> Embedding:
             ) from e
         vectors_2 = None
         if isinstance(data, dict) and "string_to_param" in data:
+            if not data["string_to_param"]:
+                raise OnewordError(f"{path}: its string_to_param is empty, so it holds no vectors")
             vectors = next(iter(data["string_to_param"].values()))
             meta = {k: str(v) for k, v in (data.get("oneword") or {}).items()}
             meta.setdefault("token", data.get("name") or path.stem)
@@ -206,6 +256,8 @@ def load(path: Path, token: str | None = None) -> Embedding:
                 f"{path} is no embedding format oneword knows",
                 hint="expected an A1111 .pt, a diffusers learned_embeds.bin, or a tensor",
             )
+    if not isinstance(vectors, torch.Tensor) or (vectors_2 is not None and not isinstance(vectors_2, torch.Tensor)):
+        raise OnewordError(f"{path}: its vectors are not tensors", hint="expected a textual-inversion file")
     vectors = vectors.float()
     if vectors.dim() == 1:
         vectors = vectors[None]
@@ -245,6 +297,13 @@ def check_compatible(
             problem = f"has a clip_g table of width {width_emb_2}, but the model's second text encoder is {width_2}"
             hint = "use an embedding trained for this model family"
         raise OnewordError(f"embedding {emb.token!r}{where} {problem}", hint=hint)
+    if emb.vectors_2 is not None and emb.vectors_2.shape[0] != emb.n_vectors:
+        # diffusers would give the token a different number of pieces in each tokenizer: the two encoders'
+        # sequences would be out of step after it, and the pictures silently wrong
+        raise OnewordError(
+            f"embedding {emb.token!r}{where} has {emb.n_vectors} clip_l but {emb.vectors_2.shape[0]} clip_g vectors",
+            hint="an SDXL embedding has as many vectors for each text encoder",
+        )
     recorded = emb.meta.get("model_fingerprint")
     if recorded and recorded != model_fingerprint and not force:
         raise OnewordError(

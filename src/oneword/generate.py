@@ -20,6 +20,7 @@ from oneword.distributed import World, gather
 from oneword.errors import OnewordError
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import ModelProfile, profile_of
+from oneword.tokens import vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,20 @@ def load_embeddings(
     tokens = []
     for f in files:
         emb = f if isinstance(f, emb_io.Embedding) else emb_io.load(Path(f))
-        emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=str(f), width_2=model.width_2)
+        source = "" if isinstance(f, emb_io.Embedding) else str(f)
+        emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=source, width_2=model.width_2)
         if emb.token in pipe.tokenizer.get_added_vocab():
             raise OnewordError(
                 f"two embeddings use the token {emb.token!r}", hint="rename one: oneword export --token NEW ..."
             )
+        for tokenizer in filter(None, (pipe.tokenizer, getattr(pipe, "tokenizer_2", None))):
+            taken = [t for t in vector_tokens(emb.token, emb.n_vectors) if t in tokenizer.get_vocab()]
+            if taken:  # diffusers would refuse it with a bare ValueError; training it would change that word
+                raise OnewordError(
+                    f"embedding {emb.token!r}{f' ({source})' if source else ''} uses {taken[0]!r}, which is "
+                    "already an entry of the model's vocabulary",
+                    hint="rename its token: oneword export FILE --token '<new-name>' -o NEW_FILE",
+                )
         pipe.load_textual_inversion(
             emb.vectors.to(pipe.text_encoder.dtype),
             token=emb.token,

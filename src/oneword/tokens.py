@@ -30,7 +30,7 @@ def expand_placeholder(token: str, n_active: int) -> str:
     return " ".join(vector_tokens(token, n_active))
 
 
-def check_new_token(tokenizer: CLIPTokenizer, token: str) -> None:
+def check_new_token(tokenizer: CLIPTokenizer, token: str, n_vectors: int = 1) -> None:
     """Refuse a placeholder that already means something to the tokenizer.
 
     Raises:
@@ -45,6 +45,14 @@ def check_new_token(tokenizer: CLIPTokenizer, token: str) -> None:
         raise OnewordError(
             f"placeholder token {token!r} is already in the tokenizer's added vocabulary",
             hint="pick another token, e.g. '<my-cat-2>'",
+        )
+    vocab = tokenizer.get_vocab()
+    taken = [t for t in vector_tokens(token, n_vectors) if t in vocab]
+    if taken:  # e.g. "kitt", a piece of "kitten": it encodes as two ids, yet the tokenizer would reuse its entry
+        raise OnewordError(
+            f"placeholder token {token!r} needs the entry {taken[0]!r}, which the vocabulary already has (id "
+            f"{vocab[taken[0]]}): training it would change an existing word",
+            hint=f"use a string the tokenizer does not know, such as '<{token.strip('<>')}>'",
         )
     ids = tokenizer(token, add_special_tokens=False).input_ids
     if len(ids) == 1:
@@ -77,7 +85,7 @@ def initializer_id(tokenizer: CLIPTokenizer, word: str) -> int:
 
 def add_placeholder_tokens(tokenizer: CLIPTokenizer, token: str, n_vectors: int) -> list[int]:
     """Add a concept's `n_vectors` tokens to the tokenizer and return their ids (consecutive)."""
-    check_new_token(tokenizer, token)
+    check_new_token(tokenizer, token, n_vectors)
     names = vector_tokens(token, n_vectors)
     added = tokenizer.add_tokens(names)
     if added != n_vectors:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from oneword import embeddings as E
 from oneword.cli import main
@@ -137,6 +138,20 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     assert print_batch_report({**report, "failed": 0, "concepts": [ok]}, Console(width=80, file=None)) == 0
     unplanned = {"batch_id": "b-2", "registered": 0, "failed": 0, "concepts": [], "error": "no plan was recorded"}
     assert print_batch_report(unplanned, Console(width=80, record=True)) == 2
+
+
+def test_export_and_blend_never_replace_a_file_unasked(tmp_path, capsys):
+    a = E.Embedding("<a>", torch.ones(1, 32), {})
+    E.save(a, tmp_path / "learned_embeds.safetensors")  # concept a's file, under diffusers' shared default name
+    E.save(E.Embedding("<b>", torch.zeros(1, 32), {}), tmp_path / "b.pt", "a1111")
+    code, out = run(["export", tmp_path / "b.pt", "-f", "diffusers"], capsys)
+    assert code == 2 and "already exists" in out and "--force" in out
+    assert E.load(tmp_path / "learned_embeds.safetensors").token == "<a>"
+    assert run(["export", tmp_path / "b.pt", "-f", "diffusers", "--force"], capsys)[0] == 0
+    assert E.load(tmp_path / "learned_embeds.safetensors").token == "<b>"
+    code, out = run(["blend", tmp_path / "b.pt", tmp_path / "learned_embeds.safetensors", "--token", "<ab>",
+                     "-o", tmp_path / "b.pt"], capsys)  # fmt: skip
+    assert code == 2 and "one of the concepts blended" in out
 
 
 def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):

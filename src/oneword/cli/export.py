@@ -16,6 +16,7 @@ def export_cmd(
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output file (default: beside the input)")] = None,
     token: Annotated[str | None, typer.Option(help="rename the token")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
 ) -> None:
     """Write an embedding in another tool's format.
 
@@ -34,6 +35,7 @@ def export_cmd(
     dest = out or embedding.with_name(E.default_filename(emb.token, format))  # type: ignore[arg-type]
     if dest.resolve() == embedding.resolve():
         raise OnewordError(f"{dest} is the input file", hint="pass --out")
+    _refuse_existing(dest, force)
     E.save(emb, dest, format)  # type: ignore[arg-type]
     rprint(f"[green]{emb.token}[/] ({emb.n_vectors}x{emb.width}) -> {dest} ({format})")
 
@@ -45,6 +47,7 @@ def blend_cmd(
     token: Annotated[str, typer.Option(help="the blend's token, e.g. '<cat-dog>'")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the blend's file (diffusers format)")],
     t: Annotated[float, typer.Option("--t", help="how far from the first to the second (0 to 1)")] = 0.5,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
 ) -> None:
     """Blend two learned concepts by spherical interpolation (best with --direction-only training).
 
@@ -54,6 +57,21 @@ def blend_cmd(
 
     from oneword import embeddings as E
 
+    from oneword.errors import OnewordError
+
+    if out.resolve() in (first.resolve(), second.resolve()):
+        raise OnewordError(f"{out} is one of the concepts blended", hint="write the blend to a file of its own")
+    _refuse_existing(out, force)
     emb = E.blend(E.load(first), E.load(second), t, token)
     E.save(emb, out, "diffusers")
     rprint(f"[green]{token}[/] = {t:g} of the way from {first} to {second} -> {out}")
+
+
+def _refuse_existing(dest: Path, force: bool) -> None:
+    """Another concept's file is never replaced unasked (a default name such as learned_embeds.safetensors is
+    shared by every diffusers embedding)."""
+    from oneword.errors import OnewordError
+
+    if dest.exists() and not force:
+        raise OnewordError(f"{dest} already exists", hint="pass --out with another name, or --force to replace it")
+

@@ -92,3 +92,16 @@ def test_photos_that_cannot_be_listed_in_a_bucket_that_answers_are_a_problem(tin
     concept = {"images": f"s3://{s3_bucket}/photos/x", "token": "<d-pf>", "init_word": "cat"}
     with pytest.raises(OnewordError, match=r"<d-pf>: cannot list s3://.*AccessDenied.*s3:ListBucket"):
         preflight(str(tiny_model_dir), [concept], tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.mark.parametrize(("var", "value"), [("HF_HUB_OFFLINE", "ON"), ("TRANSFORMERS_OFFLINE", "1")])
+def test_the_hub_is_not_asked_when_switched_off_in_any_spelling(var, value, monkeypatch):
+    import requests
+
+    from oneword import hub
+
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, value)
+    monkeypatch.setattr(requests, "head", lambda *a, **k: pytest.fail("asked the hub while offline"))
+    assert hub.offline() and hub.reachable("openai/clip-vit-base-patch32", "config.json") is None

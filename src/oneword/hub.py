@@ -13,9 +13,15 @@ def is_repo_id(ref: str) -> bool:
     return ref.count("/") == 1 and not ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().exists()
 
 
+def offline() -> bool:
+    """Whether the hub is switched off, read as huggingface_hub reads it (at call time, not at its import)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ("1", "ON", "YES", "TRUE")
+
+
 def reachable(repo_id: str, filename: str) -> bool | None:
     """Whether the hub serves `repo_id/filename`: True, False (it answered no), None (no answer, or offline)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if offline():
         return None
     import requests
     from huggingface_hub import hf_hub_url

@@ -85,7 +85,7 @@ def test_unknown_content_is_a_clear_error(tmp_path):
         E.load(tmp_path)
     assert "two.safetensors" in folder.value.hint
     save_file({"<x>": torch.ones(1, 4)}, str(tmp_path / "bad-header.safetensors"), metadata={"oneword": "[1"})
-    with pytest.raises(OnewordError, match="bad-header.safetensors is not an embedding oneword can read"):
+    with pytest.raises(OnewordError, match=r"bad-header\.safetensors is not an embedding oneword can read"):
         E.load(tmp_path / "bad-header.safetensors")
     torch.save({"string_to_param": {}}, tmp_path / "empty.pt")
     with pytest.raises(OnewordError, match="string_to_param is empty"):

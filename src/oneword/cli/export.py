@@ -56,7 +56,6 @@ def blend_cmd(
     from rich import print as rprint
 
     from oneword import embeddings as E
-
     from oneword.errors import OnewordError
 
     if out.resolve() in (first.resolve(), second.resolve()):
@@ -74,4 +73,3 @@ def _refuse_existing(dest: Path, force: bool) -> None:
 
     if dest.exists() and not force:
         raise OnewordError(f"{dest} already exists", hint="pass --out with another name, or --force to replace it")
-

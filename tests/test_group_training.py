@@ -1,5 +1,6 @@
 """Several concepts trained together: same gradients as alone, failures kept apart, resume after kill -9."""
 
+import json
 import logging
 import os
 import signal
@@ -322,3 +323,22 @@ def _wrapped(cause: Exception):
         raise cause
     except Exception as e:
         raise OnewordError("the step could not go on") from e
+
+
+def test_a_shard_that_fails_as_a_whole_records_each_concept_in_a_batch(cat_latents_dir, tmp_path):
+    """A model that does not load or settings that are not valid: each concept's report says so, not "unknown"."""
+    from oneword.train import train_shard
+
+    members = [("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)]
+    rows = train_shard(members, tmp_path / "a", lambda: TrainConfig(steps=4), "record", base_model="/no/such/model",
+                       progress=False)  # fmt: skip
+    assert [(r["name"], r["status"], r["stage"]) for r in rows] == [
+        ("cat", "failed", "train"),
+        ("dog", "failed", "train"),
+    ]
+    assert all("/no/such/model" in outcome.read_failure(tmp_path / "a" / n)["error"] for n in ("cat", "dog"))
+    assert json.loads((tmp_path / "a" / "concepts.json").read_text()) == rows
+    rows = train_shard(members, tmp_path / "b", lambda: TrainConfig(steps=-5), "record", progress=False)
+    assert "steps" in outcome.read_failure(tmp_path / "b" / "dog")["error"]
+    with pytest.raises(OnewordError):  # one concept run: the error is the run's
+        train_shard(members, tmp_path / "c", lambda: TrainConfig(steps=4), "fail", base_model="/no/such/model")

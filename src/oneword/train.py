@@ -22,7 +22,7 @@ import json
 import logging
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -314,6 +314,46 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
         "model": fingerprint,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_shard(
+    members: Sequence[tuple[str, ConceptSpec, Path]],
+    out_dir: Path,
+    make_config: Callable[[], TrainConfig],
+    on_error: outcome.OnError = "fail",
+    **kwargs,
+) -> list[dict]:
+    """`train_group` as a pipeline's shard runs it: an error of the whole group is every member's, recorded.
+
+    With `on_error="record"`, settings that are not valid, a base model that does not load or a step that fails
+    for every concept at once is written as each member's failure (`failure.json`, `concepts.json`), so the
+    batch report names the step and the error for each instead of "unknown". An error a retry may cure
+    (`outcome.transient`) is raised all the same: the task's retries are for it.
+
+    Args:
+        members: as for `train_group`.
+        out_dir: as for `train_group`.
+        make_config: builds the `TrainConfig` (its validation errors are the group's).
+        on_error: fail (raise) or record.
+        kwargs: the other arguments of `train_group`.
+
+    Returns:
+        One status per member, as `train_group` returns.
+    """
+    try:
+        return train_group(members, out_dir, make_config(), **kwargs)
+    except Exception as e:
+        if on_error == "fail" or outcome.transient(e):
+            raise
+        error = e.message if isinstance(e, OnewordError) else f"{type(e).__name__}: {e}"
+        hint = (e.hint or "") if isinstance(e, OnewordError) else ""
+        log.exception("the group failed as a whole")
+        rows = []
+        for name, spec, _ in members:
+            outcome.write_failure(Path(out_dir) / name, "train", error, hint)
+            rows.append({"name": name, "token": spec.token, "status": "failed", "stage": "train", "error": error})
+        (Path(out_dir) / GROUP_FILE).write_text(json.dumps(rows, indent=2))
+        return rows
 
 
 def train_group(

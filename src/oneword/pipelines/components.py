@@ -172,22 +172,22 @@ def train(
     from oneword.errors import OnewordError
     from oneword.live import LiveTracking, kfp_tags
     from oneword.pipelines.parameters import unset_to_none as unset
-    from oneword.train import SUMMARY_FILE, train_group
+    from oneword.train import SUMMARY_FILE, train_shard
 
     fields = ("token", "init_word", "n_vectors", "templates", "learning_rate")
     members = [(c["name"], ConceptSpec(**{k: c.get(k) for k in fields if c.get(k) is not None}), lat.path)
                for c, lat in zip(concepts, latents)]
-    rows = train_group(
+    rows = train_shard(
         members, model.path,
-        TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate), scale_lr=scale_lr,
-                    progressive_every=progressive_every, init_l2=init_l2,
-                    init_l2_schedule=init_l2_schedule, early_end=early_end,
-                    early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
-                    direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
-                    checkpoint_every=unset(checkpoint_every), log_every=log_every, sample_every=sample_every,
-                    gpus=accelerator_limit),
-        base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
-        tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
+        lambda: TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate),
+                            scale_lr=scale_lr, progressive_every=progressive_every, init_l2=init_l2,
+                            init_l2_schedule=init_l2_schedule, early_end=early_end,
+                            early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
+                            direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
+                            checkpoint_every=unset(checkpoint_every), log_every=log_every,
+                            sample_every=sample_every, gpus=accelerator_limit),
+        on_error, base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True,
+        progress=False, tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
     )
     failed = [r for r in rows if r["status"] != "trained"]
     if failed and on_error == "fail":

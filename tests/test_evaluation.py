@@ -80,6 +80,33 @@ def test_prompt_sets(tmp_path):
     f.write_text("no placeholder here\n")
     with pytest.raises(OnewordError, match="one '\\{\\}' per line"):
         P.get_prompt_set(str(f))
+    # braces str.format would choke on after the models loaded are refused when the file is read
+    for line in ("a photo of {} in {style}", "a {} with a { brace", "a {0} and {1}"):
+        f.write_text(f"a {{}} in space\n{line}\n")
+        with pytest.raises(OnewordError, match="no other braces") as bad:
+            P.get_prompt_set(str(f))
+        assert line in str(bad.value)
+    f.write_text("  # an indented note\na {} in {{curly}} braces\n")
+    assert P.get_prompt_set(str(f)) == ("a {} in {{curly}} braces",)
+    assert P.with_token(P.get_prompt_set(str(f))[0], "<x>") == "a <x> in {curly} braces"
+    from oneword.templates import get_templates
+
+    t = tmp_path / "templates.txt"
+    t.write_text("a photo of {} in {style}\n")
+    with pytest.raises(OnewordError, match="template file"):
+        get_templates(str(t))
+
+
+def test_a_prompt_file_is_one_protocol_by_its_prompts_not_its_path():
+    from oneword.evaluation.protocol import prompt_set_identity
+
+    def scored(path, targets):
+        return {"prompt_set": path, "per_prompt": [{"text_target": t} for t in targets]}
+
+    same = prompt_set_identity(scored("/a/mine.txt", ["a in space"]))
+    assert same == prompt_set_identity(scored("/b/copy.txt", ["a in space"])) and same.startswith("file sha256:")
+    assert same != prompt_set_identity(scored("/a/mine.txt", ["a at night"]))  # the file was edited
+    assert prompt_set_identity(scored("paper", ["a in space"])) == "paper"
     with pytest.raises(OnewordError, match="unknown prompt set"):
         P.get_prompt_set("nope")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 from oneword.errors import OnewordError
@@ -72,6 +73,24 @@ TOYWORLD = (
 SETS = {"object": OBJECT, "style": STYLE, assets.NAME: TOYWORLD}
 
 
+def one_placeholder(line: str) -> bool:
+    """True if `line` formats with one positional value: exactly one bare `{}` (`{{` and `}}` are literal braces).
+
+    `"a photo of {} in {style}"` or a stray `{` would pass a count of "{}" and then fail in `str.format`, after
+    the models have loaded.
+    """
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(line) if name is not None]
+    except ValueError:  # an unmatched brace
+        return False
+    return fields == [("", "", None)]
+
+
+def read_lines(text: str) -> tuple[str, ...]:
+    """The non-empty lines of a template or prompt file, stripped, without `#` comments (indented ones too)."""
+    return tuple(line for line in (raw.strip() for raw in text.splitlines()) if line and not line.startswith("#"))
+
+
 def get_templates(name: str) -> tuple[str, ...]:
     """Return a template set by name (`object`, `style`, `toyworld`) or read one template per line from a file.
 
@@ -85,11 +104,11 @@ def get_templates(name: str) -> tuple[str, ...]:
             f"unknown template set {name!r}",
             hint=f"use one of {', '.join(SETS)} or a text file with one template per line",
         )
-    lines = tuple(line.strip() for line in p.read_text().splitlines() if line.strip())
-    bad = [t for t in lines if t.count("{}") != 1]
+    lines = read_lines(p.read_text())
+    bad = [t for t in lines if not one_placeholder(t)]
     if not lines or bad:
         raise OnewordError(
-            f"template file {p} has lines without exactly one '{{}}': {bad[:3]}",
-            hint="write each template like 'a photo of a {}'",
+            f"template file {p} has lines without exactly one '{{}}' (and no other braces): {bad[:3]}",
+            hint="write each template like 'a photo of a {}'; write a literal brace as {{ or }}",
         )
     return lines

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from oneword.errors import OnewordError
+from oneword.templates import one_placeholder, read_lines
 from oneword.toyworld import assets
 
 RECONSTRUCTION = "A photo of {}"
@@ -52,24 +53,20 @@ BUILTIN = {"paper": PAPER, "neti15": NETI15, assets.NAME: TOYWORLD}
 PACKAGED = ("dreambench-object", "dreambench-live")
 
 
-def _read_lines(text: str) -> tuple[str, ...]:
-    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-
-
 def get_prompt_set(name: str) -> tuple[str, ...]:
     """Return the prompts of a named set or of a prompt file (see the module docstring)."""
     if name in BUILTIN:
         return BUILTIN[name]
     if name in PACKAGED:
-        return _read_lines((resources.files("oneword") / "data" / "prompts" / f"{name}.txt").read_text())
+        return read_lines((resources.files("oneword") / "data" / "prompts" / f"{name}.txt").read_text())
     p = Path(name)
     if p.is_file():
-        prompts = _read_lines(p.read_text())
-        bad = [q for q in prompts if q.count("{}") != 1]
+        prompts = read_lines(p.read_text())
+        bad = [q for q in prompts if not one_placeholder(q)]
         if not prompts or bad:
             raise OnewordError(
-                f"prompt file {p} needs one '{{}}' per line, where the token goes; bad: {bad[:3]}",
-                hint="write lines like 'A photo of {} on the moon'",
+                f"prompt file {p} needs one '{{}}' per line, where the token goes, and no other braces; bad: {bad[:3]}",
+                hint="write lines like 'A photo of {} on the moon'; write a literal brace as {{ or }}",
             )
         return prompts
     raise OnewordError(

@@ -25,7 +25,7 @@ def config_fingerprint(config: dict) -> str:
 def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
     """The protocol of a metrics dict written by `evaluate` (its prompt set, sampler, evaluator, ...)."""
     return {
-        "prompt_set": metrics["prompt_set"],
+        "prompt_set": prompt_set_identity(metrics),
         "class_word": metrics.get("class_word", ""),
         "n_images": metrics["n_images"],
         "sampler": metrics["sampler"],
@@ -39,6 +39,18 @@ def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
         "evaluator": metrics["evaluator"],
         "dino_evaluator": dino,
     }
+
+
+def prompt_set_identity(metrics: dict) -> str:
+    """A named prompt set by its name; a prompt file by what it asked (its prompts' text targets), not by its
+    path: an edited file is another protocol, the same file at another path the same one."""
+    from oneword.evaluation.prompts import BUILTIN, PACKAGED
+
+    name = metrics["prompt_set"]
+    targets = [p["text_target"] for p in metrics.get("per_prompt", [])]
+    if name in BUILTIN or name in PACKAGED or not targets:
+        return name
+    return "file sha256:" + hashlib.sha256(json.dumps(targets).encode()).hexdigest()[:16]
 
 
 def protocol_id(p: dict) -> str:

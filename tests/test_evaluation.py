@@ -336,3 +336,26 @@ def test_the_editability_error_is_over_seeds_with_the_prompts_held_fixed():
     assert standard_error_over_seeds([easy, hard]) == pytest.approx(standard_error((easy + hard) / 2))
     assert standard_error_over_seeds([easy, hard]) < standard_error(torch.cat([easy, hard])) / 5
     assert math.isnan(standard_error_over_seeds([easy[:1], hard[:1]]))  # one seed: no spread to measure
+
+
+def test_a_grid_of_large_samples_is_kept_within_what_viewers_open(tmp_path):
+    from PIL import Image
+
+    from oneword.evaluation.report import EMBED_WIDTH, _img_tag
+    from oneword.generate import make_grid
+
+    big = [[Image.new("RGB", (1024, 1024), (i * 40, 0, 0)) for i in range(8)] for _ in range(3)]
+    grid = make_grid(big, ["a", "b", "c"], label_width=200, max_cell=512)
+    assert grid.size == (200 + 8 * 512, 3 * 512)  # SDXL's samples halved in the grid
+    grid.save(tmp_path / "grid.png")
+    tag = _img_tag(tmp_path / "grid.png", "sample grid")
+    assert "data:image/jpeg" in tag and "pixelated" not in tag  # shrunk to the page's double width, smooth
+    import base64
+    import io
+
+    embedded = Image.open(io.BytesIO(base64.b64decode(tag.split("base64,")[1].split('"')[0])))
+    assert embedded.width == EMBED_WIDTH
+    small = make_grid([[Image.new("RGB", (32, 32))] * 4], max_cell=512)
+    small.save(tmp_path / "small.png")
+    assert "data:image/png" in (t := _img_tag(tmp_path / "small.png", "toy")) and "pixelated" in t
+

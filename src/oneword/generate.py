@@ -165,10 +165,21 @@ def sample(
 
 
 def make_grid(
-    images: list[list[Image.Image]], labels: Sequence[str] | None = None, label_width: int = 0
+    images: list[list[Image.Image]],
+    labels: Sequence[str] | None = None,
+    label_width: int = 0,
+    max_cell: int | None = None,
 ) -> Image.Image:
-    """Lay out `images[row][col]` as one picture, with an optional text label left of each row."""
+    """Lay out `images[row][col]` as one picture, with an optional text label left of each row.
+
+    `max_cell` shrinks larger pictures to at most that side (26 DreamBench prompts x 8 seeds of SDXL's 1024 px
+    would be a 223-megapixel picture, past what Pillow and browsers open).
+    """
     rows, cols = len(images), max(len(r) for r in images)
+    if max_cell and max(images[0][0].size) > max_cell:
+        f = max_cell / max(images[0][0].size)
+        images = [[im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.LANCZOS) for im in row]
+                  for row in images]  # fmt: skip
     w, h = images[0][0].size
     lw = label_width if labels else 0
     grid = Image.new("RGB", (lw + cols * w, rows * h), "white")

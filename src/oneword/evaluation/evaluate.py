@@ -48,6 +48,7 @@ from oneword.train import SUMMARY_FILE, write_embedding_files
 log = logging.getLogger(__name__)
 
 METRICS_FILE, REPORT_FILE, GRID_FILE, SCATTER_FILE = "metrics.json", "report.html", "grid.png", "scatter.png"
+GRID_CELL = 512  # px: SD's own side; SDXL's 1024 px samples are halved in the grid (sample files keep them whole)
 
 
 def _load_summary(train_dir: Path) -> dict:
@@ -392,7 +393,7 @@ def _write_outputs(out_dir: Path, metrics: dict, full: dict, selected: emb_io.Em
     """Write the grid, the selected embedding, the scatter plot, metrics.json and the report, all at once."""
     with atomic_dir(out_dir) as tmp:
         cols = min(config.grid_seeds, config.n_images)
-        grid = make_grid([row[:cols] for row in full["images"]], full["prompts"], label_width=200)
+        grid = make_grid([row[:cols] for row in full["images"]], full["prompts"], label_width=200, max_cell=GRID_CELL)
         grid.save(tmp / GRID_FILE)
         files = write_embedding_files(selected, tmp / "embedding")
         metrics["files"] = {k: str(v.relative_to(tmp)) for k, v in files.items()}

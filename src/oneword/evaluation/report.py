@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,10 +87,27 @@ def scatter(series: Sequence[dict], out: Path, title: str = "distortion vs edita
     return out
 
 
+PAGE_WIDTH = 1100  # px, the page's max-width
+EMBED_WIDTH = 2 * PAGE_WIDTH  # sharp on a high-density screen; wider pictures are embedded shrunk, as JPEG
+
+
 def _img_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    style = "max-width:100%;image-rendering:pixelated"
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="{style}">'
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.width <= EMBED_WIDTH:
+            data, kind = path.read_bytes(), "png"
+        else:  # a grid of large samples: tens of MB as base64 PNG, too heavy for the KFP and MLflow viewers
+            f = EMBED_WIDTH / im.width
+            small = im.convert("RGB").resize((EMBED_WIDTH, round(im.height * f)), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            small.save(buf, "JPEG", quality=90)
+            data, kind = buf.getvalue(), "jpeg"
+        # small pictures (the toy world's 32 px samples) are shown enlarged: pixelated keeps them crisp; shrunk
+        # photos would look jagged so
+        style = "max-width:100%" + (";image-rendering:pixelated" if im.width <= PAGE_WIDTH else "")
+    encoded = base64.b64encode(data).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/{kind};base64,{encoded}" style="{style}">'
 
 
 def _score(value: float | None, se: float | None = None) -> str:
@@ -129,7 +147,7 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
     name, fp = html.escape(str(ev.get("name"))), html.escape(str(ev.get("fingerprint", ""))[:19])
     evaluator = f"<code>{name}</code> <code>{fp}…</code>"
     style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 8px;text-align:left}"
+        f"body{{font-family:sans-serif;max-width:{PAGE_WIDTH}px;margin:auto}}td,th{{padding:2px 8px;text-align:left}}"
         "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}"
     )
     header = "<tr><th>prompt</th><th>text target</th><th>editability</th><th>prompt only</th></tr>"

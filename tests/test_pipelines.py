@@ -296,7 +296,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     console = Console(width=80, record=True)
     assert print_batch_report(report, console) == 1  # `oneword batch` exits 1: a concept failed
     text = console.export_text()
-    assert "bad-q" in text and "preprocess" in text and max(len(line) for line in text.splitlines()) <= 80
+    table = [line for line in text.splitlines() if not line.lstrip().startswith(("run_dir", "tracking_uri"))]
+    assert "bad-q" in text and "preprocess" in text and max(len(line) for line in table) <= 80
     names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
     # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train
@@ -305,6 +306,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert [r["status"] for r in json.loads(group.read_text())] == ["trained", "failed", "trained"]
     assert len(list(run_dir.rglob("preprocess/dataset"))) == 3 and len(list(run_dir.rglob("register"))) == 3
     assert len(list(run_dir.rglob("evaluate/evaluation/metrics.json"))) == 2
+    reports = [p.read_text() for p in run_dir.rglob("evaluate/report") if p.is_file()]
+    assert any("bad-q was not evaluated: it failed at preprocess" in r and "a.jpg" in r for r in reports)
     # the report read the plan the run made (recorded in MLflow), not the manifest again
     plan = registry.batch_plan(report["tracking_uri"], report["batch_id"])
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)

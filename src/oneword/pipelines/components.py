@@ -255,8 +255,14 @@ def evaluate(
     m = run_step("evaluate", evaluation.path, on_error, lambda: run(trained, None, evaluation.path, config),
                  upstream=[trained])
     if m is None:
-        with open(report.path, "w") as f:
-            f.write(f"<p>{concept} was not evaluated: see {evaluation.path}/failure.json</p>")
+        import html
+
+        from oneword.outcome import read_failure
+
+        why = read_failure(evaluation.path) or {}
+        with open(report.path, "w") as f:  # the names and errors are the user's, and may hold <, & or quotes
+            f.write(f"<p>{html.escape(concept)} was not evaluated: it failed at {html.escape(str(why.get('stage')))}"
+                    f"</p><pre>{html.escape(str(why.get('error')))}</pre>")
         return
     import math
 

@@ -9,6 +9,7 @@ import pytest
 import typer
 
 from oneword.cli import app
+from oneword.cli.options import cli_help
 from oneword.config import (
     MODEL_DEPENDENT_EVAL,
     MODEL_DEPENDENT_TRAIN,
@@ -82,7 +83,7 @@ def test_cli_options_take_defaults_and_help_from_the_config_models(command):
             want = info.get_default(call_default_factory=True)
             got = params[field].default
             assert got == want, f"oneword {command} --{field}: default {got!r}, {model.__name__} says {want!r}"
-            assert params[field].help == info.description, f"oneword {command} --{field}: help differs"
+            assert params[field].help == cli_help(info.description), f"oneword {command} --{field}: help differs"
     assert len(checked) >= {"train": 15, "evaluate": 11, "preprocess": 2, "register": 4}[command]
 
 
@@ -129,7 +130,10 @@ def test_profiles_follow_the_model_config_not_its_name(tmp_path):
     assert (train.steps, train.learning_rate, train.checkpoint_every) == (400, 1e-3, 50)
     assert (evaluation.steps, evaluation.guidance_scale, evaluation.clip_model) == (25, 4.0, "toyworld-clip")
     assert (evaluation.prompt_set, toy.templates, image_side(TOYWORLD, 0), image_side(TOYWORLD, 48)) == (
-        "toyworld", "toyworld", 32, 48
+        "toyworld",
+        "toyworld",
+        32,
+        48,
     )
     for width, sample_size, family, side in [(768, 64, "sd1", 512), (1024, 96, "sd2", 768), (1024, 64, "sd2", 512)]:
         folder = tmp_path / f"m{width}-{sample_size}"

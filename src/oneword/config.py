@@ -221,7 +221,9 @@ class TrackingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tracking_uri: str = Field(
-        "", description="MLflow URI (empty: MLFLOW_TRACKING_URI, else ./mlflow.db; train then tracks nothing)"
+        "",
+        description="MLflow URI (empty: $MLFLOW_TRACKING_URI, else ./mlflow.db; `oneword train` on its own then logs "
+        "no live run)",
     )
     experiment: str = Field("oneword", description="MLflow experiment")
 

@@ -10,6 +10,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's own help: rich's option table cut long option names ("--progressive-eve…") in an 80-column terminal
+    rich_markup_mode=None,
 )
 
 

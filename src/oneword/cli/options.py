@@ -23,9 +23,14 @@ def describe(model: type[BaseModel], field: str) -> str:
     return model.model_fields[field].description or ""
 
 
+def cli_help(description: str) -> str:
+    """A field's description as an option's help: a None default, which nobody can type, is the option left out."""
+    return description.replace("(None: ", "(if not given: ")
+
+
 def option(model: type[BaseModel], field: str, *names: str, **kwargs: Any) -> Any:
     """A typer option for `model.field`: its description is the help text."""
-    return typer.Option(*names, help=describe(model, field), **kwargs)
+    return typer.Option(*names, help=cli_help(describe(model, field)), **kwargs)
 
 
 def parameter(name: str, *names: str, **kwargs: Any) -> Any:

@@ -258,6 +258,9 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     compare([str(out), str(out)], tmp_path / "cmp.png", labels=["a", "b"])
     assert (tmp_path / "cmp.png").stat().st_size > 0
     assert [r["run"] for r in json.loads((tmp_path / "cmp.json").read_text())] == ["a", "b"]
+    assert compare([str(out)], tmp_path / "lr") == tmp_path / "lr.png" and (tmp_path / "lr.png").exists()
+    with pytest.raises(OnewordError, match="1 labels for 2 runs"):
+        compare([str(out), str(out)], tmp_path / "x.png", labels=["only-one"])
 
 
 def test_selection_and_report_draw_disjoint_seeds(trained_concept, cat_dataset, tiny_clip, tmp_path):
@@ -358,4 +361,3 @@ def test_a_grid_of_large_samples_is_kept_within_what_viewers_open(tmp_path):
     small = make_grid([[Image.new("RGB", (32, 32))] * 4], max_cell=512)
     small.save(tmp_path / "small.png")
     assert "data:image/png" in (t := _img_tag(tmp_path / "small.png", "toy")) and "pixelated" in t
-

@@ -30,5 +30,5 @@ def compare_cmd(
 
     path = compare(runs, out, labels=label, tracking_uri=tracking_uri)
     rprint(f"[green]scatter[/] -> {path}")
-    if out.with_suffix(".json").exists():
-        rprint(json.loads(out.with_suffix(".json").read_text()))
+    if path.with_suffix(".json").exists():
+        rprint(json.loads(path.with_suffix(".json").read_text()))

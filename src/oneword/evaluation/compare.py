@@ -46,6 +46,10 @@ def compare(
     Raises:
         EvaluatorMismatch: if the runs were scored by different evaluators.
     """
+    if labels and len(labels) != len(runs):
+        raise OnewordError(f"{len(labels)} labels for {len(runs)} runs", hint="give one --label per run, or none")
+    if out.suffix.lower() != ".png":  # matplotlib would add .png to the name, and the path printed would be wrong
+        out = out.with_name(out.name + ".png")
     loaded = [load_metrics(r, tracking_uri) for r in runs]
     for _, m in loaded[1:]:
         check_comparable(loaded[0][1], m)

@@ -10,12 +10,16 @@ The manifest is YAML, at a local path or an `s3://` URI:
         n_vectors: 1          # optional
         templates: object     # optional: object, style, toyworld or a file (default: the model's profile)
         learning_rate: 0.002  # optional: this concept's base LR (default: the batch's learning_rate)
+
+A bare list of entries (without `concepts:`) is read too. A relative local `images` path is relative to the
+manifest's own folder, so a manifest and its photos move together.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -111,19 +115,43 @@ def load_concepts_manifest(source: str) -> list[ConceptEntry]:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise OnewordError(f"concepts manifest {source} is not valid YAML: {e}") from e
-    items = data.get("concepts") if isinstance(data, dict) else None
-    if not items:
-        raise OnewordError(f"concepts manifest {source} lists no concepts", hint="see `k8s/examples/concepts.yaml`")
+    items = data.get("concepts") if isinstance(data, dict) else data
+    if not items or not isinstance(items, list):
+        raise OnewordError(
+            f"concepts manifest {source} lists no concepts",
+            hint="write a list under `concepts:` (see k8s/examples/concepts.yaml)",
+        )
+    from oneword.registry import concept_name
+
     entries = []
     for i, item in enumerate(items):
         try:
-            entries.append(ConceptEntry(**item))
-        except (ValidationError, TypeError) as e:
-            raise OnewordError(f"concept #{i + 1} of {source} is invalid: {e}") from e
-    tokens = [e.token for e in entries]
-    dupes = sorted({t for t in tokens if tokens.count(t) > 1})
-    if dupes:
-        raise OnewordError(f"concepts manifest {source} uses tokens {dupes} more than once")
+            e = ConceptEntry(**item)
+        except (ValidationError, TypeError) as err:
+            raise OnewordError(
+                f"concept #{i + 1} of {source} is invalid: {err}",
+                hint="each needs images, token and init_word (see k8s/examples/concepts.yaml)",
+            ) from err
+        try:
+            concept_name(e.token, e.name)
+        except OnewordError as err:
+            raise OnewordError(
+                f"concept #{i + 1} of {source}: {err.message}",
+                hint="give it a `name:` of letters, digits, '_', '.' and '-'",
+            ) from err
+        if not storage.is_s3(source) and not storage.is_s3(e.images) and not Path(e.images).is_absolute():
+            e = e.model_copy(update={"images": os.path.abspath(Path(source).parent / e.images)})
+        entries.append(e)
+    for what, values in (
+        ("token", [e.token for e in entries]),
+        ("name", [concept_name(e.token, e.name) for e in entries]),
+    ):
+        for v in dict.fromkeys(x for x in values if values.count(x) > 1):
+            at = " and ".join(f"#{i + 1}" for i, x in enumerate(values) if x == v)
+            raise OnewordError(
+                f"concepts {at} of {source} share the {what} {v!r}",
+                hint=f"give each concept its own {what}" + (" (set `name:`)" if what == "name" else ""),
+            )
     return entries
 
 

@@ -112,7 +112,11 @@ def batch_cmd(
 ) -> None:
     """Run batch_personalisation on this machine: every concept of a manifest, each registered on its own.
 
-    Example: oneword batch k8s/examples/concepts.yaml --base-model toyworld --steps 300
+    The manifest lists each concept's photos (a local folder, relative to the manifest, or an s3:// prefix),
+    token and init_word: see k8s/examples/concepts.yaml. Toy-world photos to try it with:
+    oneword toyworld concept purple-star -o photos/purple-star
+
+    Example: oneword batch concepts.yaml --base-model toyworld --steps 300
     """
     params = {
         k: v for k, v in locals().items() if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file")

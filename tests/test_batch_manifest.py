@@ -1,0 +1,56 @@
+"""The concepts manifest of a batch: what it reads, and how it says what is wrong with it."""
+
+from pathlib import Path
+
+import pytest
+
+from oneword.batch import load_concepts_manifest
+from oneword.errors import OnewordError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_example_reads():
+    entries = load_concepts_manifest(str(ROOT / "k8s" / "examples" / "concepts.yaml"))
+    assert [e.token for e in entries][:2] == ["<my-cat>", "<red-mug>"]
+    assert all(e.images.startswith("s3://") for e in entries)  # an s3 prefix is kept as written
+
+
+def test_local_photos_are_found_beside_the_manifest_wherever_it_is_read_from(tmp_path, monkeypatch):
+    manifest = tmp_path / "batch" / "concepts.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text("- images: photos/cat\n  token: <cat-m>\n  init_word: cat\n")  # a bare list reads too
+    monkeypatch.chdir(tmp_path)
+    (entry,) = load_concepts_manifest("batch/concepts.yaml")
+    assert entry.images == str(tmp_path / "batch" / "photos" / "cat")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("concepts: []\n", "lists no concepts"),
+        ("concepts: [\n", "not valid YAML"),
+        ("concepts:\n  - {images: a, token: <a>}\n", "concept #1 of .* is invalid"),
+        (
+            "concepts:\n  - {images: a, token: <a>, init_word: cat}\n  - {images: b, token: <b>, init_word: dog,"
+            ' name: "bob\'s cat"}\n',
+            "concept #2 of .*: registered-model name",
+        ),
+        (
+            "concepts:\n  - {images: a, token: <a>, init_word: cat}\n  - {images: b, token: <b>, init_word: dog}\n"
+            "  - {images: c, token: <a>, init_word: dog}\n",
+            "concepts #1 and #3 of .* share the token '<a>'",
+        ),
+        (
+            "concepts:\n  - {images: a, token: <a>, init_word: cat, name: x}\n"
+            "  - {images: b, token: <b>, init_word: dog, name: x}\n",
+            "concepts #1 and #2 of .* share the name 'x'",
+        ),
+    ],
+)
+def test_a_bad_manifest_names_the_entry_and_what_to_do(text, message, tmp_path):
+    manifest = tmp_path / "concepts.yaml"
+    manifest.write_text(text)
+    with pytest.raises(OnewordError, match=message) as bad:
+        load_concepts_manifest(str(manifest))
+    assert str(manifest) in bad.value.message

@@ -190,6 +190,16 @@ def test_train_group_through_the_cli(cat_latents_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "cat" / "learned_embeds.safetensors").exists()
     code, out = run(["train", "-o", tmp_path / "x", "--token", "<q>"], capsys)
     assert code == 2 and "--concepts" in out
+    for text, message in (
+        ("- [\n", "not valid YAML"),
+        ("- just-a-string\n", "expected a mapping"),
+        (f"- {{name: ../escape, latents: {cat_latents_dir}, token: '<e>', init_word: cat}}\n", "'../escape'"),
+        (f"- {{name: '', latents: {cat_latents_dir}, token: '<e>', init_word: cat}}\n", "its name is empty"),
+    ):
+        group.write_text(text)
+        code, out = run(["train", "--concepts", group, "-o", tmp_path / "y", "--steps", 2], capsys)
+        assert code == 2 and message in out and "Traceback" not in out, text
+    assert not (tmp_path / "escape").exists()
 
 
 def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):

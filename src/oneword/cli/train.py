@@ -154,21 +154,32 @@ def _read_group(path: Path):
     from pydantic import ValidationError
 
     from oneword.errors import OnewordError
+    from oneword.registry import concept_name
 
     if not path.is_file():
         raise OnewordError(f"concepts file {path} not found")
-    items = yaml.safe_load(path.read_text()) or []
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError as e:
+        raise OnewordError(f"concepts file {path} is not valid YAML: {e}") from e
     items = items.get("concepts", []) if isinstance(items, dict) else items
     out = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(items if isinstance(items, list) else []):
         try:
+            if not isinstance(item, dict):
+                raise TypeError(f"expected a mapping, found {item!r}")
             item = dict(item)
-            name, where = item.pop("name"), Path(item.pop("latents"))
-            out.append((str(name), ConceptSpec(**item), where if where.is_absolute() else path.parent / where))
-        except (KeyError, TypeError, ValidationError) as e:
+            name, where = str(item.pop("name")), Path(item.pop("latents"))
+            spec = ConceptSpec(**item)
+            if not name:
+                raise ValueError("its name is empty")
+            concept_name(spec.token, name)  # a folder of the output: `../x` must not write outside it
+            out.append((name, spec, where if where.is_absolute() else path.parent / where))
+        except (KeyError, TypeError, ValueError, ValidationError, OnewordError) as e:
             raise OnewordError(
-                f"concept #{i + 1} of {path} is invalid: {e}",
-                hint="each needs name, latents, token and init_word (n_vectors and templates are optional)",
+                f"concept #{i + 1} of {path} is invalid: {getattr(e, 'message', e)}",
+                hint="each needs name (letters, digits, '_', '.', '-'), latents, token and init_word "
+                "(n_vectors and templates are optional)",
             ) from e
     if not out:
         raise OnewordError(f"concepts file {path} lists no concepts")

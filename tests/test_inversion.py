@@ -367,6 +367,11 @@ def test_part_files_of_killed_checkpoint_writers_are_cleared(tmp_path):
     checkpoints.save_checkpoint(tmp_path, 30, {"step": 30})
     assert not stale.exists() and fresh.exists()  # a writer that may still be at work keeps its part file
     assert [s for s, _ in checkpoints.list_checkpoints(tmp_path)] == [30]
+    from oneword import storage
+
+    # writers in two pods on a shared volume often have one process id: their part files must still differ
+    a, b = storage.part_path(tmp_path / "step-000040.pt"), storage.part_path(tmp_path / "step-000040.pt")
+    assert a != b and a.name.startswith(".step-000040.pt.") and a.name.endswith(".part")
 
 
 def test_a_progressive_vector_joins_with_fresh_optimiser_moments(tiny_model, cat_latents):

@@ -7,7 +7,6 @@ whole checkpoints. Files are read back with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 import time
@@ -76,7 +75,7 @@ def save_checkpoint(
                     time.sleep(backoff * 2 ** (attempt - 1))
     folder = Path(where)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{os.getpid()}.part"  # a rerun of the same group may write beside a stale writer
+    tmp = storage.part_path(folder / name)  # a rerun of the same group may write beside a stale writer
     _save_local(state, tmp)
     tmp.replace(folder / name)
     _drop_stale_parts(folder)

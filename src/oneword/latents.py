@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +215,7 @@ def cache_latents(
             entries[key] = e
             f = cache / key[:2] / f"{key}.safetensors"
             f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(f".{os.getpid()}.part")  # parallel steps may encode the same image at once
+            tmp = storage.part_path(f)  # parallel steps, in other pods too, may encode the same image at once
             save_file(e, str(tmp))
             tmp.replace(f)
     means, stds = [], []

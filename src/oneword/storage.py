@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,12 @@ def split_s3(uri: str) -> tuple[str, str]:
     if not bucket:
         raise OnewordError(f"{uri!r} has no bucket", hint="write it as s3://BUCKET/PREFIX")
     return bucket, prefix.strip("/")
+
+
+def part_path(final: Path) -> Path:
+    """A hidden temporary name beside `final`, unique to this writer: writers in other pods on a shared volume
+    often have the same process id (each container numbers its own), so a pid alone would let them collide."""
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.part")
 
 
 def cache_root() -> Path:
@@ -126,7 +133,7 @@ def download_prefix(uri: str, dest: Path | None = None) -> Path:
             if index.get(key) == etag and target.exists():
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # hidden: never read as a photo
+            tmp = part_path(target)  # hidden: never read as a photo
             mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
             tmp.replace(target)
             index[key] = etag
@@ -139,7 +146,7 @@ def download_prefix(uri: str, dest: Path | None = None) -> Path:
             if not any(d.iterdir()):
                 d.rmdir()  # a sub-prefix whose objects are all gone
         index = {k: v for k, v in index.items() if k in wanted}
-        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}.tmp")
+        tmp = part_path(index_path)
         tmp.write_text(json.dumps(index))
         tmp.replace(index_path)
     return dest

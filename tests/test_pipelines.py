@@ -271,9 +271,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
             }
         )
     )
-    report = run_batch(
-        str(manifest),
-        tmp_path / "root",
+    settings = dict(
         concepts_per_shard=3,  # the broken concept shares the shard (and its train task) with the good ones
         base_model=str(tiny_model_dir),
         resolution=32,
@@ -284,6 +282,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
         checkpoint_budget=0,
         clip_model=str(tiny_clip_dir),
     )
+    report = run_batch(str(manifest), tmp_path / "root", **settings)
     status = {c["name"]: c for c in report["concepts"]}
     assert status["cat-q"]["status"] == "registered" and status["dog-q"]["status"] == "registered"
     assert status["bad-q"]["status"] == "failed" and status["bad-q"]["stage"] == "preprocess"
@@ -313,6 +312,14 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
     params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
     assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
+    # the next night, nothing changed: training resumes at its end, and the concepts are neither evaluated nor
+    # registered again
+    again = run_batch(str(manifest), tmp_path / "root", **settings)
+    assert {c["name"]: c["status"] for c in again["concepts"]} == {
+        "cat-q": "unchanged", "bad-q": "failed", "dog-q": "unchanged"
+    }  # fmt: skip
+    assert [r["version"] for r in registry.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
+    assert not list(Path(again["run_dir"]).rglob("evaluate/evaluation/metrics.json"))
 
 
 class _FakeKfpApi(BaseHTTPRequestHandler):

@@ -212,6 +212,48 @@ def test_a_batchs_versions_are_found_by_its_tag(evaluated_concept, mlflow_server
     assert registry.batch_versions(mlflow_server, "b-11") == []
 
 
+def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(evaluated_concept, mlflow_server,
+                                                                             tmp_path):  # fmt: skip
+    """A scheduled batch finds a concept registered from the same training and evaluation: no new version."""
+    from oneword.batch import batch_report
+    from oneword.config import EvalConfig
+    from oneword.evaluation.protocol import result_key
+
+    train_dir, eval_dir = evaluated_concept
+    trained = tmp_path / "trained"
+    shutil.copytree(train_dir, trained)
+    summary = json.loads((trained / "summary.json").read_text())
+    (trained / "summary.json").write_text(json.dumps({**summary, "training_key": "t-1"}))
+    config = EvalConfig(n_images=2, prompt_set="paper")
+    scored = _with_scores(eval_dir, tmp_path, 0.5, 0.2)
+    m = json.loads((scored / "metrics.json").read_text())
+    (scored / "metrics.json").write_text(json.dumps({**m, "result_key": result_key("t-1", config)}))
+    name = "cat-nightly"
+    assert registry.earlier_result(mlflow_server, trained, name, config) is None  # nothing registered yet
+    registry.register(trained, scored, mlflow_server, name=name, batch_id="night-1")
+    found = registry.earlier_result(mlflow_server, trained, name, config)
+    assert found == {"version": "1", "aliases": ["champion"]}
+    assert registry.earlier_result(mlflow_server, trained, name, EvalConfig(n_images=3, prompt_set="paper")) is None
+    prompts = tmp_path / "prompts.txt"  # a prompt file is part of the key by its content
+    prompts.write_text("a {} in space\n")
+    before = result_key("t-1", EvalConfig(prompt_set=str(prompts)))
+    prompts.write_text("a {} at night\n")
+    assert result_key("t-1", EvalConfig(prompt_set=str(prompts))) != before
+    # the next night: the same training and settings
+    r = registry.record_unchanged(mlflow_server, trained, name, found, "night-2")
+    assert (r.version, r.alias) == ("1", "champion") and "unchanged" in r.reason
+    client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_run(r.run_id).info.status == "FINISHED"
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["1"]  # no second version
+    plan = [{"images": "x", "token": "<cat-r>", "init_word": "cat", "name": name}]
+    report = batch_report(mlflow_server, "night-2", plan)
+    assert (report["registered"], report["unchanged"], report["failed"]) == (0, 1, 0)
+    assert report["concepts"][0] | {"token": None} == {
+        "token": None, "name": name, "status": "unchanged", "version": "1", "alias": "champion"
+    }  # fmt: skip
+    assert batch_report(mlflow_server, "night-1", plan)["registered"] == 1
+
+
 def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
     """A concept that failed in `register` has its own FAILED run (no stage), then the one `record_failure` logs:
     the report gives the stage and error, whichever of them is newer."""

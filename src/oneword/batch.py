@@ -165,26 +165,30 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
         experiment: the MLflow experiment the batch logged to.
 
     Returns:
-        `{"batch_id", "registered": n, "failed": n, "concepts": [{token, name, status, version, alias, stage,
-        error}]}`. A concept with neither a version nor a recorded failure failed in a way no step could record
-        (a pod lost for good): its stage is "unknown".
+        `{"batch_id", "registered": n, "unchanged": n, "failed": n, "concepts": [{token, name, status, version,
+        alias, stage, error}]}`; status is registered (a new version), unchanged (registered before from the
+        same training and evaluation: that version) or failed. A concept with neither a version nor a recorded
+        failure failed in a way no step could record (a pod lost for good): its stage is "unknown".
     """
-    from oneword.registry import batch_failures, batch_versions
+    from oneword.registry import batch_failures, batch_unchanged, batch_versions
 
     rows = batch_versions(tracking_uri, batch_id)
+    kept = batch_unchanged(tracking_uri, batch_id, experiment)
     failures = batch_failures(tracking_uri, batch_id, experiment)
     out = []
     for e in concepts:
         e = ConceptEntry(**{k: v for k, v in e.items() if k in ConceptEntry.model_fields})
         name = e.name
-        mine = [r for r in rows if r["name"] == name]
+        mine = [("registered", r) for r in rows if r["name"] == name] or [
+            ("unchanged", r) for r in kept if r["name"] == name
+        ]
         if mine:
-            r = mine[-1]
+            status, r = mine[-1]
             out.append(
                 {
                     "token": e.token,
                     "name": name,
-                    "status": "registered",
+                    "status": status,
                     "version": r["version"],
                     "alias": ",".join(r["aliases"]),
                 }
@@ -202,5 +206,5 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "error": why.get("error"),
                 }
             )
-    ok = sum(c["status"] == "registered" for c in out)
-    return {"batch_id": batch_id, "registered": ok, "failed": len(out) - ok, "concepts": out}
+    count = {k: sum(c["status"] == k for c in out) for k in ("registered", "unchanged", "failed")}
+    return {"batch_id": batch_id, **count, "concepts": out}

@@ -20,6 +20,7 @@ from oneword.errors import OnewordError
 log = logging.getLogger(__name__)
 
 FAILURE_FILE = "failure.json"
+UNCHANGED_FILE = "unchanged.json"  # evaluate found the concept registered from the same training and settings
 OnError = Literal["fail", "record"]
 ON_ERROR_CHOICES = ("fail", "record")
 T = TypeVar("T")

@@ -461,6 +461,8 @@ def _version_tags(concept: _Concept, run_id: str) -> dict[str, str]:
     }
     if concept.batch_id:
         vtags["oneword.batch_id"] = concept.batch_id
+    if key := (concept.metrics or {}).get("result_key"):
+        vtags[RESULT_KEY_TAG] = key  # a later run with the same training and evaluation finds this version
     if m := concept.metrics:
         vtags.update(
             {
@@ -567,6 +569,95 @@ def record_failure(
     run = client.create_run(exp_id, run_name=f"{name} (failed)", tags=tags)
     client.set_terminated(run.info.run_id, status="FAILED")
     return run.info.run_id
+
+
+RESULT_KEY_TAG, UNCHANGED_TAG = "oneword.result_key", "oneword.unchanged_version"
+
+
+def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
+    """The newest version of `name` registered from the same training and evaluation (`protocol.result_key`),
+    as `{"version", "aliases"}`, or None.
+
+    A registry that cannot be asked counts as none: the concept is then evaluated and registered as usual,
+    which costs time, never a result.
+    """
+    try:
+        _, client = _setup(tracking_uri)
+        found = _every_page(
+            client.search_model_versions, filter_string=f"name = '{name}' and tags.`{RESULT_KEY_TAG}` = '{key}'"
+        )
+        if not found:
+            return None
+        newest = max(found, key=lambda mv: int(mv.version))
+        aliases = client.get_registered_model(name).aliases or {}
+    except Exception as e:  # a store that is down or refuses: evaluate after all
+        log.warning("could not look up %s's earlier results (%s); evaluating it", name, e)
+        return None
+    return {
+        "version": str(newest.version),
+        "aliases": sorted(a for a, v in aliases.items() if str(v) == str(newest.version)),
+    }
+
+
+def earlier_result(tracking_uri: str | None, train_dir: Path, name: str, config) -> dict | None:
+    """The version an earlier run registered from this very training evaluated with this very `config`
+    (`protocol.result_key`), or None: a concept trained alone (`oneword train`) has no training key."""
+    from oneword.evaluation.protocol import result_key
+
+    summary = Path(train_dir) / "summary.json"
+    key = json.loads(summary.read_text()).get("training_key") if summary.is_file() else None
+    return registered_result(tracking_uri, name, result_key(key, config)) if key else None
+
+
+def record_unchanged(
+    tracking_uri: str | None,
+    train_dir: Path,
+    name: str,
+    found: dict,
+    batch_id: str = "",
+    experiment: str = EXPERIMENT,
+    run_tags: dict[str, str] | None = None,
+) -> Registration:
+    """Record that `name` trained and would be evaluated exactly as version `found["version"]` was: no new
+    version. The live run training opened (or a new one) ends FINISHED, tagged with that version and the batch,
+    where the batch report finds it."""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = _setup(uri)
+    summary = json.loads((Path(train_dir) / "summary.json").read_text())
+    version = found["version"]
+    tags = {CONCEPT_TAG: name, "oneword.token": summary["concept"]["token"], UNCHANGED_TAG: version,
+            **({"oneword.batch_id": batch_id} if batch_id else {}), **(run_tags or {})}  # fmt: skip
+    run_id = _live_run(client, summary.get("mlflow_run_id"))
+    if run_id is None:
+        run_id = client.create_run(
+            ensure_experiment(mlflow, experiment, uri), run_name=f"{name} (unchanged)"
+        ).info.run_id
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    client.set_terminated(run_id)
+    alias = ",".join(found.get("aliases", []))
+    reason = f"unchanged: the same training and evaluation as version {version}"
+    log.info("%s: %s", name, reason)
+    return Registration(name, version, alias, reason, run_id, f"models:/{name}/{version}", uri)
+
+
+def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict]:
+    """The concepts a batch found already registered (`record_unchanged`), as `list_concepts` rows of the
+    versions they kept."""
+    mlflow, client = _setup(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = _every_page(
+        client.search_runs,
+        experiment_ids=[exp.experiment_id],
+        filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{UNCHANGED_TAG}` != ''",
+    )
+    rows = []
+    for r in runs:
+        name, version = r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]
+        rows.append(_version_row(client.get_model_version(name, version), client.get_registered_model(name)))
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
 PLAN_KIND = "batch-plan"

@@ -458,7 +458,9 @@ def train_group(
                 continue
             if main:
                 run_id = live.run_ids.get(name) if live else None
-                _write_concept(out_dir / name, spec, lat, where, result, run, run_id)
+                # this concept's share of the group's training: the same key, the same vectors
+                mine = {**run, "training_key": hashlib.sha256(f"{key}:{spec.token}".encode()).hexdigest()[:16]}
+                _write_concept(out_dir / name, spec, lat, where, result, mine, run_id)
             status[name].update(status="trained", stage="train")
     rows = [status[name] for name, _, _ in members]
     if main:

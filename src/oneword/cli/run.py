@@ -152,14 +152,16 @@ def print_batch_report(report: dict, console) -> int:
     t.add_column("version")
     t.add_column("alias / why", overflow="fold", ratio=1, min_width=20)  # the error takes what the names leave
     for c in report["concepts"]:
-        if c["status"] == "registered":
-            t.add_row(escape(c["name"]), "[green]registered[/]", c["version"], c["alias"])
+        if c["status"] in ("registered", "unchanged"):
+            colour = "green" if c["status"] == "registered" else "cyan"
+            t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], c["alias"])
         else:
             why = f"{c.get('stage')}: {c.get('error')}"
             t.add_row(escape(c["name"]), "[red]failed[/]", "", escape(why))
     console.print(t)
     console.print(
-        f"{report['registered']} registered, {report['failed']} failed in {report.get('seconds', 0):.0f} s",
+        f"{report['registered']} registered, {report.get('unchanged', 0)} unchanged, {report['failed']} failed in "
+        f"{report.get('seconds', 0):.0f} s",
         highlight=False,
     )
     for k in ("run_dir", "tracking_uri"):

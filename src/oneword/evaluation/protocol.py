@@ -61,3 +61,21 @@ def protocol_id(p: dict) -> str:
 def differences(a: dict, b: dict) -> list[str]:
     """The protocol parts in which `a` and `b` differ, as `key: a vs b`."""
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+RUNTIME_ONLY = {"batch_size", "device", "gpus"}  # how the pictures are drawn, not which ones
+
+
+def result_key(training_key: str, config) -> str:
+    """What a registered score is a score of: one training (`summary.json`'s `training_key`) evaluated with
+    `config` (as given, before the model's profile fills it in), a prompt file by its content.
+
+    A scheduled batch finds the concept's version by it and neither evaluates nor registers that concept again.
+    """
+    from oneword.evaluation.prompts import BUILTIN, PACKAGED, get_prompt_set
+
+    settings = config.model_dump(exclude=RUNTIME_ONLY)
+    if config.prompt_set and config.prompt_set not in BUILTIN and config.prompt_set not in PACKAGED:
+        settings["prompt_set"] = list(get_prompt_set(config.prompt_set))
+    what = {"training": training_key, "evaluation": settings}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

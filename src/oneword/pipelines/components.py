@@ -219,8 +219,12 @@ def evaluate(
     on_error: str = "fail",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_limit: int = 1,
+    tracking_uri: str = "",
 ):
     """Score the concept as the paper does (CLIP reconstruction and editability), pick a checkpoint, draw pictures.
+
+    A concept registered before from the same training, evaluated with the same settings (a scheduled batch's
+    unchanged concept), is not evaluated again: `unchanged.json` names its version, and register keeps it.
 
     Args:
         model: output of train.
@@ -239,6 +243,8 @@ def evaluate(
         accelerator_type: the GPU resource the task asked for (recorded in the metrics' metadata).
         accelerator_limit: how many (recorded too); above 1, one process per GPU, each drawing a share of the
             images.
+        tracking_uri: MLflow tracking URI, where an earlier result of the same training is looked up (empty:
+            $MLFLOW_TRACKING_URI, else ./mlflow.db).
     """
     import os
     import shutil
@@ -252,12 +258,25 @@ def evaluate(
     config = EvalConfig(prompt_set=unset(prompt_set), n_images=n_images, steps=unset(sampling_steps),
                         guidance_scale=unset(guidance_scale), clip_model=clip_model, dino_model=dino_model,
                         checkpoint_budget=checkpoint_budget, gpus=accelerator_limit)
+    from oneword.outcome import UNCHANGED_FILE, read_failure
+    from oneword.registry import earlier_result
+
+    found = earlier_result(tracking_uri or None, trained, concept, config) if read_failure(trained) is None else None
+    if found:
+        import html
+        import json
+
+        os.makedirs(evaluation.path, exist_ok=True)
+        with open(os.path.join(evaluation.path, UNCHANGED_FILE), "w") as f:
+            json.dump(found, f)
+        with open(report.path, "w") as f:
+            f.write(f"<p>{html.escape(concept)} is unchanged: version {found['version']} was registered from the same "
+                    "training, evaluated with the same settings; see its report in the registry.</p>")
+        return
     m = run_step("evaluate", evaluation.path, on_error, lambda: run(trained, None, evaluation.path, config),
                  upstream=[trained])
     if m is None:
         import html
-
-        from oneword.outcome import read_failure
 
         why = read_failure(evaluation.path) or {}
         with open(report.path, "w") as f:  # the names and errors are the user's, and may hold <, & or quotes
@@ -321,12 +340,21 @@ def register(
 
     from oneword.config import GateThresholds
     from oneword.live import kfp_tags
-    from oneword.outcome import read_failure, run_step
-    from oneword.registry import record_failure
+    from oneword.outcome import UNCHANGED_FILE, read_failure, run_step
+    from oneword.registry import record_failure, record_unchanged
     from oneword.registry import register as run
 
     trained = os.path.join(model.path, concept)
     tags = kfp_tags(kfp_run_id, kfp_run_name)
+    unchanged = Path(evaluation.path, UNCHANGED_FILE)
+    if unchanged.is_file():  # evaluate found this training registered: no new version, the live run ends
+        r = record_unchanged(tracking_uri or None, Path(trained), concept, json.loads(unchanged.read_text()),
+                             batch_id, experiment, tags)
+        os.makedirs(registration.path, exist_ok=True)
+        with open(os.path.join(registration.path, "registration.json"), "w") as f:
+            json.dump({**r.as_dict(), "unchanged": True}, f)
+        registration.metadata.update(r.as_dict())
+        return f"{r.name}/{r.version}@{r.alias} (unchanged)"
     r = run_step("register", registration.path, on_error,
                  lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
                              thresholds=GateThresholds(min_reconstruction=min_reconstruction,
@@ -407,7 +435,7 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
 
     concepts = batch_plan(tracking_uri or None, batch_id, experiment)
     if concepts is None:
-        report = {"batch_id": batch_id, "registered": 0, "failed": 0, "concepts": [],
+        report = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": [],
                   "error": "no plan was recorded: the manifest could not be read (see plan-batch's log)"}
     else:
         report = batch_report(tracking_uri or None, batch_id, concepts, experiment)
@@ -417,7 +445,7 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
                                              f"the batch ended ({status.state}) before this concept registered")
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
-    summary.metadata.update({k: report[k] for k in ("registered", "failed")})
+    summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")})
     print(json.dumps(report, indent=2))
 
 

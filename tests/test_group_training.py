@@ -342,3 +342,24 @@ def test_a_shard_that_fails_as_a_whole_records_each_concept_in_a_batch(cat_laten
     assert "steps" in outcome.read_failure(tmp_path / "b" / "dog")["error"]
     with pytest.raises(OnewordError):  # one concept run: the error is the run's
         train_shard(members, tmp_path / "c", lambda: TrainConfig(steps=4), "fail", base_model="/no/such/model")
+
+
+def test_a_shards_latents_are_matched_to_its_concepts_by_their_photos_not_their_order(tmp_path):
+    """dsl.Collected gathers a loop's outputs in an order KFP does not promise."""
+    from oneword.train import match_latents
+
+    def latents(name, images):
+        folder = tmp_path / name
+        (folder / "dataset").mkdir(parents=True)
+        rows = [{"source": f"{images}/{i}.jpg"} for i in range(2)]
+        (folder / "dataset" / "manifest.json").write_text(json.dumps({"images": rows}))
+        return folder
+
+    failed = tmp_path / "failed"  # preprocess failed: its folder holds a failure, no manifest
+    failed.mkdir()
+    dog, cat2 = latents("l-dog", "/photos/dog"), latents("l-cat2", "s3://b/cat2")
+    cat = latents("l-cat", "/photos/cat")
+    concepts = [{"images": "/photos/cat/"}, {"images": "/photos/broken"}, {"images": "/photos/dog"},
+                {"images": "s3://b/cat2"}]  # fmt: skip
+    assert match_latents(concepts, [dog, failed, cat2, cat]) == [cat, failed, dog, cat2]
+    assert match_latents(concepts, [cat, failed, dog, cat2]) == [cat, failed, dog, cat2]  # in order: unchanged

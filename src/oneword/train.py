@@ -316,6 +316,34 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def match_latents(concepts: Sequence[dict], folders: Sequence[str | Path]) -> list[Path]:
+    """Each planned concept's latents folder, matched by the photos they were encoded from, not by position.
+
+    A shard's latents reach `train` gathered from a loop (`dsl.Collected`), in an order KFP does not promise;
+    zipped by position, a concept could learn another's photos. A folder belongs to the concept whose `images`
+    its copied manifest's sources lie under; folders that say nothing (a concept that failed earlier) keep their
+    order among the concepts left.
+    """
+    from oneword.images import MANIFEST
+    from oneword.latents import DATASET_DIR
+
+    def sources(folder: Path) -> list[str]:
+        manifest = folder / DATASET_DIR / MANIFEST
+        return [r["source"] for r in json.loads(manifest.read_text())["images"]] if manifest.is_file() else []
+
+    folders = [Path(f) for f in folders]
+    found = [sources(f) for f in folders]
+    chosen: dict[int, int] = {}  # concept -> folder
+    for i, c in enumerate(concepts):
+        prefix = str(c["images"]).rstrip("/") + "/"
+        j = next((j for j, s in enumerate(found) if j not in chosen.values() and s and all(
+            x.startswith(prefix) for x in s)), None)  # fmt: skip
+        if j is not None:
+            chosen[i] = j
+    left = iter(j for j in range(len(folders)) if j not in chosen.values())
+    return [folders[chosen[i]] if i in chosen else folders[next(left)] for i in range(len(concepts))]
+
+
 def train_shard(
     members: Sequence[tuple[str, ConceptSpec, Path]],
     out_dir: Path,

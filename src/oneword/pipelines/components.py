@@ -172,11 +172,11 @@ def train(
     from oneword.errors import OnewordError
     from oneword.live import LiveTracking, kfp_tags
     from oneword.pipelines.parameters import unset_to_none as unset
-    from oneword.train import SUMMARY_FILE, train_shard
+    from oneword.train import SUMMARY_FILE, match_latents, train_shard
 
     fields = ("token", "init_word", "n_vectors", "templates", "learning_rate")
-    members = [(c["name"], ConceptSpec(**{k: c.get(k) for k in fields if c.get(k) is not None}), lat.path)
-               for c, lat in zip(concepts, latents)]
+    members = [(c["name"], ConceptSpec(**{k: c.get(k) for k in fields if c.get(k) is not None}), lat)
+               for c, lat in zip(concepts, match_latents(concepts, [lat.path for lat in latents]))]
     rows = train_shard(
         members, model.path,
         lambda: TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate),

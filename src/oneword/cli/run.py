@@ -13,7 +13,7 @@ import typer
 from oneword.cli.app import app
 from oneword.cli.options import parameter
 from oneword.pipelines.parameters import DEFAULTS as D
-from oneword.pipelines.parameters import RESOLUTION_FROM_PROFILE
+from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT, RESOLUTION_FROM_PROFILE
 from oneword.profiles import TOYWORLD
 
 BASE_MODEL = TOYWORLD  # on one machine, the model that needs no download
@@ -60,7 +60,7 @@ def run_cmd(
     margin_se: Annotated[float, parameter("margin_se")] = D["margin_se"],
     tracking_uri: Annotated[str, parameter("tracking_uri")] = D["tracking_uri"],
     experiment: Annotated[str, parameter("experiment")] = D["experiment"],
-    pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path("runs/kfp"),
+    pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path(LOCAL_PIPELINE_ROOT),
     seed: Annotated[int, parameter("seed")] = D["seed"],
     log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
 ) -> None:
@@ -119,7 +119,7 @@ def batch_cmd(
     margin_se: Annotated[float, parameter("margin_se")] = D["margin_se"],
     tracking_uri: Annotated[str, parameter("tracking_uri")] = D["tracking_uri"],
     experiment: Annotated[str, parameter("experiment")] = D["experiment"],
-    pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path("runs/kfp"),
+    pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path(LOCAL_PIPELINE_ROOT),
     concepts_per_shard: Annotated[int, parameter("concepts_per_shard")] = D["concepts_per_shard"],
     seed: Annotated[int, parameter("seed")] = D["seed"],
     log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
-from oneword.pipelines.parameters import PIPELINE_ROOT
+from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
 
 HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
 PIPELINE_ROOT_HELP = "where the run's artifacts go (default: oneword's MinIO bucket; '': the namespace's KFP default)"
@@ -56,11 +56,11 @@ def submit_cmd(
     token: Annotated[str, typer.Option(help="the new pseudo-word")],
     init_word: Annotated[str, typer.Option(help="one-token initializer word")],
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="more pipeline parameters KEY=VALUE")] = None,
-    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "oneword",
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = KFP_EXPERIMENT,
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
     run_name: Annotated[str | None, typer.Option(help="run name")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
-    service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
+    service_account: Annotated[str, typer.Option(help="service account of the pods")] = SERVICE_ACCOUNT,
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
     pipeline_root: Annotated[str, typer.Option(help=PIPELINE_ROOT_HELP)] = PIPELINE_ROOT,
     cache: Annotated[
@@ -113,10 +113,10 @@ def schedule_cmd(
     catchup: Annotated[
         bool, typer.Option("--catchup/--no-catchup", help="backfill runs missed while the schedule was paused")
     ] = False,
-    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "oneword",
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = KFP_EXPERIMENT,
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
-    service_account: Annotated[str, typer.Option(help="service account of the pods")] = "oneword-pipeline-runner",
+    service_account: Annotated[str, typer.Option(help="service account of the pods")] = SERVICE_ACCOUNT,
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
     pipeline_root: Annotated[str, typer.Option(help=PIPELINE_ROOT_HELP)] = PIPELINE_ROOT,
 ) -> None:

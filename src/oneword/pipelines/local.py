@@ -17,6 +17,7 @@ from pathlib import Path
 
 from oneword.errors import OnewordError
 from oneword.outcome import FAILURE_FILE
+from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT
 from oneword.tracking import ensure_store
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _newest_run(pipeline_root: Path, prefix: str, since: float) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: str | None = None,
+def run_textual_inversion(pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT), tracking_uri: str | None = None,
                           log_file: Path | None = None, **params) -> dict:
     """Run the `textual_inversion` pipeline locally.
 
@@ -142,7 +143,7 @@ def run_textual_inversion(pipeline_root: Path = Path("runs/kfp"), tracking_uri: 
     return out
 
 
-def run_batch(concepts_manifest: str, pipeline_root: Path = Path("runs/kfp"), tracking_uri: str | None = None,
+def run_batch(concepts_manifest: str, pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT), tracking_uri: str | None = None,
               log_file: Path | None = None, **params) -> dict:
     """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report."""
     import kfp.local

@@ -72,6 +72,9 @@ PIPELINE_ROOT = (
     "s3://oneword-artifacts/pipeline-root?region=us-east-1&endpoint=http%3A%2F%2Fminio.oneword.svc.cluster.local"
     "%3A9000&use_path_style=true&disable_https=true"
 )
+LOCAL_PIPELINE_ROOT = "runs/kfp"  # where `oneword run`/`batch` (kfp.local) write each task's artifacts
+SERVICE_ACCOUNT = "oneword-pipeline-runner"  # the pods' service account: k8s/base/pipeline-namespace/rbac.yaml
+KFP_EXPERIMENT = "oneword"  # the KFP experiment runs are submitted to (MLflow's is TrackingConfig.experiment)
 CHECKPOINT_ROOT = "s3://oneword-artifacts/checkpoints"  # the bucket docs/deploy.md makes; outlives a preempted pod
 MODEL_CACHE_MOUNT = "/models"  # where model_cache_pvc is mounted; the images' HF_HOME lies inside it
 HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"

@@ -5,7 +5,7 @@ import json
 from oneword.errors import OnewordError
 from oneword.pipelines.compile import tmp_package
 from oneword.pipelines.container import require_registry
-from oneword.pipelines.parameters import PIPELINE_ROOT
+from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
 
 
 def _client(host: str, namespace: str | None, token: str | None):
@@ -18,10 +18,8 @@ def _client(host: str, namespace: str | None, token: str | None):
                            hint="check --host (e.g. http://ml-pipeline-ui.kubeflow) and your credentials") from e
 
 
-SERVICE_ACCOUNT = "oneword-pipeline-runner"  # k8s/base/pipeline-namespace/rbac.yaml
 
-
-def submit(host: str, params: dict, pipeline: str = "textual_inversion", experiment: str = "oneword",
+def submit(host: str, params: dict, pipeline: str = "textual_inversion", experiment: str = KFP_EXPERIMENT,
            namespace: str | None = None, run_name: str | None = None, token: str | None = None,
            service_account: str = SERVICE_ACCOUNT, cache: bool = True, image_registry: str | None = None,
            pipeline_root: str = PIPELINE_ROOT) -> dict:
@@ -45,7 +43,7 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
     return {"run_id": run.run_id, "experiment": experiment, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
 
-def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", experiment: str = "oneword",
+def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", experiment: str = KFP_EXPERIMENT,
              pipeline: str = "batch_personalisation", version: str | None = None, max_concurrency: int = 1,
              catchup: bool = False, namespace: str | None = None, token: str | None = None,
              service_account: str = SERVICE_ACCOUNT, image_registry: str | None = None,

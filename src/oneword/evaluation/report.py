@@ -103,9 +103,10 @@ def _img_tag(path: Path, alt: str) -> str:
             buf = io.BytesIO()
             small.save(buf, "JPEG", quality=90)
             data, kind = buf.getvalue(), "jpeg"
-        # small pictures (the toy world's 32 px samples) are shown enlarged: pixelated keeps them crisp; shrunk
-        # photos would look jagged so
-        style = "max-width:100%" + (";image-rendering:pixelated" if im.width <= PAGE_WIDTH else "")
+        # small pictures (the toy world's 32 px samples) are shown twice their size, pixelated to stay crisp;
+        # larger ones at most page-wide, smoothly (pixelated, shrunk photos look jagged)
+        small = im.width * 2 <= PAGE_WIDTH
+        style = f"width:{im.width * 2}px;image-rendering:pixelated" if small else "max-width:100%"
     encoded = base64.b64encode(data).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/{kind};base64,{encoded}" style="{style}">'
 
@@ -148,7 +149,7 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
     evaluator = f"<code>{name}</code> <code>{fp}…</code>"
     style = (
         f"body{{font-family:sans-serif;max-width:{PAGE_WIDTH}px;margin:auto}}td,th{{padding:2px 8px;text-align:left}}"
-        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}"
+        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}pre{white-space:pre-wrap;overflow-wrap:anywhere}"
     )
     header = "<tr><th>prompt</th><th>text target</th><th>editability</th><th>prompt only</th></tr>"
     doc = "\n".join(

@@ -105,8 +105,8 @@ def _img_tag(path: Path, alt: str) -> str:
             data, kind = buf.getvalue(), "jpeg"
         # small pictures (the toy world's 32 px samples) are shown twice their size, pixelated to stay crisp;
         # larger ones at most page-wide, smoothly (pixelated, shrunk photos look jagged)
-        small = im.width * 2 <= PAGE_WIDTH
-        style = f"width:{im.width * 2}px;image-rendering:pixelated" if small else "max-width:100%"
+        enlarge = im.width * 2 <= PAGE_WIDTH
+        style = f"width:{im.width * 2}px;image-rendering:pixelated" if enlarge else "max-width:100%"
     encoded = base64.b64encode(data).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/{kind};base64,{encoded}" style="{style}">'
 

@@ -77,6 +77,7 @@ def scatter(series: Sequence[dict], out: Path, title: str = "distortion vs edita
     ax.set_title(
         f"{title}\n(square: image-only reference; triangle: prompt-only reference; star: chosen step)", fontsize=8
     )
+    ax.margins(x=0.15, y=0.1)  # room inside the axes for the labels of the outermost points
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7, loc="best")

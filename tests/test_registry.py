@@ -214,31 +214,41 @@ def test_a_batchs_versions_are_found_by_its_tag(evaluated_concept, mlflow_server
 
 def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(evaluated_concept, mlflow_server,
                                                                              tmp_path):  # fmt: skip
-    """A scheduled batch finds a concept registered from the same training and evaluation: no new version."""
+    """A scheduled batch finds a concept whose newest version came from the same training, evaluation and gate:
+    no new version."""
     from oneword.batch import batch_report
     from oneword.config import EvalConfig
-    from oneword.evaluation.protocol import result_key
+    from oneword.evaluation.protocol import evaluation_key
 
     train_dir, eval_dir = evaluated_concept
     trained = tmp_path / "trained"
     shutil.copytree(train_dir, trained)
     summary = json.loads((trained / "summary.json").read_text())
     (trained / "summary.json").write_text(json.dumps({**summary, "training_key": "t-1"}))
-    config = EvalConfig(n_images=2, prompt_set="paper")
-    scored = _with_scores(eval_dir, tmp_path, 0.5, 0.2)
-    m = json.loads((scored / "metrics.json").read_text())
-    (scored / "metrics.json").write_text(json.dumps({**m, "result_key": result_key("t-1", config)}))
+    config, gate = EvalConfig(n_images=2, prompt_set="paper"), GateThresholds()
+
+    def scored(training_key, rec):
+        out = _with_scores(eval_dir, tmp_path, rec, 0.2)
+        m = json.loads((out / "metrics.json").read_text())
+        (out / "metrics.json").write_text(json.dumps({**m, "evaluation_key": evaluation_key(training_key, config)}))
+        return out
+
     name = "cat-nightly"
-    assert registry.earlier_result(mlflow_server, trained, name, config) is None  # nothing registered yet
-    registry.register(trained, scored, mlflow_server, name=name, batch_id="night-1")
-    found = registry.earlier_result(mlflow_server, trained, name, config)
+    assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None  # nothing registered yet
+    registry.register(trained, scored("t-1", 0.5), mlflow_server, name=name, batch_id="night-1")
+    found = registry.earlier_result(mlflow_server, trained, name, config, gate)
     assert found == {"version": "1", "aliases": ["champion"]}
-    assert registry.earlier_result(mlflow_server, trained, name, EvalConfig(n_images=3, prompt_set="paper")) is None
+    assert (
+        registry.earlier_result(mlflow_server, trained, name, EvalConfig(n_images=3, prompt_set="paper"), gate) is None
+    )
+    assert registry.earlier_result(mlflow_server, trained, name, config, GateThresholds(min_editability=0.1)) is None
+    # settings evaluate will refuse are evaluate's to report, not this lookup's
+    assert registry.earlier_result(mlflow_server, trained, name, EvalConfig(prompt_set="no-such-set"), gate) is None
     prompts = tmp_path / "prompts.txt"  # a prompt file is part of the key by its content
     prompts.write_text("a {} in space\n")
-    before = result_key("t-1", EvalConfig(prompt_set=str(prompts)))
+    before = evaluation_key("t-1", EvalConfig(prompt_set=str(prompts)))
     prompts.write_text("a {} at night\n")
-    assert result_key("t-1", EvalConfig(prompt_set=str(prompts))) != before
+    assert evaluation_key("t-1", EvalConfig(prompt_set=str(prompts))) != before
     # the next night: the same training and settings
     r = registry.record_unchanged(mlflow_server, trained, name, found, "night-2")
     assert (r.version, r.alias) == ("1", "champion") and "unchanged" in r.reason
@@ -252,6 +262,14 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
         "token": None, "name": name, "status": "unchanged", "version": "1", "alias": "champion"
     }  # fmt: skip
     assert batch_report(mlflow_server, "night-1", plan)["registered"] == 1
+    # photos changed (version 2), then changed back: version 1's inputs are no longer the newest, so it counts
+    # for nothing; and a version whose register died before its gate decided never counts
+    registry.register(trained, scored("t-2", 0.4), mlflow_server, name=name)
+    assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None
+    client.delete_model_version_tag(name, "2", "gate")
+    client.set_model_version_tag(name, "2", "oneword.result_key",
+                                 client.get_model_version(name, "1").tags["oneword.result_key"])  # fmt: skip
+    assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None
 
 
 def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):

@@ -29,6 +29,7 @@ from oneword import embeddings as emb_io
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
+from oneword.evaluation.protocol import result_key
 from oneword.profiles import DEFAULT_FAMILY, PROFILES, ModelProfile
 from oneword.tracking import default_tracking_uri
 
@@ -439,7 +440,7 @@ def _register_version(client, concept: _Concept, run_id: str, info, thresholds: 
     """Create the model version, tag it and decide its alias; returns (version, alias, reason)."""
     mv = _create_version(client, concept.name, info, run_id, concept.token)
     try:
-        for k, v in _version_tags(concept, run_id).items():
+        for k, v in _version_tags(concept, run_id, thresholds).items():
             client.set_model_version_tag(concept.name, mv.version, k, v)
         alias, reason = _apply_gate(client, concept, mv.version, thresholds)
     except BaseException:
@@ -449,7 +450,7 @@ def _register_version(client, concept: _Concept, run_id: str, info, thresholds: 
     return str(mv.version), alias, reason
 
 
-def _version_tags(concept: _Concept, run_id: str) -> dict[str, str]:
+def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) -> dict[str, str]:
     """The version's tags: provenance, and the scores the next registration's gate compares against."""
     vtags = {
         "oneword.token": concept.token,
@@ -461,8 +462,9 @@ def _version_tags(concept: _Concept, run_id: str) -> dict[str, str]:
     }
     if concept.batch_id:
         vtags["oneword.batch_id"] = concept.batch_id
-    if key := (concept.metrics or {}).get("result_key"):
-        vtags[RESULT_KEY_TAG] = key  # a later run with the same training and evaluation finds this version
+    if key := (concept.metrics or {}).get("evaluation_key"):
+        # a later run with the same training, evaluation and gate finds this version (`registered_result`)
+        vtags[RESULT_KEY_TAG] = result_key(key, thresholds)
     if m := concept.metrics:
         vtags.update(
             {
@@ -575,38 +577,44 @@ RESULT_KEY_TAG, UNCHANGED_TAG = "oneword.result_key", "oneword.unchanged_version
 
 
 def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
-    """The newest version of `name` registered from the same training and evaluation (`protocol.result_key`),
-    as `{"version", "aliases"}`, or None.
+    """The concept's newest version, if it was registered from the same training, evaluation and gate
+    (`protocol.result_key`) and its gate decided: `{"version", "aliases"}`; else None.
 
-    A registry that cannot be asked counts as none: the concept is then evaluated and registered as usual,
-    which costs time, never a result.
+    Only the newest version counts: photos changed and changed back are evaluated again, so that the newest
+    version is always the one of the current inputs. A registry that cannot be asked counts as none: the concept
+    is then evaluated and registered as usual, which costs time, never a result.
     """
     try:
         _, client = _setup(tracking_uri)
-        found = _every_page(
-            client.search_model_versions, filter_string=f"name = '{name}' and tags.`{RESULT_KEY_TAG}` = '{key}'"
-        )
-        if not found:
+        versions = _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+        if not versions:
             return None
-        newest = max(found, key=lambda mv: int(mv.version))
+        newest = max(versions, key=lambda mv: int(mv.version))
+        if newest.tags.get(RESULT_KEY_TAG) != key or newest.tags.get("gate") in (None, ABANDONED):
+            return None  # other inputs, or a register that died before its gate decided
         aliases = client.get_registered_model(name).aliases or {}
     except Exception as e:  # a store that is down or refuses: evaluate after all
         log.warning("could not look up %s's earlier results (%s); evaluating it", name, e)
         return None
-    return {
-        "version": str(newest.version),
-        "aliases": sorted(a for a, v in aliases.items() if str(v) == str(newest.version)),
-    }
+    held = sorted(a for a, v in aliases.items() if str(v) == str(newest.version))
+    return {"version": str(newest.version), "aliases": held}
 
 
-def earlier_result(tracking_uri: str | None, train_dir: Path, name: str, config) -> dict | None:
-    """The version an earlier run registered from this very training evaluated with this very `config`
-    (`protocol.result_key`), or None: a concept trained alone (`oneword train`) has no training key."""
-    from oneword.evaluation.protocol import result_key
+def earlier_result(tracking_uri: str | None, train_dir: Path, name: str, config, thresholds) -> dict | None:
+    """The version an earlier run registered from this very training, evaluated with `config` and judged by
+    `thresholds` (`registered_result`), or None. None too where that cannot be known: a concept trained alone
+    (`oneword train`) has no training key, and settings that are not valid (a prompt file that cannot be read)
+    are left to `evaluate` to report."""
+    from oneword.evaluation.protocol import evaluation_key, result_key
 
     summary = Path(train_dir) / "summary.json"
-    key = json.loads(summary.read_text()).get("training_key") if summary.is_file() else None
-    return registered_result(tracking_uri, name, result_key(key, config)) if key else None
+    try:
+        key = json.loads(summary.read_text()).get("training_key") if summary.is_file() else None
+        wanted = result_key(evaluation_key(key, config), thresholds) if key else None
+    except Exception as e:  # evaluate meets the same error and records it as the concept's
+        log.warning("cannot tell whether %s changed (%s)", name, e)
+        return None
+    return registered_result(tracking_uri, name, wanted) if wanted else None
 
 
 def record_unchanged(

@@ -74,7 +74,13 @@ def run_cmd(
     from oneword.pipelines.local import run_textual_inversion
 
     out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
-    rprint(f"[bold green]registered[/] {out['registered']}  ({out['seconds']:.0f} s)")
+    registered = str(out["registered"])
+    if registered.endswith(" (unchanged)"):  # evaluate found this very training registered: nothing new drawn
+        ref = registered.removesuffix(" (unchanged)").split("@")[0]
+        rprint(f"[bold cyan]unchanged[/] {ref}: registered before from the same photos and settings "
+               f"({out['seconds']:.0f} s); its scores and report: oneword concepts show {ref}")  # fmt: skip
+    else:
+        rprint(f"[bold green]registered[/] {registered}  ({out['seconds']:.0f} s)")
     if out.get("metrics"):
         m = json.loads(Path(out["metrics"]).read_text())
         rprint(

@@ -33,7 +33,7 @@ from oneword.evaluation.metrics import (
     standard_error,
     standard_error_over_seeds,
 )
-from oneword.evaluation.protocol import SELECTION_SEED_OFFSET, protocol, protocol_id, result_key
+from oneword.evaluation.protocol import SELECTION_SEED_OFFSET, evaluation_key, protocol, protocol_id
 from oneword.evaluation.report import html_report, scatter
 from oneword.evaluation.selection import CurvePoint, criterion_text, select_checkpoint
 from oneword.generate import SamplerConfig, build_pipeline, load_embeddings, make_grid, sample
@@ -216,7 +216,7 @@ def evaluate(
     t0 = time.perf_counter()
     trained = _load_trained(train_dir, dataset_dir, base_model)
     key = trained.summary.get("training_key")
-    result = result_key(key, config) if key else None  # of the settings as given, as the pipeline looks them up
+    evaluated = evaluation_key(key, config) if key else None  # of the settings as given, as the pipeline asks
     config = config.resolved(profile_of(trained.model))
     s = _Session(trained.model, trained.emb, trained.images, config, force=base_model is not None)
     choice = _choose_checkpoint(s, trained, config, on_checkpoint)
@@ -230,8 +230,8 @@ def evaluate(
     metrics["sampling_images_per_second"] = s.images_generated / max(s.sampling_seconds, 1e-9)
     metrics["seconds"] = time.perf_counter() - t0
     metrics["processes"] = s.world.size
-    if result:
-        metrics["result_key"] = result
+    if evaluated:
+        metrics["evaluation_key"] = evaluated
     if s.world.main:  # the other processes hold the same images and scores
         _write_outputs(Path(out_dir), metrics, full, _selected_embedding(trained.emb, choice, metrics), config)
         _log_result(metrics)

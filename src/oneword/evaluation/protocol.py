@@ -66,16 +66,22 @@ def differences(a: dict, b: dict) -> list[str]:
 RUNTIME_ONLY = {"batch_size", "device", "gpus"}  # how the pictures are drawn, not which ones
 
 
-def result_key(training_key: str, config) -> str:
-    """What a registered score is a score of: one training (`summary.json`'s `training_key`) evaluated with
-    `config` (as given, before the model's profile fills it in), a prompt file by its content.
-
-    A scheduled batch finds the concept's version by it and neither evaluates nor registers that concept again.
-    """
+def evaluation_key(training_key: str, config) -> str:
+    """One training (`summary.json`'s `training_key`) evaluated with `config` (as given, before the model's
+    profile fills it in; a prompt file by its content) by this version of oneword (whose profiles fill it in)."""
+    from oneword import __version__
     from oneword.evaluation.prompts import BUILTIN, PACKAGED, get_prompt_set
 
     settings = config.model_dump(exclude=RUNTIME_ONLY)
     if config.prompt_set and config.prompt_set not in BUILTIN and config.prompt_set not in PACKAGED:
         settings["prompt_set"] = list(get_prompt_set(config.prompt_set))
-    what = {"training": training_key, "evaluation": settings}
+    what = {"training": training_key, "evaluation": settings, "oneword": __version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def result_key(evaluation: str, thresholds) -> str:
+    """What a registered version is the result of: an evaluation (`evaluation_key`) judged by the quality gate's
+    `thresholds`. A scheduled batch finds the concept's newest version by it and neither evaluates nor registers
+    that concept again; a changed threshold judges it anew."""
+    what = {"evaluation": evaluation, "gate": thresholds.model_dump()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

@@ -220,11 +220,15 @@ def evaluate(
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_limit: int = 1,
     tracking_uri: str = "",
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    margin_se: float = 1.0,
 ):
     """Score the concept as the paper does (CLIP reconstruction and editability), pick a checkpoint, draw pictures.
 
-    A concept registered before from the same training, evaluated with the same settings (a scheduled batch's
-    unchanged concept), is not evaluated again: `unchanged.json` names its version, and register keeps it.
+    A concept whose newest version was registered from the same training, evaluated with the same settings and
+    judged by the same gate (a scheduled batch's unchanged concept) is not evaluated again: `unchanged.json`
+    names that version, and register keeps it.
 
     Args:
         model: output of train.
@@ -245,11 +249,14 @@ def evaluate(
             images.
         tracking_uri: MLflow tracking URI, where an earlier result of the same training is looked up (empty:
             $MLFLOW_TRACKING_URI, else ./mlflow.db).
+        min_reconstruction: register's quality gate (part of what makes a result the same).
+        min_editability: register's quality gate.
+        margin_se: register's quality gate.
     """
     import os
     import shutil
 
-    from oneword.config import EvalConfig
+    from oneword.config import EvalConfig, GateThresholds
     from oneword.evaluation import evaluate as run
     from oneword.outcome import run_step
     from oneword.pipelines.parameters import unset_to_none as unset
@@ -261,7 +268,8 @@ def evaluate(
     from oneword.outcome import UNCHANGED_FILE, read_failure
     from oneword.registry import earlier_result
 
-    found = earlier_result(tracking_uri or None, trained, concept, config) if read_failure(trained) is None else None
+    gate = GateThresholds(min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se)
+    found = earlier_result(tracking_uri or None, trained, concept, config, gate) if read_failure(trained) is None else None
     if found:
         import html
         import json
@@ -348,20 +356,17 @@ def register(
     tags = kfp_tags(kfp_run_id, kfp_run_name)
     unchanged = Path(evaluation.path, UNCHANGED_FILE)
     if unchanged.is_file():  # evaluate found this training registered: no new version, the live run ends
-        r = record_unchanged(tracking_uri or None, Path(trained), concept, json.loads(unchanged.read_text()),
-                             batch_id, experiment, tags)
-        os.makedirs(registration.path, exist_ok=True)
-        with open(os.path.join(registration.path, "registration.json"), "w") as f:
-            json.dump({**r.as_dict(), "unchanged": True}, f)
-        registration.metadata.update(r.as_dict())
-        return f"{r.name}/{r.version}@{r.alias} (unchanged)"
-    r = run_step("register", registration.path, on_error,
-                 lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
-                             thresholds=GateThresholds(min_reconstruction=min_reconstruction,
-                                                       min_editability=min_editability, margin_se=margin_se),
-                             batch_id=batch_id,
-                             run_tags=tags),
-                 upstream=[evaluation.path])
+        r = run_step("register", registration.path, on_error,
+                     lambda: record_unchanged(tracking_uri or None, Path(trained), concept,
+                                              json.loads(unchanged.read_text()), batch_id, experiment, tags))
+    else:
+        r = run_step("register", registration.path, on_error,
+                     lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
+                                 thresholds=GateThresholds(min_reconstruction=min_reconstruction,
+                                                           min_editability=min_editability, margin_se=margin_se),
+                                 batch_id=batch_id,
+                                 run_tags=tags),
+                     upstream=[evaluation.path])
     if r is None:
         why = read_failure(registration.path)
         group = json.loads(Path(model.path, "concepts.json").read_text())
@@ -371,9 +376,9 @@ def register(
         return f"{concept} failed at {why['stage']}"
     os.makedirs(registration.path, exist_ok=True)
     with open(os.path.join(registration.path, "registration.json"), "w") as f:
-        json.dump(r.as_dict(), f)
+        json.dump({**r.as_dict(), "unchanged": unchanged.is_file()}, f)
     registration.metadata.update(r.as_dict())
-    return f"{r.name}/{r.version}@{r.alias}"
+    return f"{r.name}/{r.version}@{r.alias}" + (" (unchanged)" if unchanged.is_file() else "")
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -179,7 +179,8 @@ def personalise(
             model=tr.outputs["model"], concept=name, prompt_set=prompt_set, n_images=n_images,
             sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
             checkpoint_budget=checkpoint_budget, on_error=on_error, accelerator_type=accelerator_type,
-            accelerator_limit=accelerator_limit, tracking_uri=tracking_uri,
+            accelerator_limit=accelerator_limit, tracking_uri=tracking_uri, min_reconstruction=min_reconstruction,
+            min_editability=min_editability, margin_se=margin_se,
         )
         _gpu_step(ev, p)
         reg = c.register(

@@ -162,6 +162,27 @@ def test_a_launched_processs_error_reaches_the_caller(tmp_path):
     assert "exit status 1" in e.value.message and "the main process" not in e.value.message
 
 
+def _times_out(url: str):
+    raise TimeoutError(f"reading {url} timed out")
+
+
+def test_an_error_a_retry_may_cure_is_still_one_after_crossing_processes(tmp_path):
+    """A launch's pickles keep no cause: a timeout in the main process must still read as transient, so that a
+    batch's train task raises it for its retries instead of recording it as every concept's failure."""
+    import pickle
+
+    from oneword import outcome
+    from oneword.distributed import _main, _outcome
+
+    call, result = tmp_path / "call.pkl", tmp_path / "result.pkl"
+    call.write_bytes(pickle.dumps(("tests.test_distributed:_times_out", {"url": "s3://b/k"})))
+    with pytest.raises(TimeoutError):
+        _main(str(call), str(result))
+    with pytest.raises(OnewordError) as e:
+        _outcome("m:f", 2, result, 1)
+    assert outcome.transient(e.value) and "TimeoutError: reading s3://b/k timed out" in e.value.message
+
+
 def test_what_cannot_cross_processes_keeps_one_or_is_refused():
     """A loaded model or callbacks: the default (every visible GPU) keeps one process; more is refused."""
     from oneword.distributed import processes

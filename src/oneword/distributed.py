@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from oneword.errors import OnewordError
+from oneword.errors import OnewordError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,10 @@ def _main(call: str, result: str) -> None:
         value = getattr(importlib.import_module(module), name)(**kwargs)
     except BaseException as e:
         if world.main:
+            from oneword import outcome
+
+            if outcome.transient(e) and not isinstance(e, TransientError):  # what it is survives the pickle
+                e = TransientError(f"{type(e).__name__}: {e}", getattr(e, "hint", None))
             try:
                 blob = pickle.dumps((False, e))
             except Exception:  # an exception that cannot cross processes still says what it was

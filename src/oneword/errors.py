@@ -21,3 +21,8 @@ class OnewordError(Exception):
 
 class NonFiniteLossError(OnewordError):
     """Training produced a NaN or inf loss; the last good checkpoint is kept."""
+
+
+class TransientError(OnewordError):
+    """An error a later attempt may not meet (a lost connection, a timeout), carried where its cause cannot go:
+    across processes (`oneword.distributed`), whose pickles keep no `__cause__`."""

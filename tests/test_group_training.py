@@ -288,7 +288,7 @@ def test_a_fresh_group_training_refuses_an_earlier_ones_checkpoints(tiny_model_d
                     progress=False)  # fmt: skip
 
 
-def test_a_cached_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path):
+def test_a_cached_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, monkeypatch):
     """Recorded, a lost connection would be the cached result of preprocess, replayed by every later run."""
     import urllib3
     from minio.error import S3Error
@@ -316,6 +316,15 @@ def test_a_cached_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path):
         return S3Error(Answer(status), code, "m", "r", "i", "h")
 
     assert outcome.transient(s3_error(503, "SlowDown")) and not outcome.transient(s3_error(403, "AccessDenied"))
+    # settings, not weather: a host name that does not resolve, a certificate refused
+    import requests
+
+    unresolved = urllib3.exceptions.NameResolutionError("no-such-host", None, OSError("Name or service not known"))
+    assert not outcome.transient(urllib3.exceptions.MaxRetryError(None, "http://no-such-host/", unresolved))
+    assert not outcome.transient(requests.exceptions.SSLError("certificate verify failed"))
+    # kfp.local caches and retries nothing: there, what a retry may cure is recorded like any failure
+    monkeypatch.setenv(outcome.LOCAL_RUN_ENV, "1")
+    assert outcome.run_step("preprocess", tmp_path / "e", "record", unreachable, cached=True) is None
 
 
 def _wrapped(cause: Exception):
@@ -340,6 +349,10 @@ def test_a_shard_that_fails_as_a_whole_records_each_concept_in_a_batch(cat_laten
     assert json.loads((tmp_path / "a" / "concepts.json").read_text()) == rows
     rows = train_shard(members, tmp_path / "b", lambda: TrainConfig(steps=-5), "record", progress=False)
     assert "steps" in outcome.read_failure(tmp_path / "b" / "dog")["error"]
+    broken = tmp_path / "broken-latents"  # its photos failed first: that failure is the one to fix
+    outcome.write_failure(broken, "preprocess", "photos/a.jpg is not an image")
+    rows = train_shard([*members, ("bad", SPECS[2], broken)], tmp_path / "d", lambda: TrainConfig(steps=-5), "record")
+    assert (rows[2]["stage"], outcome.read_failure(tmp_path / "d" / "bad")["stage"]) == ("preprocess", "preprocess")
     with pytest.raises(OnewordError):  # one concept run: the error is the run's
         train_shard(members, tmp_path / "c", lambda: TrainConfig(steps=4), "fail", base_model="/no/such/model")
 
@@ -363,3 +376,6 @@ def test_a_shards_latents_are_matched_to_its_concepts_by_their_photos_not_their_
                 {"images": "s3://b/cat2"}]  # fmt: skip
     assert match_latents(concepts, [dog, failed, cat2, cat]) == [cat, failed, dog, cat2]
     assert match_latents(concepts, [cat, failed, dog, cat2]) == [cat, failed, dog, cat2]  # in order: unchanged
+    kitten = latents("l-kitten", "/photos/cat/kitten")  # nested under another concept's folder
+    nested = [{"images": "/photos/cat"}, {"images": "/photos/cat/kitten"}]
+    assert match_latents(nested, [kitten, cat]) == [cat, kitten]

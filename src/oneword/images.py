@@ -291,7 +291,7 @@ def preprocess(
             raise OnewordError(
                 f"no valid image left in {source}; skipped:\n{listing}",
                 hint="add JPEG or PNG photos of the concept (3-5 is typical), each at least "
-                f"{min_side(resolution)} pixels on its short side",
+                f"{min_side(resolution)} pixels on its {'long' if mode == 'pad' else 'short'} side",
             )
         manifest = Manifest(resolution, mode, records, skipped, notes)
         manifest.save(tmp)

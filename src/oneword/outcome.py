@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from oneword.errors import OnewordError
+from oneword.errors import OnewordError, TransientError
 
 log = logging.getLogger(__name__)
 
 FAILURE_FILE = "failure.json"
+LOCAL_RUN_ENV = "ONEWORD_KFP_LOCAL"  # set for the tasks of `oneword run`/`batch` (kfp.local: no cache, no retries)
 UNCHANGED_FILE = "unchanged.json"  # evaluate found the concept registered from the same training and settings
 OnError = Literal["fail", "record"]
 ON_ERROR_CHOICES = ("fail", "record")
@@ -55,16 +57,39 @@ def transient(error: BaseException) -> bool:
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (ConnectionError, TimeoutError)):
+        if isinstance(e, (ConnectionError, TimeoutError, TransientError)):
             return True
+        if isinstance(e, _misconfigured()):  # a certificate or a host name: every attempt meets it again
+            return False
         if isinstance(e, _transport_errors()):
-            return True
+            reason = getattr(e, "reason", None)  # urllib3 wraps what went wrong in MaxRetryError.reason
+            return not isinstance(reason, _misconfigured())
         response = getattr(e, "response", None)
         status = getattr(response, "status", None) or getattr(response, "status_code", None)
         if isinstance(status, int) and status in RETRIED_STATUS:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _misconfigured() -> tuple[type[BaseException], ...]:
+    """Connection errors that are settings, not weather: a certificate refused, a host name that does not resolve."""
+    import ssl
+
+    kinds: list[type[BaseException]] = [ssl.SSLError]
+    try:
+        import urllib3.exceptions as u
+
+        kinds += [u.SSLError, u.NameResolutionError, u.LocationParseError]
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import requests.exceptions as r
+
+        kinds += [r.SSLError, r.InvalidURL]
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -110,11 +135,13 @@ def run_step(
             not run.
         cached: KFP caches the step's success. A `transient` error is then raised even with `record`: recorded,
             the failure would be the cached result, replayed by every later run with the same inputs (a
-            scheduled batch would never try that concept again); raised, the task fails and is retried.
+            scheduled batch would never try that concept again); raised, the task fails and is retried. Under
+            kfp.local (`LOCAL_RUN_ENV`), which caches and retries nothing, it is recorded.
 
     Returns:
         What `work` returned, or None if the concept had failed.
     """
+    cached = cached and not os.environ.get(LOCAL_RUN_ENV)
     if on_error not in ON_ERROR_CHOICES:
         raise OnewordError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
     for folder in upstream:

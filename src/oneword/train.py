@@ -334,8 +334,10 @@ def match_latents(concepts: Sequence[dict], folders: Sequence[str | Path]) -> li
     folders = [Path(f) for f in folders]
     found = [sources(f) for f in folders]
     chosen: dict[int, int] = {}  # concept -> folder
-    for i, c in enumerate(concepts):
-        prefix = str(c["images"]).rstrip("/") + "/"
+    # the most specific folders first: photos under s3://b/cats/kitten/ also lie under s3://b/cats/
+    by_depth = sorted(range(len(concepts)), key=lambda i: -len(str(concepts[i]["images"]).rstrip("/")))
+    for i in by_depth:
+        prefix = str(concepts[i]["images"]).rstrip("/") + "/"
         j = next((j for j, s in enumerate(found) if j not in chosen.values() and s and all(
             x.startswith(prefix) for x in s)), None)  # fmt: skip
         if j is not None:
@@ -377,9 +379,12 @@ def train_shard(
         hint = (e.hint or "") if isinstance(e, OnewordError) else ""
         log.exception("the group failed as a whole")
         rows = []
-        for name, spec, _ in members:
-            outcome.write_failure(Path(out_dir) / name, "train", error, hint)
-            rows.append({"name": name, "token": spec.token, "status": "failed", "stage": "train", "error": error})
+        for name, spec, where in members:
+            # a member that had failed before (its photos) keeps that failure: it is the one to fix
+            earlier = outcome.read_failure(where) or {"stage": "train", "error": error, "hint": hint}
+            outcome.write_failure(Path(out_dir) / name, earlier["stage"], earlier["error"], earlier.get("hint", ""))
+            rows.append({"name": name, "token": spec.token, "status": "failed", "stage": earlier["stage"],
+                         "error": earlier["error"]})  # fmt: skip
         (Path(out_dir) / GROUP_FILE).write_text(json.dumps(rows, indent=2))
         return rows
 
@@ -463,7 +468,9 @@ def train_group(
         except OnewordError as e:
             fail(name, "train", e.message, e.hint or "")
     if ready:
-        key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model.fingerprint)
+        # the fingerprint covers the tokenizer, the token embeddings and the UNet's config, not its weights: a
+        # fine-tune that kept the text encoder shares it, so the model's source is part of the key too
+        key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, f"{model.fingerprint} {model.source}")
         ckpt = f"{str(checkpoint_root).rstrip('/')}/{key}" if checkpoint_root else str(out_dir / "checkpoints")
         _refuse_earlier_checkpoints(ckpt, resume)
         trainer = InversionTrainer(model, [(spec, lat) for _, spec, lat, _ in ready], config)

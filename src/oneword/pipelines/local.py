@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from oneword.errors import OnewordError
-from oneword.outcome import FAILURE_FILE
+from oneword.outcome import FAILURE_FILE, LOCAL_RUN_ENV
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT
 from oneword.tracking import ensure_store
 
@@ -37,8 +37,9 @@ def _step_failure(run_dir: Path | None, error: Exception, log_file: Path | None)
     found = sorted(run_dir.rglob(FAILURE_FILE), key=lambda p: p.stat().st_mtime) if run_dir else []
     if not found:
         task = re.search(r"Inner task failed: '([^']+)'", str(error))
-        return OnewordError(f"the pipeline stopped at {task.group(1) if task else 'a step'}: {error}",
-                            hint=_where(log_file))
+        return OnewordError(
+            f"the pipeline stopped at {task.group(1) if task else 'a step'}: {error}", hint=_where(log_file)
+        )
     return _failure_error(found[-1], log_file)
 
 
@@ -57,14 +58,33 @@ def _init(pipeline_root: Path) -> None:
     import kfp.local
 
     pipeline_root.mkdir(parents=True, exist_ok=True)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
-                   raise_on_error=True)
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root.resolve()),
+        raise_on_error=True,
+    )
+
+
+@contextlib.contextmanager
+def _marked_local() -> Iterator[None]:
+    """Tell the tasks (subprocesses, which inherit it) that they run under kfp.local, which caches nothing and
+    here retries nothing: a step's transient error is then recorded as the concept's, not raised
+    (`oneword.outcome.run_step`)."""
+    before = os.environ.get(LOCAL_RUN_ENV)
+    os.environ[LOCAL_RUN_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LOCAL_RUN_ENV, None)
+        else:
+            os.environ[LOCAL_RUN_ENV] = before
 
 
 @contextlib.contextmanager
 def _task_logs(log_file: Path | None) -> Iterator[None]:
-    """Send kfp.local's streamed task logs to `log_file` (None: the terminal)."""
-    with warnings.catch_warnings():
+    """Send kfp.local's streamed task logs to `log_file` (None: the terminal); mark the tasks as local ones."""
+    with warnings.catch_warnings(), _marked_local():
         # kfp warns that the oneword image is "custom"; locally the steps run in this very environment
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # and that the cluster settings (requests, limits, GPUs) do nothing here, which is the point of them
@@ -103,8 +123,12 @@ def _newest_run(pipeline_root: Path, prefix: str, since: float) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def run_textual_inversion(pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT), tracking_uri: str | None = None,
-                          log_file: Path | None = None, **params) -> dict:
+def run_textual_inversion(
+    pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT),
+    tracking_uri: str | None = None,
+    log_file: Path | None = None,
+    **params,
+) -> dict:
     """Run the `textual_inversion` pipeline locally.
 
     Args:
@@ -131,20 +155,31 @@ def run_textual_inversion(pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT), track
         raise _step_failure(_newest_run(pipeline_root, "textual-inversion", start), e, log_file) from e
     run_dir = _newest_run(pipeline_root, "textual-inversion", start)
     versions = registered.output if hasattr(registered, "output") else registered
-    out = {"registered": str(versions[0]) if versions else None,
-           "run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start}
+    out = {
+        "registered": str(versions[0]) if versions else None,
+        "run_dir": str(run_dir),
+        "tracking_uri": uri,
+        "seconds": time.time() - start,
+    }
     if run_dir:
-        for key, pattern in (("report", "**/evaluate/evaluation/report.html"),
-                             ("grid", "**/evaluate/evaluation/grid.png"),
-                             ("metrics", "**/evaluate/evaluation/metrics.json"),
-                             ("embedding", "**/train/model/*/learned_embeds.safetensors")):
+        for key, pattern in (
+            ("report", "**/evaluate/evaluation/report.html"),
+            ("grid", "**/evaluate/evaluation/grid.png"),
+            ("metrics", "**/evaluate/evaluation/metrics.json"),
+            ("embedding", "**/train/model/*/learned_embeds.safetensors"),
+        ):
             hits = sorted(run_dir.glob(pattern))
             out[key] = str(hits[0]) if hits else None
     return out
 
 
-def run_batch(concepts_manifest: str, pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT), tracking_uri: str | None = None,
-              log_file: Path | None = None, **params) -> dict:
+def run_batch(
+    concepts_manifest: str,
+    pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT),
+    tracking_uri: str | None = None,
+    log_file: Path | None = None,
+    **params,
+) -> dict:
     """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report."""
     import kfp.local
 
@@ -152,12 +187,16 @@ def run_batch(concepts_manifest: str, pipeline_root: Path = Path(LOCAL_PIPELINE_
 
     uri = ensure_store(tracking_uri)  # made once here, before the shards open it in parallel
     pipeline_root.mkdir(parents=True, exist_ok=True)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()),
-                   raise_on_error=False)  # a failed concept must not stop the report
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root.resolve()),
+        raise_on_error=False,
+    )  # a failed concept must not stop the report
     start = time.time()
     with _task_logs(log_file):
-        _for_local_run(batch_personalisation)(concepts_manifest=concepts_manifest, tracking_uri=uri,
-                                                **{**_local_overrides(pipeline_root), **params})
+        _for_local_run(batch_personalisation)(
+            concepts_manifest=concepts_manifest, tracking_uri=uri, **{**_local_overrides(pipeline_root), **params}
+        )
     run_dir = _newest_run(pipeline_root, "batch-personalisation", start)
     stopped = sorted(run_dir.rglob(f"preflight/**/{FAILURE_FILE}")) if run_dir else []
     if stopped:  # nothing ran: say why, rather than report every concept as not registered

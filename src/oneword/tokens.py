@@ -50,7 +50,7 @@ def check_new_token(tokenizer: CLIPTokenizer, token: str, n_vectors: int = 1) ->
     taken = [t for t in vector_tokens(token, n_vectors) if t in vocab]
     if taken:  # e.g. "kitt", a piece of "kitten": it encodes as two ids, yet the tokenizer would reuse its entry
         raise OnewordError(
-            f"placeholder token {token!r} needs the entry {taken[0]!r}, which the vocabulary already has (id "
+            f"placeholder token {token!r} is already in the vocabulary (its entry {taken[0]!r} has id "
             f"{vocab[taken[0]]}): training it would change an existing word",
             hint=f"use a string the tokenizer does not know, such as '<{token.strip('<>')}>'",
         )

@@ -335,8 +335,10 @@ def match_latents(concepts: Sequence[dict], folders: Sequence[str | Path]) -> li
     found = [sources(f) for f in folders]
     chosen: dict[int, int] = {}  # concept -> folder
     # the most specific folders first: photos under s3://b/cats/kitten/ also lie under s3://b/cats/
-    by_depth = sorted(range(len(concepts)), key=lambda i: -len(str(concepts[i]["images"]).rstrip("/")))
+    by_depth = sorted(range(len(concepts)), key=lambda i: -len(str(concepts[i].get("images", "")).rstrip("/")))
     for i in by_depth:
+        if not concepts[i].get("images"):  # a concept planned without its photos' place: by position
+            continue
         prefix = str(concepts[i]["images"]).rstrip("/") + "/"
         j = next((j for j, s in enumerate(found) if j not in chosen.values() and s and all(
             x.startswith(prefix) for x in s)), None)  # fmt: skip

@@ -199,19 +199,6 @@ def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").exists() and list((tmp_path / "mlartifacts").rglob("report.html"))
 
 
-def test_a_batchs_versions_are_found_by_its_tag(evaluated_concept, mlflow_server, tmp_path):
-    train_dir, eval_dir = evaluated_concept
-    for name, batch, score in (("cat-b9", "b-9", 0.5), ("cat-b9", "b-9", 0.4), ("cat-b10", "b-10", 0.45)):
-        registry.register(train_dir, _with_scores(eval_dir, tmp_path, score, 0.2), mlflow_server, name=name,
-                          batch_id=batch)  # fmt: skip
-    found = registry.batch_versions(mlflow_server, "b-9")
-    assert [(r["name"], r["version"], r["aliases"]) for r in found] == [
-        ("cat-b9", "1", ["champion"]), ("cat-b9", "2", ["candidate"])
-    ]  # fmt: skip
-    assert found == [r for r in registry.list_concepts(mlflow_server) if r["batch_id"] == "b-9"]
-    assert registry.batch_versions(mlflow_server, "b-11") == []
-
-
 def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(evaluated_concept, mlflow_server,
                                                                              tmp_path):  # fmt: skip
     """A scheduled batch finds a concept whose newest version came from the same training, evaluation and gate:
@@ -262,6 +249,12 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
         "token": None, "name": name, "status": "unchanged", "version": "1", "alias": "champion"
     }  # fmt: skip
     assert batch_report(mlflow_server, "night-1", plan)["registered"] == 1
+    # a batch's versions are found by its tag, as the whole registry lists them
+    night_1 = registry.batch_versions(mlflow_server, "night-1")
+    assert night_1 == [r for r in registry.list_concepts(mlflow_server) if r["batch_id"] == "night-1"]
+    assert [(r["name"], r["version"]) for r in night_1] == [(name, "1")] and not registry.batch_versions(
+        mlflow_server, "x"
+    )
     # photos changed (version 2), then changed back: version 1's inputs are no longer the newest, so it counts
     # for nothing; and a version whose register died before its gate decided never counts
     registry.register(trained, scored("t-2", 0.4), mlflow_server, name=name)

@@ -1,0 +1,87 @@
+"""The batch pipeline run for real on this machine (kfp.local): one concept's failure, then a night with no change.
+
+In a file of its own so that, with one test file per worker (`make test`), it runs beside test_pipelines.py's
+single-concept run instead of after it.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oneword import registry
+
+from .conftest import DREAMBENCH
+
+
+@pytest.mark.slow
+def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypatch):
+    from oneword.pipelines.local import run_batch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not a jpeg")
+    manifest = tmp_path / "concepts.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "concepts": [
+                    {"images": str(DREAMBENCH / "cat"), "token": "<cat-q>", "init_word": "cat", "learning_rate": 0.004},
+                    {"images": str(bad), "token": "<bad-q>", "init_word": "dog"},
+                    {"images": str(DREAMBENCH / "dog"), "token": "<dog-q>", "init_word": "dog"},
+                ]
+            }
+        )
+    )
+    settings = dict(
+        concepts_per_shard=3,  # the broken concept shares the shard (and its train task) with the good ones
+        base_model=str(tiny_model_dir),
+        resolution=32,
+        steps=4,
+        checkpoint_every=2,
+        n_images=2,
+        sampling_steps=2,
+        checkpoint_budget=0,
+        clip_model=str(tiny_clip_dir),
+    )
+    report = run_batch(str(manifest), tmp_path / "root", **settings)
+    status = {c["name"]: c for c in report["concepts"]}
+    assert status["cat-q"]["status"] == "registered" and status["dog-q"]["status"] == "registered"
+    assert status["bad-q"]["status"] == "failed" and status["bad-q"]["stage"] == "preprocess"
+    assert "a.jpg" in status["bad-q"]["error"]
+    assert (report["registered"], report["failed"]) == (2, 1)
+    from rich.console import Console
+
+    from oneword.cli.run import print_batch_report
+
+    console = Console(width=80, record=True)
+    assert print_batch_report(report, console) == 1  # `oneword batch` exits 1: a concept failed
+    text = console.export_text()
+    table = [line for line in text.splitlines() if not line.lstrip().startswith(("run_dir", "tracking_uri"))]
+    assert "bad-q" in text and "preprocess" in text and max(len(line) for line in table) <= 80
+    names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
+    assert names == {"cat-q", "dog-q"}
+    # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train
+    run_dir = Path(report["run_dir"])
+    (group,) = run_dir.rglob("train/model/concepts.json")
+    assert [r["status"] for r in json.loads(group.read_text())] == ["trained", "failed", "trained"]
+    assert len(list(run_dir.rglob("preprocess/dataset"))) == 3 and len(list(run_dir.rglob("register"))) == 3
+    assert len(list(run_dir.rglob("evaluate/evaluation/metrics.json"))) == 2
+    reports = [p.read_text() for p in run_dir.rglob("evaluate/report") if p.is_file()]
+    assert any("bad-q was not evaluated: it failed at preprocess" in r and "a.jpg" in r for r in reports)
+    # the report read the plan the run made (recorded in MLflow), not the manifest again
+    plan = registry.batch_plan(report["tracking_uri"], report["batch_id"])
+    assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
+    params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
+    assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
+    # the next night, nothing changed: training resumes at its end, and the concepts are neither evaluated nor
+    # registered again
+    again = run_batch(str(manifest), tmp_path / "root", **settings)
+    assert {c["name"]: c["status"] for c in again["concepts"]} == {
+        "cat-q": "unchanged", "bad-q": "failed", "dog-q": "unchanged"
+    }  # fmt: skip
+    assert [r["version"] for r in registry.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
+    assert not list(Path(again["run_dir"]).rglob("evaluate/evaluation/metrics.json"))

@@ -134,6 +134,8 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     assert print_batch_report(report, console) == 1
     text = console.export_text()
     assert max(len(line) for line in text.splitlines() if "run_dir" not in line) <= 80
+    # rich crops what does not fit an 80-column line: every word of the error must still be there, folded
+    assert set(bad["error"].split()) <= set(text.split())
     assert "champion" in text and "a-very-long" in text and "1 registered, 0 unchanged, 1 failed" in text
     assert print_batch_report({**report, "failed": 0, "concepts": [ok]}, Console(width=80, file=None)) == 0
     unplanned = {"batch_id": "b-2", "registered": 0, "failed": 0, "concepts": [], "error": "no plan was recorded"}

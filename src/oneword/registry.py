@@ -605,7 +605,7 @@ def earlier_result(tracking_uri: str | None, train_dir: Path, name: str, config,
     `thresholds` (`registered_result`), or None. None too where that cannot be known: a concept trained alone
     (`oneword train`) has no training key, and settings that are not valid (a prompt file that cannot be read)
     are left to `evaluate` to report."""
-    from oneword.evaluation.protocol import evaluation_key, result_key
+    from oneword.evaluation.protocol import evaluation_key
 
     summary = Path(train_dir) / "summary.json"
     try:
@@ -661,10 +661,9 @@ def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = E
         experiment_ids=[exp.experiment_id],
         filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{UNCHANGED_TAG}` != ''",
     )
-    rows = []
-    for r in runs:
-        name, version = r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]
-        rows.append(_version_row(client.get_model_version(name, version), client.get_registered_model(name)))
+    kept = {(r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]) for r in runs}
+    models = {name: client.get_registered_model(name) for name, _ in kept}  # each model read once, as batch_versions
+    rows = [_version_row(client.get_model_version(name, version), models[name]) for name, version in kept]
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 

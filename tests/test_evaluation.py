@@ -148,6 +148,16 @@ def test_selection_counts_scores_within_their_noise_as_equal():
     assert select_checkpoint(exact, tolerance=0.01, rule="latest-editable").step == 200  # 400's editability fell
     with pytest.raises(ValueError, match="unknown selection rule"):
         select_checkpoint(curve, rule="best")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rule", ["balanced", "latest-editable"])
+def test_a_checkpoint_that_scored_nan_is_never_selected_and_does_not_hide_the_others(rule):
+    nan = float("nan")
+    assert select_checkpoint([CurvePoint(100, nan, 0.2), CurvePoint(200, 0.8, 0.2)], rule=rule).step == 200
+    assert select_checkpoint([CurvePoint(100, 0.8, nan), CurvePoint(200, 0.8, 0.25)], rule=rule).step == 200
+    assert select_checkpoint([CurvePoint(100, 0.8, 0.3), CurvePoint(200, 0.9, nan)], rule=rule).step == 100
+    with pytest.raises(OnewordError, match=r"steps 100, 200\) scored NaN"):
+        select_checkpoint([CurvePoint(100, nan, 0.2), CurvePoint(200, 0.8, nan)], rule=rule)
     # one image a prompt leaves a score's spread unmeasured (nan): it counts as none, the other's still counts
     nan = [CurvePoint(50, 0.60, 0.50, math.nan, math.nan), CurvePoint(100, 0.64, 0.50, 0.02, 0.02)]
     assert select_checkpoint(nan, tolerance=0.01, rule="latest-editable").step == 100

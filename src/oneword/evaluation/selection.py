@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from oneword.errors import OnewordError
 from oneword.evaluation.metrics import known_se
 
 SelectionRule = Literal["balanced", "latest-editable"]
@@ -55,6 +56,17 @@ def select_checkpoint(
         raise ValueError("no checkpoints to select from")
     if rule not in SELECTION_RULES:
         raise ValueError(f"unknown selection rule {rule!r}: use one of {', '.join(SELECTION_RULES)}")
+    # a NaN score (a checkpoint whose pictures came out NaN) compares false both ways: max() would keep one that
+    # came first and then find nothing within it
+    scored = [p for p in curve if math.isfinite(p.reconstruction) and math.isfinite(p.editability)]
+    if not scored:
+        steps = ", ".join(str(p.step) for p in curve)
+        raise OnewordError(
+            f"every checkpoint (steps {steps}) scored NaN: there is nothing to select",
+            hint="the pictures drawn with them were not finite: see the evaluation's grid, and train again "
+            "(a lower --learning-rate, or --precision fp32)",
+        )
+    curve = scored
     best = max(curve, key=lambda p: p.reconstruction)
     eligible = [p for p in curve if within(best, p, "reconstruction", tolerance)]
     editable = max(eligible, key=lambda p: (p.editability, -p.step))

@@ -297,6 +297,33 @@ def test_an_output_folder_is_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]  # no temporary or old folder
 
 
+def test_a_folder_that_is_not_an_earlier_output_of_the_step_is_never_replaced(tmp_path, capsys):
+    from oneword.cli import main
+    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.latents import cache_latents
+
+    work = tmp_path / "runs" / "my-cat"  # a slip: -o the concept's folder, which holds its training
+    (work / "train").mkdir(parents=True)
+    (work / "train" / "learned_embeds.safetensors").write_bytes(b"weeks of GPU time")
+    with pytest.raises(OnewordError, match=r"my-cat already holds files and is not a dataset .* no manifest.json"):
+        preprocess(DREAMBENCH / "cat", work, resolution=32)
+    with pytest.raises(OnewordError, match=r"is not an evaluation .* no metrics.json"):  # before any sampling
+        evaluate(work / "train", work / "data", work, EvalConfig())
+    with pytest.raises(OnewordError, match="is not a latent cache"):
+        cache_latents(preprocess(DREAMBENCH / "cat", tmp_path / "data", resolution=32) and tmp_path / "data",
+                      "toyworld", work)  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(work)])
+    assert exit_.value.code == 2 and "refusing to replace it" in capsys.readouterr().err
+    assert (work / "train" / "learned_embeds.safetensors").read_bytes() == b"weeks of GPU time"
+    assert sorted(p.name for p in work.iterdir()) == ["train"]  # nothing beside it either
+
+    preprocess(DREAMBENCH / "cat", tmp_path / "data", resolution=16)  # an earlier dataset is replaced
+    assert Manifest.load(tmp_path / "data").resolution == 16
+    with pytest.raises(OnewordError, match="is a file"):
+        preprocess(DREAMBENCH / "cat", work / "train" / "learned_embeds.safetensors", resolution=32)
+
+
 def test_output_folders_written_at_once_by_two_processes_leave_one_whole(tmp_path):
     import subprocess
     import sys

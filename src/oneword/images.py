@@ -241,7 +241,7 @@ def preprocess(
     skipped: list[dict] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
-    with storage.atomic_dir(Path(out_dir)) as tmp:
+    with storage.atomic_dir(Path(out_dir), MANIFEST, "a dataset written by `oneword preprocess`") as tmp:
         (tmp / "images").mkdir()
         for path in files:
             rel = path.relative_to(root).as_posix()

@@ -31,6 +31,7 @@ from oneword.profiles import profile_of
 log = logging.getLogger(__name__)
 
 LATENTS_FILE = "latents.safetensors"
+LATENT_CACHE = "a latent cache written by `oneword cache-latents`"
 DATASET_DIR = "dataset"  # a copy of the preprocessed images the latents were encoded from
 
 
@@ -157,6 +158,7 @@ def cache_latents(
         The `LatentSet` written to `out_dir`.
     """
     manifest = Manifest.load(dataset_dir)
+    storage.check_replaceable(Path(out_dir), LATENTS_FILE, LATENT_CACHE)  # before the VAE works, not after
     model = (
         base_model
         if isinstance(base_model, LoadedModel)
@@ -239,7 +241,7 @@ def cache_latents(
             "oneword_version": __version__,
         },
     )
-    with storage.atomic_dir(Path(out_dir)) as tmp:
+    with storage.atomic_dir(Path(out_dir), LATENTS_FILE, LATENT_CACHE) as tmp:
         latents.save(tmp)
         # the images travel with their latents, so a later step (evaluation of a batch) finds them there
         shutil.copytree(dataset_dir, tmp / DATASET_DIR)

@@ -222,12 +222,31 @@ def object_exists(uri: str) -> bool:
     return True
 
 
+def check_replaceable(final: Path, marker: str, what: str) -> None:
+    """Refuse to replace `final` unless it is absent, empty, or an earlier output of the same kind (it holds `marker`).
+
+    An output folder is replaced whole: a slip such as `-o runs/my-cat` for a folder that holds the training would
+    otherwise delete it.
+    """
+    if final.exists() and not final.is_dir():
+        raise OnewordError(f"{final} is a file, not a folder: cannot write {what} there", hint="choose another -o")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).exists():
+        raise OnewordError(
+            f"{final} already holds files and is not {what} (it has no {marker}): refusing to replace it",
+            hint="choose a new or empty folder for the output; only an earlier output of the same step is replaced",
+        )
+
+
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, marker: str | None = None, what: str = "an output folder") -> Iterator[Path]:
     """Yield a temporary folder beside `final` and move it into place only if the block succeeds.
 
-    A failure leaves `final` as it was (absent, or its previous content): never half-written output.
+    A failure leaves `final` as it was (absent, or its previous content): never half-written output. With a
+    `marker`, a non-empty `final` is replaced only if it holds that file (`check_replaceable`), checked before
+    the block runs and again before the move.
     """
+    if marker:
+        check_replaceable(final, marker, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the output from pods of another user on a shared volume
@@ -237,6 +256,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         # the old output steps aside before the new one moves in: `final` is never half-written (absent for an
         # instant at most); writers that finish together take turns, and the last one's output stays
         with FileLock(str(final.with_name(f".{final.name}.lock"))):
+            if marker:
+                check_replaceable(final, marker, what)
             if final.exists():
                 final.rename(old)
             try:

@@ -8,10 +8,14 @@ import typer
 
 from oneword.cli.app import app
 
+DEMO_MARKER = ".oneword-demo"
+
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option(help="folder for everything the demo makes (replaced)")] = Path("demo-out"),
+    out: Annotated[
+        Path, typer.Option(help="folder for everything the demo makes (an earlier demo's is replaced)")
+    ] = Path("demo-out"),
     concept: Annotated[str, typer.Option(help="held-out toy-world concept")] = "purple-star",
     steps: Annotated[int | None, typer.Option(help="textual-inversion steps (default: the toy profile's)")] = None,
     n_images: Annotated[int, typer.Option(help="evaluation pictures per prompt")] = 16,
@@ -31,13 +35,16 @@ def demo_cmd(
     from oneword.generate import make_grid
     from oneword.pipelines.local import run_textual_inversion
     from oneword.profiles import TOYWORLD
+    from oneword.storage import check_replaceable
     from oneword.toyworld.concepts import get_concept, write_concept
     from oneword.toyworld.quality import edits_for
 
     t0 = time.time()
+    check_replaceable(out, DEMO_MARKER, "an earlier demo's folder")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("written by `oneword demo`, which replaces this folder when it runs again\n")
     photos = write_concept(concept, out / "photos")
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(t for t, _ in edits_for(get_concept(concept))) + "\n")

@@ -41,13 +41,14 @@ from oneword.images import Manifest
 from oneword.latents import DATASET_DIR
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
-from oneword.storage import atomic_dir
+from oneword.storage import atomic_dir, check_replaceable
 from oneword.tokens import vector_tokens
 from oneword.train import SUMMARY_FILE, write_embedding_files
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE, REPORT_FILE, GRID_FILE, SCATTER_FILE = "metrics.json", "report.html", "grid.png", "scatter.png"
+EVALUATION = "an evaluation written by `oneword evaluate`"
 GRID_CELL = 512  # px: SD's own side; SDXL's 1024 px samples are halved in the grid (sample files keep them whole)
 
 
@@ -207,6 +208,7 @@ def evaluate(
     Returns:
         The metrics dict written to `metrics.json`.
     """
+    check_replaceable(Path(out_dir), METRICS_FILE, EVALUATION)  # before the sampling, not after
     local = "a loaded model or callbacks" if isinstance(base_model, LoadedModel) or on_images or on_checkpoint else ""
     if (n := distributed.processes(config.gpus, config.device, local)) > 1:
         return distributed.launch(
@@ -395,7 +397,7 @@ def _selected_embedding(emb: emb_io.Embedding, choice: _Choice, metrics: dict) -
 
 def _write_outputs(out_dir: Path, metrics: dict, full: dict, selected: emb_io.Embedding, config: EvalConfig) -> None:
     """Write the grid, the selected embedding, the scatter plot, metrics.json and the report, all at once."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, METRICS_FILE, EVALUATION) as tmp:
         cols = min(config.grid_seeds, config.n_images)
         grid = make_grid([row[:cols] for row in full["images"]], full["prompts"], label_width=200, max_cell=GRID_CELL)
         grid.save(tmp / GRID_FILE)

@@ -75,8 +75,8 @@ def run_cmd(
 
     out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
     registered = str(out["registered"])
-    if registered.endswith(" (unchanged)"):  # evaluate found this very training registered: nothing new drawn
-        ref = registered.removesuffix(" (unchanged)").split("@")[0]
+    if out.get("unchanged"):  # evaluate found this very training registered: nothing new drawn
+        ref = registered.split("@")[0]
         rprint(f"[bold cyan]unchanged[/] {ref}: registered before from the same photos and settings "
                f"({out['seconds']:.0f} s); its scores and report: oneword concepts show {ref}")  # fmt: skip
     else:

@@ -138,7 +138,8 @@ def run_textual_inversion(
         **params: pipeline parameters (images, token, init_word, base_model, steps, ...).
 
     Returns:
-        `{"registered": "name/version@alias", "run_dir": ..., "tracking_uri": ..., "report": ..., "grid": ...}`.
+        `{"registered": "name/version@alias", "unchanged": bool, "run_dir": ..., "tracking_uri": ..., "report": ...,
+        "grid": ...}`; `unchanged` says that this very training was registered before, so nothing new was drawn.
     """
     from oneword.pipelines.definitions import textual_inversion
 
@@ -162,11 +163,16 @@ def run_textual_inversion(
         "seconds": time.time() - start,
     }
     if run_dir:
+        registration = sorted(run_dir.glob("**/register/registration/registration.json"))
+        out["unchanged"] = bool(registration) and json.loads(registration[0].read_text()).get("unchanged", False)
+        if out["unchanged"]:
+            out["registered"] = out["registered"].removesuffix(" (unchanged)")
         for key, pattern in (
             ("report", "**/evaluate/evaluation/report.html"),
             ("grid", "**/evaluate/evaluation/grid.png"),
             ("metrics", "**/evaluate/evaluation/metrics.json"),
-            ("embedding", "**/train/model/*/learned_embeds.safetensors"),
+            # the checkpoint evaluation selected and register registered, which the printed scores describe
+            ("embedding", "**/evaluate/evaluation/embedding/learned_embeds.safetensors"),
         ):
             hits = sorted(run_dir.glob(pattern))
             out[key] = str(hits[0]) if hits else None

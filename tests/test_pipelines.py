@@ -1,6 +1,7 @@
 """The KFP pipelines: compiled specs, real kfp.local runs, and submit/schedule against a loopback KFP API."""
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -58,6 +59,15 @@ def test_compiled_pipeline_loads_back_with_gpu_settings_on_train():
         assert "gpu_toleration" in k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"], step
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["gpu_toleration"]["defaultValue"]["key"] == "nvidia.com/gpu"
+    # KFP's driver reads a pod's resource fields from string parameters only (resolvePodSpecInputRuntimeParameter:
+    # GetStringValue, "" for a number): a number there would leave the GPU steps asking for no GPU
+    for name in ("textual_inversion", "batch_personalisation"):
+        s = _spec(name)
+        resources = json.dumps([e["container"].get("resources", {}) for e in s["deploymentSpec"]["executors"].values()])
+        read = set(re.findall(r"pipelinechannel--(\w+)", resources))
+        assert {"accelerator_limit", "gpu_step_memory_limit"} <= read, read
+        kinds = {k: s["root"]["inputDefinitions"]["parameters"][k]["parameterType"] for k in read}
+        assert set(kinds.values()) == {"STRING"}, kinds
     assert {"accelerator_type", "accelerator_limit", "gpu_node_selector"} <= set(params)
     # every parameter explains itself on the dashboard
     assert all(p.get("description") for p in params.values()), [
@@ -235,6 +245,9 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     assert tags["oneword.token"] == token
     learned = embeddings.load(path).vectors
     assert learned.shape == (1, 1024)
+    shown_file = embeddings.load(Path(out["embedding"]))  # the path `oneword run` prints: what was registered
+    assert torch.equal(shown_file.vectors, learned)
+    assert shown_file.meta["steps"] == str(json.loads(Path(out["metrics"]).read_text())["step"])
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd2_model_dir), local_files_only=True)
     pipe.load_textual_inversion(str(path), token=token)
     (token_id,) = pipe.tokenizer.convert_tokens_to_ids([token])
@@ -370,6 +383,27 @@ def test_the_cli_refuses_to_submit_without_an_image_registry(kfp_api, capsys, mo
         main(["submit", "--host", host, "--images", "s3://data/my-cat", "--token", "<my-cat>", "--init-word", "cat"])
     assert exit_.value.code == 2 and "no image registry given" in capsys.readouterr().err
     assert calls == []
+
+
+def test_submit_sends_each_param_as_the_pipeline_input_takes_it_and_refuses_a_typo(kfp_api, capsys):
+    from oneword.cli import main
+
+    host, calls = kfp_api
+    base = ["submit", "--host", host, "--images", "s3://data/my-cat", "--token", "<my-cat>", "--init-word", "cat",
+            "--image-registry", REGISTRY, "--no-preflight"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "-p", "step=3000"])
+    assert exit_.value.code == 2 and "no parameter 'step'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "-p", "steps=many"])
+    assert exit_.value.code == 2 and "steps takes a whole number" in capsys.readouterr().err
+    assert calls == []  # the KFP API never heard of either
+    main([*base, "-p", "accelerator_limit=2", "-p", "steps=300", "-p", "scale_lr=false", "-p", "name=007",
+          "-p", 'gpu_node_selector={"pool": "a100"}'])  # fmt: skip
+    body = json.loads(next(b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")))
+    sent = body["runtime_config"]["parameters"]
+    assert (sent["accelerator_limit"], sent["steps"], sent["scale_lr"], sent["name"]) == ("2", 300, False, "007")
+    assert sent["gpu_node_selector"] == {"pool": "a100"}
 
 
 def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(kfp_api, tiny_model_dir, tiny_clip_dir, capsys):

@@ -248,7 +248,9 @@ class ClusterConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     accelerator_type: str = Field("nvidia.com/gpu", description="GPU resource of the GPU steps, e.g. nvidia.com/gpu")
-    accelerator_limit: int = Field(1, ge=1, description="GPUs per GPU step")
+    # A string: KFP's driver reads a pod's resource fields from string parameters only (a number reads as "", and the
+    # pod would ask for no GPU at all), as its own example pipelines declare them.
+    accelerator_limit: str = Field("1", pattern=r"^[1-9][0-9]*$", description="GPUs per GPU step")
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"},
         description="node selector of the GPU steps (default: the label NVIDIA's GPU feature discovery puts on "

@@ -16,19 +16,58 @@ IMAGE_REGISTRY = typer.Option(
 )
 
 
-def _params(param: list[str] | None) -> dict:
-    from oneword.errors import OnewordError
+def _params(param: list[str] | None, pipeline: str) -> dict:
+    """`--param KEY=VALUE`s as the pipeline's inputs, each checked against its name and type here.
 
+    The KFP client sends any key and value as they are; a typo would reach the cluster and fail there, and a
+    number given for a string parameter (`accelerator_limit`) would be read as empty by KFP's driver.
+    """
+    import difflib
+
+    from oneword.errors import OnewordError
+    from oneword.pipelines import definitions
+
+    inputs = getattr(definitions, pipeline).component_spec.inputs
     out = {}
     for p in param or []:
         if "=" not in p:
             raise OnewordError(f"--param {p!r} is not KEY=VALUE", hint="e.g. --param steps=3000")
         k, v = p.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
+        if k not in inputs:
+            close = difflib.get_close_matches(k, list(inputs), n=3)
+            raise OnewordError(
+                f"--param {k}: the {pipeline} pipeline has no parameter {k!r}",
+                hint=f"did you mean {' or '.join(close)}?" if close else f"its parameters: {', '.join(inputs)}",
+            )
+        out[k] = _typed(k, v, inputs[k].type)
     return out
+
+
+def _typed(key: str, value: str, kfp_type: str) -> object:
+    """`value` as the pipeline input `key` of KFP type `kfp_type` takes it."""
+    from oneword.errors import OnewordError
+
+    try:
+        if kfp_type == "String":
+            return value
+        if kfp_type == "Integer":
+            return int(value)
+        if kfp_type == "Float":
+            return float(value)
+        if kfp_type == "Boolean":
+            if value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return value.lower() == "true"
+        parsed = json.loads(value)
+        if not isinstance(parsed, dict if kfp_type == "Dict" else list):
+            raise ValueError(value)
+        return parsed
+    except ValueError:
+        words = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false",
+                 "Dict": 'a JSON object, e.g. {"key": "value"}', "List": "a JSON list"}  # fmt: skip
+        raise OnewordError(
+            f"--param {key}={value!r}: {key} takes {words.get(kfp_type, kfp_type)}", hint="fix the value and run again"
+        ) from None
 
 
 def _preflight_here(params: dict) -> None:
@@ -83,7 +122,7 @@ def submit_cmd(
     from oneword.pipelines.remote import submit
 
     require_registry(image_registry)  # before the checks: a run that cannot pull its images is not worth them
-    params = {"images": images, "token": token, "init_word": init_word, **_params(param)}
+    params = {"images": images, "token": token, "init_word": init_word, **_params(param, "textual_inversion")}
     if preflight:
         _preflight_here(params)
     rprint(
@@ -130,7 +169,7 @@ def schedule_cmd(
 
     from oneword.pipelines.remote import schedule
 
-    params = {"concepts_manifest": concepts_manifest, **_params(param)}
+    params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
     rprint(
         schedule(
             host,

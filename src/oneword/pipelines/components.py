@@ -66,7 +66,7 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str,
-                  on_error: str = "fail", accelerator_type: str = "nvidia.com/gpu", accelerator_limit: int = 1):
+                  on_error: str = "fail", accelerator_type: str = "nvidia.com/gpu", accelerator_limit: str = "1"):
     """Encode each image and its mirror once with the base model's VAE (posterior mean and std).
 
     Args:
@@ -121,7 +121,7 @@ def train(
     experiment: str = "oneword",
     kfp_run_id: str = "",
     kfp_run_name: str = "",
-    accelerator_limit: int = 1,
+    accelerator_limit: str = "1",
 ) -> list:
     """Learn the concepts' embeddings together, in one batch of K x batch_size (resumes from its checkpoints).
 
@@ -185,7 +185,7 @@ def train(
                             early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
                             direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
                             checkpoint_every=unset(checkpoint_every), log_every=log_every,
-                            sample_every=sample_every, gpus=accelerator_limit),
+                            sample_every=sample_every, gpus=int(accelerator_limit)),
         on_error, base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True,
         progress=False, tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
     )
@@ -218,7 +218,7 @@ def evaluate(
     checkpoint_budget: int = 8,
     on_error: str = "fail",
     accelerator_type: str = "nvidia.com/gpu",
-    accelerator_limit: int = 1,
+    accelerator_limit: str = "1",
     tracking_uri: str = "",
     min_reconstruction: float = -1.0,
     min_editability: float = -1.0,
@@ -264,7 +264,7 @@ def evaluate(
     trained = os.path.join(model.path, concept)
     config = EvalConfig(prompt_set=unset(prompt_set), n_images=n_images, steps=unset(sampling_steps),
                         guidance_scale=unset(guidance_scale), clip_model=clip_model, dino_model=dino_model,
-                        checkpoint_budget=checkpoint_budget, gpus=accelerator_limit)
+                        checkpoint_budget=checkpoint_budget, gpus=int(accelerator_limit))
     from oneword.outcome import UNCHANGED_FILE, read_failure
     from oneword.registry import earlier_result
 

@@ -52,6 +52,34 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _exit_with(e: OnewordError) -> None:
+    """Print `e` and its hint as `error:`/`hint:` lines (its traceback too with --verbose) and exit with status 2."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    err = Console(stderr=True, soft_wrap=True)
+    if STATE["verbose"]:
+        err.print_exception()
+    # messages quote paths, values and other processes' errors, which may hold "[...]"
+    err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
+    if e.hint:
+        err.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False)
+    sys.exit(2)
+
+
+def _invalid_settings(e) -> OnewordError:
+    """A pydantic `ValidationError` of a config model as one line per setting: its name, the rule, the value."""
+    problems = []
+    for item in e.errors():
+        name = ".".join(str(part) for part in item["loc"]) or e.title
+        got = f" (got {item['input']!r})" if not isinstance(item.get("input"), dict) else ""
+        problems.append(f"{name}: {item['msg']}{got}")
+    return OnewordError(
+        "invalid setting" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems),
+        hint="`oneword COMMAND --help` says what each option takes (its option is the setting's name, with -)",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `oneword` console script. Bad input exits with status 2 and a hint, no traceback."""
     setup_logging()
@@ -61,22 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except OnewordError as e:
-        from rich.console import Console
-
-        err = Console(stderr=True, soft_wrap=True)
-        if STATE["verbose"]:
-            err.print_exception()
-        from rich.markup import escape
-
-        # messages quote paths, values and other processes' errors, which may hold "[...]"
-        err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
-        if e.hint:
-            err.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False)
-        sys.exit(2)
+        _exit_with(e)
     except SystemExit:
         raise
     except Exception as e:
         import typer
+        from pydantic import ValidationError
+
+        if isinstance(e, ValidationError):  # an option's value out of its config field's range or choices
+            _exit_with(_invalid_settings(e))
 
         # click's usage errors (a missing option, a bad value), shown as click shows them; typer ships its own copy
         # of click, so they are known by what they do, not by the `click` package's classes

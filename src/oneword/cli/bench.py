@@ -95,6 +95,13 @@ def bench_cmd(
     if sd15_shape and sdxl_shape:
         raise typer.BadParameter("choose one of --sd15-shape and --sdxl-shape")
     shape = "sd15" if sd15_shape else "sdxl" if sdxl_shape else ""
+    try:
+        ks = [int(k) for k in concepts.split(",") if k.strip()] if concepts else []
+    except ValueError:
+        ks = [0]
+    if min(ks, default=1) < 1:
+        raise typer.BadParameter(f"{concepts!r}: give whole numbers from 1, comma-separated, e.g. 1,2,4,8",
+                                 param_hint="'--concepts'")  # fmt: skip
     if baseline and not eval and (sdxl_shape or (base_model and profile(base_model).family == "sdxl")):
         baseline = False  # diffusers' textual-inversion example is SD 1.x/2.x's; its SDXL script is another loop
         typer.echo("SDXL: no diffusers-example-style baseline (that loop is SD 1.x/2.x's)", err=True)
@@ -124,7 +131,7 @@ def bench_cmd(
             )
         )
     elif (n := distributed.processes(gpus, device)) > 1:
-        per = int(concepts.split(",")[0]) if concepts else 1
+        per = ks[0] if ks else 1
         timed(
             lambda: bench.bench_processes(
                 bench.bench_model_path(base_model, shape),
@@ -138,8 +145,8 @@ def bench_cmd(
                 compile="max" if compile else "off",
             )
         )
-    elif concepts:
-        for k in (int(k) for k in concepts.split(",") if k.strip()):
+    elif ks:
+        for k in ks:
             timed(  # one K at a time: the largest K running out of memory keeps the figures of the others
                 lambda k=k: bench.bench_concepts(
                     lambda: bench.load_bench_model(base_model, shape, parts=("unet",)),

@@ -112,4 +112,4 @@ def test_single_file_that_is_not_a_stable_diffusion_checkpoint(tiny_model_dir, t
     save_file({"some.weight": torch.zeros(2, 2)}, str(f))
     with pytest.raises(OnewordError, match=r"not-sd\.safetensors") as e:
         load_base_model(str(f), model_config=str(tiny_model_dir))
-    assert "--model-config" in str(e.value)
+    assert "save_pretrained(folder)" in e.value.hint and "stable-diffusion-v1-5" in e.value.hint

@@ -221,6 +221,8 @@ def test_a_broken_single_file_sdxl_checkpoint_names_what_it_was_read_as(tmp_path
     from safetensors.torch import save_file
 
     from oneword.models import load_base_model, single_file_family
+    from oneword.preflight import preflight
+    from oneword.profiles import image_side, profile
 
     ckpt = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.1.model.token_embedding.weight": torch.zeros(4, 4)}, str(ckpt))
@@ -231,6 +233,14 @@ def test_a_broken_single_file_sdxl_checkpoint_names_what_it_was_read_as(tmp_path
     sd = tmp_path / "sd15.safetensors"
     save_file({"cond_stage_model.transformer.text_model.x": torch.zeros(2)}, str(sd))
     assert single_file_family(sd) == "sd"
+    # the profile follows the tensor names too: SDXL trains at its 1024 px, not at SD 1's 512
+    assert (profile(str(ckpt)).family, image_side(str(ckpt), 0)) == ("sdxl", 1024)
+    assert (profile(str(sd)).family, image_side(str(sd), 0)) == ("sd1", 512)
+    # the tokens are checked with CLIP's tokenizer, which a single file does not hold
+    concepts = [{"images": str(DREAMBENCH / "cat"), "token": t, "init_word": "cat"} for t in ("<x>", "cat")]
+    with pytest.raises(OnewordError) as e:
+        preflight(str(sd), concepts, clip_model="toyworld-clip", tracking_uri=None)
+    assert "1 problem(s)" in e.value.message and "'cat' is already a word of the model" in e.value.message
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(OnewordError, match="not a readable safetensors checkpoint"):
         load_base_model(str(tmp_path / "junk.safetensors"))

@@ -276,7 +276,9 @@ def _load_single_file(source, path, parts, device, dtype, model_config) -> Loade
         what, example = SINGLE_FILE_KINDS[family]
         raise OnewordError(
             f"could not load single-file checkpoint {path} (read as {what} checkpoint): {e}",
-            hint=f"pass --model-config with a diffusers folder or hub id holding the model's configs (e.g. {example})",
+            hint=f"diffusers reads such a file's configs from the hub ({example}): run where the hub or its cache "
+            "(HF_HOME) is reachable, or save the model once as a diffusers folder "
+            "(from_single_file(...).save_pretrained(folder)) and pass the folder",
         ) from e
     encoders = (
         pipe.tokenizer,

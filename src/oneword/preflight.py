@@ -248,4 +248,9 @@ def _tokenizer(base_model: str):
             return CLIPTokenizer.from_pretrained(
                 storage.download_prefix(f"{base_model.rstrip('/')}/tokenizer", Path(tmp))
             )
-    return CLIPTokenizer.from_pretrained(resolve(base_model), subfolder="tokenizer")
+    where = resolve(base_model)
+    if Path(where).is_file():  # a single-file checkpoint holds no tokenizer: SD 1.x, 2.x and SDXL all use CLIP's
+        from oneword.tokenizer import load_clip_tokenizer
+
+        return load_clip_tokenizer()
+    return CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")

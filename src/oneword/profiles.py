@@ -92,6 +92,11 @@ def profile(base_model: str) -> ModelProfile:
     """
     if base_model == TOYWORLD:
         return PROFILES[TOYWORLD]
+    if (single := _single_file(base_model)) is not None:
+        # a single-file checkpoint has no config files; its tensor names tell SDXL from SD 1.x/2.x
+        from oneword.models import single_file_family
+
+        return PROFILES["sdxl" if single_file_family(single) == "sdxl" else DEFAULT_FAMILY]
     configs = _read_configs(base_model)
     if configs is None:
         log.info("could not read %s's config; using the %s profile", base_model, DEFAULT_FAMILY)
@@ -130,6 +135,17 @@ def _read_folder(folder: Path) -> dict | None:
     if not all(f.is_file() for f in files.values()):
         return None
     return {k: json.loads(f.read_text()) for k, f in files.items()}
+
+
+def _single_file(base_model: str) -> Path | None:
+    """The file of a single-file checkpoint reference (`.safetensors`/`.ckpt` on this machine), else None."""
+    from oneword import storage
+    from oneword.models import resolve
+
+    if storage.is_s3(base_model):
+        return None
+    where = Path(resolve(base_model))
+    return where if where.is_file() else None
 
 
 def _read_configs(base_model: str) -> dict | None:

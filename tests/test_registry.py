@@ -147,7 +147,7 @@ def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
     waits = []
     for _ in range(2):
         t0 = time.monotonic()
-        registry._wait_for_older_decisions(client, name, 3, timeout=0.5)
+        registry._wait_for_older_decisions(client, name, 3, "another-run", timeout=0.5)
         waits.append(time.monotonic() - t0)
     assert waits[0] >= 0.5 and waits[1] < 0.5  # the next registration does not wait for it again
     assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
@@ -262,6 +262,9 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     client.set_model_version_tag(name, "2", "oneword.result_key",
                                  client.get_model_version(name, "1").tags["oneword.result_key"])  # fmt: skip
     assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None
+    # the version a batch kept, deleted since by an operator: the report says the concept failed, and is made
+    client.delete_model_version(name, "1")
+    assert batch_report(mlflow_server, "night-2", plan)["concepts"][0]["status"] == "failed"
 
 
 def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
@@ -315,3 +318,53 @@ def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
     with pytest.raises(OnewordError, match="'gone' is deleted") as e:
         registry.ensure_experiment(mlflow, "gone", uri)
     assert f"--experiment-id {exp}" in e.value.hint
+
+
+def test_a_version_whose_create_was_retried_is_deleted_not_waited_for(evaluated_concept, mlflow_server, tmp_path):
+    """MLflow's client retries a create whose answer was lost: the server then holds an untagged twin of this run's
+    version. Before, register waited ALIAS_WAIT_SECONDS (300 s) for it and left it ABANDONED in the registry."""
+    train_dir, eval_dir = evaluated_concept
+    name = "cat-twin"
+    client = mlflow.MlflowClient(mlflow_server)
+    live = client.create_run(client.create_experiment("twin-exp"), tags={registry.CONCEPT_TAG: name}).info.run_id
+    trained = tmp_path / "trained"
+    shutil.copytree(train_dir, trained)
+    summary = json.loads((trained / "summary.json").read_text())
+    (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": live}))
+    client.create_registered_model(name)
+    client.create_model_version(name, f"runs:/{live}/embeddings", run_id=live)  # the first try, answer lost
+    t0 = time.monotonic()
+    reg = registry.register(trained, eval_dir, mlflow_server, name=name, experiment="twin-exp", batch_id="b-twin")
+    assert time.monotonic() - t0 < 60
+    assert (reg.version, reg.run_id) == ("2", live)
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["2"]
+    # a version the batch tagged whose register died before its gate decided is not reported as registered
+    dead = client.create_model_version(
+        name, f"runs:/{live}/embeddings", run_id=live, tags={"oneword.batch_id": "b-twin"}
+    )
+    assert [(r["name"], r["version"]) for r in registry.batch_versions(mlflow_server, "b-twin")] == [(name, "2")]
+    client.delete_model_version(name, dead.version)
+
+
+def test_a_registry_that_cannot_answer_is_not_reported_as_a_missing_concept():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):  # a tracking server behind a proxy that refuses these credentials
+        def do_GET(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "9")
+            self.end_headers()
+            self.wfile.write(b"Forbidden")
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(OnewordError, match="could not look up 'my-cat@champion'") as e:
+            registry.get_version("my-cat@champion", f"http://127.0.0.1:{srv.server_address[1]}")
+        assert "not found" not in e.value.message and "credentials" in e.value.hint
+    finally:
+        srv.shutdown()

@@ -408,12 +408,18 @@ def _create_version(client, name: str, info, run_id: str, token: str):
     return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
 
 
-def _wait_for_older_decisions(client, name: str, version: int, timeout: float = ALIAS_WAIT_SECONDS) -> None:
+def _wait_for_older_decisions(
+    client, name: str, version: int, run_id: str, timeout: float = ALIAS_WAIT_SECONDS
+) -> None:
     """Wait until every older version of `name` has its alias decided (its `gate` tag set).
 
     Version numbers are handed out atomically by MLflow, so deciding aliases in version order makes concurrent
     registrations of one concept behave as if they ran one after another: each compares itself with the
     champion that the versions before it left, and the champion alias ends on the best of them.
+
+    An undecided older version of this very run is this registration's own twin, not another's: MLflow's client
+    retries a create whose answer was lost (a 503 or a gateway timeout after the server had committed it), or
+    an earlier attempt of this register was killed. It is deleted at once instead of waited for.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -422,6 +428,11 @@ def _wait_for_older_decisions(client, name: str, version: int, timeout: float = 
             for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
             if int(mv.version) < version and "gate" not in mv.tags
         ]
+        for twin in [mv for mv in older if mv.run_id == run_id]:
+            log.warning("%s version %s is an undecided twin of version %s (same run): deleting it", name,
+                        twin.version, version)  # fmt: skip
+            _delete_version(client, name, twin.version)
+        older = [mv for mv in older if mv.run_id != run_id]
         if not older:
             return
         if time.monotonic() > deadline:
@@ -442,12 +453,23 @@ def _register_version(client, concept: _Concept, run_id: str, info, thresholds: 
     try:
         for k, v in _version_tags(concept, run_id, thresholds).items():
             client.set_model_version_tag(concept.name, mv.version, k, v)
-        alias, reason = _apply_gate(client, concept, mv.version, thresholds)
+        alias, reason = _apply_gate(client, concept, mv.version, run_id, thresholds)
     except BaseException:
-        client.delete_model_version(concept.name, mv.version)  # no half-registered version
+        _delete_version(client, concept.name, mv.version)  # no half-registered version
         raise
     log.info("registered %s version %s as %s (%s)", concept.name, mv.version, alias, reason)
     return str(mv.version), alias, reason
+
+
+def _delete_version(client, name: str, version) -> None:
+    """Delete a model version; one already gone (a retried delete whose answer was lost) is no error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_model_version(name, version)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) -> dict[str, str]:
@@ -487,9 +509,9 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
     return vtags
 
 
-def _apply_gate(client, concept: _Concept, version, thresholds: GateThresholds) -> tuple[str, str]:
+def _apply_gate(client, concept: _Concept, version, run_id: str, thresholds: GateThresholds) -> tuple[str, str]:
     """Decide the version's alias after every older version's, set it, and mark the decision made."""
-    _wait_for_older_decisions(client, concept.name, int(version))
+    _wait_for_older_decisions(client, concept.name, int(version), run_id)
     alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds)
     before = _alias_holder(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)
@@ -636,12 +658,13 @@ def record_unchanged(
     tags = {CONCEPT_TAG: name, "oneword.token": summary["concept"]["token"], UNCHANGED_TAG: version,
             **({"oneword.batch_id": batch_id} if batch_id else {}), **(run_tags or {})}  # fmt: skip
     run_id = _live_run(client, summary.get("mlflow_run_id"))
-    if run_id is None:
+    if run_id is None:  # made with its tags: a kill between two calls must not leave an untagged RUNNING run
         run_id = client.create_run(
-            ensure_experiment(mlflow, experiment, uri), run_name=f"{name} (unchanged)"
+            ensure_experiment(mlflow, experiment, uri), run_name=f"{name} (unchanged)", tags=tags
         ).info.run_id
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
+    else:
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
     client.set_terminated(run_id)
     alias = ",".join(found.get("aliases", []))
     reason = f"unchanged: the same training and evaluation as version {version}"
@@ -651,7 +674,9 @@ def record_unchanged(
 
 def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict]:
     """The concepts a batch found already registered (`record_unchanged`), as `list_concepts` rows of the
-    versions they kept."""
+    versions they kept (a version deleted since is left out)."""
+    from mlflow.exceptions import MlflowException
+
     mlflow, client = _setup(tracking_uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
@@ -662,8 +687,15 @@ def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = E
         filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{UNCHANGED_TAG}` != ''",
     )
     kept = {(r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]) for r in runs}
-    models = {name: client.get_registered_model(name) for name, _ in kept}  # each model read once, as batch_versions
-    rows = [_version_row(client.get_model_version(name, version), models[name]) for name, version in kept]
+    rows, models = [], {}  # each model read once, as batch_versions
+    for name, version in sorted(kept):
+        try:
+            models[name] = models.get(name) or client.get_registered_model(name)
+            rows.append(_version_row(client.get_model_version(name, version), models[name]))
+        except MlflowException as e:  # deleted since the batch kept it: the report says the concept failed
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("%s version %s, which the batch kept, is no longer in the registry", name, version)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
@@ -746,12 +778,20 @@ def get_version(ref: str, tracking_uri: str | None = None):
 
     _, client = _setup(tracking_uri)
     name, alias, version = parse_ref(ref)
+    where = tracking_uri or default_tracking_uri()
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as e:
+        missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
+        )
+        if not missing:  # the registry could not answer (down, refused, no permission): not "no such concept"
+            raise OnewordError(
+                f"the registry at {where} could not look up {ref!r}: {e}",
+                hint="check that the MLflow server is up and that your credentials may read the registry",
+            ) from e
         raise OnewordError(
-            f"concept {ref!r} not found in the registry at {tracking_uri or default_tracking_uri()}",
-            hint="list concepts with `oneword concepts list`",
+            f"concept {ref!r} not found in the registry at {where}", hint="list concepts with `oneword concepts list`"
         ) from e
 
 
@@ -792,7 +832,7 @@ def list_concepts(
 
 
 def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAGE_SIZE) -> list[dict]:
-    """The concept versions one batch registered, as `list_concepts` rows.
+    """The concept versions one batch registered (their gate decided), as `list_concepts` rows.
 
     Found by the batch's version tag, and each of their models read once for its aliases: the query costs what
     the batch holds, not what the whole registry holds.
@@ -801,6 +841,8 @@ def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAG
     versions = _every_page(
         client.search_model_versions, page_size, filter_string=f"tags.`oneword.batch_id` = '{batch_id}'"
     )
+    # a version whose register died before its gate decided is no registration (as in `registered_result`)
+    versions = [mv for mv in versions if mv.tags.get("gate") and mv.tags["gate"] != ABANDONED]
     models = {name: client.get_registered_model(name) for name in {mv.name for mv in versions}}
     rows = [_version_row(mv, models[mv.name]) for mv in versions]
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))

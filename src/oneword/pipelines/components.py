@@ -438,16 +438,21 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     from oneword.live import end_orphaned_runs
     from oneword.registry import batch_plan
 
-    concepts = batch_plan(tracking_uri or None, batch_id, experiment)
-    if concepts is None:
-        report = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": [],
-                  "error": "no plan was recorded: the manifest could not be read (see plan-batch's log)"}
-    else:
-        report = batch_report(tracking_uri or None, batch_id, concepts, experiment)
+    # trainings open their concepts' runs for register to end; where it never ran, they would stay RUNNING. First,
+    # so that a report that cannot be made does not leave them so.
+    ended = end_orphaned_runs(tracking_uri or None, experiment, batch_id,
+                              f"the batch ended ({status.state}) before this concept registered")
+    empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": []}
+    try:
+        concepts = batch_plan(tracking_uri or None, batch_id, experiment)
+        if concepts is None:
+            report = {**empty, "error": "no plan was recorded: the manifest could not be read (see plan-batch's log)"}
+        else:
+            report = batch_report(tracking_uri or None, batch_id, concepts, experiment)
+    except Exception as e:  # the summary is still written, saying why it is empty (a failed task uploads none)
+        report = {**empty, "error": f"the report could not be made: {type(e).__name__}: {e}"}
     report["pipeline_state"] = status.state
-    # trainings open their concepts' runs for register to end; where it never ran, they would stay RUNNING
-    report["ended_runs"] = end_orphaned_runs(tracking_uri or None, experiment, batch_id,
-                                             f"the batch ended ({status.state}) before this concept registered")
+    report["ended_runs"] = ended
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
     summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")})

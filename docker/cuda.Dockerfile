@@ -37,9 +37,10 @@ LABEL org.opencontainers.image.title="oneword-cuda" \
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin oneword \
     && mkdir -p /models/huggingface /models/torchinductor && chown -R 10001:10001 /models
 COPY --from=build /opt/oneword /opt/oneword
-# What the NVIDIA container toolkit reads to expose the GPUs and mount the driver's libraries.
-ENV NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+# What the NVIDIA container toolkit reads to mount the driver's libraries. No NVIDIA_VISIBLE_DEVICES: the device
+# plugin sets it to the GPUs the pod was given; an image-wide "all" would show every GPU of the node to a pod that
+# asked for none, beside the pods the scheduler gave them to.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=12.8" \
     PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -371,3 +371,15 @@ def test_a_grid_of_large_samples_is_kept_within_what_viewers_open(tmp_path):
     small = make_grid([[Image.new("RGB", (32, 32))] * 4], max_cell=512)
     small.save(tmp_path / "small.png")
     assert "data:image/png" in (t := _img_tag(tmp_path / "small.png", "toy")) and "pixelated" in t
+
+
+def test_checkpoints_before_every_vector_trained_are_never_candidates():
+    from oneword.evaluation.evaluate import complete_checkpoints
+
+    found = [(step, f"ckpt-{step}") for step in (50, 100, 150, 200, 250)]
+    three = {"config": {"progressive_every": 100}, "concept": {"n_vectors": 3}}  # the third joins at step 200
+    assert [s for s, _ in complete_checkpoints(found, three)] == [250]
+    two = {"config": {"progressive_every": 100}, "concept": {"n_vectors": 2}}
+    assert [s for s, _ in complete_checkpoints(found, two)] == [150, 200, 250]
+    for off in ({"config": {"progressive_every": 0}, "concept": {"n_vectors": 3}}, {}):
+        assert complete_checkpoints(found, off) == found

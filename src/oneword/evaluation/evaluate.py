@@ -69,6 +69,18 @@ def _checkpoint_list(train_dir: Path, summary: dict) -> list[tuple[int, str]]:
     return checkpoints.list_checkpoints(recorded) if recorded else []
 
 
+def complete_checkpoints(found: list[tuple[int, str]], summary: dict) -> list[tuple[int, str]]:
+    """The checkpoints in which every vector of the token has trained.
+
+    Under the progressive schedule, vector k joins the prompts at step k x `progressive_every`: an earlier
+    checkpoint holds rows that never trained (only weight decay moved them), which evaluation's prompts, holding
+    all the token's vectors, would still use, and which could be selected and registered.
+    """
+    every = summary.get("config", {}).get("progressive_every", 0) or 0
+    n = summary.get("concept", {}).get("n_vectors", 1) or 1
+    return [(step, path) for step, path in found if step > (n - 1) * every]
+
+
 class _Session:
     """One loaded pipeline + evaluator, scoring any vectors for the concept's token."""
 
@@ -254,7 +266,7 @@ def _load_trained(train_dir: Path, dataset_dir: Path | None, base_model: str | L
 
 def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_checkpoint=None) -> _Choice:
     """Score every checkpoint on a small budget and pick one by the selection rule; without two, the final step."""
-    found = _checkpoint_list(trained.train_dir, trained.summary)
+    found = complete_checkpoints(_checkpoint_list(trained.train_dir, trained.summary), trained.summary)
     if config.checkpoint_budget > 0 and len(found) >= 2:
         curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint)
         chosen = select_checkpoint(curve, config.selection_tolerance, config.selection_rule).step

@@ -251,3 +251,20 @@ def test_runs_left_running_by_a_stopped_batch_are_ended(tmp_path):
     assert run.info.status == "KILLED" and "before this concept registered" in run.data.tags["oneword.ended_by"]
     assert client.get_run(other.run_ids["dog-o"]).info.status == "RUNNING"  # another batch's run: untouched
     assert end_orphaned_runs(uri, "oneword", "batch-1", "again") == []  # nothing left to end
+
+
+def test_live_samples_decode_outside_an_fp16_autocast(tiny_model_dir):
+    """SDXL's VAE overflows in fp16: under the training step's fp16 autocast the samples' decode stays in the VAE's
+    own precision (diffusers' upcast looks at the weights, fp32 here, and would not step in)."""
+    import torch
+
+    from oneword.live import decode_outside_autocast
+    from oneword.models import load_base_model
+
+    vae = load_base_model(str(tiny_model_dir), parts=("vae",)).vae
+    z = torch.randn(1, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert vae.decode(z).sample.dtype == torch.float16  # what the samples were decoded in before
+        decode_outside_autocast(vae)
+        out = vae.decode(z).sample
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -38,6 +38,24 @@ def kfp_tags(run_id: str = "", run_name: str = "") -> dict[str, str]:
     return {k: v for k, v in tags.items() if v and not v.startswith("{{$")}
 
 
+def decode_outside_autocast(vae) -> None:
+    """Make `vae.decode` run in the VAE's own precision under an fp16 autocast.
+
+    Samples are drawn under the training step's autocast (the UNet may be cast to fp16), which would run the
+    decoder's convolutions in fp16 too; SDXL's VAE overflows there (its config's `force_upcast`), and diffusers'
+    upcast, which looks at the VAE's weights (fp32 here), never fires: the pictures come out black.
+    """
+    import torch
+
+    decode = vae.decode
+
+    def decode_as_is(z, *args, **kwargs):
+        with torch.autocast(z.device.type, enabled=False):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_as_is
+
+
 @dataclass(frozen=True)
 class LiveTracking:
     """Where a training logs live: the MLflow store, experiment and the tags every run gets."""
@@ -184,6 +202,8 @@ class LiveRuns:
         t = self.trainer
         if self._pipe is None:
             self._pipe = build_pipeline(t.model, str(t.device))
+            if t.precision == "fp16":
+                decode_outside_autocast(self._pipe.vae)
         templates = [P.RECONSTRUCTION, P.get_prompt_set(t.profile.prompt_set)[0]]
         active = [c for c in t.active if self.names.get(c.spec.token) in self.run_ids]
         prompts = [P.with_token(tpl, c.spec.token) for c in active for tpl in templates]

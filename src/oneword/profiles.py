@@ -117,7 +117,10 @@ def profile_of(model) -> ModelProfile:
     if model.source == TOYWORLD:
         return PROFILES[TOYWORLD]
     p = PROFILES.get(model.family, PROFILES[DEFAULT_FAMILY])
-    if model.path is not None and (configs := _read_folder(Path(model.path))) is not None:
+    # the family is the loaded model's own; the native size is in its configs: its folder's, else (a hub id, held
+    # in the hub's cache) the hub's, as `profile` reads them (SD 2's 512 px "base" models are not 768 px)
+    configs = _read_folder(Path(model.path)) if model.path is not None else _read_configs(model.source)
+    if configs is not None:
         p = p.model_copy(update={"resolution": _family_and_resolution(configs)[1]})
     return p
 

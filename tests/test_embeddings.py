@@ -52,6 +52,11 @@ def test_reads_sdxl_kohya_and_plain_tensors(tmp_path):
     xl = E.load(tmp_path / "xl.safetensors")
     assert xl.vectors.shape == (2, 768) and xl.vectors_2.shape == (2, 1280) and xl.token == "xl"
     assert torch.equal(E.load(E.save(xl, tmp_path / "xl2.safetensors", "kohya")).vectors_2, xl.vectors_2)
+    # one vector per encoder stored without its row axis (a third party's SDXL file), in fp16: read as oneword's
+    save_file({"clip_l": torch.ones(768).half(), "clip_g": torch.ones(1280).half()}, str(tmp_path / "flat.safetensors"))
+    flat = E.load(tmp_path / "flat.safetensors")
+    assert (flat.vectors.shape, flat.vectors_2.shape, flat.vectors_2.dtype) == ((1, 768), (1, 1280), torch.float32)
+    E.check_compatible(flat, 768, "", force=True, width_2=1280)
     torch.save({"<bin>": torch.ones(768)}, tmp_path / "learned_embeds.bin")  # diffusers' old .bin
     b = E.load(tmp_path / "learned_embeds.bin")
     assert b.token == "<bin>" and b.vectors.shape == (1, 768)

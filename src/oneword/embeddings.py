@@ -261,6 +261,8 @@ def _load(path: Path, token: str | None) -> Embedding:
     vectors = vectors.float()
     if vectors.dim() == 1:
         vectors = vectors[None]
+    if vectors_2 is not None:  # SDXL's clip_g, as clip_l: fp32, and one vector stored without its row axis
+        vectors_2 = vectors_2.float()[None] if vectors_2.dim() == 1 else vectors_2.float()
     name = token or meta.pop("token", None) or path.stem
     meta.pop("token", None)
     return Embedding(name, vectors, {k: str(v) for k, v in meta.items()}, vectors_2)

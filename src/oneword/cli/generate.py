@@ -24,7 +24,10 @@ def generate_cmd(
         str | None,
         typer.Option(help="MLflow tracking URI for --concept (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"),
     ] = None,
-    base_model: Annotated[str | None, typer.Option(help="default: toyworld, or the concept's base model")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="default: the model the (first) embedding or concept was trained on, else toyworld"),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")] = Path("generated"),
     n: Annotated[int, typer.Option(help="images per prompt")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the first image of each prompt")] = 0,
@@ -53,6 +56,10 @@ def generate_cmd(
         pulled, model_source = pull_concepts(concept, tracking_uri)
         files += pulled
         base_model = base_model or model_source
+    if not base_model and files:  # the model the first file was trained on, as a registered concept's
+        from oneword.embeddings import load
+
+        base_model = load(files[0]).meta.get("model_source") or None
     grid = generate(
         base_model or TOYWORLD,
         files,

@@ -55,6 +55,10 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     fp = mine[0]["base_model_fingerprint"]
     assert len(registry.list_concepts(mlflow_server, base_model=fp[7:19])) >= 5
     assert registry.list_concepts(mlflow_server, base_model="sha256:0000") == []
+    source = mine[0]["base_model"]  # the reference it was trained from, as users name models everywhere else
+    on_source = registry.list_concepts(mlflow_server, base_model=source + "/")
+    assert [r["version"] for r in on_source if r["name"] == name] == ["1", "2", "3", "4", "5"]
+    assert registry.list_concepts(mlflow_server, base_model=source + "-other") == []
 
     shown = registry.show_concept(f"{name}@champion", mlflow_server)
     assert shown["version"] == "3" and "champion" in shown["aliases"]

@@ -812,7 +812,8 @@ def _every_page(search, page_size: int = PAGE_SIZE, **kwargs) -> list:
 def list_concepts(
     tracking_uri: str | None = None, base_model: str | None = None, alias: str | None = None, page_size: int = PAGE_SIZE
 ) -> list[dict]:
-    """List registered concept versions, optionally only those on a base model (fingerprint prefix) or alias.
+    """List registered concept versions, optionally only those on a base model (its reference or a fingerprint
+    prefix) or alias.
 
     Every page of the registry is read, however many concepts it holds.
     """
@@ -822,13 +823,24 @@ def list_concepts(
     for rm in models:
         for mv in _every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'"):
             row = _version_row(mv, rm)
-            fp = row["base_model_fingerprint"]
-            if base_model and not (fp.startswith(base_model) or fp.removeprefix("sha256:").startswith(base_model)):
+            if base_model and not _on_base_model(row, base_model):
                 continue
             if alias and alias not in row["aliases"]:
                 continue
             rows.append(row)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def _on_base_model(row: dict, base_model: str) -> bool:
+    """Whether a concept row was trained on `base_model`: the reference it was trained from (a hub id, a folder, an
+    s3:// prefix, as given) or a prefix of its fingerprint (with or without `sha256:`)."""
+    fp = row["base_model_fingerprint"]
+    given = (row.get("base_model") or "").rstrip("/")
+    return (
+        base_model.rstrip("/") == given
+        or fp.startswith(base_model)
+        or fp.removeprefix("sha256:").startswith(base_model)
+    )
 
 
 def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAGE_SIZE) -> list[dict]:

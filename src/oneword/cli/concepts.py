@@ -18,7 +18,11 @@ TRACKING = typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI
 @concepts.command("list")
 def list_cmd(
     base_model: Annotated[
-        str | None, typer.Option(help="only concepts of this base-model fingerprint (prefix)")
+        str | None,
+        typer.Option(
+            help="only concepts trained on this base model: as given to train (a hub id, folder or s3://), "
+            "or a prefix of its fingerprint"
+        ),
     ] = None,
     alias: Annotated[str | None, typer.Option(help="only versions with this alias, e.g. champion")] = None,
     tracking_uri: Annotated[str | None, TRACKING] = None,

@@ -109,6 +109,13 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, 
         (["batch", "m.yaml", "--steps", "abc"], "Invalid value for '--steps'"),
         (["concepts", "promote"], "No such command"),
         (["bench", "--concepts", "1,x"], "Invalid value for '--concepts'"),
+        # the plan step's checks, made here before kfp.local starts (it said only "Inner task failed: 'plan-concept'")
+        (["run", "--images", "x", "--token", "<a>", "--init-word", "a", "--name", "my cat"], "is not one oneword can"),
+        (
+            ["run", "--images", "x", "--token", "<a>", "--init-word", "a", "--n-vectors", "0"],
+            "invalid setting: n_vectors",
+        ),
+        (["batch", "/no/such/concepts.yaml"], "concepts manifest /no/such/concepts.yaml not found"),
         (
             ["train", "/d", "--token", "<a>", "--init-word", "a", "-o", "/o", "--batch-size", "0"],
             "invalid setting: batch_size: Input should be greater than or equal to 1 (got 0)",

@@ -123,6 +123,17 @@ def _newest_run(pipeline_root: Path, prefix: str, since: float) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
+def _check_concept(params: dict) -> None:
+    """Check the concept as the pipeline's plan step will, on this machine: its mistake (a name no registry search
+    can hold, a vector count of 0) is told here, whole, not as "Inner task failed: 'plan-concept'"."""
+    from oneword.batch import ConceptEntry
+    from oneword.registry import concept_name
+
+    fields = ("images", "token", "init_word", "name", "n_vectors", "templates")
+    entry = ConceptEntry(**{k: params[k] for k in fields if params.get(k) not in (None, "")})
+    concept_name(entry.token, entry.name)
+
+
 def run_textual_inversion(
     pipeline_root: Path = Path(LOCAL_PIPELINE_ROOT),
     tracking_uri: str | None = None,
@@ -143,6 +154,7 @@ def run_textual_inversion(
     """
     from oneword.pipelines.definitions import textual_inversion
 
+    _check_concept(params)
     uri = ensure_store(tracking_uri)  # made once here, before any step opens it
     _init(pipeline_root)
     start = time.time()
@@ -191,6 +203,9 @@ def run_batch(
 
     from oneword.pipelines.definitions import batch_personalisation
 
+    from oneword.batch import load_concepts_manifest, plan_concepts
+
+    plan_concepts(load_concepts_manifest(concepts_manifest))  # as plan-batch will: a mistake is told here, whole
     uri = ensure_store(tracking_uri)  # made once here, before the shards open it in parallel
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(

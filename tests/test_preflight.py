@@ -18,6 +18,22 @@ def test_a_sound_run_passes(tiny_model_dir, tiny_clip_dir, tmp_path):
         f"sqlite:///{tmp_path / 'mlflow.db'}",
     )
     assert passed == ["base model", "evaluator", "tracking", "images of <cat-pf>", "token <cat-pf>"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} in space\n")
+    passed = preflight(
+        str(tiny_model_dir), [], "toyworld-clip", None, prompt_set=str(prompts), dino_model="toyworld-dino"
+    )
+    assert passed == ["base model", "evaluator", "DINO evaluator", "prompt set"]
+
+
+def test_the_evaluations_settings_are_checked_before_the_training_they_would_end(tiny_model_dir, tmp_path):
+    with pytest.raises(OnewordError) as e:
+        preflight(str(tiny_model_dir), [], "toyworld-clip", None, prompt_set="neti-15",
+                  dino_model=str(tmp_path / "dino-vit16"))  # fmt: skip
+    text = e.value.message
+    assert "preflight found 2 problem(s)" in text, text
+    assert "prompt set 'neti-15': unknown prompt set" in text and "the DINO evaluator" in text, text
+    assert "--dino-model" in text and "leave it empty to skip DINO" in text, text
 
 
 def test_every_problem_is_listed_at_once_with_its_fix(tiny_model_dir, tmp_path):

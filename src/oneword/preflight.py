@@ -74,6 +74,8 @@ def preflight(
     tracking_uri: str | None = "",
     experiment: str = "oneword",
     checkpoint_root: str = "",
+    prompt_set: str = "",
+    dino_model: str = "",
 ) -> list[str]:
     """Check what the pipeline's steps will need. Returns the checks that passed.
 
@@ -85,6 +87,8 @@ def preflight(
             as when submitting to a cluster whose server only the cluster reaches).
         experiment: the MLflow experiment the concepts go to.
         checkpoint_root: folder or `s3://` prefix for checkpoints (empty: none to check).
+        prompt_set: the evaluation's prompt set, a name or a file (empty: the profile's, always there).
+        dino_model: the DINO evaluator (empty: none).
 
     Raises:
         OnewordError: listing every problem found, each with its fix.
@@ -97,9 +101,13 @@ def preflight(
     clip = prof.clip_model if clip_model in ("auto", "") and prof is not None else clip_model
     if clip not in ("auto", ""):
         p.run("evaluator", _evaluator_problem, clip)
+    if dino_model:
+        p.run("DINO evaluator", _evaluator_problem, dino_model, "DINO")
+    if prompt_set:
+        p.run("prompt set", _prompt_set_problem, prompt_set)
     if tracking_uri is not None:
         p.run("tracking", _tracking_problem, tracking_uri, experiment)
-    for bucket in sorted(_buckets(base_model, clip, checkpoint_root, *(c["images"] for c in concepts))):
+    for bucket in sorted(_buckets(base_model, clip, dino_model, checkpoint_root, *(c["images"] for c in concepts))):
         p.run(f"bucket {bucket}", _bucket_problem, bucket)
     for c in concepts:
         p.run(f"images of {c['token']}", _images_problem, c["images"], c["token"])
@@ -136,17 +144,32 @@ def _base_model_problem(base_model: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def _evaluator_problem(clip: str) -> tuple[str | None, str]:
-    hint = "pass --clip-model with a local CLIP folder, an s3:// folder, a hub id you can reach, or toyworld-clip"
-    if clip == TOYWORLD_CLIP:
+def _evaluator_problem(ref: str, kind: str = "CLIP") -> tuple[str | None, str]:
+    option, shipped = ("--clip-model", TOYWORLD_CLIP) if kind == "CLIP" else ("--dino-model", assets.DINO_NAME)
+    hint = f"pass {option} with a local {kind} folder, an s3:// folder, a hub id you can reach, or {shipped}"
+    if kind == "DINO":
+        hint += "; or leave it empty to skip DINO"
+    if ref == TOYWORLD_CLIP:
         ok = (assets.clip_path() / "config.json").is_file()
-    elif storage.is_s3(clip):
-        ok = storage.object_exists(f"{clip.rstrip('/')}/config.json")
-    elif Path(clip).expanduser().exists():
-        ok = (Path(clip).expanduser() / "config.json").is_file()
+    elif ref == assets.DINO_NAME:
+        ok = (assets.dino_path() / "config.json").is_file()
+    elif storage.is_s3(ref):
+        ok = storage.object_exists(f"{ref.rstrip('/')}/config.json")
+    elif Path(ref).expanduser().exists():
+        ok = (Path(ref).expanduser() / "config.json").is_file()
     else:
-        ok = hub.small_file(clip, "config.json") is not None
-    return (None, "") if ok else (f"the CLIP evaluator {clip!r} cannot be found or reached", hint)
+        ok = hub.small_file(ref, "config.json") is not None
+    return (None, "") if ok else (f"the {kind} evaluator {ref!r} cannot be found or reached", hint)
+
+
+def _prompt_set_problem(prompt_set: str) -> tuple[str | None, str]:
+    from oneword.evaluation.prompts import get_prompt_set
+
+    try:
+        get_prompt_set(prompt_set)
+    except OnewordError as e:
+        return f"prompt set {prompt_set!r}: {e.message}", e.hint or ""
+    return None, ""
 
 
 def _tracking_problem(tracking_uri: str, experiment: str) -> tuple[str | None, str]:

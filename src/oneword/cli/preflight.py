@@ -21,8 +21,10 @@ def preflight_cmd(
     tracking_uri: Annotated[str, parameter("tracking_uri")] = D["tracking_uri"],
     experiment: Annotated[str, parameter("experiment")] = D["experiment"],
     checkpoint_root: Annotated[str, typer.Option(help="folder or s3:// prefix for checkpoints")] = "",
+    prompt_set: Annotated[str, parameter("prompt_set")] = D["prompt_set"],
+    dino_model: Annotated[str, parameter("dino_model")] = D["dino_model"],
 ) -> None:
-    """Check the base model, the evaluator, the tracking server, the buckets and the concept's token.
+    """Check the base model, the evaluators, the prompt set, the tracking server, the buckets and the concept.
 
     Example: oneword preflight --base-model ./sd15 --images photos/my-cat --token '<my-cat>' --init-word cat
     """
@@ -31,5 +33,7 @@ def preflight_cmd(
     from oneword.preflight import preflight
 
     concepts = [{"images": images, "token": token, "init_word": init_word}] if images and token and init_word else []
-    passed = preflight(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root)
+    passed = preflight(
+        base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root, prompt_set, dino_model
+    )
     rprint(f"[green]preflight passed[/]: {', '.join(passed)}")

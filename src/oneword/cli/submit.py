@@ -85,6 +85,8 @@ def _preflight_here(params: dict) -> None:
         params.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None,  # else only the cluster knows it
         params.get("experiment", DEFAULTS["experiment"]),
         params.get("checkpoint_root", CHECKPOINT_ROOT),
+        params.get("prompt_set", DEFAULTS["prompt_set"]),
+        params.get("dino_model", DEFAULTS["dino_model"]),
     )
 
 

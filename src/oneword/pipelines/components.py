@@ -16,7 +16,8 @@ from oneword.pipelines.container import CPU_IMAGE, GPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_model: str = "auto",
-              tracking_uri: str = "", experiment: str = "oneword", checkpoint_root: str = ""):
+              tracking_uri: str = "", experiment: str = "oneword", checkpoint_root: str = "", prompt_set: str = "",
+              dino_model: str = ""):
     """Check everything the later steps need, in seconds and before any GPU work; list every problem with its fix.
 
     Args:
@@ -27,12 +28,15 @@ def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_mo
         tracking_uri: MLflow tracking URI: the server must answer and the experiment take writes.
         experiment: MLflow experiment.
         checkpoint_root: s3:// prefix for checkpoints: its bucket must answer.
+        prompt_set: the evaluation's prompt set (empty: the profile's): a name it knows, or a file it can read.
+        dino_model: the DINO evaluator (empty: none): it must exist, as the CLIP evaluator.
     """
     from oneword.outcome import run_step
     from oneword.preflight import preflight as run
 
     passed = run_step("preflight", checks.path, "fail",
-                      lambda: run(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root))
+                      lambda: run(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root,
+                                  prompt_set, dino_model))
     checks.metadata["passed"] = passed
 
 

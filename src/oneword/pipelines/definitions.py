@@ -197,7 +197,8 @@ def _preflight(concepts, p: dict) -> dsl.PipelineTask:
     """The first task: everything later steps need is checked before any GPU is asked for."""
     check = _cpu_step(c.preflight(concepts=concepts, base_model=p["base_model"], clip_model=p["clip_model"],
                                   tracking_uri=p["tracking_uri"], experiment=p["experiment"],
-                                  checkpoint_root=p["checkpoint_root"]), p)
+                                  checkpoint_root=p["checkpoint_root"], prompt_set=p["prompt_set"],
+                                  dino_model=p["dino_model"]), p)
     _with_models(check, p)  # it reads the model's tokenizer and configs: into the cache the GPU steps then use
     return check.set_caching_options(False)  # what it checks (servers, buckets) changes without its inputs
 

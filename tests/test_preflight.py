@@ -26,6 +26,17 @@ def test_a_sound_run_passes(tiny_model_dir, tiny_clip_dir, tmp_path):
     assert passed == ["base model", "evaluator", "DINO evaluator", "prompt set"]
 
 
+def test_photos_in_subfolders_count_as_preprocess_finds_them(tiny_model_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(DREAMBENCH / "cat", tmp_path / "photos" / "2024")
+    concept = {"images": str(tmp_path / "photos"), "token": "<cat-sub>", "init_word": "cat"}
+    assert "images of <cat-sub>" in preflight(str(tiny_model_dir), [concept], "toyworld-clip", None)
+    shutil.move(tmp_path / "photos" / "2024", tmp_path / "photos" / ".hidden")
+    with pytest.raises(OnewordError, match="no images in"):
+        preflight(str(tiny_model_dir), [concept], "toyworld-clip", None)
+
+
 def test_the_evaluations_settings_are_checked_before_the_training_they_would_end(tiny_model_dir, tmp_path):
     with pytest.raises(OnewordError) as e:
         preflight(str(tiny_model_dir), [], "toyworld-clip", None, prompt_set="neti-15",

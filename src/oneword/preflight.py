@@ -228,7 +228,12 @@ def _images_problem(images: str, token: str) -> tuple[str | None, str]:
         folder = Path(images).expanduser()
         if not folder.is_dir():
             return f"{token}: image folder {images} does not exist", "pass the folder or s3:// prefix of its photos"
-        found = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+        # in subfolders too, as preprocess finds them (hidden ones apart)
+        found = [
+            f
+            for f in folder.rglob("*")
+            if f.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+        ]
     return (None, "") if found else (f"{token}: no images in {images}", "put 3-5 photos of the concept there")
 
 

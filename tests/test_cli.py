@@ -294,3 +294,40 @@ def test_profiles_table_fits_80_columns(capsys, monkeypatch):
     assert max(len(line) for line in out.splitlines()) <= 80
     code, out = run(["profiles", "--base-model", "toyworld"], capsys)
     assert code == 0 and "400" in out and "toyworld-clip" in out
+
+
+def _commands(group=None, prefix=()):
+    """Every command of the CLI, as its words: ("train",), ("concepts", "list"), ..."""
+    import typer.main
+
+    from oneword.cli.app import app
+
+    group = group or typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+def test_help_reads_whole_in_an_80_column_terminal(capsys, monkeypatch):
+    """Summaries uncut, examples one command a line (copyable, within 80 columns), and no host, path or flag
+    broken at a hyphen or inside a word."""
+    monkeypatch.setenv("COLUMNS", "80")
+    for group in ((), ("concepts",), ("toyworld",)):
+        code, out = run([*group, "--help"], capsys)
+        listing = out.split("Commands:")[1]
+        assert code == 0 and "..." not in listing, out
+    checked = 0
+    for words in _commands():
+        code, out = run([*words, "--help"], capsys)
+        assert code == 0, (words, out)
+        example = out.split("Example")[1].split("\n\n")[0] if "Example" in out else ""
+        assert all(len(line) <= 80 for line in example.splitlines()), (words, example)
+        assert not any(line.rstrip().endswith("-") for line in out.splitlines()), (words, out)
+        checked += 1
+    assert checked >= 25
+    _, out = run(["submit", "--help"], capsys)
+    assert "http://ml-pipeline-ui.kubeflow" in out and "s3://oneword-artifacts/pipeline-root?...)]" in out
+    _, out = run(["generate", "--help"], capsys)
+    assert "-e runs/my-cat/eval/embedding/learned_embeds.safetensors" in out and "<list[Path]>" not in out

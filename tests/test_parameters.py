@@ -71,6 +71,11 @@ def test_component_signatures_agree_with_the_config_models(component):
         assert inputs["resolution"] == RESOLUTION_FROM_PROFILE
 
 
+# Options whose command uses the setting otherwise than the rest do: `train` falls back to no live run, not to
+# ./mlflow.db, when neither the option nor $MLFLOW_TRACKING_URI is set.
+OWN_HELP = {("train", "tracking_uri")}
+
+
 @pytest.mark.parametrize("command", sorted(CLI_SOURCES))
 def test_cli_options_take_defaults_and_help_from_the_config_models(command):
     params = _cli_params(command)
@@ -83,6 +88,9 @@ def test_cli_options_take_defaults_and_help_from_the_config_models(command):
             want = info.get_default(call_default_factory=True)
             got = params[field].default
             assert got == want, f"oneword {command} --{field}: default {got!r}, {model.__name__} says {want!r}"
+            if (command, field) in OWN_HELP:
+                assert params[field].help != cli_help(info.description), f"oneword {command} --{field}"
+                continue
             assert params[field].help == cli_help(info.description), f"oneword {command} --{field}: help differs"
     assert len(checked) >= {"train": 15, "evaluate": 11, "preprocess": 2, "register": 4}[command]
 

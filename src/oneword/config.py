@@ -222,8 +222,7 @@ class TrackingConfig(BaseModel):
 
     tracking_uri: str = Field(
         "",
-        description="MLflow URI (empty: $MLFLOW_TRACKING_URI, else ./mlflow.db; `oneword train` on its own then logs "
-        "no live run)",
+        description="MLflow URI (empty: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
     experiment: str = Field("oneword", description="MLflow experiment")
 

@@ -4,6 +4,29 @@ from __future__ import annotations
 
 import typer
 
+
+def _wrap_whole_words() -> None:
+    """Help text wraps at spaces only: click's wrapper also breaks at hyphens and inside long words, which cut
+    hosts, paths and flags in two in an 80-column terminal ("ml-pipeline-" / "ui.kubeflow", "textua" /
+    "l_inversion.py"), so that a copied value no longer works. A word longer than a line gets a line of its own."""
+    try:
+        from typer._click import _textwrap  # typer's own copy of click, whose formatter wraps the help
+    except ImportError:  # another typer layout: its default wrapping
+        return
+
+    class WholeWords(_textwrap.TextWrapper):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "break_on_hyphens": False})
+
+        def _handle_long_word(self, reversed_chunks, cur_line, cur_len, width) -> None:
+            if not cur_line:  # as textwrap does with break_long_words=False
+                cur_line.append(reversed_chunks.pop())
+
+    _textwrap.TextWrapper = WholeWords  # the formatter imports it from there each time it wraps
+
+
+_wrap_whole_words()
+
 app = typer.Typer(
     name="oneword",
     help="Textual Inversion as production software: learn one new word for a concept in a frozen text-to-image model.",

@@ -40,7 +40,7 @@ def bench_cmd(
     reference_script: Annotated[
         Path | None,
         typer.Option(
-            help="diffusers' examples/textual_inversion/textual_inversion.py: also time it, run unchanged "
+            help="diffusers' textual_inversion.py (examples/textual_inversion): also time it, run unchanged "
             "(its README recipe; on a GPU also bf16 at batch 4) on the same model"
         ),
     ] = None,
@@ -81,9 +81,12 @@ def bench_cmd(
 ) -> None:
     """Benchmark textual-inversion training speed.
 
-    Examples: oneword bench; oneword bench --concepts 1,2,4,8;
-    oneword bench --sd15-shape --resolution 512 --compile (on a GPU);
-    oneword bench --sdxl-shape --resolution 1024 (on a GPU)
+    \b
+    Examples:
+      oneword bench
+      oneword bench --concepts 1,2,4,8
+      oneword bench --sd15-shape --resolution 512 --compile     # on a GPU
+      oneword bench --sdxl-shape --resolution 1024              # on a GPU
     """
     from rich.console import Console
     from rich.table import Table

@@ -11,7 +11,7 @@ from oneword.cli.app import app
 from oneword.profiles import TOYWORLD
 
 
-@app.command("cache-latents")
+@app.command("cache-latents", short_help="Encode the photos with the model's VAE, once.")
 def cache_latents_cmd(
     data: Annotated[Path, typer.Argument(help="dataset folder written by `oneword preprocess`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for latents.safetensors")],
@@ -25,7 +25,10 @@ def cache_latents_cmd(
 ) -> None:
     """Encode each image and its mirror with the VAE (mean and std), reusing the shared cache.
 
-    Example: oneword cache-latents runs/my-cat/data -o runs/my-cat/latents --base-model toyworld
+    \b
+    Example:
+      oneword cache-latents runs/my-cat/data -o runs/my-cat/latents \\
+        --base-model toyworld
     """
     from rich import print as rprint
 

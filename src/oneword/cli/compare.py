@@ -11,18 +11,25 @@ import typer
 from oneword.cli.app import app
 
 
-@app.command("compare")
+@app.command("compare", short_help="Plot several runs' scores on one chart.")
 def compare_cmd(
     runs: Annotated[
-        list[str], typer.Argument(help="evaluation folders (with metrics.json), or MLflow run ids with --tracking-uri")
+        list[str],
+        typer.Argument(
+            metavar="RUN", help="evaluation folders (with metrics.json), or MLflow run ids with --tracking-uri"
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("compare.png"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI, for run ids")] = None,
-    label: Annotated[list[str] | None, typer.Option(help="a label per run (default: folder name or run id)")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(metavar="LABEL", help="a label per run (default: folder name or run id)")
+    ] = None,
 ) -> None:
     """Plot runs on one chart to see the effect of learning rate, vectors or regularisers.
 
-    Example: oneword compare runs/lr-low/eval runs/lr-high/eval -o lr.png
+    \b
+    Example:
+      oneword compare runs/lr-low/eval runs/lr-high/eval -o lr.png
     """
     from rich import print as rprint
 

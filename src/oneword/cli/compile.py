@@ -8,7 +8,7 @@ import typer
 from oneword.cli.app import app
 
 
-@app.command("compile")
+@app.command("compile", short_help="Compile the KFP components and pipelines.")
 def compile_cmd(
     root: Annotated[Path, typer.Option(help="repository root holding components/ and pipelines/")] = Path("."),
     check: Annotated[bool, typer.Option("--check", help="fail if the checked-in specs are stale")] = False,
@@ -22,7 +22,10 @@ def compile_cmd(
 ) -> None:
     """Compile the KFP components and pipelines (what users upload to the dashboard).
 
-    Examples: oneword compile; oneword compile --check (CI)
+    \b
+    Examples:
+      oneword compile
+      oneword compile --check      # in CI: fails if a checked-in spec is stale
     """
     from rich import print as rprint
 

@@ -30,7 +30,9 @@ def list_cmd(
 ) -> None:
     """List registered concept versions.
 
-    Example: oneword concepts list --alias champion
+    \b
+    Example:
+      oneword concepts list --alias champion
     """
     from rich import box
     from rich.console import Console
@@ -80,7 +82,9 @@ def show_cmd(
 ) -> None:
     """Show one concept version: tags, aliases, metrics and params.
 
-    Example: oneword concepts show my-cat@champion
+    \b
+    Example:
+      oneword concepts show my-cat@champion
     """
     from rich import print_json
 
@@ -98,7 +102,9 @@ def pull_cmd(
 ) -> None:
     """Download a concept's embedding in another tool's format.
 
-    Example: oneword concepts pull my-cat@champion --format a1111 -o my-cat.pt
+    \b
+    Example:
+      oneword concepts pull my-cat@champion --format a1111 -o my-cat.pt
     """
     from rich import print as rprint
 

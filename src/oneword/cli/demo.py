@@ -11,7 +11,7 @@ from oneword.cli.app import app
 DEMO_MARKER = ".oneword-demo"
 
 
-@app.command("demo")
+@app.command("demo", short_help="Learn a toy-world concept end to end.")
 def demo_cmd(
     out: Annotated[
         Path, typer.Option(help="folder for everything the demo makes (an earlier demo's is replaced)")
@@ -23,7 +23,9 @@ def demo_cmd(
     """Five pictures of a concept the toy model never drew -> the textual_inversion pipeline (kfp.local) ->
     MLflow registry -> a picture of the concept in new contexts.
 
-    Example: oneword demo
+    \b
+    Example:
+      oneword demo
     """
     import json
     import shutil

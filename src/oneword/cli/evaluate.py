@@ -12,7 +12,7 @@ from oneword.cli.options import default, option
 from oneword.config import EvalConfig
 
 
-@app.command("evaluate")
+@app.command("evaluate", short_help="Score a concept and pick its checkpoint.")
 def evaluate_cmd(
     trained: Annotated[Path, typer.Argument(help="folder written by `oneword train`")],
     data: Annotated[Path, typer.Option("--data", help="the preprocessed training images (oneword preprocess)")],
@@ -40,7 +40,10 @@ def evaluate_cmd(
 ) -> None:
     """Score a concept (reconstruction, editability, DINO), pick a checkpoint and write a report.
 
-    Example: oneword evaluate runs/my-cat/train --data runs/my-cat/data -o runs/my-cat/eval --prompt-set neti15
+    \b
+    Example:
+      oneword evaluate runs/my-cat/train --data runs/my-cat/data \\
+        -o runs/my-cat/eval --prompt-set neti15
     """
     from rich import print as rprint
 

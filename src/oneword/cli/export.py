@@ -20,7 +20,10 @@ def export_cmd(
 ) -> None:
     """Write an embedding in another tool's format.
 
-    Example: oneword export runs/my-cat/train/learned_embeds.safetensors --format a1111 -o my-cat.pt
+    \b
+    Example:
+      oneword export runs/my-cat/eval/embedding/learned_embeds.safetensors \\
+        --format a1111 -o my-cat.pt
     """
     from rich import print as rprint
 
@@ -40,7 +43,7 @@ def export_cmd(
     rprint(f"[green]{emb.token}[/] ({emb.n_vectors}x{emb.width}) -> {dest} ({format})")
 
 
-@app.command("blend")
+@app.command("blend", short_help="Blend two learned concepts into one.")
 def blend_cmd(
     first: Annotated[Path, typer.Argument(help="embedding file of the first concept")],
     second: Annotated[Path, typer.Argument(help="embedding file of the second concept")],
@@ -51,7 +54,10 @@ def blend_cmd(
 ) -> None:
     """Blend two learned concepts by spherical interpolation (best with --direction-only training).
 
-    Example: oneword blend cat.safetensors dog.safetensors --token '<cat-dog>' -o cat-dog.safetensors
+    \b
+    Example:
+      oneword blend cat.safetensors dog.safetensors --token '<cat-dog>' \\
+        -o cat-dog.safetensors
     """
     from rich import print as rprint
 

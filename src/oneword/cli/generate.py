@@ -12,13 +12,17 @@ from oneword.cli.app import app
 
 @app.command("generate")
 def generate_cmd(
-    prompts: Annotated[list[str], typer.Argument(help="prompts, e.g. 'an oil painting of <my-cat>'")],
+    prompts: Annotated[
+        list[str], typer.Argument(metavar="PROMPT", help="prompts, e.g. 'an oil painting of <my-cat>'")
+    ],
     embedding: Annotated[
-        list[Path] | None, typer.Option("--embedding", "-e", help="embedding file (repeatable)")
+        list[Path] | None, typer.Option("--embedding", "-e", metavar="FILE", help="embedding file (repeatable)")
     ] = None,
     concept: Annotated[
         list[str] | None,
-        typer.Option(help="registered concept NAME@alias or NAME/version (repeatable), from the MLflow registry"),
+        typer.Option(
+            metavar="REF", help="registered concept NAME@alias or NAME/version (repeatable), from the MLflow registry"
+        ),
     ] = None,
     tracking_uri: Annotated[
         str | None,
@@ -42,7 +46,10 @@ def generate_cmd(
 ) -> None:
     """Generate N images per prompt and a grid.
 
-    Example: oneword generate "a photo of <my-cat> on the moon" -e runs/my-cat/train/learned_embeds.safetensors
+    \b
+    Example:
+      oneword generate "a photo of <my-cat> on the moon" \\
+        -e runs/my-cat/eval/embedding/learned_embeds.safetensors
     """
     from rich import print as rprint
 

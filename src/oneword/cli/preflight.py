@@ -11,7 +11,7 @@ from oneword.cli.options import parameter
 from oneword.pipelines.parameters import DEFAULTS as D
 
 
-@app.command("preflight")
+@app.command("preflight", short_help="Check what a run will need, in seconds.")
 def preflight_cmd(
     base_model: Annotated[str, typer.Option(help="toyworld, a diffusers folder, s3://..., or a hub id")],
     images: Annotated[str | None, typer.Option(help="folder or s3:// prefix of the concept's photos")] = None,
@@ -26,7 +26,10 @@ def preflight_cmd(
 ) -> None:
     """Check the base model, the evaluators, the prompt set, the tracking server, the buckets and the concept.
 
-    Example: oneword preflight --base-model ./sd15 --images photos/my-cat --token '<my-cat>' --init-word cat
+    \b
+    Example:
+      oneword preflight --base-model ./sd15 --images photos/my-cat \\
+        --token '<my-cat>' --init-word cat
     """
     from rich import print as rprint
 

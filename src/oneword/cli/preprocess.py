@@ -21,7 +21,9 @@ def preprocess_cmd(
 ) -> None:
     """Clean a folder of photos for training.
 
-    Example: oneword preprocess ./photos/my-cat -o runs/my-cat/data --resolution 512
+    \b
+    Example:
+      oneword preprocess ./photos/my-cat -o runs/my-cat/data --resolution 512
     """
     from rich import print as rprint
 

@@ -9,7 +9,7 @@ import typer
 from oneword.cli.app import app
 
 
-@app.command("profiles")
+@app.command("profiles", short_help="Print the per-model-family defaults.")
 def profiles_cmd(
     base_model: Annotated[
         str | None, typer.Option(help="show the profile this model gets (read from its config files)")
@@ -17,7 +17,9 @@ def profiles_cmd(
 ) -> None:
     """Print the model profiles (or one model's): resolution, templates, recipe, sampler, evaluator.
 
-    Example: oneword profiles --base-model ./my-sd21-finetune
+    \b
+    Example:
+      oneword profiles --base-model ./my-sd21-finetune
     """
     from rich.console import Console
     from rich.table import Table

@@ -12,7 +12,7 @@ from oneword.cli.options import default, option
 from oneword.config import GateThresholds, TrackingConfig
 
 
-@app.command("register")
+@app.command("register", short_help="Register a concept in the MLflow registry.")
 def register_cmd(
     trained: Annotated[Path, typer.Argument(help="folder written by `oneword train`")],
     evaluation: Annotated[Path | None, typer.Option("--eval", help="folder written by `oneword evaluate`")] = None,
@@ -29,7 +29,10 @@ def register_cmd(
 ) -> None:
     """Register a concept; it becomes `champion` only if it passes the gate and beats the current one.
 
-    Example: oneword register runs/my-cat/train --eval runs/my-cat/eval --tracking-uri http://mlflow:5000
+    \b
+    Example:
+      oneword register runs/my-cat/train --eval runs/my-cat/eval \\
+        --tracking-uri http://mlflow:5000
     """
     from rich import print as rprint
 

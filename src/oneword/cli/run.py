@@ -21,7 +21,7 @@ BASE_MODEL_HELP = "toyworld, a diffusers folder, s3://..., or a hub id"
 RESOLUTION_HELP = "training image side (0: the base model's native size)"
 
 
-@app.command("run")
+@app.command("run", short_help="Run the whole pipeline here (kfp.local).")
 def run_cmd(
     images: Annotated[str, typer.Option(help="folder or s3:// prefix of 3-5 photos of the concept")],
     token: Annotated[str, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")],
@@ -66,7 +66,10 @@ def run_cmd(
 ) -> None:
     """Run the whole textual_inversion pipeline on this machine with kfp.local, then print where it all is.
 
-    Example: oneword run --images photos/my-cat --token '<my-cat>' --init-word cat --base-model ./sd15
+    \b
+    Example:
+      oneword run --images photos/my-cat --token '<my-cat>' --init-word cat \\
+        --base-model ./sd15
     """
     params = {k: v for k, v in locals().items() if k not in ("pipeline_root", "tracking_uri", "log_file")}
     from rich import print as rprint
@@ -91,7 +94,7 @@ def run_cmd(
         rprint(f"  {k:13s} {out.get(k)}")
 
 
-@app.command("batch")
+@app.command("batch", short_help="Run a batch of concepts here (kfp.local).")
 def batch_cmd(
     concepts_manifest: Annotated[str, typer.Argument(help="YAML listing images, token and init_word per concept")],
     base_model: Annotated[str, typer.Option(help=BASE_MODEL_HELP)] = BASE_MODEL,
@@ -136,7 +139,9 @@ def batch_cmd(
     token and init_word: see k8s/examples/concepts.yaml. Toy-world photos to try it with:
     oneword toyworld concept purple-star -o photos/purple-star
 
-    Example: oneword batch concepts.yaml --base-model toyworld --steps 300
+    \b
+    Example:
+      oneword batch concepts.yaml --base-model toyworld --steps 300
     """
     params = {
         k: v for k, v in locals().items() if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file")

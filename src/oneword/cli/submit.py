@@ -10,6 +10,8 @@ from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_
 
 HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
 PIPELINE_ROOT_HELP = "where the run's artifacts go (default: oneword's MinIO bucket; '': the namespace's KFP default)"
+# the default in full is a URL of 200 characters with the MinIO endpoint in its query: its path says enough
+PIPELINE_ROOT_OPTION = typer.Option(help=PIPELINE_ROOT_HELP, show_default=PIPELINE_ROOT.split("?")[0] + "?...")
 IMAGE_REGISTRY = typer.Option(
     help="registry the cluster pulls oneword's images from (required), e.g. ghcr.io/oneword-ml for the released ones",
     envvar="ONEWORD_IMAGE_REGISTRY",
@@ -96,14 +98,16 @@ def submit_cmd(
     images: Annotated[str, typer.Option(help="s3:// prefix of the concept's photos")],
     token: Annotated[str, typer.Option(help="the new pseudo-word")],
     init_word: Annotated[str, typer.Option(help="one-token initializer word")],
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="more pipeline parameters KEY=VALUE")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", metavar="KEY=VALUE", help="more pipeline parameters KEY=VALUE")
+    ] = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = KFP_EXPERIMENT,
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
     run_name: Annotated[str | None, typer.Option(help="run name")] = None,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = SERVICE_ACCOUNT,
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
-    pipeline_root: Annotated[str, typer.Option(help=PIPELINE_ROOT_HELP)] = PIPELINE_ROOT,
+    pipeline_root: Annotated[str, PIPELINE_ROOT_OPTION] = PIPELINE_ROOT,
     cache: Annotated[
         bool,
         typer.Option(
@@ -116,7 +120,10 @@ def submit_cmd(
 ) -> None:
     """Start a textual_inversion run on a cluster.
 
-    Example: oneword submit --host http://kfp --images s3://oneword-data/my-cat --token '<my-cat>' --init-word cat
+    \b
+    Example:
+      oneword submit --host http://kfp --images s3://oneword-data/my-cat \\
+        --token '<my-cat>' --init-word cat
     """
     from rich import print as rprint
 
@@ -143,13 +150,15 @@ def submit_cmd(
     )
 
 
-@app.command("schedule")
+@app.command("schedule", short_help="Run a batch on a cluster on a schedule.")
 def schedule_cmd(
     host: Annotated[str, HOST],
     concepts_manifest: Annotated[str, typer.Option(help="s3:// URI of the concepts manifest")],
     cron: Annotated[str, typer.Option(help="cron with seconds, e.g. '0 0 2 * * *' (daily at 02:00)")],
     name: Annotated[str, typer.Option(help="pipeline and recurring-run name")] = "oneword-batch",
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="more pipeline parameters KEY=VALUE")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", metavar="KEY=VALUE", help="more pipeline parameters KEY=VALUE")
+    ] = None,
     max_concurrency: Annotated[int, typer.Option(help="runs of this schedule at once")] = 1,
     catchup: Annotated[
         bool, typer.Option("--catchup/--no-catchup", help="backfill runs missed while the schedule was paused")
@@ -159,13 +168,16 @@ def schedule_cmd(
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = SERVICE_ACCOUNT,
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
-    pipeline_root: Annotated[str, typer.Option(help=PIPELINE_ROOT_HELP)] = PIPELINE_ROOT,
+    pipeline_root: Annotated[str, PIPELINE_ROOT_OPTION] = PIPELINE_ROOT,
 ) -> None:
     """Upload batch_personalisation as a new pipeline version and run it on a schedule.
 
     Scheduling again with the same --name replaces that schedule (new version, new settings) instead of adding one.
 
-    Example: oneword schedule --host http://kfp --concepts-manifest s3://oneword-data/concepts.yaml --cron '0 0 2 * * *'
+    \b
+    Example:
+      oneword schedule --host http://kfp \\
+        --concepts-manifest s3://oneword-data/concepts.yaml --cron '0 0 2 * * *'
     """
     from rich import print as rprint
 

@@ -11,10 +11,10 @@ from oneword.config import EvalConfig
 from oneword.profiles import TOYWORLD
 
 toy = typer.Typer(help="The toy world: a small text-to-image model oneword trains and ships.", no_args_is_help=True)
-app.add_typer(toy, name=TOYWORLD)
+app.add_typer(toy, name=TOYWORLD, short_help="The toy world: a small model oneword ships.")
 
 
-@toy.command("train")
+@toy.command("train", short_help="Train the toy-world model and its evaluators.")
 def train_cmd(
     work_dir: Annotated[Path, typer.Option(help="working folder (each finished stage is kept and reused)")],
     seed: Annotated[int, typer.Option(help="seed of the world's pictures and of every model")] = 0,
@@ -23,7 +23,9 @@ def train_cmd(
 ) -> None:
     """Train the toy-world model, its CLIP evaluator and its oracle from scratch.
 
-    Example: oneword toyworld train --work-dir runs/toyworld --install   (about 3 h on 2 CPU cores)
+    \b
+    Example:
+      oneword toyworld train --work-dir runs/toyworld --install   # 3 h, 2 cores
     """
     from rich import print as rprint
 
@@ -45,7 +47,9 @@ def concept_cmd(
 ) -> None:
     """Write the training pictures of a held-out concept.
 
-    Example: oneword toyworld concept purple-star -o photos/purple-star
+    \b
+    Example:
+      oneword toyworld concept purple-star -o photos/purple-star
     """
     from rich import print as rprint
 
@@ -55,18 +59,21 @@ def concept_cmd(
     rprint(f"[green]{len(files)} pictures[/] -> {out}")
 
 
-@toy.command("quality")
+@toy.command("quality", short_help="Learn each held-out concept and measure it.")
 def quality_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for quality.json, quality.md and pictures")] = Path(
         "runs/quality"
     ),
-    concept: Annotated[list[str] | None, typer.Option(help="only these concepts (repeatable)")] = None,
+    concept: Annotated[list[str] | None, typer.Option(metavar="NAME", help="only these concepts (repeatable)")] = None,
     sweep: Annotated[bool, typer.Option(help="also sweep learning rate, the regularisers and steps")] = True,
     setting: Annotated[
-        list[str] | None, typer.Option(help="only these settings (repeatable), e.g. default, l2-decay, cos-on")
+        list[str] | None,
+        typer.Option(metavar="NAME", help="only these settings (repeatable), e.g. default, l2-decay, cos-on"),
     ] = None,
     n_images: Annotated[int, typer.Option(help="pictures per prompt for the oracle and CLIP")] = 32,
-    seed: Annotated[list[int] | None, typer.Option(help="seed (repeatable: every run once per seed)")] = None,
+    seed: Annotated[
+        list[int] | None, typer.Option(metavar="INT", help="seed (repeatable: every run once per seed)")
+    ] = None,
     fresh: Annotated[bool, typer.Option(help="redo runs already recorded in OUT/runs.jsonl")] = False,
     checkpoint_budget: Annotated[int, option(EvalConfig, "checkpoint_budget")] = default(
         EvalConfig, "checkpoint_budget"
@@ -74,7 +81,10 @@ def quality_cmd(
 ) -> None:
     """Learn each held-out concept, then measure it with the oracle and the toy CLIP.
 
-    Example: oneword toyworld quality -o runs/quality --setting default --setting l2-decay --seed 0 --seed 1 --seed 2
+    \b
+    Example:
+      oneword toyworld quality -o runs/quality --setting default \\
+        --setting l2-decay --seed 0 --seed 1 --seed 2
     """
     from rich import print as rprint
     from rich.table import Table
@@ -104,7 +114,7 @@ def quality_cmd(
     rprint(f"every run: {out / 'quality.md'}")
 
 
-@toy.command("base-accuracy")
+@toy.command("base-accuracy", short_help="Check that the base model draws its captions.")
 def base_accuracy_cmd(
     n_prompts: Annotated[int, typer.Option(help="grammar captions to draw, one picture each")] = 256,
     base_model: Annotated[str, typer.Option(help="the toy model to check")] = TOYWORLD,
@@ -112,7 +122,9 @@ def base_accuracy_cmd(
 ) -> None:
     """Check that the base model draws what its captions ask (oracle accuracy per attribute).
 
-    Example: oneword toyworld base-accuracy --n-prompts 512
+    \b
+    Example:
+      oneword toyworld base-accuracy --n-prompts 512
     """
     from rich import print as rprint
 

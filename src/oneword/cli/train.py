@@ -12,7 +12,7 @@ from oneword.cli.options import default, option
 from oneword.config import ConceptSpec, TrackingConfig, TrainConfig
 
 
-@app.command("train")
+@app.command("train", short_help="Learn the concept's new word from its latents.")
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     latents: Annotated[
@@ -67,17 +67,26 @@ def train_cmd(
     log_every: Annotated[int, option(TrainConfig, "log_every")] = default(TrainConfig, "log_every"),
     sample_every: Annotated[int, option(TrainConfig, "sample_every")] = default(TrainConfig, "sample_every"),
     device: Annotated[str, option(TrainConfig, "device")] = default(TrainConfig, "device"),
-    tracking_uri: Annotated[str, option(TrackingConfig, "tracking_uri")] = default(TrackingConfig, "tracking_uri"),
+    tracking_uri: Annotated[
+        str,
+        typer.Option(
+            help="MLflow URI of the live run: loss, norm and sample pictures while it trains (empty: "
+            "$MLFLOW_TRACKING_URI; neither: no live run)"
+        ),
+    ] = default(TrackingConfig, "tracking_uri"),
     experiment: Annotated[str, option(TrackingConfig, "experiment")] = default(TrackingConfig, "experiment"),
 ) -> None:
     """Learn a new word for the concept in the latents, or for several concepts together (--concepts).
 
+    \b
     Examples:
-      oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train
-      oneword train --concepts shard.yaml -o runs/shard-0 --resume   # K concepts in one batch of K x batch-size
-      oneword train --concepts shard.yaml -o runs/shard-0 --gpus 4   # each GPU trains K/4 of them
-      oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat -o runs/my-cat/train \
-          --tracking-uri http://mlflow:5000   # live loss, norm and sample pictures; `register` ends the run
+      oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat \\
+        -o runs/my-cat/train
+      # K concepts in one batch of K x batch-size; with --gpus 4, each GPU K/4:
+      oneword train --concepts shard.yaml -o runs/shard-0 --resume
+      # live loss, norm and sample pictures in MLflow (`register` ends the run):
+      oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat \\
+        -o runs/my-cat/train --tracking-uri http://mlflow:5000
     """
     from rich import print as rprint
 

@@ -12,9 +12,7 @@ from oneword.cli.app import app
 
 @app.command("generate")
 def generate_cmd(
-    prompts: Annotated[
-        list[str], typer.Argument(metavar="PROMPT", help="prompts, e.g. 'an oil painting of <my-cat>'")
-    ],
+    prompts: Annotated[list[str], typer.Argument(metavar="PROMPT", help="prompts, e.g. 'an oil painting of <my-cat>'")],
     embedding: Annotated[
         list[Path] | None, typer.Option("--embedding", "-e", metavar="FILE", help="embedding file (repeatable)")
     ] = None,

@@ -269,14 +269,15 @@ def textual_inversion(
         images: s3://bucket/prefix (or a path in the image) of 3-5 photos of the concept.
         token: the new pseudo-word to learn, e.g. <my-cat>; it must not be a word the model knows.
         init_word: one-token word the embedding starts from, e.g. cat (object) or painting (style).
-        base_model: Stable Diffusion 1.x/2.x: a hub id, an s3:// diffusers folder, or toyworld.
+        base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
+            toyworld.
         name: registered-model name in MLflow (empty: the token without brackets).
         resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         n_vectors: vectors per token (1 as in the paper; more captures detail, edits less well).
         templates: training prompt templates: object, style, toyworld or a file in the image (empty: the model's).
         steps: optimiser steps (0: the model's profile; SD: 5000 as the paper).
-        batch_size: images per step (paper: 4).
+        batch_size: samples per concept per step (paper: 4).
         learning_rate: base learning rate, times batch_size when scale_lr (0: the model's; SD: 0.005 as the paper).
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.
@@ -400,11 +401,12 @@ def batch_personalisation(
     Args:
         concepts_manifest: YAML (s3:// URI or path) listing, per concept, images, token and init_word.
         concepts_per_shard: concepts trained together in one GPU job; shards run in parallel (at most 4 at a time).
-        base_model: Stable Diffusion 1.x/2.x: a hub id, an s3:// diffusers folder, or toyworld.
+        base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
+            toyworld.
         resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         steps: optimiser steps (0: the model's profile; SD: 5000 as the paper).
-        batch_size: images per step (paper: 4).
+        batch_size: samples per concept per step (paper: 4).
         learning_rate: base learning rate, times batch_size when scale_lr (0: the model's; SD: 0.005 as the paper).
         scale_lr: multiply the learning rate by the batch size, as the paper does.
         progressive_every: add vector k at step k*N (paper: 2000); 0 = all vectors from the start.

@@ -95,11 +95,15 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys):
         (["cache-latents", "{tmp}", "-o", "{tmp}/x"], "run `oneword preprocess`"),
         (["export", "{tmp}/missing.pt", "--format", "kohya"], "not found"),
         (["export", "{tmp}/missing.pt", "--format", "onnx"], "unknown format"),
+        (
+            ["compare", "{tmp}/runs/lr-low/eval", "-o", "{tmp}/c.png"],
+            "evaluation folder {tmp}/runs/lr-low/eval not found",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, capsys):
     code, out = run([a.format(tmp=tmp_path, data=cat_dataset) for a in args], capsys)
-    assert code == 2 and "error:" in out and message in out
+    assert code == 2 and "error:" in out and message.format(tmp=tmp_path) in out
 
 
 @pytest.mark.parametrize(
@@ -240,6 +244,15 @@ def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
     assert code == 0 and "images/s" in out
     (r,) = json.loads(out_json.read_text())
     assert r["name"] == "evaluation (2 DDIM steps)" and r["steps"] == 4 and r["images_per_second"] > 0
+
+
+def test_evaluate_finds_the_training_images_in_the_training_folder(evaluated_concept, tiny_clip_dir, tmp_path, capsys):
+    train_dir, _ = evaluated_concept
+    args = ["evaluate", train_dir, "-o", tmp_path / "eval", "--n-images", 1, "--steps", 2, "--checkpoint-budget", 0,
+            "--clip-model", tiny_clip_dir, "--no-baselines"]  # fmt: skip
+    code, out = run(args, capsys)
+    assert code == 0, out
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 1
 
 
 def test_generate_with_a_registered_concept(

@@ -15,8 +15,11 @@ from oneword.config import EvalConfig
 @app.command("evaluate", short_help="Score a concept and pick its checkpoint.")
 def evaluate_cmd(
     trained: Annotated[Path, typer.Argument(help="folder written by `oneword train`")],
-    data: Annotated[Path, typer.Option("--data", help="the preprocessed training images (oneword preprocess)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json, report.html, grid.png")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="the preprocessed training images (default: the copy the training folder keeps)"),
+    ] = None,
     base_model: Annotated[str | None, typer.Option(help="default: the model the concept was trained on")] = None,
     prompt_set: Annotated[str | None, option(EvalConfig, "prompt_set")] = default(EvalConfig, "prompt_set"),
     n_images: Annotated[int, option(EvalConfig, "n_images")] = default(EvalConfig, "n_images"),

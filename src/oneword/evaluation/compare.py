@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
         if not f.exists():
             raise OnewordError(f"{f} not found", hint="pass folders written by `oneword evaluate`")
         return p.name if p.name not in ("eval", "evaluation") else p.parent.name, json.loads(f.read_text())
+    if not re.fullmatch(r"[0-9a-f]{32}", run):  # not an MLflow run id either: a folder that is not there
+        raise OnewordError(f"evaluation folder {run} not found", hint="pass folders written by `oneword evaluate`")
     if tracking_uri is None:
         raise OnewordError(f"{run!r} is not an evaluation folder", hint="for MLflow run ids pass --tracking-uri")
     import mlflow

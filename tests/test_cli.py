@@ -244,6 +244,11 @@ def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
     assert code == 0 and "images/s" in out
     (r,) = json.loads(out_json.read_text())
     assert r["name"] == "evaluation (2 DDIM steps)" and r["steps"] == 4 and r["images_per_second"] > 0
+    # an odd count is drawn as asked (rounded up to whole prompts), and the rate is of what was drawn
+    for asked, drawn in ((3, 4), (1, 1)):
+        code, out = run(["bench", "--eval", "--steps", 2, "--eval-images", asked, "--json", str(out_json)], capsys)
+        (r,) = json.loads(out_json.read_text())
+        assert code == 0 and r["steps"] == drawn and r["images_per_second"] == pytest.approx(drawn / r["seconds"])
 
 
 def test_evaluate_finds_the_training_images_in_the_training_folder(evaluated_concept, tiny_clip_dir, tmp_path, capsys):

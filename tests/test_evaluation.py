@@ -199,6 +199,27 @@ def test_quality_gate_compares_only_scores_measured_the_same_way():
         quality_gate(_scored(0.9, 0.9), old)
     assert "re-evaluate" in e.value.hint
     assert quality_gate(_scored(0.6, 0.5), champion).passed  # same protocol, no noise recorded: a plain lead
+    # an evaluator is its weights and preprocessing, not the name it was loaded by (a hub id, its mirror)
+    mirrored = _scored(0.6, 0.5, evaluator={"name": "s3://models/clip-a", "fingerprint": "sha256:aaa"})
+    assert quality_gate(mirrored, champion).passed
+    with pytest.raises(EvaluatorMismatch, match="evaluator"):
+        quality_gate(_scored(0.6, 0.5, evaluator={"name": "clip-a", "fingerprint": "sha256:bbb"}), champion)
+    # DINO is recorded, not gated on: a version scored with it compares with one scored without; two DINOs must agree
+    dino = {"name": "facebook/dino-vits16", "fingerprint": "sha256:ddd"}
+    assert quality_gate(_scored(0.6, 0.5, dino_evaluator=dino), champion).passed
+    with pytest.raises(EvaluatorMismatch, match="dino_evaluator"):
+        quality_gate(_scored(0.6, 0.5, dino_evaluator=dino),
+                     _scored(0.5, 0.5, dino_evaluator={**dino, "fingerprint": "sha256:eee"}))  # fmt: skip
+
+
+def test_a_score_that_is_not_finite_never_passes_the_gate():
+    nan = math.nan
+    for scores in ((nan, 0.5), (0.5, nan)):
+        result = quality_gate(_scored(*scores), None)
+        assert not result.passed and "not finite" in result.reason
+        assert not quality_gate(_scored(*scores), _scored(0.1, 0.1)).passed
+    # a champion whose scores were NaN holds its alias by no measure
+    assert quality_gate(_scored(0.5, 0.5), _scored(nan, 0.5)).passed
 
 
 def test_quality_gate_wants_a_lead_larger_than_the_noise():

@@ -54,7 +54,7 @@ def bench_cmd(
         ),
     ] = True,
     eval: Annotated[bool, typer.Option("--eval", help="time evaluation sampling (images/s) instead")] = False,
-    eval_images: Annotated[int, typer.Option(help="with --eval: pictures to draw (in batches of 16)")] = 16,
+    eval_images: Annotated[int, typer.Option(min=1, help="with --eval: pictures to draw (in batches of 16)")] = 16,
     clip_model: Annotated[
         str | None, typer.Option(help="with --eval: also time CLIP scoring with this evaluator")
     ] = None,

@@ -75,6 +75,8 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
     rec, edit = candidate.get("reconstruction"), candidate.get("editability")
     if rec is None or edit is None:
         return GateResult(False, "no evaluation metrics")
+    if not (math.isfinite(rec) and math.isfinite(edit)):  # NaN fails no comparison: it would pass every check
+        return GateResult(False, f"scores are not finite (reconstruction {rec}, editability {edit})")
     if rec < thresholds.min_reconstruction:
         return GateResult(False, f"reconstruction {rec:.4f} < threshold {thresholds.min_reconstruction:.4f}")
     if edit < thresholds.min_editability:
@@ -83,6 +85,8 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
         return GateResult(True, "passes the thresholds; no champion yet")
     check_comparable(candidate, champion)
     score, best = rec + edit, champion["reconstruction"] + champion["editability"]
+    if not math.isfinite(best):  # a champion whose scores were NaN holds its alias by no measure
+        return GateResult(True, f"reconstruction + editability {score:.4f}; the champion's scores are not finite")
     margin = thresholds.margin_se * (_se_of_sum(candidate) ** 2 + _se_of_sum(champion) ** 2) ** 0.5
     need = f"{best:.4f}" + (
         f" by more than {margin:.4f} ({thresholds.margin_se:g} x the difference's standard error)" if margin else ""

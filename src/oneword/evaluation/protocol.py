@@ -59,8 +59,28 @@ def protocol_id(p: dict) -> str:
 
 
 def differences(a: dict, b: dict) -> list[str]:
-    """The protocol parts in which `a` and `b` differ, as `key: a vs b`."""
+    """The protocol parts in which `a` and `b` differ, as `key: a vs b`.
+
+    An evaluator counts by its weights and preprocessing, not by the name it was loaded by (a hub id and its
+    mirror in a bucket are one evaluator). DINO's scores are not compared, only recorded: a version scored with
+    DINO and one without compare on the rest; two DINO evaluators must still be the same one.
+    """
+    a, b = _comparable(a), _comparable(b)
+    if a.get("dino_evaluator") is None or b.get("dino_evaluator") is None:
+        a, b = (
+            {k: v for k, v in a.items() if k != "dino_evaluator"},
+            {k: v for k, v in b.items() if k != "dino_evaluator"},
+        )
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _comparable(p: dict) -> dict:
+    """A protocol with its evaluators' names left out."""
+    out = dict(p)
+    for k in ("evaluator", "dino_evaluator"):
+        if isinstance(out.get(k), dict):
+            out[k] = {key: v for key, v in out[k].items() if key != "name"}
+    return out
 
 
 RUNTIME_ONLY = {"batch_size", "device", "gpus"}  # how the pictures are drawn, not which ones

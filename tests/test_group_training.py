@@ -73,6 +73,25 @@ def test_a_concept_whose_loss_turns_non_finite_stops_alone(tiny_model, cat_laten
     assert resumed.concepts[0].failed and not resumed.concepts[1].failed
 
 
+def test_a_concept_turning_non_finite_does_not_end_the_others_early(tiny_model, cat_latents):
+    """Early end measures how far every concept's vectors moved: a NaN row (max() keeps a NaN that comes first)
+    read as "settled" and ended the whole group at that step."""
+    cfg = TrainConfig(steps=20, log_every=5, early_end=1e-12, early_end_window=5)
+    tr = InversionTrainer(tiny_model, [(s, cat_latents) for s in SPECS[:2]], cfg)
+    real, calls = tr.concept_losses, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        losses = real(*a, **k)
+        if len(calls) > 7 and not tr.concepts[0].failed:
+            losses = losses * torch.tensor([float("nan"), 1.0])
+        return losses
+
+    tr.concept_losses = poisoned
+    r = tr.run(progress=False)
+    assert (r.steps, r.ended_early_at, list(r.failed)) == (20, None, ["<g0>"])
+
+
 def test_train_group_writes_each_concept_and_records_failures(tiny_model_dir, cat_latents_dir, tmp_path):
     broken = tmp_path / "broken-latents"
     outcome.write_failure(broken, "preprocess", "photos/a.jpg is not an image")

@@ -398,3 +398,33 @@ def test_a_stopped_concept_does_not_move(tiny_model, cat_latents):
     for s in range(3, 6):
         tr.train_step(s)
     assert torch.equal(tr.concepts[0].param, stopped) and not torch.equal(tr.concepts[1].param, going)
+
+
+def test_early_end_waits_for_the_last_progressive_vector_to_join_and_train(tiny_model, cat_latents):
+    """Rows not yet in the prompts barely move: before, a loose early_end ended the run at its first check, with the
+    second vector never trained (what check_progressive refuses at the end of a run)."""
+    two = ConceptSpec(token="<p2>", init_word="cat", n_vectors=2)
+    tr = _trainer(tiny_model, cat_latents, two, steps=60, progressive_every=30, log_every=2, early_end=10.0,
+                  early_end_window=4)  # fmt: skip
+    r = tr.run(progress=False)
+    assert r.ended_early_at is not None and r.ended_early_at >= 30 + 4
+
+
+def test_a_checkpoint_is_resumed_only_on_the_progressive_schedule_it_was_written_with(tiny_model_dir, cat_latents,
+                                                                                      tmp_path):  # fmt: skip
+    two = ConceptSpec(token="<p3>", init_word="cat", n_vectors=2)
+    _trainer(load_base_model(str(tiny_model_dir)), cat_latents, two, steps=6, checkpoint_every=3).run(
+        checkpoint_dir=tmp_path, progress=False
+    )
+    later = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, two, steps=12, progressive_every=4)
+    with pytest.raises(OnewordError, match="progressive_every 0, this run with 4"):
+        later.run(checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_a_run_that_ended_early_trains_on_when_resumed_with_early_end_off(tiny_model_dir, cat_latents, tmp_path):
+    settled = dict(steps=80, log_every=10, early_end=0.01, early_end_window=40, scale_lr=False, weight_decay=0)
+    first = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, learning_rate=1e-6, **settled)
+    assert first.run(checkpoint_dir=tmp_path, progress=False).ended_early_at == 40
+    on = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, learning_rate=1e-6, **{**settled, "early_end": 0})
+    r = on.run(checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert (r.ended_early_at, r.steps, r.steps_run) == (None, 80, 40)

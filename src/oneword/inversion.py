@@ -482,11 +482,19 @@ class InversionTrainer:
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         """Restore a state written by `state_dict` (after checking it belongs to this run)."""
-        theirs = json.loads(state["config"]).get("direction_only", False) if "config" in state else False
+        written = json.loads(state["config"]) if "config" in state else {}
+        theirs = written.get("direction_only", False)
         if theirs != self.config.direction_only:
             raise OnewordError(
                 f"{source} was trained {'with' if theirs else 'without'} direction_only, this run "
                 f"{'with' if self.config.direction_only else 'without'}: their optimisers differ",
+                hint="resume with the setting the checkpoint was written with, or use a fresh checkpoint folder",
+            )
+        every = written.get("progressive_every", self.config.progressive_every)
+        if every != self.config.progressive_every:  # its vectors joined on another schedule: rows would be reset
+            raise OnewordError(
+                f"{source} was trained with progressive_every {every}, this run with "
+                f"{self.config.progressive_every}: its vectors joined the prompts on another schedule",
                 hint="resume with the setting the checkpoint was written with, or use a fresh checkpoint folder",
             )
         mine = [c.spec.model_dump_json() for c in self.concepts]
@@ -528,7 +536,8 @@ class InversionTrainer:
         for c in self.concepts:
             c.failed = failed.get(c.spec.token, "")
         self.step = int(state["step"])
-        self.ended_early_at = state.get("ended_early_at")
+        # an early end holds while early ending is on; resumed with it off, training goes on to `steps`
+        self.ended_early_at = state.get("ended_early_at") if self.config.early_end else None
 
     def embeddings(self) -> list[Embedding]:
         """The learned concepts (those that did not fail) as `Embedding`s, with lineage metadata."""
@@ -644,6 +653,11 @@ class InversionTrainer:
         cfg = self.config
         if not cfg.early_end or self.step % cfg.log_every:
             return False
+        # under the progressive schedule, rows not yet in the prompts barely move: "settled" means nothing before
+        # the last of them has joined and had a window of its own
+        last_joins = (max(c.spec.n_vectors for c in self.active) - 1) * cfg.progressive_every
+        if self.step < last_joins + cfg.early_end_window:
+            return False
         now = [p.detach().clone() for c in self.active for p in c.params]
         self._snapshots[self.step] = now
         old = [s for s in self._snapshots if s <= self.step - cfg.early_end_window]
@@ -654,7 +668,9 @@ class InversionTrainer:
         if len(then) != len(now):  # a concept stopped in between: measure from here on
             return False
         moved = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(now, then))
-        if moved >= cfg.early_end:
+        # not finite: a concept whose vectors went NaN (max() keeps a NaN that comes first); `_report` stops it
+        # alone, and the others must not be ended with it
+        if not math.isfinite(moved) or moved >= cfg.early_end:
             return False
         self.ended_early_at = self.step
         log.info(
@@ -688,7 +704,9 @@ class InversionTrainer:
             if c.failed:
                 continue
             norm = c.param.detach().norm(dim=-1).mean().item()
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+            # every table the concept trains (SDXL's clip_g too): one that turned NaN on the last update fails it
+            finite = all(bool(torch.isfinite(p.detach()).all()) for p in c.params)
+            if not (math.isfinite(loss) and math.isfinite(norm) and finite):
                 c.failed = (
                     f"the loss of {c.spec.token} became {loss} between steps {self.step - n} and {self.step}; "
                     f"stopped. Last good checkpoint: {last or 'none'}"

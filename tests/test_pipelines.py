@@ -397,6 +397,10 @@ def test_submit_sends_each_param_as_the_pipeline_input_takes_it_and_refuses_a_ty
     with pytest.raises(SystemExit) as exit_:
         main([*base, "-p", "steps=many"])
     assert exit_.value.code == 2 and "steps takes a whole number" in capsys.readouterr().err
+    for bad, said in (("accelerator_limit=0", "String should match pattern"), ("learning_rate=nan", "takes a number")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*base, "-p", bad])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err, bad
     assert calls == []  # the KFP API never heard of either
     main([*base, "-p", "accelerator_limit=2", "-p", "steps=300", "-p", "scale_lr=false", "-p", "name=007",
           "-p", 'gpu_node_selector={"pool": "a100"}'])  # fmt: skip

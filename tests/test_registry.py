@@ -3,6 +3,10 @@
 import json
 import shutil
 import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler
+from typing import ClassVar
 
 import mlflow
 import pytest
@@ -324,27 +328,66 @@ def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
     assert f"--experiment-id {exp}" in e.value.hint
 
 
-def test_a_version_whose_create_was_retried_is_deleted_not_waited_for(evaluated_concept, mlflow_server, tmp_path):
-    """MLflow's client retries a create whose answer was lost: the server then holds an untagged twin of this run's
-    version. Before, register waited ALIAS_WAIT_SECONDS (300 s) for it and left it ABANDONED in the registry."""
+class _LosesOneAnswer(BaseHTTPRequestHandler):
+    """A proxy in front of the tracking server that forwards every request, and answers the first model-version
+    create with a 503 after the server made the version (a gateway timing out, a pod restarting)."""
+
+    upstream = ""
+    lost: ClassVar[list] = []
+
+    def _forward(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else None
+        skip = ("host", "content-length", "connection", "transfer-encoding")
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        req = urllib.request.Request(self.upstream + self.path, data=body, method=self.command, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, data, kind = r.status, r.read(), r.headers.get("Content-Type", "application/json")
+        except urllib.error.HTTPError as e:
+            status, data, kind = e.code, e.read(), e.headers.get("Content-Type", "application/json")
+        if self.command == "POST" and self.path.startswith("/api/2.0/mlflow/model-versions/create") and not self.lost:
+            self.lost.append(data)  # the server made the version; its answer is lost on the way back
+            status, data, kind = 503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_version_whose_create_was_retried_is_deleted_not_waited_for(evaluated_concept, mlflow_server, monkeypatch):
+    """MLflow's client retries a create whose answer was lost: the server then holds a twin of this run's version
+    (the first try's). Before, register waited ALIAS_WAIT_SECONDS (300 s) for it and left it ABANDONED."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # the client's retry comes at once
+    _LosesOneAnswer.upstream, _LosesOneAnswer.lost = mlflow_server, []
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _LosesOneAnswer)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
     train_dir, eval_dir = evaluated_concept
     name = "cat-twin"
-    client = mlflow.MlflowClient(mlflow_server)
-    live = client.create_run(client.create_experiment("twin-exp"), tags={registry.CONCEPT_TAG: name}).info.run_id
-    trained = tmp_path / "trained"
-    shutil.copytree(train_dir, trained)
-    summary = json.loads((trained / "summary.json").read_text())
-    (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": live}))
-    client.create_registered_model(name)
-    client.create_model_version(name, f"runs:/{live}/embeddings", run_id=live)  # the first try, answer lost
-    t0 = time.monotonic()
-    reg = registry.register(trained, eval_dir, mlflow_server, name=name, experiment="twin-exp", batch_id="b-twin")
-    assert time.monotonic() - t0 < 60
-    assert (reg.version, reg.run_id) == ("2", live)
+    try:
+        t0 = time.monotonic()
+        reg = registry.register(train_dir, eval_dir, f"http://127.0.0.1:{proxy.server_address[1]}", name=name,
+                                batch_id="b-twin")  # fmt: skip
+        seconds = time.monotonic() - t0
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert _LosesOneAnswer.lost, "the proxy never saw the create"
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)  # register set the proxy as the default
+    assert seconds < 60 and reg.version == "2"
     assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["2"]
     # a version the batch tagged whose register died before its gate decided is not reported as registered
     dead = client.create_model_version(
-        name, f"runs:/{live}/embeddings", run_id=live, tags={"oneword.batch_id": "b-twin"}
+        name, f"runs:/{reg.run_id}/x", run_id=reg.run_id, tags={"oneword.batch_id": "b-twin"}
     )
     assert [(r["name"], r["version"]) for r in registry.batch_versions(mlflow_server, "b-twin")] == [(name, "2")]
     client.delete_model_version(name, dead.version)

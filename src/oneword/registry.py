@@ -394,8 +394,9 @@ ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias
 ABANDONED = "abandoned: its register never decided its alias"  # the gate tag of such a version, once waited for
 
 
-def _create_version(client, name: str, info, run_id: str, token: str):
-    """Create the registered model if it is new (another process may be creating it too), then a version."""
+def _create_version(client, name: str, info, run_id: str, token: str, tags: dict[str, str]):
+    """Create the registered model if it is new (another process may be creating it too), then a version with its
+    tags (a version of oneword's is never untagged: see `_wait_for_older_decisions`)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -405,11 +406,16 @@ def _create_version(client, name: str, info, run_id: str, token: str):
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
+    return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
 
 
 def _wait_for_older_decisions(
-    client, name: str, version: int, run_id: str, timeout: float = ALIAS_WAIT_SECONDS
+    client,
+    name: str,
+    version: int,
+    run_id: str,
+    tags: dict[str, str] | None = None,
+    timeout: float = ALIAS_WAIT_SECONDS,
 ) -> None:
     """Wait until every older version of `name` has its alias decided (its `gate` tag set).
 
@@ -417,9 +423,10 @@ def _wait_for_older_decisions(
     registrations of one concept behave as if they ran one after another: each compares itself with the
     champion that the versions before it left, and the champion alias ends on the best of them.
 
-    An undecided older version of this very run is this registration's own twin, not another's: MLflow's client
-    retries a create whose answer was lost (a 503 or a gateway timeout after the server had committed it), or
-    an earlier attempt of this register was killed. It is deleted at once instead of waited for.
+    An older version of this very run with the very tags this one was created with is this registration's own
+    twin: MLflow's client retries a create whose answer was lost (a 503 or a gateway timeout after the server had
+    committed it), and only the retry's answer came back. Another registration's version (two evaluations of one
+    training share its live run) carries other scores. A twin is deleted at once instead of waited for.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -428,11 +435,12 @@ def _wait_for_older_decisions(
             for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
             if int(mv.version) < version and "gate" not in mv.tags
         ]
-        for twin in [mv for mv in older if mv.run_id == run_id]:
+        twins = [mv for mv in older if mv.run_id == run_id and tags is not None and mv.tags == tags]
+        for twin in twins:
             log.warning("%s version %s is an undecided twin of version %s (same run): deleting it", name,
                         twin.version, version)  # fmt: skip
             _delete_version(client, name, twin.version)
-        older = [mv for mv in older if mv.run_id != run_id]
+        older = [mv for mv in older if mv not in twins]
         if not older:
             return
         if time.monotonic() > deadline:
@@ -449,11 +457,10 @@ def _wait_for_older_decisions(
 
 def _register_version(client, concept: _Concept, run_id: str, info, thresholds: GateThresholds) -> tuple[str, str, str]:
     """Create the model version, tag it and decide its alias; returns (version, alias, reason)."""
-    mv = _create_version(client, concept.name, info, run_id, concept.token)
+    tags = _version_tags(concept, run_id, thresholds)
+    mv = _create_version(client, concept.name, info, run_id, concept.token, tags)
     try:
-        for k, v in _version_tags(concept, run_id, thresholds).items():
-            client.set_model_version_tag(concept.name, mv.version, k, v)
-        alias, reason = _apply_gate(client, concept, mv.version, run_id, thresholds)
+        alias, reason = _apply_gate(client, concept, mv.version, run_id, tags, thresholds)
     except BaseException:
         _delete_version(client, concept.name, mv.version)  # no half-registered version
         raise
@@ -509,9 +516,11 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
     return vtags
 
 
-def _apply_gate(client, concept: _Concept, version, run_id: str, thresholds: GateThresholds) -> tuple[str, str]:
+def _apply_gate(
+    client, concept: _Concept, version, run_id: str, tags: dict[str, str], thresholds: GateThresholds
+) -> tuple[str, str]:
     """Decide the version's alias after every older version's, set it, and mark the decision made."""
-    _wait_for_older_decisions(client, concept.name, int(version), run_id)
+    _wait_for_older_decisions(client, concept.name, int(version), run_id, tags)
     alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds)
     before = _alias_holder(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)

@@ -42,7 +42,8 @@ def demo_cmd(
     from oneword.toyworld.quality import edits_for
 
     t0 = time.time()
-    check_replaceable(out, DEMO_MARKER, "an earlier demo's folder")
+    if not (out.is_dir() and {"photos", "prompts.txt"} <= {p.name for p in out.iterdir()}):  # a demo's, made
+        check_replaceable(out, DEMO_MARKER, "an earlier demo's folder")  # before the marker was written
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -81,7 +81,8 @@ def run_cmd(
     if out.get("unchanged"):  # evaluate found this very training registered: nothing new drawn
         ref = registered.split("@")[0]
         rprint(f"[bold cyan]unchanged[/] {ref}: registered before from the same photos and settings "
-               f"({out['seconds']:.0f} s); its scores and report: oneword concepts show {ref}")  # fmt: skip
+               f"({out['seconds']:.0f} s); its scores: oneword concepts show {ref}; its embedding: "
+               f"oneword concepts pull {ref} -o FILE")  # fmt: skip
     else:
         rprint(f"[bold green]registered[/] {registered}  ({out['seconds']:.0f} s)")
     if out.get("metrics"):
@@ -91,7 +92,8 @@ def run_cmd(
             f"(step {m['step']}; baselines {m.get('baselines')})"
         )
     for k in ("report", "grid", "embedding", "run_dir", "tracking_uri"):
-        rprint(f"  {k:13s} {out.get(k)}")
+        if out.get(k):  # an unchanged concept drew nothing new: its files are the registered version's
+            rprint(f"  {k:13s} {out.get(k)}")
 
 
 @app.command("batch", short_help="Run a batch of concepts here (kfp.local).")

@@ -1,6 +1,7 @@
 """`oneword submit` and `oneword schedule`: send pipelines to a Kubeflow Pipelines cluster."""
 
 import json
+import math
 from typing import Annotated
 
 import typer
@@ -42,7 +43,25 @@ def _params(param: list[str] | None, pipeline: str) -> dict:
                 hint=f"did you mean {' or '.join(close)}?" if close else f"its parameters: {', '.join(inputs)}",
             )
         out[k] = _typed(k, v, inputs[k].type)
+        _check_setting(k, out[k])
     return out
+
+
+def _check_setting(key: str, value: object) -> None:
+    """A cluster setting's own rules (ClusterConfig: a GPU count of at least one, ...), checked here."""
+    from pydantic import ValidationError
+
+    from oneword.config import ClusterConfig
+    from oneword.errors import OnewordError
+
+    if key not in ClusterConfig.model_fields:
+        return
+    try:
+        ClusterConfig(**{key: value})
+    except ValidationError as e:
+        raise OnewordError(
+            f"--param {key}={value!r}: {e.errors()[0]['msg']}", hint="fix the value and run again"
+        ) from None
 
 
 def _typed(key: str, value: str, kfp_type: str) -> object:
@@ -55,7 +74,10 @@ def _typed(key: str, value: str, kfp_type: str) -> object:
         if kfp_type == "Integer":
             return int(value)
         if kfp_type == "Float":
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # not JSON, and no setting takes it
+                raise ValueError(value)
+            return number
         if kfp_type == "Boolean":
             if value.lower() not in ("true", "false"):
                 raise ValueError(value)
@@ -87,9 +109,19 @@ def _preflight_here(params: dict) -> None:
         params.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None,  # else only the cluster knows it
         params.get("experiment", DEFAULTS["experiment"]),
         params.get("checkpoint_root", CHECKPOINT_ROOT),
-        params.get("prompt_set", DEFAULTS["prompt_set"]),
-        params.get("dino_model", DEFAULTS["dino_model"]),
+        _here(params.get("prompt_set", DEFAULTS["prompt_set"])),
+        _here(params.get("dino_model", DEFAULTS["dino_model"])),
     )
+
+
+def _here(ref: str) -> str:
+    """`ref` if this machine can check it (a name, an s3:// or hub reference, a file here); else "", left to the
+    cluster's own preflight (a path on the cluster's volumes, such as the model cache)."""
+    import os
+
+    if ref.startswith("/") or ref.startswith("./") or ref.startswith("~"):
+        return ref if os.path.exists(os.path.expanduser(ref)) else ""
+    return ref
 
 
 @app.command("submit")

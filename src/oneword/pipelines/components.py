@@ -444,9 +444,12 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
 
     # trainings open their concepts' runs for register to end; where it never ran, they would stay RUNNING. First,
     # so that a report that cannot be made does not leave them so.
-    ended = end_orphaned_runs(tracking_uri or None, experiment, batch_id,
-                              f"the batch ended ({status.state}) before this concept registered")
     empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": []}
+    try:
+        ended = end_orphaned_runs(tracking_uri or None, experiment, batch_id,
+                                  f"the batch ended ({status.state}) before this concept registered")
+    except Exception as e:
+        ended = [f"could not end them: {type(e).__name__}: {e}"]
     try:
         concepts = batch_plan(tracking_uri or None, batch_id, experiment)
         if concepts is None:

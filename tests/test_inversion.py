@@ -428,3 +428,24 @@ def test_a_run_that_ended_early_trains_on_when_resumed_with_early_end_off(tiny_m
     on = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, learning_rate=1e-6, **{**settled, "early_end": 0})
     r = on.run(checkpoint_dir=tmp_path, resume=True, progress=False)
     assert (r.ended_early_at, r.steps, r.steps_run) == (None, 80, 40)
+
+
+def test_a_checkpoint_resumes_only_on_the_model_and_device_it_was_written_on(tiny_model_dir, cat_latents, tmp_path):
+    """The fingerprint covers the text side, not the UNet's weights: a fine-tune that kept the text encoder shares
+    it. The model's reference is checked too; and a random state is its device's."""
+    import shutil
+
+    tr = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, steps=2)
+    tr.run(progress=False)
+    state = tr.state_dict()
+    other = tmp_path / "unet-only-finetune"
+    shutil.copytree(tiny_model_dir, other)
+    elsewhere = _trainer(load_base_model(str(other)), cat_latents, steps=4)
+    assert elsewhere.model.fingerprint == tr.model.fingerprint  # what the fingerprint alone could not tell apart
+    with pytest.raises(OnewordError, match=r"trained on base model .* this run loads .*unet-only-finetune"):
+        elsewhere.load_state_dict(state)
+    same = _trainer(load_base_model(str(tiny_model_dir)), cat_latents, steps=4)
+    with pytest.raises(OnewordError, match="was trained on cuda, this run is on cpu"):
+        same.load_state_dict({**state, "device_type": "cuda"})
+    same.load_state_dict(state)
+    assert same.step == 2

@@ -262,6 +262,13 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
+    # the same photos and settings again: nothing is trained, drawn or registered anew, and the run says so
+    capsys.readouterr()
+    main(["run", *args, "--pipeline-root", str(tmp_path / "root"), "--log-file", str(tmp_path / "steps.log")])
+    said = capsys.readouterr().out
+    assert "unchanged cat-sd2/1" in said and "concepts pull cat-sd2/1" in said and "None" not in said, said
+    assert [r["version"] for r in registry.list_concepts(uri) if r["name"] == "cat-sd2"] == ["1"]
+
 
 class _FakeKfpApi(BaseHTTPRequestHandler):
     """Answers the KFP v2beta1 REST calls the client makes, and records them for the test to check."""

@@ -472,6 +472,10 @@ class InversionTrainer:
             "rng_device": self.gen_device.get_state(),
             "scaler": self.scaler.state_dict(),  # fp16's loss scale (empty when off)
             "model_fingerprint": self.model.fingerprint,
+            # the fingerprint covers the text side and the UNet's config, not its weights: a UNet-only fine-tune
+            # shares it, so the reference the model was loaded from is checked too
+            "model_source": str(self.model.source),
+            "device_type": self.device.type,
             "concepts": [c.spec.model_dump_json() for c in self.concepts],
             "config": self.config.model_dump_json(),
             "curves": json.dumps(self.curves),
@@ -507,6 +511,18 @@ class InversionTrainer:
             raise OnewordError(
                 f"{source} was trained on another base model ({state['model_fingerprint'][:19]}…)",
                 hint="resume with the same base model, or use a fresh checkpoint folder",
+            )
+        if state.get("model_source", str(self.model.source)) != str(self.model.source):
+            raise OnewordError(
+                f"{source} was trained on base model {state['model_source']}, this run loads {self.model.source}",
+                hint="resume with the same --base-model (a model that shares the text encoder may not share the "
+                "UNet), or use a fresh checkpoint folder",
+            )
+        if state.get("device_type", self.device.type) != self.device.type:  # its random streams are the device's
+            raise OnewordError(
+                f"{source} was trained on {state['device_type']}, this run is on {self.device.type}: its random "
+                "state cannot continue there",
+                hint=f"resume on {state['device_type']}, or use a fresh checkpoint folder",
             )
         with torch.no_grad():
             for c in self.concepts:

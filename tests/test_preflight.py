@@ -132,3 +132,26 @@ def test_the_hub_is_not_asked_when_switched_off_in_any_spelling(var, value, monk
     monkeypatch.setenv(var, value)
     monkeypatch.setattr(requests, "head", lambda *a, **k: pytest.fail("asked the hub while offline"))
     assert hub.offline() and hub.reachable("openai/clip-vit-base-patch32", "config.json") is None
+
+
+def test_a_bucket_endpoint_that_never_answers_is_reported_in_seconds(monkeypatch):
+    """An endpoint that takes the connection and stays silent (a proxy in front of nothing): minio's own client
+    would wait 5 minutes a try, 6 tries, before preflight could say anything."""
+    import socket
+
+    from oneword import preflight as pf
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the kernel's backlog; nothing ever reads or answers
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setattr(pf, "CHECK_TIMEOUT_S", 1.0)
+    t0 = time.perf_counter()
+    try:
+        problem, hint = pf._bucket_problem("oneword-artifacts")
+    finally:
+        silent.close()
+    assert problem and "does not answer" in problem and "S3_ENDPOINT_URL" in hint
+    assert time.perf_counter() - t0 < 15

@@ -202,9 +202,12 @@ def _buckets(*uris: str) -> set[str]:
     return {storage.split_s3(u)[0] for u in uris if u and storage.is_s3(u)}
 
 
+CHECK_TIMEOUT_S = 10.0  # a check's answer is small: an endpoint silent this long does not answer
+
+
 def _bucket_problem(bucket: str) -> tuple[str | None, str]:
     try:
-        if storage.client().bucket_exists(bucket):
+        if storage.client(read_timeout=CHECK_TIMEOUT_S).bucket_exists(bucket):
             return None, ""
         return f"bucket {bucket!r} does not exist", "create it (docs/deploy.md) or fix the s3:// URI"
     except Exception as e:

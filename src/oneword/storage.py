@@ -26,6 +26,10 @@ from filelock import FileLock
 from oneword.errors import OnewordError
 
 ENDPOINT_VARS = ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+# minio's own client waits 5 minutes to connect and 5 between reads, and tries 6 times: an endpoint that drops
+# packets (a NetworkPolicy, a wrong host) held a step for half an hour before it said anything.
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 120.0  # between two reads of one answer: a large download may be slow, not silent this long
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -55,12 +59,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("ONEWORD_CACHE", Path.home() / ".cache" / "oneword"))
 
 
-def client():
+def client(read_timeout: float = READ_TIMEOUT_S):
     """Build a `minio.Minio` client from the environment (see the module docstring).
+
+    Args:
+        read_timeout: seconds to wait between two reads of an answer (a check that must take seconds passes less).
 
     Returns:
         A `minio.Minio` client.
     """
+    import certifi
+    import urllib3
     from minio import Minio
 
     endpoint = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
@@ -79,6 +88,15 @@ def client():
         session_token=os.environ.get("AWS_SESSION_TOKEN"),
         secure=parsed.scheme == "https",
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        http_client=urllib3.PoolManager(  # minio's own, with timeouts that end in minutes, not half an hour
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=read_timeout),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(
+                total=5, connect=2, read=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        ),
     )
 
 

@@ -155,7 +155,7 @@ def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
     waits = []
     for _ in range(2):
         t0 = time.monotonic()
-        registry._wait_for_older_decisions(client, name, 3, "another-run", timeout=0.5)
+        registry._wait_for_older_decisions(client, name, 3, "another-run", {}, timeout=0.5)
         waits.append(time.monotonic() - t0)
     assert waits[0] >= 0.5 and waits[1] < 0.5  # the next registration does not wait for it again
     assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED

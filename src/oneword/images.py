@@ -82,6 +82,15 @@ class Manifest:
         return cls(**d)
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files under `folder`, in subfolders too, hidden ones (and those in hidden folders) apart; sorted."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def discover_images(source: str | Path) -> list[Path]:
     """List the candidate files in a local folder or `s3://` prefix (downloaded into the cache first).
 
@@ -94,11 +103,7 @@ def discover_images(source: str | Path) -> list[Path]:
     folder = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
     if not folder.is_dir():
         raise OnewordError(f"image folder {folder} does not exist", hint="pass a folder of photos of the concept")
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files = visible_files(folder)
     if not files:
         raise OnewordError(f"image folder {source} is empty", hint="put 3-5 photos of the concept in it")
     return files

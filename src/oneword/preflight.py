@@ -17,7 +17,7 @@ from unittest.mock import patch  # the stdlib's scoped os.environ change
 
 from oneword import hub, storage
 from oneword.errors import OnewordError
-from oneword.images import IMAGE_SUFFIXES
+from oneword.images import IMAGE_SUFFIXES, visible_files
 from oneword.profiles import TOYWORLD_CLIP, ModelProfile, profile
 from oneword.toyworld import assets
 
@@ -231,12 +231,7 @@ def _images_problem(images: str, token: str) -> tuple[str | None, str]:
         folder = Path(images).expanduser()
         if not folder.is_dir():
             return f"{token}: image folder {images} does not exist", "pass the folder or s3:// prefix of its photos"
-        # in subfolders too, as preprocess finds them (hidden ones apart)
-        found = [
-            f
-            for f in folder.rglob("*")
-            if f.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in f.relative_to(folder).parts)
-        ]
+        found = [f for f in visible_files(folder) if f.suffix.lower() in IMAGE_SUFFIXES]  # as preprocess finds them
     return (None, "") if found else (f"{token}: no images in {images}", "put 3-5 photos of the concept there")
 
 

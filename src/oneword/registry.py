@@ -414,7 +414,7 @@ def _wait_for_older_decisions(
     name: str,
     version: int,
     run_id: str,
-    tags: dict[str, str] | None = None,
+    tags: dict[str, str],
     timeout: float = ALIAS_WAIT_SECONDS,
 ) -> None:
     """Wait until every older version of `name` has its alias decided (its `gate` tag set).
@@ -435,7 +435,7 @@ def _wait_for_older_decisions(
             for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
             if int(mv.version) < version and "gate" not in mv.tags
         ]
-        twins = [mv for mv in older if mv.run_id == run_id and tags is not None and mv.tags == tags]
+        twins = [mv for mv in older if mv.run_id == run_id and mv.tags == tags]
         for twin in twins:
             log.warning("%s version %s is an undecided twin of version %s (same run): deleting it", name,
                         twin.version, version)  # fmt: skip

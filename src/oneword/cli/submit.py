@@ -119,7 +119,7 @@ def _here(ref: str) -> str:
     cluster's own preflight (a path on the cluster's volumes, such as the model cache)."""
     import os
 
-    if ref.startswith("/") or ref.startswith("./") or ref.startswith("~"):
+    if ref.startswith(("/", "./", "~")):
         return ref if os.path.exists(os.path.expanduser(ref)) else ""
     return ref
 

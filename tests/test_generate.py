@@ -3,7 +3,8 @@ import torch
 from PIL import Image
 
 from oneword import embeddings as E
-from oneword.generate import SamplerConfig, generate, make_grid
+from oneword.config import GenerateConfig
+from oneword.generate import generate, make_grid
 
 
 def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path):
@@ -17,9 +18,7 @@ def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path):
         files,
         ["a photo of <a-x> next to <b-x>", "<b-x> on the moon"],
         out,
-        n=3,
-        seed=5,
-        sampler=SamplerConfig(steps=4),
+        GenerateConfig(n=3, seed=5, steps=4),
     )
     assert Image.open(grid).size == (160 + 3 * 32, 2 * 32)
     assert sorted(p.name for p in out.glob("p*.png")) == [f"p{i:02d}_s{s}.png" for i in (0, 1) for s in (5, 6, 7)]
@@ -29,9 +28,7 @@ def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path):
         files[::-1],
         ["a photo of <a-x> next to <b-x>"],
         tmp_path / "again",
-        n=1,
-        seed=5,
-        sampler=SamplerConfig(steps=4),
+        GenerateConfig(n=1, seed=5, steps=4),
     )
     assert again.exists()
     a = np.asarray(Image.open(out / "p00_s5.png"))

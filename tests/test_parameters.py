@@ -16,6 +16,7 @@ from oneword.config import (
     ConceptSpec,
     EvalConfig,
     GateThresholds,
+    GenerateConfig,
     PreprocessConfig,
     TrackingConfig,
     TrainConfig,
@@ -36,6 +37,7 @@ SRC = Path(__file__).parents[1] / "src" / "oneword"
 CLI_SOURCES = {
     "train": (TrainConfig, ConceptSpec, TrackingConfig),  # --learning-rate: TrainConfig's (a concept's: --concepts)
     "evaluate": (EvalConfig,),
+    "generate": (GenerateConfig,),
     "preprocess": (PreprocessConfig,),
     "register": (GateThresholds, TrackingConfig),
 }
@@ -92,7 +94,7 @@ def test_cli_options_take_defaults_and_help_from_the_config_models(command):
                 assert params[field].help != cli_help(info.description), f"oneword {command} --{field}"
                 continue
             assert params[field].help == cli_help(info.description), f"oneword {command} --{field}: help differs"
-    assert len(checked) >= {"train": 15, "evaluate": 11, "preprocess": 2, "register": 4}[command]
+    assert len(checked) >= {"train": 15, "evaluate": 11, "generate": 5, "preprocess": 2, "register": 4}[command]
 
 
 @pytest.mark.parametrize("command", PIPELINE_COMMANDS)

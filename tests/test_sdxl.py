@@ -163,8 +163,9 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
     from diffusers import StableDiffusionXLPipeline
 
     from oneword import registry
+    from oneword.config import GenerateConfig
     from oneword.evaluation import EvalConfig, evaluate
-    from oneword.generate import SamplerConfig, generate
+    from oneword.generate import generate
 
     root = sdxl_concept
     metrics = evaluate(
@@ -188,7 +189,7 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
     assert "--format kohya" in e.value.hint and not (tmp_path / "x.pt").exists()
     path, _ = registry.pull_concept(f"{reg.name}@champion", tmp_path / "cat-xl.safetensors", "kohya", uri)
 
-    grid = generate(str(sdxl_dir), [path], [f"a photo of {TOKEN}"], tmp_path / "gen", n=2, sampler=SamplerConfig(2))
+    grid = generate(str(sdxl_dir), [path], [f"a photo of {TOKEN}"], tmp_path / "gen", GenerateConfig(n=2, steps=2))
     assert Image.open(grid).size == (160 + 2 * 32, 32)  # oneword's own generate draws with it too
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir), local_files_only=True)

@@ -200,6 +200,18 @@ class EvalConfig(BaseModel):
         return self.model_copy(update=unset) if unset else self
 
 
+class GenerateConfig(BaseModel):
+    """Drawing with learned concepts (`oneword generate`); steps and guidance unset are the model's profile's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int = Field(4, ge=1, description="images per prompt")
+    seed: int = Field(0, description="seed of the first image of each prompt (image j: seed + j)")
+    steps: int | None = Field(None, ge=1, description="DDIM steps (None: the model's profile)")
+    guidance_scale: float | None = Field(None, description="classifier-free guidance (None: the model's profile)")
+    device: str = Field("auto", description="auto, cpu, cuda, ...")
+
+
 class GateThresholds(BaseModel):
     """Minimum scores a version needs before it may become champion (-1, the lowest cosine, disables one)."""
 

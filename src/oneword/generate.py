@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from oneword import embeddings as emb_io
+from oneword.config import GenerateConfig
 from oneword.device import resolve_device
 from oneword.distributed import World, gather
 from oneword.errors import OnewordError
@@ -208,39 +209,34 @@ def generate(
     embedding_files: Sequence[Path],
     prompts: Sequence[str],
     out_dir: Path,
-    n: int = 4,
-    seed: int = 0,
-    sampler: SamplerConfig = SamplerConfig(),
-    device: str = "auto",
+    config: GenerateConfig = GenerateConfig(),
     force: bool = False,
 ) -> Path:
-    """Generate `n` images for each prompt and a grid of them all.
+    """Generate `config.n` images for each prompt and a grid of them all.
 
     Args:
         base_model: model reference or loaded `LoadedModel`.
         embedding_files: learned embeddings (any format) whose tokens the prompts use.
         prompts: prompts, e.g. "an oil painting of <my-cat> on the moon".
         out_dir: where `p{i}_s{seed}.png` and `grid.png` go.
-        n: images per prompt.
-        seed: seed of the first image of each prompt.
-        sampler: sampling settings (unset steps and guidance: the model's profile).
-        device: torch device.
+        config: images per prompt, first seed, sampler settings (unset: the model's profile) and device.
         force: load embeddings trained on another model of the same width.
 
     Returns:
         The path of `grid.png`.
     """
     model = base_model if isinstance(base_model, LoadedModel) else load_base_model(base_model)
-    pipe = build_pipeline(model, device)
+    pipe = build_pipeline(model, config.device)
     tokens = load_embeddings(pipe, model, embedding_files, force=force)
     unknown = [p for p in prompts if tokens and not any(t in p for t in tokens)]
     for p in unknown:
         log.warning("prompt %r uses none of the loaded tokens %s", p, tokens)
-    images = sample(pipe, list(prompts), n, seed, sampler.resolved(profile_of(model)))
+    sampler = SamplerConfig(steps=config.steps, guidance_scale=config.guidance_scale)
+    images = sample(pipe, list(prompts), config.n, config.seed, sampler.resolved(profile_of(model)))
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(images):
         for j, im in enumerate(row):
-            im.save(out_dir / f"p{i:02d}_s{seed + j}.png")
+            im.save(out_dir / f"p{i:02d}_s{config.seed + j}.png")
     grid = make_grid(images, list(prompts), label_width=160)
     path = out_dir / "grid.png"
     grid.save(path)

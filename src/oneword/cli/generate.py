@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import GenerateConfig
 
 
 @app.command("generate")
@@ -31,13 +33,13 @@ def generate_cmd(
         typer.Option(help="default: the model the (first) embedding or concept was trained on, else toyworld"),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")] = Path("generated"),
-    n: Annotated[int, typer.Option(help="images per prompt")] = 4,
-    seed: Annotated[int, typer.Option(help="seed of the first image of each prompt")] = 0,
-    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's profile)")] = None,
-    guidance_scale: Annotated[
-        float | None, typer.Option(help="classifier-free guidance (default: the model's profile)")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    n: Annotated[int, option(GenerateConfig, "n")] = default(GenerateConfig, "n"),
+    seed: Annotated[int, option(GenerateConfig, "seed")] = default(GenerateConfig, "seed"),
+    steps: Annotated[int | None, option(GenerateConfig, "steps")] = default(GenerateConfig, "steps"),
+    guidance_scale: Annotated[float | None, option(GenerateConfig, "guidance_scale")] = default(
+        GenerateConfig, "guidance_scale"
+    ),
+    device: Annotated[str, option(GenerateConfig, "device")] = default(GenerateConfig, "device"),
     force: Annotated[
         bool, typer.Option("--force", help="load embeddings trained on another model of the same width")
     ] = False,
@@ -51,7 +53,7 @@ def generate_cmd(
     """
     from rich import print as rprint
 
-    from oneword.generate import SamplerConfig, generate
+    from oneword.generate import generate
     from oneword.profiles import TOYWORLD
 
     files = list(embedding or [])
@@ -70,10 +72,7 @@ def generate_cmd(
         files,
         prompts,
         out,
-        n=n,
-        seed=seed,
-        sampler=SamplerConfig(steps=steps, guidance_scale=guidance_scale),
-        device=device,
+        GenerateConfig(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, device=device),
         force=force,
     )
     rprint(f"[green]grid[/] -> {grid}")

@@ -193,14 +193,25 @@ def _start_mlflow_server(
     raise RuntimeError("mlflow server did not become healthy in 120 s")
 
 
+def _stop(proc) -> None:
+    """End a server the tests started: SIGTERM, then SIGKILL if it has not exited in 30 s (a loaded machine)."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite backend, local proxied artifacts) on loopback; yields its URL."""
     tmp = tmp_path_factory.mktemp("mlflow")
     proc, url = _start_mlflow_server(tmp, str(tmp / "artifacts"))
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    _stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -221,8 +232,7 @@ def mlflow_server_s3(tmp_path_factory, s3_server):
     }
     proc, url = _start_mlflow_server(tmp, "s3://mlflow/", env)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    _stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import yaml
 
 from oneword import __version__
 
-from .conftest import _start_mlflow_server, free_port
+from .conftest import _start_mlflow_server, _stop, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ("dev", "gpu-pool", "prod")  # oneword itself (MinIO, PostgreSQL, MLflow) plus KFP's namespace
@@ -339,8 +339,7 @@ def test_mlflow_server_as_the_manifest_starts_it(rendered, tmp_path, s3_server, 
         keys = [o.object_name for o in client().list_objects("mlflow", recursive=True)]
         assert any(reg.run_id in k and k.endswith("learned_embeds.safetensors") for k in keys)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        _stop(proc)
 
 
 def test_mlflow_image_has_the_auth_app_at_the_dev_lock_pins():

@@ -19,7 +19,7 @@ from oneword.config import ConceptSpec
 from oneword.pipelines import components
 from oneword.serving import RUNTIME_PACKAGES
 
-from .conftest import _start_mlflow_server, free_port
+from .conftest import _start_mlflow_server, _stop, free_port
 
 ADMIN, PASSWORD = "admin", "live-tracking-test-password"
 
@@ -43,8 +43,7 @@ def auth_server(tmp_path_factory):
         extra_args=["--app-name", "basic-auth"],
     )
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    _stop(proc)
 
 
 @pytest.fixture

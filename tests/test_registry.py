@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -159,6 +160,42 @@ def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
         waits.append(time.monotonic() - t0)
     assert waits[0] >= 0.5 and waits[1] < 0.5  # the next registration does not wait for it again
     assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
+
+
+def test_a_waiting_version_is_not_abandoned_with_the_dead_one_it_waits_for(mlflow_server):
+    """Versions 1 and 2 are undecided when version 3 runs out of patience: 1's register died, 2's is alive and
+    waiting for 1 as 3 is. Version 3 marks only 1, so that 2 decides its own alias before 3 decides; marking both
+    at once let 2 and 3 set the champion alias at the same time."""
+    client = mlflow.MlflowClient(mlflow_server)
+    name = "cat-queue"
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment("queue-exp"))
+    for _ in range(2):
+        client.create_model_version(name, f"runs:/{run.info.run_id}/concept", run_id=run.info.run_id)
+
+    def version_2_register():  # alive: waits for version 1 longer than version 3 does, then decides
+        registry._wait_for_older_decisions(client, name, 2, "run-2", {}, timeout=30)
+        client.set_model_version_tag(name, "2", "gate", "decided by its own register")
+
+    class Marks:  # version 3's client, which notes the versions it marks
+        marked: ClassVar[list[str]] = []
+
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def set_model_version_tag(self, name, version, key, value):
+            self.marked.append(str(version))
+            client.set_model_version_tag(name, version, key, value)
+
+    alive = threading.Thread(target=version_2_register)
+    alive.start()
+    registry._wait_for_older_decisions(Marks(), name, 3, "run-3", {}, timeout=1.0)
+    alive.join(timeout=30)
+    assert Marks.marked == ["1"]
+    assert {v: client.get_model_version(name, v).tags["gate"] for v in ("1", "2")} == {
+        "1": registry.ABANDONED,
+        "2": "decided by its own register",
+    }
 
 
 def test_a_registry_that_does_not_answer_is_not_no_champion(monkeypatch):

@@ -428,7 +428,7 @@ def _wait_for_older_decisions(
     committed it), and only the retry's answer came back. Another registration's version (two evaluations of one
     training share its live run) carries other scores. A twin is deleted at once instead of waited for.
     """
-    deadline = time.monotonic() + timeout
+    deadline, waiting = time.monotonic() + timeout, None
     while True:
         older = [
             mv
@@ -440,18 +440,25 @@ def _wait_for_older_decisions(
             log.warning("%s version %s is an undecided twin of version %s (same run): deleting it", name,
                         twin.version, version)  # fmt: skip
             _delete_version(client, name, twin.version)
-        older = [mv for mv in older if mv not in twins]
+        older = sorted((mv for mv in older if mv not in twins), key=lambda mv: int(mv.version))
         if not older:
             return
+        undecided = {mv.version for mv in older}
+        if waiting is not None and undecided < waiting:  # an older version decided: the queue moves, wait on
+            deadline = time.monotonic() + timeout
+        waiting = undecided
         if time.monotonic() > deadline:
+            # Only the oldest: the versions after it may be alive and waiting for it as this one is, and decide
+            # as soon as it is marked; marking them too would let two registrations set the alias at once.
+            oldest = older[0]
             log.warning(
-                "versions %s of %s never decided their alias (their register was killed?); deciding without them",
-                sorted(int(mv.version) for mv in older),
+                "version %s of %s never decided its alias (its register was killed?); deciding without it",
+                oldest.version,
                 name,
             )
-            for mv in older:  # so that the next registrations of this concept do not wait for them again
-                client.set_model_version_tag(name, mv.version, "gate", ABANDONED)
-            return
+            client.set_model_version_tag(name, oldest.version, "gate", ABANDONED)  # not waited for again
+            deadline = time.monotonic() + timeout
+            continue
         time.sleep(0.2)  # another process is between create_model_version and its alias; it takes a moment
 
 

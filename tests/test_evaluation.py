@@ -249,7 +249,7 @@ def trained_concept(tmp_path_factory, cat_latents_dir):
     return out
 
 
-def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino, tmp_path):
+def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino, tmp_path, monkeypatch):
     cfg = EvalConfig(
         n_images=2, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip), dino_model=str(tiny_dino), grid_seeds=2
     )
@@ -292,6 +292,17 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert compare([str(out)], tmp_path / "lr") == tmp_path / "lr.png" and (tmp_path / "lr.png").exists()
     with pytest.raises(OnewordError, match="1 labels for 2 runs"):
         compare([str(out), str(out)], tmp_path / "x.png", labels=["only-one"])
+
+    # an MLflow run id, read from the store every other command uses when no --tracking-uri is given
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store)
+    run = client.create_run(client.create_experiment("cmp", artifact_location=str(tmp_path / "artifacts")))
+    client.log_artifact(run.info.run_id, str(out / "metrics.json"), "evaluation")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    compare([str(out), run.info.run_id], tmp_path / "ids.png")
+    assert [r["run"] for r in json.loads((tmp_path / "ids.json").read_text())][1] == run.info.run_id[:8]
 
 
 def test_selection_and_report_draw_disjoint_seeds(trained_concept, cat_dataset, tiny_clip, tmp_path):

@@ -37,7 +37,11 @@ SRC = Path(__file__).parents[1] / "src" / "oneword"
 CLI_SOURCES = {
     "train": (TrainConfig, ConceptSpec, TrackingConfig),  # --learning-rate: TrainConfig's (a concept's: --concepts)
     "evaluate": (EvalConfig,),
-    "generate": (GenerateConfig,),
+    "generate": (GenerateConfig, TrackingConfig),
+    "compare": (TrackingConfig,),
+    "concepts list": (TrackingConfig,),
+    "concepts show": (TrackingConfig,),
+    "concepts pull": (TrackingConfig,),
     "preprocess": (PreprocessConfig,),
     "register": (GateThresholds, TrackingConfig),
 }
@@ -49,8 +53,11 @@ def _kfp_inputs(spec) -> dict:
 
 
 def _cli_params(command: str) -> dict:
-    group = typer.main.get_command(app)
-    return {p.name: p for p in group.commands[command].params}
+    """The options of `oneword COMMAND` (e.g. "train", or "concepts list")."""
+    cmd = typer.main.get_command(app)
+    for word in command.split():
+        cmd = cmd.commands[word]
+    return {p.name: p for p in cmd.params}
 
 
 @pytest.mark.parametrize("pipeline", ["textual_inversion", "batch_personalisation", "personalise"])
@@ -94,7 +101,7 @@ def test_cli_options_take_defaults_and_help_from_the_config_models(command):
                 assert params[field].help != cli_help(info.description), f"oneword {command} --{field}"
                 continue
             assert params[field].help == cli_help(info.description), f"oneword {command} --{field}: help differs"
-    assert len(checked) >= {"train": 15, "evaluate": 11, "generate": 5, "preprocess": 2, "register": 4}[command]
+    assert len(checked) >= {"train": 15, "evaluate": 11, "generate": 6, "preprocess": 2, "register": 4}.get(command, 1)
 
 
 @pytest.mark.parametrize("command", PIPELINE_COMMANDS)

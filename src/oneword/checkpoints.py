@@ -133,9 +133,3 @@ def load_checkpoint(path: str | Path) -> dict:
                 f"checkpoint {path} could not be read ({e})",
                 hint="delete the damaged file; training resumes from the one before",
             ) from e
-
-
-def latest_checkpoint(where: str | Path) -> tuple[int, str] | None:
-    """Return `(step, path)` of the newest checkpoint, or None if there is none."""
-    found = list_checkpoints(where)
-    return found[-1] if found else None

@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import STATE, app
+from oneword.cli.options import default, option
+from oneword.config import EvalConfig, TrainConfig
 
 
 @app.command("bench")
@@ -23,11 +25,11 @@ def bench_cmd(
         bool,
         typer.Option("--sdxl-shape", help="random weights with SDXL base 1.0's architecture (for a GPU, 1024 px)"),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="oneword's batch size")] = 4,
+    batch_size: Annotated[int, typer.Option(help="oneword's batch size")] = default(TrainConfig, "batch_size"),
     steps: Annotated[int, typer.Option(help="timed optimiser steps (with --eval: DDIM steps per picture)")] = 50,
     resolution: Annotated[int | None, typer.Option(help="image side (default: the model's native size)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (what the GPU runs natively), bf16, fp16, fp32")] = "auto",
+    device: Annotated[str, option(TrainConfig, "device")] = default(TrainConfig, "device"),
+    precision: Annotated[str, option(TrainConfig, "precision")] = default(TrainConfig, "precision"),
     compile: Annotated[
         bool,
         typer.Option(
@@ -54,7 +56,9 @@ def bench_cmd(
         ),
     ] = True,
     eval: Annotated[bool, typer.Option("--eval", help="time evaluation sampling (images/s) instead")] = False,
-    eval_images: Annotated[int, typer.Option(min=1, help="with --eval: pictures to draw (in batches of 16)")] = 16,
+    eval_images: Annotated[
+        int, typer.Option(min=1, help="with --eval: pictures to draw (in evaluation's batches)")
+    ] = EvalConfig().batch_size,
     clip_model: Annotated[
         str | None, typer.Option(help="with --eval: also time CLIP scoring with this evaluator")
     ] = None,

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import TrackingConfig
 
 
 @app.command("compare", short_help="Plot several runs' scores on one chart.")
@@ -20,7 +22,7 @@ def compare_cmd(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("compare.png"),
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI, for run ids")] = None,
+    tracking_uri: Annotated[str, option(TrackingConfig, "tracking_uri")] = default(TrackingConfig, "tracking_uri"),
     label: Annotated[
         list[str] | None, typer.Option(metavar="LABEL", help="a label per run (default: folder name or run id)")
     ] = None,

@@ -9,10 +9,12 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import default, option
+from oneword.config import TrackingConfig
 
 concepts = typer.Typer(help="Query the registry of learned concepts (MLflow).", no_args_is_help=True)
 app.add_typer(concepts, name="concepts")
-TRACKING = typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+TRACKING = option(TrackingConfig, "tracking_uri")
 
 
 @concepts.command("list")
@@ -25,7 +27,7 @@ def list_cmd(
         ),
     ] = None,
     alias: Annotated[str | None, typer.Option(help="only versions with this alias, e.g. champion")] = None,
-    tracking_uri: Annotated[str | None, TRACKING] = None,
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """List registered concept versions.
@@ -78,7 +80,7 @@ def _short_model(source: str | None) -> str:
 @concepts.command("show")
 def show_cmd(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
-    tracking_uri: Annotated[str | None, TRACKING] = None,
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
 ) -> None:
     """Show one concept version: tags, aliases, metrics and params.
 
@@ -98,7 +100,7 @@ def pull_cmd(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
     out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")] = "diffusers",
-    tracking_uri: Annotated[str | None, TRACKING] = None,
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
 ) -> None:
     """Download a concept's embedding in another tool's format.
 

@@ -9,7 +9,7 @@ import typer
 
 from oneword.cli.app import app
 from oneword.cli.options import default, option
-from oneword.config import GenerateConfig
+from oneword.config import GenerateConfig, TrackingConfig
 
 
 @app.command("generate")
@@ -24,10 +24,7 @@ def generate_cmd(
             metavar="REF", help="registered concept NAME@alias or NAME/version (repeatable), from the MLflow registry"
         ),
     ] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(help="MLflow tracking URI for --concept (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"),
-    ] = None,
+    tracking_uri: Annotated[str, option(TrackingConfig, "tracking_uri")] = default(TrackingConfig, "tracking_uri"),
     base_model: Annotated[
         str | None,
         typer.Option(help="default: the model the (first) embedding or concept was trained on, else toyworld"),

@@ -4,6 +4,7 @@ import time
 from dataclasses import replace
 
 from oneword.bench import BenchResult, load_bench_model
+from oneword.config import EvalConfig
 from oneword.device import resolve_device
 from oneword.evaluation.metrics import ClipScorer
 from oneword.generate import SamplerConfig, build_pipeline, sample
@@ -14,9 +15,9 @@ def bench_eval(
     base_model: str | None,
     shape: str = "",
     device: str = "auto",
-    n_images: int = 16,
+    n_images: int = EvalConfig().batch_size,
     steps: int = 50,
-    batch_size: int = 16,
+    batch_size: int = EvalConfig().batch_size,
     clip_model: str | None = None,
 ) -> BenchResult:
     """Time drawing `n_images` pictures at `steps` DDIM steps (batched as evaluation batches them), plus

@@ -27,9 +27,11 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
         return p.name if p.name not in ("eval", "evaluation") else p.parent.name, json.loads(f.read_text())
     if not re.fullmatch(r"[0-9a-f]{32}", run):  # not an MLflow run id either: a folder that is not there
         raise OnewordError(f"evaluation folder {run} not found", hint="pass folders written by `oneword evaluate`")
-    if tracking_uri is None:
-        raise OnewordError(f"{run!r} is not an evaluation folder", hint="for MLflow run ids pass --tracking-uri")
     import mlflow
+
+    from oneword.tracking import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri()
 
     with tempfile.TemporaryDirectory() as d:
         try:

@@ -49,7 +49,7 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
         images: folder or s3://bucket/prefix of 3-5 photos of the concept.
         dataset: processed images plus manifest.json.
         base_model: the model the images are for (its profile gives the resolution when it is 0).
-        resolution: side of the square training images (0: the base model's native size; SD 1.x: 512).
+        resolution: side of the square training images (0: the base model's native size; SD 1.x 512, SD 2.x 768, SDXL 1024).
         mode: crop (centre-crop to a square) or pad (pad with white).
         content_key: fingerprint of the photos' content (set by the planning step); it keys KFP's cache, so new
             photos under an old prefix are processed again.

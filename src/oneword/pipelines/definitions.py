@@ -272,7 +272,7 @@ def textual_inversion(
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.
         name: registered-model name in MLflow (empty: the token without brackets).
-        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768).
+        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768, SDXL 1024).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         n_vectors: vectors per token (1 as in the paper; more captures detail, edits less well).
         templates: training prompt templates: object, style, toyworld or a file in the image (empty: the model's).
@@ -291,7 +291,7 @@ def textual_inversion(
             mean norm and learn its direction by Riemannian SGD, with a von Mises-Fisher prior.
         direction_lr: with direction_only: radians each vector turns per step.
         vmf_kappa: with direction_only: the prior's pull toward the initializer's direction.
-        seed: random seed of training and evaluation.
+        seed: random seed of training (evaluation draws image j of every prompt with seed j, run after run).
         checkpoint_every: steps between checkpoints, the evaluation picks the best (0: the model's; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
         prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live, toyworld ("": the model's).
@@ -403,7 +403,7 @@ def batch_personalisation(
         concepts_per_shard: concepts trained together in one GPU job; shards run in parallel (at most 4 at a time).
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.
-        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768).
+        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768, SDXL 1024).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         steps: optimiser steps (0: the model's profile; SD: 5000 as the paper).
         batch_size: samples per concept per step (paper: 4).
@@ -420,7 +420,7 @@ def batch_personalisation(
             mean norm and learn its direction by Riemannian SGD, with a von Mises-Fisher prior.
         direction_lr: with direction_only: radians each vector turns per step.
         vmf_kappa: with direction_only: the prior's pull toward the initializer's direction.
-        seed: random seed.
+        seed: random seed of training (evaluation draws image j of every prompt with seed j, run after run).
         checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that survive a preempted GPU node; empty = in the artifact.
         prompt_set: evaluation prompts: paper, neti15, dreambench-object, dreambench-live, toyworld ("": the model's).

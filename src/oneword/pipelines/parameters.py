@@ -85,8 +85,15 @@ INDUCTOR_CACHE = f"{MODEL_CACHE_MOUNT}/torchinductor"
 
 # What stands for "unset" (None: the model's profile decides) in a KFP parameter, by the parameter's type.
 _UNSET = {int: 0, float: 0.0, str: ""}
-_KINDS = {"templates": str, "steps": int, "learning_rate": float, "checkpoint_every": int, "prompt_set": str,
-          "sampling_steps": int, "guidance_scale": float}
+_KINDS = {
+    "templates": str,
+    "steps": int,
+    "learning_rate": float,
+    "checkpoint_every": int,
+    "prompt_set": str,
+    "sampling_steps": int,
+    "guidance_scale": float,
+}
 RESOLUTION_FROM_PROFILE = 0  # preprocess's resolution: 0 = the base model's native size
 
 
@@ -109,5 +116,9 @@ def unset_to_none(value: Any) -> Any:
 
 DEFAULTS: dict[str, Any] = {name: kfp_default(name) for name in SOURCES}
 
-# Where a parameter's 0 means something else in the pipelines than in the library (there: only the last).
-PIPELINE_HELP = {"checkpoint_every": "steps between checkpoints (0: the model's profile; = steps: only the last)"}
+# Where a parameter means something else in the pipelines than in the library: checkpoint_every's 0 (there: only
+# the last); seed, which reaches training only (evaluation's seeds are fixed, so that runs compare).
+PIPELINE_HELP = {
+    "checkpoint_every": "steps between checkpoints (0: the model's profile; = steps: only the last)",
+    "seed": "seeds training's random draws (evaluation's are fixed: image j of every prompt uses seed j)",
+}

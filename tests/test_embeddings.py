@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -45,6 +46,53 @@ def test_layouts_are_what_other_tools_expect(tmp_path):
     assert a["string_to_token"] == {"*": 265} and a["string_to_param"]["*"].shape == (2, 32)
     assert a["name"] == "<thing>" and a["step"] == 123
     assert {"sd_checkpoint", "sd_checkpoint_name"} <= set(a)
+
+
+# What A1111's modules/safe.py lets through (read in stable-diffusion-webui's releases; not its code): a zipped .pt
+# only if every entry is named <dir>/data.pkl, <dir>/version or <dir>/data/N (later releases also allow byteorder
+# and .data/serialization_id, never torch 2.x's .format_version); else the legacy format's five pickles, read by an
+# unpickler that resolves a short list of globals. A file it refuses is skipped, logged as possibly malicious.
+A1111_ZIP_ENTRY = re.compile(r"^[^/]+/(data/\d+|version|data\.pkl)$")
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    *(("torch", f"{kind}Storage") for kind in ("Float", "Half", "Int", "Long", "Double", "Byte", "BFloat16")),
+}
+
+
+def _a1111_would_load(path) -> bool:
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return all(A1111_ZIP_ENTRY.match(name) for name in zipfile.ZipFile(path).namelist())
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in A1111_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name}")
+            return dict if name == "OrderedDict" else (lambda *args: None)  # only what is resolved is checked
+
+        def persistent_load(self, saved_id):
+            return None
+
+    with open(path, "rb") as f:
+        unpickler = Restricted(f)
+        for _ in range(5):
+            unpickler.load()
+    return True
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_an_a1111_file_passes_a1111s_pickle_check_and_files_are_readable_by_other_users(n, tmp_path):
+    emb = _emb(n=n)
+    pt = E.save(emb, tmp_path / "thing.pt", "a1111")
+    assert _a1111_would_load(pt)  # torch.save's default zip has .format_version: A1111 skipped every such file
+    assert torch.equal(torch.load(pt, weights_only=True)["string_to_param"]["*"], emb.vectors)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for fmt in E.FORMATS:  # safetensors writes 0600; an A1111 run by another user could not open those
+        path = E.save(emb, tmp_path / E.default_filename(emb.token, fmt), fmt)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, fmt
 
 
 def test_reads_sdxl_kohya_and_plain_tensors(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,10 @@ def is_safetensors(path: Path) -> bool:
     return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
+_UMASK = os.umask(0o022)  # read once, at import: os.umask is the only way to read it, and it sets it meanwhile
+os.umask(_UMASK)
+
+
 def _header(emb: Embedding) -> dict[str, str]:
     return {"oneword": json.dumps({"token": emb.token, "oneword_version": __version__, **emb.meta})}
 
@@ -160,9 +165,13 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
                 "oneword": {"token": emb.token, "oneword_version": __version__, **emb.meta},
             },
             tmp,
+            # A1111 vets a zipped .pt by its entry names, and rejects those newer torch writes (.format_version,
+            # .storage_alignment; byteorder before 2023): it reads the legacy format's pickles without that check.
+            _use_new_zipfile_serialization=False,
         )
     else:
         raise OnewordError(f"unknown embedding format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes 0600: an A1111 or ComfyUI of another user could not read it
     tmp.replace(path)
     return path
 

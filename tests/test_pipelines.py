@@ -141,6 +141,27 @@ def test_library_modules_do_not_import_kfp():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_local_run_reads_its_own_folder_when_other_runs_share_the_pipeline_root(tmp_path):
+    """Two `oneword batch` runs in one pipeline root: the one that ends first must not read the other's folder,
+    which a task of the other touched last."""
+    import datetime
+    import os
+    import time
+
+    from oneword.pipelines.local import RUN_NAME_TIME, _own_run
+
+    started = time.time()
+    folders = {}
+    for who, offset in (("earlier", -20.0), ("mine", 0.2), ("later", 15.0)):
+        named = datetime.datetime.fromtimestamp(started + offset).strftime(RUN_NAME_TIME)
+        folders[who] = tmp_path / f"batch-personalisation-{named}"
+        (folders[who] / "report-batch").mkdir(parents=True)
+    (tmp_path / "batch-personalisation-notes").mkdir()  # not a run of kfp.local's
+    os.utime(folders["later"], (started + 60, started + 60))  # its report came after this run's
+    assert _own_run(tmp_path, "batch-personalisation", started) == folders["mine"]
+    assert _own_run(tmp_path, "textual-inversion", started) is None
+
+
 def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """An evaluator that cannot be found fails the run in preflight, naming it and the fix; no later step runs."""
     import time

@@ -7,6 +7,7 @@ SQLite store unless a tracking URI is given.
 
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from oneword.tracking import ensure_store
 
 log = logging.getLogger(__name__)
 
+RUN_NAME_TIME = "%Y-%m-%d-%H-%M-%S-%f"  # kfp.local's run folders: NAME-<this>
 CHECKPOINTS = "checkpoints"  # under the pipeline root: keyed by what is trained, so a rerun resumes or skips
 
 
@@ -118,9 +120,23 @@ def _for_local_run(pipeline):
     return pipeline
 
 
-def _newest_run(pipeline_root: Path, prefix: str, since: float) -> Path | None:
-    runs = [p for p in pipeline_root.glob(f"{prefix}-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
-    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+def _own_run(pipeline_root: Path, prefix: str, started: float) -> Path | None:
+    """The folder of the run this process started at `started` (`time.time()`), among the runs of other processes
+    that share the pipeline root.
+
+    kfp.local names a run `PREFIX-YYYY-mm-dd-HH-MM-SS-ffffff` (local time) as it starts, and makes its folder when
+    a task first writes: another run's folder is named before `started` or after this one's. Which folder changed
+    last says nothing: another run's task can write after this run's last.
+    """
+    runs = []
+    for p in pipeline_root.glob(f"{prefix}-*"):
+        try:
+            named = datetime.datetime.strptime(p.name[len(prefix) + 1 :], RUN_NAME_TIME).timestamp()
+        except ValueError:  # not a kfp.local run folder
+            continue
+        if named >= started - 1e-3 and p.is_dir():  # a name keeps whole microseconds
+            runs.append((named, p))
+    return min(runs)[1] if runs else None
 
 
 def _check_concept(params: dict) -> None:
@@ -165,8 +181,8 @@ def run_textual_inversion(
         with _task_logs(log_file):
             registered = _for_local_run(textual_inversion)(**args)
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
-        raise _step_failure(_newest_run(pipeline_root, "textual-inversion", start), e, log_file) from e
-    run_dir = _newest_run(pipeline_root, "textual-inversion", start)
+        raise _step_failure(_own_run(pipeline_root, "textual-inversion", start), e, log_file) from e
+    run_dir = _own_run(pipeline_root, "textual-inversion", start)
     versions = registered.output if hasattr(registered, "output") else registered
     out = {
         "registered": str(versions[0]) if versions else None,
@@ -218,7 +234,7 @@ def run_batch(
         _for_local_run(batch_personalisation)(
             concepts_manifest=concepts_manifest, tracking_uri=uri, **{**_local_overrides(pipeline_root), **params}
         )
-    run_dir = _newest_run(pipeline_root, "batch-personalisation", start)
+    run_dir = _own_run(pipeline_root, "batch-personalisation", start)
     stopped = sorted(run_dir.rglob(f"preflight/**/{FAILURE_FILE}")) if run_dir else []
     if stopped:  # nothing ran: say why, rather than report every concept as not registered
         raise _failure_error(stopped[0], log_file)

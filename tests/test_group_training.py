@@ -112,6 +112,14 @@ def test_train_group_writes_each_concept_and_records_failures(tiny_model_dir, ca
     assert outcome.read_failure(tmp_path / "out" / "from-bad-photos")["stage"] == "preprocess"
     assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "out" / "checkpoints")] == [2, 4]
     assert yaml.safe_load((tmp_path / "out" / GROUP_FILE).read_text()) == rows
+    # a concept's training key is its own: trained with other shard-mates it is the same concept, unchanged
+    train_group([("cat", SPECS[0], cat_latents_dir)], tmp_path / "alone", TrainConfig(steps=4, checkpoint_every=2),
+                progress=False)  # fmt: skip
+    cat, cat_alone, clock = (
+        json.loads((tmp_path / where / name / "summary.json").read_text())["training_key"]
+        for where, name in (("out", "cat"), ("alone", "cat"), ("out", "clock"))
+    )
+    assert cat == cat_alone != clock
 
 
 def test_a_damaged_newest_checkpoint_is_skipped(tiny_model_dir, cat_latents_dir, tmp_path, caplog):

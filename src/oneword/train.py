@@ -316,6 +316,15 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def training_key(spec: ConceptSpec, latents: LatentSet, config: TrainConfig, model_id: str) -> str:
+    """What decides one concept's training, whichever concepts share its shard: its own spec, photos, the model
+    and the settings. Trained with other shard-mates (one changed, failed, or moved in the manifest), a concept
+    trains again but keeps its key, so that its evaluation and registration see it unchanged. (For a concept
+    trained alone it equals the key the releases before this one wrote.)"""
+    alone = group_key([("", spec, latents)], config, model_id)
+    return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[:16]
+
+
 def match_latents(concepts: Sequence[dict], folders: Sequence[str | Path]) -> list[Path]:
     """Each planned concept's latents folder, matched by the photos they were encoded from, not by position.
 
@@ -472,7 +481,8 @@ def train_group(
     if ready:
         # the fingerprint covers the tokenizer, the token embeddings and the UNet's config, not its weights: a
         # fine-tune that kept the text encoder shares it, so the model's source is part of the key too
-        key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, f"{model.fingerprint} {model.source}")
+        model_id = f"{model.fingerprint} {model.source}"
+        key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
         ckpt = f"{str(checkpoint_root).rstrip('/')}/{key}" if checkpoint_root else str(out_dir / "checkpoints")
         _refuse_earlier_checkpoints(ckpt, resume)
         trainer = InversionTrainer(model, [(spec, lat) for _, spec, lat, _ in ready], config)
@@ -495,8 +505,7 @@ def train_group(
                 continue
             if main:
                 run_id = live.run_ids.get(name) if live else None
-                # this concept's share of the group's training: the same key, the same vectors
-                mine = {**run, "training_key": hashlib.sha256(f"{key}:{spec.token}".encode()).hexdigest()[:16]}
+                mine = {**run, "training_key": training_key(spec, lat, config, model_id)}
                 _write_concept(out_dir / name, spec, lat, where, result, mine, run_id)
             status[name].update(status="trained", stage="train")
     rows = [status[name] for name, _, _ in members]

@@ -384,6 +384,23 @@ def test_a_shard_that_fails_as_a_whole_records_each_concept_in_a_batch(cat_laten
         train_shard(members, tmp_path / "c", lambda: TrainConfig(steps=4), "fail", base_model="/no/such/model")
 
 
+def test_a_shard_raises_what_a_retry_may_cure_where_a_retry_follows(cat_latents_dir, tmp_path, monkeypatch):
+    """On a cluster the task's retries are for a lost connection; kfp.local retries nothing, so there it is each
+    concept's recorded failure, not a failed task whose concepts the report calls "unknown"."""
+    from oneword.train import train_shard
+
+    def lost():
+        raise ConnectionResetError("the hub closed the connection")
+
+    members = [("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)]
+    with pytest.raises(ConnectionResetError):
+        train_shard(members, tmp_path / "cluster", lost, "record")
+    monkeypatch.setenv(outcome.LOCAL_RUN_ENV, "1")
+    rows = train_shard(members, tmp_path / "local", lost, "record")
+    assert [(r["status"], r["stage"]) for r in rows] == [("failed", "train")] * 2
+    assert "closed the connection" in outcome.read_failure(tmp_path / "local" / "dog")["error"]
+
+
 def test_a_shards_latents_are_matched_to_its_concepts_by_their_photos_not_their_order(tmp_path):
     """dsl.Collected gathers a loop's outputs in an order KFP does not promise."""
     from oneword.train import match_latents

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 from collections.abc import Callable, Sequence
@@ -369,7 +370,8 @@ def train_shard(
     With `on_error="record"`, settings that are not valid, a base model that does not load or a step that fails
     for every concept at once is written as each member's failure (`failure.json`, `concepts.json`), so the
     batch report names the step and the error for each instead of "unknown". An error a retry may cure
-    (`outcome.transient`) is raised all the same: the task's retries are for it.
+    (`outcome.transient`) is raised all the same, where the task's retries are for it: not under kfp.local
+    (`outcome.LOCAL_RUN_ENV`), which retries nothing.
 
     Args:
         members: as for `train_group`.
@@ -384,7 +386,7 @@ def train_shard(
     try:
         return train_group(members, out_dir, make_config(), **kwargs)
     except Exception as e:
-        if on_error == "fail" or outcome.transient(e):
+        if on_error == "fail" or (outcome.transient(e) and not os.environ.get(outcome.LOCAL_RUN_ENV)):
             raise
         error = e.message if isinstance(e, OnewordError) else f"{type(e).__name__}: {e}"
         hint = (e.hint or "") if isinstance(e, OnewordError) else ""

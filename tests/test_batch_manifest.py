@@ -23,6 +23,18 @@ def test_local_photos_are_found_beside_the_manifest_wherever_it_is_read_from(tmp
     monkeypatch.chdir(tmp_path)
     (entry,) = load_concepts_manifest("batch/concepts.yaml")
     assert entry.images == str(tmp_path / "batch" / "photos" / "cat")
+    # so is a file of templates; `~` is the home folder; a template set's name is left as it is
+    manifest.write_text(
+        "- {images: ~/photos/cat, token: <cat-m>, init_word: cat, templates: cat-templates.txt}\n"
+        "- {images: /abs/dog, token: <dog-m>, init_word: dog, templates: style}\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cat, dog = load_concepts_manifest("batch/concepts.yaml")
+    assert (cat.images, cat.templates) == (
+        str(tmp_path / "home" / "photos" / "cat"),
+        str(manifest.parent / "cat-templates.txt"),
+    )
+    assert (dog.images, dog.templates) == ("/abs/dog", "style")
 
 
 @pytest.mark.parametrize(
@@ -45,6 +57,15 @@ def test_local_photos_are_found_beside_the_manifest_wherever_it_is_read_from(tmp
             "concepts:\n  - {images: a, token: <a>, init_word: cat, name: x}\n"
             "  - {images: b, token: <b>, init_word: dog, name: x}\n",
             "concepts #1 and #2 of .* share the name 'x'",
+        ),
+        (  # a prompt matches an added token in any case: one of the two would never train
+            "concepts:\n  - {images: a, token: <Cat-Q>, init_word: cat, name: x1}\n"
+            "  - {images: b, token: <cat-q>, init_word: cat, name: x2}\n",
+            "concepts #1 and #2 of .* tokens '<Cat-Q>' and '<cat-q>' cannot be told apart",
+        ),
+        (  # diffusers reads <a>_1 as <a>'s second vector
+            "concepts:\n  - {images: a, token: <a>, init_word: cat}\n  - {images: b, token: <a>_1, init_word: dog}\n",
+            "concepts #1 and #2 of .* tokens '<a>' and '<a>_1' cannot be told apart",
         ),
     ],
 )

@@ -176,9 +176,26 @@ def test_a_placeholder_that_is_a_piece_of_a_vocabulary_word_is_refused():
     with pytest.raises(OnewordError, match="already in the vocabulary"):
         check_new_token(tok, piece)
     tok.add_tokens(["<x>_1"])  # the second vector's entry of <x> is taken
-    with pytest.raises(OnewordError, match="its entry '<x>_1' has id"):
+    with pytest.raises(OnewordError, match="cannot be told from '<x>_1'"):
         check_new_token(tok, "<x>", n_vectors=2)
-    check_new_token(tok, "<x>", n_vectors=1)
+    tok.add_tokens(["<Cat-Q>"])
+    for token, taken in (("<x>", "<x>_1"), ("<cat-q>", "<Cat-Q>"), ("<Cat-Q>_2", "<Cat-Q>")):
+        with pytest.raises(OnewordError, match=f"cannot be told from '{taken}'"):
+            check_new_token(tok, token)
+    check_new_token(tok, "<y>", n_vectors=2)
+
+
+def test_generate_refuses_embeddings_a_prompt_cannot_tell_apart(tiny_model_dir, tmp_path):
+    """`<a>` then `<a>_1`: diffusers would add the second concept's vector to every `<a>` prompt; the other order
+    was diffusers' bare ValueError."""
+    from oneword.models import load_base_model
+
+    for first, second in (("<a>", "<a>_1"), ("<a>_1", "<a>"), ("<Dog-Q>", "<dog-q>")):
+        model = load_base_model(str(tiny_model_dir))  # its tokenizer gets the tokens loaded
+        files = [E.save(E.Embedding(t, torch.randn(1, 32)), tmp_path / f"{i}.safetensors") for i, t in
+                 enumerate((first, second))]  # fmt: skip
+        with pytest.raises(OnewordError, match=f"embedding '{second}' cannot be told from the loaded '{first}'"):
+            load_embeddings(build_pipeline(model), model, files)
 
 
 def test_wrong_width_and_wrong_model(tiny_model, tmp_path):

@@ -289,6 +289,7 @@ def test_a_member_that_cannot_train_beside_the_others_fails_alone(tiny_model_dir
         ("two-vectors", ConceptSpec(token="<h0>", init_word="cat", n_vectors=2), cat_latents_dir),
         ("clashes", ConceptSpec(token="<h0>_1", init_word="dog"), cat_latents_dir),  # the first one's 2nd entry
         ("same-token", ConceptSpec(token="<h0>", init_word="dog"), cat_latents_dir),
+        ("other-case", ConceptSpec(token="<H0>", init_word="dog"), cat_latents_dir),  # a prompt matches either
         ("other-size", ConceptSpec(token="<h3>", init_word="dog"), bigger),
         ("damaged", ConceptSpec(token="<h4>", init_word="dog"), damaged),
         ("too-late", ConceptSpec(token="<h5>", init_word="dog", n_vectors=3), cat_latents_dir),
@@ -297,11 +298,13 @@ def test_a_member_that_cannot_train_beside_the_others_fails_alone(tiny_model_dir
     cfg = TrainConfig(steps=4, progressive_every=2)
     rows = train_group(members, tmp_path / "out", cfg, str(tiny_model_dir), progress=False)
     assert {r["name"]: r["status"] for r in rows} == {
-        "two-vectors": "trained", "clashes": "failed", "same-token": "failed", "other-size": "failed",
+        "two-vectors": "trained", "clashes": "failed", "same-token": "failed", "other-case": "failed",
+        "other-size": "failed",
         "damaged": "failed", "too-late": "failed", "fine": "trained",
     }  # fmt: skip
     errors = {r["name"]: r["error"] for r in rows}
-    assert "['<h0>_1'] are also two-vectors's" in errors["clashes"] and "<h0>" in errors["same-token"]
+    assert "'<h0>_1' cannot be told from two-vectors's" in errors["clashes"] and "<h0>" in errors["same-token"]
+    assert "cannot be told from two-vectors's '<h0>'" in errors["other-case"]
     assert "one batch cannot hold both" in errors["other-size"] and "could not be read" in errors["damaged"]
     assert "switches on at step 4" in errors["too-late"]
 

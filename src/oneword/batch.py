@@ -29,6 +29,8 @@ from pydantic import Field, ValidationError
 from oneword import storage
 from oneword.config import ConceptSpec
 from oneword.errors import OnewordError
+from oneword.templates import SETS as TEMPLATE_SETS
+from oneword.tokens import clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,10 @@ def load_concepts_manifest(source: str) -> list[ConceptEntry]:
                 f"concept #{i + 1} of {source}: {err.message}",
                 hint="give it a `name:` of letters, digits, '_', '.' and '-'",
             ) from err
-        if not storage.is_s3(source) and not storage.is_s3(e.images) and not Path(e.images).is_absolute():
-            e = e.model_copy(update={"images": os.path.abspath(Path(source).parent / e.images)})
+        local = {"images": e.images}
+        if e.templates and e.templates not in TEMPLATE_SETS:  # a file of templates
+            local["templates"] = e.templates
+        e = e.model_copy(update={k: _beside(source, v) for k, v in local.items() if not storage.is_s3(v)})
         entries.append(e)
     for what, values in (
         ("token", [e.token for e in entries]),
@@ -152,7 +156,25 @@ def load_concepts_manifest(source: str) -> list[ConceptEntry]:
                 f"concepts {at} of {source} share the {what} {v!r}",
                 hint=f"give each concept its own {what}" + (" (set `name:`)" if what == "name" else ""),
             )
+    for i, a in enumerate(entries):  # shard-mates, or concepts in one prompt, whose tokens a prompt confuses
+        for j, b in enumerate(entries[i + 1 :], start=i + 1):
+            if clashing_entries(vector_tokens(a.token, a.n_vectors), vector_tokens(b.token, b.n_vectors)):
+                raise OnewordError(
+                    f"concepts #{i + 1} and #{j + 1} of {source}: their tokens {a.token!r} and {b.token!r} cannot "
+                    "be told apart in a prompt (the same but for case, or NAME and NAME_1, which diffusers reads "
+                    "as one concept's two vectors)",
+                    hint="give each concept a token of its own",
+                )
     return entries
+
+
+def _beside(manifest: str, path: str) -> str:
+    """A local path of a manifest's entry as the manifest's reader means it: `~` is the home folder, and a relative
+    path is relative to a local manifest's folder (to a manifest read from s3://, to the working folder)."""
+    path = os.path.expanduser(path)
+    if storage.is_s3(manifest) or os.path.isabs(path):
+        return path
+    return os.path.abspath(Path(manifest).parent / path)
 
 
 def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = "oneword") -> dict:

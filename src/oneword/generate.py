@@ -21,7 +21,7 @@ from oneword.distributed import World, gather
 from oneword.errors import OnewordError
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import ModelProfile, profile_of
-from oneword.tokens import vector_tokens
+from oneword.tokens import clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,13 @@ def load_embeddings(
         emb = f if isinstance(f, emb_io.Embedding) else emb_io.load(Path(f))
         source = "" if isinstance(f, emb_io.Embedding) else str(f)
         emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=source, width_2=model.width_2)
-        if emb.token in pipe.tokenizer.get_added_vocab():
+        if clash := clashing_entries(vector_tokens(emb.token, emb.n_vectors), pipe.tokenizer.get_added_vocab()):
             raise OnewordError(
-                f"two embeddings use the token {emb.token!r}", hint="rename one: oneword export --token NEW ..."
+                f"two embeddings use the token {emb.token!r}"
+                if clash[0] == emb.token
+                else f"embedding {emb.token!r} cannot be told from the loaded {clash[0]!r} in a prompt (the same "
+                "but for case, or NAME and NAME_1, which diffusers reads as one concept's two vectors)",
+                hint="rename one: oneword export FILE --token '<new-name>' -o NEW_FILE",
             )
         for tokenizer in filter(None, (pipe.tokenizer, getattr(pipe, "tokenizer_2", None))):
             taken = [t for t in vector_tokens(emb.token, emb.n_vectors) if t in tokenizer.get_vocab()]

@@ -11,6 +11,9 @@ saved embedding gives the same text-encoder output under `load_textual_inversion
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
+
 import torch
 from torch import nn
 from transformers import CLIPTokenizer
@@ -23,6 +26,18 @@ OBJECT_SUGGESTIONS = ("object", "thing", "toy", "animal", "style", "shape")
 def vector_tokens(token: str, n_vectors: int) -> list[str]:
     """The tokenizer entries of a concept: `[token, token_1, ..., token_{n-1}]` (diffusers' convention)."""
     return [token] + [f"{token}_{i}" for i in range(1, n_vectors)]
+
+
+def _continues(entry: str, token: str) -> bool:
+    """diffusers reads added entries `token_1`, `token_2`, ... as further vectors of `token` in every prompt."""
+    return re.fullmatch(re.escape(token) + r"_\d+", entry, flags=re.IGNORECASE) is not None
+
+
+def clashing_entries(mine: Sequence[str], taken: Iterable[str]) -> list[str]:
+    """The entries of `taken` that a prompt cannot tell from one of `mine`: equal but for case (CLIP's tokenizer
+    lowercases a prompt, and an added entry matches it in any case), or read as one's further vector by
+    diffusers (`<a>` and `<a>_1`: a prompt with `<a>` would draw with both concepts' vectors)."""
+    return [t for t in taken if any(m.lower() == t.lower() or _continues(m, t) or _continues(t, m) for m in mine)]
 
 
 def expand_placeholder(token: str, n_active: int) -> str:
@@ -41,9 +56,11 @@ def check_new_token(tokenizer: CLIPTokenizer, token: str, n_vectors: int = 1) ->
         raise OnewordError(
             f"placeholder token {token!r} must be one word with no spaces", hint="use something like '<my-cat>'"
         )
-    if token in tokenizer.get_added_vocab():
+    if taken := clashing_entries(vector_tokens(token, n_vectors), tokenizer.get_added_vocab()):
         raise OnewordError(
-            f"placeholder token {token!r} is already in the tokenizer's added vocabulary",
+            f"placeholder token {token!r} cannot be told from {taken[0]!r}, which is already in the tokenizer's "
+            "added vocabulary (a prompt matches an added token in any case, and diffusers reads NAME_1 as NAME's "
+            "second vector)",
             hint="pick another token, e.g. '<my-cat-2>'",
         )
     vocab = tokenizer.get_vocab()

@@ -44,7 +44,7 @@ from oneword.live import LiveRuns, LiveTracking
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
 from oneword.templates import get_templates
-from oneword.tokens import expand_placeholder, initializer_id, vector_tokens
+from oneword.tokens import clashing_entries, expand_placeholder, initializer_id, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +287,13 @@ def _check_fits_group(
 ) -> None:
     """Refuse a concept that cannot train beside those already in the group: one whose tokenizer entries clash
     with theirs, or whose latents have another size (one batch holds them all)."""
-    mine = set(vector_tokens(spec.token, spec.n_vectors))
+    mine = vector_tokens(spec.token, spec.n_vectors)
     for other, other_spec, other_latents, _ in ready:
-        if clash := mine & set(vector_tokens(other_spec.token, other_spec.n_vectors)):
+        if clash := clashing_entries(mine, vector_tokens(other_spec.token, other_spec.n_vectors)):
             raise OnewordError(
-                f"{name}: its token entries {sorted(clash)} are also {other}'s", hint="give each concept its own token"
+                f"{name}: its token {spec.token!r} cannot be told from {other}'s {clash[0]!r} in a prompt (the "
+                "same but for case, or NAME and NAME_1, which diffusers reads as one concept's two vectors)",
+                hint="give each concept a token of its own",
             )
         if latents.mean.shape[2:] != other_latents.mean.shape[2:]:
             raise OnewordError(

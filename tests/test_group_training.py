@@ -426,3 +426,9 @@ def test_a_shards_latents_are_matched_to_its_concepts_by_their_photos_not_their_
     kitten = latents("l-kitten", "/photos/cat/kitten")  # nested under another concept's folder
     nested = [{"images": "/photos/cat"}, {"images": "/photos/cat/kitten"}]
     assert match_latents(nested, [kitten, cat]) == [cat, kitten]
+    # two failed concepts: each failure record, passed on from preprocess, names its photos
+    for name, images in (("fail-a", "/photos/a"), ("fail-c", "s3://b/c/")):
+        outcome.run_step("preprocess", tmp_path / "pre" / name, "record", lambda: 1 / 0, images=images)
+        outcome.run_step("cache_latents", tmp_path / name, "record", lambda: None, upstream=[tmp_path / "pre" / name])
+    both = [{"images": "/photos/a"}, {"images": "s3://b/c"}]
+    assert match_latents(both, [tmp_path / "fail-c", tmp_path / "fail-a"]) == [tmp_path / "fail-a", tmp_path / "fail-c"]

@@ -36,9 +36,10 @@ def read_failure(folder: str | Path | None) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def write_failure(folder: str | Path, stage: str, error: str, hint: str = "") -> dict:
-    """Record in `folder` that the concept failed at `stage`; returns the record."""
-    record = {"stage": stage, "error": error, "hint": hint}
+def write_failure(folder: str | Path, stage: str, error: str, hint: str = "", images: str = "") -> dict:
+    """Record in `folder` that the concept failed at `stage`; returns the record. `images`, the concept's photos,
+    tells whose failure it is where outputs arrive in no promised order (`oneword.train.match_latents`)."""
+    record = {"stage": stage, "error": error, "hint": hint, **({"images": images} if images else {})}
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
     return record
@@ -123,6 +124,7 @@ def run_step(
     work: Callable[[], T],
     upstream: Sequence[str | Path] = (),
     cached: bool = False,
+    images: str = "",
 ) -> T | None:
     """Run one step of one concept, honouring failures before it and `on_error`.
 
@@ -137,6 +139,7 @@ def run_step(
             the failure would be the cached result, replayed by every later run with the same inputs (a
             scheduled batch would never try that concept again); raised, the task fails and is retried. Under
             kfp.local (`LOCAL_RUN_ENV`), which caches and retries nothing, it is recorded.
+        images: the concept's photos, recorded with a failure (an upstream failure keeps its own).
 
     Returns:
         What `work` returned, or None if the concept had failed.
@@ -146,19 +149,20 @@ def run_step(
         raise OnewordError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
     for folder in upstream:
         if (earlier := read_failure(folder)) is not None:
-            write_failure(out_dir, earlier["stage"], earlier["error"], earlier.get("hint", ""))
+            write_failure(out_dir, earlier["stage"], earlier["error"], earlier.get("hint", ""),
+                          earlier.get("images", images))  # fmt: skip
             log.info("skipping %s: the concept failed at %s", stage, earlier["stage"])
             return None
     try:
         return work()
     except OnewordError as e:
         # Written in both modes: with `fail`, whoever started the pipeline shows it (not the runner's traceback).
-        write_failure(out_dir, stage, e.message, e.hint or "")
+        write_failure(out_dir, stage, e.message, e.hint or "", images)
         if on_error == "fail" or (cached and transient(e)):
             raise
         log.error("%s failed: %s", stage, e)
     except Exception as e:  # a crash of one concept's step must not lose the batch; the trace goes to the log
-        write_failure(out_dir, stage, f"{type(e).__name__}: {e}")
+        write_failure(out_dir, stage, f"{type(e).__name__}: {e}", images=images)
         if on_error == "fail" or (cached and transient(e)):
             raise
         log.exception("%s crashed", stage)

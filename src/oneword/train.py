@@ -333,15 +333,18 @@ def match_latents(concepts: Sequence[dict], folders: Sequence[str | Path]) -> li
 
     A shard's latents reach `train` gathered from a loop (`dsl.Collected`), in an order KFP does not promise;
     zipped by position, a concept could learn another's photos. A folder belongs to the concept whose `images`
-    its copied manifest's sources lie under; folders that say nothing (a concept that failed earlier) keep their
-    order among the concepts left.
+    its copied manifest's sources lie under, or that its failure record names (a concept that failed earlier);
+    folders that say nothing keep their order among the concepts left.
     """
     from oneword.images import MANIFEST
     from oneword.latents import DATASET_DIR
 
     def sources(folder: Path) -> list[str]:
         manifest = folder / DATASET_DIR / MANIFEST
-        return [r["source"] for r in json.loads(manifest.read_text())["images"]] if manifest.is_file() else []
+        if manifest.is_file():
+            return [r["source"] for r in json.loads(manifest.read_text())["images"]]
+        failed = outcome.read_failure(folder) or {}
+        return [failed["images"].rstrip("/") + "/"] if failed.get("images") else []
 
     folders = [Path(f) for f in folders]
     found = [sources(f) for f in folders]

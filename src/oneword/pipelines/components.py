@@ -62,7 +62,7 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
     resolution = image_side(base_model, resolution)
     # cached: an error a retry may cure fails the task even in a batch, so that KFP's cache never keeps it
     m = run_step("preprocess", dataset.path, on_error, lambda: run(images, dataset.path, resolution=resolution,
-                                                                   mode=mode), cached=True)
+                                                                   mode=mode), cached=True, images=images)
     if m is not None:
         dataset.metadata.update({"images": len(m.images), "skipped": len(m.skipped), "resolution": resolution,
                                  "content_key": content_key})

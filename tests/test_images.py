@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 
@@ -78,6 +79,94 @@ def test_crop_versus_pad(tmp_path):
     p = np.asarray(Image.open(tmp_path / "pad" / pad.images[0].file))
     assert (c == 0).all()  # crop keeps only the black middle
     assert (p[0] == 255).all() and (p[10] == 0).all()  # pad adds white bars top and bottom
+
+
+def test_padding_a_panorama_resizes_before_it_pads_and_says_it_is_mostly_white(tmp_path):
+    """Padded at full size first, a 100000 x 1000 photo needed a 10^10-pixel canvas: the process was killed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (30000, 2000), (0, 0, 0)).save(src / "pano.png")
+    m = preprocess(src, tmp_path / "pad", resolution=60, mode="pad")
+    p = np.asarray(Image.open(tmp_path / "pad" / m.images[0].file))
+    assert p.shape == (60, 60, 3) and (p[0] == 255).all() and (p[30] == 0).all() and (p[:, 0] < 255).any()
+    assert any("fills under a quarter" in w for w in m.warnings)
+
+
+def _matrix_profile(primaries, gamma=2.2) -> bytes:
+    """A minimal ICC v2 RGB display profile (matrix and gamma curves), D50-adapted primaries as XYZ columns."""
+    import struct
+
+    def s15(x):
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    text = b"wide gamut test\0"
+    tags = [
+        (b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 79),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        *[(k, xyz(*v)) for k, v in zip((b"rXYZ", b"gXYZ", b"bXYZ"), primaries)],
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+        (b"cprt", b"text\0\0\0\0none\0\0\0\0"),
+    ]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table, data = table + sig + struct.pack(">II", offset + len(data), len(body)), data + body
+    rest = struct.pack(">I", len(tags)) + table + data
+    header = (
+        struct.pack(">I", 128 + len(rest))
+        + b"lcms"
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 24
+        + b"\0" * 4
+        + s15(0.9642)
+        + s15(1.0)
+        + s15(0.8249)
+        + b"\0" * 48
+    )
+    return header + rest
+
+
+def test_a_photos_colour_profile_is_applied_and_not_passed_on(tmp_path):
+    """Phones tag photos Display P3: read as sRGB numbers, their colours shift (here red by 16, blue by 26)."""
+    from PIL import ImageCms
+
+    p3 = _matrix_profile([(0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841)])
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(src / "p3.png", icc_profile=p3)
+    srgb = ImageCms.createProfile("sRGB")
+    want = ImageCms.profileToProfile(
+        Image.open(src / "p3.png"),
+        ImageCms.ImageCmsProfile(io.BytesIO(p3)),
+        srgb,
+        renderingIntent=ImageCms.Intent.PERCEPTUAL,
+        outputMode="RGB",
+    ).getpixel((0, 0))
+    m = preprocess(src, tmp_path / "out", resolution=32)
+    out = Image.open(tmp_path / "out" / m.images[0].file)
+    assert "icc_profile" not in out.info
+    got = out.getpixel((16, 16))
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1 and abs(got[2] - 50) > 10, (got, want)
+
+
+def test_links_and_an_output_folder_inside_the_photos(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png(src / "a.png")
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(OnewordError, match="inside the photo folder"):
+        preprocess(src, src / "data", resolution=32)
+    m = preprocess(src, tmp_path / "data", resolution=32)
+    assert [s["source"].rsplit("/", 1)[-1] for s in m.skipped] == ["gone.png"]  # listed, not silently left out
 
 
 def test_duplicates_are_dropped(tmp_path):
@@ -205,7 +294,7 @@ def test_padding_judges_a_photo_by_its_long_side(tmp_path):
     with pytest.raises(OnewordError, match="short side must be at least 16"):
         preprocess(src, tmp_path / "crop", resolution=64)  # cropped to 10 x 10: upscaled 6x
     m = preprocess(src, tmp_path / "pad", resolution=64, mode="pad")  # padded to 60 x 60: scaled about 1x
-    assert len(m.images) == 1 and not m.warnings
+    assert len(m.images) == 1 and not any("blurry" in w for w in m.warnings)  # but mostly white: said so
 
 
 def test_pillow_bomb_error_is_refused(tmp_path, monkeypatch):

@@ -54,6 +54,30 @@ def test_rerun_reuses_the_shared_cache(cat_dataset, tiny_model, tmp_path, monkey
     assert LatentSet.load(tmp_path / "b").image_sha256 == first.image_sha256
 
 
+def test_a_dataset_image_changed_since_preprocess_never_reaches_the_shared_cache(cat_dataset, tiny_model, tmp_path):
+    """Its latents would be cached under the original's hash, for every run that shares the cache."""
+    import os
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(cat_dataset, edited)
+    first = sorted((edited / "images").glob("*.png"))[0]
+    Image.new("RGB", Image.open(first).size, (0, 255, 0)).save(first)
+    with pytest.raises(OnewordError, match=f"{first.name} is not the image its manifest names"):
+        cache_latents(edited, tiny_model, tmp_path / "a", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    first.write_bytes(first.read_bytes()[:40])  # truncated
+    with pytest.raises(OnewordError, match=f"{first.name} cannot be read") as e:
+        cache_latents(edited, tiny_model, tmp_path / "a", cache_dir=tmp_path / "cache")
+    assert "oneword preprocess" in e.value.hint
+    # what is written is readable by other users, as the umask says (safetensors writes 0600)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    cache_latents(cat_dataset, tiny_model, tmp_path / "b", cache_dir=tmp_path / "cache")
+    written = [tmp_path / "b" / "latents.safetensors", *(tmp_path / "cache").rglob("*.safetensors")]
+    assert {f.stat().st_mode & 0o777 for f in written} == {0o666 & ~umask}
+
+
 def test_missing_inputs_are_clear_errors(tmp_path, tiny_model):
     with pytest.raises(OnewordError, match="oneword preprocess"):
         cache_latents(tmp_path, tiny_model, tmp_path / "out")

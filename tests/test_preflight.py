@@ -35,6 +35,9 @@ def test_photos_in_subfolders_count_as_preprocess_finds_them(tiny_model_dir, tmp
     shutil.move(tmp_path / "photos" / "2024", tmp_path / "photos" / ".hidden")
     with pytest.raises(OnewordError, match="no images in"):
         preflight(str(tiny_model_dir), [concept], "toyworld-clip", None)
+    (tmp_path / "photos" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # an iPhone's
+    with pytest.raises(OnewordError, match=r"are \.heic files.*Most Compatible"):
+        preflight(str(tiny_model_dir), [concept], "toyworld-clip", None)
 
 
 def test_the_evaluations_settings_are_checked_before_the_training_they_would_end(tiny_model_dir, tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from oneword import __version__
+from oneword import __version__, storage
 from oneword.errors import OnewordError
 
 Format = Literal["diffusers", "a1111", "kohya"]
@@ -118,10 +117,6 @@ def is_safetensors(path: Path) -> bool:
     return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
-_UMASK = os.umask(0o022)  # read once, at import: os.umask is the only way to read it, and it sets it meanwhile
-os.umask(_UMASK)
-
-
 def _header(emb: Embedding) -> dict[str, str]:
     return {"oneword": json.dumps({"token": emb.token, "oneword_version": __version__, **emb.meta})}
 
@@ -150,9 +145,9 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
             hint="use --format kohya: A1111 and ComfyUI load SDXL embeddings as that clip_l/clip_g safetensors file",
         )
     if fmt == "diffusers":
-        save_file(pair or {emb.token: v}, str(tmp), metadata=_header(emb))
+        storage.save_tensors(pair or {emb.token: v}, tmp, metadata=_header(emb))
     elif fmt == "kohya":
-        save_file(pair or {"emb_params": v}, str(tmp), metadata=_header(emb))
+        storage.save_tensors(pair or {"emb_params": v}, tmp, metadata=_header(emb))
     elif fmt == "a1111":
         torch.save(
             {
@@ -171,7 +166,6 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
         )
     else:
         raise OnewordError(f"unknown embedding format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes 0600: an A1111 or ComfyUI of another user could not read it
     tmp.replace(path)
     return path
 

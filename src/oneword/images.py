@@ -9,6 +9,7 @@ file that is skipped is listed with the reason.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -32,6 +33,8 @@ UNREADABLE_SUFFIXES = {
     ".heif": "export it as JPEG",
 }
 MANIFEST = "manifest.json"
+FRAMES = "oneword.frames"  # load_image's note, in an image's info, of the frames its file holds
+SRGB = ImageCms.createProfile("sRGB")
 # Above a 108 MP phone sensor (about 360 MB decoded as RGB, within a CPU step's memory limit). Bigger files are
 # refused as possible decompression bombs, as is anything past Pillow's own guard (179 MP by default).
 MAX_PIXELS = 120_000_000
@@ -83,11 +86,13 @@ class Manifest:
 
 
 def visible_files(folder: Path) -> list[Path]:
-    """The files under `folder`, in subfolders too, hidden ones (and those in hidden folders) apart; sorted."""
+    """The files under `folder`, in subfolders too, hidden ones (and those in hidden folders) apart; sorted.
+    Symbolic links that lead to no file (broken, or to a folder, which is not followed) are among them, so that
+    whoever reads them says why they were skipped."""
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if (p.is_file() or p.is_symlink()) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -126,7 +131,9 @@ def load_image(path: Path) -> Image.Image:
                         f"(possible decompression bomb); {DOWNSCALE_HINT}"
                     )
                 im.load()
-                return ImageOps.exif_transpose(im)
+                out = ImageOps.exif_transpose(im)
+                out.info[FRAMES] = getattr(im, "n_frames", 1)  # an animation's: the copy has its first frame
+                return out
         except Image.DecompressionBombError as e:
             raise ValueError(f"refused: decompression bomb ({e}); {DOWNSCALE_HINT}") from e
         except UnidentifiedImageError as e:
@@ -145,6 +152,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
       composited onto white, the colour `square` pads with;
     - everything else ('1', 'L', 'P', 'RGB', 'RGBX', 'CMYK', 'YCbCr', 'HSV') uses Pillow's conversion.
     """
+    if icc := im.info.get("icc_profile"):  # a phone's Display P3, Adobe RGB, a print CMYK: its numbers are not sRGB's
+        im = _to_srgb(im, icc)
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = high_bit_depth_to_l(im)
     if im.mode == "LAB":
@@ -158,6 +167,27 @@ def to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
+    """`im`'s colours in sRGB, through its embedded ICC profile (what the VAE, trained on sRGB pictures, reads);
+    `im` as it was where LittleCMS cannot convert its mode or profile."""
+    alpha = "A" in im.getbands()
+    if im.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return im
+    try:
+        out = ImageCms.profileToProfile(
+            im,
+            ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+            SRGB,
+            renderingIntent=ImageCms.Intent.PERCEPTUAL,
+            outputMode="RGBA" if alpha else "RGB",
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        log.warning("colour profile not applied (%s): the numbers are read as sRGB", e)
+        return im
+    out.info.pop("icc_profile", None)
+    return out
 
 
 def high_bit_depth_to_l(im: Image.Image) -> Image.Image:
@@ -182,10 +212,8 @@ def square(im: Image.Image, resolution: int, mode: Literal["crop", "pad"]) -> Im
     """Centre-crop (or pad with white) to a square, then resize to `resolution` pixels a side."""
     if mode == "crop":
         return ImageOps.fit(im, (resolution, resolution), Image.Resampling.LANCZOS)
-    side = max(im.size)
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
-    return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    # resized before it is padded: a canvas as wide as a panorama's long side, squared, would not fit in memory
+    return ImageOps.pad(im, (resolution, resolution), Image.Resampling.LANCZOS, color=(255, 255, 255))
 
 
 def min_side(resolution: int) -> int:
@@ -242,6 +270,12 @@ def preprocess(
         raise OnewordError(f"unknown mode {mode!r}", hint="use 'crop' or 'pad'")
     files = discover_images(source)
     root = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
+    if not storage.is_s3(source) and Path(out_dir).resolve().is_relative_to(root.resolve()):
+        raise OnewordError(
+            f"the output folder {out_dir} is inside the photo folder {source}: its pictures would be read as "
+            "photos of the concept the next time",
+            hint="write the dataset to a folder outside the photos' folder",
+        )
     records: list[ImageRecord] = []
     skipped: list[dict] = []
     notes: list[str] = []
@@ -274,6 +308,13 @@ def preprocess(
                 skipped.append({"source": shown, "reason": str(e)})
                 continue
             seen[source_sha] = shown
+            if mode == "pad" and min(im.size) / max(im.size) < MIN_SIDE_FRACTION:
+                notes.append(
+                    f"{shown} is {im.width}x{im.height}: padded to a square, it fills under a quarter of it, and "
+                    "the model learns mostly white; crop it closer to the concept"
+                )
+            if im.info.get(FRAMES, 1) > 1:
+                notes.append(f"{shown} is animated: only its first frame is used")
             if scaled_side(im.size, mode) < resolution * WARN_SIDE_FRACTION:
                 notes.append(
                     f"{shown} is {im.width}x{im.height}, smaller than half the training resolution "

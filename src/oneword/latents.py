@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
 from oneword import __version__, storage
 from oneword.conditioning import default_time_ids, time_ids
 from oneword.errors import OnewordError
-from oneword.images import Manifest
+from oneword.images import Manifest, pixel_sha256
 from oneword.models import LoadedModel, load_base_model, module_fingerprint
 from oneword.profiles import profile_of
 
@@ -74,12 +74,7 @@ class LatentSet:
         tensors = {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
         if self.time_ids is not None:
             tensors["time_ids"] = self.time_ids.contiguous()
-        save_file(
-            tensors,
-            str(p),
-            metadata={"oneword": json.dumps(meta)},
-        )
-        return p
+        return storage.save_tensors(tensors, p, metadata={"oneword": json.dumps(meta)})
 
     @classmethod
     def load(cls, folder: Path) -> LatentSet:
@@ -127,6 +122,25 @@ def _cached(f: Path) -> dict[str, torch.Tensor] | None:
 def entry_key(vae_fingerprint: str, image_sha256: str, resolution: int, flip: bool) -> str:
     """The shared-cache key of one encoded image."""
     return hashlib.sha256(f"{vae_fingerprint}|{image_sha256}|{resolution}|{int(flip)}".encode()).hexdigest()
+
+
+def _dataset_image(path: Path, sha256: str) -> Image.Image:
+    """A preprocessed image, as its manifest says it is: its latents are cached under that hash for every run
+    that shares the cache, so an image edited or replaced since would poison the cache for all of them."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except OSError as e:  # missing, truncated, not an image
+        raise OnewordError(
+            f"{path} cannot be read ({e})", hint="preprocess the photos again: oneword preprocess PHOTOS -o DATASET"
+        ) from e
+    if pixel_sha256(im) != sha256:
+        raise OnewordError(
+            f"{path} is not the image its manifest names (changed since `oneword preprocess` wrote it)",
+            hint="preprocess the photos again rather than editing a dataset; nothing was written to the shared "
+            "latent cache",
+        )
+    return im
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:
@@ -190,23 +204,25 @@ def cache_latents(
             if (hit := _cached(f)) is not None:
                 entries[key] = hit
             else:
-                todo.append((key, Path(dataset_dir) / rec.file, flip))
+                todo.append((key, Path(dataset_dir) / rec.file, flip, rec.processed_sha256))
     log.info("latent cache: %d hit(s), %d to encode", len(entries), len(todo))
+    for path, sha in {(path, sha) for _, path, _, sha in todo}:  # all before any is encoded and cached
+        _dataset_image(path, sha)
     dtype = next(vae.parameters()).dtype
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         # SDXL's VAE overflows in fp16 (its config says so with force_upcast, as diffusers' pipelines read it)
         vae, dtype = vae.float(), torch.float32
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        ims = [Image.open(p) for _, p, _ in chunk]
+        ims = [_dataset_image(p, sha) for _, p, _, sha in chunk]
         x = torch.stack(
             [
                 _to_tensor(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)
-                for im, (_, _, flip) in zip(ims, chunk)
+                for im, (_, _, flip, _) in zip(ims, chunk)
             ]
         ).to(device, dtype)
         dist = vae.encode(x).latent_dist
-        for j, (key, path, _) in enumerate(chunk):
+        for j, (key, path, _, _) in enumerate(chunk):
             e = {"mean": dist.mean[j].float().cpu().contiguous(), "std": dist.std[j].float().cpu().contiguous()}
             if not all(torch.isfinite(t).all() for t in e.values()):  # never into the cache other runs share
                 raise OnewordError(
@@ -218,7 +234,7 @@ def cache_latents(
             f = cache / key[:2] / f"{key}.safetensors"
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = storage.part_path(f)  # parallel steps, in other pods too, may encode the same image at once
-            save_file(e, str(tmp))
+            storage.save_tensors(e, tmp)
             tmp.replace(f)
     means, stds = [], []
     for rec in manifest.images:

@@ -17,7 +17,7 @@ from unittest.mock import patch  # the stdlib's scoped os.environ change
 
 from oneword import hub, storage
 from oneword.errors import OnewordError
-from oneword.images import IMAGE_SUFFIXES, visible_files
+from oneword.images import IMAGE_SUFFIXES, UNREADABLE_SUFFIXES, visible_files
 from oneword.profiles import TOYWORLD_CLIP, ModelProfile, profile
 from oneword.toyworld import assets
 
@@ -220,7 +220,8 @@ def _bucket_problem(bucket: str) -> tuple[str | None, str]:
 def _images_problem(images: str, token: str) -> tuple[str | None, str]:
     if storage.is_s3(images):
         try:
-            found = [k for k, _, _ in storage.list_objects(images) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
+            names = [Path(k) for k, _, _ in storage.list_objects(images)]
+            names = [k for k in names if not any(part.startswith(".") for part in k.parts)]  # as preprocess
         except Exception as e:
             if not _bucket_problem(storage.split_s3(images)[0])[0]:  # the bucket answers, yet its listing fails
                 return f"{token}: cannot list {images}: {str(e).splitlines()[0][:200]}", (
@@ -231,8 +232,14 @@ def _images_problem(images: str, token: str) -> tuple[str | None, str]:
         folder = Path(images).expanduser()
         if not folder.is_dir():
             return f"{token}: image folder {images} does not exist", "pass the folder or s3:// prefix of its photos"
-        found = [f for f in visible_files(folder) if f.suffix.lower() in IMAGE_SUFFIXES]  # as preprocess finds them
-    return (None, "") if found else (f"{token}: no images in {images}", "put 3-5 photos of the concept there")
+        names = visible_files(folder)  # as preprocess finds them
+    if any(n.suffix.lower() in IMAGE_SUFFIXES for n in names):
+        return None, ""
+    if unreadable := sorted({n.suffix.lower() for n in names} & set(UNREADABLE_SUFFIXES)):
+        return f"{token}: the photos in {images} are {unreadable[0]} files, which cannot be read", (
+            UNREADABLE_SUFFIXES[unreadable[0]]
+        )
+    return f"{token}: no images in {images}", "put 3-5 photos of the concept there"
 
 
 def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:

@@ -48,6 +48,20 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+_UMASK = os.umask(0o022)  # read once, at import: os.umask is the only way to read it, and it sets it meanwhile
+os.umask(_UMASK)
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """`safetensors.torch.save_file`, with the mode the umask gives any other file: safetensors creates its files
+    0600, which a pod or a tool (a webui) running as another user on a shared volume cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_UMASK)
+    return Path(path)
+
+
 def part_path(final: Path) -> Path:
     """A hidden temporary name beside `final`, unique to this writer: writers in other pods on a shared volume
     often have the same process id (each container numbers its own), so a pid alone would let them collide."""

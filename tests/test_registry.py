@@ -87,6 +87,17 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     pipe = build_pipeline(load_base_model(str(tiny_model_dir)))
     pipe.load_textual_inversion(str(diff))
     assert "<cat-r>" in pipe.tokenizer.get_added_vocab()
+    # the command never replaces a file unasked (another concept's, under a shared default name)
+    from oneword.cli import main
+
+    theirs = tmp_path / "theirs.pt"
+    theirs.write_bytes(b"someone else's embedding")
+    pull = ["concepts", "pull", f"{name}@champion", "-f", "a1111", "-o", str(theirs), "--tracking-uri", mlflow_server]
+    with pytest.raises(SystemExit) as refused:
+        main(pull)
+    assert refused.value.code != 0 and theirs.read_bytes() == b"someone else's embedding"
+    main([*pull, "--force"])
+    assert E.load(theirs).token == "<cat-r>"
 
 
 def test_pyfunc_loads_and_generates(evaluated_concept, mlflow_server):

@@ -101,6 +101,7 @@ def pull_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")] = "diffusers",
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
 ) -> None:
     """Download a concept's embedding in another tool's format.
 
@@ -110,11 +111,13 @@ def pull_cmd(
     """
     from rich import print as rprint
 
+    from oneword.cli.export import refuse_existing
     from oneword.embeddings import FORMATS
     from oneword.errors import OnewordError
     from oneword.registry import pull_concept
 
     if format not in FORMATS:
         raise OnewordError(f"unknown format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
+    refuse_existing(out, force)
     path, tags = pull_concept(ref, out, format, tracking_uri)
     rprint(f"[green]{tags.get('oneword.token')}[/] -> {path} ({format})")

@@ -38,7 +38,7 @@ def export_cmd(
     dest = out or embedding.with_name(E.default_filename(emb.token, format))  # type: ignore[arg-type]
     if dest.resolve() == embedding.resolve():
         raise OnewordError(f"{dest} is the input file", hint="pass --out")
-    _refuse_existing(dest, force)
+    refuse_existing(dest, force)
     E.save(emb, dest, format)  # type: ignore[arg-type]
     rprint(f"[green]{emb.token}[/] ({emb.n_vectors}x{emb.width}) -> {dest} ({format})")
 
@@ -66,13 +66,13 @@ def blend_cmd(
 
     if out.resolve() in (first.resolve(), second.resolve()):
         raise OnewordError(f"{out} is one of the concepts blended", hint="write the blend to a file of its own")
-    _refuse_existing(out, force)
+    refuse_existing(out, force)
     emb = E.blend(E.load(first), E.load(second), t, token)
     E.save(emb, out, "diffusers")
     rprint(f"[green]{token}[/] = {t:g} of the way from {first} to {second} -> {out}")
 
 
-def _refuse_existing(dest: Path, force: bool) -> None:
+def refuse_existing(dest: Path, force: bool) -> None:
     """Another concept's file is never replaced unasked (a default name such as learned_embeds.safetensors is
     shared by every diffusers embedding)."""
     from oneword.errors import OnewordError

@@ -107,6 +107,15 @@ def test_pyfunc_loads_and_generates(evaluated_concept, mlflow_server):
     model = mlflow.pyfunc.load_model(f"models:/{reg.name}@{reg.alias}")
     out = model.predict(["a photo of <cat-r>", "<cat-r> on the moon"], params={"n": 2, "steps": 2, "seed": 3})
     assert list(out["seed"]) == [3, 4, 3, 4] and out["png_base64"].str.len().min() > 100
+    # a column of prompts, as a JSON request {"prompt": [...]} arrives: each prompt is its own, not one string
+    out = model.predict({"prompt": ["a photo of <cat-r>", "<cat-r> on the moon"]}, params={"n": 1, "steps": 2})
+    assert list(out["prompt"]) == ["a photo of <cat-r>", "<cat-r> on the moon"]
+    from mlflow.exceptions import MlflowException
+
+    for params, why in (({"steps": 0}, "steps must be"), ({"n": 0}, "n must be"), ({"n": 40}, "over 64 images")):
+        with pytest.raises(MlflowException, match=why) as refused:
+            model.predict(["a <cat-r>", "b <cat-r>"], params=params)
+        assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_failure_before_registration_leaves_no_version(evaluated_concept, mlflow_server, monkeypatch):

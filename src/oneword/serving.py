@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -99,13 +100,38 @@ def signature(profile: ModelProfile):
     )
 
 
+MAX_IMAGES_PER_REQUEST = 64  # prompts x n: one request must not hold a serving replica for an hour
+
+
 def _prompts(model_input: Any) -> list[str]:
     if isinstance(model_input, str):
         return [model_input]
     if hasattr(model_input, "columns"):  # a pandas DataFrame
         col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(p) for p in model_input[col].tolist()]
-    return [str(p) for p in model_input]
+        cells = model_input[col].tolist()
+    else:
+        cells = list(model_input)
+    # {"prompt": ["a", "b"]} reaches pyfunc as one row holding the list
+    return [str(p) for c in cells for p in (c if isinstance(c, list | tuple) or hasattr(c, "tolist") else [c])]
+
+
+def _checked(params: dict[str, Any], n_prompts: int) -> dict[str, Any]:
+    """The request's sampling options, refused (as the client's error, 400) where no picture could come of them."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    n, steps, scale = int(params["n"]), int(params["steps"]), float(params["guidance_scale"])
+    problems = [
+        (n < 1, "n must be at least 1"),
+        (steps < 1, "steps must be at least 1"),
+        (not math.isfinite(scale), "guidance_scale must be a finite number"),
+        (n_prompts == 0, "the request holds no prompt"),
+        (n_prompts * n > MAX_IMAGES_PER_REQUEST,
+         f"{n_prompts} prompts x n={n} is over {MAX_IMAGES_PER_REQUEST} images a request; send fewer"),
+    ]  # fmt: skip
+    if said := [why for wrong, why in problems if wrong]:
+        raise MlflowException("; ".join(said), error_code=INVALID_PARAMETER_VALUE)
+    return {**params, "n": n, "steps": steps, "guidance_scale": scale, "seed": int(params["seed"])}
 
 
 class ConceptModel(mlflow.pyfunc.PythonModel):
@@ -134,10 +160,10 @@ class ConceptModel(mlflow.pyfunc.PythonModel):
 
         from oneword.generate import SamplerConfig, sample
 
-        p = {**self.defaults, **(params or {})}
         prompts = _prompts(model_input)
-        sampler = SamplerConfig(steps=int(p["steps"]), guidance_scale=float(p["guidance_scale"]))
-        images = sample(self.pipe, prompts, int(p["n"]), int(p["seed"]), sampler)
+        p = _checked({**self.defaults, **(params or {})}, len(prompts))
+        sampler = SamplerConfig(steps=p["steps"], guidance_scale=p["guidance_scale"])
+        images = sample(self.pipe, prompts, p["n"], p["seed"], sampler)
         rows = []
         for prompt, row in zip(prompts, images):
             for j, im in enumerate(row):

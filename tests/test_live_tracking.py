@@ -233,6 +233,31 @@ def test_mlflow_failing_does_not_stop_training(as_pod, cat_latents_dir, tmp_path
     assert "mlflow_run_id" not in json.loads((tmp_path / "closed" / "summary.json").read_text())
 
 
+def test_a_server_that_answers_only_after_training_started_gets_the_runs_and_every_point(
+    as_pod, cat_latents_dir, tmp_path, monkeypatch
+):
+    """Opening the runs was tried once: a server down for the first minute meant no live run at all."""
+    from oneword import live
+    from oneword.inversion import ConceptSpec, TrainConfig
+    from oneword.live import LiveTracking
+    from oneword.train import train
+
+    monkeypatch.setattr(live, "RETRY_AFTER_S", 0.0)  # the next report tries again at once
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-yet")  # refused, as a server not up yet refuses
+
+    def comes_up(step: int, _: dict) -> None:
+        if step == 4:
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+
+    train(cat_latents_dir, tmp_path / "late", ConceptSpec(token="<cat-late>", init_word="cat"),
+          TrainConfig(steps=8, log_every=2, checkpoint_every=0), callbacks=[comes_up], progress=False,
+          tracking=LiveTracking(as_pod, "late-server"))  # fmt: skip
+    run_id = json.loads((tmp_path / "late" / "summary.json").read_text())["mlflow_run_id"]
+    client = _client(as_pod)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4, 6, 8]
+    assert len(client.search_runs([client.get_experiment_by_name("late-server").experiment_id])) == 1
+
+
 def test_runs_left_running_by_a_stopped_batch_are_ended(tmp_path):
     """A batch that stops before a concept's register (another concept failed under on_error=fail) would leave
     that concept's live run RUNNING for ever; the batch's exit handler ends it, and only its own runs."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 KFP_RUN_ID_TAG, KFP_RUN_NAME_TAG = "kfp.run_id", "kfp.run_name"
 LIVE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+LIVE_ID_TAG = "oneword.live_id"  # one training's runs, one per concept
+FAILURE_TAGS = ("oneword.failed_stage", "oneword.error")
 RETRY_AFTER_S = 60.0  # after a failed call, how long live logging rests before it tries again
 SAMPLE_SEEDS = 2  # pictures per prompt
 SAMPLE_STEPS = 10  # DDIM steps: enough to see the concept take shape, a fraction of an evaluation's cost
@@ -99,7 +102,9 @@ class LiveRuns:
         self._resting_until = 0.0
         self._last_sample = 0
         self._client = None
-        self._safely("open the runs", lambda: self._open(concepts, fingerprint))
+        self._concepts, self._fingerprint = list(concepts), fingerprint
+        self._live_id = uuid.uuid4().hex  # finds a run whose create answered too late, rather than open a twin
+        self._safely("open the runs", self._open)
 
     def _safely(self, what: str, fn: Callable[[], None], force: bool = False) -> bool:
         if not force and time.monotonic() < self._resting_until:
@@ -120,30 +125,49 @@ class LiveRuns:
             )
             return False
 
-    def _open(self, concepts: Sequence[tuple[str, ConceptSpec]], fingerprint: str) -> None:
+    def _open(self) -> None:
+        """Open the run of each concept that has none yet: at the start, and at a report after an outage."""
         from oneword import tracking
         from oneword.registry import CONCEPT_TAG, ensure_experiment
 
         mlflow, self._client = tracking.client(self.tracking.tracking_uri)
         exp_id = ensure_experiment(mlflow, self.tracking.experiment, self.tracking.tracking_uri)
-        for name, spec in concepts:
+        for name, spec in self._concepts:
+            if name in self.run_ids:
+                continue
             tags = {
                 CONCEPT_TAG: name,
                 "oneword.token": spec.token,
-                "oneword.base_model_fingerprint": fingerprint,
+                "oneword.base_model_fingerprint": self._fingerprint,
+                LIVE_ID_TAG: self._live_id,
                 **self.tracking.tags,
             }
-            run_id = self._earlier_attempt(exp_id, name)
+            run_id = self._mine(exp_id, name)
+            if run_id is None and (run_id := self._earlier_attempt(exp_id, name)) is not None:
+                # a retried task (a preempted node) goes on in the run its first attempt opened
+                self._client.update_run(run_id, status="RUNNING")
+                ended = self._client.get_run(run_id).data.tags
+                for key in FAILURE_TAGS:  # how the attempt before ended is not this attempt's end
+                    if key in ended:
+                        self._client.delete_tag(run_id, key)
             if run_id is None:
                 run_id = self._client.create_run(exp_id, run_name=name, tags=tags).info.run_id
-            else:  # a retried task (a preempted node) goes on in the run its first attempt opened
-                self._client.update_run(run_id, status="RUNNING")
+            else:
                 history = self._client.get_metric_history(run_id, "loss")
                 # by step, not by count: the retry resumed from its last checkpoint, maybe before the last
                 # point logged; those steps keep the values the first attempt logged (a resume replays them)
                 self.logged[spec.token] = max((m.step for m in history), default=-1)
             self.run_ids[name] = run_id
             log.info("live metrics of %s: MLflow run %s in experiment %r", name, run_id, self.tracking.experiment)
+
+    def _mine(self, exp_id: str, name: str) -> str | None:
+        """The run this very training opened for `name` in a call whose answer was lost, if any."""
+        from oneword.registry import CONCEPT_TAG
+
+        runs = self._client.search_runs(
+            [exp_id], f"tags.`{LIVE_ID_TAG}` = '{self._live_id}' and tags.`{CONCEPT_TAG}` = '{name}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
 
     def _earlier_attempt(self, exp_id: str, name: str) -> str | None:
         """The unfinished run an earlier attempt of this very KFP task opened for `name`, if any."""
@@ -170,6 +194,8 @@ class LiveRuns:
         return self._report
 
     def _report(self, step: int, mean: dict[str, float]) -> None:
+        if len(self.run_ids) < len(self._concepts):  # the server was down when training started
+            self._safely("open the runs", self._open)
         if not self.run_ids:
             return
         self._safely("log the training metrics", self._log_curves)
@@ -190,8 +216,7 @@ class LiveRuns:
             batch = [Metric(k, float(p[k]), now, int(p["step"])) for p in new for k in ("loss", "embedding_norm")]
             for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
                 self._client.log_batch(run_id, metrics=batch[i : i + 1000])
-            if new:
-                self.logged[token] = int(new[-1]["step"])
+                self.logged[token] = batch[min(i + 1000, len(batch)) - 1].step  # sent: never sent twice
 
     def _log_samples(self, step: int) -> None:
         import torch
@@ -219,8 +244,11 @@ class LiveRuns:
         """After training: the last points go out; failed concepts' runs end FAILED (with why), the others stay
         RUNNING for `register`."""
         self._pipe = None
-        if self.trainer is not None and self.run_ids:  # the end is worth one more try, resting or not
-            self._safely("log the training metrics", self._log_curves, force=True)
+        if self.trainer is not None:  # the end is worth one more try, resting or not
+            if len(self.run_ids) < len(self._concepts):
+                self._safely("open the runs", self._open, force=True)
+            if self.run_ids:
+                self._safely("log the training metrics", self._log_curves, force=True)
         for name, error in failed.items():
             run_id = self.run_ids.pop(name, None)
             if run_id is None:

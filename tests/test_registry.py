@@ -100,6 +100,24 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert E.load(theirs).token == "<cat-r>"
 
 
+def test_a_live_run_that_holds_another_registers_params_is_left_for_a_new_run(
+    evaluated_concept, mlflow_server, tmp_path
+):
+    """A register killed after logging its params (or running beside this one for another evaluation) leaves them
+    on the live run; MLflow refuses to change a param, so reusing the run failed this register too."""
+    train_dir, eval_dir = evaluated_concept
+    client = mlflow.MlflowClient(mlflow_server)
+    live = client.create_run(client.create_experiment("live-params")).info.run_id
+    client.log_param(live, "eval.n_images", "999")  # the killed register's evaluation drew 999
+    trained = tmp_path / "trained"
+    shutil.copytree(train_dir, trained)
+    summary = json.loads((trained / "summary.json").read_text())
+    (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": live}))
+    reg = registry.register(trained, eval_dir, mlflow_server, name="cat-live-params")
+    assert reg.run_id != live and client.get_run(reg.run_id).data.params["eval.n_images"] != "999"
+    assert client.get_run(live).data.params == {"eval.n_images": "999"}
+
+
 def test_pyfunc_loads_and_generates(evaluated_concept, mlflow_server):
     train_dir, eval_dir = evaluated_concept
     reg = registry.register(train_dir, eval_dir, mlflow_server, name="cat-pyfunc")

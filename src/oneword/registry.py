@@ -111,7 +111,11 @@ def _flat_params(summary: dict, metrics: dict | None) -> dict[str, str]:
     p["train.learning_rate_used"] = str(summary.get("learning_rate_used"))
     p["base_model"] = str(summary["model_source"])
     p["base_model_fingerprint"] = summary["model_fingerprint"]
-    p["image_sha256"] = ",".join(summary.get("image_sha256", []))
+    hashes = ",".join(summary.get("image_sha256", []))
+    # MLflow cuts a param at 6000 characters (92 photos' hashes): past that, one hash of them all
+    p["image_sha256"] = (
+        hashes if len(hashes) <= 6000 else "sha256 of the list: " + hashlib.sha256(hashes.encode()).hexdigest()
+    )
     p["n_images"] = str(len(summary.get("image_sha256", [])))
     p["oneword_version"] = __version__
     if metrics:
@@ -223,7 +227,7 @@ def register(
     files = _artifact_files(train_dir, eval_dir, concept.name)
     exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {**_run_tags(concept), **(run_tags or {})}
-    live = _live_run(client, concept.summary.get("mlflow_run_id"))
+    live = _live_run(client, concept.summary.get("mlflow_run_id"), _flat_params(concept.summary, concept.metrics))
     opened = (
         mlflow.start_run(run_id=live, tags=tags)
         if live
@@ -288,19 +292,25 @@ def _run_tags(concept: _Concept) -> dict[str, str]:
     return tags
 
 
-def _live_run(client, run_id: str | None) -> str | None:
-    """The live run training left RUNNING for this concept, if this store has it; else None (a new run)."""
+def _live_run(client, run_id: str | None, params: dict[str, str] | None = None) -> str | None:
+    """The live run training left RUNNING for this concept, if this store has it and holds no other value of
+    `params` (MLflow refuses to change a param: another evaluation's register, killed after logging its own, or
+    running beside this one, logged them); else None (a new run)."""
     from mlflow.exceptions import MlflowException
 
     if not run_id:
         return None
     try:
-        status = client.get_run(run_id).info.status
+        run = client.get_run(run_id)
     except MlflowException as e:
         log.warning("training's MLflow run %s is not in this store (%s); registering in a new run", run_id, e)
         return None
-    if status != "RUNNING":  # registered before (or a register failed half-way): a new run, as without one
-        log.info("training's MLflow run %s is %s; registering in a new run", run_id, status)
+    if run.info.status != "RUNNING":  # registered before (or a register failed half-way): a new run
+        log.info("training's MLflow run %s is %s; registering in a new run", run_id, run.info.status)
+        return None
+    logged = run.data.params
+    if other := sorted(k for k, v in (params or {}).items() if k in logged and logged[k] != str(v)):
+        log.info("training's MLflow run %s holds other values of %s; registering in a new run", run_id, other[:3])
         return None
     return run_id
 

@@ -349,3 +349,20 @@ def test_help_reads_whole_in_an_80_column_terminal(capsys, monkeypatch):
     assert "http://ml-pipeline-ui.kubeflow" in out and "s3://oneword-artifacts/pipeline-root?...)]" in out
     _, out = run(["generate", "--help"], capsys)
     assert "-e runs/my-cat/eval/embedding/learned_embeds.safetensors" in out and "<list[Path]>" not in out
+
+
+def test_a_registry_that_does_not_answer_is_said_in_seconds_without_a_traceback(capsys, monkeypatch):
+    """MLflow's client retries 7 times with backoff: `concepts list` waited almost 5 minutes, then a traceback."""
+    import os
+
+    from oneword.cli.concepts import QUERY_HTTP
+
+    from .conftest import free_port
+
+    for key in QUERY_HTTP:  # unset for the command, and as they were after it
+        monkeypatch.setenv(key, "")
+        del os.environ[key]
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code, out = run(["concepts", "list", "--tracking-uri", url], capsys)
+    assert code == 2 and "error: MLflow: " in out and "check --tracking-uri" in out and "Traceback" not in out
+    assert {key: os.environ[key] for key in QUERY_HTTP} == QUERY_HTTP

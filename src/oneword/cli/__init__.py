@@ -80,6 +80,21 @@ def _invalid_settings(e) -> OnewordError:
     )
 
 
+def _tracking_error(e: Exception) -> OnewordError | None:
+    """An MLflow server's refusal or silence as one line and what to check, or None for any other error (a bug's
+    traceback stays whole)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(e, MlflowException):
+        return None
+    first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+    return OnewordError(
+        f"MLflow: {first}",
+        hint="check --tracking-uri (or $MLFLOW_TRACKING_URI), that the server answers there, and "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD; with artifacts in S3 the server's MLFLOW_S3_ENDPOINT_URL and AWS keys",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `oneword` console script. Bad input exits with status 2 and a hint, no traceback."""
     setup_logging()
@@ -106,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         if isinstance(e, typer.Abort):  # Ctrl-C at a prompt
             sys.exit(130)
+        if (said := _tracking_error(e)) is not None:
+            _exit_with(said)
         raise
     if isinstance(code, int) and code:
         sys.exit(code)

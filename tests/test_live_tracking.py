@@ -277,6 +277,24 @@ def test_runs_left_running_by_a_stopped_batch_are_ended(tmp_path):
     assert end_orphaned_runs(uri, "oneword", "batch-1", "again") == []  # nothing left to end
 
 
+def test_a_failed_step_after_training_ends_its_live_run_with_why(tmp_path):
+    """The single-concept pipeline has no exit handler: a failed evaluation left training's run RUNNING."""
+    from oneword import tracking
+    from oneword.live import LiveRuns, LiveTracking, end_training_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = LiveRuns(LiveTracking(uri, "oneword"), [("cat-e", ConceptSpec(token="<cat-e>", init_word="cat"))], "x")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "summary.json").write_text(json.dumps({"mlflow_run_id": runs.run_ids["cat-e"]}))
+    assert end_training_run(uri, trained, "evaluate", "CUDA out of memory") == runs.run_ids["cat-e"]
+    run = tracking.client(uri)[1].get_run(runs.run_ids["cat-e"])
+    assert run.info.status == "FAILED" and run.data.tags["oneword.failed_stage"] == "evaluate"
+    assert run.data.tags["oneword.error"] == "CUDA out of memory"
+    assert end_training_run(uri, trained, "evaluate", "again") is None  # ended already: left as it is
+    assert end_training_run(uri, tmp_path / "never-trained", "evaluate", "x") is None
+
+
 def test_live_samples_decode_outside_an_fp16_autocast(tiny_model_dir):
     """SDXL's VAE overflows in fp16: under the training step's fp16 autocast the samples' decode stays in the VAE's
     own precision (diffusers' upcast looks at the weights, fp32 here, and would not step in)."""

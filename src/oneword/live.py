@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from unittest.mock import patch  # the stdlib's scoped os.environ change
 
 from oneword.config import ConceptSpec, TrackingConfig
@@ -255,8 +256,8 @@ class LiveRuns:
                 continue
 
             def fail(run_id: str = run_id, error: str = error) -> None:
-                self._client.set_tag(run_id, "oneword.failed_stage", "train")
-                self._client.set_tag(run_id, "oneword.error", error[:4000])
+                self._client.set_tag(run_id, FAILURE_TAGS[0], "train")
+                self._client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
                 self._client.set_terminated(run_id, status="FAILED")
 
             self._safely(f"end the run of {name}", fail, force=True)
@@ -264,6 +265,35 @@ class LiveRuns:
     def fail_all(self, error: str) -> None:
         """The training itself failed: every run ends FAILED."""
         self.end({name: error for name in list(self.run_ids)})
+
+
+def end_training_run(tracking_uri: str | None, train_dir: Path, stage: str, error: str) -> str | None:
+    """End, as FAILED with why, the live run a training left RUNNING for its `register`, when a step between
+    them fails and stops the run (`on_error=fail`: the single-concept pipeline has no exit handler to end it).
+
+    Returns:
+        The run's id, or None if there was none to end (or the store did not answer: the step's own failure is
+        what matters, and is raised all the same).
+    """
+    import json
+
+    from oneword import tracking
+
+    summary = Path(train_dir) / "summary.json"
+    run_id = json.loads(summary.read_text()).get("mlflow_run_id") if summary.is_file() else None
+    if not run_id:
+        return None
+    try:
+        _, client = tracking.client(tracking_uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_tag(run_id, FAILURE_TAGS[0], stage)
+        client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as e:  # the store is down, or the run is another store's
+        log.warning("could not end training's MLflow run %s (%s)", run_id, e)
+        return None
+    return run_id
 
 
 def end_orphaned_runs(tracking_uri: str | None, experiment: str, kfp_run_id: str, why: str) -> list[str]:

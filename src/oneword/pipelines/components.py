@@ -285,8 +285,15 @@ def evaluate(
             f.write(f"<p>{html.escape(concept)} is unchanged: version {found['version']} was registered from the same "
                     "training, evaluated with the same settings; see its report in the registry.</p>")
         return
-    m = run_step("evaluate", evaluation.path, on_error, lambda: run(trained, None, evaluation.path, config),
-                 upstream=[trained])
+    try:
+        m = run_step("evaluate", evaluation.path, on_error, lambda: run(trained, None, evaluation.path, config),
+                     upstream=[trained])
+    except Exception:  # the run stops here: training's live run, left open for register, ends with why
+        from oneword.live import end_training_run
+
+        why = read_failure(evaluation.path) or {}
+        end_training_run(tracking_uri or None, trained, "evaluate", str(why.get("error", "")))
+        raise
     if m is None:
         import html
 

@@ -31,7 +31,7 @@ def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=No
     return out
 
 
-def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, tiny_model_dir):
+def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, tiny_model_dir, monkeypatch):
     train_dir, eval_dir = evaluated_concept
     name = "cat-gate"
     first = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.2), mlflow_server, name=name)
@@ -98,6 +98,15 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert refused.value.code != 0 and theirs.read_bytes() == b"someone else's embedding"
     main([*pull, "--force"])
     assert E.load(theirs).token == "<cat-r>"
+    # generate --concept draws with the registered concept on the model it was trained on, and keeps no download
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    drawn = tmp_path / "drawn"
+    main(["generate", "a photo of <cat-r>", "--concept", f"{name}@champion", "--tracking-uri", mlflow_server,
+          "-o", str(drawn), "--n", "1", "--steps", "2"])  # fmt: skip
+    assert (drawn / "grid.png").exists() and list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_a_live_run_that_holds_another_registers_params_is_left_for_a_new_run(

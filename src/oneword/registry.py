@@ -954,11 +954,15 @@ def pull_concept(
     return out, dict(mv.tags)
 
 
-def pull_concepts(refs: list[str], tracking_uri: str | None = None) -> tuple[list[Path], str]:
-    """Download several concepts (diffusers format). Returns (files, the base model they were trained on)."""
+def pull_concepts(
+    refs: list[str], tracking_uri: str | None = None, folder: Path | None = None
+) -> tuple[list[Path], str]:
+    """Download several concepts (diffusers format), into `folder` if given (else each into a folder of its own
+    that the caller keeps). Returns (files, the base model they were trained on)."""
     files, bases = [], set()
-    for ref in refs:
-        f, tags = pull_concept(ref, tracking_uri=tracking_uri)
+    for i, ref in enumerate(refs):
+        out = Path(folder) / f"{i}" / "learned_embeds.safetensors" if folder else None
+        f, tags = pull_concept(ref, out, tracking_uri=tracking_uri)
         files.append(f)
         bases.add(tags.get("oneword.base_model"))
     if len(bases) > 1:

@@ -48,28 +48,31 @@ def generate_cmd(
       oneword generate "a photo of <my-cat> on the moon" \\
         -e runs/my-cat/eval/embedding/learned_embeds.safetensors
     """
+    import tempfile
+
     from rich import print as rprint
 
     from oneword.generate import generate
     from oneword.profiles import TOYWORLD
 
     files = list(embedding or [])
-    if concept:
-        from oneword.registry import pull_concepts
+    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as pulled_into:  # gone once drawn
+        if concept:
+            from oneword.registry import pull_concepts
 
-        pulled, model_source = pull_concepts(concept, tracking_uri)
-        files += pulled
-        base_model = base_model or model_source
-    if not base_model and files:  # the model the first file was trained on, as a registered concept's
-        from oneword.embeddings import load
+            pulled, model_source = pull_concepts(concept, tracking_uri, Path(pulled_into))
+            files += pulled
+            base_model = base_model or model_source
+        if not base_model and files:  # the model the first file was trained on, as a registered concept's
+            from oneword.embeddings import load
 
-        base_model = load(files[0]).meta.get("model_source") or None
-    grid = generate(
-        base_model or TOYWORLD,
-        files,
-        prompts,
-        out,
-        GenerateConfig(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, device=device),
-        force=force,
-    )
+            base_model = load(files[0]).meta.get("model_source") or None
+        grid = generate(
+            base_model or TOYWORLD,
+            files,
+            prompts,
+            out,
+            GenerateConfig(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, device=device),
+            force=force,
+        )
     rprint(f"[green]grid[/] -> {grid}")

@@ -196,6 +196,16 @@ def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tm
     ran = {p.name for p in (tmp_path / "root").glob("textual-inversion-*/*") if p.is_dir()}
     assert ran <= {"plan-concept", "preflight"}, ran  # nothing after the preflight ran
     assert seconds < 60, seconds
+    # a setting out of its range is told before any step: it stopped the run in `train`, after the photos were
+    # encoded, as "Inner task failed: 'train'"
+    args = ["run", "--images", str(DREAMBENCH / "cat"), "--token", "<cat-p>", "--init-word", "cat",
+            "--base-model", str(tiny_model_dir), "--pipeline-root", str(tmp_path / "settings"),
+            "--steps", "-3", "--mode", "zoom"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid settings: steps=-3" in err and "mode='zoom'" in err, err
+    assert not (tmp_path / "settings").exists()
 
 
 @pytest.mark.slow

@@ -48,20 +48,13 @@ def _params(param: list[str] | None, pipeline: str) -> dict:
 
 
 def _check_setting(key: str, value: object) -> None:
-    """A cluster setting's own rules (ClusterConfig: a GPU count of at least one, ...), checked here."""
-    from pydantic import ValidationError
-
-    from oneword.config import ClusterConfig
+    """A setting's own rules (its config field's: a step count of at least 1, a GPU count of at least one, ...),
+    checked here rather than in the step that would meet it on the cluster."""
     from oneword.errors import OnewordError
+    from oneword.pipelines.parameters import invalid
 
-    if key not in ClusterConfig.model_fields:
-        return
-    try:
-        ClusterConfig(**{key: value})
-    except ValidationError as e:
-        raise OnewordError(
-            f"--param {key}={value!r}: {e.errors()[0]['msg']}", hint="fix the value and run again"
-        ) from None
+    if problems := invalid({key: value}):
+        raise OnewordError(f"--param {problems[0]}", hint="fix the value and run again")
 
 
 def _typed(key: str, value: str, kfp_type: str) -> object:

@@ -38,9 +38,10 @@ def _step_failure(run_dir: Path | None, error: Exception, log_file: Path | None)
 
     found = sorted(run_dir.rglob(FAILURE_FILE), key=lambda p: p.stat().st_mtime) if run_dir else []
     if not found:
-        task = re.search(r"Inner task failed: '([^']+)'", str(error))
+        said = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # kfp.local colours its names for a terminal
+        task = re.search(r"Inner task failed: '([^']+)'", said)
         return OnewordError(
-            f"the pipeline stopped at {task.group(1) if task else 'a step'}: {error}", hint=_where(log_file)
+            f"the pipeline stopped at {task.group(1) if task else 'a step'}: {said}", hint=_where(log_file)
         )
     return _failure_error(found[-1], log_file)
 
@@ -139,6 +140,18 @@ def _own_run(pipeline_root: Path, prefix: str, started: float) -> Path | None:
     return min(runs)[1] if runs else None
 
 
+def _check_settings(params: dict) -> None:
+    """The parameters by their config fields' rules, before any step runs (a bad step count met in `train`
+    stopped a run after its photos were encoded, as "Inner task failed: 'train'")."""
+    from oneword.pipelines.parameters import invalid
+
+    if problems := invalid(params):
+        raise OnewordError(
+            "invalid setting" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems),
+            hint="`oneword run --help` says what each option takes",
+        )
+
+
 def _check_concept(params: dict) -> None:
     """Check the concept as the pipeline's plan step will, on this machine: its mistake (a name no registry search
     can hold, a vector count of 0) is told here, whole, not as "Inner task failed: 'plan-concept'"."""
@@ -170,6 +183,7 @@ def run_textual_inversion(
     """
     from oneword.pipelines.definitions import textual_inversion
 
+    _check_settings(params)
     _check_concept(params)
     uri = ensure_store(tracking_uri)  # made once here, before any step opens it
     _init(pipeline_root)
@@ -221,6 +235,7 @@ def run_batch(
 
     from oneword.batch import load_concepts_manifest, plan_concepts
 
+    _check_settings(params)
     plan_concepts(load_concepts_manifest(concepts_manifest))  # as plan-batch will: a mistake is told here, whole
     uri = ensure_store(tracking_uri)  # made once here, before the shards open it in parallel
     pipeline_root.mkdir(parents=True, exist_ok=True)

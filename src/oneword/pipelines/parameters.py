@@ -11,7 +11,7 @@ module rather than written from it: `tests/test_parameters.py`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel
 
@@ -122,3 +122,25 @@ PIPELINE_HELP = {
     "checkpoint_every": "steps between checkpoints (0: the model's profile; = steps: only the last)",
     "seed": "seeds training's random draws (evaluation's are fixed: image j of every prompt uses seed j)",
 }
+
+
+def invalid(params: dict[str, Any]) -> list[str]:
+    """What is wrong with pipeline parameters by their config fields' own rules (a step count of at least 1, a
+    choice among a field's values), one line per parameter: checked before a run starts, not in the step that
+    would meet it after the ones before had run. A model-dependent parameter left unset (0, "") is not checked.
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    problems = []
+    for name, value in params.items():
+        if name not in SOURCES:
+            continue
+        model, field = SOURCES[name]
+        info = model.model_fields[field]
+        if name in _KINDS and unset_to_none(value) is None:
+            continue
+        try:
+            TypeAdapter(Annotated[info.annotation, info]).validate_python(value)
+        except ValidationError as e:
+            problems.append(f"{name}={value!r}: {e.errors()[0]['msg']}")
+    return problems

@@ -366,3 +366,16 @@ def test_a_registry_that_does_not_answer_is_said_in_seconds_without_a_traceback(
     code, out = run(["concepts", "list", "--tracking-uri", url], capsys)
     assert code == 2 and "error: MLflow: " in out and "check --tracking-uri" in out and "Traceback" not in out
     assert {key: os.environ[key] for key in QUERY_HTTP} == QUERY_HTTP
+
+
+def test_what_the_machine_refuses_is_one_line_and_a_hint(tmp_path, capsys):
+    """An output path through a file (or a read-only folder, a full disk), a device this torch has not, a
+    resolution of 0: each was a traceback."""
+    (tmp_path / "a-file").write_text("")
+    for args, said in (
+        (["preprocess", DREAMBENCH / "cat", "-o", tmp_path / "a-file" / "data"], "cannot read or write"),
+        (["preprocess", DREAMBENCH / "cat", "-o", tmp_path / "data", "--resolution", 0], "resolution"),
+        (["cache-latents", tmp_path, "-o", tmp_path / "lat", "--device", "banana"], "unknown device 'banana'"),
+    ):
+        code, out = run(args, capsys)
+        assert code == 2 and said in out and "hint:" in out and "Traceback" not in out, out

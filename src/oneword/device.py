@@ -20,7 +20,21 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
 
 def resolve_device(name: str) -> torch.device:
     """`auto` means CUDA when available, else CPU. On CPU, denormal floats are flushed to zero (see below)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError as e:
+        raise OnewordError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:1, mps, ...") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OnewordError(
+            f"device {name!r}: this torch sees no CUDA GPU"
+            + (" (it is a CPU-only build)" if torch.version.cuda is None else ""),
+            hint="use --device cpu (or auto), or install torch's CUDA build on a machine with an NVIDIA GPU",
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OnewordError(
+            f"device {name!r}: this machine has {torch.cuda.device_count()} visible CUDA GPU(s)",
+            hint="use cuda, or cuda:N with N below that count",
+        )
     if device.type == "cpu":
         # Denormal floats make x86 CPUs 20-50x slower, and they appear in the frozen UNet's activations (measured:
         # 2 concepts in one batch, 20 steps, 65 s -> 1.7 s; two toy evaluations side by side, 6.7 min before).

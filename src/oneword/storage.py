@@ -55,9 +55,13 @@ os.umask(_UMASK)
 def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """`safetensors.torch.save_file`, with the mode the umask gives any other file: safetensors creates its files
     0600, which a pod or a tool (a webui) running as another user on a shared volume cannot read."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # its I/O errors are not OSErrors
+        raise OnewordError(f"cannot write {path}: {e}", hint="check the folder's permissions and free space") from e
     os.chmod(path, 0o666 & ~_UMASK)
     return Path(path)
 

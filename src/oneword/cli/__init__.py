@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         if (said := _tracking_error(e)) is not None:
             _exit_with(said)
+        if isinstance(e, OSError) and e.strerror:  # a folder not writable, a full disk, a path through a file
+            where = f" {e.filename}" if e.filename else ""
+            hint = "check the path, its permissions and the free space; --verbose shows where"
+            _exit_with(OnewordError(f"cannot read or write{where}: {e.strerror}", hint=hint))
         raise
     if isinstance(code, int) and code:
         sys.exit(code)

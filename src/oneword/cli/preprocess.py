@@ -29,7 +29,8 @@ def preprocess_cmd(
 
     from oneword.images import preprocess
 
-    m = preprocess(images, out, resolution=resolution, mode=mode)  # type: ignore[arg-type]
+    settings = PreprocessConfig(resolution=resolution, mode=mode)  # type: ignore[arg-type]  # its rules, checked
+    m = preprocess(images, out, resolution=settings.resolution, mode=settings.mode)
     rprint(f"[green]{len(m.images)} image(s)[/] -> {out} ({len(m.skipped)} skipped)")
     for s in m.skipped:
         rprint(f"  [yellow]skipped[/] {s['source']}: {s['reason']}")

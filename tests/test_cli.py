@@ -186,6 +186,15 @@ def test_export_and_blend_never_replace_a_file_unasked(tmp_path, capsys):
     code, out = run(["blend", tmp_path / "b.pt", tmp_path / "learned_embeds.safetensors", "--token", "<ab>",
                      "-o", tmp_path / "b.pt"], capsys)  # fmt: skip
     assert code == 2 and "one of the concepts blended" in out
+    # a new token is checked as training checks one: a word the vocabulary has, spaces, an empty one
+    for token, said in (("star", "already in the vocabulary"), ("bad token", "no spaces"), ("", "no spaces")):
+        out_file = tmp_path / "t.safetensors"
+        code, out = run(["export", tmp_path / "b.pt", "-f", "kohya", "--token", token, "-o", out_file], capsys)
+        assert code == 2 and said in out, out
+        code, out = run(["blend", tmp_path / "b.pt", tmp_path / "learned_embeds.safetensors", "--token", token,
+                         "-o", tmp_path / "ab.safetensors"], capsys)  # fmt: skip
+        assert code == 2 and said in out, out
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "ab.safetensors").exists()
 
 
 def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):

@@ -68,6 +68,8 @@ def test_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(OnewordError, match=r"model_index\.json"):
         load_base_model(str(tmp_path))
+    with pytest.raises(OnewordError, match="neither a diffusers model folder nor a single-file checkpoint"):
+        load_base_model(str(tmp_path / "x.txt"))  # was transformers' "`vocab` and `merges` must be both..."
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):

@@ -90,6 +90,12 @@ def resolve(source: str) -> str:
                 f"{p} is a folder but not a diffusers model (no model_index.json)",
                 hint="pass the folder that holds model_index.json, tokenizer/, text_encoder/, unet/, vae/",
             )
+        if p.is_file() and not p.name.lower().endswith(SINGLE_FILE_SUFFIXES):
+            raise OnewordError(
+                f"{p} is neither a diffusers model folder nor a single-file checkpoint "
+                f"({', '.join(SINGLE_FILE_SUFFIXES)})",
+                hint="pass a diffusers folder, a .safetensors or .ckpt checkpoint, a hub id, or `toyworld`",
+            )
         return str(p)
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(SINGLE_FILE_SUFFIXES)
     if looks_like_path or source.count("/") != 1:

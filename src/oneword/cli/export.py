@@ -33,7 +33,8 @@ def export_cmd(
     if format not in E.FORMATS:
         raise OnewordError(f"unknown format {format!r}", hint=f"use one of {', '.join(E.FORMATS)}")
     emb = E.load(embedding)
-    if token:
+    if token is not None:
+        _check_token(token, emb.n_vectors)
         emb.token = token
     dest = out or embedding.with_name(E.default_filename(emb.token, format))  # type: ignore[arg-type]
     if dest.resolve() == embedding.resolve():
@@ -67,9 +68,20 @@ def blend_cmd(
     if out.resolve() in (first.resolve(), second.resolve()):
         raise OnewordError(f"{out} is one of the concepts blended", hint="write the blend to a file of its own")
     refuse_existing(out, force)
-    emb = E.blend(E.load(first), E.load(second), t, token)
+    a, b = E.load(first), E.load(second)
+    _check_token(token, a.n_vectors)
+    emb = E.blend(a, b, t, token)
     E.save(emb, out, "diffusers")
     rprint(f"[green]{token}[/] = {t:g} of the way from {first} to {second} -> {out}")
+
+
+def _check_token(token: str, n_vectors: int) -> None:
+    """A new token as training checks it: one word, not a word (or a piece of one) the CLIP vocabulary has, as
+    every Stable Diffusion family's tokenizer shares it."""
+    from oneword.tokenizer import load_clip_tokenizer
+    from oneword.tokens import check_new_token
+
+    check_new_token(load_clip_tokenizer(), token, n_vectors)
 
 
 def refuse_existing(dest: Path, force: bool) -> None:

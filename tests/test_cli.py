@@ -1,6 +1,7 @@
 """Every subcommand runs on its own, end to end, and bad input exits 2 with a message and a hint."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -388,3 +389,22 @@ def test_what_the_machine_refuses_is_one_line_and_a_hint(tmp_path, capsys):
     ):
         code, out = run(args, capsys)
         assert code == 2 and said in out and "hint:" in out and "Traceback" not in out, out
+
+
+def test_the_concepts_table_keeps_aliases_and_tokens_whole_in_80_columns():
+    """A long name squeezed every other column into 3-character fragments ("cha / mpi / on")."""
+    from rich.console import Console
+
+    from oneword.cli.concepts import concepts_table
+
+    row = {"version": "1", "aliases": ["champion"], "token": "<pstar>", "base_model": "/models/sd15",
+           "base_model_fingerprint": "sha256:e29e1234abcd", "reconstruction": 0.66, "editability": 0.5}  # fmt: skip
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(concepts_table([{**row, "name": "my-golden-retriever-on-the-beach-2024-summer"}]))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    first = next(line for line in lines if "champion" in line)
+    assert "<pstar>" in first and "0.66" in first and "0.50" in first
+    rows = lines[next(i for i, line in enumerate(lines) if "─" in line) + 1 :]
+    name = "".join(line.split()[0] for line in rows if line.strip())
+    assert name == "my-golden-retriever-on-the-beach-2024-summer"  # folded, whole

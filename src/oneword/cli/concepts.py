@@ -46,9 +46,7 @@ def list_cmd(
     Example:
       oneword concepts list --alias champion
     """
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     from oneword.registry import list_concepts
 
@@ -56,13 +54,22 @@ def list_cmd(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    # In 80 columns the name stays whole (what a user came for), and the scores; the base model shows as its
-    # last path part and a fingerprint prefix (what --base-model filters by), folded if it must be.
+    Console().print(concepts_table(rows))
+
+
+def concepts_table(rows: list[dict]):
+    """`concepts list`'s table of `list_concepts` rows (a rich `Table`)."""
+    from rich import box
+    from rich.table import Table
+
+    # In 80 columns the alias, token and scores stay whole; a long name folds onto more lines (whole, not cut)
+    # before they would; the base model shows as its last path part and a fingerprint prefix (what --base-model
+    # filters by), folded if it must be.
     t = Table(title="concepts", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    t.add_column("name", no_wrap=True)
+    t.add_column("name", overflow="fold", min_width=12)
     t.add_column("ver", justify="right", no_wrap=True)
-    t.add_column("alias", overflow="fold")
-    t.add_column("token", overflow="fold")
+    t.add_column("alias", no_wrap=True)
+    t.add_column("token", no_wrap=True)
     t.add_column("base model", overflow="fold")
     t.add_column("recon", justify="right", no_wrap=True)
     t.add_column("edit", justify="right", no_wrap=True)
@@ -76,7 +83,7 @@ def list_cmd(
             _score(r["reconstruction"]),
             _score(r["editability"]),
         )
-    Console().print(t)
+    return t
 
 
 def _score(value) -> str:

@@ -37,8 +37,9 @@ def scatter(series: Sequence[dict], out: Path, title: str = "distortion vs edita
         if curve:
             xs, ys = [p["editability"] for p in curve], [p["reconstruction"] for p in curve]
             ax.plot(xs, ys, "-o", color=colour, ms=3, label=s["label"])
-            ax.annotate(str(curve[0]["step"]), (xs[0], ys[0]), fontsize=6, color=colour)
-            ax.annotate(str(curve[-1]["step"]), (xs[-1], ys[-1]), fontsize=6, color=colour)
+            for k in (0, -1):  # beside the point, where the chosen step's star does not cover it
+                ax.annotate(str(curve[k]["step"]), (xs[k], ys[k]), fontsize=6, color=colour, xytext=(7, -10),
+                            textcoords="offset points")  # fmt: skip
             chosen = [p for p in curve if p["step"] == s.get("chosen")]
             if chosen:
                 ax.plot(
@@ -75,7 +76,9 @@ def scatter(series: Sequence[dict], out: Path, title: str = "distortion vs edita
     ax.set_xlabel("editability: text similarity (CLIP)")
     ax.set_ylabel("reconstruction: image similarity (CLIP)")
     ax.set_title(
-        f"{title}\n(square: image-only reference; triangle: prompt-only reference; star: chosen step)", fontsize=8
+        f"{title}\nline: checkpoints scored on a few images, to choose one; star: the one chosen\n"
+        "diamond: its score on the full evaluation (other seeds); square, triangle: image-only, prompt-only",
+        fontsize=7,
     )
     ax.margins(x=0.15, y=0.1)  # room inside the axes for the labels of the outermost points
     ax.grid(alpha=0.3)

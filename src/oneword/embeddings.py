@@ -130,8 +130,8 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
     path = Path(path)
     if fmt in SUFFIXES and path.suffix.lower() not in SUFFIXES[fmt]:
         raise OnewordError(
-            f"{path}: a {fmt} embedding file is named *{' or *'.join(SUFFIXES[fmt])}, and the tools that load it "
-            "pick their reader by that suffix",
+            f"{path}: an embedding file in {fmt} format is named *{' or *'.join(SUFFIXES[fmt])}, and the tools "
+            "that load it pick their reader by that suffix",
             hint=f"name it {path.with_suffix(SUFFIXES[fmt][0]).name}, or pick the format that suffix means",
         )
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def _exit_with(e: OnewordError) -> None:
     sys.exit(2)
 
 
-def _invalid_settings(e) -> OnewordError:
+def _invalid_settings(e, command: str = "COMMAND") -> OnewordError:
     """A pydantic `ValidationError` of a config model as one line per setting: its name, the rule, the value."""
     problems = []
     for item in e.errors():
@@ -76,7 +76,7 @@ def _invalid_settings(e) -> OnewordError:
         problems.append(f"{name}: {item['msg']}{got}")
     return OnewordError(
         "invalid setting" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems),
-        hint="`oneword COMMAND --help` says what each option takes (its option is the setting's name, with -)",
+        hint=f"`oneword {command} --help` says what each option takes (its option is the setting's name, with -)",
     )
 
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         from pydantic import ValidationError
 
         if isinstance(e, ValidationError):  # an option's value out of its config field's range or choices
-            _exit_with(_invalid_settings(e))
+            words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+            _exit_with(_invalid_settings(e, " ".join(words[:2] if words[:1] == ["concepts"] else words[:1])))
 
         # click's usage errors (a missing option, a bad value), shown as click shows them; typer ships its own copy
         # of click, so they are known by what they do, not by the `click` package's classes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 
@@ -59,3 +61,16 @@ def _root(
 ) -> None:
     """Textual Inversion as production software."""
     STATE["verbose"] = verbose
+
+
+# A person waits at the commands that ask MLflow and nothing else: a server that does not answer is said in
+# seconds, not after MLflow's default of 7 retries with backoff (almost 5 minutes). Set either to override.
+QUERY_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def person_waits():
+    """A context in which MLflow's client is as a command a person waits at should use it (`QUERY_HTTP`, where
+    not set otherwise); the environment is as it was after it."""
+    from unittest.mock import patch  # the stdlib's scoped os.environ change
+
+    return patch.dict(os.environ, {k: v for k, v in QUERY_HTTP.items() if k not in os.environ})

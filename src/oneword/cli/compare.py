@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import TrackingConfig
 
@@ -37,7 +37,8 @@ def compare_cmd(
 
     from oneword.evaluation.compare import compare
 
-    path = compare(runs, out, labels=label, tracking_uri=tracking_uri)
+    with person_waits():
+        path = compare(runs, out, labels=label, tracking_uri=tracking_uri)
     rprint(f"[green]scatter[/] -> {path}")
     if path.with_suffix(".json").exists():
         rprint(json.loads(path.with_suffix(".json").read_text()))

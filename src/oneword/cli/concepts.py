@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import TrackingConfig
 
 concepts = typer.Typer(help="Query the registry of learned concepts (MLflow).", no_args_is_help=True)
 app.add_typer(concepts, name="concepts")
-# A person waits at these commands: a server that does not answer is said in seconds, not after MLflow's
-# default of 7 retries with backoff (almost 5 minutes). Set either variable to override.
-QUERY_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @concepts.callback()
-def _query_patience() -> None:
-    for key, value in QUERY_HTTP.items():
-        os.environ.setdefault(key, value)
+def _query_patience(ctx: typer.Context) -> None:
+    ctx.with_resource(person_waits())  # for the subcommand, which runs inside this context
+
+
 TRACKING = option(TrackingConfig, "tracking_uri")
 
 

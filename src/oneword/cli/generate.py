@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import GenerateConfig, TrackingConfig
 
@@ -60,7 +60,8 @@ def generate_cmd(
         if concept:
             from oneword.registry import pull_concepts
 
-            pulled, model_source = pull_concepts(concept, tracking_uri, Path(pulled_into))
+            with person_waits():
+                pulled, model_source = pull_concepts(concept, tracking_uri, Path(pulled_into))
             files += pulled
             base_model = base_model or model_source
         if not base_model and files:  # the model the first file was trained on, as a registered concept's

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import GateThresholds, TrackingConfig
 
@@ -38,14 +38,15 @@ def register_cmd(
 
     from oneword.registry import register
 
-    r = register(
-        trained,
-        evaluation,
-        tracking_uri or None,
-        name=name,
-        experiment=experiment,
-        thresholds=GateThresholds(
-            min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se
-        ),
-    )
+    with person_waits():
+        r = register(
+            trained,
+            evaluation,
+            tracking_uri or None,
+            name=name,
+            experiment=experiment,
+            thresholds=GateThresholds(
+                min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se
+            ),
+        )
     rprint(f"[green]{r.name}[/] version {r.version} -> [bold]{r.alias}[/] ({r.reason}); run {r.run_id}")

@@ -89,7 +89,7 @@ def run_cmd(
         m = json.loads(Path(out["metrics"]).read_text())
         rprint(
             f"  reconstruction {m['reconstruction']:.4f}, editability {m['editability']:.4f} "
-            f"(step {m['step']}; baselines {m.get('baselines')})"
+            f"(step {m['step']}{_baselines(m.get('baselines'))})"
         )
     for k in ("report", "grid", "embedding", "run_dir", "tracking_uri"):
         if out.get(k):  # an unchanged concept drew nothing new: its files are the registered version's
@@ -194,3 +194,9 @@ def print_batch_report(report: dict, console) -> int:
     for k in ("run_dir", "tracking_uri"):
         console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     return 1 if report["failed"] else 0
+
+
+def _baselines(baselines: dict | None) -> str:
+    """The image-only and prompt-only ceilings, as the scores beside them are printed."""
+    shown = [f"{k.replace('_', '-')} {v:.4f}" for k, v in (baselines or {}).items() if isinstance(v, float | int)]
+    return f"; ceilings: {', '.join(shown)}" if shown else ""

@@ -82,7 +82,8 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
     if edit < thresholds.min_editability:
         return GateResult(False, f"editability {edit:.4f} < threshold {thresholds.min_editability:.4f}")
     if champion is None:
-        return GateResult(True, "passes the thresholds; no champion yet")
+        off = thresholds.min_reconstruction <= -1 and thresholds.min_editability <= -1
+        return GateResult(True, "no champion yet" + ("" if off else "; passes the thresholds"))
     check_comparable(candidate, champion)
     score, best = rec + edit, champion["reconstruction"] + champion["editability"]
     if not math.isfinite(best):  # a champion whose scores were NaN holds its alias by no measure

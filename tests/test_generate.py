@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from oneword import embeddings as E
 from oneword.config import GenerateConfig
+from oneword.errors import OnewordError
 from oneword.generate import generate, make_grid
 
 
@@ -35,6 +37,14 @@ def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path):
     b = np.asarray(Image.open(tmp_path / "again" / "p00_s5.png"))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, np.asarray(Image.open(out / "p01_s5.png")))
+    # drawn again into the same folder: only this call's pictures are there; a folder of something else is refused
+    generate(str(tiny_model_dir), files, ["<b-x>"], out, GenerateConfig(n=1, seed=9, steps=2))
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00_s9.png"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(OnewordError, match="not pictures drawn by `oneword generate`"):
+        generate(str(tiny_model_dir), files, ["<b-x>"], tmp_path / "notes", GenerateConfig(n=1, steps=2))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
 def test_grid_layout():

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from oneword import embeddings as emb_io
+from oneword import storage
 from oneword.config import GenerateConfig
 from oneword.device import resolve_device
 from oneword.distributed import World, gather
@@ -24,6 +25,8 @@ from oneword.profiles import ModelProfile, profile_of
 from oneword.tokens import clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
+
+GRID = "grid.png"  # generate's picture of them all, which marks its output folder
 
 
 @dataclass(frozen=True)
@@ -222,13 +225,14 @@ def generate(
         base_model: model reference or loaded `LoadedModel`.
         embedding_files: learned embeddings (any format) whose tokens the prompts use.
         prompts: prompts, e.g. "an oil painting of <my-cat> on the moon".
-        out_dir: where `p{i}_s{seed}.png` and `grid.png` go.
+        out_dir: where `p{i}_s{seed}.png` and `grid.png` go (replaced whole: a folder of something else is refused).
         config: images per prompt, first seed, sampler settings (unset: the model's profile) and device.
         force: load embeddings trained on another model of the same width.
 
     Returns:
         The path of `grid.png`.
     """
+    storage.check_replaceable(Path(out_dir), GRID, "pictures drawn by `oneword generate`")  # before drawing
     model = base_model if isinstance(base_model, LoadedModel) else load_base_model(base_model)
     pipe = build_pipeline(model, config.device)
     tokens = load_embeddings(pipe, model, embedding_files, force=force)
@@ -237,11 +241,10 @@ def generate(
         log.warning("prompt %r uses none of the loaded tokens %s", p, tokens)
     sampler = SamplerConfig(steps=config.steps, guidance_scale=config.guidance_scale)
     images = sample(pipe, list(prompts), config.n, config.seed, sampler.resolved(profile_of(model)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, row in enumerate(images):
-        for j, im in enumerate(row):
-            im.save(out_dir / f"p{i:02d}_s{config.seed + j}.png")
-    grid = make_grid(images, list(prompts), label_width=160)
-    path = out_dir / "grid.png"
-    grid.save(path)
-    return path
+    # replaced whole: an earlier call's pictures of other prompts or seeds are not left among these
+    with storage.atomic_dir(Path(out_dir), GRID, "pictures drawn by `oneword generate`") as tmp:
+        for i, row in enumerate(images):
+            for j, im in enumerate(row):
+                im.save(tmp / f"p{i:02d}_s{config.seed + j}.png")
+        make_grid(images, list(prompts), label_width=160).save(tmp / GRID)
+    return Path(out_dir) / GRID

@@ -385,6 +385,8 @@ def test_what_the_machine_refuses_is_one_line_and_a_hint(tmp_path, capsys):
         (["preprocess", DREAMBENCH / "cat", "-o", tmp_path / "a-file" / "data"], "cannot read or write"),
         (["preprocess", DREAMBENCH / "cat", "-o", tmp_path / "data", "--resolution", 0], "resolution"),
         (["cache-latents", tmp_path, "-o", tmp_path / "lat", "--device", "banana"], "unknown device 'banana'"),
+        (["preprocess", tmp_path / "a-file", "-o", tmp_path / "data"], "is a file: pass the folder"),
+        (["register", tmp_path / "no-such-training"], "not found"),
     ):
         code, out = run(args, capsys)
         assert code == 2 and said in out and "hint:" in out and "Traceback" not in out, out

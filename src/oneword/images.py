@@ -106,6 +106,8 @@ def discover_images(source: str | Path) -> list[Path]:
         Sorted local paths.
     """
     folder = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
+    if folder.is_file():
+        raise OnewordError(f"{folder} is a file: pass the folder of the concept's photos", hint="e.g. photos/my-cat/")
     if not folder.is_dir():
         raise OnewordError(f"image folder {folder} does not exist", hint="pass a folder of photos of the concept")
     files = visible_files(folder)

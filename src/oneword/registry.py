@@ -248,6 +248,8 @@ def register(
 def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batch_id: str) -> _Concept:
     """Read the training summary and evaluation metrics, and name the concept."""
     for f, step in ((train_dir / "summary.json", "train"), (Path(eval_dir or "") / "metrics.json", "evaluate")):
+        if (eval_dir or step == "train") and not f.parent.is_dir():
+            raise OnewordError(f"folder {f.parent} not found", hint=f"pass the folder `oneword {step}` wrote (its -o)")
         if (eval_dir or step == "train") and not f.is_file():
             failed = outcome.read_failure(f.parent)
             why = f"the concept failed at {failed['stage']}: {failed['error']}" if failed else f"{step} did not finish"

@@ -263,8 +263,8 @@ def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
 
 def test_evaluate_finds_the_training_images_in_the_training_folder(evaluated_concept, tiny_clip_dir, tmp_path, capsys):
     train_dir, _ = evaluated_concept
-    args = ["evaluate", train_dir, "-o", tmp_path / "eval", "--n-images", 1, "--steps", 2, "--checkpoint-budget", 0,
-            "--clip-model", tiny_clip_dir, "--no-baselines"]  # fmt: skip
+    args = ["evaluate", train_dir, "-o", tmp_path / "eval", "--n-images", 1, "--sampling-steps", 2,
+            "--checkpoint-budget", 0, "--clip-model", tiny_clip_dir, "--no-baselines"]  # fmt: skip
     code, out = run(args, capsys)
     assert code == 0, out
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 1

@@ -23,7 +23,9 @@ def evaluate_cmd(
     base_model: Annotated[str | None, typer.Option(help="default: the model the concept was trained on")] = None,
     prompt_set: Annotated[str | None, option(EvalConfig, "prompt_set")] = default(EvalConfig, "prompt_set"),
     n_images: Annotated[int, option(EvalConfig, "n_images")] = default(EvalConfig, "n_images"),
-    steps: Annotated[int | None, option(EvalConfig, "steps")] = default(EvalConfig, "steps"),
+    steps: Annotated[int | None, option(EvalConfig, "steps", "--sampling-steps", "--steps")] = default(
+        EvalConfig, "steps"
+    ),
     guidance_scale: Annotated[float | None, option(EvalConfig, "guidance_scale")] = default(
         EvalConfig, "guidance_scale"
     ),

@@ -32,7 +32,9 @@ def generate_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")] = Path("generated"),
     n: Annotated[int, option(GenerateConfig, "n")] = default(GenerateConfig, "n"),
     seed: Annotated[int, option(GenerateConfig, "seed")] = default(GenerateConfig, "seed"),
-    steps: Annotated[int | None, option(GenerateConfig, "steps")] = default(GenerateConfig, "steps"),
+    steps: Annotated[int | None, option(GenerateConfig, "steps", "--sampling-steps", "--steps")] = default(
+        GenerateConfig, "steps"
+    ),
     guidance_scale: Annotated[float | None, option(GenerateConfig, "guidance_scale")] = default(
         GenerateConfig, "guidance_scale"
     ),

@@ -259,6 +259,11 @@ def cache_latents(
     )
     with storage.atomic_dir(Path(out_dir), LATENTS_FILE, LATENT_CACHE) as tmp:
         latents.save(tmp)
-        # the images travel with their latents, so a later step (evaluation of a batch) finds them there
-        shutil.copytree(dataset_dir, tmp / DATASET_DIR)
+        # the images travel with their latents, so a later step (evaluation of a batch) finds them there: the
+        # ones the manifest read at the start names, checked again (a preprocess rerun may have replaced them)
+        (tmp / DATASET_DIR / "images").mkdir(parents=True)
+        for rec in manifest.images:
+            _dataset_image(Path(dataset_dir) / rec.file, rec.processed_sha256)
+            shutil.copyfile(Path(dataset_dir) / rec.file, tmp / DATASET_DIR / rec.file)
+        manifest.save(tmp / DATASET_DIR)
     return latents

@@ -183,3 +183,20 @@ def test_no_model_is_special_cased_by_name_outside_the_profile():
         if re.search(r"""["']toyworld["']""", line)
     ]
     assert hits == []
+
+
+def test_parameters_outside_the_config_models_agree_wherever_they_appear():
+    """`on_error` and a concept's `name` are not config fields, yet appear in several signatures: one value each."""
+    import inspect
+
+    from oneword.batch import ConceptEntry
+    from oneword.outcome import ON_ERROR_CHOICES
+    from oneword.train import train_shard
+
+    on_error, name = set(), set()
+    for spec in [c.component_spec for c in components.ALL] + [definitions.textual_inversion.component_spec]:
+        inputs = _kfp_inputs(spec)
+        on_error |= {inputs["on_error"]} if "on_error" in inputs else set()
+        name |= {inputs["name"]} if "name" in inputs else set()
+    assert on_error == {ON_ERROR_CHOICES[0]} == {inspect.signature(train_shard).parameters["on_error"].default}
+    assert name == {ConceptEntry.model_fields["name"].default} == {_cli_params("run")["name"].default}

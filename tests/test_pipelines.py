@@ -206,6 +206,10 @@ def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tm
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "invalid settings: steps=-3" in err and "mode='zoom'" in err, err
     assert not (tmp_path / "settings").exists()
+    with pytest.raises(SystemExit) as exit_:  # so is a photo folder that is not there
+        main([*args[:2], str(tmp_path / "no-photos"), *args[3:-4]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no-photos does not exist" in err and not (tmp_path / "settings").exists(), err
 
 
 @pytest.mark.slow

@@ -110,7 +110,7 @@ def preflight(
     for bucket in sorted(_buckets(base_model, clip, dino_model, checkpoint_root, *(c["images"] for c in concepts))):
         p.run(f"bucket {bucket}", _bucket_problem, bucket)
     for c in concepts:
-        p.run(f"images of {c['token']}", _images_problem, c["images"], c["token"])
+        p.run(f"images of {c['token']}", images_problem, c["images"], c["token"])
     if concepts and prof is not None:
         for name, problem in p.attempt("the tokens", _concept_problems, base_model, prof, concepts) or []:
             p.check(name, problem)
@@ -217,7 +217,8 @@ def _bucket_problem(bucket: str) -> tuple[str | None, str]:
         )
 
 
-def _images_problem(images: str, token: str) -> tuple[str | None, str]:
+def images_problem(images: str, token: str) -> tuple[str | None, str]:
+    """What is wrong with a concept's photo folder or s3:// prefix, and its fix; (None, "") if nothing."""
     if storage.is_s3(images):
         try:
             names = [Path(k) for k, _, _ in storage.list_objects(images)]

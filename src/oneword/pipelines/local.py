@@ -161,6 +161,12 @@ def _check_concept(params: dict) -> None:
     fields = ("images", "token", "init_word", "name", "n_vectors", "templates")
     entry = ConceptEntry(**{k: params[k] for k in fields if params.get(k) not in (None, "")})
     concept_name(entry.token, entry.name)
+    if not entry.images.startswith("s3://"):  # a photo folder that is not there: said before kfp.local starts
+        from oneword.preflight import images_problem
+
+        problem, fix = images_problem(entry.images, entry.token)
+        if problem:
+            raise OnewordError(problem, hint=fix)
 
 
 def run_textual_inversion(

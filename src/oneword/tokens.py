@@ -89,9 +89,12 @@ def initializer_id(tokenizer: CLIPTokenizer, word: str) -> int:
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) == 1:
         return ids[0]
-    pieces = [p.replace("</w>", "") for p in tokenizer.convert_ids_to_tokens(ids)]
+    raw = tokenizer.convert_ids_to_tokens(ids)
+    pieces = [p.replace("</w>", "") for p in raw]
     singles = [w for w in word.split() if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]
-    suggestions = list(dict.fromkeys(singles + [p for p in pieces if len(p) > 2] + list(OBJECT_SUGGESTIONS)))
+    # a piece that ends a word ("</w>") may be a word ("tower"); one inside a word ("zzy", "plu") is not
+    endings = [p.replace("</w>", "") for p in raw if p.endswith("</w>") and len(p) > 6 and p[:-4].isalpha()]
+    suggestions = list(dict.fromkeys(singles + endings + list(OBJECT_SUGGESTIONS)))
     if not ids:
         raise OnewordError("the initializer word is empty", hint=f"try one of: {', '.join(suggestions[:5])}")
     raise OnewordError(

@@ -179,10 +179,15 @@ def test_a_placeholder_that_is_a_piece_of_a_vocabulary_word_is_refused():
     with pytest.raises(OnewordError, match="cannot be told from '<x>_1'"):
         check_new_token(tok, "<x>", n_vectors=2)
     tok.add_tokens(["<Cat-Q>"])
-    for token, taken in (("<x>", "<x>_1"), ("<cat-q>", "<Cat-Q>"), ("<Cat-Q>_2", "<Cat-Q>")):
+    for token, taken in (("<x>", "<x>_1"), ("<cat-q>", "<Cat-Q>"), ("<Cat-Q>_1", "<Cat-Q>")):
         with pytest.raises(OnewordError, match=f"cannot be told from '{taken}'"):
             check_new_token(tok, token)
     check_new_token(tok, "<y>", n_vectors=2)
+    from oneword.tokens import clashing_entries
+
+    # diffusers chains NAME_1, NAME_2, ... from 1, in order: without NAME_1, NAME_2 is a token of its own
+    assert clashing_entries(["<rex>_2"], ["<rex>"]) == [] and clashing_entries(["dog_2024"], ["dog"]) == []
+    assert clashing_entries(["<rex>_2"], ["<rex>", "<rex>_1"]) == ["<rex>"]
 
 
 def test_generate_refuses_embeddings_a_prompt_cannot_tell_apart(tiny_model_dir, tmp_path):

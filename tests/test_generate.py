@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from oneword.errors import OnewordError
 from oneword.generate import generate, make_grid
 
 
-def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path):
+def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     files = []
     for tok in ("<a-x>", "<b-x>"):
@@ -45,6 +47,11 @@ def test_two_concepts_in_one_prompt(tiny_model_dir, tmp_path):
     with pytest.raises(OnewordError, match="not pictures drawn by `oneword generate`"):
         generate(str(tiny_model_dir), files, ["<b-x>"], tmp_path / "notes", GenerateConfig(n=1, steps=2))
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)  # `-o .`, which has no name to put a temporary folder beside
+    generate(str(tiny_model_dir), files, ["<b-x>"], Path("."), GenerateConfig(n=1, steps=2))
+    assert sorted(p.name for p in here.iterdir()) == ["grid.png", "p00_s0.png"]
 
 
 def test_grid_layout():

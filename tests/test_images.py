@@ -158,6 +158,19 @@ def test_a_photos_colour_profile_is_applied_and_not_passed_on(tmp_path):
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1 and abs(got[2] - 50) > 10, (got, want)
 
 
+def test_a_transparent_colour_survives_a_colour_profile(tmp_path):
+    """Converted through its profile, a PNG's transparent colour (tRNS) was lost: the background came out black."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(src / "logo.png", transparency=(1, 2, 3), icc_profile=srgb)
+    m = preprocess(src, tmp_path / "out", resolution=32)
+    out = Image.open(tmp_path / "out" / m.images[0].file)
+    assert out.getpixel((16, 16)) == (255, 255, 255) and "icc_profile" not in out.info
+
+
 def test_links_and_an_output_folder_inside_the_photos(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

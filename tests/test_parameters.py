@@ -200,3 +200,14 @@ def test_parameters_outside_the_config_models_agree_wherever_they_appear():
         name |= {inputs["name"]} if "name" in inputs else set()
     assert on_error == {ON_ERROR_CHOICES[0]} == {inspect.signature(train_shard).parameters["on_error"].default}
     assert name == {ConceptEntry.model_fields["name"].default} == {_cli_params("run")["name"].default}
+
+
+def test_settings_are_checked_by_their_rules_before_a_run():
+    from oneword.pipelines.parameters import invalid
+
+    assert invalid(DEFAULTS) == [] and invalid({"resolution": RESOLUTION_FROM_PROFILE}) == []
+    assert invalid({"resolution": -5, "steps": -3, "mode": "zoom"}) == [
+        "resolution=-5: Input should be greater than or equal to 8",
+        "steps=-3: Input should be greater than or equal to 1",
+        "mode='zoom': Input should be 'crop' or 'pad'",
+    ]

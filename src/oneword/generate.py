@@ -232,7 +232,8 @@ def generate(
     Returns:
         The path of `grid.png`.
     """
-    storage.check_replaceable(Path(out_dir), GRID, "pictures drawn by `oneword generate`")  # before drawing
+    out_dir = Path(out_dir).resolve()  # `-o .` has no name to put a temporary folder beside
+    storage.check_replaceable(out_dir, GRID, "pictures drawn by `oneword generate`")  # before drawing
     model = base_model if isinstance(base_model, LoadedModel) else load_base_model(base_model)
     pipe = build_pipeline(model, config.device)
     tokens = load_embeddings(pipe, model, embedding_files, force=force)

@@ -155,6 +155,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     - everything else ('1', 'L', 'P', 'RGB', 'RGBX', 'CMYK', 'YCbCr', 'HSV') uses Pillow's conversion.
     """
     if icc := im.info.get("icc_profile"):  # a phone's Display P3, Adobe RGB, a print CMYK: its numbers are not sRGB's
+        if im.mode in ("P", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
+            im = im.convert("RGBA")  # a palette, or a transparent colour, which the conversion would not keep
         im = _to_srgb(im, icc)
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = high_bit_depth_to_l(im)
@@ -328,6 +330,7 @@ def preprocess(
                 continue
             seen[processed_sha] = shown
             name = f"images/{processed_sha[:16]}.png"
+            out.info.pop("icc_profile", None)  # its numbers are sRGB's now, whatever the photo's profile said
             out.save(tmp / name)
             records.append(ImageRecord(name, shown, source_sha, im.size, processed_sha))
         for s in skipped:

@@ -284,12 +284,13 @@ def end_training_run(tracking_uri: str | None, train_dir: Path, stage: str, erro
     if not run_id:
         return None
     try:
-        _, client = tracking.client(tracking_uri)
-        if client.get_run(run_id).info.status != "RUNNING":
-            return None
-        client.set_tag(run_id, FAILURE_TAGS[0], stage)
-        client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
-        client.set_terminated(run_id, status="FAILED")
+        with _live_http():  # the step's own failure waits to be raised: a silent server is not waited for long
+            _, client = tracking.client(tracking_uri)
+            if client.get_run(run_id).info.status != "RUNNING":
+                return None
+            client.set_tag(run_id, FAILURE_TAGS[0], stage)
+            client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
+            client.set_terminated(run_id, status="FAILED")
     except Exception as e:  # the store is down, or the run is another store's
         log.warning("could not end training's MLflow run %s (%s)", run_id, e)
         return None

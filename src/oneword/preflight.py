@@ -231,9 +231,11 @@ def images_problem(images: str, token: str) -> tuple[str | None, str]:
             return None, ""  # the bucket's own check says why
     else:
         folder = Path(images).expanduser()
+        if folder.is_file():
+            return f"{token}: {images} is a file", "pass the folder of the concept's photos"
         if not folder.is_dir():
             return f"{token}: image folder {images} does not exist", "pass the folder or s3:// prefix of its photos"
-        names = visible_files(folder)  # as preprocess finds them
+        names = [n for n in visible_files(folder) if n.exists()]  # as preprocess finds them, less broken links
     if any(n.suffix.lower() in IMAGE_SUFFIXES for n in names):
         return None, ""
     if unreadable := sorted({n.suffix.lower() for n in names} & set(UNREADABLE_SUFFIXES)):

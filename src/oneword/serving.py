@@ -112,7 +112,8 @@ def _prompts(model_input: Any) -> list[str]:
     else:
         cells = list(model_input)
     # {"prompt": ["a", "b"]} reaches pyfunc as one row holding the list
-    return [str(p) for c in cells for p in (c if isinstance(c, list | tuple) or hasattr(c, "tolist") else [c])]
+    listed = lambda c: isinstance(c, list | tuple) or getattr(c, "ndim", 0) > 0  # noqa: E731 - a cell holding a list
+    return [str(p) for c in cells for p in (list(c) if listed(c) else [c])]
 
 
 def _checked(params: dict[str, Any], n_prompts: int) -> dict[str, Any]:

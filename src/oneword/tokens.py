@@ -28,16 +28,24 @@ def vector_tokens(token: str, n_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n_vectors)]
 
 
-def _continues(entry: str, token: str) -> bool:
-    """diffusers reads added entries `token_1`, `token_2`, ... as further vectors of `token` in every prompt."""
-    return re.fullmatch(re.escape(token) + r"_\d+", entry, flags=re.IGNORECASE) is not None
+def _continues(entry: str, token: str, entries: set[str]) -> bool:
+    """diffusers reads added entries `token_1`, `token_2`, ... (in order, from 1) as further vectors of `token` in
+    every prompt: `entry` is one of them if it is `token_k` and `token_1` ... `token_{k-1}` are among `entries`."""
+    m = re.fullmatch(re.escape(token) + r"_([1-9][0-9]*)", entry, flags=re.IGNORECASE)
+    return m is not None and all(f"{token}_{i}".lower() in entries for i in range(1, int(m.group(1))))
 
 
 def clashing_entries(mine: Sequence[str], taken: Iterable[str]) -> list[str]:
     """The entries of `taken` that a prompt cannot tell from one of `mine`: equal but for case (CLIP's tokenizer
     lowercases a prompt, and an added entry matches it in any case), or read as one's further vector by
     diffusers (`<a>` and `<a>_1`: a prompt with `<a>` would draw with both concepts' vectors)."""
-    return [t for t in taken if any(m.lower() == t.lower() or _continues(m, t) or _continues(t, m) for m in mine)]
+    taken = list(taken)
+    entries = {e.lower() for e in (*mine, *taken)}
+    return [
+        t
+        for t in taken
+        if any(m.lower() == t.lower() or _continues(m, t, entries) or _continues(t, m, entries) for m in mine)
+    ]
 
 
 def expand_placeholder(token: str, n_active: int) -> str:

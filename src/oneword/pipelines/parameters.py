@@ -132,6 +132,11 @@ def invalid(params: dict[str, Any]) -> list[str]:
     from pydantic import TypeAdapter, ValidationError
 
     problems = []
+    if params.get("resolution", RESOLUTION_FROM_PROFILE) != RESOLUTION_FROM_PROFILE:
+        try:
+            PreprocessConfig(resolution=params["resolution"])
+        except ValidationError as e:
+            problems.append(f"resolution={params['resolution']!r}: {e.errors()[0]['msg']}")
     for name, value in params.items():
         if name not in SOURCES:
             continue

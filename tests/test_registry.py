@@ -398,8 +398,11 @@ def test_registering_a_concept_that_did_not_train_says_why(tmp_path, mlflow_serv
     with pytest.raises(OnewordError, match="failed at train: the loss of <x> became nan") as e:
         registry.register(failed, None, mlflow_server, name="never-trained")
     assert e.value.hint == "lower the learning rate"
+    (tmp_path / "empty").mkdir()
     with pytest.raises(OnewordError, match="train did not finish"):
         registry.register(tmp_path / "empty", None, mlflow_server, name="never-trained")
+    with pytest.raises(OnewordError, match=r"folder .*no-such-folder not found"):
+        registry.register(tmp_path / "no-such-folder", None, mlflow_server, name="never-trained")
 
 
 def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):

@@ -191,13 +191,19 @@ def test_a_failure_after_the_alias_moved_gives_the_champion_back(evaluated_conce
     assert [r["version"] for r in registry.list_concepts(mlflow_server) if r["name"] == name] == ["1"]
 
 
-def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
-    client = mlflow.MlflowClient(mlflow_server)
-    name = "cat-abandoned"
+def _two_undecided_versions(server: str, name: str):
+    """A registered model `name` with versions 1 and 2, neither with its alias decided; returns the client."""
+    client = mlflow.MlflowClient(server)
     client.create_registered_model(name)
-    run = client.create_run(client.create_experiment("abandoned-exp"))
+    run = client.create_run(client.create_experiment(f"{name}-exp"))
     for _ in range(2):
         client.create_model_version(name, f"runs:/{run.info.run_id}/concept", run_id=run.info.run_id)
+    return client
+
+
+def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
+    name = "cat-abandoned"
+    client = _two_undecided_versions(mlflow_server, name)
     client.set_model_version_tag(name, "1", "gate", "passes the thresholds; no champion yet")
     # version 2's register died before deciding its alias; version 3 waits for it, then marks it
     waits = []
@@ -213,12 +219,8 @@ def test_a_waiting_version_is_not_abandoned_with_the_dead_one_it_waits_for(mlflo
     """Versions 1 and 2 are undecided when version 3 runs out of patience: 1's register died, 2's is alive and
     waiting for 1 as 3 is. Version 3 marks only 1, so that 2 decides its own alias before 3 decides; marking both
     at once let 2 and 3 set the champion alias at the same time."""
-    client = mlflow.MlflowClient(mlflow_server)
     name = "cat-queue"
-    client.create_registered_model(name)
-    run = client.create_run(client.create_experiment("queue-exp"))
-    for _ in range(2):
-        client.create_model_version(name, f"runs:/{run.info.run_id}/concept", run_id=run.info.run_id)
+    client = _two_undecided_versions(mlflow_server, name)
 
     def version_2_register():  # alive: waits for version 1 longer than version 3 does, then decides
         registry._wait_for_older_decisions(client, name, 2, "run-2", {}, timeout=30)

@@ -206,15 +206,15 @@ def cache_latents(
             else:
                 todo.append((key, Path(dataset_dir) / rec.file, flip, rec.processed_sha256))
     log.info("latent cache: %d hit(s), %d to encode", len(entries), len(todo))
-    for path, sha in {(path, sha) for _, path, _, sha in todo}:  # all before any is encoded and cached
-        _dataset_image(path, sha)
+    # every one checked before any is encoded and cached, and read once (an image and its mirror share it)
+    checked = {path: _dataset_image(path, sha) for _, path, _, sha in todo}
     dtype = next(vae.parameters()).dtype
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         # SDXL's VAE overflows in fp16 (its config says so with force_upcast, as diffusers' pipelines read it)
         vae, dtype = vae.float(), torch.float32
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        ims = [_dataset_image(p, sha) for _, p, _, sha in chunk]
+        ims = [checked[p] for _, p, _, _ in chunk]
         x = torch.stack(
             [
                 _to_tensor(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)

@@ -77,11 +77,16 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
     params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
     assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
-    # the next night, nothing changed: training resumes at its end, and the concepts are neither evaluated nor
-    # registered again
+    # the next night, nothing changed but the manifest's order, and so the shard: no concept is trained, evaluated
+    # or registered again
+    entries = yaml.safe_load(manifest.read_text())["concepts"]
+    manifest.write_text(yaml.safe_dump({"concepts": entries[::-1]}))
     again = run_batch(str(manifest), tmp_path / "root", **settings)
     assert {c["name"]: c["status"] for c in again["concepts"]} == {
         "cat-q": "unchanged", "bad-q": "failed", "dog-q": "unchanged"
     }  # fmt: skip
     assert [r["version"] for r in registry.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
     assert not list(Path(again["run_dir"]).rglob("evaluate/evaluation/metrics.json"))
+    summaries = [json.loads(p.read_text()) for p in Path(again["run_dir"]).rglob("train/model/*/summary.json")]
+    assert sorted(s["concept"]["token"] for s in summaries) == ["<cat-q>", "<dog-q>"]
+    assert all(s["steps_run"] == 0 and "/trainings/" in s["trained_before"] for s in summaries)

@@ -432,3 +432,64 @@ def test_a_shards_latents_are_matched_to_its_concepts_by_their_photos_not_their_
         outcome.run_step("cache_latents", tmp_path / name, "record", lambda: None, upstream=[tmp_path / "pre" / name])
     both = [{"images": "/photos/a"}, {"images": "s3://b/c"}]
     assert match_latents(both, [tmp_path / "fail-c", tmp_path / "fail-a"]) == [tmp_path / "fail-a", tmp_path / "fail-c"]
+
+
+def test_a_concept_trained_before_in_another_shard_is_not_trained_again(
+    tiny_model_dir, cat_latents_dir, tmp_path, caplog
+):
+    """A batch's shards are cut by position: one concept added ahead of the dog gives it new shard-mates. The
+    dog's own training key is unchanged, so its finished training is taken from the checkpoint root."""
+    root, cfg = tmp_path / "checkpoints", TrainConfig(steps=4, checkpoint_every=2)
+    first = train_group([("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)], tmp_path / "a",
+                        cfg, checkpoint_root=root, progress=False)  # fmt: skip
+    assert [r["status"] for r in first] == ["trained"] * 2
+    with caplog.at_level(logging.INFO):
+        rows = train_group([("dog", SPECS[1], cat_latents_dir), ("clock", SPECS[2], cat_latents_dir)],
+                           tmp_path / "b", cfg, checkpoint_root=root, progress=False)  # fmt: skip
+    assert [r["status"] for r in rows] == ["trained"] * 2 and "dog was trained before" in caplog.text
+    was, now = (json.loads((tmp_path / d / "dog" / "summary.json").read_text()) for d in ("a", "b"))
+    assert now["training_key"] == was["training_key"] and now["steps_run"] == 0 and was["steps_run"] == 4
+    assert now["trained_before"].endswith(f"trainings/{was['training_key']}.tar") and "mlflow_run_id" not in now
+    assert torch.equal(*(load_embedding(tmp_path / d / "dog" / "learned_embeds.safetensors").vectors for d in "ab"))
+    assert (tmp_path / "b" / "dog" / "dataset" / "manifest.json").is_file()  # its photos, for evaluation
+    assert all((tmp_path / "b" / "dog" / f).is_file() for f in now["files"].values()) and len(now["files"]) == 3
+    # evaluation chooses among the checkpoints the dog was trained with, the first shard's
+    from oneword.evaluation.evaluate import _checkpoint_list
+
+    assert [s for s, _ in _checkpoint_list(tmp_path / "b" / "dog", now)] == [2, 4]
+    clock = json.loads((tmp_path / "b" / "clock" / "summary.json").read_text())
+    assert clock["steps_run"] == 4 and clock["concepts_trained_together"] == 1  # the clock trained alone
+    # a fresh training (no resume) takes nothing, and a kept file that does not read is trained again
+    fresh = train_group([("dog", SPECS[1], cat_latents_dir)], tmp_path / "c", cfg, checkpoint_root=tmp_path / "other",
+                        resume=False, progress=False)  # fmt: skip
+    assert fresh[0]["status"] == "trained"
+    assert "trained_before" not in json.loads((tmp_path / "c" / "dog" / "summary.json").read_text())
+    Path(now["trained_before"]).write_bytes(b"not a tar file")
+    with caplog.at_level(logging.WARNING):
+        again = train_group([("dog", SPECS[1], cat_latents_dir)], tmp_path / "d", cfg, checkpoint_root=root,
+                            progress=False)  # fmt: skip
+    assert again[0]["status"] == "trained" and "could not be read" in caplog.text
+    retrained = json.loads((tmp_path / "d" / "dog" / "summary.json").read_text())
+    assert retrained["steps_run"] == 4 and "trained_before" not in retrained
+
+
+def test_a_concept_with_other_settings_is_trained_again(tiny_model_dir, cat_latents_dir, tmp_path):
+    root = tmp_path / "checkpoints"
+    for out, steps in (("a", 4), ("b", 6)):
+        train_group([("dog", SPECS[1], cat_latents_dir)], tmp_path / out, TrainConfig(steps=steps), progress=False,
+                    checkpoint_root=root)  # fmt: skip
+    summary = json.loads((tmp_path / "b" / "dog" / "summary.json").read_text())
+    assert summary["steps_run"] == 6 and "trained_before" not in summary
+    assert len(list((root / "trainings").glob("*.tar"))) == 2
+
+
+def test_finished_trainings_kept_in_an_object_store(tiny_model_dir, cat_latents_dir, tmp_path, s3_bucket, caplog):
+    root, cfg = f"s3://{s3_bucket}/checkpoints", TrainConfig(steps=4, checkpoint_every=2)
+    train_group([("dog", SPECS[1], cat_latents_dir)], tmp_path / "a", cfg, checkpoint_root=root, progress=False)
+    with caplog.at_level(logging.INFO):
+        rows = train_group([("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)], tmp_path / "b",
+                           cfg, checkpoint_root=root, progress=False)  # fmt: skip
+    assert [r["status"] for r in rows] == ["trained"] * 2 and "dog was trained before" in caplog.text
+    dog = json.loads((tmp_path / "b" / "dog" / "summary.json").read_text())
+    assert dog["trained_before"].startswith(f"{root}/trainings/") and dog["checkpoint_dir"].startswith(root)
+    assert torch.equal(*(load_embedding(tmp_path / d / "dog" / "learned_embeds.safetensors").vectors for d in "ab"))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from oneword import __version__, checkpoints, distributed, outcome, storage
+from oneword import __version__, checkpoints, distributed, outcome, storage, trainings
 from oneword import embeddings as emb_io
 from oneword.errors import OnewordError
 from oneword.inversion import (
@@ -328,6 +328,37 @@ def training_key(spec: ConceptSpec, latents: LatentSet, config: TrainConfig, mod
     return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[:16]
 
 
+def _take_trained(
+    ready: Sequence[tuple[str, ConceptSpec, LatentSet, Path]],
+    keys: dict[str, str],
+    out_dir: Path,
+    checkpoint_root: str | Path,
+) -> dict[str, str]:
+    """Write the concepts trained before (`trainings`: the same key, in another shard or run) into their folders.
+
+    Such a concept keeps its earlier training's summary, which names the checkpoints it was chosen from; its
+    photos come from these latents; its live MLflow run was that training's, so `register` opens a new one.
+
+    Returns:
+        `{name: where it was kept}` for each concept taken.
+    """
+    taken = {}
+    for name, _, _, where in ready:
+        folder = out_dir / name
+        if (kept := trainings.take(checkpoint_root, keys[name], folder)) is None:
+            continue
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        summary.pop("mlflow_run_id", None)
+        summary.update(steps_run=0, trained_before=kept)
+        (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if (Path(where) / DATASET_DIR).is_dir():
+            shutil.copytree(Path(where) / DATASET_DIR, folder / DATASET_DIR, dirs_exist_ok=True)
+        log.info("%s was trained before with the same photos, spec, model and settings (%s): not trained again",
+                 name, kept)  # fmt: skip
+        taken[name] = kept
+    return taken
+
+
 def match_latents(concepts: Sequence[dict], folders: Sequence[str | Path]) -> list[Path]:
     """Each planned concept's latents folder, matched by the photos they were encoded from, not by position.
 
@@ -420,8 +451,10 @@ def train_group(
 ) -> list[dict]:
     """Learn several concepts together (one batch of K x batch_size), each written to `out_dir/<name>/`.
 
-    A concept that cannot train (its latents carry an earlier step's failure, its token clashes, its loss turns
-    non-finite) is recorded as failed in `out_dir/<name>/failure.json` and `concepts.json`; the others go on.
+    A concept trained before under `checkpoint_root` with the same `training_key` is written from there, not
+    trained again (its summary says `trained_before`). A concept that cannot train (its latents carry an earlier
+    step's failure, its token clashes, its loss turns non-finite) is recorded as failed in
+    `out_dir/<name>/failure.json` and `concepts.json`; the others go on.
 
     Args:
         members: `(name, concept, latents folder)` per concept; names are the output subfolders.
@@ -429,8 +462,10 @@ def train_group(
         config: optimisation settings (shared; each concept has its own parameter and optimiser state).
         base_model: the model to train in; default: the one the latents were encoded with.
         checkpoint_root: folder or `s3://` prefix; the group's checkpoints go to `<root>/<group_key>` so that
-            a rerun resumes them. Default: `out_dir/checkpoints`.
-        resume: continue from the newest readable checkpoint there.
+            a rerun resumes them, and each concept's finished training to `<root>/trainings/` (`oneword.trainings`),
+            so that a group that holds it again, with other concepts, takes it. Default: `out_dir/checkpoints`,
+            which keeps no finished trainings.
+        resume: continue from the newest readable checkpoint there, and take the concepts trained before.
         callbacks: metrics callbacks (means over the concepts still training).
         progress: show a progress bar.
         tracking: log live to MLflow (`oneword.live`), one run per concept named by its name; None: no MLflow.
@@ -443,7 +478,8 @@ def train_group(
             "oneword.train:train_group", n, members=members, out_dir=out_dir, config=config, base_model=base_model,
             checkpoint_root=checkpoint_root, resume=resume, progress=progress, tracking=tracking,
         )  # fmt: skip
-    main = distributed.current().main  # the other processes of a launch hold the same state and write nothing
+    world = distributed.current()
+    main = world.main  # the other processes of a launch hold the same state and write nothing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     status = {
@@ -485,10 +521,17 @@ def train_group(
             ready.append((name, spec, lat, where))
         except OnewordError as e:
             fail(name, "train", e.message, e.hint or "")
+    # the fingerprint covers the tokenizer, the token embeddings and the UNet's config, not its weights: a
+    # fine-tune that kept the text encoder shares it, so the model's source is part of the key too
+    model_id = f"{model.fingerprint} {model.source}" if model is not None else ""
+    keys = {name: training_key(spec, lat, config, model_id) for name, spec, lat, _ in ready}
+    if ready and checkpoint_root and resume:
+        taken = set(distributed.from_main(list(_take_trained(ready, keys, out_dir, checkpoint_root)) if main else [],
+                                          world))  # fmt: skip
+        for name in taken:
+            status[name].update(status="trained", stage="train")
+        ready = [m for m in ready if m[0] not in taken]
     if ready:
-        # the fingerprint covers the tokenizer, the token embeddings and the UNet's config, not its weights: a
-        # fine-tune that kept the text encoder shares it, so the model's source is part of the key too
-        model_id = f"{model.fingerprint} {model.source}"
         key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
         ckpt = f"{str(checkpoint_root).rstrip('/')}/{key}" if checkpoint_root else str(out_dir / "checkpoints")
         _refuse_earlier_checkpoints(ckpt, resume)
@@ -512,8 +555,10 @@ def train_group(
                 continue
             if main:
                 run_id = live.run_ids.get(name) if live else None
-                mine = {**run, "training_key": training_key(spec, lat, config, model_id)}
+                mine = {**run, "training_key": keys[name]}
                 _write_concept(out_dir / name, spec, lat, where, result, mine, run_id)
+                if checkpoint_root:
+                    trainings.keep(out_dir / name, checkpoint_root, keys[name])
             status[name].update(status="trained", stage="train")
     rows = [status[name] for name, _, _ in members]
     if main:

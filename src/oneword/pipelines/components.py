@@ -153,7 +153,8 @@ def train(
         seed: random seed.
         checkpoint_every: steps between checkpoints (0: the model's profile; SD: 500).
         checkpoint_root: s3:// prefix for checkpoints that outlive the pod, keyed by what is trained, so a
-            retried or resubmitted task resumes; empty = inside the model artifact.
+            retried or resubmitted task resumes, and for each concept's finished training, which a later shard
+            that holds the concept takes instead of training it again; empty = inside the model artifact.
         on_error: fail (any concept's failure fails the task) or record (failed concepts are marked, see
             preprocess).
         log_every: steps between loss/norm reports: a log line, and live metrics in each concept's MLflow run.
@@ -196,13 +197,17 @@ def train(
     failed = [r for r in rows if r["status"] != "trained"]
     if failed and on_error == "fail":
         raise OnewordError("; ".join(f"{r['name']} failed at {r['stage']}: {r['error']}" for r in failed))
+    before = 0
     for r in rows:
         if r["status"] == "trained":
             summary = json.loads(Path(model.path, r["name"], SUMMARY_FILE).read_text())
             metrics.log_metric(f"{r['name']}.final_loss", summary["final_loss"])
             metrics.log_metric(f"{r['name']}.embedding_norm", summary["embedding_norm"])
-            metrics.log_metric("steps_per_second", summary["steps_per_second"])
-    model.metadata.update({"trained": len(rows) - len(failed), "failed": len(failed), "steps": steps})
+            before += "trained_before" in summary
+            if "trained_before" not in summary:
+                metrics.log_metric("steps_per_second", summary["steps_per_second"])
+    model.metadata.update({"trained": len(rows) - len(failed), "failed": len(failed), "trained_before": before,
+                           "steps": steps})
     return [r["name"] for r in rows]
 
 

@@ -1,0 +1,88 @@
+"""Finished trainings, kept by their training key beside the checkpoints, so that a concept is trained once.
+
+A batch's shards are cut by position, so adding, removing or reordering one concept gives its neighbours new
+shard-mates: their shard's checkpoints (keyed by all of its concepts, `train.group_key`) no longer match. Each
+concept's own `train.training_key` still does, and its finished folder (embedding files, curve, summary) is
+kept under `<checkpoint root>/trainings/<key>.tar`: a later shard that holds the same concept, photos, model and
+settings takes it instead of training it again. One file per training, written whole or not at all (an object
+PUT, or a local rename), so a reader never sees half of one, and two writers of one key each leave a whole one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import tempfile
+from pathlib import Path
+
+from oneword import storage
+
+log = logging.getLogger(__name__)
+
+FOLDER = "trainings"  # under the checkpoint root, beside the groups' checkpoint folders
+LEFT_OUT = ("dataset", "checkpoints")  # the photos come with the latents; checkpoints stay where they were written
+
+
+def location(root: str | Path, key: str) -> str:
+    """Where the training `key` is kept under a checkpoint root (folder or `s3://` prefix)."""
+    return f"{str(root).rstrip('/')}/{FOLDER}/{key}.tar"
+
+
+def keep(concept_dir: Path, root: str | Path, key: str) -> str | None:
+    """Keep a trained concept's folder (without its photos) as the training `key`.
+
+    Keeping is a saving for later runs, not part of this one: a store that refuses it is a warning.
+
+    Returns:
+        Where it was kept, or None if it could not be.
+    """
+    where = location(root, key)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for f in sorted(p for p in Path(concept_dir).rglob("*") if p.is_file()):
+            rel = f.relative_to(concept_dir)
+            if rel.parts[0] not in LEFT_OUT:
+                tar.add(f, arcname=rel.as_posix())
+    try:
+        if storage.is_s3(where):
+            with tempfile.TemporaryDirectory() as d:
+                local = Path(d) / "training.tar"
+                local.write_bytes(buffer.getvalue())
+                storage.upload_file(local, where)
+        else:
+            final = Path(where)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            part = storage.part_path(final)
+            part.write_bytes(buffer.getvalue())
+            part.replace(final)
+    except Exception as e:  # an object store's errors come in many types
+        log.warning("could not keep the finished training %s (%s): a later shard that holds it trains it again",
+                    where, e)  # fmt: skip
+        return None
+    return where
+
+
+def take(root: str | Path, key: str, out_dir: Path) -> str | None:
+    """Write the kept training `key` into `out_dir`, if there is one that reads.
+
+    Returns:
+        Where it was kept, or None (none is kept, or it does not read: the concept trains again).
+    """
+    where = location(root, key)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            if storage.is_s3(where):
+                if not storage.object_exists(where):
+                    return None
+                local = storage.download_file(where, Path(d) / "training.tar")
+            elif Path(where).is_file():
+                local = Path(where)
+            else:
+                return None
+            with tarfile.open(local) as tar:
+                tar.extractall(out_dir, filter="data")  # refuses absolute paths, links out and `..`
+    except Exception as e:  # a damaged file or a store that does not answer: training again loses nothing
+        log.warning("the finished training %s could not be read (%s); training it again", where, e)
+        return None
+    return where

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,26 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("ONEWORD_CACHE", None)
     else:
         os.environ["ONEWORD_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """`register` and the queries point mlflow's process-wide URIs (and the variables they export) at their store:
+    a later test's bare `MlflowClient(url)` took its registry from them, and waited minutes on a proxy an earlier
+    test had shut down."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in names}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

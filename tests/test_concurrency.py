@@ -95,6 +95,41 @@ def test_concurrent_registrations(store, evaluated_concept, tmp_path, request):
     assert all(r["gate"] for r in rows.values())  # every version's alias was decided
 
 
+@pytest.mark.slow
+def test_one_training_registered_by_two_runs_at_once_is_one_version(evaluated_concept, tmp_path):
+    """Two batches (or two `oneword run`s) of one concept at once: each evaluate finds nothing registered yet, and
+    both register the same training, evaluated the same way. One version; the other registration keeps it."""
+    from oneword.batch import batch_report
+    from oneword.config import EvalConfig
+    from oneword.evaluation.protocol import evaluation_key
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_dir, eval_dir = evaluated_concept
+    trained = tmp_path / "trained"
+    shutil.copytree(train_dir, trained)
+    summary = json.loads((trained / "summary.json").read_text())
+    (trained / "summary.json").write_text(json.dumps({**summary, "training_key": "t-1"}))
+    scored = _with_scores(eval_dir, tmp_path / "scored", 0.6, 0.3)
+    m = json.loads((scored / "metrics.json").read_text())
+    (scored / "metrics.json").write_text(json.dumps({**m, "evaluation_key": evaluation_key("t-1", EvalConfig())}))
+    jobs = [(str(trained), str(scored), uri, "twice")] * 2
+    barrier = SPAWN.Manager().Barrier(len(jobs))
+    with SPAWN.Pool(len(jobs)) as pool:
+        results = pool.starmap(_register, [(*j, barrier) for j in jobs])
+    assert results == [("1", "champion")] * 2
+    assert [r["version"] for r in registry.list_concepts(uri) if r["name"] == "twice"] == ["1"]
+    plan = [{"images": "x", "token": "<cat>", "init_word": "cat", "name": "twice"}]
+    report = batch_report(uri, "b-1", plan)["concepts"][0]
+    assert (report["status"], report["version"]) in (("registered", "1"), ("unchanged", "1"))
+    # a third run, evaluated otherwise (another result key), registers a version of its own
+    m = json.loads((scored / "metrics.json").read_text())
+    (scored / "metrics.json").write_text(json.dumps({**m, "evaluation_key": "another"}))
+    third = registry.register(trained, scored, uri, name="twice")
+    assert not third.unchanged and [r["version"] for r in registry.list_concepts(uri) if r["name"] == "twice"] == [
+        "1", third.version
+    ]  # fmt: skip
+
+
 def test_registry_queries_read_every_page(mlflow_server):
     """More concepts (and versions) than one page holds: nothing is lost past the first page."""
     client = mlflow.MlflowClient(mlflow_server)

@@ -164,6 +164,7 @@ class Registration:
     run_id: str
     model_uri: str
     tracking_uri: str
+    unchanged: bool = False  # no new version: `version` was registered from the same training and evaluation
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -241,8 +242,10 @@ def register(
         if concept.metrics:  # on the logged model too, where search_logged_models filters by them
             mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
     # Everything is uploaded and verified: only now does a version exist.
-    version, alias, reason = _register_version(client, concept, run_id, info, thresholds)
-    return Registration(concept.name, version, alias, reason, run_id, f"models:/{concept.name}/{version}", uri)
+    version, alias, reason, unchanged = _register_version(client, concept, run_id, info, thresholds)
+    return Registration(
+        concept.name, version, alias, reason, run_id, f"models:/{concept.name}/{version}", uri, unchanged
+    )
 
 
 def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batch_id: str) -> _Concept:
@@ -474,17 +477,48 @@ def _wait_for_older_decisions(
         time.sleep(0.2)  # another process is between create_model_version and its alias; it takes a moment
 
 
-def _register_version(client, concept: _Concept, run_id: str, info, thresholds: GateThresholds) -> tuple[str, str, str]:
-    """Create the model version, tag it and decide its alias; returns (version, alias, reason)."""
+def _register_version(
+    client, concept: _Concept, run_id: str, info, thresholds: GateThresholds
+) -> tuple[str, str, str, bool]:
+    """Create the model version, tag it and decide its alias; returns (version, alias, reason, unchanged).
+
+    A version whose training, evaluation and gate (`RESULT_KEY_TAG`) are those of the version just before it
+    is a twin that another run registered while this one evaluated (two batches, or two runs of one concept, at
+    once): it is deleted, and the registration is the older version's, unchanged, as if `evaluate` had found it.
+    """
     tags = _version_tags(concept, run_id, thresholds)
     mv = _create_version(client, concept.name, info, run_id, concept.token, tags)
     try:
-        alias, reason = _apply_gate(client, concept, mv.version, run_id, tags, thresholds)
+        _wait_for_older_decisions(client, concept.name, int(mv.version), run_id, tags)
+        if (same := _same_result_before(client, concept.name, int(mv.version), tags)) is not None:
+            _delete_version(client, concept.name, mv.version)
+            client.set_tag(run_id, UNCHANGED_TAG, same.version)  # where the batch report finds it
+            held = sorted(a for a, v in (client.get_registered_model(concept.name).aliases or {}).items()
+                          if str(v) == str(same.version))  # fmt: skip
+            reason = f"unchanged: the same training and evaluation as version {same.version}, registered meanwhile"
+            log.info("%s: %s", concept.name, reason)
+            return str(same.version), ",".join(held), reason, True
+        alias, reason = _apply_gate(client, concept, mv.version, tags, thresholds)
     except BaseException:
         _delete_version(client, concept.name, mv.version)  # no half-registered version
         raise
     log.info("registered %s version %s as %s (%s)", concept.name, mv.version, alias, reason)
-    return str(mv.version), alias, reason
+    return str(mv.version), alias, reason, False
+
+
+def _same_result_before(client, name: str, version: int, tags: dict[str, str]):
+    """The version just before `version`, if its gate decided on the same training, evaluation and gate; else
+    None (as `registered_result`: only the newest older version counts)."""
+    key = tags.get(RESULT_KEY_TAG)
+    if not key:
+        return None
+    older = [mv for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+             if int(mv.version) < version]  # fmt: skip
+    if not older:
+        return None
+    newest = max(older, key=lambda mv: int(mv.version))
+    decided = newest.tags.get("gate") not in (None, ABANDONED)
+    return newest if decided and newest.tags.get(RESULT_KEY_TAG) == key else None
 
 
 def _delete_version(client, name: str, version) -> None:
@@ -536,10 +570,9 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
 
 
 def _apply_gate(
-    client, concept: _Concept, version, run_id: str, tags: dict[str, str], thresholds: GateThresholds
+    client, concept: _Concept, version, tags: dict[str, str], thresholds: GateThresholds
 ) -> tuple[str, str]:
-    """Decide the version's alias after every older version's, set it, and mark the decision made."""
-    _wait_for_older_decisions(client, concept.name, int(version), run_id, tags)
+    """Decide the version's alias (every older version's is decided), set it, and mark the decision made."""
     alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds)
     before = _alias_holder(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)
@@ -697,7 +730,7 @@ def record_unchanged(
     alias = ",".join(found.get("aliases", []))
     reason = f"unchanged: the same training and evaluation as version {version}"
     log.info("%s: %s", name, reason)
-    return Registration(name, version, alias, reason, run_id, f"models:/{name}/{version}", uri)
+    return Registration(name, version, alias, reason, run_id, f"models:/{name}/{version}", uri, unchanged=True)
 
 
 def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict]:

@@ -392,9 +392,9 @@ def register(
         return f"{concept} failed at {why['stage']}"
     os.makedirs(registration.path, exist_ok=True)
     with open(os.path.join(registration.path, "registration.json"), "w") as f:
-        json.dump({**r.as_dict(), "unchanged": unchanged.is_file()}, f)
+        json.dump(r.as_dict(), f)
     registration.metadata.update(r.as_dict())
-    return f"{r.name}/{r.version}@{r.alias}" + (" (unchanged)" if unchanged.is_file() else "")
+    return f"{r.name}/{r.version}@{r.alias}" + (" (unchanged)" if r.unchanged else "")
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -493,3 +493,17 @@ def test_finished_trainings_kept_in_an_object_store(tiny_model_dir, cat_latents_
     dog = json.loads((tmp_path / "b" / "dog" / "summary.json").read_text())
     assert dog["trained_before"].startswith(f"{root}/trainings/") and dog["checkpoint_dir"].startswith(root)
     assert torch.equal(*(load_embedding(tmp_path / d / "dog" / "learned_embeds.safetensors").vectors for d in "ab"))
+
+
+def test_a_concept_that_failed_at_cache_latents_is_matched_by_its_photos(cat_dataset, tmp_path):
+    """cache_latents' own failure names the photos too (preprocess's manifest records their folder)."""
+    from oneword.images import Manifest
+    from oneword.train import match_latents
+
+    photos = Manifest.photos_of(cat_dataset)
+    assert photos and Path(photos).is_dir() and Manifest.photos_of(tmp_path / "none") == ""
+    outcome.run_step("cache_latents", tmp_path / "l-cat", "record", lambda: 1 / 0, upstream=[cat_dataset],
+                     images=photos)  # fmt: skip
+    outcome.run_step("cache_latents", tmp_path / "l-dog", "record", lambda: 1 / 0)  # a failure that names nothing
+    concepts = [{"images": photos}, {"images": "/photos/dog"}]
+    assert match_latents(concepts, [tmp_path / "l-dog", tmp_path / "l-cat"]) == [tmp_path / "l-cat", tmp_path / "l-dog"]

@@ -67,12 +67,19 @@ class Manifest:
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     oneword_version: str = __version__
+    photos: str = ""  # the folder or s3:// prefix they were read from, as given (a later step's failure names it)
 
     def save(self, folder: Path) -> Path:
         """Write `manifest.json` into `folder` and return its path."""
         p = folder / MANIFEST
         p.write_text(json.dumps(asdict(self), indent=2))
         return p
+
+    @staticmethod
+    def photos_of(folder: str | Path) -> str:
+        """The photos' folder of the dataset in `folder`, or '' where it has none (an earlier step failed)."""
+        p = Path(folder) / MANIFEST
+        return str(json.loads(p.read_text()).get("photos", "")) if p.is_file() else ""
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
@@ -344,7 +351,7 @@ def preprocess(
                 hint="add JPEG or PNG photos of the concept (3-5 is typical), each at least "
                 f"{min_side(resolution)} pixels on its {'long' if mode == 'pad' else 'short'} side",
             )
-        manifest = Manifest(resolution, mode, records, skipped, notes)
+        manifest = Manifest(resolution, mode, records, skipped, notes, photos=str(source))
         manifest.save(tmp)
     log.info("preprocessed %d image(s) into %s (%d skipped)", len(records), out_dir, len(skipped))
     return manifest

@@ -83,13 +83,15 @@ def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model
     """
     import torch
 
+    from oneword.images import Manifest
     from oneword.latents import cache_latents as run
     from oneword.outcome import run_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # a failure names the photos, by which train matches this folder to its concept
     lat = run_step("cache_latents", latents.path, on_error,
                    lambda: run(dataset.path, base_model, latents.path, device=device), upstream=[dataset.path],
-                   cached=True)
+                   cached=True, images=Manifest.photos_of(dataset.path))
     if lat is not None:
         latents.metadata.update({"images": len(lat), "vae_fingerprint": lat.meta["vae_fingerprint"],
                                  "accelerator": f"{accelerator_limit} x {accelerator_type}"})

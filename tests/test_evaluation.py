@@ -107,6 +107,15 @@ def test_a_prompt_file_is_one_protocol_by_its_prompts_not_its_path():
     assert same == prompt_set_identity(scored("/b/copy.txt", ["a in space"])) and same.startswith("file sha256:")
     assert same != prompt_set_identity(scored("/a/mine.txt", ["a at night"]))  # the file was edited
     assert prompt_set_identity(scored("paper", ["a in space"])) == "paper"
+    # where the token goes is part of a prompt: the same words around it are another protocol
+
+    def asked(templates):
+        return {"prompt_set": "/a/mine.txt", "per_prompt": [
+            {"template": t, "text_target": t.replace("{} ", "").replace(" {}", "")} for t in templates]}  # fmt: skip
+
+    moon, moved = asked(["{} on the moon", "an oil painting of {}"]), asked(["on the moon {}", "{} an oil painting of"])
+    assert [p["text_target"] for p in moon["per_prompt"]] == [p["text_target"] for p in moved["per_prompt"]]
+    assert prompt_set_identity(moon) != prompt_set_identity(moved)
     with pytest.raises(OnewordError, match="unknown prompt set"):
         P.get_prompt_set("nope")
 
@@ -415,3 +424,22 @@ def test_checkpoints_before_every_vector_trained_are_never_candidates():
     assert [s for s, _ in complete_checkpoints(found, two)] == [150, 200, 250]
     for off in ({"config": {"progressive_every": 0}, "concept": {"n_vectors": 3}}, {}):
         assert complete_checkpoints(found, off) == found
+
+
+def test_an_evaluation_with_other_photos_or_model_is_not_marked_as_the_pipelines(evaluated_concept, cat_dataset,
+                                                                                  tiny_clip_dir, tmp_path):  # fmt: skip
+    """A result marked with the evaluation key passes for the pipeline's own: a scheduled batch would keep it as
+    "unchanged", and a concurrent register would take it for its twin."""
+    import json
+    import shutil
+
+    from oneword.evaluation import EvalConfig, evaluate
+
+    train_dir, _ = evaluated_concept
+    trained = tmp_path / "train"
+    shutil.copytree(train_dir, trained)
+    summary = json.loads((trained / "summary.json").read_text())
+    (trained / "summary.json").write_text(json.dumps({**summary, "training_key": "t-1"}))
+    config = EvalConfig(n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
+    assert "evaluation_key" in evaluate(trained, None, tmp_path / "own", config)
+    assert "evaluation_key" not in evaluate(trained, cat_dataset, tmp_path / "other-photos", config)

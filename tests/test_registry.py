@@ -125,6 +125,16 @@ def test_a_live_run_that_holds_another_registers_params_is_left_for_a_new_run(
     reg = registry.register(trained, eval_dir, mlflow_server, name="cat-live-params")
     assert reg.run_id != live and client.get_run(reg.run_id).data.params["eval.n_images"] != "999"
     assert client.get_run(live).data.params == {"eval.n_images": "999"}
+    # the same number of pictures, but another evaluation (its key covers every setting): a run of its own too
+    other = client.create_run(client.get_experiment_by_name("live-params").experiment_id).info.run_id
+    client.log_param(other, "eval.evaluation_key", "another evaluation")
+    (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": other}))
+    scored = tmp_path / "scored"
+    shutil.copytree(eval_dir, scored)
+    m = json.loads((scored / "metrics.json").read_text())
+    (scored / "metrics.json").write_text(json.dumps({**m, "evaluation_key": "this evaluation"}))
+    reg = registry.register(trained, scored, mlflow_server, name="cat-live-params")
+    assert reg.run_id != other and client.get_run(reg.run_id).data.params["eval.evaluation_key"] == "this evaluation"
 
 
 def test_pyfunc_loads_and_generates(evaluated_concept, mlflow_server):
@@ -209,7 +219,7 @@ def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
     waits = []
     for _ in range(2):
         t0 = time.monotonic()
-        registry._wait_for_older_decisions(client, name, 3, "another-run", {}, timeout=0.5)
+        registry._wait_for_older_decisions(client, name, 3, "another-run", {}, "models:/m-3", timeout=0.5)
         waits.append(time.monotonic() - t0)
     assert waits[0] >= 0.5 and waits[1] < 0.5  # the next registration does not wait for it again
     assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
@@ -223,7 +233,7 @@ def test_a_waiting_version_is_not_abandoned_with_the_dead_one_it_waits_for(mlflo
     client = _two_undecided_versions(mlflow_server, name)
 
     def version_2_register():  # alive: waits for version 1 longer than version 3 does, then decides
-        registry._wait_for_older_decisions(client, name, 2, "run-2", {}, timeout=30)
+        registry._wait_for_older_decisions(client, name, 2, "run-2", {}, "models:/m-2", timeout=30)
         client.set_model_version_tag(name, "2", "gate", "decided by its own register")
 
     class Marks:  # version 3's client, which notes the versions it marks
@@ -238,13 +248,31 @@ def test_a_waiting_version_is_not_abandoned_with_the_dead_one_it_waits_for(mlflo
 
     alive = threading.Thread(target=version_2_register)
     alive.start()
-    registry._wait_for_older_decisions(Marks(), name, 3, "run-3", {}, timeout=1.0)
+    registry._wait_for_older_decisions(Marks(), name, 3, "run-3", {}, "models:/m-3", timeout=1.0)
     alive.join(timeout=30)
     assert Marks.marked == ["1"]
     assert {v: client.get_model_version(name, v).tags["gate"] for v in ("1", "2")} == {
         "1": registry.ABANDONED,
         "2": "decided by its own register",
     }
+
+
+def test_another_registers_version_of_the_same_run_and_scores_is_no_twin(mlflow_server):
+    """Two registers of one training take its live run, and one evaluation draws the same scores twice: only the
+    logged model tells the other's version from a retried create's twin."""
+    name, tags = "cat-not-a-twin", {"reconstruction": "0.500000"}
+    client = mlflow.MlflowClient(mlflow_server)
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment(f"{name}-exp")).info.run_id
+    for model in ("a", "b"):
+        client.create_model_version(name, f"runs:/{run}/{model}", run_id=run, tags=tags)
+    registry._wait_for_older_decisions(client, name, 2, run, tags, f"runs:/{run}/b", timeout=0.5)
+    assert client.get_model_version(name, "1").tags["gate"] == registry.ABANDONED  # waited for, not deleted
+    client.set_model_version_tag(name, "2", "gate", "decided by its register")
+    for _ in range(2):  # version 3, and its retried create's answer, version 4
+        client.create_model_version(name, f"runs:/{run}/c", run_id=run, tags=tags)
+    registry._wait_for_older_decisions(client, name, 4, run, tags, f"runs:/{run}/c", timeout=30)
+    assert sorted(mv.version for mv in client.search_model_versions(f"name = '{name}'")) == ["1", "2", "4"]
 
 
 def test_a_registry_that_does_not_answer_is_not_no_champion(monkeypatch):

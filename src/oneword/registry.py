@@ -125,6 +125,10 @@ def _flat_params(summary: dict, metrics: dict | None) -> dict[str, str]:
         p["eval.evaluator_fingerprint"] = metrics["evaluator"]["fingerprint"]
         for k, v in metrics["sampler"].items():
             p[f"eval.sampler.{k}"] = str(v)
+        if metrics.get("evaluation_key"):
+            # every evaluation setting: two registers of one training evaluated otherwise log to runs of their
+            # own (`_live_run`), or they would overwrite each other's embedding and pictures in one run
+            p["eval.evaluation_key"] = metrics["evaluation_key"]
     return p
 
 
@@ -430,6 +434,7 @@ def _wait_for_older_decisions(
     version: int,
     run_id: str,
     tags: dict[str, str],
+    source: str,
     timeout: float = ALIAS_WAIT_SECONDS,
 ) -> None:
     """Wait until every older version of `name` has its alias decided (its `gate` tag set).
@@ -438,10 +443,12 @@ def _wait_for_older_decisions(
     registrations of one concept behave as if they ran one after another: each compares itself with the
     champion that the versions before it left, and the champion alias ends on the best of them.
 
-    An older version of this very run with the very tags this one was created with is this registration's own
-    twin: MLflow's client retries a create whose answer was lost (a 503 or a gateway timeout after the server had
-    committed it), and only the retry's answer came back. Another registration's version (two evaluations of one
-    training share its live run) carries other scores. A twin is deleted at once instead of waited for.
+    An older version of this very run and logged model (`source`) with the very tags this one was created with
+    is this registration's own twin: MLflow's client retries a create whose answer was lost (a 503 or a gateway
+    timeout after the server had committed it), and only the retry's answer came back. Another registration's
+    version may share the run (two registers of one training take its live run) and even the tags (the same
+    evaluation draws the same scores), but not the model, which each register logs. A twin is deleted at once
+    instead of waited for.
     """
     deadline, waiting = time.monotonic() + timeout, None
     while True:
@@ -450,7 +457,7 @@ def _wait_for_older_decisions(
             for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
             if int(mv.version) < version and "gate" not in mv.tags
         ]
-        twins = [mv for mv in older if mv.run_id == run_id and mv.tags == tags]
+        twins = [mv for mv in older if mv.run_id == run_id and mv.tags == tags and mv.source == source]
         for twin in twins:
             log.warning("%s version %s is an undecided twin of version %s (same run): deleting it", name,
                         twin.version, version)  # fmt: skip
@@ -489,7 +496,7 @@ def _register_version(
     tags = _version_tags(concept, run_id, thresholds)
     mv = _create_version(client, concept.name, info, run_id, concept.token, tags)
     try:
-        _wait_for_older_decisions(client, concept.name, int(mv.version), run_id, tags)
+        _wait_for_older_decisions(client, concept.name, int(mv.version), run_id, tags, mv.source)
         if (same := _same_result_before(client, concept.name, int(mv.version), tags)) is not None:
             _delete_version(client, concept.name, mv.version)
             client.set_tag(run_id, UNCHANGED_TAG, same.version)  # where the batch report finds it

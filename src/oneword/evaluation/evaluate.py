@@ -148,6 +148,7 @@ class _Session:
             per_prompt.append(
                 {
                     "prompt": P.with_token(tpl, self.token, self.class_word),
+                    "template": tpl,
                     "text_target": target,
                     "editability": float(rows.mean()),
                 }
@@ -230,7 +231,10 @@ def evaluate(
     t0 = time.perf_counter()
     trained = _load_trained(train_dir, dataset_dir, base_model)
     key = trained.summary.get("training_key")
-    evaluated = evaluation_key(key, config) if key else None  # of the settings as given, as the pipeline asks
+    # of the settings as given, as the pipeline asks; another model or other photos than the training's are
+    # not what the key says, and a result marked with it would pass for the pipeline's own
+    overridden = base_model is not None or dataset_dir is not None
+    evaluated = evaluation_key(key, config) if key and not overridden else None
     config = config.resolved(profile_of(trained.model))
     s = _Session(trained.model, trained.emb, trained.images, config, force=base_model is not None)
     choice = _choose_checkpoint(s, trained, config, on_checkpoint)

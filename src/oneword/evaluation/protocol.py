@@ -42,15 +42,18 @@ def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
 
 
 def prompt_set_identity(metrics: dict) -> str:
-    """A named prompt set by its name; a prompt file by what it asked (its prompts' text targets), not by its
-    path: an edited file is another protocol, the same file at another path the same one."""
+    """A named prompt set by its name; a prompt file by what it asked (its templates, where the token goes
+    included), not by its path: an edited file is another protocol, the same file at another path the same one.
+    (Scores written before the templates were recorded are known by their text targets, which leave out where
+    the token stood.)"""
     from oneword.evaluation.prompts import BUILTIN, PACKAGED
 
     name = metrics["prompt_set"]
-    targets = [p["text_target"] for p in metrics.get("per_prompt", [])]
-    if name in BUILTIN or name in PACKAGED or not targets:
+    rows = metrics.get("per_prompt", [])
+    if name in BUILTIN or name in PACKAGED or not rows:
         return name
-    return "file sha256:" + hashlib.sha256(json.dumps(targets).encode()).hexdigest()[:16]
+    asked = [p["template"] for p in rows] if all("template" in p for p in rows) else [p["text_target"] for p in rows]
+    return "file sha256:" + hashlib.sha256(json.dumps(asked).encode()).hexdigest()[:16]
 
 
 def protocol_id(p: dict) -> str:

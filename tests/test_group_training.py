@@ -507,3 +507,83 @@ def test_a_concept_that_failed_at_cache_latents_is_matched_by_its_photos(cat_dat
     outcome.run_step("cache_latents", tmp_path / "l-dog", "record", lambda: 1 / 0)  # a failure that names nothing
     concepts = [{"images": photos}, {"images": "/photos/dog"}]
     assert match_latents(concepts, [tmp_path / "l-dog", tmp_path / "l-cat"]) == [tmp_path / "l-cat", tmp_path / "l-dog"]
+
+
+def test_the_training_key_follows_what_changes_the_training(cat_latents, tmp_path):
+    """A file of templates by what it says (an edited file trains anew; a moved one is the same), and how often
+    the run reports only where early end looks at it then."""
+    from oneword.train import training_key
+
+    def key(templates, **config):
+        return training_key(ConceptSpec(token="<k>", init_word="cat", templates=templates), cat_latents,
+                            TrainConfig(**config), "model")  # fmt: skip
+
+    mine, moved = tmp_path / "mine.txt", tmp_path / "moved.txt"
+    for f in (mine, moved):
+        f.write_text("a photo of {}\n")
+    before = key(str(mine))
+    assert key(str(moved)) == before and key("object") != before
+    mine.write_text("a painting of {}\n")
+    assert key(str(mine)) != before
+    assert key("object", log_every=10) == key("object", log_every=50)
+    assert key("object", log_every=10, early_end=0.1) != key("object", log_every=50, early_end=0.1)
+
+
+def test_a_resumed_run_ends_early_where_an_unbroken_one_does(tiny_model_dir, cat_latents, tmp_path):
+    """The vectors early end measures from are in the checkpoint: resumed from step 10 (a pod lost at 15), the run
+    no longer waits a whole window from step 10 before it may end."""
+    import shutil
+
+    cfg = TrainConfig(steps=100, checkpoint_every=10, log_every=5, early_end=10.0, early_end_window=20)
+
+    def trainer():
+        return InversionTrainer(load_base_model(str(tiny_model_dir)), [(SPECS[0], cat_latents)], cfg)
+
+    unbroken = trainer()
+    whole = unbroken.run(tmp_path / "a", progress=False)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "step-000010.pt", tmp_path / "b")
+    resumed = trainer()
+    again = resumed.run(tmp_path / "b", resume=True, progress=False)
+    assert whole.ended_early_at == again.ended_early_at == 20
+    assert torch.equal(unbroken.concepts[0].param, resumed.concepts[0].param)
+    # a checkpoint past this run's steps is not taken for it
+    shorter = InversionTrainer(load_base_model(str(tiny_model_dir)), [(SPECS[0], cat_latents)],
+                               cfg.model_copy(update={"steps": 15}))  # fmt: skip
+    with pytest.raises(OnewordError, match="up to step 20, past this run's 15 steps"):
+        shorter.run(tmp_path / "a", resume=True, progress=False)
+
+
+def test_fp16s_loss_scale_is_given_back_when_a_concept_stops(tiny_model, cat_latents, monkeypatch):
+    """Each non-finite step of a concept that goes NaN halves the loss scale all concepts share; stopped, it must
+    not leave the others training at a scale hundreds of times too small."""
+    import oneword.inversion as inversion
+
+    monkeypatch.setattr(inversion, "device_precision", lambda requested, device: "fp16")  # a V100 or a T4
+    tr = InversionTrainer(tiny_model, [(s, cat_latents) for s in SPECS[:2]], TrainConfig(steps=20, log_every=10))
+    assert tr.precision == "fp16"
+    real, calls = tr.concept_losses, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        losses = real(*a, **k)
+        if len(calls) > 4 and not tr.concepts[1].failed:  # the dog's loss turns NaN from step 5 on
+            losses = losses * torch.tensor([1.0, float("nan")])
+        return losses
+
+    tr.concept_losses = poisoned
+    start = tr.scaler.get_scale()
+    r = tr.run(progress=False, keep_going=True)
+    assert list(r.failed) == ["<g1>"] and r.steps == 20
+    assert tr.scaler.get_scale() == start  # halved five times before the stop, given back at it
+
+
+def test_a_concept_whose_vectors_would_not_fit_a_prompt_is_refused(tiny_model):
+    from oneword.train import check_concept
+
+    room = tiny_model.tokenizer.model_max_length - 2
+    check_concept(tiny_model.tokenizer, ConceptSpec(token="<few>", init_word="cat", n_vectors=4, templates="object"))
+    with pytest.raises(OnewordError, match="would never train") as e:
+        check_concept(tiny_model.tokenizer, ConceptSpec(token="<many>", init_word="cat", n_vectors=room,
+                                                        templates="object"))  # fmt: skip
+    assert "at most" in e.value.hint

@@ -200,6 +200,7 @@ class InversionTrainer:
         self._step_now = 0
         self.ended_early_at: int | None = None
         self._snapshots: dict[int, list[torch.Tensor]] = {}  # step -> the vectors then (for early_end)
+        self._scale_at_report: float | None = None  # fp16's loss scale at the last report
 
     @property
     def autocast(self) -> torch.autocast:
@@ -481,6 +482,9 @@ class InversionTrainer:
             "curves": json.dumps(self.curves),
             "failed": json.dumps({c.spec.token: c.failed for c in self.concepts if c.failed}),
             "ended_early_at": self.ended_early_at,
+            # the vectors early end measures from: a resumed run ends where an unbroken one would
+            "early_end_snapshots": {s: [t.detach().cpu() for t in v] for s, v in self._snapshots.items()},
+            "scale_at_report": self._scale_at_report,
             "oneword_version": __version__,
         }
 
@@ -544,6 +548,10 @@ class InversionTrainer:
         self.gen_device.set_state(state["rng_device"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        self._scale_at_report = state.get("scale_at_report")
+        self._snapshots = {
+            int(s): [t.to(self.device) for t in v] for s, v in (state.get("early_end_snapshots") or {}).items()
+        }
         if "curves" in state:
             self.curves = json.loads(state["curves"])
         else:  # written by oneword 0.1 (one concept)
@@ -622,7 +630,9 @@ class InversionTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         loss_sum, n_sum = torch.zeros(len(self.concepts), device=self.device), 0
         t0, start = time.perf_counter(), self.step
-        if cfg.early_end:  # where the movement is measured from (a resumed run starts its window again)
+        if self.scaler.is_enabled() and self._scale_at_report is None:
+            self._scale_at_report = self.scaler.get_scale()
+        if cfg.early_end and not self._snapshots:  # where the movement is measured from (a checkpoint holds its own)
             self._snapshots = {self.step: [p.detach().clone() for c in self.active for p in c.params]}
         while self.step < cfg.steps and self.active and self.ended_early_at is None:
             loss_sum += self.train_step(self.step)
@@ -701,7 +711,14 @@ class InversionTrainer:
 
     def _resume(self, checkpoint_dir: str | Path) -> str | None:
         """Load the newest checkpoint that reads; a damaged one (truncated, empty) is skipped with a warning."""
-        for step, path in reversed(checkpoints.list_checkpoints(checkpoint_dir)):
+        found = checkpoints.list_checkpoints(checkpoint_dir)
+        if found and found[-1][0] > self.config.steps:
+            raise OnewordError(
+                f"{checkpoint_dir} holds checkpoints up to step {found[-1][0]}, past this run's {self.config.steps} "
+                "steps: resumed, it would return that later training as this one",
+                hint=f"train for {found[-1][0]} steps or more, or use another checkpoint folder (-o) for a shorter run",
+            )
+        for step, path in reversed(found):
             try:
                 state = checkpoints.load_checkpoint(path)
             except OnewordError as e:
@@ -728,10 +745,16 @@ class InversionTrainer:
                     f"stopped. Last good checkpoint: {last or 'none'}"
                 )
                 log.warning("%s", c.failed)
+                if self.scaler.is_enabled() and self._scale_at_report is not None:
+                    # fp16 halved the shared loss scale at each of its non-finite steps: the others would train on
+                    # at a scale hundreds of times too small, which 2000-step growth takes most of a run to undo
+                    self.scaler.update(new_scale=self._scale_at_report)
                 continue
             point = {"step": self.step, "loss": loss, "embedding_norm": norm}
             self.curves[c.spec.token].append(point)
             points.append(point)
+        if self.scaler.is_enabled():
+            self._scale_at_report = self.scaler.get_scale()
         if not points:
             if keep_going:
                 return

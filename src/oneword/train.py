@@ -2,7 +2,8 @@
 
 Output folder layout (one concept):
 
-    learned_embeds.safetensors   diffusers format (loads with load_textual_inversion)
+    learned_embeds.safetensors   diffusers format (loads with load_textual_inversion; SDXL's holds both
+                                 encoders' vectors, clip_l and clip_g, one load per encoder)
     a1111/<token>.pt             A1111 format
     kohya/<token>.safetensors    kohya format
     checkpoints/step-*.pt        every `checkpoint_every` steps (resume from the newest)
@@ -43,6 +44,7 @@ from oneword.latents import DATASET_DIR, LatentSet
 from oneword.live import LiveRuns, LiveTracking
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
+from oneword.templates import SETS as TEMPLATE_SETS
 from oneword.templates import get_templates
 from oneword.tokens import clashing_entries, expand_placeholder, initializer_id, vector_tokens
 
@@ -273,7 +275,18 @@ def _run(
 def check_concept(tokenizer, spec: ConceptSpec) -> None:
     """Raise `OnewordError` if `spec` cannot be trained in a model with this tokenizer (before any work)."""
     initializer_id(tokenizer, spec.init_word)
-    get_templates(spec.templates)
+    templates = get_templates(spec.templates)
+    # the text encoder reads model_max_length tokens, start and end among them: a vector past them is in no
+    # prompt, gets no gradient, and would be exported as its initializer, shrunk by weight decay
+    room = tokenizer.model_max_length - 2
+    longest = max(templates, key=lambda t: len(tokenizer(t.replace("{}", ""), add_special_tokens=False).input_ids))
+    words = len(tokenizer(longest.replace("{}", ""), add_special_tokens=False).input_ids)
+    if words + spec.n_vectors > room:
+        raise OnewordError(
+            f"{spec.token!r}: {spec.n_vectors} vectors and the {words} other tokens of the template {longest!r} "
+            f"are more than the {room} the text encoder reads: its last vectors would never train",
+            hint=f"use at most {max(room - words, 1)} vectors, or templates with fewer words",
+        )
     known = {**tokenizer.get_vocab(), **tokenizer.get_added_vocab()}
     clash = [t for t in expand_placeholder(spec.token, spec.n_vectors).split() if t in known]
     if clash:
@@ -311,12 +324,22 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
     registered names are not in it: they name what is written, not what is trained (a checkpoint holds each
     concept's vectors by token), so a concept registered under another name reuses its training.
     """
+    # how often the run reports is how often early end looks: with it on, it changes where the run ends
+    runtime = {"sample_every", "device", "compile", "gpus"} | ({"log_every"} if not config.early_end else set())
     what = {
-        "concepts": [(spec.model_dump(), lat.image_sha256) for _, spec, lat in members],
-        "config": config.model_dump(exclude={"log_every", "sample_every", "device", "compile", "gpus"}),
+        "concepts": [(_trains_on(spec), lat.image_sha256) for _, spec, lat in members],
+        "config": config.model_dump(exclude=runtime),
         "model": fingerprint,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _trains_on(spec: ConceptSpec) -> dict:
+    """A concept as its training sees it: a file of templates by what it says, not by where it is."""
+    what = spec.model_dump()
+    if spec.templates and spec.templates not in TEMPLATE_SETS:
+        what["templates"] = list(get_templates(spec.templates))
+    return what
 
 
 def training_key(spec: ConceptSpec, latents: LatentSet, config: TrainConfig, model_id: str) -> str:

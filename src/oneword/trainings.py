@@ -14,7 +14,7 @@ import io
 import logging
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from oneword import storage
 
@@ -81,7 +81,13 @@ def take(root: str | Path, key: str, out_dir: Path) -> str | None:
             else:
                 return None
             with tarfile.open(local) as tar:
-                tar.extractall(out_dir, filter="data")  # refuses absolute paths, links out and `..`
+                for member in tar.getmembers():  # files only, inside `out_dir` (as `keep` writes them)
+                    rel = PurePosixPath(member.name)
+                    if not member.isfile() or rel.is_absolute() or ".." in rel.parts:
+                        raise ValueError(f"{member.name!r} is not a file of a training")
+                    target = Path(out_dir) / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(tar.extractfile(member).read())
     except Exception as e:  # a damaged file or a store that does not answer: training again loses nothing
         log.warning("the finished training %s could not be read (%s); training it again", where, e)
         return None

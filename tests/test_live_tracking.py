@@ -2,6 +2,7 @@
 the train step's run is RUNNING with its loss, norm and sample pictures while the concept waits for evaluation;
 `register` completes the same run, links the scores to the logged model and ends it."""
 
+import functools
 import json
 import os
 import subprocess
@@ -293,6 +294,36 @@ def test_a_failed_step_after_training_ends_its_live_run_with_why(tmp_path):
     assert run.data.tags["oneword.error"] == "CUDA out of memory"
     assert end_training_run(uri, trained, "evaluate", "again") is None  # ended already: left as it is
     assert end_training_run(uri, tmp_path / "never-trained", "evaluate", "x") is None
+
+
+@pytest.mark.parametrize("on_error", ["fail", "record"])
+def test_a_failed_register_ends_training_live_run_with_why(on_error, tmp_path, monkeypatch):
+    """register is the step that ends training's live run: failing before it opened it (a deleted evaluation file,
+    an experiment it cannot make), it left the run RUNNING, where no exit handler of `oneword run` ends it."""
+    from oneword import tracking
+    from oneword.errors import OnewordError
+    from oneword.live import LiveRuns, LiveTracking
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = LiveRuns(LiveTracking(uri, "oneword"), [("cat-f", ConceptSpec(token="<cat-f>", init_word="cat"))], "x")
+    model = tmp_path / "model"
+    (model / "cat-f").mkdir(parents=True)
+    (model / "cat-f" / "summary.json").write_text(json.dumps({"mlflow_run_id": runs.run_ids["cat-f"]}))
+    (model / "concepts.json").write_text(json.dumps([{"name": "cat-f", "token": "<cat-f>"}]))
+    (tmp_path / "evaluation").mkdir()  # evaluated, its metrics.json since lost
+    register = functools.partial(
+        components.register.python_func, model=dsl.Model(uri=str(model)), concept="cat-f", tracking_uri=uri,
+        evaluation=dsl.Artifact(uri=str(tmp_path / "evaluation")), on_error=on_error,
+        registration=dsl.Artifact(uri=str(tmp_path / "registration")),
+    )  # fmt: skip
+    if on_error == "fail":
+        with pytest.raises(OnewordError, match=r"metrics\.json"):
+            register()
+    else:
+        assert register() == "cat-f failed at register"
+    run = tracking.client(uri)[1].get_run(runs.run_ids["cat-f"])
+    assert run.info.status == "FAILED" and run.data.tags["oneword.failed_stage"] == "register"
 
 
 def test_live_samples_decode_outside_an_fp16_autocast(tiny_model_dir):

@@ -177,6 +177,12 @@ def test_failure_after_version_creation_rolls_back(evaluated_concept, mlflow_ser
     with pytest.raises(RuntimeError):
         registry.register(train_dir, eval_dir, mlflow_server, name="cat-rollback")
     assert [r for r in registry.list_concepts(mlflow_server) if r["name"] == "cat-rollback"] == []
+    # the run that holds the upload says it registered nothing (it had ended FINISHED, as a registered one)
+    client = mlflow.MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("oneword").experiment_id],
+                                "tags.`oneword.concept` = 'cat-rollback'")  # fmt: skip
+    assert run.info.status == "FAILED" and run.data.tags["oneword.failed_stage"] == "register"
+    assert "registry went away" in run.data.tags["oneword.error"]
 
 
 def test_a_failure_after_the_alias_moved_gives_the_champion_back(evaluated_concept, mlflow_server, tmp_path,

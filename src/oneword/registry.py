@@ -246,7 +246,11 @@ def register(
         if concept.metrics:  # on the logged model too, where search_logged_models filters by them
             mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
     # Everything is uploaded and verified: only now does a version exist.
-    version, alias, reason, unchanged = _register_version(client, concept, run_id, info, thresholds)
+    try:
+        version, alias, reason, unchanged = _register_version(client, concept, run_id, info, thresholds)
+    except BaseException as e:  # the run ended FINISHED with the upload; it must not pass for a registered one
+        _mark_failed(client, run_id, f"{type(e).__name__}: {e}")
+        raise
     return Registration(
         concept.name, version, alias, reason, run_id, f"models:/{concept.name}/{version}", uri, unchanged
     )
@@ -407,6 +411,18 @@ def _log_model(mlflow, concept: _Concept, embedding: Path):
                 hint="check the artifact store, then rerun `register`",
             )
     return info
+
+
+def _mark_failed(client, run_id: str, error: str) -> None:
+    """Mark an ended run FAILED at register, with why (a store that does not answer leaves it as it was)."""
+    from oneword.live import FAILURE_TAGS
+
+    try:
+        client.set_tag(run_id, FAILURE_TAGS[0], "register")
+        client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as e:  # the registration's own error is the one to raise
+        log.warning("could not mark run %s as failed (%s)", run_id, e)
 
 
 ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias decisions (a killed register)

@@ -365,7 +365,7 @@ def register(
     from pathlib import Path
 
     from oneword.config import GateThresholds
-    from oneword.live import kfp_tags
+    from oneword.live import end_training_run, kfp_tags
     from oneword.outcome import UNCHANGED_FILE, read_failure, run_step
     from oneword.registry import record_failure, record_unchanged
     from oneword.registry import register as run
@@ -378,15 +378,21 @@ def register(
                      lambda: record_unchanged(tracking_uri or None, Path(trained), concept,
                                               json.loads(unchanged.read_text()), batch_id, experiment, tags))
     else:
-        r = run_step("register", registration.path, on_error,
-                     lambda: run(trained, evaluation.path, tracking_uri or None, name=concept, experiment=experiment,
-                                 thresholds=GateThresholds(min_reconstruction=min_reconstruction,
-                                                           min_editability=min_editability, margin_se=margin_se),
-                                 batch_id=batch_id,
-                                 run_tags=tags),
-                     upstream=[evaluation.path])
+        try:
+            r = run_step("register", registration.path, on_error,
+                         lambda: run(trained, evaluation.path, tracking_uri or None, name=concept,
+                                     experiment=experiment,
+                                     thresholds=GateThresholds(min_reconstruction=min_reconstruction,
+                                                               min_editability=min_editability, margin_se=margin_se),
+                                     batch_id=batch_id, run_tags=tags),
+                         upstream=[evaluation.path])
+        except Exception:  # the run stops here: training's live run, left open for this step, ends with why
+            why = read_failure(registration.path) or {}
+            end_training_run(tracking_uri or None, trained, "register", str(why.get("error", "")))
+            raise
     if r is None:
         why = read_failure(registration.path)
+        end_training_run(tracking_uri or None, trained, why["stage"], why["error"])
         group = json.loads(Path(model.path, "concepts.json").read_text())
         token = next((c["token"] for c in group if c["name"] == concept), "")
         record_failure(tracking_uri or None, concept, token, batch_id, why["stage"], why["error"], experiment, tags)

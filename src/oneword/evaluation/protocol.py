@@ -4,6 +4,10 @@ Two scores are comparable only when they were measured the same way: the same pr
 seeds, base model, checkpoint-selection budget and rule, and evaluators (weights and image preprocessing).
 `evaluate` records the protocol with every score; the registry's gate and `oneword compare` refuse to compare
 scores whose protocols differ, and say which parts differ.
+
+Not in it: the concept's own photos, against which reconstruction is measured. A version trained on new photos
+of a concept is compared with its champion all the same, each scored against its own photos (the gate asks
+which version draws its concept better, not which draws one set of photos better).
 """
 
 from __future__ import annotations

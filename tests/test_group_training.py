@@ -318,8 +318,8 @@ def test_a_fresh_group_training_refuses_an_earlier_ones_checkpoints(tiny_model_d
                     progress=False)  # fmt: skip
 
 
-def test_a_cached_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, monkeypatch):
-    """Recorded, a lost connection would be the cached result of preprocess, replayed by every later run."""
+def test_a_retried_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, monkeypatch):
+    """Recorded, a lost connection would cost the concept this run; raised, the task's retries are for it."""
     import urllib3
     from minio.error import S3Error
 
@@ -327,14 +327,13 @@ def test_a_cached_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, mo
         urllib3.PoolManager(retries=False).request("GET", "http://127.0.0.1:9/photos/cat")
 
     with pytest.raises(Exception) as lost:
-        outcome.run_step("preprocess", tmp_path / "a", "record", unreachable, cached=True)
+        outcome.run_step("preprocess", tmp_path / "a", "record", unreachable, retried=True)
     assert outcome.transient(lost.value)
     with pytest.raises(OnewordError):  # ... wrapped in oneword's own error, too
-        outcome.run_step("preprocess", tmp_path / "b", "record", lambda: _wrapped(TimeoutError("read")), cached=True)
-    # bad input is recorded as before, and so is a lost connection in a step that is not cached
-    assert (
-        outcome.run_step("preprocess", tmp_path / "c", "record", lambda: _wrapped(ValueError("x")), cached=True) is None
-    )
+        outcome.run_step("preprocess", tmp_path / "b", "record", lambda: _wrapped(TimeoutError("read")), retried=True)
+    # bad input is recorded as before, and so is a lost connection in a step without retries
+    bad = outcome.run_step("preprocess", tmp_path / "c", "record", lambda: _wrapped(ValueError("x")), retried=True)
+    assert bad is None
     assert outcome.run_step("train", tmp_path / "d", "record", unreachable) is None
     assert outcome.read_failure(tmp_path / "d")["stage"] == "train"
 
@@ -352,9 +351,9 @@ def test_a_cached_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, mo
     unresolved = urllib3.exceptions.NameResolutionError("no-such-host", None, OSError("Name or service not known"))
     assert not outcome.transient(urllib3.exceptions.MaxRetryError(None, "http://no-such-host/", unresolved))
     assert not outcome.transient(requests.exceptions.SSLError("certificate verify failed"))
-    # kfp.local caches and retries nothing: there, what a retry may cure is recorded like any failure
+    # kfp.local retries nothing: there, what a retry may cure is recorded like any failure
     monkeypatch.setenv(outcome.LOCAL_RUN_ENV, "1")
-    assert outcome.run_step("preprocess", tmp_path / "e", "record", unreachable, cached=True) is None
+    assert outcome.run_step("preprocess", tmp_path / "e", "record", unreachable, retried=True) is None
 
 
 def _wrapped(cause: Exception):

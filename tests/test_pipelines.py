@@ -106,9 +106,11 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
     plan = next(t for tasks in dags.values() for n, t in tasks.items() if n == "plan-batch")
     assert not plan.get("cachingOptions", {}).get("enableCache")  # re-reads the manifest every run
     assert "retryPolicy" not in plan
-    for step in ("preprocess", "cache-latents"):  # cached steps: what a retry may cure fails them, and is retried
+    for step in ("preprocess", "cache-latents"):  # what a retry may cure fails them, and is retried
         task = dags[where[step]][step]
-        assert task["retryPolicy"]["maxRetryCount"] == 2 and task["cachingOptions"]["enableCache"], step
+        assert task["retryPolicy"]["maxRetryCount"] == 2, step
+        # KFP's launcher cannot read another run's cached artifact from MinIO (docs/deploy.md): nothing is cached
+        assert not task.get("cachingOptions", {}).get("enableCache"), step
 
 
 def test_secrets_reach_pods_as_env_never_as_parameters():
@@ -493,15 +495,14 @@ def _task_caching(calls) -> dict[str, bool]:
     return {name: bool(t.get("cachingOptions", {}).get("enableCache")) for name, t in tasks.items()}
 
 
-def test_submit_without_cache_reruns_every_step(kfp_api):
-    """New photos under an old prefix: --no-cache turns KFP's cache off for every step of that run."""
+def test_a_submitted_run_caches_no_step(kfp_api):
+    """KFP's launcher reads another run's cached artifact with an S3 client that ignores the pipeline root's
+    endpoint, and opens only a collected list's first artifact's bucket: a cached step would fail the next one."""
     from oneword.pipelines.remote import submit
 
     host, calls = kfp_api
     params = {"images": "s3://data/my-cat", "token": "<my-cat>", "init_word": "cat"}
     submit(host, params, image_registry=REGISTRY)
-    assert _task_caching(calls)["cache-latents"]  # cached by default: the same photos never encode twice
-    submit(host, params, cache=False, image_registry=REGISTRY)
     caching = _task_caching(calls)
     assert "cache-latents" in caching and not any(caching.values()), caching
 

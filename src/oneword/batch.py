@@ -43,10 +43,11 @@ class ConceptEntry(ConceptSpec):
 
 
 def content_key(images: str) -> str:
-    """A fingerprint of the photos' content (not of their folder's name), to key KFP's cache of `preprocess`.
+    """A fingerprint of the photos' content (not of their folder's name), recorded in the batch's plan and in
+    `preprocess`'s output: which photos a run found.
 
     Local files are hashed; objects under an `s3://` prefix are named by key, size and ETag (a listing, not a
-    download). New photos under an old prefix give a new key, so they are processed again.
+    download). New photos under an old prefix give a new key.
     """
     h = hashlib.sha256()
     if storage.is_s3(images):

@@ -123,7 +123,7 @@ def run_step(
     on_error: OnError,
     work: Callable[[], T],
     upstream: Sequence[str | Path] = (),
-    cached: bool = False,
+    retried: bool = False,
     images: str = "",
 ) -> T | None:
     """Run one step of one concept, honouring failures before it and `on_error`.
@@ -135,16 +135,15 @@ def run_step(
         work: the step itself.
         upstream: the input folders of earlier steps; a failure recorded there is passed on, and `work` is
             not run.
-        cached: KFP caches the step's success. A `transient` error is then raised even with `record`: recorded,
-            the failure would be the cached result, replayed by every later run with the same inputs (a
-            scheduled batch would never try that concept again); raised, the task fails and is retried. Under
-            kfp.local (`LOCAL_RUN_ENV`), which caches and retries nothing, it is recorded.
+        retried: the task has retries for errors a retry may cure: a `transient` error is then raised even with
+            `record`, so that the task fails and is tried again instead of losing the concept for this run.
+            Under kfp.local (`LOCAL_RUN_ENV`), which retries nothing, it is recorded.
         images: the concept's photos, recorded with a failure (an upstream failure keeps its own).
 
     Returns:
         What `work` returned, or None if the concept had failed.
     """
-    cached = cached and not os.environ.get(LOCAL_RUN_ENV)
+    retried = retried and not os.environ.get(LOCAL_RUN_ENV)
     if on_error not in ON_ERROR_CHOICES:
         raise OnewordError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
     for folder in upstream:
@@ -158,12 +157,12 @@ def run_step(
     except OnewordError as e:
         # Written in both modes: with `fail`, whoever started the pipeline shows it (not the runner's traceback).
         write_failure(out_dir, stage, e.message, e.hint or "", images)
-        if on_error == "fail" or (cached and transient(e)):
+        if on_error == "fail" or (retried and transient(e)):
             raise
         log.error("%s failed: %s", stage, e)
     except Exception as e:  # a crash of one concept's step must not lose the batch; the trace goes to the log
         write_failure(out_dir, stage, f"{type(e).__name__}: {e}", images=images)
-        if on_error == "fail" or (cached and transient(e)):
+        if on_error == "fail" or (retried and transient(e)):
             raise
         log.exception("%s crashed", stage)
     return None

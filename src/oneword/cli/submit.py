@@ -133,12 +133,6 @@ def submit_cmd(
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = SERVICE_ACCOUNT,
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
     pipeline_root: Annotated[str, PIPELINE_ROOT_OPTION] = PIPELINE_ROOT,
-    cache: Annotated[
-        bool,
-        typer.Option(
-            help="reuse cached preprocess/cache_latents results (they are keyed by the photos' content and the model)"
-        ),
-    ] = True,
     preflight: Annotated[
         bool, typer.Option(help="check from here what can be checked (model, evaluator, buckets, token) first")
     ] = True,
@@ -168,7 +162,6 @@ def submit_cmd(
             run_name=run_name,
             token=existing_token,
             service_account=service_account,
-            cache=cache,
             image_registry=image_registry,
             pipeline_root=pipeline_root,
         )

@@ -97,21 +97,7 @@ def compile_pipeline(name: str, out: Path, image_registry: str | None = None) ->
     return with_registry(out, image_registry) if image_registry else out
 
 
-def tmp_package(name: str, image_registry: str, cache: bool = True) -> Path:
-    """Compile a pipeline to a temporary YAML file whose images come from `image_registry`; return its path.
-
-    With `cache=False` every task of every DAG (sub-pipelines and loop bodies too, which the KFP client's own
-    `enable_caching=False` leaves alone) is marked not to use KFP's cache.
-    """
+def tmp_package(name: str, image_registry: str) -> Path:
+    """Compile a pipeline to a temporary YAML file whose images come from `image_registry`; return its path."""
     d = Path(tempfile.mkdtemp(prefix="oneword-compile-"))
-    path = compile_pipeline(name, d / f"{name}.yaml", image_registry)
-    if not cache:
-        import yaml
-
-        spec, *platform = yaml.safe_load_all(path.read_text())
-        dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
-        for dag in dags:
-            for task in dag["tasks"].values():
-                task["cachingOptions"] = {"enableCache": False}
-        path.write_text(yaml.safe_dump_all([spec, *platform], sort_keys=False))
-    return path
+    return compile_pipeline(name, d / f"{name}.yaml", image_registry)

@@ -51,8 +51,8 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
         base_model: the model the images are for (its profile gives the resolution when it is 0).
         resolution: side of the square training images (0: the base model's native size; SD 1.x 512, SD 2.x 768, SDXL 1024).
         mode: crop (centre-crop to a square) or pad (pad with white).
-        content_key: fingerprint of the photos' content (set by the planning step); it keys KFP's cache, so new
-            photos under an old prefix are processed again.
+        content_key: fingerprint of the photos' content (set by the planning step), recorded in the output's
+            metadata.
         on_error: fail (the task fails) or record (a batch: the concept is marked failed, the others go on).
     """
     from oneword.images import preprocess as run
@@ -60,9 +60,9 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
     from oneword.profiles import image_side
 
     resolution = image_side(base_model, resolution)
-    # cached: an error a retry may cure fails the task even in a batch, so that KFP's cache never keeps it
+    # an error a retry may cure fails the task even in a batch, so that the task's retries are for it
     m = run_step("preprocess", dataset.path, on_error, lambda: run(images, dataset.path, resolution=resolution,
-                                                                   mode=mode), cached=True, images=images)
+                                                                   mode=mode), retried=True, images=images)
     if m is not None:
         dataset.metadata.update({"images": len(m.images), "skipped": len(m.skipped), "resolution": resolution,
                                  "content_key": content_key})
@@ -91,7 +91,7 @@ def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model
     # a failure names the photos, by which train matches this folder to its concept
     lat = run_step("cache_latents", latents.path, on_error,
                    lambda: run(dataset.path, base_model, latents.path, device=device), upstream=[dataset.path],
-                   cached=True, images=Manifest.photos_of(dataset.path))
+                   retried=True, images=Manifest.photos_of(dataset.path))
     if lat is not None:
         latents.metadata.update({"images": len(lat), "vae_fingerprint": lat.meta["vae_fingerprint"],
                                  "accelerator": f"{accelerator_limit} x {accelerator_type}"})

@@ -151,12 +151,16 @@ def personalise(
     with dsl.ParallelFor(concepts, name="each-concept") as concept:
         pre = _cpu_step(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
                                         resolution=resolution, mode=mode, on_error=on_error), p)
-        pre.set_caching_options(True)  # keyed by the photos' content, so new photos under an old prefix rerun
+        # Not KFP-cached: the launcher reads a cached artifact of another run with an S3 client of its own that
+        # ignores the pipeline root's endpoint (MinIO), and opens the bucket of a collected list's first artifact
+        # only (backend/src/v2/component/launcher_v2.go, fetchNonDefaultBuckets): a cached concept's latents could
+        # not be read by train. The photos are small; what is costly, training, oneword keys itself.
+        pre.set_caching_options(False)
         pre.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # transient errors
         # The accelerator settings are also inputs: the step records them in its output's metadata.
         lat = _gpu_step(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
                                         accelerator_type=accelerator_type, accelerator_limit=accelerator_limit), p)
-        lat.set_caching_options(True)  # the same images and model never encode twice
+        lat.set_caching_options(False)
         lat.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)
     tr = c.train(
         latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
@@ -182,7 +186,7 @@ def personalise(
             accelerator_limit=accelerator_limit, tracking_uri=tracking_uri, min_reconstruction=min_reconstruction,
             min_editability=min_editability, margin_se=margin_se,
         )
-        _gpu_step(ev, p)
+        _gpu_step(ev, p).set_caching_options(False)  # it asks MLflow whether the concept changed, every run
         reg = c.register(
             model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
             experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se,

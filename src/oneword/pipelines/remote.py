@@ -21,24 +21,24 @@ def _client(host: str, namespace: str | None, token: str | None):
 
 def submit(host: str, params: dict, pipeline: str = "textual_inversion", experiment: str = KFP_EXPERIMENT,
            namespace: str | None = None, run_name: str | None = None, token: str | None = None,
-           service_account: str = SERVICE_ACCOUNT, cache: bool = True, image_registry: str | None = None,
+           service_account: str = SERVICE_ACCOUNT, image_registry: str | None = None,
            pipeline_root: str = PIPELINE_ROOT) -> dict:
     """Start one run of a pipeline on a cluster.
 
-    KFP caches `preprocess` (keyed by a fingerprint of the photos' content, which the planning step takes every
-    run) and `cache_latents`; `cache=False` turns the cache off for every task of the run, nested ones included.
+    No task uses KFP's cache (`definitions.personalise` says why); what is costly, training and evaluating an
+    unchanged concept, oneword finds by its own keys.
     `image_registry` is where the cluster pulls oneword's images from; without it nothing is sent.
     `pipeline_root` is where the run's artifacts go (KFP's own default root is left to KFP's other pipelines).
 
     Returns:
         `{"run_id", "experiment", "url"}`.
     """
-    package = tmp_package(pipeline, require_registry(image_registry), cache=cache)  # refused before any call
+    package = tmp_package(pipeline, require_registry(image_registry))  # refused before any call
     client = _client(host, namespace, token)
     run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                   experiment_name=experiment, namespace=namespace,
                                                   service_account=service_account or None,
-                                                  enable_caching=None if cache else False,
+                                                  enable_caching=False,
                                                   pipeline_root=pipeline_root or None)
     return {"run_id": run.run_id, "experiment": experiment, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 

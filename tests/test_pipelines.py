@@ -311,6 +311,7 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
     """Answers the KFP v2beta1 REST calls the client makes, and records them for the test to check."""
 
     calls: ClassVar[list] = []
+    pipelines: ClassVar[dict[str, list]] = {}  # namespace ("" shared) -> the pipelines it holds
 
     def _reply(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -339,7 +340,10 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
             },
             ("DELETE", "/apis/v2beta1/recurringruns/rr-old"): {},
         }
-        if (self.command, path) in routes:
+        if (self.command, path) == ("GET", "/apis/v2beta1/pipelines"):
+            namespace = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("namespace", [""])[0]
+            self._reply(200, {"pipelines": self.pipelines.get(namespace, [])})
+        elif (self.command, path) in routes:
             self._reply(200, routes[(self.command, path)])
         else:
             self._reply(404, {"error": f"unexpected {self.command} {path}"})
@@ -352,7 +356,7 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def kfp_api():
-    _FakeKfpApi.calls = []
+    _FakeKfpApi.calls, _FakeKfpApi.pipelines = [], {}
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfpApi)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", _FakeKfpApi.calls
@@ -505,6 +509,20 @@ def test_a_submitted_run_caches_no_step(kfp_api):
     submit(host, params, image_registry=REGISTRY)
     caching = _task_caching(calls)
     assert "cache-latents" in caching and not any(caching.values()), caching
+
+
+def test_a_second_schedule_in_a_namespace_finds_its_pipeline_there(kfp_api):
+    """Multi-user KFP: the pipeline the first schedule uploaded is the namespace's, not a shared one."""
+    from oneword.pipelines.remote import schedule
+
+    host, calls = kfp_api
+    _FakeKfpApi.pipelines = {"team-a": [{"pipeline_id": "p-team", "display_name": "oneword-batch"}]}
+    out = schedule(host, {"concepts_manifest": "s3://data/c.yaml"}, "0 0 2 * * *", namespace="team-a",
+                   image_registry=REGISTRY)  # fmt: skip
+    assert out["pipeline_id"] == "p-team"
+    paths = [p for _, p, _ in calls]
+    assert not any(p.startswith("/apis/v2beta1/pipelines/upload?") for p in paths)
+    assert any(p.startswith("/apis/v2beta1/pipelines/upload_version?") and "pipelineid=p-team" in p for p in paths)
 
 
 def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):

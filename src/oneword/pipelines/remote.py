@@ -78,7 +78,7 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
     package = str(tmp_package(pipeline, require_registry(image_registry)))
     client = _client(host, namespace, token)
     version = version or f"{__version__}-{time.strftime('%Y%m%d-%H%M%S')}"
-    pipeline_id = client.get_pipeline_id(name)
+    pipeline_id = _pipeline_id(client, name, namespace)
     if pipeline_id is None:
         p = client.upload_pipeline(package, pipeline_name=name, namespace=namespace)
         pipeline_id = p.pipeline_id
@@ -103,3 +103,13 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         client.delete_recurring_run(r)
     return {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": job.recurring_run_id,
             "replaced": replaced}
+
+
+def _pipeline_id(client, name: str, namespace: str | None) -> str | None:
+    """The id of the pipeline `name` where `schedule` uploads it: in `namespace` on a multi-user KFP (the KFP
+    client's `get_pipeline_id` looks among shared pipelines only, so a second schedule uploaded it again and
+    was refused: the name already exists)."""
+    only = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": name}]})
+    found = client.list_pipelines(filter=only, page_size=2, namespace=namespace).pipelines or []
+    found = [p for p in found if p.display_name == name]
+    return found[0].pipeline_id if found else None

@@ -121,6 +121,9 @@ def test_secrets_reach_pods_as_env_never_as_parameters():
         for executor, cfg in spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
             envs = {e["envVar"] for s in cfg["secretAsEnv"] for e in s["keyToEnv"]}
             assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= envs, executor
+            # settings from oneword-config; the ones added later are optional, so an older ConfigMap still works
+            maps = {e["envVar"]: m.get("optional", False) for m in cfg["configMapAsEnv"] for e in m["keyToEnv"]}
+            assert not maps["S3_ENDPOINT_URL"] and maps["AWS_REGION"] and maps["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"]
 
 
 def test_components_use_the_oneword_image_and_never_pip_install():

@@ -36,6 +36,11 @@ def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, {"S3_ENDPOINT_URL": "S3_ENDPOINT_URL",
                                                         "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
                                                         "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+    # optional: a ConfigMap made before they were added still starts the pods. With a region, minio's client
+    # asks no GetBucketLocation first (which a policy limited to a team's prefixes refuses)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, {"AWS_REGION": "AWS_REGION",
+                                                        "MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE":
+                                                        "MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"}, optional=True)
     return task
 
 

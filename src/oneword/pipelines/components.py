@@ -123,6 +123,7 @@ def train(
     on_error: str = "fail",
     log_every: int = 10,
     sample_every: int = 500,
+    compile: str = "off",
     tracking_uri: str = "",
     experiment: str = "oneword",
     kfp_run_id: str = "",
@@ -161,6 +162,8 @@ def train(
             preprocess).
         log_every: steps between loss/norm reports: a log line, and live metrics in each concept's MLflow run.
         sample_every: steps between sample pictures logged to each concept's MLflow run; 0 = none.
+        compile: off; default: torch.compile the UNet; max: the whole step as one graph replayed as CUDA graphs
+            (minutes to compile, then fastest: worth it for thousands of steps).
         tracking_uri: MLflow tracking URI of the live runs (empty: $MLFLOW_TRACKING_URI; neither: no live runs).
             Each stays RUNNING for register, which completes and ends it.
         experiment: MLflow experiment.
@@ -192,7 +195,7 @@ def train(
                             early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
                             direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
                             checkpoint_every=unset(checkpoint_every), log_every=log_every,
-                            sample_every=sample_every, gpus=int(accelerator_limit)),
+                            sample_every=sample_every, compile=compile, gpus=int(accelerator_limit)),
         on_error, base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True,
         progress=False, tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
     )

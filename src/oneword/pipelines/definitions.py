@@ -121,6 +121,7 @@ def personalise(
     checkpoint_budget: int = D["checkpoint_budget"],
     log_every: int = D["log_every"],
     sample_every: int = D["sample_every"],
+    compile: str = D["compile"],
     tracking_uri: str = D["tracking_uri"],
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
@@ -174,7 +175,7 @@ def personalise(
         init_cos=init_cos,
         direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
         checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
-        on_error=on_error, log_every=log_every, sample_every=sample_every, tracking_uri=tracking_uri,
+        on_error=on_error, log_every=log_every, sample_every=sample_every, compile=compile, tracking_uri=tracking_uri,
         experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, accelerator_limit=accelerator_limit,
     )
@@ -253,6 +254,7 @@ def textual_inversion(
     checkpoint_budget: int = D["checkpoint_budget"],
     log_every: int = D["log_every"],
     sample_every: int = D["sample_every"],
+    compile: str = D["compile"],
     tracking_uri: str = D["tracking_uri"],
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
@@ -312,6 +314,8 @@ def textual_inversion(
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: evaluate the final step only).
         log_every: steps between loss/norm reports: a log line, and live metrics in the concept's MLflow run.
         sample_every: steps between sample pictures logged to the concept's MLflow run during training (0: none).
+        compile: off; default: torch.compile the UNet; max: the whole step as one graph replayed as CUDA graphs
+            (minutes to compile, then fastest: worth it for thousands of steps; docs/benchmarks.md).
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).
@@ -345,7 +349,9 @@ def textual_inversion(
     return group.output
 
 
-PARALLEL_SHARDS = 4  # GPU jobs at a time (ParallelFor's parallelism is fixed at compile time)
+# Shards at a time (ParallelFor's parallelism is fixed at compile time): one train pod each, but a shard's
+# cache_latents and evaluate run one pod per concept, so up to PARALLEL_SHARDS x concepts_per_shard GPU pods
+PARALLEL_SHARDS = 4
 
 
 @dsl.pipeline(name="batch-personalisation", description="Textual inversion of every concept of a manifest, in "
@@ -381,6 +387,7 @@ def batch_personalisation(
     checkpoint_budget: int = D["checkpoint_budget"],
     log_every: int = D["log_every"],
     sample_every: int = D["sample_every"],
+    compile: str = D["compile"],
     tracking_uri: str = D["tracking_uri"],
     experiment: str = D["experiment"],
     min_reconstruction: float = D["min_reconstruction"],
@@ -441,6 +448,8 @@ def batch_personalisation(
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: final step only).
         log_every: steps between loss/norm reports: a log line, and live metrics in the concept's MLflow run.
         sample_every: steps between sample pictures logged to the concept's MLflow run during training (0: none).
+        compile: off; default: torch.compile the UNet; max: the whole step as one graph replayed as CUDA graphs
+            (minutes to compile, then fastest: worth it for thousands of steps; docs/benchmarks.md).
         tracking_uri: MLflow tracking URI (empty: MLFLOW_TRACKING_URI of the oneword-config ConfigMap).
         experiment: MLflow experiment.
         min_reconstruction: quality gate: minimum reconstruction to become champion (-1: none).

@@ -48,6 +48,7 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "checkpoint_every": (TrainConfig, "checkpoint_every"),
     "log_every": (TrainConfig, "log_every"),
     "sample_every": (TrainConfig, "sample_every"),
+    "compile": (TrainConfig, "compile"),
     "prompt_set": (EvalConfig, "prompt_set"),
     "n_images": (EvalConfig, "n_images"),
     "sampling_steps": (EvalConfig, "steps"),

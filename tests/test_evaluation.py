@@ -245,6 +245,29 @@ def test_quality_gate_wants_a_lead_larger_than_the_noise():
     assert quality_gate({**_scored(0.6, 0.5, se=0.02), "reconstruction_se": math.nan}, one_image).passed
 
 
+def test_the_gate_pairs_two_versions_seed_by_seed():
+    """Image j of every prompt of either version comes from seed j: where one seed draws a hard picture for both,
+    the difference holds no noise of it. Paired, a steady lead passes that unpaired noise would have hidden."""
+    import random
+
+    rng = random.Random(0)
+    seeds = [rng.gauss(0.0, 0.15) for _ in range(64)]  # how hard each seed's pictures are: shared
+    champ_seeds = [1.0 + s + rng.gauss(0, 0.005) for s in seeds]
+    cand_seeds = [1.02 + s + rng.gauss(0, 0.005) for s in seeds]
+
+    def version(per_seed):
+        mean = sum(per_seed) / len(per_seed)
+        se = (sum((x - mean) ** 2 for x in per_seed) / (len(per_seed) - 1) / len(per_seed)) ** 0.5
+        return {**_scored(mean / 2, mean / 2), "score_se": se, "score_per_seed": per_seed}
+
+    champion, candidate = version(champ_seeds), version(cand_seeds)
+    paired = quality_gate(candidate, champion)
+    assert paired.passed and "paired difference's standard error" in paired.reason
+    unpaired = quality_gate(*({k: v for k, v in m.items() if k != "score_per_seed"} for m in (candidate, champion)))
+    assert not unpaired.passed  # the same lead, within the seeds' own spread
+    assert not quality_gate(champion, candidate).passed  # and paired, a worse version still loses
+
+
 @pytest.fixture(scope="module")
 def trained_concept(tmp_path_factory, cat_latents_dir):
     out = tmp_path_factory.mktemp("trained") / "train"

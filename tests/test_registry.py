@@ -24,6 +24,8 @@ def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=No
     out = tmp_path / f"eval-{reconstruction}-{editability}-{fingerprint}"
     shutil.copytree(eval_dir, out)
     m = json.loads((out / "metrics.json").read_text())
+    shift = reconstruction + editability - m["reconstruction"] - m["editability"]
+    m["score_per_seed"] = [x + shift for x in m["score_per_seed"]]  # the gate pairs versions seed by seed
     m["reconstruction"], m["editability"] = reconstruction, editability
     if fingerprint:
         m["evaluator"] = {"name": "another-clip", "fingerprint": fingerprint}
@@ -67,6 +69,7 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
 
     shown = registry.show_concept(f"{name}@champion", mlflow_server)
     assert shown["version"] == "3" and "champion" in shown["aliases"]
+    assert len(json.loads(shown["tags"]["score_per_seed"])) == 2  # one score a seed, for the next gate to pair
     assert shown["tags"]["oneword.token"] == "<cat-r>" and shown["params"]["init_word"] == "cat"
     assert shown["metrics"]["reconstruction"] == pytest.approx(0.6)
     assert shown["params"]["base_model_fingerprint"] == fp

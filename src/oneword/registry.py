@@ -589,6 +589,8 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
                     "eval_protocol_id": m["protocol_id"],
                 }
             )
+            if "score_per_seed" in m:  # the gate pairs two versions' scores seed by seed
+                vtags |= {"score_se": f"{m['score_se']:.6f}", "score_per_seed": json.dumps(m["score_per_seed"])}
     return vtags
 
 
@@ -635,6 +637,9 @@ def _version_metrics(mv) -> dict | None:
         metrics["protocol"] = json.loads(t["eval_protocol"])
         metrics["reconstruction_se"] = float(t["reconstruction_se"])
         metrics["editability_se"] = float(t["editability_se"])
+        if "score_per_seed" in t:
+            metrics["score_se"] = float(t["score_se"])
+            metrics["score_per_seed"] = json.loads(t["score_per_seed"])
     return metrics
 
 

@@ -154,12 +154,17 @@ class _Session:
                 }
             )
         editability = sum(p["editability"] for p in per_prompt) / len(per_prompt)
+        # image j of every prompt shares seed j: the gate's score (the sum) is measured once per seed, and two
+        # versions scored the same way are paired seed by seed
+        per_seed = rec_rows.float() + torch.stack([r.float() for r in edit_rows]).mean(0)
         out = {
             "reconstruction": float(rec_rows.mean()),
             "editability": editability,
             # how far another set of seeds may move the score (the prompts are held fixed)
             "reconstruction_se": standard_error(rec_rows),
             "editability_se": standard_error_over_seeds(edit_rows),
+            "score_se": standard_error(per_seed),
+            "score_per_seed": [round(float(x), 6) for x in per_seed],
             "per_prompt": per_prompt,
             "images": images,
             "prompts": prompts,
@@ -322,6 +327,8 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
         "editability": full["editability"],
         "reconstruction_se": full["reconstruction_se"],
         "editability_se": full["editability_se"],
+        "score_se": full["score_se"],
+        "score_per_seed": full["score_per_seed"],
         "per_prompt": full["per_prompt"],
         "prompt_set": cfg.prompt_set,
         "n_images": cfg.n_images,

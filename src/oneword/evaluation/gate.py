@@ -2,7 +2,9 @@
 
 Scores are only comparable when measured the same way (`oneword.evaluation.protocol`): the gate refuses to
 compare scores whose evaluators or protocols differ, instead of silently comparing them. A candidate must beat the
-champion by more than the noise of the two measurements (`GateThresholds.margin_se` standard errors).
+champion by more than the noise of the two measurements (`GateThresholds.margin_se` standard errors). Two
+versions scored under one protocol drew image j of every prompt from the same seed: where both recorded their
+per-seed scores, the noise is that of the paired differences, which the seeds they share do not inflate.
 """
 
 from __future__ import annotations
@@ -88,9 +90,14 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
     score, best = rec + edit, champion["reconstruction"] + champion["editability"]
     if not math.isfinite(best):  # a champion whose scores were NaN holds its alias by no measure
         return GateResult(True, f"reconstruction + editability {score:.4f}; the champion's scores are not finite")
-    margin = thresholds.margin_se * (_se_of_sum(candidate) ** 2 + _se_of_sum(champion) ** 2) ** 0.5
+    paired = _paired_se(candidate, champion)
+    se = paired if paired is not None else (_se_of_sum(candidate) ** 2 + _se_of_sum(champion) ** 2) ** 0.5
+    margin = thresholds.margin_se * se
     need = f"{best:.4f}" + (
-        f" by more than {margin:.4f} ({thresholds.margin_se:g} x the difference's standard error)" if margin else ""
+        f" by more than {margin:.4f} ({thresholds.margin_se:g} x the {'paired ' if paired is not None else ''}"
+        "difference's standard error)"
+        if margin
+        else ""
     )
     if score <= best + margin:
         return GateResult(False, f"reconstruction + editability {score:.4f} does not beat the champion's {need}")
@@ -98,9 +105,24 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
 
 
 def _se_of_sum(metrics: dict) -> float:
-    """The standard error of reconstruction + editability (0 where the scores carry none).
+    """The standard error of reconstruction + editability (0 where the scores carry none): measured seed by seed
+    where recorded (the two scores of one seed are not independent), else as if they were.
 
     One image a prompt leaves a score's spread unmeasured (nan): it counts as none, as in checkpoint selection; a
     nan margin would let every candidate "beat" the champion, however bad.
     """
+    if "score_se" in metrics:
+        return known_se(metrics["score_se"])
     return math.hypot(known_se(metrics.get("reconstruction_se")), known_se(metrics.get("editability_se")))
+
+
+def _paired_se(candidate: dict, champion: dict) -> float | None:
+    """The standard error of the mean per-seed difference of the two versions' scores, or None where either did
+    not record them seed by seed (or for another number of seeds). Called once the protocols are the same."""
+    a, b = candidate.get("score_per_seed"), champion.get("score_per_seed")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    diff = [x - y for x, y in zip(a, b)]
+    mean = sum(diff) / len(diff)
+    variance = sum((d - mean) ** 2 for d in diff) / (len(diff) - 1)
+    return known_se((variance / len(diff)) ** 0.5)

@@ -467,9 +467,34 @@ def test_a_concept_trained_before_in_another_shard_is_not_trained_again(
     with caplog.at_level(logging.WARNING):
         again = train_group([("dog", SPECS[1], cat_latents_dir)], tmp_path / "d", cfg, checkpoint_root=root,
                             progress=False)  # fmt: skip
-    assert again[0]["status"] == "trained" and "could not be read" in caplog.text
+    assert again[0]["status"] == "trained" and "cannot be taken" in caplog.text
     retrained = json.loads((tmp_path / "d" / "dog" / "summary.json").read_text())
     assert retrained["steps_run"] == 4 and "trained_before" not in retrained
+
+
+def test_a_kept_training_is_taken_only_whole_and_a_shard_resumes_its_own_checkpoints_first(
+    cat_latents_dir, tmp_path, caplog
+):
+    """A kept training whose checkpoints were deleted would be scored at its last step only: it trains again. And a
+    shard that finished (its checkpoints are there) but kept only some of its concepts (a store that refused the
+    rest) resumes its own checkpoints, instead of training the others again alone."""
+    import shutil
+
+    root, cfg = tmp_path / "checkpoints", TrainConfig(steps=4, checkpoint_every=2)
+    pair = [("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)]
+    train_group(pair, tmp_path / "a", cfg, checkpoint_root=root, progress=False)
+    dog = json.loads((tmp_path / "a" / "dog" / "summary.json").read_text())
+    (root / "trainings" / f"{dog['training_key']}.tar").unlink()  # the dog's keep was refused
+    train_group(pair, tmp_path / "b", cfg, checkpoint_root=root, progress=False)
+    for name in ("cat", "dog"):
+        again = json.loads((tmp_path / "b" / name / "summary.json").read_text())
+        assert again["steps_run"] == 0 and "trained_before" not in again, name  # resumed at the end: 0 steps
+    # the pair's checkpoints deleted: the cat's kept training names them, so it is not taken but trained again
+    shutil.rmtree(dog["checkpoint_dir"])
+    with caplog.at_level(logging.WARNING):
+        train_group([("cat", SPECS[0], cat_latents_dir)], tmp_path / "c", cfg, checkpoint_root=root, progress=False)
+    cat = json.loads((tmp_path / "c" / "cat" / "summary.json").read_text())
+    assert cat["steps_run"] == 4 and "trained_before" not in cat and "no longer in" in caplog.text
 
 
 def test_a_concept_with_other_settings_is_trained_again(tiny_model_dir, cat_latents_dir, tmp_path):

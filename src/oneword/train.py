@@ -351,34 +351,28 @@ def training_key(spec: ConceptSpec, latents: LatentSet, config: TrainConfig, mod
     return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[:16]
 
 
+def _under(root: str | Path, key: str) -> str:
+    """A group's checkpoint folder under a checkpoint root (folder or `s3://` prefix)."""
+    return f"{str(root).rstrip('/')}/{key}"
+
+
 def _take_trained(
     ready: Sequence[tuple[str, ConceptSpec, LatentSet, Path]],
     keys: dict[str, str],
     out_dir: Path,
     checkpoint_root: str | Path,
-) -> dict[str, str]:
-    """Write the concepts trained before (`trainings`: the same key, in another shard or run) into their folders.
-
-    Such a concept keeps its earlier training's summary, which names the checkpoints it was chosen from; its
-    photos come from these latents; its live MLflow run was that training's, so `register` opens a new one.
-
-    Returns:
-        `{name: where it was kept}` for each concept taken.
-    """
-    taken = {}
+) -> list[str]:
+    """Write the concepts trained before (`trainings.take`) into their folders, with their photos from these
+    latents; returns their names."""
+    taken = []
     for name, _, _, where in ready:
-        folder = out_dir / name
-        if (kept := trainings.take(checkpoint_root, keys[name], folder)) is None:
+        if (summary := trainings.take(checkpoint_root, keys[name], out_dir / name)) is None:
             continue
-        summary = json.loads((folder / SUMMARY_FILE).read_text())
-        summary.pop("mlflow_run_id", None)
-        summary.update(steps_run=0, trained_before=kept)
-        (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if (Path(where) / DATASET_DIR).is_dir():
-            shutil.copytree(Path(where) / DATASET_DIR, folder / DATASET_DIR, dirs_exist_ok=True)
+            shutil.copytree(Path(where) / DATASET_DIR, out_dir / name / DATASET_DIR, dirs_exist_ok=True)
         log.info("%s was trained before with the same photos, spec, model and settings (%s): not trained again",
-                 name, kept)  # fmt: skip
-        taken[name] = kept
+                 name, summary["trained_before"])  # fmt: skip
+        taken.append(name)
     return taken
 
 
@@ -548,15 +542,17 @@ def train_group(
     # fine-tune that kept the text encoder shares it, so the model's source is part of the key too
     model_id = f"{model.fingerprint} {model.source}" if model is not None else ""
     keys = {name: training_key(spec, lat, config, model_id) for name, spec, lat, _ in ready}
-    if ready and checkpoint_root and resume:
-        taken = set(distributed.from_main(list(_take_trained(ready, keys, out_dir, checkpoint_root)) if main else [],
-                                          world))  # fmt: skip
+    whole = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
+    if ready and checkpoint_root and resume and not checkpoints.list_checkpoints(_under(checkpoint_root, whole)):
+        # this very shard has no checkpoints of its own (those it resumes, whatever was kept): take its concepts
+        # trained before, in another shard or run (`oneword.trainings`), and train the others
+        taken = distributed.from_main(_take_trained(ready, keys, out_dir, checkpoint_root) if main else [], world)
         for name in taken:
             status[name].update(status="trained", stage="train")
         ready = [m for m in ready if m[0] not in taken]
     if ready:
         key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
-        ckpt = f"{str(checkpoint_root).rstrip('/')}/{key}" if checkpoint_root else str(out_dir / "checkpoints")
+        ckpt = _under(checkpoint_root, key) if checkpoint_root else str(out_dir / "checkpoints")
         _refuse_earlier_checkpoints(ckpt, resume)
         trainer = InversionTrainer(model, [(spec, lat) for _, spec, lat, _ in ready], config)
         log.info(

@@ -11,17 +11,20 @@ PUT, or a local rename), so a reader never sees half of one, and two writers of 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from oneword import storage
+from oneword import checkpoints, storage
+from oneword.latents import DATASET_DIR
 
 log = logging.getLogger(__name__)
 
 FOLDER = "trainings"  # under the checkpoint root, beside the groups' checkpoint folders
-LEFT_OUT = ("dataset", "checkpoints")  # the photos come with the latents; checkpoints stay where they were written
+# the photos come with the latents; checkpoints stay where they were written
+LEFT_OUT = (DATASET_DIR, "checkpoints")
 
 
 def location(root: str | Path, key: str) -> str:
@@ -63,12 +66,20 @@ def keep(concept_dir: Path, root: str | Path, key: str) -> str | None:
     return where
 
 
-def take(root: str | Path, key: str, out_dir: Path) -> str | None:
-    """Write the kept training `key` into `out_dir`, if there is one that reads.
+def take(root: str | Path, key: str, out_dir: Path) -> dict | None:
+    """Write the kept training `key` into `out_dir`, if there is one that reads and whose checkpoints are there.
+
+    The folder is unpacked beside `out_dir` and moved into place whole. Its summary keeps the earlier training's
+    figures and names its checkpoints (evaluation chooses among them: a training whose checkpoints were deleted
+    is not taken, or it would be scored at its last step only, as if it had been chosen); it says where it was
+    kept (`trained_before`), that no step ran here, and no live MLflow run (that one was the earlier training's:
+    `register` opens a new one).
 
     Returns:
-        Where it was kept, or None (none is kept, or it does not read: the concept trains again).
+        The summary written, or None (none is kept, or it does not read: the concept trains again).
     """
+    from oneword.train import SUMMARY_FILE  # (train imports this module)
+
     where = location(root, key)
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -80,15 +91,23 @@ def take(root: str | Path, key: str, out_dir: Path) -> str | None:
                 local = Path(where)
             else:
                 return None
-            with tarfile.open(local) as tar:
-                for member in tar.getmembers():  # files only, inside `out_dir` (as `keep` writes them)
-                    rel = PurePosixPath(member.name)
-                    if not member.isfile() or rel.is_absolute() or ".." in rel.parts:
-                        raise ValueError(f"{member.name!r} is not a file of a training")
-                    target = Path(out_dir) / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(member).read())
-    except Exception as e:  # a damaged file or a store that does not answer: training again loses nothing
-        log.warning("the finished training %s could not be read (%s); training it again", where, e)
+            with storage.atomic_dir(Path(out_dir)) as tmp:
+                with tarfile.open(local) as tar:
+                    for member in tar.getmembers():  # files only, inside the folder (as `keep` writes them)
+                        rel = PurePosixPath(member.name)
+                        if not member.isfile() or rel.is_absolute() or ".." in rel.parts:
+                            raise ValueError(f"{member.name!r} is not a file of a training")
+                        target = tmp / rel
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(tar.extractfile(member).read())
+                summary = json.loads((tmp / SUMMARY_FILE).read_text())
+                found = [path for _, path in checkpoints.list_checkpoints(summary["checkpoint_dir"])]
+                if summary.get("last_checkpoint") not in found:
+                    raise ValueError(f"its checkpoints are no longer in {summary['checkpoint_dir']}")
+                summary.pop("mlflow_run_id", None)
+                summary.update(steps_run=0, trained_before=where)
+                (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    except Exception as e:  # damaged, incomplete, or a store that does not answer: training again loses nothing
+        log.warning("the finished training %s cannot be taken (%s); training it again", where, e)
         return None
-    return where
+    return summary

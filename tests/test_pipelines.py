@@ -113,6 +113,17 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
         assert not task.get("cachingOptions", {}).get("enableCache"), step
 
 
+def test_no_task_of_either_pipeline_is_kfp_cached():
+    """KFP's launcher cannot read another run's cached artifact from MinIO (docs/deploy.md): as checked in, as
+    scheduled (no per-run setting rewrites a recurring run's tasks)."""
+    for name in ("textual_inversion", "batch_personalisation"):
+        spec = _spec(name)
+        dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+        tasks = {t: task for dag in dags for t, task in dag["tasks"].items()}
+        cached = [t for t, task in tasks.items() if task.get("cachingOptions", {}).get("enableCache")]
+        assert not cached, (name, cached)
+
+
 def test_secrets_reach_pods_as_env_never_as_parameters():
     for name in ("textual_inversion", "batch_personalisation"):
         spec = _spec(name)

@@ -376,23 +376,21 @@ def register(
     trained = os.path.join(model.path, concept)
     tags = kfp_tags(kfp_run_id, kfp_run_name)
     unchanged = Path(evaluation.path, UNCHANGED_FILE)
-    if unchanged.is_file():  # evaluate found this training registered: no new version, the live run ends
-        r = run_step("register", registration.path, on_error,
-                     lambda: record_unchanged(tracking_uri or None, Path(trained), concept,
-                                              json.loads(unchanged.read_text()), batch_id, experiment, tags))
-    else:
-        try:
+    gate = GateThresholds(min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se)
+    try:
+        if unchanged.is_file():  # evaluate found this training registered: no new version, the live run ends
+            r = run_step("register", registration.path, on_error,
+                         lambda: record_unchanged(tracking_uri or None, Path(trained), concept,
+                                                  json.loads(unchanged.read_text()), batch_id, experiment, tags))
+        else:
             r = run_step("register", registration.path, on_error,
                          lambda: run(trained, evaluation.path, tracking_uri or None, name=concept,
-                                     experiment=experiment,
-                                     thresholds=GateThresholds(min_reconstruction=min_reconstruction,
-                                                               min_editability=min_editability, margin_se=margin_se),
-                                     batch_id=batch_id, run_tags=tags),
+                                     experiment=experiment, thresholds=gate, batch_id=batch_id, run_tags=tags),
                          upstream=[evaluation.path])
-        except Exception:  # the run stops here: training's live run, left open for this step, ends with why
-            why = read_failure(registration.path) or {}
-            end_training_run(tracking_uri or None, trained, "register", str(why.get("error", "")))
-            raise
+    except Exception:  # the run stops here: training's live run, left open for this step, ends with why
+        why = read_failure(registration.path) or {}
+        end_training_run(tracking_uri or None, trained, "register", str(why.get("error", "")))
+        raise
     if r is None:
         why = read_failure(registration.path)
         end_training_run(tracking_uri or None, trained, why["stage"], why["error"])

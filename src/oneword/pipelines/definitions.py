@@ -346,7 +346,7 @@ def textual_inversion(
     check = _preflight(plan.output, p)
     group = personalise(concepts=plan.output, batch_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, on_error="fail",
                         **{k: p[k] for k in SHARED}).after(check)
-    return group.output
+    return group.set_caching_options(False).output  # no task of oneword's is KFP-cached (see personalise)
 
 
 # Shards at a time (ParallelFor's parallelism is fixed at compile time): one train pod each, but a shard's
@@ -473,6 +473,7 @@ def batch_personalisation(
     batch_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     # The exit handler may read no other task's output, so the plan goes to MLflow and the report reads it there.
     done = _cpu_step(c.report_batch(batch_id=batch_id, tracking_uri=tracking_uri, experiment=experiment), p)
+    done.set_caching_options(False)
     with dsl.ExitHandler(done, name="every-concept"):
         plan = _cpu_step(c.plan_batch(concepts_manifest=concepts_manifest, batch_id=batch_id,
                                       concepts_per_shard=concepts_per_shard, tracking_uri=tracking_uri,
@@ -481,7 +482,7 @@ def batch_personalisation(
         check = _preflight([], p)  # shared resources only: one concept's bad photos must not stop the others
         with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:
             personalise(concepts=shard, batch_id=batch_id, on_error="record",
-                        **{k: p[k] for k in SHARED}).after(check)
+                        **{k: p[k] for k in SHARED}).after(check).set_caching_options(False)
 
 
 PIPELINES = {"textual_inversion": textual_inversion, "batch_personalisation": batch_personalisation}

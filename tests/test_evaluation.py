@@ -116,6 +116,16 @@ def test_a_prompt_file_is_one_protocol_by_its_prompts_not_its_path():
     moon, moved = asked(["{} on the moon", "an oil painting of {}"]), asked(["on the moon {}", "{} an oil painting of"])
     assert [p["text_target"] for p in moon["per_prompt"]] == [p["text_target"] for p in moved["per_prompt"]]
     assert prompt_set_identity(moon) != prompt_set_identity(moved)
+    # a version scored before templates were recorded knew the file by its targets: it still compares with a new one
+    from oneword.evaluation.protocol import differences, protocol
+
+    def measured(m):
+        return protocol({**m, "n_images": 4, "sampler": {}, "selection": {"budget": 0}, "model_fingerprint": "f",
+                         "evaluator": {"name": "c", "fingerprint": "e"}}, 0, None)  # fmt: skip
+
+    old = measured({**moon, "per_prompt": [{"text_target": p["text_target"]} for p in moon["per_prompt"]]})
+    assert "prompt_targets" not in old and differences(measured(moon), old) == []
+    assert differences(measured(moon), measured(moved)) != []  # two new ones: by their templates
     with pytest.raises(OnewordError, match="unknown prompt set"):
         P.get_prompt_set("nope")
 

@@ -28,8 +28,12 @@ def config_fingerprint(config: dict) -> str:
 
 def protocol(metrics: dict, seed: int, dino: dict | None) -> dict:
     """The protocol of a metrics dict written by `evaluate` (its prompt set, sampler, evaluator, ...)."""
+    identity = prompt_set_identity(metrics)
+    targets = _targets_identity(metrics)
     return {
-        "prompt_set": prompt_set_identity(metrics),
+        "prompt_set": identity,
+        # a prompt file as the releases before 27 November 2026 knew it: their versions compare on it
+        **({"prompt_targets": targets} if targets != identity else {}),
         "class_word": metrics.get("class_word", ""),
         "n_images": metrics["n_images"],
         "sampler": metrics["sampler"],
@@ -56,8 +60,19 @@ def prompt_set_identity(metrics: dict) -> str:
     rows = metrics.get("per_prompt", [])
     if name in BUILTIN or name in PACKAGED or not rows:
         return name
-    asked = [p["template"] for p in rows] if all("template" in p for p in rows) else [p["text_target"] for p in rows]
-    return "file sha256:" + hashlib.sha256(json.dumps(asked).encode()).hexdigest()[:16]
+    if not all("template" in p for p in rows):
+        return _targets_identity(metrics)
+    return "file sha256:" + hashlib.sha256(json.dumps([p["template"] for p in rows]).encode()).hexdigest()[:16]
+
+
+def _targets_identity(metrics: dict) -> str:
+    """A prompt file by its prompts' text targets (where the token stood left out); a named set by its name."""
+    from oneword.evaluation.prompts import BUILTIN, PACKAGED
+
+    name, rows = metrics["prompt_set"], metrics.get("per_prompt", [])
+    if name in BUILTIN or name in PACKAGED or not rows:
+        return name
+    return "file sha256:" + hashlib.sha256(json.dumps([p["text_target"] for p in rows]).encode()).hexdigest()[:16]
 
 
 def protocol_id(p: dict) -> str:
@@ -73,6 +88,12 @@ def differences(a: dict, b: dict) -> list[str]:
     DINO and one without compare on the rest; two DINO evaluators must still be the same one.
     """
     a, b = _comparable(a), _comparable(b)
+    # a version scored before prompt files were known by their templates: compare both by their text targets
+    old = [p for p in (a, b) if "prompt_targets" not in p]
+    for p in (a, b):
+        targets = p.pop("prompt_targets", None)
+        if targets is not None and old:
+            p["prompt_set"] = targets
     if a.get("dino_evaluator") is None or b.get("dino_evaluator") is None:
         a, b = (
             {k: v for k, v in a.items() if k != "dino_evaluator"},

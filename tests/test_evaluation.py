@@ -476,3 +476,5 @@ def test_an_evaluation_with_other_photos_or_model_is_not_marked_as_the_pipelines
     config = EvalConfig(n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
     assert "evaluation_key" in evaluate(trained, None, tmp_path / "own", config)
     assert "evaluation_key" not in evaluate(trained, cat_dataset, tmp_path / "other-photos", config)
+    assert "evaluation_key" not in evaluate(trained, None, tmp_path / "other-model", config,
+                                            base_model=summary["model_source"])  # fmt: skip

@@ -226,7 +226,7 @@ def test_each_concept_may_have_its_own_learning_rate(tiny_model_dir, cat_latents
 
 
 def test_the_photos_content_key_follows_their_content_not_their_folder(tmp_path, s3_bucket):
-    """preprocess is cached by this key: new photos under an old folder or prefix must change it."""
+    """The plan records which photos a run found by this key: new photos under an old folder or prefix change it."""
     from oneword import storage
     from oneword.batch import content_key
 

@@ -284,6 +284,21 @@ def test_another_registers_version_of_the_same_run_and_scores_is_no_twin(mlflow_
     assert sorted(mv.version for mv in client.search_model_versions(f"name = '{name}'")) == ["1", "2", "4"]
 
 
+def test_only_a_decided_version_just_before_is_the_same_result(mlflow_server):
+    name, key = "cat-same-result", {registry.RESULT_KEY_TAG: "r-1"}
+    client = mlflow.MlflowClient(mlflow_server)
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment(f"{name}-exp")).info.run_id
+    for _ in range(2):
+        client.create_model_version(name, f"runs:/{run}/x", run_id=run, tags=key)
+    client.set_model_version_tag(name, "1", "gate", registry.ABANDONED)  # its register died: it decided nothing
+    assert registry._same_result_before(client, name, 2, key) is None
+    client.set_model_version_tag(name, "1", "gate", "passes the thresholds; no champion yet")
+    assert registry._same_result_before(client, name, 2, key).version == "1"
+    assert registry._same_result_before(client, name, 2, {registry.RESULT_KEY_TAG: "r-2"}) is None
+    assert registry._same_result_before(client, name, 2, {}) is None  # unevaluated: never the same result
+
+
 def test_a_registry_that_does_not_answer_is_not_no_champion(monkeypatch):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE

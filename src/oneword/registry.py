@@ -223,7 +223,8 @@ def register(
         run_tags: more run tags (which KFP run, `oneword.live.kfp_tags`).
 
     Returns:
-        The `Registration`.
+        The `Registration`; `unchanged` where another run registered this very training and evaluation while
+        this one evaluated (its version is then the other's, and none is added).
     """
     train_dir = Path(train_dir)
     concept = _read_concept(train_dir, eval_dir, name, batch_id)

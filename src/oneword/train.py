@@ -279,8 +279,7 @@ def check_concept(tokenizer, spec: ConceptSpec) -> None:
     # the text encoder reads model_max_length tokens, start and end among them: a vector past them is in no
     # prompt, gets no gradient, and would be exported as its initializer, shrunk by weight decay
     room = tokenizer.model_max_length - 2
-    longest = max(templates, key=lambda t: len(tokenizer(t.replace("{}", ""), add_special_tokens=False).input_ids))
-    words = len(tokenizer(longest.replace("{}", ""), add_special_tokens=False).input_ids)
+    words, longest = max((len(tokenizer(t.format(""), add_special_tokens=False).input_ids), t) for t in templates)
     if words + spec.n_vectors > room:
         raise OnewordError(
             f"{spec.token!r}: {spec.n_vectors} vectors and the {words} other tokens of the template {longest!r} "
@@ -345,8 +344,8 @@ def _trains_on(spec: ConceptSpec) -> dict:
 def training_key(spec: ConceptSpec, latents: LatentSet, config: TrainConfig, model_id: str) -> str:
     """What decides one concept's training, whichever concepts share its shard: its own spec, photos, the model
     and the settings. Trained with other shard-mates (one changed, failed, or moved in the manifest), a concept
-    trains again but keeps its key, so that its evaluation and registration see it unchanged. (For a concept
-    trained alone it equals the key the releases before this one wrote.)"""
+    keeps its key, is taken from the kept trainings (`oneword.trainings`) or trains again, and its evaluation
+    and registration see it unchanged."""
     alone = group_key([("", spec, latents)], config, model_id)
     return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[:16]
 

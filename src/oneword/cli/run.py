@@ -79,7 +79,7 @@ def run_cmd(
 
     out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
     registered = str(out["registered"])
-    if out.get("unchanged"):  # evaluate found this very training registered: nothing new drawn
+    if out.get("unchanged"):  # this very training was registered (before, or by another run meanwhile)
         ref = registered.split("@")[0]
         rprint(f"[bold cyan]unchanged[/] {ref}: registered before from the same photos and settings "
                f"({out['seconds']:.0f} s); its scores: oneword concepts show {ref}; its embedding: "
@@ -93,7 +93,7 @@ def run_cmd(
             f"(step {m['step']}{_baselines(m.get('baselines'))})"
         )
     for k in ("report", "grid", "embedding", "run_dir", "tracking_uri"):
-        if out.get(k):  # an unchanged concept drew nothing new: its files are the registered version's
+        if out.get(k):  # found unchanged by evaluate, a concept drew nothing new: its files are the version's
             rprint(f"  {k:13s} {out.get(k)}")
 
 

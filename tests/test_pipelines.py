@@ -210,7 +210,7 @@ def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tm
     assert exit_.value.code == 2
     assert "preflight found 1 problem" in err and "no-such-clip" in err and "--clip-model" in err, err
     ran = {p.name for p in (tmp_path / "root").glob("textual-inversion-*/*") if p.is_dir()}
-    assert ran <= {"plan-concept", "preflight"}, ran  # nothing after the preflight ran
+    assert ran <= {"plan-concept", "preflight", "report-run"}, ran  # nothing after the preflight ran (but the exit)
     assert seconds < 60, seconds
     # a setting out of its range is told before any step: it stopped the run in `train`, after the photos were
     # encoded, as "Inner task failed: 'train'"
@@ -268,6 +268,8 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     assert exit_.value.code == 2
     assert "register failed:" in err and "mlartifacts" in err and str(tmp_path / "steps.log") in err, err
     assert "Traceback" not in err
+    store = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the run's exit handler had its say
+    assert not store.search_runs([e.experiment_id for e in store.search_experiments()], "attributes.status = 'RUNNING'")
     (tmp_path / "mlartifacts").unlink()
 
     out = run_textual_inversion(tmp_path / "root", **params)

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -231,3 +232,37 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
             )
     count = {k: sum(c["status"] == k for c in out) for k in ("registered", "unchanged", "failed")}
     return {"batch_id": batch_id, **count, "concepts": out}
+
+
+def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], list[dict] | None], experiment: str,
+                 state: str) -> dict:  # fmt: skip
+    """An exit handler's report of a run (a batch, or one concept): the live runs its trainings left open for a
+    `register` that never ran are ended first (a pod lost for good, a cancelled run), then `batch_report`.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        batch_id: the run's id (its versions, failures and live runs are tagged with it).
+        plan: reads the run's plan (None where none was recorded: the manifest could not be read).
+        experiment: the MLflow experiment.
+        state: the run's final state, as KFP gives it to an exit handler.
+
+    Returns:
+        `batch_report`'s dict, with `pipeline_state`, `ended_runs`, and `error` where it could not be made.
+    """
+    from oneword.live import end_orphaned_runs
+
+    empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": []}
+    try:  # first, so that a report that cannot be made does not leave them RUNNING
+        ended = end_orphaned_runs(tracking_uri, experiment, batch_id,
+                                  f"the run ended ({state}) before this concept registered")  # fmt: skip
+    except Exception as e:
+        ended = [f"could not end them: {type(e).__name__}: {e}"]
+    try:
+        concepts = plan()
+        if concepts is None:
+            report = {**empty, "error": "no plan was recorded: the manifest could not be read (see plan-batch's log)"}
+        else:
+            report = batch_report(tracking_uri, batch_id, concepts, experiment)
+    except Exception as e:  # the summary is still written, saying why it is empty (a failed task uploads none)
+        report = {**empty, "error": f"the report could not be made: {type(e).__name__}: {e}"}
+    return {**report, "pipeline_state": state, "ended_runs": ended}

@@ -269,7 +269,8 @@ class LiveRuns:
 
 def end_training_run(tracking_uri: str | None, train_dir: Path, stage: str, error: str) -> str | None:
     """End, as FAILED with why, the live run a training left RUNNING for its `register`, when a step between
-    them fails and stops the run (`on_error=fail`: the single-concept pipeline has no exit handler to end it).
+    them fails and stops the run (`on_error=fail`), with why; a pod lost for good is the exit handler's to end
+    (`end_orphaned_runs`).
 
     Returns:
         The run's id, or None if there was none to end (or the store did not answer: the step's own failure is

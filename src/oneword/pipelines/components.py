@@ -459,32 +459,52 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     """
     import json
 
-    from oneword.batch import batch_report
-    from oneword.live import end_orphaned_runs
+    from oneword.batch import final_report
     from oneword.registry import batch_plan
 
-    # trainings open their concepts' runs for register to end; where it never ran, they would stay RUNNING. First,
-    # so that a report that cannot be made does not leave them so.
-    empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": []}
-    try:
-        ended = end_orphaned_runs(tracking_uri or None, experiment, batch_id,
-                                  f"the batch ended ({status.state}) before this concept registered")
-    except Exception as e:
-        ended = [f"could not end them: {type(e).__name__}: {e}"]
-    try:
-        concepts = batch_plan(tracking_uri or None, batch_id, experiment)
-        if concepts is None:
-            report = {**empty, "error": "no plan was recorded: the manifest could not be read (see plan-batch's log)"}
-        else:
-            report = batch_report(tracking_uri or None, batch_id, concepts, experiment)
-    except Exception as e:  # the summary is still written, saying why it is empty (a failed task uploads none)
-        report = {**empty, "error": f"the report could not be made: {type(e).__name__}: {e}"}
-    report["pipeline_state"] = status.state
-    report["ended_runs"] = ended
+    report = final_report(tracking_uri or None, batch_id, lambda: batch_plan(tracking_uri or None, batch_id, experiment),
+                          experiment, status.state)
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
     summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")})
     print(json.dumps(report, indent=2))
 
 
-ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, report_batch]
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def report_run(batch_id: str, images: str, token: str, init_word: str, status: dsl.PipelineTaskFinalStatus,
+               name: str = "", tracking_uri: str = "", experiment: str = "oneword") -> str:
+    """Exit handler of a single-concept run: what it registered, and the live MLflow run its training left open
+    ended where register never ran (a pod lost for good, a cancelled run).
+
+    Args:
+        batch_id: the run's id.
+        images: the concept's photos (as the run was given them).
+        token: the concept's token.
+        init_word: its initializer word.
+        status: the run's final status.
+        name: its registered-model name (default: from the token).
+        tracking_uri: MLflow tracking URI.
+        experiment: MLflow experiment.
+
+    Returns:
+        name/version@alias (with " (unchanged)" for a version registered before from the same training), or why
+        nothing was registered.
+    """
+    import json
+
+    from oneword.batch import final_report
+    from oneword.registry import concept_name
+
+    concept = {"images": images, "token": token, "init_word": init_word, "name": concept_name(token, name)}
+    report = final_report(tracking_uri or None, batch_id, lambda: [concept], experiment, status.state)
+    print(json.dumps(report, indent=2))
+    if report.get("error") or not report["concepts"]:
+        return f"nothing registered (the run {status.state}): {report.get('error', '')}"
+    c = report["concepts"][0]
+    if c["status"] == "failed":
+        return f"{c['name']} failed at {c['stage']}"
+    return f"{c['name']}/{c['version']}@{c['alias']}" + (" (unchanged)" if c["status"] == "unchanged" else "")
+
+
+ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, report_batch,
+       report_run]

@@ -273,7 +273,7 @@ def textual_inversion(
     cpu_step_memory_request: str = D["cpu_step_memory_request"],
     cpu_step_memory_limit: str = D["cpu_step_memory_limit"],
     model_cache_pvc: str = D["model_cache_pvc"],
-) -> list[str]:
+) -> str:
     """Textual inversion of one concept.
 
     Args:
@@ -337,16 +337,24 @@ def textual_inversion(
         model_cache_pvc: PVC shared as Hugging Face cache (at /models) by the steps that load models.
 
     Returns:
-        The registered version, as [name/version@alias].
+        The registered version, as name/version@alias (" (unchanged)": registered before from the same
+        training), or why none was.
     """
     p = dict(locals())
-    plan = _cpu_step(c.plan_concept(images=images, token=token, init_word=init_word, name=name,
-                                    n_vectors=n_vectors, templates=templates), p)
-    plan.set_caching_options(False)  # it fingerprints the photos: it must look at them every time
-    check = _preflight(plan.output, p)
-    group = personalise(concepts=plan.output, batch_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, on_error="fail",
-                        **{k: p[k] for k in SHARED}).after(check)
-    return group.set_caching_options(False).output  # no task of oneword's is KFP-cached (see personalise)
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    # The exit handler says what was registered (read from MLflow: it may read no task's output), and ends the
+    # live run training left open where a lost pod kept register from ending it
+    done = _cpu_step(c.report_run(batch_id=run_id, images=images, token=token, init_word=init_word, name=name,
+                                  tracking_uri=tracking_uri, experiment=experiment), p)
+    done.set_caching_options(False)
+    with dsl.ExitHandler(done, name="the-concept"):
+        plan = _cpu_step(c.plan_concept(images=images, token=token, init_word=init_word, name=name,
+                                        n_vectors=n_vectors, templates=templates), p)
+        plan.set_caching_options(False)  # it fingerprints the photos: it must look at them every time
+        check = _preflight(plan.output, p)
+        personalise(concepts=plan.output, batch_id=run_id, on_error="fail",
+                    **{k: p[k] for k in SHARED}).after(check).set_caching_options(False)  # (see personalise)
+    return done.output
 
 
 # Shards at a time (ParallelFor's parallelism is fixed at compile time): one train pod each, but a shard's

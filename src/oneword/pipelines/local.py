@@ -203,9 +203,9 @@ def run_textual_inversion(
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
         raise _step_failure(_own_run(pipeline_root, "textual-inversion", start), e, log_file) from e
     run_dir = _own_run(pipeline_root, "textual-inversion", start)
-    versions = registered.output if hasattr(registered, "output") else registered
+    said = registered.output if hasattr(registered, "output") else registered
     out = {
-        "registered": str(versions[0]) if versions else None,
+        "registered": str(said) if said else None,
         "run_dir": str(run_dir),
         "tracking_uri": uri,
         "seconds": time.time() - start,

@@ -278,6 +278,27 @@ def test_runs_left_running_by_a_stopped_batch_are_ended(tmp_path):
     assert end_orphaned_runs(uri, "oneword", "batch-1", "again") == []  # nothing left to end
 
 
+def test_a_runs_final_report_ends_its_open_runs_even_when_the_report_cannot_be_made(tmp_path):
+    """The exit handlers' library part (report-run, report-batch): a GPU pod lost for good left the live run open."""
+    from oneword import tracking
+    from oneword.batch import final_report
+    from oneword.live import LiveRuns, LiveTracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cat = ConceptSpec(token="<cat-k>", init_word="cat")
+    lost = LiveRuns(LiveTracking(uri, "oneword", {"kfp.run_id": "run-9"}), [("cat-k", cat)], "sha256:x")
+
+    def unreadable():
+        raise ConnectionError("the plan's store did not answer")
+
+    report = final_report(uri, "run-9", unreadable, "oneword", "FAILED")
+    assert report["ended_runs"] == [lost.run_ids["cat-k"]] and "did not answer" in report["error"]
+    assert tracking.client(uri)[1].get_run(lost.run_ids["cat-k"]).info.status == "KILLED"
+    plan = [{"images": "x", "token": "<cat-k>", "init_word": "cat", "name": "cat-k"}]
+    report = final_report(uri, "run-9", lambda: plan, "oneword", "FAILED")
+    assert report["pipeline_state"] == "FAILED" and [c["status"] for c in report["concepts"]] == ["failed"]
+
+
 def test_a_failed_step_after_training_ends_its_live_run_with_why(tmp_path):
     """The single-concept pipeline has no exit handler: a failed evaluation left training's run RUNNING."""
     from oneword import tracking

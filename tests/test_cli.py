@@ -365,7 +365,7 @@ def test_a_registry_that_does_not_answer_is_said_in_seconds_without_a_traceback(
     """MLflow's client retries 7 times with backoff: `concepts list` waited almost 5 minutes, then a traceback."""
     import os
 
-    from oneword.cli.app import QUERY_HTTP
+    from oneword.tracking import QUERY_HTTP
 
     from .conftest import free_port
 

@@ -255,6 +255,16 @@ def test_quality_gate_wants_a_lead_larger_than_the_noise():
     assert quality_gate({**_scored(0.6, 0.5, se=0.02), "reconstruction_se": math.nan}, one_image).passed
 
 
+def test_each_seeds_score_is_recorded_for_the_gate(evaluated_concept):
+    import json
+
+    _, eval_dir = evaluated_concept
+    m = json.loads((eval_dir / "metrics.json").read_text())
+    per_seed = m["score_per_seed"]
+    assert len(per_seed) == m["n_images"] and m["score_se"] > 0
+    assert sum(per_seed) / len(per_seed) == pytest.approx(m["reconstruction"] + m["editability"], abs=1e-5)
+
+
 def test_the_gate_pairs_two_versions_seed_by_seed():
     """Image j of every prompt of either version comes from seed j: where one seed draws a hard picture for both,
     the difference holds no noise of it. Paired, a steady lead passes that unpaired noise would have hidden."""

@@ -611,3 +611,14 @@ def test_a_concept_whose_vectors_would_not_fit_a_prompt_is_refused(tiny_model):
         check_concept(tiny_model.tokenizer, ConceptSpec(token="<many>", init_word="cat", n_vectors=room,
                                                         templates="object"))  # fmt: skip
     assert "at most" in e.value.hint
+
+
+def test_a_kept_training_under_a_relative_checkpoint_folder_is_taken(cat_latents_dir, tmp_path, monkeypatch):
+    """`oneword train --concepts ... --checkpoint-dir ck`: the summary records the folder resolved, the last
+    checkpoint as the trainer was given it; the two still name the same file."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(steps=2, checkpoint_every=2)
+    train_group([("dog", SPECS[1], cat_latents_dir)], tmp_path / "a", cfg, checkpoint_root="ck", progress=False)
+    train_group([("dog", SPECS[1], cat_latents_dir), ("cat", SPECS[0], cat_latents_dir)], tmp_path / "b", cfg,
+                checkpoint_root="ck", progress=False)  # fmt: skip
+    assert "trained_before" in json.loads((tmp_path / "b" / "dog" / "summary.json").read_text())

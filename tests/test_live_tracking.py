@@ -300,7 +300,8 @@ def test_a_runs_final_report_ends_its_open_runs_even_when_the_report_cannot_be_m
 
 
 def test_a_failed_step_after_training_ends_its_live_run_with_why(tmp_path):
-    """The single-concept pipeline has no exit handler: a failed evaluation left training's run RUNNING."""
+    """A failed evaluation left training's run RUNNING: the step that fails ends it, with why (the exit handler
+    ends it too, but only as KILLED, without the step's error)."""
     from oneword import tracking
     from oneword.live import LiveRuns, LiveTracking, end_training_run
 
@@ -320,7 +321,7 @@ def test_a_failed_step_after_training_ends_its_live_run_with_why(tmp_path):
 @pytest.mark.parametrize("on_error", ["fail", "record"])
 def test_a_failed_register_ends_training_live_run_with_why(on_error, tmp_path, monkeypatch):
     """register is the step that ends training's live run: failing before it opened it (a deleted evaluation file,
-    an experiment it cannot make), it left the run RUNNING, where no exit handler of `oneword run` ends it."""
+    an experiment it cannot make), it left the run RUNNING; ended here, it says why."""
     from oneword import tracking
     from oneword.errors import OnewordError
     from oneword.live import LiveRuns, LiveTracking

@@ -268,7 +268,7 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     assert exit_.value.code == 2
     assert "register failed:" in err and "mlartifacts" in err and str(tmp_path / "steps.log") in err, err
     assert "Traceback" not in err
-    store = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the run's exit handler had its say
+    store = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the failed register ended training's run
     assert not store.search_runs([e.experiment_id for e in store.search_experiments()], "attributes.status = 'RUNNING'")
     (tmp_path / "mlartifacts").unlink()
 

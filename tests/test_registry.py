@@ -25,7 +25,10 @@ def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=No
     shutil.copytree(eval_dir, out)
     m = json.loads((out / "metrics.json").read_text())
     shift = reconstruction + editability - m["reconstruction"] - m["editability"]
-    m["score_per_seed"] = [x + shift for x in m["score_per_seed"]]  # the gate pairs versions seed by seed
+    # the gate pairs versions seed by seed: each version's seeds move by a spread of its own, the mean as given
+    spread = [reconstruction * 0.01 * (-1) ** j for j in range(len(m["score_per_seed"]))]
+    spread = [s - sum(spread) / len(spread) for s in spread]
+    m["score_per_seed"] = [x + shift + s for x, s in zip(m["score_per_seed"], spread)]
     m["reconstruction"], m["editability"] = reconstruction, editability
     if fingerprint:
         m["evaluator"] = {"name": "another-clip", "fingerprint": fingerprint}
@@ -70,6 +73,7 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     shown = registry.show_concept(f"{name}@champion", mlflow_server)
     assert shown["version"] == "3" and "champion" in shown["aliases"]
     assert len(json.loads(shown["tags"]["score_per_seed"])) == 2  # one score a seed, for the next gate to pair
+    assert "paired difference" in better.reason and "paired difference" in worse.reason  # read back and paired
     assert shown["tags"]["oneword.token"] == "<cat-r>" and shown["params"]["init_word"] == "cat"
     assert shown["metrics"]["reconstruction"] == pytest.approx(0.6)
     assert shown["params"]["base_model_fingerprint"] == fp
@@ -297,6 +301,28 @@ def test_only_a_decided_version_just_before_is_the_same_result(mlflow_server):
     assert registry._same_result_before(client, name, 2, key).version == "1"
     assert registry._same_result_before(client, name, 2, {registry.RESULT_KEY_TAG: "r-2"}) is None
     assert registry._same_result_before(client, name, 2, {}) is None  # unevaluated: never the same result
+
+
+def test_a_single_concept_runs_exit_handler_answers_from_the_registry(evaluated_concept, tmp_path):
+    from types import SimpleNamespace
+
+    from oneword.pipelines import components
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_dir, eval_dir = evaluated_concept
+    registry.register(train_dir, eval_dir, uri, name="cat-rr", batch_id="run-7")
+
+    def answer(run_id, state, error="", name="cat-rr"):
+        return components.report_run.python_func(batch_id=run_id, images="x", token="<cat-r>", init_word="cat",
+                                                 name=name, status=SimpleNamespace(state=state, error_message=error),
+                                                 tracking_uri=uri)  # fmt: skip
+
+    assert answer("run-7", "SUCCEEDED") == "cat-rr/1@champion"
+    assert answer("run-8", "FAILED", "evaluate: pod lost") == (
+        "cat-rr failed at a step that recorded nothing: evaluate: pod lost"
+    )
+    said = answer("run-8", "FAILED", name="my cat")  # a name the registry cannot hold: said, not a crash
+    assert said.startswith("nothing registered (the run FAILED)") and "my cat" in said
 
 
 def test_a_registry_that_does_not_answer_is_not_no_champion(monkeypatch):

@@ -249,20 +249,40 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
     Returns:
         `batch_report`'s dict, with `pipeline_state`, `ended_runs`, and `error` where it could not be made.
     """
+    from oneword import tracking
     from oneword.live import end_orphaned_runs
 
     empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": []}
-    try:  # first, so that a report that cannot be made does not leave them RUNNING
-        ended = end_orphaned_runs(tracking_uri, experiment, batch_id,
-                                  f"the run ended ({state}) before this concept registered")  # fmt: skip
-    except Exception as e:
-        ended = [f"could not end them: {type(e).__name__}: {e}"]
-    try:
-        concepts = plan()
-        if concepts is None:
-            report = {**empty, "error": "no plan was recorded: the manifest could not be read (see plan-batch's log)"}
-        else:
-            report = batch_report(tracking_uri, batch_id, concepts, experiment)
-    except Exception as e:  # the summary is still written, saying why it is empty (a failed task uploads none)
-        report = {**empty, "error": f"the report could not be made: {type(e).__name__}: {e}"}
+    no_plan = "no plan was recorded: the manifest could not be read (see plan-batch's log)"
+    with tracking.briefly():  # a server that does not answer holds the run's end for seconds, not minutes
+        try:  # first, so that a report that cannot be made does not leave them RUNNING
+            ended = end_orphaned_runs(tracking_uri, experiment, batch_id,
+                                      f"the run ended ({state}) before this concept registered")  # fmt: skip
+        except Exception as e:
+            ended = [f"could not end them: {type(e).__name__}: {e}"]
+        try:
+            concepts = plan()
+            if concepts is None:
+                report = {**empty, "error": no_plan}
+            else:
+                report = batch_report(tracking_uri, batch_id, concepts, experiment)
+        except Exception as e:  # the summary is still written, saying why it is empty (a failed task uploads none)
+            report = {**empty, "error": f"the report could not be made: {type(e).__name__}: {e}"}
     return {**report, "pipeline_state": state, "ended_runs": ended}
+
+
+def run_answer(report: dict, error: str = "") -> str:
+    """A single-concept run's answer, from its `final_report`: `name/version@alias` (" (unchanged)": registered
+    before from the same training and evaluation), `name failed at STEP`, or why nothing was registered.
+
+    Args:
+        report: `final_report`'s dict for the run's one concept.
+        error: what KFP said of the run's failure, where no step recorded one.
+    """
+    if report.get("error") or not report.get("concepts"):
+        return f"nothing registered (the run {report.get('pipeline_state')}): {report.get('error') or error}"
+    c = report["concepts"][0]
+    if c["status"] == "failed":
+        where = c["stage"] if c["stage"] != "unknown" else "a step that recorded nothing"
+        return f"{c['name']} failed at {where}" + (f": {error}" if error and c["stage"] == "unknown" else "")
+    return f"{c['name']}/{c['version']}@{c['alias']}" + (" (unchanged)" if c["status"] == "unchanged" else "")

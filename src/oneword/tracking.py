@@ -87,3 +87,16 @@ def client(tracking_uri: str | None = None):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow, mlflow.MlflowClient(uri, uri)
+
+
+# A person (or an exit handler) waits at what asks MLflow and nothing else: a server that does not answer is said
+# in seconds, not after MLflow's default of 7 retries with backoff (almost 5 minutes). Set either to override.
+QUERY_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def briefly():
+    """A context in which MLflow's client waits as `QUERY_HTTP` says, where not set otherwise; the environment is
+    as it was after it."""
+    from unittest.mock import patch  # the stdlib's scoped os.environ change
+
+    return patch.dict(os.environ, {k: v for k, v in QUERY_HTTP.items() if k not in os.environ})

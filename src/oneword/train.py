@@ -548,9 +548,11 @@ def train_group(
         taken = distributed.from_main(_take_trained(ready, keys, out_dir, checkpoint_root) if main else [], world)
         for name in taken:
             status[name].update(status="trained", stage="train")
-        ready = [m for m in ready if m[0] not in taken]
+        if taken:
+            ready = [m for m in ready if m[0] not in taken]
+            whole = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
     if ready:
-        key = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
+        key = whole
         ckpt = _under(checkpoint_root, key) if checkpoint_root else str(out_dir / "checkpoints")
         _refuse_earlier_checkpoints(ckpt, resume)
         trainer = InversionTrainer(model, [(spec, lat) for _, spec, lat, _ in ready], config)

@@ -101,8 +101,9 @@ def take(root: str | Path, key: str, out_dir: Path) -> dict | None:
                         target.parent.mkdir(parents=True, exist_ok=True)
                         target.write_bytes(tar.extractfile(member).read())
                 summary = json.loads((tmp / SUMMARY_FILE).read_text())
-                found = [path for _, path in checkpoints.list_checkpoints(summary["checkpoint_dir"])]
-                if summary.get("last_checkpoint") not in found:
+                # by name: the folder is recorded resolved, the last checkpoint as the trainer was given its folder
+                found = {Path(path).name for _, path in checkpoints.list_checkpoints(summary["checkpoint_dir"])}
+                if Path(str(summary.get("last_checkpoint"))).name not in found:
                     raise ValueError(f"its checkpoints are no longer in {summary['checkpoint_dir']}")
                 summary.pop("mlflow_run_id", None)
                 summary.update(steps_run=0, trained_before=where)

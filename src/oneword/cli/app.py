@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
+
+from oneword import tracking
 
 
 def _wrap_whole_words() -> None:
@@ -63,14 +63,7 @@ def _root(
     STATE["verbose"] = verbose
 
 
-# A person waits at the commands that ask MLflow and nothing else: a server that does not answer is said in
-# seconds, not after MLflow's default of 7 retries with backoff (almost 5 minutes). Set either to override.
-QUERY_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
 def person_waits():
-    """A context in which MLflow's client is as a command a person waits at should use it (`QUERY_HTTP`, where
-    not set otherwise); the environment is as it was after it."""
-    from unittest.mock import patch  # the stdlib's scoped os.environ change
-
-    return patch.dict(os.environ, {k: v for k, v in QUERY_HTTP.items() if k not in os.environ})
+    """A context in which MLflow's client is as a command a person waits at should use it (`tracking.QUERY_HTTP`,
+    where not set otherwise): the commands that ask MLflow and nothing else."""
+    return tracking.briefly()

@@ -492,18 +492,15 @@ def report_run(batch_id: str, images: str, token: str, init_word: str, status: d
     """
     import json
 
-    from oneword.batch import final_report
+    from oneword.batch import final_report, run_answer
     from oneword.registry import concept_name
 
-    concept = {"images": images, "token": token, "init_word": init_word, "name": concept_name(token, name)}
-    report = final_report(tracking_uri or None, batch_id, lambda: [concept], experiment, status.state)
+    def plan() -> list[dict]:  # a name the registry cannot hold is the report's error, not the handler's crash
+        return [{"images": images, "token": token, "init_word": init_word, "name": concept_name(token, name)}]
+
+    report = final_report(tracking_uri or None, batch_id, plan, experiment, status.state)
     print(json.dumps(report, indent=2))
-    if report.get("error") or not report["concepts"]:
-        return f"nothing registered (the run {status.state}): {report.get('error', '')}"
-    c = report["concepts"][0]
-    if c["status"] == "failed":
-        return f"{c['name']} failed at {c['stage']}"
-    return f"{c['name']}/{c['version']}@{c['alias']}" + (" (unchanged)" if c["status"] == "unchanged" else "")
+    return run_answer(report, status.error_message)
 
 
 ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, report_batch,

@@ -185,7 +185,9 @@ def run_textual_inversion(
 
     Returns:
         `{"registered": "name/version@alias", "unchanged": bool, "run_dir": ..., "tracking_uri": ..., "report": ...,
-        "grid": ...}`; `unchanged` says that this very training was registered before, so nothing new was drawn.
+        "grid": ...}`; `unchanged` says that this very training was registered before (or by another run
+        meanwhile). `registered` is what register wrote; without it (none is there), the run's exit handler's
+        answer (`batch.run_answer`).
     """
     from oneword.pipelines.definitions import textual_inversion
 
@@ -212,9 +214,11 @@ def run_textual_inversion(
     }
     if run_dir:
         registration = sorted(run_dir.glob("**/register/registration/registration.json"))
-        out["unchanged"] = bool(registration) and json.loads(registration[0].read_text()).get("unchanged", False)
-        if out["unchanged"]:
-            out["registered"] = out["registered"].removesuffix(" (unchanged)")
+        if registration:  # register's own record: it stands whether or not the exit handler could ask MLflow
+            r = json.loads(registration[0].read_text())
+            out["registered"], out["unchanged"] = f"{r['name']}/{r['version']}@{r['alias']}", r.get("unchanged", False)
+        else:
+            out["unchanged"] = False
         for key, pattern in (
             ("report", "**/evaluate/evaluation/report.html"),
             ("grid", "**/evaluate/evaluation/grid.png"),

@@ -303,6 +303,24 @@ def test_only_a_decided_version_just_before_is_the_same_result(mlflow_server):
     assert registry._same_result_before(client, name, 2, {}) is None  # unevaluated: never the same result
 
 
+def test_a_new_token_under_the_same_name_replaces_the_champion(evaluated_concept, tmp_path):
+    """A manifest's `token:` changed, its `name:` kept: prompts with the new word must find it at @champion,
+    though its scores, close to the old word's, would not beat them."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_dir, eval_dir = evaluated_concept
+    registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.6, 0.3), uri, name="cat-renamed")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(train_dir, renamed)
+    summary = json.loads((renamed / "summary.json").read_text())
+    summary["concept"]["token"] = "<cat-new>"
+    (renamed / "summary.json").write_text(json.dumps(summary))
+    r = registry.register(renamed, _with_scores(eval_dir, tmp_path, 0.59, 0.3), uri, name="cat-renamed")
+    assert r.alias == "champion" and "replaces the champion's token '<cat-r>'" in r.reason
+    low = registry.register(renamed, _with_scores(eval_dir, tmp_path, 0.2, 0.1), uri, name="cat-renamed",
+                            thresholds=GateThresholds(min_reconstruction=0.5))  # fmt: skip
+    assert low.alias == "candidate"  # the same word now: the gate as always
+
+
 def test_a_single_concept_runs_exit_handler_answers_from_the_registry(evaluated_concept, tmp_path):
     from types import SimpleNamespace
 

@@ -599,7 +599,7 @@ def _apply_gate(
     client, concept: _Concept, version, tags: dict[str, str], thresholds: GateThresholds
 ) -> tuple[str, str]:
     """Decide the version's alias (every older version's is decided), set it, and mark the decision made."""
-    alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds)
+    alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds, concept.token)
     before = _alias_holder(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)
     try:
@@ -644,13 +644,21 @@ def _version_metrics(mv) -> dict | None:
     return metrics
 
 
-def _decide_alias(client, name: str, metrics: dict | None, thresholds: GateThresholds) -> tuple[str, str]:
+def _decide_alias(
+    client, name: str, metrics: dict | None, thresholds: GateThresholds, token: str = ""
+) -> tuple[str, str]:
     if metrics is None:
         return CANDIDATE, "not evaluated"
     # no champion yet, or one: a registry that fails to answer is not "no champion" (the new version would take
     # the alias from a better one)
     holder = _alias_holder(client, name, CHAMPION)
     champion = None if holder is None else _version_metrics(holder)
+    if holder is not None and token and holder.tags.get("oneword.token", token) != token:
+        # the concept's word changed (a manifest's `token:`): prompts written for the new one must find it
+        # under `@champion`, so it replaces the old word's version if it passes the thresholds alone
+        result = quality_gate(metrics, None, thresholds)
+        why = f"replaces the champion's token {holder.tags['oneword.token']!r} with {token!r}"
+        return (CHAMPION, f"{result.reason}; {why}") if result.passed else (CANDIDATE, result.reason)
     try:
         result = quality_gate(metrics, champion, thresholds)
     except EvaluatorMismatch as e:

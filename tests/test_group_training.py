@@ -1,5 +1,6 @@
 """Several concepts trained together: same gradients as alone, failures kept apart, resume after kill -9."""
 
+import io
 import json
 import logging
 import os
@@ -475,10 +476,12 @@ def test_a_concept_trained_before_in_another_shard_is_not_trained_again(
 def test_a_kept_training_is_taken_only_whole_and_a_shard_resumes_its_own_checkpoints_first(
     cat_latents_dir, tmp_path, caplog
 ):
-    """A kept training whose checkpoints were deleted would be scored at its last step only: it trains again. And a
-    shard that finished (its checkpoints are there) but kept only some of its concepts (a store that refused the
-    rest) resumes its own checkpoints, instead of training the others again alone."""
+    """A kept training carries its checkpoints, which evaluation chooses from: taken after the group's folder was
+    removed (a lifecycle rule), with them; one without them (kept by an older release) trains again. And a shard
+    that finished (its checkpoints are there) but kept only some of its concepts (a store that refused the rest)
+    resumes its own checkpoints, instead of training the others again alone."""
     import shutil
+    import tarfile
 
     root, cfg = tmp_path / "checkpoints", TrainConfig(steps=4, checkpoint_every=2)
     pair = [("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)]
@@ -489,12 +492,24 @@ def test_a_kept_training_is_taken_only_whole_and_a_shard_resumes_its_own_checkpo
     for name in ("cat", "dog"):
         again = json.loads((tmp_path / "b" / name / "summary.json").read_text())
         assert again["steps_run"] == 0 and "trained_before" not in again, name  # resumed at the end: 0 steps
-    # the pair's checkpoints deleted: the cat's kept training names them, so it is not taken but trained again
+    # the pair's checkpoints removed: the cat's kept training carries its own copy
     shutil.rmtree(dog["checkpoint_dir"])
-    with caplog.at_level(logging.WARNING):
-        train_group([("cat", SPECS[0], cat_latents_dir)], tmp_path / "c", cfg, checkpoint_root=root, progress=False)
+    train_group([("cat", SPECS[0], cat_latents_dir)], tmp_path / "c", cfg, checkpoint_root=root, progress=False)
     cat = json.loads((tmp_path / "c" / "cat" / "summary.json").read_text())
-    assert cat["steps_run"] == 4 and "trained_before" not in cat and "no longer in" in caplog.text
+    from oneword.evaluation.evaluate import _checkpoint_list
+
+    assert "trained_before" in cat and [s for s, _ in _checkpoint_list(tmp_path / "c" / "cat", cat)] == [2, 4]
+    # a kept training without its checkpoints would be scored at its last step only: it trains again
+    kept = root / "trainings" / f"{cat['training_key']}.tar"
+    with tarfile.open(kept) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.startswith("checkpoints/")]
+    with tarfile.open(kept, "w") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING):
+        train_group([("cat", SPECS[0], cat_latents_dir)], tmp_path / "d", cfg, checkpoint_root=root, progress=False)
+    cat = json.loads((tmp_path / "d" / "cat" / "summary.json").read_text())
+    assert cat["steps_run"] == 4 and "trained_before" not in cat and "no copy of its checkpoints" in caplog.text
 
 
 def test_a_concept_with_other_settings_is_trained_again(tiny_model_dir, cat_latents_dir, tmp_path):

@@ -577,7 +577,8 @@ def train_group(
                 run_id = live.run_ids.get(name) if live else None
                 mine = {**run, "training_key": keys[name]}
                 _write_concept(out_dir / name, spec, lat, where, result, mine, run_id)
-                if checkpoint_root:
+                # kept once: a resume that found its checkpoints at the end would keep its own "0 steps, 0 s"
+                if checkpoint_root and (result.steps_run or not trainings.kept(checkpoint_root, keys[name])):
                     trainings.keep(out_dir / name, checkpoint_root, keys[name])
             status[name].update(status="trained", stage="train")
     rows = [status[name] for name, _, _ in members]

@@ -466,7 +466,8 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
                           experiment, status.state)
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
-    summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")})
+    # an alert on `failed` alone would miss a night whose report could not be made: `error` says so
+    summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")} | {"error": report.get("error", "")})
     print(json.dumps(report, indent=2))
 
 

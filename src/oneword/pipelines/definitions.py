@@ -487,6 +487,8 @@ def batch_personalisation(
                                       concepts_per_shard=concepts_per_shard, tracking_uri=tracking_uri,
                                       experiment=experiment), p)
         plan.set_caching_options(False)  # a recurring run must read tonight's manifest, not replay the first one
+        # it reads the manifest and records the plan in MLflow: a store that blinks must not cost the night
+        plan.set_retry(num_retries=STEP_RETRIES, backoff_duration="60s", backoff_factor=2.0)
         check = _preflight([], p)  # shared resources only: one concept's bad photos must not stop the others
         with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:
             personalise(concepts=shard, batch_id=batch_id, on_error="record",

@@ -297,6 +297,7 @@ def test_a_runs_final_report_ends_its_open_runs_even_when_the_report_cannot_be_m
     plan = [{"images": "x", "token": "<cat-k>", "init_word": "cat", "name": "cat-k"}]
     report = final_report(uri, "run-9", lambda: plan, "oneword", "FAILED")
     assert report["pipeline_state"] == "FAILED" and [c["status"] for c in report["concepts"]] == ["failed"]
+    assert "ended (FAILED) before this concept registered" in report["concepts"][0]["error"]  # not "no step said"
 
 
 def test_a_failed_step_after_training_ends_its_live_run_with_why(tmp_path):

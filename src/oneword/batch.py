@@ -226,7 +226,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "status": "failed",
                     "version": None,
                     "alias": None,
-                    "stage": why.get("stage"),
+                    "stage": why.get("stage") or "unknown",
                     "error": why.get("error"),
                 }
             )

@@ -843,12 +843,17 @@ def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EX
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    runs = _every_page(
-        client.search_runs,
-        experiment_ids=[exp.experiment_id],
-        filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = 'FAILED'",
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = [  # FAILED: a step said why; KILLED: the run's exit handler ended a training register never saw
+        r
+        for status in ("FAILED", "KILLED")
+        for r in _every_page(
+            client.search_runs,
+            experiment_ids=[exp.experiment_id],
+            filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = '{status}'",
+            order_by=["attributes.start_time DESC"],
+        )
+    ]
+    runs.sort(key=lambda r: r.info.start_time or 0, reverse=True)
     out: dict[str, dict] = {}
     for r in runs:  # newest first
         name, stage = r.data.tags.get(CONCEPT_TAG), r.data.tags.get("oneword.failed_stage")

@@ -298,6 +298,9 @@ def test_a_runs_final_report_ends_its_open_runs_even_when_the_report_cannot_be_m
     report = final_report(uri, "run-9", lambda: plan, "oneword", "FAILED")
     assert report["pipeline_state"] == "FAILED" and [c["status"] for c in report["concepts"]] == ["failed"]
     assert "ended (FAILED) before this concept registered" in report["concepts"][0]["error"]  # not "no step said"
+    from oneword.batch import run_answer
+
+    assert run_answer(report).startswith("cat-k failed at a step that recorded nothing: the run ended (FAILED)")
 
 
 def test_a_failed_step_after_training_ends_its_live_run_with_why(tmp_path):

@@ -283,6 +283,8 @@ def run_answer(report: dict, error: str = "") -> str:
         return f"nothing registered (the run {report.get('pipeline_state')}): {report.get('error') or error}"
     c = report["concepts"][0]
     if c["status"] == "failed":
-        where = c["stage"] if c["stage"] != "unknown" else "a step that recorded nothing"
-        return f"{c['name']} failed at {where}" + (f": {error}" if error and c["stage"] == "unknown" else "")
+        if c["stage"] != "unknown":
+            return f"{c['name']} failed at {c['stage']}"
+        said = error or c.get("error")  # KFP's word on the run, else the report's (a training ended unregistered)
+        return f"{c['name']} failed at a step that recorded nothing" + (f": {said}" if said else "")
     return f"{c['name']}/{c['version']}@{c['alias']}" + (" (unchanged)" if c["status"] == "unchanged" else "")

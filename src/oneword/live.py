@@ -36,6 +36,13 @@ SAMPLE_STEPS = 10  # DDIM steps: enough to see the concept take shape, a fractio
 SAMPLE_SEED = 0  # fixed, so that the pictures of one run differ only by the embedding
 
 
+def end_failed(client, run_id: str, stage: str, error: str) -> None:
+    """End an MLflow run FAILED, tagged with the step it failed at and why (`FAILURE_TAGS`)."""
+    client.set_tag(run_id, FAILURE_TAGS[0], stage)
+    client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
+    client.set_terminated(run_id, status="FAILED")
+
+
 def kfp_tags(run_id: str = "", run_name: str = "") -> dict[str, str]:
     """The run tags saying which KFP run produced an MLflow run (none outside KFP)."""
     tags = {KFP_RUN_ID_TAG: run_id, KFP_RUN_NAME_TAG: run_name}
@@ -256,9 +263,7 @@ class LiveRuns:
                 continue
 
             def fail(run_id: str = run_id, error: str = error) -> None:
-                self._client.set_tag(run_id, FAILURE_TAGS[0], "train")
-                self._client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
-                self._client.set_terminated(run_id, status="FAILED")
+                end_failed(self._client, run_id, "train", error)
 
             self._safely(f"end the run of {name}", fail, force=True)
 
@@ -289,9 +294,7 @@ def end_training_run(tracking_uri: str | None, train_dir: Path, stage: str, erro
             _, client = tracking.client(tracking_uri)
             if client.get_run(run_id).info.status != "RUNNING":
                 return None
-            client.set_tag(run_id, FAILURE_TAGS[0], stage)
-            client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
-            client.set_terminated(run_id, status="FAILED")
+            end_failed(client, run_id, stage, error)
     except Exception as e:  # the store is down, or the run is another store's
         log.warning("could not end training's MLflow run %s (%s)", run_id, e)
         return None

@@ -416,12 +416,10 @@ def _log_model(mlflow, concept: _Concept, embedding: Path):
 
 def _mark_failed(client, run_id: str, error: str) -> None:
     """Mark an ended run FAILED at register, with why (a store that does not answer leaves it as it was)."""
-    from oneword.live import FAILURE_TAGS
+    from oneword.live import end_failed
 
     try:
-        client.set_tag(run_id, FAILURE_TAGS[0], "register")
-        client.set_tag(run_id, FAILURE_TAGS[1], error[:4000])
-        client.set_terminated(run_id, status="FAILED")
+        end_failed(client, run_id, "register", error)
     except Exception as e:  # the registration's own error is the one to raise
         log.warning("could not mark run %s as failed (%s)", run_id, e)
 
@@ -541,8 +539,13 @@ def _same_result_before(client, name: str, version: int, tags: dict[str, str]):
     if not older:
         return None
     newest = max(older, key=lambda mv: int(mv.version))
-    decided = newest.tags.get("gate") not in (None, ABANDONED)
-    return newest if decided and newest.tags.get(RESULT_KEY_TAG) == key else None
+    return newest if _decided_on(newest, key) else None
+
+
+def _decided_on(mv, key: str) -> bool:
+    """Whether version `mv` is the result `key` (`protocol.result_key`) and its gate decided (not a register that
+    died before, and not other inputs)."""
+    return mv.tags.get(RESULT_KEY_TAG) == key and mv.tags.get("gate") not in (None, ABANDONED)
 
 
 def _delete_version(client, name: str, version) -> None:
@@ -710,8 +713,8 @@ def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | N
         if not versions:
             return None
         newest = max(versions, key=lambda mv: int(mv.version))
-        if newest.tags.get(RESULT_KEY_TAG) != key or newest.tags.get("gate") in (None, ABANDONED):
-            return None  # other inputs, or a register that died before its gate decided
+        if not _decided_on(newest, key):
+            return None
         aliases = client.get_registered_model(name).aliases or {}
     except Exception as e:  # a store that is down or refuses: evaluate after all
         log.warning("could not look up %s's earlier results (%s); evaluating it", name, e)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from oneword.config import GateThresholds
 from oneword.errors import OnewordError
-from oneword.evaluation.metrics import known_se
+from oneword.evaluation.metrics import known_se, standard_error
 from oneword.evaluation.protocol import differences
 
 
@@ -122,7 +124,4 @@ def _paired_se(candidate: dict, champion: dict) -> float | None:
     a, b = candidate.get("score_per_seed"), champion.get("score_per_seed")
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return None
-    diff = [x - y for x, y in zip(a, b)]
-    mean = sum(diff) / len(diff)
-    variance = sum((d - mean) ** 2 for d in diff) / (len(diff) - 1)
-    return known_se((variance / len(diff)) ** 0.5)
+    return known_se(standard_error(torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)))

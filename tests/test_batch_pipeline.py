@@ -77,8 +77,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
     params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
     assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
-    # the next night, nothing changed but the manifest's order, and so the shard: no concept is trained, evaluated
-    # or registered again
+    # the next night, nothing changed but the manifest's order, and so the shard: the unchanged concepts are told
+    # on CPU, before the GPU steps, which run for the broken one alone
     entries = yaml.safe_load(manifest.read_text())["concepts"]
     manifest.write_text(yaml.safe_dump({"concepts": entries[::-1]}))
     again = run_batch(str(manifest), tmp_path / "root", **settings)
@@ -86,7 +86,13 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
         "cat-q": "unchanged", "bad-q": "failed", "dog-q": "unchanged"
     }  # fmt: skip
     assert [r["version"] for r in registry.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
-    assert not list(Path(again["run_dir"]).rglob("evaluate/evaluation/metrics.json"))
-    summaries = [json.loads(p.read_text()) for p in Path(again["run_dir"]).rglob("train/model/*/summary.json")]
+    night = Path(again["run_dir"])
+    assert len(list(night.rglob("preprocess/dataset"))) == 1 and len(list(night.rglob("cache-latents/latents"))) == 1
+    assert not list(night.rglob("train/model/*/summary.json"))
+    assert not list(night.rglob("evaluate/evaluation/metrics.json"))
+    # a changed gate judges anew: evaluated again, but not trained again (each training was kept)
+    third = run_batch(str(manifest), tmp_path / "root", **settings, min_editability=-0.5)
+    assert {c["name"]: c["status"] for c in third["concepts"]}["cat-q"] == "registered"
+    summaries = [json.loads(p.read_text()) for p in Path(third["run_dir"]).rglob("train/model/*/summary.json")]
     assert sorted(s["concept"]["token"] for s in summaries) == ["<cat-q>", "<dog-q>"]
     assert all(s["steps_run"] == 0 and "/trainings/" in s["trained_before"] for s in summaries)

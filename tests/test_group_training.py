@@ -255,11 +255,12 @@ def test_the_photos_content_key_follows_their_content_not_their_folder(tmp_path,
 def test_the_checkpoint_key_follows_what_is_trained_not_the_registered_names(cat_latents):
     from oneword.train import group_key
 
-    members = [("cat", SPECS[0], cat_latents), ("dog", SPECS[1], cat_latents)]
+    images = cat_latents.image_sha256
+    members = [("cat", SPECS[0], images), ("dog", SPECS[1], images)]
     key = group_key(members, TrainConfig(steps=4), "sha256:m")
-    renamed = [("my-cat", SPECS[0], cat_latents), ("my-dog", SPECS[1], cat_latents)]
+    renamed = [("my-cat", SPECS[0], images), ("my-dog", SPECS[1], images)]
     assert group_key(renamed, TrainConfig(steps=4), "sha256:m") == key
-    other_token = [("cat", SPECS[2], cat_latents), ("dog", SPECS[1], cat_latents)]
+    other_token = [("cat", SPECS[2], images), ("dog", SPECS[1], images)]
     assert group_key(other_token, TrainConfig(steps=4), "sha256:m") != key
     assert group_key(members, TrainConfig(steps=5), "sha256:m") != key
     assert group_key(members, TrainConfig(steps=4, log_every=7, compile="max"), "sha256:m") == key
@@ -554,8 +555,8 @@ def test_the_training_key_follows_what_changes_the_training(cat_latents, tmp_pat
     from oneword.train import training_key
 
     def key(templates, **config):
-        return training_key(ConceptSpec(token="<k>", init_word="cat", templates=templates), cat_latents,
-                            TrainConfig(**config), "model")  # fmt: skip
+        return training_key(ConceptSpec(token="<k>", init_word="cat", templates=templates),
+                            cat_latents.image_sha256, TrainConfig(**config), "model")  # fmt: skip
 
     mine, moved = tmp_path / "mine.txt", tmp_path / "moved.txt"
     for f in (mine, moved):

@@ -211,3 +211,30 @@ def test_settings_are_checked_by_their_rules_before_a_run():
         "steps=-3: Input should be greater than or equal to 1",
         "mode='zoom': Input should be 'crop' or 'pad'",
     ]
+
+
+def test_configs_built_from_pipeline_parameters_are_the_library_defaults_and_take_a_change():
+    from oneword.pipelines.parameters import config_of
+
+    for model in (TrainConfig, EvalConfig, GateThresholds):
+        assert config_of(model, DEFAULTS) == model()  # 0 and "" stand for the profile's: None
+    assert config_of(EvalConfig, {**DEFAULTS, "sampling_steps": 7}).steps == 7
+    assert config_of(TrainConfig, {**DEFAULTS, "steps": 9}, gpus=2).model_dump(include={"steps", "gpus"}) == {
+        "steps": 9, "gpus": 2
+    }  # fmt: skip
+
+
+def test_the_cpu_lookup_of_unchanged_concepts_is_given_all_that_decides_a_result():
+    """`changed_concepts` keys what train, evaluate and register would: a setting they take that it did not (and
+    took as its default) would make it call a concept changed, run after run."""
+    from oneword.evaluation.protocol import RUNTIME_ONLY
+
+    lookup = set(components.changed_concepts.component_spec.inputs)
+    # what the keys leave out (`train.group_key`, `protocol.evaluation_key`): how a run is drawn and watched
+    runtime = {TrainConfig: {"sample_every", "compile"}, EvalConfig: RUNTIME_ONLY, GateThresholds: set(),
+               PreprocessConfig: set()}  # fmt: skip
+    for step in (components.train, components.evaluate, components.register, components.preprocess):
+        keyed = {n for n in step.component_spec.inputs
+                 if n in SOURCES and SOURCES[n][1] not in runtime.get(SOURCES[n][0], {SOURCES[n][1]})}  # fmt: skip
+        assert keyed <= lookup, (step.name, keyed - lookup)
+    assert {"base_model", "resolution", "mode", "concepts"} <= lookup

@@ -113,6 +113,28 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
         assert not task.get("cachingOptions", {}).get("enableCache"), step
 
 
+@pytest.mark.parametrize("name", ["textual_inversion", "batch_personalisation"])
+def test_a_concept_told_unchanged_on_cpu_asks_for_no_gpu(name):
+    """`changed-concepts` (CPU) runs before the GPU steps, which run only under its count being above 0."""
+    spec = _spec(name)
+    dags = _dags(spec)
+    parent = {c: d for d, tasks in dags.items() for c in (t["componentRef"]["name"] for t in tasks.values())}
+    where, lookup = _task(spec, "changed-concepts")
+    assert where == "comp-personalise" and not lookup.get("cachingOptions", {}).get("enableCache")  # asks MLflow
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-changed-concepts"]["container"]["resources"]
+    (branch,) = [t for t in dags[where].values() if "triggerPolicy" in t]
+    assert branch["triggerPolicy"]["condition"] == (
+        "int(inputs.parameter_values['pipelinechannel--changed-concepts-Output']) > 0"
+    )
+    for step in ("cache-latents", "train", "evaluate"):  # each GPU step, and the loops holding them, in the branch
+        dag = _task(spec, step)[0]
+        while dag != branch["componentRef"]["name"]:
+            assert dag != where, step
+            dag = parent[dag]
+    pvc = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-changed-concepts"]["pvcMount"]
+    assert pvc[0]["mountPath"] == "/models"  # it reads the model into the cache the GPU steps use
+
+
 def test_no_task_of_either_pipeline_is_kfp_cached():
     """KFP's launcher cannot read another run's cached artifact from MinIO (docs/deploy.md): as checked in, as
     scheduled (no per-run setting rewrites a recurring run's tasks)."""
@@ -321,6 +343,8 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     said = capsys.readouterr().out
     assert "unchanged cat-sd2/1" in said and "concepts pull cat-sd2/1" in said and "None" not in said, said
     assert [r["version"] for r in registry.list_concepts(uri) if r["name"] == "cat-sd2"] == ["1"]
+    last = max((tmp_path / "root").glob("textual-inversion-*"), key=lambda p: p.name)
+    assert (last / "changed-concepts").is_dir() and not list(last.rglob("cache-latents"))  # told on CPU: no GPU step
 
 
 class _FakeKfpApi(BaseHTTPRequestHandler):

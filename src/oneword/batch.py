@@ -35,6 +35,8 @@ from oneword.tokens import clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
 
+UNCHANGED_SUFFIX = " (unchanged)"  # a run's answer for a version registered before from the same training
+
 
 class ConceptEntry(ConceptSpec):
     """One concept of a batch: what to learn (`ConceptSpec`), from which photos, under which name."""
@@ -90,6 +92,11 @@ def plan_concepts(entries: list[ConceptEntry]) -> list[dict]:
     if dupes:
         raise OnewordError(f"concepts {dupes} would register under one name", hint="give each a distinct `name`")
     return rows
+
+
+def spec_of(concept: dict) -> ConceptSpec:
+    """What a planned concept (`plan_concepts`) trains: its `ConceptSpec` fields, without its photos and name."""
+    return ConceptSpec(**{k: concept[k] for k in ConceptSpec.model_fields if concept.get(k) is not None})
 
 
 def shard(concepts: list[dict], concepts_per_shard: int = 1) -> list[list[dict]]:
@@ -287,4 +294,4 @@ def run_answer(report: dict, error: str = "") -> str:
             return f"{c['name']} failed at {c['stage']}"
         said = error or c.get("error")  # KFP's word on the run, else the report's (a training ended unregistered)
         return f"{c['name']} failed at a step that recorded nothing" + (f": {said}" if said else "")
-    return f"{c['name']}/{c['version']}@{c['alias']}" + (" (unchanged)" if c["status"] == "unchanged" else "")
+    return f"{c['name']}/{c['version']}@{c['alias']}" + (UNCHANGED_SUFFIX if c["status"] == "unchanged" else "")

@@ -168,6 +168,7 @@ def load_base_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     model_config: str | None = None,
+    encoder_dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load a Stable Diffusion 1.x/2.x or SDXL model's tokenizers, text encoders and (optionally) UNet and VAE.
 
@@ -177,6 +178,8 @@ def load_base_model(
         device: where to put the modules.
         dtype: weight dtype of the UNet and VAE (the text encoders stay fp32 for exact embedding lookups).
         model_config: for a single-file checkpoint, a diffusers folder or hub id with its configs.
+        encoder_dtype: the text encoders' dtype (a diffusers folder or hub id): fp32 for training; fp16 where only
+            the fingerprint is wanted (it is taken in fp16), in half the memory.
 
     Returns:
         A `LoadedModel`, every module frozen and in eval mode.
@@ -194,12 +197,12 @@ def load_base_model(
         model_index = None  # a bare folder of parts (tokenizer/, text_encoder/, unet/, vae/)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(resolved, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(resolved, subfolder="text_encoder", dtype=torch.float32, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(resolved, subfolder="text_encoder", dtype=encoder_dtype, **kw)
         tokenizer_2 = text_encoder_2 = None
         if model_index and "text_encoder_2" in model_index:  # SDXL
             tokenizer_2 = CLIPTokenizer.from_pretrained(resolved, subfolder="tokenizer_2", **kw)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                resolved, subfolder="text_encoder_2", dtype=torch.float32, **kw
+                resolved, subfolder="text_encoder_2", dtype=encoder_dtype, **kw
             )
         unet = (
             UNet2DConditionModel.from_pretrained(resolved, subfolder="unet", torch_dtype=dtype, **kw)

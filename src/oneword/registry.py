@@ -708,17 +708,22 @@ def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | N
     is then evaluated and registered as usual, which costs time, never a result.
     """
     try:
-        _, client = _setup(tracking_uri)
-        versions = _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
-        if not versions:
-            return None
-        newest = max(versions, key=lambda mv: int(mv.version))
-        if not _decided_on(newest, key):
-            return None
-        aliases = client.get_registered_model(name).aliases or {}
+        return newest_result(tracking_uri, name, key)
     except Exception as e:  # a store that is down or refuses: evaluate after all
         log.warning("could not look up %s's earlier results (%s); evaluating it", name, e)
         return None
+
+
+def newest_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
+    """`registered_result`, raising what the registry raised."""
+    _, client = _setup(tracking_uri)
+    versions = _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda mv: int(mv.version))
+    if not _decided_on(newest, key):
+        return None
+    aliases = client.get_registered_model(name).aliases or {}
     held = sorted(a for a, v in aliases.items() if str(v) == str(newest.version))
     return {"version": str(newest.version), "aliases": held}
 
@@ -752,13 +757,30 @@ def record_unchanged(
     """Record that `name` trained and would be evaluated exactly as version `found["version"]` was: no new
     version. The live run training opened (or a new one) ends FINISHED, tagged with that version and the batch,
     where the batch report finds it."""
+    summary = json.loads((Path(train_dir) / "summary.json").read_text())
+    return note_unchanged(tracking_uri, name, summary["concept"]["token"], found, batch_id, experiment, run_tags,
+                          summary.get("mlflow_run_id"))  # fmt: skip
+
+
+def note_unchanged(
+    tracking_uri: str | None,
+    name: str,
+    token: str,
+    found: dict,
+    batch_id: str = "",
+    experiment: str = EXPERIMENT,
+    run_tags: dict[str, str] | None = None,
+    live_run_id: str | None = None,
+) -> Registration:
+    """Record that `name` is version `found["version"]` again (`registered_result` found it): a FINISHED run
+    tagged with that version and the batch, where the batch report finds it. The live run training left open
+    (`live_run_id`) is that run, else a new one."""
     uri = tracking_uri or default_tracking_uri()
     mlflow, client = _setup(uri)
-    summary = json.loads((Path(train_dir) / "summary.json").read_text())
     version = found["version"]
-    tags = {CONCEPT_TAG: name, "oneword.token": summary["concept"]["token"], UNCHANGED_TAG: version,
+    tags = {CONCEPT_TAG: name, "oneword.token": token, UNCHANGED_TAG: version,
             **({"oneword.batch_id": batch_id} if batch_id else {}), **(run_tags or {})}  # fmt: skip
-    run_id = _live_run(client, summary.get("mlflow_run_id"))
+    run_id = _live_run(client, live_run_id)
     if run_id is None:  # made with its tags: a kill between two calls must not leave an untagged RUNNING run
         run_id = client.create_run(
             ensure_experiment(mlflow, experiment, uri), run_name=f"{name} (unchanged)", tags=tags

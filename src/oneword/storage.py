@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -137,23 +137,31 @@ def list_objects(uri: str) -> list[tuple[str, int, str]]:
     return sorted(out)
 
 
-def download_prefix(uri: str, dest: Path | None = None) -> Path:
+def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = ()) -> Path:
     """Download every object under an `s3://` prefix into a local folder, once, and keep the folder equal to it.
 
     Objects whose etag matches the previous download are not fetched again; files whose object is gone from the
     prefix are removed (a photo taken out of the bucket must not be trained on). Processes that fill one folder
     at once (kfp.local's parallel steps, pods sharing a cache volume) take turns. Without `dest`, the folder is
-    `cache_root()/s3/BUCKET/<hash of the prefix>`.
+    `cache_root()/s3/BUCKET/<hash of the prefix, and of only>`.
+
+    Args:
+        uri: the `s3://` prefix.
+        dest: the local folder.
+        only: keys (relative to the prefix) to take, a folder's as `name/`; empty: every object.
 
     Returns:
         The local folder.
     """
     bucket, prefix = split_s3(uri)
-    if dest is None:
-        dest = cache_root() / "s3" / bucket / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    if dest is None:  # a part of a prefix has a folder of its own: kept equal to it, it would empty the whole's
+        named = prefix + "".join(f"\0{k}" for k in sorted(only))
+        dest = cache_root() / "s3" / bucket / hashlib.sha256(named.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()  # the files it keeps are compared as resolved paths
     objects = list_objects(uri)
+    if only:
+        objects = [o for o in objects if any(o[0] == k or (k.endswith("/") and o[0].startswith(k)) for k in only)]
     if not objects:
         raise OnewordError(f"no objects under {uri!r}", hint="check the bucket and prefix")
     with FileLock(str(dest / ".oneword-s3.lock")):

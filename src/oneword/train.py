@@ -315,10 +315,11 @@ def _check_fits_group(
             )
 
 
-def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: TrainConfig, fingerprint: str) -> str:
+def group_key(members: Sequence[tuple[str, ConceptSpec, Sequence[str]]], config: TrainConfig, fingerprint: str) -> str:
     """A name for a group's checkpoints made from what determines its training, not from the run that started it.
 
-    The same concepts, images, model and settings give the same key, so a resubmitted run (after a preempted
+    Members are `(name, concept, its images' sha256)` (`LatentSet.image_sha256`). The same concepts, images,
+    model and settings give the same key, so a resubmitted run (after a preempted
     pod, or a failure in a later step) resumes the group's checkpoints instead of training from the start. The
     registered names are not in it: they name what is written, not what is trained (a checkpoint holds each
     concept's vectors by token), so a concept registered under another name reuses its training.
@@ -326,7 +327,7 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, LatentSet]], config: Tra
     # how often the run reports is how often early end looks: with it on, it changes where the run ends
     runtime = {"sample_every", "device", "compile", "gpus"} | ({"log_every"} if not config.early_end else set())
     what = {
-        "concepts": [(_trains_on(spec), lat.image_sha256) for _, spec, lat in members],
+        "concepts": [(_trains_on(spec), list(images)) for _, spec, images in members],
         "config": config.model_dump(exclude=runtime),
         "model": fingerprint,
     }
@@ -341,13 +342,20 @@ def _trains_on(spec: ConceptSpec) -> dict:
     return what
 
 
-def training_key(spec: ConceptSpec, latents: LatentSet, config: TrainConfig, model_id: str) -> str:
+def training_key(spec: ConceptSpec, image_sha256: Sequence[str], config: TrainConfig, model_id: str) -> str:
     """What decides one concept's training, whichever concepts share its shard: its own spec, photos, the model
     and the settings. Trained with other shard-mates (one changed, failed, or moved in the manifest), a concept
     keeps its key, is taken from the kept trainings (`oneword.trainings`) or trains again, and its evaluation
     and registration see it unchanged."""
-    alone = group_key([("", spec, latents)], config, model_id)
+    alone = group_key([("", spec, image_sha256)], config, model_id)
     return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[:16]
+
+
+def model_identity(fingerprint: str, source: str) -> str:
+    """The base model as the training keys see it. The fingerprint covers the tokenizer, the token embeddings
+    and the UNet's config, not its weights: a fine-tune that kept the text encoder shares it, so the model's
+    source is part of the key too."""
+    return f"{fingerprint} {source}"
 
 
 def _under(root: str | Path, key: str) -> str:
@@ -537,11 +545,9 @@ def train_group(
             ready.append((name, spec, lat, where))
         except OnewordError as e:
             fail(name, "train", e.message, e.hint or "")
-    # the fingerprint covers the tokenizer, the token embeddings and the UNet's config, not its weights: a
-    # fine-tune that kept the text encoder shares it, so the model's source is part of the key too
-    model_id = f"{model.fingerprint} {model.source}" if model is not None else ""
-    keys = {name: training_key(spec, lat, config, model_id) for name, spec, lat, _ in ready}
-    whole = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
+    model_id = model_identity(model.fingerprint, model.source) if model is not None else ""
+    keys = {name: training_key(spec, lat.image_sha256, config, model_id) for name, spec, lat, _ in ready}
+    whole = group_key([(n, s, lat.image_sha256) for n, s, lat, _ in ready], config, model_id)
     if ready and checkpoint_root and resume and not checkpoints.list_checkpoints(_under(checkpoint_root, whole)):
         # this very shard has no checkpoints of its own (those it resumes, whatever was kept): take its concepts
         # trained before, in another shard or run (`oneword.trainings`), and train the others
@@ -550,7 +556,7 @@ def train_group(
             status[name].update(status="trained", stage="train")
         if taken:
             ready = [m for m in ready if m[0] not in taken]
-            whole = group_key([(n, s, lat) for n, s, lat, _ in ready], config, model_id)
+            whole = group_key([(n, s, lat.image_sha256) for n, s, lat, _ in ready], config, model_id)
     if ready:
         key = whole
         ckpt = _under(checkpoint_root, key) if checkpoint_root else str(out_dir / "checkpoints")

@@ -178,25 +178,18 @@ def train(
     import json
     from pathlib import Path
 
-    from oneword.config import ConceptSpec, TrainConfig
+    from oneword.batch import spec_of
+    from oneword.config import TrainConfig
     from oneword.errors import OnewordError
     from oneword.live import LiveTracking, kfp_tags
-    from oneword.pipelines.parameters import unset_to_none as unset
+    from oneword.pipelines.parameters import config_of
     from oneword.train import SUMMARY_FILE, match_latents, train_shard
 
-    fields = ("token", "init_word", "n_vectors", "templates", "learning_rate")
-    members = [(c["name"], ConceptSpec(**{k: c.get(k) for k in fields if c.get(k) is not None}), lat)
+    members = [(c["name"], spec_of(c), lat)
                for c, lat in zip(concepts, match_latents(concepts, [lat.path for lat in latents]))]
+    settings = dict(locals())
     rows = train_shard(
-        members, model.path,
-        lambda: TrainConfig(steps=unset(steps), batch_size=batch_size, learning_rate=unset(learning_rate),
-                            scale_lr=scale_lr, progressive_every=progressive_every, init_l2=init_l2,
-                            init_l2_schedule=init_l2_schedule, early_end=early_end,
-                            early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
-                            direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
-                            checkpoint_every=unset(checkpoint_every), log_every=log_every,
-                            sample_every=sample_every, compile=compile, gpus=int(accelerator_limit)),
-        on_error, base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True,
+        members, model.path, lambda: config_of(TrainConfig, settings, gpus=int(accelerator_limit)), on_error, base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True,
         progress=False, tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
     )
     failed = [r for r in rows if r["status"] != "trained"]
@@ -273,16 +266,14 @@ def evaluate(
     from oneword.config import EvalConfig, GateThresholds
     from oneword.evaluation import evaluate as run
     from oneword.outcome import run_step
-    from oneword.pipelines.parameters import unset_to_none as unset
+    from oneword.pipelines.parameters import config_of
 
     trained = os.path.join(model.path, concept)
-    config = EvalConfig(prompt_set=unset(prompt_set), n_images=n_images, steps=unset(sampling_steps),
-                        guidance_scale=unset(guidance_scale), clip_model=clip_model, dino_model=dino_model,
-                        checkpoint_budget=checkpoint_budget, gpus=int(accelerator_limit))
+    config = config_of(EvalConfig, locals(), gpus=int(accelerator_limit))
     from oneword.outcome import UNCHANGED_FILE, read_failure
     from oneword.registry import earlier_result
 
-    gate = GateThresholds(min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se)
+    gate = config_of(GateThresholds, locals())
     found = earlier_result(tracking_uri or None, trained, concept, config, gate) if read_failure(trained) is None else None
     if found:
         import html
@@ -407,6 +398,82 @@ def register(
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def changed_concepts(
+    concepts: list,
+    batch_id: str,
+    to_train: dsl.OutputPath(list),
+    base_model: str = "",
+    resolution: int = 0,
+    mode: str = "crop",
+    steps: int = 0,
+    batch_size: int = 4,
+    learning_rate: float = 0.0,
+    scale_lr: bool = True,
+    progressive_every: int = 0,
+    init_l2: float = 0.0,
+    init_l2_schedule: str = "constant",
+    early_end: float = 0.0,
+    early_end_window: int = 100,
+    init_cos: float = 0.0,
+    direction_only: bool = False,
+    direction_lr: float = 0.01,
+    vmf_kappa: float = 0.0001,
+    seed: int = 0,
+    checkpoint_every: int = 0,
+    log_every: int = 10,
+    prompt_set: str = "",
+    n_images: int = 64,
+    sampling_steps: int = 0,
+    guidance_scale: float = 0.0,
+    clip_model: str = "auto",
+    dino_model: str = "",
+    checkpoint_budget: int = 8,
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    margin_se: float = 1.0,
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+) -> int:
+    """The concepts to train, evaluate and register; the others (their newest version came from the same photos,
+    spec, model and settings, judged the same way) are recorded as unchanged, on CPU, before any GPU is asked for.
+
+    Args:
+        concepts: planned concepts (plan_concept or one shard of plan_batch).
+        batch_id: the run's id, recorded with each unchanged concept.
+        to_train: the concepts to train, in order.
+        base_model: the model, as preprocess and train are given it.
+        resolution: as preprocess is given it.
+        mode: as preprocess is given it.
+        tracking_uri: MLflow tracking URI of the registry.
+        experiment: MLflow experiment.
+        kfp_run_id: the KFP run's id (run tag kfp.run_id).
+        kfp_run_name: the KFP run's name (run tag kfp.run_name).
+        Others: as train, evaluate and register are given them (what makes their result the same).
+
+    Returns:
+        How many concepts to train: 0, no GPU step runs. (The pipelines branch on it, a number: kfp.local reads a
+        condition's value from a task's `Output` only.)
+    """
+    import json
+
+    from oneword.config import EvalConfig, GateThresholds, TrainConfig
+    from oneword.live import kfp_tags
+    from oneword.pipelines.parameters import config_of
+    from oneword.pipelines.parameters import unset_to_none as unset
+    from oneword.unchanged import changed_concepts as run
+
+    settings = dict(locals())
+    todo = run(concepts, base_model, unset(resolution), mode, config_of(TrainConfig, settings),
+               config_of(EvalConfig, settings), config_of(GateThresholds, settings), tracking_uri or None, batch_id,
+               experiment, kfp_tags(kfp_run_id, kfp_run_name))
+    with open(to_train, "w") as f:
+        json.dump(todo, f)
+    return len(todo)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vectors: int = 1,
                  templates: str = "") -> list:
     """Plan a single concept as a batch of one: its registered-model name and its photos' content key.
@@ -504,5 +571,5 @@ def report_run(batch_id: str, images: str, token: str, init_word: str, status: d
     return run_answer(report, status.error_message)
 
 
-ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, report_batch,
-       report_run]
+ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, changed_concepts,
+       report_batch, report_run]

@@ -140,8 +140,12 @@ def personalise(
     cpu_step_memory_request: str = D["cpu_step_memory_request"],
     cpu_step_memory_limit: str = D["cpu_step_memory_limit"],
     model_cache_pvc: str = D["model_cache_pvc"],
-) -> list[str]:
+):
     """The one place where the five steps are chained; both pipelines run it (a single concept is a group of one).
+
+    First, on CPU, the concepts whose newest version is what this run would register again are recorded as
+    unchanged (`oneword.unchanged`); the five steps run for the others, and not at all when none is left, so an
+    unchanged concept asks for no GPU. What each concept became is in MLflow, where the exit handlers read it.
 
     Args:
         concepts: planned concepts (plan_concept or one shard of plan_batch).
@@ -149,58 +153,69 @@ def personalise(
         on_error: fail (a single concept: its failure fails the run) or record (a batch: a failed concept is
             recorded with its step and error, and the others go on).
         Other parameters: as in textual_inversion.
-
-    Returns:
-        Per concept: name/version@alias, or "name failed at STEP".
     """
     p = dict(locals())
-    with dsl.ParallelFor(concepts, name="each-concept") as concept:
-        pre = _cpu_step(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
-                                        resolution=resolution, mode=mode, on_error=on_error), p)
-        # Not KFP-cached: the launcher reads a cached artifact of another run with an S3 client of its own that
-        # ignores the pipeline root's endpoint (MinIO), and opens the bucket of a collected list's first artifact
-        # only (backend/src/v2/component/launcher_v2.go, fetchNonDefaultBuckets): a cached concept's latents could
-        # not be read by train. The photos are small; what is costly, training, oneword keys itself.
-        pre.set_caching_options(False)
-        pre.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # transient errors
-        # The accelerator settings are also inputs: the step records them in its output's metadata.
-        lat = _gpu_step(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
-                                        accelerator_type=accelerator_type, accelerator_limit=accelerator_limit), p)
-        lat.set_caching_options(False)
-        lat.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)
-    tr = c.train(
-        latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
+    todo = _cpu_step(c.changed_concepts(
+        concepts=concepts, batch_id=batch_id, base_model=base_model, resolution=resolution, mode=mode, steps=steps,
         batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
         init_l2=init_l2, init_l2_schedule=init_l2_schedule, early_end=early_end, early_end_window=early_end_window,
-        init_cos=init_cos,
-        direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
-        checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
-        on_error=on_error, log_every=log_every, sample_every=sample_every, compile=compile, tracking_uri=tracking_uri,
-        experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, accelerator_limit=accelerator_limit,
-    )
-    _gpu_step(tr, p)
-    # Honoured inside sub-DAGs from KFP 2.14 (docs/deploy.md); a retry resumes from the checkpoints under
-    # checkpoint_root, which are keyed by what is trained. Locally (kfp.local) retries are removed: see local.py.
-    tr.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
-    tr.set_caching_options(False)
-    with dsl.ParallelFor(tr.outputs["Output"], name="each-trained") as name:
-        ev = c.evaluate(
-            model=tr.outputs["model"], concept=name, prompt_set=prompt_set, n_images=n_images,
-            sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
-            checkpoint_budget=checkpoint_budget, on_error=on_error, accelerator_type=accelerator_type,
-            accelerator_limit=accelerator_limit, tracking_uri=tracking_uri, min_reconstruction=min_reconstruction,
-            min_editability=min_editability, margin_se=margin_se,
+        init_cos=init_cos, direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
+        checkpoint_every=checkpoint_every, log_every=log_every, prompt_set=prompt_set, n_images=n_images,
+        sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
+        checkpoint_budget=checkpoint_budget, min_reconstruction=min_reconstruction, min_editability=min_editability,
+        margin_se=margin_se, tracking_uri=tracking_uri, experiment=experiment,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+    ), p)
+    # it reads the model's tokenizers and text encoders (fp16, no UNet or VAE) into the cache the GPU steps use
+    _with_models(todo, p).set_caching_options(False)  # it asks MLflow, every run
+    with dsl.If(todo.outputs["Output"] > 0, name="any-changed"):
+        concepts = todo.outputs["to_train"]
+        with dsl.ParallelFor(concepts, name="each-concept") as concept:
+            pre = _cpu_step(c.preprocess(images=concept.images, content_key=concept.content_key, base_model=base_model,
+                                            resolution=resolution, mode=mode, on_error=on_error), p)
+            # Not KFP-cached: the launcher reads a cached artifact of another run with an S3 client of its own that
+            # ignores the pipeline root's endpoint (MinIO), and opens the bucket of a collected list's first artifact
+            # only (backend/src/v2/component/launcher_v2.go, fetchNonDefaultBuckets): a cached concept's latents could
+            # not be read by train. The photos are small; what is costly, training, oneword keys itself.
+            pre.set_caching_options(False)
+            pre.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # transient errors
+            # The accelerator settings are also inputs: the step records them in its output's metadata.
+            lat = _gpu_step(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
+                                            accelerator_type=accelerator_type, accelerator_limit=accelerator_limit), p)
+            lat.set_caching_options(False)
+            lat.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)
+        tr = c.train(
+            latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
+            batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
+            init_l2=init_l2, init_l2_schedule=init_l2_schedule, early_end=early_end, early_end_window=early_end_window,
+            init_cos=init_cos,
+            direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
+            checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
+            on_error=on_error, log_every=log_every, sample_every=sample_every, compile=compile, tracking_uri=tracking_uri,
+            experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, accelerator_limit=accelerator_limit,
         )
-        _gpu_step(ev, p).set_caching_options(False)  # it asks MLflow whether the concept changed, every run
-        reg = c.register(
-            model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
-            experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se,
-            batch_id=batch_id, on_error=on_error, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        )
-        _cpu_step(reg, p).set_caching_options(False)
-    return dsl.Collected(reg.outputs["Output"])
+        _gpu_step(tr, p)
+        # Honoured inside sub-DAGs from KFP 2.14 (docs/deploy.md); a retry resumes from the checkpoints under
+        # checkpoint_root, which are keyed by what is trained. Locally (kfp.local) retries are removed: see local.py.
+        tr.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        tr.set_caching_options(False)
+        with dsl.ParallelFor(tr.outputs["Output"], name="each-trained") as name:
+            ev = c.evaluate(
+                model=tr.outputs["model"], concept=name, prompt_set=prompt_set, n_images=n_images,
+                sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
+                checkpoint_budget=checkpoint_budget, on_error=on_error, accelerator_type=accelerator_type,
+                accelerator_limit=accelerator_limit, tracking_uri=tracking_uri, min_reconstruction=min_reconstruction,
+                min_editability=min_editability, margin_se=margin_se,
+            )
+            _gpu_step(ev, p).set_caching_options(False)  # it asks MLflow whether the concept changed, every run
+            reg = c.register(
+                model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
+                experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se,
+                batch_id=batch_id, on_error=on_error, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            )
+            _cpu_step(reg, p).set_caching_options(False)
 
 
 def _preflight(concepts, p: dict) -> dsl.PipelineTask:

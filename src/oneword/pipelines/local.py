@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from oneword.batch import UNCHANGED_SUFFIX
 from oneword.errors import OnewordError
 from oneword.outcome import FAILURE_FILE, LOCAL_RUN_ENV
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT
@@ -205,9 +206,11 @@ def run_textual_inversion(
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
         raise _step_failure(_own_run(pipeline_root, "textual-inversion", start), e, log_file) from e
     run_dir = _own_run(pipeline_root, "textual-inversion", start)
-    said = registered.output if hasattr(registered, "output") else registered
+    said = str(registered.output if hasattr(registered, "output") else registered or "")
+    unchanged = said.endswith(UNCHANGED_SUFFIX)  # told before any GPU step: no register ran (`oneword.unchanged`)
     out = {
-        "registered": str(said) if said else None,
+        "registered": said.removesuffix(UNCHANGED_SUFFIX) or None,
+        "unchanged": unchanged,
         "run_dir": str(run_dir),
         "tracking_uri": uri,
         "seconds": time.time() - start,
@@ -217,8 +220,6 @@ def run_textual_inversion(
         if registration:  # register's own record: it stands whether or not the exit handler could ask MLflow
             r = json.loads(registration[0].read_text())
             out["registered"], out["unchanged"] = f"{r['name']}/{r['version']}@{r['alias']}", r.get("unchanged", False)
-        else:
-            out["unchanged"] = False
         for key, pattern in (
             ("report", "**/evaluate/evaluation/report.html"),
             ("grid", "**/evaluate/evaluation/grid.png"),

@@ -11,7 +11,7 @@ module rather than written from it: `tests/test_parameters.py`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -25,6 +25,8 @@ from oneword.config import (
     TrackingConfig,
     TrainConfig,
 )
+
+M = TypeVar("M", bound=BaseModel)
 
 # parameter name -> (config model, field); the parameter names are the pipelines'.
 SOURCES: dict[str, tuple[type[BaseModel], str]] = {
@@ -150,3 +152,18 @@ def invalid(params: dict[str, Any]) -> list[str]:
         except ValidationError as e:
             problems.append(f"{name}={value!r}: {e.errors()[0]['msg']}")
     return problems
+
+
+def config_of(model: type[M], params: dict[str, Any], **runtime: Any) -> M:
+    """Config `model` (TrainConfig, EvalConfig, GateThresholds) from pipeline parameters, by name (`SOURCES`); a
+    model-dependent one left unset (0, "") passes as None, for the model's profile.
+
+    The components build their configs with it (passing `locals()`): the step that looks for unchanged concepts
+    before any GPU is asked for then keys exactly the configs that `train` and `evaluate` would use.
+    """
+    fields = {
+        field: unset_to_none(params[name]) if name in _KINDS else params[name]
+        for name, (source, field) in SOURCES.items()
+        if source is model and name in params
+    }
+    return model(**fields, **runtime)

@@ -1,0 +1,147 @@
+"""Which planned concepts a run must train: the others are their newest versions again, and ask for no GPU.
+
+A concept whose newest registered version came from the same photos, spec, model and settings, evaluated and
+judged the same way, would be trained (or taken from the kept trainings), evaluated and registered to no new
+version: on a cluster, that is a cache_latents, a train and an evaluate pod on the GPU pool, each pulling the
+CUDA image and loading the model, to learn that nothing changed. A nightly batch of a catalogue that mostly stays
+the same paid that for every concept, every night.
+
+`changed_concepts` computes on CPU, before any GPU step, the key register gave that version (`protocol.result_key`
+of the `evaluation_key` of `train.training_key`): the photos preprocessed as `preprocess` will (into a scratch
+folder), the model's fingerprint from its tokenizers, text encoders and UNet config only, the settings resolved
+by the model's profile as `train` resolves them. What it cannot compute (a single-file checkpoint, which loads
+only whole; photos that do not read; a registry that does not answer) counts as changed: that concept takes the
+usual path, where `train` and `evaluate` still find it unchanged, or fail and say why. A wrong "changed" costs
+pods, never a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from oneword import storage, tracking
+from oneword.batch import spec_of
+from oneword.config import EvalConfig, GateThresholds, TrainConfig
+from oneword.evaluation.protocol import evaluation_key, result_key
+from oneword.images import preprocess
+from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model
+from oneword.profiles import image_side, profile_of
+from oneword.registry import EXPERIMENT, newest_result, note_unchanged
+from oneword.train import model_identity, training_key
+
+log = logging.getLogger(__name__)
+
+# What the fingerprint and the profile read of a diffusers folder: an s3:// model is fetched without its weights
+FINGERPRINT_PARTS = (
+    "model_index.json",
+    "tokenizer/",
+    "tokenizer_2/",
+    "text_encoder/",
+    "text_encoder_2/",
+    "unet/config.json",
+    "scheduler/",
+)
+
+
+def _encoders(base_model: str) -> LoadedModel | None:
+    """The model's tokenizers and text encoders (fp16: the fingerprint is taken in fp16), or None for a
+    single-file checkpoint, which diffusers loads only whole (UNet and VAE too: more than a CPU step has)."""
+    if base_model.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return None
+    if storage.is_s3(base_model):
+        base_model = str(storage.download_prefix(base_model, only=FINGERPRINT_PARTS))
+    return load_base_model(base_model, parts=(), encoder_dtype=torch.float16)
+
+
+def result_keys(
+    concepts: list[dict],
+    base_model: str,
+    resolution: int | None,
+    mode: str,
+    train: TrainConfig,
+    evaluation: EvalConfig,
+    gate: GateThresholds,
+) -> dict[str, str]:
+    """Each planned concept's result key (`protocol.result_key`), by name, as register would give its version if
+    the run trained, evaluated and judged it now; a concept whose key cannot be told is left out.
+
+    Args:
+        concepts: planned concepts (`batch.plan_concepts`).
+        base_model: the model, as the pipeline's steps are given it.
+        resolution: preprocess's (0 or None: the model's profile).
+        mode: preprocess's crop or pad.
+        train: the settings as `train` is given them (the profile fills them in here, as there).
+        evaluation: as `evaluate` is given them.
+        gate: register's quality gate.
+    """
+    try:
+        model = _encoders(base_model)
+    except Exception as e:  # train meets it and says so
+        log.warning("cannot tell which concepts changed: %s did not load (%s)", base_model, e)
+        return {}
+    if model is None:
+        log.info("%s is a single-file checkpoint: every concept goes to the GPU steps, which tell", base_model)
+        return {}
+    profile = profile_of(model)
+    config = train.resolved(profile)
+    side = image_side(base_model, resolution)
+    model_id = model_identity(model.fingerprint, base_model)
+    keys = {}
+    with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
+        for i, concept in enumerate(concepts):
+            try:
+                spec = spec_of(concept).resolved(profile)
+                photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=mode)
+                trained = training_key(spec, [r.processed_sha256 for r in photos.images], config, model_id)
+                keys[concept["name"]] = result_key(evaluation_key(trained, evaluation), gate)
+            except Exception as e:  # its own step meets it and records it as the concept's
+                log.warning("cannot tell whether %s changed (%s)", concept["name"], e)
+    return keys
+
+
+def changed_concepts(
+    concepts: list[dict],
+    base_model: str,
+    resolution: int | None,
+    mode: str,
+    train: TrainConfig,
+    evaluation: EvalConfig,
+    gate: GateThresholds,
+    tracking_uri: str | None = None,
+    batch_id: str = "",
+    experiment: str = EXPERIMENT,
+    run_tags: dict[str, str] | None = None,
+) -> list[dict]:
+    """The planned concepts that must be trained, evaluated and registered, in order. Each of the others, whose
+    newest version has the result key it would get now (`result_keys`, `registry.newest_result`), is
+    recorded as that version again (`registry.note_unchanged`), where the run's report finds it.
+
+    Args:
+        concepts: planned concepts (`batch.plan_concepts`).
+        tracking_uri: the registry's MLflow tracking URI.
+        batch_id: the run's id, recorded with each unchanged concept.
+        experiment: MLflow experiment.
+        run_tags: more tags for those records (the KFP run's).
+        Others: as for `result_keys`.
+    """
+    keys = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
+    todo = []
+    with tracking.briefly():  # a registry that does not answer costs a retry, not minutes of backoff per concept
+        for i, concept in enumerate(concepts):
+            name = concept["name"]
+            try:
+                found = newest_result(tracking_uri, name, keys[name]) if name in keys else None
+                if found is not None:
+                    note_unchanged(tracking_uri, name, concept["token"], found, batch_id, experiment, run_tags)
+                    continue
+            except Exception as e:  # the steps meet the store as it is, and evaluate finds the unchanged again
+                log.warning("the registry did not answer (%s): %d concepts go to the GPU steps", e, len(concepts) - i)
+                todo.extend(concepts[i:])
+                break
+            todo.append(concept)
+    log.info("%d of %d concepts to train (the others are unchanged)", len(todo), len(concepts))
+    return todo

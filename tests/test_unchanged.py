@@ -1,0 +1,94 @@
+"""The concepts a run need not train, told on CPU before any GPU step (`oneword.unchanged`)."""
+
+import json
+
+import mlflow
+import pytest
+
+from oneword import registry
+from oneword.config import ConceptSpec, EvalConfig, GateThresholds, TrainConfig
+from oneword.evaluation.protocol import evaluation_key, result_key
+from oneword.unchanged import changed_concepts, result_keys
+
+from .conftest import DREAMBENCH
+
+TRAIN = TrainConfig(steps=2, checkpoint_every=2)
+EVAL = EvalConfig(n_images=2, steps=2, checkpoint_budget=0)
+GATE = GateThresholds()
+CAT = {"images": str(DREAMBENCH / "cat"), "token": "<cat-u>", "init_word": "cat", "name": "cat-u"}
+DOG = {"images": str(DREAMBENCH / "dog"), "token": "<dog-u>", "init_word": "dog", "name": "dog-u"}
+
+
+@pytest.fixture(scope="module")
+def trained_cat(tmp_path_factory, tiny_model_dir, cat_latents_dir):
+    """<cat-u> trained as a pipeline's shard trains it (with a training key): its folder."""
+    from oneword.train import train_group
+
+    root = tmp_path_factory.mktemp("unchanged")
+    spec = ConceptSpec(token=CAT["token"], init_word=CAT["init_word"])
+    rows = train_group([("cat-u", spec, cat_latents_dir)], root / "out", TRAIN, base_model=str(tiny_model_dir),
+                       checkpoint_root=root / "ckpt", progress=False)  # fmt: skip
+    assert rows[0]["status"] == "trained"
+    return root / "out" / "cat-u"
+
+
+def _keys(model, concepts=(CAT,), train=TRAIN, evaluation=EVAL, gate=GATE, resolution=32, mode="crop"):
+    return result_keys(list(concepts), str(model), resolution, mode, train, evaluation, gate)
+
+
+def test_the_key_told_before_training_is_the_one_train_and_evaluate_give(trained_cat, tiny_model_dir, tmp_path):
+    trained = json.loads((trained_cat / "summary.json").read_text())["training_key"]
+    assert _keys(tiny_model_dir) == {"cat-u": result_key(evaluation_key(trained, EVAL), GATE)}
+    # what changes the result changes the key: settings, photos, preprocessing, evaluation, gate, the concept
+    before = _keys(tiny_model_dir)["cat-u"]
+    others = [
+        _keys(tiny_model_dir, train=TrainConfig(steps=3, checkpoint_every=2)),
+        _keys(tiny_model_dir, concepts=[{**CAT, "images": DOG["images"]}]),
+        _keys(tiny_model_dir, resolution=16),
+        _keys(tiny_model_dir, evaluation=EVAL.model_copy(update={"n_images": 3})),
+        _keys(tiny_model_dir, gate=GateThresholds(min_editability=0.1)),
+        _keys(tiny_model_dir, concepts=[{**CAT, "init_word": "dog"}]),
+    ]
+    assert [k["cat-u"] == before for k in others] == [False] * len(others)
+    # and what does not, does not: how the run is drawn and watched
+    same = TrainConfig(steps=2, checkpoint_every=2, log_every=3, sample_every=0, compile="default")
+    assert _keys(tiny_model_dir, train=same)["cat-u"] == before
+
+
+def test_what_cannot_be_told_counts_as_changed(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    keys = _keys(tiny_model_dir, concepts=[{**DOG, "images": str(broken)}, CAT])
+    assert list(keys) == ["cat-u"]  # the concept whose photos do not read is left to its own steps
+    assert _keys(tmp_path / "no-such-model") == {}
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    assert _keys(single) == {}  # loads only whole: the GPU steps tell
+
+
+def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny_model_dir, tmp_path, mlflow_server):
+    from oneword.batch import batch_report
+    from oneword.evaluation import evaluate
+
+    evaluate(trained_cat, None, tmp_path / "eval", EVAL.model_copy(update={"clip_model": "toyworld-clip"}))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["evaluation_key"]  # what register tags the version with
+    evaluation = EVAL.model_copy(update={"clip_model": "toyworld-clip"})
+    registry.register(trained_cat, tmp_path / "eval", mlflow_server, name="cat-u", batch_id="night-1")
+
+    def tonight(concepts, batch_id, **changes):
+        return changed_concepts(list(concepts), str(tiny_model_dir), 32, "crop", changes.get("train", TRAIN),
+                                evaluation, GATE, mlflow_server, batch_id)  # fmt: skip
+
+    assert tonight([DOG, CAT], "night-2") == [DOG]  # the new concept trains; the registered one does not
+    report = batch_report(mlflow_server, "night-2", [CAT, DOG])
+    assert {c["name"]: c["status"] for c in report["concepts"]}["cat-u"] == "unchanged"
+    assert report["concepts"][0]["version"] == "1"
+    client = mlflow.MlflowClient(mlflow_server)
+    assert [mv.version for mv in client.search_model_versions("name = 'cat-u'")] == ["1"]
+    # another setting: trained (or taken from the kept trainings) and evaluated again
+    assert tonight([CAT], "night-3", train=TrainConfig(steps=3, checkpoint_every=2)) == [CAT]
+    # a registry that does not answer: every concept goes on, nothing is lost
+    assert changed_concepts([CAT], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE,
+                            "http://127.0.0.1:9", "night-4") == [CAT]  # fmt: skip

@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import pytest
+import torch
 
 from oneword import registry
 from oneword.config import ConceptSpec, EvalConfig, GateThresholds, TrainConfig
@@ -92,3 +93,32 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     # a registry that does not answer: every concept goes on, nothing is lost
     assert changed_concepts([CAT], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE,
                             "http://127.0.0.1:9", "night-4") == [CAT]  # fmt: skip
+
+
+def test_the_model_is_read_without_its_weights_files_and_fingerprinted_as_train_does(tiny_model_dir, s3_bucket):
+    """From an s3:// model only the tokenizers, text encoders and configs are fetched (a CPU pod, no UNet or VAE);
+    fp16 encoders give the fingerprint that train's fp32 ones give."""
+    from oneword.models import load_base_model
+    from oneword.storage import upload_dir
+    from oneword.unchanged import _encoders
+
+    upload_dir(tiny_model_dir, f"s3://{s3_bucket}/sd")
+    model = _encoders(f"s3://{s3_bucket}/sd")
+    fetched = {p.relative_to(model.path).as_posix() for p in model.path.rglob("*") if p.is_file()}
+    assert "unet/config.json" in fetched and "text_encoder/config.json" in fetched
+    assert not [f for f in fetched if f.startswith(("unet/diffusion", "vae/"))], fetched
+    assert model.text_encoder.dtype == torch.float16
+    assert model.fingerprint == load_base_model(str(tiny_model_dir), parts=()).fingerprint
+    keys = result_keys([CAT], f"s3://{s3_bucket}/sd", 32, "crop", TRAIN, EVAL, GATE)
+    assert list(keys) == ["cat-u"] and keys != _keys(tiny_model_dir)  # the source is part of the model's identity
+
+
+def test_an_sdxl_model_is_fingerprinted_by_both_encoders_in_fp16_as_in_fp32(tmp_path):
+    from oneword.models import load_base_model
+    from oneword.random_models import build_tiny_sdxl_model
+    from oneword.unchanged import _encoders
+
+    xl = str(build_tiny_sdxl_model(tmp_path / "xl"))
+    model = _encoders(xl)
+    assert model.text_encoder_2 is not None and model.text_encoder_2.dtype == torch.float16
+    assert model.fingerprint == load_base_model(xl, parts=()).fingerprint

@@ -77,6 +77,21 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
     params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
     assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
+    # what the next night would do, asked without running it (`oneword batch --dry-run`)
+    from oneword.cli.run import print_batch_plan
+    from oneword.pipelines.local import batch_plan
+
+    plan = batch_plan(str(manifest), report["tracking_uri"], **settings)
+    assert [(r["name"], r["status"], r["version"], r["alias"]) for r in plan] == [
+        ("cat-q", "unchanged", "1", "champion"), ("bad-q", "to train", "", ""), ("dog-q", "unchanged", "1", "champion")
+    ]  # fmt: skip
+    assert [r["status"] for r in batch_plan(str(manifest), report["tracking_uri"], **{**settings, "steps": 5})] == [
+        "to train"
+    ] * 3
+    console = Console(width=80, record=True)
+    print_batch_plan(plan, console)
+    text = console.export_text()
+    assert "1 to train, 2 unchanged" in text and max(len(line) for line in text.splitlines()) <= 80
     # the next night, nothing changed but the manifest's order, and so the shard: the unchanged concepts are told
     # on CPU, before the GPU steps, which run for the broken one alone
     entries = yaml.safe_load(manifest.read_text())["concepts"]

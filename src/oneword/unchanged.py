@@ -103,6 +103,41 @@ def result_keys(
     return keys
 
 
+def unchanged_versions(
+    concepts: list[dict],
+    base_model: str,
+    resolution: int | None,
+    mode: str,
+    train: TrainConfig,
+    evaluation: EvalConfig,
+    gate: GateThresholds,
+    tracking_uri: str | None = None,
+) -> dict[str, dict]:
+    """The planned concepts a run would find unchanged, by name: the version each would be again (`{"version",
+    "aliases"}`, `registry.newest_result` of its `result_keys`). Nothing is recorded.
+
+    A registry that does not answer is asked once, with one retry, not with MLflow's minutes of backoff per
+    concept: the concepts not yet asked count as changed.
+
+    Args:
+        tracking_uri: the registry's MLflow tracking URI.
+        Others: as for `result_keys`.
+    """
+    keys = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
+    found = {}
+    with tracking.briefly():
+        for i, concept in enumerate(concepts):
+            name = concept["name"]
+            try:
+                hit = newest_result(tracking_uri, name, keys[name]) if name in keys else None
+            except Exception as e:  # the steps meet the store as it is, and evaluate asks again
+                log.warning("the registry did not answer (%s): %d concepts count as changed", e, len(concepts) - i)
+                break
+            if hit is not None:
+                found[name] = hit
+    return found
+
+
 def changed_concepts(
     concepts: list[dict],
     base_model: str,
@@ -116,9 +151,9 @@ def changed_concepts(
     experiment: str = EXPERIMENT,
     run_tags: dict[str, str] | None = None,
 ) -> list[dict]:
-    """The planned concepts that must be trained, evaluated and registered, in order. Each of the others, whose
-    newest version has the result key it would get now (`result_keys`, `registry.newest_result`), is
-    recorded as that version again (`registry.note_unchanged`), where the run's report finds it.
+    """The planned concepts that must be trained, evaluated and registered, in order. Each of the others
+    (`unchanged_versions`) is recorded as that version again (`registry.note_unchanged`), where the run's report
+    finds it.
 
     Args:
         concepts: planned concepts (`batch.plan_concepts`).
@@ -128,20 +163,17 @@ def changed_concepts(
         run_tags: more tags for those records (the KFP run's).
         Others: as for `result_keys`.
     """
-    keys = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
+    found = unchanged_versions(concepts, base_model, resolution, mode, train, evaluation, gate, tracking_uri)
     todo = []
-    with tracking.briefly():  # a registry that does not answer costs a retry, not minutes of backoff per concept
-        for i, concept in enumerate(concepts):
+    with tracking.briefly():
+        for concept in concepts:
             name = concept["name"]
-            try:
-                found = newest_result(tracking_uri, name, keys[name]) if name in keys else None
-                if found is not None:
-                    note_unchanged(tracking_uri, name, concept["token"], found, batch_id, experiment, run_tags)
+            if name in found:
+                try:
+                    note_unchanged(tracking_uri, name, concept["token"], found[name], batch_id, experiment, run_tags)
                     continue
-            except Exception as e:  # the steps meet the store as it is, and evaluate finds the unchanged again
-                log.warning("the registry did not answer (%s): %d concepts go to the GPU steps", e, len(concepts) - i)
-                todo.extend(concepts[i:])
-                break
+                except Exception as e:  # the GPU steps will find it unchanged again, and record it
+                    log.warning("could not record %s as unchanged (%s)", name, e)
             todo.append(concept)
     log.info("%d of %d concepts to train (the others are unchanged)", len(todo), len(concepts))
     return todo

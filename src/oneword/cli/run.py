@@ -136,6 +136,8 @@ def batch_cmd(
     concepts_per_shard: Annotated[int, parameter("concepts_per_shard")] = D["concepts_per_shard"],
     seed: Annotated[int, parameter("seed")] = D["seed"],
     log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train and which are "
+                                               "unchanged since their version (CPU, seconds)")] = False,
 ) -> None:
     """Run batch_personalisation on this machine: every concept of a manifest, each registered on its own.
 
@@ -146,10 +148,19 @@ def batch_cmd(
     \b
     Example:
       oneword batch concepts.yaml --base-model toyworld --steps 300
+      oneword batch concepts.yaml --tracking-uri http://mlflow:5000 --dry-run
     """
     params = {
-        k: v for k, v in locals().items() if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file")
-    }
+        k: v for k, v in locals().items()
+        if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file", "dry_run")
+    }  # fmt: skip
+    if dry_run:
+        from rich.console import Console
+
+        from oneword.pipelines.local import batch_plan
+
+        print_batch_plan(batch_plan(concepts_manifest, tracking_uri or None, **params), Console(soft_wrap=False))
+        return
 
     from oneword.pipelines.local import run_batch
 
@@ -159,6 +170,25 @@ def batch_cmd(
     code = print_batch_report(report, Console(soft_wrap=False))
     if code:
         raise typer.Exit(code)
+
+
+def print_batch_plan(rows: list[dict], console) -> None:
+    """Print what a batch would do with each concept (`local.batch_plan`), one row per concept."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title="dry run: nothing was trained or recorded", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("concept", overflow="fold", min_width=min(max((len(r["name"]) for r in rows), default=7), 24))
+    t.add_column("tonight")
+    t.add_column("version")
+    t.add_column("alias", overflow="fold")
+    for r in rows:
+        colour = "cyan" if r["status"] == "unchanged" else "yellow"
+        t.add_row(escape(r["name"]), f"[{colour}]{r['status']}[/]", r["version"], r["alias"])
+    console.print(t)
+    train = sum(r["status"] != "unchanged" for r in rows)
+    console.print(f"{train} to train, {len(rows) - train} unchanged", highlight=False)
 
 
 def print_batch_report(report: dict, console) -> int:

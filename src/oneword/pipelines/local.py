@@ -268,3 +268,34 @@ def run_batch(
     report = json.loads(summaries[0].read_text()) if summaries else {}
     report.update({"run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start})
     return report
+
+
+def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params) -> list[dict]:
+    """What `run_batch` with these parameters would do with each concept, running nothing and recording nothing:
+    `{"name", "status": "unchanged" | "to train", "version", "alias"}` per concept, in the manifest's order
+    (`oneword.unchanged`: the same lookup the pipelines make before any GPU step)."""
+    from oneword.batch import load_concepts_manifest, plan_concepts
+    from oneword.config import EvalConfig, GateThresholds, TrainConfig
+    from oneword.pipelines.parameters import config_of, unset_to_none
+    from oneword.tracking import default_tracking_uri, sqlite_path
+    from oneword.unchanged import unchanged_versions
+
+    _check_settings(params)
+    concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
+    uri = tracking_uri or default_tracking_uri()
+    store = sqlite_path(uri)
+    found = (
+        {}  # no store yet: nothing registered, and asking would make one
+        if store is not None and not store.exists()
+        else unchanged_versions(
+            concepts, params.get("base_model", ""), unset_to_none(params.get("resolution", 0)),
+            params.get("mode", "crop"), config_of(TrainConfig, params), config_of(EvalConfig, params),
+            config_of(GateThresholds, params), uri,
+        )
+    )  # fmt: skip
+    return [
+        {"name": c["name"], "status": "unchanged", "version": found[c["name"]]["version"],
+         "alias": ",".join(found[c["name"]]["aliases"])}
+        if c["name"] in found else {"name": c["name"], "status": "to train", "version": "", "alias": ""}
+        for c in concepts
+    ]  # fmt: skip

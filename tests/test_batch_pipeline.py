@@ -83,15 +83,15 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
 
     plan = batch_plan(str(manifest), report["tracking_uri"], **settings)
     assert [(r["name"], r["status"], r["version"], r["alias"]) for r in plan] == [
-        ("cat-q", "unchanged", "1", "champion"), ("bad-q", "to train", "", ""), ("dog-q", "unchanged", "1", "champion")
+        ("cat-q", "unchanged", "1", "champion"), ("bad-q", "unknown", "", ""), ("dog-q", "unchanged", "1", "champion")
     ]  # fmt: skip
-    assert [r["status"] for r in batch_plan(str(manifest), report["tracking_uri"], **{**settings, "steps": 5})] == [
-        "to train"
-    ] * 3
+    assert "a.jpg" in plan[1]["why"]  # its photos do not read: a run tries it, and says so
+    other = batch_plan(str(manifest), report["tracking_uri"], **{**settings, "steps": 5})
+    assert [r["status"] for r in other] == ["to train", "unknown", "to train"]
     console = Console(width=80, record=True)
     print_batch_plan(plan, console)
     text = console.export_text()
-    assert "1 to train, 2 unchanged" in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "0 to train, 2 unchanged, 1 unknown" in text and max(len(line) for line in text.splitlines()) <= 80
     # the next night, nothing changed but the manifest's order, and so the shard: the unchanged concepts are told
     # on CPU, before the GPU steps, which run for the broken one alone
     entries = yaml.safe_load(manifest.read_text())["concepts"]

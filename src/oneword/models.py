@@ -209,7 +209,7 @@ def load_base_model(
             if "unet" in parts
             else None
         )
-        unet_config = unet.config if unet is not None else _load_json(resolved, "unet/config.json", kw)
+        unet_config = unet.config if unet is not None else _unet_config(_load_json(resolved, "unet/config.json", kw))
         vae = (
             AutoencoderKL.from_pretrained(resolved, subfolder="vae", torch_dtype=dtype, **kw)
             if "vae" in parts
@@ -231,6 +231,17 @@ def load_base_model(
         device,
         Path(resolved) if is_local else None,
     )
+
+
+def _unet_config(saved: dict):
+    """The UNet's config as a loaded UNet holds it: every argument of its constructor, this diffusers' defaults
+    filled in where `config.json` was saved by an older one (SD 1.5's and SDXL's lack a dozen), so that a model
+    loaded without its UNet has the fingerprint of the model loaded with it. The UNet is built without weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(saved).config
 
 
 def _load_json(resolved: str, rel: str, kw: dict) -> dict:

@@ -35,7 +35,8 @@ from oneword.train import model_identity, training_key
 
 log = logging.getLogger(__name__)
 
-# What the fingerprint and the profile read of a diffusers folder: an s3:// model is fetched without its weights
+# What the fingerprint and the profile read of a diffusers folder: an s3:// model is fetched without its UNet's
+# and VAE's weights
 FINGERPRINT_PARTS = (
     "model_index.json",
     "tokenizer/",
@@ -43,6 +44,7 @@ FINGERPRINT_PARTS = (
     "text_encoder/",
     "text_encoder_2/",
     "unet/config.json",
+    "vae/config.json",
     "scheduler/",
 )
 
@@ -65,9 +67,9 @@ def result_keys(
     train: TrainConfig,
     evaluation: EvalConfig,
     gate: GateThresholds,
-) -> dict[str, str]:
-    """Each planned concept's result key (`protocol.result_key`), by name, as register would give its version if
-    the run trained, evaluated and judged it now; a concept whose key cannot be told is left out.
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each planned concept's result key (`protocol.result_key`), as register would give its version if the run
+    trained, evaluated and judged it now.
 
     Args:
         concepts: planned concepts (`batch.plan_concepts`).
@@ -77,20 +79,26 @@ def result_keys(
         train: the settings as `train` is given them (the profile fills them in here, as there).
         evaluation: as `evaluate` is given them.
         gate: register's quality gate.
+
+    Returns:
+        The keys by concept name, and by name why a concept's key could not be told (it counts as changed).
     """
     try:
         model = _encoders(base_model)
+        if model is None:
+            why = "a single-file checkpoint loads only whole: the GPU steps tell"
+        else:
+            profile = profile_of(model)
+            config = train.resolved(profile)
+            side = image_side(base_model, resolution)
+            model_id = model_identity(model.fingerprint, base_model)
     except Exception as e:  # train meets it and says so
-        log.warning("cannot tell which concepts changed: %s did not load (%s)", base_model, e)
-        return {}
+        why = f"{base_model} did not load ({type(e).__name__}: {e})"
+        model = None
     if model is None:
-        log.info("%s is a single-file checkpoint: every concept goes to the GPU steps, which tell", base_model)
-        return {}
-    profile = profile_of(model)
-    config = train.resolved(profile)
-    side = image_side(base_model, resolution)
-    model_id = model_identity(model.fingerprint, base_model)
-    keys = {}
+        log.warning("cannot tell which concepts changed: %s", why)
+        return {}, {c["name"]: why for c in concepts}
+    keys, unknown = {}, {}
     with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
         for i, concept in enumerate(concepts):
             try:
@@ -99,8 +107,9 @@ def result_keys(
                 trained = training_key(spec, [r.processed_sha256 for r in photos.images], config, model_id)
                 keys[concept["name"]] = result_key(evaluation_key(trained, evaluation), gate)
             except Exception as e:  # its own step meets it and records it as the concept's
-                log.warning("cannot tell whether %s changed (%s)", concept["name"], e)
-    return keys
+                unknown[concept["name"]] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                log.warning("cannot tell whether %s changed (%s)", concept["name"], unknown[concept["name"]])
+    return keys, unknown
 
 
 def unchanged_versions(
@@ -112,8 +121,8 @@ def unchanged_versions(
     evaluation: EvalConfig,
     gate: GateThresholds,
     tracking_uri: str | None = None,
-) -> dict[str, dict]:
-    """The planned concepts a run would find unchanged, by name: the version each would be again (`{"version",
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """The planned concepts a run would find unchanged: the version each would be again (`{"version",
     "aliases"}`, `registry.newest_result` of its `result_keys`). Nothing is recorded.
 
     A registry that does not answer is asked once, with one retry, not with MLflow's minutes of backoff per
@@ -122,20 +131,27 @@ def unchanged_versions(
     Args:
         tracking_uri: the registry's MLflow tracking URI.
         Others: as for `result_keys`.
+
+    Returns:
+        The versions by concept name, and by name why a concept could not be told (it counts as changed).
     """
-    keys = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
+    keys, unknown = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
     found = {}
     with tracking.briefly():
         for i, concept in enumerate(concepts):
             name = concept["name"]
+            if name not in keys:
+                continue
             try:
-                hit = newest_result(tracking_uri, name, keys[name]) if name in keys else None
+                hit = newest_result(tracking_uri, name, keys[name])
             except Exception as e:  # the steps meet the store as it is, and evaluate asks again
-                log.warning("the registry did not answer (%s): %d concepts count as changed", e, len(concepts) - i)
+                why = f"the registry did not answer ({type(e).__name__}: {e})"
+                log.warning("%s: %d concepts count as changed", why, len(concepts) - i)
+                unknown.update({c["name"]: why for c in concepts[i:] if c["name"] in keys})
                 break
             if hit is not None:
                 found[name] = hit
-    return found
+    return found, unknown
 
 
 def changed_concepts(
@@ -163,7 +179,7 @@ def changed_concepts(
         run_tags: more tags for those records (the KFP run's).
         Others: as for `result_keys`.
     """
-    found = unchanged_versions(concepts, base_model, resolution, mode, train, evaluation, gate, tracking_uri)
+    found, _ = unchanged_versions(concepts, base_model, resolution, mode, train, evaluation, gate, tracking_uri)
     todo = []
     with tracking.briefly():
         for concept in concepts:

@@ -182,13 +182,17 @@ def print_batch_plan(rows: list[dict], console) -> None:
     t.add_column("concept", overflow="fold", min_width=min(max((len(r["name"]) for r in rows), default=7), 24))
     t.add_column("tonight")
     t.add_column("version")
-    t.add_column("alias", overflow="fold")
+    t.add_column("alias / why not known", overflow="fold", ratio=1, min_width=20)
+    colours = {"unchanged": "cyan", "to train": "yellow", "unknown": "red"}
     for r in rows:
-        colour = "cyan" if r["status"] == "unchanged" else "yellow"
-        t.add_row(escape(r["name"]), f"[{colour}]{r['status']}[/]", r["version"], r["alias"])
+        said = r["alias"] if r["status"] == "unchanged" else escape(r.get("why", ""))
+        t.add_row(escape(r["name"]), f"[{colours[r['status']]}]{r['status']}[/]", r["version"], said)
     console.print(t)
-    train = sum(r["status"] != "unchanged" for r in rows)
-    console.print(f"{train} to train, {len(rows) - train} unchanged", highlight=False)
+    count = {k: sum(r["status"] == k for r in rows) for k in colours}
+    said = f"{count['to train']} to train, {count['unchanged']} unchanged"
+    if count["unknown"]:
+        said += f", {count['unknown']} unknown (a run trains them)"
+    console.print(said, highlight=False)
 
 
 def print_batch_report(report: dict, console) -> int:

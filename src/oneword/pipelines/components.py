@@ -465,9 +465,14 @@ def changed_concepts(
     from oneword.unchanged import changed_concepts as run
 
     settings = dict(locals())
-    todo = run(concepts, base_model, unset(resolution), mode, config_of(TrainConfig, settings),
-               config_of(EvalConfig, settings), config_of(GateThresholds, settings), tracking_uri or None, batch_id,
-               experiment, kfp_tags(kfp_run_id, kfp_run_name))
+    try:
+        configs = [config_of(model, settings) for model in (TrainConfig, EvalConfig, GateThresholds)]
+    except ValueError as e:  # a setting no step takes: train records it as each concept's failure
+        print(f"cannot tell which concepts changed: {e}")
+        todo = concepts
+    else:
+        todo = run(concepts, base_model, unset(resolution), mode, *configs, tracking_uri or None, batch_id, experiment,
+                   kfp_tags(kfp_run_id, kfp_run_name))
     with open(to_train, "w") as f:
         json.dump(todo, f)
     return len(todo)

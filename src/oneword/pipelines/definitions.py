@@ -168,6 +168,7 @@ def personalise(
     ), p)
     # it reads the model's tokenizers and text encoders (fp16, no UNet or VAE) into the cache the GPU steps use
     _with_models(todo, p).set_caching_options(False)  # it asks MLflow, every run
+    todo.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # an evicted CPU pod
     with dsl.If(todo.outputs["Output"] > 0, name="any-changed"):
         concepts = todo.outputs["to_train"]
         with dsl.ParallelFor(concepts, name="each-concept") as concept:

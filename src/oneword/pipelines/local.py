@@ -271,9 +271,14 @@ def run_batch(
 
 
 def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params) -> list[dict]:
-    """What `run_batch` with these parameters would do with each concept, running nothing and recording nothing:
-    `{"name", "status": "unchanged" | "to train", "version", "alias"}` per concept, in the manifest's order
-    (`oneword.unchanged`: the same lookup the pipelines make before any GPU step)."""
+    """What `run_batch` with these parameters would do with each concept, running nothing and recording nothing
+    (`oneword.unchanged`: the lookup the pipelines make before any GPU step, by this oneword release).
+
+    Returns:
+        Per concept, in the manifest's order: `{"name", "status", "version", "alias", "why"}`; status `unchanged`
+        (the version and alias it would keep), `to train`, or `unknown` (`why`: it could not be told, and a run
+        would train it).
+    """
     from oneword.batch import load_concepts_manifest, plan_concepts
     from oneword.config import EvalConfig, GateThresholds, TrainConfig
     from oneword.pipelines.parameters import config_of, unset_to_none
@@ -284,8 +289,8 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
     uri = tracking_uri or default_tracking_uri()
     store = sqlite_path(uri)
-    found = (
-        {}  # no store yet: nothing registered, and asking would make one
+    found, unknown = (
+        ({}, {})  # no store yet: nothing registered, and asking would make one
         if store is not None and not store.exists()
         else unchanged_versions(
             concepts, params.get("base_model", ""), unset_to_none(params.get("resolution", 0)),
@@ -293,9 +298,13 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
             config_of(GateThresholds, params), uri,
         )
     )  # fmt: skip
-    return [
-        {"name": c["name"], "status": "unchanged", "version": found[c["name"]]["version"],
-         "alias": ",".join(found[c["name"]]["aliases"])}
-        if c["name"] in found else {"name": c["name"], "status": "to train", "version": "", "alias": ""}
-        for c in concepts
-    ]  # fmt: skip
+    rows = []
+    for c in concepts:
+        row = {"name": c["name"], "status": "to train", "version": "", "alias": "", "why": unknown.get(c["name"], "")}
+        if c["name"] in found:
+            hit = found[c["name"]]
+            row.update(status="unchanged", version=hit["version"], alias=",".join(hit["aliases"]))
+        elif c["name"] in unknown:
+            row["status"] = "unknown"
+        rows.append(row)
+    return rows

@@ -102,12 +102,22 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     }  # fmt: skip
     assert [r["version"] for r in registry.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
     night = Path(again["run_dir"])
+    told = [json.loads(p.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+            for p in night.rglob("changed-concepts/executor_output.json")]  # fmt: skip
+    assert told == [{"unchanged": 2, "to_train": 1}]  # what the run's dashboard shows of the lookup
     assert len(list(night.rglob("preprocess/dataset"))) == 1 and len(list(night.rglob("cache-latents/latents"))) == 1
     assert not list(night.rglob("train/model/*/summary.json"))
     assert not list(night.rglob("evaluate/evaluation/metrics.json"))
-    # a changed gate judges anew: evaluated again, but not trained again (each training was kept)
+    assert again["left"] == []  # the same concepts, in another order
+    # a changed gate judges anew: evaluated again, but not trained again (its training was kept); a concept taken
+    # out of the manifest is reported, as it still holds its alias
+    manifest.write_text(yaml.safe_dump({"concepts": [e for e in entries if e["token"] != "<dog-q>"]}))
     third = run_batch(str(manifest), tmp_path / "root", **settings, min_editability=-0.5)
     assert {c["name"]: c["status"] for c in third["concepts"]}["cat-q"] == "registered"
-    summaries = [json.loads(p.read_text()) for p in Path(third["run_dir"]).rglob("train/model/*/summary.json")]
-    assert sorted(s["concept"]["token"] for s in summaries) == ["<cat-q>", "<dog-q>"]
-    assert all(s["steps_run"] == 0 and "/trainings/" in s["trained_before"] for s in summaries)
+    (summary,) = [json.loads(p.read_text()) for p in Path(third["run_dir"]).rglob("train/model/*/summary.json")]
+    assert summary["concept"]["token"] == "<cat-q>"
+    assert summary["steps_run"] == 0 and "/trainings/" in summary["trained_before"]
+    assert third["left"] == [{"name": "dog-q", "aliases": {"champion": "1"}}]
+    console = Console(width=80, record=True)
+    print_batch_report(third, console)
+    assert "still holding an alias: dog-q (champion v1)" in " ".join(console.export_text().split())

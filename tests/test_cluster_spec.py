@@ -14,7 +14,7 @@ from oneword.pipelines.parameters import HF_HOME, INDUCTOR_CACHE, MODEL_CACHE_MO
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ["textual_inversion", "batch_personalisation"]
 GPU_STEPS = {"exec-cache-latents", "exec-train", "exec-evaluate"}
-MODEL_STEPS = GPU_STEPS | {"exec-preflight"}
+MODEL_STEPS = GPU_STEPS | {"exec-preflight", "exec-changed-concepts"}  # the lookup reads encoders on CPU
 
 
 def _load(name: str) -> tuple[dict, dict]:

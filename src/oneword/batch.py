@@ -241,8 +241,25 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
     return {"batch_id": batch_id, **count, "concepts": out}
 
 
+def manifest_id(source: str) -> str:
+    """A concepts manifest as every run of it names it: an `s3://` URI as given, a path made absolute."""
+    return source if storage.is_s3(source) else os.path.abspath(os.path.expanduser(source))
+
+
+def left_the_manifest(tracking_uri: str | None, previous: list[dict] | None, concepts: list[dict]) -> list[dict]:
+    """The concepts the manifest's previous run planned and this one does not (removed, or renamed) that still
+    hold an alias, which serving may load: `{"name", "aliases": {alias: version}}` each. oneword moves no alias
+    for them: whether a concept left the catalogue is the team's to say (`mlflow`'s delete_registered_model_alias).
+    """
+    from oneword.registry import held_aliases
+
+    now = {c["name"] for c in concepts}
+    gone = [c["name"] for c in previous or [] if c["name"] not in now]
+    return [{"name": name, "aliases": held} for name in gone if (held := held_aliases(tracking_uri, name))]
+
+
 def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], list[dict] | None], experiment: str,
-                 state: str) -> dict:  # fmt: skip
+                 state: str, previous: Callable[[], list[dict] | None] | None = None) -> dict:  # fmt: skip
     """An exit handler's report of a run (a batch, or one concept): the live runs its trainings left open for a
     `register` that never ran are ended first (a pod lost for good, a cancelled run), then `batch_report`.
 
@@ -252,15 +269,19 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
         plan: reads the run's plan (None where none was recorded: the manifest could not be read).
         experiment: the MLflow experiment.
         state: the run's final state, as KFP gives it to an exit handler.
+        previous: reads the plan of the manifest's run before this one (`registry.previous_plan`), whose concepts
+            that left the manifest are reported (`left_the_manifest`); None: none are.
 
     Returns:
-        `batch_report`'s dict, with `pipeline_state`, `ended_runs`, and `error` where it could not be made.
+        `batch_report`'s dict, with `pipeline_state`, `ended_runs`, `left` (with `previous`), and `error` where it
+        could not be made.
     """
     from oneword import tracking
     from oneword.live import end_orphaned_runs
 
     empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": []}
     no_plan = "no plan was recorded: the manifest could not be read (see plan-batch's log)"
+    concepts = None
     with tracking.briefly():  # a server that does not answer holds the run's end for seconds, not minutes
         try:  # first, so that a report that cannot be made does not leave them RUNNING
             ended = end_orphaned_runs(tracking_uri, experiment, batch_id,
@@ -275,6 +296,12 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
                 report = batch_report(tracking_uri, batch_id, concepts, experiment)
         except Exception as e:  # the summary is still written, saying why it is empty (a failed task uploads none)
             report = {**empty, "error": f"the report could not be made: {type(e).__name__}: {e}"}
+        if previous is not None and concepts is not None and "error" not in report:
+            try:
+                report["left"] = left_the_manifest(tracking_uri, previous(), concepts)
+            except Exception as e:  # what the night did is reported all the same
+                log.warning("could not tell which concepts left the manifest: %s", e)
+                report["left"] = []
     return {**report, "pipeline_state": state, "ended_runs": ended}
 
 

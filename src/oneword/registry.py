@@ -825,8 +825,14 @@ def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = E
 PLAN_KIND = "batch-plan"
 
 
-def record_plan(tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = EXPERIMENT) -> str:
-    """Record a batch's plan (its concepts, as planned) in MLflow, where the batch's report reads it back.
+MANIFEST_TAG, MANIFEST_KEY_TAG = "oneword.manifest", "oneword.manifest_key"
+
+
+def record_plan(
+    tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = EXPERIMENT, manifest: str = ""
+) -> str:
+    """Record a batch's plan (its concepts, as planned) in MLflow, where the batch's report reads it back, and
+    the next run of the same manifest (`previous_plan`) too.
 
     KFP's exit handler, which writes the report, may not read other tasks' outputs; MLflow is where both meet.
     Returns the plan's run id.
@@ -835,6 +841,8 @@ def record_plan(tracking_uri: str | None, batch_id: str, concepts: list[dict], e
     mlflow, client = _setup(uri)
     exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
+    if manifest:  # searched by a hash: a path may hold quotes, which a filter string would have to escape
+        tags |= {MANIFEST_TAG: manifest, MANIFEST_KEY_TAG: hashlib.sha256(manifest.encode()).hexdigest()[:16]}
     run = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags)
     client.log_dict(run.info.run_id, {"concepts": concepts}, "plan.json")
     client.set_terminated(run.info.run_id)
@@ -856,6 +864,38 @@ def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERI
     if not runs:
         return None
     return mlflow.artifacts.load_dict(f"{runs[0].info.artifact_uri}/plan.json")["concepts"]
+
+
+def previous_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
+    """The plan of the run of the same manifest before this batch (the schedule's last night), or None: no such
+    run, or a batch whose plan names no manifest."""
+    mlflow, client = _setup(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    kind = f"tags.`oneword.kind` = '{PLAN_KIND}'"
+    mine = client.search_runs([exp.experiment_id], f"tags.`oneword.batch_id` = '{batch_id}' and {kind}",
+                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    if not mine or not (key := mine[0].data.tags.get(MANIFEST_KEY_TAG)):
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.`{MANIFEST_KEY_TAG}` = '{key}' and {kind}",
+                              order_by=["attributes.start_time DESC"], max_results=20)  # fmt: skip
+    started = mine[0].info.start_time
+    before = [r for r in runs if r.data.tags.get("oneword.batch_id") != batch_id and r.info.start_time <= started]
+    return mlflow.artifacts.load_dict(f"{before[0].info.artifact_uri}/plan.json")["concepts"] if before else None
+
+
+def held_aliases(tracking_uri: str | None, name: str) -> dict[str, str]:
+    """The aliases registered model `name` holds, `{alias: version}`; {} where it is not registered."""
+    from mlflow.exceptions import MlflowException
+
+    _, client = _setup(tracking_uri)
+    try:
+        return {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
 
 
 def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict[str, dict]:

@@ -227,6 +227,11 @@ def print_batch_report(report: dict, console) -> int:
         f"{report.get('seconds', 0):.0f} s",
         highlight=False,
     )
+    if report.get("left"):  # removed or renamed in the manifest: the registry still serves them
+        held = ", ".join(f"{escape(c['name'])} ({', '.join(f'{a} v{v}' for a, v in sorted(c['aliases'].items()))})"
+                         for c in report["left"])  # fmt: skip
+        console.print(f"[yellow]left the manifest[/] since its last run, still holding an alias: {held}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     for k in ("run_dir", "tracking_uri"):
         console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     return 1 if report["failed"] else 0

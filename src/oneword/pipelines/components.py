@@ -402,6 +402,7 @@ def changed_concepts(
     concepts: list,
     batch_id: str,
     to_train: dsl.OutputPath(list),
+    metrics: Output[Metrics],
     base_model: str = "",
     resolution: int = 0,
     mode: str = "crop",
@@ -443,6 +444,7 @@ def changed_concepts(
         concepts: planned concepts (plan_concept or one shard of plan_batch).
         batch_id: the run's id, recorded with each unchanged concept.
         to_train: the concepts to train, in order.
+        metrics: how many concepts are unchanged and how many to train (the run's dashboard shows them).
         base_model: the model, as preprocess and train are given it.
         resolution: as preprocess is given it.
         mode: as preprocess is given it.
@@ -475,6 +477,8 @@ def changed_concepts(
                    kfp_tags(kfp_run_id, kfp_run_name))
     with open(to_train, "w") as f:
         json.dump(todo, f)
+    metrics.log_metric("unchanged", len(concepts) - len(todo))
+    metrics.log_metric("to_train", len(todo))
     return len(todo)
 
 
@@ -510,17 +514,19 @@ def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 
         experiment: MLflow experiment.
     """
     from oneword.batch import load_concepts_manifest, plan_concepts, shard
+    from oneword.batch import manifest_id
     from oneword.registry import record_plan
 
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
-    record_plan(tracking_uri or None, batch_id, concepts, experiment)
+    record_plan(tracking_uri or None, batch_id, concepts, experiment, manifest_id(concepts_manifest))
     return shard(concepts, concepts_per_shard)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact],
                  tracking_uri: str = "", experiment: str = "oneword"):
-    """Exit handler: which concepts of the batch registered, and which failed at which step and why.
+    """Exit handler: which concepts of the batch registered, which failed at which step and why, and which left
+    the manifest since its last run while still holding an alias.
 
     Args:
         batch_id: the batch's id (the pipeline run's).
@@ -532,14 +538,15 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     import json
 
     from oneword.batch import final_report
-    from oneword.registry import batch_plan
+    from oneword.registry import batch_plan, previous_plan
 
     report = final_report(tracking_uri or None, batch_id, lambda: batch_plan(tracking_uri or None, batch_id, experiment),
-                          experiment, status.state)
+                          experiment, status.state, lambda: previous_plan(tracking_uri or None, batch_id, experiment))
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
     # an alert on `failed` alone would miss a night whose report could not be made: `error` says so
-    summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")} | {"error": report.get("error", "")})
+    summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")} | {"error": report.get("error", ""),
+                            "left": len(report.get("left", []))})
     print(json.dumps(report, indent=2))
 
 

@@ -99,16 +99,22 @@ def result_keys(
         log.warning("cannot tell which concepts changed: %s", why)
         return {}, {c["name"]: why for c in concepts}
     keys, unknown = {}, {}
-    with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
-        for i, concept in enumerate(concepts):
-            try:
-                spec = spec_of(concept).resolved(profile)
-                photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=mode)
-                trained = training_key(spec, [r.processed_sha256 for r in photos.images], config, model_id)
-                keys[concept["name"]] = result_key(evaluation_key(trained, evaluation), gate)
-            except Exception as e:  # its own step meets it and records it as the concept's
-                unknown[concept["name"]] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-                log.warning("cannot tell whether %s changed (%s)", concept["name"], unknown[concept["name"]])
+    scratch_log = logging.getLogger(preprocess.__module__)
+    level = scratch_log.level
+    scratch_log.setLevel(max(level, logging.WARNING))  # "preprocessed into /tmp/...": a folder deleted at once
+    try:
+        with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
+            for i, concept in enumerate(concepts):
+                try:
+                    spec = spec_of(concept).resolved(profile)
+                    photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=mode)
+                    trained = training_key(spec, [r.processed_sha256 for r in photos.images], config, model_id)
+                    keys[concept["name"]] = result_key(evaluation_key(trained, evaluation), gate)
+                except Exception as e:  # its own step meets it and records it as the concept's
+                    unknown[concept["name"]] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                    log.warning("cannot tell whether %s changed (%s)", concept["name"], unknown[concept["name"]])
+    finally:
+        scratch_log.setLevel(level)
     return keys, unknown
 
 

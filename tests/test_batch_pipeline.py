@@ -37,7 +37,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
         )
     )
     settings = dict(
-        concepts_per_shard=3,  # the broken concept shares the shard (and its train task) with the good ones
+        concepts_per_shard=3,  # one shard: the broken concept is told apart before its shard-mates train
         base_model=str(tiny_model_dir),
         resolution=32,
         steps=4,
@@ -64,14 +64,13 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert "bad-q" in text and "preprocess" in text and max(len(line) for line in table) <= 80
     names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
-    # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train
+    # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train;
+    # the broken concept's photos were told on CPU first (changed-concepts), so no step ran for it
     run_dir = Path(report["run_dir"])
     (group,) = run_dir.rglob("train/model/concepts.json")
-    assert [r["status"] for r in json.loads(group.read_text())] == ["trained", "failed", "trained"]
-    assert len(list(run_dir.rglob("preprocess/dataset"))) == 3 and len(list(run_dir.rglob("register"))) == 3
+    assert [r["name"] for r in json.loads(group.read_text())] == ["cat-q", "dog-q"]
+    assert len(list(run_dir.rglob("preprocess/dataset"))) == 2 and len(list(run_dir.rglob("register"))) == 2
     assert len(list(run_dir.rglob("evaluate/evaluation/metrics.json"))) == 2
-    reports = [p.read_text() for p in run_dir.rglob("evaluate/report") if p.is_file()]
-    assert any("bad-q was not evaluated: it failed at preprocess" in r and "a.jpg" in r for r in reports)
     # the report read the plan the run made (recorded in MLflow), not the manifest again
     plan = registry.batch_plan(report["tracking_uri"], report["batch_id"])
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
@@ -92,8 +91,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     print_batch_plan(plan, console)
     text = console.export_text()
     assert "0 to train, 2 unchanged, 1 unknown" in text and max(len(line) for line in text.splitlines()) <= 80
-    # the next night, nothing changed but the manifest's order, and so the shard: the unchanged concepts are told
-    # on CPU, before the GPU steps, which run for the broken one alone
+    # the next night, nothing changed but the manifest's order, and so the shard: the unchanged concepts, and the
+    # broken one's photos, are told on CPU, before any GPU step, and none runs
     entries = yaml.safe_load(manifest.read_text())["concepts"]
     manifest.write_text(yaml.safe_dump({"concepts": entries[::-1]}))
     again = run_batch(str(manifest), tmp_path / "root", **settings)
@@ -104,8 +103,10 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     night = Path(again["run_dir"])
     told = [json.loads(p.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
             for p in night.rglob("changed-concepts/executor_output.json")]  # fmt: skip
-    assert told == [{"unchanged": 2, "to_train": 1}]  # what the run's dashboard shows of the lookup
-    assert len(list(night.rglob("preprocess/dataset"))) == 1 and len(list(night.rglob("cache-latents/latents"))) == 1
+    assert told == [{"told": 3, "to_train": 0}]  # what the run's dashboard shows of the lookup
+    assert not list(night.rglob("preprocess")) and not list(night.rglob("cache-latents"))  # no task, no GPU pod
+    broken = next(c for c in again["concepts"] if c["name"] == "bad-q")  # its photos' error, told on CPU
+    assert broken["stage"] == "preprocess" and "a.jpg" in broken["error"]
     assert not list(night.rglob("train/model/*/summary.json"))
     assert not list(night.rglob("evaluate/evaluation/metrics.json"))
     assert again["left"] == []  # the same concepts, in another order
@@ -120,4 +121,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert third["left"] == [{"name": "dog-q", "aliases": {"champion": "1"}}]
     console = Console(width=80, record=True)
     print_batch_report(third, console)
-    assert "still holding an alias: dog-q (champion v1)" in " ".join(console.export_text().split())
+    text = console.export_text()
+    assert "still holding an alias: dog-q (champion v1)" in " ".join(text.split())
+    table = [line for line in text.splitlines() if not line.lstrip().startswith(("run_dir", "tracking_uri"))]
+    assert max(len(line) for line in table) <= 80

@@ -34,7 +34,7 @@ def trained_cat(tmp_path_factory, tiny_model_dir, cat_latents_dir):
 
 
 def _keys(model, concepts=(CAT,), train=TRAIN, evaluation=EVAL, gate=GATE, resolution=32, mode="crop"):
-    return result_keys(list(concepts), str(model), resolution, mode, train, evaluation, gate)[0]
+    return result_keys(list(concepts), str(model), resolution, mode, train, evaluation, gate).keys
 
 
 def test_the_key_told_before_training_is_the_one_train_and_evaluate_give(trained_cat, tiny_model_dir, tmp_path):
@@ -60,12 +60,12 @@ def test_what_cannot_be_told_counts_as_changed(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not a jpeg")
-    keys, unknown = result_keys([{**DOG, "images": str(broken)}, CAT], str(tiny_model_dir), 32, "crop", TRAIN, EVAL,
-                                GATE)  # fmt: skip
-    assert list(keys) == ["cat-u"]  # the concept whose photos do not read is left to its own steps, and says why
-    assert list(unknown) == ["dog-u"] and "a.jpg" in unknown["dog-u"]
-    keys, unknown = result_keys([CAT], str(tmp_path / "no-such-model"), 32, "crop", TRAIN, EVAL, GATE)
-    assert keys == {} and "did not load" in unknown["cat-u"]
+    told = result_keys([{**DOG, "images": str(broken)}, CAT], str(tiny_model_dir), 32, "crop", TRAIN, EVAL, GATE)
+    assert list(told.keys) == ["cat-u"]  # the concept whose photos do not read is told apart, with why
+    assert list(told.unknown) == ["dog-u"] and "a.jpg" in told.unknown["dog-u"]
+    assert told.bad_photos == told.unknown  # the error no attempt escapes: a batch records it at once
+    told = result_keys([CAT], str(tmp_path / "no-such-model"), 32, "crop", TRAIN, EVAL, GATE)
+    assert told.keys == {} and "did not load" in told.unknown["cat-u"] and not told.bad_photos
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"")
     assert _keys(single) == {}  # loads only whole: the GPU steps tell
@@ -93,6 +93,18 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     assert [mv.version for mv in client.search_model_versions("name = 'cat-u'")] == ["1"]
     # another setting: trained (or taken from the kept trainings) and evaluated again
     assert tonight([CAT], "night-3", train=TrainConfig(steps=3, checkpoint_every=2)) == [CAT]
+    # photos that no attempt can read: a batch records the concept failed at preprocess, as that step would
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    bad = {**DOG, "images": str(broken)}
+    # a single concept's run (on_error="fail"): its own steps fail the run, and say why
+    assert changed_concepts([bad], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE, mlflow_server,
+                            "night-5") == [bad]  # fmt: skip
+    assert changed_concepts([bad], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE, mlflow_server,
+                            "night-6", on_error="record") == []  # fmt: skip
+    (row,) = batch_report(mlflow_server, "night-6", [bad])["concepts"]
+    assert (row["status"], row["stage"]) == ("failed", "preprocess") and "a.jpg" in row["error"]
     # a registry that does not answer: every concept goes on, nothing is lost
     assert changed_concepts([CAT], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE,
                             "http://127.0.0.1:9", "night-4") == [CAT]  # fmt: skip
@@ -112,7 +124,7 @@ def test_the_model_is_read_without_its_weights_files_and_fingerprinted_as_train_
     assert not [f for f in fetched if f.startswith(("unet/diffusion", "vae/diffusion"))], fetched
     assert model.text_encoder.dtype == torch.float16
     assert model.fingerprint == load_base_model(str(tiny_model_dir), parts=()).fingerprint
-    keys = result_keys([CAT], f"s3://{s3_bucket}/sd", 32, "crop", TRAIN, EVAL, GATE)[0]
+    keys = result_keys([CAT], f"s3://{s3_bucket}/sd", 32, "crop", TRAIN, EVAL, GATE).keys
     assert list(keys) == ["cat-u"] and keys != _keys(tiny_model_dir)  # the source is part of the model's identity
 
 

@@ -254,8 +254,16 @@ def left_the_manifest(tracking_uri: str | None, previous: list[dict] | None, con
     from oneword.registry import held_aliases
 
     now = {c["name"] for c in concepts}
-    gone = [c["name"] for c in previous or [] if c["name"] not in now]
-    return [{"name": name, "aliases": held} for name in gone if (held := held_aliases(tracking_uri, name))]
+    left = []
+    for name in [c["name"] for c in previous or [] if c["name"] not in now]:
+        try:
+            held = held_aliases(tracking_uri, name)
+        except Exception as e:  # one name the registry would not say: the others are still told, and this one too
+            log.warning("could not read %s's aliases: %s", name, e)
+            held = {"?": f"unknown ({type(e).__name__})"}
+        if held:
+            left.append({"name": name, "aliases": held})
+    return left
 
 
 def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], list[dict] | None], experiment: str,
@@ -273,8 +281,8 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
             that left the manifest are reported (`left_the_manifest`); None: none are.
 
     Returns:
-        `batch_report`'s dict, with `pipeline_state`, `ended_runs`, `left` (with `previous`), and `error` where it
-        could not be made.
+        `batch_report`'s dict, with `pipeline_state`, `ended_runs`, `left` (with `previous`; `left_error` where
+        that could not be told), and `error` where it could not be made.
     """
     from oneword import tracking
     from oneword.live import end_orphaned_runs
@@ -299,9 +307,9 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
         if previous is not None and concepts is not None and "error" not in report:
             try:
                 report["left"] = left_the_manifest(tracking_uri, previous(), concepts)
-            except Exception as e:  # what the night did is reported all the same
+            except Exception as e:  # what the night did is reported all the same, and that this is not known
                 log.warning("could not tell which concepts left the manifest: %s", e)
-                report["left"] = []
+                report["left"], report["left_error"] = [], f"{type(e).__name__}: {e}"
     return {**report, "pipeline_state": state, "ended_runs": ended}
 
 

@@ -878,10 +878,14 @@ def previous_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXP
                               order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
     if not mine or not (key := mine[0].data.tags.get(MANIFEST_KEY_TAG)):
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`{MANIFEST_KEY_TAG}` = '{key}' and {kind}",
-                              order_by=["attributes.start_time DESC"], max_results=20)  # fmt: skip
-    started = mine[0].info.start_time
-    before = [r for r in runs if r.data.tags.get("oneword.batch_id") != batch_id and r.info.start_time <= started]
+    # by when each plan-batch started: a plan-batch pod that stayed pending may swap two runs started together
+    before = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`{MANIFEST_KEY_TAG}` = '{key}' and {kind} and tags.`oneword.batch_id` != '{batch_id}' and "
+        f"attributes.start_time <= {mine[0].info.start_time}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return mlflow.artifacts.load_dict(f"{before[0].info.artifact_uri}/plan.json")["concepts"] if before else None
 
 

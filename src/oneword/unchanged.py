@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from oneword import storage, tracking
+from oneword import outcome, storage, tracking
 from oneword.batch import spec_of
 from oneword.config import EvalConfig, GateThresholds, TrainConfig
+from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
 from oneword.images import preprocess
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model
 from oneword.profiles import image_side, profile_of
-from oneword.registry import EXPERIMENT, newest_result, note_unchanged
+from oneword.registry import EXPERIMENT, newest_result, note_unchanged, record_failure
 from oneword.train import model_identity, training_key
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,16 @@ FINGERPRINT_PARTS = (
     "vae/config.json",
     "scheduler/",
 )
+
+
+@dataclass
+class Lookup:
+    """What the lookup told of a run's planned concepts, each by name."""
+
+    keys: dict[str, str] = field(default_factory=dict)  # the result key register would give it now
+    found: dict[str, dict] = field(default_factory=dict)  # the version it is again: {"version", "aliases"}
+    unknown: dict[str, str] = field(default_factory=dict)  # why it could not be told (it counts as changed)
+    bad_photos: dict[str, str] = field(default_factory=dict)  # (in unknown) the error its photos give every time
 
 
 def _encoders(base_model: str) -> LoadedModel | None:
@@ -67,7 +79,7 @@ def result_keys(
     train: TrainConfig,
     evaluation: EvalConfig,
     gate: GateThresholds,
-) -> tuple[dict[str, str], dict[str, str]]:
+) -> Lookup:
     """Each planned concept's result key (`protocol.result_key`), as register would give its version if the run
     trained, evaluated and judged it now.
 
@@ -81,7 +93,7 @@ def result_keys(
         gate: register's quality gate.
 
     Returns:
-        The keys by concept name, and by name why a concept's key could not be told (it counts as changed).
+        `keys`, `unknown` and `bad_photos` told.
     """
     try:
         model = _encoders(base_model)
@@ -97,25 +109,30 @@ def result_keys(
         model = None
     if model is None:
         log.warning("cannot tell which concepts changed: %s", why)
-        return {}, {c["name"]: why for c in concepts}
-    keys, unknown = {}, {}
+        return Lookup(unknown={c["name"]: why for c in concepts})
+    told = Lookup()
     scratch_log = logging.getLogger(preprocess.__module__)
     level = scratch_log.level
     scratch_log.setLevel(max(level, logging.WARNING))  # "preprocessed into /tmp/...": a folder deleted at once
     try:
         with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
             for i, concept in enumerate(concepts):
+                name, at = concept["name"], "spec"
                 try:
                     spec = spec_of(concept).resolved(profile)
+                    at = "photos"
                     photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=mode)
+                    at = "key"
                     trained = training_key(spec, [r.processed_sha256 for r in photos.images], config, model_id)
-                    keys[concept["name"]] = result_key(evaluation_key(trained, evaluation), gate)
+                    told.keys[name] = result_key(evaluation_key(trained, evaluation), gate)
                 except Exception as e:  # its own step meets it and records it as the concept's
-                    unknown[concept["name"]] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-                    log.warning("cannot tell whether %s changed (%s)", concept["name"], unknown[concept["name"]])
+                    told.unknown[name] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                    if at == "photos" and isinstance(e, OnewordError) and not outcome.transient(e):
+                        told.bad_photos[name] = told.unknown[name]  # no photo reads, say: so it will in preprocess
+                    log.warning("cannot tell whether %s changed (%s)", name, told.unknown[name])
     finally:
         scratch_log.setLevel(level)
-    return keys, unknown
+    return told
 
 
 def unchanged_versions(
@@ -127,9 +144,9 @@ def unchanged_versions(
     evaluation: EvalConfig,
     gate: GateThresholds,
     tracking_uri: str | None = None,
-) -> tuple[dict[str, dict], dict[str, str]]:
+) -> Lookup:
     """The planned concepts a run would find unchanged: the version each would be again (`{"version",
-    "aliases"}`, `registry.newest_result` of its `result_keys`). Nothing is recorded.
+    "aliases"}`, `registry.newest_result` of its `result_keys`), in `found`. Nothing is recorded.
 
     A registry that does not answer is asked once, with one retry, not with MLflow's minutes of backoff per
     concept: the concepts not yet asked count as changed.
@@ -138,26 +155,23 @@ def unchanged_versions(
         tracking_uri: the registry's MLflow tracking URI.
         Others: as for `result_keys`.
 
-    Returns:
-        The versions by concept name, and by name why a concept could not be told (it counts as changed).
     """
-    keys, unknown = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
-    found = {}
+    told = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
     with tracking.briefly():
         for i, concept in enumerate(concepts):
             name = concept["name"]
-            if name not in keys:
+            if name not in told.keys:
                 continue
             try:
-                hit = newest_result(tracking_uri, name, keys[name])
+                hit = newest_result(tracking_uri, name, told.keys[name])
             except Exception as e:  # the steps meet the store as it is, and evaluate asks again
                 why = f"the registry did not answer ({type(e).__name__}: {e})"
                 log.warning("%s: %d concepts count as changed", why, len(concepts) - i)
-                unknown.update({c["name"]: why for c in concepts[i:] if c["name"] in keys})
+                told.unknown.update({c["name"]: why for c in concepts[i:] if c["name"] in told.keys})
                 break
             if hit is not None:
-                found[name] = hit
-    return found, unknown
+                told.found[name] = hit
+    return told
 
 
 def changed_concepts(
@@ -172,10 +186,13 @@ def changed_concepts(
     batch_id: str = "",
     experiment: str = EXPERIMENT,
     run_tags: dict[str, str] | None = None,
+    on_error: outcome.OnError = "fail",
 ) -> list[dict]:
     """The planned concepts that must be trained, evaluated and registered, in order. Each of the others
     (`unchanged_versions`) is recorded as that version again (`registry.note_unchanged`), where the run's report
-    finds it.
+    finds it. With `on_error="record"` (a batch), a concept whose photos gave an error that every attempt meets
+    (none reads, say) is recorded as failed at preprocess, with that error, as its preprocess step would: no
+    GPU pod starts to pass the failure on.
 
     Args:
         concepts: planned concepts (`batch.plan_concepts`).
@@ -183,19 +200,26 @@ def changed_concepts(
         batch_id: the run's id, recorded with each unchanged concept.
         experiment: MLflow experiment.
         run_tags: more tags for those records (the KFP run's).
+        on_error: fail (the steps meet every error and fail the run) or record.
         Others: as for `result_keys`.
     """
-    found, _ = unchanged_versions(concepts, base_model, resolution, mode, train, evaluation, gate, tracking_uri)
+    told = unchanged_versions(concepts, base_model, resolution, mode, train, evaluation, gate, tracking_uri)
     todo = []
     with tracking.briefly():
         for concept in concepts:
             name = concept["name"]
-            if name in found:
-                try:
-                    note_unchanged(tracking_uri, name, concept["token"], found[name], batch_id, experiment, run_tags)
+            try:
+                if name in told.found:
+                    note_unchanged(tracking_uri, name, concept["token"], told.found[name], batch_id, experiment,
+                                   run_tags)  # fmt: skip
                     continue
-                except Exception as e:  # the GPU steps will find it unchanged again, and record it
-                    log.warning("could not record %s as unchanged (%s)", name, e)
+                if name in told.bad_photos and on_error == "record":
+                    record_failure(tracking_uri, name, concept["token"], batch_id, "preprocess",
+                                   told.bad_photos[name], experiment, run_tags)  # fmt: skip
+                    continue
+            except Exception as e:  # the steps meet it again, and record it
+                log.warning("could not record what became of %s (%s)", name, e)
             todo.append(concept)
-    log.info("%d of %d concepts to train (the others are unchanged)", len(todo), len(concepts))
+    log.info("%d of %d concepts to train (the others are unchanged, or their photos do not read)", len(todo),
+             len(concepts))
     return todo

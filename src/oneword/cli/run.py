@@ -231,7 +231,7 @@ def print_batch_report(report: dict, console) -> int:
         held = ", ".join(f"{escape(c['name'])} ({', '.join(f'{a} v{v}' for a, v in sorted(c['aliases'].items()))})"
                          for c in report["left"])  # fmt: skip
         console.print(f"[yellow]left the manifest[/] since its last run, still holding an alias: {held}",
-                      highlight=False, soft_wrap=True)  # fmt: skip
+                      highlight=False, soft_wrap=False)  # fmt: skip
     for k in ("run_dir", "tracking_uri"):
         console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     return 1 if report["failed"] else 0

@@ -436,6 +436,7 @@ def changed_concepts(
     experiment: str = "oneword",
     kfp_run_id: str = "",
     kfp_run_name: str = "",
+    on_error: str = "fail",
 ) -> int:
     """The concepts to train, evaluate and register; the others (their newest version came from the same photos,
     spec, model and settings, judged the same way) are recorded as unchanged, on CPU, before any GPU is asked for.
@@ -452,6 +453,8 @@ def changed_concepts(
         experiment: MLflow experiment.
         kfp_run_id: the KFP run's id (run tag kfp.run_id).
         kfp_run_name: the KFP run's name (run tag kfp.run_name).
+        on_error: fail (the steps meet every error) or record (a batch: a concept whose photos no attempt can
+            read is recorded failed at preprocess here, and starts no GPU pod).
         Others: as train, evaluate and register are given them (what makes their result the same).
 
     Returns:
@@ -474,10 +477,10 @@ def changed_concepts(
         todo = concepts
     else:
         todo = run(concepts, base_model, unset(resolution), mode, *configs, tracking_uri or None, batch_id, experiment,
-                   kfp_tags(kfp_run_id, kfp_run_name))
+                   kfp_tags(kfp_run_id, kfp_run_name), on_error)
     with open(to_train, "w") as f:
         json.dump(todo, f)
-    metrics.log_metric("unchanged", len(concepts) - len(todo))
+    metrics.log_metric("told", len(concepts) - len(todo))  # unchanged, or failed at their photos
     metrics.log_metric("to_train", len(todo))
     return len(todo)
 
@@ -546,7 +549,7 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
         json.dump(report, f, indent=2)
     # an alert on `failed` alone would miss a night whose report could not be made: `error` says so
     summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")} | {"error": report.get("error", ""),
-                            "left": len(report.get("left", []))})
+                            "left": len(report.get("left", [])), "left_error": report.get("left_error", "")})
     print(json.dumps(report, indent=2))
 
 

@@ -164,7 +164,7 @@ def personalise(
         sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
         checkpoint_budget=checkpoint_budget, min_reconstruction=min_reconstruction, min_editability=min_editability,
         margin_se=margin_se, tracking_uri=tracking_uri, experiment=experiment,
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, on_error=on_error,
     ), p)
     # it reads the model's tokenizers and text encoders (fp16, no UNet or VAE) into the cache the GPU steps use
     _with_models(todo, p).set_caching_options(False)  # it asks MLflow, every run

@@ -283,14 +283,14 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.config import EvalConfig, GateThresholds, TrainConfig
     from oneword.pipelines.parameters import config_of, unset_to_none
     from oneword.tracking import default_tracking_uri, sqlite_path
-    from oneword.unchanged import unchanged_versions
+    from oneword.unchanged import Lookup, unchanged_versions
 
     _check_settings(params)
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
     uri = tracking_uri or default_tracking_uri()
     store = sqlite_path(uri)
-    found, unknown = (
-        ({}, {})  # no store yet: nothing registered, and asking would make one
+    told = (
+        Lookup()  # no store yet: nothing registered, and asking would make one
         if store is not None and not store.exists()
         else unchanged_versions(
             concepts, params.get("base_model", ""), unset_to_none(params.get("resolution", 0)),
@@ -300,11 +300,11 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     )  # fmt: skip
     rows = []
     for c in concepts:
-        row = {"name": c["name"], "status": "to train", "version": "", "alias": "", "why": unknown.get(c["name"], "")}
-        if c["name"] in found:
-            hit = found[c["name"]]
+        row = {"name": c["name"], "status": "to train", "version": "", "alias": "", "why": told.unknown.get(c["name"], "")}
+        if c["name"] in told.found:
+            hit = told.found[c["name"]]
             row.update(status="unchanged", version=hit["version"], alias=",".join(hit["aliases"]))
-        elif c["name"] in unknown:
+        elif c["name"] in told.unknown:
             row["status"] = "unknown"
         rows.append(row)
     return rows

@@ -248,7 +248,8 @@ def manifest_id(source: str) -> str:
 
 def left_the_manifest(tracking_uri: str | None, previous: list[dict] | None, concepts: list[dict]) -> list[dict]:
     """The concepts the manifest's previous run planned and this one does not (removed, or renamed) that still
-    hold an alias, which serving may load: `{"name", "aliases": {alias: version}}` each. oneword moves no alias
+    hold an alias, which serving may load: `{"name", "aliases": {alias: version}}` each (with `error` where its
+    aliases could not be read). oneword moves no alias
     for them: whether a concept left the catalogue is the team's to say (`mlflow`'s delete_registered_model_alias).
     """
     from oneword.registry import held_aliases
@@ -257,12 +258,11 @@ def left_the_manifest(tracking_uri: str | None, previous: list[dict] | None, con
     left = []
     for name in [c["name"] for c in previous or [] if c["name"] not in now]:
         try:
-            held = held_aliases(tracking_uri, name)
+            if held := held_aliases(tracking_uri, name):
+                left.append({"name": name, "aliases": held})
         except Exception as e:  # one name the registry would not say: the others are still told, and this one too
             log.warning("could not read %s's aliases: %s", name, e)
-            held = {"?": f"unknown ({type(e).__name__})"}
-        if held:
-            left.append({"name": name, "aliases": held})
+            left.append({"name": name, "aliases": {}, "error": f"{type(e).__name__}: {e}"})
     return left
 
 

@@ -9,8 +9,9 @@ the same paid that for every concept, every night.
 `changed_concepts` computes on CPU, before any GPU step, the key register gave that version (`protocol.result_key`
 of the `evaluation_key` of `train.training_key`): the photos preprocessed as `preprocess` will (into a scratch
 folder), the model's fingerprint from its tokenizers, text encoders and UNet config only, the settings resolved
-by the model's profile as `train` resolves them. What it cannot compute (a single-file checkpoint, which loads
-only whole; photos that do not read; a registry that does not answer) counts as changed: that concept takes the
+by the model's profile as `train` resolves them. In a batch, photos that no attempt can read are recorded as the
+concept's failure at preprocess right there. What it cannot compute (a single-file checkpoint, which loads only
+whole; a registry that does not answer; photos a retry may yet read) counts as changed: that concept takes the
 usual path, where `train` and `evaluate` still find it unchanged, or fail and say why. A wrong "changed" costs
 pods, never a result.
 """

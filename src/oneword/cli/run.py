@@ -228,8 +228,9 @@ def print_batch_report(report: dict, console) -> int:
         highlight=False,
     )
     if report.get("left"):  # removed or renamed in the manifest: the registry still serves them
-        held = ", ".join(f"{escape(c['name'])} ({', '.join(f'{a} v{v}' for a, v in sorted(c['aliases'].items()))})"
-                         for c in report["left"])  # fmt: skip
+        aliases = [", ".join(f"{a} v{v}" for a, v in sorted(c["aliases"].items())) for c in report["left"]]
+        held = ", ".join(f"{escape(c['name'])} ({said or 'its aliases could not be read'})"
+                         for c, said in zip(report["left"], aliases))  # fmt: skip
         console.print(f"[yellow]left the manifest[/] since its last run, still holding an alias: {held}",
                       highlight=False, soft_wrap=False)  # fmt: skip
     for k in ("run_dir", "tracking_uri"):

@@ -206,7 +206,8 @@ def run_textual_inversion(
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
         raise _step_failure(_own_run(pipeline_root, "textual-inversion", start), e, log_file) from e
     run_dir = _own_run(pipeline_root, "textual-inversion", start)
-    said = str(registered.output if hasattr(registered, "output") else registered or "")
+    said = registered.output if hasattr(registered, "output") else registered
+    said = str(said or "")
     unchanged = said.endswith(UNCHANGED_SUFFIX)  # told before any GPU step: no register ran (`oneword.unchanged`)
     out = {
         "registered": said.removesuffix(UNCHANGED_SUFFIX) or None,

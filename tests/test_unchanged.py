@@ -9,7 +9,7 @@ import torch
 from oneword import registry
 from oneword.config import ConceptSpec, EvalConfig, GateThresholds, TrainConfig
 from oneword.evaluation.protocol import evaluation_key, result_key
-from oneword.unchanged import changed_concepts, result_keys
+from oneword.unchanged import Settings, changed_concepts, result_keys
 
 from .conftest import DREAMBENCH
 
@@ -34,7 +34,7 @@ def trained_cat(tmp_path_factory, tiny_model_dir, cat_latents_dir):
 
 
 def _keys(model, concepts=(CAT,), train=TRAIN, evaluation=EVAL, gate=GATE, resolution=32, mode="crop"):
-    return result_keys(list(concepts), str(model), resolution, mode, train, evaluation, gate).keys
+    return result_keys(list(concepts), Settings(str(model), train, evaluation, gate, resolution, mode)).keys
 
 
 def test_the_key_told_before_training_is_the_one_train_and_evaluate_give(trained_cat, tiny_model_dir, tmp_path):
@@ -60,11 +60,11 @@ def test_what_cannot_be_told_counts_as_changed(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not a jpeg")
-    told = result_keys([{**DOG, "images": str(broken)}, CAT], str(tiny_model_dir), 32, "crop", TRAIN, EVAL, GATE)
+    told = result_keys([{**DOG, "images": str(broken)}, CAT], Settings(str(tiny_model_dir), TRAIN, EVAL, GATE, 32))
     assert list(told.keys) == ["cat-u"]  # the concept whose photos do not read is told apart, with why
     assert list(told.unknown) == ["dog-u"] and "a.jpg" in told.unknown["dog-u"]
     assert told.bad_photos == told.unknown  # the error no attempt escapes: a batch records it at once
-    told = result_keys([CAT], str(tmp_path / "no-such-model"), 32, "crop", TRAIN, EVAL, GATE)
+    told = result_keys([CAT], Settings(str(tmp_path / "no-such-model"), TRAIN, EVAL, GATE, 32))
     assert told.keys == {} and "did not load" in told.unknown["cat-u"] and not told.bad_photos
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"")
@@ -81,9 +81,11 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     evaluation = EVAL.model_copy(update={"clip_model": "toyworld-clip"})
     registry.register(trained_cat, tmp_path / "eval", mlflow_server, name="cat-u", batch_id="night-1")
 
+    given = Settings(str(tiny_model_dir), TRAIN, evaluation, GATE, 32)
+
     def tonight(concepts, batch_id, **changes):
-        return changed_concepts(list(concepts), str(tiny_model_dir), 32, "crop", changes.get("train", TRAIN),
-                                evaluation, GATE, mlflow_server, batch_id)  # fmt: skip
+        settings = Settings(str(tiny_model_dir), changes.get("train", TRAIN), evaluation, GATE, 32)
+        return changed_concepts(list(concepts), settings, mlflow_server, batch_id)
 
     assert tonight([DOG, CAT], "night-2") == [DOG]  # the new concept trains; the registered one does not
     report = batch_report(mlflow_server, "night-2", [CAT, DOG])
@@ -99,15 +101,12 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     (broken / "a.jpg").write_bytes(b"not a jpeg")
     bad = {**DOG, "images": str(broken)}
     # a single concept's run (on_error="fail"): its own steps fail the run, and say why
-    assert changed_concepts([bad], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE, mlflow_server,
-                            "night-5") == [bad]  # fmt: skip
-    assert changed_concepts([bad], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE, mlflow_server,
-                            "night-6", on_error="record") == []  # fmt: skip
+    assert changed_concepts([bad], given, mlflow_server, "night-5") == [bad]
+    assert changed_concepts([bad], given, mlflow_server, "night-6", on_error="record") == []
     (row,) = batch_report(mlflow_server, "night-6", [bad])["concepts"]
     assert (row["status"], row["stage"]) == ("failed", "preprocess") and "a.jpg" in row["error"]
     # a registry that does not answer: every concept goes on, nothing is lost
-    assert changed_concepts([CAT], str(tiny_model_dir), 32, "crop", TRAIN, evaluation, GATE,
-                            "http://127.0.0.1:9", "night-4") == [CAT]  # fmt: skip
+    assert changed_concepts([CAT], given, "http://127.0.0.1:9", "night-4") == [CAT]
 
 
 def test_the_model_is_read_without_its_weights_files_and_fingerprinted_as_train_does(tiny_model_dir, s3_bucket):
@@ -124,7 +123,7 @@ def test_the_model_is_read_without_its_weights_files_and_fingerprinted_as_train_
     assert not [f for f in fetched if f.startswith(("unet/diffusion", "vae/diffusion"))], fetched
     assert model.text_encoder.dtype == torch.float16
     assert model.fingerprint == load_base_model(str(tiny_model_dir), parts=()).fingerprint
-    keys = result_keys([CAT], f"s3://{s3_bucket}/sd", 32, "crop", TRAIN, EVAL, GATE).keys
+    keys = result_keys([CAT], Settings(f"s3://{s3_bucket}/sd", TRAIN, EVAL, GATE, 32)).keys
     assert list(keys) == ["cat-u"] and keys != _keys(tiny_model_dir)  # the source is part of the model's identity
 
 

@@ -52,6 +52,20 @@ FINGERPRINT_PARTS = (
 )
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a run is given for every concept: the model (as the steps are given it), preprocess's resolution
+    (None: the model's profile) and mode, and the settings train, evaluate and register are given (the profile
+    fills them in here, as there)."""
+
+    base_model: str
+    train: TrainConfig
+    evaluation: EvalConfig
+    gate: GateThresholds
+    resolution: int | None = None
+    mode: str = "crop"
+
+
 @dataclass
 class Lookup:
     """What the lookup told of a run's planned concepts, each by name."""
@@ -74,36 +88,27 @@ def _encoders(base_model: str) -> LoadedModel | None:
 
 def result_keys(
     concepts: list[dict],
-    base_model: str,
-    resolution: int | None,
-    mode: str,
-    train: TrainConfig,
-    evaluation: EvalConfig,
-    gate: GateThresholds,
+    settings: Settings,
 ) -> Lookup:
     """Each planned concept's result key (`protocol.result_key`), as register would give its version if the run
     trained, evaluated and judged it now.
 
     Args:
         concepts: planned concepts (`batch.plan_concepts`).
-        base_model: the model, as the pipeline's steps are given it.
-        resolution: preprocess's (0 or None: the model's profile).
-        mode: preprocess's crop or pad.
-        train: the settings as `train` is given them (the profile fills them in here, as there).
-        evaluation: as `evaluate` is given them.
-        gate: register's quality gate.
+        settings: what the run is given for every concept.
 
     Returns:
         `keys`, `unknown` and `bad_photos` told.
     """
+    base_model = settings.base_model
     try:
         model = _encoders(base_model)
         if model is None:
             why = "a single-file checkpoint loads only whole: the GPU steps tell"
         else:
             profile = profile_of(model)
-            config = train.resolved(profile)
-            side = image_side(base_model, resolution)
+            config = settings.train.resolved(profile)
+            side = image_side(base_model, settings.resolution)
             model_id = model_identity(model.fingerprint, base_model)
     except Exception as e:  # train meets it and says so
         why = f"{base_model} did not load ({type(e).__name__}: {e})"
@@ -122,10 +127,10 @@ def result_keys(
                 try:
                     spec = spec_of(concept).resolved(profile)
                     at = "photos"
-                    photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=mode)
+                    photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=settings.mode)
                     at = "key"
                     trained = training_key(spec, [r.processed_sha256 for r in photos.images], config, model_id)
-                    told.keys[name] = result_key(evaluation_key(trained, evaluation), gate)
+                    told.keys[name] = result_key(evaluation_key(trained, settings.evaluation), settings.gate)
                 except Exception as e:  # its own step meets it and records it as the concept's
                     told.unknown[name] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
                     if at == "photos" and isinstance(e, OnewordError) and not outcome.transient(e):
@@ -138,12 +143,7 @@ def result_keys(
 
 def unchanged_versions(
     concepts: list[dict],
-    base_model: str,
-    resolution: int | None,
-    mode: str,
-    train: TrainConfig,
-    evaluation: EvalConfig,
-    gate: GateThresholds,
+    settings: Settings,
     tracking_uri: str | None = None,
 ) -> Lookup:
     """The planned concepts a run would find unchanged: the version each would be again (`{"version",
@@ -155,9 +155,8 @@ def unchanged_versions(
     Args:
         tracking_uri: the registry's MLflow tracking URI.
         Others: as for `result_keys`.
-
     """
-    told = result_keys(concepts, base_model, resolution, mode, train, evaluation, gate)
+    told = result_keys(concepts, settings)
     with tracking.briefly():
         for i, concept in enumerate(concepts):
             name = concept["name"]
@@ -177,12 +176,7 @@ def unchanged_versions(
 
 def changed_concepts(
     concepts: list[dict],
-    base_model: str,
-    resolution: int | None,
-    mode: str,
-    train: TrainConfig,
-    evaluation: EvalConfig,
-    gate: GateThresholds,
+    settings: Settings,
     tracking_uri: str | None = None,
     batch_id: str = "",
     experiment: str = EXPERIMENT,
@@ -204,7 +198,7 @@ def changed_concepts(
         on_error: fail (the steps meet every error and fail the run) or record.
         Others: as for `result_keys`.
     """
-    told = unchanged_versions(concepts, base_model, resolution, mode, train, evaluation, gate, tracking_uri)
+    told = unchanged_versions(concepts, settings, tracking_uri)
     todo = []
     with tracking.briefly():
         for concept in concepts:

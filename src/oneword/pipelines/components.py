@@ -467,17 +467,19 @@ def changed_concepts(
     from oneword.live import kfp_tags
     from oneword.pipelines.parameters import config_of
     from oneword.pipelines.parameters import unset_to_none as unset
+    from oneword.unchanged import Settings
     from oneword.unchanged import changed_concepts as run
 
     settings = dict(locals())
     try:
-        configs = [config_of(model, settings) for model in (TrainConfig, EvalConfig, GateThresholds)]
+        given = Settings(base_model, *(config_of(m, settings) for m in (TrainConfig, EvalConfig, GateThresholds)),
+                         unset(resolution), mode)
     except ValueError as e:  # a setting no step takes: train records it as each concept's failure
         print(f"cannot tell which concepts changed: {e}")
         todo = concepts
     else:
-        todo = run(concepts, base_model, unset(resolution), mode, *configs, tracking_uri or None, batch_id, experiment,
-                   kfp_tags(kfp_run_id, kfp_run_name), on_error)
+        todo = run(concepts, given, tracking_uri or None, batch_id, experiment, kfp_tags(kfp_run_id, kfp_run_name),
+                   on_error)
     with open(to_train, "w") as f:
         json.dump(todo, f)
     metrics.log_metric("told", len(concepts) - len(todo))  # unchanged, or failed at their photos

@@ -284,7 +284,7 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.config import EvalConfig, GateThresholds, TrainConfig
     from oneword.pipelines.parameters import config_of, unset_to_none
     from oneword.tracking import default_tracking_uri, sqlite_path
-    from oneword.unchanged import Lookup, unchanged_versions
+    from oneword.unchanged import Lookup, Settings, unchanged_versions
 
     _check_settings(params)
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
@@ -294,9 +294,11 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         Lookup()  # no store yet: nothing registered, and asking would make one
         if store is not None and not store.exists()
         else unchanged_versions(
-            concepts, params.get("base_model", ""), unset_to_none(params.get("resolution", 0)),
-            params.get("mode", "crop"), config_of(TrainConfig, params), config_of(EvalConfig, params),
-            config_of(GateThresholds, params), uri,
+            concepts,
+            Settings(params.get("base_model", ""), config_of(TrainConfig, params), config_of(EvalConfig, params),
+                     config_of(GateThresholds, params), unset_to_none(params.get("resolution", 0)),
+                     params.get("mode", "crop")),
+            uri,
         )
     )  # fmt: skip
     rows = []

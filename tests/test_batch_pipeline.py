@@ -32,12 +32,13 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
                     {"images": str(DREAMBENCH / "cat"), "token": "<cat-q>", "init_word": "cat", "learning_rate": 0.004},
                     {"images": str(bad), "token": "<bad-q>", "init_word": "dog"},
                     {"images": str(DREAMBENCH / "dog"), "token": "<dog-q>", "init_word": "dog"},
+                    {"images": str(DREAMBENCH / "dog"), "token": "dog", "init_word": "dog", "name": "dog-word"},
                 ]
             }
         )
     )
     settings = dict(
-        concepts_per_shard=3,  # one shard: the broken concept is told apart before its shard-mates train
+        concepts_per_shard=4,  # one shard: the broken concepts are told apart before their shard-mates train
         base_model=str(tiny_model_dir),
         resolution=32,
         steps=4,
@@ -52,7 +53,9 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert status["cat-q"]["status"] == "registered" and status["dog-q"]["status"] == "registered"
     assert status["bad-q"]["status"] == "failed" and status["bad-q"]["stage"] == "preprocess"
     assert "a.jpg" in status["bad-q"]["error"]
-    assert (report["registered"], report["failed"]) == (2, 1)
+    assert (status["dog-word"]["stage"], status["dog-word"]["status"]) == ("train", "failed")  # a word it has
+    assert "already a word of the model" in status["dog-word"]["error"]
+    assert (report["registered"], report["failed"]) == (2, 2)
     from rich.console import Console
 
     from oneword.cli.run import print_batch_report
@@ -65,7 +68,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
     # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train;
-    # the broken concept's photos were told on CPU first (changed-concepts), so no step ran for it
+    # the broken concepts (photos that do not read, a token the model has) were told on CPU first
+    # (changed-concepts), so no step ran for them
     run_dir = Path(report["run_dir"])
     (group,) = run_dir.rglob("train/model/concepts.json")
     assert [r["name"] for r in json.loads(group.read_text())] == ["cat-q", "dog-q"]
@@ -73,7 +77,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert len(list(run_dir.rglob("evaluate/evaluation/metrics.json"))) == 2
     # the report read the plan the run made (recorded in MLflow), not the manifest again
     plan = registry.batch_plan(report["tracking_uri"], report["batch_id"])
-    assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q"] and all(c["content_key"] for c in plan)
+    assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q", "dog-word"] and all(c["content_key"] for c in plan)
     params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
     assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
     # what the next night would do, asked without running it (`oneword batch --dry-run`)
@@ -82,38 +86,39 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
 
     plan = batch_plan(str(manifest), report["tracking_uri"], **settings)
     assert [(r["name"], r["status"], r["version"], r["alias"]) for r in plan] == [
-        ("cat-q", "unchanged", "1", "champion"), ("bad-q", "unknown", "", ""), ("dog-q", "unchanged", "1", "champion")
+        ("cat-q", "unchanged", "1", "champion"), ("bad-q", "fails at preprocess", "", ""),
+        ("dog-q", "unchanged", "1", "champion"), ("dog-word", "fails at train", "", ""),
     ]  # fmt: skip
-    assert "a.jpg" in plan[1]["why"]  # its photos do not read: a run tries it, and says so
+    assert "a.jpg" in plan[1]["why"] and "already a word" in plan[3]["why"]  # what a run would record
     other = batch_plan(str(manifest), report["tracking_uri"], **{**settings, "steps": 5})
-    assert [r["status"] for r in other] == ["to train", "unknown", "to train"]
+    assert [r["status"] for r in other] == ["to train", "fails at preprocess", "to train", "fails at train"]
     console = Console(width=80, record=True)
     print_batch_plan(plan, console)
     text = console.export_text()
-    assert "0 to train, 2 unchanged, 1 unknown" in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "0 to train, 2 unchanged, 2 would fail" in text and max(len(line) for line in text.splitlines()) <= 80
     # the next night, nothing changed but the manifest's order, and so the shard: the unchanged concepts, and the
     # broken one's photos, are told on CPU, before any GPU step, and none runs
     entries = yaml.safe_load(manifest.read_text())["concepts"]
     manifest.write_text(yaml.safe_dump({"concepts": entries[::-1]}))
     again = run_batch(str(manifest), tmp_path / "root", **settings)
     assert {c["name"]: c["status"] for c in again["concepts"]} == {
-        "cat-q": "unchanged", "bad-q": "failed", "dog-q": "unchanged"
+        "cat-q": "unchanged", "bad-q": "failed", "dog-q": "unchanged", "dog-word": "failed"
     }  # fmt: skip
     assert [r["version"] for r in registry.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
     night = Path(again["run_dir"])
     told = [json.loads(p.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
             for p in night.rglob("changed-concepts/executor_output.json")]  # fmt: skip
-    assert told == [{"told": 3, "to_train": 0}]  # what the run's dashboard shows of the lookup
+    assert told == [{"told": 4, "to_train": 0}]  # what the run's dashboard shows of the lookup
     assert not list(night.rglob("preprocess")) and not list(night.rglob("cache-latents"))  # no task, no GPU pod
     broken = next(c for c in again["concepts"] if c["name"] == "bad-q")  # its photos' error, told on CPU
     assert broken["stage"] == "preprocess" and "a.jpg" in broken["error"]
     assert not list(night.rglob("train/model/*/summary.json"))
     assert not list(night.rglob("evaluate/evaluation/metrics.json"))
     assert again["left"] == []  # the same concepts, in another order
-    # a changed gate judges anew: evaluated again, but not trained again (its training was kept); a concept taken
-    # out of the manifest is reported, as it still holds its alias
+    # a changed evaluation: evaluated again, but not trained again (its training was kept); a concept taken out
+    # of the manifest is reported, as it still holds its alias
     manifest.write_text(yaml.safe_dump({"concepts": [e for e in entries if e["token"] != "<dog-q>"]}))
-    third = run_batch(str(manifest), tmp_path / "root", **settings, min_editability=-0.5)
+    third = run_batch(str(manifest), tmp_path / "root", **{**settings, "n_images": 3})
     assert {c["name"]: c["status"] for c in third["concepts"]}["cat-q"] == "registered"
     (summary,) = [json.loads(p.read_text()) for p in Path(third["run_dir"]).rglob("train/model/*/summary.json")]
     assert summary["concept"]["token"] == "<cat-q>"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from oneword import registry
+from oneword.batch import spec_of
 from oneword.config import ConceptSpec, EvalConfig, GateThresholds, TrainConfig
 from oneword.evaluation.protocol import evaluation_key, result_key
 from oneword.unchanged import Settings, changed_concepts, result_keys
@@ -56,16 +57,30 @@ def test_the_key_told_before_training_is_the_one_train_and_evaluate_give(trained
     assert _keys(tiny_model_dir, train=same)["cat-u"] == before
 
 
+def test_what_train_refuses_of_a_concept_is_told_before_it_as_train_tells_it(tiny_model_dir, cat_latents_dir, tmp_path):
+    from oneword.train import train_group
+
+    wordy = {**CAT, "token": "cat", "name": "cat-word"}  # a word the model has: it would not learn a new one
+    many = {**DOG, "n_vectors": 75}  # more vectors than a prompt holds beside its template's words
+    told = result_keys([wordy, many, CAT], Settings(str(tiny_model_dir), TRAIN, EVAL, GATE, 32))
+    assert list(told.keys) == ["cat-u"] and told.unknown == {}
+    assert [told.failing[n]["stage"] for n in ("cat-word", "dog-u")] == ["train", "train"]
+    assert "vectors" in told.failing["dog-u"]["error"]
+    rows = train_group([("cat-word", spec_of(wordy), cat_latents_dir)], tmp_path / "out", TRAIN,
+                       base_model=str(tiny_model_dir), progress=False)  # fmt: skip
+    assert (rows[0]["stage"], rows[0]["error"]) == ("train", told.failing["cat-word"]["error"])
+
+
 def test_what_cannot_be_told_counts_as_changed(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not a jpeg")
     told = result_keys([{**DOG, "images": str(broken)}, CAT], Settings(str(tiny_model_dir), TRAIN, EVAL, GATE, 32))
     assert list(told.keys) == ["cat-u"]  # the concept whose photos do not read is told apart, with why
-    assert list(told.unknown) == ["dog-u"] and "a.jpg" in told.unknown["dog-u"]
-    assert told.bad_photos == told.unknown  # the error no attempt escapes: a batch records it at once
+    assert told.unknown == {} and told.failing["dog-u"]["stage"] == "preprocess"
+    assert "a.jpg" in told.failing["dog-u"]["error"]  # the error no attempt escapes: a batch records it at once
     told = result_keys([CAT], Settings(str(tmp_path / "no-such-model"), TRAIN, EVAL, GATE, 32))
-    assert told.keys == {} and "did not load" in told.unknown["cat-u"] and not told.bad_photos
+    assert told.keys == {} and "did not load" in told.unknown["cat-u"] and not told.failing
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"")
     assert _keys(single) == {}  # loads only whole: the GPU steps tell
@@ -105,8 +120,51 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     assert changed_concepts([bad], given, mlflow_server, "night-6", on_error="record") == []
     (row,) = batch_report(mlflow_server, "night-6", [bad])["concepts"]
     assert (row["status"], row["stage"]) == ("failed", "preprocess") and "a.jpg" in row["error"]
+    # a token the model already has: train would refuse it at every attempt, so a batch records that at once
+    taken = {**DOG, "token": "dog", "name": "dog-word"}
+    assert changed_concepts([taken], given, mlflow_server, "night-7", on_error="record") == []
+    (row,) = batch_report(mlflow_server, "night-7", [taken])["concepts"]
+    assert (row["status"], row["stage"]) == ("failed", "train") and "already a word of the model" in row["error"]
     # a registry that does not answer: every concept goes on, nothing is lost
     assert changed_concepts([CAT], given, "http://127.0.0.1:9", "night-4") == [CAT]
+
+
+def test_a_changed_gate_judges_the_recorded_scores_again_and_trains_only_what_would_take_the_champion(
+    trained_cat, tiny_model_dir, tmp_path, mlflow_server
+):
+    from oneword.batch import batch_report
+    from oneword.evaluation import evaluate
+
+    evaluation = EVAL.model_copy(update={"clip_model": "toyworld-clip"})
+    evaluate(trained_cat, None, tmp_path / "eval", evaluation)
+    strict = GateThresholds(min_reconstruction=1.0)  # no score of a random model reaches it
+    first = registry.register(trained_cat, tmp_path / "eval", mlflow_server, name="cat-g", thresholds=strict)
+    assert (first.version, first.alias) == ("1", "candidate")
+    cat = {**CAT, "name": "cat-g"}
+
+    def tonight(gate, batch_id):
+        settings = Settings(str(tiny_model_dir), TRAIN, evaluation, gate, 32)
+        return changed_concepts([cat], settings, mlflow_server, batch_id)
+
+    # the bar lowered: judged again, version 1 would take @champion, so the run registers it (no GPU trains it:
+    # its training was kept); the same gate again finds version 1
+    assert tonight(strict, "gate-1") == []
+    assert tonight(GATE, "gate-2") == [cat]
+    second = registry.register(trained_cat, tmp_path / "eval", mlflow_server, name="cat-g", thresholds=GATE)
+    assert (second.version, second.alias) == ("2", "champion")
+    # the bar raised past the champion's scores: a twin would be a candidate, the champion keeps its alias, and
+    # the report says so; a gate that it passes: the same, said so
+    assert tonight(GateThresholds(min_editability=1.0), "gate-3") == []
+    assert tonight(GateThresholds(margin_se=3.0), "gate-4") == []
+    rows = [batch_report(mlflow_server, b, [cat])["concepts"][0] for b in ("gate-3", "gate-4")]
+    assert [(r["status"], r["version"], r["alias"]) for r in rows] == [("unchanged", "2", "champion")] * 2
+    assert "editability" in rows[0]["rejudged"] and "keeps @champion" in rows[0]["rejudged"]
+    assert "passes the new thresholds" in rows[1]["rejudged"]
+    client = mlflow.MlflowClient(mlflow_server)
+    assert len(client.search_model_versions("name = 'cat-g'")) == 2  # no twin was registered
+    # a version registered before the evaluation key was its tag: read from its run
+    client.delete_model_version_tag("cat-g", "2", registry.EVALUATION_KEY_TAG)
+    assert tonight(GateThresholds(margin_se=3.0), "gate-5") == []
 
 
 def test_the_model_is_read_without_its_weights_files_and_fingerprinted_as_train_does(tiny_model_dir, s3_bucket):

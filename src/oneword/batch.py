@@ -198,7 +198,8 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
     Returns:
         `{"batch_id", "registered": n, "unchanged": n, "failed": n, "concepts": [{token, name, status, version,
         alias, stage, error}]}`; status is registered (a new version), unchanged (registered before from the
-        same training and evaluation: that version) or failed. A concept with neither a version nor a recorded
+        same training and evaluation: that version; `rejudged` says what the gate said of its scores where only
+        the gate changed) or failed. A concept with neither a version nor a recorded
         failure failed in a way no step could record (a pod lost for good): its stage is "unknown".
     """
     from oneword.registry import batch_failures, batch_unchanged, batch_versions
@@ -222,6 +223,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "status": status,
                     "version": r["version"],
                     "alias": ",".join(r["aliases"]),
+                    **({"rejudged": r["rejudged"]} if r.get("rejudged") else {}),
                 }
             )
         else:

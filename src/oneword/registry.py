@@ -572,8 +572,10 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
     if concept.batch_id:
         vtags["oneword.batch_id"] = concept.batch_id
     if key := (concept.metrics or {}).get("evaluation_key"):
-        # a later run with the same training, evaluation and gate finds this version (`registered_result`)
+        # a later run with the same training, evaluation and gate finds this version (`registered_result`), and
+        # one with another gate only judges its scores again (`rejudged_result`)
         vtags[RESULT_KEY_TAG] = result_key(key, thresholds)
+        vtags[EVALUATION_KEY_TAG] = key
     if m := concept.metrics:
         vtags.update(
             {
@@ -697,6 +699,7 @@ def record_failure(
 
 
 RESULT_KEY_TAG, UNCHANGED_TAG = "oneword.result_key", "oneword.unchanged_version"
+EVALUATION_KEY_TAG, REJUDGED_TAG = "oneword.evaluation_key", "oneword.rejudged"
 
 
 def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
@@ -726,6 +729,47 @@ def newest_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
     aliases = client.get_registered_model(name).aliases or {}
     held = sorted(a for a, v in aliases.items() if str(v) == str(newest.version))
     return {"version": str(newest.version), "aliases": held}
+
+
+def rejudged_result(
+    tracking_uri: str | None, name: str, evaluation: str, thresholds: GateThresholds, token: str = ""
+) -> dict | None:
+    """The concept's newest version, if only the gate changed since it was registered and the new gate would
+    move no alias: `{"version", "aliases", "rejudged"}` (`rejudged`: its scores judged by `thresholds`); else
+    None. Raises what the registry raised.
+
+    A run would evaluate that training again the same way (`evaluation`, `protocol.evaluation_key`), on a GPU,
+    to the same scores, and register a twin of the version that its gate compares with the champion: a twin of
+    the champion cannot beat itself, and a candidate's twin that does not beat the champion either leaves every
+    alias where it is. Only a twin that would take `@champion` is worth its run (None). The champion keeps its
+    alias under thresholds it no longer passes, as a registration that fails them would leave it: `rejudged`
+    says so, and the version that passes them takes it.
+    """
+    _, client = _setup(tracking_uri)
+    versions = _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda mv: int(mv.version))
+    metrics = _version_metrics(newest)
+    if newest.tags.get("gate") in (None, ABANDONED) or metrics is None:
+        return None
+    key = newest.tags.get(EVALUATION_KEY_TAG)
+    if key is None and (run_id := newest.tags.get("oneword.run_id")):  # registered before the tag was
+        key = client.get_run(run_id).data.params.get("eval.evaluation_key")
+    if key != evaluation:
+        return None
+    if _decide_alias(client, name, metrics, thresholds, token)[0] == CHAMPION:
+        return None
+    aliases = client.get_registered_model(name).aliases or {}
+    held = sorted(a for a, v in aliases.items() if str(v) == str(newest.version))
+    alone = quality_gate(metrics, None, thresholds)
+    if alone.passed:
+        said = f"passes the new thresholds; its scores do not take {CHAMPION} from another version"
+    elif CHAMPION in held:
+        said = f"{alone.reason}: it keeps @{CHAMPION} until a version that passes takes it"
+    else:
+        said = alone.reason
+    return {"version": str(newest.version), "aliases": held, "rejudged": f"the gate changed: {said}"}
 
 
 def earlier_result(tracking_uri: str | None, train_dir: Path, name: str, config, thresholds) -> dict | None:
@@ -772,14 +816,17 @@ def note_unchanged(
     run_tags: dict[str, str] | None = None,
     live_run_id: str | None = None,
 ) -> Registration:
-    """Record that `name` is version `found["version"]` again (`registered_result` found it): a FINISHED run
-    tagged with that version and the batch, where the batch report finds it. The live run training left open
+    """Record that `name` is version `found["version"]` again (`registered_result` or `rejudged_result` found it):
+    a FINISHED run tagged with that version, the batch and what the gate said (`rejudged`, if judged again), where
+    the batch report finds it. The live run training left open
     (`live_run_id`) is that run, else a new one."""
     uri = tracking_uri or default_tracking_uri()
     mlflow, client = _setup(uri)
     version = found["version"]
     tags = {CONCEPT_TAG: name, "oneword.token": token, UNCHANGED_TAG: version,
-            **({"oneword.batch_id": batch_id} if batch_id else {}), **(run_tags or {})}  # fmt: skip
+            **({"oneword.batch_id": batch_id} if batch_id else {}),
+            **({REJUDGED_TAG: found["rejudged"][:4000]} if found.get("rejudged") else {}),
+            **(run_tags or {})}  # fmt: skip
     run_id = _live_run(client, live_run_id)
     if run_id is None:  # made with its tags: a kill between two calls must not leave an untagged RUNNING run
         run_id = client.create_run(
@@ -791,13 +838,15 @@ def note_unchanged(
     client.set_terminated(run_id)
     alias = ",".join(found.get("aliases", []))
     reason = f"unchanged: the same training and evaluation as version {version}"
+    if found.get("rejudged"):
+        reason += f" ({found['rejudged']})"
     log.info("%s: %s", name, reason)
     return Registration(name, version, alias, reason, run_id, f"models:/{name}/{version}", uri, unchanged=True)
 
 
 def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict]:
     """The concepts a batch found already registered (`record_unchanged`), as `list_concepts` rows of the
-    versions they kept (a version deleted since is left out)."""
+    versions they kept (a version deleted since is left out), with `rejudged` where only the gate had changed."""
     from mlflow.exceptions import MlflowException
 
     mlflow, client = _setup(tracking_uri)
@@ -809,12 +858,14 @@ def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = E
         experiment_ids=[exp.experiment_id],
         filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{UNCHANGED_TAG}` != ''",
     )
-    kept = {(r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]) for r in runs}
+    kept = {(r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]): r.data.tags.get(REJUDGED_TAG) for r in runs}
     rows, models = [], {}  # each model read once, as batch_versions
-    for name, version in sorted(kept):
+    for (name, version), rejudged in sorted(kept.items()):
         try:
             models[name] = models.get(name) or client.get_registered_model(name)
             rows.append(_version_row(client.get_model_version(name, version), models[name]))
+            if rejudged:
+                rows[-1]["rejudged"] = rejudged
         except MlflowException as e:  # deleted since the batch kept it: the report says the concept failed
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise

@@ -9,11 +9,11 @@ the same paid that for every concept, every night.
 `changed_concepts` computes on CPU, before any GPU step, the key register gave that version (`protocol.result_key`
 of the `evaluation_key` of `train.training_key`): the photos preprocessed as `preprocess` will (into a scratch
 folder), the model's fingerprint from its tokenizers, text encoders and UNet config only, the settings resolved
-by the model's profile as `train` resolves them. In a batch, photos that no attempt can read are recorded as the
-concept's failure at preprocess right there. What it cannot compute (a single-file checkpoint, which loads only
-whole; a registry that does not answer; photos a retry may yet read) counts as changed: that concept takes the
-usual path, where `train` and `evaluate` still find it unchanged, or fail and say why. A wrong "changed" costs
-pods, never a result.
+by the model's profile as `train` resolves them. In a batch, a concept that one of its steps would fail at every
+attempt (photos that do not read, at preprocess; a token the model already has, at train) is recorded as failed at
+that step right there. What it cannot compute (a single-file checkpoint, which loads only whole; a registry that
+does not answer; photos a retry may yet read) counts as changed: that concept takes the usual path, where `train`
+and `evaluate` still find it unchanged, or fail and say why. A wrong "changed" costs pods, never a result.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from oneword.config import EvalConfig, GateThresholds, TrainConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
 from oneword.images import preprocess
+from oneword.inversion import check_progressive
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model
 from oneword.profiles import image_side, profile_of
-from oneword.registry import EXPERIMENT, newest_result, note_unchanged, record_failure
-from oneword.train import model_identity, training_key
+from oneword.registry import EXPERIMENT, newest_result, note_unchanged, record_failure, rejudged_result
+from oneword.train import check_concept, model_identity, training_key
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,12 @@ class Lookup:
     """What the lookup told of a run's planned concepts, each by name."""
 
     keys: dict[str, str] = field(default_factory=dict)  # the result key register would give it now
-    found: dict[str, dict] = field(default_factory=dict)  # the version it is again: {"version", "aliases"}
+    evaluations: dict[str, str] = field(default_factory=dict)  # the evaluation key evaluate would give it now
+    # the version it is again: {"version", "aliases"}, and "rejudged" where only the gate changed
+    found: dict[str, dict] = field(default_factory=dict)
     unknown: dict[str, str] = field(default_factory=dict)  # why it could not be told (it counts as changed)
-    bad_photos: dict[str, str] = field(default_factory=dict)  # (in unknown) the error its photos give every time
+    # the error every attempt of one of its steps would meet, as that step records it: {"stage", "error"}
+    failing: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _encoders(base_model: str) -> LoadedModel | None:
@@ -98,7 +102,7 @@ def result_keys(
         settings: what the run is given for every concept.
 
     Returns:
-        `keys`, `unknown` and `bad_photos` told.
+        `keys`, `unknown` and `failing` told.
     """
     base_model = settings.base_model
     try:
@@ -123,19 +127,25 @@ def result_keys(
     try:
         with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
             for i, concept in enumerate(concepts):
-                name, at = concept["name"], "spec"
+                name, at = concept["name"], "preprocess"
                 try:
-                    spec = spec_of(concept).resolved(profile)
-                    at = "photos"
                     photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=settings.mode)
+                    at = "train"  # what train checks of each concept before any work, in its order
+                    spec = spec_of(concept).resolved(profile)
+                    check_concept(model.tokenizer, spec)
+                    check_progressive(spec, config)
                     at = "key"
                     trained = training_key(spec, [r.processed_sha256 for r in photos.images], config, model_id)
-                    told.keys[name] = result_key(evaluation_key(trained, settings.evaluation), settings.gate)
+                    told.evaluations[name] = evaluation_key(trained, settings.evaluation)
+                    told.keys[name] = result_key(told.evaluations[name], settings.gate)
                 except Exception as e:  # its own step meets it and records it as the concept's
-                    told.unknown[name] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-                    if at == "photos" and isinstance(e, OnewordError) and not outcome.transient(e):
-                        told.bad_photos[name] = told.unknown[name]  # no photo reads, say: so it will in preprocess
-                    log.warning("cannot tell whether %s changed (%s)", name, told.unknown[name])
+                    why = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                    if at != "key" and isinstance(e, OnewordError) and not outcome.transient(e):
+                        told.failing[name] = {"stage": at, "error": why}  # no photo reads, say, or a token clashes
+                        log.warning("%s will fail at %s (%s)", name, at, why)
+                    else:
+                        told.unknown[name] = why
+                        log.warning("cannot tell whether %s changed (%s)", name, why)
     finally:
         scratch_log.setLevel(level)
     return told
@@ -147,7 +157,8 @@ def unchanged_versions(
     tracking_uri: str | None = None,
 ) -> Lookup:
     """The planned concepts a run would find unchanged: the version each would be again (`{"version",
-    "aliases"}`, `registry.newest_result` of its `result_keys`), in `found`. Nothing is recorded.
+    "aliases"}`, `registry.newest_result` of its `result_keys`), in `found`; where only the gate changed, the
+    version whose scores, judged again, would move no alias (`registry.rejudged_result`). Nothing is recorded.
 
     A registry that does not answer is asked once, with one retry, not with MLflow's minutes of backoff per
     concept: the concepts not yet asked count as changed.
@@ -163,7 +174,9 @@ def unchanged_versions(
             if name not in told.keys:
                 continue
             try:
-                hit = newest_result(tracking_uri, name, told.keys[name])
+                hit = newest_result(tracking_uri, name, told.keys[name]) or rejudged_result(
+                    tracking_uri, name, told.evaluations[name], settings.gate, concept["token"]
+                )
             except Exception as e:  # the steps meet the store as it is, and evaluate asks again
                 why = f"the registry did not answer ({type(e).__name__}: {e})"
                 log.warning("%s: %d concepts count as changed", why, len(concepts) - i)
@@ -185,9 +198,9 @@ def changed_concepts(
 ) -> list[dict]:
     """The planned concepts that must be trained, evaluated and registered, in order. Each of the others
     (`unchanged_versions`) is recorded as that version again (`registry.note_unchanged`), where the run's report
-    finds it. With `on_error="record"` (a batch), a concept whose photos gave an error that every attempt meets
-    (none reads, say) is recorded as failed at preprocess, with that error, as its preprocess step would: no
-    GPU pod starts to pass the failure on.
+    finds it. With `on_error="record"` (a batch), a concept that one of its steps would fail at every attempt
+    (`Lookup.failing`: none of its photos reads, its token is already a word of the model) is recorded as failed
+    at that step, with that error, as the step would record it: no GPU pod starts to pass the failure on.
 
     Args:
         concepts: planned concepts (`batch.plan_concepts`).
@@ -208,13 +221,14 @@ def changed_concepts(
                     note_unchanged(tracking_uri, name, concept["token"], told.found[name], batch_id, experiment,
                                    run_tags)  # fmt: skip
                     continue
-                if name in told.bad_photos and on_error == "record":
-                    record_failure(tracking_uri, name, concept["token"], batch_id, "preprocess",
-                                   told.bad_photos[name], experiment, run_tags)  # fmt: skip
+                if name in told.failing and on_error == "record":
+                    why = told.failing[name]
+                    record_failure(tracking_uri, name, concept["token"], batch_id, why["stage"], why["error"],
+                                   experiment, run_tags)  # fmt: skip
                     continue
             except Exception as e:  # the steps meet it again, and record it
                 log.warning("could not record what became of %s (%s)", name, e)
             todo.append(concept)
-    log.info("%d of %d concepts to train (the others are unchanged, or their photos do not read)", len(todo),
+    log.info("%d of %d concepts to train (the others are unchanged, or would fail)", len(todo),
              len(concepts))
     return todo

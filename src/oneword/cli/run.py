@@ -182,14 +182,17 @@ def print_batch_plan(rows: list[dict], console) -> None:
     t.add_column("concept", overflow="fold", min_width=min(max((len(r["name"]) for r in rows), default=7), 24))
     t.add_column("tonight")
     t.add_column("version")
-    t.add_column("alias / why not known", overflow="fold", ratio=1, min_width=20)
-    colours = {"unchanged": "cyan", "to train": "yellow", "unknown": "red"}
+    t.add_column("alias / why", overflow="fold", ratio=1, min_width=20)
+    colours = {"unchanged": "cyan", "to train": "yellow", "fails": "red", "unknown": "magenta"}
     for r in rows:
-        said = r["alias"] if r["status"] == "unchanged" else escape(r.get("why", ""))
-        t.add_row(escape(r["name"]), f"[{colours[r['status']]}]{r['status']}[/]", r["version"], said)
+        said = "; ".join(x for x in (r["alias"], escape(r.get("why", ""))) if x)
+        colour = colours[r["status"].split(" at ")[0]]
+        t.add_row(escape(r["name"]), f"[{colour}]{r['status']}[/]", r["version"], said)
     console.print(t)
-    count = {k: sum(r["status"] == k for r in rows) for k in colours}
+    count = {k: sum(r["status"].split(" at ")[0] == k for r in rows) for k in colours}
     said = f"{count['to train']} to train, {count['unchanged']} unchanged"
+    if count["fails"]:
+        said += f", {count['fails']} would fail (a run records why)"
     if count["unknown"]:
         said += f", {count['unknown']} unknown (a run trains them)"
     console.print(said, highlight=False)
@@ -217,7 +220,8 @@ def print_batch_report(report: dict, console) -> int:
     for c in report["concepts"]:
         if c["status"] in ("registered", "unchanged"):
             colour = "green" if c["status"] == "registered" else "cyan"
-            t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], c["alias"])
+            said = "; ".join(x for x in (c["alias"], escape(c.get("rejudged", ""))) if x)
+            t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], said)
         else:
             why = f"{c.get('stage')}: {c.get('error')}"
             t.add_row(escape(c["name"]), "[red]failed[/]", "", escape(why))

@@ -277,8 +277,8 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
 
     Returns:
         Per concept, in the manifest's order: `{"name", "status", "version", "alias", "why"}`; status `unchanged`
-        (the version and alias it would keep), `to train`, or `unknown` (`why`: it could not be told, and a run
-        would train it).
+        (the version and alias it would keep; `why`: what the gate said, where only the gate changed), `to train`, `fails at STEP` (`why`: the error that step would
+        record, at every attempt), or `unknown` (`why`: it could not be told, and a run would train it).
     """
     from oneword.batch import load_concepts_manifest, plan_concepts
     from oneword.config import EvalConfig, GateThresholds, TrainConfig
@@ -306,7 +306,10 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         row = {"name": c["name"], "status": "to train", "version": "", "alias": "", "why": told.unknown.get(c["name"], "")}
         if c["name"] in told.found:
             hit = told.found[c["name"]]
-            row.update(status="unchanged", version=hit["version"], alias=",".join(hit["aliases"]))
+            row.update(status="unchanged", version=hit["version"], alias=",".join(hit["aliases"]),
+                       why=hit.get("rejudged", ""))  # fmt: skip
+        elif c["name"] in told.failing:
+            row.update(status=f"fails at {told.failing[c['name']]['stage']}", why=told.failing[c["name"]]["error"])
         elif c["name"] in told.unknown:
             row["status"] = "unknown"
         rows.append(row)

@@ -321,6 +321,25 @@ def test_a_new_token_under_the_same_name_replaces_the_champion(evaluated_concept
     assert low.alias == "candidate"  # the same word now: the gate as always
 
 
+def test_a_champion_under_a_raised_bar_gives_way_to_a_version_that_passes_it(evaluated_concept, tmp_path):
+    """Raised thresholds do not take the alias from the champion on their own (serving goes on), but a version
+    that passes them takes it, though it scores less than the champion in all."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_dir, eval_dir = evaluated_concept
+    registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.9, 0.2), uri, name="cat-bar")
+    raised = GateThresholds(min_editability=0.3)
+    r = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.6, 0.35), uri, name="cat-bar",
+                          thresholds=raised)  # fmt: skip
+    assert r.alias == "champion" and "version 1, does not pass these thresholds (editability 0.2000" in r.reason
+    low = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.9, 0.25), uri, name="cat-bar",
+                            thresholds=raised)  # fmt: skip
+    assert low.alias == "candidate" and "editability 0.2500 < threshold" in low.reason
+    # under the bar it was judged by, a lower score does not beat the champion
+    again = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.35), uri, name="cat-bar",
+                              thresholds=raised)  # fmt: skip
+    assert again.alias == "candidate" and "does not beat the champion" in again.reason
+
+
 def test_a_single_concept_runs_exit_handler_answers_from_the_registry(evaluated_concept, tmp_path):
     from types import SimpleNamespace
 

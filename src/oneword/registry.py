@@ -28,7 +28,7 @@ from oneword import __version__, outcome, tracking
 from oneword import embeddings as emb_io
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
-from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
+from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, check_comparable, quality_gate
 from oneword.evaluation.protocol import result_key
 from oneword.profiles import DEFAULT_FAMILY, PROFILES, ModelProfile
 from oneword.tracking import default_tracking_uri
@@ -665,6 +665,13 @@ def _decide_alias(
         why = f"replaces the champion's token {holder.tags['oneword.token']!r} with {token!r}"
         return (CHAMPION, f"{result.reason}; {why}") if result.passed else (CANDIDATE, result.reason)
     try:
+        if champion is not None and not (bar := quality_gate(champion, None, thresholds)).passed:
+            # a bar raised past the champion's scores: it holds the alias by no measure it passes now, or a
+            # version that passes the bar and scores less would stay a candidate behind it
+            check_comparable(metrics, champion)
+            result = quality_gate(metrics, None, thresholds)
+            why = f"the champion, version {holder.version}, does not pass these thresholds ({bar.reason})"
+            return (CHAMPION, f"{result.reason}; {why}") if result.passed else (CANDIDATE, result.reason)
         result = quality_gate(metrics, champion, thresholds)
     except EvaluatorMismatch as e:
         return CANDIDATE, f"not compared: {e.message}"

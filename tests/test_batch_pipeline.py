@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oneword import registry
+from oneword import batch_records, catalogue
 
 from .conftest import DREAMBENCH
 
@@ -65,7 +65,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     text = console.export_text()
     table = [line for line in text.splitlines() if not line.lstrip().startswith(("run_dir", "tracking_uri"))]
     assert "bad-q" in text and "preprocess" in text and max(len(line) for line in table) <= 80
-    names = {r["name"] for r in registry.list_concepts(report["tracking_uri"])}
+    names = {r["name"] for r in catalogue.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
     # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train;
     # the broken concepts (photos that do not read, a token the model has) were told on CPU first
@@ -76,9 +76,9 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert len(list(run_dir.rglob("preprocess/dataset"))) == 2 and len(list(run_dir.rglob("register"))) == 2
     assert len(list(run_dir.rglob("evaluate/evaluation/metrics.json"))) == 2
     # the report read the plan the run made (recorded in MLflow), not the manifest again
-    plan = registry.batch_plan(report["tracking_uri"], report["batch_id"])
+    plan = batch_records.batch_plan(report["tracking_uri"], report["batch_id"])
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q", "dog-word"] and all(c["content_key"] for c in plan)
-    params = registry.show_concept("cat-q/1", report["tracking_uri"])["params"]
+    params = catalogue.show_concept("cat-q/1", report["tracking_uri"])["params"]
     assert params["learning_rate"] == "0.004" and float(params["train.learning_rate_used"]) == 0.004 * 4
     # what the next night would do, asked without running it (`oneword batch --dry-run`)
     from oneword.cli.run import print_batch_plan
@@ -104,7 +104,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert {c["name"]: c["status"] for c in again["concepts"]} == {
         "cat-q": "unchanged", "bad-q": "failed", "dog-q": "unchanged", "dog-word": "failed"
     }  # fmt: skip
-    assert [r["version"] for r in registry.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
+    assert [r["version"] for r in catalogue.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
     night = Path(again["run_dir"])
     told = [json.loads(p.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
             for p in night.rglob("changed-concepts/executor_output.json")]  # fmt: skip

@@ -11,14 +11,14 @@ import shutil
 import mlflow
 import pytest
 
-from oneword import registry, tracking
+from oneword import batch_records, catalogue, registry, tracking
 
 SPAWN = mp.get_context("spawn")  # a fresh interpreter each, as kfp.local's subprocesses are
 
 
 def _open_store(uri: str, barrier) -> int:
     barrier.wait(timeout=120)
-    return len(registry.list_concepts(uri))
+    return len(catalogue.list_concepts(uri))
 
 
 def _register(train_dir: str, eval_dir: str, uri: str, name: str, barrier) -> tuple[str, str]:
@@ -90,7 +90,7 @@ def test_concurrent_registrations(store, evaluated_concept, tmp_path, request):
         results = pool.starmap(_register, [(*j, barrier) for j in jobs])
     assert sorted(v for v, _ in results[:2]) == ["1", "2"]
     assert results[2] == ("1", "champion") and results[3] == ("1", "champion")
-    rows = {(r["name"], r["version"]): r for r in registry.list_concepts(uri)}
+    rows = {(r["name"], r["version"]): r for r in catalogue.list_concepts(uri)}
     champions = [v for (n, v), r in rows.items() if n == shared and "champion" in r["aliases"]]
     good_version = results[0][0]
     assert champions == [good_version], rows
@@ -119,7 +119,7 @@ def test_one_training_registered_by_two_runs_at_once_is_one_version(evaluated_co
     with SPAWN.Pool(len(jobs)) as pool:
         results = pool.starmap(_register, [(*j, barrier) for j in jobs])
     assert results == [("1", "champion")] * 2
-    assert [r["version"] for r in registry.list_concepts(uri) if r["name"] == "twice"] == ["1"]
+    assert [r["version"] for r in catalogue.list_concepts(uri) if r["name"] == "twice"] == ["1"]
     plan = [{"images": "x", "token": "<cat>", "init_word": "cat", "name": "twice"}]
     report = batch_report(uri, "b-1", plan)["concepts"][0]
     assert (report["status"], report["version"]) in (("registered", "1"), ("unchanged", "1"))
@@ -127,7 +127,7 @@ def test_one_training_registered_by_two_runs_at_once_is_one_version(evaluated_co
     m = json.loads((scored / "metrics.json").read_text())
     (scored / "metrics.json").write_text(json.dumps({**m, "evaluation_key": "another"}))
     third = registry.register(trained, scored, uri, name="twice")
-    assert not third.unchanged and [r["version"] for r in registry.list_concepts(uri) if r["name"] == "twice"] == [
+    assert not third.unchanged and [r["version"] for r in catalogue.list_concepts(uri) if r["name"] == "twice"] == [
         "1", third.version
     ]  # fmt: skip
 
@@ -143,9 +143,9 @@ def test_registry_queries_read_every_page(mlflow_server):
         for _ in range(7 if i == 0 else 1):
             mv = client.create_model_version(name, f"runs:/{run.info.run_id}/concept", run_id=run.info.run_id)
             client.set_model_version_tag(name, mv.version, "oneword.batch_id", "paging")
-    rows = [r for r in registry.list_concepts(mlflow_server, page_size=5) if r["name"].startswith("paged-")]
+    rows = [r for r in catalogue.list_concepts(mlflow_server, page_size=5) if r["name"].startswith("paged-")]
     assert len(rows) == 12 + 6
     assert [r["version"] for r in rows if r["name"] == "paged-00"] == [str(v) for v in range(1, 8)]
     for name in ("paged-01", "paged-02", "paged-03"):
-        registry.record_failure(mlflow_server, name, "<x>", "paging", "train", "boom", "paging-exp")
-    assert len(registry.batch_failures(mlflow_server, "paging", "paging-exp")) == 3
+        batch_records.record_failure(mlflow_server, name, "<x>", "paging", "train", "boom", "paging-exp")
+    assert len(batch_records.batch_failures(mlflow_server, "paging", "paging-exp")) == 3

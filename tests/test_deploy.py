@@ -293,8 +293,8 @@ def test_dockerignore_keeps_tests_caches_and_stores_out():
 def test_mlflow_server_as_the_manifest_starts_it(rendered, tmp_path, s3_server, evaluated_concept, monkeypatch):
     """The manifest's MLflow arguments, with SQLite for PostgreSQL and moto for MinIO: a registration works and
     its artifact reads back through the server's proxy with no S3 credentials on the client."""
+    from oneword import catalogue, registry
     from oneword import embeddings as E
-    from oneword import registry
     from oneword.storage import client
 
     if not client().bucket_exists("mlflow"):
@@ -333,7 +333,7 @@ def test_mlflow_server_as_the_manifest_starts_it(rendered, tmp_path, s3_server, 
             monkeypatch.delenv(k, raising=False)
         train_dir, eval_dir = evaluated_concept
         reg = registry.register(train_dir, eval_dir, url, name="cat-manifest")
-        pulled, _ = registry.pull_concept("cat-manifest@champion", tmp_path / "c.pt", "a1111", url)
+        pulled, _ = catalogue.pull_concept("cat-manifest@champion", tmp_path / "c.pt", "a1111", url)
         assert E.load(pulled).token == "<cat-r>"
         monkeypatch.undo()
         keys = [o.object_name for o in client().list_objects("mlflow", recursive=True)]

@@ -13,7 +13,7 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from oneword import __version__, registry
+from oneword import __version__, catalogue
 from oneword.pipelines.compile import stale_files
 from oneword.pipelines.parameters import PIPELINE_ROOT
 
@@ -304,9 +304,9 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
         (tmp_path / "root").glob("textual-inversion-*/**/train/model/*/summary.json"), key=lambda p: p.stat().st_mtime
     )
     assert [json.loads(s.read_text())["steps_run"] for s in summaries] == [6, 0]  # the rerun did not train
-    rows = registry.list_concepts(uri, alias="champion")
+    rows = catalogue.list_concepts(uri, alias="champion")
     assert [(r["name"], r["version"], r["model_family"]) for r in rows] == [("cat-sd2", "1", "sd2")]
-    shown = registry.show_concept("cat-sd2@champion", uri)
+    shown = catalogue.show_concept("cat-sd2@champion", uri)
     assert "reconstruction" in shown["metrics"] and shown["params"]["train.steps"] == "6"
     summary = mlflow.artifacts.download_artifacts(
         run_id=shown["run_id"], artifact_path="training/summary.json", dst_path=str(tmp_path), tracking_uri=uri
@@ -316,7 +316,7 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     latents = next((tmp_path / "root").glob("**/cache-latents/**/latents.safetensors"))
     assert LatentSet.load(latents).mean.shape[-3:] == (4, 4, 4)  # (C, h, w): 32 px over the VAE's 8x
 
-    path, tags = registry.pull_concept("cat-sd2@champion", tmp_path / "learned_embeds.safetensors", "diffusers", uri)
+    path, tags = catalogue.pull_concept("cat-sd2@champion", tmp_path / "learned_embeds.safetensors", "diffusers", uri)
     assert tags["oneword.token"] == token
     learned = embeddings.load(path).vectors
     assert learned.shape == (1, 1024)
@@ -342,7 +342,7 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     main(["run", *args, "--pipeline-root", str(tmp_path / "root"), "--log-file", str(tmp_path / "steps.log")])
     said = capsys.readouterr().out
     assert "unchanged cat-sd2/1" in said and "concepts pull cat-sd2/1" in said and "None" not in said, said
-    assert [r["version"] for r in registry.list_concepts(uri) if r["name"] == "cat-sd2"] == ["1"]
+    assert [r["version"] for r in catalogue.list_concepts(uri) if r["name"] == "cat-sd2"] == ["1"]
     last = max((tmp_path / "root").glob("textual-inversion-*"), key=lambda p: p.name)
     assert (last / "changed-concepts").is_dir() and not list(last.rglob("cache-latents"))  # told on CPU: no GPU step
 

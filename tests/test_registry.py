@@ -13,8 +13,8 @@ import mlflow
 import pytest
 import torch
 
+from oneword import batch_records, catalogue, registry
 from oneword import embeddings as E
-from oneword import registry
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import GateThresholds
 
@@ -58,19 +58,20 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     )
     assert other.alias == "candidate" and "different evaluators" in other.reason
 
-    rows = registry.list_concepts(mlflow_server)
+    rows = catalogue.list_concepts(mlflow_server)
     mine = [r for r in rows if r["name"] == name]
     assert [r["version"] for r in mine] == ["1", "2", "3", "4", "5"]
-    assert [r["version"] for r in registry.list_concepts(mlflow_server, alias="champion") if r["name"] == name] == ["3"]
+    champions = catalogue.list_concepts(mlflow_server, alias="champion")
+    assert [r["version"] for r in champions if r["name"] == name] == ["3"]
     fp = mine[0]["base_model_fingerprint"]
-    assert len(registry.list_concepts(mlflow_server, base_model=fp[7:19])) >= 5
-    assert registry.list_concepts(mlflow_server, base_model="sha256:0000") == []
+    assert len(catalogue.list_concepts(mlflow_server, base_model=fp[7:19])) >= 5
+    assert catalogue.list_concepts(mlflow_server, base_model="sha256:0000") == []
     source = mine[0]["base_model"]  # the reference it was trained from, as users name models everywhere else
-    on_source = registry.list_concepts(mlflow_server, base_model=source + "/")
+    on_source = catalogue.list_concepts(mlflow_server, base_model=source + "/")
     assert [r["version"] for r in on_source if r["name"] == name] == ["1", "2", "3", "4", "5"]
-    assert registry.list_concepts(mlflow_server, base_model=source + "-other") == []
+    assert catalogue.list_concepts(mlflow_server, base_model=source + "-other") == []
 
-    shown = registry.show_concept(f"{name}@champion", mlflow_server)
+    shown = catalogue.show_concept(f"{name}@champion", mlflow_server)
     assert shown["version"] == "3" and "champion" in shown["aliases"]
     assert len(json.loads(shown["tags"]["score_per_seed"])) == 2  # one score a seed, for the next gate to pair
     assert "paired difference" in better.reason and "paired difference" in worse.reason  # read back and paired
@@ -79,18 +80,18 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert shown["params"]["base_model_fingerprint"] == fp
     run = mlflow.MlflowClient(mlflow_server).get_run(shown["run_id"])
     assert len(mlflow.MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "loss")) >= 1
-    assert registry.show_concept(f"{name}/1", mlflow_server)["version"] == "1"
+    assert catalogue.show_concept(f"{name}/1", mlflow_server)["version"] == "1"
     with pytest.raises(OnewordError, match="not found"):
-        registry.get_version("no-such-concept@champion", mlflow_server)
+        catalogue.get_version("no-such-concept@champion", mlflow_server)
 
     # pull in A1111 format: the embedding is the trained one, and diffusers loads the diffusers pull
-    pulled, _ = registry.pull_concept(f"{name}@champion", tmp_path / "cat.pt", "a1111", mlflow_server)
+    pulled, _ = catalogue.pull_concept(f"{name}@champion", tmp_path / "cat.pt", "a1111", mlflow_server)
     ref = E.load(eval_dir / "embedding" / "learned_embeds.safetensors")
     assert torch.equal(E.load(pulled).vectors, ref.vectors)
     from oneword.generate import build_pipeline
     from oneword.models import load_base_model
 
-    diff, _ = registry.pull_concept(name, tmp_path / "x.safetensors", "diffusers", mlflow_server)
+    diff, _ = catalogue.pull_concept(name, tmp_path / "x.safetensors", "diffusers", mlflow_server)
     pipe = build_pipeline(load_base_model(str(tiny_model_dir)))
     pipe.load_textual_inversion(str(diff))
     assert "<cat-r>" in pipe.tokenizer.get_added_vocab()
@@ -171,7 +172,7 @@ def test_failure_before_registration_leaves_no_version(evaluated_concept, mlflow
     monkeypatch.setattr(registry, "_upload_and_verify", corrupt)
     with pytest.raises(OnewordError, match="does not match"):
         registry.register(train_dir, eval_dir, mlflow_server, name="cat-atomic")
-    assert [r for r in registry.list_concepts(mlflow_server) if r["name"] == "cat-atomic"] == []
+    assert [r for r in catalogue.list_concepts(mlflow_server) if r["name"] == "cat-atomic"] == []
 
 
 def test_failure_after_version_creation_rolls_back(evaluated_concept, mlflow_server, monkeypatch):
@@ -183,7 +184,7 @@ def test_failure_after_version_creation_rolls_back(evaluated_concept, mlflow_ser
     monkeypatch.setattr(registry, "_decide_alias", boom)
     with pytest.raises(RuntimeError):
         registry.register(train_dir, eval_dir, mlflow_server, name="cat-rollback")
-    assert [r for r in registry.list_concepts(mlflow_server) if r["name"] == "cat-rollback"] == []
+    assert [r for r in catalogue.list_concepts(mlflow_server) if r["name"] == "cat-rollback"] == []
     # the run that holds the upload says it registered nothing (it had ended FINISHED, as a registered one)
     client = mlflow.MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("oneword").experiment_id],
@@ -210,8 +211,8 @@ def test_a_failure_after_the_alias_moved_gives_the_champion_back(evaluated_conce
     with pytest.raises(RuntimeError, match="stopped"):  # a better version: it took the alias, then failed
         registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.7, 0.4), mlflow_server, name=name)
     monkeypatch.undo()
-    assert registry.get_version(f"{name}@champion", mlflow_server).version == "1"
-    assert [r["version"] for r in registry.list_concepts(mlflow_server) if r["name"] == name] == ["1"]
+    assert catalogue.get_version(f"{name}@champion", mlflow_server).version == "1"
+    assert [r["version"] for r in catalogue.list_concepts(mlflow_server) if r["name"] == name] == ["1"]
 
 
 def _two_undecided_versions(server: str, name: str):
@@ -388,7 +389,7 @@ def test_s3_artifact_store_through_the_server(evaluated_concept, mlflow_server_s
     train_dir, eval_dir = evaluated_concept
     reg = registry.register(train_dir, eval_dir, mlflow_server_s3, name="cat-s3")
     assert reg.alias == "champion"
-    pulled, _ = registry.pull_concept("cat-s3@champion", tmp_path / "c.safetensors", tracking_uri=mlflow_server_s3)
+    pulled, _ = catalogue.pull_concept("cat-s3@champion", tmp_path / "c.safetensors", tracking_uri=mlflow_server_s3)
     assert E.load(pulled).token == "<cat-r>"
     monkeypatch.undo()
     from oneword import storage
@@ -446,7 +447,7 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     prompts.write_text("a {} at night\n")
     assert evaluation_key("t-1", EvalConfig(prompt_set=str(prompts))) != before
     # the next night: the same training and settings
-    r = registry.record_unchanged(mlflow_server, trained, name, found, "night-2")
+    r = batch_records.record_unchanged(mlflow_server, trained, name, found, "night-2")
     assert (r.version, r.alias) == ("1", "champion") and "unchanged" in r.reason
     client = mlflow.MlflowClient(mlflow_server)
     assert client.get_run(r.run_id).info.status == "FINISHED"
@@ -459,10 +460,10 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     }  # fmt: skip
     assert batch_report(mlflow_server, "night-1", plan)["registered"] == 1
     # a batch's versions are found by its tag, as the whole registry lists them
-    night_1 = registry.batch_versions(mlflow_server, "night-1")
-    assert night_1 == [r for r in registry.list_concepts(mlflow_server) if r["batch_id"] == "night-1"]
+    night_1 = catalogue.batch_versions(mlflow_server, "night-1")
+    assert night_1 == [r for r in catalogue.list_concepts(mlflow_server) if r["batch_id"] == "night-1"]
     assert [(r["name"], r["version"]) for r in night_1] == [(name, "1")]
-    assert registry.batch_versions(mlflow_server, "no-such-batch") == []
+    assert catalogue.batch_versions(mlflow_server, "no-such-batch") == []
     # photos changed (version 2), then changed back: version 1's inputs are no longer the newest, so it counts
     # for nothing; and a version whose register died before its gate decided never counts
     registry.register(trained, scored("t-2", 0.4), mlflow_server, name=name)
@@ -486,8 +487,8 @@ def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
         tags = {registry.CONCEPT_TAG: name, "oneword.batch_id": "b-7"}
         own = client.create_run(exp, start_time=now + offset, tags=tags)
         client.set_terminated(own.info.run_id, status="FAILED")
-        registry.record_failure(mlflow_server, name, "<x>", "b-7", "register", "sha mismatch", "failures-exp")
-    failures = registry.batch_failures(mlflow_server, "b-7", "failures-exp")
+        batch_records.record_failure(mlflow_server, name, "<x>", "b-7", "register", "sha mismatch", "failures-exp")
+    failures = batch_records.batch_failures(mlflow_server, "b-7", "failures-exp")
     assert {n: (f["stage"], f["error"]) for n, f in failures.items()} == {
         "older-own-run": ("register", "sha mismatch"),
         "newer-own-run": ("register", "sha mismatch"),
@@ -593,7 +594,7 @@ def test_a_version_whose_create_was_retried_is_deleted_not_waited_for(evaluated_
     dead = client.create_model_version(
         name, f"runs:/{reg.run_id}/x", run_id=reg.run_id, tags={"oneword.batch_id": "b-twin"}
     )
-    assert [(r["name"], r["version"]) for r in registry.batch_versions(mlflow_server, "b-twin")] == [(name, "2")]
+    assert [(r["name"], r["version"]) for r in catalogue.batch_versions(mlflow_server, "b-twin")] == [(name, "2")]
     client.delete_model_version(name, dead.version)
 
 
@@ -615,7 +616,7 @@ def test_a_registry_that_cannot_answer_is_not_reported_as_a_missing_concept():
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         with pytest.raises(OnewordError, match="could not look up 'my-cat@champion'") as e:
-            registry.get_version("my-cat@champion", f"http://127.0.0.1:{srv.server_address[1]}")
+            catalogue.get_version("my-cat@champion", f"http://127.0.0.1:{srv.server_address[1]}")
         assert "not found" not in e.value.message and "credentials" in e.value.hint
     finally:
         srv.shutdown()

@@ -162,7 +162,7 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
 ):
     from diffusers import StableDiffusionXLPipeline
 
-    from oneword import registry
+    from oneword import catalogue, registry
     from oneword.config import GenerateConfig
     from oneword.evaluation import EvalConfig, evaluate
     from oneword.generate import generate
@@ -182,12 +182,12 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     reg = registry.register(root / "train", root / "eval", tracking_uri=uri)
     assert reg.alias == "champion"
-    (row,) = registry.list_concepts(tracking_uri=uri)
+    (row,) = catalogue.list_concepts(tracking_uri=uri)
     assert row["model_family"] == "sdxl"
     with pytest.raises(OnewordError, match=r"A1111's \.pt format cannot hold") as e:
-        registry.pull_concept(f"{reg.name}@champion", tmp_path / "x.pt", "a1111", uri)
+        catalogue.pull_concept(f"{reg.name}@champion", tmp_path / "x.pt", "a1111", uri)
     assert "--format kohya" in e.value.hint and not (tmp_path / "x.pt").exists()
-    path, _ = registry.pull_concept(f"{reg.name}@champion", tmp_path / "cat-xl.safetensors", "kohya", uri)
+    path, _ = catalogue.pull_concept(f"{reg.name}@champion", tmp_path / "cat-xl.safetensors", "kohya", uri)
 
     grid = generate(str(sdxl_dir), [path], [f"a photo of {TOKEN}"], tmp_path / "gen", GenerateConfig(n=2, steps=2))
     assert Image.open(grid).size == (160 + 2 * 32, 32)  # oneword's own generate draws with it too

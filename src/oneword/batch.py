@@ -202,7 +202,8 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
         the gate changed) or failed. A concept with neither a version nor a recorded
         failure failed in a way no step could record (a pod lost for good): its stage is "unknown".
     """
-    from oneword.registry import batch_failures, batch_unchanged, batch_versions
+    from oneword.batch_records import batch_failures, batch_unchanged
+    from oneword.catalogue import batch_versions
 
     rows = batch_versions(tracking_uri, batch_id)
     kept = batch_unchanged(tracking_uri, batch_id, experiment)
@@ -254,7 +255,7 @@ def left_the_manifest(tracking_uri: str | None, previous: list[dict] | None, con
     aliases could not be read). oneword moves no alias
     for them: whether a concept left the catalogue is the team's to say (`mlflow`'s delete_registered_model_alias).
     """
-    from oneword.registry import held_aliases
+    from oneword.batch_records import held_aliases
 
     now = {c["name"] for c in concepts}
     left = []
@@ -279,7 +280,7 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
         plan: reads the run's plan (None where none was recorded: the manifest could not be read).
         experiment: the MLflow experiment.
         state: the run's final state, as KFP gives it to an exit handler.
-        previous: reads the plan of the manifest's run before this one (`registry.previous_plan`), whose concepts
+        previous: reads the plan of the manifest's run before this one (`batch_records.previous_plan`), whose concepts
             that left the manifest are reported (`left_the_manifest`); None: none are.
 
     Returns:

@@ -327,7 +327,7 @@ def end_orphaned_runs(tracking_uri: str | None, experiment: str, kfp_run_id: str
         if CONCEPT_TAG not in r.data.tags:
             continue
         client.set_tag(r.info.run_id, "oneword.ended_by", why[:4000])
-        # where the run's report finds it (`registry.batch_failures`): a run's batch id is its KFP run id
+        # where the run's report finds it (`batch_records.batch_failures`): a run's batch id is its KFP run id
         client.set_tag(r.info.run_id, "oneword.batch_id", kfp_run_id)
         client.set_tag(r.info.run_id, FAILURE_TAGS[1], why[:4000])
         client.set_terminated(r.info.run_id, status="KILLED")

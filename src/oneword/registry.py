@@ -1,4 +1,5 @@
-"""The `register` step and the concept registry queries, on MLflow 3.
+"""The `register` step, and whether a result is registered already, on MLflow 3 (the queries: `oneword.catalogue`;
+what a run records besides versions: `oneword.batch_records`).
 
 `register` logs one MLflow run per concept (params, training curve, evaluation metrics, artifacts), verifies
 every uploaded artifact against its local sha256, and only then registers a model version under a registered
@@ -25,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oneword import __version__, outcome, tracking
-from oneword import embeddings as emb_io
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, check_comparable, quality_gate
@@ -42,6 +42,20 @@ CHAMPION, CANDIDATE = "champion", "candidate"
 
 def _setup(tracking_uri: str | None):
     return tracking.client(tracking_uri)
+
+
+PAGE_SIZE = 100  # MLflow's own default page; every query follows the page tokens to the end
+
+
+def every_page(search, page_size: int = PAGE_SIZE, **kwargs) -> list:
+    """All results of an MLflow `search_*` call, page after page."""
+    out, token = [], None
+    while True:
+        page = search(max_results=page_size, page_token=token, **kwargs)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -127,7 +141,7 @@ def _flat_params(summary: dict, metrics: dict | None) -> dict[str, str]:
             p[f"eval.sampler.{k}"] = str(v)
         if metrics.get("evaluation_key"):
             # every evaluation setting: two registers of one training evaluated otherwise log to runs of their
-            # own (`_live_run`), or they would overwrite each other's embedding and pictures in one run
+            # own (`live_run_to_complete`), or they would overwrite each other's embedding and pictures in one run
             p["eval.evaluation_key"] = metrics["evaluation_key"]
     return p
 
@@ -233,7 +247,8 @@ def register(
     files = _artifact_files(train_dir, eval_dir, concept.name)
     exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {**_run_tags(concept), **(run_tags or {})}
-    live = _live_run(client, concept.summary.get("mlflow_run_id"), _flat_params(concept.summary, concept.metrics))
+    params = _flat_params(concept.summary, concept.metrics)
+    live = live_run_to_complete(client, concept.summary.get("mlflow_run_id"), params)
     opened = (
         mlflow.start_run(run_id=live, tags=tags)
         if live
@@ -306,7 +321,7 @@ def _run_tags(concept: _Concept) -> dict[str, str]:
     return tags
 
 
-def _live_run(client, run_id: str | None, params: dict[str, str] | None = None) -> str | None:
+def live_run_to_complete(client, run_id: str | None, params: dict[str, str] | None = None) -> str | None:
     """The live run training left RUNNING for this concept, if this store has it and holds no other value of
     `params` (MLflow refuses to change a param: another evaluation's register, killed after logging its own, or
     running beside this one, logged them); else None (a new run)."""
@@ -469,7 +484,7 @@ def _wait_for_older_decisions(
     while True:
         older = [
             mv
-            for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+            for mv in every_page(client.search_model_versions, filter_string=f"name = '{name}'")
             if int(mv.version) < version and "gate" not in mv.tags
         ]
         twins = [mv for mv in older if mv.run_id == run_id and mv.tags == tags and mv.source == source]
@@ -534,7 +549,7 @@ def _same_result_before(client, name: str, version: int, tags: dict[str, str]):
     key = tags.get(RESULT_KEY_TAG)
     if not key:
         return None
-    older = [mv for mv in _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    older = [mv for mv in every_page(client.search_model_versions, filter_string=f"name = '{name}'")
              if int(mv.version) < version]  # fmt: skip
     if not older:
         return None
@@ -678,32 +693,6 @@ def _decide_alias(
     return (CHAMPION if result.passed else CANDIDATE), result.reason
 
 
-def record_failure(
-    tracking_uri: str | None,
-    name: str,
-    token: str,
-    batch_id: str,
-    stage: str,
-    error: str,
-    experiment: str = EXPERIMENT,
-    run_tags: dict[str, str] | None = None,
-) -> str:
-    """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why. Returns its id."""
-    uri = tracking_uri or default_tracking_uri()
-    mlflow, client = _setup(uri)
-    exp_id = ensure_experiment(mlflow, experiment, uri)
-    tags = {
-        CONCEPT_TAG: name,
-        "oneword.token": token,
-        "oneword.batch_id": batch_id,
-        "oneword.failed_stage": stage,
-        "oneword.error": error[:4000],
-        **(run_tags or {}),
-    }
-    run = client.create_run(exp_id, run_name=f"{name} (failed)", tags=tags)
-    client.set_terminated(run.info.run_id, status="FAILED")
-    return run.info.run_id
-
 
 RESULT_KEY_TAG, UNCHANGED_TAG = "oneword.result_key", "oneword.unchanged_version"
 EVALUATION_KEY_TAG, REJUDGED_TAG = "oneword.evaluation_key", "oneword.rejudged"
@@ -727,7 +716,7 @@ def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | N
 def newest_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
     """`registered_result`, raising what the registry raised."""
     _, client = _setup(tracking_uri)
-    versions = _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
     if not versions:
         return None
     newest = max(versions, key=lambda mv: int(mv.version))
@@ -753,7 +742,7 @@ def rejudged_result(
     says so, and the version that passes them takes it.
     """
     _, client = _setup(tracking_uri)
-    versions = _every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
     if not versions:
         return None
     newest = max(versions, key=lambda mv: int(mv.version))
@@ -794,384 +783,3 @@ def earlier_result(tracking_uri: str | None, train_dir: Path, name: str, config,
         log.warning("cannot tell whether %s changed (%s)", name, e)
         return None
     return registered_result(tracking_uri, name, wanted) if wanted else None
-
-
-def record_unchanged(
-    tracking_uri: str | None,
-    train_dir: Path,
-    name: str,
-    found: dict,
-    batch_id: str = "",
-    experiment: str = EXPERIMENT,
-    run_tags: dict[str, str] | None = None,
-) -> Registration:
-    """Record that `name` trained and would be evaluated exactly as version `found["version"]` was: no new
-    version. The live run training opened (or a new one) ends FINISHED, tagged with that version and the batch,
-    where the batch report finds it."""
-    summary = json.loads((Path(train_dir) / "summary.json").read_text())
-    return note_unchanged(tracking_uri, name, summary["concept"]["token"], found, batch_id, experiment, run_tags,
-                          summary.get("mlflow_run_id"))  # fmt: skip
-
-
-def note_unchanged(
-    tracking_uri: str | None,
-    name: str,
-    token: str,
-    found: dict,
-    batch_id: str = "",
-    experiment: str = EXPERIMENT,
-    run_tags: dict[str, str] | None = None,
-    live_run_id: str | None = None,
-) -> Registration:
-    """Record that `name` is version `found["version"]` again (`registered_result` or `rejudged_result` found it):
-    a FINISHED run tagged with that version, the batch and what the gate said (`rejudged`, if judged again), where
-    the batch report finds it. The live run training left open
-    (`live_run_id`) is that run, else a new one."""
-    uri = tracking_uri or default_tracking_uri()
-    mlflow, client = _setup(uri)
-    version = found["version"]
-    tags = {CONCEPT_TAG: name, "oneword.token": token, UNCHANGED_TAG: version,
-            **({"oneword.batch_id": batch_id} if batch_id else {}),
-            **({REJUDGED_TAG: found["rejudged"][:4000]} if found.get("rejudged") else {}),
-            **(run_tags or {})}  # fmt: skip
-    run_id = _live_run(client, live_run_id)
-    if run_id is None:  # made with its tags: a kill between two calls must not leave an untagged RUNNING run
-        run_id = client.create_run(
-            ensure_experiment(mlflow, experiment, uri), run_name=f"{name} (unchanged)", tags=tags
-        ).info.run_id
-    else:
-        for k, v in tags.items():
-            client.set_tag(run_id, k, v)
-    client.set_terminated(run_id)
-    alias = ",".join(found.get("aliases", []))
-    reason = f"unchanged: the same training and evaluation as version {version}"
-    if found.get("rejudged"):
-        reason += f" ({found['rejudged']})"
-    log.info("%s: %s", name, reason)
-    return Registration(name, version, alias, reason, run_id, f"models:/{name}/{version}", uri, unchanged=True)
-
-
-def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict]:
-    """The concepts a batch found already registered (`record_unchanged`), as `list_concepts` rows of the
-    versions they kept (a version deleted since is left out), with `rejudged` where only the gate had changed."""
-    from mlflow.exceptions import MlflowException
-
-    mlflow, client = _setup(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = _every_page(
-        client.search_runs,
-        experiment_ids=[exp.experiment_id],
-        filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{UNCHANGED_TAG}` != ''",
-    )
-    kept = {(r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]): r.data.tags.get(REJUDGED_TAG) for r in runs}
-    rows, models = [], {}  # each model read once, as batch_versions
-    for (name, version), rejudged in sorted(kept.items()):
-        try:
-            models[name] = models.get(name) or client.get_registered_model(name)
-            rows.append(_version_row(client.get_model_version(name, version), models[name]))
-            if rejudged:
-                rows[-1]["rejudged"] = rejudged
-        except MlflowException as e:  # deleted since the batch kept it: the report says the concept failed
-            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            log.warning("%s version %s, which the batch kept, is no longer in the registry", name, version)
-    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
-
-
-PLAN_KIND = "batch-plan"
-
-
-MANIFEST_TAG, MANIFEST_KEY_TAG = "oneword.manifest", "oneword.manifest_key"
-
-
-def record_plan(
-    tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = EXPERIMENT, manifest: str = ""
-) -> str:
-    """Record a batch's plan (its concepts, as planned) in MLflow, where the batch's report reads it back, and
-    the next run of the same manifest (`previous_plan`) too.
-
-    KFP's exit handler, which writes the report, may not read other tasks' outputs; MLflow is where both meet.
-    Returns the plan's run id.
-    """
-    uri = tracking_uri or default_tracking_uri()
-    mlflow, client = _setup(uri)
-    exp_id = ensure_experiment(mlflow, experiment, uri)
-    tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
-    if manifest:  # searched by a hash: a path may hold quotes, which a filter string would have to escape
-        tags |= {MANIFEST_TAG: manifest, MANIFEST_KEY_TAG: hashlib.sha256(manifest.encode()).hexdigest()[:16]}
-    run = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags)
-    client.log_dict(run.info.run_id, {"concepts": concepts}, "plan.json")
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
-
-
-def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
-    """The concepts a batch planned (`record_plan`), or None if it recorded no plan (its manifest was invalid)."""
-    mlflow, client = _setup(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`oneword.batch_id` = '{batch_id}' and tags.`oneword.kind` = '{PLAN_KIND}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        return None
-    return mlflow.artifacts.load_dict(f"{runs[0].info.artifact_uri}/plan.json")["concepts"]
-
-
-def previous_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
-    """The plan of the run of the same manifest before this batch (the schedule's last night), or None: no such
-    run, or a batch whose plan names no manifest."""
-    mlflow, client = _setup(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    kind = f"tags.`oneword.kind` = '{PLAN_KIND}'"
-    mine = client.search_runs([exp.experiment_id], f"tags.`oneword.batch_id` = '{batch_id}' and {kind}",
-                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
-    if not mine or not (key := mine[0].data.tags.get(MANIFEST_KEY_TAG)):
-        return None
-    # by when each plan-batch started: a plan-batch pod that stayed pending may swap two runs started together
-    before = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`{MANIFEST_KEY_TAG}` = '{key}' and {kind} and tags.`oneword.batch_id` != '{batch_id}' and "
-        f"attributes.start_time <= {mine[0].info.start_time}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return mlflow.artifacts.load_dict(f"{before[0].info.artifact_uri}/plan.json")["concepts"] if before else None
-
-
-def held_aliases(tracking_uri: str | None, name: str) -> dict[str, str]:
-    """The aliases registered model `name` holds, `{alias: version}`; {} where it is not registered."""
-    from mlflow.exceptions import MlflowException
-
-    _, client = _setup(tracking_uri)
-    try:
-        return {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return {}
-        raise
-
-
-def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict[str, dict]:
-    """The failed concepts of a batch: {name: {"stage", "error", "run_id"}}.
-
-    A concept may have several FAILED runs: one that failed itself (live training, `register`) carries no stage,
-    and the run `record_failure` logs after it does. The newest run that says where it failed wins.
-    """
-    mlflow, client = _setup(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return {}
-    runs = [  # FAILED: a step said why; KILLED: the run's exit handler ended a training register never saw
-        r
-        for status in ("FAILED", "KILLED")
-        for r in _every_page(
-            client.search_runs,
-            experiment_ids=[exp.experiment_id],
-            filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = '{status}'",
-            order_by=["attributes.start_time DESC"],
-        )
-    ]
-    runs.sort(key=lambda r: r.info.start_time or 0, reverse=True)
-    out: dict[str, dict] = {}
-    for r in runs:  # newest first
-        name, stage = r.data.tags.get(CONCEPT_TAG), r.data.tags.get("oneword.failed_stage")
-        if name is None or (name in out and (out[name]["stage"] or not stage)):
-            continue
-        out[name] = {"stage": stage, "error": r.data.tags.get("oneword.error"), "run_id": r.info.run_id}
-    return out
-
-
-# ---- queries ---------------------------------------------------------------------------------------------
-def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """`NAME@alias` -> (NAME, alias, None); `NAME/3` -> (NAME, None, "3"); `NAME` -> (NAME, "champion", None)."""
-    if "@" in ref:
-        n, a = ref.split("@", 1)
-        return n, a, None
-    if "/" in ref:
-        n, v = ref.rsplit("/", 1)
-        return n, None, v
-    return ref, CHAMPION, None
-
-
-def get_version(ref: str, tracking_uri: str | None = None):
-    """Resolve a concept reference to an MLflow `ModelVersion`."""
-    from mlflow.exceptions import MlflowException
-
-    _, client = _setup(tracking_uri)
-    name, alias, version = parse_ref(ref)
-    where = tracking_uri or default_tracking_uri()
-    try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as e:
-        missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
-        )
-        if not missing:  # the registry could not answer (down, refused, no permission): not "no such concept"
-            raise OnewordError(
-                f"the registry at {where} could not look up {ref!r}: {e}",
-                hint="check that the MLflow server is up and that your credentials may read the registry",
-            ) from e
-        raise OnewordError(
-            f"concept {ref!r} not found in the registry at {where}", hint="list concepts with `oneword concepts list`"
-        ) from e
-
-
-PAGE_SIZE = 100  # MLflow's own default page; every query below follows the page tokens to the end
-
-
-def _every_page(search, page_size: int = PAGE_SIZE, **kwargs) -> list:
-    """All results of an MLflow `search_*` call, page after page."""
-    out, token = [], None
-    while True:
-        page = search(max_results=page_size, page_token=token, **kwargs)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
-def list_concepts(
-    tracking_uri: str | None = None, base_model: str | None = None, alias: str | None = None, page_size: int = PAGE_SIZE
-) -> list[dict]:
-    """List registered concept versions, optionally only those on a base model (its reference or a fingerprint
-    prefix) or alias.
-
-    Every page of the registry is read, however many concepts it holds.
-    """
-    _, client = _setup(tracking_uri)
-    rows = []
-    models = _every_page(client.search_registered_models, page_size, filter_string=f"tags.`{CONCEPT_TAG}` = 'true'")
-    for rm in models:
-        for mv in _every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'"):
-            row = _version_row(mv, rm)
-            if base_model and not _on_base_model(row, base_model):
-                continue
-            if alias and alias not in row["aliases"]:
-                continue
-            rows.append(row)
-    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
-
-
-def _on_base_model(row: dict, base_model: str) -> bool:
-    """Whether a concept row was trained on `base_model`: the reference it was trained from (a hub id, a folder, an
-    s3:// prefix, as given) or a prefix of its fingerprint (with or without `sha256:`)."""
-    fp = row["base_model_fingerprint"]
-    given = (row.get("base_model") or "").rstrip("/")
-    return (
-        base_model.rstrip("/") == given
-        or fp.startswith(base_model)
-        or fp.removeprefix("sha256:").startswith(base_model)
-    )
-
-
-def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAGE_SIZE) -> list[dict]:
-    """The concept versions one batch registered (their gate decided), as `list_concepts` rows.
-
-    Found by the batch's version tag, and each of their models read once for its aliases: the query costs what
-    the batch holds, not what the whole registry holds.
-    """
-    _, client = _setup(tracking_uri)
-    versions = _every_page(
-        client.search_model_versions, page_size, filter_string=f"tags.`oneword.batch_id` = '{batch_id}'"
-    )
-    # a version whose register died before its gate decided is no registration (as in `registered_result`)
-    versions = [mv for mv in versions if mv.tags.get("gate") and mv.tags["gate"] != ABANDONED]
-    models = {name: client.get_registered_model(name) for name in {mv.name for mv in versions}}
-    rows = [_version_row(mv, models[mv.name]) for mv in versions]
-    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
-
-
-def _version_row(mv, rm) -> dict:
-    """One concept version as `list_concepts` lists it; `rm` is its registered model (for the aliases)."""
-    aliases = sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
-    return {
-        "name": rm.name,
-        "version": str(mv.version),
-        "aliases": aliases,
-        "token": mv.tags.get("oneword.token"),
-        "base_model": mv.tags.get("oneword.base_model"),
-        "base_model_fingerprint": mv.tags.get("oneword.base_model_fingerprint", ""),
-        "model_family": mv.tags.get("oneword.model_family"),
-        "reconstruction": mv.tags.get("reconstruction"),
-        "editability": mv.tags.get("editability"),
-        "gate": mv.tags.get("gate"),
-        "batch_id": mv.tags.get("oneword.batch_id"),
-        "run_id": mv.run_id,
-    }
-
-
-def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
-    """Everything about one concept version: tags, aliases, run metrics and params."""
-    _, client = _setup(tracking_uri)
-    mv = get_version(ref, tracking_uri)
-    run = client.get_run(mv.run_id)
-    rm = client.get_registered_model(mv.name)
-    return {
-        "name": mv.name,
-        "version": str(mv.version),
-        "aliases": sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version)),
-        "tags": dict(mv.tags),
-        "run_id": mv.run_id,
-        "metrics": dict(run.data.metrics),
-        "params": dict(run.data.params),
-        "source": mv.source,
-    }
-
-
-def pull_concept(
-    ref: str, out: Path | None = None, fmt: str = "diffusers", tracking_uri: str | None = None
-) -> tuple[Path, dict]:
-    """Download a concept's embedding and write it in `fmt`.
-
-    Returns:
-        (the written file, the version's tags).
-    """
-    mlflow, _ = _setup(tracking_uri)
-    mv = get_version(ref, tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path="embeddings/diffusers/learned_embeds.safetensors", dst_path=d
-            )
-        )
-        emb = emb_io.load(local)
-    # without `out`, the file goes to a folder of its own that the caller keeps (generate reads it after)
-    out = (
-        Path(out)
-        if out
-        else Path(tempfile.mkdtemp(prefix="oneword-pull-"))
-        / emb_io.default_filename(
-            emb.token,
-            fmt,  # type: ignore[arg-type]
-        )
-    )
-    emb_io.save(emb, out, fmt)  # type: ignore[arg-type]
-    return out, dict(mv.tags)
-
-
-def pull_concepts(
-    refs: list[str], tracking_uri: str | None = None, folder: Path | None = None
-) -> tuple[list[Path], str]:
-    """Download several concepts (diffusers format), into `folder` if given (else each into a folder of its own
-    that the caller keeps). Returns (files, the base model they were trained on)."""
-    files, bases = [], set()
-    for i, ref in enumerate(refs):
-        out = Path(folder) / f"{i}" / "learned_embeds.safetensors" if folder else None
-        f, tags = pull_concept(ref, out, tracking_uri=tracking_uri)
-        files.append(f)
-        bases.add(tags.get("oneword.base_model"))
-    if len(bases) > 1:
-        raise OnewordError(
-            f"concepts {refs} were trained on different base models {sorted(map(str, bases))}",
-            hint="generate with concepts of one base model at a time",
-        )
-    return files, next(iter(bases))

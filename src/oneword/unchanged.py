@@ -27,6 +27,7 @@ import torch
 
 from oneword import outcome, storage, tracking
 from oneword.batch import spec_of
+from oneword.batch_records import note_unchanged, record_failure
 from oneword.config import EvalConfig, GateThresholds, TrainConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
@@ -34,7 +35,7 @@ from oneword.images import preprocess
 from oneword.inversion import check_progressive
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model
 from oneword.profiles import image_side, profile_of
-from oneword.registry import EXPERIMENT, newest_result, note_unchanged, record_failure, rejudged_result
+from oneword.registry import EXPERIMENT, newest_result, rejudged_result
 from oneword.train import check_concept, model_identity, training_key
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def changed_concepts(
     on_error: outcome.OnError = "fail",
 ) -> list[dict]:
     """The planned concepts that must be trained, evaluated and registered, in order. Each of the others
-    (`unchanged_versions`) is recorded as that version again (`registry.note_unchanged`), where the run's report
+    (`unchanged_versions`) is recorded as that version again (`batch_records.note_unchanged`), where the run's report
     finds it. With `on_error="record"` (a batch), a concept that one of its steps would fail at every attempt
     (`Lookup.failing`: none of its photos reads, its token is already a word of the model) is recorded as failed
     at that step, with that error, as the step would record it: no GPU pod starts to pass the failure on.

@@ -45,7 +45,7 @@ def list_cmd(
     """
     from rich.console import Console
 
-    from oneword.registry import list_concepts
+    from oneword.catalogue import list_concepts
 
     rows = list_concepts(tracking_uri, base_model=base_model, alias=alias)
     if as_json:
@@ -104,7 +104,7 @@ def show_cmd(
     """
     from rich import print_json
 
-    from oneword.registry import show_concept
+    from oneword.catalogue import show_concept
 
     print_json(data=show_concept(ref, tracking_uri))
 
@@ -125,10 +125,10 @@ def pull_cmd(
     """
     from rich import print as rprint
 
+    from oneword.catalogue import pull_concept
     from oneword.cli.export import refuse_existing
     from oneword.embeddings import FORMATS
     from oneword.errors import OnewordError
-    from oneword.registry import pull_concept
 
     if format not in FORMATS:
         raise OnewordError(f"unknown format {format!r}", hint=f"use one of {', '.join(FORMATS)}")

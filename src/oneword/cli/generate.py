@@ -60,7 +60,7 @@ def generate_cmd(
     files = list(embedding or [])
     with tempfile.TemporaryDirectory(prefix="oneword-pull-") as pulled_into:  # gone once drawn
         if concept:
-            from oneword.registry import pull_concepts
+            from oneword.catalogue import pull_concepts
 
             with person_waits():
                 pulled, model_source = pull_concepts(concept, tracking_uri, Path(pulled_into))

@@ -361,7 +361,7 @@ def register(
     from oneword.config import GateThresholds
     from oneword.live import end_training_run, kfp_tags
     from oneword.outcome import UNCHANGED_FILE, read_failure, run_step
-    from oneword.registry import record_failure, record_unchanged
+    from oneword.batch_records import record_failure, record_unchanged
     from oneword.registry import register as run
 
     trained = os.path.join(model.path, concept)
@@ -520,7 +520,7 @@ def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 
     """
     from oneword.batch import load_concepts_manifest, plan_concepts, shard
     from oneword.batch import manifest_id
-    from oneword.registry import record_plan
+    from oneword.batch_records import record_plan
 
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
     record_plan(tracking_uri or None, batch_id, concepts, experiment, manifest_id(concepts_manifest))
@@ -543,7 +543,7 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     import json
 
     from oneword.batch import final_report
-    from oneword.registry import batch_plan, previous_plan
+    from oneword.batch_records import batch_plan, previous_plan
 
     report = final_report(tracking_uri or None, batch_id, lambda: batch_plan(tracking_uri or None, batch_id, experiment),
                           experiment, status.state, lambda: previous_plan(tracking_uri or None, batch_id, experiment))

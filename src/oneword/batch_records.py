@@ -1,0 +1,252 @@
+"""What a run records in MLflow of each concept besides its model versions, and what its report reads back.
+
+A concept that failed is a FAILED run tagged with its step and error (`record_failure`); one found unchanged, a
+FINISHED run tagged with the version it is again (`note_unchanged`); a batch's plan, a run of its own tagged with
+the manifest it was read from (`record_plan`), so that the report reads the concepts the run planned, and the
+next run of that manifest tells which concepts left it (`previous_plan`, `held_aliases`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from oneword import tracking
+from oneword.catalogue import version_row
+from oneword.registry import (
+    CONCEPT_TAG,
+    EXPERIMENT,
+    REJUDGED_TAG,
+    UNCHANGED_TAG,
+    Registration,
+    ensure_experiment,
+    every_page,
+    live_run_to_complete,
+)
+from oneword.tracking import default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+def record_failure(
+    tracking_uri: str | None,
+    name: str,
+    token: str,
+    batch_id: str,
+    stage: str,
+    error: str,
+    experiment: str = EXPERIMENT,
+    run_tags: dict[str, str] | None = None,
+) -> str:
+    """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why. Returns its id."""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = tracking.client(uri)
+    exp_id = ensure_experiment(mlflow, experiment, uri)
+    tags = {
+        CONCEPT_TAG: name,
+        "oneword.token": token,
+        "oneword.batch_id": batch_id,
+        "oneword.failed_stage": stage,
+        "oneword.error": error[:4000],
+        **(run_tags or {}),
+    }
+    run = client.create_run(exp_id, run_name=f"{name} (failed)", tags=tags)
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return run.info.run_id
+
+
+
+def record_unchanged(
+    tracking_uri: str | None,
+    train_dir: Path,
+    name: str,
+    found: dict,
+    batch_id: str = "",
+    experiment: str = EXPERIMENT,
+    run_tags: dict[str, str] | None = None,
+) -> Registration:
+    """Record that `name` trained and would be evaluated exactly as version `found["version"]` was: no new
+    version. The live run training opened (or a new one) ends FINISHED, tagged with that version and the batch,
+    where the batch report finds it."""
+    summary = json.loads((Path(train_dir) / "summary.json").read_text())
+    return note_unchanged(tracking_uri, name, summary["concept"]["token"], found, batch_id, experiment, run_tags,
+                          summary.get("mlflow_run_id"))  # fmt: skip
+
+
+def note_unchanged(
+    tracking_uri: str | None,
+    name: str,
+    token: str,
+    found: dict,
+    batch_id: str = "",
+    experiment: str = EXPERIMENT,
+    run_tags: dict[str, str] | None = None,
+    live_run_id: str | None = None,
+) -> Registration:
+    """Record that `name` is version `found["version"]` again (`registered_result` or `rejudged_result` found it):
+    a FINISHED run tagged with that version, the batch and what the gate said (`rejudged`, if judged again), where
+    the batch report finds it. The live run training left open
+    (`live_run_id`) is that run, else a new one."""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = tracking.client(uri)
+    version = found["version"]
+    tags = {CONCEPT_TAG: name, "oneword.token": token, UNCHANGED_TAG: version,
+            **({"oneword.batch_id": batch_id} if batch_id else {}),
+            **({REJUDGED_TAG: found["rejudged"][:4000]} if found.get("rejudged") else {}),
+            **(run_tags or {})}  # fmt: skip
+    run_id = live_run_to_complete(client, live_run_id)
+    if run_id is None:  # made with its tags: a kill between two calls must not leave an untagged RUNNING run
+        run_id = client.create_run(
+            ensure_experiment(mlflow, experiment, uri), run_name=f"{name} (unchanged)", tags=tags
+        ).info.run_id
+    else:
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+    client.set_terminated(run_id)
+    alias = ",".join(found.get("aliases", []))
+    reason = f"unchanged: the same training and evaluation as version {version}"
+    if found.get("rejudged"):
+        reason += f" ({found['rejudged']})"
+    log.info("%s: %s", name, reason)
+    return Registration(name, version, alias, reason, run_id, f"models:/{name}/{version}", uri, unchanged=True)
+
+
+def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict]:
+    """The concepts a batch found already registered (`record_unchanged`), as `list_concepts` rows of the
+    versions they kept (a version deleted since is left out), with `rejudged` where only the gate had changed."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow, client = tracking.client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = every_page(
+        client.search_runs,
+        experiment_ids=[exp.experiment_id],
+        filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{UNCHANGED_TAG}` != ''",
+    )
+    kept = {(r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]): r.data.tags.get(REJUDGED_TAG) for r in runs}
+    rows, models = [], {}  # each model read once, as batch_versions
+    for (name, version), rejudged in sorted(kept.items()):
+        try:
+            models[name] = models.get(name) or client.get_registered_model(name)
+            rows.append(version_row(client.get_model_version(name, version), models[name]))
+            if rejudged:
+                rows[-1]["rejudged"] = rejudged
+        except MlflowException as e:  # deleted since the batch kept it: the report says the concept failed
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("%s version %s, which the batch kept, is no longer in the registry", name, version)
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+PLAN_KIND = "batch-plan"
+
+
+MANIFEST_TAG, MANIFEST_KEY_TAG = "oneword.manifest", "oneword.manifest_key"
+
+
+def record_plan(
+    tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = EXPERIMENT, manifest: str = ""
+) -> str:
+    """Record a batch's plan (its concepts, as planned) in MLflow, where the batch's report reads it back, and
+    the next run of the same manifest (`previous_plan`) too.
+
+    KFP's exit handler, which writes the report, may not read other tasks' outputs; MLflow is where both meet.
+    Returns the plan's run id.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    mlflow, client = tracking.client(uri)
+    exp_id = ensure_experiment(mlflow, experiment, uri)
+    tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
+    if manifest:  # searched by a hash: a path may hold quotes, which a filter string would have to escape
+        tags |= {MANIFEST_TAG: manifest, MANIFEST_KEY_TAG: hashlib.sha256(manifest.encode()).hexdigest()[:16]}
+    run = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags)
+    client.log_dict(run.info.run_id, {"concepts": concepts}, "plan.json")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
+    """The concepts a batch planned (`record_plan`), or None if it recorded no plan (its manifest was invalid)."""
+    mlflow, client = tracking.client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`oneword.batch_id` = '{batch_id}' and tags.`oneword.kind` = '{PLAN_KIND}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    return mlflow.artifacts.load_dict(f"{runs[0].info.artifact_uri}/plan.json")["concepts"]
+
+
+def previous_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
+    """The plan of the run of the same manifest before this batch (the schedule's last night), or None: no such
+    run, or a batch whose plan names no manifest."""
+    mlflow, client = tracking.client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    kind = f"tags.`oneword.kind` = '{PLAN_KIND}'"
+    mine = client.search_runs([exp.experiment_id], f"tags.`oneword.batch_id` = '{batch_id}' and {kind}",
+                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    if not mine or not (key := mine[0].data.tags.get(MANIFEST_KEY_TAG)):
+        return None
+    # by when each plan-batch started: a plan-batch pod that stayed pending may swap two runs started together
+    before = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`{MANIFEST_KEY_TAG}` = '{key}' and {kind} and tags.`oneword.batch_id` != '{batch_id}' and "
+        f"attributes.start_time <= {mine[0].info.start_time}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return mlflow.artifacts.load_dict(f"{before[0].info.artifact_uri}/plan.json")["concepts"] if before else None
+
+
+def held_aliases(tracking_uri: str | None, name: str) -> dict[str, str]:
+    """The aliases registered model `name` holds, `{alias: version}`; {} where it is not registered."""
+    from mlflow.exceptions import MlflowException
+
+    _, client = tracking.client(tracking_uri)
+    try:
+        return {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+
+
+def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict[str, dict]:
+    """The failed concepts of a batch: {name: {"stage", "error", "run_id"}}.
+
+    A concept may have several FAILED runs: one that failed itself (live training, `register`) carries no stage,
+    and the run `record_failure` logs after it does. The newest run that says where it failed wins.
+    """
+    mlflow, client = tracking.client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = [  # FAILED: a step said why; KILLED: the run's exit handler ended a training register never saw
+        r
+        for status in ("FAILED", "KILLED")
+        for r in every_page(
+            client.search_runs,
+            experiment_ids=[exp.experiment_id],
+            filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and attributes.status = '{status}'",
+            order_by=["attributes.start_time DESC"],
+        )
+    ]
+    runs.sort(key=lambda r: r.info.start_time or 0, reverse=True)
+    out: dict[str, dict] = {}
+    for r in runs:  # newest first
+        name, stage = r.data.tags.get(CONCEPT_TAG), r.data.tags.get("oneword.failed_stage")
+        if name is None or (name in out and (out[name]["stage"] or not stage)):
+            continue
+        out[name] = {"stage": stage, "error": r.data.tags.get("oneword.error"), "run_id": r.info.run_id}
+    return out

@@ -1,0 +1,185 @@
+"""The concept registry's queries: concepts and versions by reference, base model, alias or batch, and their
+embeddings in any format (`oneword concepts`, `oneword generate --concept`)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from oneword import embeddings as emb_io
+from oneword import tracking
+from oneword.errors import OnewordError
+from oneword.registry import ABANDONED, CHAMPION, CONCEPT_TAG, PAGE_SIZE, every_page
+from oneword.tracking import default_tracking_uri
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`NAME@alias` -> (NAME, alias, None); `NAME/3` -> (NAME, None, "3"); `NAME` -> (NAME, "champion", None)."""
+    if "@" in ref:
+        n, a = ref.split("@", 1)
+        return n, a, None
+    if "/" in ref:
+        n, v = ref.rsplit("/", 1)
+        return n, None, v
+    return ref, CHAMPION, None
+
+
+def get_version(ref: str, tracking_uri: str | None = None):
+    """Resolve a concept reference to an MLflow `ModelVersion`."""
+    from mlflow.exceptions import MlflowException
+
+    _, client = tracking.client(tracking_uri)
+    name, alias, version = parse_ref(ref)
+    where = tracking_uri or default_tracking_uri()
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as e:
+        missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
+        )
+        if not missing:  # the registry could not answer (down, refused, no permission): not "no such concept"
+            raise OnewordError(
+                f"the registry at {where} could not look up {ref!r}: {e}",
+                hint="check that the MLflow server is up and that your credentials may read the registry",
+            ) from e
+        raise OnewordError(
+            f"concept {ref!r} not found in the registry at {where}", hint="list concepts with `oneword concepts list`"
+        ) from e
+
+
+def list_concepts(
+    tracking_uri: str | None = None, base_model: str | None = None, alias: str | None = None, page_size: int = PAGE_SIZE
+) -> list[dict]:
+    """List registered concept versions, optionally only those on a base model (its reference or a fingerprint
+    prefix) or alias.
+
+    Every page of the registry is read, however many concepts it holds.
+    """
+    _, client = tracking.client(tracking_uri)
+    rows = []
+    models = every_page(client.search_registered_models, page_size, filter_string=f"tags.`{CONCEPT_TAG}` = 'true'")
+    for rm in models:
+        for mv in every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'"):
+            row = version_row(mv, rm)
+            if base_model and not _on_base_model(row, base_model):
+                continue
+            if alias and alias not in row["aliases"]:
+                continue
+            rows.append(row)
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def _on_base_model(row: dict, base_model: str) -> bool:
+    """Whether a concept row was trained on `base_model`: the reference it was trained from (a hub id, a folder, an
+    s3:// prefix, as given) or a prefix of its fingerprint (with or without `sha256:`)."""
+    fp = row["base_model_fingerprint"]
+    given = (row.get("base_model") or "").rstrip("/")
+    return (
+        base_model.rstrip("/") == given
+        or fp.startswith(base_model)
+        or fp.removeprefix("sha256:").startswith(base_model)
+    )
+
+
+def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAGE_SIZE) -> list[dict]:
+    """The concept versions one batch registered (their gate decided), as `list_concepts` rows.
+
+    Found by the batch's version tag, and each of their models read once for its aliases: the query costs what
+    the batch holds, not what the whole registry holds.
+    """
+    _, client = tracking.client(tracking_uri)
+    versions = every_page(
+        client.search_model_versions, page_size, filter_string=f"tags.`oneword.batch_id` = '{batch_id}'"
+    )
+    # a version whose register died before its gate decided is no registration (as in `registered_result`)
+    versions = [mv for mv in versions if mv.tags.get("gate") and mv.tags["gate"] != ABANDONED]
+    models = {name: client.get_registered_model(name) for name in {mv.name for mv in versions}}
+    rows = [version_row(mv, models[mv.name]) for mv in versions]
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def version_row(mv, rm) -> dict:
+    """One concept version as `list_concepts` lists it; `rm` is its registered model (for the aliases)."""
+    aliases = sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
+    return {
+        "name": rm.name,
+        "version": str(mv.version),
+        "aliases": aliases,
+        "token": mv.tags.get("oneword.token"),
+        "base_model": mv.tags.get("oneword.base_model"),
+        "base_model_fingerprint": mv.tags.get("oneword.base_model_fingerprint", ""),
+        "model_family": mv.tags.get("oneword.model_family"),
+        "reconstruction": mv.tags.get("reconstruction"),
+        "editability": mv.tags.get("editability"),
+        "gate": mv.tags.get("gate"),
+        "batch_id": mv.tags.get("oneword.batch_id"),
+        "run_id": mv.run_id,
+    }
+
+
+def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
+    """Everything about one concept version: tags, aliases, run metrics and params."""
+    _, client = tracking.client(tracking_uri)
+    mv = get_version(ref, tracking_uri)
+    run = client.get_run(mv.run_id)
+    rm = client.get_registered_model(mv.name)
+    return {
+        "name": mv.name,
+        "version": str(mv.version),
+        "aliases": sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version)),
+        "tags": dict(mv.tags),
+        "run_id": mv.run_id,
+        "metrics": dict(run.data.metrics),
+        "params": dict(run.data.params),
+        "source": mv.source,
+    }
+
+
+def pull_concept(
+    ref: str, out: Path | None = None, fmt: str = "diffusers", tracking_uri: str | None = None
+) -> tuple[Path, dict]:
+    """Download a concept's embedding and write it in `fmt`.
+
+    Returns:
+        (the written file, the version's tags).
+    """
+    mlflow, _ = tracking.client(tracking_uri)
+    mv = get_version(ref, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="embeddings/diffusers/learned_embeds.safetensors", dst_path=d
+            )
+        )
+        emb = emb_io.load(local)
+    # without `out`, the file goes to a folder of its own that the caller keeps (generate reads it after)
+    out = (
+        Path(out)
+        if out
+        else Path(tempfile.mkdtemp(prefix="oneword-pull-"))
+        / emb_io.default_filename(
+            emb.token,
+            fmt,  # type: ignore[arg-type]
+        )
+    )
+    emb_io.save(emb, out, fmt)  # type: ignore[arg-type]
+    return out, dict(mv.tags)
+
+
+def pull_concepts(
+    refs: list[str], tracking_uri: str | None = None, folder: Path | None = None
+) -> tuple[list[Path], str]:
+    """Download several concepts (diffusers format), into `folder` if given (else each into a folder of its own
+    that the caller keeps). Returns (files, the base model they were trained on)."""
+    files, bases = [], set()
+    for i, ref in enumerate(refs):
+        out = Path(folder) / f"{i}" / "learned_embeds.safetensors" if folder else None
+        f, tags = pull_concept(ref, out, tracking_uri=tracking_uri)
+        files.append(f)
+        bases.add(tags.get("oneword.base_model"))
+    if len(bases) > 1:
+        raise OnewordError(
+            f"concepts {refs} were trained on different base models {sorted(map(str, bases))}",
+            hint="generate with concepts of one base model at a time",
+        )
+    return files, next(iter(bases))

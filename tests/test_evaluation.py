@@ -488,3 +488,27 @@ def test_an_evaluation_with_other_photos_or_model_is_not_marked_as_the_pipelines
     assert "evaluation_key" not in evaluate(trained, cat_dataset, tmp_path / "other-photos", config)
     assert "evaluation_key" not in evaluate(trained, None, tmp_path / "other-model", config,
                                             base_model=summary["model_source"])  # fmt: skip
+
+
+def test_an_upgrade_that_changes_no_score_keeps_every_registered_result(monkeypatch):
+    """The evaluation key (and so each version's result key) follows what the scores depend on, not the release:
+    an upgrade of the image that changes none of it evaluates no concept again."""
+    import oneword
+    from oneword import profiles
+    from oneword.evaluation import protocol
+
+    config = EvalConfig()
+    before = protocol.evaluation_key("t", config)
+    monkeypatch.setattr(oneword, "__version__", "99.0.0")
+    assert protocol.evaluation_key("t", config) == before
+    changes = [
+        lambda: monkeypatch.setattr(protocol, "SCORING_REVISION", protocol.SCORING_REVISION + 1),
+        lambda: monkeypatch.setitem(profiles.PROFILES, "sdxl",
+                                    profiles.PROFILES["sdxl"].model_copy(update={"sampling_steps": 7})),
+        lambda: monkeypatch.setitem(P.BUILTIN, "paper", ("a photo of {}",)),
+    ]  # fmt: skip
+    for change in changes:  # what scores depend on: the scoring code's revision, a profile's default, a prompt set
+        change()
+        assert protocol.evaluation_key("t", config) != before
+        monkeypatch.undo()
+    assert protocol.evaluation_key("t", config) == before

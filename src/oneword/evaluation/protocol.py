@@ -113,17 +113,29 @@ def _comparable(p: dict) -> dict:
 
 RUNTIME_ONLY = {"batch_size", "device", "gpus"}  # how the pictures are drawn, not which ones
 
+# Bump when a change to oneword changes the scores `evaluate` gives one training with the same settings: its
+# sampling, prompt rendering, checkpoint selection, how it runs the evaluators, the packaged toy world's
+# evaluators. Each concept's next run then evaluates it again (once). A release that changes none of these keeps
+# every registered result: a catalogue is not evaluated again, on GPUs, at every upgrade of the image.
+SCORING_REVISION = 1
+
 
 def evaluation_key(training_key: str, config) -> str:
     """One training (`summary.json`'s `training_key`) evaluated with `config` (as given, before the model's
-    profile fills it in; a prompt file by its content) by this version of oneword (whose profiles fill it in)."""
-    from oneword import __version__
+    profile fills it in; a prompt file by its content), scored as `SCORING_REVISION` scores. The profiles'
+    evaluation defaults and the named prompt sets' prompts are part of it: a release that changes one evaluates
+    again the concepts that take it (and, as the key does not know a concept's model family, the others too)."""
+    from oneword.config import MODEL_DEPENDENT_EVAL
     from oneword.evaluation.prompts import BUILTIN, PACKAGED, get_prompt_set
+    from oneword.profiles import PROFILES
 
     settings = config.model_dump(exclude=RUNTIME_ONLY)
     if config.prompt_set and config.prompt_set not in BUILTIN and config.prompt_set not in PACKAGED:
         settings["prompt_set"] = list(get_prompt_set(config.prompt_set))
-    what = {"training": training_key, "evaluation": settings, "oneword": __version__}
+    defaults = {f: {k: getattr(p, v) for k, v in MODEL_DEPENDENT_EVAL.items()} for f, p in PROFILES.items()}
+    named = {n: list(get_prompt_set(n)) for n in (*BUILTIN, *PACKAGED)}  # a release may edit one
+    what = {"training": training_key, "evaluation": settings, "profiles": defaults, "prompt_sets": named,
+            "scoring": SCORING_REVISION}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

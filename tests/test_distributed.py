@@ -162,6 +162,27 @@ def test_a_launched_processs_error_reaches_the_caller(tmp_path):
     assert "exit status 1" in e.value.message and "the main process" not in e.value.message
 
 
+def _collective_timeout() -> float:
+    from oneword.distributed import current
+
+    current()
+    group = torch.distributed.distributed_c10d._get_default_group()
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def test_the_processes_wait_for_a_checkpoint_stored_on_a_silent_store_as_long_as_its_save_may_take():
+    """The others wait at a collective while the main process stores a checkpoint: they must outwait its attempts
+    on a store that does not answer (each bounded by the client's timeouts), or they go down first."""
+    from oneword import checkpoints, storage
+    from oneword.distributed import COLLECTIVE_TIMEOUT, launch
+
+    # per attempt an upload and a size check, each up to 3 connects and 2 reads (urllib3's retries); backoffs
+    attempt = 2 * (3 * storage.CONNECT_TIMEOUT_S + 2 * storage.READ_TIMEOUT_S)
+    backoffs = sum(checkpoints.UPLOAD_BACKOFF_S * 2**i for i in range(checkpoints.UPLOAD_ATTEMPTS - 1))
+    assert COLLECTIVE_TIMEOUT.total_seconds() > checkpoints.UPLOAD_ATTEMPTS * attempt + backoffs
+    assert launch("tests.test_distributed:_collective_timeout", 2) == COLLECTIVE_TIMEOUT.total_seconds()
+
+
 def _times_out(url: str):
     raise TimeoutError(f"reading {url} timed out")
 

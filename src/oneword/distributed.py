@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,12 @@ import torch
 from oneword.errors import OnewordError, TransientError
 
 log = logging.getLogger(__name__)
+
+# How long a process waits at a collective for the others. The main process stores each checkpoint while the
+# others wait at the next step's all-reduce, and on an object store that does not answer `save_checkpoint` gives
+# up only after its attempts, each bounded by the client's timeouts: up to about 27 minutes, which outlasts
+# NCCL's default 10 and would take the others down first, with an error that names no store.
+COLLECTIVE_TIMEOUT = timedelta(minutes=45)
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ def current(cpu: bool | None = None) -> World:
 
     # gloo for CPU tensors (torchrun's environment alone makes accelerate assume a single process on a CPU-only
     # machine, and NCCL on a GPU machine, which refuses CPU tensors)
-    state = PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+    state = PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu, timeout=COLLECTIVE_TIMEOUT)
     return World(state.process_index, state.num_processes, state.local_process_index)
 
 

@@ -341,6 +341,45 @@ def test_a_champion_under_a_raised_bar_gives_way_to_a_version_that_passes_it(eva
     assert again.alias == "candidate" and "does not beat the champion" in again.reason
 
 
+def test_a_changed_gate_alone_judges_the_newest_versions_recorded_scores_again(evaluated_concept, tmp_path):
+    """Only the gate changed since the newest version (its evaluation key is tonight's): its twin would score the
+    same; a run is worth it only if that twin would take @champion."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_dir, eval_dir = evaluated_concept
+
+    def scored(reconstruction, editability, fingerprint=None):
+        out = _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint)
+        m = json.loads((out / "metrics.json").read_text())
+        (out / "metrics.json").write_text(json.dumps({**m, "evaluation_key": "same-evaluation"}))
+        return out
+
+    def again(gate, evaluation="same-evaluation"):
+        return registry.rejudged_result(uri, "cat-rj", evaluation, gate, "<cat-r>")
+
+    assert registry.register(train_dir, scored(0.9, 0.2), uri, name="cat-rj").alias == "champion"
+    second = registry.register(train_dir, scored(0.5, 0.35), uri, name="cat-rj", thresholds=GateThresholds(margin_se=2))
+    assert second.alias == "candidate"  # 0.85 does not beat 1.1
+    # a bar the champion fails and the newest passes: its twin would take @champion, so a run must register it
+    assert again(GateThresholds(min_editability=0.3)) is None
+    # a bar neither passes: no alias would move; the note says why, and what becomes of the champion
+    found = again(GateThresholds(min_editability=0.4))
+    assert (found["version"], found["aliases"]) == ("2", ["candidate"])
+    assert found["rejudged"].startswith("the gate changed: editability 0.3500 < threshold 0.4000")
+    assert "the champion, version 1, does not pass them either" in found["rejudged"]
+    assert found["rejudged"].endswith("it keeps @champion until a version that passes them takes it")
+    assert again(GateThresholds(min_editability=0.4), "another-evaluation") is None  # not a twin: evaluate again
+    # scores measured by another evaluator are not compared with the champion's: no alias would move
+    third = registry.register(train_dir, scored(0.5, 0.35, "sha256:other"), uri, name="cat-rj",
+                              thresholds=GateThresholds(margin_se=3))  # fmt: skip
+    assert third.alias == "candidate" and "not compared" in third.reason
+    found = again(GateThresholds(min_editability=0.3))
+    assert found["version"] == "3" and "not compared" in found["rejudged"]
+    # tags that do not parse (another tool wrote them): evaluated again, this concept only
+    client = mlflow.MlflowClient(uri)
+    client.set_model_version_tag("cat-rj", "3", "reconstruction", "n/a")
+    assert again(GateThresholds(min_editability=0.3)) is None
+
+
 def test_a_single_concept_runs_exit_handler_answers_from_the_registry(evaluated_concept, tmp_path):
     from types import SimpleNamespace
 

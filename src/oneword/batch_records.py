@@ -57,7 +57,6 @@ def record_failure(
     return run.info.run_id
 
 
-
 def record_unchanged(
     tracking_uri: str | None,
     train_dir: Path,

@@ -10,8 +10,8 @@ too, so `mlflow.search_logged_models(filter_string="metrics.reconstruction > 0.5
 links to its logged model by `model_id`, which its REST API leaves out: the version's source is
 `models:/<model_id>`). A failure before that point leaves no version; a failure after it deletes the
 version again. The `champion` alias moves to the new version only if it passes the quality gate and beats the
-current champion (scored by the same evaluator); otherwise the version gets the alias `candidate` and a tag
-saying why.
+current champion (scored by the same evaluator), or passes the gate's thresholds where the champion does not
+(`_decide_alias`); otherwise the version gets the alias `candidate` and a tag saying why.
 """
 
 from __future__ import annotations
@@ -693,7 +693,6 @@ def _decide_alias(
     return (CHAMPION if result.passed else CANDIDATE), result.reason
 
 
-
 RESULT_KEY_TAG, UNCHANGED_TAG = "oneword.result_key", "oneword.unchanged_version"
 EVALUATION_KEY_TAG, REJUDGED_TAG = "oneword.evaluation_key", "oneword.rejudged"
 
@@ -739,32 +738,39 @@ def rejudged_result(
     the champion cannot beat itself, and a candidate's twin that does not beat the champion either leaves every
     alias where it is. Only a twin that would take `@champion` is worth its run (None). The champion keeps its
     alias under thresholds it no longer passes, as a registration that fails them would leave it: `rejudged`
-    says so, and the version that passes them takes it.
+    says so, and the first version that passes them takes it (`_decide_alias`). Versions registered before
+    they carried their evaluation key (`EVALUATION_KEY_TAG`) were keyed by the oneword release: never found.
     """
     _, client = _setup(tracking_uri)
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
     if not versions:
         return None
     newest = max(versions, key=lambda mv: int(mv.version))
-    metrics = _version_metrics(newest)
-    if newest.tags.get("gate") in (None, ABANDONED) or metrics is None:
+    if newest.tags.get(EVALUATION_KEY_TAG) != evaluation or newest.tags.get("gate") in (None, ABANDONED):
         return None
-    key = newest.tags.get(EVALUATION_KEY_TAG)
-    if key is None and (run_id := newest.tags.get("oneword.run_id")):  # registered before the tag was
-        key = client.get_run(run_id).data.params.get("eval.evaluation_key")
-    if key != evaluation:
+    holder = _alias_holder(client, name, CHAMPION)
+    try:
+        metrics = _version_metrics(newest)
+        if metrics is None:
+            return None
+        alias, reason = _decide_alias(client, name, metrics, thresholds, token)
+        champion = None if holder is None else _version_metrics(holder)
+        bar = None if champion is None else quality_gate(champion, None, thresholds)
+    except (ValueError, KeyError, TypeError) as e:  # tags another tool wrote: this concept is evaluated again
+        log.warning("could not judge %s version %s's recorded scores again (%s)", name, newest.version, e)
         return None
-    if _decide_alias(client, name, metrics, thresholds, token)[0] == CHAMPION:
+    if alias == CHAMPION:
         return None
     aliases = client.get_registered_model(name).aliases or {}
     held = sorted(a for a, v in aliases.items() if str(v) == str(newest.version))
-    alone = quality_gate(metrics, None, thresholds)
-    if alone.passed:
-        said = f"passes the new thresholds; its scores do not take {CHAMPION} from another version"
-    elif CHAMPION in held:
-        said = f"{alone.reason}: it keeps @{CHAMPION} until a version that passes takes it"
-    else:
-        said = alone.reason
+    if holder is not None and str(holder.version) == str(newest.version):
+        said = "passes the new thresholds" if bar.passed else bar.reason
+    else:  # why its twin would stay a candidate
+        said = reason
+        if bar is not None and not bar.passed:
+            said += f"; the champion, version {holder.version}, does not pass them either ({bar.reason})"
+    if bar is not None and not bar.passed:
+        said += f": it keeps @{CHAMPION} until a version that passes them takes it"
     return {"version": str(newest.version), "aliases": held, "rejudged": f"the gate changed: {said}"}
 
 

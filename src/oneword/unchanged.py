@@ -14,6 +14,9 @@ attempt (photos that do not read, at preprocess; a token the model already has, 
 that step right there. What it cannot compute (a single-file checkpoint, which loads only whole; a registry that
 does not answer; photos a retry may yet read) counts as changed: that concept takes the usual path, where `train`
 and `evaluate` still find it unchanged, or fail and say why. A wrong "changed" costs pods, never a result.
+
+Where only the quality gate changed, the newest version's recorded scores are judged by the new one on CPU
+(`registry.rejudged_result`): a concept whose twin would take no alias is unchanged too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from oneword.inversion import check_progressive
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model
 from oneword.profiles import image_side, profile_of
 from oneword.registry import EXPERIMENT, newest_result, rejudged_result
+from oneword.templates import get_templates
 from oneword.train import check_concept, model_identity, training_key
 
 log = logging.getLogger(__name__)
@@ -131,8 +135,10 @@ def result_keys(
                 name, at = concept["name"], "preprocess"
                 try:
                     photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=settings.mode)
-                    at = "train"  # what train checks of each concept before any work, in its order
+                    at = "settings"  # a templates file this machine cannot read the GPU pod may: not told
                     spec = spec_of(concept).resolved(profile)
+                    get_templates(spec.templates)
+                    at = "train"  # what train checks of each concept against the model before any work
                     check_concept(model.tokenizer, spec)
                     check_progressive(spec, config)
                     at = "key"
@@ -141,7 +147,7 @@ def result_keys(
                     told.keys[name] = result_key(told.evaluations[name], settings.gate)
                 except Exception as e:  # its own step meets it and records it as the concept's
                     why = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-                    if at != "key" and isinstance(e, OnewordError) and not outcome.transient(e):
+                    if at in ("preprocess", "train") and isinstance(e, OnewordError) and not outcome.transient(e):
                         told.failing[name] = {"stage": at, "error": why}  # no photo reads, say, or a token clashes
                         log.warning("%s will fail at %s (%s)", name, at, why)
                     else:

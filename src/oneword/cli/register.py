@@ -27,7 +27,8 @@ def register_cmd(
     ),
     margin_se: Annotated[float, option(GateThresholds, "margin_se")] = default(GateThresholds, "margin_se"),
 ) -> None:
-    """Register a concept; it becomes `champion` only if it passes the gate and beats the current one.
+    """Register a concept; it becomes `champion` if it passes the gate and beats the current one (or passes
+    thresholds the current one does not).
 
     \b
     Example:

@@ -142,6 +142,7 @@ def evaluation_key(training_key: str, config) -> str:
 def result_key(evaluation: str, thresholds) -> str:
     """What a registered version is the result of: an evaluation (`evaluation_key`) judged by the quality gate's
     `thresholds`. A scheduled batch finds the concept's newest version by it and neither evaluates nor registers
-    that concept again; a changed threshold judges it anew."""
+    that concept again; under changed thresholds alone, its recorded scores are judged again
+    (`registry.rejudged_result`)."""
     what = {"evaluation": evaluation, "gate": thresholds.model_dump()}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

@@ -333,7 +333,8 @@ def register(
     kfp_run_id: str = "",
     kfp_run_name: str = "",
 ) -> str:
-    """Log the run to MLflow and register the concept; champion only if it passes the gate and beats the last.
+    """Log the run to MLflow and register the concept; champion if it passes the gate and beats the last one (or
+    passes thresholds the last one does not).
 
     Args:
         model: output of train.
@@ -453,8 +454,9 @@ def changed_concepts(
         experiment: MLflow experiment.
         kfp_run_id: the KFP run's id (run tag kfp.run_id).
         kfp_run_name: the KFP run's name (run tag kfp.run_name).
-        on_error: fail (the steps meet every error) or record (a batch: a concept whose photos no attempt can
-            read is recorded failed at preprocess here, and starts no GPU pod).
+        on_error: fail (the steps meet every error) or record (a batch: a concept that a step would fail at every
+            attempt, its photos that do not read or a token the model has, is recorded failed at that step here,
+            and starts no GPU pod).
         Others: as train, evaluate and register are given them (what makes their result the same).
 
     Returns:
@@ -482,7 +484,7 @@ def changed_concepts(
                    on_error)
     with open(to_train, "w") as f:
         json.dump(todo, f)
-    metrics.log_metric("told", len(concepts) - len(todo))  # unchanged, or failed at their photos
+    metrics.log_metric("told", len(concepts) - len(todo))  # unchanged, or recorded as failed
     metrics.log_metric("to_train", len(todo))
     return len(todo)
 

@@ -42,6 +42,7 @@ CLI_SOURCES = {
     "concepts list": (TrackingConfig,),
     "concepts show": (TrackingConfig,),
     "concepts pull": (TrackingConfig,),
+    "concepts prune": (TrackingConfig,),
     "preprocess": (PreprocessConfig,),
     "register": (GateThresholds, TrackingConfig),
 }

@@ -659,3 +659,44 @@ def test_a_registry_that_cannot_answer_is_not_reported_as_a_missing_concept():
         assert "not found" not in e.value.message and "credentials" in e.value.hint
     finally:
         srv.shutdown()
+
+
+def test_pruning_deletes_old_versions_no_alias_points_at_and_leaves_the_rest(mlflow_server, capsys, monkeypatch):
+    from oneword.cli import main
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.create_run(client.create_experiment("prune-exp")).info.run_id
+    for name, concept in (("cat-prune", "true"), ("dog-prune", "true"), ("not-a-concept", None)):
+        client.create_registered_model(name, tags={registry.CONCEPT_TAG: concept} if concept else None)
+        for v in range(1, 7):
+            client.create_model_version(name, f"runs:/{run}/m{v}", run_id=run, tags={"oneword.token": "<p>"})
+            if v != 4:  # version 4's register is still at work: its gate has not decided
+                gate = registry.ABANDONED if v == 1 else "decided"
+                client.set_model_version_tag(name, str(v), "gate", gate)
+        client.set_registered_model_alias(name, "champion", "2")
+        client.set_registered_model_alias(name, "candidate", "6")
+
+    def versions(name):
+        return sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
+
+    would = catalogue.prune_versions(mlflow_server, keep=2, names=["cat-prune"], dry_run=True)
+    assert [(r["name"], r["version"]) for r in would] == [("cat-prune", "3"), ("cat-prune", "1")]
+    assert versions("cat-prune") == [1, 2, 3, 4, 5, 6]  # a dry run deletes nothing
+    gone = catalogue.prune_versions(mlflow_server, keep=2)
+    assert [(r["name"], r["version"]) for r in gone] == [(n, v) for n in ("cat-prune", "dog-prune") for v in "31"]
+    # kept: the newest two, the alias holders, the undecided; another team's models are not concepts: untouched
+    assert versions("cat-prune") == versions("dog-prune") == [2, 4, 5, 6]
+    assert versions("not-a-concept") == [1, 2, 3, 4, 5, 6]
+    fifth = [r for r in catalogue.list_concepts(mlflow_server) if r["version"] == "5"]
+    assert catalogue.prune_versions(mlflow_server, keep=1) == fifth and len(fifth) == 2
+    with pytest.raises(OnewordError, match="no concept named 'no-such-cat'"):
+        catalogue.prune_versions(mlflow_server, names=["no-such-cat"])
+    with pytest.raises(OnewordError, match="at least 1"):
+        catalogue.prune_versions(mlflow_server, keep=0)
+    client.create_model_version("cat-prune", f"runs:/{run}/m7", run_id=run, tags={"oneword.token": "<p>", "gate": "d"})
+    client.set_registered_model_alias("cat-prune", "candidate", "7")  # version 6 holds no alias now
+    monkeypatch.setenv("COLUMNS", "80")
+    main(["concepts", "prune", "--keep", "1", "--dry-run", "--tracking-uri", mlflow_server])  # raises on an error
+    out = capsys.readouterr().out
+    assert "would delete 1 version of 1 concept (their" in out and "cat-prune" in out
+    assert max(map(len, out.splitlines())) <= 80 and versions("cat-prune") == [2, 4, 6, 7]  # a dry run

@@ -1,15 +1,17 @@
 """The concept registry's queries: concepts and versions by reference, base model, alias or batch, and their
-embeddings in any format (`oneword concepts`, `oneword generate --concept`)."""
+embeddings in any format (`oneword concepts`, `oneword generate --concept`); and its upkeep (`prune_versions`)."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from oneword import embeddings as emb_io
 from oneword import tracking
+from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
-from oneword.registry import ABANDONED, CHAMPION, CONCEPT_TAG, PAGE_SIZE, every_page
+from oneword.registry import ABANDONED, CHAMPION, CONCEPT_TAG, PAGE_SIZE, delete_version, every_page
 from oneword.tracking import default_tracking_uri
 
 
@@ -183,3 +185,51 @@ def pull_concepts(
             hint="generate with concepts of one base model at a time",
         )
     return files, next(iter(bases))
+
+
+def prune_versions(
+    tracking_uri: str | None = None,
+    keep: int = TrackingConfig().keep_versions,
+    names: Sequence[str] = (),
+    dry_run: bool = False,
+) -> list[dict]:
+    """Delete the concept versions that no alias points at, beyond each concept's `keep` newest.
+
+    Never deleted: a version an alias points at (`champion`, `candidate`, or one of your own), one of the `keep`
+    newest, or one whose gate has not decided yet (a register at work: its alias is not set). A version's MLflow
+    run stays, with its embedding, scores and report.
+
+    Args:
+        tracking_uri: the registry's MLflow tracking URI.
+        keep: newest versions kept per concept (at least 1).
+        names: only these concepts (default: every concept).
+        dry_run: delete nothing; return what would be deleted.
+
+    Returns:
+        `list_concepts` rows of the versions deleted (or that would be), by name and version.
+    """
+    if keep < 1:
+        raise OnewordError(
+            f"keep must be at least 1, not {keep}", hint="the newest version is what the next run compares with"
+        )
+    rows = list_concepts(tracking_uri)
+    if missing := sorted(set(names) - {r["name"] for r in rows}):
+        raise OnewordError(
+            f"no concept named {', '.join(map(repr, missing))} in the registry at "
+            f"{tracking_uri or default_tracking_uri()}",
+            hint="list concepts with `oneword concepts list`",
+        )
+    _, client = tracking.client(tracking_uri)
+    gone = []
+    for name in sorted({r["name"] for r in rows if not names or r["name"] in names}):
+        versions = sorted((r for r in rows if r["name"] == name), key=lambda r: -int(r["version"]))
+        for r in versions[keep:]:
+            if r["aliases"] or r["gate"] is None:
+                continue
+            if not dry_run:
+                held = client.get_registered_model(name).aliases or {}  # an alias moved since the listing
+                if str(r["version"]) in {str(v) for v in held.values()}:
+                    continue
+                delete_version(client, name, r["version"])
+            gone.append(r)
+    return gone

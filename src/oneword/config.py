@@ -237,6 +237,9 @@ class TrackingConfig(BaseModel):
         description="MLflow URI (empty: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
     experiment: str = Field("oneword", description="MLflow experiment")
+    # a catalogue retrained for months holds every candidate its gate ever judged; the newest version is what
+    # the next run compares with, the two before it what a person looks at to see a concept's trend
+    keep_versions: int = Field(3, ge=1, description="newest versions `concepts prune` keeps per concept")
 
 
 class BatchConfig(BaseModel):

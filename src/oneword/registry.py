@@ -491,7 +491,7 @@ def _wait_for_older_decisions(
         for twin in twins:
             log.warning("%s version %s is an undecided twin of version %s (same run): deleting it", name,
                         twin.version, version)  # fmt: skip
-            _delete_version(client, name, twin.version)
+            delete_version(client, name, twin.version)
         older = sorted((mv for mv in older if mv not in twins), key=lambda mv: int(mv.version))
         if not older:
             return
@@ -528,7 +528,7 @@ def _register_version(
     try:
         _wait_for_older_decisions(client, concept.name, int(mv.version), run_id, tags, mv.source)
         if (same := _same_result_before(client, concept.name, int(mv.version), tags)) is not None:
-            _delete_version(client, concept.name, mv.version)
+            delete_version(client, concept.name, mv.version)
             client.set_tag(run_id, UNCHANGED_TAG, same.version)  # where the batch report finds it
             held = sorted(a for a, v in (client.get_registered_model(concept.name).aliases or {}).items()
                           if str(v) == str(same.version))  # fmt: skip
@@ -537,7 +537,7 @@ def _register_version(
             return str(same.version), ",".join(held), reason, True
         alias, reason = _apply_gate(client, concept, mv.version, tags, thresholds)
     except BaseException:
-        _delete_version(client, concept.name, mv.version)  # no half-registered version
+        delete_version(client, concept.name, mv.version)  # no half-registered version
         raise
     log.info("registered %s version %s as %s (%s)", concept.name, mv.version, alias, reason)
     return str(mv.version), alias, reason, False
@@ -563,7 +563,7 @@ def _decided_on(mv, key: str) -> bool:
     return mv.tags.get(RESULT_KEY_TAG) == key and mv.tags.get("gate") not in (None, ABANDONED)
 
 
-def _delete_version(client, name: str, version) -> None:
+def delete_version(client, name: str, version) -> None:
     """Delete a model version; one already gone (a retried delete whose answer was lost) is no error."""
     from mlflow.exceptions import MlflowException
 

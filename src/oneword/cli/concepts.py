@@ -1,4 +1,4 @@
-"""`oneword concepts list|show|pull`: query the concept registry."""
+"""`oneword concepts list|show|pull|prune`: query the concept registry, and keep it tidy."""
 
 from __future__ import annotations
 
@@ -135,3 +135,33 @@ def pull_cmd(
     refuse_existing(out, force)
     path, tags = pull_concept(ref, out, format, tracking_uri)
     rprint(f"[green]{tags.get('oneword.token')}[/] -> {path} ({format})")
+
+
+@concepts.command("prune")
+def prune_cmd(
+    names: Annotated[list[str] | None, typer.Argument(help="concepts to prune (default: every concept)")] = None,
+    keep_versions: Annotated[int, option(TrackingConfig, "keep_versions", "--keep", min=1)] = default(
+        TrackingConfig, "keep_versions"
+    ),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="delete nothing; list what would go")] = False,
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
+) -> None:
+    """Delete the concept versions no alias points at, beyond each concept's newest (runs and files stay).
+
+    \b
+    Example:
+      oneword concepts prune --keep 3 --dry-run
+    """
+    from rich.console import Console
+
+    from oneword.catalogue import prune_versions
+
+    rows = prune_versions(tracking_uri, keep_versions, names or (), dry_run)
+    console = Console()
+    if rows:
+        table = concepts_table(rows)
+        table.title = "would delete" if dry_run else "deleted"
+        console.print(table)
+    n, did = len({r["name"] for r in rows}), "would delete" if dry_run else "deleted"
+    console.print(f"{did} {len(rows)} version{'s' * (len(rows) != 1)} of {n} concept{'s' * (n != 1)} (their "
+                  "MLflow runs stay)", highlight=False)  # fmt: skip

@@ -409,3 +409,33 @@ def test_the_concepts_table_keeps_aliases_and_tokens_whole_in_80_columns():
     rows = lines[next(i for i, line in enumerate(lines) if "─" in line) + 1 :]
     name = "".join(line.split()[0] for line in rows if line.strip())
     assert name == "my-golden-retriever-on-the-beach-2024-summer"  # folded, whole
+    # a long token and two aliases beside it: the token folds, the scores stay
+    wide = {"name": "my-golden-retriever-on-the-beach-2024", "token": "<my-very-long-token-name-xyz>",
+            "aliases": ["champion", "candidate"]}  # fmt: skip
+    console.print(concepts_table([{**row, **wide}]))
+    lines = console.export_text().splitlines()
+    first = next(line for line in lines if "champion" in line)
+    assert max(map(len, lines)) <= 80 and "0.66" in first and "0.50" in first
+    assert any("candidate" in line for line in lines)
+
+
+def test_the_dry_run_table_keeps_every_character_in_80_columns():
+    """A long name beside a failing concept's status made the table 81 columns wide, and rich cut a character
+    from each folded line of the error, the column the reader needs."""
+    from rich.console import Console
+
+    from oneword.cli.run import print_batch_plan
+
+    why = "/tmp/audit/photos/nowhere does not exist: put 3-5 photos of the concept there"
+    rows = [{"name": "my-golden-retriever-on-the-beach", "status": "fails at preprocess", "version": "",
+             "alias": "", "why": why},
+            {"name": "cat", "status": "unchanged", "version": "12", "alias": "champion", "why": ""}]  # fmt: skip
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    print_batch_plan(rows, console)
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "fails at preprocess" in text
+    lines = text.splitlines()
+    header = next(line for line in lines if "alias / why" in line)
+    col = header.index("alias / why")  # the why's column, as folded over the rows' lines
+    said = "".join(line[col:].strip() for line in lines[lines.index(header) + 2 :] if line[:col].strip() != "cat")
+    assert why.replace(" ", "") in said.replace(" ", "") and "champion" in text

@@ -59,22 +59,22 @@ def concepts_table(rows: list[dict]):
     from rich import box
     from rich.table import Table
 
-    # In 80 columns the alias, token and scores stay whole; a long name folds onto more lines (whole, not cut)
-    # before they would; the base model shows as its last path part and a fingerprint prefix (what --base-model
-    # filters by), folded if it must be.
+    # In 80 columns the aliases (one a line) and scores stay whole; a long name or token folds onto more lines
+    # (whole, not cut) before they would; the base model shows as its last path part and a fingerprint prefix
+    # (what --base-model filters by), folded if it must be.
     t = Table(title="concepts", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("name", overflow="fold", min_width=12)
     t.add_column("ver", justify="right", no_wrap=True)
     t.add_column("alias", no_wrap=True)
-    t.add_column("token", no_wrap=True)
-    t.add_column("base model", overflow="fold")
-    t.add_column("recon", justify="right", no_wrap=True)
-    t.add_column("edit", justify="right", no_wrap=True)
+    t.add_column("token", overflow="fold", min_width=10)
+    t.add_column("base model", overflow="fold", min_width=8)
+    t.add_column("recon", justify="right", no_wrap=True, min_width=5)
+    t.add_column("edit", justify="right", no_wrap=True, min_width=5)
     for r in rows:
         t.add_row(
             r["name"],
             str(r["version"]),
-            ",".join(r["aliases"]),
+            "\n".join(r["aliases"]),
             r["token"] or "",
             f"{_short_model(r['base_model'])}\n{r['base_model_fingerprint'][7:15]}",
             _score(r["reconstruction"]),

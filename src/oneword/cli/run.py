@@ -179,10 +179,11 @@ def print_batch_plan(rows: list[dict], console) -> None:
     from rich.table import Table
 
     t = Table(title="dry run: nothing was trained or recorded", box=box.SIMPLE_HEAD, pad_edge=False)
-    t.add_column("concept", overflow="fold", min_width=min(max((len(r["name"]) for r in rows), default=7), 24))
-    t.add_column("tonight")
-    t.add_column("version")
-    t.add_column("alias / why", overflow="fold", ratio=1, min_width=20)
+    # in 80 columns: a name folds past 20 characters, the status stays whole, the why takes what is left
+    t.add_column("concept", overflow="fold", min_width=min(max((len(r["name"]) for r in rows), default=7), 20))
+    t.add_column("tonight", no_wrap=True)
+    t.add_column("ver", justify="right", no_wrap=True)
+    t.add_column("alias / why", overflow="fold", ratio=1, min_width=16)
     colours = {"unchanged": "cyan", "to train": "yellow", "fails": "red", "unknown": "magenta"}
     for r in rows:
         said = "; ".join(x for x in (r["alias"], escape(r.get("why", ""))) if x)

@@ -84,16 +84,18 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     from oneword.cli.run import print_batch_plan
     from oneword.pipelines.local import batch_plan
 
-    plan = batch_plan(str(manifest), report["tracking_uri"], **settings)
+    told = batch_plan(str(manifest), report["tracking_uri"], **settings)
+    plan = told["concepts"]
+    assert told["registry"] and told["tracking_uri"] == report["tracking_uri"]
     assert [(r["name"], r["status"], r["version"], r["alias"]) for r in plan] == [
         ("cat-q", "unchanged", "1", "champion"), ("bad-q", "fails at preprocess", "", ""),
         ("dog-q", "unchanged", "1", "champion"), ("dog-word", "fails at train", "", ""),
     ]  # fmt: skip
     assert "a.jpg" in plan[1]["why"] and "already a word" in plan[3]["why"]  # what a run would record
-    other = batch_plan(str(manifest), report["tracking_uri"], **{**settings, "steps": 5})
+    other = batch_plan(str(manifest), report["tracking_uri"], **{**settings, "steps": 5})["concepts"]
     assert [r["status"] for r in other] == ["to train", "fails at preprocess", "to train", "fails at train"]
     console = Console(width=80, record=True)
-    print_batch_plan(plan, console)
+    print_batch_plan(told, console)
     text = console.export_text()
     assert "0 to train, 2 unchanged, 2 would fail" in text and max(len(line) for line in text.splitlines()) <= 80
     # the next night, nothing changed but the manifest's order, and so the shard: the unchanged concepts, and the

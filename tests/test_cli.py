@@ -431,7 +431,7 @@ def test_the_dry_run_table_keeps_every_character_in_80_columns():
              "alias": "", "why": why},
             {"name": "cat", "status": "unchanged", "version": "12", "alias": "champion", "why": ""}]  # fmt: skip
     console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    print_batch_plan(rows, console)
+    print_batch_plan({"tracking_uri": "sqlite:///mlflow.db", "registry": True, "concepts": rows}, console)
     text = console.export_text()
     assert max(map(len, text.splitlines())) <= 80 and "fails at preprocess" in text
     lines = text.splitlines()
@@ -439,3 +439,42 @@ def test_the_dry_run_table_keeps_every_character_in_80_columns():
     col = header.index("alias / why")  # the why's column, as folded over the rows' lines
     said = "".join(line[col:].strip() for line in lines[lines.index(header) + 2 :] if line[:col].strip() != "cat")
     assert why.replace(" ", "") in said.replace(" ", "") and "champion" in text
+
+
+def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tiny_model_dir, tmp_path, capsys):
+    """No store yet: nothing is registered, but photos that do not read still fail, and the dry run says so (and
+    exits 1), names the registry it meant, and makes none."""
+    import yaml
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    manifest = tmp_path / "concepts.yaml"
+    manifest.write_text(yaml.safe_dump({"concepts": [
+        {"images": str(DREAMBENCH / "cat"), "token": "<cat-d>", "init_word": "cat"},
+        {"images": str(broken), "token": "<bad-d>", "init_word": "dog"},
+    ]}))  # fmt: skip
+    store = tmp_path / "mlflow.db"
+    args = ["batch", manifest, "--dry-run", "--base-model", tiny_model_dir, "--resolution", 32,
+            "--tracking-uri", f"sqlite:///{store}"]  # fmt: skip
+    code, out = run(args, capsys)
+    assert code == 1 and "1 to train, 0 unchanged, 1 would fail" in out and "none there yet" in out
+    assert not store.exists()
+    code, out = run([*args, "--json"], capsys)
+    plan, _ = json.JSONDecoder().raw_decode(out[out.index("{") :])  # the logs follow, on stderr
+    assert code == 1 and not plan["registry"]
+    told = [(r["name"], r["status"]) for r in plan["concepts"]]
+    assert told == [("cat-d", "to train"), ("bad-d", "fails at preprocess")]
+
+
+def test_a_report_that_could_not_tell_which_concepts_left_says_so():
+    from rich.console import Console
+
+    from oneword.cli.run import print_batch_report
+
+    report = {"batch_id": "b", "registered": 0, "unchanged": 0, "failed": 0, "concepts": [], "left": [],
+              "left_error": "ConnectionError: the registry did not answer"}  # fmt: skip
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    assert print_batch_report(report, console) == 0
+    text = " ".join(console.export_text().split())
+    assert "could not tell which concepts left the manifest: ConnectionError: the registry did not answer" in text

@@ -136,8 +136,11 @@ def batch_cmd(
     concepts_per_shard: Annotated[int, parameter("concepts_per_shard")] = D["concepts_per_shard"],
     seed: Annotated[int, parameter("seed")] = D["seed"],
     log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train and which are "
-                                               "unchanged since their version (CPU, seconds)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train, which are "
+                                               "unchanged since their version and which would fail (on CPU: "
+                                               "preprocesses the photos, loads the text encoders); exits 1 if any "
+                                               "would fail")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print the plan as JSON")] = False,
 ) -> None:
     """Run batch_personalisation on this machine: every concept of a manifest, each registered on its own.
 
@@ -148,18 +151,24 @@ def batch_cmd(
     \b
     Example:
       oneword batch concepts.yaml --base-model toyworld --steps 300
-      oneword batch concepts.yaml --tracking-uri http://mlflow:5000 --dry-run
+      oneword batch concepts.yaml --base-model ./sd15 --tracking-uri http://mlflow:5000 --dry-run
     """
     params = {
         k: v for k, v in locals().items()
-        if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file", "dry_run")
+        if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file", "dry_run", "as_json")
     }  # fmt: skip
     if dry_run:
         from rich.console import Console
 
         from oneword.pipelines.local import batch_plan
 
-        print_batch_plan(batch_plan(concepts_manifest, tracking_uri or None, **params), Console(soft_wrap=False))
+        plan = batch_plan(concepts_manifest, tracking_uri or None, **params)
+        if as_json:
+            print(json.dumps(plan, indent=2))
+        else:
+            print_batch_plan(plan, Console(soft_wrap=False))
+        if any(r["status"].startswith("fails at") for r in plan["concepts"]):
+            raise typer.Exit(1)
         return
 
     from oneword.pipelines.local import run_batch
@@ -172,12 +181,13 @@ def batch_cmd(
         raise typer.Exit(code)
 
 
-def print_batch_plan(rows: list[dict], console) -> None:
+def print_batch_plan(plan: dict, console) -> None:
     """Print what a batch would do with each concept (`local.batch_plan`), one row per concept."""
     from rich import box
     from rich.markup import escape
     from rich.table import Table
 
+    rows = plan["concepts"]
     t = Table(title="dry run: nothing was trained or recorded", box=box.SIMPLE_HEAD, pad_edge=False)
     # in 80 columns: a name folds past 20 characters, the status stays whole, the why takes what is left
     t.add_column("concept", overflow="fold", min_width=min(max((len(r["name"]) for r in rows), default=7), 20))
@@ -197,6 +207,8 @@ def print_batch_plan(rows: list[dict], console) -> None:
     if count["unknown"]:
         said += f", {count['unknown']} unknown (a run trains them)"
     console.print(said, highlight=False)
+    where = "" if plan["registry"] else " (none there yet: every concept is new)"
+    console.print(f"  registry {plan['tracking_uri']}{where}", highlight=False, soft_wrap=True)
 
 
 def print_batch_report(report: dict, console) -> int:
@@ -238,6 +250,9 @@ def print_batch_report(report: dict, console) -> int:
                          for c, said in zip(report["left"], aliases))  # fmt: skip
         console.print(f"[yellow]left the manifest[/] since its last run, still holding an alias: {held}",
                       highlight=False, soft_wrap=False)  # fmt: skip
+    if report.get("left_error"):  # not "none left": it could not be told
+        console.print(f"[yellow]could not tell which concepts left the manifest[/]: {escape(report['left_error'])}",
+                      highlight=False)  # fmt: skip
     for k in ("run_dir", "tracking_uri"):
         console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     return 1 if report["failed"] else 0

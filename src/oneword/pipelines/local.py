@@ -271,12 +271,13 @@ def run_batch(
     return report
 
 
-def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params) -> list[dict]:
+def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params) -> dict:
     """What `run_batch` with these parameters would do with each concept, running nothing and recording nothing
     (`oneword.unchanged`: the lookup the pipelines make before any GPU step, by this oneword release).
 
     Returns:
-        Per concept, in the manifest's order: `{"name", "status", "version", "alias", "why"}`; status `unchanged`
+        `{"tracking_uri", "registry": bool (False: no store there yet, so nothing is registered), "concepts"}`;
+        per concept, in the manifest's order: `{"name", "status", "version", "alias", "why"}`; status `unchanged`
         (the version and alias it would keep; `why`: what the gate said, where only the gate changed), `to train`, `fails at STEP` (`why`: the error that step would
         record, at every attempt), or `unknown` (`why`: it could not be told, and a run would train it).
     """
@@ -284,23 +285,17 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.config import EvalConfig, GateThresholds, TrainConfig
     from oneword.pipelines.parameters import config_of, unset_to_none
     from oneword.tracking import default_tracking_uri, sqlite_path
-    from oneword.unchanged import Lookup, Settings, unchanged_versions
+    from oneword.unchanged import Settings, result_keys, unchanged_versions
 
     _check_settings(params)
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
     uri = tracking_uri or default_tracking_uri()
     store = sqlite_path(uri)
-    told = (
-        Lookup()  # no store yet: nothing registered, and asking would make one
-        if store is not None and not store.exists()
-        else unchanged_versions(
-            concepts,
-            Settings(params.get("base_model", ""), config_of(TrainConfig, params), config_of(EvalConfig, params),
-                     config_of(GateThresholds, params), unset_to_none(params.get("resolution", 0)),
-                     params.get("mode", "crop")),
-            uri,
-        )
-    )  # fmt: skip
+    settings = Settings(params.get("base_model", ""), config_of(TrainConfig, params), config_of(EvalConfig, params),
+                        config_of(GateThresholds, params), unset_to_none(params.get("resolution", 0)),
+                        params.get("mode", "crop"))  # fmt: skip
+    registry = store is None or store.exists()  # no store yet: nothing registered, and asking would make one
+    told = unchanged_versions(concepts, settings, uri) if registry else result_keys(concepts, settings)
     rows = []
     for c in concepts:
         row = {"name": c["name"], "status": "to train", "version": "", "alias": "", "why": told.unknown.get(c["name"], "")}
@@ -313,4 +308,4 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         elif c["name"] in told.unknown:
             row["status"] = "unknown"
         rows.append(row)
-    return rows
+    return {"tracking_uri": uri, "registry": registry, "concepts": rows}

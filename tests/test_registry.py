@@ -661,9 +661,11 @@ def test_a_registry_that_cannot_answer_is_not_reported_as_a_missing_concept():
         srv.shutdown()
 
 
-def test_pruning_deletes_old_versions_no_alias_points_at_and_leaves_the_rest(mlflow_server, capsys, monkeypatch):
+def test_pruning_deletes_old_versions_no_alias_points_at_and_leaves_the_rest(tmp_path, capsys, monkeypatch):
     from oneword.cli import main
 
+    mlflow_server = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a store of its own: pruning every concept of the
+    # shared server would delete the versions other tests look at
     client = mlflow.MlflowClient(mlflow_server)
     run = client.create_run(client.create_experiment("prune-exp")).info.run_id
     for name, concept in (("cat-prune", "true"), ("dog-prune", "true"), ("not-a-concept", None)):

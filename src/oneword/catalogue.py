@@ -61,7 +61,12 @@ def list_concepts(
     rows = []
     models = every_page(client.search_registered_models, page_size, filter_string=f"tags.`{CONCEPT_TAG}` = 'true'")
     for rm in models:
-        for mv in every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'"):
+        if alias:  # the version it names, not every version of every concept
+            held = (rm.aliases or {}).get(alias)
+            versions = [] if held is None else _versions_named(client, rm.name, [str(held)])
+        else:
+            versions = every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'")
+        for mv in versions:
             row = version_row(mv, rm)
             if base_model and not _on_base_model(row, base_model):
                 continue
@@ -69,6 +74,20 @@ def list_concepts(
                 continue
             rows.append(row)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def _versions_named(client, name: str, versions: list[str]) -> list:
+    """These versions of `name`, leaving out one deleted since it was named (any other registry error is raised)."""
+    from mlflow.exceptions import MlflowException
+
+    out = []
+    for v in versions:
+        try:
+            out.append(client.get_model_version(name, v))
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    return out
 
 
 def _on_base_model(row: dict, base_model: str) -> bool:
@@ -111,12 +130,20 @@ def version_row(mv, rm) -> dict:
         "base_model": mv.tags.get("oneword.base_model"),
         "base_model_fingerprint": mv.tags.get("oneword.base_model_fingerprint", ""),
         "model_family": mv.tags.get("oneword.model_family"),
-        "reconstruction": mv.tags.get("reconstruction"),
-        "editability": mv.tags.get("editability"),
+        "reconstruction": _number(mv.tags.get("reconstruction")),
+        "editability": _number(mv.tags.get("editability")),
         "gate": mv.tags.get("gate"),
         "batch_id": mv.tags.get("oneword.batch_id"),
         "run_id": mv.run_id,
     }
+
+
+def _number(tag: str | None) -> float | None:
+    """A score tag as a number (a version registered unevaluated, or tagged by another tool: None)."""
+    try:
+        return None if tag is None else float(tag)
+    except ValueError:
+        return None
 
 
 def show_concept(ref: str, tracking_uri: str | None = None) -> dict:

@@ -66,8 +66,8 @@ def concepts_table(rows: list[dict]):
     t.add_column("name", overflow="fold", min_width=12)
     t.add_column("ver", justify="right", no_wrap=True)
     t.add_column("alias", no_wrap=True)
-    t.add_column("token", overflow="fold", min_width=10)
-    t.add_column("base model", overflow="fold", min_width=8)
+    t.add_column("token", overflow="fold", min_width=7)
+    t.add_column("base model", overflow="fold")
     t.add_column("recon", justify="right", no_wrap=True, min_width=5)
     t.add_column("edit", justify="right", no_wrap=True, min_width=5)
     for r in rows:
@@ -146,7 +146,10 @@ def prune_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="delete nothing; list what would go")] = False,
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
 ) -> None:
-    """Delete the concept versions no alias points at, beyond each concept's newest (runs and files stay).
+    """Delete old versions that no alias points at (their runs stay).
+
+    Keeps each concept's --keep newest versions, every version an alias points at, and any whose register is
+    still deciding.
 
     \b
     Example:

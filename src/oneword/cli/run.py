@@ -151,7 +151,7 @@ def batch_cmd(
     \b
     Example:
       oneword batch concepts.yaml --base-model toyworld --steps 300
-      oneword batch concepts.yaml --base-model ./sd15 --tracking-uri http://mlflow:5000 --dry-run
+      oneword batch concepts.yaml --base-model ./sd15 --dry-run
     """
     params = {
         k: v for k, v in locals().items()

@@ -43,6 +43,7 @@ CLI_SOURCES = {
     "concepts show": (TrackingConfig,),
     "concepts pull": (TrackingConfig,),
     "concepts prune": (TrackingConfig,),
+    "concepts promote": (TrackingConfig,),
     "preprocess": (PreprocessConfig,),
     "register": (GateThresholds, TrackingConfig),
 }

@@ -702,3 +702,29 @@ def test_pruning_deletes_old_versions_no_alias_points_at_and_leaves_the_rest(tmp
     out = capsys.readouterr().out
     assert "would delete 1 version of 1 concept (their" in out and "cat-prune" in out
     assert max(map(len, out.splitlines())) <= 80 and versions("cat-prune") == [2, 4, 6, 7]  # a dry run
+
+
+def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(tmp_path, capsys):
+    from oneword.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("promote-exp")).info.run_id
+    client.create_registered_model("cat-hand", tags={registry.CONCEPT_TAG: "true"})
+    for v in range(1, 4):
+        client.create_model_version("cat-hand", f"runs:/{run}/m{v}", run_id=run, tags={"oneword.token": "<h>"})
+    for v in ("1", "2"):
+        client.set_model_version_tag("cat-hand", v, "gate", "decided")
+    client.set_registered_model_alias("cat-hand", "champion", "2")
+    done = catalogue.promote("cat-hand/1", reason="version 2 draws the ears wrong", tracking_uri=uri)
+    assert done == {"name": "cat-hand", "version": "1", "alias": "champion", "before": "2"}
+    assert str(catalogue.get_version("cat-hand@champion", uri).version) == "1"
+    tag = client.get_model_version("cat-hand", "1").tags[catalogue.PROMOTED_TAG]
+    assert tag == "@champion by hand (was version 2): version 2 draws the ears wrong"
+    with pytest.raises(OnewordError, match="still being registered"):  # its register would set the alias after
+        catalogue.promote("cat-hand/3", tracking_uri=uri)
+    with pytest.raises(OnewordError, match="not found"):
+        catalogue.promote("cat-hand/9", tracking_uri=uri)
+    main(["concepts", "promote", "cat-hand/2", "--alias", "stable", "--tracking-uri", uri])
+    assert "cat-hand@stable -> version 2" in capsys.readouterr().out
+    assert str(catalogue.get_version("cat-hand@stable", uri).version) == "2"

@@ -260,3 +260,38 @@ def prune_versions(
                 delete_version(client, name, r["version"])
             gone.append(r)
     return gone
+
+
+PROMOTED_TAG = "oneword.promoted"
+
+
+def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str | None = None) -> dict:
+    """Point `alias` at a version by hand: a rollback (the new champion draws its concept worse than its scores
+    say), or a move the gate cannot make (a champion on the old base model, whose scores it does not compare).
+    The version is tagged with who held the alias before and why (`PROMOTED_TAG`); later registrations compare
+    with it as with any champion.
+
+    Args:
+        ref: `NAME/VERSION` (or `NAME@alias`) of the version.
+        alias: the alias to point at it.
+        reason: why, recorded on the version.
+        tracking_uri: the registry's MLflow tracking URI.
+
+    Returns:
+        `{"name", "version", "alias", "before"}` (`before`: the version the alias named, or None).
+    """
+    mv = get_version(ref, tracking_uri)
+    if mv.tags.get("gate") is None:
+        raise OnewordError(
+            f"{mv.name} version {mv.version} is still being registered: its gate has not decided",
+            hint="wait for its register to finish (or to be marked abandoned), then promote it",
+        )
+    _, client = tracking.client(tracking_uri)
+    before = (client.get_registered_model(mv.name).aliases or {}).get(alias)
+    client.set_registered_model_alias(mv.name, alias, mv.version)
+    said = f"@{alias} by hand" + (f" (was version {before})" if before is not None else "") + (
+        f": {reason}" if reason else ""
+    )
+    client.set_model_version_tag(mv.name, mv.version, PROMOTED_TAG, said[:4000])
+    before = None if before is None else str(before)
+    return {"name": mv.name, "version": str(mv.version), "alias": alias, "before": before}

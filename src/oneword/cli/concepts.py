@@ -1,4 +1,4 @@
-"""`oneword concepts list|show|pull|prune`: query the concept registry, and keep it tidy."""
+"""`oneword concepts list|show|pull|promote|prune`: query the concept registry, and keep it."""
 
 from __future__ import annotations
 
@@ -135,6 +135,29 @@ def pull_cmd(
     refuse_existing(out, force)
     path, tags = pull_concept(ref, out, format, tracking_uri)
     rprint(f"[green]{tags.get('oneword.token')}[/] -> {path} ({format})")
+
+
+@concepts.command("promote")
+def promote_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME/VERSION")],
+    alias: Annotated[str, typer.Option(help="the alias to point at it")] = "champion",
+    reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "",
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
+) -> None:
+    """Point an alias at a version by hand (a rollback, say).
+
+    \b
+    Example:
+      oneword concepts promote my-cat/3 --reason "v4 draws the ears wrong"
+    """
+    from rich import print as rprint
+    from rich.markup import escape
+
+    from oneword.catalogue import promote
+
+    done = promote(ref, alias, reason, tracking_uri)
+    was = f" (was version {done['before']})" if done["before"] is not None else ""
+    rprint(f"[green]{escape(done['name'])}@{escape(alias)}[/] -> version {done['version']}{was}")
 
 
 @concepts.command("prune")

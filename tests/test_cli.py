@@ -112,7 +112,7 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, 
     [
         (["run", "--images", "x"], "Missing option '--token'"),
         (["batch", "m.yaml", "--steps", "abc"], "Invalid value for '--steps'"),
-        (["concepts", "promote"], "No such command"),
+        (["concepts", "delete"], "No such command"),
         (["bench", "--concepts", "1,x"], "Invalid value for '--concepts'"),
         # the plan step's checks, made here before kfp.local starts (it said only "Inner task failed: 'plan-concept'")
         (["run", "--images", "x", "--token", "<a>", "--init-word", "a", "--name", "my cat"], "is not one oneword can"),

@@ -460,11 +460,17 @@ def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tin
     code, out = run(args, capsys)
     assert code == 1 and "1 to train, 0 unchanged, 1 would fail" in out and "none there yet" in out
     assert not store.exists()
-    code, out = run([*args, "--json"], capsys)
-    plan, _ = json.JSONDecoder().raw_decode(out[out.index("{") :])  # the logs follow, on stderr
-    assert code == 1 and not plan["registry"]
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in [*args, "--json"]])
+    plan = json.loads(capsys.readouterr().out)  # the logs go to stderr: stdout is the plan alone, for a pipe
+    assert e.value.code == 1 and not plan["registry"]
     told = [(r["name"], r["status"]) for r in plan["concepts"]]
     assert told == [("cat-d", "to train"), ("bad-d", "fails at preprocess")]
+    # a model that does not load: nothing could be told, which is no all-clear
+    code, out = run([*args[:4], tmp_path / "no-such-model", *args[5:]], capsys)
+    assert code == 1 and "2 unknown" in out
+    code, out = run([a for a in args if a != "--dry-run"] + ["--json"], capsys)  # a run has no plan to print
+    assert code == 2 and "--json prints a dry run's plan" in out
 
 
 def test_a_report_that_could_not_tell_which_concepts_left_says_so():

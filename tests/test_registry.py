@@ -672,36 +672,47 @@ def test_pruning_deletes_old_versions_no_alias_points_at_and_leaves_the_rest(tmp
         client.create_registered_model(name, tags={registry.CONCEPT_TAG: concept} if concept else None)
         for v in range(1, 7):
             client.create_model_version(name, f"runs:/{run}/m{v}", run_id=run, tags={"oneword.token": "<p>"})
-            if v != 4:  # version 4's register is still at work: its gate has not decided
-                gate = registry.ABANDONED if v == 1 else "decided"
-                client.set_model_version_tag(name, str(v), "gate", gate)
+            if v != 4 or name == "dog-prune":  # cat-prune's version 4: its register is still deciding
+                client.set_model_version_tag(name, str(v), "gate", registry.ABANDONED if v == 1 else "decided")
         client.set_registered_model_alias(name, "champion", "2")
         client.set_registered_model_alias(name, "candidate", "6")
 
     def versions(name):
         return sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
 
-    would = catalogue.prune_versions(mlflow_server, keep=2, names=["cat-prune"], dry_run=True)
-    assert [(r["name"], r["version"]) for r in would] == [("cat-prune", "3"), ("cat-prune", "1")]
-    assert versions("cat-prune") == [1, 2, 3, 4, 5, 6]  # a dry run deletes nothing
-    gone = catalogue.prune_versions(mlflow_server, keep=2)
-    assert [(r["name"], r["version"]) for r in gone] == [(n, v) for n in ("cat-prune", "dog-prune") for v in "31"]
-    # kept: the newest two, the alias holders, the undecided; another team's models are not concepts: untouched
-    assert versions("cat-prune") == versions("dog-prune") == [2, 4, 5, 6]
+    def pruned(rows):
+        return [(r["name"], r["version"]) for r in rows]
+
+    would = catalogue.prune_versions(mlflow_server, keep=2, names=["dog-prune"], dry_run=True)
+    assert pruned(would) == [("dog-prune", "4"), ("dog-prune", "3"), ("dog-prune", "1")]
+    assert versions("dog-prune") == [1, 2, 3, 4, 5, 6]  # a dry run deletes nothing
+    # kept: the newest two and the alias holders; a concept whose register is at work, whole; another team's
+    # models are not concepts: untouched
+    assert pruned(catalogue.prune_versions(mlflow_server, keep=2)) == pruned(would)
+    assert versions("dog-prune") == [2, 5, 6] and versions("cat-prune") == [1, 2, 3, 4, 5, 6]
     assert versions("not-a-concept") == [1, 2, 3, 4, 5, 6]
+    client.set_model_version_tag("cat-prune", "4", "gate", "decided")  # its register is done
+    assert pruned(catalogue.prune_versions(mlflow_server, keep=2)) == [("cat-prune", v) for v in "431"]
     fifth = [r for r in catalogue.list_concepts(mlflow_server) if r["version"] == "5"]
     assert catalogue.prune_versions(mlflow_server, keep=1) == fifth and len(fifth) == 2
     with pytest.raises(OnewordError, match="no concept named 'no-such-cat'"):
         catalogue.prune_versions(mlflow_server, names=["no-such-cat"])
     with pytest.raises(OnewordError, match="at least 1"):
         catalogue.prune_versions(mlflow_server, keep=0)
+    # an alias that moved onto an old version after the listing: that version stays
     client.create_model_version("cat-prune", f"runs:/{run}/m7", run_id=run, tags={"oneword.token": "<p>", "gate": "d"})
-    client.set_registered_model_alias("cat-prune", "candidate", "7")  # version 6 holds no alias now
+    client.set_registered_model_alias("cat-prune", "candidate", "7")
+    stale = catalogue.list_concepts(mlflow_server)  # version 6 holds no alias here
+    client.set_registered_model_alias("cat-prune", "stable", "6")
+    monkeypatch.setattr(catalogue, "list_concepts", lambda uri: stale)
+    assert pruned(catalogue.prune_versions(mlflow_server, keep=1)) == [] and versions("cat-prune") == [2, 6, 7]
+    monkeypatch.undo()
+    client.delete_registered_model_alias("cat-prune", "stable")  # version 6 holds no alias now
     monkeypatch.setenv("COLUMNS", "80")
     main(["concepts", "prune", "--keep", "1", "--dry-run", "--tracking-uri", mlflow_server])  # raises on an error
     out = capsys.readouterr().out
     assert "would delete 1 version of 1 concept (their" in out and "cat-prune" in out
-    assert max(map(len, out.splitlines())) <= 80 and versions("cat-prune") == [2, 4, 6, 7]  # a dry run
+    assert max(map(len, out.splitlines())) <= 80 and versions("cat-prune") == [2, 6, 7]  # a dry run
 
 
 def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(tmp_path, capsys):
@@ -711,20 +722,25 @@ def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(t
     client = mlflow.MlflowClient(uri)
     run = client.create_run(client.create_experiment("promote-exp")).info.run_id
     client.create_registered_model("cat-hand", tags={registry.CONCEPT_TAG: "true"})
+    client.create_registered_model("other-team")
     for v in range(1, 4):
         client.create_model_version("cat-hand", f"runs:/{run}/m{v}", run_id=run, tags={"oneword.token": "<h>"})
+    client.create_model_version("other-team", f"runs:/{run}/o", run_id=run, tags={"gate": "x"})
     for v in ("1", "2"):
         client.set_model_version_tag("cat-hand", v, "gate", "decided")
     client.set_registered_model_alias("cat-hand", "champion", "2")
+    with pytest.raises(OnewordError, match="version 3 is still being registered"):  # it sets the alias after
+        catalogue.promote("cat-hand/1", tracking_uri=uri)
+    client.set_model_version_tag("cat-hand", "3", "gate", "decided")
     done = catalogue.promote("cat-hand/1", reason="version 2 draws the ears wrong", tracking_uri=uri)
     assert done == {"name": "cat-hand", "version": "1", "alias": "champion", "before": "2"}
     assert str(catalogue.get_version("cat-hand@champion", uri).version) == "1"
     tag = client.get_model_version("cat-hand", "1").tags[catalogue.PROMOTED_TAG]
     assert tag == "@champion by hand (was version 2): version 2 draws the ears wrong"
-    with pytest.raises(OnewordError, match="still being registered"):  # its register would set the alias after
-        catalogue.promote("cat-hand/3", tracking_uri=uri)
-    with pytest.raises(OnewordError, match="not found"):
-        catalogue.promote("cat-hand/9", tracking_uri=uri)
+    for ref, said in (("cat-hand/9", "not found"), ("cat-hand", "takes NAME/VERSION"),
+                      ("other-team/1", "not a oneword concept")):  # fmt: skip
+        with pytest.raises(OnewordError, match=said):
+            catalogue.promote(ref, tracking_uri=uri)
     main(["concepts", "promote", "cat-hand/2", "--alias", "stable", "--tracking-uri", uri])
     assert "cat-hand@stable -> version 2" in capsys.readouterr().out
     assert str(catalogue.get_version("cat-hand@stable", uri).version) == "2"

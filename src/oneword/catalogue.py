@@ -3,6 +3,7 @@ embeddings in any format (`oneword concepts`, `oneword generate --concept`); and
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,8 @@ from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.registry import ABANDONED, CHAMPION, CONCEPT_TAG, PAGE_SIZE, delete_version, every_page
 from oneword.tracking import default_tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -74,6 +77,12 @@ def list_concepts(
                 continue
             rows.append(row)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def _deciding(client, name: str) -> list[str]:
+    """The versions of `name` whose register has not decided their alias yet."""
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    return sorted((str(mv.version) for mv in versions if mv.tags.get("gate") is None), key=int)
 
 
 def _versions_named(client, name: str, versions: list[str]) -> list:
@@ -222,9 +231,9 @@ def prune_versions(
 ) -> list[dict]:
     """Delete the concept versions that no alias points at, beyond each concept's `keep` newest.
 
-    Never deleted: a version an alias points at (`champion`, `candidate`, or one of your own), one of the `keep`
-    newest, or one whose gate has not decided yet (a register at work: its alias is not set). A version's MLflow
-    run stays, with its embedding, scores and report.
+    Never deleted: a version an alias points at (`champion`, `candidate`, or one of your own), or one of the `keep`
+    newest; a concept with a version whose gate has not decided (a register at work) is left whole. A version's
+    MLflow run stays, with its embedding, scores and report.
 
     Args:
         tracking_uri: the registry's MLflow tracking URI.
@@ -250,8 +259,13 @@ def prune_versions(
     gone = []
     for name in sorted({r["name"] for r in rows if not names or r["name"] in names}):
         versions = sorted((r for r in rows if r["name"] == name), key=lambda r: -int(r["version"]))
+        if any(r["gate"] is None for r in versions):
+            # a register at work may hand the alias back to an older version (`registry._apply_gate`) or ask
+            # which decided version came just before its own: this concept waits for the next prune
+            log.info("%s: a version is still being registered; not pruned now", name)
+            continue
         for r in versions[keep:]:
-            if r["aliases"] or r["gate"] is None:
+            if r["aliases"]:
                 continue
             if not dry_run:
                 held = client.get_registered_model(name).aliases or {}  # an alias moved since the listing
@@ -271,8 +285,11 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     The version is tagged with who held the alias before and why (`PROMOTED_TAG`); later registrations compare
     with it as with any champion.
 
+    Refused while one of the concept's versions is still being registered (its gate undecided): that register
+    would set the alias after this.
+
     Args:
-        ref: `NAME/VERSION` (or `NAME@alias`) of the version.
+        ref: `NAME/VERSION` of the version.
         alias: the alias to point at it.
         reason: why, recorded on the version.
         tracking_uri: the registry's MLflow tracking URI.
@@ -280,13 +297,18 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     Returns:
         `{"name", "version", "alias", "before"}` (`before`: the version the alias named, or None).
     """
+    name, _, version = parse_ref(ref)
+    if version is None:
+        raise OnewordError(f"promote takes NAME/VERSION, not {ref!r}", hint="e.g. my-cat/3 (`oneword concepts list`)")
     mv = get_version(ref, tracking_uri)
-    if mv.tags.get("gate") is None:
-        raise OnewordError(
-            f"{mv.name} version {mv.version} is still being registered: its gate has not decided",
-            hint="wait for its register to finish (or to be marked abandoned), then promote it",
-        )
     _, client = tracking.client(tracking_uri)
+    if (client.get_registered_model(name).tags or {}).get(CONCEPT_TAG) != "true":
+        raise OnewordError(f"{name} is not a oneword concept", hint="promote concepts that oneword registered")
+    if deciding := _deciding(client, name):  # its register sets the alias after: this one would not hold
+        raise OnewordError(
+            f"{name} version {deciding[0]} is still being registered: its gate has not decided",
+            hint="wait for its register to finish (or to be marked abandoned), then promote",
+        )
     before = (client.get_registered_model(mv.name).aliases or {}).get(alias)
     client.set_registered_model_alias(mv.name, alias, mv.version)
     said = f"@{alias} by hand" + (f" (was version {before})" if before is not None else "") + (

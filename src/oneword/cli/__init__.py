@@ -33,13 +33,15 @@ from oneword.cli import (  # noqa: F401  isort: skip
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Route oneword's logging through rich and quiet the libraries' own chatter."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
         level=level,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        # on stderr: a command's answer (a table, JSON) is its stdout, which a pipe reads
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
         force=True,
     )
     # Read by transformers and diffusers when a command first imports them: importing them here would cost

@@ -139,7 +139,7 @@ def batch_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train, which are "
                                                "unchanged since their version and which would fail (on CPU: "
                                                "preprocesses the photos, loads the text encoders); exits 1 if any "
-                                               "would fail")] = False,
+                                               "would fail or could not be told")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print the plan as JSON")] = False,
 ) -> None:
     """Run batch_personalisation on this machine: every concept of a manifest, each registered on its own.
@@ -157,6 +157,10 @@ def batch_cmd(
         k: v for k, v in locals().items()
         if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file", "dry_run", "as_json")
     }  # fmt: skip
+    if as_json and not dry_run:
+        from oneword.errors import OnewordError
+
+        raise OnewordError("--json prints a dry run's plan", hint="add --dry-run, or leave --json out")
     if dry_run:
         from rich.console import Console
 
@@ -167,8 +171,8 @@ def batch_cmd(
             print(json.dumps(plan, indent=2))
         else:
             print_batch_plan(plan, Console(soft_wrap=False))
-        if any(r["status"].startswith("fails at") for r in plan["concepts"]):
-            raise typer.Exit(1)
+        if any(r["status"].startswith("fails at") or r["status"] == "unknown" for r in plan["concepts"]):
+            raise typer.Exit(1)  # a concept would fail, or could not be told (a model that did not load, say)
         return
 
     from oneword.pipelines.local import run_batch

@@ -715,15 +715,35 @@ def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | N
 def newest_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
     """`registered_result`, raising what the registry raised."""
     _, client = _setup(tracking_uri)
+    newest = _newest_version(client, name)
+    return _held(client, name, newest) if newest is not None and _decided_on(newest, key) else None
+
+
+def unchanged_result(
+    tracking_uri: str | None, name: str, key: str, evaluation: str, thresholds: GateThresholds, token: str = ""
+) -> dict | None:
+    """`newest_result`, else `rejudged_result` (`key` is `evaluation`'s result under `thresholds`), reading the
+    concept's versions once. Raises what the registry raised."""
+    _, client = _setup(tracking_uri)
+    newest = _newest_version(client, name)
+    if newest is None:
+        return None
+    if _decided_on(newest, key):
+        return _held(client, name, newest)
+    return _rejudged(client, name, newest, evaluation, thresholds, token)
+
+
+def _newest_version(client, name: str):
+    """The concept's newest model version, or None."""
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
-    if not versions:
-        return None
-    newest = max(versions, key=lambda mv: int(mv.version))
-    if not _decided_on(newest, key):
-        return None
+    return max(versions, key=lambda mv: int(mv.version)) if versions else None
+
+
+def _held(client, name: str, mv, **more) -> dict:
+    """Version `mv` as the lookups find it: `{"version", "aliases"}` (the aliases it holds now), and `more`."""
     aliases = client.get_registered_model(name).aliases or {}
-    held = sorted(a for a, v in aliases.items() if str(v) == str(newest.version))
-    return {"version": str(newest.version), "aliases": held}
+    held = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+    return {"version": str(mv.version), "aliases": held, **more}
 
 
 def rejudged_result(
@@ -742,10 +762,12 @@ def rejudged_result(
     they carried their evaluation key (`EVALUATION_KEY_TAG`) were keyed by the oneword release: never found.
     """
     _, client = _setup(tracking_uri)
-    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
-    if not versions:
-        return None
-    newest = max(versions, key=lambda mv: int(mv.version))
+    newest = _newest_version(client, name)
+    return None if newest is None else _rejudged(client, name, newest, evaluation, thresholds, token)
+
+
+def _rejudged(client, name: str, newest, evaluation: str, thresholds: GateThresholds, token: str) -> dict | None:
+    """`rejudged_result` of the concept's newest version `newest`."""
     if newest.tags.get(EVALUATION_KEY_TAG) != evaluation or newest.tags.get("gate") in (None, ABANDONED):
         return None
     holder = _alias_holder(client, name, CHAMPION)
@@ -761,8 +783,6 @@ def rejudged_result(
         return None
     if alias == CHAMPION:
         return None
-    aliases = client.get_registered_model(name).aliases or {}
-    held = sorted(a for a, v in aliases.items() if str(v) == str(newest.version))
     if holder is not None and str(holder.version) == str(newest.version):
         said = "passes the new thresholds" if bar.passed else bar.reason
     else:  # why its twin would stay a candidate
@@ -771,7 +791,7 @@ def rejudged_result(
             said += f"; the champion, version {holder.version}, does not pass them either ({bar.reason})"
     if bar is not None and not bar.passed:
         said += f": it keeps @{CHAMPION} until a version that passes them takes it"
-    return {"version": str(newest.version), "aliases": held, "rejudged": f"the gate changed: {said}"}
+    return _held(client, name, newest, rejudged=f"the gate changed: {said}")
 
 
 def earlier_result(tracking_uri: str | None, train_dir: Path, name: str, config, thresholds) -> dict | None:

@@ -38,7 +38,7 @@ from oneword.images import preprocess
 from oneword.inversion import check_progressive
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model
 from oneword.profiles import image_side, profile_of
-from oneword.registry import EXPERIMENT, newest_result, rejudged_result
+from oneword.registry import EXPERIMENT, unchanged_result
 from oneword.templates import get_templates
 from oneword.train import check_concept, model_identity, training_key
 
@@ -164,7 +164,7 @@ def unchanged_versions(
     tracking_uri: str | None = None,
 ) -> Lookup:
     """The planned concepts a run would find unchanged: the version each would be again (`{"version",
-    "aliases"}`, `registry.newest_result` of its `result_keys`), in `found`; where only the gate changed, the
+    "aliases"}`, `registry.unchanged_result` of its `result_keys`), in `found`; where only the gate changed, the
     version whose scores, judged again, would move no alias (`registry.rejudged_result`). Nothing is recorded.
 
     A registry that does not answer is asked once, with one retry, not with MLflow's minutes of backoff per
@@ -181,9 +181,8 @@ def unchanged_versions(
             if name not in told.keys:
                 continue
             try:
-                hit = newest_result(tracking_uri, name, told.keys[name]) or rejudged_result(
-                    tracking_uri, name, told.evaluations[name], settings.gate, concept["token"]
-                )
+                hit = unchanged_result(tracking_uri, name, told.keys[name], told.evaluations[name], settings.gate,
+                                       concept["token"])  # fmt: skip
             except Exception as e:  # the steps meet the store as it is, and evaluate asks again
                 why = f"the registry did not answer ({type(e).__name__}: {e})"
                 log.warning("%s: %d concepts count as changed", why, len(concepts) - i)

@@ -208,15 +208,14 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
     rows = batch_versions(tracking_uri, batch_id)
     kept = batch_unchanged(tracking_uri, batch_id, experiment)
     failures = batch_failures(tracking_uri, batch_id, experiment)
+    # the newest of each concept's rows (they come sorted by version); a new version before one kept
+    newest = {r["name"]: ("unchanged", r) for r in kept} | {r["name"]: ("registered", r) for r in rows}
     out = []
     for e in concepts:
         e = ConceptEntry(**{k: v for k, v in e.items() if k in ConceptEntry.model_fields})
         name = e.name
-        mine = [("registered", r) for r in rows if r["name"] == name] or [
-            ("unchanged", r) for r in kept if r["name"] == name
-        ]
-        if mine:
-            status, r = mine[-1]
+        if name in newest:
+            status, r = newest[name]
             out.append(
                 {
                     "token": e.token,

@@ -601,3 +601,33 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
     assert rr["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-1"}
     assert rr["runtime_config"]["parameters"] == {"concepts_manifest": "s3://data/concepts.yaml"}
     assert rr["runtime_config"]["pipeline_root"] == PIPELINE_ROOT
+
+
+def test_schedule_says_before_the_night_that_a_manifest_holds_more_concepts_than_one_run_carries(
+    kfp_api, s3_bucket, capsys
+):
+    """Argo keeps a run in one object of bounded size: a manifest past the bound is told at `oneword schedule`,
+    with how many manifests to split it into; one within it, or one not valid now, is told as such too. The
+    schedule is made in every case (the manifest is read afresh each night)."""
+    from oneword.batch import CONCEPTS_PER_RUN_WARNING
+    from oneword.cli import main
+    from oneword.storage import client
+
+    host, calls = kfp_api
+
+    def schedule(entries: list[dict]) -> str:
+        body = yaml.safe_dump({"concepts": entries}).encode()
+        client().put_object(s3_bucket, "concepts.yaml", __import__("io").BytesIO(body), len(body))
+        main(["schedule", "--host", host, "--concepts-manifest", f"s3://{s3_bucket}/concepts.yaml",
+              "--cron", "0 0 2 * * *", "--image-registry", REGISTRY])  # fmt: skip
+        return " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
+
+    n = CONCEPTS_PER_RUN_WARNING + 1
+    many = [{"images": f"s3://data/c{i}", "token": f"<c{i}>", "init_word": "cat"} for i in range(n)]
+    said = schedule(many)
+    assert f"{n} concepts in one run" in said and "split the manifest into 2 or more" in said
+    assert "recurring_run_id" in said
+    assert "concepts in one run" not in schedule(many[:3])
+    said = schedule([*many[:2], {"images": "s3://data/x", "token": "<c0>", "init_word": "cat"}])
+    assert "warning" in said and "<c0>" in said and "fails at plan-batch" in said
+    assert sum(m == "POST" and p == "/apis/v2beta1/recurringruns" for m, p, _ in calls) == 3

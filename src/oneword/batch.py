@@ -37,6 +37,27 @@ log = logging.getLogger(__name__)
 
 UNCHANGED_SUFFIX = " (unchanged)"  # a run's answer for a version registered before from the same training
 
+# Argo keeps a run's node statuses in its one Workflow object: at most 1 MiB compressed in etcd, unless the
+# workflow controller offloads them to a database, which KFP's own manifests do not set up (the run then ends
+# "workflow is longer than maximum allowed size"; kubeflow/pipelines#4170, #12131). Each concept adds about 30
+# nodes (a driver and an executor per task, a driver per loop iteration and sub-DAG). The bound is an estimate,
+# not measured on a cluster: past it, say so before the night does.
+CONCEPTS_PER_RUN_WARNING = 150
+
+
+def too_many_for_one_run(n: int) -> str | None:
+    """What to do when one batch run would plan `n` concepts, more than a KFP run on Argo is known to carry
+    (`CONCEPTS_PER_RUN_WARNING`); None when it is not that many."""
+    if n <= CONCEPTS_PER_RUN_WARNING:
+        return None
+    parts = -(-n // CONCEPTS_PER_RUN_WARNING)
+    return (
+        f"{n} concepts in one run: a KFP run on Argo of more than about {CONCEPTS_PER_RUN_WARNING} may exceed "
+        f"the size Argo can keep of it and end in error unless its workflow controller offloads node status "
+        f"(docs/deploy.md, 'How many concepts in one run'); split the manifest into {parts} or more, each "
+        f"scheduled under its own --name"
+    )
+
 
 class ConceptEntry(ConceptSpec):
     """One concept of a batch: what to learn (`ConceptSpec`), from which photos, under which name."""
@@ -114,14 +135,23 @@ def load_concepts_manifest(source: str) -> list[ConceptEntry]:
     Raises:
         OnewordError: naming the entry and field at fault, or a duplicated token or name.
     """
+    return parse_concepts_manifest(read_concepts_manifest(source), source)
+
+
+def read_concepts_manifest(source: str) -> str:
+    """The text of a concepts manifest at a path or an `s3://` URI."""
     if storage.is_s3(source):
         with tempfile.TemporaryDirectory() as d:
-            text = storage.download_file(source, Path(d) / "manifest.yaml").read_text()
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise OnewordError(f"concepts manifest {source} not found", hint="pass a YAML file or s3:// URI")
-        text = p.read_text()
+            return storage.download_file(source, Path(d) / "manifest.yaml").read_text()
+    p = Path(source)
+    if not p.is_file():
+        raise OnewordError(f"concepts manifest {source} not found", hint="pass a YAML file or s3:// URI")
+    return p.read_text()
+
+
+def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
+    """Validate the text of the concepts manifest at `source` (`load_concepts_manifest`), which its errors name
+    and which relative image paths are relative to."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -213,6 +213,10 @@ def print_batch_plan(plan: dict, console) -> None:
     console.print(said, highlight=False)
     where = "" if plan["registry"] else " (none there yet: every concept is new)"
     console.print(f"  registry {plan['tracking_uri']}{where}", highlight=False, soft_wrap=True)
+    from oneword.batch import too_many_for_one_run
+
+    if advice := too_many_for_one_run(len(rows)):  # on a cluster: here, kfp.local keeps no Argo workflow
+        console.print(f"[bold yellow]on a cluster[/] {escape(advice)}")
 
 
 def print_batch_report(report: dict, console) -> int:

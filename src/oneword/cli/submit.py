@@ -117,6 +117,30 @@ def _here(ref: str) -> str:
     return ref
 
 
+def _check_manifest_size(concepts_manifest: str) -> None:
+    """Warn, before a schedule exists, if its manifest holds more concepts than one KFP run is known to carry.
+    A manifest this machine cannot read is left to each run's plan step, which reads it afresh every night."""
+    from rich import print as rprint
+
+    from oneword.batch import parse_concepts_manifest, read_concepts_manifest, too_many_for_one_run
+    from oneword.errors import OnewordError
+
+    try:
+        text = read_concepts_manifest(concepts_manifest)
+    except Exception as e:  # no S3 settings here, a network apart: only advice is lost
+        why = getattr(e, "message", None) or e
+        rprint(f"[dim]could not read {concepts_manifest} from here ({why}); each run reads it[/]")
+        return
+    try:
+        n = len(parse_concepts_manifest(text, concepts_manifest))
+    except OnewordError as e:
+        rprint(f"[bold yellow]warning[/] {e.message}: each run fails at plan-batch until it is fixed"
+               + (f"\n  hint: {e.hint}" if e.hint else ""))  # fmt: skip
+        return
+    if advice := too_many_for_one_run(n):
+        rprint(f"[bold yellow]warning[/] {advice}")
+
+
 @app.command("submit")
 def submit_cmd(
     host: Annotated[str, HOST],
@@ -202,6 +226,7 @@ def schedule_cmd(
     from oneword.pipelines.remote import schedule
 
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
+    _check_manifest_size(concepts_manifest)
     rprint(
         schedule(
             host,

@@ -520,11 +520,14 @@ def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment.
     """
-    from oneword.batch import load_concepts_manifest, plan_concepts, shard
-    from oneword.batch import manifest_id
+    import logging
+
+    from oneword.batch import load_concepts_manifest, manifest_id, plan_concepts, shard, too_many_for_one_run
     from oneword.batch_records import record_plan
 
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
+    if advice := too_many_for_one_run(len(concepts)):
+        logging.getLogger("oneword.plan_batch").warning(advice)
     record_plan(tracking_uri or None, batch_id, concepts, experiment, manifest_id(concepts_manifest))
     return shard(concepts, concepts_per_shard)
 

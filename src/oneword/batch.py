@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 
 UNCHANGED_SUFFIX = " (unchanged)"  # a run's answer for a version registered before from the same training
 
-# Argo keeps a run's node statuses in its one Workflow object: at most 1 MiB compressed in etcd, unless the
+# Argo keeps a run's node statuses in its one Workflow object: at most 1 MiB with them compressed, unless the
 # workflow controller offloads them to a database, which KFP's own manifests do not set up (the run then ends
-# "workflow is longer than maximum allowed size"; kubeflow/pipelines#4170, #12131). Each concept adds about 30
-# nodes (a driver and an executor per task, a driver per loop iteration and sub-DAG). The bound is an estimate,
-# not measured on a cluster: past it, say so before the night does.
-CONCEPTS_PER_RUN_WARNING = 150
+# "workflow is longer than maximum allowed size"; kubeflow/pipelines#4170, #13738). KFP v2 keeps each task's
+# component spec and code in several of its nodes: a simulation of the compiled batch spec's statuses gives
+# about 230 KiB for the spec and 60-100 KiB per concept that trains (19 per unchanged one). An estimate, not
+# measured on a cluster (docs/deploy.md, "How many concepts in one run"): past it, say so before the night does.
+CONCEPTS_PER_RUN_WARNING = 10
 
 
 def too_many_for_one_run(n: int) -> str | None:
@@ -52,10 +53,9 @@ def too_many_for_one_run(n: int) -> str | None:
         return None
     parts = -(-n // CONCEPTS_PER_RUN_WARNING)
     return (
-        f"{n} concepts in one run: a KFP run on Argo of more than about {CONCEPTS_PER_RUN_WARNING} may exceed "
-        f"the size Argo can keep of it and end in error unless its workflow controller offloads node status "
-        f"(docs/deploy.md, 'How many concepts in one run'); split the manifest into {parts} or more, each "
-        f"scheduled under its own --name"
+        f"{n} concepts in one run: a KFP run on Argo that trains more than about {CONCEPTS_PER_RUN_WARNING} "
+        f"may outgrow the size Argo can keep of it and end in error (docs/deploy.md, 'How many concepts in one "
+        f"run'); split the manifest into {parts} or more, each scheduled under its own --name"
     )
 
 

@@ -83,6 +83,13 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert catalogue.show_concept(f"{name}/1", mlflow_server)["version"] == "1"
     with pytest.raises(OnewordError, match="not found"):
         catalogue.get_version("no-such-concept@champion", mlflow_server)
+    # a concept that is there, asked for a version or alias it lacks: what it has, not "not found"
+    with pytest.raises(OnewordError, match=r"has no version 99 \(versions 5, 4, 3, 2, 1; aliases: .*@champion"):
+        catalogue.get_version(f"{name}/99", mlflow_server)
+    with pytest.raises(OnewordError, match=r"has no alias @prod \(aliases: .*@champion.*; versions 5, 4"):
+        catalogue.get_version(f"{name}@prod", mlflow_server)
+    with pytest.raises(OnewordError, match="a version is a number"):
+        catalogue.get_version(f"{name}/abc", mlflow_server)
 
     # pull in A1111 format: the embedding is the trained one, and diffusers loads the diffusers pull
     pulled, _ = catalogue.pull_concept(f"{name}@champion", tmp_path / "cat.pt", "a1111", mlflow_server)
@@ -737,7 +744,8 @@ def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(t
     assert str(catalogue.get_version("cat-hand@champion", uri).version) == "1"
     tag = client.get_model_version("cat-hand", "1").tags[catalogue.PROMOTED_TAG]
     assert tag == "@champion by hand (was version 2): version 2 draws the ears wrong"
-    for ref, said in (("cat-hand/9", "not found"), ("cat-hand", "takes NAME/VERSION"),
+    for ref, said in (("cat-hand/9", r"no version 9 \(versions 3, 2, 1; aliases: @champion\)"),
+                      ("cat-hand", "takes NAME/VERSION"),
                       ("other-team/1", "not a oneword concept")):  # fmt: skip
         with pytest.raises(OnewordError, match=said):
             catalogue.promote(ref, tracking_uri=uri)

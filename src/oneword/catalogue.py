@@ -25,6 +25,8 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
         return n, a, None
     if "/" in ref:
         n, v = ref.rsplit("/", 1)
+        if not v.isdigit():
+            raise OnewordError(f"{ref!r}: a version is a number", hint="write NAME/3, NAME@alias or NAME")
         return n, None, v
     return ref, CHAMPION, None
 
@@ -47,9 +49,30 @@ def get_version(ref: str, tracking_uri: str | None = None):
                 f"the registry at {where} could not look up {ref!r}: {e}",
                 hint="check that the MLflow server is up and that your credentials may read the registry",
             ) from e
-        raise OnewordError(
-            f"concept {ref!r} not found in the registry at {where}", hint="list concepts with `oneword concepts list`"
-        ) from e
+        raise _not_there(client, name, alias, version, ref, where) from e
+
+
+def _not_there(client, name: str, alias: str | None, version: str | None, ref: str, where: str) -> OnewordError:
+    """Why `ref` is not in the registry: no such concept, or (it is there) no such version or alias, with the
+    ones it has."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client.get_registered_model(name)
+        listed = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+        versions = sorted((int(v.version) for v in listed), reverse=True)
+    except MlflowException:
+        return OnewordError(
+            f"concept {name!r} not found in the registry at {where}", hint="list concepts with `oneword concepts list`"
+        )
+    has = f"versions {', '.join(map(str, versions[:10]))}{' ...' if len(versions) > 10 else ''}" if versions else (
+        "no versions")
+    aliases = ", ".join(f"@{a}" for a in sorted(rm.aliases or {})) or "none"
+    if alias:
+        return OnewordError(f"concept {name!r} has no alias @{alias} (aliases: {aliases}; {has})",
+                            hint=f"pull a version by number ({name}/N) or by one of its aliases")  # fmt: skip
+    return OnewordError(f"concept {name!r} has no version {version} ({has}; aliases: {aliases})",
+                        hint=f"`oneword concepts list` shows what {name} has")  # fmt: skip
 
 
 def list_concepts(

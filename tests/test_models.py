@@ -18,6 +18,17 @@ def test_loads_local_folder(tiny_model_dir):
     assert not any(p.requires_grad for p in m.text_encoder.parameters())
 
 
+def test_a_model_at_a_relative_path_is_recorded_by_its_absolute_path(tiny_model_dir, tmp_path, monkeypatch):
+    """The reference a training records is what serving loads from elsewhere: `xl/model` read from another
+    folder is a hub id that does not exist."""
+    shutil.copytree(tiny_model_dir, tmp_path / "xl" / "model")
+    monkeypatch.chdir(tmp_path)
+    m = load_base_model("xl/model")
+    assert m.source == str(tmp_path / "xl" / "model") and m.source.startswith("/")
+    monkeypatch.chdir("/")
+    assert load_base_model(m.source).source == m.source
+
+
 def test_sd2_style_model(tiny_v_model_dir):
     m = load_base_model(str(tiny_v_model_dir), parts=("unet",))
     assert m.vae is None and m.unet is not None

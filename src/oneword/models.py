@@ -64,6 +64,16 @@ class LoadedModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
 
+def recorded_source(source: str) -> str:
+    """The reference a model loaded from `source` records (trainings, embeddings, the registry): a local folder or
+    file as an absolute path, which names it from any working directory; `toyworld`, `s3://` and hub ids as given.
+    """
+    if source == assets.NAME or storage.is_s3(source):
+        return source
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.exists() else source
+
+
 def resolve(source: str) -> str:
     """Turn a base-model reference into something diffusers can load: a local path or a hub id.
 
@@ -184,6 +194,7 @@ def load_base_model(
     Returns:
         A `LoadedModel`, every module frozen and in eval mode.
     """
+    source = recorded_source(source)
     resolved = resolve(source)
     if resolved.endswith(SINGLE_FILE_SUFFIXES) and Path(resolved).is_file():
         return _load_single_file(source, resolved, parts, device, dtype, model_config)

@@ -36,7 +36,7 @@ from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
 from oneword.images import preprocess
 from oneword.inversion import check_progressive
-from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model
+from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model, recorded_source
 from oneword.profiles import image_side, profile_of
 from oneword.registry import EXPERIMENT, unchanged_result
 from oneword.templates import get_templates
@@ -118,7 +118,7 @@ def result_keys(
             profile = profile_of(model)
             config = settings.train.resolved(profile)
             side = image_side(base_model, settings.resolution)
-            model_id = model_identity(model.fingerprint, base_model)
+            model_id = model_identity(model.fingerprint, recorded_source(base_model))  # as train records it
     except Exception as e:  # train meets it and says so
         why = f"{base_model} did not load ({type(e).__name__}: {e})"
         model = None

@@ -377,6 +377,23 @@ def test_a_registry_that_does_not_answer_is_said_in_seconds_without_a_traceback(
     assert not any(key in os.environ for key in QUERY_HTTP)  # the command's own: not left to what runs next
 
 
+def test_a_registry_query_makes_no_store_where_there_is_none_and_an_empty_one_says_so(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A misspelt or forgotten store made an empty `mlflow.db` there and listed nothing, with status 0."""
+    from oneword.tracking import ensure_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for argv in (["concepts", "list"], ["concepts", "show", "cat"], ["concepts", "prune", "--dry-run"],
+                 ["concepts", "list", "--tracking-uri", f"sqlite:///{tmp_path}/mlfow.db"]):  # fmt: skip
+        code, out = run(argv, capsys)
+        assert code == 2 and "no MLflow store at" in out and "--tracking-uri" in out, (argv, out)
+    assert list(tmp_path.iterdir()) == []
+    uri = ensure_store(f"sqlite:///{tmp_path}/mlflow.db")
+    code, out = run(["concepts", "list", "--alias", "champoin", "--tracking-uri", uri], capsys)
+    assert code == 0 and "no oneword concepts with @champoin in the registry at" in " ".join(out.split())
+
+
 def test_what_the_machine_refuses_is_one_line_and_a_hint(tmp_path, capsys):
     """An output path through a file (or a read-only folder, a full disk), a device this torch has not, a
     resolution of 0: each was a traceback."""

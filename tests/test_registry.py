@@ -36,7 +36,7 @@ def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=No
     return out
 
 
-def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, tiny_model_dir, monkeypatch):
+def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, tiny_model_dir, monkeypatch, capsys):
     train_dir, eval_dir = evaluated_concept
     name = "cat-gate"
     first = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.2), mlflow_server, name=name)
@@ -111,8 +111,10 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     with pytest.raises(SystemExit) as refused:
         main(pull)
     assert refused.value.code != 0 and theirs.read_bytes() == b"someone else's embedding"
+    capsys.readouterr()
     main([*pull, "--force"])
     assert E.load(theirs).token == "<cat-r>"
+    assert f"{name}/3 (<cat-r>) -> " in capsys.readouterr().out  # which version the alias named, for the deploy
     # generate --concept draws with the registered concept on the model it was trained on, and keeps no download
     import tempfile
 

@@ -224,7 +224,7 @@ def pull_concept(
         )
     )
     emb_io.save(emb, out, fmt)  # type: ignore[arg-type]
-    return out, dict(mv.tags)
+    return out, {**mv.tags, "oneword.version": str(mv.version), "oneword.name": mv.name}
 
 
 def pull_concepts(

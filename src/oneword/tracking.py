@@ -33,6 +33,20 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(SQLITE_PREFIX) :]) if tracking_uri.startswith(SQLITE_PREFIX) else None
 
 
+def existing_store(tracking_uri: str | None) -> str:
+    """`tracking_uri` (else the default), refused where it names a SQLite file that is not there: a command that
+    reads the registry must not make an empty store (a misspelt path, another folder) and answer from it."""
+    uri = tracking_uri or default_tracking_uri()
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise OnewordError(
+            f"no MLflow store at {db}",
+            hint="pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store the runs registered in: "
+            "`oneword run` and `oneword demo` print it",
+        )
+    return uri
+
+
 def local_artifact_root(tracking_uri: str) -> str | None:
     """Where a SQLite store keeps its artifacts: `mlartifacts/` beside the database (not the cwd)."""
     db = sqlite_path(tracking_uri)

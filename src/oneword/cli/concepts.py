@@ -11,6 +11,7 @@ import typer
 from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import TrackingConfig
+from oneword.tracking import default_tracking_uri, existing_store
 
 concepts = typer.Typer(help="Query the registry of learned concepts (MLflow).", no_args_is_help=True)
 app.add_typer(concepts, name="concepts")
@@ -47,9 +48,14 @@ def list_cmd(
 
     from oneword.catalogue import list_concepts
 
-    rows = list_concepts(tracking_uri, base_model=base_model, alias=alias)
+    rows = list_concepts(existing_store(tracking_uri), base_model=base_model, alias=alias)
     if as_json:
         print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        what = f" with @{alias}" if alias else (f" on {base_model}" if base_model else "")
+        Console().print(f"no oneword concepts{what} in the registry at {tracking_uri or default_tracking_uri()}",
+                        highlight=False, soft_wrap=True)  # fmt: skip
         return
     Console().print(concepts_table(rows))
 
@@ -106,7 +112,7 @@ def show_cmd(
 
     from oneword.catalogue import show_concept
 
-    print_json(data=show_concept(ref, tracking_uri))
+    print_json(data=show_concept(ref, existing_store(tracking_uri)))
 
 
 @concepts.command("pull")
@@ -124,6 +130,7 @@ def pull_cmd(
       oneword concepts pull my-cat@champion --format a1111 -o my-cat.pt
     """
     from rich import print as rprint
+    from rich.markup import escape
 
     from oneword.catalogue import pull_concept
     from oneword.cli.export import refuse_existing
@@ -133,8 +140,9 @@ def pull_cmd(
     if format not in FORMATS:
         raise OnewordError(f"unknown format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
     refuse_existing(out, force)
-    path, tags = pull_concept(ref, out, format, tracking_uri)
-    rprint(f"[green]{tags.get('oneword.token')}[/] -> {path} ({format})")
+    path, tags = pull_concept(ref, out, format, existing_store(tracking_uri))
+    ref_said = f"{tags['oneword.name']}/{tags['oneword.version']}"
+    rprint(f"[green]{escape(ref_said)}[/] ({escape(str(tags.get('oneword.token')))}) -> {path} ({format})")
 
 
 @concepts.command("promote")
@@ -155,7 +163,7 @@ def promote_cmd(
 
     from oneword.catalogue import promote
 
-    done = promote(ref, alias, reason, tracking_uri)
+    done = promote(ref, alias, reason, existing_store(tracking_uri))
     was = f" (was version {done['before']})" if done["before"] is not None else ""
     rprint(f"[green]{escape(done['name'])}@{escape(alias)}[/] -> version {done['version']}{was}")
 
@@ -182,7 +190,7 @@ def prune_cmd(
 
     from oneword.catalogue import prune_versions
 
-    rows = prune_versions(tracking_uri, keep_versions, names or (), dry_run)
+    rows = prune_versions(existing_store(tracking_uri), keep_versions, names or (), dry_run)
     console = Console()
     if rows:
         table = concepts_table(rows)

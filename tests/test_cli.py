@@ -182,6 +182,9 @@ def test_export_and_blend_never_replace_a_file_unasked(tmp_path, capsys):
     code, out = run(["export", tmp_path / "b.pt", "-f", "diffusers"], capsys)
     assert code == 2 and "already exists" in out and "--force" in out
     assert E.load(tmp_path / "learned_embeds.safetensors").token == "<a>"
+    (tmp_path / "folder").mkdir()  # a folder is refused as such, --force or not: it leaves no debris there
+    code, out = run(["export", tmp_path / "b.pt", "-f", "kohya", "-o", tmp_path / "folder", "--force"], capsys)
+    assert code == 2 and "is a folder" in out and list((tmp_path / "folder").iterdir()) == []
     assert run(["export", tmp_path / "b.pt", "-f", "diffusers", "--force"], capsys)[0] == 0
     assert E.load(tmp_path / "learned_embeds.safetensors").token == "<b>"
     code, out = run(["blend", tmp_path / "b.pt", tmp_path / "learned_embeds.safetensors", "--token", "<ab>",

@@ -89,5 +89,7 @@ def refuse_existing(dest: Path, force: bool) -> None:
     shared by every diffusers embedding)."""
     from oneword.errors import OnewordError
 
+    if dest.is_dir():  # --force replaces a file, never a folder
+        raise OnewordError(f"{dest} is a folder", hint="pass --out with a file's name")
     if dest.exists() and not force:
         raise OnewordError(f"{dest} already exists", hint="pass --out with another name, or --force to replace it")

@@ -27,6 +27,8 @@ def test_a_model_at_a_relative_path_is_recorded_by_its_absolute_path(tiny_model_
     assert m.source == str(tmp_path / "xl" / "model") and m.source.startswith("/")
     monkeypatch.chdir("/")
     assert load_base_model(m.source).source == m.source
+    (tmp_path / "linked").symlink_to(tmp_path / "xl" / "model")  # a link is kept: its target may lack the suffix
+    assert load_base_model(str(tmp_path / "linked")).source == str(tmp_path / "linked")
 
 
 def test_sd2_style_model(tiny_v_model_dir):

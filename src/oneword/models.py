@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def recorded_source(source: str) -> str:
     if source == assets.NAME or storage.is_s3(source):
         return source
     p = Path(source).expanduser()
-    return str(p.resolve()) if p.exists() else source
+    # absolute, links kept: a hub cache's checkpoint is a link whose target has no .safetensors suffix
+    return os.path.abspath(p) if p.exists() else source
 
 
 def resolve(source: str) -> str:

@@ -12,5 +12,7 @@ def test_demo_registers_the_concept_and_writes_what_it_prints(tmp_path, monkeypa
     main(["demo", "--steps", "50", "--n-images", "2"])
     out = capsys.readouterr().out
     assert "registered purple-star/1@champion" in " ".join(out.split())
+    # the new word spells out no concept: the base model cannot draw it from its parts
+    assert "called <my-shape>" in " ".join(out.split())
     assert (tmp_path / "demo-out" / "purple-star.png").stat().st_size > 0
     assert "train" in (tmp_path / "demo-out" / "pipeline.log").read_text()  # the steps' logs, as printed

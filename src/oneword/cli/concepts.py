@@ -11,7 +11,7 @@ import typer
 from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import TrackingConfig
-from oneword.tracking import default_tracking_uri, existing_store
+from oneword.tracking import existing_store
 
 concepts = typer.Typer(help="Query the registry of learned concepts (MLflow).", no_args_is_help=True)
 app.add_typer(concepts, name="concepts")
@@ -48,13 +48,14 @@ def list_cmd(
 
     from oneword.catalogue import list_concepts
 
-    rows = list_concepts(existing_store(tracking_uri), base_model=base_model, alias=alias)
+    uri = existing_store(tracking_uri)
+    rows = list_concepts(uri, base_model=base_model, alias=alias)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
         what = f" with @{alias}" if alias else (f" on {base_model}" if base_model else "")
-        Console().print(f"no oneword concepts{what} in the registry at {tracking_uri or default_tracking_uri()}",
+        Console().print(f"no oneword concepts{what} in the registry at {uri}",
                         highlight=False, soft_wrap=True)  # fmt: skip
         return
     Console().print(concepts_table(rows))

@@ -191,6 +191,8 @@ def print_batch_plan(plan: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from oneword.batch import too_many_for_one_run
+
     rows = plan["concepts"]
     t = Table(title="dry run: nothing was trained or recorded", box=box.SIMPLE_HEAD, pad_edge=False)
     # in 80 columns: a name folds past 20 characters, the status stays whole, the why takes what is left
@@ -213,8 +215,6 @@ def print_batch_plan(plan: dict, console) -> None:
     console.print(said, highlight=False)
     where = "" if plan["registry"] else " (none there yet: every concept is new)"
     console.print(f"  registry {plan['tracking_uri']}{where}", highlight=False, soft_wrap=True)
-    from oneword.batch import too_many_for_one_run
-
     if advice := too_many_for_one_run(len(rows)):  # on a cluster: here, kfp.local keeps no Argo workflow
         console.print(f"[bold yellow]on a cluster[/] {escape(advice)}")
 

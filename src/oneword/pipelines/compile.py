@@ -26,6 +26,28 @@ def _stable_header(path: Path) -> None:
     path.write_text("".join(lines))
 
 
+def _write_pipeline(pipeline, path: Path) -> None:
+    """Compile `pipeline` to `path` as KFP's compiler does, less the descriptions of its inner components' inputs
+    and outputs: on a cluster each task's nodes carry its component spec several times, and Argo keeps a run's
+    nodes in one size-capped object (docs/deploy.md, "How many concepts in one run"). The pipeline's own inputs
+    keep theirs (the KFP dashboard shows them), and so do the components' own specs under components/."""
+    from kfp.compiler import pipeline_spec_builder
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    spec = pipeline_spec_pb2.PipelineSpec()
+    spec.CopyFrom(pipeline.pipeline_spec)  # KFP caches the spec on the pipeline: leave that one as it is
+    for component in spec.components.values():
+        for group in (component.input_definitions, component.output_definitions):
+            for each in (*group.parameters.values(), *group.artifacts.values()):
+                each.ClearField("description")
+    pipeline_spec_builder.write_pipeline_spec_to_file(
+        pipeline_spec=spec,
+        pipeline_description=pipeline.description,
+        platform_spec=pipeline.platform_spec,
+        package_path=str(path),
+    )
+
+
 def compile_all(root: Path, image_registry: str | None = None) -> list[Path]:
     """Compile every component to `root/components/<name>.yaml` and every pipeline to `root/pipelines/<name>.yaml`.
 
@@ -48,7 +70,7 @@ def compile_all(root: Path, image_registry: str | None = None) -> list[Path]:
         written.append(p)
     for name, pipeline in PIPELINES.items():
         p = root / PIPELINES_DIR / f"{name}.yaml"
-        compiler.Compiler().compile(pipeline, str(p))
+        _write_pipeline(pipeline, p)
         _stable_header(p)
         written.append(p)
     if image_registry:
@@ -86,14 +108,12 @@ def stale_files(root: Path) -> list[str]:
 
 def compile_pipeline(name: str, out: Path, image_registry: str | None = None) -> Path:
     """Compile one pipeline (`textual_inversion` or `batch_personalisation`) to `out` (images: see compile_all)."""
-    from kfp import compiler
-
     from oneword.errors import OnewordError
     from oneword.pipelines.definitions import PIPELINES
 
     if name not in PIPELINES:
         raise OnewordError(f"unknown pipeline {name!r}", hint=f"use one of {', '.join(PIPELINES)}")
-    compiler.Compiler().compile(PIPELINES[name], str(out))
+    _write_pipeline(PIPELINES[name], out)
     return with_registry(out, image_registry) if image_registry else out
 
 

@@ -1,5 +1,9 @@
 """The KFP v2 lightweight components: each a typed signature, a docstring and one call into the library.
 
+Each docstring is given by `@doc`, above the `def`: KFP ships a component's source into the pod from its `def`
+line on, and an Argo run keeps that source in several of each task's nodes, all within one size-capped object
+(docs/deploy.md, "How many concepts in one run"). The descriptions still reach the compiled specs.
+
 (No `from __future__ import annotations` here: KFP reads the annotations as types.)
 
 Same names everywhere: component `preprocess` calls `oneword.images.preprocess` and is `oneword preprocess`.
@@ -14,11 +18,18 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 from oneword.pipelines.container import CPU_IMAGE, GPU_IMAGE
 
 
+def doc(text: str):
+    """Give the component below its docstring, kept out of the source KFP ships (which starts at `def`)."""
+
+    def give(func):
+        func.__doc__ = text
+        return func
+
+    return give
+
+
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_model: str = "auto",
-              tracking_uri: str = "", experiment: str = "oneword", checkpoint_root: str = "", prompt_set: str = "",
-              dino_model: str = ""):
-    """Check everything the later steps need, in seconds and before any GPU work; list every problem with its fix.
+@doc("""Check everything the later steps need, in seconds and before any GPU work; list every problem with its fix.
 
     Args:
         concepts: planned concepts (their photos, tokens and initializers are checked); empty: shared checks only.
@@ -30,7 +41,10 @@ def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_mo
         checkpoint_root: s3:// prefix for checkpoints: its bucket must answer.
         prompt_set: the evaluation's prompt set (empty: the profile's): a name it knows, or a file it can read.
         dino_model: the DINO evaluator (empty: none): it must exist, as the CLIP evaluator.
-    """
+    """)
+def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_model: str = "auto",
+              tracking_uri: str = "", experiment: str = "oneword", checkpoint_root: str = "", prompt_set: str = "",
+              dino_model: str = ""):
     from oneword.outcome import run_step
     from oneword.preflight import preflight as run
 
@@ -41,9 +55,7 @@ def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_mo
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", resolution: int = 0, mode: str = "crop",
-               content_key: str = "", on_error: str = "fail"):
-    """Clean the concept's photos: EXIF orientation, RGB, square crop or pad, resize, de-duplicate.
+@doc("""Clean the concept's photos: EXIF orientation, RGB, square crop or pad, resize, de-duplicate.
 
     Args:
         images: folder or s3://bucket/prefix of 3-5 photos of the concept.
@@ -54,7 +66,9 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
         content_key: fingerprint of the photos' content (set by the planning step), recorded in the output's
             metadata.
         on_error: fail (the task fails) or record (a batch: the concept is marked failed, the others go on).
-    """
+    """)
+def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", resolution: int = 0, mode: str = "crop",
+               content_key: str = "", on_error: str = "fail"):
     from oneword.images import preprocess as run
     from oneword.outcome import run_step
     from oneword.profiles import image_side
@@ -69,9 +83,7 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str,
-                  on_error: str = "fail", accelerator_type: str = "nvidia.com/gpu", accelerator_limit: str = "1"):
-    """Encode each image and its mirror once with the base model's VAE (posterior mean and std).
+@doc("""Encode each image and its mirror once with the base model's VAE (posterior mean and std).
 
     Args:
         dataset: output of preprocess.
@@ -80,7 +92,9 @@ def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model
         on_error: fail or record (see preprocess).
         accelerator_type: the GPU resource the task asked for (recorded in the output's metadata).
         accelerator_limit: how many (recorded too).
-    """
+    """)
+def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str,
+                  on_error: str = "fail", accelerator_type: str = "nvidia.com/gpu", accelerator_limit: str = "1"):
     import torch
 
     from oneword.images import Manifest
@@ -98,39 +112,7 @@ def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def train(
-    latents: Input[list[Artifact]],
-    concepts: list,
-    model: Output[Model],
-    metrics: Output[Metrics],
-    base_model: str = "",
-    steps: int = 0,
-    batch_size: int = 4,
-    learning_rate: float = 0.0,
-    scale_lr: bool = True,
-    progressive_every: int = 0,
-    init_l2: float = 0.0,
-    init_l2_schedule: str = "constant",
-    early_end: float = 0.0,
-    early_end_window: int = 100,
-    init_cos: float = 0.0,
-    direction_only: bool = False,
-    direction_lr: float = 0.01,
-    vmf_kappa: float = 0.0001,
-    seed: int = 0,
-    checkpoint_every: int = 0,
-    checkpoint_root: str = "",
-    on_error: str = "fail",
-    log_every: int = 10,
-    sample_every: int = 500,
-    compile: str = "off",
-    tracking_uri: str = "",
-    experiment: str = "oneword",
-    kfp_run_id: str = "",
-    kfp_run_name: str = "",
-    accelerator_limit: str = "1",
-) -> list:
-    """Learn the concepts' embeddings together, in one batch of K x batch_size (resumes from its checkpoints).
+@doc("""Learn the concepts' embeddings together, in one batch of K x batch_size (resumes from its checkpoints).
 
     Args:
         latents: each concept's cache_latents output, in the order of `concepts`.
@@ -174,7 +156,39 @@ def train(
 
     Returns:
         The concept names, in order (the evaluate/register fan-out iterates over them).
-    """
+    """)
+def train(
+    latents: Input[list[Artifact]],
+    concepts: list,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    base_model: str = "",
+    steps: int = 0,
+    batch_size: int = 4,
+    learning_rate: float = 0.0,
+    scale_lr: bool = True,
+    progressive_every: int = 0,
+    init_l2: float = 0.0,
+    init_l2_schedule: str = "constant",
+    early_end: float = 0.0,
+    early_end_window: int = 100,
+    init_cos: float = 0.0,
+    direction_only: bool = False,
+    direction_lr: float = 0.01,
+    vmf_kappa: float = 0.0001,
+    seed: int = 0,
+    checkpoint_every: int = 0,
+    checkpoint_root: str = "",
+    on_error: str = "fail",
+    log_every: int = 10,
+    sample_every: int = 500,
+    compile: str = "off",
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    accelerator_limit: str = "1",
+) -> list:
     import json
     from pathlib import Path
 
@@ -210,28 +224,7 @@ def train(
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def evaluate(
-    model: Input[Model],
-    concept: str,
-    evaluation: Output[Artifact],
-    metrics: Output[Metrics],
-    report: Output[HTML],
-    prompt_set: str = "",
-    n_images: int = 64,
-    sampling_steps: int = 0,
-    guidance_scale: float = 0.0,
-    clip_model: str = "auto",
-    dino_model: str = "",
-    checkpoint_budget: int = 8,
-    on_error: str = "fail",
-    accelerator_type: str = "nvidia.com/gpu",
-    accelerator_limit: str = "1",
-    tracking_uri: str = "",
-    min_reconstruction: float = -1.0,
-    min_editability: float = -1.0,
-    margin_se: float = 1.0,
-):
-    """Score the concept as the paper does (CLIP reconstruction and editability), pick a checkpoint, draw pictures.
+@doc("""Score the concept as the paper does (CLIP reconstruction and editability), pick a checkpoint, draw pictures.
 
     A concept whose newest version was registered from the same training, evaluated with the same settings and
     judged by the same gate (a scheduled batch's unchanged concept) is not evaluated again: `unchanged.json`
@@ -259,7 +252,28 @@ def evaluate(
         min_reconstruction: register's quality gate (part of what makes a result the same).
         min_editability: register's quality gate.
         margin_se: register's quality gate.
-    """
+    """)
+def evaluate(
+    model: Input[Model],
+    concept: str,
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    prompt_set: str = "",
+    n_images: int = 64,
+    sampling_steps: int = 0,
+    guidance_scale: float = 0.0,
+    clip_model: str = "auto",
+    dino_model: str = "",
+    checkpoint_budget: int = 8,
+    on_error: str = "fail",
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_limit: str = "1",
+    tracking_uri: str = "",
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    margin_se: float = 1.0,
+):
     import os
     import shutil
 
@@ -318,22 +332,7 @@ def evaluate(
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register(
-    model: Input[Model],
-    evaluation: Input[Artifact],
-    concept: str,
-    registration: Output[Artifact],
-    tracking_uri: str = "",
-    experiment: str = "oneword",
-    min_reconstruction: float = -1.0,
-    min_editability: float = -1.0,
-    margin_se: float = 1.0,
-    batch_id: str = "",
-    on_error: str = "fail",
-    kfp_run_id: str = "",
-    kfp_run_name: str = "",
-) -> str:
-    """Log the run to MLflow and register the concept; champion if it passes the gate and beats the last one (or
+@doc("""Log the run to MLflow and register the concept; champion if it passes the gate and beats the last one (or
     passes thresholds the last one does not).
 
     Args:
@@ -354,7 +353,22 @@ def register(
 
     Returns:
         name/version@alias, or "name failed at STEP".
-    """
+    """)
+def register(
+    model: Input[Model],
+    evaluation: Input[Artifact],
+    concept: str,
+    registration: Output[Artifact],
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    margin_se: float = 1.0,
+    batch_id: str = "",
+    on_error: str = "fail",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+) -> str:
     import json
     import os
     from pathlib import Path
@@ -399,6 +413,30 @@ def register(
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@doc("""The concepts to train, evaluate and register; the others (their newest version came from the same photos,
+    spec, model and settings, judged the same way) are recorded as unchanged, on CPU, before any GPU is asked for.
+
+    Args:
+        concepts: planned concepts (plan_concept or one shard of plan_batch).
+        batch_id: the run's id, recorded with each unchanged concept.
+        to_train: the concepts to train, in order.
+        metrics: how many concepts are unchanged and how many to train (the run's dashboard shows them).
+        base_model: the model, as preprocess and train are given it.
+        resolution: as preprocess is given it.
+        mode: as preprocess is given it.
+        tracking_uri: MLflow tracking URI of the registry.
+        experiment: MLflow experiment.
+        kfp_run_id: the KFP run's id (run tag kfp.run_id).
+        kfp_run_name: the KFP run's name (run tag kfp.run_name).
+        on_error: fail (the steps meet every error) or record (a batch: a concept that a step would fail at every
+            attempt, its photos that do not read or a token the model has, is recorded failed at that step here,
+            and starts no GPU pod).
+        Others: as train, evaluate and register are given them (what makes their result the same).
+
+    Returns:
+        How many concepts to train: 0, no GPU step runs. (The pipelines branch on it, a number: kfp.local reads a
+        condition's value from a task's `Output` only.)
+    """)
 def changed_concepts(
     concepts: list,
     batch_id: str,
@@ -439,30 +477,6 @@ def changed_concepts(
     kfp_run_name: str = "",
     on_error: str = "fail",
 ) -> int:
-    """The concepts to train, evaluate and register; the others (their newest version came from the same photos,
-    spec, model and settings, judged the same way) are recorded as unchanged, on CPU, before any GPU is asked for.
-
-    Args:
-        concepts: planned concepts (plan_concept or one shard of plan_batch).
-        batch_id: the run's id, recorded with each unchanged concept.
-        to_train: the concepts to train, in order.
-        metrics: how many concepts are unchanged and how many to train (the run's dashboard shows them).
-        base_model: the model, as preprocess and train are given it.
-        resolution: as preprocess is given it.
-        mode: as preprocess is given it.
-        tracking_uri: MLflow tracking URI of the registry.
-        experiment: MLflow experiment.
-        kfp_run_id: the KFP run's id (run tag kfp.run_id).
-        kfp_run_name: the KFP run's name (run tag kfp.run_name).
-        on_error: fail (the steps meet every error) or record (a batch: a concept that a step would fail at every
-            attempt, its photos that do not read or a token the model has, is recorded failed at that step here,
-            and starts no GPU pod).
-        Others: as train, evaluate and register are given them (what makes their result the same).
-
-    Returns:
-        How many concepts to train: 0, no GPU step runs. (The pipelines branch on it, a number: kfp.local reads a
-        condition's value from a task's `Output` only.)
-    """
     import json
 
     from oneword.config import EvalConfig, GateThresholds, TrainConfig
@@ -490,9 +504,7 @@ def changed_concepts(
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vectors: int = 1,
-                 templates: str = "") -> list:
-    """Plan a single concept as a batch of one: its registered-model name and its photos' content key.
+@doc("""Plan a single concept as a batch of one: its registered-model name and its photos' content key.
 
     Args:
         images: folder or s3://bucket/prefix of 3-5 photos of the concept.
@@ -501,7 +513,9 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
         name: registered-model name (empty: from the token).
         n_vectors: vectors per token.
         templates: training prompt templates: object, style, toyworld or a file (empty: the model's profile).
-    """
+    """)
+def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vectors: int = 1,
+                 templates: str = "") -> list:
     from oneword.batch import ConceptEntry, plan_concepts
 
     return plan_concepts([ConceptEntry(images=images, token=token, init_word=init_word, name=name,
@@ -509,9 +523,7 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 1, tracking_uri: str = "",
-               experiment: str = "oneword") -> list:
-    """Read and validate the concepts manifest, record the plan in MLflow, and split it into shards.
+@doc("""Read and validate the concepts manifest, record the plan in MLflow, and split it into shards.
 
     Args:
         concepts_manifest: YAML at an s3:// URI or a path.
@@ -519,7 +531,9 @@ def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 
         concepts_per_shard: concepts trained together in one GPU job.
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment.
-    """
+    """)
+def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 1, tracking_uri: str = "",
+               experiment: str = "oneword") -> list:
     import logging
 
     from oneword.batch import load_concepts_manifest, manifest_id, plan_concepts, shard, too_many_for_one_run
@@ -533,9 +547,7 @@ def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact],
-                 tracking_uri: str = "", experiment: str = "oneword"):
-    """Exit handler: which concepts of the batch registered, which failed at which step and why, and which left
+@doc("""Exit handler: which concepts of the batch registered, which failed at which step and why, and which left
     the manifest since its last run while still holding an alias.
 
     Args:
@@ -544,7 +556,9 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
         summary: JSON per-concept status.
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment.
-    """
+    """)
+def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact],
+                 tracking_uri: str = "", experiment: str = "oneword"):
     import json
 
     from oneword.batch import final_report
@@ -561,9 +575,7 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def report_run(batch_id: str, images: str, token: str, init_word: str, status: dsl.PipelineTaskFinalStatus,
-               name: str = "", tracking_uri: str = "", experiment: str = "oneword") -> str:
-    """Exit handler of a single-concept run: what it registered, and the live MLflow run its training left open
+@doc("""Exit handler of a single-concept run: what it registered, and the live MLflow run its training left open
     ended where register never ran (a pod lost for good, a cancelled run).
 
     Args:
@@ -579,7 +591,9 @@ def report_run(batch_id: str, images: str, token: str, init_word: str, status: d
     Returns:
         name/version@alias (with " (unchanged)" for a version registered before from the same training), or why
         nothing was registered.
-    """
+    """)
+def report_run(batch_id: str, images: str, token: str, init_word: str, status: dsl.PipelineTaskFinalStatus,
+               name: str = "", tracking_uri: str = "", experiment: str = "oneword") -> str:
     import json
 
     from oneword.batch import final_report, run_answer

@@ -15,6 +15,12 @@ from oneword import batch_records, catalogue
 from .conftest import DREAMBENCH
 
 
+def _told(run_dir: Path, task: str) -> list[dict]:
+    """The metrics each run of `task` logged (what the KFP dashboard shows of it)."""
+    return [json.loads(p.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+            for p in run_dir.rglob(f"{task}/executor_output.json")]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_clip_dir, tmp_path, monkeypatch):
     from oneword.pipelines.local import run_batch
@@ -68,9 +74,12 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     names = {r["name"] for r in catalogue.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
     # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train;
-    # the broken concepts (photos that do not read, a token the model has) were told on CPU first
-    # (changed-concepts), so no step ran for them
+    # the broken concepts (photos that do not read, a token the model has) were told on CPU first (by the plan),
+    # so no step ran for them
     run_dir = Path(report["run_dir"])
+    # the plan told the broken two (on CPU, once for the run); the shard's own lookup took its concepts as told
+    assert _told(run_dir, "plan-batch") == [{"told": 2, "to_train": 2, "deferred": 0}]
+    assert _told(run_dir, "changed-concepts") == [{"told": 0, "to_train": 2}]
     (group,) = run_dir.rglob("train/model/concepts.json")
     assert [r["name"] for r in json.loads(group.read_text())] == ["cat-q", "dog-q"]
     assert len(list(run_dir.rglob("preprocess/dataset"))) == 2 and len(list(run_dir.rglob("register"))) == 2
@@ -109,9 +118,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     }  # fmt: skip
     assert [r["version"] for r in catalogue.list_concepts(report["tracking_uri"]) if r["name"] == "cat-q"] == ["1"]
     night = Path(again["run_dir"])
-    told = [json.loads(p.read_text())["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-            for p in night.rglob("changed-concepts/executor_output.json")]  # fmt: skip
-    assert told == [{"told": 4, "to_train": 0}]  # what the run's dashboard shows of the lookup
+    assert _told(night, "plan-batch") == [{"told": 4, "to_train": 0, "deferred": 0}]  # the run's dashboard shows it
+    assert not list(night.rglob("changed-concepts"))  # the plan made no shard: no task of the five steps ran
     assert not list(night.rglob("preprocess")) and not list(night.rglob("cache-latents"))  # no task, no GPU pod
     broken = next(c for c in again["concepts"] if c["name"] == "bad-q")  # its photos' error, told on CPU
     assert broken["stage"] == "preprocess" and "a.jpg" in broken["error"]

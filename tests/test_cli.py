@@ -461,24 +461,28 @@ def test_the_dry_run_table_keeps_every_character_in_80_columns():
     assert why.replace(" ", "") in said.replace(" ", "") and "champion" in text
 
 
-def test_the_dry_run_says_when_a_cluster_run_would_carry_more_concepts_than_argo_keeps():
-    """kfp.local carries any number; a KFP run on Argo is kept in one object of bounded size. The dry run, which
-    a team runs before the night, says so past the bound, and not within it."""
+def test_the_dry_run_says_how_many_cluster_runs_the_concepts_to_train_need():
+    """kfp.local trains any number; a KFP run on Argo trains at most max_concepts_per_run. The dry run, which a
+    team runs before the night, says how many cluster runs the concepts to train (or not told) need, counting no
+    unchanged concept."""
     from rich.console import Console
 
-    from oneword.batch import CONCEPTS_PER_RUN_WARNING
+    from oneword.batch import RUN_LIMIT
     from oneword.cli.run import print_batch_plan
 
-    def said(n: int) -> str:
-        rows = [{"name": f"c{i}", "status": "to train", "version": "", "alias": "", "why": ""} for i in range(n)]
+    def said(n: int, unchanged: int = 0) -> str:
+        rows = [{"name": f"c{i}", "status": "to train" if i % 2 else "unknown", "version": "", "alias": "", "why": ""}
+                for i in range(n)]  # fmt: skip
+        rows += [{"name": f"u{i}", "status": "unchanged", "version": "1", "alias": "champion", "why": ""}
+                 for i in range(unchanged)]  # fmt: skip
         console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
         print_batch_plan({"tracking_uri": "sqlite:///mlflow.db", "registry": True, "concepts": rows}, console)
         return console.export_text()
 
-    text = said(2 * CONCEPTS_PER_RUN_WARNING + 1)
-    assert "on a cluster" in text and "split the manifest into 3 or more" in " ".join(text.split())
-    assert max(map(len, text.splitlines())) <= 80
-    assert "on a cluster" not in said(CONCEPTS_PER_RUN_WARNING)
+    text = said(2 * RUN_LIMIT + 1)
+    assert "on a cluster" in text and f"a run trains {RUN_LIMIT} of them" in " ".join(text.split())
+    assert "3 runs in all" in " ".join(text.split()) and max(map(len, text.splitlines())) <= 80
+    assert "on a cluster" not in said(RUN_LIMIT, unchanged=5 * RUN_LIMIT)
 
 
 def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tiny_model_dir, tmp_path, capsys):

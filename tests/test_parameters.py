@@ -226,12 +226,13 @@ def test_configs_built_from_pipeline_parameters_are_the_library_defaults_and_tak
     }  # fmt: skip
 
 
-def test_the_cpu_lookup_of_unchanged_concepts_is_given_all_that_decides_a_result():
-    """`changed_concepts` keys what train, evaluate and register would: a setting they take that it did not (and
-    took as its default) would make it call a concept changed, run after run."""
+@pytest.mark.parametrize("lookup_step", [components.changed_concepts, components.plan_batch], ids=lambda c: c.name)
+def test_the_cpu_lookup_of_unchanged_concepts_is_given_all_that_decides_a_result(lookup_step):
+    """`changed_concepts` and `plan_batch` key what train, evaluate and register would: a setting they take that it
+    did not (and took as its default) would make it call a concept changed, run after run."""
     from oneword.evaluation.protocol import RUNTIME_ONLY
 
-    lookup = set(components.changed_concepts.component_spec.inputs)
+    lookup = set(lookup_step.component_spec.inputs)
     # what the keys leave out (`train.group_key`, `protocol.evaluation_key`): how a run is drawn and watched
     runtime = {TrainConfig: {"sample_every", "compile"}, EvalConfig: RUNTIME_ONLY, GateThresholds: set(),
                PreprocessConfig: set()}  # fmt: skip
@@ -239,4 +240,4 @@ def test_the_cpu_lookup_of_unchanged_concepts_is_given_all_that_decides_a_result
         keyed = {n for n in step.component_spec.inputs
                  if n in SOURCES and SOURCES[n][1] not in runtime.get(SOURCES[n][0], {SOURCES[n][1]})}  # fmt: skip
         assert keyed <= lookup, (step.name, keyed - lookup)
-    assert {"base_model", "resolution", "mode", "concepts"} <= lookup
+    assert {"base_model", "resolution", "mode"} <= lookup

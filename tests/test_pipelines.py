@@ -106,6 +106,11 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
     plan = next(t for tasks in dags.values() for n, t in tasks.items() if n == "plan-batch")
     assert not plan.get("cachingOptions", {}).get("enableCache")  # re-reads the manifest every run
     assert plan["retryPolicy"]["maxRetryCount"] == 2  # a store that blinks at 02:00 does not cost the night
+    # the run's limit reaches the plan, which reads the model (for the unchanged lookup) from the shared cache
+    limit = plan["inputs"]["parameters"]["max_concepts_per_run"]["componentInputParameter"]
+    assert limit.endswith("-max_concepts_per_run")
+    pvc = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-plan-batch"]["pvcMount"]
+    assert pvc[0]["mountPath"] == "/models"
     for step in ("preprocess", "cache-latents"):  # what a retry may cure fails them, and is retried
         task = dags[where[step]][step]
         assert task["retryPolicy"]["maxRetryCount"] == 2, step
@@ -200,15 +205,12 @@ def test_a_local_run_reads_its_own_folder_when_other_runs_share_the_pipeline_roo
     assert _own_run(tmp_path, "textual-inversion", started) is None
 
 
-def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_preflight_stops_a_run_before_any_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """An evaluator that cannot be found fails the run in preflight, naming it and the fix; no later step runs."""
-    import time
-
     from oneword.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    t0 = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
         main(
             [
@@ -227,13 +229,11 @@ def test_preflight_stops_a_run_in_seconds_before_any_training(tiny_model_dir, tm
                 str(tmp_path / "root"),
             ]
         )
-    seconds = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert "preflight found 1 problem" in err and "no-such-clip" in err and "--clip-model" in err, err
     ran = {p.name for p in (tmp_path / "root").glob("textual-inversion-*/*") if p.is_dir()}
     assert ran <= {"plan-concept", "preflight", "report-run"}, ran  # nothing after the preflight ran (but the exit)
-    assert seconds < 60, seconds
     # a setting out of its range is told before any step: it stopped the run in `train`, after the photos were
     # encoded, as "Inner task failed: 'train'"
     args = ["run", "--images", str(DREAMBENCH / "cat"), "--token", "<cat-p>", "--init-word", "cat",
@@ -603,31 +603,36 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
     assert rr["runtime_config"]["pipeline_root"] == PIPELINE_ROOT
 
 
-def test_schedule_says_before_the_night_that_a_manifest_holds_more_concepts_than_one_run_carries(
+def test_schedule_says_before_the_night_how_many_runs_a_manifest_needs_and_warns_of_a_limit_past_argos(
     kfp_api, s3_bucket, capsys
 ):
-    """Argo keeps a run in one object of bounded size: a manifest past the bound is told at `oneword schedule`,
-    with how many manifests to split it into; one within it, or one not valid now, is told as such too. The
-    schedule is made in every case (the manifest is read afresh each night)."""
-    from oneword.batch import CONCEPTS_PER_RUN_WARNING
+    """Argo keeps a run in one object of bounded size, so a run trains at most max_concepts_per_run: a manifest
+    past it is told at `oneword schedule` how many runs its concepts need if all are new; a limit past the bound
+    (or none) is warned of; a manifest not valid now is told as such. The schedule is made in every case (the
+    manifest is read afresh each night)."""
+    from oneword.batch import RUN_LIMIT
     from oneword.cli import main
     from oneword.storage import client
 
     host, calls = kfp_api
 
-    def schedule(entries: list[dict]) -> str:
+    def schedule(entries: list[dict], *param: str) -> str:
         body = yaml.safe_dump({"concepts": entries}).encode()
         client().put_object(s3_bucket, "concepts.yaml", __import__("io").BytesIO(body), len(body))
         main(["schedule", "--host", host, "--concepts-manifest", f"s3://{s3_bucket}/concepts.yaml",
-              "--cron", "0 0 2 * * *", "--image-registry", REGISTRY])  # fmt: skip
+              "--cron", "0 0 2 * * *", "--image-registry", REGISTRY, *param])  # fmt: skip
         return " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
 
-    n = CONCEPTS_PER_RUN_WARNING + 1
+    n = 2 * RUN_LIMIT + 1
     many = [{"images": f"s3://data/c{i}", "token": f"<c{i}>", "init_word": "cat"} for i in range(n)]
     said = schedule(many)
-    assert f"{n} concepts in one run" in said and "split the manifest into 2 or more" in said
-    assert "recurring_run_id" in said
-    assert "concepts in one run" not in schedule(many[:3])
+    assert f"if every concept is new: {n} concepts to train: a run trains {RUN_LIMIT} of them" in said
+    assert "3 runs in all" in said and "warning" not in said and "recurring_run_id" in said
+    assert "concepts to train" not in schedule(many[:3])
+    said = schedule(many, "-p", "max_concepts_per_run=0")
+    assert "warning max_concepts_per_run=0 (no limit)" in said and "concepts to train" not in said
+    said = schedule(many, "-p", f"max_concepts_per_run={RUN_LIMIT + 1}")
+    assert "may outgrow the size Argo can keep" in said and "2 runs in all" in said
     said = schedule([*many[:2], {"images": "s3://data/x", "token": "<c0>", "init_word": "cat"}])
     assert "warning" in said and "<c0>" in said and "fails at plan-batch" in said
-    assert sum(m == "POST" and p == "/apis/v2beta1/recurringruns" for m, p, _ in calls) == 3
+    assert sum(m == "POST" and p == "/apis/v2beta1/recurringruns" for m, p, _ in calls) == 5

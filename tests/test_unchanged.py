@@ -10,7 +10,7 @@ from oneword import registry
 from oneword.batch import spec_of
 from oneword.config import ConceptSpec, EvalConfig, GateThresholds, TrainConfig
 from oneword.evaluation.protocol import evaluation_key, result_key
-from oneword.unchanged import Settings, changed_concepts, result_keys
+from oneword.unchanged import JUDGED_KEY, Settings, changed_concepts, result_keys
 
 from .conftest import DREAMBENCH
 
@@ -103,14 +103,17 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
         settings = Settings(str(tiny_model_dir), changes.get("train", TRAIN), evaluation, GATE, 32)
         return changed_concepts(list(concepts), settings, mlflow_server, batch_id)
 
-    assert tonight([DOG, CAT], "night-2") == [DOG]  # the new concept trains; the registered one does not
+    # the new concept trains, marked as told, so that a later lookup of the run asks no more; the registered one
+    # does not
+    assert tonight([DOG, CAT], "night-2") == [{**DOG, JUDGED_KEY: True}]
+    assert tonight([{**CAT, JUDGED_KEY: True}], "night-8") == [{**CAT, JUDGED_KEY: True}]  # told: not asked again
     report = batch_report(mlflow_server, "night-2", [CAT, DOG])
     assert {c["name"]: c["status"] for c in report["concepts"]}["cat-u"] == "unchanged"
     assert report["concepts"][0]["version"] == "1"
     client = mlflow.MlflowClient(mlflow_server)
     assert [mv.version for mv in client.search_model_versions("name = 'cat-u'")] == ["1"]
     # another setting: trained (or taken from the kept trainings) and evaluated again
-    assert tonight([CAT], "night-3", train=TrainConfig(steps=3, checkpoint_every=2)) == [CAT]
+    assert tonight([CAT], "night-3", train=TrainConfig(steps=3, checkpoint_every=2)) == [{**CAT, JUDGED_KEY: True}]
     # photos that no attempt can read: a batch records the concept failed at preprocess, as that step would
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -126,7 +129,7 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     assert changed_concepts([taken], given, mlflow_server, "night-7", on_error="record") == []
     (row,) = batch_report(mlflow_server, "night-7", [taken])["concepts"]
     assert (row["status"], row["stage"]) == ("failed", "train") and "already a word of the model" in row["error"]
-    # a registry that does not answer: every concept goes on, nothing is lost
+    # a registry that does not answer: every concept goes on, nothing is lost, and the next lookup asks again
     assert changed_concepts([CAT], given, "http://127.0.0.1:9", "night-4") == [CAT]
 
 
@@ -145,7 +148,8 @@ def test_a_changed_gate_judges_the_recorded_scores_again_and_trains_only_what_wo
 
     def tonight(gate, batch_id):
         settings = Settings(str(tiny_model_dir), TRAIN, evaluation, gate, 32)
-        return changed_concepts([cat], settings, mlflow_server, batch_id)
+        return [{k: v for k, v in c.items() if k != JUDGED_KEY} for c in changed_concepts([cat], settings,
+                                                                                          mlflow_server, batch_id)]
 
     # the bar lowered: judged again, version 1 would take @champion, so the run registers it (no GPU trains it:
     # its training was kept); the same gate again finds version 1
@@ -217,3 +221,48 @@ def test_a_model_loaded_without_its_unet_has_the_fingerprint_of_the_model_loaded
     with_unet = load_base_model(copies[0], parts=("unet",)).fingerprint
     assert load_base_model(copies[1], parts=()).fingerprint == with_unet
     assert load_base_model(copies[2], parts=("vae",)).fingerprint == with_unet  # as cache_latents records it
+
+
+def test_the_batch_plan_trains_at_most_the_run_limit_and_every_concept_has_its_turn(
+    tiny_model_dir, tmp_path, mlflow_server
+):
+    """plan-batch (the component's own code, run here) records the concepts that would fail and leaves them out,
+    takes at most max_concepts_per_run of the others, and records the rest in the plan as deferred, where the
+    report finds them; the manifest's next runs take first those left most often in a row."""
+    import yaml
+    from kfp.dsl import Metrics
+
+    from oneword.batch import DEFERRED_KEY, final_report
+    from oneword.batch_records import batch_plan
+    from oneword.pipelines.components import plan_batch
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    entries = [{"images": str(DREAMBENCH / "cat"), "token": f"<p{i}-u>", "init_word": "cat"} for i in (1, 2, 3)]
+    manifest = tmp_path / "concepts.yaml"
+    broken_entry = {**entries[0], "images": str(broken), "token": "<pb-u>"}
+    manifest.write_text(yaml.safe_dump({"concepts": [*entries, broken_entry]}))
+
+    def night(batch_id: str) -> tuple[list[str], dict]:
+        metrics = Metrics(name="metrics", uri=str(tmp_path / batch_id), metadata={})
+        shards = plan_batch.python_func(
+            concepts_manifest=str(manifest), batch_id=batch_id, metrics=metrics, max_concepts_per_run=1,
+            base_model=str(tiny_model_dir), resolution=32, steps=2, checkpoint_every=2, n_images=2, sampling_steps=2,
+            checkpoint_budget=0, clip_model="toyworld-clip", tracking_uri=mlflow_server,
+        )  # fmt: skip
+        assert all(c[JUDGED_KEY] for s in shards for c in s)  # their shard's lookup asks nothing again
+        return [c["name"] for s in shards for c in s], metrics.metadata
+
+    taken, told = night("plan-1")
+    assert taken == ["p1-u"] and told == {"told": 1, "to_train": 1, "deferred": 2}  # pb-u: its photos fail
+    plan = {c["name"]: c.get(DEFERRED_KEY) for c in batch_plan(mlflow_server, "plan-1")}
+    assert plan == {"p1-u": None, "p2-u": 1, "p3-u": 1, "pb-u": None}
+    report = final_report(mlflow_server, "plan-1", lambda: batch_plan(mlflow_server, "plan-1"), "oneword", "SUCCEEDED")
+    status = {c["name"]: (c["status"], c["stage"]) for c in report["concepts"]}
+    assert status["p2-u"] == status["p3-u"] == ("deferred", None) and status["pb-u"] == ("failed", "preprocess")
+    assert report["deferred"] == 2 and "max_concepts_per_run" in report["concepts"][1]["error"]
+    # p1-u is not trained here, so it is to train again the next nights: it waits its turn behind the others
+    assert night("plan-2")[0] == ["p2-u"]
+    assert night("plan-3")[0] == ["p3-u"]  # left twice in a row
+    assert night("plan-4")[0] == ["p1-u"]

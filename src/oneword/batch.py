@@ -28,7 +28,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from oneword import storage
-from oneword.config import ConceptSpec
+from oneword.config import BatchConfig, ConceptSpec
 from oneword.errors import OnewordError
 from oneword.templates import SETS as TEMPLATE_SETS
 from oneword.tokens import clashing_entries, vector_tokens
@@ -37,25 +37,50 @@ log = logging.getLogger(__name__)
 
 UNCHANGED_SUFFIX = " (unchanged)"  # a run's answer for a version registered before from the same training
 
-# Argo keeps a run's node statuses in its one Workflow object: at most 1 MiB with them compressed, unless the
-# workflow controller offloads them to a database, which KFP's own manifests do not set up (the run then ends
-# "workflow is longer than maximum allowed size"; kubeflow/pipelines#4170, #13738). KFP v2 keeps each task's
-# component spec and code in several of its nodes: a simulation of the compiled batch spec's statuses gives
-# about 230 KiB for the spec and 60-100 KiB per concept that trains (19 per unchanged one). An estimate, not
-# measured on a cluster (docs/deploy.md, "How many concepts in one run"): past it, say so before the night does.
-CONCEPTS_PER_RUN_WARNING = 10
+# What a cluster run trains at most by default: past it, its Argo workflow may outgrow the size Argo can keep.
+RUN_LIMIT = BatchConfig.model_fields["max_concepts_per_run"].default
+# In a recorded plan: the concept changed, and was left to the manifest's next runs; its value, how many runs in a
+# row have left it
+DEFERRED_KEY = "deferred"
 
 
-def too_many_for_one_run(n: int) -> str | None:
-    """What to do when one batch run would plan `n` concepts, more than a KFP run on Argo is known to carry
-    (`CONCEPTS_PER_RUN_WARNING`); None when it is not that many."""
-    if n <= CONCEPTS_PER_RUN_WARNING:
+def this_run_takes(
+    todo: list[dict], most: int, waited: dict[str, int] | None = None
+) -> tuple[list[dict], dict[str, int]]:
+    """Split the concepts a batch run must train into those it trains and those it leaves to the manifest's next
+    runs, at most `most` now (0: all). Those that the runs before left most often in a row (`waited`, by name)
+    come first, then the manifest's order: every concept is trained in time, even behind concepts that fail
+    night after night (a concept trained, or failed, waits anew).
+
+    Returns:
+        The concepts to train now, in the manifest's order; and the others, each with the runs in a row that
+        have now left it.
+    """
+    waited = waited or {}
+    if not most or len(todo) <= most:
+        return list(todo), {}
+    first = sorted(todo, key=lambda c: -waited.get(c["name"], 0))  # stable: the manifest's order among equals
+    taken = {c["name"] for c in first[:most]}
+    later = {c["name"]: waited.get(c["name"], 0) + 1 for c in todo if c["name"] not in taken}
+    return [c for c in todo if c["name"] in taken], later
+
+
+def runs_needed(n: int, most: int) -> str | None:
+    """What a manifest whose runs must train `n` concepts, `most` a run, is told; None when one run takes them."""
+    if not most or n <= most:
         return None
-    parts = -(-n // CONCEPTS_PER_RUN_WARNING)
+    return (f"{n} concepts to train: a run trains {most} of them (max_concepts_per_run) and leaves the others to "
+            f"the next runs of the manifest, {-(-n // most)} runs in all")  # fmt: skip
+
+
+def over_the_limit(most: int) -> str | None:
+    """The warning for a run limit above what a KFP run on Argo is known to carry (`RUN_LIMIT`); None if not."""
+    if most and most <= RUN_LIMIT:
+        return None
+    said = "no limit" if not most else f"{most} concepts"
     return (
-        f"{n} concepts in one run: a KFP run on Argo that trains more than about {CONCEPTS_PER_RUN_WARNING} "
-        f"may outgrow the size Argo can keep of it and end in error (docs/deploy.md, 'How many concepts in one "
-        f"run'); split the manifest into {parts} or more, each scheduled under its own --name"
+        f"max_concepts_per_run={most} ({said}): a KFP run on Argo that trains more than about {RUN_LIMIT} concepts "
+        "may outgrow the size Argo can keep of it and end in error (docs/deploy.md, 'How many concepts in one run')"
     )
 
 
@@ -226,10 +251,11 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
         experiment: the MLflow experiment the batch logged to.
 
     Returns:
-        `{"batch_id", "registered": n, "unchanged": n, "failed": n, "concepts": [{token, name, status, version,
-        alias, stage, error}]}`; status is registered (a new version), unchanged (registered before from the
-        same training and evaluation: that version; `rejudged` says what the gate said of its scores where only
-        the gate changed) or failed. A concept with neither a version nor a recorded
+        `{"batch_id", "registered": n, "unchanged": n, "failed": n, "deferred": n, "concepts": [{token, name,
+        status, version, alias, stage, error}]}`; status is registered (a new version), unchanged (registered
+        before from the same training and evaluation: that version; `rejudged` says what the gate said of its
+        scores where only the gate changed), failed, or deferred (it changed, and the plan left it to the
+        manifest's next runs: `this_run_takes`). A concept with neither a version nor a recorded
         failure failed in a way no step could record (a pod lost for good): its stage is "unknown".
     """
     from oneword.batch_records import batch_failures, batch_unchanged
@@ -241,8 +267,8 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
     # the newest of each concept's rows (they come sorted by version); a new version before one kept
     newest = {r["name"]: ("unchanged", r) for r in kept} | {r["name"]: ("registered", r) for r in rows}
     out = []
-    for e in concepts:
-        e = ConceptEntry(**{k: v for k, v in e.items() if k in ConceptEntry.model_fields})
+    for raw in concepts:
+        e = ConceptEntry(**{k: v for k, v in raw.items() if k in ConceptEntry.model_fields})
         name = e.name
         if name in newest:
             status, r = newest[name]
@@ -256,6 +282,10 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     **({"rejudged": r["rejudged"]} if r.get("rejudged") else {}),
                 }
             )
+        elif raw.get(DEFERRED_KEY) and name not in failures:
+            why = "changed, and left to the manifest's next run (max_concepts_per_run)"
+            out.append({"token": e.token, "name": name, "status": "deferred", "version": None, "alias": None,
+                        "stage": None, "error": why})  # fmt: skip
         else:
             why = failures.get(name, {"stage": "unknown", "error": "no step recorded a result; see the run's logs"})
             out.append(
@@ -269,7 +299,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "error": why.get("error"),
                 }
             )
-    count = {k: sum(c["status"] == k for c in out) for k in ("registered", "unchanged", "failed")}
+    count = {k: sum(c["status"] == k for c in out) for k in ("registered", "unchanged", "failed", "deferred")}
     return {"batch_id": batch_id, **count, "concepts": out}
 
 
@@ -319,7 +349,7 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
     from oneword import tracking
     from oneword.live import end_orphaned_runs
 
-    empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "concepts": []}
+    empty = {"batch_id": batch_id, "registered": 0, "unchanged": 0, "failed": 0, "deferred": 0, "concepts": []}
     no_plan = "no plan was recorded: the manifest could not be read (see plan-batch's log)"
     concepts = None
     with tracking.briefly():  # a server that does not answer holds the run's end for seconds, not minutes

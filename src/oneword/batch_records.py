@@ -168,6 +168,17 @@ def record_plan(
     return run.info.run_id
 
 
+def mark_deferred(tracking_uri: str | None, plan_run_id: str, concepts: list[dict], later: dict[str, int]) -> None:
+    """Record in a batch's plan (`record_plan`) which of its concepts it left to the manifest's next runs, and how
+    many runs in a row have left each (`batch.this_run_takes`): its report says so of them, and the next run
+    takes those that waited longest first."""
+    from oneword.batch import DEFERRED_KEY
+
+    _, client = tracking.client(tracking_uri or default_tracking_uri())
+    marked = [{**c, DEFERRED_KEY: later[c["name"]]} if c["name"] in later else c for c in concepts]
+    client.log_dict(plan_run_id, {"concepts": marked}, "plan.json")
+
+
 def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
     """The concepts a batch planned (`record_plan`), or None if it recorded no plan (its manifest was invalid)."""
     mlflow, client = tracking.client(tracking_uri)

@@ -243,12 +243,23 @@ class TrackingConfig(BaseModel):
 
 
 class BatchConfig(BaseModel):
-    """How a batch is split into GPU jobs."""
+    """How a batch is split into GPU jobs, and into runs."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     concepts_per_shard: int = Field(
         1, ge=1, description="concepts trained together in one GPU job (more: faster per concept, see bench)"
+    )
+    # Argo keeps a run's node statuses in its one Workflow object: at most 1 MiB with them compressed, unless the
+    # workflow controller offloads them to a database, which KFP's own manifests do not set up (the run then ends
+    # "workflow is longer than maximum allowed size"; kubeflow/pipelines#4170, #13738). Every task of a concept
+    # that trains adds nodes holding its component spec and code: a simulation of the compiled batch spec's
+    # statuses gives about 210 KiB for the spec and 40-70 KiB per concept that trains (docs/deploy.md, "How many
+    # concepts in one run"), an estimate not measured on a cluster. Unchanged concepts add nothing: the plan
+    # leaves them out. `oneword batch` (kfp.local, no Argo) takes no limit.
+    max_concepts_per_run: int = Field(
+        10, ge=0, description="concepts one cluster run trains at most; the others that changed wait for the next "
+        "runs of the manifest, those that waited longest first (0: no limit)"
     )
 
 

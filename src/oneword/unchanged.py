@@ -58,6 +58,11 @@ FINGERPRINT_PARTS = (
 )
 
 
+# Set on a concept the lookup found changed: a later lookup of the same run (a batch's shard, after its plan)
+# takes it as told and asks nothing again, so a shard of such concepts loads no model on CPU
+JUDGED_KEY = "judged"
+
+
 @dataclass(frozen=True)
 class Settings:
     """What a run is given for every concept: the model (as the steps are given it), preprocess's resolution
@@ -202,7 +207,8 @@ def changed_concepts(
     run_tags: dict[str, str] | None = None,
     on_error: outcome.OnError = "fail",
 ) -> list[dict]:
-    """The planned concepts that must be trained, evaluated and registered, in order. Each of the others
+    """The planned concepts that must be trained, evaluated and registered, in order (those found changed marked
+    `JUDGED_KEY`, which a later call takes as told: a batch's shards after its plan). Each of the others
     (`unchanged_versions`) is recorded as that version again (`batch_records.note_unchanged`), where the run's report
     finds it. With `on_error="record"` (a batch), a concept that one of its steps would fail at every attempt
     (`Lookup.failing`: none of its photos reads, its token is already a word of the model) is recorded as failed
@@ -217,11 +223,15 @@ def changed_concepts(
         on_error: fail (the steps meet every error and fail the run) or record.
         Others: as for `result_keys`.
     """
-    told = unchanged_versions(concepts, settings, tracking_uri)
+    asked = [c for c in concepts if not c.get(JUDGED_KEY)]
+    told = unchanged_versions(asked, settings, tracking_uri) if asked else Lookup()
     todo = []
     with tracking.briefly():
         for concept in concepts:
             name = concept["name"]
+            if concept.get(JUDGED_KEY):  # told by this run's plan
+                todo.append(concept)
+                continue
             try:
                 if name in told.found:
                     note_unchanged(tracking_uri, name, concept["token"], told.found[name], batch_id, experiment,
@@ -234,7 +244,8 @@ def changed_concepts(
                     continue
             except Exception as e:  # the steps meet it again, and record it
                 log.warning("could not record what became of %s (%s)", name, e)
-            todo.append(concept)
+            changed = name in told.keys and name not in told.unknown  # not merely "could not be told"
+            todo.append({**concept, JUDGED_KEY: True} if changed else concept)
     log.info("%d of %d concepts to train (the others are unchanged, or would fail)", len(todo),
              len(concepts))
     return todo

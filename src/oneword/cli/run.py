@@ -191,7 +191,7 @@ def print_batch_plan(plan: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from oneword.batch import too_many_for_one_run
+    from oneword.batch import RUN_LIMIT, runs_needed
 
     rows = plan["concepts"]
     t = Table(title="dry run: nothing was trained or recorded", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -215,7 +215,7 @@ def print_batch_plan(plan: dict, console) -> None:
     console.print(said, highlight=False)
     where = "" if plan["registry"] else " (none there yet: every concept is new)"
     console.print(f"  registry {plan['tracking_uri']}{where}", highlight=False, soft_wrap=True)
-    if advice := too_many_for_one_run(len(rows)):  # on a cluster: here, kfp.local keeps no Argo workflow
+    if advice := runs_needed(count["to train"] + count["unknown"], RUN_LIMIT):  # here, kfp.local keeps no Argo workflow
         console.print(f"[bold yellow]on a cluster[/] {escape(advice)}")
 
 
@@ -243,13 +243,16 @@ def print_batch_report(report: dict, console) -> int:
             colour = "green" if c["status"] == "registered" else "cyan"
             said = "; ".join(x for x in (c["alias"], escape(c.get("rejudged", ""))) if x)
             t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], said)
+        elif c["status"] == "deferred":  # a cluster run's: kfp.local takes no limit
+            t.add_row(escape(c["name"]), "[yellow]deferred[/]", "", escape(c.get("error") or ""))
         else:
             why = f"{c.get('stage')}: {c.get('error')}"
             t.add_row(escape(c["name"]), "[red]failed[/]", "", escape(why))
     console.print(t)
     console.print(
-        f"{report['registered']} registered, {report.get('unchanged', 0)} unchanged, {report['failed']} failed in "
-        f"{report.get('seconds', 0):.0f} s",
+        f"{report['registered']} registered, {report.get('unchanged', 0)} unchanged, {report['failed']} failed"
+        + (f", {report['deferred']} deferred" if report.get("deferred") else "")
+        + f" in {report.get('seconds', 0):.0f} s",
         highlight=False,
     )
     if report.get("left"):  # removed or renamed in the manifest: the registry still serves them

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
-from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
+from oneword.pipelines.parameters import DEFAULTS, KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
 
 HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
 PIPELINE_ROOT_HELP = "where the run's artifacts go (default: oneword's MinIO bucket; '': the namespace's KFP default)"
@@ -91,7 +91,7 @@ def _preflight_here(params: dict) -> None:
     """The run's own first task checks again on the cluster; from here, a typo costs seconds, not a queue."""
     import os
 
-    from oneword.pipelines.parameters import CHECKPOINT_ROOT, DEFAULT_BASE_MODEL, DEFAULTS
+    from oneword.pipelines.parameters import CHECKPOINT_ROOT, DEFAULT_BASE_MODEL
     from oneword.preflight import preflight
 
     concept = {k: params[k] for k in ("images", "token", "init_word", "n_vectors", "templates") if params.get(k)}
@@ -117,14 +117,17 @@ def _here(ref: str) -> str:
     return ref
 
 
-def _check_manifest_size(concepts_manifest: str) -> None:
-    """Warn, before a schedule exists, if its manifest holds more concepts than one KFP run is known to carry.
-    A manifest this machine cannot read is left to each run's plan step, which reads it afresh every night."""
+def _check_manifest_size(concepts_manifest: str, most: int) -> None:
+    """Say, before a schedule exists, how many runs its manifest needs where every concept is new (a run trains at
+    most `most`), and warn of a limit above what one KFP run is known to carry. A manifest this machine cannot read
+    is left to each run's plan step, which reads it afresh every night."""
     from rich import print as rprint
 
-    from oneword.batch import parse_concepts_manifest, read_concepts_manifest, too_many_for_one_run
+    from oneword.batch import over_the_limit, parse_concepts_manifest, read_concepts_manifest, runs_needed
     from oneword.errors import OnewordError
 
+    if warning := over_the_limit(most):
+        rprint(f"[bold yellow]warning[/] {warning}")
     try:
         text = read_concepts_manifest(concepts_manifest)
     except Exception as e:  # no S3 settings here, a network apart: only advice is lost
@@ -137,8 +140,8 @@ def _check_manifest_size(concepts_manifest: str) -> None:
         rprint(f"[bold yellow]warning[/] {e.message}: each run fails at plan-batch until it is fixed"
                + (f"\n  hint: {e.hint}" if e.hint else ""))  # fmt: skip
         return
-    if advice := too_many_for_one_run(n):
-        rprint(f"[bold yellow]warning[/] {advice}")
+    if note := runs_needed(n, most):  # the first nights; after them, only what changed
+        rprint(f"[bold]note[/] if every concept is new: {note}")
 
 
 @app.command("submit")
@@ -226,7 +229,7 @@ def schedule_cmd(
     from oneword.pipelines.remote import schedule
 
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
-    _check_manifest_size(concepts_manifest)
+    _check_manifest_size(concepts_manifest, params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"]))
     rprint(
         schedule(
             host,

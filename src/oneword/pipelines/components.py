@@ -479,17 +479,12 @@ def changed_concepts(
 ) -> int:
     import json
 
-    from oneword.config import EvalConfig, GateThresholds, TrainConfig
     from oneword.live import kfp_tags
-    from oneword.pipelines.parameters import config_of
-    from oneword.pipelines.parameters import unset_to_none as unset
-    from oneword.unchanged import Settings
+    from oneword.pipelines.parameters import lookup_settings
     from oneword.unchanged import changed_concepts as run
 
-    settings = dict(locals())
     try:
-        given = Settings(base_model, *(config_of(m, settings) for m in (TrainConfig, EvalConfig, GateThresholds)),
-                         unset(resolution), mode)
+        given = lookup_settings(locals())
     except ValueError as e:  # a setting no step takes: train records it as each concept's failure
         print(f"cannot tell which concepts changed: {e}")
         todo = concepts
@@ -523,27 +518,102 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-@doc("""Read and validate the concepts manifest, record the plan in MLflow, and split it into shards.
+@doc("""Read and validate the concepts manifest, record the plan in MLflow, leave out what a run need not train,
+    and split the rest into shards.
+
+    The concepts found unchanged, and those a step would fail at every attempt, are recorded here as
+    changed_concepts records them (it loads the model's tokenizers and text encoders once, on CPU): they add no
+    task to the run. Of the others, it takes at most max_concepts_per_run, those the manifest's runs left most often
+    in a row first; the rest are recorded in the plan as deferred, for the next runs.
 
     Args:
         concepts_manifest: YAML at an s3:// URI or a path.
         batch_id: the run's id (the report reads the plan back by it).
+        metrics: how many concepts are unchanged or failing (told), to train, and deferred.
         concepts_per_shard: concepts trained together in one GPU job.
+        max_concepts_per_run: concepts this run trains at most (0: every one that changed).
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment.
+        kfp_run_id: the KFP run's id (run tag kfp.run_id).
+        kfp_run_name: the KFP run's name (run tag kfp.run_name).
+        Others: as changed_concepts is given them.
+
+    Returns:
+        The shards: lists of planned concepts, each marked as found changed.
     """)
-def plan_batch(concepts_manifest: str, batch_id: str, concepts_per_shard: int = 1, tracking_uri: str = "",
-               experiment: str = "oneword") -> list:
+def plan_batch(
+    concepts_manifest: str,
+    batch_id: str,
+    metrics: Output[Metrics],
+    concepts_per_shard: int = 1,
+    max_concepts_per_run: int = 10,
+    base_model: str = "",
+    resolution: int = 0,
+    mode: str = "crop",
+    steps: int = 0,
+    batch_size: int = 4,
+    learning_rate: float = 0.0,
+    scale_lr: bool = True,
+    progressive_every: int = 0,
+    init_l2: float = 0.0,
+    init_l2_schedule: str = "constant",
+    early_end: float = 0.0,
+    early_end_window: int = 100,
+    init_cos: float = 0.0,
+    direction_only: bool = False,
+    direction_lr: float = 0.01,
+    vmf_kappa: float = 0.0001,
+    seed: int = 0,
+    checkpoint_every: int = 0,
+    log_every: int = 10,
+    prompt_set: str = "",
+    n_images: int = 64,
+    sampling_steps: int = 0,
+    guidance_scale: float = 0.0,
+    clip_model: str = "auto",
+    dino_model: str = "",
+    checkpoint_budget: int = 8,
+    min_reconstruction: float = -1.0,
+    min_editability: float = -1.0,
+    margin_se: float = 1.0,
+    tracking_uri: str = "",
+    experiment: str = "oneword",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+) -> list:
     import logging
 
-    from oneword.batch import load_concepts_manifest, manifest_id, plan_concepts, shard, too_many_for_one_run
-    from oneword.batch_records import record_plan
+    from oneword.batch import (DEFERRED_KEY, load_concepts_manifest, manifest_id, plan_concepts, runs_needed, shard,
+                               this_run_takes)
+    from oneword.batch_records import mark_deferred, previous_plan, record_plan
+    from oneword.live import kfp_tags
+    from oneword.pipelines.parameters import lookup_settings
+    from oneword.unchanged import changed_concepts
 
+    log = logging.getLogger("oneword.plan_batch")
+    uri = tracking_uri or None
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
-    if advice := too_many_for_one_run(len(concepts)):
-        logging.getLogger("oneword.plan_batch").warning(advice)
-    record_plan(tracking_uri or None, batch_id, concepts, experiment, manifest_id(concepts_manifest))
-    return shard(concepts, concepts_per_shard)
+    plan_run = record_plan(uri, batch_id, concepts, experiment, manifest_id(concepts_manifest))
+    try:
+        given = lookup_settings(locals())
+    except ValueError as e:  # a setting no step takes: train records it as each concept's failure
+        log.warning("cannot tell which concepts changed: %s", e)
+        todo = concepts
+    else:
+        todo = changed_concepts(concepts, given, uri, batch_id, experiment, kfp_tags(kfp_run_id, kfp_run_name),
+                                "record")  # fmt: skip
+    waited = {}
+    if max_concepts_per_run and len(todo) > max_concepts_per_run:
+        waited = {c["name"]: c[DEFERRED_KEY] for c in previous_plan(uri, batch_id, experiment) or []
+                  if c.get(DEFERRED_KEY)}  # fmt: skip
+    now, later = this_run_takes(todo, max_concepts_per_run, waited)
+    if later:
+        mark_deferred(uri, plan_run, concepts, later)
+        log.warning(runs_needed(len(todo), max_concepts_per_run))
+    metrics.log_metric("told", len(concepts) - len(todo))  # unchanged, or recorded as failed
+    metrics.log_metric("to_train", len(now))
+    metrics.log_metric("deferred", len(later))
+    return shard(now, concepts_per_shard)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -569,7 +639,7 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
     # an alert on `failed` alone would miss a night whose report could not be made: `error` says so
-    summary.metadata.update({k: report[k] for k in ("registered", "unchanged", "failed")} | {"error": report.get("error", ""),
+    summary.metadata.update({k: report.get(k, 0) for k in ("registered", "unchanged", "failed", "deferred")} | {"error": report.get("error", ""),
                             "left": len(report.get("left", [])), "left_error": report.get("left_error", "")})
     print(json.dumps(report, indent=2))
 

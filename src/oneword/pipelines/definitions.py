@@ -383,6 +383,7 @@ PARALLEL_SHARDS = 4
 def batch_personalisation(
     concepts_manifest: str,
     concepts_per_shard: int = D["concepts_per_shard"],
+    max_concepts_per_run: int = D["max_concepts_per_run"],
     base_model: str = DEFAULT_BASE_MODEL,
     resolution: int = RESOLUTION_FROM_PROFILE,
     mode: str = D["mode"],
@@ -433,7 +434,9 @@ def batch_personalisation(
 ):
     """Batch personalisation: every concept of a manifest, each registered on its own.
 
-    Each shard runs its concepts through the five steps of textual_inversion: preprocess and cache_latents per
+    First, on CPU, the plan records the concepts that are unchanged since their newest version, or that a step
+    would fail at every attempt, and leaves them out; of the others it takes at most max_concepts_per_run. Each
+    shard runs its concepts through the five steps of textual_inversion: preprocess and cache_latents per
     concept, one GPU train task for the shard's concepts together, evaluate and register per concept. A
     concept that fails is recorded with the step and the error, and the others go on. The exit handler writes
     every concept's status.
@@ -441,6 +444,9 @@ def batch_personalisation(
     Args:
         concepts_manifest: YAML (s3:// URI or path) listing, per concept, images, token and init_word.
         concepts_per_shard: concepts trained together in one GPU job; shards run in parallel (at most 4 at a time).
+        max_concepts_per_run: concepts this run trains at most; the others that changed are left to the next runs
+            of the manifest, those that waited longest first (0: no limit; above 10, Argo may not keep the run:
+            docs/deploy.md).
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.
         resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768, SDXL 1024).
@@ -499,14 +505,26 @@ def batch_personalisation(
     done = _cpu_step(c.report_batch(batch_id=batch_id, tracking_uri=tracking_uri, experiment=experiment), p)
     done.set_caching_options(False)
     with dsl.ExitHandler(done, name="every-concept"):
-        plan = _cpu_step(c.plan_batch(concepts_manifest=concepts_manifest, batch_id=batch_id,
-                                      concepts_per_shard=concepts_per_shard, tracking_uri=tracking_uri,
-                                      experiment=experiment), p)
+        plan = _cpu_step(c.plan_batch(
+            concepts_manifest=concepts_manifest, batch_id=batch_id, concepts_per_shard=concepts_per_shard,
+            max_concepts_per_run=max_concepts_per_run, base_model=base_model, resolution=resolution, mode=mode,
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
+            progressive_every=progressive_every, init_l2=init_l2, init_l2_schedule=init_l2_schedule,
+            early_end=early_end, early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,
+            direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed, checkpoint_every=checkpoint_every,
+            log_every=log_every, prompt_set=prompt_set, n_images=n_images, sampling_steps=sampling_steps,
+            guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
+            checkpoint_budget=checkpoint_budget, min_reconstruction=min_reconstruction,
+            min_editability=min_editability, margin_se=margin_se, tracking_uri=tracking_uri, experiment=experiment,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        ), p)
+        # it looks for unchanged concepts as changed_concepts does: the model's tokenizers and text encoders, once
+        _with_models(plan, p)
         plan.set_caching_options(False)  # a recurring run must read tonight's manifest, not replay the first one
         # it reads the manifest and records the plan in MLflow: a store that blinks must not cost the night
         plan.set_retry(num_retries=STEP_RETRIES, backoff_duration="60s", backoff_factor=2.0)
         check = _preflight([], p)  # shared resources only: one concept's bad photos must not stop the others
-        with dsl.ParallelFor(plan.output, parallelism=PARALLEL_SHARDS, name="shards") as shard:
+        with dsl.ParallelFor(plan.outputs["Output"], parallelism=PARALLEL_SHARDS, name="shards") as shard:
             personalise(concepts=shard, batch_id=batch_id, on_error="record",
                         **{k: p[k] for k in SHARED}).after(check).set_caching_options(False)
 

@@ -259,7 +259,9 @@ def run_batch(
     start = time.time()
     with _task_logs(log_file):
         _for_local_run(batch_personalisation)(
-            concepts_manifest=concepts_manifest, tracking_uri=uri, **{**_local_overrides(pipeline_root), **params}
+            concepts_manifest=concepts_manifest, tracking_uri=uri,
+            # kfp.local keeps no Argo workflow, whose size is what the limit is for: every changed concept trains
+            **{**_local_overrides(pipeline_root), "max_concepts_per_run": 0, **params},
         )
     run_dir = _own_run(pipeline_root, "batch-personalisation", start)
     stopped = sorted(run_dir.rglob(f"preflight/**/{FAILURE_FILE}")) if run_dir else []
@@ -282,18 +284,15 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         record, at every attempt), or `unknown` (`why`: it could not be told, and a run would train it).
     """
     from oneword.batch import load_concepts_manifest, plan_concepts
-    from oneword.config import EvalConfig, GateThresholds, TrainConfig
-    from oneword.pipelines.parameters import config_of, unset_to_none
+    from oneword.pipelines.parameters import lookup_settings
     from oneword.tracking import default_tracking_uri, sqlite_path
-    from oneword.unchanged import Settings, result_keys, unchanged_versions
+    from oneword.unchanged import result_keys, unchanged_versions
 
     _check_settings(params)
     concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
     uri = tracking_uri or default_tracking_uri()
     store = sqlite_path(uri)
-    settings = Settings(params.get("base_model", ""), config_of(TrainConfig, params), config_of(EvalConfig, params),
-                        config_of(GateThresholds, params), unset_to_none(params.get("resolution", 0)),
-                        params.get("mode", "crop"))  # fmt: skip
+    settings = lookup_settings(params)
     registry = store is None or store.exists()  # no store yet: nothing registered, and asking would make one
     told = unchanged_versions(concepts, settings, uri) if registry else result_keys(concepts, settings)
     rows = []

@@ -64,6 +64,7 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "tracking_uri": (TrackingConfig, "tracking_uri"),
     "experiment": (TrackingConfig, "experiment"),
     "concepts_per_shard": (BatchConfig, "concepts_per_shard"),
+    "max_concepts_per_run": (BatchConfig, "max_concepts_per_run"),
     **{name: (ClusterConfig, name) for name in ClusterConfig.model_fields},
 }
 
@@ -152,6 +153,20 @@ def invalid(params: dict[str, Any]) -> list[str]:
         except ValidationError as e:
             problems.append(f"{name}={value!r}: {e.errors()[0]['msg']}")
     return problems
+
+
+def lookup_settings(params: dict[str, Any]):
+    """What the lookup of unchanged concepts (`oneword.unchanged.Settings`) is given, from pipeline parameters by
+    name: the model, preprocess's resolution and mode, and the configs train, evaluate and register build.
+
+    Raises:
+        ValueError: a setting no step takes.
+    """
+    from oneword.unchanged import Settings
+
+    return Settings(params.get("base_model", ""), config_of(TrainConfig, params), config_of(EvalConfig, params),
+                    config_of(GateThresholds, params), unset_to_none(params.get("resolution", RESOLUTION_FROM_PROFILE)),
+                    params.get("mode", PreprocessConfig.model_fields["mode"].default))  # fmt: skip
 
 
 def config_of(model: type[M], params: dict[str, Any], **runtime: Any) -> M:

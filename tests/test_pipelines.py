@@ -118,6 +118,21 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
         assert not task.get("cachingOptions", {}).get("enableCache"), step
 
 
+def test_a_batch_run_at_the_limit_fits_in_what_argo_keeps_of_a_run():
+    """Argo ends a run whose Workflow object outgrows 1 MiB. By the model of its node statuses (`argo_size`), a
+    batch run that trains max_concepts_per_run concepts, one a shard, with KFP 2.17's retry nodes, leaves a sixth
+    of it spare; twice as many would not fit (the limit is not set far below what fits either)."""
+    from oneword.batch import RUN_LIMIT
+
+    from .argo_size import MAX_WORKFLOW_SIZE, Run
+
+    spec = ROOT / "pipelines" / "batch_personalisation.yaml"
+    assert Run(spec, shards=RUN_LIMIT, per_shard=1).total() < 0.85 * MAX_WORKFLOW_SIZE
+    assert Run(spec, shards=2 * RUN_LIMIT, per_shard=1).total() > MAX_WORKFLOW_SIZE
+    # concepts trained together cost fewer nodes each
+    assert Run(spec, shards=RUN_LIMIT // 4, per_shard=4).total() < Run(spec, shards=RUN_LIMIT, per_shard=1).total()
+
+
 @pytest.mark.parametrize("name", ["textual_inversion", "batch_personalisation"])
 def test_a_concept_told_unchanged_on_cpu_asks_for_no_gpu(name):
     """`changed-concepts` (CPU) runs before the GPU steps, which run only under its count being above 0."""

@@ -253,12 +253,13 @@ class BatchConfig(BaseModel):
     # Argo keeps a run's node statuses in its one Workflow object: at most 1 MiB with them compressed, unless the
     # workflow controller offloads them to a database, which KFP's own manifests do not set up (the run then ends
     # "workflow is longer than maximum allowed size"; kubeflow/pipelines#4170, #13738). Every task of a concept
-    # that trains adds nodes holding its component spec and code: a simulation of the compiled batch spec's
-    # statuses gives about 210 KiB for the spec and 40-70 KiB per concept that trains (docs/deploy.md, "How many
-    # concepts in one run"), an estimate not measured on a cluster. Unchanged concepts add nothing: the plan
+    # that trains adds nodes holding its component spec and code: a model of the compiled batch spec's statuses
+    # (tests/argo_size.py) gives about 310 KiB for the spec and 63 KiB per concept that trains with KFP 2.17's
+    # retry nodes (31 without), so 8 concepts come to 0.8 MiB and 12 past 1 MiB (docs/deploy.md, "How many
+    # concepts in one run"): an estimate, not measured on a cluster. Unchanged concepts add nothing: the plan
     # leaves them out. `oneword batch` (kfp.local, no Argo) takes no limit.
     max_concepts_per_run: int = Field(
-        10, ge=0, description="concepts one cluster run trains at most; the others that changed wait for the next "
+        8, ge=0, description="concepts one cluster run trains at most; the others that changed wait for the next "
         "runs of the manifest, those that waited longest first (0: no limit)"
     )
 

@@ -546,7 +546,7 @@ def plan_batch(
     batch_id: str,
     metrics: Output[Metrics],
     concepts_per_shard: int = 1,
-    max_concepts_per_run: int = 10,
+    max_concepts_per_run: int = 8,
     base_model: str = "",
     resolution: int = 0,
     mode: str = "crop",

@@ -445,7 +445,7 @@ def batch_personalisation(
         concepts_manifest: YAML (s3:// URI or path) listing, per concept, images, token and init_word.
         concepts_per_shard: concepts trained together in one GPU job; shards run in parallel (at most 4 at a time).
         max_concepts_per_run: concepts this run trains at most; the others that changed are left to the next runs
-            of the manifest, those that waited longest first (0: no limit; above 10, Argo may not keep the run:
+            of the manifest, those that waited longest first (0: no limit; above 8, Argo may not keep the run:
             docs/deploy.md).
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.

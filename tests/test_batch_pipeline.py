@@ -120,6 +120,13 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     night = Path(again["run_dir"])
     assert _told(night, "plan-batch") == [{"told": 4, "to_train": 0, "deferred": 0}]  # the run's dashboard shows it
     assert not list(night.rglob("changed-concepts"))  # the plan made no shard: no task of the five steps ran
+    # the unchanged two are recorded in the plan's own run, not in a run each: the night added the plan, and a
+    # FAILED run for each broken concept
+    client = __import__("mlflow").MlflowClient(report["tracking_uri"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    night_runs = client.search_runs(experiments, f"tags.`oneword.batch_id` = '{again['batch_id']}'")
+    assert sorted(r.data.tags.get("oneword.kind", r.info.status) for r in night_runs) == ["FAILED", "FAILED",
+                                                                                          "batch-plan"]
     assert not list(night.rglob("preprocess")) and not list(night.rglob("cache-latents"))  # no task, no GPU pod
     broken = next(c for c in again["concepts"] if c["name"] == "bad-q")  # its photos' error, told on CPU
     assert broken["stage"] == "preprocess" and "a.jpg" in broken["error"]

@@ -107,10 +107,23 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     # does not
     assert tonight([DOG, CAT], "night-2") == [{**DOG, JUDGED_KEY: True}]
     assert tonight([{**CAT, JUDGED_KEY: True}], "night-8") == [{**CAT, JUDGED_KEY: True}]  # told: not asked again
+    # a batch's plan records its unchanged concepts in its own run, all in one, not as a run each
+    from oneword.batch_records import record_plan
+
+    plan = record_plan(mlflow_server, "night-9", [CAT, DOG])
+    settings = Settings(str(tiny_model_dir), TRAIN, evaluation, GATE, 32)
+    assert changed_concepts([CAT, DOG], settings, mlflow_server, "night-9", plan_run_id=plan) == [
+        {**DOG, JUDGED_KEY: True}
+    ]
+    assert [(c["name"], c["status"], c["version"]) for c in batch_report(mlflow_server, "night-9", [CAT, DOG])[
+        "concepts"]] == [("cat-u", "unchanged", "1"), ("dog-u", "failed", None)]  # dog-u: trained by no step here
+    client = mlflow.MlflowClient(mlflow_server)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    night_runs = client.search_runs(experiments, "tags.`oneword.batch_id` = 'night-9'")
+    assert [r.info.run_id for r in night_runs] == [plan]
     report = batch_report(mlflow_server, "night-2", [CAT, DOG])
     assert {c["name"]: c["status"] for c in report["concepts"]}["cat-u"] == "unchanged"
     assert report["concepts"][0]["version"] == "1"
-    client = mlflow.MlflowClient(mlflow_server)
     assert [mv.version for mv in client.search_model_versions("name = 'cat-u'")] == ["1"]
     # another setting: trained (or taken from the kept trainings) and evaluated again
     assert tonight([CAT], "night-3", train=TrainConfig(steps=3, checkpoint_every=2)) == [{**CAT, JUDGED_KEY: True}]

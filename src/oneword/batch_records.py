@@ -1,9 +1,10 @@
 """What a run records in MLflow of each concept besides its model versions, and what its report reads back.
 
 A concept that failed is a FAILED run tagged with its step and error (`record_failure`); one found unchanged, a
-FINISHED run tagged with the version it is again (`note_unchanged`); a batch's plan, a run of its own tagged with
-the manifest it was read from (`record_plan`), so that the report reads the concepts the run planned, and the
-next run of that manifest tells which concepts left it (`previous_plan`, `held_aliases`).
+FINISHED run tagged with the version it is again (`note_unchanged`), or, where a batch's plan found it, a line of
+the plan's `unchanged.json` (`note_unchanged_in_plan`); a batch's plan, a run of its own tagged with the manifest
+it was read from (`record_plan`), so that the report reads the concepts the run planned, and the next run of that
+manifest tells which concepts left it (`previous_plan`, `held_aliases`).
 """
 
 from __future__ import annotations
@@ -112,9 +113,22 @@ def note_unchanged(
     return Registration(name, version, alias, reason, run_id, f"models:/{name}/{version}", uri, unchanged=True)
 
 
+UNCHANGED_FILE = "unchanged.json"  # in a batch's plan run: the concepts its plan found unchanged
+
+
+def note_unchanged_in_plan(tracking_uri: str | None, plan_run_id: str, found: dict[str, dict]) -> None:
+    """Record in a batch's plan (`record_plan`) the concepts its plan found unchanged, `{name: {"version",
+    "token", "rejudged"?}}`, in one file, where the batch report finds them: one write for the whole catalogue,
+    not a run per concept (`note_unchanged`) night after night."""
+    _, client = tracking.client(tracking_uri or default_tracking_uri())
+    client.log_dict(plan_run_id, found, UNCHANGED_FILE)
+    log.info("%d concepts unchanged since their versions (recorded in the plan)", len(found))
+
+
 def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict]:
-    """The concepts a batch found already registered (`record_unchanged`), as `list_concepts` rows of the
-    versions they kept (a version deleted since is left out), with `rejudged` where only the gate had changed."""
+    """The concepts a batch found already registered (`note_unchanged`, `note_unchanged_in_plan`), as
+    `list_concepts` rows of the versions they kept (a version deleted since is left out), with `rejudged` where
+    only the gate had changed."""
     from mlflow.exceptions import MlflowException
 
     mlflow, client = tracking.client(tracking_uri)
@@ -127,6 +141,10 @@ def batch_unchanged(tracking_uri: str | None, batch_id: str, experiment: str = E
         filter_string=f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{UNCHANGED_TAG}` != ''",
     )
     kept = {(r.data.tags[CONCEPT_TAG], r.data.tags[UNCHANGED_TAG]): r.data.tags.get(REJUDGED_TAG) for r in runs}
+    plan = _plan_run(client, exp.experiment_id, batch_id)
+    if plan is not None and any(f.path == UNCHANGED_FILE for f in client.list_artifacts(plan.info.run_id)):
+        told = mlflow.artifacts.load_dict(f"{plan.info.artifact_uri}/{UNCHANGED_FILE}")
+        kept |= {(name, str(hit["version"])): hit.get("rejudged") for name, hit in told.items()}
     rows, models = [], {}  # each model read once, as batch_versions
     for (name, version), rejudged in sorted(kept.items()):
         try:
@@ -185,15 +203,19 @@ def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERI
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         return None
+    run = _plan_run(client, exp.experiment_id, batch_id)
+    return None if run is None else mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/plan.json")["concepts"]
+
+
+def _plan_run(client, experiment_id: str, batch_id: str):
+    """The newest plan a batch recorded (a retried plan step records another), or None."""
     runs = client.search_runs(
-        [exp.experiment_id],
+        [experiment_id],
         f"tags.`oneword.batch_id` = '{batch_id}' and tags.`oneword.kind` = '{PLAN_KIND}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    if not runs:
-        return None
-    return mlflow.artifacts.load_dict(f"{runs[0].info.artifact_uri}/plan.json")["concepts"]
+    return runs[0] if runs else None
 
 
 def previous_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:

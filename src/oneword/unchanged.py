@@ -30,7 +30,7 @@ import torch
 
 from oneword import outcome, storage, tracking
 from oneword.batch import spec_of
-from oneword.batch_records import note_unchanged, record_failure
+from oneword.batch_records import note_unchanged, note_unchanged_in_plan, record_failure
 from oneword.config import EvalConfig, GateThresholds, TrainConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
@@ -206,6 +206,7 @@ def changed_concepts(
     experiment: str = EXPERIMENT,
     run_tags: dict[str, str] | None = None,
     on_error: outcome.OnError = "fail",
+    plan_run_id: str | None = None,
 ) -> list[dict]:
     """The planned concepts that must be trained, evaluated and registered, in order (those found changed marked
     `JUDGED_KEY`, which a later call takes as told: a batch's shards after its plan). Each of the others
@@ -221,11 +222,14 @@ def changed_concepts(
         experiment: MLflow experiment.
         run_tags: more tags for those records (the KFP run's).
         on_error: fail (the steps meet every error and fail the run) or record.
+        plan_run_id: a batch's plan (`batch_records.record_plan`): the unchanged concepts are recorded there, all
+            in one (`batch_records.note_unchanged_in_plan`), not as a run each: a catalogue of a thousand
+            concepts checked every night would add a thousand runs a night to the experiment.
         Others: as for `result_keys`.
     """
     asked = [c for c in concepts if not c.get(JUDGED_KEY)]
     told = unchanged_versions(asked, settings, tracking_uri) if asked else Lookup()
-    todo = []
+    todo, kept = [], {}
     with tracking.briefly():
         for concept in concepts:
             name = concept["name"]
@@ -233,6 +237,9 @@ def changed_concepts(
                 todo.append(concept)
                 continue
             try:
+                if name in told.found and plan_run_id:
+                    kept[name] = concept
+                    continue
                 if name in told.found:
                     note_unchanged(tracking_uri, name, concept["token"], told.found[name], batch_id, experiment,
                                    run_tags)  # fmt: skip
@@ -246,6 +253,14 @@ def changed_concepts(
                 log.warning("could not record what became of %s (%s)", name, e)
             changed = name in told.keys and name not in told.unknown  # not merely "could not be told"
             todo.append({**concept, JUDGED_KEY: True} if changed else concept)
+        if kept:
+            try:
+                note_unchanged_in_plan(tracking_uri, plan_run_id, {n: {**told.found[n], "token": c["token"]}
+                                                                   for n, c in kept.items()})  # fmt: skip
+            except Exception as e:  # they take the five steps, where train and evaluate find them unchanged again
+                log.warning("could not record the %d unchanged concepts in the plan (%s)", len(kept), e)
+                going = {c["name"]: c for c in todo} | kept
+                todo = [going[c["name"]] for c in concepts if c["name"] in going]
     log.info("%d of %d concepts to train (the others are unchanged, or would fail)", len(todo),
              len(concepts))
     return todo

@@ -521,9 +521,9 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
 @doc("""Read and validate the concepts manifest, record the plan in MLflow, leave out what a run need not train,
     and split the rest into shards.
 
-    The concepts found unchanged, and those a step would fail at every attempt, are recorded here as
-    changed_concepts records them (it loads the model's tokenizers and text encoders once, on CPU): they add no
-    task to the run. Of the others, it takes at most max_concepts_per_run, those the manifest's runs left most often
+    The concepts found unchanged (in the plan's run, all in one file) and those a step would fail at every attempt
+    (a FAILED run each, as changed_concepts records them) are recorded here, after one load of the model's
+    tokenizers and text encoders, on CPU: they add no task to the run. Of the others, it takes at most max_concepts_per_run, those the manifest's runs left most often
     in a row first; the rest are recorded in the plan as deferred, for the next runs.
 
     Args:
@@ -601,7 +601,7 @@ def plan_batch(
         todo = concepts
     else:
         todo = changed_concepts(concepts, given, uri, batch_id, experiment, kfp_tags(kfp_run_id, kfp_run_name),
-                                "record")  # fmt: skip
+                                "record", plan_run_id=plan_run)  # fmt: skip
     waited = {}
     if max_concepts_per_run and len(todo) > max_concepts_per_run:
         waited = {c["name"]: c[DEFERRED_KEY] for c in previous_plan(uri, batch_id, experiment) or []

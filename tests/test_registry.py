@@ -81,6 +81,19 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     run = mlflow.MlflowClient(mlflow_server).get_run(shown["run_id"])
     assert len(mlflow.MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "loss")) >= 1
     assert catalogue.show_concept(f"{name}/1", mlflow_server)["version"] == "1"
+    # `concepts show`: what a person asks of the version, in 80 columns; --json, all of it
+    from oneword.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    main(["concepts", "show", f"{name}@champion", "--tracking-uri", mlflow_server])
+    card = capsys.readouterr().out
+    assert card.startswith(f"{name}/3  @champion") and max(len(line) for line in card.splitlines()) <= 80
+    said = " ".join(card.split())
+    assert "token <cat-r> (from 'cat', 1 vector)" in said and "reconstruction 0.600" in said
+    assert f"gate {better.reason.split()[0]}" in said and "paired difference" in said
+    main(["concepts", "show", f"{name}/3", "--tracking-uri", mlflow_server, "--json"])
+    assert json.loads(capsys.readouterr().out) == {**shown, "aliases": ["champion"]}
     with pytest.raises(OnewordError, match="not found"):
         catalogue.get_version("no-such-concept@champion", mlflow_server)
     # a concept that is there, asked for a version or alias it lacks: what it has, not "not found"
@@ -103,8 +116,6 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     pipe.load_textual_inversion(str(diff))
     assert "<cat-r>" in pipe.tokenizer.get_added_vocab()
     # the command never replaces a file unasked (another concept's, under a shared default name)
-    from oneword.cli import main
-
     theirs = tmp_path / "theirs.pt"
     theirs.write_bytes(b"someone else's embedding")
     pull = ["concepts", "pull", f"{name}@champion", "-f", "a1111", "-o", str(theirs), "--tracking-uri", mlflow_server]

@@ -3,6 +3,7 @@ embeddings in any format (`oneword concepts`, `oneword generate --concept`); and
 
 from __future__ import annotations
 
+import datetime
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -193,6 +194,8 @@ def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
         "metrics": dict(run.data.metrics),
         "params": dict(run.data.params),
         "source": mv.source,
+        "created": datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000, datetime.timezone.utc).isoformat(
+            timespec="seconds"),
     }
 
 

@@ -102,18 +102,73 @@ def _short_model(source: str | None) -> str:
 def show_cmd(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
+    as_json: Annotated[bool, typer.Option("--json", help="print every tag, metric and param as JSON")] = False,
 ) -> None:
-    """Show one concept version: tags, aliases, metrics and params.
+    """Show one concept version: its word, scores, gate, training and where it came from.
 
     \b
     Example:
       oneword concepts show my-cat@champion
+      oneword concepts show my-cat/3 --json
     """
-    from rich import print_json
+    from rich.console import Console
 
     from oneword.catalogue import show_concept
 
-    print_json(data=show_concept(ref, existing_store(tracking_uri)))
+    info = show_concept(ref, existing_store(tracking_uri))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    Console().print(concept_card(info))
+
+
+def concept_card(info: dict):
+    """`concepts show`'s view of a `show_concept` dict for a person (a rich renderable): what serving and review
+    ask of a version, each on a line, in 80 columns; `--json` has the rest."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    from oneword.catalogue import PROMOTED_TAG
+
+    tags, params, metrics = info["tags"], info["params"], info["metrics"]
+
+    def pm(name: str) -> str:
+        value, se = tags.get(name, metrics.get(name)), tags.get(f"{name}_se", metrics.get(f"{name}_se"))
+        return f"{name} {_score3(value)}" + (f" ± {_score3(se)}" if se not in (None, "") else "")
+
+    aliases = " ".join(f"@{a}" for a in info["aliases"]) or "no alias"
+    title = Text.assemble((f"{info['name']}/{info['version']}", "bold"), f"  {aliases}")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column(overflow="fold")
+    vectors = params.get("n_vectors", "1")
+    grid.add_row("token", escape(f"{tags.get('oneword.token', '?')} (from {params.get('init_word', '?')!r}, "
+                                 f"{vectors} vector{'s' if vectors != '1' else ''})"))  # fmt: skip
+    fingerprint = tags.get("oneword.base_model_fingerprint", "")
+    grid.add_row("base model", escape(f"{tags.get('oneword.base_model', '?')} ({fingerprint[:19]})"))
+    grid.add_row("scores", f"{pm('reconstruction')}, {pm('editability')}")
+    evaluated = [f"by {tags['evaluator']}" if tags.get("evaluator") else "",
+                 f"{params['eval.n_images']} images a prompt" if params.get("eval.n_images") else "",
+                 f"checkpoint of step {tags['chosen_step']}" if tags.get("chosen_step") else ""]  # fmt: skip
+    grid.add_row("evaluated", escape(", ".join(x for x in evaluated if x) or "-"))
+    grid.add_row("gate", escape(tags.get("gate", "-")))
+    if tags.get(PROMOTED_TAG):
+        grid.add_row("promoted", escape(tags[PROMOTED_TAG]))
+    trained = [f"{params['train.steps']} steps" if params.get("train.steps") else "",
+               f"learning rate {params['train.learning_rate_used']}" if params.get("train.learning_rate_used") else "",
+               f"batch {params['train.batch_size']}" if params.get("train.batch_size") else "",
+               f"{params['n_images']} photos" if params.get("n_images") else ""]  # fmt: skip
+    grid.add_row("trained", escape(", ".join(x for x in trained if x) or "-"))
+    grid.add_row("run", escape(f"{info['run_id']}" + (f" (batch {tags['oneword.batch_id']})"
+                                                      if tags.get("oneword.batch_id") else "")))  # fmt: skip
+    grid.add_row("created", escape(info.get("created") or "-"))
+    return Group(title, grid, Text("every tag, metric and param: --json", style="dim"))
+
+
+def _score3(value) -> str:
+    return "-" if value in (None, "") else f"{float(value):.3f}"
 
 
 @concepts.command("pull")

@@ -207,9 +207,15 @@ def pull_concept(
     Returns:
         (the written file, the version's tags).
     """
+    import os
+    from unittest.mock import patch
+
     mlflow, _ = tracking.client(tracking_uri)
     mv = get_version(ref, tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d:
+    # a file of a few KB: MLflow's progress bar only trailed the answer on the terminal
+    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    quiet = {} if bar in os.environ else {bar: "false"}
+    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d, patch.dict(os.environ, quiet):
         local = Path(
             mlflow.artifacts.download_artifacts(
                 run_id=mv.run_id, artifact_path="embeddings/diffusers/learned_embeds.safetensors", dst_path=d

@@ -125,7 +125,9 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     capsys.readouterr()
     main([*pull, "--force"])
     assert E.load(theirs).token == "<cat-r>"
-    assert f"{name}/3 (<cat-r>) -> " in capsys.readouterr().out  # which version the alias named, for the deploy
+    said = capsys.readouterr()
+    assert f"{name}/3 (<cat-r>) -> " in said.out  # which version the alias named, for the deploy
+    assert "Downloading artifacts" not in said.err  # no progress bar trailing the answer
     # generate --concept draws with the registered concept on the model it was trained on, and keeps no download
     import tempfile
 

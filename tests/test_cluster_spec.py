@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ["textual_inversion", "batch_personalisation"]
 GPU_STEPS = {"exec-cache-latents", "exec-train", "exec-evaluate"}
 MODEL_STEPS = GPU_STEPS | {"exec-preflight", "exec-changed-concepts"}  # the lookup reads encoders on CPU
+PLAN_LOOKUP = {"batch_personalisation": {"exec-plan-batch"}}  # a batch's plan makes the lookup for every concept
 
 
 def _load(name: str) -> tuple[dict, dict]:
@@ -67,7 +68,8 @@ def test_every_value_a_task_reads_is_declared_by_the_dag_around_it(name):
 @pytest.mark.parametrize("name", PIPELINES)
 def test_model_loading_steps_share_the_model_cache_and_may_use_a_hub_token(name):
     spec, k8s = _load(name)
-    for label in MODEL_STEPS:
+    loading = MODEL_STEPS | PLAN_LOOKUP.get(name, set())
+    for label in loading:
         cfg = k8s[label]
         (mount,) = cfg["pvcMount"]
         source = mount["pvcNameParameter"]["componentInputParameter"]  # in a loop body: pipelinechannel--...
@@ -76,7 +78,7 @@ def test_model_loading_steps_share_the_model_cache_and_may_use_a_hub_token(name)
         assert hf and hf[0]["optional"] is True and hf[0]["keyToEnv"][0]["envVar"] == "HF_TOKEN", label
         env = {e["name"] for e in spec["deploymentSpec"]["executors"][label]["container"].get("env", [])}
         assert "HF_HOME" not in env, label  # kfp.local applies task envs: a local run keeps the user's cache
-    for label in set(k8s) - MODEL_STEPS:
+    for label in set(k8s) - loading:
         assert "pvcMount" not in k8s[label], label  # an RWX volume only where models are loaded
 
 

@@ -104,7 +104,7 @@ def show_cmd(
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
     as_json: Annotated[bool, typer.Option("--json", help="print every tag, metric and param as JSON")] = False,
 ) -> None:
-    """Show one concept version: its word, scores, gate, training and where it came from.
+    """Show one concept version: its word, scores, gate and training.
 
     \b
     Example:

@@ -75,3 +75,22 @@ def test_a_bad_manifest_names_the_entry_and_what_to_do(text, message, tmp_path):
     with pytest.raises(OnewordError, match=message) as bad:
         load_concepts_manifest(str(manifest))
     assert str(manifest) in bad.value.message
+
+
+def test_a_run_takes_the_changed_concepts_first_then_those_that_waited_longest():
+    """`this_run_takes`: what a cluster run trains of the concepts to train, at most its limit."""
+    from oneword.batch import JUDGED_KEY, this_run_takes
+
+    def names(concepts):
+        return [c["name"] for c in concepts]
+
+    todo = [{"name": n, JUDGED_KEY: True} for n in "abcd"]
+    assert this_run_takes(todo, 0) == (todo, {}) == this_run_takes(todo, -1)  # no limit (a UI typo is none too)
+    now, later = this_run_takes(todo, 2)
+    assert names(now) == ["a", "b"] and later == {"c": 1, "d": 1}
+    now, later = this_run_takes(todo, 2, {"c": 1, "d": 3})  # d waited longest, then c
+    assert names(now) == ["c", "d"] and later == {"a": 1, "b": 1}
+    # a concept the lookup could not tell of (which may well be unchanged) comes after every one found changed
+    untold = [{"name": "u"}, *todo]
+    now, later = this_run_takes(untold, 4, {"u": 5})
+    assert names(now) == ["a", "b", "c", "d"] and later == {"u": 6}

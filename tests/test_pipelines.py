@@ -118,6 +118,23 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
         assert not task.get("cachingOptions", {}).get("enableCache"), step
 
 
+def test_the_code_a_component_ships_holds_no_docstring_and_its_spec_keeps_the_descriptions():
+    """Argo keeps a task's code in several of its nodes (`argo_size`): a component's docstring, given by `@doc`,
+    stays out of the code KFP ships and still describes the component and its inputs in components/*.yaml."""
+    from oneword.pipelines import components
+
+    for component in components.ALL:
+        spec = yaml.safe_load((ROOT / "components" / f"{component.name.replace('-', '_')}.yaml").read_text())
+        (executor,) = spec["deploymentSpec"]["executors"].values()
+        code = executor["container"]["command"][-1]
+        summary = component.python_func.__doc__.split("\n")[0]
+        assert f"\ndef {component.python_func.__name__}(" in code and summary not in code, component.name
+        documented = set(re.findall(r"^ {8}(\w+): ", component.python_func.__doc__, re.MULTILINE))
+        inputs = spec["root"]["inputDefinitions"].get("parameters", {})
+        assert documented & set(inputs), component.name
+        assert {n for n, p in inputs.items() if p.get("description")} == documented & set(inputs), component.name
+
+
 def test_a_batch_run_at_the_limit_fits_in_what_argo_keeps_of_a_run():
     """Argo ends a run whose Workflow object outgrows 1 MiB. By the model of its node statuses (`argo_size`), a
     batch run that trains max_concepts_per_run concepts, one a shard, with KFP 2.17's retry nodes, leaves a sixth

@@ -279,3 +279,15 @@ def test_the_batch_plan_trains_at_most_the_run_limit_and_every_concept_has_its_t
     assert night("plan-2")[0] == ["p2-u"]
     assert night("plan-3")[0] == ["p3-u"]  # left twice in a row
     assert night("plan-4")[0] == ["p1-u"]
+
+
+def test_the_lookup_keeps_no_photos_from_s3_once_it_has_keyed_them(tiny_model_dir, s3_bucket, tmp_path, monkeypatch):
+    """A batch's plan looks at a whole catalogue's photos on one pod's disk: each concept's are downloaded beside
+    its scratch dataset and deleted once keyed, not kept in oneword's cache."""
+    from oneword.storage import upload_dir
+
+    monkeypatch.setenv("ONEWORD_CACHE", str(tmp_path / "cache"))
+    upload_dir(DREAMBENCH / "cat", f"s3://{s3_bucket}/cat")
+    on_s3 = {**CAT, "images": f"s3://{s3_bucket}/cat"}
+    assert _keys(tiny_model_dir, [on_s3]) == _keys(tiny_model_dir, [CAT])  # the same photos, the same key
+    assert not list((tmp_path / "cache").rglob("*.jpg"))

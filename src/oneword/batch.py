@@ -40,26 +40,30 @@ UNCHANGED_SUFFIX = " (unchanged)"  # a run's answer for a version registered bef
 # What a cluster run trains at most by default: past it, its Argo workflow may outgrow the size Argo can keep.
 RUN_LIMIT = BatchConfig.model_fields["max_concepts_per_run"].default
 # In a recorded plan: the concept changed, and was left to the manifest's next runs; its value, how many runs in a
-# row have left it
-DEFERRED_KEY = "deferred"
+# row have left it. With UNTOLD_KEY: whether it changed could not be told (the lookup said why in its log).
+DEFERRED_KEY, UNTOLD_KEY = "deferred", "untold"
+JUDGED_KEY = "judged"  # set by the lookup (`oneword.unchanged`) on a concept it found changed
 
 
 def this_run_takes(
     todo: list[dict], most: int, waited: dict[str, int] | None = None
 ) -> tuple[list[dict], dict[str, int]]:
     """Split the concepts a batch run must train into those it trains and those it leaves to the manifest's next
-    runs, at most `most` now (0: all). Those that the runs before left most often in a row (`waited`, by name)
-    come first, then the manifest's order: every concept is trained in time, even behind concepts that fail
-    night after night (a concept trained, or failed, waits anew).
+    runs, at most `most` now (0 or less: all). Those the lookup found changed (`JUDGED_KEY`) come before those it
+    could not tell of (which may well be unchanged: a registry that did not answer, a single-file checkpoint);
+    then those that the runs before left most often in a row (`waited`, by name), then the manifest's order:
+    every concept is trained in time, even behind concepts that fail night after night (a concept trained, or
+    failed, waits anew).
 
     Returns:
         The concepts to train now, in the manifest's order; and the others, each with the runs in a row that
         have now left it.
     """
     waited = waited or {}
-    if not most or len(todo) <= most:
+    if most <= 0 or len(todo) <= most:
         return list(todo), {}
-    first = sorted(todo, key=lambda c: -waited.get(c["name"], 0))  # stable: the manifest's order among equals
+    # stable: the manifest's order among equals
+    first = sorted(todo, key=lambda c: (not c.get(JUDGED_KEY), -waited.get(c["name"], 0)))
     taken = {c["name"] for c in first[:most]}
     later = {c["name"]: waited.get(c["name"], 0) + 1 for c in todo if c["name"] not in taken}
     return [c for c in todo if c["name"] in taken], later
@@ -67,7 +71,7 @@ def this_run_takes(
 
 def runs_needed(n: int, most: int) -> str | None:
     """What a manifest whose runs must train `n` concepts, `most` a run, is told; None when one run takes them."""
-    if not most or n <= most:
+    if most <= 0 or n <= most:
         return None
     return (f"{n} concepts to train: a run trains {most} of them (max_concepts_per_run) and leaves the others to "
             f"the next runs of the manifest, {-(-n // most)} runs in all")  # fmt: skip
@@ -75,9 +79,9 @@ def runs_needed(n: int, most: int) -> str | None:
 
 def over_the_limit(most: int) -> str | None:
     """The warning for a run limit above what a KFP run on Argo is known to carry (`RUN_LIMIT`); None if not."""
-    if most and most <= RUN_LIMIT:
+    if 0 < most <= RUN_LIMIT:
         return None
-    said = "no limit" if not most else f"{most} concepts"
+    said = "no limit" if most <= 0 else f"{most} concepts"
     return (
         f"max_concepts_per_run={most} ({said}): a KFP run on Argo that trains more than about {RUN_LIMIT} concepts "
         "may outgrow the size Argo can keep of it and end in error (docs/deploy.md, 'How many concepts in one run')"
@@ -283,7 +287,8 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                 }
             )
         elif raw.get(DEFERRED_KEY) and name not in failures:
-            why = "changed, and left to the manifest's next run (max_concepts_per_run)"
+            why = ("whether it changed could not be told (see plan-batch's log)" if raw.get(UNTOLD_KEY) else
+                   "changed") + ", and left to the manifest's next run (max_concepts_per_run)"
             out.append({"token": e.token, "name": name, "status": "deferred", "version": None, "alias": None,
                         "stage": None, "error": why})  # fmt: skip
         else:

@@ -186,14 +186,16 @@ def record_plan(
     return run.info.run_id
 
 
-def mark_deferred(tracking_uri: str | None, plan_run_id: str, concepts: list[dict], later: dict[str, int]) -> None:
-    """Record in a batch's plan (`record_plan`) which of its concepts it left to the manifest's next runs, and how
-    many runs in a row have left each (`batch.this_run_takes`): its report says so of them, and the next run
-    takes those that waited longest first."""
-    from oneword.batch import DEFERRED_KEY
+def mark_deferred(tracking_uri: str | None, plan_run_id: str, concepts: list[dict], later: dict[str, int],
+                  untold: set[str] = frozenset()) -> None:  # fmt: skip
+    """Record in a batch's plan (`record_plan`) which of its concepts it left to the manifest's next runs, how many
+    runs in a row have left each (`batch.this_run_takes`), and of which the lookup could not tell whether they
+    changed (`untold`): its report says so of them, and the next run takes those that waited longest first."""
+    from oneword.batch import DEFERRED_KEY, UNTOLD_KEY
 
     _, client = tracking.client(tracking_uri or default_tracking_uri())
-    marked = [{**c, DEFERRED_KEY: later[c["name"]]} if c["name"] in later else c for c in concepts]
+    marked = [{**c, DEFERRED_KEY: later[c["name"]], **({UNTOLD_KEY: True} if c["name"] in untold else {})}
+              if c["name"] in later else c for c in concepts]  # fmt: skip
     client.log_dict(plan_run_id, {"concepts": marked}, "plan.json")
 
 

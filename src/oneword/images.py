@@ -103,8 +103,9 @@ def visible_files(folder: Path) -> list[Path]:
     )
 
 
-def discover_images(source: str | Path) -> list[Path]:
-    """List the candidate files in a local folder or `s3://` prefix (downloaded into the cache first).
+def discover_images(source: str | Path, download_dir: Path | None = None) -> list[Path]:
+    """List the candidate files in a local folder or `s3://` prefix (downloaded first: into `download_dir`, else
+    into oneword's cache).
 
     Hidden files are ignored. Every other file is returned, image or not, so that `preprocess` can report
     the ones it cannot read.
@@ -112,7 +113,7 @@ def discover_images(source: str | Path) -> list[Path]:
     Returns:
         Sorted local paths.
     """
-    folder = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
+    folder = storage.download_prefix(str(source), download_dir) if storage.is_s3(source) else Path(source).expanduser()
     if folder.is_file():
         raise OnewordError(f"{folder} is a file: pass the folder of the concept's photos", hint="e.g. photos/my-cat/")
     if not folder.is_dir():
@@ -262,6 +263,7 @@ def preprocess(
     out_dir: Path,
     resolution: int = 512,
     mode: Literal["crop", "pad"] = "crop",
+    download_dir: Path | None = None,
 ) -> Manifest:
     """Preprocess the images of one concept.
 
@@ -270,6 +272,8 @@ def preprocess(
         out_dir: dataset folder to write (`images/*.png` and `manifest.json`); replaced only on success.
         resolution: side of the square training images, in pixels.
         mode: `crop` (centre-crop to a square) or `pad` (pad with white to a square).
+        download_dir: where photos under an `s3://` prefix are downloaded (default: oneword's cache, where the
+            next run finds them).
 
     Returns:
         The `Manifest` written to `out_dir/manifest.json`.
@@ -279,8 +283,8 @@ def preprocess(
     """
     if mode not in ("crop", "pad"):
         raise OnewordError(f"unknown mode {mode!r}", hint="use 'crop' or 'pad'")
-    files = discover_images(source)
-    root = storage.download_prefix(str(source)) if storage.is_s3(source) else Path(source).expanduser()
+    files = discover_images(source, download_dir)
+    root = storage.download_prefix(str(source), download_dir) if storage.is_s3(source) else Path(source).expanduser()
     if not storage.is_s3(source) and Path(out_dir).resolve().is_relative_to(root.resolve()):
         raise OnewordError(
             f"the output folder {out_dir} is inside the photo folder {source}: its pictures would be read as "

@@ -22,6 +22,7 @@ Where only the quality gate changed, the newest version's recorded scores are ju
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from oneword import outcome, storage, tracking
-from oneword.batch import spec_of
+from oneword.batch import JUDGED_KEY, spec_of
 from oneword.batch_records import note_unchanged, note_unchanged_in_plan, record_failure
 from oneword.config import EvalConfig, GateThresholds, TrainConfig
 from oneword.errors import OnewordError
@@ -58,9 +59,9 @@ FINGERPRINT_PARTS = (
 )
 
 
-# Set on a concept the lookup found changed: a later lookup of the same run (a batch's shard, after its plan)
-# takes it as told and asks nothing again, so a shard of such concepts loads no model on CPU
-JUDGED_KEY = "judged"
+# JUDGED_KEY (`oneword.batch`) is set on a concept the lookup found changed: a later lookup of the same run (a
+# batch's shard, after its plan) takes it as told and asks nothing again, so a shard of such concepts loads no
+# model on CPU
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,12 @@ def result_keys(
         with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
             for i, concept in enumerate(concepts):
                 name, at = concept["name"], "preprocess"
+                # one concept's photos on disk at a time, deleted once keyed: a batch's plan looks at a whole
+                # catalogue's, on the ephemeral disk of one pod
+                here = Path(scratch) / str(i)
                 try:
-                    photos = preprocess(concept["images"], Path(scratch) / str(i), resolution=side, mode=settings.mode)
+                    photos = preprocess(concept["images"], here / "dataset", resolution=side, mode=settings.mode,
+                                        download_dir=here / "photos")  # fmt: skip
                     at = "settings"  # a templates file this machine cannot read the GPU pod may: not told
                     spec = spec_of(concept).resolved(profile)
                     get_templates(spec.templates)
@@ -158,6 +163,8 @@ def result_keys(
                     else:
                         told.unknown[name] = why
                         log.warning("cannot tell whether %s changed (%s)", name, why)
+                finally:
+                    shutil.rmtree(here, ignore_errors=True)
     finally:
         scratch_log.setLevel(level)
     return told
@@ -251,16 +258,13 @@ def changed_concepts(
                     continue
             except Exception as e:  # the steps meet it again, and record it
                 log.warning("could not record what became of %s (%s)", name, e)
-            changed = name in told.keys and name not in told.unknown  # not merely "could not be told"
+            # not merely "could not be told", nor unchanged but not recorded as such
+            changed = name in told.keys and name not in told.unknown and name not in told.found
             todo.append({**concept, JUDGED_KEY: True} if changed else concept)
-        if kept:
-            try:
-                note_unchanged_in_plan(tracking_uri, plan_run_id, {n: {**told.found[n], "token": c["token"]}
-                                                                   for n, c in kept.items()})  # fmt: skip
-            except Exception as e:  # they take the five steps, where train and evaluate find them unchanged again
-                log.warning("could not record the %d unchanged concepts in the plan (%s)", len(kept), e)
-                going = {c["name"]: c for c in todo} | kept
-                todo = [going[c["name"]] for c in concepts if c["name"] in going]
+        if kept:  # a store that does not take it fails the plan, which is retried: sent to the GPU steps, the
+            # unchanged concepts would count against the run's limit and hold the changed ones back
+            note_unchanged_in_plan(tracking_uri, plan_run_id, {n: {**told.found[n], "token": c["token"]}
+                                                               for n, c in kept.items()})  # fmt: skip
     log.info("%d of %d concepts to train (the others are unchanged, or would fail)", len(todo),
              len(concepts))
     return todo

@@ -216,7 +216,7 @@ def print_batch_plan(plan: dict, console) -> None:
     where = "" if plan["registry"] else " (none there yet: every concept is new)"
     console.print(f"  registry {plan['tracking_uri']}{where}", highlight=False, soft_wrap=True)
     if advice := runs_needed(count["to train"] + count["unknown"], RUN_LIMIT):  # here, kfp.local keeps no Argo workflow
-        console.print(f"[bold yellow]on a cluster[/] {escape(advice)}")
+        console.print(f"[bold yellow]on a cluster[/], at the default limit: {escape(advice)}")
 
 
 def print_batch_report(report: dict, console) -> int:

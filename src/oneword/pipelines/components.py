@@ -583,8 +583,8 @@ def plan_batch(
 ) -> list:
     import logging
 
-    from oneword.batch import (DEFERRED_KEY, load_concepts_manifest, manifest_id, plan_concepts, runs_needed, shard,
-                               this_run_takes)
+    from oneword.batch import (DEFERRED_KEY, JUDGED_KEY, load_concepts_manifest, manifest_id, plan_concepts,
+                               runs_needed, shard, this_run_takes)
     from oneword.batch_records import mark_deferred, previous_plan, record_plan
     from oneword.live import kfp_tags
     from oneword.pipelines.parameters import lookup_settings
@@ -603,12 +603,15 @@ def plan_batch(
         todo = changed_concepts(concepts, given, uri, batch_id, experiment, kfp_tags(kfp_run_id, kfp_run_name),
                                 "record", plan_run_id=plan_run)  # fmt: skip
     waited = {}
-    if max_concepts_per_run and len(todo) > max_concepts_per_run:
-        waited = {c["name"]: c[DEFERRED_KEY] for c in previous_plan(uri, batch_id, experiment) or []
-                  if c.get(DEFERRED_KEY)}  # fmt: skip
+    if 0 < max_concepts_per_run < len(todo):
+        try:
+            waited = {c["name"]: c[DEFERRED_KEY] for c in previous_plan(uri, batch_id, experiment) or []
+                      if c.get(DEFERRED_KEY)}  # fmt: skip
+        except Exception as e:  # who waited longest is lost for one night; the night is not
+            log.warning("could not read the manifest's previous plan (%s): the manifest's order decides", e)
     now, later = this_run_takes(todo, max_concepts_per_run, waited)
     if later:
-        mark_deferred(uri, plan_run, concepts, later)
+        mark_deferred(uri, plan_run, concepts, later, {c["name"] for c in todo if not c.get(JUDGED_KEY)})
         log.warning(runs_needed(len(todo), max_concepts_per_run))
     metrics.log_metric("told", len(concepts) - len(todo))  # unchanged, or recorded as failed
     metrics.log_metric("to_train", len(now))

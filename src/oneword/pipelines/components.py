@@ -581,42 +581,15 @@ def plan_batch(
     kfp_run_id: str = "",
     kfp_run_name: str = "",
 ) -> list:
-    import logging
-
-    from oneword.batch import (DEFERRED_KEY, JUDGED_KEY, load_concepts_manifest, manifest_id, plan_concepts,
-                               runs_needed, shard, this_run_takes)
-    from oneword.batch_records import mark_deferred, previous_plan, record_plan
     from oneword.live import kfp_tags
-    from oneword.pipelines.parameters import lookup_settings
-    from oneword.unchanged import changed_concepts
+    from oneword.plan import plan_batch as run
 
-    log = logging.getLogger("oneword.plan_batch")
-    uri = tracking_uri or None
-    concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
-    plan_run = record_plan(uri, batch_id, concepts, experiment, manifest_id(concepts_manifest))
-    try:
-        given = lookup_settings(locals())
-    except ValueError as e:  # a setting no step takes: train records it as each concept's failure
-        log.warning("cannot tell which concepts changed: %s", e)
-        todo = concepts
-    else:
-        todo = changed_concepts(concepts, given, uri, batch_id, experiment, kfp_tags(kfp_run_id, kfp_run_name),
-                                "record", plan_run_id=plan_run)  # fmt: skip
-    waited = {}
-    if 0 < max_concepts_per_run < len(todo):
-        try:
-            waited = {c["name"]: c[DEFERRED_KEY] for c in previous_plan(uri, batch_id, experiment) or []
-                      if c.get(DEFERRED_KEY)}  # fmt: skip
-        except Exception as e:  # who waited longest is lost for one night; the night is not
-            log.warning("could not read the manifest's previous plan (%s): the manifest's order decides", e)
-    now, later = this_run_takes(todo, max_concepts_per_run, waited)
-    if later:
-        mark_deferred(uri, plan_run, concepts, later, {c["name"] for c in todo if not c.get(JUDGED_KEY)})
-        log.warning(runs_needed(len(todo), max_concepts_per_run))
-    metrics.log_metric("told", len(concepts) - len(todo))  # unchanged, or recorded as failed
-    metrics.log_metric("to_train", len(now))
-    metrics.log_metric("deferred", len(later))
-    return shard(now, concepts_per_shard)
+    plan = run(concepts_manifest, batch_id, locals(), concepts_per_shard, max_concepts_per_run, tracking_uri or None,
+               experiment, kfp_tags(kfp_run_id, kfp_run_name))  # fmt: skip
+    metrics.log_metric("told", plan.told)  # unchanged, or recorded as failed
+    metrics.log_metric("to_train", plan.to_train)
+    metrics.log_metric("deferred", plan.deferred)
+    return plan.shards
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -171,6 +171,15 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     assert set(bad["error"].split()) <= set(text.split())
     assert "champion" in text and "a-very-long" in text and "1 registered, 0 unchanged, 1 failed" in text
     assert print_batch_report({**report, "failed": 0, "concepts": [ok]}, Console(width=80, file=None)) == 0
+    # a concept a cluster run left to the next (max_concepts_per_run) is not a failure
+    later = {"name": "dog-q", "status": "deferred", "version": None, "alias": None, "stage": None,
+             "error": "changed, and left to the manifest's next run (max_concepts_per_run)"}  # fmt: skip
+    console = Console(width=80, record=True)
+    assert print_batch_report({**report, "failed": 0, "deferred": 1, "concepts": [ok, later]}, console) == 0
+    text = console.export_text()
+    assert "deferred" in text and "left to the manifest's next run" in " ".join(text.split())
+    assert "1 registered, 0 unchanged, 0 failed, 1 deferred" in text
+    assert max(len(line) for line in text.splitlines() if "run_dir" not in line) <= 80
     unplanned = {"batch_id": "b-2", "registered": 0, "failed": 0, "concepts": [], "error": "no plan was recorded"}
     assert print_batch_report(unplanned, Console(width=80, record=True)) == 2
 

@@ -103,6 +103,11 @@ def visible_files(folder: Path) -> list[Path]:
     )
 
 
+def _photo_folder(source: str | Path, download_dir: Path | None = None) -> Path:
+    """The local folder of a concept's photos: a folder as given, or an `s3://` prefix downloaded."""
+    return storage.download_prefix(str(source), download_dir) if storage.is_s3(source) else Path(source).expanduser()
+
+
 def discover_images(source: str | Path, download_dir: Path | None = None) -> list[Path]:
     """List the candidate files in a local folder or `s3://` prefix (downloaded first: into `download_dir`, else
     into oneword's cache).
@@ -113,7 +118,7 @@ def discover_images(source: str | Path, download_dir: Path | None = None) -> lis
     Returns:
         Sorted local paths.
     """
-    folder = storage.download_prefix(str(source), download_dir) if storage.is_s3(source) else Path(source).expanduser()
+    folder = _photo_folder(source, download_dir)
     if folder.is_file():
         raise OnewordError(f"{folder} is a file: pass the folder of the concept's photos", hint="e.g. photos/my-cat/")
     if not folder.is_dir():
@@ -283,8 +288,8 @@ def preprocess(
     """
     if mode not in ("crop", "pad"):
         raise OnewordError(f"unknown mode {mode!r}", hint="use 'crop' or 'pad'")
-    files = discover_images(source, download_dir)
-    root = storage.download_prefix(str(source), download_dir) if storage.is_s3(source) else Path(source).expanduser()
+    root = _photo_folder(source, download_dir)  # an s3:// prefix is listed (and fetched) once, not twice
+    files = discover_images(root)
     if not storage.is_s3(source) and Path(out_dir).resolve().is_relative_to(root.resolve()):
         raise OnewordError(
             f"the output folder {out_dir} is inside the photo folder {source}: its pictures would be read as "

@@ -519,6 +519,11 @@ def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tin
     assert e.value.code == 1 and not plan["registry"]
     told = [(r["name"], r["status"]) for r in plan["concepts"]]
     assert told == [("cat-d", "to train"), ("bad-d", "fails at preprocess")]
+    # a run of some of the manifest's concepts plans those alone; a name it does not hold is refused, whole
+    code, out = run([*args, "--only-concepts", "cat-d"], capsys)
+    assert code == 0 and "1 to train, 0 unchanged" in out and "would fail" not in out and "bad-d" not in out
+    code, out = run([*args, "--only-concepts", "cat-d,bad"], capsys)
+    assert code == 2 and "only_concepts names 'bad', which" in out and "did you mean 'bad-d'" in out
     # a model that does not load: nothing could be told, which is no all-clear
     code, out = run([*args[:4], tmp_path / "no-such-model", *args[5:]], capsys)
     assert code == 1 and "2 unknown" in out

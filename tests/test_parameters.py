@@ -124,7 +124,8 @@ def test_run_and_batch_options_are_the_pipelines_parameters(command):
 def test_batch_offers_every_setting_run_offers_but_the_concepts_own():
     per_concept = {"images", "token", "init_word", "name", "n_vectors", "templates"}  # the manifest's fields
     run, batch = set(_cli_params("run")), set(_cli_params("batch"))
-    assert run - per_concept == batch - {"concepts_manifest", "concepts_per_shard", "dry_run", "as_json"}
+    batch_own = {"concepts_manifest", "concepts_per_shard", "only_concepts", "dry_run", "as_json"}
+    assert run - per_concept == batch - batch_own
 
 
 def test_model_dependent_settings_are_unset_in_the_library_and_come_from_the_profile():

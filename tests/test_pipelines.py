@@ -384,6 +384,7 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
 
     calls: ClassVar[list] = []
     pipelines: ClassVar[dict[str, list]] = {}  # namespace ("" shared) -> the pipelines it holds
+    refuse_run: ClassVar[int] = 0  # the run it answers 503 for (1: the first asked for), as a server that blinks
 
     def _reply(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -402,7 +403,6 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
             ("GET", "/apis/v2beta1/healthz"): {"multi_user": False},
             ("GET", "/apis/v2beta1/experiments"): {"experiments": []},
             ("POST", "/apis/v2beta1/experiments"): {"experiment_id": "exp-1", "display_name": "oneword"},
-            ("POST", "/apis/v2beta1/runs"): {"run_id": "run-1"},
             ("GET", "/apis/v2beta1/pipelines"): {"pipelines": []},
             ("POST", "/apis/v2beta1/pipelines/upload"): {"pipeline_id": "p-1", "display_name": "oneword-batch"},
             ("POST", "/apis/v2beta1/pipelines/upload_version"): {"pipeline_version_id": "v-1", "pipeline_id": "p-1"},
@@ -412,7 +412,13 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
             },
             ("DELETE", "/apis/v2beta1/recurringruns/rr-old"): {},
         }
-        if (self.command, path) == ("GET", "/apis/v2beta1/pipelines"):
+        if (self.command, path) == ("POST", "/apis/v2beta1/runs"):
+            asked = sum(c[:2] == ("POST", "/apis/v2beta1/runs") for c in self.calls)
+            if asked == self.refuse_run:
+                self._reply(503, {"error": "upstream connect error", "code": 14})
+            else:
+                self._reply(200, {"run_id": f"run-{asked}"})
+        elif (self.command, path) == ("GET", "/apis/v2beta1/pipelines"):
             namespace = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("namespace", [""])[0]
             self._reply(200, {"pipelines": self.pipelines.get(namespace, [])})
         elif (self.command, path) in routes:
@@ -428,7 +434,7 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def kfp_api():
-    _FakeKfpApi.calls, _FakeKfpApi.pipelines = [], {}
+    _FakeKfpApi.calls, _FakeKfpApi.pipelines, _FakeKfpApi.refuse_run = [], {}, 0
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfpApi)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", _FakeKfpApi.calls
@@ -660,6 +666,7 @@ def test_schedule_says_before_the_night_how_many_runs_a_manifest_needs_and_warns
     said = schedule(many)
     assert f"if every concept is new: {n} concepts to train: a run trains {RUN_LIMIT} of them" in said
     assert "3 runs in all" in said and "warning" not in said and "recurring_run_id" in said
+    assert f"to train them all now instead: oneword submit --concepts-manifest s3://{s3_bucket}/concepts.yaml" in said
     assert "concepts to train" not in schedule(many[:3])
     said = schedule(many, "-p", "max_concepts_per_run=0")
     assert "warning max_concepts_per_run=0 (no limit)" in said and "concepts to train" not in said
@@ -668,3 +675,81 @@ def test_schedule_says_before_the_night_how_many_runs_a_manifest_needs_and_warns
     said = schedule([*many[:2], {"images": "s3://data/x", "token": "<c0>", "init_word": "cat"}])
     assert "warning" in said and "<c0>" in said and "fails at plan-batch" in said
     assert sum(m == "POST" and p == "/apis/v2beta1/recurringruns" for m, p, _ in calls) == 5
+
+
+def test_submit_starts_a_manifest_one_run_cannot_carry_as_runs_of_its_concepts(kfp_api, s3_bucket, capsys):
+    """A first fill of a catalogue at once: `oneword submit --concepts-manifest` splits a manifest past
+    max_concepts_per_run into runs limited to their share of its concepts (only_concepts), in its order; one that
+    fits is one run of the whole manifest, as a night of a schedule is. A name not in the manifest is refused with
+    the one meant, before any run; a run the API refuses says which to start again from, and --first-run does."""
+    from oneword.batch import RUN_LIMIT
+    from oneword.cli import main
+    from oneword.storage import client
+
+    host, calls = kfp_api
+    uri = f"s3://{s3_bucket}/team/catalogue.yaml"
+
+    def submit(entries: list[dict], *args: str) -> tuple[int, str, list[dict]]:
+        body = yaml.safe_dump({"concepts": entries}).encode()
+        client().put_object(s3_bucket, "team/catalogue.yaml", __import__("io").BytesIO(body), len(body))
+        before = len(calls)
+        try:
+            main(["submit", "--host", host, "--concepts-manifest", uri, "--image-registry", REGISTRY,
+                  "--no-preflight", *args])  # fmt: skip
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        runs = [json.loads(b) for m, p, b in calls[before:] if (m, p) == ("POST", "/apis/v2beta1/runs")]
+        said = capsys.readouterr()
+        return code, " ".join((said.out + said.err).split()), runs
+
+    names = [f"c{i}" for i in range(2 * RUN_LIMIT + 1)]
+    many = [{"images": f"s3://data/{n}", "token": f"<{n}>", "init_word": "cat"} for n in names]
+    code, said, runs = submit(many)
+    assert code == 0 and [r["display_name"] for r in runs] == ["catalogue 1/3", "catalogue 2/3", "catalogue 3/3"]
+    shares = [r["runtime_config"]["parameters"]["only_concepts"] for r in runs]
+    assert shares == [names[:RUN_LIMIT], names[RUN_LIMIT : 2 * RUN_LIMIT], names[2 * RUN_LIMIT :]]
+    assert all(r["runtime_config"]["parameters"]["concepts_manifest"] == uri for r in runs)
+    assert {r["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] for r in runs} == {"batch-personalisation"}
+    assert "'run': '3/3'" in said and "run-3" in said
+
+    code, _, runs = submit(many[:3], "-p", "steps=100")  # fits one run: the manifest's own, with nothing left out
+    assert code == 0 and len(runs) == 1 and runs[0]["runtime_config"]["parameters"] == {
+        "concepts_manifest": uri, "steps": 100}  # fmt: skip
+
+    code, _, runs = submit(many, "--only-concepts", "c5,c1", "--only-concepts", "c1", "--run-name", "redo")
+    assert code == 0 and [(r["display_name"], r["runtime_config"]["parameters"]["only_concepts"]) for r in runs] == [
+        ("redo", ["c1", "c5"])]  # fmt: skip
+
+    code, said, runs = submit(many, "--only-concepts", "c1,cat3")
+    assert code == 2 and not runs and "'cat3'" in said and "did you mean 'c3'" in said
+
+    code, said, runs = submit(many, "--dry-run")
+    assert code == 0 and not runs and "run catalogue 2/3: 8 concepts: c8, c9," in said and "3 runs would start" in said
+
+    _FakeKfpApi.refuse_run = len([c for c in calls if c[:2] == ("POST", "/apis/v2beta1/runs")]) + 2
+    code, said, runs = submit(many)
+    assert code == 2 and len(runs) == 2 and "run 2/3 could not be started: HTTP 503 Service Unavailable" in said
+    assert "run 1 was started (above); to start the rest, run the same command with --first-run 2" in said
+    assert "HTTPHeaderDict" not in said
+    _FakeKfpApi.refuse_run = 0
+    code, said, runs = submit(many, "--first-run", "2")
+    assert code == 0 and [r["display_name"] for r in runs] == ["catalogue 2/3", "catalogue 3/3"]
+
+
+def test_submit_takes_one_concept_or_a_manifest(kfp_api, capsys):
+    from oneword.cli import main
+
+    host, calls = kfp_api
+    cases = [
+        (["--images", "s3://d/cat", "--concepts-manifest", "s3://d/c.yaml"], "--images and --concepts-manifest"),
+        (["--images", "s3://d/cat", "--token", "<cat>"], "missing --init-word"),
+        (["--images", "s3://d/cat", "--token", "<cat>", "--init-word", "cat", "--only-concepts", "cat"],
+         "--only-concepts chooses among a manifest's concepts"),
+    ]  # fmt: skip
+    for args, want in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["submit", "--host", host, "--image-registry", REGISTRY, "--no-preflight", *args])
+        said = capsys.readouterr()
+        assert e.value.code == 2 and want in " ".join((said.out + said.err).split()), args
+    assert not [c for c in calls if c[0] == "POST"]

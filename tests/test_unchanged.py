@@ -241,7 +241,9 @@ def test_the_batch_plan_trains_at_most_the_run_limit_and_every_concept_has_its_t
 ):
     """plan-batch (the component's own code, run here) records the concepts that would fail and leaves them out,
     takes at most max_concepts_per_run of the others, and records the rest in the plan as deferred, where the
-    report finds them; the manifest's next runs take first those left most often in a row."""
+    report finds them; the manifest's next runs take first those left most often in a row. A run limited to some
+    of the manifest's concepts (only_concepts) plans those alone, and the manifest's nights neither read it nor
+    are read by it."""
     import yaml
     from kfp.dsl import Metrics
 
@@ -257,10 +259,11 @@ def test_the_batch_plan_trains_at_most_the_run_limit_and_every_concept_has_its_t
     broken_entry = {**entries[0], "images": str(broken), "token": "<pb-u>"}
     manifest.write_text(yaml.safe_dump({"concepts": [*entries, broken_entry]}))
 
-    def night(batch_id: str) -> tuple[list[str], dict]:
+    def night(batch_id: str, only: tuple[str, ...] = ()) -> tuple[list[str], dict]:
         metrics = Metrics(name="metrics", uri=str(tmp_path / batch_id), metadata={})
         shards = plan_batch.python_func(
             concepts_manifest=str(manifest), batch_id=batch_id, metrics=metrics, max_concepts_per_run=1,
+            only_concepts=list(only),
             base_model=str(tiny_model_dir), resolution=32, steps=2, checkpoint_every=2, n_images=2, sampling_steps=2,
             checkpoint_budget=0, clip_model="toyworld-clip", tracking_uri=mlflow_server,
         )  # fmt: skip
@@ -277,7 +280,9 @@ def test_the_batch_plan_trains_at_most_the_run_limit_and_every_concept_has_its_t
     assert report["deferred"] == 2 and "max_concepts_per_run" in report["concepts"][1]["error"]
     # p1-u is not trained here, so it is to train again the next nights: it waits its turn behind the others
     assert night("plan-2")[0] == ["p2-u"]
-    assert night("plan-3")[0] == ["p3-u"]  # left twice in a row
+    assert night("one-off", ("p1-u",)) == (["p1-u"], {"told": 0, "to_train": 1, "deferred": 0})
+    assert [c["name"] for c in batch_plan(mlflow_server, "one-off")] == ["p1-u"]
+    assert night("plan-3")[0] == ["p3-u"]  # left twice in a row: counted from plan-2, which the one-off did not end
     assert night("plan-4")[0] == ["p1-u"]
 
 

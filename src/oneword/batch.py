@@ -17,11 +17,12 @@ manifest's own folder, so a manifest and its photos move together.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -121,27 +122,63 @@ def content_key(images: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def plan_concepts(entries: list[ConceptEntry]) -> list[dict]:
+def plan_concepts(entries: list[ConceptEntry], only: Sequence[str] = (), source: str = "the manifest") -> list[dict]:
     """What each concept of a batch runs with: its entry, its registered-model name and its photos' content key.
+
+    Args:
+        entries: the manifest's concepts.
+        only: names of the concepts to plan (`BatchConfig.only_concepts`), in the manifest's order; empty: all.
+        source: the manifest, as an error names it.
+
+    Raises:
+        OnewordError: if two concepts would register under one name, or `only` names a concept the manifest has not.
+    """
+    names = concept_names(entries)
+    taken = set(chosen(names, only, source))
+    return [
+        {**e.model_dump(exclude_none=True), "name": name, "content_key": content_key(e.images)}
+        for e, name in zip(entries, names)
+        if name in taken
+    ]
+
+
+def concept_names(entries: list[ConceptEntry]) -> list[str]:
+    """The registered-model name of each concept of a manifest.
 
     Raises:
         OnewordError: if two concepts would register under one name.
     """
     from oneword.registry import concept_name
 
-    rows = [
-        {
-            **e.model_dump(exclude_none=True),
-            "name": concept_name(e.token, e.name),
-            "content_key": content_key(e.images),
-        }
-        for e in entries
-    ]
-    names = [r["name"] for r in rows]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
+    names = [concept_name(e.token, e.name) for e in entries]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise OnewordError(f"concepts {dupes} would register under one name", hint="give each a distinct `name`")
-    return rows
+    return names
+
+
+def chosen(names: list[str], only: Sequence[str], source: str = "the manifest") -> list[str]:
+    """The names of a manifest's concepts (`names`) that a run takes: those in `only`, in the manifest's order;
+    every one if `only` is empty.
+
+    Raises:
+        OnewordError: `only` names a concept the manifest does not hold (with the names it may have meant).
+    """
+    if missing := [n for n in dict.fromkeys(only) if n not in names]:
+        close = [m for n in missing for m in difflib.get_close_matches(n, names, n=1)]
+        raise OnewordError(
+            f"only_concepts names {', '.join(map(repr, missing))}, which {source} does not hold",
+            hint=(f"did you mean {', '.join(map(repr, close))}? " if close else "")
+            + "a concept's name is its manifest `name`, else its token without <> (`oneword batch MANIFEST --dry-run` "
+            "lists them)",
+        )
+    return [n for n in names if not only or n in only]
+
+
+def split_runs(names: list[str], most: int) -> list[list[str]]:
+    """`names` in runs of at most `most` concepts each (0 or less: one run), in order."""
+    if most <= 0 or len(names) <= most:
+        return [list(names)]
+    return [names[i : i + most] for i in range(0, len(names), most)]
 
 
 def spec_of(concept: dict) -> ConceptSpec:

@@ -262,6 +262,11 @@ class BatchConfig(BaseModel):
         8, ge=0, description="concepts one cluster run trains at most; the others that changed wait for the next "
         "runs of the manifest, those that waited longest first (0: no limit)"
     )
+    # A run of a few of the manifest's concepts: `oneword submit --concepts-manifest` splits a manifest that one run
+    # cannot carry into runs of this; a person retrains one concept from the dashboard without editing the manifest.
+    only_concepts: list[str] = Field(
+        default_factory=list, description="names of the manifest's concepts the run is limited to (empty: all)"
+    )
 
 
 class ClusterConfig(BaseModel):

@@ -10,6 +10,7 @@ no task to the run. It keeps the run within what Argo can hold of it: at most `m
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from oneword.batch import (
@@ -45,6 +46,7 @@ def plan_batch(
     settings_of: dict,
     concepts_per_shard: int = 1,
     max_concepts_per_run: int = 0,
+    only_concepts: Sequence[str] = (),
     tracking_uri: str | None = None,
     experiment: str = EXPERIMENT,
     run_tags: dict[str, str] | None = None,
@@ -57,6 +59,9 @@ def plan_batch(
         settings_of: the run's pipeline parameters by name, as the steps are given them (`lookup_settings`).
         concepts_per_shard: concepts trained together in one GPU job.
         max_concepts_per_run: concepts the run trains at most (0 or less: all that changed).
+        only_concepts: names of the manifest's concepts the run is limited to (empty: all). Such a run is no night
+            of the manifest's: the next run of the manifest neither reads its plan (who waited, who left) nor is
+            read by it.
         tracking_uri: the registry's MLflow tracking URI.
         experiment: MLflow experiment.
         run_tags: more tags for the records of unchanged and failing concepts (the KFP run's).
@@ -64,8 +69,9 @@ def plan_batch(
     from oneword.pipelines.parameters import lookup_settings
     from oneword.unchanged import changed_concepts
 
-    concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
-    plan_run = record_plan(tracking_uri, batch_id, concepts, experiment, manifest_id(concepts_manifest))
+    concepts = plan_concepts(load_concepts_manifest(concepts_manifest), only_concepts, concepts_manifest)
+    manifest = "" if only_concepts else manifest_id(concepts_manifest)
+    plan_run = record_plan(tracking_uri, batch_id, concepts, experiment, manifest)
     try:
         given = lookup_settings(settings_of)
     except ValueError as e:  # a setting no step takes: train records it as each concept's failure

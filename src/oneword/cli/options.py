@@ -46,3 +46,9 @@ def parameter(name: str, *names: str, **kwargs: Any) -> Any:
     unset = "empty" if isinstance(DEFAULTS[name], str) else "0"
     text = describe(*SOURCES[name]).replace("(None: the model's profile)", f"({unset}: the model's profile)")
     return typer.Option(*names, help=text, **kwargs)
+
+
+def names_given(values: list[str] | None) -> list[str]:
+    """Concept names as an option takes them, repeated or comma-separated (a registered-model name holds no comma:
+    `registry.concept_name`), each once, in the order given."""
+    return list(dict.fromkeys(n.strip() for v in values or [] for n in v.split(",") if n.strip()))

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
-from oneword.cli.options import parameter
+from oneword.cli.options import names_given, parameter
 from oneword.pipelines.parameters import DEFAULTS as D
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT, RESOLUTION_FROM_PROFILE
 from oneword.profiles import TOYWORLD
@@ -134,6 +134,7 @@ def batch_cmd(
     experiment: Annotated[str, parameter("experiment")] = D["experiment"],
     pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path(LOCAL_PIPELINE_ROOT),
     concepts_per_shard: Annotated[int, parameter("concepts_per_shard")] = D["concepts_per_shard"],
+    only_concepts: Annotated[list[str], parameter("only_concepts", metavar="NAME")] = D["only_concepts"],
     seed: Annotated[int, parameter("seed")] = D["seed"],
     log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train, which are "
@@ -152,11 +153,13 @@ def batch_cmd(
     Example:
       oneword batch concepts.yaml --base-model toyworld --steps 300
       oneword batch concepts.yaml --base-model ./sd15 --dry-run
+      oneword batch concepts.yaml --only-concepts my-cat --only-concepts my-dog
     """
     params = {
         k: v for k, v in locals().items()
         if k not in ("concepts_manifest", "pipeline_root", "tracking_uri", "log_file", "dry_run", "as_json")
     }  # fmt: skip
+    params["only_concepts"] = names_given(only_concepts)
     if as_json and not dry_run:
         from oneword.errors import OnewordError
 

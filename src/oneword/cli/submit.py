@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import names_given
+from oneword.errors import OnewordError
 from oneword.pipelines.parameters import DEFAULTS, KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
 
 HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
@@ -87,8 +89,9 @@ def _typed(key: str, value: str, kfp_type: str) -> object:
         ) from None
 
 
-def _preflight_here(params: dict) -> None:
-    """The run's own first task checks again on the cluster; from here, a typo costs seconds, not a queue."""
+def _preflight_here(params: dict, one_concept: bool = True) -> None:
+    """The run's own first task checks again on the cluster; from here, a typo costs seconds, not a queue.
+    Without `one_concept` (a manifest's run), the shared resources only, as the batch's own preflight."""
     import os
 
     from oneword.pipelines.parameters import CHECKPOINT_ROOT, DEFAULT_BASE_MODEL
@@ -97,7 +100,7 @@ def _preflight_here(params: dict) -> None:
     concept = {k: params[k] for k in ("images", "token", "init_word", "n_vectors", "templates") if params.get(k)}
     preflight(
         params.get("base_model", DEFAULT_BASE_MODEL),
-        [concept],
+        [concept] if one_concept else [],
         params.get("clip_model", DEFAULTS["clip_model"]),
         params.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None,  # else only the cluster knows it
         params.get("experiment", DEFAULTS["experiment"]),
@@ -141,21 +144,34 @@ def _check_manifest_size(concepts_manifest: str, most: int) -> None:
                + (f"\n  hint: {e.hint}" if e.hint else ""))  # fmt: skip
         return
     if note := runs_needed(n, most):  # the first nights; after them, only what changed
-        rprint(f"[bold]note[/] if every concept is new: {note}")
+        rprint(f"[bold]note[/] if every concept is new: {note}; to train them all now instead: oneword submit "
+               f"--concepts-manifest {concepts_manifest} (one run per {most}, started together)")  # fmt: skip
 
 
-@app.command("submit")
+@app.command("submit", short_help="Start a run on a cluster: one concept, or a manifest's.")
 def submit_cmd(
     host: Annotated[str, HOST],
-    images: Annotated[str, typer.Option(help="s3:// prefix of the concept's photos")],
-    token: Annotated[str, typer.Option(help="the new pseudo-word")],
-    init_word: Annotated[str, typer.Option(help="one-token initializer word")],
+    images: Annotated[str | None, typer.Option(help="s3:// prefix of the concept's photos")] = None,
+    token: Annotated[str | None, typer.Option(help="the new pseudo-word")] = None,
+    init_word: Annotated[str | None, typer.Option(help="one-token initializer word")] = None,
+    concepts_manifest: Annotated[
+        str | None,
+        typer.Option(help="instead of one concept: s3:// URI of a concepts manifest, in runs of max_concepts_per_run"),
+    ] = None,
+    only_concepts: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME", help="with --concepts-manifest: only these of its concepts (repeat, or commas)"),
+    ] = None,
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", metavar="KEY=VALUE", help="more pipeline parameters KEY=VALUE")
     ] = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = KFP_EXPERIMENT,
     namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (multi-user KFP)")] = None,
-    run_name: Annotated[str | None, typer.Option(help="run name")] = None,
+    run_name: Annotated[str | None, typer.Option(help="run name (a manifest's runs: NAME 1/N, ...)")] = None,
+    first_run: Annotated[
+        int, typer.Option(metavar="K", help="with --concepts-manifest: start at its run K (the ones before started)")
+    ] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say which runs would start, and start none")] = False,
     existing_token: Annotated[str | None, typer.Option(help="bearer token for the KFP API", envvar="KFP_TOKEN")] = None,
     service_account: Annotated[str, typer.Option(help="service account of the pods")] = SERVICE_ACCOUNT,
     image_registry: Annotated[str | None, IMAGE_REGISTRY] = None,
@@ -164,35 +180,123 @@ def submit_cmd(
         bool, typer.Option(help="check from here what can be checked (model, evaluator, buckets, token) first")
     ] = True,
 ) -> None:
-    """Start a textual_inversion run on a cluster.
+    """Start a run on a cluster: textual_inversion of one concept, or batch_personalisation of a manifest's.
+
+    A manifest with more concepts than one run trains (max_concepts_per_run, 8) is started as several runs, each
+    limited to its share of the concepts (only_concepts): a first fill of a catalogue at once, where a schedule
+    would take a night per 8. Each run still trains only its concepts that changed.
 
     \b
     Example:
       oneword submit --host http://kfp --images s3://oneword-data/my-cat \\
         --token '<my-cat>' --init-word cat
+      oneword submit --host http://kfp \\
+        --concepts-manifest s3://oneword-data/concepts.yaml
     """
     from rich import print as rprint
 
     from oneword.pipelines.container import require_registry
-    from oneword.pipelines.remote import submit
+    from oneword.pipelines.remote import submit_runs
 
+    pipeline, runs = _runs(images, token, init_word, concepts_manifest, names_given(only_concepts), param, run_name)
+    if not 1 <= first_run <= len(runs):
+        raise OnewordError(f"--first-run {first_run}: there are runs 1 to {len(runs)}", hint="see them with --dry-run")
+    if dry_run:
+        for i, (name, params) in enumerate(runs[first_run - 1 :], first_run):
+            if pipeline == "textual_inversion" or "only_concepts" not in params:
+                rprint({"pipeline": pipeline, "run_name": name, "params": params})
+            else:
+                names = params["only_concepts"]
+                rprint(f"run {name or i}: {len(names)} concept{'s' * (len(names) != 1)}: {', '.join(names)}")
+        rprint(f"[bold]dry run[/]: {len(runs) - first_run + 1} run{'s' * (len(runs) > first_run)} would start; "
+               "none was")  # fmt: skip
+        return
     require_registry(image_registry)  # before the checks: a run that cannot pull its images is not worth them
-    params = {"images": images, "token": token, "init_word": init_word, **_params(param, "textual_inversion")}
-    if preflight:
-        _preflight_here(params)
-    rprint(
-        submit(
-            host,
-            params,
-            experiment=experiment,
-            namespace=namespace,
-            run_name=run_name,
-            token=existing_token,
-            service_account=service_account,
-            image_registry=image_registry,
-            pipeline_root=pipeline_root,
+    if preflight:  # a manifest's concepts are checked by each run's plan: one's bad photos must not stop the others
+        _preflight_here(runs[0][1], one_concept=pipeline == "textual_inversion")
+    started = first_run - 1
+    try:
+        for answer in submit_runs(host, runs[started:], pipeline, experiment, namespace, existing_token,
+                                  service_account, image_registry, pipeline_root):  # fmt: skip
+            started += 1
+            rprint(answer if len(runs) == 1 else {"run": f"{started}/{len(runs)}", **answer})
+    except OnewordError:
+        raise
+    except Exception as e:
+        if len(runs) == 1:
+            raise
+        done = {0: "", 1: f"run {started} was started (above); "}.get(
+            started - first_run + 1, f"runs {first_run} to {started} were started (above); "
         )
-    )
+        raise OnewordError(
+            f"run {started + 1}/{len(runs)} could not be started: {_api_said(e)}",
+            hint=f"{done}to start the rest, run the same command with --first-run {started + 1}",
+        ) from e
+
+
+def _api_said(e: Exception) -> str:
+    """What the KFP API said, in a line: its client's errors hold the response's headers too."""
+    if isinstance(status := getattr(e, "status", None), int):
+        return f"HTTP {status} {getattr(e, 'reason', '') or ''}: {(getattr(e, 'body', '') or '').strip()}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _runs(images: str | None, token: str | None, init_word: str | None, concepts_manifest: str | None,
+          only: list[str], param: list[str] | None, run_name: str | None) -> tuple[str, list[tuple[str | None, dict]]]:
+    """The pipeline `oneword submit` starts, and its runs: (run name, parameters) each."""
+    from oneword.batch import chosen, concept_names, over_the_limit, split_runs
+    one = {"--images": images, "--token": token, "--init-word": init_word}
+    if concepts_manifest is None:
+        if missing := [k for k, v in one.items() if v is None]:
+            raise OnewordError(f"missing {', '.join(missing)}",
+                               hint="give --images, --token and --init-word (one concept), or --concepts-manifest")
+        if only:
+            raise OnewordError("--only-concepts chooses among a manifest's concepts",
+                               hint="give --concepts-manifest too, or leave --only-concepts out")  # fmt: skip
+        return "textual_inversion", [(run_name, {"images": images, "token": token, "init_word": init_word,
+                                                 **_params(param, "textual_inversion")})]  # fmt: skip
+    if given := [k for k, v in one.items() if v is not None]:
+        raise OnewordError(f"{', '.join(given)} and --concepts-manifest: a run is of one concept or of a manifest",
+                           hint="a manifest's concepts take their photos, token and init_word from it")  # fmt: skip
+    params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
+    only = only or params.pop("only_concepts", [])
+    most = params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"])
+    if warning := over_the_limit(most):
+        from rich import print as rprint
+
+        rprint(f"[bold yellow]warning[/] {warning}")
+    names = chosen(concept_names(_manifest_here(concepts_manifest)), only, concepts_manifest)
+    shares = split_runs(names, most)
+    if len(shares) == 1 and not only:  # the whole manifest in one run: a night of it, as a schedule's would be
+        return "batch_personalisation", [(run_name, params)]
+    base = run_name or _stem(concepts_manifest)
+    return "batch_personalisation", [
+        (f"{base} {i}/{len(shares)}" if len(shares) > 1 else run_name, {**params, "only_concepts": share})
+        for i, share in enumerate(shares, 1)
+    ]
+
+
+def _manifest_here(concepts_manifest: str) -> list:
+    """The manifest's concepts, read from this machine: a manifest is split into runs by its concepts' names."""
+    from oneword.batch import parse_concepts_manifest, read_concepts_manifest
+
+    try:
+        text = read_concepts_manifest(concepts_manifest)
+    except OnewordError:
+        raise
+    except Exception as e:  # no S3 settings here, a network apart
+        raise OnewordError(
+            f"cannot read {concepts_manifest} from here ({getattr(e, 'message', None) or e}), to split it into runs",
+            hint="give this machine the bucket's settings (S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), "
+            "or start batch_personalisation from the KFP dashboard (one run: max_concepts_per_run concepts)",
+        ) from e
+    return parse_concepts_manifest(text, concepts_manifest)
+
+
+def _stem(concepts_manifest: str) -> str:
+    """A manifest's runs' name: its file's name without .yaml (`s3://b/team/concepts.yaml` -> `concepts`)."""
+    name = concepts_manifest.rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".yaml").removesuffix(".yml") or "oneword-batch"
 
 
 @app.command("schedule", short_help="Run a batch on a cluster on a schedule.")

@@ -532,6 +532,7 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
         metrics: how many concepts are unchanged or failing (told), to train, and deferred.
         concepts_per_shard: concepts trained together in one GPU job.
         max_concepts_per_run: concepts this run trains at most (0: every one that changed).
+        only_concepts: names of the manifest's concepts the run is limited to (empty: all).
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment.
         kfp_run_id: the KFP run's id (run tag kfp.run_id).
@@ -547,6 +548,7 @@ def plan_batch(
     metrics: Output[Metrics],
     concepts_per_shard: int = 1,
     max_concepts_per_run: int = 8,
+    only_concepts: list = [],
     base_model: str = "",
     resolution: int = 0,
     mode: str = "crop",
@@ -584,8 +586,8 @@ def plan_batch(
     from oneword.live import kfp_tags
     from oneword.plan import plan_batch as run
 
-    plan = run(concepts_manifest, batch_id, locals(), concepts_per_shard, max_concepts_per_run, tracking_uri or None,
-               experiment, kfp_tags(kfp_run_id, kfp_run_name))  # fmt: skip
+    plan = run(concepts_manifest, batch_id, locals(), concepts_per_shard, max_concepts_per_run, only_concepts,
+               tracking_uri or None, experiment, kfp_tags(kfp_run_id, kfp_run_name))  # fmt: skip
     metrics.log_metric("told", plan.told)  # unchanged, or recorded as failed
     metrics.log_metric("to_train", plan.to_train)
     metrics.log_metric("deferred", plan.deferred)

@@ -384,6 +384,7 @@ def batch_personalisation(
     concepts_manifest: str,
     concepts_per_shard: int = D["concepts_per_shard"],
     max_concepts_per_run: int = D["max_concepts_per_run"],
+    only_concepts: list = D["only_concepts"],
     base_model: str = DEFAULT_BASE_MODEL,
     resolution: int = RESOLUTION_FROM_PROFILE,
     mode: str = D["mode"],
@@ -447,6 +448,9 @@ def batch_personalisation(
         max_concepts_per_run: concepts this run trains at most; the others that changed are left to the next runs
             of the manifest, those that waited longest first (0: no limit; above 8, Argo may not keep the run:
             docs/deploy.md).
+        only_concepts: names of the manifest's concepts the run is limited to, as a JSON list, e.g. ["my-cat"]
+            (empty: all). Such a run is no night of the manifest's schedule: it defers nothing to the schedule's
+            runs, and they do not count it.
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.
         resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768, SDXL 1024).
@@ -507,7 +511,8 @@ def batch_personalisation(
     with dsl.ExitHandler(done, name="every-concept"):
         plan = _cpu_step(c.plan_batch(
             concepts_manifest=concepts_manifest, batch_id=batch_id, concepts_per_shard=concepts_per_shard,
-            max_concepts_per_run=max_concepts_per_run, base_model=base_model, resolution=resolution, mode=mode,
+            max_concepts_per_run=max_concepts_per_run, only_concepts=only_concepts, base_model=base_model,
+            resolution=resolution, mode=mode,
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
             progressive_every=progressive_every, init_l2=init_l2, init_l2_schedule=init_l2_schedule,
             early_end=early_end, early_end_window=early_end_window, init_cos=init_cos, direction_only=direction_only,

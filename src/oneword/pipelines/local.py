@@ -248,7 +248,8 @@ def run_batch(
     from oneword.batch import load_concepts_manifest, plan_concepts
 
     _check_settings(params)
-    plan_concepts(load_concepts_manifest(concepts_manifest))  # as plan-batch will: a mistake is told here, whole
+    # as plan-batch will: a mistake is told here, whole
+    plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()), concepts_manifest)
     uri = ensure_store(tracking_uri)  # made once here, before the shards open it in parallel
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(
@@ -289,7 +290,8 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.unchanged import result_keys, unchanged_versions
 
     _check_settings(params)
-    concepts = plan_concepts(load_concepts_manifest(concepts_manifest))
+    concepts = plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()),
+                             concepts_manifest)  # fmt: skip
     uri = tracking_uri or default_tracking_uri()
     store = sqlite_path(uri)
     settings = lookup_settings(params)

@@ -65,6 +65,7 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "experiment": (TrackingConfig, "experiment"),
     "concepts_per_shard": (BatchConfig, "concepts_per_shard"),
     "max_concepts_per_run": (BatchConfig, "max_concepts_per_run"),
+    "only_concepts": (BatchConfig, "only_concepts"),
     **{name: (ClusterConfig, name) for name in ClusterConfig.model_fields},
 }
 

@@ -1,6 +1,7 @@
 """Send pipelines to a Kubeflow Pipelines cluster with `kfp.Client`: one run, or a recurring batch run."""
 
 import json
+from collections.abc import Iterator
 
 from oneword.errors import OnewordError
 from oneword.pipelines.compile import tmp_package
@@ -23,24 +24,41 @@ def submit(host: str, params: dict, pipeline: str = "textual_inversion", experim
            namespace: str | None = None, run_name: str | None = None, token: str | None = None,
            service_account: str = SERVICE_ACCOUNT, image_registry: str | None = None,
            pipeline_root: str = PIPELINE_ROOT) -> dict:
-    """Start one run of a pipeline on a cluster.
-
-    No task uses KFP's cache (`definitions.personalise` says why); what is costly, training and evaluating an
-    unchanged concept, oneword finds by its own keys.
-    `image_registry` is where the cluster pulls oneword's images from; without it nothing is sent.
-    `pipeline_root` is where the run's artifacts go (KFP's own default root is left to KFP's other pipelines).
+    """Start one run of a pipeline on a cluster (`submit_runs`, for one run).
 
     Returns:
         `{"run_id", "experiment", "url"}`.
     """
+    return next(submit_runs(host, [(run_name, params)], pipeline, experiment, namespace, token, service_account,
+                            image_registry, pipeline_root))  # fmt: skip
+
+
+def submit_runs(host: str, runs: list[tuple[str | None, dict]], pipeline: str = "textual_inversion",
+                experiment: str = KFP_EXPERIMENT, namespace: str | None = None, token: str | None = None,
+                service_account: str = SERVICE_ACCOUNT, image_registry: str | None = None,
+                pipeline_root: str = PIPELINE_ROOT) -> Iterator[dict]:
+    """Start runs of a pipeline on a cluster, one after another: `runs` holds each one's name (None: KFP's) and
+    parameters. The pipeline is compiled once, for all of them.
+
+    No task uses KFP's cache (`definitions.personalise` says why); what is costly, training and evaluating an
+    unchanged concept, oneword finds by its own keys.
+    `image_registry` is where the cluster pulls oneword's images from; without it nothing is sent.
+    `pipeline_root` is where the runs' artifacts go (KFP's own default root is left to KFP's other pipelines).
+
+    Yields:
+        `{"run_id", "experiment", "url"}` for each run once it is started: a run that cannot be started raises,
+        and those before it stay started.
+    """
     package = tmp_package(pipeline, require_registry(image_registry))  # refused before any call
     client = _client(host, namespace, token)
-    run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
-                                                  experiment_name=experiment, namespace=namespace,
-                                                  service_account=service_account or None,
-                                                  enable_caching=False,
-                                                  pipeline_root=pipeline_root or None)
-    return {"run_id": run.run_id, "experiment": experiment, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
+    for run_name, params in runs:
+        run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
+                                                      experiment_name=experiment, namespace=namespace,
+                                                      service_account=service_account or None,
+                                                      enable_caching=False,
+                                                      pipeline_root=pipeline_root or None)  # fmt: skip
+        yield {"run_id": run.run_id, "experiment": experiment,
+               "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}  # fmt: skip
 
 
 def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", experiment: str = KFP_EXPERIMENT,

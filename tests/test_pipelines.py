@@ -666,7 +666,7 @@ def test_schedule_says_before_the_night_how_many_runs_a_manifest_needs_and_warns
     said = schedule(many)
     assert f"if every concept is new: {n} concepts to train: a run trains {RUN_LIMIT} of them" in said
     assert "3 runs in all" in said and "warning" not in said and "recurring_run_id" in said
-    assert f"to train them all now instead: oneword submit --concepts-manifest s3://{s3_bucket}/concepts.yaml" in said
+    assert "3 runs in all; `oneword submit --concepts-manifest` starts them together" in said
     assert "concepts to train" not in schedule(many[:3])
     said = schedule(many, "-p", "max_concepts_per_run=0")
     assert "warning max_concepts_per_run=0 (no limit)" in said and "concepts to train" not in said

@@ -75,7 +75,8 @@ def runs_needed(n: int, most: int) -> str | None:
     if most <= 0 or n <= most:
         return None
     return (f"{n} concepts to train: a run trains {most} of them (max_concepts_per_run) and leaves the others to "
-            f"the next runs of the manifest, {-(-n // most)} runs in all")  # fmt: skip
+            f"the next runs of the manifest, {-(-n // most)} runs in all; `oneword submit --concepts-manifest` "
+            f"starts them together")  # fmt: skip
 
 
 def over_the_limit(most: int) -> str | None:

@@ -144,8 +144,7 @@ def _check_manifest_size(concepts_manifest: str, most: int) -> None:
                + (f"\n  hint: {e.hint}" if e.hint else ""))  # fmt: skip
         return
     if note := runs_needed(n, most):  # the first nights; after them, only what changed
-        rprint(f"[bold]note[/] if every concept is new: {note}; to train them all now instead: oneword submit "
-               f"--concepts-manifest {concepts_manifest} (one run per {most}, started together)")  # fmt: skip
+        rprint(f"[bold]note[/] if every concept is new: {note}")
 
 
 @app.command("submit", short_help="Start a run on a cluster: one concept, or a manifest's.")

@@ -148,3 +148,10 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert "still holding an alias: dog-q (champion v1)" in " ".join(text.split())
     table = [line for line in text.splitlines() if not line.lstrip().startswith(("run_dir", "tracking_uri"))]
     assert max(len(line) for line in table) <= 80
+    # a run of one of the manifest's concepts (`oneword batch --only-concepts`): it plans that one alone, and is
+    # no night of the manifest: the concepts it leaves out did not leave the manifest
+    manifest.write_text(yaml.safe_dump({"concepts": entries}))
+    fourth = run_batch(str(manifest), tmp_path / "root", **{**settings, "only_concepts": ["dog-q"]})
+    assert [(c["name"], c["status"]) for c in fourth["concepts"]] == [("dog-q", "unchanged")]
+    assert _told(Path(fourth["run_dir"]), "plan-batch") == [{"told": 1, "to_train": 0, "deferred": 0}]
+    assert fourth["left"] == []  # cat-q, out of this run, still holds @champion

@@ -296,3 +296,29 @@ def test_the_lookup_keeps_no_photos_from_s3_once_it_has_keyed_them(tiny_model_di
     on_s3 = {**CAT, "images": f"s3://{s3_bucket}/cat"}
     assert _keys(tiny_model_dir, [on_s3]) == _keys(tiny_model_dir, [CAT])  # the same photos, the same key
     assert not list((tmp_path / "cache").rglob("*.jpg"))
+
+
+def test_the_lookup_prepares_photos_ahead_in_threads_and_holds_few_concepts_on_disk(tiny_model_dir, monkeypatch):
+    """A catalogue's plan downloads and preprocesses the next concepts' photos while it keys one: the same keys, in
+    the manifest's order, with at most LOOKUP_AHEAD + 1 concepts' photos on disk at once."""
+    import threading
+
+    from oneword import unchanged
+
+    concepts = [{**(CAT if i % 2 else DOG), "token": f"<t{i}-u>", "name": f"t{i}-u"} for i in range(7)]
+    real, seen, lock = unchanged.preprocess, [], threading.Lock()
+
+    def counted(images, out, **kw):  # the real step, counting the scratch folders beside its own
+        with lock:
+            seen.append((threading.current_thread().name, len(list(out.parent.parent.iterdir()))))
+        return real(images, out, **kw)
+
+    monkeypatch.setattr(unchanged, "preprocess", counted)
+    monkeypatch.setattr(unchanged, "LOOKUP_AHEAD", 1)
+    one_by_one = _keys(tiny_model_dir, concepts)
+    monkeypatch.setattr(unchanged, "LOOKUP_AHEAD", 3)
+    seen.clear()
+    ahead = _keys(tiny_model_dir, concepts)
+    assert list(ahead.items()) == list(one_by_one.items()) and len(set(ahead.values())) == len(concepts)
+    assert all(name.startswith("oneword-lookup") for name, _ in seen) and len(seen) == len(concepts)
+    assert max(n for _, n in seen) <= 3 + 1 and len({name for name, _ in seen}) > 1

@@ -24,8 +24,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,6 +105,24 @@ def _encoders(base_model: str) -> LoadedModel | None:
     return load_base_model(base_model, parts=(), encoder_dtype=torch.float16)
 
 
+# Concepts whose photos the lookup downloads and preprocesses ahead, in threads, while it keys the one before (the
+# tokenizer's checks stay on one thread: a fast tokenizer is not safe to share across threads). Downloads wait on
+# the object store and Pillow decodes outside the GIL: a catalogue's plan took one concept's round trips and
+# decoding after the other's.
+LOOKUP_AHEAD = 4
+
+
+def _ahead(fn: Callable[[int], Any], items: range, window: int) -> Iterator[Future]:
+    """`fn(item)` for each of `items` in `window` threads, at most `window` items ahead of the one the caller holds:
+    the futures, in the items' order."""
+    with ThreadPoolExecutor(window, thread_name_prefix="oneword-lookup") as pool:
+        pending = deque(pool.submit(fn, item) for item in items[:window])
+        for item in items[window:]:
+            yield pending.popleft()
+            pending.append(pool.submit(fn, item))
+        yield from pending
+
+
 def result_keys(
     concepts: list[dict],
     settings: Settings,
@@ -137,14 +159,20 @@ def result_keys(
     scratch_log.setLevel(max(level, logging.WARNING))  # "preprocessed into /tmp/...": a folder deleted at once
     try:
         with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
-            for i, concept in enumerate(concepts):
+
+            def photos_of(i: int) -> Any:
+                # a concept's photos go beside its scratch dataset, deleted once keyed: a batch's plan looks at a
+                # whole catalogue's on the ephemeral disk of one pod, and holds LOOKUP_AHEAD + 1 concepts' at most
+                here = Path(scratch) / str(i)
+                return preprocess(concepts[i]["images"], here / "dataset", resolution=side, mode=settings.mode,
+                                  download_dir=here / "photos")  # fmt: skip
+
+            for i, preprocessed in enumerate(_ahead(photos_of, range(len(concepts)), LOOKUP_AHEAD)):
+                concept = concepts[i]
                 name, at = concept["name"], "preprocess"
-                # one concept's photos on disk at a time, deleted once keyed: a batch's plan looks at a whole
-                # catalogue's, on the ephemeral disk of one pod
                 here = Path(scratch) / str(i)
                 try:
-                    photos = preprocess(concept["images"], here / "dataset", resolution=side, mode=settings.mode,
-                                        download_dir=here / "photos")  # fmt: skip
+                    photos = preprocessed.result()
                     at = "settings"  # a templates file this machine cannot read the GPU pod may: not told
                     spec = spec_of(concept).resolved(profile)
                     get_templates(spec.templates)

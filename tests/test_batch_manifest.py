@@ -42,7 +42,12 @@ def test_local_photos_are_found_beside_the_manifest_wherever_it_is_read_from(tmp
     [
         ("concepts: []\n", "lists no concepts"),
         ("concepts: [\n", "not valid YAML"),
-        ("concepts:\n  - {images: a, token: <a>}\n", "concept #1 of .* is invalid"),
+        ("concepts:\n  - {images: a, token: <a>}\n", r"concept #1 \(<a>\) of .*: missing field 'init_word'"),
+        ("concepts:\n  - {images: a, token: <a>, init_word: cat, learning_rat: 1}\n",
+         r"unknown field 'learning_rat' \(did you mean 'learning_rate'\?\)"),
+        ("concepts:\n  - {images: a, token: <a>, init_word: cat, n_vectors: two}\n", r"n_vectors: .* \(got 'two'\)"),
+        ("concept:\n  - {images: a}\n", "lists no concepts: it has no `concepts:` key, but 'concept'"),
+        ("concepts:\n  - a\n", "concept #1 of .* is 'a', not a mapping of fields"),
         (
             "concepts:\n  - {images: a, token: <a>, init_word: cat}\n  - {images: b, token: <b>, init_word: dog,"
             ' name: "bob\'s cat"}\n',

@@ -746,10 +746,15 @@ def test_submit_takes_one_concept_or_a_manifest(kfp_api, capsys):
         (["--images", "s3://d/cat", "--token", "<cat>"], "missing --init-word"),
         (["--images", "s3://d/cat", "--token", "<cat>", "--init-word", "cat", "--only-concepts", "cat"],
          "--only-concepts chooses among a manifest's concepts"),
+        (["--concepts-manifest", "concepts.yaml"], "not an s3:// URI: the cluster's pods cannot read a file here"),
     ]  # fmt: skip
     for args, want in cases:
         with pytest.raises(SystemExit) as e:
             main(["submit", "--host", host, "--image-registry", REGISTRY, "--no-preflight", *args])
         said = capsys.readouterr()
         assert e.value.code == 2 and want in " ".join((said.out + said.err).split()), args
+    with pytest.raises(SystemExit) as e:  # a schedule would fail at plan-batch every night
+        main(["schedule", "--host", host, "--image-registry", REGISTRY, "--concepts-manifest", "/home/me/c.yaml",
+              "--cron", "0 0 2 * * *"])  # fmt: skip
+    assert e.value.code == 2 and "not an s3:// URI" in capsys.readouterr().err
     assert not [c for c in calls if c[0] == "POST"]

@@ -216,6 +216,27 @@ def read_concepts_manifest(source: str) -> str:
     return p.read_text()
 
 
+# what a manifest entry may hold beside its three required fields, as errors say it
+ENTRY_HINT = f"optional: {', '.join(f for f, info in ConceptEntry.model_fields.items() if not info.is_required())}; " \
+    "see k8s/examples/concepts.yaml"  # fmt: skip
+
+
+def _field_problems(err: ValidationError) -> list[str]:
+    """A manifest entry's validation errors, one phrase each, naming the field (and the one meant, for a typo)."""
+    fields = list(ConceptEntry.model_fields)
+    out = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(field, fields, n=1)
+            out.append(f"unknown field {field!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif item["type"] == "missing":
+            out.append(f"missing field {field!r}")
+        else:
+            out.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
+    return out
+
+
 def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
     """Validate the text of the concepts manifest at `source` (`load_concepts_manifest`), which its errors name
     and which relative image paths are relative to."""
@@ -225,21 +246,27 @@ def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
         raise OnewordError(f"concepts manifest {source} is not valid YAML: {e}") from e
     items = data.get("concepts") if isinstance(data, dict) else data
     if not items or not isinstance(items, list):
+        keys = [str(k) for k in data] if isinstance(data, dict) and "concepts" not in data else []
         raise OnewordError(
-            f"concepts manifest {source} lists no concepts",
+            f"concepts manifest {source} lists no concepts"
+            + (f": it has no `concepts:` key, but {', '.join(map(repr, keys))}" if keys else ""),
             hint="write a list under `concepts:` (see k8s/examples/concepts.yaml)",
         )
     from oneword.registry import concept_name
 
     entries = []
     for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise OnewordError(
+                f"concept #{i + 1} of {source} is {item!r}, not a mapping of fields",
+                hint=f"write `- images: ...`, with token and init_word under it ({ENTRY_HINT})",
+            )
         try:
             e = ConceptEntry(**item)
-        except (ValidationError, TypeError) as err:
-            raise OnewordError(
-                f"concept #{i + 1} of {source} is invalid: {err}",
-                hint="each needs images, token and init_word (see k8s/examples/concepts.yaml)",
-            ) from err
+        except ValidationError as err:
+            label = f"#{i + 1}" + (f" ({item['token']})" if isinstance(item.get("token"), str) else "")
+            raise OnewordError(f"concept {label} of {source}: {'; '.join(_field_problems(err))}",
+                               hint=f"each needs images, token and init_word ({ENTRY_HINT})") from err  # fmt: skip
         try:
             concept_name(e.token, e.name)
         except OnewordError as err:

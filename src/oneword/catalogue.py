@@ -194,7 +194,7 @@ def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
         "metrics": dict(run.data.metrics),
         "params": dict(run.data.params),
         "source": mv.source,
-        "created": datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000, datetime.timezone.utc).isoformat(
+        "created": datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000, datetime.UTC).isoformat(
             timespec="seconds"),
     }
 

@@ -244,6 +244,7 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
           only: list[str], param: list[str] | None, run_name: str | None) -> tuple[str, list[tuple[str | None, dict]]]:
     """The pipeline `oneword submit` starts, and its runs: (run name, parameters) each."""
     from oneword.batch import chosen, concept_names, over_the_limit, split_runs
+
     one = {"--images": images, "--token": token, "--init-word": init_word}
     if concepts_manifest is None:
         if missing := [k for k, v in one.items() if v is None]:
@@ -257,6 +258,7 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
     if given := [k for k, v in one.items() if v is not None]:
         raise OnewordError(f"{', '.join(given)} and --concepts-manifest: a run is of one concept or of a manifest",
                            hint="a manifest's concepts take their photos, token and init_word from it")  # fmt: skip
+    _on_the_cluster(concepts_manifest)
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
     only = only or params.pop("only_concepts", [])
     most = params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"])
@@ -273,6 +275,17 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
         (f"{base} {i}/{len(shares)}" if len(shares) > 1 else run_name, {**params, "only_concepts": share})
         for i, share in enumerate(shares, 1)
     ]
+
+
+def _on_the_cluster(concepts_manifest: str) -> None:
+    """Refuse a manifest the cluster's pods cannot read: a file on this machine (its photos too, relative to it)."""
+    from oneword.storage import is_s3
+
+    if not is_s3(concepts_manifest):
+        raise OnewordError(
+            f"concepts manifest {concepts_manifest} is not an s3:// URI: the cluster's pods cannot read a file here",
+            hint="upload it and its photos (e.g. mc cp concepts.yaml oneword/oneword-data/) and pass its s3:// URI",
+        )
 
 
 def _manifest_here(concepts_manifest: str) -> list:
@@ -331,6 +344,7 @@ def schedule_cmd(
 
     from oneword.pipelines.remote import schedule
 
+    _on_the_cluster(concepts_manifest)
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
     _check_manifest_size(concepts_manifest, params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"]))
     rprint(

@@ -374,6 +374,11 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     main(["run", *args, "--pipeline-root", str(tmp_path / "root"), "--log-file", str(tmp_path / "steps.log")])
     said = capsys.readouterr().out
     assert "unchanged cat-sd2/1" in said and "concepts pull cat-sd2/1" in said and "None" not in said, said
+    # a line per finished step on the terminal, their logs in the file it names; none of its own lines past 80
+    assert re.search(r"^ +\d+ s  changed-concepts done$", said, re.M) and "report-run done" in said
+    assert f"the steps' logs: {tmp_path / 'steps.log'}" in said and "Executing task" not in said
+    assert "Executing task" in (tmp_path / "steps.log").read_text()
+    assert max(len(line) for line in said.splitlines() if str(tmp_path) not in line) <= 80
     assert [r["version"] for r in catalogue.list_concepts(uri) if r["name"] == "cat-sd2"] == ["1"]
     last = max((tmp_path / "root").glob("textual-inversion-*"), key=lambda p: p.name)
     assert (last / "changed-concepts").is_dir() and not list(last.rglob("cache-latents"))  # told on CPU: no GPU step
@@ -536,11 +541,15 @@ def test_submit_sends_each_param_as_the_pipeline_input_takes_it_and_refuses_a_ty
     assert sent["gpu_node_selector"] == {"pool": "a100"}
 
 
-def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(kfp_api, tiny_model_dir, tiny_clip_dir, capsys):
+def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(
+    kfp_api, tiny_model_dir, tiny_clip_dir, s3_bucket, capsys
+):
     """A token the model knows is caught on the submitting machine: the KFP API never hears of the run."""
     from oneword.cli import main
+    from oneword.storage import upload_dir
 
     host, calls = kfp_api
+    upload_dir(DREAMBENCH / "cat", f"s3://{s3_bucket}/cat")
     with pytest.raises(SystemExit) as exit_:
         main(
             [
@@ -548,7 +557,7 @@ def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(kfp_api, tiny
                 "--host",
                 host,
                 "--images",
-                str(DREAMBENCH / "cat"),
+                f"s3://{s3_bucket}/cat",
                 "--token",
                 "cat",
                 "--init-word",
@@ -747,6 +756,11 @@ def test_submit_takes_one_concept_or_a_manifest(kfp_api, capsys):
         (["--images", "s3://d/cat", "--token", "<cat>", "--init-word", "cat", "--only-concepts", "cat"],
          "--only-concepts chooses among a manifest's concepts"),
         (["--concepts-manifest", "concepts.yaml"], "not an s3:// URI: the cluster's pods cannot read a file here"),
+        (["--images", "photos/cat", "--token", "<cat>", "--init-word", "cat"], "--images photos/cat is not an s3://"),
+        (["--images", "s3://d/cat", "--token", "<cat>", "--init-word", "cat", "-p", "token=<dog>"],
+         "--param token: give it as --token"),
+        (["--concepts-manifest", "s3://d/c.yaml", "-p", 'only_concepts=["a"]'],
+         "--param only_concepts: give it as --only-concepts"),
     ]  # fmt: skip
     for args, want in cases:
         with pytest.raises(SystemExit) as e:
@@ -757,4 +771,9 @@ def test_submit_takes_one_concept_or_a_manifest(kfp_api, capsys):
         main(["schedule", "--host", host, "--image-registry", REGISTRY, "--concepts-manifest", "/home/me/c.yaml",
               "--cron", "0 0 2 * * *"])  # fmt: skip
     assert e.value.code == 2 and "not an s3:// URI" in capsys.readouterr().err
+    for cron, want in (("0 2 * * *", "add the seconds first: --cron '0 0 2 * * *'"), ("daily", "six fields")):
+        with pytest.raises(SystemExit) as e:  # robfig/cron would take five fields as an hourly schedule
+            main(["schedule", "--host", host, "--image-registry", REGISTRY, "--concepts-manifest", "s3://d/c.yaml",
+                  "--cron", cron])  # fmt: skip
+        assert e.value.code == 2 and want in " ".join(capsys.readouterr().err.split())
     assert not [c for c in calls if c[0] == "POST"]

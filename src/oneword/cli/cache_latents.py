@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
+from oneword.cli.options import BASE_MODEL_HELP
 from oneword.profiles import TOYWORLD
 
 
@@ -16,7 +17,7 @@ def cache_latents_cmd(
     data: Annotated[Path, typer.Argument(help="dataset folder written by `oneword preprocess`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for latents.safetensors")],
     base_model: Annotated[
-        str, typer.Option(help="toyworld, a diffusers folder, s3://..., a hub id or a .safetensors checkpoint")
+        str, typer.Option(help=BASE_MODEL_HELP)
     ] = TOYWORLD,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     cache_dir: Annotated[

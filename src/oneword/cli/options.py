@@ -12,6 +12,8 @@ from typing import Any
 import typer
 from pydantic import BaseModel
 
+BASE_MODEL_HELP = "toyworld, a diffusers folder, a .safetensors/.ckpt file, s3://..., or a hub id"
+
 
 def default(model: type[BaseModel], field: str) -> Any:
     """The default of `model.field`."""

@@ -7,13 +7,13 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
-from oneword.cli.options import parameter
+from oneword.cli.options import BASE_MODEL_HELP, parameter
 from oneword.pipelines.parameters import DEFAULTS as D
 
 
 @app.command("preflight", short_help="Check what a run will need, in seconds.")
 def preflight_cmd(
-    base_model: Annotated[str, typer.Option(help="toyworld, a diffusers folder, s3://..., or a hub id")],
+    base_model: Annotated[str, typer.Option(help=BASE_MODEL_HELP)],
     images: Annotated[str | None, typer.Option(help="folder or s3:// prefix of the concept's photos")] = None,
     token: Annotated[str | None, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")] = None,
     init_word: Annotated[str | None, typer.Option(help="one-token word to start from, e.g. cat")] = None,

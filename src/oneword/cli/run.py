@@ -11,14 +11,30 @@ from typing import Annotated
 import typer
 
 from oneword.cli.app import app
-from oneword.cli.options import names_given, parameter
+from oneword.cli.options import BASE_MODEL_HELP, names_given, parameter
 from oneword.pipelines.parameters import DEFAULTS as D
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT, RESOLUTION_FROM_PROFILE
 from oneword.profiles import TOYWORLD
 
 BASE_MODEL = TOYWORLD  # on one machine, the model that needs no download
-BASE_MODEL_HELP = "toyworld, a diffusers folder, s3://..., or a hub id"
 RESOLUTION_HELP = "training image side (0: the base model's native size)"
+LOG_FILE = typer.Option(
+    help="the steps' full logs (default: a new file under the pipeline root's logs/, named as the run starts; "
+    "'-': this terminal); the terminal gets a line per finished step"
+)
+
+
+def _log_file(log_file: Path | None, pipeline_root: Path, pipeline: str) -> Path | None:
+    """Where the steps' logs go (None: this terminal), said before the run starts."""
+    from rich import print as rprint
+
+    from oneword.pipelines.local import default_log_file
+
+    if log_file is not None and str(log_file) == "-":
+        return None
+    log_file = log_file or default_log_file(pipeline_root, pipeline)
+    rprint(f"{pipeline} on this machine (kfp.local); the steps' logs: {log_file}")
+    return log_file
 
 
 @app.command("run", short_help="Run the whole pipeline here (kfp.local).")
@@ -63,7 +79,7 @@ def run_cmd(
     experiment: Annotated[str, parameter("experiment")] = D["experiment"],
     pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path(LOCAL_PIPELINE_ROOT),
     seed: Annotated[int, parameter("seed")] = D["seed"],
-    log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
+    log_file: Annotated[Path | None, LOG_FILE] = None,
 ) -> None:
     """Run the whole textual_inversion pipeline on this machine with kfp.local, then print where it all is.
 
@@ -77,21 +93,22 @@ def run_cmd(
 
     from oneword.pipelines.local import run_textual_inversion
 
+    log_file = _log_file(log_file, pipeline_root, "textual-inversion")
     out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
     registered = str(out["registered"])
     if out.get("unchanged"):  # this very training was registered (before, or by another run meanwhile)
         ref = registered.split("@")[0]
         rprint(f"[bold cyan]unchanged[/] {ref}: registered before from the same photos and settings "
-               f"({out['seconds']:.0f} s); its scores: oneword concepts show {ref}; its embedding: "
-               f"oneword concepts pull {ref} -o FILE")  # fmt: skip
+               f"({out['seconds']:.0f} s)\n  its scores:    oneword concepts show {ref}\n"
+               f"  its embedding: oneword concepts pull {ref} -o FILE")  # fmt: skip
     else:
         rprint(f"[bold green]registered[/] {registered}  ({out['seconds']:.0f} s)")
     if out.get("metrics"):
         m = json.loads(Path(out["metrics"]).read_text())
-        rprint(
-            f"  reconstruction {m['reconstruction']:.4f}, editability {m['editability']:.4f} "
-            f"(step {m['step']}{_baselines(m.get('baselines'))})"
-        )
+        rprint(f"  reconstruction {m['reconstruction']:.4f}, editability {m['editability']:.4f} (step {m['step']})"
+               + _baselines(m.get("baselines")))  # fmt: skip
+    if log_file is not None:
+        rprint(f"  {'logs':13s} {log_file}")
     for k in ("report", "grid", "embedding", "run_dir", "tracking_uri"):
         if out.get(k):  # found unchanged by evaluate, a concept drew nothing new: its files are the version's
             rprint(f"  {k:13s} {out.get(k)}")
@@ -136,7 +153,7 @@ def batch_cmd(
     concepts_per_shard: Annotated[int, parameter("concepts_per_shard")] = D["concepts_per_shard"],
     only_concepts: Annotated[list[str], parameter("only_concepts", metavar="NAME")] = D["only_concepts"],
     seed: Annotated[int, parameter("seed")] = D["seed"],
-    log_file: Annotated[Path | None, typer.Option(help="write the steps' logs here instead of the terminal")] = None,
+    log_file: Annotated[Path | None, LOG_FILE] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train, which are "
                                                "unchanged since their version and which would fail (on CPU: "
                                                "preprocesses the photos, loads the text encoders); exits 1 if any "
@@ -180,7 +197,9 @@ def batch_cmd(
 
     from oneword.pipelines.local import run_batch
 
+    log_file = _log_file(log_file, pipeline_root, "batch-personalisation")
     report = run_batch(concepts_manifest, pipeline_root, tracking_uri or None, log_file, **params)
+    report["logs"] = str(log_file or "")
     from rich.console import Console
 
     code = print_batch_report(report, Console(soft_wrap=False))
@@ -267,12 +286,13 @@ def print_batch_report(report: dict, console) -> int:
     if report.get("left_error"):  # not "none left": it could not be told
         console.print(f"[yellow]could not tell which concepts left the manifest[/]: {escape(report['left_error'])}",
                       highlight=False)  # fmt: skip
-    for k in ("run_dir", "tracking_uri"):
-        console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
+    for k in ("logs", "run_dir", "tracking_uri"):
+        if report.get(k):
+            console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     return 1 if report["failed"] else 0
 
 
 def _baselines(baselines: dict | None) -> str:
     """The image-only and prompt-only ceilings, as the scores beside them are printed."""
     shown = [f"{k.replace('_', '-')} {v:.4f}" for k, v in (baselines or {}).items() if isinstance(v, float | int)]
-    return f"; ceilings: {', '.join(shown)}" if shown else ""
+    return f"\n  ceilings: {', '.join(shown)}" if shown else ""

@@ -21,6 +21,10 @@ IMAGE_REGISTRY = typer.Option(
 )
 
 
+# pipeline inputs that have an option of their own: given as --param too, one would silently win over the other
+OWN_OPTIONS = {"images", "token", "init_word", "concepts_manifest", "only_concepts"}
+
+
 def _params(param: list[str] | None, pipeline: str) -> dict:
     """`--param KEY=VALUE`s as the pipeline's inputs, each checked against its name and type here.
 
@@ -38,6 +42,8 @@ def _params(param: list[str] | None, pipeline: str) -> dict:
         if "=" not in p:
             raise OnewordError(f"--param {p!r} is not KEY=VALUE", hint="e.g. --param steps=3000")
         k, v = p.split("=", 1)
+        if k in OWN_OPTIONS:
+            raise OnewordError(f"--param {k}: give it as --{k.replace('_', '-')}", hint="it has an option of its own")
         if k not in inputs:
             close = difflib.get_close_matches(k, list(inputs), n=3)
             raise OnewordError(
@@ -187,9 +193,9 @@ def submit_cmd(
 
     \b
     Example:
-      oneword submit --host http://kfp --images s3://oneword-data/my-cat \\
-        --token '<my-cat>' --init-word cat
-      oneword submit --host http://kfp \\
+      oneword submit --host http://kfp --image-registry ghcr.io/oneword-ml \\
+        --images s3://oneword-data/my-cat --token '<my-cat>' --init-word cat
+      oneword submit --host http://kfp --image-registry ghcr.io/oneword-ml \\
         --concepts-manifest s3://oneword-data/concepts.yaml
     """
     from rich import print as rprint
@@ -203,7 +209,7 @@ def submit_cmd(
     if dry_run:
         for i, (name, params) in enumerate(runs[first_run - 1 :], first_run):
             if pipeline == "textual_inversion" or "only_concepts" not in params:
-                rprint({"pipeline": pipeline, "run_name": name, "params": params})
+                rprint({"pipeline": pipeline, **({"run_name": name} if name else {}), "params": params})
             else:
                 names = params["only_concepts"]
                 rprint(f"run {name or i}: {len(names)} concept{'s' * (len(names) != 1)}: {', '.join(names)}")
@@ -244,6 +250,7 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
           only: list[str], param: list[str] | None, run_name: str | None) -> tuple[str, list[tuple[str | None, dict]]]:
     """The pipeline `oneword submit` starts, and its runs: (run name, parameters) each."""
     from oneword.batch import chosen, concept_names, over_the_limit, split_runs
+    from oneword.storage import is_s3
 
     one = {"--images": images, "--token": token, "--init-word": init_word}
     if concepts_manifest is None:
@@ -253,6 +260,12 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
         if only:
             raise OnewordError("--only-concepts chooses among a manifest's concepts",
                                hint="give --concepts-manifest too, or leave --only-concepts out")  # fmt: skip
+        if not is_s3(images):
+            raise OnewordError(
+                f"--images {images} is not an s3:// prefix: the cluster's pods cannot read a folder here",
+                hint="upload the photos (e.g. mc cp --recursive photos/my-cat/ oneword/oneword-data/concepts/my-cat/)"
+                " and pass their prefix (s3://oneword-data/concepts/my-cat/)",
+            )
         return "textual_inversion", [(run_name, {"images": images, "token": token, "init_word": init_word,
                                                  **_params(param, "textual_inversion")})]  # fmt: skip
     if given := [k for k, v in one.items() if v is not None]:
@@ -260,7 +273,6 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
                            hint="a manifest's concepts take their photos, token and init_word from it")  # fmt: skip
     _on_the_cluster(concepts_manifest)
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
-    only = only or params.pop("only_concepts", [])
     most = params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"])
     if warning := over_the_limit(most):
         from rich import print as rprint
@@ -275,6 +287,22 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
         (f"{base} {i}/{len(shares)}" if len(shares) > 1 else run_name, {**params, "only_concepts": share})
         for i, share in enumerate(shares, 1)
     ]
+
+
+def _check_cron(cron: str) -> None:
+    """Refuse a cron KFP would read otherwise than meant. KFP parses it with robfig/cron's `Parse` (seconds first,
+    day of week optional: `backend/src/apiserver/server/api_converter.go`, KFP 2.17), so a crontab line of five
+    fields is taken, not refused, with its fields shifted: `0 2 * * *` runs at minute 2 of every hour."""
+    fields = cron.split()
+    if cron.strip().startswith("@") or len(fields) == 6:
+        return
+    if len(fields) == 5:
+        raise OnewordError(
+            f"--cron {cron!r} has five fields: KFP reads the first as seconds, so it would not run when meant",
+            hint=f"add the seconds first: --cron '0 {cron.strip()}' (or a descriptor: '@daily', '@every 6h')",
+        )
+    raise OnewordError(f"--cron {cron!r}: KFP takes six fields (second minute hour day month weekday)",
+                       hint="e.g. '0 0 2 * * *' (daily at 02:00), or a descriptor: '@daily', '@every 6h'")  # fmt: skip
 
 
 def _on_the_cluster(concepts_manifest: str) -> None:
@@ -337,13 +365,14 @@ def schedule_cmd(
 
     \b
     Example:
-      oneword schedule --host http://kfp \\
+      oneword schedule --host http://kfp --image-registry ghcr.io/oneword-ml \\
         --concepts-manifest s3://oneword-data/concepts.yaml --cron '0 0 2 * * *'
     """
     from rich import print as rprint
 
     from oneword.pipelines.remote import schedule
 
+    _check_cron(cron)
     _on_the_cluster(concepts_manifest)
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
     _check_manifest_size(concepts_manifest, params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"]))

@@ -11,6 +11,8 @@ import datetime
 import json
 import logging
 import os
+import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -85,9 +87,34 @@ def _marked_local() -> Iterator[None]:
             os.environ[LOCAL_RUN_ENV] = before
 
 
+def default_log_file(pipeline_root: Path, pipeline: str) -> Path:
+    """Where a local run's step logs go unless told: `<pipeline root>/logs/<pipeline>-<local time>.log`."""
+    return pipeline_root / "logs" / f"{pipeline}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.log"
+
+
+class _TaskProgress(logging.Filter):
+    """On the root logger, where kfp.local logs each task's start and end: a line per finished task to `out` (the
+    terminal, while the steps' own logs go to a file), the seconds since the run began first."""
+
+    FINISHED = re.compile(r"^Task '([^']+)' finished with status (\w+)")
+
+    def __init__(self, out) -> None:
+        super().__init__()
+        self.out, self.start = out, time.time()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # kfp.local colours its names for a terminal
+        if found := self.FINISHED.match(said):
+            task, status = found.groups()
+            mark = "done" if status == "SUCCESS" else status.lower()
+            print(f"  {time.time() - self.start:5.0f} s  {task} {mark}", file=self.out, flush=True)
+        return True
+
+
 @contextlib.contextmanager
 def _task_logs(log_file: Path | None) -> Iterator[None]:
-    """Send kfp.local's streamed task logs to `log_file` (None: the terminal); mark the tasks as local ones."""
+    """Send kfp.local's streamed task logs to `log_file` (None: the terminal), and say on the terminal, a line
+    each, which tasks finished; mark the tasks as local ones."""
     with warnings.catch_warnings(), _marked_local():
         # kfp warns that the oneword image is "custom"; locally the steps run in this very environment
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -99,10 +126,13 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         root = logging.getLogger()
         before = list(root.handlers)
+        progress = _TaskProgress(sys.stdout)
+        root.addFilter(progress)  # a filter, not a handler: kfp.local replaces the root logger's handlers
         with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             try:
                 yield
             finally:
+                root.removeFilter(progress)
                 for h in list(root.handlers):  # kfp.local installs a stdout handler on the root logger
                     if h not in before:
                         root.removeHandler(h)

@@ -121,6 +121,11 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, 
             "invalid setting: n_vectors",
         ),
         (["batch", "/no/such/concepts.yaml"], "concepts manifest /no/such/concepts.yaml not found"),
+        # a word with a space was told as a clash of its first half ("already a word of the model ('my')")
+        (["run", "--images", "x", "--token", "my star", "--init-word", "a"],
+         "invalid setting: token: 'my star' is not one word: give it without spaces, e.g. '<my-star>'"),
+        (["run", "--images", "x", "--token", "", "--init-word", "a"], "token: is empty"),
+        (["run", "--images", "", "--token", "<a>", "--init-word", "a"], "images: is empty"),
         (
             ["train", "/d", "--token", "<a>", "--init-word", "a", "-o", "/o", "--batch-size", "0"],
             "invalid setting: batch_size: Input should be greater than or equal to 1 (got 0)",

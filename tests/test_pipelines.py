@@ -376,7 +376,7 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     assert "unchanged cat-sd2/1" in said and "concepts pull cat-sd2/1" in said and "None" not in said, said
     # a line per finished step on the terminal, their logs in the file it names; none of its own lines past 80
     assert re.search(r"^ +\d+ s  changed-concepts done$", said, re.M) and "report-run done" in said
-    assert f"the steps' logs: {tmp_path / 'steps.log'}" in said and "Executing task" not in said
+    assert f"their logs: {tmp_path / 'steps.log'}" in said and "Executing task" not in said
     assert "Executing task" in (tmp_path / "steps.log").read_text()
     assert max(len(line) for line in said.splitlines() if str(tmp_path) not in line) <= 80
     assert [r["version"] for r in catalogue.list_concepts(uri) if r["name"] == "cat-sd2"] == ["1"]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from oneword import storage
 from oneword.config import BatchConfig, ConceptSpec
@@ -95,6 +95,13 @@ class ConceptEntry(ConceptSpec):
 
     images: str = Field(description="folder or s3:// prefix of the concept's photos")
     name: str = Field("", description="registered-model name (default: from the token)")
+
+    @field_validator("images")
+    @classmethod
+    def _somewhere(cls, value: str) -> str:
+        if not value.strip():  # "" would be the working folder, whatever it holds
+            raise ValueError("is empty: give the folder or s3:// prefix of the concept's photos")
+        return value
 
 
 def content_key(images: str) -> str:
@@ -232,6 +239,8 @@ def _field_problems(err: ValidationError) -> list[str]:
             out.append(f"unknown field {field!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         elif item["type"] == "missing":
             out.append(f"missing field {field!r}")
+        elif item["type"] == "value_error":  # a validator's own message, which says the value
+            out.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
         else:
             out.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
     return out

@@ -74,8 +74,10 @@ def _invalid_settings(e, command: str = "COMMAND") -> OnewordError:
     problems = []
     for item in e.errors():
         name = ".".join(str(part) for part in item["loc"]) or e.title
-        got = f" (got {item['input']!r})" if not isinstance(item.get("input"), dict) else ""
-        problems.append(f"{name}: {item['msg']}{got}")
+        # a validator's own message says the value already
+        said = item["type"] != "value_error" and not isinstance(item.get("input"), dict)
+        got = f" (got {item['input']!r})" if said else ""
+        problems.append(f"{name}: {item['msg'].removeprefix('Value error, ')}{got}")
     return OnewordError(
         "invalid setting" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems),
         hint=f"`oneword {command} --help` says what each option takes (its option is the setting's name, with -)",

@@ -25,16 +25,12 @@ LOG_FILE = typer.Option(
 
 
 def _log_file(log_file: Path | None, pipeline_root: Path, pipeline: str) -> Path | None:
-    """Where the steps' logs go (None: this terminal), said before the run starts."""
-    from rich import print as rprint
-
+    """Where the steps' logs go (None: this terminal)."""
     from oneword.pipelines.local import default_log_file
 
     if log_file is not None and str(log_file) == "-":
         return None
-    log_file = log_file or default_log_file(pipeline_root, pipeline)
-    rprint(f"{pipeline} on this machine (kfp.local); the steps' logs: {log_file}")
-    return log_file
+    return log_file or default_log_file(pipeline_root, pipeline)
 
 
 @app.command("run", short_help="Run the whole pipeline here (kfp.local).")

@@ -124,6 +124,7 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
             yield
             return
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        print(f"kfp.local runs the steps here; their logs: {log_file}", flush=True)
         root = logging.getLogger()
         before = list(root.handlers)
         progress = _TaskProgress(sys.stdout)
@@ -190,7 +191,8 @@ def _check_concept(params: dict) -> None:
     from oneword.registry import concept_name
 
     fields = ("images", "token", "init_word", "name", "n_vectors", "templates")
-    entry = ConceptEntry(**{k: params[k] for k in fields if params.get(k) not in (None, "")})
+    required = ("images", "token", "init_word")  # given empty: said as such, not as left out
+    entry = ConceptEntry(**{k: params[k] for k in fields if params.get(k) not in (None, "") or k in required})
     concept_name(entry.token, entry.name)
     if not entry.images.startswith("s3://"):  # a photo folder that is not there: said before kfp.local starts
         from oneword.preflight import images_problem

@@ -162,6 +162,8 @@ def batch_cmd(
     token and init_word: see k8s/examples/concepts.yaml. Toy-world photos to try it with:
     oneword toyworld concept purple-star -o photos/purple-star
 
+    Exits 1 if a concept failed (the others are registered all the same), 2 if the batch wrote no report.
+
     \b
     Example:
       oneword batch concepts.yaml --base-model toyworld --steps 300
@@ -240,7 +242,8 @@ def print_batch_plan(plan: dict, console) -> None:
 def print_batch_report(report: dict, console) -> int:
     """Print a batch's report as a table, one row per concept; return the command's exit status.
 
-    1 if any concept failed (the others are registered all the same), 2 if the batch planned nothing.
+    1 if any concept failed (the others are registered all the same), 2 if the batch wrote no report (its
+    manifest could not be read, or the run ended before its report); 0 else, a batch of unchanged concepts too.
     """
     from rich import box
     from rich.markup import escape

@@ -330,6 +330,8 @@ def test_errors_print_message_and_hint_and_verbose_adds_the_traceback(tmp_path, 
     assert code == 2 and "error:" in out and "no-photos" in out and "Traceback" not in out, out
     code, out = run(["--verbose", "preprocess", tmp_path / "no-photos", "-o", tmp_path / "data"], capsys)
     assert code == 2 and "Traceback" in out and "no-photos" in out, out
+    code, out = run(["preprocess", tmp_path / "no-photos", "-o", tmp_path / "data", "--verbose"], capsys)
+    assert code == 2 and "Traceback" in out and "No such option" not in out, out  # added at the end, to rerun
 
 
 def test_profiles_table_fits_80_columns(capsys, monkeypatch):

@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     import rich
 
     rich.reconfigure(soft_wrap=True)  # a printed path stays on one line (copyable) in a narrow terminal
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in args[1:] and "--" not in args:  # after the command too, where a rerun to see why adds it
+        args = ["--verbose", *(a for a in args if a != "--verbose")]
     try:
-        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
+        code = app(args=args, standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except OnewordError as e:
         _exit_with(e)
     except SystemExit:

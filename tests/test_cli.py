@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -372,10 +373,11 @@ def test_help_reads_whole_in_an_80_column_terminal(capsys, monkeypatch):
         example = out.split("Example")[1].split("\n\n")[0] if "Example" in out else ""
         assert all(len(line) <= 80 for line in example.splitlines()), (words, example)
         assert not any(line.rstrip().endswith("-") for line in out.splitlines()), (words, out)
+        assert not re.search(r"\[default:$", out, re.M), (words, out)  # its value alone on the next line
         checked += 1
     assert checked >= 25
     _, out = run(["submit", "--help"], capsys)
-    assert "http://ml-pipeline-ui.kubeflow" in out and "s3://oneword-artifacts/pipeline-root?...)]" in out
+    assert "http://ml-pipeline-ui.kubeflow" in out and "s3://oneword-artifacts/pipeline-root, on" in out
     _, out = run(["generate", "--help"], capsys)
     assert "-e runs/my-cat/eval/embedding/learned_embeds.safetensors" in out and "<list[Path]>" not in out
 

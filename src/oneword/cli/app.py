@@ -10,7 +10,8 @@ from oneword import tracking
 def _wrap_whole_words() -> None:
     """Help text wraps at spaces only: click's wrapper also breaks at hyphens and inside long words, which cut
     hosts, paths and flags in two in an 80-column terminal ("ml-pipeline-" / "ui.kubeflow", "textua" /
-    "l_inversion.py"), so that a copied value no longer works. A word longer than a line gets a line of its own."""
+    "l_inversion.py"), so that a copied value no longer works. A word longer than a line gets a line of its own,
+    and an option's "[default: ...]" counts as one word."""
     try:
         from typer._click import _textwrap  # typer's own copy of click, whose formatter wraps the help
     except ImportError:  # another typer layout: its default wrapping
@@ -23,6 +24,16 @@ def _wrap_whole_words() -> None:
         def _handle_long_word(self, reversed_chunks, cur_line, cur_len, width) -> None:
             if not cur_line:  # as textwrap does with break_long_words=False
                 cur_line.append(reversed_chunks.pop())
+
+        def _split_chunks(self, text: str) -> list[str]:
+            # "[default: 64]" is one word: broken after "default:", the value stood alone on the next line
+            chunks, out = super()._split_chunks(text), []
+            for chunk in chunks:
+                if out and out[-1].startswith("[default:") and not out[-1].endswith("]"):
+                    out[-1] += chunk
+                else:
+                    out.append(chunk)
+            return out
 
     _textwrap.TextWrapper = WholeWords  # the formatter imports it from there each time it wraps
 

@@ -12,9 +12,10 @@ from oneword.errors import OnewordError
 from oneword.pipelines.parameters import DEFAULTS, KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
 
 HOST = typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
-PIPELINE_ROOT_HELP = "where the run's artifacts go (default: oneword's MinIO bucket; '': the namespace's KFP default)"
 # the default in full is a URL of 200 characters with the MinIO endpoint in its query: its path says enough
-PIPELINE_ROOT_OPTION = typer.Option(help=PIPELINE_ROOT_HELP, show_default=PIPELINE_ROOT.split("?")[0] + "?...")
+PIPELINE_ROOT_HELP = (f"where the run's artifacts go (default: {PIPELINE_ROOT.split('?')[0]}, on oneword's MinIO; "
+                      "'': the namespace's KFP default)")  # fmt: skip
+PIPELINE_ROOT_OPTION = typer.Option(help=PIPELINE_ROOT_HELP, show_default=False)
 IMAGE_REGISTRY = typer.Option(
     help="registry the cluster pulls oneword's images from (required), e.g. ghcr.io/oneword-ml for the released ones",
     envvar="ONEWORD_IMAGE_REGISTRY",

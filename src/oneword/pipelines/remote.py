@@ -1,5 +1,7 @@
 """Send pipelines to a Kubeflow Pipelines cluster with `kfp.Client`: one run, or a recurring batch run."""
 
+import contextlib
+import io
 import json
 from collections.abc import Iterator
 
@@ -10,13 +12,26 @@ from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_
 
 
 def _client(host: str, namespace: str | None, token: str | None):
+    import logging
+    import warnings
+
     import kfp
 
+    urllib3_log = logging.getLogger("urllib3.connectionpool")
+    level = urllib3_log.level
+    urllib3_log.setLevel(logging.ERROR)  # a "Retrying (...)" warning of five lines per attempt: the error says it
     try:
-        return kfp.Client(host=host, namespace=namespace, existing_token=token)
+        with warnings.catch_warnings():
+            # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later": oneword's pipelines need 2.14
+            warnings.filterwarnings("ignore", category=FutureWarning, module="kfp.client")
+            return kfp.Client(host=host, namespace=namespace, existing_token=token)
     except Exception as e:  # connection and auth errors come in many types
-        raise OnewordError(f"cannot reach the Kubeflow Pipelines API at {host}: {e}",
+        why = getattr(e, "reason", None) or e  # urllib3's MaxRetryError: the last attempt's own error
+        why = getattr(why, "reason", None) or why
+        raise OnewordError(f"cannot reach the Kubeflow Pipelines API at {host}: {why}",
                            hint="check --host (e.g. http://ml-pipeline-ui.kubeflow) and your credentials") from e
+    finally:
+        urllib3_log.setLevel(level)
 
 
 
@@ -52,11 +67,12 @@ def submit_runs(host: str, runs: list[tuple[str | None, dict]], pipeline: str = 
     package = tmp_package(pipeline, require_registry(image_registry))  # refused before any call
     client = _client(host, namespace, token)
     for run_name, params in runs:
-        run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
-                                                      experiment_name=experiment, namespace=namespace,
-                                                      service_account=service_account or None,
-                                                      enable_caching=False,
-                                                      pipeline_root=pipeline_root or None)  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):  # kfp prints its own two links per run; the caller says one
+            run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
+                                                          experiment_name=experiment, namespace=namespace,
+                                                          service_account=service_account or None,
+                                                          enable_caching=False,
+                                                          pipeline_root=pipeline_root or None)  # fmt: skip
         yield {"run_id": run.run_id, "experiment": experiment,
                "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}  # fmt: skip
 

@@ -767,11 +767,15 @@ def test_submit_takes_one_concept_or_a_manifest(kfp_api, capsys):
             main(["submit", "--host", host, "--image-registry", REGISTRY, "--no-preflight", *args])
         said = capsys.readouterr()
         assert e.value.code == 2 and want in " ".join((said.out + said.err).split()), args
+    with pytest.raises(SystemExit) as e:  # schedule has no --only-concepts: a schedule of some concepts is its own
+        main(["schedule", "--host", host, "--image-registry", REGISTRY, "--concepts-manifest", "s3://d/c.yaml",
+              "--cron", "0 0 2 * * *", "-p", "concepts_manifest=s3://d/other.yaml"])  # fmt: skip
+    assert e.value.code == 2 and "--param concepts_manifest: give it as --concepts-manifest" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # a schedule would fail at plan-batch every night
         main(["schedule", "--host", host, "--image-registry", REGISTRY, "--concepts-manifest", "/home/me/c.yaml",
               "--cron", "0 0 2 * * *"])  # fmt: skip
     assert e.value.code == 2 and "not an s3:// URI" in capsys.readouterr().err
-    for cron, want in (("0 2 * * *", "add the seconds first: --cron '0 0 2 * * *'"), ("daily", "six fields")):
+    for cron, want in (("0 2 * * *", "for the crontab line, --cron '0 0 2 * * *'"), ("daily", "six fields")):
         with pytest.raises(SystemExit) as e:  # robfig/cron would take five fields as an hourly schedule
             main(["schedule", "--host", host, "--image-registry", REGISTRY, "--concepts-manifest", "s3://d/c.yaml",
                   "--cron", cron])  # fmt: skip

@@ -43,6 +43,7 @@ RUN_LIMIT = BatchConfig.model_fields["max_concepts_per_run"].default
 # In a recorded plan: the concept changed, and was left to the manifest's next runs; its value, how many runs in a
 # row have left it. With UNTOLD_KEY: whether it changed could not be told (the lookup said why in its log).
 DEFERRED_KEY, UNTOLD_KEY = "deferred", "untold"
+ONE_OFF_KEY = "one_off"  # in a run's plan: the run was limited to some concepts (only_concepts), no night's
 JUDGED_KEY = "judged"  # set by the lookup (`oneword.unchanged`) on a concept it found changed
 
 
@@ -171,8 +172,9 @@ def chosen(names: list[str], only: Sequence[str], source: str = "the manifest") 
     Raises:
         OnewordError: `only` names a concept the manifest does not hold (with the names it may have meant).
     """
+    only = [only] if isinstance(only, str) else only  # one name, as a dashboard or an API caller may send it
     if missing := [n for n in dict.fromkeys(only) if n not in names]:
-        close = [m for n in missing for m in difflib.get_close_matches(n, names, n=1)]
+        close = list(dict.fromkeys(m for n in missing for m in difflib.get_close_matches(n, names, n=1)))
         raise OnewordError(
             f"only_concepts names {', '.join(map(repr, missing))}, which {source} does not hold",
             hint=(f"did you mean {', '.join(map(repr, close))}? " if close else "")
@@ -237,6 +239,9 @@ def _field_problems(err: ValidationError) -> list[str]:
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(field, fields, n=1)
             out.append(f"unknown field {field!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif item["type"] == "invalid_key":
+            out.append(f"key {item['input']!r} is not a field's name (YAML reads an unquoted yes, no, on or off as "
+                       "true or false, and digits as a number)")  # fmt: skip
         elif item["type"] == "missing":
             out.append(f"missing field {field!r}")
         elif item["type"] == "value_error":  # a validator's own message, which says the value
@@ -271,7 +276,7 @@ def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
                 hint=f"write `- images: ...`, with token and init_word under it ({ENTRY_HINT})",
             )
         try:
-            e = ConceptEntry(**item)
+            e = ConceptEntry.model_validate(item)  # a key YAML reads as a number or a boolean is a field error too
         except ValidationError as err:
             label = f"#{i + 1}" + (f" ({item['token']})" if isinstance(item.get("token"), str) else "")
             raise OnewordError(f"concept {label} of {source}: {'; '.join(_field_problems(err))}",
@@ -362,7 +367,9 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
             )
         elif raw.get(DEFERRED_KEY) and name not in failures:
             why = ("whether it changed could not be told (see plan-batch's log)" if raw.get(UNTOLD_KEY) else
-                   "changed") + ", and left to the manifest's next run (max_concepts_per_run)"
+                   "changed") + (", and left out: a run trains at most max_concepts_per_run; start it in a run of "
+                                 "its own (only_concepts)" if raw.get(ONE_OFF_KEY) else
+                                 ", and left to the manifest's next run (max_concepts_per_run)")  # fmt: skip
             out.append({"token": e.token, "name": name, "status": "deferred", "version": None, "alias": None,
                         "stage": None, "error": why})  # fmt: skip
         else:

@@ -187,14 +187,16 @@ def record_plan(
 
 
 def mark_deferred(tracking_uri: str | None, plan_run_id: str, concepts: list[dict], later: dict[str, int],
-                  untold: set[str] = frozenset()) -> None:  # fmt: skip
+                  untold: set[str] = frozenset(), one_off: bool = False) -> None:  # fmt: skip
     """Record in a batch's plan (`record_plan`) which of its concepts it left to the manifest's next runs, how many
     runs in a row have left each (`batch.this_run_takes`), and of which the lookup could not tell whether they
-    changed (`untold`): its report says so of them, and the next run takes those that waited longest first."""
-    from oneword.batch import DEFERRED_KEY, UNTOLD_KEY
+    changed (`untold`): its report says so of them, and the next run takes those that waited longest first. In a
+    run limited to some concepts (`one_off`), no next run will: its report says to start them again."""
+    from oneword.batch import DEFERRED_KEY, ONE_OFF_KEY, UNTOLD_KEY
 
     _, client = tracking.client(tracking_uri or default_tracking_uri())
-    marked = [{**c, DEFERRED_KEY: later[c["name"]], **({UNTOLD_KEY: True} if c["name"] in untold else {})}
+    marked = [{**c, DEFERRED_KEY: later[c["name"]], **({UNTOLD_KEY: True} if c["name"] in untold else {}),
+               **({ONE_OFF_KEY: True} if one_off else {})}
               if c["name"] in later else c for c in concepts]  # fmt: skip
     client.log_dict(plan_run_id, {"concepts": marked}, "plan.json")
 

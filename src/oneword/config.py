@@ -47,17 +47,6 @@ class ConceptSpec(BaseModel):
         None, gt=0, description="this concept's base LR, scaled like TrainConfig's (None: TrainConfig's)"
     )
 
-    @field_validator("token", "init_word")
-    @classmethod
-    def _one_word(cls, value: str, info) -> str:
-        # a prompt is split into words at spaces: "my star" would be two (and "my" a word the model has)
-        example = "'<my-star>'" if info.field_name == "token" else "'cat'"
-        if not value:
-            raise ValueError(f"is empty: give one word, e.g. {example}")
-        if any(c.isspace() for c in value):
-            raise ValueError(f"{value!r} is not one word: give it without spaces, e.g. {example}")
-        return value
-
     def resolved(self, profile) -> ConceptSpec:
         """This concept with the templates of `profile` (a `ModelProfile`) when it names none."""
         return self if self.templates else self.model_copy(update={"templates": profile.templates})

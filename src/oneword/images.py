@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -269,6 +270,7 @@ def preprocess(
     resolution: int = 512,
     mode: Literal["crop", "pad"] = "crop",
     download_dir: Path | None = None,
+    decoding: AbstractContextManager | None = None,
 ) -> Manifest:
     """Preprocess the images of one concept.
 
@@ -279,6 +281,8 @@ def preprocess(
         mode: `crop` (centre-crop to a square) or `pad` (pad with white to a square).
         download_dir: where photos under an `s3://` prefix are downloaded (default: oneword's cache, where the
             next run finds them).
+        decoding: held while the photos are decoded, after their download (e.g. a semaphore that bounds how
+            many concepts' photos threads decode at once, and so the memory they take).
 
     Returns:
         The `Manifest` written to `out_dir/manifest.json`.
@@ -300,7 +304,8 @@ def preprocess(
     skipped: list[dict] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
-    with storage.atomic_dir(Path(out_dir), MANIFEST, "a dataset written by `oneword preprocess`") as tmp:
+    with decoding or nullcontext(), storage.atomic_dir(Path(out_dir), MANIFEST, "a dataset written by `oneword "
+                                                       "preprocess`") as tmp:  # fmt: skip
         (tmp / "images").mkdir()
         for path in files:
             rel = path.relative_to(root).as_posix()

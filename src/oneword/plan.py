@@ -89,6 +89,10 @@ def plan_batch(
             log.warning("could not read the manifest's previous plan (%s): the manifest's order decides", e)
     now, later = this_run_takes(todo, max_concepts_per_run, waited)
     if later:
-        mark_deferred(tracking_uri, plan_run, concepts, later, {c["name"] for c in todo if not c.get(JUDGED_KEY)})
-        log.warning(runs_needed(len(todo), max_concepts_per_run))
+        mark_deferred(tracking_uri, plan_run, concepts, later, {c["name"] for c in todo if not c.get(JUDGED_KEY)},
+                      one_off=bool(only_concepts))  # fmt: skip
+        if only_concepts:
+            log.warning("%d of only_concepts left out: start them in a run of their own", len(later))
+        else:
+            log.warning(runs_needed(len(todo), max_concepts_per_run))
     return Plan(shard(now, concepts_per_shard), len(concepts) - len(todo), len(now), len(later))

@@ -274,6 +274,9 @@ def _run(
 
 def check_concept(tokenizer, spec: ConceptSpec) -> None:
     """Raise `OnewordError` if `spec` cannot be trained in a model with this tokenizer (before any work)."""
+    # a prompt splits at spaces: "my star" would be two words (and "my" one the model has)
+    if not spec.token or any(c.isspace() for c in spec.token):
+        raise OnewordError(f"token {spec.token!r} is not one word", hint="give a new word without spaces, e.g. <my-x>")
     initializer_id(tokenizer, spec.init_word)
     templates = get_templates(spec.templates)
     # the text encoder reads model_max_length tokens, start and end among them: a vector past them is in no

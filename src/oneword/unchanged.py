@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -108,8 +109,10 @@ def _encoders(base_model: str) -> LoadedModel | None:
 # Concepts whose photos the lookup downloads and preprocesses ahead, in threads, while it keys the one before (the
 # tokenizer's checks stay on one thread: a fast tokenizer is not safe to share across threads). Downloads wait on
 # the object store and Pillow decodes outside the GIL: a catalogue's plan took one concept's round trips and
-# decoding after the other's.
-LOOKUP_AHEAD = 4
+# decoding after the other's. Two decode at once: the plan pod's two CPUs (cpu_step_cpu_limit), and twice the
+# memory of one concept's photos (a 100-megapixel photo decodes to 300 MB, and its rotated copy as much) beside the
+# text encoders, within cpu_step_memory_limit.
+LOOKUP_AHEAD, LOOKUP_DECODING = 4, 2
 
 
 def _ahead(fn: Callable[[int], Any], items: range, window: int) -> Iterator[Future]:
@@ -159,13 +162,14 @@ def result_keys(
     scratch_log.setLevel(max(level, logging.WARNING))  # "preprocessed into /tmp/...": a folder deleted at once
     try:
         with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
+            decoding = threading.BoundedSemaphore(LOOKUP_DECODING)
 
             def photos_of(i: int) -> Any:
                 # a concept's photos go beside its scratch dataset, deleted once keyed: a batch's plan looks at a
-                # whole catalogue's on the ephemeral disk of one pod, and holds LOOKUP_AHEAD + 1 concepts' at most
+                # whole catalogue's on the ephemeral disk of one pod, and holds LOOKUP_AHEAD concepts' at most
                 here = Path(scratch) / str(i)
                 return preprocess(concepts[i]["images"], here / "dataset", resolution=side, mode=settings.mode,
-                                  download_dir=here / "photos")  # fmt: skip
+                                  download_dir=here / "photos", decoding=decoding)  # fmt: skip
 
             for i, preprocessed in enumerate(_ahead(photos_of, range(len(concepts)), LOOKUP_AHEAD)):
                 concept = concepts[i]

@@ -251,7 +251,9 @@ def print_batch_report(report: dict, console) -> int:
 
     if report.get("error") or "concepts" not in report:
         console.print(f"[bold red]error:[/] {escape(report.get('error', 'the batch wrote no report'))}")
-        console.print(f"  run_dir {report.get('run_dir')}", highlight=False, soft_wrap=True)
+        for k in ("logs", "run_dir"):
+            if report.get(k):
+                console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
         return 2
     t = Table(title=f"batch {report['batch_id']}", box=box.SIMPLE_HEAD, pad_edge=False)
     longest = max((len(c["name"]) for c in report["concepts"]), default=7)

@@ -22,11 +22,11 @@ IMAGE_REGISTRY = typer.Option(
 )
 
 
-# pipeline inputs that have an option of their own: given as --param too, one would silently win over the other
-OWN_OPTIONS = {"images", "token", "init_word", "concepts_manifest", "only_concepts"}
+# the pipeline inputs `oneword submit` takes as options of their own: given as --param too, one would silently win
+SUBMIT_OPTIONS = {"images", "token", "init_word", "concepts_manifest", "only_concepts"}
 
 
-def _params(param: list[str] | None, pipeline: str) -> dict:
+def _params(param: list[str] | None, pipeline: str, own: set[str] = frozenset()) -> dict:
     """`--param KEY=VALUE`s as the pipeline's inputs, each checked against its name and type here.
 
     The KFP client sends any key and value as they are; a typo would reach the cluster and fail there, and a
@@ -43,7 +43,7 @@ def _params(param: list[str] | None, pipeline: str) -> dict:
         if "=" not in p:
             raise OnewordError(f"--param {p!r} is not KEY=VALUE", hint="e.g. --param steps=3000")
         k, v = p.split("=", 1)
-        if k in OWN_OPTIONS:
+        if k in own:
             raise OnewordError(f"--param {k}: give it as --{k.replace('_', '-')}", hint="it has an option of its own")
         if k not in inputs:
             close = difflib.get_close_matches(k, list(inputs), n=3)
@@ -236,7 +236,8 @@ def submit_cmd(
         )
         raise OnewordError(
             f"run {started + 1}/{len(runs)} could not be started: {_api_said(e)}",
-            hint=f"{done}to start the rest, run the same command with --first-run {started + 1}",
+            hint=f"{done}to start the rest, run the same command with --first-run {started + 1} before the manifest "
+            "changes (the runs are cut from it as it is then)",
         ) from e
 
 
@@ -268,12 +269,12 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
                 " and pass their prefix (s3://oneword-data/concepts/my-cat/)",
             )
         return "textual_inversion", [(run_name, {"images": images, "token": token, "init_word": init_word,
-                                                 **_params(param, "textual_inversion")})]  # fmt: skip
+                                                 **_params(param, "textual_inversion", SUBMIT_OPTIONS)})]  # fmt: skip
     if given := [k for k, v in one.items() if v is not None]:
         raise OnewordError(f"{', '.join(given)} and --concepts-manifest: a run is of one concept or of a manifest",
                            hint="a manifest's concepts take their photos, token and init_word from it")  # fmt: skip
     _on_the_cluster(concepts_manifest)
-    params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
+    params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation", SUBMIT_OPTIONS)}
     most = params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"])
     if warning := over_the_limit(most):
         from rich import print as rprint
@@ -299,8 +300,10 @@ def _check_cron(cron: str) -> None:
         return
     if len(fields) == 5:
         raise OnewordError(
-            f"--cron {cron!r} has five fields: KFP reads the first as seconds, so it would not run when meant",
-            hint=f"add the seconds first: --cron '0 {cron.strip()}' (or a descriptor: '@daily', '@every 6h')",
+            f"--cron {cron!r} has five fields, which KFP reads as second, minute, hour, day and month: not as a "
+            "crontab line (minute, hour, day, month, weekday)",
+            hint=f"give six: for the crontab line, --cron '0 {cron.strip()}'; for KFP's reading, --cron "
+            f"'{cron.strip()} *' (or a descriptor: '@daily', '@every 6h')",
         )
     raise OnewordError(f"--cron {cron!r}: KFP takes six fields (second minute hour day month weekday)",
                        hint="e.g. '0 0 2 * * *' (daily at 02:00), or a descriptor: '@daily', '@every 6h'")  # fmt: skip
@@ -375,7 +378,7 @@ def schedule_cmd(
 
     _check_cron(cron)
     _on_the_cluster(concepts_manifest)
-    params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation")}
+    params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation", {"concepts_manifest"})}
     _check_manifest_size(concepts_manifest, params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"]))
     rprint(
         schedule(

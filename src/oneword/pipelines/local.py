@@ -88,8 +88,10 @@ def _marked_local() -> Iterator[None]:
 
 
 def default_log_file(pipeline_root: Path, pipeline: str) -> Path:
-    """Where a local run's step logs go unless told: `<pipeline root>/logs/<pipeline>-<local time>.log`."""
-    return pipeline_root / "logs" / f"{pipeline}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.log"
+    """Where a local run's step logs go unless told: `<pipeline root>/logs/<pipeline>-<local time>-<pid>.log` (two
+    runs started in one second into one pipeline root keep a file each)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return pipeline_root / "logs" / f"{pipeline}-{stamp}-{os.getpid()}.log"
 
 
 class _TaskProgress(logging.Filter):
@@ -128,9 +130,9 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
         root = logging.getLogger()
         before = list(root.handlers)
         progress = _TaskProgress(sys.stdout)
-        root.addFilter(progress)  # a filter, not a handler: kfp.local replaces the root logger's handlers
         with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             try:
+                root.addFilter(progress)  # a filter, not a handler: kfp.local replaces the root logger's handlers
                 yield
             finally:
                 root.removeFilter(progress)

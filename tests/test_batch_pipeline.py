@@ -84,6 +84,9 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert [r["name"] for r in json.loads(group.read_text())] == ["cat-q", "dog-q"]
     assert len(list(run_dir.rglob("preprocess/dataset"))) == 2 and len(list(run_dir.rglob("register"))) == 2
     assert len(list(run_dir.rglob("evaluate/evaluation/metrics.json"))) == 2
+    # what the steps had, not what a cluster run would ask for: this machine has no GPU
+    assert [(m["accelerator"], m["accelerator_requested"]) for m in _told(run_dir, "evaluate")] == [
+        ("cpu", "1 x nvidia.com/gpu")] * 2  # fmt: skip
     # the report read the plan the run made (recorded in MLflow), not the manifest again
     plan = batch_records.batch_plan(report["tracking_uri"], report["batch_id"])
     assert [c["name"] for c in plan] == ["cat-q", "bad-q", "dog-q", "dog-word"] and all(c["content_key"] for c in plan)

@@ -43,6 +43,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def devices_seen() -> str:
+    """What a step could run on, as its metrics record it: `N x GPU NAME` (the first visible GPU's), or `cpu`."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+
+
 def cuda_capability(device: torch.device) -> tuple[int, int] | None:
     """The compute capability of a CUDA device (None for other devices)."""
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None

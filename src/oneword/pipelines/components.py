@@ -107,8 +107,12 @@ def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model
                    lambda: run(dataset.path, base_model, latents.path, device=device), upstream=[dataset.path],
                    retried=True, images=Manifest.photos_of(dataset.path))
     if lat is not None:
+        from oneword.device import devices_seen
+
+        # what the pod had (a CPU-only machine, under kfp.local, too), beside what the run asked for
         latents.metadata.update({"images": len(lat), "vae_fingerprint": lat.meta["vae_fingerprint"],
-                                 "accelerator": f"{accelerator_limit} x {accelerator_type}"})
+                                 "accelerator": devices_seen(),
+                                 "accelerator_requested": f"{accelerator_limit} x {accelerator_type}"})
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -327,7 +331,10 @@ def evaluate(
         if isinstance(v, (int, float)) and math.isfinite(v):
             metrics.log_metric(k, v)
     metrics.log_metric("chosen_step", m["step"])
-    metrics.metadata["accelerator"] = f"{accelerator_limit} x {accelerator_type}"
+    from oneword.device import devices_seen
+
+    metrics.metadata["accelerator"] = devices_seen()  # what the pod had, beside what the run asked for
+    metrics.metadata["accelerator_requested"] = f"{accelerator_limit} x {accelerator_type}"
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)
 
 

@@ -71,7 +71,7 @@ def _not_there(client, name: str, alias: str | None, version: str | None, ref: s
     aliases = ", ".join(f"@{a}" for a in sorted(rm.aliases or {})) or "none"
     if alias:
         return OnewordError(f"concept {name!r} has no alias @{alias} (aliases: {aliases}; {has})",
-                            hint=f"pull a version by number ({name}/N) or by one of its aliases")  # fmt: skip
+                            hint=f"name a version by number ({name}/N) or by one of its aliases")  # fmt: skip
     return OnewordError(f"concept {name!r} has no version {version} ({has}; aliases: {aliases})",
                         hint=f"`oneword concepts list` shows what {name} has")  # fmt: skip
 

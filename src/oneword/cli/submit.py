@@ -225,7 +225,10 @@ def submit_cmd(
         for answer in submit_runs(host, runs[started:], pipeline, experiment, namespace, existing_token,
                                   service_account, image_registry, pipeline_root):  # fmt: skip
             started += 1
-            rprint(answer if len(runs) == 1 else {"run": f"{started}/{len(runs)}", **answer})
+            if len(runs) == 1:
+                rprint(answer)
+            else:  # a line a run: a catalogue's first fill starts a hundred
+                rprint(f"started run {started}/{len(runs)}: {answer['url']}")
     except OnewordError:
         raise
     except Exception as e:

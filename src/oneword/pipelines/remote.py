@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 from oneword.errors import OnewordError
@@ -11,8 +12,19 @@ from oneword.pipelines.container import require_registry
 from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
 
 
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    """The root logger at `level` for a while (kfp's client logs through it)."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
 def _client(host: str, namespace: str | None, token: str | None):
-    import logging
     import warnings
 
     import kfp
@@ -67,7 +79,8 @@ def submit_runs(host: str, runs: list[tuple[str | None, dict]], pipeline: str = 
     package = tmp_package(pipeline, require_registry(image_registry))  # refused before any call
     client = _client(host, namespace, token)
     for run_name, params in runs:
-        with contextlib.redirect_stdout(io.StringIO()):  # kfp prints its own two links per run; the caller says one
+        # kfp prints its own two links per run (the caller says one), and logs "Creating experiment" each time
+        with contextlib.redirect_stdout(io.StringIO()), _root_log_level(logging.WARNING):
             run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                           experiment_name=experiment, namespace=namespace,
                                                           service_account=service_account or None,

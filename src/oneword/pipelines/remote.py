@@ -13,15 +13,15 @@ from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_
 
 
 @contextlib.contextmanager
-def _root_log_level(level: int) -> Iterator[None]:
-    """The root logger at `level` for a while (kfp's client logs through it)."""
-    root = logging.getLogger()
-    before = root.level
-    root.setLevel(level)
+def _log_level(name: str | None, level: int) -> Iterator[None]:
+    """Logger `name` (None: the root, which kfp's client logs through) at `level` for a while."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        root.setLevel(before)
+        logger.setLevel(before)
 
 
 def _client(host: str, namespace: str | None, token: str | None):
@@ -29,11 +29,9 @@ def _client(host: str, namespace: str | None, token: str | None):
 
     import kfp
 
-    urllib3_log = logging.getLogger("urllib3.connectionpool")
-    level = urllib3_log.level
-    urllib3_log.setLevel(logging.ERROR)  # a "Retrying (...)" warning of five lines per attempt: the error says it
     try:
-        with warnings.catch_warnings():
+        # urllib3 warns "Retrying (...)" in five lines per attempt, which the error says once
+        with warnings.catch_warnings(), _log_level("urllib3.connectionpool", logging.ERROR):
             # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later": oneword's pipelines need 2.14
             warnings.filterwarnings("ignore", category=FutureWarning, module="kfp.client")
             return kfp.Client(host=host, namespace=namespace, existing_token=token)
@@ -42,8 +40,6 @@ def _client(host: str, namespace: str | None, token: str | None):
         why = getattr(why, "reason", None) or why
         raise OnewordError(f"cannot reach the Kubeflow Pipelines API at {host}: {why}",
                            hint="check --host (e.g. http://ml-pipeline-ui.kubeflow) and your credentials") from e
-    finally:
-        urllib3_log.setLevel(level)
 
 
 
@@ -80,7 +76,7 @@ def submit_runs(host: str, runs: list[tuple[str | None, dict]], pipeline: str = 
     client = _client(host, namespace, token)
     for run_name, params in runs:
         # kfp prints its own two links per run (the caller says one), and logs "Creating experiment" each time
-        with contextlib.redirect_stdout(io.StringIO()), _root_log_level(logging.WARNING):
+        with contextlib.redirect_stdout(io.StringIO()), _log_level(None, logging.WARNING):
             run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                           experiment_name=experiment, namespace=namespace,
                                                           service_account=service_account or None,

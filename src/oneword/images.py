@@ -39,6 +39,10 @@ SRGB = ImageCms.createProfile("sRGB")
 # Above a 108 MP phone sensor (about 360 MB decoded as RGB, within a CPU step's memory limit). Bigger files are
 # refused as possible decompression bombs, as is anything past Pillow's own guard (179 MP by default).
 MAX_PIXELS = 120_000_000
+# MAX_PIXELS decides below Pillow's error, so its warning (past 89 MP) says nothing more. A filter set once, not a
+# catch_warnings() around each decode: that swaps the process's filters, which is not safe while threads decode
+# (the plan's lookup decodes two concepts' photos at once).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 DOWNSCALE_HINT = "downscale it (e.g. to 4000 pixels on its long side) and add it again"
 # A photo whose short side is under a quarter of the training resolution would be upscaled more than 4x: the
 # model would learn interpolation blur rather than the concept, so it is refused. Under half it is kept, with a
@@ -137,25 +141,23 @@ def load_image(path: Path) -> Image.Image:
         ValueError: with the reason, if the file is not an image, is corrupt or truncated, or is a
             decompression bomb.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides below Pillow's error
-        try:
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ValueError(
-                        f"refused: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
-                        f"(possible decompression bomb); {DOWNSCALE_HINT}"
-                    )
-                im.load()
-                out = ImageOps.exif_transpose(im)
-                out.info[FRAMES] = getattr(im, "n_frames", 1)  # an animation's: the copy has its first frame
-                return out
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"refused: decompression bomb ({e}); {DOWNSCALE_HINT}") from e
-        except UnidentifiedImageError as e:
-            raise ValueError("not an image file Pillow can read") from e
-        except OSError as e:
-            raise ValueError(f"corrupt or truncated image ({e})") from e
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(
+                    f"refused: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
+                    f"(possible decompression bomb); {DOWNSCALE_HINT}"
+                )
+            im.load()
+            out = ImageOps.exif_transpose(im)
+            out.info[FRAMES] = getattr(im, "n_frames", 1)  # an animation's: the copy has its first frame
+            return out
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"refused: decompression bomb ({e}); {DOWNSCALE_HINT}") from e
+    except UnidentifiedImageError as e:
+        raise ValueError("not an image file Pillow can read") from e
+    except OSError as e:
+        raise ValueError(f"corrupt or truncated image ({e})") from e
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -366,10 +366,11 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                 }
             )
         elif raw.get(DEFERRED_KEY) and name not in failures:
-            why = ("whether it changed could not be told (see plan-batch's log)" if raw.get(UNTOLD_KEY) else
-                   "changed") + (", and left out: a run trains at most max_concepts_per_run; start it in a run of "
-                                 "its own (only_concepts)" if raw.get(ONE_OFF_KEY) else
-                                 ", and left to the manifest's next run (max_concepts_per_run)")  # fmt: skip
+            what = "whether it changed could not be told (see plan-batch's log)" if raw.get(UNTOLD_KEY) else "changed"
+            if raw.get(ONE_OFF_KEY):  # a run of some concepts: no next run of it will take the rest
+                why = f"{what}, and left out: a run trains at most max_concepts_per_run; start it in a run of its own"
+            else:
+                why = f"{what}, and left to the manifest's next run (max_concepts_per_run)"
             out.append({"token": e.token, "name": name, "status": "deferred", "version": None, "alias": None,
                         "stage": None, "error": why})  # fmt: skip
         else:

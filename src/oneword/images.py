@@ -306,8 +306,8 @@ def preprocess(
     skipped: list[dict] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
-    with decoding or nullcontext(), storage.atomic_dir(Path(out_dir), MANIFEST, "a dataset written by `oneword "
-                                                       "preprocess`") as tmp:  # fmt: skip
+    written_by = "a dataset written by `oneword preprocess`"
+    with decoding or nullcontext(), storage.atomic_dir(Path(out_dir), MANIFEST, written_by) as tmp:
         (tmp / "images").mkdir()
         for path in files:
             rel = path.relative_to(root).as_posix()

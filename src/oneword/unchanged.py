@@ -40,7 +40,7 @@ from oneword.batch_records import note_unchanged, note_unchanged_in_plan, record
 from oneword.config import EvalConfig, GateThresholds, TrainConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
-from oneword.images import preprocess
+from oneword.images import Manifest, preprocess
 from oneword.inversion import check_progressive
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model, recorded_source
 from oneword.profiles import image_side, profile_of
@@ -164,7 +164,7 @@ def result_keys(
         with tempfile.TemporaryDirectory(prefix="oneword-unchanged-") as scratch:
             decoding = threading.BoundedSemaphore(LOOKUP_DECODING)
 
-            def photos_of(i: int) -> Any:
+            def photos_of(i: int) -> Manifest:
                 # a concept's photos go beside its scratch dataset, deleted once keyed: a batch's plan looks at a
                 # whole catalogue's on the ephemeral disk of one pod, and holds LOOKUP_AHEAD concepts' at most
                 here = Path(scratch) / str(i)

@@ -551,3 +551,11 @@ def test_a_report_that_could_not_tell_which_concepts_left_says_so():
     assert print_batch_report(report, console) == 0
     text = " ".join(console.export_text().split())
     assert "could not tell which concepts left the manifest: ConnectionError: the registry did not answer" in text
+
+
+def test_preflight_says_once_what_passed(tiny_model_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--base-model", tiny_model_dir, "--clip-model", tiny_clip_dir, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    code, out = run(["preflight", *args], capsys)
+    assert code == 0, out
+    assert out.count("preflight passed") == 1 and "base model" in out and "tracking" in out

@@ -10,7 +10,7 @@ import torch
 from oneword import embeddings as E
 from oneword.cli import main
 
-from .conftest import DREAMBENCH
+from .conftest import DREAMBENCH, free_port
 
 
 def run(args, capsys):
@@ -388,13 +388,12 @@ def test_a_registry_that_does_not_answer_is_said_in_seconds_without_a_traceback(
 
     from oneword.tracking import QUERY_HTTP
 
-    from .conftest import free_port
-
     for key in QUERY_HTTP:  # unset, as a shell's are
         monkeypatch.delenv(key, raising=False)
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     code, out = run(["concepts", "list", "--tracking-uri", url], capsys)
     assert code == 2 and "error: MLflow: " in out and "check --tracking-uri" in out and "Traceback" not in out
+    assert f"{url} did not answer: Connection refused" in out and "Max retries" not in out  # not urllib3's 400 chars
     assert not any(key in os.environ for key in QUERY_HTTP)  # the command's own: not left to what runs next
 
 
@@ -503,7 +502,8 @@ def test_the_dry_run_says_how_many_cluster_runs_the_concepts_to_train_need():
     assert "on a cluster" not in said(RUN_LIMIT, unchanged=5 * RUN_LIMIT)
 
 
-def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tiny_model_dir, tmp_path, capsys):
+def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tiny_model_dir, tiny_clip_dir, tmp_path,
+                                                                              capsys):
     """No store yet: nothing is registered, but photos that do not read still fail, and the dry run says so (and
     exits 1), names the registry it meant, and makes none."""
     import yaml
@@ -518,7 +518,7 @@ def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tin
     ]}))  # fmt: skip
     store = tmp_path / "mlflow.db"
     args = ["batch", manifest, "--dry-run", "--base-model", tiny_model_dir, "--resolution", 32,
-            "--tracking-uri", f"sqlite:///{store}"]  # fmt: skip
+            "--tracking-uri", f"sqlite:///{store}", "--clip-model", tiny_clip_dir]  # fmt: skip
     code, out = run(args, capsys)
     assert code == 1 and "1 to train, 0 unchanged, 1 would fail" in out and "none there yet" in out
     assert not store.exists()
@@ -533,9 +533,16 @@ def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tin
     assert code == 0 and "1 to train, 0 unchanged" in out and "would fail" not in out and "bad-d" not in out
     code, out = run([*args, "--only-concepts", "cat-d,bad"], capsys)
     assert code == 2 and "only_concepts names 'bad', which" in out and "did you mean 'bad-d'" in out
-    # a model that does not load: nothing could be told, which is no all-clear
+    # what would stop a run at its preflight stops the dry run, in the same words, not a table of concepts
+    # "a run trains"
     code, out = run([*args[:4], tmp_path / "no-such-model", *args[5:]], capsys)
-    assert code == 1 and "2 unknown" in out
+    assert code == 2 and "preflight found 1 problem" in out and "no-such-model' not found" in out
+    assert "to train" not in out and not store.exists()
+    code, out = run([*args[:-1], tmp_path / "no-such-clip"], capsys)
+    assert code == 2 and "no-such-clip" in out and "to train" not in out
+    silent = f"http://127.0.0.1:{free_port()}"
+    code, out = run([*args[:7], "--tracking-uri", silent, *args[9:]], capsys)
+    assert code == 2 and f"tracking server {silent} did not answer: Connection refused" in out and "to train" not in out
     code, out = run([a for a in args if a != "--dry-run"] + ["--json"], capsys)  # a run has no plan to print
     assert code == 2 and "--json prints a dry run's plan" in out
 

@@ -191,8 +191,10 @@ def _tracking_problem(tracking_uri: str, experiment: str) -> tuple[str | None, s
             else:
                 client.set_experiment_tag(exp.experiment_id, "oneword.preflight", str(int(time.time())))
     except Exception as e:  # unreachable, refused, unauthorised: the message says which
+        why = tracking.said(e, 200)
         return (
-            f"the MLflow tracking server {uri} does not take writes to {experiment!r}: {str(e).splitlines()[0][:200]}",
+            f"the MLflow tracking server {why}" if " did not answer: " in why
+            else f"the MLflow tracking server {uri} does not take writes to {experiment!r}: {why}",
             "check --tracking-uri (or MLFLOW_TRACKING_URI) and MLFLOW_TRACKING_USERNAME/PASSWORD",
         )
     return None, ""

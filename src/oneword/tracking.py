@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from filelock import FileLock
@@ -106,6 +107,19 @@ def client(tracking_uri: str | None = None):
 # A person (or an exit handler) waits at what asks MLflow and nothing else: a server that does not answer is said
 # in seconds, not after MLflow's default of 7 retries with backoff (almost 5 minutes). Set either to override.
 QUERY_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def said(e: Exception, most: int = 300) -> str:
+    """An MLflow client error in one short line. A server that could not be reached at all is said as such
+    ("http://host:5000 did not answer: Connection refused"), not as the request's 400-character URL and
+    urllib3's retry chatter, from which a person must dig out which it was."""
+    text = str(e).strip()
+    reached = re.search(r"API request to (\w+://[^/\s]+)\S* failed with exception .*?(?:Max retries exceeded|"
+                        r"timed out)", text, re.S)  # fmt: skip
+    if reached:
+        why = re.findall(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.findall(r"(\w[\w ]*timed out)", text)
+        return f"{reached.group(1)} did not answer: {(why[-1] if why else 'no answer').strip()}"
+    return text.splitlines()[0][:most] if text else type(e).__name__
 
 
 def briefly():

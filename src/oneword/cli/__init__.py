@@ -89,11 +89,12 @@ def _tracking_error(e: Exception) -> OnewordError | None:
     traceback stays whole)."""
     from mlflow.exceptions import MlflowException
 
+    from oneword.tracking import said
+
     if not isinstance(e, MlflowException):
         return None
-    first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
     return OnewordError(
-        f"MLflow: {first}",
+        f"MLflow: {said(e, 400)}",
         hint="check --tracking-uri (or $MLFLOW_TRACKING_URI), that the server answers there, and "
         "MLFLOW_TRACKING_USERNAME/PASSWORD; with artifacts in S3 the server's MLFLOW_S3_ENDPOINT_URL and AWS keys",
     )

@@ -319,7 +319,8 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         record, at every attempt), or `unknown` (`why`: it could not be told, and a run would train it).
     """
     from oneword.batch import load_concepts_manifest, plan_concepts
-    from oneword.pipelines.parameters import lookup_settings
+    from oneword.pipelines.parameters import DEFAULTS, lookup_settings
+    from oneword.preflight import preflight
     from oneword.tracking import default_tracking_uri, sqlite_path
     from oneword.unchanged import result_keys, unchanged_versions
 
@@ -328,8 +329,13 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
                              concepts_manifest)  # fmt: skip
     uri = tracking_uri or default_tracking_uri()
     store = sqlite_path(uri)
-    settings = lookup_settings(params)
     registry = store is None or store.exists()  # no store yet: nothing registered, and asking would make one
+    # what would stop the whole run at its preflight stops the dry run too, with the same words: not a table of
+    # concepts "a run trains" when a run would train none
+    p = {**DEFAULTS, **params}
+    preflight(p["base_model"], [], p["clip_model"], uri if registry else None, p["experiment"], "", p["prompt_set"],
+              p["dino_model"])  # fmt: skip
+    settings = lookup_settings(params)
     told = unchanged_versions(concepts, settings, uri) if registry else result_keys(concepts, settings)
     rows = []
     for c in concepts:

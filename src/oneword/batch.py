@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import yaml
@@ -230,9 +230,26 @@ ENTRY_HINT = f"optional: {', '.join(f for f, info in ConceptEntry.model_fields.i
     "see k8s/examples/concepts.yaml"  # fmt: skip
 
 
-def _field_problems(err: ValidationError) -> list[str]:
-    """A manifest entry's validation errors, one phrase each, naming the field (and the one meant, for a typo)."""
-    fields = list(ConceptEntry.model_fields)
+def parse_yaml(text: str, source: str, what: str = "concepts manifest"):
+    """`text`, the YAML file at `source`, parsed; a syntax error names the file and the line, where PyYAML says
+    `"<unicode string>", line 3, column 4` in five lines."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        during = f" ({e.context})" if getattr(e, "context", None) else ""
+        raise OnewordError(
+            f"{what} {source} is not valid YAML{where}: {why}{during}",
+            hint="check the indentation and the quotes on that line and the one before it",
+        ) from e
+
+
+def field_problems(err: ValidationError, fields: Iterable[str] = tuple(ConceptEntry.model_fields)) -> list[str]:
+    """A manifest entry's validation errors, one phrase each, naming the field (and the one meant, for a typo,
+    among `fields`)."""
+    fields = list(fields)
     out = []
     for item in err.errors():
         field = ".".join(str(p) for p in item["loc"])
@@ -254,10 +271,7 @@ def _field_problems(err: ValidationError) -> list[str]:
 def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
     """Validate the text of the concepts manifest at `source` (`load_concepts_manifest`), which its errors name
     and which relative image paths are relative to."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise OnewordError(f"concepts manifest {source} is not valid YAML: {e}") from e
+    data = parse_yaml(text, source) or {}
     items = data.get("concepts") if isinstance(data, dict) else data
     if not items or not isinstance(items, list):
         keys = [str(k) for k in data] if isinstance(data, dict) and "concepts" not in data else []
@@ -279,7 +293,7 @@ def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
             e = ConceptEntry.model_validate(item)  # a key YAML reads as a number or a boolean is a field error too
         except ValidationError as err:
             label = f"#{i + 1}" + (f" ({item['token']})" if isinstance(item.get("token"), str) else "")
-            raise OnewordError(f"concept {label} of {source}: {'; '.join(_field_problems(err))}",
+            raise OnewordError(f"concept {label} of {source}: {'; '.join(field_problems(err))}",
                                hint=f"each needs images, token and init_word ({ENTRY_HINT})") from err  # fmt: skip
         try:
             concept_name(e.token, e.name)

@@ -159,37 +159,39 @@ def train_cmd(
 
 def _read_group(path: Path):
     """Read a --concepts YAML file into `(name, ConceptSpec, latents folder)` triples."""
-    import yaml
     from pydantic import ValidationError
 
+    from oneword.batch import field_problems, parse_yaml
     from oneword.errors import OnewordError
     from oneword.registry import concept_name
 
     if not path.is_file():
         raise OnewordError(f"concepts file {path} not found")
-    try:
-        items = yaml.safe_load(path.read_text()) or []
-    except yaml.YAMLError as e:
-        raise OnewordError(f"concepts file {path} is not valid YAML: {e}") from e
+    items = parse_yaml(path.read_text(), str(path), "concepts file") or []
     items = items.get("concepts", []) if isinstance(items, dict) else items
+    own = ("name", "latents")  # the file's own fields; the rest are the concept's (ConceptSpec)
+    hint = ("each needs name (letters, digits, '_', '.', '-'), latents, token and init_word (n_vectors, templates "
+            "and learning_rate are optional)")  # fmt: skip
     out = []
     for i, item in enumerate(items if isinstance(items, list) else []):
+        label = f"concept #{i + 1} of {path}"
+        if not isinstance(item, dict):
+            raise OnewordError(f"{label} is {item!r}, not a mapping of fields", hint=hint)
+        problems = [f"missing field {k!r}" for k in own if k not in item]
         try:
-            if not isinstance(item, dict):
-                raise TypeError(f"expected a mapping, found {item!r}")
-            item = dict(item)
-            name, where = str(item.pop("name")), Path(item.pop("latents"))
-            spec = ConceptSpec(**item)
+            spec = ConceptSpec(**{k: v for k, v in item.items() if k not in own})
+        except ValidationError as e:
+            problems += field_problems(e, (*own, *ConceptSpec.model_fields))
+        if problems:
+            raise OnewordError(f"{label}: {'; '.join(problems)}", hint=hint)
+        name, where = str(item["name"]), Path(str(item["latents"]))
+        try:
             if not name:
-                raise ValueError("its name is empty")
+                raise OnewordError("its name is empty")
             concept_name(spec.token, name)  # a folder of the output: `../x` must not write outside it
-            out.append((name, spec, where if where.is_absolute() else path.parent / where))
-        except (KeyError, TypeError, ValueError, ValidationError, OnewordError) as e:
-            raise OnewordError(
-                f"concept #{i + 1} of {path} is invalid: {getattr(e, 'message', e)}",
-                hint="each needs name (letters, digits, '_', '.', '-'), latents, token and init_word "
-                "(n_vectors and templates are optional)",
-            ) from e
+        except OnewordError as e:
+            raise OnewordError(f"{label}: {e.message}", hint=hint) from e
+        out.append((name, spec, where if where.is_absolute() else path.parent / where))
     if not out:
         raise OnewordError(f"concepts file {path} lists no concepts")
     return out

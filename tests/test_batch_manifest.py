@@ -41,7 +41,7 @@ def test_local_photos_are_found_beside_the_manifest_wherever_it_is_read_from(tmp
     ("text", "message"),
     [
         ("concepts: []\n", "lists no concepts"),
-        ("concepts: [\n", r"concepts manifest .*concepts.yaml is not valid YAML, line 2, column 1: expected the node content"),
+        ("concepts: [\n", r"manifest .*concepts.yaml is not valid YAML, line 2, column 1: expected the node"),
         ("concepts:\n  - images: a\n   token: <a>\n", r"not valid YAML, line 3, column 4: expected <block end>"),
         ("concepts:\n  - {images: a, token: <a>}\n", r"concept #1 \(<a>\) of .*: missing field 'init_word'"),
         ("concepts:\n  - {images: a, token: <a>, init_word: cat, learning_rat: 1}\n",

@@ -410,7 +410,8 @@ def test_a_registry_query_makes_no_store_where_there_is_none_and_an_empty_one_sa
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for argv in (["concepts", "list"], ["concepts", "show", "cat"], ["concepts", "prune", "--dry-run"],
-                 ["concepts", "list", "--tracking-uri", f"sqlite:///{tmp_path}/mlfow.db"]):  # fmt: skip
+                 ["concepts", "list", "--tracking-uri", f"sqlite:///{tmp_path}/mlfow.db"],
+                 ["generate", "a photo of <cat>", "--concept", "cat@champion", "-o", tmp_path / "drawn"]):  # fmt: skip
         code, out = run(argv, capsys)
         assert code == 2 and "no MLflow store at" in out and "--tracking-uri" in out, (argv, out)
     assert list(tmp_path.iterdir()) == []

@@ -61,9 +61,10 @@ def generate_cmd(
     with tempfile.TemporaryDirectory(prefix="oneword-pull-") as pulled_into:  # gone once drawn
         if concept:
             from oneword.catalogue import pull_concepts
+            from oneword.tracking import existing_store
 
             with person_waits():
-                pulled, model_source = pull_concepts(concept, tracking_uri, Path(pulled_into))
+                pulled, model_source = pull_concepts(concept, existing_store(tracking_uri), Path(pulled_into))
             files += pulled
             base_model = base_model or model_source
         if not base_model and files:  # the model the first file was trained on, as a registered concept's

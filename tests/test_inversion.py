@@ -225,10 +225,12 @@ def test_token_with_space(tiny_model, cat_latents):
 def test_multi_token_initializer_names_pieces_and_suggests(tiny_model, cat_latents):
     with pytest.raises(OnewordError) as e:
         _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="<x>", init_word="xylophonist"))
-    msg = str(e.value)
-    assert "'xylophonist' splits into" in msg and "try one of" in msg
-    with pytest.raises(OnewordError, match="splits into 2 tokens"):
+    msg, pieces = str(e.value), tiny_model.tokenizer.tokenize("xylophonist")
+    assert "'xylophonist' splits into" in msg and "try one of: object, thing" in e.value.hint
+    assert not any(p.replace("</w>", "") in e.value.hint.split(": ")[1].split(", ") for p in pieces)  # no word's piece
+    with pytest.raises(OnewordError, match="splits into 2 tokens") as e:
         _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="<x>", init_word="red car"))
+    assert e.value.hint.startswith("try one of: red, car, object")
 
 
 def test_checkpoints_on_s3_and_resume_from_them(tiny_model_dir, cat_latents, s3_bucket):

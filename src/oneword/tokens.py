@@ -99,10 +99,10 @@ def initializer_id(tokenizer: CLIPTokenizer, word: str) -> int:
         return ids[0]
     raw = tokenizer.convert_ids_to_tokens(ids)
     pieces = [p.replace("</w>", "") for p in raw]
+    # the words given that are one token each ("red car": red, car); not the pieces of a word, which the
+    # tokenizer cannot tell from words ("xylophonist" ends in "onist", as "tower" does "eiffeltower")
     singles = [w for w in word.split() if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]
-    # a piece that ends a word ("</w>") may be a word ("tower"); one inside a word ("zzy", "plu") is not
-    endings = [p.replace("</w>", "") for p in raw if p.endswith("</w>") and len(p) > 6 and p[:-4].isalpha()]
-    suggestions = list(dict.fromkeys(singles + endings + list(OBJECT_SUGGESTIONS)))
+    suggestions = list(dict.fromkeys(singles + list(OBJECT_SUGGESTIONS)))
     if not ids:
         raise OnewordError("the initializer word is empty", hint=f"try one of: {', '.join(suggestions[:5])}")
     raise OnewordError(

@@ -589,7 +589,9 @@ def plan_batch(
     experiment: str = "oneword",
     kfp_run_id: str = "",
     kfp_run_name: str = "",
-) -> list:
+) -> list[list]:
+    # not `-> list`: KFP types a plain list's loop item STRING, which a cluster's driver then refuses as
+    # personalise's LIST input ("type mismatch: expect LIST, got string"); kfp.local does not check
     from oneword.live import kfp_tags
     from oneword.plan import plan_batch as run
 

@@ -210,8 +210,8 @@ def test_settings_are_checked_by_their_rules_before_a_run():
 
     assert invalid(DEFAULTS) == [] and invalid({"resolution": RESOLUTION_FROM_PROFILE}) == []
     assert invalid({"resolution": -5, "steps": -3, "mode": "zoom"}) == [
-        "resolution=-5: Input should be greater than or equal to 8",
-        "steps=-3: Input should be greater than or equal to 1",
+        "resolution=-5: Input should be greater than or equal to 8, or 0: the model's native size",
+        "steps=-3: Input should be greater than or equal to 1, or 0: the model's profile",  # as its help says
         "mode='zoom': Input should be 'crop' or 'pad'",
     ]
 

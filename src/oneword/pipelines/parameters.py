@@ -141,7 +141,8 @@ def invalid(params: dict[str, Any]) -> list[str]:
         try:
             PreprocessConfig(resolution=params["resolution"])
         except ValidationError as e:
-            problems.append(f"resolution={params['resolution']!r}: {e.errors()[0]['msg']}")
+            problems.append(f"resolution={params['resolution']!r}: {e.errors()[0]['msg']}, or "
+                            f"{RESOLUTION_FROM_PROFILE}: the model's native size")
     for name, value in params.items():
         if name not in SOURCES:
             continue
@@ -152,7 +153,9 @@ def invalid(params: dict[str, Any]) -> list[str]:
         try:
             TypeAdapter(Annotated[info.annotation, info]).validate_python(value)
         except ValidationError as e:
-            problems.append(f"{name}={value!r}: {e.errors()[0]['msg']}")
+            unset = {int: 0, float: 0.0, str: '""'}.get(_KINDS.get(name))  # as its help says: the other value it takes
+            also = f", or {unset}: the model's profile" if unset is not None else ""
+            problems.append(f"{name}={value!r}: {e.errors()[0]['msg']}{also}")
     return problems
 
 

@@ -35,6 +35,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin oneword \
 COPY --from=build /opt/oneword /opt/oneword
 ENV PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     HF_HOME=/models/huggingface \
     ONEWORD_CACHE=/home/oneword/.cache/oneword
 USER 10001

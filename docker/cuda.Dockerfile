@@ -49,6 +49,7 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=12.8" \
     PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     HF_HOME=/models/huggingface \
     TORCHINDUCTOR_CACHE_DIR=/models/torchinductor \
     ONEWORD_CACHE=/home/oneword/.cache/oneword

@@ -572,3 +572,18 @@ def test_preflight_says_once_what_passed(tiny_model_dir, tiny_clip_dir, tmp_path
     code, out = run(["preflight", *args], capsys)
     assert code == 0, out
     assert out.count("preflight passed") == 1 and "base model" in out and "tracking" in out
+
+
+def test_register_says_what_it_registered_without_mlflows_chatter(evaluated_concept, tmp_path, capfd):
+    """MLflow drew a progress bar for each file of a few KB it read back and advised, at every registration, on how
+    a pyfunc model is logged: a dozen lines around the one a person ran the command for."""
+    trained, evaluation = evaluated_concept
+    code = 0
+    try:
+        main(["register", str(trained), "--eval", str(evaluation), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    except SystemExit as e:
+        code = e.code
+    out = "".join(capfd.readouterr())
+    assert code in (0, None) and "cat-r version 1 -> champion" in out, out
+    for chatter in ("Downloading artifacts", "CloudPickle", "type hints"):
+        assert chatter not in out, chatter

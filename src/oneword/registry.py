@@ -35,6 +35,17 @@ from oneword.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
 
+
+class _MlflowAdvice(logging.Filter):
+    """Drops MLflow's advice to whoever logs a pyfunc model from an object, said at every registration: oneword
+    logs its model so on purpose (its code travels in `code_paths`) and gives the signature itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing a Python object as `python_model`")
+
+
+logging.getLogger("mlflow.pyfunc").addFilter(_MlflowAdvice())
+
 EXPERIMENT = TrackingConfig().experiment
 CONCEPT_TAG = "oneword.concept"
 CHAMPION, CANDIDATE = "champion", "candidate"

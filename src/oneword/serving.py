@@ -138,6 +138,11 @@ def _checked(params: dict[str, Any], n_prompts: int) -> dict[str, Any]:
 class ConceptModel(mlflow.pyfunc.PythonModel):
     """Generates images of prompts that use the concept's token."""
 
+    # MLflow would wrap `predict` to validate its input by the method's type hints, and, finding none, advise them
+    # (a UserWarning at every import, which no warnings filter quiets: MLflow sets its own around it). The model's
+    # signature, given when it is logged, is what checks a request's input.
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from oneword.errors import OnewordError
         from oneword.generate import build_pipeline, load_embeddings

@@ -50,6 +50,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for each file of a few KB
     for name in ("transformers", "diffusers", "huggingface_hub", "urllib3", "botocore", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

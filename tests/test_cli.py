@@ -425,7 +425,8 @@ def test_what_the_machine_refuses_is_one_line_and_a_hint(tmp_path, capsys):
     resolution of 0: each was a traceback."""
     (tmp_path / "a-file").write_text("")
     for args, said in (
-        (["preprocess", DREAMBENCH / "cat", "-o", tmp_path / "a-file" / "data"], "cannot read or write"),
+        (["preprocess", DREAMBENCH / "cat", "-o", tmp_path / "a-file" / "data"],
+         f"{tmp_path / 'a-file'} is a file, where a folder was to be made"),
         (["preprocess", DREAMBENCH / "cat", "-o", tmp_path / "data", "--resolution", 0], "resolution"),
         (["cache-latents", tmp_path, "-o", tmp_path / "lat", "--device", "banana"], "unknown device 'banana'"),
         (["preprocess", tmp_path / "a-file", "-o", tmp_path / "data"], "is a file: pass the folder"),
@@ -433,6 +434,19 @@ def test_what_the_machine_refuses_is_one_line_and_a_hint(tmp_path, capsys):
     ):
         code, out = run(args, capsys)
         assert code == 2 and said in out and "hint:" in out and "Traceback" not in out, out
+
+
+def test_a_refused_write_names_the_folder_given_not_the_scratch_file_in_it(tmp_path):
+    """Written whole first, then renamed into place: a read-only folder was said as `.data.tmp-ka7wm6z3`."""
+    import errno
+
+    from oneword.cli import _os_error
+
+    for scratch in (".data.tmp-ka7wm6z3", ".x.pt.1f2e3d4c5b6a.part", "x.pt.part"):
+        said = _os_error(OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / scratch))).message
+        assert said == f"cannot write in {tmp_path / 'out'}: Read-only file system", said
+    said = _os_error(OSError(errno.EACCES, "Permission denied", str(tmp_path / "x.safetensors"))).message
+    assert said == f"cannot read or write {tmp_path / 'x.safetensors'}: Permission denied"
 
 
 def test_the_concepts_table_keeps_aliases_and_tokens_whole_in_80_columns():

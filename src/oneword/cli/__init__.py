@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 from oneword.cli.app import STATE, app
 from oneword.errors import OnewordError
@@ -101,6 +103,27 @@ def _tracking_error(e: Exception) -> OnewordError | None:
     )
 
 
+# What oneword writes first and renames into place once whole (`.data.tmp-x1y2`, `x.pt.part`): no name a person gave
+_SCRATCH = re.compile(r"^\..+\.tmp-\w+$|\.part$|^\.tmp\w+$")
+
+
+def _os_error(e: OSError) -> OnewordError:
+    """A file system's refusal as one line that names the path the person gave: the folder a scratch file was to
+    be written in, not the scratch file; a file met where a folder was to be made, as such."""
+    hint = "check the path, its permissions and the free space; --verbose shows where"
+    if not e.filename:
+        return OnewordError(f"cannot read or write: {e.strerror}", hint=hint)
+    path = Path(os.fsdecode(e.filename))
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+        if blocking is not None:
+            return OnewordError(f"{blocking} is a file, where a folder was to be made ({path})",
+                                hint="give a path whose folders are folders, or move the file away")  # fmt: skip
+    if _SCRATCH.search(path.name):
+        return OnewordError(f"cannot write in {path.parent}: {e.strerror}", hint=hint)
+    return OnewordError(f"cannot read or write {path}: {e.strerror}", hint=hint)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `oneword` console script. Bad input exits with status 2 and a hint, no traceback."""
     setup_logging()
@@ -134,9 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         if (said := _tracking_error(e)) is not None:
             _exit_with(said)
         if isinstance(e, OSError) and e.strerror:  # a folder not writable, a full disk, a path through a file
-            where = f" {e.filename}" if e.filename else ""
-            hint = "check the path, its permissions and the free space; --verbose shows where"
-            _exit_with(OnewordError(f"cannot read or write{where}: {e.strerror}", hint=hint))
+            _exit_with(_os_error(e))
         raise
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -541,6 +541,7 @@ def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tin
             "--tracking-uri", f"sqlite:///{store}", "--clip-model", tiny_clip_dir]  # fmt: skip
     code, out = run(args, capsys)
     assert code == 1 and "1 to train, 0 unchanged, 1 would fail" in out and "none there yet" in out
+    assert out.count("bad-d") == 1, out  # its row; not also a warning before the table that says the same
     assert not store.exists()
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in [*args, "--json"]])

@@ -190,7 +190,8 @@ def result_keys(
                 except Exception as e:  # its own step meets it and records it as the concept's
                     why = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
                     if at in ("preprocess", "train") and isinstance(e, OnewordError) and not outcome.transient(e):
-                        told.failing[name] = {"stage": at, "error": why}  # no photo reads, say, or a token clashes
+                        # no photo reads, say, or a token clashes
+                        told.failing[name] = {"stage": at, "error": why, "hint": e.hint or ""}
                         log.warning("%s will fail at %s (%s)", name, at, why)
                     else:
                         told.unknown[name] = why

@@ -61,7 +61,8 @@ def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_mo
         images: folder or s3://bucket/prefix of 3-5 photos of the concept.
         dataset: processed images plus manifest.json.
         base_model: the model the images are for (its profile gives the resolution when it is 0).
-        resolution: side of the square training images (0: the base model's native size; SD 1.x 512, SD 2.x 768, SDXL 1024).
+        resolution: side of the square training images (0: the base model's native size; SD 1.x 512, SD 2.x 768,
+            SDXL 1024).
         mode: crop (centre-crop to a square) or pad (pad with white).
         content_key: fingerprint of the photos' content (set by the planning step), recorded in the output's
             metadata.
@@ -207,8 +208,9 @@ def train(
                for c, lat in zip(concepts, match_latents(concepts, [lat.path for lat in latents]))]
     settings = dict(locals())
     rows = train_shard(
-        members, model.path, lambda: config_of(TrainConfig, settings, gpus=int(accelerator_limit)), on_error, base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True,
-        progress=False, tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
+        members, model.path, lambda: config_of(TrainConfig, settings, gpus=int(accelerator_limit)), on_error,
+        base_model=base_model or None, checkpoint_root=checkpoint_root or None, resume=True, progress=False,
+        tracking=LiveTracking.configured(tracking_uri, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
     )
     failed = [r for r in rows if r["status"] != "trained"]
     if failed and on_error == "fail":
@@ -292,7 +294,7 @@ def evaluate(
     from oneword.registry import earlier_result
 
     gate = config_of(GateThresholds, locals())
-    found = earlier_result(tracking_uri or None, trained, concept, config, gate) if read_failure(trained) is None else None
+    found = None if read_failure(trained) else earlier_result(tracking_uri or None, trained, concept, config, gate)
     if found:
         import html
         import json
@@ -380,10 +382,10 @@ def register(
     import os
     from pathlib import Path
 
+    from oneword.batch_records import record_failure, record_unchanged
     from oneword.config import GateThresholds
     from oneword.live import end_training_run, kfp_tags
     from oneword.outcome import UNCHANGED_FILE, read_failure, run_step
-    from oneword.batch_records import record_failure, record_unchanged
     from oneword.registry import register as run
 
     trained = os.path.join(model.path, concept)
@@ -530,8 +532,9 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
 
     The concepts found unchanged (in the plan's run, all in one file) and those a step would fail at every attempt
     (a FAILED run each, as changed_concepts records them) are recorded here, after one load of the model's
-    tokenizers and text encoders, on CPU: they add no task to the run. Of the others, it takes at most max_concepts_per_run, those the manifest's runs left most often
-    in a row first; the rest are recorded in the plan as deferred, for the next runs.
+    tokenizers and text encoders, on CPU: they add no task to the run. Of the others, it takes at most
+    max_concepts_per_run, those the manifest's runs left most often in a row first; the rest are recorded in the
+    plan as deferred, for the next runs.
 
     Args:
         concepts_manifest: YAML at an s3:// URI or a path.
@@ -555,7 +558,7 @@ def plan_batch(
     metrics: Output[Metrics],
     concepts_per_shard: int = 1,
     max_concepts_per_run: int = 8,
-    only_concepts: list = [],
+    only_concepts: list = [],  # noqa: B006  KFP reads the default from the signature; the step never changes it
     base_model: str = "",
     resolution: int = 0,
     mode: str = "crop",
@@ -621,13 +624,15 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     from oneword.batch import final_report
     from oneword.batch_records import batch_plan, previous_plan
 
-    report = final_report(tracking_uri or None, batch_id, lambda: batch_plan(tracking_uri or None, batch_id, experiment),
-                          experiment, status.state, lambda: previous_plan(tracking_uri or None, batch_id, experiment))
+    uri = tracking_uri or None
+    report = final_report(uri, batch_id, lambda: batch_plan(uri, batch_id, experiment), experiment, status.state,
+                          lambda: previous_plan(uri, batch_id, experiment))
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
     # an alert on `failed` alone would miss a night whose report could not be made: `error` says so
-    summary.metadata.update({k: report.get(k, 0) for k in ("registered", "unchanged", "failed", "deferred")} | {"error": report.get("error", ""),
-                            "left": len(report.get("left", [])), "left_error": report.get("left_error", "")})
+    counts = {k: report.get(k, 0) for k in ("registered", "unchanged", "failed", "deferred")}
+    summary.metadata.update(counts | {"error": report.get("error", ""), "left": len(report.get("left", [])),
+                                      "left_error": report.get("left_error", "")})
     print(json.dumps(report, indent=2))
 
 

@@ -191,8 +191,8 @@ def personalise(
             init_l2=init_l2, init_l2_schedule=init_l2_schedule, early_end=early_end, early_end_window=early_end_window,
             init_cos=init_cos,
             direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
-            checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root,
-            on_error=on_error, log_every=log_every, sample_every=sample_every, compile=compile, tracking_uri=tracking_uri,
+            checkpoint_every=checkpoint_every, checkpoint_root=checkpoint_root, on_error=on_error,
+            log_every=log_every, sample_every=sample_every, compile=compile, tracking_uri=tracking_uri,
             experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, accelerator_limit=accelerator_limit,
         )
@@ -204,15 +204,17 @@ def personalise(
         with dsl.ParallelFor(tr.outputs["Output"], name="each-trained") as name:
             ev = c.evaluate(
                 model=tr.outputs["model"], concept=name, prompt_set=prompt_set, n_images=n_images,
-                sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
+                sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model,
+                dino_model=dino_model,
                 checkpoint_budget=checkpoint_budget, on_error=on_error, accelerator_type=accelerator_type,
                 accelerator_limit=accelerator_limit, tracking_uri=tracking_uri, min_reconstruction=min_reconstruction,
                 min_editability=min_editability, margin_se=margin_se,
             )
             _gpu_step(ev, p).set_caching_options(False)  # it asks MLflow whether the concept changed, every run
             reg = c.register(
-                model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name, tracking_uri=tracking_uri,
-                experiment=experiment, min_reconstruction=min_reconstruction, min_editability=min_editability, margin_se=margin_se,
+                model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name,
+                tracking_uri=tracking_uri, experiment=experiment, min_reconstruction=min_reconstruction,
+                min_editability=min_editability, margin_se=margin_se,
                 batch_id=batch_id, on_error=on_error, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             )
@@ -299,7 +301,8 @@ def textual_inversion(
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.
         name: registered-model name in MLflow (empty: the token without brackets).
-        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768, SDXL 1024).
+        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768,
+            SDXL 1024).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         n_vectors: vectors per token (1 as in the paper; more captures detail, edits less well).
         templates: training prompt templates: object, style, toyworld or a file in the image (empty: the model's).
@@ -453,7 +456,8 @@ def batch_personalisation(
             runs, and they do not count it.
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.
-        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768, SDXL 1024).
+        resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768,
+            SDXL 1024).
         mode: crop (centre-crop photos to a square) or pad (pad with white).
         steps: optimiser steps (0: the model's profile; SD: 5000 as the paper).
         batch_size: samples per concept per step (paper: 4).

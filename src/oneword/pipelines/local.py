@@ -20,6 +20,7 @@ from pathlib import Path
 
 from oneword.batch import UNCHANGED_SUFFIX
 from oneword.errors import OnewordError
+from oneword.logs import log_level
 from oneword.outcome import FAILURE_FILE, LOCAL_RUN_ENV
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT
 from oneword.tracking import ensure_store
@@ -277,9 +278,8 @@ def run_batch(
     """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report."""
     import kfp.local
 
-    from oneword.pipelines.definitions import batch_personalisation
-
     from oneword.batch import load_concepts_manifest, plan_concepts
+    from oneword.pipelines.definitions import batch_personalisation
 
     _check_settings(params)
     # as plan-batch will: a mistake is told here, whole
@@ -315,8 +315,9 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     Returns:
         `{"tracking_uri", "registry": bool (False: no store there yet, so nothing is registered), "concepts"}`;
         per concept, in the manifest's order: `{"name", "status", "version", "alias", "why"}`; status `unchanged`
-        (the version and alias it would keep; `why`: what the gate said, where only the gate changed), `to train`, `fails at STEP` (`why`: the error that step would
-        record, at every attempt), or `unknown` (`why`: it could not be told, and a run would train it).
+        (the version and alias it would keep; `why`: what the gate said, where only the gate changed), `to train`,
+        `fails at STEP` (`why`: the error that step would record at every attempt, and its hint), or `unknown`
+        (`why`: it could not be told, and a run would train it).
     """
     from oneword.batch import load_concepts_manifest, plan_concepts
     from oneword.pipelines.parameters import DEFAULTS, lookup_settings
@@ -325,8 +326,9 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.unchanged import result_keys, unchanged_versions
 
     _check_settings(params)
-    concepts = plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()),
-                             concepts_manifest)  # fmt: skip
+    with log_level(logging.ERROR, "oneword.batch"):  # what it warns of, concept by concept, is the table's rows
+        concepts = plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()),
+                                 concepts_manifest)  # fmt: skip
     uri = tracking_uri or default_tracking_uri()
     store = sqlite_path(uri)
     registry = store is None or store.exists()  # no store yet: nothing registered, and asking would make one
@@ -336,16 +338,20 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     preflight(p["base_model"], [], p["clip_model"], uri if registry else None, p["experiment"], "", p["prompt_set"],
               p["dino_model"])  # fmt: skip
     settings = lookup_settings(params)
-    told = unchanged_versions(concepts, settings, uri) if registry else result_keys(concepts, settings)
+    with log_level(logging.ERROR, "oneword.batch", "oneword.unchanged"):  # as above
+        told = unchanged_versions(concepts, settings, uri) if registry else result_keys(concepts, settings)
     rows = []
     for c in concepts:
-        row = {"name": c["name"], "status": "to train", "version": "", "alias": "", "why": told.unknown.get(c["name"], "")}
+        row = {"name": c["name"], "status": "to train", "version": "", "alias": "",
+               "why": told.unknown.get(c["name"], "")}
         if c["name"] in told.found:
             hit = told.found[c["name"]]
             row.update(status="unchanged", version=hit["version"], alias=",".join(hit["aliases"]),
                        why=hit.get("rejudged", ""))  # fmt: skip
         elif c["name"] in told.failing:
-            row.update(status=f"fails at {told.failing[c['name']]['stage']}", why=told.failing[c["name"]]["error"])
+            failing = told.failing[c["name"]]
+            why = failing["error"] + (f" ({failing['hint']})" if failing.get("hint") else "")
+            row.update(status=f"fails at {failing['stage']}", why=why)
         elif c["name"] in told.unknown:
             row["status"] = "unknown"
         rows.append(row)

@@ -7,21 +7,10 @@ import logging
 from collections.abc import Iterator
 
 from oneword.errors import OnewordError
+from oneword.logs import log_level
 from oneword.pipelines.compile import tmp_package
 from oneword.pipelines.container import require_registry
 from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
-
-
-@contextlib.contextmanager
-def _log_level(name: str | None, level: int) -> Iterator[None]:
-    """Logger `name` (None: the root, which kfp's client logs through) at `level` for a while."""
-    logger = logging.getLogger(name)
-    before = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
 
 
 def _client(host: str, namespace: str | None, token: str | None):
@@ -31,7 +20,7 @@ def _client(host: str, namespace: str | None, token: str | None):
 
     try:
         # urllib3 warns "Retrying (...)" in five lines per attempt, which the error says once
-        with warnings.catch_warnings(), _log_level("urllib3.connectionpool", logging.ERROR):
+        with warnings.catch_warnings(), log_level(logging.ERROR, "urllib3.connectionpool"):
             # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later": oneword's pipelines need 2.14
             warnings.filterwarnings("ignore", category=FutureWarning, module="kfp.client")
             return kfp.Client(host=host, namespace=namespace, existing_token=token)
@@ -76,7 +65,7 @@ def submit_runs(host: str, runs: list[tuple[str | None, dict]], pipeline: str = 
     client = _client(host, namespace, token)
     for run_name, params in runs:
         # kfp prints its own two links per run (the caller says one), and logs "Creating experiment" each time
-        with contextlib.redirect_stdout(io.StringIO()), _log_level(None, logging.WARNING):
+        with contextlib.redirect_stdout(io.StringIO()), log_level(logging.WARNING, None):
             run = client.create_run_from_pipeline_package(str(package), arguments=params, run_name=run_name,
                                                           experiment_name=experiment, namespace=namespace,
                                                           service_account=service_account or None,

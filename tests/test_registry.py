@@ -421,7 +421,10 @@ def test_a_single_concept_runs_exit_handler_answers_from_the_registry(evaluated_
         "cat-rr failed at a step that recorded nothing: evaluate: pod lost"
     )
     said = answer("run-8", "FAILED", name="my cat")  # a name the registry cannot hold: said, not a crash
-    assert said.startswith("nothing registered (the run FAILED)") and "my cat" in said
+    assert said.startswith("nothing registered (run state FAILED)") and "my cat" in said
+    # as a cluster tells it: ML Metadata's state, and no error message (KFP's driver fills none)
+    assert answer("run-9", "RUNNING", None) == (
+        "cat-rr failed at a step that recorded nothing: no step recorded a result; see the run's logs")
 
 
 def test_a_registry_that_does_not_answer_is_not_no_champion(monkeypatch):

@@ -439,7 +439,9 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
         batch_id: the run's id (its versions, failures and live runs are tagged with it).
         plan: reads the run's plan (None where none was recorded: the manifest could not be read).
         experiment: the MLflow experiment.
-        state: the run's final state, as KFP gives it to an exit handler.
+        state: the run's final state, as KFP gives it to an exit handler: on a cluster, ML Metadata's word for the
+            exit handler's DAG (COMPLETE, FAILED, CANCELED; before KFP 2.17 often still RUNNING, as the state of a
+            DAG of DAGs was not carried up); kfp.local's SUCCEEDED or FAILED.
         previous: reads the plan of the manifest's run before this one (`batch_records.previous_plan`), whose concepts
             that left the manifest are reported (`left_the_manifest`); None: none are.
 
@@ -482,10 +484,13 @@ def run_answer(report: dict, error: str = "") -> str:
 
     Args:
         report: `final_report`'s dict for the run's one concept.
-        error: what KFP said of the run's failure, where no step recorded one.
+        error: what KFP said of the run's failure, where no step recorded one (a cluster's KFP says nothing yet:
+            its driver leaves the final status's error empty).
     """
+    error = error or ""
     if report.get("error") or not report.get("concepts"):
-        return f"nothing registered (the run {report.get('pipeline_state')}): {report.get('error') or error}"
+        why = report.get("error") or error
+        return f"nothing registered (run state {report.get('pipeline_state')})" + (f": {why}" if why else "")
     c = report["concepts"][0]
     if c["status"] == "failed":
         if c["stage"] != "unknown":

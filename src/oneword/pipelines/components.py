@@ -666,7 +666,7 @@ def report_run(batch_id: str, images: str, token: str, init_word: str, status: d
 
     report = final_report(tracking_uri or None, batch_id, plan, experiment, status.state)
     print(json.dumps(report, indent=2))
-    return run_answer(report, status.error_message)
+    return run_answer(report, status.error_message or "")  # a cluster's driver fills no error message yet
 
 
 ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, changed_concepts,

@@ -304,8 +304,8 @@ def test_a_runs_final_report_ends_its_open_runs_even_when_the_report_cannot_be_m
     # as a cluster's exit handler is told: ML Metadata's state, and no error message (the driver fills none)
     unplanned = final_report(uri, "run-9", lambda: None, "oneword", "RUNNING")
     assert run_answer(unplanned, None) == (
-        "nothing registered (run state RUNNING): no plan was recorded: the manifest could not be read (see plan-batch's "
-        "log)")
+        "nothing registered (run state RUNNING): no plan was recorded: the manifest could not be read (see "
+        "plan-batch's log)")
     assert run_answer({**unplanned, "error": ""}, None) == "nothing registered (run state RUNNING)"
 
 

@@ -40,6 +40,15 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _no_retry_backoff(monkeypatch):
+    """A step tries again what a retry may cure, after waits of minutes (`outcome.RETRY_WAITS_S`): in the tests it
+    tries again at once, so that no test sleeps on a backoff. (kfp.local's steps try once: `LOCAL_RUN_ENV`.)"""
+    from oneword import outcome
+
+    monkeypatch.setattr(outcome, "RETRY_WAITS_S", (0.0, 0.0))
+
+
+@pytest.fixture(autouse=True)
 def _mlflow_uris_restored():
     """`register` and the queries point mlflow's process-wide URIs (and the variables they export) at their store:
     a later test's bare `MlflowClient(url)` took its registry from them, and waited minutes on a proxy an earlier

@@ -320,10 +320,50 @@ def test_a_fresh_group_training_refuses_an_earlier_ones_checkpoints(tiny_model_d
                     progress=False)  # fmt: skip
 
 
+def test_a_retried_step_tries_again_itself_what_a_retry_may_cure(tmp_path, monkeypatch):
+    """KFP 2.17's manifests set Argo's retryPolicy OnError: a pod that exits non-zero is not retried, so an object
+    store's blip cost a batch's concepts the night. The step tries again itself, after each of RETRY_WAITS_S."""
+    waited = []
+    monkeypatch.setattr(outcome, "RETRY_WAITS_S", (30.0, 120.0))
+    monkeypatch.setattr(outcome.time, "sleep", waited.append)  # the waits, said; not slept through
+    calls = []
+
+    def flaky():  # a lost connection, then an answer
+        calls.append(1)
+        if len(calls) == 1:
+            raise _wrapped(TimeoutError("read"))
+        return "photos"
+
+    assert outcome.run_step("preprocess", tmp_path / "a", "record", flaky, retried=True) == "photos"
+    assert waited == [outcome.RETRY_WAITS_S[0]] and outcome.read_failure(tmp_path / "a") is None
+    calls.clear(), waited.clear()
+
+    def lost():
+        calls.append(1)
+        raise ConnectionError("the store did not answer")
+
+    with pytest.raises(ConnectionError):  # tried each time, then raised for the task's own retries
+        outcome.run_step("preprocess", tmp_path / "b", "record", lost, retried=True)
+    assert len(calls) == len(outcome.RETRY_WAITS_S) + 1 and waited == list(outcome.RETRY_WAITS_S)
+    calls.clear(), waited.clear()
+
+    def bad():
+        calls.append(1)
+        raise _wrapped(ValueError("x"))
+
+    assert outcome.run_step("preprocess", tmp_path / "c", "record", bad, retried=True) is None  # once: bad input
+    assert calls == [1] and waited == [] and outcome.read_failure(tmp_path / "c")["stage"] == "preprocess"
+    assert outcome.run_step("train", tmp_path / "d", "record", lost) is None and waited == []  # a step not retried
+    monkeypatch.setenv(outcome.LOCAL_RUN_ENV, "1")  # kfp.local: a local run says what failed at once
+    calls.clear()
+    assert outcome.run_step("preprocess", tmp_path / "e", "record", lost, retried=True) is None and calls == [1]
+
+
 def test_a_retried_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, monkeypatch):
     """Recorded, a lost connection would cost the concept this run; raised, the task's retries are for it."""
     import urllib3
     from minio.error import S3Error
+
 
     def unreachable():  # a real refused connection through minio's transport: nothing listens on port 9
         urllib3.PoolManager(retries=False).request("GET", "http://127.0.0.1:9/photos/cat")
@@ -393,14 +433,20 @@ def test_a_shard_raises_what_a_retry_may_cure_where_a_retry_follows(cat_latents_
     concept's recorded failure, not a failed task whose concepts the report calls "unknown"."""
     from oneword.train import train_shard
 
+    tries = []
+
     def lost():
+        tries.append(1)
         raise ConnectionResetError("the hub closed the connection")
 
     members = [("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)]
     with pytest.raises(ConnectionResetError):
         train_shard(members, tmp_path / "cluster", lost, "record")
+    assert len(tries) == len(outcome.RETRY_WAITS_S) + 1  # tried again itself first, whatever the cluster's policy
     monkeypatch.setenv(outcome.LOCAL_RUN_ENV, "1")
+    tries.clear()
     rows = train_shard(members, tmp_path / "local", lost, "record")
+    assert len(tries) == 1
     assert [(r["status"], r["stage"]) for r in rows] == [("failed", "train")] * 2
     assert "closed the connection" in outcome.read_failure(tmp_path / "local" / "dog")["error"]
 

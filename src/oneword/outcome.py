@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -117,6 +118,27 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+# Waits before a step tries again, itself, what a retry may cure. A cluster's retry policy may retry no pod that
+# failed: KFP 2.17's manifests set Argo's `retryPolicy: OnError`, under which a step that exits non-zero is not
+# tried again, and an object store's blip would cost a batch's concepts the night. The tasks' own retries
+# (`set_retry`) come on top, where the policy lets them.
+RETRY_WAITS_S = (30.0, 120.0)
+
+
+def retrying(work: Callable[[], T], what: str) -> T:
+    """`work()`, tried again after each of `RETRY_WAITS_S` while it fails with a `transient` error; the last error
+    is raised. Under kfp.local (`LOCAL_RUN_ENV`) it is tried once: a local run says what failed at once."""
+    for wait in () if os.environ.get(LOCAL_RUN_ENV) else RETRY_WAITS_S:
+        try:
+            return work()
+        except Exception as e:
+            if not transient(e):
+                raise
+            log.warning("%s: %s; trying again in %.0f s", what, e, wait)
+            time.sleep(wait)
+    return work()
+
+
 def run_step(
     stage: str,
     out_dir: str | Path,
@@ -135,9 +157,10 @@ def run_step(
         work: the step itself.
         upstream: the input folders of earlier steps; a failure recorded there is passed on, and `work` is
             not run.
-        retried: the task has retries for errors a retry may cure: a `transient` error is then raised even with
-            `record`, so that the task fails and is tried again instead of losing the concept for this run.
-            Under kfp.local (`LOCAL_RUN_ENV`), which retries nothing, it is recorded.
+        retried: the step is tried again, after `RETRY_WAITS_S`, for errors a retry may cure (`retrying`); a
+            `transient` error that outlasts them is then raised even with `record`, so that the task fails and
+            its retries may try again, instead of losing the concept for this run. Under kfp.local
+            (`LOCAL_RUN_ENV`), which retries nothing, it is tried once and recorded.
         images: the concept's photos, recorded with a failure (an upstream failure keeps its own).
 
     Returns:
@@ -153,7 +176,7 @@ def run_step(
             log.info("skipping %s: the concept failed at %s", stage, earlier["stage"])
             return None
     try:
-        return work()
+        return retrying(work, stage) if retried else work()
     except OnewordError as e:
         # Written in both modes: with `fail`, whoever started the pipeline shows it (not the runner's traceback).
         write_failure(out_dir, stage, e.message, e.hint or "", images)

@@ -433,7 +433,8 @@ def train_shard(
     With `on_error="record"`, settings that are not valid, a base model that does not load or a step that fails
     for every concept at once is written as each member's failure (`failure.json`, `concepts.json`), so the
     batch report names the step and the error for each instead of "unknown". An error a retry may cure
-    (`outcome.transient`) is raised all the same, where the task's retries are for it: not under kfp.local
+    (`outcome.transient`) is tried again first (`outcome.retrying`: with `resume`, from the last checkpoint),
+    then raised all the same, where the task's retries are for it: not under kfp.local
     (`outcome.LOCAL_RUN_ENV`), which retries nothing.
 
     Args:
@@ -447,7 +448,7 @@ def train_shard(
         One status per member, as `train_group` returns.
     """
     try:
-        return train_group(members, out_dir, make_config(), **kwargs)
+        return outcome.retrying(lambda: train_group(members, out_dir, make_config(), **kwargs), "train")
     except Exception as e:
         if on_error == "fail" or (outcome.transient(e) and not os.environ.get(outcome.LOCAL_RUN_ENV)):
             raise

@@ -596,10 +596,14 @@ def plan_batch(
     # not `-> list`: KFP types a plain list's loop item STRING, which a cluster's driver then refuses as
     # personalise's LIST input ("type mismatch: expect LIST, got string"); kfp.local does not check
     from oneword.live import kfp_tags
+    from oneword.outcome import retrying
     from oneword.plan import plan_batch as run
 
-    plan = run(concepts_manifest, batch_id, locals(), concepts_per_shard, max_concepts_per_run, only_concepts,
-               tracking_uri or None, experiment, kfp_tags(kfp_run_id, kfp_run_name))  # fmt: skip
+    given = dict(locals())
+    # a store or bucket that blinks is tried again here: a cluster's retry policy may retry no failed pod
+    plan = retrying(lambda: run(concepts_manifest, batch_id, given, concepts_per_shard, max_concepts_per_run,
+                                only_concepts, tracking_uri or None, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
+                    "plan-batch")  # fmt: skip
     metrics.log_metric("told", plan.told)  # unchanged, or recorded as failed
     metrics.log_metric("to_train", plan.to_train)
     metrics.log_metric("deferred", plan.deferred)

@@ -505,7 +505,7 @@ def test_submit_and_schedule_refuse_a_spec_whose_images_were_never_set(kfp_api, 
     assert calls == []  # the KFP API never heard of it
 
 
-def test_the_cli_refuses_to_submit_without_an_image_registry(kfp_api, capsys, monkeypatch):
+def test_the_cli_refuses_to_submit_without_an_image_registry(kfp_api, capsys, monkeypatch, tmp_path):
     from oneword.cli import main
 
     monkeypatch.delenv("ONEWORD_IMAGE_REGISTRY", raising=False)
@@ -513,6 +513,23 @@ def test_the_cli_refuses_to_submit_without_an_image_registry(kfp_api, capsys, mo
     with pytest.raises(SystemExit) as exit_:
         main(["submit", "--host", host, "--images", "s3://data/my-cat", "--token", "<my-cat>", "--init-word", "cat"])
     assert exit_.value.code == 2 and "no image registry given" in capsys.readouterr().err
+    # a schedule says so first, not after advice on its manifest (which this machine cannot even read)
+    with pytest.raises(SystemExit) as exit_:
+        main(["schedule", "--host", host, "--concepts-manifest", "s3://d/c.yaml", "--cron", "0 0 2 * * *"])
+    said = capsys.readouterr()
+    assert exit_.value.code == 2 and "no image registry given" in said.err and "could not read" not in said.out
+    # a dry run lists the runs, and warns of what the real submit would refuse
+    main(["submit", "--host", host, "--images", "s3://data/my-cat", "--token", "<my-cat>", "--init-word", "cat",
+          "--dry-run"])  # fmt: skip
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warning no image registry given" in said and "a submit without --dry-run refuses it" in said
+    assert "1 run would start; none was" in said
+    with pytest.raises(SystemExit) as exit_:  # what the checks from here find is said as a submit's
+        main(["submit", "--host", host, "--images", "s3://data/my-cat", "--token", "<my-cat>", "--init-word", "cat",
+              "--image-registry", REGISTRY, "-p", f"base_model={tmp_path / 'no-such-model'}"])  # fmt: skip
+    said = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.code == 2 and "no-such-model' not found" in said and "no run was started" in said
+    assert "nothing was trained" not in said
     assert calls == []
 
 
@@ -753,7 +770,8 @@ def test_submit_takes_one_concept_or_a_manifest(kfp_api, capsys):
 
     host, calls = kfp_api
     cases = [
-        (["--images", "s3://d/cat", "--concepts-manifest", "s3://d/c.yaml"], "--images and --concepts-manifest"),
+        (["--images", "s3://d/cat", "--concepts-manifest", "s3://d/c.yaml"],
+         "give either --concepts-manifest or --images, not both"),
         (["--images", "s3://d/cat", "--token", "<cat>"], "missing --init-word"),
         (["--images", "s3://d/cat", "--token", "<cat>", "--init-word", "cat", "--only-concepts", "cat"],
          "--only-concepts chooses among a manifest's concepts"),

@@ -105,16 +105,20 @@ def _preflight_here(params: dict, one_concept: bool = True) -> None:
     from oneword.preflight import preflight
 
     concept = {k: params[k] for k in ("images", "token", "init_word", "n_vectors", "templates") if params.get(k)}
-    preflight(
-        params.get("base_model", DEFAULT_BASE_MODEL),
-        [concept] if one_concept else [],
-        params.get("clip_model", DEFAULTS["clip_model"]),
-        params.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None,  # else only the cluster knows it
-        params.get("experiment", DEFAULTS["experiment"]),
-        params.get("checkpoint_root", CHECKPOINT_ROOT),
-        _here(params.get("prompt_set", DEFAULTS["prompt_set"])),
-        _here(params.get("dino_model", DEFAULTS["dino_model"])),
-    )
+    try:
+        preflight(
+            params.get("base_model", DEFAULT_BASE_MODEL),
+            [concept] if one_concept else [],
+            params.get("clip_model", DEFAULTS["clip_model"]),
+            params.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None,  # else the cluster's alone
+            params.get("experiment", DEFAULTS["experiment"]),
+            params.get("checkpoint_root", CHECKPOINT_ROOT),
+            _here(params.get("prompt_set", DEFAULTS["prompt_set"])),
+            _here(params.get("dino_model", DEFAULTS["dino_model"])),
+        )
+    except OnewordError as e:
+        raise OnewordError(e.message, hint="fix these and submit again (or skip these checks with --no-preflight); "
+                           "no run was started") from e  # fmt: skip
 
 
 def _here(ref: str) -> str:
@@ -208,6 +212,11 @@ def submit_cmd(
     if not 1 <= first_run <= len(runs):
         raise OnewordError(f"--first-run {first_run}: there are runs 1 to {len(runs)}", hint="see them with --dry-run")
     if dry_run:
+        try:
+            require_registry(image_registry)
+        except OnewordError as e:  # said, as the real submit would refuse it; the runs are listed all the same
+            rprint(f"[bold yellow]warning[/] {e.message}; a submit without --dry-run refuses it"
+                   + (f"\n  hint: {e.hint}" if e.hint else ""))  # fmt: skip
         for i, (name, params) in enumerate(runs[first_run - 1 :], first_run):
             if pipeline == "textual_inversion" or "only_concepts" not in params:
                 rprint({"pipeline": pipeline, **({"run_name": name} if name else {}), "params": params})
@@ -274,8 +283,9 @@ def _runs(images: str | None, token: str | None, init_word: str | None, concepts
         return "textual_inversion", [(run_name, {"images": images, "token": token, "init_word": init_word,
                                                  **_params(param, "textual_inversion", SUBMIT_OPTIONS)})]  # fmt: skip
     if given := [k for k, v in one.items() if v is not None]:
-        raise OnewordError(f"{', '.join(given)} and --concepts-manifest: a run is of one concept or of a manifest",
-                           hint="a manifest's concepts take their photos, token and init_word from it")  # fmt: skip
+        raise OnewordError(f"give either --concepts-manifest or {', '.join(given)}, not both",
+                           hint="--images, --token and --init-word start one concept; a manifest's concepts take "
+                           "theirs from it")  # fmt: skip
     _on_the_cluster(concepts_manifest)
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation", SUBMIT_OPTIONS)}
     most = params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"])
@@ -377,11 +387,13 @@ def schedule_cmd(
     """
     from rich import print as rprint
 
+    from oneword.pipelines.container import require_registry
     from oneword.pipelines.remote import schedule
 
     _check_cron(cron)
     _on_the_cluster(concepts_manifest)
     params = {"concepts_manifest": concepts_manifest, **_params(param, "batch_personalisation", {"concepts_manifest"})}
+    require_registry(image_registry)  # a refusal first, before advice on a manifest that will not run
     _check_manifest_size(concepts_manifest, params.get("max_concepts_per_run", DEFAULTS["max_concepts_per_run"]))
     rprint(
         schedule(

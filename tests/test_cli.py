@@ -602,3 +602,18 @@ def test_register_says_what_it_registered_without_mlflows_chatter(evaluated_conc
     assert code in (0, None) and "cat-r version 1 -> champion" in out, out
     for chatter in ("Downloading artifacts", "CloudPickle", "type hints"):
         assert chatter not in out, chatter
+
+
+def test_compare_prints_its_scores_as_a_table(evaluated_concept, tmp_path, capsys, monkeypatch):
+    """It printed the scores file's rows as Python's repr of a list of dicts."""
+    monkeypatch.setenv("COLUMNS", "80")
+    _, evaluation = evaluated_concept
+    code, out = run(["compare", evaluation, evaluation, "--label", "lr-low", "--label", "lr-high", "-o",
+                     tmp_path / "lr.png"], capsys)  # fmt: skip
+    assert code == 0 and (tmp_path / "lr.png").exists() and (tmp_path / "lr.json").exists()
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip().startswith("lr-")}
+    scores = {r["run"]: r for r in json.loads((tmp_path / "lr.json").read_text())}
+    low = scores["lr-low"]
+    assert rows["lr-low"][-2:] == [f"{low['reconstruction']:.4f}", f"{low['editability']:.4f}"]
+    table = [line for line in out.splitlines() if "scatter ->" not in line]  # a path is printed whole, to copy
+    assert "{'run'" not in out and all(len(line) <= 80 for line in table)

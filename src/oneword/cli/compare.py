@@ -33,12 +33,22 @@ def compare_cmd(
     Example:
       oneword compare runs/lr-low/eval runs/lr-high/eval -o lr.png
     """
+    from rich import box
     from rich import print as rprint
+    from rich.markup import escape
+    from rich.table import Table
 
     from oneword.evaluation.compare import compare
 
     with person_waits():
         path = compare(runs, out, labels=label, tracking_uri=tracking_uri)
-    rprint(f"[green]scatter[/] -> {path}")
-    if path.with_suffix(".json").exists():
-        rprint(json.loads(path.with_suffix(".json").read_text()))
+    scores = path.with_suffix(".json")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("run", overflow="fold")
+    for name in ("step", "reconstruction", "editability"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in json.loads(scores.read_text()):
+        table.add_row(escape(str(row["run"])), str(row.get("step") or ""), f"{row['reconstruction']:.4f}",
+                      f"{row['editability']:.4f}")  # fmt: skip
+    rprint(table)
+    rprint(f"[green]scatter[/] -> {path}  (scores: {scores})")

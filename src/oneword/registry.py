@@ -49,6 +49,7 @@ logging.getLogger("mlflow.pyfunc").addFilter(_MlflowAdvice())
 EXPERIMENT = TrackingConfig().experiment
 CONCEPT_TAG = "oneword.concept"
 CHAMPION, CANDIDATE = "champion", "candidate"
+GATE_ALIAS_TAG = "oneword.gate_alias"  # the alias the gate gave the version when it was registered
 
 
 def _setup(tracking_uri: str | None):
@@ -634,6 +635,7 @@ def _apply_gate(
     before = _alias_holder(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)
     try:
+        client.set_model_version_tag(concept.name, version, GATE_ALIAS_TAG, alias)  # aliases move later; this not
         client.set_model_version_tag(concept.name, version, "gate", reason)  # last: it marks the decision as made
     except BaseException:
         # the caller deletes this version, and MLflow drops its aliases with it: give the alias back first, or

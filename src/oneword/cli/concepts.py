@@ -131,6 +131,7 @@ def concept_card(info: dict):
     from rich.text import Text
 
     from oneword.catalogue import PROMOTED_TAG
+    from oneword.registry import GATE_ALIAS_TAG
 
     tags, params, metrics = info["tags"], info["params"], info["metrics"]
 
@@ -153,11 +154,11 @@ def concept_card(info: dict):
                  f"{params['eval.n_images']} images a prompt" if params.get("eval.n_images") else "",
                  f"checkpoint of step {tags['chosen_step']}" if tags.get("chosen_step") else ""]  # fmt: skip
     grid.add_row("evaluated", escape(", ".join(x for x in evaluated if x) or "-"))
-    grid.add_row("gate", escape(tags.get("gate", "-")))
+    gave = f"@{tags[GATE_ALIAS_TAG]}: " if tags.get(GATE_ALIAS_TAG) else ""  # none on versions before it was kept
+    grid.add_row("gate", escape(gave + tags.get("gate", "-")))
     if tags.get(PROMOTED_TAG):
         grid.add_row("promoted", escape(tags[PROMOTED_TAG]))
-    trained = [f"{params['train.steps']} steps" if params.get("train.steps") else "",
-               f"learning rate {params['train.learning_rate_used']}" if params.get("train.learning_rate_used") else "",
+    trained = [f"{params['train.steps']} steps" if params.get("train.steps") else "", _learning_rate(params),
                f"batch {params['train.batch_size']}" if params.get("train.batch_size") else "",
                f"{params['n_images']} photos" if params.get("n_images") else ""]  # fmt: skip
     grid.add_row("trained", escape(", ".join(x for x in trained if x) or "-"))
@@ -165,6 +166,19 @@ def concept_card(info: dict):
                                                       if tags.get("oneword.batch_id") else "")))  # fmt: skip
     grid.add_row("created", escape(info.get("created") or "-"))
     return Group(title, grid, Text("every tag, metric and param: --json", style="dim"))
+
+
+def _learning_rate(params: dict) -> str:
+    """The rate the steps took, and the base rate it was scaled from (by the batch) where it was: the option's
+    value is the base rate, and a card that showed only the other read as a different setting."""
+    used, base = params.get("train.learning_rate_used"), params.get("train.learning_rate")
+    if not used:
+        return ""
+    try:
+        scaled = base is not None and 0 < float(base) != float(used)
+    except ValueError:  # "None": a version from before the resolved rate was logged
+        scaled = False
+    return f"learning rate {used}" + (f" (base {base}, scaled by the batch)" if scaled else "")
 
 
 def _score3(value) -> str:

@@ -94,8 +94,12 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
 def test_incomplete_folder_is_a_clear_error(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
-    shutil.rmtree(broken / "unet")
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.unlink()
     with pytest.raises(OnewordError, match="could not load base model"):
+        load_base_model(str(broken))
+    shutil.rmtree(broken / "unet")  # a part missing whole is named, as preflight names it
+    with pytest.raises(OnewordError, match=r"broken has no unet folder"):
         load_base_model(str(broken))
 
 
@@ -128,3 +132,13 @@ def test_single_file_that_is_not_a_stable_diffusion_checkpoint(tiny_model_dir, t
     with pytest.raises(OnewordError, match=r"not-sd\.safetensors") as e:
         load_base_model(str(f), model_config=str(tiny_model_dir))
     assert "save_pretrained(folder)" in e.value.hint and "stable-diffusion-v1-5" in e.value.hint
+
+
+def test_a_model_folder_without_its_parts_is_named_as_preflight_names_it(tmp_path):
+    """Loaded, it said "no file named model.safetensors, or pytorch_model.bin", of none of the folder's parts."""
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(OnewordError, match=r"has no tokenizer, text_encoder, vae folder"):
+        load_base_model(str(tmp_path))
+    with pytest.raises(OnewordError, match=r"has no tokenizer, text_encoder folder"):  # the parts it loads only
+        load_base_model(str(tmp_path), parts=())

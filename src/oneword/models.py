@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from oneword.toyworld import assets
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "vae")  # a diffusers folder's, each a folder of its own
 
 
 @dataclass
@@ -204,6 +206,11 @@ def load_base_model(
 
     is_local = Path(resolved).exists()
     kw = {"local_files_only": True} if is_local else {}
+    if is_local and (missing := missing_parts(Path(resolved), ("tokenizer", "text_encoder", *parts))):
+        raise OnewordError(
+            f"base model {resolved} has no {', '.join(missing)} folder",
+            hint="pass a complete diffusers folder (model_index.json and a folder per part)",
+        )
     try:
         model_index = _load_json(resolved, "model_index.json", kw)
     except OSError:
@@ -244,6 +251,11 @@ def load_base_model(
         device,
         Path(resolved) if is_local else None,
     )
+
+
+def missing_parts(folder: Path, parts: Sequence[str] = MODEL_PARTS) -> list[str]:
+    """The parts of a diffusers folder (`tokenizer/`, `text_encoder/`, ...) that `folder` lacks; none for a file."""
+    return [part for part in parts if folder.is_dir() and not (folder / part).is_dir()]
 
 
 def _unet_config(saved: dict):

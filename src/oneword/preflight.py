@@ -23,7 +23,6 @@ from oneword.toyworld import assets
 
 log = logging.getLogger(__name__)
 
-MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "vae")
 TRACKING_TIMEOUT_S = "5"  # seconds a tracking server has to answer
 
 
@@ -131,16 +130,14 @@ def _base_model_problem(base_model: str) -> tuple[str | None, str]:
                 "pass a local diffusers folder, an s3:// folder, or run where the hub (or its cache) is reachable",
             )
         return None, ""
-    from oneword.models import resolve
+    from oneword.models import missing_parts, resolve
 
     try:
         where = Path(resolve(base_model))
     except OnewordError as e:
         return e.message, e.hint or ""
-    if where.is_dir():
-        missing = [part for part in MODEL_PARTS if not (where / part).is_dir()]
-        if missing:
-            return f"base model {where} has no {', '.join(missing)} folder", "pass a complete diffusers folder"
+    if missing := missing_parts(where):
+        return f"base model {where} has no {', '.join(missing)} folder", "pass a complete diffusers folder"
     return None, ""
 
 

@@ -443,3 +443,19 @@ def test_output_folders_written_at_once_by_two_processes_leave_one_whole(tmp_pat
     written = {f.read_text() for f in final.iterdir()}
     assert len(list(final.iterdir())) == 50 and len(written) == 1  # one writer's whole output, not a mix
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+def test_a_folder_with_no_photo_left_says_each_skipped_file_once(tmp_path, caplog):
+    """Each skipped file was warned of, and then listed again in the error that followed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not an image")
+    (src / "fake.jpg").write_bytes(b"this is not a jpeg")
+    with caplog.at_level("WARNING"), pytest.raises(OnewordError) as e:
+        preprocess(src, tmp_path / "out", resolution=16)
+    assert "notes.txt: not an image file" in e.value.message and "fake.jpg" in e.value.message
+    assert "notes.txt" not in caplog.text and "fake.jpg" not in caplog.text
+    _png(src / "good.png")  # with a photo left, the log is where each skipped file is said
+    with caplog.at_level("WARNING"):
+        preprocess(src, tmp_path / "out", resolution=16)
+    assert "skipped" in caplog.text and "notes.txt" in caplog.text

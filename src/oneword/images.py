@@ -356,17 +356,17 @@ def preprocess(
             out.info.pop("icc_profile", None)  # its numbers are sRGB's now, whatever the photo's profile said
             out.save(tmp / name)
             records.append(ImageRecord(name, shown, source_sha, im.size, processed_sha))
-        for s in skipped:
-            log.warning("skipped %s: %s", s["source"], s["reason"])
-        for n in notes:
-            log.warning(n)
-        if not records:
+        if not records:  # the error lists every skipped file: not also a warning each before it
             listing = "\n".join(f"  - {s['source']}: {s['reason']}" for s in skipped)
             raise OnewordError(
                 f"no valid image left in {source}; skipped:\n{listing}",
                 hint="add JPEG or PNG photos of the concept (3-5 is typical), each at least "
                 f"{min_side(resolution)} pixels on its {'long' if mode == 'pad' else 'short'} side",
             )
+        for s in skipped:
+            log.warning("skipped %s: %s", s["source"], s["reason"])
+        for n in notes:
+            log.warning(n)
         manifest = Manifest(resolution, mode, records, skipped, notes, photos=str(source))
         manifest.save(tmp)
     log.info("preprocessed %d image(s) into %s (%d skipped)", len(records), out_dir, len(skipped))

@@ -31,6 +31,5 @@ def preprocess_cmd(
 
     settings = PreprocessConfig(resolution=resolution, mode=mode)  # type: ignore[arg-type]  # its rules, checked
     m = preprocess(images, out, resolution=settings.resolution, mode=settings.mode)
-    rprint(f"[green]{len(m.images)} image(s)[/] -> {out} ({len(m.skipped)} skipped)")
-    for s in m.skipped:
-        rprint(f"  [yellow]skipped[/] {s['source']}: {s['reason']}")
+    # each skipped file was logged with why, above
+    rprint(f"[green]{len(m.images)} image(s)[/] -> {out} ({len(m.skipped)} skipped{', above' * bool(m.skipped)})")

@@ -60,7 +60,7 @@ def test_mlflow_serves_artifacts_from_s3_for_its_service_names(rendered, overlay
     assert "--artifacts-destination=s3://mlflow/" in args and "--serve-artifacts" in args
     allowed = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
     assert {"mlflow", "mlflow.oneword.svc.cluster.local:5000"} <= set(allowed)
-    assert any(a.startswith("--backend-store-uri=postgresql://") for a in args)
+    assert any(a.startswith("--backend-store-uri=postgresql+psycopg2://") for a in args)
     env = {e["name"]: e.get("value") for e in mlflow["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MLFLOW_S3_ENDPOINT_URL"].startswith("http://")  # with a scheme
     probes = mlflow["spec"]["template"]["spec"]["containers"][0]
@@ -140,9 +140,33 @@ def test_mlflow_reads_the_auth_config_the_manifest_mounts(rendered, tmp_path, mo
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "a-long-enough-password")
     cfg = auth_config.read_auth_config()
     assert cfg.admin_username == "oneword-admin" and cfg.admin_password == "a-long-enough-password"
-    assert cfg.database_uri == "postgresql://postgres.oneword.svc.cluster.local:5432"  # login from PG* env
+    assert cfg.database_uri == "postgresql+psycopg2://postgres.oneword.svc.cluster.local:5432"  # login: PG* env
     assert cfg.default_permission == "READ"
     assert "admin_password" not in ini and "@" not in ini  # no credential in the ConfigMap
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_database_uri_loads_a_driver_the_image_carries_and_holds_no_password(rendered, overlay):
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the image lacks: MLflow's db-upgrade and server
+    failed with "No module named 'psycopg'" before they served anything. This environment installs the image's
+    pins, so the driver is imported here as it would be there."""
+    import configparser
+
+    from sqlalchemy.engine import make_url
+
+    mlflow = _one(rendered[overlay], "Deployment", "mlflow")["spec"]["template"]["spec"]
+    uris = [a.split("=", 1)[-1] for c in _containers(mlflow) for a in c.get("args", []) if "postgresql" in a]
+    ini = configparser.ConfigParser()
+    ini.read_string(_one(rendered[overlay], "ConfigMap", "mlflow-auth-config")["data"]["basic_auth.ini"])
+    uris.append(ini["mlflow"]["database_uri"])
+    assert len(uris) == 3  # db-upgrade's, the server's, the auth app's
+    for uri in uris:
+        url = make_url(uri.replace("$(POSTGRES_DB)", "oneword"))
+        url.get_dialect().import_dbapi()  # raises where the driver is not installed
+        assert url.password is None and url.username is None, uri  # the login comes from libpq's PG* variables
+    for c in _containers(mlflow):
+        if any("postgresql" in a for a in c.get("args", [])):
+            assert {"PGUSER", "PGPASSWORD"} <= {e["name"] for e in c.get("env", [])}, c["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -45,9 +45,13 @@ COPY --from=build /opt/oneword /opt/oneword
 # What the NVIDIA container toolkit reads to mount the driver's libraries. No NVIDIA_VISIBLE_DEVICES: the device
 # plugin sets it to the GPUs the pod was given; an image-wide "all" would show every GPU of the node to a pod that
 # asked for none, beside the pods the scheduler gave them to.
+# Where GKE's own driver installer (no GPU Operator) mounts libcuda and nvidia-smi, on no loader path of its own:
+# without these, torch finds no GPU there and the GPU steps run on the CPU. As nvidia/cuda images set them; a
+# folder that is not there costs nothing.
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=12.8" \
-    PATH=/opt/oneword/bin:$PATH \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
+    PATH=/opt/oneword/bin:/usr/local/nvidia/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     HF_HOME=/models/huggingface \

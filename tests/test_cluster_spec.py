@@ -119,6 +119,15 @@ def test_the_gpu_image_keeps_torch_compiles_cache_on_the_model_cache_volume():
     assert INDUCTOR_CACHE.startswith(MODEL_CACHE_MOUNT + "/") and f"mkdir -p {HF_HOME} {INDUCTOR_CACHE}" in text
 
 
+def test_the_gpu_image_finds_a_driver_mounted_where_gke_mounts_it():
+    """GKE's own driver installer mounts libcuda under /usr/local/nvidia, on no loader path: with a plain Python
+    base (not nvidia/cuda, which sets it), torch saw no GPU there and the GPU steps ran on the CPU."""
+    text = (ROOT / "docker" / "cuda.Dockerfile").read_text()
+    loader = re.search(r"LD_LIBRARY_PATH=(\S+)", text)
+    assert loader and "/usr/local/nvidia/lib64" in loader.group(1).split(":")
+    assert re.search(r"PATH=\S*/usr/local/nvidia/bin", text)
+
+
 def test_compile_check_refuses_a_registry_because_the_checked_in_specs_use_the_published_images(capsys):
     from oneword.cli import main
 

@@ -135,7 +135,8 @@ def retrying(work: Callable[[], T], what: str) -> T:
             if not transient(e):
                 raise
             log.warning("%s: %s; trying again in %.0f s", what, e, wait)
-            time.sleep(wait)
+        # out of the except block: the error's traceback (and the frames holding the first attempt's model) is let go
+        time.sleep(wait)
     return work()
 
 

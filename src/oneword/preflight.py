@@ -75,6 +75,7 @@ def preflight(
     checkpoint_root: str = "",
     prompt_set: str = "",
     dino_model: str = "",
+    writes: bool = True,
 ) -> list[str]:
     """Check what the pipeline's steps will need. Returns the checks that passed.
 
@@ -88,6 +89,8 @@ def preflight(
         checkpoint_root: folder or `s3://` prefix for checkpoints (empty: none to check).
         prompt_set: the evaluation's prompt set, a name or a file (empty: the profile's, always there).
         dino_model: the DINO evaluator (empty: none).
+        writes: check that the tracking server takes writes (it makes the experiment, or tags it); False: that it
+            answers, writing nothing (a dry run).
 
     Raises:
         OnewordError: listing every problem found, each with its fix.
@@ -105,7 +108,7 @@ def preflight(
     if prompt_set:
         p.run("prompt set", _prompt_set_problem, prompt_set)
     if tracking_uri is not None:
-        p.run("tracking", _tracking_problem, tracking_uri, experiment)
+        p.run("tracking", _tracking_problem, tracking_uri, experiment, writes)
     for bucket in sorted(_buckets(base_model, clip, dino_model, checkpoint_root, *(c["images"] for c in concepts))):
         p.run(f"bucket {bucket}", _bucket_problem, bucket)
     for c in concepts:
@@ -169,28 +172,30 @@ def _prompt_set_problem(prompt_set: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def _tracking_problem(tracking_uri: str, experiment: str) -> tuple[str | None, str]:
+def _tracking_problem(tracking_uri: str, experiment: str, writes: bool = True) -> tuple[str | None, str]:
     from mlflow import MlflowClient
 
     from oneword import tracking
 
-    uri = tracking.ensure_store(tracking_uri or None)
+    uri = tracking.ensure_store(tracking_uri or None) if writes else tracking.existing_store(tracking_uri or None)
     try:
         # MLflow's own default retries a server that is down for minutes
         quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": TRACKING_TIMEOUT_S}
         with patch.dict(os.environ, quick):
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                return f"MLflow experiment {experiment!r} is deleted", "restore it or pass another --experiment"
+            if not writes:
+                return None, ""
             if exp is None:  # made as the registry makes it (a local store's artifacts beside its database)
                 client.create_experiment(experiment, artifact_location=tracking.local_artifact_root(uri))
-            elif exp.lifecycle_stage == "deleted":
-                return f"MLflow experiment {experiment!r} is deleted", "restore it or pass another --experiment"
             else:
                 client.set_experiment_tag(exp.experiment_id, "oneword.preflight", str(int(time.time())))
     except Exception as e:  # unreachable, refused, unauthorised: the message says which
         why = tracking.said(e, 200)
         return (
-            f"the MLflow tracking server {why}" if " did not answer: " in why
+            f"the MLflow tracking server {why}" if why.startswith(("http://", "https://"))
             else f"the MLflow tracking server {uri} does not take writes to {experiment!r}: {why}",
             "check --tracking-uri (or MLFLOW_TRACKING_URI) and MLFLOW_TRACKING_USERNAME/PASSWORD",
         )

@@ -110,15 +110,24 @@ QUERY_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEO
 
 
 def said(e: Exception, most: int = 300) -> str:
-    """An MLflow client error in one short line. A server that could not be reached at all is said as such
-    ("http://host:5000 did not answer: Connection refused"), not as the request's 400-character URL and
-    urllib3's retry chatter, from which a person must dig out which it was."""
+    """An MLflow client error in one short line. A server that could not be reached ("http://host:5000 did not
+    answer: Connection refused"), that answered with errors only, or whose certificate was refused is said as
+    such, not as the request's 400-character URL and urllib3's retry chatter, from which a person must dig out
+    which it was."""
     text = str(e).strip()
-    reached = re.search(r"API request to (\w+://[^/\s]+)\S* failed with exception .*?(?:Max retries exceeded|"
-                        r"timed out)", text, re.S)  # fmt: skip
-    if reached:
-        why = re.findall(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.findall(r"(\w[\w ]*timed out)", text)
-        return f"{reached.group(1)} did not answer: {(why[-1] if why else 'no answer').strip()}"
+    request = re.match(r"API request to (\w+://[^/\s]+)\S* failed with exception ", text)
+    if request:
+        where = request.group(1)
+        if found := re.search(r"too many (\d+) error responses", text):
+            return f"{where} answered HTTP {found.group(1)} at every attempt"
+        if "SSLError" in text or "CERTIFICATE" in text:
+            why = re.findall(r"\[SSL: [^\]]+\] ([^'\")(]+)", text) or re.findall(r"SSLError\((.{0,120})", text)
+            return f"{where}: TLS failed: {(why[-1] if why else 'see --verbose').strip()}"
+        why = re.findall(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.findall(
+            r"(Connection to \S+ timed out|Read timed out)", text
+        )
+        if why:
+            return f"{where} did not answer: {why[-1].strip()}"
     return text.splitlines()[0][:most] if text else type(e).__name__
 
 

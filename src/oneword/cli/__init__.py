@@ -115,12 +115,14 @@ def _os_error(e: OSError) -> OnewordError:
         return OnewordError(f"cannot read or write: {e.strerror}", hint=hint)
     path = Path(os.fsdecode(e.filename))
     if isinstance(e, (FileExistsError, NotADirectoryError)):
-        blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+        # a file among the folders above the path (not the path itself: a read or a link says that of its own)
+        blocking = next((p for p in path.parents if p.is_file()), None)
         if blocking is not None:
             return OnewordError(f"{blocking} is a file, where a folder was to be made ({path})",
                                 hint="give a path whose folders are folders, or move the file away")  # fmt: skip
-    if _SCRATCH.search(path.name):
-        return OnewordError(f"cannot write in {path.parent}: {e.strerror}", hint=hint)
+    scratch = next((p for p in (path, *path.parents) if _SCRATCH.search(p.name)), None)
+    if scratch is not None:  # in it, or it: the folder it was to be renamed into place in
+        return OnewordError(f"cannot write in {scratch.parent}: {e.strerror}", hint=hint)
     return OnewordError(f"cannot read or write {path}: {e.strerror}", hint=hint)
 
 

@@ -171,14 +171,21 @@ def concept_card(info: dict):
 def _learning_rate(params: dict) -> str:
     """The rate the steps took, and the base rate it was scaled from (by the batch) where it was: the option's
     value is the base rate, and a card that showed only the other read as a different setting."""
-    used, base = params.get("train.learning_rate_used"), params.get("train.learning_rate")
+    used = params.get("train.learning_rate_used")
     if not used:
         return ""
-    try:
-        scaled = base is not None and 0 < float(base) != float(used)
-    except ValueError:  # "None": a version from before the resolved rate was logged
-        scaled = False
+    # the concept's own rate where its manifest gave one, else the run's
+    base = next((r for r in (params.get("learning_rate"), params.get("train.learning_rate")) if _number(r)), None)
+    scaled = params.get("train.scale_lr") == "True" and base is not None and float(base) != float(used)
     return f"learning rate {used}" + (f" (base {base}, scaled by the batch)" if scaled else "")
+
+
+def _number(text: str | None) -> bool:
+    """A logged param that is a number ("None" is not: the run's own, or the profile's, was taken)."""
+    try:
+        return text is not None and float(text) > 0
+    except ValueError:
+        return False
 
 
 def _score3(value) -> str:

@@ -179,7 +179,8 @@ def _read_group(path: Path):
             raise OnewordError(f"{label} is {item!r}, not a mapping of fields", hint=hint)
         problems = [f"missing field {k!r}" for k in own if k not in item]
         try:
-            spec = ConceptSpec(**{k: v for k, v in item.items() if k not in own})
+            # (a key YAML reads as a number or a boolean is a field error too, not a TypeError)
+            spec = ConceptSpec.model_validate({k: v for k, v in item.items() if k not in own})
         except ValidationError as e:
             problems += field_problems(e, (*own, *ConceptSpec.model_fields))
         if problems:

@@ -336,7 +336,7 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     # concepts "a run trains" when a run would train none
     p = {**DEFAULTS, **params}
     preflight(p["base_model"], [], p["clip_model"], uri if registry else None, p["experiment"], "", p["prompt_set"],
-              p["dino_model"])  # fmt: skip
+              p["dino_model"], writes=False)  # fmt: skip  (a dry run records nothing, the experiment neither)
     settings = lookup_settings(params)
     with log_level(logging.ERROR, "oneword.batch", "oneword.unchanged"):  # as above
         told = unchanged_versions(concepts, settings, uri) if registry else result_keys(concepts, settings)

@@ -163,16 +163,17 @@ def version_row(mv, rm) -> dict:
         "base_model": mv.tags.get("oneword.base_model"),
         "base_model_fingerprint": mv.tags.get("oneword.base_model_fingerprint", ""),
         "model_family": mv.tags.get("oneword.model_family"),
-        "reconstruction": _number(mv.tags.get("reconstruction")),
-        "editability": _number(mv.tags.get("editability")),
+        "reconstruction": as_number(mv.tags.get("reconstruction")),
+        "editability": as_number(mv.tags.get("editability")),
         "gate": mv.tags.get("gate"),
         "batch_id": mv.tags.get("oneword.batch_id"),
         "run_id": mv.run_id,
     }
 
 
-def _number(tag: str | None) -> float | None:
-    """A score tag as a number (a version registered unevaluated, or tagged by another tool: None)."""
+def as_number(tag: str | None) -> float | None:
+    """A tag or logged param as a number (a version registered unevaluated, tagged by another tool, a param logged
+    as "None": None)."""
     try:
         return None if tag is None else float(tag)
     except ValueError:

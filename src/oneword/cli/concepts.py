@@ -174,18 +174,12 @@ def _learning_rate(params: dict) -> str:
     used = params.get("train.learning_rate_used")
     if not used:
         return ""
-    # the concept's own rate where its manifest gave one, else the run's
-    base = next((r for r in (params.get("learning_rate"), params.get("train.learning_rate")) if _number(r)), None)
+    from oneword.catalogue import as_number
+
+    # the concept's own rate where its manifest gave one ("None": it gave none), else the run's
+    base = next((r for r in (params.get("learning_rate"), params.get("train.learning_rate")) if as_number(r)), None)
     scaled = params.get("train.scale_lr") == "True" and base is not None and float(base) != float(used)
     return f"learning rate {used}" + (f" (base {base}, scaled by the batch)" if scaled else "")
-
-
-def _number(text: str | None) -> bool:
-    """A logged param that is a number ("None" is not: the run's own, or the profile's, was taken)."""
-    try:
-        return text is not None and float(text) > 0
-    except ValueError:
-        return False
 
 
 def _score3(value) -> str:

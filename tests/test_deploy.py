@@ -178,7 +178,10 @@ def test_the_model_cache_is_shared_where_pipelines_run(rendered, overlay):
     assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "dev" else ["ReadWriteMany"])
     init = _one(docs, "Job", "oneword-model-cache-init")["spec"]["template"]["spec"]
     assert init["volumes"] == [{"name": "cache", "persistentVolumeClaim": {"claimName": "oneword-model-cache"}}]
-    assert "chown 10001:10001" in init["containers"][0]["args"][0]  # the images' user
+    assert "chown 10001:10001" in init["initContainers"][0]["args"][0]  # the images' user, where the volume lets it
+    check = init["containers"][0]  # then, as the steps run, what they write: the Job fails only where they could not
+    assert check["securityContext"]["runAsUser"] == 10001 and "touch /models/huggingface/" in check["args"][0]
+    assert "/models/torchinductor" in check["args"][0]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -115,8 +115,10 @@ def _os_error(e: OSError) -> OnewordError:
         return OnewordError(f"cannot read or write: {e.strerror}", hint=hint)
     path = Path(os.fsdecode(e.filename))
     if isinstance(e, (FileExistsError, NotADirectoryError)):
-        # a file among the folders above the path (not the path itself: a read or a link says that of its own)
-        blocking = next((p for p in path.parents if p.is_file()), None)
+        # a file where a folder was to be made (mkdir's error names it), or among the folders above the path; not
+        # the path of a read through a file (listdir's NotADirectoryError names the file itself)
+        looked = (path, *path.parents) if isinstance(e, FileExistsError) else path.parents
+        blocking = next((p for p in looked if p.is_file()), None)
         if blocking is not None:
             return OnewordError(f"{blocking} is a file, where a folder was to be made ({path})",
                                 hint="give a path whose folders are folders, or move the file away")  # fmt: skip

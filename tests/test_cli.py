@@ -707,3 +707,10 @@ def test_compare_prints_its_scores_as_a_table(evaluated_concept, tmp_path, capsy
     assert rows["lr-low"][-2:] == [f"{low['reconstruction']:.4f}", f"{low['editability']:.4f}"]
     table = [line for line in out.splitlines() if "scatter ->" not in line]  # a path is printed whole, to copy
     assert "{'run'" not in out and all(len(line) <= 80 for line in table)
+
+
+def test_a_setting_out_of_range_points_at_the_help_of_the_command_given(tmp_path, capsys):
+    manifest = tmp_path / "concepts.yaml"
+    manifest.write_text(f"concepts:\n  - {{images: {DREAMBENCH / 'cat'}, token: '<cat-h>', init_word: cat}}\n")
+    code, out = run(["batch", manifest, "--steps", -5, "--dry-run"], capsys)
+    assert code == 2 and "steps=-5" in out and "`oneword batch --help`" in " ".join(out.split()), out

@@ -35,10 +35,8 @@ def demo_cmd(
     from PIL import Image
     from rich import print as rprint
 
-    from oneword.errors import OnewordError
     from oneword.generate import make_grid
-    from oneword.pipelines.local import run_textual_inversion
-    from oneword.pipelines.parameters import invalid
+    from oneword.pipelines.local import check_settings, run_textual_inversion
     from oneword.profiles import TOYWORLD
     from oneword.storage import check_replaceable
     from oneword.toyworld.concepts import get_concept, write_concept
@@ -46,9 +44,7 @@ def demo_cmd(
 
     t0 = time.time()
     get_concept(concept)  # a mistake is said before the folder is touched
-    if problems := invalid({"steps": steps or 0, "n_images": n_images}):
-        raise OnewordError("invalid setting" + "s" * (len(problems) > 1) + ": " + "; ".join(problems),
-                           hint="`oneword demo --help` says what each option takes")  # fmt: skip
+    check_settings({"steps": steps or 0, "n_images": n_images}, "demo")
     if not (out.is_dir() and {"photos", "prompts.txt"} <= {p.name for p in out.iterdir()}):  # a demo's, made
         check_replaceable(out, DEMO_MARKER, "an earlier demo's folder")  # before the marker was written
     if out.exists():

@@ -175,15 +175,16 @@ def _own_run(pipeline_root: Path, prefix: str, started: float) -> Path | None:
     return min(runs)[1] if runs else None
 
 
-def _check_settings(params: dict) -> None:
+def check_settings(params: dict, command: str = "run") -> None:
     """The parameters by their config fields' rules, before any step runs (a bad step count met in `train`
-    stopped a run after its photos were encoded, as "Inner task failed: 'train'")."""
+    stopped a run after its photos were encoded, as "Inner task failed: 'train'"); the hint names `command`'s help.
+    """
     from oneword.pipelines.parameters import invalid
 
     if problems := invalid(params):
         raise OnewordError(
             "invalid setting" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems),
-            hint="`oneword run --help` says what each option takes",
+            hint=f"`oneword {command} --help` says what each option takes",
         )
 
 
@@ -227,7 +228,7 @@ def run_textual_inversion(
     """
     from oneword.pipelines.definitions import textual_inversion
 
-    _check_settings(params)
+    check_settings(params)
     _check_concept(params)
     uri = ensure_store(tracking_uri)  # made once here, before any step opens it
     _init(pipeline_root)
@@ -281,7 +282,7 @@ def run_batch(
     from oneword.batch import load_concepts_manifest, plan_concepts
     from oneword.pipelines.definitions import batch_personalisation
 
-    _check_settings(params)
+    check_settings(params, "batch")
     # as plan-batch will: a mistake is told here, whole
     plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()), concepts_manifest)
     uri = ensure_store(tracking_uri)  # made once here, before the shards open it in parallel
@@ -325,7 +326,7 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.tracking import default_tracking_uri, sqlite_path
     from oneword.unchanged import result_keys, unchanged_versions
 
-    _check_settings(params)
+    check_settings(params, "batch")
     with log_level(logging.ERROR, "oneword.batch"):  # what it warns of, concept by concept, is the table's rows
         concepts = plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()),
                                  concepts_manifest)  # fmt: skip

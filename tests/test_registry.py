@@ -499,7 +499,7 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
 
     name = "cat-nightly"
     assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None  # nothing registered yet
-    registry.register(trained, scored("t-1", 0.5), mlflow_server, name=name, batch_id="night-1")
+    registry.register(trained, scored("t-1", 0.5), mlflow_server, name=name, batch_id="reg-night-1")
     found = registry.earlier_result(mlflow_server, trained, name, config, gate)
     assert found == {"version": "1", "aliases": ["champion"]}
     assert (
@@ -514,21 +514,21 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     prompts.write_text("a {} at night\n")
     assert evaluation_key("t-1", EvalConfig(prompt_set=str(prompts))) != before
     # the next night: the same training and settings
-    r = batch_records.record_unchanged(mlflow_server, trained, name, found, "night-2")
+    r = batch_records.record_unchanged(mlflow_server, trained, name, found, "reg-night-2")
     assert (r.version, r.alias) == ("1", "champion") and "unchanged" in r.reason
     client = mlflow.MlflowClient(mlflow_server)
     assert client.get_run(r.run_id).info.status == "FINISHED"
     assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["1"]  # no second version
     plan = [{"images": "x", "token": "<cat-r>", "init_word": "cat", "name": name}]
-    report = batch_report(mlflow_server, "night-2", plan)
+    report = batch_report(mlflow_server, "reg-night-2", plan)
     assert (report["registered"], report["unchanged"], report["failed"]) == (0, 1, 0)
     assert report["concepts"][0] | {"token": None} == {
         "token": None, "name": name, "status": "unchanged", "version": "1", "alias": "champion"
     }  # fmt: skip
-    assert batch_report(mlflow_server, "night-1", plan)["registered"] == 1
+    assert batch_report(mlflow_server, "reg-night-1", plan)["registered"] == 1
     # a batch's versions are found by its tag, as the whole registry lists them
-    night_1 = catalogue.batch_versions(mlflow_server, "night-1")
-    assert night_1 == [r for r in catalogue.list_concepts(mlflow_server) if r["batch_id"] == "night-1"]
+    night_1 = catalogue.batch_versions(mlflow_server, "reg-night-1")
+    assert night_1 == [r for r in catalogue.list_concepts(mlflow_server) if r["batch_id"] == "reg-night-1"]
     assert [(r["name"], r["version"]) for r in night_1] == [(name, "1")]
     assert catalogue.batch_versions(mlflow_server, "no-such-batch") == []
     # photos changed (version 2), then changed back: version 1's inputs are no longer the newest, so it counts
@@ -541,7 +541,7 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None
     # the version a batch kept, deleted since by an operator: the report says the concept failed, and is made
     client.delete_model_version(name, "1")
-    assert batch_report(mlflow_server, "night-2", plan)["concepts"][0]["status"] == "failed"
+    assert batch_report(mlflow_server, "reg-night-2", plan)["concepts"][0]["status"] == "failed"
 
 
 def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
@@ -560,6 +560,16 @@ def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
         "older-own-run": ("register", "sha mismatch"),
         "newer-own-run": ("register", "sha mismatch"),
     }
+    # the same failure recorded again (a retried step): the run recorded the first time, not another
+    first = batch_records.batch_failures(mlflow_server, "b-7", "failures-exp")["older-own-run"]["run_id"]
+    again = batch_records.record_failure(mlflow_server, "older-own-run", "<x>", "b-7", "register", "sha mismatch",
+                                         "failures-exp")  # fmt: skip
+    assert again == first
+    other = batch_records.record_failure(mlflow_server, "older-own-run", "<x>", "b-7", "register", "timeout",
+                                         "failures-exp")  # fmt: skip
+    assert other != first
+    assert batch_records.batch_failures(mlflow_server, "b-7", "failures-exp")["older-own-run"]["error"] == "timeout"
+    assert len(client.search_runs([exp], "attributes.status = 'FAILED'")) == 5
 
 
 def test_a_registered_name_that_registry_searches_cannot_hold_is_refused_before_training():

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import torch
 
-from oneword import registry
+from oneword import batch_records, registry
 from oneword.batch import spec_of
 from oneword.config import ConceptSpec, EvalConfig, GateThresholds, TrainConfig
 from oneword.evaluation.protocol import evaluation_key, result_key
@@ -123,6 +123,16 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     experiments = [e.experiment_id for e in client.search_experiments()]
     night_runs = client.search_runs(experiments, "tags.`oneword.batch_id` = 'night-9'")
     assert [r.info.run_id for r in night_runs] == [plan]
+    # the plan tried again (a cluster's retry policy): in the same run, and what it found before is not kept
+    assert record_plan(mlflow_server, "night-9", [DOG]) == plan
+    assert batch_report(mlflow_server, "night-9", [DOG])["concepts"][0]["status"] == "failed"
+    assert batch_records.batch_unchanged(mlflow_server, "night-9") == []
+    assert record_plan(mlflow_server, "night-9", [CAT, DOG]) == plan
+    assert changed_concepts([CAT, DOG], settings, mlflow_server, "night-9", plan_run_id=plan) == [
+        {**DOG, JUDGED_KEY: True}
+    ]
+    assert [r.info.run_id for r in client.search_runs(experiments, "tags.`oneword.batch_id` = 'night-9'")] == [plan]
+    assert [r["name"] for r in batch_records.batch_unchanged(mlflow_server, "night-9")] == ["cat-u"]
     report = batch_report(mlflow_server, "night-2", [CAT, DOG])
     assert {c["name"]: c["status"] for c in report["concepts"]}["cat-u"] == "unchanged"
     assert report["concepts"][0]["version"] == "1"

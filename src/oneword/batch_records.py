@@ -41,10 +41,22 @@ def record_failure(
     experiment: str = EXPERIMENT,
     run_tags: dict[str, str] | None = None,
 ) -> str:
-    """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why. Returns its id."""
+    """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why. Returns its id.
+
+    A step or plan tried again (`outcome.retrying`, a cluster's retry policy) that records the same failure of the
+    same batch again finds the run it logged the first time and logs no other."""
     uri = tracking_uri or default_tracking_uri()
     mlflow, client = tracking.client(uri)
     exp_id = ensure_experiment(mlflow, experiment, uri)
+    same = client.search_runs(
+        [exp_id],
+        f"tags.`oneword.batch_id` = '{batch_id}' and tags.`{CONCEPT_TAG}` = '{name}' and "
+        f"tags.`oneword.failed_stage` = '{stage}' and attributes.status = 'FAILED'",
+        max_results=10,
+    )
+    for run in same:
+        if run.data.tags.get("oneword.error") == error[:4000]:
+            return run.info.run_id
     tags = {
         CONCEPT_TAG: name,
         "oneword.token": token,
@@ -172,7 +184,8 @@ def record_plan(
     the next run of the same manifest (`previous_plan`) too.
 
     KFP's exit handler, which writes the report, may not read other tasks' outputs; MLflow is where both meet.
-    Returns the plan's run id.
+    Returns the plan's run id. A plan step tried again (`outcome.retrying`, a cluster's retry policy) plans again in
+    the run its first attempt recorded, not in another: what that attempt found unchanged is forgotten there.
     """
     uri = tracking_uri or default_tracking_uri()
     mlflow, client = tracking.client(uri)
@@ -180,10 +193,16 @@ def record_plan(
     tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
     if manifest:  # searched by a hash: a path may hold quotes, which a filter string would have to escape
         tags |= {MANIFEST_TAG: manifest, MANIFEST_KEY_TAG: hashlib.sha256(manifest.encode()).hexdigest()[:16]}
-    run = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags)
-    client.log_dict(run.info.run_id, {"concepts": concepts}, "plan.json")
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    earlier = _plan_run(client, exp_id, batch_id)
+    if earlier is None:
+        run_id = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags).info.run_id
+    else:
+        run_id = earlier.info.run_id
+        if any(f.path == UNCHANGED_FILE for f in client.list_artifacts(run_id)):
+            client.log_dict(run_id, {}, UNCHANGED_FILE)
+    client.log_dict(run_id, {"concepts": concepts}, "plan.json")
+    client.set_terminated(run_id)
+    return run_id
 
 
 def mark_deferred(tracking_uri: str | None, plan_run_id: str, concepts: list[dict], later: dict[str, int],
@@ -212,7 +231,7 @@ def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERI
 
 
 def _plan_run(client, experiment_id: str, batch_id: str):
-    """The newest plan a batch recorded (a retried plan step records another), or None."""
+    """The plan a batch recorded (the newest, should there be several), or None."""
     runs = client.search_runs(
         [experiment_id],
         f"tags.`oneword.batch_id` = '{batch_id}' and tags.`oneword.kind` = '{PLAN_KIND}'",

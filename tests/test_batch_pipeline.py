@@ -60,7 +60,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert status["bad-q"]["status"] == "failed" and status["bad-q"]["stage"] == "preprocess"
     assert "a.jpg" in status["bad-q"]["error"]
     assert (status["dog-word"]["stage"], status["dog-word"]["status"]) == ("train", "failed")  # a word it has
-    assert "already a word of the model" in status["dog-word"]["error"]
+    assert "already in the vocabulary" in status["dog-word"]["error"]
     assert (report["registered"], report["failed"]) == (2, 2)
     from rich.console import Console
 

@@ -664,15 +664,21 @@ def test_fp16s_loss_scale_is_given_back_when_a_concept_stops(tiny_model, cat_lat
     assert tr.scaler.get_scale() == start  # halved five times before the stop, given back at it
 
 
-def test_a_concept_whose_vectors_would_not_fit_a_prompt_is_refused(tiny_model):
-    from oneword.train import check_concept
+def test_a_concept_whose_vectors_would_not_fit_a_prompt_is_refused(tiny_model, cat_latents_dir, tmp_path):
+    from oneword.inversion import check_concept
+    from oneword.train import train
 
     room = tiny_model.tokenizer.model_max_length - 2
     check_concept(tiny_model.tokenizer, ConceptSpec(token="<few>", init_word="cat", n_vectors=4, templates="object"))
+    many = ConceptSpec(token="<many>", init_word="cat", n_vectors=room, templates="object")
     with pytest.raises(OnewordError, match="would never train") as e:
-        check_concept(tiny_model.tokenizer, ConceptSpec(token="<many>", init_word="cat", n_vectors=room,
-                                                        templates="object"))  # fmt: skip
+        check_concept(tiny_model.tokenizer, many)
     assert "at most" in e.value.hint
+    # `oneword train` of one concept: refused before its first step, as a group's member is (it trained, and
+    # exported its last vectors as they began)
+    with pytest.raises(OnewordError, match="would never train"):
+        train(cat_latents_dir, tmp_path / "one", many, TrainConfig(steps=1), progress=False)
+    assert not (tmp_path / "one" / "learned_embeds.safetensors").exists()
 
 
 def test_a_kept_training_under_a_relative_checkpoint_folder_is_taken(cat_latents_dir, tmp_path, monkeypatch):

@@ -587,7 +587,7 @@ def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(
                 f"clip_model={tiny_clip_dir}",
             ]
         )
-    assert exit_.value.code == 2 and "already a word of the model" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "already in the vocabulary" in capsys.readouterr().err
     assert not [c for c in calls if c[0] == "POST"]
 
 

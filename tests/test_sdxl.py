@@ -233,18 +233,40 @@ def test_a_broken_single_file_sdxl_checkpoint_names_what_it_was_read_as(tmp_path
     assert "stable-diffusion-xl-base-1.0" in e.value.hint
     sd = tmp_path / "sd15.safetensors"
     save_file({"cond_stage_model.transformer.text_model.x": torch.zeros(2)}, str(sd))
-    assert single_file_family(sd) == "sd"
-    # the profile follows the tensor names too: SDXL trains at its 1024 px, not at SD 1's 512
+    assert single_file_family(sd) == "sd1"
+    sd2 = tmp_path / "sd21.safetensors"
+    save_file({"cond_stage_model.model.token_embedding.weight": torch.zeros(4, 4)}, str(sd2))
+    assert single_file_family(sd2) == "sd2"
+    # the profile follows the tensor names too: SDXL trains at its 1024 px, SD 2.x at the 768 px diffusers builds
+    # such a file at, neither at SD 1's 512
     assert (profile(str(ckpt)).family, image_side(str(ckpt), 0)) == ("sdxl", 1024)
     assert (profile(str(sd)).family, image_side(str(sd), 0)) == ("sd1", 512)
+    assert (profile(str(sd2)).family, image_side(str(sd2), 0)) == ("sd2", 768)
     # the tokens are checked with CLIP's tokenizer, which a single file does not hold
     concepts = [{"images": str(DREAMBENCH / "cat"), "token": t, "init_word": "cat"} for t in ("<x>", "cat")]
     with pytest.raises(OnewordError) as e:
         preflight(str(sd), concepts, clip_model="toyworld-clip", tracking_uri=None)
-    assert "1 problem(s)" in e.value.message and "'cat' is already a word of the model" in e.value.message
+    assert "1 problem(s)" in e.value.message and "token 'cat' is already in the vocabulary" in e.value.message
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(OnewordError, match="not a readable safetensors checkpoint"):
         load_base_model(str(tmp_path / "junk.safetensors"))
+
+
+def test_the_ldm_config_beside_a_single_file_says_its_prediction_type(tmp_path):
+    """diffusers takes every SD 2.x file for SD 2.1's v-prediction; the config A1111 reads beside it says which."""
+    from oneword.models import single_file_prediction
+
+    ckpt = tmp_path / "sd21-base.safetensors"
+    assert single_file_prediction(ckpt) is None
+    config = tmp_path / "sd21-base.yaml"
+    config.write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    timesteps: 1000\n")
+    assert single_file_prediction(ckpt) == "epsilon"
+    config.write_text("model:\n  params:\n    parameterization: \"v\"\n    timesteps: 1000\n")
+    assert single_file_prediction(ckpt) == "v_prediction"
+    config.write_text("- not\n- a config\n")
+    with pytest.raises(OnewordError, match=r"sd21-base\.yaml is not an LDM model config") as e:
+        single_file_prediction(ckpt)
+    assert "sd21-base.safetensors" in e.value.hint
 
 
 def test_bench_times_sdxl_training(sdxl_dir, capsys):

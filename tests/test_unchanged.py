@@ -68,7 +68,7 @@ def test_what_train_refuses_of_a_concept_is_told_before_it_as_train_tells_it(tin
     assert list(told.keys) == ["cat-u"] and list(told.unknown) == ["cat-t"]  # not told: a run tries it
     assert [told.failing[n]["stage"] for n in ("cat-word", "dog-u", "cat-s")] == ["train", "train", "train"]
     assert "vectors" in told.failing["dog-u"]["error"]
-    assert told.failing["cat-s"]["error"] == "token '<my cat>' is not one word"
+    assert told.failing["cat-s"]["error"] == "placeholder token '<my cat>' must be one word with no spaces"
     rows = train_group([("cat-word", spec_of(wordy), cat_latents_dir)], tmp_path / "out", TRAIN,
                        base_model=str(tiny_model_dir), progress=False)  # fmt: skip
     assert (rows[0]["stage"], rows[0]["error"]) == ("train", told.failing["cat-word"]["error"])
@@ -153,7 +153,7 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     taken = {**DOG, "token": "dog", "name": "dog-word"}
     assert changed_concepts([taken], given, mlflow_server, "night-7", on_error="record") == []
     (row,) = batch_report(mlflow_server, "night-7", [taken])["concepts"]
-    assert (row["status"], row["stage"]) == ("failed", "train") and "already a word of the model" in row["error"]
+    assert (row["status"], row["stage"]) == ("failed", "train") and "already in the vocabulary" in row["error"]
     # a registry that does not answer: every concept goes on, nothing is lost, and the next lookup asks again
     assert changed_concepts([CAT], given, "http://127.0.0.1:9", "night-4") == [CAT]
 

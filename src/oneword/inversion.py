@@ -45,7 +45,13 @@ from oneword.latents import LatentSet
 from oneword.models import LoadedModel
 from oneword.profiles import profile_of
 from oneword.templates import get_templates
-from oneword.tokens import add_placeholder_tokens, expand_placeholder, initializer_id, install_splice
+from oneword.tokens import (
+    add_placeholder_tokens,
+    check_new_token,
+    expand_placeholder,
+    initializer_id,
+    install_splice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,23 @@ def check_progressive(spec: ConceptSpec, config: TrainConfig) -> None:
             f"{every}), but training ends at step {steps}: it would be exported untrained",
             hint=f"use at most {(steps - 1) // every + 1} vectors, progressive_every at most "
             f"{(steps - 1) // (n - 1)}, or more than {(n - 1) * every} steps",
+        )
+
+
+def check_concept(tokenizer, spec: ConceptSpec) -> None:
+    """Raise `OnewordError` if `spec` cannot be trained in a model with this tokenizer (before any work)."""
+    check_new_token(tokenizer, spec.token, spec.n_vectors)
+    initializer_id(tokenizer, spec.init_word)
+    templates = get_templates(spec.templates)
+    # the text encoder reads model_max_length tokens, start and end among them: a vector past them is in no
+    # prompt, gets no gradient, and would be exported as its initializer, shrunk by weight decay
+    room = tokenizer.model_max_length - 2
+    words, longest = max((len(tokenizer(t.format(""), add_special_tokens=False).input_ids), t) for t in templates)
+    if words + spec.n_vectors > room:
+        raise OnewordError(
+            f"{spec.token!r}: {spec.n_vectors} vectors and the {words} other tokens of the template {longest!r} "
+            f"are more than the {room} the text encoder reads: its last vectors would never train",
+            hint=f"use at most {max(room - words, 1)} vectors, or templates with fewer words",
         )
 
 
@@ -242,6 +265,9 @@ class InversionTrainer:
 
     def _add_concept(self, spec: ConceptSpec, latents: LatentSet) -> _Concept:
         check_progressive(spec, self.config)
+        spec = spec.resolved(self.profile)
+        for tok in self.tokenizers:  # whichever way training was reached: `oneword train`, a group, the library
+            check_concept(tok, spec)
         inits, params, token_ids = [], [], []
         for tok, splice in zip(self.tokenizers, self.splices):
             init_id = initializer_id(tok, spec.init_word)
@@ -259,7 +285,7 @@ class InversionTrainer:
             inits.append(init)
             params.append(splice.add(init))
             token_ids.append(ids)
-        templates = get_templates(spec.resolved(self.profile).templates)
+        templates = get_templates(spec.templates)
         prompt_ids = {
             n_active: tokenize(
                 self.tokenizers, [t.format(expand_placeholder(spec.token, n_active)) for t in templates], self.device

@@ -280,21 +280,25 @@ def _load_json(resolved: str, rel: str, kw: dict) -> dict:
     return json.loads(Path(hf_hub_download(resolved, rel, **kw)).read_text())
 
 
-# A key only SDXL's original (Stability) checkpoint layout has: its second text encoder, OpenCLIP ViT-bigG.
+# Keys of the original (Stability) checkpoint layouts: SDXL's second text encoder (OpenCLIP ViT-bigG), and SD 2.x's
+# one text encoder (OpenCLIP ViT-H); SD 1.x's (CLIP ViT-L) is under `cond_stage_model.transformer.`
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model."
+SD2_SINGLE_FILE_KEY = "cond_stage_model.model."
 SINGLE_FILE_KINDS = {  # family -> (what it is, a hub id whose configs fit it)
     "sdxl": ("an SDXL", "stabilityai/stable-diffusion-xl-base-1.0"),
-    "sd": ("a Stable Diffusion 1.x/2.x", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    "sd2": ("a Stable Diffusion 2.x", "stabilityai/stable-diffusion-2-1"),
+    "sd1": ("a Stable Diffusion 1.x", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
 }
 
 
 def single_file_family(path: str | Path) -> str:
-    """`sdxl` when a single-file checkpoint holds SDXL's second text encoder, else `sd` (SD 1.x/2.x).
+    """`sdxl`, `sd2` or `sd1`, by the text encoders a single-file checkpoint holds.
 
-    Reads only the tensor names (a `.safetensors` header); a `.ckpt` is unpickled by diffusers later, not here.
+    Reads only the tensor names (a `.safetensors` header); a `.ckpt` is unpickled by diffusers later, not here, and
+    is taken for SD 1.x until then.
     """
     if not str(path).endswith(".safetensors"):
-        return "sd"
+        return "sd1"
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -305,26 +309,67 @@ def single_file_family(path: str | Path) -> str:
             f"{path} is not a readable safetensors checkpoint ({e})",
             hint="check that the download finished; re-download it, or pass a diffusers folder",
         ) from e
-    return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in keys) else "sd"
+    if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in keys):
+        return "sdxl"
+    return "sd2" if any(k.startswith(SD2_SINGLE_FILE_KEY) for k in keys) else "sd1"
+
+
+def single_file_prediction(path: str | Path) -> str | None:
+    """The prediction type the LDM config beside a single-file checkpoint states (`<name>.yaml`, where A1111 reads
+    it): `v_prediction` where it says `parameterization: v`, else `epsilon`; None where there is no such file.
+
+    diffusers reads no such thing: it takes every SD 2.x file for SD 2.1's v-prediction (`from_single_file`).
+    """
+    import yaml
+
+    config = Path(path).with_suffix(".yaml")
+    if not config.is_file():
+        return None
+    try:
+        found = yaml.safe_load(config.read_text())
+        said = found["model"]["params"].get("parameterization", "eps")
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise OnewordError(
+            f"{config} is not an LDM model config (model.params) ({type(e).__name__}: {e})",
+            hint=f"it is read as {Path(path).name}'s config: put the model's own there (e.g. v2-inference.yaml), "
+            "or move it away",
+        ) from e
+    return "v_prediction" if said == "v" else "epsilon"
 
 
 def _load_single_file(source, path, parts, device, dtype, model_config) -> LoadedModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     family = single_file_family(path)
+    stated = None if model_config else single_file_prediction(path)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     kw = {"config": model_config} if model_config else {}
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    what, example = SINGLE_FILE_KINDS[family]
     try:
         pipe = pipeline_class.from_single_file(path, torch_dtype=dtype, **extra, **kw)
     except Exception as e:  # diffusers raises several types here
-        what, example = SINGLE_FILE_KINDS[family]
         raise OnewordError(
             f"could not load single-file checkpoint {path} (read as {what} checkpoint): {e}",
             hint=f"diffusers reads such a file's configs from the hub ({example}): run where the hub or its cache "
             "(HF_HOME) is reachable, or save the model once as a diffusers folder "
             "(from_single_file(...).save_pretrained(folder)) and pass the folder",
         ) from e
+    scheduler_config = dict(pipe.scheduler.config) | ({"prediction_type": stated} if stated else {})
+    said = scheduler_config.get("prediction_type", "epsilon")
+    if family == "sd2" and not stated and not model_config:
+        log.warning(
+            "%s: read as %s checkpoint with %s's configs (%s, %d px), as diffusers reads every such file; an SD 2.x "
+            "base model (epsilon, 512 px) or a fine-tune of one would train on the wrong target: put its LDM config "
+            "beside it as %s (v2-inference.yaml) and give --resolution 512",
+            path, what, example, said, pipe.unet.config.sample_size * pipe.vae_scale_factor,
+            Path(path).with_suffix(".yaml").name,
+        )  # fmt: skip
+    elif family == "sd2" and said == "epsilon":  # diffusers built it at SD 2.1's size whatever the config said
+        log.warning("%s: read as an SD 2.x base model (epsilon, as %s says): give --resolution 512, its native size, "
+                    "unless it was trained at 768 px", path, Path(path).with_suffix(".yaml").name)  # fmt: skip
+    else:
+        log.info("%s: read as %s checkpoint, predicting %s", path, what, said)
     encoders = (
         pipe.tokenizer,
         pipe.text_encoder.float(),
@@ -336,7 +381,7 @@ def _load_single_file(source, path, parts, device, dtype, model_config) -> Loade
         encoders,
         pipe.unet if "unet" in parts else None,
         pipe.vae if "vae" in parts else None,
-        dict(pipe.scheduler.config),
+        scheduler_config,
         dict(pipe.unet.config),
         device,
         Path(path),

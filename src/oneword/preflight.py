@@ -252,7 +252,7 @@ def images_problem(images: str, token: str) -> tuple[str | None, str]:
 def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:
     """Each token new to the model's tokenizer, each initializer one token (the tokenizer only, no model)."""
     from oneword.config import ConceptSpec
-    from oneword.train import check_concept
+    from oneword.inversion import check_concept
 
     tokenizer = _tokenizer(base_model)
     out = []

@@ -96,7 +96,7 @@ def profile(base_model: str) -> ModelProfile:
         # a single-file checkpoint has no config files; its tensor names tell SDXL from SD 1.x/2.x
         from oneword.models import single_file_family
 
-        return PROFILES["sdxl" if single_file_family(single) == "sdxl" else DEFAULT_FAMILY]
+        return PROFILES[single_file_family(single)]
     configs = _read_configs(base_model)
     if configs is None:
         log.info("could not read %s's config; using the %s profile", base_model, DEFAULT_FAMILY)
@@ -119,8 +119,8 @@ def profile_of(model) -> ModelProfile:
     p = PROFILES.get(model.family, PROFILES[DEFAULT_FAMILY])
     # the family is the loaded model's own; the native size is in its configs: its folder's, else (a hub id, held
     # in the hub's cache) the hub's, as `profile` reads them (SD 2's 512 px "base" models are not 768 px)
-    if model.path is not None and Path(model.path).is_file():  # a single file: the size `profile` gives it
-        return p.model_copy(update={"resolution": profile(str(model.path)).resolution})
+    if model.path is not None and Path(model.path).is_file():  # a single file: its family's (diffusers' too)
+        return p
     configs = _read_folder(Path(model.path)) if model.path is not None else _read_configs(model.source)
     if configs is not None:
         p = p.model_copy(update={"resolution": _family_and_resolution(configs)[1]})

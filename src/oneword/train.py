@@ -38,6 +38,7 @@ from oneword.inversion import (
     MetricsCallback,
     TrainConfig,
     TrainResult,
+    check_concept,
     check_progressive,
 )
 from oneword.latents import DATASET_DIR, LatentSet
@@ -46,7 +47,7 @@ from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
 from oneword.templates import SETS as TEMPLATE_SETS
 from oneword.templates import get_templates
-from oneword.tokens import clashing_entries, expand_placeholder, initializer_id, vector_tokens
+from oneword.tokens import clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -270,31 +271,6 @@ def _run(
     if live is not None:
         live.end({live.names[token]: why for token, why in result.failed.items() if token in live.names})
     return result
-
-
-def check_concept(tokenizer, spec: ConceptSpec) -> None:
-    """Raise `OnewordError` if `spec` cannot be trained in a model with this tokenizer (before any work)."""
-    # a prompt splits at spaces: "my star" would be two words (and "my" one the model has)
-    if not spec.token or any(c.isspace() for c in spec.token):
-        raise OnewordError(f"token {spec.token!r} is not one word", hint="give a new word without spaces, e.g. <my-x>")
-    initializer_id(tokenizer, spec.init_word)
-    templates = get_templates(spec.templates)
-    # the text encoder reads model_max_length tokens, start and end among them: a vector past them is in no
-    # prompt, gets no gradient, and would be exported as its initializer, shrunk by weight decay
-    room = tokenizer.model_max_length - 2
-    words, longest = max((len(tokenizer(t.format(""), add_special_tokens=False).input_ids), t) for t in templates)
-    if words + spec.n_vectors > room:
-        raise OnewordError(
-            f"{spec.token!r}: {spec.n_vectors} vectors and the {words} other tokens of the template {longest!r} "
-            f"are more than the {room} the text encoder reads: its last vectors would never train",
-            hint=f"use at most {max(room - words, 1)} vectors, or templates with fewer words",
-        )
-    known = {**tokenizer.get_vocab(), **tokenizer.get_added_vocab()}
-    clash = [t for t in expand_placeholder(spec.token, spec.n_vectors).split() if t in known]
-    if clash:
-        raise OnewordError(
-            f"token {spec.token!r} is already a word of the model ({clash[0]!r})", hint="pick a new token, e.g. <my-x>"
-        )
 
 
 def _check_fits_group(

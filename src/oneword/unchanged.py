@@ -41,12 +41,12 @@ from oneword.config import EvalConfig, GateThresholds, TrainConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
 from oneword.images import Manifest, preprocess
-from oneword.inversion import check_progressive
+from oneword.inversion import check_concept, check_progressive
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model, recorded_source
 from oneword.profiles import image_side, profile_of
 from oneword.registry import EXPERIMENT, unchanged_result
 from oneword.templates import get_templates
-from oneword.train import check_concept, model_identity, training_key
+from oneword.train import model_identity, training_key
 
 log = logging.getLogger(__name__)
 

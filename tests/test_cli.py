@@ -402,6 +402,26 @@ def test_a_registry_that_does_not_answer_is_said_in_seconds_without_a_traceback(
     assert code == 2 and "error: MLflow: " in out and "check --tracking-uri" in out and "Traceback" not in out
     assert f"{url} did not answer: Connection refused" in out and "Max retries" not in out  # not urllib3's 400 chars
     assert not any(key in os.environ for key in QUERY_HTTP)  # the command's own: not left to what runs next
+    # a server whose queue of connections is full (or a network policy that drops them): the connection times
+    # out, which MLflow words in its own way
+    import socket
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    waiting = [socket.socket() for _ in range(3)]
+    for w in waiting:
+        w.setblocking(False)
+        w.connect_ex(full.getsockname())
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        url = f"http://127.0.0.1:{full.getsockname()[1]}"
+        code, out = run(["concepts", "list", "--tracking-uri", url], capsys)
+    finally:
+        for sock in (full, *waiting):
+            sock.close()
+    assert code == 2 and f"{url} did not answer: Connection to 127.0.0.1 timed out" in out, out
 
 
 def test_a_server_that_answers_only_errors_or_speaks_no_tls_is_said_as_such(capsys, monkeypatch):

@@ -68,6 +68,23 @@ def test_mlflow_serves_artifacts_from_s3_for_its_service_names(rendered, overlay
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_asks_postgres_for_fewer_connections_than_it_allows(rendered, overlay):
+    """Each MLflow worker holds three SQLAlchemy pools (tracking, registry, auth), each of pool size plus overflow
+    (SQLAlchemy's 5 + 10 unless set): every worker of every replica, and one more pod while a rollout replaces
+    them, must fit in PostgreSQL's max_connections (less the 3 it keeps for superusers)."""
+    deployment = _one(rendered[overlay], "Deployment", "mlflow")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    per_pool = int(env.get("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", 5))
+    per_pool += int(env.get("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", 10))
+    workers = int(next(a for a in container["args"] if a.startswith("--workers=")).split("=")[1])
+    pods = deployment["spec"].get("replicas", 1) + 1
+    postgres = _one(rendered[overlay], "StatefulSet", "postgres")["spec"]["template"]["spec"]["containers"][0]
+    settings = dict(a.split("=", 1) for a in postgres.get("args", []) if "=" in a)
+    assert pods * workers * 3 * per_pool <= int(settings.get("max_connections", 100)) - 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_credentials_come_from_secrets(rendered, overlay):
     docs = rendered[overlay]
     minio = _one(docs, "StatefulSet", "minio")["spec"]["template"]["spec"]["containers"][0]
@@ -329,8 +346,10 @@ def test_mlflow_server_as_the_manifest_starts_it(rendered, tmp_path, s3_server, 
     container = _one(rendered["dev"], "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
     args = dict(a.split("=", 1) for a in container["args"] if "=" in a)
     port = free_port()
-    allowed = args["--allowed-hosts"] + f",127.0.0.1:{port}"
+    allowed = args["--allowed-hosts"]  # a port-forward's port, whichever it is, among them
+    pools = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("MLFLOW_SQLALCHEMYSTORE_")}
     server_env = {
+        **pools,
         "MLFLOW_S3_ENDPOINT_URL": s3_server["S3_ENDPOINT_URL"],
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

@@ -296,6 +296,38 @@ def test_a_waiting_version_is_not_abandoned_with_the_dead_one_it_waits_for(mlflo
     }
 
 
+def test_a_dead_version_two_registers_mark_at_once_fails_neither(mlflow_server):
+    """Two registers waited as long for a dead version 1 and mark it at one moment: PostgreSQL refuses the second
+    insert of the tag (an HTTP 400 MLflow's client does not retry). Here the other register's mark lands just
+    before this one's, and this one's is refused as PostgreSQL would; it waits on, and so does a register whose
+    dead version was deleted meanwhile."""
+    from mlflow.exceptions import MlflowException
+
+    name = "cat-marked-twice"
+    client = _two_undecided_versions(mlflow_server, name)
+    client.set_model_version_tag(name, "2", "gate", "decided by its own register")
+
+    class Refused:  # this register's client: the other's mark lands first, and its own insert is refused
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def set_model_version_tag(self, name, version, key, value):
+            client.set_model_version_tag(name, version, key, value)  # the other register's
+            raise MlflowException("duplicate key value violates unique constraint", error_code="BAD_REQUEST")
+
+    registry._wait_for_older_decisions(Refused(), name, 3, "run-3", {}, "models:/m-3", timeout=0.3)
+    assert client.get_model_version(name, "1").tags["gate"] == registry.ABANDONED
+
+    class Deleted(Refused):
+        def set_model_version_tag(self, name, version, key, value):
+            client.delete_model_version(name, version)  # pruned meanwhile
+            client.set_model_version_tag(name, version, key, value)
+
+    client.create_model_version(name, client.get_model_version(name, "2").source)  # 4, whose register died
+    registry._wait_for_older_decisions(Deleted(), name, 5, "run-5", {}, "models:/m-5", timeout=0.3)
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["3", "2", "1"]
+
+
 def test_another_registers_version_of_the_same_run_and_scores_is_no_twin(mlflow_server):
     """Two registers of one training take its live run, and one evaluation draws the same scores twice: only the
     logged model tells the other's version from a retried create's twin."""

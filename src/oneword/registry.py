@@ -56,18 +56,36 @@ def _setup(tracking_uri: str | None):
     return tracking.client(tracking_uri)
 
 
-PAGE_SIZE = 100  # MLflow's own default page; every query follows the page tokens to the end
+# the most a page of registered models may hold (MLflow's threshold; versions and runs allow more): MLflow's page
+# tokens are offsets, and a concept created or deleted between two pages shifts the next one (`every_page`)
+PAGE_SIZE = 1000
 
 
 def every_page(search, page_size: int = PAGE_SIZE, **kwargs) -> list:
-    """All results of an MLflow `search_*` call, page after page."""
-    out, token = [], None
+    """All results of an MLflow `search_*` call (runs, registered models or model versions), page after page, each
+    once: another process that creates or deletes one between two pages shifts the next page by one, which repeats
+    an item (kept once here; `prune_versions` would have counted a version twice among those it keeps) or skips
+    one (the larger the pages, the rarer)."""
+    out, seen, token = [], set(), None
     while True:
         page = search(max_results=page_size, page_token=token, **kwargs)
-        out.extend(page)
+        for item in page:
+            key = _identity(item)
+            if key not in seen:
+                seen.add(key)
+                out.append(item)
         token = page.token
         if not token:
             return out
+
+
+def _identity(item) -> tuple[str, ...]:
+    """A run's id, a model version's name and number, or a registered model's name."""
+    if (info := getattr(item, "info", None)) is not None:
+        return (info.run_id,)
+    if (version := getattr(item, "version", None)) is not None:
+        return (item.name, str(version))
+    return (item.name,)
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -520,10 +538,27 @@ def _wait_for_older_decisions(
                 oldest.version,
                 name,
             )
-            client.set_model_version_tag(name, oldest.version, "gate", ABANDONED)  # not waited for again
+            _mark_abandoned(client, name, oldest.version)  # not waited for again
             deadline = time.monotonic() + timeout
             continue
         time.sleep(0.2)  # another process is between create_model_version and its alias; it takes a moment
+
+
+def _mark_abandoned(client, name: str, version: str) -> None:
+    """Tag a version `ABANDONED`, unless it decided or went meanwhile. Two registers that waited for it as long
+    mark it at one moment, and PostgreSQL refuses the second insert of its tag ("duplicate key ... model_version_tag
+    _pk", an HTTP 400 the client does not retry): the loser finds it marked and waits on, not fails."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_model_version_tag(name, version, "gate", ABANDONED)
+    except MlflowException:
+        try:
+            decided = client.get_model_version(name, version).tags.get("gate") is not None
+        except MlflowException as gone:
+            decided = gone.error_code == "RESOURCE_DOES_NOT_EXIST"  # deleted: nothing to wait for
+        if not decided:
+            raise
 
 
 def _register_version(

@@ -45,8 +45,13 @@ RUNTIME_PACKAGES = (
 
 
 def pip_requirements() -> list[str]:
-    """`RUNTIME_PACKAGES` pinned to the installed versions (a local label such as `+cpu` included)."""
-    return [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
+    """`RUNTIME_PACKAGES` pinned to the installed versions, without a local label such as `+cpu`: no public index
+    holds `torch==2.13.0+cpu`, so the environment `mlflow models serve` builds (`--env-manager virtualenv`, its
+    default) could not install it, and a GPU server that found it would take a CPU build (MLflow strips such
+    labels from the requirements it infers, for the same reasons)."""
+    from packaging.version import Version
+
+    return [f"{name}=={Version(metadata.version(name)).public}" for name in RUNTIME_PACKAGES]
 
 
 def code_folder(dst: Path, base_model: str) -> Path:

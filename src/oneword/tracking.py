@@ -115,7 +115,7 @@ def said(e: Exception, most: int = 300) -> str:
     such, not as the request's 400-character URL and urllib3's retry chatter, from which a person must dig out
     which it was."""
     text = str(e).strip()
-    request = re.match(r"API request to (\w+://[^/\s]+)\S* failed with exception ", text)
+    request = re.match(r"API request to (\w+://[^/\s]+)\S* failed with (?:timeout )?exception ", text)
     if request:
         where = request.group(1)
         if found := re.search(r"too many (\d+) error responses", text):

@@ -71,6 +71,7 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys):
         ["export", trained / "learned_embeds.safetensors", "--format", "a1111", "-o", tmp_path / "dog.pt"], capsys
     )
     assert code == 0 and E.load(tmp_path / "dog.pt").token == "<dog-c>"
+    assert "in A1111 prompts: dog" in out and "warning: 'dog' is a word of the model" in out and "dog-ti.pt" in out
     code, out = run(
         [
             "generate",

@@ -48,6 +48,48 @@ def test_layouts_are_what_other_tools_expect(tmp_path):
     assert {"sd_checkpoint", "sd_checkpoint_name"} <= set(a)
 
 
+def test_a_file_named_after_a_word_would_take_its_place_in_a1111(tmp_path):
+    """A1111, SD.Next and kohya's scripts call an embedding by its file's stem, and put it in place of the stem's
+    tokens wherever a prompt has them: `cat.pt` would replace every "cat" in every prompt."""
+    assert E.file_trigger("<my-cat>") == "my-cat" and E.default_filename("<my-cat>", "a1111") == "my-cat.pt"
+    assert E.default_filename("<cat>", "a1111") == "cat-ti.pt" and E.default_filename("<cat>", "kohya") == (
+        "cat-ti.safetensors")  # fmt: skip
+    assert E.file_trigger("<photo>") == "photo-ti" and E.file_trigger("\u2039\u732b>") == "embedding"
+    assert not E.is_one_word("cat-ti")
+
+
+def test_what_other_tools_write_reads_as_they_meant_it(tmp_path):
+    # the paper's code and early A1111: string_to_param an nn.ParameterDict, read without unpickling code
+    old = {"string_to_token": {"*": torch.tensor(265)},
+           "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.randn(2, 32))})}  # fmt: skip
+    torch.save(old, tmp_path / "old.pt")
+    assert E.load(tmp_path / "old.pt").vectors.shape == (2, 32)
+    # diffusers' SDXL script: one file per text encoder, both under the token
+    first, g = torch.randn(2, 32), torch.randn(2, 64)
+    save_file({"<x>": first}, str(tmp_path / "learned_embeds.safetensors"))
+    save_file({"<x>": g}, str(tmp_path / "learned_embeds_2.safetensors"))
+    pair = E.load(tmp_path / "learned_embeds.safetensors")
+    assert pair.token == "<x>" and torch.equal(pair.vectors, first) and torch.equal(pair.vectors_2, g)
+    # a file beside it as wide is no pair: another version of the concept, say
+    save_file({"<y>": first}, str(tmp_path / "y.safetensors"))
+    save_file({"<y>": first * 2}, str(tmp_path / "y_2.safetensors"))
+    assert E.load(tmp_path / "y.safetensors").vectors_2 is None
+
+
+def test_what_oneword_writes_holds_only_the_embedding(tmp_path):
+    # a view of a whole table: its storage is not written with it
+    table = torch.randn(49411, 32)
+    view = E.Embedding("<v>", table[49408:], {"model_source": "/home/me/models/secret/sd15.safetensors"})
+    pt = E.save(view, tmp_path / "v.pt", "a1111")
+    assert pt.stat().st_size < 20_000
+    a = torch.load(pt, weights_only=True)
+    assert a["sd_checkpoint"] is None and a["sd_checkpoint_name"] == "sd15.safetensors"
+    # an SDXL pair whose tables hold different numbers of vectors: the encoders would read different sequences
+    with pytest.raises(OnewordError, match="2 clip_l but 3 clip_g"):
+        E.save(E.Embedding("<p>", torch.randn(2, 32), {}, torch.randn(3, 64)), tmp_path / "p.safetensors", "kohya")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
 # What A1111's modules/safe.py lets through (read in stable-diffusion-webui's releases; not its code): a zipped .pt
 # only if every entry is named <dir>/data.pkl, <dir>/version or <dir>/data/N (later releases also allow byteorder
 # and .data/serialization_id, never torch 2.x's .format_version); else the legacy format's five pickles, read by an

@@ -8,7 +8,12 @@
 
 An SDXL embedding is a pair (one table per text encoder): it is written as `{"clip_l", "clip_g"}` in both
 safetensors formats (what A1111 and ComfyUI load as is, and what diffusers loads with one `load_textual_inversion`
-call per encoder), and refused for A1111's `.pt`, whose single `string_to_param` cannot hold the pair.
+call per encoder, giving each its table and the token), and refused for A1111's `.pt`, whose single
+`string_to_param` cannot hold the pair. Read, the pair diffusers' SDXL script writes in two files
+(`learned_embeds.safetensors` and `learned_embeds_2.safetensors`) is one embedding.
+
+A1111, SD.Next and kohya's scripts call an embedding by its file's stem (`file_trigger`). InvokeAI reads the width
+of a `{token: (n, width)}` file from its first axis and refuses it: give it the a1111 or kohya file.
 
 oneword's own metadata (token, initializer, model fingerprint, steps, version) rides in the safetensors header
 (and in an `oneword` entry of A1111 files). `.pt` files are only ever read with `torch.load(weights_only=True)`.
@@ -16,6 +21,7 @@ oneword's own metadata (token, initializer, model fingerprint, steps, version) r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -98,9 +104,33 @@ def formats_for(emb: Embedding) -> tuple[str, ...]:
 
 
 def default_filename(token: str, fmt: Format) -> str:
-    """The conventional file name for `token` in `fmt`."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
+    """The conventional file name for `token` in `fmt` (A1111's and kohya's: `file_trigger(token)`)."""
+    stem = file_trigger(token)
     return {"diffusers": "learned_embeds.safetensors", "a1111": f"{stem}.pt", "kohya": f"{stem}.safetensors"}[fmt]
+
+
+TRIGGER_SUFFIX = "-ti"
+
+
+def file_trigger(token: str) -> str:
+    """The word A1111, SD.Next and kohya's scripts will call `token`'s embedding by: its file's stem, `token`
+    without what a file name cannot hold, and `TRIGGER_SUFFIX` after it where that is one word of CLIP's vocabulary.
+    Those tools put the embedding in place of the stem's tokens wherever a prompt has them: a file `cat.pt` (from
+    the token `<cat>`) would take the place of every "cat" in every prompt."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
+    return stem + TRIGGER_SUFFIX if is_one_word(stem) else stem
+
+
+def is_one_word(text: str) -> bool:
+    """True if CLIP's tokenizer (every Stable Diffusion's first) reads `text` as one entry of its vocabulary."""
+    return len(_clip_tokenizer()(text, add_special_tokens=False).input_ids) == 1
+
+
+@functools.cache
+def _clip_tokenizer():
+    from oneword.tokenizer import load_clip_tokenizer
+
+    return load_clip_tokenizer()
 
 
 # The suffixes each format's readers expect (A1111, ComfyUI and diffusers choose torch.load or safetensors by it).
@@ -136,8 +166,15 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    v = emb.vectors.detach().float().cpu().contiguous()
-    pair = None if emb.vectors_2 is None else {"clip_l": v, "clip_g": emb.vectors_2.detach().float().cpu().contiguous()}
+    # a copy: torch.save writes a view's whole storage (three rows of a 49,411-row table: 150 MB)
+    v = emb.vectors.detach().float().cpu().clone()
+    pair = None if emb.vectors_2 is None else {"clip_l": v, "clip_g": emb.vectors_2.detach().float().cpu().clone()}
+    if pair is not None and pair["clip_g"].shape[0] != v.shape[0]:
+        raise OnewordError(
+            f"{emb.token!r} has {v.shape[0]} clip_l but {pair['clip_g'].shape[0]} clip_g vectors: the two text "
+            "encoders would read the token as sequences of different lengths",
+            hint="an SDXL embedding has as many vectors for each encoder; take the pair from one training",
+        )
     if pair is not None and fmt == "a1111":
         raise OnewordError(
             f"{emb.token!r} is an SDXL embedding (clip_l {tuple(v.shape)} and clip_g "
@@ -155,8 +192,10 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
                 "string_to_param": {"*": v},
                 "name": emb.token,
                 "step": emb.steps,
-                "sd_checkpoint": emb.meta.get("model_fingerprint", "")[7:17],
-                "sd_checkpoint_name": emb.meta.get("model_source", ""),
+                # A1111's own fields name a checkpoint file by its hash and name: oneword knows no such hash (its
+                # fingerprint is of the model's parts), and a path would tell the world where the model was kept
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": Path(emb.meta.get("model_source", "")).name,
                 "oneword": {"token": emb.token, "oneword_version": __version__, **emb.meta},
             },
             tmp,
@@ -222,7 +261,8 @@ def _load(path: Path, token: str | None) -> Embedding:
         elif "clip_l" in tensors:
             vectors, vectors_2 = tensors["clip_l"], tensors.get("clip_g")
         elif len(tensors) == 1:
-            (file_token, vectors), vectors_2 = next(iter(tensors.items())), None
+            file_token, vectors = next(iter(tensors.items()))
+            vectors_2 = _second_table(path, file_token, vectors.shape[-1])
             meta.setdefault("token", file_token)
         else:
             raise OnewordError(
@@ -231,7 +271,9 @@ def _load(path: Path, token: str | None) -> Embedding:
             )
     else:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            # the paper's code and early A1111 kept string_to_param as an nn.ParameterDict: allowed, still weights-only
+            with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
             raise OnewordError(
                 f"{path} could not be read as a weights-only .pt/.bin file ({e})",
@@ -241,7 +283,8 @@ def _load(path: Path, token: str | None) -> Embedding:
         if isinstance(data, dict) and "string_to_param" in data:
             if not data["string_to_param"]:
                 raise OnewordError(f"{path}: its string_to_param is empty, so it holds no vectors")
-            vectors = next(iter(data["string_to_param"].values()))
+            params = data["string_to_param"]
+            vectors = next(iter(getattr(params, "_parameters", params).values()))
             meta = {k: str(v) for k, v in (data.get("oneword") or {}).items()}
             meta.setdefault("token", data.get("name") or path.stem)
             if "step" in data and data["step"] is not None:
@@ -269,6 +312,24 @@ def _load(path: Path, token: str | None) -> Embedding:
     name = token or meta.pop("token", None) or path.stem
     meta.pop("token", None)
     return Embedding(name, vectors, {k: str(v) for k, v in meta.items()}, vectors_2)
+
+
+def _second_table(path: Path, token: str, width: int) -> torch.Tensor | None:
+    """SDXL's clip_g table where diffusers' SDXL script writes it: beside `path`, in `<stem>_2` (its
+    `learned_embeds_2.safetensors`), under the same token, of another width (a table as wide is no pair's: a
+    second version of the concept, say)."""
+    beside = path.with_name(f"{path.stem}_2{path.suffix}")
+    if not beside.is_file():
+        return None
+    try:
+        second = load_file(str(beside))
+    except (SafetensorError, OSError):
+        return None
+    table = second.get(token) if len(second) == 1 else None
+    if table is None or table.shape[-1] == width:
+        return None
+    log.info("%s: its clip_g table read from %s (diffusers' SDXL layout)", path, beside.name)
+    return table
 
 
 def check_compatible(

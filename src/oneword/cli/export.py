@@ -42,6 +42,13 @@ def export_cmd(
     refuse_existing(dest, force)
     E.save(emb, dest, format)  # type: ignore[arg-type]
     rprint(f"[green]{emb.token}[/] ({emb.n_vectors}x{emb.width}) -> {dest} ({format})")
+    if format != "diffusers":  # A1111, SD.Next and kohya's scripts call it by its file's stem
+        rprint(f"  in A1111 prompts: {dest.stem}" + (f" (ComfyUI: embedding:{dest.stem})" if format == "kohya" else ""))
+        if E.is_one_word(dest.stem):
+            rprint(
+                f"[yellow]warning:[/] {dest.stem!r} is a word of the model: A1111 would put this embedding in place "
+                f"of every {dest.stem!r} in every prompt; name the file {dest.stem}{E.TRIGGER_SUFFIX}{dest.suffix}"
+            )
 
 
 @app.command("blend", short_help="Blend two learned concepts into one.")

@@ -2,6 +2,7 @@
 (one per text encoder), conditions its UNet exactly as diffusers' SDXL pipeline does, is evaluated, registered and
 pulled, and diffusers' own StableDiffusionXLPipeline loads the file with its two documented calls and draws."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,27 @@ def sdxl_concept(sdxl_dir, tmp_path_factory):
         progress=False,
     )
     return root
+
+
+def test_latents_another_familys_vae_encoded_are_refused(sdxl_concept, tiny_model_dir, cat_latents_dir, tmp_path):
+    """SDXL's latents (a VAE that scales by 0.13025) trained on an SD 1.x model (0.18215): refused before a step,
+    where they trained on a wrong objective with one line of warning."""
+    from oneword.config import ConceptSpec, TrainConfig
+    from oneword.train import train
+
+    with pytest.raises(OnewordError, match=r"scaling factor 0\.13025") as e:
+        train(sdxl_concept / "latents", tmp_path / "t", ConceptSpec(token="<x>", init_word="cat"),
+              TrainConfig(steps=1), base_model=str(tiny_model_dir), progress=False)  # fmt: skip
+    assert "oneword cache-latents" in e.value.hint and str(tiny_model_dir) in e.value.hint
+    # in a group, that member fails and the others train
+    from oneword.train import train_group
+
+    members = [("xl", ConceptSpec(token="<xl>", init_word="cat"), sdxl_concept / "latents"),
+               ("sd", ConceptSpec(token="<sd>", init_word="cat"), cat_latents_dir)]  # fmt: skip
+    result = train_group(members, tmp_path / "g", TrainConfig(steps=1), base_model=str(tiny_model_dir), progress=False)
+    assert (tmp_path / "g" / "sd" / "learned_embeds.safetensors").exists()
+    assert not (tmp_path / "g" / "xl" / "learned_embeds.safetensors").exists()
+    assert "scaling factor" in json.dumps(result)
 
 
 def test_the_tiny_sdxl_model_is_read_as_sdxl(sdxl_dir):

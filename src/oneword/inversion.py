@@ -175,8 +175,9 @@ class InversionTrainer:
         if self.unet.dtype != unet_dtype:
             self.unet = self.unet.to(unet_dtype)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
-            torch.backends.cudnn.allow_tf32 = True
+            if self.precision != "fp32":  # fp32 asked for (a loss that overflowed, say) is fp32, not TF32's 10 bits
+                torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmuls outside autocast
+                torch.backends.cudnn.allow_tf32 = True
             self.unet = self.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -281,6 +282,8 @@ class InversionTrainer:
             ids = add_placeholder_tokens(tok, spec.token, spec.n_vectors)
             if ids[0] != splice.n_base + offset:
                 raise OnewordError(f"unexpected token id {ids[0]} for {spec.token!r}")
+            # the initializer's row alone, as diffusers starts (the paper's code started from the row plus
+            # position 0's embedding, which the text encoder adds again wherever the token stands)
             init = splice.base.weight[init_id].detach().float().expand(spec.n_vectors, -1).clone().to(self.device)
             inits.append(init)
             params.append(splice.add(init))
@@ -337,6 +340,8 @@ class InversionTrainer:
         cfg, z, ids, sizes = self.config, [], [], []
         for c in self.active:
             b = cfg.batch_size
+            # drawn with replacement, each step afresh (the references shuffle epochs of 100 repeats: the same in
+            # expectation, and no epoch boundary to keep across a resume)
             img = torch.randint(c.mean.shape[0], (b,), generator=self.gen)
             flip = (torch.rand(b, generator=self.gen) < cfg.flip_p).long()
             table = c.prompt_ids[min(self.n_active(step), c.spec.n_vectors)]

@@ -5,7 +5,7 @@ recipe (learning rate, steps, checkpoint spacing), the sampler (steps, guidance)
 CLIP evaluator. `oneword run`, `batch`, `demo`, `train`, `evaluate` and the pipelines ask the profile for every
 setting the user leaves unset; nothing else in oneword compares a model's name.
 
-SD 1.x, 2.x and SDXL use the paper's recipe (Gal et al. 2022, Sec. 4: 5,000 steps, base LR 5e-3 times batch 4;
+SD 1.x, 2.x and SDXL use the paper's recipe (Gal et al. 2022, Sec. 4: 5,000 steps, base LR 5e-3 scaled by the batch;
 the evaluation: 50 DDIM steps, guidance 5.0) at their native resolution. `TrainConfig` and `EvalConfig` leave
 these settings unset (None) and take them from here (`TrainConfig.resolved(profile)`).
 The toy world's recipe was tuned by `oneword toyworld quality` (see `oneword.toyworld.quality`).
@@ -51,7 +51,7 @@ def _paper(family: str, resolution: int) -> ModelProfile:
         family=family,
         resolution=resolution,
         templates="object",
-        learning_rate=5e-3,  # times batch 4: 0.02, as the paper
+        learning_rate=5e-3,  # the paper's base rate, scaled by the batch as its code does (times 4: 0.02)
         steps=5000,
         checkpoint_every=500,  # ten checkpoints for the evaluation to choose from
         prompt_set="paper",
@@ -186,6 +186,12 @@ def _family_and_resolution(configs: dict) -> tuple[str, int]:
 def vae_factor_of(vae_config: dict) -> int:
     """How many pixels a side one latent covers: the VAE halves the picture once per block after the first."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def vae_config(base_model: str) -> dict | None:
+    """A model reference's VAE config, read alone (None for a single-file checkpoint, or where it cannot be read)."""
+    configs = _read_configs(base_model)
+    return None if configs is None else configs["vae"]
 
 
 def vae_factor(base_model: str) -> int:

@@ -1,5 +1,6 @@
-"""Training prompt templates: the paper's CLIP ImageNet templates (Gal et al. 2022, Sec. 4 and its code,
-`ldm/data/personalized.py` and `personalized_style.py`), one of which is drawn per training sample."""
+"""Training prompt templates: the paper's CLIP ImageNet templates (Gal et al. 2022, Sec. 4 and its code as first
+released, rinongal/textual_inversion 4020ea7: `ldm/data/personalized.py` and `personalized_style.py`, the lists
+diffusers' script uses too; later commits added variants), one of which is drawn per training sample."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ from oneword.inversion import (
 from oneword.latents import DATASET_DIR, LatentSet
 from oneword.live import LiveRuns, LiveTracking
 from oneword.models import LoadedModel, load_base_model
-from oneword.profiles import profile_of
+from oneword.profiles import profile_of, vae_config
 from oneword.templates import SETS as TEMPLATE_SETS
 from oneword.templates import get_templates
 from oneword.tokens import clashing_entries, vector_tokens
@@ -72,15 +72,26 @@ def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Pat
 
 
 def _check_encoded_for(latents: LatentSet, model: LoadedModel, where: Path) -> None:
-    """Warn when latents were encoded for another model than the one that trains on them."""
+    """Refuse latents that another family's VAE encoded (a scaling factor that differs from the model's VAE: SD
+    1.x's latents for SDXL, whose VAE scales by 0.13025, not 0.18215); warn of latents another model encoded."""
     recorded = latents.meta.get("model_fingerprint")
-    if recorded and recorded != model.fingerprint:
-        log.warning(
-            "latents %s were encoded for model %s… but training uses %s…; fine only if they share a VAE",
-            where,
-            recorded[:19],
-            model.fingerprint[:19],
+    if not recorded or recorded == model.fingerprint:
+        return
+    vae = vae_config(str(model.path or model.source))
+    theirs = None if vae is None else vae.get("scaling_factor")
+    if theirs is not None and abs(float(theirs) - latents.scaling_factor) > 1e-6:
+        raise OnewordError(
+            f"latents {where} were encoded by {latents.meta.get('model_source', 'another model')}'s VAE (scaling "
+            f"factor {latents.scaling_factor}), not by {model.source}'s ({theirs}): trained on them, the concept would "
+            "learn from latents the model cannot read",
+            hint=f"encode the photos with this model: oneword cache-latents ... --base-model {model.source}",
         )
+    log.warning(
+        "latents %s were encoded for model %s… but training uses %s…; fine only if they share a VAE",
+        where,
+        recorded[:19],
+        model.fingerprint[:19],
+    )
 
 
 def _load_model(
@@ -90,9 +101,7 @@ def _load_model(
     if source is None:
         raise OnewordError(f"{where} does not record its base model", hint="pass --base-model")
     parts = ("unet", "vae") if samples else ("unet",)  # the VAE only to draw live sample pictures
-    model = source if isinstance(source, LoadedModel) else load_base_model(source, parts=parts)
-    _check_encoded_for(latents, model, where)
-    return model
+    return source if isinstance(source, LoadedModel) else load_base_model(source, parts=parts)
 
 
 def _where(checkpoint_dir: str | Path) -> str:
@@ -200,6 +209,7 @@ def train(
         )  # fmt: skip
     latents = LatentSet.load(Path(latents_dir))
     model = _load_model(latents, base_model, Path(latents_dir), samples=_samples(tracking, config))
+    _check_encoded_for(latents, model, Path(latents_dir))
     profile = profile_of(model)
     concept, config = concept.resolved(profile), config.resolved(profile)
     out_dir = Path(out_dir)
@@ -511,14 +521,13 @@ def train_group(
         except Exception as e:  # a damaged file's header, say: this concept fails, the others train
             fail(name, "train", f"{where}: its latents could not be read ({type(e).__name__}: {e})")
     model = _load_model(loaded[0][2], base_model, loaded[0][3], _samples(tracking, config)) if loaded else None
-    for _, _, lat, where in loaded[1:]:  # _load_model checked the first member's
-        _check_encoded_for(lat, model, where)
     profile = profile_of(model) if model is not None else None
     config = config.resolved(profile) if profile is not None else config
     ready: list[tuple[str, ConceptSpec, LatentSet, Path]] = []
     for name, spec, lat, where in loaded:
         try:
             spec = spec.resolved(profile)
+            _check_encoded_for(lat, model, where)  # a member's latents of another family: it fails, the others train
             check_concept(model.tokenizer, spec)
             check_progressive(spec, config)
             _check_fits_group(name, spec, lat, ready)

@@ -103,7 +103,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
         ("cat-q", "unchanged", "1", "champion"), ("bad-q", "fails at preprocess", "", ""),
         ("dog-q", "unchanged", "1", "champion"), ("dog-word", "fails at train", "", ""),
     ]  # fmt: skip
-    assert "a.jpg" in plan[1]["why"] and "already a word" in plan[3]["why"]  # what a run would record
+    assert "a.jpg" in plan[1]["why"] and "already in the vocabulary" in plan[3]["why"]  # what a run would record
     other = batch_plan(str(manifest), report["tracking_uri"], **{**settings, "steps": 5})["concepts"]
     assert [r["status"] for r in other] == ["to train", "fails at preprocess", "to train", "fails at train"]
     console = Console(width=80, record=True)

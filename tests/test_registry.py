@@ -323,9 +323,10 @@ def test_a_dead_version_two_registers_mark_at_once_fails_neither(mlflow_server):
             client.delete_model_version(name, version)  # pruned meanwhile
             client.set_model_version_tag(name, version, key, value)
 
-    client.create_model_version(name, client.get_model_version(name, "2").source)  # 4, whose register died
-    registry._wait_for_older_decisions(Deleted(), name, 5, "run-5", {}, "models:/m-5", timeout=0.3)
-    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["3", "2", "1"]
+    two = client.get_model_version(name, "2")
+    client.create_model_version(name, two.source, run_id=two.run_id)  # 3, whose register died
+    registry._wait_for_older_decisions(Deleted(), name, 4, "run-4", {}, "models:/m-4", timeout=0.3)
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["2", "1"]
 
 
 def test_another_registers_version_of_the_same_run_and_scores_is_no_twin(mlflow_server):

@@ -49,9 +49,7 @@ def pip_requirements() -> list[str]:
     holds `torch==2.13.0+cpu`, so the environment `mlflow models serve` builds (`--env-manager virtualenv`, its
     default) could not install it, and a GPU server that found it would take a CPU build (MLflow strips such
     labels from the requirements it infers, for the same reasons)."""
-    from packaging.version import Version
-
-    return [f"{name}=={Version(metadata.version(name)).public}" for name in RUNTIME_PACKAGES]
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]  # PEP 440: label after +
 
 
 def code_folder(dst: Path, base_model: str) -> Path:

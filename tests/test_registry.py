@@ -816,3 +816,30 @@ def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(t
     main(["concepts", "promote", "cat-hand/2", "--alias", "stable", "--tracking-uri", uri])
     assert "cat-hand@stable -> version 2" in capsys.readouterr().out
     assert str(catalogue.get_version("cat-hand@stable", uri).version) == "2"
+
+
+def test_an_evaluation_of_another_training_is_not_registered_with_this_one(evaluated_concept, tmp_path):
+    """`register TRAIN --eval EVAL` of two different trainings registered one's card with the other's file and
+    scores: refused, before anything reaches the registry."""
+    import shutil
+
+    train_dir, eval_dir = evaluated_concept
+    summary = json.loads((train_dir / "summary.json").read_text())
+    for change, said in (({"concept": {**summary["concept"], "token": "<dog-r>"}}, "token"),
+                         ({"steps": summary["steps"] + 4}, "steps")):  # fmt: skip
+        other = tmp_path / said
+        shutil.copytree(train_dir, other)
+        (other / "summary.json").write_text(json.dumps({**summary, **change}))
+        with pytest.raises(OnewordError, match=f"another training.*{said}") as e:
+            registry.register(other, eval_dir, tracking_uri=f"sqlite:///{tmp_path}/never.db")
+        assert "oneword evaluate" in e.value.hint
+    assert not (tmp_path / "never.db").exists()
+    # the same token and steps, other vectors: where the evaluation picked the last checkpoint, its vectors tell
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["step"] == metrics["final_step"]  # a budget of one checkpoint: the last
+    other = tmp_path / "vectors"
+    shutil.copytree(train_dir, other)
+    emb = E.load(other / "learned_embeds.safetensors")
+    E.save(E.Embedding(emb.token, emb.vectors + 1, emb.meta), other / "learned_embeds.safetensors")
+    with pytest.raises(OnewordError, match="last vectors"):
+        registry.register(other, eval_dir, tracking_uri=f"sqlite:///{tmp_path}/never.db")

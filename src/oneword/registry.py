@@ -316,7 +316,35 @@ def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batc
     summary = json.loads((train_dir / "summary.json").read_text())
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text()) if eval_dir else None
     token = summary["concept"]["token"]
+    if metrics is not None:
+        _check_evaluated(train_dir, Path(eval_dir), summary, metrics)
     return _Concept(concept_name(token, name), token, summary, metrics, batch_id)
+
+
+def _check_evaluated(train_dir: Path, eval_dir: Path, summary: dict, metrics: dict) -> None:
+    """Refuse an evaluation of another training: its scores and embedding would be registered with this training's
+    token, steps and settings (a champion whose card describes one concept and whose file is another's)."""
+    theirs = {"token": metrics.get("token"), "steps": metrics.get("final_step"),
+              "base model": metrics.get("model_fingerprint")}  # fmt: skip
+    mine = {"token": summary["concept"]["token"], "steps": summary.get("steps"),
+            "base model": summary.get("model_fingerprint")}  # fmt: skip
+    differ = [k for k in mine if theirs[k] is not None and mine[k] is not None and theirs[k] != mine[k]]
+    if not differ and metrics.get("step") == metrics.get("final_step"):  # it picked the last: the very vectors
+        from oneword import embeddings as emb_io
+
+        files = [eval_dir / "embedding" / "learned_embeds.safetensors", train_dir / "learned_embeds.safetensors"]
+        if all(f.is_file() for f in files):
+            a, b = (emb_io.load(f) for f in files)
+            if a.vectors.shape != b.vectors.shape or not bool((a.vectors == b.vectors).all()):
+                differ = ["last vectors"]
+    if differ:
+        said = "; ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in differ if k in mine)
+        raise OnewordError(
+            f"{eval_dir} is the evaluation of another training than {train_dir} (its {', '.join(differ)} differ"
+            + (f": {said})" if said else ")"),
+            hint=f"evaluate this training (oneword evaluate {train_dir} -o ...), or register the training that "
+            f"{eval_dir} evaluated",
+        )
 
 
 def _artifact_files(train_dir: Path, eval_dir: Path | None, name: str) -> dict[str, Path]:

@@ -373,9 +373,16 @@ def test_a_new_token_under_the_same_name_replaces_the_champion(evaluated_concept
     summary = json.loads((renamed / "summary.json").read_text())
     summary["concept"]["token"] = "<cat-new>"
     (renamed / "summary.json").write_text(json.dumps(summary))
-    r = registry.register(renamed, _with_scores(eval_dir, tmp_path, 0.59, 0.3), uri, name="cat-renamed")
+
+    def evaluated_as_new(reconstruction: float, editability: float):  # its evaluation names the new token
+        scored = _with_scores(eval_dir, tmp_path, reconstruction, editability)
+        metrics = json.loads((scored / "metrics.json").read_text())
+        (scored / "metrics.json").write_text(json.dumps({**metrics, "token": "<cat-new>"}))
+        return scored
+
+    r = registry.register(renamed, evaluated_as_new(0.59, 0.3), uri, name="cat-renamed")
     assert r.alias == "champion" and "replaces the champion's token '<cat-r>'" in r.reason
-    low = registry.register(renamed, _with_scores(eval_dir, tmp_path, 0.2, 0.1), uri, name="cat-renamed",
+    low = registry.register(renamed, evaluated_as_new(0.2, 0.1), uri, name="cat-renamed",
                             thresholds=GateThresholds(min_reconstruction=0.5))  # fmt: skip
     assert low.alias == "candidate"  # the same word now: the gate as always
 

@@ -291,9 +291,7 @@ def prune_versions(
     _, client = tracking.client(tracking_uri)
     gone = []
     for name in sorted({r["name"] for r in rows if not names or r["name"] in names}):
-        # each version once, newest first: a listing that repeated one would keep fewer than `keep`
-        mine = {int(r["version"]): r for r in rows if r["name"] == name}
-        versions = [mine[v] for v in sorted(mine, reverse=True)]
+        versions = sorted((r for r in rows if r["name"] == name), key=lambda r: -int(r["version"]))  # each once
         if any(r["gate"] is None for r in versions):
             # a register at work may hand the alias back to an older version (`registry._apply_gate`) or ask
             # which decided version came just before its own: this concept waits for the next prune

@@ -330,15 +330,17 @@ def _check_evaluated(train_dir: Path, eval_dir: Path, summary: dict, metrics: di
             "base model": summary.get("model_fingerprint")}  # fmt: skip
     differ = [k for k in mine if theirs[k] is not None and mine[k] is not None and theirs[k] != mine[k]]
     if not differ and metrics.get("step") == metrics.get("final_step"):  # it picked the last: the very vectors
+        import torch
+
         from oneword import embeddings as emb_io
 
         files = [eval_dir / "embedding" / "learned_embeds.safetensors", train_dir / "learned_embeds.safetensors"]
         if all(f.is_file() for f in files):
             a, b = (emb_io.load(f) for f in files)
-            if a.vectors.shape != b.vectors.shape or not bool((a.vectors == b.vectors).all()):
+            if not torch.equal(a.vectors, b.vectors):
                 differ = ["last vectors"]
     if differ:
-        said = "; ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in differ if k in mine)
+        said = "; ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in differ if k in theirs)
         raise OnewordError(
             f"{eval_dir} is the evaluation of another training than {train_dir} (its {', '.join(differ)} differ"
             + (f": {said})" if said else ")"),

@@ -490,6 +490,37 @@ def test_an_evaluation_with_other_photos_or_model_is_not_marked_as_the_pipelines
                                             base_model=summary["model_source"])  # fmt: skip
 
 
+def test_scores_against_other_images_than_the_trainings_say_so(evaluated_concept, cat_dataset, tiny_clip_dir,
+                                                               tmp_path, caplog):  # fmt: skip
+    """`--data` may name held-out photos, but scores against them compare with no other evaluation: the log, the
+    metrics and the report say so; the training's own images (a copy of them) pass without a word."""
+    import json
+    import logging
+    import shutil
+
+    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.images import Manifest
+
+    train_dir, _ = evaluated_concept
+    fewer = tmp_path / "fewer"
+    shutil.copytree(cat_dataset, fewer)
+    manifest = json.loads((fewer / "manifest.json").read_text())
+    manifest["images"] = manifest["images"][:-1]  # one photo held back
+    (fewer / "manifest.json").write_text(json.dumps(manifest))
+    n = len(Manifest.load(cat_dataset).images)
+    config = EvalConfig(n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
+    with caplog.at_level(logging.WARNING, logger="oneword"):
+        same = evaluate(train_dir, cat_dataset, tmp_path / "same", config)
+    assert same["reference_images"]["training_images"] and not caplog.records
+    assert "not the ones" not in (tmp_path / "same" / "report.html").read_text()
+    with caplog.at_level(logging.WARNING, logger="oneword"):
+        other = evaluate(train_dir, fewer, tmp_path / "other", config)
+    assert other["reference_images"] == {"training_images": False, "n": n - 1, "folder": str(fewer)}
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert str(fewer) in said and f"{n - 1} of them among the {n}" in said
+    assert "not the ones the concept was trained on" in (tmp_path / "other" / "report.html").read_text()
+
+
 def test_an_upgrade_that_changes_no_score_keeps_every_registered_result(monkeypatch):
     """The evaluation key (and so each version's result key) follows what the scores depend on, not the release:
     an upgrade of the image that changes none of it evaluates no concept again."""

@@ -825,6 +825,23 @@ def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(t
     assert str(catalogue.get_version("cat-hand@stable", uri).version) == "2"
 
 
+def test_an_evaluation_against_other_images_is_not_registered(evaluated_concept, tmp_path):
+    """Registered scores rank versions and the champion: all must be against the training images."""
+    import shutil
+
+    train_dir, eval_dir = evaluated_concept
+    other = tmp_path / "eval"
+    shutil.copytree(eval_dir, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    assert metrics["reference_images"]["training_images"]
+    held_out = {"training_images": False, "n": 2, "folder": "/photos/held-out"}
+    (other / "metrics.json").write_text(json.dumps({**metrics, "reference_images": held_out}))
+    with pytest.raises(OnewordError, match="2 images that are not the ones it was trained on") as e:
+        registry.register(train_dir, other, tracking_uri=f"sqlite:///{tmp_path}/never.db")
+    assert "without --data" in e.value.hint
+    assert not (tmp_path / "never.db").exists()
+
+
 def test_an_evaluation_of_another_training_is_not_registered_with_this_one(evaluated_concept, tmp_path):
     """`register TRAIN --eval EVAL` of two different trainings registered one's card with the other's file and
     scores: refused, before anything reaches the registry."""

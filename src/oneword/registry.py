@@ -339,6 +339,14 @@ def _check_evaluated(train_dir: Path, eval_dir: Path, summary: dict, metrics: di
             a, b = (emb_io.load(f) for f in files)
             if not torch.equal(a.vectors, b.vectors):
                 differ = ["last vectors"]
+    reference = metrics.get("reference_images") or {}
+    if not differ and not reference.get("training_images", True):
+        # a registry's scores rank versions against each other and the champion: all against the training images
+        raise OnewordError(
+            f"{eval_dir} scored the concept against {reference.get('n')} images that are not the ones it was "
+            f"trained on ({reference.get('folder')}); the registry compares scores against the training images",
+            hint=f"evaluate again without --data (oneword evaluate {train_dir} -o ...), then register that",
+        )
     if differ:
         said = "; ".join(f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in differ if k in theirs)
         raise OnewordError(

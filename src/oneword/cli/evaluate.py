@@ -18,7 +18,11 @@ def evaluate_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json, report.html, grid.png")],
     data: Annotated[
         Path | None,
-        typer.Option(help="the preprocessed training images (default: the copy the training folder keeps)"),
+        typer.Option(
+            help="the preprocessed images to score against (default: the copy of the training images that the "
+            "training folder keeps); scores against other images compare with no other evaluation and are not "
+            "registered"
+        ),
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="default: the model the concept was trained on")] = None,
     prompt_set: Annotated[str | None, option(EvalConfig, "prompt_set")] = default(EvalConfig, "prompt_set"),
@@ -47,8 +51,8 @@ def evaluate_cmd(
 
     \b
     Example:
-      oneword evaluate runs/my-cat/train --data runs/my-cat/data \\
-        -o runs/my-cat/eval --prompt-set neti15
+      oneword evaluate runs/my-cat/train -o runs/my-cat/eval \\
+        --prompt-set neti15
     """
     from rich import print as rprint
 

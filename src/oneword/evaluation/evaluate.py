@@ -190,6 +190,7 @@ class _Trained:
     emb: emb_io.Embedding
     model: LoadedModel
     images: list[Image.Image]
+    reference: dict  # which images reconstruction is measured against (`_reference_images`)
 
 
 @dataclass
@@ -270,7 +271,27 @@ def _load_trained(train_dir: Path, dataset_dir: Path | None, base_model: str | L
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else Path(train_dir) / DATASET_DIR
     manifest = Manifest.load(dataset_dir)
     images = [Image.open(Path(dataset_dir) / r.file).convert("RGB") for r in manifest.images]
-    return _Trained(Path(train_dir), summary, emb, model, images)
+    reference = _reference_images(summary, [r.processed_sha256 for r in manifest.images], dataset_dir)
+    return _Trained(Path(train_dir), summary, emb, model, images, reference)
+
+
+def _reference_images(summary: dict, given: list[str], dataset_dir: Path) -> dict:
+    """Say whether the images to score against are the ones the concept was trained on.
+
+    Other images are a choice (held-out photos of the subject), but scores against them are not comparable with
+    the concept's others: the metrics and the report say so, and a warning names the folder.
+    """
+    trained = summary.get("image_sha256") or []
+    same = not trained or sorted(trained) == sorted(given)
+    if not same:
+        shared = len(set(trained) & set(given))
+        log.warning(
+            "%s holds %d images, %d of them among the %d the concept was trained on: its scores measure the "
+            "concept against these images, and compare only with evaluations against the same ones (leave out "
+            "--data to score against the training images)",
+            dataset_dir, len(given), shared, len(trained),
+        )  # fmt: skip
+    return {"training_images": same, "n": len(given), "folder": str(dataset_dir)}
 
 
 def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_checkpoint=None) -> _Choice:
@@ -335,6 +356,7 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
         "sampler": {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "scheduler": "DDIM"},
         "evaluator": s.clip.identity,
         "model_fingerprint": trained.model.fingerprint,
+        "reference_images": trained.reference,
         "selection": {
             "criterion": criterion_text(cfg.selection_tolerance, cfg.selection_rule)
             if choice.curve

@@ -122,6 +122,17 @@ def _score(value: float | None, se: float | None = None) -> str:
     return f"{value:.4f}" if se is None or se != se else f"{value:.4f} ± {se:.4f}"
 
 
+def _reference_note(reference: dict | None) -> str:
+    """A warning when reconstruction was measured against other images than the training's."""
+    if not reference or reference.get("training_images", True):
+        return ""
+    return (
+        f"<p><strong>Measured against {reference['n']} images that are not the ones the concept was trained on"
+        f"</strong> (<code>{html.escape(reference['folder'])}</code>): these scores compare only with evaluations "
+        "against the same images.</p>"
+    )
+
+
 def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path:
     """Write a self-contained HTML page: headline scores, per-prompt scores, sample grid, scatter, settings."""
     ev = metrics.get("evaluator", {})
@@ -165,6 +176,7 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
             f"{metrics.get('n_images')} images per prompt,",
             f"{sampler.get('steps')} DDIM steps, guidance {sampler.get('guidance_scale')}.</p>",
             f"<table>{head_rows}</table>",
+            _reference_note(metrics.get("reference_images")),
             f"<p>DreamBench numbers are comparable to {html.escape(db['comparable_to'])}.</p>" if db else "",
             f"<h2>Samples (rows: prompts, columns: seeds)</h2>{_img_tag(grid, 'sample grid')}",
             f"<h2>Distortion vs editability</h2>{_img_tag(scatter_png, 'scatter')}",

@@ -264,8 +264,32 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)
     m = preprocess(src, tmp_path / "out", resolution=16)
     reasons = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
-    assert "decompression bomb" in reasons["bomb.png"] and "downscale it" in reasons["bomb.png"]
+    said = reasons["bomb.png"]
+    assert "400x400 pixels" in said and "more than oneword decodes from a PNG" in said and "downscale it" in said
     assert len(m.images) == 1
+
+
+def test_a_jpeg_too_large_to_decode_whole_is_decoded_reduced(tmp_path, monkeypatch):
+    """A 200 MP phone photo is past oneword's limit and Pillow's guard: as a JPEG it decodes at a fraction of its
+    size (still far more pixels than training needs), upright, with its full size recorded; too big even at
+    1/8, it is refused, saying how big."""
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = Image.new("RGB", (320, 240), (30, 120, 200))
+    photo.paste((250, 250, 0), (0, 0, 160, 240))  # left half yellow
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shot with the phone turned: shown rotated 90 degrees clockwise
+    photo.save(src / "phone.jpg", quality=95, exif=exif)
+    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)  # 76,800 pixels: reduced by 4 (4,800), not by 2
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # Pillow refuses it from 40,000
+    m = preprocess(src, tmp_path / "out", resolution=32)
+    assert not m.skipped and [r.original_size for r in m.images] == [(240, 320)]  # upright, as the photo shows
+    out = Image.open(tmp_path / "out" / m.images[0].file)
+    top, bottom = out.getpixel((16, 2)), out.getpixel((16, 29))
+    assert top[2] < 100 < bottom[2], (top, bottom)  # turned: the yellow half on top, the blue one below
+    monkeypatch.setattr(images, "MAX_PIXELS", 1_000)  # 76,800 / 64 is still over it
+    with pytest.raises(OnewordError, match=r"320x240 pixels \(0 MP\) is more than oneword decodes from a JPEG"):
+        preprocess(src, tmp_path / "refused", resolution=16)
 
 
 def test_a_photo_past_pillows_warning_but_under_oneword_limit_is_kept(tmp_path, monkeypatch):
@@ -308,6 +332,24 @@ def test_padding_judges_a_photo_by_its_long_side(tmp_path):
         preprocess(src, tmp_path / "crop", resolution=64)  # cropped to 10 x 10: upscaled 6x
     m = preprocess(src, tmp_path / "pad", resolution=64, mode="pad")  # padded to 60 x 60: scaled about 1x
     assert len(m.images) == 1 and not any("blurry" in w for w in m.warnings)  # but mostly white: said so
+
+
+def test_too_few_or_very_many_photos_are_said(tmp_path, monkeypatch):
+    """One photo trains (the user may mean it), but its pose and background are learned with it; a folder of
+    dozens is often not one concept's. Both are said; 3-5 photos pass without a word."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(images.MANY_PHOTOS + 1):
+        _png(src / f"{i:02d}.png", size=(40, 40), colour=(i * 8, 100, 200 - i * 5))
+    m = preprocess(src, tmp_path / "many", resolution=16)
+    assert any(f"gives {images.MANY_PHOTOS + 1} photos" in w and "one concept" in w for w in m.warnings), m.warnings
+    for f in sorted(src.iterdir())[4:]:
+        f.unlink()
+    assert not preprocess(src, tmp_path / "four", resolution=16).warnings
+    for f in sorted(src.iterdir())[1:]:
+        f.unlink()
+    m = preprocess(src, tmp_path / "one", resolution=16)
+    assert any("gives 1 photo:" in w and "pose and background" in w for w in m.warnings), m.warnings
 
 
 def test_pillow_bomb_error_is_refused(tmp_path, monkeypatch):

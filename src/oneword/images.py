@@ -35,10 +35,15 @@ UNREADABLE_SUFFIXES = {
 }
 MANIFEST = "manifest.json"
 FRAMES = "oneword.frames"  # load_image's note, in an image's info, of the frames its file holds
+REDUCED = "oneword.reduced"  # and of the factor by which a very large JPEG was reduced as it was decoded
+ORIGINAL_SIZE = "oneword.original_size"  # and of its size before that, upright
 SRGB = ImageCms.createProfile("sRGB")
-# Above a 108 MP phone sensor (about 360 MB decoded as RGB, within a CPU step's memory limit). Bigger files are
-# refused as possible decompression bombs, as is anything past Pillow's own guard (179 MP by default).
+# Above a 108 MP phone sensor (about 360 MB decoded as RGB, within a CPU step's memory limit). A bigger JPEG (a
+# 200 MP phone photo) is decoded at 1/2, 1/4 or 1/8 of its size, which its format does as cheaply, and still
+# holds far more pixels than any training resolution; another format that big is refused (it may be a
+# decompression bomb), as is a file too big even at 1/8.
 MAX_PIXELS = 120_000_000
+JPEG_REDUCTIONS = (2, 4, 8)
 # MAX_PIXELS decides below Pillow's error, so its warning (past 89 MP) says nothing more. A filter set once, not a
 # catch_warnings() around each decode: that swaps the process's filters, which is not safe while threads decode
 # (the plan's lookup decodes two concepts' photos at once).
@@ -49,6 +54,9 @@ DOWNSCALE_HINT = "downscale it (e.g. to 4000 pixels on its long side) and add it
 # warning that it will look blurry.
 MIN_SIDE_FRACTION = 1 / 4
 WARN_SIDE_FRACTION = 1 / 2
+# The paper learns a concept from 3-5 photos (a style from a few more). Fewer, and the token learns one picture's
+# pose and background along with the concept; far more is often a folder of several things, not one concept.
+FEW_PHOTOS, MANY_PHOTOS = 3, 30
 
 
 @dataclass(frozen=True)
@@ -137,27 +145,54 @@ def discover_images(source: str | Path, download_dir: Path | None = None) -> lis
 def load_image(path: Path) -> Image.Image:
     """Open and fully decode an image, with its EXIF orientation applied.
 
+    A JPEG over `MAX_PIXELS` is decoded reduced (`JPEG_REDUCTIONS`). The image's info says how many frames the
+    file holds (`FRAMES`), by what factor it was reduced (`REDUCED`) and its size before (`ORIGINAL_SIZE`).
+
     Raises:
-        ValueError: with the reason, if the file is not an image, is corrupt or truncated, or is a
-            decompression bomb.
+        ValueError: with the reason, if the file is not an image, is corrupt or truncated, or has more pixels
+            than oneword decodes.
     """
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
+        with _open(path) as im:
+            pixels, size = im.width * im.height, im.size
+            reduced = next((k for k in (1, *JPEG_REDUCTIONS) if pixels / (k * k) <= MAX_PIXELS), None)
+            if reduced is None or (reduced > 1 and im.format not in ("JPEG", "MPO")):
                 raise ValueError(
-                    f"refused: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,}-pixel limit "
-                    f"(possible decompression bomb); {DOWNSCALE_HINT}"
+                    f"refused: {im.width}x{im.height} pixels ({pixels / 1e6:.0f} MP) is more than oneword decodes "
+                    f"from a {im.format or 'file'} ({_limit(im.format)}); {DOWNSCALE_HINT}"
                 )
+            if reduced > 1:
+                im.draft(im.mode, (im.width // reduced, im.height // reduced))
             im.load()
             out = ImageOps.exif_transpose(im)
             out.info[FRAMES] = getattr(im, "n_frames", 1)  # an animation's: the copy has its first frame
+            out.info[REDUCED] = reduced
+            out.info[ORIGINAL_SIZE] = size if out.size == im.size else size[::-1]  # turned upright: w and h swap
             return out
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"refused: decompression bomb ({e}); {DOWNSCALE_HINT}") from e
     except UnidentifiedImageError as e:
         raise ValueError("not an image file Pillow can read") from e
     except OSError as e:
         raise ValueError(f"corrupt or truncated image ({e})") from e
+
+
+def _open(path: Path) -> Image.Image:
+    """`Image.open`, but a JPEG past Pillow's own guard is opened all the same: `load_image` decodes it reduced."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        with open(path, "rb") as f:
+            jpeg = f.read(3) == b"\xff\xd8\xff"
+        if not jpeg:
+            raise ValueError(f"refused: {e}; {DOWNSCALE_HINT}") from e
+        from PIL import JpegImagePlugin
+
+        return JpegImagePlugin.JpegImageFile(path)  # the plugin itself: its header read, no pixel decoded yet
+
+
+def _limit(image_format: str | None) -> str:
+    if image_format in ("JPEG", "MPO"):
+        return f"{MAX_PIXELS * JPEG_REDUCTIONS[-1] ** 2 / 1e9:.1f} GP, read at 1/{JPEG_REDUCTIONS[-1]} of its size"
+    return f"{MAX_PIXELS / 1e6:.0f} MP; a JPEG can be up to {JPEG_REDUCTIONS[-1] ** 2}x that"
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -342,6 +377,8 @@ def preprocess(
                 )
             if im.info.get(FRAMES, 1) > 1:
                 notes.append(f"{shown} is animated: only its first frame is used")
+            if (k := im.info.get(REDUCED, 1)) > 1:
+                log.info("%s: decoded at 1/%d of its size (%dx%d), as very large JPEGs are", shown, k, *im.size)
             if scaled_side(im.size, mode) < resolution * WARN_SIDE_FRACTION:
                 notes.append(
                     f"{shown} is {im.width}x{im.height}, smaller than half the training resolution "
@@ -355,13 +392,24 @@ def preprocess(
             name = f"images/{processed_sha[:16]}.png"
             out.info.pop("icc_profile", None)  # its numbers are sRGB's now, whatever the photo's profile said
             out.save(tmp / name)
-            records.append(ImageRecord(name, shown, source_sha, im.size, processed_sha))
+            records.append(ImageRecord(name, shown, source_sha, im.info.get(ORIGINAL_SIZE, im.size), processed_sha))
         if not records:  # the error lists every skipped file: not also a warning each before it
             listing = "\n".join(f"  - {s['source']}: {s['reason']}" for s in skipped)
             raise OnewordError(
                 f"no valid image left in {source}; skipped:\n{listing}",
                 hint="add JPEG or PNG photos of the concept (3-5 is typical), each at least "
                 f"{min_side(resolution)} pixels on its {'long' if mode == 'pad' else 'short'} side",
+            )
+        if len(records) < FEW_PHOTOS:
+            notes.append(
+                f"{source} gives {len(records)} photo{'s' * (len(records) > 1)}: with fewer than {FEW_PHOTOS}, the "
+                "token learns their pose and background along with the concept; add photos of it in other places "
+                "(3-5 is typical)"
+            )
+        elif len(records) > MANY_PHOTOS:
+            notes.append(
+                f"{source} gives {len(records)} photos: a concept is learned from 3-5 (a style from a few more); "
+                "check that they all show the one concept"
             )
         for s in skipped:
             log.warning("skipped %s: %s", s["source"], s["reason"])

@@ -521,6 +521,35 @@ def test_scores_against_other_images_than_the_trainings_say_so(evaluated_concept
     assert "not the ones the concept was trained on" in (tmp_path / "other" / "report.html").read_text()
 
 
+def test_one_training_image_has_no_image_only_point_rather_than_nan(evaluated_concept, cat_dataset, tiny_clip_dir,
+                                                                     tmp_path):  # fmt: skip
+    """The image-only reference compares each training image with the others: with one there is none, and the
+    metrics (JSON, which has no NaN) and the registry's numbers leave the point out."""
+    import json
+    import math
+    import shutil
+
+    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.registry import _eval_metrics
+
+    train_dir, _ = evaluated_concept
+    one = tmp_path / "one"
+    shutil.copytree(cat_dataset, one)
+    manifest = json.loads((one / "manifest.json").read_text())
+    (one / "manifest.json").write_text(json.dumps({**manifest, "images": manifest["images"][:1]}))
+    config = EvalConfig(n_images=2, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
+    m = evaluate(train_dir, one, tmp_path / "eval", config)
+    assert m["baselines"]["image_only"] is None and set(m["baselines"]["points"]) == {"prompt_only"}
+
+    def no_nan(word):
+        raise AssertionError(f"{word} in metrics.json")
+
+    json.loads((tmp_path / "eval" / "metrics.json").read_text(), parse_constant=no_nan)
+    numbers = _eval_metrics(m)
+    assert "baseline_prompt_only" in numbers and not any(k.startswith("reference_image_only") for k in numbers)
+    assert all(math.isfinite(v) for v in numbers.values())
+
+
 def test_an_upgrade_that_changes_no_score_keeps_every_registered_result(monkeypatch):
     """The evaluation key (and so each version's result key) follows what the scores depend on, not the release:
     an upgrade of the image that changes none of it evaluates no concept again."""

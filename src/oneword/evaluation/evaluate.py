@@ -413,16 +413,19 @@ def _add_baselines(s: _Session, metrics: dict) -> None:
     ]
     for p, v in zip(metrics["per_prompt"], per):
         p["prompt_only"] = v
-    image_only_rec = mean_pairwise_cosine(s.train_clip, s.train_clip, exclude_diagonal=True)
+    # one training image has no other to be compared with: no image-only point, rather than NaN
+    alone = len(s.train_images) < 2
+    image_only_rec = None if alone else mean_pairwise_cosine(s.train_clip, s.train_clip, exclude_diagonal=True)
     prompt_only_edit = sum(per) / len(per)
+    image_only = {
+        "reconstruction": image_only_rec,
+        "editability": mean_pairwise_cosine(s.train_clip, s.clip.texts(targets)),
+    }
     metrics["baselines"] = {
         "image_only": image_only_rec,
         "prompt_only": prompt_only_edit,
         "points": {
-            "image_only": {
-                "reconstruction": image_only_rec,
-                "editability": mean_pairwise_cosine(s.train_clip, s.clip.texts(targets)),
-            },
+            **({} if alone else {"image_only": image_only}),
             "prompt_only": {
                 "reconstruction": mean_pairwise_cosine(
                     s.clip.images([im for row in base_images for im in row]), s.train_clip

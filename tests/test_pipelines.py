@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -294,14 +295,18 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
 
     from oneword import embeddings
     from oneword.cli import main
+    from oneword.cli.run import photo_lines
     from oneword.latents import LatentSet
     from oneword.pipelines.local import run_textual_inversion
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
     token = "<cat-sd2>"
+    photos = tmp_path / "photos"
+    shutil.copytree(DREAMBENCH / "cat", photos)
+    (photos / "notes.txt").write_text("where I took them")  # skipped, and said so on the terminal
     params = dict(
-        images=str(DREAMBENCH / "cat"),
+        images=str(photos),
         token=token,
         init_word="cat",
         base_model=str(tiny_sd2_model_dir),
@@ -330,8 +335,11 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     uri = out["tracking_uri"]
     assert out["registered"] == "cat-sd2/1@champion"
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for k in ("report", "grid", "metrics", "embedding"):
+    for k in ("report", "grid", "metrics", "embedding", "photos"):
         assert Path(out[k]).exists(), k
+    said = photo_lines(json.loads(Path(out["photos"]).read_text()))
+    assert said[0].split() == ["photos", "5", "used,", "1", "skipped"], said
+    assert said[1] == f"    skipped {photos}/notes.txt: not an image file (suffix '.txt')", said
     summaries = sorted(
         (tmp_path / "root").glob("textual-inversion-*/**/train/model/*/summary.json"), key=lambda p: p.stat().st_mtime
     )

@@ -103,6 +103,11 @@ def run_cmd(
         m = json.loads(Path(out["metrics"]).read_text())
         rprint(f"  reconstruction {m['reconstruction']:.4f}, editability {m['editability']:.4f} (step {m['step']})"
                + _baselines(m.get("baselines")))  # fmt: skip
+    if out.get("photos"):
+        from rich.markup import escape
+
+        for line in photo_lines(json.loads(Path(out["photos"]).read_text())):
+            rprint(escape(line))
     if log_file is not None:
         rprint(f"  {'logs':13s} {log_file}")
     for k in ("report", "grid", "embedding", "run_dir", "tracking_uri"):
@@ -291,6 +296,16 @@ def print_batch_report(report: dict, console) -> int:
         if report.get(k):
             console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     return 1 if report["failed"] else 0
+
+
+def photo_lines(manifest: dict) -> list[str]:
+    """What preprocess made of the photos (its manifest.json), for the terminal: how many were used, and each
+    one skipped or warned about, with why (the steps' log holds them too, among everything else)."""
+    skipped = manifest.get("skipped", [])
+    lines = [f"  {'photos':13s} {len(manifest['images'])} used" + (f", {len(skipped)} skipped" if skipped else "")]
+    lines += [f"    skipped {s['source']}: {s['reason']}" for s in skipped]
+    lines += [f"    {w}" for w in manifest.get("warnings", [])]
+    return lines
 
 
 def _baselines(baselines: dict | None) -> str:

@@ -222,9 +222,9 @@ def run_textual_inversion(
 
     Returns:
         `{"registered": "name/version@alias", "unchanged": bool, "run_dir": ..., "tracking_uri": ..., "report": ...,
-        "grid": ...}`; `unchanged` says that this very training was registered before (or by another run
-        meanwhile). `registered` is what register wrote; without it (none is there), the run's exit handler's
-        answer (`batch.run_answer`).
+        "grid": ..., "photos": (preprocess's manifest.json)}`; `unchanged` says that this very training was
+        registered before (or by another run meanwhile). `registered` is what register wrote; without it (none is
+        there), the run's exit handler's answer (`batch.run_answer`).
     """
     from oneword.pipelines.definitions import textual_inversion
 
@@ -263,6 +263,7 @@ def run_textual_inversion(
             ("metrics", "**/evaluate/evaluation/metrics.json"),
             # the checkpoint evaluation selected and register registered, which the printed scores describe
             ("embedding", "**/evaluate/evaluation/embedding/learned_embeds.safetensors"),
+            ("photos", "**/preprocess/dataset/manifest.json"),  # which photos were used, which skipped and why
         ):
             hits = sorted(run_dir.glob(pattern))
             out[key] = str(hits[0]) if hits else None

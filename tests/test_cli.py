@@ -287,6 +287,35 @@ def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
         assert code == 0 and r["steps"] == drawn and r["images_per_second"] == pytest.approx(drawn / r["seconds"])
 
 
+def test_ctrl_c_in_train_says_what_was_kept_and_how_to_go_on(cat_latents_dir, tiny_model_dir, tmp_path):
+    """Ctrl-C (SIGINT, to a real process) left a blank line and status 130: now the newest checkpoint is named
+    and the command that continues from it is printed, whole, ready to paste."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    args = ["train", str(cat_latents_dir), "--token", "<ctrl-c>", "--init-word", "cat", "-o", str(out), "--base-model",
+            str(tiny_model_dir), "--steps", "100000", "--checkpoint-every", "2", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "oneword"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step-000004.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    newest = max(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
+    assert f"interrupted: the training stopped; its newest checkpoint is step {newest}." in err, err[-2000:]
+    again = next(line for line in err.splitlines() if line.startswith("to continue: "))
+    assert shlex.split(again.removeprefix("to continue: ")) == ["oneword", *args, "--resume"]
+    assert "Traceback" not in err
+
+
 def test_evaluate_finds_the_training_images_in_the_training_folder(evaluated_concept, tiny_clip_dir, tmp_path, capsys):
     train_dir, _ = evaluated_concept
     args = ["evaluate", train_dir, "-o", tmp_path / "eval", "--n-images", 1, "--sampling-steps", 2,

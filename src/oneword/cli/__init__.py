@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" in args[1:] and "--" not in args:  # after the command too, where a rerun to see why adds it
         args = ["--verbose", *(a for a in args if a != "--verbose")]
+    STATE["argv"] = args
     try:
         code = app(args=args, standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except OnewordError as e:
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, typer.Abort):  # Ctrl-C at a prompt
+        if isinstance(e, typer.Abort):  # Ctrl-C (click has printed a new line)
+            print("interrupted", file=sys.stderr)
             sys.exit(130)
         if (said := _tracking_error(e)) is not None:
             _exit_with(said)

@@ -60,7 +60,7 @@ def _version(value: bool) -> None:
 
 
 # Set by the root options; read by `oneword.cli.main` when a command fails.
-STATE = {"verbose": False}
+STATE: dict = {"verbose": False, "argv": []}  # argv: the arguments `main` was given, to print a command again
 
 
 @app.callback()

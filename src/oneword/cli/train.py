@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import STATE, app
 from oneword.cli.options import default, option
 from oneword.config import ConceptSpec, TrackingConfig, TrainConfig
 
@@ -88,11 +92,7 @@ def train_cmd(
       oneword train runs/my-cat/latents --token '<my-cat>' --init-word cat \\
         -o runs/my-cat/train --tracking-uri http://mlflow:5000
     """
-    from rich import print as rprint
-
-    from oneword.errors import OnewordError
     from oneword.live import LiveTracking
-    from oneword.train import train, train_group
 
     config = TrainConfig(
         steps=steps,
@@ -120,6 +120,20 @@ def train_cmd(
         device=device,
     )
     tracking = LiveTracking.configured(tracking_uri, experiment)
+    # a group's own checkpoint folders lie under --checkpoint-dir; without it, all in out/checkpoints
+    with _interrupted(checkpoint_dir or out / "checkpoints", concepts is None or not checkpoint_dir):
+        _train(concepts, latents, out, token, init_word, n_vectors, templates, config, base_model, checkpoint_dir,
+               resume, tracking)  # fmt: skip
+
+
+def _train(concepts, latents, out, token, init_word, n_vectors, templates, config, base_model, checkpoint_dir,
+           resume, tracking) -> None:  # fmt: skip
+    """Train the group of `--concepts`, or the one concept of LATENTS, and say where it went."""
+    from rich import print as rprint
+
+    from oneword.errors import OnewordError
+    from oneword.train import train, train_group
+
     if concepts is not None:
         if latents is not None or token or init_word:
             raise OnewordError("pass either --concepts or LATENTS with --token and --init-word, not both")
@@ -155,6 +169,31 @@ def train_cmd(
         f"[green]{token}[/] trained for {r.steps} steps ({r.steps_per_second:.1f} steps/s) -> "
         f"{out}/learned_embeds.safetensors"
     )
+
+
+@contextlib.contextmanager
+def _interrupted(checkpoints_at: str | Path, listed: bool) -> Iterator[None]:
+    """On Ctrl-C, say what was kept and how to go on (exit status 130, a shell's for SIGINT), not a blank line.
+
+    `checkpoints_at`: where the checkpoints are; `listed`: whether they lie there themselves (not in a folder
+    of each group's, under it).
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        from oneword import checkpoints
+
+        args = [a for a in STATE["argv"] if a != "--resume"]
+        kept = f"its checkpoints are kept in {checkpoints_at}"
+        if listed:
+            try:
+                found = checkpoints.list_checkpoints(checkpoints_at)
+                kept = f"its newest checkpoint is step {found[-1][0]}" if found else "no checkpoint was written yet"
+            except Exception:  # a store that cannot be read now: where they are is said all the same
+                pass
+        again = shlex.join(["oneword", *args, "--resume"])
+        print(f"\ninterrupted: the training stopped; {kept}.\nto continue: {again}", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 def _read_group(path: Path):

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 from oneword import embeddings as E
 from oneword.cli import main
@@ -23,7 +24,7 @@ def run(args, capsys):
     return code, out.out + out.err
 
 
-def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys):
+def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys, monkeypatch):
     data, lat, trained = tmp_path / "data", tmp_path / "lat", tmp_path / "train"
     assert run(["preprocess", DREAMBENCH / "dog", "-o", data, "--resolution", 32], capsys)[0] == 0
     code, out = run(["cache-latents", data, "-o", lat, "--base-model", tiny_model_dir], capsys)
@@ -88,6 +89,18 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys):
         capsys,
     )
     assert code == 0 and (tmp_path / "gen" / "grid.png").exists()
+    # each picture says what drew it, where A1111's PNG Info, ComfyUI and image sites look
+    text = Image.open(tmp_path / "gen" / "p00_s1.png").text
+    assert text["parameters"].startswith("a photo of <dog-c>\nSteps: 3, Sampler: DDIM, CFG scale: ")
+    assert "Seed: 1, Size: 32x32" in text["parameters"]
+    said = json.loads(text["oneword"])
+    assert (said["seed"], said["steps"], said["tokens"]) == (1, 3, ["<dog-c>"])
+    # without -o, each call draws into a folder of its own: an earlier call's pictures are never replaced
+    monkeypatch.chdir(tmp_path)
+    for expected in ("0001", "0002"):
+        code, out = run(["generate", "a photo of <dog-c>", "-e", tmp_path / "dog.pt", "--n", 1, "--steps", 2], capsys)
+        assert code == 0 and f"generated/{expected}/grid.png" in " ".join(out.split()), out
+    assert {p.name for p in (tmp_path / "generated").iterdir() if p.is_dir()} == {"0001", "0002"}
 
 
 @pytest.mark.parametrize(

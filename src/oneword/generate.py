@@ -6,6 +6,7 @@ diffusers user gets from the same file. Several concepts may appear in one promp
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
+from oneword import __version__, storage
 from oneword import embeddings as emb_io
-from oneword import storage
 from oneword.config import GenerateConfig
 from oneword.device import resolve_device
 from oneword.distributed import World, gather
@@ -211,6 +213,24 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join([*lines, line])
 
 
+def png_parameters(
+    prompt: str, seed: int, sampler: SamplerConfig, size: tuple[int, int], model: LoadedModel, tokens: Sequence[str]
+) -> PngInfo:
+    """What drew a picture, in its PNG: a `parameters` text as A1111 writes it (its PNG Info tab, ComfyUI and
+    image sites read it), and the same as JSON under `oneword`, with the learned tokens that were loaded."""
+    text = (f"{prompt}\nSteps: {sampler.steps}, Sampler: DDIM, CFG scale: {sampler.guidance_scale}, Seed: {seed}, "
+            f"Size: {size[0]}x{size[1]}, Model: {Path(model.source).name or model.source}, Version: oneword "
+            f"{__version__}")  # fmt: skip
+    info = PngInfo()
+    info.add_text("parameters", text)
+    info.add_text("oneword", json.dumps({
+        "prompt": prompt, "seed": seed, "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,
+        "eta": sampler.eta, "scheduler": "DDIM", "base_model": model.source, "model_fingerprint": model.fingerprint,
+        "tokens": list(tokens), "oneword_version": __version__,
+    }))  # fmt: skip
+    return info
+
+
 def generate(
     base_model: str | LoadedModel,
     embedding_files: Sequence[Path],
@@ -234,18 +254,21 @@ def generate(
     """
     out_dir = Path(out_dir).resolve()  # `-o .` has no name to put a temporary folder beside
     storage.check_replaceable(out_dir, GRID, "pictures drawn by `oneword generate`")  # before drawing
+    if (out_dir / GRID).exists():
+        log.warning("%s holds an earlier call's pictures: they are replaced (give another -o to keep them)", out_dir)
     model = base_model if isinstance(base_model, LoadedModel) else load_base_model(base_model)
     pipe = build_pipeline(model, config.device)
     tokens = load_embeddings(pipe, model, embedding_files, force=force)
     unknown = [p for p in prompts if tokens and not any(t in p for t in tokens)]
     for p in unknown:
         log.warning("prompt %r uses none of the loaded tokens %s", p, tokens)
-    sampler = SamplerConfig(steps=config.steps, guidance_scale=config.guidance_scale)
-    images = sample(pipe, list(prompts), config.n, config.seed, sampler.resolved(profile_of(model)))
+    sampler = SamplerConfig(steps=config.steps, guidance_scale=config.guidance_scale).resolved(profile_of(model))
+    images = sample(pipe, list(prompts), config.n, config.seed, sampler)
     # replaced whole: an earlier call's pictures of other prompts or seeds are not left among these
     with storage.atomic_dir(Path(out_dir), GRID, "pictures drawn by `oneword generate`") as tmp:
         for i, row in enumerate(images):
             for j, im in enumerate(row):
-                im.save(tmp / f"p{i:02d}_s{config.seed + j}.png")
+                said = png_parameters(prompts[i], config.seed + j, sampler, im.size, model, tokens)
+                im.save(tmp / f"p{i:02d}_s{config.seed + j}.png", pnginfo=said)
         make_grid(images, list(prompts), label_width=160).save(tmp / GRID)
     return Path(out_dir) / GRID

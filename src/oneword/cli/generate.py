@@ -11,6 +11,8 @@ from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import GenerateConfig, TrackingConfig
 
+DRAWN = "generated"
+
 
 @app.command("generate")
 def generate_cmd(
@@ -29,7 +31,13 @@ def generate_cmd(
         str | None,
         typer.Option(help="default: the model the (first) embedding or concept was trained on, else toyworld"),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the images and grid.png")] = Path("generated"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="folder for the images and grid.png, replaced whole (default: a new numbered folder "
+            f"under ./{DRAWN}/, which keeps every earlier call's)"
+        ),
+    ] = None,
     n: Annotated[int, option(GenerateConfig, "n")] = default(GenerateConfig, "n"),
     seed: Annotated[int, option(GenerateConfig, "seed")] = default(GenerateConfig, "seed"),
     steps: Annotated[int | None, option(GenerateConfig, "steps", "--sampling-steps", "--steps")] = default(
@@ -58,6 +66,7 @@ def generate_cmd(
     from oneword.profiles import TOYWORLD
 
     files = list(embedding or [])
+    out = out or next_folder(Path(DRAWN))
     with tempfile.TemporaryDirectory(prefix="oneword-pull-") as pulled_into:  # gone once drawn
         if concept:
             from oneword.catalogue import pull_concepts
@@ -80,3 +89,17 @@ def generate_cmd(
             force=force,
         )
     rprint(f"[green]grid[/] -> {grid}")
+
+
+def next_folder(root: Path) -> Path:
+    """A new folder under `root`, numbered one past the highest there (0001, 0002, ...), made at once: two calls
+    at the same moment get one each."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    while True:
+        n += 1
+        try:
+            (root / f"{n:04d}").mkdir()
+            return root / f"{n:04d}"
+        except FileExistsError:  # another call took it first
+            continue

@@ -27,8 +27,8 @@ def train_cmd(
     concepts: Annotated[
         Path | None,
         typer.Option(
-            help="YAML list of concepts to train together (name, latents, token, init_word, optional n_vectors "
-            "and templates); each is written to OUT/NAME"
+            help="YAML list of concepts to train together (name, latents, token, init_word, optional n_vectors, "
+            "templates and learning_rate); each is written to OUT/NAME"
         ),
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="default: the model the latents were encoded with")] = None,

@@ -218,8 +218,12 @@ def test_token_already_in_vocabulary(tiny_model, cat_latents):
 
 
 def test_token_with_space(tiny_model, cat_latents):
-    with pytest.raises(OnewordError, match="no spaces"):
-        _trainer(tiny_model, cat_latents, concept=ConceptSpec(token="my cat", init_word="cat"))
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'my cat' is not one word"):  # the spec refuses it
+        ConceptSpec(token="my cat", init_word="cat")
+    with pytest.raises(OnewordError, match="no spaces"):  # and the trainer too, given one built unchecked
+        _trainer(tiny_model, cat_latents, concept=ConceptSpec.model_construct(token="my cat", init_word="cat"))
 
 
 def test_multi_token_initializer_names_pieces_and_suggests(tiny_model, cat_latents):

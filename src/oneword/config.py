@@ -47,6 +47,18 @@ class ConceptSpec(BaseModel):
         None, gt=0, description="this concept's base LR, scaled like TrainConfig's (None: TrainConfig's)"
     )
 
+    @field_validator("token", "init_word")
+    @classmethod
+    def _one_word(cls, value: str, info) -> str:
+        # what no tokenizer is needed to tell; `tokens.check_new_token` and `tokens.initializer_id` say the rest
+        # (of "red car", which words to pick)
+        example = "'<my-cat>'" if info.field_name == "token" else "'cat'"
+        if not value.strip():
+            raise ValueError(f"is empty: give one word, e.g. {example}")
+        if info.field_name == "token" and any(c.isspace() for c in value):  # an initializer's words are named
+            raise ValueError(f"{value!r} is not one word (it holds a space): give one word, e.g. {example}")
+        return value
+
     def resolved(self, profile) -> ConceptSpec:
         """This concept with the templates of `profile` (a `ModelProfile`) when it names none."""
         return self if self.templates else self.model_copy(update={"templates": profile.templates})

@@ -251,6 +251,8 @@ def images_problem(images: str, token: str) -> tuple[str | None, str]:
 
 def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:
     """Each token new to the model's tokenizer, each initializer one token (the tokenizer only, no model)."""
+    from pydantic import ValidationError
+
     from oneword.config import ConceptSpec
     from oneword.inversion import check_concept
 
@@ -264,9 +266,13 @@ def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[di
                 n_vectors=c.get("n_vectors", 1),
                 templates=c.get("templates"),
             ).resolved(prof)
-        except (ValueError, OnewordError) as e:  # pydantic's ValidationError (a vector count of 0), or an unknown
-            # template set: this concept's problem, the others are still checked
-            out.append((f"token {c.get('token')}", f"{c.get('token')}: {' '.join(str(e).split())[:300]}"))
+        except ValidationError as e:  # a vector count of 0, an empty token: this concept's, the others still checked
+            from oneword.batch import field_problems
+
+            out.append((f"token {c.get('token')!r}", f"{c.get('token')!r}: {'; '.join(field_problems(e))}"))
+            continue
+        except OnewordError as e:  # an unknown template set
+            out.append((f"token {c.get('token')!r}", f"{c.get('token')!r}: {e.message}"))
             continue
         try:
             check_concept(tokenizer, spec)

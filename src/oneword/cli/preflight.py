@@ -8,12 +8,13 @@ import typer
 
 from oneword.cli.app import app
 from oneword.cli.options import BASE_MODEL_HELP, parameter
+from oneword.cli.run import BASE_MODEL
 from oneword.pipelines.parameters import DEFAULTS as D
 
 
 @app.command("preflight", short_help="Check what a run will need, in seconds.")
 def preflight_cmd(
-    base_model: Annotated[str, typer.Option(help=BASE_MODEL_HELP)],
+    base_model: Annotated[str, typer.Option(help=BASE_MODEL_HELP)] = BASE_MODEL,
     images: Annotated[str | None, typer.Option(help="folder or s3:// prefix of the concept's photos")] = None,
     token: Annotated[str | None, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")] = None,
     init_word: Annotated[str | None, typer.Option(help="one-token word to start from, e.g. cat")] = None,
@@ -33,6 +34,13 @@ def preflight_cmd(
     """
     from oneword.preflight import preflight
 
-    concepts = [{"images": images, "token": token, "init_word": init_word}] if images and token and init_word else []
+    given = {"images": images, "token": token, "init_word": init_word}
+    if missing := [k for k, v in given.items() if v is None] if any(v is not None for v in given.values()) else []:
+        from oneword.errors import OnewordError
+
+        options = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise OnewordError(f"the concept's check needs {options} too",
+                           hint="give --images, --token and --init-word together, or none of them")  # fmt: skip
+    concepts = [given] if images is not None else []
     # its log line ("preflight passed in 5.2 s: base model, ...") is the answer: a second line would repeat it
     preflight(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root, prompt_set, dino_model)

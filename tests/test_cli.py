@@ -773,6 +773,15 @@ def test_compare_prints_its_scores_as_a_table(evaluated_concept, tmp_path, capsy
     assert rows["lr-low"][-2:] == [f"{low['reconstruction']:.4f}", f"{low['editability']:.4f}"]
     table = [line for line in out.splitlines() if "scatter ->" not in line]  # a path is printed whole, to copy
     assert "{'run'" not in out and all(len(line) <= 80 for line in table)
+    # two pipeline runs' evaluations, in folders kfp.local names alike: each labelled by the run it is of
+    import shutil
+
+    runs = [tmp_path / "root" / f"textual-inversion-2026-11-28-{t}" / "evaluate" / "evaluation" for t in ("a", "b")]
+    for r in runs:
+        shutil.copytree(evaluation, r)
+    code, out = run(["compare", *runs, "-o", tmp_path / "two.png"], capsys)
+    labels = [r["run"] for r in json.loads((tmp_path / "two.json").read_text())]
+    assert code == 0 and labels == ["textual-inversion-2026-11-28-a", "textual-inversion-2026-11-28-b"], labels
 
 
 def test_a_setting_out_of_range_points_at_the_help_of_the_command_given(tmp_path, capsys):

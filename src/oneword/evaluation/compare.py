@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -43,6 +44,25 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
         return run[:8], json.loads(Path(local).read_text())
 
 
+def _distinct(defaults: list[str], runs: Sequence[str], metrics: list[dict]) -> list[str]:
+    """The runs' labels, told apart where their folders' names are not (kfp.local names every evaluation's folder
+    `evaluate`): by token where the tokens differ, else by the first folder of their paths that differs."""
+    if len(set(defaults)) == len(defaults):
+        return defaults
+    tokens = [m.get("token") for m in metrics]
+    if all(tokens) and len(set(tokens)) == len(tokens):
+        return [str(t) for t in tokens]
+    try:
+        paths = [Path(r).resolve() for r in runs]
+        common = Path(os.path.commonpath(paths))
+        firsts = [p.relative_to(common).parts[0] for p in paths]
+    except (ValueError, IndexError):  # an MLflow run among folders, or one folder given twice
+        firsts = []
+    if firsts and len(set(firsts)) == len(firsts):
+        return firsts
+    return [f"{d} #{i + 1}" for i, d in enumerate(defaults)]
+
+
 def compare(
     runs: Sequence[str], out: Path, labels: Sequence[str] | None = None, tracking_uri: str | None = None
 ) -> Path:
@@ -58,9 +78,9 @@ def compare(
     loaded = [load_metrics(r, tracking_uri) for r in runs]
     for _, m in loaded[1:]:
         check_comparable(loaded[0][1], m)
+    names = list(labels) if labels else _distinct([d for d, _ in loaded], runs, [m for _, m in loaded])
     series, table = [], []
-    for i, (default, m) in enumerate(loaded):
-        name = labels[i] if labels and i < len(labels) else default
+    for name, (_, m) in zip(names, loaded, strict=True):
         sel = m.get("selection", {})
         series.append(
             {

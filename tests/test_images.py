@@ -310,6 +310,7 @@ def test_photos_that_cannot_be_read_are_skipped_with_what_to_do(tmp_path, monkey
     for name in ("a.png", "b.png"):
         _png(src / name, colour=(10, 200, 10) if name == "a.png" else (10, 10, 200))
     (src / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (src / "IMG_0002.jpg").write_bytes(b"")  # a copy that never finished
     real = Path.read_bytes
 
     def denied(self):  # a photo copied from another account, readable by its owner only
@@ -321,6 +322,7 @@ def test_photos_that_cannot_be_read_are_skipped_with_what_to_do(tmp_path, monkey
     m = preprocess(src, tmp_path / "out", resolution=16)
     reasons = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
     assert "export it as JPEG" in reasons["IMG_0001.HEIC"] and "Permission denied" in reasons["b.png"]
+    assert reasons["IMG_0002.jpg"] == "empty file (0 bytes): copy the photo again"
     assert len(m.images) == 1  # the readable photo is kept: one bad file loses no other
 
 

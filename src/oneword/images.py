@@ -356,7 +356,11 @@ def preprocess(
                 skipped.append({"source": shown, "reason": f"not an image file (suffix {path.suffix!r})"})
                 continue
             try:  # one photo that cannot be read (permissions, a mode Pillow cannot convert) loses no other
-                source_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                data = path.read_bytes()
+                if not data:
+                    skipped.append({"source": shown, "reason": "empty file (0 bytes): copy the photo again"})
+                    continue
+                source_sha = hashlib.sha256(data).hexdigest()
                 if source_sha in seen:
                     skipped.append({"source": shown, "reason": f"exact duplicate of {seen[source_sha]}"})
                     continue

@@ -68,6 +68,10 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert code == 0 and json.loads((trained / "summary.json").read_text())["steps"] == 9
+    assert "<dog-c> trained steps 7-9 (" in out, out
+    again = ["train", lat, "--token", "<dog-c>", "--init-word", "dog", "-o", trained, "--steps", 9, "--resume"]
+    code, out = run(again, capsys)  # at the end already: not "trained for 9 steps (0.0 steps/s)"
+    assert code == 0 and "was trained for 9 steps already" in " ".join(out.split()) and "0.0 steps/s" not in out, out
     code, out = run(
         ["export", trained / "learned_embeds.safetensors", "--format", "a1111", "-o", tmp_path / "dog.pt"], capsys
     )

@@ -165,10 +165,13 @@ def _train(concepts, latents, out, token, init_word, n_vectors, templates, confi
         resume=resume,
         tracking=tracking,
     )
-    rprint(
-        f"[green]{token}[/] trained for {r.steps} steps ({r.steps_per_second:.1f} steps/s) -> "
-        f"{out}/learned_embeds.safetensors"
-    )
+    if r.steps_run:
+        said = f"trained for {r.steps} steps ({r.steps_per_second:.1f} steps/s)"
+        if r.steps_run < r.steps:
+            said = f"trained steps {r.steps - r.steps_run + 1}-{r.steps} ({r.steps_per_second:.1f} steps/s)"
+    else:  # --resume of a training whose checkpoints were at the end already
+        said = f"was trained for {r.steps} steps already (its checkpoints reached the end; nothing to train)"
+    rprint(f"[green]{token}[/] {said} -> {out}/learned_embeds.safetensors")
 
 
 @contextlib.contextmanager

@@ -290,6 +290,17 @@ def test_the_ldm_config_beside_a_single_file_says_its_prediction_type(tmp_path):
         single_file_prediction(ckpt)
     assert "sd21-base.safetensors" in e.value.hint
 
+    # what it says is part of the training's key: a config put beside the file later trains the concept anew
+    # (its earlier training had the other target), while every model without one keeps its keys
+    from oneword.config import ConceptSpec, TrainConfig
+    from oneword.train import model_identity, training_key
+
+    spec, photos, config = ConceptSpec(token="<k>", init_word="cat"), ["a" * 64], TrainConfig(steps=10)
+    keys = {stated: training_key(spec, photos, config, model_identity("sha256:f", str(ckpt), stated))
+            for stated in (None, "epsilon", "v_prediction")}  # fmt: skip
+    assert len(set(keys.values())) == 3
+    assert model_identity("sha256:f", str(ckpt)) == f"sha256:f {ckpt}"  # as before this was recorded
+
 
 def test_bench_times_sdxl_training(sdxl_dir, capsys):
     from .test_cli import run

@@ -55,6 +55,9 @@ class LoadedModel:
     path: Path | None = None
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextModelWithProjection | None = None
+    # a single file's prediction type as the LDM config beside it states (`single_file_prediction`); None: the
+    # model's own scheduler config, or diffusers' guess
+    stated_prediction: str | None = None
 
     @property
     def width_2(self) -> int | None:
@@ -385,10 +388,13 @@ def _load_single_file(source, path, parts, device, dtype, model_config) -> Loade
         dict(pipe.unet.config),
         device,
         Path(path),
+        stated_prediction=stated,
     )
 
 
-def _finish(source, encoders, unet, vae, scheduler_config, unet_config, device, path) -> LoadedModel:
+def _finish(
+    source, encoders, unet, vae, scheduler_config, unet_config, device, path, stated_prediction: str | None = None
+) -> LoadedModel:
     tokenizer, text_encoder, tokenizer_2, text_encoder_2 = encoders
     family, width = detect_family(text_encoder.config, {"text_encoder_2": True} if text_encoder_2 else None)
     for m in (text_encoder, text_encoder_2, unet, vae):
@@ -407,6 +413,7 @@ def _finish(source, encoders, unet, vae, scheduler_config, unet_config, device, 
         path=path,
         tokenizer_2=tokenizer_2,
         text_encoder_2=text_encoder_2,
+        stated_prediction=stated_prediction,
     )
 
 

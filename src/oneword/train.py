@@ -340,11 +340,12 @@ def training_key(spec: ConceptSpec, image_sha256: Sequence[str], config: TrainCo
     return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[:16]
 
 
-def model_identity(fingerprint: str, source: str) -> str:
+def model_identity(fingerprint: str, source: str, stated_prediction: str | None = None) -> str:
     """The base model as the training keys see it. The fingerprint covers the tokenizer, the token embeddings
     and the UNet's config, not its weights: a fine-tune that kept the text encoder shares it, so the model's
-    source is part of the key too."""
-    return f"{fingerprint} {source}"
+    source is part of the key too; and so is the prediction type that an LDM config beside a single file states
+    (`LoadedModel.stated_prediction`), which sets the training's target: the file alone does not tell it."""
+    return f"{fingerprint} {source}" + (f" {stated_prediction}" if stated_prediction else "")
 
 
 def _under(root: str | Path, key: str) -> str:
@@ -534,7 +535,7 @@ def train_group(
             ready.append((name, spec, lat, where))
         except OnewordError as e:
             fail(name, "train", e.message, e.hint or "")
-    model_id = model_identity(model.fingerprint, model.source) if model is not None else ""
+    model_id = model_identity(model.fingerprint, model.source, model.stated_prediction) if model is not None else ""
     keys = {name: training_key(spec, lat.image_sha256, config, model_id) for name, spec, lat, _ in ready}
     whole = group_key([(n, s, lat.image_sha256) for n, s, lat, _ in ready], config, model_id)
     if ready and checkpoint_root and resume and not checkpoints.list_checkpoints(_under(checkpoint_root, whole)):

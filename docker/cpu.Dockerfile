@@ -29,9 +29,10 @@ LABEL org.opencontainers.image.title="oneword" \
       org.opencontainers.image.description="Textual Inversion as production software (CPU image)" \
       org.opencontainers.image.source="https://github.com/oneword-ml/oneword"
 # /models is where the pipelines mount the model cache PVC (oneword-model-cache); without a volume the
-# directory in the image is used, so it must be writable by the image's user.
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin oneword \
-    && mkdir -p /models/huggingface && chown -R 10001:10001 /models
+# directory in the image is used, so it must be writable by the image's user. Group 0 may write what that user
+# may: OpenShift runs the image as a random uid in group 0 (k8s/overlays/openshift).
+RUN useradd --create-home --uid 10001 --gid 0 --shell /usr/sbin/nologin oneword \
+    && mkdir -p /models/huggingface && chown -R 10001:0 /models /home/oneword && chmod -R g=u /models /home/oneword
 COPY --from=build /opt/oneword /opt/oneword
 ENV PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -33,14 +33,16 @@ LABEL org.opencontainers.image.title="oneword-cuda" \
       org.opencontainers.image.source="https://github.com/oneword-ml/oneword"
 # /models is where the pipelines mount the model cache PVC (oneword-model-cache); without a volume the
 # directory in the image is used, so it must be writable by the image's user. torch.compile keeps its cache there
-# too, so that only the first train task on a cluster compiles from nothing.
+# too, so that only the first train task on a cluster compiles from nothing. Group 0 may write what the user
+# may: OpenShift runs the image as a random uid in group 0 (k8s/overlays/openshift).
 # torch.compile's Triton builds a small launcher for its kernels with the system's C compiler, at run time
 # hadolint ignore=DL3008  # the compiler of the pinned base image's Debian release; its patch versions come and go
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin oneword \
-    && mkdir -p /models/huggingface /models/torchinductor && chown -R 10001:10001 /models
+    && useradd --create-home --uid 10001 --gid 0 --shell /usr/sbin/nologin oneword \
+    && mkdir -p /models/huggingface /models/torchinductor \
+    && chown -R 10001:0 /models /home/oneword && chmod -R g=u /models /home/oneword
 COPY --from=build /opt/oneword /opt/oneword
 # What the NVIDIA container toolkit reads to mount the driver's libraries. No NVIDIA_VISIBLE_DEVICES: the device
 # plugin sets it to the GPUs the pod was given; an image-wide "all" would show every GPU of the node to a pod that

@@ -16,7 +16,7 @@ from oneword import __version__
 from .conftest import _start_mlflow_server, _stop, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ("dev", "gpu-pool", "prod")  # oneword itself (MinIO, PostgreSQL, MLflow) plus KFP's namespace
+OVERLAYS = ("dev", "gpu-pool", "prod", "openshift")  # oneword itself (MinIO, PostgreSQL, MLflow) plus KFP's namespace
 PROFILE = "team-a"  # overlays/multi-user: the placeholder profile namespace
 
 
@@ -195,10 +195,13 @@ def test_the_model_cache_is_shared_where_pipelines_run(rendered, overlay):
     assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "dev" else ["ReadWriteMany"])
     init = _one(docs, "Job", "oneword-model-cache-init")["spec"]["template"]["spec"]
     assert init["volumes"] == [{"name": "cache", "persistentVolumeClaim": {"claimName": "oneword-model-cache"}}]
+    check = init["containers"][0]  # as the steps run, what they write: the Job fails only where they could not
+    assert "touch /models/huggingface/" in check["args"][0] and "/models/torchinductor" in check["args"][0]
+    if overlay == "openshift":  # any uid the SCC gives; the volume is its fsGroup's
+        assert "initContainers" not in init and "runAsUser" not in check["securityContext"]
+        return
     assert "chown 10001:10001" in init["initContainers"][0]["args"][0]  # the images' user, where the volume lets it
-    check = init["containers"][0]  # then, as the steps run, what they write: the Job fails only where they could not
-    assert check["securityContext"]["runAsUser"] == 10001 and "touch /models/huggingface/" in check["args"][0]
-    assert "/models/torchinductor" in check["args"][0]
+    assert check["securityContext"]["runAsUser"] == 10001
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -287,6 +290,16 @@ def test_network_policies_guard_minio_and_postgres(rendered):
     assert pg == [{"podSelector": {"matchLabels": {"app": "mlflow"}}}]
 
 
+def test_openshift_asks_for_no_user_id(rendered):
+    """OpenShift's restricted SCC refuses a pod that names its uid, or root: it gives each a uid of its own."""
+    for doc, spec in _pod_specs(rendered["openshift"]):
+        contexts = [spec.get("securityContext", {}), *(c.get("securityContext", {}) for c in _containers(spec))]
+        for ctx in contexts:
+            assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(ctx), (doc["metadata"]["name"], ctx)
+    prod = {(d["kind"], d["metadata"]["name"]) for d in rendered["prod"]}
+    assert {(d["kind"], d["metadata"]["name"]) for d in rendered["openshift"]} == prod  # production, otherwise
+
+
 def test_overlays_validate_offline():
     subprocess.run(
         [str(ROOT / "k8s" / "validate.sh")],
@@ -317,7 +330,10 @@ def test_images_install_what_ci_installs(name):
     assert re.search(r"^USER 10001$", text, re.M) and "ENV PATH=/opt/oneword/bin:$PATH" in text
     # HF_HOME lies inside /models, where the pipelines mount the model cache, and is the user's without a volume
     assert re.search(r"^\s+HF_HOME=/models/huggingface", text, re.M)
-    assert re.search(r"mkdir -p /models/huggingface( /models/torchinductor)? && chown -R 10001:10001 /models", text)
+    # and group 0's, as OpenShift runs the image: a random uid in group 0
+    assert re.search(r"mkdir -p /models/huggingface( /models/torchinductor)? \\?\s*&& chown -R 10001:0 /models "
+                     r"/home/oneword && chmod -R g=u /models /home/oneword", text)  # fmt: skip
+    assert "--uid 10001 --gid 0" in text
 
 
 def test_hadolint_is_clean():

@@ -49,6 +49,8 @@ def test_local_photos_are_found_beside_the_manifest_wherever_it_is_read_from(tmp
         ("concepts:\n  - {images: a, token: <a>, init_word: cat, n_vectors: two}\n", r"n_vectors: .* \(got 'two'\)"),
         ("concept:\n  - {images: a}\n", "lists no concepts: it has no `concepts:` key, but 'concept'"),
         ("concepts:\n  - {images: '', token: <a>, init_word: cat}\n", r"concept #1 \(<a>\) of .*: images: is empty"),
+        ("concepts:\n  - {images: a, token: '<my cat>', init_word: cat}\n", r"token: '<my cat>' is not one word"),
+        ("concepts:\n  - {images: a, token: <a>, init_word: ''}\n", r"concept #1 \(<a>\) of .*: init_word: is empty"),
         ("concepts:\n  - a\n", "concept #1 of .* is 'a', not a mapping of fields"),
         ("concepts:\n  - {images: a, token: <a>, init_word: cat, no: 1}\n", "key False is not a field's name"),
         (

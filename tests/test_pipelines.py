@@ -809,3 +809,41 @@ def test_submit_takes_one_concept_or_a_manifest(kfp_api, capsys):
                   "--cron", cron])  # fmt: skip
         assert e.value.code == 2 and want in " ".join(capsys.readouterr().err.split())
     assert not [c for c in calls if c[0] == "POST"]
+
+
+def test_a_batchs_progress_lines_name_the_concepts_of_each_shard():
+    """kfp.local names every iteration's task alike ("train done" three times): the lines name the shard's
+    concepts, read from plan-batch's outputs and the iteration in each task's output paths, as kfp.local logs
+    them (coloured, from the iteration's own thread)."""
+    import io
+    import logging
+
+    from oneword.pipelines.local import _TaskProgress
+
+    out = io.StringIO()
+    progress = _TaskProgress(out)
+
+    def log(message: str, thread: int) -> None:
+        record = logging.LogRecord("root", logging.INFO, __file__, 1, message, None, None)
+        record.thread = thread
+        progress.filter(record)
+
+    cyan = "\x1b[96m'{}'\x1b[0m"
+    ok = "\x1b[92mSUCCESS\x1b[0m"
+    shards = [[{"name": "my-star", "token": "<my-star>"}], [{"name": "my-ring"}, {"name": "my-tri"}]]
+    log(f"Task {cyan.format('plan-batch')} finished with status {ok}", 1)
+    log(f"Task {cyan.format('plan-batch')} outputs:\n    Output: {shards!r}\n    metrics: Metrics(...)", 1)
+    log(f"Task {cyan.format('train')} finished with status {ok}", 3)
+    log(f"Task {cyan.format('train')} finished with status {ok}", 2)  # two iterations end at once
+    log(f"Task {cyan.format('train')} outputs:\n    model: Model( uri='/r/batch/for-loop-2-iteration-0/"
+        "for-loop-2-iteration-0/train/model' )", 2)  # fmt: skip
+    log(f"Task {cyan.format('train')} outputs:\n    model: Model( uri='/r/batch/for-loop-2-iteration-1/"
+        "for-loop-2-iteration-0/train/model' )", 3)  # fmt: skip
+    log(f"Task {cyan.format('evaluate')} finished with status \x1b[91mFAILURE\x1b[0m", 2)
+    log(f"Task {cyan.format('report-batch')} finished with status {ok}", 1)
+    log(f"Task {cyan.format('report-batch')} has no outputs", 1)
+    log(f"Task {cyan.format('exit')} finished with status {ok}", 4)  # its outputs never logged
+    progress.flush()
+    lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines == ["plan-batch done", "train done  (my-star)", "train done  (my-ring, my-tri)", "evaluate failure",
+                     "report-batch done", "exit done"], lines  # fmt: skip

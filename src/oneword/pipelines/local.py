@@ -97,21 +97,65 @@ def default_log_file(pipeline_root: Path, pipeline: str) -> Path:
 
 class _TaskProgress(logging.Filter):
     """On the root logger, where kfp.local logs each task's start and end: a line per finished task to `out` (the
-    terminal, while the steps' own logs go to a file), the seconds since the run began first."""
+    terminal, while the steps' own logs go to a file), the seconds since the run began first; in a batch, with
+    the concepts of the shard the task ran for.
+
+    kfp.local logs a task's outputs right after its end, from the same thread: their paths name the shard's
+    loop iteration (`for-loop-N-iteration-I`), and `plan-batch`'s output lists the shards in that order.
+    """
 
     FINISHED = re.compile(r"^Task '([^']+)' finished with status (\w+)")
+    OUTPUTS = re.compile(r"^Task '([^']+)' (?:outputs:|has no outputs)")
+    SHARD = re.compile(r"for-loop-\d+-iteration-(\d+)")
+    PLAN = "plan-batch"
 
     def __init__(self, out) -> None:
         super().__init__()
         self.out, self.start = out, time.time()
+        self.held: dict[int | None, tuple[str, str, float]] = {}  # thread -> a finished task awaiting its outputs
+        self.shards: list[list[str]] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         said = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # kfp.local colours its names for a terminal
         if found := self.FINISHED.match(said):
             task, status = found.groups()
-            mark = "done" if status == "SUCCESS" else status.lower()
-            print(f"  {time.time() - self.start:5.0f} s  {task} {mark}", file=self.out, flush=True)
+            if status == "SUCCESS":
+                self.held[record.thread] = (task, "done", time.time() - self.start)
+            else:
+                self._say(task, status.lower(), time.time() - self.start, "")
+        elif (found := self.OUTPUTS.match(said)) and (held := self.held.pop(record.thread, None)):
+            if held[0] == self.PLAN:
+                self.shards = _shard_names(said)
+            index = self.SHARD.search(said)
+            names = self.shards[int(index.group(1))] if index and int(index.group(1)) < len(self.shards) else []
+            self._say(*held, ", ".join(names))
         return True
+
+    def flush(self) -> None:
+        """Say the finished tasks whose outputs were never logged."""
+        for task, mark, seconds in self.held.values():
+            self._say(task, mark, seconds, "")
+        self.held.clear()
+
+    def _say(self, task: str, mark: str, seconds: float, concepts: str) -> None:
+        if len(concepts) > 40:  # the line stays within 80 columns
+            concepts = concepts[:39] + "…"
+        print(f"  {seconds:5.0f} s  {task} {mark}" + (f"  ({concepts})" if concepts else ""), file=self.out,
+              flush=True)  # fmt: skip
+
+
+def _shard_names(outputs: str) -> list[list[str]]:
+    """The concepts' names of each shard, from `plan-batch`'s logged outputs (`Output: [[{...}, ...], ...]`)."""
+    import ast
+
+    for line in outputs.splitlines():
+        if line.strip().startswith("Output: "):
+            try:
+                shards = ast.literal_eval(line.strip().removeprefix("Output: "))
+                return [[str(c.get("name", "?")) for c in shard] for shard in shards]
+            except (ValueError, SyntaxError, TypeError, AttributeError):  # a format of another kfp: names unsaid
+                return []
+    return []
 
 
 @contextlib.contextmanager
@@ -137,6 +181,7 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
                 yield
             finally:
                 root.removeFilter(progress)
+                progress.flush()
                 for h in list(root.handlers):  # kfp.local installs a stdout handler on the root logger
                     if h not in before:
                         root.removeHandler(h)

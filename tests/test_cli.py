@@ -320,14 +320,20 @@ def test_ctrl_c_in_train_says_what_was_kept_and_how_to_go_on(cat_latents_dir, ti
     out = tmp_path / "out"
     args = ["train", str(cat_latents_dir), "--token", "<ctrl-c>", "--init-word", "cat", "-o", str(out), "--base-model",
             str(tiny_model_dir), "--steps", "100000", "--checkpoint-every", "2", "--device", "cpu"]  # fmt: skip
+    # a job started in the background by a shell (CI's, say) inherits SIGINT ignored, and Python then leaves it so:
+    # the process gets the disposition of one started at a terminal
     proc = subprocess.Popen([str(Path(sys.executable).parent / "oneword"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step-000004.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-000004.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left training 100,000 steps behind a failed assertion
     assert proc.returncode == 130, err[-2000:]
     newest = max(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
     assert f"interrupted: the training stopped; its newest checkpoint is step {newest}." in err, err[-2000:]

@@ -186,7 +186,10 @@ def _open(path: Path) -> Image.Image:
             raise ValueError(f"refused: {e}; {DOWNSCALE_HINT}") from e
         from PIL import JpegImagePlugin
 
-        return JpegImagePlugin.JpegImageFile(path)  # the plugin itself: its header read, no pixel decoded yet
+        try:
+            return JpegImagePlugin.JpegImageFile(path)  # the plugin itself: its header read, no pixel decoded yet
+        except SyntaxError as bad:  # Pillow's word for a header it cannot parse
+            raise ValueError(f"refused: {e}; {DOWNSCALE_HINT}") from bad
 
 
 def _limit(image_format: str | None) -> str:

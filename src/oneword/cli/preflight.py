@@ -35,12 +35,13 @@ def preflight_cmd(
     from oneword.preflight import preflight
 
     given = {"images": images, "token": token, "init_word": init_word}
-    if missing := [k for k, v in given.items() if v is None] if any(v is not None for v in given.values()) else []:
+    missing = [k for k, v in given.items() if v is None]
+    if 0 < len(missing) < len(given):
         from oneword.errors import OnewordError
 
         options = ", ".join("--" + k.replace("_", "-") for k in missing)
         raise OnewordError(f"the concept's check needs {options} too",
                            hint="give --images, --token and --init-word together, or none of them")  # fmt: skip
-    concepts = [given] if images is not None else []
+    concepts = [] if missing else [given]
     # its log line ("preflight passed in 5.2 s: base model, ...") is the answer: a second line would repeat it
     preflight(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root, prompt_set, dino_model)

@@ -104,7 +104,32 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys, monkeypatch):
     for expected in ("0001", "0002"):
         code, out = run(["generate", "a photo of <dog-c>", "-e", tmp_path / "dog.pt", "--n", 1, "--steps", 2], capsys)
         assert code == 0 and f"generated/{expected}/grid.png" in " ".join(out.split()), out
+    # a call that fails leaves no empty numbered folder behind
+    code, out = run(["generate", "a photo of <dog-c>", "-e", tmp_path / "no-such.pt", "--n", 1], capsys)
+    assert code == 2 and "no-such.pt" in out, out
     assert {p.name for p in (tmp_path / "generated").iterdir() if p.is_dir()} == {"0001", "0002"}
+
+
+def test_numbered_folders_are_one_per_process(tmp_path):
+    """Calls of `generate` started at once (a shell loop's `&`) each draw into a folder of their own."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time; from pathlib import Path; from oneword.cli.generate import next_folder\n"
+        "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"  # all start together
+        "print(next_folder(Path(sys.argv[2])).name)"
+    )
+    start = time.time() + 3
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(start), str(tmp_path / "generated")], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    names = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(names) == [f"{i:04d}" for i in range(1, 7)], names
 
 
 @pytest.mark.parametrize(

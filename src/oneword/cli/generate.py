@@ -34,8 +34,10 @@ def generate_cmd(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="folder for the images and grid.png, replaced whole (default: a new numbered folder "
-            f"under ./{DRAWN}/, which keeps every earlier call's)"
+            "--out",
+            "-o",
+            help="folder for the images and grid.png, replaced whole (default: a new numbered folder "
+            f"under ./{DRAWN}/, which keeps every earlier call's)",
         ),
     ] = None,
     n: Annotated[int, option(GenerateConfig, "n")] = default(GenerateConfig, "n"),
@@ -58,15 +60,45 @@ def generate_cmd(
       oneword generate "a photo of <my-cat> on the moon" \\
         -e runs/my-cat/eval/embedding/learned_embeds.safetensors
     """
-    import tempfile
-
     from rich import print as rprint
+
+    files = list(embedding or [])
+    numbered = out is None
+    out = out or next_folder(Path(DRAWN))
+    try:
+        grid = _draw(
+            prompts,
+            files,
+            concept,
+            tracking_uri,
+            base_model,
+            out,
+            force,
+            GenerateConfig(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, device=device),
+        )
+    except BaseException:
+        if numbered and not any(out.iterdir()):  # the folder made for this call holds nothing: not left behind
+            out.rmdir()
+        raise
+    rprint(f"[green]grid[/] -> {grid}")
+
+
+def _draw(
+    prompts: list[str],
+    files: list[Path],
+    concept: list[str] | None,
+    tracking_uri: str,
+    base_model: str | None,
+    out: Path,
+    force: bool,
+    config: GenerateConfig,
+) -> Path:
+    """Pull the registered concepts, pick the model and draw."""
+    import tempfile
 
     from oneword.generate import generate
     from oneword.profiles import TOYWORLD
 
-    files = list(embedding or [])
-    out = out or next_folder(Path(DRAWN))
     with tempfile.TemporaryDirectory(prefix="oneword-pull-") as pulled_into:  # gone once drawn
         if concept:
             from oneword.catalogue import pull_concepts
@@ -80,15 +112,7 @@ def generate_cmd(
             from oneword.embeddings import load
 
             base_model = load(files[0]).meta.get("model_source") or None
-        grid = generate(
-            base_model or TOYWORLD,
-            files,
-            prompts,
-            out,
-            GenerateConfig(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, device=device),
-            force=force,
-        )
-    rprint(f"[green]grid[/] -> {grid}")
+        return generate(base_model or TOYWORLD, files, prompts, out, config, force=force)
 
 
 def next_folder(root: Path) -> Path:

@@ -387,6 +387,34 @@ def test_a_new_token_under_the_same_name_replaces_the_champion(evaluated_concept
     assert low.alias == "candidate"  # the same word now: the gate as always
 
 
+def test_a_version_trained_on_none_of_the_champions_photos_is_not_compared_with_it(evaluated_concept, tmp_path):
+    """Two concepts that share a token (the paper's `S*`) share a registered name: the second, trained on other
+    photos, must not take `@champion` from the first by scores measured against other pictures."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_dir, eval_dir = evaluated_concept
+    first = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.6, 0.3), uri, name="s-photos")
+    assert first.alias == "champion"
+    other = tmp_path / "other-photos"
+    shutil.copytree(train_dir, other)
+    summary = json.loads((other / "summary.json").read_text())
+    summary["image_sha256"] = [h[::-1] for h in summary["image_sha256"]]
+    (other / "summary.json").write_text(json.dumps(summary))
+    manifest = json.loads((other / "dataset" / "manifest.json").read_text())
+    for image in manifest["images"]:
+        image["source_sha256"] = image["source_sha256"][::-1]
+    (other / "dataset" / "manifest.json").write_text(json.dumps(manifest))
+    r = registry.register(other, _with_scores(eval_dir, tmp_path, 0.9, 0.5), uri, name="s-photos")
+    assert (r.version, r.alias) == ("2", "candidate"), r
+    said = " ".join(r.reason.split())
+    assert "trained on other photos than the champion, version 1" in said, said
+    assert "oneword concepts promote s-photos/2" in said, said
+    # one photo in common is the same concept with photos added or taken out: the gate compares as always
+    manifest["images"][0]["source_sha256"] = manifest["images"][0]["source_sha256"][::-1]
+    (other / "dataset" / "manifest.json").write_text(json.dumps(manifest))
+    shared = registry.register(other, _with_scores(eval_dir, tmp_path, 0.9, 0.4), uri, name="s-photos")
+    assert shared.alias == "champion" and "other photos" not in shared.reason, shared
+
+
 def test_a_champion_under_a_raised_bar_gives_way_to_a_version_that_passes_it(evaluated_concept, tmp_path):
     """Raised thresholds do not take the alias from the champion on their own (serving goes on), but a version
     that passes them takes it, though it scores less than the champion in all."""

@@ -16,6 +16,7 @@ current champion (scored by the same evaluator), or passes the gate's thresholds
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,6 +51,9 @@ EXPERIMENT = TrackingConfig().experiment
 CONCEPT_TAG = "oneword.concept"
 CHAMPION, CANDIDATE = "champion", "candidate"
 GATE_ALIAS_TAG = "oneword.gate_alias"  # the alias the gate gave the version when it was registered
+# the training photos (16 hex digits of each one's file and pixel sha256): a version that shares none of the
+# champion's is another concept, or the same one photographed anew, and the gate does not compare the two
+PHOTOS_TAG, PHOTO_ID_LENGTH, MAX_PHOTOS_TAGGED = "oneword.photos", 16, 120
 
 
 def _setup(tracking_uri: str | None):
@@ -242,6 +246,7 @@ class _Concept:
     summary: dict
     metrics: dict | None
     batch_id: str
+    photos: str = ""  # PHOTOS_TAG's value
 
 
 def register(
@@ -318,7 +323,32 @@ def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batc
     token = summary["concept"]["token"]
     if metrics is not None:
         _check_evaluated(train_dir, Path(eval_dir), summary, metrics)
-    return _Concept(concept_name(token, name), token, summary, metrics, batch_id)
+    return _Concept(concept_name(token, name), token, summary, metrics, batch_id, _photo_ids(train_dir, summary))
+
+
+def _photo_ids(train_dir: Path, summary: dict) -> str:
+    """The training photos, as `PHOTOS_TAG` holds them: each one's file sha256 (from the dataset manifest the
+    training folder carries) and pixel sha256, cut to `PHOTO_ID_LENGTH` digits ("" past `MAX_PHOTOS_TAGGED`)."""
+    hashes = list(summary.get("image_sha256") or [])
+    manifest = train_dir / "dataset" / "manifest.json"
+    if manifest.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):  # another tool's: pixels tell
+            hashes += [i["source_sha256"] for i in json.loads(manifest.read_text()).get("images", [])]
+    if len(hashes) > 2 * MAX_PHOTOS_TAGGED:
+        return ""
+    return ",".join(sorted({str(h)[:PHOTO_ID_LENGTH] for h in hashes}))
+
+
+def _other_photos(photos: str, holder) -> str:
+    """Why `holder` (a model version) was trained on none of `photos`, or "" when they share one or either
+    does not say."""
+    theirs = holder.tags.get(PHOTOS_TAG, "")
+    if not photos or not theirs or set(photos.split(",")) & set(theirs.split(",")):
+        return ""
+    return (
+        f"trained on other photos than the champion, version {holder.version} (none of them the same): another "
+        "concept, or this one photographed anew"
+    )
 
 
 def _check_evaluated(train_dir: Path, eval_dir: Path, summary: dict, metrics: dict) -> None:
@@ -671,6 +701,8 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
     }
     if concept.batch_id:
         vtags["oneword.batch_id"] = concept.batch_id
+    if concept.photos:
+        vtags[PHOTOS_TAG] = concept.photos
     if key := (concept.metrics or {}).get("evaluation_key"):
         # a later run with the same training, evaluation and gate finds this version (`registered_result`), and
         # one with another gate only judges its scores again (`rejudged_result`)
@@ -704,7 +736,9 @@ def _apply_gate(
     client, concept: _Concept, version, tags: dict[str, str], thresholds: GateThresholds
 ) -> tuple[str, str]:
     """Decide the version's alias (every older version's is decided), set it, and mark the decision made."""
-    alias, reason = _decide_alias(client, concept.name, concept.metrics, thresholds, concept.token)
+    alias, reason = _decide_alias(
+        client, concept.name, concept.metrics, thresholds, concept.token, concept.photos, str(version)
+    )
     before = _alias_holder(client, concept.name, alias)
     client.set_registered_model_alias(concept.name, alias, version)
     try:
@@ -751,13 +785,25 @@ def _version_metrics(mv) -> dict | None:
 
 
 def _decide_alias(
-    client, name: str, metrics: dict | None, thresholds: GateThresholds, token: str = ""
+    client,
+    name: str,
+    metrics: dict | None,
+    thresholds: GateThresholds,
+    token: str = "",
+    photos: str = "",
+    version: str = "VERSION",
 ) -> tuple[str, str]:
     if metrics is None:
         return CANDIDATE, "not evaluated"
     # no champion yet, or one: a registry that fails to answer is not "no champion" (the new version would take
     # the alias from a better one)
     holder = _alias_holder(client, name, CHAMPION)
+    if holder is not None and (other := _other_photos(photos, holder)):
+        # scores against other photos rank nothing, and `@champion` must not move to another concept unasked
+        return CANDIDATE, (
+            f"not compared: {other}; if it is this concept, promote it by hand (`oneword concepts promote "
+            f"{name}/{version}`), if another, register it under a name of its own"
+        )
     champion = None if holder is None else _version_metrics(holder)
     if holder is not None and token and holder.tags.get("oneword.token", token) != token:
         # the concept's word changed (a manifest's `token:`): prompts written for the new one must find it
@@ -861,7 +907,8 @@ def _rejudged(client, name: str, newest, evaluation: str, thresholds: GateThresh
         metrics = _version_metrics(newest)
         if metrics is None:
             return None
-        alias, reason = _decide_alias(client, name, metrics, thresholds, token)
+        photos = newest.tags.get(PHOTOS_TAG, "")
+        alias, reason = _decide_alias(client, name, metrics, thresholds, token, photos, str(newest.version))
         champion = None if holder is None else _version_metrics(holder)
         bar = None if champion is None else quality_gate(champion, None, thresholds)
     except (ValueError, KeyError, TypeError) as e:  # tags another tool wrote: this concept is evaluated again

@@ -219,6 +219,13 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     # rich crops what does not fit an 80-column line: every word of the error must still be there, folded
     assert set(bad["error"].split()) <= set(text.split())
     assert "champion" in text and "a-very-long" in text and "1 registered, 0 unchanged, 1 failed" in text
+    # a new version that is no champion says why; a champion's own reason is left out as expected
+    gate = "editability 0.2100 < threshold 0.2500"
+    candidate = {"name": "dog-q", "status": "registered", "version": "2", "alias": "candidate", "gate": gate}
+    console = Console(width=80, record=True)
+    print_batch_report({**report, "concepts": [{**ok, "gate": "the first champion"}, candidate]}, console)
+    text = " ".join(console.export_text().split())
+    assert f"candidate; {gate}" in text and "the first champion" not in text, text
     assert print_batch_report({**report, "failed": 0, "concepts": [ok]}, Console(width=80, file=None)) == 0
     # a concept a cluster run left to the next (max_concepts_per_run) is not a failure
     later = {"name": "dog-q", "status": "deferred", "version": None, "alias": None, "stage": None,
@@ -542,6 +549,22 @@ def test_the_concept_card_says_the_learning_rate_the_option_took_and_the_one_the
     assert _learning_rate(run | {"train.scale_lr": "False", "train.learning_rate_used": "0.005"}) == (
         "learning rate 0.005")  # nothing scaled, nothing said of it
     assert _learning_rate({}) == ""
+
+
+def test_the_concept_card_of_one_image_a_prompt_shows_no_nan_error_bar():
+    """One image a prompt has no spread to measure: the card said `reconstruction 0.545 ± nan`."""
+    from rich.console import Console
+
+    from oneword.cli.concepts import concept_card
+
+    info = {"name": "s", "version": "2", "aliases": [], "run_id": "r", "metrics": {}, "params": {"eval.n_images": "1"},
+            "tags": {"reconstruction": "0.545", "reconstruction_se": "nan", "editability": "0.473",
+                     "editability_se": "0.012"}}  # fmt: skip
+    console = Console(width=80, record=True)
+    console.print(concept_card(info))
+    text = console.export_text()
+    assert "reconstruction 0.545, editability 0.473 ± 0.012" in text and "nan" not in text, text
+    assert "1 image a prompt" in text, text
 
 
 def test_a_registry_query_makes_no_store_where_there_is_none_and_an_empty_one_says_so(tmp_path, capsys,

@@ -351,9 +351,10 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
         `{"batch_id", "registered": n, "unchanged": n, "failed": n, "deferred": n, "concepts": [{token, name,
         status, version, alias, stage, error}]}`; status is registered (a new version), unchanged (registered
         before from the same training and evaluation: that version; `rejudged` says what the gate said of its
-        scores where only the gate changed), failed, or deferred (it changed, and the plan left it to the
-        manifest's next runs: `this_run_takes`). A concept with neither a version nor a recorded
-        failure failed in a way no step could record (a pod lost for good): its stage is "unknown".
+        scores where only the gate changed; a new version's `gate`, why its alias), failed, or deferred (it
+        changed, and the plan left it to the manifest's next runs: `this_run_takes`). A concept with neither a
+        version nor a recorded failure failed in a way no step could record (a pod lost for good): its stage is
+        "unknown".
     """
     from oneword.batch_records import batch_failures, batch_unchanged
     from oneword.catalogue import batch_versions
@@ -377,6 +378,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "version": r["version"],
                     "alias": ",".join(r["aliases"]),
                     **({"rejudged": r["rejudged"]} if r.get("rejudged") else {}),
+                    **({"gate": r["gate"]} if status == "registered" and r.get("gate") else {}),
                 }
             )
         elif raw.get(DEFERRED_KEY) and name not in failures:

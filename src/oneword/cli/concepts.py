@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -137,7 +138,8 @@ def concept_card(info: dict):
 
     def pm(name: str) -> str:
         value, se = tags.get(name, metrics.get(name)), tags.get(f"{name}_se", metrics.get(f"{name}_se"))
-        return f"{name} {_score3(value)}" + (f" ± {_score3(se)}" if se not in (None, "") else "")
+        known = se not in (None, "") and not math.isnan(float(se))  # nan: one image a prompt, no spread to tell
+        return f"{name} {_score3(value)}" + (f" ± {_score3(se)}" if known else "")
 
     aliases = " ".join(f"@{a}" for a in info["aliases"]) or "no alias"
     title = Text.assemble((f"{info['name']}/{info['version']}", "bold"), f"  {aliases}")
@@ -151,7 +153,8 @@ def concept_card(info: dict):
     grid.add_row("base model", escape(f"{tags.get('oneword.base_model', '?')} ({fingerprint[:19]})"))
     grid.add_row("scores", f"{pm('reconstruction')}, {pm('editability')}")
     evaluated = [f"by {tags['evaluator']}" if tags.get("evaluator") else "",
-                 f"{params['eval.n_images']} images a prompt" if params.get("eval.n_images") else "",
+                 f"{params['eval.n_images']} image{'' if params['eval.n_images'] == '1' else 's'} a prompt"
+                 if params.get("eval.n_images") else "",
                  f"checkpoint of step {tags['chosen_step']}" if tags.get("chosen_step") else ""]  # fmt: skip
     grid.add_row("evaluated", escape(", ".join(x for x in evaluated if x) or "-"))
     gave = f"@{tags[GATE_ALIAS_TAG]}: " if tags.get(GATE_ALIAS_TAG) else ""  # none on versions before it was kept

@@ -99,6 +99,10 @@ def run_cmd(
                f"  its embedding: oneword concepts pull {ref} -o FILE")  # fmt: skip
     else:
         rprint(f"[bold green]registered[/] {registered}  ({out['seconds']:.0f} s)")
+        if out.get("gate"):
+            from rich.markup import escape
+
+            rprint(f"  {escape(out['gate'])}")
     if out.get("metrics"):
         m = json.loads(Path(out["metrics"]).read_text())
         rprint(f"  reconstruction {m['reconstruction']:.4f}, editability {m['editability']:.4f} (step {m['step']})"
@@ -269,7 +273,9 @@ def print_batch_report(report: dict, console) -> int:
     for c in report["concepts"]:
         if c["status"] in ("registered", "unchanged"):
             colour = "green" if c["status"] == "registered" else "cyan"
-            said = "; ".join(x for x in (c["alias"], escape(c.get("rejudged", ""))) if x)
+            # why a new version is no champion (the champion's own reason is what was expected)
+            why = c.get("rejudged") or ("" if "champion" in c["alias"].split(",") else c.get("gate") or "")
+            said = "; ".join(x for x in (c["alias"], escape(why)) if x)
             t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], said)
         elif c["status"] == "deferred":  # a cluster run's: kfp.local takes no limit
             t.add_row(escape(c["name"]), "[yellow]deferred[/]", "", escape(c.get("error") or ""))

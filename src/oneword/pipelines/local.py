@@ -267,9 +267,9 @@ def run_textual_inversion(
 
     Returns:
         `{"registered": "name/version@alias", "unchanged": bool, "run_dir": ..., "tracking_uri": ..., "report": ...,
-        "grid": ..., "photos": (preprocess's manifest.json)}`; `unchanged` says that this very training was
-        registered before (or by another run meanwhile). `registered` is what register wrote; without it (none is
-        there), the run's exit handler's answer (`batch.run_answer`).
+        "grid": ..., "photos": (preprocess's manifest.json), "gate": (why that alias)}`; `unchanged` says that this
+        very training was registered before (or by another run meanwhile). `registered` is what register wrote;
+        without it (none is there), the run's exit handler's answer (`batch.run_answer`).
     """
     from oneword.pipelines.definitions import textual_inversion
 
@@ -302,6 +302,7 @@ def run_textual_inversion(
         if registration:  # register's own record: it stands whether or not the exit handler could ask MLflow
             r = json.loads(registration[0].read_text())
             out["registered"], out["unchanged"] = f"{r['name']}/{r['version']}@{r['alias']}", r.get("unchanged", False)
+            out["gate"] = r.get("reason")  # why that alias: a candidate's reader asks first
         for key, pattern in (
             ("report", "**/evaluate/evaluation/report.html"),
             ("grid", "**/evaluate/evaluation/grid.png"),

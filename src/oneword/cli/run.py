@@ -4,7 +4,10 @@ Options left at 0 or empty are decided by the base model's profile (`oneword.pro
 `oneword run --base-model toyworld` trains and evaluates with the toy world's tuned settings.
 """
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +25,19 @@ LOG_FILE = typer.Option(
     help="the steps' full logs (default: a new file under the pipeline root's logs/, named as the run starts; "
     "'-': this terminal); the terminal gets a line per finished step"
 )
+
+
+@contextlib.contextmanager
+def _interrupted(what: str, log_file: Path | None) -> Iterator[None]:
+    """On Ctrl-C, say that the run stopped and how to go on (exit status 130, a shell's for SIGINT)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        where = f"\n  the steps' logs: {log_file}" if log_file else ""
+        print(f"\ninterrupted: the {what} stopped; no step started after Ctrl-C.{where}\n"
+              "to go on, run the same command again: what was registered is found unchanged,\n"
+              "and a training cut short resumes from its newest checkpoint.", file=sys.stderr)  # fmt: skip
+        raise typer.Exit(130) from None
 
 
 def _log_file(log_file: Path | None, pipeline_root: Path, pipeline: str) -> Path | None:
@@ -90,7 +106,8 @@ def run_cmd(
     from oneword.pipelines.local import run_textual_inversion
 
     log_file = _log_file(log_file, pipeline_root, "textual-inversion")
-    out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
+    with _interrupted("run", log_file):
+        out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
     registered = str(out["registered"])
     if out.get("unchanged"):  # this very training was registered (before, or by another run meanwhile)
         ref = registered.split("@")[0]
@@ -205,7 +222,8 @@ def batch_cmd(
     from oneword.pipelines.local import run_batch
 
     log_file = _log_file(log_file, pipeline_root, "batch-personalisation")
-    report = run_batch(concepts_manifest, pipeline_root, tracking_uri or None, log_file, **params)
+    with _interrupted("batch", log_file):
+        report = run_batch(concepts_manifest, pipeline_root, tracking_uri or None, log_file, **params)
     report["logs"] = str(log_file or "")
     from rich.console import Console
 

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from oneword.batch import UNCHANGED_SUFFIX
 from oneword.errors import OnewordError
 from oneword.logs import log_level
 from oneword.outcome import FAILURE_FILE, LOCAL_RUN_ENV
+from oneword.pipelines.interrupt import stopping
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT
 from oneword.tracking import ensure_store
 
@@ -109,9 +111,10 @@ class _TaskProgress(logging.Filter):
     SHARD = re.compile(r"for-loop-\d+-iteration-(\d+)")
     PLAN = "plan-batch"
 
-    def __init__(self, out) -> None:
+    def __init__(self, out, stopped: threading.Event | None = None) -> None:
         super().__init__()
         self.out, self.start = out, time.time()
+        self.stopped = stopped or threading.Event()  # set on Ctrl-C: the tasks that fail after it are not news
         self.held: dict[int | None, tuple[str, str, float]] = {}  # thread -> a finished task awaiting its outputs
         self.shards: list[list[str]] = []
 
@@ -138,6 +141,8 @@ class _TaskProgress(logging.Filter):
         self.held.clear()
 
     def _say(self, task: str, mark: str, seconds: float, concepts: str) -> None:
+        if self.stopped.is_set():
+            return
         if len(concepts) > 40:  # the line stays within 80 columns
             concepts = concepts[:39] + "…"
         print(f"  {seconds:5.0f} s  {task} {mark}" + (f"  ({concepts})" if concepts else ""), file=self.out,
@@ -161,8 +166,9 @@ def _shard_names(outputs: str) -> list[list[str]]:
 @contextlib.contextmanager
 def _task_logs(log_file: Path | None) -> Iterator[None]:
     """Send kfp.local's streamed task logs to `log_file` (None: the terminal), and say on the terminal, a line
-    each, which tasks finished; mark the tasks as local ones."""
-    with warnings.catch_warnings(), _marked_local():
+    each, which tasks finished; mark the tasks as local ones. Ctrl-C stops the run within seconds
+    (`interrupt.stopping`) and raises KeyboardInterrupt."""
+    with warnings.catch_warnings(), _marked_local(), stopping() as stopped:
         # kfp warns that the oneword image is "custom"; locally the steps run in this very environment
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # and that the cluster settings (requests, limits, GPUs) do nothing here, which is the point of them
@@ -174,7 +180,7 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
         print(f"kfp.local runs the steps here; their logs: {log_file}", flush=True)
         root = logging.getLogger()
         before = list(root.handlers)
-        progress = _TaskProgress(sys.stdout)
+        progress = _TaskProgress(sys.stdout, stopped)
         with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             try:
                 root.addFilter(progress)  # a filter, not a handler: kfp.local replaces the root logger's handlers

@@ -1,0 +1,102 @@
+"""Ctrl-C during a kfp.local run: the run stops within seconds.
+
+kfp.local runs each task as a subprocess from a thread of its own. On Ctrl-C its main thread stops waiting, but
+then waits for those threads, which go on starting the rest of each concept's tasks: a batch interrupted while
+training went on to evaluate and register for minutes (hours, on a GPU), printing nothing. Under `stopping()`,
+once SIGINT arrives no task starts any more (it fails at once, as the tasks Ctrl-C killed did), the running
+ones get SIGINT too (a terminal sends it to them; `kill -INT` of this process does not), and those that do not
+end within `GRACE_S` are killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+
+GRACE_S = 10.0  # for a task to end on SIGINT (a register puts back an alias it moved) before it is killed
+STOPPED_RC = 128 + signal.SIGINT  # what a task that was never started reports: a shell's status for SIGINT
+
+
+class _Tasks:
+    """The task processes running now, and whether the run is stopping."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stop = threading.Event()
+
+    def run(self, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        """Run one task as kfp.local does (its output, line by line, to this process's stdout), unless the run
+        is stopping; its exit status."""
+        with self.lock:  # no task starts between the stop and the signal sent to those running
+            if self.stop.is_set():
+                return STOPPED_RC
+            proc = subprocess.Popen(
+                full_command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                env={**os.environ, **env_vars} if env_vars else None,
+            )
+            self.running.add(proc)
+        try:
+            with proc:
+                for line in proc.stdout:
+                    print(line, end="")
+                print("\n")  # kfp.local's separator after a task's logs
+                return proc.wait()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+
+    def stop_all(self) -> None:
+        """Start no task again; SIGINT to those running, then kill those still there after `GRACE_S`."""
+        with self.lock:
+            self.stop.set()
+            running = list(self.running)
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        threading.Thread(target=self._kill_late, args=(running,), daemon=True).start()
+
+    @staticmethod
+    def _kill_late(running: list[subprocess.Popen]) -> None:
+        for proc in running:
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextlib.contextmanager
+def stopping() -> Iterator[threading.Event]:
+    """Around a kfp.local pipeline call: on SIGINT no task starts any more and the running ones are stopped;
+    KeyboardInterrupt is raised once the pipeline's threads have wound up. Yields the event set at the stop.
+
+    Only the main thread can take SIGINT: elsewhere (a test's thread) the tasks run as kfp.local runs them.
+    """
+    from kfp.local import subprocess_task_handler
+
+    tasks = _Tasks()
+    if threading.current_thread() is not threading.main_thread():
+        yield tasks.stop
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if not tasks.stop.is_set():
+            tasks.stop_all()
+        raise KeyboardInterrupt
+
+    original = subprocess_task_handler.run_local_subprocess
+    before = signal.signal(signal.SIGINT, on_sigint)
+    subprocess_task_handler.run_local_subprocess = tasks.run
+    try:
+        yield tasks.stop
+    finally:
+        subprocess_task_handler.run_local_subprocess = original
+        signal.signal(signal.SIGINT, before)

@@ -1,0 +1,70 @@
+"""Ctrl-C stops a local batch within seconds: no step starts after it, and the command says how to go on.
+
+Before, kfp.local's threads went on starting each concept's remaining steps (train, evaluate, register) for
+minutes, and the command ended with status 130 and not a word.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import DREAMBENCH
+
+
+def _default_sigint() -> None:
+    # a shell's background job inherits SIGINT ignored; a terminal's foreground command has it as default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setpgrp()  # its own group, which the test signals as a terminal signals its foreground group
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_batch_and_no_step_starts_after_it(tiny_model_dir, tiny_clip_dir, tmp_path):
+    manifest = tmp_path / "concepts.yaml"
+    concepts = [
+        {"images": str(DREAMBENCH / "cat"), "token": "<cat-i>", "init_word": "cat"},
+        {"images": str(DREAMBENCH / "dog"), "token": "<dog-i>", "init_word": "dog"},
+        {"images": str(DREAMBENCH / "cat"), "token": "<kitten-i>", "init_word": "cat"},  # waits for a free thread
+    ]
+    manifest.write_text(yaml.safe_dump({"concepts": concepts}))
+    root = tmp_path / "root"
+    args = ["batch", manifest, "--base-model", tiny_model_dir, "--clip-model", tiny_clip_dir, "--resolution", 32,
+            "--steps", 400, "--n-images", 1, "--sampling-steps", 2, "--checkpoint-budget", 0,
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--pipeline-root", root]  # fmt: skip
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "oneword"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "80"},
+        preexec_fn=_default_sigint,
+    )
+    try:
+        seen = []
+        for line in proc.stdout:  # a line per finished step
+            seen.append(line)
+            if "cache-latents done" in line:  # a concept is training (400 steps), the others on their way
+                break
+        assert any("cache-latents done" in line for line in seen), "".join(seen) + proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        signalled = time.time()
+        out, err = proc.communicate(timeout=60)
+        took = time.time() - signalled
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)
+    assert took < 30, took  # the tasks got SIGINT and no new one started: seconds, not the rest of the batch
+    said = " ".join(err.split())
+    assert "interrupted: the batch stopped; no step started after Ctrl-C." in said, err
+    assert "run the same command again" in said and "the steps' logs:" in said, err
+    assert "failure" not in out and "train done" not in out, out  # none for the steps the stop failed
+    for finished in ("train/**/summary.json", "evaluate/**/metrics.json", "register/**/registration.json"):
+        assert not list(root.glob(f"batch-personalisation-*/**/{finished}")), finished

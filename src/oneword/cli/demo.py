@@ -1,6 +1,7 @@
 """`oneword demo` (what `make demo` runs): learn a toy-world concept with the whole pipeline, register it, and
 show it in new contexts."""
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -36,8 +37,7 @@ def demo_cmd(
     from rich import print as rprint
 
     from oneword.generate import make_grid
-    from oneword.pipelines.local import check_settings, run_textual_inversion
-    from oneword.profiles import TOYWORLD
+    from oneword.pipelines.local import check_settings
     from oneword.storage import check_replaceable
     from oneword.toyworld.concepts import get_concept, write_concept
     from oneword.toyworld.quality import edits_for
@@ -58,22 +58,11 @@ def demo_cmd(
            f"{DEMO_TOKEN} -> {out / 'photos'}")
     rprint("[bold]2.[/] pipeline: preprocess -> cache_latents -> train -> evaluate -> register (kfp.local)")
     tracking = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    # Everything else (resolution, templates, learning rate, steps, sampler, evaluator) is the toy profile's.
-    r = run_textual_inversion(
-        out / "kfp",
-        tracking,
-        log_file=out / "pipeline.log",
-        images=str(out / "photos"),
-        # a word that names neither colour nor shape: `<purple-star>` is read as "purple" and "star" by a model
-        # without the embedding, which draws the concept from those words, and a failed load would pass unseen
-        token=DEMO_TOKEN,
-        name=concept,
-        init_word="shape",
-        base_model=TOYWORLD,
-        steps=steps or 0,
-        prompt_set=str(prompts.resolve()),
-        n_images=n_images,
-    )
+    try:
+        r = _run(out, tracking, concept, steps, prompts, n_images)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the demo stopped; its steps' logs: {out / 'pipeline.log'}", file=sys.stderr)
+        raise typer.Exit(130) from None
     m = json.loads(Path(r["metrics"]).read_text())
     # The picture: the five training pictures, then each prompt across seeds, enlarged so 32 px shapes show.
     train_row = make_grid([[Image.open(p) for p in photos]], ["training pictures"], label_width=200)
@@ -96,3 +85,26 @@ def demo_cmd(
     rprint(f"   task logs: {out / 'pipeline.log'}")
     rprint(f"   browse: mlflow ui --backend-store-uri {tracking}   |   oneword concepts list --tracking-uri {tracking}")
     rprint(f"done in {time.time() - t0:.0f} s")
+
+
+def _run(out: Path, tracking: str, concept: str, steps: int | None, prompts: Path, n_images: int) -> dict:
+    """The demo's pipeline run: everything else (resolution, templates, learning rate, steps, sampler, evaluator)
+    is the toy profile's."""
+    from oneword.pipelines.local import run_textual_inversion
+    from oneword.profiles import TOYWORLD
+
+    return run_textual_inversion(
+        out / "kfp",
+        tracking,
+        log_file=out / "pipeline.log",
+        images=str(out / "photos"),
+        # a word that names neither colour nor shape: `<purple-star>` is read as "purple" and "star" by a model
+        # without the embedding, which draws the concept from those words, and a failed load would pass unseen
+        token=DEMO_TOKEN,
+        name=concept,
+        init_word="shape",
+        base_model=TOYWORLD,
+        steps=steps or 0,
+        prompt_set=str(prompts.resolve()),
+        n_images=n_images,
+    )

@@ -68,3 +68,26 @@ def test_ctrl_c_stops_a_batch_and_no_step_starts_after_it(tiny_model_dir, tiny_c
     assert "failure" not in out and "train done" not in out, out  # none for the steps the stop failed
     for finished in ("train/**/summary.json", "evaluate/**/metrics.json", "register/**/registration.json"):
         assert not list(root.glob(f"batch-personalisation-*/**/{finished}")), finished
+
+
+def test_a_task_that_ignores_sigint_is_killed_and_none_starts_after_the_stop(tmp_path, monkeypatch, capsys):
+    import threading
+
+    from oneword.pipelines import interrupt
+
+    monkeypatch.setattr(interrupt, "GRACE_S", 1.0)
+    tasks = interrupt._Tasks()
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('up', flush=True); "
+    stubborn += "time.sleep(9)"  # rc 0 unless killed
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(rc=tasks.run([sys.executable, "-c", stubborn])))
+    thread.start()
+    deadline = time.time() + 30
+    while "up" not in capsys.readouterr().out and time.time() < deadline:  # its first line: it ignores SIGINT now
+        thread.join(0.05)
+    tasks.stop_all()
+    thread.join(20)
+    assert not thread.is_alive() and result["rc"] == -signal.SIGKILL, result
+    marker = tmp_path / "started"
+    rc = tasks.run([sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    assert rc == interrupt.STOPPED_RC and not marker.exists()

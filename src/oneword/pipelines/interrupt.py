@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 GRACE_S = 10.0  # for a task to end on SIGINT (a register puts back an alias it moved) before it is killed
@@ -22,54 +23,56 @@ STOPPED_RC = 128 + signal.SIGINT  # what a task that was never started reports: 
 
 
 class _Tasks:
-    """The task processes running now, and whether the run is stopping."""
+    """The task processes running now, and whether the run is stopping.
+
+    No lock: the SIGINT handler runs on the main thread, which may itself be starting a task (kfp.local runs a
+    DAG's top-level tasks there), and a lock it held would be taken again. A task started while the stop came
+    sees the stop after it is listed, and signals itself.
+    """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.running: set[subprocess.Popen] = set()
         self.stop = threading.Event()
 
     def run(self, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         """Run one task as kfp.local does (its output, line by line, to this process's stdout), unless the run
         is stopping; its exit status."""
-        with self.lock:  # no task starts between the stop and the signal sent to those running
-            if self.stop.is_set():
-                return STOPPED_RC
-            proc = subprocess.Popen(
-                full_command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                env={**os.environ, **env_vars} if env_vars else None,
-            )
-            self.running.add(proc)
+        if self.stop.is_set():
+            return STOPPED_RC
+        proc = subprocess.Popen(
+            full_command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **env_vars} if env_vars else None,
+        )
+        self.running.add(proc)
         try:
+            if self.stop.is_set():  # it started as the run stopped: the signal to the others missed it
+                proc.send_signal(signal.SIGINT)
             with proc:
                 for line in proc.stdout:
                     print(line, end="")
                 print("\n")  # kfp.local's separator after a task's logs
                 return proc.wait()
         finally:
-            with self.lock:
-                self.running.discard(proc)
+            self.running.discard(proc)
 
     def stop_all(self) -> None:
         """Start no task again; SIGINT to those running, then kill those still there after `GRACE_S`."""
-        with self.lock:
-            self.stop.set()
-            running = list(self.running)
-        for proc in running:
+        self.stop.set()
+        for proc in list(self.running):
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGINT)
-        threading.Thread(target=self._kill_late, args=(running,), daemon=True).start()
+        threading.Thread(target=self._kill_late, daemon=True).start()
 
-    @staticmethod
-    def _kill_late(running: list[subprocess.Popen]) -> None:
-        for proc in running:
-            try:
-                proc.wait(timeout=GRACE_S)
-            except subprocess.TimeoutExpired:
+    def _kill_late(self) -> None:
+        deadline = time.monotonic() + GRACE_S
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for proc in list(self.running):
+            with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 
 

@@ -81,12 +81,18 @@ def stopping() -> Iterator[threading.Event]:
     """Around a kfp.local pipeline call: on SIGINT no task starts any more and the running ones are stopped;
     KeyboardInterrupt is raised once the pipeline's threads have wound up. Yields the event set at the stop.
 
-    Only the main thread can take SIGINT: elsewhere (a test's thread) the tasks run as kfp.local runs them.
+    Only the main thread can take SIGINT: elsewhere (a test's thread), and where SIGINT is ignored (`nohup`, a
+    shell's `&`), the tasks run as kfp.local runs them.
     """
     from kfp.local import subprocess_task_handler
 
     tasks = _Tasks()
-    if threading.current_thread() is not threading.main_thread():
+    original = getattr(subprocess_task_handler, "run_local_subprocess", None)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or original is None  # a kfp that runs its tasks otherwise
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a shell's background job: it ignores Ctrl-C
+    ):
         yield tasks.stop
         return
 
@@ -95,7 +101,6 @@ def stopping() -> Iterator[threading.Event]:
             tasks.stop_all()
         raise KeyboardInterrupt
 
-    original = subprocess_task_handler.run_local_subprocess
     before = signal.signal(signal.SIGINT, on_sigint)
     subprocess_task_handler.run_local_subprocess = tasks.run
     try:

@@ -91,3 +91,44 @@ def test_a_task_that_ignores_sigint_is_killed_and_none_starts_after_the_stop(tmp
     marker = tmp_path / "started"
     rc = tasks.run([sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
     assert rc == interrupt.STOPPED_RC and not marker.exists()
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_run_alone_stops_its_task_too(tmp_path, signum, status):
+    """`timeout` or a scheduler sends SIGTERM, `kill -INT` SIGINT, to the command alone (a terminal's Ctrl-C
+    reaches its tasks too): the command died, and its task trained on, orphaned."""
+    pid_file = tmp_path / "task.pid"
+    task = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    run = (
+        "import sys\nfrom kfp.local import subprocess_task_handler as handler\n"
+        "from oneword.pipelines.interrupt import stopping\n"
+        "try:\n"
+        "    with stopping():\n"
+        f"        handler.run_local_subprocess([sys.executable, '-c', {task!r}])\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", run], preexec_fn=_default_sigint, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.05)  # the task is up
+        task_pid = int(pid_file.read_text())
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=30) == status
+        deadline = time.time() + 30
+        while _alive(task_pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(task_pid), "the task outlived the run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, ended and not yet reaped by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

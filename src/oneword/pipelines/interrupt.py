@@ -1,11 +1,12 @@
-"""Ctrl-C during a kfp.local run: the run stops within seconds.
+"""Ctrl-C (or SIGTERM) during a kfp.local run: the run stops within seconds.
 
 kfp.local runs each task as a subprocess from a thread of its own. On Ctrl-C its main thread stops waiting, but
 then waits for those threads, which go on starting the rest of each concept's tasks: a batch interrupted while
 training went on to evaluate and register for minutes (hours, on a GPU), printing nothing. Under `stopping()`,
 once SIGINT arrives no task starts any more (it fails at once, as the tasks Ctrl-C killed did), the running
 ones get SIGINT too (a terminal sends it to them; `kill -INT` of this process does not), and those that do not
-end within `GRACE_S` are killed.
+end within `GRACE_S` are killed. SIGTERM (`timeout`, a scheduler's stop) does the same: without it this process
+died alone, and its tasks trained on, orphaned.
 """
 
 from __future__ import annotations
@@ -78,33 +79,34 @@ class _Tasks:
 
 @contextlib.contextmanager
 def stopping() -> Iterator[threading.Event]:
-    """Around a kfp.local pipeline call: on SIGINT no task starts any more and the running ones are stopped;
-    KeyboardInterrupt is raised once the pipeline's threads have wound up. Yields the event set at the stop.
+    """Around a kfp.local pipeline call: on SIGINT (or SIGTERM) no task starts any more and the running ones are
+    stopped; KeyboardInterrupt (SystemExit(143)) is raised, and comes out once the pipeline's threads have wound
+    up. Yields the event set at the stop.
 
-    Only the main thread can take SIGINT: elsewhere (a test's thread), and where SIGINT is ignored (`nohup`, a
-    shell's `&`), the tasks run as kfp.local runs them.
+    Only the main thread can take signals: elsewhere (a test's thread) the tasks run as kfp.local runs them.
     """
     from kfp.local import subprocess_task_handler
 
     tasks = _Tasks()
     original = getattr(subprocess_task_handler, "run_local_subprocess", None)
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or original is None  # a kfp that runs its tasks otherwise
-        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a shell's background job: it ignores Ctrl-C
-    ):
-        yield tasks.stop
+    # a signal ignored stays so: a shell's background job (`&`, nohup) ignores Ctrl-C
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    if threading.current_thread() is not threading.main_thread() or original is None or not watched:
+        yield tasks.stop  # (a kfp that runs its tasks otherwise: as it does)
         return
 
-    def on_sigint(signum, frame) -> None:
+    def on_signal(signum, frame) -> None:
         if not tasks.stop.is_set():
             tasks.stop_all()
-        raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)  # SIGTERM (`timeout`, a scheduler): its tasks must not outlive it
 
-    before = signal.signal(signal.SIGINT, on_sigint)
+    before = {s: signal.signal(s, on_signal) for s in watched}
     subprocess_task_handler.run_local_subprocess = tasks.run
     try:
         yield tasks.stop
     finally:
         subprocess_task_handler.run_local_subprocess = original
-        signal.signal(signal.SIGINT, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -77,7 +77,7 @@ def generate_cmd(
             GenerateConfig(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, device=device),
         )
     except BaseException:
-        if numbered and not any(out.iterdir()):  # the folder made for this call holds nothing: not left behind
+        if numbered and out.is_dir() and not any(out.iterdir()):  # made for this call, and empty: not left behind
             out.rmdir()
         raise
     rprint(f"[green]grid[/] -> {grid}")

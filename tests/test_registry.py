@@ -382,6 +382,7 @@ def test_a_new_token_under_the_same_name_replaces_the_champion(evaluated_concept
 
     r = registry.register(renamed, evaluated_as_new(0.59, 0.3), uri, name="cat-renamed")
     assert r.alias == "champion" and "replaces the champion's token '<cat-r>'" in r.reason
+    assert "first champion" not in r.reason, r.reason  # there was one
     low = registry.register(renamed, evaluated_as_new(0.2, 0.1), uri, name="cat-renamed",
                             thresholds=GateThresholds(min_reconstruction=0.5))  # fmt: skip
     assert low.alias == "candidate"  # the same word now: the gate as always
@@ -425,6 +426,7 @@ def test_a_champion_under_a_raised_bar_gives_way_to_a_version_that_passes_it(eva
     r = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.6, 0.35), uri, name="cat-bar",
                           thresholds=raised)  # fmt: skip
     assert r.alias == "champion" and "version 1, does not pass these thresholds (editability 0.2000" in r.reason
+    assert r.reason.startswith("passes the thresholds; the champion"), r.reason
     low = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.9, 0.25), uri, name="cat-bar",
                             thresholds=raised)  # fmt: skip
     assert low.alias == "candidate" and "editability 0.2500 < threshold" in low.reason

@@ -808,21 +808,26 @@ def _decide_alias(
     if holder is not None and token and holder.tags.get("oneword.token", token) != token:
         # the concept's word changed (a manifest's `token:`): prompts written for the new one must find it
         # under `@champion`, so it replaces the old word's version if it passes the thresholds alone
-        result = quality_gate(metrics, None, thresholds)
         why = f"replaces the champion's token {holder.tags['oneword.token']!r} with {token!r}"
-        return (CHAMPION, f"{result.reason}; {why}") if result.passed else (CANDIDATE, result.reason)
+        return _passes_alone(metrics, thresholds, why)
     try:
         if champion is not None and not (bar := quality_gate(champion, None, thresholds)).passed:
             # a bar raised past the champion's scores: it holds the alias by no measure it passes now, or a
             # version that passes the bar and scores less would stay a candidate behind it
             check_comparable(metrics, champion)
-            result = quality_gate(metrics, None, thresholds)
             why = f"the champion, version {holder.version}, does not pass these thresholds ({bar.reason})"
-            return (CHAMPION, f"{result.reason}; {why}") if result.passed else (CANDIDATE, result.reason)
+            return _passes_alone(metrics, thresholds, why)
         result = quality_gate(metrics, champion, thresholds)
     except EvaluatorMismatch as e:
         return CANDIDATE, f"not compared: {e.message}"
     return (CHAMPION if result.passed else CANDIDATE), result.reason
+
+
+def _passes_alone(metrics: dict, thresholds: GateThresholds, why: str) -> tuple[str, str]:
+    """The alias of a version judged by the thresholds alone, for `why` (a champion is there, so not "the first
+    champion"), and the reason."""
+    result = quality_gate(metrics, None, thresholds)
+    return (CHAMPION, f"passes the thresholds; {why}") if result.passed else (CANDIDATE, result.reason)
 
 
 RESULT_KEY_TAG, UNCHANGED_TAG = "oneword.result_key", "oneword.unchanged_version"

@@ -99,6 +99,7 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert "Seed: 1, Size: 32x32" in text["parameters"]
     said = json.loads(text["oneword"])
     assert (said["seed"], said["steps"], said["tokens"]) == (1, 3, ["<dog-c>"])
+    assert said["base_model"] == tiny_model_dir.name  # a local path by its name: no home folder on image sites
     # without -o, each call draws into a folder of its own: an earlier call's pictures are never replaced
     monkeypatch.chdir(tmp_path)
     for expected in ("0001", "0002"):
@@ -130,6 +131,13 @@ def test_numbered_folders_are_one_per_process(tmp_path):
     ]
     names = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(names) == [f"{i:04d}" for i in range(1, 7)], names
+    # a call moving its pictures in (storage.atomic_dir) has `0007` aside for a moment: the number stays taken
+    from oneword.cli.generate import next_folder
+
+    for n in (7, 8):
+        (tmp_path / "generated" / f".{n:04d}.tmp-x").mkdir()
+    (tmp_path / "generated" / ".0009.lock").touch()
+    assert next_folder(tmp_path / "generated").name == "0010"
 
 
 @pytest.mark.parametrize(

@@ -213,6 +213,13 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join([*lines, line])
 
 
+def _shown_source(source: str) -> str:
+    """A model's reference as a picture may carry it to an image site: a hub id as it is, a local path or an
+    object-store URI by its last name only (the fingerprint beside it tells the model)."""
+    local = source.startswith(("s3://", "/", "./", "../", "~")) or Path(source).exists()
+    return (Path(source.rstrip("/")).name or source) if local else source
+
+
 def png_parameters(
     prompt: str, seed: int, sampler: SamplerConfig, size: tuple[int, int], model: LoadedModel, tokens: Sequence[str]
 ) -> PngInfo:
@@ -225,7 +232,8 @@ def png_parameters(
     info.add_text("parameters", text)
     info.add_text("oneword", json.dumps({
         "prompt": prompt, "seed": seed, "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,
-        "eta": sampler.eta, "scheduler": "DDIM", "base_model": model.source, "model_fingerprint": model.fingerprint,
+        "eta": sampler.eta, "scheduler": "DDIM", "base_model": _shown_source(model.source),
+        "model_fingerprint": model.fingerprint,
         "tokens": list(tokens), "oneword_version": __version__,
     }))  # fmt: skip
     return info
@@ -255,7 +263,8 @@ def generate(
     out_dir = Path(out_dir).resolve()  # `-o .` has no name to put a temporary folder beside
     storage.check_replaceable(out_dir, GRID, "pictures drawn by `oneword generate`")  # before drawing
     if (out_dir / GRID).exists():
-        log.warning("%s holds an earlier call's pictures: they are replaced (give another -o to keep them)", out_dir)
+        log.warning("%s holds an earlier call's pictures: these will replace them (give another -o to keep them)",
+                    out_dir)  # fmt: skip
     model = base_model if isinstance(base_model, LoadedModel) else load_base_model(base_model)
     pipe = build_pipeline(model, config.device)
     tokens = load_embeddings(pipe, model, embedding_files, force=force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -117,9 +118,14 @@ def _draw(
 
 def next_folder(root: Path) -> Path:
     """A new folder under `root`, numbered one past the highest there (0001, 0002, ...), made at once: two calls
-    at the same moment get one each."""
+    at the same moment get one each.
+
+    The hidden names count too (`.0001.tmp-*`, `.0001.lock`, `.0001.old-*`: `storage.atomic_dir`'s): while a
+    call moves its pictures in, `0001` is briefly absent, and another call must not take it then.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    n = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    taken = (re.match(r"\.?(\d+)(?:\.|$)", p.name) for p in root.iterdir())
+    n = max((int(m.group(1)) for m in taken if m), default=0)
     while True:
         n += 1
         try:

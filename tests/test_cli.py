@@ -382,6 +382,20 @@ def test_ctrl_c_in_train_says_what_was_kept_and_how_to_go_on(cat_latents_dir, ti
     assert "Traceback" not in err
 
 
+def test_ctrl_c_before_any_checkpoint_says_to_start_again_not_resume(tmp_path, capsys, monkeypatch):
+    import typer
+
+    from oneword.cli import STATE
+    from oneword.cli.train import _interrupted
+
+    monkeypatch.setitem(STATE, "argv", ["train", "lat", "--token", "<t>", "--init-word", "cat", "--resume"])
+    with pytest.raises(typer.Exit) as stopped, _interrupted(tmp_path / "checkpoints", listed=True):
+        raise KeyboardInterrupt
+    err = capsys.readouterr().err
+    assert stopped.value.exit_code == 130 and "no checkpoint was written yet" in err, err
+    assert "to start again: oneword train lat --token '<t>' --init-word cat" in err and "--resume" not in err, err
+
+
 def test_evaluate_finds_the_training_images_in_the_training_folder(evaluated_concept, tiny_clip_dir, tmp_path, capsys):
     train_dir, _ = evaluated_concept
     args = ["evaluate", train_dir, "-o", tmp_path / "eval", "--n-images", 1, "--sampling-steps", 2,

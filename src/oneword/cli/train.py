@@ -187,15 +187,19 @@ def _interrupted(checkpoints_at: str | Path, listed: bool) -> Iterator[None]:
         from oneword import checkpoints
 
         args = [a for a in STATE["argv"] if a != "--resume"]
-        kept = f"its checkpoints are kept in {checkpoints_at}"
+        kept, any_kept = f"its checkpoints are kept in {checkpoints_at}", True
         if listed:
             try:
                 found = checkpoints.list_checkpoints(checkpoints_at)
                 kept = f"its newest checkpoint is step {found[-1][0]}" if found else "no checkpoint was written yet"
+                any_kept = bool(found)
             except Exception:  # a store that cannot be read now: where they are is said all the same
                 pass
-        again = shlex.join(["oneword", *args, "--resume"])
-        print(f"\ninterrupted: the training stopped; {kept}.\nto continue: {again}", file=sys.stderr)
+        if any_kept:
+            again = "to continue: " + shlex.join(["oneword", *args, "--resume"])
+        else:  # nothing to resume from: the same command starts it again
+            again = "to start again: " + shlex.join(["oneword", *args])
+        print(f"\ninterrupted: the training stopped; {kept}.\n{again}", file=sys.stderr)
         raise typer.Exit(130) from None
 
 

@@ -178,6 +178,7 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, 
         (["run", "--images", "x", "--token", "", "--init-word", "a"], "token: is empty"),  # it blamed --name
         (["run", "--images", "x", "--token", "<a b>", "--init-word", "a"], "token: '<a b>' is not one word"),
         (["preflight", "--images", "x", "--token", "<a>"], "needs --init-word too"),  # it checked no concept
+        (["preflight", "--images", "x", "--token", "", "--init-word", "a"], "- '': image folder x does not"),
         (
             ["train", "/d", "--token", "<a>", "--init-word", "a", "-o", "/o", "--batch-size", "0"],
             "invalid setting: batch_size: Input should be greater than or equal to 1 (got 0)",

@@ -112,7 +112,8 @@ def preflight(
     for bucket in sorted(_buckets(base_model, clip, dino_model, checkpoint_root, *(c["images"] for c in concepts))):
         p.run(f"bucket {bucket}", _bucket_problem, bucket)
     for c in concepts:
-        p.run(f"images of {c['token']}", images_problem, c["images"], c["token"])
+        label = c["token"] or repr(c["token"])  # an empty token is named as such, not as ": image folder ..."
+        p.run(f"images of {label}", images_problem, c["images"], label)
     if concepts and prof is not None:
         for name, problem in p.attempt("the tokens", _concept_problems, base_model, prof, concepts) or []:
             p.check(name, problem)

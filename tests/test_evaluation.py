@@ -342,6 +342,12 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert (tmp_path / "cmp.png").stat().st_size > 0
     assert [r["run"] for r in json.loads((tmp_path / "cmp.json").read_text())] == ["a", "b"]
     assert compare([str(out)], tmp_path / "lr") == tmp_path / "lr.png" and (tmp_path / "lr.png").exists()
+    # an evaluation against other images (`evaluate --data`) is marked as such beside one against the training's
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    (held_out / "metrics.json").write_text(json.dumps({**m, "reference_images": {"training_images": False, "n": 3}}))
+    compare([str(out), str(held_out)], tmp_path / "mixed.png", labels=["a", "b"])
+    assert [r["run"] for r in json.loads((tmp_path / "mixed.json").read_text())] == ["a", "b (other images)"]
     with pytest.raises(OnewordError, match="1 labels for 2 runs"):
         compare([str(out), str(out)], tmp_path / "x.png", labels=["only-one"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -12,6 +13,8 @@ from pathlib import Path
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import check_comparable
 from oneword.evaluation.report import scatter
+
+log = logging.getLogger(__name__)
 
 
 def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
@@ -79,6 +82,12 @@ def compare(
     for _, m in loaded[1:]:
         check_comparable(loaded[0][1], m)
     names = list(labels) if labels else _distinct([d for d, _ in loaded], runs, [m for _, m in loaded])
+    # scores against other images than the training's (`evaluate --data`) rank with no other run's reconstruction
+    other = [not (m.get("reference_images") or {}).get("training_images", True) for _, m in loaded]
+    if any(other) and not all(other):
+        log.warning("%s scored the concept against other images than its training's: their reconstruction does "
+                    "not compare with the others'", ", ".join(n for n, o in zip(names, other) if o))  # fmt: skip
+    names = [f"{n} (other images)" if o else n for n, o in zip(names, other)]
     series, table = [], []
     for name, (_, m) in zip(names, loaded, strict=True):
         sel = m.get("selection", {})

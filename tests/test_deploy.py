@@ -197,6 +197,7 @@ def test_the_model_cache_is_shared_where_pipelines_run(rendered, overlay):
     assert init["volumes"] == [{"name": "cache", "persistentVolumeClaim": {"claimName": "oneword-model-cache"}}]
     check = init["containers"][0]  # as the steps run, what they write: the Job fails only where they could not
     assert "touch /models/huggingface/" in check["args"][0] and "/models/torchinductor" in check["args"][0]
+    assert "uid $$(id -u) cannot write" in check["args"][0]  # the uid it runs as (OpenShift's is random)
     if overlay == "openshift":  # any uid the SCC gives; the volume is its fsGroup's
         assert "initContainers" not in init and "runAsUser" not in check["securityContext"]
         return

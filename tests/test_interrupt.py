@@ -6,6 +6,7 @@ minutes, and the command ended with status 130 and not a word.
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -99,12 +100,13 @@ def test_a_signal_to_the_run_alone_stops_its_task_too(tmp_path, signum, status):
     reaches its tasks too): the command died, and its task trained on, orphaned."""
     pid_file = tmp_path / "task.pid"
     task = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    shell = shlex.join([sys.executable, "-c", task]) + "; echo done"  # as kfp.local's: a shell that runs Python
     run = (
         "import sys\nfrom kfp.local import subprocess_task_handler as handler\n"
         "from oneword.pipelines.interrupt import stopping\n"
         "try:\n"
         "    with stopping():\n"
-        f"        handler.run_local_subprocess([sys.executable, '-c', {task!r}])\n"
+        f"        handler.run_local_subprocess(['sh', '-ec', {shell!r}])\n"
         "except KeyboardInterrupt:\n"
         "    sys.exit(130)\n"
     )

@@ -4,9 +4,9 @@ kfp.local runs each task as a subprocess from a thread of its own. On Ctrl-C its
 then waits for those threads, which go on starting the rest of each concept's tasks: a batch interrupted while
 training went on to evaluate and register for minutes (hours, on a GPU), printing nothing. Under `stopping()`,
 once SIGINT arrives no task starts any more (it fails at once, as the tasks Ctrl-C killed did), the running
-ones get SIGINT too (a terminal sends it to them; `kill -INT` of this process does not), and those that do not
-end within `GRACE_S` are killed. SIGTERM (`timeout`, a scheduler's stop) does the same: without it this process
-died alone, and its tasks trained on, orphaned.
+ones get SIGINT, each task's process group whole (kfp.local's task is a shell running Python), and those that
+do not end within `GRACE_S` are killed. SIGTERM (`timeout`, a scheduler's stop) and SIGHUP do the same: without
+it this process died alone, and its tasks trained on, orphaned.
 """
 
 from __future__ import annotations
@@ -47,11 +47,14 @@ class _Tasks:
             text=True,
             bufsize=1,
             env={**os.environ, **env_vars} if env_vars else None,
+            # a group of its own, which a signal reaches whole: kfp.local's task is `sh -ec` running Python, and a
+            # signal to the shell alone left the Python training on, orphaned, holding this process's pipe
+            process_group=0,
         )
         self.running.add(proc)
         try:
             if self.stop.is_set():  # it started as the run stopped: the signal to the others missed it
-                proc.send_signal(signal.SIGINT)
+                _signal_group(proc, signal.SIGINT)
             with proc:
                 for line in proc.stdout:
                     print(line, end="")
@@ -64,8 +67,7 @@ class _Tasks:
         """Start no task again; SIGINT to those running, then kill those still there after `GRACE_S`."""
         self.stop.set()
         for proc in list(self.running):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
+            _signal_group(proc, signal.SIGINT)
         threading.Thread(target=self._kill_late, daemon=True).start()
 
     def _kill_late(self) -> None:
@@ -73,8 +75,13 @@ class _Tasks:
         while self.running and time.monotonic() < deadline:
             time.sleep(0.1)
         for proc in list(self.running):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            _signal_group(proc, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """Send `signum` to every process of a task's group (one that ended already is no error)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
 
 
 @contextlib.contextmanager
@@ -89,8 +96,10 @@ def stopping() -> Iterator[threading.Event]:
 
     tasks = _Tasks()
     original = getattr(subprocess_task_handler, "run_local_subprocess", None)
-    # a signal ignored stays so: a shell's background job (`&`, nohup) ignores Ctrl-C
-    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    # a signal ignored stays so: a shell's background job (`&`, nohup) ignores Ctrl-C. SIGHUP (the terminal
+    # closed) no longer reaches the tasks, each in a group of its own: it stops them here.
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    watched = [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
     if threading.current_thread() is not threading.main_thread() or original is None or not watched:
         yield tasks.stop  # (a kfp that runs its tasks otherwise: as it does)
         return
@@ -100,7 +109,7 @@ def stopping() -> Iterator[threading.Event]:
             tasks.stop_all()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise SystemExit(128 + signum)  # SIGTERM (`timeout`, a scheduler): its tasks must not outlive it
+        raise SystemExit(128 + signum)  # SIGTERM (`timeout`, a scheduler), SIGHUP: its tasks must not outlive it
 
     before = {s: signal.signal(s, on_signal) for s in watched}
     subprocess_task_handler.run_local_subprocess = tasks.run

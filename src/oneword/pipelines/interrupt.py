@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -55,10 +56,11 @@ class _Tasks:
         try:
             if self.stop.is_set():  # it started as the run stopped: the signal to the others missed it
                 _signal_group(proc, signal.SIGINT)
+            out = sys.stdout  # the run's log file: a task stopping after the run's end must not write on the terminal
             with proc:
                 for line in proc.stdout:
-                    print(line, end="")
-                print("\n")  # kfp.local's separator after a task's logs
+                    _write(out, line)
+                _write(out, "\n\n")  # kfp.local's separator after a task's logs
                 return proc.wait()
         finally:
             self.running.discard(proc)
@@ -76,6 +78,12 @@ class _Tasks:
             time.sleep(0.1)
         for proc in list(self.running):
             _signal_group(proc, signal.SIGKILL)
+
+
+def _write(out, text: str) -> None:
+    """Write a task's output to `out`; once the run has closed it (the task outlived the stop), nowhere."""
+    with contextlib.suppress(ValueError):
+        out.write(text)
 
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 import typer
 
 from oneword import tracking
@@ -78,3 +82,14 @@ def person_waits():
     """A context in which MLflow's client is as a command a person waits at should use it (`tracking.QUERY_HTTP`,
     where not set otherwise): the commands that ask MLflow and nothing else."""
     return tracking.briefly()
+
+
+@contextlib.contextmanager
+def on_interrupt(message: str) -> Iterator[None]:
+    """On Ctrl-C, print `message` (what stopped, how to go on) and exit 130, a shell's status for SIGINT, not a
+    blank line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {message}", file=sys.stderr)
+        raise typer.Exit(130) from None

@@ -1,13 +1,12 @@
 """`oneword demo` (what `make demo` runs): learn a toy-world concept with the whole pipeline, register it, and
 show it in new contexts."""
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import app, on_interrupt
 
 DEMO_MARKER = ".oneword-demo"
 DEMO_TOKEN = "<my-shape>"  # the new word: it spells out no concept of the toy world
@@ -58,11 +57,8 @@ def demo_cmd(
            f"{DEMO_TOKEN} -> {out / 'photos'}")
     rprint("[bold]2.[/] pipeline: preprocess -> cache_latents -> train -> evaluate -> register (kfp.local)")
     tracking = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    try:
+    with on_interrupt(f"the demo stopped; its steps' logs: {out / 'pipeline.log'}"):
         r = _run(out, tracking, concept, steps, prompts, n_images)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the demo stopped; its steps' logs: {out / 'pipeline.log'}", file=sys.stderr)
-        raise typer.Exit(130) from None
     m = json.loads(Path(r["metrics"]).read_text())
     # The picture: the five training pictures, then each prompt across seeds, enlarged so 32 px shapes show.
     train_row = make_grid([[Image.open(p) for p in photos]], ["training pictures"], label_width=200)

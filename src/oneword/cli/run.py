@@ -4,16 +4,13 @@ Options left at 0 or empty are decided by the base model's profile (`oneword.pro
 `oneword run --base-model toyworld` trains and evaluates with the toy world's tuned settings.
 """
 
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from oneword.cli.app import app
+from oneword.cli.app import app, on_interrupt
 from oneword.cli.options import BASE_MODEL_HELP, names_given, parameter
 from oneword.pipelines.parameters import DEFAULTS as D
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT, RESOLUTION_FROM_PROFILE
@@ -27,17 +24,12 @@ LOG_FILE = typer.Option(
 )
 
 
-@contextlib.contextmanager
-def _interrupted(what: str, log_file: Path | None) -> Iterator[None]:
-    """On Ctrl-C, say that the run stopped and how to go on (exit status 130, a shell's for SIGINT)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        where = f"\n  the steps' logs: {log_file}" if log_file else ""
-        print(f"\ninterrupted: the {what} stopped; no step started after Ctrl-C.{where}\n"
-              "to go on, run the same command again: what was registered is found unchanged,\n"
-              "and a training cut short resumes from its newest checkpoint.", file=sys.stderr)  # fmt: skip
-        raise typer.Exit(130) from None
+def _stopped(what: str, log_file: Path | None) -> str:
+    """What `on_interrupt` says when a run or batch stopped, and how to go on."""
+    where = f"\n  the steps' logs: {log_file}" if log_file else ""
+    return (f"the {what} stopped; no step started after Ctrl-C.{where}\nto go on, run the same command again: "
+            "what was registered is found unchanged,\nand a training cut short resumes from its newest "
+            "checkpoint.")  # fmt: skip
 
 
 def _log_file(log_file: Path | None, pipeline_root: Path, pipeline: str) -> Path | None:
@@ -106,7 +98,7 @@ def run_cmd(
     from oneword.pipelines.local import run_textual_inversion
 
     log_file = _log_file(log_file, pipeline_root, "textual-inversion")
-    with _interrupted("run", log_file):
+    with on_interrupt(_stopped("run", log_file)):
         out = run_textual_inversion(pipeline_root, tracking_uri or None, log_file, **params)
     registered = str(out["registered"])
     if out.get("unchanged"):  # this very training was registered (before, or by another run meanwhile)
@@ -222,7 +214,7 @@ def batch_cmd(
     from oneword.pipelines.local import run_batch
 
     log_file = _log_file(log_file, pipeline_root, "batch-personalisation")
-    with _interrupted("batch", log_file):
+    with on_interrupt(_stopped("batch", log_file)):
         report = run_batch(concepts_manifest, pipeline_root, tracking_uri or None, log_file, **params)
     report["logs"] = str(log_file or "")
     from rich.console import Console

@@ -94,9 +94,9 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
 
 @contextlib.contextmanager
 def stopping() -> Iterator[threading.Event]:
-    """Around a kfp.local pipeline call: on SIGINT (or SIGTERM) no task starts any more and the running ones are
-    stopped; KeyboardInterrupt (SystemExit(143)) is raised, and comes out once the pipeline's threads have wound
-    up. Yields the event set at the stop.
+    """Around a kfp.local pipeline call: on SIGINT (or SIGTERM, SIGHUP) no task starts any more and the running
+    ones are stopped; KeyboardInterrupt (SystemExit(128 + the signal)) is raised, and comes out once the
+    pipeline's threads have wound up. Yields the event set at the stop.
 
     Only the main thread can take signals: elsewhere (a test's thread) the tasks run as kfp.local runs them.
     """

@@ -275,7 +275,7 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def evaluated_concept(tmp_path_factory, cat_latents_dir, cat_dataset, tiny_clip_dir):
     """A tiny concept, trained and evaluated: (train dir, eval dir)."""
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
     from oneword.inversion import ConceptSpec, TrainConfig
     from oneword.train import train
 

@@ -85,7 +85,7 @@ def test_two_processes_draw_the_evaluations_images_of_one(evaluated_concept, cat
     import numpy as np
     from PIL import Image
 
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
 
     train_dir, one_dir = evaluated_concept
     cfg = EvalConfig(n_images=2, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip_dir), gpus=2)

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from oneword.errors import OnewordError
-from oneword.evaluation import EvalConfig, evaluate
 from oneword.evaluation import prompts as P
 from oneword.evaluation.compare import compare
+from oneword.evaluation.evaluate import EvalConfig, evaluate
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, quality_gate
 from oneword.evaluation.metrics import (
     ClipScorer,
@@ -482,7 +482,7 @@ def test_an_evaluation_with_other_photos_or_model_is_not_marked_as_the_pipelines
     import json
     import shutil
 
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
 
     train_dir, _ = evaluated_concept
     trained = tmp_path / "train"
@@ -504,7 +504,7 @@ def test_scores_against_other_images_than_the_trainings_say_so(evaluated_concept
     import logging
     import shutil
 
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
     from oneword.images import Manifest
 
     train_dir, _ = evaluated_concept
@@ -535,7 +535,7 @@ def test_one_training_image_has_no_image_only_point_rather_than_nan(evaluated_co
     import math
     import shutil
 
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
     from oneword.registry import _eval_metrics
 
     train_dir, _ = evaluated_concept

@@ -445,7 +445,7 @@ def test_an_output_folder_is_replaced_whole_or_not_at_all(tmp_path):
 
 def test_a_folder_that_is_not_an_earlier_output_of_the_step_is_never_replaced(tmp_path, capsys):
     from oneword.cli import main
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
     from oneword.latents import cache_latents
 
     work = tmp_path / "runs" / "my-cat"  # a slip: -o the concept's folder, which holds its training

@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -897,3 +899,13 @@ def test_an_evaluation_of_another_training_is_not_registered_with_this_one(evalu
     E.save(E.Embedding(emb.token, emb.vectors + 1, emb.meta), other / "learned_embeds.safetensors")
     with pytest.raises(OnewordError, match="last vectors"):
         registry.register(other, eval_dir, tracking_uri=f"sqlite:///{tmp_path}/never.db")
+
+
+def test_registry_queries_do_not_load_torch():
+    """`oneword concepts list` answered in 8 s, 4 of them loading torch and CLIP that a query never uses."""
+    code = (
+        "import sys, oneword.catalogue, oneword.registry, oneword.cli.concepts; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'diffusers'}); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

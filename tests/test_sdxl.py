@@ -186,7 +186,7 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
 
     from oneword import catalogue, registry
     from oneword.config import GenerateConfig
-    from oneword.evaluation import EvalConfig, evaluate
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
     from oneword.generate import generate
 
     root = sdxl_concept

@@ -90,7 +90,7 @@ def test_what_cannot_be_told_counts_as_changed(tiny_model_dir, tmp_path):
 
 def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny_model_dir, tmp_path, mlflow_server):
     from oneword.batch import batch_report
-    from oneword.evaluation import evaluate
+    from oneword.evaluation.evaluate import evaluate
 
     evaluate(trained_cat, None, tmp_path / "eval", EVAL.model_copy(update={"clip_model": "toyworld-clip"}))
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -161,7 +161,7 @@ def test_a_changed_gate_judges_the_recorded_scores_again_and_trains_only_what_wo
     trained_cat, tiny_model_dir, tmp_path, mlflow_server
 ):
     from oneword.batch import batch_report
-    from oneword.evaluation import evaluate
+    from oneword.evaluation.evaluate import evaluate
 
     evaluation = EVAL.model_copy(update={"clip_model": "toyworld-clip"})
     evaluate(trained_cat, None, tmp_path / "eval", evaluation)

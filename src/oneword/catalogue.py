@@ -9,7 +9,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from oneword import embeddings as emb_io
 from oneword import tracking
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
@@ -210,6 +209,8 @@ def pull_concept(
     """
     import os
     from unittest.mock import patch
+
+    from oneword import embeddings as emb_io  # torch: only a pull needs it
 
     mlflow, _ = tracking.client(tracking_uri)
     mv = get_version(ref, tracking_uri)

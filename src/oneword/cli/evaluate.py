@@ -56,7 +56,7 @@ def evaluate_cmd(
     """
     from rich import print as rprint
 
-    from oneword.evaluation import evaluate
+    from oneword.evaluation.evaluate import evaluate
 
     cfg = EvalConfig(
         prompt_set=prompt_set,

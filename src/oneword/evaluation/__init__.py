@@ -1,5 +1,5 @@
-"""Evaluation: the paper's CLIP metrics, DINO fidelity, checkpoint selection, pictures and the quality gate."""
+"""Evaluation: the paper's CLIP metrics, DINO fidelity, checkpoint selection, pictures and the quality gate.
 
-from oneword.evaluation.evaluate import EvalConfig, evaluate
-
-__all__ = ["EvalConfig", "evaluate"]
+The package itself imports nothing: the registry's queries read the gate without loading torch and CLIP
+(`oneword concepts list` answers in about two seconds); `evaluate` lives in `oneword.evaluation.evaluate`.
+"""

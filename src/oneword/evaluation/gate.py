@@ -10,14 +10,18 @@ per-seed scores, the noise is that of the paired differences, which the seeds th
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
-
-import torch
 
 from oneword.config import GateThresholds
 from oneword.errors import OnewordError
-from oneword.evaluation.metrics import known_se, standard_error
 from oneword.evaluation.protocol import differences
+
+
+def known_se(se: float | None) -> float:
+    """A standard error to compare with: an unmeasured one (nan: one image; None: not recorded) counts as 0, so
+    that the fixed tolerance alone decides, never a nan that makes every comparison false."""
+    return 0.0 if se is None or math.isnan(se) else se
 
 
 class EvaluatorMismatch(OnewordError):
@@ -124,4 +128,4 @@ def _paired_se(candidate: dict, champion: dict) -> float | None:
     a, b = candidate.get("score_per_seed"), champion.get("score_per_seed")
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return None
-    return known_se(standard_error(torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)))
+    return known_se(statistics.stdev(x - y for x, y in zip(a, b, strict=True)) / math.sqrt(len(a)))

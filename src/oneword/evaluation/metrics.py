@@ -12,7 +12,6 @@ must never be compared.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 from PIL import Image
@@ -84,12 +83,6 @@ def standard_error_over_seeds(per_prompt: list[torch.Tensor]) -> float:
     """The standard error of a mean over fixed prompts whose image j all share seed j: the spread of each seed's
     mean over the prompts (the prompts' own differences are not noise; images of one seed are not independent)."""
     return standard_error(torch.stack([row.float() for row in per_prompt]).mean(0))
-
-
-def known_se(se: float | None) -> float:
-    """A standard error to compare with: an unmeasured one (nan: one image; None: not recorded) counts as 0, so
-    that the fixed tolerance alone decides, never a nan that makes every comparison false."""
-    return 0.0 if se is None or math.isnan(se) else se
 
 
 def mean_matched_cosine(images: torch.Tensor, texts: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from oneword.errors import OnewordError
-from oneword.evaluation.metrics import known_se
+from oneword.evaluation.gate import known_se
 
 SelectionRule = Literal["balanced", "latest-editable"]
 SELECTION_RULES: tuple[str, ...] = ("balanced", "latest-editable")

@@ -284,7 +284,7 @@ def evaluate(
     import shutil
 
     from oneword.config import EvalConfig, GateThresholds
-    from oneword.evaluation import evaluate as run
+    from oneword.evaluation.evaluate import evaluate as run
     from oneword.outcome import run_step
     from oneword.pipelines.parameters import config_of
 

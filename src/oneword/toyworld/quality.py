@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from oneword.errors import OnewordError
-from oneword.evaluation import EvalConfig, evaluate
+from oneword.evaluation.evaluate import EvalConfig, evaluate
 from oneword.evaluation.report import scatter
 from oneword.generate import make_grid
 from oneword.images import preprocess

@@ -608,6 +608,26 @@ def test_a_registry_query_makes_no_store_where_there_is_none_and_an_empty_one_sa
     assert code == 0 and "no oneword concepts with @champoin in the registry at" in " ".join(out.split())
 
 
+def test_a_store_given_as_a_path_is_the_sqlite_file_there_and_a_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """`--tracking-uri ./mlflow.db` answered with MLflow's file-store warning, cut off mid-sentence."""
+    from oneword.tracking import as_uri, ensure_store
+
+    monkeypatch.chdir(tmp_path)
+    ensure_store(f"sqlite:///{tmp_path}/mlflow.db")
+    assert as_uri("./mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert as_uri("http://mlflow:5000") == "http://mlflow:5000" and as_uri("sqlite:///x.db") == "sqlite:///x.db"
+    code, out = run(["concepts", "list", "--tracking-uri", "./mlflow.db"], capsys)
+    assert code == 0 and f"in the registry at sqlite:///{tmp_path}/mlflow.db" in " ".join(out.split()), out
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlflow.db")
+    assert run(["concepts", "list"], capsys)[0] == 0
+    for argv in (["concepts", "list", "--tracking-uri", "x.db"], ["concepts", "list", "--tracking-uri", "./mlruns"]):
+        code, out = run(argv, capsys)
+        said = " ".join(out.split())
+        assert code == 2 and ("no MLflow store at" in said if argv[-1] == "x.db" else "is a path" in said), said
+    assert "--tracking-uri ./mlruns.db" in said and "maintenance" not in said.split("hint")[1], said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
 def test_what_the_machine_refuses_is_one_line_and_a_hint(tmp_path, capsys):
     """An output path through a file (or a read-only folder, a full disk), a device this torch has not, a
     resolution of 0: each was a traceback."""

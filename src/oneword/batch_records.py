@@ -26,7 +26,7 @@ from oneword.registry import (
     every_page,
     live_run_to_complete,
 )
-from oneword.tracking import default_tracking_uri
+from oneword.tracking import resolve
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def record_failure(
 
     A step or plan tried again (`outcome.retrying`, a cluster's retry policy) that records the same failure of the
     same batch again finds the run it logged the first time and logs no other."""
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
     exp_id = ensure_experiment(mlflow, experiment, uri)
     same = client.search_runs(
@@ -101,7 +101,7 @@ def note_unchanged(
     a FINISHED run tagged with that version, the batch and what the gate said (`rejudged`, if judged again), where
     the batch report finds it. The live run training left open
     (`live_run_id`) is that run, else a new one."""
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
     version = found["version"]
     tags = {CONCEPT_TAG: name, "oneword.token": token, UNCHANGED_TAG: version,
@@ -132,7 +132,7 @@ def note_unchanged_in_plan(tracking_uri: str | None, plan_run_id: str, found: di
     """Record in a batch's plan (`record_plan`) the concepts its plan found unchanged, `{name: {"version",
     "token", "rejudged"?}}`, in one file, where the batch report finds them: one write for the whole catalogue,
     not a run per concept (`note_unchanged`) night after night."""
-    _, client = tracking.client(tracking_uri or default_tracking_uri())
+    _, client = tracking.client(resolve(tracking_uri))
     client.log_dict(plan_run_id, found, UNCHANGED_FILE)
     log.info("%d concepts unchanged since their versions (recorded in the plan)", len(found))
 
@@ -187,7 +187,7 @@ def record_plan(
     Returns the plan's run id. A plan step tried again (`outcome.retrying`, a cluster's retry policy) plans again in
     the run its first attempt recorded, not in another: what that attempt found unchanged is forgotten there.
     """
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
     exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
@@ -213,7 +213,7 @@ def mark_deferred(tracking_uri: str | None, plan_run_id: str, concepts: list[dic
     run limited to some concepts (`one_off`), no next run will: its report says to start them again."""
     from oneword.batch import DEFERRED_KEY, ONE_OFF_KEY, UNTOLD_KEY
 
-    _, client = tracking.client(tracking_uri or default_tracking_uri())
+    _, client = tracking.client(resolve(tracking_uri))
     marked = [{**c, DEFERRED_KEY: later[c["name"]], **({UNTOLD_KEY: True} if c["name"] in untold else {}),
                **({ONE_OFF_KEY: True} if one_off else {})}
               if c["name"] in later else c for c in concepts]  # fmt: skip

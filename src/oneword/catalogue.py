@@ -13,7 +13,7 @@ from oneword import tracking
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.registry import ABANDONED, CHAMPION, CONCEPT_TAG, PAGE_SIZE, delete_version, every_page
-from oneword.tracking import default_tracking_uri
+from oneword.tracking import resolve
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def get_version(ref: str, tracking_uri: str | None = None):
 
     _, client = tracking.client(tracking_uri)
     name, alias, version = parse_ref(ref)
-    where = tracking_uri or default_tracking_uri()
+    where = resolve(tracking_uri)
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as e:
@@ -286,7 +286,7 @@ def prune_versions(
     if missing := sorted(set(names) - {r["name"] for r in rows}):
         raise OnewordError(
             f"no concept named {', '.join(map(repr, missing))} in the registry at "
-            f"{tracking_uri or default_tracking_uri()}",
+            f"{resolve(tracking_uri)}",
             hint="list concepts with `oneword concepts list`",
         )
     _, client = tracking.client(tracking_uri)
@@ -323,17 +323,20 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     would set the alias after this.
 
     Args:
-        ref: `NAME/VERSION` of the version.
+        ref: `NAME/VERSION` of the version, or `NAME@alias` (`my-cat@candidate`: the version that alias names).
         alias: the alias to point at it.
         reason: why, recorded on the version.
         tracking_uri: the registry's MLflow tracking URI.
 
     Returns:
-        `{"name", "version", "alias", "before"}` (`before`: the version the alias named, or None).
+        `{"name", "version", "alias", "before", "token", "before_token"}`: `before` is the version the alias
+        named (None: none; the version itself: nothing was done), `before_token` that version's token (a
+        prompt that names it draws nothing of the new one where the two differ).
     """
-    name, _, version = parse_ref(ref)
-    if version is None:
-        raise OnewordError(f"promote takes NAME/VERSION, not {ref!r}", hint="e.g. my-cat/3 (`oneword concepts list`)")
+    if "/" not in ref and "@" not in ref:
+        raise OnewordError(f"promote takes NAME/VERSION or NAME@alias, not {ref!r}",
+                           hint="e.g. my-cat/3 or my-cat@candidate (`oneword concepts list`)")  # fmt: skip
+    name, _, _ = parse_ref(ref)
     mv = get_version(ref, tracking_uri)
     _, client = tracking.client(tracking_uri)
     if (client.get_registered_model(name).tags or {}).get(CONCEPT_TAG) != "true":
@@ -344,10 +347,17 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
             hint="wait for its register to finish (or to be marked abandoned), then promote",
         )
     before = (client.get_registered_model(mv.name).aliases or {}).get(alias)
+    before = None if before is None else str(before)
+    token = (mv.tags or {}).get("oneword.token")
+    answer = {"name": mv.name, "version": str(mv.version), "alias": alias, "before": before, "token": token,
+              "before_token": token}  # fmt: skip
+    if before == str(mv.version):  # a second promote (a retry, a script run twice) leaves the first one's record
+        return answer
+    if before is not None:
+        answer["before_token"] = (client.get_model_version(mv.name, before).tags or {}).get("oneword.token")
     client.set_registered_model_alias(mv.name, alias, mv.version)
     said = f"@{alias} by hand" + (f" (was version {before})" if before is not None else "") + (
         f": {reason}" if reason else ""
     )
     client.set_model_version_tag(mv.name, mv.version, PROMOTED_TAG, said[:4000])
-    before = None if before is None else str(before)
-    return {"name": mv.name, "version": str(mv.version), "alias": alias, "before": before}
+    return answer

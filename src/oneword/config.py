@@ -246,7 +246,7 @@ class TrackingConfig(BaseModel):
 
     tracking_uri: str = Field(
         "",
-        description="MLflow URI (empty: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+        description="MLflow URI, or a SQLite file's path (empty: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
     experiment: str = Field("oneword", description="MLflow experiment")
     # a catalogue retrained for months holds every candidate its gate ever judged; the newest version is what

@@ -23,6 +23,7 @@ from pathlib import Path
 from unittest.mock import patch  # the stdlib's scoped os.environ change
 
 from oneword.config import ConceptSpec, TrackingConfig
+from oneword.tracking import as_uri
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class LiveTracking:
     ) -> LiveTracking | None:
         """Live tracking to `tracking_uri`, else to `$MLFLOW_TRACKING_URI`; None when neither is set."""
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        return cls(uri, experiment, dict(tags or {})) if uri else None
+        return cls(as_uri(uri), experiment, dict(tags or {})) if uri else None
 
 
 @contextmanager

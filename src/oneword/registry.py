@@ -32,7 +32,7 @@ from oneword.errors import OnewordError
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, check_comparable, quality_gate
 from oneword.evaluation.protocol import result_key
 from oneword.profiles import DEFAULT_FAMILY, PROFILES, ModelProfile
-from oneword.tracking import default_tracking_uri
+from oneword.tracking import resolve
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def register(
     """
     train_dir = Path(train_dir)
     concept = _read_concept(train_dir, eval_dir, name, batch_id)
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve(tracking_uri)
     mlflow, client = _setup(uri)
     files = _artifact_files(train_dir, eval_dir, concept.name)
     exp_id = ensure_experiment(mlflow, experiment, uri)

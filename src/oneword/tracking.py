@@ -24,9 +24,38 @@ SQLITE_PREFIX = "sqlite:///"
 _ready: set[str] = set()  # stores this process has already made or checked
 
 
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # sqlite:, http(s):, postgresql:, databricks, file:, ...
+
+
 def default_tracking_uri() -> str:
     """`$MLFLOW_TRACKING_URI`, else a SQLite store `mlflow.db` in the working directory (made on first use)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE_PREFIX}{Path.cwd() / 'mlflow.db'}"
+    return as_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE_PREFIX}{Path.cwd() / 'mlflow.db'}")
+
+
+def resolve(tracking_uri: str | None) -> str:
+    """The store a command uses: `tracking_uri` as `as_uri` reads it, else `default_tracking_uri()`."""
+    return as_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+
+
+def as_uri(text: str) -> str:
+    """A tracking URI as given, or a SQLite database given as a path (`./mlflow.db`: `sqlite:///` + its absolute
+    path, which every step of a run reads the same wherever it starts).
+
+    MLflow reads any other path as a file store (a folder like `./mlruns`), which it keeps in maintenance mode
+    and oneword's registry does not use: refused, saying what to write.
+    """
+    if _SCHEME.match(text):
+        return text
+    path = Path(text).expanduser()
+    if path.suffix.lower() in SQLITE_SUFFIXES or path.is_file():
+        return f"{SQLITE_PREFIX}{path.resolve()}"
+    raise OnewordError(
+        f"tracking URI {text!r} is a path, which MLflow would read as a file store (a folder of runs, which "
+        "MLflow keeps in maintenance mode and oneword's registry does not use)",
+        hint=f"a local store is a SQLite file: --tracking-uri {text.rstrip('/')}.db (or sqlite:///PATH); "
+        "a server is http://HOST:5000",
+    )
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -37,7 +66,7 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 def existing_store(tracking_uri: str | None) -> str:
     """`tracking_uri` (else the default), refused where it names a SQLite file that is not there: a command that
     reads the registry must not make an empty store (a misspelt path, another folder) and answer from it."""
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve(tracking_uri)
     db = sqlite_path(uri)
     if db is not None and not db.exists():
         raise OnewordError(
@@ -66,7 +95,7 @@ def ensure_store(tracking_uri: str | None = None) -> str:
     Raises:
         OnewordError: if the SQLite store cannot be made or was left half-migrated by an older oneword.
     """
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve(tracking_uri)
     db = sqlite_path(uri)
     if db is None or uri in _ready:
         return uri

@@ -33,9 +33,9 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
         raise OnewordError(f"evaluation folder {run} not found", hint="pass folders written by `oneword evaluate`")
     import mlflow
 
-    from oneword.tracking import default_tracking_uri
+    from oneword.tracking import resolve
 
-    tracking_uri = tracking_uri or default_tracking_uri()
+    tracking_uri = resolve(tracking_uri)
 
     with tempfile.TemporaryDirectory() as d:
         try:

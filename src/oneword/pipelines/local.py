@@ -376,14 +376,14 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.batch import load_concepts_manifest, plan_concepts
     from oneword.pipelines.parameters import DEFAULTS, lookup_settings
     from oneword.preflight import preflight
-    from oneword.tracking import default_tracking_uri, sqlite_path
+    from oneword.tracking import resolve, sqlite_path
     from oneword.unchanged import result_keys, unchanged_versions
 
     check_settings(params, "batch")
     with log_level(logging.ERROR, "oneword.batch"):  # what it warns of, concept by concept, is the table's rows
         concepts = plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()),
                                  concepts_manifest)  # fmt: skip
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve(tracking_uri)
     store = sqlite_path(uri)
     registry = store is None or store.exists()  # no store yet: nothing registered, and asking would make one
     # what would stop the whole run at its preflight stops the dry run too, with the same words: not a table of

@@ -120,6 +120,12 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     pipe = build_pipeline(load_base_model(str(tiny_model_dir)))
     pipe.load_textual_inversion(str(diff))
     assert "<cat-r>" in pipe.tokenizer.get_added_vocab()
+    # once the alias has moved on, the card says the gate's alias was then, not now
+    client = mlflow.MlflowClient(mlflow_server)
+    client.set_registered_model_alias(name, "champion", "2")
+    main(["concepts", "show", f"{name}/3", "--tracking-uri", mlflow_server])
+    assert f"gate @champion when registered: {better.reason.split()[0]}" in " ".join(capsys.readouterr().out.split())
+    client.set_registered_model_alias(name, "champion", "3")
     # the command never replaces a file unasked (another concept's, under a shared default name)
     theirs = tmp_path / "theirs.pt"
     theirs.write_bytes(b"someone else's embedding")
@@ -843,18 +849,29 @@ def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(t
         catalogue.promote("cat-hand/1", tracking_uri=uri)
     client.set_model_version_tag("cat-hand", "3", "gate", "decided")
     done = catalogue.promote("cat-hand/1", reason="version 2 draws the ears wrong", tracking_uri=uri)
-    assert done == {"name": "cat-hand", "version": "1", "alias": "champion", "before": "2"}
+    assert done == {"name": "cat-hand", "version": "1", "alias": "champion", "before": "2", "token": "<h>",
+                    "before_token": "<h>"}
     assert str(catalogue.get_version("cat-hand@champion", uri).version) == "1"
     tag = client.get_model_version("cat-hand", "1").tags[catalogue.PROMOTED_TAG]
     assert tag == "@champion by hand (was version 2): version 2 draws the ears wrong"
     for ref, said in (("cat-hand/9", r"no version 9 \(versions 3, 2, 1; aliases: @champion\)"),
-                      ("cat-hand", "takes NAME/VERSION"),
+                      ("cat-hand", "takes NAME/VERSION or NAME@alias"),
                       ("other-team/1", "not a oneword concept")):  # fmt: skip
         with pytest.raises(OnewordError, match=said):
             catalogue.promote(ref, tracking_uri=uri)
     main(["concepts", "promote", "cat-hand/2", "--alias", "stable", "--tracking-uri", uri])
     assert "cat-hand@stable -> version 2" in capsys.readouterr().out
     assert str(catalogue.get_version("cat-hand@stable", uri).version) == "2"
+    # a second promote of the holder changes nothing, not even its record; NAME@alias names the version to move
+    main(["concepts", "promote", "cat-hand@champion", "--tracking-uri", uri])
+    assert "cat-hand@champion is version 1 already: nothing changed" in capsys.readouterr().out
+    assert client.get_model_version("cat-hand", "1").tags[catalogue.PROMOTED_TAG] == tag
+    client.set_model_version_tag("cat-hand", "3", "oneword.token", "S*")  # retrained under another word
+    client.set_registered_model_alias("cat-hand", "candidate", "3")
+    main(["concepts", "promote", "cat-hand@candidate", "--tracking-uri", uri])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "cat-hand@champion -> version 3 (was version 1)" in said, said
+    assert "its token is S*, version 1's was <h>: prompts that name <h> must name S* now" in said, said
 
 
 def test_an_evaluation_against_other_images_is_not_registered(evaluated_concept, tmp_path):

@@ -157,7 +157,9 @@ def concept_card(info: dict):
                  if params.get("eval.n_images") else "",
                  f"checkpoint of step {tags['chosen_step']}" if tags.get("chosen_step") else ""]  # fmt: skip
     grid.add_row("evaluated", escape(", ".join(x for x in evaluated if x) or "-"))
-    gave = f"@{tags[GATE_ALIAS_TAG]}: " if tags.get(GATE_ALIAS_TAG) else ""  # none on versions before it was kept
+    gave = tags.get(GATE_ALIAS_TAG, "")  # none on versions before it was kept
+    if gave:  # a version demoted or promoted since holds another alias now: what the gate gave was then
+        gave = f"@{gave}" + ("" if gave in info["aliases"] else " when registered") + ": "
     grid.add_row("gate", escape(gave + tags.get("gate", "-")))
     if tags.get(PROMOTED_TAG):
         grid.add_row("promoted", escape(tags[PROMOTED_TAG]))
@@ -221,7 +223,7 @@ def pull_cmd(
 
 @concepts.command("promote")
 def promote_cmd(
-    ref: Annotated[str, typer.Argument(help="NAME/VERSION")],
+    ref: Annotated[str, typer.Argument(help="NAME/VERSION, or NAME@alias (the version that alias names)")],
     alias: Annotated[str, typer.Option(help="the alias to point at it")] = "champion",
     reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "",
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
@@ -231,15 +233,24 @@ def promote_cmd(
     \b
     Example:
       oneword concepts promote my-cat/3 --reason "v4 draws the ears wrong"
+      oneword concepts promote my-cat@candidate
     """
-    from rich import print as rprint
+    from rich.console import Console
     from rich.markup import escape
 
     from oneword.catalogue import promote
 
     done = promote(ref, alias, reason, existing_store(tracking_uri))
+    console, held = Console(highlight=False, soft_wrap=True), f"{escape(done['name'])}@{escape(alias)}"
+    if done["before"] == done["version"]:
+        console.print(f"{held} is version {done['version']} already: nothing changed")
+        return
     was = f" (was version {done['before']})" if done["before"] is not None else ""
-    rprint(f"[green]{escape(done['name'])}@{escape(alias)}[/] -> version {done['version']}{was}")
+    console.print(f"[green]{held}[/] -> version {done['version']}{was}")
+    if done["before_token"] != done["token"]:
+        console.print(f"[yellow]note[/]: its token is {escape(str(done['token']))}, version {done['before']}'s was "
+                      f"{escape(str(done['before_token']))}: prompts that name {escape(str(done['before_token']))} "
+                      f"must name {escape(str(done['token']))} now")  # fmt: skip
 
 
 @concepts.command("prune")

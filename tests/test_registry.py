@@ -126,6 +126,14 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     main(["concepts", "show", f"{name}/3", "--tracking-uri", mlflow_server])
     assert f"gate @champion when registered: {better.reason.split()[0]}" in " ".join(capsys.readouterr().out.split())
     client.set_registered_model_alias(name, "champion", "3")
+    # compare reads registered versions by reference, labelled by the version each names
+    main(["compare", f"{name}/2", f"{name}@champion", "--tracking-uri", mlflow_server, "-o", str(tmp_path / "v.png")])
+    rows = json.loads((tmp_path / "v.json").read_text())
+    assert [r["run"] for r in rows] == [f"{name}/2", f"{name}/3"] and rows[1]["reconstruction"] == pytest.approx(0.6)
+    with pytest.raises(SystemExit):
+        main(["compare", f"{name}-x", "--tracking-uri", mlflow_server, "-o", str(tmp_path / "x.png")])
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"error: {name}-x is no evaluation folder here, nor a registered concept: concept '{name}-x' not" in said
     # the command never replaces a file unasked (another concept's, under a shared default name)
     theirs = tmp_path / "theirs.pt"
     theirs.write_bytes(b"someone else's embedding")

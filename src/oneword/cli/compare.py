@@ -18,7 +18,9 @@ def compare_cmd(
     runs: Annotated[
         list[str],
         typer.Argument(
-            metavar="RUN", help="evaluation folders (with metrics.json), or MLflow run ids with --tracking-uri"
+            metavar="RUN",
+            help="evaluation folders (with metrics.json), or with --tracking-uri MLflow run ids or registered "
+            "concepts (NAME, NAME/3, NAME@alias)",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("compare.png"),
@@ -32,6 +34,7 @@ def compare_cmd(
     \b
     Example:
       oneword compare runs/lr-low/eval runs/lr-high/eval -o lr.png
+      oneword compare my-cat/3 my-cat@champion -o my-cat.png
     """
     from rich import box
     from rich import print as rprint

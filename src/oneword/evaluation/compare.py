@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
-    """Read `metrics.json` from an evaluation folder, or from an MLflow run's artifacts.
+    """Read `metrics.json` from an evaluation folder, from an MLflow run's artifacts, or from the run that
+    registered a concept version (`NAME`, `NAME/3`, `NAME@alias`).
 
     Returns:
         (default label, metrics).
@@ -29,13 +30,14 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
         if not f.exists():
             raise OnewordError(f"{f} not found", hint="pass folders written by `oneword evaluate`")
         return p.name if p.name not in ("eval", "evaluation") else p.parent.name, json.loads(f.read_text())
-    if not re.fullmatch(r"[0-9a-f]{32}", run):  # not an MLflow run id either: a folder that is not there
-        raise OnewordError(f"evaluation folder {run} not found", hint="pass folders written by `oneword evaluate`")
     import mlflow
 
     from oneword.tracking import resolve
 
     tracking_uri = resolve(tracking_uri)
+    label = run[:8]
+    if not re.fullmatch(r"[0-9a-f]{32}", run):  # not an MLflow run id: a registered concept, or a folder not there
+        run, label = _registered_run(run, tracking_uri)
 
     with tempfile.TemporaryDirectory() as d:
         try:
@@ -44,7 +46,27 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
             )
         except Exception as e:  # mlflow raises several types for a missing run or artifact
             raise OnewordError(f"could not read evaluation metrics of MLflow run {run!r}: {e}") from e
-        return run[:8], json.loads(Path(local).read_text())
+        return label, json.loads(Path(local).read_text())
+
+
+def _registered_run(ref: str, tracking_uri: str) -> tuple[str, str]:
+    """The run id and label (`NAME/VERSION`) of concept reference `ref`; refused, naming both readings of it,
+    where it is neither a concept there nor an evaluation folder here."""
+    from oneword.catalogue import get_version
+    from oneword.tracking import sqlite_path
+
+    store = sqlite_path(tracking_uri)
+    try:
+        if store is not None and not store.exists():  # asking would make an empty store
+            raise OnewordError(f"no MLflow store at {store}")
+        mv = get_version(ref, tracking_uri)
+    except OnewordError as e:
+        raise OnewordError(
+            f"{ref} is no evaluation folder here, nor a registered concept: {e.message}",
+            hint="pass folders written by `oneword evaluate`, MLflow run ids, or concepts as NAME, NAME/3 or "
+            "NAME@alias with --tracking-uri",
+        ) from e
+    return mv.run_id, f"{mv.name}/{mv.version}"
 
 
 def _distinct(defaults: list[str], runs: Sequence[str], metrics: list[dict]) -> list[str]:

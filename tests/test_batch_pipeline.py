@@ -69,8 +69,17 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     console = Console(width=80, record=True)
     assert print_batch_report(report, console) == 1  # `oneword batch` exits 1: a concept failed
     text = console.export_text()
-    table = [line for line in text.splitlines() if not line.lstrip().startswith(("run_dir", "tracking_uri"))]
+    paths = ("run_dir", "tracking_uri", "overview")  # printed whole, to copy
+    table = [line for line in text.splitlines() if not line.lstrip().startswith(paths)]
     assert "bad-q" in text and "preprocess" in text and max(len(line) for line in table) <= 80
+    # each version's scores in the table, as the registry holds them; the overview page, where the terminal says
+    cat = status["cat-q"]
+    assert 0 < cat["reconstruction"] <= 1 and f"{cat['reconstruction']:.2f}" in text.split("cat-q", 1)[1].split()[:5]
+    page = report["overview"]
+    assert page.endswith("overview.html") and f"overview      {page}" in text
+    html = Path(page).read_text()
+    assert html.count("data:image/") == 2 and "already in the vocabulary" in html  # the two grids; why dog-word failed
+    assert '<a href="#v-cat-q-1">cat-q</a>' in html and 'id="v-cat-q-1"' in html
     names = {r["name"] for r in catalogue.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
     # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train;
@@ -149,7 +158,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     print_batch_report(third, console)
     text = console.export_text()
     assert "still holding an alias: dog-q (champion v1)" in " ".join(text.split())
-    table = [line for line in text.splitlines() if not line.lstrip().startswith(("run_dir", "tracking_uri"))]
+    paths = ("run_dir", "tracking_uri", "overview")  # printed whole, to copy
+    table = [line for line in text.splitlines() if not line.lstrip().startswith(paths)]
     assert max(len(line) for line in table) <= 80
     # a run of one of the manifest's concepts (`oneword batch --only-concepts`): it plans that one alone, and is
     # no night of the manifest: the concepts it leaves out did not leave the manifest

@@ -213,7 +213,8 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
 
     from oneword.cli.run import print_batch_report
 
-    ok = {"name": "cat-q", "status": "registered", "version": "3", "alias": "champion"}
+    ok = {"name": "cat-q", "status": "registered", "version": "3", "alias": "champion", "reconstruction": 0.613,
+          "editability": 0.2}  # fmt: skip
     bad = {
         "name": "a-very-long-concept-name-from-a-manifest",
         "status": "failed",
@@ -228,6 +229,7 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     # rich crops what does not fit an 80-column line: every word of the error must still be there, folded
     assert set(bad["error"].split()) <= set(text.split())
     assert "champion" in text and "a-very-long" in text and "1 registered, 0 unchanged, 1 failed" in text
+    assert "cat-q registered 3 0.61 0.20 champion" in " ".join(text.split()), text  # its scores, as `concepts list`
     # a new version that is no champion says why; a champion's own reason is left out as expected
     gate = "editability 0.2100 < threshold 0.2500"
     candidate = {"name": "dog-q", "status": "registered", "version": "2", "alias": "candidate", "gate": gate}

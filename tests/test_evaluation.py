@@ -444,14 +444,14 @@ def test_the_editability_error_is_over_seeds_with_the_prompts_held_fixed():
 def test_a_grid_of_large_samples_is_kept_within_what_viewers_open(tmp_path):
     from PIL import Image
 
-    from oneword.evaluation.report import EMBED_WIDTH, _img_tag
+    from oneword.evaluation.report import EMBED_WIDTH, img_tag
     from oneword.generate import make_grid
 
     big = [[Image.new("RGB", (1024, 1024), (i * 40, 0, 0)) for i in range(8)] for _ in range(3)]
     grid = make_grid(big, ["a", "b", "c"], label_width=200, max_cell=512)
     assert grid.size == (200 + 8 * 512, 3 * 512)  # SDXL's samples halved in the grid
     grid.save(tmp_path / "grid.png")
-    tag = _img_tag(tmp_path / "grid.png", "sample grid")
+    tag = img_tag(tmp_path / "grid.png", "sample grid")
     assert "data:image/jpeg" in tag and "pixelated" not in tag  # shrunk to the page's double width, smooth
     import base64
     import io
@@ -460,7 +460,7 @@ def test_a_grid_of_large_samples_is_kept_within_what_viewers_open(tmp_path):
     assert embedded.width == EMBED_WIDTH
     small = make_grid([[Image.new("RGB", (32, 32))] * 4], max_cell=512)
     small.save(tmp_path / "small.png")
-    assert "data:image/png" in (t := _img_tag(tmp_path / "small.png", "toy")) and "pixelated" in t
+    assert "data:image/png" in (t := img_tag(tmp_path / "small.png", "toy")) and "pixelated" in t
 
 
 def test_checkpoints_before_every_vector_trained_are_never_candidates():

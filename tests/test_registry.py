@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import torch
 
-from oneword import batch_records, catalogue, registry
+from oneword import batch_records, catalogue, registry, tracking
 from oneword import embeddings as E
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import GateThresholds
@@ -934,3 +934,23 @@ def test_registry_queries_do_not_load_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_overview_page_is_written_whatever_the_registry_answers(tmp_path, monkeypatch):
+    """The exit handler writes it: a grid that cannot be read is said in its place, never a failed report."""
+    from oneword import batch_overview
+
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ok = {"name": "cat <x>", "token": "<x>", "status": "registered", "version": "2", "alias": "candidate",
+          "gate": "reconstruction 0.41 < 0.50", "reconstruction": 0.41, "editability": 0.3, "run_id": "f" * 32}
+    bad = {"name": "dog", "token": "<d>", "status": "failed", "version": None, "stage": "train", "error": "CUDA OOM"}
+    report = {"batch_id": "b-9", "registered": 1, "failed": 1, "concepts": [ok, bad],
+              "left": [{"name": "old", "aliases": {"champion": "3"}}]}  # fmt: skip
+    page = batch_overview.overview_page(report, tmp_path / "o.html", uri, "FAILED").read_text()
+    assert "1 registered, 0 unchanged, 1 failed, 0 deferred; the run ended FAILED" in page
+    assert "cat &lt;x&gt;/2 @candidate" in page and "its sample grid could not be read" in page
+    assert "reconstruction 0.41 &lt; 0.50" in page and "train: CUDA OOM" in page and "old: @champion v3" in page
+    monkeypatch.setattr(batch_overview, "MAX_PICTURES", 0)
+    page = batch_overview.overview_page(report, tmp_path / "o.html", "https://mlflow.example/").read_text()
+    assert "1 more concept registered" in page and "could not be read" not in page
+    assert 'href="https://mlflow.example/#/models/cat%20%3Cx%3E/versions/2"' in page

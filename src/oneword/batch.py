@@ -349,7 +349,8 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
 
     Returns:
         `{"batch_id", "registered": n, "unchanged": n, "failed": n, "deferred": n, "concepts": [{token, name,
-        status, version, alias, stage, error}]}`; status is registered (a new version), unchanged (registered
+        status, version, alias, stage, error}]}` (a version's also its `reconstruction`, `editability` and the
+        `run_id` that registered it); status is registered (a new version), unchanged (registered
         before from the same training and evaluation: that version; `rejudged` says what the gate said of its
         scores where only the gate changed; a new version's `gate`, why its alias), failed, or deferred (it
         changed, and the plan left it to the manifest's next runs: `this_run_takes`). A concept with neither a
@@ -377,6 +378,9 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "status": status,
                     "version": r["version"],
                     "alias": ",".join(r["aliases"]),
+                    "reconstruction": r.get("reconstruction"),
+                    "editability": r.get("editability"),
+                    "run_id": r.get("run_id"),
                     **({"rejudged": r["rejudged"]} if r.get("rejudged") else {}),
                     **({"gate": r["gate"]} if status == "registered" and r.get("gate") else {}),
                 }

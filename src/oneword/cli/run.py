@@ -278,7 +278,9 @@ def print_batch_report(report: dict, console) -> int:
     longest = max((len(c["name"]) for c in report["concepts"]), default=7)
     t.add_column("concept", overflow="fold", min_width=min(longest, 24))  # a name breaks only past 24 characters
     t.add_column("status")
-    t.add_column("version")
+    t.add_column("ver", justify="right", no_wrap=True)
+    t.add_column("recon", justify="right", no_wrap=True)  # as `concepts list` shows them
+    t.add_column("edit", justify="right", no_wrap=True)
     t.add_column("alias / why", overflow="fold", ratio=1, min_width=20)  # the error takes what the names leave
     for c in report["concepts"]:
         if c["status"] in ("registered", "unchanged"):
@@ -286,12 +288,13 @@ def print_batch_report(report: dict, console) -> int:
             # why a new version is no champion (the champion's own reason is what was expected)
             why = c.get("rejudged") or ("" if "champion" in c["alias"].split(",") else c.get("gate") or "")
             said = "; ".join(x for x in (c["alias"], escape(why)) if x)
-            t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], said)
+            t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], _score2(c.get("reconstruction")),
+                      _score2(c.get("editability")), said)  # fmt: skip
         elif c["status"] == "deferred":  # a cluster run's: kfp.local takes no limit
-            t.add_row(escape(c["name"]), "[yellow]deferred[/]", "", escape(c.get("error") or ""))
+            t.add_row(escape(c["name"]), "[yellow]deferred[/]", "", "", "", escape(c.get("error") or ""))
         else:
             why = f"{c.get('stage')}: {c.get('error')}"
-            t.add_row(escape(c["name"]), "[red]failed[/]", "", escape(why))
+            t.add_row(escape(c["name"]), "[red]failed[/]", "", "", "", escape(why))
     console.print(t)
     console.print(
         f"{report['registered']} registered, {report.get('unchanged', 0)} unchanged, {report['failed']} failed"
@@ -308,10 +311,14 @@ def print_batch_report(report: dict, console) -> int:
     if report.get("left_error"):  # not "none left": it could not be told
         console.print(f"[yellow]could not tell which concepts left the manifest[/]: {escape(report['left_error'])}",
                       highlight=False)  # fmt: skip
-    for k in ("logs", "run_dir", "tracking_uri"):
+    for k in ("overview", "logs", "run_dir", "tracking_uri"):
         if report.get(k):
             console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     return 1 if report["failed"] else 0
+
+
+def _score2(value) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
 
 
 def photo_lines(manifest: dict) -> list[str]:

@@ -93,19 +93,25 @@ def scatter(series: Sequence[dict], out: Path, title: str = "distortion vs edita
 
 PAGE_WIDTH = 1100  # px, the page's max-width
 EMBED_WIDTH = 2 * PAGE_WIDTH  # sharp on a high-density screen; wider pictures are embedded shrunk, as JPEG
+PAGE_STYLE = (
+    f"body{{font-family:sans-serif;max-width:{PAGE_WIDTH}px;margin:auto}}td,th{{padding:2px 8px;text-align:left}}"
+    "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}pre{white-space:pre-wrap;overflow-wrap:anywhere}"
+)
 
 
-def _img_tag(path: Path, alt: str) -> str:
+def img_tag(path: Path, alt: str, width: int = EMBED_WIDTH, quality: int = 90) -> str:
+    """An `<img>` of the picture at `path`, embedded (the page is one file), shrunk to `width` px as JPEG where
+    wider."""
     from PIL import Image
 
     with Image.open(path) as im:
-        if im.width <= EMBED_WIDTH:
+        if im.width <= width:
             data, kind = path.read_bytes(), "png"
         else:  # a grid of large samples: tens of MB as base64 PNG, too heavy for the KFP and MLflow viewers
-            f = EMBED_WIDTH / im.width
-            small = im.convert("RGB").resize((EMBED_WIDTH, round(im.height * f)), Image.Resampling.LANCZOS)
+            f = width / im.width
+            small = im.convert("RGB").resize((width, round(im.height * f)), Image.Resampling.LANCZOS)
             buf = io.BytesIO()
-            small.save(buf, "JPEG", quality=90)
+            small.save(buf, "JPEG", quality=quality)
             data, kind = buf.getvalue(), "jpeg"
         # small pictures (the toy world's 32 px samples) are shown twice their size, pixelated to stay crisp;
         # larger ones at most page-wide, smoothly (pixelated, shrunk photos look jagged)
@@ -162,15 +168,11 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
     sampler = metrics.get("sampler", {})
     name, fp = html.escape(str(ev.get("name"))), html.escape(str(ev.get("fingerprint", ""))[:19])
     evaluator = f"<code>{name}</code> <code>{fp}…</code>"
-    style = (
-        f"body{{font-family:sans-serif;max-width:{PAGE_WIDTH}px;margin:auto}}td,th{{padding:2px 8px;text-align:left}}"
-        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}pre{white-space:pre-wrap;overflow-wrap:anywhere}"
-    )
     header = "<tr><th>prompt</th><th>text target</th><th>editability</th><th>prompt only</th></tr>"
     doc = "\n".join(
         [
             f'<!doctype html><html><head><meta charset="utf-8"><title>oneword evaluation: {token}</title>',
-            f"<style>{style}</style></head><body>",
+            f"<style>{PAGE_STYLE}</style></head><body>",
             f"<h1>{token}</h1>",
             f"<p>step {metrics.get('step')} ({sel}); evaluator {evaluator};",
             f"{metrics.get('n_images')} images per prompt,",
@@ -178,8 +180,8 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
             f"<table>{head_rows}</table>",
             _reference_note(metrics.get("reference_images")),
             f"<p>DreamBench numbers are comparable to {html.escape(db['comparable_to'])}.</p>" if db else "",
-            f"<h2>Samples (rows: prompts, columns: seeds)</h2>{_img_tag(grid, 'sample grid')}",
-            f"<h2>Distortion vs editability</h2>{_img_tag(scatter_png, 'scatter')}",
+            f"<h2>Samples (rows: prompts, columns: seeds)</h2>{img_tag(grid, 'sample grid')}",
+            f"<h2>Distortion vs editability</h2>{img_tag(scatter_png, 'scatter')}",
             f"<h2>Per prompt</h2><table>{header}{rows}</table>",
             f"<h2>All metrics</h2><pre>{html.escape(json.dumps(metrics, indent=2))}</pre>",
             "</body></html>",

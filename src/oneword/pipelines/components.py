@@ -618,14 +618,17 @@ def plan_batch(
         batch_id: the batch's id (the pipeline run's).
         status: the batch's final status.
         summary: JSON per-concept status.
+        overview: every concept on one page: status, alias and why, scores, sample grid (shown in the KFP UI).
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment.
     """)
 def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact],
-                 tracking_uri: str = "", experiment: str = "oneword"):
+                 overview: Output[HTML], tracking_uri: str = "", experiment: str = "oneword"):
     import json
+    from pathlib import Path
 
     from oneword.batch import final_report
+    from oneword.batch_overview import overview_page
     from oneword.batch_records import batch_plan, previous_plan
 
     uri = tracking_uri or None
@@ -633,6 +636,10 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
                           lambda: previous_plan(uri, batch_id, experiment))
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
+    try:
+        overview_page(report, Path(overview.path), uri, status.state)
+    except Exception as e:  # the summary is what alerts read: a page that could not be made does not fail the run
+        Path(overview.path).write_text(f"<p>the overview could not be made: {type(e).__name__}: {e}</p>")
     # an alert on `failed` alone would miss a night whose report could not be made: `error` says so
     counts = {k: report.get(k, 0) for k in ("registered", "unchanged", "failed", "deferred")}
     summary.metadata.update(counts | {"error": report.get("error", ""), "left": len(report.get("left", [])),

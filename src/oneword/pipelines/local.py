@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -329,7 +330,8 @@ def run_batch(
     log_file: Path | None = None,
     **params,
 ) -> dict:
-    """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report."""
+    """Run the `batch_personalisation` pipeline locally; returns the batch's per-concept report, with `overview`:
+    the path of its overview page (`oneword.batch_overview`), where report-batch wrote one."""
     import kfp.local
 
     from oneword.batch import load_concepts_manifest, plan_concepts
@@ -359,6 +361,9 @@ def run_batch(
     summaries = sorted(run_dir.rglob("report-batch/summary")) if run_dir else []
     report = json.loads(summaries[0].read_text()) if summaries else {}
     report.update({"run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start})
+    pages = sorted(run_dir.rglob("report-batch/overview")) if run_dir else []
+    if pages:  # KFP names the artifact's file as its output; a browser opens it by its suffix
+        report["overview"] = str(shutil.copyfile(pages[0], run_dir / "overview.html"))
     return report
 
 

@@ -848,3 +848,37 @@ def test_a_batchs_progress_lines_name_the_concepts_of_each_shard():
     lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
     assert lines == ["plan-batch done", "train done  (my-star)", "train done  (my-ring, my-tri)", "evaluate failure",
                      "report-batch done", "exit done"], lines  # fmt: skip
+
+
+def test_a_long_training_says_its_step_speed_and_time_left_now_and_then(monkeypatch):
+    """Between "cache-latents done" and "train done" (an hour, on a GPU) the terminal said nothing: every step
+    was in the log file only. A line a minute from each training's own output, as kfp.local streams it."""
+    import io
+    import time
+
+    from oneword.pipelines import local
+
+    out, clock = io.StringIO(), [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    progress = local._TaskProgress(out)
+    star, ring = progress.task(), progress.task()  # two shards' trainings, their lines interleaved
+    kfp = "[KFP Executor 2026-11-29 03:38:36,231 INFO]: "
+    star(kfp + "training 1 concepts together (<my-star>) for 3000 steps, batch 4 x 1, on cuda; checkpoints in /c\n")
+    ring(kfp + "training <my-ring> (init 'ring', 1 vector(s)) for 3000 steps at lr 0.005 on cuda\n")
+    ring(kfp + "resumed from /c/step-1000 (step 1000)\n")
+    for step in range(100, 3001, 100):  # 10 steps/s
+        clock[0] += 10
+        star(kfp + f"step {step}/3000: loss 0.1000, embedding norm 0.4000\n")
+        ring(f"{kfp}step {step + 1000}/3000: loss 0.1000, embedding norm 0.4000\n" if step <= 2000 else "x\n")
+    ring(kfp + "early end at step 2400 of 3000: the vectors moved 0.001 of their norm over the last 200 steps\n")
+    lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines[0] == "train resumed at step 1000  (<my-ring>)", lines
+    star_said = [x for x in lines if "my-star" in x]
+    # one a minute, the first a minute after the training began; none at its last step ("train done" says it)
+    assert star_said[0] == "train at step 600/3000, 10 steps/s, 4 min left  (<my-star>)", star_said
+    assert len(star_said) == 4 and "step 3000/" not in " ".join(star_said), star_said
+    assert lines[-1] == "train ended early at step 2400 of 3000  (<my-ring>)"
+    assert all(len(x) <= 80 for x in out.getvalue().splitlines())
+    progress.stopped.set()  # after Ctrl-C: nothing more
+    star(kfp + "resumed from /c/step-1000 (step 1000)\n")
+    assert len(out.getvalue().splitlines()) == len(lines)

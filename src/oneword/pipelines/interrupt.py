@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 GRACE_S = 10.0  # for a task to end on SIGINT (a register puts back an alias it moved) before it is killed
 STOPPED_RC = 128 + signal.SIGINT  # what a task that was never started reports: a shell's status for SIGINT
@@ -32,9 +32,10 @@ class _Tasks:
     sees the stop after it is listed, and signals itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop: threading.Event | None = None, watch: Callable[[], Callable[[str], None]] | None = None):
         self.running: set[subprocess.Popen] = set()
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
+        self.watch = watch  # gives each task a reader of its output lines (the terminal's progress)
 
     def run(self, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         """Run one task as kfp.local does (its output, line by line, to this process's stdout), unless the run
@@ -57,9 +58,12 @@ class _Tasks:
             if self.stop.is_set():  # it started as the run stopped: the signal to the others missed it
                 _signal_group(proc, signal.SIGINT)
             out = sys.stdout  # the run's log file: a task stopping after the run's end must not write on the terminal
+            seen = self.watch() if self.watch else None
             with proc:
                 for line in proc.stdout:
                     _write(out, line)
+                    if seen:
+                        seen(line)
                 _write(out, "\n\n")  # kfp.local's separator after a task's logs
                 return proc.wait()
         finally:
@@ -93,16 +97,20 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
 
 
 @contextlib.contextmanager
-def stopping() -> Iterator[threading.Event]:
+def stopping(
+    stop: threading.Event | None = None, watch: Callable[[], Callable[[str], None]] | None = None
+) -> Iterator[threading.Event]:
     """Around a kfp.local pipeline call: on SIGINT (or SIGTERM, SIGHUP) no task starts any more and the running
     ones are stopped; KeyboardInterrupt (SystemExit(128 + the signal)) is raised, and comes out once the
-    pipeline's threads have wound up. Yields the event set at the stop.
+    pipeline's threads have wound up. Yields the event set at the stop (`stop`, where given).
+
+    `watch`, where given, makes for each task a callable that reads its output, line by line.
 
     Only the main thread can take signals: elsewhere (a test's thread) the tasks run as kfp.local runs them.
     """
     from kfp.local import subprocess_task_handler
 
-    tasks = _Tasks()
+    tasks = _Tasks(stop, watch)
     original = getattr(subprocess_task_handler, "run_local_subprocess", None)
     # a signal ignored stays so: a shell's background job (`&`, nohup) ignores Ctrl-C. SIGHUP (the terminal
     # closed) no longer reaches the tasks, each in a group of its own: it stops them here.

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from oneword.batch import UNCHANGED_SUFFIX
@@ -111,6 +111,12 @@ class _TaskProgress(logging.Filter):
     OUTPUTS = re.compile(r"^Task '([^']+)' (?:outputs:|has no outputs)")
     SHARD = re.compile(r"for-loop-\d+-iteration-(\d+)")
     PLAN = "plan-batch"
+    # what a training logs (`oneword.train`, `oneword.inversion`), read from its task's output
+    TRAINING = re.compile(r"\]: training (?:\d+ concepts together \((?P<tokens>.*?)\)|(?P<token>\S+) \(init)")
+    STEP = re.compile(r"\]: step (\d+)/(\d+): loss")
+    RESUMED = re.compile(r"\]: resumed from .* \(step (\d+)\)")
+    EARLY = re.compile(r"\]: early end at step (\d+) of (\d+)")
+    EVERY_S = 60.0  # between a training's progress lines: an hour's run says where it is, not every step
 
     def __init__(self, out, stopped: threading.Event | None = None) -> None:
         super().__init__()
@@ -118,6 +124,33 @@ class _TaskProgress(logging.Filter):
         self.stopped = stopped or threading.Event()  # set on Ctrl-C: the tasks that fail after it are not news
         self.held: dict[int | None, tuple[str, str, float]] = {}  # thread -> a finished task awaiting its outputs
         self.shards: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def task(self) -> Callable[[str], None]:
+        """A reader of one task's output lines (`interrupt.stopping`'s watch): while it trains, a line now and
+        then with its step, speed and time left; and a line where it resumed from a checkpoint or ended early.
+        The steps' log has every step; the terminal said nothing between "cache-latents done" and "train done"."""
+        seen: dict = {"tokens": "", "first": None, "said": time.monotonic()}
+
+        def read(line: str) -> None:
+            if found := self.TRAINING.search(line):
+                seen["tokens"] = found["tokens"] or found["token"]
+            elif found := self.RESUMED.search(line):
+                self._say("train", f"resumed at step {found[1]}", time.time() - self.start, seen["tokens"])
+            elif found := self.EARLY.search(line):
+                self._say("train", f"ended early at step {found[1]} of {found[2]}", time.time() - self.start,
+                          seen["tokens"])  # fmt: skip
+            elif found := self.STEP.search(line):
+                step, steps, now = int(found[1]), int(found[2]), time.monotonic()
+                first = seen["first"] = seen["first"] or (step, now)
+                if now - seen["said"] < self.EVERY_S or step == steps or now <= first[1]:
+                    return
+                seen["said"], rate = now, (step - first[0]) / (now - first[1])
+                left = f", {_duration((steps - step) / rate)} left" if rate > 0 else ""
+                self._say("train", f"at step {step}/{steps}, {rate:.3g} steps/s{left}", time.time() - self.start,
+                          seen["tokens"])  # fmt: skip
+
+        return read
 
     def filter(self, record: logging.LogRecord) -> bool:
         said = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # kfp.local colours its names for a terminal
@@ -144,10 +177,21 @@ class _TaskProgress(logging.Filter):
     def _say(self, task: str, mark: str, seconds: float, concepts: str) -> None:
         if self.stopped.is_set():
             return
-        if len(concepts) > 40:  # the line stays within 80 columns
-            concepts = concepts[:39] + "…"
-        print(f"  {seconds:5.0f} s  {task} {mark}" + (f"  ({concepts})" if concepts else ""), file=self.out,
-              flush=True)  # fmt: skip
+        room = 80 - len(f"  {seconds:5.0f} s  {task} {mark}  ()")  # the line stays within 80 columns
+        if len(concepts) > room:
+            concepts = concepts[: max(room - 1, 8)] + "…"
+        with self.lock:  # tasks' threads say theirs at once
+            print(f"  {seconds:5.0f} s  {task} {mark}" + (f"  ({concepts})" if concepts else ""), file=self.out,
+                  flush=True)  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    """About how long, for a person: "40 s", "12 min", "2 h 05 min"."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:02.0f} min"
 
 
 def _shard_names(outputs: str) -> list[list[str]]:
@@ -169,19 +213,20 @@ def _task_logs(log_file: Path | None) -> Iterator[None]:
     """Send kfp.local's streamed task logs to `log_file` (None: the terminal), and say on the terminal, a line
     each, which tasks finished; mark the tasks as local ones. Ctrl-C stops the run within seconds
     (`interrupt.stopping`) and raises KeyboardInterrupt."""
-    with warnings.catch_warnings(), _marked_local(), stopping() as stopped:
+    progress = _TaskProgress(sys.stdout) if log_file else None  # the terminal, before the logs take stdout
+    watch = progress.task if progress else None  # without a log file, the tasks' own output is on the terminal
+    with warnings.catch_warnings(), _marked_local(), stopping(progress.stopped if progress else None, watch):
         # kfp warns that the oneword image is "custom"; locally the steps run in this very environment
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # and that the cluster settings (requests, limits, GPUs) do nothing here, which is the point of them
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        if log_file is None:
+        if log_file is None or progress is None:
             yield
             return
         log_file.parent.mkdir(parents=True, exist_ok=True)
         print(f"kfp.local runs the steps here; their logs: {log_file}", flush=True)
         root = logging.getLogger()
         before = list(root.handlers)
-        progress = _TaskProgress(sys.stdout, stopped)
         with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             try:
                 root.addFilter(progress)  # a filter, not a handler: kfp.local replaces the root logger's handlers

@@ -104,3 +104,29 @@ def test_a_run_takes_the_changed_concepts_first_then_those_that_waited_longest()
     untold = [{"name": "u"}, *todo]
     now, later = this_run_takes(untold, 4, {"u": 5})
     assert names(now) == ["a", "b", "c", "d"] and later == {"u": 6}
+
+
+def test_every_problem_of_a_manifest_is_told_at_once(tmp_path):
+    """A manifest of many concepts with three mistakes was refused three times over, a mistake each."""
+    from oneword.batch import load_concepts_manifest
+
+    manifest = tmp_path / "concepts.yaml"
+    manifest.write_text(
+        "concepts:\n"
+        "  - {images: a, token: '<a>', init_word: cat}\n"
+        "  - {images: b, token: '<b>', init_wrod: dog}\n"
+        "  - just a string\n"
+        "  - {images: c, token: '<a>', init_word: cat}\n"
+        "  - {images: d, token: '<D>', init_word: dog}\n"
+        "  - {images: e, token: '<d>', init_word: dog}\n"
+    )
+    with pytest.raises(OnewordError) as e:
+        load_concepts_manifest(str(manifest))
+    lines = e.value.message.splitlines()
+    assert lines[0] == f"4 problems in concepts manifest {manifest}:", lines
+    assert "#2 (<b>)" in lines[1] and "'init_wrod' (did you mean 'init_word'?)" in lines[1]
+    assert "#3" in lines[2] and "not a mapping of fields" in lines[2]
+    assert "concepts #1 and #4" in lines[3] and "share the token '<a>'" in lines[3]
+    assert "#5 and #6" in lines[4] and "cannot be told apart" in lines[4] and len(lines) == 5  # '<a>' said once
+    assert "a token and name of its own" in e.value.hint and "--dry-run" in e.value.hint
+    assert str(manifest) not in "".join(lines[1:])  # the file is named once

@@ -282,51 +282,64 @@ def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
         )
     from oneword.registry import concept_name
 
-    entries = []
+    entries, problems = {}, []  # every entry's problems, told at once: a long manifest is fixed in one go
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise OnewordError(
-                f"concept #{i + 1} of {source} is {item!r}, not a mapping of fields",
-                hint=f"write `- images: ...`, with token and init_word under it ({ENTRY_HINT})",
-            )
+            problems.append((f"concept #{i + 1} of {source} is {item!r}, not a mapping of fields",
+                             f"write `- images: ...`, with token and init_word under it ({ENTRY_HINT})"))  # fmt: skip
+            continue
         try:
             e = ConceptEntry.model_validate(item)  # a key YAML reads as a number or a boolean is a field error too
         except ValidationError as err:
             label = f"#{i + 1}" + (f" ({item['token']})" if isinstance(item.get("token"), str) else "")
-            raise OnewordError(f"concept {label} of {source}: {'; '.join(field_problems(err))}",
-                               hint=f"each needs images, token and init_word ({ENTRY_HINT})") from err  # fmt: skip
+            problems.append((f"concept {label} of {source}: {'; '.join(field_problems(err))}",
+                             f"each needs images, token and init_word ({ENTRY_HINT})"))  # fmt: skip
+            continue
         try:
             concept_name(e.token, e.name)
         except OnewordError as err:
-            raise OnewordError(
-                f"concept #{i + 1} of {source}: {err.message}",
-                hint="give it a `name:` of letters, digits, '_', '.' and '-'",
-            ) from err
+            problems.append((f"concept #{i + 1} of {source}: {err.message}",
+                             "give it a `name:` of letters, digits, '_', '.' and '-'"))  # fmt: skip
+            continue
         local = {"images": e.images}
         if e.templates and e.templates not in TEMPLATE_SETS:  # a file of templates
             local["templates"] = e.templates
-        e = e.model_copy(update={k: _beside(source, v) for k, v in local.items() if not storage.is_s3(v)})
-        entries.append(e)
-    for what, values in (
-        ("token", [e.token for e in entries]),
-        ("name", [concept_name(e.token, e.name) for e in entries]),
-    ):
-        for v in dict.fromkeys(x for x in values if values.count(x) > 1):
-            at = " and ".join(f"#{i + 1}" for i, x in enumerate(values) if x == v)
-            raise OnewordError(
-                f"concepts {at} of {source} share the {what} {v!r}",
-                hint=f"give each concept its own {what}" + (" (set `name:`)" if what == "name" else ""),
-            )
-    for i, a in enumerate(entries):  # shard-mates, or concepts in one prompt, whose tokens a prompt confuses
-        for j, b in enumerate(entries[i + 1 :], start=i + 1):
-            if clashing_entries(vector_tokens(a.token, a.n_vectors), vector_tokens(b.token, b.n_vectors)):
-                raise OnewordError(
+        entries[i] = e.model_copy(update={k: _beside(source, v) for k, v in local.items() if not storage.is_s3(v)})
+    told: set[frozenset[int]] = set()  # pairs told of already: two concepts with one token share a name too
+
+    def shared(what: str, values: dict[int, str]) -> None:
+        for v in dict.fromkeys(x for x in values.values() if list(values.values()).count(x) > 1):
+            sharing = [i for i, x in values.items() if x == v]
+            pairs = {frozenset((i, j)) for i in sharing for j in sharing if i < j}
+            if not pairs <= told:
+                told.update(pairs)
+                own = f"give each concept its own {what}" + (" (set `name:`)" if what == "name" else "")
+                at = " and ".join(f"#{i + 1}" for i in sharing)
+                problems.append((f"concepts {at} of {source} share the {what} {v!r}", own))
+
+    shared("token", {i: e.token for i, e in entries.items()})
+    for i, a in entries.items():  # shard-mates, or concepts in one prompt, whose tokens a prompt confuses
+        for j, b in entries.items():
+            if j > i and a.token != b.token and clashing_entries(vector_tokens(a.token, a.n_vectors),
+                                                                  vector_tokens(b.token, b.n_vectors)):
+                told.add(frozenset((i, j)))
+                problems.append((
                     f"concepts #{i + 1} and #{j + 1} of {source}: their tokens {a.token!r} and {b.token!r} cannot "
                     "be told apart in a prompt (the same but for case, or NAME and NAME_1, which diffusers reads "
                     "as one concept's two vectors)",
-                    hint="give each concept a token of its own",
-                )
-    return entries
+                    "give each concept a token of its own",
+                ))  # fmt: skip
+    shared("name", {i: concept_name(e.token, e.name) for i, e in entries.items()})
+    if len(problems) == 1:
+        raise OnewordError(*problems[0])
+    if problems:  # the file named once
+        said = "\n".join(f"  - {m.replace(f' of {source}', '', 1)}" for m, _ in problems)
+        raise OnewordError(
+            f"{len(problems)} problems in concepts manifest {source}:\n{said}",
+            hint=f"each concept needs images, token and init_word, and a token and name of its own ({ENTRY_HINT}); "
+            "check the fixed manifest with `oneword batch MANIFEST --dry-run`",
+        )
+    return list(entries.values())
 
 
 def _beside(manifest: str, path: str) -> str:

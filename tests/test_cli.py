@@ -772,7 +772,7 @@ def test_a_dry_run_before_any_registry_still_tells_which_concepts_would_fail(tin
     code, out = run([*args, "--only-concepts", "cat-d"], capsys)
     assert code == 0 and "1 to train, 0 unchanged" in out and "would fail" not in out and "bad-d" not in out
     code, out = run([*args, "--only-concepts", "cat-d,bad"], capsys)
-    assert code == 2 and "only_concepts names 'bad', which" in out and "did you mean 'bad-d'" in out
+    assert code == 2 and "only_concepts (--only-concepts) names 'bad', which" in out and "did you mean 'bad-d'" in out
     # what would stop a run at its preflight stops the dry run, in the same words, not a table of concepts
     # "a run trains"
     code, out = run([*args[:4], tmp_path / "no-such-model", *args[5:]], capsys)

@@ -101,16 +101,17 @@ def test_a_signal_to_the_run_alone_stops_its_task_too(tmp_path, signum, status):
     pid_file = tmp_path / "task.pid"
     task = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     shell = shlex.join([sys.executable, "-c", task]) + "; echo done"  # as kfp.local's: a shell that runs Python
-    run = (
-        "import sys\nfrom kfp.local import subprocess_task_handler as handler\n"
-        "from oneword.pipelines.interrupt import stopping\n"
+    run = (  # as `oneword batch` runs it, with what it says when stopped
+        "import sys, typer\nfrom kfp.local import subprocess_task_handler as handler\n"
+        "from oneword.cli.app import on_interrupt\nfrom oneword.pipelines.interrupt import stopping\n"
         "try:\n"
-        "    with stopping():\n"
+        "    with on_interrupt('run it again'), stopping():\n"
         f"        handler.run_local_subprocess(['sh', '-ec', {shell!r}])\n"
-        "except KeyboardInterrupt:\n"
-        "    sys.exit(130)\n"
+        "except typer.Exit as e:\n"
+        "    sys.exit(e.exit_code)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", run], preexec_fn=_default_sigint, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", run], preexec_fn=_default_sigint, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.time() + 60
         while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
@@ -118,6 +119,8 @@ def test_a_signal_to_the_run_alone_stops_its_task_too(tmp_path, signum, status):
         task_pid = int(pid_file.read_text())
         os.kill(proc.pid, signum)
         assert proc.wait(timeout=30) == status
+        said = proc.stderr.read().strip()
+        assert said == ("stopped by SIGTERM: run it again" if signum == signal.SIGTERM else "interrupted: run it again")
         deadline = time.time() + 30
         while _alive(task_pid) and time.time() < deadline:
             time.sleep(0.05)

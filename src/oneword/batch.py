@@ -176,7 +176,7 @@ def chosen(names: list[str], only: Sequence[str], source: str = "the manifest") 
     if missing := [n for n in dict.fromkeys(only) if n not in names]:
         close = list(dict.fromkeys(m for n in missing for m in difflib.get_close_matches(n, names, n=1)))
         raise OnewordError(
-            f"only_concepts names {', '.join(map(repr, missing))}, which {source} does not hold",
+            f"only_concepts (--only-concepts) names {', '.join(map(repr, missing))}, which {source} does not hold",
             hint=(f"did you mean {', '.join(map(repr, close))}? " if close else "")
             + "a concept's name is its manifest `name`, else its token without <> (`oneword batch MANIFEST --dry-run` "
             "lists them)",

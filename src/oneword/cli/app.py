@@ -87,9 +87,14 @@ def person_waits():
 @contextlib.contextmanager
 def on_interrupt(message: str) -> Iterator[None]:
     """On Ctrl-C, print `message` (what stopped, how to go on) and exit 130, a shell's status for SIGINT, not a
-    blank line."""
+    blank line; on SIGTERM or SIGHUP, which stop a local run too (`interrupt.Stopped`), the same with its status."""
+    from oneword.pipelines.interrupt import Stopped
+
     try:
         yield
     except KeyboardInterrupt:
         print(f"\ninterrupted: {message}", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Stopped as e:  # `timeout`, a scheduler's stop: its log says why the command ended
+        print(f"\nstopped by {e.signal}: {message}", file=sys.stderr)
+        raise typer.Exit(e.code) from None

@@ -236,7 +236,7 @@ def print_batch_plan(plan: dict, console) -> None:
     t = Table(title="dry run: nothing was trained or recorded", box=box.SIMPLE_HEAD, pad_edge=False)
     # in 80 columns: a name folds past 20 characters, the status stays whole, the why takes what is left
     t.add_column("concept", overflow="fold", min_width=min(max((len(r["name"]) for r in rows), default=7), 20))
-    t.add_column("tonight", no_wrap=True)
+    t.add_column("next run", no_wrap=True)
     t.add_column("ver", justify="right", no_wrap=True)
     t.add_column("alias / why", overflow="fold", ratio=1, min_width=16)
     colours = {"unchanged": "cyan", "to train": "yellow", "fails": "red", "unknown": "magenta"}

@@ -24,6 +24,14 @@ GRACE_S = 10.0  # for a task to end on SIGINT (a register puts back an alias it 
 STOPPED_RC = 128 + signal.SIGINT  # what a task that was never started reports: a shell's status for SIGINT
 
 
+class Stopped(SystemExit):
+    """The run was stopped by SIGTERM or SIGHUP; the exit status is a shell's for that signal (128 + it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum).name
+
+
 class _Tasks:
     """The task processes running now, and whether the run is stopping.
 
@@ -125,7 +133,7 @@ def stopping(
             tasks.stop_all()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise SystemExit(128 + signum)  # SIGTERM (`timeout`, a scheduler), SIGHUP: its tasks must not outlive it
+        raise Stopped(signum)  # SIGTERM (`timeout`, a scheduler), SIGHUP: its tasks must not outlive it
 
     before = {s: signal.signal(s, on_signal) for s in watched}
     subprocess_task_handler.run_local_subprocess = tasks.run

@@ -628,7 +628,7 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
 
     name = "cat-nightly"
     assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None  # nothing registered yet
-    registry.register(trained, scored("t-1", 0.5), mlflow_server, name=name, batch_id="reg-night-1")
+    found_run = registry.register(trained, scored("t-1", 0.5), mlflow_server, name=name, batch_id="reg-night-1").run_id
     found = registry.earlier_result(mlflow_server, trained, name, config, gate)
     assert found == {"version": "1", "aliases": ["champion"]}
     assert (
@@ -651,9 +651,12 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     plan = [{"images": "x", "token": "<cat-r>", "init_word": "cat", "name": name}]
     report = batch_report(mlflow_server, "reg-night-2", plan)
     assert (report["registered"], report["unchanged"], report["failed"]) == (0, 1, 0)
-    assert report["concepts"][0] | {"token": None} == {
-        "token": None, "name": name, "status": "unchanged", "version": "1", "alias": "champion"
+    row = report["concepts"][0]
+    assert {k: row[k] for k in ("name", "status", "version", "alias")} == {
+        "name": name, "status": "unchanged", "version": "1", "alias": "champion"
     }  # fmt: skip
+    assert row["reconstruction"] == pytest.approx(0.5) and row["run_id"] == found_run  # the version's own scores
+    assert row["gate"] == client.get_model_version(name, "1").tags["gate"]  # why it holds its alias
     assert batch_report(mlflow_server, "reg-night-1", plan)["registered"] == 1
     # a batch's versions are found by its tag, as the whole registry lists them
     night_1 = catalogue.batch_versions(mlflow_server, "reg-night-1")

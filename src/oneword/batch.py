@@ -365,7 +365,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
         status, version, alias, stage, error}]}` (a version's also its `reconstruction`, `editability` and the
         `run_id` that registered it); status is registered (a new version), unchanged (registered
         before from the same training and evaluation: that version; `rejudged` says what the gate said of its
-        scores where only the gate changed; a new version's `gate`, why its alias), failed, or deferred (it
+        scores where only the gate changed; `gate`: why the version holds its alias), failed, or deferred (it
         changed, and the plan left it to the manifest's next runs: `this_run_takes`). A concept with neither a
         version nor a recorded failure failed in a way no step could record (a pod lost for good): its stage is
         "unknown".
@@ -395,7 +395,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "editability": r.get("editability"),
                     "run_id": r.get("run_id"),
                     **({"rejudged": r["rejudged"]} if r.get("rejudged") else {}),
-                    **({"gate": r["gate"]} if status == "registered" and r.get("gate") else {}),
+                    **({"gate": r["gate"]} if r.get("gate") else {}),
                 }
             )
         elif raw.get(DEFERRED_KEY) and name not in failures:

@@ -151,6 +151,23 @@ def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAG
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
+def champion_tokens(tracking_uri: str | None, names: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """`{name: (version, token)}` of each concept in `names` that has a champion (the others are left out)."""
+    from mlflow.exceptions import MlflowException
+
+    _, client = tracking.client(tracking_uri)
+    held = {}
+    for name in names:
+        try:
+            mv = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no concept, or no champion
+                continue
+            raise
+        held[name] = (str(mv.version), (mv.tags or {}).get("oneword.token"))
+    return held
+
+
 def version_row(mv, rm) -> dict:
     """One concept version as `list_concepts` lists it; `rm` is its registered model (for the aliases)."""
     aliases = sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version))

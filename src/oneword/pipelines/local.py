@@ -424,6 +424,7 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         (`why`: it could not be told, and a run would train it).
     """
     from oneword.batch import load_concepts_manifest, plan_concepts
+    from oneword.catalogue import champion_tokens
     from oneword.pipelines.parameters import DEFAULTS, lookup_settings
     from oneword.preflight import preflight
     from oneword.tracking import resolve, sqlite_path
@@ -459,4 +460,11 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         elif c["name"] in told.unknown:
             row["status"] = "unknown"
         rows.append(row)
+    retrained = [r["name"] for r in rows if r["status"] in ("to train", "unknown")]
+    tokens = {c["name"]: c["token"] for c in concepts}
+    for name, (version, token) in (champion_tokens(uri, retrained) if registry and retrained else {}).items():
+        if token and token != tokens[name]:  # a prompt that names the old token draws nothing of the new version
+            row = next(r for r in rows if r["name"] == name)
+            said = f"its token changes: the champion (v{version}) answers to {token}, this to {tokens[name]}"
+            row["why"] = "; ".join(x for x in (row["why"], said) if x)
     return {"tracking_uri": uri, "registry": registry, "concepts": rows}

@@ -230,6 +230,7 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     assert set(bad["error"].split()) <= set(text.split())
     assert "champion" in text and "a-very-long" in text and "1 registered, 0 unchanged, 1 failed" in text
     assert "cat-q registered 3 0.61 0.20 champion" in " ".join(text.split()), text  # its scores, as `concepts list`
+    assert "versions      oneword concepts list --batch b-1" in text  # what the batch registered, to ask later
     # a new version that is no champion says why; a champion's own reason is left out as expected
     gate = "editability 0.2100 < threshold 0.2500"
     candidate = {"name": "dog-q", "status": "registered", "version": "2", "alias": "candidate", "gate": gate}

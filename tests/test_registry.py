@@ -663,6 +663,8 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     assert night_1 == [r for r in catalogue.list_concepts(mlflow_server) if r["batch_id"] == "reg-night-1"]
     assert [(r["name"], r["version"]) for r in night_1] == [(name, "1")]
     assert catalogue.batch_versions(mlflow_server, "no-such-batch") == []
+    assert catalogue.list_concepts(mlflow_server, batch="reg-night-1", alias="champion") == night_1
+    assert catalogue.list_concepts(mlflow_server, batch="reg-night-1", alias="candidate") == []
     # photos changed (version 2), then changed back: version 1's inputs are no longer the newest, so it counts
     # for nothing; and a version whose register died before its gate decided never counts
     registry.register(trained, scored("t-2", 0.4), mlflow_server, name=name)

@@ -76,13 +76,21 @@ def _not_there(client, name: str, alias: str | None, version: str | None, ref: s
 
 
 def list_concepts(
-    tracking_uri: str | None = None, base_model: str | None = None, alias: str | None = None, page_size: int = PAGE_SIZE
+    tracking_uri: str | None = None,
+    base_model: str | None = None,
+    alias: str | None = None,
+    page_size: int = PAGE_SIZE,
+    batch: str | None = None,
 ) -> list[dict]:
     """List registered concept versions, optionally only those on a base model (its reference or a fingerprint
-    prefix) or alias.
+    prefix), with an alias, or registered by one batch (its id: `oneword batch` prints it).
 
-    Every page of the registry is read, however many concepts it holds.
+    Every page of the registry is read, however many concepts it holds (a batch's: what it holds).
     """
+    if batch:
+        rows = batch_versions(tracking_uri, batch, page_size)
+        rows = [r for r in rows if not base_model or _on_base_model(r, base_model)]
+        return [r for r in rows if not alias or alias in r["aliases"]]
     _, client = tracking.client(tracking_uri)
     rows = []
     models = every_page(client.search_registered_models, page_size, filter_string=f"tags.`{CONCEPT_TAG}` = 'true'")

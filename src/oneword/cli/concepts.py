@@ -36,6 +36,9 @@ def list_cmd(
         ),
     ] = None,
     alias: Annotated[str | None, typer.Option(help="only versions with this alias, e.g. champion")] = None,
+    batch: Annotated[
+        str | None, typer.Option(help="only the versions this batch registered (its id, in `oneword batch`'s table)")
+    ] = None,
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -44,18 +47,20 @@ def list_cmd(
     \b
     Example:
       oneword concepts list --alias champion
+      oneword concepts list --batch 77842948
     """
     from rich.console import Console
 
     from oneword.catalogue import list_concepts
 
     uri = existing_store(tracking_uri)
-    rows = list_concepts(uri, base_model=base_model, alias=alias)
+    rows = list_concepts(uri, base_model=base_model, alias=alias, batch=batch)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
         what = f" with @{alias}" if alias else (f" on {base_model}" if base_model else "")
+        what += f" registered by batch {batch}" if batch else ""
         Console().print(f"no oneword concepts{what} in the registry at {uri}",
                         highlight=False, soft_wrap=True)  # fmt: skip
         return

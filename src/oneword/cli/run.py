@@ -314,6 +314,9 @@ def print_batch_report(report: dict, console) -> int:
     for k in ("overview", "logs", "run_dir", "tracking_uri"):
         if report.get(k):
             console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
+    if report["registered"]:  # the batch's id is its versions' tag: what it registered, asked again later
+        console.print(f"  {'versions':13s} oneword concepts list --batch {escape(report['batch_id'])}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
     return 1 if report["failed"] else 0
 
 

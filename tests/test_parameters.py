@@ -44,6 +44,7 @@ CLI_SOURCES = {
     "concepts pull": (TrackingConfig,),
     "concepts prune": (TrackingConfig,),
     "concepts promote": (TrackingConfig,),
+    "concepts delete": (TrackingConfig,),
     "preprocess": (PreprocessConfig,),
     "register": (GateThresholds, TrackingConfig),
 }

@@ -593,6 +593,60 @@ def test_s3_artifact_store_through_the_server(evaluated_concept, mlflow_server_s
     keys = [k for k, _, _ in storage.list_objects("s3://mlflow")]
     assert any(k.endswith("embeddings/diffusers/learned_embeds.safetensors") for k in keys)
     assert any(k.endswith("evaluation/report.html") for k in keys)
+    # an erasure request: the concept goes whole, its artifacts from the bucket too, through the server's proxy
+    from oneword.cli import main
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    client = mlflow.MlflowClient(mlflow_server_s3)
+    planned = catalogue.delete_concept("cat-s3", mlflow_server_s3, dry_run=True)
+    assert planned["versions"] == ["1"] and planned["runs"] == [reg.run_id] and len(planned["logged_models"]) == 1
+    main(["concepts", "delete", "cat-s3", "--yes", "--tracking-uri", mlflow_server_s3])
+    monkeypatch.undo()
+    left = [k for k, _, _ in storage.list_objects("s3://mlflow")]
+    assert not [k for k in left if reg.run_id in k or planned["logged_models"][0] in k], left
+    assert client.get_run(reg.run_id).info.lifecycle_stage == "deleted"
+    with pytest.raises(OnewordError, match="not found"):
+        catalogue.get_version("cat-s3@champion", mlflow_server_s3)
+
+
+def test_a_concept_is_deleted_whole_and_only_with_yes(evaluated_concept, tmp_path, capsys):
+    """Every version, every run of it (a failure's too), their artifacts and logged models; a second delete
+    (one cut short) finishes the first; another tool's model is refused."""
+    from oneword.cli import main
+
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    train_dir, eval_dir = evaluated_concept
+    first = registry.register(train_dir, eval_dir, uri, name="cat-erase")
+    second = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.7, 0.3), uri, name="cat-erase")
+    client = mlflow.MlflowClient(uri)
+    failed = client.create_run(client.get_experiment_by_name("oneword").experiment_id,
+                               tags={registry.CONCEPT_TAG: "cat-erase"}).info.run_id  # fmt: skip
+    other = registry.register(train_dir, eval_dir, uri, name="dog-stays")
+    main(["concepts", "delete", "cat-erase", "--tracking-uri", uri])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "would delete cat-erase: 2 versions, 3 MLflow runs and 2 logged models, with their artifacts" in said
+    assert "Nothing was deleted" in said and catalogue.get_version("cat-erase@champion", uri)
+    artifacts = tmp_path / "mlartifacts"
+    assert (artifacts / first.run_id).exists()
+    main(["concepts", "delete", "cat-erase", "--yes", "--tracking-uri", uri])
+    assert "deleted cat-erase: 2 versions, 3 MLflow runs" in " ".join(capsys.readouterr().out.split())
+    def files(folder: Path) -> list[Path]:
+        return [f for f in folder.rglob("*") if f.is_file()]
+
+    for run_id in (first.run_id, second.run_id, failed):
+        assert client.get_run(run_id).info.lifecycle_stage == "deleted" and not files(artifacts / run_id)
+    kept = catalogue.get_version("dog-stays@champion", uri)
+    assert [m.name for m in (artifacts / "models").iterdir() if files(m)] == [kept.source.split("/")[-1]]
+    assert files(artifacts / other.run_id)  # the other concept's run keeps its artifacts
+    with pytest.raises(OnewordError, match="not found"):
+        catalogue.delete_concept("cat-erase", uri)  # nothing left of it
+    cut = registry.register(train_dir, eval_dir, uri, name="cat-cut")
+    client.delete_registered_model("cat-cut")  # a delete cut short after its first step: the next one finishes it
+    assert catalogue.delete_concept("cat-cut", uri)["runs"] == [cut.run_id] and not files(artifacts / cut.run_id)
+    client.create_registered_model("their-model")
+    with pytest.raises(OnewordError, match="not a oneword concept"):
+        catalogue.delete_concept("their-model", uri)
 
 
 def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ embeddings in any format (`oneword concepts`, `oneword generate --concept`); and
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import tempfile
@@ -333,6 +334,79 @@ def prune_versions(
                 delete_version(client, name, r["version"])
             gone.append(r)
     return gone
+
+
+def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = False) -> dict:
+    """Delete a concept whole: its registered model and every version, and every MLflow run of it (trainings,
+    registrations, failures, in any experiment) with their artifacts and logged models: the embedding, the sample
+    grids and reports drawn from the owner's photos. What a request to erase a person's concept asks for.
+
+    Runs are deleted as MLflow deletes them (kept in its database, marked deleted, until `mlflow gc`); their
+    artifacts, which hold the likeness, are removed from the artifact store now. Safe to run again: a delete
+    cut short is finished by the next one (deleted runs are found too).
+
+    Args:
+        name: the concept's registered-model name.
+        tracking_uri: the registry's MLflow tracking URI.
+        dry_run: delete nothing; return what would be deleted.
+
+    Returns:
+        `{"name", "versions": [...], "runs": [...], "logged_models": [...]}`: what was (or would be) deleted.
+
+    Raises:
+        OnewordError: no such concept; a model that is not a oneword concept; a version still being registered.
+    """
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    _, client = tracking.client(tracking_uri)
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        rm = None
+    if rm is not None and (rm.tags or {}).get(CONCEPT_TAG) != "true":
+        raise OnewordError(f"{name} is not a oneword concept", hint="delete models of other tools with their tools")
+    if rm is not None and (deciding := _deciding(client, name)):  # its register would make the model anew
+        raise OnewordError(f"{name} version {deciding[0]} is still being registered",
+                           hint="wait for its register to finish (or to be marked abandoned), then delete")  # fmt: skip
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'") if rm else []
+    experiments = [e.experiment_id for e in every_page(client.search_experiments, view_type=ViewType.ALL)]
+    runs = {r.info.run_id: r for r in every_page(client.search_runs, experiment_ids=experiments,
+                                                  filter_string=f"tags.`{CONCEPT_TAG}` = '{name}'",
+                                                  run_view_type=ViewType.ALL)}  # fmt: skip
+    for mv in versions:  # a version registered from a run another tool made, untagged
+        if mv.run_id and mv.run_id not in runs:
+            runs[mv.run_id] = client.get_run(mv.run_id)
+    models = [m for run_id in runs for m in every_page(client.search_logged_models, experiment_ids=experiments,
+                                                       filter_string=f"source_run_id = '{run_id}'")]  # fmt: skip
+    if rm is None and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
+        gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
+        raise OnewordError(f"concept {name!r} not found in the registry at {resolve(tracking_uri)}{gone}",
+                           hint="list concepts with `oneword concepts list`")  # fmt: skip
+    done = {"name": name, "versions": sorted((str(mv.version) for mv in versions), key=int),
+            "runs": sorted(runs), "logged_models": sorted(m.model_id for m in models)}  # fmt: skip
+    if dry_run:
+        return done
+    if rm is not None:  # first: nothing resolves `models:/NAME@champion` any more, whatever fails after
+        client.delete_registered_model(name)
+    for m in models:
+        _delete_artifacts(m.artifact_location)
+        client.delete_logged_model(m.model_id)
+    for run in runs.values():
+        _delete_artifacts(run.info.artifact_uri)
+        if run.info.lifecycle_stage != "deleted":
+            client.delete_run(run.info.run_id)
+    return done
+
+
+def _delete_artifacts(uri: str) -> None:
+    """Remove everything under an artifact URI (a run's, a logged model's) from its store."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with contextlib.suppress(FileNotFoundError):  # a local store's folder, gone already (a delete cut short)
+        get_artifact_repository(uri).delete_artifacts()
 
 
 PROMOTED_TAG = "oneword.promoted"

@@ -84,11 +84,13 @@ def every_page(search, page_size: int = PAGE_SIZE, **kwargs) -> list:
 
 
 def _identity(item) -> tuple[str, ...]:
-    """A run's id, a model version's name and number, or a registered model's name."""
+    """A run's id, a model version's name and number, a logged model's id, or a registered model's name."""
     if (info := getattr(item, "info", None)) is not None:
         return (info.run_id,)
     if (version := getattr(item, "version", None)) is not None:
         return (item.name, str(version))
+    if (model_id := getattr(item, "model_id", None)) is not None:  # every one is named `concept`
+        return (model_id,)
     return (item.name,)
 
 

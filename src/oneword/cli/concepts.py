@@ -258,6 +258,40 @@ def promote_cmd(
                       f"must name {escape(str(done['token']))} now")  # fmt: skip
 
 
+@concepts.command("delete")
+def delete_cmd(
+    name: Annotated[str, typer.Argument(help="the concept's name (`oneword concepts list`)")],
+    yes: Annotated[bool, typer.Option("--yes", help="delete; without it, only say what would go")] = False,
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
+) -> None:
+    """Delete a concept whole: every version, every MLflow run of it, and their artifacts (the embedding, and
+    the samples drawn from its photos), as a request to erase a person's concept asks.
+
+    Without --yes it deletes nothing and says what would go. The photos themselves, in your bucket or folder,
+    and a batch's manifest are yours to remove.
+
+    \b
+    Example:
+      oneword concepts delete my-cat          # what would go
+      oneword concepts delete my-cat --yes
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from oneword.catalogue import delete_concept
+
+    done = delete_concept(name, existing_store(tracking_uri), dry_run=not yes)
+    kinds = (("versions", "version"), ("runs", "MLflow run"), ("logged_models", "logged model"))
+    counted = [f"{len(done[k])} {what}{'s' * (len(done[k]) != 1)}" for k, what in kinds]
+    what = f"{counted[0]}, {counted[1]} and {counted[2]}, with their artifacts"
+    console = Console(highlight=False, soft_wrap=True)
+    if not yes:
+        console.print(f"would delete {escape(name)}: {what}. Nothing was deleted: add --yes to delete.")
+        return
+    console.print(f"[green]deleted[/] {escape(name)}: {what} (MLflow keeps the deleted runs' records, without "
+                  "artifacts, until `mlflow gc`)")  # fmt: skip
+
+
 @concepts.command("prune")
 def prune_cmd(
     names: Annotated[list[str] | None, typer.Argument(help="concepts to prune (default: every concept)")] = None,

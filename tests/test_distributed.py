@@ -265,3 +265,44 @@ def test_two_processes_stop_a_diverging_concept_as_one_process_does(tiny_model_d
     assert "became nan between steps 0 and 2" in two[1]["error"] and two[1]["error"] == one[1]["error"]
     torch.testing.assert_close(_vectors(tmp_path / "two" / "c0"), _vectors(tmp_path / "one" / "c0"), rtol=1e-4,
                                atol=1e-6)  # fmt: skip
+
+
+def _note_pid_and_wait(folder: str) -> None:
+    import os
+    import time
+
+    (Path(folder) / f"{os.getpid()}.pid").write_text("")
+    time.sleep(120)
+
+
+def test_a_sigterm_to_the_command_alone_stops_its_launched_processes(tmp_path):
+    """`timeout` or a scheduler signals `oneword train --gpus 2` alone: it died, and its two processes trained
+    on, orphaned, holding the GPUs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from oneword.distributed import launch\n"
+            f"launch('tests.test_distributed:_note_pid_and_wait', 2, folder={str(tmp_path)!r})")  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("*.pid"))) < 2:  # both processes are up
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.1)
+    workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in _state(w)], "a worker outlived it"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"

@@ -24,7 +24,6 @@ import logging
 import os
 import pickle
 import socket
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from oneword.errors import OnewordError, TransientError
+from oneword.processes import run_group
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,9 @@ def launch(fn: str, n: int, **kwargs: Any) -> Any:
             "-m", "oneword.distributed", str(call), str(result),
         ]  # fmt: skip
         log.info("starting %d processes: %s", n, " ".join(cmd))
-        code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        return _outcome(fn, n, result, code.returncode)
+        # a group of its own: a SIGTERM to this process alone stops the workers too (`processes.run_group`)
+        code = run_group(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        return _outcome(fn, n, result, code)
 
 
 def _outcome(fn: str, n: int, result: Path, returncode: int) -> Any:

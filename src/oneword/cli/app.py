@@ -88,7 +88,7 @@ def person_waits():
 def on_interrupt(message: str) -> Iterator[None]:
     """On Ctrl-C, print `message` (what stopped, how to go on) and exit 130, a shell's status for SIGINT, not a
     blank line; on SIGTERM or SIGHUP, which stop a local run too (`interrupt.Stopped`), the same with its status."""
-    from oneword.pipelines.interrupt import Stopped
+    from oneword.processes import Stopped
 
     try:
         yield

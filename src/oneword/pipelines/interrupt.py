@@ -20,16 +20,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-GRACE_S = 10.0  # for a task to end on SIGINT (a register puts back an alias it moved) before it is killed
+from oneword.processes import GRACE_S, Stopped, signal_group
+
 STOPPED_RC = 128 + signal.SIGINT  # what a task that was never started reports: a shell's status for SIGINT
-
-
-class Stopped(SystemExit):
-    """The run was stopped by SIGTERM or SIGHUP; the exit status is a shell's for that signal (128 + it)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(128 + signum)
-        self.signal = signal.Signals(signum).name
 
 
 class _Tasks:
@@ -64,7 +57,7 @@ class _Tasks:
         self.running.add(proc)
         try:
             if self.stop.is_set():  # it started as the run stopped: the signal to the others missed it
-                _signal_group(proc, signal.SIGINT)
+                signal_group(proc, signal.SIGINT)
             out = sys.stdout  # the run's log file: a task stopping after the run's end must not write on the terminal
             seen = self.watch() if self.watch else None
             with proc:
@@ -81,7 +74,7 @@ class _Tasks:
         """Start no task again; SIGINT to those running, then kill those still there after `GRACE_S`."""
         self.stop.set()
         for proc in list(self.running):
-            _signal_group(proc, signal.SIGINT)
+            signal_group(proc, signal.SIGINT)
         threading.Thread(target=self._kill_late, daemon=True).start()
 
     def _kill_late(self) -> None:
@@ -89,19 +82,13 @@ class _Tasks:
         while self.running and time.monotonic() < deadline:
             time.sleep(0.1)
         for proc in list(self.running):
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
 
 
 def _write(out, text: str) -> None:
     """Write a task's output to `out`; once the run has closed it (the task outlived the stop), nowhere."""
     with contextlib.suppress(ValueError):
         out.write(text)
-
-
-def _signal_group(proc: subprocess.Popen, signum: int) -> None:
-    """Send `signum` to every process of a task's group (one that ended already is no error)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signum)
 
 
 @contextlib.contextmanager

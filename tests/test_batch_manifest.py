@@ -119,14 +119,19 @@ def test_every_problem_of_a_manifest_is_told_at_once(tmp_path):
         "  - {images: c, token: '<a>', init_word: cat}\n"
         "  - {images: d, token: '<D>', init_word: dog}\n"
         "  - {images: e, token: '<d>', init_word: dog}\n"
+        "  - {images: f, token: '<b>'}\n"
     )
     with pytest.raises(OnewordError) as e:
         load_concepts_manifest(str(manifest))
     lines = e.value.message.splitlines()
-    assert lines[0] == f"4 problems in concepts manifest {manifest}:", lines
-    assert "#2 (<b>)" in lines[1] and "'init_wrod' (did you mean 'init_word'?)" in lines[1]
-    assert "#3" in lines[2] and "not a mapping of fields" in lines[2]
-    assert "concepts #1 and #4" in lines[3] and "share the token '<a>'" in lines[3]
-    assert "#5 and #6" in lines[4] and "cannot be told apart" in lines[4] and len(lines) == 5  # '<a>' said once
-    assert "a token and name of its own" in e.value.hint and "--dry-run" in e.value.hint
+    assert lines[0] == f"6 problems in concepts manifest {manifest}:", lines
+    assert "share the token '<a>'" in lines[1] and "concepts #1 and #4" in lines[1]  # in the file's order
+    assert "#2 (<b>)" in lines[2] and "'init_wrod' (did you mean 'init_word'?)" in lines[2]
+    # an entry with a mistake of its own still has its token checked against the others'
+    assert "concepts #2 and #7 share the token '<b>'" in lines[3]
+    assert "#3" in lines[4] and "not a mapping of fields" in lines[4]
+    assert "#5 and #6" in lines[5] and "cannot be told apart" in lines[5]
+    assert "#7 (<b>)" in lines[6] and "missing field 'init_word'" in lines[6] and len(lines) == 7  # '<a>' said once
+    hint = e.value.hint
+    assert "give each concept its own token" in hint and hint.count("optional:") == 1 and "--dry-run" in hint
     assert str(manifest) not in "".join(lines[1:])  # the file is named once

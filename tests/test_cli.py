@@ -164,7 +164,7 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, cat_dataset, 
     [
         (["run", "--images", "x"], "Missing option '--token'"),
         (["batch", "m.yaml", "--steps", "abc"], "Invalid value for '--steps'"),
-        (["concepts", "delete"], "No such command"),
+        (["concepts", "erase"], "No such command"),
         (["bench", "--concepts", "1,x"], "Invalid value for '--concepts'"),
         # the plan step's checks, made here before kfp.local starts (it said only "Inner task failed: 'plan-concept'")
         (["run", "--images", "x", "--token", "<a>", "--init-word", "a", "--name", "my cat"], "is not one oneword can"),
@@ -619,6 +619,7 @@ def test_a_store_given_as_a_path_is_the_sqlite_file_there_and_a_folder_is_refuse
     ensure_store(f"sqlite:///{tmp_path}/mlflow.db")
     assert as_uri("./mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
     assert as_uri("http://mlflow:5000") == "http://mlflow:5000" and as_uri("sqlite:///x.db") == "sqlite:///x.db"
+    assert as_uri("databricks") == "databricks" and as_uri("databricks://team") == "databricks://team"
     code, out = run(["concepts", "list", "--tracking-uri", "./mlflow.db"], capsys)
     assert code == 0 and f"in the registry at sqlite:///{tmp_path}/mlflow.db" in " ".join(out.split()), out
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlflow.db")

@@ -285,6 +285,8 @@ def test_the_gate_pairs_two_versions_seed_by_seed():
     assert paired.passed and "paired difference's standard error" in paired.reason
     unpaired = quality_gate(*({k: v for k, v in m.items() if k != "score_per_seed"} for m in (candidate, champion)))
     assert not unpaired.passed  # the same lead, within the seeds' own spread
+    broken = {**candidate, "score_per_seed": [float("nan"), *candidate["score_per_seed"][1:]]}
+    assert quality_gate(broken, champion).passed == unpaired.passed  # a nan seed: the scores are not paired
     assert not quality_gate(champion, candidate).passed  # and paired, a worse version still loses
 
 

@@ -137,3 +137,21 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+def test_a_progress_reader_that_fails_fails_no_task(capsys):
+    """The terminal's progress reads each task's lines; a closed pipe (`oneword batch | head`) raised there, and the
+    task was reported failed."""
+    from oneword.pipelines.interrupt import _Tasks
+
+    read = []
+
+    def watch():
+        def seen(line: str) -> None:
+            read.append(line)
+            raise BrokenPipeError
+
+        return seen
+
+    assert _Tasks(watch=watch).run(["sh", "-c", "echo one; echo two; exit 0"]) == 0
+    assert read == ["one\n"] and "two" in capsys.readouterr().out  # read no more, the task's output all there

@@ -554,7 +554,9 @@ def test_submit_sends_each_param_as_the_pipeline_input_takes_it_and_refuses_a_ty
     with pytest.raises(SystemExit) as exit_:
         main([*base, "-p", "steps=many"])
     assert exit_.value.code == 2 and "steps takes a whole number" in capsys.readouterr().err
-    for bad, said in (("accelerator_limit=0", "String should match pattern"), ("learning_rate=nan", "takes a number")):
+    for bad, said in (("accelerator_limit=0", "String should match pattern"), ("learning_rate=nan", "takes a number"),
+                      ("tracking_uri=./mlflow.db", "cannot log to a SQLite file"),
+                      ("tracking_uri=sqlite:////tmp/m.db", "cannot log to a SQLite file")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main([*base, "-p", bad])
         assert exit_.value.code == 2 and said in capsys.readouterr().err, bad
@@ -879,6 +881,13 @@ def test_a_long_training_says_its_step_speed_and_time_left_now_and_then(monkeypa
     assert len(star_said) == 4 and "step 3000/" not in " ".join(star_said), star_said
     assert lines[-1] == "train ended early at step 2400 of 3000  (<my-ring>)"
     assert all(len(x) <= 80 for x in out.getvalue().splitlines())
+    # `train --gpus 2`'s processes log as Python's logging does, without KFP's prefix
+    gpus = progress.task()
+    gpus("INFO oneword.train: training 2 concepts together (<a>, <b>) for 100 steps, batch 4 x 1, on cuda\n")
+    gpus("INFO oneword.inversion: early end at step 60 of 100: the vectors moved 0.001 of their norm\n")
+    assert out.getvalue().splitlines()[-1].endswith("train ended early at step 60 of 100  (<a>, <b>)")
+    lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
+    assert [local._duration(s) for s in (40, 7199, 7260)] == ["40 s", "2 h 00 min", "2 h 01 min"]
     progress.stopped.set()  # after Ctrl-C: nothing more
     star(kfp + "resumed from /c/step-1000 (step 1000)\n")
     assert len(out.getvalue().splitlines()) == len(lines)

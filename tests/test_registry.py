@@ -1052,7 +1052,13 @@ def test_the_overview_page_is_written_whatever_the_registry_answers(tmp_path, mo
     assert "1 registered, 0 unchanged, 1 failed, 0 deferred; the run ended FAILED" in page
     assert "cat &lt;x&gt;/2 @candidate" in page and "its sample grid could not be read" in page
     assert "reconstruction 0.41 &lt; 0.50" in page and "train: CUDA OOM" in page and "old: @champion v3" in page
+    # the KFP dashboard's frame opens no window and reads `#name` as its own address: the page links nothing out
+    assert "scrollIntoView" in page and 'href="#v-' not in page and "target=" not in page
+    # a store that fails picture after picture is asked no more (the exit handler must end)
+    many = {**report, "concepts": [{**ok, "name": f"c{i}", "version": "1"} for i in range(5)]}
+    page = batch_overview.overview_page(many, tmp_path / "o.html", uri).read_text()
+    assert page.count("could not be read") == 3 and page.count("not read: the 3 before it could not be") == 2
     monkeypatch.setattr(batch_overview, "MAX_PICTURES", 0)
-    page = batch_overview.overview_page(report, tmp_path / "o.html", "https://mlflow.example/").read_text()
+    page = batch_overview.overview_page(report, tmp_path / "o.html", "https://u:secret@mlflow.example/").read_text()
     assert "1 more concept registered" in page and "could not be read" not in page
-    assert 'href="https://mlflow.example/#/models/cat%20%3Cx%3E/versions/2"' in page
+    assert "https://mlflow.example/" in page and "secret" not in page  # a URI's credentials stay off the page

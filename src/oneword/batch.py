@@ -17,6 +17,7 @@ manifest's own folder, so a manifest and its photos move together.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
@@ -282,23 +283,30 @@ def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
         )
     from oneword.registry import concept_name
 
-    entries, problems = {}, []  # every entry's problems, told at once: a long manifest is fixed in one go
+    # every entry's problems, told at once and in the file's order: a long manifest is fixed in one go
+    entries, problems = {}, []  # problems: (the first entry it is about, message, hint)
+    tokens, names = {}, {}  # of every entry that gives them, a broken one's too: its clash is told now, not later
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            problems.append((f"concept #{i + 1} of {source} is {item!r}, not a mapping of fields",
+            problems.append((i, f"concept #{i + 1} of {source} is {item!r}, not a mapping of fields",
                              f"write `- images: ...`, with token and init_word under it ({ENTRY_HINT})"))  # fmt: skip
             continue
+        if isinstance(item.get("token"), str):
+            vectors = item.get("n_vectors", 1)
+            tokens[i] = (item["token"], vectors if isinstance(vectors, int) and vectors > 0 else 1)
+            with contextlib.suppress(OnewordError):  # told below, for a valid entry
+                names[i] = concept_name(item["token"], item["name"] if isinstance(item.get("name"), str) else "")
         try:
             e = ConceptEntry.model_validate(item)  # a key YAML reads as a number or a boolean is a field error too
         except ValidationError as err:
-            label = f"#{i + 1}" + (f" ({item['token']})" if isinstance(item.get("token"), str) else "")
-            problems.append((f"concept {label} of {source}: {'; '.join(field_problems(err))}",
+            label = f"#{i + 1}" + (f" ({item['token']})" if i in tokens else "")
+            problems.append((i, f"concept {label} of {source}: {'; '.join(field_problems(err))}",
                              f"each needs images, token and init_word ({ENTRY_HINT})"))  # fmt: skip
             continue
         try:
             concept_name(e.token, e.name)
         except OnewordError as err:
-            problems.append((f"concept #{i + 1} of {source}: {err.message}",
+            problems.append((i, f"concept #{i + 1} of {source}: {err.message}",
                              "give it a `name:` of letters, digits, '_', '.' and '-'"))  # fmt: skip
             continue
         local = {"images": e.images}
@@ -315,29 +323,31 @@ def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
                 told.update(pairs)
                 own = f"give each concept its own {what}" + (" (set `name:`)" if what == "name" else "")
                 at = " and ".join(f"#{i + 1}" for i in sharing)
-                problems.append((f"concepts {at} of {source} share the {what} {v!r}", own))
+                problems.append((sharing[0], f"concepts {at} of {source} share the {what} {v!r}", own))
 
-    shared("token", {i: e.token for i, e in entries.items()})
-    for i, a in entries.items():  # shard-mates, or concepts in one prompt, whose tokens a prompt confuses
-        for j, b in entries.items():
-            if j > i and a.token != b.token and clashing_entries(vector_tokens(a.token, a.n_vectors),
-                                                                  vector_tokens(b.token, b.n_vectors)):
+    shared("token", {i: t for i, (t, _) in tokens.items()})
+    for i, (a, na) in tokens.items():  # shard-mates, or concepts in one prompt, whose tokens a prompt confuses
+        for j, (b, nb) in tokens.items():
+            if j > i and a != b and clashing_entries(vector_tokens(a, na), vector_tokens(b, nb)):
                 told.add(frozenset((i, j)))
                 problems.append((
-                    f"concepts #{i + 1} and #{j + 1} of {source}: their tokens {a.token!r} and {b.token!r} cannot "
-                    "be told apart in a prompt (the same but for case, or NAME and NAME_1, which diffusers reads "
-                    "as one concept's two vectors)",
-                    "give each concept a token of its own",
+                    i,
+                    f"concepts #{i + 1} and #{j + 1} of {source}: their tokens {a!r} and {b!r} cannot be told apart "
+                    "in a prompt (the same but for case, or NAME and NAME_1, which diffusers reads as one "
+                    "concept's two vectors)",
+                    "give each concept its own token",
                 ))  # fmt: skip
-    shared("name", {i: concept_name(e.token, e.name) for i, e in entries.items()})
+    shared("name", names)
+    problems.sort(key=lambda p: p[0])  # stable: an entry's own problem before those it shares
     if len(problems) == 1:
-        raise OnewordError(*problems[0])
-    if problems:  # the file named once
-        said = "\n".join(f"  - {m.replace(f' of {source}', '', 1)}" for m, _ in problems)
+        raise OnewordError(*problems[0][1:])
+    if problems:  # the file named once; each kind of problem's hint once, the fields' list once
+        said = "\n".join(f"  - {m.replace(f' of {source}', '', 1)}" for _, m, _ in problems)
+        hints = dict.fromkeys(h.replace(f" ({ENTRY_HINT})", "") for _, _, h in problems)
         raise OnewordError(
             f"{len(problems)} problems in concepts manifest {source}:\n{said}",
-            hint=f"each concept needs images, token and init_word, and a token and name of its own ({ENTRY_HINT}); "
-            "check the fixed manifest with `oneword batch MANIFEST --dry-run`",
+            hint="; ".join(hints) + f" ({ENTRY_HINT}); check the fixed manifest with `oneword batch MANIFEST "
+            "--dry-run`",
         )
     return list(entries.values())
 

@@ -4,6 +4,10 @@ it (shown in the KFP dashboard beside the run; `oneword batch` prints its path).
 A person reviews a night's batch here: which concepts registered, under which alias and why, their scores, and
 each one's sample grid (read back from the run that registered it, so the page shows what the registry holds).
 Without it, that review was one MLflow page per concept.
+
+The KFP dashboard shows an HTML artifact in a sandboxed frame that opens no other window and resolves `#name`
+links against the dashboard's own address: the page links nothing outside itself, and moves within itself by
+script.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import html
 import logging
 import tempfile
 from pathlib import Path
-from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_PICTURES = 100
 PICTURE_WIDTH = 640  # px, shrunk as JPEG where wider: about 50 KB a concept
 GRID_ARTIFACT = "evaluation/grid.png"
+MAX_FAILED_PICTURES = 3  # a store that fails these in a row fails the rest too: the exit handler stops asking
 
 
 def overview_page(report: dict, out: Path, tracking_uri: str | None = None, state: str = "") -> Path:
@@ -29,14 +33,14 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
     Args:
         report: the batch's report.
         out: the HTML file to write.
-        tracking_uri: the registry the report came from (its sample grids are read from the registering runs;
-            an http(s) one is linked, version by version).
+        tracking_uri: the registry the report came from (its sample grids are read from the registering runs).
         state: the run's final state, as the exit handler got it.
 
     Returns:
         `out`. A picture that cannot be read is said in its place: the page is written whatever the registry
         answers.
     """
+    from oneword import tracking
     from oneword.evaluation.report import PAGE_STYLE
 
     rows = report.get("concepts", [])
@@ -48,17 +52,18 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
         f"<h1>batch {batch}</h1>",
         f"<p>{counts}" + (f"; the run ended {html.escape(state)}" if state else "") + ".</p>",
     ]
-    if tracking_uri:
-        head.append(f'<p class="note">registry: <code>{html.escape(tracking_uri)}</code></p>')
+    uri = tracking.resolve(tracking_uri)
+    head.append(f'<p class="note">registry: <code>{html.escape(tracking.shown(uri))}</code></p>')
     if report.get("error"):
         head.append(f'<p class="failed">{html.escape(report["error"])}</p>')
-    body = [_table(rows, tracking_uri), *_pictures(rows, tracking_uri), *_left(report)]
+    with tracking.briefly():  # a store that does not answer costs seconds a picture, not MLflow's minutes
+        body = [_table(rows), *_pictures(rows, uri), *_left(report)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join([*head, *body, "</body></html>"]), encoding="utf-8")
     return out
 
 
-def _table(rows: list[dict], tracking_uri: str | None) -> str:
+def _table(rows: list[dict]) -> str:
     header = "".join(
         f"<th>{h}</th>"
         for h in ("concept", "token", "status", "version", "alias", "reconstruction", "editability", "why")
@@ -67,11 +72,14 @@ def _table(rows: list[dict], tracking_uri: str | None) -> str:
     for c in rows:
         name = html.escape(str(c.get("name")))
         if c.get("version") and c["status"] in ("registered", "unchanged"):
-            name = f'<a href="#{_anchor(c)}">{name}</a>'
+            jump = f"document.getElementById('{_anchor(c)}').scrollIntoView();return false"
+            name = f'<a href="#" onclick="{jump}">{name}</a>'
             why = c.get("rejudged") or ("" if "champion" in (c.get("alias") or "").split(",") else c.get("gate"))
+            if why and c["status"] == "unchanged" and not c.get("rejudged"):
+                why = f"when registered: {why}"  # the gate's word then; an alias moved by hand since says otherwise
         else:
             why = ": ".join(str(x) for x in (c.get("stage"), c.get("error")) if x)
-        version = _version_link(c, tracking_uri)
+        version = html.escape(str(c.get("version") or ""))
         status = html.escape(c["status"])
         status = f'<span class="failed">{status}</span>' if c["status"] == "failed" else status
         lines.append(
@@ -91,14 +99,20 @@ def _pictures(rows: list[dict], tracking_uri: str | None) -> list[str]:
     if not shown:
         return []
     out = ["<h2>Samples (rows: prompts, columns: seeds)</h2>"]
+    failed = 0
     with tempfile.TemporaryDirectory(prefix="oneword-overview-") as d:
         for i, c in enumerate(shown[:MAX_PICTURES]):
             title = html.escape(f"{c['name']}/{c['version']}" + (f" @{c['alias']}" if c.get("alias") else ""))
             out.append(f'<h3 id="{_anchor(c)}">{title} <code>{html.escape(str(c.get("token") or ""))}</code></h3>')
+            if failed >= MAX_FAILED_PICTURES:
+                out.append(f'<p class="note">not read: the {failed} before it could not be</p>')
+                continue
             try:
                 grid = _download(c["run_id"], GRID_ARTIFACT, tracking_uri, Path(d) / str(i))
                 out.append(img_tag(grid, f"samples of {c['name']}", PICTURE_WIDTH, quality=85))
+                failed = 0
             except Exception as e:  # a page without one picture beats no page: the exit handler writes it
+                failed += 1
                 log.warning("no sample grid for %s/%s: %s", c["name"], c["version"], e)
                 out.append(f'<p class="note">its sample grid could not be read: {html.escape(str(e)[:300])}</p>')
     if len(shown) > MAX_PICTURES:
@@ -130,17 +144,6 @@ def _download(run_id: str, artifact: str, tracking_uri: str | None, into: Path) 
     uri = tracking.ensure_store(tracking_uri)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(into),
                                                     tracking_uri=uri))  # fmt: skip
-
-
-def _version_link(c: dict, tracking_uri: str | None) -> str:
-    """The version, linked to its page in the MLflow UI where the registry is a server."""
-    if not c.get("version"):
-        return ""
-    version = html.escape(str(c["version"]))
-    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
-        href = f"{tracking_uri.rstrip('/')}/#/models/{quote(str(c['name']))}/versions/{c['version']}"
-        return f'<a href="{html.escape(href)}" target="_blank">{version}</a>'
-    return version
 
 
 def _anchor(c: dict) -> str:

@@ -45,7 +45,7 @@ def as_uri(text: str) -> str:
     MLflow reads any other path as a file store (a folder like `./mlruns`), which it keeps in maintenance mode
     and oneword's registry does not use: refused, saying what to write.
     """
-    if _SCHEME.match(text):
+    if _SCHEME.match(text) or text == "databricks":  # MLflow's own word for the default Databricks profile
         return text
     path = Path(text).expanduser()
     if path.suffix.lower() in SQLITE_SUFFIXES or path.is_file():
@@ -75,6 +75,11 @@ def existing_store(tracking_uri: str | None) -> str:
             "`oneword run` and `oneword demo` print it",
         )
     return uri
+
+
+def shown(tracking_uri: str) -> str:
+    """A tracking URI fit to print or put on a page: without the user and password it may carry."""
+    return re.sub(r"^(\w[\w+.-]*://)[^/@]*@", r"\1", tracking_uri)
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:

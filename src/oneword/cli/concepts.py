@@ -248,7 +248,8 @@ def promote_cmd(
     done = promote(ref, alias, reason, existing_store(tracking_uri))
     console, held = Console(highlight=False, soft_wrap=True), f"{escape(done['name'])}@{escape(alias)}"
     if done["before"] == done["version"]:
-        console.print(f"{held} is version {done['version']} already: nothing changed")
+        kept = " (nor the reason recorded: the version keeps the one it has)" if reason else ""
+        console.print(f"{held} is version {done['version']} already: nothing changed{kept}")
         return
     was = f" (was version {done['before']})" if done["before"] is not None else ""
     console.print(f"[green]{held}[/] -> version {done['version']}{was}")
@@ -258,7 +259,7 @@ def promote_cmd(
                       f"must name {escape(str(done['token']))} now")  # fmt: skip
 
 
-@concepts.command("delete")
+@concepts.command("delete", short_help="Delete a concept whole: its versions, runs and artifacts.")
 def delete_cmd(
     name: Annotated[str, typer.Argument(help="the concept's name (`oneword concepts list`)")],
     yes: Annotated[bool, typer.Option("--yes", help="delete; without it, only say what would go")] = False,

@@ -287,6 +287,8 @@ def print_batch_report(report: dict, console) -> int:
             colour = "green" if c["status"] == "registered" else "cyan"
             # why a new version is no champion (the champion's own reason is what was expected)
             why = c.get("rejudged") or ("" if "champion" in c["alias"].split(",") else c.get("gate") or "")
+            if why and c["status"] == "unchanged" and not c.get("rejudged"):
+                why = f"when registered: {why}"  # the gate's word then; an alias moved by hand since says otherwise
             said = "; ".join(x for x in (c["alias"], escape(why)) if x)
             t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], _score2(c.get("reconstruction")),
                       _score2(c.get("editability")), said)  # fmt: skip

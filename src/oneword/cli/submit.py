@@ -96,6 +96,20 @@ def _typed(key: str, value: str, kfp_type: str) -> object:
         ) from None
 
 
+def _check_cluster_store(tracking_uri: str) -> None:
+    """A cluster run's steps log to an MLflow server: a SQLite file (or a path) names a file on each pod, a store
+    of its own that nobody reads, not the one on this machine."""
+    from oneword.tracking import as_uri, sqlite_path
+
+    if tracking_uri and sqlite_path(as_uri(tracking_uri)) is not None:
+        raise OnewordError(
+            f"--param tracking_uri={tracking_uri}: a cluster run's steps cannot log to a SQLite file (each pod would "
+            "make one of its own)",
+            hint="leave tracking_uri out (the cluster's MLflow, from the oneword-config ConfigMap) or give an MLflow "
+            "server's URL, e.g. http://mlflow.oneword.svc.cluster.local:5000",
+        )
+
+
 def _preflight_here(params: dict, one_concept: bool = True) -> None:
     """The run's own first task checks again on the cluster; from here, a typo costs seconds, not a queue.
     Without `one_concept` (a manifest's run), the shared resources only, as the batch's own preflight."""
@@ -209,6 +223,7 @@ def submit_cmd(
     from oneword.pipelines.remote import submit_runs
 
     pipeline, runs = _runs(images, token, init_word, concepts_manifest, names_given(only_concepts), param, run_name)
+    _check_cluster_store(runs[0][1].get("tracking_uri", ""))
     if not 1 <= first_run <= len(runs):
         raise OnewordError(f"--first-run {first_run}: there are runs 1 to {len(runs)}", hint="see them with --dry-run")
     if dry_run:

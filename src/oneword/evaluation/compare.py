@@ -37,6 +37,8 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
     tracking_uri = resolve(tracking_uri)
     label = run[:8]
     if not re.fullmatch(r"[0-9a-f]{32}", run):  # not an MLflow run id: a registered concept, or a folder not there
+        if run.startswith((".", "/", "~")) or ("/" in run and not run.rsplit("/", 1)[1].isdigit()):
+            raise OnewordError(f"evaluation folder {run} not found", hint="pass folders written by `oneword evaluate`")
         run, label = _registered_run(run, tracking_uri)
 
     with tempfile.TemporaryDirectory() as d:
@@ -66,6 +68,9 @@ def _registered_run(ref: str, tracking_uri: str) -> tuple[str, str]:
             hint="pass folders written by `oneword evaluate`, MLflow run ids, or concepts as NAME, NAME/3 or "
             "NAME@alias with --tracking-uri",
         ) from e
+    if not mv.run_id:  # registered by another tool from no run: no evaluation to read
+        raise OnewordError(f"{ref} ({mv.name}/{mv.version}) was registered from no MLflow run",
+                           hint="compare versions that oneword registered")  # fmt: skip
     return mv.run_id, f"{mv.name}/{mv.version}"
 
 

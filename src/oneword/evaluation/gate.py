@@ -126,6 +126,6 @@ def _paired_se(candidate: dict, champion: dict) -> float | None:
     """The standard error of the mean per-seed difference of the two versions' scores, or None where either did
     not record them seed by seed (or for another number of seeds). Called once the protocols are the same."""
     a, b = candidate.get("score_per_seed"), champion.get("score_per_seed")
-    if not a or not b or len(a) != len(b) or len(a) < 2:
-        return None
+    if not a or not b or len(a) != len(b) or len(a) < 2 or not all(math.isfinite(x) for x in (*a, *b)):
+        return None  # (statistics.stdev raises on nan rather than answer it)
     return known_se(statistics.stdev(x - y for x, y in zip(a, b, strict=True)) / math.sqrt(len(a)))

@@ -639,7 +639,10 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
     try:
         overview_page(report, Path(overview.path), uri, status.state)
     except Exception as e:  # the summary is what alerts read: a page that could not be made does not fail the run
-        Path(overview.path).write_text(f"<p>the overview could not be made: {type(e).__name__}: {e}</p>")
+        import html
+
+        said = html.escape(f"{type(e).__name__}: {e}")
+        Path(overview.path).write_text(f"<p>the overview could not be made: {said}</p>")
     # an alert on `failed` alone would miss a night whose report could not be made: `error` says so
     counts = {k: report.get(k, 0) for k in ("registered", "unchanged", "failed", "deferred")}
     summary.metadata.update(counts | {"error": report.get("error", ""), "left": len(report.get("left", [])),

@@ -64,7 +64,10 @@ class _Tasks:
                 for line in proc.stdout:
                     _write(out, line)
                     if seen:
-                        seen(line)
+                        try:
+                            seen(line)
+                        except Exception:  # the terminal's progress (a closed pipe: `| head`) must not fail the task
+                            seen = None
                 _write(out, "\n\n")  # kfp.local's separator after a task's logs
                 return proc.wait()
         finally:

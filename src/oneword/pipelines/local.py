@@ -112,10 +112,11 @@ class _TaskProgress(logging.Filter):
     SHARD = re.compile(r"for-loop-\d+-iteration-(\d+)")
     PLAN = "plan-batch"
     # what a training logs (`oneword.train`, `oneword.inversion`), read from its task's output
-    TRAINING = re.compile(r"\]: training (?:\d+ concepts together \((?P<tokens>.*?)\)|(?P<token>\S+) \(init)")
-    STEP = re.compile(r"\]: step (\d+)/(\d+): loss")
-    RESUMED = re.compile(r"\]: resumed from .* \(step (\d+)\)")
-    EARLY = re.compile(r"\]: early end at step (\d+) of (\d+)")
+    # (after KFP's `[KFP Executor ... INFO]: `, or, from `train --gpus N`'s processes, `INFO oneword.inversion: `)
+    TRAINING = re.compile(r"[\]:] training (?:\d+ concepts together \((?P<tokens>.*?)\)|(?P<token>\S+) \(init)")
+    STEP = re.compile(r"[\]:] step (\d+)/(\d+): loss")
+    RESUMED = re.compile(r"[\]:] resumed from .* \(step (\d+)\)")
+    EARLY = re.compile(r"[\]:] early end at step (\d+) of (\d+)")
     EVERY_S = 60.0  # between a training's progress lines: an hour's run says where it is, not every step
 
     def __init__(self, out, stopped: threading.Event | None = None) -> None:
@@ -189,9 +190,8 @@ def _duration(seconds: float) -> str:
     """About how long, for a person: "40 s", "12 min", "2 h 05 min"."""
     if seconds < 60:
         return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:02.0f} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{minutes} min" if not hours else f"{hours} h {minutes:02d} min"
 
 
 def _shard_names(outputs: str) -> list[list[str]]:

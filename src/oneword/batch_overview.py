@@ -136,14 +136,19 @@ def _left(report: dict) -> list[str]:
 
 
 def _download(run_id: str, artifact: str, tracking_uri: str | None, into: Path) -> Path:
+    import os
+    from unittest.mock import patch
+
     import mlflow
 
     from oneword import tracking
 
     into.mkdir(parents=True)
     uri = tracking.ensure_store(tracking_uri)
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(into),
-                                                    tracking_uri=uri))  # fmt: skip
+    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # a bar a picture, in the step's log
+    with patch.dict(os.environ, {} if bar in os.environ else {bar: "false"}):
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(into),
+                                                        tracking_uri=uri))  # fmt: skip
 
 
 def _anchor(c: dict) -> str:

@@ -719,6 +719,12 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     assert catalogue.batch_versions(mlflow_server, "no-such-batch") == []
     assert catalogue.list_concepts(mlflow_server, batch="reg-night-1", alias="champion") == night_1
     assert catalogue.list_concepts(mlflow_server, batch="reg-night-1", alias="candidate") == []
+    # by name: a pattern, asked of the server and matched exactly (LIKE's `_` would match any character)
+    assert catalogue.list_concepts(mlflow_server, names=["cat-night*"]) == night_1
+    assert catalogue.list_concepts(mlflow_server, names=["cat-nightl?"]) == night_1
+    assert catalogue.list_concepts(mlflow_server, names=["cat_nightly", "dog-*"]) == []
+    with pytest.raises(OnewordError, match="is no concept name or pattern"):
+        catalogue.list_concepts(mlflow_server, names=["x' or name LIKE '%"])
     # photos changed (version 2), then changed back: version 1's inputs are no longer the newest, so it counts
     # for nothing; and a version whose register died before its gate decided never counts
     registry.register(trained, scored("t-2", 0.4), mlflow_server, name=name)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fnmatch
 import logging
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,19 +84,35 @@ def list_concepts(
     alias: str | None = None,
     page_size: int = PAGE_SIZE,
     batch: str | None = None,
+    names: Sequence[str] = (),
 ) -> list[dict]:
     """List registered concept versions, optionally only those on a base model (its reference or a fingerprint
-    prefix), with an alias, or registered by one batch (its id: `oneword batch` prints it).
+    prefix), with an alias, registered by one batch (its id: `oneword batch` prints it), or of concepts whose
+    names match one of `names` (shell-style patterns: `cat*`, `team-?-dog`).
 
-    Every page of the registry is read, however many concepts it holds (a batch's: what it holds).
+    Every page of the registry is read, however many concepts it holds (a batch's, or the named ones': what they
+    hold).
     """
     if batch:
         rows = batch_versions(tracking_uri, batch, page_size)
         rows = [r for r in rows if not base_model or _on_base_model(r, base_model)]
+        rows = [r for r in rows if not names or any(fnmatch.fnmatchcase(r["name"], n) for n in names)]
         return [r for r in rows if not alias or alias in r["aliases"]]
     _, client = tracking.client(tracking_uri)
     rows = []
-    models = every_page(client.search_registered_models, page_size, filter_string=f"tags.`{CONCEPT_TAG}` = 'true'")
+    concept = f"tags.`{CONCEPT_TAG}` = 'true'"
+    if names:  # asked of the server by LIKE (`_` is its one-character wildcard), then matched exactly here
+        if bad := [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.*?\[\]!-]+", n)]:
+            raise OnewordError(f"{bad[0]!r} is no concept name or pattern",
+                               hint="names hold letters, digits, '_', '.' and '-'; * and ? match any")  # fmt: skip
+        found = []
+        for n in names:
+            like = f"{concept} and name LIKE '{_like(n)}'"
+            found += every_page(client.search_registered_models, page_size, filter_string=like)
+        matched = {rm.name: rm for rm in found if any(fnmatch.fnmatchcase(rm.name, n) for n in names)}
+        models = list(matched.values())
+    else:
+        models = every_page(client.search_registered_models, page_size, filter_string=concept)
     for rm in models:
         if alias:  # the version it names, not every version of every concept
             held = (rm.aliases or {}).get(alias)
@@ -109,6 +127,11 @@ def list_concepts(
                 continue
             rows.append(row)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def _like(pattern: str) -> str:
+    """A shell-style name pattern as SQL LIKE reads it, as wide or wider (`[ab]` is any one character)."""
+    return re.sub(r"\[[^]]*\]", "_", pattern).replace("*", "%").replace("?", "_")
 
 
 def _deciding(client, name: str) -> list[str]:

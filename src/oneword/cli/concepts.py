@@ -28,6 +28,10 @@ TRACKING = option(TrackingConfig, "tracking_uri")
 
 @concepts.command("list")
 def list_cmd(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="NAME", help="only these concepts; * and ? match any (quote them: 'cat*')"),
+    ] = None,
     base_model: Annotated[
         str | None,
         typer.Option(
@@ -47,6 +51,7 @@ def list_cmd(
     \b
     Example:
       oneword concepts list --alias champion
+      oneword concepts list 'team-a-*' --alias champion
       oneword concepts list --batch 77842948
     """
     from rich.console import Console
@@ -54,13 +59,14 @@ def list_cmd(
     from oneword.catalogue import list_concepts
 
     uri = existing_store(tracking_uri)
-    rows = list_concepts(uri, base_model=base_model, alias=alias, batch=batch)
+    rows = list_concepts(uri, base_model=base_model, alias=alias, batch=batch, names=names or ())
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
         what = f" with @{alias}" if alias else (f" on {base_model}" if base_model else "")
         what += f" registered by batch {batch}" if batch else ""
+        what += f" named {' or '.join(names)}" if names else ""
         Console().print(f"no oneword concepts{what} in the registry at {uri}",
                         highlight=False, soft_wrap=True)  # fmt: skip
         return

@@ -131,6 +131,9 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     main(["compare", f"{name}/2", f"{name}@champion", "--tracking-uri", mlflow_server, "-o", str(tmp_path / "v.png")])
     rows = json.loads((tmp_path / "v.json").read_text())
     assert [r["run"] for r in rows] == [f"{name}/2", f"{name}/3"] and rows[1]["reconstruction"] == pytest.approx(0.6)
+    main(["compare", f"{name}/3", f"{name}@champion", "--tracking-uri", mlflow_server, "-o", str(tmp_path / "v.png")])
+    rows = json.loads((tmp_path / "v.json").read_text())
+    assert [r["run"] for r in rows] == [f"{name}/3", f"{name}/3 ({name}@champion)"]  # one version, asked twice
     with pytest.raises(SystemExit):
         main(["compare", f"{name}-x", "--tracking-uri", mlflow_server, "-o", str(tmp_path / "x.png")])
     said = " ".join(capsys.readouterr().err.split())

@@ -79,6 +79,10 @@ def _distinct(defaults: list[str], runs: Sequence[str], metrics: list[dict]) -> 
     `evaluate`): by token where the tokens differ, else by the first folder of their paths that differs."""
     if len(set(defaults)) == len(defaults):
         return defaults
+    # two references to one registered version (`my-cat/3 my-cat@champion`): each as typed beside it
+    typed = [d if d == r or Path(r).is_dir() else f"{d} ({r})" for d, r in zip(defaults, runs, strict=True)]
+    if len(set(typed)) == len(typed):
+        return typed
     tokens = [m.get("token") for m in metrics]
     if all(tokens) and len(set(tokens)) == len(tokens):
         return [str(t) for t in tokens]

@@ -383,6 +383,8 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     main(["run", *args, "--pipeline-root", str(tmp_path / "root"), "--log-file", str(tmp_path / "steps.log")])
     said = capsys.readouterr().out
     assert "unchanged cat-sd2/1" in said and "concepts pull cat-sd2/1" in said and "None" not in said, said
+    draw = r"^  draw it:\n    oneword generate --concept cat-sd2/1 'a watercolor of <cat-sd2>'$"
+    assert re.search(draw, said, re.M), said  # what to do next, to copy (the store is the default one here)
     # a line per finished step on the terminal, their logs in the file it names; none of its own lines past 80
     assert re.search(r"^ +\d+ s  changed-concepts done$", said, re.M) and "report-run done" in said
     assert f"their logs: {tmp_path / 'steps.log'}" in said and "Executing task" not in said

@@ -126,6 +126,17 @@ def run_cmd(
     for k in ("report", "grid", "embedding", "run_dir", "tracking_uri"):
         if out.get(k):  # found unchanged by evaluate, a concept drew nothing new: its files are the version's
             rprint(f"  {k:13s} {out.get(k)}")
+    if "/" in registered:  # what to do with it next, to copy
+        import shlex
+
+        from rich.markup import escape
+
+        from oneword.tracking import default_tracking_uri
+
+        uri = out.get("tracking_uri")
+        store = "" if uri in (None, default_tracking_uri()) else f" --tracking-uri {shlex.quote(uri)}"
+        prompt = shlex.quote(f"a watercolor of {params['token']}")
+        rprint(escape(f"  draw it:\n    oneword generate --concept {registered.split('@')[0]} {prompt}{store}"))
 
 
 @app.command("batch", short_help="Run a batch of concepts here (kfp.local).")

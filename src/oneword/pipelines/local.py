@@ -211,8 +211,8 @@ def _shard_names(outputs: str) -> list[list[str]]:
 @contextlib.contextmanager
 def _task_logs(log_file: Path | None) -> Iterator[None]:
     """Send kfp.local's streamed task logs to `log_file` (None: the terminal), and say on the terminal, a line
-    each, which tasks finished; mark the tasks as local ones. Ctrl-C stops the run within seconds
-    (`interrupt.stopping`) and raises KeyboardInterrupt."""
+    each, which tasks finished and, now and then, how far a training is; mark the tasks as local ones. Ctrl-C
+    stops the run within seconds (`interrupt.stopping`) and raises KeyboardInterrupt."""
     progress = _TaskProgress(sys.stdout) if log_file else None  # the terminal, before the logs take stdout
     watch = progress.task if progress else None  # without a log file, the tasks' own output is on the terminal
     with warnings.catch_warnings(), _marked_local(), stopping(progress.stopped if progress else None, watch):

@@ -361,6 +361,17 @@ def _beside(manifest: str, path: str) -> str:
     return os.path.abspath(Path(manifest).parent / path)
 
 
+def alias_reason(row: dict) -> str:
+    """Why a `batch_report` row's version holds the alias it holds, for a person: what the gate said where it is
+    no champion (a champion's own reason is what was expected), or said again of an unchanged one's scores. An
+    unchanged version's word is from its registration: an alias moved by hand since says otherwise."""
+    if row.get("rejudged"):
+        return row["rejudged"]
+    if "champion" in (row.get("alias") or "").split(",") or not row.get("gate"):
+        return ""
+    return f"when registered: {row['gate']}" if row["status"] == "unchanged" else row["gate"]
+
+
 def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = "oneword") -> dict:
     """What became of each planned concept of a batch: registered (name, version, alias) or failed (stage, error).
 

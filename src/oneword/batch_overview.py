@@ -64,6 +64,8 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
 
 
 def _table(rows: list[dict]) -> str:
+    from oneword.batch import alias_reason
+
     header = "".join(
         f"<th>{h}</th>"
         for h in ("concept", "token", "status", "version", "alias", "reconstruction", "editability", "why")
@@ -74,9 +76,7 @@ def _table(rows: list[dict]) -> str:
         if c.get("version") and c["status"] in ("registered", "unchanged"):
             jump = f"document.getElementById('{_anchor(c)}').scrollIntoView();return false"
             name = f'<a href="#" onclick="{jump}">{name}</a>'
-            why = c.get("rejudged") or ("" if "champion" in (c.get("alias") or "").split(",") else c.get("gate"))
-            if why and c["status"] == "unchanged" and not c.get("rejudged"):
-                why = f"when registered: {why}"  # the gate's word then; an alias moved by hand since says otherwise
+            why = alias_reason(c)
         else:
             why = ": ".join(str(x) for x in (c.get("stage"), c.get("error")) if x)
         version = html.escape(str(c.get("version") or ""))

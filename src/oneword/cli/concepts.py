@@ -96,13 +96,14 @@ def concepts_table(rows: list[dict]):
             "\n".join(r["aliases"]),
             r["token"] or "",
             f"{_short_model(r['base_model'])}\n{r['base_model_fingerprint'][7:15]}",
-            _score(r["reconstruction"]),
-            _score(r["editability"]),
+            score_cell(r["reconstruction"]),
+            score_cell(r["editability"]),
         )
     return t
 
 
-def _score(value) -> str:
+def score_cell(value) -> str:
+    """A score in a table of concepts (`concepts list`, `oneword batch`): two decimals, "-" where there is none."""
     return "-" if value in (None, "") else f"{float(value):.2f}"
 
 

@@ -279,6 +279,9 @@ def print_batch_report(report: dict, console) -> int:
     from rich.markup import escape
     from rich.table import Table
 
+    from oneword.batch import alias_reason
+    from oneword.cli.concepts import score_cell
+
     if report.get("error") or "concepts" not in report:
         console.print(f"[bold red]error:[/] {escape(report.get('error', 'the batch wrote no report'))}")
         for k in ("logs", "run_dir"):
@@ -296,13 +299,9 @@ def print_batch_report(report: dict, console) -> int:
     for c in report["concepts"]:
         if c["status"] in ("registered", "unchanged"):
             colour = "green" if c["status"] == "registered" else "cyan"
-            # why a new version is no champion (the champion's own reason is what was expected)
-            why = c.get("rejudged") or ("" if "champion" in c["alias"].split(",") else c.get("gate") or "")
-            if why and c["status"] == "unchanged" and not c.get("rejudged"):
-                why = f"when registered: {why}"  # the gate's word then; an alias moved by hand since says otherwise
-            said = "; ".join(x for x in (c["alias"], escape(why)) if x)
-            t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], _score2(c.get("reconstruction")),
-                      _score2(c.get("editability")), said)  # fmt: skip
+            said = "; ".join(x for x in (c["alias"], escape(alias_reason(c))) if x)
+            scores = (score_cell(c.get("reconstruction")), score_cell(c.get("editability")))
+            t.add_row(escape(c["name"]), f"[{colour}]{c['status']}[/]", c["version"], *scores, said)
         elif c["status"] == "deferred":  # a cluster run's: kfp.local takes no limit
             t.add_row(escape(c["name"]), "[yellow]deferred[/]", "", "", "", escape(c.get("error") or ""))
         else:
@@ -331,10 +330,6 @@ def print_batch_report(report: dict, console) -> int:
         console.print(f"  {'versions':13s} oneword concepts list --batch {escape(report['batch_id'])}", highlight=False,
                       soft_wrap=True)  # fmt: skip
     return 1 if report["failed"] else 0
-
-
-def _score2(value) -> str:
-    return "-" if value is None else f"{float(value):.2f}"
 
 
 def photo_lines(manifest: dict) -> list[str]:

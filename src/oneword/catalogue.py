@@ -96,7 +96,7 @@ def list_concepts(
     if batch:
         rows = batch_versions(tracking_uri, batch, page_size)
         rows = [r for r in rows if not base_model or _on_base_model(r, base_model)]
-        rows = [r for r in rows if not names or any(fnmatch.fnmatchcase(r["name"], n) for n in names)]
+        rows = [r for r in rows if not names or _named(r["name"], names)]
         return [r for r in rows if not alias or alias in r["aliases"]]
     _, client = tracking.client(tracking_uri)
     rows = []
@@ -109,7 +109,7 @@ def list_concepts(
         for n in names:
             like = f"{concept} and name LIKE '{_like(n)}'"
             found += every_page(client.search_registered_models, page_size, filter_string=like)
-        matched = {rm.name: rm for rm in found if any(fnmatch.fnmatchcase(rm.name, n) for n in names)}
+        matched = {rm.name: rm for rm in found if _named(rm.name, names)}
         models = list(matched.values())
     else:
         models = every_page(client.search_registered_models, page_size, filter_string=concept)
@@ -127,6 +127,11 @@ def list_concepts(
                 continue
             rows.append(row)
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def _named(name: str, patterns: Sequence[str]) -> bool:
+    """Whether `name` matches one of the shell-style `patterns`, case and all."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _like(pattern: str) -> str:

@@ -13,9 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oneword import tracking
+from oneword.bundles import BUNDLE_TAG, MEMBERS_TAG, bundles_holding, parse_members
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
-from oneword.registry import ABANDONED, CHAMPION, CONCEPT_TAG, PAGE_SIZE, delete_version, every_page
+from oneword.registry import (
+    ABANDONED,
+    CHAMPION,
+    CONCEPT_TAG,
+    EMBEDDING_ARTIFACT,
+    PAGE_SIZE,
+    delete_version,
+    every_page,
+)
 from oneword.tracking import resolve
 
 log = logging.getLogger(__name__)
@@ -34,15 +43,16 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     return ref, CHAMPION, None
 
 
-def get_version(ref: str, tracking_uri: str | None = None):
-    """Resolve a concept reference to an MLflow `ModelVersion`."""
+def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False):
+    """Resolve a concept reference to an MLflow `ModelVersion`; a bundle's version (`oneword.bundles`) is refused
+    unless `bundle`, naming its members (the concepts to name instead)."""
     from mlflow.exceptions import MlflowException
 
     _, client = tracking.client(tracking_uri)
     name, alias, version = parse_ref(ref)
     where = resolve(tracking_uri)
     try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as e:
         missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
             e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
@@ -53,6 +63,10 @@ def get_version(ref: str, tracking_uri: str | None = None):
                 hint="check that the MLflow server is up and that your credentials may read the registry",
             ) from e
         raise _not_there(client, name, alias, version, ref, where) from e
+    if not bundle and (members := (mv.tags or {}).get(MEMBERS_TAG)) is not None:
+        raise OnewordError(f"{name} is a bundle of concepts, not a concept: {name}/{mv.version} holds "
+                           f"{members.replace(',', ', ')}", hint="name one of its concepts instead")  # fmt: skip
+    return mv
 
 
 def _not_there(client, name: str, alias: str | None, version: str | None, ref: str, where: str) -> OnewordError:
@@ -236,7 +250,7 @@ def as_number(tag: str | None) -> float | None:
 def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
     """Everything about one concept version: tags, aliases, run metrics and params."""
     _, client = tracking.client(tracking_uri)
-    mv = get_version(ref, tracking_uri)
+    mv = get_version(ref, tracking_uri, bundle=True)
     run = client.get_run(mv.run_id)
     rm = client.get_registered_model(mv.name)
     return {
@@ -261,23 +275,12 @@ def pull_concept(
     Returns:
         (the written file, the version's tags).
     """
-    import os
-    from unittest.mock import patch
-
     from oneword import embeddings as emb_io  # torch: only a pull needs it
 
     mlflow, _ = tracking.client(tracking_uri)
     mv = get_version(ref, tracking_uri)
-    # a file of a few KB: MLflow's progress bar only trailed the answer on the terminal
-    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    quiet = {} if bar in os.environ else {bar: "false"}
-    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d, patch.dict(os.environ, quiet):
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path="embeddings/diffusers/learned_embeds.safetensors", dst_path=d
-            )
-        )
-        emb = emb_io.load(local)
+    with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d:
+        emb = emb_io.load(download_embedding(mlflow, mv.run_id, Path(d)))
     # without `out`, the file goes to a folder of its own that the caller keeps (generate reads it after)
     out = (
         Path(out)
@@ -292,11 +295,25 @@ def pull_concept(
     return out, {**mv.tags, "oneword.version": str(mv.version), "oneword.name": mv.name}
 
 
+def download_embedding(mlflow, run_id: str, folder: Path) -> Path:
+    """The embedding file of a concept version's run (`run_id`), downloaded into `folder`."""
+    import os
+    from unittest.mock import patch
+
+    # a file of a few KB: MLflow's progress bar only trailed the answer on the terminal
+    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    with patch.dict(os.environ, {} if bar in os.environ else {bar: "false"}):
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EMBEDDING_ARTIFACT,
+                                                        dst_path=str(folder)))  # fmt: skip
+
+
 def pull_concepts(
     refs: list[str], tracking_uri: str | None = None, folder: Path | None = None
 ) -> tuple[list[Path], str]:
     """Download several concepts (diffusers format), into `folder` if given (else each into a folder of its own
     that the caller keeps). Returns (files, the base model they were trained on)."""
+    refs = [r for ref in refs for r in _members_of(ref, tracking_uri)]
     files, bases = [], set()
     for i, ref in enumerate(refs):
         out = Path(folder) / f"{i}" / "learned_embeds.safetensors" if folder else None
@@ -309,6 +326,13 @@ def pull_concepts(
             hint="generate with concepts of one base model at a time",
         )
     return files, next(iter(bases))
+
+
+def _members_of(ref: str, tracking_uri: str | None) -> list[str]:
+    """`[ref]` for a concept; a bundle version's members (`NAME/version` each) for a bundle."""
+    mv = get_version(ref, tracking_uri, bundle=True)
+    members = (mv.tags or {}).get(MEMBERS_TAG)
+    return [ref] if members is None else [f"{n}/{v}" for n, v in parse_members(members).items()]
 
 
 def prune_versions(
@@ -367,7 +391,8 @@ def prune_versions(
 def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = False) -> dict:
     """Delete a concept whole: its registered model and every version, and every MLflow run of it (trainings,
     registrations, failures, in any experiment) with their artifacts and logged models: the embedding, the sample
-    grids and reports drawn from the owner's photos. What a request to erase a person's concept asks for.
+    grids and reports drawn from the owner's photos; and every bundle version that holds a copy of its embedding.
+    What a request to erase a person's concept asks for.
 
     Runs are deleted as MLflow deletes them (kept in its database, marked deleted, until `mlflow gc`); their
     artifacts, which hold the likeness, are removed from the artifact store now. Safe to run again: a delete
@@ -379,7 +404,9 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
         dry_run: delete nothing; return what would be deleted.
 
     Returns:
-        `{"name", "versions": [...], "runs": [...], "logged_models": [...]}`: what was (or would be) deleted.
+        `{"name", "versions": [...], "runs": [...], "logged_models": [...], "bundle_versions": [...]}`: what was
+        (or would be) deleted; `bundle_versions` are the versions of bundles that held a copy of its embedding
+        (`oneword.bundles`), deleted with their runs and logged models.
 
     Raises:
         OnewordError: no such concept; a model that is not a oneword concept; a version still being registered.
@@ -407,16 +434,22 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     for mv in versions:  # a version registered from a run another tool made, untagged
         if mv.run_id and mv.run_id not in runs:
             runs[mv.run_id] = client.get_run(mv.run_id)
+    held = bundles_holding(client, name)  # they hold copies of its embedding
+    for mv in held:
+        runs[mv.run_id] = client.get_run(mv.run_id)
     models = [m for run_id in runs for m in every_page(client.search_logged_models, experiment_ids=experiments,
                                                        filter_string=f"source_run_id = '{run_id}'")]  # fmt: skip
-    if rm is None and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
+    if rm is None and not held and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
         gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
         raise OnewordError(f"concept {name!r} not found in the registry at {resolve(tracking_uri)}{gone}",
                            hint="list concepts with `oneword concepts list`")  # fmt: skip
     done = {"name": name, "versions": sorted((str(mv.version) for mv in versions), key=int),
-            "runs": sorted(runs), "logged_models": sorted(m.model_id for m in models)}  # fmt: skip
+            "runs": sorted(runs), "logged_models": sorted(m.model_id for m in models),
+            "bundle_versions": [f"{mv.name}/{mv.version}" for mv in held]}  # fmt: skip
     if dry_run:
         return done
+    for mv in held:  # first: no server started after this serves a copy of it
+        delete_version(client, mv.name, mv.version)
     if rm is not None:  # first: nothing resolves `models:/NAME@champion` any more, whatever fails after
         client.delete_registered_model(name)
     for m in models:
@@ -444,7 +477,8 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     """Point `alias` at a version by hand: a rollback (the new champion draws its concept worse than its scores
     say), or a move the gate cannot make (a champion on the old base model, whose scores it does not compare).
     The version is tagged with who held the alias before and why (`PROMOTED_TAG`); later registrations compare
-    with it as with any champion.
+    with it as with any champion. A bundle's version (`oneword.bundles`) is promoted alike: the alias its servers
+    load by (a rollback of a bundle).
 
     Refused while one of the concept's versions is still being registered (its gate undecided): that register
     would set the alias after this.
@@ -464,11 +498,13 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
         raise OnewordError(f"promote takes NAME/VERSION or NAME@alias, not {ref!r}",
                            hint="e.g. my-cat/3 or my-cat@candidate (`oneword concepts list`)")  # fmt: skip
     name, _, _ = parse_ref(ref)
-    mv = get_version(ref, tracking_uri)
+    mv = get_version(ref, tracking_uri, bundle=True)
     _, client = tracking.client(tracking_uri)
-    if (client.get_registered_model(name).tags or {}).get(CONCEPT_TAG) != "true":
+    kind = client.get_registered_model(name).tags or {}
+    if kind.get(CONCEPT_TAG) != "true" and kind.get(BUNDLE_TAG) != "true":
         raise OnewordError(f"{name} is not a oneword concept", hint="promote concepts that oneword registered")
-    if deciding := _deciding(client, name):  # its register sets the alias after: this one would not hold
+    # a concept's register sets the alias after this: this one would not hold (a bundle's versions have no gate)
+    if kind.get(CONCEPT_TAG) == "true" and (deciding := _deciding(client, name)):
         raise OnewordError(
             f"{name} version {deciding[0]} is still being registered: its gate has not decided",
             hint="wait for its register to finish (or to be marked abandoned), then promote",

@@ -54,6 +54,7 @@ GATE_ALIAS_TAG = "oneword.gate_alias"  # the alias the gate gave the version whe
 # the training photos (16 hex digits of each one's file and pixel sha256): a version that shares none of the
 # champion's is another concept, or the same one photographed anew, and the gate does not compare the two
 PHOTOS_TAG, PHOTO_ID_LENGTH, MAX_PHOTOS_TAGGED = "oneword.photos", 16, 120
+EMBEDDING_ARTIFACT = "embeddings/diffusers/learned_embeds.safetensors"  # in a concept's run (`_artifact_files`)
 
 
 def _setup(tracking_uri: str | None):
@@ -295,7 +296,7 @@ def register(
         run_id = run.info.run_id
         _log_params_and_metrics(mlflow, client, run_id, concept, train_dir / "curve.json", live is not None)
         _upload_and_verify(mlflow, client, run_id, files)
-        info = _log_model(mlflow, concept, files["embeddings/diffusers/learned_embeds.safetensors"])
+        info = _log_model(mlflow, concept, files[EMBEDDING_ARTIFACT])
         if concept.metrics:  # on the logged model too, where search_logged_models filters by them
             mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
     # Everything is uploaded and verified: only now does a version exist.
@@ -471,61 +472,21 @@ def _profile(summary: dict) -> ModelProfile:
     return ModelProfile(**summary["profile"]) if "profile" in summary else PROFILES[DEFAULT_FAMILY]
 
 
-class _Pyfunc:
-    """`mlflow.pyfunc` as a flavor of `Model.log`, which takes `validate_serving_input`; pyfunc's own save does not."""
-
-    @staticmethod
-    def save_model(validate_serving_input: bool = True, **kwargs) -> None:
-        import mlflow.pyfunc
-
-        mlflow.pyfunc.save_model(**kwargs)
-
-
 def _log_model(mlflow, concept: _Concept, embedding: Path):
     """Log the servable pyfunc model around the embedding, then check that its copy of the embedding is intact."""
-    from mlflow.models import Model
+    from oneword.serving import check_copy, log_model
 
-    from oneword.serving import ConceptModel, code_folder, input_example, pip_requirements, signature
-
-    profile = _profile(concept.summary)
-    with tempfile.TemporaryDirectory() as code:
-        info = Model.log(
-            artifact_path=None,
-            name="concept",
-            flavor=_Pyfunc,
-            flavor_name="pyfunc.CustomPythonModel",  # what mlflow.pyfunc.log_model records
-            python_model=ConceptModel(),
-            artifacts={"embedding": str(embedding)},
-            model_config={
-                "base_model": concept.summary["model_source"],
-                "model_fingerprint": concept.summary["model_fingerprint"],
-                "token": concept.token,
-            },
-            signature=signature(profile),
-            input_example=input_example(concept.token),
-            # oneword's own code travels with the model; its imports are pinned to what is installed here
-            code_paths=[str(code_folder(Path(code), concept.summary["model_source"]))],
-            pip_requirements=pip_requirements(),
-            # MLflow would load the model and predict the example to check it: that loads the base model
-            # (gigabytes) in the register step's small CPU pod. The serving tests load and predict instead.
-            validate_serving_input=False,  # (mlflow.pyfunc.log_model has no such switch: hence `_Pyfunc`)
-        )
-    # pyfunc keeps `artifacts` in the model's artifacts/ folder: only the embedding comes back, not the code
-    copy = f"{mlflow.get_logged_model(info.model_id).artifact_location}/artifacts/{embedding.name}"
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            back = Path(mlflow.artifacts.download_artifacts(artifact_uri=copy, dst_path=d))
-        except Exception as e:  # a missing file and an unreachable store come as whatever the store raises
-            raise OnewordError(
-                f"the embedding could not be read back from the logged model {info.model_uri}: "
-                f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}",
-                hint="check the artifact store (its endpoint and credentials), then rerun `register`",
-            ) from e
-        if sha256_file(back) != sha256_file(embedding):
-            raise OnewordError(
-                f"the logged model {info.model_uri} does not hold the embedding intact",
-                hint="check the artifact store, then rerun `register`",
-            )
+    info = log_model(
+        {"embedding": embedding},
+        {
+            "base_model": concept.summary["model_source"],
+            "model_fingerprint": concept.summary["model_fingerprint"],
+            "token": concept.token,
+        },
+        _profile(concept.summary),
+        concept.token,
+    )
+    check_copy(mlflow, info, embedding)
     return info
 
 

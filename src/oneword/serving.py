@@ -103,6 +103,67 @@ def signature(profile: ModelProfile):
     )
 
 
+class _Pyfunc:
+    """`mlflow.pyfunc` as a flavor of `Model.log`, which takes `validate_serving_input`; pyfunc's own save does not."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs) -> None:
+        mlflow.pyfunc.save_model(**kwargs)
+
+
+def log_model(embeddings: dict[str, Path], config: dict[str, Any], profile: ModelProfile, example_token: str):
+    """Log a `ConceptModel` (in the active run) that draws with `embeddings`, its artifacts by key (`embedding`,
+    or `embedding:NAME` each for a bundle's members); `config` is its model config (`base_model`,
+    `model_fingerprint`). Returns MLflow's `ModelInfo`."""
+    import tempfile
+
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory() as code:
+        return Model.log(
+            artifact_path=None,
+            name="concept",
+            flavor=_Pyfunc,
+            flavor_name="pyfunc.CustomPythonModel",  # what mlflow.pyfunc.log_model records
+            python_model=ConceptModel(),
+            artifacts={key: str(f) for key, f in embeddings.items()},
+            model_config=config,
+            signature=signature(profile),
+            input_example=input_example(example_token),
+            # oneword's own code travels with the model; its imports are pinned to what is installed here
+            code_paths=[str(code_folder(Path(code), config["base_model"]))],
+            pip_requirements=pip_requirements(),
+            # MLflow would load the model and predict the example to check it: that loads the base model
+            # (gigabytes) in the register step's small CPU pod. The serving tests load and predict instead.
+            validate_serving_input=False,  # (mlflow.pyfunc.log_model has no such switch: hence `_Pyfunc`)
+        )
+
+
+def check_copy(mlflow_module, info, embedding: Path) -> None:
+    """Raise unless the logged model `info` holds an intact copy of `embedding` (read back from the store)."""
+    import tempfile
+
+    from oneword.errors import OnewordError
+    from oneword.registry import sha256_file
+
+    # pyfunc keeps `artifacts` in the model's artifacts/ folder, by file name
+    copy = f"{mlflow_module.get_logged_model(info.model_id).artifact_location}/artifacts/{embedding.name}"
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            back = Path(mlflow_module.artifacts.download_artifacts(artifact_uri=copy, dst_path=d))
+        except Exception as e:  # a missing file and an unreachable store come as whatever the store raises
+            raise OnewordError(
+                f"the embedding could not be read back from the logged model {info.model_uri}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}",
+                hint="check the artifact store (its endpoint and credentials), then run again",
+            ) from e
+        if sha256_file(back) != sha256_file(embedding):
+            raise OnewordError(
+                f"the logged model {info.model_uri} does not hold the embedding {embedding.name} intact",
+                hint="check the artifact store, then run again",
+            )
+
+
 MAX_IMAGES_PER_REQUEST = 64  # prompts x n: one request must not hold a serving replica for an hour
 
 
@@ -139,7 +200,7 @@ def _checked(params: dict[str, Any], n_prompts: int) -> dict[str, Any]:
 
 
 class ConceptModel(mlflow.pyfunc.PythonModel):
-    """Generates images of prompts that use the concept's token."""
+    """Generates images of prompts that use the concept's token (a bundle's: any of its members' tokens)."""
 
     # MLflow would wrap `predict` to validate its input by the method's type hints, and, finding none, advise them
     # (a UserWarning at every import, which no warnings filter quiets: MLflow sets its own around it). The model's
@@ -161,7 +222,9 @@ class ConceptModel(mlflow.pyfunc.PythonModel):
             )
         self.defaults = predict_params(profile_of(model))
         self.pipe = build_pipeline(model, cfg.get("device", "auto"))
-        self.tokens = load_embeddings(self.pipe, model, [context.artifacts["embedding"]])
+        # a concept's one embedding, or a bundle's members' (`embedding:NAME`), by name
+        keys = sorted(k for k in context.artifacts if k == "embedding" or k.startswith("embedding:"))
+        self.tokens = load_embeddings(self.pipe, model, [context.artifacts[k] for k in keys])
 
     def predict(self, context, model_input, params: dict | None = None):
         """Draw `n` images per prompt. Returns a DataFrame: prompt, seed, png_base64."""

@@ -1,4 +1,4 @@
-"""`oneword concepts list|show|pull|promote|prune`: query the concept registry, and keep it."""
+"""`oneword concepts list|show|pull|promote|bundle|delete|prune`: query the concept registry, and keep it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from oneword.cli.app import app, person_waits
 from oneword.cli.options import default, option
 from oneword.config import TrackingConfig
-from oneword.tracking import existing_store
+from oneword.tracking import existing_store, shown
 
 concepts = typer.Typer(help="Query the registry of learned concepts (MLflow).", no_args_is_help=True)
 app.add_typer(concepts, name="concepts")
@@ -126,13 +126,43 @@ def show_cmd(
     """
     from rich.console import Console
 
+    from oneword.bundles import MEMBERS_TAG
     from oneword.catalogue import show_concept
 
     info = show_concept(ref, existing_store(tracking_uri))
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    Console().print(concept_card(info))
+    Console().print(bundle_card(info) if MEMBERS_TAG in info["tags"] else concept_card(info))
+
+
+def bundle_card(info: dict):
+    """`concepts show`'s view of a bundle's version (a rich renderable): its members, and how to serve it."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    from oneword.bundles import MEMBERS_TAG, parse_members
+
+    tags = info["tags"]
+    aliases = " ".join(f"@{a}" for a in info["aliases"]) or "no alias"
+    title = Text.assemble((f"{info['name']}/{info['version']}", "bold"), f"  bundle, {aliases}")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column(overflow="fold")
+    members = [f"{n}/{v}" for n, v in parse_members(tags[MEMBERS_TAG]).items()]
+    grid.add_row("concepts", escape(", ".join(members)))
+    grid.add_row("tokens", escape(tags.get("oneword.tokens", "?")))
+    fingerprint = tags.get("oneword.base_model_fingerprint", "")
+    grid.add_row("base model", escape(f"{tags.get('oneword.base_model', '?')} ({fingerprint[:19]})"))
+    if tags.get("oneword.promoted"):
+        grid.add_row("promoted", escape(tags["oneword.promoted"]))
+    uri = f"models:/{info['name']}/{info['version']}"
+    grid.add_row("serve", escape(f"mlflow models serve -m {uri} --env-manager local"))
+    grid.add_row("run", escape(info["run_id"]))
+    grid.add_row("created", escape(info.get("created") or "-"))
+    return Group(title, grid)
 
 
 def concept_card(info: dict):
@@ -266,6 +296,70 @@ def promote_cmd(
                       f"must name {escape(str(done['token']))} now")  # fmt: skip
 
 
+@concepts.command("bundle", short_help="Register many concepts as one model, served by one server.")
+def bundle_cmd(
+    name: Annotated[str, typer.Argument(help="the bundle's name (a registered model of its own)")],
+    members: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="CONCEPT...", help="NAME, NAME@alias, NAME/version, or a pattern of names (quote it: 'team-a-*')"
+        ),
+    ],
+    alias: Annotated[str, typer.Option(help="the version a bare NAME or a pattern takes")] = "champion",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="register nothing; list the versions it would hold")] = (
+        False
+    ),
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
+) -> None:
+    """Register a version of a bundle: copies of these concept versions' embeddings, all of one base model, as
+    one servable model. One `mlflow models serve` of it loads the base model once and draws every member's
+    token; a prompt may name several.
+
+    A version never changes: after a promotion, bundle again (a new version; none where the members are the
+    same) and restart the server on `models:/NAME/latest`. Deleting a member concept deletes the bundle versions
+    that hold it.
+
+    \b
+    Example:
+      oneword concepts bundle studio my-cat mug 'team-a-*'
+      oneword concepts bundle studio my-cat/3 mug@candidate --dry-run
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from oneword.bundles import bundle_concepts
+
+    uri = existing_store(tracking_uri)
+    done = bundle_concepts(name, members, alias, uri, dry_run=dry_run)
+    console = Console(highlight=False, soft_wrap=True)
+    n = len(done.members)
+    held = f"{n} concept{'s' * (n != 1)} on {escape(done.members[0].base_model)}"
+    if done.unchanged:
+        console.print(f"{escape(done.name)}/{done.version} holds these versions already ({held}): nothing "
+                      "registered")  # fmt: skip
+    elif done.version is None:
+        console.print(f"would register a version of {escape(done.name)} holding {held}. Nothing was registered.")
+    else:
+        console.print(f"[green]registered[/] {escape(done.name)}/{done.version}: {held}")
+    console.print(_members_table(done.members))
+    if done.version is not None:
+        console.print(f"serve it:\n    MLFLOW_TRACKING_URI={escape(shown(uri))} mlflow models serve -m "
+                      f"{done.model_uri} --env-manager local -p 5001")  # fmt: skip
+
+
+def _members_table(members):
+    from rich import box
+    from rich.table import Table
+
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("concept", overflow="fold", min_width=12)
+    t.add_column("ver", justify="right", no_wrap=True)
+    t.add_column("token", overflow="fold")
+    for m in members:
+        t.add_row(m.name, m.version, m.token)
+    return t
+
+
 @concepts.command("delete", short_help="Delete a concept whole: its versions, runs and artifacts.")
 def delete_cmd(
     name: Annotated[str, typer.Argument(help="the concept's name (`oneword concepts list`)")],
@@ -292,6 +386,8 @@ def delete_cmd(
     kinds = (("versions", "version"), ("runs", "MLflow run"), ("logged_models", "logged model"))
     counted = [f"{len(done[k])} {what}{'s' * (len(done[k]) != 1)}" for k, what in kinds]
     what = f"{counted[0]}, {counted[1]} and {counted[2]}, with their artifacts"
+    if bundled := done["bundle_versions"]:
+        what += f"; and {len(bundled)} bundle version{'s' * (len(bundled) != 1)} holding it ({', '.join(bundled)})"
     console = Console(highlight=False, soft_wrap=True)
     if not yes:
         console.print(f"would delete {escape(name)}: {what}. Nothing was deleted: add --yes to delete.")

@@ -1,0 +1,266 @@
+"""Bundles: many concepts served by one model (`oneword concepts bundle`).
+
+A concept version serves alone: a server per concept loads the base model once per concept. A bundle is a
+registered model whose every version holds copies of fixed concept versions' embeddings, all trained on one base
+model, as one pyfunc model: `mlflow models serve` loads the base model once and draws any member's token, and a
+prompt may name several. A version never changes under its server: bundling again after a promotion makes a new
+version, or none where the members are those of the newest one. `models:/NAME/latest` is the newest.
+
+An embedding is a few KB, so a version copies its members' rather than fetching them when it loads: it serves
+wherever its artifacts can be read (a KServe storage URI), and a member pruned from the registry still serves.
+Erasing a concept (`catalogue.delete_concept`) deletes the bundle versions that hold a copy of it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from oneword import tracking
+from oneword.errors import OnewordError
+from oneword.registry import CONCEPT_TAG, NAME_PATTERN, ensure_experiment, every_page
+from oneword.tracking import resolve
+
+BUNDLE_TAG = "oneword.bundle"  # on the registered model ("true") and on each version's run (the bundle's name)
+MEMBERS_TAG = "oneword.members"  # on a version and its run: "cat/3,mug/5", by name
+EXPERIMENT = "oneword-bundles"  # the runs that log bundle versions: apart from the concepts' runs
+ARTIFACT_PREFIX = "embedding:"  # a member's artifact key in the pyfunc model: "embedding:NAME"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One concept version a bundle holds."""
+
+    name: str
+    version: str
+    token: str
+    base_model: str
+    fingerprint: str
+    family: str
+    run_id: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """What `bundle_concepts` did: the version that holds `members` (`unchanged`: it held them already; `version`
+    None: a dry run)."""
+
+    name: str
+    version: str | None
+    members: list[Member]
+    unchanged: bool = False
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def members_tag(members: Sequence[Member]) -> str:
+    """`MEMBERS_TAG`'s value: the members' references, by name."""
+    return ",".join(m.ref for m in sorted(members, key=lambda m: m.name))
+
+
+def parse_members(tag: str | None) -> dict[str, str]:
+    """`{name: version}` of a `MEMBERS_TAG` value."""
+    return dict(ref.rsplit("/", 1) for ref in (tag or "").split(",") if ref)
+
+
+def bundle_concepts(
+    name: str,
+    concepts: Sequence[str],
+    alias: str = "champion",
+    tracking_uri: str | None = None,
+    dry_run: bool = False,
+) -> Bundled:
+    """Register a version of bundle `name` that holds the given concepts' embeddings.
+
+    Args:
+        name: the bundle's registered-model name (new, or a bundle's).
+        concepts: each `NAME` (its version with `alias`), `NAME@alias`, `NAME/3`, or a pattern of names (`team-a-*`:
+            every concept it matches that has a version with `alias`).
+        alias: the alias a bare name or a pattern takes its version by.
+        tracking_uri: the registry's MLflow tracking URI.
+        dry_run: register nothing; say which versions it would hold.
+
+    Raises:
+        OnewordError: a concept or alias not found; two versions of one concept; members on different base models,
+            or whose tokens a prompt cannot tell apart; `name` taken by a concept or another tool's model.
+    """
+    if not concepts:
+        raise OnewordError(f"bundle {name!r} names no concept", hint="name concepts or patterns: 'team-a-*'")
+    if not NAME_PATTERN.fullmatch(name) or len(name) > 200:
+        raise OnewordError(
+            f"bundle name {name!r} is not one oneword can look up",
+            hint="use letters, digits, '_', '.' and '-' only, starting with a letter or digit",
+        )
+    uri = resolve(tracking_uri)
+    mlflow, client = tracking.client(uri)
+    _check_name(client, name)
+    members = _members(client, concepts, alias, uri)
+    _check_one_base_model(members)
+    newest = _newest(client, name)
+    if newest is not None and newest.tags.get(MEMBERS_TAG) == members_tag(members):
+        return Bundled(name, str(newest.version), members, unchanged=True)
+    if dry_run:
+        return Bundled(name, None, members)
+    with tempfile.TemporaryDirectory(prefix="oneword-bundle-") as d:
+        files = _member_files(mlflow, members, Path(d))
+        tags = {BUNDLE_TAG: name, MEMBERS_TAG: members_tag(members)}
+        exp_id = ensure_experiment(mlflow, EXPERIMENT, uri)
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"bundle {name}", tags=tags) as run:
+            info = _log_model(mlflow, members, files)
+        version = _create_version(client, name, info, run.info.run_id, members)
+    return Bundled(name, str(version.version), members)
+
+
+def _check_name(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return
+    tags = rm.tags or {}
+    if tags.get(BUNDLE_TAG) != "true":
+        what = "a concept" if tags.get(CONCEPT_TAG) == "true" else "another tool's model"
+        raise OnewordError(f"{name!r} is {what}, not a bundle", hint="name the bundle otherwise")
+
+
+def _members(client, concepts: Sequence[str], alias: str, uri: str) -> list[Member]:
+    """The concept versions `concepts` name, one per concept."""
+    from oneword.catalogue import get_version, list_concepts
+
+    found: dict[str, list] = {}
+    for ref in concepts:
+        if any(c in ref for c in "*?["):
+            rows = list_concepts(uri, alias=alias, names=[ref])
+            if not rows:
+                raise OnewordError(
+                    f"no concept named {ref!r} has @{alias} in the registry at {uri}",
+                    hint=f"list them with `oneword concepts list {ref!r} --alias {alias}`",
+                )
+            versions = [client.get_model_version(r["name"], r["version"]) for r in rows]
+        else:
+            versions = [get_version(ref if "@" in ref or "/" in ref else f"{ref}@{alias}", uri)]
+        for mv in versions:
+            found.setdefault(mv.name, [])
+            if str(mv.version) not in [str(x.version) for x in found[mv.name]]:
+                found[mv.name].append(mv)
+    if twice := {n: vs for n, vs in found.items() if len(vs) > 1}:
+        n, vs = next(iter(twice.items()))
+        raise OnewordError(f"two versions of {n}: {', '.join(f'{n}/{v.version}' for v in vs)}",
+                           hint="a bundle holds one version of each concept: name the one to serve")  # fmt: skip
+    members = []
+    for n, (mv,) in sorted(found.items()):
+        if (client.get_registered_model(n).tags or {}).get(CONCEPT_TAG) != "true":
+            raise OnewordError(f"{n} is not a oneword concept", hint="bundle concepts that oneword registered")
+        tags = mv.tags or {}
+        members.append(
+            Member(
+                n,
+                str(mv.version),
+                tags.get("oneword.token", ""),
+                tags.get("oneword.base_model", ""),
+                tags.get("oneword.base_model_fingerprint", ""),
+                tags.get("oneword.model_family", ""),
+                mv.run_id,
+            )
+        )
+    return members
+
+
+def _check_one_base_model(members: Sequence[Member]) -> None:
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        groups.setdefault(m.fingerprint, []).append(m)
+    if len(groups) > 1:
+        said = "; ".join(f"{', '.join(m.ref for m in ms)} on {ms[0].base_model} ({fp[:15]})"
+                         for fp, ms in groups.items())  # fmt: skip
+        raise OnewordError(
+            f"these concepts were trained on different base models: {said}",
+            hint="bundle the concepts of one base model (`oneword concepts list --base-model X` lists them)",
+        )
+
+
+def _member_files(mlflow, members: Sequence[Member], folder: Path) -> dict[str, Path]:
+    """Each member's embedding, downloaded as `<name>.safetensors` (pyfunc keeps an artifact by its file name), after
+    checking that a prompt can tell every member's token from the others'."""
+    from oneword import embeddings as emb_io
+    from oneword.catalogue import download_embedding
+    from oneword.tokens import clashing_entries, vector_tokens
+
+    files, entries = {}, {}
+    for m in members:
+        f = download_embedding(mlflow, m.run_id, folder / m.name)
+        emb = emb_io.load(f)
+        mine = vector_tokens(emb.token, emb.n_vectors)
+        for other, theirs in entries.items():
+            if clashing_entries(mine, theirs):
+                raise OnewordError(
+                    f"{other} and {m.ref} use tokens a prompt cannot tell apart ({theirs[0]!r} and {emb.token!r})",
+                    hint="bundle one of them, or export one under another token and register it "
+                    "(`oneword export FILE --token '<new-name>'`)",
+                )
+        entries[m.ref] = mine
+        files[m.name] = f.rename(folder / f"{m.name}.safetensors")
+    return files
+
+
+def _log_model(mlflow, members: Sequence[Member], files: dict[str, Path]):
+    """Log the bundle's pyfunc model, then check that its copies of the embeddings are intact."""
+    from oneword import serving
+    from oneword.profiles import DEFAULT_FAMILY, PROFILES
+
+    first = members[0]
+    info = serving.log_model(
+        {f"{ARTIFACT_PREFIX}{n}": f for n, f in files.items()},
+        {
+            "base_model": first.base_model,
+            "model_fingerprint": first.fingerprint,
+            "members": [m.ref for m in members],
+            "tokens": [m.token for m in members],
+        },
+        PROFILES.get(first.family, PROFILES[DEFAULT_FAMILY]),  # its sampler: what a request's params default to
+        first.token,
+    )
+    for f in files.values():
+        serving.check_copy(mlflow, info, f)
+    return info
+
+
+def _create_version(client, name: str, info, run_id: str, members: Sequence[Member]):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags={BUNDLE_TAG: "true"},
+                                       description="oneword bundle: many concepts served by one model")  # fmt: skip
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    first = members[0]
+    tags = {MEMBERS_TAG: members_tag(members), "oneword.tokens": " ".join(m.token for m in members),
+            "oneword.base_model": first.base_model, "oneword.base_model_fingerprint": first.fingerprint}  # fmt: skip
+    return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
+
+
+def _newest(client, name: str):
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    return max(versions, key=lambda mv: int(mv.version), default=None)
+
+
+def bundles_holding(client, concept: str) -> list:
+    """The bundle versions that hold a copy of `concept`'s embedding (any version of it)."""
+    held = []
+    for rm in every_page(client.search_registered_models, filter_string=f"tags.`{BUNDLE_TAG}` = 'true'"):
+        for mv in every_page(client.search_model_versions, filter_string=f"name = '{rm.name}'"):
+            if concept in parse_members((mv.tags or {}).get(MEMBERS_TAG)):
+                held.append(mv)
+    return sorted(held, key=lambda mv: (mv.name, int(mv.version)))

@@ -45,6 +45,7 @@ CLI_SOURCES = {
     "concepts prune": (TrackingConfig,),
     "concepts promote": (TrackingConfig,),
     "concepts delete": (TrackingConfig,),
+    "concepts bundle": (TrackingConfig,),
     "preprocess": (PreprocessConfig,),
     "register": (GateThresholds, TrackingConfig),
 }

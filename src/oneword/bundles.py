@@ -20,7 +20,7 @@ from pathlib import Path
 
 from oneword import tracking
 from oneword.errors import OnewordError
-from oneword.registry import CONCEPT_TAG, NAME_PATTERN, ensure_experiment, every_page
+from oneword.registry import CHAMPION, CONCEPT_TAG, NAME_PATTERN, ensure_experiment, every_page
 from oneword.tracking import resolve
 
 BUNDLE_TAG = "oneword.bundle"  # on the registered model ("true") and on each version's run (the bundle's name)
@@ -74,7 +74,7 @@ def parse_members(tag: str | None) -> dict[str, str]:
 def bundle_concepts(
     name: str,
     concepts: Sequence[str],
-    alias: str = "champion",
+    alias: str = CHAMPION,
     tracking_uri: str | None = None,
     dry_run: bool = False,
 ) -> Bundled:

@@ -24,7 +24,9 @@ def generate_cmd(
     concept: Annotated[
         list[str] | None,
         typer.Option(
-            metavar="REF", help="registered concept NAME@alias or NAME/version (repeatable), from the MLflow registry"
+            metavar="REF",
+            help="registered concept NAME@alias or NAME/version (repeatable; a bundle: its concepts), from the "
+            "MLflow registry",
         ),
     ] = None,
     tracking_uri: Annotated[str, option(TrackingConfig, "tracking_uri")] = default(TrackingConfig, "tracking_uri"),

@@ -1,0 +1,155 @@
+"""Bundles (`oneword concepts bundle`): many concepts' embeddings registered as one servable model, on a real
+SQLite MLflow store, loaded and predicted as `mlflow models serve` does."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from oneword import bundles, catalogue, registry, tracking
+from oneword import embeddings as E
+from oneword.cli import main
+from oneword.errors import OnewordError
+
+
+def _another_concept(train_dir: Path, eval_dir: Path, out: Path, token: str, shift: float) -> tuple[Path, Path]:
+    """A copy of a trained and evaluated concept under another token, with other vectors (tilted by `shift`: a
+    shift alike in every dimension, the text encoder's layer norm would take away)."""
+    train, evaluation = out / "train", out / "eval"
+    shutil.copytree(train_dir, train)
+    shutil.copytree(eval_dir, evaluation)
+    summary = json.loads((train / "summary.json").read_text())
+    summary["concept"]["token"] = token
+    (train / "summary.json").write_text(json.dumps(summary))
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    key = f"{metrics.get('evaluation_key')} as {token} + {shift}"  # another result: registered as a version of its own
+    (evaluation / "metrics.json").write_text(json.dumps({**metrics, "token": token, "evaluation_key": key}))
+    emb = E.load(train / "learned_embeds.safetensors")
+    emb = E.Embedding(token, emb.vectors + shift * torch.linspace(-1, 1, emb.width), emb.meta)
+    for f in (train / "learned_embeds.safetensors", evaluation / "embedding" / "learned_embeds.safetensors"):
+        E.save(emb, f)
+    for fmt in ("a1111", "kohya"):
+        shutil.rmtree(evaluation / "embedding" / fmt)
+        E.save(emb, evaluation / "embedding" / fmt / E.default_filename(token, fmt), fmt)
+    return train, evaluation
+
+
+@pytest.fixture
+def store(evaluated_concept, tmp_path):
+    """A SQLite store holding concepts bundle-cat (<cat-r>) and bundle-dog (<dog-b>), both at @champion."""
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    train_dir, eval_dir = evaluated_concept
+    registry.register(train_dir, eval_dir, uri, name="bundle-cat")
+    registry.register(*_another_concept(train_dir, eval_dir, tmp_path / "dog", "<dog-b>", 0.5), uri, name="bundle-dog")
+    return uri
+
+
+def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, capsys):
+    """One model, one base-model load: a prompt with a member's token draws what that concept's own model draws,
+    seed for seed; a prompt may name two."""
+    main(["concepts", "bundle", "studio", "bundle-*", "--tracking-uri", store])
+    said = capsys.readouterr().out
+    assert "registered studio/1: 2 concepts on" in said and "<dog-b>" in said and "<cat-r>" in said
+    assert f"MLFLOW_TRACKING_URI={store} mlflow models serve -m models:/studio/1" in " ".join(said.split())
+    mlflow.set_tracking_uri(store)
+    bundle = mlflow.pyfunc.load_model("models:/studio/latest")
+    prompts = ["a photo of <cat-r>", "a photo of <dog-b>", "<cat-r> beside <dog-b>"]
+    drawn = bundle.predict(prompts, params={"n": 1, "steps": 2, "seed": 5})["png_base64"].tolist()
+    for name, prompt, picture in (("bundle-cat", prompts[0], drawn[0]), ("bundle-dog", prompts[1], drawn[1])):
+        alone = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+        assert alone.predict([prompt], params={"n": 1, "steps": 2, "seed": 5})["png_base64"][0] == picture, name
+    assert drawn[0] != drawn[1] and len(drawn) == 3  # the prompts differ in the token alone: each has its vectors
+    shown = catalogue.show_concept("studio/1", store)
+    assert shown["tags"][bundles.MEMBERS_TAG] == "bundle-cat/1,bundle-dog/1"
+    main(["concepts", "show", "studio/1", "--tracking-uri", store])
+    card = " ".join(capsys.readouterr().out.split())
+    assert "concepts bundle-cat/1, bundle-dog/1" in card and "serve mlflow models serve -m models:/studio/1" in card
+
+
+def test_bundling_the_same_versions_again_registers_nothing_and_a_promotion_a_new_version(
+    store, evaluated_concept, tmp_path
+):
+    first = bundles.bundle_concepts("studio", ["bundle-cat", "bundle-dog"], tracking_uri=store)
+    again = bundles.bundle_concepts("studio", ["bundle-dog", "bundle-cat@champion"], tracking_uri=store)
+    assert (first.version, again.version, again.unchanged) == ("1", "1", True)
+    retrained = _another_concept(*evaluated_concept, tmp_path / "cat-2", "<cat-r>", 0.25)
+    new_cat = registry.register(*retrained, store, name="bundle-cat")
+    catalogue.promote(f"bundle-cat/{new_cat.version}", tracking_uri=store)
+    dry = bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store, dry_run=True)
+    assert dry.version is None and [m.ref for m in dry.members] == [f"bundle-cat/{new_cat.version}", "bundle-dog/1"]
+    assert bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store).version == "2"
+    pinned = bundles.bundle_concepts("studio", ["bundle-cat/1", "bundle-dog"], tracking_uri=store)
+    assert (pinned.version, pinned.unchanged) == ("3", False)  # the newest differs: version 1 is not looked for
+    # a bundle is rolled back as a concept is: by its alias
+    assert catalogue.promote("studio/1", alias="live", tracking_uri=store)["before"] is None
+    assert str(catalogue.get_version("studio@live", store, bundle=True).version) == "1"
+
+
+def test_the_bundle_commands_alias_is_the_librarys():
+    import inspect
+
+    import typer
+
+    from oneword.cli import app
+
+    option = {p.name: p for p in typer.main.get_command(app).commands["concepts"].commands["bundle"].params}["alias"]
+    assert option.default == inspect.signature(bundles.bundle_concepts).parameters["alias"].default == "champion"
+
+
+def test_what_one_server_cannot_serve_is_refused_by_name(store, evaluated_concept, tmp_path):
+    train_dir, eval_dir = evaluated_concept
+    for ref, why in ((["bundle-cat/1", "bundle-cat@champion", "bundle-cat/9"], "no version 9"),
+                     (["bundle-cat/1", "bundle-*"], None),  # the same version twice: once
+                     (["nothing-*"], "no concept named 'nothing-\\*' has @champion"),
+                     (["bundle-dog@candidate"], "has no alias @candidate")):  # fmt: skip
+        if why:
+            with pytest.raises(OnewordError, match=why):
+                bundles.bundle_concepts("studio", ref, tracking_uri=store, dry_run=True)
+        else:
+            assert len(bundles.bundle_concepts("studio", ref, tracking_uri=store, dry_run=True).members) == 2
+    clash = _another_concept(train_dir, eval_dir, tmp_path / "twin", "<CAT-R>", 1.0)  # the same word but for case
+    registry.register(*clash, store, name="cat-twin")
+    with pytest.raises(OnewordError, match=r"bundle-cat/1 and cat-twin/1 use tokens a prompt cannot tell apart"):
+        bundles.bundle_concepts("studio", ["bundle-cat", "cat-twin"], tracking_uri=store)
+    client, fingerprint = mlflow.MlflowClient(store), "oneword.base_model_fingerprint"
+    trained_on = catalogue.get_version("bundle-cat", store).tags[fingerprint]
+    client.set_model_version_tag("bundle-dog", "1", fingerprint, "sha256:0ther")
+    with pytest.raises(OnewordError, match=r"different base models: bundle-cat/1 on .*; bundle-dog/1 on"):
+        bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    client.set_model_version_tag("bundle-dog", "1", fingerprint, trained_on)
+    with pytest.raises(OnewordError, match="'bundle-cat' is a concept, not a bundle"):
+        bundles.bundle_concepts("bundle-cat", ["bundle-dog"], tracking_uri=store)
+    assert not client.search_registered_models(f"tags.`{bundles.BUNDLE_TAG}` = 'true'")  # nothing made by a refusal
+    bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    with pytest.raises(OnewordError, match="studio is a bundle of concepts, not a concept: studio/1 holds bundle-cat"):
+        bundles.bundle_concepts("more", ["studio/1"], tracking_uri=store)
+    with pytest.raises(OnewordError, match="studio is a bundle"):
+        catalogue.pull_concept("studio/1", tmp_path / "x.safetensors", tracking_uri=store)
+
+
+def test_generate_draws_with_a_bundles_members(store, tmp_path, capsys):
+    bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    out = tmp_path / "drawn"
+    main(["generate", "--concept", "studio/1", "<cat-r> beside <dog-b>", "-o", str(out), "--n", "1", "--steps", "2",
+          "--tracking-uri", store])  # fmt: skip
+    assert (out / "grid.png").is_file(), capsys.readouterr()
+
+
+def test_erasing_a_concept_deletes_the_bundle_versions_that_copy_it(store, tmp_path, capsys):
+    """A bundle holds a copy of each member's embedding: a concept erased must not keep serving from one."""
+    kept = bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store)
+    both = bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    client = mlflow.MlflowClient(store)
+    run = client.get_run(client.get_model_version("studio", both.version).run_id)
+    main(["concepts", "delete", "bundle-cat", "--tracking-uri", store])
+    assert "1 bundle version holding it (studio/2)" in " ".join(capsys.readouterr().out.split())
+    main(["concepts", "delete", "bundle-cat", "--yes", "--tracking-uri", store])
+    assert "1 bundle version holding it (studio/2)" in " ".join(capsys.readouterr().out.split())
+    assert [str(mv.version) for mv in client.search_model_versions("name = 'studio'")] == [kept.version]
+    assert client.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert not [f for f in artifacts.rglob("*") if f.is_file()]
+    assert bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store).version == kept.version

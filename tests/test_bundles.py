@@ -153,3 +153,8 @@ def test_erasing_a_concept_deletes_the_bundle_versions_that_copy_it(store, tmp_p
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert not [f for f in artifacts.rglob("*") if f.is_file()]
     assert bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store).version == kept.version
+    kept_run = client.get_model_version("studio", kept.version).run_id
+    gone = catalogue.delete_concept("studio", store)  # a bundle's own name: the bundle alone
+    assert gone["versions"] == [kept.version] and gone["bundle_versions"] == []
+    assert gone["runs"] == sorted([kept_run, run.info.run_id])  # and studio/2's, deleted already (found again)
+    assert catalogue.get_version("bundle-dog", store) and not client.search_registered_models("name = 'studio'")

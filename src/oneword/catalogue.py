@@ -392,7 +392,8 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     """Delete a concept whole: its registered model and every version, and every MLflow run of it (trainings,
     registrations, failures, in any experiment) with their artifacts and logged models: the embedding, the sample
     grids and reports drawn from the owner's photos; and every bundle version that holds a copy of its embedding.
-    What a request to erase a person's concept asks for.
+    What a request to erase a person's concept asks for. A bundle's name deletes the bundle: its versions, runs
+    and logged models (its members stay).
 
     Runs are deleted as MLflow deletes them (kept in its database, marked deleted, until `mlflow gc`); their
     artifacts, which hold the likeness, are removed from the artifact store now. Safe to run again: a delete
@@ -421,20 +422,24 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         rm = None
-    if rm is not None and (rm.tags or {}).get(CONCEPT_TAG) != "true":
+    kind = (rm.tags or {}) if rm is not None else {}
+    bundle = kind.get(BUNDLE_TAG) == "true"
+    if rm is not None and kind.get(CONCEPT_TAG) != "true" and not bundle:
         raise OnewordError(f"{name} is not a oneword concept", hint="delete models of other tools with their tools")
-    if rm is not None and (deciding := _deciding(client, name)):  # its register would make the model anew
+    if rm is not None and not bundle and (deciding := _deciding(client, name)):  # its register would remake it
         raise OnewordError(f"{name} version {deciding[0]} is still being registered",
                            hint="wait for its register to finish (or to be marked abandoned), then delete")  # fmt: skip
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'") if rm else []
     experiments = [e.experiment_id for e in every_page(client.search_experiments, view_type=ViewType.ALL)]
-    runs = {r.info.run_id: r for r in every_page(client.search_runs, experiment_ids=experiments,
-                                                  filter_string=f"tags.`{CONCEPT_TAG}` = '{name}'",
-                                                  run_view_type=ViewType.ALL)}  # fmt: skip
+    # a bundle's runs are tagged by its name as a concept's are: a delete cut short leaves either kind's
+    run_tags = [BUNDLE_TAG if bundle else CONCEPT_TAG] if rm is not None else [CONCEPT_TAG, BUNDLE_TAG]
+    runs = {r.info.run_id: r for tag in run_tags
+            for r in every_page(client.search_runs, experiment_ids=experiments,
+                                filter_string=f"tags.`{tag}` = '{name}'", run_view_type=ViewType.ALL)}  # fmt: skip
     for mv in versions:  # a version registered from a run another tool made, untagged
         if mv.run_id and mv.run_id not in runs:
             runs[mv.run_id] = client.get_run(mv.run_id)
-    held = bundles_holding(client, name)  # they hold copies of its embedding
+    held = [] if bundle else bundles_holding(client, name)  # they hold copies of its embedding
     for mv in held:
         runs[mv.run_id] = client.get_run(mv.run_id)
     models = [m for run_id in runs for m in every_page(client.search_logged_models, experiment_ids=experiments,

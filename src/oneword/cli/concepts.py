@@ -362,7 +362,7 @@ def _members_table(members):
 
 @concepts.command("delete", short_help="Delete a concept whole: its versions, runs and artifacts.")
 def delete_cmd(
-    name: Annotated[str, typer.Argument(help="the concept's name (`oneword concepts list`)")],
+    name: Annotated[str, typer.Argument(help="the concept's name (`oneword concepts list`), or a bundle's")],
     yes: Annotated[bool, typer.Option("--yes", help="delete; without it, only say what would go")] = False,
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
 ) -> None:
@@ -370,7 +370,8 @@ def delete_cmd(
     the samples drawn from its photos), as a request to erase a person's concept asks.
 
     Without --yes it deletes nothing and says what would go. The photos themselves, in your bucket or folder,
-    and a batch's manifest are yours to remove.
+    and a batch's manifest are yours to remove. The bundles that hold a copy of the concept lose those versions;
+    a bundle's name deletes the bundle alone.
 
     \b
     Example:

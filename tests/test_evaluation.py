@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -330,7 +331,13 @@ def test_evaluate_end_to_end(trained_concept, cat_dataset, tiny_clip, tiny_dino,
     assert m["evaluator"]["fingerprint"].startswith("sha256:")
     # (1 + 3 prompts) x 2 images x 3 checkpoints at budget 1... plus the full run and the baseline
     assert m["images_generated"] == 4 * 1 * 3 + 4 * 2 + 3 * 2
-    assert Image.open(out / "grid.png").size == (200 + 2 * 32, 4 * 32)
+    grid = Image.open(out / "grid.png").convert("RGB")
+    assert grid.size == (200 + 2 * 32, (1 + 4) * 32)  # the photos' row (2 of 5: grid_seeds), then the prompts'
+    from oneword.images import Manifest
+
+    first = Manifest.load(cat_dataset).images[0].file
+    photo = np.asarray(Image.open(cat_dataset / first).convert("RGB"))
+    assert np.array_equal(np.asarray(grid.crop((200, 0, 232, 32))), photo)  # shown as it was trained on
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "&lt;cat-e&gt;" in html
     assert f"{m['reconstruction']:.4f} ± {m['reconstruction_se']:.4f}" in html

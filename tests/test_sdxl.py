@@ -199,7 +199,7 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
     assert metrics["selection"]["chosen_step"] in (2, 4) and len(metrics["selection"]["curve"]) == 2
     chosen = emb_io.load(root / "eval" / "embedding" / "learned_embeds.safetensors")
     assert chosen.vectors_2 is not None and chosen.steps == metrics["step"]
-    assert Image.open(root / "eval" / "grid.png").size[1] == 32 * (1 + len(metrics["per_prompt"]))
+    assert Image.open(root / "eval" / "grid.png").size[1] == 32 * (2 + len(metrics["per_prompt"]))  # + photos
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     reg = registry.register(root / "train", root / "eval", tracking_uri=uri)

@@ -98,7 +98,7 @@ def _pictures(rows: list[dict], tracking_uri: str | None) -> list[str]:
     shown = [c for c in rows if c.get("run_id") and c["status"] in ("registered", "unchanged")]
     if not shown:
         return []
-    out = ["<h2>Samples (rows: prompts, columns: seeds)</h2>"]
+    out = ["<h2>Samples (first row: the photos; then a row per prompt, a column per seed)</h2>"]
     failed = 0
     with tempfile.TemporaryDirectory(prefix="oneword-overview-") as d:
         for i, c in enumerate(shown[:MAX_PICTURES]):

@@ -257,7 +257,8 @@ def evaluate(
     if evaluated:
         metrics["evaluation_key"] = evaluated
     if s.world.main:  # the other processes hold the same images and scores
-        _write_outputs(Path(out_dir), metrics, full, _selected_embedding(trained.emb, choice, metrics), config)
+        selected = _selected_embedding(trained.emb, choice, metrics)
+        _write_outputs(Path(out_dir), metrics, full, selected, config, trained.images)
         _log_result(metrics)
     return metrics
 
@@ -443,17 +444,33 @@ def _selected_embedding(emb: emb_io.Embedding, choice: _Choice, metrics: dict) -
     return emb_io.Embedding(emb.token, choice.vectors[0].float().cpu(), meta, second)
 
 
-def _write_outputs(out_dir: Path, metrics: dict, full: dict, selected: emb_io.Embedding, config: EvalConfig) -> None:
+def _write_outputs(
+    out_dir: Path, metrics: dict, full: dict, selected: emb_io.Embedding, config: EvalConfig, photos: list[Image.Image]
+) -> None:
     """Write the grid, the selected embedding, the scatter plot, metrics.json and the report, all at once."""
     with atomic_dir(out_dir, METRICS_FILE, EVALUATION) as tmp:
         cols = min(config.grid_seeds, config.n_images)
-        grid = make_grid([row[:cols] for row in full["images"]], full["prompts"], label_width=200, max_cell=GRID_CELL)
+        rows, labels = [row[:cols] for row in full["images"]], list(full["prompts"])
+        grid = make_grid([_photo_row(photos, rows[0][0].size, config.grid_seeds), *rows],
+                         [_photo_label(photos, metrics, config.grid_seeds), *labels],
+                         label_width=200, max_cell=GRID_CELL)  # fmt: skip
         grid.save(tmp / GRID_FILE)
         files = write_embedding_files(selected, tmp / "embedding")
         metrics["files"] = {k: str(v.relative_to(tmp)) for k, v in files.items()}
         scatter([_scatter_series(metrics)], tmp / SCATTER_FILE, title=f"{metrics['token']}")
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         html_report(metrics, tmp / GRID_FILE, tmp / SCATTER_FILE, tmp / REPORT_FILE)
+
+
+def _photo_row(photos: list[Image.Image], size: tuple[int, int], most: int) -> list[Image.Image]:
+    """The grid's first row: the photos the samples are measured against, at the samples' size, so a person sees
+    at a glance whether the concept draws what it was shown."""
+    return [im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im for im in photos[:most]]
+
+
+def _photo_label(photos: list[Image.Image], metrics: dict, most: int) -> str:
+    which = "training" if (metrics.get("reference_images") or {}).get("training_images", True) else "reference"
+    return f"{which} photos" + (f" ({most} of {len(photos)})" if len(photos) > most else "")
 
 
 def _scatter_series(metrics: dict) -> dict:

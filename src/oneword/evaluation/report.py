@@ -180,7 +180,8 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
             f"<table>{head_rows}</table>",
             _reference_note(metrics.get("reference_images")),
             f"<p>DreamBench numbers are comparable to {html.escape(db['comparable_to'])}.</p>" if db else "",
-            f"<h2>Samples (rows: prompts, columns: seeds)</h2>{img_tag(grid, 'sample grid')}",
+            f"<h2>Samples (first row: the photos; then a row per prompt, a column per seed)</h2>"
+            f"{img_tag(grid, 'sample grid')}",
             f"<h2>Distortion vs editability</h2>{img_tag(scatter_png, 'scatter')}",
             f"<h2>Per prompt</h2><table>{header}{rows}</table>",
             f"<h2>All metrics</h2><pre>{html.escape(json.dumps(metrics, indent=2))}</pre>",

@@ -35,7 +35,6 @@ def demo_cmd(
     from PIL import Image
     from rich import print as rprint
 
-    from oneword.generate import make_grid
     from oneword.pipelines.local import check_settings
     from oneword.storage import check_replaceable
     from oneword.toyworld.concepts import get_concept, write_concept
@@ -60,14 +59,11 @@ def demo_cmd(
     with on_interrupt(f"the demo stopped; its steps' logs: {out / 'pipeline.log'}"):
         r = _run(out, tracking, concept, steps, prompts, n_images)
     m = json.loads(Path(r["metrics"]).read_text())
-    # The picture: the five training pictures, then each prompt across seeds, enlarged so 32 px shapes show.
-    train_row = make_grid([[Image.open(p) for p in photos]], ["training pictures"], label_width=200)
+    # The picture: the evaluation's grid (the training pictures, then each prompt across seeds), enlarged so
+    # 32 px shapes show.
     grid = Image.open(r["grid"])
-    both = Image.new("RGB", (max(train_row.width, grid.width), train_row.height + grid.height), "white")
-    both.paste(train_row, (0, 0))
-    both.paste(grid, (0, train_row.height))
     picture = out / f"{concept}.png"
-    both.resize((both.width * 3, both.height * 3), Image.Resampling.NEAREST).save(picture)
+    grid.resize((grid.width * 3, grid.height * 3), Image.Resampling.NEAREST).save(picture)
     rprint(f"[bold]3.[/] registered [bold green]{r['registered']}[/] in MLflow ({tracking})")
     rprint(f"   step {m['step']} of {m['final_step']} chosen ({m['selection']['criterion']})")
     rprint(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -24,7 +25,6 @@ from pathlib import Path
 from oneword.errors import OnewordError
 from oneword.evaluation.evaluate import EvalConfig, evaluate
 from oneword.evaluation.report import scatter
-from oneword.generate import make_grid
 from oneword.images import preprocess
 from oneword.inversion import ConceptSpec, TrainConfig
 from oneword.latents import cache_latents
@@ -450,17 +450,10 @@ def oracle_scatter(results: list[ConceptResult], out: Path) -> Path:
 
 
 def _save_grid(root: Path, dest: Path) -> None:
-    from PIL import Image
-
+    """The evaluation's grid (its first row: the training pictures) as the report's picture of this run."""
     src = root / "eval" / "grid.png"
     if src.exists():
-        photos = [Image.open(p) for p in sorted((root / "photos").glob("*.png"))]
-        grid = Image.open(src)
-        top = make_grid([photos], ["training pictures"], label_width=200)
-        canvas = Image.new("RGB", (max(grid.width, top.width), grid.height + top.height), "white")
-        canvas.paste(top, (0, 0))
-        canvas.paste(grid, (0, top.height))
-        canvas.save(dest)
+        shutil.copyfile(src, dest)
 
 
 _METRICS = ("reconstruction_oracle", "editability_oracle", "clip_reconstruction", "clip_editability")

@@ -104,7 +104,8 @@ def test_what_one_server_cannot_serve_is_refused_by_name(store, evaluated_concep
     for ref, why in ((["bundle-cat/1", "bundle-cat@champion", "bundle-cat/9"], "no version 9"),
                      (["bundle-cat/1", "bundle-*"], None),  # the same version twice: once
                      (["nothing-*"], "no concept named 'nothing-\\*' has @champion"),
-                     (["bundle-dog@candidate"], "has no alias @candidate")):  # fmt: skip
+                     (["bundle-dog@candidate"], "has no alias @candidate"),
+                     (["bundle-*@candidate"], "no concept named 'bundle-\\*' has @candidate")):  # fmt: skip
         if why:
             with pytest.raises(OnewordError, match=why):
                 bundles.bundle_concepts("studio", ref, tracking_uri=store, dry_run=True)
@@ -128,10 +129,36 @@ def test_what_one_server_cannot_serve_is_refused_by_name(store, evaluated_concep
         bundles.bundle_concepts("more", ["studio/1"], tracking_uri=store)
     with pytest.raises(OnewordError, match="studio is a bundle"):
         catalogue.pull_concept("studio/1", tmp_path / "x.safetensors", tracking_uri=store)
+    with pytest.raises(OnewordError, match="model 'studio' is no oneword concept"):  # a concept named as the bundle
+        registry.register(train_dir, eval_dir, store, name="studio")
+    assert [str(mv.version) for mv in client.search_model_versions("name = 'studio'")] == ["1"]
 
 
-def test_generate_draws_with_a_bundles_members(store, tmp_path, capsys):
+def test_a_bundle_that_fails_leaves_no_copy_and_one_whose_member_is_erased_meanwhile_fails(store, monkeypatch):
+    client, made = mlflow.MlflowClient(store), bundles._create_version
+
+    def erased_meanwhile(*args, **kwargs):  # `concepts delete` of a member, after the bundle read its members
+        version = made(*args, **kwargs)
+        client.delete_registered_model("bundle-dog")
+        return version
+
+    monkeypatch.setattr(bundles, "_create_version", erased_meanwhile)
+    with pytest.raises(OnewordError, match="bundle-dog/1 was deleted while the bundle was made"):
+        bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    assert not client.search_model_versions("name = 'studio'")
+    (run,) = client.search_runs([client.get_experiment_by_name(bundles.EXPERIMENT).experiment_id],
+                                run_view_type=mlflow.entities.ViewType.ALL)  # fmt: skip
+    assert run.info.lifecycle_stage == "deleted" and not _files(run.info.artifact_uri)
+    assert not client.search_logged_models([run.info.experiment_id])
+
+
+def _files(uri: str) -> list[Path]:
+    return [f for f in Path(uri.removeprefix("file://")).rglob("*") if f.is_file()]
+
+
+def test_generate_draws_with_a_bundles_own_copies(store, tmp_path, capsys):
     bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    mlflow.MlflowClient(store).delete_model_version("bundle-cat", "1")  # pruned: the bundle still holds it
     out = tmp_path / "drawn"
     main(["generate", "--concept", "studio/1", "<cat-r> beside <dog-b>", "-o", str(out), "--n", "1", "--steps", "2",
           "--tracking-uri", store])  # fmt: skip
@@ -140,21 +167,26 @@ def test_generate_draws_with_a_bundles_members(store, tmp_path, capsys):
 
 def test_erasing_a_concept_deletes_the_bundle_versions_that_copy_it(store, tmp_path, capsys):
     """A bundle holds a copy of each member's embedding: a concept erased must not keep serving from one."""
+    client = mlflow.MlflowClient(store)
+    orphan = bundles.bundle_concepts("studio", ["bundle-cat"], tracking_uri=store)
+    orphan_run = client.get_model_version("studio", orphan.version).run_id
+    client.delete_model_version("studio", orphan.version)  # by hand: its run keeps the copy, no version finds it
     kept = bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store)
     both = bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
-    client = mlflow.MlflowClient(store)
     run = client.get_run(client.get_model_version("studio", both.version).run_id)
+    copies = [m.artifact_location for m in client.search_logged_models([run.info.experiment_id])]
     main(["concepts", "delete", "bundle-cat", "--tracking-uri", store])
-    assert "1 bundle version holding it (studio/2)" in " ".join(capsys.readouterr().out.split())
+    assert "1 bundle version holding it (studio/3)" in " ".join(capsys.readouterr().out.split())
     main(["concepts", "delete", "bundle-cat", "--yes", "--tracking-uri", store])
-    assert "1 bundle version holding it (studio/2)" in " ".join(capsys.readouterr().out.split())
+    assert "1 bundle version holding it (studio/3)" in " ".join(capsys.readouterr().out.split())
     assert [str(mv.version) for mv in client.search_model_versions("name = 'studio'")] == [kept.version]
-    assert client.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
-    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
-    assert not [f for f in artifacts.rglob("*") if f.is_file()]
+    for run_id in (run.info.run_id, orphan_run):
+        erased = client.get_run(run_id).info
+        assert erased.lifecycle_stage == "deleted" and not _files(erased.artifact_uri)
+    assert len(copies) == 3 and [bool(_files(c)) for c in copies].count(True) == 1  # the dog's bundle keeps its own
     assert bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store).version == kept.version
     kept_run = client.get_model_version("studio", kept.version).run_id
     gone = catalogue.delete_concept("studio", store)  # a bundle's own name: the bundle alone
     assert gone["versions"] == [kept.version] and gone["bundle_versions"] == []
-    assert gone["runs"] == sorted([kept_run, run.info.run_id])  # and studio/2's, deleted already (found again)
+    assert kept_run in gone["runs"]
     assert catalogue.get_version("bundle-dog", store) and not client.search_registered_models("name = 'studio'")

@@ -24,7 +24,8 @@ from oneword.registry import CHAMPION, CONCEPT_TAG, NAME_PATTERN, ensure_experim
 from oneword.tracking import resolve
 
 BUNDLE_TAG = "oneword.bundle"  # on the registered model ("true") and on each version's run (the bundle's name)
-MEMBERS_TAG = "oneword.members"  # on a version and its run: "cat/3,mug/5", by name
+MEMBERS_TAG = "oneword.members"  # on a version: "cat/3,mug/5", by name
+MEMBER_TAG_PREFIX = "oneword.member."  # on a version's run, a tag per member: "oneword.member.cat" = "3 RUN_ID"
 EXPERIMENT = "oneword-bundles"  # the runs that log bundle versions: apart from the concepts' runs
 ARTIFACT_PREFIX = "embedding:"  # a member's artifact key in the pyfunc model: "embedding:NAME"
 
@@ -83,7 +84,7 @@ def bundle_concepts(
     Args:
         name: the bundle's registered-model name (new, or a bundle's).
         concepts: each `NAME` (its version with `alias`), `NAME@alias`, `NAME/3`, or a pattern of names (`team-a-*`:
-            every concept it matches that has a version with `alias`).
+            every concept it matches that has a version with `alias`; `team-a-*@candidate`: with that alias).
         alias: the alias a bare name or a pattern takes its version by.
         tracking_uri: the registry's MLflow tracking URI.
         dry_run: register nothing; say which versions it would hold.
@@ -105,18 +106,70 @@ def bundle_concepts(
     members = _members(client, concepts, alias, uri)
     _check_one_base_model(members)
     newest = _newest(client, name)
-    if newest is not None and newest.tags.get(MEMBERS_TAG) == members_tag(members):
+    if newest is not None and _member_runs(client, newest.run_id) == _member_tags(members):
         return Bundled(name, str(newest.version), members, unchanged=True)
     if dry_run:
         return Bundled(name, None, members)
-    with tempfile.TemporaryDirectory(prefix="oneword-bundle-") as d:
-        files = _member_files(mlflow, members, Path(d))
-        tags = {BUNDLE_TAG: name, MEMBERS_TAG: members_tag(members)}
-        exp_id = ensure_experiment(mlflow, EXPERIMENT, uri)
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"bundle {name}", tags=tags) as run:
-            info = _log_model(mlflow, members, files)
-        version = _create_version(client, name, info, run.info.run_id, members)
+    exp_id = ensure_experiment(mlflow, EXPERIMENT, uri)
+    run_id = client.create_run(exp_id, run_name=f"bundle {name}", tags={BUNDLE_TAG: name}).info.run_id
+    version = None
+    try:
+        _tag_run(client, run_id, _member_tags(members))  # first: an erasure finds the copies by these
+        with tempfile.TemporaryDirectory(prefix="oneword-bundle-") as d, mlflow.start_run(run_id=run_id):
+            info = _log_model(mlflow, members, _member_files(mlflow, members, Path(d)))
+        version = _create_version(client, name, info, run_id, members)
+        _check_still_registered(client, members)
+    except BaseException:  # a failed bundle leaves no copy behind
+        _discard(client, run_id, name, version)
+        raise
     return Bundled(name, str(version.version), members)
+
+
+def member_tag(concept: str) -> str:
+    """The run tag by which a bundle version's run says it holds a copy of `concept`'s embedding."""
+    return f"{MEMBER_TAG_PREFIX}{concept}"
+
+
+def _member_tags(members: Sequence[Member]) -> dict[str, str]:
+    return {member_tag(m.name): f"{m.version} {m.run_id}" for m in members}
+
+
+def _member_runs(client, run_id: str) -> dict[str, str]:
+    """A bundle version's run's member tags: which version of which concept (and its run) it holds."""
+    tags = client.get_run(run_id).data.tags
+    return {k: v for k, v in tags.items() if k.startswith(MEMBER_TAG_PREFIX)}
+
+
+def _tag_run(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, v) for k, v in tags.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 tags a request
+        client.log_batch(run_id, tags=items[i : i + 100])
+
+
+def _check_still_registered(client, members: Sequence[Member]) -> None:
+    """Raise where a member was deleted while this bundle was made (an erasure that listed the bundles before
+    this version existed would leave its copy)."""
+    from mlflow.exceptions import MlflowException
+
+    for m in members:
+        try:
+            client.get_model_version(m.name, m.version)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise OnewordError(f"{m.ref} was deleted while the bundle was made", hint="bundle again") from e
+
+
+def _discard(client, run_id: str, name: str, version) -> None:
+    """Delete what a bundle that failed made: its version, its run's logged model and artifacts, the run."""
+    from oneword.catalogue import erase_runs
+    from oneword.registry import delete_version
+
+    if version is not None:
+        delete_version(client, name, version.version)
+    erase_runs(client, [client.get_run(run_id)])
 
 
 def _check_name(client, name: str) -> None:
@@ -141,11 +194,13 @@ def _members(client, concepts: Sequence[str], alias: str, uri: str) -> list[Memb
     found: dict[str, list] = {}
     for ref in concepts:
         if any(c in ref for c in "*?["):
-            rows = list_concepts(uri, alias=alias, names=[ref])
+            pattern, _, held_by = ref.partition("@")  # 'team-a-*@candidate': their versions with that alias
+            held_by = held_by or alias
+            rows = list_concepts(uri, alias=held_by, names=[pattern])
             if not rows:
                 raise OnewordError(
-                    f"no concept named {ref!r} has @{alias} in the registry at {uri}",
-                    hint=f"list them with `oneword concepts list {ref!r} --alias {alias}`",
+                    f"no concept named {pattern!r} has @{held_by} in the registry at {uri}",
+                    hint=f"list them with `oneword concepts list {pattern!r} --alias {held_by}`",
                 )
             versions = [client.get_model_version(r["name"], r["version"]) for r in rows]
         else:
@@ -231,8 +286,8 @@ def _log_model(mlflow, members: Sequence[Member], files: dict[str, Path]):
         PROFILES.get(first.family, PROFILES[DEFAULT_FAMILY]),  # its sampler: what a request's params default to
         first.token,
     )
-    for f in files.values():
-        serving.check_copy(mlflow, info, f)
+    for n, f in files.items():
+        serving.check_copy(mlflow, info, f"{ARTIFACT_PREFIX}{n}", f)
     return info
 
 
@@ -256,11 +311,27 @@ def _newest(client, name: str):
     return max(versions, key=lambda mv: int(mv.version), default=None)
 
 
-def bundles_holding(client, concept: str) -> list:
-    """The bundle versions that hold a copy of `concept`'s embedding (any version of it)."""
-    held = []
-    for rm in every_page(client.search_registered_models, filter_string=f"tags.`{BUNDLE_TAG}` = 'true'"):
-        for mv in every_page(client.search_model_versions, filter_string=f"name = '{rm.name}'"):
-            if concept in parse_members((mv.tags or {}).get(MEMBERS_TAG)):
-                held.append(mv)
-    return sorted(held, key=lambda mv: (mv.name, int(mv.version)))
+def bundles_holding(client, concept: str, experiments: Sequence[str]) -> tuple[list, list]:
+    """The bundle versions that hold a copy of `concept`'s embedding (any version of it), and every run that
+    logged such a copy (a bundle version's, and a failed bundle's or a deleted version's that kept it), found by
+    their member tag in `experiments`."""
+    from mlflow.entities import ViewType
+
+    runs = every_page(client.search_runs, experiment_ids=list(experiments), run_view_type=ViewType.ALL,
+                      filter_string=f"tags.`{member_tag(concept)}` LIKE '%'")  # fmt: skip
+    versions = [mv for r in runs for mv in every_page(client.search_model_versions,
+                                                        filter_string=f"run_id = '{r.info.run_id}'")]  # fmt: skip
+    return sorted(versions, key=lambda mv: (mv.name, int(mv.version))), runs
+
+
+def bundle_files(mlflow_module, mv, folder: Path) -> list[Path]:
+    """The embedding files a bundle's version holds (its own copies), downloaded into `folder`."""
+    from mlflow.models import Model
+
+    from oneword.serving import artifact_uris
+
+    model_id = mv.source.removeprefix("models:/")
+    flavors = Model.load(mv.source).flavors
+    uris = artifact_uris(mlflow_module, model_id, flavors)
+    return [Path(mlflow_module.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder / str(i))))
+            for i, (_, uri) in enumerate(sorted(uris.items()))]  # fmt: skip

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oneword import tracking
-from oneword.bundles import BUNDLE_TAG, MEMBERS_TAG, bundles_holding, parse_members
+from oneword.bundles import BUNDLE_TAG, MEMBERS_TAG, bundle_files, bundles_holding
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.registry import (
@@ -312,10 +312,17 @@ def pull_concepts(
     refs: list[str], tracking_uri: str | None = None, folder: Path | None = None
 ) -> tuple[list[Path], str]:
     """Download several concepts (diffusers format), into `folder` if given (else each into a folder of its own
-    that the caller keeps). Returns (files, the base model they were trained on)."""
-    refs = [r for ref in refs for r in _members_of(ref, tracking_uri)]
+    that the caller keeps); a bundle's version gives the copies it holds of its concepts. Returns (files, the base
+    model they were trained on)."""
+    mlflow, _ = tracking.client(tracking_uri)
     files, bases = [], set()
     for i, ref in enumerate(refs):
+        mv = get_version(ref, tracking_uri, bundle=True)
+        if MEMBERS_TAG in (mv.tags or {}):  # what it serves, though a member be pruned from the registry since
+            into = Path(folder) / f"{i}" if folder else Path(tempfile.mkdtemp(prefix="oneword-pull-"))
+            files += bundle_files(mlflow, mv, into)
+            bases.add(mv.tags.get("oneword.base_model"))
+            continue
         out = Path(folder) / f"{i}" / "learned_embeds.safetensors" if folder else None
         f, tags = pull_concept(ref, out, tracking_uri=tracking_uri)
         files.append(f)
@@ -326,13 +333,6 @@ def pull_concepts(
             hint="generate with concepts of one base model at a time",
         )
     return files, next(iter(bases))
-
-
-def _members_of(ref: str, tracking_uri: str | None) -> list[str]:
-    """`[ref]` for a concept; a bundle version's members (`NAME/version` each) for a bundle."""
-    mv = get_version(ref, tracking_uri, bundle=True)
-    members = (mv.tags or {}).get(MEMBERS_TAG)
-    return [ref] if members is None else [f"{n}/{v}" for n, v in parse_members(members).items()]
 
 
 def prune_versions(
@@ -439,11 +439,9 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     for mv in versions:  # a version registered from a run another tool made, untagged
         if mv.run_id and mv.run_id not in runs:
             runs[mv.run_id] = client.get_run(mv.run_id)
-    held = [] if bundle else bundles_holding(client, name)  # they hold copies of its embedding
-    for mv in held:
-        runs[mv.run_id] = client.get_run(mv.run_id)
-    models = [m for run_id in runs for m in every_page(client.search_logged_models, experiment_ids=experiments,
-                                                       filter_string=f"source_run_id = '{run_id}'")]  # fmt: skip
+    held, copies = ([], []) if bundle else bundles_holding(client, name, experiments)  # copies of its embedding
+    runs |= {r.info.run_id: r for r in copies}
+    models = _logged_models(client, runs.values(), experiments)
     if rm is None and not held and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
         gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
         raise OnewordError(f"concept {name!r} not found in the registry at {resolve(tracking_uri)}{gone}",
@@ -453,18 +451,33 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
             "bundle_versions": [f"{mv.name}/{mv.version}" for mv in held]}  # fmt: skip
     if dry_run:
         return done
-    for mv in held:  # first: no server started after this serves a copy of it
-        delete_version(client, mv.name, mv.version)
     if rm is not None:  # first: nothing resolves `models:/NAME@champion` any more, whatever fails after
         client.delete_registered_model(name)
-    for m in models:
+    if not bundle:  # after: a bundle made meanwhile holds a copy too (one made after this finds its member gone)
+        held, copies = bundles_holding(client, name, experiments)
+        runs |= {r.info.run_id: r for r in copies}
+        done["bundle_versions"] = [f"{mv.name}/{mv.version}" for mv in held]
+    for mv in held:
+        delete_version(client, mv.name, mv.version)
+    erase_runs(client, list(runs.values()), experiments)
+    return done
+
+
+def _logged_models(client, runs, experiments: Sequence[str]) -> list:
+    return [m for r in runs for m in every_page(client.search_logged_models, experiment_ids=list(experiments),
+                                                filter_string=f"source_run_id = '{r.info.run_id}'")]  # fmt: skip
+
+
+def erase_runs(client, runs: Sequence, experiments: Sequence[str] | None = None) -> None:
+    """Delete MLflow runs whole: their logged models (found in `experiments`, default the runs' own) and every
+    artifact of both from the artifact store, then the runs (MLflow keeps their records until `mlflow gc`)."""
+    for m in _logged_models(client, runs, experiments or sorted({r.info.experiment_id for r in runs})):
         _delete_artifacts(m.artifact_location)
         client.delete_logged_model(m.model_id)
-    for run in runs.values():
+    for run in runs:
         _delete_artifacts(run.info.artifact_uri)
         if run.info.lifecycle_stage != "deleted":
             client.delete_run(run.info.run_id)
-    return done
 
 
 def _delete_artifacts(uri: str) -> None:

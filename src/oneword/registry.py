@@ -486,7 +486,7 @@ def _log_model(mlflow, concept: _Concept, embedding: Path):
         _profile(concept.summary),
         concept.token,
     )
-    check_copy(mlflow, info, embedding)
+    check_copy(mlflow, info, "embedding", embedding)
     return info
 
 
@@ -516,6 +516,12 @@ def _create_version(client, name: str, info, run_id: str, token: str, tags: dict
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+        if (client.get_registered_model(name).tags or {}).get(CONCEPT_TAG) != "true":  # a bundle, another tool's
+            raise OnewordError(
+                f"the registry's model {name!r} is no oneword concept (a bundle, or another tool's): the concept "
+                "cannot be a version of it",
+                hint="register the concept under another name (--name, or name: in a manifest)",
+            ) from e
     return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
 
 

@@ -139,15 +139,22 @@ def log_model(embeddings: dict[str, Path], config: dict[str, Any], profile: Mode
         )
 
 
-def check_copy(mlflow_module, info, embedding: Path) -> None:
-    """Raise unless the logged model `info` holds an intact copy of `embedding` (read back from the store)."""
+def artifact_uris(mlflow_module, model_id: str, flavors: dict) -> dict[str, str]:
+    """`{key: URI}` of a logged `ConceptModel`'s embedding artifacts, where pyfunc put them (its MLmodel says:
+    files whose names differ only in case go to folders of their own)."""
+    root = mlflow_module.get_logged_model(model_id).artifact_location
+    return {key: f"{root}/{a['path']}" for key, a in flavors["python_function"]["artifacts"].items()}
+
+
+def check_copy(mlflow_module, info, key: str, embedding: Path) -> None:
+    """Raise unless the logged model `info` holds an intact copy of `embedding` as its artifact `key` (read back
+    from the store)."""
     import tempfile
 
     from oneword.errors import OnewordError
     from oneword.registry import sha256_file
 
-    # pyfunc keeps `artifacts` in the model's artifacts/ folder, by file name
-    copy = f"{mlflow_module.get_logged_model(info.model_id).artifact_location}/artifacts/{embedding.name}"
+    copy = artifact_uris(mlflow_module, info.model_id, info.flavors)[key]
     with tempfile.TemporaryDirectory() as d:
         try:
             back = Path(mlflow_module.artifacts.download_artifacts(artifact_uri=copy, dst_path=d))

@@ -302,7 +302,8 @@ def bundle_cmd(
     members: Annotated[
         list[str],
         typer.Argument(
-            metavar="CONCEPT...", help="NAME, NAME@alias, NAME/version, or a pattern of names (quote it: 'team-a-*')"
+            metavar="CONCEPT...",
+            help="NAME, NAME@alias, NAME/version, or a pattern of names (quote it: 'team-a-*', 'team-a-*@candidate')",
         ),
     ],
     alias: Annotated[str, typer.Option(help="the version a bare NAME or a pattern takes")] = "champion",

@@ -285,6 +285,7 @@ def _log_model(mlflow, members: Sequence[Member], files: dict[str, Path]):
         },
         PROFILES.get(first.family, PROFILES[DEFAULT_FAMILY]),  # its sampler: what a request's params default to
         first.token,
+        name="bundle",
     )
     for n, f in files.items():
         serving.check_copy(mlflow, info, f"{ARTIFACT_PREFIX}{n}", f)

@@ -111,10 +111,16 @@ class _Pyfunc:
         mlflow.pyfunc.save_model(**kwargs)
 
 
-def log_model(embeddings: dict[str, Path], config: dict[str, Any], profile: ModelProfile, example_token: str):
+def log_model(
+    embeddings: dict[str, Path],
+    config: dict[str, Any],
+    profile: ModelProfile,
+    example_token: str,
+    name: str = "concept",
+):
     """Log a `ConceptModel` (in the active run) that draws with `embeddings`, its artifacts by key (`embedding`,
     or `embedding:NAME` each for a bundle's members); `config` is its model config (`base_model`,
-    `model_fingerprint`). Returns MLflow's `ModelInfo`."""
+    `model_fingerprint`); `name` the logged model's (a bundle's: `bundle`). Returns MLflow's `ModelInfo`."""
     import tempfile
 
     from mlflow.models import Model
@@ -122,7 +128,7 @@ def log_model(embeddings: dict[str, Path], config: dict[str, Any], profile: Mode
     with tempfile.TemporaryDirectory() as code:
         return Model.log(
             artifact_path=None,
-            name="concept",
+            name=name,
             flavor=_Pyfunc,
             flavor_name="pyfunc.CustomPythonModel",  # what mlflow.pyfunc.log_model records
             python_model=ConceptModel(),

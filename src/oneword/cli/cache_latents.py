@@ -14,7 +14,7 @@ from oneword.profiles import TOYWORLD
 
 @app.command("cache-latents", short_help="Encode the photos with the model's VAE, once.")
 def cache_latents_cmd(
-    data: Annotated[Path, typer.Argument(help="dataset folder written by `oneword preprocess`")],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="dataset folder written by `oneword preprocess`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for latents.safetensors")],
     base_model: Annotated[
         str, typer.Option(help=BASE_MODEL_HELP)

@@ -113,7 +113,7 @@ def _short_model(source: str | None) -> str:
 
 @concepts.command("show")
 def show_cmd(
-    ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME, NAME@alias or NAME/version")],
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
     as_json: Annotated[bool, typer.Option("--json", help="print every tag, metric and param as JSON")] = False,
 ) -> None:
@@ -235,7 +235,7 @@ def _score3(value) -> str:
 
 @concepts.command("pull")
 def pull_cmd(
-    ref: Annotated[str, typer.Argument(help="NAME, NAME@alias or NAME/version")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME, NAME@alias or NAME/version")],
     out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")] = "diffusers",
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
@@ -265,7 +265,9 @@ def pull_cmd(
 
 @concepts.command("promote")
 def promote_cmd(
-    ref: Annotated[str, typer.Argument(help="NAME/VERSION, or NAME@alias (the version that alias names)")],
+    ref: Annotated[
+        str, typer.Argument(metavar="REF", help="NAME/VERSION, or NAME@alias (the version that alias names)")
+    ],
     alias: Annotated[str, typer.Option(help="the alias to point at it")] = "champion",
     reason: Annotated[str, typer.Option(help="why, recorded on the version")] = "",
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
@@ -298,11 +300,11 @@ def promote_cmd(
 
 @concepts.command("bundle", short_help="Register many concepts as one model, served by one server.")
 def bundle_cmd(
-    name: Annotated[str, typer.Argument(help="the bundle's name (a registered model of its own)")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the bundle's name (a registered model of its own)")],
     members: Annotated[
         list[str],
         typer.Argument(
-            metavar="CONCEPT...",
+            metavar="CONCEPT",
             help="NAME, NAME@alias, NAME/version, or a pattern of names (quote it: 'team-a-*', 'team-a-*@candidate')",
         ),
     ],
@@ -363,7 +365,9 @@ def _members_table(members):
 
 @concepts.command("delete", short_help="Delete a concept whole: its versions, runs and artifacts.")
 def delete_cmd(
-    name: Annotated[str, typer.Argument(help="the concept's name (`oneword concepts list`), or a bundle's")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="the concept's name (`oneword concepts list`), or a bundle's")
+    ],
     yes: Annotated[bool, typer.Option("--yes", help="delete; without it, only say what would go")] = False,
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
 ) -> None:
@@ -400,7 +404,9 @@ def delete_cmd(
 
 @concepts.command("prune")
 def prune_cmd(
-    names: Annotated[list[str] | None, typer.Argument(help="concepts to prune (default: every concept)")] = None,
+    names: Annotated[
+        list[str] | None, typer.Argument(metavar="NAME", help="concepts to prune (default: every concept)")
+    ] = None,
     keep_versions: Annotated[int, option(TrackingConfig, "keep_versions", "--keep", min=1)] = default(
         TrackingConfig, "keep_versions"
     ),

@@ -12,7 +12,7 @@ from oneword.cli.app import app
 
 @app.command("export")
 def export_cmd(
-    embedding: Annotated[Path, typer.Argument(help="embedding file in any supported format")],
+    embedding: Annotated[Path, typer.Argument(metavar="EMBEDDING", help="embedding file in any supported format")],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output file (default: beside the input)")] = None,
     token: Annotated[str | None, typer.Option(help="rename the token")] = None,
@@ -53,8 +53,8 @@ def export_cmd(
 
 @app.command("blend", short_help="Blend two learned concepts into one.")
 def blend_cmd(
-    first: Annotated[Path, typer.Argument(help="embedding file of the first concept")],
-    second: Annotated[Path, typer.Argument(help="embedding file of the second concept")],
+    first: Annotated[Path, typer.Argument(metavar="FIRST", help="embedding file of the first concept")],
+    second: Annotated[Path, typer.Argument(metavar="SECOND", help="embedding file of the second concept")],
     token: Annotated[str, typer.Option(help="the blend's token, e.g. '<cat-dog>'")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the blend's file (diffusers format)")],
     t: Annotated[float, typer.Option("--t", help="how far from the first to the second (0 to 1)")] = 0.5,

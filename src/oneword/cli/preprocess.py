@@ -14,7 +14,9 @@ from oneword.config import PreprocessConfig
 
 @app.command("preprocess")
 def preprocess_cmd(
-    images: Annotated[str, typer.Argument(help="folder or s3://bucket/prefix of 3-5 photos of the concept")],
+    images: Annotated[
+        str, typer.Argument(metavar="IMAGES", help="folder or s3://bucket/prefix of 3-5 photos of the concept")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="dataset folder to write")],
     resolution: Annotated[int, option(PreprocessConfig, "resolution")] = default(PreprocessConfig, "resolution"),
     mode: Annotated[str, option(PreprocessConfig, "mode")] = default(PreprocessConfig, "mode"),

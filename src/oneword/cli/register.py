@@ -14,7 +14,7 @@ from oneword.config import GateThresholds, TrackingConfig
 
 @app.command("register", short_help="Register a concept in the MLflow registry.")
 def register_cmd(
-    trained: Annotated[Path, typer.Argument(help="folder written by `oneword train`")],
+    trained: Annotated[Path, typer.Argument(metavar="TRAINED", help="folder written by `oneword train`")],
     evaluation: Annotated[Path | None, typer.Option("--eval", help="folder written by `oneword evaluate`")] = None,
     tracking_uri: Annotated[str, option(TrackingConfig, "tracking_uri")] = default(TrackingConfig, "tracking_uri"),
     name: Annotated[str | None, typer.Option(help="registered-model name (default: from the token)")] = None,

@@ -141,7 +141,9 @@ def run_cmd(
 
 @app.command("batch", short_help="Run a batch of concepts here (kfp.local).")
 def batch_cmd(
-    concepts_manifest: Annotated[str, typer.Argument(help="YAML listing images, token and init_word per concept")],
+    concepts_manifest: Annotated[
+        str, typer.Argument(metavar="MANIFEST", help="YAML listing images, token and init_word per concept")
+    ],
     base_model: Annotated[str, typer.Option(help=BASE_MODEL_HELP)] = BASE_MODEL,
     steps: Annotated[int, parameter("steps")] = D["steps"],
     batch_size: Annotated[int, parameter("batch_size")] = D["batch_size"],

@@ -40,7 +40,7 @@ def train_cmd(
 
 @toy.command("concept")
 def concept_cmd(
-    name: Annotated[str, typer.Argument(help="a held-out concept, e.g. purple-star (or red-heart)")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="a held-out concept, e.g. purple-star (or red-heart)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the pictures")],
     n: Annotated[int, typer.Option(help="how many pictures")] = 5,
     seed: Annotated[int, typer.Option(help="seed")] = 0,

@@ -20,7 +20,7 @@ from oneword.config import ConceptSpec, TrackingConfig, TrainConfig
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     latents: Annotated[
-        Path | None, typer.Argument(help="folder written by `oneword cache-latents` (one concept)")
+        Path | None, typer.Argument(metavar="LATENTS", help="folder written by `oneword cache-latents` (one concept)")
     ] = None,
     token: Annotated[str | None, typer.Option(help="the new pseudo-word, e.g. '<my-cat>'")] = None,
     init_word: Annotated[str | None, typer.Option(help="one-token word to start from, e.g. 'cat'")] = None,

@@ -120,6 +120,10 @@ def test_what_one_server_cannot_serve_is_refused_by_name(store, evaluated_concep
     client.set_model_version_tag("bundle-dog", "1", fingerprint, "sha256:0ther")
     with pytest.raises(OnewordError, match=r"different base models: bundle-cat/1 on .*; bundle-dog/1 on"):
         bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    on_one = bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store, dry_run=True, base_model="0ther")
+    assert [m.ref for m in on_one.members] == ["bundle-dog/1"]  # a pattern, narrowed to one base model
+    with pytest.raises(OnewordError, match=r"no concept named 'bundle-c\*' has @champion on 0ther"):
+        bundles.bundle_concepts("studio", ["bundle-c*"], tracking_uri=store, base_model="0ther")
     client.set_model_version_tag("bundle-dog", "1", fingerprint, trained_on)
     with pytest.raises(OnewordError, match="'bundle-cat' is a concept, not a bundle"):
         bundles.bundle_concepts("bundle-cat", ["bundle-dog"], tracking_uri=store)

@@ -78,6 +78,7 @@ def bundle_concepts(
     alias: str = CHAMPION,
     tracking_uri: str | None = None,
     dry_run: bool = False,
+    base_model: str | None = None,
 ) -> Bundled:
     """Register a version of bundle `name` that holds the given concepts' embeddings.
 
@@ -88,6 +89,8 @@ def bundle_concepts(
         alias: the alias a bare name or a pattern takes its version by.
         tracking_uri: the registry's MLflow tracking URI.
         dry_run: register nothing; say which versions it would hold.
+        base_model: a pattern takes only the concepts trained on this base model (its reference as given to
+            train, or a prefix of its fingerprint), as `concepts list --base-model` lists them.
 
     Raises:
         OnewordError: a concept or alias not found; two versions of one concept; members on different base models,
@@ -103,7 +106,7 @@ def bundle_concepts(
     uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
     _check_name(client, name)
-    members = _members(client, concepts, alias, uri)
+    members = _members(client, concepts, alias, uri, base_model)
     _check_one_base_model(members)
     newest = _newest(client, name)
     if newest is not None and _member_runs(client, newest.run_id) == _member_tags(members):
@@ -187,7 +190,7 @@ def _check_name(client, name: str) -> None:
         raise OnewordError(f"{name!r} is {what}, not a bundle", hint="name the bundle otherwise")
 
 
-def _members(client, concepts: Sequence[str], alias: str, uri: str) -> list[Member]:
+def _members(client, concepts: Sequence[str], alias: str, uri: str, base_model: str | None) -> list[Member]:
     """The concept versions `concepts` name, one per concept."""
     from oneword.catalogue import get_version, list_concepts
 
@@ -196,11 +199,13 @@ def _members(client, concepts: Sequence[str], alias: str, uri: str) -> list[Memb
         if any(c in ref for c in "*?["):
             pattern, _, held_by = ref.partition("@")  # 'team-a-*@candidate': their versions with that alias
             held_by = held_by or alias
-            rows = list_concepts(uri, alias=held_by, names=[pattern])
+            rows = list_concepts(uri, alias=held_by, names=[pattern], base_model=base_model)
             if not rows:
+                on = f" on {base_model}" if base_model else ""
                 raise OnewordError(
-                    f"no concept named {pattern!r} has @{held_by} in the registry at {uri}",
-                    hint=f"list them with `oneword concepts list {pattern!r} --alias {held_by}`",
+                    f"no concept named {pattern!r} has @{held_by}{on} in the registry at {uri}",
+                    hint=f"list them with `oneword concepts list {pattern!r} --alias {held_by}"
+                    + (f" --base-model {base_model}`" if base_model else "`"),
                 )
             versions = [client.get_model_version(r["name"], r["version"]) for r in rows]
         else:

@@ -309,6 +309,10 @@ def bundle_cmd(
         ),
     ],
     alias: Annotated[str, typer.Option(help="the version a bare NAME or a pattern takes")] = "champion",
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="a pattern takes only concepts trained on this base model (as `concepts list` filters)"),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="register nothing; list the versions it would hold")] = (
         False
     ),
@@ -326,6 +330,7 @@ def bundle_cmd(
     Example:
       oneword concepts bundle studio my-cat mug 'team-a-*'
       oneword concepts bundle studio my-cat/3 mug@candidate --dry-run
+      oneword concepts bundle sd15-all '*' --base-model runwayml/stable-diffusion-v1-5
     """
     from rich.console import Console
     from rich.markup import escape
@@ -333,7 +338,7 @@ def bundle_cmd(
     from oneword.bundles import bundle_concepts
 
     uri = existing_store(tracking_uri)
-    done = bundle_concepts(name, members, alias, uri, dry_run=dry_run)
+    done = bundle_concepts(name, members, alias, uri, dry_run=dry_run, base_model=base_model)
     console = Console(highlight=False, soft_wrap=True)
     n = len(done.members)
     held = f"{n} concept{'s' * (n != 1)} on {escape(done.members[0].base_model)}"

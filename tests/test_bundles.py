@@ -156,6 +156,17 @@ def test_a_bundle_that_fails_leaves_no_copy_and_one_whose_member_is_erased_meanw
     assert not client.search_logged_models([run.info.experiment_id])
 
 
+def test_old_bundle_versions_are_pruned_as_a_concepts_are(store, capsys):
+    for members in (["bundle-cat"], ["bundle-dog"], ["bundle-*"], ["bundle-cat"]):
+        bundles.bundle_concepts("studio", members, tracking_uri=store)
+    catalogue.promote("studio/1", alias="live", tracking_uri=store)
+    main(["concepts", "prune", "--keep", "2", "--tracking-uri", store])
+    assert "deleted 1 version of 1 concept" in " ".join(capsys.readouterr().out.split())  # studio/2
+    client = mlflow.MlflowClient(store)
+    assert sorted(int(mv.version) for mv in client.search_model_versions("name = 'studio'")) == [1, 3, 4]
+    assert [int(mv.version) for mv in client.search_model_versions("name = 'bundle-cat'")] == [1]
+
+
 def _files(uri: str) -> list[Path]:
     return [f for f in Path(uri.removeprefix("file://")).rglob("*") if f.is_file()]
 

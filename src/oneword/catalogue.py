@@ -341,16 +341,17 @@ def prune_versions(
     names: Sequence[str] = (),
     dry_run: bool = False,
 ) -> list[dict]:
-    """Delete the concept versions that no alias points at, beyond each concept's `keep` newest.
+    """Delete the concept versions that no alias points at, beyond each concept's `keep` newest; and a bundle's
+    (`oneword.bundles`) alike.
 
     Never deleted: a version an alias points at (`champion`, `candidate`, or one of your own), or one of the `keep`
     newest; a concept with a version whose gate has not decided (a register at work) is left whole. A version's
-    MLflow run stays, with its embedding, scores and report.
+    MLflow run stays, with its embedding, scores and report (a bundle's, with its copies).
 
     Args:
         tracking_uri: the registry's MLflow tracking URI.
         keep: newest versions kept per concept (at least 1).
-        names: only these concepts (default: every concept).
+        names: only these concepts or bundles (default: every one).
         dry_run: delete nothing; return what would be deleted.
 
     Returns:
@@ -360,18 +361,18 @@ def prune_versions(
         raise OnewordError(
             f"keep must be at least 1, not {keep}", hint="the newest version is what the next run compares with"
         )
-    rows = list_concepts(tracking_uri)
+    _, client = tracking.client(tracking_uri)
+    rows = list_concepts(tracking_uri) + _bundle_rows(client)
     if missing := sorted(set(names) - {r["name"] for r in rows}):
         raise OnewordError(
             f"no concept named {', '.join(map(repr, missing))} in the registry at "
             f"{resolve(tracking_uri)}",
             hint="list concepts with `oneword concepts list`",
         )
-    _, client = tracking.client(tracking_uri)
     gone = []
     for name in sorted({r["name"] for r in rows if not names or r["name"] in names}):
         versions = sorted((r for r in rows if r["name"] == name), key=lambda r: -int(r["version"]))  # each once
-        if any(r["gate"] is None for r in versions):
+        if any(r["gate"] is None and not r.get("bundle") for r in versions):
             # a register at work may hand the alias back to an older version (`registry._apply_gate`) or ask
             # which decided version came just before its own: this concept waits for the next prune
             log.info("%s: a version is still being registered; not pruned now", name)
@@ -386,6 +387,16 @@ def prune_versions(
                 delete_version(client, name, r["version"])
             gone.append(r)
     return gone
+
+
+def _bundle_rows(client) -> list[dict]:
+    """Every bundle version, as `list_concepts` rows marked `bundle` (a bundle's versions have no gate to wait
+    for)."""
+    rows = []
+    for rm in every_page(client.search_registered_models, filter_string=f"tags.`{BUNDLE_TAG}` = 'true'"):
+        for mv in every_page(client.search_model_versions, filter_string=f"name = '{rm.name}'"):
+            rows.append({**version_row(mv, rm), "bundle": True})
+    return rows
 
 
 def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = False) -> dict:

@@ -410,7 +410,7 @@ def delete_cmd(
 @concepts.command("prune")
 def prune_cmd(
     names: Annotated[
-        list[str] | None, typer.Argument(metavar="NAME", help="concepts to prune (default: every concept)")
+        list[str] | None, typer.Argument(metavar="NAME", help="concepts or bundles to prune (default: every one)")
     ] = None,
     keep_versions: Annotated[int, option(TrackingConfig, "keep_versions", "--keep", min=1)] = default(
         TrackingConfig, "keep_versions"
@@ -421,7 +421,7 @@ def prune_cmd(
     """Delete old versions that no alias points at (their runs stay).
 
     Keeps each concept's --keep newest versions, every version an alias points at, and any whose register is
-    still deciding.
+    still deciding. Bundles are pruned alike.
 
     \b
     Example:

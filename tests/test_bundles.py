@@ -64,6 +64,8 @@ def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, c
     assert drawn[0] != drawn[1] and len(drawn) == 3  # the prompts differ in the token alone: each has its vectors
     shown = catalogue.show_concept("studio/1", store)
     assert shown["tags"][bundles.MEMBERS_TAG] == "bundle-cat/1,bundle-dog/1"
+    main(["concepts", "show", "bundle-dog", "--tracking-uri", store])
+    assert "bundled in studio/1" in " ".join(capsys.readouterr().out.split())
     main(["concepts", "show", "studio/1", "--tracking-uri", store])
     card = " ".join(capsys.readouterr().out.split())
     assert "concepts bundle-cat/1, bundle-dog/1" in card and "serve mlflow models serve -m models:/studio/1" in card

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oneword import tracking
-from oneword.bundles import BUNDLE_TAG, MEMBERS_TAG, bundle_files, bundles_holding
+from oneword.bundles import BUNDLE_TAG, MEMBERS_TAG, bundle_files, bundles_holding, member_tag
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.registry import (
@@ -248,12 +248,20 @@ def as_number(tag: str | None) -> float | None:
 
 
 def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
-    """Everything about one concept version: tags, aliases, run metrics and params."""
+    """Everything about one concept version: tags, aliases, run metrics and params, the bundle versions that hold
+    it (`bundled_in`); or about a bundle's version."""
     _, client = tracking.client(tracking_uri)
     mv = get_version(ref, tracking_uri, bundle=True)
     run = client.get_run(mv.run_id)
     rm = client.get_registered_model(mv.name)
+    bundled = []
+    if MEMBERS_TAG not in (mv.tags or {}):  # the bundle versions that serve this one (a copy of its embedding)
+        experiments = [e.experiment_id for e in every_page(client.search_experiments)]
+        held, _ = bundles_holding(client, mv.name, experiments)
+        bundled = [f"{b.name}/{b.version}" for b in held if client.get_run(b.run_id).data.tags.get(
+            member_tag(mv.name), "").split(" ")[0] == str(mv.version)]  # fmt: skip
     return {
+        "bundled_in": bundled,
         "name": mv.name,
         "version": str(mv.version),
         "aliases": sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version)),

@@ -209,6 +209,8 @@ def concept_card(info: dict):
                f"batch {params['train.batch_size']}" if params.get("train.batch_size") else "",
                f"{params['n_images']} photos" if params.get("n_images") else ""]  # fmt: skip
     grid.add_row("trained", escape(", ".join(x for x in trained if x) or "-"))
+    if info.get("bundled_in"):
+        grid.add_row("bundled in", escape(", ".join(info["bundled_in"])))
     grid.add_row("run", escape(f"{info['run_id']}" + (f" (batch {tags['oneword.batch_id']})"
                                                       if tags.get("oneword.batch_id") else "")))  # fmt: skip
     grid.add_row("created", escape(info.get("created") or "-"))

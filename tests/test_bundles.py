@@ -135,7 +135,7 @@ def test_what_one_server_cannot_serve_is_refused_by_name(store, evaluated_concep
         bundles.bundle_concepts("more", ["studio/1"], tracking_uri=store)
     with pytest.raises(OnewordError, match="studio is a bundle"):
         catalogue.pull_concept("studio/1", tmp_path / "x.safetensors", tracking_uri=store)
-    with pytest.raises(OnewordError, match="model 'studio' is no oneword concept"):  # a concept named as the bundle
+    with pytest.raises(OnewordError, match="the registry holds 'studio' as a bundle of concepts"):  # a concept so named
         registry.register(train_dir, eval_dir, store, name="studio")
     assert [str(mv.version) for mv in client.search_model_versions("name = 'studio'")] == ["1"]
 

@@ -158,3 +158,16 @@ def test_a_bucket_endpoint_that_never_answers_is_reported_in_seconds(monkeypatch
         silent.close()
     assert problem and "does not answer" in problem and "S3_ENDPOINT_URL" in hint
     assert time.perf_counter() - t0 < 15
+
+
+def test_a_name_the_registry_holds_as_no_concept_is_refused_before_training(tiny_model_dir, tmp_path):
+    """A concept named as a bundle (or another tool's model) would fail at register, after the GPU work."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cat = {"images": str(DREAMBENCH / "cat"), "token": "<cat-pf>", "init_word": "cat"}
+    assert "registered names" in preflight(str(tiny_model_dir), [{**cat, "name": "new-cat"}], "toyworld-clip", uri)
+    mlflow.MlflowClient(uri).create_registered_model("studio", tags={"oneword.bundle": "true"})
+    with pytest.raises(OnewordError, match="holds 'studio' as a bundle of concepts, not a concept") as refused:
+        preflight(str(tiny_model_dir), [{**cat, "name": "studio"}], "toyworld-clip", uri)
+    assert "name: in the manifest" in refused.value.message  # the fix, in the list of problems

@@ -153,6 +153,12 @@ def test_an_unchanged_concept_is_recorded_and_the_others_go_on(trained_cat, tiny
     assert changed_concepts([taken], given, mlflow_server, "night-7", on_error="record") == []
     (row,) = batch_report(mlflow_server, "night-7", [taken])["concepts"]
     assert (row["status"], row["stage"]) == ("failed", "train") and "already in the vocabulary" in row["error"]
+    # a name the registry holds as a bundle: register would refuse it after the GPU work, so it is recorded now
+    client.create_registered_model("dog-bundled", tags={"oneword.bundle": "true"})
+    named = {**DOG, "name": "dog-bundled"}
+    assert changed_concepts([named], given, mlflow_server, "night-8", on_error="record") == []
+    (row,) = batch_report(mlflow_server, "night-8", [named])["concepts"]
+    assert (row["status"], row["stage"]) == ("failed", "register") and "as a bundle of concepts" in row["error"]
     # a registry that does not answer: every concept goes on, nothing is lost, and the next lookup asks again
     assert changed_concepts([CAT], given, "http://127.0.0.1:9", "night-4") == [CAT]
 

@@ -107,8 +107,9 @@ def preflight(
         p.run("DINO evaluator", _evaluator_problem, dino_model, "DINO")
     if prompt_set:
         p.run("prompt set", _prompt_set_problem, prompt_set)
-    if tracking_uri is not None:
-        p.run("tracking", _tracking_problem, tracking_uri, experiment, writes)
+    names = sorted({c["name"] for c in concepts if c.get("name")})
+    if tracking_uri is not None and p.run("tracking", _tracking_problem, tracking_uri, experiment, writes) and names:
+        p.run("registered names", _names_problem, tracking_uri, names)
     for bucket in sorted(_buckets(base_model, clip, dino_model, checkpoint_root, *(c["images"] for c in concepts))):
         p.run(f"bucket {bucket}", _bucket_problem, bucket)
     for c in concepts:
@@ -201,6 +202,21 @@ def _tracking_problem(tracking_uri: str, experiment: str, writes: bool = True) -
             "check --tracking-uri (or MLFLOW_TRACKING_URI) and MLFLOW_TRACKING_USERNAME/PASSWORD",
         )
     return None, ""
+
+
+def _names_problem(tracking_uri: str, names: Sequence[str]) -> tuple[str | None, str]:
+    """Whether the registry holds a concept's name as no concept (a bundle, another tool's model): its register
+    would fail after the GPU work."""
+    from mlflow import MlflowClient
+
+    from oneword import tracking
+    from oneword.registry import name_taken
+
+    client = MlflowClient(tracking.resolve(tracking_uri or None))
+    with patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                 "MLFLOW_HTTP_REQUEST_TIMEOUT": TRACKING_TIMEOUT_S}):  # fmt: skip
+        taken = [e for e in (name_taken(client, n) for n in names) if e is not None]
+    return (taken[0].message, taken[0].hint) if taken else (None, "")
 
 
 def _buckets(*uris: str) -> set[str]:

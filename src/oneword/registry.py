@@ -504,6 +504,24 @@ ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias
 ABANDONED = "abandoned: its register never decided its alias"  # the gate tag of such a version, once waited for
 
 
+def name_taken(client, name: str) -> OnewordError | None:
+    """Why a concept named `name` cannot be registered, where the registry holds that name as no concept (a
+    bundle, another tool's model); None where it is free or a concept's."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(name).tags or {}
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if tags.get(CONCEPT_TAG) == "true":
+        return None
+    what = "a bundle of concepts" if tags.get("oneword.bundle") == "true" else "another tool's model"
+    return OnewordError(f"the registry holds {name!r} as {what}, not a concept: the concept cannot be a version of it",
+                        hint="give the concept another name (--name, or name: in the manifest)")  # fmt: skip
+
+
 def _create_version(client, name: str, info, run_id: str, token: str, tags: dict[str, str]):
     """Create the registered model if it is new (another process may be creating it too), then a version with its
     tags (a version of oneword's is never untagged: see `_wait_for_older_decisions`)."""
@@ -516,12 +534,8 @@ def _create_version(client, name: str, info, run_id: str, token: str, tags: dict
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        if (client.get_registered_model(name).tags or {}).get(CONCEPT_TAG) != "true":  # a bundle, another tool's
-            raise OnewordError(
-                f"the registry's model {name!r} is no oneword concept (a bundle, or another tool's): the concept "
-                "cannot be a version of it",
-                hint="register the concept under another name (--name, or name: in a manifest)",
-            ) from e
+        if (taken := name_taken(client, name)) is not None:
+            raise taken from e
     return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
 
 

@@ -44,7 +44,7 @@ from oneword.images import Manifest, preprocess
 from oneword.inversion import check_concept, check_progressive
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model, recorded_source
 from oneword.profiles import image_side, profile_of
-from oneword.registry import EXPERIMENT, unchanged_result
+from oneword.registry import EXPERIMENT, name_taken, unchanged_result
 from oneword.templates import get_templates
 from oneword.train import model_identity, training_key
 
@@ -226,6 +226,9 @@ def unchanged_versions(
             if name not in told.keys:
                 continue
             try:
+                if (taken := name_taken(tracking.client(tracking_uri)[1], name)) is not None:
+                    told.failing[name] = {"stage": "register", "error": taken.message, "hint": taken.hint}
+                    continue
                 hit = unchanged_result(tracking_uri, name, told.keys[name], told.evaluations[name], settings.gate,
                                        concept["token"])  # fmt: skip
             except Exception as e:  # the steps meet the store as it is, and evaluate asks again

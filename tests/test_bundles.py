@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,51 @@ def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, c
     main(["concepts", "show", "studio/1", "--tracking-uri", store])
     card = " ".join(capsys.readouterr().out.split())
     assert "concepts bundle-cat/1, bundle-dog/1" in card and "serve mlflow models serve -m models:/studio/1" in card
+
+
+@pytest.mark.slow
+def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
+    """`mlflow models serve` of `models:/NAME/latest`, sent the very request docs/deploy.md shows (its tokens ours):
+    a row per prompt, each drawn by the member it names."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from .conftest import _stop, free_port
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text().split("<!-- bundle-request:", 1)[1]
+    sent = re.search(r"-d '(\{.*\})'", doc)[1]
+    body = json.loads(sent.replace("<team-a-mug>", "<cat-r>").replace("<my-dog>", "<dog-b>"))
+    bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    port, bin_dir = free_port(), os.path.dirname(sys.executable)  # mlflow starts `uvicorn` by name
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed when the process ends
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/studio/latest",
+                             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:  # the server's start (a model load), not a retry of a request that failed
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        rows = json.load(urllib.request.urlopen(request, timeout=300))["predictions"]
+    finally:
+        _stop(proc)
+    assert [r["prompt"] for r in rows] == body["inputs"] and "<cat-r>" in rows[0]["prompt"]
+    mlflow.set_tracking_uri(store)
+    # the concept's own model, the default sampler, two prompts a call as the request (a batch's size moves the
+    # float sums a little)
+    alone = mlflow.pyfunc.load_model("models:/bundle-cat@champion").predict([rows[0]["prompt"]] * 2)["png_base64"][0]
+    assert np.array_equal(_pixels(alone), _pixels(rows[0]["png_base64"]))
 
 
 def test_bundling_the_same_versions_again_registers_nothing_and_a_promotion_a_new_version(
@@ -167,6 +213,15 @@ def test_old_bundle_versions_are_pruned_as_a_concepts_are(store, capsys):
     client = mlflow.MlflowClient(store)
     assert sorted(int(mv.version) for mv in client.search_model_versions("name = 'studio'")) == [1, 3, 4]
     assert [int(mv.version) for mv in client.search_model_versions("name = 'bundle-cat'")] == [1]
+
+
+def _pixels(png_base64: str) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))))
 
 
 def _files(uri: str) -> list[Path]:

@@ -332,7 +332,7 @@ def bundle_cmd(
     Example:
       oneword concepts bundle studio my-cat mug 'team-a-*'
       oneword concepts bundle studio my-cat/3 mug@candidate --dry-run
-      oneword concepts bundle sd15-all '*' --base-model runwayml/stable-diffusion-v1-5
+      oneword concepts bundle sd15 '*' --base-model runwayml/stable-diffusion-v1-5
     """
     from rich.console import Console
     from rich.markup import escape

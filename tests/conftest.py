@@ -171,6 +171,37 @@ def s3_bucket(s3_server, request):
     return name
 
 
+def served(model_uri: str, tracking_uri: str, body: dict, log: Path) -> list[dict]:
+    """`mlflow models serve` of `model_uri` started, sent `body` at /invocations, stopped: the answer's rows."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port, bin_dir = free_port(), os.path.dirname(sys.executable)  # mlflow starts `uvicorn` by name
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                                 "local", "--host", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:  # the server's start (a model load), not a retry of a request that failed
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        return json.load(urllib.request.urlopen(request, timeout=300))["predictions"]
+    finally:
+        _stop(proc)
+
+
 def _start_mlflow_server(
     tmp: Path,
     artifacts_destination: str,

@@ -76,39 +76,15 @@ def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, c
 def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
     """`mlflow models serve` of `models:/NAME/latest`, sent the very request docs/deploy.md shows (its tokens ours):
     a row per prompt, each drawn by the member it names."""
-    import os
     import re
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
-    from .conftest import _stop, free_port
+    from .conftest import served
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text().split("<!-- bundle-request:", 1)[1]
     sent = re.search(r"-d '(\{.*\})'", doc)[1]
     body = json.loads(sent.replace("<team-a-mug>", "<cat-r>").replace("<my-dog>", "<dog-b>"))
     bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
-    port, bin_dir = free_port(), os.path.dirname(sys.executable)  # mlflow starts `uvicorn` by name
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed when the process ends
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/studio/latest",
-                             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        while True:  # the server's start (a model load), not a retry of a request that failed
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
-                break
-            except OSError:
-                time.sleep(0.5)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
-        rows = json.load(urllib.request.urlopen(request, timeout=300))["predictions"]
-    finally:
-        _stop(proc)
+    rows = served("models:/studio/latest", store, body, tmp_path / "serve.log")
     assert [r["prompt"] for r in rows] == body["inputs"] and "<cat-r>" in rows[0]["prompt"]
     mlflow.set_tracking_uri(store)
     # the concept's own model, the default sampler, two prompts a call as the request (a batch's size moves the

@@ -213,37 +213,16 @@ def test_a_registered_concept_serves_the_request_the_docs_show(evaluated_concept
     """`mlflow models serve` of a version, sent the very request docs/deploy.md shows: a row per image."""
     import base64
     import io
-    import os
-    import urllib.request
 
     from PIL import Image
 
-    from .conftest import _stop, free_port
+    from .conftest import served
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text().split("<!-- serving-request:", 1)[1]
     body = json.loads(re.search(r"-d '(\{.*\})'", doc)[1].replace("<my-cat>", "<cat-r>"))
     train_dir, eval_dir = evaluated_concept
     reg = registry.register(train_dir, eval_dir, mlflow_server, name="cat-serve")
-    port, bin_dir = free_port(), os.path.dirname(sys.executable)  # mlflow starts `uvicorn` by name
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed when the process ends
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{reg.name}@champion",
-                             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        while True:  # the server's start (a model load), not a retry of a request that failed
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
-                break
-            except OSError:
-                time.sleep(0.5)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
-        rows = json.load(urllib.request.urlopen(request, timeout=300))["predictions"]
-    finally:
-        _stop(proc)
+    rows = served(f"models:/{reg.name}@champion", mlflow_server, body, tmp_path / "serve.log")
     n = body["params"]["n"]
     assert [r["prompt"] for r in rows] == [p for p in body["inputs"] for _ in range(n)]
     assert [r["seed"] for r in rows] == [body["params"]["seed"] + j for j in range(n)] * len(body["inputs"])

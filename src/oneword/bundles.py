@@ -13,6 +13,7 @@ Erasing a concept (`catalogue.delete_concept`) deletes the bundle versions that 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from oneword import tracking
 from oneword.errors import OnewordError
 from oneword.registry import CHAMPION, CONCEPT_TAG, NAME_PATTERN, ensure_experiment, every_page
 from oneword.tracking import resolve
+
+log = logging.getLogger(__name__)
 
 BUNDLE_TAG = "oneword.bundle"  # on the registered model ("true") and on each version's run (the bundle's name)
 MEMBERS_TAG = "oneword.members"  # on a version: "cat/3,mug/5", by name
@@ -170,9 +173,12 @@ def _discard(client, run_id: str, name: str, version) -> None:
     from oneword.catalogue import erase_runs
     from oneword.registry import delete_version
 
-    if version is not None:
-        delete_version(client, name, version.version)
-    erase_runs(client, [client.get_run(run_id)])
+    try:
+        if version is not None:
+            delete_version(client, name, version.version)
+        erase_runs(client, [client.get_run(run_id)])
+    except Exception as e:  # the bundle's own error is the one to raise; the next erasure finds the run by its tags
+        log.warning("could not delete what the failed bundle made (run %s): %s", run_id, e)
 
 
 def _check_name(client, name: str) -> None:

@@ -21,12 +21,11 @@ from pathlib import Path
 
 from oneword import tracking
 from oneword.errors import OnewordError
-from oneword.registry import CHAMPION, CONCEPT_TAG, NAME_PATTERN, ensure_experiment, every_page
+from oneword.registry import BUNDLE_TAG, CHAMPION, NAME_PATTERN, ensure_experiment, every_page, model_kind
 from oneword.tracking import resolve
 
 log = logging.getLogger(__name__)
 
-BUNDLE_TAG = "oneword.bundle"  # on the registered model ("true") and on each version's run (the bundle's name)
 MEMBERS_TAG = "oneword.members"  # on a version: "cat/3,mug/5", by name
 MEMBER_TAG_PREFIX = "oneword.member."  # on a version's run, a tag per member: "oneword.member.cat" = "3 RUN_ID"
 EXPERIMENT = "oneword-bundles"  # the runs that log bundle versions: apart from the concepts' runs
@@ -182,17 +181,8 @@ def _discard(client, run_id: str, name: str, version) -> None:
 
 
 def _check_name(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        rm = client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        return
-    tags = rm.tags or {}
-    if tags.get(BUNDLE_TAG) != "true":
-        what = "a concept" if tags.get(CONCEPT_TAG) == "true" else "another tool's model"
+    if (kind := model_kind(client, name)) in ("concept", "other"):
+        what = "a concept" if kind == "concept" else "another tool's model"
         raise OnewordError(f"{name!r} is {what}, not a bundle", hint="name the bundle otherwise")
 
 
@@ -226,7 +216,7 @@ def _members(client, concepts: Sequence[str], alias: str, uri: str, base_model: 
                            hint="a bundle holds one version of each concept: name the one to serve")  # fmt: skip
     members = []
     for n, (mv,) in sorted(found.items()):
-        if (client.get_registered_model(n).tags or {}).get(CONCEPT_TAG) != "true":
+        if model_kind(client, n) != "concept":
             raise OnewordError(f"{n} is not a oneword concept", hint="bundle concepts that oneword registered")
         tags = mv.tags or {}
         members.append(

@@ -13,17 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oneword import tracking
-from oneword.bundles import BUNDLE_TAG, MEMBERS_TAG, bundle_files, bundles_holding, member_tag
+from oneword.bundles import MEMBERS_TAG, bundle_files, bundles_holding, member_tag
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.registry import (
     ABANDONED,
+    BUNDLE_TAG,
     CHAMPION,
     CONCEPT_TAG,
     EMBEDDING_ARTIFACT,
     PAGE_SIZE,
     delete_version,
     every_page,
+    model_kind,
 )
 from oneword.tracking import resolve
 
@@ -257,9 +259,9 @@ def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
     bundled = []
     if MEMBERS_TAG not in (mv.tags or {}):  # the bundle versions that serve this one (a copy of its embedding)
         experiments = [e.experiment_id for e in every_page(client.search_experiments)]
-        held, _ = bundles_holding(client, mv.name, experiments)
-        bundled = [f"{b.name}/{b.version}" for b in held if client.get_run(b.run_id).data.tags.get(
-            member_tag(mv.name), "").split(" ")[0] == str(mv.version)]  # fmt: skip
+        held, runs = bundles_holding(client, mv.name, experiments)
+        holds = {r.info.run_id: r.data.tags.get(member_tag(mv.name), "").split(" ")[0] for r in runs}  # its version
+        bundled = [f"{b.name}/{b.version}" for b in held if holds.get(b.run_id) == str(mv.version)]
     return {
         "bundled_in": bundled,
         "name": mv.name,
@@ -432,26 +434,18 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
         OnewordError: no such concept; a model that is not a oneword concept; a version still being registered.
     """
     from mlflow.entities import ViewType
-    from mlflow.exceptions import MlflowException
-
     _, client = tracking.client(tracking_uri)
-    try:
-        rm = client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        rm = None
-    kind = (rm.tags or {}) if rm is not None else {}
-    bundle = kind.get(BUNDLE_TAG) == "true"
-    if rm is not None and kind.get(CONCEPT_TAG) != "true" and not bundle:
+    kind = model_kind(client, name)
+    registered, bundle = kind is not None, kind == "bundle"
+    if kind == "other":
         raise OnewordError(f"{name} is not a oneword concept", hint="delete models of other tools with their tools")
-    if rm is not None and not bundle and (deciding := _deciding(client, name)):  # its register would remake it
+    if kind == "concept" and (deciding := _deciding(client, name)):  # its register would remake it
         raise OnewordError(f"{name} version {deciding[0]} is still being registered",
                            hint="wait for its register to finish (or to be marked abandoned), then delete")  # fmt: skip
-    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'") if rm else []
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'") if registered else []
     experiments = [e.experiment_id for e in every_page(client.search_experiments, view_type=ViewType.ALL)]
     # a bundle's runs are tagged by its name as a concept's are: a delete cut short leaves either kind's
-    run_tags = [BUNDLE_TAG if bundle else CONCEPT_TAG] if rm is not None else [CONCEPT_TAG, BUNDLE_TAG]
+    run_tags = [BUNDLE_TAG if bundle else CONCEPT_TAG] if registered else [CONCEPT_TAG, BUNDLE_TAG]
     runs = {r.info.run_id: r for tag in run_tags
             for r in every_page(client.search_runs, experiment_ids=experiments,
                                 filter_string=f"tags.`{tag}` = '{name}'", run_view_type=ViewType.ALL)}  # fmt: skip
@@ -461,7 +455,7 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     held, copies = ([], []) if bundle else bundles_holding(client, name, experiments)  # copies of its embedding
     runs |= {r.info.run_id: r for r in copies}
     models = _logged_models(client, runs.values(), experiments)
-    if rm is None and not held and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
+    if not registered and not held and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
         gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
         raise OnewordError(f"concept {name!r} not found in the registry at {resolve(tracking_uri)}{gone}",
                            hint="list concepts with `oneword concepts list`")  # fmt: skip
@@ -470,7 +464,7 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
             "bundle_versions": [f"{mv.name}/{mv.version}" for mv in held]}  # fmt: skip
     if dry_run:
         return done
-    if rm is not None:  # first: nothing resolves `models:/NAME@champion` any more, whatever fails after
+    if registered:  # first: nothing resolves `models:/NAME@champion` any more, whatever fails after
         client.delete_registered_model(name)
     if not bundle:  # after: a bundle made meanwhile holds a copy too (one made after this finds its member gone)
         held, copies = bundles_holding(client, name, experiments)
@@ -537,11 +531,11 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     name, _, _ = parse_ref(ref)
     mv = get_version(ref, tracking_uri, bundle=True)
     _, client = tracking.client(tracking_uri)
-    kind = client.get_registered_model(name).tags or {}
-    if kind.get(CONCEPT_TAG) != "true" and kind.get(BUNDLE_TAG) != "true":
+    kind = model_kind(client, name)
+    if kind == "other":
         raise OnewordError(f"{name} is not a oneword concept", hint="promote concepts that oneword registered")
     # a concept's register sets the alias after this: this one would not hold (a bundle's versions have no gate)
-    if kind.get(CONCEPT_TAG) == "true" and (deciding := _deciding(client, name)):
+    if kind == "concept" and (deciding := _deciding(client, name)):
         raise OnewordError(
             f"{name} version {deciding[0]} is still being registered: its gate has not decided",
             hint="wait for its register to finish (or to be marked abandoned), then promote",

@@ -49,6 +49,7 @@ logging.getLogger("mlflow.pyfunc").addFilter(_MlflowAdvice())
 
 EXPERIMENT = TrackingConfig().experiment
 CONCEPT_TAG = "oneword.concept"
+BUNDLE_TAG = "oneword.bundle"  # a bundle's registered model ("true"), and its versions' runs (its name)
 CHAMPION, CANDIDATE = "champion", "candidate"
 GATE_ALIAS_TAG = "oneword.gate_alias"  # the alias the gate gave the version when it was registered
 # the training photos (16 hex digits of each one's file and pixel sha256): a version that shares none of the
@@ -504,9 +505,9 @@ ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias
 ABANDONED = "abandoned: its register never decided its alias"  # the gate tag of such a version, once waited for
 
 
-def name_taken(client, name: str) -> OnewordError | None:
-    """Why a concept named `name` cannot be registered, where the registry holds that name as no concept (a
-    bundle, another tool's model); None where it is free or a concept's."""
+def model_kind(client, name: str) -> str | None:
+    """What the registry holds as `name`: "concept", "bundle" (`oneword.bundles`), "other" (another tool's model),
+    or None (nothing)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -515,9 +516,16 @@ def name_taken(client, name: str) -> OnewordError | None:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    if tags.get(CONCEPT_TAG) == "true":
+    return "concept" if tags.get(CONCEPT_TAG) == "true" else "bundle" if tags.get(BUNDLE_TAG) == "true" else "other"
+
+
+def name_taken(client, name: str) -> OnewordError | None:
+    """Why a concept named `name` cannot be registered, where the registry holds that name as no concept (a
+    bundle, another tool's model); None where it is free or a concept's."""
+    kind = model_kind(client, name)
+    if kind in (None, "concept"):
         return None
-    what = "a bundle of concepts" if tags.get("oneword.bundle") == "true" else "another tool's model"
+    what = "a bundle of concepts" if kind == "bundle" else "another tool's model"
     return OnewordError(f"the registry holds {name!r} as {what}, not a concept: the concept cannot be a version of it",
                         hint="give the concept another name (--name, or name: in the manifest)")  # fmt: skip
 

@@ -126,7 +126,7 @@ def test_run_and_batch_options_are_the_pipelines_parameters(command):
 def test_batch_offers_every_setting_run_offers_but_the_concepts_own():
     per_concept = {"images", "token", "init_word", "name", "n_vectors", "templates"}  # the manifest's fields
     run, batch = set(_cli_params("run")), set(_cli_params("batch"))
-    batch_own = {"concepts_manifest", "concepts_per_shard", "only_concepts", "dry_run", "as_json"}
+    batch_own = {"concepts_manifest", "concepts_per_shard", "only_concepts", "bundle", "dry_run", "as_json"}
     assert run - per_concept == batch - batch_own
 
 

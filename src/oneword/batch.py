@@ -470,7 +470,8 @@ def left_the_manifest(tracking_uri: str | None, previous: list[dict] | None, con
 
 
 def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], list[dict] | None], experiment: str,
-                 state: str, previous: Callable[[], list[dict] | None] | None = None) -> dict:  # fmt: skip
+                 state: str, previous: Callable[[], list[dict] | None] | None = None,
+                 bundle: Callable[[], dict | None] | None = None) -> dict:  # fmt: skip
     """An exit handler's report of a run (a batch, or one concept): the live runs its trainings left open for a
     `register` that never ran are ended first (a pod lost for good, a cancelled run), then `batch_report`.
 
@@ -484,10 +485,12 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
             DAG of DAGs was not carried up); kfp.local's SUCCEEDED or FAILED.
         previous: reads the plan of the manifest's run before this one (`batch_records.previous_plan`), whose concepts
             that left the manifest are reported (`left_the_manifest`); None: none are.
+        bundle: reads what became of the run's bundle (`batch_records.batch_bundle`); None: the run has none.
 
     Returns:
         `batch_report`'s dict, with `pipeline_state`, `ended_runs`, `left` (with `previous`; `left_error` where
-        that could not be told), and `error` where it could not be made.
+        that could not be told), `bundle` (with `bundle`, where its step ran: `Bundled.summary`, or its `error`),
+        and `error` where it could not be made.
     """
     from oneword import tracking
     from oneword.live import end_orphaned_runs
@@ -515,7 +518,29 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
             except Exception as e:  # what the night did is reported all the same, and that this is not known
                 log.warning("could not tell which concepts left the manifest: %s", e)
                 report["left"], report["left_error"] = [], f"{type(e).__name__}: {e}"
+        if bundle is not None and "error" not in report:
+            try:
+                if (made := bundle()) is not None:
+                    report["bundle"] = made
+            except Exception as e:  # the concepts' report stands; that the bundle's could not be read is said
+                report["bundle"] = {"error": f"what became of the bundle could not be read: {type(e).__name__}: {e}"}
     return {**report, "pipeline_state": state, "ended_runs": ended}
+
+
+def bundle_said(made: dict) -> str:
+    """What a batch's report says of its bundle (`final_report`'s `bundle`), in a line."""
+    name = made.get("name", "the bundle")
+    if made.get("error"):
+        return f"bundle {name} failed: {made['error']}"
+    left = "; ".join(f"{n}: {why}" for n, why in made.get("left_out", {}).items())
+    left = f" (left out: {left})" if left else ""
+    n = len(made.get("members", []))
+    if made.get("version") is None:
+        return f"bundle {name}: nothing registered, no concept of the manifest has a version to hold{left}"
+    held = f"{n} concept{'s' * (n != 1)}"
+    if made.get("unchanged"):
+        return f"bundle {name}/{made['version']} unchanged: it holds these {held} already{left}"
+    return f"bundle {name}/{made['version']} registered: {held}{left}"
 
 
 def run_answer(report: dict, error: str = "") -> str:

@@ -56,6 +56,10 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
     head.append(f'<p class="note">registry: <code>{html.escape(tracking.shown(uri))}</code></p>')
     if report.get("error"):
         head.append(f'<p class="failed">{html.escape(report["error"])}</p>')
+    if made := report.get("bundle"):
+        from oneword.batch import bundle_said
+
+        head.append(f'<p class="{"failed" if made.get("error") else "note"}">{html.escape(bundle_said(made))}</p>')
     with tracking.briefly():  # a store that does not answer costs seconds a picture, not MLflow's minutes
         body = [_table(rows), *_pictures(rows, uri), *_left(report)]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,7 @@ PLAN_KIND = "batch-plan"
 
 
 MANIFEST_TAG, MANIFEST_KEY_TAG = "oneword.manifest", "oneword.manifest_key"
+BUNDLE_FILE = "bundle.json"  # in a batch's plan run: what became of its bundle
 
 
 def record_plan(
@@ -228,6 +229,28 @@ def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERI
         return None
     run = _plan_run(client, exp.experiment_id, batch_id)
     return None if run is None else mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/plan.json")["concepts"]
+
+
+def record_bundle(tracking_uri: str | None, batch_id: str, outcome: dict, experiment: str = EXPERIMENT) -> None:
+    """Record in a batch's plan what became of its bundle (`Bundled.summary`, or `{"name", "error"}`), where its
+    report reads it (`batch_bundle`)."""
+    mlflow, client = tracking.client(resolve(tracking_uri))
+    exp = mlflow.get_experiment_by_name(experiment)
+    run = None if exp is None else _plan_run(client, exp.experiment_id, batch_id)
+    if run is None:  # the bundle step runs after the plan's: a plan deleted since
+        log.warning("batch %s recorded no plan: what became of its bundle is not recorded", batch_id)
+        return
+    client.log_dict(run.info.run_id, outcome, BUNDLE_FILE)
+
+
+def batch_bundle(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict | None:
+    """What became of a batch's bundle (`record_bundle`), or None: it has none, or its bundle step did not run."""
+    mlflow, client = tracking.client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    run = None if exp is None else _plan_run(client, exp.experiment_id, batch_id)
+    if run is None or not any(f.path == BUNDLE_FILE for f in client.list_artifacts(run.info.run_id)):
+        return None
+    return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{BUNDLE_FILE}")
 
 
 def _plan_run(client, experiment_id: str, batch_id: str):

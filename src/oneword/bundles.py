@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from oneword import tracking
+from oneword.config import NAME_LENGTH
 from oneword.errors import OnewordError
 from oneword.registry import BUNDLE_TAG, CHAMPION, NAME_PATTERN, ensure_experiment, every_page, model_kind
 from oneword.tracking import resolve
@@ -30,6 +31,9 @@ MEMBERS_TAG = "oneword.members"  # on a version: "cat/3,mug/5", by name
 MEMBER_TAG_PREFIX = "oneword.member."  # on a version's run, a tag per member: "oneword.member.cat" = "3 RUN_ID"
 EXPERIMENT = "oneword-bundles"  # the runs that log bundle versions: apart from the concepts' runs
 ARTIFACT_PREFIX = "embedding:"  # a member's artifact key in the pyfunc model: "embedding:NAME"
+# Bundling reads the members again after registering: another bundling of the same name, or a promotion, that
+# came between the read and the registration makes it register again (a batch's runs may end together).
+ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -52,16 +56,22 @@ class Member:
 @dataclass(frozen=True)
 class Bundled:
     """What `bundle_concepts` did: the version that holds `members` (`unchanged`: it held them already; `version`
-    None: a dry run)."""
+    None: a dry run, or no member); `left_out`: the manifest's concepts it does not hold, and why."""
 
     name: str
     version: str | None
     members: list[Member]
     unchanged: bool = False
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+    def summary(self) -> dict:
+        """What a batch's report says of the bundle (`batch_records.record_bundle`)."""
+        return {"name": self.name, "version": self.version, "unchanged": self.unchanged,
+                "members": [m.ref for m in self.members], "left_out": self.left_out}  # fmt: skip
 
 
 def members_tag(members: Sequence[Member]) -> str:
@@ -76,11 +86,12 @@ def parse_members(tag: str | None) -> dict[str, str]:
 
 def bundle_concepts(
     name: str,
-    concepts: Sequence[str],
+    concepts: Sequence[str] = (),
     alias: str = CHAMPION,
     tracking_uri: str | None = None,
     dry_run: bool = False,
     base_model: str | None = None,
+    manifest: str = "",
 ) -> Bundled:
     """Register a version of bundle `name` that holds the given concepts' embeddings.
 
@@ -91,16 +102,19 @@ def bundle_concepts(
         alias: the alias a bare name or a pattern takes its version by.
         tracking_uri: the registry's MLflow tracking URI.
         dry_run: register nothing; say which versions it would hold.
-        base_model: a pattern takes only the concepts trained on this base model (its reference as given to
-            train, or a prefix of its fingerprint), as `concepts list --base-model` lists them.
+        base_model: a pattern, or the manifest, takes only the concepts trained on this base model (its reference
+            as given to train, or a prefix of its fingerprint), as `concepts list --base-model` lists them.
+        manifest: a concepts manifest (`oneword.batch`, a path or s3:// URI): its concepts' versions with `alias`
+            too; one that has none (not trained yet, or failed its gate), or whose is on another base model, is
+            left out and said so (`Bundled.left_out`), as a batch run's bundle is made.
 
     Raises:
         OnewordError: a concept or alias not found; two versions of one concept; members on different base models,
             or whose tokens a prompt cannot tell apart; `name` taken by a concept or another tool's model.
     """
-    if not concepts:
+    if not concepts and not manifest:
         raise OnewordError(f"bundle {name!r} names no concept", hint="name concepts or patterns: 'team-a-*'")
-    if not NAME_PATTERN.fullmatch(name) or len(name) > 200:
+    if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_LENGTH:
         raise OnewordError(
             f"bundle name {name!r} is not one oneword can look up",
             hint="use letters, digits, '_', '.' and '-' only, starting with a letter or digit",
@@ -108,13 +122,27 @@ def bundle_concepts(
     uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
     _check_name(client, name)
-    members = _members(client, concepts, alias, uri, base_model)
-    _check_one_base_model(members)
-    newest = _newest(client, name)
-    if newest is not None and _member_runs(client, newest.run_id) == _member_tags(members):
-        return Bundled(name, str(newest.version), members, unchanged=True)
-    if dry_run:
-        return Bundled(name, None, members)
+    names = _manifest_names(manifest, name, uri) if manifest else []
+    made = None
+    for _ in range(ROUNDS):
+        refs, left_out = _manifest_members(names, alias, uri, base_model)
+        if not concepts and not refs:
+            return Bundled(name, None, [], left_out=left_out)
+        members = _members(client, [*concepts, *refs], alias, uri, base_model)
+        _check_one_base_model(members)
+        newest = _newest(client, name)
+        if newest is not None and _member_runs(client, newest.run_id) == _member_tags(members):
+            return Bundled(name, str(newest.version), members, unchanged=made is None, left_out=left_out)
+        if dry_run:
+            return Bundled(name, None, members, left_out=left_out)
+        made = Bundled(name, _register(mlflow, client, uri, name, members), members, left_out=left_out)
+    log.warning("the members of %s kept changing while it was bundled: %s holds what they were at its making",
+                name, made.model_uri)  # fmt: skip
+    return made
+
+
+def _register(mlflow, client, uri: str, name: str, members: Sequence[Member]) -> str:
+    """Register a version of bundle `name` holding copies of `members`' embeddings; its number."""
     exp_id = ensure_experiment(mlflow, EXPERIMENT, uri)
     run_id = client.create_run(exp_id, run_name=f"bundle {name}", tags={BUNDLE_TAG: name}).info.run_id
     version = None
@@ -127,7 +155,44 @@ def bundle_concepts(
     except BaseException:  # a failed bundle leaves no copy behind
         _discard(client, run_id, name, version)
         raise
-    return Bundled(name, str(version.version), members)
+    return str(version.version)
+
+
+def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "the manifest"
+                      ) -> None:  # fmt: skip
+    """Raise where a manifest's bundle `name` is also one of its `concepts`, a registered concept, or another
+    tool's registered model: a batch checks it before it trains (its concept would be refused at `register`)."""
+    if name in concepts:
+        raise OnewordError(f"bundle {name!r} is also a concept of {manifest}", hint="name the bundle otherwise")
+    _, client = tracking.client(resolve(tracking_uri))
+    _check_name(client, name)
+
+
+def _manifest_names(manifest: str, name: str, uri: str) -> list[str]:
+    """The registered-model names of a manifest's concepts, none of them the bundle's."""
+    from oneword.batch import concept_names, load_concepts_manifest
+
+    names = concept_names(load_concepts_manifest(manifest))
+    check_bundle_name(name, names, uri, manifest)
+    return names
+
+
+def _manifest_members(names: Sequence[str], alias: str, uri: str, base_model: str | None
+                      ) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """The versions (`NAME/3`) with `alias` of the concepts named, on `base_model` where given; and why each other
+    one is left out."""
+    from oneword.catalogue import list_concepts, on_base_model
+
+    rows = {r["name"]: r for r in list_concepts(uri, alias=alias, names=names)} if names else {}
+    refs, left_out = [], {}
+    for n in names:
+        if (row := rows.get(n)) is None:
+            left_out[n] = f"no @{alias} version"
+        elif base_model and not on_base_model(row, base_model):
+            left_out[n] = f"its @{alias} ({n}/{row['version']}) was trained on {row['base_model']}"
+        else:
+            refs.append(f"{n}/{row['version']}")
+    return refs, left_out
 
 
 def member_tag(concept: str) -> str:

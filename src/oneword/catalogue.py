@@ -111,7 +111,7 @@ def list_concepts(
     """
     if batch:
         rows = batch_versions(tracking_uri, batch, page_size)
-        rows = [r for r in rows if not base_model or _on_base_model(r, base_model)]
+        rows = [r for r in rows if not base_model or on_base_model(r, base_model)]
         rows = [r for r in rows if not names or _named(r["name"], names)]
         return [r for r in rows if not alias or alias in r["aliases"]]
     _, client = tracking.client(tracking_uri)
@@ -137,7 +137,7 @@ def list_concepts(
             versions = every_page(client.search_model_versions, page_size, filter_string=f"name = '{rm.name}'")
         for mv in versions:
             row = version_row(mv, rm)
-            if base_model and not _on_base_model(row, base_model):
+            if base_model and not on_base_model(row, base_model):
                 continue
             if alias and alias not in row["aliases"]:
                 continue
@@ -175,7 +175,7 @@ def _versions_named(client, name: str, versions: list[str]) -> list:
     return out
 
 
-def _on_base_model(row: dict, base_model: str) -> bool:
+def on_base_model(row: dict, base_model: str) -> bool:
     """Whether a concept row was trained on `base_model`: the reference it was trained from (a hub id, a folder, an
     s3:// prefix, as given) or a prefix of its fingerprint (with or without `sha256:`)."""
     fp = row["base_model_fingerprint"]

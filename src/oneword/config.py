@@ -13,6 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# A registered-model name oneword makes or takes (a concept's, a bundle's): MLflow itself refuses only `/` and `:`,
+# but a quote breaks every registry search that names it, and `@` a reference (`NAME@alias`).
+REGISTERED_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+NAME_LENGTH = 200
+
 # The settings each model family chooses for itself (`oneword.profiles.ModelProfile` fields), by config field.
 MODEL_DEPENDENT_TRAIN = ("steps", "learning_rate", "checkpoint_every")
 MODEL_DEPENDENT_EVAL = {
@@ -278,6 +283,13 @@ class BatchConfig(BaseModel):
     # cannot carry into runs of this; a person retrains one concept from the dashboard without editing the manifest.
     only_concepts: list[str] = Field(
         default_factory=list, description="names of the manifest's concepts the run is limited to (empty: all)"
+    )
+    # A team serves its manifest from one server (a bundle: `oneword.bundles`); the run that changed a champion is
+    # the one to refresh it, so a schedule needs no second job that might run before the concepts are registered.
+    bundle: str = Field(
+        "", pattern=rf"^({REGISTERED_NAME})?$", max_length=NAME_LENGTH,
+        description="after the run, register a version of this bundle holding the @champion of every concept of "
+        "the manifest: one server for them all (empty: none)",
     )
 
 

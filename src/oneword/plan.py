@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from oneword.batch import (
     DEFERRED_KEY,
     JUDGED_KEY,
+    concept_names,
     load_concepts_manifest,
     manifest_id,
     plan_concepts,
@@ -24,6 +25,7 @@ from oneword.batch import (
     this_run_takes,
 )
 from oneword.batch_records import mark_deferred, previous_plan, record_plan
+from oneword.bundles import check_bundle_name
 from oneword.registry import EXPERIMENT
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def plan_batch(
     tracking_uri: str | None = None,
     experiment: str = EXPERIMENT,
     run_tags: dict[str, str] | None = None,
+    bundle: str = "",
 ) -> Plan:
     """Plan a batch run of a manifest (see the module's docstring).
 
@@ -65,11 +68,18 @@ def plan_batch(
         tracking_uri: the registry's MLflow tracking URI.
         experiment: MLflow experiment.
         run_tags: more tags for the records of unchanged and failing concepts (the KFP run's).
+        bundle: the bundle the run refreshes after its concepts (`bundles.check_bundle_name`; empty: none).
+
+    Raises:
+        OnewordError: the manifest is invalid; `bundle` is a concept's name, or another tool's model's.
     """
     from oneword.pipelines.parameters import lookup_settings
     from oneword.unchanged import changed_concepts
 
-    concepts = plan_concepts(load_concepts_manifest(concepts_manifest), only_concepts, concepts_manifest)
+    entries = load_concepts_manifest(concepts_manifest)
+    if bundle:  # before the plan is recorded: a run that stops here trains nothing
+        check_bundle_name(bundle, concept_names(entries), tracking_uri)
+    concepts = plan_concepts(entries, only_concepts, concepts_manifest)
     manifest = "" if only_concepts else manifest_id(concepts_manifest)
     plan_run = record_plan(tracking_uri, batch_id, concepts, experiment, manifest)
     try:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oneword import __version__, outcome, tracking
-from oneword.config import TrackingConfig
+from oneword.config import NAME_LENGTH, REGISTERED_NAME, TrackingConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, check_comparable, quality_gate
 from oneword.evaluation.protocol import result_key
@@ -96,18 +96,17 @@ def _identity(item) -> tuple[str, ...]:
     return (item.name,)
 
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_PATTERN = re.compile(REGISTERED_NAME)
 
 
 def concept_name(token: str, name: str = "") -> str:
     """The registered-model name of a concept: `name` when given (checked), else made from the token
     (`<my-cat>` -> `my-cat`).
 
-    A given name keeps to letters, digits, `_`, `.` and `-`: MLflow itself refuses only `/` and `:`, but a
-    quote breaks every registry search that names it, and `@` a reference (`NAME@alias`).
+    A given name keeps to letters, digits, `_`, `.` and `-` (`config.REGISTERED_NAME` says why).
     """
     if name:
-        if not NAME_PATTERN.fullmatch(name) or len(name) > 200:
+        if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_LENGTH:
             example = _cleaned(name).strip("_") or "my-cat"
             raise OnewordError(
                 f"registered-model name {name!r} is not one oneword can look up",
@@ -121,7 +120,7 @@ def concept_name(token: str, name: str = "") -> str:
 
 
 def _cleaned(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.").lower()[:200]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.").lower()[:NAME_LENGTH]
 
 
 def ensure_experiment(mlflow, name: str, tracking_uri: str) -> str:

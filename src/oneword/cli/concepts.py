@@ -304,16 +304,22 @@ def promote_cmd(
 def bundle_cmd(
     name: Annotated[str, typer.Argument(metavar="NAME", help="the bundle's name (a registered model of its own)")],
     members: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             metavar="CONCEPT",
             help="NAME, NAME@alias, NAME/version, or a pattern of names (quote it: 'team-a-*', 'team-a-*@candidate')",
         ),
-    ],
+    ] = None,
+    manifest: Annotated[
+        str,
+        typer.Option(metavar="MANIFEST", help="a concepts manifest (as `oneword batch` takes): each of its concepts "
+                     "too; one with no version of --alias, or on another --base-model, is left out"),
+    ] = "",
     alias: Annotated[str, typer.Option(help="the version a bare NAME or a pattern takes")] = "champion",
     base_model: Annotated[
         str | None,
-        typer.Option(help="a pattern takes only concepts trained on this base model (as `concepts list` filters)"),
+        typer.Option(help="a pattern or the manifest takes only concepts trained on this base model (as "
+                     "`concepts list` filters)"),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="register nothing; list the versions it would hold")] = (
         False
@@ -333,6 +339,7 @@ def bundle_cmd(
       oneword concepts bundle studio my-cat mug 'team-a-*'
       oneword concepts bundle studio my-cat/3 mug@candidate --dry-run
       oneword concepts bundle sd15 '*' --base-model runwayml/stable-diffusion-v1-5
+      oneword concepts bundle studio --manifest concepts.yaml
     """
     from rich.console import Console
     from rich.markup import escape
@@ -340,9 +347,16 @@ def bundle_cmd(
     from oneword.bundles import bundle_concepts
 
     uri = existing_store(tracking_uri)
-    done = bundle_concepts(name, members, alias, uri, dry_run=dry_run, base_model=base_model)
+    done = bundle_concepts(name, members or [], alias, uri, dry_run=dry_run, base_model=base_model,
+                           manifest=manifest)  # fmt: skip
     console = Console(highlight=False, soft_wrap=True)
+    for concept, why in done.left_out.items():
+        console.print(f"[yellow]left out[/] {escape(concept)}: {escape(why)}")
     n = len(done.members)
+    if not n:
+        console.print(f"nothing to bundle: no concept of {escape(manifest)} has a version to hold. Nothing was "
+                      "registered.")  # fmt: skip
+        return
     held = f"{n} concept{'s' * (n != 1)} on {escape(done.members[0].base_model)}"
     if done.unchanged:
         console.print(f"{escape(done.name)}/{done.version} holds these versions already ({held}): nothing "

@@ -179,6 +179,7 @@ def batch_cmd(
     pipeline_root: Annotated[Path, typer.Option(help="where KFP writes artifacts")] = Path(LOCAL_PIPELINE_ROOT),
     concepts_per_shard: Annotated[int, parameter("concepts_per_shard")] = D["concepts_per_shard"],
     only_concepts: Annotated[list[str], parameter("only_concepts", metavar="NAME")] = D["only_concepts"],
+    bundle: Annotated[str, parameter("bundle", metavar="NAME")] = D["bundle"],
     seed: Annotated[int, parameter("seed")] = D["seed"],
     log_file: Annotated[Path | None, LOG_FILE] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train, which are "
@@ -193,13 +194,15 @@ def batch_cmd(
     token and init_word: see k8s/examples/concepts.yaml. Toy-world photos to try it with:
     oneword toyworld concept purple-star -o photos/purple-star
 
-    Exits 1 if a concept failed (the others are registered all the same), 2 if the batch wrote no report.
+    Exits 1 if a concept failed (the others are registered all the same) or the bundle could not be made, 2 if
+    the batch wrote no report.
 
     \b
     Example:
       oneword batch concepts.yaml --base-model toyworld --steps 300
       oneword batch concepts.yaml --base-model ./sd15 --dry-run
       oneword batch concepts.yaml --only-concepts my-cat --only-concepts my-dog
+      oneword batch concepts.yaml --bundle studio
     """
     params = {
         k: v for k, v in locals().items()
@@ -274,14 +277,15 @@ def print_batch_plan(plan: dict, console) -> None:
 def print_batch_report(report: dict, console) -> int:
     """Print a batch's report as a table, one row per concept; return the command's exit status.
 
-    1 if any concept failed (the others are registered all the same), 2 if the batch wrote no report (its
-    manifest could not be read, or the run ended before its report); 0 else, a batch of unchanged concepts too.
+    1 if any concept failed (the others are registered all the same) or the bundle could not be made, 2 if the
+    batch wrote no report (its manifest could not be read, or the run ended before its report); 0 else, a batch
+    of unchanged concepts too.
     """
     from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    from oneword.batch import alias_reason
+    from oneword.batch import alias_reason, bundle_said
     from oneword.cli.concepts import score_cell
 
     if report.get("error") or "concepts" not in report:
@@ -325,13 +329,16 @@ def print_batch_report(report: dict, console) -> int:
     if report.get("left_error"):  # not "none left": it could not be told
         console.print(f"[yellow]could not tell which concepts left the manifest[/]: {escape(report['left_error'])}",
                       highlight=False)  # fmt: skip
+    if made := report.get("bundle"):
+        colour = "red" if made.get("error") else "green"
+        console.print(f"[{colour}]{escape(bundle_said(made))}[/]", highlight=False, soft_wrap=True)
     for k in ("overview", "logs", "run_dir", "tracking_uri"):
         if report.get(k):
             console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
     if report["registered"]:  # the batch's id is its versions' tag: what it registered, asked again later
         console.print(f"  {'versions':13s} oneword concepts list --batch {escape(report['batch_id'])}", highlight=False,
                       soft_wrap=True)  # fmt: skip
-    return 1 if report["failed"] else 0
+    return 1 if report["failed"] or (report.get("bundle") or {}).get("error") else 0
 
 
 def photo_lines(manifest: dict) -> list[str]:

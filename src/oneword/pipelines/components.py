@@ -543,6 +543,8 @@ def plan_concept(images: str, token: str, init_word: str, name: str = "", n_vect
         concepts_per_shard: concepts trained together in one GPU job.
         max_concepts_per_run: concepts this run trains at most (0: every one that changed).
         only_concepts: names of the manifest's concepts the run is limited to (empty: all).
+        bundle: the bundle bundle_concepts refreshes after the run (empty: none): checked here, before any GPU is
+            asked for, to be no concept's name.
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment.
         kfp_run_id: the KFP run's id (run tag kfp.run_id).
@@ -559,6 +561,7 @@ def plan_batch(
     concepts_per_shard: int = 1,
     max_concepts_per_run: int = 8,
     only_concepts: list = [],  # noqa: B006  KFP reads the default from the signature; the step never changes it
+    bundle: str = "",
     base_model: str = "",
     resolution: int = 0,
     mode: str = "crop",
@@ -602,12 +605,49 @@ def plan_batch(
     given = dict(locals())
     # a store or bucket that blinks is tried again here: a cluster's retry policy may retry no failed pod
     plan = retrying(lambda: run(concepts_manifest, batch_id, given, concepts_per_shard, max_concepts_per_run,
-                                only_concepts, tracking_uri or None, experiment, kfp_tags(kfp_run_id, kfp_run_name)),
+                                only_concepts, tracking_uri or None, experiment, kfp_tags(kfp_run_id, kfp_run_name),
+                                bundle),
                     "plan-batch")  # fmt: skip
     metrics.log_metric("told", plan.told)  # unchanged, or recorded as failed
     metrics.log_metric("to_train", plan.to_train)
     metrics.log_metric("deferred", plan.deferred)
     return plan.shards
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@doc("""After every concept of the batch: register a version of `bundle` holding the @champion version of
+    every concept of the manifest trained on the run's base model, so that one server serves them all; none where
+    those are what its newest version holds. A concept with no champion (not trained yet, or short of the gate),
+    or whose champion is on another base model, is left out. What became of the bundle is recorded in the batch's
+    plan, where its report reads it; a bundle that could not be made fails the step (the concepts stay registered).
+
+    Args:
+        bundle: the bundle's registered-model name.
+        concepts_manifest: YAML at an s3:// URI or a path (read again: the run's plan may hold some concepts only).
+        batch_id: the batch's id (the pipeline run's).
+        base_model: the run's base model (empty: every concept's champion; they must share one base model).
+        tracking_uri: MLflow tracking URI.
+        experiment: MLflow experiment (the batch's plan is there; bundles log to oneword-bundles).
+    """)
+def bundle_concepts(bundle: str, concepts_manifest: str, batch_id: str, base_model: str = "",
+                    tracking_uri: str = "", experiment: str = "oneword"):
+    import json
+
+    from oneword.batch_records import record_bundle
+    from oneword.bundles import bundle_concepts as run
+    from oneword.outcome import retrying
+
+    uri = tracking_uri or None
+    try:
+        done = retrying(lambda: run(bundle, manifest=concepts_manifest, tracking_uri=uri,
+                                    base_model=base_model or None), "bundle-concepts")  # fmt: skip
+    except Exception as e:
+        said = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        hint = getattr(e, "hint", None)
+        record_bundle(uri, batch_id, {"name": bundle, "error": said + (f" ({hint})" if hint else "")}, experiment)
+        raise
+    record_bundle(uri, batch_id, done.summary(), experiment)
+    print(json.dumps(done.summary(), indent=2))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -629,11 +669,12 @@ def report_batch(batch_id: str, status: dsl.PipelineTaskFinalStatus, summary: Ou
 
     from oneword.batch import final_report
     from oneword.batch_overview import overview_page
-    from oneword.batch_records import batch_plan, previous_plan
+    from oneword.batch_records import batch_bundle, batch_plan, previous_plan
 
     uri = tracking_uri or None
     report = final_report(uri, batch_id, lambda: batch_plan(uri, batch_id, experiment), experiment, status.state,
-                          lambda: previous_plan(uri, batch_id, experiment))
+                          lambda: previous_plan(uri, batch_id, experiment), lambda: batch_bundle(uri, batch_id,
+                                                                                                 experiment))
     with open(summary.path, "w") as f:
         json.dump(report, f, indent=2)
     try:
@@ -684,4 +725,4 @@ def report_run(batch_id: str, images: str, token: str, init_word: str, status: d
 
 
 ALL = [preflight, preprocess, cache_latents, train, evaluate, register, plan_concept, plan_batch, changed_concepts,
-       report_batch, report_run]
+       bundle_concepts, report_batch, report_run]

@@ -388,6 +388,7 @@ def batch_personalisation(
     concepts_per_shard: int = D["concepts_per_shard"],
     max_concepts_per_run: int = D["max_concepts_per_run"],
     only_concepts: list = D["only_concepts"],
+    bundle: str = D["bundle"],
     base_model: str = DEFAULT_BASE_MODEL,
     resolution: int = RESOLUTION_FROM_PROFILE,
     mode: str = D["mode"],
@@ -454,6 +455,9 @@ def batch_personalisation(
         only_concepts: names of the manifest's concepts the run is limited to, as a JSON list, e.g. ["my-cat"]
             (empty: all). Such a run is no night of the manifest's schedule: it defers nothing to the schedule's
             runs, and they do not count it.
+        bundle: after the run, register a version of this bundle holding the @champion of every concept of the
+            manifest on base_model: one server serves them all (docs/deploy.md; empty: none). A concept without
+            one is left out; a run that failed leaves the bundle as it was.
         base_model: Stable Diffusion 1.x/2.x or SDXL: a hub id, an s3:// diffusers folder, a path in the image, or
             toyworld.
         resolution: side of the square training images (0: the base model's native size: SD 1.x 512, SD 2.x 768,
@@ -515,7 +519,8 @@ def batch_personalisation(
     with dsl.ExitHandler(done, name="every-concept"):
         plan = _cpu_step(c.plan_batch(
             concepts_manifest=concepts_manifest, batch_id=batch_id, concepts_per_shard=concepts_per_shard,
-            max_concepts_per_run=max_concepts_per_run, only_concepts=only_concepts, base_model=base_model,
+            max_concepts_per_run=max_concepts_per_run, only_concepts=only_concepts, bundle=bundle,
+            base_model=base_model,
             resolution=resolution, mode=mode,
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr,
             progressive_every=progressive_every, init_l2=init_l2, init_l2_schedule=init_l2_schedule,
@@ -534,8 +539,16 @@ def batch_personalisation(
         plan.set_retry(num_retries=STEP_RETRIES, backoff_duration="60s", backoff_factor=2.0)
         check = _preflight([], p)  # shared resources only: one concept's bad photos must not stop the others
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=PARALLEL_SHARDS, name="shards") as shard:
-            personalise(concepts=shard, batch_id=batch_id, on_error="record",
-                        **{k: p[k] for k in SHARED}).after(check).set_caching_options(False)
+            shards = personalise(concepts=shard, batch_id=batch_id, on_error="record",
+                                 **{k: p[k] for k in SHARED}).after(check).set_caching_options(False)
+        with dsl.If(bundle != "", name="any-bundle"):
+            # after every shard (a concept that failed was recorded, so its shard ended well); the exit handler
+            # reports what it did
+            made = _cpu_step(c.bundle_concepts(bundle=bundle, concepts_manifest=concepts_manifest, batch_id=batch_id,
+                                               base_model=base_model, tracking_uri=tracking_uri,
+                                               experiment=experiment), p).after(shards)
+            made.set_caching_options(False)  # it reads the registry's champions, every run
+            made.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # an evicted pod
 
 
 PIPELINES = {"textual_inversion": textual_inversion, "batch_personalisation": batch_personalisation}

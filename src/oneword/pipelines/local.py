@@ -379,13 +379,17 @@ def run_batch(
     the path of its overview page (`oneword.batch_overview`), where report-batch wrote one."""
     import kfp.local
 
-    from oneword.batch import load_concepts_manifest, plan_concepts
+    from oneword.batch import concept_names, load_concepts_manifest, plan_concepts
+    from oneword.bundles import check_bundle_name
     from oneword.pipelines.definitions import batch_personalisation
 
     check_settings(params, "batch")
     # as plan-batch will: a mistake is told here, whole
-    plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()), concepts_manifest)
+    entries = load_concepts_manifest(concepts_manifest)
+    plan_concepts(entries, params.get("only_concepts", ()), concepts_manifest)
     uri = ensure_store(tracking_uri)  # made once here, before the shards open it in parallel
+    if params.get("bundle"):
+        check_bundle_name(params["bundle"], concept_names(entries), uri, concepts_manifest)
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False),

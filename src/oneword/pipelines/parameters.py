@@ -66,6 +66,7 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "concepts_per_shard": (BatchConfig, "concepts_per_shard"),
     "max_concepts_per_run": (BatchConfig, "max_concepts_per_run"),
     "only_concepts": (BatchConfig, "only_concepts"),
+    "bundle": (BatchConfig, "bundle"),
     **{name: (ClusterConfig, name) for name in ClusterConfig.model_fields},
 }
 

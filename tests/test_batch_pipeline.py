@@ -53,6 +53,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
         sampling_steps=2,
         checkpoint_budget=0,
         clip_model=str(tiny_clip_dir),
+        bundle="night",  # after every concept: the manifest's champions, served by one model
     )
     report = run_batch(str(manifest), tmp_path / "root", **settings)
     status = {c["name"]: c for c in report["concepts"]}
@@ -62,6 +63,9 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert (status["dog-word"]["stage"], status["dog-word"]["status"]) == ("train", "failed")  # a word it has
     assert "already in the vocabulary" in status["dog-word"]["error"]
     assert (report["registered"], report["failed"]) == (2, 2)
+    untrained = {"bad-q": "no @champion version", "dog-word": "no @champion version"}
+    assert report["bundle"] == {"name": "night", "version": "1", "unchanged": False,
+                                "members": ["cat-q/1", "dog-q/1"], "left_out": untrained}  # fmt: skip
     from rich.console import Console
 
     from oneword.cli.run import print_batch_report
@@ -72,6 +76,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     paths = ("run_dir", "tracking_uri", "overview")  # printed whole, to copy
     table = [line for line in text.splitlines() if not line.lstrip().startswith(paths)]
     assert "bad-q" in text and "preprocess" in text and max(len(line) for line in table) <= 80
+    assert "bundle night/1 registered: 2 concepts (left out: bad-q: no @champion version" in " ".join(text.split())
     # each version's scores in the table, as the registry holds them; the overview page, where the terminal says
     cat = status["cat-q"]
     assert 0 < cat["reconstruction"] <= 1 and f"{cat['reconstruction']:.2f}" in text.split("cat-q", 1)[1].split()[:5]
@@ -80,6 +85,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     html = Path(page).read_text()
     assert html.count("data:image/") == 2 and "already in the vocabulary" in html  # the two grids; why dog-word failed
     assert "getElementById('v-cat-q-1')" in html and 'id="v-cat-q-1"' in html
+    assert "bundle night/1 registered: 2 concepts" in html
+    assert catalogue.show_concept("night/1", report["tracking_uri"])["tags"]["oneword.members"] == "cat-q/1,dog-q/1"
     names = {r["name"] for r in catalogue.list_concepts(report["tracking_uri"])}
     assert names == {"cat-q", "dog-q"}
     # the five steps, each with its own artifacts: per concept preprocess/cache_latents/evaluate/register, one train;
@@ -153,6 +160,7 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert not list(night.rglob("train/model/*/summary.json"))
     assert not list(night.rglob("evaluate/evaluation/metrics.json"))
     assert again["left"] == []  # the same concepts, in another order
+    assert (again["bundle"]["version"], again["bundle"]["unchanged"]) == ("1", True)  # the same champions
     # a changed evaluation: evaluated again, but not trained again (its training was kept); a concept taken out
     # of the manifest is reported, as it still holds its alias
     manifest.write_text(yaml.safe_dump({"concepts": [e for e in entries if e["token"] != "<dog-q>"]}))
@@ -171,8 +179,12 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     assert max(len(line) for line in table) <= 80
     # a run of one of the manifest's concepts (`oneword batch --only-concepts`): it plans that one alone, and is
     # no night of the manifest: the concepts it leaves out did not leave the manifest
+    cat_now = catalogue.get_version("cat-q@champion", report["tracking_uri"]).version
     manifest.write_text(yaml.safe_dump({"concepts": entries}))
     fourth = run_batch(str(manifest), tmp_path / "root", **{**settings, "only_concepts": ["dog-q"]})
     assert [(c["name"], c["status"]) for c in fourth["concepts"]] == [("dog-q", "unchanged")]
+    # the third run's bundle held cat-q alone (dog-q had left the manifest); this one, the whole manifest's again
+    assert [third["bundle"]["members"], fourth["bundle"]["version"]] == [[f"cat-q/{cat_now}"], "3"]
+    assert fourth["bundle"]["members"] == [f"cat-q/{cat_now}", "dog-q/1"]
     assert _told(Path(fourth["run_dir"]), "plan-batch") == [{"told": 1, "to_train": 0, "deferred": 0}]
     assert fourth["left"] == []  # cat-q, out of this run, still holds @champion

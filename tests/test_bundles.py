@@ -238,3 +238,99 @@ def test_erasing_a_concept_deletes_the_bundle_versions_that_copy_it(store, tmp_p
     assert gone["versions"] == [kept.version] and gone["bundle_versions"] == []
     assert kept_run in gone["runs"]
     assert catalogue.get_version("bundle-dog", store) and not client.search_registered_models("name = 'studio'")
+
+
+def _manifest(path: Path, *names_and_tokens: tuple[str, str]) -> Path:
+    """A concepts manifest of these concepts (their photos need not exist: a bundle reads the registry)."""
+    import yaml
+
+    entries = [{"images": f"photos/{n}", "token": t, "init_word": "cat", "name": n} for n, t in names_and_tokens]
+    path.write_text(yaml.safe_dump({"concepts": entries}))
+    return path
+
+
+def test_a_manifests_bundle_holds_its_champions_and_says_why_the_others_are_left_out(store, tmp_path, capsys):
+    """`concepts bundle NAME --manifest` (what a batch run's bundle step does): each concept with a champion on the
+    base model; one not registered yet, or on another base model, left out and said so, none refused."""
+    manifest = _manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("bundle-new", "<new-r>"),
+                         ("bundle-dog", "<dog-b>"))  # fmt: skip
+    main(["concepts", "bundle", "studio", "--manifest", str(manifest), "--tracking-uri", store])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "left out bundle-new: no @champion version" in said and "registered studio/1: 2 concepts on" in said
+    assert catalogue.show_concept("studio/1", store)["tags"][bundles.MEMBERS_TAG] == "bundle-cat/1,bundle-dog/1"
+    trained_on = catalogue.get_version("bundle-cat", store).tags["oneword.base_model"]
+    again = bundles.bundle_concepts("studio", manifest=str(manifest), tracking_uri=store, base_model=trained_on)
+    assert (again.version, again.unchanged, again.left_out) == ("1", True, {"bundle-new": "no @champion version"})
+    assert again.summary() == {"name": "studio", "version": "1", "unchanged": True,
+                               "members": ["bundle-cat/1", "bundle-dog/1"], "left_out": again.left_out}  # fmt: skip
+    main(["concepts", "bundle", "studio", "--manifest", str(manifest), "--base-model", "toyworld",
+          "--tracking-uri", store])  # fmt: skip
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"left out bundle-cat: its @champion (bundle-cat/1) was trained on {trained_on}" in said
+    assert "nothing to bundle: no concept of" in said and "Nothing was registered" in said
+    # named concepts beside a manifest's: a version pinned by hand, and a manifest concept's champion, in one bundle
+    both = bundles.bundle_concepts("studio", ["bundle-dog/1"], manifest=str(_manifest(tmp_path / "cat.yaml",
+                                   ("bundle-cat", "<cat-r>"))), tracking_uri=store)  # fmt: skip
+    assert both.unchanged and both.version == "1"
+    with pytest.raises(OnewordError, match=r"bundle 'bundle-new' is also a concept of .*concepts.yaml"):
+        bundles.bundle_concepts("bundle-new", manifest=str(manifest), tracking_uri=store)
+    with pytest.raises(OnewordError, match="names no concept"):
+        bundles.bundle_concepts("studio", tracking_uri=store)
+
+
+def test_a_batch_whose_bundle_is_a_concepts_name_stops_before_it_plans(store, tmp_path):
+    """A bundle named as one of the manifest's concepts (or as another registered concept) would take the name that
+    concept registers under: the plan stops before it records anything, and the local run before it starts."""
+    from oneword.batch_records import batch_plan
+    from oneword.pipelines.local import run_batch
+    from oneword.plan import plan_batch
+
+    manifest = str(_manifest(tmp_path / "concepts.yaml", ("mine", "<mine>")))
+    for bundle, why in (("mine", r"bundle 'mine' is also a concept of .*concepts.yaml"),
+                        ("bundle-cat", "'bundle-cat' is a concept, not a bundle")):  # fmt: skip
+        with pytest.raises(OnewordError, match=why):
+            plan_batch(manifest, "b-1", {}, tracking_uri=store, bundle=bundle)
+        with pytest.raises(OnewordError, match=why):
+            run_batch(manifest, tmp_path / "root", store, bundle=bundle)
+    assert batch_plan(store, "b-1") is None and not (tmp_path / "root").exists()
+
+
+def test_a_promotion_while_a_bundle_is_made_is_bundled_too(store, evaluated_concept, tmp_path, monkeypatch):
+    """A batch's runs may end together: a champion that moves between a bundle's read of its members and its
+    registration (another run's register) is read again, and a newer version holds it."""
+    made, moved = bundles._create_version, []
+
+    def promoted_meanwhile(*args, **kwargs):
+        version = made(*args, **kwargs)
+        if not moved:
+            retrained = _another_concept(*evaluated_concept, tmp_path / "cat-2", "<cat-r>", 0.25)
+            moved.append(registry.register(*retrained, store, name="bundle-cat").version)
+            catalogue.promote(f"bundle-cat/{moved[0]}", tracking_uri=store)
+        return version
+
+    monkeypatch.setattr(bundles, "_create_version", promoted_meanwhile)
+    manifest = _manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("bundle-dog", "<dog-b>"))
+    done = bundles.bundle_concepts("studio", manifest=str(manifest), tracking_uri=store)
+    assert (done.version, done.unchanged) == ("2", False)
+    assert [m.ref for m in done.members] == [f"bundle-cat/{moved[0]}", "bundle-dog/1"]
+    newest = catalogue.show_concept("studio/2", store)["tags"][bundles.MEMBERS_TAG]
+    assert newest == f"bundle-cat/{moved[0]},bundle-dog/1"
+
+
+def test_bundles_of_one_manifest_made_at_once_by_two_processes_end_holding_every_champion(store, tmp_path):
+    """Two runs of a manifest's batch (`oneword submit` splits one into several) bundle at their ends, maybe at
+    the same moment: real processes on one SQLite store, both succeed, and the newest version holds every champion."""
+    import subprocess
+    import sys
+
+    manifest = _manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("bundle-dog", "<dog-b>"))
+    command = [sys.executable, "-m", "oneword", "concepts", "bundle", "studio", "--manifest", str(manifest),
+               "--tracking-uri", store]  # fmt: skip
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    client = mlflow.MlflowClient(store)
+    versions = sorted(client.search_model_versions("name = 'studio'"), key=lambda mv: int(mv.version))
+    assert 1 <= len(versions) <= 2  # the second may find the first's version, or have read before it was made
+    assert versions[-1].tags[bundles.MEMBERS_TAG] == "bundle-cat/1,bundle-dog/1"
+    assert all(mv.tags[bundles.MEMBERS_TAG] == versions[-1].tags[bundles.MEMBERS_TAG] for mv in versions)

@@ -810,6 +810,33 @@ def test_a_report_that_could_not_tell_which_concepts_left_says_so():
     assert "could not tell which concepts left the manifest: ConnectionError: the registry did not answer" in text
 
 
+def test_the_batch_report_says_what_became_of_its_bundle_and_exits_1_where_it_could_not_be_made():
+    from rich.console import Console
+
+    from oneword.cli.run import print_batch_report
+
+    ok = {"name": "cat-q", "status": "registered", "version": "3", "alias": "champion"}
+    report = {"batch_id": "b", "registered": 1, "unchanged": 0, "failed": 0, "concepts": [ok]}
+    left = {f"a-long-concept-name-{i}": "no @champion version" for i in range(3)}
+    said = {}
+    for made, code in (({"name": "studio", "version": "4", "unchanged": False, "members": ["cat-q/3", "dog/1"],
+                         "left_out": left}, 0),
+                       ({"name": "studio", "version": "4", "unchanged": True, "members": ["cat-q/3"],
+                         "left_out": {}}, 0),
+                       ({"name": "studio", "version": None, "unchanged": False, "members": [], "left_out": left}, 0),
+                       ({"name": "studio", "error": "these concepts were trained on different base models"}, 1)):
+        console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        assert print_batch_report({**report, "bundle": made}, console) == code
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80
+        said[made.get("version", "error"), made.get("unchanged")] = " ".join(text.split())
+    assert ("bundle studio/4 registered: 2 concepts (left out: a-long-concept-name-0: no @champion version; "
+            "a-long-concept-name-1") in said["4", False]  # fmt: skip
+    assert "bundle studio/4 unchanged: 1 concept" in said["4", True]
+    assert "bundle studio: nothing registered, no concept of the manifest has a version to hold" in said[None, False]
+    assert "bundle studio failed: these concepts were trained on different base models" in said["error", None]
+
+
 def test_preflight_says_once_what_passed(tiny_model_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--base-model", tiny_model_dir, "--clip-model", tiny_clip_dir, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]

@@ -539,7 +539,7 @@ def bundle_said(made: dict) -> str:
         return f"bundle {name}: nothing registered, no concept of the manifest has a version to hold{left}"
     held = f"{n} concept{'s' * (n != 1)}"
     if made.get("unchanged"):
-        return f"bundle {name}/{made['version']} unchanged: it holds these {held} already{left}"
+        return f"bundle {name}/{made['version']} unchanged: {held}{left}"
     return f"bundle {name}/{made['version']} registered: {held}{left}"
 
 

@@ -78,7 +78,7 @@ def plan_batch(
 
     entries = load_concepts_manifest(concepts_manifest)
     if bundle:  # before the plan is recorded: a run that stops here trains nothing
-        check_bundle_name(bundle, concept_names(entries), tracking_uri)
+        check_bundle_name(bundle, concept_names(entries), tracking_uri, concepts_manifest)
     concepts = plan_concepts(entries, only_concepts, concepts_manifest)
     manifest = "" if only_concepts else manifest_id(concepts_manifest)
     plan_run = record_plan(tracking_uri, batch_id, concepts, experiment, manifest)

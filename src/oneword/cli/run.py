@@ -331,7 +331,7 @@ def print_batch_report(report: dict, console) -> int:
                       highlight=False)  # fmt: skip
     if made := report.get("bundle"):
         colour = "red" if made.get("error") else "green"
-        console.print(f"[{colour}]{escape(bundle_said(made))}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[{colour}]{escape(bundle_said(made))}[/]", highlight=False)  # folded at the width
     for k in ("overview", "logs", "run_dir", "tracking_uri"):
         if report.get(k):
             console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)

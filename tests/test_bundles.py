@@ -334,3 +334,26 @@ def test_bundles_of_one_manifest_made_at_once_by_two_processes_end_holding_every
     assert 1 <= len(versions) <= 2  # the second may find the first's version, or have read before it was made
     assert versions[-1].tags[bundles.MEMBERS_TAG] == "bundle-cat/1,bundle-dog/1"
     assert all(mv.tags[bundles.MEMBERS_TAG] == versions[-1].tags[bundles.MEMBERS_TAG] for mv in versions)
+
+
+def test_a_bundle_step_that_fails_records_why_where_the_batchs_report_reads_it(store, evaluated_concept, tmp_path):
+    """The pipeline's `bundle-concepts` fails the run where the bundle cannot be made (the concepts stay
+    registered), and records why in the batch's plan, whence the exit handler's report says it."""
+    from oneword.batch import final_report
+    from oneword.batch_records import batch_bundle, batch_plan, record_plan
+    from oneword.pipelines.components import bundle_concepts as step
+
+    registry.register(*_another_concept(*evaluated_concept, tmp_path / "twin", "<CAT-R>", 1.0), store, name="cat-twin")
+    # the manifest gave cat-twin a token of its own since; its champion, trained before, answers to the other
+    manifest = str(_manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("cat-twin", "<twin>")))
+    record_plan(store, "b-9", [{"name": "bundle-cat"}, {"name": "cat-twin"}])
+    step.python_func(bundle="", concepts_manifest=manifest, batch_id="b-9", tracking_uri=store)  # none asked for
+    assert batch_bundle(store, "b-9") is None
+    with pytest.raises(OnewordError, match="cannot tell apart"):
+        step.python_func(bundle="studio", concepts_manifest=manifest, batch_id="b-9", tracking_uri=store)
+    report = final_report(store, "b-9", lambda: batch_plan(store, "b-9"), registry.EXPERIMENT, "FAILED",
+                          bundle=lambda: batch_bundle(store, "b-9"))  # fmt: skip
+    assert report["bundle"]["name"] == "studio"
+    assert report["bundle"]["error"].startswith("bundle-cat/1 and cat-twin/1 use tokens a prompt cannot tell apart")
+    assert "(bundle one of them, or export one under another token" in report["bundle"]["error"]  # the hint
+    assert not mlflow.MlflowClient(store).search_registered_models("name = 'studio'")

@@ -151,6 +151,23 @@ def test_a_batch_run_at_the_limit_fits_in_what_argo_keeps_of_a_run():
     assert Run(spec, shards=RUN_LIMIT // 4, per_shard=4).total() < Run(spec, shards=RUN_LIMIT, per_shard=1).total()
 
 
+def test_a_batch_bundles_after_every_shard_on_cpu_inside_the_exit_handler():
+    """`bundle-concepts` waits for the shards' loop (every concept registered or recorded as failed), inside the exit
+    handler (so report-batch reads what it did), on a CPU pod, never cached."""
+    spec = _spec("batch_personalisation")
+    dags = _dags(spec)
+    where, task = _task(spec, "bundle-concepts")
+    loop = dags[where][task["dependentTasks"][0]]
+    assert len(task["dependentTasks"]) == 1 and loop["taskInfo"]["name"] == "shards"
+    exit_handler = next(t for t in dags["root"].values() if t.get("triggerPolicy", {}).get("strategy") ==
+                        "ALL_UPSTREAM_TASKS_COMPLETED")  # fmt: skip
+    assert exit_handler["taskInfo"]["name"] == "report-batch" and exit_handler["dependentTasks"] == [
+        next(n for n, t in dags["root"].items() if t["componentRef"]["name"] == where)]  # fmt: skip
+    assert not task.get("cachingOptions", {}).get("enableCache") and task["retryPolicy"]["maxRetryCount"] >= 1
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-bundle-concepts"]["container"]["resources"]
+    assert task["inputs"]["parameters"]["bundle"]["componentInputParameter"] == "pipelinechannel--bundle"
+
+
 @pytest.mark.parametrize("name", ["textual_inversion", "batch_personalisation"])
 def test_a_concept_told_unchanged_on_cpu_asks_for_no_gpu(name):
     """`changed-concepts` (CPU) runs before the GPU steps, which run only under its count being above 0."""

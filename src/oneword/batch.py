@@ -518,7 +518,7 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
             except Exception as e:  # what the night did is reported all the same, and that this is not known
                 log.warning("could not tell which concepts left the manifest: %s", e)
                 report["left"], report["left_error"] = [], f"{type(e).__name__}: {e}"
-        if bundle is not None and "error" not in report:
+        if bundle is not None:  # said even where the concepts' report could not be made
             try:
                 if (made := bundle()) is not None:
                     report["bundle"] = made

@@ -271,7 +271,7 @@ class BatchConfig(BaseModel):
     # workflow controller offloads them to a database, which KFP's own manifests do not set up (the run then ends
     # "workflow is longer than maximum allowed size"; kubeflow/pipelines#4170, #13738). Every task of a concept
     # that trains adds nodes holding its component spec and code: a model of the compiled batch spec's statuses
-    # (tests/argo_size.py) gives about 310 KiB for the spec and 63 KiB per concept that trains with KFP 2.17's
+    # (tests/argo_size.py) gives about 350 KiB for the spec and 63 KiB per concept that trains with KFP 2.17's
     # retry nodes (31 without), so 8 concepts come to 0.8 MiB and 12 past 1 MiB (docs/deploy.md, "How many
     # concepts in one run"): an estimate, not measured on a cluster. Unchanged concepts add nothing: the plan
     # leaves them out. `oneword batch` (kfp.local, no Argo) takes no limit.

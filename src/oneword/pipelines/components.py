@@ -622,7 +622,7 @@ def plan_batch(
     plan, where its report reads it; a bundle that could not be made fails the step (the concepts stay registered).
 
     Args:
-        bundle: the bundle's registered-model name.
+        bundle: the bundle's registered-model name (empty: the step does nothing).
         concepts_manifest: YAML at an s3:// URI or a path (read again: the run's plan may hold some concepts only).
         batch_id: the batch's id (the pipeline run's).
         base_model: the run's base model (empty: every concept's champion; they must share one base model).
@@ -631,6 +631,9 @@ def plan_batch(
     """)
 def bundle_concepts(bundle: str, concepts_manifest: str, batch_id: str, base_model: str = "",
                     tracking_uri: str = "", experiment: str = "oneword"):
+    if not bundle:
+        print("no bundle asked for (the run's bundle parameter is empty)")
+        return
     import json
 
     from oneword.batch_records import record_bundle

@@ -213,6 +213,22 @@ def test_generate_draws_with_a_bundles_own_copies(store, tmp_path, capsys):
     assert (out / "grid.png").is_file(), capsys.readouterr()
 
 
+def test_a_concept_named_alone_and_in_its_bundle_draws_once_and_two_of_its_versions_are_refused(
+    store, evaluated_concept, tmp_path, capsys
+):
+    bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    out = tmp_path / "drawn"
+    args = ["<cat-r> beside <dog-b>", "-o", str(out), "--n", "1", "--steps", "2", "--tracking-uri", store]
+    main(["generate", "--concept", "bundle-dog", "--concept", "studio/1", *args])
+    assert (out / "grid.png").is_file(), capsys.readouterr()
+    retrained = _another_concept(*evaluated_concept, tmp_path / "dog-2", "<dog-b>", 0.75)
+    other = registry.register(*retrained, store, name="bundle-dog").version  # the same token, other vectors
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "--concept", f"bundle-dog/{other}", "--concept", "studio/1", *args])
+    assert "two embeddings use the token '<dog-b>'" in capsys.readouterr().err
+
+
 def test_erasing_a_concept_deletes_the_bundle_versions_that_copy_it(store, tmp_path, capsys):
     """A bundle holds a copy of each member's embedding: a concept erased must not keep serving from one."""
     client = mlflow.MlflowClient(store)
@@ -238,6 +254,8 @@ def test_erasing_a_concept_deletes_the_bundle_versions_that_copy_it(store, tmp_p
     assert gone["versions"] == [kept.version] and gone["bundle_versions"] == []
     assert kept_run in gone["runs"]
     assert catalogue.get_version("bundle-dog", store) and not client.search_registered_models("name = 'studio'")
+    with pytest.raises(OnewordError, match="no concept or bundle named 'studio'"):
+        catalogue.delete_concept("studio", store)
 
 
 def _manifest(path: Path, *names_and_tokens: tuple[str, str]) -> Path:

@@ -457,7 +457,7 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     models = _logged_models(client, runs.values(), experiments)
     if not registered and not held and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
         gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
-        raise OnewordError(f"concept {name!r} not found in the registry at {resolve(tracking_uri)}{gone}",
+        raise OnewordError(f"no concept or bundle named {name!r} in the registry at {resolve(tracking_uri)}{gone}",
                            hint="list concepts with `oneword concepts list`")  # fmt: skip
     done = {"name": name, "versions": sorted((str(mv.version) for mv in versions), key=int),
             "runs": sorted(runs), "logged_models": sorted(m.model_id for m in models),

@@ -81,6 +81,14 @@ def build_pipeline(model: LoadedModel, device: str = "auto"):
     return pipe
 
 
+def _same_vectors(a: emb_io.Embedding, b: emb_io.Embedding) -> bool:
+    import torch
+
+    pairs = [(a.vectors, b.vectors), (a.vectors_2, b.vectors_2)]
+    return all((x is None and y is None) or (x is not None and y is not None and x.shape == y.shape
+                                             and torch.equal(x, y)) for x, y in pairs)  # fmt: skip
+
+
 def load_embeddings(
     pipe, model: LoadedModel, files: Sequence[Path | emb_io.Embedding], force: bool = False
 ) -> list[str]:
@@ -91,11 +99,14 @@ def load_embeddings(
     Returns:
         The tokens now usable in prompts.
     """
-    tokens = []
+    tokens, loaded = [], {}
     for f in files:
         emb = f if isinstance(f, emb_io.Embedding) else emb_io.load(Path(f))
         source = "" if isinstance(f, emb_io.Embedding) else str(f)
         emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=source, width_2=model.width_2)
+        if (same := loaded.get(emb.token)) is not None and _same_vectors(same, emb):
+            continue  # one concept named twice (alone, and in a bundle that holds a copy of it): loaded once
+        loaded[emb.token] = emb
         if clash := clashing_entries(vector_tokens(emb.token, emb.n_vectors), pipe.tokenizer.get_added_vocab()):
             raise OnewordError(
                 f"two embeddings use the token {emb.token!r}"

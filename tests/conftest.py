@@ -171,8 +171,11 @@ def s3_bucket(s3_server, request):
     return name
 
 
-def served(model_uri: str, tracking_uri: str, body: dict, log: Path) -> list[dict]:
-    """`mlflow models serve` of `model_uri` started, sent `body` at /invocations, stopped: the answer's rows."""
+def served(model_uri: str, tracking_uri: str, body: dict, log: Path, args: list[str] | None = None) -> list[dict]:
+    """`mlflow models serve` of `model_uri` started, sent `body` at /invocations, stopped: the answer's rows.
+
+    `args`: the `mlflow` command's arguments as a manifest gives them (`models serve -m URI ...`), on loopback and
+    a free port here."""
     import json
     import os
     import subprocess
@@ -182,10 +185,11 @@ def served(model_uri: str, tracking_uri: str, body: dict, log: Path) -> list[dic
 
     port, bin_dir = free_port(), os.path.dirname(sys.executable)  # mlflow starts `uvicorn` by name
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    args = list(args or ["models", "serve", "-m", model_uri, "--env-manager", "local", "--host", "", "-p", ""])
+    args[args.index("--host") + 1], args[args.index("-p") + 1] = "127.0.0.1", str(port)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                                 "local", "--host", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)  # fmt: skip
     try:
         deadline = time.time() + 120
         while True:  # the server's start (a model load), not a retry of a request that failed

@@ -74,17 +74,24 @@ def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, c
 
 @pytest.mark.slow
 def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
-    """`mlflow models serve` of `models:/NAME/latest`, sent the very request docs/deploy.md shows (its tokens ours):
-    a row per prompt, each drawn by the member it names."""
+    """`mlflow models serve` of `models:/NAME/latest` started as the serving overlay's Deployment starts it, sent the
+    very request docs/deploy.md shows (its tokens ours): a row per prompt, each drawn by the member it names."""
     import re
+
+    import yaml
 
     from .conftest import served
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text().split("<!-- bundle-request:", 1)[1]
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "deploy.md").read_text().split("<!-- bundle-request:", 1)[1]
     sent = re.search(r"-d '(\{.*\})'", doc)[1]
     body = json.loads(sent.replace("<team-a-mug>", "<cat-r>").replace("<my-dog>", "<dog-b>"))
     bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
-    rows = served("models:/studio/latest", store, body, tmp_path / "serve.log")
+    (deployment,) = [d for d in yaml.safe_load_all((root / "k8s/overlays/serving/serve.yaml").read_text())
+                     if d["kind"] == "Deployment"]  # fmt: skip
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow"] and "models:/studio/latest" in container["args"]
+    rows = served("models:/studio/latest", store, body, tmp_path / "serve.log", container["args"])
     assert [r["prompt"] for r in rows] == body["inputs"] and "<cat-r>" in rows[0]["prompt"]
     mlflow.set_tracking_uri(store)
     # the concept's own model, the default sampler, two prompts a call as the request (a batch's size moves the

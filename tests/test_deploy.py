@@ -28,7 +28,7 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     for ex in scratch.rglob("*.env.example"):
         shutil.copy(ex, ex.with_suffix(""))
     out = {}
-    for overlay in (*OVERLAYS, "multi-user"):
+    for overlay in (*OVERLAYS, "multi-user", "serving"):
         text = subprocess.run(
             ["kubectl", "kustomize", str(scratch / "overlays" / overlay)], check=True, capture_output=True, text=True
         ).stdout
@@ -47,6 +47,8 @@ def _pod_specs(docs):
         spec = d.get("spec", {})
         if d["kind"] in ("Deployment", "StatefulSet", "Job"):
             yield d, spec["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            yield d, spec["jobTemplate"]["spec"]["template"]["spec"]
 
 
 def _containers(spec):
@@ -109,7 +111,7 @@ def test_kfp_own_launcher_config_is_left_alone(rendered, overlay):
             in ("kubeflow", PROFILE)] == ["oneword-config"]
 
 
-@pytest.mark.parametrize("overlay", (*OVERLAYS, "multi-user"))
+@pytest.mark.parametrize("overlay", (*OVERLAYS, "multi-user", "serving"))
 def test_every_container_has_requests_and_limits(rendered, overlay):
     containers = [(d, c) for d, spec in _pod_specs(rendered[overlay]) for c in _containers(spec)]
     assert containers
@@ -244,7 +246,7 @@ def test_multi_user_overlay_fills_a_profile_namespace(rendered):
     assert set(limits["default"]) == {"ephemeral-storage"}  # cpu/memory stay the pipelines' per-step settings
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, "serving"))
 def test_images_are_pinned(rendered, overlay):
     for _d, spec in _pod_specs(rendered[overlay]):
         for c in spec["containers"]:
@@ -280,6 +282,57 @@ def test_prod_has_disruption_budgets_and_anti_affinity(rendered):
     assert minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "500Gi"
     dev_minio = _one(rendered["dev"], "StatefulSet", "minio")
     assert dev_minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+def test_the_serving_overlay_serves_the_newest_bundle_on_a_gpu_with_what_pipeline_pods_have(rendered):
+    """overlays/serving: a bundle's server beside the pipelines (their secrets, config and model cache), let in
+    where they are (MLflow, MinIO), restarted each morning by an account that may restart it alone."""
+    docs, gpu_pool = rendered["serving"], rendered["gpu-pool"]
+    deployment = _one(docs, "Deployment", "oneword-serve-studio")
+    spec = deployment["spec"]["template"]["spec"]
+    (serve,) = spec["containers"]
+    assert serve["image"].endswith(f"oneword-cuda:{__version__}") and serve["command"] == ["mlflow"]
+    args = serve["args"]
+    assert args[:4] == ["models", "serve", "-m", "models:/studio/latest"] and args[args.index("--workers") + 1] == "1"
+    assert serve["resources"]["limits"]["nvidia.com/gpu"] == 1 and set(serve["resources"]["requests"]) == {
+        "cpu", "memory", "ephemeral-storage"}  # fmt: skip
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and spec["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]  # fmt: skip
+    (port,) = serve["ports"]
+    assert port["containerPort"] == int(args[args.index("-p") + 1]) and args[args.index("--host") + 1] == "0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert serve[probe]["httpGet"] == {"path": "/ping", "port": port["name"]}  # MLflow's scoring server's
+    service = _one(docs, "Service", "oneword-serve-studio")["spec"]
+    assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["ports"][0]["targetPort"] == port["name"]
+    # what the pipelines' pods read, from the same objects, all in the rendered overlay
+    here = {(d["kind"], d["metadata"]["name"]) for d in docs if d["metadata"].get("namespace") == "kubeflow"}
+    sources = [("ConfigMap", e["configMapRef"]["name"]) if "configMapRef" in e else ("Secret", e["secretRef"]["name"])
+               for e in serve["envFrom"]]  # fmt: skip
+    assert set(sources) == {("ConfigMap", "oneword-config"), ("Secret", "oneword-s3"), ("Secret", "oneword-mlflow"),
+                            ("Secret", "oneword-hf")} and set(sources) <= here  # fmt: skip
+    (volume,) = spec["volumes"]
+    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in here
+    assert serve["volumeMounts"] == [{"name": volume["name"], "mountPath": "/models"}]  # the images' HF_HOME is in it
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for name in ("mlflow-ingress", "minio-ingress"):  # let in as pipeline pods are; nothing else changed
+        before = _one(gpu_pool, "NetworkPolicy", name)["spec"]["ingress"][0]["from"]
+        after = _one(docs, "NetworkPolicy", name)["spec"]["ingress"][0]["from"]
+        (added,) = [f for f in after if f not in before]
+        assert after == [*before, added] and added["podSelector"]["matchLabels"].items() <= labels.items()
+        assert added["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}
+    cron = _one(docs, "CronJob", "oneword-serve-studio-restart")["spec"]
+    job = cron["jobTemplate"]["spec"]["template"]["spec"]
+    (restart,) = job["containers"]
+    assert restart["args"][:3] == ["rollout", "restart", "deployment/oneword-serve-studio"]
+    assert ":" in restart["image"].rsplit("/", 1)[-1] and not restart["image"].endswith(":latest")
+    binding = _one(docs, "RoleBinding", "oneword-serve-restarter")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": job["serviceAccountName"],
+                                    "namespace": "kubeflow"}]  # fmt: skip
+    (rule,) = _one(docs, "Role", binding["roleRef"]["name"])["rules"]
+    assert rule == {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["oneword-serve-studio"],
+                    "verbs": ["get", "patch"]}  # fmt: skip
+    assert spec["automountServiceAccountToken"] is False  # the server asks nothing of the API
 
 
 def test_network_policies_guard_minio_and_postgres(rendered):

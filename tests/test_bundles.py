@@ -307,6 +307,7 @@ def test_a_batch_whose_bundle_is_a_concepts_name_stops_before_it_plans(store, tm
     """A bundle named as one of the manifest's concepts (or as another registered concept) would take the name that
     concept registers under: the plan stops before it records anything, and the local run before it starts."""
     from oneword.batch_records import batch_plan
+    from oneword.pipelines.local import batch_plan as local_plan
     from oneword.pipelines.local import run_batch
     from oneword.plan import plan_batch
 
@@ -317,6 +318,8 @@ def test_a_batch_whose_bundle_is_a_concepts_name_stops_before_it_plans(store, tm
             plan_batch(manifest, "b-1", {}, tracking_uri=store, bundle=bundle)
         with pytest.raises(OnewordError, match=why):
             run_batch(manifest, tmp_path / "root", store, bundle=bundle)
+        with pytest.raises(OnewordError, match=why):  # `oneword batch --dry-run` says it as a run would
+            local_plan(manifest, store, bundle=bundle, base_model="toyworld")
     assert batch_plan(store, "b-1") is None and not (tmp_path / "root").exists()
 
 

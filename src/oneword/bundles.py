@@ -158,14 +158,16 @@ def _register(mlflow, client, uri: str, name: str, members: Sequence[Member]) ->
     return str(version.version)
 
 
-def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "the manifest"
-                      ) -> None:  # fmt: skip
+def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "the manifest",
+                      registry: bool = True) -> None:  # fmt: skip
     """Raise where a manifest's bundle `name` is also one of its `concepts`, a registered concept, or another
-    tool's registered model: a batch checks it before it trains (its concept would be refused at `register`)."""
+    tool's registered model (`registry` False: a store not made yet, not asked): a batch checks it before it
+    trains (its concept would be refused at `register`)."""
     if name in concepts:
         raise OnewordError(f"bundle {name!r} is also a concept of {manifest}", hint="name the bundle otherwise")
-    _, client = tracking.client(resolve(tracking_uri))
-    _check_name(client, name)
+    if registry:
+        _, client = tracking.client(resolve(tracking_uri))
+        _check_name(client, name)
 
 
 def _manifest_names(manifest: str, name: str, uri: str) -> list[str]:

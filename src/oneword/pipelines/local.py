@@ -441,6 +441,12 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     uri = resolve(tracking_uri)
     store = sqlite_path(uri)
     registry = store is None or store.exists()  # no store yet: nothing registered, and asking would make one
+    if params.get("bundle"):  # as plan-batch refuses it
+        from oneword.batch import concept_names
+        from oneword.bundles import check_bundle_name
+
+        names = concept_names(load_concepts_manifest(concepts_manifest))
+        check_bundle_name(params["bundle"], names, uri, concepts_manifest, registry)
     # what would stop the whole run at its preflight stops the dry run too, with the same words: not a table of
     # concepts "a run trains" when a run would train none
     p = {**DEFAULTS, **params}

@@ -293,14 +293,32 @@ def test_a_manifests_bundle_holds_its_champions_and_says_why_the_others_are_left
     said = " ".join(capsys.readouterr().out.split())
     assert f"left out bundle-cat: its @champion (bundle-cat/1) was trained on {trained_on}" in said
     assert "nothing to bundle: no concept of" in said and "Nothing was registered" in said
-    # named concepts beside a manifest's: a version pinned by hand, and a manifest concept's champion, in one bundle
-    both = bundles.bundle_concepts("studio", ["bundle-dog/1"], manifest=str(_manifest(tmp_path / "cat.yaml",
-                                   ("bundle-cat", "<cat-r>"))), tracking_uri=store)  # fmt: skip
+    # named concepts beside a manifest's: a version named by hand that is a manifest concept's champion, once
+    both = bundles.bundle_concepts("studio", ["bundle-dog/1"], manifest=str(manifest), tracking_uri=store)
     assert both.unchanged and both.version == "1"
     with pytest.raises(OnewordError, match=r"bundle 'bundle-new' is also a concept of .*concepts.yaml"):
         bundles.bundle_concepts("bundle-new", manifest=str(manifest), tracking_uri=store)
     with pytest.raises(OnewordError, match="names no concept"):
         bundles.bundle_concepts("studio", tracking_uri=store)
+    # a bundle is its manifest's: another manifest's runs would make it hold their concepts alone, night by night
+    other = _manifest(tmp_path / "other.yaml", ("bundle-dog", "<dog-b>"))
+    with pytest.raises(OnewordError, match=r"bundle 'studio' holds the concepts of another manifest, .*concepts.yaml"):
+        bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store)
+    with pytest.raises(OnewordError, match="holds the concepts of another manifest"):  # before a batch trains
+        bundles.check_bundle_name("studio", ["bundle-dog"], store, str(other))
+    assert bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store).version == "2"  # by hand: yours
+
+
+def test_a_retried_bundle_step_says_it_registered_the_version_it_finds_its_own(store, tmp_path):
+    """A bundle step tried again (an evicted pod) after it registered finds the newest version its own (its run
+    is tagged with the batch): "registered", as a step that registered; another batch finds it unchanged."""
+    manifest = str(_manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("bundle-dog", "<dog-b>")))
+    first = bundles.bundle_concepts("studio", manifest=manifest, tracking_uri=store, batch_id="b-1")
+    again = bundles.bundle_concepts("studio", manifest=manifest, tracking_uri=store, batch_id="b-1")
+    later = bundles.bundle_concepts("studio", manifest=manifest, tracking_uri=store, batch_id="b-2")
+    assert [(b.version, b.unchanged) for b in (first, again, later)] == [("1", False), ("1", False), ("1", True)]
+    with pytest.raises(OnewordError, match="bundle name 'a b' is not one oneword can look up"):
+        bundles.check_bundle_name("a b", [], store)
 
 
 def test_a_batch_whose_bundle_is_a_concepts_name_stops_before_it_plans(store, tmp_path):
@@ -374,9 +392,10 @@ def test_a_bundle_step_that_fails_records_why_where_the_batchs_report_reads_it(s
     registry.register(*_another_concept(*evaluated_concept, tmp_path / "twin", "<CAT-R>", 1.0), store, name="cat-twin")
     # the manifest gave cat-twin a token of its own since; its champion, trained before, answers to the other
     manifest = str(_manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("cat-twin", "<twin>")))
-    record_plan(store, "b-9", [{"name": "bundle-cat"}, {"name": "cat-twin"}])
-    step.python_func(bundle="", concepts_manifest=manifest, batch_id="b-9", tracking_uri=store)  # none asked for
-    assert batch_bundle(store, "b-9") is None
+    record_plan(store, "b-8", [{"name": "bundle-cat"}, {"name": "cat-twin"}])
+    step.python_func(bundle="", concepts_manifest=manifest, batch_id="b-8", tracking_uri=store)  # none asked for
+    assert batch_bundle(store, "b-8") is None
+    record_plan(store, "b-9", [{"name": "bundle-cat"}, {"name": "cat-twin"}], bundle="studio")
     with pytest.raises(OnewordError, match="cannot tell apart"):
         step.python_func(bundle="studio", concepts_manifest=manifest, batch_id="b-9", tracking_uri=store)
     report = final_report(store, "b-9", lambda: batch_plan(store, "b-9"), registry.EXPERIMENT, "FAILED",
@@ -385,3 +404,27 @@ def test_a_bundle_step_that_fails_records_why_where_the_batchs_report_reads_it(s
     assert report["bundle"]["error"].startswith("bundle-cat/1 and cat-twin/1 use tokens a prompt cannot tell apart")
     assert "(bundle one of them, or export one under another token" in report["bundle"]["error"]  # the hint
     assert not mlflow.MlflowClient(store).search_registered_models("name = 'studio'")
+    # a run that ended before its bundle step (a shard failed, the run was stopped) says so of the bundle it asked
+    record_plan(store, "b-10", [{"name": "bundle-cat"}], bundle="studio")
+    assert batch_bundle(store, "b-10") == {"name": "studio", "error": "not made: the run ended before its "
+                                           "bundle-concepts step (a step before it failed, or the run was stopped); "
+                                           "the bundle is as it was"}  # fmt: skip
+    record_plan(store, "b-11", [{"name": "bundle-cat"}])
+    assert batch_bundle(store, "b-11") is None  # it asked for none
+
+
+def test_requests_drawn_at_once_are_each_what_they_would_be_alone(store):
+    """MLflow's scoring server runs requests in threads: two at once, with other step counts, share one pipeline
+    (and its scheduler's timesteps), and each must draw what it draws alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model("models:/studio/1")
+    asks = [(["a photo of <cat-r>"] * 2, {"n": 2, "steps": 3, "seed": 1}),
+            (["<dog-b> on the moon"], {"n": 3, "steps": 5, "seed": 2})]  # fmt: skip
+    alone = [model.predict(prompts, params=params)["png_base64"].tolist() for prompts, params in asks]
+    for _ in range(2):
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda a: model.predict(a[0], params=a[1])["png_base64"].tolist(), asks))
+        assert together == alone

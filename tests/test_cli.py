@@ -835,6 +835,15 @@ def test_the_batch_report_says_what_became_of_its_bundle_and_exits_1_where_it_co
     assert "bundle studio/4 unchanged: 1 concept" in said["4", True]
     assert "bundle studio: nothing registered, no concept of the manifest has a version to hold" in said[None, False]
     assert "bundle studio failed: these concepts were trained on different base models" in said["error", None]
+    # what became of it could not be read: said, and no failure of the run's
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    assert print_batch_report({**report, "bundle": {"unknown": "ConnectionError: no answer"}}, console) == 0
+    assert "what became of the bundle could not be read: ConnectionError" in " ".join(console.export_text().split())
+    # a report the concepts' part of which could not be made still says what became of the bundle
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    failed = {"name": "studio", "error": "not made: the run ended before its bundle-concepts step"}
+    assert print_batch_report({**report, "error": "the report could not be made", "bundle": failed}, console) == 2
+    assert "bundle studio failed: not made: the run ended" in " ".join(console.export_text().split())
 
 
 def test_preflight_says_once_what_passed(tiny_model_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):

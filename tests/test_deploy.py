@@ -333,6 +333,10 @@ def test_the_serving_overlay_serves_the_newest_bundle_on_a_gpu_with_what_pipelin
     assert rule == {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["oneword-serve-studio"],
                     "verbs": ["get", "patch"]}  # fmt: skip
     assert spec["automountServiceAccountToken"] is False  # the server asks nothing of the API
+    # no Istio sidecar (KFP's and profile namespaces inject one): it would keep the restart Job from completing
+    for template in (deployment["spec"]["template"], cron["jobTemplate"]["spec"]["template"]):
+        assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert cron["timeZone"] == "Etc/UTC" and cron["concurrencyPolicy"] == "Forbid"
 
 
 def test_network_policies_guard_minio_and_postgres(rendered):

@@ -523,13 +523,15 @@ def final_report(tracking_uri: str | None, batch_id: str, plan: Callable[[], lis
                 if (made := bundle()) is not None:
                     report["bundle"] = made
             except Exception as e:  # the concepts' report stands; that the bundle's could not be read is said
-                report["bundle"] = {"error": f"what became of the bundle could not be read: {type(e).__name__}: {e}"}
+                report["bundle"] = {"unknown": f"{type(e).__name__}: {e}"}
     return {**report, "pipeline_state": state, "ended_runs": ended}
 
 
 def bundle_said(made: dict) -> str:
     """What a batch's report says of its bundle (`final_report`'s `bundle`), in a line."""
-    name = made.get("name", "the bundle")
+    name = made.get("name", "")
+    if made.get("unknown"):
+        return f"what became of the bundle could not be read: {made['unknown']}"
     if made.get("error"):
         return f"bundle {name} failed: {made['error']}"
     left = "; ".join(f"{n}: {why}" for n, why in made.get("left_out", {}).items())

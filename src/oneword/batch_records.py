@@ -176,13 +176,15 @@ PLAN_KIND = "batch-plan"
 
 MANIFEST_TAG, MANIFEST_KEY_TAG = "oneword.manifest", "oneword.manifest_key"
 BUNDLE_FILE = "bundle.json"  # in a batch's plan run: what became of its bundle
+BUNDLE_ASKED_TAG = "oneword.batch_bundle"  # on a batch's plan run: the bundle it makes at its end
 
 
 def record_plan(
-    tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = EXPERIMENT, manifest: str = ""
+    tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = EXPERIMENT, manifest: str = "",
+    bundle: str = "",
 ) -> str:
-    """Record a batch's plan (its concepts, as planned) in MLflow, where the batch's report reads it back, and
-    the next run of the same manifest (`previous_plan`) too.
+    """Record a batch's plan (its concepts, as planned; the bundle it makes at its end, if any) in MLflow, where the
+    batch's report reads it back, and the next run of the same manifest (`previous_plan`) too.
 
     KFP's exit handler, which writes the report, may not read other tasks' outputs; MLflow is where both meet.
     Returns the plan's run id. A plan step tried again (`outcome.retrying`, a cluster's retry policy) plans again in
@@ -194,6 +196,8 @@ def record_plan(
     tags = {"oneword.batch_id": batch_id, "oneword.kind": PLAN_KIND}
     if manifest:  # searched by a hash: a path may hold quotes, which a filter string would have to escape
         tags |= {MANIFEST_TAG: manifest, MANIFEST_KEY_TAG: hashlib.sha256(manifest.encode()).hexdigest()[:16]}
+    if bundle:
+        tags[BUNDLE_ASKED_TAG] = bundle
     earlier = _plan_run(client, exp_id, batch_id)
     if earlier is None:
         run_id = client.create_run(exp_id, run_name=f"batch {batch_id} (plan)", tags=tags).info.run_id
@@ -244,12 +248,16 @@ def record_bundle(tracking_uri: str | None, batch_id: str, outcome: dict, experi
 
 
 def batch_bundle(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict | None:
-    """What became of a batch's bundle (`record_bundle`), or None: it has none, or its bundle step did not run."""
+    """What became of a batch's bundle (`record_bundle`; `{"name", "error"}` where its step never ran), or None:
+    the batch makes none."""
     mlflow, client = tracking.client(tracking_uri)
     exp = mlflow.get_experiment_by_name(experiment)
     run = None if exp is None else _plan_run(client, exp.experiment_id, batch_id)
-    if run is None or not any(f.path == BUNDLE_FILE for f in client.list_artifacts(run.info.run_id)):
+    if run is None or not (asked := run.data.tags.get(BUNDLE_ASKED_TAG)):
         return None
+    if not any(f.path == BUNDLE_FILE for f in client.list_artifacts(run.info.run_id)):
+        return {"name": asked, "error": "not made: the run ended before its bundle-concepts step (a step before it "
+                "failed, or the run was stopped); the bundle is as it was"}  # fmt: skip
     return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{BUNDLE_FILE}")
 
 

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 MEMBERS_TAG = "oneword.members"  # on a version: "cat/3,mug/5", by name
 MEMBER_TAG_PREFIX = "oneword.member."  # on a version's run, a tag per member: "oneword.member.cat" = "3 RUN_ID"
 EXPERIMENT = "oneword-bundles"  # the runs that log bundle versions: apart from the concepts' runs
+# On a bundle's registered model: the manifest whose batches keep it (`batch.manifest_id`). Two manifests that kept
+# one bundle would each make it hold their own concepts alone, night after night.
+MANIFEST_TAG = "oneword.bundle_manifest"
+BATCH_TAG = "oneword.bundle_batch"  # on a bundle version's run: the batch run that made it
 ARTIFACT_PREFIX = "embedding:"  # a member's artifact key in the pyfunc model: "embedding:NAME"
 # Bundling reads the members again after registering: another bundling of the same name, or a promotion, that
 # came between the read and the registration makes it register again (a batch's runs may end together).
@@ -92,6 +96,7 @@ def bundle_concepts(
     dry_run: bool = False,
     base_model: str | None = None,
     manifest: str = "",
+    batch_id: str = "",
 ) -> Bundled:
     """Register a version of bundle `name` that holds the given concepts' embeddings.
 
@@ -106,45 +111,51 @@ def bundle_concepts(
             as given to train, or a prefix of its fingerprint), as `concepts list --base-model` lists them.
         manifest: a concepts manifest (`oneword.batch`, a path or s3:// URI): its concepts' versions with `alias`
             too; one that has none (not trained yet, or failed its gate), or whose is on another base model, is
-            left out and said so (`Bundled.left_out`), as a batch run's bundle is made.
+            left out and said so (`Bundled.left_out`), as a batch run's bundle is made. The bundle is then kept by
+            this manifest: another manifest's is refused (`check_bundle_name`).
+        batch_id: the batch run that bundles (its version's run is tagged with it): a retry of its step that finds
+            the version it made says "registered", not "unchanged".
 
     Raises:
         OnewordError: a concept or alias not found; two versions of one concept; members on different base models,
-            or whose tokens a prompt cannot tell apart; `name` taken by a concept or another tool's model.
+            or whose tokens a prompt cannot tell apart; `name` taken by a concept or another tool's model, or kept
+            by another manifest.
     """
     if not concepts and not manifest:
         raise OnewordError(f"bundle {name!r} names no concept", hint="name concepts or patterns: 'team-a-*'")
-    if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_LENGTH:
-        raise OnewordError(
-            f"bundle name {name!r} is not one oneword can look up",
-            hint="use letters, digits, '_', '.' and '-' only, starting with a letter or digit",
-        )
     uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
-    _check_name(client, name)
     names = _manifest_names(manifest, name, uri) if manifest else []
-    made = None
+    if not manifest:
+        check_bundle_name(name, [], uri)
+    made, tags = None, {BATCH_TAG: batch_id} if batch_id else {}
     for _ in range(ROUNDS):
         refs, left_out = _manifest_members(names, alias, uri, base_model)
         if not concepts and not refs:
             return Bundled(name, None, [], left_out=left_out)
         members = _members(client, [*concepts, *refs], alias, uri, base_model)
-        _check_one_base_model(members)
+        _check_one_base_model(members, manifest)
         newest = _newest(client, name)
-        if newest is not None and _member_runs(client, newest.run_id) == _member_tags(members):
-            return Bundled(name, str(newest.version), members, unchanged=made is None, left_out=left_out)
+        held = {} if newest is None else client.get_run(newest.run_id).data.tags
+        if newest is not None and _member_runs(held) == _member_tags(members):
+            mine = made is not None or bool(batch_id and held.get(BATCH_TAG) == batch_id)
+            made = Bundled(name, str(newest.version), members, unchanged=not mine, left_out=left_out)
+            break
         if dry_run:
             return Bundled(name, None, members, left_out=left_out)
-        made = Bundled(name, _register(mlflow, client, uri, name, members), members, left_out=left_out)
-    log.warning("the members of %s kept changing while it was bundled: %s holds what they were at its making",
-                name, made.model_uri)  # fmt: skip
+        made = Bundled(name, _register(mlflow, client, uri, name, members, tags), members, left_out=left_out)
+    else:
+        log.warning("the members of %s kept changing while it was bundled: %s holds what they were at its making",
+                    name, made.model_uri)  # fmt: skip
+    if manifest and not dry_run:
+        _keep(client, name, manifest)
     return made
 
 
-def _register(mlflow, client, uri: str, name: str, members: Sequence[Member]) -> str:
+def _register(mlflow, client, uri: str, name: str, members: Sequence[Member], tags: dict[str, str]) -> str:
     """Register a version of bundle `name` holding copies of `members`' embeddings; its number."""
     exp_id = ensure_experiment(mlflow, EXPERIMENT, uri)
-    run_id = client.create_run(exp_id, run_name=f"bundle {name}", tags={BUNDLE_TAG: name}).info.run_id
+    run_id = client.create_run(exp_id, run_name=f"bundle {name}", tags={BUNDLE_TAG: name, **tags}).info.run_id
     version = None
     try:
         _tag_run(client, run_id, _member_tags(members))  # first: an erasure finds the copies by these
@@ -158,16 +169,43 @@ def _register(mlflow, client, uri: str, name: str, members: Sequence[Member]) ->
     return str(version.version)
 
 
-def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "the manifest",
+def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "",
                       registry: bool = True) -> None:  # fmt: skip
-    """Raise where a manifest's bundle `name` is also one of its `concepts`, a registered concept, or another
-    tool's registered model (`registry` False: a store not made yet, not asked): a batch checks it before it
-    trains (its concept would be refused at `register`)."""
+    """Raise where bundle `name` is no name oneword can look up; or it is also one of `manifest`'s `concepts`, a
+    registered concept, another tool's registered model, or a bundle another manifest keeps (`registry` False: a
+    store not made yet, not asked). A batch checks it before it trains (its concept would be refused at
+    `register`, and its bundle at its end)."""
+    if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_LENGTH:
+        raise OnewordError(
+            f"bundle name {name!r} is not one oneword can look up",
+            hint="use letters, digits, '_', '.' and '-' only, starting with a letter or digit",
+        )
     if name in concepts:
-        raise OnewordError(f"bundle {name!r} is also a concept of {manifest}", hint="name the bundle otherwise")
-    if registry:
-        _, client = tracking.client(resolve(tracking_uri))
-        _check_name(client, name)
+        raise OnewordError(f"bundle {name!r} is also a concept of {manifest or 'the manifest'}",
+                           hint="name the bundle otherwise")  # fmt: skip
+    if not registry:
+        return
+    _, client = tracking.client(resolve(tracking_uri))
+    if (kind := model_kind(client, name)) in ("concept", "other"):
+        what = "a concept" if kind == "concept" else "another tool's model"
+        raise OnewordError(f"{name!r} is {what}, not a bundle", hint="name the bundle otherwise")
+    if manifest and kind == "bundle":
+        from oneword.batch import manifest_id
+
+        keeper = (client.get_registered_model(name).tags or {}).get(MANIFEST_TAG)
+        if keeper and keeper != manifest_id(manifest):
+            raise OnewordError(
+                f"bundle {name!r} holds the concepts of another manifest, {keeper}",
+                hint="give this manifest's bundle a name of its own: each run would make it hold its manifest's "
+                "concepts alone",
+            )
+
+
+def _keep(client, name: str, manifest: str) -> None:
+    """Mark bundle `name` (registered) as kept by `manifest`."""
+    from oneword.batch import manifest_id
+
+    client.set_registered_model_tag(name, MANIFEST_TAG, manifest_id(manifest))
 
 
 def _manifest_names(manifest: str, name: str, uri: str) -> list[str]:
@@ -206,9 +244,9 @@ def _member_tags(members: Sequence[Member]) -> dict[str, str]:
     return {member_tag(m.name): f"{m.version} {m.run_id}" for m in members}
 
 
-def _member_runs(client, run_id: str) -> dict[str, str]:
-    """A bundle version's run's member tags: which version of which concept (and its run) it holds."""
-    tags = client.get_run(run_id).data.tags
+def _member_runs(tags: dict[str, str]) -> dict[str, str]:
+    """A bundle version's run's member tags (of its run's `tags`): which version of which concept (and its run)
+    it holds."""
     return {k: v for k, v in tags.items() if k.startswith(MEMBER_TAG_PREFIX)}
 
 
@@ -245,12 +283,6 @@ def _discard(client, run_id: str, name: str, version) -> None:
         erase_runs(client, [client.get_run(run_id)])
     except Exception as e:  # the bundle's own error is the one to raise; the next erasure finds the run by its tags
         log.warning("could not delete what the failed bundle made (run %s): %s", run_id, e)
-
-
-def _check_name(client, name: str) -> None:
-    if (kind := model_kind(client, name)) in ("concept", "other"):
-        what = "a concept" if kind == "concept" else "another tool's model"
-        raise OnewordError(f"{name!r} is {what}, not a bundle", hint="name the bundle otherwise")
 
 
 def _members(client, concepts: Sequence[str], alias: str, uri: str, base_model: str | None) -> list[Member]:
@@ -300,7 +332,7 @@ def _members(client, concepts: Sequence[str], alias: str, uri: str, base_model: 
     return members
 
 
-def _check_one_base_model(members: Sequence[Member]) -> None:
+def _check_one_base_model(members: Sequence[Member], manifest: str = "") -> None:
     groups: dict[str, list[Member]] = {}
     for m in members:
         groups.setdefault(m.fingerprint, []).append(m)
@@ -309,7 +341,9 @@ def _check_one_base_model(members: Sequence[Member]) -> None:
                          for fp, ms in groups.items())  # fmt: skip
         raise OnewordError(
             f"these concepts were trained on different base models: {said}",
-            hint="bundle the concepts of one base model (`oneword concepts list --base-model X` lists them)",
+            hint="bundle the manifest's concepts of one base model: --base-model X (a batch gives its own)"
+            if manifest else "bundle the concepts of one base model (`oneword concepts list --base-model X` lists "
+            "them)",
         )
 
 

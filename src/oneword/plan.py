@@ -81,7 +81,7 @@ def plan_batch(
         check_bundle_name(bundle, concept_names(entries), tracking_uri, concepts_manifest)
     concepts = plan_concepts(entries, only_concepts, concepts_manifest)
     manifest = "" if only_concepts else manifest_id(concepts_manifest)
-    plan_run = record_plan(tracking_uri, batch_id, concepts, experiment, manifest)
+    plan_run = record_plan(tracking_uri, batch_id, concepts, experiment, manifest, bundle)
     try:
         given = lookup_settings(settings_of)
     except ValueError as e:  # a setting no step takes: train records it as each concept's failure

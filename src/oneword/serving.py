@@ -13,6 +13,7 @@ import base64
 import io
 import math
 import shutil
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,9 @@ class ConceptModel(mlflow.pyfunc.PythonModel):
         # a concept's one embedding, or a bundle's members' (`embedding:NAME`), by name
         keys = sorted(k for k in context.artifacts if k == "embedding" or k.startswith("embedding:"))
         self.tokens = load_embeddings(self.pipe, model, [context.artifacts[k] for k in keys])
+        # MLflow's scoring server runs each request in a thread of its own; a diffusers pipeline's scheduler keeps
+        # the timesteps of its one sampling loop, so two at once would mix them. One GPU draws one batch at a time.
+        self.drawing = threading.Lock()
 
     def predict(self, context, model_input, params: dict | None = None):
         """Draw `n` images per prompt. Returns a DataFrame: prompt, seed, png_base64."""
@@ -248,7 +252,8 @@ class ConceptModel(mlflow.pyfunc.PythonModel):
         prompts = _prompts(model_input)
         p = _checked({**self.defaults, **(params or {})}, len(prompts))
         sampler = SamplerConfig(steps=p["steps"], guidance_scale=p["guidance_scale"])
-        images = sample(self.pipe, prompts, p["n"], p["seed"], sampler)
+        with self.drawing:
+            images = sample(self.pipe, prompts, p["n"], p["seed"], sampler)
         rows = []
         for prompt, row in zip(prompts, images):
             for j, im in enumerate(row):

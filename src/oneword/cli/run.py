@@ -290,6 +290,8 @@ def print_batch_report(report: dict, console) -> int:
 
     if report.get("error") or "concepts" not in report:
         console.print(f"[bold red]error:[/] {escape(report.get('error', 'the batch wrote no report'))}")
+        if made := report.get("bundle"):
+            console.print(escape(bundle_said(made)), highlight=False)
         for k in ("logs", "run_dir"):
             if report.get(k):
                 console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
@@ -330,7 +332,7 @@ def print_batch_report(report: dict, console) -> int:
         console.print(f"[yellow]could not tell which concepts left the manifest[/]: {escape(report['left_error'])}",
                       highlight=False)  # fmt: skip
     if made := report.get("bundle"):
-        colour = "red" if made.get("error") else "green"
+        colour = "red" if made.get("error") else "yellow" if made.get("unknown") else "green"
         console.print(f"[{colour}]{escape(bundle_said(made))}[/]", highlight=False)  # folded at the width
     for k in ("overview", "logs", "run_dir", "tracking_uri"):
         if report.get(k):

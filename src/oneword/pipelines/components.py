@@ -643,11 +643,15 @@ def bundle_concepts(bundle: str, concepts_manifest: str, batch_id: str, base_mod
     uri = tracking_uri or None
     try:
         done = retrying(lambda: run(bundle, manifest=concepts_manifest, tracking_uri=uri,
-                                    base_model=base_model or None), "bundle-concepts")  # fmt: skip
+                                    base_model=base_model or None, batch_id=batch_id), "bundle-concepts")  # fmt: skip
     except Exception as e:
         said = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
         hint = getattr(e, "hint", None)
-        record_bundle(uri, batch_id, {"name": bundle, "error": said + (f" ({hint})" if hint else "")}, experiment)
+        try:
+            record_bundle(uri, batch_id, {"name": bundle, "error": said + (f" ({hint})" if hint else "")},
+                          experiment)  # fmt: skip
+        except Exception as unrecorded:  # a registry that is down: its error is the one to raise
+            print(f"could not record why the bundle failed: {unrecorded}")
         raise
     record_bundle(uri, batch_id, done.summary(), experiment)
     print(json.dumps(done.summary(), indent=2))

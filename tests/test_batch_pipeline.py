@@ -127,7 +127,8 @@ def test_batch_with_a_broken_concept_registers_the_others(tiny_model_dir, tiny_c
     renamed = tmp_path / "renamed.yaml"
     entry = {**yaml.safe_load(manifest.read_text())["concepts"][0], "token": "<cat-z>", "name": "cat-q"}
     renamed.write_text(yaml.safe_dump({"concepts": [entry]}))
-    (row,) = batch_plan(str(renamed), report["tracking_uri"], **settings)["concepts"]
+    # (another manifest: the first's bundle is not its)
+    (row,) = batch_plan(str(renamed), report["tracking_uri"], **{**settings, "bundle": ""})["concepts"]
     assert row["status"] == "to train" and row["why"] == (
         "its token changes: the champion (v1) answers to <cat-q>, this to <cat-z>")  # fmt: skip
     console = Console(width=80, record=True)

@@ -303,10 +303,14 @@ def test_a_manifests_bundle_holds_its_champions_and_says_why_the_others_are_left
     # a bundle is its manifest's: another manifest's runs would make it hold their concepts alone, night by night
     other = _manifest(tmp_path / "other.yaml", ("bundle-dog", "<dog-b>"))
     with pytest.raises(OnewordError, match=r"bundle 'studio' holds the concepts of another manifest, .*concepts.yaml"):
-        bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store)
+        bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store, batch_id="b-7")  # a batch's step
     with pytest.raises(OnewordError, match="holds the concepts of another manifest"):  # before a batch trains
         bundles.check_bundle_name("studio", ["bundle-dog"], store, str(other))
     assert bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store).version == "2"  # by hand: yours
+    # by hand with a manifest (the first one moved, say): the bundle becomes that one's, and the first's refused
+    assert bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store).unchanged
+    with pytest.raises(OnewordError, match=r"holds the concepts of another manifest, .*other.yaml"):
+        bundles.check_bundle_name("studio", [], store, str(manifest))
 
 
 def test_a_retried_bundle_step_says_it_registered_the_version_it_finds_its_own(store, tmp_path):

@@ -621,7 +621,7 @@ def test_a_concept_is_deleted_whole_and_only_with_yes(evaluated_concept, tmp_pat
     kept = catalogue.get_version("dog-stays@champion", uri)
     assert [m.name for m in (artifacts / "models").iterdir() if files(m)] == [kept.source.split("/")[-1]]
     assert files(artifacts / other.run_id)  # the other concept's run keeps its artifacts
-    with pytest.raises(OnewordError, match="not found"):
+    with pytest.raises(OnewordError, match="no concept or bundle named 'cat-erase'"):
         catalogue.delete_concept("cat-erase", uri)  # nothing left of it
     cut = registry.register(train_dir, eval_dir, uri, name="cat-cut")
     client.delete_registered_model("cat-cut")  # a delete cut short after its first step: the next one finishes it

@@ -125,7 +125,8 @@ def bundle_concepts(
         raise OnewordError(f"bundle {name!r} names no concept", hint="name concepts or patterns: 'team-a-*'")
     uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
-    names = _manifest_names(manifest, name, uri) if manifest else []
+    # by hand, a bundle is made a manifest's even where another kept it (a manifest moved); a batch's is refused
+    names = _manifest_names(manifest, name, uri, kept=bool(batch_id)) if manifest else []
     if not manifest:
         check_bundle_name(name, [], uri)
     made, tags = None, {BATCH_TAG: batch_id} if batch_id else {}
@@ -170,10 +171,10 @@ def _register(mlflow, client, uri: str, name: str, members: Sequence[Member], ta
 
 
 def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "",
-                      registry: bool = True) -> None:  # fmt: skip
+                      registry: bool = True, kept: bool = True) -> None:  # fmt: skip
     """Raise where bundle `name` is no name oneword can look up; or it is also one of `manifest`'s `concepts`, a
-    registered concept, another tool's registered model, or a bundle another manifest keeps (`registry` False: a
-    store not made yet, not asked). A batch checks it before it trains (its concept would be refused at
+    registered concept, another tool's registered model, or (`kept`) a bundle another manifest keeps (`registry`
+    False: a store not made yet, not asked). A batch checks it before it trains (its concept would be refused at
     `register`, and its bundle at its end)."""
     if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_LENGTH:
         raise OnewordError(
@@ -189,15 +190,16 @@ def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | No
     if (kind := model_kind(client, name)) in ("concept", "other"):
         what = "a concept" if kind == "concept" else "another tool's model"
         raise OnewordError(f"{name!r} is {what}, not a bundle", hint="name the bundle otherwise")
-    if manifest and kind == "bundle":
+    if kept and manifest and kind == "bundle":
         from oneword.batch import manifest_id
 
         keeper = (client.get_registered_model(name).tags or {}).get(MANIFEST_TAG)
         if keeper and keeper != manifest_id(manifest):
             raise OnewordError(
                 f"bundle {name!r} holds the concepts of another manifest, {keeper}",
-                hint="give this manifest's bundle a name of its own: each run would make it hold its manifest's "
-                "concepts alone",
+                hint="give this manifest's bundle a name of its own (each one's runs would make it hold their own "
+                f"concepts alone); or, where that manifest moved here, make the bundle this one's by hand: "
+                f"oneword concepts bundle {name} --manifest {manifest}",
             )
 
 
@@ -205,15 +207,20 @@ def _keep(client, name: str, manifest: str) -> None:
     """Mark bundle `name` (registered) as kept by `manifest`."""
     from oneword.batch import manifest_id
 
-    client.set_registered_model_tag(name, MANIFEST_TAG, manifest_id(manifest))
+    keeper, mine = (client.get_registered_model(name).tags or {}).get(MANIFEST_TAG), manifest_id(manifest)
+    if keeper != mine:
+        if keeper:
+            log.warning("bundle %s is now kept by %s, no longer by %s: that manifest's batches will refuse it", name,
+                        mine, keeper)  # fmt: skip
+        client.set_registered_model_tag(name, MANIFEST_TAG, mine)
 
 
-def _manifest_names(manifest: str, name: str, uri: str) -> list[str]:
-    """The registered-model names of a manifest's concepts, none of them the bundle's."""
+def _manifest_names(manifest: str, name: str, uri: str, kept: bool) -> list[str]:
+    """The registered-model names of a manifest's concepts, none of them the bundle's (`check_bundle_name`)."""
     from oneword.batch import concept_names, load_concepts_manifest
 
     names = concept_names(load_concepts_manifest(manifest))
-    check_bundle_name(name, names, uri, manifest)
+    check_bundle_name(name, names, uri, manifest, kept=kept)
     return names
 
 

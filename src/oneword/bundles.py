@@ -125,10 +125,9 @@ def bundle_concepts(
         raise OnewordError(f"bundle {name!r} names no concept", hint="name concepts or patterns: 'team-a-*'")
     uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
+    names = _manifest_names(manifest) if manifest else []
     # by hand, a bundle is made a manifest's even where another kept it (a manifest moved); a batch's is refused
-    names = _manifest_names(manifest, name, uri, kept=bool(batch_id)) if manifest else []
-    if not manifest:
-        check_bundle_name(name, [], uri)
+    check_bundle_name(name, names, uri, manifest, kept=bool(batch_id))
     made, tags = None, {BATCH_TAG: batch_id} if batch_id else {}
     for _ in range(ROUNDS):
         refs, left_out = _manifest_members(names, alias, uri, base_model)
@@ -215,13 +214,11 @@ def _keep(client, name: str, manifest: str) -> None:
         client.set_registered_model_tag(name, MANIFEST_TAG, mine)
 
 
-def _manifest_names(manifest: str, name: str, uri: str, kept: bool) -> list[str]:
-    """The registered-model names of a manifest's concepts, none of them the bundle's (`check_bundle_name`)."""
+def _manifest_names(manifest: str) -> list[str]:
+    """The registered-model names of a manifest's concepts."""
     from oneword.batch import concept_names, load_concepts_manifest
 
-    names = concept_names(load_concepts_manifest(manifest))
-    check_bundle_name(name, names, uri, manifest, kept=kept)
-    return names
+    return concept_names(load_concepts_manifest(manifest))
 
 
 def _manifest_members(names: Sequence[str], alias: str, uri: str, base_model: str | None

@@ -869,6 +869,14 @@ def test_a_batchs_progress_lines_name_the_concepts_of_each_shard():
     lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
     assert lines == ["plan-batch done", "train done  (my-star)", "train done  (my-ring, my-tri)", "evaluate failure",
                      "report-batch done", "exit done"], lines  # fmt: skip
+    # a run without a bundle: its bundle step's end is no news, unless it failed
+    out = io.StringIO()
+    progress = _TaskProgress(out, unsaid=frozenset({"bundle-concepts"}))
+    log(f"Task {cyan.format('bundle-concepts')} finished with status {ok}", 5)
+    log(f"Task {cyan.format('bundle-concepts')} has no outputs", 5)
+    log(f"Task {cyan.format('bundle-concepts')} finished with status \x1b[91mFAILURE\x1b[0m", 6)
+    progress.flush()
+    assert [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()] == ["bundle-concepts failure"]
 
 
 def test_a_long_training_says_its_step_speed_and_time_left_now_and_then(monkeypatch):

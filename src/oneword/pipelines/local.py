@@ -31,6 +31,7 @@ from oneword.tracking import ensure_store
 log = logging.getLogger(__name__)
 
 RUN_NAME_TIME = "%Y-%m-%d-%H-%M-%S-%f"  # kfp.local's run folders: NAME-<this>
+BUNDLE_STEP = "bundle-concepts"  # the batch's bundle step, as kfp.local names its task
 CHECKPOINTS = "checkpoints"  # under the pipeline root: keyed by what is trained, so a rerun resumes or skips
 
 
@@ -119,9 +120,9 @@ class _TaskProgress(logging.Filter):
     EARLY = re.compile(r"[\]:] early end at step (\d+) of (\d+)")
     EVERY_S = 60.0  # between a training's progress lines: an hour's run says where it is, not every step
 
-    def __init__(self, out, stopped: threading.Event | None = None) -> None:
+    def __init__(self, out, stopped: threading.Event | None = None, unsaid: frozenset[str] = frozenset()) -> None:
         super().__init__()
-        self.out, self.start = out, time.time()
+        self.out, self.start, self.unsaid = out, time.time(), unsaid  # tasks whose end is no news when they pass
         self.stopped = stopped or threading.Event()  # set on Ctrl-C: the tasks that fail after it are not news
         self.held: dict[int | None, tuple[str, str, float]] = {}  # thread -> a finished task awaiting its outputs
         self.shards: list[list[str]] = []
@@ -158,7 +159,8 @@ class _TaskProgress(logging.Filter):
         if found := self.FINISHED.match(said):
             task, status = found.groups()
             if status == "SUCCESS":
-                self.held[record.thread] = (task, "done", time.time() - self.start)
+                if task not in self.unsaid:
+                    self.held[record.thread] = (task, "done", time.time() - self.start)
             else:
                 self._say(task, status.lower(), time.time() - self.start, "")
         elif (found := self.OUTPUTS.match(said)) and (held := self.held.pop(record.thread, None)):
@@ -209,11 +211,12 @@ def _shard_names(outputs: str) -> list[list[str]]:
 
 
 @contextlib.contextmanager
-def _task_logs(log_file: Path | None) -> Iterator[None]:
+def _task_logs(log_file: Path | None, unsaid: frozenset[str] = frozenset()) -> Iterator[None]:
     """Send kfp.local's streamed task logs to `log_file` (None: the terminal), and say on the terminal, a line
-    each, which tasks finished and, now and then, how far a training is; mark the tasks as local ones. Ctrl-C
-    stops the run within seconds (`interrupt.stopping`) and raises KeyboardInterrupt."""
-    progress = _TaskProgress(sys.stdout) if log_file else None  # the terminal, before the logs take stdout
+    each, which tasks finished (but those `unsaid` that passed) and, now and then, how far a training is; mark the
+    tasks as local ones. Ctrl-C stops the run within seconds (`interrupt.stopping`) and raises
+    KeyboardInterrupt."""
+    progress = _TaskProgress(sys.stdout, unsaid=unsaid) if log_file else None  # before the logs take stdout
     watch = progress.task if progress else None  # without a log file, the tasks' own output is on the terminal
     with warnings.catch_warnings(), _marked_local(), stopping(progress.stopped if progress else None, watch):
         # kfp warns that the oneword image is "custom"; locally the steps run in this very environment
@@ -397,7 +400,8 @@ def run_batch(
         raise_on_error=False,
     )  # a failed concept must not stop the report
     start = time.time()
-    with _task_logs(log_file):
+    # a run without a bundle: its bundle step ends at once, doing nothing worth a line
+    with _task_logs(log_file, frozenset() if params.get("bundle") else frozenset({BUNDLE_STEP})):
         _for_local_run(batch_personalisation)(
             concepts_manifest=concepts_manifest, tracking_uri=uri,
             # kfp.local keeps no Argo workflow, whose size is what the limit is for: every changed concept trains

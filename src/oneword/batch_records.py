@@ -227,20 +227,21 @@ def mark_deferred(tracking_uri: str | None, plan_run_id: str, concepts: list[dic
 
 def batch_plan(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> list[dict] | None:
     """The concepts a batch planned (`record_plan`), or None if it recorded no plan (its manifest was invalid)."""
-    mlflow, client = tracking.client(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    run = _plan_run(client, exp.experiment_id, batch_id)
+    mlflow, _, run = _recorded_plan(tracking_uri, batch_id, experiment)
     return None if run is None else mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/plan.json")["concepts"]
+
+
+def _recorded_plan(tracking_uri: str | None, batch_id: str, experiment: str):
+    """(mlflow, client, the plan run a batch recorded or None)."""
+    mlflow, client = tracking.client(resolve(tracking_uri))
+    exp = mlflow.get_experiment_by_name(experiment)
+    return mlflow, client, None if exp is None else _plan_run(client, exp.experiment_id, batch_id)
 
 
 def record_bundle(tracking_uri: str | None, batch_id: str, outcome: dict, experiment: str = EXPERIMENT) -> None:
     """Record in a batch's plan what became of its bundle (`Bundled.summary`, or `{"name", "error"}`), where its
     report reads it (`batch_bundle`)."""
-    mlflow, client = tracking.client(resolve(tracking_uri))
-    exp = mlflow.get_experiment_by_name(experiment)
-    run = None if exp is None else _plan_run(client, exp.experiment_id, batch_id)
+    _, client, run = _recorded_plan(tracking_uri, batch_id, experiment)
     if run is None:  # the bundle step runs after the plan's: a plan deleted since
         log.warning("batch %s recorded no plan: what became of its bundle is not recorded", batch_id)
         return
@@ -250,9 +251,7 @@ def record_bundle(tracking_uri: str | None, batch_id: str, outcome: dict, experi
 def batch_bundle(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict | None:
     """What became of a batch's bundle (`record_bundle`; `{"name", "error"}` where its step never ran), or None:
     the batch makes none."""
-    mlflow, client = tracking.client(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    run = None if exp is None else _plan_run(client, exp.experiment_id, batch_id)
+    mlflow, client, run = _recorded_plan(tracking_uri, batch_id, experiment)
     if run is None or not (asked := run.data.tags.get(BUNDLE_ASKED_TAG)):
         return None
     if not any(f.path == BUNDLE_FILE for f in client.list_artifacts(run.info.run_id)):

@@ -439,9 +439,9 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
     from oneword.unchanged import result_keys, unchanged_versions
 
     check_settings(params, "batch")
+    entries = load_concepts_manifest(concepts_manifest)
     with log_level(logging.ERROR, "oneword.batch"):  # what it warns of, concept by concept, is the table's rows
-        concepts = plan_concepts(load_concepts_manifest(concepts_manifest), params.get("only_concepts", ()),
-                                 concepts_manifest)  # fmt: skip
+        concepts = plan_concepts(entries, params.get("only_concepts", ()), concepts_manifest)
     uri = resolve(tracking_uri)
     store = sqlite_path(uri)
     registry = store is None or store.exists()  # no store yet: nothing registered, and asking would make one
@@ -449,8 +449,7 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         from oneword.batch import concept_names
         from oneword.bundles import check_bundle_name
 
-        names = concept_names(load_concepts_manifest(concepts_manifest))
-        check_bundle_name(params["bundle"], names, uri, concepts_manifest, registry)
+        check_bundle_name(params["bundle"], concept_names(entries), uri, concepts_manifest, registry)
     # what would stop the whole run at its preflight stops the dry run too, with the same words: not a table of
     # concepts "a run trains" when a run would train none
     p = {**DEFAULTS, **params}

@@ -13,6 +13,7 @@ import yaml
 
 from oneword import __version__
 
+from . import pod_security
 from .conftest import _start_mlflow_server, _stop, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,6 +347,50 @@ def test_network_policies_guard_minio_and_postgres(rendered):
     assert {"pipelines.kubeflow.org/v2_component": "true"} in sources and {"app": "mlflow"} in sources
     pg = _one(docs, "NetworkPolicy", "postgres-ingress")["spec"]["ingress"][0]["from"]
     assert pg == [{"podSelector": {"matchLabels": {"app": "mlflow"}}}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_onewords_namespace_admits_only_restricted_pods_and_its_own_are(rendered, overlay):
+    """Pod Security admission at its "restricted" level in namespace oneword: what it refuses, no manifest asks."""
+    labels = _one(rendered[overlay], "Namespace", "oneword")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    docs = _pod_specs(rendered[overlay])
+    pods = {d["metadata"]["name"]: spec for d, spec in docs if d["metadata"]["namespace"] == "oneword"}
+    assert set(pods) == {"mlflow", "minio", "postgres", "minio-buckets"}
+    for name, spec in pods.items():
+        assert pod_security.restricted(spec) == [], name
+
+
+def test_pods_beside_the_pipelines_are_restricted_but_the_cache_chown_baseline(rendered):
+    """Every pod the manifests start in KFP's namespace (or a profile's) would pass "restricted" too, but the model
+    cache's chown, which needs root and three capabilities: "baseline" admits it, and OpenShift leaves it out."""
+    seen = set()
+    for overlay, docs in rendered.items():
+        for d, spec in _pod_specs(docs):
+            name, found = d["metadata"]["name"], pod_security.restricted(spec)
+            seen.add(name)
+            if name == "oneword-model-cache-init" and overlay != "openshift":
+                assert found == [
+                    "chown: adds capabilities ['CHOWN', 'DAC_OVERRIDE', 'FOWNER']",
+                    "chown: runAsNonRoot not true",
+                    "chown: runAsUser 0",
+                ], overlay
+                assert pod_security.baseline(spec) == [], overlay
+            else:
+                assert found == [], (overlay, name)
+    assert {"oneword-serve-studio", "oneword-gpu-check", "oneword-model-cache-init"} <= seen
+
+
+def test_the_pod_security_check_finds_what_a_bare_pod_lacks():
+    bare = {"containers": [{"name": "c", "image": "x:1"}], "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    assert pod_security.restricted(bare) == [
+        "volume h: hostPath",
+        "volume h: a kind restricted refuses",
+        "c: allowPrivilegeEscalation not false",
+        "c: does not drop ALL capabilities",
+        "c: runAsNonRoot not true",
+        "c: no RuntimeDefault seccompProfile",
+    ]
 
 
 def test_openshift_asks_for_no_user_id(rendered):

@@ -72,13 +72,85 @@ def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, c
     assert "concepts bundle-cat/1, bundle-dog/1" in card and "serve mlflow models serve -m models:/studio/1" in card
 
 
-@pytest.mark.slow
-def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
-    """`mlflow models serve` of `models:/NAME/latest` started as the serving overlay's Deployment starts it, sent the
-    very request docs/deploy.md shows (its tokens ours): a row per prompt, each drawn by the member it names."""
+SERVING = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "serving"
+
+
+def _serving_doc(name: str, kind: str) -> dict:
+    import yaml
+
+    (doc,) = [d for d in yaml.safe_load_all((SERVING / name).read_text()) if d["kind"] == kind]
+    return doc
+
+
+def _merged(into: dict, patch: dict) -> dict:
+    """`patch` applied to `into` as a strategic merge patch applies maps (all this patch holds): key by key."""
+    out = dict(into)
+    for key, value in patch.items():
+        out[key] = _merged(into.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def _updated(store: str, deployment: dict, scratch: Path) -> dict:
+    """The serving overlay's updater, run as its CronJob runs it: the init container's command against `store`,
+    then its patch applied to `deployment` as `kubectl patch` applies it. Returns the Deployment after."""
+    import os
+    import subprocess
+    import sys
+
+    pod = _serving_doc("update.yaml", "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (init,), (pin,) = pod["initContainers"], pod["containers"]
+    (mount,) = {m["mountPath"] for c in (init, pin) for m in c["volumeMounts"]}
+    patch_file = pin["args"][pin["args"].index("--patch-file") + 1]
+    assert patch_file.startswith(f"{mount}/")
+    scratch.mkdir(exist_ok=True)
+    command = [*init["command"], *(a.replace(f"{mount}/", f"{scratch}/") for a in init["args"])]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    return _merged(deployment, json.loads((scratch / Path(patch_file).name).read_text()))
+
+
+def _serves(deployment: dict) -> str:
+    """The model URI the Deployment's server is started with: its args, the annotation its env names filled in."""
     import re
 
-    import yaml
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    args = container["args"]
+    for e in container.get("env", []):
+        key = re.fullmatch(r"metadata\.annotations\['(.+)'\]", e["valueFrom"]["fieldRef"]["fieldPath"])[1]
+        args = [a.replace(f"$({e['name']})", template["metadata"]["annotations"][key]) for a in args]
+    return args[args.index("-m") + 1]
+
+
+def test_the_serving_updater_pins_each_new_bundle_version_and_only_a_new_one(store, tmp_path):
+    """update.yaml's CronJob against a real store: the version it pins is the bundle's newest; run again without a
+    new version, its patch changes nothing (no rollout); a new version, and the server moves to it."""
+    deployment = _serving_doc("serve.yaml", "Deployment")
+    assert _serves(deployment) == "models:/studio/latest"  # until the updater first runs
+    bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
+    first = _updated(store, deployment, tmp_path / "1")
+    assert _serves(first) == "models:/studio/1"
+    assert _updated(store, first, tmp_path / "2") == first  # the same template: Kubernetes rolls nothing out
+    bundles.bundle_concepts("studio", ["bundle-cat"], tracking_uri=store)
+    assert _serves(_updated(store, first, tmp_path / "3")) == "models:/studio/2"
+
+
+def test_the_serving_updater_fails_on_a_bundle_the_registry_lacks(store, tmp_path):
+    """No version (or no registry): the Job fails, saying why, and the Deployment keeps serving what it served."""
+    import subprocess
+
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _updated(store, _serving_doc("serve.yaml", "Deployment"), tmp_path)
+    assert "'studio' not found in the registry" in failed.value.stderr
+    assert not (tmp_path / "patch.json").exists() or not (tmp_path / "patch.json").read_text().strip()
+
+
+@pytest.mark.slow
+def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
+    """`mlflow models serve` started as the serving overlay's Deployment starts it, on the version its updater
+    pins, sent the very request docs/deploy.md shows (its tokens ours): a row per prompt, each drawn by the member
+    it names."""
+    import re
 
     from .conftest import served
 
@@ -87,11 +159,11 @@ def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
     sent = re.search(r"-d '(\{.*\})'", doc)[1]
     body = json.loads(sent.replace("<team-a-mug>", "<cat-r>").replace("<my-dog>", "<dog-b>"))
     bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
-    (deployment,) = [d for d in yaml.safe_load_all((root / "k8s/overlays/serving/serve.yaml").read_text())
-                     if d["kind"] == "Deployment"]  # fmt: skip
+    deployment = _updated(store, _serving_doc("serve.yaml", "Deployment"), tmp_path / "pin")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["mlflow"] and "models:/studio/latest" in container["args"]
-    rows = served("models:/studio/latest", store, body, tmp_path / "serve.log", container["args"])
+    args = [a.replace("$(BUNDLE_VERSION)", "1") for a in container["args"]]
+    assert container["command"] == ["mlflow"] and _serves(deployment) == "models:/studio/1" in args
+    rows = served("models:/studio/1", store, body, tmp_path / "serve.log", args)
     assert [r["prompt"] for r in rows] == body["inputs"] and "<cat-r>" in rows[0]["prompt"]
     mlflow.set_tracking_uri(store)
     # the concept's own model, the default sampler, two prompts a call as the request (a batch's size moves the

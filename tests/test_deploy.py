@@ -287,14 +287,19 @@ def test_prod_has_disruption_budgets_and_anti_affinity(rendered):
 
 def test_the_serving_overlay_serves_the_newest_bundle_on_a_gpu_with_what_pipeline_pods_have(rendered):
     """overlays/serving: a bundle's server beside the pipelines (their secrets, config and model cache), let in
-    where they are (MLflow, MinIO), restarted each morning by an account that may restart it alone."""
+    where they are (MLflow, MinIO), moved to each new version by an account that may patch it alone."""
     docs, gpu_pool = rendered["serving"], rendered["gpu-pool"]
     deployment = _one(docs, "Deployment", "oneword-serve-studio")
     spec = deployment["spec"]["template"]["spec"]
     (serve,) = spec["containers"]
     assert serve["image"].endswith(f"oneword-cuda:{__version__}") and serve["command"] == ["mlflow"]
     args = serve["args"]
-    assert args[:4] == ["models", "serve", "-m", "models:/studio/latest"] and args[args.index("--workers") + 1] == "1"
+    assert args[:4] == ["models", "serve", "-m", "models:/studio/$(BUNDLE_VERSION)"]
+    assert args[args.index("--workers") + 1] == "1"
+    (version,) = serve["env"]  # the version pinned on the pod template: every replica serves the same one
+    assert version == {"name": "BUNDLE_VERSION", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['oneword.ml/bundle-version']"}}}  # fmt: skip
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["oneword.ml/bundle-version"] == "latest"
     assert serve["resources"]["limits"]["nvidia.com/gpu"] == 1 and set(serve["resources"]["requests"]) == {
         "cpu", "memory", "ephemeral-storage"}  # fmt: skip
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and spec["tolerations"] == [
@@ -315,29 +320,38 @@ def test_the_serving_overlay_serves_the_newest_bundle_on_a_gpu_with_what_pipelin
     (volume,) = spec["volumes"]
     assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in here
     assert serve["volumeMounts"] == [{"name": volume["name"], "mountPath": "/models"}]  # the images' HF_HOME is in it
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    for name in ("mlflow-ingress", "minio-ingress"):  # let in as pipeline pods are; nothing else changed
-        before = _one(gpu_pool, "NetworkPolicy", name)["spec"]["ingress"][0]["from"]
-        after = _one(docs, "NetworkPolicy", name)["spec"]["ingress"][0]["from"]
-        (added,) = [f for f in after if f not in before]
-        assert after == [*before, added] and added["podSelector"]["matchLabels"].items() <= labels.items()
-        assert added["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}
-    cron = _one(docs, "CronJob", "oneword-serve-studio-restart")["spec"]
+    cron = _one(docs, "CronJob", "oneword-serve-studio-update")["spec"]
     job = cron["jobTemplate"]["spec"]["template"]["spec"]
-    (restart,) = job["containers"]
-    assert restart["args"][:3] == ["rollout", "restart", "deployment/oneword-serve-studio"]
-    assert ":" in restart["image"].rsplit("/", 1)[-1] and not restart["image"].endswith(":latest")
-    binding = _one(docs, "RoleBinding", "oneword-serve-restarter")
+    (version,), (pin,) = job["initContainers"], job["containers"]  # what the version is, then kubectl patches it
+    assert version["image"].endswith(f"oneword:{__version__}") and "oneword concepts show studio/latest" in " ".join(
+        version["args"])  # fmt: skip
+    assert {e["configMapRef"]["name"] for e in version["envFrom"] if "configMapRef" in e} == {"oneword-config"}
+    assert pin["args"][:4] == ["patch", "deployment/oneword-serve-studio", "--namespace", "kubeflow"]
+    assert ":" in pin["image"].rsplit("/", 1)[-1] and not pin["image"].endswith(":latest")
+    (shared,) = job["volumes"]
+    assert {m["name"] for c in (version, pin) for m in c["volumeMounts"]} == {shared["name"]} and "emptyDir" in shared
+    binding = _one(docs, "RoleBinding", "oneword-serve-updater")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": job["serviceAccountName"],
                                     "namespace": "kubeflow"}]  # fmt: skip
     (rule,) = _one(docs, "Role", binding["roleRef"]["name"])["rules"]
     assert rule == {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["oneword-serve-studio"],
                     "verbs": ["get", "patch"]}  # fmt: skip
     assert spec["automountServiceAccountToken"] is False  # the server asks nothing of the API
-    # no Istio sidecar (KFP's and profile namespaces inject one): it would keep the restart Job from completing
+    # no Istio sidecar (KFP's and profile namespaces inject one): it would keep the update Job from completing
     for template in (deployment["spec"]["template"], cron["jobTemplate"]["spec"]["template"]):
         assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
-    assert cron["timeZone"] == "Etc/UTC" and cron["concurrencyPolicy"] == "Forbid"
+    assert cron["schedule"] == "*/10 * * * *" and cron["concurrencyPolicy"] == "Forbid"
+    # let in as pipeline pods are, the server to MLflow and MinIO, the updater to MLflow; nothing else changed
+    server = deployment["spec"]["template"]["metadata"]["labels"]
+    updater = cron["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    for name, pods in (("mlflow-ingress", [server, updater]), ("minio-ingress", [server])):
+        before = _one(gpu_pool, "NetworkPolicy", name)["spec"]["ingress"][0]["from"]
+        after = _one(docs, "NetworkPolicy", name)["spec"]["ingress"][0]["from"]
+        added = [f for f in after if f not in before]
+        assert after == [*before, *added] and len(added) == len(pods), name
+        for rule, labels in zip(added, pods, strict=True):
+            assert rule["podSelector"]["matchLabels"].items() <= labels.items()
+            assert rule["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}
 
 
 def test_network_policies_guard_minio_and_postgres(rendered):

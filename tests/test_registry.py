@@ -107,8 +107,11 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
         catalogue.get_version(f"{name}/99", mlflow_server)
     with pytest.raises(OnewordError, match=r"has no alias @prod \(aliases: .*@champion.*; versions 5, 4"):
         catalogue.get_version(f"{name}@prod", mlflow_server)
-    with pytest.raises(OnewordError, match="a version is a number"):
+    with pytest.raises(OnewordError, match="a version is a number or 'latest'"):
         catalogue.get_version(f"{name}/abc", mlflow_server)
+    assert catalogue.get_version(f"{name}/latest", mlflow_server).version == "5"  # as models:/NAME/latest
+    with pytest.raises(OnewordError, match="not found"):
+        catalogue.get_version("no-such-concept/latest", mlflow_server)
 
     # pull in A1111 format: the embedding is the trained one, and diffusers loads the diffusers pull
     pulled, _ = catalogue.pull_concept(f"{name}@champion", tmp_path / "cat.pt", "a1111", mlflow_server)

@@ -30,17 +30,20 @@ from oneword.registry import (
 from oneword.tracking import resolve
 
 log = logging.getLogger(__name__)
+LATEST = "latest"  # a version's name for the newest, as MLflow's model URIs take it
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """`NAME@alias` -> (NAME, alias, None); `NAME/3` -> (NAME, None, "3"); `NAME` -> (NAME, "champion", None)."""
+    """`NAME@alias` -> (NAME, alias, None); `NAME/3` -> (NAME, None, "3"); `NAME/latest` -> (NAME, None,
+    "latest"), its newest version, as in MLflow's `models:/NAME/latest`; `NAME` -> (NAME, "champion", None)."""
     if "@" in ref:
         n, a = ref.split("@", 1)
         return n, a, None
     if "/" in ref:
         n, v = ref.rsplit("/", 1)
-        if not v.isdigit():
-            raise OnewordError(f"{ref!r}: a version is a number", hint="write NAME/3, NAME@alias or NAME")
+        if not (v.isdigit() or v == LATEST):
+            raise OnewordError(f"{ref!r}: a version is a number or {LATEST!r}",
+                               hint="write NAME/3, NAME/latest, NAME@alias or NAME")  # fmt: skip
         return n, None, v
     return ref, CHAMPION, None
 
@@ -54,7 +57,10 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
     name, alias, version = parse_ref(ref)
     where = resolve(tracking_uri)
     try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, _newest(client, name) if version == LATEST else version)
     except MlflowException as e:
         missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
             e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
@@ -69,6 +75,12 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
         raise OnewordError(f"{name} is a bundle of concepts, not a concept: {name}/{mv.version} holds "
                            f"{members.replace(',', ', ')}", hint="name one of its concepts instead")  # fmt: skip
     return mv
+
+
+def _newest(client, name: str) -> str:
+    """The newest version of registered model `name`; a version MLflow does not have ("0") where it has none."""
+    listed = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    return str(max((int(v.version) for v in listed), default=0))
 
 
 def _not_there(client, name: str, alias: str | None, version: str | None, ref: str, where: str) -> OnewordError:
@@ -89,7 +101,7 @@ def _not_there(client, name: str, alias: str | None, version: str | None, ref: s
     aliases = ", ".join(f"@{a}" for a in sorted(rm.aliases or {})) or "none"
     if alias:
         return OnewordError(f"concept {name!r} has no alias @{alias} (aliases: {aliases}; {has})",
-                            hint=f"name a version by number ({name}/N) or by one of its aliases")  # fmt: skip
+                            hint=f"name a version by number ({name}/N, {name}/latest) or by an alias")  # fmt: skip
     return OnewordError(f"concept {name!r} has no version {version} ({has}; aliases: {aliases})",
                         hint=f"`oneword concepts list` shows what {name} has")  # fmt: skip
 

@@ -113,7 +113,7 @@ def _short_model(source: str | None) -> str:
 
 @concepts.command("show")
 def show_cmd(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME, NAME@alias or NAME/version")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME, NAME@alias, NAME/version or NAME/latest")],
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
     as_json: Annotated[bool, typer.Option("--json", help="print every tag, metric and param as JSON")] = False,
 ) -> None:
@@ -237,7 +237,7 @@ def _score3(value) -> str:
 
 @concepts.command("pull")
 def pull_cmd(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME, NAME@alias or NAME/version")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME, NAME@alias, NAME/version or NAME/latest")],
     out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
     format: Annotated[str, typer.Option("--format", "-f", help="diffusers, a1111 or kohya")] = "diffusers",
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),

@@ -378,9 +378,13 @@ def test_a_manifests_bundle_holds_its_champions_and_says_why_the_others_are_left
         bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store, batch_id="b-7")  # a batch's step
     with pytest.raises(OnewordError, match="holds the concepts of another manifest"):  # before a batch trains
         bundles.check_bundle_name("studio", ["bundle-dog"], store, str(other))
-    assert bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store).version == "2"  # by hand: yours
+    # by hand without a manifest: the next batch would undo it, so it is refused, naming the manifest that keeps it
+    with pytest.raises(OnewordError, match=r"bundle 'studio' is kept by manifest .*concepts.yaml") as refused:
+        bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store, dry_run=True)
+    assert f"oneword concepts bundle studio --manifest {manifest}" in refused.value.hint
+    assert bundles.bundle_concepts("studio-dog", ["bundle-dog"], tracking_uri=store).version == "1"  # a name of its own
     # by hand with a manifest (the first one moved, say): the bundle becomes that one's, and the first's refused
-    assert bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store).unchanged
+    assert bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store).version == "2"
     with pytest.raises(OnewordError, match=r"holds the concepts of another manifest, .*other.yaml"):
         bundles.check_bundle_name("studio", [], store, str(manifest))
 

@@ -172,9 +172,9 @@ def _register(mlflow, client, uri: str, name: str, members: Sequence[Member], ta
 def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "",
                       registry: bool = True, kept: bool = True) -> None:  # fmt: skip
     """Raise where bundle `name` is no name oneword can look up; or it is also one of `manifest`'s `concepts`, a
-    registered concept, another tool's registered model, or (`kept`) a bundle another manifest keeps (`registry`
-    False: a store not made yet, not asked). A batch checks it before it trains (its concept would be refused at
-    `register`, and its bundle at its end)."""
+    registered concept, another tool's registered model, a bundle a manifest keeps where `manifest` is none (one
+    made by hand), or (`kept`) one another manifest keeps (`registry` False: a store not made yet, not asked).
+    A batch checks it before it trains (its concept would be refused at `register`, and its bundle at its end)."""
     if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_LENGTH:
         raise OnewordError(
             f"bundle name {name!r} is not one oneword can look up",
@@ -189,11 +189,19 @@ def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | No
     if (kind := model_kind(client, name)) in ("concept", "other"):
         what = "a concept" if kind == "concept" else "another tool's model"
         raise OnewordError(f"{name!r} is {what}, not a bundle", hint="name the bundle otherwise")
-    if kept and manifest and kind == "bundle":
+    keeper = (client.get_registered_model(name).tags or {}).get(MANIFEST_TAG) if kind == "bundle" else None
+    if keeper and not manifest:
+        raise OnewordError(
+            f"bundle {name!r} is kept by manifest {keeper}: each of its batches makes it hold that manifest's "
+            "champions again, undoing a bundle made by hand",
+            hint=f"give this bundle a name of its own; or bundle that manifest's concepts: oneword concepts bundle "
+            f"{name} --manifest {keeper} (where no batch bundles it any more, delete the registered model's tag "
+            f"{MANIFEST_TAG} first)",
+        )
+    if kept and manifest and keeper:
         from oneword.batch import manifest_id
 
-        keeper = (client.get_registered_model(name).tags or {}).get(MANIFEST_TAG)
-        if keeper and keeper != manifest_id(manifest):
+        if keeper != manifest_id(manifest):
             raise OnewordError(
                 f"bundle {name!r} holds the concepts of another manifest, {keeper}",
                 hint="give this manifest's bundle a name of its own (each one's runs would make it hold their own "

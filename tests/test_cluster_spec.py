@@ -168,3 +168,15 @@ def test_every_value_a_task_reads_has_the_type_its_input_declares(name):
                 assert given == declared[key]["parameterType"], (dag_name, task_name, key, given)
                 checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_step_has_a_deadline_that_ends_a_hung_pod(name):
+    """A pod that hangs is stopped by Kubernetes (activeDeadlineSeconds) after its kind's deadline, not never."""
+    from oneword.pipelines.definitions import CPU_STEP_DEADLINE_S, GPU_STEP_DEADLINE_S
+
+    _, k8s = _load(name)
+    for label, cfg in k8s.items():
+        deadline = GPU_STEP_DEADLINE_S if label in GPU_STEPS else CPU_STEP_DEADLINE_S
+        assert int(cfg["activeDeadlineSeconds"]) == deadline, label
+    assert CPU_STEP_DEADLINE_S < GPU_STEP_DEADLINE_S < 24 * 3600  # a hang ends before the next night's run

@@ -25,6 +25,12 @@ CONFIG_MAP = "oneword-config"  # keys S3_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, M
 HF_SECRET = "oneword-hf"  # key HF_TOKEN (optional): gated or private models on the Hugging Face hub
 TRAIN_RETRIES = 3  # spot/preemptible GPU nodes are the norm; a retry resumes from the last checkpoint
 STEP_RETRIES = 2  # preprocess and cache_latents: an object store or model hub that did not answer, tried again
+# How long one attempt's pod may run before Kubernetes stops it (activeDeadlineSeconds): a step that hangs (a NCCL
+# collective or a read that never returns) would otherwise hold its node, and a GPU, until someone noticed; the
+# next scheduled run resumes from the last checkpoint. Far beyond what a step takes (a shard of concepts trains in
+# minutes on one GPU, docs/benchmarks.md), and under a day, so a hang ends before the next night's run.
+GPU_STEP_DEADLINE_S = 12 * 3600
+CPU_STEP_DEADLINE_S = 3 * 3600  # plan-batch reads every concept's photos: thousands of concepts take long too
 
 
 def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -60,7 +66,8 @@ def _resources(task: dsl.PipelineTask, p: dict, kind: str) -> dsl.PipelineTask:
 
 
 def _cpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
-    """A step on any node: the cluster environment and the CPU steps' requests and limits."""
+    """A step on any node: the cluster environment, the CPU steps' requests and limits, and their deadline."""
+    kubernetes.set_timeout(task, CPU_STEP_DEADLINE_S)
     return _resources(_cluster_env(task), p, "cpu")
 
 
@@ -74,8 +81,10 @@ def _with_models(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
 
 
 def _gpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
-    """A step on the GPU pool: its GPUs, node selector and toleration, requests and limits, and the model cache."""
+    """A step on the GPU pool: its GPUs, node selector and toleration, requests and limits, the model cache, and
+    its deadline."""
     _with_models(_cluster_env(task), p)
+    kubernetes.set_timeout(task, GPU_STEP_DEADLINE_S)
     task.set_accelerator_type(p["accelerator_type"]).set_accelerator_limit(p["accelerator_limit"])
     _carry(task, p, ["accelerator_type", "accelerator_limit"])
     _resources(task, p, "gpu")

@@ -171,25 +171,30 @@ def s3_bucket(s3_server, request):
     return name
 
 
-def served(model_uri: str, tracking_uri: str, body: dict, log: Path, args: list[str] | None = None) -> list[dict]:
+def served(model_uri: str, tracking_uri: str, body: dict, log: Path, command: list[str] | None = None,
+           env: dict[str, str] | None = None) -> list[dict]:  # fmt: skip
     """`mlflow models serve` of `model_uri` started, sent `body` at /invocations, stopped: the answer's rows.
 
-    `args`: the `mlflow` command's arguments as a manifest gives them (`models serve -m URI ...`), on loopback and
-    a free port here."""
+    `command`: the server's command as a manifest gives it instead (`/bin/sh -c 'exec mlflow models serve ...'`),
+    with `env` beside the tracking URI; on loopback and a free port here either way."""
     import json
     import os
+    import re
     import subprocess
     import sys
     import time
     import urllib.request
 
     port, bin_dir = free_port(), os.path.dirname(sys.executable)  # mlflow starts `uvicorn` by name
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    args = list(args or ["models", "serve", "-m", model_uri, "--env-manager", "local", "--host", "", "-p", ""])
-    args[args.index("--host") + 1], args[args.index("-p") + 1] = "127.0.0.1", str(port)
+    env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    if command is None:
+        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                   "--host", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    else:  # a manifest's, whose server listens on every address at its port: here, on loopback at a free one
+        command = [re.sub(r"-p \d+", f"-p {port}", a).replace("--host 0.0.0.0", "--host 127.0.0.1") for a in command]
+        assert any("--host 127.0.0.1" in a and f"-p {port}" in a for a in command), command
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)  # fmt: skip
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 120
         while True:  # the server's start (a model load), not a retry of a request that failed

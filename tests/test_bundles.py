@@ -109,17 +109,32 @@ def _updated(store: str, deployment: dict, scratch: Path) -> dict:
     return _merged(deployment, json.loads((scratch / Path(patch_file).name).read_text()))
 
 
-def _serves(deployment: dict) -> str:
-    """The model URI the Deployment's server is started with: its args, the annotation its env names filled in."""
+def _server_env(deployment: dict) -> dict[str, str]:
+    """The server container's environment from the pod template, as the kubelet fills it in: an annotation the
+    template lacks reads as empty."""
     import re
 
     template = deployment["spec"]["template"]
     (container,) = template["spec"]["containers"]
-    args = container["args"]
+    annotations = template["metadata"].get("annotations", {})
+    env = {}
     for e in container.get("env", []):
         key = re.fullmatch(r"metadata\.annotations\['(.+)'\]", e["valueFrom"]["fieldRef"]["fieldPath"])[1]
-        args = [a.replace(f"$({e['name']})", template["metadata"]["annotations"][key]) for a in args]
-    return args[args.index("-m") + 1]
+        env[e["name"]] = annotations.get(key, "")
+    return env
+
+
+def _serves(deployment: dict) -> str:
+    """The model URI the Deployment's server starts with: its shell command's `-m`, filled in as `sh` would."""
+    import re
+    import shlex
+
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["/bin/sh", "-c"]
+    env = _server_env(deployment)
+    script = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], container["args"][0])
+    words = shlex.split(script)
+    return words[words.index("-m") + 1]
 
 
 def test_the_serving_updater_pins_each_new_bundle_version_and_only_a_new_one(store, tmp_path):
@@ -148,8 +163,8 @@ def test_the_serving_updater_fails_on_a_bundle_the_registry_lacks(store, tmp_pat
 @pytest.mark.slow
 def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
     """`mlflow models serve` started as the serving overlay's Deployment starts it, on the version its updater
-    pins, sent the very request docs/deploy.md shows (its tokens ours): a row per prompt, each drawn by the member
-    it names."""
+    pinned (a newer one since lacks a member), sent the very request docs/deploy.md shows (its tokens ours): a row
+    per prompt, each drawn by the member it names."""
     import re
 
     from .conftest import served
@@ -161,9 +176,10 @@ def test_mlflow_serves_a_bundle_the_request_the_docs_show(store, tmp_path):
     bundles.bundle_concepts("studio", ["bundle-*"], tracking_uri=store)
     deployment = _updated(store, _serving_doc("serve.yaml", "Deployment"), tmp_path / "pin")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    args = [a.replace("$(BUNDLE_VERSION)", "1") for a in container["args"]]
-    assert container["command"] == ["mlflow"] and _serves(deployment) == "models:/studio/1" in args
-    rows = served("models:/studio/1", store, body, tmp_path / "serve.log", args)
+    assert _serves(deployment) == "models:/studio/1"
+    bundles.bundle_concepts("studio", ["bundle-cat"], tracking_uri=store)  # newer, without <dog-b>: not the one served
+    rows = served("models:/studio/1", store, body, tmp_path / "serve.log", [*container["command"], *container["args"]],
+                  _server_env(deployment))  # fmt: skip
     assert [r["prompt"] for r in rows] == body["inputs"] and "<cat-r>" in rows[0]["prompt"]
     mlflow.set_tracking_uri(store)
     # the concept's own model, the default sampler, two prompts a call as the request (a batch's size moves the

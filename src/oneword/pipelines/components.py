@@ -96,13 +96,12 @@ def preprocess(images: str, dataset: Output[Dataset], base_model: str = "", reso
     """)
 def cache_latents(dataset: Input[Dataset], latents: Output[Artifact], base_model: str,
                   on_error: str = "fail", accelerator_type: str = "nvidia.com/gpu", accelerator_limit: str = "1"):
-    import torch
-
+    from oneword.device import resolve_device
     from oneword.images import Manifest
     from oneword.latents import cache_latents as run
     from oneword.outcome import run_step
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto").type  # CUDA where the pod has it
     # a failure names the photos, by which train matches this folder to its concept
     lat = run_step("cache_latents", latents.path, on_error,
                    lambda: run(dataset.path, base_model, latents.path, device=device), upstream=[dataset.path],

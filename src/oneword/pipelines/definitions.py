@@ -28,8 +28,9 @@ STEP_RETRIES = 2  # preprocess and cache_latents: an object store or model hub t
 # How long one attempt's pod may run before Kubernetes stops it (activeDeadlineSeconds): a step that hangs (a NCCL
 # collective or a read that never returns) would otherwise hold its node, and a GPU, until someone noticed; the
 # next scheduled run resumes from the last checkpoint. Far beyond what a step takes (a shard of concepts trains in
-# minutes on one GPU, docs/benchmarks.md), and under a day, so a hang ends before the next night's run.
-GPU_STEP_DEADLINE_S = 12 * 3600
+# minutes on one GPU, docs/benchmarks.md), and short enough that a step hanging at every attempt (a pod stopped
+# so ends Failed, which Argo's OnFailure policy retries) ends within a day: train's 4 attempts x 5 h, backoffs too.
+GPU_STEP_DEADLINE_S = 5 * 3600
 CPU_STEP_DEADLINE_S = 3 * 3600  # plan-batch reads every concept's photos: thousands of concepts take long too
 
 

@@ -48,7 +48,7 @@ def store(evaluated_concept, tmp_path):
     return uri
 
 
-def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, capsys):
+def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, tmp_path, capsys):
     """One model, one base-model load: a prompt with a member's token draws what that concept's own model draws,
     seed for seed; a prompt may name two."""
     main(["concepts", "bundle", "studio", "bundle-*", "--tracking-uri", store])
@@ -70,6 +70,13 @@ def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, c
     main(["concepts", "show", "studio/1", "--tracking-uri", store])
     card = " ".join(capsys.readouterr().out.split())
     assert "concepts bundle-cat/1, bundle-dog/1" in card and "serve mlflow models serve -m models:/studio/1" in card
+    # a bundle's bare name: its newest version (it has no champion), what its server serves
+    main(["concepts", "bundle", "studio", "bundle-cat", "--tracking-uri", store])
+    capsys.readouterr()
+    main(["concepts", "show", "studio", "--tracking-uri", store])
+    assert "studio/2 bundle" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(OnewordError, match="studio is a bundle of concepts, not a concept"):
+        catalogue.pull_concept("studio", tmp_path / "studio.safetensors", tracking_uri=store)
 
 
 SERVING = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "serving"

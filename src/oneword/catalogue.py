@@ -50,7 +50,8 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False):
     """Resolve a concept reference to an MLflow `ModelVersion`; a bundle's version (`oneword.bundles`) is refused
-    unless `bundle`, naming its members (the concepts to name instead)."""
+    unless `bundle`, naming its members (the concepts to name instead). A bundle's bare NAME, where it has no
+    @champion, is its newest version: what its server serves."""
     from mlflow.exceptions import MlflowException
 
     _, client = tracking.client(tracking_uri)
@@ -70,6 +71,11 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
                 f"the registry at {where} could not look up {ref!r}: {e}",
                 hint="check that the MLflow server is up and that your credentials may read the registry",
             ) from e
+        if ref == name and model_kind(client, name) == "bundle":  # a bundle has no champion of its own
+            if bundle:
+                return get_version(f"{name}/{LATEST}", tracking_uri, bundle=True)
+            raise OnewordError(f"{name} is a bundle of concepts, not a concept",
+                               hint=f"name one of its concepts (`oneword concepts show {name}` lists them)") from e
         raise _not_there(client, name, alias, version, ref, where) from e
     if not bundle and (members := (mv.tags or {}).get(MEMBERS_TAG)) is not None:
         raise OnewordError(f"{name} is a bundle of concepts, not a concept: {name}/{mv.version} holds "

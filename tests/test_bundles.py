@@ -2,6 +2,7 @@
 SQLite MLflow store, loaded and predicted as `mlflow models serve` does."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -406,6 +407,15 @@ def test_a_manifests_bundle_holds_its_champions_and_says_why_the_others_are_left
         bundles.bundle_concepts("studio", ["bundle-dog"], tracking_uri=store, dry_run=True)
     assert f"oneword concepts bundle studio --manifest {manifest}" in refused.value.hint
     assert bundles.bundle_concepts("studio-dog", ["bundle-dog"], tracking_uri=store).version == "1"  # a name of its own
+    listed = {r["name"]: r for r in bundles.list_bundles(store)}
+    assert list(listed) == ["studio", "studio-dog"] and listed["studio"]["manifest"] == str(manifest)
+    assert (listed["studio"]["version"], listed["studio"]["members"]) == ("1", ["bundle-cat/1", "bundle-dog/1"])
+    assert (listed["studio-dog"]["manifest"], listed["studio-dog"]["members"]) == ("", ["bundle-dog/1"])
+    capsys.readouterr()
+    main(["concepts", "bundles", "--tracking-uri", store])
+    table = capsys.readouterr().out
+    assert max(map(len, table.splitlines())) <= 80 and "by hand" in table
+    assert re.search(r"studio +1 +2 +model +/tmp", table) and re.search(r"studio-dog +1 +1 +model +by hand", table)
     # by hand with a manifest (the first one moved, say): the bundle becomes that one's, and the first's refused
     assert bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store).version == "2"
     with pytest.raises(OnewordError, match=r"holds the concepts of another manifest, .*other.yaml"):

@@ -421,6 +421,32 @@ def _create_version(client, name: str, info, run_id: str, members: Sequence[Memb
     return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
 
 
+def list_bundles(tracking_uri: str | None = None) -> list[dict]:
+    """Every bundle in the registry, by name: its newest version (what a server on `models:/NAME/latest`, and the
+    serving overlay's, serves), that version's members and base model, how many versions it has, its aliases,
+    and the concepts manifest whose batches keep it ("" where people bundle it by hand)."""
+    import datetime
+
+    _, client = tracking.client(resolve(tracking_uri))
+    rows = []
+    for rm in every_page(client.search_registered_models, filter_string=f"tags.`{BUNDLE_TAG}` = 'true'"):
+        versions = every_page(client.search_model_versions, filter_string=f"name = '{rm.name}'")
+        newest = max(versions, key=lambda mv: int(mv.version), default=None)
+        tags = (newest.tags or {}) if newest else {}
+        created = newest and datetime.datetime.fromtimestamp(newest.creation_timestamp / 1000, datetime.UTC)
+        rows.append({
+            "name": rm.name,
+            "version": newest and str(newest.version),
+            "versions": len(versions),
+            "members": [f"{n}/{v}" for n, v in parse_members(tags.get(MEMBERS_TAG)).items()],
+            "base_model": tags.get("oneword.base_model", ""),
+            "aliases": {a: str(v) for a, v in sorted((rm.aliases or {}).items())},
+            "manifest": (rm.tags or {}).get(MANIFEST_TAG, ""),
+            "created": created and created.isoformat(timespec="seconds"),
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: r["name"])
+
+
 def _newest(client, name: str):
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
     return max(versions, key=lambda mv: int(mv.version), default=None)

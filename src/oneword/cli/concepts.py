@@ -136,6 +136,46 @@ def show_cmd(
     Console().print(bundle_card(info) if MEMBERS_TAG in info["tags"] else concept_card(info))
 
 
+@concepts.command("bundles", short_help="List the bundles: newest versions, members, who keeps them.")
+def bundles_cmd(
+    tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON, every member named")] = False,
+) -> None:
+    """List the bundles: each one's newest version (what its server serves), how many concepts it holds, its base
+    model, and the manifest whose batches keep it.
+
+    \b
+    Example:
+      oneword concepts bundles
+      oneword concepts show studio      # a bundle's newest version, its members
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from oneword.bundles import list_bundles
+
+    uri = existing_store(tracking_uri)
+    rows = list_bundles(uri)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        Console().print(f"no bundles in the registry at {uri}", highlight=False, soft_wrap=True)
+        return
+    t = Table(title="bundles", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("name", overflow="fold", min_width=10)
+    t.add_column("ver", justify="right", no_wrap=True)
+    t.add_column("concepts", justify="right", no_wrap=True)
+    t.add_column("base model", overflow="fold")
+    t.add_column("kept by", overflow="fold")
+    t.add_column("created", no_wrap=True)
+    for r in rows:
+        t.add_row(r["name"], r["version"] or "-", str(len(r["members"])), _short_model(r["base_model"]),
+                  r["manifest"] or "by hand", (r["created"] or "-")[:10])  # fmt: skip
+    Console().print(t)
+
+
 def bundle_card(info: dict):
     """`concepts show`'s view of a bundle's version (a rich renderable): its members, and how to serve it."""
     from rich.console import Group

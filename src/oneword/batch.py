@@ -33,7 +33,6 @@ from oneword import storage
 from oneword.config import BatchConfig, ConceptSpec
 from oneword.errors import OnewordError
 from oneword.templates import SETS as TEMPLATE_SETS
-from oneword.tokens import clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +271,8 @@ def field_problems(err: ValidationError, fields: Iterable[str] = tuple(ConceptEn
 def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
     """Validate the text of the concepts manifest at `source` (`load_concepts_manifest`), which its errors name
     and which relative image paths are relative to."""
+    from oneword.tokens import clashing_entries, vector_tokens  # torch and a tokenizer: not for a report
+
     data = parse_yaml(text, source) or {}
     items = data.get("concepts") if isinstance(data, dict) else data
     if not items or not isinstance(items, list):

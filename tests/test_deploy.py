@@ -311,6 +311,8 @@ def test_the_serving_overlay_serves_the_newest_bundle_on_a_gpu_with_what_pipelin
     assert port["containerPort"] == int(args[args.index("-p") + 1]) and args[args.index("--host") + 1] == "0.0.0.0"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert serve[probe]["httpGet"] == {"path": "/ping", "port": port["name"]}  # MLflow's scoring server's
+    start = serve["startupProbe"]["periodSeconds"] * serve["startupProbe"]["failureThreshold"]
+    assert deployment["spec"]["progressDeadlineSeconds"] > start  # a slow first start is no stalled rollout
     service = _one(docs, "Service", "oneword-serve-studio")["spec"]
     assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["ports"][0]["targetPort"] == port["name"]

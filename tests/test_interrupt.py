@@ -155,3 +155,54 @@ def test_a_progress_reader_that_fails_fails_no_task(capsys):
 
     assert _Tasks(watch=watch).run(["sh", "-c", "echo one; echo two; exit 0"]) == 0
     assert read == ["one\n"] and "two" in capsys.readouterr().out  # read no more, the task's output all there
+
+
+def _state(pid: int) -> str:
+    """Process `pid`'s state letter (R, S, T: stopped, Z), or "" where it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return ""
+
+
+def _until(check, what: str, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not check():  # a state another process reaches, looked at until it does
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("runner", ["kfp.local's task", "train's workers"])
+def test_ctrl_z_stops_the_tasks_with_the_command_and_fg_resumes_them(tmp_path, runner):
+    """Ctrl-Z stops the command; its tasks, in process groups of their own, went on training. Now they stop with
+    it and go on with it (SIGCONT: `fg`, `bg`)."""
+    ticks, pid_file = tmp_path / "ticks", tmp_path / "task.pid"
+    task = (f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            f"while True:\n    open({str(ticks)!r}, 'a').write('.')\n    time.sleep(0.02)\n")  # fmt: skip
+    if runner == "kfp.local's task":
+        shell = shlex.join([sys.executable, "-c", task])
+        run = ("from kfp.local import subprocess_task_handler as handler\n"
+               "from oneword.pipelines.interrupt import stopping\n"
+               f"with stopping():\n    handler.run_local_subprocess(['sh', '-ec', {shell!r}])\n")  # fmt: skip
+    else:
+        run = f"import sys\nfrom oneword.processes import run_group\nrun_group([sys.executable, '-c', {task!r}])\n"
+    proc = subprocess.Popen([sys.executable, "-c", run], preexec_fn=_default_sigint, stdout=subprocess.DEVNULL)
+    try:
+        _until(lambda: pid_file.exists() and pid_file.read_text() and ticks.exists(), "the task started")
+        task_pid = int(pid_file.read_text())
+        os.kill(proc.pid, signal.SIGTSTP)  # as the terminal's Ctrl-Z reaches the command's group, not its tasks'
+        _until(lambda: _state(proc.pid) == "T" and _state(task_pid) == "T", "the command and its task stopped")
+        stopped_at = ticks.stat().st_size
+        time.sleep(0.5)  # what a stopped task would have written meanwhile: nothing
+        assert ticks.stat().st_size == stopped_at and _state(task_pid) == "T"
+        os.kill(proc.pid, signal.SIGCONT)  # fg
+        _until(lambda: ticks.stat().st_size > stopped_at, "the task went on")
+        assert _state(proc.pid) in ("R", "S")
+        os.kill(proc.pid, signal.SIGTERM)  # and it still ends with its command
+        proc.wait(timeout=30)
+        _until(lambda: not _alive(task_pid), "the task ended with the command")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.killpg(int(pid_file.read_text() or 0), signal.SIGKILL)

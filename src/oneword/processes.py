@@ -3,7 +3,8 @@
 A signal sent to a command alone (`timeout`, a scheduler's SIGTERM, `kill`) does not reach its children: a
 `train --gpus 2` killed so died alone, and its two workers trained on, orphaned, holding the GPUs. A child
 started here runs in a process group of its own; whatever ends the wait (Ctrl-C, SIGTERM, SIGHUP, an error),
-the group gets the same signal, and is killed after `GRACE_S` if it is still there.
+the group gets the same signal, and is killed after `GRACE_S` if it is still there. Ctrl-Z and `fg` stop and
+resume the group with the command.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 GRACE_S = 10.0  # for a child to end on a signal (a checkpoint written, an alias put back) before it is killed
 
@@ -53,6 +54,32 @@ def stops_raise() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def suspended_with(groups: Callable[[], Iterable[subprocess.Popen]]) -> Iterator[None]:
+    """Inside the block, Ctrl-Z (SIGTSTP) stops `groups()` (children in process groups of their own, which the
+    terminal's signal does not reach) with this process, and `fg` or `bg` (SIGCONT) resumes them with it. Without
+    it, a suspended command's tasks went on training. On the main thread, where SIGTSTP is not ignored, only."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN:
+        yield
+        return
+
+    def on_stop(signum, frame) -> None:
+        held = list(groups())
+        for proc in held:
+            signal_group(proc, signal.SIGSTOP)  # not SIGTSTP, which a child may handle or ignore
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # this process stops here, as the terminal meant; SIGCONT goes on
+        signal.signal(signal.SIGTSTP, on_stop)
+        for proc in held:
+            signal_group(proc, signal.SIGCONT)
+
+    before = signal.signal(signal.SIGTSTP, on_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTSTP, before)
+
+
 def run_group(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run `cmd` in a process group of its own and wait for it; its exit status.
 
@@ -62,7 +89,7 @@ def run_group(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """
     proc = subprocess.Popen(cmd, env=env, process_group=0)
     try:
-        with stops_raise():
+        with stops_raise(), suspended_with(lambda: [proc]):
             return proc.wait()
     except BaseException as e:
         signal_group(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from oneword.processes import GRACE_S, Stopped, signal_group
+from oneword.processes import GRACE_S, Stopped, signal_group, suspended_with
 
 STOPPED_RC = 128 + signal.SIGINT  # what a task that was never started reports: a shell's status for SIGINT
 
@@ -128,7 +128,8 @@ def stopping(
     before = {s: signal.signal(s, on_signal) for s in watched}
     subprocess_task_handler.run_local_subprocess = tasks.run
     try:
-        yield tasks.stop
+        with suspended_with(lambda: tasks.running):  # Ctrl-Z: the tasks, in groups of their own, stop too
+            yield tasks.stop
     finally:
         subprocess_task_handler.run_local_subprocess = original
         for s, handler in before.items():

@@ -7,6 +7,7 @@ the step's work was done: a fifth of a small local batch, whose steps run one af
 do, so the process runs the exit handlers registered after oneword's first import (the step's libraries'), shuts
 logging down, flushes its output and ends there, with status 0. A step that failed or was stopped wrote no
 output file (the executor writes it last) or raised, and its process ends as any does, with its status.
+This holds for any Python component that imports oneword, a team's own included.
 """
 
 from __future__ import annotations

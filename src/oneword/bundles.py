@@ -22,7 +22,15 @@ from pathlib import Path
 from oneword import tracking
 from oneword.config import NAME_LENGTH
 from oneword.errors import OnewordError
-from oneword.registry import BUNDLE_TAG, CHAMPION, NAME_PATTERN, ensure_experiment, every_page, model_kind
+from oneword.registry import (
+    BUNDLE_TAG,
+    CHAMPION,
+    NAME_PATTERN,
+    ensure_experiment,
+    every_page,
+    model_kind,
+    newest_version,
+)
 from oneword.tracking import resolve
 
 log = logging.getLogger(__name__)
@@ -135,7 +143,7 @@ def bundle_concepts(
             return Bundled(name, None, [], left_out=left_out)
         members = _members(client, [*concepts, *refs], alias, uri, base_model)
         _check_one_base_model(members, manifest)
-        newest = _newest(client, name)
+        newest = newest_version(client, name)
         held = {} if newest is None else client.get_run(newest.run_id).data.tags
         if newest is not None and _member_runs(held) == _member_tags(members):
             mine = made is not None or bool(batch_id and held.get(BATCH_TAG) == batch_id)
@@ -445,11 +453,6 @@ def list_bundles(tracking_uri: str | None = None) -> list[dict]:
             "created": created and created.isoformat(timespec="seconds"),
         })  # fmt: skip
     return sorted(rows, key=lambda r: r["name"])
-
-
-def _newest(client, name: str):
-    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
-    return max(versions, key=lambda mv: int(mv.version), default=None)
 
 
 def bundles_holding(client, concept: str, experiments: Sequence[str]) -> tuple[list, list]:

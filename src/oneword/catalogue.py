@@ -26,6 +26,7 @@ from oneword.registry import (
     delete_version,
     every_page,
     model_kind,
+    newest_version,
 )
 from oneword.tracking import resolve
 
@@ -61,7 +62,9 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
         if alias:
             mv = client.get_model_version_by_alias(name, alias)
         else:
-            mv = client.get_model_version(name, _newest(client, name) if version == LATEST else version)
+            if version == LATEST:  # where none is there, a version MLflow does not have: "not found", as for 3
+                version = str(getattr(newest_version(client, name), "version", 0))
+            mv = client.get_model_version(name, version)
     except MlflowException as e:
         missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
             e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
@@ -81,12 +84,6 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
         raise OnewordError(f"{name} is a bundle of concepts, not a concept: {name}/{mv.version} holds "
                            f"{members.replace(',', ', ')}", hint="name one of its concepts instead")  # fmt: skip
     return mv
-
-
-def _newest(client, name: str) -> str:
-    """The newest version of registered model `name`; a version MLflow does not have ("0") where it has none."""
-    listed = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
-    return str(max((int(v.version) for v in listed), default=0))
 
 
 def _not_there(client, name: str, alias: str | None, version: str | None, ref: str, where: str) -> OnewordError:

@@ -504,6 +504,12 @@ ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias
 ABANDONED = "abandoned: its register never decided its alias"  # the gate tag of such a version, once waited for
 
 
+def newest_version(client, name: str):
+    """Registered model `name`'s newest `ModelVersion` (the highest number: `models:/NAME/latest`), or None."""
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    return max(versions, key=lambda mv: int(mv.version), default=None)
+
+
 def model_kind(client, name: str) -> str | None:
     """What the registry holds as `name`: "concept", "bundle" (`oneword.bundles`), "other" (another tool's model),
     or None (nothing)."""
@@ -842,7 +848,7 @@ def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | N
 def newest_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
     """`registered_result`, raising what the registry raised."""
     _, client = _setup(tracking_uri)
-    newest = _newest_version(client, name)
+    newest = newest_version(client, name)
     return _held(client, name, newest) if newest is not None and _decided_on(newest, key) else None
 
 
@@ -852,18 +858,12 @@ def unchanged_result(
     """`newest_result`, else `rejudged_result` (`key` is `evaluation`'s result under `thresholds`), reading the
     concept's versions once. Raises what the registry raised."""
     _, client = _setup(tracking_uri)
-    newest = _newest_version(client, name)
+    newest = newest_version(client, name)
     if newest is None:
         return None
     if _decided_on(newest, key):
         return _held(client, name, newest)
     return _rejudged(client, name, newest, evaluation, thresholds, token)
-
-
-def _newest_version(client, name: str):
-    """The concept's newest model version, or None."""
-    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
-    return max(versions, key=lambda mv: int(mv.version)) if versions else None
 
 
 def _held(client, name: str, mv, **more) -> dict:
@@ -889,7 +889,7 @@ def rejudged_result(
     they carried their evaluation key (`EVALUATION_KEY_TAG`) were keyed by the oneword release: never found.
     """
     _, client = _setup(tracking_uri)
-    newest = _newest_version(client, name)
+    newest = newest_version(client, name)
     return None if newest is None else _rejudged(client, name, newest, evaluation, thresholds, token)
 
 

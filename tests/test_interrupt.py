@@ -187,9 +187,11 @@ def test_ctrl_z_stops_the_tasks_with_the_command_and_fg_resumes_them(tmp_path, r
     else:
         run = f"import sys\nfrom oneword.processes import run_group\nrun_group([sys.executable, '-c', {task!r}])\n"
     proc = subprocess.Popen([sys.executable, "-c", run], preexec_fn=_default_sigint, stdout=subprocess.DEVNULL)
+    task_group = None
     try:
         _until(lambda: pid_file.exists() and pid_file.read_text() and ticks.exists(), "the task started")
         task_pid = int(pid_file.read_text())
+        task_group = os.getpgid(task_pid)  # kfp.local's: its shell's group
         os.kill(proc.pid, signal.SIGTSTP)  # as the terminal's Ctrl-Z reaches the command's group, not its tasks'
         _until(lambda: _state(proc.pid) == "T" and _state(task_pid) == "T", "the command and its task stopped")
         stopped_at = ticks.stat().st_size
@@ -202,7 +204,6 @@ def test_ctrl_z_stops_the_tasks_with_the_command_and_fg_resumes_them(tmp_path, r
         proc.wait(timeout=30)
         _until(lambda: not _alive(task_pid), "the task ended with the command")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.killpg(int(pid_file.read_text() or 0), signal.SIGKILL)
+        for group in (proc.pid, task_group):  # a test that failed leaves no task behind, stopped or not
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.killpg(group, signal.SIGKILL)

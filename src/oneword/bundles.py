@@ -26,9 +26,11 @@ from oneword.registry import (
     BUNDLE_TAG,
     CHAMPION,
     NAME_PATTERN,
+    created_at,
     ensure_experiment,
     every_page,
     model_kind,
+    newest_of,
     newest_version,
 )
 from oneword.tracking import resolve
@@ -433,15 +435,12 @@ def list_bundles(tracking_uri: str | None = None) -> list[dict]:
     """Every bundle in the registry, by name: its newest version (what a server on `models:/NAME/latest`, and the
     serving overlay's, serves), that version's members and base model, how many versions it has, its aliases,
     and the concepts manifest whose batches keep it ("" where people bundle it by hand)."""
-    import datetime
-
     _, client = tracking.client(resolve(tracking_uri))
     rows = []
     for rm in every_page(client.search_registered_models, filter_string=f"tags.`{BUNDLE_TAG}` = 'true'"):
         versions = every_page(client.search_model_versions, filter_string=f"name = '{rm.name}'")
-        newest = max(versions, key=lambda mv: int(mv.version), default=None)
+        newest = newest_of(versions)
         tags = (newest.tags or {}) if newest else {}
-        created = newest and datetime.datetime.fromtimestamp(newest.creation_timestamp / 1000, datetime.UTC)
         rows.append({
             "name": rm.name,
             "version": newest and str(newest.version),
@@ -450,7 +449,7 @@ def list_bundles(tracking_uri: str | None = None) -> list[dict]:
             "base_model": tags.get("oneword.base_model", ""),
             "aliases": {a: str(v) for a, v in sorted((rm.aliases or {}).items())},
             "manifest": (rm.tags or {}).get(MANIFEST_TAG, ""),
-            "created": created and created.isoformat(timespec="seconds"),
+            "created": newest and created_at(newest),
         })  # fmt: skip
     return sorted(rows, key=lambda r: r["name"])
 

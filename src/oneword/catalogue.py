@@ -4,7 +4,6 @@ embeddings in any format (`oneword concepts`, `oneword generate --concept`); and
 from __future__ import annotations
 
 import contextlib
-import datetime
 import fnmatch
 import logging
 import re
@@ -23,6 +22,7 @@ from oneword.registry import (
     CONCEPT_TAG,
     EMBEDDING_ARTIFACT,
     PAGE_SIZE,
+    created_at,
     delete_version,
     every_page,
     model_kind,
@@ -287,8 +287,7 @@ def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
         "metrics": dict(run.data.metrics),
         "params": dict(run.data.params),
         "source": mv.source,
-        "created": datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000, datetime.UTC).isoformat(
-            timespec="seconds"),
+        "created": created_at(mv),
     }
 
 

@@ -506,8 +506,19 @@ ABANDONED = "abandoned: its register never decided its alias"  # the gate tag of
 
 def newest_version(client, name: str):
     """Registered model `name`'s newest `ModelVersion` (the highest number: `models:/NAME/latest`), or None."""
-    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    return newest_of(every_page(client.search_model_versions, filter_string=f"name = '{name}'"))
+
+
+def newest_of(versions: list):
+    """The newest of `versions` (MLflow `ModelVersion`s: by number, not by string), or None."""
     return max(versions, key=lambda mv: int(mv.version), default=None)
+
+
+def created_at(mv) -> str:
+    """When a `ModelVersion` was registered: ISO 8601, UTC, to the second."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000, datetime.UTC).isoformat(timespec="seconds")
 
 
 def model_kind(client, name: str) -> str | None:
@@ -662,10 +673,8 @@ def _same_result_before(client, name: str, version: int, tags: dict[str, str]):
         return None
     older = [mv for mv in every_page(client.search_model_versions, filter_string=f"name = '{name}'")
              if int(mv.version) < version]  # fmt: skip
-    if not older:
-        return None
-    newest = max(older, key=lambda mv: int(mv.version))
-    return newest if _decided_on(newest, key) else None
+    newest = newest_of(older)
+    return newest if newest is not None and _decided_on(newest, key) else None
 
 
 def _decided_on(mv, key: str) -> bool:

@@ -281,6 +281,21 @@ def test_export_and_blend_never_replace_a_file_unasked(tmp_path, capsys):
     assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "ab.safetensors").exists()
 
 
+def test_an_sdxl_pair_exports_to_diffusers_as_its_two_files(tmp_path, capsys):
+    xl = E.Embedding("<xl>", torch.randn(1, 32), {}, torch.randn(1, 64))
+    E.save(xl, tmp_path / "xl.safetensors", "kohya")
+    (tmp_path / "out_2.safetensors").write_bytes(b"another concept's")  # half of the pair's place is taken
+    code, out = run(["export", tmp_path / "xl.safetensors", "-f", "diffusers", "-o", tmp_path / "out.safetensors"],
+                     capsys)  # fmt: skip
+    assert code == 2 and "out_2.safetensors already exists" in out and not (tmp_path / "out.safetensors").exists()
+    (tmp_path / "out_2.safetensors").unlink()
+    code, out = run(["export", tmp_path / "xl.safetensors", "-f", "diffusers", "-o", tmp_path / "out.safetensors"],
+                     capsys)  # fmt: skip
+    assert code == 0 and "out.safetensors and" in out and "text_encoder=pipe.text_encoder_2" in out, out
+    back = E.load(tmp_path / "out.safetensors")
+    assert back.token == "<xl>" and torch.equal(back.vectors_2, xl.vectors_2)
+
+
 def test_bad_initializer_through_the_cli(cat_latents_dir, tmp_path, capsys):
     code, out = run(["train", cat_latents_dir, "--token", "<q>", "--init-word", "xylophonist", "-o", tmp_path], capsys)
     assert code == 2 and "splits into" in out and "hint:" in out

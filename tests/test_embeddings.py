@@ -70,6 +70,15 @@ def test_what_other_tools_write_reads_as_they_meant_it(tmp_path):
     save_file({"<x>": g}, str(tmp_path / "learned_embeds_2.safetensors"))
     pair = E.load(tmp_path / "learned_embeds.safetensors")
     assert pair.token == "<x>" and torch.equal(pair.vectors, first) and torch.equal(pair.vectors_2, g)
+    # its checkpoints, learned_embeds-steps-N beside learned_embeds_2-steps-N, and its .bin files
+    # (--no_safe_serialization): each pair is one embedding, never clip_l alone
+    save_file({"<x>": first}, str(tmp_path / "learned_embeds-steps-500.safetensors"))
+    save_file({"<x>": g}, str(tmp_path / "learned_embeds_2-steps-500.safetensors"))
+    torch.save({"<x>": first}, tmp_path / "learned_embeds.bin")
+    torch.save({"<x>": g}, tmp_path / "learned_embeds_2.bin")
+    for name in ("learned_embeds-steps-500.safetensors", "learned_embeds.bin"):
+        pair = E.load(tmp_path / name)
+        assert pair.token == "<x>" and torch.equal(pair.vectors_2, g), name
     # a file beside it as wide is no pair: another version of the concept, say
     save_file({"<y>": first}, str(tmp_path / "y.safetensors"))
     save_file({"<y>": first * 2}, str(tmp_path / "y_2.safetensors"))
@@ -306,13 +315,22 @@ def test_train_step_writes_every_format(tiny_model_dir, cat_latents_dir, tmp_pat
 
 
 def test_an_sdxl_pair_is_never_exported_half(tmp_path):
-    """clip_g is half of an SDXL embedding: both safetensors forms keep the pair; A1111's .pt cannot, so it refuses."""
+    """clip_g is half of an SDXL embedding: kohya's file (and a run's own) holds the pair in one file, diffusers'
+    format in its SDXL script's two files, each under the token; A1111's .pt cannot hold it with its name, so it is
+    refused."""
     xl = E.Embedding("<xl>", torch.randn(2, 768), {"steps": "10"}, torch.randn(2, 1280))
-    for fmt in ("diffusers", "kohya"):
-        f = E.save(xl, tmp_path / f"{fmt}.safetensors", fmt)
-        assert sorted(load_file(f)) == ["clip_g", "clip_l"], fmt
+    for f in (E.save(xl, tmp_path / "kohya.safetensors", "kohya"), E.save_whole(xl, tmp_path / "run.safetensors")):
+        assert sorted(load_file(f)) == ["clip_g", "clip_l"], f
         back = E.load(f)
-        assert back.token == "<xl>" and torch.equal(back.vectors_2, xl.vectors_2), fmt
+        assert back.token == "<xl>" and torch.equal(back.vectors_2, xl.vectors_2), f
+    f = E.save(xl, tmp_path / "d" / "learned_embeds.safetensors", "diffusers")
+    assert E.files_written(xl, f, "diffusers") == [f, tmp_path / "d" / "learned_embeds_2.safetensors"]
+    assert sorted(p.name for p in f.parent.iterdir()) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors"]
+    assert torch.equal(load_file(f)["<xl>"], xl.vectors)
+    assert torch.equal(load_file(E.second_file(f))["<xl>"], xl.vectors_2)
+    back = E.load(f)
+    assert back.token == "<xl>" and torch.equal(back.vectors_2, xl.vectors_2) and back.steps == 10
+    assert E.second_file(tmp_path / "my-cat.safetensors").name == "my-cat_2.safetensors"
     with pytest.raises(OnewordError, match="SDXL") as e:
         E.save(xl, tmp_path / "xl.pt", "a1111")
     assert "--format kohya" in e.value.hint and not (tmp_path / "xl.pt").exists()

@@ -164,10 +164,23 @@ def test_sdxl_conditioning_is_what_diffusers_sdxl_pipeline_builds(sdxl_dir):
         emb.vectors_2, token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
     )
     pipe.load_textual_inversion(emb.vectors, token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    _, _, pooled_at_placeholder, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    # the one line README gives diffusers users: pool at the end token, as A1111, ComfyUI and kohya do
+    pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id
     embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
     assert hidden.shape == embeds.shape == (1, 77, 96)
     torch.testing.assert_close(hidden, embeds)
     torch.testing.assert_close(added["text_embeds"], pooled)
+    assert not torch.allclose(pooled, pooled_at_placeholder)  # diffusers' own pooling (diffusers#10754) differs
+
+    # pooled as CLIP was trained to pool: the end token's last state, projected (kohya's pool_workaround)
+    encoder, second = trainer.model.text_encoder_2, ids[:, 1]
+    assert pipe.tokenizer_2.convert_tokens_to_ids(TOKEN) > pipe.tokenizer_2.eos_token_id  # argmax would pick it
+    with torch.no_grad():
+        last = encoder(second).last_hidden_state
+        end = (second == pipe.tokenizer_2.eos_token_id).int().argmax(-1)
+        by_hand = encoder.text_projection(last[torch.arange(len(second)), end])
+    torch.testing.assert_close(added["text_embeds"], by_hand)
     time_ids = pipe._get_add_time_ids(
         (32, 32),
         (0, 0),
@@ -206,7 +219,7 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
     assert reg.alias == "champion"
     (row,) = catalogue.list_concepts(tracking_uri=uri)
     assert row["model_family"] == "sdxl"
-    with pytest.raises(OnewordError, match=r"A1111's \.pt format cannot hold") as e:
+    with pytest.raises(OnewordError, match=r"A1111 reads an SDXL \.pt only as a bare dict") as e:
         catalogue.pull_concept(f"{reg.name}@champion", tmp_path / "x.pt", "a1111", uri)
     assert "--format kohya" in e.value.hint and not (tmp_path / "x.pt").exists()
     path, _ = catalogue.pull_concept(f"{reg.name}@champion", tmp_path / "cat-xl.safetensors", "kohya", uri)
@@ -224,6 +237,20 @@ def test_sdxl_concept_is_evaluated_registered_pulled_and_drawn_by_diffusers(
         f"a photo of {TOKEN}", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
     ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+    # diffusers' format: its SDXL script's two files, which diffusers loads by path, each carrying the token
+    first, _ = catalogue.pull_concept(f"{reg.name}@champion", tmp_path / "d" / "cat-xl.safetensors", "diffusers", uri)
+    second = emb_io.second_file(first)
+    assert second == tmp_path / "d" / "cat-xl_2.safetensors"
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir), local_files_only=True)
+    pipe.load_textual_inversion(str(first))
+    pipe.load_textual_inversion(str(second), text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    for tokenizer, encoder, table in ((pipe.tokenizer, pipe.text_encoder, pair["clip_l"]),
+                                      (pipe.tokenizer_2, pipe.text_encoder_2, pair["clip_g"])):  # fmt: skip
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        torch.testing.assert_close(row, table[0])
+    with pytest.raises(OnewordError, match="already exists"):  # the pair is refused whole, not half replaced
+        catalogue.pull_concept(f"{reg.name}@champion", first, "diffusers", uri, replace=False)
 
 
 def test_an_sd_embedding_is_refused_by_an_sdxl_model_and_back(sdxl_dir, tiny_model_dir):

@@ -292,9 +292,10 @@ def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
 
 
 def pull_concept(
-    ref: str, out: Path | None = None, fmt: str = "diffusers", tracking_uri: str | None = None
+    ref: str, out: Path | None = None, fmt: str = "diffusers", tracking_uri: str | None = None, replace: bool = True
 ) -> tuple[Path, dict]:
-    """Download a concept's embedding and write it in `fmt`.
+    """Download a concept's embedding and write it in `fmt` (an SDXL pair in diffusers' format: `out` and its
+    `embeddings.second_file`); with `replace` false, a file already there is refused, not replaced.
 
     Returns:
         (the written file, the version's tags).
@@ -315,6 +316,11 @@ def pull_concept(
             fmt,  # type: ignore[arg-type]
         )
     )
+    there = [f for f in emb_io.files_written(emb, out, fmt) if f.exists()]  # type: ignore[arg-type]
+    if there and not replace:
+        raise OnewordError(
+            f"{there[0]} already exists", hint="pass --out with another name, or --force to replace it"
+        )
     emb_io.save(emb, out, fmt)  # type: ignore[arg-type]
     return out, {**mv.tags, "oneword.version": str(mv.version), "oneword.name": mv.name}
 

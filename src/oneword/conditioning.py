@@ -3,8 +3,9 @@
 - SD 1.x/2.x (`StableDiffusionPipeline.encode_prompt`, no clip skip): the text encoder's last hidden state.
 - SDXL (`StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids`): both encoders' penultimate hidden
   states concatenated on the feature axis (768 + 1280 = 2048 wide), the second encoder's projected pooled
-  output as `text_embeds`, and `time_ids` = original size + crop top-left + target size, each as (height, width)
-  (Podell et al. 2023, "SDXL", arXiv 2307.01952, Sec. 2.2).
+  output as `text_embeds` (at the end token, as A1111, ComfyUI and kohya pool it, where diffusers' pipeline
+  takes a placeholder's: `models.pool_at_end_token`), and `time_ids` = original size + crop top-left + target
+  size, each as (height, width) (Podell et al. 2023, "SDXL", arXiv 2307.01952, Sec. 2.2).
 """
 
 from __future__ import annotations

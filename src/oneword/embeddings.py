@@ -6,11 +6,13 @@
 | a1111     | `<token>.pt`                 | `string_to_token`, `string_to_param`, `name`, `step`, ...    |
 | kohya     | `<token>.safetensors`        | `{"emb_params": (n, width)}`, or `clip_l`/`clip_g` for SDXL  |
 
-An SDXL embedding is a pair (one table per text encoder): it is written as `{"clip_l", "clip_g"}` in both
-safetensors formats (what A1111 and ComfyUI load as is, and what diffusers loads with one `load_textual_inversion`
-call per encoder, giving each its table and the token), and refused for A1111's `.pt`, whose single
-`string_to_param` cannot hold the pair. Read, the pair diffusers' SDXL script writes in two files
-(`learned_embeds.safetensors` and `learned_embeds_2.safetensors`) is one embedding.
+An SDXL embedding is a pair (one table per text encoder). In kohya's format (and in a run's own
+`learned_embeds.safetensors`, `save_whole`) it is one `{"clip_l", "clip_g"}` file, which A1111 and ComfyUI load as
+is. In diffusers' format it is the two files diffusers' SDXL script writes, `<stem>.safetensors` and
+`<stem>_2.safetensors` (`second_file`), each `{token: table}`, which `load_textual_inversion` loads by path, one
+call per encoder. A1111's `.pt` is refused: A1111 reads an SDXL `.pt` only as a bare dict of the two tables, with
+no room for the name and metadata, which the kohya file holds. Read, diffusers' pair (its checkpoints'
+`learned_embeds-steps-N` and `learned_embeds_2-steps-N` too, and `.bin` files) is one embedding.
 
 A1111, SD.Next and kohya's scripts call an embedding by its file's stem (`file_trigger`). InvokeAI reads the width
 of a `{token: (n, width)}` file from its first axis and refuses it: give it the a1111 or kohya file.
@@ -98,6 +100,21 @@ def blend(a: Embedding, b: Embedding, t: float, token: str) -> Embedding:
     return Embedding(token, slerp(a.vectors.float(), b.vectors.float(), t), meta, second)
 
 
+def second_file(path: Path) -> Path:
+    """Where diffusers' SDXL layout keeps the second encoder's table beside `path`: `learned_embeds_2` for
+    `learned_embeds` (its checkpoints' `learned_embeds-steps-N` too), else `<stem>_2`."""
+    path = Path(path)
+    stem = path.stem
+    if stem.startswith("learned_embeds") and not stem.startswith("learned_embeds_2"):
+        return path.with_name("learned_embeds_2" + stem.removeprefix("learned_embeds") + path.suffix)
+    return path.with_name(f"{stem}_2{path.suffix}")
+
+
+def files_written(emb: Embedding, path: Path, fmt: Format) -> list[Path]:
+    """The files `save(emb, path, fmt)` writes: `path`, and for an SDXL pair in diffusers' format its second."""
+    return [Path(path), second_file(path)] if emb.vectors_2 is not None and fmt == "diffusers" else [Path(path)]
+
+
 def formats_for(emb: Embedding) -> tuple[str, ...]:
     """The formats that can hold `emb`: all of them, or for an SDXL pair all but A1111's one-table `.pt`."""
     return FORMATS if emb.vectors_2 is None else tuple(f for f in FORMATS if f != "a1111")
@@ -178,11 +195,18 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
     if pair is not None and fmt == "a1111":
         raise OnewordError(
             f"{emb.token!r} is an SDXL embedding (clip_l {tuple(v.shape)} and clip_g "
-            f"{tuple(emb.vectors_2.shape)}), which A1111's .pt format cannot hold: it has one table",
-            hint="use --format kohya: A1111 and ComfyUI load SDXL embeddings as that clip_l/clip_g safetensors file",
+            f"{tuple(emb.vectors_2.shape)}): A1111 reads an SDXL .pt only as a bare dict of the two tables, "
+            "with no room for its name and metadata",
+            hint="use --format kohya: the same two tables in a safetensors file, which A1111 and ComfyUI load",
         )
-    if fmt == "diffusers":
-        storage.save_tensors(pair or {emb.token: v}, tmp, metadata=_header(emb))
+    if fmt == "diffusers" and pair is not None:  # diffusers' SDXL layout: a {token: table} file per encoder
+        second = second_file(path)
+        tmp_2 = second.with_name(second.name + ".part")
+        storage.save_tensors({emb.token: pair["clip_g"]}, tmp_2, metadata=_header(emb))
+        storage.save_tensors({emb.token: v}, tmp, metadata=_header(emb))
+        tmp_2.replace(second)  # the second first: a first file found beside a stale second would read as a pair
+    elif fmt == "diffusers":
+        storage.save_tensors({emb.token: v}, tmp, metadata=_header(emb))
     elif fmt == "kohya":
         storage.save_tensors(pair or {"emb_params": v}, tmp, metadata=_header(emb))
     elif fmt == "a1111":
@@ -207,6 +231,13 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
         raise OnewordError(f"unknown embedding format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     tmp.replace(path)
     return path
+
+
+def save_whole(emb: Embedding, path: Path) -> Path:
+    """Write `emb` as one file that holds all of it, a run's own `learned_embeds.safetensors`: diffusers' format
+    for one text encoder, the clip_l/clip_g file for an SDXL pair (so every step, the registry and a pull move one
+    file, and A1111 and ComfyUI load it as is)."""
+    return save(emb, path, "diffusers" if emb.vectors_2 is None else "kohya")
 
 
 def load(path: Path, token: str | None = None) -> Embedding:
@@ -295,6 +326,7 @@ def _load(path: Path, token: str | None) -> Embedding:
             file_token, vectors = next(iter(data.items()))
             # kohya's key names the format, not the concept: the token is the file's stem, as for its safetensors
             meta = {} if file_token == "emb_params" else {"token": file_token}
+            vectors_2 = None if file_token == "emb_params" else _second_table(path, file_token, vectors.shape[-1])
         elif isinstance(data, torch.Tensor):
             vectors, meta = data, {}
         else:
@@ -315,18 +347,21 @@ def _load(path: Path, token: str | None) -> Embedding:
 
 
 def _second_table(path: Path, token: str, width: int) -> torch.Tensor | None:
-    """SDXL's clip_g table where diffusers' SDXL script writes it: beside `path`, in `<stem>_2` (its
-    `learned_embeds_2.safetensors`), under the same token, of another width (a table as wide is no pair's: a
-    second version of the concept, say)."""
-    beside = path.with_name(f"{path.stem}_2{path.suffix}")
+    """SDXL's clip_g table where diffusers' SDXL script writes it: beside `path`, in `second_file(path)` (its
+    `learned_embeds_2.safetensors`, or `.bin`), under the same token, of another width (a table as wide is no
+    pair's: a second version of the concept, say)."""
+    beside = second_file(path)
     if not beside.is_file():
         return None
     try:
-        second = load_file(str(beside))
-    except (SafetensorError, OSError):
+        if is_safetensors(beside):
+            second = load_file(str(beside))
+        else:
+            second = torch.load(beside, map_location="cpu", weights_only=True)
+    except Exception:  # whatever it is, it is not the pair's second half: the first file is read alone
         return None
-    table = second.get(token) if len(second) == 1 else None
-    if table is None or table.shape[-1] == width:
+    table = second.get(token) if isinstance(second, dict) and len(second) == 1 else None
+    if not isinstance(table, torch.Tensor) or table.shape[-1] == width:
         return None
     log.info("%s: its clip_g table read from %s (diffusers' SDXL layout)", path, beside.name)
     return table

@@ -400,6 +400,9 @@ def _finish(
     for m in (text_encoder, text_encoder_2, unet, vae):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
+    for tok, enc in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
+        if enc is not None:
+            pool_at_end_token(enc, tok)
     return LoadedModel(
         source=source,
         tokenizer=tokenizer,
@@ -415,6 +418,23 @@ def _finish(
         text_encoder_2=text_encoder_2,
         stated_prediction=stated_prediction,
     )
+
+
+def pool_at_end_token(text_encoder: CLIPTextModel | CLIPTextModelWithProjection, tokenizer: CLIPTokenizer) -> None:
+    """Make the encoder's pooled output read the end token, as the model was trained to, even after new tokens.
+
+    A CLIP text encoder converted with `eos_token_id: 2` in its config (SDXL's second, SD 2.x's) pools at the
+    highest token id, the end token's in the model's own vocabulary, but an added placeholder's once one is in the
+    prompt (huggingface/diffusers#10754). SDXL conditions the UNet on that pooled text: A1111, ComfyUI and kohya's
+    scripts take it at the end token, so an SDXL embedding is trained, and oneword samples, as they read it.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return
+    for module in text_encoder.modules():  # the transformer that pools: the encoder itself, or its text_model
+        if isinstance(getattr(module, "eos_token_id", None), int):
+            module.eos_token_id = eos
+    text_encoder.config.eos_token_id = eos
 
 
 _FINGERPRINTS: dict[tuple[str, int], str] = {}

@@ -286,7 +286,8 @@ def build_tiny_sdxl_model(out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     # bos/eos/pad stay SDXL's (0, 2, 1): with eos 2, transformers pools at the highest token id, which a
-    # placeholder token is, in training and in diffusers' pipeline alike
+    # placeholder token is in diffusers' pipeline; oneword's loader makes it pool at the end token
+    # (models.pool_at_end_token), and the tests see both
     small = dict(num_hidden_layers=2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(**dict(SDXL_TEXT_ENCODER, hidden_size=32, intermediate_size=64, num_attention_heads=4, **small))

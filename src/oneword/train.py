@@ -2,8 +2,8 @@
 
 Output folder layout (one concept):
 
-    learned_embeds.safetensors   diffusers format (loads with load_textual_inversion; SDXL's holds both
-                                 encoders' vectors, clip_l and clip_g, one load per encoder)
+    learned_embeds.safetensors   diffusers format (loads with load_textual_inversion); SDXL's holds both
+                                 encoders' vectors in one file, clip_l and clip_g (`embeddings.save_whole`)
     a1111/<token>.pt             A1111 format
     kohya/<token>.safetensors    kohya format
     checkpoints/step-*.pt        every `checkpoint_every` steps (resume from the newest)
@@ -67,7 +67,10 @@ def write_embedding_files(emb: emb_io.Embedding, out_dir: Path) -> dict[str, Pat
     }
     paths = {fmt: p for fmt, p in paths.items() if fmt in emb_io.formats_for(emb)}
     for fmt, p in paths.items():
-        emb_io.save(emb, p, fmt)  # type: ignore[arg-type]
+        if fmt == "diffusers":
+            emb_io.save_whole(emb, p)
+        else:
+            emb_io.save(emb, p, fmt)  # type: ignore[arg-type]
     return paths
 
 

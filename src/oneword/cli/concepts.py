@@ -294,15 +294,17 @@ def pull_cmd(
 
     from oneword.catalogue import pull_concept
     from oneword.cli.export import refuse_existing
-    from oneword.embeddings import FORMATS
+    from oneword.embeddings import FORMATS, second_file
     from oneword.errors import OnewordError
 
     if format not in FORMATS:
         raise OnewordError(f"unknown format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
     refuse_existing(out, force)
-    path, tags = pull_concept(ref, out, format, existing_store(tracking_uri))
+    path, tags = pull_concept(ref, out, format, existing_store(tracking_uri), replace=force)
     ref_said = f"{tags['oneword.name']}/{tags['oneword.version']}"
-    rprint(f"[green]{escape(ref_said)}[/] ({escape(str(tags.get('oneword.token')))}) -> {path} ({format})")
+    pair = format == "diffusers" and tags.get("oneword.model_family") == "sdxl"  # diffusers' two files
+    also = f" and {second_file(path)}" if pair else ""
+    rprint(f"[green]{escape(ref_said)}[/] ({escape(str(tags.get('oneword.token')))}) -> {path}{also} ({format})")
 
 
 @concepts.command("promote")

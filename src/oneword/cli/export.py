@@ -37,11 +37,21 @@ def export_cmd(
         _check_token(token, emb.n_vectors)
         emb.token = token
     dest = out or embedding.with_name(E.default_filename(emb.token, format))  # type: ignore[arg-type]
-    if dest.resolve() == embedding.resolve():
+    written = E.files_written(emb, dest, format)  # type: ignore[arg-type]
+    if embedding.resolve() in [f.resolve() for f in written]:
         raise OnewordError(f"{dest} is the input file", hint="pass --out")
-    refuse_existing(dest, force)
+    for f in written:
+        refuse_existing(f, force)
     E.save(emb, dest, format)  # type: ignore[arg-type]
-    rprint(f"[green]{emb.token}[/] ({emb.n_vectors}x{emb.width}) -> {dest} ({format})")
+    g = emb.vectors_2
+    shape = f"{emb.n_vectors}x{emb.width}" + ("" if g is None else f" + clip_g {g.shape[0]}x{g.shape[1]}")
+    rprint(f"[green]{emb.token}[/] ({shape}) -> {' and '.join(map(str, written))} ({format})")
+    if len(written) == 2:  # diffusers' SDXL layout: one load per text encoder
+        rprint(
+            f'  in diffusers: pipe.load_textual_inversion("{written[0]}")\n'
+            f'  and pipe.load_textual_inversion("{written[1]}",\n'
+            "      text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+        )
     if format != "diffusers":  # A1111, SD.Next and kohya's scripts call it by its file's stem
         rprint(f"  in A1111 prompts: {dest.stem}" + (f" (ComfyUI: embedding:{dest.stem})" if format == "kohya" else ""))
         if E.is_one_word(dest.stem):
@@ -74,12 +84,14 @@ def blend_cmd(
 
     if out.resolve() in (first.resolve(), second.resolve()):
         raise OnewordError(f"{out} is one of the concepts blended", hint="write the blend to a file of its own")
-    refuse_existing(out, force)
     a, b = E.load(first), E.load(second)
     _check_token(token, a.n_vectors)
     emb = E.blend(a, b, t, token)
+    written = E.files_written(emb, out, "diffusers")
+    for f in written:
+        refuse_existing(f, force)
     E.save(emb, out, "diffusers")
-    rprint(f"[green]{token}[/] = {t:g} of the way from {first} to {second} -> {out}")
+    rprint(f"[green]{token}[/] = {t:g} of the way from {first} to {second} -> {' and '.join(map(str, written))}")
 
 
 def _check_token(token: str, n_vectors: int) -> None:

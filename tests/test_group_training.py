@@ -307,7 +307,8 @@ def test_a_member_that_cannot_train_beside_the_others_fails_alone(tiny_model_dir
     errors = {r["name"]: r["error"] for r in rows}
     assert "'<h0>_1' cannot be told from two-vectors's" in errors["clashes"] and "<h0>" in errors["same-token"]
     assert "cannot be told from two-vectors's '<h0>'" in errors["other-case"]
-    assert "one batch cannot hold both" in errors["other-size"] and "could not be read" in errors["damaged"]
+    assert "one batch cannot hold both" in errors["other-size"]
+    assert "is not a latent set oneword wrote" in errors["damaged"]
     assert "switches on at step 4" in errors["too-late"]
 
 

@@ -455,3 +455,39 @@ def test_a_checkpoint_resumes_only_on_the_model_and_device_it_was_written_on(tin
         same.load_state_dict({**state, "device_type": "cuda"})
     same.load_state_dict(state)
     assert same.step == 2
+
+
+def test_a_training_never_replaces_another_concepts_files(cat_latents_dir, tmp_path):
+    """Training writes into its folder as it goes: another concept's training there, or a user's file of a name it
+    writes, is refused before any work; an earlier training of the same concept is replaced, photos and all."""
+    from oneword import embeddings as emb_io
+    from oneword.train import train
+
+    out = tmp_path / "shared"
+    settings = TrainConfig(steps=2)
+
+    def train_in(folder, token, init_word, run):  # checkpoints elsewhere: the folders hold only what is said
+        spec = ConceptSpec(token=token, init_word=init_word)
+        train(cat_latents_dir, folder, spec, settings, checkpoint_dir=tmp_path / run, progress=False)
+
+    train_in(out, "<cat-a>", "cat", "ck1")
+    before = (out / "learned_embeds.safetensors").read_bytes()
+    with pytest.raises(OnewordError, match="the training of <cat-a>, which training <dog-b> there would replace"):
+        train_in(out, "<dog-b>", "dog", "ck2")
+    assert (out / "learned_embeds.safetensors").read_bytes() == before and not (out / "a1111" / "dog-b.pt").exists()
+
+    (out / "dataset" / "images" / "stale.png").write_bytes(b"an earlier photo")
+    train_in(out, "<cat-a>", "cat", "ck3")
+    assert emb_io.load(out / "learned_embeds.safetensors").token == "<cat-a>"
+    assert not (out / "dataset" / "images" / "stale.png").exists()  # the photos are this training's only
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "learned_embeds.safetensors").write_text("my own file")
+    (mine / "notes.txt").write_text("left alone")
+    with pytest.raises(OnewordError, match="files no training of oneword wrote"):
+        train_in(mine, "<cat-a>", "cat", "ck4")
+    assert (mine / "learned_embeds.safetensors").read_text() == "my own file"
+    with pytest.raises(OnewordError, match="already in the vocabulary"):  # refused before its folder is made
+        train_in(tmp_path / "new", "cat", "cat", "ck5")
+    assert not (tmp_path / "new").exists()

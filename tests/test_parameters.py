@@ -211,8 +211,9 @@ def test_settings_are_checked_by_their_rules_before_a_run():
     from oneword.pipelines.parameters import invalid
 
     assert invalid(DEFAULTS) == [] and invalid({"resolution": RESOLUTION_FROM_PROFILE}) == []
-    assert invalid({"resolution": -5, "steps": -3, "mode": "zoom"}) == [
-        "resolution=-5: Input should be greater than or equal to 8, or 0: the model's native size",
+    assert invalid({"resolution": 63})[0].startswith("resolution=63: Input should be a multiple of 8")
+    assert invalid({"resolution": -8, "steps": -3, "mode": "zoom"}) == [
+        "resolution=-8: Input should be greater than or equal to 8, or 0: the model's native size",
         "steps=-3: Input should be greater than or equal to 1, or 0: the model's profile",  # as its help says
         "mode='zoom': Input should be 'crop' or 'pad'",
     ]

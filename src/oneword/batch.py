@@ -218,11 +218,46 @@ def read_concepts_manifest(source: str) -> str:
     """The text of a concepts manifest at a path or an `s3://` URI."""
     if storage.is_s3(source):
         with tempfile.TemporaryDirectory() as d:
-            return storage.download_file(source, Path(d) / "manifest.yaml").read_text()
+            return read_text(storage.download_file(source, Path(d) / "manifest.yaml"), source)
     p = Path(source)
     if not p.is_file():
         raise OnewordError(f"concepts manifest {source} not found", hint="pass a YAML file or s3:// URI")
-    return p.read_text()
+    return read_text(p, source)
+
+
+def read_text(path: Path, source: str | None = None, what: str = "concepts manifest") -> str:
+    """A YAML file's text: UTF-8 (with or without a byte-order mark), or UTF-16 with its mark (what some Windows
+    editors save); anything else is an error naming the file (`source`, default `path`) and the byte."""
+    data = Path(path).read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise OnewordError(
+            f"{what} {source or path} is not UTF-8 text (byte {data[e.start]:#04x} at position {e.start})",
+            hint="save it as UTF-8 (an editor's 'Save with encoding' or `iconv -t UTF-8`)",
+        ) from e
+
+
+def manifest_items(data: object, source: str, what: str = "concepts manifest") -> object:
+    """The concepts a parsed manifest lists: the list under `concepts:`, or the file's own list. A key beside
+    `concepts:` (a setting such as `steps:`, which a manifest does not hold) and a `concepts:` written as a
+    mapping are errors, not ignored."""
+    if not isinstance(data, dict):
+        return data
+    if "concepts" in data and (beside := [str(k) for k in data if k != "concepts"]):
+        raise OnewordError(
+            f"{what} {source} has {', '.join(map(repr, beside))} beside `concepts:`, which it does not read",
+            hint="settings go to the run (`oneword batch --help`), or under each concept where it has that field",
+        )
+    items = data.get("concepts")
+    if isinstance(items, dict):
+        raise OnewordError(
+            f"the `concepts:` of {what} {source} is a mapping, not a list",
+            hint="write each concept as a list item: `- images: ...`, with token and init_word under it",
+        )
+    return items
 
 
 # what a manifest entry may hold beside its three required fields, as errors say it
@@ -239,7 +274,11 @@ def parse_yaml(text: str, source: str, what: str = "concepts manifest"):
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         why = getattr(e, "problem", None) or str(e).splitlines()[0]
-        during = f" ({e.context})" if getattr(e, "context", None) else ""
+        begun = getattr(e, "context_mark", None)  # where what it was reading began: an unclosed quote's line
+        during = f" ({e.context}" if getattr(e, "context", None) else ""
+        if during and begun is not None and mark is not None and begun.line != mark.line:
+            during += f" that begins at line {begun.line + 1}, column {begun.column + 1}"
+        during += ")" if during else ""
         raise OnewordError(
             f"{what} {source} is not valid YAML{where}: {why}{during}",
             hint="check the indentation and the quotes on that line and the one before it",
@@ -274,7 +313,7 @@ def parse_concepts_manifest(text: str, source: str) -> list[ConceptEntry]:
     from oneword.tokens import clashing_entries, vector_tokens  # torch and a tokenizer: not for a report
 
     data = parse_yaml(text, source) or {}
-    items = data.get("concepts") if isinstance(data, dict) else data
+    items = manifest_items(data, source)
     if not items or not isinstance(items, list):
         keys = [str(k) for k in data] if isinstance(data, dict) and "concepts" not in data else []
         raise OnewordError(

@@ -524,6 +524,17 @@ def _delete_artifacts(uri: str) -> None:
 PROMOTED_TAG = "oneword.promoted"
 
 
+def check_alias(alias: str) -> None:
+    """Refuse, before the registry is asked, an alias MLflow would refuse: one of other characters than letters,
+    digits, '_' and '-', or one it reserves (`latest`, and `v` with a number, which name versions)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias):
+        raise OnewordError(f"alias {alias!r} is not one MLflow can hold",
+                           hint="an alias is letters, digits, '_' and '-', such as champion or staging")  # fmt: skip
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise OnewordError(f"alias {alias!r} is reserved by MLflow (it names a version: the newest, or one by number)",
+                           hint="choose another name, such as champion or staging")  # fmt: skip
+
+
 def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str | None = None) -> dict:
     """Point `alias` at a version by hand: a rollback (the new champion draws its concept worse than its scores
     say), or a move the gate cannot make (a champion on the old base model, whose scores it does not compare).
@@ -548,6 +559,7 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     if "/" not in ref and "@" not in ref:
         raise OnewordError(f"promote takes NAME/VERSION or NAME@alias, not {ref!r}",
                            hint="e.g. my-cat/3 or my-cat@candidate (`oneword concepts list`)")  # fmt: skip
+    check_alias(alias)
     name, _, _ = parse_ref(ref)
     mv = get_version(ref, tracking_uri, bundle=True)
     _, client = tracking.client(tracking_uri)

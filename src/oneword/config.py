@@ -31,16 +31,19 @@ MODEL_DEPENDENT_EVAL = {
 class PreprocessConfig(BaseModel):
     """How photos become training images."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    resolution: int = Field(512, ge=8, description="side of the square training images (SD 1.x: 512)")
+    resolution: int = Field(
+        512, ge=8, multiple_of=8, description="side of the square training images (SD 1.x: 512; a multiple of 8, "
+        "as the diffusers pipelines draw)"
+    )
     mode: Literal["crop", "pad"] = Field("crop", description="crop (centre-crop to a square) or pad (with white)")
 
 
 class ConceptSpec(BaseModel):
     """What to learn: a placeholder token, its initializer word and how many vectors it gets."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     token: str = Field(description="the new pseudo-word, e.g. '<my-cat>'")
     init_word: str = Field(description="one-token word the vectors start from, e.g. 'cat'")
@@ -72,7 +75,7 @@ class ConceptSpec(BaseModel):
 class TrainConfig(BaseModel):
     """Optimisation settings. Defaults are the paper's (Sec. 4 and its LDM config), unless noted."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     steps: int | None = Field(None, ge=1, description="optimiser steps (None: the model's profile)")
     batch_size: int = Field(4, ge=1, description="samples per concept per step (paper: 4)")
@@ -174,7 +177,7 @@ class TrainConfig(BaseModel):
 class EvalConfig(BaseModel):
     """Evaluation settings. The sampler and evaluator depend on the model (`oneword.profiles`); eta 0 as the paper."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     prompt_set: str | None = Field(
         None,
@@ -182,7 +185,9 @@ class EvalConfig(BaseModel):
     )
     n_images: int = Field(64, ge=1, description="images per prompt (the paper: 64)")
     steps: int | None = Field(None, ge=1, description="DDIM steps (None: the model's profile)")
-    guidance_scale: float | None = Field(None, description="classifier-free guidance (None: the model's profile)")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="classifier-free guidance (None: the model's profile)"
+    )
     eta: float = Field(0.0, description="DDIM eta")
     seed: int = Field(0, description="image j of every prompt uses seed + j")
     clip_model: str = Field("auto", description="CLIP evaluator (auto: the model's profile)")
@@ -220,19 +225,21 @@ class EvalConfig(BaseModel):
 class GenerateConfig(BaseModel):
     """Drawing with learned concepts (`oneword generate`); steps and guidance unset are the model's profile's."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     n: int = Field(4, ge=1, description="images per prompt")
     seed: int = Field(0, description="seed of the first image of each prompt (image j: seed + j)")
     steps: int | None = Field(None, ge=1, description="DDIM steps (None: the model's profile)")
-    guidance_scale: float | None = Field(None, description="classifier-free guidance (None: the model's profile)")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="classifier-free guidance (None: the model's profile)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, ...")
 
 
 class GateThresholds(BaseModel):
     """Minimum scores a version needs before it may become champion (-1, the lowest cosine, disables one)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     min_reconstruction: float = Field(-1.0, ge=-1, le=1, description="quality gate: least reconstruction (-1: off)")
     min_editability: float = Field(-1.0, ge=-1, le=1, description="quality gate: least editability (-1: off)")
@@ -247,7 +254,7 @@ class GateThresholds(BaseModel):
 class TrackingConfig(BaseModel):
     """Where runs and concepts are recorded."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     tracking_uri: str = Field(
         "",
@@ -262,7 +269,7 @@ class TrackingConfig(BaseModel):
 class BatchConfig(BaseModel):
     """How a batch is split into GPU jobs, and into runs."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     concepts_per_shard: int = Field(
         1, ge=1, description="concepts trained together in one GPU job (more: faster per concept, see bench)"
@@ -300,7 +307,7 @@ class ClusterConfig(BaseModel):
     fp32 (about 5 GB in memory before the UNet is cast) and evaluation holds the pipeline and a CLIP beside them.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     accelerator_type: str = Field("nvidia.com/gpu", description="GPU resource of the GPU steps, e.g. nvidia.com/gpu")
     # A string: KFP's driver reads a pod's resource fields from string parameters only (a number reads as "", and the

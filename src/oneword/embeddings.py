@@ -306,6 +306,14 @@ def _load(path: Path, token: str | None) -> Embedding:
             with torch.serialization.safe_globals([torch.nn.ParameterDict]):
                 data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors come in many types
+            with open(path, "rb") as f:
+                head = f.read(2)
+            if not head.startswith((b"\x80", b"PK")):  # neither a pickle (a legacy .pt) nor a zip (torch's own)
+                raise OnewordError(
+                    f"{path} is not an embedding file: " + ("it is empty" if not head else
+                                                            "neither safetensors nor torch's .pt/.bin"),
+                    hint="pass a textual-inversion file: diffusers' .safetensors, an A1111 .pt, or a kohya file",
+                ) from e
             raise OnewordError(
                 f"{path} could not be read as a weights-only .pt/.bin file ({e})",
                 hint="oneword never unpickles arbitrary objects; convert the file to safetensors",
@@ -341,6 +349,11 @@ def _load(path: Path, token: str | None) -> Embedding:
         vectors = vectors[None]
     if vectors_2 is not None:  # SDXL's clip_g, as clip_l: fp32, and one vector stored without its row axis
         vectors_2 = vectors_2.float()[None] if vectors_2.dim() == 1 else vectors_2.float()
+    if not all(torch.isfinite(t).all() for t in (vectors, vectors_2) if t is not None):  # it would draw black
+        raise OnewordError(
+            f"{path} holds non-finite values (NaN or inf) in its vectors",
+            hint="the file is damaged, or its training diverged: take an earlier checkpoint's, or train again",
+        )
     name = token or meta.pop("token", None) or path.stem
     meta.pop("token", None)
     return Embedding(name, vectors, {k: str(v) for k, v in meta.items()}, vectors_2)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -92,7 +93,9 @@ class Manifest:
     def photos_of(folder: str | Path) -> str:
         """The photos' folder of the dataset in `folder`, or '' where it has none (an earlier step failed)."""
         p = Path(folder) / MANIFEST
-        return str(json.loads(p.read_text()).get("photos", "")) if p.is_file() else ""
+        if not p.is_file():
+            return ""
+        return str(storage.read_json(p, f"run `oneword preprocess` again for {folder}").get("photos", ""))
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
@@ -100,20 +103,31 @@ class Manifest:
         p = Path(folder) / MANIFEST
         if not p.exists():
             raise OnewordError(f"{p} not found", hint="run `oneword preprocess` on the images first")
-        d = json.loads(p.read_text())
-        d["images"] = [ImageRecord(**{**r, "original_size": tuple(r["original_size"])}) for r in d["images"]]
-        return cls(**d)
+        again = f"run `oneword preprocess` again for {Path(folder)}"
+        d = storage.read_json(p, hint=again)
+        try:
+            d["images"] = [ImageRecord(**{**r, "original_size": tuple(r["original_size"])}) for r in d["images"]]
+            return cls(**d)
+        except (KeyError, TypeError) as e:  # a field missing, or one of another kind
+            raise OnewordError(f"{p} is not a manifest oneword wrote ({type(e).__name__}: {e})", hint=again) from e
 
 
 def visible_files(folder: Path) -> list[Path]:
     """The files under `folder`, in subfolders too, hidden ones (and those in hidden folders) apart; sorted.
     Symbolic links that lead to no file (broken, or to a folder, which is not followed) are among them, so that
     whoever reads them says why they were skipped."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if (p.is_file() or p.is_symlink()) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    found: list[Path] = []
+    unreadable: list[Path] = []  # a subfolder that cannot be listed is one of them: said, its photos not lost unsaid
+
+    def refused(e: OSError) -> None:
+        if e.filename and Path(e.filename) != folder:
+            unreadable.append(Path(e.filename))
+
+    for here, dirs, files in os.walk(folder, onerror=refused):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(here) / f for f in files if not f.startswith(".")]
+        found += [Path(here) / d for d in dirs if (Path(here) / d).is_symlink()]  # a link to a folder: told why
+    return sorted(found + unreadable)
 
 
 def _photo_folder(source: str | Path, download_dir: Path | None = None) -> Path:
@@ -354,6 +368,11 @@ def preprocess(
             if suffix in UNREADABLE_SUFFIXES:
                 skipped.append({"source": shown, "reason": f"{suffix} photos cannot be read: "
                                 f"{UNREADABLE_SUFFIXES[suffix]}"})  # fmt: skip
+                continue
+            if path.is_dir():
+                why = ("a link to a folder, which is not followed: link the photos, or pass the folder itself"
+                       if path.is_symlink() else "a folder that cannot be read: check its permissions")  # fmt: skip
+                skipped.append({"source": shown, "reason": why})
                 continue
             if suffix not in IMAGE_SUFFIXES:
                 skipped.append({"source": shown, "reason": f"not an image file (suffix {path.suffix!r})"})

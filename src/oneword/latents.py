@@ -83,9 +83,23 @@ class LatentSet:
         p = p / LATENTS_FILE if p.is_dir() else p
         if not p.exists():
             raise OnewordError(f"{p} not found", hint="run `oneword cache-latents` first")
-        with safe_open(str(p), "pt") as f:
-            meta = json.loads(f.metadata()["oneword"])
-        t = load_file(str(p))
+        try:
+            with safe_open(str(p), "pt") as f:
+                meta = json.loads((f.metadata() or {})["oneword"])
+            t = load_file(str(p))
+            missing = [k for k in ("mean", "std") if k not in t] + [
+                k for k in ("image_sha256", "scaling_factor", "shift_factor") if k not in meta
+            ]
+        except Exception as e:  # not safetensors, or safetensors of something else: a bad header comes in many types
+            raise OnewordError(
+                f"{p} is not a latent set oneword wrote ({type(e).__name__}: {e})",
+                hint="pass the folder `oneword cache-latents -o` wrote (it holds latents.safetensors)",
+            ) from e
+        if missing:
+            raise OnewordError(
+                f"{p} is not a latent set oneword wrote (it has no {', '.join(missing)})",
+                hint="pass the folder `oneword cache-latents -o` wrote (it holds latents.safetensors)",
+            )
         for key in ("mean", "std"):
             if not torch.isfinite(t[key]).all():  # a damaged file would only show as a NaN loss, steps later
                 raise OnewordError(

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from oneword import __version__, outcome, tracking
+from oneword import __version__, outcome, storage, tracking
 from oneword.config import NAME_LENGTH, REGISTERED_NAME, TrackingConfig
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, check_comparable, quality_gate
@@ -321,8 +321,12 @@ def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batc
             raise OnewordError(
                 f"{f} is missing: {why}", hint=(failed or {}).get("hint") or f"run {step} for this concept first"
             )
-    summary = json.loads((train_dir / "summary.json").read_text())
-    metrics = json.loads((Path(eval_dir) / "metrics.json").read_text()) if eval_dir else None
+    summary = storage.read_json(train_dir / "summary.json", hint=f"train again into {train_dir}")
+    metrics = (
+        storage.read_json(Path(eval_dir) / "metrics.json", hint=f"evaluate {train_dir} again (-o {eval_dir})")
+        if eval_dir
+        else None
+    )
     token = summary["concept"]["token"]
     if metrics is not None:
         _check_evaluated(train_dir, Path(eval_dir), summary, metrics)

@@ -66,6 +66,18 @@ def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = No
     return Path(path)
 
 
+def read_json(path: Path, hint: str) -> dict:
+    """A JSON object that a step wrote, read; a file that is cut short, damaged or not an object is an
+    `OnewordError` naming it, with `hint` (which step writes it again)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OnewordError(f"{path} is not readable JSON ({e})", hint=hint) from e
+    if not isinstance(data, dict):
+        raise OnewordError(f"{path} holds a JSON {type(data).__name__}, not the object oneword writes", hint=hint)
+    return data
+
+
 def part_path(final: Path) -> Path:
     """A hidden temporary name beside `final`, unique to this writer: writers in other pods on a shared volume
     often have the same process id (each container numbers its own), so a pid alone would let them collide."""

@@ -101,13 +101,16 @@ def get_templates(name: str) -> tuple[str, ...]:
         return SETS[name]
     p = Path(name)
     if not p.is_file():
+        path_like = p.suffix or "/" in name or "\\" in name  # meant as a file: say the file is not there
         raise OnewordError(
-            f"unknown template set {name!r}",
+            f"template file {name!r} not found" if path_like else f"unknown template set {name!r}",
             hint=f"use one of {', '.join(SETS)} or a text file with one template per line",
         )
     lines = read_lines(p.read_text())
+    if not lines:
+        raise OnewordError(f"template file {p} is empty", hint="write one template per line, like 'a photo of a {}'")
     bad = [t for t in lines if not one_placeholder(t)]
-    if not lines or bad:
+    if bad:
         raise OnewordError(
             f"template file {p} has lines without exactly one '{{}}' (and no other braces): {bad[:3]}",
             hint="write each template like 'a photo of a {}'; write a literal brace as {{ or }}",

@@ -76,13 +76,13 @@ def check_new_token(tokenizer: CLIPTokenizer, token: str, n_vectors: int = 1) ->
     if taken:  # e.g. "kitt", a piece of "kitten": it encodes as two ids, yet the tokenizer would reuse its entry
         raise OnewordError(
             f"placeholder token {token!r} is already in the vocabulary (its entry {taken[0]!r} has id "
-            f"{vocab[taken[0]]}): training it would change an existing word",
+            f"{vocab[taken[0]]}): a concept there would change an existing word",
             hint=f"use a string the tokenizer does not know, such as '<{token.strip('<>')}>'",
         )
     ids = tokenizer(token, add_special_tokens=False).input_ids
     if len(ids) == 1:
         raise OnewordError(
-            f"placeholder token {token!r} is already in the vocabulary (id {ids[0]}): training it would "
+            f"placeholder token {token!r} is already in the vocabulary (id {ids[0]}): a concept there would "
             "change an existing word",
             hint=f"use a string the tokenizer does not know, such as '<{token.strip('<>')}>'",
         )

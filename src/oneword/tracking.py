@@ -25,6 +25,7 @@ _ready: set[str] = set()  # stores this process has already made or checked
 
 
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # sqlite:, http(s):, postgresql:, databricks, file:, ...
 
 
@@ -104,17 +105,22 @@ def ensure_store(tracking_uri: str | None = None) -> str:
     db = sqlite_path(uri)
     if db is None or uri in _ready:
         return uri
+    if db.is_file() and db.stat().st_size and _head(db) != SQLITE_MAGIC:
+        raise OnewordError(
+            f"{db} is not a SQLite database, so not an MLflow store (it was left as it was)",
+            hint="pass --tracking-uri the store's .db file (`oneword run` prints it), or a new file's name",
+        )
     db.parent.mkdir(parents=True, exist_ok=True)
     from mlflow.exceptions import MlflowException
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DatabaseError
 
     with FileLock(f"{db}.lock"):
         try:
             TrackingStore(uri, local_artifact_root(uri))  # creates or migrates the tables
             RegistryStore(uri)
-        except (OperationalError, MlflowException) as e:
+        except (DatabaseError, MlflowException) as e:  # OperationalError among them
             if "_alembic_tmp_" in str(e):
                 hint = (
                     f"the store was left half-migrated by an unguarded concurrent start: if it holds nothing you "
@@ -126,6 +132,11 @@ def ensure_store(tracking_uri: str | None = None) -> str:
             raise OnewordError(f"cannot open the MLflow store {db}: {e}", hint=hint) from e
     _ready.add(uri)
     return uri
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(len(SQLITE_MAGIC))
 
 
 def client(tracking_uri: str | None = None):

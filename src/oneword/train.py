@@ -154,7 +154,8 @@ def _write_concept(
     files = write_embedding_files(emb, out_dir)
     (out_dir / CURVE_FILE).write_text(json.dumps(curve))
     if (Path(latents_dir) / DATASET_DIR).is_dir():
-        shutil.copytree(Path(latents_dir) / DATASET_DIR, out_dir / DATASET_DIR, dirs_exist_ok=True)
+        shutil.rmtree(out_dir / DATASET_DIR, ignore_errors=True)  # an earlier training's photos: never mixed in
+        shutil.copytree(Path(latents_dir) / DATASET_DIR, out_dir / DATASET_DIR)
     summary = {
         "concept": concept.model_dump(),
         "learning_rate_used": TrainConfig(**run["config"]).lr_for(concept),
@@ -203,6 +204,7 @@ def train(
     from oneword.registry import concept_name  # (registry imports evaluation, which imports this module)
 
     name = concept_name(concept.token, name or "")  # a name the registry cannot hold fails before any work
+    check_output_folder(out_dir, concept.token)
     _refuse_earlier_checkpoints(checkpoint_dir if checkpoint_dir is not None else Path(out_dir) / "checkpoints", resume)
     if (n := _processes(config, base_model, callbacks)) > 1:
         return distributed.launch(
@@ -216,9 +218,9 @@ def train(
     profile = profile_of(model)
     concept, config = concept.resolved(profile), config.resolved(profile)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
-    trainer = InversionTrainer(model, [(concept, latents)], config)
+    trainer = InversionTrainer(model, [(concept, latents)], config)  # a token it refuses leaves no folder behind
+    out_dir.mkdir(parents=True, exist_ok=True)
     log.info(
         "training %s (init %r, %d vector(s)) for %d steps at lr %g on %s",
         concept.token,
@@ -251,6 +253,36 @@ def _processes(config: TrainConfig, base_model, callbacks: Sequence[MetricsCallb
 def _samples(tracking: LiveTracking | None, config: TrainConfig) -> bool:
     """Whether this process draws live sample pictures (and so loads the VAE): only the process that writes."""
     return tracking is not None and config.sample_every > 0 and distributed.current().main
+
+
+def check_output_folder(out_dir: str | Path, token: str) -> None:
+    """Refuse an output folder where training `token` would replace files it did not write for that concept.
+
+    A training writes into its folder as it goes (checkpoints among its files), so it cannot replace the folder
+    whole as the other steps do: an earlier training of the same concept there is replaced, as every step replaces
+    its own earlier output, but another concept's training, or files of the names it writes that no training
+    wrote, are refused before any work. Files of other names are left alone.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OnewordError(f"{out} is a file, not a folder: a training writes a folder", hint="choose another -o")
+    if not out.is_dir():
+        return
+    taken = [n for n in ("learned_embeds.safetensors", SUMMARY_FILE, CURVE_FILE, "a1111", "kohya", DATASET_DIR)
+             if (out / n).exists()]  # fmt: skip
+    if not taken:
+        return
+    try:
+        earlier = json.loads((out / SUMMARY_FILE).read_text())["concept"]["token"]
+    except (OSError, ValueError, KeyError, TypeError):  # no summary, or not one a training wrote
+        earlier = None
+    if earlier == token:
+        return
+    whose = f"the training of {earlier}" if earlier else "files no training of oneword wrote"
+    raise OnewordError(
+        f"{out} holds {', '.join(taken)}: {whose}, which training {token} there would replace",
+        hint="choose a new or empty folder for -o (each concept trains into a folder of its own)",
+    )
 
 
 def _refuse_earlier_checkpoints(ckpt: str | Path, resume: bool) -> None:
@@ -519,6 +551,7 @@ def train_group(
             fail(name, earlier["stage"], earlier["error"], earlier.get("hint", ""))
             continue
         try:
+            check_output_folder(out_dir / name, spec.token)
             loaded.append((name, spec, LatentSet.load(Path(where)), Path(where)))
         except OnewordError as e:
             fail(name, "train", e.message, e.hint or "")

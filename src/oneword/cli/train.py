@@ -207,14 +207,14 @@ def _read_group(path: Path):
     """Read a --concepts YAML file into `(name, ConceptSpec, latents folder)` triples."""
     from pydantic import ValidationError
 
-    from oneword.batch import field_problems, parse_yaml
+    from oneword.batch import field_problems, manifest_items, parse_yaml, read_text
     from oneword.errors import OnewordError
     from oneword.registry import concept_name
 
     if not path.is_file():
         raise OnewordError(f"concepts file {path} not found")
-    items = parse_yaml(path.read_text(), str(path), "concepts file") or []
-    items = items.get("concepts", []) if isinstance(items, dict) else items
+    items = manifest_items(parse_yaml(read_text(path, what="concepts file"), str(path), "concepts file"), str(path),
+                           "concepts file") or []  # fmt: skip
     own = ("name", "latents")  # the file's own fields; the rest are the concept's (ConceptSpec)
     hint = ("each needs name (letters, digits, '_', '.', '-'), latents, token and init_word (n_vectors, templates "
             "and learning_rate are optional)")  # fmt: skip
@@ -241,4 +241,8 @@ def _read_group(path: Path):
         out.append((name, spec, where if where.is_absolute() else path.parent / where))
     if not out:
         raise OnewordError(f"concepts file {path} lists no concepts")
+    names = [name for name, _, _ in out]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise OnewordError(f"concepts file {path} names {', '.join(map(repr, twice))} more than once",
+                           hint="each concept trains into its own folder, named by its `name:`")  # fmt: skip
     return out

@@ -56,7 +56,7 @@ def _load_summary(train_dir: Path) -> dict:
     p = Path(train_dir) / SUMMARY_FILE
     if not p.exists():
         raise OnewordError(f"{p} not found", hint="evaluate a folder written by `oneword train`")
-    return json.loads(p.read_text())
+    return storage.read_json(p, hint=f"train again into {train_dir}, or evaluate another training's folder")
 
 
 def _checkpoint_list(train_dir: Path, summary: dict) -> list[tuple[int, str]]:
@@ -93,6 +93,7 @@ class _Session:
         force: bool = False,
     ):
         self.cfg, self.token = cfg, emb.token
+        self.templates = P.get_prompt_set(cfg.prompt_set)  # a prompt file's mistake, said before any model loads
         resolved = resolve_device(cfg.device)
         # several processes: each draws a share of every set of images
         self.world = distributed.current(cpu=resolved.type == "cpu")
@@ -109,7 +110,6 @@ class _Session:
         self.train_images = train_images
         self.train_clip = self.clip.images(train_images)
         self.train_dino = self.dino.images(train_images) if self.dino is not None else None
-        self.templates = P.get_prompt_set(cfg.prompt_set)
         # DreamBench's protocol names the subject's class after the token; the initializer word is that class
         self.class_word = emb.meta.get("initializer", "") if P.follows_dreambench(cfg.prompt_set) else ""
         self.sampler = SamplerConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)

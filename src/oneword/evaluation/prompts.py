@@ -62,15 +62,19 @@ def get_prompt_set(name: str) -> tuple[str, ...]:
     p = Path(name)
     if p.is_file():
         prompts = read_lines(p.read_text())
+        if not prompts:
+            raise OnewordError(f"prompt file {p} is empty", hint="write one prompt per line, like 'A photo of {}'")
         bad = [q for q in prompts if not one_placeholder(q)]
-        if not prompts or bad:
+        if bad:
             raise OnewordError(
                 f"prompt file {p} needs one '{{}}' per line, where the token goes, and no other braces; bad: {bad[:3]}",
                 hint="write lines like 'A photo of {} on the moon'; write a literal brace as {{ or }}",
             )
         return prompts
+    path_like = p.suffix or "/" in name  # meant as a file: say the file is not there
     raise OnewordError(
-        f"unknown prompt set {name!r}", hint=f"use one of {', '.join([*BUILTIN, *PACKAGED])} or a file of prompts"
+        f"prompt file {name!r} not found" if path_like else f"unknown prompt set {name!r}",
+        hint=f"use one of {', '.join([*BUILTIN, *PACKAGED])} or a file of prompts",
     )
 
 

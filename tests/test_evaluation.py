@@ -587,3 +587,21 @@ def test_an_upgrade_that_changes_no_score_keeps_every_registered_result(monkeypa
         assert protocol.evaluation_key("t", config) != before
         monkeypatch.undo()
     assert protocol.evaluation_key("t", config) == before
+
+
+def test_the_evaluation_says_how_many_images_it_drew_of_those_it_will(evaluated_concept, cat_dataset, tiny_clip_dir,
+                                                                       tmp_path, monkeypatch, caplog):
+    """Its progress lines count toward the images it draws in all: checkpoints, the chosen one's, the references."""
+    import logging
+    import re
+
+    from oneword.evaluation import evaluate as E
+
+    monkeypatch.setattr(E, "PROGRESS_EVERY_S", 0.0)  # every batch says so
+    train_dir, _ = evaluated_concept
+    with caplog.at_level(logging.INFO, logger="oneword.evaluation.evaluate"):
+        metrics = E.evaluate(train_dir, cat_dataset, tmp_path / "eval", E.EvalConfig(
+            n_images=2, steps=2, checkpoint_budget=1, batch_size=3, clip_model=str(tiny_clip_dir)))  # fmt: skip
+    said = [tuple(map(int, m.groups())) for m in re.finditer(r"evaluate: drew (\d+) of (\d+) images", caplog.text)]
+    assert len(said) > 3 and [d for d, _ in said] == sorted(d for d, _ in said)
+    assert said[-1] == (metrics["images_generated"], metrics["images_generated"]), said

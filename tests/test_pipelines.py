@@ -915,6 +915,14 @@ def test_a_long_training_says_its_step_speed_and_time_left_now_and_then(monkeypa
     assert out.getvalue().splitlines()[-1].endswith("train ended early at step 60 of 100  (<a>, <b>)")
     lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
     assert [local._duration(s) for s in (40, 7199, 7260)] == ["40 s", "2 h 00 min", "2 h 01 min"]
+    ev = progress.task()  # an evaluation's minutes of drawing: said as a training's steps are
+    for drawn in range(40, 401, 40):  # 2 images/s
+        clock[0] += 20
+        ev(f"{kfp}evaluate: drew {drawn} of 400 images\n")
+    evaluate_said = [x.split(" s  ", 1)[1] for x in out.getvalue().splitlines() if " evaluate " in x]
+    assert evaluate_said[0] == "evaluate at image 120/400, 2 images/s, 2 min left", evaluate_said
+    assert "400/400" not in " ".join(evaluate_said)
+    lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
     progress.stopped.set()  # after Ctrl-C: nothing more
     star(kfp + "resumed from /c/step-1000 (step 1000)\n")
     assert len(out.getvalue().splitlines()) == len(lines)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -149,12 +149,13 @@ def sample(
     sampler: SamplerConfig = SamplerConfig(),
     batch_size: int = 16,
     world: World = World(),
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[Image.Image]]:
     """Draw `n` images per prompt; image j of every prompt uses seed `seed + j`.
 
     Prompts are batched together (up to `batch_size` images per UNet call). In a launch of several processes
     (`oneword.distributed`), each draws a contiguous share of the prompt x seed pairs and every process gets all
-    the images back, in order.
+    the images back, in order. `on_batch` is called with each batch's count of images, as this process draws it.
 
     Returns:
         `images[i][j]`: prompt i, seed j.
@@ -180,6 +181,8 @@ def sample(
             generator=[torch.Generator(gen_device).manual_seed(seed + j) for _, j in chunk],
         ).images
         drawn.extend(zip(chunk, images))
+        if on_batch is not None:
+            on_batch(len(chunk))
     for (i, j), im in gather(drawn, world):
         out[i][j] = im
     return out  # type: ignore[return-value]

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE, REPORT_FILE, GRID_FILE, SCATTER_FILE = "metrics.json", "report.html", "grid.png", "scatter.png"
 EVALUATION = "an evaluation written by `oneword evaluate`"
+PROGRESS_EVERY_S = 20.0  # between the evaluation's progress lines in its log
 GRID_CELL = 512  # px: SD's own side; SDXL's 1024 px samples are halved in the grid (sample files keep them whole)
 
 
@@ -115,6 +116,25 @@ class _Session:
         self.sampler = SamplerConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
         self.images_generated = 0
         self.sampling_seconds = 0.0
+        self.planned = 0  # the images the whole evaluation draws (`plan`), which its progress lines count toward
+        self._drawn, self._said = 0, time.monotonic()
+
+    def plan(self, checkpoints: int) -> None:
+        """Count the images ahead: `checkpoints` scored on the selection budget, the chosen one's, and the
+        prompt-only reference's."""
+        prompts = 1 + len(self.templates)  # the reconstruction prompt, then each edit prompt
+        self.planned = checkpoints * prompts * self.cfg.checkpoint_budget + prompts * self.cfg.n_images + (
+            len(self.templates) * self.cfg.n_images if self.cfg.baselines else 0
+        )
+
+    def _drew(self, count: int) -> None:
+        """A progress line now and then (`oneword run` tells the terminal): the evaluation of a concept draws
+        hundreds of images, minutes on a CPU."""
+        self._drawn += count * self.world.size  # every process draws its share of each batch
+        now = time.monotonic()
+        if now - self._said >= PROGRESS_EVERY_S:
+            self._said = now
+            log.info("evaluate: drew %d of %d images", min(self._drawn, self.planned), self.planned)
 
     def set_vectors(self, vectors: list[torch.Tensor]) -> None:
         """Put the token's vectors (one tensor per text encoder) into the pipeline's embedding tables."""
@@ -126,7 +146,8 @@ class _Session:
     def draw(self, prompts: list[str], n: int, seed: int | None = None) -> list[list[Image.Image]]:
         t = time.perf_counter()
         seed = self.cfg.seed if seed is None else seed
-        out = sample(self.pipe, prompts, n, seed, self.sampler, batch_size=self.cfg.batch_size, world=self.world)
+        out = sample(self.pipe, prompts, n, seed, self.sampler, batch_size=self.cfg.batch_size, world=self.world,
+                     on_batch=self._drew)  # fmt: skip
         self.sampling_seconds += time.perf_counter() - t
         self.images_generated += len(prompts) * n
         return out
@@ -298,7 +319,9 @@ def _reference_images(summary: dict, given: list[str], dataset_dir: Path) -> dic
 def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_checkpoint=None) -> _Choice:
     """Score every checkpoint on a small budget and pick one by the selection rule; without two, the final step."""
     found = complete_checkpoints(_checkpoint_list(trained.train_dir, trained.summary), trained.summary)
-    if config.checkpoint_budget > 0 and len(found) >= 2:
+    selecting = config.checkpoint_budget > 0 and len(found) >= 2
+    s.plan(len(found) if selecting else 0)
+    if selecting:
         curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint)
         chosen = select_checkpoint(curve, config.selection_tolerance, config.selection_rule).step
         # each process scored on its own GPU: a near tie must not pick two steps, so the main process decides

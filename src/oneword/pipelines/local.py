@@ -118,6 +118,7 @@ class _TaskProgress(logging.Filter):
     STEP = re.compile(r"[\]:] step (\d+)/(\d+): loss")
     RESUMED = re.compile(r"[\]:] resumed from .* \(step (\d+)\)")
     EARLY = re.compile(r"[\]:] early end at step (\d+) of (\d+)")
+    DREW = re.compile(r"[\]:] evaluate: drew (\d+) of (\d+) images")  # `oneword.evaluation.evaluate`
     EVERY_S = 60.0  # between a training's progress lines: an hour's run says where it is, not every step
 
     def __init__(self, out, stopped: threading.Event | None = None, unsaid: frozenset[str] = frozenset()) -> None:
@@ -130,9 +131,21 @@ class _TaskProgress(logging.Filter):
 
     def task(self) -> Callable[[str], None]:
         """A reader of one task's output lines (`interrupt.stopping`'s watch): while it trains, a line now and
-        then with its step, speed and time left; and a line where it resumed from a checkpoint or ended early.
-        The steps' log has every step; the terminal said nothing between "cache-latents done" and "train done"."""
+        then with its step, speed and time left; and a line where it resumed from a checkpoint or ended early;
+        while it evaluates, the images drawn of those it will draw, and time left. The steps' log has every step;
+        the terminal said nothing between "cache-latents done" and "train done", nor for the evaluation's minutes.
+        """
         seen: dict = {"tokens": "", "first": None, "said": time.monotonic()}
+
+        def now_and_then(task: str, done: int, total: int, unit: str) -> None:
+            now = time.monotonic()
+            first = seen["first"] = seen["first"] or (done, now)
+            if now - seen["said"] < self.EVERY_S or done == total or now <= first[1]:
+                return
+            seen["said"], rate = now, (done - first[0]) / (now - first[1])
+            left = f", {_duration((total - done) / rate)} left" if rate > 0 else ""
+            said = f"at {unit} {done}/{total}, {rate:.3g} {unit}s/s{left}"
+            self._say(task, said, time.time() - self.start, seen["tokens"])
 
         def read(line: str) -> None:
             if found := self.TRAINING.search(line):
@@ -143,14 +156,9 @@ class _TaskProgress(logging.Filter):
                 self._say("train", f"ended early at step {found[1]} of {found[2]}", time.time() - self.start,
                           seen["tokens"])  # fmt: skip
             elif found := self.STEP.search(line):
-                step, steps, now = int(found[1]), int(found[2]), time.monotonic()
-                first = seen["first"] = seen["first"] or (step, now)
-                if now - seen["said"] < self.EVERY_S or step == steps or now <= first[1]:
-                    return
-                seen["said"], rate = now, (step - first[0]) / (now - first[1])
-                left = f", {_duration((steps - step) / rate)} left" if rate > 0 else ""
-                self._say("train", f"at step {step}/{steps}, {rate:.3g} steps/s{left}", time.time() - self.start,
-                          seen["tokens"])  # fmt: skip
+                now_and_then("train", int(found[1]), int(found[2]), "step")
+            elif found := self.DREW.search(line):
+                now_and_then("evaluate", int(found[1]), int(found[2]), "image")
 
         return read
 

@@ -867,6 +867,10 @@ def test_preflight_says_once_what_passed(tiny_model_dir, tiny_clip_dir, tmp_path
     code, out = run(["preflight", *args], capsys)
     assert code == 0, out
     assert out.count("preflight passed") == 1 and "base model" in out and "tracking" in out
+    assert "no concept checked: give --images, --token and --init-word" in out  # what it did not check, said
+    concept = ["--images", DREAMBENCH / "cat", "--token", "<pf-cat>", "--init-word", "cat"]
+    code, out = run(["preflight", *args, *concept], capsys)
+    assert code == 0 and "images of <pf-cat>" in out and "no concept checked" not in out, out
 
 
 def test_register_says_what_it_registered_without_mlflows_chatter(evaluated_concept, tmp_path, capfd):

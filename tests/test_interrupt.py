@@ -105,7 +105,7 @@ def test_a_signal_to_the_run_alone_stops_its_task_too(tmp_path, signum, status):
         "import sys, typer\nfrom kfp.local import subprocess_task_handler as handler\n"
         "from oneword.cli.app import on_interrupt\nfrom oneword.pipelines.interrupt import stopping\n"
         "try:\n"
-        "    with on_interrupt('run it again'), stopping():\n"
+        "    with on_interrupt('stopped after {by}; run it again'), stopping():\n"
         f"        handler.run_local_subprocess(['sh', '-ec', {shell!r}])\n"
         "except typer.Exit as e:\n"
         "    sys.exit(e.exit_code)\n"
@@ -120,7 +120,8 @@ def test_a_signal_to_the_run_alone_stops_its_task_too(tmp_path, signum, status):
         os.kill(proc.pid, signum)
         assert proc.wait(timeout=30) == status
         said = proc.stderr.read().strip()
-        assert said == ("stopped by SIGTERM: run it again" if signum == signal.SIGTERM else "interrupted: run it again")
+        assert said == ("stopped by SIGTERM: stopped after SIGTERM; run it again" if signum == signal.SIGTERM
+                        else "interrupted: stopped after Ctrl-C; run it again")  # fmt: skip
         deadline = time.time() + 30
         while _alive(task_pid) and time.time() < deadline:
             time.sleep(0.05)

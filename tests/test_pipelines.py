@@ -351,7 +351,7 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     out = run_textual_inversion(tmp_path / "root", **params)
     uri = out["tracking_uri"]
     assert out["registered"] == "cat-sd2/1@champion"
-    assert out["gate"].startswith("the first champion (none before it)")  # why that alias: `oneword run` prints it
+    assert out["gate"].startswith("the first champion: none before it")  # why that alias: `oneword run` prints it
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     for k in ("report", "grid", "metrics", "embedding", "photos"):
         assert Path(out[k]).exists(), k

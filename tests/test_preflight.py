@@ -38,6 +38,11 @@ def test_photos_in_subfolders_count_as_preprocess_finds_them(tiny_model_dir, tmp
     (tmp_path / "photos" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # an iPhone's
     with pytest.raises(OnewordError, match=r"are \.heic files.*Most Compatible"):
         preflight(str(tiny_model_dir), [concept], "toyworld-clip", None)
+    (tmp_path / "photos" / "b.jpg").write_text("not a picture")  # named as one: preprocess would read none
+    with pytest.raises(OnewordError, match=r"no file in .*photos is a picture Pillow can read \(b\.jpg, \.\.\.\)"):
+        preflight(str(tiny_model_dir), [concept], "toyworld-clip", None)
+    shutil.copy(DREAMBENCH / "cat" / "00.jpg", tmp_path / "photos" / "c.jpg")
+    assert "images of <cat-sub>" in preflight(str(tiny_model_dir), [concept], "toyworld-clip", None)
 
 
 def test_the_evaluations_settings_are_checked_before_the_training_they_would_end(tiny_model_dir, tmp_path):

@@ -102,6 +102,8 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert json.loads(capsys.readouterr().out) == {**shown, "aliases": ["champion"]}
     with pytest.raises(OnewordError, match="not found"):
         catalogue.get_version("no-such-concept@champion", mlflow_server)
+    with pytest.raises(OnewordError, match=f"not found .*did you mean {name!r}"):  # a slip of the keyboard
+        catalogue.get_version(f"{name[:-1]}@champion", mlflow_server)
     # a concept that is there, asked for a version or alias it lacks: what it has, not "not found"
     with pytest.raises(OnewordError, match=r"has no version 99 \(versions 5, 4, 3, 2, 1; aliases: .*@champion"):
         catalogue.get_version(f"{name}/99", mlflow_server)

@@ -4,6 +4,7 @@ embeddings in any format (`oneword concepts`, `oneword generate --concept`); and
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import logging
 import re
@@ -96,8 +97,14 @@ def _not_there(client, name: str, alias: str | None, version: str | None, ref: s
         listed = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
         versions = sorted((int(v.version) for v in listed), reverse=True)
     except MlflowException:
+        try:  # a slip of the keyboard: the registry's names closest to it
+            names = [m.name for m in every_page(client.search_registered_models)]
+        except MlflowException:
+            names = []
+        meant = "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(name, names, n=1))
         return OnewordError(
-            f"concept {name!r} not found in the registry at {where}", hint="list concepts with `oneword concepts list`"
+            f"concept {name!r} not found in the registry at {where}{meant}",
+            hint="list concepts with `oneword concepts list`",
         )
     has = f"versions {', '.join(map(str, versions[:10]))}{' ...' if len(versions) > 10 else ''}" if versions else (
         "no versions")

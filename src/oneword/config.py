@@ -205,7 +205,7 @@ class EvalConfig(BaseModel):
         description="latest-editable: the latest of the best-reconstructing checkpoints whose editability equals the "
         "most editable's; balanced: the most editable of them",
     )
-    baselines: bool = Field(True, description="compute the image-only and prompt-only ceilings")
+    baselines: bool = Field(True, description="compute the image-only and prompt-only reference points")
     grid_seeds: int = Field(8, ge=1, description="columns of the sample grid")
     batch_size: int = Field(32, ge=1, description="images per sampling call")
     device: str = Field("auto", description="auto, cpu, cuda, ...")

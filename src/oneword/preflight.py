@@ -257,13 +257,32 @@ def images_problem(images: str, token: str) -> tuple[str | None, str]:
         if not folder.is_dir():
             return f"{token}: image folder {images} does not exist", "pass the folder or s3:// prefix of its photos"
         names = [n for n in visible_files(folder) if n.exists()]  # as preprocess finds them, less broken links
-    if any(n.suffix.lower() in IMAGE_SUFFIXES for n in names):
+    pictures = [n for n in names if n.suffix.lower() in IMAGE_SUFFIXES]
+    if pictures and (storage.is_s3(images) or any(_opens(n) for n in pictures[:PICTURES_TRIED])):
         return None, ""
+    if pictures:  # (a local folder's) named as pictures, and none is one: preprocess would read none, a minute on
+        return f"{token}: no file in {images} is a picture Pillow can read ({pictures[0].name}, ...)", (
+            "put 3-5 photos of the concept there (JPEG, PNG, WebP, ...)"
+        )
     if unreadable := sorted({n.suffix.lower() for n in names} & set(UNREADABLE_SUFFIXES)):
         return f"{token}: the photos in {images} are {unreadable[0]} files, which cannot be read", (
             UNREADABLE_SUFFIXES[unreadable[0]]
         )
     return f"{token}: no images in {images}", "put 3-5 photos of the concept there"
+
+
+PICTURES_TRIED = 50  # a folder's files opened (their headers only) before its photos are judged unreadable
+
+
+def _opens(path: Path) -> bool:
+    """Whether Pillow reads `path`'s header as a picture's (without decoding it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # Pillow's refusals come in many types
+        return False
 
 
 def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:

@@ -86,15 +86,16 @@ def person_waits():
 
 @contextlib.contextmanager
 def on_interrupt(message: str) -> Iterator[None]:
-    """On Ctrl-C, print `message` (what stopped, how to go on) and exit 130, a shell's status for SIGINT, not a
-    blank line; on SIGTERM or SIGHUP, which stop a local run too (`interrupt.Stopped`), the same with its status."""
+    """On Ctrl-C, print `message` (what stopped, how to go on; `{by}` in it says what stopped it) and exit 130, a
+    shell's status for SIGINT, not a blank line; on SIGTERM or SIGHUP, which stop a local run too
+    (`interrupt.Stopped`), the same with its status."""
     from oneword.processes import Stopped
 
     try:
         yield
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {message}", file=sys.stderr)
+        print(f"\ninterrupted: {message.replace('{by}', 'Ctrl-C')}", file=sys.stderr)
         raise typer.Exit(130) from None
     except Stopped as e:  # `timeout`, a scheduler's stop: its log says why the command ended
-        print(f"\nstopped by {e.signal}: {message}", file=sys.stderr)
+        print(f"\nstopped by {e.signal}: {message.replace('{by}', e.signal)}", file=sys.stderr)
         raise typer.Exit(e.code) from None

@@ -19,8 +19,8 @@ def compare_cmd(
         list[str],
         typer.Argument(
             metavar="RUN",
-            help="evaluation folders (with metrics.json), or with --tracking-uri MLflow run ids or registered "
-            "concepts (NAME, NAME/3, NAME@alias)",
+            help="evaluation folders (with metrics.json), or registered concepts (NAME, NAME/3, NAME@alias) or "
+            "MLflow run ids of the store --tracking-uri names",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("compare.png"),

@@ -30,6 +30,7 @@ def demo_cmd(
     """
     import json
     import shutil
+    import textwrap
     import time
 
     from PIL import Image
@@ -65,7 +66,8 @@ def demo_cmd(
     picture = out / f"{concept}.png"
     grid.resize((grid.width * 3, grid.height * 3), Image.Resampling.NEAREST).save(picture)
     rprint(f"[bold]3.[/] registered [bold green]{r['registered']}[/] in MLflow ({tracking})")
-    rprint(f"   step {m['step']} of {m['final_step']} chosen ({m['selection']['criterion']})")
+    chosen = f"step {m['step']} of {m['final_step']} chosen ({m['selection']['criterion']})"
+    rprint(textwrap.fill(chosen, 80, initial_indent="   ", subsequent_indent="   "))
     rprint(
         f"   reconstruction {m['reconstruction']:.3f}, editability {m['editability']:.3f} "
         f"(toy CLIP, {m['n_images']} pictures per prompt)"

@@ -42,6 +42,18 @@ def preflight_cmd(
         options = ", ".join("--" + k.replace("_", "-") for k in missing)
         raise OnewordError(f"the concept's check needs {options} too",
                            hint="give --images, --token and --init-word together, or none of them")  # fmt: skip
+    import logging
+
+    from rich import print as rprint
+
     concepts = [] if missing else [given]
-    # its log line ("preflight passed in 5.2 s: base model, ...") is the answer: a second line would repeat it
-    preflight(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root, prompt_set, dino_model)
+    quiet = logging.getLogger("oneword.preflight")
+    level, _ = quiet.level, quiet.setLevel(logging.WARNING)  # its log line would say the answer twice
+    try:
+        passed = preflight(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root, prompt_set,
+                           dino_model)  # fmt: skip
+    finally:
+        quiet.setLevel(level)
+    rprint(f"[green]preflight passed[/]: {', '.join(passed)}")
+    if not concepts:
+        rprint("  no concept checked: give --images, --token and --init-word to check one")

@@ -27,7 +27,7 @@ LOG_FILE = typer.Option(
 def _stopped(what: str, log_file: Path | None) -> str:
     """What `on_interrupt` says when a run or batch stopped, and how to go on."""
     where = f"\n  the steps' logs: {log_file}" if log_file else ""
-    return (f"the {what} stopped; no step started after Ctrl-C.{where}\nto go on, run the same command again: "
+    return (f"the {what} stopped; no step started after {{by}}.{where}\nto go on, run the same command again: "
             "what was registered is found unchanged,\nand a training cut short resumes from its newest "
             "checkpoint.")  # fmt: skip
 
@@ -354,6 +354,7 @@ def photo_lines(manifest: dict) -> list[str]:
 
 
 def _baselines(baselines: dict | None) -> str:
-    """The image-only and prompt-only ceilings, as the scores beside them are printed."""
+    """The image-only and prompt-only reference points (not ceilings: a concept can score above either), as the
+    scores beside them are printed."""
     shown = [f"{k.replace('_', '-')} {v:.4f}" for k, v in (baselines or {}).items() if isinstance(v, float | int)]
-    return f"\n  ceilings: {', '.join(shown)}" if shown else ""
+    return f"\n  references: {', '.join(shown)}" if shown else ""

@@ -220,6 +220,7 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
         "status": "failed",
         "stage": "preprocess",
         "error": "photos/a.jpg: cannot identify image file; every other photo of the folder was skipped " * 2,
+        "hint": "copy the photos again",
     }
     report = {"batch_id": "b-1", "registered": 1, "failed": 1, "concepts": [ok, bad], "run_dir": "/r" * 50}
     console = Console(width=80, record=True)
@@ -228,6 +229,7 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     assert max(len(line) for line in text.splitlines() if "run_dir" not in line) <= 80
     # rich crops what does not fit an 80-column line: every word of the error must still be there, folded
     assert set(bad["error"].split()) <= set(text.split())
+    assert "(fix: copy the photos again)" in " ".join(text.split())  # the fix the step gave, as --dry-run says it
     assert "champion" in text and "a-very-long" in text and "1 registered, 0 unchanged, 1 failed" in text
     assert "cat-q registered 3 0.61 0.20 champion" in " ".join(text.split()), text  # its scores, as `concepts list`
     assert "versions      oneword concepts list --batch b-1" in text  # what the batch registered, to ask later

@@ -751,6 +751,11 @@ def test_a_batchs_failures_say_where_each_concept_failed(mlflow_server):
     assert other != first
     assert batch_records.batch_failures(mlflow_server, "b-7", "failures-exp")["older-own-run"]["error"] == "timeout"
     assert len(client.search_runs([exp], "attributes.status = 'FAILED'")) == 5
+    # the fix a step's error came with travels with it: the report says what --dry-run said
+    batch_records.record_failure(mlflow_server, "hinted", "<h>", "b-7", "train", "init word splits", "failures-exp",
+                                 hint="try one of: object, thing")  # fmt: skip
+    assert batch_records.batch_failures(mlflow_server, "b-7", "failures-exp")["hinted"]["hint"] == (
+        "try one of: object, thing")
 
 
 def test_a_registered_name_that_registry_searches_cannot_hold_is_refused_before_training():

@@ -478,6 +478,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "alias": None,
                     "stage": why.get("stage") or "unknown",
                     "error": why.get("error"),
+                    **({"hint": why["hint"]} if why.get("hint") else {}),
                 }
             )
     count = {k: sum(c["status"] == k for c in out) for k in ("registered", "unchanged", "failed", "deferred")}

@@ -40,8 +40,10 @@ def record_failure(
     error: str,
     experiment: str = EXPERIMENT,
     run_tags: dict[str, str] | None = None,
+    hint: str = "",
 ) -> str:
-    """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why. Returns its id.
+    """Log a FAILED MLflow run for a concept that did not make it, so its batch status says why (and `hint`, the
+    fix, where the error has one). Returns its id.
 
     A step or plan tried again (`outcome.retrying`, a cluster's retry policy) that records the same failure of the
     same batch again finds the run it logged the first time and logs no other."""
@@ -63,6 +65,7 @@ def record_failure(
         "oneword.batch_id": batch_id,
         "oneword.failed_stage": stage,
         "oneword.error": error[:4000],
+        **({"oneword.hint": hint[:1000]} if hint else {}),
         **(run_tags or {}),
     }
     run = client.create_run(exp_id, run_name=f"{name} (failed)", tags=tags)
@@ -308,7 +311,7 @@ def held_aliases(tracking_uri: str | None, name: str) -> dict[str, str]:
 
 
 def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EXPERIMENT) -> dict[str, dict]:
-    """The failed concepts of a batch: {name: {"stage", "error", "run_id"}}.
+    """The failed concepts of a batch: {name: {"stage", "error", "hint", "run_id"}}.
 
     A concept may have several FAILED runs: one that failed itself (live training, `register`) carries no stage,
     and the run `record_failure` logs after it does. The newest run that says where it failed wins.
@@ -333,5 +336,6 @@ def batch_failures(tracking_uri: str | None, batch_id: str, experiment: str = EX
         name, stage = r.data.tags.get(CONCEPT_TAG), r.data.tags.get("oneword.failed_stage")
         if name is None or (name in out and (out[name]["stage"] or not stage)):
             continue
-        out[name] = {"stage": stage, "error": r.data.tags.get("oneword.error"), "run_id": r.info.run_id}
+        out[name] = {"stage": stage, "error": r.data.tags.get("oneword.error"),
+                     "hint": r.data.tags.get("oneword.hint", ""), "run_id": r.info.run_id}  # fmt: skip
     return out

@@ -290,7 +290,7 @@ def changed_concepts(
                 if name in told.failing and on_error == "record":
                     why = told.failing[name]
                     record_failure(tracking_uri, name, concept["token"], batch_id, why["stage"], why["error"],
-                                   experiment, run_tags)  # fmt: skip
+                                   experiment, run_tags, why.get("hint", ""))  # fmt: skip
                     continue
             except Exception as e:  # the steps meet it again, and record it
                 log.warning("could not record what became of %s (%s)", name, e)

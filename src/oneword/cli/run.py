@@ -313,7 +313,7 @@ def print_batch_report(report: dict, console) -> int:
         elif c["status"] == "deferred":  # a cluster run's: kfp.local takes no limit
             t.add_row(escape(c["name"]), "[yellow]deferred[/]", "", "", "", escape(c.get("error") or ""))
         else:
-            why = f"{c.get('stage')}: {c.get('error')}"
+            why = f"{c.get('stage')}: {c.get('error')}" + (f" (fix: {c['hint']})" if c.get("hint") else "")
             t.add_row(escape(c["name"]), "[red]failed[/]", "", "", "", escape(why))
     console.print(t)
     console.print(

@@ -410,7 +410,8 @@ def register(
         end_training_run(tracking_uri or None, trained, why["stage"], why["error"])
         group = json.loads(Path(model.path, "concepts.json").read_text())
         token = next((c["token"] for c in group if c["name"] == concept), "")
-        record_failure(tracking_uri or None, concept, token, batch_id, why["stage"], why["error"], experiment, tags)
+        record_failure(tracking_uri or None, concept, token, batch_id, why["stage"], why["error"], experiment, tags,
+                       why.get("hint", ""))  # fmt: skip
         registration.metadata.update({"failed": why["stage"]})
         return f"{concept} failed at {why['stage']}"
     os.makedirs(registration.path, exist_ok=True)

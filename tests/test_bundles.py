@@ -416,6 +416,10 @@ def test_a_manifests_bundle_holds_its_champions_and_says_why_the_others_are_left
     table = capsys.readouterr().out
     assert max(map(len, table.splitlines())) <= 80 and "by hand" in table
     assert re.search(r"studio +1 +2 +model +/tmp", table) and re.search(r"studio-dog +1 +1 +model +by hand", table)
+    mlflow.MlflowClient(store).create_registered_model("studio-gone", tags={registry.BUNDLE_TAG: "true"})
+    main(["concepts", "bundles", "--tracking-uri", store])  # its versions went with a concept deleted since
+    table = capsys.readouterr().out
+    assert re.search(r"studio-gone +- +0 +- +by hand", table) and "studio-gone has no versions left" in table
     # by hand with a manifest (the first one moved, say): the bundle becomes that one's, and the first's refused
     assert bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store).version == "2"
     with pytest.raises(OnewordError, match=r"holds the concepts of another manifest, .*other.yaml"):

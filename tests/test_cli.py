@@ -478,8 +478,9 @@ def test_profiles_table_fits_80_columns(capsys, monkeypatch):
     code, out = run(["profiles"], capsys)
     assert code == 0 and all(f in out for f in ("toyworld", "sd1", "sd2", "sdxl", "openai/clip-vit-base-patch32"))
     assert max(len(line) for line in out.splitlines()) <= 80
+    assert "CLIP evaluator of sd1, sd2, sdxl: openai/clip-vit-base-patch32" in out  # one line, not a centred fold
     code, out = run(["profiles", "--base-model", "toyworld"], capsys)
-    assert code == 0 and "400" in out and "toyworld-clip" in out
+    assert code == 0 and "400" in out and "CLIP evaluator of toyworld: toyworld-clip" in out
 
 
 def _commands(group=None, prefix=()):

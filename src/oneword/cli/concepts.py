@@ -171,9 +171,15 @@ def bundles_cmd(
     t.add_column("kept by", overflow="fold")
     t.add_column("created", no_wrap=True)
     for r in rows:
-        t.add_row(r["name"], r["version"] or "-", str(len(r["members"])), _short_model(r["base_model"]),
-                  r["manifest"] or "by hand", (r["created"] or "-")[:10])  # fmt: skip
-    Console().print(t)
+        t.add_row(r["name"], r["version"] or "-", str(len(r["members"])),
+                  _short_model(r["base_model"]) if r["version"] else "-", r["manifest"] or "by hand",
+                  (r["created"] or "-")[:10])  # fmt: skip
+    console = Console()
+    console.print(t)
+    for r in rows:
+        if not r["version"]:  # its versions went with a concept they held (`concepts delete`), or by hand
+            console.print(f"{r['name']} has no versions left: `oneword concepts bundle {r['name']} ...` makes one",
+                          highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def bundle_card(info: dict):

@@ -38,5 +38,7 @@ def profiles_cmd(
     by_clip: dict[str, list[str]] = {}
     for name, p in shown.items():
         by_clip.setdefault(p.clip_model, []).append(name if not base_model else p.family)
-    t.caption = "CLIP evaluator: " + "; ".join(f"{', '.join(names)}: {clip}" for clip, names in by_clip.items())
-    Console().print(t)
+    console = Console()
+    console.print(t)
+    for clip, names in by_clip.items():  # a line each, left as the table is: a caption is centred under it
+        console.print(f"CLIP evaluator of {', '.join(names)}: {clip}", highlight=False)

@@ -1,6 +1,7 @@
 import os
 import pickle
 import re
+import shutil
 
 import pytest
 import torch
@@ -331,6 +332,12 @@ def test_an_sdxl_pair_is_never_exported_half(tmp_path):
     back = E.load(f)
     assert back.token == "<xl>" and torch.equal(back.vectors_2, xl.vectors_2) and back.steps == 10
     assert E.second_file(tmp_path / "my-cat.safetensors").name == "my-cat_2.safetensors"
+    # halves of two writings (a stop between the two files' moves, one file copied over): refused, not mixed
+    newer = E.Embedding("<xl>", torch.randn(2, 768), {"steps": "10"}, torch.randn(2, 1280))
+    E.save(newer, tmp_path / "e" / "learned_embeds.safetensors", "diffusers")
+    shutil.copy(tmp_path / "e" / "learned_embeds_2.safetensors", E.second_file(f))
+    with pytest.raises(OnewordError, match="halves of two different writings of '<xl>'"):
+        E.load(f)
     with pytest.raises(OnewordError, match="SDXL") as e:
         E.save(xl, tmp_path / "xl.pt", "a1111")
     assert "--format kohya" in e.value.hint and not (tmp_path / "xl.pt").exists()

@@ -602,6 +602,7 @@ def test_the_evaluation_says_how_many_images_it_drew_of_those_it_will(evaluated_
     with caplog.at_level(logging.INFO, logger="oneword.evaluation.evaluate"):
         metrics = E.evaluate(train_dir, cat_dataset, tmp_path / "eval", E.EvalConfig(
             n_images=2, steps=2, checkpoint_budget=1, batch_size=3, clip_model=str(tiny_clip_dir)))  # fmt: skip
-    said = [tuple(map(int, m.groups())) for m in re.finditer(r"evaluate: drew (\d+) of (\d+) images", caplog.text)]
+    said = [tuple(map(int, m.groups())) for m in re.finditer(r"evaluate <cat-r>: drew (\d+) of (\d+) images",
+                                                             caplog.text)]  # fmt: skip
     assert len(said) > 3 and [d for d, _ in said] == sorted(d for d, _ in said)
     assert said[-1] == (metrics["images_generated"], metrics["images_generated"]), said

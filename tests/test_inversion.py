@@ -460,6 +460,8 @@ def test_a_checkpoint_resumes_only_on_the_model_and_device_it_was_written_on(tin
 def test_a_training_never_replaces_another_concepts_files(cat_latents_dir, tmp_path):
     """Training writes into its folder as it goes: another concept's training there, or a user's file of a name it
     writes, is refused before any work; an earlier training of the same concept is replaced, photos and all."""
+    import shutil
+
     from oneword import embeddings as emb_io
     from oneword.train import train
 
@@ -483,6 +485,13 @@ def test_a_training_never_replaces_another_concepts_files(cat_latents_dir, tmp_p
 
     mine = tmp_path / "mine"
     mine.mkdir()
+    stopped = tmp_path / "stopped"  # a training stopped while it wrote its files, before its summary: its own
+    (stopped / "kohya").mkdir(parents=True)
+    shutil.copy(out / "learned_embeds.safetensors", stopped)
+    train_in(stopped, "<cat-a>", "cat", "ck6")
+    with pytest.raises(OnewordError, match="the training of <cat-a>, which"):
+        train_in(stopped, "<dog-b>", "dog", "ck7")
+
     (mine / "learned_embeds.safetensors").write_text("my own file")
     (mine / "notes.txt").write_text("left alone")
     with pytest.raises(OnewordError, match="files no training of oneword wrote"):

@@ -212,6 +212,10 @@ def test_settings_are_checked_by_their_rules_before_a_run():
 
     assert invalid(DEFAULTS) == [] and invalid({"resolution": RESOLUTION_FROM_PROFILE}) == []
     assert invalid({"resolution": 63})[0].startswith("resolution=63: Input should be a multiple of 8")
+    assert invalid({"margin_se": float("inf"), "learning_rate": float("nan")}) == [  # as the configs refuse them
+        "margin_se=inf: Input should be a finite number",
+        "learning_rate=nan: Input should be a finite number, or 0.0: the model's profile",
+    ]
     assert invalid({"resolution": -8, "steps": -3, "mode": "zoom"}) == [
         "resolution=-8: Input should be greater than or equal to 8, or 0: the model's native size",
         "steps=-3: Input should be greater than or equal to 1, or 0: the model's profile",  # as its help says

@@ -918,9 +918,9 @@ def test_a_long_training_says_its_step_speed_and_time_left_now_and_then(monkeypa
     ev = progress.task()  # an evaluation's minutes of drawing: said as a training's steps are
     for drawn in range(40, 401, 40):  # 2 images/s
         clock[0] += 20
-        ev(f"{kfp}evaluate: drew {drawn} of 400 images\n")
+        ev(f"{kfp}evaluate <my-star>: drew {drawn} of 400 images\n")
     evaluate_said = [x.split(" s  ", 1)[1] for x in out.getvalue().splitlines() if " evaluate " in x]
-    assert evaluate_said[0] == "evaluate at image 120/400, 2 images/s, 2 min left", evaluate_said
+    assert evaluate_said[0] == "evaluate at image 120/400, 2 images/s, 2 min left  (<my-star>)", evaluate_said
     assert "400/400" not in " ".join(evaluate_said)
     lines = [line.split(" s  ", 1)[1] for line in out.getvalue().splitlines()]
     progress.stopped.set()  # after Ctrl-C: nothing more

@@ -176,3 +176,16 @@ def test_a_name_the_registry_holds_as_no_concept_is_refused_before_training(tiny
     with pytest.raises(OnewordError, match="holds 'studio' as a bundle of concepts, not a concept") as refused:
         preflight(str(tiny_model_dir), [{**cat, "name": "studio"}], "toyworld-clip", uri)
     assert "name: in the manifest" in refused.value.message  # the fix, in the list of problems
+
+
+def test_a_picture_of_more_pixels_than_pillow_opens_unasked_is_still_a_picture(tmp_path, monkeypatch):
+    """A 200 MP phone photo: Pillow refuses it as a decompression bomb, preprocess opens it reduced."""
+    from PIL import Image
+
+    from oneword.preflight import _opens
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is past twice it: what Pillow refuses
+    assert _opens(tmp_path / "big.jpg")
+    (tmp_path / "b.jpg").write_text("not a picture")
+    assert not _opens(tmp_path / "b.jpg")

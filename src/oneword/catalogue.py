@@ -99,7 +99,7 @@ def _not_there(client, name: str, alias: str | None, version: str | None, ref: s
     except MlflowException:
         try:  # a slip of the keyboard: the registry's names closest to it
             names = [m.name for m in every_page(client.search_registered_models)]
-        except MlflowException:
+        except Exception:  # the registry's names are a help to the message, not what it says
             names = []
         meant = "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(name, names, n=1))
         return OnewordError(
@@ -534,7 +534,7 @@ PROMOTED_TAG = "oneword.promoted"
 def check_alias(alias: str) -> None:
     """Refuse, before the registry is asked, an alias MLflow would refuse: one of other characters than letters,
     digits, '_' and '-', or one it reserves (`latest`, and `v` with a number, which name versions)."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias):
+    if not re.fullmatch(r"[\w-]{1,255}", alias):  # as MLflow's own check: letters of any script count
         raise OnewordError(f"alias {alias!r} is not one MLflow can hold",
                            hint="an alias is letters, digits, '_' and '-', such as champion or staging")  # fmt: skip
     if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):

@@ -24,6 +24,7 @@ oneword's own metadata (token, initializer, model fingerprint, steps, version) r
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -42,6 +43,7 @@ Format = Literal["diffusers", "a1111", "kohya"]
 FORMATS: tuple[str, ...] = ("diffusers", "a1111", "kohya")
 log = logging.getLogger(__name__)
 A1111_STAR_ID = 265  # CLIP's id for "*", the key A1111 uses
+PAIR_KEY = "oneword_pair"  # in both files of an SDXL pair in diffusers' layout: a digest of the two tables
 MAX_KEYS = 16  # an embedding file holds a table or two (and a few in some tools' files); a model, hundreds
 
 
@@ -202,9 +204,17 @@ def save(emb: Embedding, path: Path, fmt: Format = "diffusers") -> Path:
     if fmt == "diffusers" and pair is not None:  # diffusers' SDXL layout: a {token: table} file per encoder
         second = second_file(path)
         tmp_2 = second.with_name(second.name + ".part")
-        storage.save_tensors({emb.token: pair["clip_g"]}, tmp_2, metadata=_header(emb))
-        storage.save_tensors({emb.token: v}, tmp, metadata=_header(emb))
-        tmp_2.replace(second)  # the second first: a first file found beside a stale second would read as a pair
+        # both halves carry one digest of the pair: halves of two writings (a stop between the two moves below,
+        # a copy of one file) are refused by `load`, not read as one embedding
+        digest = hashlib.sha256(v.numpy().tobytes() + pair["clip_g"].numpy().tobytes()).hexdigest()[:16]
+        header = {**_header(emb), PAIR_KEY: digest}
+        try:
+            storage.save_tensors({emb.token: pair["clip_g"]}, tmp_2, metadata=header)
+            storage.save_tensors({emb.token: v}, tmp, metadata=header)
+        except BaseException:
+            tmp_2.unlink(missing_ok=True)
+            raise
+        tmp_2.replace(second)
     elif fmt == "diffusers":
         storage.save_tensors({emb.token: v}, tmp, metadata=_header(emb))
     elif fmt == "kohya":
@@ -293,7 +303,7 @@ def _load(path: Path, token: str | None) -> Embedding:
             vectors, vectors_2 = tensors["clip_l"], tensors.get("clip_g")
         elif len(tensors) == 1:
             file_token, vectors = next(iter(tensors.items()))
-            vectors_2 = _second_table(path, file_token, vectors.shape[-1])
+            vectors_2 = _second_table(path, file_token, vectors.shape[-1], header.get(PAIR_KEY))
             meta.setdefault("token", file_token)
         else:
             raise OnewordError(
@@ -359,20 +369,28 @@ def _load(path: Path, token: str | None) -> Embedding:
     return Embedding(name, vectors, {k: str(v) for k, v in meta.items()}, vectors_2)
 
 
-def _second_table(path: Path, token: str, width: int) -> torch.Tensor | None:
+def _second_table(path: Path, token: str, width: int, said: str | None = None) -> torch.Tensor | None:
     """SDXL's clip_g table where diffusers' SDXL script writes it: beside `path`, in `second_file(path)` (its
     `learned_embeds_2.safetensors`, or `.bin`), under the same token, of another width (a table as wide is no
-    pair's: a second version of the concept, say)."""
+    pair's: a second version of the concept, say). Where oneword wrote both, their digests of the pair (`said`,
+    the first's) agree, or they are halves of two writings: refused, not read as one."""
     beside = second_file(path)
     if not beside.is_file():
         return None
     try:
         if is_safetensors(beside):
             second = load_file(str(beside))
+            with safe_open(str(beside), "pt") as f:
+                said_2 = (f.metadata() or {}).get(PAIR_KEY)
         else:
-            second = torch.load(beside, map_location="cpu", weights_only=True)
+            second, said_2 = torch.load(beside, map_location="cpu", weights_only=True), None
     except Exception:  # whatever it is, it is not the pair's second half: the first file is read alone
         return None
+    if said and said_2 and said != said_2 and isinstance(second, dict) and token in second:
+        raise OnewordError(
+            f"{path} and {beside.name} beside it are halves of two different writings of {token!r}",
+            hint="write the pair again (oneword export/pull --force), or read the kohya file, which holds both",
+        )
     table = second.get(token) if isinstance(second, dict) and len(second) == 1 else None
     if not isinstance(table, torch.Tensor) or table.shape[-1] == width:
         return None

@@ -149,13 +149,14 @@ def sample(
     sampler: SamplerConfig = SamplerConfig(),
     batch_size: int = 16,
     world: World = World(),
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[float], None] | None = None,
 ) -> list[list[Image.Image]]:
     """Draw `n` images per prompt; image j of every prompt uses seed `seed + j`.
 
     Prompts are batched together (up to `batch_size` images per UNet call). In a launch of several processes
     (`oneword.distributed`), each draws a contiguous share of the prompt x seed pairs and every process gets all
-    the images back, in order. `on_batch` is called with each batch's count of images, as this process draws it.
+    the images back, in order. `on_batch` is called after each batch this process draws with how many of all the
+    processes' images that stands for (its count scaled by all the images over this process's share).
 
     Returns:
         `images[i][j]`: prompt i, seed j.
@@ -182,7 +183,7 @@ def sample(
         ).images
         drawn.extend(zip(chunk, images))
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(len(chunk) * len(jobs) / len(mine))
     for (i, j), im in gather(drawn, world):
         out[i][j] = im
     return out  # type: ignore[return-value]

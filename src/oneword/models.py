@@ -141,7 +141,7 @@ def fingerprint(
     """A stable sha256 of what a learned embedding depends on.
 
     It covers the tokenizer's vocabulary, the text encoders' token-embedding tables (rounded to fp16, so fp32
-    and fp16 copies of one model agree) and the UNet config.
+    and fp16 copies of one model agree), the UNet config, and for SDXL where its pooled text is read.
 
     Returns:
         `sha256:` followed by 64 hex digits.
@@ -155,6 +155,9 @@ def fingerprint(
     if text_encoder_2 is not None:
         table_2 = text_encoder_2.get_input_embeddings().weight.detach()
         h.update(table_2[: len(base)].to("cpu", torch.float16).contiguous().numpy().tobytes())
+        # SDXL's pooled text read at the end token (`pool_at_end_token`), not at the placeholder as before: what an
+        # embedding learns under it differs, so its trainings and evaluations are not those of before
+        h.update(b"pooled at the end token")
     h.update(json.dumps(_config_dict(unet_config), sort_keys=True, default=str).encode())
     return "sha256:" + h.hexdigest()
 

@@ -281,6 +281,8 @@ def _opens(path: Path) -> bool:
     try:
         with Image.open(path):
             return True
+    except Image.DecompressionBombError:  # a picture, of more pixels than Pillow opens unasked: preprocess does
+        return True
     except Exception:  # Pillow's refusals come in many types
         return False
 

@@ -135,8 +135,12 @@ def ensure_store(tracking_uri: str | None = None) -> str:
 
 
 def _head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(len(SQLITE_MAGIC))
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_MAGIC))
+    except OSError as e:  # unreadable: said as such, not as a traceback
+        raise OnewordError(f"cannot read the MLflow store {path}: {e.strerror}",
+                           hint="check the file's permissions, or pass another --tracking-uri") from e
 
 
 def client(tracking_uri: str | None = None):

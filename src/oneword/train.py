@@ -275,7 +275,10 @@ def check_output_folder(out_dir: str | Path, token: str) -> None:
     try:
         earlier = json.loads((out / SUMMARY_FILE).read_text())["concept"]["token"]
     except (OSError, ValueError, KeyError, TypeError):  # no summary, or not one a training wrote
-        earlier = None
+        try:  # a training stopped while it wrote its files (the embedding first, the summary last): its own
+            earlier = emb_io.load(out / "learned_embeds.safetensors").token
+        except Exception:  # not there, or no embedding: files no training wrote
+            earlier = None
     if earlier == token:
         return
     whose = f"the training of {earlier}" if earlier else "files no training of oneword wrote"

@@ -127,14 +127,15 @@ class _Session:
             len(self.templates) * self.cfg.n_images if self.cfg.baselines else 0
         )
 
-    def _drew(self, count: int) -> None:
+    def _drew(self, count: float) -> None:
         """A progress line now and then (`oneword run` tells the terminal): the evaluation of a concept draws
-        hundreds of images, minutes on a CPU."""
-        self._drawn += count * self.world.size  # every process draws its share of each batch
+        hundreds of images, minutes on a CPU. `count`: of all the processes' images (`sample`'s `on_batch`)."""
+        self._drawn += count
         now = time.monotonic()
         if now - self._said >= PROGRESS_EVERY_S:
             self._said = now
-            log.info("evaluate: drew %d of %d images", min(self._drawn, self.planned), self.planned)
+            drawn = min(round(self._drawn), self.planned)
+            log.info("evaluate %s: drew %d of %d images", self.token, drawn, self.planned)
 
     def set_vectors(self, vectors: list[torch.Tensor]) -> None:
         """Put the token's vectors (one tensor per text encoder) into the pipeline's embedding tables."""

@@ -118,7 +118,7 @@ class _TaskProgress(logging.Filter):
     STEP = re.compile(r"[\]:] step (\d+)/(\d+): loss")
     RESUMED = re.compile(r"[\]:] resumed from .* \(step (\d+)\)")
     EARLY = re.compile(r"[\]:] early end at step (\d+) of (\d+)")
-    DREW = re.compile(r"[\]:] evaluate: drew (\d+) of (\d+) images")  # `oneword.evaluation.evaluate`
+    DREW = re.compile(r"[\]:] evaluate (\S+): drew (\d+) of (\d+) images")  # `oneword.evaluation.evaluate`
     EVERY_S = 60.0  # between a training's progress lines: an hour's run says where it is, not every step
 
     def __init__(self, out, stopped: threading.Event | None = None, unsaid: frozenset[str] = frozenset()) -> None:
@@ -158,7 +158,8 @@ class _TaskProgress(logging.Filter):
             elif found := self.STEP.search(line):
                 now_and_then("train", int(found[1]), int(found[2]), "step")
             elif found := self.DREW.search(line):
-                now_and_then("evaluate", int(found[1]), int(found[2]), "image")
+                seen["tokens"] = found[1]
+                now_and_then("evaluate", int(found[2]), int(found[3]), "image")
 
         return read
 

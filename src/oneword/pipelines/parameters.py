@@ -152,7 +152,8 @@ def invalid(params: dict[str, Any]) -> list[str]:
         if name in _KINDS and unset_to_none(value) is None:
             continue
         try:
-            TypeAdapter(Annotated[info.annotation, info]).validate_python(value)
+            # the model's own config (no inf or NaN) with the field's rules: a bare field does not carry it
+            TypeAdapter(Annotated[info.annotation, info], config=model.model_config).validate_python(value)
         except ValidationError as e:
             unset = {int: 0, float: 0.0, str: '""'}.get(_KINDS.get(name))  # as its help says: the other value it takes
             also = f", or {unset}: the model's profile" if unset is not None else ""

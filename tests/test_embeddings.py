@@ -332,6 +332,7 @@ def test_an_sdxl_pair_is_never_exported_half(tmp_path):
     back = E.load(f)
     assert back.token == "<xl>" and torch.equal(back.vectors_2, xl.vectors_2) and back.steps == 10
     assert E.second_file(tmp_path / "my-cat.safetensors").name == "my-cat_2.safetensors"
+    assert E.second_file(tmp_path / "learned_embeds_v2.safetensors").name == "learned_embeds_v2_2.safetensors"
     # halves of two writings (a stop between the two files' moves, one file copied over): refused, not mixed
     newer = E.Embedding("<xl>", torch.randn(2, 768), {"steps": "10"}, torch.randn(2, 1280))
     E.save(newer, tmp_path / "e" / "learned_embeds.safetensors", "diffusers")

@@ -107,7 +107,7 @@ def second_file(path: Path) -> Path:
     `learned_embeds` (its checkpoints' `learned_embeds-steps-N` too), else `<stem>_2`."""
     path = Path(path)
     stem = path.stem
-    if stem.startswith("learned_embeds") and not stem.startswith("learned_embeds_2"):
+    if stem == "learned_embeds" or stem.startswith("learned_embeds-"):  # the names diffusers' script writes
         return path.with_name("learned_embeds_2" + stem.removeprefix("learned_embeds") + path.suffix)
     return path.with_name(f"{stem}_2{path.suffix}")
 

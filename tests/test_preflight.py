@@ -182,7 +182,7 @@ def test_a_picture_of_more_pixels_than_pillow_opens_unasked_is_still_a_picture(t
     """A 200 MP phone photo: Pillow refuses it as a decompression bomb, preprocess opens it reduced."""
     from PIL import Image
 
-    from oneword.preflight import _opens
+    from oneword.images import opens as _opens  # what preflight asks of each photo
 
     Image.new("RGB", (64, 64)).save(tmp_path / "big.jpg")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is past twice it: what Pillow refuses

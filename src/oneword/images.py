@@ -206,6 +206,16 @@ def _open(path: Path) -> Image.Image:
             raise ValueError(f"refused: {e}; {DOWNSCALE_HINT}") from bad
 
 
+def opens(path: Path) -> bool:
+    """Whether `path`'s header reads as a picture preprocess opens (`_open`: a JPEG past Pillow's guard too),
+    without decoding it."""
+    try:
+        with _open(path):
+            return True
+    except Exception:  # Pillow's refusals come in many types
+        return False
+
+
 def _limit(image_format: str | None) -> str:
     if image_format in ("JPEG", "MPO"):
         return f"{MAX_PIXELS * JPEG_REDUCTIONS[-1] ** 2 / 1e9:.1f} GP, read at 1/{JPEG_REDUCTIONS[-1]} of its size"

@@ -17,7 +17,7 @@ from unittest.mock import patch  # the stdlib's scoped os.environ change
 
 from oneword import hub, storage
 from oneword.errors import OnewordError
-from oneword.images import IMAGE_SUFFIXES, UNREADABLE_SUFFIXES, visible_files
+from oneword.images import IMAGE_SUFFIXES, UNREADABLE_SUFFIXES, opens, visible_files
 from oneword.profiles import TOYWORLD_CLIP, ModelProfile, profile
 from oneword.toyworld import assets
 
@@ -258,7 +258,7 @@ def images_problem(images: str, token: str) -> tuple[str | None, str]:
             return f"{token}: image folder {images} does not exist", "pass the folder or s3:// prefix of its photos"
         names = [n for n in visible_files(folder) if n.exists()]  # as preprocess finds them, less broken links
     pictures = [n for n in names if n.suffix.lower() in IMAGE_SUFFIXES]
-    if pictures and (storage.is_s3(images) or any(_opens(n) for n in pictures[:PICTURES_TRIED])):
+    if pictures and (storage.is_s3(images) or any(opens(n) for n in pictures[:PICTURES_TRIED])):
         return None, ""
     if pictures:  # (a local folder's) named as pictures, and none is one: preprocess would read none, a minute on
         return f"{token}: no file in {images} is a picture Pillow can read ({pictures[0].name}, ...)", (
@@ -272,19 +272,6 @@ def images_problem(images: str, token: str) -> tuple[str | None, str]:
 
 
 PICTURES_TRIED = 50  # a folder's files opened (their headers only) before its photos are judged unreadable
-
-
-def _opens(path: Path) -> bool:
-    """Whether Pillow reads `path`'s header as a picture's (without decoding it)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path):
-            return True
-    except Image.DecompressionBombError:  # a picture, of more pixels than Pillow opens unasked: preprocess does
-        return True
-    except Exception:  # Pillow's refusals come in many types
-        return False
 
 
 def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[dict]) -> list[tuple[str, str | None]]:

@@ -92,6 +92,12 @@ def read_lines(text: str) -> tuple[str, ...]:
     return tuple(line for line in (raw.strip() for raw in text.splitlines()) if line and not line.startswith("#"))
 
 
+def names_a_file(name: str) -> bool:
+    """Whether a template set's or prompt set's name is meant as a file (a suffix or a folder in it): one not
+    there is said to be missing, not an unknown set."""
+    return bool(Path(name).suffix) or "/" in name or "\\" in name
+
+
 def get_templates(name: str) -> tuple[str, ...]:
     """Return a template set by name (`object`, `style`, `toyworld`) or read one template per line from a file.
 
@@ -101,9 +107,8 @@ def get_templates(name: str) -> tuple[str, ...]:
         return SETS[name]
     p = Path(name)
     if not p.is_file():
-        path_like = p.suffix or "/" in name or "\\" in name  # meant as a file: say the file is not there
         raise OnewordError(
-            f"template file {name!r} not found" if path_like else f"unknown template set {name!r}",
+            f"template file {name!r} not found" if names_a_file(name) else f"unknown template set {name!r}",
             hint=f"use one of {', '.join(SETS)} or a text file with one template per line",
         )
     lines = read_lines(p.read_text())

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from oneword.errors import OnewordError
-from oneword.templates import one_placeholder, read_lines
+from oneword.templates import names_a_file, one_placeholder, read_lines
 from oneword.toyworld import assets
 
 RECONSTRUCTION = "A photo of {}"
@@ -71,9 +71,8 @@ def get_prompt_set(name: str) -> tuple[str, ...]:
                 hint="write lines like 'A photo of {} on the moon'; write a literal brace as {{ or }}",
             )
         return prompts
-    path_like = p.suffix or "/" in name  # meant as a file: say the file is not there
     raise OnewordError(
-        f"prompt file {name!r} not found" if path_like else f"unknown prompt set {name!r}",
+        f"prompt file {name!r} not found" if names_a_file(name) else f"unknown prompt set {name!r}",
         hint=f"use one of {', '.join([*BUILTIN, *PACKAGED])} or a file of prompts",
     )
 

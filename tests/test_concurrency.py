@@ -165,3 +165,42 @@ def test_registry_queries_read_every_page(mlflow_server):
     found = registry.every_page(searched_while_another_registers, 5, filter_string="name LIKE 'paged-%'")
     assert pages[1][0] == pages[0][-1]  # the shift the pages really had
     assert len({m.name for m in found}) == len(found)
+
+
+def test_a_second_training_into_a_folder_being_trained_into_is_refused(cat_latents_dir, tiny_model_dir, tmp_path):
+    """Two `oneword train -o` of one folder at once (a command run in two terminals) wrote their checkpoints among
+    each other's: the second is refused while the first writes, and a first killed outright (kill -9) holds
+    nothing, so its folder resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from oneword.config import ConceptSpec, TrainConfig
+    from oneword.errors import OnewordError
+    from oneword.train import train
+
+    out = tmp_path / "out"
+    args = ["train", str(cat_latents_dir), "--token", "<twice>", "--init-word", "cat", "-o", str(out), "--base-model",
+            str(tiny_model_dir), "--steps", "100000", "--checkpoint-every", "2", "--device", "cpu"]  # fmt: skip
+    first = subprocess.Popen([str(Path(sys.executable).parent / "oneword"), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    concept, config = ConceptSpec(token="<twice>", init_word="cat"), TrainConfig(steps=4, device="cpu")
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-000002.pt").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        with pytest.raises(OnewordError, match="is being written by another training now") as e:
+            train(cat_latents_dir, out, concept, config, base_model=str(tiny_model_dir), resume=True, progress=False)
+        assert str(out) in e.value.message and "choose another -o" in e.value.hint
+        assert first.poll() is None  # the first goes on
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+    done = max(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
+    again = TrainConfig(steps=done + 2, device="cpu", checkpoint_every=2)
+    result = train(cat_latents_dir, out, concept, again, base_model=str(tiny_model_dir), resume=True, progress=False)
+    assert result.steps_run == 2 and (out / "learned_embeds.safetensors").exists()

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from oneword.errors import OnewordError
 
@@ -326,3 +326,35 @@ def atomic_dir(final: Path, marker: str | None = None, what: str = "an output fo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+WRITER_LOCK = ".oneword-writer.lock"
+
+
+@contextmanager
+def one_writer(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder` for one writer while the block runs: a second writer at once is refused, not queued.
+
+    For steps that write into their folder as they go (a training's checkpoints): two of them at once would
+    interleave their files. The lock is the kernel's (`flock`), so a writer killed outright releases it. A folder
+    this call created is removed again if the block fails before writing anything into it.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / WRITER_LOCK), blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OnewordError(
+            f"{folder} is being written by another {what} now (it holds {folder / WRITER_LOCK})",
+            hint="wait for that one to end, or choose another -o",
+        ) from None
+    try:
+        yield
+    except BaseException:
+        if created and {p.name for p in folder.iterdir()} <= {WRITER_LOCK}:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        lock.release()

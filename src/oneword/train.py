@@ -18,6 +18,7 @@ concept's status: trained, or failed with the stage and the error).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -205,39 +206,46 @@ def train(
 
     name = concept_name(concept.token, name or "")  # a name the registry cannot hold fails before any work
     check_output_folder(out_dir, concept.token)
-    _refuse_earlier_checkpoints(checkpoint_dir if checkpoint_dir is not None else Path(out_dir) / "checkpoints", resume)
-    if (n := _processes(config, base_model, callbacks)) > 1:
-        return distributed.launch(
-            "oneword.train:train", n, latents_dir=latents_dir, out_dir=out_dir, concept=concept, config=config,
-            base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-            tracking=tracking, name=name,
-        )  # fmt: skip
-    latents = LatentSet.load(Path(latents_dir))
-    model = _load_model(latents, base_model, Path(latents_dir), samples=_samples(tracking, config))
-    _check_encoded_for(latents, model, Path(latents_dir))
-    profile = profile_of(model)
-    concept, config = concept.resolved(profile), config.resolved(profile)
-    out_dir = Path(out_dir)
-    ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
-    trainer = InversionTrainer(model, [(concept, latents)], config)  # a token it refuses leaves no folder behind
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "training %s (init %r, %d vector(s)) for %d steps at lr %g on %s",
-        concept.token,
-        concept.init_word,
-        concept.n_vectors,
-        config.steps,
-        config.lr,
-        trainer.device,
-    )
-    main = trainer.world.main  # the other processes of a launch hold the same state and write nothing
-    live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking and main else None
-    result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)
-    if main:
-        run = _run_summary(config, model, result, trainer, _where(ckpt))
-        run_id = live.run_ids.get(name) if live else None
-        _write_concept(out_dir, concept, latents, Path(latents_dir), result, run, run_id)
-    return result
+    with _one_writer(out_dir):
+        given = checkpoint_dir if checkpoint_dir is not None else Path(out_dir) / "checkpoints"
+        _refuse_earlier_checkpoints(given, resume)
+        if (n := _processes(config, base_model, callbacks)) > 1:
+            return distributed.launch(
+                "oneword.train:train", n, latents_dir=latents_dir, out_dir=out_dir, concept=concept, config=config,
+                base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                tracking=tracking, name=name,
+            )  # fmt: skip
+        latents = LatentSet.load(Path(latents_dir))
+        model = _load_model(latents, base_model, Path(latents_dir), samples=_samples(tracking, config))
+        _check_encoded_for(latents, model, Path(latents_dir))
+        profile = profile_of(model)
+        concept, config = concept.resolved(profile), config.resolved(profile)
+        out_dir = Path(out_dir)
+        ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
+        trainer = InversionTrainer(model, [(concept, latents)], config)  # a token it refuses leaves no folder behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.info(
+            "training %s (init %r, %d vector(s)) for %d steps at lr %g on %s",
+            concept.token,
+            concept.init_word,
+            concept.n_vectors,
+            config.steps,
+            config.lr,
+            trainer.device,
+        )
+        main = trainer.world.main  # the other processes of a launch hold the same state and write nothing
+        live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking and main else None
+        result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)
+        if main:
+            run = _run_summary(config, model, result, trainer, _where(ckpt))
+            run_id = live.run_ids.get(name) if live else None
+            _write_concept(out_dir, concept, latents, Path(latents_dir), result, run, run_id)
+        return result
+
+
+def _one_writer(out_dir: str | Path):
+    """Hold the output folder for this training (`storage.one_writer`); a launched process's parent holds it."""
+    return contextlib.nullcontext() if distributed.launched() else storage.one_writer(Path(out_dir), "training")
 
 
 def _processes(config: TrainConfig, base_model, callbacks: Sequence[MetricsCallback]) -> int:
@@ -526,6 +534,24 @@ def train_group(
     Returns:
         One status per member, in order: `{"name", "token", "status": "trained"|"failed", "stage", "error"}`.
     """
+    with _one_writer(out_dir):
+        return _train_group(
+            members, out_dir, config, base_model, checkpoint_root, resume, callbacks, progress, tracking
+        )
+
+
+def _train_group(
+    members: Sequence[tuple[str, ConceptSpec, Path]],
+    out_dir: Path,
+    config: TrainConfig,
+    base_model: str | LoadedModel | None,
+    checkpoint_root: str | Path | None,
+    resume: bool,
+    callbacks: Sequence[MetricsCallback],
+    progress: bool,
+    tracking: LiveTracking | None,
+) -> list[dict]:
+    """`train_group` while it holds its output folder."""
     if (n := _processes(config, base_model, callbacks)) > 1:
         return distributed.launch(
             "oneword.train:train_group", n, members=members, out_dir=out_dir, config=config, base_model=base_model,

@@ -32,6 +32,12 @@ STEP_RETRIES = 2  # preprocess and cache_latents: an object store or model hub t
 # so ends Failed, which Argo's OnFailure policy retries) ends within a day: train's 4 attempts x 5 h, backoffs too.
 GPU_STEP_DEADLINE_S = 5 * 3600
 CPU_STEP_DEADLINE_S = 3 * 3600  # plan-batch reads every concept's photos: thousands of concepts take long too
+# Argo allows a task's retries a window from its first pod's creation (`retryStrategy.backoff.maxDuration`): it
+# tries no retry past it and stops a retry at it (workflow/controller/operator.go, "Max duration limit exceeded").
+# KFP's SDK writes 1 hour when none is given, which cut a 5-hour training's retries to the first hour. The window
+# holds every attempt at its deadline and the backoffs, and this much time Pending for a node (a GPU pool scaling
+# up from zero, a night's runs queued), which counts too.
+RETRY_PENDING_S = 12 * 3600
 
 
 def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -64,6 +70,15 @@ def _resources(task: dsl.PipelineTask, p: dict, kind: str) -> dsl.PipelineTask:
     task.set_memory_request(memory_request).set_memory_limit(memory_limit)
     _carry(task, p, names)
     return task
+
+
+def _retry(task: dsl.PipelineTask, retries: int, first_wait_s: int, deadline_s: int) -> dsl.PipelineTask:
+    """Retry `task` up to `retries` times, the first after `first_wait_s` and each next twice as long, within a
+    window that holds every attempt at its deadline (`RETRY_PENDING_S`)."""
+    waits = sum(first_wait_s * 2**i for i in range(retries))
+    window = (retries + 1) * deadline_s + waits + RETRY_PENDING_S
+    return task.set_retry(num_retries=retries, backoff_duration=f"{first_wait_s}s", backoff_factor=2.0,
+                          backoff_max_duration=f"{window}s")  # fmt: skip
 
 
 def _cpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
@@ -178,7 +193,7 @@ def personalise(
     ), p)
     # it reads the model's tokenizers and text encoders (fp16, no UNet or VAE) into the cache the GPU steps use
     _with_models(todo, p).set_caching_options(False)  # it asks MLflow, every run
-    todo.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # an evicted CPU pod
+    _retry(todo, STEP_RETRIES, 30, CPU_STEP_DEADLINE_S)  # a pod lost with its node
     with dsl.If(todo.outputs["Output"] > 0, name="any-changed"):
         concepts = todo.outputs["to_train"]
         with dsl.ParallelFor(concepts, name="each-concept") as concept:
@@ -189,12 +204,12 @@ def personalise(
             # only (backend/src/v2/component/launcher_v2.go, fetchNonDefaultBuckets): a cached concept's latents could
             # not be read by train. The photos are small; what is costly, training, oneword keys itself.
             pre.set_caching_options(False)
-            pre.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # transient errors
+            _retry(pre, STEP_RETRIES, 30, CPU_STEP_DEADLINE_S)  # transient errors
             # The accelerator settings are also inputs: the step records them in its output's metadata.
             lat = _gpu_step(c.cache_latents(dataset=pre.outputs["dataset"], base_model=base_model, on_error=on_error,
                                             accelerator_type=accelerator_type, accelerator_limit=accelerator_limit), p)
             lat.set_caching_options(False)
-            lat.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)
+            _retry(lat, STEP_RETRIES, 30, GPU_STEP_DEADLINE_S)
         tr = c.train(
             latents=dsl.Collected(lat.outputs["latents"]), concepts=concepts, base_model=base_model, steps=steps,
             batch_size=batch_size, learning_rate=learning_rate, scale_lr=scale_lr, progressive_every=progressive_every,
@@ -209,7 +224,7 @@ def personalise(
         _gpu_step(tr, p)
         # Honoured inside sub-DAGs from KFP 2.14 (docs/deploy.md); a retry resumes from the checkpoints under
         # checkpoint_root, which are keyed by what is trained. Locally (kfp.local) retries are removed: see local.py.
-        tr.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        _retry(tr, TRAIN_RETRIES, 60, GPU_STEP_DEADLINE_S)
         tr.set_caching_options(False)
         with dsl.ParallelFor(tr.outputs["Output"], name="each-trained") as name:
             ev = c.evaluate(
@@ -546,7 +561,7 @@ def batch_personalisation(
         _with_models(plan, p)
         plan.set_caching_options(False)  # a recurring run must read tonight's manifest, not replay the first one
         # it reads the manifest and records the plan in MLflow: a store that blinks must not cost the night
-        plan.set_retry(num_retries=STEP_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        _retry(plan, STEP_RETRIES, 60, CPU_STEP_DEADLINE_S)
         check = _preflight([], p)  # shared resources only: one concept's bad photos must not stop the others
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=PARALLEL_SHARDS, name="shards") as shard:
             shards = personalise(concepts=shard, batch_id=batch_id, on_error="record",
@@ -558,7 +573,7 @@ def batch_personalisation(
                                            base_model=base_model, tracking_uri=tracking_uri,
                                            experiment=experiment), p).after(shards)
         made.set_caching_options(False)  # it reads the registry's champions, every run
-        made.set_retry(num_retries=STEP_RETRIES, backoff_duration="30s", backoff_factor=2.0)  # an evicted pod
+        _retry(made, STEP_RETRIES, 30, CPU_STEP_DEADLINE_S)  # a pod lost with its node
 
 
 PIPELINES = {"textual_inversion": textual_inversion, "batch_personalisation": batch_personalisation}

@@ -32,13 +32,14 @@ LABEL org.opencontainers.image.title="oneword" \
 # directory in the image is used, so it must be writable by the image's user. Group 0 may write what that user
 # may: OpenShift runs the image as a random uid in group 0 (k8s/overlays/openshift).
 RUN useradd --create-home --uid 10001 --gid 0 --shell /usr/sbin/nologin oneword \
-    && mkdir -p /models/huggingface && chown -R 10001:0 /models /home/oneword && chmod -R g=u /models /home/oneword
+    && mkdir -p /models/huggingface /models/oneword \
+    && chown -R 10001:0 /models /home/oneword && chmod -R g=u /models /home/oneword
 COPY --from=build /opt/oneword /opt/oneword
 ENV PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     HF_HOME=/models/huggingface \
-    ONEWORD_CACHE=/home/oneword/.cache/oneword
+    ONEWORD_CACHE=/models/oneword
 USER 10001
 WORKDIR /home/oneword
 ENTRYPOINT ["oneword"]

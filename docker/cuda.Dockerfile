@@ -41,7 +41,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 --gid 0 --shell /usr/sbin/nologin oneword \
-    && mkdir -p /models/huggingface /models/torchinductor \
+    && mkdir -p /models/huggingface /models/torchinductor /models/oneword \
     && chown -R 10001:0 /models /home/oneword && chmod -R g=u /models /home/oneword
 COPY --from=build /opt/oneword /opt/oneword
 # What the NVIDIA container toolkit reads to mount the driver's libraries. No NVIDIA_VISIBLE_DEVICES: the device
@@ -58,7 +58,7 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     HF_HOME=/models/huggingface \
     TORCHINDUCTOR_CACHE_DIR=/models/torchinductor \
-    ONEWORD_CACHE=/home/oneword/.cache/oneword
+    ONEWORD_CACHE=/models/oneword
 USER 10001
 WORKDIR /home/oneword
 ENTRYPOINT ["oneword"]

@@ -394,6 +394,14 @@ def test_a_retried_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, m
     unresolved = urllib3.exceptions.NameResolutionError("no-such-host", None, OSError("Name or service not known"))
     assert not outcome.transient(urllib3.exceptions.MaxRetryError(None, "http://no-such-host/", unresolved))
     assert not outcome.transient(requests.exceptions.SSLError("certificate verify failed"))
+    # the model hub's own client (huggingface_hub 2.x asks with httpx2), under the hub's "not in the cache" error
+    import httpx2
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for lost in (httpx2.ConnectError("connection refused"), httpx2.ReadTimeout("read timed out")):
+        missing = LocalEntryNotFoundError("cannot find the requested files in the disk cache")
+        missing.__cause__ = lost
+        assert outcome.transient(lost) and outcome.transient(missing)
     # kfp.local retries nothing: there, what a retry may cure is recorded like any failure
     monkeypatch.setenv(outcome.LOCAL_RUN_ENV, "1")
     assert outcome.run_step("preprocess", tmp_path / "e", "record", unreachable, retried=True) is None

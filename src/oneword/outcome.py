@@ -9,6 +9,8 @@ finds it. With `on_error="fail"` (one concept, the CLI) errors are raised as usu
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import os
@@ -95,7 +97,7 @@ def _misconfigured() -> tuple[type[BaseException], ...]:
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    """The HTTP clients' own errors for a request that never got an answer (minio, requests, httpx)."""
+    """The HTTP clients' own errors for a request that never got an answer (minio, requests, httpx, the hub's)."""
     kinds: list[type[BaseException]] = []
     try:
         import urllib3.exceptions as u
@@ -109,12 +111,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         kinds += [r.ConnectionError, r.Timeout]
     except ImportError:
         pass
-    try:
-        import httpx
-
-        kinds += [httpx.TransportError]
-    except ImportError:
-        pass
+    for name in ("httpx", "httpx2"):  # huggingface_hub 2.x asks with httpx2
+        with contextlib.suppress(ImportError, AttributeError):
+            kinds.append(importlib.import_module(name).TransportError)
     return tuple(kinds)
 
 

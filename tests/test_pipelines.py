@@ -680,6 +680,8 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
         ("POST", "/apis/v2beta1/recurringruns"),
         ("DELETE", "/apis/v2beta1/recurringruns/rr-old"),
     ]
+    deleted = next(p for m, p, _ in calls if m == "DELETE")
+    assert "propagation_policy=ORPHAN" in deleted  # a run the old schedule started finishes: not deleted with it
     listed = next(p for m, p, _ in calls if m == "GET" and "recurringruns" in p)
     assert "oneword-batch" in urllib.parse.unquote(listed)  # filtered by name
     paths = [p for _, p, _ in calls]

@@ -132,7 +132,12 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
     )
     replaced = [r for r in old if r != job.recurring_run_id]
     for r in replaced:
-        client.delete_recurring_run(r)
+        # the runs an old schedule started are its Workflows' dependents: deleted by default, that night's run would
+        # be stopped mid-training with no exit handler to report it. ORPHAN leaves them to finish (KFP 2.16+;
+        # an older server ignores the parameter).
+        client._recurring_run_api.recurring_run_service_delete_recurring_run(
+            recurring_run_id=r, propagation_policy="ORPHAN"
+        )
     return {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": job.recurring_run_id,
             "replaced": replaced}
 

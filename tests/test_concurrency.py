@@ -204,3 +204,50 @@ def test_a_second_training_into_a_folder_being_trained_into_is_refused(cat_laten
     again = TrainConfig(steps=done + 2, device="cpu", checkpoint_every=2)
     result = train(cat_latents_dir, out, concept, again, base_model=str(tiny_model_dir), resume=True, progress=False)
     assert result.steps_run == 2 and (out / "learned_embeds.safetensors").exists()
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from oneword.storage import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "part.bin").write_bytes(b"x" * 1000)
+    print(tmp.name, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_what_a_writer_killed_outright_left_beside_its_output_is_cleared_by_the_next(tmp_path):
+    """A step killed with SIGKILL (the OOM killer) while it wrote left its scratch folder (`.out.tmp-*`, photos or
+    latents) beside the output for good; the next writer of that output removes it, but not the scratch folder
+    of a writer still at work, and puts back an output set aside for a new one that never moved in."""
+    import subprocess
+    import sys
+
+    from oneword.storage import atomic_dir
+
+    final = tmp_path / "out"
+
+    def writer():
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(final)], stdout=subprocess.PIPE, text=True)
+        return proc, tmp_path / proc.stdout.readline().strip()
+
+    killed, abandoned = writer()
+    working, busy = writer()
+    try:
+        killed.kill()
+        killed.wait(timeout=30)
+        assert abandoned.is_dir() and busy.is_dir()
+        with atomic_dir(final) as tmp:
+            (tmp / "new.txt").write_text("new")
+        assert not abandoned.exists() and busy.is_dir()  # the killed one's goes, the working one's stays
+        assert sorted(p.name for p in final.iterdir()) == ["new.txt"]  # the lock file is not part of the output
+    finally:
+        working.kill()
+        working.wait(timeout=30)
+    final.rename(tmp_path / ".out.old-abc123")  # killed after it set the old output aside, before the new moved in
+    with pytest.raises(RuntimeError), atomic_dir(final):
+        raise RuntimeError("this writer fails")
+    assert (final / "new.txt").read_text() == "new"  # put back, and kept by a writer that failed
+    # the second writer, killed too, left its scratch folder: cleared as well
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [".out.lock"]

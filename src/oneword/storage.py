@@ -10,6 +10,7 @@ from a Kubernetes Secret:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -304,8 +306,11 @@ def atomic_dir(final: Path, marker: str | None = None, what: str = "an output fo
     if marker:
         check_replaceable(final, marker, what)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the output from pods of another user on a shared volume
+    writing = FileLock(str(tmp / WRITING_LOCK), blocking=False)
+    writing.acquire()  # held while the folder is written: a folder whose lock is free was abandoned
     old = final.with_name(f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
     try:
         yield tmp
@@ -316,6 +321,7 @@ def atomic_dir(final: Path, marker: str | None = None, what: str = "an output fo
                 check_replaceable(final, marker, what)
             if final.exists():
                 final.rename(old)
+            (tmp / WRITING_LOCK).unlink()  # not part of the output; still held through its open file
             try:
                 tmp.rename(final)
             except BaseException:
@@ -325,7 +331,41 @@ def atomic_dir(final: Path, marker: str | None = None, what: str = "an output fo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        writing.release()
     shutil.rmtree(old, ignore_errors=True)
+
+
+WRITING_LOCK = ".oneword-writing.lock"
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Remove what writers of `final` killed outright (kill -9, the OOM killer) left beside it: a scratch folder
+    no writer holds, an old output set aside for a new one that moved in (or put back, if none did). A scratch
+    folder of a writer still at work is held (`atomic_dir`) and stays; one without a lock file is left alone."""
+    for scratch in final.parent.glob(f".{glob_escape(final.name)}.tmp-*"):
+        lock = scratch / WRITING_LOCK
+        if not lock.is_file():
+            continue
+        held = FileLock(str(lock), blocking=False)
+        try:
+            held.acquire()
+        except (Timeout, OSError):  # its writer is at work, or it went meanwhile
+            continue
+        try:
+            shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            held.release()
+    with FileLock(str(final.with_name(f".{final.name}.lock"))):  # no writer is between its two renames
+        asides = []
+        for aside in final.parent.glob(f".{glob_escape(final.name)}.old-*"):
+            with contextlib.suppress(OSError):  # a writer that moved its output in removes its own, after the lock
+                asides.append((aside.stat().st_mtime, aside))
+        asides = [aside for _, aside in sorted(asides)]
+        if asides and not final.exists():  # killed between them: the output it set aside goes back
+            asides.pop().rename(final)
+        for aside in asides:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 WRITER_LOCK = ".oneword-writer.lock"

@@ -131,6 +131,36 @@ def test_a_signal_to_the_run_alone_stops_its_task_too(tmp_path, signum, status):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_a_run_that_ignores_ctrl_c_passes_sigterm_on_to_its_tasks(tmp_path):
+    """Started as a shell's background job, the run ignores SIGINT, and so do its tasks: SIGTERM to it sent them
+    SIGINT, which they ignored until they were killed, with no last checkpoint saved. They get SIGTERM now."""
+    got = tmp_path / "got"
+    task = (f"import signal, sys, time\ndef on(s, f):\n    open({str(got)!r}, 'w').write(signal.Signals(s).name)"
+            "\n    sys.exit(143)\nsignal.signal(signal.SIGTERM, on)\nprint('up', flush=True)\ntime.sleep(60)\n")
+    shell = shlex.join([sys.executable, "-c", task])
+    run = (
+        "import sys, typer\nfrom kfp.local import subprocess_task_handler as handler\n"
+        "from oneword.cli.app import on_interrupt\nfrom oneword.pipelines.interrupt import stopping\n"
+        "try:\n"
+        "    with on_interrupt('stopped after {by}'), stopping():\n"
+        f"        handler.run_local_subprocess(['sh', '-ec', {shell!r}])\n"
+        "except typer.Exit as e:\n"
+        "    sys.exit(e.exit_code)\n"
+    )
+    ignoring = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as `&` in a script starts it)
+    proc = subprocess.Popen([sys.executable, "-c", run], preexec_fn=ignoring, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+        assert got.read_text() == "SIGTERM" and time.monotonic() - started < 5  # not killed after the grace
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, ended and not yet reaped by its parent, does not)."""
     try:

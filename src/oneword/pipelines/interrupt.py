@@ -37,6 +37,7 @@ class _Tasks:
         self.running: set[subprocess.Popen] = set()
         self.stop = stop or threading.Event()
         self.watch = watch  # gives each task a reader of its output lines (the terminal's progress)
+        self.sent = signal.SIGINT  # what the running tasks were sent at the stop
 
     def run(self, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         """Run one task as kfp.local does (its output, line by line, to this process's stdout), unless the run
@@ -57,7 +58,7 @@ class _Tasks:
         self.running.add(proc)
         try:
             if self.stop.is_set():  # it started as the run stopped: the signal to the others missed it
-                signal_group(proc, signal.SIGINT)
+                signal_group(proc, self.sent)
             out = sys.stdout  # the run's log file: a task stopping after the run's end must not write on the terminal
             seen = self.watch() if self.watch else None
             with proc:
@@ -73,11 +74,14 @@ class _Tasks:
         finally:
             self.running.discard(proc)
 
-    def stop_all(self) -> None:
-        """Start no task again; SIGINT to those running, then kill those still there after `GRACE_S`."""
+    def stop_all(self, signum: int = signal.SIGINT) -> None:
+        """Start no task again; to those running, the signal that stopped the run (SIGINT, else SIGTERM), then
+        kill those still there after `GRACE_S`. A run started with SIGINT ignored (a shell's background job)
+        passes that on to its tasks: SIGTERM reaches them, and they save and close as they would on Ctrl-C."""
+        self.sent = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
         self.stop.set()
         for proc in list(self.running):
-            signal_group(proc, signal.SIGINT)
+            signal_group(proc, self.sent)
         threading.Thread(target=self._kill_late, daemon=True).start()
 
     def _kill_late(self) -> None:
@@ -120,7 +124,7 @@ def stopping(
 
     def on_signal(signum, frame) -> None:
         if not tasks.stop.is_set():
-            tasks.stop_all()
+            tasks.stop_all(signum)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise Stopped(signum)  # SIGTERM (`timeout`, a scheduler), SIGHUP: its tasks must not outlive it

@@ -34,10 +34,10 @@ def test_ctrl_c_stops_a_batch_and_no_step_starts_after_it(tiny_model_dir, tiny_c
         {"images": str(DREAMBENCH / "cat"), "token": "<kitten-i>", "init_word": "cat"},  # waits for a free thread
     ]
     manifest.write_text(yaml.safe_dump({"concepts": concepts}))
-    root = tmp_path / "root"
+    root, store = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["batch", manifest, "--base-model", tiny_model_dir, "--clip-model", tiny_clip_dir, "--resolution", 32,
             "--steps", 400, "--n-images", 1, "--sampling-steps", 2, "--checkpoint-budget", 0,
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--pipeline-root", root]  # fmt: skip
+            "--tracking-uri", store, "--pipeline-root", root]  # fmt: skip
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "oneword"), *map(str, args)],
         stdout=subprocess.PIPE,
@@ -54,6 +54,10 @@ def test_ctrl_c_stops_a_batch_and_no_step_starts_after_it(tiny_model_dir, tiny_c
             if "cache-latents done" in line:  # a concept is training (400 steps), the others on their way
                 break
         assert any("cache-latents done" in line for line in seen), "".join(seen) + proc.stderr.read()
+        deadline = time.time() + 120
+        while not _live_runs(store, "RUNNING") and time.time() < deadline:  # a training's live MLflow run is open
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)
         signalled = time.time()
         out, err = proc.communicate(timeout=60)
@@ -69,6 +73,50 @@ def test_ctrl_c_stops_a_batch_and_no_step_starts_after_it(tiny_model_dir, tiny_c
     assert "failure" not in out and "train done" not in out, out  # none for the steps the stop failed
     for finished in ("train/**/summary.json", "evaluate/**/metrics.json", "register/**/registration.json"):
         assert not list(root.glob(f"batch-personalisation-*/**/{finished}")), finished
+    # the trainings the stop cut short ended their live runs themselves: none is left RUNNING for good
+    assert not _live_runs(store, "RUNNING") and _live_runs(store, "FAILED")
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_training_ends_the_live_run_no_register_will_complete(tiny_model_dir, tiny_clip_dir,
+                                                                                      tmp_path):  # fmt: skip
+    """Stopped while evaluate ran, the training's live MLflow run, which only register completes, stayed RUNNING
+    for good (a rerun is another KFP run, with a run of its own): it ends KILLED, saying why."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["run", "--images", DREAMBENCH / "cat", "--token", "<cat-s>", "--init-word", "cat", "--base-model",
+            tiny_model_dir, "--clip-model", tiny_clip_dir, "--resolution", 32, "--steps", 10, "--n-images", 8,
+            "--sampling-steps", 20, "--tracking-uri", store, "--pipeline-root", tmp_path / "root"]  # fmt: skip
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "oneword"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, preexec_fn=_default_sigint)  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "train done" in line:  # evaluate draws its images now
+                break
+        assert _live_runs(store, "RUNNING"), "".join(seen) + proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "register done" not in out, (out, err)
+    assert not _live_runs(store, "RUNNING")
+    [killed] = _live_runs(store, "KILLED")
+    assert "stopped before its register" in killed.data.tags["oneword.ended_by"]
+
+
+def _live_runs(uri: str, status: str) -> list:
+    """The concepts' runs in the store at `uri` of that status."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    except Exception:  # the store is being made
+        return []
+    runs = client.search_runs(ids, f"attributes.status = '{status}'") if ids else []
+    return [r for r in runs if "oneword.concept" in r.data.tags]
 
 
 def test_a_task_that_ignores_sigint_is_killed_and_none_starts_after_the_stop(tmp_path, monkeypatch, capsys):

@@ -302,9 +302,12 @@ def end_training_run(tracking_uri: str | None, train_dir: Path, stage: str, erro
     return run_id
 
 
-def end_orphaned_runs(tracking_uri: str | None, experiment: str, kfp_run_id: str, why: str) -> list[str]:
+def end_orphaned_runs(
+    tracking_uri: str | None, experiment: str, kfp_run_id: str, why: str, kfp_run_name: str = ""
+) -> list[str]:
     """End, as KILLED, the live runs a KFP run's trainings left RUNNING for a `register` that never ran (the
-    pipeline stopped first: another concept failed under `on_error=fail`, or the run was cancelled).
+    pipeline stopped first: another concept failed under `on_error=fail`, or the run was cancelled, or a local
+    run was stopped). The KFP run by its id, or, without one, by its name (a local run's folder).
 
     Returns:
         The ids of the runs ended.
@@ -312,7 +315,8 @@ def end_orphaned_runs(tracking_uri: str | None, experiment: str, kfp_run_id: str
     from oneword import tracking
     from oneword.registry import CONCEPT_TAG
 
-    if not kfp_run_id:
+    tag, value = (KFP_RUN_ID_TAG, kfp_run_id) if kfp_run_id else (KFP_RUN_NAME_TAG, kfp_run_name)
+    if not value:
         return []
     _, client = tracking.client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -320,7 +324,7 @@ def end_orphaned_runs(tracking_uri: str | None, experiment: str, kfp_run_id: str
         return []
     runs = client.search_runs(
         [exp.experiment_id],
-        f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run_id}' and attributes.status = 'RUNNING'",
+        f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'",
         max_results=10_000,
     )
     ended = []
@@ -329,7 +333,7 @@ def end_orphaned_runs(tracking_uri: str | None, experiment: str, kfp_run_id: str
             continue
         client.set_tag(r.info.run_id, "oneword.ended_by", why[:4000])
         # where the run's report finds it (`batch_records.batch_failures`): a run's batch id is its KFP run id
-        client.set_tag(r.info.run_id, "oneword.batch_id", kfp_run_id)
+        client.set_tag(r.info.run_id, "oneword.batch_id", r.data.tags.get(KFP_RUN_ID_TAG) or kfp_run_id)
         client.set_tag(r.info.run_id, FAILURE_TAGS[1], why[:4000])
         client.set_terminated(r.info.run_id, status="KILLED")
         ended.append(r.info.run_id)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from oneword.batch import UNCHANGED_SUFFIX
+from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.logs import log_level
 from oneword.outcome import FAILURE_FILE, LOCAL_RUN_ENV
@@ -31,6 +32,7 @@ from oneword.tracking import ensure_store
 log = logging.getLogger(__name__)
 
 RUN_NAME_TIME = "%Y-%m-%d-%H-%M-%S-%f"  # kfp.local's run folders: NAME-<this>
+EXPERIMENT = TrackingConfig().experiment
 BUNDLE_STEP = "bundle-concepts"  # the batch's bundle step, as kfp.local names its task
 CHECKPOINTS = "checkpoints"  # under the pipeline root: keyed by what is trained, so a rerun resumes or skips
 
@@ -251,6 +253,29 @@ def _task_logs(log_file: Path | None, unsaid: frozenset[str] = frozenset()) -> I
                         root.removeHandler(h)
 
 
+@contextlib.contextmanager
+def _live_runs_ended_if_stopped(tracking_uri: str, pipeline_root: Path, prefix: str, started: float,
+                                experiment: str) -> Iterator[None]:  # fmt: skip
+    """Around a local run: stopped (Ctrl-C, a signal), its trainings' live MLflow runs, which only a `register`
+    completes, are ended as KILLED, not left RUNNING for good (a rerun is another KFP run, with runs of its own;
+    on a cluster the exit handler ends them: `live.end_orphaned_runs`)."""
+    from oneword.processes import Stopped
+
+    try:
+        yield
+    except (KeyboardInterrupt, Stopped):
+        run_dir = _own_run(pipeline_root, prefix, started)
+        if run_dir is not None:
+            from oneword.live import end_orphaned_runs
+
+            try:
+                end_orphaned_runs(tracking_uri, experiment, "", "the local run was stopped before its register "
+                                  "(a rerun resumes from its checkpoints)", kfp_run_name=run_dir.name)  # fmt: skip
+            except Exception as e:  # the stop is what to report
+                log.warning("could not end the stopped run's MLflow runs (%s)", e)
+        raise
+
+
 def _for_local_run(pipeline):
     """A copy of the pipeline without retry policies, for kfp.local.
 
@@ -345,8 +370,10 @@ def run_textual_inversion(
     args = {**_local_overrides(pipeline_root), **params, "tracking_uri": uri}
     if not os.path.isabs(str(args["images"])) and not str(args["images"]).startswith("s3://"):
         args["images"] = str(Path(args["images"]).resolve())
+    experiment = args.get("experiment") or EXPERIMENT
     try:  # the pipeline's first task is the preflight: a mistake costs seconds, not a training run
-        with _task_logs(log_file):
+        with _live_runs_ended_if_stopped(uri, pipeline_root, "textual-inversion", start, experiment), \
+                _task_logs(log_file):
             registered = _for_local_run(textual_inversion)(**args)
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
         raise _step_failure(_own_run(pipeline_root, "textual-inversion", start), e, log_file) from e
@@ -410,7 +437,9 @@ def run_batch(
     )  # a failed concept must not stop the report
     start = time.time()
     # a run without a bundle: its bundle step ends at once, doing nothing worth a line
-    with _task_logs(log_file, frozenset() if params.get("bundle") else frozenset({BUNDLE_STEP})):
+    experiment = params.get("experiment") or EXPERIMENT
+    with _live_runs_ended_if_stopped(uri, pipeline_root, "batch-personalisation", start, experiment), \
+            _task_logs(log_file, frozenset() if params.get("bundle") else frozenset({BUNDLE_STEP})):
         _for_local_run(batch_personalisation)(
             concepts_manifest=concepts_manifest, tracking_uri=uri,
             # kfp.local keeps no Argo workflow, whose size is what the limit is for: every changed concept trains

@@ -240,6 +240,15 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     print_batch_report({**report, "concepts": [{**ok, "gate": "the first champion"}, candidate]}, console)
     text = " ".join(console.export_text().split())
     assert f"candidate; {gate}" in text and "the first champion" not in text, text
+    # with a team's long names beside scores, no letter of the reason is cropped at the edge
+    long = {**candidate, "name": "team-a-product-photos-" + "x" * 16, "reconstruction": 0.5, "editability": 0.21,
+            "gate": "not better than the champion: reconstruction 0.500 vs 0.510"}  # fmt: skip
+    console = Console(width=80, record=True)
+    print_batch_report({**report, "concepts": [long, bad]}, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines() if "run_dir" not in line) <= 80
+    words = set(text.split())
+    assert set(long["gate"].split()) <= words and set(bad["error"].split()) <= words, text
     assert print_batch_report({**report, "failed": 0, "concepts": [ok]}, Console(width=80, file=None)) == 0
     # a concept a cluster run left to the next (max_concepts_per_run) is not a failure
     later = {"name": "dog-q", "status": "deferred", "version": None, "alias": None, "stage": None,

@@ -274,6 +274,9 @@ def print_batch_plan(plan: dict, console) -> None:
         console.print(f"[bold yellow]on a cluster[/], at the default limit: {escape(advice)}")
 
 
+WHY_MIN_WIDTH = 20  # the batch report's last column: an error, a fix, why the gate chose an alias
+
+
 def print_batch_report(report: dict, console) -> int:
     """Print a batch's report as a table, one row per concept; return the command's exit status.
 
@@ -296,14 +299,17 @@ def print_batch_report(report: dict, console) -> int:
             if report.get(k):
                 console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
         return 2
-    t = Table(title=f"batch {report['batch_id']}", box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(title=f"batch {report['batch_id']}", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     longest = max((len(c["name"]) for c in report["concepts"]), default=7)
-    t.add_column("concept", overflow="fold", min_width=min(longest, 24))  # a name breaks only past 24 characters
+    # a name breaks only past 22 characters at 80 columns: past what the other columns leave, rich crops lines
+    # instead of folding them (the status, version and scores never wrap; 3 characters between columns)
+    fits = console.width - 3 * 5 - len("registered") - len("ver") - len("recon") - len("edit") - WHY_MIN_WIDTH - 1
+    t.add_column("concept", overflow="fold", min_width=max(8, min(longest, fits)))
     t.add_column("status")
     t.add_column("ver", justify="right", no_wrap=True)
     t.add_column("recon", justify="right", no_wrap=True)  # as `concepts list` shows them
     t.add_column("edit", justify="right", no_wrap=True)
-    t.add_column("alias / why", overflow="fold", ratio=1, min_width=20)  # the error takes what the names leave
+    t.add_column("alias / why", overflow="fold", ratio=1, min_width=WHY_MIN_WIDTH)  # what the names leave
     for c in report["concepts"]:
         if c["status"] in ("registered", "unchanged"):
             colour = "green" if c["status"] == "registered" else "cyan"

@@ -27,6 +27,16 @@ def _register(train_dir: str, eval_dir: str, uri: str, name: str, barrier) -> tu
     return r.version, r.alias
 
 
+def _promote(ref: str, uri: str, barrier) -> dict | str:
+    from oneword.errors import OnewordError
+
+    barrier.wait(timeout=120)
+    try:
+        return catalogue.promote(ref, reason=f"by {ref}", tracking_uri=uri)
+    except OnewordError as e:
+        return e.message
+
+
 def _with_scores(eval_dir, out, reconstruction, editability):
     shutil.copytree(eval_dir, out)
     m = json.loads((out / "metrics.json").read_text())
@@ -251,3 +261,36 @@ def test_what_a_writer_killed_outright_left_beside_its_output_is_cleared_by_the_
     assert (final / "new.txt").read_text() == "new"  # put back, and kept by a writer that failed
     # the second writer, killed too, left its scratch folder: cleared as well
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [".out.lock"]
+
+
+def test_two_promotes_at_once_say_which_one_holds(tmp_path):
+    """MLflow sets an alias unconditionally: two promotes at once both said they moved @champion, and the version
+    that lost it kept a record of being promoted. Whichever holds says so; the other says it was overtaken, and
+    leaves no record."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_store(uri)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("promote-race")).info.run_id
+    client.create_registered_model("race", tags={registry.CONCEPT_TAG: "true"})
+    for v in (1, 2, 3):
+        client.create_model_version("race", f"runs:/{run}/m{v}", run_id=run, tags={"oneword.token": "<r>", "gate": "d"})
+    client.set_registered_model_alias("race", "champion", "3")
+    for _ in range(3):  # the two may meet, or not: either way what they say is what holds
+        client.set_registered_model_alias("race", "champion", "3")
+        for v in ("1", "2"):
+            client.delete_model_version_tag("race", v, catalogue.promoted_tag("champion"))
+        barrier = SPAWN.Manager().Barrier(2)
+        with SPAWN.Pool(2) as pool:
+            said = pool.starmap(_promote, [("race/1", uri, barrier), ("race/2", uri, barrier)])
+        holder = str(client.get_registered_model("race").aliases["champion"])
+        assert holder in ("1", "2")
+        for ref, answer in zip(("race/1", "race/2"), said, strict=True):
+            version = ref[-1]
+            recorded = catalogue.promoted_tag("champion") in client.get_model_version("race", version).tags
+            if version == holder:
+                assert isinstance(answer, dict) and recorded, said
+            elif isinstance(answer, dict):  # it ran first, whole: the other's "before" names it
+                other = said[1 - ("race/1", "race/2").index(ref)]
+                assert other["before"] == version and recorded, said
+            else:
+                assert f"was moved to version {holder} by another promote" in answer and not recorded, said

@@ -669,7 +669,8 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
 
     name = "cat-nightly"
     assert registry.earlier_result(mlflow_server, trained, name, config, gate) is None  # nothing registered yet
-    found_run = registry.register(trained, scored("t-1", 0.5), mlflow_server, name=name, batch_id="reg-night-1").run_id
+    first = scored("t-1", 0.5)
+    found_run = registry.register(trained, first, mlflow_server, name=name, batch_id="reg-night-1").run_id
     found = registry.earlier_result(mlflow_server, trained, name, config, gate)
     assert found == {"version": "1", "aliases": ["champion"]}
     assert (
@@ -698,6 +699,14 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     }  # fmt: skip
     assert row["reconstruction"] == pytest.approx(0.5) and row["run_id"] == found_run  # the version's own scores
     assert row["gate"] == client.get_model_version(name, "1").tags["gate"]  # why it holds its alias
+    # `oneword register` run again on what it registered: that version, found before anything is uploaded
+    experiment = [client.get_run(found_run).info.experiment_id]
+    models = len(mlflow.search_logged_models(experiment_ids=experiment, output_format="list"))
+    again = registry.register(trained, first, mlflow_server, name=name, batch_id="reg-night-3")
+    assert again.unchanged and (again.version, again.alias) == ("1", "champion") and "unchanged" in again.reason
+    assert client.list_artifacts(again.run_id) == [] and client.get_run(again.run_id).info.status == "FINISHED"
+    assert len(mlflow.search_logged_models(experiment_ids=experiment, output_format="list")) == models  # none new
+    assert batch_report(mlflow_server, "reg-night-3", plan)["unchanged"] == 1
     assert batch_report(mlflow_server, "reg-night-1", plan)["registered"] == 1
     # a batch's versions are found by its tag, as the whole registry lists them
     night_1 = catalogue.batch_versions(mlflow_server, "reg-night-1")
@@ -960,7 +969,7 @@ def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(t
     assert done == {"name": "cat-hand", "version": "1", "alias": "champion", "before": "2", "token": "<h>",
                     "before_token": "<h>"}
     assert str(catalogue.get_version("cat-hand@champion", uri).version) == "1"
-    tag = client.get_model_version("cat-hand", "1").tags[catalogue.PROMOTED_TAG]
+    tag = client.get_model_version("cat-hand", "1").tags[catalogue.promoted_tag("champion")]
     assert tag == "@champion by hand (was version 2): version 2 draws the ears wrong"
     for ref, said in (("cat-hand/9", r"no version 9 \(versions 3, 2, 1; aliases: @champion\)"),
                       ("cat-hand", "takes NAME/VERSION or NAME@alias"),
@@ -973,13 +982,48 @@ def test_an_alias_is_pointed_by_hand_at_a_decided_version_and_says_who_held_it(t
     # a second promote of the holder changes nothing, not even its record; NAME@alias names the version to move
     main(["concepts", "promote", "cat-hand@champion", "--tracking-uri", uri])
     assert "cat-hand@champion is version 1 already: nothing changed" in capsys.readouterr().out
-    assert client.get_model_version("cat-hand", "1").tags[catalogue.PROMOTED_TAG] == tag
+    assert client.get_model_version("cat-hand", "1").tags[catalogue.promoted_tag("champion")] == tag
+    main(["concepts", "promote", "cat-hand/1", "--alias", "stable", "--tracking-uri", uri])  # a record each
+    capsys.readouterr()
+    assert client.get_model_version("cat-hand", "1").tags[catalogue.promoted_tag("champion")] == tag
     client.set_model_version_tag("cat-hand", "3", "oneword.token", "S*")  # retrained under another word
     client.set_registered_model_alias("cat-hand", "candidate", "3")
     main(["concepts", "promote", "cat-hand@candidate", "--tracking-uri", uri])
     said = " ".join(capsys.readouterr().out.split())
     assert "cat-hand@champion -> version 3 (was version 1)" in said, said
     assert "its token is S*, version 1's was <h>: prompts that name <h> must name S* now" in said, said
+    model = client.get_registered_model("cat-hand")
+    assert {a: str(v) for a, v in model.aliases.items()} == {"champion": "3", "stable": "1"}  # not a candidate now
+    assert model.tags["oneword.token"] == "S*" and model.description == "oneword concept S*"  # the champion's word
+    # `show` says the records of the aliases a version holds, not of one it lost
+    main(["concepts", "show", "cat-hand/1", "--tracking-uri", uri])
+    shown = capsys.readouterr().out
+    assert "@stable by hand" in shown and "@champion by hand" not in shown, shown
+    for ref, said in (("cat-hand@", "go on either side"), ("@champion", "go on either side"),
+                      ("cat-hand@champion/1", "is not one MLflow can hold"), ("/3", "names no concept")):  # fmt: skip
+        with pytest.raises(OnewordError, match=said):
+            catalogue.get_version(ref, uri)
+
+
+def test_a_version_whose_register_died_does_not_hold_up_a_promote_or_an_erasure(tmp_path, monkeypatch):
+    """A register killed between its version and its gate left the version undecided: promote and delete refused
+    the concept, and prune passed it over, for good. A version undecided longer than a register waits for another
+    is marked abandoned, as the next register would mark it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("died-exp")).info.run_id
+    client.create_registered_model("cat-died", tags={registry.CONCEPT_TAG: "true"})
+    client.create_model_version("cat-died", f"runs:/{run}/m1", run_id=run, tags={"oneword.token": "<d>", "gate": "d"})
+    client.create_model_version("cat-died", f"runs:/{run}/m2", run_id=run, tags={"oneword.token": "<d>"})
+    with pytest.raises(OnewordError, match="version 2 is still being registered") as e:  # young: it may be at work
+        catalogue.promote("cat-died/1", tracking_uri=uri)
+    assert "taken as abandoned 300 s after its version was made" in e.value.hint
+    monkeypatch.setattr(catalogue, "ALIAS_WAIT_SECONDS", 0.0)  # as if its register died 5 minutes ago
+    assert catalogue.promote("cat-died/1", tracking_uri=uri)["before"] is None
+    assert client.get_model_version("cat-died", "2").tags["gate"] == registry.ABANDONED
+    client.create_model_version("cat-died", f"runs:/{run}/m3", run_id=run, tags={"oneword.token": "<d>"})
+    catalogue.delete_concept("cat-died", tracking_uri=uri)  # an erasure goes through
+    assert registry.model_kind(client, "cat-died") is None
 
 
 def test_an_evaluation_against_other_images_is_not_registered(evaluated_concept, tmp_path):

@@ -9,6 +9,7 @@ import fnmatch
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,14 +19,18 @@ from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
 from oneword.registry import (
     ABANDONED,
+    ALIAS_WAIT_SECONDS,
     BUNDLE_TAG,
+    CANDIDATE,
     CHAMPION,
     CONCEPT_TAG,
     EMBEDDING_ARTIFACT,
     PAGE_SIZE,
+    champion_named,
     created_at,
     delete_version,
     every_page,
+    mark_abandoned,
     model_kind,
     newest_version,
 )
@@ -40,13 +45,22 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     "latest"), its newest version, as in MLflow's `models:/NAME/latest`; `NAME` -> (NAME, "champion", None)."""
     if "@" in ref:
         n, a = ref.split("@", 1)
+        if not n or not a:
+            raise OnewordError(f"{ref!r}: a concept's name and an alias go on either side of '@'",
+                               hint="write NAME@alias, NAME/3, NAME/latest or NAME")  # fmt: skip
+        check_alias(a)
         return n, a, None
     if "/" in ref:
         n, v = ref.rsplit("/", 1)
         if not (v.isdigit() or v == LATEST):
             raise OnewordError(f"{ref!r}: a version is a number or {LATEST!r}",
                                hint="write NAME/3, NAME/latest, NAME@alias or NAME")  # fmt: skip
+        if not n:
+            raise OnewordError(f"{ref!r} names no concept before its version",
+                               hint="write NAME/3, NAME/latest, NAME@alias or NAME")  # fmt: skip
         return n, None, v
+    if not ref:
+        raise OnewordError("an empty name names no concept", hint="`oneword concepts list` shows their names")
     return ref, CHAMPION, None
 
 
@@ -178,9 +192,29 @@ def _like(pattern: str) -> str:
 
 
 def _deciding(client, name: str) -> list[str]:
-    """The versions of `name` whose register has not decided their alias yet."""
+    """The versions of `name` whose register has not decided their alias yet. One registered longer ago than a
+    register waits for another's decision (`registry.ALIAS_WAIT_SECONDS`) was left by a register that died: it is
+    marked abandoned, as the next register of the concept would mark it, and is not waited for."""
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
-    return sorted((str(mv.version) for mv in versions if mv.tags.get("gate") is None), key=int)
+    undecided = sorted((mv for mv in versions if mv.tags.get("gate") is None), key=lambda mv: int(mv.version))
+    waiting = []
+    for mv in undecided:
+        if time.time() - mv.creation_timestamp / 1000 > ALIAS_WAIT_SECONDS:
+            log.warning("%s version %s never decided its alias (its register was killed?): marked abandoned",
+                        name, mv.version)  # fmt: skip
+            mark_abandoned(client, name, str(mv.version))
+        else:
+            waiting.append(str(mv.version))
+    return waiting
+
+
+def _still_deciding(name: str, version: str, what: str) -> OnewordError:
+    """`what` is refused while `version` of `name` is being registered."""
+    return OnewordError(
+        f"{name} version {version} is still being registered: its gate has not decided",
+        hint=f"wait for its register to finish, then {what} (a register that died is taken as abandoned "
+        f"{ALIAS_WAIT_SECONDS:.0f} s after its version was made)",
+    )
 
 
 def _versions_named(client, name: str, versions: list[str]) -> list:
@@ -409,7 +443,7 @@ def prune_versions(
     gone = []
     for name in sorted({r["name"] for r in rows if not names or r["name"] in names}):
         versions = sorted((r for r in rows if r["name"] == name), key=lambda r: -int(r["version"]))  # each once
-        if any(r["gate"] is None and not r.get("bundle") for r in versions):
+        if any(r["gate"] is None and not r.get("bundle") for r in versions) and _deciding(client, name):
             # a register at work may hand the alias back to an older version (`registry._apply_gate`) or ask
             # which decided version came just before its own: this concept waits for the next prune
             log.info("%s: a version is still being registered; not pruned now", name)
@@ -467,8 +501,7 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     if kind == "other":
         raise OnewordError(f"{name} is not a oneword concept", hint="delete models of other tools with their tools")
     if kind == "concept" and (deciding := _deciding(client, name)):  # its register would remake it
-        raise OnewordError(f"{name} version {deciding[0]} is still being registered",
-                           hint="wait for its register to finish (or to be marked abandoned), then delete")  # fmt: skip
+        raise _still_deciding(name, deciding[0], "delete")
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'") if registered else []
     experiments = [e.experiment_id for e in every_page(client.search_experiments, view_type=ViewType.ALL)]
     # a bundle's runs are tagged by its name as a concept's are: a delete cut short leaves either kind's
@@ -575,10 +608,7 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
         raise OnewordError(f"{name} is not a oneword concept", hint="promote concepts that oneword registered")
     # a concept's register sets the alias after this: this one would not hold (a bundle's versions have no gate)
     if kind == "concept" and (deciding := _deciding(client, name)):
-        raise OnewordError(
-            f"{name} version {deciding[0]} is still being registered: its gate has not decided",
-            hint="wait for its register to finish (or to be marked abandoned), then promote",
-        )
+        raise _still_deciding(name, deciding[0], "promote")
     before = (client.get_registered_model(mv.name).aliases or {}).get(alias)
     before = None if before is None else str(before)
     token = (mv.tags or {}).get("oneword.token")
@@ -592,5 +622,25 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     said = f"@{alias} by hand" + (f" (was version {before})" if before is not None else "") + (
         f": {reason}" if reason else ""
     )
-    client.set_model_version_tag(mv.name, mv.version, PROMOTED_TAG, said[:4000])
+    tag = promoted_tag(alias)  # one an alias: a later promote to another alias leaves this one's record
+    client.set_model_version_tag(mv.name, mv.version, tag, said[:4000])
+    holder = (client.get_registered_model(mv.name).aliases or {}).get(alias)
+    if str(holder) != str(mv.version):  # MLflow sets an alias unconditionally: the last of two at once holds
+        with contextlib.suppress(Exception):
+            client.delete_model_version_tag(mv.name, mv.version, tag)
+        raise OnewordError(
+            f"@{alias} of {mv.name} was moved to version {holder} by another promote at the same moment: it "
+            f"holds, and version {mv.version} does not",
+            hint=f"look with `oneword concepts show {mv.name}@{alias}`, and promote again if you still mean it",
+        )
+    if alias == CHAMPION:
+        champion_named(client, mv.name, token)
+        _, held_as, _ = parse_ref(ref)
+        if held_as == CANDIDATE:  # what the gate held back is the champion now, not a candidate beside it
+            client.delete_registered_model_alias(mv.name, CANDIDATE)
     return answer
+
+
+def promoted_tag(alias: str) -> str:
+    """The version tag that records who pointed `alias` at it by hand, and why."""
+    return f"{PROMOTED_TAG}.{alias}"

@@ -282,6 +282,13 @@ def register(
     concept = _read_concept(train_dir, eval_dir, name, batch_id)
     uri = resolve(tracking_uri)
     mlflow, client = _setup(uri)
+    if (found := _registered_before(client, concept, thresholds)) is not None:
+        # `register` run again on what it registered: the same version, and no second run, copy of every
+        # artifact and logged model naming a version that never came to be (it would be deleted as a twin)
+        from oneword.batch_records import note_unchanged
+
+        return note_unchanged(uri, concept.name, concept.token, found, batch_id, experiment, run_tags,
+                              concept.summary.get("mlflow_run_id"))  # fmt: skip
     files = _artifact_files(train_dir, eval_dir, concept.name)
     exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {**_run_tags(concept), **(run_tags or {})}
@@ -308,6 +315,15 @@ def register(
     return Registration(
         concept.name, version, alias, reason, run_id, f"models:/{concept.name}/{version}", uri, unchanged
     )
+
+
+def _registered_before(client, concept: _Concept, thresholds: GateThresholds) -> dict | None:
+    """The concept's newest version, where it was registered from this very training and evaluation under these
+    thresholds (`newest_result`); None where it was not, or the concept was not evaluated."""
+    if model_kind(client, concept.name) != "concept" or not (key := (concept.metrics or {}).get("evaluation_key")):
+        return None
+    newest = newest_version(client, concept.name)
+    return _held(client, concept.name, newest) if newest and _decided_on(newest, result_key(key, thresholds)) else None
 
 
 def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batch_id: str) -> _Concept:
@@ -617,13 +633,13 @@ def _wait_for_older_decisions(
                 oldest.version,
                 name,
             )
-            _mark_abandoned(client, name, oldest.version)  # not waited for again
+            mark_abandoned(client, name, oldest.version)  # not waited for again
             deadline = time.monotonic() + timeout
             continue
         time.sleep(0.2)  # another process is between create_model_version and its alias; it takes a moment
 
 
-def _mark_abandoned(client, name: str, version: str) -> None:
+def mark_abandoned(client, name: str, version: str) -> None:
     """Tag a version `ABANDONED`, unless it decided or went meanwhile. Two registers that waited for it as long
     mark it at one moment, and PostgreSQL refuses the second insert of its tag ("duplicate key ... model_version_tag
     _pk", an HTTP 400 the client does not retry): the loser finds it marked and waits on, not fails."""
@@ -759,7 +775,19 @@ def _apply_gate(
         if before is not None:
             client.set_registered_model_alias(concept.name, alias, before.version)
         raise
+    if alias == CHAMPION:
+        champion_named(client, concept.name, concept.token)
     return alias, reason
+
+
+def champion_named(client, name: str, token: str | None) -> None:
+    """Say the champion's token on the registered model itself (its `oneword.token` tag and description), where a
+    server that builds its prompts from the model, and MLflow's UI, read it: a champion with a new token made the
+    first version's word wrong there. A bundle or a version without a token changes nothing."""
+    if not token or model_kind(client, name) != "concept":
+        return
+    client.set_registered_model_tag(name, "oneword.token", token)
+    client.update_registered_model(name, description=f"oneword concept {token}")
 
 
 def _alias_holder(client, name: str, alias: str):

@@ -219,7 +219,7 @@ def concept_card(info: dict):
     from rich.table import Table
     from rich.text import Text
 
-    from oneword.catalogue import PROMOTED_TAG
+    from oneword.catalogue import PROMOTED_TAG, promoted_tag
     from oneword.registry import GATE_ALIAS_TAG
 
     tags, params, metrics = info["tags"], info["params"], info["metrics"]
@@ -249,8 +249,10 @@ def concept_card(info: dict):
     if gave:  # a version demoted or promoted since holds another alias now: what the gate gave was then
         gave = f"@{gave}" + ("" if gave in info["aliases"] else " when registered") + ": "
     grid.add_row("gate", escape(gave + tags.get("gate", "-")))
-    if tags.get(PROMOTED_TAG):
-        grid.add_row("promoted", escape(tags[PROMOTED_TAG]))
+    # by hand, to the aliases it holds now (a record of each; one tag for every alias before them)
+    promoted = [tags[promoted_tag(a)] for a in info["aliases"] if tags.get(promoted_tag(a))]
+    for said in promoted or ([tags[PROMOTED_TAG]] if tags.get(PROMOTED_TAG) and info["aliases"] else []):
+        grid.add_row("promoted", escape(said))
     trained = [f"{params['train.steps']} steps" if params.get("train.steps") else "", _learning_rate(params),
                f"batch {params['train.batch_size']}" if params.get("train.batch_size") else "",
                f"{params['n_images']} photos" if params.get("n_images") else ""]  # fmt: skip

@@ -1096,6 +1096,12 @@ def test_the_overview_page_is_written_whatever_the_registry_answers(tmp_path, mo
     assert "reconstruction 0.41 &lt; 0.50" in page and "train: CUDA OOM" in page and "old: @champion v3" in page
     # the KFP dashboard's frame opens no window and reads `#name` as its own address: the page links nothing out
     assert "scrollIntoView" in page and 'href="#v-' not in page and "target=" not in page
+    # a failure's fix, as the terminal's table says it; a run that succeeded with a failed concept says why
+    fixable = {**bad, "hint": "lower --batch-size"}
+    page = batch_overview.overview_page({**report, "concepts": [ok, fixable]}, tmp_path / "o.html", uri,
+                                        "SUCCEEDED").read_text()  # fmt: skip
+    assert "train: CUDA OOM (fix: lower --batch-size)" in page
+    assert "the run ended SUCCEEDED (its failed concepts were recorded, and the others went on)" in page
     # a store that fails picture after picture is asked no more (the exit handler must end)
     many = {**report, "concepts": [{**ok, "name": f"c{i}", "version": "1"} for i in range(5)]}
     page = batch_overview.overview_page(many, tmp_path / "o.html", uri).read_text()

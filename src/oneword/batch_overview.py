@@ -50,7 +50,7 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
         f'<!doctype html><html><head><meta charset="utf-8"><title>oneword batch {batch}</title>',
         f"<style>{PAGE_STYLE}td.n{{text-align:right}}.failed{{color:#b00}}.note{{color:#666}}</style></head><body>",
         f"<h1>batch {batch}</h1>",
-        f"<p>{counts}" + (f"; the run ended {html.escape(state)}" if state else "") + ".</p>",
+        f"<p>{counts}{_ended(state, report)}.</p>",
     ]
     uri = tracking.resolve(tracking_uri)
     head.append(f'<p class="note">registry: <code>{html.escape(tracking.shown(uri))}</code></p>')
@@ -65,6 +65,16 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join([*head, *body, "</body></html>"]), encoding="utf-8")
     return out
+
+
+def _ended(state: str | None, report: dict) -> str:
+    """How the run ended, said after the counts: a failed concept is recorded and the others go on, so a run with
+    failed concepts succeeds."""
+    if not state:
+        return ""
+    why = " (its failed concepts were recorded, and the others went on)" if state == "SUCCEEDED" and report.get(
+        "failed") else ""
+    return f"; the run ended {html.escape(state)}{why}"
 
 
 def _table(rows: list[dict]) -> str:
@@ -83,6 +93,7 @@ def _table(rows: list[dict]) -> str:
             why = alias_reason(c)
         else:
             why = ": ".join(str(x) for x in (c.get("stage"), c.get("error")) if x)
+            why += f" (fix: {c['hint']})" if c.get("hint") else ""  # as the terminal's table says it
         version = html.escape(str(c.get("version") or ""))
         status = html.escape(c["status"])
         status = f'<span class="failed">{status}</span>' if c["status"] == "failed" else status

@@ -104,6 +104,8 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
         catalogue.get_version("no-such-concept@champion", mlflow_server)
     with pytest.raises(OnewordError, match=f"not found .*did you mean {name!r}"):  # a slip of the keyboard
         catalogue.get_version(f"{name[:-1]}@champion", mlflow_server)
+    with pytest.raises(OnewordError, match=f"not found .*did you mean {name!r}"):  # the caps lock's
+        catalogue.get_version(name.upper(), mlflow_server)
     # a concept that is there, asked for a version or alias it lacks: what it has, not "not found"
     with pytest.raises(OnewordError, match=r"has no version 99 \(versions 5, 4, 3, 2, 1; aliases: .*@champion"):
         catalogue.get_version(f"{name}/99", mlflow_server)
@@ -1021,6 +1023,9 @@ def test_a_version_whose_register_died_does_not_hold_up_a_promote_or_an_erasure(
     monkeypatch.setattr(catalogue, "ALIAS_WAIT_SECONDS", 0.0)  # as if its register died 5 minutes ago
     assert catalogue.promote("cat-died/1", tracking_uri=uri)["before"] is None
     assert client.get_model_version("cat-died", "2").tags["gate"] == registry.ABANDONED
+    # its run holds no embedding (removed from the artifact store): the error names the version and run
+    with pytest.raises(OnewordError, match=f"embedding of cat-died/1 .*of run {run}\\) could not be downloaded"):
+        catalogue.pull_concept("cat-died/1", tmp_path / "x.safetensors", tracking_uri=uri)
     client.create_model_version("cat-died", f"runs:/{run}/m3", run_id=run, tags={"oneword.token": "<d>"})
     catalogue.delete_concept("cat-died", tracking_uri=uri)  # an erasure goes through
     assert registry.model_kind(client, "cat-died") is None

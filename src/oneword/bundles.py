@@ -378,7 +378,7 @@ def _member_files(mlflow, members: Sequence[Member], folder: Path) -> dict[str, 
 
     files, entries = {}, {}
     for m in members:
-        f = download_embedding(mlflow, m.run_id, folder / m.name)
+        f = download_embedding(mlflow, m.run_id, folder / m.name, f"{m.name}/{m.version}")
         emb = emb_io.load(f)
         mine = vector_tokens(emb.token, emb.n_vectors)
         for other, theirs in entries.items():

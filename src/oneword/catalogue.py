@@ -115,7 +115,9 @@ def _not_there(client, name: str, alias: str | None, version: str | None, ref: s
             names = [m.name for m in every_page(client.search_registered_models)]
         except Exception:  # the registry's names are a help to the message, not what it says
             names = []
-        meant = "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(name, names, n=1))
+        lower = {n.lower(): n for n in names}  # `PURPLE-STAR` for purple-star too
+        meant = "".join(f" (did you mean {lower[m]!r}?)"
+                        for m in difflib.get_close_matches(name.lower(), list(lower), n=1))  # fmt: skip
         return OnewordError(
             f"concept {name!r} not found in the registry at {where}{meant}",
             hint="list concepts with `oneword concepts list`",
@@ -346,7 +348,7 @@ def pull_concept(
     mlflow, _ = tracking.client(tracking_uri)
     mv = get_version(ref, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d:
-        emb = emb_io.load(download_embedding(mlflow, mv.run_id, Path(d)))
+        emb = emb_io.load(download_embedding(mlflow, mv.run_id, Path(d), f"{mv.name}/{mv.version}"))
     # without `out`, the file goes to a folder of its own that the caller keeps (generate reads it after)
     out = (
         Path(out)
@@ -366,17 +368,28 @@ def pull_concept(
     return out, {**mv.tags, "oneword.version": str(mv.version), "oneword.name": mv.name}
 
 
-def download_embedding(mlflow, run_id: str, folder: Path) -> Path:
-    """The embedding file of a concept version's run (`run_id`), downloaded into `folder`."""
+def download_embedding(mlflow, run_id: str, folder: Path, what: str = "") -> Path:
+    """The embedding file of a concept version's run (`run_id`), downloaded into `folder`; `what` names the
+    version in an error."""
     import os
     from unittest.mock import patch
+
+    from mlflow.exceptions import MlflowException
 
     # a file of a few KB: MLflow's progress bar only trailed the answer on the terminal
     bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     with patch.dict(os.environ, {} if bar in os.environ else {bar: "false"}):
         folder.mkdir(parents=True, exist_ok=True)
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EMBEDDING_ARTIFACT,
-                                                        dst_path=str(folder)))  # fmt: skip
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EMBEDDING_ARTIFACT,
+                                                            dst_path=str(folder)))  # fmt: skip
+        except (MlflowException, OSError) as e:
+            raise OnewordError(
+                f"the embedding of {what or 'a concept'} ({EMBEDDING_ARTIFACT} of run {run_id}) could not be "
+                f"downloaded: {tracking.said(e)}",
+                hint="check that the artifact store answers and your credentials may read it; if the run's "
+                "artifacts were removed, register the concept again or promote another version",
+            ) from e
 
 
 def pull_concepts(

@@ -1023,6 +1023,10 @@ def test_a_version_whose_register_died_does_not_hold_up_a_promote_or_an_erasure(
     monkeypatch.setattr(catalogue, "ALIAS_WAIT_SECONDS", 0.0)  # as if its register died 5 minutes ago
     assert catalogue.promote("cat-died/1", tracking_uri=uri)["before"] is None
     assert client.get_model_version("cat-died", "2").tags["gate"] == registry.ABANDONED
+    with pytest.raises(OnewordError, match="is no batch id"):  # a quote broke the registry's query
+        catalogue.list_concepts(uri, batch="x'")
+    with pytest.raises(OnewordError, match="is not one MLflow can hold"):  # not "no concepts"
+        catalogue.list_concepts(uri, alias="bad alias")
     # its run holds no embedding (removed from the artifact store): the error names the version and run
     with pytest.raises(OnewordError, match=f"embedding of cat-died/1 .*of run {run}\\) could not be downloaded"):
         catalogue.pull_concept("cat-died/1", tmp_path / "x.safetensors", tracking_uri=uri)

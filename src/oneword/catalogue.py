@@ -147,6 +147,8 @@ def list_concepts(
     Every page of the registry is read, however many concepts it holds (a batch's, or the named ones': what they
     hold).
     """
+    if alias:
+        check_alias(alias)  # one MLflow cannot hold is a slip, not "no concepts"
     if batch:
         rows = batch_versions(tracking_uri, batch, page_size)
         rows = [r for r in rows if not base_model or on_base_model(r, base_model)]
@@ -251,6 +253,8 @@ def batch_versions(tracking_uri: str | None, batch_id: str, page_size: int = PAG
     Found by the batch's version tag, and each of their models read once for its aliases: the query costs what
     the batch holds, not what the whole registry holds.
     """
+    if not re.fullmatch(r"[\w.:-]+", batch_id):  # a KFP run's id, or a local batch's: a quote would break the query
+        raise OnewordError(f"{batch_id!r} is no batch id", hint="pass the id `oneword batch` printed")
     _, client = tracking.client(tracking_uri)
     versions = every_page(
         client.search_model_versions, page_size, filter_string=f"tags.`oneword.batch_id` = '{batch_id}'"

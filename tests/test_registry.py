@@ -1119,3 +1119,34 @@ def test_the_overview_page_is_written_whatever_the_registry_answers(tmp_path, mo
     page = batch_overview.overview_page(report, tmp_path / "o.html", "https://u:secret@mlflow.example/").read_text()
     assert "1 more concept registered" in page and "could not be read" not in page
     assert "https://mlflow.example/" in page and "secret" not in page  # a URI's credentials stay off the page
+
+
+def test_a_version_learned_from_one_photo_says_so_in_the_batch_report(evaluated_concept, tmp_path):
+    """One photo in a manifest's folder trained, and registered as champion, with no word of it but in the steps'
+    log: the version carries what its photos were, and the batch's table and overview say it beside the alias."""
+    from rich.console import Console
+
+    from oneword import batch_overview
+    from oneword.batch import batch_report
+    from oneword.cli.run import print_batch_report
+
+    train_dir, eval_dir = evaluated_concept
+    trained = shutil.copytree(train_dir, tmp_path / "trained")
+    manifest = trained / "dataset" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    skipped = [{"source": "notes.txt", "reason": "not an image file (suffix '.txt')"}]
+    manifest.write_text(json.dumps({**m, "images": m["images"][:1], "skipped": skipped}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = registry.register(trained, eval_dir, uri, name="one-photo", batch_id="b-photo")
+    note = mlflow.MlflowClient(uri).get_model_version("one-photo", r.version).tags[registry.PHOTO_NOTE_TAG]
+    assert note == "1 photo only (fewer than 3: it may learn their pose and background too); 1 file skipped (its " \
+                   "run's log says why)"  # fmt: skip
+    plan = [{"images": "x", "token": "<cat-r>", "init_word": "cat", "name": "one-photo"}]
+    report = batch_report(uri, "b-photo", plan)
+    console = Console(width=80, record=True)
+    print_batch_report({**report, "seconds": 1}, console)
+    said = " ".join(console.export_text().split())
+    assert f"{r.alias}; photos: 1 photo only (fewer than 3" in said, said  # a champion's too
+    page = batch_overview.overview_page(report, tmp_path / "o.html", uri).read_text()
+    assert "photos: 1 photo only (fewer than 3" in page
+    assert registry.photo_note(train_dir / "dataset" / "manifest.json") == ""  # the fixture's photos: nothing to say

@@ -403,13 +403,16 @@ def _beside(manifest: str, path: str) -> str:
 
 def alias_reason(row: dict) -> str:
     """Why a `batch_report` row's version holds the alias it holds, for a person: what the gate said where it is
-    no champion (a champion's own reason is what was expected), or said again of an unchanged one's scores. An
-    unchanged version's word is from its registration: an alias moved by hand since says otherwise."""
+    no champion (a champion's own reason is what was expected), or said again of an unchanged one's scores, and
+    what its photos were (too few, files skipped). An unchanged version's word is from its registration: an alias
+    moved by hand since says otherwise."""
+    note = f"photos: {row['photo_note']}" if row.get("photo_note") else ""  # one photo may make a champion
     if row.get("rejudged"):
-        return row["rejudged"]
+        return "; ".join(x for x in (row["rejudged"], note) if x)
     if "champion" in (row.get("alias") or "").split(",") or not row.get("gate"):
-        return ""
-    return f"when registered: {row['gate']}" if row["status"] == "unchanged" else row["gate"]
+        return note
+    gate = f"when registered: {row['gate']}" if row["status"] == "unchanged" else row["gate"]
+    return "; ".join(x for x in (gate, note) if x)
 
 
 def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], experiment: str = "oneword") -> dict:
@@ -457,6 +460,7 @@ def batch_report(tracking_uri: str | None, batch_id: str, concepts: list[dict], 
                     "run_id": r.get("run_id"),
                     **({"rejudged": r["rejudged"]} if r.get("rejudged") else {}),
                     **({"gate": r["gate"]} if r.get("gate") else {}),
+                    **({"photo_note": r["photo_note"]} if r.get("photo_note") else {}),
                 }
             )
         elif raw.get(DEFERRED_KEY) and name not in failures:

@@ -26,6 +26,7 @@ from oneword.registry import (
     CONCEPT_TAG,
     EMBEDDING_ARTIFACT,
     PAGE_SIZE,
+    PHOTO_NOTE_TAG,
     champion_named,
     created_at,
     delete_version,
@@ -297,6 +298,7 @@ def version_row(mv, rm) -> dict:
         "reconstruction": as_number(mv.tags.get("reconstruction")),
         "editability": as_number(mv.tags.get("editability")),
         "gate": mv.tags.get("gate"),
+        "photo_note": mv.tags.get(PHOTO_NOTE_TAG, ""),
         "batch_id": mv.tags.get("oneword.batch_id"),
         "run_id": mv.run_id,
     }

@@ -55,6 +55,7 @@ GATE_ALIAS_TAG = "oneword.gate_alias"  # the alias the gate gave the version whe
 # the training photos (16 hex digits of each one's file and pixel sha256): a version that shares none of the
 # champion's is another concept, or the same one photographed anew, and the gate does not compare the two
 PHOTOS_TAG, PHOTO_ID_LENGTH, MAX_PHOTOS_TAGGED = "oneword.photos", 16, 120
+PHOTO_NOTE_TAG = "oneword.photo_note"  # too few photos, files skipped: what a batch's report says beside the alias
 EMBEDDING_ARTIFACT = "embeddings/diffusers/learned_embeds.safetensors"  # in a concept's run (`_artifact_files`)
 
 
@@ -250,6 +251,7 @@ class _Concept:
     metrics: dict | None
     batch_id: str
     photos: str = ""  # PHOTOS_TAG's value
+    photo_note: str = ""  # PHOTO_NOTE_TAG's value
 
 
 def register(
@@ -346,7 +348,29 @@ def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batc
     token = summary["concept"]["token"]
     if metrics is not None:
         _check_evaluated(train_dir, Path(eval_dir), summary, metrics)
-    return _Concept(concept_name(token, name), token, summary, metrics, batch_id, _photo_ids(train_dir, summary))
+    return _Concept(concept_name(token, name), token, summary, metrics, batch_id, _photo_ids(train_dir, summary),
+                    photo_note(train_dir / "dataset" / "manifest.json"))  # fmt: skip
+
+
+def photo_note(manifest: Path) -> str:
+    """What a person should know of the photos a version learned from, in a line (`PHOTO_NOTE_TAG`), from
+    preprocess's manifest: too few or too many used, files skipped; "" when there is nothing to say."""
+    from oneword.images import FEW_PHOTOS, MANY_PHOTOS
+
+    try:
+        m = json.loads(manifest.read_text())
+        used, skipped = len(m["images"]), len(m.get("skipped") or [])
+    except (OSError, ValueError, KeyError, TypeError):  # no manifest (another tool's training): nothing known
+        return ""
+    said = []
+    if used < FEW_PHOTOS:
+        said.append(f"{used} photo{'s' * (used != 1)} only (fewer than {FEW_PHOTOS}: it may learn their pose and "
+                    "background too)")  # fmt: skip
+    elif used > MANY_PHOTOS:
+        said.append(f"{used} photos (more than {MANY_PHOTOS}: check that they all show the one concept)")
+    if skipped:
+        said.append(f"{skipped} file{'s' * (skipped != 1)} skipped (its run's log says why)")
+    return "; ".join(said)
 
 
 def _photo_ids(train_dir: Path, summary: dict) -> str:
@@ -728,6 +752,8 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
         vtags["oneword.batch_id"] = concept.batch_id
     if concept.photos:
         vtags[PHOTOS_TAG] = concept.photos
+    if concept.photo_note:
+        vtags[PHOTO_NOTE_TAG] = concept.photo_note
     if key := (concept.metrics or {}).get("evaluation_key"):
         # a later run with the same training, evaluation and gate finds this version (`registered_result`), and
         # one with another gate only judges its scores again (`rejudged_result`)

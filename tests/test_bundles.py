@@ -359,6 +359,12 @@ def test_erasing_a_concept_deletes_the_bundle_versions_that_copy_it(store, tmp_p
     assert catalogue.get_version("bundle-dog", store) and not client.search_registered_models("name = 'studio'")
     with pytest.raises(OnewordError, match="no concept or bundle named 'studio'"):
         catalogue.delete_concept("studio", store)
+    # a bundle whose last version went: there, and empty ("no version 0" of a "concept", "no concept named")
+    empty = bundles.bundle_concepts("empty", ["bundle-dog"], tracking_uri=store)
+    client.delete_model_version("empty", empty.version)
+    with pytest.raises(OnewordError, match="bundle 'empty' has no versions left"):
+        catalogue.get_version("empty", store, bundle=True)
+    assert catalogue.prune_versions(store, names=["empty"]) == []
 
 
 def _manifest(path: Path, *names_and_tokens: tuple[str, str]) -> Path:
@@ -422,6 +428,9 @@ def test_a_manifests_bundle_holds_its_champions_and_says_why_the_others_are_left
     assert re.search(r"studio-gone +- +0 +- +by hand", table) and "studio-gone has no versions left" in table
     # by hand with a manifest (the first one moved, say): the bundle becomes that one's, and the first's refused
     assert bundles.bundle_concepts("studio", manifest=str(other), tracking_uri=store).version == "2"
+    mlflow.MlflowClient(store).set_registered_model_alias("studio", "live", "1")  # a rollback: its server serves 1
+    main(["concepts", "bundles", "--tracking-uri", store])
+    assert "studio: @live is version 1, not its newest" in capsys.readouterr().out
     with pytest.raises(OnewordError, match=r"holds the concepts of another manifest, .*other.yaml"):
         bundles.check_bundle_name("studio", [], store, str(manifest))
 

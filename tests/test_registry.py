@@ -1019,8 +1019,16 @@ def test_a_version_whose_register_died_does_not_hold_up_a_promote_or_an_erasure(
     client.create_model_version("cat-died", f"runs:/{run}/m2", run_id=run, tags={"oneword.token": "<d>"})
     with pytest.raises(OnewordError, match="version 2 is still being registered") as e:  # young: it may be at work
         catalogue.promote("cat-died/1", tracking_uri=uri)
-    assert "taken as abandoned 300 s after its version was made" in e.value.hint
-    monkeypatch.setattr(catalogue, "ALIAS_WAIT_SECONDS", 0.0)  # as if its register died 5 minutes ago
+    assert "taken as abandoned once it has said nothing for 600 s" in e.value.hint
+    # a register waiting long for another says it is alive, on its version: silent is from its last word
+    from types import SimpleNamespace
+
+    old = SimpleNamespace(creation_timestamp=1_000_000, tags={registry.HEARTBEAT_TAG: "1999"})
+    assert registry.silent_for(old, now=2009.0) == 10.0
+    assert registry.silent_for(SimpleNamespace(creation_timestamp=1_000_000, tags={}), now=2009.0) == 1009.0
+    monkeypatch.setattr(catalogue, "ALIAS_WAIT_SECONDS", 0.0)  # as if its register died 10 minutes ago
+    catalogue.delete_concept("cat-died", tracking_uri=uri, dry_run=True)  # a dry run marks nothing
+    assert "gate" not in client.get_model_version("cat-died", "2").tags
     assert catalogue.promote("cat-died/1", tracking_uri=uri)["before"] is None
     assert client.get_model_version("cat-died", "2").tags["gate"] == registry.ABANDONED
     with pytest.raises(OnewordError, match="is no batch id"):  # a quote broke the registry's query
@@ -1139,8 +1147,8 @@ def test_a_version_learned_from_one_photo_says_so_in_the_batch_report(evaluated_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     r = registry.register(trained, eval_dir, uri, name="one-photo", batch_id="b-photo")
     note = mlflow.MlflowClient(uri).get_model_version("one-photo", r.version).tags[registry.PHOTO_NOTE_TAG]
-    assert note == "1 photo only (fewer than 3: it may learn their pose and background too); 1 file skipped (its " \
-                   "run's log says why)"  # fmt: skip
+    assert note == "1 photo only (fewer than 3: it may learn their pose and background too); 1 file skipped " \
+                   "(preprocess's log says why)"  # fmt: skip
     plan = [{"images": "x", "token": "<cat-r>", "init_word": "cat", "name": "one-photo"}]
     report = batch_report(uri, "b-photo", plan)
     console = Console(width=80, record=True)
@@ -1149,4 +1157,4 @@ def test_a_version_learned_from_one_photo_says_so_in_the_batch_report(evaluated_
     assert f"{r.alias}; photos: 1 photo only (fewer than 3" in said, said  # a champion's too
     page = batch_overview.overview_page(report, tmp_path / "o.html", uri).read_text()
     assert "photos: 1 photo only (fewer than 3" in page
-    assert registry.photo_note(train_dir / "dataset" / "manifest.json") == ""  # the fixture's photos: nothing to say
+    assert registry.photo_note(train_dir) == ""  # the fixture's photos: nothing to say

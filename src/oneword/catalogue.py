@@ -9,7 +9,6 @@ import fnmatch
 import logging
 import re
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from oneword.registry import (
     mark_abandoned,
     model_kind,
     newest_version,
+    silent_for,
 )
 from oneword.tracking import resolve
 
@@ -78,8 +78,15 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
         if alias:
             mv = client.get_model_version_by_alias(name, alias)
         else:
-            if version == LATEST:  # where none is there, a version MLflow does not have: "not found", as for 3
-                version = str(getattr(newest_version(client, name), "version", 0))
+            if version == LATEST:
+                newest = newest_version(client, name)
+                if newest is None and (kind := model_kind(client, name)) is not None:
+                    what = "bundle" if kind == "bundle" else "concept"
+                    raise OnewordError(f"{what} {name!r} has no versions left (deleted, or erased with "
+                                       f"{'its concepts' if kind == 'bundle' else 'oneword concepts delete'})",
+                                       hint=f"`oneword concepts {'bundles' if kind == 'bundle' else 'list'}` "
+                                       "shows what the registry holds")  # fmt: skip
+                version = str(getattr(newest, "version", 0))  # none: "not found", as for 3
             mv = client.get_model_version(name, version)
     except MlflowException as e:
         missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
@@ -196,18 +203,20 @@ def _like(pattern: str) -> str:
     return re.sub(r"\[[^]]*\]", "_", pattern).replace("*", "%").replace("?", "_")
 
 
-def _deciding(client, name: str) -> list[str]:
-    """The versions of `name` whose register has not decided their alias yet. One registered longer ago than a
-    register waits for another's decision (`registry.ALIAS_WAIT_SECONDS`) was left by a register that died: it is
-    marked abandoned, as the next register of the concept would mark it, and is not waited for."""
+def _deciding(client, name: str, mark: bool = True) -> list[str]:
+    """The versions of `name` whose register has not decided their alias yet and is alive. One whose register
+    has said nothing for twice the time a register waits for another (`registry.silent_for`) died: it is marked
+    abandoned (unless not `mark`: a dry run changes nothing), as the next register of the concept would mark it,
+    and is not waited for."""
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
     undecided = sorted((mv for mv in versions if mv.tags.get("gate") is None), key=lambda mv: int(mv.version))
     waiting = []
     for mv in undecided:
-        if time.time() - mv.creation_timestamp / 1000 > ALIAS_WAIT_SECONDS:
-            log.warning("%s version %s never decided its alias (its register was killed?): marked abandoned",
-                        name, mv.version)  # fmt: skip
-            mark_abandoned(client, name, str(mv.version))
+        if silent_for(mv) > 2 * ALIAS_WAIT_SECONDS:
+            if mark:
+                log.warning("%s version %s never decided its alias (its register was killed?): marked abandoned",
+                            name, mv.version)  # fmt: skip
+                mark_abandoned(client, name, str(mv.version))
         else:
             waiting.append(str(mv.version))
     return waiting
@@ -217,8 +226,8 @@ def _still_deciding(name: str, version: str, what: str) -> OnewordError:
     """`what` is refused while `version` of `name` is being registered."""
     return OnewordError(
         f"{name} version {version} is still being registered: its gate has not decided",
-        hint=f"wait for its register to finish, then {what} (a register that died is taken as abandoned "
-        f"{ALIAS_WAIT_SECONDS:.0f} s after its version was made)",
+        hint=f"wait for its register to finish, then {what} (a register that died is taken as abandoned once "
+        f"it has said nothing for {2 * ALIAS_WAIT_SECONDS:.0f} s)",
     )
 
 
@@ -453,7 +462,8 @@ def prune_versions(
         )
     _, client = tracking.client(tracking_uri)
     rows = list_concepts(tracking_uri) + _bundle_rows(client)
-    if missing := sorted(set(names) - {r["name"] for r in rows}):
+    # a concept or bundle with no versions left is there, with nothing to prune
+    if missing := sorted(n for n in set(names) - {r["name"] for r in rows} if model_kind(client, n) is None):
         raise OnewordError(
             f"no concept named {', '.join(map(repr, missing))} in the registry at "
             f"{resolve(tracking_uri)}",
@@ -462,7 +472,8 @@ def prune_versions(
     gone = []
     for name in sorted({r["name"] for r in rows if not names or r["name"] in names}):
         versions = sorted((r for r in rows if r["name"] == name), key=lambda r: -int(r["version"]))  # each once
-        if any(r["gate"] is None and not r.get("bundle") for r in versions) and _deciding(client, name):
+        undecided = any(r["gate"] is None and not r.get("bundle") for r in versions)
+        if undecided and _deciding(client, name, mark=not dry_run):
             # a register at work may hand the alias back to an older version (`registry._apply_gate`) or ask
             # which decided version came just before its own: this concept waits for the next prune
             log.info("%s: a version is still being registered; not pruned now", name)
@@ -519,7 +530,7 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     registered, bundle = kind is not None, kind == "bundle"
     if kind == "other":
         raise OnewordError(f"{name} is not a oneword concept", hint="delete models of other tools with their tools")
-    if kind == "concept" and (deciding := _deciding(client, name)):  # its register would remake it
+    if kind == "concept" and (deciding := _deciding(client, name, mark=not dry_run)):  # its register would remake it
         raise _still_deciding(name, deciding[0], "delete")
     versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'") if registered else []
     experiments = [e.experiment_id for e in every_page(client.search_experiments, view_type=ViewType.ALL)]
@@ -597,7 +608,7 @@ def check_alias(alias: str) -> None:
 def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str | None = None) -> dict:
     """Point `alias` at a version by hand: a rollback (the new champion draws its concept worse than its scores
     say), or a move the gate cannot make (a champion on the old base model, whose scores it does not compare).
-    The version is tagged with who held the alias before and why (`PROMOTED_TAG`); later registrations compare
+    The version is tagged with who held the alias before and why (`promoted_tag`); later registrations compare
     with it as with any champion. A bundle's version (`oneword.bundles`) is promoted alike: the alias its servers
     load by (a rollback of a bundle).
 
@@ -654,8 +665,8 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
         )
     if alias == CHAMPION:
         champion_named(client, mv.name, token)
-        _, held_as, _ = parse_ref(ref)
-        if held_as == CANDIDATE:  # what the gate held back is the champion now, not a candidate beside it
+        candidate = (client.get_registered_model(mv.name).aliases or {}).get(CANDIDATE)
+        if str(candidate) == str(mv.version):  # what the gate held back is the champion now, not a candidate too
             client.delete_registered_model_alias(mv.name, CANDIDATE)
     return answer
 
@@ -663,3 +674,10 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
 def promoted_tag(alias: str) -> str:
     """The version tag that records who pointed `alias` at it by hand, and why."""
     return f"{PROMOTED_TAG}.{alias}"
+
+
+def promotions(tags: dict[str, str], aliases: Sequence[str]) -> list[str]:
+    """What a version's tags record of the aliases it holds now that were pointed at it by hand (one tag for
+    every alias, before the tag of each)."""
+    said = [tags[promoted_tag(a)] for a in aliases if tags.get(promoted_tag(a))]
+    return said or ([tags[PROMOTED_TAG]] if tags.get(PROMOTED_TAG) and aliases else [])

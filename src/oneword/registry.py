@@ -55,6 +55,7 @@ GATE_ALIAS_TAG = "oneword.gate_alias"  # the alias the gate gave the version whe
 # the training photos (16 hex digits of each one's file and pixel sha256): a version that shares none of the
 # champion's is another concept, or the same one photographed anew, and the gate does not compare the two
 PHOTOS_TAG, PHOTO_ID_LENGTH, MAX_PHOTOS_TAGGED = "oneword.photos", 16, 120
+GENERATED_DESCRIPTION = "oneword concept "  # a registered model's description, before its champion's token
 PHOTO_NOTE_TAG = "oneword.photo_note"  # too few photos, files skipped: what a batch's report says beside the alias
 EMBEDDING_ARTIFACT = "embeddings/diffusers/learned_embeds.safetensors"  # in a concept's run (`_artifact_files`)
 
@@ -349,16 +350,18 @@ def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batc
     if metrics is not None:
         _check_evaluated(train_dir, Path(eval_dir), summary, metrics)
     return _Concept(concept_name(token, name), token, summary, metrics, batch_id, _photo_ids(train_dir, summary),
-                    photo_note(train_dir / "dataset" / "manifest.json"))  # fmt: skip
+                    photo_note(train_dir))  # fmt: skip
 
 
-def photo_note(manifest: Path) -> str:
-    """What a person should know of the photos a version learned from, in a line (`PHOTO_NOTE_TAG`), from
-    preprocess's manifest: too few or too many used, files skipped; "" when there is nothing to say."""
-    from oneword.images import FEW_PHOTOS, MANY_PHOTOS
+def photo_note(train_dir: Path) -> str:
+    """What a person should know of the photos a training learned from, in a line (`PHOTO_NOTE_TAG`), from
+    preprocess's manifest, which the training folder carries: too few or too many used, files skipped; "" when
+    there is nothing to say."""
+    from oneword.images import FEW_PHOTOS, MANIFEST, MANY_PHOTOS
+    from oneword.latents import DATASET_DIR
 
     try:
-        m = json.loads(manifest.read_text())
+        m = json.loads((Path(train_dir) / DATASET_DIR / MANIFEST).read_text())
         used, skipped = len(m["images"]), len(m.get("skipped") or [])
     except (OSError, ValueError, KeyError, TypeError):  # no manifest (another tool's training): nothing known
         return ""
@@ -369,7 +372,7 @@ def photo_note(manifest: Path) -> str:
     elif used > MANY_PHOTOS:
         said.append(f"{used} photos (more than {MANY_PHOTOS}: check that they all show the one concept)")
     if skipped:
-        said.append(f"{skipped} file{'s' * (skipped != 1)} skipped (its run's log says why)")
+        said.append(f"{skipped} file{'s' * (skipped != 1)} skipped (preprocess's log says why)")
     return "; ".join(said)
 
 
@@ -377,7 +380,10 @@ def _photo_ids(train_dir: Path, summary: dict) -> str:
     """The training photos, as `PHOTOS_TAG` holds them: each one's file sha256 (from the dataset manifest the
     training folder carries) and pixel sha256, cut to `PHOTO_ID_LENGTH` digits ("" past `MAX_PHOTOS_TAGGED`)."""
     hashes = list(summary.get("image_sha256") or [])
-    manifest = train_dir / "dataset" / "manifest.json"
+    from oneword.images import MANIFEST
+    from oneword.latents import DATASET_DIR
+
+    manifest = train_dir / DATASET_DIR / MANIFEST
     if manifest.is_file():
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):  # another tool's: pixels tell
             hashes += [i["source_sha256"] for i in json.loads(manifest.read_text()).get("images", [])]
@@ -545,6 +551,17 @@ def _mark_failed(client, run_id: str, error: str) -> None:
 
 
 ALIAS_WAIT_SECONDS = 300.0  # how long a version waits for older versions' alias decisions (a killed register)
+# A register that waits says it is alive now and then, on its version: one silent for twice the wait died (its
+# pod was killed), and `oneword concepts` promote, delete and prune go on without it (`silent_for`).
+HEARTBEAT_TAG, HEARTBEAT_S = "oneword.alive_at", 30.0
+
+
+def silent_for(mv, now: float | None = None) -> float:
+    """Seconds since undecided version `mv`'s register last said it was alive (made it, or beat `HEARTBEAT_TAG`)."""
+    said = [mv.creation_timestamp / 1000]
+    with contextlib.suppress(TypeError, ValueError):
+        said.append(float((mv.tags or {}).get(HEARTBEAT_TAG)))
+    return (time.time() if now is None else now) - max(said)
 ABANDONED = "abandoned: its register never decided its alias"  # the gate tag of such a version, once waited for
 
 
@@ -597,7 +614,7 @@ def _create_version(client, name: str, info, run_id: str, token: str, tags: dict
 
     try:
         client.create_registered_model(
-            name, tags={CONCEPT_TAG: "true", "oneword.token": token}, description=f"oneword concept {token}"
+            name, tags={CONCEPT_TAG: "true", "oneword.token": token}, description=f"{GENERATED_DESCRIPTION}{token}"
         )
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -629,8 +646,11 @@ def _wait_for_older_decisions(
     evaluation draws the same scores), but not the model, which each register logs. A twin is deleted at once
     instead of waited for.
     """
-    deadline, waiting = time.monotonic() + timeout, None
+    deadline, waiting, beat = time.monotonic() + timeout, None, time.monotonic()
     while True:
+        if time.monotonic() - beat > HEARTBEAT_S:  # a register waiting long is alive: `concepts` commands wait too
+            client.set_model_version_tag(name, str(version), HEARTBEAT_TAG, f"{time.time():.0f}")
+            beat = time.monotonic()
         older = [
             mv
             for mv in every_page(client.search_model_versions, filter_string=f"name = '{name}'")
@@ -807,13 +827,21 @@ def _apply_gate(
 
 
 def champion_named(client, name: str, token: str | None) -> None:
-    """Say the champion's token on the registered model itself (its `oneword.token` tag and description), where a
-    server that builds its prompts from the model, and MLflow's UI, read it: a champion with a new token made the
-    first version's word wrong there. A bundle or a version without a token changes nothing."""
-    if not token or model_kind(client, name) != "concept":
+    """Say the champion's token on the registered model itself (its `oneword.token` tag, and the description
+    oneword wrote), where a server that builds its prompts from the model, and MLflow's UI, read it: a champion
+    with a new token made the first version's word wrong there. A bundle or a version without a token changes
+    nothing; a description a person wrote stays. Only said: a registry that refuses it fails nothing."""
+    if not token:
         return
-    client.set_registered_model_tag(name, "oneword.token", token)
-    client.update_registered_model(name, description=f"oneword concept {token}")
+    try:
+        model = client.get_registered_model(name)
+        if (model.tags or {}).get(CONCEPT_TAG) != "true":
+            return
+        client.set_registered_model_tag(name, "oneword.token", token)
+        if not model.description or model.description.startswith(GENERATED_DESCRIPTION):
+            client.update_registered_model(name, description=f"{GENERATED_DESCRIPTION}{token}")
+    except Exception as e:  # the version and its alias stand: this only describes them
+        log.warning("could not name %s's champion token %s on the registered model (%s)", name, token, e)
 
 
 def _alias_holder(client, name: str, alias: str):

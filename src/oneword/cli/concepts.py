@@ -180,6 +180,9 @@ def bundles_cmd(
         if not r["version"]:  # its versions went with a concept they held (`concepts delete`), or by hand
             console.print(f"{r['name']} has no versions left: `oneword concepts bundle {r['name']} ...` makes one",
                           highlight=False, soft_wrap=True)  # fmt: skip
+        elif pinned := [f"@{a} is version {v}" for a, v in r["aliases"].items() if v != r["version"]]:
+            # a server on `models:/NAME@alias` serves that one, not the newest (a rollback)
+            console.print(f"{r['name']}: {', '.join(pinned)}, not its newest", highlight=False)
 
 
 def bundle_card(info: dict):
@@ -190,6 +193,7 @@ def bundle_card(info: dict):
     from rich.text import Text
 
     from oneword.bundles import MEMBERS_TAG, parse_members
+    from oneword.catalogue import promotions
 
     tags = info["tags"]
     aliases = " ".join(f"@{a}" for a in info["aliases"]) or "no alias"
@@ -202,8 +206,8 @@ def bundle_card(info: dict):
     grid.add_row("tokens", escape(tags.get("oneword.tokens", "?")))
     fingerprint = tags.get("oneword.base_model_fingerprint", "")
     grid.add_row("base model", escape(f"{tags.get('oneword.base_model', '?')} ({fingerprint[:19]})"))
-    if tags.get("oneword.promoted"):
-        grid.add_row("promoted", escape(tags["oneword.promoted"]))
+    for said in promotions(tags, info["aliases"]):
+        grid.add_row("promoted", escape(said))
     uri = f"models:/{info['name']}/{info['version']}"
     grid.add_row("serve", escape(f"mlflow models serve -m {uri} --env-manager local"))
     grid.add_row("run", escape(info["run_id"]))
@@ -219,7 +223,7 @@ def concept_card(info: dict):
     from rich.table import Table
     from rich.text import Text
 
-    from oneword.catalogue import PROMOTED_TAG, promoted_tag
+    from oneword.catalogue import promotions
     from oneword.registry import GATE_ALIAS_TAG
 
     tags, params, metrics = info["tags"], info["params"], info["metrics"]
@@ -249,9 +253,7 @@ def concept_card(info: dict):
     if gave:  # a version demoted or promoted since holds another alias now: what the gate gave was then
         gave = f"@{gave}" + ("" if gave in info["aliases"] else " when registered") + ": "
     grid.add_row("gate", escape(gave + tags.get("gate", "-")))
-    # by hand, to the aliases it holds now (a record of each; one tag for every alias before them)
-    promoted = [tags[promoted_tag(a)] for a in info["aliases"] if tags.get(promoted_tag(a))]
-    for said in promoted or ([tags[PROMOTED_TAG]] if tags.get(PROMOTED_TAG) and info["aliases"] else []):
+    for said in promotions(tags, info["aliases"]):  # by hand, to the aliases it holds now
         grid.add_row("promoted", escape(said))
     trained = [f"{params['train.steps']} steps" if params.get("train.steps") else "", _learning_rate(params),
                f"batch {params['train.batch_size']}" if params.get("train.batch_size") else "",

@@ -39,7 +39,8 @@ ENV PATH=/opt/oneword/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     HF_HOME=/models/huggingface \
-    ONEWORD_CACHE=/models/oneword
+    ONEWORD_CACHE=/home/oneword/.cache/oneword \
+    ONEWORD_MODEL_CACHE=/models/oneword
 USER 10001
 WORKDIR /home/oneword
 ENTRYPOINT ["oneword"]

@@ -58,7 +58,8 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     HF_HOME=/models/huggingface \
     TORCHINDUCTOR_CACHE_DIR=/models/torchinductor \
-    ONEWORD_CACHE=/models/oneword
+    ONEWORD_CACHE=/home/oneword/.cache/oneword \
+    ONEWORD_MODEL_CACHE=/models/oneword
 USER 10001
 WORKDIR /home/oneword
 ENTRYPOINT ["oneword"]

@@ -6,7 +6,9 @@ at once, so every test here starts real processes that meet at a barrier and the
 
 import json
 import multiprocessing as mp
+import os
 import shutil
+import time
 
 import mlflow
 import pytest
@@ -248,6 +250,11 @@ def test_what_a_writer_killed_outright_left_beside_its_output_is_cleared_by_the_
         killed.kill()
         killed.wait(timeout=30)
         assert abandoned.is_dir() and busy.is_dir()
+        with atomic_dir(final) as tmp:  # a writer makes its folder a moment before it holds it: young ones stay
+            (tmp / "new.txt").write_text("new")
+        assert abandoned.is_dir()
+        for scratch in (abandoned, busy):  # as if made a while ago
+            os.utime(scratch, (time.time() - 120, time.time() - 120))
         with atomic_dir(final) as tmp:
             (tmp / "new.txt").write_text("new")
         assert not abandoned.exists() and busy.is_dir()  # the killed one's goes, the working one's stays

@@ -201,7 +201,7 @@ def test_the_model_cache_is_shared_where_pipelines_run(rendered, overlay):
     assert init["volumes"] == [{"name": "cache", "persistentVolumeClaim": {"claimName": "oneword-model-cache"}}]
     check = init["containers"][0]  # as the steps run, what they write: the Job fails only where they could not
     assert "touch /models/huggingface/" in check["args"][0] and "/models/torchinductor" in check["args"][0]
-    assert "/models/oneword" in check["args"][0]  # the images' ONEWORD_CACHE: an s3:// base model, once
+    assert "/models/oneword" in check["args"][0]  # the images' ONEWORD_MODEL_CACHE: an s3:// base model, once
     assert "uid $$(id -u) cannot write" in check["args"][0]  # the uid it runs as (OpenShift's is random)
     if overlay == "openshift":  # any uid the SCC gives; the volume is its fsGroup's
         assert "initContainers" not in init and "runAsUser" not in check["securityContext"]
@@ -453,8 +453,9 @@ def test_images_install_what_ci_installs(name):
     assert re.search(r"^USER 10001$", text, re.M) and "ENV PATH=/opt/oneword/bin:$PATH" in text
     # HF_HOME lies inside /models, where the pipelines mount the model cache, and is the user's without a volume
     assert re.search(r"^\s+HF_HOME=/models/huggingface", text, re.M)
-    # and oneword's own cache (a base model under s3://, fetched once per cluster, not into every pod's own disk)
-    assert re.search(r"^\s+ONEWORD_CACHE=/models/oneword$", text, re.M)
+    # and models under s3:// (fetched once per cluster, not into every pod's own disk); photos and latents stay off
+    assert re.search(r"^\s+ONEWORD_MODEL_CACHE=/models/oneword$", text, re.M)
+    assert re.search(r"^\s+ONEWORD_CACHE=/home/oneword/", text, re.M)
     # and group 0's, as OpenShift runs the image: a random uid in group 0
     assert re.search(r"mkdir -p /models/huggingface( /models/torchinductor)? /models/oneword \\?\s*"
                      r"&& chown -R 10001:0 /models /home/oneword && chmod -R g=u /models /home/oneword",

@@ -103,10 +103,13 @@ def test_incomplete_folder_is_a_clear_error(tiny_model_dir, tmp_path):
         load_base_model(str(broken))
 
 
-def test_loads_from_s3_once(tiny_model_dir, s3_bucket, monkeypatch):
+def test_loads_from_s3_once(tiny_model_dir, s3_bucket, monkeypatch, tmp_path):
+    # into the model cache (the images': the cluster's shared volume), apart from the photos' and latents' cache
+    monkeypatch.setenv("ONEWORD_MODEL_CACHE", str(tmp_path / "models"))
     storage.upload_dir(tiny_model_dir, f"s3://{s3_bucket}/models/tiny")
     m = load_base_model(f"s3://{s3_bucket}/models/tiny")
     assert m.width == 32
+    assert list((tmp_path / "models" / "s3" / s3_bucket).glob("*/model_index.json"))
     assert m.fingerprint == load_base_model(str(tiny_model_dir), parts=()).fingerprint
     # a second load reuses the local copy: no object is fetched again
     fetched = []

@@ -99,7 +99,7 @@ def resolve(source: str) -> str:
             )
         return str(p)
     if storage.is_s3(source):
-        return str(storage.download_prefix(source))
+        return str(storage.download_prefix(source, cache=storage.model_cache_root()))
     p = Path(source).expanduser()
     if p.exists():
         if p.is_dir() and not (p / "model_index.json").exists() and not (p / "unet").is_dir():

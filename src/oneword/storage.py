@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -91,6 +92,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("ONEWORD_CACHE", Path.home() / ".cache" / "oneword"))
 
 
+def model_cache_root() -> Path:
+    """Return where models under `s3://` are kept: `$ONEWORD_MODEL_CACHE`, else `cache_root()/models`. Apart from
+    photos and latents: the images put it on the cluster's shared model volume, which people's photos stay off."""
+    return Path(os.environ.get("ONEWORD_MODEL_CACHE", cache_root() / "models"))
+
+
 def client(read_timeout: float = READ_TIMEOUT_S):
     """Build a `minio.Minio` client from the environment (see the module docstring).
 
@@ -151,18 +158,19 @@ def list_objects(uri: str) -> list[tuple[str, int, str]]:
     return sorted(out)
 
 
-def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = ()) -> Path:
+def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = (), cache: Path | None = None) -> Path:
     """Download every object under an `s3://` prefix into a local folder, once, and keep the folder equal to it.
 
     Objects whose etag matches the previous download are not fetched again; files whose object is gone from the
     prefix are removed (a photo taken out of the bucket must not be trained on). Processes that fill one folder
     at once (kfp.local's parallel steps, pods sharing a cache volume) take turns. Without `dest`, the folder is
-    `cache_root()/s3/BUCKET/<hash of the prefix, and of only>`.
+    `CACHE/s3/BUCKET/<hash of the prefix, and of only>`, in `cache` (default `cache_root()`).
 
     Args:
         uri: the `s3://` prefix.
         dest: the local folder.
         only: keys (relative to the prefix) to take, a folder's as `name/`; empty: every object.
+        cache: where a `dest` not given lies (`model_cache_root()` for models).
 
     Returns:
         The local folder.
@@ -170,7 +178,7 @@ def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = ()
     bucket, prefix = split_s3(uri)
     if dest is None:  # a part of a prefix has a folder of its own: kept equal to it, it would empty the whole's
         named = prefix + "".join(f"\0{k}" for k in sorted(only))
-        dest = cache_root() / "s3" / bucket / hashlib.sha256(named.encode()).hexdigest()[:16]
+        dest = (cache or cache_root()) / "s3" / bucket / hashlib.sha256(named.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()  # the files it keeps are compared as resolved paths
     objects = list_objects(uri)
@@ -337,6 +345,7 @@ def atomic_dir(final: Path, marker: str | None = None, what: str = "an output fo
 
 
 WRITING_LOCK = ".oneword-writing.lock"
+SCRATCH_GRACE_S = 60.0  # a scratch folder younger than this is never taken for abandoned
 
 
 def _remove_abandoned(final: Path) -> None:
@@ -345,7 +354,10 @@ def _remove_abandoned(final: Path) -> None:
     folder of a writer still at work is held (`atomic_dir`) and stays; one without a lock file is left alone."""
     for scratch in final.parent.glob(f".{glob_escape(final.name)}.tmp-*"):
         lock = scratch / WRITING_LOCK
-        if not lock.is_file():
+        try:  # a writer takes its lock a moment after it makes its folder: one that young is left alone
+            if not lock.is_file() or time.time() - scratch.stat().st_mtime < SCRATCH_GRACE_S:
+                continue
+        except OSError:  # it went meanwhile
             continue
         held = FileLock(str(lock), blocking=False)
         try:
@@ -380,6 +392,8 @@ def one_writer(folder: Path, what: str) -> Iterator[None]:
     this call created is removed again if the block fails before writing anything into it.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OnewordError(f"{folder} is a file, not a folder: a {what} writes a folder", hint="choose another -o")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / WRITER_LOCK), blocking=False)

@@ -205,8 +205,8 @@ def train(
     from oneword.registry import concept_name  # (registry imports evaluation, which imports this module)
 
     name = concept_name(concept.token, name or "")  # a name the registry cannot hold fails before any work
-    check_output_folder(out_dir, concept.token)
     with _one_writer(out_dir):
+        check_output_folder(out_dir, concept.token)  # held: no training of another concept finishes there meanwhile
         given = checkpoint_dir if checkpoint_dir is not None else Path(out_dir) / "checkpoints"
         _refuse_earlier_checkpoints(given, resume)
         if (n := _processes(config, base_model, callbacks)) > 1:

@@ -102,7 +102,7 @@ def _encoders(base_model: str) -> LoadedModel | None:
     if base_model.lower().endswith(SINGLE_FILE_SUFFIXES):
         return None
     if storage.is_s3(base_model):
-        base_model = str(storage.download_prefix(base_model, only=FINGERPRINT_PARTS))
+        base_model = str(storage.download_prefix(base_model, only=FINGERPRINT_PARTS, cache=storage.model_cache_root()))
     return load_base_model(base_model, parts=(), encoder_dtype=torch.float16)
 
 

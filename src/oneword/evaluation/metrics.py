@@ -39,7 +39,7 @@ def resolve_evaluator(name: str) -> str:
             )
         return str(p)
     if storage.is_s3(name):
-        return str(storage.download_prefix(name))
+        return str(storage.download_prefix(name, cache=storage.model_cache_root()))
     return name
 
 

@@ -241,8 +241,8 @@ def test_the_batch_report_fits_80_columns_and_says_what_failed_by_its_exit_statu
     text = " ".join(console.export_text().split())
     assert f"candidate; {gate}" in text and "the first champion" not in text, text
     # with a team's long names beside scores, no letter of the reason is cropped at the edge
-    long = {**candidate, "name": "team-a-product-photos-" + "x" * 16, "reconstruction": 0.5, "editability": 0.21,
-            "gate": "not better than the champion: reconstruction 0.500 vs 0.510"}  # fmt: skip
+    long = {**candidate, "name": "team-a-product-photos-" + "x" * 16, "reconstruction": 0.5, "editability": -0.12,
+            "version": "1234", "gate": "not better than the champion: reconstruction 0.500 vs 0.510"}  # fmt: skip
     console = Console(width=80, record=True)
     print_batch_report({**report, "concepts": [long, bad]}, console)
     text = console.export_text()

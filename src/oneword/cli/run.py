@@ -301,9 +301,14 @@ def print_batch_report(report: dict, console) -> int:
         return 2
     t = Table(title=f"batch {report['batch_id']}", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     longest = max((len(c["name"]) for c in report["concepts"]), default=7)
-    # a name breaks only past 22 characters at 80 columns: past what the other columns leave, rich crops lines
-    # instead of folding them (the status, version and scores never wrap; 3 characters between columns)
-    fits = console.width - 3 * 5 - len("registered") - len("ver") - len("recon") - len("edit") - WHY_MIN_WIDTH - 1
+    # a name breaks only past what the other columns leave (22 characters at 80 columns): past that, rich crops
+    # lines instead of folding them (the status, version and scores never wrap; 3 characters between columns)
+    rows = report["concepts"]
+    fixed = sum(max([len(head)] + [len(cell(c)) for c in rows]) for head, cell in (
+        ("registered", lambda c: c["status"]), ("ver", lambda c: str(c.get("version") or "")),
+        ("recon", lambda c: score_cell(c.get("reconstruction"))), ("edit", lambda c: score_cell(c.get("editability"))),
+    ))  # fmt: skip
+    fits = console.width - 3 * 5 - fixed - WHY_MIN_WIDTH - 1
     t.add_column("concept", overflow="fold", min_width=max(8, min(longest, fits)))
     t.add_column("status")
     t.add_column("ver", justify="right", no_wrap=True)

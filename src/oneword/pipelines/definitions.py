@@ -29,7 +29,7 @@ STEP_RETRIES = 2  # preprocess and cache_latents: an object store or model hub t
 # collective or a read that never returns) would otherwise hold its node, and a GPU, until someone noticed; the
 # next scheduled run resumes from the last checkpoint. Far beyond what a step takes (a shard of concepts trains in
 # minutes on one GPU, docs/benchmarks.md), and short enough that a step hanging at every attempt (a pod stopped
-# so ends Failed, which Argo's OnFailure policy retries) ends within a day: train's 4 attempts x 5 h, backoffs too.
+# so ends Failed, which Argo's OnFailure policy retries) ends within a day, time Pending aside: 4 x 5 h.
 GPU_STEP_DEADLINE_S = 5 * 3600
 CPU_STEP_DEADLINE_S = 3 * 3600  # plan-batch reads every concept's photos: thousands of concepts take long too
 # Argo allows a task's retries a window from its first pod's creation (`retryStrategy.backoff.maxDuration`): it

@@ -4,9 +4,10 @@ kfp.local runs each task as a subprocess from a thread of its own. On Ctrl-C its
 then waits for those threads, which go on starting the rest of each concept's tasks: a batch interrupted while
 training went on to evaluate and register for minutes (hours, on a GPU), printing nothing. Under `stopping()`,
 once SIGINT arrives no task starts any more (it fails at once, as the tasks Ctrl-C killed did), the running
-ones get SIGINT, each task's process group whole (kfp.local's task is a shell running Python), and those that
-do not end within `GRACE_S` are killed. SIGTERM (`timeout`, a scheduler's stop) and SIGHUP do the same: without
-it this process died alone, and its tasks trained on, orphaned.
+ones get SIGINT (SIGTERM, where this process was started with SIGINT ignored), each task's process group whole
+(kfp.local's task is a shell running Python), and those that do not end within `GRACE_S` are killed. SIGTERM
+(`timeout`, a scheduler's stop) and SIGHUP do the same: without it this process died alone, and its tasks trained
+on, orphaned.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class _Tasks:
         self.running: set[subprocess.Popen] = set()
         self.stop = stop or threading.Event()
         self.watch = watch  # gives each task a reader of its output lines (the terminal's progress)
-        self.sent = signal.SIGINT  # what the running tasks were sent at the stop
+        # what the tasks are sent at the stop: SIGINT, which a task started with it ignored ignores too
+        self.sent = signal.SIGTERM if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else signal.SIGINT
 
     def run(self, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         """Run one task as kfp.local does (its output, line by line, to this process's stdout), unless the run
@@ -74,11 +76,10 @@ class _Tasks:
         finally:
             self.running.discard(proc)
 
-    def stop_all(self, signum: int = signal.SIGINT) -> None:
-        """Start no task again; to those running, the signal that stopped the run (SIGINT, else SIGTERM), then
-        kill those still there after `GRACE_S`. A run started with SIGINT ignored (a shell's background job)
-        passes that on to its tasks: SIGTERM reaches them, and they save and close as they would on Ctrl-C."""
-        self.sent = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+    def stop_all(self) -> None:
+        """Start no task again; SIGINT to those running (their steps unwind as on Ctrl-C), then kill those still
+        there after `GRACE_S`. A run started with SIGINT ignored (a shell's background job) passes that on to
+        its tasks, which would ignore it to the kill: they get SIGTERM."""
         self.stop.set()
         for proc in list(self.running):
             signal_group(proc, self.sent)
@@ -124,7 +125,7 @@ def stopping(
 
     def on_signal(signum, frame) -> None:
         if not tasks.stop.is_set():
-            tasks.stop_all(signum)
+            tasks.stop_all()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise Stopped(signum)  # SIGTERM (`timeout`, a scheduler), SIGHUP: its tasks must not outlive it

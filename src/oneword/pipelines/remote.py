@@ -12,6 +12,8 @@ from oneword.pipelines.compile import tmp_package
 from oneword.pipelines.container import require_registry
 from oneword.pipelines.parameters import KFP_EXPERIMENT, PIPELINE_ROOT, SERVICE_ACCOUNT
 
+log = logging.getLogger(__name__)
+
 
 def _client(host: str, namespace: str | None, token: str | None):
     import warnings
@@ -135,9 +137,13 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         # the runs an old schedule started are its Workflows' dependents: deleted by default, that night's run would
         # be stopped mid-training with no exit handler to report it. ORPHAN leaves them to finish (KFP 2.16+;
         # an older server ignores the parameter).
-        client._recurring_run_api.recurring_run_service_delete_recurring_run(
-            recurring_run_id=r, propagation_policy="ORPHAN"
-        )
+        try:
+            client._recurring_run_api.recurring_run_service_delete_recurring_run(
+                recurring_run_id=r, propagation_policy="ORPHAN"
+            )
+        except TypeError:  # a kfp client before 2.16 takes no policy: its runs go with it, as they always did
+            log.warning("this kfp client cannot keep the replaced schedule's running runs; deleting it as it is")
+            client.delete_recurring_run(r)
     return {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": job.recurring_run_id,
             "replaced": replaced}
 

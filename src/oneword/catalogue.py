@@ -652,9 +652,10 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     said = f"@{alias} by hand" + (f" (was version {before})" if before is not None else "") + (
         f": {reason}" if reason else ""
     )
-    tag = promoted_tag(alias)  # one an alias: a later promote to another alias leaves this one's record
+    tag = promoted_tag(alias)  # one per alias: a later promote to another alias leaves this one's record
     client.set_model_version_tag(mv.name, mv.version, tag, said[:4000])
-    holder = (client.get_registered_model(mv.name).aliases or {}).get(alias)
+    now = client.get_registered_model(mv.name).aliases or {}
+    holder = now.get(alias)
     if str(holder) != str(mv.version):  # MLflow sets an alias unconditionally: the last of two at once holds
         with contextlib.suppress(Exception):
             client.delete_model_version_tag(mv.name, mv.version, tag)
@@ -665,8 +666,7 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
         )
     if alias == CHAMPION:
         champion_named(client, mv.name, token)
-        candidate = (client.get_registered_model(mv.name).aliases or {}).get(CANDIDATE)
-        if str(candidate) == str(mv.version):  # what the gate held back is the champion now, not a candidate too
+        if str(now.get(CANDIDATE)) == str(mv.version):  # what the gate held back is the champion now, not both
             client.delete_registered_model_alias(mv.name, CANDIDATE)
     return answer
 

@@ -325,8 +325,7 @@ def _registered_before(client, concept: _Concept, thresholds: GateThresholds) ->
     thresholds (`newest_result`); None where it was not, or the concept was not evaluated."""
     if model_kind(client, concept.name) != "concept" or not (key := (concept.metrics or {}).get("evaluation_key")):
         return None
-    newest = newest_version(client, concept.name)
-    return _held(client, concept.name, newest) if newest and _decided_on(newest, result_key(key, thresholds)) else None
+    return _newest_decided_on(client, concept.name, result_key(key, thresholds))
 
 
 def _read_concept(train_dir: Path, eval_dir: Path | None, name: str | None, batch_id: str) -> _Concept:
@@ -943,6 +942,11 @@ def registered_result(tracking_uri: str | None, name: str, key: str) -> dict | N
 def newest_result(tracking_uri: str | None, name: str, key: str) -> dict | None:
     """`registered_result`, raising what the registry raised."""
     _, client = _setup(tracking_uri)
+    return _newest_decided_on(client, name, key)
+
+
+def _newest_decided_on(client, name: str, key: str) -> dict | None:
+    """`newest_result` with a client."""
     newest = newest_version(client, name)
     return _held(client, name, newest) if newest is not None and _decided_on(newest, key) else None
 

@@ -207,8 +207,8 @@ def train(
     name = concept_name(concept.token, name or "")  # a name the registry cannot hold fails before any work
     with _one_writer(out_dir):
         check_output_folder(out_dir, concept.token)  # held: no training of another concept finishes there meanwhile
-        given = checkpoint_dir if checkpoint_dir is not None else Path(out_dir) / "checkpoints"
-        _refuse_earlier_checkpoints(given, resume)
+        ckpt = checkpoint_dir if checkpoint_dir is not None else Path(out_dir) / "checkpoints"
+        _refuse_earlier_checkpoints(ckpt, resume)
         if (n := _processes(config, base_model, callbacks)) > 1:
             return distributed.launch(
                 "oneword.train:train", n, latents_dir=latents_dir, out_dir=out_dir, concept=concept, config=config,
@@ -221,7 +221,6 @@ def train(
         profile = profile_of(model)
         concept, config = concept.resolved(profile), config.resolved(profile)
         out_dir = Path(out_dir)
-        ckpt = checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints"
         trainer = InversionTrainer(model, [(concept, latents)], config)  # a token it refuses leaves no folder behind
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info(

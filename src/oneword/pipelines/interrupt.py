@@ -34,12 +34,12 @@ class _Tasks:
     sees the stop after it is listed, and signals itself.
     """
 
-    def __init__(self, stop: threading.Event | None = None, watch: Callable[[], Callable[[str], None]] | None = None):
+    def __init__(self, stop: threading.Event | None = None, watch: Callable[[], Callable[[str], None]] | None = None,
+                 sent: int = signal.SIGINT):  # fmt: skip
         self.running: set[subprocess.Popen] = set()
         self.stop = stop or threading.Event()
         self.watch = watch  # gives each task a reader of its output lines (the terminal's progress)
-        # what the tasks are sent at the stop: SIGINT, which a task started with it ignored ignores too
-        self.sent = signal.SIGTERM if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else signal.SIGINT
+        self.sent = sent  # what the running tasks are sent at the stop
 
     def run(self, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         """Run one task as kfp.local does (its output, line by line, to this process's stdout), unless the run
@@ -113,7 +113,8 @@ def stopping(
     """
     from kfp.local import subprocess_task_handler
 
-    tasks = _Tasks(stop, watch)
+    # SIGINT, unless this process was started with it ignored, which its tasks inherit: they get SIGTERM
+    tasks = _Tasks(stop, watch, signal.SIGTERM if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else signal.SIGINT)
     original = getattr(subprocess_task_handler, "run_local_subprocess", None)
     # a signal ignored stays so: a shell's background job (`&`, nohup) ignores Ctrl-C. SIGHUP (the terminal
     # closed) no longer reaches the tasks, each in a group of its own: it stops them here.

@@ -1158,3 +1158,18 @@ def test_a_version_learned_from_one_photo_says_so_in_the_batch_report(evaluated_
     page = batch_overview.overview_page(report, tmp_path / "o.html", uri).read_text()
     assert "photos: 1 photo only (fewer than 3" in page
     assert registry.photo_note(train_dir) == ""  # the fixture's photos: nothing to say
+
+
+def test_a_registry_that_refuses_to_rename_the_champion_keeps_the_new_champion(evaluated_concept, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    """Naming the champion's token on the registered model ran inside the registration's clean-up: a registry
+    that refused it deleted the version that had just become champion. It is only said now."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def refused(self, *args, **kwargs):
+        raise mlflow.exceptions.MlflowException("permission denied")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "update_registered_model", refused)
+    r = registry.register(*evaluated_concept, uri, name="cat-named")
+    assert (r.version, r.alias) == ("1", "champion")
+    assert str(mlflow.MlflowClient(uri).get_registered_model("cat-named").aliases["champion"]) == "1"

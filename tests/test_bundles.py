@@ -489,23 +489,34 @@ def test_a_promotion_while_a_bundle_is_made_is_bundled_too(store, evaluated_conc
     assert newest == f"bundle-cat/{moved[0]},bundle-dog/1"
 
 
-def test_bundles_of_one_manifest_made_at_once_by_two_processes_end_holding_every_champion(store, tmp_path):
-    """Two runs of a manifest's batch (`oneword submit` splits one into several) bundle at their ends, maybe at
-    the same moment: real processes on one SQLite store, both succeed, and the newest version holds every champion."""
-    import subprocess
-    import sys
+def _bundle_at_once(manifest: str, uri: str, barrier) -> tuple[str, bool]:
+    barrier.wait(timeout=120)
+    made = bundles.bundle_concepts("studio", manifest=manifest, tracking_uri=uri)
+    return made.version, made.unchanged
 
-    manifest = _manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("bundle-dog", "<dog-b>"))
-    command = [sys.executable, "-m", "oneword", "concepts", "bundle", "studio", "--manifest", str(manifest),
-               "--tracking-uri", store]  # fmt: skip
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+
+def test_bundles_of_one_manifest_made_at_once_by_two_processes_are_one_version(store, tmp_path):
+    """Two runs of a manifest's batch (`oneword submit` splits one into several) bundle at their ends, maybe at
+    the same moment: real processes on one SQLite store that read the registry together both succeed, and name
+    one version holding every champion; the one that registered a second copy deleted it, run and all."""
+    import multiprocessing as mp
+
+    spawn = mp.get_context("spawn")
+    manifest = str(_manifest(tmp_path / "concepts.yaml", ("bundle-cat", "<cat-r>"), ("bundle-dog", "<dog-b>")))
+    barrier = spawn.Manager().Barrier(2)
+    with spawn.Pool(2) as pool:
+        said = pool.starmap(_bundle_at_once, [(manifest, store, barrier)] * 2)
     client = mlflow.MlflowClient(store)
-    versions = sorted(client.search_model_versions("name = 'studio'"), key=lambda mv: int(mv.version))
-    assert 1 <= len(versions) <= 2  # the second may find the first's version, or have read before it was made
-    assert versions[-1].tags[bundles.MEMBERS_TAG] == "bundle-cat/1,bundle-dog/1"
-    assert all(mv.tags[bundles.MEMBERS_TAG] == versions[-1].tags[bundles.MEMBERS_TAG] for mv in versions)
+    versions = client.search_model_versions("name = 'studio'")
+    assert [str(mv.version) for mv in versions] == ["1"], said
+    assert versions[0].tags[bundles.MEMBERS_TAG] == "bundle-cat/1,bundle-dog/1"
+    assert sorted(said) == [("1", False), ("1", True)]  # one registered it; the other finds it held already
+    runs = client.search_runs([client.get_experiment_by_name(bundles.EXPERIMENT).experiment_id],
+                              run_view_type=mlflow.entities.ViewType.ALL)  # fmt: skip
+    kept = [r for r in runs if r.info.lifecycle_stage == "active"]
+    assert [r.info.run_id for r in kept] == [versions[0].run_id]
+    for gone in (r for r in runs if r.info.lifecycle_stage != "active"):  # MLflow keeps a record until `mlflow gc`
+        assert not client.list_artifacts(gone.info.run_id)
 
 
 def test_a_bundle_step_that_fails_records_why_where_the_batchs_report_reads_it(store, evaluated_concept, tmp_path):

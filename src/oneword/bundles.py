@@ -4,7 +4,8 @@ A concept version serves alone: a server per concept loads the base model once p
 registered model whose every version holds copies of fixed concept versions' embeddings, all trained on one base
 model, as one pyfunc model: `mlflow models serve` loads the base model once and draws any member's token, and a
 prompt may name several. A version never changes under its server: bundling again after a promotion makes a new
-version, or none where the members are those of the newest one. `models:/NAME/latest` is the newest.
+version, or none where the members are those of the newest one (two bundlings of the same members at once make
+one: the later deletes its copy). `models:/NAME/latest` is the newest.
 
 An embedding is a few KB, so a version copies its members' rather than fetching them when it loads: it serves
 wherever its artifacts can be read (a KServe storage URI), and a member pruned from the registry still serves.
@@ -31,7 +32,6 @@ from oneword.registry import (
     every_page,
     model_kind,
     newest_of,
-    newest_version,
 )
 from oneword.tracking import resolve
 
@@ -145,11 +145,16 @@ def bundle_concepts(
             return Bundled(name, None, [], left_out=left_out)
         members = _members(client, [*concepts, *refs], alias, uri, base_model)
         _check_one_base_model(members, manifest)
-        newest = newest_version(client, name)
-        held = {} if newest is None else client.get_run(newest.run_id).data.tags
-        if newest is not None and _member_runs(held) == _member_tags(members):
+        if top := _newest_holding(client, name, members):
+            (keep, held), twins = top[-1], [mv for mv, _ in top[:-1]]
+            if made is not None and (ours := next((mv for mv in twins if str(mv.version) == made.version), None)):
+                # another bundling registered these members first: one version each, the first stays
+                log.info("%s/%s holds what %s registered as well: deleting %s", name, keep.version, name,
+                         made.model_uri)  # fmt: skip
+                _discard(client, ours.run_id, name, ours)
+                made = None
             mine = made is not None or bool(batch_id and held.get(BATCH_TAG) == batch_id)
-            made = Bundled(name, str(newest.version), members, unchanged=not mine, left_out=left_out)
+            made = Bundled(name, str(keep.version), members, unchanged=not mine, left_out=left_out)
             break
         if dry_run:
             return Bundled(name, None, members, left_out=left_out)
@@ -177,6 +182,31 @@ def _register(mlflow, client, uri: str, name: str, members: Sequence[Member], ta
         _discard(client, run_id, name, version)
         raise
     return str(version.version)
+
+
+def _newest_holding(client, name: str, members: Sequence[Member]) -> list[tuple]:
+    """Bundle `name`'s newest versions that each hold just `members`, newest first, with their runs' tags:
+    empty where the newest holds others. Two bundlings of the same members at once each register a version; both
+    find both here, and the oldest of them is the one that stays. A version whose run is gone (a failed or
+    duplicate bundling's, being deleted) is passed over."""
+    from mlflow.exceptions import MlflowException
+
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    wanted, found = _member_tags(members), []
+    for mv in sorted(versions, key=lambda mv: int(mv.version), reverse=True):
+        try:
+            run = client.get_run(mv.run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            continue
+        if run.info.lifecycle_stage == "deleted":
+            continue
+        tags = run.data.tags
+        if _member_runs(tags) != wanted:
+            break
+        found.append((mv, tags))
+    return found
 
 
 def check_bundle_name(name: str, concepts: Sequence[str], tracking_uri: str | None, manifest: str = "",

@@ -9,11 +9,15 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from oneword import batch_records, catalogue, registry, tracking
+from oneword.errors import OnewordError
+
+from .conftest import DREAMBENCH
 
 SPAWN = mp.get_context("spawn")  # a fresh interpreter each, as kfp.local's subprocesses are
 
@@ -301,3 +305,33 @@ def test_two_promotes_at_once_say_which_one_holds(tmp_path):
                 assert other["before"] == version and recorded, said
             else:
                 assert f"was moved to version {holder} by another promote" in answer and not recorded, said
+
+
+def _run_missing_model(root: str, uri: str, images: str, who: str, barrier) -> str:
+    import kfp.local  # noqa: F401  (warm, as a script or a scheduler that starts runs is)
+
+    import oneword.pipelines.definitions  # noqa: F401
+    from oneword.pipelines.local import run_textual_inversion
+
+    tracking.ensure_store(uri)
+    barrier.wait(timeout=120)
+    try:
+        run_textual_inversion(Path(root), uri, Path(root) / f"{who}.log", images=images, token=f"<{who}>",
+                              init_word="cat", base_model=str(Path(root) / f"no-model-{who}"), steps=2)  # fmt: skip
+    except OnewordError as e:
+        return e.message
+    return "returned"
+
+
+@pytest.mark.slow
+def test_two_local_runs_started_at_once_in_one_pipeline_root_each_report_their_own(tmp_path):
+    """kfp.local names a run by the time it starts: two processes that start runs in one pipeline root at the
+    same moment each took the first folder named after their start, which may be another's, and reported its
+    failure (or its result) as their own. Each names its own missing model."""
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    who, photos = ("alpha", "beta", "gamma"), str(DREAMBENCH / "cat")
+    barrier = SPAWN.Manager().Barrier(len(who))
+    with SPAWN.Pool(len(who)) as pool:
+        said = pool.starmap(_run_missing_model, [(str(tmp_path), uri, photos, w, barrier) for w in who])
+    for w, message in zip(who, said, strict=True):
+        assert f"no-model-{w}" in message, said

@@ -254,8 +254,7 @@ def _task_logs(log_file: Path | None, unsaid: frozenset[str] = frozenset()) -> I
 
 
 @contextlib.contextmanager
-def _live_runs_ended_if_stopped(tracking_uri: str, pipeline_root: Path, prefix: str, started: float,
-                                experiment: str) -> Iterator[None]:  # fmt: skip
+def _live_runs_ended_if_stopped(tracking_uri: str, run: "_ThisRun", experiment: str) -> Iterator[None]:
     """Around a local run: stopped (Ctrl-C, a signal), its trainings' live MLflow runs, which only a `register`
     completes, are ended as KILLED, not left RUNNING for good (a rerun is another KFP run, with runs of its own;
     on a cluster the exit handler ends them: `live.end_orphaned_runs`)."""
@@ -264,7 +263,7 @@ def _live_runs_ended_if_stopped(tracking_uri: str, pipeline_root: Path, prefix: 
     try:
         yield
     except (KeyboardInterrupt, Stopped):
-        run_dir = _own_run(pipeline_root, prefix, started)
+        run_dir = run.folder()
         if run_dir is not None:
             from oneword.live import end_orphaned_runs
 
@@ -288,6 +287,48 @@ def _for_local_run(pipeline):
         for task in comp.dag.tasks.values() if comp.HasField("dag") else []:
             task.ClearField("retry_policy")
     return pipeline
+
+
+class _ThisRun:
+    """The kfp.local run this process starts, and its folder.
+
+    Several processes may share a pipeline root and start runs at the same moment (a script, or a scheduler, that
+    starts `oneword run`s at once): the run's name is recorded as kfp.local makes it (`recording`), so that none
+    reports another's failure or result, or ends another's MLflow runs. Where it could not be (a kfp release that
+    names runs elsewhere), the folder is told by time (`_own_run`).
+    """
+
+    def __init__(self, pipeline_root: Path, prefix: str) -> None:
+        self.pipeline_root, self.prefix = pipeline_root, prefix
+        self.started, self.name = time.time(), None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the name kfp.local gives the run started inside."""
+        try:
+            from kfp.local import executor_input_utils as naming
+
+            make = naming.get_local_pipeline_resource_name
+        except (ImportError, AttributeError):
+            yield
+            return
+
+        def named(pipeline_name: str) -> str:
+            self.name = make(pipeline_name)
+            return self.name
+
+        naming.get_local_pipeline_resource_name = named
+        try:
+            yield
+        finally:
+            naming.get_local_pipeline_resource_name = make
+
+    def folder(self) -> Path | None:
+        """The run's folder; None where no task wrote one."""
+        if self.name is None:
+            return _own_run(self.pipeline_root, self.prefix, self.started)
+        folder = self.pipeline_root / self.name
+        return folder if folder.is_dir() else None
 
 
 def _own_run(pipeline_root: Path, prefix: str, started: float) -> Path | None:
@@ -366,18 +407,17 @@ def run_textual_inversion(
     _check_concept(params)
     uri = ensure_store(tracking_uri)  # made once here, before any step opens it
     _init(pipeline_root)
-    start = time.time()
+    run = _ThisRun(pipeline_root, "textual-inversion")
     args = {**_local_overrides(pipeline_root), **params, "tracking_uri": uri}
     if not os.path.isabs(str(args["images"])) and not str(args["images"]).startswith("s3://"):
         args["images"] = str(Path(args["images"]).resolve())
     experiment = args.get("experiment") or EXPERIMENT
     try:  # the pipeline's first task is the preflight: a mistake costs seconds, not a training run
-        with _live_runs_ended_if_stopped(uri, pipeline_root, "textual-inversion", start, experiment), \
-                _task_logs(log_file):
+        with _live_runs_ended_if_stopped(uri, run, experiment), _task_logs(log_file), run.recording():
             registered = _for_local_run(textual_inversion)(**args)
     except RuntimeError as e:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
-        raise _step_failure(_own_run(pipeline_root, "textual-inversion", start), e, log_file) from e
-    run_dir = _own_run(pipeline_root, "textual-inversion", start)
+        raise _step_failure(run.folder(), e, log_file) from e
+    run_dir = run.folder()
     said = registered.output if hasattr(registered, "output") else registered
     said = str(said or "")
     unchanged = said.endswith(UNCHANGED_SUFFIX)  # told before any GPU step: no register ran (`oneword.unchanged`)
@@ -386,7 +426,7 @@ def run_textual_inversion(
         "unchanged": unchanged,
         "run_dir": str(run_dir),
         "tracking_uri": uri,
-        "seconds": time.time() - start,
+        "seconds": time.time() - run.started,
     }
     if run_dir:
         registration = sorted(run_dir.glob("**/register/registration/registration.json"))
@@ -435,23 +475,23 @@ def run_batch(
         pipeline_root=str(pipeline_root.resolve()),
         raise_on_error=False,
     )  # a failed concept must not stop the report
-    start = time.time()
+    run = _ThisRun(pipeline_root, "batch-personalisation")
     # a run without a bundle: its bundle step ends at once, doing nothing worth a line
     experiment = params.get("experiment") or EXPERIMENT
-    with _live_runs_ended_if_stopped(uri, pipeline_root, "batch-personalisation", start, experiment), \
+    with _live_runs_ended_if_stopped(uri, run, experiment), run.recording(), \
             _task_logs(log_file, frozenset() if params.get("bundle") else frozenset({BUNDLE_STEP})):
         _for_local_run(batch_personalisation)(
             concepts_manifest=concepts_manifest, tracking_uri=uri,
             # kfp.local keeps no Argo workflow, whose size is what the limit is for: every changed concept trains
             **{**_local_overrides(pipeline_root), "max_concepts_per_run": 0, **params},
         )
-    run_dir = _own_run(pipeline_root, "batch-personalisation", start)
+    run_dir = run.folder()
     stopped = sorted(run_dir.rglob(f"preflight/**/{FAILURE_FILE}")) if run_dir else []
     if stopped:  # nothing ran: say why, rather than report every concept as not registered
         raise _failure_error(stopped[0], log_file)
     summaries = sorted(run_dir.rglob("report-batch/summary")) if run_dir else []
     report = json.loads(summaries[0].read_text()) if summaries else {}
-    report.update({"run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - start})
+    report.update({"run_dir": str(run_dir), "tracking_uri": uri, "seconds": time.time() - run.started})
     pages = sorted(run_dir.rglob("report-batch/overview")) if run_dir else []
     if pages:  # KFP names the artifact's file as its output; a browser opens it by its suffix
         report["overview"] = str(shutil.copyfile(pages[0], run_dir / "overview.html"))

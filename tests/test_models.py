@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -42,8 +43,8 @@ def test_sd2_style_model(tiny_v_model_dir):
 def test_family_from_text_width(width, family):
     from transformers import CLIPTextConfig
 
-    assert detect_family(CLIPTextConfig(hidden_size=width), {"text_encoder": []}) == (family, width)
-    assert detect_family(CLIPTextConfig(hidden_size=768), {"text_encoder_2": []})[0] == "sdxl"
+    assert detect_family(CLIPTextConfig(hidden_size=width)) == (family, width)
+    assert detect_family(CLIPTextConfig(hidden_size=768), xl=True)[0] == "sdxl"
 
 
 def test_fingerprint_is_stable_and_sensitive(tiny_model_dir, tmp_path):
@@ -92,24 +93,85 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
 
 
 def test_incomplete_folder_is_a_clear_error(tiny_model_dir, tmp_path):
+    """A download cut short: a part without weights, a part or the scheduler's config missing, each named (it
+    said "no file named model.safetensors, or pytorch_model.bin, found in directory" of the top folder), as
+    preflight names them, before any step runs."""
+    from oneword.preflight import _base_model_problem
+
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
-    for weights in (broken / "unet").glob("*.safetensors"):
+    for weights in (broken / "text_encoder").glob("*.safetensors"):
         weights.unlink()
-    with pytest.raises(OnewordError, match="could not load base model"):
+    (broken / "scheduler" / "scheduler_config.json").unlink()
+    said = r"broken: no weights in text_encoder/; no scheduler/scheduler_config.json"
+    with pytest.raises(OnewordError, match=said):
         load_base_model(str(broken))
+    assert re.search(said, _base_model_problem(str(broken))[0])
     shutil.rmtree(broken / "unet")  # a part missing whole is named, as preflight names it
-    with pytest.raises(OnewordError, match=r"broken has no unet folder"):
+    with pytest.raises(OnewordError, match=r"broken: no unet/ folder; no weights in text_encoder/"):
         load_base_model(str(broken))
+
+
+def test_a_folder_saved_with_a_variant_alone_loads_it(tiny_model_dir, tmp_path):
+    """`save_pretrained(..., variant="fp16")`, or a download of that variant alone, holds only
+    `*.fp16.safetensors`, which a plain `from_pretrained` does not find."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    half = tmp_path / "fp16"
+    pipe.to(torch.float16).save_pretrained(half, variant="fp16")
+    assert not list(half.glob("unet/diffusion_pytorch_model.safetensors"))
+    assert list(half.glob("unet/diffusion_pytorch_model.fp16.safetensors"))
+    m, plain = load_base_model(str(half)), load_base_model(str(tiny_model_dir))
+    assert m.fingerprint == plain.fingerprint  # taken in fp16: the same weights, halved
+    assert torch.equal(m.unet.conv_in.weight, plain.unet.conv_in.weight.half().float())
+
+
+def test_what_a_model_folder_holds_beside_its_weights_is_not_read(tmp_path):
+    """A hub repository's mirror: other frameworks' weights, a format twice, variants and single files beside the
+    folders; a load reads one file of weights per part, and an `s3://` model downloads just those."""
+    from oneword.model_files import choose_weights, has_part, model_keys
+
+    keys = [
+        "model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "README.md",
+        "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+        "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/pytorch_model.bin",
+        "text_encoder/model.fp16.safetensors", "text_encoder/flax_model.msgpack",
+        "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.non_ema.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_flax_model.msgpack", "unet/model.onnx",
+        "vae/config.json", "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.fp16.json", "vae/diffusion_pytorch_model.fp16.bin",
+        "safety_checker/pytorch_model.bin", "feature_extractor/preprocessor_config.json",
+    ]  # fmt: skip
+    assert model_keys(keys) == {
+        "model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+        "text_encoder/config.json", "text_encoder/model.safetensors", "unet/config.json",
+        "unet/diffusion_pytorch_model.bin", "vae/config.json",
+        "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
+    }  # fmt: skip
+    assert choose_weights(["model.fp16.safetensors", "model.bf16.safetensors", "config.json"]) == (
+        "fp16", {"model.fp16.safetensors"})  # fmt: skip
+    assert model_keys(["model.safetensors"]) == {"model.safetensors"}  # no diffusers folder: all of it
+    assert not has_part({"text_encoder_2": [None, None]}, "text_encoder_2")
+    assert has_part({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "text_encoder_2")
 
 
 def test_loads_from_s3_once(tiny_model_dir, s3_bucket, monkeypatch, tmp_path):
     # into the model cache (the images': the cluster's shared volume), apart from the photos' and latents' cache
     monkeypatch.setenv("ONEWORD_MODEL_CACHE", str(tmp_path / "models"))
     storage.upload_dir(tiny_model_dir, f"s3://{s3_bucket}/models/tiny")
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"x" * 1000)
+    for key in ("tiny.ckpt", "unet/diffusion_flax_model.msgpack", "vae/diffusion_pytorch_model.bin"):  # a mirror's
+        storage.upload_file(junk, f"s3://{s3_bucket}/models/tiny/{key}")
     m = load_base_model(f"s3://{s3_bucket}/models/tiny")
     assert m.width == 32
-    assert list((tmp_path / "models" / "s3" / s3_bucket).glob("*/model_index.json"))
+    (copy,) = [p.parent for p in (tmp_path / "models" / "s3" / s3_bucket).glob("*/model_index.json")]
+    assert {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file() and ".oneword" not in p.name} == {
+        p.relative_to(tiny_model_dir).as_posix() for p in tiny_model_dir.rglob("*") if p.is_file()}  # fmt: skip
     assert m.fingerprint == load_base_model(str(tiny_model_dir), parts=()).fingerprint
     # a second load reuses the local copy: no object is fetched again
     fetched = []
@@ -141,7 +203,7 @@ def test_a_model_folder_without_its_parts_is_named_as_preflight_names_it(tmp_pat
     """Loaded, it said "no file named model.safetensors, or pytorch_model.bin", of none of the folder's parts."""
     (tmp_path / "model_index.json").write_text("{}")
     (tmp_path / "unet").mkdir()
-    with pytest.raises(OnewordError, match=r"has no tokenizer, text_encoder, vae folder"):
+    with pytest.raises(OnewordError, match=r": no tokenizer/ folder; no text_encoder/ folder; no vae/ folder"):
         load_base_model(str(tmp_path))
-    with pytest.raises(OnewordError, match=r"has no tokenizer, text_encoder folder"):  # the parts it loads only
+    with pytest.raises(OnewordError, match=r": no tokenizer/ folder; no text_encoder/ folder; no sch"):  # its own
         load_base_model(str(tmp_path), parts=())

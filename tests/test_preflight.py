@@ -91,7 +91,7 @@ def test_an_incomplete_model_folder_is_named(tiny_model_dir, tmp_path):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model_dir, broken)
     shutil.rmtree(broken / "unet")
-    with pytest.raises(OnewordError, match="has no unet folder"):
+    with pytest.raises(OnewordError, match=": no unet/ folder"):
         preflight(str(broken), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 

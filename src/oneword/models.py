@@ -25,6 +25,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from oneword import storage
 from oneword.errors import OnewordError
+from oneword.model_files import has_part, model_keys, weightless_parts, weights_variant
 from oneword.profiles import FAMILY_BY_WIDTH
 from oneword.toyworld import assets
 
@@ -99,7 +100,7 @@ def resolve(source: str) -> str:
             )
         return str(p)
     if storage.is_s3(source):
-        return str(storage.download_prefix(source, cache=storage.model_cache_root()))
+        return str(storage.download_prefix(source, cache=storage.model_cache_root(), pick=model_keys))
     p = Path(source).expanduser()
     if p.exists():
         if p.is_dir() and not (p / "model_index.json").exists() and not (p / "unet").is_dir():
@@ -124,9 +125,10 @@ def resolve(source: str) -> str:
     return source  # a hub id
 
 
-def detect_family(text_encoder_config, model_index: dict | None) -> tuple[str, int]:
-    """Return `(family, width)`: sd1 (width 768), sd2 (1024), sdxl, or custom for other widths."""
-    if model_index and "text_encoder_2" in model_index:
+def detect_family(text_encoder_config, xl: bool = False) -> tuple[str, int]:
+    """Return `(family, width)`: sdxl where the model has a second text encoder (`xl`), else sd1 (width 768), sd2
+    (1024), or custom for other widths."""
+    if xl:
         return "sdxl", text_encoder_config.hidden_size
     width = text_encoder_config.hidden_size
     return FAMILY_BY_WIDTH.get(width, "custom"), width
@@ -212,32 +214,39 @@ def load_base_model(
 
     is_local = Path(resolved).exists()
     kw = {"local_files_only": True} if is_local else {}
-    if is_local and (missing := missing_parts(Path(resolved), ("tokenizer", "text_encoder", *parts))):
-        raise OnewordError(
-            f"base model {resolved} has no {', '.join(missing)} folder",
-            hint="pass a complete diffusers folder (model_index.json and a folder per part)",
-        )
     try:
         model_index = _load_json(resolved, "model_index.json", kw)
     except OSError:
         model_index = None  # a bare folder of parts (tokenizer/, text_encoder/, unet/, vae/)
+    xl = has_part(model_index, "text_encoder_2")
+    if is_local and (problems := folder_problems(Path(resolved), ("tokenizer", "text_encoder", *parts), xl)):
+        raise OnewordError(
+            f"base model {resolved}: {'; '.join(problems)}",
+            hint="pass a complete diffusers folder (model_index.json, scheduler/ and a folder per part, each with "
+            "its config and weights, as save_pretrained writes it); a download cut short: download it again",
+        )
+
+    def variant(part: str) -> dict:  # a folder saved or downloaded with variant="fp16" holds only those weights
+        return {"variant": v} if is_local and (v := weights_variant(Path(resolved), part)) else {}
+
     try:
         tokenizer = CLIPTokenizer.from_pretrained(resolved, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(resolved, subfolder="text_encoder", dtype=encoder_dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(resolved, subfolder="text_encoder", dtype=encoder_dtype, **kw,
+                                                     **variant("text_encoder"))  # fmt: skip
         tokenizer_2 = text_encoder_2 = None
-        if model_index and "text_encoder_2" in model_index:  # SDXL
+        if xl:
             tokenizer_2 = CLIPTokenizer.from_pretrained(resolved, subfolder="tokenizer_2", **kw)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                resolved, subfolder="text_encoder_2", dtype=encoder_dtype, **kw
+                resolved, subfolder="text_encoder_2", dtype=encoder_dtype, **kw, **variant("text_encoder_2")
             )
         unet = (
-            UNet2DConditionModel.from_pretrained(resolved, subfolder="unet", torch_dtype=dtype, **kw)
+            UNet2DConditionModel.from_pretrained(resolved, subfolder="unet", torch_dtype=dtype, **kw, **variant("unet"))
             if "unet" in parts
             else None
         )
         unet_config = unet.config if unet is not None else _unet_config(_load_json(resolved, "unet/config.json", kw))
         vae = (
-            AutoencoderKL.from_pretrained(resolved, subfolder="vae", torch_dtype=dtype, **kw)
+            AutoencoderKL.from_pretrained(resolved, subfolder="vae", torch_dtype=dtype, **kw, **variant("vae"))
             if "vae" in parts
             else None
         )
@@ -245,7 +254,8 @@ def load_base_model(
     except OSError as e:
         raise OnewordError(
             f"could not load base model {source!r}: {e}",
-            hint="check the path or hub id; hub ids need network access and, for gated models, HF_TOKEN",
+            hint="check that the folder is a complete diffusers model, as save_pretrained writes it" if is_local
+            else "check the hub id; hub ids need network access and, for gated models, HF_TOKEN",
         ) from e
     return _finish(
         source,
@@ -259,9 +269,23 @@ def load_base_model(
     )
 
 
-def missing_parts(folder: Path, parts: Sequence[str] = MODEL_PARTS) -> list[str]:
-    """The parts of a diffusers folder (`tokenizer/`, `text_encoder/`, ...) that `folder` lacks; none for a file."""
-    return [part for part in parts if folder.is_dir() and not (folder / part).is_dir()]
+def folder_problems(folder: Path, parts: Sequence[str] = MODEL_PARTS, xl: bool | None = None) -> list[str]:
+    """What a diffusers folder lacks of what a load of `parts` reads (`no unet/ folder`, `no weights in vae/`,
+    `no scheduler/scheduler_config.json`), SDXL's second tokenizer and encoder too where `xl` (None: where its
+    model_index.json names them); none for a file."""
+    if not folder.is_dir():
+        return []
+    if xl is None:
+        try:
+            xl = has_part(json.loads((folder / "model_index.json").read_text()), "text_encoder_2")
+        except (OSError, ValueError):
+            xl = False
+    wanted = [*parts, *(("tokenizer_2", "text_encoder_2") if xl else ())]
+    problems = [f"no {part}/ folder" for part in wanted if not (folder / part).is_dir()]
+    problems += [f"no weights in {part}/" for part in weightless_parts(folder, wanted)]
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        problems.append("no scheduler/scheduler_config.json")
+    return problems
 
 
 def _unet_config(saved: dict):
@@ -399,7 +423,7 @@ def _finish(
     source, encoders, unet, vae, scheduler_config, unet_config, device, path, stated_prediction: str | None = None
 ) -> LoadedModel:
     tokenizer, text_encoder, tokenizer_2, text_encoder_2 = encoders
-    family, width = detect_family(text_encoder.config, {"text_encoder_2": True} if text_encoder_2 else None)
+    family, width = detect_family(text_encoder.config, xl=text_encoder_2 is not None)
     for m in (text_encoder, text_encoder_2, unet, vae):
         if m is not None:
             m.requires_grad_(False).eval().to(device)

@@ -135,14 +135,15 @@ def _base_model_problem(base_model: str) -> tuple[str | None, str]:
                 "pass a local diffusers folder, an s3:// folder, or run where the hub (or its cache) is reachable",
             )
         return None, ""
-    from oneword.models import missing_parts, resolve
+    from oneword.models import folder_problems, resolve
 
     try:
         where = Path(resolve(base_model))
     except OnewordError as e:
         return e.message, e.hint or ""
-    if missing := missing_parts(where):
-        return f"base model {where} has no {', '.join(missing)} folder", "pass a complete diffusers folder"
+    if problems := folder_problems(where):
+        return f"base model {where}: {'; '.join(problems)}", "pass a complete diffusers folder (a download cut " \
+            "short: download it again)"
     return None, ""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from oneword.config import PreprocessConfig
+from oneword.model_files import has_part
 from oneword.toyworld import assets
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def _read_configs(base_model: str) -> dict | None:
 
 def _family_and_resolution(configs: dict) -> tuple[str, int]:
     width = configs["text_encoder"].get("hidden_size", 768)
-    family = "sdxl" if "text_encoder_2" in configs["index"] else FAMILY_BY_WIDTH.get(width, DEFAULT_FAMILY)
+    family = "sdxl" if has_part(configs["index"], "text_encoder_2") else FAMILY_BY_WIDTH.get(width, DEFAULT_FAMILY)
     return family, int(configs["unet"]["sample_size"] * vae_factor_of(configs["vae"]))
 
 

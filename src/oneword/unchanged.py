@@ -42,6 +42,7 @@ from oneword.errors import OnewordError
 from oneword.evaluation.protocol import evaluation_key, result_key
 from oneword.images import Manifest, preprocess
 from oneword.inversion import check_concept, check_progressive
+from oneword.model_files import model_keys
 from oneword.models import SINGLE_FILE_SUFFIXES, LoadedModel, load_base_model, recorded_source
 from oneword.profiles import image_side, profile_of
 from oneword.registry import EXPERIMENT, name_taken, unchanged_result
@@ -102,7 +103,8 @@ def _encoders(base_model: str) -> LoadedModel | None:
     if base_model.lower().endswith(SINGLE_FILE_SUFFIXES):
         return None
     if storage.is_s3(base_model):
-        base_model = str(storage.download_prefix(base_model, only=FINGERPRINT_PARTS, cache=storage.model_cache_root()))
+        base_model = str(storage.download_prefix(base_model, only=FINGERPRINT_PARTS, cache=storage.model_cache_root(),
+                                                  pick=model_keys))
     return load_base_model(base_model, parts=(), encoder_dtype=torch.float16)
 
 

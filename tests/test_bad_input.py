@@ -173,3 +173,18 @@ def test_an_unclosed_quote_is_said_where_it_begins_and_a_group_names_each_concep
     (tmp_path / "group.yaml").write_text("concepts:\n" + entry.format(1) + entry.format(2))
     code, out = run(["train", "--concepts", tmp_path / "group.yaml", "-o", tmp_path / "g"], capsys)
     assert code == 2 and "group.yaml names 'a' more than once" in out, out
+
+
+def test_an_object_store_that_does_not_answer_or_refuses_is_said_in_a_line(s3_bucket, tmp_path, monkeypatch, capsys):
+    """An S3 endpoint that is down, or an object it does not have: the error names the endpoint (the object) and
+    the settings to check, not a traceback of urllib3's retries."""
+    from .conftest import free_port
+
+    code, said = run(["batch", f"s3://{s3_bucket}/no-such.yaml", "--dry-run"], capsys)
+    assert code == 2 and f"the object store refused s3://{s3_bucket}/no-such.yaml: NoSuchKey" in said, said
+    assert "Traceback" not in said
+    port = free_port()
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    code, said = run(["preprocess", "s3://photos/cat", "-o", tmp_path / "data"], capsys)
+    assert code == 2 and f"could not reach 127.0.0.1:{port}" in said and "check S3_ENDPOINT_URL" in said, said
+    assert "Traceback" not in said

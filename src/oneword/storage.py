@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
@@ -139,6 +139,23 @@ def client(read_timeout: float = READ_TIMEOUT_S):
     )
 
 
+@contextlib.contextmanager
+def _refusals(uri: str) -> Iterator[None]:
+    """The store's refusal of a request for `uri` (minio's `S3Error`, which a CLI cannot report: it is frozen, and
+    typer marks an error as it passes) as an error that names `uri` and the settings to check; the refusal stays its
+    cause, where `refused` and `outcome.transient` read it."""
+    from minio.error import S3Error
+
+    try:
+        yield
+    except S3Error as e:
+        raise OnewordError(
+            f"the object store refused {uri}: {e.code}: {e.message}",
+            hint=f"check {ENDPOINT_VARS[0]}, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the object "
+            "exists and these keys may read it",
+        ) from e
+
+
 def list_objects(uri: str) -> list[tuple[str, int, str]]:
     """List the objects under an `s3://` prefix.
 
@@ -147,18 +164,20 @@ def list_objects(uri: str) -> list[tuple[str, int, str]]:
     """
     bucket, prefix = split_s3(uri)
     mc = client()
-    if not mc.bucket_exists(bucket):
-        raise OnewordError(f"bucket {bucket!r} of {uri!r} does not exist", hint="create it or fix the URI")
-    p = f"{prefix}/" if prefix else ""
-    out = [
-        (o.object_name[len(p) :], o.size or 0, (o.etag or "").strip('"'))
-        for o in mc.list_objects(bucket, prefix=p, recursive=True)
-        if not o.is_dir
-    ]
+    with _refusals(uri):
+        if not mc.bucket_exists(bucket):
+            raise OnewordError(f"bucket {bucket!r} of {uri!r} does not exist", hint="create it or fix the URI")
+        p = f"{prefix}/" if prefix else ""
+        out = [
+            (o.object_name[len(p) :], o.size or 0, (o.etag or "").strip('"'))
+            for o in mc.list_objects(bucket, prefix=p, recursive=True)
+            if not o.is_dir
+        ]
     return sorted(out)
 
 
-def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = (), cache: Path | None = None) -> Path:
+def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = (), cache: Path | None = None,
+                    pick: Callable[[list[str]], Collection[str]] | None = None) -> Path:
     """Download every object under an `s3://` prefix into a local folder, once, and keep the folder equal to it.
 
     Objects whose etag matches the previous download are not fetched again; files whose object is gone from the
@@ -171,6 +190,8 @@ def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = ()
         dest: the local folder.
         only: keys (relative to the prefix) to take, a folder's as `name/`; empty: every object.
         cache: where a `dest` not given lies (`model_cache_root()` for models).
+        pick: of the keys listed (after `only`), those to take (`model_files.model_keys`: what a load reads). It
+            names no folder of its own: give one prefix one `pick` wherever it is downloaded into one cache.
 
     Returns:
         The local folder.
@@ -184,6 +205,9 @@ def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = ()
     objects = list_objects(uri)
     if only:
         objects = [o for o in objects if any(o[0] == k or (k.endswith("/") and o[0].startswith(k)) for k in only)]
+    if pick is not None:
+        taken = set(pick([o[0] for o in objects]))
+        objects = [o for o in objects if o[0] in taken]
     if not objects:
         raise OnewordError(f"no objects under {uri!r}", hint="check the bucket and prefix")
     with FileLock(str(dest / ".oneword-s3.lock")):
@@ -200,7 +224,8 @@ def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = ()
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = part_path(target)  # hidden: never read as a photo
-            mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
+            with _refusals(f"{uri.rstrip('/')}/{key}"):
+                mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
             tmp.replace(target)
             index[key] = etag
         keep = set(wanted.values())
@@ -234,7 +259,8 @@ def download_file(uri: str, dest: Path) -> Path:
     bucket, key = split_s3(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
-    client().fget_object(bucket, key, str(tmp))
+    with _refusals(uri):
+        client().fget_object(bucket, key, str(tmp))
     tmp.replace(dest)
     return dest
 
@@ -243,9 +269,10 @@ def upload_file(path: Path, uri: str) -> None:
     """Upload a local file to the object `s3://bucket/key`, creating the bucket if needed."""
     bucket, key = split_s3(uri)
     mc = client()
-    if not mc.bucket_exists(bucket):
-        mc.make_bucket(bucket)
-    mc.fput_object(bucket, key, str(path))
+    with _refusals(uri):
+        if not mc.bucket_exists(bucket):
+            mc.make_bucket(bucket)
+        mc.fput_object(bucket, key, str(path))
 
 
 def upload_dir(path: Path, uri: str) -> None:
@@ -257,7 +284,8 @@ def upload_dir(path: Path, uri: str) -> None:
 def object_size(uri: str) -> int:
     """The size in bytes of the object `s3://bucket/key`."""
     bucket, key = split_s3(uri)
-    return int(client().stat_object(bucket, key).size or 0)
+    with _refusals(uri):
+        return int(client().stat_object(bucket, key).size or 0)
 
 
 def refused(error: BaseException) -> bool:
@@ -268,8 +296,9 @@ def refused(error: BaseException) -> bool:
     """
     from minio.error import S3Error
 
-    if isinstance(error, S3Error):
-        status = getattr(error.response, "status", None)
+    store_said = error.__cause__ if isinstance(error, OnewordError) else error  # `_refusals`' errors carry it
+    if isinstance(store_said, S3Error):
+        status = getattr(store_said.response, "status", None)
         return status is not None and 400 <= status < 500 and status not in (408, 429)
     return isinstance(error, ValueError) and not isinstance(error, OnewordError)  # minio checks names itself
 
@@ -284,7 +313,8 @@ def object_exists(uri: str) -> bool:
     except S3Error as e:
         if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
             return False
-        raise
+        with _refusals(uri):
+            raise
     return True
 
 

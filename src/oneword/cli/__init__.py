@@ -103,6 +103,21 @@ def _tracking_error(e: Exception) -> OnewordError | None:
     )
 
 
+def _object_store_error(e: Exception) -> OnewordError | None:
+    """An object store (S3, MinIO) that did not answer, as one line and what to check; None for any other error."""
+    import urllib3.exceptions as u
+
+    from oneword.storage import ENDPOINT_VARS
+
+    if isinstance(e, u.MaxRetryError):  # its refusals are said where they happen (`storage._refusals`)
+        pool = getattr(e, "pool", None)
+        host = f"{pool.host}:{pool.port}" if pool is not None else "the server"
+        return OnewordError(f"could not reach {host}: {e.reason or e}",
+                            hint=f"check {ENDPOINT_VARS[0]}, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (an s3:// "
+                            "path is read there), and that it answers")  # fmt: skip
+    return None
+
+
 # What oneword writes first and renames into place once whole (`.data.tmp-x1y2`, `x.pt.part`): no name a person gave
 _SCRATCH = re.compile(r"^\..+\.tmp-\w+$|\.part$|^\.tmp\w+$")
 
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, typer.Abort):  # Ctrl-C (click has printed a new line)
             print("interrupted", file=sys.stderr)
             sys.exit(130)
-        if (said := _tracking_error(e)) is not None:
+        if (said := _tracking_error(e) or _object_store_error(e)) is not None:
             _exit_with(said)
         if isinstance(e, OSError) and e.strerror:  # a folder not writable, a full disk, a path through a file
             _exit_with(_os_error(e))

@@ -181,3 +181,12 @@ def test_bench_gpus_times_one_process_beside_several(tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())
     scaling = rows[1]["images_per_second"] / (2 * rows[0]["images_per_second"])
     assert f"{scaling:.0%} of linear scaling" in out
+
+
+def test_a_reference_script_that_is_not_there_is_refused_before_any_loop_runs(tmp_path, capsys):
+    """It was found missing after every other loop had been timed: on a GPU, the session's minutes."""
+    from .test_cli import run
+
+    code, said = run(["bench", "--reference-script", tmp_path / "textual_inversion.py", "--steps", 2], capsys)
+    assert code == 2 and "textual_inversion.py' does not exist" in said
+    assert "steps/s" not in said  # no loop ran

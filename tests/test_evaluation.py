@@ -606,3 +606,18 @@ def test_the_evaluation_says_how_many_images_it_drew_of_those_it_will(evaluated_
                                                              caplog.text)]  # fmt: skip
     assert len(said) > 3 and [d for d, _ in said] == sorted(d for d, _ in said)
     assert said[-1] == (metrics["images_generated"], metrics["images_generated"]), said
+
+
+def test_a_protocol_difference_names_the_evaluate_option_that_sets_it():
+    """"selection_budget: 0 vs 2" named no option a person can find (`--checkpoint-budget`): each difference
+    names its options, and each option named is one of `oneword evaluate`'s."""
+    import typer
+
+    from oneword.cli.app import app
+    from oneword.evaluation.protocol import SET_BY, differences
+
+    evaluate = typer.main.get_command(app).commands["evaluate"]
+    options = {o for p in evaluate.params for o in p.opts}
+    assert {o for said in SET_BY.values() for o in said.split(", ")} <= options
+    said = differences({"selection_budget": 0, "seed": 1}, {"selection_budget": 2, "seed": 1})
+    assert said == ["selection_budget (--checkpoint-budget): 0 vs 2"]

@@ -43,7 +43,8 @@ def bench_cmd(
         Path | None,
         typer.Option(
             help="diffusers' textual_inversion.py (examples/textual_inversion): also time it, run unchanged "
-            "(its README recipe; on a GPU also bf16 at batch 4) on the same model"
+            "(its README recipe; on a GPU also bf16 at batch 4) on the same model",
+            exists=True, dir_okay=False,  # checked before any loop is timed, not after them all
         ),
     ] = None,
     sequential: Annotated[

@@ -21,7 +21,7 @@ def cache_latents_cmd(
     ] = TOYWORLD,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     cache_dir: Annotated[
-        Path | None, typer.Option(help="shared latent cache (default ~/.cache/oneword/latents)")
+        Path | None, typer.Option(help="shared latent cache (default $ONEWORD_CACHE/latents, ~/.cache/oneword/latents)")
     ] = None,
 ) -> None:
     """Encode each image and its mirror with the VAE (mean and std), reusing the shared cache.

@@ -390,7 +390,8 @@ def bundle_cmd(
     Example:
       oneword concepts bundle studio my-cat mug 'team-a-*'
       oneword concepts bundle studio my-cat/3 mug@candidate --dry-run
-      oneword concepts bundle sd15 '*' --base-model runwayml/stable-diffusion-v1-5
+      oneword concepts bundle sd15 '*' \\
+        --base-model stable-diffusion-v1-5/stable-diffusion-v1-5
       oneword concepts bundle studio --manifest concepts.yaml
     """
     from rich.console import Console

@@ -77,7 +77,8 @@ def demo_cmd(
     rprint(f"[bold]4.[/] the concept in new contexts: [bold]{picture}[/]")
     rprint(f"   report: {r['report']}")
     rprint(f"   task logs: {out / 'pipeline.log'}")
-    rprint(f"   browse: mlflow ui --backend-store-uri {tracking}   |   oneword concepts list --tracking-uri {tracking}")
+    rprint(f"   browse: mlflow ui --backend-store-uri {tracking}")
+    rprint(f"       or: oneword concepts list --tracking-uri {tracking}")
     rprint(f"done in {time.time() - t0:.0f} s")
 
 

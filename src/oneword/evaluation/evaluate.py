@@ -385,7 +385,7 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
         "selection": {
             "criterion": criterion_text(cfg.selection_tolerance, cfg.selection_rule)
             if choice.curve
-            else "final step (no selection)",
+            else "the final step: no selection",
             "rule": cfg.selection_rule,
             "tolerance": cfg.selection_tolerance,
             "chosen_step": choice.step,

@@ -51,7 +51,7 @@ def check_comparable(a: dict, b: dict) -> None:
     if diff:
         raise EvaluatorMismatch(
             f"scores were measured under different evaluation protocols ({'; '.join(diff)}) and cannot be compared",
-            hint="evaluate both with the same prompt set, images, sampler, seed and base model",
+            hint="evaluate both with the same settings (the option that sets each is named beside it)",
         )
 
 

@@ -99,7 +99,21 @@ def differences(a: dict, b: dict) -> list[str]:
             {k: v for k, v in a.items() if k != "dino_evaluator"},
             {k: v for k, v in b.items() if k != "dino_evaluator"},
         )
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}{_set_by(k)}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# The `evaluate` options (the pipelines' parameters, with _) that set each part of a protocol
+SET_BY = {
+    "prompt_set": "--prompt-set", "prompt_targets": "--prompt-set", "n_images": "--n-images",
+    "sampler": "--sampling-steps, --guidance-scale", "seed": "--seed", "selection_seed": "--seed",
+    "selection_budget": "--checkpoint-budget", "selection_rule": "--selection-rule",
+    "selection_tolerance": "--selection-tolerance", "base_model_fingerprint": "--base-model",
+    "evaluator": "--clip-model", "dino_evaluator": "--dino-model",
+}  # fmt: skip
+
+
+def _set_by(key: str) -> str:
+    return f" ({SET_BY[key]})" if key in SET_BY else ""
 
 
 def _comparable(p: dict) -> dict:

@@ -797,6 +797,34 @@ def test_registering_a_concept_that_did_not_train_says_why(tmp_path, mlflow_serv
         registry.register(tmp_path / "no-such-folder", None, mlflow_server, name="never-trained")
 
 
+@pytest.mark.parametrize("seam", ["_artifact_files", "_log_model", "_version_tags"])  # before its run, in, after
+def test_a_concept_deleted_while_a_registration_uploads_stays_deleted(seam, evaluated_concept, tmp_path, monkeypatch):
+    """`concepts delete` refuses while a version is being decided, but a registration spends most of its time
+    uploading before any version exists: a delete then, before its run was made or after, was undone (the
+    registered model made anew, the run and its 100-odd artifacts back). The registration erases what it made and
+    says so."""
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    train_dir, eval_dir = evaluated_concept
+    registry.register(train_dir, eval_dir, uri, name="cat-gone")
+    again = _with_scores(eval_dir, tmp_path / "again", 0.7, 0.3)  # another result: a new version, not unchanged
+    real = getattr(registry, seam)
+
+    def deleted_meanwhile(*args, **kwargs):
+        out = real(*args, **kwargs)
+        catalogue.delete_concept("cat-gone", uri)  # as another process's delete, between two of register's calls
+        return out
+
+    monkeypatch.setattr(registry, seam, deleted_meanwhile)
+    with pytest.raises(registry.ErasedMeanwhile, match="cat-gone was deleted while this registration uploaded"):
+        registry.register(train_dir, again, uri, name="cat-gone")
+    client = mlflow.MlflowClient(uri)
+    assert registry.model_kind(client, "cat-gone") is None
+    runs = client.search_runs([client.get_experiment_by_name(registry.EXPERIMENT).experiment_id],
+                              run_view_type=mlflow.entities.ViewType.ALL)  # fmt: skip
+    assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)
+    assert not [f for f in (tmp_path / "mlartifacts").rglob("*") if f.is_file()]
+
+
 def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

@@ -285,7 +285,8 @@ def register(
     concept = _read_concept(train_dir, eval_dir, name, batch_id)
     uri = resolve(tracking_uri)
     mlflow, client = _setup(uri)
-    if (found := _registered_before(client, concept, thresholds)) is not None:
+    existed = model_kind(client, concept.name) == "concept"  # deleted before its version is made: erased (below)
+    if existed and (found := _registered_before(client, concept, thresholds)) is not None:
         # `register` run again on what it registered: the same version, and no second run, copy of every
         # artifact and logged model naming a version that never came to be (it would be deleted as a twin)
         from oneword.batch_records import note_unchanged
@@ -302,16 +303,23 @@ def register(
         if live
         else mlflow.start_run(experiment_id=exp_id, run_name=concept.name, tags=tags)
     )
-    with opened as run:  # ends FINISHED, or FAILED on an error
-        run_id = run.info.run_id
-        _log_params_and_metrics(mlflow, client, run_id, concept, train_dir / "curve.json", live is not None)
-        _upload_and_verify(mlflow, client, run_id, files)
-        info = _log_model(mlflow, concept, files[EMBEDDING_ARTIFACT])
-        if concept.metrics:  # on the logged model too, where search_logged_models filters by them
-            mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
+    run_id = opened.info.run_id
+    try:
+        with opened:  # ends FINISHED, or FAILED on an error
+            _log_params_and_metrics(mlflow, client, run_id, concept, train_dir / "curve.json", live is not None)
+            _upload_and_verify(mlflow, client, run_id, files)
+            info = _log_model(mlflow, concept, files[EMBEDDING_ARTIFACT])
+            if concept.metrics:  # on the logged model too, where search_logged_models filters by them
+                mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
+    except Exception as e:  # MLflow refuses to log to a run deleted meanwhile: say why, and erase what came after
+        if client.get_run(run_id).info.lifecycle_stage == "deleted":
+            raise _erased_meanwhile(client, concept.name, run_id, created=False) from e
+        raise
     # Everything is uploaded and verified: only now does a version exist.
     try:
-        version, alias, reason, unchanged = _register_version(client, concept, run_id, info, thresholds)
+        version, alias, reason, unchanged = _register_version(client, concept, run_id, info, thresholds, existed)
+    except ErasedMeanwhile:
+        raise
     except BaseException as e:  # the run ended FINISHED with the upload; it must not pass for a registered one
         _mark_failed(client, run_id, f"{type(e).__name__}: {e}")
         raise
@@ -323,7 +331,7 @@ def register(
 def _registered_before(client, concept: _Concept, thresholds: GateThresholds) -> dict | None:
     """The concept's newest version, where it was registered from this very training and evaluation under these
     thresholds (`newest_result`); None where it was not, or the concept was not evaluated."""
-    if model_kind(client, concept.name) != "concept" or not (key := (concept.metrics or {}).get("evaluation_key")):
+    if not (key := (concept.metrics or {}).get("evaluation_key")):
         return None
     return _newest_decided_on(client, concept.name, result_key(key, thresholds))
 
@@ -606,11 +614,22 @@ def name_taken(client, name: str) -> OnewordError | None:
                         hint="give the concept another name (--name, or name: in the manifest)")  # fmt: skip
 
 
-def _create_version(client, name: str, info, run_id: str, token: str, tags: dict[str, str]):
+class ErasedMeanwhile(OnewordError):
+    """The concept was deleted (`oneword concepts delete`) while this registration uploaded: what it made is erased
+    too, and nothing is registered."""
+
+
+def _create_version(client, name: str, info, run_id: str, token: str, tags: dict[str, str], existed: bool):
     """Create the registered model if it is new (another process may be creating it too), then a version with its
-    tags (a version of oneword's is never untagged: see `_wait_for_older_decisions`)."""
+    tags (a version of oneword's is never untagged: see `_wait_for_older_decisions`).
+
+    A concept that `existed` when the registration began and is gone now, or whose deletion erased this
+    registration's run, was deleted meanwhile: a request to erase it must not be undone by a registration that
+    was uploading then (the deletion refuses while a version is being decided, not before one exists)."""
     from mlflow.exceptions import MlflowException
 
+    if client.get_run(run_id).info.lifecycle_stage == "deleted":
+        raise _erased_meanwhile(client, name, run_id, created=False)
     try:
         client.create_registered_model(
             name, tags={CONCEPT_TAG: "true", "oneword.token": token}, description=f"{GENERATED_DESCRIPTION}{token}"
@@ -620,7 +639,24 @@ def _create_version(client, name: str, info, run_id: str, token: str, tags: dict
             raise
         if (taken := name_taken(client, name)) is not None:
             raise taken from e
+    else:
+        if existed:
+            raise _erased_meanwhile(client, name, run_id, created=True)
     return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
+
+
+def _erased_meanwhile(client, name: str, run_id: str, created: bool) -> ErasedMeanwhile:
+    """Erase what a registration of a concept deleted meanwhile made (its run, artifacts and logged model; the
+    registered model it made anew), and say so."""
+    from oneword.catalogue import erase_runs
+
+    if created:
+        client.delete_registered_model(name)
+    erase_runs(client, [client.get_run(run_id)])
+    return ErasedMeanwhile(
+        f"concept {name} was deleted while this registration uploaded: it is erased too, and nothing was registered",
+        hint="register it again where the concept is to exist",
+    )
 
 
 def _wait_for_older_decisions(
@@ -700,7 +736,7 @@ def mark_abandoned(client, name: str, version: str) -> None:
 
 
 def _register_version(
-    client, concept: _Concept, run_id: str, info, thresholds: GateThresholds
+    client, concept: _Concept, run_id: str, info, thresholds: GateThresholds, existed: bool
 ) -> tuple[str, str, str, bool]:
     """Create the model version, tag it and decide its alias; returns (version, alias, reason, unchanged).
 
@@ -709,7 +745,7 @@ def _register_version(
     once): it is deleted, and the registration is the older version's, unchanged, as if `evaluate` had found it.
     """
     tags = _version_tags(concept, run_id, thresholds)
-    mv = _create_version(client, concept.name, info, run_id, concept.token, tags)
+    mv = _create_version(client, concept.name, info, run_id, concept.token, tags, existed)
     try:
         _wait_for_older_decisions(client, concept.name, int(mv.version), run_id, tags, mv.source)
         if (same := _same_result_before(client, concept.name, int(mv.version), tags)) is not None:

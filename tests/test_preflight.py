@@ -64,14 +64,16 @@ def test_every_problem_is_listed_at_once_with_its_fix(tiny_model_dir, tmp_path):
                 {"images": str(tmp_path / "no-photos"), "token": "<a-pf>", "init_word": "cat"},
                 {"images": str(DREAMBENCH / "cat"), "token": "cat", "init_word": "cat"},
                 {"images": str(DREAMBENCH / "cat"), "token": "<b-pf>", "init_word": "big cat"},
+                {"images": str(DREAMBENCH / "cat"), "token": "dog", "init_word": "big dog"},  # two of one concept
             ],
             str(tmp_path / "no-such-clip"),
             f"http://127.0.0.1:{free_port()}",  # nothing listens there
         )
     seconds = time.perf_counter() - t0
     text = e.value.message
-    assert "preflight found 5 problem(s)" in text, text
-    for expected in ("no-such-clip", "--clip-model", "tracking server", "no-photos", "'cat'", "big cat"):
+    assert "preflight found 7 problem(s)" in text, text
+    for expected in ("no-such-clip", "--clip-model", "tracking server", "no-photos", "'cat'", "big cat", "'dog'",
+                     "big dog"):  # fmt: skip
         assert expected in text, (expected, text)
     assert seconds < 30, seconds  # no minute of retries against a server that is down
 

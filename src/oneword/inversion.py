@@ -123,9 +123,29 @@ def check_progressive(spec: ConceptSpec, config: TrainConfig) -> None:
 
 
 def check_concept(tokenizer, spec: ConceptSpec) -> None:
-    """Raise `OnewordError` if `spec` cannot be trained in a model with this tokenizer (before any work)."""
-    check_new_token(tokenizer, spec.token, spec.n_vectors)
-    initializer_id(tokenizer, spec.init_word)
+    """Raise `OnewordError` if `spec` cannot be trained in a model with this tokenizer (before any work): the
+    first of its `concept_problems`."""
+    if problems := concept_problems(tokenizer, spec):
+        raise problems[0]
+
+
+def concept_problems(tokenizer, spec: ConceptSpec) -> list[OnewordError]:
+    """Every reason `spec` cannot be trained in a model with this tokenizer: its token, its initializer word, its
+    templates' room for its vectors (a preflight lists them all, not one per run)."""
+    problems = []
+    for check in (
+        lambda: check_new_token(tokenizer, spec.token, spec.n_vectors),
+        lambda: initializer_id(tokenizer, spec.init_word),
+        lambda: _check_room(tokenizer, spec),
+    ):
+        try:
+            check()
+        except OnewordError as e:
+            problems.append(e)
+    return problems
+
+
+def _check_room(tokenizer, spec: ConceptSpec) -> None:
     templates = get_templates(spec.templates)
     # the text encoder reads model_max_length tokens, start and end among them: a vector past them is in no
     # prompt, gets no gradient, and would be exported as its initializer, shrunk by weight decay

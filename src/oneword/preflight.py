@@ -280,7 +280,7 @@ def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[di
     from pydantic import ValidationError
 
     from oneword.config import ConceptSpec
-    from oneword.inversion import check_concept
+    from oneword.inversion import concept_problems
 
     tokenizer = _tokenizer(base_model)
     out = []
@@ -300,11 +300,10 @@ def _concept_problems(base_model: str, prof: ModelProfile, concepts: Sequence[di
         except OnewordError as e:  # an unknown template set
             out.append((f"token {c.get('token')!r}", f"{c.get('token')!r}: {e.message}"))
             continue
-        try:
-            check_concept(tokenizer, spec)
+        problems = concept_problems(tokenizer, spec)
+        out += [(f"token {spec.token}", e.message + (f" (fix: {e.hint})" if e.hint else "")) for e in problems]
+        if not problems:
             out.append((f"token {spec.token}", None))
-        except OnewordError as e:
-            out.append((f"token {spec.token}", e.message + (f" (fix: {e.hint})" if e.hint else "")))
     return out
 
 

@@ -59,3 +59,20 @@ def test_grid_layout():
     g = make_grid(ims, ["first", "second"], label_width=50)
     assert g.size == (50 + 24, 16)
     assert g.getpixel((50 + 8 + 1, 8 + 1)) == (40, 40, 0)
+
+
+def test_a_token_the_base_models_tokenizer_holds_already_is_said_to_be_the_models(tiny_model_dir, tmp_path):
+    """A model saved after a `load_textual_inversion` holds that token: loading one file of it said "two
+    embeddings use the token", of one embedding."""
+    from oneword.generate import build_pipeline, load_embeddings
+    from oneword.models import load_base_model
+
+    model = load_base_model(str(tiny_model_dir))
+    pipe = build_pipeline(model, "cpu")
+    pipe.tokenizer.add_tokens(["<saved-in>"])  # as the saved model's tokenizer came
+    f = E.save(E.Embedding("<saved-in>", torch.randn(1, 32)), tmp_path / "one.safetensors")
+    with pytest.raises(OnewordError, match=r"uses '<saved-in>', which the base model's tokenizer holds already"):
+        load_embeddings(pipe, model, [f])
+    twice = [E.Embedding("<t-x>", torch.randn(1, 32)), E.Embedding("<t-x>", torch.randn(1, 32))]
+    with pytest.raises(OnewordError, match="two embeddings use the token '<t-x>'"):
+        load_embeddings(pipe, model, twice)

@@ -86,10 +86,16 @@ def test_folder_that_is_not_a_model(tmp_path):
         load_base_model(str(tmp_path / "x.txt"))  # was transformers' "`vocab` and `merges` must be both..."
 
 
-def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OnewordError, match="could not load base model"):
         load_base_model("someone/not-a-real-model-xyz")
+    # a local path mistyped reads as a hub id (ORG/NAME): the hint says what the local folder holds
+    (tmp_path / "models" / "sd15-real").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OnewordError) as e:
+        load_base_model("models/sd15-rael")
+    assert "a local folder? models/sd15-rael is none (models/ holds sd15-real)" in e.value.hint
 
 
 def test_incomplete_folder_is_a_clear_error(tiny_model_dir, tmp_path):

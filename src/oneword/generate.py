@@ -106,8 +106,15 @@ def load_embeddings(
         emb_io.check_compatible(emb, model.width, model.fingerprint, force=force, source=source, width_2=model.width_2)
         if (same := loaded.get(emb.token)) is not None and _same_vectors(same, emb):
             continue  # one concept named twice (alone, and in a bundle that holds a copy of it): loaded once
+        earlier = {t for e in loaded.values() for t in vector_tokens(e.token, e.n_vectors)}  # this call's files'
         loaded[emb.token] = emb
         if clash := clashing_entries(vector_tokens(emb.token, emb.n_vectors), pipe.tokenizer.get_added_vocab()):
+            if not any(c in earlier for c in clash):  # a model saved after a load_textual_inversion holds it
+                raise OnewordError(
+                    f"embedding {emb.token!r}{f' ({source})' if source else ''} uses {clash[0]!r}, which the base "
+                    "model's tokenizer holds already (an embedding loaded into it before it was saved)",
+                    hint="rename its token: oneword export FILE --token '<new-name>' -o NEW_FILE",
+                )
             raise OnewordError(
                 f"two embeddings use the token {emb.token!r}"
                 if clash[0] == emb.token

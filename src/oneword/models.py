@@ -255,7 +255,7 @@ def load_base_model(
         raise OnewordError(
             f"could not load base model {source!r}: {e}",
             hint="check that the folder is a complete diffusers model, as save_pretrained writes it" if is_local
-            else "check the hub id; hub ids need network access and, for gated models, HF_TOKEN",
+            else "check the hub id; hub ids need network access and, for gated models, HF_TOKEN" + _nearby(source),
         ) from e
     return _finish(
         source,
@@ -267,6 +267,19 @@ def load_base_model(
         device,
         Path(resolved) if is_local else None,
     )
+
+
+def _nearby(source: str) -> str:
+    """Where a hub id `ORG/NAME` is also a path in a local folder `ORG/` (a mistyped local path is read as a hub
+    id), what that folder holds that looks like it."""
+    import difflib
+
+    org, _, name = source.partition("/")
+    if not Path(org).is_dir():
+        return ""
+    held = sorted(p.name for p in Path(org).iterdir() if p.is_dir())
+    near = difflib.get_close_matches(name, held, n=3) or held[:3]
+    return f"; a local folder? {source} is none" + (f" ({org}/ holds {', '.join(near)})" if near else "")
 
 
 def folder_problems(folder: Path, parts: Sequence[str] = MODEL_PARTS, xl: bool | None = None) -> list[str]:

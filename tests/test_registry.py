@@ -1201,3 +1201,18 @@ def test_a_registry_that_refuses_to_rename_the_champion_keeps_the_new_champion(e
     r = registry.register(*evaluated_concept, uri, name="cat-named")
     assert (r.version, r.alias) == ("1", "champion")
     assert str(mlflow.MlflowClient(uri).get_registered_model("cat-named").aliases["champion"]) == "1"
+
+
+def test_a_dry_run_says_why_a_concept_is_trained_again(tmp_path):
+    """`batch --dry-run` listed a concept "to train" with no word of why (a person then reran it to find out)."""
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("why")).info.run_id
+    assert registry.why_changed(uri, "why-cat", "e1") == "not registered yet"
+    client.create_registered_model("why-cat", tags={registry.CONCEPT_TAG: "true"})
+    tags = {registry.EVALUATION_KEY_TAG: "e1", "gate": "champion: first version"}
+    client.create_model_version("why-cat", f"runs:/{run}/m", run_id=run, tags=tags)
+    assert registry.why_changed(uri, "why-cat", "e2").startswith("v1 was trained or evaluated otherwise")
+    assert registry.why_changed(uri, "why-cat", "e1") == "judged by this gate, a twin of v1 would take @champion"
+    client.create_model_version("why-cat", f"runs:/{run}/m", run_id=run, tags={**tags, "gate": registry.ABANDONED})
+    assert registry.why_changed(uri, "why-cat", "e1") == "v2's registration did not finish"

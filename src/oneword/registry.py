@@ -1001,6 +1001,22 @@ def unchanged_result(
     return _rejudged(client, name, newest, evaluation, thresholds, token)
 
 
+def why_changed(tracking_uri: str | None, name: str, evaluation: str) -> str:
+    """Why a concept that `unchanged_result` did not find is trained again (a dry run's `why`), in a few words:
+    no version yet; its newest version trained or evaluated otherwise than `evaluation` now would be; that
+    version's registration never finished; or only the gate changed, and by it a twin would take @champion."""
+    _, client = _setup(tracking_uri)
+    newest = newest_version(client, name)
+    if newest is None:
+        return "not registered yet"
+    v = f"v{newest.version}"
+    if newest.tags.get(EVALUATION_KEY_TAG) != evaluation:
+        return f"{v} was trained or evaluated otherwise (photos, settings, model, or how oneword scores)"
+    if newest.tags.get("gate") in (None, ABANDONED):
+        return f"{v}'s registration did not finish"
+    return f"judged by this gate, a twin of {v} would take @{CHAMPION}"
+
+
 def _held(client, name: str, mv, **more) -> dict:
     """Version `mv` as the lookups find it: `{"version", "aliases"}` (the aliases it holds now), and `more`."""
     aliases = client.get_registered_model(name).aliases or {}

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from oneword import tracking
 from oneword.batch import UNCHANGED_SUFFIX
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
@@ -498,6 +499,19 @@ def run_batch(
     return report
 
 
+def _why_changed(rows: list[dict], evaluations: dict[str, str], uri: str) -> None:
+    """Say in each `to train` row why (`registry.why_changed`); a row the registry cannot tell keeps no why."""
+    from oneword.registry import why_changed
+
+    with tracking.briefly():
+        for row in rows:
+            if row["status"] == "to train" and not row["why"] and row["name"] in evaluations:
+                try:
+                    row["why"] = why_changed(uri, row["name"], evaluations[row["name"]])
+                except Exception as e:  # it answered the lookup a moment ago: a blip leaves the row as it was
+                    log.debug("%s: why it changed could not be told (%s)", row["name"], e)
+
+
 def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params) -> dict:
     """What `run_batch` with these parameters would do with each concept, running nothing and recording nothing
     (`oneword.unchanged`: the lookup the pipelines make before any GPU step, by this oneword release).
@@ -551,6 +565,8 @@ def batch_plan(concepts_manifest: str, tracking_uri: str | None = None, **params
         elif c["name"] in told.unknown:
             row["status"] = "unknown"
         rows.append(row)
+    if registry:
+        _why_changed(rows, told.evaluations, uri)
     retrained = [r["name"] for r in rows if r["status"] in ("to train", "unknown")]
     tokens = {c["name"]: c["token"] for c in concepts}
     for name, (version, token) in (champion_tokens(uri, retrained) if registry and retrained else {}).items():

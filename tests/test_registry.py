@@ -1216,3 +1216,29 @@ def test_a_dry_run_says_why_a_concept_is_trained_again(tmp_path):
     assert registry.why_changed(uri, "why-cat", "e1") == "judged by this gate, a twin of v1 would take @champion"
     client.create_model_version("why-cat", f"runs:/{run}/m", run_id=run, tags={**tags, "gate": registry.ABANDONED})
     assert registry.why_changed(uri, "why-cat", "e1") == "v2's registration did not finish"
+
+
+def test_a_champion_promoted_while_a_version_is_judged_is_the_one_it_is_judged_against(evaluated_concept, tmp_path,
+                                                                                        monkeypatch):
+    """A promote by hand refuses while a version is decided, but one between the gate's read of @champion and its
+    alias set was overruled: the new version was judged against the champion before it."""
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    train_dir, eval_dir = evaluated_concept
+    assert registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.8, 0.4), uri, name="judged").alias == \
+        "champion"  # fmt: skip
+    assert registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.5, 0.3), uri, name="judged").alias == \
+        "candidate"  # fmt: skip
+    real, promoted = registry._decide_alias, []
+
+    def promoted_meanwhile(client, name, *args):
+        said = real(client, name, *args)
+        if not promoted:  # as a person's promote that came between the read and the set
+            client.set_registered_model_alias(name, "champion", "2")
+            promoted.append(said)
+        return said
+
+    monkeypatch.setattr(registry, "_decide_alias", promoted_meanwhile)
+    third = registry.register(train_dir, _with_scores(eval_dir, tmp_path, 0.6, 0.4), uri, name="judged")
+    assert promoted[0][0] == "candidate"  # against version 1, it would have been
+    assert third.alias == "champion", third.reason  # against version 2, which holds now, it wins
+    assert str(mlflow.MlflowClient(uri).get_registered_model("judged").aliases["champion"]) == "3"

@@ -841,11 +841,22 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
 def _apply_gate(
     client, concept: _Concept, version, tags: dict[str, str], thresholds: GateThresholds
 ) -> tuple[str, str]:
-    """Decide the version's alias (every older version's is decided), set it, and mark the decision made."""
-    alias, reason = _decide_alias(
-        client, concept.name, concept.metrics, thresholds, concept.token, concept.photos, str(version)
-    )
-    before = _alias_holder(client, concept.name, alias)
+    """Decide the version's alias (every older version's is decided), set it, and mark the decision made.
+
+    A promote by hand refuses while a version is being decided, but one that came between the decision's read of
+    the champion and the alias set would be overruled by a decision against the champion before it: the decision
+    is made again against the one that holds now."""
+    for _ in range(JUDGING_ROUNDS):
+        judged = _version_of(_alias_holder(client, concept.name, CHAMPION))
+        alias, reason = _decide_alias(
+            client, concept.name, concept.metrics, thresholds, concept.token, concept.photos, str(version)
+        )
+        before = _alias_holder(client, concept.name, alias)
+        holds = before if alias == CHAMPION else _alias_holder(client, concept.name, CHAMPION)
+        if _version_of(holds) == judged:
+            break
+        log.info("%s: @%s moved to version %s while version %s was judged: judging it again", concept.name,
+                 CHAMPION, _version_of(holds), version)  # fmt: skip
     client.set_registered_model_alias(concept.name, alias, version)
     try:
         client.set_model_version_tag(concept.name, version, GATE_ALIAS_TAG, alias)  # aliases move later; this not
@@ -859,6 +870,13 @@ def _apply_gate(
     if alias == CHAMPION:
         champion_named(client, concept.name, concept.token)
     return alias, reason
+
+
+JUDGING_ROUNDS = 3  # a champion moved by hand this often while one version is judged: judged against the last
+
+
+def _version_of(mv) -> str | None:
+    return None if mv is None else str(mv.version)
 
 
 def champion_named(client, name: str, token: str | None) -> None:

@@ -188,3 +188,6 @@ def test_an_object_store_that_does_not_answer_or_refuses_is_said_in_a_line(s3_bu
     code, said = run(["preprocess", "s3://photos/cat", "-o", tmp_path / "data"], capsys)
     assert code == 2 and f"could not reach 127.0.0.1:{port}" in said and "check S3_ENDPOINT_URL" in said, said
     assert "Traceback" not in said
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}/minio")  # behind a proxy, at a path
+    code, said = run(["preprocess", "s3://photos/cat", "-o", tmp_path / "data"], capsys)
+    assert code == 2 and "has a path (/minio), which S3 clients cannot use" in said, said

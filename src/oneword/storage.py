@@ -120,6 +120,11 @@ def client(read_timeout: float = READ_TIMEOUT_S):
     if "://" not in endpoint:
         endpoint = "http://" + endpoint
     parsed = urlparse(endpoint)
+    if parsed.path.strip("/"):  # the S3 client asks HOST:PORT/BUCKET/KEY: a path would be dropped unsaid
+        raise OnewordError(
+            f"the S3 endpoint {endpoint} has a path ({parsed.path}), which S3 clients cannot use",
+            hint="give the endpoint as scheme://HOST[:PORT] only (a reverse proxy must serve S3 at its root)",
+        )
     return Minio(
         parsed.netloc,
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"),

@@ -490,6 +490,9 @@ def test_profiles_table_fits_80_columns(capsys, monkeypatch):
     assert "CLIP evaluator of sd1, sd2, sdxl: openai/clip-vit-base-patch32" in out  # one line, not a centred fold
     code, out = run(["profiles", "--base-model", "toyworld"], capsys)
     assert code == 0 and "400" in out and "CLIP evaluator of toyworld: toyworld-clip" in out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a mistyped folder reads as a hub id: not sd1's profile, shown as its
+    code, out = run(["profiles", "--base-model", "models/no-such"], capsys)
+    assert code == 2 and "could not read the config files of base model 'models/no-such'" in out
 
 
 def _commands(group=None, prefix=()):

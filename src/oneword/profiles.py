@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from oneword.config import PreprocessConfig
+from oneword.errors import OnewordError
 from oneword.model_files import has_part
 from oneword.toyworld import assets
 
@@ -85,11 +86,13 @@ FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2"}  # the text encoder's width: CLIP Vi
 DEFAULT_FAMILY = "sd1"  # what a hub id resolves to when its config cannot be read (no hub access)
 
 
-def profile(base_model: str) -> ModelProfile:
+def profile(base_model: str, strict: bool = False) -> ModelProfile:
     """The profile of a base model reference (`toyworld`, a diffusers folder, `s3://...`, a hub id).
 
     The family and native resolution come from the model's own config files (text encoder width, a second text
     encoder, UNet sample size and VAE depth), so a fine-tune of SD 2.1 gets SD 2's profile whatever its name.
+    Where they cannot be read (a hub id without the hub), the sd1 profile; `strict`: an error instead (a person
+    who asked for this model's profile).
     """
     if base_model == TOYWORLD:
         return PROFILES[TOYWORLD]
@@ -100,6 +103,11 @@ def profile(base_model: str) -> ModelProfile:
         return PROFILES[single_file_family(single)]
     configs = _read_configs(base_model)
     if configs is None:
+        if strict:
+            raise OnewordError(
+                f"could not read the config files of base model {base_model!r}",
+                hint="pass a diffusers folder, an s3:// folder, or a hub id where the hub (or its cache) is reachable",
+            )
         log.info("could not read %s's config; using the %s profile", base_model, DEFAULT_FAMILY)
         return PROFILES[DEFAULT_FAMILY]
     family, resolution = _family_and_resolution(configs)

@@ -26,7 +26,7 @@ def profiles_cmd(
 
     from oneword.profiles import PROFILES, ModelProfile, profile
 
-    shown = {base_model: profile(base_model)} if base_model else PROFILES
+    shown = {base_model: profile(base_model, strict=True)} if base_model else PROFILES
     t = Table(title="model profiles" if not base_model else f"profile of {base_model}")
     t.add_column("setting", no_wrap=True)
     for name in shown:

@@ -210,9 +210,9 @@ def _scored(rec, edit, se=0.0, **protocol):
 
 def test_quality_gate_compares_only_scores_measured_the_same_way():
     champion = _scored(0.5, 0.5)
-    with pytest.raises(EvaluatorMismatch, match="prompt_set: 'dreambench-object' vs 'paper'"):
+    with pytest.raises(EvaluatorMismatch, match=r"prompt_set \(--prompt-set\): 'dreambench-object' vs 'paper'"):
         quality_gate(_scored(0.9, 0.9, prompt_set="dreambench-object"), champion)
-    with pytest.raises(EvaluatorMismatch, match="n_images: 16 vs 64"):
+    with pytest.raises(EvaluatorMismatch, match=r"n_images \(--n-images\): 16 vs 64"):
         quality_gate(_scored(0.9, 0.9, n_images=16), champion)
     old = {k: v for k, v in champion.items() if k != "protocol"}  # scored before protocols were recorded
     with pytest.raises(EvaluatorMismatch, match="before oneword recorded") as e:
@@ -393,7 +393,7 @@ def test_selection_and_report_draw_disjoint_seeds(trained_concept, cat_dataset, 
     other = tmp_path / "other"
     compare_cfg = cfg.model_copy(update={"n_images": 1})
     evaluate(trained_concept, cat_dataset, other, compare_cfg)
-    with pytest.raises(EvaluatorMismatch, match="n_images: 2 vs 1"):
+    with pytest.raises(EvaluatorMismatch, match=r"n_images \(--n-images\): 2 vs 1"):
         compare([str(tmp_path / "eval"), str(other)], tmp_path / "cmp.png")
 
 

@@ -181,7 +181,7 @@ def test_an_object_store_that_does_not_answer_or_refuses_is_said_in_a_line(s3_bu
     from .conftest import free_port
 
     code, said = run(["batch", f"s3://{s3_bucket}/no-such.yaml", "--dry-run"], capsys)
-    assert code == 2 and f"the object store refused s3://{s3_bucket}/no-such.yaml: NoSuchKey" in said, said
+    assert code == 2 and f"the object store refused {s3_bucket}/no-such.yaml: NoSuchKey" in said, said
     assert "Traceback" not in said
     port = free_port()
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")

@@ -144,23 +144,6 @@ def client(read_timeout: float = READ_TIMEOUT_S):
     )
 
 
-@contextlib.contextmanager
-def _refusals(uri: str) -> Iterator[None]:
-    """The store's refusal of a request for `uri` (minio's `S3Error`, which a CLI cannot report: it is frozen, and
-    typer marks an error as it passes) as an error that names `uri` and the settings to check; the refusal stays its
-    cause, where `refused` and `outcome.transient` read it."""
-    from minio.error import S3Error
-
-    try:
-        yield
-    except S3Error as e:
-        raise OnewordError(
-            f"the object store refused {uri}: {e.code}: {e.message}",
-            hint=f"check {ENDPOINT_VARS[0]}, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the object "
-            "exists and these keys may read it",
-        ) from e
-
-
 def list_objects(uri: str) -> list[tuple[str, int, str]]:
     """List the objects under an `s3://` prefix.
 
@@ -169,15 +152,14 @@ def list_objects(uri: str) -> list[tuple[str, int, str]]:
     """
     bucket, prefix = split_s3(uri)
     mc = client()
-    with _refusals(uri):
-        if not mc.bucket_exists(bucket):
-            raise OnewordError(f"bucket {bucket!r} of {uri!r} does not exist", hint="create it or fix the URI")
-        p = f"{prefix}/" if prefix else ""
-        out = [
-            (o.object_name[len(p) :], o.size or 0, (o.etag or "").strip('"'))
-            for o in mc.list_objects(bucket, prefix=p, recursive=True)
-            if not o.is_dir
-        ]
+    if not mc.bucket_exists(bucket):
+        raise OnewordError(f"bucket {bucket!r} of {uri!r} does not exist", hint="create it or fix the URI")
+    p = f"{prefix}/" if prefix else ""
+    out = [
+        (o.object_name[len(p) :], o.size or 0, (o.etag or "").strip('"'))
+        for o in mc.list_objects(bucket, prefix=p, recursive=True)
+        if not o.is_dir
+    ]
     return sorted(out)
 
 
@@ -229,8 +211,7 @@ def download_prefix(uri: str, dest: Path | None = None, only: Sequence[str] = ()
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = part_path(target)  # hidden: never read as a photo
-            with _refusals(f"{uri.rstrip('/')}/{key}"):
-                mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
+            mc.fget_object(bucket, f"{prefix}/{key}" if prefix else key, str(tmp))
             tmp.replace(target)
             index[key] = etag
         keep = set(wanted.values())
@@ -264,8 +245,7 @@ def download_file(uri: str, dest: Path) -> Path:
     bucket, key = split_s3(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
-    with _refusals(uri):
-        client().fget_object(bucket, key, str(tmp))
+    client().fget_object(bucket, key, str(tmp))
     tmp.replace(dest)
     return dest
 
@@ -274,10 +254,9 @@ def upload_file(path: Path, uri: str) -> None:
     """Upload a local file to the object `s3://bucket/key`, creating the bucket if needed."""
     bucket, key = split_s3(uri)
     mc = client()
-    with _refusals(uri):
-        if not mc.bucket_exists(bucket):
-            mc.make_bucket(bucket)
-        mc.fput_object(bucket, key, str(path))
+    if not mc.bucket_exists(bucket):
+        mc.make_bucket(bucket)
+    mc.fput_object(bucket, key, str(path))
 
 
 def upload_dir(path: Path, uri: str) -> None:
@@ -289,8 +268,7 @@ def upload_dir(path: Path, uri: str) -> None:
 def object_size(uri: str) -> int:
     """The size in bytes of the object `s3://bucket/key`."""
     bucket, key = split_s3(uri)
-    with _refusals(uri):
-        return int(client().stat_object(bucket, key).size or 0)
+    return int(client().stat_object(bucket, key).size or 0)
 
 
 def refused(error: BaseException) -> bool:
@@ -301,9 +279,8 @@ def refused(error: BaseException) -> bool:
     """
     from minio.error import S3Error
 
-    store_said = error.__cause__ if isinstance(error, OnewordError) else error  # `_refusals`' errors carry it
-    if isinstance(store_said, S3Error):
-        status = getattr(store_said.response, "status", None)
+    if isinstance(error, S3Error):
+        status = getattr(error.response, "status", None)
         return status is not None and 400 <= status < 500 and status not in (408, 429)
     return isinstance(error, ValueError) and not isinstance(error, OnewordError)  # minio checks names itself
 
@@ -318,8 +295,7 @@ def object_exists(uri: str) -> bool:
     except S3Error as e:
         if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
             return False
-        with _refusals(uri):
-            raise
+        raise
     return True
 
 

@@ -104,17 +104,31 @@ def _tracking_error(e: Exception) -> OnewordError | None:
 
 
 def _object_store_error(e: Exception) -> OnewordError | None:
-    """An object store (S3, MinIO) that did not answer, as one line and what to check; None for any other error."""
+    """An object store (S3, MinIO) that refused a request or did not answer, as one line and what to check; a
+    server that did not answer, as such; None for any other error. The library raises the store's own errors
+    (a cluster step's retries and resumes tell them apart); they are said here."""
     import urllib3.exceptions as u
+    from minio.error import S3Error
 
     from oneword.storage import ENDPOINT_VARS
 
-    if isinstance(e, u.MaxRetryError):  # its refusals are said where they happen (`storage._refusals`)
+    settings = f"{ENDPOINT_VARS[0]}, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    # minio's S3Error is frozen: typer's mark on it as it passes fails, and the AttributeError carries it
+    refused = e.__context__ if isinstance(e, AttributeError) and isinstance(e.__context__, S3Error) else e
+    if isinstance(refused, S3Error):
+        where = "/".join(x for x in (refused.bucket_name, refused.object_name) if x)
+        return OnewordError(
+            f"the object store refused {where or 'a request'}: {refused.code}: {refused.message}",
+            hint=f"check {settings}, and that the object exists and these keys may read it",
+        )
+    if isinstance(e, u.MaxRetryError):
         pool = getattr(e, "pool", None)
         host = f"{pool.host}:{pool.port}" if pool is not None else "the server"
+        endpoint = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), "")
+        store = pool is not None and f"{pool.host}:{pool.port}" in endpoint
         return OnewordError(f"could not reach {host}: {e.reason or e}",
-                            hint=f"check {ENDPOINT_VARS[0]}, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (an s3:// "
-                            "path is read there), and that it answers")  # fmt: skip
+                            hint=f"check {settings} (an s3:// path is read there), and that it answers" if store
+                            else f"check that the server at {host} answers")  # fmt: skip
     return None
 
 

@@ -160,6 +160,10 @@ def test_what_a_model_folder_holds_beside_its_weights_is_not_read(tmp_path):
     }  # fmt: skip
     assert choose_weights(["model.fp16.safetensors", "model.bf16.safetensors", "config.json"]) == (
         "fp16", {"model.fp16.safetensors"})  # fmt: skip
+    # OpenVINO's weights, a LoRA: files of those formats that are not the part's own
+    assert choose_weights(["openvino_model.bin", "pytorch_lora_weights.bin", "model.fp16.safetensors"]) == (
+        "fp16", {"model.fp16.safetensors"})  # fmt: skip
+    assert "unet/openvino_model.bin" not in model_keys([*keys, "unet/openvino_model.bin"])
     assert model_keys(["model.safetensors"]) == {"model.safetensors"}  # no diffusers folder: all of it
     assert not has_part({"text_encoder_2": [None, None]}, "text_encoder_2")
     assert has_part({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "text_encoder_2")

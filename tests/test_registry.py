@@ -1213,7 +1213,7 @@ def test_a_dry_run_says_why_a_concept_is_trained_again(tmp_path):
     tags = {registry.EVALUATION_KEY_TAG: "e1", "gate": "champion: first version"}
     client.create_model_version("why-cat", f"runs:/{run}/m", run_id=run, tags=tags)
     assert registry.why_changed(uri, "why-cat", "e2").startswith("v1 was trained or evaluated otherwise")
-    assert registry.why_changed(uri, "why-cat", "e1") == "judged by this gate, a twin of v1 would take @champion"
+    assert registry.why_changed(uri, "why-cat", "e1").startswith("only the gate changed, and by it v1's scores")
     client.create_model_version("why-cat", f"runs:/{run}/m", run_id=run, tags={**tags, "gate": registry.ABANDONED})
     assert registry.why_changed(uri, "why-cat", "e1") == "v2's registration did not finish"
 
@@ -1242,3 +1242,30 @@ def test_a_champion_promoted_while_a_version_is_judged_is_the_one_it_is_judged_a
     assert promoted[0][0] == "candidate"  # against version 1, it would have been
     assert third.alias == "champion", third.reason  # against version 2, which holds now, it wins
     assert str(mlflow.MlflowClient(uri).get_registered_model("judged").aliases["champion"]) == "3"
+
+
+def test_a_concept_deleted_while_it_was_trained_is_not_registered_again_nor_recorded(evaluated_concept, tmp_path):
+    """Training's live run carries the concept's tag, so a delete during training erases it: its register met
+    "Cannot start run ... in the deleted state" (or, without the live run, made the concept anew). It erases what
+    is left and registers nothing; a batch's step records no FAILED run that names the concept again."""
+    from oneword import outcome
+
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    train_dir, eval_dir = evaluated_concept
+    registry.register(train_dir, eval_dir, uri, name="cat-trained")
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(registry.EXPERIMENT).experiment_id
+    live = client.create_run(experiment, tags={registry.CONCEPT_TAG: "cat-trained"}).info.run_id  # training's
+    trained = tmp_path / "trained"
+    shutil.copytree(train_dir, trained)
+    summary = json.loads((trained / "summary.json").read_text())
+    (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": live}))
+    catalogue.delete_concept("cat-trained", uri)  # while it trained
+    again = _with_scores(eval_dir, tmp_path / "again", 0.7, 0.3)
+    said = outcome.run_step("register", tmp_path / "registration", "record",
+                            lambda: registry.register(trained, again, uri, name="cat-trained"))  # fmt: skip
+    assert said is None and registry.model_kind(client, "cat-trained") is None
+    failure = outcome.read_failure(tmp_path / "registration")
+    assert "cat-trained was deleted while it was trained" in failure["error"] and failure["unrecorded"] is True
+    runs = client.search_runs([experiment], run_view_type=mlflow.entities.ViewType.ALL)
+    assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)

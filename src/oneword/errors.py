@@ -9,6 +9,9 @@ class OnewordError(Exception):
     The CLI prints these without a traceback and exits with status 2.
     """
 
+    # whether a batch records this failure as a FAILED MLflow run of the concept (not where the concept was erased)
+    recorded = True
+
     def __init__(self, message: str, hint: str | None = None):
         self.message = message
         self.hint = hint

@@ -21,13 +21,25 @@ INDEX_SUFFIX = ".index.json"  # a sharded checkpoint's map of tensors to shards:
 # weights for other frameworks, and single-file checkpoints inside a part: nothing oneword loads
 UNUSED_SUFFIXES = (".msgpack", ".onnx", ".onnx_data", ".pb", ".h5", ".ckpt", ".xml", ".tflite", ".mlmodel")
 PREFERRED_VARIANTS = ("fp16", "bf16")  # where a part holds variants alone: the one a load takes first
+# the names transformers and diffusers save a part's weights under (`pytorch_model.fp16-00001-of-00002.bin`, ...):
+# other files of those formats in a part (OpenVINO's `openvino_model.bin`, LoRA weights) are not its weights
+WEIGHT_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}")
 
 
-def _weight_format(name: str) -> str | None:
-    """A weight file's format (`.safetensors`, `.bin`), its shard index's included; None for other files."""
+def _format(name: str) -> str | None:
+    """A file's weight format (`.safetensors`, `.bin`), a shard index's included; None for other files."""
     stem = name.removesuffix(INDEX_SUFFIX)
     return next((f for f in WEIGHT_FORMATS if stem.endswith(f)), None)
+
+
+def _weight_format(name: str) -> str | None:
+    """`_format` of a part's own weight file (named as `WEIGHT_STEMS`); None for every other file."""
+    fmt = _format(name)
+    if fmt is None:
+        return None
+    stem = _SHARD.sub("", name.removesuffix(INDEX_SUFFIX).removesuffix(fmt))
+    return fmt if stem.split(".", 1)[0] in WEIGHT_STEMS else None
 
 
 def _variant(name: str, fmt: str) -> str | None:
@@ -79,7 +91,7 @@ def model_keys(keys: Sequence[str]) -> set[str]:
     for part, names in parts.items():
         names = [n for n in names if not n.endswith(UNUSED_SUFFIXES)]
         _, weights = choose_weights(names)
-        taken |= {f"{part}/{n}" for n in names if n in weights or not _weight_format(n)}
+        taken |= {f"{part}/{n}" for n in names if n in weights or not _format(n)}
     return taken
 
 

@@ -39,10 +39,13 @@ def read_failure(folder: str | Path | None) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def write_failure(folder: str | Path, stage: str, error: str, hint: str = "", images: str = "") -> dict:
+def write_failure(folder: str | Path, stage: str, error: str, hint: str = "", images: str = "",
+                  recorded: bool = True) -> dict:  # fmt: skip
     """Record in `folder` that the concept failed at `stage`; returns the record. `images`, the concept's photos,
-    tells whose failure it is where outputs arrive in no promised order (`oneword.train.match_latents`)."""
-    record = {"stage": stage, "error": error, "hint": hint, **({"images": images} if images else {})}
+    tells whose failure it is where outputs arrive in no promised order (`oneword.train.match_latents`);
+    `recorded` False: no MLflow run is to name the concept (`OnewordError.recorded`: it was erased)."""
+    record = {"stage": stage, "error": error, "hint": hint, **({"images": images} if images else {}),
+              **({} if recorded else {"unrecorded": True})}  # fmt: skip
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
     return record
@@ -179,7 +182,7 @@ def run_step(
         return retrying(work, stage) if retried else work()
     except OnewordError as e:
         # Written in both modes: with `fail`, whoever started the pipeline shows it (not the runner's traceback).
-        write_failure(out_dir, stage, e.message, e.hint or "", images)
+        write_failure(out_dir, stage, e.message, e.hint or "", images, e.recorded)
         if on_error == "fail" or (retried and transient(e)):
             raise
         log.error("%s failed: %s", stage, e)

@@ -142,8 +142,8 @@ def _base_model_problem(base_model: str) -> tuple[str | None, str]:
     except OnewordError as e:
         return e.message, e.hint or ""
     if problems := folder_problems(where):
-        return f"base model {where}: {'; '.join(problems)}", "pass a complete diffusers folder (a download cut " \
-            "short: download it again)"
+        fix = "pass a complete diffusers folder; one whose download was cut short: download it again"
+        return f"base model {where}: {'; '.join(problems)}", fix
     return None, ""
 
 

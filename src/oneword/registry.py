@@ -297,6 +297,8 @@ def register(
     exp_id = ensure_experiment(mlflow, experiment, uri)
     tags = {**_run_tags(concept), **(run_tags or {})}
     params = _flat_params(concept.summary, concept.metrics)
+    if _deleted_run(client, trained := concept.summary.get("mlflow_run_id")):  # erased while it was trained
+        raise _erased_meanwhile(client, concept.name, trained, created=False, when="it was trained")
     live = live_run_to_complete(client, concept.summary.get("mlflow_run_id"), params)
     opened = (
         mlflow.start_run(run_id=live, tags=tags)
@@ -615,8 +617,10 @@ def name_taken(client, name: str) -> OnewordError | None:
 
 
 class ErasedMeanwhile(OnewordError):
-    """The concept was deleted (`oneword concepts delete`) while this registration uploaded: what it made is erased
-    too, and nothing is registered."""
+    """The concept was deleted (`oneword concepts delete`) while it was trained or this registration uploaded:
+    what it made is erased too, nothing is registered, and no run records the failure (`recorded`)."""
+
+    recorded = False
 
 
 def _create_version(client, name: str, info, run_id: str, token: str, tags: dict[str, str], existed: bool):
@@ -628,7 +632,7 @@ def _create_version(client, name: str, info, run_id: str, token: str, tags: dict
     was uploading then (the deletion refuses while a version is being decided, not before one exists)."""
     from mlflow.exceptions import MlflowException
 
-    if client.get_run(run_id).info.lifecycle_stage == "deleted":
+    if _deleted_run(client, run_id):
         raise _erased_meanwhile(client, name, run_id, created=False)
     try:
         client.create_registered_model(
@@ -642,21 +646,37 @@ def _create_version(client, name: str, info, run_id: str, token: str, tags: dict
     else:
         if existed:
             raise _erased_meanwhile(client, name, run_id, created=True)
-    return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
+    try:
+        return client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" and model_kind(client, name) is None:  # deleted just now
+            raise _erased_meanwhile(client, name, run_id, created=False) from e
+        raise
 
 
-def _erased_meanwhile(client, name: str, run_id: str, created: bool) -> ErasedMeanwhile:
+def _erased_meanwhile(client, name: str, run_id: str, created: bool, when: str = "this registration uploaded"
+                      ) -> ErasedMeanwhile:  # fmt: skip
     """Erase what a registration of a concept deleted meanwhile made (its run, artifacts and logged model; the
-    registered model it made anew), and say so."""
+    registered model it made anew, where it holds no version another registration made since), and say so."""
     from oneword.catalogue import erase_runs
 
-    if created:
+    if created and not every_page(client.search_model_versions, filter_string=f"name = '{name}'"):
         client.delete_registered_model(name)
     erase_runs(client, [client.get_run(run_id)])
-    return ErasedMeanwhile(
-        f"concept {name} was deleted while this registration uploaded: it is erased too, and nothing was registered",
-        hint="register it again where the concept is to exist",
-    )
+    return ErasedMeanwhile(f"concept {name} was deleted while {when}: it is erased too, and nothing was registered",
+                           hint="register it again where the concept is to exist")  # fmt: skip
+
+
+def _deleted_run(client, run_id: str | None) -> bool:
+    """Whether run `run_id` is one this store holds as deleted (a concept's deletion deletes its runs)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException:  # another store's, or gone: not this concept's erasure
+        return False
 
 
 def _wait_for_older_decisions(
@@ -857,6 +877,9 @@ def _apply_gate(
             break
         log.info("%s: @%s moved to version %s while version %s was judged: judging it again", concept.name,
                  CHAMPION, _version_of(holds), version)  # fmt: skip
+    else:
+        log.warning("%s: @%s kept moving while version %s was judged; it is judged as of the last read",
+                    concept.name, CHAMPION, version)  # fmt: skip
     client.set_registered_model_alias(concept.name, alias, version)
     try:
         client.set_model_version_tag(concept.name, version, GATE_ALIAS_TAG, alias)  # aliases move later; this not
@@ -872,7 +895,7 @@ def _apply_gate(
     return alias, reason
 
 
-JUDGING_ROUNDS = 3  # a champion moved by hand this often while one version is judged: judged against the last
+JUDGING_ROUNDS = 3  # judgings of one version, each after @champion moved by hand while the one before it ran
 
 
 def _version_of(mv) -> str | None:
@@ -1032,7 +1055,7 @@ def why_changed(tracking_uri: str | None, name: str, evaluation: str) -> str:
         return f"{v} was trained or evaluated otherwise (photos, settings, model, or how oneword scores)"
     if newest.tags.get("gate") in (None, ABANDONED):
         return f"{v}'s registration did not finish"
-    return f"judged by this gate, a twin of {v} would take @{CHAMPION}"
+    return f"only the gate changed, and by it {v}'s scores do not settle the aliases: evaluated again"
 
 
 def _held(client, name: str, mv, **more) -> dict:

@@ -407,6 +407,9 @@ def register(
         raise
     if r is None:
         why = read_failure(registration.path)
+        if why.get("unrecorded"):  # erased meanwhile: no run may name it again
+            registration.metadata.update({"failed": why["stage"]})
+            return f"{concept} failed at {why['stage']}"
         end_training_run(tracking_uri or None, trained, why["stage"], why["error"])
         group = json.loads(Path(model.path, "concepts.json").read_text())
         token = next((c["token"] for c in group if c["name"] == concept), "")

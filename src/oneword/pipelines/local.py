@@ -296,12 +296,14 @@ class _ThisRun:
     Several processes may share a pipeline root and start runs at the same moment (a script, or a scheduler, that
     starts `oneword run`s at once): the run's name is recorded as kfp.local makes it (`recording`), so that none
     reports another's failure or result, or ends another's MLflow runs. Where it could not be (a kfp release that
-    names runs elsewhere), the folder is told by time (`_own_run`).
+    names runs elsewhere), the folder is told by time (`_own_run`). The recording replaces kfp.local's naming
+    function for the call (kfp.local runs one pipeline at a time in a process): a dependency on its internals,
+    which `_own_run` stands in for where they changed.
     """
 
     def __init__(self, pipeline_root: Path, prefix: str) -> None:
         self.pipeline_root, self.prefix = pipeline_root, prefix
-        self.started, self.name = time.time(), None
+        self.started, self.name, self.hooked = time.time(), None, False
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -319,15 +321,16 @@ class _ThisRun:
             return self.name
 
         naming.get_local_pipeline_resource_name = named
+        self.hooked = True
         try:
             yield
         finally:
             naming.get_local_pipeline_resource_name = make
 
     def folder(self) -> Path | None:
-        """The run's folder; None where no task wrote one."""
+        """The run's folder; None where no task wrote one (or kfp.local had not named the run yet)."""
         if self.name is None:
-            return _own_run(self.pipeline_root, self.prefix, self.started)
+            return None if self.hooked else _own_run(self.pipeline_root, self.prefix, self.started)
         folder = self.pipeline_root / self.name
         return folder if folder.is_dir() else None
 

@@ -33,35 +33,30 @@ def _format(name: str) -> str | None:
     return next((f for f in WEIGHT_FORMATS if stem.endswith(f)), None)
 
 
-def _weight_format(name: str) -> str | None:
-    """`_format` of a part's own weight file (named as `WEIGHT_STEMS`); None for every other file."""
+def _weight_file(name: str) -> tuple[str | None, str] | None:
+    """`(variant, format)` of a part's own weight file (named as `WEIGHT_STEMS`; the variant `fp16` of
+    `diffusion_pytorch_model.fp16.safetensors` and of a shard, `...fp16-00001-of-00002.safetensors`, None for the
+    plain weights); None for every other file."""
     fmt = _format(name)
     if fmt is None:
         return None
-    stem = _SHARD.sub("", name.removesuffix(INDEX_SUFFIX).removesuffix(fmt))
-    return fmt if stem.split(".", 1)[0] in WEIGHT_STEMS else None
-
-
-def _variant(name: str, fmt: str) -> str | None:
-    """The variant of a weight file: `fp16` of `diffusion_pytorch_model.fp16.safetensors` (and of a shard,
-    `...fp16-00001-of-00002.safetensors`); None for the plain weights."""
-    stem = _SHARD.sub("", name.removesuffix(INDEX_SUFFIX).removesuffix(fmt))
-    return stem.split(".", 1)[1] if "." in stem else None
+    stem, _, variant = _SHARD.sub("", name.removesuffix(INDEX_SUFFIX).removesuffix(fmt)).partition(".")
+    return (variant or None, fmt) if stem in WEIGHT_STEMS else None
 
 
 def choose_weights(names: Iterable[str]) -> tuple[str | None, set[str]]:
     """Of the file names in one part folder, the variant a load takes (None: the plain weights) and the weight
     files it reads: the plain weights where there are any, else a variant (`PREFERRED_VARIANTS` first); in one
     format, `.safetensors` where that variant has it."""
-    weights = [(n, f) for n in names if (f := _weight_format(n))]
-    variants = {_variant(n, f) for n, f in weights}
+    weights = {n: found for n in names if (found := _weight_file(n))}
+    variants = {v for v, _ in weights.values()}
     if not variants:
         return None, set()
     order = [None, *PREFERRED_VARIANTS, *sorted(v for v in variants if v and v not in PREFERRED_VARIANTS)]
     variant = next(v for v in order if v in variants)
-    mine = [(n, f) for n, f in weights if _variant(n, f) == variant]
-    fmt = next(f for f in WEIGHT_FORMATS if any(g == f for _, g in mine))
-    return variant, {n for n, f in mine if f == fmt}
+    mine = {n: f for n, (v, f) in weights.items() if v == variant}
+    fmt = next(f for f in WEIGHT_FORMATS if f in mine.values())
+    return variant, {n for n, f in mine.items() if f == fmt}
 
 
 def weights_variant(folder: Path, part: str) -> str | None:

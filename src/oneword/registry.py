@@ -299,7 +299,7 @@ def register(
     params = _flat_params(concept.summary, concept.metrics)
     if _deleted_run(client, trained := concept.summary.get("mlflow_run_id")):  # erased while it was trained
         raise _erased_meanwhile(client, concept.name, trained, created=False, when="it was trained")
-    live = live_run_to_complete(client, concept.summary.get("mlflow_run_id"), params)
+    live = live_run_to_complete(client, trained, params)
     opened = (
         mlflow.start_run(run_id=live, tags=tags)
         if live
@@ -314,7 +314,7 @@ def register(
             if concept.metrics:  # on the logged model too, where search_logged_models filters by them
                 mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
     except Exception as e:  # MLflow refuses to log to a run deleted meanwhile: say why, and erase what came after
-        if client.get_run(run_id).info.lifecycle_stage == "deleted":
+        if _deleted_run(client, run_id):
             raise _erased_meanwhile(client, concept.name, run_id, created=False) from e
         raise
     # Everything is uploaded and verified: only now does a version exist.

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from oneword import checkpoints, outcome
+from oneword import checkpoints, outcome, storage, trainings
 from oneword.embeddings import load as load_embedding
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionTrainer, TrainConfig
@@ -588,6 +588,14 @@ def test_finished_trainings_kept_in_an_object_store(tiny_model_dir, cat_latents_
     dog = json.loads((tmp_path / "b" / "dog" / "summary.json").read_text())
     assert dog["trained_before"].startswith(f"{root}/trainings/") and dog["checkpoint_dir"].startswith(root)
     assert torch.equal(*(load_embedding(tmp_path / d / "dog" / "learned_embeds.safetensors").vectors for d in "ab"))
+    # an erasure of the dog (`catalogue.delete_concept`) takes its copies from the bucket, the cat's stay
+    group, kept = trainings.copies_of(dog)
+    assert kept == dog["trained_before"] and group == dog["checkpoint_dir"]
+    assert checkpoints.list_checkpoints(group) and storage.object_exists(kept)
+    assert trainings.erase({group}, {kept}) == [kept, group]
+    assert not checkpoints.list_checkpoints(group) and not storage.object_exists(kept)
+    cat_group, cat_kept = trainings.copies_of(json.loads((tmp_path / "b" / "cat" / "summary.json").read_text()))
+    assert len(checkpoints.list_checkpoints(cat_group)) == 2 and storage.object_exists(cat_kept)
 
 
 def test_a_concept_that_failed_at_cache_latents_is_matched_by_its_photos(cat_dataset, tmp_path):

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import torch
 
-from oneword import batch_records, catalogue, registry, tracking
+from oneword import batch_records, catalogue, registry, tracking, trainings
 from oneword import embeddings as E
 from oneword.errors import OnewordError
 from oneword.evaluation.gate import GateThresholds
@@ -599,6 +599,63 @@ def test_s3_artifact_store_through_the_server(evaluated_concept, mlflow_server_s
         catalogue.get_version("cat-s3@champion", mlflow_server_s3)
 
 
+def test_an_erasure_takes_the_checkpoints_and_kept_trainings_that_hold_the_concept(
+    cat_latents_dir, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """Outside MLflow, a training leaves its group's checkpoints and a kept copy of each concept under the
+    checkpoint root: an erasure takes those that hold the concept (a shard-mate's kept copy of the shared
+    checkpoints too), found through its runs, a failed training's as well; the others' stay."""
+    from oneword.cli import main
+    from oneword.inversion import ConceptSpec, TrainConfig
+    from oneword.live import LiveTracking
+    from oneword.train import train_group
+
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root, cfg, live = tmp_path / "checkpoints", TrainConfig(steps=4, checkpoint_every=2), LiveTracking(uri)
+
+    def trained(out: str, *names: str) -> None:
+        members = [(n, ConceptSpec(token=f"<{n}>", init_word="cat"), cat_latents_dir) for n in names]
+        rows = train_group(members, tmp_path / out, cfg, str(tiny_model_dir), root, progress=False, tracking=live)
+        assert [r["status"] for r in rows] == ["trained"] * len(names)
+
+    trained("ab", "cat-a", "cat-b")  # a shard of two
+    trained("c", "cat-c")
+    trained("d", "cat-d")  # never registered: its live run alone names its copies
+    for name, out in (("cat-a", "ab"), ("cat-b", "ab"), ("cat-c", "c")):
+        registry.register(tmp_path / out / name, None, uri, name=name)
+
+    def summary(out: str, name: str) -> dict:
+        return json.loads((tmp_path / out / name / "summary.json").read_text())
+
+    def kept(out: str, name: str) -> Path:
+        return root / "trainings" / f"{summary(out, name)['training_key']}.tar"
+
+    group = {out: Path(summary(out, name)["checkpoint_dir"]) for out, name in (("ab", "cat-a"), ("c", "cat-c"),
+                                                                                ("d", "cat-d"))}  # fmt: skip
+    assert all(kept(o, n).is_file() for o, n in (("ab", "cat-a"), ("ab", "cat-b"), ("c", "cat-c"), ("d", "cat-d")))
+    planned = catalogue.delete_concept("cat-a", uri, dry_run=True)
+    assert sorted(planned["checkpoints"]) == sorted(map(str, (group["ab"], kept("ab", "cat-a"), kept("ab", "cat-b"))))
+    assert group["ab"].is_dir() and kept("ab", "cat-a").is_file()  # a dry run deletes nothing
+    main(["concepts", "delete", "cat-a", "--yes", "--tracking-uri", uri])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "and 3 checkpoint folders or kept trainings holding it" in said and str(group["ab"]) in said, said
+    assert not group["ab"].exists() and not kept("ab", "cat-a").exists()
+    assert not kept("ab", "cat-b").exists()  # it held copies of the shared checkpoints, cat-a's vectors in them
+    assert catalogue.get_version("cat-b/1", uri)  # cat-b's registered version stays
+    assert group["c"].is_dir() and kept("c", "cat-c").is_file() and group["d"].is_dir()
+    assert catalogue.delete_concept("cat-d", uri)["checkpoints"] == [str(kept("d", "cat-d")), str(group["d"])]
+    assert not group["d"].exists() and not kept("d", "cat-d").exists() and kept("c", "cat-c").is_file()
+    # copies in an object store this machine has no settings for: refused before anything goes
+    client = mlflow.MlflowClient(uri)
+    elsewhere = client.create_run(client.get_experiment_by_name("oneword").experiment_id, tags={
+        registry.CONCEPT_TAG: "cat-e", trainings.GROUP_TAG: "s3://ckpt/checkpoints/0f"}).info.run_id  # fmt: skip
+    for k in ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(OnewordError, match=r"cannot reach the checkpoints that cat-e's trainings left \(s3://ckpt/"):
+        catalogue.delete_concept("cat-e", uri)
+    assert client.get_run(elsewhere).info.lifecycle_stage == "active"
+
+
 def test_a_concept_is_deleted_whole_and_only_with_yes(evaluated_concept, tmp_path, capsys):
     """Every version, every run of it (a failure's too), their artifacts and logged models; a second delete
     (one cut short) finishes the first; another tool's model is refused."""
@@ -1147,6 +1204,9 @@ def test_the_overview_page_is_written_whatever_the_registry_answers(tmp_path, mo
                                         "SUCCEEDED").read_text()  # fmt: skip
     assert "train: CUDA OOM (fix: lower --batch-size)" in page
     assert "the run ended SUCCEEDED (its failed concepts were recorded, and the others went on)" in page
+    page = batch_overview.overview_page({**report, "concepts": [ok, fixable]}, tmp_path / "o.html", uri,
+                                        "COMPLETE").read_text()  # a cluster's word for it (ML Metadata's)
+    assert "the run ended COMPLETE (its failed concepts were recorded, and the others went on)" in page
     # a store that fails picture after picture is asked no more (the exit handler must end)
     many = {**report, "concepts": [{**ok, "name": f"c{i}", "version": "1"} for i in range(5)]}
     page = batch_overview.overview_page(many, tmp_path / "o.html", uri).read_text()

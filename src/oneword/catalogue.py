@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import json
 import logging
 import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from oneword import tracking
+from oneword import tracking, trainings
 from oneword.bundles import MEMBERS_TAG, bundle_files, bundles_holding, member_tag
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
@@ -26,6 +27,7 @@ from oneword.registry import (
     EMBEDDING_ARTIFACT,
     PAGE_SIZE,
     PHOTO_NOTE_TAG,
+    TRAINING_SUMMARY,
     champion_named,
     created_at,
     delete_version,
@@ -503,9 +505,10 @@ def _bundle_rows(client) -> list[dict]:
 def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = False) -> dict:
     """Delete a concept whole: its registered model and every version, and every MLflow run of it (trainings,
     registrations, failures, in any experiment) with their artifacts and logged models: the embedding, the sample
-    grids and reports drawn from the owner's photos; and every bundle version that holds a copy of its embedding.
-    What a request to erase a person's concept asks for. A bundle's name deletes the bundle: its versions, runs
-    and logged models (its members stay).
+    grids and reports drawn from the owner's photos; every bundle version that holds a copy of its embedding; and
+    its trainings' checkpoint folders and kept trainings beside the checkpoint root (`trainings.erase`), as its
+    runs name them. What a request to erase a person's concept asks for. A bundle's name deletes the bundle: its
+    versions, runs and logged models (its members stay).
 
     Runs are deleted as MLflow deletes them (kept in its database, marked deleted, until `mlflow gc`); their
     artifacts, which hold the likeness, are removed from the artifact store now. Safe to run again: a delete
@@ -519,7 +522,8 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     Returns:
         `{"name", "versions": [...], "runs": [...], "logged_models": [...], "bundle_versions": [...]}`: what was
         (or would be) deleted; `bundle_versions` are the versions of bundles that held a copy of its embedding
-        (`oneword.bundles`), deleted with their runs and logged models.
+        (`oneword.bundles`), deleted with their runs and logged models; `checkpoints` the checkpoint folders and
+        kept trainings deleted.
 
     Raises:
         OnewordError: no such concept; a model that is not a oneword concept; a version still being registered.
@@ -549,9 +553,17 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
         gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
         raise OnewordError(f"no concept or bundle named {name!r} in the registry at {resolve(tracking_uri)}{gone}",
                            hint="list concepts with `oneword concepts list`")  # fmt: skip
+    groups, kept_at = _copies_outside(client, runs.values())  # read before its runs' artifacts go
+    try:
+        outside = trainings.erase(groups, kept_at, dry_run=True)
+    except Exception as e:  # before anything is deleted: an erasure that cannot finish does not start
+        where, why = ", ".join(sorted(groups | kept_at)), getattr(e, "message", e)
+        raise OnewordError(f"cannot reach the checkpoints that {name}'s trainings left ({where}): {why}",
+                           hint="give this machine the object store's settings (S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                           "AWS_SECRET_ACCESS_KEY) and delete again; nothing was deleted") from e  # fmt: skip
     done = {"name": name, "versions": sorted((str(mv.version) for mv in versions), key=int),
             "runs": sorted(runs), "logged_models": sorted(m.model_id for m in models),
-            "bundle_versions": [f"{mv.name}/{mv.version}" for mv in held]}  # fmt: skip
+            "bundle_versions": [f"{mv.name}/{mv.version}" for mv in held], "checkpoints": outside}  # fmt: skip
     if dry_run:
         return done
     if registered:  # first: nothing resolves `models:/NAME@champion` any more, whatever fails after
@@ -562,8 +574,31 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
         done["bundle_versions"] = [f"{mv.name}/{mv.version}" for mv in held]
     for mv in held:
         delete_version(client, mv.name, mv.version)
+    # before the runs: a delete cut short finds them again through the runs' summaries
+    done["checkpoints"] = trainings.erase(groups, kept_at)
     erase_runs(client, list(runs.values()), experiments)
     return done
+
+
+def _copies_outside(client, runs) -> tuple[set[str], set[str]]:
+    """The checkpoint folders and kept trainings (`trainings.copies_of`) that the runs' trainings left beside the
+    checkpoint root, as their logged summary.json files name them."""
+    groups: set[str] = set()
+    kept_at: set[str] = set()
+    with tempfile.TemporaryDirectory() as d:
+        for i, run in enumerate(runs):
+            tags = run.data.tags  # a training that failed, or was cut short, logged no summary
+            groups |= {tags[trainings.GROUP_TAG]} if trainings.GROUP_TAG in tags else set()
+            kept_at |= {tags[trainings.KEPT_TAG]} if trainings.KEPT_TAG in tags else set()
+            try:
+                path = client.download_artifacts(run.info.run_id, TRAINING_SUMMARY, f"{d}/{i}")
+                summary = json.loads(Path(path).read_text())
+            except Exception:  # a failure's run, a bundle's, one erased before: no training of it there
+                continue
+            group, kept = trainings.copies_of(summary)
+            groups |= {group} if group else set()
+            kept_at |= {kept} if kept else set()
+    return groups, kept_at
 
 
 def _logged_models(client, runs, experiments: Sequence[str]) -> list:

@@ -98,9 +98,11 @@ class LiveRuns:
         tracking: where to log.
         concepts: `(name, concept)` per concept trained; `name` is its registered-model name.
         fingerprint: the base model's fingerprint (a run tag, as `register` sets it).
+        tags: more tags of each concept's run, by name.
     """
 
-    def __init__(self, tracking: LiveTracking, concepts: Sequence[tuple[str, ConceptSpec]], fingerprint: str):
+    def __init__(self, tracking: LiveTracking, concepts: Sequence[tuple[str, ConceptSpec]], fingerprint: str,
+                 tags: dict[str, dict[str, str]] | None = None):
         self.tracking = tracking
         self.names = {spec.token: name for name, spec in concepts}
         self.run_ids: dict[str, str] = {}  # name -> run id
@@ -111,7 +113,7 @@ class LiveRuns:
         self._resting_until = 0.0
         self._last_sample = 0
         self._client = None
-        self._concepts, self._fingerprint = list(concepts), fingerprint
+        self._concepts, self._fingerprint, self._tags = list(concepts), fingerprint, tags or {}
         self._live_id = uuid.uuid4().hex  # finds a run whose create answered too late, rather than open a twin
         self._safely("open the runs", self._open)
 
@@ -150,6 +152,7 @@ class LiveRuns:
                 "oneword.base_model_fingerprint": self._fingerprint,
                 LIVE_ID_TAG: self._live_id,
                 **self.tracking.tags,
+                **self._tags.get(name, {}),
             }
             run_id = self._mine(exp_id, name)
             if run_id is None and (run_id := self._earlier_attempt(exp_id, name)) is not None:

@@ -449,10 +449,13 @@ def _check_evaluated(train_dir: Path, eval_dir: Path, summary: dict, metrics: di
         )
 
 
+TRAINING_SUMMARY = "training/summary.json"  # a run's training, as it ran (`catalogue` reads where it left copies)
+
+
 def _artifact_files(train_dir: Path, eval_dir: Path | None, name: str) -> dict[str, Path]:
     """The run's artifacts, {artifact path: local file}; every one must exist."""
     files: dict[str, Path] = {
-        "training/summary.json": train_dir / "summary.json",
+        TRAINING_SUMMARY: train_dir / "summary.json",
         "training/curve.json": train_dir / "curve.json",
     }
     emb_root = Path(eval_dir) / "embedding" if eval_dir else train_dir

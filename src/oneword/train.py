@@ -626,7 +626,11 @@ def _train_group(
             trainer.device,
             ckpt,
         )
-        live = LiveRuns(tracking, [(n, s) for n, s, _, _ in ready], model.fingerprint) if tracking and main else None
+        # where the training leaves copies of each concept outside MLflow, for an erasure (`catalogue.delete_concept`)
+        copies = {n: trainings.copy_tags(_where(ckpt), _where(checkpoint_root), keys[n])
+                  for n, _, _, _ in ready} if checkpoint_root else None  # fmt: skip
+        named = [(n, s) for n, s, _, _ in ready]
+        live = LiveRuns(tracking, named, model.fingerprint, copies) if tracking and main else None
         result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=True)
         run = _run_summary(config, model, result, trainer, _where(ckpt) if checkpoint_root else "../checkpoints")
         for name, spec, lat, where in ready:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 FOLDER = "trainings"  # under the checkpoint root, beside the groups' checkpoint folders
 CHECKPOINTS = "checkpoints"  # in a kept folder: where evaluation looks first (`evaluate._checkpoint_list`)
 LEFT_OUT = (DATASET_DIR, CHECKPOINTS)  # the photos come with the latents; the checkpoints from the group's folder
+# tags of a concept's live training run: where that training leaves copies of it beside the checkpoint root
+GROUP_TAG = "oneword.checkpoint_dir"
+KEPT_TAG = "oneword.kept_training"
 
 
 def location(root: str | Path, key: str) -> str:
@@ -127,3 +130,93 @@ def kept(root: str | Path, key: str) -> bool:
         return storage.object_exists(where) if storage.is_s3(where) else Path(where).is_file()
     except Exception:  # asked to save a keep: a wrong "no" costs one write
         return False
+
+
+def copy_tags(group: str, root: str | Path, key: str) -> dict[str, str]:
+    """The tags by which a concept's training run names its copies under checkpoint root `root`."""
+    return {GROUP_TAG: group, KEPT_TAG: location(root, key)}
+
+
+def copies_of(summary: dict) -> tuple[str | None, str | None]:
+    """Where a finished training (its summary.json) left copies of its concept beside the checkpoint root: the
+    group's checkpoint folder and the kept training, each None where there is none (a training whose checkpoints
+    stayed in its own output folder, which its run's artifacts are)."""
+    group = summary.get("checkpoint_dir")
+    if not group or not (storage.is_s3(group) or Path(group).is_absolute()):
+        return None, None
+    if kept_at := summary.get("trained_before"):  # taken from an earlier training, whose group folder it names
+        return group, kept_at
+    key = summary.get("training_key")
+    return group, location(str(group).rstrip("/").rsplit("/", 1)[0], key) if key else None
+
+
+def erase(groups: set[str], kept_at: set[str], dry_run: bool = False) -> list[str]:
+    """Delete a concept's copies under a checkpoint root (`copies_of`): its kept trainings and its groups'
+    checkpoint folders. The checkpoints of a group trained with other concepts hold their vectors too: the
+    folder goes whole, and so do the kept trainings of its other concepts, which hold copies of its checkpoints
+    (a saving only: such a concept trains again if a later shard needs it; its registered versions stay).
+
+    Returns:
+        The files and folders deleted (or, with `dry_run`, that would be).
+    """
+    gone = [where for where in sorted(kept_at) if _exists(where)]
+    for group in sorted(groups):
+        found = checkpoints.list_checkpoints(group)
+        if not found:
+            continue
+        gone.append(group)
+        if len(checkpoints.load_checkpoint(found[-1][1]).get("concepts", [])) > 1:
+            root = str(group).rstrip("/").rsplit("/", 1)[0]
+            gone += [t for t in _kept_under(root) if t not in gone and _group_of(t) == group]
+    if not dry_run:
+        for where in gone:
+            _remove(where)
+    return gone
+
+
+def _exists(where: str) -> bool:
+    return storage.object_exists(where) if storage.is_s3(where) else Path(where).exists()
+
+
+def _kept_under(root: str) -> list[str]:
+    """The kept trainings under a checkpoint root."""
+    folder = f"{root.rstrip('/')}/{FOLDER}"
+    if storage.is_s3(folder):
+        bucket, _ = storage.split_s3(folder)
+        if not storage.client().bucket_exists(bucket):
+            return []
+        return [f"{folder}/{k}" for k, _, _ in storage.list_objects(folder) if k.endswith(".tar") and "/" not in k]
+    return [str(p) for p in sorted(Path(folder).glob("*.tar"))]
+
+
+def _group_of(where: str) -> str | None:
+    """The group checkpoint folder a kept training was trained in (None: it does not read)."""
+    from oneword.train import SUMMARY_FILE  # (train imports this module)
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            local = storage.download_file(where, Path(d) / "t.tar") if storage.is_s3(where) else Path(where)
+            with tarfile.open(local) as tar:
+                return json.loads(tar.extractfile(SUMMARY_FILE).read())["checkpoint_dir"]
+    except Exception as e:  # damaged or not ours: not deleted as a copy of the concept
+        log.warning("could not read kept training %s (%s)", where, e)
+        return None
+
+
+def _remove(where: str) -> None:
+    """Delete a file, a folder, or every object under an `s3://` prefix."""
+    if storage.is_s3(where):
+        bucket, prefix = storage.split_s3(where)
+        if storage.object_exists(where):
+            storage.client().remove_object(bucket, prefix)
+            return
+        for key, _, _ in storage.list_objects(where):
+            storage.client().remove_object(bucket, f"{prefix}/{key}")
+        return
+    path = Path(where)
+    if path.is_dir():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

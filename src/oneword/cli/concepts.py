@@ -446,7 +446,8 @@ def delete_cmd(
     tracking_uri: Annotated[str, TRACKING] = default(TrackingConfig, "tracking_uri"),
 ) -> None:
     """Delete a concept whole: every version, every MLflow run of it, and their artifacts (the embedding, and
-    the samples drawn from its photos), as a request to erase a person's concept asks.
+    the samples drawn from its photos), as a request to erase a person's concept asks; and its trainings'
+    checkpoints and kept trainings beside the checkpoint root.
 
     Without --yes it deletes nothing and says what would go. The photos themselves, in your bucket or folder,
     and a batch's manifest are yours to remove. The bundles that hold a copy of the concept lose those versions;
@@ -468,6 +469,9 @@ def delete_cmd(
     what = f"{counted[0]}, {counted[1]} and {counted[2]}, with their artifacts"
     if bundled := done["bundle_versions"]:
         what += f"; and {len(bundled)} bundle version{'s' * (len(bundled) != 1)} holding it ({', '.join(bundled)})"
+    if outside := done["checkpoints"]:  # beside the checkpoint root: its trainings' checkpoints, kept trainings
+        what += f"; and {len(outside)} checkpoint folder{'s' * (len(outside) != 1)} or kept training" + \
+            f"{'s' * (len(outside) != 1)} holding it ({', '.join(outside)})"
     console = Console(highlight=False, soft_wrap=True)
     if not yes:
         console.print(f"would delete {escape(name)}: {what}. Nothing was deleted: add --yes to delete.")

@@ -29,8 +29,13 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     shutil.copytree(ROOT / "k8s", scratch)
     for ex in scratch.rglob("*.env.example"):
         shutil.copy(ex, ex.with_suffix(""))
+    # prod with the GPU pool and the server, as a kustomization of one's own puts the components over it
+    (scratch / "overlays" / "prod-serving").mkdir()
+    (scratch / "overlays" / "prod-serving" / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["../prod"],
+        "components": ["../../components/gpu-pool", "../../components/serving"]}))  # fmt: skip
     out = {}
-    for overlay in (*OVERLAYS, "multi-user", "serving"):
+    for overlay in (*OVERLAYS, "multi-user", "serving", "prod-serving"):
         text = subprocess.run(
             ["kubectl", "kustomize", str(scratch / "overlays" / overlay)], check=True, capture_output=True, text=True
         ).stdout
@@ -285,6 +290,23 @@ def test_prod_has_disruption_budgets_and_anti_affinity(rendered):
     assert minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "500Gi"
     dev_minio = _one(rendered["dev"], "StatefulSet", "minio")
     assert dev_minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+def test_the_gpu_pool_and_the_server_go_over_prod_without_resetting_it(rendered):
+    """They are components: over prod they add their pods and keep prod's volumes, replicas and model cache (an
+    overlay built on dev, applied over prod, set dev's there; its volume sizes cannot even change in place)."""
+    docs, prod = rendered["prod-serving"], rendered["prod"]
+    assert _one(docs, "Deployment", "mlflow") == _one(prod, "Deployment", "mlflow")
+    assert _one(docs, "StatefulSet", "minio") == _one(prod, "StatefulSet", "minio")
+    cache = _one(docs, "PersistentVolumeClaim", "oneword-model-cache")
+    assert cache == _one(prod, "PersistentVolumeClaim", "oneword-model-cache")
+    assert cache["spec"]["accessModes"] == ["ReadWriteMany"]
+    added = {(d["kind"], d["metadata"]["name"]) for d in docs} - {(d["kind"], d["metadata"]["name"]) for d in prod}
+    assert {("Job", "oneword-gpu-check"), ("Deployment", "oneword-serve-studio")} <= added
+    assert _one(docs, "NetworkPolicy", "mlflow-ingress") == _one(rendered["serving"], "NetworkPolicy", "mlflow-ingress")
+    check = _one(docs, "Job", "oneword-gpu-check")["spec"]["template"]
+    assert check["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}  # it ends, and frees the GPU
+    assert check["spec"]["automountServiceAccountToken"] is False
 
 
 def test_the_serving_overlay_serves_the_newest_bundle_on_a_gpu_with_what_pipeline_pods_have(rendered):

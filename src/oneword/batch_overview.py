@@ -67,12 +67,16 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
     return out
 
 
+SUCCEEDED = ("COMPLETE", "SUCCEEDED")
+
+
 def _ended(state: str | None, report: dict) -> str:
     """How the run ended, said after the counts: a failed concept is recorded and the others go on, so a run with
     failed concepts succeeds."""
     if not state:
         return ""
-    why = " (its failed concepts were recorded, and the others went on)" if state == "SUCCEEDED" and report.get(
+    # a cluster says COMPLETE (ML Metadata's word, KFP's driver resolve.go), kfp.local SUCCEEDED
+    why = " (its failed concepts were recorded, and the others went on)" if state in SUCCEEDED and report.get(
         "failed") else ""
     return f"; the run ended {html.escape(state)}{why}"
 

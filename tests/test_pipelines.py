@@ -333,7 +333,6 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
         n_images=2,
         sampling_steps=2,
         checkpoint_budget=1,
-        selection_rule="balanced",  # not the default: it reaches evaluate through the CLI and the pipeline
         clip_model=str(tiny_clip_dir),
     )
     # A file where the store keeps its artifacts: preflight passes (the server takes writes), register fails.
@@ -356,7 +355,6 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     for k in ("report", "grid", "metrics", "embedding", "photos"):
         assert Path(out[k]).exists(), k
-    assert json.loads(Path(out["metrics"]).read_text())["selection"]["rule"] == "balanced"
     said = photo_lines(json.loads(Path(out["photos"]).read_text()))
     assert said[0].split() == ["photos", "5", "used,", "1", "skipped"], said
     assert said[1] == f"    skipped {photos}/notes.txt: not an image file (suffix '.txt')", said

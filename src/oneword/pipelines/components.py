@@ -248,8 +248,6 @@ def train(
         clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity, e.g. facebook/dino-vits16; empty = skip.
         checkpoint_budget: images per prompt when scoring each checkpoint; 0 = final step only.
-        selection_rule: latest-editable or balanced: how the checkpoint is picked (EvalConfig).
-        selection_tolerance: scores this close count as equal when picking.
         on_error: fail or record (see preprocess).
         accelerator_type: the GPU resource the task asked for (recorded in the metrics' metadata).
         accelerator_limit: how many (recorded too); above 1, one process per GPU, each drawing a share of the
@@ -273,8 +271,6 @@ def evaluate(
     clip_model: str = "auto",
     dino_model: str = "",
     checkpoint_budget: int = 8,
-    selection_rule: str = "latest-editable",
-    selection_tolerance: float = 0.02,
     on_error: str = "fail",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_limit: str = "1",
@@ -484,8 +480,6 @@ def changed_concepts(
     clip_model: str = "auto",
     dino_model: str = "",
     checkpoint_budget: int = 8,
-    selection_rule: str = "latest-editable",
-    selection_tolerance: float = 0.02,
     min_reconstruction: float = -1.0,
     min_editability: float = -1.0,
     margin_se: float = 1.0,
@@ -597,8 +591,6 @@ def plan_batch(
     clip_model: str = "auto",
     dino_model: str = "",
     checkpoint_budget: int = 8,
-    selection_rule: str = "latest-editable",
-    selection_tolerance: float = 0.02,
     min_reconstruction: float = -1.0,
     min_editability: float = -1.0,
     margin_se: float = 1.0,

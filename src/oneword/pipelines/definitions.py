@@ -144,8 +144,6 @@ def personalise(
     clip_model: str = D["clip_model"],
     dino_model: str = D["dino_model"],
     checkpoint_budget: int = D["checkpoint_budget"],
-    selection_rule: str = D["selection_rule"],
-    selection_tolerance: float = D["selection_tolerance"],
     log_every: int = D["log_every"],
     sample_every: int = D["sample_every"],
     compile: str = D["compile"],
@@ -189,8 +187,7 @@ def personalise(
         init_cos=init_cos, direction_only=direction_only, direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed,
         checkpoint_every=checkpoint_every, log_every=log_every, prompt_set=prompt_set, n_images=n_images,
         sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
-        checkpoint_budget=checkpoint_budget, selection_rule=selection_rule,
-        selection_tolerance=selection_tolerance, min_reconstruction=min_reconstruction, min_editability=min_editability,
+        checkpoint_budget=checkpoint_budget, min_reconstruction=min_reconstruction, min_editability=min_editability,
         margin_se=margin_se, tracking_uri=tracking_uri, experiment=experiment,
         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, on_error=on_error,
     ), p)
@@ -234,8 +231,7 @@ def personalise(
                 model=tr.outputs["model"], concept=name, prompt_set=prompt_set, n_images=n_images,
                 sampling_steps=sampling_steps, guidance_scale=guidance_scale, clip_model=clip_model,
                 dino_model=dino_model,
-                checkpoint_budget=checkpoint_budget, selection_rule=selection_rule,
-                selection_tolerance=selection_tolerance, on_error=on_error, accelerator_type=accelerator_type,
+                checkpoint_budget=checkpoint_budget, on_error=on_error, accelerator_type=accelerator_type,
                 accelerator_limit=accelerator_limit, tracking_uri=tracking_uri, min_reconstruction=min_reconstruction,
                 min_editability=min_editability, margin_se=margin_se,
             )
@@ -299,8 +295,6 @@ def textual_inversion(
     clip_model: str = D["clip_model"],
     dino_model: str = D["dino_model"],
     checkpoint_budget: int = D["checkpoint_budget"],
-    selection_rule: str = D["selection_rule"],
-    selection_tolerance: float = D["selection_tolerance"],
     log_every: int = D["log_every"],
     sample_every: int = D["sample_every"],
     compile: str = D["compile"],
@@ -362,9 +356,6 @@ def textual_inversion(
         clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity, e.g. facebook/dino-vits16 (empty: skip).
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: evaluate the final step only).
-        selection_rule: how evaluation picks a checkpoint: latest-editable (the latest of the best-reconstructing
-            checkpoints as editable as the most editable) or balanced (the most editable of them).
-        selection_tolerance: scores this close count as equal when picking a checkpoint.
         log_every: steps between loss/norm reports: a log line, and live metrics in the concept's MLflow run.
         sample_every: steps between sample pictures logged to the concept's MLflow run during training (0: none).
         compile: off; default: torch.compile the UNet; max: the whole step as one graph replayed as CUDA graphs
@@ -449,8 +440,6 @@ def batch_personalisation(
     clip_model: str = D["clip_model"],
     dino_model: str = D["dino_model"],
     checkpoint_budget: int = D["checkpoint_budget"],
-    selection_rule: str = D["selection_rule"],
-    selection_tolerance: float = D["selection_tolerance"],
     log_every: int = D["log_every"],
     sample_every: int = D["sample_every"],
     compile: str = D["compile"],
@@ -524,9 +513,6 @@ def batch_personalisation(
         clip_model: CLIP evaluator (auto: the model's profile: toyworld-clip, else openai/clip-vit-base-patch32).
         dino_model: DINO ViT for subject fidelity (empty: skip).
         checkpoint_budget: evaluation images per prompt for each checkpoint (0: final step only).
-        selection_rule: how evaluation picks a checkpoint: latest-editable (the latest of the best-reconstructing
-            checkpoints as editable as the most editable) or balanced (the most editable of them).
-        selection_tolerance: scores this close count as equal when picking a checkpoint.
         log_every: steps between loss/norm reports: a log line, and live metrics in the concept's MLflow run.
         sample_every: steps between sample pictures logged to the concept's MLflow run during training (0: none).
         compile: off; default: torch.compile the UNet; max: the whole step as one graph replayed as CUDA graphs
@@ -567,8 +553,7 @@ def batch_personalisation(
             direction_lr=direction_lr, vmf_kappa=vmf_kappa, seed=seed, checkpoint_every=checkpoint_every,
             log_every=log_every, prompt_set=prompt_set, n_images=n_images, sampling_steps=sampling_steps,
             guidance_scale=guidance_scale, clip_model=clip_model, dino_model=dino_model,
-            checkpoint_budget=checkpoint_budget, selection_rule=selection_rule,
-            selection_tolerance=selection_tolerance, min_reconstruction=min_reconstruction,
+            checkpoint_budget=checkpoint_budget, min_reconstruction=min_reconstruction,
             min_editability=min_editability, margin_se=margin_se, tracking_uri=tracking_uri, experiment=experiment,
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         ), p)

@@ -58,8 +58,6 @@ SOURCES: dict[str, tuple[type[BaseModel], str]] = {
     "clip_model": (EvalConfig, "clip_model"),
     "dino_model": (EvalConfig, "dino_model"),
     "checkpoint_budget": (EvalConfig, "checkpoint_budget"),
-    "selection_rule": (EvalConfig, "selection_rule"),
-    "selection_tolerance": (EvalConfig, "selection_tolerance"),
     "min_reconstruction": (GateThresholds, "min_reconstruction"),
     "min_editability": (GateThresholds, "min_editability"),
     "margin_se": (GateThresholds, "margin_se"),

@@ -214,6 +214,62 @@ def test_bad_files_are_listed_and_skipped(tmp_path):
     assert good == (src / "good.png").read_bytes()  # inputs untouched
 
 
+def test_damaged_files_that_fail_pillow_in_other_ways_are_skipped_by_name_and_lose_no_other_photo(tmp_path):
+    """Pillow fails on some damaged files with SyntaxError, TypeError or struct.error rather than OSError: a PNG
+    whose end is zeros from its third IDAT chunk (a copy cut short into a preallocated file), a TIFF whose next
+    page lies in its pixels, a camera JPEG's EXIF tag of the wrong type; each stopped the concept with a traceback.
+    Beside them: a pipe (read forever), a broken link, a picture without a suffix, a name in Latin-1, a photo in
+    a subfolder (trained, and said) and a colour profile LittleCMS refuses (said with the photo's name)."""
+    import os
+
+    src = tmp_path / "src"
+    (src / "rejected").mkdir(parents=True)
+    for i in range(3):
+        _png(src / f"good{i}.png", (48, 48), (i * 80, 100, 100))
+    _png(src / "rejected" / "blurry.png", (48, 48), (9, 9, 9))
+    noise = np.random.default_rng(0).integers(0, 255, (400, 600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(src / "zero-filled.png", compress_level=0)  # in IDAT chunks of 64 KB
+    data, at, idat = (src / "zero-filled.png").read_bytes(), 8, []
+    while at < len(data):  # the chunks: length, type, data, crc
+        idat += [at] if data[at + 4:at + 8] == b"IDAT" else []
+        at += 12 + int.from_bytes(data[at:at + 4], "big")
+    (src / "zero-filled.png").write_bytes(data[:idat[2]] + bytes(len(data) - idat[2]))
+    _png(src / "scan.tif", (48, 48))
+    tif = bytearray((src / "scan.tif").read_bytes())
+    ifd = int.from_bytes(tif[4:8], "little")
+    after = ifd + 2 + 12 * int.from_bytes(tif[ifd:ifd + 2], "little")
+    tif[after:after + 4] = (16).to_bytes(4, "little")  # the next page: inside the pixel data
+    (src / "scan.tif").write_bytes(bytes(tif))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"
+    raw = exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x19\x00\x02")  # Make (text) as tag 281, a number's
+    Image.new("RGB", (64, 48), (200, 50, 50)).save(src / "IMG_0042.jpg", exif=raw)
+    os.mkfifo(src / "pipe.jpg")
+    (src / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    _png(src / "noext.png", (48, 48), (1, 200, 1)).rename(src / "noext")
+    Image.new("RGB", (48, 48), (5, 5, 200)).save(os.fsdecode(os.fsencode(src) + b"/caf\xe9.png"))
+    bad_icc = _png(src / "icc.png", (48, 48), (20, 200, 20))
+    Image.open(bad_icc).save(bad_icc, icc_profile=b"\0" * 200)  # a profile that does not parse
+
+    m = preprocess(src, tmp_path / "out", resolution=32)
+    used = sorted(r.source.split("/src/", 1)[1] for r in m.images)
+    reasons = {s["source"].split("/src/", 1)[1]: s["reason"] for s in m.skipped}
+    assert {"good0.png", "good1.png", "good2.png", "rejected/blurry.png", "icc.png"} <= set(used), (used, reasons)
+    assert os.fsdecode(b"caf\xe9.png") in used
+    for name in ("zero-filled.png", "scan.tif", "IMG_0042.jpg"):  # damaged: skipped with why, or read
+        assert name in used or "copy the photo again" in reasons[name], (name, reasons.get(name))
+    assert "zero-filled.png" in reasons  # its pixels cannot be decoded
+    assert reasons["pipe.jpg"] == "not a regular file (a pipe or device)"
+    assert reasons["gone.jpg"] == "a link that leads to no file"
+    assert reasons["noext"].startswith("a picture without an image suffix ('')")
+    assert "1 of the photos used come from subfolders of" in " ".join(m.warnings)
+    assert any(w.endswith("icc.png: its colour profile could not be applied") or "icc.png: its colour profile "
+               "could not be applied" in w for w in m.warnings), m.warnings
+    from oneword.batch import content_key
+
+    assert content_key(str(src)).startswith("sha256:")  # the plan's key: the Latin-1 name and the pipe pass too
+
+
 def test_no_valid_image_fails_listing_every_file_and_writes_nothing(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -126,8 +126,9 @@ def content_key(images: str) -> str:
         if not folder.is_dir():
             return ""  # preprocess reports the missing folder, with the concept's name, where it runs
         for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(folder)}\0".encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            h.update(os.fsencode(f.relative_to(folder)) + b"\0")  # a name in another encoding than UTF-8 too
+            with open(f, "rb") as data:  # read in blocks: a phone's video beside the photos may take gigabytes
+                h.update(hashlib.file_digest(data, "sha256").digest())
     return "sha256:" + h.hexdigest()
 
 

@@ -186,7 +186,12 @@ def load_image(path: Path) -> Image.Image:
     except UnidentifiedImageError as e:
         raise ValueError("not an image file Pillow can read") from e
     except OSError as e:
-        raise ValueError(f"corrupt or truncated image ({e})") from e
+        raise ValueError(f"corrupt or truncated image ({e}): copy the photo again") from e
+    except ValueError:
+        raise
+    except Exception as e:  # a damaged file fails Pillow's decoders in many ways (SyntaxError, TypeError, struct.error)
+        raise ValueError(f"damaged image: it could not be decoded ({type(e).__name__}: {e}); copy the photo "
+                         "again") from e  # fmt: skip
 
 
 def _open(path: Path) -> Image.Image:
@@ -209,6 +214,8 @@ def _open(path: Path) -> Image.Image:
 def opens(path: Path) -> bool:
     """Whether `path`'s header reads as a picture preprocess opens (`_open`: a JPEG past Pillow's guard too),
     without decoding it."""
+    if not Path(path).is_file():  # a pipe would be read forever, a folder or a broken link not at all
+        return False
     try:
         with _open(path):
             return True
@@ -222,7 +229,7 @@ def _limit(image_format: str | None) -> str:
     return f"{MAX_PIXELS / 1e6:.0f} MP; a JPEG can be up to {JPEG_REDUCTIONS[-1] ** 2}x that"
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
     """Convert an image in any Pillow mode to RGB, keeping what it shows.
 
     - 'I;16*', 'I' and 'F' greys are scaled from their bit depth to 8 bits (see `high_bit_depth_to_l`), not
@@ -231,11 +238,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
     - anything with alpha ('LA', 'La', 'PA', 'RGBA', 'RGBa', or a 'transparency' colour such as a GIF's) is
       composited onto white, the colour `square` pads with;
     - everything else ('1', 'L', 'P', 'RGB', 'RGBX', 'CMYK', 'YCbCr', 'HSV') uses Pillow's conversion.
+
+    An embedded colour profile that cannot be applied is said in `notes` where given (else logged).
     """
     if icc := im.info.get("icc_profile"):  # a phone's Display P3, Adobe RGB, a print CMYK: its numbers are not sRGB's
         if im.mode in ("P", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
             im = im.convert("RGBA")  # a palette, or a transparent colour, which the conversion would not keep
-        im = _to_srgb(im, icc)
+        im = _to_srgb(im, icc, notes)
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = high_bit_depth_to_l(im)
     if im.mode == "LAB":
@@ -251,7 +260,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
+def _to_srgb(im: Image.Image, icc: bytes, notes: list[str] | None = None) -> Image.Image:
     """`im`'s colours in sRGB, through its embedded ICC profile (what the VAE, trained on sRGB pictures, reads);
     `im` as it was where LittleCMS cannot convert its mode or profile."""
     alpha = "A" in im.getbands()
@@ -266,7 +275,8 @@ def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
             outputMode="RGBA" if alpha else "RGB",
         )
     except (ImageCms.PyCMSError, OSError, ValueError) as e:
-        log.warning("colour profile not applied (%s): the numbers are read as sRGB", e)
+        said = f"its colour profile could not be applied ({e}): its numbers are read as sRGB"
+        notes.append(said) if notes is not None else log.warning(said)
         return im
     out.info.pop("icc_profile", None)
     return out
@@ -368,6 +378,7 @@ def preprocess(
     skipped: list[dict] = []
     notes: list[str] = []
     seen: dict[str, str] = {}
+    nested: list[str] = []  # the photos used from subfolders
     written_by = "a dataset written by `oneword preprocess`"
     with decoding or nullcontext(), storage.atomic_dir(Path(out_dir), MANIFEST, written_by) as tmp:
         (tmp / "images").mkdir()
@@ -384,9 +395,17 @@ def preprocess(
                        if path.is_symlink() else "a folder that cannot be read: check its permissions")  # fmt: skip
                 skipped.append({"source": shown, "reason": why})
                 continue
-            if suffix not in IMAGE_SUFFIXES:
-                skipped.append({"source": shown, "reason": f"not an image file (suffix {path.suffix!r})"})
+            if not path.is_file():  # a pipe, a socket or a device would be read forever, or not at all
+                why = "a link that leads to no file" if path.is_symlink() else "not a regular file (a pipe or device)"
+                skipped.append({"source": shown, "reason": why})
                 continue
+            if suffix not in IMAGE_SUFFIXES:
+                why = f"not an image file (suffix {path.suffix!r})"
+                if opens(path):
+                    why = f"a picture without an image suffix ({path.suffix!r}): rename it with its type's, e.g. .jpg"
+                skipped.append({"source": shown, "reason": why})
+                continue
+            colour: list[str] = []
             try:  # one photo that cannot be read (permissions, a mode Pillow cannot convert) loses no other
                 data = path.read_bytes()
                 if not data:
@@ -401,11 +420,15 @@ def preprocess(
                 if too_small:
                     skipped.append({"source": shown, "reason": too_small})
                     continue
-                out = square(to_rgb(im), resolution, mode)
+                out = square(to_rgb(im, colour), resolution, mode)
             except (ValueError, OSError) as e:
                 skipped.append({"source": shown, "reason": str(e)})
                 continue
+            except Exception as e:  # a file that decodes into what no conversion takes: it alone is skipped
+                skipped.append({"source": shown, "reason": f"could not be converted ({type(e).__name__}: {e})"})
+                continue
             seen[source_sha] = shown
+            notes += [f"{shown}: {c}" for c in colour]
             if mode == "pad" and min(im.size) / max(im.size) < MIN_SIDE_FRACTION:
                 notes.append(
                     f"{shown} is {im.width}x{im.height}: padded to a square, it fills under a quarter of it, and "
@@ -429,6 +452,7 @@ def preprocess(
             out.info.pop("icc_profile", None)  # its numbers are sRGB's now, whatever the photo's profile said
             out.save(tmp / name)
             records.append(ImageRecord(name, shown, source_sha, im.info.get(ORIGINAL_SIZE, im.size), processed_sha))
+            nested += [rel] if "/" in rel else []
         if not records:  # the error lists every skipped file: not also a warning each before it
             listing = "\n".join(f"  - {s['source']}: {s['reason']}" for s in skipped)
             raise OnewordError(
@@ -436,6 +460,10 @@ def preprocess(
                 hint="add JPEG or PNG photos of the concept (3-5 is typical), each at least "
                 f"{min_side(resolution)} pixels on its {'long' if mode == 'pad' else 'short'} side",
             )
+        if nested:  # a `rejected/` folder, or a parent of several concepts' folders, would be trained unsaid
+            folders = ", ".join(sorted({rel.split("/")[0] + "/" for rel in nested}))
+            notes.append(f"{len(nested)} of the photos used come from subfolders of {source} ({folders}): they are "
+                         "trained as photos of this concept; move away any that are not")  # fmt: skip
         if len(records) < FEW_PHOTOS:
             notes.append(
                 f"{source} gives {len(records)} photo{'s' * (len(records) > 1)}: with fewer than {FEW_PHOTOS}, the "

@@ -357,11 +357,14 @@ def print_batch_report(report: dict, console) -> int:
 def photo_lines(manifest: dict) -> list[str]:
     """What preprocess made of the photos (its manifest.json), for the terminal: how many were used, and each
     one skipped or warned about, with why (the steps' log holds them too, among everything else)."""
+    import textwrap
+
     skipped = manifest.get("skipped", [])
     lines = [f"  {'photos':13s} {len(manifest['images'])} used" + (f", {len(skipped)} skipped" if skipped else "")]
-    lines += [f"    skipped {s['source']}: {s['reason']}" for s in skipped]
-    lines += [f"    {w}" for w in manifest.get("warnings", [])]
-    return lines
+    said = [f"skipped {s['source']}: {s['reason']}" for s in skipped] + manifest.get("warnings", [])
+    # in an 80-column terminal, each one indented under its first line; a path is never cut
+    return lines + [textwrap.fill(line, 80, initial_indent="    ", subsequent_indent="      ", break_long_words=False,
+                                  break_on_hyphens=False) for line in said]  # fmt: skip
 
 
 def _baselines(baselines: dict | None) -> str:

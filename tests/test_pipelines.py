@@ -107,6 +107,8 @@ def test_batch_spec_is_the_five_steps_per_concept_with_one_train_per_shard():
     plan = next(t for tasks in dags.values() for n, t in tasks.items() if n == "plan-batch")
     assert not plan.get("cachingOptions", {}).get("enableCache")  # re-reads the manifest every run
     assert plan["retryPolicy"]["maxRetryCount"] == 2  # a store that blinks at 02:00 does not cost the night
+    check = next(t for tasks in dags.values() for n, t in tasks.items() if n == "preflight")
+    assert check["retryPolicy"]["maxRetryCount"] == 2  # nor one whose node was lost while it checked
     # the run's limit reaches the plan, which reads the model (for the unchanged lookup) from the shared cache
     limit = plan["inputs"]["parameters"]["max_concepts_per_run"]["componentInputParameter"]
     assert limit.endswith("-max_concepts_per_run")
@@ -357,7 +359,8 @@ def test_local_run_end_to_end(tiny_sd2_model_dir, tiny_clip_dir, tmp_path, monke
         assert Path(out[k]).exists(), k
     said = photo_lines(json.loads(Path(out["photos"]).read_text()))
     assert said[0].split() == ["photos", "5", "used,", "1", "skipped"], said
-    assert said[1] == f"    skipped {photos}/notes.txt: not an image file (suffix '.txt')", said
+    assert " ".join(said[1].split()) == f"skipped {photos}/notes.txt: not an image file (suffix '.txt')", said
+    assert all(len(line) <= 80 or " " not in line.strip() for line in said[1].splitlines()), said  # wrapped
     summaries = sorted(
         (tmp_path / "root").glob("textual-inversion-*/**/train/model/*/summary.json"), key=lambda p: p.stat().st_mtime
     )

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from oneword.errors import OnewordError
+from oneword.errors import OnewordError, TransientError
 from oneword.preflight import preflight
 
 from .conftest import DREAMBENCH, free_port
@@ -76,6 +76,17 @@ def test_every_problem_is_listed_at_once_with_its_fix(tiny_model_dir, tmp_path):
                      "big dog"):  # fmt: skip
         assert expected in text, (expected, text)
     assert seconds < 30, seconds  # no minute of retries against a server that is down
+    assert not isinstance(e.value, TransientError)  # its other problems are not weather: no step retries it
+
+
+def test_a_server_that_did_not_answer_alone_is_a_problem_a_retry_may_cure(tiny_model_dir, tiny_clip_dir):
+    """A store restarting at 02:00 fails a preflight whose every problem is a server that did not answer: the
+    step tries it again (`outcome.retrying`) rather than lose the night."""
+    from oneword.outcome import transient
+
+    with pytest.raises(TransientError, match="did not answer") as e:
+        preflight(str(tiny_model_dir), clip_model=str(tiny_clip_dir), tracking_uri=f"http://127.0.0.1:{free_port()}")
+    assert transient(e.value)
 
 
 def test_buckets_are_checked_with_the_credentials_given(tiny_model_dir, tiny_clip_dir, s3_bucket, tmp_path):

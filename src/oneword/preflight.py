@@ -16,8 +16,9 @@ from pathlib import Path
 from unittest.mock import patch  # the stdlib's scoped os.environ change
 
 from oneword import hub, storage
-from oneword.errors import OnewordError
+from oneword.errors import OnewordError, TransientError
 from oneword.images import IMAGE_SUFFIXES, UNREADABLE_SUFFIXES, opens, visible_files
+from oneword.outcome import transient
 from oneword.profiles import TOYWORLD_CLIP, ModelProfile, profile
 from oneword.toyworld import assets
 
@@ -32,10 +33,12 @@ class Problems:
     def __init__(self) -> None:
         self.found: list[tuple[str, str]] = []
         self.passed: list[str] = []
+        self.weather: list[bool] = []  # per problem found: a server that did not answer (a later try may pass)
 
-    def check(self, name: str, problem: str | None, hint: str = "") -> None:
+    def check(self, name: str, problem: str | None, hint: str = "", transient: bool = False) -> None:
         if problem:
             self.found.append((problem, hint))
+            self.weather.append(transient)
         else:
             self.passed.append(name)
 
@@ -47,7 +50,7 @@ class Problems:
         except Exception as e:  # storage, hub and parsing errors come in many types
             message = e.message if isinstance(e, OnewordError) else f"{type(e).__name__}: {e}"
             hint = e.hint if isinstance(e, OnewordError) else "see the other problems listed; they may be its cause"
-            self.check(name, f"{name} could not be checked: {message}", hint)
+            self.check(name, f"{name} could not be checked: {message}", hint, transient(e))
             return None
 
     def run(self, name: str, find, *args) -> bool:
@@ -58,9 +61,12 @@ class Problems:
         return problem is not None and not problem[0]
 
     def raise_if_any(self) -> None:
+        """Raise the problems found as one error: a `TransientError` where each was a server that did not answer
+        (a store or hub restarting), which a step tries again (`outcome.retrying`) rather than lose the night."""
         if self.found:
             lines = "\n".join(f"  - {p}" + (f" (fix: {h})" if h else "") for p, h in self.found)
-            raise OnewordError(
+            kind = TransientError if all(self.weather) else OnewordError
+            raise kind(
                 f"preflight found {len(self.found)} problem(s), before any training:\n{lines}",
                 hint="fix these and run again; nothing was trained or registered",
             )
@@ -93,7 +99,8 @@ def preflight(
             answers, writing nothing (a dry run).
 
     Raises:
-        OnewordError: listing every problem found, each with its fix.
+        OnewordError: listing every problem found, each with its fix; a `TransientError` where every one was a
+            server that did not answer.
     """
     t0 = time.perf_counter()
     p = Problems()
@@ -175,7 +182,7 @@ def _prompt_set_problem(prompt_set: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def _tracking_problem(tracking_uri: str, experiment: str, writes: bool = True) -> tuple[str | None, str]:
+def _tracking_problem(tracking_uri: str, experiment: str, writes: bool = True) -> tuple:
     from mlflow import MlflowClient
 
     from oneword import tracking
@@ -201,6 +208,7 @@ def _tracking_problem(tracking_uri: str, experiment: str, writes: bool = True) -
             f"the MLflow tracking server {why}" if why.startswith(("http://", "https://"))
             else f"the MLflow tracking server {uri} does not take writes to {experiment!r}: {why}",
             "check --tracking-uri (or MLFLOW_TRACKING_URI) and MLFLOW_TRACKING_USERNAME/PASSWORD",
+            transient(e),
         )
     return None, ""
 
@@ -227,7 +235,7 @@ def _buckets(*uris: str) -> set[str]:
 CHECK_TIMEOUT_S = 10.0  # a check's answer is small: an endpoint silent this long does not answer
 
 
-def _bucket_problem(bucket: str) -> tuple[str | None, str]:
+def _bucket_problem(bucket: str) -> tuple:
     try:
         if storage.client(read_timeout=CHECK_TIMEOUT_S).bucket_exists(bucket):
             return None, ""
@@ -236,6 +244,7 @@ def _bucket_problem(bucket: str) -> tuple[str | None, str]:
         return (
             f"bucket {bucket!r} does not answer: {str(e).splitlines()[0][:200]}",
             "check S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+            transient(e),
         )
 
 

@@ -45,12 +45,13 @@ def doc(text: str):
 def preflight(concepts: list, base_model: str, checks: Output[Artifact], clip_model: str = "auto",
               tracking_uri: str = "", experiment: str = "oneword", checkpoint_root: str = "", prompt_set: str = "",
               dino_model: str = ""):
-    from oneword.outcome import run_step
+    from oneword.outcome import retrying, run_step
     from oneword.preflight import preflight as run
 
+    # a server that did not answer is asked again in a while: a cluster's retry policy may retry no failed pod
     passed = run_step("preflight", checks.path, "fail",
-                      lambda: run(base_model, concepts, clip_model, tracking_uri, experiment, checkpoint_root,
-                                  prompt_set, dino_model))
+                      lambda: retrying(lambda: run(base_model, concepts, clip_model, tracking_uri, experiment,
+                                                   checkpoint_root, prompt_set, dino_model), "preflight"))
     checks.metadata["passed"] = passed
 
 

@@ -236,6 +236,9 @@ def personalise(
                 min_editability=min_editability, margin_se=margin_se,
             )
             _gpu_step(ev, p).set_caching_options(False)  # it asks MLflow whether the concept changed, every run
+            # no retry: its retry node per concept would take the Argo Workflow of a run at RUN_LIMIT past what
+            # test_a_batch_run_at_the_limit_fits_in_what_argo_keeps_of_a_run keeps spare; a preempted evaluate
+            # fails its concept, and the next run evaluates it (its training is kept)
             reg = c.register(
                 model=tr.outputs["model"], evaluation=ev.outputs["evaluation"], concept=name,
                 tracking_uri=tracking_uri, experiment=experiment, min_reconstruction=min_reconstruction,
@@ -253,6 +256,7 @@ def _preflight(concepts, p: dict) -> dsl.PipelineTask:
                                   checkpoint_root=p["checkpoint_root"], prompt_set=p["prompt_set"],
                                   dino_model=p["dino_model"]), p)
     _with_models(check, p)  # it reads the model's tokenizer and configs: into the cache the GPU steps then use
+    _retry(check, STEP_RETRIES, 30, CPU_STEP_DEADLINE_S)  # a pod lost with its node (a server that blinks: inside)
     return check.set_caching_options(False)  # what it checks (servers, buckets) changes without its inputs
 
 

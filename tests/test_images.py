@@ -270,6 +270,16 @@ def test_damaged_files_that_fail_pillow_in_other_ways_are_skipped_by_name_and_lo
     assert content_key(str(src)).startswith("sha256:")  # the plan's key: the Latin-1 name and the pipe pass too
 
 
+def test_a_cameras_mpo_with_a_preview_is_no_animation(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    big, preview = Image.new("RGB", (96, 64), (200, 30, 30)), Image.new("RGB", (48, 32), (200, 30, 30))
+    big.save(src / "DSCF0001.JPG", format="MPO", save_all=True, append_images=[preview])
+    assert Image.open(src / "DSCF0001.JPG").n_frames == 2
+    m = preprocess(src, tmp_path / "out", resolution=32)
+    assert len(m.images) == 1 and not [w for w in m.warnings if "animated" in w], m.warnings
+
+
 def test_no_valid_image_fails_listing_every_file_and_writes_nothing(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

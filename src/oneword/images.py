@@ -179,7 +179,8 @@ def load_image(path: Path) -> Image.Image:
                 im.draft(im.mode, (im.width // reduced, im.height // reduced))
             im.load()
             out = ImageOps.exif_transpose(im)
-            out.info[FRAMES] = getattr(im, "n_frames", 1)  # an animation's: the copy has its first frame
+            # an animation's: the copy has its first frame (a camera's MPO holds a preview image, no animation)
+            out.info[FRAMES] = 1 if im.format == "MPO" else getattr(im, "n_frames", 1)
             out.info[REDUCED] = reduced
             out.info[ORIGINAL_SIZE] = size if out.size == im.size else size[::-1]  # turned upright: w and h swap
             return out

@@ -1230,13 +1230,19 @@ def test_a_version_learned_from_one_photo_says_so_in_the_batch_report(evaluated_
     trained = shutil.copytree(train_dir, tmp_path / "trained")
     manifest = trained / "dataset" / "manifest.json"
     m = json.loads(manifest.read_text())
-    skipped = [{"source": "notes.txt", "reason": "not an image file (suffix '.txt')"}]
+    skipped = [{"source": "s3://b/cat/notes.txt", "reason": "not an image file (suffix '.txt')"}]
     manifest.write_text(json.dumps({**m, "images": m["images"][:1], "skipped": skipped}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     r = registry.register(trained, eval_dir, uri, name="one-photo", batch_id="b-photo")
     note = mlflow.MlflowClient(uri).get_model_version("one-photo", r.version).tags[registry.PHOTO_NOTE_TAG]
-    assert note == "1 photo only (fewer than 3: it may learn their pose and background too); 1 file skipped " \
-                   "(preprocess's log says why)"  # fmt: skip
+    assert note == "1 photo only (fewer than 3: it may learn their pose and background too); 1 file skipped: " \
+                   "notes.txt (not an image file)"  # fmt: skip
+    many = [{"source": f"p/{i}.jpg", "reason": "damaged image: it could not be decoded (SyntaxError: x); copy it"}
+            for i in range(5)]  # fmt: skip
+    manifest.write_text(json.dumps({**m, "skipped": many}))
+    assert registry.photo_note(trained) == ("5 files skipped: 0.jpg (damaged image), 1.jpg (damaged image), 2.jpg "
+                                            "(damaged image) and 2 more (preprocess's log says why)")
+    manifest.write_text(json.dumps({**m, "images": m["images"][:1], "skipped": skipped}))
     plan = [{"images": "x", "token": "<cat-r>", "init_word": "cat", "name": "one-photo"}]
     report = batch_report(uri, "b-photo", plan)
     console = Console(width=80, record=True)

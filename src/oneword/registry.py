@@ -24,7 +24,7 @@ import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from oneword import __version__, outcome, storage, tracking
 from oneword.config import NAME_LENGTH, REGISTERED_NAME, TrackingConfig
@@ -380,9 +380,21 @@ def photo_note(train_dir: Path) -> str:
                     "background too)")  # fmt: skip
     elif used > MANY_PHOTOS:
         said.append(f"{used} photos (more than {MANY_PHOTOS}: check that they all show the one concept)")
-    if skipped:
-        said.append(f"{skipped} file{'s' * (skipped != 1)} skipped (preprocess's log says why)")
+    if skipped:  # which, and why in a few words: the reasons are otherwise in a log of thousands of lines
+        named = [f"{PurePosixPath(str(s.get('source'))).name} ({_gist(str(s.get('reason')))})"
+                 for s in m["skipped"][:NAMED_SKIPPED]]  # fmt: skip
+        more = f" and {skipped - NAMED_SKIPPED} more (preprocess's log says why)" if skipped > NAMED_SKIPPED else ""
+        said.append(f"{skipped} file{'s' * (skipped != 1)} skipped: {', '.join(named)}{more}")
     return "; ".join(said)
+
+
+NAMED_SKIPPED = 3  # skipped files a photo note names
+
+
+def _gist(reason: str) -> str:
+    """A skipped file's reason in a few words: its first clause, without the details in brackets."""
+    first = reason.split(": ")[0].split(" (")[0].split("; ")[0]
+    return first if len(first) <= 60 else first[:59] + "…"
 
 
 def _photo_ids(train_dir: Path, summary: dict) -> str:

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from oneword import tracking, trainings
+from oneword import tracking
 from oneword.bundles import MEMBERS_TAG, bundle_files, bundles_holding, member_tag
 from oneword.config import TrackingConfig
 from oneword.errors import OnewordError
@@ -553,6 +553,8 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
         gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
         raise OnewordError(f"no concept or bundle named {name!r} in the registry at {resolve(tracking_uri)}{gone}",
                            hint="list concepts with `oneword concepts list`")  # fmt: skip
+    from oneword import trainings  # (it brings torch: not imported by the listing commands)
+
     groups, kept_at = _copies_outside(client, runs.values())  # read before its runs' artifacts go
     try:
         outside = trainings.erase(groups, kept_at, dry_run=True)
@@ -583,6 +585,8 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
 def _copies_outside(client, runs) -> tuple[set[str], set[str]]:
     """The checkpoint folders and kept trainings (`trainings.copies_of`) that the runs' trainings left beside the
     checkpoint root, as their logged summary.json files name them."""
+    from oneword import trainings
+
     groups: set[str] = set()
     kept_at: set[str] = set()
     with tempfile.TemporaryDirectory() as d:

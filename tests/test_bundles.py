@@ -80,7 +80,7 @@ def test_a_bundle_serves_every_members_token_as_each_concept_alone_does(store, t
         catalogue.pull_concept("studio", tmp_path / "studio.safetensors", tracking_uri=store)
 
 
-SERVING = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "serving"
+SERVING = Path(__file__).resolve().parents[1] / "k8s" / "components" / "serving"
 
 
 def _serving_doc(name: str, kind: str) -> dict:

@@ -592,7 +592,8 @@ def test_finished_trainings_kept_in_an_object_store(tiny_model_dir, cat_latents_
     group, kept = trainings.copies_of(dog)
     assert kept == dog["trained_before"] and group == dog["checkpoint_dir"]
     assert checkpoints.list_checkpoints(group) and storage.object_exists(kept)
-    assert trainings.erase({group}, {kept}) == [kept, group]
+    assert trainings.copies({group}, {kept}) == [kept, group]
+    trainings.remove([kept, group])
     assert not checkpoints.list_checkpoints(group) and not storage.object_exists(kept)
     cat_group, cat_kept = trainings.copies_of(json.loads((tmp_path / "b" / "cat" / "summary.json").read_text()))
     assert len(checkpoints.list_checkpoints(cat_group)) == 2 and storage.object_exists(cat_kept)
@@ -707,3 +708,34 @@ def test_a_kept_training_under_a_relative_checkpoint_folder_is_taken(cat_latents
     train_group([("dog", SPECS[1], cat_latents_dir), ("cat", SPECS[0], cat_latents_dir)], tmp_path / "b", cfg,
                 checkpoint_root="ck", progress=False)  # fmt: skip
     assert "trained_before" in json.loads((tmp_path / "b" / "dog" / "summary.json").read_text())
+
+
+def test_an_erasure_finds_the_copies_that_hold_a_concept_and_takes_nothing_else(cat_latents_dir, tmp_path):
+    """The kept trainings of a concept's shard-mates hold copies of the shard's checkpoints, and so its vectors:
+    they are found by the shard they name, after its folder went (a bucket's lifecycle rule, a delete cut short).
+    Only checkpoints leave a folder; and a single concept's training, which keeps its checkpoints where the user
+    said (`oneword train --checkpoint-dir`), names no copy at all."""
+    from oneword.train import train
+
+    root, cfg = tmp_path / "checkpoints", TrainConfig(steps=4, checkpoint_every=2)
+    train_group([("cat", SPECS[0], cat_latents_dir), ("dog", SPECS[1], cat_latents_dir)], tmp_path / "a", cfg,
+                checkpoint_root=root, progress=False)  # fmt: skip
+    cat, dog = (json.loads((tmp_path / "a" / n / "summary.json").read_text()) for n in ("cat", "dog"))
+    group, kept = trainings.copies_of(cat)
+    dog_kept = trainings.location(root.resolve(), dog["training_key"])
+    assert group == dog["checkpoint_dir"] and Path(kept).is_file() and Path(dog_kept).is_file()
+    assert trainings.copies({group}, {kept}) == [kept, dog_kept, group]
+    (Path(group) / "notes.txt").write_text("the user's")
+    for _, f in checkpoints.list_checkpoints(group):  # the shard's folder emptied of checkpoints
+        Path(f).unlink()
+    found = trainings.copies({group}, {kept})
+    assert found == [kept, dog_kept]  # the dog's copy of the shard's checkpoints is found all the same
+    trainings.remove(found)
+    assert not Path(kept).exists() and not Path(dog_kept).exists() and (Path(group) / "notes.txt").is_file()
+
+    mine = tmp_path / "my-work"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("not oneword's")
+    train(cat_latents_dir, tmp_path / "one", SPECS[0], cfg, checkpoint_dir=mine, progress=False)
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert one["checkpoint_dir"] == str(mine.resolve()) and trainings.copies_of(one) == (None, None)

@@ -19,8 +19,10 @@ import torch
 
 from oneword import batch_records, catalogue, registry, tracking, trainings
 from oneword import embeddings as E
-from oneword.errors import OnewordError
+from oneword.errors import OnewordError, TransientError
 from oneword.evaluation.gate import GateThresholds
+
+from .conftest import free_port
 
 
 def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=None):
@@ -157,6 +159,7 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert E.load(theirs).token == "<cat-r>"
     said = capsys.readouterr()
     assert f"{name}/3 (<cat-r>) -> " in said.out  # which version the alias named, for the deploy
+    assert "in prompts there, write theirs (the file's name" in " ".join(said.out.split())  # A1111's trigger word
     assert "Downloading artifacts" not in said.err  # no progress bar trailing the answer
     # generate --concept draws with the registered concept on the model it was trained on, and keeps no download
     import tempfile
@@ -977,8 +980,15 @@ def test_a_registry_that_cannot_answer_is_not_reported_as_a_missing_concept():
         with pytest.raises(OnewordError, match="could not look up 'my-cat@champion'") as e:
             catalogue.get_version("my-cat@champion", f"http://127.0.0.1:{srv.server_address[1]}")
         assert "not found" not in e.value.message and "credentials" in e.value.hint
+        assert not isinstance(e.value, TransientError)  # a refusal is not weather
     finally:
         srv.shutdown()
+    from oneword.evaluation.compare import load_metrics
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: said so in a line, not as urllib3's retry chatter
+    with pytest.raises(TransientError) as e:
+        load_metrics("my-cat/1", down)  # compare's lookup: not "no evaluation folder here, nor a concept"
+    assert e.value.message == f"the registry at {down} did not answer: Connection refused (looking up 'my-cat/1')"
 
 
 def test_pruning_deletes_old_versions_no_alias_points_at_and_leaves_the_rest(tmp_path, capsys, monkeypatch):
@@ -1240,8 +1250,12 @@ def test_a_version_learned_from_one_photo_says_so_in_the_batch_report(evaluated_
     many = [{"source": f"p/{i}.jpg", "reason": "damaged image: it could not be decoded (SyntaxError: x); copy it"}
             for i in range(5)]  # fmt: skip
     manifest.write_text(json.dumps({**m, "skipped": many}))
-    assert registry.photo_note(trained) == ("5 files skipped: 0.jpg (damaged image), 1.jpg (damaged image), 2.jpg "
-                                            "(damaged image) and 2 more (preprocess's log says why)")
+    assert registry.photo_note(trained) == ("5 files skipped: 0.jpg (damaged image: it could not be decoded), 1.jpg "
+                                            "(damaged image: it could not be decoded), 2.jpg (damaged image: it could "
+                                            "not be decoded) and 2 more (preprocess's log says why)")
+    odd = [{"source": "p/caf\udce9.jpg", "reason": "refused: 30000x30000 pixels (900 MP) is more than oneword decodes"}]
+    manifest.write_text(json.dumps({**m, "skipped": odd}))  # a Latin-1 name, as preprocess passes it on
+    assert registry.photo_note(trained) == "1 file skipped: caf\ufffd.jpg (refused: 30000x30000 pixels)"
     manifest.write_text(json.dumps({**m, "images": m["images"][:1], "skipped": skipped}))
     plan = [{"images": "x", "token": "<cat-r>", "init_word": "cat", "name": "one-photo"}]
     report = batch_report(uri, "b-photo", plan)
@@ -1325,13 +1339,21 @@ def test_a_concept_deleted_while_it_was_trained_is_not_registered_again_nor_reco
     trained = tmp_path / "trained"
     shutil.copytree(train_dir, trained)
     summary = json.loads((trained / "summary.json").read_text())
-    (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": live}))
+    group = tmp_path / "checkpoints" / "0f1e2d3c4b5a6978"  # where it checkpoints, under a checkpoint root
+    kept = trainings.location(group.parent, "k-trained")
+    (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": live, "checkpoint_dir": str(group),
+                                                      "training_key": "k-trained"}))  # fmt: skip
     catalogue.delete_concept("cat-trained", uri)  # while it trained
+    group.mkdir(parents=True)  # what it wrote after the delete: the registration deletes it
+    (group / "step-000006.pt").write_bytes(b"vectors")
+    Path(kept).parent.mkdir()
+    Path(kept).write_bytes(b"a kept training")
     again = _with_scores(eval_dir, tmp_path / "again", 0.7, 0.3)
     said = outcome.run_step("register", tmp_path / "registration", "record",
                             lambda: registry.register(trained, again, uri, name="cat-trained"))  # fmt: skip
     assert said is None and registry.model_kind(client, "cat-trained") is None
     failure = outcome.read_failure(tmp_path / "registration")
     assert "cat-trained was deleted while it was trained" in failure["error"] and failure["unrecorded"] is True
+    assert not (group / "step-000006.pt").exists() and not Path(kept).exists()
     runs = client.search_runs([experiment], run_view_type=mlflow.entities.ViewType.ALL)
     assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)

@@ -16,7 +16,7 @@ from pathlib import Path
 from oneword import tracking
 from oneword.bundles import MEMBERS_TAG, bundle_files, bundles_holding, member_tag
 from oneword.config import TrackingConfig
-from oneword.errors import OnewordError
+from oneword.errors import OnewordError, TransientError
 from oneword.registry import (
     ABANDONED,
     ALIAS_WAIT_SECONDS,
@@ -95,8 +95,13 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
             e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
         )
         if not missing:  # the registry could not answer (down, refused, no permission): not "no such concept"
-            raise OnewordError(
-                f"the registry at {where} could not look up {ref!r}: {e}",
+            from oneword.outcome import transient
+
+            why = tracking.said(e)  # "http://host:port did not answer: ...", or the server's answer
+            said = f"the registry at {why} (looking up {ref!r})" if why.startswith(("http://", "https://")) else \
+                f"the registry at {where} could not look up {ref!r}: {why}"
+            raise (TransientError if transient(e) else OnewordError)(
+                said,
                 hint="check that the MLflow server is up and that your credentials may read the registry",
             ) from e
         if ref == name and model_kind(client, name) == "bundle":  # a bundle has no champion of its own
@@ -506,7 +511,7 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     """Delete a concept whole: its registered model and every version, and every MLflow run of it (trainings,
     registrations, failures, in any experiment) with their artifacts and logged models: the embedding, the sample
     grids and reports drawn from the owner's photos; every bundle version that holds a copy of its embedding; and
-    its trainings' checkpoint folders and kept trainings beside the checkpoint root (`trainings.erase`), as its
+    its trainings' checkpoint folders and kept trainings beside the checkpoint root (`trainings.copies`), as its
     runs name them. What a request to erase a person's concept asks for. A bundle's name deletes the bundle: its
     versions, runs and logged models (its members stay).
 
@@ -549,20 +554,21 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
     held, copies = ([], []) if bundle else bundles_holding(client, name, experiments)  # copies of its embedding
     runs |= {r.info.run_id: r for r in copies}
     models = _logged_models(client, runs.values(), experiments)
-    if not registered and not held and not models and all(r.info.lifecycle_stage == "deleted" for r in runs.values()):
-        gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
-        raise OnewordError(f"no concept or bundle named {name!r} in the registry at {resolve(tracking_uri)}{gone}",
-                           hint="list concepts with `oneword concepts list`")  # fmt: skip
     from oneword import trainings  # (it brings torch: not imported by the listing commands)
 
     groups, kept_at = _copies_outside(client, runs.values())  # read before its runs' artifacts go
     try:
-        outside = trainings.erase(groups, kept_at, dry_run=True)
+        outside = trainings.copies(groups, kept_at)
     except Exception as e:  # before anything is deleted: an erasure that cannot finish does not start
         where, why = ", ".join(sorted(groups | kept_at)), getattr(e, "message", e)
         raise OnewordError(f"cannot reach the checkpoints that {name}'s trainings left ({where}): {why}",
                            hint="give this machine the object store's settings (S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
                            "AWS_SECRET_ACCESS_KEY) and delete again; nothing was deleted") from e  # fmt: skip
+    if not registered and not held and not models and not outside and all(
+            r.info.lifecycle_stage == "deleted" for r in runs.values()):  # fmt: skip
+        gone = f" (deleted: {len(runs)} runs of it are kept as deleted records until `mlflow gc`)" if runs else ""
+        raise OnewordError(f"no concept or bundle named {name!r} in the registry at {resolve(tracking_uri)}{gone}",
+                           hint="list concepts with `oneword concepts list`")  # fmt: skip
     done = {"name": name, "versions": sorted((str(mv.version) for mv in versions), key=int),
             "runs": sorted(runs), "logged_models": sorted(m.model_id for m in models),
             "bundle_versions": [f"{mv.name}/{mv.version}" for mv in held], "checkpoints": outside}  # fmt: skip
@@ -576,8 +582,8 @@ def delete_concept(name: str, tracking_uri: str | None = None, dry_run: bool = F
         done["bundle_versions"] = [f"{mv.name}/{mv.version}" for mv in held]
     for mv in held:
         delete_version(client, mv.name, mv.version)
-    # before the runs: a delete cut short finds them again through the runs' summaries
-    done["checkpoints"] = trainings.erase(groups, kept_at)
+    # before the runs: a delete cut short finds them again through the runs (their tags stay with their records)
+    trainings.remove(outside)
     erase_runs(client, list(runs.values()), experiments)
     return done
 
@@ -597,7 +603,13 @@ def _copies_outside(client, runs) -> tuple[set[str], set[str]]:
             try:
                 path = client.download_artifacts(run.info.run_id, TRAINING_SUMMARY, f"{d}/{i}")
                 summary = json.loads(Path(path).read_text())
-            except Exception:  # a failure's run, a bundle's, one erased before: no training of it there
+            except Exception as e:  # a failure's run, a bundle's, one erased before: no training of it there
+                from oneword.outcome import transient
+
+                if transient(e):  # a store that did not answer: its copies would be missed, then unfindable
+                    raise OnewordError(f"could not read what run {run.info.run_id} trained: {tracking.said(e)}",
+                                       hint="delete again once the artifact store answers; nothing was "
+                                       "deleted") from e  # fmt: skip
                 continue
             group, kept = trainings.copies_of(summary)
             groups |= {group} if group else set()

@@ -298,6 +298,7 @@ def register(
     tags = {**_run_tags(concept), **(run_tags or {})}
     params = _flat_params(concept.summary, concept.metrics)
     if _deleted_run(client, trained := concept.summary.get("mlflow_run_id")):  # erased while it was trained
+        _erase_training_copies(concept.summary)
         raise _erased_meanwhile(client, concept.name, trained, created=False, when="it was trained")
     live = live_run_to_complete(client, trained, params)
     opened = (
@@ -315,6 +316,7 @@ def register(
                 mlflow.log_metrics(_eval_metrics(concept.metrics), model_id=info.model_id)
     except Exception as e:  # MLflow refuses to log to a run deleted meanwhile: say why, and erase what came after
         if _deleted_run(client, run_id):
+            _erase_training_copies(concept.summary)
             raise _erased_meanwhile(client, concept.name, run_id, created=False) from e
         raise
     # Everything is uploaded and verified: only now does a version exist.
@@ -381,7 +383,7 @@ def photo_note(train_dir: Path) -> str:
     elif used > MANY_PHOTOS:
         said.append(f"{used} photos (more than {MANY_PHOTOS}: check that they all show the one concept)")
     if skipped:  # which, and why in a few words: the reasons are otherwise in a log of thousands of lines
-        named = [f"{PurePosixPath(str(s.get('source'))).name} ({_gist(str(s.get('reason')))})"
+        named = [f"{_printable(PurePosixPath(str(s.get('source'))).name)} ({_gist(str(s.get('reason')))})"
                  for s in m["skipped"][:NAMED_SKIPPED]]  # fmt: skip
         more = f" and {skipped - NAMED_SKIPPED} more (preprocess's log says why)" if skipped > NAMED_SKIPPED else ""
         said.append(f"{skipped} file{'s' * (skipped != 1)} skipped: {', '.join(named)}{more}")
@@ -392,9 +394,15 @@ NAMED_SKIPPED = 3  # skipped files a photo note names
 
 
 def _gist(reason: str) -> str:
-    """A skipped file's reason in a few words: its first clause, without the details in brackets."""
-    first = reason.split(": ")[0].split(" (")[0].split("; ")[0]
-    return first if len(first) <= 60 else first[:59] + "…"
+    """A skipped file's reason in a few words: up to its first details in brackets or its first `;`."""
+    first = reason.split(" (")[0].split("; ")[0]
+    return _printable(first if len(first) <= 60 else first[:59] + "…")
+
+
+def _printable(name: str) -> str:
+    """A file name as a tag can hold it: one in another encoding than UTF-8 (an old camera's, a Windows zip's)
+    reaches Python with surrogates, which no UTF-8 store takes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _photo_ids(train_dir: Path, summary: dict) -> str:
@@ -682,6 +690,19 @@ def _erased_meanwhile(client, name: str, run_id: str, created: bool, when: str =
                            hint="register it again where the concept is to exist")  # fmt: skip
 
 
+def _erase_training_copies(summary: dict) -> None:
+    """Delete what the training of a concept deleted meanwhile left beside the checkpoint root: a deletion while
+    it trained found its checkpoints and kept training before they were all written."""
+    from oneword import trainings
+
+    group, kept = trainings.copies_of(summary)
+    try:
+        trainings.remove(trainings.copies({group} if group else set(), {kept} if kept else set()))
+    except Exception as e:  # a store that does not answer: the deleted runs' tags still name them
+        log.warning("could not delete the checkpoints %s left (%s): `oneword concepts delete` again deletes them",
+                    group, e)  # fmt: skip
+
+
 def _deleted_run(client, run_id: str | None) -> bool:
     """Whether run `run_id` is one this store holds as deleted (a concept's deletion deletes its runs)."""
     from mlflow.exceptions import MlflowException
@@ -780,7 +801,11 @@ def _register_version(
     once): it is deleted, and the registration is the older version's, unchanged, as if `evaluate` had found it.
     """
     tags = _version_tags(concept, run_id, thresholds)
-    mv = _create_version(client, concept.name, info, run_id, concept.token, tags, existed)
+    try:
+        mv = _create_version(client, concept.name, info, run_id, concept.token, tags, existed)
+    except ErasedMeanwhile:
+        _erase_training_copies(concept.summary)
+        raise
     try:
         _wait_for_older_decisions(client, concept.name, int(mv.version), run_id, tags, mv.source)
         if (same := _same_result_before(client, concept.name, int(mv.version), tags)) is not None:

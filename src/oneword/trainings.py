@@ -12,11 +12,13 @@ writers of one key each leave a whole one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from oneword import checkpoints, storage
@@ -115,7 +117,9 @@ def take(root: str | Path, key: str, out_dir: Path) -> dict | None:
                 if Path(str(summary.get("last_checkpoint"))).name not in found:
                     raise ValueError("it holds no copy of its checkpoints (kept by a release before 28 November)")
                 summary.pop("mlflow_run_id", None)
-                summary.update(steps_run=0, trained_before=where)
+                # absolute: an erasure (`copies_of`) reads it from wherever it runs
+                kept_at = where if storage.is_s3(where) else str(Path(where).resolve())
+                summary.update(steps_run=0, trained_before=kept_at)
                 (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     except Exception as e:  # damaged, incomplete, or a store that does not answer: training again loses nothing
         log.warning("the finished training %s cannot be taken (%s); training it again", where, e)
@@ -138,40 +142,68 @@ def copy_tags(group: str, root: str | Path, key: str) -> dict[str, str]:
 
 
 def copies_of(summary: dict) -> tuple[str | None, str | None]:
-    """Where a finished training (its summary.json) left copies of its concept beside the checkpoint root: the
-    group's checkpoint folder and the kept training, each None where there is none (a training whose checkpoints
-    stayed in its own output folder, which its run's artifacts are)."""
-    group = summary.get("checkpoint_dir")
-    if not group or not (storage.is_s3(group) or Path(group).is_absolute()):
+    """Where a finished training (its summary.json) left copies of its concept beside a checkpoint root: the
+    group's checkpoint folder (`<root>/<group key>`) and the kept training, each None where there is none: a
+    training with no checkpoint root kept its checkpoints in its own output folder (a single concept's
+    `oneword train`, which records no training key, in a folder that may hold anything else of the user's)."""
+    group, key, kept_at = summary.get("checkpoint_dir"), summary.get("training_key"), summary.get("trained_before")
+    if not group or not key or not _absolute(group):
         return None, None
-    if kept_at := summary.get("trained_before"):  # taken from an earlier training, whose group folder it names
-        return group, kept_at
-    key = summary.get("training_key")
-    return group, location(str(group).rstrip("/").rsplit("/", 1)[0], key) if key else None
+    if kept_at:  # taken from an earlier training, whose group folder it names
+        return group, kept_at if _absolute(kept_at) else None
+    return group, location(str(group).rstrip("/").rsplit("/", 1)[0], key)
 
 
-def erase(groups: set[str], kept_at: set[str], dry_run: bool = False) -> list[str]:
-    """Delete a concept's copies under a checkpoint root (`copies_of`): its kept trainings and its groups'
-    checkpoint folders. The checkpoints of a group trained with other concepts hold their vectors too: the
-    folder goes whole, and so do the kept trainings of its other concepts, which hold copies of its checkpoints
-    (a saving only: such a concept trains again if a later shard needs it; its registered versions stay).
+def _absolute(where: str) -> bool:
+    return storage.is_s3(where) or Path(where).is_absolute()
 
-    Returns:
-        The files and folders deleted (or, with `dry_run`, that would be).
+
+def copies(groups: set[str], kept_at: set[str]) -> list[str]:
+    """What holds a concept beside a checkpoint root (`copies_of`), in the order `remove` deletes it: its kept
+    trainings; those of every concept trained with it in one of its groups, which hold copies of the group's
+    checkpoints and so its vectors (found by the group they name, whether or not its folder is still there);
+    then the groups' checkpoint folders. A delete cut short finds the rest again.
+
+    Deleting another concept's kept training costs a saving only: it trains again if a later shard needs it,
+    and its registered versions stay.
     """
-    gone = [where for where in sorted(kept_at) if _exists(where)]
+    found = [k for k in sorted(kept_at) if _exists(k)]
+    under: dict[str, list[str]] = {}  # root -> its kept trainings, listed once
     for group in sorted(groups):
-        found = checkpoints.list_checkpoints(group)
-        if not found:
+        root = str(group).rstrip("/").rsplit("/", 1)[0]
+        kept = under.setdefault(root, _kept_under(root))
+        found += [t for t in kept if t not in found and _group_of(t) == group]
+    return found + [g for g in sorted(groups) if _checkpoint_files(g)]
+
+
+def remove(places: Sequence[str]) -> None:
+    """Delete what `copies` found: a kept training's file, or a group folder's checkpoints (and nothing else of
+    the folder; a local one goes once empty)."""
+    for where in places:
+        if where.endswith(".tar"):
+            if storage.is_s3(where):
+                bucket, key = storage.split_s3(where)
+                storage.client().remove_object(bucket, key)
+            else:
+                Path(where).unlink(missing_ok=True)
             continue
-        gone.append(group)
-        if len(checkpoints.load_checkpoint(found[-1][1]).get("concepts", [])) > 1:
-            root = str(group).rstrip("/").rsplit("/", 1)[0]
-            gone += [t for t in _kept_under(root) if t not in gone and _group_of(t) == group]
-    if not dry_run:
-        for where in gone:
-            _remove(where)
-    return gone
+        for f in _checkpoint_files(where):
+            if storage.is_s3(f):
+                bucket, key = storage.split_s3(f)
+                storage.client().remove_object(bucket, key)
+            else:
+                Path(f).unlink(missing_ok=True)
+        if not storage.is_s3(where):
+            with contextlib.suppress(OSError):  # something else of the user's is in it: it stays
+                Path(where).rmdir()
+
+
+def _checkpoint_files(group: str) -> list[str]:
+    """A group folder's checkpoints, and (in a local one) the part files of writers killed mid-save."""
+    found = [path for _, path in checkpoints.list_checkpoints(group)]
+    if not storage.is_s3(group) and Path(group).is_dir():
+        found += [str(p) for p in sorted(Path(group).glob(".step-*.part"))]
+    return found
 
 
 def _exists(where: str) -> bool:
@@ -201,22 +233,3 @@ def _group_of(where: str) -> str | None:
     except Exception as e:  # damaged or not ours: not deleted as a copy of the concept
         log.warning("could not read kept training %s (%s)", where, e)
         return None
-
-
-def _remove(where: str) -> None:
-    """Delete a file, a folder, or every object under an `s3://` prefix."""
-    if storage.is_s3(where):
-        bucket, prefix = storage.split_s3(where)
-        if storage.object_exists(where):
-            storage.client().remove_object(bucket, prefix)
-            return
-        for key, _, _ in storage.list_objects(where):
-            storage.client().remove_object(bucket, f"{prefix}/{key}")
-        return
-    path = Path(where)
-    if path.is_dir():
-        import shutil
-
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

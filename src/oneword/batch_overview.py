@@ -48,7 +48,9 @@ def overview_page(report: dict, out: Path, tracking_uri: str | None = None, stat
     batch = html.escape(str(report.get("batch_id", "")))
     head = [
         f'<!doctype html><html><head><meta charset="utf-8"><title>oneword batch {batch}</title>',
-        f"<style>{PAGE_STYLE}td.n{{text-align:right}}.failed{{color:#b00}}.note{{color:#666}}</style></head><body>",
+        # a concept's name and token are read whole (a narrow column broke them at their hyphens)
+        f"<style>{PAGE_STYLE}td.n{{text-align:right}}.failed{{color:#b00}}.note{{color:#666}}"
+        "td:nth-child(-n+2){white-space:nowrap}</style></head><body>",
         f"<h1>batch {batch}</h1>",
         f"<p>{counts}{_ended(state, report)}.</p>",
     ]

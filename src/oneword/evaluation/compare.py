@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from oneword.errors import OnewordError
+from oneword.errors import OnewordError, TransientError
 from oneword.evaluation.gate import check_comparable
 from oneword.evaluation.report import scatter
 
@@ -47,7 +47,9 @@ def load_metrics(run: str, tracking_uri: str | None = None) -> tuple[str, dict]:
                 run_id=run, artifact_path="evaluation/metrics.json", tracking_uri=tracking_uri, dst_path=d
             )
         except Exception as e:  # mlflow raises several types for a missing run or artifact
-            raise OnewordError(f"could not read evaluation metrics of MLflow run {run!r}: {e}") from e
+            from oneword.tracking import said
+
+            raise OnewordError(f"could not read evaluation metrics of MLflow run {run!r}: {said(e)}") from e
         return label, json.loads(Path(local).read_text())
 
 
@@ -62,6 +64,8 @@ def _registered_run(ref: str, tracking_uri: str) -> tuple[str, str]:
         if store is not None and not store.exists():  # asking would make an empty store
             raise OnewordError(f"no MLflow store at {store}")
         mv = get_version(ref, tracking_uri)
+    except TransientError:  # a registry that did not answer: said as such, not as "no such concept"
+        raise
     except OnewordError as e:
         raise OnewordError(
             f"{ref} is no evaluation folder here, nor a registered concept: {e.message}",

@@ -91,7 +91,9 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
         return GateResult(False, f"editability {edit:.4f} < threshold {thresholds.min_editability:.4f}")
     if champion is None:
         off = thresholds.min_reconstruction <= -1 and thresholds.min_editability <= -1
-        return GateResult(True, "the first champion: none before it" + ("" if off else "; passes the thresholds"))
+        # without thresholds any first version becomes champion: said, so that no one reads a bar into it
+        return GateResult(True, "the first champion: none before it" + (
+            "; no thresholds set (--min-reconstruction, --min-editability)" if off else "; passes the thresholds"))
     check_comparable(candidate, champion)
     score, best = rec + edit, champion["reconstruction"] + champion["editability"]
     if not math.isfinite(best):  # a champion whose scores were NaN holds its alias by no measure

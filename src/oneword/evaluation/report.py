@@ -116,7 +116,8 @@ def img_tag(path: Path, alt: str, width: int = EMBED_WIDTH, quality: int = 90) -
         # small pictures (the toy world's 32 px samples) are shown twice their size, pixelated to stay crisp;
         # larger ones at most page-wide, smoothly (pixelated, shrunk photos look jagged)
         enlarge = im.width * 2 <= PAGE_WIDTH
-        style = f"width:{im.width * 2}px;image-rendering:pixelated" if enlarge else "max-width:100%"
+        # at most as wide as the window (the KFP dashboard's panel is narrower than a page)
+        style = f"width:{im.width * 2}px;max-width:100%;image-rendering:pixelated" if enlarge else "max-width:100%"
     encoded = base64.b64encode(data).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/{kind};base64,{encoded}" style="{style}">'
 
@@ -151,7 +152,8 @@ def html_report(metrics: dict, grid: Path, scatter_png: Path, out: Path) -> Path
     headline = [
         ("reconstruction (image similarity)", metrics.get("reconstruction"), metrics.get("reconstruction_se")),
         ("editability (text similarity)", metrics.get("editability"), metrics.get("editability_se")),
-        ("DINO subject fidelity", metrics.get("dino")),
+        ("DINO subject fidelity" + ("" if metrics.get("dino") is not None else " (not measured: --dino-model)"),
+         metrics.get("dino")),
         ("reference: the training images (reconstruction, self-pairs left out)", base.get("image_only")),
         ("reference: the prompts alone (editability)", base.get("prompt_only")),
     ]

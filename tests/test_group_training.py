@@ -393,6 +393,11 @@ def test_a_retried_step_raises_what_a_retry_may_cure_even_in_a_batch(tmp_path, m
 
     unresolved = urllib3.exceptions.NameResolutionError("no-such-host", None, OSError("Name or service not known"))
     assert not outcome.transient(urllib3.exceptions.MaxRetryError(None, "http://no-such-host/", unresolved))
+    # as requests raises it (MLflow's client): the MaxRetryError inside its args, a misspelt tracking host
+    wrapped = requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/x", unresolved))
+    assert not outcome.transient(wrapped)
+    refused = urllib3.exceptions.NewConnectionError(None, "Connection refused")
+    assert outcome.transient(requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/x", refused)))
     assert not outcome.transient(requests.exceptions.SSLError("certificate verify failed"))
     # the model hub's own client (huggingface_hub 2.x asks with httpx2), under the hub's "not in the cache" error
     import httpx2
@@ -725,13 +730,17 @@ def test_an_erasure_finds_the_copies_that_hold_a_concept_and_takes_nothing_else(
     dog_kept = trainings.location(root.resolve(), dog["training_key"])
     assert group == dog["checkpoint_dir"] and Path(kept).is_file() and Path(dog_kept).is_file()
     assert trainings.copies({group}, {kept}) == [kept, dog_kept, group]
+    cut = Path(kept).with_name(f".{Path(kept).name}.0123456789ab.part")  # a keep killed mid-write
+    cut.write_bytes(b"half a kept training")
+    assert trainings.copies({group}, {kept}) == [kept, str(cut), dog_kept, group]
     (Path(group) / "notes.txt").write_text("the user's")
     for _, f in checkpoints.list_checkpoints(group):  # the shard's folder emptied of checkpoints
         Path(f).unlink()
     found = trainings.copies({group}, {kept})
-    assert found == [kept, dog_kept]  # the dog's copy of the shard's checkpoints is found all the same
+    assert found == [kept, str(cut), dog_kept]  # the dog's copy of the shard's checkpoints is found all the same
     trainings.remove(found)
     assert not Path(kept).exists() and not Path(dog_kept).exists() and (Path(group) / "notes.txt").is_file()
+    assert not cut.exists()
 
     mine = tmp_path / "my-work"
     mine.mkdir()

@@ -1324,6 +1324,21 @@ def test_a_champion_promoted_while_a_version_is_judged_is_the_one_it_is_judged_a
     assert str(mlflow.MlflowClient(uri).get_registered_model("judged").aliases["champion"]) == "3"
 
 
+def test_a_registration_that_finds_its_concept_erased_leaves_a_shards_checkpoints_to_its_other_concepts(tmp_path):
+    """Its shard's other concepts may be evaluating from the shard's checkpoints as it registers: only its own
+    kept copy goes then; a concept trained alone takes its checkpoints with it."""
+    for together, group_stays in ((2, True), (1, False)):
+        group = tmp_path / str(together) / "checkpoints" / "0f1e2d3c4b5a6978"
+        group.mkdir(parents=True)
+        (group / "step-000004.pt").write_bytes(b"vectors")
+        kept = Path(trainings.location(group.parent, "k"))
+        kept.parent.mkdir()
+        kept.write_bytes(b"its kept training")
+        registry._erase_training_copies({"checkpoint_dir": str(group), "training_key": "k",
+                                         "concepts_trained_together": together, "concept": {"token": "<c>"}})
+        assert not kept.exists() and (group / "step-000004.pt").exists() == group_stays, together
+
+
 def test_a_concept_deleted_while_it_was_trained_is_not_registered_again_nor_recorded(evaluated_concept, tmp_path):
     """Training's live run carries the concept's tag, so a delete during training erases it: its register met
     "Cannot start run ... in the deleted state" (or, without the live run, made the concept anew). It erases what

@@ -188,7 +188,7 @@ def load_image(path: Path) -> Image.Image:
         raise ValueError("not an image file Pillow can read") from e
     except OSError as e:
         raise ValueError(f"corrupt or truncated image ({e}): copy the photo again") from e
-    except ValueError:
+    except (ValueError, MemoryError):
         raise
     except Exception as e:  # a damaged file fails Pillow's decoders in many ways (SyntaxError, TypeError, struct.error)
         raise ValueError(f"damaged image: it could not be decoded ({type(e).__name__}: {e}); copy the photo "
@@ -425,6 +425,8 @@ def preprocess(
             except (ValueError, OSError) as e:
                 skipped.append({"source": shown, "reason": str(e)})
                 continue
+            except MemoryError:
+                raise
             except Exception as e:  # a file that decodes into what no conversion takes: it alone is skipped
                 skipped.append({"source": shown, "reason": f"could not be converted ({type(e).__name__}: {e})"})
                 continue

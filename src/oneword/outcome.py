@@ -69,8 +69,10 @@ def transient(error: BaseException) -> bool:
         if isinstance(e, _misconfigured()):  # a certificate or a host name: every attempt meets it again
             return False
         if isinstance(e, _transport_errors()):
-            reason = getattr(e, "reason", None)  # urllib3 wraps what went wrong in MaxRetryError.reason
-            return not isinstance(reason, _misconfigured())
+            # urllib3 wraps what went wrong in MaxRetryError.reason; requests wraps that MaxRetryError in its args
+            inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else None
+            reason = getattr(e, "reason", None) or getattr(inner, "reason", None)
+            return not isinstance(reason, _misconfigured()) and not isinstance(inner, _misconfigured())
         response = getattr(e, "response", None)
         status = getattr(response, "status", None) or getattr(response, "status_code", None)
         if isinstance(status, int) and status in RETRIED_STATUS:

@@ -696,11 +696,18 @@ def _erase_training_copies(summary: dict) -> None:
     from oneword import trainings
 
     group, kept = trainings.copies_of(summary)
+    # a shard's checkpoints are its other concepts' too, which may be evaluating from them now: those wait for
+    # a delete after the batch (the deleted runs' tags still name them); a concept trained alone goes whole
+    alone = summary.get("concepts_trained_together", 1) == 1
     try:
-        trainings.remove(trainings.copies({group} if group else set(), {kept} if kept else set()))
-    except Exception as e:  # a store that does not answer: the deleted runs' tags still name them
+        trainings.remove(trainings.copies({group} if group and alone else set(), {kept} if kept else set()))
+    except Exception as e:  # a store that does not answer
         log.warning("could not delete the checkpoints %s left (%s): `oneword concepts delete` again deletes them",
                     group, e)  # fmt: skip
+        return
+    if group and not alone:
+        log.warning("the checkpoints of %s's shard (%s) hold it too: `oneword concepts delete` of it again, after "
+                    "the batch, deletes them", (summary.get("concept") or {}).get("token"), group)  # fmt: skip
 
 
 def _deleted_run(client, run_id: str | None) -> bool:

@@ -168,19 +168,30 @@ def copies(groups: set[str], kept_at: set[str]) -> list[str]:
     and its registered versions stay.
     """
     found = [k for k in sorted(kept_at) if _exists(k)]
+    found += [str(p) for k in sorted(kept_at) if not storage.is_s3(k) for p in _parts(Path(k))]  # killed writers'
     under: dict[str, list[str]] = {}  # root -> its kept trainings, listed once
+    group_of: dict[str, str | None] = {}  # kept training -> the group it names, read once
     for group in sorted(groups):
         root = str(group).rstrip("/").rsplit("/", 1)[0]
-        kept = under.setdefault(root, _kept_under(root))
-        found += [t for t in kept if t not in found and _group_of(t) == group]
+        if root not in under:
+            under[root] = _kept_under(root)
+        for t in under[root]:
+            if t not in group_of:
+                group_of[t] = _group_of(t)
+        found += [t for t in under[root] if t not in found and group_of[t] == group]
     return found + [g for g in sorted(groups) if _checkpoint_files(g)]
+
+
+def _parts(final: Path) -> list[Path]:
+    """The part files that writers of `final` killed mid-write left beside it (`storage.part_path`)."""
+    return sorted(final.parent.glob(f".{final.name}.*.part")) if final.parent.is_dir() else []
 
 
 def remove(places: Sequence[str]) -> None:
     """Delete what `copies` found: a kept training's file, or a group folder's checkpoints (and nothing else of
     the folder; a local one goes once empty)."""
     for where in places:
-        if where.endswith(".tar"):
+        if where.endswith((".tar", ".part")):
             if storage.is_s3(where):
                 bucket, key = storage.split_s3(where)
                 storage.client().remove_object(bucket, key)
@@ -225,11 +236,11 @@ def _group_of(where: str) -> str | None:
     """The group checkpoint folder a kept training was trained in (None: it does not read)."""
     from oneword.train import SUMMARY_FILE  # (train imports this module)
 
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            local = storage.download_file(where, Path(d) / "t.tar") if storage.is_s3(where) else Path(where)
+    with tempfile.TemporaryDirectory() as d:  # a store that does not answer raises: the erasure stops before
+        local = storage.download_file(where, Path(d) / "t.tar") if storage.is_s3(where) else Path(where)
+        try:
             with tarfile.open(local) as tar:
                 return json.loads(tar.extractfile(SUMMARY_FILE).read())["checkpoint_dir"]
-    except Exception as e:  # damaged or not ours: not deleted as a copy of the concept
-        log.warning("could not read kept training %s (%s)", where, e)
-        return None
+        except (tarfile.TarError, KeyError, TypeError, ValueError, AttributeError) as e:  # damaged, or not ours
+            log.warning("could not read kept training %s (%s): not deleted as a copy", where, e)
+            return None

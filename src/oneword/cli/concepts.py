@@ -314,7 +314,8 @@ def pull_cmd(
     ref_said = f"{tags['oneword.name']}/{tags['oneword.version']}"
     pair = format == "diffusers" and tags.get("oneword.model_family") == "sdxl"  # diffusers' two files
     also = f" and {second_file(path)}" if pair else ""
-    rprint(f"[green]{escape(ref_said)}[/] ({escape(str(tags.get('oneword.token')))}) -> {path}{also} ({format})")
+    rprint(f"[green]{escape(ref_said)}[/] ({escape(str(tags.get('oneword.token')))}) -> {escape(f'{path}{also}')} "
+           f"({format})")
     if format in ("a1111", "kohya"):  # those tools name an embedding by its file, not by the token it was learned as
         rprint(escape(f"  in prompts there, write {Path(path).stem} (the file's name, without its suffix)"))
 
@@ -473,8 +474,7 @@ def delete_cmd(
         what += f"; and {len(bundled)} bundle version{'s' * (len(bundled) != 1)} holding it ({', '.join(bundled)})"
     if outside := done["checkpoints"]:  # beside the checkpoint root: its trainings' checkpoints, kept trainings
         what += f"; and {len(outside)} checkpoint folder{'s' * (len(outside) != 1)} or kept training" + \
-            f"{'s' * (len(outside) != 1)} holding it ({', '.join(outside)}; a shard-mate's kept training goes as it " \
-            "holds the shard's checkpoints: it trains again if needed, its versions stay)"
+            f"{'s' * (len(outside) != 1)} holding it ({', '.join(outside)})"
     console = Console(highlight=False, soft_wrap=True)
     if not yes:
         console.print(f"would delete {escape(name)}: {escape(what)}. Nothing was deleted: add --yes to delete.")

@@ -261,7 +261,7 @@ def test_damaged_files_that_fail_pillow_in_other_ways_are_skipped_by_name_and_lo
     assert "zero-filled.png" in reasons  # its pixels cannot be decoded
     assert reasons["pipe.jpg"] == "not a regular file (a pipe or device)"
     assert reasons["gone.jpg"] == "a link that leads to no file"
-    assert reasons["noext"].startswith("a picture without an image suffix ('')")
+    assert reasons["noext"] == "a picture without an image suffix (''): rename it noext.png"
     assert "1 of the photos used come from subfolders of" in " ".join(m.warnings)
     assert any(w.endswith("icc.png: its colour profile could not be applied") or "icc.png: its colour profile "
                "could not be applied" in w for w in m.warnings), m.warnings

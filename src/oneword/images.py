@@ -224,6 +224,17 @@ def opens(path: Path) -> bool:
         return False
 
 
+def _suffix_for(path: Path) -> str | None:
+    """The suffix preprocess reads `path` by, where its header is that of a picture of such a kind."""
+    if not opens(path):
+        return None
+    with _open(path) as im:
+        kind = im.format
+    usual = (".jpg", ".png", ".webp", ".tif", ".gif", ".bmp", ".avif")  # before .jfif, .jpe
+    known = sorted(Image.registered_extensions().items(), key=lambda e: (e[0] not in usual, e[0]))
+    return next((ext for ext, fmt in known if fmt == kind and ext in IMAGE_SUFFIXES), None)
+
+
 def _limit(image_format: str | None) -> str:
     if image_format in ("JPEG", "MPO"):
         return f"{MAX_PIXELS * JPEG_REDUCTIONS[-1] ** 2 / 1e9:.1f} GP, read at 1/{JPEG_REDUCTIONS[-1]} of its size"
@@ -402,8 +413,8 @@ def preprocess(
                 continue
             if suffix not in IMAGE_SUFFIXES:
                 why = f"not an image file (suffix {path.suffix!r})"
-                if opens(path):
-                    why = f"a picture without an image suffix ({path.suffix!r}): rename it with its type's, e.g. .jpg"
+                if named := _suffix_for(path):  # a picture of a kind preprocess reads, named otherwise
+                    why = f"a picture without an image suffix ({path.suffix!r}): rename it {path.stem}{named}"
                 skipped.append({"source": shown, "reason": why})
                 continue
             colour: list[str] = []

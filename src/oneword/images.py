@@ -288,7 +288,10 @@ def _to_srgb(im: Image.Image, icc: bytes, notes: list[str] | None = None) -> Ima
         )
     except (ImageCms.PyCMSError, OSError, ValueError) as e:
         said = f"its colour profile could not be applied ({e}): its numbers are read as sRGB"
-        notes.append(said) if notes is not None else log.warning(said)
+        if notes is None:
+            log.warning(said)
+        else:
+            notes.append(said)
         return im
     out.info.pop("icc_profile", None)
     return out

@@ -35,10 +35,10 @@ class Problems:
         self.passed: list[str] = []
         self.weather: list[bool] = []  # per problem found: a server that did not answer (a later try may pass)
 
-    def check(self, name: str, problem: str | None, hint: str = "", transient: bool = False) -> None:
+    def check(self, name: str, problem: str | None, hint: str = "", weather: bool = False) -> None:
         if problem:
             self.found.append((problem, hint))
-            self.weather.append(transient)
+            self.weather.append(weather)
         else:
             self.passed.append(name)
 

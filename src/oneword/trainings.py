@@ -151,7 +151,12 @@ def copies_of(summary: dict) -> tuple[str | None, str | None]:
         return None, None
     if kept_at:  # taken from an earlier training, whose group folder it names
         return group, kept_at if _absolute(kept_at) else None
-    return group, location(str(group).rstrip("/").rsplit("/", 1)[0], key)
+    return group, location(_root_of(group), key)
+
+
+def _root_of(group: str) -> str:
+    """The checkpoint root a group's folder (`<root>/<group key>`) is in."""
+    return str(group).rstrip("/").rsplit("/", 1)[0]
 
 
 def _absolute(where: str) -> bool:
@@ -172,7 +177,7 @@ def copies(groups: set[str], kept_at: set[str]) -> list[str]:
     under: dict[str, list[str]] = {}  # root -> its kept trainings, listed once
     group_of: dict[str, str | None] = {}  # kept training -> the group it names, read once
     for group in sorted(groups):
-        root = str(group).rstrip("/").rsplit("/", 1)[0]
+        root = _root_of(group)
         if root not in under:
             under[root] = _kept_under(root)
         for t in under[root]:
@@ -192,21 +197,20 @@ def remove(places: Sequence[str]) -> None:
     the folder; a local one goes once empty)."""
     for where in places:
         if where.endswith((".tar", ".part")):
-            if storage.is_s3(where):
-                bucket, key = storage.split_s3(where)
-                storage.client().remove_object(bucket, key)
-            else:
-                Path(where).unlink(missing_ok=True)
+            _delete_file(where)
             continue
         for f in _checkpoint_files(where):
-            if storage.is_s3(f):
-                bucket, key = storage.split_s3(f)
-                storage.client().remove_object(bucket, key)
-            else:
-                Path(f).unlink(missing_ok=True)
+            _delete_file(f)
         if not storage.is_s3(where):
             with contextlib.suppress(OSError):  # something else of the user's is in it: it stays
                 Path(where).rmdir()
+
+
+def _delete_file(where: str) -> None:
+    if storage.is_s3(where):
+        storage.client().remove_object(*storage.split_s3(where))
+    else:
+        Path(where).unlink(missing_ok=True)
 
 
 def _checkpoint_files(group: str) -> list[str]:

@@ -187,7 +187,9 @@ def test_a_checkpoint_that_scored_nan_is_never_selected_and_does_not_hide_the_ot
 def test_quality_gate():
     ev = {"name": "clip-a", "fingerprint": "sha256:aaa"}
     cand = {"reconstruction": 0.8, "editability": 0.3, "evaluator": ev}
-    assert quality_gate(cand, None).passed
+    first = quality_gate(cand, None)
+    assert first.passed and "no thresholds set" in first.reason  # no bar is read into a first champion
+    assert "passes the thresholds" in quality_gate(cand, None, GateThresholds(min_reconstruction=0.5)).reason
     assert not quality_gate(cand, None, GateThresholds(min_reconstruction=0.9)).passed
     assert quality_gate(cand, {"reconstruction": 0.7, "editability": 0.3, "evaluator": ev}).passed
     worse = quality_gate(cand, {"reconstruction": 0.9, "editability": 0.3, "evaluator": ev})
@@ -470,6 +472,7 @@ def test_a_grid_of_large_samples_is_kept_within_what_viewers_open(tmp_path):
     small = make_grid([[Image.new("RGB", (32, 32))] * 4], max_cell=512)
     small.save(tmp_path / "small.png")
     assert "data:image/png" in (t := img_tag(tmp_path / "small.png", "toy")) and "pixelated" in t
+    assert "max-width:100%" in t  # enlarged, yet never wider than a narrow window (the KFP dashboard's panel)
 
 
 def test_checkpoints_before_every_vector_trained_are_never_candidates():
@@ -527,7 +530,8 @@ def test_scores_against_other_images_than_the_trainings_say_so(evaluated_concept
     with caplog.at_level(logging.WARNING, logger="oneword"):
         same = evaluate(train_dir, cat_dataset, tmp_path / "same", config)
     assert same["reference_images"]["training_images"] and not caplog.records
-    assert "not the ones" not in (tmp_path / "same" / "report.html").read_text()
+    page = (tmp_path / "same" / "report.html").read_text()
+    assert "not the ones" not in page and "DINO subject fidelity (not measured: --dino-model)" in page  # how to
     with caplog.at_level(logging.WARNING, logger="oneword"):
         other = evaluate(train_dir, fewer, tmp_path / "other", config)
     assert other["reference_images"] == {"training_images": False, "n": n - 1, "folder": str(fewer)}

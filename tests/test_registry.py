@@ -1217,6 +1217,7 @@ def test_the_overview_page_is_written_whatever_the_registry_answers(tmp_path, mo
     page = batch_overview.overview_page({**report, "concepts": [ok, fixable]}, tmp_path / "o.html", uri,
                                         "COMPLETE").read_text()  # a cluster's word for it (ML Metadata's)
     assert "the run ended COMPLETE (its failed concepts were recorded, and the others went on)" in page
+    assert "td:nth-child(-n+2){white-space:nowrap}" in page  # names and tokens are not broken at their hyphens
     # a store that fails picture after picture is asked no more (the exit handler must end)
     many = {**report, "concepts": [{**ok, "name": f"c{i}", "version": "1"} for i in range(5)]}
     page = batch_overview.overview_page(many, tmp_path / "o.html", uri).read_text()

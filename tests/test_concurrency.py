@@ -307,6 +307,34 @@ def test_two_promotes_at_once_say_which_one_holds(tmp_path):
                 assert f"was moved to version {holder} by another promote" in answer and not recorded, said
 
 
+def test_a_promote_that_ran_whole_inside_another_is_named_as_the_one_replaced(tmp_path, monkeypatch):
+    """The meeting the test above may or may not see, made to happen: one promote reads @champion (3), another
+    promotes version 1 whole, then the first sets the alias. The first said it replaced version 3, and its
+    record said so; it replaced version 1."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_store(uri)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("promote-meet")).info.run_id
+    client.create_registered_model("meet", tags={registry.CONCEPT_TAG: "true"})
+    for v, token in ((1, "<one>"), (2, "<two>"), (3, "<three>")):
+        client.create_model_version("meet", f"runs:/{run}/m{v}", run_id=run, tags={"oneword.token": token, "gate": "d"})
+    client.set_registered_model_alias("meet", "champion", "3")
+    setting = mlflow.MlflowClient.set_registered_model_alias
+    inside = []
+
+    def set_after_another(self, name, alias, version):
+        if str(version) == "2" and not inside:  # between version 2's read of the alias and its set
+            inside.append(catalogue.promote("meet/1", reason="first", tracking_uri=uri))
+        return setting(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", set_after_another)
+    said = catalogue.promote("meet/2", reason="second", tracking_uri=uri)
+    assert inside[0]["before"] == "3" and said["before"] == "1" and said["before_token"] == "<one>", (inside, said)
+    record = client.get_model_version("meet", "2").tags[catalogue.promoted_tag("champion")]
+    assert record.startswith("@champion by hand (was version 1) at ") and record.endswith(": second"), record
+    assert str(client.get_registered_model("meet").aliases["champion"]) == "2"
+
+
 def _run_missing_model(root: str, uri: str, images: str, who: str, barrier) -> str:
     import kfp.local  # noqa: F401  (warm, as a script or a scheduler that starts runs is)
 

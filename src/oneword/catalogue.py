@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -690,6 +691,8 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
     # a concept's register sets the alias after this: this one would not hold (a bundle's versions have no gate)
     if kind == "concept" and (deciding := _deciding(client, name)):
         raise _still_deciding(name, deciding[0], "promote")
+    tag = promoted_tag(alias)  # one per alias: a later promote to another alias leaves this one's record
+    records = _records(client, mv.name, tag)
     before = (client.get_registered_model(mv.name).aliases or {}).get(alias)
     before = None if before is None else str(before)
     token = (mv.tags or {}).get("oneword.token")
@@ -697,14 +700,14 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
               "before_token": token}  # fmt: skip
     if before == str(mv.version):  # a second promote (a retry, a script run twice) leaves the first one's record
         return answer
-    if before is not None:
-        answer["before_token"] = (client.get_model_version(mv.name, before).tags or {}).get("oneword.token")
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+    def record(before: str | None) -> None:
+        said = f"@{alias} by hand" + (f" (was version {before})" if before is not None else "") + f" at {at}"
+        client.set_model_version_tag(mv.name, mv.version, tag, (said + (f": {reason}" if reason else ""))[:4000])
+
     client.set_registered_model_alias(mv.name, alias, mv.version)
-    said = f"@{alias} by hand" + (f" (was version {before})" if before is not None else "") + (
-        f": {reason}" if reason else ""
-    )
-    tag = promoted_tag(alias)  # one per alias: a later promote to another alias leaves this one's record
-    client.set_model_version_tag(mv.name, mv.version, tag, said[:4000])
+    record(before)
     now = client.get_registered_model(mv.name).aliases or {}
     holder = now.get(alias)
     if str(holder) != str(mv.version):  # MLflow sets an alias unconditionally: the last of two at once holds
@@ -715,11 +718,25 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
             f"holds, and version {mv.version} does not",
             hint=f"look with `oneword concepts show {mv.name}@{alias}`, and promote again if you still mean it",
         )
+    # MLflow sets an alias unconditionally: another promote that read the alias, set it and recorded it between
+    # this one's read and its set was the one this replaced; its record is new since this one began
+    new = {v for v, said in _records(client, mv.name, tag).items() if records.get(v) != said}
+    if moved := sorted(new - {answer["version"], before}, key=int):
+        answer["before"] = before = moved[-1]
+        record(before)
+    if before is not None:
+        answer["before_token"] = (client.get_model_version(mv.name, before).tags or {}).get("oneword.token")
     if alias == CHAMPION:
         champion_named(client, mv.name, token)
         if str(now.get(CANDIDATE)) == str(mv.version):  # what the gate held back is the champion now, not both
             client.delete_registered_model_alias(mv.name, CANDIDATE)
     return answer
+
+
+def _records(client, name: str, tag: str) -> dict[str, str]:
+    """Each version of `name` that carries the record `tag` of a promote by hand, and the record."""
+    versions = every_page(client.search_model_versions, filter_string=f"name = '{name}'")
+    return {str(mv.version): mv.tags[tag] for mv in versions if (mv.tags or {}).get(tag)}
 
 
 def promoted_tag(alias: str) -> str:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,12 +78,18 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys, monkeypatch):
     )
     assert code == 0 and E.load(tmp_path / "dog.pt").token == "<dog-c>"
     assert "in A1111 prompts: dog" in out and "warning: 'dog' is a word of the model" in out and "dog-ti.pt" in out
+    # a file for sharing names its model, not the folder it was kept in; the run's own file keeps where it is
+    assert E.load(tmp_path / "dog.pt").meta["model_source"] == Path(tiny_model_dir).name
+    torch_file = torch.load(tmp_path / "dog.pt", weights_only=True)
+    assert str(tiny_model_dir) not in repr(torch_file) and torch_file["sd_checkpoint_name"] == Path(tiny_model_dir).name
+    code, out = run(["generate", "a photo of <dog-c>", "-e", tmp_path / "dog.pt", "-o", tmp_path / "no"], capsys)
+    assert code != 0 and "names the model it was trained on" in " ".join(out.split()) and "--base-model" in out, out
     code, out = run(
         [
             "generate",
             "a photo of <dog-c>",
             "-e",
-            tmp_path / "dog.pt",  # no --base-model: the model the file records it was trained on
+            trained / "learned_embeds.safetensors",  # no --base-model: the model the file records it was trained on
             "-o",
             tmp_path / "gen",
             "--n",
@@ -103,7 +110,8 @@ def test_steps_one_by_one(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # without -o, each call draws into a folder of its own: an earlier call's pictures are never replaced
     monkeypatch.chdir(tmp_path)
     for expected in ("0001", "0002"):
-        code, out = run(["generate", "a photo of <dog-c>", "-e", tmp_path / "dog.pt", "--n", 1, "--steps", 2], capsys)
+        code, out = run(["generate", "a photo of <dog-c>", "-e", trained / "learned_embeds.safetensors", "--n", 1,
+                         "--steps", 2], capsys)  # fmt: skip
         assert code == 0 and f"generated/{expected}/grid.png" in " ".join(out.split()), out
     # a call that fails leaves no empty numbered folder behind
     code, out = run(["generate", "a photo of <dog-c>", "-e", tmp_path / "no-such.pt", "--n", 1], capsys)

@@ -94,6 +94,14 @@ def test_what_oneword_writes_holds_only_the_embedding(tmp_path):
     assert pt.stat().st_size < 20_000
     a = torch.load(pt, weights_only=True)
     assert a["sd_checkpoint"] is None and a["sd_checkpoint_name"] == "sd15.safetensors"
+    # a file for sharing names its model as the world knows it, never where it was kept
+    for source, named in (("/home/me/models/secret/sd15", "sd15"), ("s3://acme-private/models/sd21/", "sd21"),
+                          ("stabilityai/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1"),
+                          ("toyworld", "toyworld"), ("C:\\Users\\me\\sd15.ckpt", "sd15.ckpt")):  # fmt: skip
+        shared = E.shared(E.Embedding("<v>", torch.zeros(1, 4), {"model_source": source, "steps": "3"}))
+        assert shared.meta == {"model_source": named, "steps": "3"}
+        kohya = E.save(shared, tmp_path / "shared.safetensors", "kohya")
+        assert source == named or source.rstrip("/") not in kohya.read_bytes().decode("latin-1")
     # an SDXL pair whose tables hold different numbers of vectors: the encoders would read different sequences
     with pytest.raises(OnewordError, match="2 clip_l but 3 clip_g"):
         E.save(E.Embedding("<p>", torch.randn(2, 32), {}, torch.randn(3, 64)), tmp_path / "p.safetensors", "kohya")

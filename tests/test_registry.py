@@ -161,6 +161,9 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert f"{name}/3 (<cat-r>) -> " in said.out  # which version the alias named, for the deploy
     assert "in prompts there, write theirs (the file's name" in " ".join(said.out.split())  # A1111's trigger word
     assert "Downloading artifacts" not in said.err  # no progress bar trailing the answer
+    assert "warning" not in said.out and "/" not in E.load(theirs).meta["model_source"]  # shared: no path in it
+    main([*pull[:5], str(tmp_path / "cat.pt"), *pull[6:]])  # A1111 would draw it for every "cat"
+    assert "warning: 'cat' is a word of the model" in " ".join(capsys.readouterr().out.split())
     # generate --concept draws with the registered concept on the model it was trained on, and keeps no download
     import tempfile
 

@@ -358,10 +358,12 @@ def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
 
 
 def pull_concept(
-    ref: str, out: Path | None = None, fmt: str = "diffusers", tracking_uri: str | None = None, replace: bool = True
+    ref: str, out: Path | None = None, fmt: str = "diffusers", tracking_uri: str | None = None, replace: bool = True,
+    shared: bool = False,
 ) -> tuple[Path, dict]:
     """Download a concept's embedding and write it in `fmt` (an SDXL pair in diffusers' format: `out` and its
-    `embeddings.second_file`); with `replace` false, a file already there is refused, not replaced.
+    `embeddings.second_file`); with `replace` false, a file already there is refused, not replaced; `shared`: a
+    file for another tool or person, which names its base model but not where it was kept (`embeddings.shared`).
 
     Returns:
         (the written file, the version's tags).
@@ -387,7 +389,7 @@ def pull_concept(
         raise OnewordError(
             f"{there[0]} already exists", hint="pass --out with another name, or --force to replace it"
         )
-    emb_io.save(emb, out, fmt)  # type: ignore[arg-type]
+    emb_io.save(emb_io.shared(emb) if shared else emb, out, fmt)  # type: ignore[arg-type]
     return out, {**mv.tags, "oneword.version": str(mv.version), "oneword.name": mv.name}
 
 

@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -71,6 +71,18 @@ class Embedding:
     @property
     def steps(self) -> int:
         return int(self.meta.get("steps", 0) or 0)
+
+
+def shared(emb: Embedding) -> Embedding:
+    """`emb` as a file that leaves oneword carries it (`export`, `concepts pull`): its base model named as the
+    world knows it (a hub id, `toyworld`; a local folder or bucket prefix by its last part), not where it was kept
+    (`/home/ana/models/...`, `s3://acme-private/...`). A run's own files keep the whole reference, which `generate`
+    loads by default."""
+    source = emb.meta.get("model_source", "")
+    if not (storage.is_s3(source) or Path(source).is_absolute() or re.match(r"^[A-Za-z]:[\\/]", source)):
+        return emb
+    name = re.split(r"[\\/]", source.rstrip("/\\"))[-1]
+    return replace(emb, meta={**emb.meta, "model_source": name})
 
 
 def blend(a: Embedding, b: Embedding, t: float, token: str) -> Embedding:

@@ -303,14 +303,14 @@ def pull_cmd(
     from rich.markup import escape
 
     from oneword.catalogue import pull_concept
-    from oneword.cli.export import refuse_existing
+    from oneword.cli.export import refuse_existing, warn_model_word
     from oneword.embeddings import FORMATS, second_file
     from oneword.errors import OnewordError
 
     if format not in FORMATS:
         raise OnewordError(f"unknown format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
     refuse_existing(out, force)
-    path, tags = pull_concept(ref, out, format, existing_store(tracking_uri), replace=force)
+    path, tags = pull_concept(ref, out, format, existing_store(tracking_uri), replace=force, shared=True)
     ref_said = f"{tags['oneword.name']}/{tags['oneword.version']}"
     pair = format == "diffusers" and tags.get("oneword.model_family") == "sdxl"  # diffusers' two files
     also = f" and {second_file(path)}" if pair else ""
@@ -318,6 +318,7 @@ def pull_cmd(
            f"({format})")
     if format in ("a1111", "kohya"):  # those tools name an embedding by its file, not by the token it was learned as
         rprint(escape(f"  in prompts there, write {Path(path).stem} (the file's name, without its suffix)"))
+        warn_model_word(Path(path))
 
 
 @concepts.command("promote")

@@ -42,7 +42,7 @@ def export_cmd(
         raise OnewordError(f"{dest} is the input file", hint="pass --out")
     for f in written:
         refuse_existing(f, force)
-    E.save(emb, dest, format)  # type: ignore[arg-type]
+    E.save(E.shared(emb), dest, format)  # type: ignore[arg-type]
     g = emb.vectors_2
     shape = f"{emb.n_vectors}x{emb.width}" + ("" if g is None else f" + clip_g {g.shape[0]}x{g.shape[1]}")
     rprint(f"[green]{emb.token}[/] ({shape}) -> {' and '.join(map(str, written))} ({format})")
@@ -54,11 +54,22 @@ def export_cmd(
         )
     if format != "diffusers":  # A1111, SD.Next and kohya's scripts call it by its file's stem
         rprint(f"  in A1111 prompts: {dest.stem}" + (f" (ComfyUI: embedding:{dest.stem})" if format == "kohya" else ""))
-        if E.is_one_word(dest.stem):
-            rprint(
-                f"[yellow]warning:[/] {dest.stem!r} is a word of the model: A1111 would put this embedding in place "
-                f"of every {dest.stem!r} in every prompt; name the file {dest.stem}{E.TRIGGER_SUFFIX}{dest.suffix}"
-            )
+        warn_model_word(dest)
+
+
+def warn_model_word(dest: Path) -> None:
+    """Warn where a file that A1111 and kohya name by its stem would take over a word of the model."""
+    from rich import print as rprint
+    from rich.markup import escape
+
+    from oneword import embeddings as E
+
+    if E.is_one_word(dest.stem):
+        rprint(
+            f"[yellow]warning:[/] {escape(repr(dest.stem))} is a word of the model: A1111 would put this embedding "
+            f"in place of every {escape(repr(dest.stem))} in every prompt; name the file "
+            f"{escape(f'{dest.stem}{E.TRIGGER_SUFFIX}{dest.suffix}')}"
+        )
 
 
 @app.command("blend", short_help="Blend two learned concepts into one.")

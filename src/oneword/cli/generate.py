@@ -115,6 +115,14 @@ def _draw(
             from oneword.embeddings import load
 
             base_model = load(files[0]).meta.get("model_source") or None
+            if base_model and base_model != TOYWORLD and "/" not in base_model and not Path(base_model).exists():
+                from oneword.errors import OnewordError
+
+                raise OnewordError(
+                    f"{files[0]} names the model it was trained on ({base_model!r}) but not where it is: a file "
+                    "exported or pulled for sharing keeps no local path or bucket",
+                    hint=f"pass --base-model: where {base_model!r} is (its folder, checkpoint, s3:// prefix or hub id)",
+                )
         return generate(base_model or TOYWORLD, files, prompts, out, config, force=force)
 
 

@@ -20,7 +20,7 @@ COPY requirements/runtime.lock /tmp/runtime.lock
 # requirements (Flask, itsdangerous, MarkupSafe) is in the runtime lock already.
 RUN pip install -r /tmp/runtime.lock \
     && pip install --no-deps Flask-WTF==1.3.0 WTForms==3.3.2
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE NOTICE /src/
 COPY src /src/src
 RUN pip install --no-deps /src
 

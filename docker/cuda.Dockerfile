@@ -23,7 +23,7 @@ ENV PATH=/opt/oneword/bin:$PATH
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY requirements/runtime.lock /tmp/runtime.lock
 RUN pip install -r /tmp/runtime.lock
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE NOTICE /src/
 COPY src /src/src
 RUN pip install --no-deps /src
 

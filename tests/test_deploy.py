@@ -466,6 +466,14 @@ def test_images_install_what_ci_installs(name):
     assert "COPY requirements/runtime.lock" in text and "pip install -r /tmp/runtime.lock" in text
     assert "-r runtime.lock" in (ROOT / "requirements" / "dev.lock").read_text()  # CI installs it via dev.lock
     assert "--no-deps /src" in text  # nothing beyond the lock
+    # what the build reads beside src/ is in the context (a licence file it names but cannot find fails the build)
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {"pyproject.toml", project["readme"], *project["license-files"]}
+    copied = set(" ".join(re.findall(r"^COPY ((?:\S+ )+)/src/$", text, re.M)).split())
+    assert needed <= copied and not needed & set((ROOT / ".dockerignore").read_text().split()), copied
+    assert all((ROOT / f).is_file() for f in needed)
     froms = re.findall(r"^FROM (\S+)", text, re.M)
     assert len(froms) >= 2 and all(f.startswith("${PYTHON_IMAGE}${PYTHON_DIGEST}") for f in froms)  # multi-stage
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1)

@@ -2,6 +2,7 @@
 every value a pod needs reachable through the DAGs that contain it (checked on the checked-in specs)."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,12 +129,22 @@ def test_the_gpu_image_finds_a_driver_mounted_where_gke_mounts_it():
     assert re.search(r"PATH=\S*/usr/local/nvidia/bin", text)
 
 
-def test_compile_check_refuses_a_registry_because_the_checked_in_specs_use_the_published_images(capsys):
+def test_compile_check_refuses_a_registry_because_the_checked_in_specs_use_the_published_images(capsys, tmp_path):
     from oneword.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["compile", "--root", str(ROOT), "--check", "--image-registry", "registry.example.com/team"])
     assert exit_.value.code == 2 and "published images" in capsys.readouterr().err
+    # nor rewrites them to pull from another registry (ONEWORD_IMAGE_REGISTRY, set for `submit`, names one): a
+    # checkout's copy, so that a compile that did would not touch this one's
+    shutil.copytree(ROOT / "components", tmp_path / "components")
+    (tmp_path / "src" / "oneword").mkdir(parents=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "components").iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "--root", str(tmp_path), "--image-registry", "registry.example.com/team"])
+    said = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.code == 2 and "oneword's repository" in said and "--root my-specs" in said, said
+    assert {p.name: p.read_bytes() for p in (tmp_path / "components").iterdir()} == before
 
 
 @pytest.mark.parametrize("name", PIPELINES)

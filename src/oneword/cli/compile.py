@@ -46,5 +46,12 @@ def compile_cmd(
             )
         rprint("[green]components/ and pipelines/ are up to date[/]")
         return
+    if image_registry and (root / "src" / "oneword").is_dir():  # e.g. ONEWORD_IMAGE_REGISTRY set for `submit`
+        raise OnewordError(
+            f"{root.resolve()} is oneword's repository: its components/ and pipelines/ are the released specs, "
+            f"which pull the published images, and would be rewritten to pull from {image_registry}",
+            hint="write your registry's specs elsewhere (--root my-specs), or unset ONEWORD_IMAGE_REGISTRY to "
+            "compile the released ones",
+        )
     for p in compile_all(root, image_registry):
         rprint(f"wrote {p}")

@@ -339,6 +339,32 @@ def test_checkpoint_storage_that_is_not_configured_is_an_error_not_a_fresh_start
     assert list(tmp_path.iterdir()) == []  # no part file left behind
 
 
+_FULL_DISK = """
+import resource, signal, sys, torch
+from oneword import checkpoints
+from oneword.errors import OnewordError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as one on a full disk does
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+try:
+    checkpoints.save_checkpoint(sys.argv[1], 10, {"step": 10, "table": torch.zeros(100000)})
+except OnewordError as e:
+    print(e.message)
+"""
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_said_and_leaves_no_part_file(tmp_path):
+    """torch's writer says a write cut short as a RuntimeError ("unexpected pos"), not an OSError: training
+    stopped with a traceback, and the part file stayed on the full disk."""
+    import subprocess
+    import sys
+
+    said = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert said.returncode == 0 and f"could not write checkpoint {tmp_path}" in said.stdout, said.stdout + said.stderr
+    assert "the write stopped short" in said.stdout and "MiB free there" in said.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_store_that_refuses_a_checkpoint_is_not_asked_again(s3_server, s3_bucket, monkeypatch):
     import urllib.request
 

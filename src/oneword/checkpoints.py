@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -97,10 +98,14 @@ def _save_local(state: dict, path: Path) -> None:
     """`torch.save`, with a full or read-only disk said as an `OnewordError` (training goes on past one)."""
     try:
         torch.save(state, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's writer says a write cut short (ENOSPC, EFBIG) as a RuntimeError
         path.unlink(missing_ok=True)
+        said = str(e) if isinstance(e, OSError) else "the write stopped short"
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
         raise OnewordError(
-            f"could not write checkpoint {path}: {e}", hint="free space on that disk, or checkpoint elsewhere"
+            f"could not write checkpoint {path}: {said}" + (f" ({free / 2**20:.1f} MiB free there)" if free is not None
+                                                          else ""),
+            hint="free space on that disk, or checkpoint elsewhere (--checkpoint-dir)",
         ) from e
 
 

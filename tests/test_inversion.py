@@ -107,6 +107,22 @@ def test_resume_refuses_another_concept(tiny_model_dir, cat_latents, tmp_path):
         other.run(tmp_path, resume=True, progress=False)
 
 
+def test_resume_refuses_the_same_word_learned_from_other_photos(tiny_model_dir, cat_latents, tmp_path):
+    """`train --resume` into the folder of another training of the same token (its photos changed since, or
+    another concept's) went on from its checkpoints: evaluation then chose among vectors of both."""
+    from dataclasses import replace
+
+    _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, checkpoint_every=5).run(
+        tmp_path, progress=False
+    )
+    edited = replace(cat_latents, image_sha256=["f" * 64, *cat_latents.image_sha256[1:]])  # one photo changed
+    other = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), edited, steps=15)
+    with pytest.raises(OnewordError, match=r"learned <cat-x> from other photos: 1 of this run's \d+ are not among"):
+        other.run(tmp_path, resume=True, progress=False)
+    same = _trainer(load_base_model(str(tiny_model_dir), parts=("unet",)), cat_latents, steps=15)
+    assert same.run(tmp_path, resume=True, progress=False).steps == 15  # its own photos go on
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, cat_latents, tmp_path):
     tr = _trainer(tiny_model, cat_latents, steps=30, checkpoint_every=10, log_every=5)
     real_loss, calls = tr.concept_losses, []

@@ -529,6 +529,7 @@ class InversionTrainer:
             "model_source": str(self.model.source),
             "device_type": self.device.type,
             "concepts": [c.spec.model_dump_json() for c in self.concepts],
+            "image_sha256": {c.spec.token: list(c.meta["image_sha256"]) for c in self.concepts},
             "config": self.config.model_dump_json(),
             "curves": json.dumps(self.curves),
             "failed": json.dumps({c.spec.token: c.failed for c in self.concepts if c.failed}),
@@ -562,6 +563,16 @@ class InversionTrainer:
                 f"{source} was written for concepts {state['concepts']}, not {mine}",
                 hint="resume with the same token, initializer and vector count, or use a fresh checkpoint folder",
             )
+        for c in self.concepts:  # the same word of other photos (a folder's photos changed since, another concept)
+            mine = set(c.meta["image_sha256"])
+            theirs = set(state.get("image_sha256", {}).get(c.spec.token, mine))  # older checkpoints: not recorded
+            if mine != theirs:
+                raise OnewordError(
+                    f"{source} learned {c.spec.token} from other photos: {len(mine - theirs)} of this run's "
+                    f"{len(mine)} are not among its {len(theirs)}, and {len(theirs - mine)} of its are not here",
+                    hint="train these photos into a fresh output or checkpoint folder; to go on with the "
+                    "checkpoint, train on the photos it was written with",
+                )
         if state["model_fingerprint"] != self.model.fingerprint:
             raise OnewordError(
                 f"{source} was trained on another base model ({state['model_fingerprint'][:19]}…)",

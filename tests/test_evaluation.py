@@ -485,6 +485,34 @@ def test_checkpoints_before_every_vector_trained_are_never_candidates():
     assert [s for s, _ in complete_checkpoints(found, two)] == [150, 200, 250]
     for off in ({"config": {"progressive_every": 0}, "concept": {"n_vectors": 3}}, {}):
         assert complete_checkpoints(found, off) == found
+    # past the training's last step: a later training into its folder that was killed, the summary still its
+    assert [s for s, _ in complete_checkpoints(found, {**two, "steps": 200})] == [150, 200]
+
+
+def test_a_checkpoint_of_other_photos_is_never_scored_as_the_trainings(evaluated_concept, tiny_clip_dir, tmp_path):
+    """A training copied without its checkpoints reads them from the folder its summary names, which may hold a
+    later training's by now: their vectors were scored and registered as this training's."""
+    import json
+    import shutil
+
+    from oneword import checkpoints
+    from oneword.evaluation.evaluate import EvalConfig, evaluate
+
+    train_dir, _ = evaluated_concept
+    found = checkpoints.list_checkpoints(train_dir / "checkpoints")
+    assert len(found) >= 2
+    trained, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
+    shutil.copytree(train_dir, trained, ignore=shutil.ignore_patterns("checkpoints"))
+    elsewhere.mkdir()
+    for step, path in found:  # another training's, of other photos, where the summary says its checkpoints are
+        state = checkpoints.load_checkpoint(path)
+        state["image_sha256"] = {token: ["f" * 64] for token in state["vectors"]}
+        checkpoints.save_checkpoint(elsewhere, step, state)
+    summary = json.loads((trained / "summary.json").read_text())
+    (trained / "summary.json").write_text(json.dumps({**summary, "checkpoint_dir": str(elsewhere)}))
+    config = EvalConfig(n_images=1, steps=2, checkpoint_budget=1, clip_model=str(tiny_clip_dir))
+    with pytest.raises(OnewordError, match="learned <cat-r> from other photos than the training evaluated"):
+        evaluate(trained, None, tmp_path / "eval", config)
 
 
 def test_an_evaluation_with_other_photos_or_model_is_not_marked_as_the_pipelines(evaluated_concept, cat_dataset,

@@ -1167,7 +1167,8 @@ def test_an_evaluation_of_another_training_is_not_registered_with_this_one(evalu
     train_dir, eval_dir = evaluated_concept
     summary = json.loads((train_dir / "summary.json").read_text())
     for change, said in (({"concept": {**summary["concept"], "token": "<dog-r>"}}, "token"),
-                         ({"steps": summary["steps"] + 4}, "steps")):  # fmt: skip
+                         ({"steps": summary["steps"] + 4}, "steps"),
+                         ({"image_sha256": ["f" * 64, *summary["image_sha256"][1:]]}, "photos")):  # fmt: skip
         other = tmp_path / said
         shutil.copytree(train_dir, other)
         (other / "summary.json").write_text(json.dumps({**summary, **change}))
@@ -1184,6 +1185,13 @@ def test_an_evaluation_of_another_training_is_not_registered_with_this_one(evalu
     E.save(E.Embedding(emb.token, emb.vectors + 1, emb.meta), other / "learned_embeds.safetensors")
     with pytest.raises(OnewordError, match="last vectors"):
         registry.register(other, eval_dir, tracking_uri=f"sqlite:///{tmp_path}/never.db")
+    # a checkpoint past the training's end (a later training into its folder, killed) was scored and chosen
+    late = tmp_path / "late"
+    shutil.copytree(eval_dir, late)
+    (late / "metrics.json").write_text(json.dumps({**metrics, "step": metrics["final_step"] + 100}))
+    with pytest.raises(OnewordError, match=r"chosen step \(\d+, past this training's last"):
+        registry.register(train_dir, late, tracking_uri=f"sqlite:///{tmp_path}/never.db")
+    assert not (tmp_path / "never.db").exists()
 
 
 def test_registry_queries_do_not_load_torch():

@@ -437,10 +437,13 @@ def _check_evaluated(train_dir: Path, eval_dir: Path, summary: dict, metrics: di
     """Refuse an evaluation of another training: its scores and embedding would be registered with this training's
     token, steps and settings (a champion whose card describes one concept and whose file is another's)."""
     theirs = {"token": metrics.get("token"), "steps": metrics.get("final_step"),
-              "base model": metrics.get("model_fingerprint")}  # fmt: skip
+              "base model": metrics.get("model_fingerprint"),
+              "photos": _photos(metrics.get("image_sha256"))}  # fmt: skip
     mine = {"token": summary["concept"]["token"], "steps": summary.get("steps"),
-            "base model": summary.get("model_fingerprint")}  # fmt: skip
+            "base model": summary.get("model_fingerprint"), "photos": _photos(summary.get("image_sha256"))}  # fmt: skip
     differ = [k for k in mine if theirs[k] is not None and mine[k] is not None and theirs[k] != mine[k]]
+    if (metrics.get("step") or 0) > (summary.get("steps") or float("inf")):  # scored a checkpoint past its end
+        differ.append(f"chosen step ({metrics['step']}, past this training's last, {summary['steps']})")
     if not differ and metrics.get("step") == metrics.get("final_step"):  # it picked the last: the very vectors
         import torch
 
@@ -467,6 +470,13 @@ def _check_evaluated(train_dir: Path, eval_dir: Path, summary: dict, metrics: di
             hint=f"evaluate this training (oneword evaluate {train_dir} -o ...), or register the training that "
             f"{eval_dir} evaluated",
         )
+
+
+def _photos(image_sha256: list[str] | None) -> str | None:
+    """A training's photos as a check says them: how many, and a digest of the set."""
+    if not image_sha256:
+        return None
+    return f"{len(image_sha256)} photos {hashlib.sha256(''.join(sorted(image_sha256)).encode()).hexdigest()[:12]}"
 
 
 TRAINING_SUMMARY = "training/summary.json"  # a run's training, as it ran (`catalogue` reads where it left copies)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +79,10 @@ def complete_checkpoints(found: list[tuple[int, str]], summary: dict) -> list[tu
     """
     every = summary.get("config", {}).get("progressive_every", 0) or 0
     n = summary.get("concept", {}).get("n_vectors", 1) or 1
-    return [(step, path) for step, path in found if step > (n - 1) * every]
+    # past the training's last step: a later training into its folder that never finished (killed: the summary
+    # is still this one's), or another's in the checkpoint folder it names
+    last = summary.get("steps") or float("inf")
+    return [(step, path) for step, path in found if (n - 1) * every < step <= last]
 
 
 class _Session:
@@ -323,22 +326,24 @@ def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_ch
     selecting = config.checkpoint_budget > 0 and len(found) >= 2
     s.plan(len(found) if selecting else 0)
     if selecting:
-        curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint)
+        photos = trained.summary.get("image_sha256")
+        curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint, photos)
         chosen = select_checkpoint(curve, config.selection_tolerance, config.selection_rule).step
         # each process scored on its own GPU: a near tie must not pick two steps, so the main process decides
         chosen = distributed.from_main(chosen, s.world)
-        return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token), curve)
+        return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token, photos), curve)
     emb = trained.emb
     final = [emb.vectors] + ([emb.vectors_2] if emb.vectors_2 is not None else [])
     return _Choice(emb.steps or trained.summary.get("steps", 0), final, [])
 
 
-def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, on_checkpoint=None) -> list[CurvePoint]:
+def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, on_checkpoint=None,
+                       photos: Sequence[str] | None = None) -> list[CurvePoint]:
     """The reconstruction/editability curve over the checkpoints, `budget` images per prompt each."""
     curve = []
     for step, path in found:
         # seeds of their own: the images that choose a checkpoint are never the ones that report its scores
-        r = s.score(_checkpoint_vectors(path, s.token), budget, s.cfg.seed + SELECTION_SEED_OFFSET)
+        r = s.score(_checkpoint_vectors(path, s.token, photos), budget, s.cfg.seed + SELECTION_SEED_OFFSET)
         curve.append(
             CurvePoint(
                 step,
@@ -355,9 +360,17 @@ def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, o
     return curve
 
 
-def _checkpoint_vectors(path, token: str) -> list[torch.Tensor]:
-    """The token's vectors stored in one checkpoint, one tensor per text encoder."""
+def _checkpoint_vectors(path, token: str, photos: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """The token's vectors stored in one checkpoint, one tensor per text encoder; refused where the checkpoint
+    records that it learned them from other `photos` (the training's)."""
     state = checkpoints.load_checkpoint(path)
+    theirs = state.get("image_sha256", {}).get(token)
+    if photos is not None and theirs is not None and set(theirs) != set(photos):
+        raise OnewordError(
+            f"checkpoint {path} learned {token} from other photos than the training evaluated: its checkpoint "
+            "folder holds another training's checkpoints",
+            hint="evaluate the training in the folder it was written to, with its own checkpoints beside it",
+        )
     second = state.get("vectors_2", {})
     return [state["vectors"][token]] + ([second[token]] if token in second else [])
 
@@ -369,6 +382,7 @@ def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) 
         "token": trained.emb.token,
         "step": choice.step,
         "final_step": trained.summary.get("steps"),
+        "image_sha256": trained.summary.get("image_sha256"),  # the photos learned from: register matches them
         "reconstruction": full["reconstruction"],
         "editability": full["editability"],
         "reconstruction_se": full["reconstruction_se"],

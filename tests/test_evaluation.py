@@ -536,6 +536,18 @@ def test_an_evaluation_with_other_photos_or_model_is_not_marked_as_the_pipelines
                                             base_model=summary["model_source"])  # fmt: skip
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_sampling(evaluated_concept, tiny_clip_dir, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """Found only when the evaluation moved in, after all its sampling (hours of a GPU, on SD)."""
+    from oneword.evaluation import evaluate as ev
+
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setattr(ev, "build_pipeline", lambda *a, **k: pytest.fail("sampled before the output was checked"))
+    config = ev.EvalConfig(n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
+    with pytest.raises(OnewordError, match=f"cannot write the output {tmp_path / 'afile' / 'eval'}"):
+        ev.evaluate(evaluated_concept[0], None, tmp_path / "afile" / "eval", config)
+
+
 def test_scores_against_other_images_than_the_trainings_say_so(evaluated_concept, cat_dataset, tiny_clip_dir,
                                                                tmp_path, caplog):  # fmt: skip
     """`--data` may name held-out photos, but scores against them compare with no other evaluation: the log, the

@@ -314,6 +314,20 @@ def check_replaceable(final: Path, marker: str, what: str) -> None:
         )
 
 
+def check_writable(final: Path) -> None:
+    """Refuse an output `final` whose folder cannot be written (read-only, not a folder, no permission), said
+    before the work that fills it rather than after: the output is written beside it, then moved in."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=final.parent, prefix=".oneword-probe-"):
+            pass
+    except OSError as e:
+        raise OnewordError(
+            f"cannot write the output {final}: {e.strerror or e} ({e.filename or final.parent})",
+            hint="choose an -o in a folder you may write to",
+        ) from e
+
+
 @contextmanager
 def atomic_dir(final: Path, marker: str | None = None, what: str = "an output folder") -> Iterator[Path]:
     """Yield a temporary folder beside `final` and move it into place only if the block succeeds.

@@ -41,7 +41,7 @@ from oneword.images import Manifest
 from oneword.latents import DATASET_DIR
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
-from oneword.storage import atomic_dir, check_replaceable
+from oneword.storage import atomic_dir, check_replaceable, check_writable
 from oneword.tokens import vector_tokens
 from oneword.train import SUMMARY_FILE, write_embedding_files
 
@@ -253,6 +253,7 @@ def evaluate(
         The metrics dict written to `metrics.json`.
     """
     check_replaceable(Path(out_dir), METRICS_FILE, EVALUATION)  # before the sampling, not after
+    check_writable(Path(out_dir))
     local = "a loaded model or callbacks" if isinstance(base_model, LoadedModel) or on_images or on_checkpoint else ""
     if (n := distributed.processes(config.gpus, config.device, local)) > 1:
         return distributed.launch(

@@ -318,6 +318,26 @@ def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
     assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
 
 
+def test_a_register_says_what_it_waits_for_and_not_for_one_long_silent(mlflow_server, caplog, monkeypatch):
+    """After a register killed outright, the next one printed nothing for five minutes; and one killed an hour
+    before was waited for as long."""
+    import logging
+
+    name = "cat-silent"
+    client = _two_undecided_versions(mlflow_server, name)
+    client.set_model_version_tag(name, "1", "gate", "decided")
+    with caplog.at_level(logging.INFO, logger="oneword.registry"):
+        registry._wait_for_older_decisions(client, name, 3, "run-3", {}, "models:/m-3", timeout=0.3)
+    said = " ".join(caplog.text.split())
+    assert "cat-silent: waiting for version 2's register to decide its alias before version 3's" in said, said
+    client.delete_model_version_tag(name, "2", "gate")
+    real = registry.silent_for
+    monkeypatch.setattr(registry, "silent_for", lambda mv, now=None: real(mv, now) + 3600)  # as if an hour later
+    t0 = time.monotonic()
+    registry._wait_for_older_decisions(client, name, 3, "run-3", {}, "models:/m-3", timeout=30)
+    assert time.monotonic() - t0 < 10 and client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
+
+
 def test_a_waiting_version_is_not_abandoned_with_the_dead_one_it_waits_for(mlflow_server):
     """Versions 1 and 2 are undecided when version 3 runs out of patience: 1's register died, 2's is alive and
     waiting for 1 as 3 is. Version 3 marks only 1, so that 2 decides its own alias before 3 decides; marking both

@@ -775,8 +775,14 @@ def _wait_for_older_decisions(
         undecided = {mv.version for mv in older}
         if waiting is not None and undecided < waiting:  # an older version decided: the queue moves, wait on
             deadline = time.monotonic() + timeout
+        if waiting is None or undecided < waiting:
+            log.info("%s: waiting for version %s's register to decide its alias before version %s's (it said it was "
+                     "alive %.0f s ago; one silent for %.0f s is taken as killed)", name, older[0].version, version,
+                     max(0.0, silent_for(older[0])), timeout)  # fmt: skip
         waiting = undecided
-        if time.monotonic() > deadline:
+        # a register silent for twice the wait (`catalogue._deciding`'s measure; a live one beats while it waits)
+        # died long before this one began: not waited for
+        if time.monotonic() > deadline or silent_for(older[0]) > 2 * max(timeout, HEARTBEAT_S):
             # Only the oldest: the versions after it may be alive and waiting for it as this one is, and decide
             # as soon as it is marked; marking them too would let two registrations set the alias at once.
             oldest = older[0]

@@ -42,6 +42,17 @@ def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=No
     return out
 
 
+def test_the_same_evaluation_registered_twice_does_not_beat_itself(evaluated_concept, tmp_path):
+    """The champion's scores are read back from tags kept to 6 places: the same evaluation, registered again,
+    beat its own rounded copy by 4e-7 and took the alias ("1.0828 beats the champion's 1.0828")."""
+    train_dir, eval_dir = evaluated_concept
+    scored = _with_scores(eval_dir, tmp_path, 0.12345649, 0.50000049)  # each rounds down in the registry
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = registry.register(train_dir, scored, uri, name="cat-twice")
+    again = registry.register(train_dir, scored, uri, name="cat-twice")
+    assert (first.alias, again.alias) == ("champion", "candidate") and "does not beat" in again.reason, again
+
+
 def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, tiny_model_dir, monkeypatch, capsys):
     train_dir, eval_dir = evaluated_concept
     name = "cat-gate"

@@ -29,7 +29,13 @@ from pathlib import Path, PurePosixPath
 from oneword import __version__, outcome, storage, tracking
 from oneword.config import NAME_LENGTH, REGISTERED_NAME, TrackingConfig
 from oneword.errors import OnewordError
-from oneword.evaluation.gate import EvaluatorMismatch, GateThresholds, check_comparable, quality_gate
+from oneword.evaluation.gate import (
+    SCORE_DECIMALS,
+    EvaluatorMismatch,
+    GateThresholds,
+    check_comparable,
+    quality_gate,
+)
 from oneword.evaluation.protocol import result_key
 from oneword.profiles import DEFAULT_FAMILY, PROFILES, ModelProfile
 from oneword.tracking import resolve
@@ -900,8 +906,8 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
     if m := concept.metrics:
         vtags.update(
             {
-                "reconstruction": f"{m['reconstruction']:.6f}",
-                "editability": f"{m['editability']:.6f}",
+                "reconstruction": f"{m['reconstruction']:.{SCORE_DECIMALS}f}",
+                "editability": f"{m['editability']:.{SCORE_DECIMALS}f}",
                 "evaluator": m["evaluator"]["name"],
                 "evaluator_fingerprint": m["evaluator"]["fingerprint"],
                 "chosen_step": str(m["step"]),
@@ -910,14 +916,15 @@ def _version_tags(concept: _Concept, run_id: str, thresholds: GateThresholds) ->
         if "protocol" in m:  # how the scores were measured, and their noise: what the next gate compares with
             vtags.update(
                 {
-                    "reconstruction_se": f"{m['reconstruction_se']:.6f}",
-                    "editability_se": f"{m['editability_se']:.6f}",
+                    "reconstruction_se": f"{m['reconstruction_se']:.{SCORE_DECIMALS}f}",
+                    "editability_se": f"{m['editability_se']:.{SCORE_DECIMALS}f}",
                     "eval_protocol": json.dumps(m["protocol"], sort_keys=True),
                     "eval_protocol_id": m["protocol_id"],
                 }
             )
             if "score_per_seed" in m:  # the gate pairs two versions' scores seed by seed
-                vtags |= {"score_se": f"{m['score_se']:.6f}", "score_per_seed": json.dumps(m["score_per_seed"])}
+                vtags |= {"score_se": f"{m['score_se']:.{SCORE_DECIMALS}f}",
+                          "score_per_seed": json.dumps(m["score_per_seed"])}  # fmt: skip
     return vtags
 
 

@@ -17,6 +17,8 @@ from oneword.config import GateThresholds
 from oneword.errors import OnewordError
 from oneword.evaluation.protocol import differences
 
+SCORE_DECIMALS = 6  # the registry keeps scores to this many places: a champion's read back is rounded to them
+
 
 def known_se(se: float | None) -> float:
     """A standard error to compare with: an unmeasured one (nan: one image; None: not recorded) counts as 0, so
@@ -95,7 +97,9 @@ def quality_gate(candidate: dict, champion: dict | None, thresholds: GateThresho
         return GateResult(True, "the first champion: none before it" + (
             "; no thresholds set (--min-reconstruction, --min-editability)" if off else "; passes the thresholds"))
     check_comparable(candidate, champion)
-    score, best = rec + edit, champion["reconstruction"] + champion["editability"]
+    # at the registry's precision: the same evaluation registered twice beat its own rounded copy
+    score = round(rec, SCORE_DECIMALS) + round(edit, SCORE_DECIMALS)
+    best = champion["reconstruction"] + champion["editability"]
     if not math.isfinite(best):  # a champion whose scores were NaN holds its alias by no measure
         return GateResult(True, f"reconstruction + editability {score:.4f}; the champion's scores are not finite")
     paired = _paired_se(candidate, champion)

@@ -385,9 +385,13 @@ def test_bench_eval_draws_the_pictures_asked_for(tmp_path, capsys):
         assert code == 0 and r["steps"] == drawn and r["images_per_second"] == pytest.approx(drawn / r["seconds"])
 
 
-def test_ctrl_c_in_train_says_what_was_kept_and_how_to_go_on(cat_latents_dir, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("stop", "status", "said"), [("SIGINT", 130, "interrupted"),
+                                                      ("SIGTERM", 143, "stopped by SIGTERM")])  # fmt: skip
+def test_ctrl_c_in_train_says_what_was_kept_and_how_to_go_on(cat_latents_dir, tiny_model_dir, tmp_path, stop,
+                                                             status, said):  # fmt: skip
     """Ctrl-C (SIGINT, to a real process) left a blank line and status 130: now the newest checkpoint is named
-    and the command that continues from it is printed, whole, ready to paste."""
+    and the command that continues from it is printed, whole, ready to paste. A SIGTERM (`timeout`, `kill`) ended
+    it with nothing said: the same now, with its status."""
     import shlex
     import signal
     import subprocess
@@ -408,13 +412,13 @@ def test_ctrl_c_in_train_says_what_was_kept_and_how_to_go_on(cat_latents_dir, ti
         while not (out / "checkpoints" / "step-000004.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()  # never left training 100,000 steps behind a failed assertion
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     newest = max(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
-    assert f"interrupted: the training stopped; its newest checkpoint is step {newest}." in err, err[-2000:]
+    assert f"{said}: the training stopped; its newest checkpoint is step {newest}." in err, err[-2000:]
     again = next(line for line in err.splitlines() if line.startswith("to continue: "))
     assert shlex.split(again.removeprefix("to continue: ")) == ["oneword", *args, "--resume"]
     assert "Traceback" not in err

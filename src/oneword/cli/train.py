@@ -176,14 +176,18 @@ def _train(concepts, latents, out, token, init_word, n_vectors, templates, confi
 
 @contextlib.contextmanager
 def _interrupted(checkpoints_at: str | Path, listed: bool) -> Iterator[None]:
-    """On Ctrl-C, say what was kept and how to go on (exit status 130, a shell's for SIGINT), not a blank line.
+    """On Ctrl-C, say what was kept and how to go on (exit status 130, a shell's for SIGINT), not a blank line;
+    on SIGTERM or SIGHUP the same, with its status.
 
     `checkpoints_at`: where the checkpoints are; `listed`: whether they lie there themselves (not in a folder
     of each group's, under it).
     """
+    from oneword.processes import Stopped, stops_raise
+
     try:
-        yield
-    except KeyboardInterrupt:
+        with stops_raise():  # `timeout`, `kill`, a scheduler's stop: said as Ctrl-C is, with its status
+            yield
+    except (KeyboardInterrupt, Stopped) as e:
         from oneword import checkpoints
 
         args = [a for a in STATE["argv"] if a != "--resume"]
@@ -199,8 +203,9 @@ def _interrupted(checkpoints_at: str | Path, listed: bool) -> Iterator[None]:
             again = "to continue: " + shlex.join(["oneword", *args, "--resume"])
         else:  # nothing to resume from: the same command starts it again
             again = "to start again: " + shlex.join(["oneword", *args])
-        print(f"\ninterrupted: the training stopped; {kept}.\n{again}", file=sys.stderr)
-        raise typer.Exit(130) from None
+        by = f"stopped by {e.signal}" if isinstance(e, Stopped) else "interrupted"
+        print(f"\n{by}: the training stopped; {kept}.\n{again}", file=sys.stderr)
+        raise typer.Exit(e.code if isinstance(e, Stopped) else 130) from None
 
 
 def _read_group(path: Path):

@@ -80,6 +80,23 @@ def test_a_damaged_store_is_a_clear_error(tmp_path):
     with pytest.raises(OnewordError, match="cannot open the MLflow store") as e:
         tracking.ensure_store(f"sqlite:///{tmp_path}/./mlflow.db")  # the same file, a URI not opened yet
     assert str(tmp_path) in str(e.value) and "mlflow db upgrade" in e.value.hint
+    # one cut short (a copy that stopped, a disk that failed) is said as damaged, in SQLite's words, not SQL
+    cut = tmp_path / "cut.db"
+    cut.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+    with pytest.raises(OnewordError, match=r"the store.s database said: .*(malformed|not a database)") as e:
+        tracking.ensure_store(f"sqlite:///{cut}")
+    assert f"{cut} is damaged: restore it from a backup" in e.value.hint and "SELECT" not in e.value.message
+    # a store in a folder where no lock file can be made (a read-only backup): read as it is
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    tracking.ensure_store(f"sqlite:///{fresh / 'mlflow.db'}")
+    (fresh / "mlflow.db.lock").unlink(missing_ok=True)
+    (fresh / "mlflow.db.lock").mkdir()  # where the lock file would go: it cannot be made
+    uri = f"sqlite:///{fresh}/./mlflow.db"  # not opened yet in this process
+    assert tracking.ensure_store(uri) == uri and mlflow.MlflowClient(uri).search_experiments()
+    (fresh / "new.db.lock").mkdir()  # and a store not made yet there: said, naming it
+    with pytest.raises(OnewordError, match=f"cannot make the MLflow store {fresh / 'new.db'}"):
+        tracking.ensure_store(f"sqlite:///{fresh}/new.db")
 
 
 @pytest.mark.slow

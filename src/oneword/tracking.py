@@ -116,22 +116,43 @@ def ensure_store(tracking_uri: str | None = None) -> str:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
     from sqlalchemy.exc import DatabaseError
 
-    with FileLock(f"{db}.lock"):
-        try:
-            TrackingStore(uri, local_artifact_root(uri))  # creates or migrates the tables
-            RegistryStore(uri)
-        except (DatabaseError, MlflowException) as e:  # OperationalError among them
-            if "_alembic_tmp_" in str(e):
-                hint = (
-                    f"the store was left half-migrated by an unguarded concurrent start: if it holds nothing you "
-                    f"need, delete {db}; otherwise drop the `_alembic_tmp_*` table named above with sqlite3, then "
-                    f"run `mlflow db upgrade {uri}`"
-                )
-            else:
-                hint = f"take a backup of {db}, then run `mlflow db upgrade {uri}`; or pass another --tracking-uri"
-            raise OnewordError(f"cannot open the MLflow store {db}: {e}", hint=hint) from e
+    lock = FileLock(f"{db}.lock")
+    try:
+        lock.acquire()
+    except OSError as e:  # a folder that cannot be written: a store there (a backup, a snapshot) is read as it is
+        if not db.is_file():
+            raise OnewordError(f"cannot make the MLflow store {db}: {e.strerror} ({e.filename})",
+                               hint="pass --tracking-uri a file in a folder you may write to") from e  # fmt: skip
+        lock = None
+    try:
+        TrackingStore(uri, local_artifact_root(uri))  # creates or migrates the tables
+        RegistryStore(uri)
+    except (DatabaseError, MlflowException) as e:  # OperationalError among them
+        raise OnewordError(f"cannot open the MLflow store {db}: {said(e)}", hint=store_hint(str(e), db, uri)) from e
+    finally:
+        if lock is not None:
+            lock.release()
     _ready.add(uri)
     return uri
+
+
+def store_hint(error: str, db: Path, uri: str) -> str:
+    """What to do about a SQLite store that could not be opened, by what SQLite said."""
+    if "_alembic_tmp_" in error:
+        return (f"the store was left half-migrated by an unguarded concurrent start: if it holds nothing you need, "
+                f"delete {db}; otherwise drop the `_alembic_tmp_*` table named above with sqlite3, then run "
+                f"`mlflow db upgrade {uri}`")  # fmt: skip
+    if "database is locked" in error:
+        return (f"another process holds {db} (a long write, or one stuck): wait for it or stop it; SQLite on a "
+                "network file system (NFS) is not safe to share")
+    if "malformed" in error or "not a database" in error:
+        return (f"{db} is damaged: restore it from a backup (`sqlite3 {db} .recover` may save what it holds), or "
+                "pass another --tracking-uri")
+    if "disk is full" in error or "disk I/O" in error:
+        return f"free space where {db} lies, or move it to a disk with room"
+    if "readonly" in error or "read-only" in error:
+        return f"{db} cannot be written: check its permissions and its disk, or pass another --tracking-uri"
+    return f"take a backup of {db}, then run `mlflow db upgrade {uri}`; or pass another --tracking-uri"
 
 
 def _head(path: Path) -> bytes:
@@ -164,6 +185,9 @@ def said(e: Exception, most: int = 300) -> str:
     such, not as the request's 400-character URL and urllib3's retry chatter, from which a person must dig out
     which it was."""
     text = str(e).strip()
+    # the database's own words, beneath SQLAlchemy's
+    if db := re.search(r"\((?:sqlite3|psycopg2|pymysql|MySQLdb)[.\w]*\) ([^\n\[]+)", text):
+        return f"the store's database said: {db.group(1).strip()}"[:most]
     request = re.match(r"API request to (\w+://[^/\s]+)\S* failed with (?:timeout )?exception ", text)
     if request:
         where = request.group(1)

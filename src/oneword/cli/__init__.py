@@ -96,8 +96,16 @@ def _tracking_error(e: Exception) -> OnewordError | None:
 
     if not isinstance(e, MlflowException):
         return None
+    text = said(e, 400)
+    if text.startswith("the store's database said"):  # not a server's refusal: the database under it
+        import mlflow
+
+        from oneword.tracking import sqlite_path, store_hint
+
+        uri = mlflow.get_tracking_uri()
+        return OnewordError(f"MLflow: {text}", hint=store_hint(str(e), sqlite_path(uri) or Path("its database"), uri))
     return OnewordError(
-        f"MLflow: {said(e, 400)}",
+        f"MLflow: {text}",
         hint="check --tracking-uri (or $MLFLOW_TRACKING_URI), that the server answers there, and "
         "MLFLOW_TRACKING_USERNAME/PASSWORD; with artifacts in S3 the server's MLFLOW_S3_ENDPOINT_URL and AWS keys",
     )

@@ -548,6 +548,24 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_sampling(evaluat
         ev.evaluate(evaluated_concept[0], None, tmp_path / "afile" / "eval", config)
 
 
+def test_a_training_image_edited_since_preprocess_is_refused_not_scored_against(evaluated_concept, tiny_clip_dir,
+                                                                                 tmp_path):  # fmt: skip
+    """Evaluation read the images its manifest names without checking them: one replaced since changed what
+    "reconstruction" measures, with no word (0.69 fell to 0.29)."""
+    import shutil
+
+    from oneword.evaluation import evaluate as ev
+    from oneword.images import Manifest
+
+    trained = tmp_path / "train"
+    shutil.copytree(evaluated_concept[0], trained)
+    files = [trained / "dataset" / r.file for r in Manifest.load(trained / "dataset").images]
+    shutil.copyfile(files[1], files[0])
+    config = ev.EvalConfig(n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
+    with pytest.raises(OnewordError, match=f"{files[0]} is not the image its manifest names"):
+        ev.evaluate(trained, None, tmp_path / "eval", config)
+
+
 def test_scores_against_other_images_than_the_trainings_say_so(evaluated_concept, cat_dataset, tiny_clip_dir,
                                                                tmp_path, caplog):  # fmt: skip
     """`--data` may name held-out photos, but scores against them compare with no other evaluation: the log, the

@@ -346,6 +346,24 @@ def size_problem(size: tuple[int, int], resolution: int, mode: str = "crop") -> 
     )
 
 
+def dataset_image(path: Path, sha256: str, said_too: str = "") -> Image.Image:
+    """A preprocessed image, as its manifest says it is (`sha256`, of its pixels): one edited or replaced since
+    `oneword preprocess` wrote it is refused, naming it (`said_too`: what the refusal spared, for the hint)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except OSError as e:  # missing, truncated, not an image
+        raise OnewordError(
+            f"{path} cannot be read ({e})", hint="preprocess the photos again: oneword preprocess PHOTOS -o DATASET"
+        ) from e
+    if pixel_sha256(im) != sha256:
+        raise OnewordError(
+            f"{path} is not the image its manifest names (changed since `oneword preprocess` wrote it)",
+            hint="preprocess the photos again rather than editing a dataset" + (f"; {said_too}" if said_too else ""),
+        )
+    return im
+
+
 def pixel_sha256(im: Image.Image) -> str:
     """sha256 of an image's size, mode and raw pixels (independent of how the file was encoded)."""
     h = hashlib.sha256(f"{im.mode}:{im.width}x{im.height}:".encode())

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, safe_open
 from oneword import __version__, storage
 from oneword.conditioning import default_time_ids, time_ids
 from oneword.errors import OnewordError
-from oneword.images import Manifest, pixel_sha256
+from oneword.images import Manifest, dataset_image
 from oneword.models import LoadedModel, load_base_model, module_fingerprint
 from oneword.profiles import profile_of
 
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 LATENTS_FILE = "latents.safetensors"
 LATENT_CACHE = "a latent cache written by `oneword cache-latents`"
 DATASET_DIR = "dataset"  # a copy of the preprocessed images the latents were encoded from
+
+
+# an image edited since preprocess would poison the cache for every run that shares it
+LATENT_CACHE_UNTOUCHED = "nothing was written to the shared latent cache"
 
 
 @dataclass
@@ -138,25 +142,6 @@ def entry_key(vae_fingerprint: str, image_sha256: str, resolution: int, flip: bo
     return hashlib.sha256(f"{vae_fingerprint}|{image_sha256}|{resolution}|{int(flip)}".encode()).hexdigest()
 
 
-def _dataset_image(path: Path, sha256: str) -> Image.Image:
-    """A preprocessed image, as its manifest says it is: its latents are cached under that hash for every run
-    that shares the cache, so an image edited or replaced since would poison the cache for all of them."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except OSError as e:  # missing, truncated, not an image
-        raise OnewordError(
-            f"{path} cannot be read ({e})", hint="preprocess the photos again: oneword preprocess PHOTOS -o DATASET"
-        ) from e
-    if pixel_sha256(im) != sha256:
-        raise OnewordError(
-            f"{path} is not the image its manifest names (changed since `oneword preprocess` wrote it)",
-            hint="preprocess the photos again rather than editing a dataset; nothing was written to the shared "
-            "latent cache",
-        )
-    return im
-
-
 def _to_tensor(im: Image.Image) -> torch.Tensor:
     a = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # [-1, 1], as the VAE was trained
     return torch.from_numpy(a).permute(2, 0, 1)  # (3, H, W)
@@ -221,7 +206,7 @@ def cache_latents(
                 todo.append((key, Path(dataset_dir) / rec.file, flip, rec.processed_sha256))
     log.info("latent cache: %d hit(s), %d to encode", len(entries), len(todo))
     # every one checked before any is encoded and cached, and read once (an image and its mirror share it)
-    checked = {path: _dataset_image(path, sha) for _, path, _, sha in todo}
+    checked = {path: dataset_image(path, sha, LATENT_CACHE_UNTOUCHED) for _, path, _, sha in todo}
     dtype = next(vae.parameters()).dtype
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         # SDXL's VAE overflows in fp16 (its config says so with force_upcast, as diffusers' pipelines read it)
@@ -277,7 +262,7 @@ def cache_latents(
         # ones the manifest read at the start names, checked again (a preprocess rerun may have replaced them)
         (tmp / DATASET_DIR / "images").mkdir(parents=True)
         for rec in manifest.images:
-            _dataset_image(Path(dataset_dir) / rec.file, rec.processed_sha256)
+            dataset_image(Path(dataset_dir) / rec.file, rec.processed_sha256, LATENT_CACHE_UNTOUCHED)
             shutil.copyfile(Path(dataset_dir) / rec.file, tmp / DATASET_DIR / rec.file)
         manifest.save(tmp / DATASET_DIR)
     return latents

@@ -37,7 +37,7 @@ from oneword.evaluation.protocol import SELECTION_SEED_OFFSET, evaluation_key, p
 from oneword.evaluation.report import html_report, scatter
 from oneword.evaluation.selection import CurvePoint, criterion_text, select_checkpoint
 from oneword.generate import SamplerConfig, build_pipeline, load_embeddings, make_grid, sample
-from oneword.images import Manifest
+from oneword.images import Manifest, dataset_image
 from oneword.latents import DATASET_DIR
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
@@ -297,7 +297,8 @@ def _load_trained(train_dir: Path, dataset_dir: Path | None, base_model: str | L
     model = source if isinstance(source, LoadedModel) else load_base_model(source)
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else Path(train_dir) / DATASET_DIR
     manifest = Manifest.load(dataset_dir)
-    images = [Image.open(Path(dataset_dir) / r.file).convert("RGB") for r in manifest.images]
+    # scored against as the manifest says they are: an image edited since would change what "reconstruction" means
+    images = [dataset_image(Path(dataset_dir) / r.file, r.processed_sha256) for r in manifest.images]
     reference = _reference_images(summary, [r.processed_sha256 for r in manifest.images], dataset_dir)
     return _Trained(Path(train_dir), summary, emb, model, images, reference)
 

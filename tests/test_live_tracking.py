@@ -235,6 +235,39 @@ def test_mlflow_failing_does_not_stop_training(as_pod, cat_latents_dir, tmp_path
     assert "mlflow_run_id" not in json.loads((tmp_path / "closed" / "summary.json").read_text())
 
 
+def test_a_training_killed_and_resumed_goes_on_in_its_run(cat_latents_dir, tiny_model_dir, tmp_path):
+    """`train --resume` after a kill opened a second run of the concept, and the first stayed RUNNING for ever
+    beside it: the resume goes on in the run the killed training opened (found by its checkpoint folder)."""
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    args = [str(Path(sys.executable).parent / "oneword"), "train", str(cat_latents_dir), "--token", "<cat-k>",
+            "--init-word", "cat", "-o", str(out), "--base-model", str(tiny_model_dir), "--checkpoint-every", "2",
+            "--device", "cpu", "--tracking-uri", uri]  # fmt: skip
+    proc = subprocess.Popen([*args, "--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-000004.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # no handler runs: the run is left RUNNING
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    newest = max(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
+    done = subprocess.run([*args, "--steps", str(newest + 2), "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()], "tags.`oneword.concept` = 'cat-k'"
+    )
+    assert len(runs) == 1, [(r.info.run_id, r.info.status) for r in runs]  # left open for register, as always
+    assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == runs[0].info.run_id
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(runs[0].info.run_id, "loss")]
+    assert max(steps) >= newest and len(steps) == len(set(steps))  # the killed one's curve, then the resume's
+
+
 def test_a_server_that_answers_only_after_training_started_gets_the_runs_and_every_point(
     as_pod, cat_latents_dir, tmp_path, monkeypatch
 ):

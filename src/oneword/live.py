@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 KFP_RUN_ID_TAG, KFP_RUN_NAME_TAG = "kfp.run_id", "kfp.run_name"
 LIVE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 LIVE_ID_TAG = "oneword.live_id"  # one training's runs, one per concept
+CHECKPOINTS_TAG = "oneword.checkpoint_dir"  # a training's checkpoints: a resume of it goes on in its run
 FAILURE_TAGS = ("oneword.failed_stage", "oneword.error")
 RETRY_AFTER_S = 60.0  # after a failed call, how long live logging rests before it tries again
 SAMPLE_SEEDS = 2  # pictures per prompt
@@ -102,7 +103,7 @@ class LiveRuns:
     """
 
     def __init__(self, tracking: LiveTracking, concepts: Sequence[tuple[str, ConceptSpec]], fingerprint: str,
-                 tags: dict[str, dict[str, str]] | None = None):
+                 tags: dict[str, dict[str, str]] | None = None, resume: bool = False):
         self.tracking = tracking
         self.names = {spec.token: name for name, spec in concepts}
         self.run_ids: dict[str, str] = {}  # name -> run id
@@ -113,7 +114,7 @@ class LiveRuns:
         self._resting_until = 0.0
         self._last_sample = 0
         self._client = None
-        self._concepts, self._fingerprint, self._tags = list(concepts), fingerprint, tags or {}
+        self._concepts, self._fingerprint, self._tags, self._resume = list(concepts), fingerprint, tags or {}, resume
         self._live_id = uuid.uuid4().hex  # finds a run whose create answered too late, rather than open a twin
         self._safely("open the runs", self._open)
 
@@ -182,18 +183,20 @@ class LiveRuns:
         return runs[0].info.run_id if runs else None
 
     def _earlier_attempt(self, exp_id: str, name: str) -> str | None:
-        """The unfinished run an earlier attempt of this very KFP task opened for `name`, if any."""
+        """The unfinished run an earlier attempt of this very KFP task opened for `name`, or, for a resume, the
+        one the training it resumes opened (`CHECKPOINTS_TAG`: a `train --resume` after a kill), if any."""
         from oneword.registry import CONCEPT_TAG
 
-        kfp_run = self.tracking.tags.get(KFP_RUN_ID_TAG)
-        if not kfp_run:
+        if kfp_run := self.tracking.tags.get(KFP_RUN_ID_TAG):
+            same = f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run}'"
+        elif self._resume and "'" not in (ckpt := self._tags.get(name, {}).get(CHECKPOINTS_TAG) or "'"):
+            same = f"tags.`{CHECKPOINTS_TAG}` = '{ckpt}'"
+        else:
             return None
         runs = self._client.search_runs(
-            [exp_id],
-            f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run}' and tags.`{CONCEPT_TAG}` = '{name}' "
-            "and attributes.status != 'FINISHED'",
-            max_results=1,
-        )
+            [exp_id], f"{same} and tags.`{CONCEPT_TAG}` = '{name}' and attributes.status != 'FINISHED'",
+            max_results=1, order_by=["attributes.start_time DESC"],
+        )  # fmt: skip
         return runs[0].info.run_id if runs else None
 
     def callback(self, trainer, sample_every: int = 0) -> Callable[[int, dict[str, float]], None]:

@@ -43,7 +43,7 @@ from oneword.inversion import (
     check_progressive,
 )
 from oneword.latents import DATASET_DIR, LatentSet
-from oneword.live import LiveRuns, LiveTracking
+from oneword.live import CHECKPOINTS_TAG, LiveRuns, LiveTracking
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of, vae_config
 from oneword.templates import SETS as TEMPLATE_SETS
@@ -233,7 +233,10 @@ def train(
             trainer.device,
         )
         main = trainer.world.main  # the other processes of a launch hold the same state and write nothing
-        live = LiveRuns(tracking, [(name, concept)], model.fingerprint) if tracking and main else None
+        live = None
+        if tracking and main:
+            live = LiveRuns(tracking, [(name, concept)], model.fingerprint, {name: {CHECKPOINTS_TAG: _where(ckpt)}},
+                            resume=resume)  # fmt: skip
         result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=False)
         if main:
             run = _run_summary(config, model, result, trainer, _where(ckpt))

@@ -710,6 +710,15 @@ def test_a_refused_write_names_the_folder_given_not_the_scratch_file_in_it(tmp_p
     except NotADirectoryError as e:
         said = _os_error(e).message
     assert said == f"cannot read or write {tmp_path / 'a-file'}: Not a directory"
+    # a write into an open file on a full disk names no file: the one in hand is named (the scratch file's folder)
+    try:
+        with open("/dev/full", "wb") as f:
+            f.write(b"x" * 100_000)
+            f.flush()
+    except OSError as e:
+        assert not e.filename
+        said = _os_error(e).message
+    assert said == "cannot read or write /dev/full: No space left on device", said
 
 
 def test_the_concepts_table_keeps_aliases_and_tokens_whole_in_80_columns():

@@ -144,13 +144,30 @@ def _object_store_error(e: Exception) -> OnewordError | None:
 _SCRATCH = re.compile(r"^\..+\.tmp-\w+$|\.part$|^\.tmp\w+$")
 
 
+def _file_in_hand(e: BaseException) -> str | None:
+    """The file that the innermost frame of `e`'s traceback that holds an open one was reading or writing."""
+    import io
+
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
+            if isinstance(name, str) and not name.startswith("<"):
+                return name
+    return None
+
+
 def _os_error(e: OSError) -> OnewordError:
     """A file system's refusal as one line that names the path the person gave: the folder a scratch file was to
     be written in, not the scratch file; a file met where a folder was to be made, as such."""
     hint = "check the path, its permissions and the free space; --verbose shows where"
-    if not e.filename:
+    # a write into an open file (a full disk) names none: the file it was writing, if found
+    if not (name := e.filename or _file_in_hand(e)):
         return OnewordError(f"cannot read or write: {e.strerror}", hint=hint)
-    path = Path(os.fsdecode(e.filename))
+    path = Path(os.fsdecode(name))
     if isinstance(e, (FileExistsError, NotADirectoryError)):
         # a file where a folder was to be made (mkdir's error names it), or among the folders above the path; not
         # the path of a read through a file (listdir's NotADirectoryError names the file itself)

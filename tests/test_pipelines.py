@@ -421,6 +421,11 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
     calls: ClassVar[list] = []
     pipelines: ClassVar[dict[str, list]] = {}  # namespace ("" shared) -> the pipelines it holds
     refuse_run: ClassVar[int] = 0  # the run it answers 503 for (1: the first asked for), as a server that blinks
+    # recurring runs it holds, made and deleted as asked (None: the fixed answers below); `listing` is waited on
+    # by every first list of them (two `schedule`s that both list before either creates)
+    schedules: ClassVar[dict | None] = None
+    listing: ClassVar[threading.Barrier | None] = None
+    lock = threading.Lock()
 
     def _reply(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -448,7 +453,9 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
             },
             ("DELETE", "/apis/v2beta1/recurringruns/rr-old"): {},
         }
-        if (self.command, path) == ("POST", "/apis/v2beta1/runs"):
+        if self.schedules is not None and path.startswith("/apis/v2beta1/recurringruns"):
+            self._schedule(path, body)
+        elif (self.command, path) == ("POST", "/apis/v2beta1/runs"):
             asked = sum(c[:2] == ("POST", "/apis/v2beta1/runs") for c in self.calls)
             if asked == self.refuse_run:
                 self._reply(503, {"error": "upstream connect error", "code": 14})
@@ -462,6 +469,23 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
         else:
             self._reply(404, {"error": f"unexpected {self.command} {path}"})
 
+    def _schedule(self, path: str, body: bytes) -> None:
+        if self.command == "GET":
+            if self.listing is not None and sum(c[0] == "GET" and "recurringruns" in c[1] for c in self.calls) <= 2:
+                self.listing.wait(timeout=30)  # both first lists answered before either creates
+            with self.lock:
+                self._reply(200, {"recurringRuns": list(self.schedules.values())})
+        elif self.command == "POST":
+            with self.lock:
+                made = {**json.loads(body), "recurring_run_id": f"rr-{len(self.calls)}",
+                        "created_at": f"2026-11-30T02:00:{len(self.schedules):02d}Z"}  # fmt: skip
+                self.schedules[made["recurring_run_id"]] = made
+            self._reply(200, made)
+        else:
+            with self.lock:
+                gone = self.schedules.pop(path.rsplit("/", 1)[-1], None)
+            self._reply(200, {}) if gone is not None else self._reply(404, {"error": "not found", "code": 5})
+
     do_GET = do_POST = do_DELETE = _handle
 
     def log_message(self, *args) -> None:
@@ -471,6 +495,7 @@ class _FakeKfpApi(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_api():
     _FakeKfpApi.calls, _FakeKfpApi.pipelines, _FakeKfpApi.refuse_run = [], {}, 0
+    _FakeKfpApi.schedules, _FakeKfpApi.listing = None, None
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfpApi)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", _FakeKfpApi.calls
@@ -681,6 +706,7 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
     assert order == [
         ("GET", "/apis/v2beta1/recurringruns"),
         ("POST", "/apis/v2beta1/recurringruns"),
+        ("GET", "/apis/v2beta1/recurringruns"),  # another made at the same moment? (the next test)
         ("DELETE", "/apis/v2beta1/recurringruns/rr-old"),
     ]
     deleted = next(p for m, p, _ in calls if m == "DELETE")
@@ -700,6 +726,32 @@ def test_schedule_uploads_a_version_and_creates_a_recurring_run(kfp_api):
     assert rr["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-1"}
     assert rr["runtime_config"]["parameters"] == {"concepts_manifest": "s3://data/concepts.yaml"}
     assert rr["runtime_config"]["pipeline_root"] == PIPELINE_ROOT
+
+
+def test_two_schedules_of_one_name_at_once_leave_one(kfp_api):
+    """Each listed the schedules of its name before the other made its own, and deleted only those: two nightly
+    batches of one manifest. Both keep the newest; the other says it was overtaken."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from oneword.pipelines.remote import schedule
+
+    host, _ = kfp_api
+    _FakeKfpApi.schedules = {"rr-old": {"recurring_run_id": "rr-old", "display_name": "oneword-batch",
+                                        "created_at": "2026-11-01T02:00:00Z"}}  # fmt: skip
+    _FakeKfpApi.listing = threading.Barrier(2)
+
+    def one(cron: str) -> dict:
+        return schedule(host, {"concepts_manifest": "s3://data/c.yaml"}, cron, version=cron, image_registry=REGISTRY)
+
+    with ThreadPoolExecutor(2) as pool:
+        said = list(pool.map(one, ["0 0 2 * * *", "0 0 3 * * *"]))
+    assert len(_FakeKfpApi.schedules) == 1, _FakeKfpApi.schedules
+    (held,) = _FakeKfpApi.schedules
+    holder = next(s for s in said if s["recurring_run_id"] == held and "overtaken_by" not in s)
+    other = next(s for s in said if s is not holder)
+    # the other saw the holder's and stood down, or finished first and was replaced: either way it says which
+    assert other.get("overtaken_by") == held or other["recurring_run_id"] in holder["replaced"], said
+    assert all("rr-old" in s["replaced"] for s in said)
 
 
 def test_schedule_says_before_the_night_how_many_runs_a_manifest_needs_and_warns_of_a_limit_past_argos(

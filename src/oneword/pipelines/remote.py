@@ -118,34 +118,64 @@ def schedule(host: str, params: dict, cron: str, name: str = "oneword-batch", ex
         pipeline_id = p.pipeline_id
     v = client.upload_pipeline_version(package, pipeline_version_name=version, pipeline_id=pipeline_id)
     exp = client.create_experiment(experiment, namespace=namespace)
-    name_filter = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": name}]})
-    old, page = [], ""
-    while True:
-        listed = client.list_recurring_runs(page_token=page, page_size=100, experiment_id=exp.experiment_id,
-                                            namespace=namespace, filter=name_filter)
-        old += [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
-        page = listed.next_page_token
-        if not page:
-            break
+    old = [r.recurring_run_id for r in _schedules_named(client, name, exp.experiment_id, namespace)]
     job = client.create_recurring_run(
         experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, max_concurrency=max_concurrency,
         no_catchup=not catchup, params=params, pipeline_id=pipeline_id, version_id=v.pipeline_version_id,
         enabled=True, service_account=service_account or None, pipeline_root=pipeline_root or None,
     )
     replaced = [r for r in old if r != job.recurring_run_id]
+    # another `schedule` of the name at the same moment listed before this one created (and this one before it):
+    # each would keep its own. Both keep the newest (the last created holds, as the one run after the other would)
+    fresh = [r for r in _schedules_named(client, name, exp.experiment_id, namespace) if r.recurring_run_id not in old]
+    if job.recurring_run_id not in {r.recurring_run_id for r in fresh}:
+        fresh.append(job)
+    newest = max(fresh, key=lambda r: (r.created_at.timestamp() if r.created_at else 0.0, r.recurring_run_id))
+    held_id = newest.recurring_run_id
+    replaced += [r.recurring_run_id for r in fresh if r.recurring_run_id != held_id]
     for r in replaced:
+        _delete_schedule(client, r)
+    out = {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": held_id,
+           "replaced": [r for r in replaced if r != job.recurring_run_id]}  # fmt: skip
+    if held_id != job.recurring_run_id:
+        log.warning("another `oneword schedule` of %r made its schedule at the same moment, after this one's: "
+                    "its schedule (%s) holds, and this one's was deleted", name, held_id)  # fmt: skip
+        out["overtaken_by"] = held_id
+    return out
+
+
+def _schedules_named(client, name: str, experiment_id: str, namespace: str | None) -> list:
+    """The recurring runs named `name` in the experiment, every page."""
+    only = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": name}]})
+    found, page = [], ""
+    while True:
+        listed = client.list_recurring_runs(page_token=page, page_size=100, experiment_id=experiment_id,
+                                            namespace=namespace, filter=only)  # fmt: skip
+        found += [r for r in (listed.recurring_runs or []) if r.display_name == name]
+        page = listed.next_page_token
+        if not page:
+            return found
+
+
+def _delete_schedule(client, recurring_run_id: str) -> None:
+    """Delete a recurring run, leaving the runs it started to finish; one deleted already (by another `schedule`
+    at the same moment) is no error."""
+    from kfp_server_api.exceptions import ApiException
+
+    try:
         # the runs an old schedule started are its Workflows' dependents: deleted by default, that night's run would
         # be stopped mid-training with no exit handler to report it. ORPHAN leaves them to finish (KFP 2.16+;
         # an older server ignores the parameter).
         try:
             client._recurring_run_api.recurring_run_service_delete_recurring_run(
-                recurring_run_id=r, propagation_policy="ORPHAN"
+                recurring_run_id=recurring_run_id, propagation_policy="ORPHAN"
             )
         except TypeError:  # a kfp client before 2.16 takes no policy: its runs go with it, as they always did
             log.warning("this kfp client cannot keep the replaced schedule's running runs; deleting it as it is")
-            client.delete_recurring_run(r)
-    return {"pipeline_id": pipeline_id, "version_id": v.pipeline_version_id, "recurring_run_id": job.recurring_run_id,
-            "replaced": replaced}
+            client.delete_recurring_run(recurring_run_id)
+    except ApiException as e:
+        if e.status != 404:
+            raise
 
 
 def _pipeline_id(client, name: str, namespace: str | None) -> str | None:

@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml requirements/runtime.lock requirements/dev.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements/dev.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(OPEN_CLIP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "setuptools>=77"  # the licence as PEP 639 says it
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -712,8 +712,8 @@ def test_a_refused_write_names_the_folder_given_not_the_scratch_file_in_it(tmp_p
     assert said == f"cannot read or write {tmp_path / 'a-file'}: Not a directory"
     # a write into an open file on a full disk names no file: the one in hand is named (the scratch file's folder)
     try:
-        with open("/dev/full", "wb") as f:
-            f.write(b"x" * 100_000)
+        with open(__file__, "rb") as read, open("/dev/full", "wb") as f:  # a file read beside it is not named
+            f.write(read.read(1) * 100_000)
             f.flush()
     except OSError as e:
         assert not e.filename

@@ -145,6 +145,7 @@ def test_compile_check_refuses_a_registry_because_the_checked_in_specs_use_the_p
     said = " ".join(capsys.readouterr().err.split())
     assert exit_.value.code == 2 and "oneword's repository" in said and "--root my-specs" in said, said
     assert {p.name: p.read_bytes() for p in (tmp_path / "components").iterdir()} == before
+    main(["compile", "--root", str(ROOT), "--check", "--image-registry", "ghcr.io/oneword-ml"])  # the released one
 
 
 @pytest.mark.parametrize("name", PIPELINES)

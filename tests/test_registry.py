@@ -25,9 +25,9 @@ from oneword.evaluation.gate import GateThresholds
 from .conftest import free_port
 
 
-def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=None):
-    """A copy of an evaluation folder with other scores (to drive the gate)."""
-    out = tmp_path / f"eval-{reconstruction}-{editability}-{fingerprint}"
+def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=None, photos=None):
+    """A copy of an evaluation folder with other scores (to drive the gate); `photos`: of another training's."""
+    out = tmp_path / f"eval-{reconstruction}-{editability}-{fingerprint}{'-other' if photos else ''}"
     shutil.copytree(eval_dir, out)
     m = json.loads((out / "metrics.json").read_text())
     shift = reconstruction + editability - m["reconstruction"] - m["editability"]
@@ -38,6 +38,8 @@ def _with_scores(eval_dir, tmp_path, reconstruction, editability, fingerprint=No
     m["reconstruction"], m["editability"] = reconstruction, editability
     if fingerprint:
         m["evaluator"] = {"name": "another-clip", "fingerprint": fingerprint}
+    if photos:
+        m["image_sha256"] = photos
     (out / "metrics.json").write_text(json.dumps(m))
     return out
 
@@ -172,8 +174,8 @@ def test_register_gate_and_queries(evaluated_concept, mlflow_server, tmp_path, t
     assert f"{name}/3 (<cat-r>) -> " in said.out  # which version the alias named, for the deploy
     assert "in prompts there, write theirs (the file's name" in " ".join(said.out.split())  # A1111's trigger word
     assert "Downloading artifacts" not in said.err  # no progress bar trailing the answer
-    assert "warning" not in said.out and "/" not in E.load(theirs).meta["model_source"]  # shared: no path in it
-    main([*pull[:5], str(tmp_path / "cat.pt"), *pull[6:]])  # A1111 would draw it for every "cat"
+    assert "/" not in E.load(theirs).meta["model_source"]  # a file for sharing: no path in it
+    main([*pull[:6], str(tmp_path / "pulled" / "cat.pt"), *pull[7:]])  # A1111 would draw it for every "cat"
     assert "warning: 'cat' is a word of the model" in " ".join(capsys.readouterr().out.split())
     # generate --concept draws with the registered concept on the model it was trained on, and keeps no download
     import tempfile
@@ -489,7 +491,8 @@ def test_a_version_trained_on_none_of_the_champions_photos_is_not_compared_with_
     for image in manifest["images"]:
         image["source_sha256"] = image["source_sha256"][::-1]
     (other / "dataset" / "manifest.json").write_text(json.dumps(manifest))
-    r = registry.register(other, _with_scores(eval_dir, tmp_path, 0.9, 0.5), uri, name="s-photos")
+    r = registry.register(other, _with_scores(eval_dir, tmp_path, 0.9, 0.5, photos=summary["image_sha256"]), uri,
+                          name="s-photos")  # fmt: skip
     assert (r.version, r.alias) == ("2", "candidate"), r
     said = " ".join(r.reason.split())
     assert "trained on other photos than the champion, version 1" in said, said
@@ -497,7 +500,8 @@ def test_a_version_trained_on_none_of_the_champions_photos_is_not_compared_with_
     # one photo in common is the same concept with photos added or taken out: the gate compares as always
     manifest["images"][0]["source_sha256"] = manifest["images"][0]["source_sha256"][::-1]
     (other / "dataset" / "manifest.json").write_text(json.dumps(manifest))
-    shared = registry.register(other, _with_scores(eval_dir, tmp_path, 0.9, 0.4), uri, name="s-photos")
+    shared = registry.register(other, _with_scores(eval_dir, tmp_path, 0.9, 0.4, photos=summary["image_sha256"]), uri,
+                               name="s-photos")  # fmt: skip
     assert shared.alias == "champion" and "other photos" not in shared.reason, shared
 
 

@@ -709,19 +709,17 @@ def promote(ref: str, alias: str = CHAMPION, reason: str = "", tracking_uri: str
         client.set_model_version_tag(mv.name, mv.version, tag, (said + (f": {reason}" if reason else ""))[:4000])
 
     client.set_registered_model_alias(mv.name, alias, mv.version)
-    record(before)
     now = client.get_registered_model(mv.name).aliases or {}
     holder = now.get(alias)
     if str(holder) != str(mv.version):  # MLflow sets an alias unconditionally: the last of two at once holds
-        with contextlib.suppress(Exception):
-            client.delete_model_version_tag(mv.name, mv.version, tag)
         raise OnewordError(
             f"@{alias} of {mv.name} was moved to version {holder} by another promote at the same moment: it "
             f"holds, and version {mv.version} does not",
             hint=f"look with `oneword concepts show {mv.name}@{alias}`, and promote again if you still mean it",
         )
-    # MLflow sets an alias unconditionally: another promote that read the alias, set it and recorded it between
-    # this one's read and its set was the one this replaced; its record is new since this one began
+    # recorded only once it held: a promote overtaken at once (it says so) leaves no record, and one whose record
+    # is new since this one began held the alias after this one's read of it: it is the one this replaced
+    record(before)
     new = {v for v, said in _records(client, mv.name, tag).items() if records.get(v) != said}
     if moved := sorted(new - {answer["version"], before}, key=int):
         answer["before"] = before = moved[-1]

@@ -98,14 +98,18 @@ def _save_local(state: dict, path: Path) -> None:
     """`torch.save`, with a full or read-only disk said as an `OnewordError` (training goes on past one)."""
     try:
         torch.save(state, path)
-    except (OSError, RuntimeError) as e:  # torch's writer says a write cut short (ENOSPC, EFBIG) as a RuntimeError
+    except (OSError, RuntimeError) as e:
         path.unlink(missing_ok=True)
+        # torch's writer says a write cut short (ENOSPC, EFBIG) as a RuntimeError; any other is no disk's doing
+        if isinstance(e, RuntimeError) and not re.search(r"unexpected pos|write failed|PytorchStreamWriter", str(e)):
+            raise
         said = str(e) if isinstance(e, OSError) else "the write stopped short"
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
         raise OnewordError(
             f"could not write checkpoint {path}: {said}" + (f" ({free / 2**20:.1f} MiB free there)" if free is not None
                                                           else ""),
-            hint="free space on that disk, or checkpoint elsewhere (--checkpoint-dir)",
+            hint="free space on that disk (for s3:// checkpoints, the temporary folder: $TMPDIR), or checkpoint "
+            "elsewhere (--checkpoint-dir)",
         ) from e
 
 

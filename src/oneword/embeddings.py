@@ -79,7 +79,8 @@ def shared(emb: Embedding) -> Embedding:
     (`/home/ana/models/...`, `s3://acme-private/...`). A run's own files keep the whole reference, which `generate`
     loads by default."""
     source = emb.meta.get("model_source", "")
-    if not (storage.is_s3(source) or Path(source).is_absolute() or re.match(r"^[A-Za-z]:[\\/]", source)):
+    # a path of any system, read on any: /home/..., C:\..., \\nas\...
+    if not (storage.is_s3(source) or source.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", source)):
         return emb
     name = re.split(r"[\\/]", source.rstrip("/\\"))[-1]
     return replace(emb, meta={**emb.meta, "model_source": name})

@@ -9,6 +9,7 @@ goes through `ensure_store`, which makes the store once, under a file lock besid
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -119,11 +120,17 @@ def ensure_store(tracking_uri: str | None = None) -> str:
     lock = FileLock(f"{db}.lock")
     try:
         lock.acquire()
-    except OSError as e:  # a folder that cannot be written: a store there (a backup, a snapshot) is read as it is
+    except OSError as e:
         if not db.is_file():
             raise OnewordError(f"cannot make the MLflow store {db}: {e.strerror} ({e.filename})",
                                hint="pass --tracking-uri a file in a folder you may write to") from e  # fmt: skip
-        lock = None
+        if e.errno != errno.EROFS and os.access(db.parent, os.W_OK):  # a lock another user's, NFS: opened unlocked,
+            raise OnewordError(  # a migration of the store could meet another's and damage it
+                f"cannot take the MLflow store's lock {db}.lock: {e.strerror}",
+                hint="make the lock file writable for you (a store shared by several users: the group's), or "
+                "remove it if no oneword uses the store now",
+            ) from e
+        lock = None  # a folder that cannot be written (a read-only backup, a snapshot): the store is read as it is
     try:
         TrackingStore(uri, local_artifact_root(uri))  # creates or migrates the tables
         RegistryStore(uri)
@@ -185,8 +192,8 @@ def said(e: Exception, most: int = 300) -> str:
     such, not as the request's 400-character URL and urllib3's retry chatter, from which a person must dig out
     which it was."""
     text = str(e).strip()
-    # the database's own words, beneath SQLAlchemy's
-    if db := re.search(r"\((?:sqlite3|psycopg2|pymysql|MySQLdb)[.\w]*\) ([^\n\[]+)", text):
+    # the database's own words, beneath SQLAlchemy's (to a line's end: a newline, or a server's JSON's \\n)
+    if db := re.search(r"\((?:sqlite3|psycopg2|pymysql|MySQLdb)[.\w]*\) ((?:(?!\\n)[^\n\[])+)", text):
         return f"the store's database said: {db.group(1).strip()}"[:most]
     request = re.match(r"API request to (\w+://[^/\s]+)\S* failed with (?:timeout )?exception ", text)
     if request:

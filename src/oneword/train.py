@@ -324,7 +324,9 @@ def _run(
         result = trainer.run(ckpt, resume=resume, callbacks=callbacks, progress=progress, keep_going=keep_going)
     except BaseException as e:
         if live is not None:
-            live.fail_all(f"{type(e).__name__}: {e}")
+            from oneword.processes import Stopped
+
+            live.fail_all(f"stopped by {e.signal}" if isinstance(e, Stopped) else f"{type(e).__name__}: {e}")
         raise
     if live is not None:
         live.end({live.names[token]: why for token, why in result.failed.items() if token in live.names})
@@ -633,7 +635,9 @@ def _train_group(
         copies = {n: trainings.copy_tags(_where(ckpt), _where(checkpoint_root), keys[n])
                   for n, _, _, _ in ready} if checkpoint_root else None  # fmt: skip
         named = [(n, s) for n, s, _, _ in ready]
-        live = LiveRuns(tracking, named, model.fingerprint, copies) if tracking and main else None
+        # and which checkpoints it writes: a resume after a kill goes on in the runs the killed training opened
+        tags = {n: {**(copies or {}).get(n, {}), CHECKPOINTS_TAG: _where(ckpt)} for n, _ in named}
+        live = LiveRuns(tracking, named, model.fingerprint, tags, resume=resume) if tracking and main else None
         result = _run(trainer, live, ckpt, resume, callbacks, progress, keep_going=True)
         run = _run_summary(config, model, result, trainer, _where(ckpt) if checkpoint_root else "../checkpoints")
         for name, spec, lat, where in ready:

@@ -97,13 +97,13 @@ def _tracking_error(e: Exception) -> OnewordError | None:
     if not isinstance(e, MlflowException):
         return None
     text = said(e, 400)
-    if text.startswith("the store's database said"):  # not a server's refusal: the database under it
-        import mlflow
+    import mlflow
 
-        from oneword.tracking import sqlite_path, store_hint
+    from oneword.tracking import sqlite_path, store_hint
 
-        uri = mlflow.get_tracking_uri()
-        return OnewordError(f"MLflow: {text}", hint=store_hint(str(e), sqlite_path(uri) or Path("its database"), uri))
+    uri = mlflow.get_tracking_uri()
+    if text.startswith("the store's database said") and (db := sqlite_path(uri)) is not None:  # not a server's
+        return OnewordError(f"MLflow: {text}", hint=store_hint(str(e), db, uri))
     return OnewordError(
         f"MLflow: {text}",
         hint="check --tracking-uri (or $MLFLOW_TRACKING_URI), that the server answers there, and "
@@ -145,7 +145,8 @@ _SCRATCH = re.compile(r"^\..+\.tmp-\w+$|\.part$|^\.tmp\w+$")
 
 
 def _file_in_hand(e: BaseException) -> str | None:
-    """The file that the innermost frame of `e`'s traceback that holds an open one was reading or writing."""
+    """The file opened for writing in the innermost frame of `e`'s traceback that holds one (the last bound there,
+    where it holds several): what a write that failed was writing."""
     import io
 
     tb, frames = e.__traceback__, []
@@ -153,10 +154,13 @@ def _file_in_hand(e: BaseException) -> str | None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        for value in frame.f_locals.values():
-            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
-            if isinstance(name, str) and not name.startswith("<"):
-                return name
+        writing = [  # by its mode: a failed write's `with` has closed it by now
+            v.name for v in frame.f_locals.values()
+            if isinstance(v, io.IOBase) and set(str(getattr(v, "mode", ""))) & set("wax+")
+            and isinstance(getattr(v, "name", None), str) and not v.name.startswith("<")
+        ]  # fmt: skip
+        if writing:
+            return writing[-1]
     return None
 
 

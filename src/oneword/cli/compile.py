@@ -31,6 +31,10 @@ def compile_cmd(
 
     from oneword.errors import OnewordError
     from oneword.pipelines.compile import compile_all, stale_files
+    from oneword.pipelines.container import PUBLISHED_REGISTRY
+
+    if image_registry and image_registry.rstrip("/") == PUBLISHED_REGISTRY:  # what the released specs name
+        image_registry = None
 
     if check:
         if image_registry:

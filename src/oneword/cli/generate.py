@@ -115,7 +115,8 @@ def _draw(
             from oneword.embeddings import load
 
             base_model = load(files[0]).meta.get("model_source") or None
-            if base_model and base_model != TOYWORLD and "/" not in base_model and not Path(base_model).exists():
+            named_only = base_model and "/" not in base_model and "\\" not in base_model
+            if named_only and base_model != TOYWORLD and not Path(base_model).exists():
                 from oneword.errors import OnewordError
 
                 raise OnewordError(

@@ -325,10 +325,12 @@ def _reference_images(summary: dict, given: list[str], dataset_dir: Path) -> dic
 def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_checkpoint=None) -> _Choice:
     """Score every checkpoint on a small budget and pick one by the selection rule; without two, the final step."""
     found = complete_checkpoints(_checkpoint_list(trained.train_dir, trained.summary), trained.summary)
+    photos = trained.summary.get("image_sha256")
+    if config.checkpoint_budget > 0 and len(found) >= 2:
+        found = _own_checkpoints(found, s.token, photos)
     selecting = config.checkpoint_budget > 0 and len(found) >= 2
     s.plan(len(found) if selecting else 0)
     if selecting:
-        photos = trained.summary.get("image_sha256")
         curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint, photos)
         chosen = select_checkpoint(curve, config.selection_tolerance, config.selection_rule).step
         # each process scored on its own GPU: a near tie must not pick two steps, so the main process decides
@@ -337,6 +339,22 @@ def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_ch
     emb = trained.emb
     final = [emb.vectors] + ([emb.vectors_2] if emb.vectors_2 is not None else [])
     return _Choice(emb.steps or trained.summary.get("steps", 0), final, [])
+
+
+def _own_checkpoints(found: list[tuple[int, str]], token: str, photos: Sequence[str] | None) -> list[tuple[int, str]]:
+    """Those of `found` that learned `token` from the training's `photos` (or do not say): the others are a later
+    or another training's, written into the checkpoint folder the training names, and are passed over, said."""
+    if not photos:
+        return found
+    own, others = [], []
+    for step, path in found:
+        theirs = checkpoints.load_checkpoint(path).get("image_sha256", {}).get(token)
+        (own if theirs is None or set(theirs) == set(photos) else others).append((step, path))
+    if others:
+        log.warning("%d checkpoint(s) in the training's checkpoint folder learned %s from other photos (another "
+                    "training's, written there since): not scored (steps %s)", len(others), token,
+                    ", ".join(str(step) for step, _ in others))  # fmt: skip
+    return own
 
 
 def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, on_checkpoint=None,

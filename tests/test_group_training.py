@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -142,6 +143,7 @@ def test_a_damaged_newest_checkpoint_is_skipped(tiny_model_dir, cat_latents_dir,
 
 @pytest.mark.slow
 def test_killed_group_training_resumes_to_the_vectors_of_an_unbroken_run(tiny_model_dir, cat_latents_dir, tmp_path):
+    """... and in the MLflow runs the killed training opened, one per concept, not a second beside each."""
     group = tmp_path / "group.yaml"
     group.write_text(
         yaml.safe_dump(
@@ -153,12 +155,14 @@ def test_killed_group_training_resumes_to_the_vectors_of_an_unbroken_run(tiny_mo
     )
     steps = ["--steps", "60", "--checkpoint-every", "10", "--batch-size", "2"]
 
-    def cmd(out):
-        return [ONEWORD, "train", "--concepts", str(group), "-o", str(out), *steps, "--resume"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def cmd(out, *tracked):
+        return [ONEWORD, "train", "--concepts", str(group), "-o", str(out), *steps, "--resume", *tracked]
 
     subprocess.run(cmd(tmp_path / "unbroken"), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd(killed, "--tracking-uri", uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "step-000030.pt").exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
@@ -167,11 +171,18 @@ def test_killed_group_training_resumes_to_the_vectors_of_an_unbroken_run(tiny_mo
     proc.wait()
     done = [s for s, _ in checkpoints.list_checkpoints(killed / "checkpoints")]
     assert proc.returncode == -signal.SIGKILL and max(done) < 60, done  # it really died mid-run
-    subprocess.run(cmd(killed), check=True, capture_output=True)
+    subprocess.run(cmd(killed, "--tracking-uri", uri), check=True, capture_output=True)
+    client = mlflow.MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
     for name in ("cat", "dog"):
         a = load_embedding(tmp_path / "unbroken" / name / "learned_embeds.safetensors").vectors
         b = load_embedding(killed / name / "learned_embeds.safetensors").vectors
         assert torch.equal(a, b), name
+        runs = client.search_runs(experiments, f"tags.`oneword.concept` = '{name}'")
+        assert len(runs) == 1, (name, [(r.info.run_id, r.info.status) for r in runs])
+        assert json.loads((killed / name / "summary.json").read_text())["mlflow_run_id"] == runs[0].info.run_id
+        logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+        assert max(logged) >= max(done) and len(logged) == len(set(logged)), (name, logged)
 
 
 def test_an_object_store_outage_while_checkpointing(tiny_model, cat_latents, s3_bucket, monkeypatch, caplog):

@@ -142,3 +142,15 @@ def load_checkpoint(path: str | Path) -> dict:
                 f"checkpoint {path} could not be read ({e})",
                 hint="delete the damaged file; training resumes from the one before",
             ) from e
+
+
+def photos_of(state: dict, token: str) -> list[str] | None:
+    """The digests of the photos a checkpoint's `state` learned `token` from; None where it does not say (older
+    checkpoints)."""
+    return state.get("image_sha256", {}).get(token)
+
+
+def vectors_of(state: dict, token: str) -> list[torch.Tensor]:
+    """The vectors a checkpoint's `state` holds for `token`, one tensor per text encoder."""
+    second = state.get("vectors_2", {})
+    return [state["vectors"][token]] + ([second[token]] if token in second else [])

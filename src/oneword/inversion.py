@@ -565,7 +565,7 @@ class InversionTrainer:
             )
         for c in self.concepts:  # the same word of other photos (a folder's photos changed since, another concept)
             mine = set(c.meta["image_sha256"])
-            theirs = set(state.get("image_sha256", {}).get(c.spec.token, mine))  # older checkpoints: not recorded
+            theirs = set(checkpoints.photos_of(state, c.spec.token) or mine)  # older ones do not say
             if mine != theirs:
                 raise OnewordError(
                     f"{source} learned {c.spec.token} from other photos: {len(mine - theirs)} of this run's "

@@ -325,45 +325,49 @@ def _reference_images(summary: dict, given: list[str], dataset_dir: Path) -> dic
 def _choose_checkpoint(s: _Session, trained: _Trained, config: EvalConfig, on_checkpoint=None) -> _Choice:
     """Score every checkpoint on a small budget and pick one by the selection rule; without two, the final step."""
     found = complete_checkpoints(_checkpoint_list(trained.train_dir, trained.summary), trained.summary)
-    photos = trained.summary.get("image_sha256")
+    own = []
     if config.checkpoint_budget > 0 and len(found) >= 2:
-        found = _own_checkpoints(found, s.token, photos)
-    selecting = config.checkpoint_budget > 0 and len(found) >= 2
-    s.plan(len(found) if selecting else 0)
+        own = _own_checkpoints(found, s.token, trained.summary.get("image_sha256"))
+    selecting = len(own) >= 2
+    s.plan(len(own) if selecting else 0)
     if selecting:
-        curve = _score_checkpoints(s, found, config.checkpoint_budget, on_checkpoint, photos)
+        curve = _score_checkpoints(s, own, config.checkpoint_budget, on_checkpoint)
         chosen = select_checkpoint(curve, config.selection_tolerance, config.selection_rule).step
         # each process scored on its own GPU: a near tie must not pick two steps, so the main process decides
         chosen = distributed.from_main(chosen, s.world)
-        return _Choice(chosen, _checkpoint_vectors(dict(found)[chosen], s.token, photos), curve)
+        return _Choice(chosen, dict(own)[chosen], curve)
     emb = trained.emb
     final = [emb.vectors] + ([emb.vectors_2] if emb.vectors_2 is not None else [])
     return _Choice(emb.steps or trained.summary.get("steps", 0), final, [])
 
 
-def _own_checkpoints(found: list[tuple[int, str]], token: str, photos: Sequence[str] | None) -> list[tuple[int, str]]:
-    """Those of `found` that learned `token` from the training's `photos` (or do not say): the others are a later
-    or another training's, written into the checkpoint folder the training names, and are passed over, said."""
-    if not photos:
-        return found
+def _own_checkpoints(found: list[tuple[int, str]], token: str,
+                     photos: Sequence[str] | None) -> list[tuple[int, list[torch.Tensor]]]:  # fmt: skip
+    """The step and `token`'s vectors of those of `found` that learned it from the training's `photos` (or do not
+    say): the others are a later or another training's, written into the checkpoint folder the training names,
+    and are passed over, said. Each checkpoint is read once (on S3, one download)."""
     own, others = [], []
     for step, path in found:
-        theirs = checkpoints.load_checkpoint(path).get("image_sha256", {}).get(token)
-        (own if theirs is None or set(theirs) == set(photos) else others).append((step, path))
+        state = checkpoints.load_checkpoint(path)
+        theirs = checkpoints.photos_of(state, token)
+        if photos and theirs is not None and set(theirs) != set(photos):
+            others.append(step)
+        else:
+            own.append((step, checkpoints.vectors_of(state, token)))
     if others:
         log.warning("%d checkpoint(s) in the training's checkpoint folder learned %s from other photos (another "
                     "training's, written there since): not scored (steps %s)", len(others), token,
-                    ", ".join(str(step) for step, _ in others))  # fmt: skip
+                    ", ".join(map(str, others)))  # fmt: skip
     return own
 
 
-def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, on_checkpoint=None,
-                       photos: Sequence[str] | None = None) -> list[CurvePoint]:
-    """The reconstruction/editability curve over the checkpoints, `budget` images per prompt each."""
+def _score_checkpoints(s: _Session, own: list[tuple[int, list[torch.Tensor]]], budget: int,
+                       on_checkpoint=None) -> list[CurvePoint]:  # fmt: skip
+    """The reconstruction/editability curve over the checkpoints' vectors, `budget` images per prompt each."""
     curve = []
-    for step, path in found:
+    for step, vectors in own:
         # seeds of their own: the images that choose a checkpoint are never the ones that report its scores
-        r = s.score(_checkpoint_vectors(path, s.token, photos), budget, s.cfg.seed + SELECTION_SEED_OFFSET)
+        r = s.score(vectors, budget, s.cfg.seed + SELECTION_SEED_OFFSET)
         curve.append(
             CurvePoint(
                 step,
@@ -378,21 +382,6 @@ def _score_checkpoints(s: _Session, found: list[tuple[int, str]], budget: int, o
             on_checkpoint(step, r["prompts"], r["images"])
         log.info("checkpoint %d: reconstruction %.4f, editability %.4f", step, r["reconstruction"], r["editability"])
     return curve
-
-
-def _checkpoint_vectors(path, token: str, photos: Sequence[str] | None = None) -> list[torch.Tensor]:
-    """The token's vectors stored in one checkpoint, one tensor per text encoder; refused where the checkpoint
-    records that it learned them from other `photos` (the training's)."""
-    state = checkpoints.load_checkpoint(path)
-    theirs = state.get("image_sha256", {}).get(token)
-    if photos is not None and theirs is not None and set(theirs) != set(photos):
-        raise OnewordError(
-            f"checkpoint {path} learned {token} from other photos than the training evaluated: its checkpoint "
-            "folder holds another training's checkpoints",
-            hint="evaluate the training in the folder it was written to, with its own checkpoints beside it",
-        )
-    second = state.get("vectors_2", {})
-    return [state["vectors"][token]] + ([second[token]] if token in second else [])
 
 
 def _final_metrics(s: _Session, trained: _Trained, choice: _Choice, full: dict) -> dict:

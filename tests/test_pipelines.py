@@ -57,9 +57,10 @@ def test_compiled_pipeline_loads_back_with_gpu_settings_on_train():
         assert "accelerator_type" in acc["resourceType"] and "accelerator_limit" in acc["resourceCount"], step
         k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{step}"]
         assert "gpu_node_selector" in k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"], step
-        assert "gpu_toleration" in k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"], step
+        assert "gpu_tolerations" in k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"], step
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["gpu_toleration"]["defaultValue"]["key"] == "nvidia.com/gpu"
+    assert params["gpu_tolerations"]["parameterType"] == "LIST"  # KFP's driver appends each (backend k8s.go)
+    assert [t["key"] for t in params["gpu_tolerations"]["defaultValue"]] == ["nvidia.com/gpu"]
     # KFP's driver reads a pod's resource fields from string parameters only (resolvePodSpecInputRuntimeParameter:
     # GetStringValue, "" for a number): a number there would leave the GPU steps asking for no GPU
     for name in ("textual_inversion", "batch_personalisation"):
@@ -603,17 +604,27 @@ def test_submit_sends_each_param_as_the_pipeline_input_takes_it_and_refuses_a_ty
     assert exit_.value.code == 2 and "steps takes a whole number" in capsys.readouterr().err
     for bad, said in (("accelerator_limit=0", "String should match pattern"), ("learning_rate=nan", "takes a number"),
                       ("tracking_uri=./mlflow.db", "cannot log to a SQLite file"),
-                      ("tracking_uri=sqlite:////tmp/m.db", "cannot log to a SQLite file")):  # fmt: skip
+                      ("tracking_uri=sqlite:////tmp/m.db", "cannot log to a SQLite file"),
+                      # the driver drops a misspelt field: {"operator": "Exists"} is left, which tolerates every taint
+                      ('gpu_tolerations=[{"kye": "dedicated", "operator": "Exists"}]', "kye is not a toleration's"),
+                      ('gpu_tolerations=[{"key": "a", "operator": "Exists", "value": "b"}]', "takes no value"),
+                      ('gpu_tolerations=[{"operator": "Equal", "value": "b"}]', "needs a key"),
+                      ('gpu_tolerations=[{"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5}]', "NoExecute"),
+                      ('gpu_tolerations={"key": "nvidia.com/gpu"}', "takes a JSON list")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main([*base, "-p", bad])
         assert exit_.value.code == 2 and said in capsys.readouterr().err, bad
     assert calls == []  # the KFP API never heard of either
+    two = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},  # a pool of two taints
+           {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+           {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+            "tolerationSeconds": 60}]  # fmt: skip
     main([*base, "-p", "accelerator_limit=2", "-p", "steps=300", "-p", "scale_lr=false", "-p", "name=007",
-          "-p", 'gpu_node_selector={"pool": "a100"}'])  # fmt: skip
+          "-p", 'gpu_node_selector={"pool": "a100"}', "-p", f"gpu_tolerations={json.dumps(two)}"])  # fmt: skip
     body = json.loads(next(b for m, p, b in calls if m == "POST" and p.startswith("/apis/v2beta1/runs")))
     sent = body["runtime_config"]["parameters"]
     assert (sent["accelerator_limit"], sent["steps"], sent["scale_lr"], sent["name"]) == ("2", 300, False, "007")
-    assert sent["gpu_node_selector"] == {"pool": "a100"}
+    assert sent["gpu_node_selector"] == {"pool": "a100"} and sent["gpu_tolerations"] == two
 
 
 def test_submit_checks_what_it_can_before_the_cluster_sees_the_run(

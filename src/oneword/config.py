@@ -9,9 +9,9 @@ Settings that depend on the model family (resolution, templates, learning rate, 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # A registered-model name oneword makes or takes (a concept's, a bundle's): MLflow itself refuses only `/` and `:`,
 # but a quote breaks every registry search that names it, and `@` a reference (`NAME@alias`).
@@ -300,6 +300,32 @@ class BatchConfig(BaseModel):
     )
 
 
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
+
+
+def _kubernetes_tolerations(tolerations: list[dict[str, str | int]]) -> list[dict[str, str | int]]:
+    """Refuse what Kubernetes would refuse, or read otherwise than meant: KFP's driver decodes the JSON leniently,
+    so a misspelt field was dropped (a toleration without `key` and `operator: Exists` tolerates every taint)."""
+    for t in tolerations:
+        if unknown := sorted(set(t) - set(TOLERATION_FIELDS)):
+            raise ValueError(f"toleration {t}: {', '.join(unknown)} is not a toleration's field (its fields: "
+                             f"{', '.join(TOLERATION_FIELDS)})")  # fmt: skip
+        operator, effect = t.get("operator", "Equal"), t.get("effect", "")
+        if operator not in ("Equal", "Exists"):
+            raise ValueError(f"toleration {t}: operator is Equal or Exists")
+        if effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise ValueError(f"toleration {t}: effect is NoSchedule, PreferNoSchedule or NoExecute (none: all)")
+        if operator == "Exists" and t.get("value"):
+            raise ValueError(f"toleration {t}: an Exists toleration takes no value")
+        if operator == "Equal" and not t.get("key"):
+            raise ValueError(f"toleration {t}: an Equal toleration needs a key (Exists without one tolerates all)")
+        if "tolerationSeconds" in t and (effect != "NoExecute" or not isinstance(t["tolerationSeconds"], int)):
+            raise ValueError(f"toleration {t}: tolerationSeconds is a whole number, with effect NoExecute only")
+        if any(not isinstance(t[k], str) for k in t if k != "tolerationSeconds"):
+            raise ValueError(f"toleration {t}: its fields but tolerationSeconds are strings")
+    return tolerations
+
+
 class ClusterConfig(BaseModel):
     """Where and with what the pipelines' steps run on Kubernetes (`kfp.local` ignores all of it).
 
@@ -318,9 +344,12 @@ class ClusterConfig(BaseModel):
         description="node selector of the GPU steps (default: the label NVIDIA's GPU feature discovery puts on "
         'every GPU node; or your cloud\'s, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}; {}: none)',
     )
-    gpu_toleration: dict[str, str] = Field(
-        default_factory=lambda: {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-        description="toleration for the GPU pool's taint",
+    # A list: a pool often has a second taint (a dedicated team's, a spot pool's), and each taint needs its own.
+    gpu_tolerations: Annotated[list[dict[str, str | int]], AfterValidator(_kubernetes_tolerations)] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="tolerations of the GPU steps, one per taint of the GPU pool (default: any nvidia.com/gpu "
+        'NoSchedule taint, GKE\'s included; add e.g. {"key": "dedicated", "operator": "Equal", "value": "ml", '
+        '"effect": "NoSchedule"}; []: none)',
     )
     gpu_step_cpu_request: str = Field("4", description="CPUs requested by cache_latents, train and evaluate")
     gpu_step_cpu_limit: str = Field("8", description="CPU limit of the GPU steps")

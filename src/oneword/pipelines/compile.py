@@ -12,17 +12,24 @@ from oneword.pipelines.container import with_registry
 COMPONENTS_DIR, PIPELINES_DIR = "components", "pipelines"
 
 
-_DICT_DEFAULT = re.compile(r"^(#\s+\w+: dict \[Default: )(\{.*\})(\])$")
+_DICT_DEFAULT = re.compile(r"^(#\s+\w+: (?:dict|list) \[Default: )([{\[].*[}\]])(\])$")
+
+
+def _sorted(value):
+    """`value` with every dict's keys in order, however deep."""
+    if isinstance(value, dict):
+        return {k: _sorted(v) for k, v in sorted(value.items())}
+    return [_sorted(v) for v in value] if isinstance(value, list) else value
 
 
 def _stable_header(path: Path) -> None:
-    # KFP writes dict defaults in the header comment in protobuf map order, which changes from run to run.
+    # KFP writes dict defaults (and dicts in list defaults) in the header comment in protobuf map order, which
+    # changes from run to run.
     lines = path.read_text().splitlines(keepends=True)
     for i, line in enumerate(lines):
         m = _DICT_DEFAULT.match(line.rstrip("\n"))
         if m:
-            d = ast.literal_eval(m.group(2))
-            lines[i] = f"{m.group(1)}{dict(sorted(d.items()))}{m.group(3)}\n"
+            lines[i] = f"{m.group(1)}{_sorted(ast.literal_eval(m.group(2)))}{m.group(3)}\n"
     path.write_text("".join(lines))
 
 

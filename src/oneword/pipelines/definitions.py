@@ -97,7 +97,7 @@ def _with_models(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
 
 
 def _gpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
-    """A step on the GPU pool: its GPUs, node selector and toleration, requests and limits, the model cache, and
+    """A step on the GPU pool: its GPUs, node selector and tolerations, requests and limits, the model cache, and
     its deadline."""
     _with_models(_cluster_env(task), p)
     kubernetes.set_timeout(task, GPU_STEP_DEADLINE_S)
@@ -105,7 +105,7 @@ def _gpu_step(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
     _carry(task, p, ["accelerator_type", "accelerator_limit"])
     _resources(task, p, "gpu")
     kubernetes.add_node_selector_json(task, p["gpu_node_selector"])
-    kubernetes.add_toleration_json(task, p["gpu_toleration"])
+    kubernetes.add_toleration_json(task, p["gpu_tolerations"])
     # Processes on one pod's GPUs (accelerator_limit > 1) talk through NCCL, which puts its buffers in /dev/shm:
     # Kubernetes gives a container 64 MB there, which NCCL can outgrow. A memory-backed volume lifts the cap.
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
@@ -155,7 +155,7 @@ def personalise(
     accelerator_type: str = D["accelerator_type"],
     accelerator_limit: str = D["accelerator_limit"],
     gpu_node_selector: dict = D["gpu_node_selector"],
-    gpu_toleration: dict = D["gpu_toleration"],
+    gpu_tolerations: list = D["gpu_tolerations"],
     gpu_step_cpu_request: str = D["gpu_step_cpu_request"],
     gpu_step_cpu_limit: str = D["gpu_step_cpu_limit"],
     gpu_step_memory_request: str = D["gpu_step_memory_request"],
@@ -310,7 +310,7 @@ def textual_inversion(
     accelerator_type: str = D["accelerator_type"],
     accelerator_limit: str = D["accelerator_limit"],
     gpu_node_selector: dict = D["gpu_node_selector"],
-    gpu_toleration: dict = D["gpu_toleration"],
+    gpu_tolerations: list = D["gpu_tolerations"],
     gpu_step_cpu_request: str = D["gpu_step_cpu_request"],
     gpu_step_cpu_limit: str = D["gpu_step_cpu_limit"],
     gpu_step_memory_request: str = D["gpu_step_memory_request"],
@@ -373,7 +373,8 @@ def textual_inversion(
         accelerator_limit: GPUs per GPU step.
         gpu_node_selector: node selector of the GPU pool (default: nvidia.com/gpu.present=true, the label of NVIDIA's
             GPU feature discovery), e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}; {}: none.
-        gpu_toleration: toleration for the GPU pool's taint.
+        gpu_tolerations: tolerations of the GPU steps, one per taint of the GPU pool (default: any
+            nvidia.com/gpu NoSchedule taint); []: none.
         gpu_step_cpu_request: CPUs requested by cache_latents, train and evaluate.
         gpu_step_cpu_limit: CPU limit of the GPU steps.
         gpu_step_memory_request: memory requested by the GPU steps (SD 1.5: ~10 GiB).
@@ -455,7 +456,7 @@ def batch_personalisation(
     accelerator_type: str = D["accelerator_type"],
     accelerator_limit: str = D["accelerator_limit"],
     gpu_node_selector: dict = D["gpu_node_selector"],
-    gpu_toleration: dict = D["gpu_toleration"],
+    gpu_tolerations: list = D["gpu_tolerations"],
     gpu_step_cpu_request: str = D["gpu_step_cpu_request"],
     gpu_step_cpu_limit: str = D["gpu_step_cpu_limit"],
     gpu_step_memory_request: str = D["gpu_step_memory_request"],
@@ -529,7 +530,8 @@ def batch_personalisation(
         accelerator_type: GPU resource of the GPU steps.
         accelerator_limit: GPUs per GPU step.
         gpu_node_selector: node selector of the GPU pool (default: nvidia.com/gpu.present=true; {}: none).
-        gpu_toleration: toleration for the GPU pool's taint.
+        gpu_tolerations: tolerations of the GPU steps, one per taint of the GPU pool (default: any
+            nvidia.com/gpu NoSchedule taint); []: none.
         gpu_step_cpu_request: CPUs requested by cache_latents, train and evaluate.
         gpu_step_cpu_limit: CPU limit of the GPU steps.
         gpu_step_memory_request: memory requested by the GPU steps (SD 1.5: ~10 GiB).

@@ -580,6 +580,33 @@ def test_a_registry_that_does_not_answer_is_said_in_seconds_without_a_traceback(
     assert code == 2 and f"{url} did not answer: Connection to 127.0.0.1 timed out" in out, out
 
 
+def test_a_password_in_the_tracking_uri_is_never_printed_logged_or_kept(mlflow_server, capsys, monkeypatch, caplog):
+    """MLflow takes `http://user:password@host` as basic auth: errors, hints, log lines and registration.json
+    quoted it whole, and a step's log and KFP's artifact metadata are read by everyone who sees the run."""
+    import logging
+
+    from oneword import registry
+    from oneword.tracking import QUERY_HTTP, HideCredentials, shown
+
+    for key in QUERY_HTTP:
+        monkeypatch.delenv(key, raising=False)
+    secret = "S3cr3tPW"
+    closed = f"http://alice:{secret}@127.0.0.1:{free_port()}"
+    code, out = run(["concepts", "list", "--tracking-uri", closed], capsys)
+    assert code == 2 and "did not answer: Connection refused" in out and secret not in out, out
+    with_password = mlflow_server.replace("http://", f"http://alice:{secret}@")
+    code, out = run(["concepts", "show", "no-such-concept", "--tracking-uri", with_password], capsys)
+    assert code == 2 and mlflow_server in out and secret not in out, out  # the server answered, with the password
+    code, out = run(["concepts", "list", "--tracking-uri", with_password], capsys)
+    assert f"in the registry at {mlflow_server}" in out and secret not in out, out
+    record = logging.LogRecord("oneword", logging.WARNING, __file__, 1, "could not log to %s: %s", (closed, "x"), None)
+    assert HideCredentials().filter(record) and secret not in record.getMessage() and "127.0.0.1" in record.getMessage()
+    kept = registry.Registration("cat", "1", "champion", "", "r", "models:/cat/1", with_password).as_dict()
+    assert kept["tracking_uri"] == mlflow_server
+    for untouched in ("models:/cat@champion", "s3://bucket/a@b.tar", "runs:/abc/embedding"):
+        assert shown(untouched) == untouched
+
+
 def test_a_server_that_answers_only_errors_or_speaks_no_tls_is_said_as_such(capsys, monkeypatch):
     """Said as "did not answer: no answer" (a server answering 503 again and again, a TLS handshake refused)."""
     import threading

@@ -228,10 +228,19 @@ def test_pyfunc_loads_and_generates(evaluated_concept, mlflow_server):
     assert list(out["prompt"]) == ["a photo of <cat-r>", "<cat-r> on the moon"]
     from mlflow.exceptions import MlflowException
 
-    for params, why in (({"steps": 0}, "steps must be"), ({"n": 0}, "n must be"), ({"n": 40}, "over 64 images")):
+    own = model.metadata.signature.params.to_dict()  # the model's own steps: 64 images at them is the most
+    steps = next(p["default"] for p in own if p["name"] == "steps")
+    for params, why in (({"steps": 0}, "steps must be from 1 to 1000"), ({"steps": 1001}, "steps must be from 1"),
+                        ({"n": 0}, "n must be"), ({"n": 40}, "over 64 images"),
+                        ({"n": 32, "steps": steps + 1}, f"over {64 * steps} denoising steps a request")):  # fmt: skip
         with pytest.raises(MlflowException, match=why) as refused:
             model.predict(["a <cat-r>", "b <cat-r>"], params=params)
         assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    # one image may take as many steps as the 64: more steps buy fewer images, never a longer hold
+    from oneword.serving import _checked
+
+    defaults = {"n": 1, "seed": 0, "guidance_scale": 7.5}
+    assert _checked({**defaults, "steps": 32 * steps}, 2, steps, 1000 * steps)["steps"] == 32 * steps
 
 
 @pytest.mark.slow
@@ -689,7 +698,8 @@ def test_an_erasure_takes_the_checkpoints_and_kept_trainings_that_hold_the_conce
     # copies in an object store this machine has no settings for: refused before anything goes
     client = mlflow.MlflowClient(uri)
     elsewhere = client.create_run(client.get_experiment_by_name("oneword").experiment_id, tags={
-        registry.CONCEPT_TAG: "cat-e", trainings.GROUP_TAG: "s3://ckpt/checkpoints/0f"}).info.run_id  # fmt: skip
+        registry.CONCEPT_TAG: "cat-e",
+        trainings.GROUP_TAG: "s3://ckpt/checkpoints/0123456789abcdef"}).info.run_id  # fmt: skip
     for k in ("S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(OnewordError, match=r"cannot reach the checkpoints that cat-e's trainings left \(s3://ckpt/"):
@@ -734,6 +744,37 @@ def test_a_concept_is_deleted_whole_and_only_with_yes(evaluated_concept, tmp_pat
     client.create_registered_model("their-model")
     with pytest.raises(OnewordError, match="not a oneword concept"):
         catalogue.delete_concept("their-model", uri)
+
+
+def test_an_erasure_deletes_no_path_a_run_names_that_oneword_did_not_write(tmp_path, caplog):
+    """Run tags and summaries name the copies a training left; anyone who may write to an experiment can set
+    them: an erasure by a person with wide rights deleted whatever file or folder a planted tag named."""
+    import logging
+
+    from oneword import trainings
+
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    victim = tmp_path / "victim"
+    (victim / "ckpts").mkdir(parents=True)
+    (victim / "ckpts" / "step-000001.pt").write_bytes(b"someone's")
+    (victim / "important.tar").write_bytes(b"someone's")
+    (victim / "trainings").mkdir()
+    (victim / "trainings" / "notes.tar").write_bytes(b"someone's")  # where kept trainings lie, not one by name
+    client = mlflow.MlflowClient(uri)
+    planted = client.create_run(client.create_experiment("team-b"), tags={
+        registry.CONCEPT_TAG: "team-b-thing", trainings.GROUP_TAG: str(victim / "ckpts"),
+        trainings.KEPT_TAG: str(victim / "trainings" / "notes.tar")}).info.run_id  # fmt: skip
+    also = client.create_run(client.get_experiment_by_name("team-b").experiment_id, tags={
+        registry.CONCEPT_TAG: "team-b-thing", trainings.GROUP_TAG: f"{victim}/ckpts/../0123456789abcdef",
+        trainings.KEPT_TAG: str(victim / "important.tar")}).info.run_id  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        done = catalogue.delete_concept("team-b-thing", uri)
+    assert done["checkpoints"] == [] and sorted(done["runs"]) == sorted([planted, also])
+    assert sorted(p.name for p in victim.rglob("*") if p.is_file()) == ["important.tar", "notes.tar",
+                                                                         "step-000001.pt"]  # fmt: skip
+    said = " ".join(caplog.text.split())
+    assert f"{victim / 'ckpts'} is not where oneword keeps a group's checkpoints: not deleted" in said
+    assert f"{victim / 'important.tar'} is not where oneword keeps a training: not deleted" in said
 
 
 def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):
@@ -1379,10 +1420,10 @@ def test_a_registration_that_finds_its_concept_erased_leaves_a_shards_checkpoint
         group = tmp_path / str(together) / "checkpoints" / "0f1e2d3c4b5a6978"
         group.mkdir(parents=True)
         (group / "step-000004.pt").write_bytes(b"vectors")
-        kept = Path(trainings.location(group.parent, "k"))
+        kept = Path(trainings.location(group.parent, "a1b2c3d4e5f60718"))
         kept.parent.mkdir()
         kept.write_bytes(b"its kept training")
-        registry._erase_training_copies({"checkpoint_dir": str(group), "training_key": "k",
+        registry._erase_training_copies({"checkpoint_dir": str(group), "training_key": "a1b2c3d4e5f60718",
                                          "concepts_trained_together": together, "concept": {"token": "<c>"}})
         assert not kept.exists() and (group / "step-000004.pt").exists() == group_stays, together
 
@@ -1403,9 +1444,9 @@ def test_a_concept_deleted_while_it_was_trained_is_not_registered_again_nor_reco
     shutil.copytree(train_dir, trained)
     summary = json.loads((trained / "summary.json").read_text())
     group = tmp_path / "checkpoints" / "0f1e2d3c4b5a6978"  # where it checkpoints, under a checkpoint root
-    kept = trainings.location(group.parent, "k-trained")
+    kept = trainings.location(group.parent, "b1b2c3d4e5f60718")
     (trained / "summary.json").write_text(json.dumps({**summary, "mlflow_run_id": live, "checkpoint_dir": str(group),
-                                                      "training_key": "k-trained"}))  # fmt: skip
+                                                      "training_key": "b1b2c3d4e5f60718"}))  # fmt: skip
     catalogue.delete_concept("cat-trained", uri)  # while it trained
     group.mkdir(parents=True)  # what it wrote after the delete: the registration deletes it
     (group / "step-000006.pt").write_bytes(b"vectors")

@@ -230,7 +230,8 @@ class Registration:
     unchanged: bool = False  # no new version: `version` was registered from the same training and evaluation
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """As it is kept (registration.json, the KFP artifact's metadata): the store without its credentials."""
+        return {**asdict(self), "tracking_uri": tracking.shown(self.tracking_uri)}
 
 
 def _upload_and_verify(mlflow, client, run_id: str, files: dict[str, Path]) -> None:

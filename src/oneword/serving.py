@@ -179,6 +179,8 @@ def check_copy(mlflow_module, info, key: str, embedding: Path) -> None:
 
 
 MAX_IMAGES_PER_REQUEST = 64  # prompts x n: one request must not hold a serving replica for an hour
+# and as many denoising steps as those images take at the model's own sampling steps: more steps per image buy
+# fewer images, never a longer hold (a thousand steps were 40 times the default's time, the drawing lock held)
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -194,19 +196,25 @@ def _prompts(model_input: Any) -> list[str]:
     return [str(p) for c in cells for p in (list(c) if listed(c) else [c])]
 
 
-def _checked(params: dict[str, Any], n_prompts: int) -> dict[str, Any]:
-    """The request's sampling options, refused (as the client's error, 400) where no picture could come of them."""
+def _checked(params: dict[str, Any], n_prompts: int, own_steps: int, most_steps: int) -> dict[str, Any]:
+    """The request's sampling options, refused (as the client's error, 400) where no picture could come of them,
+    or where they would hold the server longer than `MAX_IMAGES_PER_REQUEST` images at the model's `own_steps`;
+    `most_steps`: the sampler's limit (the scheduler's training timesteps)."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     n, steps, scale = int(params["n"]), int(params["steps"]), float(params["guidance_scale"])
+    work = MAX_IMAGES_PER_REQUEST * own_steps
     problems = [
         (n < 1, "n must be at least 1"),
-        (steps < 1, "steps must be at least 1"),
+        (not 1 <= steps <= most_steps, f"steps must be from 1 to {most_steps}"),
         (not math.isfinite(scale), "guidance_scale must be a finite number"),
         (n_prompts == 0, "the request holds no prompt"),
         (n_prompts * n > MAX_IMAGES_PER_REQUEST,
          f"{n_prompts} prompts x n={n} is over {MAX_IMAGES_PER_REQUEST} images a request; send fewer"),
+        (n_prompts * n <= MAX_IMAGES_PER_REQUEST and 1 <= steps <= most_steps and n_prompts * n * steps > work,
+         f"{n_prompts} prompts x n={n} x steps={steps} is over {work} denoising steps a request "
+         f"({MAX_IMAGES_PER_REQUEST} images at the model's {own_steps}); send fewer images or steps"),
     ]  # fmt: skip
     if said := [why for wrong, why in problems if wrong]:
         raise MlflowException("; ".join(said), error_code=INVALID_PARAMETER_VALUE)
@@ -250,7 +258,8 @@ class ConceptModel(mlflow.pyfunc.PythonModel):
         from oneword.generate import SamplerConfig, sample
 
         prompts = _prompts(model_input)
-        p = _checked({**self.defaults, **(params or {})}, len(prompts))
+        p = _checked({**self.defaults, **(params or {})}, len(prompts), self.defaults["steps"],
+                     self.pipe.scheduler.config.num_train_timesteps)  # fmt: skip
         sampler = SamplerConfig(steps=p["steps"], guidance_scale=p["guidance_scale"])
         with self.drawing:
             images = sample(self.pipe, prompts, p["n"], p["seed"], sampler)

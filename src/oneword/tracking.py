@@ -79,9 +79,24 @@ def existing_store(tracking_uri: str | None) -> str:
     return uri
 
 
-def shown(tracking_uri: str) -> str:
-    """A tracking URI fit to print or put on a page: without the user and password it may carry."""
-    return re.sub(r"^(\w[\w+.-]*://)[^/@]*@", r"\1", tracking_uri)
+_USERINFO = re.compile(r"\b(\w[\w+.-]*://)[^/@\s'\"]+@")  # the user and password of `scheme://user:pass@host`
+
+
+def shown(text: str) -> str:
+    """A tracking URI, or a text that quotes URIs (an error, a log line), fit to print or keep: without the user
+    and password a URI may carry (MLflow takes `http://user:password@host` as basic auth)."""
+    return _USERINFO.sub(r"\1", text)
+
+
+class HideCredentials(logging.Filter):
+    """A logging filter that passes every record on with the credentials of the URIs it quotes left out (`shown`):
+    a step's log is kept, and read by others, with the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = record.getMessage()
+        if "@" in said:
+            record.msg, record.args = shown(said), None
+        return True
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -194,10 +209,11 @@ def said(e: Exception, most: int = 300) -> str:
     text = str(e).strip()
     # the database's own words, beneath SQLAlchemy's (to a line's end: a newline, or a server's JSON's \\n)
     if db := re.search(r"\((?:sqlite3|psycopg2|pymysql|MySQLdb)[.\w]*\) ((?:(?!\\n)[^\n\[])+)", text):
-        return f"the store's database said: {db.group(1).strip()}"[:most]
+        return shown(f"the store's database said: {db.group(1).strip()}")[:most]
     request = re.match(r"API request to (\w+://[^/\s]+)\S* failed with (?:timeout )?exception ", text)
     if request:
         where = request.group(1)
+        where = shown(where)
         if found := re.search(r"too many (\d+) error responses", text):
             return f"{where} answered HTTP {found.group(1)} at every attempt"
         if "SSLError" in text or "CERTIFICATE" in text:
@@ -208,7 +224,7 @@ def said(e: Exception, most: int = 300) -> str:
         )
         if why:
             return f"{where} did not answer: {why[-1].strip()}"
-    return text.splitlines()[0][:most] if text else type(e).__name__
+    return shown(text.splitlines()[0])[:most] if text else type(e).__name__
 
 
 def briefly():

@@ -370,7 +370,7 @@ def group_key(members: Sequence[tuple[str, ConceptSpec, Sequence[str]]], config:
         "config": config.model_dump(exclude=runtime),
         "model": fingerprint,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[: trainings.KEY_HEX]
 
 
 def _trains_on(spec: ConceptSpec) -> dict:
@@ -387,7 +387,7 @@ def training_key(spec: ConceptSpec, image_sha256: Sequence[str], config: TrainCo
     keeps its key, is taken from the kept trainings (`oneword.trainings`) or trains again, and its evaluation
     and registration see it unchanged."""
     alone = group_key([("", spec, image_sha256)], config, model_id)
-    return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{alone}:{spec.token}".encode()).hexdigest()[: trainings.KEY_HEX]
 
 
 def model_identity(fingerprint: str, source: str, stated_prediction: str | None = None) -> str:

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import tarfile
 import tempfile
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ LEFT_OUT = (DATASET_DIR, CHECKPOINTS)  # the photos come with the latents; the c
 # tags of a concept's live training run: where that training leaves copies of it beside the checkpoint root
 GROUP_TAG = "oneword.checkpoint_dir"
 KEPT_TAG = "oneword.kept_training"
+KEY_HEX = 16  # hex digits of a training's and a group's key (`train.training_key`, `train.group_key`)
+_KEY = re.compile(rf"[0-9a-f]{{{KEY_HEX}}}")
 
 
 def location(root: str | Path, key: str) -> str:
@@ -172,6 +175,7 @@ def copies(groups: set[str], kept_at: set[str]) -> list[str]:
     Deleting another concept's kept training costs a saving only: it trains again if a later shard needs it,
     and its registered versions stay.
     """
+    groups, kept_at = _ours(groups, kept=False), _ours(kept_at, kept=True)
     found = [k for k in sorted(kept_at) if _exists(k)]
     found += [str(p) for k in sorted(kept_at) if not storage.is_s3(k) for p in _parts(Path(k))]  # killed writers'
     under: dict[str, list[str]] = {}  # root -> its kept trainings, listed once
@@ -185,6 +189,24 @@ def copies(groups: set[str], kept_at: set[str]) -> list[str]:
                 group_of[t] = _group_of(t)
         found += [t for t in under[root] if t not in found and group_of[t] == group]
     return found + [g for g in sorted(groups) if _checkpoint_files(g)]
+
+
+def _ours(places: set[str], kept: bool) -> set[str]:
+    """Those of `places` shaped as oneword writes them: a group folder named by its key, a kept training
+    `trainings/<key>.tar`. They are read from run tags and artifacts, which anyone who may write to an
+    experiment can set: an erasure run with wide rights must not delete whatever path a tag names."""
+    shaped = set()
+    for where in places:
+        parts = PurePosixPath(storage.split_s3(where)[1] if storage.is_s3(where) else Path(where).as_posix()).parts
+        name = parts[-1] if parts else ""
+        fits = (name.endswith(".tar") and _KEY.fullmatch(name[:-4]) and parts[-2:-1] == (FOLDER,)) if kept \
+            else _KEY.fullmatch(name)  # fmt: skip
+        if fits and ".." not in parts:
+            shaped.add(where)
+        else:
+            log.warning("%s is not where oneword keeps %s: not deleted (a run's tag or summary names it)", where,
+                        "a training" if kept else "a group's checkpoints")  # fmt: skip
+    return shaped
 
 
 def _parts(final: Path) -> list[Path]:
@@ -232,8 +254,10 @@ def _kept_under(root: str) -> list[str]:
         bucket, _ = storage.split_s3(folder)
         if not storage.client().bucket_exists(bucket):
             return []
-        return [f"{folder}/{k}" for k, _, _ in storage.list_objects(folder) if k.endswith(".tar") and "/" not in k]
-    return [str(p) for p in sorted(Path(folder).glob("*.tar"))]
+        listed = [f"{folder}/{k}" for k, _, _ in storage.list_objects(folder) if "/" not in k]
+    else:
+        listed = [str(p) for p in sorted(Path(folder).glob("*.tar"))]
+    return [t for t in listed if _KEY.fullmatch(PurePosixPath(t).name.removesuffix(".tar")) and t.endswith(".tar")]
 
 
 def _group_of(where: str) -> str | None:

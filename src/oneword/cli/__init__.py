@@ -46,6 +46,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    from oneword.tracking import HideCredentials
+
+    logging.getLogger().handlers[0].addFilter(HideCredentials())
     # Read by transformers and diffusers when a command first imports them: importing them here would cost
     # every command, `--help` included, seconds.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -66,9 +69,11 @@ def _exit_with(e: OnewordError) -> None:
     if STATE["verbose"]:
         err.print_exception()
     # messages quote paths, values and other processes' errors, which may hold "[...]"
-    err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
+    from oneword.tracking import shown  # a store's URI with its password in it, quoted by a message or hint
+
+    err.print(f"[bold red]error:[/] {escape(shown(e.message))}", highlight=False, markup=True)
     if e.hint:
-        err.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False)
+        err.print(f"[yellow]hint:[/] {escape(shown(e.hint))}", highlight=False)
     sys.exit(2)
 
 

@@ -67,7 +67,7 @@ def list_cmd(
         what = f" with @{alias}" if alias else (f" on {base_model}" if base_model else "")
         what += f" registered by batch {batch}" if batch else ""
         what += f" named {' or '.join(names)}" if names else ""
-        Console().print(f"no oneword concepts{what} in the registry at {uri}",
+        Console().print(f"no oneword concepts{what} in the registry at {shown(uri)}",
                         highlight=False, soft_wrap=True)  # fmt: skip
         return
     Console().print(concepts_table(rows))
@@ -161,7 +161,7 @@ def bundles_cmd(
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        Console().print(f"no bundles in the registry at {uri}", highlight=False, soft_wrap=True)
+        Console().print(f"no bundles in the registry at {shown(uri)}", highlight=False, soft_wrap=True)
         return
     t = Table(title="bundles", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("name", overflow="fold", min_width=10)

@@ -15,6 +15,7 @@ from oneword.cli.options import BASE_MODEL_HELP, names_given, parameter
 from oneword.pipelines.parameters import DEFAULTS as D
 from oneword.pipelines.parameters import LOCAL_PIPELINE_ROOT, RESOLUTION_FROM_PROFILE
 from oneword.profiles import TOYWORLD
+from oneword.tracking import shown
 
 BASE_MODEL = TOYWORLD  # on one machine, the model that needs no download
 RESOLUTION_HELP = "training image side (0: the base model's native size)"
@@ -125,7 +126,7 @@ def run_cmd(
         rprint(f"  {'logs':13s} {log_file}")
     for k in ("report", "grid", "embedding", "run_dir", "tracking_uri"):
         if out.get(k):  # found unchanged by evaluate, a concept drew nothing new: its files are the version's
-            rprint(f"  {k:13s} {out.get(k)}")
+            rprint(f"  {k:13s} {shown(str(out.get(k)))}")
     if "/" in registered:  # what to do with it next, to copy
         import shlex
 
@@ -133,8 +134,8 @@ def run_cmd(
 
         from oneword.tracking import default_tracking_uri
 
-        uri = out.get("tracking_uri")
-        store = "" if uri in (None, default_tracking_uri()) else f" --tracking-uri {shlex.quote(uri)}"
+        uri = out.get("tracking_uri")  # its password, if it holds one, is the user's to add
+        store = "" if uri in (None, default_tracking_uri()) else f" --tracking-uri {shlex.quote(shown(uri))}"
         prompt = shlex.quote(f"a watercolor of {params['token']}")
         rprint(escape(f"  draw it:\n    oneword generate --concept {registered.split('@')[0]} {prompt}{store}"))
 
@@ -269,7 +270,7 @@ def print_batch_plan(plan: dict, console) -> None:
         said += f", {count['unknown']} unknown (a run trains them)"
     console.print(said, highlight=False)
     where = "" if plan["registry"] else " (none there yet: every concept is new)"
-    console.print(f"  registry {plan['tracking_uri']}{where}", highlight=False, soft_wrap=True)
+    console.print(f"  registry {shown(plan['tracking_uri'])}{where}", highlight=False, soft_wrap=True)
     if advice := runs_needed(count["to train"] + count["unknown"], RUN_LIMIT):  # here, kfp.local keeps no Argo workflow
         console.print(f"[bold yellow]on a cluster[/], at the default limit: {escape(advice)}")
 
@@ -347,7 +348,7 @@ def print_batch_report(report: dict, console) -> int:
         console.print(f"[{colour}]{escape(bundle_said(made))}[/]", highlight=False)  # folded at the width
     for k in ("overview", "logs", "run_dir", "tracking_uri"):
         if report.get(k):
-            console.print(f"  {k:13s} {report.get(k)}", highlight=False, soft_wrap=True)
+            console.print(f"  {k:13s} {shown(str(report.get(k)))}", highlight=False, soft_wrap=True)
     if report["registered"]:  # the batch's id is its versions' tag: what it registered, asked again later
         console.print(f"  {'versions':13s} oneword concepts list --batch {escape(report['batch_id'])}", highlight=False,
                       soft_wrap=True)  # fmt: skip

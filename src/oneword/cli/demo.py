@@ -70,7 +70,7 @@ def demo_cmd(
     rprint(textwrap.fill(chosen, 80, initial_indent="   ", subsequent_indent="   "))
     rprint(
         f"   reconstruction {m['reconstruction']:.3f}, editability {m['editability']:.3f} "
-        f"(toy CLIP, {m['n_images']} pictures per prompt)"
+        f"(toy CLIP, {m['n_images']} picture{'s' if m['n_images'] != 1 else ''} per prompt)"
     )
     for p in m["per_prompt"]:
         rprint(f"     {p['prompt']:40s} {p['editability']:.3f}")

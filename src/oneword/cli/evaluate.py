@@ -15,7 +15,8 @@ from oneword.config import EvalConfig
 @app.command("evaluate", short_help="Score a concept and pick its checkpoint.")
 def evaluate_cmd(
     trained: Annotated[Path, typer.Argument(metavar="TRAINED", help="folder written by `oneword train`")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json, report.html, grid.png")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json, report.html, grid.png, "
+                                               "scatter.png and embedding/ (the selected step's files)")],
     data: Annotated[
         Path | None,
         typer.Option(

@@ -47,6 +47,8 @@ def parameter(name: str, *names: str, **kwargs: Any) -> Any:
         return typer.Option(*names, help=PIPELINE_HELP[name], **kwargs)
     unset = "empty" if isinstance(DEFAULTS[name], str) else "0"
     text = describe(*SOURCES[name]).replace("(None: the model's profile)", f"({unset}: the model's profile)")
+    if isinstance(DEFAULTS[name], list):  # `names_given` reads each option given, or commas in one
+        text = text[:-1] + "; repeat, or commas)" if text.endswith(")") else text + " (repeat, or commas)"
     return typer.Option(*names, help=text, **kwargs)
 
 

@@ -186,7 +186,8 @@ def batch_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="run nothing: say which concepts would train, which are "
                                                "unchanged since their version and which would fail (on CPU: "
                                                "preprocesses the photos, loads the text encoders); exits 1 if any "
-                                               "would fail or could not be told")] = False,
+                                               "would fail or could not be told, 2 if the manifest is refused "
+                                               "whole")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print the plan as JSON")] = False,
 ) -> None:
     """Run batch_personalisation on this machine: every concept of a manifest, each registered on its own.

@@ -21,7 +21,7 @@ def train_cmd(
     unet_steps: Annotated[int, typer.Option(help="joint text-encoder + UNet steps at batch 128")] = 10_000,
     install: Annotated[bool, typer.Option(help="copy the result into the package (--base-model toyworld)")] = False,
 ) -> None:
-    """Train the toy-world model, its CLIP evaluator and its oracle from scratch.
+    """Train the toy-world model, its CLIP and DINO evaluators and its oracle from scratch.
 
     \b
     Example:

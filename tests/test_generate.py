@@ -76,3 +76,33 @@ def test_a_token_the_base_models_tokenizer_holds_already_is_said_to_be_the_model
     twice = [E.Embedding("<t-x>", torch.randn(1, 32)), E.Embedding("<t-x>", torch.randn(1, 32))]
     with pytest.raises(OnewordError, match="two embeddings use the token '<t-x>'"):
         load_embeddings(pipe, model, twice)
+
+
+def test_a_model_loaded_once_draws_again_and_one_trained_into_is_refused_by_name(tiny_model_dir, cat_latents_dir,
+                                                                                  tmp_path):  # fmt: skip
+    """A notebook loads the base model once and hands it to each step: a second `generate` failed on the token
+    the first had added ("an embedding loaded into it before it was saved"); after `train`, every step did."""
+    from oneword.inversion import ConceptSpec, TrainConfig
+    from oneword.models import load_base_model
+    from oneword.train import train
+
+    model = load_base_model(str(tiny_model_dir))
+    vocabulary, rows = len(model.tokenizer), model.text_encoder.get_input_embeddings().weight.shape[0]
+    f = E.save(E.Embedding("<once-x>", torch.randn(2, 32)), tmp_path / "once.safetensors")
+    torch.manual_seed(0)
+    first = generate(model, [f], ["a <once-x>"], tmp_path / "a", GenerateConfig(n=1, seed=3, steps=2))
+    drawn = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(3))  # the caller's random stream is as if no picture had been drawn
+    second = generate(model, [f], ["a <once-x>"], tmp_path / "b", GenerateConfig(n=1, seed=3, steps=2))
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))  # as the first drew it
+    table = model.text_encoder.get_input_embeddings()
+    assert (len(model.tokenizer), table.weight.shape[0], table.weight.requires_grad) == (vocabulary, rows, False)
+    train(cat_latents_dir, tmp_path / "t", ConceptSpec(token="<t-once>", init_word="cat"), TrainConfig(steps=2),
+          base_model=model, progress=False)  # fmt: skip
+    other = ConceptSpec(token="<u>", init_word="cat")
+    for step, call in (("generate", lambda: generate(model, [f], ["a <once-x>"], tmp_path / "c")),
+                       ("train", lambda: train(cat_latents_dir, tmp_path / "u", other, TrainConfig(steps=2),
+                                               base_model=model, progress=False))):  # fmt: skip
+        with pytest.raises(OnewordError, match=f"{step} was given a loaded model that a training changed in place"):
+            call()

@@ -777,6 +777,16 @@ def test_an_erasure_deletes_no_path_a_run_names_that_oneword_did_not_write(tmp_p
     assert f"{victim / 'important.tar'} is not where oneword keeps a training: not deleted" in said
 
 
+def test_a_query_of_a_store_that_is_not_there_makes_none(tmp_path):
+    """From a notebook, a misspelt SQLite path made folders and an empty store, and the query answered []."""
+    missing = tmp_path / "no" / "dir" / "x.db"
+    for query in (lambda uri: catalogue.list_concepts(tracking_uri=uri), lambda uri: catalogue.show_concept("a", uri),
+                  lambda uri: catalogue.pull_concept("a@champion", tracking_uri=uri)):  # fmt: skip
+        with pytest.raises(OnewordError, match=f"no MLflow store at {missing}"):
+            query(f"sqlite:///{missing}")
+    assert not (tmp_path / "no").exists()
+
+
 def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):
     """With no tracking URI, a SQLite store and artifact folder appear in the working directory."""
     monkeypatch.chdir(tmp_path)

@@ -74,7 +74,7 @@ def get_version(ref: str, tracking_uri: str | None = None, bundle: bool = False)
     @champion, is its newest version: what its server serves."""
     from mlflow.exceptions import MlflowException
 
-    _, client = tracking.client(tracking_uri)
+    _, client = tracking.client(tracking.existing_store(tracking_uri))  # read: never made
     name, alias, version = parse_ref(ref)
     where = resolve(tracking_uri)
     try:
@@ -170,7 +170,7 @@ def list_concepts(
         rows = [r for r in rows if not base_model or on_base_model(r, base_model)]
         rows = [r for r in rows if not names or _named(r["name"], names)]
         return [r for r in rows if not alias or alias in r["aliases"]]
-    _, client = tracking.client(tracking_uri)
+    _, client = tracking.client(tracking.existing_store(tracking_uri))  # read: never made
     rows = []
     concept = f"tags.`{CONCEPT_TAG}` = 'true'"
     if names:  # asked of the server by LIKE (`_` is its one-character wildcard), then matched exactly here
@@ -333,7 +333,7 @@ def as_number(tag: str | None) -> float | None:
 def show_concept(ref: str, tracking_uri: str | None = None) -> dict:
     """Everything about one concept version: tags, aliases, run metrics and params, the bundle versions that hold
     it (`bundled_in`); or about a bundle's version."""
-    _, client = tracking.client(tracking_uri)
+    _, client = tracking.client(tracking.existing_store(tracking_uri))  # read: never made
     mv = get_version(ref, tracking_uri, bundle=True)
     run = client.get_run(mv.run_id)
     rm = client.get_registered_model(mv.name)
@@ -370,7 +370,7 @@ def pull_concept(
     """
     from oneword import embeddings as emb_io  # torch: only a pull needs it
 
-    mlflow, _ = tracking.client(tracking_uri)
+    mlflow, _ = tracking.client(tracking.existing_store(tracking_uri))  # read: never made
     mv = get_version(ref, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="oneword-pull-") as d:
         emb = emb_io.load(download_embedding(mlflow, mv.run_id, Path(d), f"{mv.name}/{mv.version}"))
@@ -423,7 +423,7 @@ def pull_concepts(
     """Download several concepts (diffusers format), into `folder` if given (else each into a folder of its own
     that the caller keeps); a bundle's version gives the copies it holds of its concepts. Returns (files, the base
     model they were trained on)."""
-    mlflow, _ = tracking.client(tracking_uri)
+    mlflow, _ = tracking.client(tracking.existing_store(tracking_uri))  # read: never made
     files, bases = [], set()
     for i, ref in enumerate(refs):
         mv = get_version(ref, tracking_uri, bundle=True)

@@ -1,4 +1,10 @@
-"""The one exception type oneword raises for bad input, with what to do next."""
+"""The one exception type oneword raises for bad input, with what to do next.
+
+Two kinds of errors come as their libraries' own: a setting out of its range, refused by the config models
+(`oneword.config`) as pydantic's `ValidationError` (a `ValueError`) when one is built; and an MLflow server's
+or object store's failure met by the library functions (`mlflow.exceptions.MlflowException`, botocore's and
+minio's errors), which the CLI words in one line.
+"""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from oneword.distributed import World, gather
 from oneword.errors import OnewordError
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import ModelProfile, profile_of
-from oneword.tokens import clashing_entries, vector_tokens
+from oneword.tokens import check_untrained, clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,27 @@ def _same_vectors(a: emb_io.Embedding, b: emb_io.Embedding) -> bool:
                                              and torch.equal(x, y)) for x, y in pairs)  # fmt: skip
 
 
+def _text_encoders(pipe) -> list[tuple]:
+    return [(pipe.tokenizer, pipe.text_encoder)] + (
+        [(pipe.tokenizer_2, pipe.text_encoder_2)] if getattr(pipe, "tokenizer_2", None) is not None else []
+    )
+
+
+def added_tokens(pipe) -> list[set[str]]:
+    """The tokens added to each of the pipeline's tokenizers so far (`unload_added` takes out those added since)."""
+    return [set(tokenizer.get_added_vocab()) for tokenizer, _ in _text_encoders(pipe)]
+
+
+def unload_added(pipe, before: list[set[str]]) -> None:
+    """Take out of the pipeline's tokenizers and text encoders the embeddings loaded since `added_tokens` gave
+    `before`: a model the caller loaded once (`LoadedModel`) serves the next step as it was."""
+    for (tokenizer, encoder), had in zip(_text_encoders(pipe), before):
+        if added := [t for t in tokenizer.get_added_vocab() if t not in had]:
+            with torch.random.fork_rng():  # the new table is drawn at random before it is filled
+                pipe.unload_textual_inversion(added, tokenizer=tokenizer, text_encoder=encoder)
+            encoder.get_input_embeddings().requires_grad_(False)  # diffusers makes the table anew, trainable
+
+
 def load_embeddings(
     pipe, model: LoadedModel, files: Sequence[Path | emb_io.Embedding], force: bool = False
 ) -> list[str]:
@@ -130,19 +151,22 @@ def load_embeddings(
                     "already an entry of the model's vocabulary",
                     hint="rename its token: oneword export FILE --token '<new-name>' -o NEW_FILE",
                 )
-        pipe.load_textual_inversion(
-            emb.vectors.to(pipe.text_encoder.dtype),
-            token=emb.token,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-        )
-        if emb.vectors_2 is not None:
+        # resizing the token table draws its new rows at random before they are set: from a stream of its own,
+        # not the caller's (a notebook's next torch.rand would differ for having drawn pictures)
+        with torch.random.fork_rng():
             pipe.load_textual_inversion(
-                emb.vectors_2.to(pipe.text_encoder_2.dtype),
+                emb.vectors.to(pipe.text_encoder.dtype),
                 token=emb.token,
-                text_encoder=pipe.text_encoder_2,
-                tokenizer=pipe.tokenizer_2,
+                text_encoder=pipe.text_encoder,
+                tokenizer=pipe.tokenizer,
             )
+            if emb.vectors_2 is not None:
+                pipe.load_textual_inversion(
+                    emb.vectors_2.to(pipe.text_encoder_2.dtype),
+                    token=emb.token,
+                    text_encoder=pipe.text_encoder_2,
+                    tokenizer=pipe.tokenizer_2,
+                )
         tokens.append(emb.token)
     return tokens
 
@@ -287,14 +311,20 @@ def generate(
     if (out_dir / GRID).exists():
         log.warning("%s holds an earlier call's pictures: these will replace them (give another -o to keep them)",
                     out_dir)  # fmt: skip
+    if isinstance(base_model, LoadedModel):
+        check_untrained(base_model, "generate")
     model = base_model if isinstance(base_model, LoadedModel) else load_base_model(base_model)
     pipe = build_pipeline(model, config.device)
-    tokens = load_embeddings(pipe, model, embedding_files, force=force)
-    unknown = [p for p in prompts if tokens and not any(t in p for t in tokens)]
-    for p in unknown:
-        log.warning("prompt %r uses none of the loaded tokens %s", p, tokens)
-    sampler = SamplerConfig(steps=config.steps, guidance_scale=config.guidance_scale).resolved(profile_of(model))
-    images = sample(pipe, list(prompts), config.n, config.seed, sampler)
+    before = added_tokens(pipe)
+    try:
+        tokens = load_embeddings(pipe, model, embedding_files, force=force)
+        unknown = [p for p in prompts if tokens and not any(t in p for t in tokens)]
+        for p in unknown:
+            log.warning("prompt %r uses none of the loaded tokens %s", p, tokens)
+        sampler = SamplerConfig(steps=config.steps, guidance_scale=config.guidance_scale).resolved(profile_of(model))
+        images = sample(pipe, list(prompts), config.n, config.seed, sampler)
+    finally:  # a model the caller loaded once draws the next call's embeddings as well
+        unload_added(pipe, before)
     # replaced whole: an earlier call's pictures of other prompts or seeds are not left among these
     with storage.atomic_dir(Path(out_dir), GRID, "pictures drawn by `oneword generate`") as tmp:
         for i, row in enumerate(images):

@@ -170,3 +170,16 @@ def install_splice(text_encoder: nn.Module) -> TokenSplice:
     if text_encoder.get_input_embeddings() is not splice:
         raise OnewordError(f"could not install the token splice into {type(text_encoder).__name__}")
     return splice
+
+
+def check_untrained(model, step: str) -> None:
+    """Refuse a loaded model (`LoadedModel`) that a training changed in place, for the step `step` of a caller
+    who loaded it once: its tokenizer holds the training's tokens and its text encoder a `TokenSplice`, and a
+    step given it would fail later on a clash it did not cause, or learn beside another concept's rows."""
+    encoders = [model.text_encoder] + ([model.text_encoder_2] if model.text_encoder_2 is not None else [])
+    if any(isinstance(te.get_input_embeddings(), TokenSplice) for te in encoders):
+        raise OnewordError(
+            f"{step} was given a loaded model that a training changed in place (its tokenizer holds that training's "
+            "tokens, its text encoder their rows)",
+            hint="load the base model again (load_base_model) for each step that follows a training in one process",
+        )

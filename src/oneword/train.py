@@ -48,7 +48,7 @@ from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of, vae_config
 from oneword.templates import SETS as TEMPLATE_SETS
 from oneword.templates import get_templates
-from oneword.tokens import clashing_entries, vector_tokens
+from oneword.tokens import check_untrained, clashing_entries, vector_tokens
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ def _load_model(
     latents: LatentSet, base_model: str | LoadedModel | None, where: Path, samples: bool = False
 ) -> LoadedModel:
     source = base_model if base_model is not None else latents.meta.get("model_source")
+    if isinstance(source, LoadedModel):
+        check_untrained(source, "train")
     if source is None:
         raise OnewordError(f"{where} does not record its base model", hint="pass --base-model")
     parts = ("unet", "vae") if samples else ("unet",)  # the VAE only to draw live sample pictures

@@ -36,13 +36,21 @@ from oneword.evaluation.metrics import (
 from oneword.evaluation.protocol import SELECTION_SEED_OFFSET, evaluation_key, protocol, protocol_id
 from oneword.evaluation.report import html_report, scatter
 from oneword.evaluation.selection import CurvePoint, criterion_text, select_checkpoint
-from oneword.generate import SamplerConfig, build_pipeline, load_embeddings, make_grid, sample
+from oneword.generate import (
+    SamplerConfig,
+    added_tokens,
+    build_pipeline,
+    load_embeddings,
+    make_grid,
+    sample,
+    unload_added,
+)
 from oneword.images import Manifest, dataset_image
 from oneword.latents import DATASET_DIR
 from oneword.models import LoadedModel, load_base_model
 from oneword.profiles import profile_of
 from oneword.storage import atomic_dir, check_replaceable, check_writable
-from oneword.tokens import vector_tokens
+from oneword.tokens import check_untrained, vector_tokens
 from oneword.train import SUMMARY_FILE, write_embedding_files
 
 log = logging.getLogger(__name__)
@@ -103,6 +111,7 @@ class _Session:
         self.world = distributed.current(cpu=resolved.type == "cpu")
         device = str(distributed.device_for(resolved, self.world))
         self.pipe = build_pipeline(model, device)
+        self.before = added_tokens(self.pipe)  # given back as it was (`close`): the caller may have loaded it once
         load_embeddings(self.pipe, model, [emb], force=force)
         names = vector_tokens(emb.token, emb.n_vectors)
         # (text encoder, the token's rows) for each encoder: one, or SDXL's two
@@ -269,8 +278,11 @@ def evaluate(
     evaluated = evaluation_key(key, config) if key and not overridden else None
     config = config.resolved(profile_of(trained.model))
     s = _Session(trained.model, trained.emb, trained.images, config, force=base_model is not None)
-    choice = _choose_checkpoint(s, trained, config, on_checkpoint)
-    full = s.score(choice.vectors, config.n_images)
+    try:
+        choice = _choose_checkpoint(s, trained, config, on_checkpoint)
+        full = s.score(choice.vectors, config.n_images)
+    finally:  # every image is drawn: a model the caller loaded once evaluates the next training as well
+        unload_added(s.pipe, s.before)
     if on_images is not None:
         on_images(full["prompts"], full["images"])
     metrics = _final_metrics(s, trained, choice, full)
@@ -294,6 +306,8 @@ def _load_trained(train_dir: Path, dataset_dir: Path | None, base_model: str | L
     summary = _load_summary(train_dir)
     emb = emb_io.load(Path(train_dir) / "learned_embeds.safetensors")
     source = base_model if base_model is not None else summary["model_source"]
+    if isinstance(source, LoadedModel):
+        check_untrained(source, "evaluate")
     model = source if isinstance(source, LoadedModel) else load_base_model(source)
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else Path(train_dir) / DATASET_DIR
     manifest = Manifest.load(dataset_dir)

@@ -489,6 +489,25 @@ def test_checkpoints_before_every_vector_trained_are_never_candidates():
     assert [s for s, _ in complete_checkpoints(found, {**two, "steps": 200})] == [150, 200]
 
 
+def test_a_model_loaded_once_evaluates_again_after_a_failure_and_a_success(evaluated_concept, tiny_model_dir,
+                                                                              tiny_clip_dir, tmp_path):  # fmt: skip
+    """A notebook's model, handed to `evaluate` again: after one that failed (its evaluator missing) the next was
+    refused for the token the first had loaded ("an embedding loaded into it before it was saved")."""
+    from oneword.models import load_base_model
+
+    train_dir, _ = evaluated_concept
+    model = load_base_model(str(tiny_model_dir))
+    vocabulary = len(model.tokenizer)
+    config = EvalConfig(n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
+    with pytest.raises(OnewordError):
+        evaluate(train_dir, None, tmp_path / "a", config.model_copy(update={"clip_model": str(tmp_path / "none")}),
+                 base_model=model)  # fmt: skip
+    assert len(model.tokenizer) == vocabulary
+    first = evaluate(train_dir, None, tmp_path / "b", config, base_model=model)
+    again = evaluate(train_dir, None, tmp_path / "c", config, base_model=model)
+    assert first["reconstruction"] == again["reconstruction"] and len(model.tokenizer) == vocabulary
+
+
 def test_a_checkpoint_of_other_photos_is_never_scored_as_the_trainings(evaluated_concept, tiny_clip_dir, tmp_path,
                                                                        caplog, monkeypatch):  # fmt: skip
     """A training copied without its checkpoints reads them from the folder its summary names, which may hold a

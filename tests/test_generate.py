@@ -98,6 +98,7 @@ def test_a_model_loaded_once_draws_again_and_one_trained_into_is_refused_by_name
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))  # as the first drew it
     table = model.text_encoder.get_input_embeddings()
     assert (len(model.tokenizer), table.weight.shape[0], table.weight.requires_grad) == (vocabulary, rows, False)
+    assert model.text_encoder.config.vocab_size == rows  # a save_pretrained of it writes a config that fits
     train(cat_latents_dir, tmp_path / "t", ConceptSpec(token="<t-once>", init_word="cat"), TrainConfig(steps=2),
           base_model=model, progress=False)  # fmt: skip
     other = ConceptSpec(token="<u>", init_word="cat")

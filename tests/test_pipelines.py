@@ -610,6 +610,7 @@ def test_submit_sends_each_param_as_the_pipeline_input_takes_it_and_refuses_a_ty
                       ('gpu_tolerations=[{"key": "a", "operator": "Exists", "value": "b"}]', "takes no value"),
                       ('gpu_tolerations=[{"operator": "Equal", "value": "b"}]', "needs a key"),
                       ('gpu_tolerations=[{"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5}]', "NoExecute"),
+                      ('gpu_tolerations=[{"key": "a", "effect": "NoExecute", "tolerationSeconds": true}]', "whole"),
                       ('gpu_tolerations={"key": "nvidia.com/gpu"}', "takes a JSON list")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main([*base, "-p", bad])

@@ -775,12 +775,16 @@ def test_an_erasure_deletes_no_path_a_run_names_that_oneword_did_not_write(tmp_p
     said = " ".join(caplog.text.split())
     assert f"{victim / 'ckpts'} is not where oneword keeps a group's checkpoints: not deleted" in said
     assert f"{victim / 'important.tar'} is not where oneword keeps a training: not deleted" in said
+    # nor one read against wherever the erasure runs, nor a bucket-less URI (which stopped the erasure)
+    key = "0123456789abcdef"
+    assert trainings.copies({f"ckpts/{key}", f"s3:///{key}"}, {f"trainings/{key}.tar"}) == []
 
 
 def test_a_query_of_a_store_that_is_not_there_makes_none(tmp_path):
     """From a notebook, a misspelt SQLite path made folders and an empty store, and the query answered []."""
     missing = tmp_path / "no" / "dir" / "x.db"
     for query in (lambda uri: catalogue.list_concepts(tracking_uri=uri), lambda uri: catalogue.show_concept("a", uri),
+                  lambda uri: catalogue.list_concepts(tracking_uri=uri, batch="77842948"),
                   lambda uri: catalogue.pull_concept("a@champion", tracking_uri=uri)):  # fmt: skip
         with pytest.raises(OnewordError, match=f"no MLflow store at {missing}"):
             query(f"sqlite:///{missing}")

@@ -166,7 +166,7 @@ def list_concepts(
     if alias:
         check_alias(alias)  # one MLflow cannot hold is a slip, not "no concepts"
     if batch:
-        rows = batch_versions(tracking_uri, batch, page_size)
+        rows = batch_versions(tracking.existing_store(tracking_uri), batch, page_size)  # read: never made
         rows = [r for r in rows if not base_model or on_base_model(r, base_model)]
         rows = [r for r in rows if not names or _named(r["name"], names)]
         return [r for r in rows if not alias or alias in r["aliases"]]
@@ -364,6 +364,8 @@ def pull_concept(
     """Download a concept's embedding and write it in `fmt` (an SDXL pair in diffusers' format: `out` and its
     `embeddings.second_file`); with `replace` false, a file already there is refused, not replaced; `shared`: a
     file for another tool or person, which names its base model but not where it was kept (`embeddings.shared`).
+    Without `out`, the file is written into a new temporary folder of its own, which the caller keeps (and
+    deletes when done with it).
 
     Returns:
         (the written file, the version's tags).

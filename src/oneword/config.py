@@ -9,7 +9,7 @@ Settings that depend on the model family (resolution, templates, learning rate, 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -303,7 +303,7 @@ class BatchConfig(BaseModel):
 TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
 
 
-def _kubernetes_tolerations(tolerations: list[dict[str, str | int]]) -> list[dict[str, str | int]]:
+def _kubernetes_tolerations(tolerations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Refuse what Kubernetes would refuse, or read otherwise than meant: KFP's driver decodes the JSON leniently,
     so a misspelt field was dropped (a toleration without `key` and `operator: Exists` tolerates every taint)."""
     for t in tolerations:
@@ -319,7 +319,7 @@ def _kubernetes_tolerations(tolerations: list[dict[str, str | int]]) -> list[dic
             raise ValueError(f"toleration {t}: an Exists toleration takes no value")
         if operator == "Equal" and not t.get("key"):
             raise ValueError(f"toleration {t}: an Equal toleration needs a key (Exists without one tolerates all)")
-        if "tolerationSeconds" in t and (effect != "NoExecute" or not isinstance(t["tolerationSeconds"], int)):
+        if "tolerationSeconds" in t and (effect != "NoExecute" or type(t["tolerationSeconds"]) is not int):
             raise ValueError(f"toleration {t}: tolerationSeconds is a whole number, with effect NoExecute only")
         if any(not isinstance(t[k], str) for k in t if k != "tolerationSeconds"):
             raise ValueError(f"toleration {t}: its fields but tolerationSeconds are strings")
@@ -345,7 +345,8 @@ class ClusterConfig(BaseModel):
         'every GPU node; or your cloud\'s, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}; {}: none)',
     )
     # A list: a pool often has a second taint (a dedicated team's, a spot pool's), and each taint needs its own.
-    gpu_tolerations: Annotated[list[dict[str, str | int]], AfterValidator(_kubernetes_tolerations)] = Field(
+    # values as given, typed by the check: what is checked is what KFP sends (a JSON true would pass as 1)
+    gpu_tolerations: Annotated[list[dict[str, Any]], AfterValidator(_kubernetes_tolerations)] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         description="tolerations of the GPU steps, one per taint of the GPU pool (default: any nvidia.com/gpu "
         'NoSchedule taint, GKE\'s included; add e.g. {"key": "dedicated", "operator": "Equal", "value": "ml", '

@@ -95,6 +95,13 @@ def _text_encoders(pipe) -> list[tuple]:
     )
 
 
+def _own_stream(module: torch.nn.Module):
+    """A random stream of its own for what draws on `module`'s device: resizing a token table draws its new rows at
+    random before they are set, and the caller's stream (a notebook's next torch.rand) is left as it was."""
+    device = next(module.parameters()).device
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+
+
 def added_tokens(pipe) -> list[set[str]]:
     """The tokens added to each of the pipeline's tokenizers so far (`unload_added` takes out those added since)."""
     return [set(tokenizer.get_added_vocab()) for tokenizer, _ in _text_encoders(pipe)]
@@ -105,9 +112,10 @@ def unload_added(pipe, before: list[set[str]]) -> None:
     `before`: a model the caller loaded once (`LoadedModel`) serves the next step as it was."""
     for (tokenizer, encoder), had in zip(_text_encoders(pipe), before):
         if added := [t for t in tokenizer.get_added_vocab() if t not in had]:
-            with torch.random.fork_rng():  # the new table is drawn at random before it is filled
+            with _own_stream(encoder):
                 pipe.unload_textual_inversion(added, tokenizer=tokenizer, text_encoder=encoder)
             encoder.get_input_embeddings().requires_grad_(False)  # diffusers makes the table anew, trainable
+            encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings  # as resizing leaves it
 
 
 def load_embeddings(
@@ -151,9 +159,7 @@ def load_embeddings(
                     "already an entry of the model's vocabulary",
                     hint="rename its token: oneword export FILE --token '<new-name>' -o NEW_FILE",
                 )
-        # resizing the token table draws its new rows at random before they are set: from a stream of its own,
-        # not the caller's (a notebook's next torch.rand would differ for having drawn pictures)
-        with torch.random.fork_rng():
+        with _own_stream(pipe.text_encoder):
             pipe.load_textual_inversion(
                 emb.vectors.to(pipe.text_encoder.dtype),
                 token=emb.token,

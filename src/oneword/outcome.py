@@ -44,6 +44,9 @@ def write_failure(folder: str | Path, stage: str, error: str, hint: str = "", im
     """Record in `folder` that the concept failed at `stage`; returns the record. `images`, the concept's photos,
     tells whose failure it is where outputs arrive in no promised order (`oneword.train.match_latents`);
     `recorded` False: no MLflow run is to name the concept (`OnewordError.recorded`: it was erased)."""
+    from oneword.tracking import shown  # a store's URI with its password, quoted by an MLflow error
+
+    error, hint = shown(error), shown(hint)
     record = {"stage": stage, "error": error, "hint": hint, **({"images": images} if images else {}),
               **({} if recorded else {"unrecorded": True})}  # fmt: skip
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -174,6 +177,9 @@ def run_step(
     retried = retried and not os.environ.get(LOCAL_RUN_ENV)
     if on_error not in ON_ERROR_CHOICES:
         raise OnewordError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
+    from oneword.tracking import HideCredentials
+
+    HideCredentials.install()  # the step's log is kept with the run, and read by whoever sees it
     for folder in upstream:
         if (earlier := read_failure(folder)) is not None:
             write_failure(out_dir, earlier["stage"], earlier["error"], earlier.get("hint", ""),

@@ -79,7 +79,8 @@ def existing_store(tracking_uri: str | None) -> str:
     return uri
 
 
-_USERINFO = re.compile(r"\b(\w[\w+.-]*://)[^/@\s'\"]+@")  # the user and password of `scheme://user:pass@host`
+# the user and password of `scheme://user:pass@host`, to the last "@" before the path (a password may hold one)
+_USERINFO = re.compile(r"\b(\w[\w+.-]*://)[^/\s'\"]+@")
 
 
 def shown(text: str) -> str:
@@ -93,10 +94,20 @@ class HideCredentials(logging.Filter):
     a step's log is kept, and read by others, with the run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        said = record.getMessage()
+        try:
+            said = record.getMessage()
+        except Exception:  # arguments that do not fit the message: logging's handler says so, as without this
+            return True
         if "@" in said:
             record.msg, record.args = shown(said), None
         return True
+
+    @classmethod
+    def install(cls) -> None:
+        """On every handler of the root logger (once): a pipeline step logs through the runner's own."""
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, cls) for f in handler.filters):
+                handler.addFilter(cls())
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from oneword import checkpoints, storage
+from oneword.errors import OnewordError
 from oneword.latents import DATASET_DIR
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,11 @@ def _ours(places: set[str], kept: bool) -> set[str]:
     experiment can set: an erasure run with wide rights must not delete whatever path a tag names."""
     shaped = set()
     for where in places:
-        parts = PurePosixPath(storage.split_s3(where)[1] if storage.is_s3(where) else Path(where).as_posix()).parts
-        name = parts[-1] if parts else ""
+        try:
+            parts = PurePosixPath(storage.split_s3(where)[1] if storage.is_s3(where) else where).parts
+        except OnewordError:  # `s3:///x`: no bucket
+            parts = ()
+        name = parts[-1] if parts and _absolute(where) else ""  # a relative one: read against wherever this runs
         fits = (name.endswith(".tar") and _KEY.fullmatch(name[:-4]) and parts[-2:-1] == (FOLDER,)) if kept \
             else _KEY.fullmatch(name)  # fmt: skip
         if fits and ".." not in parts:

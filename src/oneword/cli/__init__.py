@@ -48,7 +48,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
     from oneword.tracking import HideCredentials
 
-    logging.getLogger().handlers[0].addFilter(HideCredentials())
+    HideCredentials.install()
     # Read by transformers and diffusers when a command first imports them: importing them here would cost
     # every command, `--help` included, seconds.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

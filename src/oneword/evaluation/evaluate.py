@@ -111,18 +111,23 @@ class _Session:
         self.world = distributed.current(cpu=resolved.type == "cpu")
         device = str(distributed.device_for(resolved, self.world))
         self.pipe = build_pipeline(model, device)
-        self.before = added_tokens(self.pipe)  # given back as it was (`close`): the caller may have loaded it once
-        load_embeddings(self.pipe, model, [emb], force=force)
-        names = vector_tokens(emb.token, emb.n_vectors)
-        # (text encoder, the token's rows) for each encoder: one, or SDXL's two
-        self.tables = [(self.pipe.text_encoder, self.pipe.tokenizer.convert_tokens_to_ids(names))]
-        if getattr(self.pipe, "text_encoder_2", None) is not None:
-            self.tables.append((self.pipe.text_encoder_2, self.pipe.tokenizer_2.convert_tokens_to_ids(names)))
+        # the evaluators first: once the embedding is in, the pipeline is given back as it was after scoring
         self.clip = ClipScorer(cfg.clip_model, device)
         self.dino = DinoScorer(cfg.dino_model, device) if cfg.dino_model else None
         self.train_images = train_images
         self.train_clip = self.clip.images(train_images)
         self.train_dino = self.dino.images(train_images) if self.dino is not None else None
+        self.before = added_tokens(self.pipe)  # the caller may have loaded the model once, for several steps
+        try:
+            load_embeddings(self.pipe, model, [emb], force=force)
+        except BaseException:  # one text encoder's half of an SDXL pair may be in
+            unload_added(self.pipe, self.before)
+            raise
+        names = vector_tokens(emb.token, emb.n_vectors)
+        # (text encoder, the token's rows) for each encoder: one, or SDXL's two
+        self.tables = [(self.pipe.text_encoder, self.pipe.tokenizer.convert_tokens_to_ids(names))]
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            self.tables.append((self.pipe.text_encoder_2, self.pipe.tokenizer_2.convert_tokens_to_ids(names)))
         # DreamBench's protocol names the subject's class after the token; the initializer word is that class
         self.class_word = emb.meta.get("initializer", "") if P.follows_dreambench(cfg.prompt_set) else ""
         self.sampler = SamplerConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta)

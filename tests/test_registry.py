@@ -791,6 +791,24 @@ def test_a_query_of_a_store_that_is_not_there_makes_none(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+def test_register_inside_a_callers_active_run_is_refused_by_name(evaluated_concept, tmp_path):
+    """In a notebook's `with mlflow.start_run():`, register failed with MLflow's bare "Run ... is already active"
+    after making its experiment, and pointed the caller's run at oneword's store."""
+    train_dir, eval_dir = evaluated_concept
+    theirs = f"sqlite:///{tmp_path / 'theirs.db'}"
+    mlflow.set_tracking_uri(theirs)
+    try:
+        with mlflow.start_run() as run:
+            said = f"register opens an MLflow run of its own, and run {run.info.run_id} is active"
+            with pytest.raises(OnewordError, match=said):
+                registry.register(train_dir, eval_dir, f"sqlite:///{tmp_path / 'ours.db'}", name="cat-in-run")
+            mlflow.log_metric("still", 1.0)  # the caller's run logs on, to the caller's store
+        assert mlflow.MlflowClient(theirs).get_run(run.info.run_id).data.metrics == {"still": 1.0}
+        assert not (tmp_path / "ours.db").exists()
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_local_default_store(evaluated_concept, tmp_path, monkeypatch):
     """With no tracking URI, a SQLite store and artifact folder appear in the working directory."""
     monkeypatch.chdir(tmp_path)

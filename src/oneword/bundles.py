@@ -133,6 +133,8 @@ def bundle_concepts(
     """
     if not concepts and not manifest:
         raise OnewordError(f"bundle {name!r} names no concept", hint="name concepts or patterns: 'team-a-*'")
+    if not dry_run:
+        tracking.refuse_active_run("a bundle")
     uri = resolve(tracking_uri)
     mlflow, client = tracking.client(uri)
     names = _manifest_names(manifest) if manifest else []

@@ -290,6 +290,7 @@ def register(
     """
     train_dir = Path(train_dir)
     concept = _read_concept(train_dir, eval_dir, name, batch_id)
+    tracking.refuse_active_run("register")
     uri = resolve(tracking_uri)
     mlflow, client = _setup(uri)
     existed = model_kind(client, concept.name) == "concept"  # deleted before its version is made: erased (below)

@@ -197,6 +197,19 @@ def _head(path: Path) -> bytes:
                            hint="check the file's permissions, or pass another --tracking-uri") from e
 
 
+def refuse_active_run(step: str) -> None:
+    """Refuse to start `step`, which opens MLflow runs of its own with MLflow's fluent API, while the caller has a
+    run of theirs active in this thread (`with mlflow.start_run():` in a notebook): MLflow would refuse it with a
+    bare Exception after the experiment was made, and the caller's run be left logging to oneword's store."""
+    import mlflow
+
+    if (active := mlflow.active_run()) is not None:
+        raise OnewordError(
+            f"{step} opens an MLflow run of its own, and run {active.info.run_id} is active in this thread",
+            hint="call it outside that run's `with mlflow.start_run():` block (or after mlflow.end_run())",
+        )
+
+
 def client(tracking_uri: str | None = None):
     """Point mlflow at the store (made first if local) and return `(mlflow, MlflowClient)`."""
     import mlflow

@@ -36,9 +36,9 @@ def test_bf16_is_refused_where_it_is_only_emulated(card, capability):
 
 
 def test_fp16_needs_tensor_cores():
-    with pytest.raises(OnewordError):
+    with pytest.raises(OnewordError, match=r"compute capability 7\.0 or newer, not cpu"):
         choose_precision("fp16", "cpu")
-    with pytest.raises(OnewordError):
+    with pytest.raises(OnewordError, match=r"compute capability 7\.0 or newer, not cuda \(6, 1\)"):
         choose_precision("fp16", "cuda", (6, 1), "GTX 1080")
     assert choose_precision("fp16", "cuda", (7, 5), "T4") == "fp16"
     assert choose_precision("fp32", "cuda", (9, 0), "H100") == "fp32"

@@ -499,7 +499,7 @@ def test_a_model_loaded_once_evaluates_again_after_a_failure_and_a_success(evalu
     model = load_base_model(str(tiny_model_dir))
     vocabulary = len(model.tokenizer)
     config = EvalConfig(n_images=1, steps=2, checkpoint_budget=0, clip_model=str(tiny_clip_dir))
-    with pytest.raises(OnewordError):
+    with pytest.raises(OnewordError, match="CLIP"):
         evaluate(train_dir, None, tmp_path / "a", config.model_copy(update={"clip_model": str(tmp_path / "none")}),
                  base_model=model)  # fmt: skip
     assert len(model.tokenizer) == vocabulary

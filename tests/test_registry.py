@@ -334,9 +334,9 @@ def test_a_version_whose_register_died_is_waited_for_once(mlflow_server):
     waits = []
     for _ in range(2):
         t0 = time.monotonic()
-        registry._wait_for_older_decisions(client, name, 3, "another-run", {}, "models:/m-3", timeout=0.5)
+        registry._wait_for_older_decisions(client, name, 3, "another-run", {}, "models:/m-3", timeout=2.0)
         waits.append(time.monotonic() - t0)
-    assert waits[0] >= 0.5 and waits[1] < 0.5  # the next registration does not wait for it again
+    assert waits[0] >= 2.0 and waits[1] < 2.0  # the next registration does not wait for it again
     assert client.get_model_version(name, "2").tags["gate"] == registry.ABANDONED
 
 
@@ -383,7 +383,8 @@ def test_a_waiting_version_is_not_abandoned_with_the_dead_one_it_waits_for(mlflo
 
     alive = threading.Thread(target=version_2_register)
     alive.start()
-    registry._wait_for_older_decisions(Marks(), name, 3, "run-3", {}, "models:/m-3", timeout=1.0)
+    # 3 s: after 3 marks 1, 2 must see it and decide (a few local HTTP calls) before 3's patience runs out again
+    registry._wait_for_older_decisions(Marks(), name, 3, "run-3", {}, "models:/m-3", timeout=3.0)
     alive.join(timeout=30)
     assert Marks.marked == ["1"]
     assert {v: client.get_model_version(name, v).tags["gate"] for v in ("1", "2")} == {
@@ -630,6 +631,7 @@ def test_s3_artifact_store_through_the_server(evaluated_concept, mlflow_server_s
     from oneword import storage
 
     keys = [k for k, _, _ in storage.list_objects("s3://mlflow")]
+    keys = [k for k in keys if reg.run_id in k]  # the bucket holds other tests' artifacts too
     assert any(k.endswith("embeddings/diffusers/learned_embeds.safetensors") for k in keys)
     assert any(k.endswith("evaluation/report.html") for k in keys)
     # an erasure request: the concept goes whole, its artifacts from the bucket too, through the server's proxy
@@ -891,7 +893,7 @@ def test_an_unchanged_concept_keeps_its_version_and_the_batch_report_says_so(eva
     # by name: a pattern, asked of the server and matched exactly (LIKE's `_` would match any character)
     assert catalogue.list_concepts(mlflow_server, names=["cat-night*"]) == night_1
     assert catalogue.list_concepts(mlflow_server, names=["cat-nightl?"]) == night_1
-    assert catalogue.list_concepts(mlflow_server, names=["cat_nightly", "dog-*"]) == []
+    assert catalogue.list_concepts(mlflow_server, names=["cat_nightly", "no-such-night-*"]) == []
     with pytest.raises(OnewordError, match="is no concept name or pattern"):
         catalogue.list_concepts(mlflow_server, names=["x' or name LIKE '%"])
     # photos changed (version 2), then changed back: version 1's inputs are no longer the newest, so it counts
@@ -1061,7 +1063,8 @@ def test_a_version_whose_create_was_retried_is_deleted_not_waited_for(evaluated_
         proxy.server_close()
     assert _LosesOneAnswer.lost, "the proxy never saw the create"
     client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)  # register set the proxy as the default
-    assert seconds < 60 and reg.version == "2"
+    # waited for the twin instead (the bug): 300 s, and it would be left beside version 2 as ABANDONED
+    assert seconds < 240 and reg.version == "2"
     assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["2"]
     # a version the batch tagged whose register died before its gate decided is not reported as registered
     dead = client.create_model_version(

@@ -344,8 +344,8 @@ class ClusterConfig(BaseModel):
         description="node selector of the GPU steps (default: the label NVIDIA's GPU feature discovery puts on "
         'every GPU node; or your cloud\'s, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}; {}: none)',
     )
-    # A list: a pool often has a second taint (a dedicated team's, a spot pool's), and each taint needs its own.
-    # values as given, typed by the check: what is checked is what KFP sends (a JSON true would pass as 1)
+    # A list: a pool often has a second taint (a dedicated team's, a spot pool's), each needing its own. Values
+    # as given, typed by the check: what is checked is what KFP sends (a JSON true would pass as 1).
     gpu_tolerations: Annotated[list[dict[str, Any]], AfterValidator(_kubernetes_tolerations)] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         description="tolerations of the GPU steps, one per taint of the GPU pool (default: any nvidia.com/gpu "

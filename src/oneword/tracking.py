@@ -236,8 +236,7 @@ def said(e: Exception, most: int = 300) -> str:
         return shown(f"the store's database said: {db.group(1).strip()}")[:most]
     request = re.match(r"API request to (\w+://[^/\s]+)\S* failed with (?:timeout )?exception ", text)
     if request:
-        where = request.group(1)
-        where = shown(where)
+        where = shown(request.group(1))
         if found := re.search(r"too many (\d+) error responses", text):
             return f"{where} answered HTTP {found.group(1)} at every attempt"
         if "SSLError" in text or "CERTIFICATE" in text:
